@@ -1,0 +1,356 @@
+//! Wire frames between gateways and storage nodes, and the versioned encoding
+//! every stored structure shares.
+//!
+//! One bidirectional QUIC stream carries one request: a [`Request`] frame, then
+//! for `PutShard` exactly `header.len` body bytes; the node answers with one
+//! [`Response`] frame, then for `Shard` the body. A frame is
+//! `version u8 | body length u32 LE | postcard body`, at most [`MAX_FRAME`] bytes,
+//! so a hostile peer cannot make a node allocate more than that before the body
+//! length is checked against the code's shard size. Errors travel as numeric
+//! [`ErrorCode`]s, never strings.
+
+use crate::ids::{NodeId, ShardKey};
+use crate::shard::ShardHeader;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Version byte of the frames this code speaks.
+pub const WIRE_V1: u8 = 1;
+/// Largest frame body: requests and responses carry headers, never content.
+pub const MAX_FRAME: usize = 64 * 1024;
+/// Bytes before a frame body.
+pub const FRAME_PREFIX: usize = 5;
+
+/// Why bytes could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Input ended early.
+    #[error("truncated input")]
+    Truncated,
+    /// A version byte this build does not know.
+    #[error("unknown encoding version {0}")]
+    UnknownVersion(u8),
+    /// A declared length beyond the limit.
+    #[error("declared length {0} exceeds the limit")]
+    TooLarge(usize),
+    /// Bytes left over after a complete value.
+    #[error("trailing bytes after the value")]
+    TrailingBytes,
+    /// A shard file without the shard magic.
+    #[error("bad magic")]
+    BadMagic,
+    /// Bytes that do not form a valid value.
+    #[error("malformed value")]
+    Malformed,
+}
+
+pub(crate) fn encode_versioned<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
+    let mut out = vec![version];
+    // Serialising plain structs into a Vec cannot fail.
+    postcard::to_io(value, &mut out).expect("postcard encoding into a Vec");
+    out
+}
+
+pub(crate) fn decode_versioned<T: DeserializeOwned>(
+    version: u8,
+    bytes: &[u8],
+) -> Result<T, DecodeError> {
+    let (&v, body) = bytes.split_first().ok_or(DecodeError::Truncated)?;
+    if v != version {
+        return Err(DecodeError::UnknownVersion(v));
+    }
+    let (value, rest) = postcard::take_from_bytes(body).map_err(|e| match e {
+        postcard::Error::DeserializeUnexpectedEnd => DecodeError::Truncated,
+        _ => DecodeError::Malformed,
+    })?;
+    if !rest.is_empty() {
+        return Err(DecodeError::TrailingBytes);
+    }
+    Ok(value)
+}
+
+/// What a gateway (or repair worker) asks a storage node.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Request {
+    /// Store a shard; `header.len` body bytes follow. Answered `Stored` only after
+    /// the shard is fsynced.
+    PutShard(ShardHeader),
+    /// Read a shard; answered `Shard` and the body.
+    GetShard(ShardKey),
+    /// The stored header of a shard, without its body.
+    StatShard(ShardKey),
+    /// Delete a shard (repair moves, garbage collection, expunge).
+    DeleteShard(ShardKey),
+    /// Who the node is and how full.
+    NodeInfo,
+}
+
+/// A node's identity and capacity.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub node: NodeId,
+    /// The UUID written into the data dir when it was first used; a node that
+    /// comes back with another disk reports another UUID.
+    pub disk_uuid: [u8; 16],
+    pub capacity_bytes: u64,
+    pub free_bytes: u64,
+    /// Bytes of shard files this node stores.
+    pub used_bytes: u64,
+    pub shards: u64,
+}
+
+/// What a node answers.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Response {
+    Stored,
+    /// The shard's header; its body follows.
+    Shard(ShardHeader),
+    Stat(ShardHeader),
+    Deleted {
+        existed: bool,
+    },
+    Info(NodeInfo),
+    Error(ErrorCode),
+}
+
+/// Numeric error codes on the wire. Unknown codes from newer peers decode as
+/// [`ErrorCode::Other`] so old gateways keep working.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[serde(from = "u16", into = "u16")]
+pub enum ErrorCode {
+    /// The request could not be decoded or is inconsistent (e.g. a body longer
+    /// than the code's shard size).
+    BadRequest,
+    /// No such shard on this node.
+    NotFound,
+    /// The body sent does not hash to the header's BLAKE3; nothing was stored.
+    HashMismatch,
+    /// The stored shard failed its hash on read; it has been quarantined.
+    Corrupt,
+    /// The disk is full; nothing was stored.
+    DiskFull,
+    /// The node's disk failed in another way.
+    Io,
+    /// A frame version this node does not speak.
+    UnsupportedVersion,
+    /// A code this build does not know.
+    Other(u16),
+}
+
+impl From<u16> for ErrorCode {
+    fn from(v: u16) -> Self {
+        match v {
+            1 => ErrorCode::BadRequest,
+            2 => ErrorCode::NotFound,
+            3 => ErrorCode::HashMismatch,
+            4 => ErrorCode::Corrupt,
+            5 => ErrorCode::DiskFull,
+            6 => ErrorCode::Io,
+            7 => ErrorCode::UnsupportedVersion,
+            other => ErrorCode::Other(other),
+        }
+    }
+}
+
+impl From<ErrorCode> for u16 {
+    fn from(c: ErrorCode) -> u16 {
+        match c {
+            ErrorCode::BadRequest => 1,
+            ErrorCode::NotFound => 2,
+            ErrorCode::HashMismatch => 3,
+            ErrorCode::Corrupt => 4,
+            ErrorCode::DiskFull => 5,
+            ErrorCode::Io => 6,
+            ErrorCode::UnsupportedVersion => 7,
+            ErrorCode::Other(v) => v,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            ErrorCode::BadRequest => "bad request",
+            ErrorCode::NotFound => "shard not found",
+            ErrorCode::HashMismatch => "shard body does not match its hash",
+            ErrorCode::Corrupt => "stored shard is corrupt",
+            ErrorCode::DiskFull => "disk full",
+            ErrorCode::Io => "disk error",
+            ErrorCode::UnsupportedVersion => "unsupported frame version",
+            ErrorCode::Other(v) => return write!(f, "error code {v}"),
+        };
+        f.write_str(name)
+    }
+}
+
+/// Encodes a frame: prefix and body.
+pub fn encode_frame<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = vec![WIRE_V1, 0, 0, 0, 0];
+    postcard::to_io(value, &mut out).expect("postcard encoding into a Vec");
+    let len = (out.len() - FRAME_PREFIX) as u32;
+    out[1..FRAME_PREFIX].copy_from_slice(&len.to_le_bytes());
+    out
+}
+
+/// Reads a frame prefix: checks the version and returns the body length.
+pub fn decode_frame_prefix(prefix: &[u8; FRAME_PREFIX]) -> Result<usize, DecodeError> {
+    if prefix[0] != WIRE_V1 {
+        return Err(DecodeError::UnknownVersion(prefix[0]));
+    }
+    let len = u32::from_le_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    if len > MAX_FRAME {
+        return Err(DecodeError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
+    let (value, rest) = postcard::take_from_bytes(body).map_err(|e| match e {
+        postcard::Error::DeserializeUnexpectedEnd => DecodeError::Truncated,
+        _ => DecodeError::Malformed,
+    })?;
+    if !rest.is_empty() {
+        return Err(DecodeError::TrailingBytes);
+    }
+    Ok(value)
+}
+
+impl Request {
+    pub fn encode(&self) -> Vec<u8> {
+        encode_frame(self)
+    }
+
+    /// Decodes a request frame body (after [`decode_frame_prefix`]).
+    pub fn decode_body(body: &[u8]) -> Result<Self, DecodeError> {
+        decode_body(body)
+    }
+
+    /// Decodes a whole frame, prefix included (fuzzing, tests).
+    pub fn decode_frame(frame: &[u8]) -> Result<Self, DecodeError> {
+        let prefix: &[u8; FRAME_PREFIX] = frame
+            .get(..FRAME_PREFIX)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DecodeError::Truncated)?;
+        let len = decode_frame_prefix(prefix)?;
+        let body = &frame[FRAME_PREFIX..];
+        match body.len().cmp(&len) {
+            std::cmp::Ordering::Less => Err(DecodeError::Truncated),
+            std::cmp::Ordering::Greater => Err(DecodeError::TrailingBytes),
+            std::cmp::Ordering::Equal => decode_body(body),
+        }
+    }
+}
+
+impl Response {
+    pub fn encode(&self) -> Vec<u8> {
+        encode_frame(self)
+    }
+
+    pub fn decode_body(body: &[u8]) -> Result<Self, DecodeError> {
+        decode_body(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::code::ErasureCode;
+    use crate::ids::{Blake3Hash, EvidenceId};
+    use proptest::prelude::*;
+
+    fn key() -> ShardKey {
+        ShardKey {
+            evidence: EvidenceId([0x33; 16]),
+            stripe: 1,
+            index: 2,
+        }
+    }
+
+    #[test]
+    fn request_frames_golden_bytes() {
+        // version 1, body length 19, variant GetShard (1), evidence, stripe 1, index 2
+        assert_eq!(
+            hex::encode(Request::GetShard(key()).encode()),
+            "011300000001333333333333333333333333333333330102"
+        );
+        // NodeInfo is variant 4 with no fields.
+        assert_eq!(hex::encode(Request::NodeInfo.encode()), "010100000004");
+        // Error(HashMismatch): variant 5, code 3.
+        assert_eq!(
+            hex::encode(Response::Error(ErrorCode::HashMismatch).encode()),
+            "01020000000503"
+        );
+    }
+
+    #[test]
+    fn error_codes_are_stable_numbers() {
+        for code in 0u16..20 {
+            assert_eq!(u16::from(ErrorCode::from(code)), code);
+        }
+        assert_eq!(ErrorCode::from(900), ErrorCode::Other(900));
+    }
+
+    #[test]
+    fn hostile_frames_are_refused_before_allocation() {
+        assert_eq!(
+            decode_frame_prefix(&[1, 0xff, 0xff, 0xff, 0xff]),
+            Err(DecodeError::TooLarge(u32::MAX as usize))
+        );
+        assert_eq!(
+            decode_frame_prefix(&[2, 0, 0, 0, 0]),
+            Err(DecodeError::UnknownVersion(2))
+        );
+        let mut frame = Request::NodeInfo.encode();
+        frame.push(0);
+        assert_eq!(
+            Request::decode_frame(&frame),
+            Err(DecodeError::TrailingBytes)
+        );
+        assert_eq!(
+            Request::decode_frame(&frame[..3]),
+            Err(DecodeError::Truncated)
+        );
+    }
+
+    fn any_request() -> impl Strategy<Value = Request> {
+        let key = (any::<[u8; 16]>(), any::<u64>(), any::<u8>()).prop_map(|(e, s, i)| ShardKey {
+            evidence: EvidenceId(e),
+            stripe: s,
+            index: i,
+        });
+        prop_oneof![
+            (key.clone(), any::<u64>(), any::<u32>(), any::<[u8; 32]>()).prop_map(
+                |(key, size, len, h)| {
+                    Request::PutShard(ShardHeader {
+                        key,
+                        code: ErasureCode {
+                            k: 4,
+                            m: 2,
+                            shard_size: 1 << 20,
+                        },
+                        content_size: size,
+                        len,
+                        blake3: Blake3Hash(h),
+                    })
+                }
+            ),
+            key.clone().prop_map(Request::GetShard),
+            key.clone().prop_map(Request::StatShard),
+            key.prop_map(Request::DeleteShard),
+            Just(Request::NodeInfo),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn requests_round_trip(req in any_request()) {
+            prop_assert_eq!(Request::decode_frame(&req.encode()).unwrap(), req);
+        }
+
+        #[test]
+        fn request_decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Request::decode_frame(&bytes);
+            let _ = Response::decode_body(&bytes);
+        }
+    }
+}
