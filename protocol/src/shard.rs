@@ -21,8 +21,9 @@ pub const MAX_HEADER_LEN: usize = 1024;
 pub struct ShardHeader {
     pub key: ShardKey,
     pub code: ErasureCode,
-    /// Size of the whole evidence, so a rebuilt index knows where content ends.
-    pub content_size: u64,
+    /// Content bytes in this shard's stripe (the rest of the shards is padding),
+    /// so an index rebuilt from the nodes knows where the content ends.
+    pub stripe_len: u64,
     /// Length of the body that follows.
     pub len: u32,
     /// BLAKE3 of the body.
@@ -92,7 +93,7 @@ mod tests {
                 m: 2,
                 shard_size: 4096,
             },
-            content_size: 1,
+            stripe_len: 1,
             len: 3,
             blake3: Blake3Hash::of(b"abc"),
         }
@@ -104,7 +105,7 @@ mod tests {
         let hex = hex::encode(&prefix);
         // MAGIC "CSTDSHRD", header length 58 (0x3a) little-endian, version 1,
         // evidence id, stripe varint(300) = ac 02, index 5, k 4, m 2,
-        // shard size varint(4096) = 80 20, content size 1, len 3, BLAKE3("abc").
+        // shard size varint(4096) = 80 20, stripe length 1, len 3, BLAKE3("abc").
         let golden = concat!(
             "4353544453485244",
             "3a00",

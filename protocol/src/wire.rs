@@ -44,17 +44,18 @@ pub enum DecodeError {
     Malformed,
 }
 
-pub(crate) fn encode_versioned<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
+/// Encodes `value` as `version | postcard body`: the one encoding every stored
+/// record uses.
+pub fn encode_versioned<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
     let mut out = vec![version];
     // Serialising plain structs into a Vec cannot fail.
     postcard::to_io(value, &mut out).expect("postcard encoding into a Vec");
     out
 }
 
-pub(crate) fn decode_versioned<T: DeserializeOwned>(
-    version: u8,
-    bytes: &[u8],
-) -> Result<T, DecodeError> {
+/// Decodes what [`encode_versioned`] wrote, refusing other versions and
+/// trailing bytes.
+pub fn decode_versioned<T: DeserializeOwned>(version: u8, bytes: &[u8]) -> Result<T, DecodeError> {
     let (&v, body) = bytes.split_first().ok_or(DecodeError::Truncated)?;
     if v != version {
         return Err(DecodeError::UnknownVersion(v));
@@ -328,7 +329,7 @@ mod tests {
                             m: 2,
                             shard_size: 1 << 20,
                         },
-                        content_size: size,
+                        stripe_len: size,
                         len,
                         blake3: Blake3Hash(h),
                     })
