@@ -1,0 +1,461 @@
+//! The client gateways (and repair, and `custodia up`) use to reach storage
+//! nodes.
+//!
+//! [`NodeClient`] holds one quinn client endpoint and caches one connection per
+//! node address, reconnecting when a connection has closed. Each `rpc_*` method
+//! opens one bidirectional stream, sends one request and reads one response; it
+//! pairs with the server's `handle_*` function of the same name. Failures are a
+//! [`NodeError`]; [`NodeError::is_retryable`] tells the caller whether trying
+//! again (on this node or another) may help.
+//!
+//! Timeouts: connecting (waiting for a shared connection included) is bounded by
+//! [`ClientTimeouts::connect`], each request by [`ClientTimeouts::request`].
+
+use crate::tls::{self, TlsError, TlsFiles, NODE_SERVER_NAME};
+use protocol::code::MAX_SHARD_SIZE;
+use protocol::wire::{decode_frame_prefix, NodeInfo, FRAME_PREFIX};
+use protocol::{DecodeError, ErrorCode, Request, Response, ShardHeader, ShardKey};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Why a call to a node failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The node answered with an error code.
+    #[error("node refused: {0}")]
+    Remote(ErrorCode),
+    /// The client's TLS files could not be loaded (only from `NodeClient::new`).
+    #[error("client TLS setup: {0}")]
+    Tls(#[from] TlsError),
+    /// The client's UDP socket could not be bound.
+    #[error("binding the client endpoint: {0}")]
+    Endpoint(#[source] std::io::Error),
+    /// The connection could not even be attempted (e.g. an unusable address).
+    #[error("cannot connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The handshake failed (including a certificate either side refused) or
+    /// an established connection was lost.
+    #[error("connection failed: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Connecting or the request took longer than its timeout.
+    #[error("timed out")]
+    Timeout,
+    /// Sending the request or body failed.
+    #[error("sending: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// Reading the response failed, or the node ended it early.
+    #[error("receiving: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    /// The request stream was already closed when finishing it.
+    #[error("request stream closed early: {0}")]
+    Finish(#[from] quinn::ClosedStream),
+    /// The node's response frame could not be decoded.
+    #[error("bad response frame: {0}")]
+    Protocol(#[from] DecodeError),
+    /// A well-formed response that does not answer the request: another kind,
+    /// a header for another shard, or an impossible body length.
+    #[error("unexpected response from the node")]
+    UnexpectedResponse,
+    /// The caller passed a body whose length differs from `header.len`; nothing
+    /// was sent.
+    #[error("body is {actual} bytes but the header says {expected}")]
+    BodyLength { expected: u32, actual: usize },
+}
+
+impl NodeError {
+    /// True when the failure lies with the node or the network rather than the
+    /// request, so the same request may succeed later or on another node.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            NodeError::Remote(code) => matches!(
+                code,
+                ErrorCode::Io | ErrorCode::DiskFull | ErrorCode::Other(_)
+            ),
+            NodeError::Connection(_)
+            | NodeError::Timeout
+            | NodeError::Write(_)
+            | NodeError::Read(_)
+            | NodeError::Finish(_) => true,
+            NodeError::Tls(_)
+            | NodeError::Endpoint(_)
+            | NodeError::Connect(_)
+            | NodeError::Protocol(_)
+            | NodeError::UnexpectedResponse
+            | NodeError::BodyLength { .. } => false,
+        }
+    }
+
+    /// True when the connection itself broke, so a cached connection should be
+    /// dropped and the request may be retried on a new one.
+    fn is_connection_lost(&self) -> bool {
+        use quinn::{ReadError, ReadExactError, WriteError};
+        matches!(
+            self,
+            NodeError::Connection(_)
+                | NodeError::Write(WriteError::ConnectionLost(_))
+                | NodeError::Read(ReadExactError::ReadError(ReadError::ConnectionLost(_)))
+        )
+    }
+}
+
+/// How long a [`NodeClient`] waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientTimeouts {
+    /// To get a connection: waiting for one being set up, the QUIC handshake.
+    pub connect: Duration,
+    /// For one request, from opening its stream to the last response byte.
+    pub request: Duration,
+}
+
+impl Default for ClientTimeouts {
+    fn default() -> Self {
+        ClientTimeouts {
+            connect: Duration::from_secs(5),
+            request: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A connection to one node, shared by all requests to it; the async mutex
+/// makes concurrent first requests share one handshake.
+type Slot = Arc<tokio::sync::Mutex<Option<quinn::Connection>>>;
+
+/// Talks to storage nodes. Clone it freely: clones share the endpoint and the
+/// connections.
+#[derive(Clone)]
+pub struct NodeClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: quinn::ClientConfig,
+    v4: quinn::Endpoint,
+    /// Bound on first use: many hosts have no IPv6, and nodes usually listen on
+    /// IPv4 only.
+    v6: Mutex<Option<quinn::Endpoint>>,
+    connections: Mutex<HashMap<SocketAddr, Slot>>,
+    timeouts: ClientTimeouts,
+}
+
+impl std::fmt::Debug for NodeClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeClient")
+            .field("timeouts", &self.inner.timeouts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeClient {
+    /// A client presenting the certificate in `tls`, with default timeouts.
+    /// Must be called inside a Tokio runtime.
+    pub fn new(tls: &TlsFiles) -> Result<Self, NodeError> {
+        Self::with_timeouts(tls, ClientTimeouts::default())
+    }
+
+    /// A client with explicit timeouts.
+    pub fn with_timeouts(tls: &TlsFiles, timeouts: ClientTimeouts) -> Result<Self, NodeError> {
+        let config = tls::client_config(tls)?;
+        let v4 = quinn::Endpoint::client((Ipv4Addr::UNSPECIFIED, 0).into())
+            .map_err(NodeError::Endpoint)?;
+        Ok(NodeClient {
+            inner: Arc::new(Inner {
+                config,
+                v4,
+                v6: Mutex::new(None),
+                connections: Mutex::new(HashMap::new()),
+                timeouts,
+            }),
+        })
+    }
+
+    /// Stores a shard on the node at `addr`; returns once the node has fsynced
+    /// it. Idempotent: putting the same shard again is harmless.
+    pub async fn rpc_put_shard(
+        &self,
+        addr: SocketAddr,
+        header: &ShardHeader,
+        body: &[u8],
+    ) -> Result<(), NodeError> {
+        if body.len() != header.len as usize {
+            return Err(NodeError::BodyLength {
+                expected: header.len,
+                actual: body.len(),
+            });
+        }
+        let frame = Request::PutShard(*header).encode();
+        let frame = &frame;
+        self.call(addr, |conn| async move {
+            let (response, _) = exchange(&conn, frame, body).await?;
+            match response {
+                Response::Stored => Ok(()),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    /// Reads a shard: its stored header (checked to name `key`) and body
+    /// (exactly `header.len` bytes). The caller verifies the body's hash against
+    /// its manifest; the node has verified it against the header.
+    pub async fn rpc_get_shard(
+        &self,
+        addr: SocketAddr,
+        key: ShardKey,
+    ) -> Result<(ShardHeader, Vec<u8>), NodeError> {
+        let frame = Request::GetShard(key).encode();
+        let frame = &frame;
+        self.call(addr, |conn| async move {
+            let (response, mut recv) = exchange(&conn, frame, &[]).await?;
+            let header = match response {
+                Response::Shard(header) => header,
+                other => return Err(unexpected(other)),
+            };
+            if header.key != key
+                || header.len > header.code.shard_size
+                || header.len > MAX_SHARD_SIZE
+            {
+                return Err(NodeError::UnexpectedResponse);
+            }
+            let mut body = vec![0u8; header.len as usize];
+            recv.read_exact(&mut body).await?;
+            Ok((header, body))
+        })
+        .await
+    }
+
+    /// The stored header of a shard, without its body.
+    pub async fn rpc_stat_shard(
+        &self,
+        addr: SocketAddr,
+        key: ShardKey,
+    ) -> Result<ShardHeader, NodeError> {
+        let frame = Request::StatShard(key).encode();
+        let frame = &frame;
+        self.call(addr, |conn| async move {
+            match exchange(&conn, frame, &[]).await?.0 {
+                Response::Stat(header) if header.key == key => Ok(header),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    /// Deletes a shard; says whether the node had it. (If the connection breaks
+    /// mid-call the request is retried, and a delete that had already happened
+    /// then reports `false`.)
+    pub async fn rpc_delete_shard(
+        &self,
+        addr: SocketAddr,
+        key: ShardKey,
+    ) -> Result<bool, NodeError> {
+        let frame = Request::DeleteShard(key).encode();
+        let frame = &frame;
+        self.call(addr, |conn| async move {
+            match exchange(&conn, frame, &[]).await?.0 {
+                Response::Deleted { existed } => Ok(existed),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    /// The node's identity, capacity and usage.
+    pub async fn rpc_node_info(&self, addr: SocketAddr) -> Result<NodeInfo, NodeError> {
+        let frame = Request::NodeInfo.encode();
+        let frame = &frame;
+        self.call(addr, |conn| async move {
+            match exchange(&conn, frame, &[]).await?.0 {
+                Response::Info(info) => Ok(info),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    /// Runs one request on the connection to `addr`, under the request timeout.
+    /// A cached connection that turns out to be dead (the node restarted, say)
+    /// is dropped and the request retried once on a fresh one; every request is
+    /// idempotent, so the retry is safe.
+    async fn call<T, F, Fut>(&self, addr: SocketAddr, request: F) -> Result<T, NodeError>
+    where
+        F: Fn(quinn::Connection) -> Fut,
+        Fut: Future<Output = Result<T, NodeError>>,
+    {
+        let (conn, fresh) = self.connection(addr).await?;
+        match self.timed(addr, &conn, request(conn.clone())).await {
+            Err(e) if e.is_connection_lost() && !fresh => {
+                tracing::debug!(%addr, error = %e, "cached connection was dead; reconnecting");
+                let (conn, _) = self.connection(addr).await?;
+                self.timed(addr, &conn, request(conn.clone())).await
+            }
+            result => result,
+        }
+    }
+
+    async fn timed<T>(
+        &self,
+        addr: SocketAddr,
+        conn: &quinn::Connection,
+        request: impl Future<Output = Result<T, NodeError>>,
+    ) -> Result<T, NodeError> {
+        let result = match tokio::time::timeout(self.inner.timeouts.request, request).await {
+            Ok(result) => result,
+            Err(_) => Err(NodeError::Timeout),
+        };
+        if let Err(e) = &result {
+            // A request that times out may be on a connection to a node that
+            // died without closing it; the next request should not wait for
+            // the idle timeout to find out.
+            if e.is_connection_lost() || matches!(e, NodeError::Timeout) {
+                self.forget(addr, conn).await;
+            }
+        }
+        result
+    }
+
+    /// The cached connection to `addr`, or a new one; says whether it is new.
+    async fn connection(&self, addr: SocketAddr) -> Result<(quinn::Connection, bool), NodeError> {
+        let slot = self.slot(addr);
+        let connect = async {
+            let mut cached = slot.lock().await;
+            if let Some(conn) = cached.as_ref() {
+                if conn.close_reason().is_none() {
+                    return Ok((conn.clone(), false));
+                }
+            }
+            let endpoint = self.endpoint_for(addr)?;
+            let conn = endpoint
+                .connect_with(self.inner.config.clone(), addr, NODE_SERVER_NAME)?
+                .await?;
+            tracing::debug!(%addr, "connected to node");
+            *cached = Some(conn.clone());
+            Ok((conn, true))
+        };
+        // Waiting behind another caller's handshake counts too, so requests to
+        // a dead node all fail within the connect timeout instead of queueing.
+        tokio::time::timeout(self.inner.timeouts.connect, connect)
+            .await
+            .unwrap_or(Err(NodeError::Timeout))
+    }
+
+    /// Drops the cached connection to `addr` if it is still `conn`.
+    async fn forget(&self, addr: SocketAddr, conn: &quinn::Connection) {
+        let slot = self.slot(addr);
+        let mut cached = slot.lock().await;
+        if cached.as_ref().map(|c| c.stable_id()) == Some(conn.stable_id()) {
+            *cached = None;
+        }
+    }
+
+    fn slot(&self, addr: SocketAddr) -> Slot {
+        let mut map = self
+            .inner
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        map.entry(addr).or_default().clone()
+    }
+
+    fn endpoint_for(&self, addr: SocketAddr) -> Result<quinn::Endpoint, NodeError> {
+        if addr.is_ipv4() {
+            return Ok(self.inner.v4.clone());
+        }
+        let mut v6 = self.inner.v6.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(endpoint) = v6.as_ref() {
+            return Ok(endpoint.clone());
+        }
+        let endpoint = quinn::Endpoint::client((Ipv6Addr::UNSPECIFIED, 0).into())
+            .map_err(NodeError::Endpoint)?;
+        *v6 = Some(endpoint.clone());
+        Ok(endpoint)
+    }
+}
+
+/// Sends one request frame (and body) on a new stream and reads the response
+/// frame; returns the stream so a `Shard` body can be read from it. If sending
+/// fails, the node may still have answered (it stops reading a request it
+/// refuses), and its answer is the better error.
+async fn exchange(
+    conn: &quinn::Connection,
+    frame: &[u8],
+    body: &[u8],
+) -> Result<(Response, quinn::RecvStream), NodeError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let sent = async {
+        send.write_all(frame).await?;
+        if !body.is_empty() {
+            send.write_all(body).await?;
+        }
+        send.finish()?;
+        Ok::<(), NodeError>(())
+    }
+    .await;
+    match read_response(&mut recv).await {
+        Ok(Response::Error(code)) => Err(NodeError::Remote(code)),
+        Ok(response) => match sent {
+            Ok(()) => Ok((response, recv)),
+            Err(e) => Err(e),
+        },
+        Err(read_error) => Err(sent.err().unwrap_or(read_error)),
+    }
+}
+
+async fn read_response(recv: &mut quinn::RecvStream) -> Result<Response, NodeError> {
+    let mut prefix = [0u8; FRAME_PREFIX];
+    recv.read_exact(&mut prefix).await?;
+    let len = decode_frame_prefix(&prefix)?;
+    let mut frame = vec![0u8; len];
+    recv.read_exact(&mut frame).await?;
+    Ok(Response::decode_body(&frame)?)
+}
+
+fn unexpected(response: Response) -> NodeError {
+    match response {
+        Response::Error(code) => NodeError::Remote(code),
+        _ => NodeError::UnexpectedResponse,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send<T: Send>(_: &T) {}
+    fn assert_error<E: std::error::Error + Send + Sync + 'static>() {}
+
+    /// Gateways spawn these calls on a multi-threaded runtime and wrap errors in
+    /// `anyhow`; a non-`Send` future or error type would only show up there.
+    #[allow(dead_code, unused_must_use)]
+    fn futures_and_errors_are_send(
+        client: &NodeClient,
+        addr: SocketAddr,
+        header: &ShardHeader,
+        key: ShardKey,
+        config: crate::server::NodeConfig,
+    ) {
+        assert_send(&client.rpc_put_shard(addr, header, &[]));
+        assert_send(&client.rpc_get_shard(addr, key));
+        assert_send(&client.rpc_stat_shard(addr, key));
+        assert_send(&client.rpc_delete_shard(addr, key));
+        assert_send(&client.rpc_node_info(addr));
+        assert_error::<NodeError>();
+        assert_error::<crate::server::NodeServerError>();
+        assert_error::<crate::store::StoreError>();
+        assert_error::<crate::tls::TlsError>();
+        assert_send(&crate::server::serve(config));
+    }
+
+    #[test]
+    fn retryability_follows_the_cause() {
+        assert!(NodeError::Timeout.is_retryable());
+        assert!(NodeError::Remote(ErrorCode::Io).is_retryable());
+        assert!(NodeError::Remote(ErrorCode::DiskFull).is_retryable());
+        assert!(!NodeError::Remote(ErrorCode::HashMismatch).is_retryable());
+        assert!(!NodeError::Remote(ErrorCode::BadRequest).is_retryable());
+        assert!(!NodeError::UnexpectedResponse.is_retryable());
+        assert!(!NodeError::Protocol(DecodeError::Malformed).is_retryable());
+    }
+}

@@ -1,0 +1,469 @@
+//! The storage node's QUIC server.
+//!
+//! [`serve`] opens the [`ShardStore`], binds a quinn endpoint with the node's
+//! mutual-TLS configuration and returns a [`RunningNode`]; `custodia node`,
+//! `custodia up` and the tests call it. Each connection gets a task and each
+//! bidirectional stream a task carrying exactly one request (see
+//! `protocol::wire`): the request frame, for `PutShard` the body, then one
+//! response frame, for `Shard` followed by the body. The `handle_*` functions
+//! here answer the `rpc_*` methods of [`crate::client::NodeClient`].
+//!
+//! Nothing a peer sends can panic the node: bad frames are answered with
+//! `Error(code)` and the stream is finished; body sizes are checked against the
+//! shard's code before anything is allocated, and the memory held by bodies in
+//! flight is bounded across all connections.
+
+use crate::store::{ShardStore, StoreError};
+use crate::tls::{self, TlsError, TlsFiles};
+use protocol::wire::{decode_frame_prefix, FRAME_PREFIX};
+use protocol::{DecodeError, ErrorCode, NodeId, Request, Response, ShardHeader, ShardKey};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
+
+/// Longest one request may take, body transfer included: a stalled peer must
+/// not hold a stream (and its body buffer) forever on a live connection.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Put bodies held in memory at once, across all connections, in MiB: bounds a
+/// node's memory whatever many gateways send at once.
+const BODY_MEMORY_MIB: usize = 1024;
+/// How long shutdown waits for connection tasks to end after the endpoint is
+/// closed (they end at once unless a request is stuck on disk).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// How long shutdown waits for closed connections to finish draining. The
+/// close itself is sent at once; a peer that was mid-handshake can keep a
+/// connection draining for seconds, and nothing is lost by not waiting for it.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+/// Application close / stream reset codes (informational to the peer).
+const CODE_SHUTDOWN: u32 = 0;
+const CODE_REFUSED: u32 = 1;
+const CODE_TIMEOUT: u32 = 2;
+
+/// What a node needs to run.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Directory holding the shard store (created if missing).
+    pub data_dir: PathBuf,
+    /// UDP address to listen on; port 0 picks a free one (see
+    /// [`RunningNode::local_addr`]).
+    pub listen: SocketAddr,
+    /// This node's id, reported in `NodeInfo`.
+    pub node_id: NodeId,
+    /// The node's certificate and key, and the cluster CA its clients must
+    /// chain to.
+    pub tls: TlsFiles,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeServerError {
+    /// The data directory could not be opened as a shard store.
+    #[error("opening the shard store: {0}")]
+    Store(#[from] StoreError),
+    /// The TLS files could not be loaded or do not form a valid configuration.
+    #[error("TLS setup: {0}")]
+    Tls(#[from] TlsError),
+    /// The UDP socket could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Opening the store panicked (a bug); the node did not start.
+    #[error("opening the shard store panicked")]
+    Panicked,
+}
+
+/// A node that is serving. Call [`RunningNode::shutdown`] to stop it; dropping
+/// it also stops accepting and closes the endpoint, without waiting.
+#[derive(Debug)]
+pub struct RunningNode {
+    /// The address the node actually listens on.
+    pub local_addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    stop: watch::Sender<bool>,
+    accept: JoinHandle<()>,
+    store: Arc<ShardStore>,
+}
+
+impl RunningNode {
+    /// The store this node serves (tests, scrubbing).
+    pub fn store(&self) -> &Arc<ShardStore> {
+        &self.store
+    }
+
+    /// Stops accepting, closes every connection (requests in flight fail on the
+    /// client, which retries elsewhere: puts are idempotent) and waits, briefly,
+    /// for the endpoint to go idle so the port is free for a restart.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.accept.await {
+            tracing::warn!(error = %e, "node accept loop ended abnormally");
+        }
+        self.endpoint
+            .close(CODE_SHUTDOWN.into(), b"node shutting down");
+        let _ = tokio::time::timeout(DRAIN_GRACE, self.endpoint.wait_idle()).await;
+        tracing::info!(addr = %self.local_addr, "storage node stopped");
+    }
+}
+
+/// What every connection and stream task shares.
+struct NodeState {
+    store: Arc<ShardStore>,
+    node_id: NodeId,
+    body_memory: Arc<Semaphore>,
+}
+
+/// Opens the store in `config.data_dir`, binds `config.listen` and starts
+/// serving. Returns once the node accepts connections.
+pub async fn serve(config: NodeConfig) -> Result<RunningNode, NodeServerError> {
+    let data_dir = config.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || ShardStore::open(&data_dir))
+        .await
+        .map_err(|_| NodeServerError::Panicked)??;
+    let store = Arc::new(store);
+    let server_config = tls::server_config(&config.tls)?;
+    let bind = |source| NodeServerError::Bind {
+        addr: config.listen,
+        source,
+    };
+    let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(bind)?;
+    let local_addr = endpoint.local_addr().map_err(bind)?;
+    let state = Arc::new(NodeState {
+        store: store.clone(),
+        node_id: config.node_id,
+        body_memory: Arc::new(Semaphore::new(BODY_MEMORY_MIB)),
+    });
+    let (stop, stopped) = watch::channel(false);
+    let accept = tokio::spawn(accept_loop(endpoint.clone(), state, stopped));
+    tracing::info!(node = %config.node_id, addr = %local_addr, "storage node listening");
+    Ok(RunningNode {
+        local_addr,
+        endpoint,
+        stop,
+        accept,
+        store,
+    })
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    state: Arc<NodeState>,
+    mut stop: watch::Receiver<bool>,
+) {
+    // Connection tasks live in a JoinSet so that stopping the node also stops
+    // them (and, through their own sets, their streams).
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                connections.spawn(serve_connection(incoming, state.clone()));
+            }
+            Some(done) = connections.join_next(), if !connections.is_empty() => {
+                if let Err(e) = done {
+                    tracing::error!(error = %e, "connection task failed");
+                }
+            }
+        }
+    }
+    endpoint.close(CODE_SHUTDOWN.into(), b"node shutting down");
+    let drain = async { while connections.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, drain).await;
+}
+
+async fn serve_connection(incoming: quinn::Incoming, state: Arc<NodeState>) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(conn) => conn,
+        Err(e) => {
+            // Includes clients whose certificate the cluster CA did not issue.
+            tracing::info!(%remote, error = %e, "refused or failed connection");
+            return;
+        }
+    };
+    tracing::debug!(%remote, "connection established");
+    let mut streams = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    streams.spawn(serve_stream(state.clone(), send, recv));
+                }
+                Err(e) => {
+                    tracing::debug!(%remote, reason = %e, "connection closed");
+                    break;
+                }
+            },
+            Some(done) = streams.join_next(), if !streams.is_empty() => {
+                if let Err(e) = done {
+                    tracing::error!(%remote, error = %e, "request task failed");
+                }
+            }
+        }
+    }
+}
+
+/// Why a stream could not be served; logged, never sent (the peer is gone or
+/// misbehaving).
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("reading: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    #[error("writing: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("stream already closed: {0}")]
+    Closed(#[from] quinn::ClosedStream),
+}
+
+async fn serve_stream(
+    state: Arc<NodeState>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let served = tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        handle_request(&state, &mut send, &mut recv),
+    )
+    .await;
+    match served {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "request stream failed"),
+        Err(_) => {
+            tracing::info!("request timed out; resetting its stream");
+            let _ = send.reset(CODE_TIMEOUT.into());
+            let _ = recv.stop(CODE_TIMEOUT.into());
+        }
+    }
+}
+
+/// Why a request frame was not read.
+enum RequestError {
+    /// The peer sent bytes that are not a request: answer with a code.
+    Bad(ErrorCode),
+    /// The stream broke: nobody to answer.
+    Stream(StreamError),
+}
+
+async fn read_request(recv: &mut quinn::RecvStream) -> Result<Request, RequestError> {
+    let mut prefix = [0u8; FRAME_PREFIX];
+    read_or_refuse(recv, &mut prefix).await?;
+    let len = decode_frame_prefix(&prefix).map_err(|e| RequestError::Bad(decode_error_code(&e)))?;
+    let mut body = vec![0u8; len];
+    read_or_refuse(recv, &mut body).await?;
+    Request::decode_body(&body).map_err(|e| RequestError::Bad(decode_error_code(&e)))
+}
+
+/// Reads exactly `buf.len()` bytes; a stream that ends early is a bad request
+/// (answerable), any other failure a broken stream.
+async fn read_or_refuse(recv: &mut quinn::RecvStream, buf: &mut [u8]) -> Result<(), RequestError> {
+    match recv.read_exact(buf).await {
+        Ok(()) => Ok(()),
+        Err(quinn::ReadExactError::FinishedEarly(_)) => {
+            Err(RequestError::Bad(ErrorCode::BadRequest))
+        }
+        Err(e) => Err(RequestError::Stream(e.into())),
+    }
+}
+
+fn decode_error_code(e: &DecodeError) -> ErrorCode {
+    match e {
+        DecodeError::UnknownVersion(_) => ErrorCode::UnsupportedVersion,
+        _ => ErrorCode::BadRequest,
+    }
+}
+
+async fn handle_request(
+    state: &NodeState,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> Result<(), StreamError> {
+    let request = match read_request(recv).await {
+        Ok(request) => request,
+        Err(RequestError::Bad(code)) => {
+            tracing::debug!(%code, "refusing a malformed request");
+            return refuse(send, recv, code).await;
+        }
+        Err(RequestError::Stream(e)) => return Err(e),
+    };
+    match request {
+        Request::PutShard(header) => handle_put_shard(state, header, send, recv).await,
+        Request::GetShard(key) => handle_get_shard(state, key, send).await,
+        Request::StatShard(key) => handle_stat_shard(state, key, send).await,
+        Request::DeleteShard(key) => handle_delete_shard(state, key, send).await,
+        Request::NodeInfo => handle_node_info(state, send).await,
+    }
+}
+
+/// Stores a shard. Answers `Stored` only after the store has fsynced it.
+async fn handle_put_shard(
+    state: &NodeState,
+    header: ShardHeader,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> Result<(), StreamError> {
+    // Checked before allocating: `len` comes from the peer.
+    if header.code.validate().is_err() || header.len > header.code.shard_size {
+        tracing::info!(shard = %header.key, len = header.len, "refusing a put with an impossible header");
+        return refuse(send, recv, ErrorCode::BadRequest).await;
+    }
+    let mib = (header.len as usize)
+        .div_ceil(1 << 20)
+        .clamp(1, BODY_MEMORY_MIB);
+    // The semaphore is never closed, so acquiring only fails on a bug.
+    let Ok(_memory) = state
+        .body_memory
+        .clone()
+        .acquire_many_owned(mib as u32)
+        .await
+    else {
+        return refuse(send, recv, ErrorCode::Io).await;
+    };
+    let mut body = vec![0u8; header.len as usize];
+    match read_or_refuse(recv, &mut body).await {
+        Ok(()) => {}
+        Err(RequestError::Bad(code)) => return refuse(send, recv, code).await,
+        Err(RequestError::Stream(e)) => return Err(e),
+    }
+    let store = state.store.clone();
+    let key = header.key;
+    let stored = tokio::task::spawn_blocking(move || store.put(&header, &body)).await;
+    let response = match stored {
+        Ok(Ok(())) => {
+            tracing::debug!(shard = %key, len = header.len, "shard stored");
+            Response::Stored
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(shard = %key, error = %e, "shard not stored");
+            Response::Error(e.code())
+        }
+        Err(e) => {
+            tracing::error!(shard = %key, error = %e, "shard store task failed");
+            Response::Error(ErrorCode::Io)
+        }
+    };
+    respond(send, &response, &[]).await
+}
+
+/// Sends a shard's header and body, verified on the way out of the store.
+async fn handle_get_shard(
+    state: &NodeState,
+    key: ShardKey,
+    send: &mut quinn::SendStream,
+) -> Result<(), StreamError> {
+    let store = state.store.clone();
+    match blocking(move || store.get(&key)).await {
+        Ok((header, body)) => respond(send, &Response::Shard(header), &body).await,
+        Err(e) => {
+            log_store_error(&key, &e);
+            respond(send, &Response::Error(e.code()), &[]).await
+        }
+    }
+}
+
+async fn handle_stat_shard(
+    state: &NodeState,
+    key: ShardKey,
+    send: &mut quinn::SendStream,
+) -> Result<(), StreamError> {
+    let store = state.store.clone();
+    let response = match blocking(move || store.stat(&key)).await {
+        Ok(header) => Response::Stat(header),
+        Err(e) => {
+            log_store_error(&key, &e);
+            Response::Error(e.code())
+        }
+    };
+    respond(send, &response, &[]).await
+}
+
+async fn handle_delete_shard(
+    state: &NodeState,
+    key: ShardKey,
+    send: &mut quinn::SendStream,
+) -> Result<(), StreamError> {
+    let store = state.store.clone();
+    let response = match blocking(move || store.delete(&key)).await {
+        Ok(existed) => {
+            tracing::debug!(shard = %key, existed, "shard deleted");
+            Response::Deleted { existed }
+        }
+        Err(e) => {
+            log_store_error(&key, &e);
+            Response::Error(e.code())
+        }
+    };
+    respond(send, &response, &[]).await
+}
+
+async fn handle_node_info(
+    state: &NodeState,
+    send: &mut quinn::SendStream,
+) -> Result<(), StreamError> {
+    let store = state.store.clone();
+    let response = match blocking(move || store.info()).await {
+        Ok(info) => Response::Info(protocol::wire::NodeInfo {
+            node: state.node_id,
+            disk_uuid: info.disk_uuid,
+            capacity_bytes: info.capacity_bytes,
+            free_bytes: info.free_bytes,
+            used_bytes: info.used_bytes,
+            shards: info.shards,
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read node info");
+            Response::Error(e.code())
+        }
+    };
+    respond(send, &response, &[]).await
+}
+
+/// Runs a store call on the blocking pool; a panic there becomes an I/O error
+/// for this request rather than taking the node down.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result,
+        Err(e) => Err(StoreError::Io(std::io::Error::other(e.to_string()))),
+    }
+}
+
+fn log_store_error(key: &ShardKey, e: &StoreError) {
+    match e {
+        StoreError::NotFound => tracing::debug!(shard = %key, "shard not found"),
+        // The store already warned when it quarantined the shard.
+        StoreError::Corrupt(_) => {}
+        _ => tracing::warn!(shard = %key, error = %e, "shard request failed"),
+    }
+}
+
+/// Writes one response frame (and a body, for `Shard`) and finishes the stream.
+async fn respond(
+    send: &mut quinn::SendStream,
+    response: &Response,
+    body: &[u8],
+) -> Result<(), StreamError> {
+    send.write_all(&response.encode()).await?;
+    if !body.is_empty() {
+        send.write_all(body).await?;
+    }
+    send.finish()?;
+    Ok(())
+}
+
+/// Answers `Error(code)` and tells the peer to stop sending whatever body it
+/// still has in flight.
+async fn refuse(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    code: ErrorCode,
+) -> Result<(), StreamError> {
+    let _ = recv.stop(CODE_REFUSED.into());
+    respond(send, &Response::Error(code), &[]).await
+}

@@ -1,0 +1,743 @@
+//! The shard store: durable, self-describing shards in one data directory.
+//!
+//! [`ShardStore`] keeps one file per shard; [`StoreError`] says why an operation
+//! failed and maps itself to a wire [`ErrorCode`]. The node server
+//! (`crate::server`) calls it from `spawn_blocking` tasks; `custodia bench` calls
+//! [`write_durably`] directly to measure the disk the way nodes write.
+//!
+//! Layout of a data directory:
+//!
+//! ```text
+//! disk.uuid                                  this disk's identity (hyphenated UUID text)
+//! shards/<xx>/<evidence>-<stripe>-<index>    MAGIC | header length | header | body
+//! tmp/                                       files being written; emptied at open
+//! quarantine/<name>.<uuid>                   shards that failed their hash, kept for forensics
+//! ```
+//!
+//! `<evidence>` is the evidence id as 32 lowercase hex digits and `<xx>` is the
+//! hex of its *last* byte. The last byte is random in a UUIDv7, whereas the first
+//! bytes are the filing time and would put every shard of a decade in one
+//! directory.
+//!
+//! Every write goes through one recipe (`durable_write`): temporary file, fsync,
+//! rename into place, fsync the directory. A shard is acknowledged only after
+//! that, and a crash leaves either the old file, the new one, or a temporary file
+//! that the next open removes.
+
+use protocol::{ErrorCode, ShardHeader, ShardKey};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+const DISK_UUID_FILE: &str = "disk.uuid";
+const SHARDS_DIR: &str = "shards";
+const TMP_DIR: &str = "tmp";
+const QUARANTINE_DIR: &str = "quarantine";
+/// Shards are counted and replaced under one of these locks (chosen by key), so
+/// usage accounting stays exact when the same shard is put twice at once, while
+/// puts of different shards (almost always) fsync in parallel.
+const KEY_LOCKS: usize = 256;
+/// Longest possible shard file prefix: magic, length, header.
+const MAX_PREFIX: usize = protocol::shard::MAGIC.len() + 2 + protocol::shard::MAX_HEADER_LEN;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No shard is stored under this key.
+    #[error("shard not found")]
+    NotFound,
+    /// The body's length or BLAKE3 differs from its header; nothing was stored.
+    #[error("shard body does not match its header (length or BLAKE3)")]
+    HashMismatch,
+    /// The header's erasure code is invalid, or its body is longer than the
+    /// code's shard size; nothing was stored.
+    #[error("shard header is invalid: {0}")]
+    BadHeader(&'static str),
+    /// The stored shard failed its check on read and has been quarantined.
+    #[error("stored shard {0} is corrupt and was quarantined")]
+    Corrupt(ShardKey),
+    /// The disk has no room; nothing was stored.
+    #[error("disk full")]
+    DiskFull,
+    /// `disk.uuid` exists but does not hold a UUID: someone else's directory, or
+    /// damage. Refuse to start rather than mint a new identity over it.
+    #[error("{0} does not hold a disk UUID")]
+    BadDiskUuid(PathBuf),
+    /// Any other disk error.
+    #[error("disk error: {0}")]
+    Io(#[source] io::Error),
+}
+
+impl StoreError {
+    /// The code a node sends for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            StoreError::NotFound => ErrorCode::NotFound,
+            StoreError::HashMismatch => ErrorCode::HashMismatch,
+            StoreError::BadHeader(_) => ErrorCode::BadRequest,
+            StoreError::Corrupt(_) => ErrorCode::Corrupt,
+            StoreError::DiskFull => ErrorCode::DiskFull,
+            StoreError::BadDiskUuid(_) | StoreError::Io(_) => ErrorCode::Io,
+        }
+    }
+}
+
+impl From<io::Error> for StoreError {
+    fn from(e: io::Error) -> Self {
+        if is_disk_full(&e) {
+            StoreError::DiskFull
+        } else {
+            StoreError::Io(e)
+        }
+    }
+}
+
+fn is_disk_full(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::StorageFull
+        || e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
+}
+
+/// A snapshot of the store's identity and usage.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct StoreInfo {
+    pub disk_uuid: [u8; 16],
+    /// Size of the file system holding the data dir.
+    pub capacity_bytes: u64,
+    /// Bytes available to this process on that file system.
+    pub free_bytes: u64,
+    /// Bytes of shard files (headers included).
+    pub used_bytes: u64,
+    pub shards: u64,
+}
+
+#[derive(Default)]
+struct Usage {
+    bytes: u64,
+    shards: u64,
+}
+
+impl Usage {
+    fn add(&mut self, bytes: u64) {
+        self.bytes += bytes;
+        self.shards += 1;
+    }
+
+    fn remove(&mut self, bytes: u64) {
+        self.bytes = self.bytes.saturating_sub(bytes);
+        self.shards = self.shards.saturating_sub(1);
+    }
+}
+
+/// Shards on one local data directory. Cheap to share behind an `Arc`; all
+/// methods take `&self` and block on disk I/O.
+pub struct ShardStore {
+    root: PathBuf,
+    disk_uuid: [u8; 16],
+    usage: Mutex<Usage>,
+    key_locks: Vec<Mutex<()>>,
+}
+
+impl std::fmt::Debug for ShardStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardStore")
+            .field("root", &self.root)
+            .field("disk_uuid", &uuid::Uuid::from_bytes(self.disk_uuid))
+            .finish_non_exhaustive()
+    }
+}
+
+impl ShardStore {
+    /// Opens (creating if needed) the store in `data_dir`: makes its directories,
+    /// reads or mints the disk UUID, removes leftover temporary files and counts
+    /// the shards already there.
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        for dir in [SHARDS_DIR, TMP_DIR, QUARANTINE_DIR] {
+            fs::create_dir_all(data_dir.join(dir))?;
+        }
+        let root = data_dir.to_path_buf();
+        remove_temporary_files(&root.join(TMP_DIR))?;
+        let disk_uuid = read_or_mint_disk_uuid(&root)?;
+        let usage = count_shards(&root.join(SHARDS_DIR))?;
+        tracing::info!(
+            dir = %root.display(),
+            disk = %uuid::Uuid::from_bytes(disk_uuid),
+            shards = usage.shards,
+            bytes = usage.bytes,
+            "shard store opened"
+        );
+        Ok(ShardStore {
+            root,
+            disk_uuid,
+            usage: Mutex::new(usage),
+            key_locks: (0..KEY_LOCKS).map(|_| Mutex::new(())).collect(),
+        })
+    }
+
+    /// The directory this store lives in.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The UUID minted when this data dir was first used.
+    pub fn disk_uuid(&self) -> [u8; 16] {
+        self.disk_uuid
+    }
+
+    /// Where the shard `key` lives (whether or not it exists).
+    pub fn shard_path(&self, key: &ShardKey) -> PathBuf {
+        self.shard_dir(key).join(shard_file_name(key))
+    }
+
+    fn shard_dir(&self, key: &ShardKey) -> PathBuf {
+        let fanout = key.evidence.0[15];
+        self.root.join(SHARDS_DIR).join(format!("{fanout:02x}"))
+    }
+
+    /// Stores `body` under `header`, replacing any earlier copy atomically.
+    /// Returns only once the shard is fsynced; refuses (storing nothing) a body
+    /// that does not match the header or is longer than the code's shard size.
+    pub fn put(&self, header: &ShardHeader, body: &[u8]) -> Result<(), StoreError> {
+        if header.code.validate().is_err() {
+            return Err(StoreError::BadHeader("invalid erasure code"));
+        }
+        if header.len > header.code.shard_size || body.len() > header.code.shard_size as usize {
+            return Err(StoreError::BadHeader(
+                "body longer than the code's shard size",
+            ));
+        }
+        if !header.matches(body) {
+            return Err(StoreError::HashMismatch);
+        }
+        let key = header.key;
+        let dir = self.shard_dir(&key);
+        let name = shard_file_name(&key);
+        let _guard = self.lock_key(&key);
+        let old_len = file_len(&dir.join(&name))?;
+        if old_len.is_none() {
+            // The fan-out directory is created on first use; a crash after this
+            // leaves an empty directory, which is harmless.
+            create_dir_durably(&dir)?;
+        }
+        let prefix = header.file_prefix();
+        let written = durable_write(
+            &self.root.join(TMP_DIR),
+            &dir,
+            &name,
+            &[&prefix, body],
+            0o644,
+        )?;
+        let mut usage = self.lock_usage();
+        if let Some(old) = old_len {
+            usage.remove(old);
+        }
+        usage.add(written);
+        Ok(())
+    }
+
+    /// Reads the shard `key`, checking that its header names `key` and that the
+    /// body matches the header's length and BLAKE3. A shard that fails is moved
+    /// to `quarantine/` and reported as [`StoreError::Corrupt`].
+    pub fn get(&self, key: &ShardKey) -> Result<(ShardHeader, Vec<u8>), StoreError> {
+        let (mut file, inode) = self.open_shard(key)?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)?;
+        let (header, body_at) = match ShardHeader::parse_file_prefix(&bytes) {
+            Ok(parsed) => parsed,
+            Err(e) => return Err(self.quarantine(key, inode, &format!("unreadable header: {e}"))),
+        };
+        if header.key != *key {
+            return Err(self.quarantine(key, inode, "header names another shard"));
+        }
+        let body = bytes.split_off(body_at);
+        if !header.matches(&body) {
+            return Err(self.quarantine(
+                key,
+                inode,
+                "body does not match its header's length or BLAKE3",
+            ));
+        }
+        Ok((header, body))
+    }
+
+    /// The stored header of `key`, without reading (or verifying) the body. Only
+    /// checks what is cheap: the header parses, names `key`, and the file is as
+    /// long as the header says.
+    pub fn stat(&self, key: &ShardKey) -> Result<ShardHeader, StoreError> {
+        let (mut file, inode) = self.open_shard(key)?;
+        let file_len = file.metadata()?.len();
+        let mut prefix = Vec::with_capacity(MAX_PREFIX);
+        (&mut file)
+            .take(MAX_PREFIX as u64)
+            .read_to_end(&mut prefix)?;
+        let (header, body_at) = match ShardHeader::parse_file_prefix(&prefix) {
+            Ok(parsed) => parsed,
+            Err(e) => return Err(self.quarantine(key, inode, &format!("unreadable header: {e}"))),
+        };
+        if header.key != *key {
+            return Err(self.quarantine(key, inode, "header names another shard"));
+        }
+        if file_len != body_at as u64 + header.len as u64 {
+            return Err(self.quarantine(key, inode, "file length disagrees with its header"));
+        }
+        Ok(header)
+    }
+
+    /// Deletes the shard `key`; says whether it existed. Durable on return.
+    pub fn delete(&self, key: &ShardKey) -> Result<bool, StoreError> {
+        let dir = self.shard_dir(key);
+        let path = dir.join(shard_file_name(key));
+        let _guard = self.lock_key(key);
+        let Some(len) = file_len(&path)? else {
+            return Ok(false);
+        };
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+        self.lock_usage().remove(len);
+        sync_dir(&dir)?;
+        Ok(true)
+    }
+
+    /// Identity, capacity and usage.
+    pub fn info(&self) -> Result<StoreInfo, StoreError> {
+        let vfs = rustix::fs::statvfs(&self.root).map_err(io::Error::from)?;
+        let usage = self.lock_usage();
+        Ok(StoreInfo {
+            disk_uuid: self.disk_uuid,
+            capacity_bytes: vfs.f_blocks.saturating_mul(vfs.f_frsize),
+            free_bytes: vfs.f_bavail.saturating_mul(vfs.f_frsize),
+            used_bytes: usage.bytes,
+            shards: usage.shards,
+        })
+    }
+
+    /// Opens the shard file of `key`; returns it with its inode number, which
+    /// identifies this version of the shard if it is later found corrupt.
+    fn open_shard(&self, key: &ShardKey) -> Result<(File, u64), StoreError> {
+        match File::open(self.shard_path(key)) {
+            Ok(file) => {
+                let inode = file.metadata()?.ino();
+                Ok((file, inode))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::NotFound),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Moves a failed shard aside (so it is neither served again nor lost to
+    /// forensics) and returns the error to report. Only moves the file if it is
+    /// still the one that failed (inode `inode`): a put may have replaced it
+    /// with a good copy since it was read.
+    fn quarantine(&self, key: &ShardKey, inode: u64, why: &str) -> StoreError {
+        tracing::warn!(shard = %key, reason = why, "stored shard failed its check; quarantining");
+        let _guard = self.lock_key(key);
+        let dir = self.shard_dir(key);
+        let name = shard_file_name(key);
+        let from = dir.join(&name);
+        let quarantine = self.root.join(QUARANTINE_DIR);
+        let to = quarantine.join(format!("{name}.{}", uuid::Uuid::now_v7().simple()));
+        let len = match fs::metadata(&from) {
+            Ok(meta) if meta.ino() == inode => meta.len(),
+            // Replaced, already moved by a concurrent reader, or deleted.
+            Ok(_) => return StoreError::Corrupt(*key),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return StoreError::Corrupt(*key),
+            Err(e) => {
+                tracing::warn!(shard = %key, error = %e, "could not inspect corrupt shard");
+                return StoreError::Corrupt(*key);
+            }
+        };
+        let moved = fs::rename(&from, &to)
+            .and_then(|()| sync_dir(&quarantine))
+            .and_then(|()| sync_dir(&dir));
+        match moved {
+            Ok(()) => self.lock_usage().remove(len),
+            Err(e) => {
+                tracing::warn!(shard = %key, error = %e, "could not quarantine corrupt shard")
+            }
+        }
+        StoreError::Corrupt(*key)
+    }
+
+    fn lock_key(&self, key: &ShardKey) -> std::sync::MutexGuard<'_, ()> {
+        let mut h = key.stripe ^ (key.index as u64).rotate_left(17);
+        for b in key.evidence.0 {
+            h = h.wrapping_mul(31).wrapping_add(b as u64);
+        }
+        let lock = &self.key_locks[(h % KEY_LOCKS as u64) as usize];
+        // A panic while holding a key lock leaves nothing half-done that the lock
+        // protects (files are replaced atomically), so a poisoned lock is usable.
+        lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_usage(&self) -> std::sync::MutexGuard<'_, Usage> {
+        self.usage.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn shard_file_name(key: &ShardKey) -> String {
+    format!(
+        "{}-{}-{}",
+        uuid::Uuid::from_bytes(key.evidence.0).simple(),
+        key.stripe,
+        key.index
+    )
+}
+
+/// Writes `parts` durably as `dir/name`, with a temporary file in `dir` itself.
+/// The same recipe the store uses for shards; `custodia bench` measures it.
+pub fn write_durably(dir: &Path, name: &str, parts: &[&[u8]]) -> io::Result<()> {
+    durable_write(dir, dir, name, parts, 0o644).map(|_| ())
+}
+
+/// The one durable-write recipe: writes `parts` to a fresh temporary file in
+/// `tmp_dir` (created with `mode`), fsyncs it, renames it to `dir/name`
+/// (atomically replacing any old file) and fsyncs `dir` so the rename survives a
+/// crash. `tmp_dir` must be on the same file system as `dir`. Returns the bytes
+/// written. On error the temporary file is removed.
+pub(crate) fn durable_write(
+    tmp_dir: &Path,
+    dir: &Path,
+    name: &str,
+    parts: &[&[u8]],
+    mode: u32,
+) -> io::Result<u64> {
+    let tmp = tmp_dir.join(format!(".{name}.{}.tmp", uuid::Uuid::now_v7().simple()));
+    let result = write_and_sync(&tmp, parts, mode).and_then(|len| {
+        fs::rename(&tmp, dir.join(name))?;
+        sync_dir(dir)?;
+        Ok(len)
+    });
+    if result.is_err() {
+        // Best effort: the open after a crash removes what this misses.
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn write_and_sync(path: &Path, parts: &[&[u8]], mode: u32) -> io::Result<u64> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)?;
+    let mut len = 0u64;
+    for part in parts {
+        file.write_all(part)?;
+        len += part.len() as u64;
+    }
+    file.sync_all()?;
+    Ok(len)
+}
+
+/// Writes a secret (private key, token) readable only by its owner, durably.
+/// Replaces any existing file, so a key never exists with looser permissions.
+pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let (dir, name) = split_path(path)?;
+    durable_write(dir, dir, name, &[bytes], 0o600).map(|_| ())
+}
+
+fn split_path(path: &Path) -> io::Result<(&Path, &str)> {
+    let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, "path has no UTF-8 file name")
+    })?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    Ok((dir, name))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn create_dir_durably(dir: &Path) -> io::Result<()> {
+    match fs::create_dir(dir) {
+        Ok(()) => {
+            if let Some(parent) = dir.parent() {
+                sync_dir(parent)?;
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn file_len(path: &Path) -> io::Result<Option<u64>> {
+    match fs::metadata(path) {
+        Ok(m) => Ok(Some(m.len())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn read_or_mint_disk_uuid(root: &Path) -> Result<[u8; 16], StoreError> {
+    let path = root.join(DISK_UUID_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => uuid::Uuid::parse_str(text.trim())
+            .map(|u| *u.as_bytes())
+            .map_err(|_| StoreError::BadDiskUuid(path)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let id = uuid::Uuid::now_v7();
+            let text = format!("{}\n", id.hyphenated());
+            durable_write(
+                &root.join(TMP_DIR),
+                root,
+                DISK_UUID_FILE,
+                &[text.as_bytes()],
+                0o644,
+            )?;
+            tracing::info!(disk = %id, "minted a disk UUID for a new data dir");
+            Ok(*id.as_bytes())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn remove_temporary_files(tmp: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(tmp)? {
+        let entry = entry?;
+        tracing::debug!(file = %entry.path().display(), "removing a leftover temporary file");
+        fs::remove_file(entry.path())?;
+    }
+    Ok(())
+}
+
+fn count_shards(shards: &Path) -> io::Result<Usage> {
+    let mut usage = Usage::default();
+    for fanout in fs::read_dir(shards)? {
+        let fanout = fanout?;
+        if !fanout.file_type()?.is_dir() {
+            continue;
+        }
+        for file in fs::read_dir(fanout.path())? {
+            let file = file?;
+            let meta = file.metadata()?;
+            if meta.is_file() {
+                usage.add(meta.len());
+            }
+        }
+    }
+    Ok(usage)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::{Blake3Hash, ErasureCode, EvidenceId};
+
+    const SHARD_SIZE: u32 = 4096;
+
+    fn key(n: u8) -> ShardKey {
+        ShardKey {
+            evidence: EvidenceId::new(1_700_000_000_000, [n; 10]),
+            stripe: n as u64 * 7,
+            index: n % 6,
+        }
+    }
+
+    fn header(key: ShardKey, body: &[u8]) -> ShardHeader {
+        ShardHeader {
+            key,
+            code: ErasureCode::new(4, 2, SHARD_SIZE).unwrap(),
+            stripe_len: body.len() as u64 * 4,
+            len: body.len() as u32,
+            blake3: Blake3Hash::of(body),
+        }
+    }
+
+    fn body(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 13 % 251) as u8).collect()
+    }
+
+    #[test]
+    fn sizes_round_trip_and_oversized_bodies_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ShardStore::open(dir.path()).unwrap();
+        let sizes = [0usize, 1, 4096 - 1, 4096];
+        for (n, &len) in sizes.iter().enumerate() {
+            let k = key(n as u8);
+            let b = body(len);
+            store.put(&header(k, &b), &b).unwrap();
+            let (h, got) = store.get(&k).unwrap();
+            assert_eq!(h, header(k, &b));
+            assert_eq!(got, b, "size {len}");
+            assert_eq!(store.stat(&k).unwrap(), h);
+        }
+        let k = key(40);
+        let big = body(SHARD_SIZE as usize + 1);
+        let err = store.put(&header(k, &big), &big).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::BadRequest);
+        assert!(matches!(store.get(&k), Err(StoreError::NotFound)));
+        assert_eq!(store.info().unwrap().shards, sizes.len() as u64);
+    }
+
+    #[test]
+    fn mismatched_bodies_are_refused_and_nothing_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ShardStore::open(dir.path()).unwrap();
+        let k = key(1);
+        let b = body(100);
+        let h = header(k, &b);
+        let mut wrong = b.clone();
+        wrong[3] ^= 1;
+        assert!(matches!(
+            store.put(&h, &wrong),
+            Err(StoreError::HashMismatch)
+        ));
+        assert!(matches!(
+            store.put(&h, &b[..99]),
+            Err(StoreError::HashMismatch)
+        ));
+        assert!(matches!(store.stat(&k), Err(StoreError::NotFound)));
+        assert_eq!(store.info().unwrap().shards, 0);
+        assert_eq!(fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn put_is_idempotent_and_delete_says_whether_it_existed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ShardStore::open(dir.path()).unwrap();
+        let k = key(2);
+        let b = body(1000);
+        store.put(&header(k, &b), &b).unwrap();
+        let used = store.info().unwrap().used_bytes;
+        store.put(&header(k, &b), &b).unwrap();
+        let info = store.info().unwrap();
+        assert_eq!((info.shards, info.used_bytes), (1, used));
+        let b2 = body(10);
+        store.put(&header(k, &b2), &b2).unwrap();
+        assert_eq!(store.get(&k).unwrap().1, b2);
+        assert_eq!(store.info().unwrap().shards, 1);
+        assert!(store.delete(&k).unwrap());
+        assert!(!store.delete(&k).unwrap());
+        assert!(matches!(store.get(&k), Err(StoreError::NotFound)));
+        let info = store.info().unwrap();
+        assert_eq!((info.shards, info.used_bytes), (0, 0));
+    }
+
+    #[test]
+    fn a_flipped_byte_is_reported_corrupt_and_quarantined() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ShardStore::open(dir.path()).unwrap();
+        let k = key(3);
+        let b = body(4096);
+        store.put(&header(k, &b), &b).unwrap();
+        let path = store.shard_path(&k);
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        fs::write(&path, bytes).unwrap();
+        // A cheap stat does not read the body; a get does.
+        assert!(store.stat(&k).is_ok());
+        let err = store.get(&k).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)));
+        assert_eq!(err.code(), ErrorCode::Corrupt);
+        assert!(!path.exists(), "corrupt shard must leave the shard tree");
+        assert_eq!(
+            fs::read_dir(dir.path().join(QUARANTINE_DIR))
+                .unwrap()
+                .count(),
+            1
+        );
+        assert!(matches!(store.get(&k), Err(StoreError::NotFound)));
+        assert_eq!(store.info().unwrap().shards, 0);
+    }
+
+    #[test]
+    fn a_damaged_header_is_quarantined_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ShardStore::open(dir.path()).unwrap();
+        let k = key(4);
+        let b = body(64);
+        store.put(&header(k, &b), &b).unwrap();
+        let path = store.shard_path(&k);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[0] = b'X';
+        fs::write(&path, bytes).unwrap();
+        assert!(matches!(store.stat(&k), Err(StoreError::Corrupt(_))));
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn reopening_keeps_shards_disk_uuid_and_usage_and_drops_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (uuid, info) = {
+            let store = ShardStore::open(dir.path()).unwrap();
+            for n in 0..5 {
+                let b = body(100 * n as usize);
+                store.put(&header(key(n), &b), &b).unwrap();
+            }
+            (store.disk_uuid(), store.info().unwrap())
+        };
+        fs::write(dir.path().join(TMP_DIR).join(".leftover.tmp"), b"half").unwrap();
+        let store = ShardStore::open(dir.path()).unwrap();
+        assert_eq!(store.disk_uuid(), uuid);
+        let again = store.info().unwrap();
+        assert_eq!(
+            (again.shards, again.used_bytes),
+            (info.shards, info.used_bytes)
+        );
+        assert_eq!(again.shards, 5);
+        assert!(again.capacity_bytes >= again.free_bytes && again.capacity_bytes > 0);
+        assert_eq!(store.get(&key(3)).unwrap().1, body(300));
+        assert_eq!(fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(), 0);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(ShardStore::open(other.path()).unwrap().disk_uuid(), uuid);
+    }
+
+    #[test]
+    fn a_full_disk_maps_to_disk_full() {
+        let enospc = io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error());
+        let err = StoreError::from(enospc);
+        assert!(matches!(err, StoreError::DiskFull));
+        assert_eq!(err.code(), ErrorCode::DiskFull);
+        assert_eq!(
+            StoreError::from(io::Error::other("x")).code(),
+            ErrorCode::Io
+        );
+    }
+
+    #[test]
+    fn a_garbled_disk_uuid_refuses_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(DISK_UUID_FILE), "not a uuid").unwrap();
+        assert!(matches!(
+            ShardStore::open(dir.path()),
+            Err(StoreError::BadDiskUuid(_))
+        ));
+    }
+
+    #[test]
+    fn private_files_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.key");
+        fs::write(&path, b"old").unwrap();
+        write_private(&path, b"secret").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"secret");
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        write_durably(dir.path(), "plain", &[b"a", b"b"]).unwrap();
+        assert_eq!(fs::read(dir.path().join("plain")).unwrap(), b"ab");
+    }
+
+    proptest::proptest! {
+        // Each case fsyncs; a few dozen cover the sizes without a slow suite.
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+        #[test]
+        fn any_body_within_the_shard_size_round_trips(len in 0usize..=SHARD_SIZE as usize, seed: u8) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = ShardStore::open(dir.path()).unwrap();
+            let b: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed)).collect();
+            let k = key(seed);
+            store.put(&header(k, &b), &b).unwrap();
+            proptest::prop_assert_eq!(store.get(&k).unwrap().1, b);
+        }
+    }
+}

@@ -1,0 +1,338 @@
+//! The cluster CA and the mutual-TLS QUIC configurations built on it.
+//!
+//! [`ClusterCa`] creates the CA (`custodia init`) and issues leaf certificates
+//! for nodes and gateways; [`TlsFiles`] names a party's CA, certificate and key
+//! on disk; [`server_config`] (storage nodes) and [`client_config`] (gateways,
+//! `NodeClient`) turn them into quinn configurations in which each side accepts
+//! only certificates chained to the cluster CA. [`write_private`] writes key files
+//! readable only by their owner.
+//!
+//! Every rustls object here is built with the *ring* provider explicitly: other
+//! crates in the workspace pull in aws-lc-rs too, and with two providers compiled
+//! in, rustls' process-wide default panics rather than guess.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use crate::store::write_private;
+
+/// The DNS name every node certificate carries and every client connects to:
+/// nodes are addressed by IP, so their certificates are checked against one
+/// cluster-internal name (the CA, not the name, is what makes a node a node).
+pub const NODE_SERVER_NAME: &str = "node.custodia.internal";
+/// The DNS name in gateway certificates (informational: nodes accept any
+/// certificate the cluster CA issued).
+pub const GATEWAY_NAME: &str = "gateway.custodia.internal";
+/// ALPN protocol of node traffic; bumped if the frames ever change incompatibly.
+pub const ALPN: &[u8] = b"custodia/1";
+
+/// How long the CA and leaf certificates are valid: evidence is kept for
+/// decades, and an expired cluster CA would stop every node at once.
+const CA_VALIDITY_DAYS: i64 = 20 * 365;
+/// Leaves expire a little before the CA, so no leaf outlives its issuer.
+const LEAF_VALIDITY_DAYS: i64 = CA_VALIDITY_DAYS - 30;
+
+/// Why a certificate could not be made or a TLS configuration built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file named in [`TlsFiles`] could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A PEM file could not be parsed.
+    #[error("parsing {path}: {source}")]
+    Pem {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    /// A certificate file holds no certificate.
+    #[error("{0} holds no certificate")]
+    NoCertificate(PathBuf),
+    /// Generating or signing a certificate failed, or a CA PEM was unusable.
+    #[error("certificate generation: {0}")]
+    Certificate(#[from] rcgen::Error),
+    /// rustls refused the configuration (e.g. a key that does not match its
+    /// certificate, or a CA certificate it cannot use as a trust anchor).
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client-certificate verifier could not be built from the CA.
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// The rustls configuration lacks a cipher suite QUIC needs.
+    #[error("QUIC TLS configuration: {0}")]
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+}
+
+/// The cluster's certificate authority: its certificate and signing key.
+pub struct ClusterCa {
+    cert_pem: String,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for ClusterCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("ClusterCa").finish_non_exhaustive()
+    }
+}
+
+impl ClusterCa {
+    /// A new self-signed CA named `name`, valid for 20 years.
+    pub fn generate(name: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        set_validity(&mut params, CA_VALIDITY_DAYS);
+        let cert = params.self_signed(&key)?;
+        let key_pem = key.serialize_pem();
+        Ok(ClusterCa {
+            cert_pem: cert.pem(),
+            key_pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// The CA certificate and private key, PEM-encoded. Write the key with
+    /// [`write_private`].
+    pub fn to_pem(&self) -> (String, String) {
+        (self.cert_pem.clone(), self.key_pem.clone())
+    }
+
+    /// The CA certificate, PEM-encoded.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Loads a CA written by [`ClusterCa::to_pem`].
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(ClusterCa {
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+            issuer,
+        })
+    }
+
+    /// Issues a leaf certificate (with a fresh key) usable both as a TLS server
+    /// and a TLS client, for `dns_names` and `ips`. Returns `(cert_pem, key_pem)`.
+    pub fn issue(
+        &self,
+        common_name: &str,
+        dns_names: &[String],
+        ips: &[IpAddr],
+    ) -> Result<(String, String), TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.subject_alt_names = dns_names
+            .iter()
+            .map(|n| Ok(SanType::DnsName(n.clone().try_into()?)))
+            .chain(ips.iter().map(|ip| Ok(SanType::IpAddress(*ip))))
+            .collect::<Result<_, rcgen::Error>>()?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        set_validity(&mut params, LEAF_VALIDITY_DAYS);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+fn set_validity(params: &mut CertificateParams, days: i64) {
+    let now = time::OffsetDateTime::now_utc();
+    // A day of slack for clocks that lag the machine that issued the cert.
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(days);
+}
+
+/// Where one party's TLS material lives: the cluster CA certificate, its own
+/// certificate (chain) and its private key, all PEM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The parsed contents of [`TlsFiles`].
+#[derive(Debug)]
+pub struct TlsMaterial {
+    pub ca: Vec<CertificateDer<'static>>,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl TlsFiles {
+    /// Reads and parses the three files.
+    pub fn load(&self) -> Result<TlsMaterial, TlsError> {
+        let ca = read_certs(&self.ca_cert)?;
+        let chain = read_certs(&self.cert)?;
+        let key_pem = read(&self.key)?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|source| TlsError::Pem {
+            path: self.key.clone(),
+            source,
+        })?;
+        Ok(TlsMaterial { ca, chain, key })
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(path.to_path_buf()));
+    }
+    Ok(certs)
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(ca: &[CertificateDer<'static>]) -> Result<Arc<rustls::RootCertStore>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in ca {
+        roots.add(cert.clone())?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// A storage node's QUIC server configuration: presents the node's certificate
+/// and accepts only clients with a certificate chained to the cluster CA.
+pub fn server_config(files: &TlsFiles) -> Result<quinn::ServerConfig, TlsError> {
+    let m = files.load()?;
+    let provider = provider();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots(&m.ca)?,
+        provider.clone(),
+    )
+    .build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(m.chain, m.key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport());
+    Ok(config)
+}
+
+/// A gateway's QUIC client configuration: trusts only the cluster CA and
+/// presents the gateway's certificate. Connect with [`NODE_SERVER_NAME`].
+pub fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig, TlsError> {
+    let m = files.load()?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(&m.ca)?)
+        .with_client_auth_cert(m.chain, m.key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport());
+    Ok(config)
+}
+
+/// Transport settings for node traffic: 1 MiB shard bodies on many parallel
+/// streams, so windows are large enough that a stream is never stalled on flow
+/// control at loopback or LAN speeds; keep-alives keep idle gateway connections
+/// open, and the idle timeout finds dead peers.
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    // 30 s always fits a QUIC idle timeout (a VarInt of milliseconds).
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(30)) {
+        t.max_idle_timeout(Some(idle));
+    }
+    t.stream_receive_window(quinn::VarInt::from_u32(8 << 20));
+    t.receive_window(quinn::VarInt::from_u32(64 << 20));
+    t.send_window(64 << 20);
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(256));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    Arc::new(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_survives_pem_and_issues_loadable_leaves() {
+        let ca = ClusterCa::generate("test CA").unwrap();
+        let (cert_pem, key_pem) = ca.to_pem();
+        let again = ClusterCa::from_pem(&cert_pem, &key_pem).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &cert_pem).unwrap();
+        let (leaf, key) = again
+            .issue(
+                "node 0",
+                &[NODE_SERVER_NAME.to_string()],
+                &[IpAddr::from([127, 0, 0, 1])],
+            )
+            .unwrap();
+        std::fs::write(dir.path().join("n.pem"), leaf).unwrap();
+        write_private(&dir.path().join("n.key"), key.as_bytes()).unwrap();
+        let files = TlsFiles {
+            ca_cert: dir.path().join("ca.pem"),
+            cert: dir.path().join("n.pem"),
+            key: dir.path().join("n.key"),
+        };
+        assert_eq!(files.load().unwrap().chain.len(), 1);
+        server_config(&files).unwrap();
+        client_config(&files).unwrap();
+    }
+
+    #[test]
+    fn missing_and_garbled_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("empty.pem"), "").unwrap();
+        let files = TlsFiles {
+            ca_cert: dir.path().join("empty.pem"),
+            cert: dir.path().join("nope.pem"),
+            key: dir.path().join("nope.key"),
+        };
+        assert!(matches!(files.load(), Err(TlsError::NoCertificate(_))));
+        assert!(ClusterCa::from_pem("garbage", "garbage").is_err());
+    }
+}

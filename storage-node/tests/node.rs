@@ -1,0 +1,418 @@
+//! A real node and client over QUIC on loopback, with certificates from a fresh
+//! cluster CA in a temporary directory.
+
+use protocol::wire::NodeInfo;
+use protocol::{
+    Blake3Hash, ErasureCode, ErrorCode, EvidenceId, NodeId, Request, Response, ShardHeader,
+    ShardKey,
+};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use storage_node::client::{NodeClient, NodeError};
+use storage_node::server::{serve, NodeConfig, RunningNode};
+use storage_node::tls::{self, ClusterCa, TlsFiles, NODE_SERVER_NAME};
+
+const SHARD_SIZE: u32 = 1 << 20;
+
+/// Issues a certificate from `ca` into `dir/<who>.{pem,key}`, beside `ca.pem`.
+fn issue(ca: &ClusterCa, dir: &Path, who: &str, name: &str) -> TlsFiles {
+    std::fs::write(dir.join("ca.pem"), ca.to_pem().0).unwrap();
+    let (cert, key) = ca
+        .issue(who, &[name.to_string()], &[IpAddr::from([127, 0, 0, 1])])
+        .unwrap();
+    std::fs::write(dir.join(format!("{who}.pem")), cert).unwrap();
+    tls::write_private(&dir.join(format!("{who}.key")), key.as_bytes()).unwrap();
+    TlsFiles {
+        ca_cert: dir.join("ca.pem"),
+        cert: dir.join(format!("{who}.pem")),
+        key: dir.join(format!("{who}.key")),
+    }
+}
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    data: std::path::PathBuf,
+    node_tls: TlsFiles,
+    gateway_tls: TlsFiles,
+    ca: ClusterCa,
+    tls_dir: std::path::PathBuf,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let tls_dir = dir.path().join("tls");
+        std::fs::create_dir_all(&tls_dir).unwrap();
+        let ca = ClusterCa::generate("test cluster CA").unwrap();
+        let node_tls = issue(&ca, &tls_dir, "node", NODE_SERVER_NAME);
+        let gateway_tls = issue(&ca, &tls_dir, "gateway", "gateway.custodia.internal");
+        Cluster {
+            data: dir.path().join("node-data"),
+            _dir: dir,
+            node_tls,
+            gateway_tls,
+            ca,
+            tls_dir,
+        }
+    }
+
+    async fn start(&self, listen: SocketAddr) -> RunningNode {
+        serve(NodeConfig {
+            data_dir: self.data.clone(),
+            listen,
+            node_id: NodeId(7),
+            tls: self.node_tls.clone(),
+        })
+        .await
+        .unwrap()
+    }
+
+    fn client(&self) -> NodeClient {
+        NodeClient::new(&self.gateway_tls).unwrap()
+    }
+}
+
+fn loopback() -> SocketAddr {
+    ([127, 0, 0, 1], 0).into()
+}
+
+fn key(n: u64) -> ShardKey {
+    ShardKey {
+        evidence: EvidenceId::new(1_700_000_000_000 + n, [n as u8; 10]),
+        stripe: n,
+        index: (n % 6) as u8,
+    }
+}
+
+fn shard(n: u64, len: usize) -> (ShardHeader, Vec<u8>) {
+    let body: Vec<u8> = (0..len).map(|i| (i as u64 * 7 + n) as u8).collect();
+    let header = ShardHeader {
+        key: key(n),
+        code: ErasureCode::new(4, 2, SHARD_SIZE).unwrap(),
+        stripe_len: len as u64 * 4,
+        len: len as u32,
+        blake3: Blake3Hash::of(&body),
+    };
+    (header, body)
+}
+
+#[tokio::test]
+async fn put_get_stat_delete_and_info_round_trip() {
+    let cluster = Cluster::new();
+    let node = cluster.start(loopback()).await;
+    let client = cluster.client();
+    let addr = node.local_addr;
+
+    for (n, len) in [
+        (1, 0),
+        (2, 1),
+        (3, 4096),
+        (4, SHARD_SIZE as usize - 1),
+        (5, SHARD_SIZE as usize),
+    ] {
+        let (header, body) = shard(n, len);
+        client.rpc_put_shard(addr, &header, &body).await.unwrap();
+        let (got_header, got_body) = client.rpc_get_shard(addr, header.key).await.unwrap();
+        assert_eq!(got_header, header);
+        assert_eq!(got_body, body, "body of {len} bytes");
+        assert_eq!(
+            client.rpc_stat_shard(addr, header.key).await.unwrap(),
+            header
+        );
+    }
+
+    let info: NodeInfo = client.rpc_node_info(addr).await.unwrap();
+    assert_eq!(info.node, NodeId(7));
+    assert_eq!(info.shards, 5);
+    assert!(info.used_bytes > 2 * SHARD_SIZE as u64);
+    assert!(info.capacity_bytes >= info.free_bytes);
+    assert_eq!(info.disk_uuid, node.store().disk_uuid());
+
+    assert!(client.rpc_delete_shard(addr, key(3)).await.unwrap());
+    assert!(!client.rpc_delete_shard(addr, key(3)).await.unwrap());
+    assert!(matches!(
+        client.rpc_get_shard(addr, key(3)).await,
+        Err(NodeError::Remote(ErrorCode::NotFound))
+    ));
+    assert!(matches!(
+        client.rpc_stat_shard(addr, key(3)).await,
+        Err(NodeError::Remote(ErrorCode::NotFound))
+    ));
+    assert_eq!(client.rpc_node_info(addr).await.unwrap().shards, 4);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn bodies_that_do_not_match_their_header_are_refused() {
+    let cluster = Cluster::new();
+    let node = cluster.start(loopback()).await;
+    let client = cluster.client();
+    let addr = node.local_addr;
+
+    let (header, mut body) = shard(1, 5000);
+    body[100] ^= 1;
+    let err = client
+        .rpc_put_shard(addr, &header, &body)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, NodeError::Remote(ErrorCode::HashMismatch)),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable());
+    assert!(matches!(
+        client.rpc_stat_shard(addr, header.key).await,
+        Err(NodeError::Remote(ErrorCode::NotFound))
+    ));
+
+    // Longer than the code's shard size: refused before the body is read.
+    let small_code = ErasureCode::new(4, 2, 4096).unwrap();
+    let big = vec![9u8; 4097];
+    let header = ShardHeader {
+        code: small_code,
+        len: big.len() as u32,
+        blake3: Blake3Hash::of(&big),
+        ..shard(2, 0).0
+    };
+    let err = client.rpc_put_shard(addr, &header, &big).await.unwrap_err();
+    assert!(
+        matches!(err, NodeError::Remote(ErrorCode::BadRequest)),
+        "{err:?}"
+    );
+
+    // A body of the wrong length never leaves the client.
+    let (header, body) = shard(3, 10);
+    assert!(matches!(
+        client.rpc_put_shard(addr, &header, &body[..9]).await,
+        Err(NodeError::BodyLength {
+            expected: 10,
+            actual: 9
+        })
+    ));
+
+    // The connection survives refusals.
+    assert_eq!(client.rpc_node_info(addr).await.unwrap().shards, 0);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn corrupt_shards_are_reported_and_quarantined() {
+    let cluster = Cluster::new();
+    let node = cluster.start(loopback()).await;
+    let client = cluster.client();
+    let addr = node.local_addr;
+    let (header, body) = shard(1, 70_000);
+    client.rpc_put_shard(addr, &header, &body).await.unwrap();
+
+    let path = node.store().shard_path(&header.key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+
+    assert!(matches!(
+        client.rpc_get_shard(addr, header.key).await,
+        Err(NodeError::Remote(ErrorCode::Corrupt))
+    ));
+    assert!(matches!(
+        client.rpc_get_shard(addr, header.key).await,
+        Err(NodeError::Remote(ErrorCode::NotFound))
+    ));
+    let quarantined = std::fs::read_dir(cluster.data.join("quarantine"))
+        .unwrap()
+        .count();
+    assert_eq!(quarantined, 1);
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn clients_and_nodes_from_another_ca_are_refused() {
+    let cluster = Cluster::new();
+    let node = cluster.start(loopback()).await;
+    let addr = node.local_addr;
+
+    let foreign_dir = cluster.tls_dir.join("foreign");
+    std::fs::create_dir_all(&foreign_dir).unwrap();
+    let foreign = ClusterCa::generate("someone else's CA").unwrap();
+    let intruder = issue(
+        &foreign,
+        &foreign_dir,
+        "intruder",
+        "gateway.custodia.internal",
+    );
+    let client = NodeClient::new(&intruder).unwrap();
+    let err = client.rpc_node_info(addr).await.unwrap_err();
+    assert!(matches!(err, NodeError::Connection(_)), "{err:?}");
+
+    // And a gateway of this cluster refuses a node certified by another CA.
+    let impostor_tls = issue(&foreign, &foreign_dir, "impostor", NODE_SERVER_NAME);
+    let impostor_dir = tempfile::tempdir().unwrap();
+    let impostor = serve(NodeConfig {
+        data_dir: impostor_dir.path().to_path_buf(),
+        listen: loopback(),
+        node_id: NodeId(666),
+        tls: impostor_tls,
+    })
+    .await
+    .unwrap();
+    let err = cluster
+        .client()
+        .rpc_node_info(impostor.local_addr)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NodeError::Connection(_)), "{err:?}");
+
+    // The real pair still works.
+    cluster.client().rpc_node_info(addr).await.unwrap();
+    impostor.shutdown().await;
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn shards_and_disk_identity_survive_a_restart_on_the_same_port() {
+    let cluster = Cluster::new();
+    let node = cluster.start(loopback()).await;
+    let addr = node.local_addr;
+    // Short connect timeout: the stopped node below must fail fast.
+    let client = NodeClient::with_timeouts(
+        &cluster.gateway_tls,
+        storage_node::client::ClientTimeouts {
+            connect: std::time::Duration::from_millis(500),
+            request: std::time::Duration::from_secs(10),
+        },
+    )
+    .unwrap();
+    let (header, body) = shard(1, 12_345);
+    client.rpc_put_shard(addr, &header, &body).await.unwrap();
+    let before = client.rpc_node_info(addr).await.unwrap();
+    node.shutdown().await;
+
+    assert!(
+        client.rpc_node_info(addr).await.is_err(),
+        "a stopped node must not answer"
+    );
+
+    let node = cluster.start(addr).await;
+    assert_eq!(node.local_addr, addr);
+    // The same client: its cached connection died with the old node.
+    let after = client.rpc_node_info(addr).await.unwrap();
+    assert_eq!(after.disk_uuid, before.disk_uuid);
+    assert_eq!(
+        (after.shards, after.used_bytes),
+        (before.shards, before.used_bytes)
+    );
+    assert_eq!(
+        client.rpc_get_shard(addr, header.key).await.unwrap().1,
+        body
+    );
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_puts_share_one_connection() {
+    let cluster = Cluster::new();
+    let node = cluster.start(loopback()).await;
+    let addr = node.local_addr;
+    let client = cluster.client();
+    let puts = (0..300u64).map(|n| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let (header, body) = shard(n, 64 * 1024 + n as usize);
+            client.rpc_put_shard(addr, &header, &body).await
+        })
+    });
+    let puts: Vec<_> = puts.collect();
+    for put in puts {
+        put.await.unwrap().unwrap();
+    }
+    assert_eq!(client.rpc_node_info(addr).await.unwrap().shards, 300);
+    for n in [0u64, 150, 299] {
+        assert_eq!(
+            client.rpc_get_shard(addr, key(n)).await.unwrap().1,
+            shard(n, 64 * 1024 + n as usize).1
+        );
+    }
+    node.shutdown().await;
+}
+
+/// Sends raw bytes on one stream and returns the response frame.
+async fn raw_exchange(conn: &quinn::Connection, bytes: &[u8]) -> Response {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    // The node may stop reading before all bytes arrive; its answer is what
+    // this test checks.
+    let _ = send.write_all(bytes).await;
+    let _ = send.finish();
+    let all = recv.read_to_end(1 << 20).await.unwrap();
+    let len = protocol::wire::decode_frame_prefix(all[..5].try_into().unwrap()).unwrap();
+    assert_eq!(all.len(), 5 + len, "error responses carry no body");
+    Response::decode_body(&all[5..]).unwrap()
+}
+
+#[tokio::test]
+async fn malformed_frames_get_error_codes_not_panics() {
+    let cluster = Cluster::new();
+    let node = cluster.start(loopback()).await;
+    let mut endpoint = quinn::Endpoint::client(loopback()).unwrap();
+    endpoint.set_default_client_config(tls::client_config(&cluster.gateway_tls).unwrap());
+    let conn = endpoint
+        .connect(node.local_addr, NODE_SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+
+    let bad = Response::Error(ErrorCode::BadRequest);
+    assert_eq!(
+        raw_exchange(&conn, &[9, 0, 0, 0, 0]).await,
+        Response::Error(ErrorCode::UnsupportedVersion)
+    );
+    assert_eq!(raw_exchange(&conn, &[1, 0xff, 0xff, 0xff, 0x7f]).await, bad);
+    assert_eq!(
+        raw_exchange(&conn, &[1, 3, 0, 0, 0, 0xee, 0xee, 0xee]).await,
+        bad
+    );
+    assert_eq!(raw_exchange(&conn, &[1, 3]).await, bad);
+    assert_eq!(raw_exchange(&conn, &[]).await, bad);
+
+    // A put that promises more body than it sends.
+    let (header, body) = shard(1, 1000);
+    let mut frame = Request::PutShard(header).encode();
+    frame.extend_from_slice(&body[..500]);
+    assert_eq!(raw_exchange(&conn, &frame).await, bad);
+
+    // A put whose header carries an invalid code.
+    let mut header = shard(2, 10).0;
+    header.code.k = 0;
+    assert_eq!(
+        raw_exchange(&conn, &Request::PutShard(header).encode()).await,
+        bad
+    );
+
+    // The connection is still good.
+    let info = raw_exchange(&conn, &Request::NodeInfo.encode()).await;
+    assert!(matches!(info, Response::Info(NodeInfo { shards: 0, .. })));
+    conn.close(0u32.into(), b"done");
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_node_times_out_and_is_retryable() {
+    let cluster = Cluster::new();
+    let client = NodeClient::with_timeouts(
+        &cluster.gateway_tls,
+        storage_node::client::ClientTimeouts {
+            connect: std::time::Duration::from_millis(300),
+            request: std::time::Duration::from_secs(1),
+        },
+    )
+    .unwrap();
+    // Bound but silent: packets vanish, as with a node that is down.
+    let silent = std::net::UdpSocket::bind(loopback()).unwrap();
+    let err = client
+        .rpc_node_info(silent.local_addr().unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NodeError::Timeout), "{err:?}");
+    assert!(err.is_retryable());
+    // Keep the CA alive until here so the files above stay meaningful.
+    drop(cluster.ca);
+}
