@@ -1,0 +1,812 @@
+//! The embedded index backend: [`EmbeddedStore`] implements the
+//! FoundationDB-shaped [`KvStore`] trait on one redb file. `custodia up` and
+//! every test use it; it must accept and reject exactly what FoundationDB
+//! would, so that code which passes here passes on a cluster.
+//!
+//! How it matches FoundationDB:
+//! - Snapshot isolation: a transaction ([`EmbeddedTx`]) reads one redb read
+//!   snapshot plus its own buffered writes. The commit version is stored in
+//!   the same redb file (table `meta`), so reading it from the snapshot gives
+//!   the transaction's read version with no lock: snapshot and version can
+//!   never disagree.
+//! - Optimistic concurrency: reads record read-conflict keys and ranges. One
+//!   committer thread owns all writes and keeps the write sets of the commits
+//!   of the last few seconds; a transaction whose reads intersect a write set
+//!   committed after its read version fails with [`KvError::Conflict`].
+//! - Group commit: the committer drains every queued commit (up to
+//!   [`MAX_BATCH`]), checks them in order, and applies the survivors in one redb
+//!   write transaction, so one fsync serves the whole batch. Each batch is one
+//!   commit version; versionstamps are that version (8 bytes, big-endian) and
+//!   the transaction's place in the batch (2 bytes, big-endian).
+//! - FoundationDB's limits (see `kv`): key, value and transaction sizes, and the
+//!   5 s transaction age.
+//!
+//! Key layout of the redb file:
+//!
+//! ```text
+//! table "kv":   user key = user value
+//! table "meta": "commit_version" = u64, the version of the last committed batch
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::oneshot;
+
+use crate::kv::{
+    add_le, KeyValues, KvError, KvStore, Transaction, WriteBudget, MAX_TRANSACTION_AGE,
+    VERSIONSTAMP_BYTES,
+};
+
+const DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const VERSION_KEY: &str = "commit_version";
+
+/// Most commits applied in one redb write transaction. Bounded so that one
+/// batch's fsync does not grow without limit, and so the batch position fits
+/// the versionstamp's 2 bytes.
+pub const MAX_BATCH: usize = 1024;
+
+/// How long the committer remembers a commit's write set. Longer than
+/// [`MAX_TRANSACTION_AGE`]: any transaction that could still commit began less
+/// than 5 s ago, so every commit after its read version is still remembered.
+const CONFLICT_WINDOW: Duration = Duration::from_secs(6);
+
+/// An index store in one redb file. Cheap to clone; the file closes when the
+/// last clone and the last transaction are dropped.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    db: Arc<Database>,
+    commits: Option<mpsc::Sender<CommitRequest>>,
+    committer: Option<JoinHandle<()>>,
+    disk_commits: Arc<AtomicU64>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Closing the channel stops the committer; joining it releases the redb
+        // file, so the same path can be reopened as soon as this returns.
+        self.commits.take();
+        if let Some(committer) = self.committer.take() {
+            if committer.join().is_err() {
+                tracing::error!("index committer thread panicked");
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("disk_commits", &self.disk_commits())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedStore {
+    /// Opens the store at `path`, creating the file if it does not exist.
+    pub fn open(path: &Path) -> Result<Self, KvError> {
+        let db = Arc::new(Database::create(path).map_err(storage)?);
+        let version = prepare_tables(&db).map_err(storage)?;
+        let disk_commits = Arc::new(AtomicU64::new(0));
+        let (commits, requests) = mpsc::channel();
+        let committer = Committer {
+            db: db.clone(),
+            requests,
+            version,
+            recent: VecDeque::new(),
+            disk_commits: disk_commits.clone(),
+        };
+        let committer = std::thread::Builder::new()
+            .name("index-committer".into())
+            .spawn(move || committer.run())
+            .map_err(storage)?;
+        Ok(EmbeddedStore {
+            shared: Arc::new(Shared {
+                db,
+                commits: Some(commits),
+                committer: Some(committer),
+                disk_commits,
+            }),
+        })
+    }
+
+    /// How many redb write transactions (each one fsync) the committer has
+    /// made since open. Far fewer than commits when group commit works.
+    pub fn disk_commits(&self) -> u64 {
+        self.shared.disk_commits.load(Ordering::Relaxed)
+    }
+}
+
+/// Creates both tables so read snapshots can always open them; returns the
+/// last commit version.
+fn prepare_tables(db: &Database) -> Result<u64, redb::Error> {
+    let write = db.begin_write()?;
+    let version = {
+        write.open_table(DATA)?;
+        let meta = write.open_table(META)?;
+        let version = meta.get(VERSION_KEY)?.map(|v| v.value()).unwrap_or(0);
+        version
+    };
+    write.commit()?;
+    Ok(version)
+}
+
+fn storage<E: std::error::Error + Send + Sync + 'static>(e: E) -> KvError {
+    KvError::Storage(Box::new(e))
+}
+
+fn redb_storage(e: impl Into<redb::Error>) -> KvError {
+    storage(e.into())
+}
+
+impl KvStore for EmbeddedStore {
+    type Tx = EmbeddedTx;
+
+    fn begin(&self) -> Result<EmbeddedTx, KvError> {
+        let read = self.shared.db.begin_read().map_err(redb_storage)?;
+        let snapshot = read.open_table(DATA).map_err(redb_storage)?;
+        let meta = read.open_table(META).map_err(redb_storage)?;
+        let read_version = meta
+            .get(VERSION_KEY)
+            .map_err(redb_storage)?
+            .map(|v| v.value())
+            .unwrap_or(0);
+        Ok(EmbeddedTx {
+            inner: Arc::new(TxInner {
+                store: self.shared.clone(),
+                snapshot,
+                read_version,
+                started: Instant::now(),
+                state: Mutex::new(TxState::default()),
+            }),
+        })
+    }
+}
+
+/// A transaction of [`EmbeddedStore`]: a read snapshot plus buffered writes.
+#[derive(Clone)]
+pub struct EmbeddedTx {
+    inner: Arc<TxInner>,
+}
+
+struct TxInner {
+    store: Arc<Shared>,
+    snapshot: ReadOnlyTable<&'static [u8], &'static [u8]>,
+    read_version: u64,
+    started: Instant,
+    state: Mutex<TxState>,
+}
+
+#[derive(Default)]
+struct TxState {
+    /// What this transaction's writes say about single keys, for reads.
+    overlay: BTreeMap<Vec<u8>, Pending>,
+    /// Ranges this transaction cleared: snapshot keys in them are gone.
+    cleared: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The writes in program order, replayed at commit.
+    mutations: Vec<Mutation>,
+    reads: ConflictSet,
+    budget: WriteBudget,
+}
+
+enum Pending {
+    Value(Vec<u8>),
+    Cleared,
+    /// An add onto a value this transaction has not seen.
+    Add(i64),
+}
+
+enum Mutation {
+    Set(Vec<u8>, Vec<u8>),
+    Clear(Vec<u8>),
+    ClearRange(Vec<u8>, Vec<u8>),
+    Add(Vec<u8>, i64),
+    VersionstampedKey {
+        prefix: Vec<u8>,
+        suffix: Vec<u8>,
+        value: Vec<u8>,
+    },
+}
+
+/// Keys and half-open ranges; used for both read and write conflict sets.
+#[derive(Default)]
+struct ConflictSet {
+    keys: BTreeSet<Vec<u8>>,
+    ranges: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl ConflictSet {
+    fn add_range(&mut self, begin: &[u8], end: &[u8]) {
+        if begin < end {
+            self.ranges.push((begin.to_vec(), end.to_vec()));
+        }
+    }
+
+    fn intersects(&self, other: &ConflictSet) -> bool {
+        let (small, large) = if self.keys.len() <= other.keys.len() {
+            (&self.keys, &other.keys)
+        } else {
+            (&other.keys, &self.keys)
+        };
+        small.iter().any(|k| large.contains(k))
+            || self.ranges_hit_keys(&other.keys)
+            || other.ranges_hit_keys(&self.keys)
+            || self.ranges.iter().any(|(b, e)| {
+                other
+                    .ranges
+                    .iter()
+                    .any(|(ob, oe)| b.as_slice() < oe.as_slice() && ob.as_slice() < e.as_slice())
+            })
+    }
+
+    fn ranges_hit_keys(&self, keys: &BTreeSet<Vec<u8>>) -> bool {
+        self.ranges.iter().any(|(b, e)| {
+            keys.range::<[u8], _>((Bound::Included(b.as_slice()), Bound::Excluded(e.as_slice())))
+                .next()
+                .is_some()
+        })
+    }
+
+    fn absorb(&mut self, other: ConflictSet) {
+        self.keys.extend(other.keys);
+        self.ranges.extend(other.ranges);
+    }
+}
+
+fn in_ranges(ranges: &[(Vec<u8>, Vec<u8>)], key: &[u8]) -> bool {
+    ranges
+        .iter()
+        .any(|(b, e)| b.as_slice() <= key && key < e.as_slice())
+}
+
+/// The smallest key after `key`.
+fn key_after(key: &[u8]) -> Vec<u8> {
+    let mut next = Vec::with_capacity(key.len() + 1);
+    next.extend_from_slice(key);
+    next.push(0);
+    next
+}
+
+impl Pending {
+    /// The value a read sees, given the snapshot's value under this write.
+    fn resolve(&self, base: Option<&[u8]>) -> Option<Vec<u8>> {
+        match self {
+            Pending::Value(v) => Some(v.clone()),
+            Pending::Cleared => None,
+            Pending::Add(delta) => Some(add_le(base, *delta)),
+        }
+    }
+}
+
+impl TxInner {
+    fn lock(&self) -> MutexGuard<'_, TxState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_age(&self) -> Result<(), KvError> {
+        if self.started.elapsed() > MAX_TRANSACTION_AGE {
+            return Err(KvError::TooOld);
+        }
+        Ok(())
+    }
+
+    fn snapshot_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        Ok(self
+            .snapshot
+            .get(key)
+            .map_err(redb_storage)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        self.check_age()?;
+        let mut state = self.lock();
+        // A value fully decided by this transaction's own writes needs no
+        // read conflict: no concurrent commit can change what it reads.
+        match state.overlay.get(key) {
+            Some(Pending::Value(v)) => return Ok(Some(v.clone())),
+            Some(Pending::Cleared) => return Ok(None),
+            Some(Pending::Add(_)) | None => {}
+        }
+        if in_ranges(&state.cleared, key) {
+            return Ok(state.overlay.get(key).and_then(|p| p.resolve(None)));
+        }
+        let base = self.snapshot_get(key)?;
+        state.reads.keys.insert(key.to_vec());
+        Ok(match state.overlay.get(key) {
+            Some(pending) => pending.resolve(base.as_deref()),
+            None => base,
+        })
+    }
+
+    fn get_range(
+        &self,
+        begin: &[u8],
+        end: &[u8],
+        limit: usize,
+        reverse: bool,
+    ) -> Result<KeyValues, KvError> {
+        self.check_age()?;
+        if begin >= end {
+            return Ok(Vec::new());
+        }
+        let mut state = self.lock();
+        let out = self.merged_range(&state, begin, end, limit, reverse)?;
+        // Only what the caller saw can make its decision stale: a read that
+        // stopped at the limit conflicts only up to the last key it returned.
+        match out.last() {
+            Some((last, _)) if limit != 0 && out.len() >= limit => {
+                if reverse {
+                    state.reads.add_range(last, end);
+                } else {
+                    state.reads.add_range(begin, &key_after(last));
+                }
+            }
+            _ => state.reads.add_range(begin, end),
+        }
+        Ok(out)
+    }
+
+    /// The snapshot's range merged with this transaction's writes.
+    fn merged_range(
+        &self,
+        state: &TxState,
+        begin: &[u8],
+        end: &[u8],
+        limit: usize,
+        reverse: bool,
+    ) -> Result<KeyValues, KvError> {
+        let range = self
+            .snapshot
+            .range::<&[u8]>(begin..end)
+            .map_err(redb_storage)?;
+        let snapshot: Box<dyn Iterator<Item = _>> = if reverse {
+            Box::new(range.rev())
+        } else {
+            Box::new(range)
+        };
+        let mut snapshot = snapshot.filter_map(|item| match item {
+            Ok((k, v)) if !in_ranges(&state.cleared, k.value()) => {
+                Some(Ok((k.value().to_vec(), v.value().to_vec())))
+            }
+            Ok(_) => None,
+            Err(e) => Some(Err(redb_storage(e))),
+        });
+        let bounds = (Bound::Included(begin), Bound::Excluded(end));
+        let overlay = state.overlay.range::<[u8], _>(bounds);
+        let mut overlay: Box<dyn Iterator<Item = _>> = if reverse {
+            Box::new(overlay.rev())
+        } else {
+            Box::new(overlay)
+        };
+
+        let mut out = Vec::new();
+        let mut snap_head = snapshot.next().transpose()?;
+        let mut own_head = overlay.next();
+        while limit == 0 || out.len() < limit {
+            let order = match (&snap_head, &own_head) {
+                (None, None) => break,
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some((sk, _)), Some((ok, _))) => {
+                    let order = sk.as_slice().cmp(ok.as_slice());
+                    if reverse {
+                        order.reverse()
+                    } else {
+                        order
+                    }
+                }
+            };
+            match order {
+                std::cmp::Ordering::Less => {
+                    out.extend(snap_head.take());
+                    snap_head = snapshot.next().transpose()?;
+                }
+                std::cmp::Ordering::Greater => {
+                    if let Some((k, pending)) = own_head.take() {
+                        if let Some(v) = pending.resolve(None) {
+                            out.push((k.clone(), v));
+                        }
+                    }
+                    own_head = overlay.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    let base = snap_head.take().map(|(_, v)| v);
+                    if let Some((k, pending)) = own_head.take() {
+                        if let Some(v) = pending.resolve(base.as_deref()) {
+                            out.push((k.clone(), v));
+                        }
+                    }
+                    snap_head = snapshot.next().transpose()?;
+                    own_head = overlay.next();
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn set(&self, key: &[u8], value: &[u8]) {
+        let mut state = self.lock();
+        if !state.budget.charge(&[key.len()], value.len()) {
+            return;
+        }
+        state
+            .overlay
+            .insert(key.to_vec(), Pending::Value(value.to_vec()));
+        state
+            .mutations
+            .push(Mutation::Set(key.to_vec(), value.to_vec()));
+    }
+
+    fn clear(&self, key: &[u8]) {
+        let mut state = self.lock();
+        if !state.budget.charge(&[key.len()], 0) {
+            return;
+        }
+        state.overlay.insert(key.to_vec(), Pending::Cleared);
+        state.mutations.push(Mutation::Clear(key.to_vec()));
+    }
+
+    fn clear_range(&self, begin: &[u8], end: &[u8]) {
+        let mut state = self.lock();
+        if !state.budget.charge(&[begin.len(), end.len()], 0) || begin >= end {
+            return;
+        }
+        let mut from_begin = state.overlay.split_off(begin);
+        let mut from_end = from_begin.split_off(end);
+        state.overlay.append(&mut from_end);
+        state.cleared.push((begin.to_vec(), end.to_vec()));
+        state
+            .mutations
+            .push(Mutation::ClearRange(begin.to_vec(), end.to_vec()));
+    }
+
+    fn atomic_add(&self, key: &[u8], delta: i64) {
+        let mut state = self.lock();
+        if !state.budget.charge(&[key.len()], 8) {
+            return;
+        }
+        let cleared = in_ranges(&state.cleared, key);
+        let next = match state.overlay.get(key) {
+            Some(Pending::Value(v)) => Pending::Value(add_le(Some(v), delta)),
+            Some(Pending::Cleared) => Pending::Value(add_le(None, delta)),
+            Some(Pending::Add(d)) => Pending::Add(d.wrapping_add(delta)),
+            None if cleared => Pending::Value(add_le(None, delta)),
+            None => Pending::Add(delta),
+        };
+        state.overlay.insert(key.to_vec(), next);
+        state.mutations.push(Mutation::Add(key.to_vec(), delta));
+    }
+
+    fn set_versionstamped_key(&self, prefix: &[u8], suffix: &[u8], value: &[u8]) {
+        let mut state = self.lock();
+        let key_len = prefix.len() + VERSIONSTAMP_BYTES + suffix.len();
+        if !state.budget.charge(&[key_len], value.len()) {
+            return;
+        }
+        // Like FoundationDB, the key is unknown until commit, so reads in this
+        // transaction do not see it.
+        state.mutations.push(Mutation::VersionstampedKey {
+            prefix: prefix.to_vec(),
+            suffix: suffix.to_vec(),
+            value: value.to_vec(),
+        });
+    }
+
+    /// Takes the pending writes for the committer; `None` when there is
+    /// nothing to write, so read-only transactions never touch disk.
+    fn take_commit(&self) -> Result<Option<CommitRequestBody>, KvError> {
+        let mut state = self.lock();
+        if let Some(e) = state.budget.take_error() {
+            return Err(e);
+        }
+        // Like FoundationDB, a read-only commit succeeds whatever its age:
+        // there is nothing to check, and its reads were checked when made.
+        if state.mutations.is_empty() {
+            return Ok(None);
+        }
+        self.check_age()?;
+        Ok(Some(CommitRequestBody {
+            read_version: self.read_version,
+            started: self.started,
+            reads: std::mem::take(&mut state.reads),
+            mutations: std::mem::take(&mut state.mutations),
+        }))
+    }
+
+    async fn commit(&self) -> Result<(), KvError> {
+        let Some(body) = self.take_commit()? else {
+            return Ok(());
+        };
+        let (reply, answer) = oneshot::channel();
+        let commits = self.store.commits.as_ref().ok_or(KvError::Closed)?;
+        commits
+            .send(CommitRequest { body, reply })
+            .map_err(|_| KvError::Closed)?;
+        answer.await.map_err(|_| KvError::Closed)?
+    }
+}
+
+impl Transaction for EmbeddedTx {
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        self.inner.get(key)
+    }
+
+    async fn get_range(
+        &self,
+        begin: &[u8],
+        end: &[u8],
+        limit: usize,
+        reverse: bool,
+    ) -> Result<KeyValues, KvError> {
+        self.inner.get_range(begin, end, limit, reverse)
+    }
+
+    fn set(&self, key: &[u8], value: &[u8]) {
+        self.inner.set(key, value);
+    }
+
+    fn clear(&self, key: &[u8]) {
+        self.inner.clear(key);
+    }
+
+    fn clear_range(&self, begin: &[u8], end: &[u8]) {
+        self.inner.clear_range(begin, end);
+    }
+
+    fn atomic_add(&self, key: &[u8], delta: i64) {
+        self.inner.atomic_add(key, delta);
+    }
+
+    fn set_versionstamped_key(&self, prefix: &[u8], suffix: &[u8], value: &[u8]) {
+        self.inner.set_versionstamped_key(prefix, suffix, value);
+    }
+
+    async fn commit(&self) -> Result<(), KvError> {
+        self.inner.commit().await
+    }
+}
+
+// ---------------------------------------------------------------- committer
+
+struct CommitRequestBody {
+    read_version: u64,
+    started: Instant,
+    reads: ConflictSet,
+    mutations: Vec<Mutation>,
+}
+
+struct CommitRequest {
+    body: CommitRequestBody,
+    reply: oneshot::Sender<Result<(), KvError>>,
+}
+
+/// The write sets of one committed batch.
+struct RecentCommit {
+    version: u64,
+    at: Instant,
+    writes: ConflictSet,
+}
+
+/// The one thread that writes to redb. It owns the commit version and the
+/// recent write sets, so conflict checks need no locks.
+struct Committer {
+    db: Arc<Database>,
+    requests: mpsc::Receiver<CommitRequest>,
+    version: u64,
+    recent: VecDeque<RecentCommit>,
+    disk_commits: Arc<AtomicU64>,
+}
+
+impl Committer {
+    fn run(mut self) {
+        while let Ok(first) = self.requests.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match self.requests.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(batch);
+        }
+    }
+
+    fn commit_batch(&mut self, batch: Vec<CommitRequest>) {
+        self.forget_old_commits();
+        let version = self.version + 1;
+        // One union for the batch keeps admission linear in the batch size;
+        // the log needs only the union too, as the batch shares one version.
+        let mut batch_writes = ConflictSet::default();
+        let mut accepted = Vec::with_capacity(batch.len());
+        for request in batch {
+            if let Err(e) = self.admit(&request.body, &batch_writes) {
+                let _ = request.reply.send(Err(e));
+                continue;
+            }
+            let stamp = versionstamp(version, accepted.len());
+            batch_writes.absorb(write_set(&request.body.mutations, &stamp));
+            accepted.push(request);
+        }
+        if accepted.is_empty() {
+            return;
+        }
+        match self.write_batch(version, &accepted) {
+            Ok(()) => {
+                self.version = version;
+                self.disk_commits.fetch_add(1, Ordering::Relaxed);
+                tracing::trace!(version, commits = accepted.len(), "index batch committed");
+                self.recent.push_back(RecentCommit {
+                    version,
+                    at: Instant::now(),
+                    writes: batch_writes,
+                });
+                for request in accepted {
+                    let _ = request.reply.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "index batch commit failed");
+                let e = Arc::new(e);
+                for request in accepted {
+                    let _ = request
+                        .reply
+                        .send(Err(KvError::Storage(Box::new(e.clone()))));
+                }
+            }
+        }
+    }
+
+    fn forget_old_commits(&mut self) {
+        while self
+            .recent
+            .front()
+            .is_some_and(|c| c.at.elapsed() > CONFLICT_WINDOW)
+        {
+            self.recent.pop_front();
+        }
+    }
+
+    /// Whether `body` may commit after everything already committed and the
+    /// commits accepted earlier in this batch (which commit after its read version).
+    fn admit(&self, body: &CommitRequestBody, batch_writes: &ConflictSet) -> Result<(), KvError> {
+        if body.started.elapsed() > MAX_TRANSACTION_AGE {
+            return Err(KvError::TooOld);
+        }
+        let committed_since = self
+            .recent
+            .iter()
+            .filter(|c| c.version > body.read_version)
+            .map(|c| &c.writes);
+        let mut writers = committed_since.chain(std::iter::once(batch_writes));
+        if writers.any(|writes| writes.intersects(&body.reads)) {
+            return Err(KvError::Conflict);
+        }
+        Ok(())
+    }
+
+    fn write_batch(&self, version: u64, accepted: &[CommitRequest]) -> Result<(), redb::Error> {
+        let write = self.db.begin_write()?;
+        {
+            let mut data = write.open_table(DATA)?;
+            for (order, request) in accepted.iter().enumerate() {
+                let stamp = versionstamp(version, order);
+                for mutation in &request.body.mutations {
+                    apply(&mut data, mutation, &stamp)?;
+                }
+            }
+            let mut meta = write.open_table(META)?;
+            meta.insert(VERSION_KEY, version)?;
+        }
+        write.commit()?;
+        Ok(())
+    }
+}
+
+fn versionstamp(version: u64, order: usize) -> [u8; VERSIONSTAMP_BYTES] {
+    let mut stamp = [0u8; VERSIONSTAMP_BYTES];
+    stamp[..8].copy_from_slice(&version.to_be_bytes());
+    // `order` < MAX_BATCH <= u16::MAX + 1, so the cast cannot truncate.
+    stamp[8..].copy_from_slice(&(order as u16).to_be_bytes());
+    stamp
+}
+
+fn stamped_key(prefix: &[u8], stamp: &[u8], suffix: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + stamp.len() + suffix.len());
+    key.extend_from_slice(prefix);
+    key.extend_from_slice(stamp);
+    key.extend_from_slice(suffix);
+    key
+}
+
+fn write_set(mutations: &[Mutation], stamp: &[u8]) -> ConflictSet {
+    let mut writes = ConflictSet::default();
+    for mutation in mutations {
+        match mutation {
+            Mutation::Set(k, _) | Mutation::Clear(k) | Mutation::Add(k, _) => {
+                writes.keys.insert(k.clone());
+            }
+            Mutation::ClearRange(b, e) => writes.add_range(b, e),
+            Mutation::VersionstampedKey { prefix, suffix, .. } => {
+                writes.keys.insert(stamped_key(prefix, stamp, suffix));
+            }
+        }
+    }
+    writes
+}
+
+fn apply(
+    data: &mut redb::Table<&[u8], &[u8]>,
+    mutation: &Mutation,
+    stamp: &[u8],
+) -> Result<(), redb::Error> {
+    match mutation {
+        Mutation::Set(k, v) => {
+            data.insert(k.as_slice(), v.as_slice())?;
+        }
+        Mutation::Clear(k) => {
+            data.remove(k.as_slice())?;
+        }
+        Mutation::ClearRange(b, e) => {
+            data.retain_in::<&[u8], _>(b.as_slice()..e.as_slice(), |_, _| false)?;
+        }
+        Mutation::Add(k, delta) => {
+            let current = data.get(k.as_slice())?.map(|v| v.value().to_vec());
+            let sum = add_le(current.as_deref(), *delta);
+            data.insert(k.as_slice(), sum.as_slice())?;
+        }
+        Mutation::VersionstampedKey {
+            prefix,
+            suffix,
+            value,
+        } => {
+            let key = stamped_key(prefix, stamp, suffix);
+            data.insert(key.as_slice(), value.as_slice())?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(keys: &[&[u8]], ranges: &[(&[u8], &[u8])]) -> ConflictSet {
+        let mut s = ConflictSet::default();
+        for k in keys {
+            s.keys.insert(k.to_vec());
+        }
+        for (b, e) in ranges {
+            s.add_range(b, e);
+        }
+        s
+    }
+
+    #[test]
+    fn conflict_sets_intersect_on_keys_and_ranges() {
+        assert!(set(&[b"a"], &[]).intersects(&set(&[b"a"], &[])));
+        assert!(!set(&[b"a"], &[]).intersects(&set(&[b"b"], &[])));
+        assert!(set(&[b"b"], &[]).intersects(&set(&[], &[(b"a", b"c")])));
+        assert!(!set(&[b"c"], &[]).intersects(&set(&[], &[(b"a", b"c")])));
+        assert!(set(&[], &[(b"a", b"c")]).intersects(&set(&[], &[(b"b", b"d")])));
+        assert!(!set(&[], &[(b"a", b"b")]).intersects(&set(&[], &[(b"b", b"d")])));
+    }
+
+    #[test]
+    fn versionstamps_order_by_version_then_batch_position() {
+        assert!(versionstamp(1, 5) < versionstamp(2, 0));
+        assert!(versionstamp(2, 0) < versionstamp(2, 1));
+        assert!(versionstamp(1, 256) > versionstamp(1, 255));
+    }
+}

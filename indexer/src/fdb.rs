@@ -1,0 +1,255 @@
+//! The FoundationDB index backend (cargo feature `fdb`): [`FdbStore`] maps the
+//! [`KvStore`] trait onto the `foundationdb` crate, for deployments whose
+//! metadata outgrows one machine. The gateway reaches it only through the
+//! trait and `schema`; `tests/contract_fdb.rs` runs the shared contract on it
+//! when `FDB_CLUSTER_FILE` names a cluster.
+//!
+//! Main types: [`FdbStore`] (a database handle) and [`FdbTx`] (an Arc'd
+//! `foundationdb::Transaction`).
+//!
+//! Process-wide state: FoundationDB's client network can be started once per
+//! process. The first [`FdbStore::open`] starts it and keeps its guard in a
+//! static; call [`shutdown_network`] once at the end of `main` (FoundationDB
+//! wants the network stopped before exit). No store can be opened after that.
+//!
+//! Errors keep FoundationDB's semantics: `not_committed` (1020) becomes
+//! [`KvError::Conflict`], `transaction_too_old` (1007) [`KvError::TooOld`], so
+//! callers match one set of variants on both backends; every other error stays
+//! an [`FdbError`] inside [`KvError::Fdb`], whose own `is_retryable` drives
+//! [`crate::run`]. Size limits are checked here before FoundationDB sees the
+//! write, so both backends report the same sizes.
+
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use foundationdb::api::{FdbApiBuilder, NetworkAutoStop};
+use foundationdb::options::{MutationType, StreamingMode};
+use foundationdb::{Database, FdbError, RangeOption};
+
+use crate::kv::{KeyValues, KvError, KvStore, Transaction, WriteBudget, VERSIONSTAMP_BYTES};
+
+const NOT_COMMITTED: i32 = 1020;
+const TRANSACTION_TOO_OLD: i32 = 1007;
+const TRANSACTION_TOO_LARGE: i32 = 2101;
+
+type Network = Result<Mutex<Option<NetworkAutoStop>>, FdbError>;
+
+static NETWORK: OnceLock<Network> = OnceLock::new();
+
+/// Starts FoundationDB's client network the first time it is called.
+fn ensure_network() -> Result<(), KvError> {
+    let network = NETWORK.get_or_init(|| {
+        let builder = FdbApiBuilder::default().build()?;
+        // SAFETY: `boot` requires the returned guard to be dropped before the
+        // process exits. It lives in NETWORK, and `shutdown_network` (which
+        // the binary calls at the end of main) drops it; a process that exits
+        // without calling it is no worse than an abort, which the crate allows.
+        let guard = unsafe { builder.boot() }?;
+        Ok(Mutex::new(Some(guard)))
+    });
+    match network {
+        Ok(guard) if lock(guard).is_some() => Ok(()),
+        Ok(_) => Err(KvError::Closed),
+        Err(e) => Err(KvError::Fdb(*e)),
+    }
+}
+
+/// Stops FoundationDB's client network, waiting for its thread. Call once,
+/// at the end of `main`, after every store and transaction is dropped;
+/// afterwards [`FdbStore::open`] fails with [`KvError::Closed`].
+pub fn shutdown_network() {
+    if let Some(Ok(network)) = NETWORK.get() {
+        let guard = lock(network).take();
+        drop(guard);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A FoundationDB database handle. Cheap to clone.
+#[derive(Clone)]
+pub struct FdbStore {
+    db: Arc<Database>,
+}
+
+impl std::fmt::Debug for FdbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FdbStore").finish_non_exhaustive()
+    }
+}
+
+impl FdbStore {
+    /// Connects to the cluster named by `cluster_file` (FoundationDB's default
+    /// cluster file when `None`), starting the client network if needed.
+    pub fn open(cluster_file: Option<&str>) -> Result<Self, KvError> {
+        ensure_network()?;
+        let db = Database::new(cluster_file)?;
+        Ok(FdbStore { db: Arc::new(db) })
+    }
+}
+
+impl KvStore for FdbStore {
+    type Tx = FdbTx;
+
+    fn begin(&self) -> Result<FdbTx, KvError> {
+        let tx = self.db.create_trx()?;
+        Ok(FdbTx {
+            inner: Arc::new(FdbTxInner {
+                tx: Mutex::new(Some(tx)),
+                budget: Mutex::new(WriteBudget::default()),
+            }),
+        })
+    }
+}
+
+/// A FoundationDB transaction shared by its clones.
+#[derive(Clone)]
+pub struct FdbTx {
+    inner: Arc<FdbTxInner>,
+}
+
+struct FdbTxInner {
+    /// `None` once committed: foundationdb's `commit` consumes the transaction.
+    tx: Mutex<Option<foundationdb::Transaction>>,
+    budget: Mutex<WriteBudget>,
+}
+
+/// A read on a transaction that was already committed.
+#[derive(Debug, thiserror::Error)]
+#[error("transaction used after commit")]
+pub struct UsedAfterCommit;
+
+impl FdbTx {
+    /// Runs `f` on the live transaction. The futures foundationdb returns do
+    /// not borrow the transaction, so the lock is never held across an await.
+    fn with_tx<R>(&self, f: impl FnOnce(&foundationdb::Transaction) -> R) -> Result<R, KvError> {
+        match lock(&self.inner.tx).as_ref() {
+            Some(tx) => Ok(f(tx)),
+            None => Err(KvError::Storage(Box::new(UsedAfterCommit))),
+        }
+    }
+
+    /// Checks a write against the size limits, then hands it to foundationdb.
+    fn write(&self, keys: &[usize], value: usize, f: impl FnOnce(&foundationdb::Transaction)) {
+        if !lock(&self.inner.budget).charge(keys, value) {
+            return;
+        }
+        if self.with_tx(f).is_err() {
+            tracing::warn!("write to a committed FoundationDB transaction ignored");
+        }
+    }
+
+    fn map_error(&self, e: FdbError) -> KvError {
+        match e.code() {
+            NOT_COMMITTED => KvError::Conflict,
+            TRANSACTION_TOO_OLD => KvError::TooOld,
+            TRANSACTION_TOO_LARGE => KvError::TransactionTooLarge(lock(&self.inner.budget).bytes()),
+            _ => KvError::Fdb(e),
+        }
+    }
+}
+
+impl Transaction for FdbTx {
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        let read = self.with_tx(|tx| tx.get(key, false))?;
+        let value = read.await.map_err(|e| self.map_error(e))?;
+        Ok(value.map(|v| v.to_vec()))
+    }
+
+    async fn get_range(
+        &self,
+        begin: &[u8],
+        end: &[u8],
+        limit: usize,
+        reverse: bool,
+    ) -> Result<KeyValues, KvError> {
+        // FoundationDB rejects inverted ranges; the trait reads them as empty.
+        if begin >= end {
+            return Ok(Vec::new());
+        }
+        let mut opt = RangeOption {
+            limit: (limit > 0).then_some(limit),
+            reverse,
+            mode: StreamingMode::WantAll,
+            ..RangeOption::from(begin.to_vec()..end.to_vec())
+        };
+        let mut rows = Vec::new();
+        let mut iteration = 1;
+        loop {
+            let read = self.with_tx(|tx| tx.get_range(&opt, iteration, false))?;
+            let batch = read.await.map_err(|e| self.map_error(e))?;
+            rows.extend(
+                batch
+                    .iter()
+                    .map(|kv| (kv.key().to_vec(), kv.value().to_vec())),
+            );
+            opt = match opt.next_range(&batch) {
+                Some(next) => next,
+                None => break,
+            };
+            iteration += 1;
+        }
+        if limit > 0 {
+            rows.truncate(limit);
+        }
+        Ok(rows)
+    }
+
+    fn set(&self, key: &[u8], value: &[u8]) {
+        self.write(&[key.len()], value.len(), |tx| tx.set(key, value));
+    }
+
+    fn clear(&self, key: &[u8]) {
+        self.write(&[key.len()], 0, |tx| tx.clear(key));
+    }
+
+    fn clear_range(&self, begin: &[u8], end: &[u8]) {
+        // FoundationDB fails the commit on an inverted range; the trait clears nothing.
+        if begin >= end {
+            return;
+        }
+        self.write(&[begin.len(), end.len()], 0, |tx| {
+            tx.clear_range(begin, end)
+        });
+    }
+
+    fn atomic_add(&self, key: &[u8], delta: i64) {
+        self.write(&[key.len()], 8, |tx| {
+            tx.atomic_op(key, &delta.to_le_bytes(), MutationType::Add)
+        });
+    }
+
+    fn set_versionstamped_key(&self, prefix: &[u8], suffix: &[u8], value: &[u8]) {
+        let key_len = prefix.len() + VERSIONSTAMP_BYTES + suffix.len();
+        // FoundationDB's format: the key with a placeholder where the stamp
+        // goes, then the placeholder's offset as 4 little-endian bytes.
+        let Ok(offset) = u32::try_from(prefix.len()) else {
+            // Longer than any allowed key, so the budget records KeyTooLarge.
+            lock(&self.inner.budget).charge(&[key_len], value.len());
+            return;
+        };
+        let mut param = Vec::with_capacity(key_len + 4);
+        param.extend_from_slice(prefix);
+        param.extend_from_slice(&[0u8; VERSIONSTAMP_BYTES]);
+        param.extend_from_slice(suffix);
+        param.extend_from_slice(&offset.to_le_bytes());
+        self.write(&[key_len], value.len(), |tx| {
+            tx.atomic_op(&param, value, MutationType::SetVersionstampedKey)
+        });
+    }
+
+    async fn commit(&self) -> Result<(), KvError> {
+        if let Some(e) = lock(&self.inner.budget).take_error() {
+            return Err(e);
+        }
+        let Some(tx) = lock(&self.inner.tx).take() else {
+            // Already committed: nothing new can have been written since.
+            return Ok(());
+        };
+        match tx.commit().await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.map_error(FdbError::from(e))),
+        }
+    }
+}

@@ -1,0 +1,535 @@
+//! Custodia's records on the ordered KV store: nodes, upload intents,
+//! manifests and the content-hash lookup. The gateway calls only this module;
+//! every function that takes a transaction ends in `_tx`.
+//!
+//! Key layout (integers big-endian so keys sort numerically; tenants are
+//! validated to `[a-z0-9_-]{1,64}` so a 0x00 terminator is unambiguous; values
+//! are `protocol::wire::encode_versioned` records):
+//!
+//! ```text
+//! ("N", node u32)                                 = NodeRecord
+//! ("I", evidence 16)                              = IntentRecord       upload in flight
+//! ("K", tenant, 0x00, blake3(idempotency key) 32) = evidence 16        retry finds the first filing
+//! ("E", evidence 16)                              = ManifestHeader     visible evidence
+//! ("S", evidence 16, stripe u64)                  = StripeRecord       one key per stripe
+//! ("H", tenant, 0x00, blake3 root 32, evidence 16) = ""                 lookup by content, per tenant
+//! ("D", evidence 16, stripe u64)                  = ""                 degraded: waits for repair
+//! ("T", blake3(bearer token) 32)                  = TokenRecord        never the token itself
+//! ```
+//!
+//! A 1 TiB filing is ~260,000 small `S` keys written in batches as the upload
+//! proceeds, and made visible by the small `E` key in the last transaction,
+//! which also checks that garbage collection did not abort the intent.
+
+use crate::kv::{KvError, Retryable, Transaction};
+use protocol::wire::{decode_versioned, encode_versioned};
+use protocol::{Blake3Hash, DecodeError, EvidenceId, ManifestHeader, NodeId, StripeRecord};
+use serde::{Deserialize, Serialize};
+
+const NODE: u8 = b'N';
+const INTENT: u8 = b'I';
+const IDEMPOTENCY: u8 = b'K';
+const EVIDENCE: u8 = b'E';
+const STRIPE: u8 = b'S';
+const BY_HASH: u8 = b'H';
+const DEGRADED: u8 = b'D';
+const TOKEN: u8 = b'T';
+
+const RECORD_V1: u8 = 1;
+
+/// Errors of schema operations. Only `Kv` errors may be retried.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    /// The store failed or the transaction must be retried.
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    /// A stored record could not be decoded: corruption or a newer format.
+    #[error("stored record is unreadable: {0}")]
+    Decode(#[from] DecodeError),
+    /// Garbage collection (or a failed upload) aborted this intent; the filing
+    /// must not become visible.
+    #[error("upload intent {0} was aborted")]
+    IntentAborted(EvidenceId),
+    /// No intent exists for this evidence.
+    #[error("no upload intent for {0}")]
+    NoIntent(EvidenceId),
+    /// A tenant name outside `[a-z0-9_-]{1,64}`.
+    #[error("invalid tenant name")]
+    BadTenant,
+}
+
+impl Retryable for SchemaError {
+    fn is_retryable(&self) -> bool {
+        matches!(self, SchemaError::Kv(e) if e.is_retryable())
+    }
+}
+
+/// Whether `name` is a valid tenant name.
+pub fn valid_tenant(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+fn evidence_key(tag: u8, id: &EvidenceId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
+    k.push(tag);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn stripe_key(tag: u8, id: &EvidenceId, stripe: u64) -> Vec<u8> {
+    let mut k = evidence_key(tag, id);
+    k.extend_from_slice(&stripe.to_be_bytes());
+    k
+}
+
+fn tenant_key(tag: u8, tenant: &str) -> Result<Vec<u8>, SchemaError> {
+    if !valid_tenant(tenant) {
+        return Err(SchemaError::BadTenant);
+    }
+    let mut k = Vec::with_capacity(2 + tenant.len() + 48);
+    k.push(tag);
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    Ok(k)
+}
+
+fn idempotency_key(tenant: &str, key: &str) -> Result<Vec<u8>, SchemaError> {
+    let mut k = tenant_key(IDEMPOTENCY, tenant)?;
+    k.extend_from_slice(blake3::hash(key.as_bytes()).as_bytes());
+    Ok(k)
+}
+
+fn hash_prefix(tenant: &str, root: &Blake3Hash) -> Result<Vec<u8>, SchemaError> {
+    let mut k = tenant_key(BY_HASH, tenant)?;
+    k.extend_from_slice(&root.0);
+    Ok(k)
+}
+
+/// The smallest key greater than every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0xff]
+}
+
+fn evidence_from(bytes: &[u8]) -> Result<EvidenceId, SchemaError> {
+    let arr: [u8; 16] = bytes.try_into().map_err(|_| DecodeError::Malformed)?;
+    Ok(EvidenceId(arr))
+}
+
+// ---------------------------------------------------------------- nodes
+
+/// What the index knows of a storage node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub node: NodeId,
+    /// QUIC address, `host:port`.
+    pub addr: String,
+    /// Failure domain label (rack, host, site); placement spreads shards over them.
+    pub failure_domain: Option<String>,
+    /// The disk UUID the node last reported; a different one means a new or wiped disk.
+    pub disk_uuid: Option<[u8; 16]>,
+    pub capacity_bytes: u64,
+    pub free_bytes: u64,
+    pub used_bytes: u64,
+    pub last_seen_ms: u64,
+}
+
+pub fn put_node_tx<T: Transaction>(tx: &T, rec: &NodeRecord) {
+    let mut k = vec![NODE];
+    k.extend_from_slice(&rec.node.0.to_be_bytes());
+    tx.set(&k, &encode_versioned(RECORD_V1, rec));
+}
+
+pub async fn get_node_tx<T: Transaction>(
+    tx: &T,
+    node: NodeId,
+) -> Result<Option<NodeRecord>, SchemaError> {
+    let mut k = vec![NODE];
+    k.extend_from_slice(&node.0.to_be_bytes());
+    match tx.get(&k).await? {
+        Some(v) => Ok(Some(decode_versioned(RECORD_V1, &v)?)),
+        None => Ok(None),
+    }
+}
+
+pub async fn list_nodes_tx<T: Transaction>(tx: &T) -> Result<Vec<NodeRecord>, SchemaError> {
+    let rows = tx.get_range(&[NODE], &[NODE + 1], 0, false).await?;
+    rows.iter()
+        .map(|(_, v)| Ok(decode_versioned(RECORD_V1, v)?))
+        .collect()
+}
+
+// ---------------------------------------------------------------- credentials
+
+/// What a caller may do. Ordered: each role may do what the ones before it may.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Role {
+    /// Reads evidence and receipts of its tenant.
+    Reader,
+    /// Files and reads evidence of its tenant.
+    Clerk,
+    /// Everything, including cluster administration.
+    Admin,
+}
+
+/// The tenant and role a bearer token stands for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub tenant: String,
+    pub role: Role,
+}
+
+fn token_key(token: &str) -> Vec<u8> {
+    let mut k = vec![TOKEN];
+    k.extend_from_slice(blake3::hash(token.as_bytes()).as_bytes());
+    k
+}
+
+/// Stores a credential; only the token's hash is kept.
+pub fn put_token_tx<T: Transaction>(
+    tx: &T,
+    token: &str,
+    rec: &TokenRecord,
+) -> Result<(), SchemaError> {
+    if !valid_tenant(&rec.tenant) {
+        return Err(SchemaError::BadTenant);
+    }
+    tx.set(&token_key(token), &encode_versioned(RECORD_V1, rec));
+    Ok(())
+}
+
+pub async fn get_token_tx<T: Transaction>(
+    tx: &T,
+    token: &str,
+) -> Result<Option<TokenRecord>, SchemaError> {
+    match tx.get(&token_key(token)).await? {
+        Some(v) => Ok(Some(decode_versioned(RECORD_V1, &v)?)),
+        None => Ok(None),
+    }
+}
+
+// ---------------------------------------------------------------- intents
+
+/// An upload in flight. Its lease tells garbage collection a live upload (even
+/// a day-long one, renewed as it goes) from an orphan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntentRecord {
+    pub tenant: String,
+    pub lease_until_ms: u64,
+    pub aborted: bool,
+}
+
+/// What starting an upload found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IntentStart {
+    /// A new intent was recorded; go ahead.
+    Started,
+    /// The idempotency key already names a completed filing: answer with it.
+    AlreadyFiled(EvidenceId),
+    /// The idempotency key names an upload still in flight.
+    InFlight(EvidenceId),
+}
+
+/// Records an upload intent for `evidence`, unless `idempotency` already names
+/// a completed or live filing of this tenant.
+pub async fn begin_intent_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    tenant: &str,
+    idempotency: Option<&str>,
+    lease_until_ms: u64,
+) -> Result<IntentStart, SchemaError> {
+    if let Some(key) = idempotency {
+        let ik = idempotency_key(tenant, key)?;
+        if let Some(prev) = tx.get(&ik).await? {
+            let prev = evidence_from(&prev)?;
+            if tx.get(&evidence_key(EVIDENCE, &prev)).await?.is_some() {
+                return Ok(IntentStart::AlreadyFiled(prev));
+            }
+            if let Some(intent) = get_intent_tx(tx, prev).await? {
+                if !intent.aborted {
+                    return Ok(IntentStart::InFlight(prev));
+                }
+            }
+            // The earlier attempt failed: this retry files anew.
+        }
+        tx.set(&ik, evidence.as_bytes());
+    } else if !valid_tenant(tenant) {
+        return Err(SchemaError::BadTenant);
+    }
+    let rec = IntentRecord {
+        tenant: tenant.to_string(),
+        lease_until_ms,
+        aborted: false,
+    };
+    tx.set(
+        &evidence_key(INTENT, &evidence),
+        &encode_versioned(RECORD_V1, &rec),
+    );
+    Ok(IntentStart::Started)
+}
+
+pub async fn get_intent_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+) -> Result<Option<IntentRecord>, SchemaError> {
+    match tx.get(&evidence_key(INTENT, &evidence)).await? {
+        Some(v) => Ok(Some(decode_versioned(RECORD_V1, &v)?)),
+        None => Ok(None),
+    }
+}
+
+/// Checks the intent is live and extends its lease; reads the intent so an
+/// abort committed meanwhile makes this transaction conflict.
+pub async fn renew_intent_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    lease_until_ms: u64,
+) -> Result<(), SchemaError> {
+    let mut rec = live_intent_tx(tx, evidence).await?;
+    rec.lease_until_ms = rec.lease_until_ms.max(lease_until_ms);
+    tx.set(
+        &evidence_key(INTENT, &evidence),
+        &encode_versioned(RECORD_V1, &rec),
+    );
+    Ok(())
+}
+
+async fn live_intent_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+) -> Result<IntentRecord, SchemaError> {
+    match get_intent_tx(tx, evidence).await? {
+        None => Err(SchemaError::NoIntent(evidence)),
+        Some(rec) if rec.aborted => Err(SchemaError::IntentAborted(evidence)),
+        Some(rec) => Ok(rec),
+    }
+}
+
+/// Marks an intent aborted: its filing can never become visible. Its stripe
+/// records stay until the shards they name are deleted ([`forget_aborted_tx`]).
+pub async fn abort_intent_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+) -> Result<bool, SchemaError> {
+    let Some(mut rec) = get_intent_tx(tx, evidence).await? else {
+        return Ok(false);
+    };
+    rec.aborted = true;
+    tx.set(
+        &evidence_key(INTENT, &evidence),
+        &encode_versioned(RECORD_V1, &rec),
+    );
+    Ok(true)
+}
+
+/// Intents whose lease ended before `now_ms` or that were aborted: garbage for GC.
+pub async fn stale_intents_tx<T: Transaction>(
+    tx: &T,
+    now_ms: u64,
+    limit: usize,
+) -> Result<Vec<(EvidenceId, IntentRecord)>, SchemaError> {
+    let rows = tx.get_range(&[INTENT], &[INTENT + 1], 0, false).await?;
+    let mut out = Vec::new();
+    for (k, v) in rows {
+        let rec: IntentRecord = decode_versioned(RECORD_V1, &v)?;
+        if rec.aborted || rec.lease_until_ms < now_ms {
+            out.push((evidence_from(&k[1..])?, rec));
+            if out.len() == limit {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Removes an aborted intent and its stripe records, once GC deleted the shards.
+pub async fn forget_aborted_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+) -> Result<(), SchemaError> {
+    live_intent_tx(tx, evidence)
+        .await
+        .err()
+        .filter(|e| matches!(e, SchemaError::IntentAborted(_)))
+        .ok_or(SchemaError::NoIntent(evidence))?;
+    tx.clear(&evidence_key(INTENT, &evidence));
+    let prefix = evidence_key(STRIPE, &evidence);
+    tx.clear_range(&prefix, &prefix_end(&prefix));
+    let prefix = evidence_key(DEGRADED, &evidence);
+    tx.clear_range(&prefix, &prefix_end(&prefix));
+    Ok(())
+}
+
+// ---------------------------------------------------------------- stripes and manifests
+
+/// Writes one stripe's record, as the upload proceeds; marks it degraded when
+/// shards are missing.
+pub fn put_stripe_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    stripe: u64,
+    rec: &StripeRecord,
+) {
+    tx.set(&stripe_key(STRIPE, &evidence, stripe), &rec.encode());
+    let degraded = stripe_key(DEGRADED, &evidence, stripe);
+    if rec.missing() > 0 {
+        tx.set(&degraded, b"");
+    } else {
+        tx.clear(&degraded);
+    }
+}
+
+/// Queues a stripe for repair (a read found a missing or corrupt shard).
+pub fn mark_degraded_tx<T: Transaction>(tx: &T, evidence: EvidenceId, stripe: u64) {
+    tx.set(&stripe_key(DEGRADED, &evidence, stripe), b"");
+}
+
+/// Stripe records `range` of one evidence, in order.
+pub async fn get_stripes_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    range: std::ops::Range<u64>,
+) -> Result<Vec<StripeRecord>, SchemaError> {
+    if range.is_empty() {
+        return Ok(Vec::new());
+    }
+    let begin = stripe_key(STRIPE, &evidence, range.start);
+    let end = stripe_key(STRIPE, &evidence, range.end);
+    let rows = tx.get_range(&begin, &end, 0, false).await?;
+    let out = rows
+        .iter()
+        .map(|(_, v)| StripeRecord::decode(v))
+        .collect::<Result<Vec<_>, _>>()?;
+    if out.len() as u64 != range.end - range.start {
+        return Err(DecodeError::Truncated.into());
+    }
+    Ok(out)
+}
+
+/// Up to `limit` stripe records of `evidence` from stripe `from` on, with their
+/// numbers; unlike [`get_stripes_tx`] it tolerates gaps (aborted uploads).
+pub async fn stripes_after_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    from: u64,
+    limit: usize,
+) -> Result<Vec<(u64, StripeRecord)>, SchemaError> {
+    let begin = stripe_key(STRIPE, &evidence, from);
+    let end = prefix_end(&evidence_key(STRIPE, &evidence));
+    let rows = tx.get_range(&begin, &end, limit, false).await?;
+    rows.iter()
+        .map(|(k, v)| {
+            let s: [u8; 8] = k
+                .get(17..25)
+                .and_then(|s| s.try_into().ok())
+                .ok_or(DecodeError::Truncated)?;
+            Ok((u64::from_be_bytes(s), StripeRecord::decode(v)?))
+        })
+        .collect()
+}
+
+/// The last transaction of a filing: makes the evidence visible, indexes its
+/// content root and ends the intent, failing if the intent was aborted.
+pub async fn commit_manifest_tx<T: Transaction>(
+    tx: &T,
+    header: &ManifestHeader,
+) -> Result<(), SchemaError> {
+    live_intent_tx(tx, header.evidence).await?;
+    tx.clear(&evidence_key(INTENT, &header.evidence));
+    tx.set(&evidence_key(EVIDENCE, &header.evidence), &header.encode());
+    let mut hk = hash_prefix(&header.tenant, &header.blake3)?;
+    hk.extend_from_slice(header.evidence.as_bytes());
+    tx.set(&hk, b"");
+    Ok(())
+}
+
+pub async fn get_manifest_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+) -> Result<Option<ManifestHeader>, SchemaError> {
+    match tx.get(&evidence_key(EVIDENCE, &evidence)).await? {
+        Some(v) => Ok(Some(ManifestHeader::decode(&v)?)),
+        None => Ok(None),
+    }
+}
+
+/// "Was this exact file filed, when, in which cases?" — answered only within
+/// `tenant`.
+pub async fn lookup_by_hash_tx<T: Transaction>(
+    tx: &T,
+    tenant: &str,
+    root: &Blake3Hash,
+    limit: usize,
+) -> Result<Vec<ManifestHeader>, SchemaError> {
+    let prefix = hash_prefix(tenant, root)?;
+    let rows = tx
+        .get_range(&prefix, &prefix_end(&prefix), limit, false)
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (k, _) in rows {
+        let id = evidence_from(&k[prefix.len()..])?;
+        if let Some(h) = get_manifest_tx(tx, id).await? {
+            out.push(h);
+        }
+    }
+    Ok(out)
+}
+
+/// Stripes waiting for repair, as (evidence, stripe).
+pub async fn degraded_stripes_tx<T: Transaction>(
+    tx: &T,
+    limit: usize,
+) -> Result<Vec<(EvidenceId, u64)>, SchemaError> {
+    let rows = tx
+        .get_range(&[DEGRADED], &[DEGRADED + 1], limit, false)
+        .await?;
+    rows.iter()
+        .map(|(k, _)| {
+            let id = evidence_from(k.get(1..17).ok_or(DecodeError::Truncated)?)?;
+            let s: [u8; 8] = k
+                .get(17..25)
+                .and_then(|s| s.try_into().ok())
+                .ok_or(DecodeError::Truncated)?;
+            Ok((id, u64::from_be_bytes(s)))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_names_are_restricted() {
+        assert!(valid_tenant("court-1_a"));
+        assert!(!valid_tenant(""));
+        assert!(!valid_tenant("Court"));
+        assert!(!valid_tenant("a\0b"));
+        assert!(!valid_tenant(&"a".repeat(65)));
+    }
+
+    #[test]
+    fn prefix_end_bounds_every_extension() {
+        assert_eq!(prefix_end(b"ab"), b"ac".to_vec());
+        assert_eq!(prefix_end(&[1, 0xff]), vec![2]);
+        assert!(b"ab\xff\xff".as_slice() < prefix_end(b"ab").as_slice());
+    }
+
+    #[test]
+    fn stripe_keys_sort_numerically() {
+        let id = EvidenceId([7; 16]);
+        assert!(stripe_key(STRIPE, &id, 255) < stripe_key(STRIPE, &id, 256));
+        assert!(stripe_key(STRIPE, &id, u64::MAX) < prefix_end(&evidence_key(STRIPE, &id)));
+    }
+}

@@ -1,0 +1,166 @@
+//! The shared KV contract on the embedded (redb) backend, one test per check,
+//! each on a fresh store; plus what only the embedded store promises: data and
+//! versionstamp order survive a reopen, and concurrent commits share fsyncs.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indexer::{contract, run, EmbeddedStore, KvError, KvStore, Transaction};
+
+const PREFIX: &[u8] = b"contract/";
+
+fn fresh() -> (tempfile::TempDir, EmbeddedStore) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = EmbeddedStore::open(&dir.path().join("index.redb")).expect("open store");
+    (dir, store)
+}
+
+macro_rules! contract_tests {
+    ($($check:ident),* $(,)?) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $check() {
+            let (_dir, store) = fresh();
+            contract::$check(&store, PREFIX).await;
+        }
+    )*};
+}
+
+contract_tests!(
+    set_get_clear,
+    range_order_limit_reverse,
+    clear_range,
+    read_your_writes,
+    snapshot_isolation,
+    conflict_is_detected_and_retried,
+    blind_writes_do_not_conflict,
+    atomic_add_sums_exactly,
+    versionstamps_are_unique_and_increase,
+    size_limits,
+    too_old,
+);
+
+/// The whole suite twice on one store: checks must clean up after themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_all_twice_on_one_store() {
+    let (_dir, store) = fresh();
+    contract::run_all(&store, b"first/").await;
+    contract::run_all(&store, b"second/").await;
+}
+
+async fn stamp_once(store: &EmbeddedStore) {
+    run(store, |tx| async move {
+        tx.set_versionstamped_key(b"log/", b"", b"");
+        Ok::<_, KvError>(())
+    })
+    .await
+    .expect("versionstamped commit");
+}
+
+async fn log_keys(store: &EmbeddedStore) -> Vec<Vec<u8>> {
+    let rows = run(store, |tx| async move {
+        tx.get_range(b"log/", b"log0", 0, false).await
+    })
+    .await
+    .expect("read log");
+    rows.into_iter().map(|(k, _)| k).collect()
+}
+
+#[tokio::test]
+async fn data_and_versionstamps_survive_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("index.redb");
+    {
+        let store = EmbeddedStore::open(&path).expect("open");
+        run(&store, |tx| async move {
+            tx.set(b"kept", b"yes");
+            tx.atomic_add(b"n", 41);
+            Ok::<_, KvError>(())
+        })
+        .await
+        .expect("write");
+        stamp_once(&store).await;
+        stamp_once(&store).await;
+    }
+    let store = EmbeddedStore::open(&path).expect("reopen right after the last clone dropped");
+    let before = log_keys(&store).await;
+    assert_eq!(before.len(), 2);
+    stamp_once(&store).await;
+    let after = log_keys(&store).await;
+    assert_eq!(after.len(), 3);
+    assert_eq!(
+        after[..2],
+        before[..],
+        "the new stamp sorts after the old ones"
+    );
+
+    let (kept, n) = run(&store, |tx| async move {
+        tx.atomic_add(b"n", 1);
+        Ok::<_, KvError>((tx.get(b"kept").await?, tx.get(b"n").await?))
+    })
+    .await
+    .expect("read back");
+    assert_eq!(kept, Some(b"yes".to_vec()));
+    assert_eq!(n, Some(42i64.to_le_bytes().to_vec()));
+}
+
+#[tokio::test]
+async fn read_only_transactions_do_not_touch_disk() {
+    let (_dir, store) = fresh();
+    let before = store.disk_commits();
+    for _ in 0..10 {
+        run(&store, |tx| async move { tx.get(b"k").await })
+            .await
+            .expect("read");
+    }
+    assert_eq!(store.disk_commits(), before);
+}
+
+#[tokio::test]
+async fn a_transaction_keeps_its_store_open() {
+    // Callers may drop the store handle while transactions are in flight.
+    let (_dir, store) = fresh();
+    let tx = store.begin().expect("begin");
+    drop(store);
+    tx.set(b"k", b"v");
+    tx.commit()
+        .await
+        .expect("the transaction kept the store open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_commits_share_disk_commits() {
+    const TRANSACTIONS: u64 = 2_000;
+    let (_dir, store) = fresh();
+    let store = Arc::new(store);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..TRANSACTIONS)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                run(&*store, |tx| async move {
+                    tx.set(format!("k/{i}").as_bytes(), b"v");
+                    tx.atomic_add(b"count", 1);
+                    Ok::<_, KvError>(())
+                })
+                .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task").expect("commit");
+    }
+    let elapsed = started.elapsed();
+    let disk_commits = store.disk_commits();
+    println!("{TRANSACTIONS} transactions in {elapsed:?}, {disk_commits} disk commits");
+
+    let count = run(&*store, |tx| async move { tx.get(b"count").await })
+        .await
+        .expect("read")
+        .expect("count exists");
+    assert_eq!(count, (TRANSACTIONS as i64).to_le_bytes());
+    assert!(
+        disk_commits * 4 < TRANSACTIONS,
+        "group commit: {disk_commits} disk commits for {TRANSACTIONS} transactions"
+    );
+    assert!(elapsed < Duration::from_secs(20), "took {elapsed:?}");
+}
