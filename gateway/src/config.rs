@@ -1,0 +1,215 @@
+//! Gateway configuration: what `custodia init` writes into `cluster.toml` and
+//! `custodia gateway` reads back. Sizes in bytes and durations in milliseconds,
+//! with the unit in each field's name.
+
+use protocol::{ErasureCode, NodeId};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// One storage node the gateway may place shards on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeEntry {
+    pub id: u32,
+    pub addr: SocketAddr,
+    /// Rack, host or site; placement puts no two shards of a stripe in one domain
+    /// while there are enough domains.
+    #[serde(default)]
+    pub failure_domain: Option<String>,
+}
+
+impl NodeEntry {
+    pub fn node_id(&self) -> NodeId {
+        NodeId(self.id)
+    }
+}
+
+/// Paths of the gateway's TLS material under the cluster CA.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPaths {
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsPaths {
+    pub fn files(&self) -> storage_node::tls::TlsFiles {
+        storage_node::tls::TlsFiles {
+            ca_cert: self.ca_cert.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        }
+    }
+}
+
+/// Everything `serve` needs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Evidence API address.
+    pub listen: SocketAddr,
+    /// The embedded index file.
+    pub index_path: PathBuf,
+    pub tls: TlsPaths,
+    /// Data shards per stripe.
+    pub k: u8,
+    /// Parity shards per stripe.
+    pub m: u8,
+    #[serde(default = "default_shard_size")]
+    pub shard_size_bytes: u32,
+    /// Fewest shards of a stripe that must be durable before a filing is
+    /// acknowledged. `None` means all `k + m`; a smaller value (at least `k + 1`)
+    /// allows degraded writes, whose stripes are queued for repair.
+    #[serde(default)]
+    pub min_write_shards: Option<u8>,
+    /// Stripes in flight per upload or read: bounds memory per request to about
+    /// `pipeline_stripes x (k + m) x shard size`.
+    #[serde(default = "default_pipeline")]
+    pub pipeline_stripes: usize,
+    /// A shard read slower than this gets a parity shard requested beside it.
+    #[serde(default = "default_hedge")]
+    pub hedge_after_ms: u64,
+    /// How long an upload intent lives without progress before GC may abort it.
+    #[serde(default = "default_lease")]
+    pub intent_lease_ms: u64,
+    pub nodes: Vec<NodeEntry>,
+}
+
+fn default_shard_size() -> u32 {
+    ErasureCode::DEFAULT_SHARD_SIZE
+}
+fn default_pipeline() -> usize {
+    4
+}
+fn default_hedge() -> u64 {
+    250
+}
+fn default_lease() -> u64 {
+    120_000
+}
+
+/// A configuration value that cannot work; names the field.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("k/m/shard_size_bytes: {0}")]
+    Code(#[from] protocol::CodeError),
+    #[error("nodes: {have} configured, the code needs at least k + m = {need}")]
+    TooFewNodes { have: usize, need: usize },
+    #[error("nodes: id {0} appears twice")]
+    DuplicateNode(u32),
+    #[error("min_write_shards: {got} is outside k + 1 ..= k + m ({min}..={max})")]
+    MinWrite { got: u8, min: u8, max: u8 },
+    #[error("pipeline_stripes: must be 1..=64")]
+    Pipeline,
+}
+
+impl GatewayConfig {
+    pub fn code(&self) -> ErasureCode {
+        ErasureCode {
+            k: self.k,
+            m: self.m,
+            shard_size: self.shard_size_bytes,
+        }
+    }
+
+    /// Shards of a stripe that must be durable before a filing is acknowledged.
+    pub fn write_quorum(&self) -> usize {
+        self.min_write_shards
+            .map(usize::from)
+            .unwrap_or(self.code().total())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let code = self.code();
+        code.validate()?;
+        if self.nodes.len() < code.total() {
+            return Err(ConfigError::TooFewNodes {
+                have: self.nodes.len(),
+                need: code.total(),
+            });
+        }
+        let mut ids: Vec<u32> = self.nodes.iter().map(|n| n.id).collect();
+        ids.sort_unstable();
+        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ConfigError::DuplicateNode(w[0]));
+        }
+        if let Some(got) = self.min_write_shards {
+            let (min, max) = (self.k.saturating_add(1), self.k.saturating_add(self.m));
+            if got < min || got > max {
+                return Err(ConfigError::MinWrite { got, min, max });
+            }
+        }
+        if !(1..=64).contains(&self.pipeline_stripes) {
+            return Err(ConfigError::Pipeline);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+listen = "127.0.0.1:8080"
+index_path = "/var/lib/custodia/index.redb"
+k = 4
+m = 2
+min_write_shards = 5
+
+[tls]
+ca_cert = "/var/lib/custodia/tls/ca.pem"
+cert = "/var/lib/custodia/tls/gateway.pem"
+key = "/var/lib/custodia/tls/gateway.key"
+
+[[nodes]]
+id = 0
+addr = "127.0.0.1:7100"
+failure_domain = "rack-a"
+"#;
+
+    fn example() -> GatewayConfig {
+        let mut c: GatewayConfig = toml::from_str(EXAMPLE).expect("example parses");
+        for id in 1..6 {
+            c.nodes.push(NodeEntry {
+                id,
+                addr: ([127, 0, 0, 1], 7100 + id as u16).into(),
+                failure_domain: None,
+            });
+        }
+        c
+    }
+
+    #[test]
+    fn documented_example_parses_with_defaults() {
+        let c = example();
+        assert_eq!(c.shard_size_bytes, 1 << 20);
+        assert_eq!(c.write_quorum(), 5);
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn validate_names_the_bad_field() {
+        let mut c = example();
+        c.min_write_shards = Some(4);
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::MinWrite {
+                got: 4,
+                min: 5,
+                max: 6
+            })
+        );
+        let mut c = example();
+        c.nodes.truncate(5);
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::TooFewNodes { have: 5, need: 6 })
+        );
+        let mut c = example();
+        c.nodes[1].id = 0;
+        assert_eq!(c.validate(), Err(ConfigError::DuplicateNode(0)));
+    }
+}

@@ -1,0 +1,125 @@
+//! Every gateway error, and its HTTP status and JSON body, in one place.
+//!
+//! Clients always get `{"error": "<stable code>", "message": "<human text>"}`;
+//! quorum failures are 503 so clients retry, never a bare 500 or a panic.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use indexer::schema::SchemaError;
+use indexer::{KvError, Retryable};
+
+/// What went wrong with an API call.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No or malformed `Authorization: Bearer` header, or an unknown token.
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    /// The token is valid but its role may not do this.
+    #[error("this credential's role may not {0}")]
+    Forbidden(&'static str),
+    /// No such evidence for this tenant (other tenants' evidence is invisible).
+    #[error("no such evidence")]
+    NotFound,
+    /// A malformed header, id, query or range.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The content does not match the hash the filer computed at acquisition.
+    #[error("content {algorithm} is {actual}, the filer declared {declared}")]
+    HashMismatch {
+        algorithm: &'static str,
+        declared: String,
+        actual: String,
+    },
+    /// A Range outside the content.
+    #[error("range not satisfiable for {size} bytes")]
+    RangeNotSatisfiable { size: u64 },
+    /// The same Idempotency-Key names an upload still in flight.
+    #[error("an upload with this Idempotency-Key is still in progress ({0})")]
+    UploadInProgress(String),
+    /// The client's body ended or failed before it was complete.
+    #[error("the upload body was cut off: {0}")]
+    BodyIncomplete(String),
+    /// Not enough storage nodes answered to store or read the data durably.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// The index failed.
+    #[error("index: {0}")]
+    Index(#[from] SchemaError),
+    /// A bug or an unexpected failure; details are in the gateway's log.
+    #[error("internal error")]
+    Internal,
+}
+
+impl From<KvError> for ApiError {
+    fn from(e: KvError) -> Self {
+        ApiError::Index(SchemaError::Kv(e))
+    }
+}
+
+impl Retryable for ApiError {
+    fn is_retryable(&self) -> bool {
+        matches!(self, ApiError::Index(e) if e.is_retryable())
+    }
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::HashMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            ApiError::UploadInProgress(_) => StatusCode::CONFLICT,
+            ApiError::BodyIncomplete(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Index(SchemaError::BadTenant) => StatusCode::BAD_REQUEST,
+            ApiError::Index(SchemaError::IntentAborted(_)) => StatusCode::CONFLICT,
+            ApiError::Index(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Index(_) | ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A stable, machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound => "not_found",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::HashMismatch { .. } => "hash_mismatch",
+            ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
+            ApiError::UploadInProgress(_) => "upload_in_progress",
+            ApiError::BodyIncomplete(_) => "body_incomplete",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Index(SchemaError::BadTenant) => "bad_tenant",
+            ApiError::Index(SchemaError::IntentAborted(_)) => "upload_aborted",
+            ApiError::Index(_) => "index_error",
+            ApiError::Internal => "internal",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        } else {
+            tracing::debug!(error = %self, "request refused");
+        }
+        let body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
+        let mut resp = (status, axum::Json(body)).into_response();
+        if let ApiError::RangeNotSatisfiable { size } = self {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                resp.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}

@@ -1,0 +1,431 @@
+//! The write path: one streaming pass from request body to durable shards.
+//!
+//! 1. Record an upload intent with a lease (honouring an Idempotency-Key).
+//! 2. Stream the body once: BLAKE3 and SHA-256 over every byte, cut stripes of
+//!    `k x shard_size`, Reed-Solomon code each stripe off the async threads, and
+//!    put its `k + m` shards in parallel on the nodes placement ranks first,
+//!    falling back to the next ranked node when one fails. A node answers only
+//!    after fsync. At most `pipeline_stripes` stripes are in flight, so memory is
+//!    bounded whatever the size.
+//! 3. Stripe records go to the index in batches as the upload proceeds, each
+//!    batch renewing the intent's lease and failing if GC aborted it.
+//! 4. One transaction commits the manifest header, making the evidence visible,
+//!    and ends the intent. Any failure before that aborts the intent and deletes
+//!    the shards written: no visible evidence, no receipt.
+
+use crate::api::Gateway;
+use crate::api::Store;
+use crate::error::ApiError;
+use crate::placement;
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use indexer::schema::{self, IntentStart};
+use protocol::{Blake3Hash, EvidenceId, ManifestHeader, Sha256Hash, ShardHeader, ShardKey};
+use protocol::{ShardPlacement, StripeRecord};
+use sha2::Digest;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use tokio::task::JoinHandle;
+
+/// Stripe records written per index transaction: well under FoundationDB's
+/// 10 MB / 5 s limits, and few enough commits for a fast upload.
+const STRIPES_PER_TXN: usize = 64;
+
+/// What the filer said about the evidence, from the request headers.
+#[derive(Clone, Debug, Default)]
+pub struct FilingMeta {
+    pub tenant: String,
+    pub case: Option<String>,
+    pub file_name: Option<String>,
+    pub media_type: Option<String>,
+    pub submitter: Option<String>,
+    /// Hashes the filer computed at acquisition; a mismatch rejects the filing.
+    pub expect_blake3: Option<Blake3Hash>,
+    pub expect_sha256: Option<Sha256Hash>,
+    pub idempotency_key: Option<String>,
+}
+
+/// The outcome of a filing request.
+#[derive(Debug)]
+pub enum Filing {
+    /// Newly filed.
+    New {
+        header: ManifestHeader,
+        degraded_stripes: u64,
+    },
+    /// The Idempotency-Key named an earlier, completed filing.
+    Replayed(ManifestHeader),
+}
+
+/// Files the evidence whose bytes `body` yields.
+pub async fn file_evidence<S, B, E>(
+    gw: Arc<Gateway<S>>,
+    meta: FilingMeta,
+    body: B,
+) -> Result<Filing, ApiError>
+where
+    S: Store,
+    B: Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
+    E: std::fmt::Display,
+{
+    let filed_at_ms = gw.clock.now_ms();
+    let evidence = EvidenceId::new(filed_at_ms, rand::random());
+    let lease = filed_at_ms + gw.config.intent_lease_ms;
+    let start = indexer::run(&gw.store, |tx| {
+        let meta = &meta;
+        async move {
+            schema::begin_intent_tx(
+                &tx,
+                evidence,
+                &meta.tenant,
+                meta.idempotency_key.as_deref(),
+                lease,
+            )
+            .await
+        }
+    })
+    .await?;
+    match start {
+        IntentStart::Started => {}
+        IntentStart::AlreadyFiled(prev) => {
+            let header = indexer::run(&gw.store, |tx| async move {
+                schema::get_manifest_tx(&tx, prev).await
+            })
+            .await?
+            .ok_or(ApiError::Internal)?;
+            return Ok(Filing::Replayed(header));
+        }
+        IntentStart::InFlight(prev) => return Err(ApiError::UploadInProgress(prev.to_string())),
+    }
+
+    let mut upload = Upload::new(gw.clone(), evidence);
+    match upload.run(meta, filed_at_ms, body).await {
+        Ok(filing) => Ok(filing),
+        Err(e) => {
+            tracing::info!(%evidence, error = %e, "filing failed; aborting its intent");
+            upload.abandon().await;
+            Err(e)
+        }
+    }
+}
+
+struct Upload<S: Store> {
+    gw: Arc<Gateway<S>>,
+    evidence: EvidenceId,
+    in_flight: VecDeque<JoinHandle<Result<StripeRecord, ApiError>>>,
+    unflushed: Vec<(u64, StripeRecord)>,
+    /// Stripes stored so far; they complete in order, so this numbers the next.
+    completed: u64,
+    degraded: u64,
+}
+
+impl<S: Store> Upload<S> {
+    fn new(gw: Arc<Gateway<S>>, evidence: EvidenceId) -> Self {
+        Upload {
+            gw,
+            evidence,
+            in_flight: VecDeque::new(),
+            unflushed: Vec::new(),
+            completed: 0,
+            degraded: 0,
+        }
+    }
+
+    async fn run<B, E>(
+        &mut self,
+        meta: FilingMeta,
+        filed_at_ms: u64,
+        mut body: B,
+    ) -> Result<Filing, ApiError>
+    where
+        B: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let code = self.gw.config.code();
+        let stripe_size = code.stripe_size() as usize;
+        let mut blake = blake3::Hasher::new();
+        let mut sha = sha2::Sha256::new();
+        let mut size: u64 = 0;
+        let mut stripe = Vec::with_capacity(stripe_size);
+        let mut next_stripe: u64 = 0;
+
+        while let Some(chunk) = body.next().await {
+            let mut chunk = chunk.map_err(|e| ApiError::BodyIncomplete(e.to_string()))?;
+            blake.update(&chunk);
+            sha.update(&chunk);
+            size += chunk.len() as u64;
+            while !chunk.is_empty() {
+                let take = (stripe_size - stripe.len()).min(chunk.len());
+                stripe.extend_from_slice(&chunk.split_to(take));
+                if stripe.len() == stripe_size {
+                    let full = std::mem::replace(&mut stripe, Vec::with_capacity(stripe_size));
+                    self.dispatch(next_stripe, full).await?;
+                    next_stripe += 1;
+                }
+            }
+        }
+        if !stripe.is_empty() {
+            self.dispatch(next_stripe, stripe).await?;
+            next_stripe += 1;
+        }
+        while !self.in_flight.is_empty() {
+            self.complete_oldest().await?;
+        }
+        self.flush().await?;
+
+        let header = ManifestHeader {
+            evidence: self.evidence,
+            tenant: meta.tenant,
+            case: meta.case,
+            blake3: blake.finalize().into(),
+            sha256: Sha256Hash(sha.finalize().into()),
+            size,
+            media_type: meta.media_type,
+            file_name: meta.file_name,
+            submitter: meta.submitter,
+            filed_at_ms,
+            code,
+            stripes: next_stripe,
+            retain_until_ms: None,
+            legal_hold: false,
+        };
+        check_declared(&header, meta.expect_blake3, meta.expect_sha256)?;
+        indexer::run(&self.gw.store, |tx| {
+            let header = &header;
+            async move { schema::commit_manifest_tx(&tx, header).await }
+        })
+        .await?;
+        tracing::info!(evidence = %header.evidence, size, stripes = header.stripes, degraded = self.degraded, "filed");
+        Ok(Filing::New {
+            header,
+            degraded_stripes: self.degraded,
+        })
+    }
+
+    /// Cleans up after a failed upload: aborts the intent first (so nothing can
+    /// commit it any more), then deletes the shards of every stripe, whether its
+    /// record reached the index or was still in flight or unflushed here.
+    async fn abandon(mut self) {
+        let gw = self.gw.clone();
+        let evidence = self.evidence;
+        // Let in-flight stripes finish so that none writes after we delete.
+        while let Some(handle) = self.in_flight.pop_front() {
+            if let Ok(Ok(record)) = handle.await {
+                self.unflushed.push((self.completed, record));
+            }
+            self.completed += 1;
+        }
+        crate::gc::abort_and_delete(&gw, evidence).await;
+        futures::stream::iter(self.unflushed.iter())
+            .for_each_concurrent(8, |(stripe, record)| {
+                crate::gc::delete_stripe_shards(&gw, evidence, *stripe, record)
+            })
+            .await;
+    }
+
+    /// Starts coding and storing one stripe, first waiting for the oldest one if
+    /// the pipeline is full.
+    async fn dispatch(&mut self, stripe: u64, data: Vec<u8>) -> Result<(), ApiError> {
+        while self.in_flight.len() >= self.gw.config.pipeline_stripes {
+            self.complete_oldest().await?;
+        }
+        let gw = self.gw.clone();
+        let evidence = self.evidence;
+        self.in_flight.push_back(tokio::spawn(async move {
+            store_stripe(gw, evidence, stripe, data).await
+        }));
+        Ok(())
+    }
+
+    async fn complete_oldest(&mut self) -> Result<(), ApiError> {
+        let Some(handle) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        let record = handle.await.map_err(|e| {
+            tracing::error!(error = %e, "stripe task failed");
+            ApiError::Internal
+        })??;
+        if record.missing() > 0 {
+            self.degraded += 1;
+        }
+        self.unflushed.push((self.completed, record));
+        self.completed += 1;
+        if self.unflushed.len() >= STRIPES_PER_TXN {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), ApiError> {
+        if self.unflushed.is_empty() {
+            return Ok(());
+        }
+        let lease = self.gw.clock.now_ms() + self.gw.config.intent_lease_ms;
+        let evidence = self.evidence;
+        let batch = std::mem::take(&mut self.unflushed);
+        indexer::run(&self.gw.store, |tx| {
+            let batch = &batch;
+            async move {
+                schema::renew_intent_tx(&tx, evidence, lease).await?;
+                for (stripe, rec) in batch {
+                    schema::put_stripe_tx(&tx, evidence, *stripe, rec);
+                }
+                Ok::<_, schema::SchemaError>(())
+            }
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+fn check_declared(
+    header: &ManifestHeader,
+    blake3: Option<Blake3Hash>,
+    sha256: Option<Sha256Hash>,
+) -> Result<(), ApiError> {
+    if let Some(declared) = blake3.filter(|d| *d != header.blake3) {
+        return Err(ApiError::HashMismatch {
+            algorithm: "BLAKE3",
+            declared: declared.to_hex(),
+            actual: header.blake3.to_hex(),
+        });
+    }
+    if let Some(declared) = sha256.filter(|d| *d != header.sha256) {
+        return Err(ApiError::HashMismatch {
+            algorithm: "SHA-256",
+            declared: declared.to_hex(),
+            actual: header.sha256.to_hex(),
+        });
+    }
+    Ok(())
+}
+
+/// Codes one stripe into `k + m` equal shards: data shards are the stripe cut
+/// in `k`, the last zero-padded.
+pub fn encode_stripe(
+    rs: &reed_solomon_erasure::galois_8::ReedSolomon,
+    k: usize,
+    m: usize,
+    data: &[u8],
+    shard_len: usize,
+) -> Result<Vec<Vec<u8>>, reed_solomon_erasure::Error> {
+    let mut shards: Vec<Vec<u8>> = (0..k + m).map(|_| vec![0u8; shard_len]).collect();
+    for (i, piece) in data.chunks(shard_len).enumerate() {
+        shards[i][..piece.len()].copy_from_slice(piece);
+    }
+    rs.encode(&mut shards)?;
+    Ok(shards)
+}
+
+/// Codes stripe `stripe` and puts its shards; returns its record once at least
+/// the write quorum of shards is durable.
+async fn store_stripe<S: Store>(
+    gw: Arc<Gateway<S>>,
+    evidence: EvidenceId,
+    stripe: u64,
+    data: Vec<u8>,
+) -> Result<StripeRecord, ApiError> {
+    let code = gw.config.code();
+    let (k, total) = (code.data_shards(), code.total());
+    let shard_len = data.len().div_ceil(k);
+    let data_len = data.len() as u64;
+    let rs = gw.rs.clone();
+    let shards = tokio::task::spawn_blocking(move || {
+        let shards = encode_stripe(&rs, k, total - k, &data, shard_len)?;
+        let hashes: Vec<Blake3Hash> = shards.iter().map(|s| Blake3Hash::of(s)).collect();
+        Ok::<_, reed_solomon_erasure::Error>(shards.into_iter().zip(hashes).collect::<Vec<_>>())
+    })
+    .await
+    .map_err(|_| ApiError::Internal)?
+    .map_err(|e| {
+        tracing::error!(error = ?e, "erasure coding failed");
+        ApiError::Internal
+    })?;
+
+    let ranked = placement::rank(&evidence, stripe, &gw.nodes.write_candidates(total));
+    let home = &ranked[..total.min(ranked.len())];
+    let spares = Mutex::new(
+        ranked[home.len()..]
+            .iter()
+            .copied()
+            .collect::<VecDeque<_>>(),
+    );
+    let puts = shards.iter().enumerate().map(|(i, (body, hash))| {
+        let header = ShardHeader {
+            key: ShardKey { evidence, stripe, index: i as u8 },
+            code,
+            stripe_len: data_len,
+            len: shard_len as u32,
+            blake3: *hash,
+        };
+        let first = home.get(i).copied();
+        let gw = &gw;
+        let spares = &spares;
+        async move {
+            let mut target = first.or_else(|| pop(spares));
+            while let Some(node) = target {
+                let Some(addr) = gw.nodes.addr(node) else { break };
+                match gw.nodes.client.rpc_put_shard(addr, &header, body).await {
+                    Ok(()) => return Some(node),
+                    Err(e) => {
+                        tracing::warn!(%node, shard = %header.key, error = %e, "shard put failed; trying the next ranked node");
+                        gw.nodes.mark(node, false);
+                        target = pop(spares);
+                    }
+                }
+            }
+            None
+        }
+    });
+    let placed = futures::future::join_all(puts).await;
+    let stored = placed.iter().flatten().count();
+    let record = StripeRecord {
+        version: 1,
+        shard_len: shard_len as u32,
+        shards: placed
+            .iter()
+            .zip(&shards)
+            .map(|(node, (_, hash))| ShardPlacement {
+                node: *node,
+                blake3: *hash,
+            })
+            .collect(),
+    };
+    if stored < gw.config.write_quorum() {
+        crate::gc::delete_stripe_shards(&gw, evidence, stripe, &record).await;
+        return Err(ApiError::Unavailable(format!(
+            "only {stored} of {total} shards of stripe {stripe} could be stored durably; {} needed",
+            gw.config.write_quorum()
+        )));
+    }
+    Ok(record)
+}
+
+fn pop(spares: &Mutex<VecDeque<protocol::NodeId>>) -> Option<protocol::NodeId> {
+    spares.lock().unwrap_or_else(|e| e.into_inner()).pop_front()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reed_solomon_erasure::galois_8::ReedSolomon;
+
+    #[test]
+    fn encoded_stripes_rebuild_from_any_k_shards() {
+        let rs = ReedSolomon::new(4, 2).unwrap();
+        let data: Vec<u8> = (0..10_001u32).map(|i| (i * 7) as u8).collect();
+        let shard_len = data.len().div_ceil(4);
+        let shards = encode_stripe(&rs, 4, 2, &data, shard_len).unwrap();
+        assert_eq!(shards.len(), 6);
+        let mut partial: Vec<Option<Vec<u8>>> = shards.into_iter().map(Some).collect();
+        partial[0] = None;
+        partial[3] = None;
+        rs.reconstruct_data(&mut partial).unwrap();
+        let rebuilt: Vec<u8> = partial[..4]
+            .iter()
+            .flat_map(|s| s.clone().unwrap())
+            .collect();
+        assert_eq!(&rebuilt[..data.len()], &data[..]);
+        assert!(rebuilt[data.len()..].iter().all(|&b| b == 0));
+    }
+}

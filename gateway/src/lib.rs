@@ -1,0 +1,26 @@
+//! The Custodia gateway: the evidence API and the pipelines behind it.
+//!
+//! - [`api`]: the axum routes (`/v1/evidence`, `/healthz`, ...) and their auth.
+//! - [`ingest`]: the write path — upload intent, one streaming pass that hashes
+//!   (BLAKE3 and SHA-256), cuts stripes, Reed-Solomon codes them and puts the
+//!   shards on distinct nodes, then the one transaction that makes a filing visible.
+//! - [`read`]: the verified read path — k shards per stripe with hedging,
+//!   reconstruction around missing or corrupt shards, damage reported for repair.
+//! - [`placement`]: hierarchical rendezvous hashing (failure domain, then node).
+//! - [`nodes`]: the live view of the storage nodes and their health.
+//! - [`error`]: every error mapped to an HTTP status and JSON body, in one place.
+//!
+//! `custodia gateway` (the `ops` crate) builds a [`config::GatewayConfig`] and
+//! calls [`serve`].
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod gc;
+pub mod ingest;
+pub mod nodes;
+pub mod placement;
+pub mod read;
+
+pub use api::{serve, Gateway, RunningGateway};
+pub use config::GatewayConfig;

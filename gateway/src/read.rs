@@ -1,0 +1,275 @@
+//! The verified read path.
+//!
+//! For each stripe a range touches: ask the `k` data shards' nodes, take the
+//! first `k` shards whose BLAKE3 matches the manifest, asking parity shards'
+//! nodes when a shard is missing, corrupt or slower than the hedge delay;
+//! rebuild the data shards with Reed-Solomon when a data shard is not among them;
+//! and queue the stripe for repair when a shard was missing or corrupt. Stripes
+//! are fetched `pipeline_stripes` ahead of the client. A whole-content read is
+//! also checked against the content root before it ends: a mismatch aborts the
+//! response instead of completing it.
+
+use crate::api::Gateway;
+use crate::api::Store;
+use bytes::Bytes;
+use futures::channel::mpsc;
+use futures::stream::FuturesUnordered;
+use futures::{SinkExt, Stream, StreamExt};
+use indexer::schema;
+use protocol::{Blake3Hash, ErrorCode, EvidenceId, ManifestHeader, ShardKey, StripeRecord};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+use storage_node::client::NodeError;
+
+/// Stripe records read per index transaction.
+const STRIPES_PER_TXN: u64 = 1024;
+
+/// Why a read could not be completed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// Fewer than `k` good shards of a stripe could be found.
+    #[error("stripe {stripe} of {evidence}: only {good} good shards of the {k} needed")]
+    Unrecoverable {
+        evidence: EvidenceId,
+        stripe: u64,
+        good: usize,
+        k: usize,
+    },
+    /// The index could not be read.
+    #[error("index: {0}")]
+    Index(#[from] schema::SchemaError),
+    /// Reassembled content does not hash to the content root.
+    #[error("content of {0} does not match its content root")]
+    RootMismatch(EvidenceId),
+    /// Reconstruction failed (a bug: shards had been verified).
+    #[error("reconstruction failed: {0:?}")]
+    Reconstruct(reed_solomon_erasure::Error),
+    #[error("internal task failed")]
+    Internal,
+}
+
+/// Streams bytes `range` of `header`'s content, verified.
+pub fn stream_range<S: Store>(
+    gw: Arc<Gateway<S>>,
+    header: ManifestHeader,
+    range: Range<u64>,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
+    let (mut tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(2);
+    tokio::spawn(async move {
+        if let Err(e) = send_range(&gw, &header, range, &mut tx).await {
+            tracing::error!(evidence = %header.evidence, error = %e, "read failed");
+            let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+        }
+    });
+    rx
+}
+
+async fn send_range<S: Store>(
+    gw: &Arc<Gateway<S>>,
+    header: &ManifestHeader,
+    range: Range<u64>,
+    tx: &mut mpsc::Sender<Result<Bytes, std::io::Error>>,
+) -> Result<(), ReadError> {
+    let layout = header.code.layout(header.size);
+    let stripes = layout.stripes_for(range.clone());
+    let mut root = (range == (0..header.size)).then(blake3::Hasher::new);
+    let evidence = header.evidence;
+    let mut first = stripes.start;
+    while first < stripes.end {
+        let last = (first + STRIPES_PER_TXN).min(stripes.end);
+        let records = indexer::run(&gw.store, |t| async move {
+            schema::get_stripes_tx(&t, evidence, first..last).await
+        })
+        .await?;
+        let mut fetched = futures::stream::iter(records.into_iter().zip(first..last))
+            .map(|(rec, stripe)| {
+                let gw = gw.clone();
+                async move {
+                    let data = fetch_stripe(&gw, header, stripe, &rec).await?;
+                    Ok::<_, ReadError>((stripe, data))
+                }
+            })
+            .buffered(gw.config.pipeline_stripes);
+        while let Some(next) = fetched.next().await {
+            let (stripe, data) = next?;
+            if let Some(h) = root.as_mut() {
+                h.update(&data);
+            }
+            let sr = layout.stripe_range(stripe);
+            let from = range.start.max(sr.start) - sr.start;
+            let to = range.end.min(sr.end) - sr.start;
+            let mut bytes = Bytes::from(data);
+            let slice = bytes.split_to(to as usize).split_off(from as usize);
+            if tx.send(Ok(slice)).await.is_err() {
+                return Ok(()); // the client went away
+            }
+        }
+        first = last;
+    }
+    if let Some(h) = root {
+        if Blake3Hash::from(h.finalize()) != header.blake3 {
+            return Err(ReadError::RootMismatch(evidence));
+        }
+    }
+    Ok(())
+}
+
+/// What fetching one shard gave.
+enum ShardOutcome {
+    Good(Vec<u8>),
+    /// Missing or failed its hash: the stripe needs repair.
+    Damaged,
+    /// The node did not answer; says nothing about the shard.
+    Unreachable,
+}
+
+/// Returns the content bytes of one stripe, reading `k` verified shards.
+pub async fn fetch_stripe<S: Store>(
+    gw: &Gateway<S>,
+    header: &ManifestHeader,
+    stripe: u64,
+    rec: &StripeRecord,
+) -> Result<Vec<u8>, ReadError> {
+    let k = header.code.data_shards();
+    let total = rec.shards.len();
+    let stripe_len = {
+        let r = header.code.layout(header.size).stripe_range(stripe);
+        (r.end - r.start) as usize
+    };
+    let mut shards: Vec<Option<Vec<u8>>> = vec![None; total];
+    let mut good = 0usize;
+    let mut damaged = rec.missing() > 0;
+    let mut next = 0usize; // next shard index to ask for
+    let mut pending = FuturesUnordered::new();
+    let fetch =
+        |i: usize| async move { (i, fetch_shard(gw, header.evidence, stripe, i, rec).await) };
+
+    let hedge = tokio::time::sleep(Duration::from_millis(gw.config.hedge_after_ms));
+    tokio::pin!(hedge);
+    let mut hedged = false;
+    loop {
+        // Keep exactly enough requests in flight to reach k, data shards first.
+        while good + pending.len() < k && next < total {
+            if rec.shards[next].node.is_some() {
+                pending.push(fetch(next));
+            }
+            next += 1;
+        }
+        if good >= k {
+            break;
+        }
+        if pending.is_empty() {
+            report_damage(gw, header.evidence, stripe);
+            return Err(ReadError::Unrecoverable {
+                evidence: header.evidence,
+                stripe,
+                good,
+                k,
+            });
+        }
+        tokio::select! {
+            Some((i, outcome)) = pending.next() => match outcome {
+                ShardOutcome::Good(body) => {
+                    shards[i] = Some(body);
+                    good += 1;
+                }
+                ShardOutcome::Damaged => damaged = true,
+                ShardOutcome::Unreachable => {}
+            },
+            _ = &mut hedge, if !hedged => {
+                hedged = true;
+                // A slow node: ask one more shard beside it.
+                while next < total {
+                    let i = next;
+                    next += 1;
+                    if rec.shards[i].node.is_some() {
+                        pending.push(fetch(i));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    if damaged {
+        report_damage(gw, header.evidence, stripe);
+    }
+    let mut data = if shards[..k].iter().all(Option::is_some) {
+        let mut out = Vec::with_capacity(k * rec.shard_len as usize);
+        for s in shards.iter().take(k).flatten() {
+            out.extend_from_slice(s);
+        }
+        out
+    } else {
+        let rs = gw.rs.clone();
+        tokio::task::spawn_blocking(move || {
+            rs.reconstruct_data(&mut shards)
+                .map_err(ReadError::Reconstruct)?;
+            let mut out = Vec::with_capacity(
+                k * shards.first().map_or(0, |s| s.as_ref().map_or(0, Vec::len)),
+            );
+            for s in shards.iter().take(k).flatten() {
+                out.extend_from_slice(s);
+            }
+            Ok::<_, ReadError>(out)
+        })
+        .await
+        .map_err(|_| ReadError::Internal)??
+    };
+    data.truncate(stripe_len);
+    Ok(data)
+}
+
+async fn fetch_shard<S: Store>(
+    gw: &Gateway<S>,
+    evidence: EvidenceId,
+    stripe: u64,
+    index: usize,
+    rec: &StripeRecord,
+) -> ShardOutcome {
+    let placement = rec.shards[index];
+    let Some(addr) = placement.node.and_then(|n| gw.nodes.addr(n)) else {
+        return ShardOutcome::Damaged;
+    };
+    let key = ShardKey {
+        evidence,
+        stripe,
+        index: index as u8,
+    };
+    match gw.nodes.client.rpc_get_shard(addr, key).await {
+        Ok((_, body))
+            if body.len() == rec.shard_len as usize
+                && Blake3Hash::of(&body) == placement.blake3 =>
+        {
+            ShardOutcome::Good(body)
+        }
+        Ok(_) => {
+            tracing::warn!(shard = %key, "shard does not match the manifest's hash");
+            ShardOutcome::Damaged
+        }
+        Err(NodeError::Remote(ErrorCode::Corrupt | ErrorCode::NotFound)) => {
+            tracing::warn!(shard = %key, "shard missing or corrupt on its node");
+            ShardOutcome::Damaged
+        }
+        Err(e) => {
+            tracing::debug!(shard = %key, error = %e, "shard read failed");
+            ShardOutcome::Unreachable
+        }
+    }
+}
+
+/// Queues a stripe for repair, off the read's critical path.
+fn report_damage<S: Store>(gw: &Gateway<S>, evidence: EvidenceId, stripe: u64) {
+    let store = gw.store.clone();
+    tracing::warn!(%evidence, stripe, "stripe has missing or corrupt shards; queued for repair");
+    tokio::spawn(async move {
+        let r = indexer::run(&store, |tx| async move {
+            schema::mark_degraded_tx(&tx, evidence, stripe);
+            Ok::<_, schema::SchemaError>(())
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::error!(%evidence, stripe, error = %e, "could not queue stripe for repair");
+        }
+    });
+}
