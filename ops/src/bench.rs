@@ -1,0 +1,363 @@
+//! `custodia bench`: the hot paths measured in one run on one machine, so the
+//! figures compare with each other.
+//!
+//! Raw kernels first: QUIC bulk transfer over loopback with the cluster's
+//! mutual TLS, BLAKE3 + SHA-256 + Reed-Solomon over stripes, durable 1 MiB file
+//! writes (temp file, fsync, rename, fsync dir). Then end to end on a fresh local
+//! cluster (node processes, a gateway): ingest and read MB/s through the evidence
+//! API. The ratios BENCHMARKS.md tracks are printed last:
+//! `ingest / (min(QUIC, disk) / ((k+m)/k))` and `read / QUIC`.
+
+use crate::cluster::{self, Cluster, InitOptions};
+use anyhow::{bail, Context, Result};
+use sha2::Digest;
+use std::io::Read;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Storage nodes of the end-to-end cluster.
+    #[arg(long, default_value_t = 8)]
+    nodes: u32,
+    #[arg(long, default_value_t = 4)]
+    k: u8,
+    #[arg(long, default_value_t = 2)]
+    m: u8,
+    /// Evidence sizes to file and read, in MiB.
+    #[arg(long, value_delimiter = ',', default_values_t = [64u64, 1024])]
+    sizes_mib: Vec<u64>,
+    /// Filings per size.
+    #[arg(long, default_value_t = 2)]
+    repeat: u32,
+    /// Where the cluster keeps its data (default: a temporary directory).
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn mbps(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / 1e6 / d.as_secs_f64().max(1e-9)
+}
+
+/// MB/s moved over QUIC from one endpoint to another on loopback, 4 streams.
+async fn quic_bulk(dir: &Path) -> Result<f64> {
+    let ca = storage_node::tls::ClusterCa::generate("bench CA")?;
+    let (ca_pem, _) = ca.to_pem();
+    std::fs::write(dir.join("ca.pem"), ca_pem)?;
+    let loopback = [std::net::IpAddr::from([127, 0, 0, 1])];
+    let mut files = Vec::new();
+    for who in ["server", "client"] {
+        let (cert, key) = ca.issue(
+            who,
+            &[storage_node::tls::NODE_SERVER_NAME.to_string()],
+            &loopback,
+        )?;
+        std::fs::write(dir.join(format!("{who}.pem")), cert)?;
+        storage_node::tls::write_private(&dir.join(format!("{who}.key")), key.as_bytes())?;
+        files.push(storage_node::tls::TlsFiles {
+            ca_cert: dir.join("ca.pem"),
+            cert: dir.join(format!("{who}.pem")),
+            key: dir.join(format!("{who}.key")),
+        });
+    }
+    let server = quinn::Endpoint::server(
+        storage_node::tls::server_config(&files[0])?,
+        ([127, 0, 0, 1], 0).into(),
+    )?;
+    let addr = server.local_addr()?;
+    let sink = tokio::spawn(async move {
+        let Some(incoming) = server.accept().await else {
+            return;
+        };
+        let Ok(conn) = incoming.await else { return };
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            tokio::spawn(async move {
+                while let Ok(Some(_)) = recv.read_chunk(1 << 20, false).await {}
+                let _ = send.write_all(b"k").await;
+                let _ = send.finish();
+            });
+        }
+    });
+    let mut client = quinn::Endpoint::client(([127, 0, 0, 1], 0).into())?;
+    client.set_default_client_config(storage_node::tls::client_config(&files[1])?);
+    let conn = client
+        .connect(addr, storage_node::tls::NODE_SERVER_NAME)?
+        .await?;
+    let chunk = bytes::Bytes::from(vec![0x5au8; 1 << 20]);
+    let per_stream: u64 = 512;
+    let streams = 4;
+    let start = Instant::now();
+    let sends = (0..streams).map(|_| {
+        let conn = conn.clone();
+        let chunk = chunk.clone();
+        async move {
+            let (mut send, mut recv) = conn.open_bi().await?;
+            for _ in 0..per_stream {
+                send.write_chunk(chunk.clone()).await?;
+            }
+            send.finish()?;
+            let mut ack = [0u8; 1];
+            recv.read_exact(&mut ack).await?;
+            anyhow::Ok(())
+        }
+    });
+    for r in futures::future::join_all(sends).await {
+        r?;
+    }
+    let elapsed = start.elapsed();
+    conn.close(0u32.into(), b"done");
+    sink.abort();
+    Ok(mbps((streams * per_stream) << 20, elapsed))
+}
+
+/// MB/s of content through BLAKE3 + SHA-256 (the ingest's one pass) and
+/// Reed-Solomon coding with shard hashes, on one core, for 64 MiB of stripes.
+fn hash_and_code(k: usize, m: usize) -> Result<f64> {
+    let rs = reed_solomon_erasure::galois_8::ReedSolomon::new(k, m)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let shard = 1usize << 20;
+    let stripe: Vec<u8> = (0..k * shard).map(|i| (i * 31 % 251) as u8).collect();
+    let rounds = (256usize << 20) / stripe.len();
+    let start = Instant::now();
+    let mut b3 = blake3::Hasher::new();
+    let mut sha = sha2::Sha256::new();
+    for _ in 0..rounds {
+        b3.update(&stripe);
+        sha.update(&stripe);
+        let shards = gateway::ingest::encode_stripe(&rs, k, m, &stripe, shard)
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        for s in &shards {
+            std::hint::black_box(blake3::hash(s));
+        }
+    }
+    std::hint::black_box((b3.finalize(), sha.finalize()));
+    Ok(mbps((rounds * stripe.len()) as u64, start.elapsed()))
+}
+
+/// MB/s of 1 MiB files written durably the way nodes write shards.
+fn durable_disk(dir: &Path) -> Result<f64> {
+    let target = dir.join("disk");
+    std::fs::create_dir_all(&target)?;
+    let body = vec![0xa5u8; 1 << 20];
+    let files = 256u64;
+    let start = Instant::now();
+    for i in 0..files {
+        storage_node::store::write_durably(&target, &format!("f{i}"), &[&body])?;
+    }
+    Ok(mbps(files << 20, start.elapsed()))
+}
+
+struct LocalCluster {
+    /// Node processes; held only so that dropping the cluster kills them.
+    _children: Vec<Child>,
+    cluster: Cluster,
+}
+
+impl LocalCluster {
+    async fn start(dir: &Path, args: &BenchArgs) -> Result<Self> {
+        let opts = InitOptions {
+            nodes: args.nodes,
+            k: args.k,
+            m: args.m,
+            shard_size: protocol::ErasureCode::DEFAULT_SHARD_SIZE,
+            api: ([127, 0, 0, 1], 0).into(),
+            node_base_port: 0,
+            min_write_shards: None,
+        };
+        let cluster = cluster::init(dir, &opts).await?;
+        let exe = std::env::current_exe()?;
+        let mut children = Vec::new();
+        for n in &cluster.nodes {
+            children.push(
+                Command::new(&exe)
+                    .args(["node", "--id", &n.id.to_string(), "--cluster"])
+                    .arg(dir.join(cluster::CLUSTER_FILE))
+                    .env("RUST_LOG", "warn")
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .kill_on_drop(true)
+                    .spawn()?,
+            );
+        }
+        Ok(LocalCluster {
+            _children: children,
+            cluster,
+        })
+    }
+}
+
+fn http_put(api: &str, token: &str, data: Arc<Vec<u8>>) -> Result<()> {
+    let mut resp = crate::client::agent()
+        .post(format!("{api}/v1/evidence"))
+        .header("authorization", format!("Bearer {token}"))
+        .send(&data[..])?;
+    if resp.status().as_u16() != 201 {
+        bail!(
+            "filing answered {}: {}",
+            resp.status(),
+            resp.body_mut().read_to_string().unwrap_or_default()
+        );
+    }
+    let v: serde_json::Value = resp.body_mut().read_json()?;
+    let _ = v["id"].as_str().context("no id")?;
+    Ok(())
+}
+
+fn http_put_id(api: &str, token: &str, data: &[u8]) -> Result<String> {
+    let mut resp = crate::client::agent()
+        .post(format!("{api}/v1/evidence"))
+        .header("authorization", format!("Bearer {token}"))
+        .send(data)?;
+    if resp.status().as_u16() != 201 {
+        bail!("filing answered {}", resp.status());
+    }
+    let v: serde_json::Value = resp.body_mut().read_json()?;
+    Ok(v["id"].as_str().context("no id")?.to_string())
+}
+
+fn http_get(api: &str, token: &str, id: &str) -> Result<u64> {
+    let mut resp = crate::client::agent()
+        .get(format!("{api}/v1/evidence/{id}"))
+        .header("authorization", format!("Bearer {token}"))
+        .call()?;
+    if resp.status().as_u16() != 200 {
+        bail!("read answered {}", resp.status());
+    }
+    let mut reader = resp.body_mut().as_reader();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        total += n as u64;
+    }
+}
+
+pub async fn run(args: BenchArgs) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    let (k, m) = (args.k as usize, args.m as usize);
+    eprintln!("measuring raw kernels...");
+    let quic = quic_bulk(&dir).await?;
+    let coding = tokio::task::spawn_blocking(move || hash_and_code(k, m)).await??;
+    let disk = {
+        let d = dir.clone();
+        tokio::task::spawn_blocking(move || durable_disk(&d)).await??
+    };
+
+    eprintln!(
+        "starting a local {}-node RS({k},{m}) cluster...",
+        args.nodes
+    );
+    let cdir = dir.join("cluster");
+    let local = LocalCluster::start(&cdir, &args).await?;
+    let store = indexer::EmbeddedStore::open(&local.cluster.gateway.index_path)?;
+    let gw = gateway::serve(local.cluster.gateway.clone(), store).await?;
+    // Wait for every node to be seen healthy.
+    let api = format!("http://{}", gw.local_addr);
+    let token = std::fs::read_to_string(cdir.join(cluster::ADMIN_TOKEN_FILE))?
+        .trim()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let healthy = crate::client::agent()
+            .get(format!("{api}/healthz"))
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_json::<serde_json::Value>().ok())
+            .and_then(|v| v["nodes_healthy"].as_u64())
+            .unwrap_or(0);
+        if healthy >= args.nodes as u64 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the bench cluster did not become healthy");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let mut rows = Vec::new();
+    for &mib in &args.sizes_mib {
+        let data: Arc<Vec<u8>> = Arc::new(
+            (0..(mib << 20))
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect(),
+        );
+        let (a, t, d) = (api.clone(), token.clone(), data.clone());
+        // Warm-up filing, also the one we read back.
+        let id = tokio::task::spawn_blocking(move || http_put_id(&a, &t, &d)).await??;
+        let start = Instant::now();
+        for _ in 0..args.repeat {
+            let (a, t, d) = (api.clone(), token.clone(), data.clone());
+            tokio::task::spawn_blocking(move || http_put(&a, &t, d)).await??;
+        }
+        let ingest = mbps(args.repeat as u64 * (mib << 20), start.elapsed());
+        let start = Instant::now();
+        for _ in 0..args.repeat {
+            let (a, t, i) = (api.clone(), token.clone(), id.clone());
+            let n = tokio::task::spawn_blocking(move || http_get(&a, &t, &i)).await??;
+            if n != mib << 20 {
+                bail!("read returned {n} bytes, expected {}", mib << 20);
+            }
+        }
+        let read = mbps(args.repeat as u64 * (mib << 20), start.elapsed());
+        rows.push((mib, ingest, read));
+    }
+    gw.abort();
+    drop(local);
+
+    let expansion = (k + m) as f64 / k as f64;
+    let ingest_ceiling = quic.min(disk) / expansion;
+    if args.json {
+        let sizes: Vec<_> = rows
+            .iter()
+            .map(|(mib, i, r)| {
+                serde_json::json!({
+                    "size_mib": mib, "ingest_mbps": i, "read_mbps": r,
+                    "ingest_ratio": i / ingest_ceiling, "read_ratio": r / quic,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "quic_bulk_mbps": quic, "blake3_sha256_rs_mbps": coding, "durable_disk_mbps": disk,
+                "k": k, "m": m, "nodes": args.nodes, "ingest_ceiling_mbps": ingest_ceiling, "sizes": sizes,
+            })
+        );
+    } else {
+        println!("raw kernels (this machine, this run)");
+        println!("  QUIC bulk, loopback, mutual TLS        {quic:>9.0} MB/s");
+        println!("  BLAKE3+SHA-256+RS({k},{m}) one core        {coding:>9.0} MB/s");
+        println!("  durable 1 MiB writes (fsync, rename)   {disk:>9.0} MB/s");
+        println!("  ingest ceiling min(QUIC,disk)/{expansion:.2}     {ingest_ceiling:>9.0} MB/s");
+        println!(
+            "end to end, {}-node RS({k},{m}) cluster, {} filings per size",
+            args.nodes, args.repeat
+        );
+        println!(
+            "  {:>8}  {:>12}  {:>10}  {:>12}  {:>10}",
+            "size", "ingest MB/s", "ratio", "read MB/s", "ratio"
+        );
+        for (mib, i, r) in &rows {
+            println!(
+                "  {:>5} MiB  {:>12.0}  {:>10.2}  {:>12.0}  {:>10.2}",
+                mib,
+                i,
+                i / ingest_ceiling,
+                r,
+                r / quic
+            );
+        }
+        println!("ratios: ingest / (min(QUIC, disk) / ((k+m)/k)) and read / QUIC bulk");
+    }
+    Ok(())
+}

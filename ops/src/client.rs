@@ -1,0 +1,147 @@
+//! `custodia put` and `custodia get`: a thin, streaming client of the evidence
+//! API with progress bars. The bytes are never held in memory whole.
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::Path;
+
+/// The bearer token from `--token-file`, else `./custodia-data/admin.token`.
+pub fn token(file: Option<&Path>) -> Result<String> {
+    let path = file.unwrap_or(Path::new("custodia-data/admin.token"));
+    let t = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "reading the token from {} (use --token-file)",
+            path.display()
+        )
+    })?;
+    Ok(t.trim().to_string())
+}
+
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Turns an error response into a message with its JSON `message`.
+fn refuse(mut resp: ureq::http::Response<ureq::Body>) -> anyhow::Error {
+    let status = resp.status();
+    let body = resp.body_mut().read_to_string().unwrap_or_default();
+    let msg = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["message"].as_str().map(str::to_string))
+        .unwrap_or(body);
+    anyhow::anyhow!("the gateway answered {status}: {msg}")
+}
+
+pub fn put(
+    api: &str,
+    token: &str,
+    path: &Path,
+    case: Option<String>,
+    submitter: Option<String>,
+    idempotency_key: Option<String>,
+) -> Result<()> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len = file.metadata()?.len();
+    let pb = bar(len, "filing");
+    let mut reader = pb.wrap_read(file);
+    let mut req = agent()
+        .post(format!("{}/v1/evidence", api.trim_end_matches('/')))
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/octet-stream");
+    if let Some(name) = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| n.is_ascii())
+    {
+        req = req.header("x-custodia-file-name", name);
+    }
+    if let Some(c) = case {
+        req = req.header("x-custodia-case", c);
+    }
+    if let Some(s) = submitter {
+        req = req.header("x-custodia-submitter", s);
+    }
+    if let Some(k) = idempotency_key {
+        req = req.header("idempotency-key", k);
+    }
+    let mut resp = req
+        .send(ureq::SendBody::from_reader(&mut reader))
+        .context("sending the evidence")?;
+    pb.finish_and_clear();
+    if !resp.status().is_success() {
+        return Err(refuse(resp));
+    }
+    let body = resp.body_mut().read_to_string()?;
+    println!("{body}");
+    Ok(())
+}
+
+pub fn get(api: &str, token: &str, id: &str, output: &Path) -> Result<()> {
+    let mut resp = agent()
+        .get(format!("{}/v1/evidence/{id}", api.trim_end_matches('/')))
+        .header("authorization", format!("Bearer {token}"))
+        .call()
+        .context("requesting the evidence")?;
+    if !resp.status().is_success() {
+        return Err(refuse(resp));
+    }
+    let len: u64 = resp
+        .headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let expect = resp
+        .headers()
+        .get("x-custodia-blake3")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    // Write beside the target and rename at the end: a cut-off download never
+    // leaves a plausible-looking partial file under the requested name.
+    let dir = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    let pb = bar(len, "fetching");
+    let mut hasher = blake3::Hasher::new();
+    let mut reader = resp.body_mut().as_reader();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf).context("reading the evidence")?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        tmp.write_all(&buf[..n])?;
+        pb.inc(n as u64);
+    }
+    pb.finish_and_clear();
+    let got = hasher.finalize().to_hex().to_string();
+    if let Some(expect) = expect {
+        if got != expect {
+            bail!("the bytes received hash to {got}, the evidence's BLAKE3 is {expect}; nothing written");
+        }
+    }
+    tmp.as_file().sync_all()?;
+    tmp.persist(output)
+        .with_context(|| format!("writing {}", output.display()))?;
+    println!("wrote {} ({} bytes, BLAKE3 {got})", output.display(), len);
+    Ok(())
+}

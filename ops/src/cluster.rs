@@ -1,0 +1,190 @@
+//! The cluster file (`DATA_DIR/cluster.toml`) that `custodia init` writes and
+//! `up`, `node` and `gateway` read: the gateway's configuration and, per node,
+//! its id, address, data dir and TLS files. All paths inside are absolute.
+
+use anyhow::{bail, Context, Result};
+use gateway::config::{GatewayConfig, NodeEntry, TlsPaths};
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use storage_node::tls::ClusterCa;
+
+pub const CLUSTER_FILE: &str = "cluster.toml";
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    pub id: u32,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    #[serde(default)]
+    pub failure_domain: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub gateway: GatewayConfig,
+    pub nodes: Vec<NodeSpec>,
+}
+
+impl Cluster {
+    pub fn load(data_dir: &Path) -> Result<Self> {
+        let path = data_dir.join(CLUSTER_FILE);
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let cluster: Cluster =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        cluster
+            .gateway
+            .validate()
+            .with_context(|| format!("in {}", path.display()))?;
+        Ok(cluster)
+    }
+
+    pub fn node(&self, id: u32) -> Result<&NodeSpec> {
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .with_context(|| format!("no node {id} in the cluster file"))
+    }
+
+    pub fn ca_cert(&self) -> &Path {
+        &self.gateway.tls.ca_cert
+    }
+}
+
+/// What `init` should create.
+pub struct InitOptions {
+    pub nodes: u32,
+    pub k: u8,
+    pub m: u8,
+    pub shard_size: u32,
+    pub api: SocketAddr,
+    /// First node's UDP port; 0 picks free ports now.
+    pub node_base_port: u16,
+    pub min_write_shards: Option<u8>,
+}
+
+fn free_udp_port() -> Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Creates the cluster CA, node and gateway certificates, the cluster file, the
+/// index with an admin credential, and `admin.token`. Refuses to touch an
+/// initialised directory.
+pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
+    if data_dir.join(CLUSTER_FILE).exists() {
+        bail!(
+            "{} is already initialised (found {CLUSTER_FILE})",
+            data_dir.display()
+        );
+    }
+    fs::create_dir_all(data_dir)?;
+    let data_dir = data_dir.canonicalize()?;
+    let tls = data_dir.join("tls");
+    fs::create_dir_all(&tls)?;
+    let ca = ClusterCa::generate("Custodia cluster CA")?;
+    let (ca_pem, ca_key) = ca.to_pem();
+    fs::write(tls.join("ca.pem"), &ca_pem)?;
+    storage_node::tls::write_private(&tls.join("ca.key"), ca_key.as_bytes())?;
+    let node_names = vec![
+        storage_node::tls::NODE_SERVER_NAME.to_string(),
+        "localhost".to_string(),
+    ];
+    let loopback = vec![std::net::IpAddr::from([127, 0, 0, 1])];
+
+    let mut nodes = Vec::new();
+    let mut entries = Vec::new();
+    for id in 0..opts.nodes {
+        let port = if opts.node_base_port == 0 {
+            free_udp_port()?
+        } else {
+            opts.node_base_port
+                .checked_add(id as u16)
+                .context("node ports run past 65535")?
+        };
+        let listen: SocketAddr = ([127, 0, 0, 1], port).into();
+        let (cert, key) = ca.issue(&format!("custodia node {id}"), &node_names, &loopback)?;
+        let cert_path = tls.join(format!("node-{id}.pem"));
+        let key_path = tls.join(format!("node-{id}.key"));
+        fs::write(&cert_path, cert)?;
+        storage_node::tls::write_private(&key_path, key.as_bytes())?;
+        let node_dir = data_dir.join("nodes").join(format!("n{id}"));
+        fs::create_dir_all(&node_dir)?;
+        nodes.push(NodeSpec {
+            id,
+            listen,
+            data_dir: node_dir,
+            cert: cert_path,
+            key: key_path,
+            failure_domain: None,
+        });
+        entries.push(NodeEntry {
+            id,
+            addr: listen,
+            failure_domain: None,
+        });
+    }
+    let (cert, key) = ca.issue(
+        "custodia gateway",
+        &["gateway.custodia.internal".to_string()],
+        &loopback,
+    )?;
+    fs::write(tls.join("gateway.pem"), cert)?;
+    storage_node::tls::write_private(&tls.join("gateway.key"), key.as_bytes())?;
+
+    let gateway = GatewayConfig {
+        listen: opts.api,
+        index_path: data_dir.join("index.redb"),
+        tls: TlsPaths {
+            ca_cert: tls.join("ca.pem"),
+            cert: tls.join("gateway.pem"),
+            key: tls.join("gateway.key"),
+        },
+        k: opts.k,
+        m: opts.m,
+        shard_size_bytes: opts.shard_size,
+        min_write_shards: opts.min_write_shards,
+        pipeline_stripes: 4,
+        hedge_after_ms: 250,
+        intent_lease_ms: 120_000,
+        nodes: entries,
+    };
+    gateway.validate()?;
+    let cluster = Cluster { gateway, nodes };
+
+    let token = new_token();
+    let store = indexer::EmbeddedStore::open(&cluster.gateway.index_path)?;
+    indexer::run(&store, |tx| {
+        let token = &token;
+        async move {
+            indexer::schema::put_token_tx(
+                &tx,
+                token,
+                &indexer::schema::TokenRecord {
+                    tenant: "admin".into(),
+                    role: indexer::schema::Role::Admin,
+                },
+            )
+        }
+    })
+    .await?;
+    drop(store);
+    storage_node::tls::write_private(&data_dir.join(ADMIN_TOKEN_FILE), token.as_bytes())?;
+    // The cluster file goes last: its presence means "initialised".
+    fs::write(
+        data_dir.join(CLUSTER_FILE),
+        toml::to_string_pretty(&cluster)?,
+    )?;
+    Ok(cluster)
+}
+
+/// A bearer token: 256 random bits, hex.
+pub fn new_token() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}

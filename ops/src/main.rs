@@ -1,0 +1,266 @@
+//! `custodia`: the one binary operators and clerks use.
+//!
+//! - `init` / `up`: create a cluster (CA, certificates, index, admin token) and
+//!   run it locally: N storage-node processes and a gateway.
+//! - `node`, `gateway`: run one component (what `up` starts, and what a real
+//!   deployment runs under its supervisor).
+//! - `put`, `get`: a thin client of the evidence API with progress bars.
+//! - `bench`: raw kernels and end-to-end throughput in one run.
+
+mod bench;
+mod client;
+mod cluster;
+mod up;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "custodia",
+    version,
+    about = "Evidence storage: file, keep, prove."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct ClusterShape {
+    /// Storage nodes to create.
+    #[arg(long, default_value_t = 8)]
+    nodes: u32,
+    /// Data shards per stripe.
+    #[arg(long, default_value_t = 4)]
+    k: u8,
+    /// Parity shards per stripe.
+    #[arg(long, default_value_t = 2)]
+    m: u8,
+    /// Bytes per shard.
+    #[arg(long, default_value_t = protocol::ErasureCode::DEFAULT_SHARD_SIZE)]
+    shard_size: u32,
+    /// Evidence API address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    api: SocketAddr,
+    /// First storage node's UDP port (the others follow); 0 picks free ports.
+    #[arg(long, default_value_t = 7100)]
+    node_base_port: u16,
+    /// Allow degraded writes: fewest durable shards per stripe (k+1..=k+m).
+    #[arg(long)]
+    min_write_shards: Option<u8>,
+}
+
+impl ClusterShape {
+    fn options(&self) -> cluster::InitOptions {
+        cluster::InitOptions {
+            nodes: self.nodes,
+            k: self.k,
+            m: self.m,
+            shard_size: self.shard_size,
+            api: self.api,
+            node_base_port: self.node_base_port,
+            min_write_shards: self.min_write_shards,
+        }
+    }
+}
+
+#[derive(clap::Args, Clone)]
+struct ApiArgs {
+    /// Evidence API base URL.
+    #[arg(long, env = "CUSTODIA_API", default_value = "http://127.0.0.1:8080")]
+    api: String,
+    /// File holding the bearer token (default: ./custodia-data/admin.token).
+    #[arg(long, env = "CUSTODIA_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a cluster in DATA_DIR: CA, certificates, index, admin token.
+    Init {
+        #[arg(long, default_value = "custodia-data")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        shape: ClusterShape,
+    },
+    /// Run a local cluster (initialising DATA_DIR first if needed) until Ctrl-C.
+    Up {
+        #[arg(long, default_value = "custodia-data")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        shape: ClusterShape,
+    },
+    /// Run one storage node.
+    Node {
+        /// Take the node's settings from this cluster file...
+        #[arg(long, requires = "id")]
+        cluster: Option<PathBuf>,
+        /// ...for this node id.
+        #[arg(long)]
+        id: Option<u32>,
+        /// Or give them explicitly:
+        #[arg(long, conflicts_with = "cluster", requires_all = ["listen", "ca", "cert", "key", "id"])]
+        data_dir: Option<PathBuf>,
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// Run the gateway of a cluster.
+    Gateway {
+        /// DATA_DIR holding cluster.toml.
+        #[arg(long, default_value = "custodia-data")]
+        data_dir: PathBuf,
+    },
+    /// File a piece of evidence.
+    Put {
+        file: PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
+        #[arg(long)]
+        case: Option<String>,
+        #[arg(long)]
+        submitter: Option<String>,
+        /// Retry-safe filing key (default: derived from nothing; each put files anew).
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Fetch evidence to a file.
+    Get {
+        id: String,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Measure raw kernels and end-to-end throughput on a fresh local cluster.
+    Bench(bench::BenchArgs),
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init { data_dir, shape } => {
+            init_tracing("warn");
+            let c = cluster::init(&data_dir, &shape.options()).await?;
+            println!(
+                "initialised {} nodes, RS({},{}) in {}\nadmin token: {}",
+                c.nodes.len(),
+                c.gateway.k,
+                c.gateway.m,
+                data_dir.display(),
+                data_dir.join(cluster::ADMIN_TOKEN_FILE).display()
+            );
+            Ok(())
+        }
+        Command::Up { data_dir, shape } => {
+            init_tracing("info");
+            up::up(&data_dir, &shape.options()).await
+        }
+        Command::Node {
+            cluster: cluster_file,
+            id,
+            data_dir,
+            listen,
+            ca,
+            cert,
+            key,
+        } => {
+            init_tracing("info");
+            let config = match (cluster_file, data_dir) {
+                (Some(file), _) => {
+                    let dir = file.parent().context("cluster file has no parent directory")?;
+                    let c = cluster::Cluster::load(dir)?;
+                    let id = id.context("--id is required")?;
+                    let n = c.node(id)?;
+                    storage_node::server::NodeConfig {
+                        data_dir: n.data_dir.clone(),
+                        listen: n.listen,
+                        node_id: protocol::NodeId(id),
+                        tls: storage_node::tls::TlsFiles {
+                            ca_cert: c.ca_cert().to_path_buf(),
+                            cert: n.cert.clone(),
+                            key: n.key.clone(),
+                        },
+                    }
+                }
+                (None, Some(data_dir)) => storage_node::server::NodeConfig {
+                    data_dir,
+                    listen: listen.context("--listen is required")?,
+                    node_id: protocol::NodeId(id.context("--id is required")?),
+                    tls: storage_node::tls::TlsFiles {
+                        ca_cert: ca.context("--ca is required")?,
+                        cert: cert.context("--cert is required")?,
+                        key: key.context("--key is required")?,
+                    },
+                },
+                (None, None) => anyhow::bail!("give --cluster FILE --id N, or --data-dir with --listen, --id, --ca, --cert, --key"),
+            };
+            up::run_node(config).await
+        }
+        Command::Gateway { data_dir } => {
+            init_tracing("info");
+            up::run_gateway(&data_dir).await
+        }
+        Command::Put {
+            file,
+            api,
+            case,
+            submitter,
+            idempotency_key,
+        } => client::put(
+            &api.api,
+            &client::token(api.token_file.as_deref())?,
+            &file,
+            case,
+            submitter,
+            idempotency_key,
+        ),
+        Command::Get { id, output, api } => client::get(
+            &api.api,
+            &client::token(api.token_file.as_deref())?,
+            &id,
+            &output,
+        ),
+        Command::Bench(args) => {
+            init_tracing("warn");
+            bench::run(args).await
+        }
+    }
+}

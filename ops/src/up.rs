@@ -1,0 +1,164 @@
+//! `custodia up`, `custodia node` and `custodia gateway`: running components
+//! until SIGINT/SIGTERM, and stopping them cleanly.
+
+use crate::cluster::{self, Cluster, InitOptions};
+use anyhow::{Context, Result};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::process::{Child, Command};
+
+/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
+pub async fn stop_requested() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+pub async fn run_node(config: storage_node::server::NodeConfig) -> Result<()> {
+    let id = config.node_id;
+    let node = storage_node::server::serve(config)
+        .await
+        .context("starting the storage node")?;
+    tracing::info!(node = %id, addr = %node.local_addr, "storage node running");
+    stop_requested().await;
+    tracing::info!(node = %id, "stopping");
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn start_gateway(cluster: &Cluster) -> Result<gateway::RunningGateway> {
+    let store = indexer::EmbeddedStore::open(&cluster.gateway.index_path)
+        .with_context(|| format!("opening the index {}", cluster.gateway.index_path.display()))?;
+    gateway::serve(cluster.gateway.clone(), store)
+        .await
+        .context("starting the gateway")
+}
+
+pub async fn run_gateway(data_dir: &Path) -> Result<()> {
+    let cluster = Cluster::load(data_dir)?;
+    let gw = start_gateway(&cluster).await?;
+    println!("evidence API: http://{}", gw.local_addr);
+    tokio::select! {
+        r = gw.wait() => r.context("the evidence API stopped")?,
+        _ = stop_requested() => tracing::info!("stopping"),
+    }
+    Ok(())
+}
+
+/// Waits until every node answers over QUIC, so the gateway starts with a full
+/// view of the cluster.
+async fn wait_for_nodes(cluster: &Cluster, children: &mut [Child]) -> Result<()> {
+    let client = storage_node::client::NodeClient::new(&cluster.gateway.tls.files())?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (n, child) in cluster.nodes.iter().zip(children.iter_mut()) {
+        loop {
+            if let Some(status) = child.try_wait()? {
+                anyhow::bail!(
+                    "node {} exited during start-up ({status}); see its log in {}",
+                    n.id,
+                    n.data_dir.display()
+                );
+            }
+            if client.rpc_node_info(n.listen).await.is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("node {} did not answer on {} within 30 s", n.id, n.listen);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+fn stop_child(child: &Child) {
+    if let Some(pid) = child
+        .id()
+        .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+    {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+}
+
+pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
+    if !data_dir.join(cluster::CLUSTER_FILE).exists() {
+        cluster::init(data_dir, opts).await?;
+        println!("initialised a new cluster in {}", data_dir.display());
+    }
+    let cluster = Cluster::load(data_dir)?;
+    let exe = std::env::current_exe().context("locating the custodia binary")?;
+    let cluster_file = data_dir.join(cluster::CLUSTER_FILE);
+    let mut children = Vec::new();
+    for n in &cluster.nodes {
+        let log = std::fs::File::create(n.data_dir.join("node.log"))?;
+        let child = Command::new(&exe)
+            .arg("node")
+            .arg("--cluster")
+            .arg(&cluster_file)
+            .arg("--id")
+            .arg(n.id.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting node {}", n.id))?;
+        children.push(child);
+    }
+    let started = async {
+        wait_for_nodes(&cluster, &mut children).await?;
+        start_gateway(&cluster).await
+    };
+    let gw = match started.await {
+        Ok(gw) => gw,
+        Err(e) => {
+            children.iter().for_each(stop_child);
+            return Err(e);
+        }
+    };
+    println!(
+        "Custodia is up: {} storage nodes, RS({},{})",
+        cluster.nodes.len(),
+        cluster.gateway.k,
+        cluster.gateway.m
+    );
+    println!("  evidence API   http://{}", gw.local_addr);
+    println!(
+        "  admin token    {}",
+        data_dir.join(cluster::ADMIN_TOKEN_FILE).display()
+    );
+    for (n, c) in cluster.nodes.iter().zip(&children) {
+        println!(
+            "  node {:<3}       quic://{}  pid {}  {}",
+            n.id,
+            n.listen,
+            c.id().unwrap_or(0),
+            n.data_dir.display()
+        );
+    }
+    println!("Press Ctrl-C to stop.");
+    tokio::select! {
+        r = gw.wait() => { if let Err(e) = r { tracing::error!(error = %e, "the evidence API stopped"); } }
+        _ = stop_requested() => {}
+    }
+    println!("stopping {} nodes", children.len());
+    children.iter().for_each(stop_child);
+    for c in &mut children {
+        if tokio::time::timeout(Duration::from_secs(10), c.wait())
+            .await
+            .is_err()
+        {
+            let _ = c.kill().await;
+        }
+    }
+    Ok(())
+}
