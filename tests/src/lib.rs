@@ -1,0 +1,405 @@
+//! A real Custodia cluster for integration tests: `custodia init` in a temporary
+//! directory, then one `custodia node` process per node and a `custodia gateway`
+//! process, all on 127.0.0.1, killed for real by the tests.
+//!
+//! The binary is built on first use into the test's own target directory
+//! (see [`custodia_bin`]) or taken from `$CUSTODIA_BIN`.
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::fs;
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `custodia` binary under test.
+///
+/// Unless `$CUSTODIA_BIN` names one, this builds it once per test process with
+/// the cargo that runs the tests (a no-op when it is up to date), so a test can
+/// never run against a stale binary, and `cargo test --workspace` on a clean
+/// checkout needs no separate build step.
+pub fn custodia_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("CUSTODIA_BIN") {
+            return PathBuf::from(p);
+        }
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test>-<hash> -> target/<profile>
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target directory")
+            .to_path_buf();
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.args(["build", "--quiet", "-p", "ops", "--bin", "custodia"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build
+            .status()
+            .expect("running cargo build for the custodia binary");
+        assert!(status.success(), "cargo build -p ops failed");
+        let bin = profile_dir.join("custodia");
+        assert!(
+            bin.exists(),
+            "{} not found after building it",
+            bin.display()
+        );
+        bin
+    })
+    .clone()
+}
+
+fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// How to shape a test cluster.
+#[derive(Clone, Debug)]
+pub struct Shape {
+    pub nodes: u32,
+    pub k: u8,
+    pub m: u8,
+    pub shard_size: u32,
+    pub min_write_shards: Option<u8>,
+}
+
+impl Default for Shape {
+    fn default() -> Self {
+        Shape {
+            nodes: 8,
+            k: 4,
+            m: 2,
+            shard_size: 4096,
+            min_write_shards: None,
+        }
+    }
+}
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub shape: Shape,
+    pub api: String,
+    pub token: String,
+    nodes: Vec<Option<Child>>,
+    gateway: Option<Child>,
+    agent: ureq::Agent,
+}
+
+/// An HTTP answer, whatever its status.
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl TestCluster {
+    pub fn start(shape: Shape) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let api_port = free_tcp_port();
+        let mut init = Command::new(custodia_bin());
+        init.arg("init")
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--nodes", &shape.nodes.to_string()])
+            .args(["--k", &shape.k.to_string(), "--m", &shape.m.to_string()])
+            .args(["--shard-size", &shape.shard_size.to_string()])
+            .args(["--api", &format!("127.0.0.1:{api_port}")])
+            .args(["--node-base-port", "0"]);
+        if let Some(w) = shape.min_write_shards {
+            init.args(["--min-write-shards", &w.to_string()]);
+        }
+        let out = init.output()?;
+        if !out.status.success() {
+            bail!(
+                "custodia init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let token = fs::read_to_string(dir.path().join("admin.token"))?
+            .trim()
+            .to_string();
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(300)))
+            .build()
+            .into();
+        let mut c = TestCluster {
+            dir,
+            api: format!("http://127.0.0.1:{api_port}"),
+            token,
+            nodes: (0..shape.nodes).map(|_| None).collect(),
+            gateway: None,
+            shape,
+            agent,
+        };
+        for i in 0..c.shape.nodes {
+            c.start_node(i)?;
+        }
+        c.start_gateway()?;
+        c.wait_healthy(c.shape.nodes as u64)?;
+        Ok(c)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn node_dir(&self, i: u32) -> PathBuf {
+        self.dir.path().join("nodes").join(format!("n{i}"))
+    }
+
+    fn log(&self, name: &str) -> Result<fs::File> {
+        Ok(fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(name))?)
+    }
+
+    pub fn start_node(&mut self, i: u32) -> Result<()> {
+        let log = self.log(&format!("node-{i}.log"))?;
+        let child = Command::new(custodia_bin())
+            .arg("node")
+            .arg("--cluster")
+            .arg(self.dir.path().join("cluster.toml"))
+            .args(["--id", &i.to_string()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.nodes[i as usize] = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill_node(&mut self, i: u32) {
+        if let Some(mut c) = self.nodes[i as usize].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn start_gateway(&mut self) -> Result<()> {
+        let log = self.log("gateway.log")?;
+        let child = Command::new(custodia_bin())
+            .arg("gateway")
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.gateway = Some(child);
+        Ok(())
+    }
+
+    pub fn kill_gateway(&mut self) {
+        if let Some(mut c) = self.gateway.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits until the gateway answers and sees at least `nodes` healthy nodes.
+    pub fn wait_healthy(&self, nodes: u64) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut r) = self.agent.get(format!("{}/healthz", self.api)).call() {
+                if let Ok(v) = r.body_mut().read_json::<Value>() {
+                    if v["nodes_healthy"].as_u64().unwrap_or(0) >= nodes {
+                        return Ok(());
+                    }
+                }
+            }
+            if Instant::now() > deadline {
+                let log =
+                    fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default();
+                bail!("cluster not healthy within 30 s; gateway log:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn answer(resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Result<Answer> {
+        let mut resp = resp?;
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        let mut body = Vec::new();
+        resp.body_mut().as_reader().read_to_end(&mut body)?;
+        Ok(Answer {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// POST /v1/evidence with the admin token and extra headers.
+    pub fn file_with(&self, token: &str, bytes: &[u8], headers: &[(&str, &str)]) -> Result<Answer> {
+        let mut req = self
+            .agent
+            .post(format!("{}/v1/evidence", self.api))
+            .header("authorization", format!("Bearer {token}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        Self::answer(req.send(bytes))
+    }
+
+    /// Files `bytes` and insists on 201; returns the JSON.
+    pub fn file(&self, bytes: &[u8]) -> Result<Value> {
+        let a = self.file_with(&self.token, bytes, &[])?;
+        if a.status != 201 {
+            bail!(
+                "filing answered {}: {}",
+                a.status,
+                String::from_utf8_lossy(&a.body)
+            );
+        }
+        Ok(a.json())
+    }
+
+    pub fn get_with(&self, token: &str, path: &str, headers: &[(&str, &str)]) -> Result<Answer> {
+        let mut req = self
+            .agent
+            .get(format!("{}{path}", self.api))
+            .header("authorization", format!("Bearer {token}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        Self::answer(req.call())
+    }
+
+    /// GET /v1/evidence/{id}, insisting on 200.
+    pub fn read(&self, id: &str) -> Result<Vec<u8>> {
+        let a = self.get_with(&self.token, &format!("/v1/evidence/{id}"), &[])?;
+        if a.status != 200 {
+            bail!(
+                "read answered {}: {}",
+                a.status,
+                String::from_utf8_lossy(&a.body)
+            );
+        }
+        Ok(a.body)
+    }
+
+    /// GET with `Range: bytes=a-b` (inclusive), insisting on 206.
+    pub fn read_range(&self, id: &str, first: u64, last: u64) -> Result<Vec<u8>> {
+        let range = format!("bytes={first}-{last}");
+        let a = self.get_with(
+            &self.token,
+            &format!("/v1/evidence/{id}"),
+            &[("range", &range)],
+        )?;
+        if a.status != 206 {
+            bail!(
+                "range read answered {}: {}",
+                a.status,
+                String::from_utf8_lossy(&a.body)
+            );
+        }
+        Ok(a.body)
+    }
+
+    /// Every shard file on node `i`.
+    pub fn shard_files(&self, i: u32) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.node_dir(i).join("shards")];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    pub fn all_shard_files(&self) -> Vec<PathBuf> {
+        (0..self.shape.nodes)
+            .flat_map(|i| self.shard_files(i))
+            .collect()
+    }
+
+    /// The process id of the gateway (for tests that signal it).
+    pub fn gateway_pid(&self) -> Option<u32> {
+        self.gateway.as_ref().map(Child::id)
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        self.kill_gateway();
+        for i in 0..self.nodes.len() as u32 {
+            self.kill_node(i);
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (no two sizes share a prefix pattern).
+pub fn bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+pub fn blake3_hex(b: &[u8]) -> String {
+    blake3::hash(b).to_hex().to_string()
+}
+
+/// Polls `f` until it is true or `secs` pass.
+pub fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    f()
+}
+
+/// Fails with context.
+pub fn ensure_eq<T: PartialEq + std::fmt::Debug>(a: T, b: T, what: &str) -> Result<()> {
+    if a != b {
+        bail!("{what}: {a:?} != {b:?}");
+    }
+    Ok(())
+}
+
+pub fn read_file(p: &Path) -> Result<Vec<u8>> {
+    fs::read(p).with_context(|| p.display().to_string())
+}
