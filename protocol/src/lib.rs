@@ -4,14 +4,16 @@
 //! [`ids`] (evidence, node and shard identifiers, content hashes), [`code`] (the
 //! Reed-Solomon layout that cuts content into stripes and shards), [`manifest`]
 //! (what the indexer stores per piece of evidence), [`shard`] (the
-//! self-describing header every stored shard carries) and [`wire`] (the framed
-//! requests between gateways and storage nodes, with numeric error codes).
+//! self-describing header every stored shard carries), [`wire`] (the framed
+//! requests between gateways and storage nodes, with numeric error codes) and
+//! [`bao`] (the streamed BLAKE3 outboard that makes byte ranges verifiable).
 //!
 //! This crate does no I/O: it encodes into and decodes from buffers and takes
 //! time as an argument, so it is deterministic, fuzzable and small enough for a
 //! verifier to embed. Every stored or signed encoding starts with a version byte;
 //! the golden-byte tests pin them.
 
+pub mod bao;
 pub mod code;
 pub mod ids;
 pub mod manifest;
