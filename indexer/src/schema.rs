@@ -12,13 +12,14 @@
 //! ("K", tenant, 0x00, blake3(idempotency key) 32) = evidence 16        retry finds the first filing
 //! ("E", evidence 16)                              = ManifestHeader     visible evidence
 //! ("S", evidence 16, stripe u64)                  = StripeRecord       one key per stripe
+//! ("B", evidence 16, tree node u64)               = 64-byte hash pair  Bao outboard, verified ranges
 //! ("H", tenant, 0x00, blake3 root 32, evidence 16) = ""                 lookup by content, per tenant
 //! ("D", evidence 16, stripe u64)                  = ""                 degraded: waits for repair
 //! ("T", blake3(bearer token) 32)                  = TokenRecord        never the token itself
 //! ```
 //!
-//! A 1 TiB filing is ~260,000 small `S` keys written in batches as the upload
-//! proceeds, and made visible by the small `E` key in the last transaction,
+//! A 1 TiB filing is ~260,000 small `S` keys and ~1,000,000 64-byte `B` keys
+//! (one per MiB: `protocol::bao`) written in batches as the upload proceeds, and made visible by the small `E` key in the last transaction,
 //! which also checks that garbage collection did not abort the intent.
 
 use crate::kv::{KvError, Retryable, Transaction};
@@ -31,6 +32,7 @@ const INTENT: u8 = b'I';
 const IDEMPOTENCY: u8 = b'K';
 const EVIDENCE: u8 = b'E';
 const STRIPE: u8 = b'S';
+const OUTBOARD: u8 = b'B';
 const BY_HASH: u8 = b'H';
 const DEGRADED: u8 = b'D';
 const TOKEN: u8 = b'T';
@@ -364,11 +366,53 @@ pub async fn forget_aborted_tx<T: Transaction>(
         .filter(|e| matches!(e, SchemaError::IntentAborted(_)))
         .ok_or(SchemaError::NoIntent(evidence))?;
     tx.clear(&evidence_key(INTENT, &evidence));
-    let prefix = evidence_key(STRIPE, &evidence);
-    tx.clear_range(&prefix, &prefix_end(&prefix));
-    let prefix = evidence_key(DEGRADED, &evidence);
-    tx.clear_range(&prefix, &prefix_end(&prefix));
+    for tag in [STRIPE, OUTBOARD, DEGRADED] {
+        let prefix = evidence_key(tag, &evidence);
+        tx.clear_range(&prefix, &prefix_end(&prefix));
+    }
     Ok(())
+}
+
+// ---------------------------------------------------------------- Bao outboard
+
+/// Stores Bao outboard hash pairs (`protocol::bao`) as the upload proceeds.
+pub fn put_outboard_pairs_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    pairs: &[(u64, protocol::bao::HashPair)],
+) {
+    for (node, (l, r)) in pairs {
+        let mut v = [0u8; 64];
+        v[..32].copy_from_slice(l);
+        v[32..].copy_from_slice(r);
+        tx.set(&stripe_key(OUTBOARD, &evidence, *node), &v);
+    }
+}
+
+/// The stored outboard pairs of `nodes`; absent ones are left out (and then
+/// fail verification).
+pub async fn get_outboard_pairs_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    nodes: &[u64],
+) -> Result<Vec<(u64, protocol::bao::HashPair)>, SchemaError> {
+    let reads = nodes.iter().map(|n| async move {
+        let v = tx.get(&stripe_key(OUTBOARD, &evidence, *n)).await?;
+        Ok::<_, SchemaError>(v.map(|v| (*n, v)))
+    });
+    let mut out = Vec::with_capacity(nodes.len());
+    for found in futures::future::try_join_all(reads)
+        .await?
+        .into_iter()
+        .flatten()
+    {
+        let (n, v) = found;
+        let (l, r) = v.split_at_checked(32).ok_or(DecodeError::Truncated)?;
+        let l: [u8; 32] = l.try_into().map_err(|_| DecodeError::Malformed)?;
+        let r: [u8; 32] = r.try_into().map_err(|_| DecodeError::Malformed)?;
+        out.push((n, (l, r)));
+    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------- stripes and manifests
