@@ -114,6 +114,8 @@ struct Upload<S: Store> {
     evidence: EvidenceId,
     in_flight: VecDeque<JoinHandle<Result<StripeRecord, ApiError>>>,
     unflushed: Vec<(u64, StripeRecord)>,
+    /// Bao outboard pairs not yet stored.
+    pairs: Vec<(u64, protocol::bao::HashPair)>,
     /// Stripes stored so far; they complete in order, so this numbers the next.
     completed: u64,
     degraded: u64,
@@ -126,6 +128,7 @@ impl<S: Store> Upload<S> {
             evidence,
             in_flight: VecDeque::new(),
             unflushed: Vec::new(),
+            pairs: Vec::new(),
             completed: 0,
             degraded: 0,
         }
@@ -143,7 +146,8 @@ impl<S: Store> Upload<S> {
     {
         let code = self.gw.config.code();
         let stripe_size = code.stripe_size() as usize;
-        let mut blake = blake3::Hasher::new();
+        // BLAKE3 root and Bao outboard in one pass; SHA-256 beside it.
+        let mut bao = protocol::bao::OutboardBuilder::new();
         let mut sha = sha2::Sha256::new();
         let mut size: u64 = 0;
         let mut stripe = Vec::with_capacity(stripe_size);
@@ -151,7 +155,7 @@ impl<S: Store> Upload<S> {
 
         while let Some(chunk) = body.next().await {
             let mut chunk = chunk.map_err(|e| ApiError::BodyIncomplete(e.to_string()))?;
-            blake.update(&chunk);
+            bao.update(&chunk);
             sha.update(&chunk);
             size += chunk.len() as u64;
             while !chunk.is_empty() {
@@ -159,6 +163,7 @@ impl<S: Store> Upload<S> {
                 stripe.extend_from_slice(&chunk.split_to(take));
                 if stripe.len() == stripe_size {
                     let full = std::mem::replace(&mut stripe, Vec::with_capacity(stripe_size));
+                    self.pairs.extend(bao.take_pairs());
                     self.dispatch(next_stripe, full).await?;
                     next_stripe += 1;
                 }
@@ -171,13 +176,15 @@ impl<S: Store> Upload<S> {
         while !self.in_flight.is_empty() {
             self.complete_oldest().await?;
         }
+        let (root, last_pairs) = bao.finish();
+        self.pairs.extend(last_pairs);
         self.flush().await?;
 
         let header = ManifestHeader {
             evidence: self.evidence,
             tenant: meta.tenant,
             case: meta.case,
-            blake3: blake.finalize().into(),
+            blake3: Blake3Hash(root),
             sha256: Sha256Hash(sha.finalize().into()),
             size,
             media_type: meta.media_type,
@@ -257,19 +264,21 @@ impl<S: Store> Upload<S> {
     }
 
     async fn flush(&mut self) -> Result<(), ApiError> {
-        if self.unflushed.is_empty() {
+        if self.unflushed.is_empty() && self.pairs.is_empty() {
             return Ok(());
         }
         let lease = self.gw.clock.now_ms() + self.gw.config.intent_lease_ms;
         let evidence = self.evidence;
         let batch = std::mem::take(&mut self.unflushed);
+        let pairs = std::mem::take(&mut self.pairs);
         indexer::run(&self.gw.store, |tx| {
-            let batch = &batch;
+            let (batch, pairs) = (&batch, &pairs);
             async move {
                 schema::renew_intent_tx(&tx, evidence, lease).await?;
                 for (stripe, rec) in batch {
                     schema::put_stripe_tx(&tx, evidence, *stripe, rec);
                 }
+                schema::put_outboard_pairs_tx(&tx, evidence, pairs);
                 Ok::<_, schema::SchemaError>(())
             }
         })

@@ -5,9 +5,13 @@
 //! nodes when a shard is missing, corrupt or slower than the hedge delay;
 //! rebuild the data shards with Reed-Solomon when a data shard is not among them;
 //! and queue the stripe for repair when a shard was missing or corrupt. Stripes
-//! are fetched `pipeline_stripes` ahead of the client. A whole-content read is
-//! also checked against the content root before it ends: a mismatch aborts the
-//! response instead of completing it.
+//! are fetched `pipeline_stripes` ahead of the client.
+//!
+//! Beyond the per-shard hashes, every read is checked against the content root
+//! itself: a whole-content read hashes as it streams and aborts the response
+//! (instead of completing it) on a mismatch; a `Range` read is widened to whole
+//! 1 MiB groups, and each window of groups is verified through the Bao outboard
+//! (`protocol::bao`) before any of its bytes is sent.
 
 use crate::api::Gateway;
 use crate::api::Store;
@@ -16,7 +20,9 @@ use futures::channel::mpsc;
 use futures::stream::FuturesUnordered;
 use futures::{SinkExt, Stream, StreamExt};
 use indexer::schema;
+use protocol::bao;
 use protocol::{Blake3Hash, ErrorCode, EvidenceId, ManifestHeader, ShardKey, StripeRecord};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,9 +77,26 @@ async fn send_range<S: Store>(
     range: Range<u64>,
     tx: &mut mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) -> Result<(), ReadError> {
+    let whole = range == (0..header.size);
+    // A whole read is checked against the content root as it streams; a part
+    // is read in whole 1 MiB groups and each window checked through the Bao
+    // outboard before any byte of it is sent.
+    let read = if whole {
+        range.clone()
+    } else {
+        bao::group_aligned(range.clone(), header.size)
+    };
+    let mut sink = if whole {
+        Verifier::Root(blake3::Hasher::new())
+    } else {
+        Verifier::Outboard {
+            window: Vec::new(),
+            start: read.start,
+            pairs: HashMap::new(),
+        }
+    };
     let layout = header.code.layout(header.size);
-    let stripes = layout.stripes_for(range.clone());
-    let mut root = (range == (0..header.size)).then(blake3::Hasher::new);
+    let stripes = layout.stripes_for(read.clone());
     let evidence = header.evidence;
     let mut first = stripes.start;
     while first < stripes.end {
@@ -93,26 +116,123 @@ async fn send_range<S: Store>(
             .buffered(gw.config.pipeline_stripes);
         while let Some(next) = fetched.next().await {
             let (stripe, data) = next?;
-            if let Some(h) = root.as_mut() {
-                h.update(&data);
-            }
             let sr = layout.stripe_range(stripe);
-            let from = range.start.max(sr.start) - sr.start;
-            let to = range.end.min(sr.end) - sr.start;
+            let from = read.start.max(sr.start) - sr.start;
+            let to = read.end.min(sr.end) - sr.start;
             let mut bytes = Bytes::from(data);
             let slice = bytes.split_to(to as usize).split_off(from as usize);
-            if tx.send(Ok(slice)).await.is_err() {
-                return Ok(()); // the client went away
+            let at = sr.start + from;
+            let ready = sink
+                .accept(gw, header, at, slice, at + (to - from) == read.end)
+                .await?;
+            for (at, bytes) in ready {
+                let want = clip(&range, at, bytes);
+                if !want.is_empty() && tx.send(Ok(want)).await.is_err() {
+                    return Ok(()); // the client went away
+                }
             }
         }
         first = last;
     }
-    if let Some(h) = root {
+    if let Verifier::Root(h) = sink {
         if Blake3Hash::from(h.finalize()) != header.blake3 {
             return Err(ReadError::RootMismatch(evidence));
         }
     }
     Ok(())
+}
+
+/// The part of `bytes` (which start at content offset `at`) inside `range`.
+fn clip(range: &Range<u64>, at: u64, mut bytes: Bytes) -> Bytes {
+    let end = at + bytes.len() as u64;
+    let from = range.start.clamp(at, end) - at;
+    let to = range.end.clamp(at, end) - at;
+    bytes.truncate(to as usize);
+    bytes.split_off(from as usize)
+}
+
+/// Bytes verified per outboard check of a partial read.
+const VERIFY_WINDOW: u64 = 8 * bao::GROUP_SIZE;
+
+/// How a read's bytes are checked against the content root.
+enum Verifier {
+    /// A whole read: hash everything, compare at the end.
+    Root(blake3::Hasher),
+    /// A partial read: collect whole groups, verify each window through the
+    /// stored Bao outboard, release it only then.
+    Outboard {
+        window: Vec<u8>,
+        /// Content offset of `window[0]`.
+        start: u64,
+        /// Outboard pairs loaded so far.
+        pairs: HashMap<u64, bao::HashPair>,
+    },
+}
+
+impl Verifier {
+    /// Takes the bytes at content offset `at`; returns what may be sent now.
+    async fn accept<S: Store>(
+        &mut self,
+        gw: &Gateway<S>,
+        header: &ManifestHeader,
+        at: u64,
+        bytes: Bytes,
+        last: bool,
+    ) -> Result<Vec<(u64, Bytes)>, ReadError> {
+        match self {
+            Verifier::Root(h) => {
+                h.update(&bytes);
+                Ok(vec![(at, bytes)])
+            }
+            Verifier::Outboard {
+                window,
+                start,
+                pairs,
+            } => {
+                window.extend_from_slice(&bytes);
+                let len = window.len() as u64;
+                let n = if last {
+                    len
+                } else if len >= VERIFY_WINDOW {
+                    len / bao::GROUP_SIZE * bao::GROUP_SIZE
+                } else {
+                    return Ok(Vec::new());
+                };
+                if n == 0 {
+                    return Ok(Vec::new());
+                }
+                let checked = *start..*start + n;
+                let needed: Vec<u64> = bao::nodes_for(header.size, checked.clone())
+                    .into_iter()
+                    .filter(|n| !pairs.contains_key(n))
+                    .collect();
+                if !needed.is_empty() {
+                    let evidence = header.evidence;
+                    let loaded = indexer::run(&gw.store, |t| {
+                        let needed = &needed;
+                        async move { schema::get_outboard_pairs_tx(&t, evidence, needed).await }
+                    })
+                    .await?;
+                    pairs.extend(loaded);
+                }
+                let outboard = bao::PairOutboard {
+                    root: header.blake3.0,
+                    size: header.size,
+                    pairs: std::mem::take(pairs),
+                };
+                let verdict = bao::verify_range(&outboard, checked.clone(), &window[..n as usize]);
+                *pairs = outboard.pairs;
+                if let Err(e) = verdict {
+                    tracing::error!(evidence = %header.evidence, error = %e, "verified range read failed");
+                    return Err(ReadError::RootMismatch(header.evidence));
+                }
+                let rest = window.split_off(n as usize);
+                let done = Bytes::from(std::mem::replace(window, rest));
+                *start += n;
+                Ok(vec![(checked.start, done)])
+            }
+        }
+    }
 }
 
 /// What fetching one shard gave.

@@ -69,8 +69,23 @@ fn hundred_mib_round_trips() -> Result<()> {
     assert_eq!(filed["blake3"].as_str(), Some(blake3_hex(&data).as_str()));
     let id = filed["id"].as_str().unwrap_or_default().to_string();
     assert!(c.read(&id)? == data, "100 MiB must read back byte-exact");
-    let (a, b) = (50_000_000u64, 60_000_000u64);
-    assert!(c.read_range(&id, a, b)? == data[a as usize..=b as usize]);
+    // Ranges are verified through the Bao outboard in 1 MiB groups: cover
+    // group boundaries, the first and last bytes, and the short last group.
+    let last = data.len() as u64 - 1;
+    let mib = 1u64 << 20;
+    for (a, b) in [
+        (50_000_000u64, 60_000_000u64),
+        (0, 0),
+        (mib - 1, mib),
+        (3 * mib, 5 * mib - 1),
+        (last - 20_000, last),
+        (last, last),
+    ] {
+        assert!(
+            c.read_range(&id, a, b)? == data[a as usize..=b as usize],
+            "range {a}-{b}"
+        );
+    }
     Ok(())
 }
 
