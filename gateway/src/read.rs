@@ -87,7 +87,7 @@ async fn send_range<S: Store>(
         bao::group_aligned(range.clone(), header.size)
     };
     let mut sink = if whole {
-        Verifier::Root(blake3::Hasher::new())
+        Verifier::Root(Box::new(blake3::Hasher::new()))
     } else {
         Verifier::Outboard {
             window: Vec::new(),
@@ -157,7 +157,7 @@ const VERIFY_WINDOW: u64 = 8 * bao::GROUP_SIZE;
 /// How a read's bytes are checked against the content root.
 enum Verifier {
     /// A whole read: hash everything, compare at the end.
-    Root(blake3::Hasher),
+    Root(Box<blake3::Hasher>),
     /// A partial read: collect whole groups, verify each window through the
     /// stored Bao outboard, release it only then.
     Outboard {
