@@ -53,6 +53,12 @@ impl NodeSet {
         }
     }
 
+    /// Whether `id` answered its last probe or request.
+    pub fn is_healthy(&self, id: NodeId) -> bool {
+        self.get(id)
+            .is_some_and(|n| n.healthy.load(Ordering::Relaxed))
+    }
+
     pub fn healthy_count(&self) -> usize {
         self.nodes
             .iter()

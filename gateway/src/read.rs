@@ -260,20 +260,27 @@ pub async fn fetch_stripe<S: Store>(
     let mut shards: Vec<Option<Vec<u8>>> = vec![None; total];
     let mut good = 0usize;
     let mut damaged = rec.missing() > 0;
-    let mut next = 0usize; // next shard index to ask for
+    // Data shards first (no decoding), then parity; shards on nodes believed
+    // down go last, so a dead node costs nothing once it is known.
+    let order: Vec<usize> = {
+        let placed = |i: &usize| rec.shards[*i].node;
+        let (up, down): (Vec<usize>, Vec<usize>) = (0..total)
+            .filter(|i| placed(i).is_some())
+            .partition(|i| placed(i).is_some_and(|n| gw.nodes.is_healthy(n)));
+        up.into_iter().chain(down).collect()
+    };
+    let mut next = 0usize; // position in `order` of the next shard to ask for
     let mut pending = FuturesUnordered::new();
     let fetch =
         |i: usize| async move { (i, fetch_shard(gw, header.evidence, stripe, i, rec).await) };
 
-    let hedge = tokio::time::sleep(Duration::from_millis(gw.config.hedge_after_ms));
+    let hedge_every = Duration::from_millis(gw.config.hedge_after_ms);
+    let hedge = tokio::time::sleep(hedge_every);
     tokio::pin!(hedge);
-    let mut hedged = false;
     loop {
-        // Keep exactly enough requests in flight to reach k, data shards first.
-        while good + pending.len() < k && next < total {
-            if rec.shards[next].node.is_some() {
-                pending.push(fetch(next));
-            }
+        // Keep exactly enough requests in flight to reach k.
+        while good + pending.len() < k && next < order.len() {
+            pending.push(fetch(order[next]));
             next += 1;
         }
         if good >= k {
@@ -295,19 +302,18 @@ pub async fn fetch_stripe<S: Store>(
                     good += 1;
                 }
                 ShardOutcome::Damaged => damaged = true,
-                ShardOutcome::Unreachable => {}
-            },
-            _ = &mut hedge, if !hedged => {
-                hedged = true;
-                // A slow node: ask one more shard beside it.
-                while next < total {
-                    let i = next;
-                    next += 1;
-                    if rec.shards[i].node.is_some() {
-                        pending.push(fetch(i));
-                        break;
+                ShardOutcome::Unreachable => {
+                    if let Some(node) = rec.shards[i].node {
+                        gw.nodes.mark(node, false);
                     }
                 }
+            },
+            _ = &mut hedge, if next < order.len() => {
+                // Something is slow: ask one more shard beside it, and again
+                // each period while the stripe is still short.
+                pending.push(fetch(order[next]));
+                next += 1;
+                hedge.as_mut().reset(tokio::time::Instant::now() + hedge_every);
             }
         }
     }

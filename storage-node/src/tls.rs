@@ -280,9 +280,12 @@ pub fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig, TlsError> 
 /// open, and the idle timeout finds dead peers.
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    // 30 s always fits a QUIC idle timeout (a VarInt of milliseconds).
-    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(30)) {
+    // A node killed without closing its connections (or restarted on the same
+    // port, whose new endpoint cannot reset the old connection) is found dead
+    // after the idle timeout; keep-alives keep live idle connections open.
+    t.keep_alive_interval(Some(Duration::from_secs(2)));
+    // 10 s always fits a QUIC idle timeout (a VarInt of milliseconds).
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(10)) {
         t.max_idle_timeout(Some(idle));
     }
     t.stream_receive_window(quinn::VarInt::from_u32(8 << 20));
