@@ -70,6 +70,8 @@ pub struct Gateway<S: Store> {
     pub nodes: NodeSet,
     pub rs: Arc<ReedSolomon>,
     pub clock: Clock,
+    /// Stripe and shard buffers reused across uploads.
+    pub buffers: Arc<crate::buffers::BufferPool>,
 }
 
 /// Why the gateway could not start.
@@ -123,8 +125,11 @@ impl<S: Store> Gateway<S> {
             .map_err(|e| StartError::Tls(e.to_string()))?;
         let rs =
             ReedSolomon::new(config.k as usize, config.m as usize).map_err(StartError::Code)?;
+        // Enough for a few uploads' pipelines of stripes and their shards.
+        let per_upload = config.pipeline_stripes * (config.k as usize + config.m as usize + 1);
         Ok(Gateway {
             nodes: NodeSet::new(&config.nodes, client),
+            buffers: Arc::new(crate::buffers::BufferPool::new(4 * per_upload)),
             config,
             store,
             rs: Arc::new(rs),

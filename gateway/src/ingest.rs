@@ -15,6 +15,7 @@
 
 use crate::api::Gateway;
 use crate::api::Store;
+use crate::buffers::BufferPool;
 use crate::error::ApiError;
 use crate::placement;
 use bytes::Bytes;
@@ -150,7 +151,7 @@ impl<S: Store> Upload<S> {
         let mut bao = protocol::bao::OutboardBuilder::new();
         let mut sha = sha2::Sha256::new();
         let mut size: u64 = 0;
-        let mut stripe = Vec::with_capacity(stripe_size);
+        let mut stripe = self.gw.buffers.take_empty(stripe_size);
         let mut next_stripe: u64 = 0;
 
         while let Some(chunk) = body.next().await {
@@ -162,7 +163,8 @@ impl<S: Store> Upload<S> {
                 let take = (stripe_size - stripe.len()).min(chunk.len());
                 stripe.extend_from_slice(&chunk.split_to(take));
                 if stripe.len() == stripe_size {
-                    let full = std::mem::replace(&mut stripe, Vec::with_capacity(stripe_size));
+                    let full =
+                        std::mem::replace(&mut stripe, self.gw.buffers.take_empty(stripe_size));
                     self.pairs.extend(bao.take_pairs());
                     self.dispatch(next_stripe, full).await?;
                     next_stripe += 1;
@@ -317,10 +319,16 @@ pub fn encode_stripe(
     m: usize,
     data: &[u8],
     shard_len: usize,
+    pool: &BufferPool,
 ) -> Result<Vec<Vec<u8>>, reed_solomon_erasure::Error> {
-    let mut shards: Vec<Vec<u8>> = (0..k + m).map(|_| vec![0u8; shard_len]).collect();
-    for (i, piece) in data.chunks(shard_len).enumerate() {
-        shards[i][..piece.len()].copy_from_slice(piece);
+    let mut shards: Vec<Vec<u8>> = (0..k + m).map(|_| pool.take(shard_len)).collect();
+    for (i, shard) in shards.iter_mut().take(k).enumerate() {
+        // Every byte is written: the piece, then zero padding (pooled buffers
+        // hold stale bytes). Parity shards are overwritten by `encode`.
+        let piece = data.get(i * shard_len..).unwrap_or_default();
+        let piece = &piece[..piece.len().min(shard_len)];
+        shard[..piece.len()].copy_from_slice(piece);
+        shard[piece.len()..].fill(0);
     }
     rs.encode(&mut shards)?;
     Ok(shards)
@@ -339,8 +347,10 @@ async fn store_stripe<S: Store>(
     let shard_len = data.len().div_ceil(k);
     let data_len = data.len() as u64;
     let rs = gw.rs.clone();
+    let pool = gw.buffers.clone();
     let shards = tokio::task::spawn_blocking(move || {
-        let shards = encode_stripe(&rs, k, total - k, &data, shard_len)?;
+        let shards = encode_stripe(&rs, k, total - k, &data, shard_len, &pool)?;
+        pool.give(data);
         let hashes: Vec<Blake3Hash> = shards.iter().map(|s| Blake3Hash::of(s)).collect();
         Ok::<_, reed_solomon_erasure::Error>(shards.into_iter().zip(hashes).collect::<Vec<_>>())
     })
@@ -407,6 +417,9 @@ async fn store_stripe<S: Store>(
             gw.config.write_quorum()
         )));
     }
+    for (body, _) in shards {
+        gw.buffers.give(body);
+    }
     Ok(record)
 }
 
@@ -424,7 +437,7 @@ mod tests {
         let rs = ReedSolomon::new(4, 2).unwrap();
         let data: Vec<u8> = (0..10_001u32).map(|i| (i * 7) as u8).collect();
         let shard_len = data.len().div_ceil(4);
-        let shards = encode_stripe(&rs, 4, 2, &data, shard_len).unwrap();
+        let shards = encode_stripe(&rs, 4, 2, &data, shard_len, &BufferPool::new(0)).unwrap();
         assert_eq!(shards.len(), 6);
         let mut partial: Vec<Option<Vec<u8>>> = shards.into_iter().map(Some).collect();
         partial[0] = None;

@@ -14,6 +14,7 @@
 //! calls [`serve`].
 
 pub mod api;
+pub mod buffers;
 pub mod config;
 pub mod error;
 pub mod gc;

@@ -124,16 +124,18 @@ fn hash_and_code(k: usize, m: usize) -> Result<f64> {
     let shard = 1usize << 20;
     let stripe: Vec<u8> = (0..k * shard).map(|i| (i * 31 % 251) as u8).collect();
     let rounds = (256usize << 20) / stripe.len();
+    let pool = gateway::buffers::BufferPool::new(k + m);
     let start = Instant::now();
     let mut b3 = blake3::Hasher::new();
     let mut sha = sha2::Sha256::new();
     for _ in 0..rounds {
         b3.update(&stripe);
         sha.update(&stripe);
-        let shards = gateway::ingest::encode_stripe(&rs, k, m, &stripe, shard)
+        let shards = gateway::ingest::encode_stripe(&rs, k, m, &stripe, shard, &pool)
             .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        for s in &shards {
-            std::hint::black_box(blake3::hash(s));
+        for s in shards {
+            std::hint::black_box(blake3::hash(&s));
+            pool.give(s);
         }
     }
     std::hint::black_box((b3.finalize(), sha.finalize()));
