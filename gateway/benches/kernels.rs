@@ -71,7 +71,7 @@ fn coding(c: &mut Criterion) {
     g.bench_function("parity only (baseline)", |b| {
         b.iter(|| rs.encode(&mut shards).expect("encode"))
     });
-    let pool = gateway::buffers::BufferPool::new(2 * (k + m));
+    let pool = storage_node::buffers::BufferPool::new(2 * (k + m) * shard);
     g.bench_function("ingest: encode_stripe + shard hashes", |b| {
         b.iter(|| {
             let shards =
@@ -82,7 +82,7 @@ fn coding(c: &mut Criterion) {
         })
     });
     g.bench_function("ingest, fresh buffers (no pool)", |b| {
-        let none = gateway::buffers::BufferPool::new(0);
+        let none = storage_node::buffers::BufferPool::new(0);
         b.iter(|| {
             let shards =
                 gateway::ingest::encode_stripe(&rs, k, m, &stripe, shard, &none).expect("encode");

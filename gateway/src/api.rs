@@ -68,10 +68,14 @@ pub struct Gateway<S: Store> {
     pub config: GatewayConfig,
     pub store: S,
     pub nodes: NodeSet,
+    /// The code new evidence is written with.
     pub rs: Arc<ReedSolomon>,
+    /// Codecs for the codes older evidence was written with (reads use the
+    /// manifest's code, which need not be today's configuration).
+    codecs: std::sync::Mutex<std::collections::HashMap<(usize, usize), Arc<ReedSolomon>>>,
     pub clock: Clock,
     /// Stripe and shard buffers reused across uploads.
-    pub buffers: Arc<crate::buffers::BufferPool>,
+    pub buffers: Arc<storage_node::buffers::BufferPool>,
 }
 
 /// Why the gateway could not start.
@@ -125,16 +129,38 @@ impl<S: Store> Gateway<S> {
             .map_err(|e| StartError::Tls(e.to_string()))?;
         let rs =
             ReedSolomon::new(config.k as usize, config.m as usize).map_err(StartError::Code)?;
-        // Enough for a few uploads' pipelines of stripes and their shards.
-        let per_upload = config.pipeline_stripes * (config.k as usize + config.m as usize + 1);
+        // Idle buffers for a few uploads' pipelines: each stripe in flight holds
+        // the stripe (k shards of data) and its k+m shards.
+        let per_upload = config.pipeline_stripes
+            * (2 * config.k as usize + config.m as usize)
+            * config.shard_size_bytes as usize;
         Ok(Gateway {
             nodes: NodeSet::new(&config.nodes, client),
-            buffers: Arc::new(crate::buffers::BufferPool::new(4 * per_upload)),
+            buffers: Arc::new(storage_node::buffers::BufferPool::new(4 * per_upload)),
             config,
             store,
             rs: Arc::new(rs),
+            codecs: Default::default(),
             clock: Clock::default(),
         })
+    }
+
+    /// The Reed-Solomon codec for RS(k, m), built once and cached.
+    pub fn codec(
+        &self,
+        k: usize,
+        m: usize,
+    ) -> Result<Arc<ReedSolomon>, reed_solomon_erasure::Error> {
+        if (k, m) == (self.rs.data_shard_count(), self.rs.parity_shard_count()) {
+            return Ok(self.rs.clone());
+        }
+        let mut codecs = self.codecs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rs) = codecs.get(&(k, m)) {
+            return Ok(rs.clone());
+        }
+        let rs = Arc::new(ReedSolomon::new(k, m)?);
+        codecs.insert((k, m), rs.clone());
+        Ok(rs)
     }
 }
 

@@ -14,7 +14,6 @@
 //! calls [`serve`].
 
 pub mod api;
-pub mod buffers;
 pub mod config;
 pub mod error;
 pub mod gc;

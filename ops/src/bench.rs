@@ -124,7 +124,7 @@ fn hash_and_code(k: usize, m: usize) -> Result<f64> {
     let shard = 1usize << 20;
     let stripe: Vec<u8> = (0..k * shard).map(|i| (i * 31 % 251) as u8).collect();
     let rounds = (256usize << 20) / stripe.len();
-    let pool = gateway::buffers::BufferPool::new(k + m);
+    let pool = storage_node::buffers::BufferPool::new((k + m) * shard);
     let start = Instant::now();
     let mut b3 = blake3::Hasher::new();
     let mut sha = sha2::Sha256::new();

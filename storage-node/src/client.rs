@@ -130,6 +130,9 @@ pub struct NodeClient {
     inner: Arc<Inner>,
 }
 
+/// Idle shard receive buffers the client keeps for reuse.
+const CLIENT_IDLE_BUFFER_BYTES: usize = 64 << 20;
+
 struct Inner {
     config: quinn::ClientConfig,
     v4: quinn::Endpoint,
@@ -138,6 +141,8 @@ struct Inner {
     v6: Mutex<Option<quinn::Endpoint>>,
     connections: Mutex<HashMap<SocketAddr, Slot>>,
     timeouts: ClientTimeouts,
+    /// Receive buffers for shard bodies; see [`NodeClient::recycle`].
+    buffers: crate::buffers::BufferPool,
 }
 
 impl std::fmt::Debug for NodeClient {
@@ -167,6 +172,7 @@ impl NodeClient {
                 v6: Mutex::new(None),
                 connections: Mutex::new(HashMap::new()),
                 timeouts,
+                buffers: crate::buffers::BufferPool::new(CLIENT_IDLE_BUFFER_BYTES),
             }),
         })
     }
@@ -197,6 +203,12 @@ impl NodeClient {
         .await
     }
 
+    /// Hands a shard body from [`rpc_get_shard`](Self::rpc_get_shard) back
+    /// for reuse once the caller is done with it (optional: dropping is fine).
+    pub fn recycle(&self, body: Vec<u8>) {
+        self.inner.buffers.give(body);
+    }
+
     /// Reads a shard: its stored header (checked to name `key`) and body
     /// (exactly `header.len` bytes). The caller verifies the body's hash against
     /// its manifest; the node has verified it against the header.
@@ -219,7 +231,8 @@ impl NodeClient {
             {
                 return Err(NodeError::UnexpectedResponse);
             }
-            let mut body = vec![0u8; header.len as usize];
+            // Overwritten in full by the read, or not used.
+            let mut body = self.inner.buffers.take(header.len as usize);
             recv.read_exact(&mut body).await?;
             Ok((header, body))
         })

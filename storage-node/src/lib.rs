@@ -15,6 +15,7 @@
 //!
 //! Frames and error codes are defined in the `protocol` crate.
 
+pub mod buffers;
 pub mod client;
 pub mod server;
 pub mod store;

@@ -13,6 +13,7 @@
 //! shard's code before anything is allocated, and the memory held by bodies in
 //! flight is bounded across all connections.
 
+use crate::buffers::BufferPool;
 use crate::store::{ShardStore, StoreError};
 use crate::tls::{self, TlsError, TlsFiles};
 use protocol::wire::{decode_frame_prefix, FRAME_PREFIX};
@@ -116,6 +117,8 @@ struct NodeState {
     store: Arc<ShardStore>,
     node_id: NodeId,
     body_memory: Arc<Semaphore>,
+    /// Shard receive buffers, reused (see [`crate::buffers`]).
+    buffers: BufferPool,
 }
 
 /// Opens the store in `config.data_dir`, binds `config.listen` and starts
@@ -137,6 +140,8 @@ pub async fn serve(config: NodeConfig) -> Result<RunningNode, NodeServerError> {
         store: store.clone(),
         node_id: config.node_id,
         body_memory: Arc::new(Semaphore::new(BODY_MEMORY_MIB)),
+        // Idle receive buffers stay within a quarter of the in-flight body budget.
+        buffers: BufferPool::new((BODY_MEMORY_MIB / 4) << 20),
     });
     let (stop, stopped) = watch::channel(false);
     let accept = tokio::spawn(accept_loop(endpoint.clone(), state, stopped));
@@ -324,7 +329,8 @@ async fn handle_put_shard(
     else {
         return refuse(send, recv, ErrorCode::Io).await;
     };
-    let mut body = vec![0u8; header.len as usize];
+    // Every byte is overwritten by the read (or the buffer is not used).
+    let mut body = state.buffers.take(header.len as usize);
     match read_or_refuse(recv, &mut body).await {
         Ok(()) => {}
         Err(RequestError::Bad(code)) => return refuse(send, recv, code).await,
@@ -332,7 +338,15 @@ async fn handle_put_shard(
     }
     let store = state.store.clone();
     let key = header.key;
-    let stored = tokio::task::spawn_blocking(move || store.put(&header, &body)).await;
+    let stored = tokio::task::spawn_blocking(move || {
+        let stored = store.put(&header, &body);
+        (stored, body)
+    })
+    .await
+    .map(|(stored, body)| {
+        state.buffers.give(body);
+        stored
+    });
     let response = match stored {
         Ok(Ok(())) => {
             tracing::debug!(shard = %key, len = header.len, "shard stored");

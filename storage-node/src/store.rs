@@ -250,7 +250,9 @@ impl ShardStore {
         if header.key != *key {
             return Err(self.quarantine(key, inode, "header names another shard"));
         }
-        let body = bytes.split_off(body_at);
+        // Shift the body down in place: no second buffer to allocate.
+        bytes.drain(..body_at);
+        let body = bytes;
         if !header.matches(&body) {
             return Err(self.quarantine(
                 key,
