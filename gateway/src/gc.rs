@@ -3,12 +3,13 @@
 //! An upload that fails, or whose lease runs out (its gateway died, its client
 //! vanished), is aborted in a transaction *before* any of its shards is deleted,
 //! so a filing can never become visible with shards missing: the manifest commit
-//! checks the intent and fails once it is aborted. Then the shards named by its
-//! stripe records are deleted and the records forgotten.
+//! checks the intent and fails once it is aborted; GC re-checks in that same
+//! transaction that the lease really ended, so an upload that renewed it in the
+//! meantime goes on. Then the shards named by its stripe records are deleted,
+//! and each record is forgotten only once all its shards are gone.
 
 use crate::api::Gateway;
 use crate::api::Store;
-use futures::StreamExt;
 use indexer::schema;
 use protocol::{EvidenceId, ShardKey, StripeRecord};
 use std::sync::Arc;
@@ -17,31 +18,55 @@ use std::time::Duration;
 /// Stripe records read per transaction while deleting.
 const STRIPES_PER_READ: usize = 1024;
 
-/// Deletes the shards of one stripe, best effort: an unreachable node keeps an
-/// orphan that node-side orphan collection removes later.
+/// Deletes the shards of one stripe; returns whether every shard is gone (a
+/// shard already absent counts). A shard on an unreachable node stays named
+/// by its record, so a later GC pass tries again.
 pub async fn delete_stripe_shards<S: Store>(
     gw: &Gateway<S>,
     evidence: EvidenceId,
     stripe: u64,
     record: &StripeRecord,
-) {
+) -> bool {
     let deletes = record.shards.iter().enumerate().filter_map(|(i, p)| {
-        let addr = gw.nodes.addr(p.node?)?;
+        let node = p.node?;
         let key = ShardKey { evidence, stripe, index: i as u8 };
         Some(async move {
-            if let Err(e) = gw.nodes.client.rpc_delete_shard(addr, key).await {
-                tracing::debug!(shard = %key, error = %e, "could not delete shard of an aborted upload");
+            // A node no longer in the cluster has nothing left to delete.
+            let Some(addr) = gw.nodes.addr(node) else { return true };
+            match gw.nodes.client.rpc_delete_shard(addr, key).await {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::debug!(shard = %key, error = %e, "could not delete shard of an aborted upload");
+                    false
+                }
             }
         })
     });
-    futures::future::join_all(deletes).await;
+    futures::future::join_all(deletes)
+        .await
+        .into_iter()
+        .all(|ok| ok)
+}
+
+/// Why [`abort_and_delete`] is running.
+#[derive(Clone, Copy, Debug)]
+pub enum Abort {
+    /// The upload itself failed: abort unconditionally.
+    Failed,
+    /// GC found the lease ended before this time: abort only if it still has.
+    Stale { now_ms: u64 },
 }
 
 /// Aborts `evidence`'s intent, deletes every shard its stripe records name, and
-/// forgets it. Safe to run twice or concurrently with a dying upload.
-pub async fn abort_and_delete<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) {
+/// forgets it once all are deleted (stripes whose shards could not all be
+/// deleted stay recorded, and the next GC pass retries them). Safe to run
+/// twice or concurrently with a dying upload.
+pub async fn abort_and_delete<S: Store>(gw: &Gateway<S>, evidence: EvidenceId, why: Abort) {
     let aborted = indexer::run(&gw.store, |tx| async move {
-        schema::abort_intent_tx(&tx, evidence).await
+        match why {
+            Abort::Failed => schema::abort_intent_tx(&tx, evidence).await,
+            Abort::Stale { now_ms } => schema::abort_if_stale_tx(&tx, evidence, now_ms).await,
+        }
     })
     .await;
     match aborted {
@@ -53,6 +78,7 @@ pub async fn abort_and_delete<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) {
         }
     }
     let mut next = 0u64;
+    let mut kept = 0usize;
     loop {
         let batch = indexer::run(&gw.store, |tx| async move {
             // Stripes of an aborted upload may have gaps: read by key range.
@@ -66,15 +92,40 @@ pub async fn abort_and_delete<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) {
                 return;
             }
         };
-        if batch.is_empty() {
+        let Some(&(last, _)) = batch.last() else {
             break;
-        }
-        futures::stream::iter(batch.iter())
-            .for_each_concurrent(8, |(stripe, rec)| {
-                delete_stripe_shards(gw, evidence, *stripe, rec)
-            })
+        };
+        let mut deleted = Vec::with_capacity(batch.len());
+        for group in batch.chunks(8) {
+            let done = futures::future::join_all(
+                group
+                    .iter()
+                    .map(|(stripe, rec)| delete_stripe_shards(gw, evidence, *stripe, rec)),
+            )
             .await;
-        next = batch.last().map(|(s, _)| s + 1).unwrap_or(next);
+            deleted.extend(
+                group
+                    .iter()
+                    .zip(done)
+                    .filter(|(_, ok)| *ok)
+                    .map(|((s, _), _)| *s),
+            );
+        }
+        kept += batch.len() - deleted.len();
+        if let Err(e) = indexer::run(&gw.store, |tx| {
+            let deleted = &deleted;
+            async move { schema::forget_aborted_stripes_tx(&tx, evidence, deleted).await }
+        })
+        .await
+        {
+            tracing::warn!(%evidence, error = %e, "could not forget deleted stripes; GC will retry");
+            return;
+        }
+        next = last + 1;
+    }
+    if kept > 0 {
+        tracing::warn!(%evidence, stripes = kept, "some shards of an aborted upload could not be deleted; GC will retry");
+        return;
     }
     if let Err(e) = indexer::run(&gw.store, |tx| async move {
         schema::forget_aborted_tx(&tx, evidence).await
@@ -101,7 +152,7 @@ pub async fn collect_once<S: Store>(gw: &Gateway<S>) -> usize {
     };
     for (evidence, _) in &stale {
         tracing::info!(%evidence, "collecting an abandoned upload");
-        abort_and_delete(gw, *evidence).await;
+        abort_and_delete(gw, *evidence, Abort::Stale { now_ms: now }).await;
     }
     stale.len()
 }

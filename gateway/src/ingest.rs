@@ -7,15 +7,15 @@
 //!    falling back to the next ranked node when one fails. A node answers only
 //!    after fsync. At most `pipeline_stripes` stripes are in flight, so memory is
 //!    bounded whatever the size.
-//! 3. Stripe records go to the index in batches as the upload proceeds, each
-//!    batch renewing the intent's lease and failing if GC aborted it.
+//! 3. Stripe records go to the index in batches as the upload proceeds. The
+//!    intent's lease is renewed whenever a third of it has passed (and with each
+//!    batch), failing if GC aborted it.
 //! 4. One transaction commits the manifest header, making the evidence visible,
 //!    and ends the intent. Any failure before that aborts the intent and deletes
 //!    the shards written: no visible evidence, no receipt.
 
 use crate::api::Gateway;
 use crate::api::Store;
-use crate::buffers::BufferPool;
 use crate::error::ApiError;
 use crate::placement;
 use bytes::Bytes;
@@ -26,11 +26,16 @@ use protocol::{ShardPlacement, StripeRecord};
 use sha2::Digest;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use storage_node::buffers::BufferPool;
 use tokio::task::JoinHandle;
 
 /// Stripe records written per index transaction: well under FoundationDB's
 /// 10 MB / 5 s limits, and few enough commits for a fast upload.
 const STRIPES_PER_TXN: usize = 64;
+
+/// Bao outboard pairs (64 bytes of value each) written per index transaction,
+/// whatever the stripe size.
+const PAIRS_PER_TXN: usize = 4096;
 
 /// What the filer said about the evidence, from the request headers.
 #[derive(Clone, Debug, Default)]
@@ -113,25 +118,28 @@ where
 struct Upload<S: Store> {
     gw: Arc<Gateway<S>>,
     evidence: EvidenceId,
-    in_flight: VecDeque<JoinHandle<Result<StripeRecord, ApiError>>>,
+    /// Stripes being coded and stored, oldest first, by stripe number.
+    in_flight: VecDeque<(u64, JoinHandle<Result<StripeRecord, ApiError>>)>,
+    /// Stored stripes whose records are not yet in the index.
     unflushed: Vec<(u64, StripeRecord)>,
     /// Bao outboard pairs not yet stored.
     pairs: Vec<(u64, protocol::bao::HashPair)>,
-    /// Stripes stored so far; they complete in order, so this numbers the next.
-    completed: u64,
     degraded: u64,
+    /// When the intent's lease was last extended (gateway clock, ms).
+    renewed_at_ms: u64,
 }
 
 impl<S: Store> Upload<S> {
     fn new(gw: Arc<Gateway<S>>, evidence: EvidenceId) -> Self {
+        let renewed_at_ms = gw_now(&gw);
         Upload {
             gw,
             evidence,
             in_flight: VecDeque::new(),
             unflushed: Vec::new(),
             pairs: Vec::new(),
-            completed: 0,
             degraded: 0,
+            renewed_at_ms,
         }
     }
 
@@ -156,6 +164,7 @@ impl<S: Store> Upload<S> {
 
         while let Some(chunk) = body.next().await {
             let mut chunk = chunk.map_err(|e| ApiError::BodyIncomplete(e.to_string()))?;
+            self.keep_lease().await?;
             bao.update(&chunk);
             sha.update(&chunk);
             size += chunk.len() as u64;
@@ -218,18 +227,20 @@ impl<S: Store> Upload<S> {
         let gw = self.gw.clone();
         let evidence = self.evidence;
         // Let in-flight stripes finish so that none writes after we delete.
-        while let Some(handle) = self.in_flight.pop_front() {
+        while let Some((stripe, handle)) = self.in_flight.pop_front() {
             if let Ok(Ok(record)) = handle.await {
-                self.unflushed.push((self.completed, record));
+                self.unflushed.push((stripe, record));
             }
-            self.completed += 1;
         }
-        crate::gc::abort_and_delete(&gw, evidence).await;
-        futures::stream::iter(self.unflushed.iter())
-            .for_each_concurrent(8, |(stripe, record)| {
-                crate::gc::delete_stripe_shards(&gw, evidence, *stripe, record)
-            })
-            .await;
+        // Record what was stored so that GC keeps track of it even if a delete
+        // below fails; then abort and delete everything recorded.
+        if let Err(e) = self.flush().await {
+            tracing::debug!(%evidence, error = %e, "could not record the stripes of a failed upload");
+        }
+        crate::gc::abort_and_delete(&gw, evidence, crate::gc::Abort::Failed).await;
+        for (stripe, record) in &self.unflushed {
+            crate::gc::delete_stripe_shards(&gw, evidence, *stripe, record).await;
+        }
     }
 
     /// Starts coding and storing one stripe, first waiting for the oldest one if
@@ -240,14 +251,15 @@ impl<S: Store> Upload<S> {
         }
         let gw = self.gw.clone();
         let evidence = self.evidence;
-        self.in_flight.push_back(tokio::spawn(async move {
-            store_stripe(gw, evidence, stripe, data).await
-        }));
+        self.in_flight.push_back((
+            stripe,
+            tokio::spawn(async move { store_stripe(gw, evidence, stripe, data).await }),
+        ));
         Ok(())
     }
 
     async fn complete_oldest(&mut self) -> Result<(), ApiError> {
-        let Some(handle) = self.in_flight.pop_front() else {
+        let Some((stripe, handle)) = self.in_flight.pop_front() else {
             return Ok(());
         };
         let record = handle.await.map_err(|e| {
@@ -257,11 +269,26 @@ impl<S: Store> Upload<S> {
         if record.missing() > 0 {
             self.degraded += 1;
         }
-        self.unflushed.push((self.completed, record));
-        self.completed += 1;
-        if self.unflushed.len() >= STRIPES_PER_TXN {
+        self.unflushed.push((stripe, record));
+        if self.unflushed.len() >= STRIPES_PER_TXN || self.pairs.len() >= PAIRS_PER_TXN {
             self.flush().await?;
         }
+        self.keep_lease().await
+    }
+
+    /// Extends the intent's lease once a third of it has passed, so a slow but
+    /// live upload is never taken for abandoned by GC. Fails if GC aborted it.
+    async fn keep_lease(&mut self) -> Result<(), ApiError> {
+        let now = gw_now(&self.gw);
+        if now.saturating_sub(self.renewed_at_ms) < self.gw.config.intent_lease_ms / 3 {
+            return Ok(());
+        }
+        let (evidence, lease) = (self.evidence, now + self.gw.config.intent_lease_ms);
+        indexer::run(&self.gw.store, |tx| async move {
+            schema::renew_intent_tx(&tx, evidence, lease).await
+        })
+        .await?;
+        self.renewed_at_ms = now;
         Ok(())
     }
 
@@ -269,24 +296,30 @@ impl<S: Store> Upload<S> {
         if self.unflushed.is_empty() && self.pairs.is_empty() {
             return Ok(());
         }
-        let lease = self.gw.clock.now_ms() + self.gw.config.intent_lease_ms;
+        let now = gw_now(&self.gw);
+        let lease = now + self.gw.config.intent_lease_ms;
         let evidence = self.evidence;
-        let batch = std::mem::take(&mut self.unflushed);
-        let pairs = std::mem::take(&mut self.pairs);
-        indexer::run(&self.gw.store, |tx| {
-            let (batch, pairs) = (&batch, &pairs);
-            async move {
-                schema::renew_intent_tx(&tx, evidence, lease).await?;
-                for (stripe, rec) in batch {
-                    schema::put_stripe_tx(&tx, evidence, *stripe, rec);
-                }
-                schema::put_outboard_pairs_tx(&tx, evidence, pairs);
-                Ok::<_, schema::SchemaError>(())
+        // Written from here and cleared only once committed: if the commit
+        // fails, `abandon` still knows these stripes and deletes their shards.
+        let (batch, pairs) = (&self.unflushed, &self.pairs);
+        indexer::run(&self.gw.store, |tx| async move {
+            schema::renew_intent_tx(&tx, evidence, lease).await?;
+            for (stripe, rec) in batch {
+                schema::put_stripe_tx(&tx, evidence, *stripe, rec);
             }
+            schema::put_outboard_pairs_tx(&tx, evidence, pairs);
+            Ok::<_, schema::SchemaError>(())
         })
         .await?;
+        self.unflushed.clear();
+        self.pairs.clear();
+        self.renewed_at_ms = now;
         Ok(())
     }
+}
+
+fn gw_now<S: Store>(gw: &Gateway<S>) -> u64 {
+    gw.clock.now_ms()
 }
 
 fn check_declared(

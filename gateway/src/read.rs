@@ -182,6 +182,12 @@ impl Verifier {
         match self {
             Verifier::Root(h) => {
                 h.update(&bytes);
+                // The final bytes are held back until the root matches: the
+                // response then ends short of its Content-Length, and no
+                // client can take wrong bytes for a complete download.
+                if last && Blake3Hash::from(h.finalize()) != header.blake3 {
+                    return Err(ReadError::RootMismatch(header.evidence));
+                }
                 Ok(vec![(at, bytes)])
             }
             Verifier::Outboard {
@@ -226,6 +232,9 @@ impl Verifier {
                     tracing::error!(evidence = %header.evidence, error = %e, "verified range read failed");
                     return Err(ReadError::RootMismatch(header.evidence));
                 }
+                // Ancestors are reloaded per window (a few pairs): the map
+                // stays small however long the range.
+                pairs.clear();
                 let rest = window.split_off(n as usize);
                 let done = Bytes::from(std::mem::replace(window, rest));
                 *start += n;
@@ -252,7 +261,16 @@ pub async fn fetch_stripe<S: Store>(
     rec: &StripeRecord,
 ) -> Result<Vec<u8>, ReadError> {
     let k = header.code.data_shards();
-    let total = rec.shards.len();
+    let total = header.code.total();
+    if rec.shards.len() != total {
+        tracing::error!(evidence = %header.evidence, stripe, shards = rec.shards.len(), "stripe record does not match the manifest's code");
+        return Err(ReadError::Unrecoverable {
+            evidence: header.evidence,
+            stripe,
+            good: 0,
+            k,
+        });
+    }
     let stripe_len = {
         let r = header.code.layout(header.size).stripe_range(stripe);
         (r.end - r.start) as usize
@@ -322,19 +340,28 @@ pub async fn fetch_stripe<S: Store>(
     }
     let mut data = if shards[..k].iter().all(Option::is_some) {
         let mut out = Vec::with_capacity(k * rec.shard_len as usize);
-        for s in shards.iter().take(k).flatten() {
-            out.extend_from_slice(s);
+        for (i, s) in shards.into_iter().enumerate() {
+            if let Some(s) = s {
+                if i < k {
+                    out.extend_from_slice(&s);
+                }
+                gw.nodes.client.recycle(s);
+            }
         }
         out
     } else {
-        let rs = gw.rs.clone();
+        let rs = gw
+            .codec(k, header.code.parity_shards())
+            .map_err(ReadError::Reconstruct)?;
         tokio::task::spawn_blocking(move || {
             rs.reconstruct_data(&mut shards)
                 .map_err(ReadError::Reconstruct)?;
-            let mut out = Vec::with_capacity(
-                k * shards.first().map_or(0, |s| s.as_ref().map_or(0, Vec::len)),
-            );
-            for s in shards.iter().take(k).flatten() {
+            let mut out = Vec::with_capacity(k * rec_len(&shards));
+            for s in shards.iter().take(k) {
+                // reconstruct_data fills every data shard or fails.
+                let s = s.as_ref().ok_or(ReadError::Reconstruct(
+                    reed_solomon_erasure::Error::TooFewShardsPresent,
+                ))?;
                 out.extend_from_slice(s);
             }
             Ok::<_, ReadError>(out)
@@ -344,6 +371,11 @@ pub async fn fetch_stripe<S: Store>(
     };
     data.truncate(stripe_len);
     Ok(data)
+}
+
+/// The length of the shards present.
+fn rec_len(shards: &[Option<Vec<u8>>]) -> usize {
+    shards.iter().flatten().map(Vec::len).next().unwrap_or(0)
 }
 
 async fn fetch_shard<S: Store>(

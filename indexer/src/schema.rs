@@ -335,6 +335,42 @@ pub async fn abort_intent_tx<T: Transaction>(
     Ok(true)
 }
 
+/// GC's abort: marks the intent aborted only if it already is or its lease
+/// ended before `now_ms`, checked in this same transaction, so an upload that
+/// renewed its lease after GC listed it as stale is left alone. Returns whether
+/// the intent is (now) aborted.
+pub async fn abort_if_stale_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    now_ms: u64,
+) -> Result<bool, SchemaError> {
+    match get_intent_tx(tx, evidence).await? {
+        None => Ok(false),
+        Some(rec) if rec.aborted => Ok(true),
+        Some(rec) if rec.lease_until_ms >= now_ms => Ok(false),
+        Some(_) => abort_intent_tx(tx, evidence).await,
+    }
+}
+
+/// Forgets the records of some stripes of an aborted upload whose shards are
+/// deleted, so later GC passes retry only the rest.
+pub async fn forget_aborted_stripes_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    stripes: &[u64],
+) -> Result<(), SchemaError> {
+    live_intent_tx(tx, evidence)
+        .await
+        .err()
+        .filter(|e| matches!(e, SchemaError::IntentAborted(_)))
+        .ok_or(SchemaError::NoIntent(evidence))?;
+    for stripe in stripes {
+        tx.clear(&stripe_key(STRIPE, &evidence, *stripe));
+        tx.clear(&stripe_key(DEGRADED, &evidence, *stripe));
+    }
+    Ok(())
+}
+
 /// Intents whose lease ended before `now_ms` or that were aborted: garbage for GC.
 pub async fn stale_intents_tx<T: Transaction>(
     tx: &T,
@@ -489,7 +525,14 @@ pub async fn commit_manifest_tx<T: Transaction>(
     tx: &T,
     header: &ManifestHeader,
 ) -> Result<(), SchemaError> {
-    live_intent_tx(tx, header.evidence).await?;
+    if let Err(e) = live_intent_tx(tx, header.evidence).await {
+        // A retried commit whose first attempt did commit (FoundationDB's
+        // commit_unknown_result): the intent is gone and this very manifest is
+        // there. Anything else is the error.
+        let ours = matches!(e, SchemaError::NoIntent(_))
+            && get_manifest_tx(tx, header.evidence).await?.as_ref() == Some(header);
+        return if ours { Ok(()) } else { Err(e) };
+    }
     tx.clear(&evidence_key(INTENT, &header.evidence));
     tx.set(&evidence_key(EVIDENCE, &header.evidence), &header.encode());
     let mut hk = hash_prefix(&header.tenant, &header.blake3)?;

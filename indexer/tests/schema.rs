@@ -105,9 +105,9 @@ async fn filing_becomes_visible_only_at_commit() {
     .await
     .unwrap();
     assert_eq!(stripes, vec![stripe(false)]);
-    // The intent is gone: committing twice fails.
+    // The intent is gone: committing another manifest under this id fails.
     assert!(matches!(
-        commit(&s, &h).await,
+        commit(&s, &header(id, "court", 8)).await,
         Err(SchemaError::NoIntent(_))
     ));
 }
@@ -280,4 +280,100 @@ async fn tokens_are_stored_hashed() {
     assert!(
         schema::Role::Admin > schema::Role::Clerk && schema::Role::Clerk > schema::Role::Reader
     );
+}
+
+#[tokio::test]
+async fn gc_aborts_only_an_intent_whose_lease_really_ended() {
+    let (_d, s) = store();
+    let id = EvidenceId::new(1, [8; 10]);
+    begin(&s, id, "court", None).await.unwrap(); // lease until 1_000
+                                                 // The upload renews after GC listed it as stale at t=1_500 ...
+    run(&s, |tx| async move {
+        schema::renew_intent_tx(&tx, id, 3_000).await
+    })
+    .await
+    .unwrap();
+    // ... so GC's abort at t=1_500 leaves it alone, and the filing commits.
+    let aborted = run(&s, |tx| async move {
+        schema::abort_if_stale_tx(&tx, id, 1_500).await
+    })
+    .await
+    .unwrap();
+    assert!(!aborted);
+    // Past the renewed lease it is aborted, and stays so.
+    for now in [3_001, 0] {
+        let aborted = run(&s, |tx| async move {
+            schema::abort_if_stale_tx(&tx, id, now).await
+        })
+        .await
+        .unwrap();
+        assert!(aborted, "at {now}");
+    }
+    assert!(matches!(
+        commit(&s, &header(id, "court", 1)).await,
+        Err(SchemaError::IntentAborted(_))
+    ));
+    // Unknown intents are not GC's business.
+    let other = EvidenceId::new(2, [8; 10]);
+    let aborted = run(&s, |tx| async move {
+        schema::abort_if_stale_tx(&tx, other, 5_000).await
+    })
+    .await
+    .unwrap();
+    assert!(!aborted);
+}
+
+#[tokio::test]
+async fn a_retried_commit_that_already_landed_succeeds_and_nothing_else_does() {
+    let (_d, s) = store();
+    let id = EvidenceId::new(1, [9; 10]);
+    begin(&s, id, "court", None).await.unwrap();
+    let h = header(id, "court", 1);
+    commit(&s, &h).await.unwrap();
+    // FoundationDB may report commit_unknown_result for a commit that landed;
+    // the retry must not turn a filed piece of evidence into an error.
+    commit(&s, &h).await.unwrap();
+    // A different manifest under the same id is still refused.
+    assert!(matches!(
+        commit(&s, &header(id, "court", 2)).await,
+        Err(SchemaError::NoIntent(_))
+    ));
+}
+
+#[tokio::test]
+async fn gc_forgets_only_the_stripes_it_deleted() {
+    let (_d, s) = store();
+    let id = EvidenceId::new(1, [10; 10]);
+    begin(&s, id, "court", None).await.unwrap();
+    run(&s, |tx| async move {
+        for n in 0..3 {
+            schema::put_stripe_tx(&tx, id, n, &stripe(false));
+        }
+        Ok::<_, SchemaError>(())
+    })
+    .await
+    .unwrap();
+    // Not aborted yet: nothing may be forgotten.
+    let early = run(&s, |tx| async move {
+        schema::forget_aborted_stripes_tx(&tx, id, &[0]).await
+    })
+    .await;
+    assert!(matches!(early, Err(SchemaError::NoIntent(_))));
+    run(
+        &s,
+        |tx| async move { schema::abort_intent_tx(&tx, id).await },
+    )
+    .await
+    .unwrap();
+    run(&s, |tx| async move {
+        schema::forget_aborted_stripes_tx(&tx, id, &[0, 2]).await
+    })
+    .await
+    .unwrap();
+    let left = run(&s, |tx| async move {
+        schema::stripes_after_tx(&tx, id, 0, 10).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(left.iter().map(|(n, _)| *n).collect::<Vec<_>>(), vec![1]);
 }
