@@ -18,6 +18,8 @@
 //! ("T", blake3(bearer token) 32)                  = TokenRecord        never the token itself
 //! ```
 //!
+//! The ledger's keys ("Q", "L", "M", "W", "V") are laid out in [`crate::ledger`].
+//!
 //! A 1 TiB filing is ~260,000 small `S` keys and ~1,000,000 64-byte `B` keys
 //! (one per MiB: `protocol::bao`) written in batches as the upload proceeds, and made visible by the small `E` key in the last transaction,
 //! which also checks that garbage collection did not abort the intent.

@@ -377,3 +377,50 @@ async fn gc_forgets_only_the_stripes_it_deleted() {
     .unwrap();
     assert_eq!(left.iter().map(|(n, _)| *n).collect::<Vec<_>>(), vec![1]);
 }
+
+#[tokio::test]
+async fn one_ledger_integrator_at_a_time_and_fenced() {
+    use indexer::ledger as lx;
+    let (_d, s) = store();
+    let lease = |owner: u128, now: u64| {
+        let s = &s;
+        async move {
+            run(s, |tx| async move {
+                lx::acquire_lease_tx(&tx, owner, now, 100).await
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let a = lease(1, 0).await.expect("free lease");
+    assert_eq!(lease(2, 50).await, None, "held by 1 until 100");
+    assert_eq!(lease(1, 60).await, Some(a), "renewal keeps the fence");
+    let b = lease(2, 161).await.expect("expired lease changes hands");
+    assert!(b > a);
+    // The old holder's integration is refused, the new holder's goes through.
+    let fenced = run(&s, |tx| async move { lx::check_fence_tx(&tx, a, 0).await }).await;
+    assert!(matches!(fenced, Err(lx::IntegrateError::Fenced(_))));
+    let ok = run(&s, |tx| async move { lx::check_fence_tx(&tx, b, 0).await }).await;
+    assert_eq!(ok.unwrap().size, 0);
+    let moved = run(&s, |tx| async move { lx::check_fence_tx(&tx, b, 3).await }).await;
+    assert!(matches!(
+        moved,
+        Err(lx::IntegrateError::Moved {
+            expected: 3,
+            found: 0
+        })
+    ));
+    // A checkpoint never goes backwards.
+    for (size, stored) in [(5, true), (3, false), (5, false), (6, true)] {
+        let got = run(&s, |tx| async move {
+            lx::put_checkpoint_tx(&tx, size, format!("cp {size}").as_bytes()).await
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, stored, "size {size}");
+    }
+    let cp = run(&s, |tx| async move { lx::checkpoint_tx(&tx).await })
+        .await
+        .unwrap();
+    assert_eq!(cp.as_deref(), Some(&b"cp 6"[..]));
+}

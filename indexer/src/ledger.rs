@@ -1,0 +1,335 @@
+//! The notarization ledger's state on the ordered KV store: the outbox of
+//! pending statements, the integrator's lease, the tree, the private openings
+//! and the latest signed checkpoint.
+//!
+//! Key layout (integers big-endian; values are `encode_versioned` records
+//! unless said otherwise):
+//!
+//! ```text
+//! ("Q", versionstamp 10, 0)          = PendingRecord   outbox, ordered by commit
+//! ("L", "state")                     = TreeState       size, root, fence of the last integration
+//! ("L", "lease")                     = LeaseRecord     the one integrator allowed to append
+//! ("L", "checkpoint")                = signed note     newest checkpoint (raw bytes)
+//! ("L", "checkpoint_size")           = u64             its tree size
+//! ("M", leaf u64)                    = LeafRecord      opening of leaf i: salt, statement; private
+//! ("W", stored hash index u64)       = 32 bytes        RFC 9162 tree hashes (tlog_tiles' index)
+//! ("V", evidence 16, leaf u64)       = kind            the leaves that name a piece of evidence
+//! ```
+//!
+//! A statement is enqueued in the same transaction as the change it records
+//! (the manifest commit for `filed`), so evidence is never visible without its
+//! statement. Versionstamps only order the queue; dense leaf indices are
+//! assigned by one integrator holding the lease, and every integration checks
+//! in its own transaction that its fencing token is still the lease's and that
+//! the tree is the one it extended. The tree hashes live here, so tiles and
+//! checkpoints can always be re-published from the index after a crash.
+
+use crate::kv::Transaction;
+use crate::schema::SchemaError;
+use protocol::ledger::TreeHash;
+use protocol::wire::{decode_versioned, encode_versioned};
+use protocol::EvidenceId;
+use serde::{Deserialize, Serialize};
+
+const QUEUE: u8 = b'Q';
+const LEDGER: u8 = b'L';
+const LEAF: u8 = b'M';
+const HASH: u8 = b'W';
+const BY_EVIDENCE: u8 = b'V';
+
+const RECORD_V1: u8 = 1;
+
+/// A statement waiting for a leaf index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRecord {
+    pub evidence: EvidenceId,
+    pub salt: [u8; 32],
+    pub statement: Vec<u8>,
+}
+
+/// The opening of an integrated leaf.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeafRecord {
+    pub evidence: EvidenceId,
+    pub salt: [u8; 32],
+    pub statement: Vec<u8>,
+    /// The log entry: `SHA-256(salt || statement)`.
+    pub commitment: [u8; 32],
+}
+
+/// The tree as of the last integration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeState {
+    pub size: u64,
+    pub root: [u8; 32],
+    /// The fencing token of the integrator that wrote it.
+    pub fence: u64,
+}
+
+/// Who may integrate, until when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub owner: u128,
+    pub until_ms: u64,
+    /// Grows by one whenever the lease changes hands.
+    pub fence: u64,
+}
+
+fn ledger_key(name: &str) -> Vec<u8> {
+    let mut k = vec![LEDGER];
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn u64_key(tag: u8, n: u64) -> Vec<u8> {
+    let mut k = vec![tag];
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+fn by_evidence_prefix(evidence: &EvidenceId) -> Vec<u8> {
+    let mut k = vec![BY_EVIDENCE];
+    k.extend_from_slice(evidence.as_bytes());
+    k
+}
+
+/// Queues a statement; it is integrated after this transaction commits.
+pub fn enqueue_tx<T: Transaction>(tx: &T, rec: &PendingRecord) {
+    tx.set_versionstamped_key(&[QUEUE], &[0], &encode_versioned(RECORD_V1, rec));
+}
+
+/// The oldest pending statements (at most `limit`, at most `max_bytes` of
+/// statements), with their queue keys.
+pub async fn pending_tx<T: Transaction>(
+    tx: &T,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<Vec<(Vec<u8>, PendingRecord)>, SchemaError> {
+    let rows = tx.get_range(&[QUEUE], &[QUEUE + 1], limit, false).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    let mut bytes = 0;
+    for (k, v) in rows {
+        let rec: PendingRecord = decode_versioned(RECORD_V1, &v)?;
+        bytes += rec.statement.len();
+        if bytes > max_bytes && !out.is_empty() {
+            break;
+        }
+        out.push((k, rec));
+    }
+    Ok(out)
+}
+
+pub async fn tree_state_tx<T: Transaction>(tx: &T) -> Result<TreeState, SchemaError> {
+    match tx.get(&ledger_key("state")).await? {
+        Some(v) => Ok(decode_versioned(RECORD_V1, &v)?),
+        None => Ok(TreeState {
+            size: 0,
+            root: protocol::ledger::empty_root().0,
+            fence: 0,
+        }),
+    }
+}
+
+/// Takes or renews the integrator lease for `owner`; returns its fencing
+/// token, or `None` while another owner's lease is live.
+pub async fn acquire_lease_tx<T: Transaction>(
+    tx: &T,
+    owner: u128,
+    now_ms: u64,
+    lease_ms: u64,
+) -> Result<Option<u64>, SchemaError> {
+    let key = ledger_key("lease");
+    let current: Option<LeaseRecord> = match tx.get(&key).await? {
+        Some(v) => Some(decode_versioned(RECORD_V1, &v)?),
+        None => None,
+    };
+    let fence = match current {
+        Some(l) if l.owner == owner => l.fence,
+        Some(l) if l.until_ms >= now_ms => return Ok(None),
+        Some(l) => l.fence + 1,
+        None => 1,
+    };
+    let rec = LeaseRecord {
+        owner,
+        until_ms: now_ms.saturating_add(lease_ms),
+        fence,
+    };
+    tx.set(&key, &encode_versioned(RECORD_V1, &rec));
+    Ok(Some(fence))
+}
+
+/// Why an integration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum IntegrateError {
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    /// Another integrator holds the lease now.
+    #[error("integrator lease lost (fence {0})")]
+    Fenced(u64),
+    /// The tree moved since this integrator read it.
+    #[error("tree is at size {found}, expected {expected}")]
+    Moved { expected: u64, found: u64 },
+}
+
+impl crate::kv::Retryable for IntegrateError {
+    fn is_retryable(&self) -> bool {
+        matches!(self, IntegrateError::Schema(e) if crate::kv::Retryable::is_retryable(e))
+    }
+}
+
+impl From<crate::kv::KvError> for IntegrateError {
+    fn from(e: crate::kv::KvError) -> Self {
+        IntegrateError::Schema(SchemaError::Kv(e))
+    }
+}
+
+/// Checks that `fence` still holds the lease and the tree is at `expected`.
+pub async fn check_fence_tx<T: Transaction>(
+    tx: &T,
+    fence: u64,
+    expected: u64,
+) -> Result<TreeState, IntegrateError> {
+    let lease: Option<LeaseRecord> = match tx.get(&ledger_key("lease")).await? {
+        Some(v) => Some(decode_versioned(RECORD_V1, &v).map_err(SchemaError::from)?),
+        None => None,
+    };
+    if lease.map(|l| l.fence) != Some(fence) {
+        return Err(IntegrateError::Fenced(fence));
+    }
+    let state = tree_state_tx(tx).await?;
+    if state.size != expected {
+        return Err(IntegrateError::Moved {
+            expected,
+            found: state.size,
+        });
+    }
+    Ok(state)
+}
+
+/// Writes integrated leaves `first..` with their new tree hashes (starting at
+/// stored index `first_hash`), removes them from the queue and moves the tree
+/// to `state`. Call after [`check_fence_tx`] in the same transaction.
+pub fn integrate_tx<T: Transaction>(
+    tx: &T,
+    first: u64,
+    leaves: &[(Vec<u8>, LeafRecord, protocol::ledger::Kind)],
+    first_hash: u64,
+    hashes: &[TreeHash],
+    state: &TreeState,
+) {
+    for (i, (queue_key, leaf, kind)) in leaves.iter().enumerate() {
+        let n = first + i as u64;
+        tx.clear(queue_key);
+        tx.set(&u64_key(LEAF, n), &encode_versioned(RECORD_V1, leaf));
+        let mut v = by_evidence_prefix(&leaf.evidence);
+        v.extend_from_slice(&n.to_be_bytes());
+        tx.set(&v, &encode_versioned(RECORD_V1, kind));
+    }
+    for (i, h) in hashes.iter().enumerate() {
+        tx.set(&u64_key(HASH, first_hash + i as u64), &h.0);
+    }
+    tx.set(&ledger_key("state"), &encode_versioned(RECORD_V1, state));
+}
+
+/// Tree hashes by stored index; `None` for hashes not (yet) stored.
+pub async fn hashes_tx<T: Transaction>(
+    tx: &T,
+    indexes: &[u64],
+) -> Result<Vec<Option<TreeHash>>, SchemaError> {
+    let reads = indexes.iter().map(|i| {
+        let key = u64_key(HASH, *i);
+        async move { tx.get(&key).await }
+    });
+    let values = futures::future::try_join_all(reads).await?;
+    values
+        .into_iter()
+        .map(|v| match v {
+            None => Ok(None),
+            Some(v) => {
+                let arr: [u8; 32] = v
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| protocol::DecodeError::Malformed)?;
+                Ok(Some(TreeHash(arr)))
+            }
+        })
+        .collect()
+}
+
+pub async fn leaf_tx<T: Transaction>(tx: &T, n: u64) -> Result<Option<LeafRecord>, SchemaError> {
+    match tx.get(&u64_key(LEAF, n)).await? {
+        Some(v) => Ok(Some(decode_versioned(RECORD_V1, &v)?)),
+        None => Ok(None),
+    }
+}
+
+/// Leaves `range` (for entry bundles).
+pub async fn leaves_tx<T: Transaction>(
+    tx: &T,
+    range: std::ops::Range<u64>,
+) -> Result<Vec<LeafRecord>, SchemaError> {
+    let rows = tx
+        .get_range(
+            &u64_key(LEAF, range.start),
+            &u64_key(LEAF, range.end),
+            0,
+            false,
+        )
+        .await?;
+    rows.iter()
+        .map(|(_, v)| Ok(decode_versioned(RECORD_V1, v)?))
+        .collect()
+}
+
+/// The leaves that name `evidence`, oldest first, with their kinds.
+pub async fn leaves_of_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+) -> Result<Vec<(u64, protocol::ledger::Kind)>, SchemaError> {
+    let prefix = by_evidence_prefix(&evidence);
+    let mut end = prefix.clone();
+    end.extend_from_slice(&[0xff; 9]);
+    let rows = tx.get_range(&prefix, &end, 0, false).await?;
+    rows.iter()
+        .map(|(k, v)| {
+            let n: [u8; 8] = k[prefix.len()..]
+                .try_into()
+                .map_err(|_| protocol::DecodeError::Malformed)?;
+            Ok((u64::from_be_bytes(n), decode_versioned(RECORD_V1, v)?))
+        })
+        .collect()
+}
+
+/// The newest signed checkpoint.
+pub async fn checkpoint_tx<T: Transaction>(tx: &T) -> Result<Option<Vec<u8>>, SchemaError> {
+    Ok(tx.get(&ledger_key("checkpoint")).await?)
+}
+
+/// The tree size of the newest signed checkpoint.
+pub async fn checkpoint_size_tx<T: Transaction>(tx: &T) -> Result<Option<u64>, SchemaError> {
+    Ok(tx
+        .get(&ledger_key("checkpoint_size"))
+        .await?
+        .and_then(|v| v.as_slice().try_into().ok().map(u64::from_be_bytes)))
+}
+
+/// Stores a signed checkpoint of `size` unless one at least as large is
+/// stored (a slow integrator never rolls the published checkpoint back).
+pub async fn put_checkpoint_tx<T: Transaction>(
+    tx: &T,
+    size: u64,
+    note: &[u8],
+) -> Result<bool, SchemaError> {
+    let key = ledger_key("checkpoint");
+    let newer = match tx.get(&ledger_key("checkpoint_size")).await? {
+        Some(v) => v.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0) >= size,
+        None => false,
+    };
+    let have = tx.get(&key).await?.is_some();
+    if newer && have {
+        return Ok(false);
+    }
+    tx.set(&key, note);
+    tx.set(&ledger_key("checkpoint_size"), &size.to_be_bytes());
+    Ok(true)
+}
