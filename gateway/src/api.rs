@@ -22,13 +22,14 @@ use crate::error::ApiError;
 use crate::ingest::{self, Filing, FilingMeta};
 use crate::nodes::NodeSet;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use indexer::schema::{self, Role, TokenRecord};
 use indexer::KvStore;
+use protocol::ledger::Kind;
 use protocol::{Blake3Hash, EvidenceId, ManifestHeader, Sha256Hash};
 use reed_solomon_erasure::galois_8::ReedSolomon;
 use serde_json::json;
@@ -76,6 +77,8 @@ pub struct Gateway<S: Store> {
     pub clock: Clock,
     /// Stripe and shard buffers reused across uploads.
     pub buffers: Arc<storage_node::buffers::BufferPool>,
+    /// The notarization ledger, when configured.
+    pub ledger: Option<Arc<crate::ledger::Ledger>>,
 }
 
 /// Why the gateway could not start.
@@ -92,6 +95,8 @@ pub enum StartError {
     },
     #[error("erasure code: {0:?}")]
     Code(reed_solomon_erasure::Error),
+    #[error("{0}")]
+    Ledger(String),
 }
 
 /// A running gateway.
@@ -129,6 +134,16 @@ impl<S: Store> Gateway<S> {
             .map_err(|e| StartError::Tls(e.to_string()))?;
         let rs =
             ReedSolomon::new(config.k as usize, config.m as usize).map_err(StartError::Code)?;
+        let ledger = match &config.ledger {
+            Some(c) => Some(Arc::new(
+                crate::ledger::Ledger::open(
+                    c,
+                    &format!("{} {}", config.listen, config.index_path.display()),
+                )
+                .map_err(|e| StartError::Ledger(e.to_string()))?,
+            )),
+            None => None,
+        };
         // Idle buffers for a few uploads' pipelines: each stripe in flight holds
         // the stripe (k shards of data) and its k+m shards.
         let per_upload = config.pipeline_stripes
@@ -142,6 +157,7 @@ impl<S: Store> Gateway<S> {
             rs: Arc::new(rs),
             codecs: Default::default(),
             clock: Clock::default(),
+            ledger,
         })
     }
 
@@ -193,13 +209,14 @@ pub async fn serve<S: Store>(
         })
     };
     let gc = crate::gc::spawn_gc_loop(gw.clone(), Duration::from_secs(30));
+    let integrator = crate::ledger::spawn_integrator(gw.clone());
     let app = router(gw);
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     tracing::info!(%local_addr, "evidence API listening");
     Ok(RunningGateway {
         local_addr,
         server,
-        background: vec![prober, gc],
+        background: vec![prober, gc, integrator],
     })
 }
 
@@ -210,6 +227,11 @@ pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {
         .route("/v1/evidence/by-hash/{blake3}", get(by_hash::<S>))
         .route("/v1/evidence/{id}", get(read_evidence::<S>))
         .route("/v1/evidence/{id}/manifest", get(manifest::<S>))
+        .route("/v1/evidence/{id}/receipt", get(evidence_receipt::<S>))
+        .route("/v1/ledger/inclusion", get(ledger_inclusion::<S>))
+        .route("/v1/ledger/consistency", get(ledger_consistency::<S>))
+        .route("/v1/ledger/key", get(ledger_key::<S>))
+        .route("/ledger/{*path}", get(ledger_published::<S>))
         .route("/v1/repair/queue", get(repair_queue::<S>))
         .route("/v1/admin/tokens", post(create_token::<S>))
         // Uploads stream; their size is bounded by storage, not by memory.
@@ -316,6 +338,12 @@ async fn file_evidence<S: Store>(
         expect_blake3: hash_header::<Blake3Hash>(h, "x-custodia-blake3")?,
         expect_sha256: hash_header::<Sha256Hash>(h, "x-custodia-sha256")?,
         idempotency_key: meta_header(h, "idempotency-key")?,
+        provenance: protocol::ledger::Provenance {
+            source_device: meta_header(h, "x-custodia-source-device")?,
+            capture_time: meta_header(h, "x-custodia-capture-time")?,
+            capture_method: meta_header(h, "x-custodia-capture-method")?,
+            prior_custody: meta_header(h, "x-custodia-prior-custody")?,
+        },
     };
     // Run the upload in its own task: if the client disconnects, the body
     // stream fails and the upload cleans up after itself instead of being
@@ -333,6 +361,15 @@ async fn file_evidence<S: Store>(
     };
     let mut body = evidence_json(&header);
     body["degraded_stripes"] = json!(degraded);
+    // The receipt as soon as a signed checkpoint covers the statement; a
+    // stalled ledger never fails a durable filing: the receipt is then
+    // fetched later from its URL.
+    let receipt = crate::ledger::wait_for_receipt(&gw, header.evidence, &[Kind::Filed]).await?;
+    body["receipt_url"] = json!(format!("/v1/evidence/{}/receipt", header.evidence));
+    body["receipt"] = match receipt {
+        Some(r) => serde_json::to_value(r).map_err(|_| ApiError::Internal)?,
+        None => serde_json::Value::Null,
+    };
     let mut resp = (StatusCode::CREATED, Json(body)).into_response();
     if replayed {
         resp.headers_mut()
@@ -583,4 +620,98 @@ mod tests {
         c.last.store(u64::MAX / 2, Ordering::Relaxed);
         assert_eq!(c.now_ms(), u64::MAX / 2);
     }
+}
+
+async fn evidence_receipt<S: Store>(
+    State(gw): State<Arc<Gateway<S>>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<protocol::Receipt>, ApiError> {
+    let who = authenticate(&gw, &headers).await?;
+    require(&who, Role::Reader, "read receipts")?;
+    let header = load_visible(&gw, &who, &id).await?;
+    crate::ledger::receipt(&gw, header.evidence, &[Kind::Filed, Kind::Notarized])
+        .await?
+        .map(Json)
+        .ok_or(ApiError::ReceiptPending)
+}
+
+#[derive(serde::Deserialize)]
+struct InclusionQuery {
+    index: u64,
+    size: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct ConsistencyQuery {
+    old: u64,
+    new: u64,
+}
+
+fn proof_json(proof: &[protocol::ledger::TreeHash]) -> serde_json::Value {
+    json!({ "proof": proof.iter().map(|h| h.to_string()).collect::<Vec<_>>() })
+}
+
+async fn ledger_inclusion<S: Store>(
+    State(gw): State<Arc<Gateway<S>>>,
+    Query(q): Query<InclusionQuery>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let who = authenticate(&gw, &headers).await?;
+    require(&who, Role::Reader, "read ledger proofs")?;
+    let proof = crate::ledger::inclusion_proof(&gw, q.index, q.size).await?;
+    Ok(Json(proof_json(&proof)))
+}
+
+async fn ledger_consistency<S: Store>(
+    State(gw): State<Arc<Gateway<S>>>,
+    Query(q): Query<ConsistencyQuery>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let who = authenticate(&gw, &headers).await?;
+    require(&who, Role::Reader, "read ledger proofs")?;
+    let proof = crate::ledger::consistency_proof(&gw, q.old, q.new).await?;
+    Ok(Json(proof_json(&proof)))
+}
+
+/// The log's public verifier key (C2SP signed-note format). Public, like the
+/// tiles: it is what a court pins to verify receipts offline.
+async fn ledger_key<S: Store>(State(gw): State<Arc<Gateway<S>>>) -> Result<String, ApiError> {
+    gw.ledger
+        .as_ref()
+        .map(|l| format!("{}\n", l.verifier_key))
+        .ok_or(ApiError::NotFound)
+}
+
+/// The published log, read-only and public (C2SP tlog-tiles): `checkpoint`,
+/// `tile/<L>/<N>[.p/<W>]`, `tile/entries/<N>[.p/<W>]`. Entries are salted
+/// commitments: nothing here reveals what was filed.
+async fn ledger_published<S: Store>(
+    State(gw): State<Arc<Gateway<S>>>,
+    Path(path): Path<String>,
+) -> Result<Response, ApiError> {
+    let ledger = gw.ledger.as_ref().ok_or(ApiError::NotFound)?;
+    if !(path == "checkpoint" || path.starts_with("tile/")) {
+        return Err(ApiError::NotFound);
+    }
+    let bytes = ledger
+        .read_published(&path)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let (content_type, cache) = if path == "checkpoint" {
+        ("text/plain; charset=utf-8", "no-store")
+    } else if path.contains(".p/") {
+        ("application/octet-stream", "no-cache")
+    } else {
+        // Full tiles never change.
+        (
+            "application/octet-stream",
+            "public, max-age=31536000, immutable",
+        )
+    };
+    Response::builder()
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CACHE_CONTROL, cache)
+        .body(Body::from(bytes))
+        .map_err(|_| ApiError::Internal)
 }

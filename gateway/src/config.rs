@@ -74,6 +74,9 @@ pub struct GatewayConfig {
     /// How long an upload intent lives without progress before GC may abort it.
     #[serde(default = "default_lease")]
     pub intent_lease_ms: u64,
+    /// The notarization ledger; without it filings get no receipts.
+    #[serde(default)]
+    pub ledger: Option<crate::ledger::LedgerConfig>,
     pub nodes: Vec<NodeEntry>,
 }
 

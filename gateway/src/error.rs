@@ -42,6 +42,11 @@ pub enum ApiError {
     /// Not enough storage nodes answered to store or read the data durably.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// No signed checkpoint covers the statement yet.
+    #[error(
+        "the receipt is not ready yet: no signed checkpoint covers the statement; retry shortly"
+    )]
+    ReceiptPending,
     /// The index failed.
     #[error("index: {0}")]
     Index(#[from] SchemaError),
@@ -74,6 +79,7 @@ impl ApiError {
             ApiError::UploadInProgress(_) => StatusCode::CONFLICT,
             ApiError::BodyIncomplete(_) => StatusCode::BAD_REQUEST,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ReceiptPending => StatusCode::ACCEPTED,
             ApiError::Index(SchemaError::BadTenant) => StatusCode::BAD_REQUEST,
             ApiError::Index(SchemaError::IntentAborted(_)) => StatusCode::CONFLICT,
             ApiError::Index(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
@@ -93,6 +99,7 @@ impl ApiError {
             ApiError::UploadInProgress(_) => "upload_in_progress",
             ApiError::BodyIncomplete(_) => "body_incomplete",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::ReceiptPending => "receipt_pending",
             ApiError::Index(SchemaError::BadTenant) => "bad_tenant",
             ApiError::Index(SchemaError::IntentAborted(_)) => "upload_aborted",
             ApiError::Index(_) => "index_error",

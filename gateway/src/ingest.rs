@@ -49,6 +49,8 @@ pub struct FilingMeta {
     pub expect_blake3: Option<Blake3Hash>,
     pub expect_sha256: Option<Sha256Hash>,
     pub idempotency_key: Option<String>,
+    /// Where the evidence came from, as the filer declares it; notarized.
+    pub provenance: protocol::ledger::Provenance,
 }
 
 /// The outcome of a filing request.
@@ -208,11 +210,30 @@ impl<S: Store> Upload<S> {
             legal_hold: false,
         };
         check_declared(&header, meta.expect_blake3, meta.expect_sha256)?;
+        // The `filed` statement commits with the manifest (an outbox the
+        // ledger drains): evidence is never visible without its statement.
+        let pending = match &self.gw.ledger {
+            Some(_) => Some(filed_statement(
+                &header,
+                meta.provenance,
+                self.gw.clock.now_ms(),
+            )?),
+            None => None,
+        };
         indexer::run(&self.gw.store, |tx| {
-            let header = &header;
-            async move { schema::commit_manifest_tx(&tx, header).await }
+            let (header, pending) = (&header, &pending);
+            async move {
+                schema::commit_manifest_tx(&tx, header).await?;
+                if let Some(p) = pending {
+                    indexer::ledger::enqueue_tx(&tx, p);
+                }
+                Ok::<_, schema::SchemaError>(())
+            }
         })
         .await?;
+        if let Some(ledger) = &self.gw.ledger {
+            ledger.queued();
+        }
         tracing::info!(evidence = %header.evidence, size, stripes = header.stripes, degraded = self.degraded, "filed");
         Ok(Filing::New {
             header,
@@ -320,6 +341,44 @@ impl<S: Store> Upload<S> {
 
 fn gw_now<S: Store>(gw: &Gateway<S>) -> u64 {
     gw.clock.now_ms()
+}
+
+/// The ledger statement recording a filing, with a fresh salt.
+fn filed_statement(
+    h: &ManifestHeader,
+    provenance: protocol::ledger::Provenance,
+    now_ms: u64,
+) -> Result<indexer::ledger::PendingRecord, ApiError> {
+    use protocol::ledger::{Kind, Statement};
+    let metadata = serde_json::json!({
+        "file_name": h.file_name,
+        "media_type": h.media_type,
+        "submitter": h.submitter,
+        "case": h.case,
+    });
+    let mut s = Statement::new(
+        Kind::Filed,
+        h.evidence,
+        &h.blake3,
+        &h.sha256,
+        h.size,
+        &h.tenant,
+        h.case.clone(),
+        h.submitter.clone(),
+        now_ms,
+    );
+    s.metadata_sha256 = Some(hex::encode(sha2::Sha256::digest(
+        metadata.to_string().as_bytes(),
+    )));
+    s.provenance = provenance;
+    let statement = s
+        .encode()
+        .map_err(|e| ApiError::BadRequest(format!("filing metadata: {e}")))?;
+    Ok(indexer::ledger::PendingRecord {
+        evidence: h.evidence,
+        salt: rand::random(),
+        statement,
+    })
 }
 
 fn check_declared(

@@ -6,6 +6,8 @@
 //!   shards on distinct nodes, then the one transaction that makes a filing visible.
 //! - [`read`]: the verified read path — k shards per stripe with hedging,
 //!   reconstruction around missing or corrupt shards, damage reported for repair.
+//! - [`ledger`]: the notarization ledger's sequencer (C2SP tlog: tiles,
+//!   signed checkpoints), receipts and proofs.
 //! - [`placement`]: hierarchical rendezvous hashing (failure domain, then node).
 //! - [`nodes`]: the live view of the storage nodes and their health.
 //! - [`error`]: every error mapped to an HTTP status and JSON body, in one place.
@@ -18,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod gc;
 pub mod ingest;
+pub mod ledger;
 pub mod nodes;
 pub mod placement;
 pub mod read;

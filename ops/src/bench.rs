@@ -171,6 +171,7 @@ impl LocalCluster {
             api: ([127, 0, 0, 1], 0).into(),
             node_base_port: 0,
             min_write_shards: None,
+            log_origin: "custodia.local/bench".into(),
         };
         let cluster = cluster::init(dir, &opts).await?;
         let exe = std::env::current_exe()?;

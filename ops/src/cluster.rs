@@ -12,6 +12,10 @@ use storage_node::tls::ClusterCa;
 
 pub const CLUSTER_FILE: &str = "cluster.toml";
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// The ledger's signer key, under `DATA_DIR/ledger/`.
+pub const LOG_KEY_FILE: &str = "log.key";
+/// The ledger's public verifier key, under `DATA_DIR/ledger/`.
+pub const LOG_PUB_FILE: &str = "log.pub";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,6 +72,8 @@ pub struct InitOptions {
     /// First node's UDP port; 0 picks free ports now.
     pub node_base_port: u16,
     pub min_write_shards: Option<u8>,
+    /// The ledger's origin (C2SP tlog-checkpoint) and key name.
+    pub log_origin: String,
 }
 
 fn free_udp_port() -> Result<u16> {
@@ -138,6 +144,20 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
     fs::write(tls.join("gateway.pem"), cert)?;
     storage_node::tls::write_private(&tls.join("gateway.key"), key.as_bytes())?;
 
+    // The ledger's signing key: C2SP signed-note Ed25519, owner-only; the
+    // verifier key beside it is public (courts pin it).
+    let ledger_dir = data_dir.join("ledger");
+    fs::create_dir_all(&ledger_dir)?;
+    let (skey, vkey) = protocol::ledger::note_keys(&opts.log_origin, &rand::random());
+    storage_node::tls::write_private(&ledger_dir.join(LOG_KEY_FILE), skey.as_bytes())?;
+    fs::write(ledger_dir.join(LOG_PUB_FILE), format!("{vkey}\n"))?;
+    let ledger = gateway::ledger::LedgerConfig {
+        origin: opts.log_origin.clone(),
+        signer_key: ledger_dir.join(LOG_KEY_FILE),
+        tiles_dir: ledger_dir.join("tiles"),
+        receipt_wait_ms: 10_000,
+    };
+
     let gateway = GatewayConfig {
         listen: opts.api,
         index_path: data_dir.join("index.redb"),
@@ -153,6 +173,7 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         pipeline_stripes: 4,
         hedge_after_ms: 250,
         intent_lease_ms: 120_000,
+        ledger: Some(ledger),
         nodes: entries,
     };
     gateway.validate()?;

@@ -51,6 +51,9 @@ struct ClusterShape {
     /// Allow degraded writes: fewest durable shards per stripe (k+1..=k+m).
     #[arg(long)]
     min_write_shards: Option<u8>,
+    /// The ledger's origin line (C2SP tlog-checkpoint) and key name.
+    #[arg(long, default_value = "custodia.local/ledger")]
+    log_origin: String,
 }
 
 impl ClusterShape {
@@ -63,6 +66,7 @@ impl ClusterShape {
             api: self.api,
             node_base_port: self.node_base_port,
             min_write_shards: self.min_write_shards,
+            log_origin: self.log_origin.clone(),
         }
     }
 }
@@ -139,6 +143,20 @@ enum Command {
         output: PathBuf,
         #[command(flatten)]
         api: ApiArgs,
+    },
+    /// Verify a receipt offline: the checkpoint's signature by the log key, the
+    /// statement's commitment and its inclusion proof; with --file, that the
+    /// file's BLAKE3 and SHA-256 are the ones the statement names.
+    Verify {
+        /// The receipt (JSON, as `POST /v1/evidence` or `GET .../receipt` return it;
+        /// a filing response holding a `receipt` field is accepted too).
+        receipt: PathBuf,
+        /// File holding the log's verifier key (`DATA_DIR/ledger/log.pub`).
+        #[arg(long)]
+        log_key: PathBuf,
+        /// The evidence file to check against the statement.
+        #[arg(long)]
+        file: Option<PathBuf>,
     },
     /// Measure raw kernels and end-to-end throughput on a fresh local cluster.
     Bench(bench::BenchArgs),
@@ -254,6 +272,11 @@ async fn run(cli: Cli) -> Result<()> {
             submitter,
             idempotency_key,
         ),
+        Command::Verify {
+            receipt,
+            log_key,
+            file,
+        } => client::verify(&receipt, &log_key, file.as_deref()),
         Command::Get { id, output, api } => client::get(
             &api.api,
             &client::token(api.token_file.as_deref())?,

@@ -136,6 +136,16 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
         "  admin token    {}",
         data_dir.join(cluster::ADMIN_TOKEN_FILE).display()
     );
+    if let Some(l) = &cluster.gateway.ledger {
+        println!(
+            "  ledger         http://{}/ledger/checkpoint  origin {:?}",
+            gw.local_addr, l.origin
+        );
+        println!(
+            "  ledger key     {}  (verify receipts with it: custodia verify)",
+            l.signer_key.with_file_name(cluster::LOG_PUB_FILE).display()
+        );
+    }
     for (n, c) in cluster.nodes.iter().zip(&children) {
         println!(
             "  node {:<3}       quic://{}  pid {}  {}",

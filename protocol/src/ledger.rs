@@ -194,6 +194,11 @@ pub fn commitment(salt: &[u8; 32], statement: &[u8]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// The root of the empty tree: SHA-256 of nothing (RFC 9162 §2.1.1).
+pub fn empty_root() -> Hash {
+    Hash(Sha256::digest(b"").into())
+}
+
 /// The RFC 9162 leaf hash of a log entry.
 pub fn leaf_hash(entry: &[u8]) -> Hash {
     tlog_tiles::record_hash(entry)

@@ -1,0 +1,590 @@
+//! The ledger sequencer: integrates queued statements into the C2SP
+//! transparency log, publishes tiles and signed checkpoints, and builds
+//! receipts and proofs.
+//!
+//! One integrator at a time holds a lease in the index (`indexer::ledger`).
+//! Each round, in this order:
+//! 1. take a batch of queued statements (many entries, one signature);
+//! 2. compute their leaves and the new tree hashes, and in one transaction
+//!    check the fencing token and that the tree has not moved, store the hashes
+//!    and the openings, dequeue, and move the tree to (size, root);
+//! 3. write the new tiles and entry bundles through `object_store`, durably
+//!    (the local store is fsynced: it does not do so itself);
+//! 4. sign the checkpoint, store it in the index unless a larger one is there,
+//!    and publish it as `checkpoint`.
+//!
+//! A crash anywhere leaves the index ahead of the published checkpoint at
+//! worst; the next round re-publishes from the index, which holds every hash,
+//! so tiles and checkpoints are always rebuilt for a tree that was committed
+//! once: two checkpoints can never contradict each other.
+
+use crate::api::{Gateway, Store};
+use crate::error::ApiError;
+use indexer::ledger::{self as lx, IntegrateError, LeafRecord, TreeState};
+use object_store::{local::LocalFileSystem, path::Path as StorePath, ObjectStore, PutPayload};
+use protocol::ledger::{self as pl, Kind, Receipt, TreeHash, TILE_HEIGHT};
+use protocol::EvidenceId;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tlog_tiles::{HashReader, Tile};
+use tokio::sync::{watch, Notify};
+
+/// Statements integrated per round at most (one checkpoint signature each).
+const BATCH_ENTRIES: usize = 4096;
+/// Statement bytes per integration transaction at most (FoundationDB: 10 MB).
+const BATCH_BYTES: usize = 4 << 20;
+/// The integrator lease.
+const LEASE_MS: u64 = 10_000;
+
+/// The ledger's configuration in the gateway's config file.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerConfig {
+    /// The log's origin line (C2SP tlog-checkpoint), also the key name.
+    pub origin: String,
+    /// The log's signer key (C2SP signed-note `PRIVATE+KEY+...`), owner-only.
+    pub signer_key: PathBuf,
+    /// Where tiles and checkpoints are published (a local directory).
+    pub tiles_dir: PathBuf,
+    /// How long `POST /v1/evidence` waits for a checkpoint covering the filing
+    /// before answering without a receipt (it can be fetched later).
+    #[serde(default = "default_receipt_wait")]
+    pub receipt_wait_ms: u64,
+}
+
+fn default_receipt_wait() -> u64 {
+    10_000
+}
+
+/// Why the ledger could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger signer key {path}: {reason}")]
+    Key { path: PathBuf, reason: String },
+    #[error("ledger tiles store: {0}")]
+    Store(#[from] object_store::Error),
+    #[error("ledger I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Integrate(#[from] IntegrateError),
+    #[error("ledger index: {0}")]
+    Index(#[from] indexer::schema::SchemaError),
+    #[error("ledger: {0}")]
+    Format(#[from] pl::LedgerError),
+    #[error("tree hashes missing from the index: {0}")]
+    Tree(String),
+}
+
+/// The running ledger.
+pub struct Ledger {
+    pub origin: String,
+    /// The signer key; never logged (see the Debug impl).
+    signer_key: String,
+    /// The verifier key (`<origin>+<id>+<key>`), public.
+    pub verifier_key: String,
+    tiles: Arc<dyn ObjectStore>,
+    tiles_dir: PathBuf,
+    wake: Notify,
+    published: watch::Sender<u64>,
+    owner: u128,
+    pub receipt_wait: Duration,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("origin", &self.origin)
+            .field("verifier_key", &self.verifier_key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ledger {
+    /// Opens the ledger. `identity` names this gateway stably across restarts
+    /// (a restarted gateway takes its own lease back at once instead of
+    /// waiting for it to expire; safety never rests on the lease alone: every
+    /// integration also checks the tree it extends).
+    pub fn open(config: &LedgerConfig, identity: &str) -> Result<Self, LedgerError> {
+        let key_err = |reason: String| LedgerError::Key {
+            path: config.signer_key.clone(),
+            reason,
+        };
+        let signer_key = std::fs::read_to_string(&config.signer_key)
+            .map_err(|e| key_err(e.to_string()))?
+            .trim()
+            .to_owned();
+        let verifier_key = verifier_key_of(&signer_key)
+            .ok_or_else(|| key_err("not a C2SP signed-note Ed25519 signer key".into()))?;
+        if !verifier_key.starts_with(&format!("{}+", config.origin)) {
+            return Err(key_err(format!(
+                "its name is not the origin {:?}",
+                config.origin
+            )));
+        }
+        std::fs::create_dir_all(&config.tiles_dir)?;
+        let tiles = LocalFileSystem::new_with_prefix(&config.tiles_dir)?;
+        Ok(Ledger {
+            origin: config.origin.clone(),
+            signer_key,
+            verifier_key,
+            tiles: Arc::new(tiles),
+            tiles_dir: config.tiles_dir.clone(),
+            wake: Notify::new(),
+            published: watch::channel(0).0,
+            owner: {
+                let h = blake3::hash(identity.as_bytes());
+                let mut b = [0u8; 16];
+                b.copy_from_slice(&h.as_bytes()[..16]);
+                u128::from_be_bytes(b)
+            },
+            receipt_wait: Duration::from_millis(config.receipt_wait_ms),
+        })
+    }
+
+    /// Wakes the integrator: a statement was queued.
+    pub fn queued(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Size of the newest checkpoint this gateway published.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.published.subscribe()
+    }
+
+    /// Reads a published object (`checkpoint`, `tile/...`).
+    pub async fn read_published(&self, path: &str) -> Result<Option<bytes::Bytes>, ApiError> {
+        let path = StorePath::parse(path).map_err(|_| ApiError::NotFound)?;
+        match self.tiles.get(&path).await {
+            Ok(got) => Ok(Some(got.bytes().await.map_err(|_| ApiError::Internal)?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => {
+                tracing::error!(error = %e, "reading the published ledger failed");
+                Err(ApiError::Internal)
+            }
+        }
+    }
+
+    /// Writes `bytes` at `path` durably: object_store's local store renames a
+    /// complete file into place; we fsync the file and its directory.
+    async fn publish(&self, path: &str, bytes: Vec<u8>) -> Result<(), LedgerError> {
+        self.tiles
+            .put(
+                &StorePath::parse(path).map_err(|e| LedgerError::Tree(e.to_string()))?,
+                PutPayload::from(bytes),
+            )
+            .await?;
+        let file = self.tiles_dir.join(path);
+        tokio::task::spawn_blocking(move || fsync_file_and_dir(&file))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+        Ok(())
+    }
+}
+
+/// The verifier key matching a signer key.
+pub fn verifier_key_of(skey: &str) -> Option<String> {
+    use base64::Engine as _;
+    let mut parts = skey.splitn(5, '+');
+    let (Some("PRIVATE"), Some("KEY"), Some(name), Some(_id), Some(key)) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return None;
+    };
+    let bytes = base64::engine::general_purpose::STANDARD.decode(key).ok()?;
+    let seed: [u8; 32] = bytes.strip_prefix(&[0x01])?.try_into().ok()?;
+    let (s, v) = pl::note_keys(name, &seed);
+    (s == skey).then_some(v)
+}
+
+fn fsync_file_and_dir(file: &Path) -> std::io::Result<()> {
+    std::fs::File::open(file)?.sync_all()?;
+    if let Some(dir) = file.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// A [`HashReader`] over hashes fetched so far plus hashes being appended,
+/// recording what it lacks: sync `tlog_tiles` calls are retried after the
+/// missing hashes are fetched from the index (a few rounds, O(log n) each).
+struct Fetched<'a> {
+    known: &'a HashMap<u64, TreeHash>,
+    /// Hashes appended in this batch, from stored index `base`.
+    base: u64,
+    new: RefCell<Vec<TreeHash>>,
+    missing: RefCell<Vec<u64>>,
+}
+
+impl HashReader for Fetched<'_> {
+    fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<TreeHash>, tlog_tiles::Error> {
+        let new = self.new.borrow();
+        let mut out = Vec::with_capacity(indexes.len());
+        let mut missing = self.missing.borrow_mut();
+        for &i in indexes {
+            let h = if i >= self.base {
+                new.get((i - self.base) as usize).copied()
+            } else {
+                self.known.get(&i).copied()
+            };
+            match h {
+                Some(h) => out.push(h),
+                None => missing.push(i),
+            }
+        }
+        if missing.is_empty() {
+            Ok(out)
+        } else {
+            Err(tlog_tiles::Error::IndexesNotInTree)
+        }
+    }
+}
+
+/// Runs `f` against the index's tree hashes, fetching whatever it asks for
+/// that is not yet known, until it succeeds.
+async fn with_hashes<S: Store, T>(
+    gw: &Gateway<S>,
+    known: &mut HashMap<u64, TreeHash>,
+    base: u64,
+    mut f: impl FnMut(&Fetched<'_>) -> Result<T, tlog_tiles::Error>,
+) -> Result<(T, Vec<TreeHash>), LedgerError> {
+    for _ in 0..128 {
+        let reader = Fetched {
+            known,
+            base,
+            new: RefCell::new(Vec::new()),
+            missing: RefCell::new(Vec::new()),
+        };
+        match f(&reader) {
+            Ok(v) => return Ok((v, reader.new.into_inner())),
+            Err(e) => {
+                let mut missing = reader.missing.into_inner();
+                if missing.is_empty() {
+                    return Err(LedgerError::Tree(e.to_string()));
+                }
+                missing.sort_unstable();
+                missing.dedup();
+                let got = indexer::run(&gw.store, |tx| {
+                    let missing = &missing;
+                    async move { lx::hashes_tx(&tx, missing).await }
+                })
+                .await?;
+                for (i, h) in missing.iter().zip(got) {
+                    let h = h.ok_or_else(|| LedgerError::Tree(format!("stored hash {i}")))?;
+                    known.insert(*i, h);
+                }
+            }
+        }
+    }
+    Err(LedgerError::Tree("too many fetch rounds".into()))
+}
+
+/// Starts the integrator.
+pub fn spawn_integrator<S: Store>(gw: Arc<Gateway<S>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let Some(ledger) = gw.ledger.clone() else {
+            return;
+        };
+        loop {
+            match integrate_once(&gw, &ledger).await {
+                Ok(true) => continue, // more may be queued
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "ledger integration failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+            tokio::select! {
+                _ = ledger.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(1000)) => {}
+            }
+        }
+    })
+}
+
+/// One round; returns whether it integrated anything.
+pub async fn integrate_once<S: Store>(
+    gw: &Gateway<S>,
+    ledger: &Ledger,
+) -> Result<bool, LedgerError> {
+    let now = gw.clock.now_ms();
+    let owner = ledger.owner;
+    let lease = indexer::run(&gw.store, |tx| async move {
+        lx::acquire_lease_tx(&tx, owner, now, LEASE_MS).await
+    })
+    .await?;
+    let Some(fence) = lease else {
+        return Ok(false); // another gateway integrates
+    };
+    let (state, cp_size, pending) = indexer::run(&gw.store, |tx| async move {
+        let state = lx::tree_state_tx(&tx).await?;
+        let cp_size = lx::checkpoint_size_tx(&tx).await?;
+        let pending = lx::pending_tx(&tx, BATCH_ENTRIES, BATCH_BYTES).await?;
+        Ok::<_, indexer::schema::SchemaError>((state, cp_size, pending))
+    })
+    .await?;
+    match cp_size {
+        // After a crash between integration and publication, or on the first
+        // start: publish what the index holds.
+        Some(cp) if cp >= state.size => {
+            ledger.published.send_if_modified(|s| {
+                let grew = *s < cp;
+                *s = (*s).max(cp);
+                grew
+            });
+        }
+        cp => publish_state(gw, ledger, cp.unwrap_or(0), &state).await?,
+    }
+    if pending.is_empty() {
+        return Ok(false);
+    }
+
+    // Leaves and new tree hashes.
+    let first = state.size;
+    let leaves: Vec<(Vec<u8>, LeafRecord, Kind)> = pending
+        .into_iter()
+        .map(|(key, p)| {
+            let kind = pl::Statement::decode(&p.statement)
+                .map(|s| s.kind)
+                .unwrap_or(Kind::Admin);
+            let commitment = pl::commitment(&p.salt, &p.statement);
+            (
+                key,
+                LeafRecord {
+                    evidence: p.evidence,
+                    salt: p.salt,
+                    statement: p.statement,
+                    commitment,
+                },
+                kind,
+            )
+        })
+        .collect();
+    let new_size = first + leaves.len() as u64;
+    let base = tlog_tiles::stored_hash_index(0, first);
+    let mut known = HashMap::new();
+    let (root, hashes) = with_hashes(gw, &mut known, base, |r| {
+        for (i, (_, leaf, _)) in leaves.iter().enumerate() {
+            let hs = tlog_tiles::stored_hashes(first + i as u64, &leaf.commitment, r)?;
+            r.new.borrow_mut().extend(hs);
+        }
+        tlog_tiles::tree_hash(new_size, r)
+    })
+    .await?;
+    let next = TreeState {
+        size: new_size,
+        root: root.0,
+        fence,
+    };
+    indexer::run(&gw.store, |tx| {
+        let (leaves, hashes, next) = (&leaves, &hashes, &next);
+        async move {
+            lx::check_fence_tx(&tx, fence, first).await?;
+            lx::integrate_tx(&tx, first, leaves, base, hashes, next);
+            Ok::<_, IntegrateError>(())
+        }
+    })
+    .await?;
+    tracing::debug!(size = new_size, entries = leaves.len(), "ledger integrated");
+    publish_state(gw, ledger, first, &next).await?;
+    Ok(true)
+}
+
+/// Writes the tiles and entry bundles that change from `old` to `state.size`,
+/// then signs and publishes the checkpoint.
+async fn publish_state<S: Store>(
+    gw: &Gateway<S>,
+    ledger: &Ledger,
+    old: u64,
+    state: &TreeState,
+) -> Result<(), LedgerError> {
+    let mut known = HashMap::new();
+    let base = tlog_tiles::stored_hash_index(0, state.size);
+    for tile in Tile::new_tiles(TILE_HEIGHT, old, state.size) {
+        let (data, _) = with_hashes(gw, &mut known, base, |r| tile.read_data(r)).await?;
+        ledger.publish(&pl::tile_path(&tile), data).await?;
+        if tile.level() == 0 {
+            let start = tile.level_index() << TILE_HEIGHT;
+            let end = start + u64::from(tile.width());
+            let leaves = indexer::run(&gw.store, |tx| async move {
+                lx::leaves_tx(&tx, start..end).await
+            })
+            .await?;
+            let bundle = pl::entry_bundle(leaves.iter().map(|l| &l.commitment[..]));
+            let mut data_tile = tile;
+            data_tile.set_is_data();
+            ledger.publish(&pl::tile_path(&data_tile), bundle).await?;
+        }
+    }
+    let note = pl::sign_checkpoint(
+        &ledger.signer_key,
+        &ledger.origin,
+        state.size,
+        TreeHash(state.root),
+    )?;
+    let size = state.size;
+    let stored = indexer::run(&gw.store, |tx| {
+        let note = note.as_bytes();
+        async move { lx::put_checkpoint_tx(&tx, size, note).await }
+    })
+    .await?;
+    if stored {
+        ledger.publish("checkpoint", note.into_bytes()).await?;
+    }
+    ledger.published.send_if_modified(|s| {
+        let grew = *s < size;
+        *s = (*s).max(size);
+        grew
+    });
+    Ok(())
+}
+
+/// The newest checkpoint note and what it says.
+async fn newest_checkpoint<S: Store>(
+    gw: &Gateway<S>,
+    ledger: &Ledger,
+) -> Result<Option<(String, pl::VerifiedCheckpoint)>, ApiError> {
+    let note = indexer::run(&gw.store, |tx| async move { lx::checkpoint_tx(&tx).await }).await?;
+    let Some(note) = note else { return Ok(None) };
+    let note = String::from_utf8(note).map_err(|_| ApiError::Internal)?;
+    let cp = pl::verify_checkpoint(&note, &ledger.verifier_key).map_err(|e| {
+        tracing::error!(error = %e, "stored checkpoint does not verify");
+        ApiError::Internal
+    })?;
+    Ok(Some((note, cp)))
+}
+
+fn proof_err(e: LedgerError) -> ApiError {
+    tracing::error!(error = %e, "ledger proof failed");
+    ApiError::Internal
+}
+
+/// The receipt of the first statement of `kinds` about `evidence`, against the
+/// newest checkpoint; `None` while no checkpoint covers it yet.
+pub async fn receipt<S: Store>(
+    gw: &Gateway<S>,
+    evidence: EvidenceId,
+    kinds: &[Kind],
+) -> Result<Option<Receipt>, ApiError> {
+    let Some(ledger) = gw.ledger.as_ref() else {
+        return Ok(None);
+    };
+    let leaves = indexer::run(&gw.store, |tx| async move {
+        lx::leaves_of_tx(&tx, evidence).await
+    })
+    .await?;
+    let Some(&(index, _)) = leaves.iter().find(|(_, k)| kinds.contains(k)) else {
+        return Ok(None);
+    };
+    let Some((note, cp)) = newest_checkpoint(gw, ledger).await? else {
+        return Ok(None);
+    };
+    if index >= cp.size {
+        return Ok(None);
+    }
+    let leaf = indexer::run(&gw.store, |tx| async move { lx::leaf_tx(&tx, index).await })
+        .await?
+        .ok_or(ApiError::Internal)?;
+    let mut known = HashMap::new();
+    let base = tlog_tiles::stored_hash_index(0, cp.size);
+    let (proof, _) = with_hashes(gw, &mut known, base, |r| {
+        tlog_tiles::prove_record(cp.size, index, r)
+    })
+    .await
+    .map_err(proof_err)?;
+    Ok(Some(Receipt::new(
+        &leaf.statement,
+        &leaf.salt,
+        index,
+        &note,
+        &proof,
+    )))
+}
+
+/// Waits (up to the configured time) for a checkpoint covering `evidence`'s
+/// statement, and returns its receipt.
+pub async fn wait_for_receipt<S: Store>(
+    gw: &Gateway<S>,
+    evidence: EvidenceId,
+    kinds: &[Kind],
+) -> Result<Option<Receipt>, ApiError> {
+    let Some(ledger) = gw.ledger.as_ref() else {
+        return Ok(None);
+    };
+    let mut published = ledger.subscribe();
+    let deadline = tokio::time::Instant::now() + ledger.receipt_wait;
+    loop {
+        if let Some(r) = receipt(gw, evidence, kinds).await? {
+            return Ok(Some(r));
+        }
+        match tokio::time::timeout_at(deadline, published.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return Ok(None),
+        }
+    }
+}
+
+/// An inclusion proof for leaf `index` in the tree of `size` (at most the
+/// newest checkpoint's).
+pub async fn inclusion_proof<S: Store>(
+    gw: &Gateway<S>,
+    index: u64,
+    size: u64,
+) -> Result<Vec<TreeHash>, ApiError> {
+    let size = checked_size(gw, size).await?;
+    if index >= size {
+        return Err(ApiError::BadRequest(format!(
+            "index {index} is not below size {size}"
+        )));
+    }
+    let mut known = HashMap::new();
+    let base = tlog_tiles::stored_hash_index(0, size);
+    let (proof, _) = with_hashes(gw, &mut known, base, |r| {
+        tlog_tiles::prove_record(size, index, r)
+    })
+    .await
+    .map_err(proof_err)?;
+    Ok(proof)
+}
+
+/// A consistency proof from the tree of `old` to the tree of `new`.
+pub async fn consistency_proof<S: Store>(
+    gw: &Gateway<S>,
+    old: u64,
+    new: u64,
+) -> Result<Vec<TreeHash>, ApiError> {
+    let new = checked_size(gw, new).await?;
+    if old > new {
+        return Err(ApiError::BadRequest(format!(
+            "old size {old} is above new size {new}"
+        )));
+    }
+    let mut known = HashMap::new();
+    let base = tlog_tiles::stored_hash_index(0, new);
+    let (proof, _) = with_hashes(gw, &mut known, base, |r| {
+        tlog_tiles::prove_tree(new, old, r)
+    })
+    .await
+    .map_err(proof_err)?;
+    Ok(proof)
+}
+
+async fn checked_size<S: Store>(gw: &Gateway<S>, size: u64) -> Result<u64, ApiError> {
+    let ledger = gw.ledger.as_ref().ok_or(ApiError::NotFound)?;
+    let (_, cp) = newest_checkpoint(gw, ledger)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    if size > cp.size {
+        return Err(ApiError::BadRequest(format!(
+            "size {size} is beyond the newest checkpoint ({})",
+            cp.size
+        )));
+    }
+    Ok(size)
+}

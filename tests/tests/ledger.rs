@@ -1,0 +1,246 @@
+//! The notarization ledger end to end: receipts that verify offline with only
+//! the log's public key, the log published as C2SP tiles, and checkpoints that
+//! stay consistent across a gateway killed and restarted.
+
+use anyhow::{bail, Context, Result};
+use base64::Engine as _;
+use custodia_tests::{bytes, custodia_bin, Shape, TestCluster};
+use protocol::ledger::{self, Receipt, TreeHash};
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+fn log_key(c: &TestCluster) -> Result<String> {
+    Ok(
+        std::fs::read_to_string(c.data_dir().join("ledger/log.pub"))?
+            .trim()
+            .to_string(),
+    )
+}
+
+fn receipt_of(filed: &Value) -> Result<Receipt> {
+    let r = filed
+        .get("receipt")
+        .filter(|r| !r.is_null())
+        .context("the filing response carries no receipt")?;
+    Ok(serde_json::from_value(r.clone())?)
+}
+
+fn custodia_verify(receipt: &Path, key: &Path, file: Option<&Path>) -> Result<(bool, String)> {
+    let mut cmd = Command::new(custodia_bin());
+    cmd.arg("verify").arg(receipt).arg("--log-key").arg(key);
+    if let Some(f) = file {
+        cmd.arg("--file").arg(f);
+    }
+    let out = cmd.output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
+}
+
+/// Public, unauthenticated GET of the published log.
+fn published(c: &TestCluster, path: &str) -> Result<Vec<u8>> {
+    let a = c.get_with("", &format!("/ledger/{path}"), &[])?;
+    if a.status != 200 {
+        bail!("GET /ledger/{path} answered {}", a.status);
+    }
+    Ok(a.body)
+}
+
+#[test]
+fn a_filing_gets_a_receipt_a_court_can_verify_offline() -> Result<()> {
+    let c = TestCluster::start(Shape::default())?;
+    let data = bytes(50_000, 1);
+    let a = c.file_with(
+        &c.token,
+        &data,
+        &[
+            ("x-custodia-case", "2026-CR-0042"),
+            ("x-custodia-source-device", "bodycam-17"),
+        ],
+    )?;
+    assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
+    let filed = a.json();
+    let receipt = receipt_of(&filed)?;
+    let ok = receipt.verify(&log_key(&c)?)?;
+    assert_eq!(ok.statement.kind, ledger::Kind::Filed);
+    assert_eq!(Some(ok.statement.evidence.as_str()), filed["id"].as_str());
+    assert_eq!(Some(ok.statement.blake3.as_str()), filed["blake3"].as_str());
+    assert_eq!(ok.statement.case.as_deref(), Some("2026-CR-0042"));
+    assert_eq!(
+        ok.statement.provenance.source_device.as_deref(),
+        Some("bodycam-17")
+    );
+    assert_eq!(ok.statement.time_source, ledger::OPERATOR_CLOCK);
+    assert!(receipt.tlog_proof.starts_with("c2sp.org/tlog-proof@v1\n"));
+
+    // The CLI, with nothing but the receipt, the public key and the file.
+    let dir = tempfile::tempdir()?;
+    let (rpath, fpath, other) = (
+        dir.path().join("receipt.json"),
+        dir.path().join("evidence.bin"),
+        dir.path().join("other.bin"),
+    );
+    std::fs::write(&rpath, serde_json::to_vec(&filed)?)?;
+    std::fs::write(&fpath, &data)?;
+    let key = c.data_dir().join("ledger/log.pub");
+    let (ok, out) = custodia_verify(&rpath, &key, Some(&fpath))?;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("checkpoint signature verified") && out.contains("matches the statement"),
+        "{out}"
+    );
+
+    let mut altered = data.clone();
+    altered[123] ^= 1;
+    std::fs::write(&other, &altered)?;
+    let (ok, out) = custodia_verify(&rpath, &key, Some(&other))?;
+    assert!(!ok && out.contains("NOT the evidence"), "{out}");
+
+    let wrong_key = dir.path().join("wrong.pub");
+    let (_, vkey) = ledger::note_keys("custodia.local/ledger", &[9; 32]);
+    std::fs::write(&wrong_key, vkey)?;
+    let (ok, out) = custodia_verify(&rpath, &wrong_key, None)?;
+    assert!(!ok && out.contains("does NOT verify"), "{out}");
+
+    let mut forged: Value = serde_json::from_slice(&std::fs::read(&rpath)?)?;
+    let stmt = B64.decode(forged["receipt"]["statement"].as_str().unwrap_or_default())?;
+    let stmt = String::from_utf8(stmt)?.replace("2026-CR-0042", "2026-CR-0043");
+    forged["receipt"]["statement"] = Value::String(B64.encode(stmt));
+    std::fs::write(&rpath, serde_json::to_vec(&forged)?)?;
+    let (ok, out) = custodia_verify(&rpath, &key, None)?;
+    assert!(!ok, "a forged statement must not verify: {out}");
+
+    // Receipts are per tenant like the evidence, and a stranger gets 401.
+    let id = filed["id"].as_str().unwrap_or_default();
+    let again = c.get_with(&c.token, &format!("/v1/evidence/{id}/receipt"), &[])?;
+    assert_eq!(again.status, 200);
+    let again: Receipt = serde_json::from_slice(&again.body)?;
+    assert_eq!(again.leaf_index, receipt.leaf_index);
+    again.verify(&log_key(&c)?)?;
+    let stranger = c.get_with("nope", &format!("/v1/evidence/{id}/receipt"), &[])?;
+    assert_eq!(stranger.status, 401);
+    Ok(())
+}
+
+#[test]
+fn the_log_is_published_as_c2sp_tiles_and_stays_consistent_across_a_crash() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    let key = log_key(&c)?;
+    let mut receipts = Vec::new();
+    for i in 0..5u64 {
+        let filed = c.file_with(
+            &c.token,
+            &bytes(1000 + i as usize, i),
+            &[("x-custodia-case", "SEALED-CASE-77")],
+        )?;
+        assert_eq!(filed.status, 201);
+        receipts.push(receipt_of(&filed.json())?);
+    }
+    let indexes: Vec<u64> = receipts.iter().map(|r| r.leaf_index).collect();
+    assert_eq!(
+        indexes,
+        vec![0, 1, 2, 3, 4],
+        "dense leaf indices in filing order"
+    );
+
+    // The published checkpoint is signed by the log key; anyone can read it.
+    let note = String::from_utf8(published(&c, "checkpoint")?)?;
+    let old = ledger::verify_checkpoint(&note, &key)?;
+    assert_eq!(old.size, 5);
+    // The level-0 tile holds the leaf hashes; the entry bundle the commitments.
+    let tile = published(&c, "tile/0/000.p/5")?;
+    let entries = published(&c, "tile/entries/000.p/5")?;
+    let entries = ledger::parse_entry_bundle(&entries)?;
+    assert_eq!(tile.len(), 5 * 32);
+    assert_eq!(entries.len(), 5);
+    for (i, r) in receipts.iter().enumerate() {
+        let salt: [u8; 32] = hex::decode(&r.salt)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("salt"))?;
+        let commitment = ledger::commitment(&salt, &B64.decode(&r.statement)?);
+        assert_eq!(
+            entries[i],
+            &commitment[..],
+            "entry {i} is the salted commitment"
+        );
+        assert_eq!(
+            &tile[i * 32..(i + 1) * 32],
+            &ledger::leaf_hash(&commitment).0[..]
+        );
+    }
+    // Nothing public names the sealed case.
+    let mut public = Vec::new();
+    for p in ["checkpoint", "tile/0/000.p/5", "tile/entries/000.p/5"] {
+        public.extend(published(&c, p)?);
+    }
+    assert!(!String::from_utf8_lossy(&public).contains("SEALED-CASE-77"));
+    let stored = walk(&c.data_dir().join("ledger/tiles"));
+    assert!(stored
+        .iter()
+        .all(|b| !String::from_utf8_lossy(b).contains("SEALED-CASE-77")));
+
+    // Kill the gateway without warning, bring it back, file more.
+    c.kill_gateway();
+    c.start_gateway()?;
+    c.wait_healthy(8)?;
+    for i in 5..8u64 {
+        let filed = c.file_with(&c.token, &bytes(1000 + i as usize, i), &[])?;
+        assert_eq!(filed.status, 201);
+        assert_eq!(receipt_of(&filed.json())?.leaf_index, i);
+    }
+    let note = String::from_utf8(published(&c, "checkpoint")?)?;
+    let new = ledger::verify_checkpoint(&note, &key)?;
+    assert_eq!(new.size, 8);
+    // The new checkpoint extends the old one.
+    let a = c.get_with(
+        &c.token,
+        &format!("/v1/ledger/consistency?old={}&new={}", old.size, new.size),
+        &[],
+    )?;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let proof: Vec<TreeHash> = a.json()["proof"]
+        .as_array()
+        .context("proof")?
+        .iter()
+        .map(|h| {
+            TreeHash::parse_hash(h.as_str().unwrap_or_default())
+                .map_err(|e| anyhow::anyhow!("{e:?}"))
+        })
+        .collect::<Result<_>>()?;
+    ledger::check_consistency(&old, &new, &proof)?;
+    // The old receipts still verify, and a fresh one is against the newer tree.
+    for r in &receipts {
+        r.verify(&key)?;
+    }
+    let first_id = receipts[0].verify(&key)?.statement.evidence;
+    let fresh = c.get_with(&c.token, &format!("/v1/evidence/{first_id}/receipt"), &[])?;
+    let fresh: Receipt = serde_json::from_slice(&fresh.body)?;
+    assert_eq!(fresh.verify(&key)?.checkpoint.size, 8);
+    // Sizes beyond the newest checkpoint are refused with a JSON error.
+    let a = c.get_with(&c.token, "/v1/ledger/consistency?old=1&new=99", &[])?;
+    assert_eq!(a.status, 400);
+    assert!(a.json()["error"].is_string());
+    Ok(())
+}
+
+fn walk(dir: &Path) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(b) = std::fs::read(&p) {
+                out.push(b);
+            }
+        }
+    }
+    out
+}
