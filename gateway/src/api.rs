@@ -29,7 +29,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use indexer::schema::{self, Role, TokenRecord};
 use indexer::KvStore;
-use protocol::ledger::Kind;
+use protocol::ledger::{Kind, Statement};
 use protocol::{Blake3Hash, EvidenceId, ManifestHeader, Sha256Hash};
 use reed_solomon_erasure::galois_8::ReedSolomon;
 use serde_json::json;
@@ -228,6 +228,11 @@ pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {
         .route("/v1/evidence/{id}", get(read_evidence::<S>))
         .route("/v1/evidence/{id}/manifest", get(manifest::<S>))
         .route("/v1/evidence/{id}/receipt", get(evidence_receipt::<S>))
+        .route("/v1/evidence/{id}/custody", get(custody::<S>))
+        .route(
+            "/v1/notarize",
+            post(notarize::<S>).layer(DefaultBodyLimit::max(MAX_NOTARIZE_BODY)),
+        )
         .route("/v1/ledger/inclusion", get(ledger_inclusion::<S>))
         .route("/v1/ledger/consistency", get(ledger_consistency::<S>))
         .route("/v1/ledger/key", get(ledger_key::<S>))
@@ -458,6 +463,24 @@ async fn read_evidence<S: Store>(
     let size = header.size;
     let partial = parse_range(headers.get(header::RANGE), size)?;
     let range = partial.clone().unwrap_or(0..size);
+    // The access is on the ledger (durable in the index) before any byte goes.
+    let mut accessed = Statement::new(
+        Kind::Accessed,
+        header.evidence,
+        &header.blake3,
+        Some(&header.sha256),
+        size,
+        &header.tenant,
+        header.case.clone(),
+        Some(actor(&who)),
+        gw.clock.now_ms(),
+    );
+    accessed.metadata_sha256 = Some(sha256_hex(
+        json!({ "range": [range.start, range.end] })
+            .to_string()
+            .as_bytes(),
+    ));
+    crate::ledger::record(&gw, header.evidence, &accessed).await?;
     let len = range.end - range.start;
     let mut resp = Response::builder()
         .header(header::CONTENT_LENGTH, len)
@@ -622,6 +645,42 @@ mod tests {
     }
 }
 
+/// Who acted, as the ledger records it: the credential's tenant and role
+/// (never the token).
+fn actor(who: &TokenRecord) -> String {
+    format!("{}/{:?}", who.tenant, who.role).to_lowercase()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Evidence or a hash-only notarization visible to the caller.
+async fn visible_subject<S: Store>(
+    gw: &Gateway<S>,
+    who: &TokenRecord,
+    id: &str,
+) -> Result<EvidenceId, ApiError> {
+    match load_visible(gw, who, id).await {
+        Ok(h) => Ok(h.evidence),
+        Err(ApiError::NotFound) => {
+            let id: EvidenceId = id
+                .parse()
+                .map_err(|_| ApiError::BadRequest("evidence id must be a UUID".into()))?;
+            let tenant = indexer::run(&gw.store, |tx| async move {
+                indexer::ledger::notarization_tenant_tx(&tx, id).await
+            })
+            .await?;
+            match tenant {
+                Some(t) if t == who.tenant || who.role == Role::Admin => Ok(id),
+                _ => Err(ApiError::NotFound),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
 async fn evidence_receipt<S: Store>(
     State(gw): State<Arc<Gateway<S>>>,
     Path(id): Path<String>,
@@ -629,11 +688,136 @@ async fn evidence_receipt<S: Store>(
 ) -> Result<Json<protocol::Receipt>, ApiError> {
     let who = authenticate(&gw, &headers).await?;
     require(&who, Role::Reader, "read receipts")?;
-    let header = load_visible(&gw, &who, &id).await?;
-    crate::ledger::receipt(&gw, header.evidence, &[Kind::Filed, Kind::Notarized])
+    let id = visible_subject(&gw, &who, &id).await?;
+    crate::ledger::receipt(&gw, id, &[Kind::Filed, Kind::Notarized])
         .await?
         .map(Json)
         .ok_or(ApiError::ReceiptPending)
+}
+
+async fn custody<S: Store>(
+    State(gw): State<Arc<Gateway<S>>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let who = authenticate(&gw, &headers).await?;
+    require(&who, Role::Reader, "read custody events")?;
+    let id = visible_subject(&gw, &who, &id).await?;
+    let events = crate::ledger::custody(&gw, id).await?;
+    Ok(Json(json!({
+        "id": id.to_string(),
+        "events": events
+            .into_iter()
+            .map(|(index, kind, receipt)| json!({
+                "leaf_index": index,
+                "kind": kind,
+                "receipt": receipt,
+            }))
+            .collect::<Vec<_>>(),
+    })))
+}
+
+/// Largest `POST /v1/notarize` body.
+const MAX_NOTARIZE_BODY: usize = 4 << 20;
+/// Most items per `POST /v1/notarize`.
+const MAX_NOTARIZE_ITEMS: usize = 1000;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NotarizeRequest {
+    items: Vec<NotarizeItem>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NotarizeItem {
+    blake3: String,
+    #[serde(default)]
+    sha256: Option<String>,
+    size: u64,
+    #[serde(default)]
+    case: Option<String>,
+    /// SHA-256 (hex) of whatever metadata the agency keeps with the bytes.
+    #[serde(default)]
+    metadata_sha256: Option<String>,
+    #[serde(default)]
+    provenance: protocol::ledger::Provenance,
+}
+
+/// Hash-only notarization: statements about content whose bytes the agency
+/// keeps. One transaction queues them all; they share a checkpoint.
+async fn notarize<S: Store>(
+    State(gw): State<Arc<Gateway<S>>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let who = authenticate(&gw, &headers).await?;
+    require(&who, Role::Clerk, "notarize")?;
+    if gw.ledger.is_none() {
+        return Err(ApiError::NotFound);
+    }
+    let req: NotarizeRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("notarize body: {e}")))?;
+    if req.items.is_empty() || req.items.len() > MAX_NOTARIZE_ITEMS {
+        return Err(ApiError::BadRequest(format!(
+            "notarize takes 1 to {MAX_NOTARIZE_ITEMS} items"
+        )));
+    }
+    let now = gw.clock.now_ms();
+    let mut queued = Vec::with_capacity(req.items.len());
+    for (i, item) in req.items.into_iter().enumerate() {
+        let bad =
+            |what: &str| ApiError::BadRequest(format!("item {i}: {what} must be 64 hex digits"));
+        let blake3: Blake3Hash = item.blake3.parse().map_err(|_| bad("blake3"))?;
+        let sha256: Option<Sha256Hash> = item
+            .sha256
+            .map(|s| s.parse().map_err(|_| bad("sha256")))
+            .transpose()?;
+        if let Some(m) = &item.metadata_sha256 {
+            m.parse::<Sha256Hash>()
+                .map_err(|_| bad("metadata_sha256"))?;
+        }
+        let id = EvidenceId::new(now, rand::random());
+        let mut s = Statement::new(
+            Kind::Notarized,
+            id,
+            &blake3,
+            sha256.as_ref(),
+            item.size,
+            &who.tenant,
+            item.case,
+            Some(actor(&who)),
+            now,
+        );
+        s.metadata_sha256 = item.metadata_sha256;
+        s.provenance = item.provenance;
+        queued.push((id, crate::ledger::pending(id, &s)?));
+    }
+    let tenant = who.tenant.clone();
+    indexer::run(&gw.store, |tx| {
+        let (queued, tenant) = (&queued, &tenant);
+        async move {
+            for (seq, (id, p)) in queued.iter().enumerate() {
+                indexer::ledger::put_notarization_tx(&tx, *id, tenant);
+                indexer::ledger::enqueue_tx(&tx, seq as u16, p);
+            }
+            Ok::<_, schema::SchemaError>(())
+        }
+    })
+    .await?;
+    if let Some(l) = &gw.ledger {
+        l.queued();
+    }
+    let mut items = Vec::with_capacity(queued.len());
+    for (id, _) in &queued {
+        let receipt = crate::ledger::wait_for_receipt(&gw, *id, &[Kind::Notarized]).await?;
+        items.push(json!({
+            "id": id.to_string(),
+            "receipt_url": format!("/v1/evidence/{id}/receipt"),
+            "receipt": receipt,
+        }));
+    }
+    Ok((StatusCode::CREATED, Json(json!({ "items": items }))).into_response())
 }
 
 #[derive(serde::Deserialize)]

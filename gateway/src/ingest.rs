@@ -225,7 +225,7 @@ impl<S: Store> Upload<S> {
             async move {
                 schema::commit_manifest_tx(&tx, header).await?;
                 if let Some(p) = pending {
-                    indexer::ledger::enqueue_tx(&tx, p);
+                    indexer::ledger::enqueue_tx(&tx, 0, p);
                 }
                 Ok::<_, schema::SchemaError>(())
             }
@@ -360,7 +360,7 @@ fn filed_statement(
         Kind::Filed,
         h.evidence,
         &h.blake3,
-        &h.sha256,
+        Some(&h.sha256),
         h.size,
         &h.tenant,
         h.case.clone(),

@@ -472,14 +472,23 @@ pub async fn receipt<S: Store>(
     evidence: EvidenceId,
     kinds: &[Kind],
 ) -> Result<Option<Receipt>, ApiError> {
-    let Some(ledger) = gw.ledger.as_ref() else {
-        return Ok(None);
-    };
     let leaves = indexer::run(&gw.store, |tx| async move {
         lx::leaves_of_tx(&tx, evidence).await
     })
     .await?;
     let Some(&(index, _)) = leaves.iter().find(|(_, k)| kinds.contains(k)) else {
+        return Ok(None);
+    };
+    leaf_receipt(gw, index).await
+}
+
+/// The receipt of leaf `index` against the newest checkpoint; `None` while no
+/// checkpoint covers it.
+pub async fn leaf_receipt<S: Store>(
+    gw: &Gateway<S>,
+    index: u64,
+) -> Result<Option<Receipt>, ApiError> {
+    let Some(ledger) = gw.ledger.as_ref() else {
         return Ok(None);
     };
     let Some((note, cp)) = newest_checkpoint(gw, ledger).await? else {
@@ -505,6 +514,61 @@ pub async fn receipt<S: Store>(
         &note,
         &proof,
     )))
+}
+
+/// The custody events of `evidence`: every ledger entry naming it, oldest
+/// first, each with its receipt once a checkpoint covers it.
+pub async fn custody<S: Store>(
+    gw: &Gateway<S>,
+    evidence: EvidenceId,
+) -> Result<Vec<(u64, Kind, Option<Receipt>)>, ApiError> {
+    let leaves = indexer::run(&gw.store, |tx| async move {
+        lx::leaves_of_tx(&tx, evidence).await
+    })
+    .await?;
+    let mut out = Vec::with_capacity(leaves.len());
+    for (index, kind) in leaves {
+        out.push((index, kind, leaf_receipt(gw, index).await?));
+    }
+    Ok(out)
+}
+
+/// A statement about `evidence` with a fresh salt, for the outbox.
+pub fn pending(
+    evidence: EvidenceId,
+    statement: &pl::Statement,
+) -> Result<lx::PendingRecord, ApiError> {
+    Ok(lx::PendingRecord {
+        evidence,
+        salt: rand::random(),
+        statement: statement
+            .encode()
+            .map_err(|e| ApiError::BadRequest(format!("statement: {e}")))?,
+    })
+}
+
+/// Appends a statement and returns once it is durable in the index (the
+/// outbox), before the caller acts on it: e.g. before the first byte of a
+/// read is sent.
+pub async fn record<S: Store>(
+    gw: &Gateway<S>,
+    evidence: EvidenceId,
+    statement: &pl::Statement,
+) -> Result<(), ApiError> {
+    let Some(ledger) = gw.ledger.as_ref() else {
+        return Ok(());
+    };
+    let p = pending(evidence, statement)?;
+    indexer::run(&gw.store, |tx| {
+        let p = &p;
+        async move {
+            lx::enqueue_tx(&tx, 0, p);
+            Ok::<_, indexer::schema::SchemaError>(())
+        }
+    })
+    .await?;
+    ledger.queued();
+    Ok(())
 }
 
 /// Waits (up to the configured time) for a checkpoint covering `evidence`'s

@@ -6,7 +6,7 @@
 //! unless said otherwise):
 //!
 //! ```text
-//! ("Q", versionstamp 10, 0)          = PendingRecord   outbox, ordered by commit
+//! ("Q", versionstamp 10, seq u16)    = PendingRecord   outbox, ordered by commit
 //! ("L", "state")                     = TreeState       size, root, fence of the last integration
 //! ("L", "lease")                     = LeaseRecord     the one integrator allowed to append
 //! ("L", "checkpoint")                = signed note     newest checkpoint (raw bytes)
@@ -14,6 +14,7 @@
 //! ("M", leaf u64)                    = LeafRecord      opening of leaf i: salt, statement; private
 //! ("W", stored hash index u64)       = 32 bytes        RFC 9162 tree hashes (tlog_tiles' index)
 //! ("V", evidence 16, leaf u64)       = kind            the leaves that name a piece of evidence
+//! ("O", id 16)                       = tenant          a hash-only notarization (no bytes stored)
 //! ```
 //!
 //! A statement is enqueued in the same transaction as the change it records
@@ -36,6 +37,7 @@ const LEDGER: u8 = b'L';
 const LEAF: u8 = b'M';
 const HASH: u8 = b'W';
 const BY_EVIDENCE: u8 = b'V';
+const NOTARIZED: u8 = b'O';
 
 const RECORD_V1: u8 = 1;
 
@@ -94,8 +96,15 @@ fn by_evidence_prefix(evidence: &EvidenceId) -> Vec<u8> {
 }
 
 /// Queues a statement; it is integrated after this transaction commits.
-pub fn enqueue_tx<T: Transaction>(tx: &T, rec: &PendingRecord) {
-    tx.set_versionstamped_key(&[QUEUE], &[0], &encode_versioned(RECORD_V1, rec));
+/// Every key a transaction versionstamps gets the same stamp (as in
+/// FoundationDB), so `seq` must differ between the statements one transaction
+/// queues; it also orders them.
+pub fn enqueue_tx<T: Transaction>(tx: &T, seq: u16, rec: &PendingRecord) {
+    tx.set_versionstamped_key(
+        &[QUEUE],
+        &seq.to_be_bytes(),
+        &encode_versioned(RECORD_V1, rec),
+    );
 }
 
 /// The oldest pending statements (at most `limit`, at most `max_bytes` of
@@ -332,4 +341,24 @@ pub async fn put_checkpoint_tx<T: Transaction>(
     tx.set(&key, note);
     tx.set(&ledger_key("checkpoint_size"), &size.to_be_bytes());
     Ok(true)
+}
+
+/// Records a hash-only notarization under `id` for `tenant`.
+pub fn put_notarization_tx<T: Transaction>(tx: &T, id: EvidenceId, tenant: &str) {
+    let mut k = vec![NOTARIZED];
+    k.extend_from_slice(id.as_bytes());
+    tx.set(&k, tenant.as_bytes());
+}
+
+/// The tenant of a hash-only notarization.
+pub async fn notarization_tenant_tx<T: Transaction>(
+    tx: &T,
+    id: EvidenceId,
+) -> Result<Option<String>, SchemaError> {
+    let mut k = vec![NOTARIZED];
+    k.extend_from_slice(id.as_bytes());
+    Ok(tx
+        .get(&k)
+        .await?
+        .map(|v| String::from_utf8_lossy(&v).into_owned()))
 }

@@ -424,3 +424,41 @@ async fn one_ledger_integrator_at_a_time_and_fenced() {
         .unwrap();
     assert_eq!(cp.as_deref(), Some(&b"cp 6"[..]));
 }
+
+#[tokio::test]
+async fn statements_queued_in_one_transaction_are_all_kept_in_order() {
+    use indexer::ledger as lx;
+    let (_d, s) = store();
+    let rec = |n: u8| lx::PendingRecord {
+        evidence: EvidenceId::new(1, [n; 10]),
+        salt: [n; 32],
+        statement: vec![n],
+    };
+    run(&s, |tx| async move {
+        for n in 0..3u8 {
+            lx::enqueue_tx(&tx, u16::from(n), &rec(n));
+        }
+        Ok::<_, SchemaError>(())
+    })
+    .await
+    .unwrap();
+    run(&s, |tx| async move {
+        lx::enqueue_tx(&tx, 0, &rec(3));
+        Ok::<_, SchemaError>(())
+    })
+    .await
+    .unwrap();
+    let pending = run(
+        &s,
+        |tx| async move { lx::pending_tx(&tx, 10, 1 << 20).await },
+    )
+    .await
+    .unwrap();
+    let order: Vec<u8> = pending.iter().map(|(_, p)| p.statement[0]).collect();
+    assert_eq!(order, vec![0, 1, 2, 3]);
+    // The byte cap keeps a batch small but never empty.
+    let capped = run(&s, |tx| async move { lx::pending_tx(&tx, 10, 2).await })
+        .await
+        .unwrap();
+    assert_eq!(capped.len(), 2);
+}

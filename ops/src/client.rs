@@ -178,7 +178,7 @@ pub fn verify(receipt: &Path, log_key: &Path, file: Option<&Path>) -> Result<()>
         s.case.as_deref().unwrap_or("-"),
         s.size,
         s.blake3,
-        s.sha256
+        s.sha256.as_deref().unwrap_or("-")
     );
     println!(
         "time: {} ms since the Unix epoch on the log operator's clock ({})",

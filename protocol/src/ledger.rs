@@ -86,8 +86,9 @@ pub struct Statement {
     pub evidence: String,
     /// BLAKE3 content root, hex.
     pub blake3: String,
-    /// SHA-256 of the content, hex.
-    pub sha256: String,
+    /// SHA-256 of the content, hex (a hash-only notarization may lack it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
     pub size: u64,
     pub tenant: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -139,7 +140,7 @@ impl Statement {
         kind: Kind,
         evidence: EvidenceId,
         blake3: &Blake3Hash,
-        sha256: &Sha256Hash,
+        sha256: Option<&Sha256Hash>,
         size: u64,
         tenant: &str,
         case: Option<String>,
@@ -151,7 +152,7 @@ impl Statement {
             kind,
             evidence: evidence.to_string(),
             blake3: blake3.to_hex(),
-            sha256: sha256.to_hex(),
+            sha256: sha256.map(Sha256Hash::to_hex),
             size,
             tenant: tenant.to_owned(),
             case,
@@ -422,7 +423,12 @@ impl VerifiedReceipt {
         if self.statement.blake3 != blake3.to_hex() {
             return Err(LedgerError::ContentMismatch("BLAKE3 root"));
         }
-        if self.statement.sha256 != sha256.to_hex() {
+        if self
+            .statement
+            .sha256
+            .as_deref()
+            .is_some_and(|s| s != sha256.to_hex())
+        {
             return Err(LedgerError::ContentMismatch("SHA-256"));
         }
         Ok(())
@@ -582,7 +588,7 @@ mod tests {
             Kind::Filed,
             EvidenceId::new(1, [1; 10]),
             &Blake3Hash([7; 32]),
-            &Sha256Hash([8; 32]),
+            Some(&Sha256Hash([8; 32])),
             42,
             "court",
             Some("2026-CR-1".into()),

@@ -244,3 +244,143 @@ fn walk(dir: &Path) -> Vec<Vec<u8>> {
     }
     out
 }
+
+fn make_token(c: &TestCluster, tenant: &str, role: &str) -> Result<String> {
+    let mut resp = ureq::post(format!("{}/v1/admin/tokens", c.api))
+        .header("authorization", format!("Bearer {}", c.token))
+        .send_json(serde_json::json!({ "tenant": tenant, "role": role }))?;
+    let v: Value = resp.body_mut().read_json()?;
+    Ok(v["token"].as_str().unwrap_or_default().to_string())
+}
+
+fn post_json(c: &TestCluster, token: &str, path: &str, body: &Value) -> Result<(u16, Value)> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent
+        .post(format!("{}{path}", c.api))
+        .header("authorization", format!("Bearer {token}"))
+        .send_json(body)?;
+    let status = resp.status().as_u16();
+    Ok((status, resp.body_mut().read_json().unwrap_or(Value::Null)))
+}
+
+#[test]
+fn every_read_is_a_custody_event_on_the_ledger_before_its_bytes() -> Result<()> {
+    let c = TestCluster::start(Shape::default())?;
+    let key = log_key(&c)?;
+    let reader = make_token(&c, "admin", "reader")?;
+    let data = bytes(9000, 3);
+    let filed = c.file(&data)?;
+    let id = filed["id"].as_str().unwrap_or_default().to_string();
+    assert_eq!(c.read(&id)?, data);
+    let a = c.get_with(
+        &reader,
+        &format!("/v1/evidence/{id}"),
+        &[("range", "bytes=10-19")],
+    )?;
+    assert_eq!(a.status, 206);
+
+    // Both reads are on the ledger; they become provable within moments.
+    let mut events = Vec::new();
+    let complete = custodia_tests::eventually(10, || {
+        let a = c.get_with(&c.token, &format!("/v1/evidence/{id}/custody"), &[]);
+        events = a
+            .ok()
+            .and_then(|a| a.json()["events"].as_array().cloned())
+            .unwrap_or_default();
+        events.len() == 3 && events.iter().all(|e| !e["receipt"].is_null())
+    });
+    assert!(complete, "custody events: {events:?}");
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(kinds, ["filed", "accessed", "accessed"]);
+    let mut actors = Vec::new();
+    for e in &events {
+        let r: Receipt = serde_json::from_value(e["receipt"].clone())?;
+        let ok = r.verify(&key)?;
+        assert_eq!(ok.statement.evidence, id);
+        assert_eq!(Some(ok.statement.blake3.as_str()), filed["blake3"].as_str());
+        actors.push(ok.statement.actor.unwrap_or_default());
+    }
+    assert_eq!(actors[1], "admin/admin");
+    assert_eq!(actors[2], "admin/reader");
+    // Another tenant sees neither the evidence nor its custody.
+    let other = make_token(&c, "police", "reader")?;
+    let a = c.get_with(&other, &format!("/v1/evidence/{id}/custody"), &[])?;
+    assert_eq!(a.status, 404);
+    Ok(())
+}
+
+#[test]
+fn hash_only_notarization_returns_one_receipt_per_item() -> Result<()> {
+    let c = TestCluster::start(Shape::default())?;
+    let key = log_key(&c)?;
+    let clerk = make_token(&c, "agency-x", "clerk")?;
+    let contents: Vec<Vec<u8>> = (0..3).map(|i| bytes(100 + i, i as u64)).collect();
+    let items: Vec<Value> = contents
+        .iter()
+        .map(|b| {
+            serde_json::json!({
+                "blake3": custodia_tests::blake3_hex(b),
+                "size": b.len(),
+                "case": "AG-9",
+                "provenance": { "capture_method": "forensic image" },
+            })
+        })
+        .collect();
+    let (status, body) = post_json(
+        &c,
+        &clerk,
+        "/v1/notarize",
+        &serde_json::json!({ "items": items }),
+    )?;
+    assert_eq!(status, 201, "{body}");
+    let answered = body["items"].as_array().context("items")?;
+    assert_eq!(answered.len(), 3);
+    let mut leaves = Vec::new();
+    for (item, content) in answered.iter().zip(&contents) {
+        let r: Receipt = serde_json::from_value(item["receipt"].clone())?;
+        let ok = r.verify(&key)?;
+        assert_eq!(ok.statement.kind, ledger::Kind::Notarized);
+        assert_eq!(ok.statement.blake3, custodia_tests::blake3_hex(content));
+        assert_eq!(ok.statement.tenant, "agency-x");
+        assert_eq!(
+            ok.statement.provenance.capture_method.as_deref(),
+            Some("forensic image")
+        );
+        leaves.push(r.leaf_index);
+        // The receipt can be fetched again by its id, within the tenant only.
+        let id = item["id"].as_str().unwrap_or_default();
+        let again = c.get_with(&clerk, &format!("/v1/evidence/{id}/receipt"), &[])?;
+        assert_eq!(again.status, 200);
+        let stranger = make_token(&c, "court-z", "reader")?;
+        let hidden = c.get_with(&stranger, &format!("/v1/evidence/{id}/receipt"), &[])?;
+        assert_eq!(hidden.status, 404);
+    }
+    leaves.dedup();
+    assert_eq!(leaves.len(), 3, "one leaf each");
+
+    // Bad input: a clear 400 with a JSON error, nothing queued.
+    for bad in [
+        serde_json::json!({ "items": [] }),
+        serde_json::json!({ "items": [{ "blake3": "xyz", "size": 1 }] }),
+        serde_json::json!({ "items": [{ "blake3": custodia_tests::blake3_hex(b"a"), "size": 1, "bogus": 1 }] }),
+    ] {
+        let (status, body) = post_json(&c, &clerk, "/v1/notarize", &bad)?;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body["error"].is_string());
+    }
+    let reader = make_token(&c, "agency-x", "reader")?;
+    let (status, _) = post_json(
+        &c,
+        &reader,
+        "/v1/notarize",
+        &serde_json::json!({ "items": items }),
+    )?;
+    assert_eq!(status, 403, "readers may not notarize");
+    Ok(())
+}
