@@ -210,13 +210,17 @@ pub async fn serve<S: Store>(
     };
     let gc = crate::gc::spawn_gc_loop(gw.clone(), Duration::from_secs(30));
     let integrator = crate::ledger::spawn_integrator(gw.clone());
+    let witnessing = crate::ledger::spawn_witnessing(gw.clone());
     let app = router(gw);
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     tracing::info!(%local_addr, "evidence API listening");
     Ok(RunningGateway {
         local_addr,
         server,
-        background: vec![prober, gc, integrator],
+        background: [prober, gc, integrator]
+            .into_iter()
+            .chain(witnessing)
+            .collect(),
     })
 }
 

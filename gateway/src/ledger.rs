@@ -53,6 +53,25 @@ pub struct LedgerConfig {
     /// before answering without a receipt (it can be fetched later).
     #[serde(default = "default_receipt_wait")]
     pub receipt_wait_ms: u64,
+    /// C2SP tlog-witnesses to send checkpoints to, off the filing path.
+    #[serde(default)]
+    pub witnesses: Vec<WitnessEntry>,
+    /// How often the newest checkpoint goes to the witnesses.
+    #[serde(default = "default_witness_interval")]
+    pub witness_interval_ms: u64,
+}
+
+/// A witness: where it listens and its `cosignature/v1` verifier key.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WitnessEntry {
+    /// Base URL; `add-checkpoint` is posted under it (plain HTTP).
+    pub url: String,
+    pub key: String,
+}
+
+fn default_witness_interval() -> u64 {
+    2_000
 }
 
 fn default_receipt_wait() -> u64 {
@@ -91,6 +110,8 @@ pub struct Ledger {
     published: watch::Sender<u64>,
     owner: u128,
     pub receipt_wait: Duration,
+    witnesses: Vec<WitnessEntry>,
+    witness_interval: Duration,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -141,6 +162,8 @@ impl Ledger {
                 u128::from_be_bytes(b)
             },
             receipt_wait: Duration::from_millis(config.receipt_wait_ms),
+            witnesses: config.witnesses.clone(),
+            witness_interval: Duration::from_millis(config.witness_interval_ms.clamp(100, 60_000)),
         })
     }
 
@@ -491,7 +514,21 @@ pub async fn leaf_receipt<S: Store>(
     let Some(ledger) = gw.ledger.as_ref() else {
         return Ok(None);
     };
-    let Some((note, cp)) = newest_checkpoint(gw, ledger).await? else {
+    // The newest witnessed checkpoint when it covers the leaf (the receipt is
+    // then upgraded with cosignatures), else the newest checkpoint.
+    let witnessed =
+        indexer::run(&gw.store, |tx| async move { lx::witnessed_tx(&tx).await }).await?;
+    let chosen = match witnessed {
+        Some(w) if w.size > index => pl::verify_checkpoint(&w.note, &ledger.verifier_key)
+            .ok()
+            .map(|cp| (w.note, cp)),
+        _ => None,
+    };
+    let chosen = match chosen {
+        Some(c) => Some(c),
+        None => newest_checkpoint(gw, ledger).await?,
+    };
+    let Some((note, cp)) = chosen else {
         return Ok(None);
     };
     if index >= cp.size {
@@ -651,4 +688,125 @@ async fn checked_size<S: Store>(gw: &Gateway<S>, size: u64) -> Result<u64, ApiEr
         )));
     }
     Ok(size)
+}
+
+/// Sends the newest checkpoint to every configured witness every interval,
+/// with a consistency proof from the size each last saw, and stores the
+/// cosignatures. Runs beside filing, never in its way: a dead witness only
+/// costs a log line.
+pub fn spawn_witnessing<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::JoinHandle<()>> {
+    let ledger = gw.ledger.clone()?;
+    if ledger.witnesses.is_empty() {
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .into();
+        // What each witness has cosigned, as far as we know (it tells us on 409).
+        let mut seen: Vec<Option<u64>> = vec![None; ledger.witnesses.len()];
+        let mut tick = tokio::time::interval(ledger.witness_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Ok(Some(newest)) = newest_checkpoint(&gw, &ledger).await else {
+                continue;
+            };
+            for (i, w) in ledger.witnesses.iter().enumerate() {
+                if seen[i] == Some(newest.1.size) {
+                    continue;
+                }
+                match witness_once(&gw, &agent, w, seen[i].unwrap_or(0), &newest).await {
+                    Ok(Cosigned::Yes) => seen[i] = Some(newest.1.size),
+                    Ok(Cosigned::Behind(size)) => {
+                        // Retry at once from the size it reports.
+                        seen[i] = Some(size);
+                        match witness_once(&gw, &agent, w, size, &newest).await {
+                            Ok(Cosigned::Yes) => seen[i] = Some(newest.1.size),
+                            Ok(Cosigned::Behind(s)) => seen[i] = Some(s),
+                            Err(e) => {
+                                tracing::warn!(witness = %w.url, error = %e, "witness did not cosign")
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(witness = %w.url, error = %e, "witness did not cosign")
+                    }
+                }
+            }
+        }
+    }))
+}
+
+enum Cosigned {
+    Yes,
+    /// The witness is at another size (409).
+    Behind(u64),
+}
+
+async fn witness_once<S: Store>(
+    gw: &Gateway<S>,
+    agent: &ureq::Agent,
+    w: &WitnessEntry,
+    old: u64,
+    (note, cp): &(String, pl::VerifiedCheckpoint),
+) -> Result<Cosigned, String> {
+    if old > cp.size {
+        return Err(format!(
+            "witness is at size {old}, beyond our checkpoint {}",
+            cp.size
+        ));
+    }
+    let proof = if old == 0 || old == cp.size {
+        Vec::new()
+    } else {
+        consistency_proof(gw, old, cp.size)
+            .await
+            .map_err(|e| e.to_string())?
+    };
+    let body = protocol::witness::add_checkpoint_body(old, &proof, note);
+    let url = format!("{}/add-checkpoint", w.url.trim_end_matches('/'));
+    let agent = agent.clone();
+    let started = std::time::Instant::now();
+    let (status, text) = tokio::task::spawn_blocking(move || {
+        let mut resp = agent
+            .post(&url)
+            .send(body.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(64 * 1024)
+            .read_to_string()
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>((status, text))
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    match status {
+        200 => {
+            let cosigned = protocol::witness::add_signature_lines(note, &text);
+            if protocol::witness::cosigned_by(&cosigned, std::slice::from_ref(&w.key)).is_empty() {
+                return Err("its cosignature does not verify with its configured key".into());
+            }
+            let size = cp.size;
+            indexer::run(&gw.store, |tx| {
+                let (note, text) = (note.as_str(), text.as_str());
+                async move { lx::add_cosignature_tx(&tx, size, note, text).await }
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            tracing::debug!(witness = %w.url, size, ms = started.elapsed().as_millis() as u64, "cosigned");
+            Ok(Cosigned::Yes)
+        }
+        409 => text
+            .trim()
+            .parse()
+            .map(Cosigned::Behind)
+            .map_err(|_| format!("409 with an unreadable size {text:?}")),
+        s => Err(format!("HTTP {s}: {}", text.trim())),
+    }
 }

@@ -8,6 +8,7 @@
 //!   reconstruction around missing or corrupt shards, damage reported for repair.
 //! - [`ledger`]: the notarization ledger's sequencer (C2SP tlog: tiles,
 //!   signed checkpoints), receipts and proofs.
+//! - [`witness`]: a C2SP tlog-witness (`custodia witness`) that other courts host.
 //! - [`placement`]: hierarchical rendezvous hashing (failure domain, then node).
 //! - [`nodes`]: the live view of the storage nodes and their health.
 //! - [`error`]: every error mapped to an HTTP status and JSON body, in one place.
@@ -24,6 +25,7 @@ pub mod ledger;
 pub mod nodes;
 pub mod placement;
 pub mod read;
+pub mod witness;
 
 pub use api::{serve, Gateway, RunningGateway};
 pub use config::GatewayConfig;

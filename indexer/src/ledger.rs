@@ -11,6 +11,7 @@
 //! ("L", "lease")                     = LeaseRecord     the one integrator allowed to append
 //! ("L", "checkpoint")                = signed note     newest checkpoint (raw bytes)
 //! ("L", "checkpoint_size")           = u64             its tree size
+//! ("L", "witnessed")                 = WitnessedRecord newest checkpoint with witness cosignatures
 //! ("M", leaf u64)                    = LeafRecord      opening of leaf i: salt, statement; private
 //! ("W", stored hash index u64)       = 32 bytes        RFC 9162 tree hashes (tlog_tiles' index)
 //! ("V", evidence 16, leaf u64)       = kind            the leaves that name a piece of evidence
@@ -361,4 +362,46 @@ pub async fn notarization_tenant_tx<T: Transaction>(
         .get(&k)
         .await?
         .map(|v| String::from_utf8_lossy(&v).into_owned()))
+}
+
+/// The newest checkpoint that witnesses cosigned, with their lines merged.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WitnessedRecord {
+    pub size: u64,
+    /// The checkpoint note with every cosignature gathered for this size.
+    pub note: String,
+}
+
+/// Merges a witness's cosignature lines for the checkpoint `note` of `size`:
+/// appended when that size is the one stored, replacing it when newer,
+/// ignored when older.
+pub async fn add_cosignature_tx<T: Transaction>(
+    tx: &T,
+    size: u64,
+    note: &str,
+    lines: &str,
+) -> Result<(), SchemaError> {
+    let key = ledger_key("witnessed");
+    let current: Option<WitnessedRecord> = match tx.get(&key).await? {
+        Some(v) => Some(decode_versioned(RECORD_V1, &v)?),
+        None => None,
+    };
+    let base = match current {
+        Some(c) if c.size == size => c.note,
+        Some(c) if c.size > size => return Ok(()),
+        _ => note.to_owned(),
+    };
+    let merged = protocol::witness::add_signature_lines(&base, lines);
+    tx.set(
+        &key,
+        &encode_versioned(RECORD_V1, &WitnessedRecord { size, note: merged }),
+    );
+    Ok(())
+}
+
+pub async fn witnessed_tx<T: Transaction>(tx: &T) -> Result<Option<WitnessedRecord>, SchemaError> {
+    match tx.get(&ledger_key("witnessed")).await? {
+        Some(v) => Ok(Some(decode_versioned(RECORD_V1, &v)?)),
+        None => Ok(None),
+    }
 }

@@ -147,7 +147,13 @@ pub fn get(api: &str, token: &str, id: &str, output: &Path) -> Result<()> {
 }
 
 /// `custodia verify`: checks a receipt offline and prints what it proves.
-pub fn verify(receipt: &Path, log_key: &Path, file: Option<&Path>) -> Result<()> {
+pub fn verify(
+    receipt: &Path,
+    log_key: &Path,
+    file: Option<&Path>,
+    witness_keys: &[std::path::PathBuf],
+    min_witnesses: usize,
+) -> Result<()> {
     let text = std::fs::read_to_string(receipt)
         .with_context(|| format!("reading {}", receipt.display()))?;
     let value: serde_json::Value =
@@ -184,7 +190,32 @@ pub fn verify(receipt: &Path, log_key: &Path, file: Option<&Path>) -> Result<()>
         "time: {} ms since the Unix epoch on the log operator's clock ({})",
         s.time_ms, s.time_source
     );
-    println!("witnessed: none checked (no witness keys given)");
+    let keys = witness_keys
+        .iter()
+        .map(|p| {
+            std::fs::read_to_string(p)
+                .map(|k| k.trim().to_owned())
+                .with_context(|| format!("reading {}", p.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let by = protocol::witness::cosigned_by(&receipt.checkpoint, &keys);
+    if keys.is_empty() {
+        println!("witnessed: not checked (no --witness-key given)");
+    } else {
+        println!(
+            "witnessed: by {} of {} given witnesses{}{}",
+            by.len(),
+            keys.len(),
+            if by.is_empty() { "" } else { ": " },
+            by.join(", ")
+        );
+    }
+    if by.len() < min_witnesses {
+        anyhow::bail!(
+            "only {} witness cosignatures, {min_witnesses} required",
+            by.len()
+        );
+    }
     if let Some(path) = file {
         let (b3, sha, size) = hash_file(path)?;
         ok.check_content(&b3, &sha)

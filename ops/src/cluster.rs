@@ -156,6 +156,8 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         signer_key: ledger_dir.join(LOG_KEY_FILE),
         tiles_dir: ledger_dir.join("tiles"),
         receipt_wait_ms: 10_000,
+        witnesses: Vec::new(),
+        witness_interval_ms: 2_000,
     };
 
     let gateway = GatewayConfig {

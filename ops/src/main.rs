@@ -157,6 +157,27 @@ enum Command {
         /// The evidence file to check against the statement.
         #[arg(long)]
         file: Option<PathBuf>,
+        /// A witness's verifier key file (repeat for each trusted witness).
+        #[arg(long = "witness-key")]
+        witness_keys: Vec<PathBuf>,
+        /// Fail unless at least this many of the given witnesses cosigned.
+        #[arg(long, default_value_t = 0)]
+        min_witnesses: usize,
+    },
+    /// Run a C2SP tlog-witness for other courts' logs: it cosigns each log's
+    /// checkpoints only when they extend what it cosigned before.
+    Witness {
+        /// Where its key and its view of each log are kept.
+        #[arg(long, default_value = "custodia-witness")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: SocketAddr,
+        /// The witness's name (its key name), used when its key is created.
+        #[arg(long, default_value = "custodia-witness.local")]
+        name: String,
+        /// A log's verifier key file (`DATA_DIR/ledger/log.pub`); repeat per log.
+        #[arg(long = "log-key", required = true)]
+        log_keys: Vec<PathBuf>,
     },
     /// Measure raw kernels and end-to-end throughput on a fresh local cluster.
     Bench(bench::BenchArgs),
@@ -276,7 +297,44 @@ async fn run(cli: Cli) -> Result<()> {
             receipt,
             log_key,
             file,
-        } => client::verify(&receipt, &log_key, file.as_deref()),
+            witness_keys,
+            min_witnesses,
+        } => client::verify(
+            &receipt,
+            &log_key,
+            file.as_deref(),
+            &witness_keys,
+            min_witnesses,
+        ),
+        Command::Witness {
+            data_dir,
+            listen,
+            name,
+            log_keys,
+        } => {
+            init_tracing("info");
+            let keys = log_keys
+                .iter()
+                .map(|p| {
+                    std::fs::read_to_string(p)
+                        .map(|k| k.trim().to_owned())
+                        .with_context(|| format!("reading {}", p.display()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let (router, vkey) = gateway::witness::open(&data_dir, &name, &keys)?;
+            let (addr, server) = gateway::witness::serve(listen, router).await?;
+            println!("witness listening on http://{addr}");
+            println!("witness key: {vkey}");
+            println!(
+                "  (also in {})",
+                data_dir.join(gateway::witness::WITNESS_PUB_FILE).display()
+            );
+            tokio::select! {
+                r = server => { r.context("witness task")?.context("witness server")?; }
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            Ok(())
+        }
         Command::Get { id, output, api } => client::get(
             &api.api,
             &client::token(api.token_file.as_deref())?,

@@ -21,6 +21,7 @@ pub mod ledger;
 pub mod manifest;
 pub mod shard;
 pub mod wire;
+pub mod witness;
 
 pub use code::{CodeError, ErasureCode, StripeLayout};
 pub use ids::{Blake3Hash, EvidenceId, NodeId, Sha256Hash, ShardKey};

@@ -384,3 +384,205 @@ fn hash_only_notarization_returns_one_receipt_per_item() -> Result<()> {
     assert_eq!(status, 403, "readers may not notarize");
     Ok(())
 }
+
+/// A `custodia witness` process, killed on drop.
+struct WitnessProcess {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for WitnessProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_witness(dir: &Path, port: u16, log_pub: &Path) -> Result<WitnessProcess> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("witness.log"))?;
+    let child = Command::new(custodia_bin())
+        .arg("witness")
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--name", "witness.example/court-b"])
+        .arg("--log-key")
+        .arg(log_pub)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let up = custodia_tests::eventually(20, || {
+        ureq::post(format!("{url}/add-checkpoint"))
+            .send("")
+            .map(|_| true)
+            .unwrap_or_else(|e| matches!(e, ureq::Error::StatusCode(_)))
+    });
+    if !up {
+        bail!("witness did not start");
+    }
+    Ok(WitnessProcess { child, url })
+}
+
+fn add_checkpoint(url: &str, body: &str) -> Result<(u16, String)> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent.post(format!("{url}/add-checkpoint")).send(body)?;
+    Ok((resp.status().as_u16(), resp.body_mut().read_to_string()?))
+}
+
+#[test]
+fn witnesses_cosign_off_the_filing_path_and_never_cosign_a_fork() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    let key = log_key(&c)?;
+    let log_pub = c.data_dir().join("ledger/log.pub");
+    let wdir = tempfile::tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut witness = start_witness(wdir.path(), port, &log_pub)?;
+    let wkey = std::fs::read_to_string(wdir.path().join("witness.pub"))?
+        .trim()
+        .to_string();
+
+    // Point the gateway at the witness.
+    c.kill_gateway();
+    let file = c.data_dir().join("cluster.toml");
+    let mut cluster: toml::Value = toml::from_str(&std::fs::read_to_string(&file)?)?;
+    let ledger = cluster
+        .get_mut("gateway")
+        .and_then(|g| g.get_mut("ledger"))
+        .and_then(|l| l.as_table_mut())
+        .context("gateway.ledger")?;
+    ledger.insert("witness_interval_ms".into(), toml::Value::Integer(200));
+    let mut entry = toml::map::Map::new();
+    entry.insert("url".into(), toml::Value::String(witness.url.clone()));
+    entry.insert("key".into(), toml::Value::String(wkey.clone()));
+    ledger.insert(
+        "witnesses".into(),
+        toml::Value::Array(vec![toml::Value::Table(entry)]),
+    );
+    std::fs::write(&file, toml::to_string(&cluster)?)?;
+    c.start_gateway()?;
+    c.wait_healthy(8)?;
+
+    let data = bytes(3000, 7);
+    let filed = c.file(&data)?;
+    let id = filed["id"].as_str().unwrap_or_default().to_string();
+    // The receipt is upgraded with the witness's cosignature shortly after.
+    let mut upgraded = None;
+    custodia_tests::eventually(15, || {
+        let r = c
+            .get_with(&c.token, &format!("/v1/evidence/{id}/receipt"), &[])
+            .ok()
+            .and_then(|a| serde_json::from_slice::<Receipt>(&a.body).ok());
+        if let Some(r) = r.filter(|r| {
+            !protocol::witness::cosigned_by(&r.checkpoint, std::slice::from_ref(&wkey)).is_empty()
+        }) {
+            upgraded = Some(r);
+            true
+        } else {
+            false
+        }
+    });
+    let upgraded = upgraded.context("no cosigned receipt within 15 s")?;
+    upgraded.verify(&key)?;
+    let dir = tempfile::tempdir()?;
+    let (rpath, fpath, wpath) = (
+        dir.path().join("r.json"),
+        dir.path().join("e.bin"),
+        wdir.path().join("witness.pub"),
+    );
+    std::fs::write(&rpath, serde_json::to_vec(&upgraded)?)?;
+    std::fs::write(&fpath, &data)?;
+    let out = Command::new(custodia_bin())
+        .arg("verify")
+        .arg(&rpath)
+        .arg("--log-key")
+        .arg(&log_pub)
+        .arg("--file")
+        .arg(&fpath)
+        .arg("--witness-key")
+        .arg(&wpath)
+        .args(["--min-witnesses", "1"])
+        .output()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("witnessed: by 1 of 1"), "{text}");
+
+    // The witness holds its view; lying to it fails whatever the lie.
+    let seen = ledger::verify_checkpoint(&upgraded.checkpoint, &key)?.size;
+    let (status, body) = add_checkpoint(
+        &witness.url,
+        &protocol::witness::add_checkpoint_body(0, &[], &upgraded.checkpoint),
+    )?;
+    assert_eq!(
+        (status, body.trim().parse::<u64>().ok()),
+        (409, Some(seen)),
+        "wrong old size: 409 with its size"
+    );
+    let skey = std::fs::read_to_string(c.data_dir().join("ledger/log.key"))?;
+    let fork = ledger::sign_checkpoint(
+        skey.trim(),
+        "custodia.local/ledger",
+        seen + 1,
+        TreeHash([0xee; 32]),
+    )?;
+    let (status, _) = add_checkpoint(
+        &witness.url,
+        &protocol::witness::add_checkpoint_body(seen, &[], &fork),
+    )?;
+    assert_eq!(
+        status, 422,
+        "a fork (no valid consistency proof) is refused"
+    );
+    let (other_s, _) = ledger::note_keys("custodia.local/ledger", &[7; 32]);
+    let forged = ledger::sign_checkpoint(
+        &other_s,
+        "custodia.local/ledger",
+        seen + 1,
+        TreeHash([1; 32]),
+    )?;
+    let (status, _) = add_checkpoint(
+        &witness.url,
+        &protocol::witness::add_checkpoint_body(seen, &[], &forged),
+    )?;
+    assert_eq!(status, 403, "a checkpoint not signed by the log is refused");
+    if seen > 1 {
+        let smaller = ledger::sign_checkpoint(
+            skey.trim(),
+            "custodia.local/ledger",
+            seen - 1,
+            TreeHash([2; 32]),
+        )?;
+        let (status, _) = add_checkpoint(
+            &witness.url,
+            &protocol::witness::add_checkpoint_body(seen, &[], &smaller),
+        )?;
+        assert_eq!(status, 400, "a smaller tree is refused");
+    }
+
+    // Killed and restarted, the witness remembers what it cosigned.
+    let _ = witness.child.kill();
+    let _ = witness.child.wait();
+    // A dead witness never stops filing: receipts keep coming.
+    let filed = c.file(&bytes(10, 8))?;
+    receipt_of(&filed)?.verify(&key)?;
+    let witness = start_witness(wdir.path(), port, &log_pub)?;
+    let (status, body) = add_checkpoint(
+        &witness.url,
+        &protocol::witness::add_checkpoint_body(0, &[], &upgraded.checkpoint),
+    )?;
+    assert_eq!(status, 409);
+    assert!(
+        body.trim().parse::<u64>()? >= seen,
+        "state survived the restart: {body}"
+    );
+    Ok(())
+}

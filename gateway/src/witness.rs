@@ -1,0 +1,254 @@
+//! A C2SP tlog-witness another court can host (`custodia witness`).
+//!
+//! `POST /add-checkpoint` takes a log's new checkpoint with a consistency
+//! proof from the size this witness last cosigned. The witness checks the log's
+//! signature, that `old` is exactly its latest size for that log (409 with its
+//! size otherwise), and the proof; then persists the new view atomically
+//! (temp file, fsync, rename, fsync dir) and only then returns its
+//! `cosignature/v1` line. It never cosigns a smaller tree or a fork, across
+//! restarts, because its view is on disk before any cosignature leaves it.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use protocol::ledger::{self as pl, TreeHash};
+use protocol::witness::{self as pw, Cosigner};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::Mutex;
+
+/// The witness's signer key file in its data dir.
+pub const WITNESS_KEY_FILE: &str = "witness.key";
+/// Its public verifier key, for logs and verifiers to configure.
+pub const WITNESS_PUB_FILE: &str = "witness.pub";
+const STATE_FILE: &str = "witness-state.json";
+
+/// Why the witness could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WitnessStartError {
+    #[error("witness I/O on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("witness key: {0}")]
+    Key(#[from] pw::WitnessError),
+    #[error("log key {0:?} is not a C2SP Ed25519 verifier key")]
+    LogKey(String),
+    #[error("witness state {path} is unreadable: {reason}")]
+    State { path: PathBuf, reason: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WitnessStartError + '_ {
+    move |source| WitnessStartError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The latest cosigned tree of each log, by origin.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Views {
+    logs: BTreeMap<String, View>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct View {
+    size: u64,
+    /// Root hash, base64.
+    root: String,
+}
+
+struct Witness {
+    name: String,
+    signer_key: String,
+    /// Log origin -> verifier key.
+    logs: BTreeMap<String, String>,
+    dir: PathBuf,
+    views: Mutex<Views>,
+}
+
+/// Opens (creating on first start) a witness in `dir` named `name`, trusting
+/// the logs with these verifier keys. Returns the router and its public key.
+pub fn open(
+    dir: &Path,
+    name: &str,
+    log_keys: &[String],
+) -> Result<(Router, String), WitnessStartError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let key_path = dir.join(WITNESS_KEY_FILE);
+    let signer_key = match std::fs::read_to_string(&key_path) {
+        Ok(k) => k.trim().to_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let (s, v) = pw::witness_keys(name, &rand::random());
+            storage_node::store::write_private(&key_path, s.as_bytes()).map_err(io(&key_path))?;
+            let pub_path = dir.join(WITNESS_PUB_FILE);
+            std::fs::write(&pub_path, format!("{v}\n")).map_err(io(&pub_path))?;
+            s
+        }
+        Err(e) => return Err(io(&key_path)(e)),
+    };
+    let cosigner = Cosigner::new(&signer_key, 0)?;
+    let verifier_key = std::fs::read_to_string(dir.join(WITNESS_PUB_FILE))
+        .map_err(io(&dir.join(WITNESS_PUB_FILE)))?
+        .trim()
+        .to_owned();
+    let mut logs = BTreeMap::new();
+    for k in log_keys {
+        let origin = k.split('+').next().unwrap_or_default().to_owned();
+        signed_note::StandardVerifier::new(k).map_err(|_| WitnessStartError::LogKey(k.clone()))?;
+        logs.insert(origin, k.clone());
+    }
+    let state_path = dir.join(STATE_FILE);
+    let views = match std::fs::read(&state_path) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| WitnessStartError::State {
+            path: state_path.clone(),
+            reason: e.to_string(),
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Views::default(),
+        Err(e) => return Err(io(&state_path)(e)),
+    };
+    let w = Arc::new(Witness {
+        name: cosigner.name().to_owned(),
+        signer_key,
+        logs,
+        dir: dir.to_path_buf(),
+        views: Mutex::new(views),
+    });
+    let router = Router::new()
+        .route("/add-checkpoint", post(add_checkpoint))
+        .with_state(w);
+    Ok((router, verifier_key))
+}
+
+/// Serves a witness until the listener fails.
+pub async fn serve(
+    listen: SocketAddr,
+    router: Router,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    Ok((
+        addr,
+        tokio::spawn(async move { axum::serve(listener, router).await }),
+    ))
+}
+
+fn answer(status: StatusCode, content_type: &'static str, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+fn text(status: StatusCode, msg: &str) -> Response {
+    answer(status, "text/plain; charset=utf-8", format!("{msg}\n"))
+}
+
+async fn add_checkpoint(State(w): State<Arc<Witness>>, body: Bytes) -> Response {
+    if body.len() > 64 * 1024 {
+        return text(StatusCode::PAYLOAD_TOO_LARGE, "request too large");
+    }
+    let Ok(body) = std::str::from_utf8(&body) else {
+        return text(StatusCode::BAD_REQUEST, "request is not UTF-8");
+    };
+    let (old, proof, note) = match pw::parse_add_checkpoint(body) {
+        Ok(p) => p,
+        Err(e) => return text(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let origin = note.lines().next().unwrap_or_default().to_owned();
+    let Some(log_key) = w.logs.get(&origin) else {
+        return text(StatusCode::NOT_FOUND, "unknown log");
+    };
+    let new = match pl::verify_checkpoint(&note, log_key) {
+        Ok(cp) => cp,
+        Err(_) => return text(StatusCode::FORBIDDEN, "the log's signature does not verify"),
+    };
+    // One checkpoint at a time: the check, the persist and the cosignature
+    // form one step per witness.
+    let mut views = w.views.lock().await;
+    let latest = views.logs.get(&origin).cloned().unwrap_or(View {
+        size: 0,
+        root: pl::empty_root().to_string(),
+    });
+    if old != latest.size {
+        return answer(
+            StatusCode::CONFLICT,
+            "text/x.tlog.size",
+            format!("{}\n", latest.size),
+        );
+    }
+    if new.size < old {
+        return text(StatusCode::BAD_REQUEST, "checkpoint is smaller than old");
+    }
+    let Ok(latest_root) = TreeHash::parse_hash(&latest.root) else {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, "stored view is corrupt");
+    };
+    let consistent = if old == 0 {
+        proof.is_empty()
+    } else if old == new.size {
+        proof.is_empty() && new.root == latest_root
+    } else {
+        let old_cp = pl::VerifiedCheckpoint {
+            origin: origin.clone(),
+            size: old,
+            root: latest_root,
+        };
+        pl::check_consistency(&old_cp, &new, &proof).is_ok()
+    };
+    if !consistent {
+        tracing::warn!(%origin, old, new = new.size, "refusing an inconsistent checkpoint");
+        return text(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "consistency proof does not verify",
+        );
+    }
+    let mut next = views.clone();
+    next.logs.insert(
+        origin.clone(),
+        View {
+            size: new.size,
+            root: new.root.to_string(),
+        },
+    );
+    // Durable before the cosignature leaves: a restarted witness can never
+    // be led to cosign a smaller tree or a fork of what it signed.
+    let bytes = match serde_json::to_vec_pretty(&next) {
+        Ok(b) => b,
+        Err(_) => return text(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode state"),
+    };
+    let dir = w.dir.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        storage_node::store::write_durably(&dir, STATE_FILE, &[&bytes])
+    })
+    .await;
+    if !matches!(stored, Ok(Ok(()))) {
+        tracing::error!("witness could not persist its state");
+        return text(StatusCode::SERVICE_UNAVAILABLE, "cannot persist state");
+    }
+    *views = next;
+    drop(views);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let cosigned = Cosigner::new(&w.signer_key, now).ok().and_then(|c| {
+        let mut n = signed_note::Note::from_bytes(note.as_bytes()).ok()?;
+        n.add_sigs(&[&c]).ok()?;
+        String::from_utf8(n.to_bytes()).ok()
+    });
+    let Some(cosigned) = cosigned else {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, "cannot cosign");
+    };
+    let prefix = format!("\u{2014} {} ", w.name);
+    let lines: String = cosigned
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    tracing::info!(%origin, size = new.size, "cosigned");
+    answer(StatusCode::OK, "text/plain; charset=utf-8", lines)
+}
