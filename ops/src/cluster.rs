@@ -14,8 +14,8 @@ pub const CLUSTER_FILE: &str = "cluster.toml";
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 /// The ledger's signer key, under `DATA_DIR/ledger/`.
 pub const LOG_KEY_FILE: &str = "log.key";
-/// The ledger's public verifier key, under `DATA_DIR/ledger/`.
-pub const LOG_PUB_FILE: &str = "log.pub";
+/// The ledger's public verifier key (C2SP signed-note form), `DATA_DIR/ledger.vkey`.
+pub const LEDGER_VKEY_FILE: &str = "ledger.vkey";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -150,7 +150,7 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
     fs::create_dir_all(&ledger_dir)?;
     let (skey, vkey) = protocol::ledger::note_keys(&opts.log_origin, &rand::random());
     storage_node::tls::write_private(&ledger_dir.join(LOG_KEY_FILE), skey.as_bytes())?;
-    fs::write(ledger_dir.join(LOG_PUB_FILE), format!("{vkey}\n"))?;
+    fs::write(data_dir.join(LEDGER_VKEY_FILE), format!("{vkey}\n"))?;
     let ledger = gateway::ledger::LedgerConfig {
         origin: opts.log_origin.clone(),
         signer_key: ledger_dir.join(LOG_KEY_FILE),

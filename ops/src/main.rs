@@ -11,6 +11,7 @@ mod bench;
 mod client;
 mod cluster;
 mod up;
+mod verify;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -144,25 +145,36 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
-    /// Verify a receipt offline: the checkpoint's signature by the log key, the
-    /// statement's commitment and its inclusion proof; with --file, that the
-    /// file's BLAKE3 and SHA-256 are the ones the statement names.
+    /// Verify a receipt offline: the checkpoint's signature by the log key,
+    /// the statement's opening and inclusion proof, witness cosignatures, and
+    /// with --file that the file is the evidence it names. Exit 0 only when all
+    /// of it holds. With --consistency OLD NEW --proof P: that NEW extends OLD.
     Verify {
-        /// The receipt (JSON, as `POST /v1/evidence` or `GET .../receipt` return it;
-        /// a filing response holding a `receipt` field is accepted too).
-        receipt: PathBuf,
-        /// File holding the log's verifier key (`DATA_DIR/ledger/log.pub`).
-        #[arg(long)]
-        log_key: PathBuf,
-        /// The evidence file to check against the statement.
+        /// The receipt (JSON, as `GET .../receipt` returns it; a saved filing
+        /// response with a `receipt` field works too).
+        #[arg(long, required_unless_present = "consistency")]
+        receipt: Option<PathBuf>,
+        /// The evidence file to check against the statement (streamed, any size).
         #[arg(long)]
         file: Option<PathBuf>,
-        /// A witness's verifier key file (repeat for each trusted witness).
+        /// The log's verifier key, or a file holding it (`DATA_DIR/ledger.vkey`).
+        #[arg(long)]
+        log_key: String,
+        /// A trusted witness's verifier key, or a file holding it; repeatable.
         #[arg(long = "witness-key")]
-        witness_keys: Vec<PathBuf>,
-        /// Fail unless at least this many of the given witnesses cosigned.
-        #[arg(long, default_value_t = 0)]
-        min_witnesses: usize,
+        witness_keys: Vec<String>,
+        /// Witness cosignatures required (default: every witness key given).
+        #[arg(long)]
+        quorum: Option<usize>,
+        /// Print the verdict as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Two checkpoints (note or receipt files): check NEW extends OLD.
+        #[arg(long, num_args = 2, value_names = ["OLD", "NEW"], conflicts_with = "receipt", requires = "proof")]
+        consistency: Option<Vec<PathBuf>>,
+        /// The consistency proof, as `GET /v1/ledger/consistency` returns it.
+        #[arg(long)]
+        proof: Option<PathBuf>,
     },
     /// Run a C2SP tlog-witness for other courts' logs: it cosigns each log's
     /// checkpoints only when they extend what it cosigned before.
@@ -175,9 +187,9 @@ enum Command {
         /// The witness's name (its key name), used when its key is created.
         #[arg(long, default_value = "custodia-witness.local")]
         name: String,
-        /// A log's verifier key file (`DATA_DIR/ledger/log.pub`); repeat per log.
+        /// A log's verifier key, or a file holding it (`DATA_DIR/ledger.vkey`); repeat per log.
         #[arg(long = "log-key", required = true)]
-        log_keys: Vec<PathBuf>,
+        log_keys: Vec<String>,
     },
     /// Measure raw kernels and end-to-end throughput on a fresh local cluster.
     Bench(bench::BenchArgs),
@@ -295,17 +307,34 @@ async fn run(cli: Cli) -> Result<()> {
         ),
         Command::Verify {
             receipt,
-            log_key,
             file,
+            log_key,
             witness_keys,
-            min_witnesses,
-        } => client::verify(
-            &receipt,
-            &log_key,
-            file.as_deref(),
-            &witness_keys,
-            min_witnesses,
-        ),
+            quorum,
+            json,
+            consistency,
+            proof,
+        } => {
+            let ok = match (consistency.as_deref(), proof.as_deref(), receipt.as_deref()) {
+                (Some([old, new]), Some(proof), _) => {
+                    verify::consistency(old, new, proof, &log_key)?
+                }
+                (_, _, Some(receipt)) => verify::receipt(&verify::ReceiptArgs {
+                    receipt,
+                    file: file.as_deref(),
+                    log_key: &log_key,
+                    witness_keys: &witness_keys,
+                    quorum,
+                    json,
+                })?,
+                _ => anyhow::bail!("give --receipt R, or --consistency OLD NEW --proof P"),
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("verification failed"))
+            }
+        }
         Command::Witness {
             data_dir,
             listen,
@@ -315,11 +344,7 @@ async fn run(cli: Cli) -> Result<()> {
             init_tracing("info");
             let keys = log_keys
                 .iter()
-                .map(|p| {
-                    std::fs::read_to_string(p)
-                        .map(|k| k.trim().to_owned())
-                        .with_context(|| format!("reading {}", p.display()))
-                })
+                .map(|k| verify::key_arg(k))
                 .collect::<Result<Vec<_>>>()?;
             let (router, vkey) = gateway::witness::open(&data_dir, &name, &keys)?;
             let (addr, server) = gateway::witness::serve(listen, router).await?;

@@ -143,7 +143,7 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
         );
         println!(
             "  ledger key     {}  (verify receipts with it: custodia verify)",
-            l.signer_key.with_file_name(cluster::LOG_PUB_FILE).display()
+            data_dir.join(cluster::LEDGER_VKEY_FILE).display()
         );
     }
     for (n, c) in cluster.nodes.iter().zip(&children) {

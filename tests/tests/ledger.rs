@@ -13,11 +13,9 @@ use std::process::Command;
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 fn log_key(c: &TestCluster) -> Result<String> {
-    Ok(
-        std::fs::read_to_string(c.data_dir().join("ledger/log.pub"))?
-            .trim()
-            .to_string(),
-    )
+    Ok(std::fs::read_to_string(c.data_dir().join("ledger.vkey"))?
+        .trim()
+        .to_string())
 }
 
 fn receipt_of(filed: &Value) -> Result<Receipt> {
@@ -30,7 +28,11 @@ fn receipt_of(filed: &Value) -> Result<Receipt> {
 
 fn custodia_verify(receipt: &Path, key: &Path, file: Option<&Path>) -> Result<(bool, String)> {
     let mut cmd = Command::new(custodia_bin());
-    cmd.arg("verify").arg(receipt).arg("--log-key").arg(key);
+    cmd.arg("verify")
+        .arg("--receipt")
+        .arg(receipt)
+        .arg("--log-key")
+        .arg(key);
     if let Some(f) = file {
         cmd.arg("--file").arg(f);
     }
@@ -88,7 +90,7 @@ fn a_filing_gets_a_receipt_a_court_can_verify_offline() -> Result<()> {
     );
     std::fs::write(&rpath, serde_json::to_vec(&filed)?)?;
     std::fs::write(&fpath, &data)?;
-    let key = c.data_dir().join("ledger/log.pub");
+    let key = c.data_dir().join("ledger.vkey");
     let (ok, out) = custodia_verify(&rpath, &key, Some(&fpath))?;
     assert!(ok, "{out}");
     assert!(
@@ -106,7 +108,7 @@ fn a_filing_gets_a_receipt_a_court_can_verify_offline() -> Result<()> {
     let (_, vkey) = ledger::note_keys("custodia.local/ledger", &[9; 32]);
     std::fs::write(&wrong_key, vkey)?;
     let (ok, out) = custodia_verify(&rpath, &wrong_key, None)?;
-    assert!(!ok && out.contains("does NOT verify"), "{out}");
+    assert!(!ok && out.contains("INVALID: not logged"), "{out}");
 
     let mut forged: Value = serde_json::from_slice(&std::fs::read(&rpath)?)?;
     let stmt = B64.decode(forged["receipt"]["statement"].as_str().unwrap_or_default())?;
@@ -440,7 +442,7 @@ fn add_checkpoint(url: &str, body: &str) -> Result<(u16, String)> {
 fn witnesses_cosign_off_the_filing_path_and_never_cosign_a_fork() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
     let key = log_key(&c)?;
-    let log_pub = c.data_dir().join("ledger/log.pub");
+    let log_pub = c.data_dir().join("ledger.vkey");
     let wdir = tempfile::tempdir()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -502,6 +504,7 @@ fn witnesses_cosign_off_the_filing_path_and_never_cosign_a_fork() -> Result<()> 
     std::fs::write(&fpath, &data)?;
     let out = Command::new(custodia_bin())
         .arg("verify")
+        .arg("--receipt")
         .arg(&rpath)
         .arg("--log-key")
         .arg(&log_pub)
@@ -509,7 +512,7 @@ fn witnesses_cosign_off_the_filing_path_and_never_cosign_a_fork() -> Result<()> 
         .arg(&fpath)
         .arg("--witness-key")
         .arg(&wpath)
-        .args(["--min-witnesses", "1"])
+        .args(["--quorum", "1"])
         .output()?;
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
@@ -584,5 +587,95 @@ fn witnesses_cosign_off_the_filing_path_and_never_cosign_a_fork() -> Result<()> 
         body.trim().parse::<u64>()? >= seen,
         "state survived the restart: {body}"
     );
+    Ok(())
+}
+
+#[test]
+fn an_independent_implementation_agrees_with_our_tiles_proofs_and_signatures() -> Result<()> {
+    let c = TestCluster::start(Shape::default())?;
+    let vkey = log_key(&c)?;
+    let mut receipts = Vec::new();
+    for i in 0..2 {
+        receipts.push(receipt_of(&c.file(&bytes(500 + i, i as u64))?)?);
+    }
+    let old_checkpoint = receipts[1].checkpoint.clone();
+    // Enough entries to fill a whole tile and start the next.
+    let items: Vec<Value> = (0..300u32)
+        .map(|i| {
+            serde_json::json!({
+                "blake3": custodia_tests::blake3_hex(&i.to_be_bytes()),
+                "size": 4,
+            })
+        })
+        .collect();
+    let (status, body) = post_json(
+        &c,
+        &c.token,
+        "/v1/notarize",
+        &serde_json::json!({ "items": items }),
+    )?;
+    assert_eq!(status, 201, "{body}");
+    let notarized = body["items"].as_array().context("items")?;
+    for k in [0, 253, 254, 299] {
+        receipts.push(serde_json::from_value(notarized[k]["receipt"].clone())?);
+    }
+    receipts.push(receipt_of(&c.file(&bytes(77, 9))?)?);
+    let note = String::from_utf8(published(&c, "checkpoint")?)?;
+    let size = ledger::verify_checkpoint(&note, &vkey)?.size;
+    assert_eq!(size, 303);
+    let a = c.get_with(
+        &c.token,
+        &format!("/v1/ledger/consistency?old=2&new={size}"),
+        &[],
+    )?;
+    assert_eq!(a.status, 200);
+    let checks = serde_json::json!({
+        "receipts": receipts,
+        "old_checkpoint": old_checkpoint,
+        "consistency_proof": a.json()["proof"],
+    });
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("checks.json");
+    std::fs::write(&path, serde_json::to_vec(&checks)?)?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("independent/verify_log.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(&c.api)
+        .arg(&vkey)
+        .arg(&path)
+        .output()
+        .context("running python3 (CI installs it; install python3 to run this test)")?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.starts_with("OK: 303 leaves, 7 receipts, consistency 2 -> 303"),
+        "{text}"
+    );
+    println!("{}", text.trim());
+
+    // It is not a yes-machine: a receipt with a wrong proof fails it.
+    let mut bad = checks.clone();
+    bad["receipts"][2]["inclusion_proof"][0] = Value::String(TreeHash([7; 32]).to_string());
+    std::fs::write(&path, serde_json::to_vec(&bad)?)?;
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(&c.api)
+        .arg(&vkey)
+        .arg(&path)
+        .output()?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("inclusion proof of leaf 2 does not verify")
+    );
+    let (_, other) = ledger::note_keys("custodia.local/ledger", &[5; 32]);
+    std::fs::write(&path, serde_json::to_vec(&checks)?)?;
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(&c.api)
+        .arg(&other)
+        .arg(&path)
+        .output()?;
+    assert!(!out.status.success(), "another key must not verify the log");
     Ok(())
 }

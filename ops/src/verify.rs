@@ -1,0 +1,198 @@
+//! `custodia verify`: what a court runs, offline, years later, with only the
+//! evidence file, its receipt and the log's public key (and any witness keys).
+//! Everything it checks is in the `protocol` crate; no server is contacted.
+
+use anyhow::{Context, Result};
+use protocol::ledger::{self, Receipt, TreeHash};
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// A key given as a file holding it, or as the key itself.
+pub fn key_arg(arg: &str) -> Result<String> {
+    let p = Path::new(arg);
+    if p.is_file() {
+        Ok(std::fs::read_to_string(p)
+            .with_context(|| format!("reading {}", p.display()))?
+            .trim()
+            .to_owned())
+    } else {
+        Ok(arg.trim().to_owned())
+    }
+}
+
+/// Reads a receipt: a receipt JSON, or a saved filing response with a
+/// `receipt` field.
+fn read_receipt(path: &Path) -> Result<Receipt> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let value: Value = serde_json::from_str(&text).context("the receipt is not JSON")?;
+    let value = match value.get("receipt") {
+        Some(r) if !r.is_null() => r.clone(),
+        Some(_) => anyhow::bail!(
+            "this filing response holds no receipt yet; fetch it from its receipt_url"
+        ),
+        None => value,
+    };
+    serde_json::from_value(value).context("the receipt is malformed")
+}
+
+pub struct ReceiptArgs<'a> {
+    pub receipt: &'a Path,
+    pub file: Option<&'a Path>,
+    pub log_key: &'a str,
+    pub witness_keys: &'a [String],
+    pub quorum: Option<usize>,
+    pub json: bool,
+}
+
+/// Checks a receipt (and the file); prints the verdict; returns whether
+/// everything holds.
+pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
+    let log_key = key_arg(args.log_key)?;
+    let witness_keys = args
+        .witness_keys
+        .iter()
+        .map(|k| key_arg(k))
+        .collect::<Result<Vec<_>>>()?;
+    let quorum = args.quorum.unwrap_or(witness_keys.len());
+    let receipt = read_receipt(args.receipt)?;
+    let mut problems: Vec<String> = Vec::new();
+    let logged = receipt.verify(&log_key);
+    let (statement, checkpoint) = match &logged {
+        Ok(v) => (Some(v.statement.clone()), Some(v.checkpoint.clone())),
+        Err(e) => {
+            problems.push(format!("not logged: {e}"));
+            (None, None)
+        }
+    };
+    let witnessed = protocol::witness::cosigned_by(&receipt.checkpoint, &witness_keys);
+    if witnessed.len() < quorum {
+        problems.push(format!(
+            "witnessed by {} of {} trusted witnesses, {quorum} required",
+            witnessed.len(),
+            witness_keys.len()
+        ));
+    }
+    let mut content = Value::Null;
+    if let (Some(path), Ok(v)) = (args.file, &logged) {
+        let (b3, sha, size) = crate::client::hash_file(path)?;
+        let matches = v.check_content(&b3, &sha).is_ok() && size == v.statement.size;
+        if !matches {
+            problems.push(format!(
+                "{} is NOT the evidence the receipt names (its BLAKE3 is {}, the statement says {})",
+                path.display(),
+                b3.to_hex(),
+                v.statement.blake3
+            ));
+        }
+        content = json!({ "file": path.display().to_string(), "blake3": b3.to_hex(), "sha256": sha.to_hex(), "size": size, "matches": matches });
+    }
+    let valid = problems.is_empty();
+    if args.json {
+        let report = json!({
+            "valid": valid,
+            "logged": logged.is_ok(),
+            "leaf_index": receipt.leaf_index,
+            "checkpoint": checkpoint.as_ref().map(|c| json!({ "origin": c.origin, "size": c.size, "root": c.root.to_string() })),
+            "witnessed": { "by": witnessed, "of": witness_keys.len(), "quorum": quorum },
+            "content": content,
+            "statement": statement,
+            "time_note": "the statement's time is the log operator's clock",
+            "problems": problems,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(valid);
+    }
+    if let (Some(s), Some(cp)) = (&statement, &checkpoint) {
+        println!(
+            "logged: yes — the {:?} statement for evidence {} is entry {} of log {:?} (checkpoint of {} entries, signature verified)",
+            s.kind, s.evidence, receipt.leaf_index, cp.origin, cp.size
+        );
+        println!(
+            "statement: tenant {}, case {}, {} bytes, BLAKE3 {}, SHA-256 {}",
+            s.tenant,
+            s.case.as_deref().unwrap_or("-"),
+            s.size,
+            s.blake3,
+            s.sha256.as_deref().unwrap_or("-")
+        );
+        println!(
+            "time: {} ms after the Unix epoch by the log operator's clock ({})",
+            s.time_ms, s.time_source
+        );
+    }
+    println!(
+        "witnessed: by {} of {} trusted witnesses (quorum {quorum}){}{}",
+        witnessed.len(),
+        witness_keys.len(),
+        if witnessed.is_empty() { "" } else { ": " },
+        witnessed.join(", ")
+    );
+    if let Some(m) = content.get("matches").and_then(Value::as_bool) {
+        if m {
+            println!(
+                "content: {} matches the statement (BLAKE3, SHA-256 and size)",
+                args.file
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            );
+        }
+    }
+    for p in &problems {
+        println!("INVALID: {p}");
+    }
+    println!(
+        "verdict: {}",
+        if valid {
+            "VALID — this receipt proves the statement above was logged"
+        } else {
+            "INVALID — do not rely on this receipt"
+        }
+    );
+    Ok(valid)
+}
+
+/// A checkpoint from a file holding either a note or a receipt.
+fn read_checkpoint(path: &Path, log_key: &str) -> Result<ledger::VerifiedCheckpoint> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let note = if text.trim_start().starts_with('{') {
+        read_receipt(path)?.checkpoint
+    } else {
+        text
+    };
+    ledger::verify_checkpoint(&note, log_key)
+        .with_context(|| format!("the checkpoint in {} does not verify", path.display()))
+}
+
+/// `custodia verify --consistency OLD NEW --proof P`: checks that NEW extends OLD.
+pub fn consistency(old: &Path, new: &Path, proof: &Path, log_key: &str) -> Result<bool> {
+    let log_key = key_arg(log_key)?;
+    let old = read_checkpoint(old, &log_key)?;
+    let new = read_checkpoint(new, &log_key)?;
+    let text =
+        std::fs::read_to_string(proof).with_context(|| format!("reading {}", proof.display()))?;
+    let v: Value = serde_json::from_str(&text).context("the proof is not JSON")?;
+    let hashes = v["proof"]
+        .as_array()
+        .context("the proof has no `proof` array")?
+        .iter()
+        .map(|h| {
+            TreeHash::parse_hash(h.as_str().unwrap_or_default())
+                .map_err(|_| anyhow::anyhow!("a proof hash is not base64 SHA-256"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    match ledger::check_consistency(&old, &new, &hashes) {
+        Ok(()) => {
+            println!(
+                "verdict: CONSISTENT — the checkpoint of {} entries extends the one of {} (log {:?})",
+                new.size, old.size, new.origin
+            );
+            Ok(true)
+        }
+        Err(e) => {
+            println!("verdict: INCONSISTENT — {e}");
+            Ok(false)
+        }
+    }
+}
