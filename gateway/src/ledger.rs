@@ -714,28 +714,35 @@ pub fn spawn_witnessing<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::Jo
             let Ok(Some(newest)) = newest_checkpoint(&gw, &ledger).await else {
                 continue;
             };
-            for (i, w) in ledger.witnesses.iter().enumerate() {
-                if seen[i] == Some(newest.1.size) {
-                    continue;
-                }
-                match witness_once(&gw, &agent, w, seen[i].unwrap_or(0), &newest).await {
-                    Ok(Cosigned::Yes) => seen[i] = Some(newest.1.size),
-                    Ok(Cosigned::Behind(size)) => {
-                        // Retry at once from the size it reports.
-                        seen[i] = Some(size);
-                        match witness_once(&gw, &agent, w, size, &newest).await {
-                            Ok(Cosigned::Yes) => seen[i] = Some(newest.1.size),
-                            Ok(Cosigned::Behind(s)) => seen[i] = Some(s),
-                            Err(e) => {
-                                tracing::warn!(witness = %w.url, error = %e, "witness did not cosign")
+            // All witnesses at once: a slow one delays no other.
+            let rounds = ledger.witnesses.iter().zip(seen.iter()).map(|(w, seen)| {
+                let (gw, agent, newest) = (&gw, &agent, &newest);
+                let seen = *seen;
+                async move {
+                    if seen == Some(newest.1.size) {
+                        return seen;
+                    }
+                    match witness_once(gw, agent, w, seen.unwrap_or(0), newest).await {
+                        Ok(Cosigned::Yes) => Some(newest.1.size),
+                        // It is at another size: retry at once from there.
+                        Ok(Cosigned::Behind(size)) => {
+                            match witness_once(gw, agent, w, size, newest).await {
+                                Ok(Cosigned::Yes) => Some(newest.1.size),
+                                Ok(Cosigned::Behind(s)) => Some(s),
+                                Err(e) => {
+                                    tracing::warn!(witness = %w.url, error = %e, "witness did not cosign");
+                                    Some(size)
+                                }
                             }
                         }
-                    }
-                    Err(e) => {
-                        tracing::warn!(witness = %w.url, error = %e, "witness did not cosign")
+                        Err(e) => {
+                            tracing::warn!(witness = %w.url, error = %e, "witness did not cosign");
+                            seen
+                        }
                     }
                 }
-            }
+            });
+            seen = futures::future::join_all(rounds).await;
         }
     }))
 }

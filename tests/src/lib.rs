@@ -213,6 +213,24 @@ impl TestCluster {
         Ok(())
     }
 
+    /// SIGTERM (a clean stop), waiting for the process to go.
+    pub fn stop_gateway(&mut self) {
+        if let Some(mut c) = self.gateway.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     pub fn kill_gateway(&mut self) {
         if let Some(mut c) = self.gateway.take() {
             let _ = c.kill();
