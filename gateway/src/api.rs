@@ -812,15 +812,19 @@ async fn notarize<S: Store>(
     if let Some(l) = &gw.ledger {
         l.queued();
     }
-    let mut items = Vec::with_capacity(queued.len());
-    for (id, _) in &queued {
-        let receipt = crate::ledger::wait_for_receipt(&gw, *id, &[Kind::Notarized]).await?;
-        items.push(json!({
-            "id": id.to_string(),
-            "receipt_url": format!("/v1/evidence/{id}/receipt"),
-            "receipt": receipt,
-        }));
-    }
+    let ids: Vec<EvidenceId> = queued.iter().map(|(id, _)| *id).collect();
+    let receipts = crate::ledger::wait_for_receipts(&gw, &ids, Kind::Notarized).await?;
+    let items: Vec<serde_json::Value> = ids
+        .iter()
+        .zip(receipts)
+        .map(|(id, receipt)| {
+            json!({
+                "id": id.to_string(),
+                "receipt_url": format!("/v1/evidence/{id}/receipt"),
+                "receipt": receipt,
+            })
+        })
+        .collect();
     Ok((StatusCode::CREATED, Json(json!({ "items": items }))).into_response())
 }
 

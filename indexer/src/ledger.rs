@@ -227,9 +227,14 @@ pub fn integrate_tx<T: Transaction>(
     hashes: &[TreeHash],
     state: &TreeState,
 ) {
-    for (i, (queue_key, leaf, kind)) in leaves.iter().enumerate() {
+    // The batch is a prefix of the queue: one range clear dequeues it.
+    if let (Some((from, ..)), Some((to, ..))) = (leaves.first(), leaves.last()) {
+        let mut end = to.clone();
+        end.push(0);
+        tx.clear_range(from, &end);
+    }
+    for (i, (_, leaf, kind)) in leaves.iter().enumerate() {
         let n = first + i as u64;
-        tx.clear(queue_key);
         tx.set(&u64_key(LEAF, n), &encode_versioned(RECORD_V1, leaf));
         let mut v = by_evidence_prefix(&leaf.evidence);
         v.extend_from_slice(&n.to_be_bytes());

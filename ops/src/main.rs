@@ -8,6 +8,7 @@
 //! - `bench`: raw kernels and end-to-end throughput in one run.
 
 mod bench;
+mod bench_ledger;
 mod client;
 mod cluster;
 mod up;
@@ -193,6 +194,9 @@ enum Command {
     },
     /// Measure raw kernels and end-to-end throughput on a fresh local cluster.
     Bench(bench::BenchArgs),
+    /// Measure the notarization ledger: sequencer entries/s in process,
+    /// `POST /v1/notarize` entries/s over HTTP, and request-to-receipt latency.
+    BenchLedger(bench_ledger::BenchLedgerArgs),
 }
 
 fn init_tracing(default: &str) {
@@ -369,6 +373,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => {
             init_tracing("warn");
             bench::run(args).await
+        }
+        Command::BenchLedger(args) => {
+            init_tracing("warn");
+            bench_ledger::run(args).await
         }
     }
 }

@@ -1,0 +1,213 @@
+//! `custodia bench-ledger`: the notarization ledger's throughput and latency,
+//! in one run on one machine.
+//!
+//! 1. In process: statements queued in the index (1,000 per transaction), then
+//!    integrated by the sequencer as fast as it goes (batches of up to 4,096:
+//!    leaves and tree hashes in one transaction, tiles and entry bundles written
+//!    and fsynced, one checkpoint signature per batch). Entries/s.
+//! 2. Over HTTP: `POST /v1/notarize` with 1,000 items per request from several
+//!    client threads, each request answered with every receipt. Entries/s.
+//! 3. Latency: requests of `--latency-batch` items offered at half the HTTP
+//!    maximum, p50/p99 from request to receipts.
+
+use crate::cluster::{self, InitOptions};
+use anyhow::{Context, Result};
+use indexer::ledger::PendingRecord;
+use protocol::ledger::{Kind, Statement};
+use protocol::{Blake3Hash, EvidenceId, Sha256Hash};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args)]
+pub struct BenchLedgerArgs {
+    /// Statements integrated in process.
+    #[arg(long, default_value_t = 200_000)]
+    entries: u64,
+    /// Items notarized over HTTP (in requests of 1,000).
+    #[arg(long, default_value_t = 100_000)]
+    http_entries: u64,
+    /// Concurrent HTTP clients.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Items per request in the latency run.
+    #[arg(long, default_value_t = 100)]
+    latency_batch: usize,
+    /// Seconds of the latency run.
+    #[arg(long, default_value_t = 10)]
+    latency_secs: u64,
+}
+
+fn statement(n: u64) -> Statement {
+    let mut b = [0u8; 32];
+    b[..8].copy_from_slice(&n.to_be_bytes());
+    Statement::new(
+        Kind::Notarized,
+        EvidenceId::new(1_700_000_000_000 + n, [7; 10]),
+        &Blake3Hash(b),
+        Some(&Sha256Hash(b)),
+        1 << 20,
+        "bench",
+        Some("2026-CR-0001".into()),
+        Some("bench/clerk".into()),
+        1_700_000_000_000 + n,
+    )
+}
+
+async fn init(dir: &std::path::Path) -> Result<cluster::Cluster> {
+    cluster::init(
+        dir,
+        &InitOptions {
+            nodes: 6,
+            k: 4,
+            m: 2,
+            shard_size: protocol::ErasureCode::DEFAULT_SHARD_SIZE,
+            api: ([127, 0, 0, 1], 0).into(),
+            node_base_port: 0,
+            min_write_shards: None,
+            log_origin: "custodia.local/bench".into(),
+        },
+    )
+    .await
+}
+
+pub async fn run(args: BenchLedgerArgs) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+
+    // 1. In process.
+    let c = init(&tmp.path().join("inproc")).await?;
+    let store = indexer::EmbeddedStore::open(&c.gateway.index_path)?;
+    let gw = Arc::new(gateway::Gateway::new(c.gateway.clone(), store)?);
+    let ledger = gw.ledger.clone().context("no ledger configured")?;
+    let queued_at = Instant::now();
+    let mut n = 0u64;
+    while n < args.entries {
+        let batch: Vec<PendingRecord> = (n..(n + 1000).min(args.entries))
+            .map(|i| {
+                Ok(PendingRecord {
+                    evidence: EvidenceId::new(i, [1; 10]),
+                    salt: rand::random(),
+                    statement: statement(i).encode()?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        n += batch.len() as u64;
+        indexer::run(&gw.store, |tx| {
+            let batch = &batch;
+            async move {
+                for (seq, p) in batch.iter().enumerate() {
+                    indexer::ledger::enqueue_tx(&tx, seq as u16, p);
+                }
+                Ok::<_, indexer::schema::SchemaError>(())
+            }
+        })
+        .await?;
+    }
+    let queued = queued_at.elapsed();
+    let started = Instant::now();
+    while gateway::ledger::integrate_once(&gw, &ledger).await? {}
+    let integrated = started.elapsed();
+    let inproc = args.entries as f64 / integrated.as_secs_f64();
+    println!(
+        "ledger, in process ({} statements of ~{} bytes)",
+        args.entries,
+        statement(0).encode()?.len()
+    );
+    println!(
+        "  queue (1,000 per txn)         {:>10.0} entries/s",
+        args.entries as f64 / queued.as_secs_f64()
+    );
+    println!("  sequencer (integrate, tiles, fsync, sign)  {inproc:>10.0} entries/s");
+    drop(gw);
+
+    // 2. Over HTTP.
+    let c = init(&tmp.path().join("http")).await?;
+    let store = indexer::EmbeddedStore::open(&c.gateway.index_path)?;
+    let running = gateway::serve(c.gateway.clone(), store).await?;
+    let api = format!("http://{}", running.local_addr);
+    let token = std::fs::read_to_string(tmp.path().join("http").join(cluster::ADMIN_TOKEN_FILE))?;
+    let token = token.trim().to_owned();
+    let requests = args.http_entries.div_ceil(1000);
+    let t = Instant::now();
+    let per_client = requests.div_ceil(args.clients as u64);
+    let handles: Vec<_> = (0..args.clients)
+        .map(|client| {
+            let (api, token) = (api.clone(), token.clone());
+            std::thread::spawn(move || -> Result<u64> {
+                let mut done = 0;
+                for r in 0..per_client {
+                    let base = (client as u64 * per_client + r) * 1000;
+                    done += notarize(&api, &token, base, 1000)?;
+                }
+                Ok(done)
+            })
+        })
+        .collect();
+    let mut items = 0;
+    for h in handles {
+        items += h.join().map_err(|_| anyhow::anyhow!("client panicked"))??;
+    }
+    let http = items as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "ledger, over HTTP ({items} items, 1,000 per request, {} clients)",
+        args.clients
+    );
+    println!("  POST /v1/notarize with receipts          {http:>10.0} entries/s");
+
+    // 3. Latency at half the HTTP maximum.
+    let rate = (http / 2.0 / args.latency_batch as f64).max(1.0); // requests/s
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let total = (rate * args.latency_secs as f64) as u64;
+    let t0 = Instant::now();
+    let handles: Vec<_> = (0..total)
+        .map(|i| {
+            let (api, token) = (api.clone(), token.clone());
+            let due = t0 + interval * i as u32;
+            let batch = args.latency_batch;
+            std::thread::spawn(move || -> Result<Duration> {
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let sent = Instant::now();
+                notarize(&api, &token, 10_000_000 + i * batch as u64, batch)?;
+                Ok(sent.elapsed())
+            })
+        })
+        .collect();
+    let mut lat = Vec::new();
+    for h in handles {
+        lat.push(h.join().map_err(|_| anyhow::anyhow!("client panicked"))??);
+    }
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
+    println!(
+        "latency at half the HTTP maximum ({:.0} requests/s of {} items, {} s)",
+        rate, args.latency_batch, args.latency_secs
+    );
+    println!(
+        "  request to receipts            p50 {:>6.1} ms   p99 {:>6.1} ms",
+        pct(0.5).as_secs_f64() * 1e3,
+        pct(0.99).as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+/// Notarizes `count` items; returns how many came back with a receipt.
+fn notarize(api: &str, token: &str, base: u64, count: usize) -> Result<u64> {
+    let items: Vec<serde_json::Value> = (0..count as u64)
+        .map(|i| {
+            serde_json::json!({
+                "blake3": hex::encode(blake3::hash(&(base + i).to_be_bytes()).as_bytes()),
+                "size": 1 << 20,
+            })
+        })
+        .collect();
+    let mut resp = ureq::post(format!("{api}/v1/notarize"))
+        .header("authorization", format!("Bearer {token}"))
+        .send_json(serde_json::json!({ "items": items }))?;
+    let v: serde_json::Value = resp.body_mut().with_config().limit(1 << 30).read_json()?;
+    let with_receipt = v["items"]
+        .as_array()
+        .map(|a| a.iter().filter(|i| !i["receipt"].is_null()).count())
+        .unwrap_or(0);
+    Ok(with_receipt as u64)
+}
