@@ -234,6 +234,15 @@ pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {
         .route("/v1/evidence/{id}/receipt", get(evidence_receipt::<S>))
         .route("/v1/evidence/{id}/custody", get(custody::<S>))
         .route(
+            "/v1/evidence/{id}/legal-hold",
+            axum::routing::put(legal_hold_on::<S>).delete(legal_hold_off::<S>),
+        )
+        .route(
+            "/v1/evidence/{id}/retention",
+            axum::routing::put(retention::<S>),
+        )
+        .route("/v1/evidence/{id}/expunge", post(expunge::<S>))
+        .route(
             "/v1/notarize",
             post(notarize::<S>).layer(DefaultBodyLimit::max(MAX_NOTARIZE_BODY)),
         )
@@ -270,7 +279,7 @@ pub async fn authenticate<S: Store>(
 }
 
 fn require(who: &TokenRecord, role: Role, action: &'static str) -> Result<(), ApiError> {
-    if who.role >= role {
+    if who.role.may(role) {
         Ok(())
     } else {
         Err(ApiError::Forbidden(action))
@@ -327,6 +336,8 @@ pub fn evidence_json(h: &ManifestHeader) -> serde_json::Value {
         "media_type": h.media_type,
         "submitter": h.submitter,
         "filed_at_ms": h.filed_at_ms,
+        "legal_hold": h.legal_hold,
+        "retain_until_ms": h.retain_until_ms,
     })
 }
 
@@ -353,6 +364,15 @@ async fn file_evidence<S: Store>(
             capture_method: meta_header(h, "x-custodia-capture-method")?,
             prior_custody: meta_header(h, "x-custodia-prior-custody")?,
         },
+        retain_until_ms: meta_header(h, "x-custodia-retain-until-ms")?
+            .map(|v| {
+                v.parse::<u64>().map_err(|_| {
+                    ApiError::BadRequest(
+                        "X-Custodia-Retain-Until-Ms must be milliseconds since the epoch".into(),
+                    )
+                })
+            })
+            .transpose()?,
     };
     // Run the upload in its own task: if the client disconnects, the body
     // stream fails and the upload cleans up after itself instead of being
@@ -399,15 +419,19 @@ async fn load_visible<S: Store>(
     let id: EvidenceId = id
         .parse()
         .map_err(|_| ApiError::BadRequest("evidence id must be a UUID".into()))?;
-    let header = indexer::run(&gw.store, |tx| async move {
-        schema::get_manifest_tx(&tx, id).await
+    let (header, expunged) = indexer::run(&gw.store, |tx| async move {
+        Ok::<_, schema::SchemaError>((
+            schema::get_manifest_tx(&tx, id).await?,
+            schema::get_expunged_tx(&tx, id).await?,
+        ))
     })
-    .await?
-    .ok_or(ApiError::NotFound)?;
-    if header.tenant != who.tenant && who.role != Role::Admin {
-        return Err(ApiError::NotFound);
+    .await?;
+    let mine = |h: &ManifestHeader| h.tenant == who.tenant || who.role == Role::Admin;
+    match (header, expunged) {
+        (Some(h), _) if mine(&h) => Ok(h),
+        (None, Some(x)) if mine(&x) => Err(ApiError::Gone),
+        _ => Err(ApiError::NotFound),
     }
-    Ok(header)
 }
 
 /// Parses a single `bytes=` range (RFC 9110 §14.1.2). `Ok(None)` means serve the
@@ -576,9 +600,10 @@ async fn create_token<S: Store>(
         "reader" => Role::Reader,
         "clerk" => Role::Clerk,
         "admin" => Role::Admin,
+        "expunger" => Role::Expunger,
         other => {
             return Err(ApiError::BadRequest(format!(
-                "unknown role {other:?}: reader, clerk or admin"
+                "unknown role {other:?}: reader, clerk, admin or expunger"
             )))
         }
     };
@@ -668,6 +693,10 @@ async fn visible_subject<S: Store>(
 ) -> Result<EvidenceId, ApiError> {
     match load_visible(gw, who, id).await {
         Ok(h) => Ok(h.evidence),
+        // Expunged: the bytes are gone, the record of what happened is not.
+        Err(ApiError::Gone) => id
+            .parse()
+            .map_err(|_| ApiError::BadRequest("evidence id must be a UUID".into())),
         Err(ApiError::NotFound) => {
             let id: EvidenceId = id
                 .parse()
@@ -906,4 +935,193 @@ async fn ledger_published<S: Store>(
         .header(header::CACHE_CONTROL, cache)
         .body(Body::from(bytes))
         .map_err(|_| ApiError::Internal)
+}
+
+/// The statement recording a WORM change or an expunge of `h`.
+fn worm_statement<S: Store>(
+    gw: &Gateway<S>,
+    who: &TokenRecord,
+    h: &ManifestHeader,
+    kind: Kind,
+    detail: serde_json::Value,
+) -> Result<Option<indexer::ledger::PendingRecord>, ApiError> {
+    if gw.ledger.is_none() {
+        return Ok(None);
+    }
+    let mut s = Statement::new(
+        kind,
+        h.evidence,
+        &h.blake3,
+        Some(&h.sha256),
+        h.size,
+        &h.tenant,
+        h.case.clone(),
+        Some(actor(who)),
+        gw.clock.now_ms(),
+    );
+    s.metadata_sha256 = Some(sha256_hex(detail.to_string().as_bytes()));
+    crate::ledger::pending(h.evidence, &s).map(Some)
+}
+
+/// Runs `change` and queues `kind`'s statement in the same transaction.
+async fn worm<S, F, Fut>(
+    gw: &Gateway<S>,
+    who: &TokenRecord,
+    h: &ManifestHeader,
+    kind: Kind,
+    detail: serde_json::Value,
+    change: F,
+) -> Result<ManifestHeader, ApiError>
+where
+    S: Store,
+    F: Fn(<S as KvStore>::Tx) -> Fut,
+    Fut: std::future::Future<Output = Result<ManifestHeader, schema::SchemaError>>,
+{
+    let pending = worm_statement(gw, who, h, kind, detail)?;
+    let updated = indexer::run(&gw.store, |tx| {
+        let pending = &pending;
+        let change = &change;
+        async move {
+            let updated = change(tx.clone()).await?;
+            if let Some(p) = pending {
+                indexer::ledger::enqueue_tx(&tx, 0, p);
+            }
+            Ok::<_, schema::SchemaError>(updated)
+        }
+    })
+    .await?;
+    if let Some(l) = &gw.ledger {
+        l.queued();
+    }
+    Ok(updated)
+}
+
+fn worm_json(h: &ManifestHeader) -> Json<serde_json::Value> {
+    Json(json!({
+        "id": h.evidence.to_string(),
+        "legal_hold": h.legal_hold,
+        "retain_until_ms": h.retain_until_ms,
+    }))
+}
+
+async fn legal_hold_on<S: Store>(
+    State(gw): State<Arc<Gateway<S>>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    set_hold(gw, id, headers, true).await
+}
+
+async fn legal_hold_off<S: Store>(
+    State(gw): State<Arc<Gateway<S>>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    set_hold(gw, id, headers, false).await
+}
+
+async fn set_hold<S: Store>(
+    gw: Arc<Gateway<S>>,
+    id: String,
+    headers: HeaderMap,
+    hold: bool,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let who = authenticate(&gw, &headers).await?;
+    require(&who, Role::Clerk, "set or release legal holds")?;
+    let h = load_visible(&gw, &who, &id).await?;
+    let kind = if hold {
+        Kind::LegalHold
+    } else {
+        Kind::Released
+    };
+    let evidence = h.evidence;
+    let updated = worm(
+        &gw,
+        &who,
+        &h,
+        kind,
+        json!({ "legal_hold": hold }),
+        |tx| async move { schema::set_legal_hold_tx(&tx, evidence, hold).await },
+    )
+    .await?;
+    Ok(worm_json(&updated))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetentionRequest {
+    retain_until_ms: u64,
+}
+
+/// Sets or extends COMPLIANCE retention; shortening is refused for everyone.
+async fn retention<S: Store>(
+    State(gw): State<Arc<Gateway<S>>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let who = authenticate(&gw, &headers).await?;
+    require(&who, Role::Clerk, "set retention")?;
+    let req: RetentionRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("expected {{\"retain_until_ms\": N}}: {e}")))?;
+    let h = load_visible(&gw, &who, &id).await?;
+    let evidence = h.evidence;
+    let until = req.retain_until_ms;
+    let updated = worm(
+        &gw,
+        &who,
+        &h,
+        Kind::Admin,
+        json!({ "retention": "compliance", "retain_until_ms": until }),
+        |tx| async move { schema::extend_retention_tx(&tx, evidence, until).await },
+    )
+    .await?;
+    Ok(worm_json(&updated))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExpungeRequest {
+    /// The court order's reference; its hash goes on the ledger.
+    order: String,
+}
+
+/// Expunges evidence on a court order (the dedicated `expunger` role only):
+/// refused while COMPLIANCE retention or a legal hold applies, checked inside
+/// the index transaction that removes it. The filing's receipt still verifies;
+/// the bytes are deleted from every node.
+async fn expunge<S: Store>(
+    State(gw): State<Arc<Gateway<S>>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let who = authenticate(&gw, &headers).await?;
+    require(&who, Role::Expunger, "expunge evidence")?;
+    let req: ExpungeRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("expected {{\"order\": \"...\"}}: {e}")))?;
+    if req.order.trim().is_empty() || req.order.len() > MAX_META_LEN {
+        return Err(ApiError::BadRequest(
+            "order must name the court order".into(),
+        ));
+    }
+    let h = load_visible(&gw, &who, &id).await?;
+    let evidence = h.evidence;
+    let now = gw.clock.now_ms();
+    worm(
+        &gw,
+        &who,
+        &h,
+        Kind::Expunged,
+        json!({ "order": req.order }),
+        |tx| async move { schema::expunge_tx(&tx, evidence, now).await },
+    )
+    .await?;
+    tracing::info!(%evidence, by = %actor(&who), "expunged; deleting its shards");
+    let left = crate::gc::delete_expunged(&gw, evidence).await;
+    Ok(Json(json!({
+        "id": evidence.to_string(),
+        "expunged": true,
+        "stripes_left_to_delete": left,
+    })))
 }

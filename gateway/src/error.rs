@@ -42,6 +42,9 @@ pub enum ApiError {
     /// Not enough storage nodes answered to store or read the data durably.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// The evidence was expunged by court order: its bytes are gone.
+    #[error("this evidence was expunged; its receipt and custody record remain")]
+    Gone,
     /// No signed checkpoint covers the statement yet.
     #[error(
         "the receipt is not ready yet: no signed checkpoint covers the statement; retry shortly"
@@ -80,6 +83,9 @@ impl ApiError {
             ApiError::BodyIncomplete(_) => StatusCode::BAD_REQUEST,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::ReceiptPending => StatusCode::ACCEPTED,
+            ApiError::Gone => StatusCode::GONE,
+            ApiError::Index(SchemaError::Locked(_)) => StatusCode::CONFLICT,
+            ApiError::Index(SchemaError::NoEvidence(_)) => StatusCode::NOT_FOUND,
             ApiError::Index(SchemaError::BadTenant) => StatusCode::BAD_REQUEST,
             ApiError::Index(SchemaError::IntentAborted(_)) => StatusCode::CONFLICT,
             ApiError::Index(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
@@ -100,6 +106,9 @@ impl ApiError {
             ApiError::BodyIncomplete(_) => "body_incomplete",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::ReceiptPending => "receipt_pending",
+            ApiError::Gone => "expunged",
+            ApiError::Index(SchemaError::Locked(_)) => "locked",
+            ApiError::Index(SchemaError::NoEvidence(_)) => "not_found",
             ApiError::Index(SchemaError::BadTenant) => "bad_tenant",
             ApiError::Index(SchemaError::IntentAborted(_)) => "upload_aborted",
             ApiError::Index(_) => "index_error",

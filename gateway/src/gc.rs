@@ -171,3 +171,57 @@ pub fn spawn_gc_loop<S: Store>(
         }
     })
 }
+
+/// Deletes the shards of expunged evidence and forgets each stripe record
+/// once its shards are gone; returns how many stripes are left (on nodes that
+/// could not be reached; running it again continues).
+pub async fn delete_expunged<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) -> u64 {
+    let mut next = 0u64;
+    let mut left = 0u64;
+    loop {
+        let batch = indexer::run(&gw.store, |tx| async move {
+            schema::stripes_after_tx(&tx, evidence, next, STRIPES_PER_READ).await
+        })
+        .await;
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(%evidence, error = %e, "could not read the stripes of expunged evidence");
+                return left + 1;
+            }
+        };
+        let Some(&(last, _)) = batch.last() else {
+            break;
+        };
+        let mut deleted = Vec::with_capacity(batch.len());
+        for group in batch.chunks(8) {
+            let done = futures::future::join_all(
+                group
+                    .iter()
+                    .map(|(stripe, rec)| delete_stripe_shards(gw, evidence, *stripe, rec)),
+            )
+            .await;
+            deleted.extend(
+                group
+                    .iter()
+                    .zip(done)
+                    .filter(|(_, ok)| *ok)
+                    .map(|((s, _), _)| *s),
+            );
+        }
+        left += (batch.len() - deleted.len()) as u64;
+        if let Err(e) = indexer::run(&gw.store, |tx| {
+            let deleted = &deleted;
+            async move { schema::forget_stripes_tx(&tx, evidence, deleted).await }
+        })
+        .await
+        {
+            tracing::warn!(%evidence, error = %e, "could not forget deleted stripes");
+        }
+        next = last + 1;
+    }
+    if left > 0 {
+        tracing::warn!(%evidence, stripes = left, "some shards of expunged evidence could not be deleted yet");
+    }
+    left
+}

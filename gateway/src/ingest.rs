@@ -51,6 +51,8 @@ pub struct FilingMeta {
     pub idempotency_key: Option<String>,
     /// Where the evidence came from, as the filer declares it; notarized.
     pub provenance: protocol::ledger::Provenance,
+    /// COMPLIANCE retention from filing: nobody can expunge before then.
+    pub retain_until_ms: Option<u64>,
 }
 
 /// The outcome of a filing request.
@@ -206,7 +208,7 @@ impl<S: Store> Upload<S> {
             filed_at_ms,
             code,
             stripes: next_stripe,
-            retain_until_ms: None,
+            retain_until_ms: meta.retain_until_ms,
             legal_hold: false,
         };
         check_declared(&header, meta.expect_blake3, meta.expect_sha256)?;

@@ -16,6 +16,7 @@
 //! ("H", tenant, 0x00, blake3 root 32, evidence 16) = ""                 lookup by content, per tenant
 //! ("D", evidence 16, stripe u64)                  = ""                 degraded: waits for repair
 //! ("T", blake3(bearer token) 32)                  = TokenRecord        never the token itself
+//! ("X", evidence 16)                              = ManifestHeader     expunged: metadata kept, bytes gone
 //! ```
 //!
 //! The ledger's keys ("Q", "L", "M", "W", "V") are laid out in [`crate::ledger`].
@@ -38,6 +39,7 @@ const OUTBOARD: u8 = b'B';
 const BY_HASH: u8 = b'H';
 const DEGRADED: u8 = b'D';
 const TOKEN: u8 = b'T';
+const EXPUNGED: u8 = b'X';
 
 const RECORD_V1: u8 = 1;
 
@@ -60,6 +62,12 @@ pub enum SchemaError {
     /// A tenant name outside `[a-z0-9_-]{1,64}`.
     #[error("invalid tenant name")]
     BadTenant,
+    /// No visible evidence with this id.
+    #[error("no such evidence {0}")]
+    NoEvidence(EvidenceId),
+    /// COMPLIANCE retention or a legal hold forbids this, for every role.
+    #[error("{0}")]
+    Locked(String),
 }
 
 impl Retryable for SchemaError {
@@ -182,8 +190,22 @@ pub enum Role {
     Reader,
     /// Files and reads evidence of its tenant.
     Clerk,
-    /// Everything, including cluster administration.
+    /// Everything, including cluster administration, except expunging.
     Admin,
+    /// Expunges evidence on a court order, and nothing else: a dedicated role
+    /// that no other role includes (see [`Role::may`]).
+    Expunger,
+}
+
+impl Role {
+    /// Whether this role may do what `needed` may. Reader < Clerk < Admin
+    /// are ordered; `Expunger` stands apart.
+    pub fn may(self, needed: Role) -> bool {
+        match (self, needed) {
+            (Role::Expunger, n) | (n, Role::Expunger) => self == n && n == Role::Expunger,
+            _ => self >= needed,
+        }
+    }
 }
 
 /// The tenant and role a bearer token stands for.
@@ -593,6 +615,104 @@ pub async fn degraded_stripes_tx<T: Transaction>(
             Ok((id, u64::from_be_bytes(s)))
         })
         .collect()
+}
+
+// ---------------------------------------------------------------- WORM
+
+/// Sets or releases a legal hold, in the transaction that also queues its
+/// ledger statement. Returns the updated header.
+pub async fn set_legal_hold_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    hold: bool,
+) -> Result<ManifestHeader, SchemaError> {
+    let mut h = get_manifest_tx(tx, evidence)
+        .await?
+        .ok_or(SchemaError::NoEvidence(evidence))?;
+    h.legal_hold = hold;
+    tx.set(&evidence_key(EVIDENCE, &evidence), &h.encode());
+    Ok(h)
+}
+
+/// Extends COMPLIANCE retention to `until_ms`. Shortening or removing it is
+/// refused here, whoever asks: this transaction is the only writer.
+pub async fn extend_retention_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    until_ms: u64,
+) -> Result<ManifestHeader, SchemaError> {
+    let mut h = get_manifest_tx(tx, evidence)
+        .await?
+        .ok_or(SchemaError::NoEvidence(evidence))?;
+    if let Some(current) = h.retain_until_ms.filter(|c| *c > until_ms) {
+        return Err(SchemaError::Locked(format!(
+            "COMPLIANCE retention runs until {current} ms; it cannot be shortened to {until_ms}"
+        )));
+    }
+    h.retain_until_ms = Some(until_ms);
+    tx.set(&evidence_key(EVIDENCE, &evidence), &h.encode());
+    Ok(h)
+}
+
+/// Expunges: refused while COMPLIANCE retention runs (against `now_ms`) or a
+/// legal hold applies, checked in this transaction, which is the only one that
+/// removes a manifest. The manifest moves to a tombstone (custody and
+/// receipts stay answerable), the content lookup goes; stripe records stay
+/// for the caller to delete the shards and then [`forget_stripes_tx`].
+pub async fn expunge_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    now_ms: u64,
+) -> Result<ManifestHeader, SchemaError> {
+    let h = get_manifest_tx(tx, evidence)
+        .await?
+        .ok_or(SchemaError::NoEvidence(evidence))?;
+    if h.legal_hold {
+        return Err(SchemaError::Locked(
+            "a legal hold applies; release it before expunging".into(),
+        ));
+    }
+    if let Some(until) = h.retain_until_ms.filter(|u| *u > now_ms) {
+        return Err(SchemaError::Locked(format!(
+            "COMPLIANCE retention runs until {until} ms; nobody can expunge before then"
+        )));
+    }
+    tx.clear(&evidence_key(EVIDENCE, &evidence));
+    let mut hk = hash_prefix(&h.tenant, &h.blake3)?;
+    hk.extend_from_slice(evidence.as_bytes());
+    tx.clear(&hk);
+    tx.set(&evidence_key(EXPUNGED, &evidence), &h.encode());
+    Ok(h)
+}
+
+/// The header of expunged evidence.
+pub async fn get_expunged_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+) -> Result<Option<ManifestHeader>, SchemaError> {
+    match tx.get(&evidence_key(EXPUNGED, &evidence)).await? {
+        Some(v) => Ok(Some(ManifestHeader::decode(&v)?)),
+        None => Ok(None),
+    }
+}
+
+/// Forgets the records of stripes whose shards were deleted after an expunge.
+pub async fn forget_stripes_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    stripes: &[u64],
+) -> Result<(), SchemaError> {
+    if get_expunged_tx(tx, evidence).await?.is_none() {
+        return Err(SchemaError::NoEvidence(evidence));
+    }
+    for stripe in stripes {
+        tx.clear(&stripe_key(STRIPE, &evidence, *stripe));
+        tx.clear(&stripe_key(DEGRADED, &evidence, *stripe));
+    }
+    // Range verification data goes with the bytes.
+    let prefix = evidence_key(OUTBOARD, &evidence);
+    tx.clear_range(&prefix, &prefix_end(&prefix));
+    Ok(())
 }
 
 #[cfg(test)]

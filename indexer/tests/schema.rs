@@ -462,3 +462,71 @@ async fn statements_queued_in_one_transaction_are_all_kept_in_order() {
         .unwrap();
     assert_eq!(capped.len(), 2);
 }
+
+#[tokio::test]
+async fn worm_is_enforced_in_the_transaction_that_removes_data() {
+    let (_d, s) = store();
+    let id = EvidenceId::new(1, [11; 10]);
+    begin(&s, id, "court", None).await.unwrap();
+    let mut h = header(id, "court", 3);
+    h.retain_until_ms = Some(1_000);
+    commit(&s, &h).await.unwrap();
+    let expunge = |now: u64| {
+        let s = &s;
+        async move {
+            run(
+                s,
+                |tx| async move { schema::expunge_tx(&tx, id, now).await },
+            )
+            .await
+        }
+    };
+    assert!(
+        matches!(expunge(999).await, Err(SchemaError::Locked(_))),
+        "retention runs"
+    );
+    let shorten = run(&s, |tx| async move {
+        schema::extend_retention_tx(&tx, id, 10).await
+    })
+    .await;
+    assert!(
+        matches!(shorten, Err(SchemaError::Locked(_))),
+        "retention cannot shorten"
+    );
+    run(&s, |tx| async move {
+        schema::set_legal_hold_tx(&tx, id, true).await
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(expunge(5_000).await, Err(SchemaError::Locked(_))),
+        "legal hold"
+    );
+    run(&s, |tx| async move {
+        schema::set_legal_hold_tx(&tx, id, false).await
+    })
+    .await
+    .unwrap();
+    let gone = expunge(5_000).await.unwrap();
+    assert_eq!(gone.evidence, id);
+    let after = run(&s, |tx| async move {
+        Ok::<_, SchemaError>((
+            schema::get_manifest_tx(&tx, id).await?,
+            schema::get_expunged_tx(&tx, id).await?,
+            schema::lookup_by_hash_tx(&tx, "court", &Blake3Hash([3; 32]), 10).await?,
+        ))
+    })
+    .await
+    .unwrap();
+    assert!(after.0.is_none() && after.1.is_some() && after.2.is_empty());
+    assert!(matches!(
+        expunge(6_000).await,
+        Err(SchemaError::NoEvidence(_))
+    ));
+    // Roles: the expunger stands apart from the ordered roles.
+    use indexer::schema::Role;
+    assert!(Role::Expunger.may(Role::Expunger));
+    assert!(!Role::Admin.may(Role::Expunger));
+    assert!(!Role::Expunger.may(Role::Reader));
+    assert!(Role::Admin.may(Role::Clerk) && !Role::Reader.may(Role::Clerk));
+}

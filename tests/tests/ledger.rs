@@ -900,3 +900,176 @@ fn twenty_gateway_restarts_during_filing_keep_every_receipt_and_one_consistent_l
     );
     Ok(())
 }
+
+fn send(
+    c: &TestCluster,
+    method: &str,
+    token: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<(u16, Value)> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let url = format!("{}{path}", c.api);
+    let auth = format!("Bearer {token}");
+    let mut resp = match (method, body) {
+        ("PUT", Some(b)) => agent
+            .put(&url)
+            .header("authorization", &auth)
+            .send_json(b)?,
+        ("PUT", None) => agent
+            .put(&url)
+            .header("authorization", &auth)
+            .send_empty()?,
+        ("DELETE", _) => agent.delete(&url).header("authorization", &auth).call()?,
+        (_, Some(b)) => agent
+            .post(&url)
+            .header("authorization", &auth)
+            .send_json(b)?,
+        (_, None) => agent
+            .post(&url)
+            .header("authorization", &auth)
+            .send_empty()?,
+    };
+    let status = resp.status().as_u16();
+    Ok((status, resp.body_mut().read_json().unwrap_or(Value::Null)))
+}
+
+#[test]
+fn holds_retention_and_expunge_are_enforced_and_on_the_ledger() -> Result<()> {
+    let c = TestCluster::start(Shape::default())?;
+    let key = log_key(&c)?;
+    let expunger = make_token(&c, "admin", "expunger")?;
+    let order = serde_json::json!({ "order": "Order 2026-77 of the District Court" });
+
+    // A: held, then released, then expunged.
+    let data = bytes(40_000, 11);
+    let filed = c.file(&data)?;
+    let id = filed["id"].as_str().unwrap_or_default().to_string();
+    let shards_before = c.all_shard_files().len();
+    let (status, body) = send(
+        &c,
+        "PUT",
+        &c.token,
+        &format!("/v1/evidence/{id}/legal-hold"),
+        None,
+    )?;
+    assert_eq!((status, body["legal_hold"].as_bool()), (200, Some(true)));
+    let (status, body) = send(
+        &c,
+        "POST",
+        &expunger,
+        &format!("/v1/evidence/{id}/expunge"),
+        Some(order.clone()),
+    )?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("locked")),
+        "{body}"
+    );
+    // Admins cannot expunge at all; the expunger cannot read or file.
+    let (status, _) = send(
+        &c,
+        "POST",
+        &c.token,
+        &format!("/v1/evidence/{id}/expunge"),
+        Some(order.clone()),
+    )?;
+    assert_eq!(status, 403);
+    assert_eq!(
+        c.get_with(&expunger, &format!("/v1/evidence/{id}"), &[])?
+            .status,
+        403
+    );
+    let (status, _) = send(
+        &c,
+        "DELETE",
+        &c.token,
+        &format!("/v1/evidence/{id}/legal-hold"),
+        None,
+    )?;
+    assert_eq!(status, 200);
+    let (status, body) = send(
+        &c,
+        "POST",
+        &expunger,
+        &format!("/v1/evidence/{id}/expunge"),
+        Some(order.clone()),
+    )?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["stripes_left_to_delete"].as_u64(), Some(0));
+    // The bytes are gone from every node; reading says so.
+    assert!(c.all_shard_files().len() < shards_before);
+    let gone = c.get_with(&c.token, &format!("/v1/evidence/{id}"), &[])?;
+    assert_eq!(
+        (gone.status, gone.json()["error"].as_str()),
+        (410, Some("expunged"))
+    );
+    // The filing's receipt still verifies, and custody tells the whole story.
+    let mut kinds = Vec::new();
+    custodia_tests::eventually(10, || {
+        let a = c.get_with(&c.token, &format!("/v1/evidence/{id}/custody"), &[]);
+        let events = a
+            .ok()
+            .and_then(|a| a.json()["events"].as_array().cloned())
+            .unwrap_or_default();
+        kinds = events
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap_or("").to_string())
+            .collect();
+        events.len() == 4 && events.iter().all(|e| !e["receipt"].is_null())
+    });
+    assert_eq!(kinds, ["filed", "legal-hold", "released", "expunged"]);
+    let r = c.get_with(&c.token, &format!("/v1/evidence/{id}/receipt"), &[])?;
+    let r: Receipt = serde_json::from_slice(&r.body)?;
+    assert_eq!(r.verify(&key)?.statement.kind, ledger::Kind::Filed);
+
+    // B: COMPLIANCE retention: nobody expunges, nobody shortens it.
+    let far = 4_102_444_800_000u64; // 2100-01-01
+    let b = c.file_with(
+        &c.token,
+        &bytes(5000, 12),
+        &[("x-custodia-retain-until-ms", &far.to_string())],
+    )?;
+    assert_eq!(b.status, 201);
+    let bid = b.json()["id"].as_str().unwrap_or_default().to_string();
+    let (status, body) = send(
+        &c,
+        "POST",
+        &expunger,
+        &format!("/v1/evidence/{bid}/expunge"),
+        Some(order),
+    )?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("locked")),
+        "{body}"
+    );
+    let (status, body) = send(
+        &c,
+        "PUT",
+        &c.token,
+        &format!("/v1/evidence/{bid}/retention"),
+        Some(serde_json::json!({ "retain_until_ms": 1 })),
+    )?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("locked")),
+        "admins cannot shorten: {body}"
+    );
+    let (status, body) = send(
+        &c,
+        "PUT",
+        &c.token,
+        &format!("/v1/evidence/{bid}/retention"),
+        Some(serde_json::json!({ "retain_until_ms": far + 1 })),
+    )?;
+    assert_eq!(
+        (status, body["retain_until_ms"].as_u64()),
+        (200, Some(far + 1))
+    );
+    assert_eq!(c.read(&bid)?, bytes(5000, 12), "B is intact");
+    Ok(())
+}
