@@ -20,6 +20,7 @@ pub mod ids;
 pub mod ledger;
 pub mod manifest;
 pub mod shard;
+pub mod tsa;
 pub mod wire;
 pub mod witness;
 
