@@ -211,6 +211,7 @@ pub async fn serve<S: Store>(
     let gc = crate::gc::spawn_gc_loop(gw.clone(), Duration::from_secs(30));
     let integrator = crate::ledger::spawn_integrator(gw.clone());
     let witnessing = crate::ledger::spawn_witnessing(gw.clone());
+    let timestamping = crate::ledger::spawn_timestamping(gw.clone());
     let app = router(gw);
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     tracing::info!(%local_addr, "evidence API listening");
@@ -220,6 +221,7 @@ pub async fn serve<S: Store>(
         background: [prober, gc, integrator]
             .into_iter()
             .chain(witnessing)
+            .chain(timestamping)
             .collect(),
     })
 }
@@ -250,6 +252,10 @@ pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {
         .route("/v1/ledger/consistency", get(ledger_consistency::<S>))
         .route("/v1/ledger/key", get(ledger_key::<S>))
         .route("/ledger/{*path}", get(ledger_published::<S>))
+        .route(
+            "/tsa",
+            post(dev_tsa::<S>).layer(DefaultBodyLimit::max(16 * 1024)),
+        )
         .route("/v1/repair/queue", get(repair_queue::<S>))
         .route("/v1/admin/tokens", post(create_token::<S>))
         // Uploads stream; their size is bounded by storage, not by memory.
@@ -1124,4 +1130,23 @@ async fn expunge<S: Store>(
         "expunged": true,
         "stripes_left_to_delete": left,
     })))
+}
+
+/// The development RFC 3161 TSA (`custodia up` runs one; no credentials, like
+/// any TSA). 404 where none is configured.
+async fn dev_tsa<S: Store>(
+    State(gw): State<Arc<Gateway<S>>>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    match crate::ledger::dev_tsa_answer(&gw, &body) {
+        None => Err(ApiError::NotFound),
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "development TSA failed");
+            Err(ApiError::Internal)
+        }
+        Some(Ok(der)) => Response::builder()
+            .header(header::CONTENT_TYPE, protocol::tsa::CONTENT_TYPE_REPLY)
+            .body(Body::from(der))
+            .map_err(|_| ApiError::Internal),
+    }
 }

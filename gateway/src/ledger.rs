@@ -59,6 +59,41 @@ pub struct LedgerConfig {
     /// How often the newest checkpoint goes to the witnesses.
     #[serde(default = "default_witness_interval")]
     pub witness_interval_ms: u64,
+    /// Independent time: RFC 3161 tokens over checkpoints.
+    #[serde(default)]
+    pub tsa: Option<TsaConfig>,
+}
+
+/// Where RFC 3161 tokens come from.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TsaConfig {
+    /// An external TSA (RFC 3161 over HTTP, `application/timestamp-query`).
+    /// Without it the development TSA's key below signs in process.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// The TSA certificate (PEM) every token is checked against before it is
+    /// stored; verifiers use the same file (`DATA_DIR/tsa.pem` for `up`).
+    pub cert: PathBuf,
+    /// The development TSA's key (`init` makes it): `up` runs its own TSA,
+    /// also served to others at `POST /tsa`. For development only.
+    #[serde(default)]
+    pub dev_key: Option<PathBuf>,
+    /// How often the newest checkpoint is time-stamped.
+    #[serde(default = "default_tsa_interval")]
+    pub interval_ms: u64,
+}
+
+fn default_tsa_interval() -> u64 {
+    1_000
+}
+
+/// The loaded TSA settings.
+struct Tsa {
+    url: Option<String>,
+    cert_pem: String,
+    dev_key_pem: Option<String>,
+    interval: Duration,
 }
 
 /// A witness: where it listens and its `cosignature/v1` verifier key.
@@ -112,6 +147,7 @@ pub struct Ledger {
     pub receipt_wait: Duration,
     witnesses: Vec<WitnessEntry>,
     witness_interval: Duration,
+    tsa: Option<Tsa>,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -145,6 +181,28 @@ impl Ledger {
                 config.origin
             )));
         }
+        let tsa = match &config.tsa {
+            None => None,
+            Some(t) => {
+                let read = |p: &PathBuf| {
+                    std::fs::read_to_string(p).map_err(|e| LedgerError::Key {
+                        path: p.clone(),
+                        reason: e.to_string(),
+                    })
+                };
+                if t.url.is_none() && t.dev_key.is_none() {
+                    return Err(LedgerError::Tree(
+                        "tsa: give an external url or a development dev_key".into(),
+                    ));
+                }
+                Some(Tsa {
+                    url: t.url.clone(),
+                    cert_pem: read(&t.cert)?,
+                    dev_key_pem: t.dev_key.as_ref().map(read).transpose()?,
+                    interval: Duration::from_millis(t.interval_ms.clamp(100, 3_600_000)),
+                })
+            }
+        };
         std::fs::create_dir_all(&config.tiles_dir)?;
         let tiles = LocalFileSystem::new_with_prefix(&config.tiles_dir)?;
         Ok(Ledger {
@@ -164,6 +222,7 @@ impl Ledger {
             receipt_wait: Duration::from_millis(config.receipt_wait_ms),
             witnesses: config.witnesses.clone(),
             witness_interval: Duration::from_millis(config.witness_interval_ms.clamp(100, 60_000)),
+            tsa,
         })
     }
 
@@ -538,6 +597,21 @@ pub async fn leaf_receipt<S: Store>(
         Some(c) => Some(c),
         None => newest_checkpoint(gw, ledger).await?,
     };
+    let chosen = match chosen {
+        Some(c) if c.1.size > index => Some(c),
+        // The newest time-stamped checkpoint, when it covers the leaf.
+        other => {
+            let stamped =
+                indexer::run(&gw.store, |tx| async move { lx::stamped_tx(&tx).await }).await?;
+            match stamped {
+                Some(s) if s.size > index => pl::verify_checkpoint(&s.note, &ledger.verifier_key)
+                    .ok()
+                    .map(|cp| (s.note, cp))
+                    .or(other),
+                _ => other,
+            }
+        }
+    };
     let Some((note, cp)) = chosen else {
         return Ok(None);
     };
@@ -554,13 +628,20 @@ pub async fn leaf_receipt<S: Store>(
     })
     .await
     .map_err(proof_err)?;
-    Ok(Some(Receipt::new(
-        &leaf.statement,
-        &leaf.salt,
-        index,
-        &note,
-        &proof,
-    )))
+    let mut receipt = Receipt::new(&leaf.statement, &leaf.salt, index, &note, &proof);
+    receipt.timestamp = timestamp_for(gw, cp.size).await?;
+    Ok(Some(receipt))
+}
+
+/// The stored RFC 3161 response over the checkpoint of `size`, base64.
+async fn timestamp_for<S: Store>(gw: &Gateway<S>, size: u64) -> Result<Option<String>, ApiError> {
+    use base64::Engine as _;
+    let der = indexer::run(
+        &gw.store,
+        |tx| async move { lx::timestamp_tx(&tx, size).await },
+    )
+    .await?;
+    Ok(der.map(|d| base64::engine::general_purpose::STANDARD.encode(d)))
 }
 
 /// Receipts for many subjects at once (one statement of `kind` each), against
@@ -928,4 +1009,106 @@ async fn witness_once<S: Store>(
             .map_err(|_| format!("409 with an unreadable size {text:?}")),
         s => Err(format!("HTTP {s}: {}", text.trim())),
     }
+}
+
+/// Obtains RFC 3161 tokens over new checkpoints (the newest, and the newest
+/// witnessed) every interval, off the filing path; each is verified against
+/// the configured TSA certificate before it is stored.
+pub fn spawn_timestamping<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::JoinHandle<()>> {
+    let ledger = gw.ledger.clone()?;
+    ledger.tsa.as_ref()?;
+    Some(tokio::spawn(async move {
+        let Some(tsa) = ledger.tsa.as_ref() else {
+            return;
+        };
+        let mut tick = tokio::time::interval(tsa.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let mut candidates = Vec::new();
+            if let Ok(Some(w)) =
+                indexer::run(&gw.store, |tx| async move { lx::witnessed_tx(&tx).await }).await
+            {
+                candidates.push((w.note, w.size));
+            }
+            if let Ok(Some((note, cp))) = newest_checkpoint(&gw, &ledger).await {
+                candidates.push((note, cp.size));
+            }
+            for (note, size) in candidates {
+                if size == 0 {
+                    continue;
+                }
+                match timestamp_for(&gw, size).await {
+                    Ok(None) => {}
+                    _ => continue, // stamped already, or the index is busy
+                }
+                if let Err(e) = stamp(&gw, tsa, &note, size).await {
+                    tracing::warn!(size, error = %e, "could not time-stamp the checkpoint");
+                }
+            }
+        }
+    }))
+}
+
+async fn stamp<S: Store>(gw: &Gateway<S>, tsa: &Tsa, note: &str, size: u64) -> Result<(), String> {
+    let imprint = pl::checkpoint_text_sha256(note);
+    let nonce = protocol::tsa::random_nonce();
+    let request = protocol::tsa::request(imprint, nonce);
+    let response = match (&tsa.url, &tsa.dev_key_pem) {
+        (Some(url), _) => {
+            let url = url.clone();
+            tokio::task::spawn_blocking(move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .timeout_global(Some(Duration::from_secs(10)))
+                    .build()
+                    .into();
+                let mut resp = agent
+                    .post(&url)
+                    .header("content-type", protocol::tsa::CONTENT_TYPE_QUERY)
+                    .send(&request[..])
+                    .map_err(|e| e.to_string())?;
+                resp.body_mut()
+                    .with_config()
+                    .limit(1 << 20)
+                    .read_to_vec()
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| e.to_string())??
+        }
+        (None, Some(key)) => {
+            protocol::tsa::timestamp(&request, &tsa.cert_pem, key, unix_now()).map_err(|e| e.0)?
+        }
+        (None, None) => return Err("no TSA configured".into()),
+    };
+    protocol::tsa::verify_response(&response, &imprint, Some(nonce), &tsa.cert_pem)
+        .map_err(|e| e.0)?;
+    indexer::run(&gw.store, |tx| {
+        let response = &response;
+        async move {
+            lx::put_timestamp_tx(&tx, size, note, response);
+            Ok::<_, indexer::schema::SchemaError>(())
+        }
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    tracing::debug!(size, "checkpoint time-stamped");
+    Ok(())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The development TSA's answer to an RFC 3161 request, when `up` runs one.
+pub fn dev_tsa_answer<S: Store>(
+    gw: &Gateway<S>,
+    request: &[u8],
+) -> Option<Result<Vec<u8>, String>> {
+    let tsa = gw.ledger.as_ref()?.tsa.as_ref()?;
+    let key = tsa.dev_key_pem.as_ref()?;
+    Some(protocol::tsa::timestamp(request, &tsa.cert_pem, key, unix_now()).map_err(|e| e.0))
 }

@@ -12,6 +12,8 @@
 //! ("L", "checkpoint")                = signed note     newest checkpoint (raw bytes)
 //! ("L", "checkpoint_size")           = u64             its tree size
 //! ("L", "witnessed")                 = WitnessedRecord newest checkpoint with witness cosignatures
+//! ("L", "stamped")                   = WitnessedRecord newest checkpoint with an RFC 3161 token
+//! ("L", "tsa", size u64)             = TimeStampResp   RFC 3161 token over that checkpoint's text
 //! ("M", leaf u64)                    = LeafRecord      opening of leaf i: salt, statement; private
 //! ("W", stored hash index u64)       = 32 bytes        RFC 9162 tree hashes (tlog_tiles' index)
 //! ("V", evidence 16, leaf u64)       = kind            the leaves that name a piece of evidence
@@ -406,6 +408,43 @@ pub async fn add_cosignature_tx<T: Transaction>(
 
 pub async fn witnessed_tx<T: Transaction>(tx: &T) -> Result<Option<WitnessedRecord>, SchemaError> {
     match tx.get(&ledger_key("witnessed")).await? {
+        Some(v) => Ok(Some(decode_versioned(RECORD_V1, &v)?)),
+        None => Ok(None),
+    }
+}
+
+fn tsa_key(size: u64) -> Vec<u8> {
+    let mut k = ledger_key("tsa");
+    k.extend_from_slice(&size.to_be_bytes());
+    k
+}
+
+/// Stores an RFC 3161 response over the checkpoint `note` of `size`.
+pub fn put_timestamp_tx<T: Transaction>(tx: &T, size: u64, note: &str, response: &[u8]) {
+    tx.set(&tsa_key(size), response);
+    tx.set(
+        &ledger_key("stamped"),
+        &encode_versioned(
+            RECORD_V1,
+            &WitnessedRecord {
+                size,
+                note: note.to_owned(),
+            },
+        ),
+    );
+}
+
+/// The RFC 3161 response over the checkpoint of `size`, if any.
+pub async fn timestamp_tx<T: Transaction>(
+    tx: &T,
+    size: u64,
+) -> Result<Option<Vec<u8>>, SchemaError> {
+    Ok(tx.get(&tsa_key(size)).await?)
+}
+
+/// The newest time-stamped checkpoint.
+pub async fn stamped_tx<T: Transaction>(tx: &T) -> Result<Option<WitnessedRecord>, SchemaError> {
+    match tx.get(&ledger_key("stamped")).await? {
         Some(v) => Ok(Some(decode_versioned(RECORD_V1, &v)?)),
         None => Ok(None),
     }

@@ -16,6 +16,8 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 pub const LOG_KEY_FILE: &str = "log.key";
 /// The ledger's public verifier key (C2SP signed-note form), `DATA_DIR/ledger.vkey`.
 pub const LEDGER_VKEY_FILE: &str = "ledger.vkey";
+/// The development TSA's certificate, `DATA_DIR/tsa.pem`.
+pub const TSA_CERT_FILE: &str = "tsa.pem";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -151,6 +153,12 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
     let (skey, vkey) = protocol::ledger::note_keys(&opts.log_origin, &rand::random());
     storage_node::tls::write_private(&ledger_dir.join(LOG_KEY_FILE), skey.as_bytes())?;
     fs::write(data_dir.join(LEDGER_VKEY_FILE), format!("{vkey}\n"))?;
+    // A development TSA (RFC 3161): long-lived certificate for verifiers, key
+    // for the gateway. Point `tsa.url` at a real TSA in production.
+    let (tsa_cert, tsa_key) = protocol::tsa::make_tsa("Custodia development TSA")
+        .map_err(|e| anyhow::anyhow!("making the development TSA: {e}"))?;
+    fs::write(data_dir.join(TSA_CERT_FILE), tsa_cert)?;
+    storage_node::tls::write_private(&ledger_dir.join("tsa.key"), tsa_key.as_bytes())?;
     let ledger = gateway::ledger::LedgerConfig {
         origin: opts.log_origin.clone(),
         signer_key: ledger_dir.join(LOG_KEY_FILE),
@@ -158,6 +166,12 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         receipt_wait_ms: 10_000,
         witnesses: Vec::new(),
         witness_interval_ms: 2_000,
+        tsa: Some(gateway::ledger::TsaConfig {
+            url: None,
+            cert: data_dir.join(TSA_CERT_FILE),
+            dev_key: Some(ledger_dir.join("tsa.key")),
+            interval_ms: 1_000,
+        }),
     };
 
     let gateway = GatewayConfig {

@@ -167,6 +167,10 @@ enum Command {
         /// Witness cosignatures required (default: every witness key given).
         #[arg(long)]
         quorum: Option<usize>,
+        /// The TSA certificate (`DATA_DIR/tsa.pem`) to check the receipt's
+        /// RFC 3161 time-stamp token with.
+        #[arg(long)]
+        tsa_cert: Option<PathBuf>,
         /// Print the verdict as JSON.
         #[arg(long)]
         json: bool,
@@ -315,6 +319,7 @@ async fn run(cli: Cli) -> Result<()> {
             log_key,
             witness_keys,
             quorum,
+            tsa_cert,
             json,
             consistency,
             proof,
@@ -329,6 +334,7 @@ async fn run(cli: Cli) -> Result<()> {
                     log_key: &log_key,
                     witness_keys: &witness_keys,
                     quorum,
+                    tsa_cert: tsa_cert.as_deref(),
                     json,
                 })?,
                 _ => anyhow::bail!("give --receipt R, or --consistency OLD NEW --proof P"),

@@ -42,6 +42,8 @@ pub struct ReceiptArgs<'a> {
     pub log_key: &'a str,
     pub witness_keys: &'a [String],
     pub quorum: Option<usize>,
+    /// The TSA certificate (PEM file) to check the time-stamp token with.
+    pub tsa_cert: Option<&'a Path>,
     pub json: bool,
 }
 
@@ -73,6 +75,24 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
             witness_keys.len()
         ));
     }
+    // Independent time: the RFC 3161 token over the checkpoint.
+    let mut stamped = Value::Null;
+    match (args.tsa_cert, &receipt.timestamp) {
+        (Some(cert), Some(_)) => {
+            let pem = std::fs::read_to_string(cert)
+                .with_context(|| format!("reading {}", cert.display()))?;
+            match receipt.check_timestamp(&pem) {
+                Ok(t) => stamped = json!({ "gen_time_unix": t, "verified": true }),
+                Err(e) => problems.push(format!("time-stamp: {e}")),
+            }
+        }
+        (Some(_), None) => problems
+            .push("time-stamp: this receipt carries no token yet (fetch it again later)".into()),
+        (None, Some(_)) => {
+            stamped = json!({ "verified": false, "note": "not checked: no --tsa-cert" })
+        }
+        (None, None) => {}
+    }
     let mut content = Value::Null;
     if let (Some(path), Ok(v)) = (args.file, &logged) {
         let (b3, sha, size) = crate::client::hash_file(path)?;
@@ -96,6 +116,7 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
             "checkpoint": checkpoint.as_ref().map(|c| json!({ "origin": c.origin, "size": c.size, "root": c.root.to_string() })),
             "witnessed": { "by": witnessed, "of": witness_keys.len(), "quorum": quorum },
             "content": content,
+            "time_stamp": stamped,
             "statement": statement,
             "time_note": "the statement's time is the log operator's clock",
             "problems": problems,
@@ -128,6 +149,16 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
         if witnessed.is_empty() { "" } else { ": " },
         witnessed.join(", ")
     );
+    match stamped.get("gen_time_unix").and_then(Value::as_u64) {
+        Some(t) => println!(
+            "time-stamped: the checkpoint existed by {} (RFC 3161 token from an independent TSA, verified)",
+            rfc3339(t)
+        ),
+        None if receipt.timestamp.is_some() => {
+            println!("time-stamped: token present, not checked (give --tsa-cert)")
+        }
+        None => {}
+    }
     if let Some(m) = content.get("matches").and_then(Value::as_bool) {
         if m {
             println!(
@@ -194,5 +225,38 @@ pub fn consistency(old: &Path, new: &Path, proof: &Path, log_key: &str) -> Resul
             println!("verdict: INCONSISTENT — {e}");
             Ok(false)
         }
+    }
+}
+
+/// Unix seconds as an RFC 3339 UTC time.
+fn rfc3339(t: u64) -> String {
+    let days = t / 86_400;
+    let secs = t % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(super::rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
+        assert_eq!(super::rfc3339(1_795_462_446), "2026-11-23T19:34:06Z");
     }
 }

@@ -131,6 +131,18 @@ pub enum LedgerError {
     Inconsistent,
     #[error("the content does not match the statement's {0}")]
     ContentMismatch(&'static str),
+    #[error("time-stamp token: {0}")]
+    Timestamp(String),
+}
+
+/// SHA-256 of a checkpoint note's text (what a time-stamp token covers: the
+/// checkpoint itself, not the signature lines that accumulate under it).
+pub fn checkpoint_text_sha256(note: &str) -> [u8; 32] {
+    let text = match note.find("\n\n") {
+        Some(i) => &note[..=i],
+        None => note,
+    };
+    Sha256::digest(text.as_bytes()).into()
 }
 
 impl Statement {
@@ -340,6 +352,11 @@ pub struct Receipt {
     pub tlog_proof: String,
     /// A reminder for readers: the statement's time is the operator's clock.
     pub time_note: String,
+    /// An RFC 3161 TimeStampResp (DER, base64) from an independent TSA over
+    /// the checkpoint's text: the tree, and so the statement, existed by its
+    /// genTime. Added once a token for this checkpoint is at hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
 }
 
 /// What a verified receipt establishes.
@@ -369,7 +386,26 @@ impl Receipt {
             inclusion_proof: proof.iter().map(|h| h.to_string()).collect(),
             tlog_proof: tlog_proof_text(leaf_index, proof, checkpoint),
             time_note: "statement time is the log operator's clock".to_owned(),
+            timestamp: None,
         }
+    }
+
+    /// Checks the RFC 3161 token against the checkpoint it names and the TSA
+    /// certificate `tsa_cert_pem`; returns its genTime (Unix seconds).
+    pub fn check_timestamp(&self, tsa_cert_pem: &str) -> Result<u64, LedgerError> {
+        let token = self.timestamp.as_ref().ok_or(LedgerError::Malformed(
+            "the receipt carries no time-stamp token",
+        ))?;
+        let der = B64
+            .decode(token)
+            .map_err(|_| LedgerError::Malformed("time-stamp token is not base64"))?;
+        crate::tsa::verify_response(
+            &der,
+            &checkpoint_text_sha256(&self.checkpoint),
+            None,
+            tsa_cert_pem,
+        )
+        .map_err(|e| LedgerError::Timestamp(e.0))
     }
 
     /// Checks everything a court needs, offline: the checkpoint's signature by

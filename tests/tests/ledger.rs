@@ -1073,3 +1073,119 @@ fn holds_retention_and_expunge_are_enforced_and_on_the_ledger() -> Result<()> {
     assert_eq!(c.read(&bid)?, bytes(5000, 12), "B is intact");
     Ok(())
 }
+
+#[test]
+fn receipts_carry_rfc3161_tokens_that_openssl_accepts() -> Result<()> {
+    use sha2::Digest;
+    let mut c = TestCluster::start(Shape::default())?;
+    let key = log_key(&c)?;
+    let tsa_pem = c.data_dir().join("tsa.pem");
+    let data = bytes(2000, 21);
+    let filed = c.file(&data)?;
+    let id = filed["id"].as_str().unwrap_or_default().to_string();
+    let fetch_stamped = |c: &TestCluster| -> Option<Receipt> {
+        let mut got = None;
+        custodia_tests::eventually(15, || {
+            got = c
+                .get_with(&c.token, &format!("/v1/evidence/{id}/receipt"), &[])
+                .ok()
+                .and_then(|a| serde_json::from_slice::<Receipt>(&a.body).ok())
+                .filter(|r| r.timestamp.is_some());
+            got.is_some()
+        });
+        got
+    };
+    let r = fetch_stamped(&c).context("no time-stamped receipt within 15 s")?;
+    r.verify(&key)?;
+    let pem = std::fs::read_to_string(&tsa_pem)?;
+    let gen_time = r.check_timestamp(&pem)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    assert!(
+        gen_time <= now + 1 && gen_time + 120 > now,
+        "genTime {gen_time} vs now {now}"
+    );
+
+    // openssl, knowing nothing of Custodia, accepts the token over the checkpoint.
+    let dir = tempfile::tempdir()?;
+    let tsr = dir.path().join("resp.tsr");
+    std::fs::write(
+        &tsr,
+        B64.decode(r.timestamp.as_deref().unwrap_or_default())?,
+    )?;
+    let note = &r.checkpoint;
+    let text = &note[..=note.find("\n\n").context("note")?];
+    let digest = hex::encode(sha2::Sha256::digest(text.as_bytes()));
+    let out = Command::new("openssl")
+        .args(["ts", "-verify", "-digest", &digest, "-in"])
+        .arg(&tsr)
+        .arg("-CAfile")
+        .arg(&tsa_pem)
+        .output()
+        .context("running openssl (CI installs it)")?;
+    let said =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("Verification: OK"), "{said}");
+
+    // custodia verify checks it too, and refuses a tampered token.
+    let rpath = dir.path().join("r.json");
+    std::fs::write(&rpath, serde_json::to_vec(&r)?)?;
+    let run = |receipt: &Path| -> Result<(bool, String)> {
+        let out = Command::new(custodia_bin())
+            .args(["verify", "--receipt"])
+            .arg(receipt)
+            .arg("--log-key")
+            .arg(c.data_dir().join("ledger.vkey"))
+            .arg("--tsa-cert")
+            .arg(&tsa_pem)
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        ))
+    };
+    let (ok, out) = run(&rpath)?;
+    assert!(
+        ok && out.contains("time-stamped: the checkpoint existed by"),
+        "{out}"
+    );
+    let mut bad = r.clone();
+    let mut der = B64.decode(bad.timestamp.as_deref().unwrap_or_default())?;
+    let last = der.len() - 1;
+    der[last] ^= 1;
+    bad.timestamp = Some(B64.encode(der));
+    std::fs::write(&rpath, serde_json::to_vec(&bad)?)?;
+    let (ok, out) = run(&rpath)?;
+    assert!(!ok && out.contains("INVALID: time-stamp"), "{out}");
+
+    // The same tokens through the RFC 3161 HTTP client, against the
+    // development TSA that up runs at POST /tsa.
+    c.kill_gateway();
+    let file = c.data_dir().join("cluster.toml");
+    let mut cluster: toml::Value = toml::from_str(&std::fs::read_to_string(&file)?)?;
+    let tsa = cluster
+        .get_mut("gateway")
+        .and_then(|g| g.get_mut("ledger"))
+        .and_then(|l| l.get_mut("tsa"))
+        .and_then(|t| t.as_table_mut())
+        .context("gateway.ledger.tsa")?;
+    tsa.insert("url".into(), toml::Value::String(format!("{}/tsa", c.api)));
+    std::fs::write(&file, toml::to_string(&cluster)?)?;
+    c.start_gateway()?;
+    c.wait_healthy(8)?;
+    let filed = c.file(&bytes(10, 22))?;
+    let id2 = filed["id"].as_str().unwrap_or_default().to_string();
+    let mut got = None;
+    custodia_tests::eventually(15, || {
+        got = c
+            .get_with(&c.token, &format!("/v1/evidence/{id2}/receipt"), &[])
+            .ok()
+            .and_then(|a| serde_json::from_slice::<Receipt>(&a.body).ok())
+            .filter(|r| r.timestamp.is_some());
+        got.is_some()
+    });
+    got.context("no token through the HTTP client")?
+        .check_timestamp(&pem)?;
+    Ok(())
+}
