@@ -151,7 +151,7 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
     );
     match stamped.get("gen_time_unix").and_then(Value::as_u64) {
         Some(t) => println!(
-            "time-stamped: the checkpoint existed by {} (RFC 3161 token from an independent TSA, verified)",
+            "time-stamped: the checkpoint existed by {} (RFC 3161 token, verified against the given TSA certificate)",
             rfc3339(t)
         ),
         None if receipt.timestamp.is_some() => {
