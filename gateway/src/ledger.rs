@@ -47,8 +47,16 @@ pub struct LedgerConfig {
     pub origin: String,
     /// The log's signer key (C2SP signed-note `PRIVATE+KEY+...`), owner-only.
     pub signer_key: PathBuf,
-    /// Where tiles and checkpoints are published (a local directory).
+    /// Where tiles and checkpoints are published: a local directory...
     pub tiles_dir: PathBuf,
+    /// ...or, when set, an S3-compatible bucket (`s3://bucket/prefix`).
+    /// Credentials and region come from the usual `AWS_*` environment
+    /// variables; `tiles_options` adds object_store S3 settings (for example
+    /// `aws_endpoint`, `aws_allow_http`), never secrets in this file.
+    #[serde(default)]
+    pub tiles_url: Option<String>,
+    #[serde(default)]
+    pub tiles_options: std::collections::BTreeMap<String, String>,
     /// How long `POST /v1/evidence` waits for a checkpoint covering the filing
     /// before answering without a receipt (it can be fetched later).
     #[serde(default = "default_receipt_wait")]
@@ -140,7 +148,9 @@ pub struct Ledger {
     /// The verifier key (`<origin>+<id>+<key>`), public.
     pub verifier_key: String,
     tiles: Arc<dyn ObjectStore>,
-    tiles_dir: PathBuf,
+    /// The local directory of `tiles`, which needs syncing; `None` for a
+    /// bucket, where a completed PUT is durable.
+    tiles_dir: Option<PathBuf>,
     wake: Notify,
     published: watch::Sender<u64>,
     owner: u128,
@@ -203,14 +213,22 @@ impl Ledger {
                 })
             }
         };
-        std::fs::create_dir_all(&config.tiles_dir)?;
-        let tiles = LocalFileSystem::new_with_prefix(&config.tiles_dir)?;
+        let (tiles, local): (Arc<dyn ObjectStore>, _) = match &config.tiles_url {
+            None => {
+                std::fs::create_dir_all(&config.tiles_dir)?;
+                (
+                    Arc::new(LocalFileSystem::new_with_prefix(&config.tiles_dir)?),
+                    Some(config.tiles_dir.clone()),
+                )
+            }
+            Some(url) => (bucket(url, &config.tiles_options)?, None),
+        };
         Ok(Ledger {
             origin: config.origin.clone(),
             signer_key,
             verifier_key,
-            tiles: Arc::new(tiles),
-            tiles_dir: config.tiles_dir.clone(),
+            tiles,
+            tiles_dir: local,
             wake: Notify::new(),
             published: watch::channel(0).0,
             owner: {
@@ -260,7 +278,9 @@ impl Ledger {
             Ok::<_, LedgerError>(())
         });
         futures::future::try_join_all(puts).await?;
-        let dir = self.tiles_dir.clone();
+        let Some(dir) = self.tiles_dir.clone() else {
+            return Ok(());
+        };
         tokio::task::spawn_blocking(move || {
             let d = std::fs::File::open(&dir)?;
             rustix::fs::syncfs(&d).map_err(std::io::Error::from)
@@ -269,6 +289,34 @@ impl Ledger {
         .map_err(|e| std::io::Error::other(e.to_string()))??;
         Ok(())
     }
+}
+
+/// An S3-compatible bucket for tiles: `AWS_*` environment, then the URL,
+/// then explicit options.
+fn bucket(
+    url: &str,
+    options: &std::collections::BTreeMap<String, String>,
+) -> Result<Arc<dyn ObjectStore>, LedgerError> {
+    use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+    let parsed = url::Url::parse(url).map_err(|e| LedgerError::Tree(format!("tiles_url: {e}")))?;
+    if parsed.scheme() != "s3" {
+        return Err(LedgerError::Tree(format!(
+            "tiles_url: only s3:// buckets are supported, not {url:?}"
+        )));
+    }
+    let mut b = AmazonS3Builder::from_env().with_url(url);
+    for (k, v) in options {
+        let key: AmazonS3ConfigKey = k
+            .parse()
+            .map_err(|_| LedgerError::Tree(format!("tiles_options: unknown S3 setting {k:?}")))?;
+        b = b.with_config(key, v);
+    }
+    let store = b.build()?;
+    let prefix = StorePath::parse(parsed.path().trim_start_matches('/'))
+        .map_err(|e| LedgerError::Tree(format!("tiles_url path: {e}")))?;
+    Ok(Arc::new(object_store::prefix::PrefixStore::new(
+        store, prefix,
+    )))
 }
 
 /// The verifier key matching a signer key.

@@ -163,6 +163,8 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         origin: opts.log_origin.clone(),
         signer_key: ledger_dir.join(LOG_KEY_FILE),
         tiles_dir: ledger_dir.join("tiles"),
+        tiles_url: None,
+        tiles_options: Default::default(),
         receipt_wait_ms: 10_000,
         witnesses: Vec::new(),
         witness_interval_ms: 2_000,

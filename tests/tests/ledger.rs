@@ -1189,3 +1189,55 @@ fn receipts_carry_rfc3161_tokens_that_openssl_accepts() -> Result<()> {
         .check_timestamp(&pem)?;
     Ok(())
 }
+
+#[test]
+fn no_checkpoint_is_signed_while_its_tiles_cannot_be_stored() -> Result<()> {
+    // Tiles go to an S3-compatible bucket that does not answer: filings stay
+    // durable and visible, but no checkpoint is signed and no receipt is
+    // issued until the tiles it would name are stored.
+    let mut c = TestCluster::start(Shape::default())?;
+    c.kill_gateway();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let file = c.data_dir().join("cluster.toml");
+    let mut cluster: toml::Value = toml::from_str(&std::fs::read_to_string(&file)?)?;
+    let ledger = cluster
+        .get_mut("gateway")
+        .and_then(|g| g.get_mut("ledger"))
+        .and_then(|l| l.as_table_mut())
+        .context("gateway.ledger")?;
+    ledger.insert(
+        "tiles_url".into(),
+        toml::Value::String("s3://custodia-tiles/ledger".into()),
+    );
+    ledger.insert("receipt_wait_ms".into(), toml::Value::Integer(1000));
+    let mut opts = toml::map::Map::new();
+    for (k, v) in [
+        ("aws_endpoint", format!("http://127.0.0.1:{closed}")),
+        ("aws_allow_http", "true".into()),
+        ("aws_skip_signature", "true".into()),
+        ("aws_region", "us-east-1".into()),
+    ] {
+        opts.insert(k.into(), toml::Value::String(v));
+    }
+    ledger.insert("tiles_options".into(), toml::Value::Table(opts));
+    std::fs::write(&file, toml::to_string(&cluster)?)?;
+    c.start_gateway()?;
+    c.wait_healthy(8)?;
+    let data = bytes(3000, 31);
+    let filed = c.file(&data)?;
+    assert!(
+        filed["receipt"].is_null(),
+        "no receipt without stored tiles: {filed}"
+    );
+    let id = filed["id"].as_str().unwrap_or_default().to_string();
+    assert_eq!(c.read(&id)?, data, "the filing itself is durable");
+    let r = c.get_with(&c.token, &format!("/v1/evidence/{id}/receipt"), &[])?;
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (202, Some("receipt_pending"))
+    );
+    assert_ne!(c.get_with("", "/ledger/checkpoint", &[])?.status, 200);
+    Ok(())
+}
