@@ -43,6 +43,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub trait Store: KvStore + Clone {}
 impl<T: KvStore + Clone> Store for T {}
 
+/// Largest body of a small JSON request (retention, expunge order, new
+/// credential, time-stamp request): read whole before authentication, so
+/// bounded.
+const SMALL_BODY: usize = 16 * 1024;
+
 /// Longest metadata header value accepted.
 const MAX_META_LEN: usize = 1024;
 
@@ -241,9 +246,12 @@ pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {
         )
         .route(
             "/v1/evidence/{id}/retention",
-            axum::routing::put(retention::<S>),
+            axum::routing::put(retention::<S>).layer(DefaultBodyLimit::max(SMALL_BODY)),
         )
-        .route("/v1/evidence/{id}/expunge", post(expunge::<S>))
+        .route(
+            "/v1/evidence/{id}/expunge",
+            post(expunge::<S>).layer(DefaultBodyLimit::max(SMALL_BODY)),
+        )
         .route(
             "/v1/notarize",
             post(notarize::<S>).layer(DefaultBodyLimit::max(MAX_NOTARIZE_BODY)),
@@ -254,10 +262,13 @@ pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {
         .route("/ledger/{*path}", get(ledger_published::<S>))
         .route(
             "/tsa",
-            post(dev_tsa::<S>).layer(DefaultBodyLimit::max(16 * 1024)),
+            post(dev_tsa::<S>).layer(DefaultBodyLimit::max(SMALL_BODY)),
         )
         .route("/v1/repair/queue", get(repair_queue::<S>))
-        .route("/v1/admin/tokens", post(create_token::<S>))
+        .route(
+            "/v1/admin/tokens",
+            post(create_token::<S>).layer(DefaultBodyLimit::max(SMALL_BODY)),
+        )
         // Uploads stream; their size is bounded by storage, not by memory.
         .layer(DefaultBodyLimit::disable())
         .with_state(gw)
@@ -596,20 +607,28 @@ struct NewToken {
 async fn create_token<S: Store>(
     State(gw): State<Arc<Gateway<S>>>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let body = body?;
     let who = authenticate(&gw, &headers).await?;
     require(&who, Role::Admin, "create credentials")?;
     let req: NewToken = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("expected {{\"tenant\", \"role\"}}: {e}")))?;
-    let role = match req.role.as_str() {
-        "reader" => Role::Reader,
-        "clerk" => Role::Clerk,
-        "admin" => Role::Admin,
-        "expunger" => Role::Expunger,
-        other => {
+    let role = match Role::parse(&req.role) {
+        // Separation of duties: whoever administers the service cannot give
+        // itself the power to expunge. Expunger credentials are issued on the
+        // index host (`custodia key create --role expunger`).
+        Some(Role::Expunger) => {
+            return Err(ApiError::Forbidden(
+                "expunger credentials are issued only on the index host with \
+                 `custodia key create --role expunger` (gateway stopped)",
+            ))
+        }
+        Some(role) => role,
+        None => {
             return Err(ApiError::BadRequest(format!(
-                "unknown role {other:?}: reader, clerk, admin or expunger"
+                "unknown role {:?}: reader, clerk or admin",
+                req.role
             )))
         }
     };
@@ -788,8 +807,9 @@ struct NotarizeItem {
 async fn notarize<S: Store>(
     State(gw): State<Arc<Gateway<S>>>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let body = body?;
     let who = authenticate(&gw, &headers).await?;
     require(&who, Role::Clerk, "notarize")?;
     if gw.ledger.is_none() {
@@ -1033,7 +1053,13 @@ async fn set_hold<S: Store>(
     hold: bool,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let who = authenticate(&gw, &headers).await?;
-    require(&who, Role::Clerk, "set or release legal holds")?;
+    // A clerk may place a hold; lifting one (which may make evidence
+    // expungeable) takes an administrator.
+    if hold {
+        require(&who, Role::Clerk, "place legal holds")?;
+    } else {
+        require(&who, Role::Admin, "release legal holds")?;
+    }
     let h = load_visible(&gw, &who, &id).await?;
     let kind = if hold {
         Kind::LegalHold
@@ -1064,8 +1090,9 @@ async fn retention<S: Store>(
     State(gw): State<Arc<Gateway<S>>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let body = body?;
     let who = authenticate(&gw, &headers).await?;
     require(&who, Role::Clerk, "set retention")?;
     let req: RetentionRequest = serde_json::from_slice(&body)
@@ -1100,8 +1127,9 @@ async fn expunge<S: Store>(
     State(gw): State<Arc<Gateway<S>>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let body = body?;
     let who = authenticate(&gw, &headers).await?;
     require(&who, Role::Expunger, "expunge evidence")?;
     let req: ExpungeRequest = serde_json::from_slice(&body)
@@ -1136,8 +1164,9 @@ async fn expunge<S: Store>(
 /// any TSA). 404 where none is configured.
 async fn dev_tsa<S: Store>(
     State(gw): State<Arc<Gateway<S>>>,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let body = body?;
     match crate::ledger::dev_tsa_answer(&gw, &body) {
         None => Err(ApiError::NotFound),
         Some(Err(e)) => {

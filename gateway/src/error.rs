@@ -50,6 +50,9 @@ pub enum ApiError {
         "the receipt is not ready yet: no signed checkpoint covers the statement; retry shortly"
     )]
     ReceiptPending,
+    /// A small request body that is too large or could not be read.
+    #[error("request body: {0}")]
+    Body(#[from] axum::extract::rejection::BytesRejection),
     /// The index failed.
     #[error("index: {0}")]
     Index(#[from] SchemaError),
@@ -81,6 +84,7 @@ impl ApiError {
             ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             ApiError::UploadInProgress(_) => StatusCode::CONFLICT,
             ApiError::BodyIncomplete(_) => StatusCode::BAD_REQUEST,
+            ApiError::Body(r) => r.status(),
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::ReceiptPending => StatusCode::ACCEPTED,
             ApiError::Gone => StatusCode::GONE,
@@ -104,6 +108,8 @@ impl ApiError {
             ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             ApiError::UploadInProgress(_) => "upload_in_progress",
             ApiError::BodyIncomplete(_) => "body_incomplete",
+            ApiError::Body(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+            ApiError::Body(_) => "bad_body",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::ReceiptPending => "receipt_pending",
             ApiError::Gone => "expunged",

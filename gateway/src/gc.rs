@@ -1,4 +1,4 @@
-//! Garbage collection of failed uploads.
+//! Garbage collection of failed uploads, and the shards of expunged evidence.
 //!
 //! An upload that fails, or whose lease runs out (its gateway died, its client
 //! vanished), is aborted in a transaction *before* any of its shards is deleted,
@@ -154,6 +154,19 @@ pub async fn collect_once<S: Store>(gw: &Gateway<S>) -> usize {
         tracing::info!(%evidence, "collecting an abandoned upload");
         abort_and_delete(gw, *evidence, Abort::Stale { now_ms: now }).await;
     }
+    // Expunges whose shards sat on unreachable nodes.
+    match indexer::run(&gw.store, |tx| async move {
+        schema::expunging_tx(&tx, 64).await
+    })
+    .await
+    {
+        Ok(pending) => {
+            for evidence in pending {
+                delete_expunged(gw, evidence).await;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "GC could not list unfinished expunges"),
+    }
     stale.len()
 }
 
@@ -221,7 +234,13 @@ pub async fn delete_expunged<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) ->
         next = last + 1;
     }
     if left > 0 {
-        tracing::warn!(%evidence, stripes = left, "some shards of expunged evidence could not be deleted yet");
+        tracing::warn!(%evidence, stripes = left, "some shards of expunged evidence could not be deleted yet; GC will retry");
+    } else if let Err(e) = indexer::run(&gw.store, |tx| async move {
+        schema::expunge_done_tx(&tx, evidence).await
+    })
+    .await
+    {
+        tracing::warn!(%evidence, error = %e, "could not mark the expunge complete; GC will retry");
     }
     left
 }

@@ -225,8 +225,8 @@ impl<S: Store> Upload<S> {
         indexer::run(&self.gw.store, |tx| {
             let (header, pending) = (&header, &pending);
             async move {
-                schema::commit_manifest_tx(&tx, header).await?;
-                if let Some(p) = pending {
+                let commit = schema::commit_manifest_tx(&tx, header).await?;
+                if let (schema::Commit::Now, Some(p)) = (commit, pending) {
                     indexer::ledger::enqueue_tx(&tx, 0, p);
                 }
                 Ok::<_, schema::SchemaError>(())

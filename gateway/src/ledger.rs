@@ -153,6 +153,9 @@ pub struct Ledger {
     tiles_dir: Option<PathBuf>,
     wake: Notify,
     published: watch::Sender<u64>,
+    /// The size of the checkpoint this process last wrote to the published
+    /// `checkpoint` file (0: none yet).
+    checkpoint_file: std::sync::atomic::AtomicU64,
     owner: u128,
     pub receipt_wait: Duration,
     witnesses: Vec<WitnessEntry>,
@@ -231,6 +234,7 @@ impl Ledger {
             tiles_dir: local,
             wake: Notify::new(),
             published: watch::channel(0).0,
+            checkpoint_file: std::sync::atomic::AtomicU64::new(0),
             owner: {
                 let h = blake3::hash(identity.as_bytes());
                 let mut b = [0u8; 16];
@@ -460,6 +464,7 @@ pub async fn integrate_once<S: Store>(
         // After a crash between integration and publication, or on the first
         // start: publish what the index holds.
         Some(cp) if cp >= state.size => {
+            publish_checkpoint(gw, ledger).await?;
             ledger.published.send_if_modified(|s| {
                 let grew = *s < cp;
                 *s = (*s).max(cp);
@@ -567,21 +572,44 @@ async fn publish_state<S: Store>(
         TreeHash(state.root),
     )?;
     let size = state.size;
-    let stored = indexer::run(&gw.store, |tx| {
+    indexer::run(&gw.store, |tx| {
         let note = note.as_bytes();
         async move { lx::put_checkpoint_tx(&tx, size, note).await }
     })
     .await?;
-    if stored {
-        ledger
-            .publish_all(vec![("checkpoint".to_owned(), note.into_bytes())])
-            .await?;
-    }
+    publish_checkpoint(gw, ledger).await?;
     ledger.published.send_if_modified(|s| {
         let grew = *s < size;
         *s = (*s).max(size);
         grew
     });
+    Ok(())
+}
+
+/// Writes the index's newest checkpoint to the published `checkpoint` file
+/// unless this process already wrote that one. Called every round, so after a
+/// crash between storing a checkpoint and publishing it the file catches up
+/// on the next round (receipts and proofs are served from the index, never
+/// from this file).
+async fn publish_checkpoint<S: Store>(gw: &Gateway<S>, ledger: &Ledger) -> Result<(), LedgerError> {
+    use std::sync::atomic::Ordering;
+    let (size, note) = indexer::run(&gw.store, |tx| async move {
+        Ok::<_, indexer::schema::SchemaError>((
+            lx::checkpoint_size_tx(&tx).await?,
+            lx::checkpoint_tx(&tx).await?,
+        ))
+    })
+    .await?;
+    let (Some(size), Some(note)) = (size, note) else {
+        return Ok(());
+    };
+    if ledger.checkpoint_file.load(Ordering::Acquire) >= size {
+        return Ok(());
+    }
+    ledger
+        .publish_all(vec![("checkpoint".to_owned(), note)])
+        .await?;
+    ledger.checkpoint_file.fetch_max(size, Ordering::AcqRel);
     Ok(())
 }
 
@@ -901,6 +929,11 @@ pub async fn consistency_proof<S: Store>(
     old: u64,
     new: u64,
 ) -> Result<Vec<TreeHash>, ApiError> {
+    if old == 0 {
+        return Err(ApiError::BadRequest(
+            "old size 0: every tree extends the empty one; no proof exists (RFC 9162)".into(),
+        ));
+    }
     let new = checked_size(gw, new).await?;
     if old > new {
         return Err(ApiError::BadRequest(format!(
@@ -1036,8 +1069,10 @@ async fn witness_once<S: Store>(
     .map_err(|e| e.to_string())??;
     match status {
         200 => {
-            let cosigned = protocol::witness::add_signature_lines(note, &text);
-            if protocol::witness::cosigned_by(&cosigned, std::slice::from_ref(&w.key)).is_empty() {
+            // Keep only this witness's own valid cosignatures: a response
+            // must not be able to add lines in another witness's name.
+            let text = protocol::witness::own_cosignatures(note, &text, &w.key);
+            if text.is_empty() {
                 return Err("its cosignature does not verify with its configured key".into());
             }
             let size = cp.size;

@@ -17,6 +17,7 @@
 //! ("D", evidence 16, stripe u64)                  = ""                 degraded: waits for repair
 //! ("T", blake3(bearer token) 32)                  = TokenRecord        never the token itself
 //! ("X", evidence 16)                              = ManifestHeader     expunged: metadata kept, bytes gone
+//! ("Y", evidence 16)                              = ""                 expunged, shards still to delete
 //! ```
 //!
 //! The ledger's keys ("Q", "L", "M", "W", "V") are laid out in [`crate::ledger`].
@@ -40,6 +41,7 @@ const BY_HASH: u8 = b'H';
 const DEGRADED: u8 = b'D';
 const TOKEN: u8 = b'T';
 const EXPUNGED: u8 = b'X';
+const EXPUNGING: u8 = b'Y';
 
 const RECORD_V1: u8 = 1;
 
@@ -122,7 +124,7 @@ fn hash_prefix(tenant: &str, root: &Blake3Hash) -> Result<Vec<u8>, SchemaError> 
 }
 
 /// The smallest key greater than every key starting with `prefix`.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -183,8 +185,8 @@ pub async fn list_nodes_tx<T: Transaction>(tx: &T) -> Result<Vec<NodeRecord>, Sc
 
 // ---------------------------------------------------------------- credentials
 
-/// What a caller may do. Ordered: each role may do what the ones before it may.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+/// What a caller may do: see [`Role::may`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
     /// Reads evidence and receipts of its tenant.
     Reader,
@@ -201,9 +203,27 @@ impl Role {
     /// Whether this role may do what `needed` may. Reader < Clerk < Admin
     /// are ordered; `Expunger` stands apart.
     pub fn may(self, needed: Role) -> bool {
-        match (self, needed) {
-            (Role::Expunger, n) | (n, Role::Expunger) => self == n && n == Role::Expunger,
-            _ => self >= needed,
+        let rank = |r: Role| match r {
+            Role::Reader => Some(0),
+            Role::Clerk => Some(1),
+            Role::Admin => Some(2),
+            Role::Expunger => None,
+        };
+        match (rank(self), rank(needed)) {
+            (Some(have), Some(need)) => have >= need,
+            _ => self == needed,
+        }
+    }
+
+    /// The role named as in the API and CLI (`reader`, `clerk`, `admin`,
+    /// `expunger`).
+    pub fn parse(name: &str) -> Option<Role> {
+        match name {
+            "reader" => Some(Role::Reader),
+            "clerk" => Some(Role::Clerk),
+            "admin" => Some(Role::Admin),
+            "expunger" => Some(Role::Expunger),
+            _ => None,
         }
     }
 }
@@ -543,26 +563,37 @@ pub async fn stripes_after_tx<T: Transaction>(
         .collect()
 }
 
+/// What [`commit_manifest_tx`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// This transaction makes the evidence visible.
+    Now,
+    /// An earlier attempt of the same commit already landed (a retry after
+    /// FoundationDB's `commit_unknown_result`). Whatever was meant to commit
+    /// with it (the `filed` statement) committed then; adding it again would
+    /// log the filing twice.
+    Earlier,
+}
+
 /// The last transaction of a filing: makes the evidence visible, indexes its
 /// content root and ends the intent, failing if the intent was aborted.
 pub async fn commit_manifest_tx<T: Transaction>(
     tx: &T,
     header: &ManifestHeader,
-) -> Result<(), SchemaError> {
+) -> Result<Commit, SchemaError> {
     if let Err(e) = live_intent_tx(tx, header.evidence).await {
-        // A retried commit whose first attempt did commit (FoundationDB's
-        // commit_unknown_result): the intent is gone and this very manifest is
-        // there. Anything else is the error.
+        // A retried commit whose first attempt did commit: the intent is gone
+        // and this very manifest is there. Anything else is the error.
         let ours = matches!(e, SchemaError::NoIntent(_))
             && get_manifest_tx(tx, header.evidence).await?.as_ref() == Some(header);
-        return if ours { Ok(()) } else { Err(e) };
+        return if ours { Ok(Commit::Earlier) } else { Err(e) };
     }
     tx.clear(&evidence_key(INTENT, &header.evidence));
     tx.set(&evidence_key(EVIDENCE, &header.evidence), &header.encode());
     let mut hk = hash_prefix(&header.tenant, &header.blake3)?;
     hk.extend_from_slice(header.evidence.as_bytes());
     tx.set(&hk, b"");
-    Ok(())
+    Ok(Commit::Now)
 }
 
 pub async fn get_manifest_tx<T: Transaction>(
@@ -682,7 +713,34 @@ pub async fn expunge_tx<T: Transaction>(
     hk.extend_from_slice(evidence.as_bytes());
     tx.clear(&hk);
     tx.set(&evidence_key(EXPUNGED, &evidence), &h.encode());
+    tx.set(&evidence_key(EXPUNGING, &evidence), b"");
     Ok(h)
+}
+
+/// Expunged evidence whose shards are not all deleted yet (GC retries them).
+pub async fn expunging_tx<T: Transaction>(
+    tx: &T,
+    limit: usize,
+) -> Result<Vec<EvidenceId>, SchemaError> {
+    tx.get_range(&[EXPUNGING], &[EXPUNGING + 1], limit, false)
+        .await?
+        .iter()
+        .map(|(k, _)| evidence_from(&k[1..]))
+        .collect()
+}
+
+/// Marks an expunge complete: every shard is deleted and forgotten.
+pub async fn expunge_done_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+) -> Result<(), SchemaError> {
+    if !stripes_after_tx(tx, evidence, 0, 1).await?.is_empty() {
+        return Err(SchemaError::Locked(
+            "stripes of this expunged evidence are still recorded".into(),
+        ));
+    }
+    tx.clear(&evidence_key(EXPUNGING, &evidence));
+    Ok(())
 }
 
 /// The header of expunged evidence.

@@ -60,7 +60,7 @@ async fn begin(
     .await
 }
 
-async fn commit(s: &EmbeddedStore, h: &ManifestHeader) -> Result<(), SchemaError> {
+async fn commit(s: &EmbeddedStore, h: &ManifestHeader) -> Result<schema::Commit, SchemaError> {
     run(
         s,
         |tx| async move { schema::commit_manifest_tx(&tx, h).await },
@@ -277,9 +277,14 @@ async fn tokens_are_stored_hashed() {
     .await
     .unwrap();
     assert_eq!(none, None);
-    assert!(
-        schema::Role::Admin > schema::Role::Clerk && schema::Role::Clerk > schema::Role::Reader
-    );
+    use schema::Role;
+    assert!(Role::Admin.may(Role::Clerk) && Role::Clerk.may(Role::Reader));
+    assert!(!Role::Clerk.may(Role::Admin) && !Role::Reader.may(Role::Clerk));
+    for name in ["reader", "clerk", "admin", "expunger"] {
+        let role = Role::parse(name).unwrap();
+        assert!(role.may(role), "{name}");
+    }
+    assert_eq!(Role::parse("root"), None);
 }
 
 #[tokio::test]
@@ -329,10 +334,11 @@ async fn a_retried_commit_that_already_landed_succeeds_and_nothing_else_does() {
     let id = EvidenceId::new(1, [9; 10]);
     begin(&s, id, "court", None).await.unwrap();
     let h = header(id, "court", 1);
-    commit(&s, &h).await.unwrap();
+    assert_eq!(commit(&s, &h).await.unwrap(), schema::Commit::Now);
     // FoundationDB may report commit_unknown_result for a commit that landed;
-    // the retry must not turn a filed piece of evidence into an error.
-    commit(&s, &h).await.unwrap();
+    // the retry must not turn a filed piece of evidence into an error, and
+    // says it landed earlier so that its statement is not queued twice.
+    assert_eq!(commit(&s, &h).await.unwrap(), schema::Commit::Earlier);
     // A different manifest under the same id is still refused.
     assert!(matches!(
         commit(&s, &header(id, "court", 2)).await,
@@ -468,6 +474,12 @@ async fn worm_is_enforced_in_the_transaction_that_removes_data() {
     let (_d, s) = store();
     let id = EvidenceId::new(1, [11; 10]);
     begin(&s, id, "court", None).await.unwrap();
+    run(&s, |tx| async move {
+        schema::put_stripe_tx(&tx, id, 0, &stripe(false));
+        Ok::<_, SchemaError>(())
+    })
+    .await
+    .unwrap();
     let mut h = header(id, "court", 3);
     h.retain_until_ms = Some(1_000);
     commit(&s, &h).await.unwrap();
@@ -523,6 +535,24 @@ async fn worm_is_enforced_in_the_transaction_that_removes_data() {
         expunge(6_000).await,
         Err(SchemaError::NoEvidence(_))
     ));
+    // The expunge stays listed for GC until its shards are deleted and their
+    // records forgotten; it cannot be marked done before.
+    let pending = || run(&s, |tx| async move { schema::expunging_tx(&tx, 10).await });
+    assert_eq!(pending().await.unwrap(), vec![id]);
+    let done = || {
+        run(
+            &s,
+            |tx| async move { schema::expunge_done_tx(&tx, id).await },
+        )
+    };
+    assert!(matches!(done().await, Err(SchemaError::Locked(_))));
+    run(&s, |tx| async move {
+        schema::forget_stripes_tx(&tx, id, &[0]).await
+    })
+    .await
+    .unwrap();
+    done().await.unwrap();
+    assert!(pending().await.unwrap().is_empty());
     // Roles: the expunger stands apart from the ordered roles.
     use indexer::schema::Role;
     assert!(Role::Expunger.may(Role::Expunger));

@@ -224,6 +224,33 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
 }
 
 /// A bearer token: 256 random bits, hex.
+/// Stores a new bearer token for `tenant` in DATA_DIR's embedded index,
+/// which the gateway must not hold open.
+pub async fn create_token(
+    data_dir: &Path,
+    tenant: &str,
+    role: indexer::schema::Role,
+) -> Result<String> {
+    let cluster = Cluster::load(data_dir)?;
+    let store = indexer::EmbeddedStore::open(&cluster.gateway.index_path).with_context(|| {
+        format!(
+            "opening the index {} (stop the gateway first)",
+            cluster.gateway.index_path.display()
+        )
+    })?;
+    let token = new_token();
+    let record = indexer::schema::TokenRecord {
+        tenant: tenant.to_owned(),
+        role,
+    };
+    indexer::run(&store, |tx| {
+        let (token, record) = (&token, &record);
+        async move { indexer::schema::put_token_tx(&tx, token, record) }
+    })
+    .await?;
+    Ok(token)
+}
+
 pub fn new_token() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }

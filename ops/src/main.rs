@@ -92,6 +92,11 @@ enum Command {
         #[command(flatten)]
         shape: ClusterShape,
     },
+    /// Manage credentials directly in the embedded index (the gateway must be
+    /// stopped). The only way to issue `expunger` credentials: no API caller,
+    /// admins included, can mint one.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Run a local cluster (initialising DATA_DIR first if needed) until Ctrl-C.
     Up {
         #[arg(long, default_value = "custodia-data")]
@@ -203,6 +208,20 @@ enum Command {
     BenchLedger(bench_ledger::BenchLedgerArgs),
 }
 
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Create a bearer token for TENANT with ROLE and print it.
+    Create {
+        #[arg(long, default_value = "custodia-data")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        /// reader, clerk, admin or expunger.
+        #[arg(long)]
+        role: String,
+    },
+}
+
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -248,6 +267,18 @@ async fn run(cli: Cli) -> Result<()> {
                 data_dir.display(),
                 data_dir.join(cluster::ADMIN_TOKEN_FILE).display()
             );
+            Ok(())
+        }
+        Command::Key(KeyCommand::Create {
+            data_dir,
+            tenant,
+            role,
+        }) => {
+            let role = indexer::schema::Role::parse(&role).with_context(|| {
+                format!("unknown role {role:?}: reader, clerk, admin or expunger")
+            })?;
+            let token = cluster::create_token(&data_dir, &tenant, role).await?;
+            println!("{token}");
             Ok(())
         }
         Command::Up { data_dir, shape } => {

@@ -51,11 +51,14 @@ pub struct ReceiptArgs<'a> {
 /// everything holds.
 pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
     let log_key = key_arg(args.log_key)?;
-    let witness_keys = args
-        .witness_keys
-        .iter()
-        .map(|k| key_arg(k))
-        .collect::<Result<Vec<_>>>()?;
+    let mut witness_keys = Vec::new();
+    for k in args.witness_keys {
+        let k = key_arg(k)?;
+        // The same witness given twice must not count twice toward a quorum.
+        if !witness_keys.contains(&k) {
+            witness_keys.push(k);
+        }
+    }
     let quorum = args.quorum.unwrap_or(witness_keys.len());
     let receipt = read_receipt(args.receipt)?;
     let mut problems: Vec<String> = Vec::new();
@@ -158,6 +161,9 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
             println!("time-stamped: token present, not checked (give --tsa-cert)")
         }
         None => {}
+    }
+    if args.file.is_none() {
+        println!("content: not checked (give --file with the evidence)");
     }
     if let Some(m) = content.get("matches").and_then(Value::as_bool) {
         if m {

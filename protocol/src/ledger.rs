@@ -410,10 +410,16 @@ impl Receipt {
 
     /// Checks everything a court needs, offline: the checkpoint's signature by
     /// the log key `vkey`, the statement's commitment and leaf hash, and the
-    /// inclusion proof to the checkpoint's root.
+    /// inclusion proof to the checkpoint's root; and that the C2SP tlog-proof
+    /// text says the same as the structured fields (a tool reading either
+    /// must reach the same verdict).
     pub fn verify(&self, vkey: &str) -> Result<VerifiedReceipt, LedgerError> {
         if self.version != RECEIPT_V1 {
             return Err(LedgerError::Version(self.version));
+        }
+        // A tree of 2^64 leaves needs at most 63 proof hashes.
+        if self.inclusion_proof.len() > 63 {
+            return Err(LedgerError::Malformed("inclusion proof too long"));
         }
         let checkpoint = verify_checkpoint(&self.checkpoint, vkey)?;
         let statement_bytes = B64
@@ -441,6 +447,11 @@ impl Receipt {
             leaf,
         )
         .map_err(|_| LedgerError::NotIncluded)?;
+        if self.tlog_proof != tlog_proof_text(self.leaf_index, &proof, &self.checkpoint) {
+            return Err(LedgerError::Malformed(
+                "the tlog-proof text disagrees with the receipt's fields",
+            ));
+        }
         Ok(VerifiedReceipt {
             statement,
             checkpoint,
@@ -700,6 +711,13 @@ mod tests {
             r.tlog_proof.lines().count(),
             2 + r.inclusion_proof.len() + 1 + r.checkpoint.lines().count()
         );
+        // ...and must: a text form that says otherwise is refused.
+        let mut bad = r.clone();
+        bad.tlog_proof = bad.tlog_proof.replacen("index 6\n", "index 5\n", 1);
+        assert!(matches!(bad.verify(&vkey), Err(LedgerError::Malformed(_))));
+        let mut bad = r.clone();
+        bad.inclusion_proof = vec![r.inclusion_proof[0].clone(); 64];
+        assert!(matches!(bad.verify(&vkey), Err(LedgerError::Malformed(_))));
     }
 
     #[test]

@@ -202,6 +202,23 @@ pub fn add_signature_lines(note: &str, lines: &str) -> String {
     out
 }
 
+/// The signature lines of a witness's `add-checkpoint` response that are
+/// valid cosignatures of `note` by `witness_key`, each ending in a newline.
+/// Anything else the response carries (other names, other keys, bad
+/// signatures, text) is dropped, so a witness can vouch only for itself.
+pub fn own_cosignatures(note: &str, lines: &str, witness_key: &str) -> String {
+    let key = [witness_key.to_owned()];
+    let mut out = String::new();
+    for line in lines.lines().filter(|l| l.starts_with("\u{2014} ")) {
+        let one = add_signature_lines(note, line);
+        if !cosigned_by(&one, &key).is_empty() && !out.contains(line) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// A C2SP tlog-witness `add-checkpoint` request body.
 pub fn add_checkpoint_body(old: u64, proof: &[Hash], note: &str) -> String {
     let mut out = format!("old {old}\n");
@@ -240,6 +257,10 @@ mod tests {
     use super::*;
     use crate::ledger::{note_keys, sign_checkpoint};
 
+    fn w1v_again() -> String {
+        witness_keys("witness.example/w1", &[2; 32]).1
+    }
+
     #[test]
     fn cosignatures_verify_and_are_counted_apart_from_the_log_signature() {
         let (log_s, log_v) = note_keys("example.org/log", &[1; 32]);
@@ -261,6 +282,22 @@ mod tests {
         let line = cosigned.lines().last().unwrap();
         let moved = add_signature_lines(&other, line);
         assert!(cosigned_by(&moved, &[w1v]).is_empty());
+        // From a response, only the witness's own valid lines are kept: not a
+        // line in another witness's name, not a forged one, not junk.
+        let (w2s, _) = witness_keys("witness.example/w2", &[3; 32]);
+        let mut by_w2 = Note::from_bytes(note.as_bytes()).unwrap();
+        by_w2
+            .add_sigs(&[&Cosigner::new(&w2s, 1_679_315_147).unwrap()])
+            .unwrap();
+        let by_w2 = String::from_utf8(by_w2.to_bytes()).unwrap();
+        let w2_line = by_w2.lines().last().unwrap();
+        let forged = format!("\u{2014} witness.example/w1 {}", &line[line.len() - 20..]);
+        let response = format!("{w2_line}\n{forged}\njunk\n{line}\n{line}\n");
+        assert_eq!(
+            own_cosignatures(&note, &response, &w1v_again()),
+            format!("{line}\n")
+        );
+        assert_eq!(own_cosignatures(&note, w2_line, &w1v_again()), "");
         // Deterministic: same key, time and checkpoint, same bytes.
         let mut again = Note::from_bytes(note.as_bytes()).unwrap();
         again

@@ -273,6 +273,12 @@ fn the_log_is_published_as_c2sp_tiles_and_stays_consistent_across_a_crash() -> R
     let a = c.get_with(&c.token, "/v1/ledger/consistency?old=1&new=99", &[])?;
     assert_eq!(a.status, 400);
     assert!(a.json()["error"].is_string());
+    // So is a proof from the empty tree, which RFC 9162 does not define.
+    let a = c.get_with(&c.token, "/v1/ledger/consistency?old=0&new=8", &[])?;
+    assert_eq!(
+        (a.status, a.json()["error"].as_str()),
+        (400, Some("bad_request"))
+    );
     Ok(())
 }
 
@@ -939,9 +945,60 @@ fn send(
 
 #[test]
 fn holds_retention_and_expunge_are_enforced_and_on_the_ledger() -> Result<()> {
-    let c = TestCluster::start(Shape::default())?;
+    let mut c = TestCluster::start(Shape::default())?;
     let key = log_key(&c)?;
-    let expunger = make_token(&c, "admin", "expunger")?;
+    // Separation of duties: no API caller, admins included, can mint an
+    // expunger credential; it is issued on the index host with the gateway
+    // stopped (and the CLI says so while it runs).
+    let (status, body) = post_json(
+        &c,
+        &c.token,
+        "/v1/admin/tokens",
+        &serde_json::json!({ "tenant": "admin", "role": "expunger" }),
+    )?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("forbidden")),
+        "{body}"
+    );
+    let key_create = |c: &TestCluster| {
+        Command::new(custodia_bin())
+            .args(["key", "create", "--tenant", "admin", "--role", "expunger"])
+            .arg("--data-dir")
+            .arg(c.data_dir())
+            .output()
+    };
+    let busy = key_create(&c)?;
+    assert!(!busy.status.success());
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("stop the gateway"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    c.stop_gateway();
+    let out = key_create(&c)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expunger = String::from_utf8(out.stdout)?.trim().to_string();
+    c.start_gateway()?;
+    c.wait_healthy(c.shape.nodes as u64)?;
+    let clerk = make_token(&c, "admin", "clerk")?;
+    // Small JSON routes read bounded bodies, even before authentication.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut big = agent
+        .put(format!("{}/v1/evidence/x/retention", c.api))
+        .send(&vec![b' '; 100_000][..])?;
+    let big_body: Value = big.body_mut().read_json().unwrap_or(Value::Null);
+    assert_eq!(
+        (big.status().as_u16(), big_body["error"].as_str()),
+        (413, Some("body_too_large"))
+    );
     let order = serde_json::json!({ "order": "Order 2026-77 of the District Court" });
 
     // A: held, then released, then expunged.
@@ -969,6 +1026,15 @@ fn holds_retention_and_expunge_are_enforced_and_on_the_ledger() -> Result<()> {
         (409, Some("locked")),
         "{body}"
     );
+    // A clerk may place a hold but not lift it.
+    let (status, _) = send(
+        &c,
+        "DELETE",
+        &clerk,
+        &format!("/v1/evidence/{id}/legal-hold"),
+        None,
+    )?;
+    assert_eq!(status, 403);
     // Admins cannot expunge at all; the expunger cannot read or file.
     let (status, _) = send(
         &c,
