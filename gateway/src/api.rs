@@ -107,6 +107,8 @@ pub enum StartError {
 /// A running gateway.
 pub struct RunningGateway {
     pub local_addr: SocketAddr,
+    /// The S3 API's address, when it runs.
+    pub s3_addr: Option<SocketAddr>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     background: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -217,16 +219,27 @@ pub async fn serve<S: Store>(
     let integrator = crate::ledger::spawn_integrator(gw.clone());
     let witnessing = crate::ledger::spawn_witnessing(gw.clone());
     let timestamping = crate::ledger::spawn_timestamping(gw.clone());
+    let s3 = match gw.config.s3_listen {
+        None => None,
+        Some(addr) => Some(
+            crate::s3::serve(gw.clone(), addr, gw.config.s3_domain.as_deref())
+                .await
+                .map_err(|source| StartError::Listen { addr, source })?,
+        ),
+    };
+    let s3_addr = s3.as_ref().map(|(a, _)| *a);
     let app = router(gw);
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     tracing::info!(%local_addr, "evidence API listening");
     Ok(RunningGateway {
         local_addr,
+        s3_addr,
         server,
         background: [prober, gc, integrator]
             .into_iter()
             .chain(witnessing)
             .chain(timestamping)
+            .chain(s3.map(|(_, task)| task))
             .collect(),
     })
 }
@@ -390,6 +403,7 @@ async fn file_evidence<S: Store>(
                 })
             })
             .transpose()?,
+        s3: None,
     };
     // Run the upload in its own task: if the client disconnects, the body
     // stream fails and the upload cleans up after itself instead of being
@@ -508,24 +522,7 @@ async fn read_evidence<S: Store>(
     let size = header.size;
     let partial = parse_range(headers.get(header::RANGE), size)?;
     let range = partial.clone().unwrap_or(0..size);
-    // The access is on the ledger (durable in the index) before any byte goes.
-    let mut accessed = Statement::new(
-        Kind::Accessed,
-        header.evidence,
-        &header.blake3,
-        Some(&header.sha256),
-        size,
-        &header.tenant,
-        header.case.clone(),
-        Some(actor(&who)),
-        gw.clock.now_ms(),
-    );
-    accessed.metadata_sha256 = Some(sha256_hex(
-        json!({ "range": [range.start, range.end] })
-            .to_string()
-            .as_bytes(),
-    ));
-    crate::ledger::record(&gw, header.evidence, &accessed).await?;
+    record_access(&gw, &header, actor(&who), &range).await?;
     let len = range.end - range.start;
     let mut resp = Response::builder()
         .header(header::CONTENT_LENGTH, len)
@@ -547,6 +544,33 @@ async fn read_evidence<S: Store>(
     }
     let body = Body::from_stream(crate::read::stream_range(gw.clone(), header, range));
     resp.body(body).map_err(|_| ApiError::Internal)
+}
+
+/// Puts a read of `range` of the evidence on the ledger, durable in the
+/// index: called before the first byte is sent, by every API.
+pub(crate) async fn record_access<S: Store>(
+    gw: &Gateway<S>,
+    header: &ManifestHeader,
+    actor: String,
+    range: &Range<u64>,
+) -> Result<(), ApiError> {
+    let mut accessed = Statement::new(
+        Kind::Accessed,
+        header.evidence,
+        &header.blake3,
+        Some(&header.sha256),
+        header.size,
+        &header.tenant,
+        header.case.clone(),
+        Some(actor),
+        gw.clock.now_ms(),
+    );
+    accessed.metadata_sha256 = Some(sha256_hex(
+        json!({ "range": [range.start, range.end] })
+            .to_string()
+            .as_bytes(),
+    ));
+    crate::ledger::record(gw, header.evidence, &accessed).await
 }
 
 async fn manifest<S: Store>(

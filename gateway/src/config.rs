@@ -77,6 +77,13 @@ pub struct GatewayConfig {
     /// The notarization ledger; without it filings get no receipts.
     #[serde(default)]
     pub ledger: Option<crate::ledger::LedgerConfig>,
+    /// The S3 API's address; none: no S3 API.
+    #[serde(default)]
+    pub s3_listen: Option<SocketAddr>,
+    /// The domain for virtual-host-style S3 addressing
+    /// (`BUCKET.DOMAIN`); path-style works always.
+    #[serde(default)]
+    pub s3_domain: Option<String>,
     pub nodes: Vec<NodeEntry>,
 }
 

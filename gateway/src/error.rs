@@ -5,6 +5,7 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use indexer::s3::ObjectError;
 use indexer::schema::SchemaError;
 use indexer::{KvError, Retryable};
 
@@ -56,6 +57,12 @@ pub enum ApiError {
     /// The index failed.
     #[error("index: {0}")]
     Index(#[from] SchemaError),
+    /// A bucket or object record refused the change (S3 API).
+    #[error("{0}")]
+    Object(#[from] ObjectError),
+    /// The body's MD5 is not the Content-MD5 the client sent.
+    #[error("the body's MD5 does not match Content-MD5")]
+    BadDigest,
     /// A bug or an unexpected failure; details are in the gateway's log.
     #[error("internal error")]
     Internal,
@@ -69,7 +76,11 @@ impl From<KvError> for ApiError {
 
 impl Retryable for ApiError {
     fn is_retryable(&self) -> bool {
-        matches!(self, ApiError::Index(e) if e.is_retryable())
+        match self {
+            ApiError::Index(e) => e.is_retryable(),
+            ApiError::Object(e) => e.is_retryable(),
+            _ => false,
+        }
     }
 }
 
@@ -93,6 +104,16 @@ impl ApiError {
             ApiError::Index(SchemaError::BadTenant) => StatusCode::BAD_REQUEST,
             ApiError::Index(SchemaError::IntentAborted(_)) => StatusCode::CONFLICT,
             ApiError::Index(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Object(ObjectError::Schema(e)) if e.is_retryable() => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::Object(ObjectError::Locked(_)) => StatusCode::CONFLICT,
+            ApiError::Object(ObjectError::Schema(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Object(ObjectError::BucketExists { .. }) => StatusCode::CONFLICT,
+            ApiError::Object(ObjectError::BucketNotEmpty) => StatusCode::CONFLICT,
+            ApiError::Object(ObjectError::BadName(_)) => StatusCode::BAD_REQUEST,
+            ApiError::Object(_) => StatusCode::NOT_FOUND,
+            ApiError::BadDigest => StatusCode::BAD_REQUEST,
             ApiError::Index(_) | ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -118,6 +139,11 @@ impl ApiError {
             ApiError::Index(SchemaError::BadTenant) => "bad_tenant",
             ApiError::Index(SchemaError::IntentAborted(_)) => "upload_aborted",
             ApiError::Index(_) => "index_error",
+            ApiError::Object(ObjectError::Locked(_)) => "locked",
+            ApiError::Object(ObjectError::BadName(_)) => "bad_name",
+            ApiError::Object(ObjectError::Schema(_)) => "index_error",
+            ApiError::Object(_) => "not_found",
+            ApiError::BadDigest => "bad_digest",
             ApiError::Internal => "internal",
         }
     }

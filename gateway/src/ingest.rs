@@ -53,6 +53,21 @@ pub struct FilingMeta {
     pub provenance: protocol::ledger::Provenance,
     /// COMPLIANCE retention from filing: nobody can expunge before then.
     pub retain_until_ms: Option<u64>,
+    /// Filed through the S3 API: the object version committed with it.
+    pub s3: Option<S3Put>,
+}
+
+/// The S3 object a filing becomes, committed in the same transaction as the
+/// manifest, so the object is visible exactly when its evidence is.
+#[derive(Clone, Debug)]
+pub struct S3Put {
+    pub bucket: String,
+    pub key: String,
+    /// The version record to write; `evidence`, `size`, `etag` and
+    /// `version_id` are filled in at commit.
+    pub version: indexer::s3::ObjectVersion,
+    /// Content-MD5 sent by the client; a mismatch rejects the filing.
+    pub expect_md5: Option<[u8; 16]>,
 }
 
 /// The outcome of a filing request.
@@ -162,6 +177,8 @@ impl<S: Store> Upload<S> {
         // BLAKE3 root and Bao outboard in one pass; SHA-256 beside it.
         let mut bao = protocol::bao::OutboardBuilder::new();
         let mut sha = sha2::Sha256::new();
+        // S3 ETags are the body's MD5: computed only for S3 filings.
+        let mut md5 = meta.s3.as_ref().map(|_| <md5::Md5 as md5::Digest>::new());
         let mut size: u64 = 0;
         let mut stripe = self.gw.buffers.take_empty(stripe_size);
         let mut next_stripe: u64 = 0;
@@ -171,6 +188,9 @@ impl<S: Store> Upload<S> {
             self.keep_lease().await?;
             bao.update(&chunk);
             sha.update(&chunk);
+            if let Some(m) = &mut md5 {
+                md5::Digest::update(m, &chunk);
+            }
             size += chunk.len() as u64;
             while !chunk.is_empty() {
                 let take = (stripe_size - stripe.len()).min(chunk.len());
@@ -212,6 +232,21 @@ impl<S: Store> Upload<S> {
             legal_hold: false,
         };
         check_declared(&header, meta.expect_blake3, meta.expect_sha256)?;
+        let s3 = match (meta.s3, md5) {
+            (Some(mut put), Some(m)) => {
+                let digest: [u8; 16] = md5::Digest::finalize(m).into();
+                if put.expect_md5.is_some_and(|e| e != digest) {
+                    return Err(ApiError::BadDigest);
+                }
+                put.version.version_id = self.evidence;
+                put.version.evidence = Some(self.evidence);
+                put.version.size = size;
+                put.version.etag = hex::encode(digest);
+                put.version.last_modified_ms = filed_at_ms;
+                Some(put)
+            }
+            _ => None,
+        };
         // The `filed` statement commits with the manifest (an outbox the
         // ledger drains): evidence is never visible without its statement.
         let pending = match &self.gw.ledger {
@@ -223,13 +258,25 @@ impl<S: Store> Upload<S> {
             None => None,
         };
         indexer::run(&self.gw.store, |tx| {
-            let (header, pending) = (&header, &pending);
+            let (header, pending, s3) = (&header, &pending, &s3);
             async move {
                 let commit = schema::commit_manifest_tx(&tx, header).await?;
-                if let (schema::Commit::Now, Some(p)) = (commit, pending) {
-                    indexer::ledger::enqueue_tx(&tx, 0, p);
+                if commit == schema::Commit::Now {
+                    if let Some(p) = pending {
+                        indexer::ledger::enqueue_tx(&tx, 0, p);
+                    }
+                    if let Some(put) = s3 {
+                        indexer::s3::put_version_tx(
+                            &tx,
+                            &put.bucket,
+                            &put.key,
+                            &put.version,
+                            filed_at_ms,
+                        )
+                        .await?;
+                    }
                 }
-                Ok::<_, schema::SchemaError>(())
+                Ok::<_, ApiError>(())
             }
         })
         .await?;

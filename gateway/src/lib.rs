@@ -8,6 +8,7 @@
 //!   reconstruction around missing or corrupt shards, damage reported for repair.
 //! - [`ledger`]: the notarization ledger's sequencer (C2SP tlog: tiles,
 //!   signed checkpoints), receipts and proofs.
+//! - [`s3`]: the S3-compatible API (s3s); every object is evidence.
 //! - [`witness`]: a C2SP tlog-witness (`custodia witness`) that other courts host.
 //! - [`placement`]: hierarchical rendezvous hashing (failure domain, then node).
 //! - [`nodes`]: the live view of the storage nodes and their health.
@@ -25,6 +26,7 @@ pub mod ledger;
 pub mod nodes;
 pub mod placement;
 pub mod read;
+pub mod s3;
 pub mod witness;
 
 pub use api::{serve, Gateway, RunningGateway};

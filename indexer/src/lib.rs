@@ -16,6 +16,7 @@ pub mod embedded;
 pub mod fdb;
 pub mod kv;
 pub mod ledger;
+pub mod s3;
 pub mod schema;
 
 pub use embedded::EmbeddedStore;

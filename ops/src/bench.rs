@@ -169,6 +169,7 @@ impl LocalCluster {
             m: args.m,
             shard_size: protocol::ErasureCode::DEFAULT_SHARD_SIZE,
             api: ([127, 0, 0, 1], 0).into(),
+            s3: None,
             node_base_port: 0,
             min_write_shards: None,
             log_origin: "custodia.local/bench".into(),

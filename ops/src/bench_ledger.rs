@@ -62,6 +62,7 @@ async fn init(dir: &std::path::Path) -> Result<cluster::Cluster> {
             m: 2,
             shard_size: protocol::ErasureCode::DEFAULT_SHARD_SIZE,
             api: ([127, 0, 0, 1], 0).into(),
+            s3: None,
             node_base_port: 0,
             min_write_shards: None,
             log_origin: "custodia.local/bench".into(),

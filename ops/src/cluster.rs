@@ -12,6 +12,8 @@ use storage_node::tls::ClusterCa;
 
 pub const CLUSTER_FILE: &str = "cluster.toml";
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// The admin tenant's S3 keys, in the AWS shared-credentials format.
+pub const S3_CREDENTIALS_FILE: &str = "s3.credentials";
 /// The ledger's signer key, under `DATA_DIR/ledger/`.
 pub const LOG_KEY_FILE: &str = "log.key";
 /// The ledger's public verifier key (C2SP signed-note form), `DATA_DIR/ledger.vkey`.
@@ -71,6 +73,8 @@ pub struct InitOptions {
     pub m: u8,
     pub shard_size: u32,
     pub api: SocketAddr,
+    /// The S3 API's address, if any.
+    pub s3: Option<SocketAddr>,
     /// First node's UDP port; 0 picks free ports now.
     pub node_base_port: u16,
     pub min_write_shards: Option<u8>,
@@ -192,29 +196,26 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         hedge_after_ms: 250,
         intent_lease_ms: 120_000,
         ledger: Some(ledger),
+        s3_listen: opts.s3,
+        s3_domain: opts.s3.map(|_| "localhost".to_owned()),
         nodes: entries,
     };
     gateway.validate()?;
     let cluster = Cluster { gateway, nodes };
 
-    let token = new_token();
     let store = indexer::EmbeddedStore::open(&cluster.gateway.index_path)?;
-    indexer::run(&store, |tx| {
-        let token = &token;
-        async move {
-            indexer::schema::put_token_tx(
-                &tx,
-                token,
-                &indexer::schema::TokenRecord {
-                    tenant: "admin".into(),
-                    role: indexer::schema::Role::Admin,
-                },
-            )
-        }
-    })
-    .await?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    create_tenant(&store, "admin", now_ms).await?;
+    let admin = issue_credentials(&store, "admin", indexer::schema::Role::Admin, false).await?;
     drop(store);
-    storage_node::tls::write_private(&data_dir.join(ADMIN_TOKEN_FILE), token.as_bytes())?;
+    storage_node::tls::write_private(&data_dir.join(ADMIN_TOKEN_FILE), admin.token.as_bytes())?;
+    storage_node::tls::write_private(
+        &data_dir.join(S3_CREDENTIALS_FILE),
+        admin.aws_profile("default").as_bytes(),
+    )?;
     // The cluster file goes last: its presence means "initialised".
     fs::write(
         data_dir.join(CLUSTER_FILE),
@@ -223,34 +224,108 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
     Ok(cluster)
 }
 
-/// A bearer token: 256 random bits, hex.
-/// Stores a new bearer token for `tenant` in DATA_DIR's embedded index,
-/// which the gateway must not hold open.
-pub async fn create_token(
-    data_dir: &Path,
+/// A tenant's credentials for one role: a bearer token for the evidence
+/// API and an S3 access key. Only the token's hash is stored; the S3 secret
+/// is stored (SigV4 needs it).
+pub struct Credentials {
+    pub tenant: String,
+    pub token: String,
+    pub access_key: String,
+    pub secret: String,
+}
+
+impl Credentials {
+    /// The AWS shared-credentials form, under `[profile]`.
+    pub fn aws_profile(&self, profile: &str) -> String {
+        format!(
+            "[{profile}]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            self.access_key, self.secret
+        )
+    }
+}
+
+/// Stores new credentials for an existing tenant in one transaction.
+pub async fn issue_credentials<S: indexer::KvStore>(
+    store: &S,
     tenant: &str,
     role: indexer::schema::Role,
-) -> Result<String> {
+    bypass_governance: bool,
+) -> Result<Credentials> {
+    const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let access_key: String = std::iter::once("CU".to_owned())
+        .chain(
+            rand::random::<[u8; 18]>()
+                .iter()
+                .map(|b| (ALNUM[*b as usize % ALNUM.len()] as char).to_string()),
+        )
+        .collect();
+    let creds = Credentials {
+        tenant: tenant.to_owned(),
+        token: new_token(),
+        access_key,
+        secret: hex::encode(rand::random::<[u8; 20]>()),
+    };
+    indexer::run(store, |tx| {
+        let creds = &creds;
+        async move {
+            indexer::schema::put_token_tx(
+                &tx,
+                &creds.token,
+                &indexer::schema::TokenRecord {
+                    tenant: creds.tenant.clone(),
+                    role,
+                },
+            )?;
+            indexer::s3::put_access_key_tx(
+                &tx,
+                &creds.access_key,
+                &indexer::s3::AccessKeyRecord {
+                    tenant: creds.tenant.clone(),
+                    role,
+                    secret: creds.secret.clone(),
+                    bypass_governance,
+                },
+            )
+            .await
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        indexer::s3::ObjectError::NoSuchTenant => {
+            anyhow::anyhow!(
+                "no tenant {tenant:?}: create it first with `custodia tenant create {tenant}`"
+            )
+        }
+        e => e.into(),
+    })?;
+    Ok(creds)
+}
+
+/// Opens DATA_DIR's embedded index directly, which the gateway must not
+/// hold open.
+pub fn open_index_offline(data_dir: &Path) -> Result<indexer::EmbeddedStore> {
     let cluster = Cluster::load(data_dir)?;
-    let store = indexer::EmbeddedStore::open(&cluster.gateway.index_path).with_context(|| {
+    indexer::EmbeddedStore::open(&cluster.gateway.index_path).with_context(|| {
         format!(
             "opening the index {} (stop the gateway first)",
             cluster.gateway.index_path.display()
         )
-    })?;
-    let token = new_token();
-    let record = indexer::schema::TokenRecord {
-        tenant: tenant.to_owned(),
-        role,
-    };
-    indexer::run(&store, |tx| {
-        let (token, record) = (&token, &record);
-        async move { indexer::schema::put_token_tx(&tx, token, record) }
     })
-    .await?;
-    Ok(token)
 }
 
+/// Registers a tenant; false if it already existed.
+pub async fn create_tenant<S: indexer::KvStore>(
+    store: &S,
+    name: &str,
+    now_ms: u64,
+) -> Result<bool> {
+    Ok(indexer::run(store, |tx| async move {
+        indexer::s3::create_tenant_tx(&tx, name, now_ms).await
+    })
+    .await?)
+}
+
+/// A bearer token: 256 random bits, hex.
 pub fn new_token() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }

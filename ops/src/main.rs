@@ -47,6 +47,9 @@ struct ClusterShape {
     /// Evidence API address.
     #[arg(long, default_value = "127.0.0.1:8080")]
     api: SocketAddr,
+    /// S3 API address ("off": none).
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    s3: String,
     /// First storage node's UDP port (the others follow); 0 picks free ports.
     #[arg(long, default_value_t = 7100)]
     node_base_port: u16,
@@ -59,17 +62,25 @@ struct ClusterShape {
 }
 
 impl ClusterShape {
-    fn options(&self) -> cluster::InitOptions {
-        cluster::InitOptions {
+    fn options(&self) -> Result<cluster::InitOptions> {
+        let s3 = match self.s3.as_str() {
+            "off" => None,
+            a => Some(
+                a.parse()
+                    .with_context(|| format!("--s3 {a:?}: an address or \"off\""))?,
+            ),
+        };
+        Ok(cluster::InitOptions {
             nodes: self.nodes,
             k: self.k,
             m: self.m,
             shard_size: self.shard_size,
             api: self.api,
+            s3,
             node_base_port: self.node_base_port,
             min_write_shards: self.min_write_shards,
             log_origin: self.log_origin.clone(),
-        }
+        })
     }
 }
 
@@ -97,6 +108,9 @@ enum Command {
     /// admins included, can mint one.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Manage tenants directly in the embedded index (the gateway must be stopped).
+    #[command(subcommand)]
+    Tenant(TenantCommand),
     /// Run a local cluster (initialising DATA_DIR first if needed) until Ctrl-C.
     Up {
         #[arg(long, default_value = "custodia-data")]
@@ -210,15 +224,30 @@ enum Command {
 
 #[derive(Subcommand)]
 enum KeyCommand {
-    /// Create a bearer token for TENANT with ROLE and print it.
+    /// Create credentials for TENANT with ROLE: a bearer token for the
+    /// evidence API and an S3 access key. Prints them in the AWS
+    /// shared-credentials format, the token as `custodia_token`.
     Create {
         #[arg(long, default_value = "custodia-data")]
         data_dir: PathBuf,
         #[arg(long)]
         tenant: String,
         /// reader, clerk, admin or expunger.
-        #[arg(long)]
+        #[arg(long, default_value = "clerk")]
         role: String,
+        /// The S3 key may bypass GOVERNANCE retention (with the request header).
+        #[arg(long)]
+        bypass_governance: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Register a tenant (`[a-z0-9_-]{1,64}`).
+    Create {
+        name: String,
+        #[arg(long, default_value = "custodia-data")]
+        data_dir: PathBuf,
     },
 }
 
@@ -258,7 +287,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init { data_dir, shape } => {
             init_tracing("warn");
-            let c = cluster::init(&data_dir, &shape.options()).await?;
+            let c = cluster::init(&data_dir, &shape.options()?).await?;
             println!(
                 "initialised {} nodes, RS({},{}) in {}\nadmin token: {}",
                 c.nodes.len(),
@@ -273,17 +302,33 @@ async fn run(cli: Cli) -> Result<()> {
             data_dir,
             tenant,
             role,
+            bypass_governance,
         }) => {
-            let role = indexer::schema::Role::parse(&role).with_context(|| {
+            let parsed = indexer::schema::Role::parse(&role).with_context(|| {
                 format!("unknown role {role:?}: reader, clerk, admin or expunger")
             })?;
-            let token = cluster::create_token(&data_dir, &tenant, role).await?;
-            println!("{token}");
+            let store = cluster::open_index_offline(&data_dir)?;
+            let c = cluster::issue_credentials(&store, &tenant, parsed, bypass_governance).await?;
+            print!("{}", c.aws_profile(&format!("{tenant}-{role}")));
+            println!("custodia_token = {}", c.token);
+            Ok(())
+        }
+        Command::Tenant(TenantCommand::Create { name, data_dir }) => {
+            let store = cluster::open_index_offline(&data_dir)?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            if cluster::create_tenant(&store, &name, now).await? {
+                println!("tenant {name} created");
+            } else {
+                println!("tenant {name} already exists");
+            }
             Ok(())
         }
         Command::Up { data_dir, shape } => {
             init_tracing("info");
-            up::up(&data_dir, &shape.options()).await
+            up::up(&data_dir, &shape.options()?).await
         }
         Command::Node {
             cluster: cluster_file,

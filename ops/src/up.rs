@@ -47,6 +47,9 @@ pub async fn run_gateway(data_dir: &Path) -> Result<()> {
     let cluster = Cluster::load(data_dir)?;
     let gw = start_gateway(&cluster).await?;
     println!("evidence API: http://{}", gw.local_addr);
+    if let Some(a) = gw.s3_addr {
+        println!("S3 API: http://{a}");
+    }
     tokio::select! {
         r = gw.wait() => r.context("the evidence API stopped")?,
         _ = stop_requested() => tracing::info!("stopping"),
@@ -136,6 +139,12 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
         "  admin token    {}",
         data_dir.join(cluster::ADMIN_TOKEN_FILE).display()
     );
+    if let Some(a) = gw.s3_addr {
+        println!(
+            "  S3 API         http://{a}  keys in {} (AWS_SHARED_CREDENTIALS_FILE=...)",
+            data_dir.join(cluster::S3_CREDENTIALS_FILE).display()
+        );
+    }
     if let Some(l) = &cluster.gateway.ledger {
         println!(
             "  ledger         http://{}/ledger/checkpoint  origin {:?}",

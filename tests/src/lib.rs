@@ -87,6 +87,8 @@ pub struct TestCluster {
     pub dir: tempfile::TempDir,
     pub shape: Shape,
     pub api: String,
+    /// The S3 API's endpoint URL.
+    pub s3: String,
     pub token: String,
     nodes: Vec<Option<Child>>,
     gateway: Option<Child>,
@@ -117,6 +119,7 @@ impl TestCluster {
     pub fn start(shape: Shape) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let api_port = free_tcp_port();
+        let s3_port = free_tcp_port();
         let mut init = Command::new(custodia_bin());
         init.arg("init")
             .arg("--data-dir")
@@ -125,6 +128,7 @@ impl TestCluster {
             .args(["--k", &shape.k.to_string(), "--m", &shape.m.to_string()])
             .args(["--shard-size", &shape.shard_size.to_string()])
             .args(["--api", &format!("127.0.0.1:{api_port}")])
+            .args(["--s3", &format!("127.0.0.1:{s3_port}")])
             .args(["--node-base-port", "0"]);
         if let Some(w) = shape.min_write_shards {
             init.args(["--min-write-shards", &w.to_string()]);
@@ -147,6 +151,7 @@ impl TestCluster {
         let mut c = TestCluster {
             dir,
             api: format!("http://127.0.0.1:{api_port}"),
+            s3: format!("http://127.0.0.1:{s3_port}"),
             token,
             nodes: (0..shape.nodes).map(|_| None).collect(),
             gateway: None,
@@ -159,6 +164,16 @@ impl TestCluster {
         c.start_gateway()?;
         c.wait_healthy(c.shape.nodes as u64)?;
         Ok(c)
+    }
+
+    /// Runs `custodia ARGS` against this cluster's data dir (for commands
+    /// that open the index, stop the gateway first).
+    pub fn custodia(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(Command::new(custodia_bin())
+            .args(args)
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .output()?)
     }
 
     pub fn data_dir(&self) -> &Path {

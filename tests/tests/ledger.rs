@@ -982,7 +982,11 @@ fn holds_retention_and_expunge_are_enforced_and_on_the_ledger() -> Result<()> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let expunger = String::from_utf8(out.stdout)?.trim().to_string();
+    let expunger = String::from_utf8(out.stdout)?
+        .lines()
+        .find_map(|l| l.strip_prefix("custodia_token = "))
+        .unwrap_or_default()
+        .to_string();
     c.start_gateway()?;
     c.wait_healthy(c.shape.nodes as u64)?;
     let clerk = make_token(&c, "admin", "clerk")?;

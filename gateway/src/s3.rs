@@ -1,0 +1,1249 @@
+//! The S3-compatible API (`s3s`): every object is evidence.
+//!
+//! A PUT files the body through the same pipeline as `POST /v1/evidence`
+//! (hashed, erasure-coded, notarized) and commits the object version in the
+//! manifest's transaction; a GET is a verified read recorded on the ledger
+//! before the first byte, like any other. SigV4 with per-tenant access keys
+//! (`indexer::s3`); a bucket belongs to one tenant and other tenants' keys get
+//! AccessDenied. Object Lock is enforced in the index transactions
+//! (`indexer::s3`), not here.
+
+use crate::api::{Gateway, Store};
+use crate::error::ApiError;
+use crate::ingest::{self, Filing, FilingMeta, S3Put};
+use indexer::s3::{
+    self as ix, BucketRecord, Deleted, LockMode, ObjectError, ObjectVersion, Retention, Versioning,
+};
+use indexer::schema::{self, Role};
+use protocol::EvidenceId;
+use s3s::dto::*;
+use s3s::{s3_error, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, S3};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// Keys listed per index transaction.
+const LIST_BATCH: usize = 1000;
+
+/// The S3 front of a gateway.
+pub struct S3Front<S: Store> {
+    gw: Arc<Gateway<S>>,
+}
+
+/// Who signed the request.
+struct Caller {
+    tenant: String,
+    role: Role,
+    access_key: String,
+    bypass_governance: bool,
+}
+
+/// Looks SigV4 secrets up in the index.
+struct Auth<S: Store> {
+    gw: Arc<Gateway<S>>,
+}
+
+#[async_trait::async_trait]
+impl<S: Store + 'static> s3s::auth::S3Auth for Auth<S> {
+    async fn get_secret_key(&self, access_key: &str) -> S3Result<s3s::auth::SecretKey> {
+        let key = access_key.to_owned();
+        let rec = indexer::run(&self.gw.store, |tx| {
+            let key = &key;
+            async move { ix::get_access_key_tx(&tx, key).await }
+        })
+        .await
+        .map_err(|e| internal(ApiError::Object(e)))?;
+        match rec {
+            Some(r) => Ok(s3s::auth::SecretKey::from(r.secret)),
+            None => Err(s3_error!(InvalidAccessKeyId)),
+        }
+    }
+}
+
+/// Starts the S3 API on `listen`; returns the bound address and the task.
+pub async fn serve<S: Store + 'static>(
+    gw: Arc<Gateway<S>>,
+    listen: SocketAddr,
+    domain: Option<&str>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let mut builder = s3s::service::S3ServiceBuilder::new(S3Front { gw: gw.clone() });
+    builder.set_auth(Auth { gw });
+    if let Some(d) = domain {
+        let host = s3s::host::SingleDomain::new(d)
+            .map_err(|e| std::io::Error::other(format!("S3 domain {d:?}: {e}")))?;
+        builder.set_host(host);
+    }
+    let service = builder.build();
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "S3 accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let service = service.clone();
+            tokio::spawn(async move {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .max_buf_size(64 * 1024)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "S3 connection ended");
+                }
+            });
+        }
+    });
+    tracing::info!(%addr, "S3 API listening");
+    Ok((addr, task))
+}
+
+// ---------------------------------------------------------------- errors
+
+fn internal(e: ApiError) -> S3Error {
+    tracing::error!(error = %e, "S3 request failed");
+    let mut err = S3Error::new(S3ErrorCode::InternalError);
+    err.set_message("internal error; details are in the gateway's log");
+    err
+}
+
+/// Maps gateway errors to S3's codes.
+fn s3_err(e: ApiError) -> S3Error {
+    use S3ErrorCode as C;
+    if indexer::Retryable::is_retryable(&e) {
+        return S3Error::with_message(C::SlowDown, e.to_string());
+    }
+    let (code, msg) = match &e {
+        ApiError::Object(o) => match o {
+            ObjectError::NoSuchBucket => (C::NoSuchBucket, o.to_string()),
+            ObjectError::BucketExists { mine: true } => (C::BucketAlreadyOwnedByYou, o.to_string()),
+            ObjectError::BucketExists { mine: false } => (C::BucketAlreadyExists, o.to_string()),
+            ObjectError::BucketNotEmpty => (C::BucketNotEmpty, o.to_string()),
+            ObjectError::NoSuchKey => (C::NoSuchKey, o.to_string()),
+            ObjectError::NoSuchVersion => (C::NoSuchVersion, o.to_string()),
+            ObjectError::Locked(m) => (C::AccessDenied, m.clone()),
+            ObjectError::BadName("bucket") => (C::InvalidBucketName, o.to_string()),
+            ObjectError::BadName(_) => (C::InvalidArgument, o.to_string()),
+            ObjectError::NoSuchTenant => (C::AccessDenied, o.to_string()),
+            ObjectError::Schema(_) => return internal(e),
+        },
+        ApiError::BadDigest => (C::BadDigest, e.to_string()),
+        ApiError::HashMismatch { .. } => (C::BadDigest, e.to_string()),
+        ApiError::BodyIncomplete(_) => (C::IncompleteBody, e.to_string()),
+        ApiError::Unavailable(_) => (C::ServiceUnavailable, e.to_string()),
+        ApiError::Forbidden(_) | ApiError::Unauthorized => (C::AccessDenied, e.to_string()),
+        ApiError::NotFound | ApiError::Gone => (C::NoSuchKey, e.to_string()),
+        ApiError::BadRequest(_) => (C::InvalidRequest, e.to_string()),
+        ApiError::Index(schema::SchemaError::Locked(m)) => (C::AccessDenied, m.clone()),
+        _ => return internal(e),
+    };
+    S3Error::with_message(code, msg)
+}
+
+fn ms_to_ts(ms: u64) -> Timestamp {
+    Timestamp::from(UNIX_EPOCH + Duration::from_millis(ms))
+}
+
+fn ts_to_ms(ts: Timestamp) -> u64 {
+    let t: time::OffsetDateTime = ts.into();
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
+
+fn lock_mode(m: LockMode) -> ObjectLockMode {
+    ObjectLockMode::from_static(match m {
+        LockMode::Compliance => ObjectLockMode::COMPLIANCE,
+        LockMode::Governance => ObjectLockMode::GOVERNANCE,
+    })
+}
+
+fn parse_lock_mode(m: &ObjectLockMode) -> S3Result<LockMode> {
+    match m.as_str() {
+        ObjectLockMode::COMPLIANCE => Ok(LockMode::Compliance),
+        ObjectLockMode::GOVERNANCE => Ok(LockMode::Governance),
+        other => Err(s3_error!(
+            InvalidArgument,
+            "unknown Object Lock mode {other:?}"
+        )),
+    }
+}
+
+fn retention_mode(m: LockMode) -> ObjectLockRetentionMode {
+    ObjectLockRetentionMode::from_static(match m {
+        LockMode::Compliance => ObjectLockRetentionMode::COMPLIANCE,
+        LockMode::Governance => ObjectLockRetentionMode::GOVERNANCE,
+    })
+}
+
+fn parse_retention_mode(m: &ObjectLockRetentionMode) -> S3Result<LockMode> {
+    match m.as_str() {
+        ObjectLockRetentionMode::COMPLIANCE => Ok(LockMode::Compliance),
+        ObjectLockRetentionMode::GOVERNANCE => Ok(LockMode::Governance),
+        other => Err(s3_error!(MalformedXML, "unknown retention mode {other:?}")),
+    }
+}
+
+fn parse_version(v: Option<&str>) -> S3Result<Option<EvidenceId>> {
+    match v {
+        None => Ok(None),
+        Some(s) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| s3_error!(NoSuchVersion, "no version {s:?}")),
+    }
+}
+
+fn show_version(b: &BucketRecord, v: &ObjectVersion) -> Option<String> {
+    if v.null_version {
+        (b.versioning != Versioning::Unversioned).then(|| "null".to_owned())
+    } else {
+        Some(v.version_id.to_string())
+    }
+}
+
+impl<S: Store> S3Front<S> {
+    async fn caller<T>(&self, req: &S3Request<T>, needed: Role) -> S3Result<Caller> {
+        let creds = req
+            .credentials
+            .as_ref()
+            .ok_or_else(|| s3_error!(AccessDenied, "anonymous access is not allowed"))?;
+        let key = creds.access_key.clone();
+        let rec = indexer::run(&self.gw.store, |tx| {
+            let key = &key;
+            async move { ix::get_access_key_tx(&tx, key).await }
+        })
+        .await
+        .map_err(|e| s3_err(e.into()))?
+        .ok_or_else(|| s3_error!(InvalidAccessKeyId))?;
+        if !rec.role.may(needed) {
+            return Err(s3_error!(
+                AccessDenied,
+                "this key's role may not do this ({:?} needed)",
+                needed
+            ));
+        }
+        Ok(Caller {
+            tenant: rec.tenant,
+            role: rec.role,
+            access_key: key,
+            bypass_governance: rec.bypass_governance,
+        })
+    }
+
+    /// The bucket, if it belongs to the caller's tenant; AccessDenied if it
+    /// belongs to another (as S3 answers), NoSuchBucket if none.
+    async fn bucket(&self, who: &Caller, name: &str) -> S3Result<BucketRecord> {
+        let n = name.to_owned();
+        let b = indexer::run(&self.gw.store, |tx| {
+            let n = &n;
+            async move { ix::get_bucket_tx(&tx, n).await }
+        })
+        .await
+        .map_err(|e| s3_err(e.into()))?
+        .ok_or_else(|| s3_error!(NoSuchBucket))?;
+        if b.tenant != who.tenant {
+            return Err(s3_error!(
+                AccessDenied,
+                "the bucket belongs to another tenant"
+            ));
+        }
+        Ok(b)
+    }
+
+    async fn version(
+        &self,
+        bucket: &str,
+        key: &str,
+        version_id: Option<EvidenceId>,
+    ) -> S3Result<ObjectVersion> {
+        let (b, k) = (bucket.to_owned(), key.to_owned());
+        indexer::run(&self.gw.store, |tx| {
+            let (b, k) = (&b, &k);
+            async move { ix::get_version_tx(&tx, b, k, version_id).await }
+        })
+        .await
+        .map_err(|e| s3_err(e.into()))
+    }
+
+    /// The readable version and its manifest: delete markers and expunged
+    /// evidence are not found (a marker named by version id is 405, as S3).
+    async fn readable(
+        &self,
+        bucket: &str,
+        key: &str,
+        version_id: Option<&str>,
+    ) -> S3Result<(ObjectVersion, protocol::ManifestHeader)> {
+        let vid = parse_version(version_id)?;
+        let v = self.version(bucket, key, vid).await?;
+        let Some(evidence) = v.evidence else {
+            return Err(if vid.is_some() {
+                s3_error!(MethodNotAllowed, "this version is a delete marker")
+            } else {
+                s3_error!(NoSuchKey)
+            });
+        };
+        let header = indexer::run(&self.gw.store, |tx| async move {
+            schema::get_manifest_tx(&tx, evidence).await
+        })
+        .await
+        .map_err(|e| s3_err(e.into()))?
+        .ok_or_else(|| {
+            s3_error!(
+                NoSuchKey,
+                "the evidence behind this object was expunged by court order"
+            )
+        })?;
+        Ok((v, header))
+    }
+
+    /// Changes a bucket's record in one transaction; `change` may refuse.
+    async fn update_bucket(
+        &self,
+        name: &str,
+        change: impl Fn(&mut BucketRecord) -> S3Result<()> + Send + Sync,
+    ) -> S3Result<()> {
+        let n = name.to_owned();
+        let refused = std::sync::Mutex::new(None);
+        indexer::run(&self.gw.store, |tx| {
+            let (n, change, refused) = (&n, &change, &refused);
+            async move {
+                let mut b = ix::get_bucket_tx(&tx, n)
+                    .await?
+                    .ok_or(ObjectError::NoSuchBucket)?;
+                if let Err(e) = change(&mut b) {
+                    if let Ok(mut r) = refused.lock() {
+                        *r = Some(e);
+                    }
+                    return Ok(());
+                }
+                ix::put_bucket_tx(&tx, n, &b).await
+            }
+        })
+        .await
+        .map_err(|e| s3_err(e.into()))?;
+        match refused.into_inner().ok().flatten() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn custodia_headers(&self, evidence: EvidenceId) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        if let Ok(v) = http::HeaderValue::from_str(&evidence.to_string()) {
+            h.insert("x-custodia-evidence-id", v);
+        }
+        h
+    }
+}
+
+fn etag_matches(cond: &ETagCondition, etag: &str) -> bool {
+    match cond {
+        ETagCondition::Any => true,
+        ETagCondition::ETag(e) => e.value() == etag,
+    }
+}
+
+#[async_trait::async_trait]
+impl<S: Store + 'static> S3 for S3Front<S> {
+    async fn list_buckets(
+        &self,
+        req: S3Request<ListBucketsInput>,
+    ) -> S3Result<S3Response<ListBucketsOutput>> {
+        let who = self.caller(&req, Role::Reader).await?;
+        let tenant = who.tenant.clone();
+        let buckets = indexer::run(&self.gw.store, |tx| {
+            let tenant = &tenant;
+            async move { ix::list_buckets_tx(&tx, tenant).await }
+        })
+        .await
+        .map_err(|e| s3_err(e.into()))?;
+        Ok(S3Response::new(ListBucketsOutput {
+            buckets: Some(
+                buckets
+                    .into_iter()
+                    .map(|(name, b)| Bucket {
+                        name: Some(name),
+                        creation_date: Some(ms_to_ts(b.created_ms)),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            owner: Some(Owner {
+                display_name: Some(who.tenant.clone()),
+                id: Some(who.tenant),
+            }),
+            ..Default::default()
+        }))
+    }
+
+    async fn create_bucket(
+        &self,
+        req: S3Request<CreateBucketInput>,
+    ) -> S3Result<S3Response<CreateBucketOutput>> {
+        let who = self.caller(&req, Role::Clerk).await?;
+        let lock = req.input.object_lock_enabled_for_bucket.unwrap_or(false);
+        let rec = BucketRecord {
+            tenant: who.tenant,
+            created_ms: self.gw.clock.now_ms(),
+            // Object Lock needs versioning, as in S3.
+            versioning: if lock {
+                Versioning::Enabled
+            } else {
+                Versioning::Unversioned
+            },
+            object_lock: lock,
+            default_retention: None,
+        };
+        let name = req.input.bucket.clone();
+        indexer::run(&self.gw.store, |tx| {
+            let (name, rec) = (&name, &rec);
+            async move { ix::create_bucket_tx(&tx, name, rec).await }
+        })
+        .await
+        .map_err(|e| s3_err(e.into()))?;
+        tracing::info!(bucket = %name, tenant = %rec.tenant, object_lock = lock, "bucket created");
+        Ok(S3Response::new(CreateBucketOutput {
+            location: Some(format!("/{name}")),
+        }))
+    }
+
+    async fn head_bucket(
+        &self,
+        req: S3Request<HeadBucketInput>,
+    ) -> S3Result<S3Response<HeadBucketOutput>> {
+        let who = self.caller(&req, Role::Reader).await?;
+        self.bucket(&who, &req.input.bucket).await?;
+        Ok(S3Response::new(HeadBucketOutput::default()))
+    }
+
+    async fn get_bucket_location(
+        &self,
+        req: S3Request<GetBucketLocationInput>,
+    ) -> S3Result<S3Response<GetBucketLocationOutput>> {
+        let who = self.caller(&req, Role::Reader).await?;
+        self.bucket(&who, &req.input.bucket).await?;
+        // us-east-1 is written as no constraint.
+        Ok(S3Response::new(GetBucketLocationOutput::default()))
+    }
+
+    async fn delete_bucket(
+        &self,
+        req: S3Request<DeleteBucketInput>,
+    ) -> S3Result<S3Response<DeleteBucketOutput>> {
+        let who = self.caller(&req, Role::Clerk).await?;
+        self.bucket(&who, &req.input.bucket).await?;
+        let name = req.input.bucket.clone();
+        indexer::run(&self.gw.store, |tx| {
+            let name = &name;
+            async move { ix::delete_bucket_tx(&tx, name).await }
+        })
+        .await
+        .map_err(|e| s3_err(e.into()))?;
+        Ok(S3Response::new(DeleteBucketOutput::default()))
+    }
+
+    async fn put_object(
+        &self,
+        req: S3Request<PutObjectInput>,
+    ) -> S3Result<S3Response<PutObjectOutput>> {
+        let who = self.caller(&req, Role::Clerk).await?;
+        let input = req.input;
+        let b = self.bucket(&who, &input.bucket).await?;
+        if !ix::valid_key(&input.key) {
+            return Err(s3_error!(
+                InvalidArgument,
+                "object keys are 1 to 1024 bytes of UTF-8 without NUL"
+            ));
+        }
+        let now = self.gw.clock.now_ms();
+        // Conditional writes, checked before the upload and again nowhere
+        // else: S3 gives no stronger guarantee for concurrent writers.
+        if input.if_none_match.is_some() || input.if_match.is_some() {
+            let current = match self.version(&input.bucket, &input.key, None).await {
+                Ok(v) if !v.is_delete_marker() => Some(v),
+                Ok(_) => None,
+                Err(e) if *e.code() == S3ErrorCode::NoSuchKey => None,
+                Err(e) => return Err(e),
+            };
+            if let (Some(c), Some(v)) = (&input.if_none_match, &current) {
+                if etag_matches(c, &v.etag) {
+                    return Err(s3_error!(
+                        PreconditionFailed,
+                        "the object exists (If-None-Match)"
+                    ));
+                }
+            }
+            if let Some(c) = &input.if_match {
+                if !current.as_ref().is_some_and(|v| etag_matches(c, &v.etag)) {
+                    return Err(s3_error!(
+                        PreconditionFailed,
+                        "If-Match does not match the current object"
+                    ));
+                }
+            }
+        }
+        let retention = match (
+            &input.object_lock_mode,
+            &input.object_lock_retain_until_date,
+        ) {
+            (Some(m), Some(until)) => Some(Retention {
+                mode: parse_lock_mode(m)?,
+                until_ms: ts_to_ms(until.clone()),
+            }),
+            (None, None) => b.default_retention.map(|d| Retention {
+                mode: d.mode,
+                until_ms: now + u64::from(d.days) * 86_400_000,
+            }),
+            _ => {
+                return Err(s3_error!(
+                    InvalidArgument,
+                    "x-amz-object-lock-mode and x-amz-object-lock-retain-until-date go together"
+                ))
+            }
+        };
+        let legal_hold = input
+            .object_lock_legal_hold_status
+            .as_ref()
+            .is_some_and(|s| s.as_str() == ObjectLockLegalHoldStatus::ON);
+        if (retention.is_some() || legal_hold) && !b.object_lock {
+            return Err(s3_error!(
+                InvalidRequest,
+                "the bucket was not created with Object Lock enabled"
+            ));
+        }
+        let expect_md5 = match &input.content_md5 {
+            None => None,
+            Some(b64) => {
+                use base64::Engine as _;
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(b64.trim())
+                    .ok()
+                    .and_then(|v| <[u8; 16]>::try_from(v).ok())
+                    .ok_or_else(|| s3_error!(InvalidDigest, "Content-MD5 is not a base64 MD5"))?;
+                Some(raw)
+            }
+        };
+        let expect_sha256 = match &input.checksum_sha256 {
+            None => None,
+            Some(b64) => {
+                use base64::Engine as _;
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(b64.trim())
+                    .ok()
+                    .and_then(|v| <[u8; 32]>::try_from(v).ok())
+                    .ok_or_else(|| {
+                        s3_error!(
+                            InvalidDigest,
+                            "x-amz-checksum-sha256 is not a base64 SHA-256"
+                        )
+                    })?;
+                Some(protocol::Sha256Hash(raw))
+            }
+        };
+        let user_metadata: Vec<(String, String)> = {
+            let mut m: Vec<_> = input.metadata.unwrap_or_default().into_iter().collect();
+            m.sort();
+            m
+        };
+        let meta = FilingMeta {
+            tenant: who.tenant.clone(),
+            case: None,
+            file_name: Some(input.key.clone()),
+            media_type: input.content_type.clone(),
+            submitter: Some(format!("{}/s3:{}", who.tenant, who.access_key)),
+            expect_sha256,
+            s3: Some(S3Put {
+                bucket: input.bucket.clone(),
+                key: input.key.clone(),
+                version: ObjectVersion {
+                    version_id: EvidenceId([0; 16]),
+                    null_version: b.versioning != Versioning::Enabled,
+                    evidence: None,
+                    size: 0,
+                    etag: String::new(),
+                    last_modified_ms: now,
+                    content_type: input.content_type,
+                    user_metadata,
+                    retention,
+                    legal_hold,
+                },
+                expect_md5,
+            }),
+            ..Default::default()
+        };
+        let body = input.body.unwrap_or_else(|| {
+            StreamingBlob::wrap(futures::stream::empty::<Result<bytes::Bytes, std::io::Error>>())
+        });
+        // The upload runs in its own task, so a client that goes away leaves
+        // a clean abort behind rather than a half-dropped future.
+        let gw = self.gw.clone();
+        let filing = tokio::spawn(ingest::file_evidence(gw, meta, body))
+            .await
+            .map_err(|_| internal(ApiError::Internal))?
+            .map_err(s3_err)?;
+        let header = match filing {
+            Filing::New { header, .. } | Filing::Replayed(header) => header,
+        };
+        let v = self
+            .version(&input.bucket, &input.key, Some(header.evidence))
+            .await?;
+        let mut headers = self.custodia_headers(header.evidence);
+        let receipt = crate::ledger::wait_for_receipt(
+            &self.gw,
+            header.evidence,
+            &[protocol::ledger::Kind::Filed],
+        )
+        .await
+        .map_err(s3_err)?;
+        let receipt_value = match receipt {
+            Some(r) => format!(
+                "leaf={}; url=/v1/evidence/{}/receipt",
+                r.leaf_index, header.evidence
+            ),
+            None => format!("pending; url=/v1/evidence/{}/receipt", header.evidence),
+        };
+        if let Ok(v) = http::HeaderValue::from_str(&receipt_value) {
+            headers.insert("x-custodia-receipt", v);
+        }
+        let mut resp = S3Response::new(PutObjectOutput {
+            e_tag: Some(ETag::Strong(v.etag.clone())),
+            version_id: show_version(&b, &v),
+            size: Some(header.size as i64),
+            ..Default::default()
+        });
+        resp.headers = headers;
+        Ok(resp)
+    }
+
+    async fn get_object(
+        &self,
+        req: S3Request<GetObjectInput>,
+    ) -> S3Result<S3Response<GetObjectOutput>> {
+        let who = self.caller(&req, Role::Reader).await?;
+        let input = &req.input;
+        let b = self.bucket(&who, &input.bucket).await?;
+        let (v, header) = self
+            .readable(&input.bucket, &input.key, input.version_id.as_deref())
+            .await?;
+        if let Some(c) = &input.if_match {
+            if !etag_matches(c, &v.etag) {
+                return Err(s3_error!(PreconditionFailed));
+            }
+        }
+        if let Some(c) = &input.if_none_match {
+            if etag_matches(c, &v.etag) {
+                return Err(S3Error::new(S3ErrorCode::NotModified));
+            }
+        }
+        let size = header.size;
+        let range = match &input.range {
+            None => None,
+            Some(r) => Some(r.check(size).map_err(|_| s3_error!(InvalidRange))?),
+        };
+        let read = range.clone().unwrap_or(0..size);
+        let actor = format!("{}/s3:{}", who.tenant, who.access_key);
+        crate::api::record_access(&self.gw, &header, actor, &read)
+            .await
+            .map_err(s3_err)?;
+        let evidence = header.evidence;
+        let stream = crate::read::stream_range(self.gw.clone(), header, read.clone());
+        let mut resp = S3Response::new(GetObjectOutput {
+            body: Some(StreamingBlob::wrap(stream)),
+            content_length: Some((read.end - read.start) as i64),
+            content_range: range
+                .as_ref()
+                .map(|r| format!("bytes {}-{}/{}", r.start, r.end.saturating_sub(1), size)),
+            accept_ranges: Some("bytes".into()),
+            content_type: v.content_type.clone(),
+            e_tag: Some(ETag::Strong(v.etag.clone())),
+            last_modified: Some(ms_to_ts(v.last_modified_ms)),
+            metadata: (!v.user_metadata.is_empty())
+                .then(|| v.user_metadata.iter().cloned().collect()),
+            version_id: show_version(&b, &v),
+            object_lock_mode: v.retention.map(|r| lock_mode(r.mode)),
+            object_lock_retain_until_date: v.retention.map(|r| ms_to_ts(r.until_ms)),
+            object_lock_legal_hold_status: b.object_lock.then(|| {
+                ObjectLockLegalHoldStatus::from_static(if v.legal_hold {
+                    ObjectLockLegalHoldStatus::ON
+                } else {
+                    ObjectLockLegalHoldStatus::OFF
+                })
+            }),
+            ..Default::default()
+        });
+        resp.headers = self.custodia_headers(evidence);
+        if range.is_some() {
+            resp.status = Some(http::StatusCode::PARTIAL_CONTENT);
+        }
+        Ok(resp)
+    }
+
+    async fn head_object(
+        &self,
+        req: S3Request<HeadObjectInput>,
+    ) -> S3Result<S3Response<HeadObjectOutput>> {
+        let who = self.caller(&req, Role::Reader).await?;
+        let input = &req.input;
+        let b = self.bucket(&who, &input.bucket).await?;
+        let (v, header) = self
+            .readable(&input.bucket, &input.key, input.version_id.as_deref())
+            .await?;
+        if let Some(c) = &input.if_match {
+            if !etag_matches(c, &v.etag) {
+                return Err(s3_error!(PreconditionFailed));
+            }
+        }
+        if let Some(c) = &input.if_none_match {
+            if etag_matches(c, &v.etag) {
+                return Err(S3Error::new(S3ErrorCode::NotModified));
+            }
+        }
+        let mut resp = S3Response::new(HeadObjectOutput {
+            content_length: Some(header.size as i64),
+            accept_ranges: Some("bytes".into()),
+            content_type: v.content_type.clone(),
+            e_tag: Some(ETag::Strong(v.etag.clone())),
+            last_modified: Some(ms_to_ts(v.last_modified_ms)),
+            metadata: (!v.user_metadata.is_empty())
+                .then(|| v.user_metadata.iter().cloned().collect()),
+            version_id: show_version(&b, &v),
+            object_lock_mode: v.retention.map(|r| lock_mode(r.mode)),
+            object_lock_retain_until_date: v.retention.map(|r| ms_to_ts(r.until_ms)),
+            ..Default::default()
+        });
+        resp.headers = self.custodia_headers(header.evidence);
+        Ok(resp)
+    }
+
+    async fn delete_object(
+        &self,
+        req: S3Request<DeleteObjectInput>,
+    ) -> S3Result<S3Response<DeleteObjectOutput>> {
+        let who = self.caller(&req, Role::Clerk).await?;
+        let input = &req.input;
+        let b = self.bucket(&who, &input.bucket).await?;
+        let now = self.gw.clock.now_ms();
+        // Bypassing GOVERNANCE needs both the key's permission and the
+        // request's header, as in S3.
+        let bypass = who.bypass_governance && input.bypass_governance_retention == Some(true);
+        let (bucket, key) = (input.bucket.clone(), input.key.clone());
+        if !ix::valid_key(&key) {
+            return Err(s3_error!(InvalidArgument, "invalid object key"));
+        }
+        match parse_version(input.version_id.as_deref()) {
+            Ok(Some(vid)) => {
+                let removed = indexer::run(&self.gw.store, |tx| {
+                    let (bucket, key) = (&bucket, &key);
+                    async move { ix::delete_version_tx(&tx, bucket, key, vid, now, bypass).await }
+                })
+                .await
+                .map_err(|e| s3_err(e.into()))?;
+                tracing::info!(bucket = %bucket, key = %key, version = %vid, by = %who.tenant, role = ?who.role, "object version deleted");
+                Ok(S3Response::new(DeleteObjectOutput {
+                    delete_marker: removed.is_delete_marker().then_some(true),
+                    version_id: show_version(&b, &removed),
+                    ..Default::default()
+                }))
+            }
+            Ok(None) => {
+                let marker = ObjectVersion {
+                    version_id: EvidenceId::new(now, rand::random()),
+                    null_version: false,
+                    evidence: None,
+                    size: 0,
+                    etag: String::new(),
+                    last_modified_ms: now,
+                    content_type: None,
+                    user_metadata: Vec::new(),
+                    retention: None,
+                    legal_hold: false,
+                };
+                let done = indexer::run(&self.gw.store, |tx| {
+                    let (bucket, key, marker) = (&bucket, &key, &marker);
+                    async move {
+                        ix::delete_current_tx(&tx, bucket, key, marker, now, bypass).await
+                    }
+                })
+                .await
+                .map_err(|e| s3_err(e.into()))?;
+                Ok(S3Response::new(match done {
+                    Deleted::Marker(m) => DeleteObjectOutput {
+                        delete_marker: Some(true),
+                        version_id: show_version(&b, &m),
+                        ..Default::default()
+                    },
+                    Deleted::Removed => DeleteObjectOutput::default(),
+                }))
+            }
+            // An id that is not ours names no version: deleting it is a no-op.
+            Err(_) => Ok(S3Response::new(DeleteObjectOutput::default())),
+        }
+    }
+
+    async fn get_bucket_versioning(
+        &self,
+        req: S3Request<GetBucketVersioningInput>,
+    ) -> S3Result<S3Response<GetBucketVersioningOutput>> {
+        let who = self.caller(&req, Role::Reader).await?;
+        let b = self.bucket(&who, &req.input.bucket).await?;
+        let status = match b.versioning {
+            Versioning::Unversioned => None,
+            Versioning::Enabled => Some(BucketVersioningStatus::ENABLED),
+            Versioning::Suspended => Some(BucketVersioningStatus::SUSPENDED),
+        };
+        Ok(S3Response::new(GetBucketVersioningOutput {
+            status: status.map(BucketVersioningStatus::from_static),
+            ..Default::default()
+        }))
+    }
+
+    async fn put_bucket_versioning(
+        &self,
+        req: S3Request<PutBucketVersioningInput>,
+    ) -> S3Result<S3Response<PutBucketVersioningOutput>> {
+        let who = self.caller(&req, Role::Clerk).await?;
+        self.bucket(&who, &req.input.bucket).await?;
+        let to = match req
+            .input
+            .versioning_configuration
+            .status
+            .as_ref()
+            .map(|s| s.as_str())
+        {
+            Some(BucketVersioningStatus::ENABLED) => Versioning::Enabled,
+            Some(BucketVersioningStatus::SUSPENDED) => Versioning::Suspended,
+            _ => {
+                return Err(s3_error!(
+                    MalformedXML,
+                    "Status must be Enabled or Suspended"
+                ))
+            }
+        };
+        self.update_bucket(&req.input.bucket, |b| {
+            if b.object_lock && to != Versioning::Enabled {
+                return Err(s3_error!(
+                    InvalidBucketState,
+                    "versioning cannot be suspended on a bucket with Object Lock"
+                ));
+            }
+            b.versioning = to;
+            Ok(())
+        })
+        .await?;
+        Ok(S3Response::new(PutBucketVersioningOutput::default()))
+    }
+
+    async fn get_object_lock_configuration(
+        &self,
+        req: S3Request<GetObjectLockConfigurationInput>,
+    ) -> S3Result<S3Response<GetObjectLockConfigurationOutput>> {
+        let who = self.caller(&req, Role::Reader).await?;
+        let b = self.bucket(&who, &req.input.bucket).await?;
+        if !b.object_lock {
+            return Err(s3_error!(
+                ObjectLockConfigurationNotFoundError,
+                "Object Lock is not enabled on this bucket"
+            ));
+        }
+        Ok(S3Response::new(GetObjectLockConfigurationOutput {
+            object_lock_configuration: Some(ObjectLockConfiguration {
+                object_lock_enabled: Some(ObjectLockEnabled::from_static(
+                    ObjectLockEnabled::ENABLED,
+                )),
+                rule: b.default_retention.map(|d| ObjectLockRule {
+                    default_retention: Some(s3s::dto::DefaultRetention {
+                        days: Some(d.days as i32),
+                        mode: Some(retention_mode(d.mode)),
+                        years: None,
+                    }),
+                }),
+            }),
+        }))
+    }
+
+    async fn put_object_lock_configuration(
+        &self,
+        req: S3Request<PutObjectLockConfigurationInput>,
+    ) -> S3Result<S3Response<PutObjectLockConfigurationOutput>> {
+        let who = self.caller(&req, Role::Clerk).await?;
+        self.bucket(&who, &req.input.bucket).await?;
+        let rule = req
+            .input
+            .object_lock_configuration
+            .and_then(|c| c.rule)
+            .and_then(|r| r.default_retention);
+        let default = match rule {
+            None => None,
+            Some(d) => {
+                let mode = d
+                    .mode
+                    .as_ref()
+                    .map(parse_retention_mode)
+                    .transpose()?
+                    .ok_or_else(|| s3_error!(MalformedXML, "DefaultRetention needs a Mode"))?;
+                let days = match (d.days, d.years) {
+                    (Some(n), None) if n > 0 => n as u32,
+                    (None, Some(y)) if y > 0 && y <= 100 => y as u32 * 365,
+                    _ => {
+                        return Err(s3_error!(
+                            MalformedXML,
+                            "DefaultRetention needs a positive Days or Years, not both"
+                        ))
+                    }
+                };
+                Some(ix::DefaultRetention { mode, days })
+            }
+        };
+        self.update_bucket(&req.input.bucket, |b| {
+            if !b.object_lock {
+                return Err(s3_error!(
+                    InvalidBucketState,
+                    "Object Lock can only be enabled when the bucket is created"
+                ));
+            }
+            b.default_retention = default;
+            Ok(())
+        })
+        .await?;
+        Ok(S3Response::new(PutObjectLockConfigurationOutput::default()))
+    }
+
+    async fn get_object_retention(
+        &self,
+        req: S3Request<GetObjectRetentionInput>,
+    ) -> S3Result<S3Response<GetObjectRetentionOutput>> {
+        let who = self.caller(&req, Role::Reader).await?;
+        let input = &req.input;
+        self.bucket(&who, &input.bucket).await?;
+        let (v, _) = self
+            .readable(&input.bucket, &input.key, input.version_id.as_deref())
+            .await?;
+        let r = v.retention.ok_or_else(|| {
+            s3_error!(
+                NoSuchObjectLockConfiguration,
+                "this version has no retention"
+            )
+        })?;
+        Ok(S3Response::new(GetObjectRetentionOutput {
+            retention: Some(ObjectLockRetention {
+                mode: Some(retention_mode(r.mode)),
+                retain_until_date: Some(ms_to_ts(r.until_ms)),
+            }),
+        }))
+    }
+
+    async fn put_object_retention(
+        &self,
+        req: S3Request<PutObjectRetentionInput>,
+    ) -> S3Result<S3Response<PutObjectRetentionOutput>> {
+        let who = self.caller(&req, Role::Clerk).await?;
+        let input = req.input;
+        let b = self.bucket(&who, &input.bucket).await?;
+        if !b.object_lock {
+            return Err(s3_error!(InvalidRequest, "the bucket has no Object Lock"));
+        }
+        let retention = match input.retention {
+            None => None,
+            Some(r) => match (r.mode, r.retain_until_date) {
+                (Some(m), Some(until)) => Some(Retention {
+                    mode: parse_retention_mode(&m)?,
+                    until_ms: ts_to_ms(until),
+                }),
+                (None, None) => None,
+                _ => {
+                    return Err(s3_error!(
+                        MalformedXML,
+                        "Retention needs Mode and RetainUntilDate"
+                    ))
+                }
+            },
+        };
+        let (v, _) = self
+            .readable(&input.bucket, &input.key, input.version_id.as_deref())
+            .await?;
+        let now = self.gw.clock.now_ms();
+        let bypass = who.bypass_governance && input.bypass_governance_retention == Some(true);
+        let (bucket, key, vid) = (input.bucket.clone(), input.key.clone(), v.version_id);
+        indexer::run(&self.gw.store, |tx| {
+            let (bucket, key) = (&bucket, &key);
+            async move { ix::set_retention_tx(&tx, bucket, key, vid, retention, now, bypass).await }
+        })
+        .await
+        .map_err(|e| s3_err(e.into()))?;
+        tracing::info!(bucket = %bucket, key = %key, version = %vid, ?retention, by = %who.tenant, "retention set");
+        Ok(S3Response::new(PutObjectRetentionOutput::default()))
+    }
+
+    async fn get_object_legal_hold(
+        &self,
+        req: S3Request<GetObjectLegalHoldInput>,
+    ) -> S3Result<S3Response<GetObjectLegalHoldOutput>> {
+        let who = self.caller(&req, Role::Reader).await?;
+        let input = &req.input;
+        self.bucket(&who, &input.bucket).await?;
+        let (v, _) = self
+            .readable(&input.bucket, &input.key, input.version_id.as_deref())
+            .await?;
+        Ok(S3Response::new(GetObjectLegalHoldOutput {
+            legal_hold: Some(ObjectLockLegalHold {
+                status: Some(ObjectLockLegalHoldStatus::from_static(if v.legal_hold {
+                    ObjectLockLegalHoldStatus::ON
+                } else {
+                    ObjectLockLegalHoldStatus::OFF
+                })),
+            }),
+        }))
+    }
+
+    async fn put_object_legal_hold(
+        &self,
+        req: S3Request<PutObjectLegalHoldInput>,
+    ) -> S3Result<S3Response<PutObjectLegalHoldOutput>> {
+        let who = self.caller(&req, Role::Clerk).await?;
+        let input = req.input;
+        let b = self.bucket(&who, &input.bucket).await?;
+        if !b.object_lock {
+            return Err(s3_error!(InvalidRequest, "the bucket has no Object Lock"));
+        }
+        let on = match input
+            .legal_hold
+            .and_then(|h| h.status)
+            .as_ref()
+            .map(|s| s.as_str())
+        {
+            Some(ObjectLockLegalHoldStatus::ON) => true,
+            Some(ObjectLockLegalHoldStatus::OFF) => false,
+            _ => {
+                return Err(s3_error!(
+                    MalformedXML,
+                    "LegalHold Status must be ON or OFF"
+                ))
+            }
+        };
+        // As on the evidence API: placing a hold is a clerk's, lifting one
+        // an administrator's.
+        if !on && !who.role.may(Role::Admin) {
+            return Err(s3_error!(
+                AccessDenied,
+                "lifting a legal hold needs an admin key"
+            ));
+        }
+        let (v, _) = self
+            .readable(&input.bucket, &input.key, input.version_id.as_deref())
+            .await?;
+        let (bucket, key, vid) = (input.bucket.clone(), input.key.clone(), v.version_id);
+        indexer::run(&self.gw.store, |tx| {
+            let (bucket, key) = (&bucket, &key);
+            async move { ix::set_legal_hold_tx(&tx, bucket, key, vid, on).await }
+        })
+        .await
+        .map_err(|e| s3_err(e.into()))?;
+        tracing::info!(bucket = %bucket, key = %key, version = %vid, on, by = %who.tenant, "legal hold set");
+        Ok(S3Response::new(PutObjectLegalHoldOutput::default()))
+    }
+
+    async fn list_objects_v2(
+        &self,
+        req: S3Request<ListObjectsV2Input>,
+    ) -> S3Result<S3Response<ListObjectsV2Output>> {
+        let who = self.caller(&req, Role::Reader).await?;
+        let input = req.input;
+        self.bucket(&who, &input.bucket).await?;
+        let after = match (&input.continuation_token, &input.start_after) {
+            (Some(t), _) => Some(
+                hex::decode(t).map_err(|_| s3_error!(InvalidArgument, "bad continuation token"))?,
+            ),
+            (None, Some(s)) => Some(s.as_bytes().to_vec()),
+            (None, None) => None,
+        };
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let max = input.max_keys.unwrap_or(1000).clamp(0, 1000) as usize;
+        let page = self
+            .list(
+                &input.bucket,
+                &prefix,
+                input.delimiter.as_deref(),
+                after,
+                max,
+            )
+            .await?;
+        let key_count = (page.objects.len() + page.prefixes.len()) as i32;
+        Ok(S3Response::new(ListObjectsV2Output {
+            name: Some(input.bucket),
+            prefix: input.prefix,
+            delimiter: input.delimiter,
+            max_keys: Some(max as i32),
+            key_count: Some(key_count),
+            is_truncated: Some(page.next.is_some()),
+            next_continuation_token: page.next.map(hex::encode),
+            continuation_token: input.continuation_token,
+            start_after: input.start_after,
+            encoding_type: input.encoding_type,
+            contents: Some(page.objects),
+            common_prefixes: Some(page.prefixes),
+            ..Default::default()
+        }))
+    }
+
+    async fn list_objects(
+        &self,
+        req: S3Request<ListObjectsInput>,
+    ) -> S3Result<S3Response<ListObjectsOutput>> {
+        let who = self.caller(&req, Role::Reader).await?;
+        let input = req.input;
+        self.bucket(&who, &input.bucket).await?;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let max = input.max_keys.unwrap_or(1000).clamp(0, 1000) as usize;
+        let after = input.marker.as_ref().map(|m| m.as_bytes().to_vec());
+        let mut page = self
+            .list(
+                &input.bucket,
+                &prefix,
+                input.delimiter.as_deref(),
+                after,
+                max,
+            )
+            .await?;
+        // V1 gives NextMarker only with a delimiter; clients otherwise use
+        // the last key. Both are the last key or common prefix returned.
+        let next_marker = page.next.as_ref().and_then(|_| {
+            let last_key = page.objects.last().and_then(|o| o.key.clone());
+            let last_prefix = page.prefixes.last().and_then(|p| p.prefix.clone());
+            last_key.max(last_prefix)
+        });
+        let next_marker = match url_encoded(input.encoding_type.as_ref()) {
+            true => next_marker.as_deref().map(url_encode),
+            false => next_marker,
+        };
+        let shown_prefix = encode_page(&mut page, input.encoding_type.as_ref(), input.prefix);
+        Ok(S3Response::new(ListObjectsOutput {
+            name: Some(input.bucket),
+            prefix: shown_prefix,
+            marker: input.marker,
+            delimiter: input.delimiter.clone(),
+            max_keys: Some(max as i32),
+            is_truncated: Some(page.next.is_some()),
+            next_marker: input.delimiter.and(next_marker),
+            encoding_type: input.encoding_type,
+            contents: Some(page.objects),
+            common_prefixes: Some(page.prefixes),
+            ..Default::default()
+        }))
+    }
+}
+
+/// S3's `encoding-type=url`: keys and prefixes percent-encoded, '/' and the
+/// unreserved characters kept (clients decode what they asked to be
+/// encoded; the AWS CLI always asks).
+fn url_encode(s: &str) -> String {
+    use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+    const KEEP: &AsciiSet = &NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~')
+        .remove(b'/');
+    utf8_percent_encode(s, KEEP).to_string()
+}
+
+fn url_encoded(encoding: Option<&EncodingType>) -> bool {
+    encoding.is_some_and(|e| e.as_str() == EncodingType::URL)
+}
+
+/// Applies `encoding-type=url` to a page and returns the prefix to echo.
+fn encode_page(
+    page: &mut Page,
+    encoding: Option<&EncodingType>,
+    prefix: Option<String>,
+) -> Option<String> {
+    if !url_encoded(encoding) {
+        return prefix;
+    }
+    for o in &mut page.objects {
+        o.key = o.key.as_deref().map(url_encode);
+    }
+    for p in &mut page.prefixes {
+        p.prefix = p.prefix.as_deref().map(url_encode);
+    }
+    prefix.as_deref().map(url_encode)
+}
+
+/// One page of a listing.
+struct Page {
+    objects: Vec<Object>,
+    prefixes: Vec<CommonPrefix>,
+    /// Where the next page starts (exclusive key bytes), if truncated.
+    next: Option<Vec<u8>>,
+}
+
+impl<S: Store> S3Front<S> {
+    /// Lists current objects after `after`, folding keys that contain
+    /// `delimiter` past `prefix` into common prefixes; at most `max` entries
+    /// (objects and prefixes together).
+    async fn list(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        delimiter: Option<&str>,
+        mut after: Option<Vec<u8>>,
+        max: usize,
+    ) -> S3Result<Page> {
+        let delimiter = delimiter.filter(|d| !d.is_empty());
+        let mut page = Page {
+            objects: Vec::new(),
+            prefixes: Vec::new(),
+            next: None,
+        };
+        if max == 0 {
+            return Ok(page);
+        }
+        loop {
+            let (b, p) = (bucket.to_owned(), prefix.to_owned());
+            let rows = indexer::run(&self.gw.store, |tx| {
+                let (b, p, after) = (&b, &p, &after);
+                async move { ix::list_current_tx(&tx, b, p, after.as_deref(), LIST_BATCH).await }
+            })
+            .await
+            .map_err(|e| s3_err(e.into()))?;
+            let full_batch = rows.len() == LIST_BATCH;
+            let mut cut = false;
+            for (key, v) in rows {
+                if page.objects.len() + page.prefixes.len() == max {
+                    // A row remains: the listing is truncated here.
+                    page.next = after;
+                    return Ok(page);
+                }
+                let rest = &key[prefix.len()..];
+                if let Some(end) = delimiter.and_then(|d| rest.find(d).map(|i| i + d.len())) {
+                    let common = format!("{prefix}{}", &rest[..end]);
+                    // Continue after every key under this common prefix;
+                    // the rest of this batch may be under it: read again.
+                    let mut skip = common.clone().into_bytes();
+                    skip.push(0xff);
+                    after = Some(skip);
+                    page.prefixes.push(CommonPrefix {
+                        prefix: Some(common),
+                    });
+                    cut = true;
+                    break;
+                }
+                after = Some(key.clone().into_bytes());
+                page.objects.push(Object {
+                    key: Some(key),
+                    size: Some(v.size as i64),
+                    e_tag: Some(ETag::Strong(v.etag)),
+                    last_modified: Some(ms_to_ts(v.last_modified_ms)),
+                    storage_class: Some(ObjectStorageClass::from_static(
+                        ObjectStorageClass::STANDARD,
+                    )),
+                    ..Default::default()
+                });
+            }
+            if !cut && !full_batch {
+                return Ok(page);
+            }
+        }
+    }
+}

@@ -1,0 +1,712 @@
+//! The S3 API's records: tenants, access keys, buckets and object versions.
+//! Every object version names a piece of evidence (its bytes, receipt and
+//! custody live there); these records are the bucket's view of it.
+//!
+//! Key layout (values are `encode_versioned` records; bucket names are S3's
+//! `[a-z0-9.-]{3,63}`; object keys are UTF-8 without NUL, <= 1024 bytes, so a
+//! 0x00 terminator is unambiguous):
+//!
+//! ```text
+//! ("3t", tenant)                                    = TenantRecord
+//! ("3a", access key id)                             = AccessKeyRecord  secret kept for SigV4
+//! ("3b", bucket)                                    = BucketRecord
+//! ("3B", tenant, 0x00, bucket)                      = ""               a tenant's buckets
+//! ("3v", bucket, 0x00, key, 0x00, !version id 16)   = ObjectVersion    newest first
+//! ("3c", bucket, 0x00, key)                         = ObjectVersion    current, unless a delete marker
+//! ```
+//!
+//! Version ids are time-ordered UUIDs (the evidence id for a PUT), stored
+//! bit-inverted so a key's versions read newest first. `3c` duplicates the
+//! newest non-marker version so listings are one range read.
+//!
+//! Object Lock is enforced here, in the transaction that removes a version
+//! or changes its retention: COMPLIANCE retention and legal holds refuse
+//! every caller; GOVERNANCE only callers the S3 layer says may bypass it.
+
+use crate::kv::{Retryable, Transaction};
+use crate::schema::{prefix_end, valid_tenant, Role, SchemaError};
+use protocol::wire::{decode_versioned, encode_versioned};
+use protocol::EvidenceId;
+use serde::{Deserialize, Serialize};
+
+const TENANT: &[u8] = b"3t";
+const ACCESS_KEY: &[u8] = b"3a";
+const BUCKET: &[u8] = b"3b";
+const TENANT_BUCKET: &[u8] = b"3B";
+const VERSION: &[u8] = b"3v";
+const CURRENT: &[u8] = b"3c";
+
+const RECORD_V1: u8 = 1;
+
+/// Errors of bucket and object records.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    #[error("no such tenant")]
+    NoSuchTenant,
+    #[error("no such bucket")]
+    NoSuchBucket,
+    /// `mine`: the caller's tenant already owns it.
+    #[error("the bucket already exists")]
+    BucketExists { mine: bool },
+    #[error("the bucket is not empty")]
+    BucketNotEmpty,
+    #[error("no such key")]
+    NoSuchKey,
+    #[error("no such version")]
+    NoSuchVersion,
+    /// Object Lock forbids it (retention or legal hold).
+    #[error("{0}")]
+    Locked(String),
+    #[error("invalid name: {0}")]
+    BadName(&'static str),
+}
+
+impl From<crate::kv::KvError> for ObjectError {
+    fn from(e: crate::kv::KvError) -> Self {
+        ObjectError::Schema(SchemaError::Kv(e))
+    }
+}
+
+impl From<protocol::DecodeError> for ObjectError {
+    fn from(e: protocol::DecodeError) -> Self {
+        ObjectError::Schema(SchemaError::Decode(e))
+    }
+}
+
+impl Retryable for ObjectError {
+    fn is_retryable(&self) -> bool {
+        matches!(self, ObjectError::Schema(e) if e.is_retryable())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantRecord {
+    pub created_ms: u64,
+}
+
+/// An S3 access key. The secret is stored because SigV4 verification needs
+/// it (as in every S3 implementation); it is never logged.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessKeyRecord {
+    pub tenant: String,
+    pub role: Role,
+    pub secret: String,
+    /// May bypass GOVERNANCE retention (`s3:BypassGovernanceRetention`).
+    pub bypass_governance: bool,
+}
+
+impl std::fmt::Debug for AccessKeyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessKeyRecord")
+            .field("tenant", &self.tenant)
+            .field("role", &self.role)
+            .field("bypass_governance", &self.bypass_governance)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Versioning {
+    /// Never enabled: one ("null") version per key, replaced by each PUT.
+    Unversioned,
+    Enabled,
+    Suspended,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockMode {
+    Governance,
+    Compliance,
+}
+
+/// A retention period: mode and end (ms since the epoch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    pub mode: LockMode,
+    pub until_ms: u64,
+}
+
+/// A bucket's default retention: mode and length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DefaultRetention {
+    pub mode: LockMode,
+    pub days: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketRecord {
+    pub tenant: String,
+    pub created_ms: u64,
+    pub versioning: Versioning,
+    /// Object Lock, which can only be enabled at creation.
+    pub object_lock: bool,
+    pub default_retention: Option<DefaultRetention>,
+}
+
+/// One version of an object: a piece of evidence, or a delete marker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectVersion {
+    pub version_id: EvidenceId,
+    /// Written while versioning was not enabled: S3's "null" version.
+    pub null_version: bool,
+    /// `None` for a delete marker.
+    pub evidence: Option<EvidenceId>,
+    pub size: u64,
+    /// The ETag's value (unquoted): the body's MD5 in hex for a single PUT.
+    pub etag: String,
+    pub last_modified_ms: u64,
+    pub content_type: Option<String>,
+    pub user_metadata: Vec<(String, String)>,
+    pub retention: Option<Retention>,
+    pub legal_hold: bool,
+}
+
+impl ObjectVersion {
+    pub fn is_delete_marker(&self) -> bool {
+        self.evidence.is_none()
+    }
+
+    /// Why this version may not be removed (or its retention shortened) at
+    /// `now_ms`, if it may not; `bypass`: the caller may bypass GOVERNANCE.
+    pub fn lock_reason(&self, now_ms: u64, bypass: bool) -> Option<String> {
+        if self.legal_hold {
+            return Some("a legal hold applies to this object version".into());
+        }
+        match self.retention {
+            Some(r) if r.until_ms > now_ms => match r.mode {
+                LockMode::Compliance => Some(format!(
+                    "COMPLIANCE retention runs until {} ms; nobody can remove this version before then",
+                    r.until_ms
+                )),
+                LockMode::Governance if !bypass => Some(format!(
+                    "GOVERNANCE retention runs until {} ms; only a key with the bypass permission may remove it",
+                    r.until_ms
+                )),
+                LockMode::Governance => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+/// S3's bucket naming rules (the DNS-compatible subset).
+pub fn valid_bucket(name: &str) -> bool {
+    let b = name.as_bytes();
+    (3..=63).contains(&b.len())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'.')
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && !name.contains("..")
+        && name.parse::<std::net::Ipv4Addr>().is_err()
+}
+
+/// Object keys: 1..=1024 bytes of UTF-8 without NUL.
+pub fn valid_key(key: &str) -> bool {
+    !key.is_empty() && key.len() <= 1024 && !key.contains('\0')
+}
+
+fn key_of(tag: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+    let mut k = tag.to_vec();
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            k.push(0);
+        }
+        k.extend_from_slice(p);
+    }
+    k
+}
+
+fn inverted(id: &EvidenceId) -> [u8; 16] {
+    let mut b = *id.as_bytes();
+    for x in &mut b {
+        *x = !*x;
+    }
+    b
+}
+
+fn check_names(bucket: &str, key: Option<&str>) -> Result<(), ObjectError> {
+    if !valid_bucket(bucket) {
+        return Err(ObjectError::BadName("bucket"));
+    }
+    if key.is_some_and(|k| !valid_key(k)) {
+        return Err(ObjectError::BadName("key"));
+    }
+    Ok(())
+}
+
+async fn get_record<T: Transaction, R: serde::de::DeserializeOwned>(
+    tx: &T,
+    key: &[u8],
+) -> Result<Option<R>, ObjectError> {
+    match tx.get(key).await? {
+        Some(v) => Ok(Some(decode_versioned(RECORD_V1, &v)?)),
+        None => Ok(None),
+    }
+}
+
+// ---------------------------------------------------------------- tenants and keys
+
+/// Registers a tenant; returns false if it already existed.
+pub async fn create_tenant_tx<T: Transaction>(
+    tx: &T,
+    name: &str,
+    now_ms: u64,
+) -> Result<bool, ObjectError> {
+    if !valid_tenant(name) {
+        return Err(SchemaError::BadTenant.into());
+    }
+    let k = key_of(TENANT, &[name.as_bytes()]);
+    if tx.get(&k).await?.is_some() {
+        return Ok(false);
+    }
+    tx.set(
+        &k,
+        &encode_versioned(RECORD_V1, &TenantRecord { created_ms: now_ms }),
+    );
+    Ok(true)
+}
+
+pub async fn tenant_exists_tx<T: Transaction>(tx: &T, name: &str) -> Result<bool, ObjectError> {
+    Ok(tx.get(&key_of(TENANT, &[name.as_bytes()])).await?.is_some())
+}
+
+/// Stores an access key for an existing tenant.
+pub async fn put_access_key_tx<T: Transaction>(
+    tx: &T,
+    key_id: &str,
+    rec: &AccessKeyRecord,
+) -> Result<(), ObjectError> {
+    if !tenant_exists_tx(tx, &rec.tenant).await? {
+        return Err(ObjectError::NoSuchTenant);
+    }
+    tx.set(
+        &key_of(ACCESS_KEY, &[key_id.as_bytes()]),
+        &encode_versioned(RECORD_V1, rec),
+    );
+    Ok(())
+}
+
+pub async fn get_access_key_tx<T: Transaction>(
+    tx: &T,
+    key_id: &str,
+) -> Result<Option<AccessKeyRecord>, ObjectError> {
+    if key_id.is_empty() || key_id.len() > 128 {
+        return Ok(None);
+    }
+    get_record(tx, &key_of(ACCESS_KEY, &[key_id.as_bytes()])).await
+}
+
+// ---------------------------------------------------------------- buckets
+
+pub async fn create_bucket_tx<T: Transaction>(
+    tx: &T,
+    name: &str,
+    rec: &BucketRecord,
+) -> Result<(), ObjectError> {
+    check_names(name, None)?;
+    if let Some(have) = get_bucket_tx(tx, name).await? {
+        return Err(ObjectError::BucketExists {
+            mine: have.tenant == rec.tenant,
+        });
+    }
+    if !tenant_exists_tx(tx, &rec.tenant).await? {
+        return Err(ObjectError::NoSuchTenant);
+    }
+    tx.set(
+        &key_of(BUCKET, &[name.as_bytes()]),
+        &encode_versioned(RECORD_V1, rec),
+    );
+    tx.set(
+        &key_of(TENANT_BUCKET, &[rec.tenant.as_bytes(), name.as_bytes()]),
+        b"",
+    );
+    Ok(())
+}
+
+pub async fn get_bucket_tx<T: Transaction>(
+    tx: &T,
+    name: &str,
+) -> Result<Option<BucketRecord>, ObjectError> {
+    if !valid_bucket(name) {
+        return Ok(None);
+    }
+    get_record(tx, &key_of(BUCKET, &[name.as_bytes()])).await
+}
+
+pub async fn put_bucket_tx<T: Transaction>(
+    tx: &T,
+    name: &str,
+    rec: &BucketRecord,
+) -> Result<(), ObjectError> {
+    if get_bucket_tx(tx, name).await?.is_none() {
+        return Err(ObjectError::NoSuchBucket);
+    }
+    tx.set(
+        &key_of(BUCKET, &[name.as_bytes()]),
+        &encode_versioned(RECORD_V1, rec),
+    );
+    Ok(())
+}
+
+/// A tenant's buckets, by name.
+pub async fn list_buckets_tx<T: Transaction>(
+    tx: &T,
+    tenant: &str,
+) -> Result<Vec<(String, BucketRecord)>, ObjectError> {
+    let prefix = key_of(TENANT_BUCKET, &[tenant.as_bytes(), b""]);
+    let rows = tx
+        .get_range(&prefix, &prefix_end(&prefix), 10_000, false)
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (k, _) in rows {
+        let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+        if let Some(b) = get_bucket_tx(tx, &name).await? {
+            out.push((name, b));
+        }
+    }
+    Ok(out)
+}
+
+/// Deletes a bucket that holds no version at all (delete markers count, as
+/// in S3).
+pub async fn delete_bucket_tx<T: Transaction>(tx: &T, name: &str) -> Result<(), ObjectError> {
+    let b = get_bucket_tx(tx, name)
+        .await?
+        .ok_or(ObjectError::NoSuchBucket)?;
+    let prefix = key_of(VERSION, &[name.as_bytes(), b""]);
+    if !tx
+        .get_range(&prefix, &prefix_end(&prefix), 1, false)
+        .await?
+        .is_empty()
+    {
+        return Err(ObjectError::BucketNotEmpty);
+    }
+    tx.clear(&key_of(BUCKET, &[name.as_bytes()]));
+    tx.clear(&key_of(
+        TENANT_BUCKET,
+        &[b.tenant.as_bytes(), name.as_bytes()],
+    ));
+    Ok(())
+}
+
+// ---------------------------------------------------------------- objects
+
+fn versions_prefix(bucket: &str, key: &str) -> Vec<u8> {
+    key_of(VERSION, &[bucket.as_bytes(), key.as_bytes(), b""])
+}
+
+fn version_key(bucket: &str, key: &str, id: &EvidenceId) -> Vec<u8> {
+    let mut k = versions_prefix(bucket, key);
+    k.extend_from_slice(&inverted(id));
+    k
+}
+
+fn current_key(bucket: &str, key: &str) -> Vec<u8> {
+    key_of(CURRENT, &[bucket.as_bytes(), key.as_bytes()])
+}
+
+/// Every version of `key`, newest first (at most `limit`).
+pub async fn versions_tx<T: Transaction>(
+    tx: &T,
+    bucket: &str,
+    key: &str,
+    limit: usize,
+) -> Result<Vec<ObjectVersion>, ObjectError> {
+    check_names(bucket, Some(key))?;
+    let prefix = versions_prefix(bucket, key);
+    tx.get_range(&prefix, &prefix_end(&prefix), limit, false)
+        .await?
+        .iter()
+        .map(|(_, v)| Ok(decode_versioned(RECORD_V1, v)?))
+        .collect()
+}
+
+/// Re-derives `3c` from the newest remaining version.
+async fn refresh_current<T: Transaction>(
+    tx: &T,
+    bucket: &str,
+    key: &str,
+) -> Result<(), ObjectError> {
+    match versions_tx(tx, bucket, key, 1).await?.first() {
+        Some(v) if !v.is_delete_marker() => {
+            tx.set(&current_key(bucket, key), &encode_versioned(RECORD_V1, v))
+        }
+        _ => tx.clear(&current_key(bucket, key)),
+    }
+    Ok(())
+}
+
+/// Removes the "null" version of `key`, if any, unless locked.
+async fn remove_null_version<T: Transaction>(
+    tx: &T,
+    bucket: &str,
+    key: &str,
+    now_ms: u64,
+    bypass: bool,
+) -> Result<(), ObjectError> {
+    for v in versions_tx(tx, bucket, key, 10_000).await? {
+        if v.null_version {
+            if let Some(why) = v.lock_reason(now_ms, bypass) {
+                return Err(ObjectError::Locked(why));
+            }
+            tx.clear(&version_key(bucket, key, &v.version_id));
+        }
+    }
+    Ok(())
+}
+
+/// Adds a version (a PUT's evidence, or a delete marker) as the newest of
+/// `key`. Where versioning is not enabled it replaces the "null" version —
+/// refused if that one is locked (a locked bucket is always versioned, so
+/// this only matters for a bucket whose versioning was suspended).
+pub async fn put_version_tx<T: Transaction>(
+    tx: &T,
+    bucket: &str,
+    key: &str,
+    version: &ObjectVersion,
+    now_ms: u64,
+) -> Result<(), ObjectError> {
+    check_names(bucket, Some(key))?;
+    let b = get_bucket_tx(tx, bucket)
+        .await?
+        .ok_or(ObjectError::NoSuchBucket)?;
+    if version.null_version != (b.versioning != Versioning::Enabled) {
+        return Err(ObjectError::Locked(
+            "the bucket's versioning changed during the upload; retry".into(),
+        ));
+    }
+    if version.null_version {
+        remove_null_version(tx, bucket, key, now_ms, false).await?;
+    }
+    tx.set(
+        &version_key(bucket, key, &version.version_id),
+        &encode_versioned(RECORD_V1, version),
+    );
+    refresh_current(tx, bucket, key).await
+}
+
+/// The version `version_id` of `key`, or the newest; delete markers
+/// included (the caller decides what a marker means).
+pub async fn get_version_tx<T: Transaction>(
+    tx: &T,
+    bucket: &str,
+    key: &str,
+    version_id: Option<EvidenceId>,
+) -> Result<ObjectVersion, ObjectError> {
+    check_names(bucket, Some(key))?;
+    match version_id {
+        Some(id) => get_record(tx, &version_key(bucket, key, &id))
+            .await?
+            .ok_or(ObjectError::NoSuchVersion),
+        None => versions_tx(tx, bucket, key, 1)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or(ObjectError::NoSuchKey),
+    }
+}
+
+/// Permanently removes one version, enforcing Object Lock in this
+/// transaction. Returns the removed version.
+pub async fn delete_version_tx<T: Transaction>(
+    tx: &T,
+    bucket: &str,
+    key: &str,
+    version_id: EvidenceId,
+    now_ms: u64,
+    bypass_governance: bool,
+) -> Result<ObjectVersion, ObjectError> {
+    let v = get_version_tx(tx, bucket, key, Some(version_id)).await?;
+    if let Some(why) = v.lock_reason(now_ms, bypass_governance) {
+        return Err(ObjectError::Locked(why));
+    }
+    tx.clear(&version_key(bucket, key, &version_id));
+    refresh_current(tx, bucket, key).await?;
+    Ok(v)
+}
+
+/// Sets a version's retention: never shorter for COMPLIANCE, nor for
+/// GOVERNANCE without the bypass permission, and never removed while it runs.
+pub async fn set_retention_tx<T: Transaction>(
+    tx: &T,
+    bucket: &str,
+    key: &str,
+    version_id: EvidenceId,
+    retention: Option<Retention>,
+    now_ms: u64,
+    bypass_governance: bool,
+) -> Result<ObjectVersion, ObjectError> {
+    let mut v = get_version_tx(tx, bucket, key, Some(version_id)).await?;
+    if v.is_delete_marker() {
+        return Err(ObjectError::NoSuchVersion);
+    }
+    if let Some(old) = v.retention.filter(|r| r.until_ms > now_ms) {
+        let weaker = match retention {
+            None => true,
+            Some(new) => {
+                new.until_ms < old.until_ms
+                    || (old.mode == LockMode::Compliance && new.mode != LockMode::Compliance)
+            }
+        };
+        let allowed = old.mode == LockMode::Governance && bypass_governance;
+        if weaker && !allowed {
+            return Err(ObjectError::Locked(format!(
+                "{:?} retention runs until {} ms and cannot be shortened or removed",
+                old.mode, old.until_ms
+            )));
+        }
+    }
+    v.retention = retention;
+    write_version(tx, bucket, key, &v).await?;
+    Ok(v)
+}
+
+/// Places or lifts a version's legal hold.
+pub async fn set_legal_hold_tx<T: Transaction>(
+    tx: &T,
+    bucket: &str,
+    key: &str,
+    version_id: EvidenceId,
+    on: bool,
+) -> Result<ObjectVersion, ObjectError> {
+    let mut v = get_version_tx(tx, bucket, key, Some(version_id)).await?;
+    if v.is_delete_marker() {
+        return Err(ObjectError::NoSuchVersion);
+    }
+    v.legal_hold = on;
+    write_version(tx, bucket, key, &v).await?;
+    Ok(v)
+}
+
+async fn write_version<T: Transaction>(
+    tx: &T,
+    bucket: &str,
+    key: &str,
+    v: &ObjectVersion,
+) -> Result<(), ObjectError> {
+    tx.set(
+        &version_key(bucket, key, &v.version_id),
+        &encode_versioned(RECORD_V1, v),
+    );
+    refresh_current(tx, bucket, key).await
+}
+
+/// Current objects of `bucket` whose keys start with `prefix`, in key
+/// order, after the key bytes `after` (exclusive; bytes so that a caller can
+/// skip a whole common prefix with `prefix + 0xFF`, which no UTF-8 key
+/// reaches), at most `limit`.
+pub async fn list_current_tx<T: Transaction>(
+    tx: &T,
+    bucket: &str,
+    prefix: &str,
+    after: Option<&[u8]>,
+    limit: usize,
+) -> Result<Vec<(String, ObjectVersion)>, ObjectError> {
+    check_names(bucket, None)?;
+    let base = key_of(CURRENT, &[bucket.as_bytes(), b""]);
+    let mut from = base.clone();
+    from.extend_from_slice(prefix.as_bytes());
+    let end = prefix_end(&from);
+    if let Some(after) = after.filter(|a| *a >= prefix.as_bytes()) {
+        let mut k = base.clone();
+        k.extend_from_slice(after);
+        k.push(0); // the first key after `after`
+        from = k;
+    }
+    if from >= end {
+        return Ok(Vec::new());
+    }
+    tx.get_range(&from, &end, limit, false)
+        .await?
+        .iter()
+        .map(|(k, v)| {
+            Ok((
+                String::from_utf8_lossy(&k[base.len()..]).into_owned(),
+                decode_versioned(RECORD_V1, v)?,
+            ))
+        })
+        .collect()
+}
+
+/// What a DELETE without a version id did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Deleted {
+    /// A delete marker was added (versioning enabled or suspended).
+    Marker(ObjectVersion),
+    /// The "null" version was removed (never-versioned bucket), or there
+    /// was nothing to delete.
+    Removed,
+}
+
+/// S3's DELETE without a version id: where versioning is enabled, a delete
+/// marker becomes the newest version (allowed over locked versions: nothing
+/// is removed); where it is suspended, a "null" marker replaces the null
+/// version; where it was never enabled, the null version is removed. Locked
+/// versions are never removed.
+pub async fn delete_current_tx<T: Transaction>(
+    tx: &T,
+    bucket: &str,
+    key: &str,
+    marker: &ObjectVersion,
+    now_ms: u64,
+    bypass_governance: bool,
+) -> Result<Deleted, ObjectError> {
+    check_names(bucket, Some(key))?;
+    let b = get_bucket_tx(tx, bucket)
+        .await?
+        .ok_or(ObjectError::NoSuchBucket)?;
+    match b.versioning {
+        Versioning::Enabled | Versioning::Suspended => {
+            let mut m = marker.clone();
+            m.null_version = b.versioning == Versioning::Suspended;
+            if m.null_version {
+                remove_null_version(tx, bucket, key, now_ms, bypass_governance).await?;
+            }
+            tx.set(
+                &version_key(bucket, key, &m.version_id),
+                &encode_versioned(RECORD_V1, &m),
+            );
+            refresh_current(tx, bucket, key).await?;
+            Ok(Deleted::Marker(m))
+        }
+        Versioning::Unversioned => {
+            remove_null_version(tx, bucket, key, now_ms, bypass_governance).await?;
+            refresh_current(tx, bucket, key).await?;
+            Ok(Deleted::Removed)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_names_follow_s3() {
+        for ok in ["abc", "my-bucket.2026", "a1b"] {
+            assert!(valid_bucket(ok), "{ok}");
+        }
+        for bad in [
+            "ab",
+            "-abc",
+            "abc-",
+            "a..b",
+            "ABC",
+            "192.168.1.1",
+            &"a".repeat(64),
+        ] {
+            assert!(!valid_bucket(bad), "{bad}");
+        }
+        assert!(valid_key("a/b c.txt") && !valid_key("") && !valid_key("a\0b"));
+    }
+
+    #[test]
+    fn inverted_ids_sort_newest_first() {
+        let old = EvidenceId::new(1_000, [9; 10]);
+        let new = EvidenceId::new(2_000, [0; 10]);
+        assert!(inverted(&new) < inverted(&old));
+    }
+}
