@@ -403,7 +403,7 @@ async fn file_evidence<S: Store>(
                 })
             })
             .transpose()?,
-        s3: None,
+        ..Default::default()
     };
     // Run the upload in its own task: if the client disconnects, the body
     // stream fails and the upload cleans up after itself instead of being
@@ -418,6 +418,7 @@ async fn file_evidence<S: Store>(
             degraded_stripes,
         } => (header, false, degraded_stripes),
         Filing::Replayed(header) => (header, true, 0),
+        Filing::Part { .. } => return Err(ApiError::Internal),
     };
     let mut body = evidence_json(&header);
     body["degraded_stripes"] = json!(degraded);

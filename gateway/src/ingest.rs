@@ -55,6 +55,11 @@ pub struct FilingMeta {
     pub retain_until_ms: Option<u64>,
     /// Filed through the S3 API: the object version committed with it.
     pub s3: Option<S3Put>,
+    /// Content-MD5 sent by an S3 client; a mismatch rejects the filing.
+    pub expect_md5: Option<[u8; 16]>,
+    /// A part of an S3 multipart upload: stored and recorded as the part
+    /// `.1` of upload `.0`, never visible as evidence on its own.
+    pub part: Option<(EvidenceId, u32)>,
 }
 
 /// The S3 object a filing becomes, committed in the same transaction as the
@@ -66,8 +71,8 @@ pub struct S3Put {
     /// The version record to write; `evidence`, `size`, `etag` and
     /// `version_id` are filled in at commit.
     pub version: indexer::s3::ObjectVersion,
-    /// Content-MD5 sent by the client; a mismatch rejects the filing.
-    pub expect_md5: Option<[u8; 16]>,
+    /// The ETag to record instead of the body's MD5 (a multipart object's).
+    pub etag: Option<String>,
 }
 
 /// The outcome of a filing request.
@@ -80,6 +85,12 @@ pub enum Filing {
     },
     /// The Idempotency-Key named an earlier, completed filing.
     Replayed(ManifestHeader),
+    /// A multipart part was stored; `replaced` is the part it superseded,
+    /// whose shards the caller deletes.
+    Part {
+        record: indexer::s3::PartRecord,
+        replaced: Option<indexer::s3::PartRecord>,
+    },
 }
 
 /// Files the evidence whose bytes `body` yields.
@@ -178,7 +189,8 @@ impl<S: Store> Upload<S> {
         let mut bao = protocol::bao::OutboardBuilder::new();
         let mut sha = sha2::Sha256::new();
         // S3 ETags are the body's MD5: computed only for S3 filings.
-        let mut md5 = meta.s3.as_ref().map(|_| <md5::Md5 as md5::Digest>::new());
+        let mut md5 =
+            (meta.s3.is_some() || meta.part.is_some()).then(<md5::Md5 as md5::Digest>::new);
         let mut size: u64 = 0;
         let mut stripe = self.gw.buffers.take_empty(stripe_size);
         let mut next_stripe: u64 = 0;
@@ -232,16 +244,19 @@ impl<S: Store> Upload<S> {
             legal_hold: false,
         };
         check_declared(&header, meta.expect_blake3, meta.expect_sha256)?;
-        let s3 = match (meta.s3, md5) {
-            (Some(mut put), Some(m)) => {
-                let digest: [u8; 16] = md5::Digest::finalize(m).into();
-                if put.expect_md5.is_some_and(|e| e != digest) {
-                    return Err(ApiError::BadDigest);
-                }
+        let digest: Option<[u8; 16]> = md5.map(|m| md5::Digest::finalize(m).into());
+        if meta.expect_md5.is_some() && meta.expect_md5 != digest {
+            return Err(ApiError::BadDigest);
+        }
+        if let Some((upload, number)) = meta.part {
+            return self.commit_part(header, upload, number, digest).await;
+        }
+        let s3 = match (meta.s3, digest) {
+            (Some(mut put), Some(digest)) => {
                 put.version.version_id = self.evidence;
                 put.version.evidence = Some(self.evidence);
                 put.version.size = size;
-                put.version.etag = hex::encode(digest);
+                put.version.etag = put.etag.take().unwrap_or_else(|| hex::encode(digest));
                 put.version.last_modified_ms = filed_at_ms;
                 Some(put)
             }
@@ -288,6 +303,34 @@ impl<S: Store> Upload<S> {
             header,
             degraded_stripes: self.degraded,
         })
+    }
+
+    /// Records a stored multipart part in the transaction that ends its
+    /// intent (failing if GC or an abort got there first).
+    async fn commit_part(
+        &self,
+        header: ManifestHeader,
+        upload: EvidenceId,
+        number: u32,
+        md5: Option<[u8; 16]>,
+    ) -> Result<Filing, ApiError> {
+        let record = indexer::s3::PartRecord {
+            part_id: self.evidence,
+            size: header.size,
+            md5: md5.map(hex::encode).unwrap_or_default(),
+            blake3: header.blake3.0,
+            sha256: header.sha256.0,
+            code: header.code,
+            stripes: header.stripes,
+            uploaded_ms: header.filed_at_ms,
+        };
+        let replaced = indexer::run(&self.gw.store, |tx| {
+            let record = &record;
+            async move { indexer::s3::put_part_tx(&tx, upload, number, record).await }
+        })
+        .await?;
+        tracing::info!(%upload, part = number, size = header.size, "multipart part stored");
+        Ok(Filing::Part { record, replaced })
     }
 
     /// Cleans up after a failed upload: aborts the intent first (so nothing can

@@ -11,6 +11,7 @@
 use crate::api::{Gateway, Store};
 use crate::error::ApiError;
 use crate::ingest::{self, Filing, FilingMeta, S3Put};
+use futures::StreamExt;
 use indexer::s3::{
     self as ix, BucketRecord, Deleted, LockMode, ObjectError, ObjectVersion, Retention, Versioning,
 };
@@ -124,6 +125,7 @@ fn s3_err(e: ApiError) -> S3Error {
             ObjectError::BucketNotEmpty => (C::BucketNotEmpty, o.to_string()),
             ObjectError::NoSuchKey => (C::NoSuchKey, o.to_string()),
             ObjectError::NoSuchVersion => (C::NoSuchVersion, o.to_string()),
+            ObjectError::NoSuchUpload => (C::NoSuchUpload, o.to_string()),
             ObjectError::Locked(m) => (C::AccessDenied, m.clone()),
             ObjectError::BadName("bucket") => (C::InvalidBucketName, o.to_string()),
             ObjectError::BadName(_) => (C::InvalidArgument, o.to_string()),
@@ -329,6 +331,60 @@ impl<S: Store> S3Front<S> {
         }
     }
 
+    /// After a filing through S3: the committed version, and the headers
+    /// naming its evidence and receipt (waiting, like the evidence API, for
+    /// the checkpoint that covers it).
+    async fn filed(
+        &self,
+        bucket: &str,
+        key: &str,
+        filing: Filing,
+    ) -> S3Result<(ObjectVersion, http::HeaderMap)> {
+        let header = match filing {
+            Filing::New { header, .. } | Filing::Replayed(header) => header,
+            Filing::Part { .. } => return Err(internal(ApiError::Internal)),
+        };
+        let v = self.version(bucket, key, Some(header.evidence)).await?;
+        let mut headers = self.custodia_headers(header.evidence);
+        let receipt = crate::ledger::wait_for_receipt(
+            &self.gw,
+            header.evidence,
+            &[protocol::ledger::Kind::Filed],
+        )
+        .await
+        .map_err(s3_err)?;
+        let receipt_value = match receipt {
+            Some(r) => format!(
+                "leaf={}; url=/v1/evidence/{}/receipt",
+                r.leaf_index, header.evidence
+            ),
+            None => format!("pending; url=/v1/evidence/{}/receipt", header.evidence),
+        };
+        if let Ok(v) = http::HeaderValue::from_str(&receipt_value) {
+            headers.insert("x-custodia-receipt", v);
+        }
+        Ok((v, headers))
+    }
+
+    /// The multipart upload `id`, if it is for this bucket, key and tenant.
+    async fn multipart(
+        &self,
+        who: &Caller,
+        bucket: &str,
+        key: &str,
+        id: &str,
+    ) -> S3Result<(EvidenceId, ix::MultipartRecord)> {
+        let upload: EvidenceId = id.parse().map_err(|_| s3_error!(NoSuchUpload))?;
+        let rec = indexer::run(&self.gw.store, |tx| async move {
+            ix::get_multipart_tx(&tx, upload).await
+        })
+        .await
+        .map_err(|e| s3_err(e.into()))?
+        .filter(|r| r.bucket == bucket && r.key == key && r.tenant == who.tenant)
+        .ok_or_else(|| s3_error!(NoSuchUpload))?;
+        Ok((upload, rec))
+    }
+
     fn custodia_headers(&self, evidence: EvidenceId) -> http::HeaderMap {
         let mut h = http::HeaderMap::new();
         if let Ok(v) = http::HeaderValue::from_str(&evidence.to_string()) {
@@ -336,6 +392,70 @@ impl<S: Store> S3Front<S> {
         }
         h
     }
+}
+
+/// The version record an upload will commit: lock settings from the
+/// request or the bucket's default, checked against the bucket.
+fn object_template(
+    b: &BucketRecord,
+    now: u64,
+    content_type: Option<String>,
+    metadata: Option<Metadata>,
+    lock_mode: Option<&ObjectLockMode>,
+    retain_until: Option<Timestamp>,
+    legal_hold: Option<&ObjectLockLegalHoldStatus>,
+) -> S3Result<ObjectVersion> {
+    let retention = match (lock_mode, retain_until) {
+        (Some(m), Some(until)) => Some(Retention {
+            mode: parse_lock_mode(m)?,
+            until_ms: ts_to_ms(until),
+        }),
+        (None, None) => b.default_retention.map(|d| Retention {
+            mode: d.mode,
+            until_ms: now + u64::from(d.days) * 86_400_000,
+        }),
+        _ => {
+            return Err(s3_error!(
+                InvalidArgument,
+                "x-amz-object-lock-mode and x-amz-object-lock-retain-until-date go together"
+            ))
+        }
+    };
+    let legal_hold = legal_hold.is_some_and(|s| s.as_str() == ObjectLockLegalHoldStatus::ON);
+    if (retention.is_some() || legal_hold) && !b.object_lock {
+        return Err(s3_error!(
+            InvalidRequest,
+            "the bucket was not created with Object Lock enabled"
+        ));
+    }
+    let mut user_metadata: Vec<(String, String)> =
+        metadata.unwrap_or_default().into_iter().collect();
+    user_metadata.sort();
+    Ok(ObjectVersion {
+        version_id: EvidenceId([0; 16]),
+        null_version: b.versioning != Versioning::Enabled,
+        evidence: None,
+        size: 0,
+        etag: String::new(),
+        last_modified_ms: now,
+        content_type,
+        user_metadata,
+        retention,
+        legal_hold,
+    })
+}
+
+fn content_md5(header: Option<&str>) -> S3Result<Option<[u8; 16]>> {
+    use base64::Engine as _;
+    header
+        .map(|b64| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .ok()
+                .and_then(|v| <[u8; 16]>::try_from(v).ok())
+                .ok_or_else(|| s3_error!(InvalidDigest, "Content-MD5 is not a base64 MD5"))
+        })
+        .transpose()
 }
 
 fn etag_matches(cond: &ETagCondition, etag: &str) -> bool {
@@ -449,7 +569,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
         let who = self.caller(&req, Role::Clerk).await?;
-        let input = req.input;
+        let mut input = req.input;
         let b = self.bucket(&who, &input.bucket).await?;
         if !ix::valid_key(&input.key) {
             return Err(s3_error!(
@@ -484,47 +604,16 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 }
             }
         }
-        let retention = match (
-            &input.object_lock_mode,
-            &input.object_lock_retain_until_date,
-        ) {
-            (Some(m), Some(until)) => Some(Retention {
-                mode: parse_lock_mode(m)?,
-                until_ms: ts_to_ms(until.clone()),
-            }),
-            (None, None) => b.default_retention.map(|d| Retention {
-                mode: d.mode,
-                until_ms: now + u64::from(d.days) * 86_400_000,
-            }),
-            _ => {
-                return Err(s3_error!(
-                    InvalidArgument,
-                    "x-amz-object-lock-mode and x-amz-object-lock-retain-until-date go together"
-                ))
-            }
-        };
-        let legal_hold = input
-            .object_lock_legal_hold_status
-            .as_ref()
-            .is_some_and(|s| s.as_str() == ObjectLockLegalHoldStatus::ON);
-        if (retention.is_some() || legal_hold) && !b.object_lock {
-            return Err(s3_error!(
-                InvalidRequest,
-                "the bucket was not created with Object Lock enabled"
-            ));
-        }
-        let expect_md5 = match &input.content_md5 {
-            None => None,
-            Some(b64) => {
-                use base64::Engine as _;
-                let raw = base64::engine::general_purpose::STANDARD
-                    .decode(b64.trim())
-                    .ok()
-                    .and_then(|v| <[u8; 16]>::try_from(v).ok())
-                    .ok_or_else(|| s3_error!(InvalidDigest, "Content-MD5 is not a base64 MD5"))?;
-                Some(raw)
-            }
-        };
+        let template = object_template(
+            &b,
+            now,
+            input.content_type.clone(),
+            input.metadata.take(),
+            input.object_lock_mode.as_ref(),
+            input.object_lock_retain_until_date.clone(),
+            input.object_lock_legal_hold_status.as_ref(),
+        )?;
+        let expect_md5 = content_md5(input.content_md5.as_deref())?;
         let expect_sha256 = match &input.checksum_sha256 {
             None => None,
             Some(b64) => {
@@ -542,11 +631,6 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 Some(protocol::Sha256Hash(raw))
             }
         };
-        let user_metadata: Vec<(String, String)> = {
-            let mut m: Vec<_> = input.metadata.unwrap_or_default().into_iter().collect();
-            m.sort();
-            m
-        };
         let meta = FilingMeta {
             tenant: who.tenant.clone(),
             case: None,
@@ -554,22 +638,12 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             media_type: input.content_type.clone(),
             submitter: Some(format!("{}/s3:{}", who.tenant, who.access_key)),
             expect_sha256,
+            expect_md5,
             s3: Some(S3Put {
                 bucket: input.bucket.clone(),
                 key: input.key.clone(),
-                version: ObjectVersion {
-                    version_id: EvidenceId([0; 16]),
-                    null_version: b.versioning != Versioning::Enabled,
-                    evidence: None,
-                    size: 0,
-                    etag: String::new(),
-                    last_modified_ms: now,
-                    content_type: input.content_type,
-                    user_metadata,
-                    retention,
-                    legal_hold,
-                },
-                expect_md5,
+                version: template,
+                etag: None,
             }),
             ..Default::default()
         };
@@ -583,34 +657,11 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             .await
             .map_err(|_| internal(ApiError::Internal))?
             .map_err(s3_err)?;
-        let header = match filing {
-            Filing::New { header, .. } | Filing::Replayed(header) => header,
-        };
-        let v = self
-            .version(&input.bucket, &input.key, Some(header.evidence))
-            .await?;
-        let mut headers = self.custodia_headers(header.evidence);
-        let receipt = crate::ledger::wait_for_receipt(
-            &self.gw,
-            header.evidence,
-            &[protocol::ledger::Kind::Filed],
-        )
-        .await
-        .map_err(s3_err)?;
-        let receipt_value = match receipt {
-            Some(r) => format!(
-                "leaf={}; url=/v1/evidence/{}/receipt",
-                r.leaf_index, header.evidence
-            ),
-            None => format!("pending; url=/v1/evidence/{}/receipt", header.evidence),
-        };
-        if let Ok(v) = http::HeaderValue::from_str(&receipt_value) {
-            headers.insert("x-custodia-receipt", v);
-        }
+        let (v, headers) = self.filed(&input.bucket, &input.key, filing).await?;
         let mut resp = S3Response::new(PutObjectOutput {
             e_tag: Some(ETag::Strong(v.etag.clone())),
             version_id: show_version(&b, &v),
-            size: Some(header.size as i64),
+            size: Some(v.size as i64),
             ..Default::default()
         });
         resp.headers = headers;
@@ -1044,6 +1095,321 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         Ok(S3Response::new(PutObjectLegalHoldOutput::default()))
     }
 
+    async fn create_multipart_upload(
+        &self,
+        req: S3Request<CreateMultipartUploadInput>,
+    ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
+        let who = self.caller(&req, Role::Clerk).await?;
+        let mut input = req.input;
+        let b = self.bucket(&who, &input.bucket).await?;
+        if !ix::valid_key(&input.key) {
+            return Err(s3_error!(InvalidArgument, "invalid object key"));
+        }
+        let now = self.gw.clock.now_ms();
+        let version = object_template(
+            &b,
+            now,
+            input.content_type.clone(),
+            input.metadata.take(),
+            input.object_lock_mode.as_ref(),
+            input.object_lock_retain_until_date.clone(),
+            input.object_lock_legal_hold_status.as_ref(),
+        )?;
+        let upload = EvidenceId::new(now, rand::random());
+        let rec = ix::MultipartRecord {
+            bucket: input.bucket.clone(),
+            key: input.key.clone(),
+            tenant: who.tenant.clone(),
+            created_ms: now,
+            version,
+        };
+        indexer::run(&self.gw.store, |tx| {
+            let rec = &rec;
+            async move { ix::create_multipart_tx(&tx, upload, rec).await }
+        })
+        .await
+        .map_err(|e| s3_err(e.into()))?;
+        Ok(S3Response::new(CreateMultipartUploadOutput {
+            bucket: Some(input.bucket),
+            key: Some(input.key),
+            upload_id: Some(upload.to_string()),
+            ..Default::default()
+        }))
+    }
+
+    async fn upload_part(
+        &self,
+        req: S3Request<UploadPartInput>,
+    ) -> S3Result<S3Response<UploadPartOutput>> {
+        let who = self.caller(&req, Role::Clerk).await?;
+        let input = req.input;
+        self.bucket(&who, &input.bucket).await?;
+        let (upload, _) = self
+            .multipart(&who, &input.bucket, &input.key, &input.upload_id)
+            .await?;
+        let number = u32::try_from(input.part_number)
+            .ok()
+            .filter(|n| (1..=10_000).contains(n))
+            .ok_or_else(|| s3_error!(InvalidArgument, "part numbers are 1 to 10000"))?;
+        let meta = FilingMeta {
+            tenant: who.tenant.clone(),
+            expect_md5: content_md5(input.content_md5.as_deref())?,
+            part: Some((upload, number)),
+            ..Default::default()
+        };
+        let body = input.body.unwrap_or_else(|| {
+            StreamingBlob::wrap(futures::stream::empty::<Result<bytes::Bytes, std::io::Error>>())
+        });
+        let gw = self.gw.clone();
+        let filing = tokio::spawn(ingest::file_evidence(gw, meta, body))
+            .await
+            .map_err(|_| internal(ApiError::Internal))?
+            .map_err(s3_err)?;
+        let Filing::Part { record, replaced } = filing else {
+            return Err(internal(ApiError::Internal));
+        };
+        if let Some(old) = replaced {
+            let gw = self.gw.clone();
+            tokio::spawn(async move { delete_part(&gw, &old).await });
+        }
+        Ok(S3Response::new(UploadPartOutput {
+            e_tag: Some(ETag::Strong(record.md5)),
+            ..Default::default()
+        }))
+    }
+
+    async fn complete_multipart_upload(
+        &self,
+        req: S3Request<CompleteMultipartUploadInput>,
+    ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
+        let who = self.caller(&req, Role::Clerk).await?;
+        let input = req.input;
+        let b = self.bucket(&who, &input.bucket).await?;
+        let (upload, rec) = self
+            .multipart(&who, &input.bucket, &input.key, &input.upload_id)
+            .await?;
+        let stored = indexer::run(&self.gw.store, |tx| async move {
+            ix::parts_tx(&tx, upload).await
+        })
+        .await
+        .map_err(|e| s3_err(e.into()))?;
+        let listed = input
+            .multipart_upload
+            .and_then(|m| m.parts)
+            .unwrap_or_default();
+        if listed.is_empty() {
+            return Err(s3_error!(MalformedXML, "no parts listed"));
+        }
+        // The listed parts, in ascending order, each stored with that ETag;
+        // all but the last at least 5 MiB, as in S3.
+        let mut chosen = Vec::with_capacity(listed.len());
+        let mut last = 0u32;
+        for p in &listed {
+            let n = p
+                .part_number
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(0);
+            if n <= last {
+                return Err(s3_error!(InvalidPartOrder));
+            }
+            last = n;
+            let part = stored
+                .iter()
+                .find(|(m, _)| *m == n)
+                .map(|(_, r)| r.clone())
+                .ok_or_else(|| s3_error!(InvalidPart, "part {n} was not uploaded"))?;
+            if p.e_tag.as_ref().is_some_and(|e| e.value() != part.md5) {
+                return Err(s3_error!(InvalidPart, "part {n} has another ETag"));
+            }
+            chosen.push(part);
+        }
+        if chosen[..chosen.len() - 1]
+            .iter()
+            .any(|p| p.size < 5 * 1024 * 1024)
+        {
+            return Err(s3_error!(
+                EntityTooSmall,
+                "every part but the last must be at least 5 MiB"
+            ));
+        }
+        // The multipart ETag: MD5 of the parts' MD5s, then "-N".
+        let etag = {
+            use md5::Digest as _;
+            let mut h = md5::Md5::new();
+            for p in &chosen {
+                h.update(hex::decode(&p.md5).unwrap_or_default());
+            }
+            format!("{}-{}", hex::encode(h.finalize()), chosen.len())
+        };
+        let meta = FilingMeta {
+            tenant: who.tenant.clone(),
+            file_name: Some(input.key.clone()),
+            media_type: rec.version.content_type.clone(),
+            submitter: Some(format!("{}/s3:{}", who.tenant, who.access_key)),
+            s3: Some(S3Put {
+                bucket: input.bucket.clone(),
+                key: input.key.clone(),
+                version: ObjectVersion {
+                    null_version: b.versioning != Versioning::Enabled,
+                    ..rec.version.clone()
+                },
+                etag: Some(etag),
+            }),
+            ..Default::default()
+        };
+        // The object is filed anew from the parts' verified bytes, so its
+        // BLAKE3 root, SHA-256 and receipt are the whole object's. This can
+        // take a while: s3s keeps the connection alive meanwhile.
+        let front = S3Front {
+            gw: self.gw.clone(),
+        };
+        let (bucket, key) = (input.bucket.clone(), input.key.clone());
+        let future = async move {
+            let gw = front.gw.clone();
+            let tenant = meta.tenant.clone();
+            let body = futures::stream::iter(chosen.clone())
+                .map(move |p| {
+                    crate::read::stream_range(gw.clone(), part_header(&tenant, &p), 0..p.size)
+                })
+                .flatten();
+            let filing = tokio::spawn(ingest::file_evidence(
+                front.gw.clone(),
+                meta,
+                Box::pin(body),
+            ))
+            .await
+            .map_err(|_| internal(ApiError::Internal))?
+            .map_err(s3_err)?;
+            let (v, _) = front.filed(&bucket, &key, filing).await?;
+            indexer::run(&front.gw.store, |tx| async move {
+                ix::end_multipart_tx(&tx, upload).await
+            })
+            .await
+            .map_err(|e| s3_err(e.into()))?;
+            for (_, p) in &stored {
+                delete_part(&front.gw, p).await;
+            }
+            tracing::info!(%upload, bucket = %bucket, key = %key, parts = chosen.len(), size = v.size, "multipart upload completed");
+            Ok(CompleteMultipartUploadOutput {
+                bucket: Some(bucket.clone()),
+                key: Some(key.clone()),
+                e_tag: Some(ETag::Strong(v.etag.clone())),
+                version_id: show_version(&b, &v),
+                location: Some(format!("/{bucket}/{key}")),
+                ..Default::default()
+            })
+        };
+        Ok(S3Response::new(CompleteMultipartUploadOutput {
+            future: Some(Box::pin(future)),
+            ..Default::default()
+        }))
+    }
+
+    async fn abort_multipart_upload(
+        &self,
+        req: S3Request<AbortMultipartUploadInput>,
+    ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
+        let who = self.caller(&req, Role::Clerk).await?;
+        let input = req.input;
+        self.bucket(&who, &input.bucket).await?;
+        let (upload, _) = self
+            .multipart(&who, &input.bucket, &input.key, &input.upload_id)
+            .await?;
+        let parts = indexer::run(&self.gw.store, |tx| async move {
+            let parts = ix::parts_tx(&tx, upload).await?;
+            ix::end_multipart_tx(&tx, upload).await?;
+            Ok::<_, ObjectError>(parts)
+        })
+        .await
+        .map_err(|e| s3_err(e.into()))?;
+        for (_, p) in &parts {
+            delete_part(&self.gw, p).await;
+        }
+        Ok(S3Response::new(AbortMultipartUploadOutput::default()))
+    }
+
+    async fn list_parts(
+        &self,
+        req: S3Request<ListPartsInput>,
+    ) -> S3Result<S3Response<ListPartsOutput>> {
+        let who = self.caller(&req, Role::Reader).await?;
+        let input = req.input;
+        self.bucket(&who, &input.bucket).await?;
+        let (upload, _) = self
+            .multipart(&who, &input.bucket, &input.key, &input.upload_id)
+            .await?;
+        let after = input
+            .part_number_marker
+            .and_then(|m| u32::try_from(m).ok())
+            .unwrap_or(0);
+        let max = input.max_parts.unwrap_or(1000).clamp(1, 1000) as usize;
+        let parts = indexer::run(&self.gw.store, |tx| async move {
+            ix::parts_tx(&tx, upload).await
+        })
+        .await
+        .map_err(|e| s3_err(e.into()))?;
+        let mut page: Vec<_> = parts.into_iter().filter(|(n, _)| *n > after).collect();
+        let truncated = page.len() > max;
+        page.truncate(max);
+        Ok(S3Response::new(ListPartsOutput {
+            bucket: Some(input.bucket),
+            key: Some(input.key),
+            upload_id: Some(input.upload_id),
+            is_truncated: Some(truncated),
+            max_parts: Some(max as i32),
+            next_part_number_marker: page.last().filter(|_| truncated).map(|(n, _)| *n as i32),
+            parts: Some(
+                page.into_iter()
+                    .map(|(n, p)| Part {
+                        part_number: Some(n as i32),
+                        e_tag: Some(ETag::Strong(p.md5)),
+                        size: Some(p.size as i64),
+                        last_modified: Some(ms_to_ts(p.uploaded_ms)),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }))
+    }
+
+    async fn list_multipart_uploads(
+        &self,
+        req: S3Request<ListMultipartUploadsInput>,
+    ) -> S3Result<S3Response<ListMultipartUploadsOutput>> {
+        let who = self.caller(&req, Role::Reader).await?;
+        let input = req.input;
+        self.bucket(&who, &input.bucket).await?;
+        let max = input.max_uploads.unwrap_or(1000).clamp(1, 1000) as usize;
+        let bucket = input.bucket.clone();
+        let uploads = indexer::run(&self.gw.store, |tx| {
+            let bucket = &bucket;
+            async move { ix::list_multipart_tx(&tx, bucket, max).await }
+        })
+        .await
+        .map_err(|e| s3_err(e.into()))?;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        Ok(S3Response::new(ListMultipartUploadsOutput {
+            bucket: Some(input.bucket),
+            prefix: input.prefix,
+            max_uploads: Some(max as i32),
+            is_truncated: Some(false),
+            uploads: Some(
+                uploads
+                    .into_iter()
+                    .filter(|(_, r)| r.key.starts_with(&prefix))
+                    .map(|(id, r)| MultipartUpload {
+                        key: Some(r.key),
+                        upload_id: Some(id.to_string()),
+                        initiated: Some(ms_to_ts(r.created_ms)),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }))
+    }
+
     async fn list_objects_v2(
         &self,
         req: S3Request<ListObjectsV2Input>,
@@ -1168,6 +1534,63 @@ fn encode_page(
         p.prefix = p.prefix.as_deref().map(url_encode);
     }
     prefix.as_deref().map(url_encode)
+}
+
+/// What a verified read of a stored part needs (parts are never visible as
+/// evidence: this header exists only in memory).
+fn part_header(tenant: &str, p: &ix::PartRecord) -> protocol::ManifestHeader {
+    protocol::ManifestHeader {
+        evidence: p.part_id,
+        tenant: tenant.to_owned(),
+        case: None,
+        blake3: protocol::Blake3Hash(p.blake3),
+        sha256: protocol::Sha256Hash(p.sha256),
+        size: p.size,
+        media_type: None,
+        file_name: None,
+        submitter: None,
+        filed_at_ms: p.uploaded_ms,
+        code: p.code,
+        stripes: p.stripes,
+        retain_until_ms: None,
+        legal_hold: false,
+    }
+}
+
+/// Deletes a part's shards and forgets the stripes whose shards are gone (a
+/// shard on an unreachable node stays, named by its record, an orphan for
+/// the node-side sweep).
+async fn delete_part<S: Store>(gw: &Gateway<S>, p: &ix::PartRecord) {
+    let evidence = p.part_id;
+    let mut next = 0u64;
+    loop {
+        let batch = indexer::run(&gw.store, |tx| async move {
+            schema::stripes_after_tx(&tx, evidence, next, 256).await
+        })
+        .await;
+        let Ok(batch) = batch else { return };
+        let Some(&(last, _)) = batch.last() else {
+            return;
+        };
+        let mut gone = Vec::new();
+        for (stripe, rec) in &batch {
+            if crate::gc::delete_stripe_shards(gw, evidence, *stripe, rec).await {
+                gone.push(*stripe);
+            }
+        }
+        let forgot = indexer::run(&gw.store, |tx| {
+            let gone = &gone;
+            async move {
+                schema::forget_part_stripes_tx(&tx, evidence, gone);
+                Ok::<_, schema::SchemaError>(())
+            }
+        })
+        .await;
+        if forgot.is_err() {
+            return;
+        }
+        next = last + 1;
+    }
 }
 
 /// One page of a listing.

@@ -13,6 +13,8 @@
 //! ("3B", tenant, 0x00, bucket)                      = ""               a tenant's buckets
 //! ("3v", bucket, 0x00, key, 0x00, !version id 16)   = ObjectVersion    newest first
 //! ("3c", bucket, 0x00, key)                         = ObjectVersion    current, unless a delete marker
+//! ("3u", upload id 16)                              = MultipartRecord  a multipart upload in progress
+//! ("3p", upload id 16, part number u32)             = PartRecord       its parts (stripes under the part's id)
 //! ```
 //!
 //! Version ids are time-ordered UUIDs (the evidence id for a PUT), stored
@@ -35,6 +37,8 @@ const BUCKET: &[u8] = b"3b";
 const TENANT_BUCKET: &[u8] = b"3B";
 const VERSION: &[u8] = b"3v";
 const CURRENT: &[u8] = b"3c";
+const MULTIPART: &[u8] = b"3u";
+const PART: &[u8] = b"3p";
 
 const RECORD_V1: u8 = 1;
 
@@ -61,6 +65,8 @@ pub enum ObjectError {
     Locked(String),
     #[error("invalid name: {0}")]
     BadName(&'static str),
+    #[error("no such multipart upload")]
+    NoSuchUpload,
 }
 
 impl From<crate::kv::KvError> for ObjectError {
@@ -678,6 +684,134 @@ pub async fn delete_current_tx<T: Transaction>(
             Ok(Deleted::Removed)
         }
     }
+}
+
+// ---------------------------------------------------------------- multipart
+
+/// A multipart upload in progress: what the object will be.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MultipartRecord {
+    pub bucket: String,
+    pub key: String,
+    pub tenant: String,
+    pub created_ms: u64,
+    /// The version to write at completion (evidence, size and ETag filled then).
+    pub version: ObjectVersion,
+}
+
+/// One uploaded part: its bytes are stored as stripes under `part_id` (an
+/// upload whose intent ended without a manifest), with what a verified read
+/// of them needs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartRecord {
+    pub part_id: EvidenceId,
+    pub size: u64,
+    /// MD5 of the part, hex (the part's ETag).
+    pub md5: String,
+    pub blake3: [u8; 32],
+    pub sha256: [u8; 32],
+    pub code: protocol::ErasureCode,
+    pub stripes: u64,
+    pub uploaded_ms: u64,
+}
+
+fn part_key(upload: &EvidenceId, part: u32) -> Vec<u8> {
+    let mut k = key_of(PART, &[upload.as_bytes()]);
+    k.extend_from_slice(&part.to_be_bytes());
+    k
+}
+
+pub async fn create_multipart_tx<T: Transaction>(
+    tx: &T,
+    upload: EvidenceId,
+    rec: &MultipartRecord,
+) -> Result<(), ObjectError> {
+    check_names(&rec.bucket, Some(&rec.key))?;
+    tx.set(
+        &key_of(MULTIPART, &[upload.as_bytes()]),
+        &encode_versioned(RECORD_V1, rec),
+    );
+    Ok(())
+}
+
+pub async fn get_multipart_tx<T: Transaction>(
+    tx: &T,
+    upload: EvidenceId,
+) -> Result<Option<MultipartRecord>, ObjectError> {
+    get_record(tx, &key_of(MULTIPART, &[upload.as_bytes()])).await
+}
+
+/// A tenant's multipart uploads in `bucket` (at most `limit`).
+pub async fn list_multipart_tx<T: Transaction>(
+    tx: &T,
+    bucket: &str,
+    limit: usize,
+) -> Result<Vec<(EvidenceId, MultipartRecord)>, ObjectError> {
+    let rows = tx
+        .get_range(MULTIPART, &prefix_end(MULTIPART), 0, false)
+        .await?;
+    let mut out = Vec::new();
+    for (k, v) in rows {
+        let rec: MultipartRecord = decode_versioned(RECORD_V1, &v)?;
+        if rec.bucket == bucket {
+            let id: [u8; 16] = k[MULTIPART.len()..]
+                .try_into()
+                .map_err(|_| protocol::DecodeError::Malformed)?;
+            out.push((EvidenceId(id), rec));
+            if out.len() == limit {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Records a part in the transaction that ends its upload intent; returns
+/// the part it replaced (whose stripes the caller deletes).
+pub async fn put_part_tx<T: Transaction>(
+    tx: &T,
+    upload: EvidenceId,
+    number: u32,
+    part: &PartRecord,
+) -> Result<Option<PartRecord>, ObjectError> {
+    if get_multipart_tx(tx, upload).await?.is_none() {
+        return Err(ObjectError::NoSuchUpload);
+    }
+    crate::schema::end_intent_as_part_tx(tx, part.part_id).await?;
+    let key = part_key(&upload, number);
+    let old = get_record(tx, &key).await?;
+    tx.set(&key, &encode_versioned(RECORD_V1, part));
+    Ok(old)
+}
+
+/// The parts of an upload, by number.
+pub async fn parts_tx<T: Transaction>(
+    tx: &T,
+    upload: EvidenceId,
+) -> Result<Vec<(u32, PartRecord)>, ObjectError> {
+    let prefix = key_of(PART, &[upload.as_bytes()]);
+    tx.get_range(&prefix, &prefix_end(&prefix), 0, false)
+        .await?
+        .iter()
+        .map(|(k, v)| {
+            let n: [u8; 4] = k[prefix.len()..]
+                .try_into()
+                .map_err(|_| protocol::DecodeError::Malformed)?;
+            Ok((u32::from_be_bytes(n), decode_versioned(RECORD_V1, v)?))
+        })
+        .collect()
+}
+
+/// Ends a multipart upload (completed or aborted): its records go; the
+/// caller deletes the parts' shards.
+pub async fn end_multipart_tx<T: Transaction>(
+    tx: &T,
+    upload: EvidenceId,
+) -> Result<(), ObjectError> {
+    tx.clear(&key_of(MULTIPART, &[upload.as_bytes()]));
+    let prefix = key_of(PART, &[upload.as_bytes()]);
+    tx.clear_range(&prefix, &prefix_end(&prefix));
+    Ok(())
 }
 
 #[cfg(test)]

@@ -362,6 +362,30 @@ async fn live_intent_tx<T: Transaction>(
     }
 }
 
+/// Ends a live intent without making a manifest visible: the upload's
+/// stripes now belong to a multipart part ([`crate::s3`]), which deletes
+/// them when the multipart upload completes or is aborted. Fails if GC
+/// aborted the intent.
+pub async fn end_intent_as_part_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+) -> Result<(), SchemaError> {
+    live_intent_tx(tx, evidence).await?;
+    tx.clear(&evidence_key(INTENT, &evidence));
+    Ok(())
+}
+
+/// Forgets the stripe records of a finished or abandoned multipart part
+/// once its shards are deleted.
+pub fn forget_part_stripes_tx<T: Transaction>(tx: &T, evidence: EvidenceId, stripes: &[u64]) {
+    for stripe in stripes {
+        tx.clear(&stripe_key(STRIPE, &evidence, *stripe));
+        tx.clear(&stripe_key(DEGRADED, &evidence, *stripe));
+    }
+    let prefix = evidence_key(OUTBOARD, &evidence);
+    tx.clear_range(&prefix, &prefix_end(&prefix));
+}
+
 /// Marks an intent aborted: its filing can never become visible. Its stripe
 /// records stay until the shards they name are deleted ([`forget_aborted_tx`]).
 pub async fn abort_intent_tx<T: Transaction>(

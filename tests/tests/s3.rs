@@ -31,12 +31,24 @@ impl Aws {
 
     fn run(&self, args: &[&str]) -> Result<Output> {
         std::fs::create_dir_all(&self.work)?;
+        // 16 MiB parts: a 100 MiB upload goes in 7 parts.
+        std::fs::write(
+            self.work.join("config"),
+            format!(
+                "[{}]\ns3 =\n  multipart_threshold = 16MB\n  multipart_chunksize = 16MB\n",
+                if self.profile == "default" {
+                    "default".to_owned()
+                } else {
+                    format!("profile {}", self.profile)
+                }
+            ),
+        )?;
         Command::new("aws")
             .args(["--endpoint-url", &self.endpoint, "--output", "json"])
             .args(args)
             .current_dir(&self.work)
             .env("AWS_SHARED_CREDENTIALS_FILE", &self.creds)
-            .env("AWS_CONFIG_FILE", self.work.join("no-config"))
+            .env("AWS_CONFIG_FILE", self.work.join("config"))
             .env("AWS_PROFILE", &self.profile)
             .env("AWS_DEFAULT_REGION", "us-east-1")
             .env("AWS_EC2_METADATA_DISABLED", "true")
@@ -793,5 +805,151 @@ fn check_on_disk(c: &TestCluster, data: &[u8]) -> Result<()> {
             String::from_utf8_lossy(&found.body)
         );
     }
+    Ok(())
+}
+
+#[test]
+fn multipart_uploads_complete_abort_and_list() -> Result<()> {
+    let c = TestCluster::start(Shape {
+        shard_size: 256 * 1024,
+        ..Shape::default()
+    })?;
+    let aws = Aws::admin(&c);
+    aws.ok(&["s3", "mb", "s3://big"])?;
+    // 100 MiB through `aws s3 cp`, which splits it into 7 parts.
+    let data = bytes(100 << 20, 42);
+    let f = aws.file("big.bin", &data)?;
+    aws.ok(&["s3", "cp", &f, "s3://big/video.bin"])?;
+    let head = aws.json(&[
+        "s3api",
+        "head-object",
+        "--bucket",
+        "big",
+        "--key",
+        "video.bin",
+    ])?;
+    assert_eq!(head["ContentLength"], 100u64 << 20);
+    assert!(
+        head["ETag"].as_str().unwrap_or_default().ends_with("-7\""),
+        "{head}"
+    );
+    aws.ok(&["s3", "cp", "s3://big/video.bin", "back.bin"])?;
+    assert!(
+        aws.read("back.bin")? == data,
+        "100 MiB read back byte-exact"
+    );
+    // The object is one piece of evidence with the whole file's roots.
+    let root = blake3::hash(&data).to_hex().to_string();
+    let found = c.get_with(&c.token, &format!("/v1/evidence/by-hash/{root}"), &[])?;
+    assert_eq!(found.json()["filings"].as_array().map(Vec::len), Some(1));
+    // No multipart upload is left behind, and the parts' shards are gone:
+    // the nodes hold one erasure-coded copy (1.5x for RS(4,2)).
+    let uploads = aws.json(&["s3api", "list-multipart-uploads", "--bucket", "big"])?;
+    assert!(
+        uploads["Uploads"].as_array().is_none_or(Vec::is_empty),
+        "{uploads}"
+    );
+    let stored: u64 = c
+        .all_shard_files()
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    assert!(
+        stored < (100u64 << 20) * 16 / 10,
+        "parts were not deleted: {stored} bytes on nodes"
+    );
+
+    // By hand: parts listed, too-small parts refused at completion, abort.
+    let up = aws.json(&[
+        "s3api",
+        "create-multipart-upload",
+        "--bucket",
+        "big",
+        "--key",
+        "m.bin",
+    ])?;
+    let id = up["UploadId"].as_str().unwrap_or_default().to_owned();
+    let p1 = aws.file("p1", &bytes(1 << 20, 1))?;
+    let p2 = aws.file("p2", &bytes(1000, 2))?;
+    for (n, p) in [("1", &p1), ("2", &p2)] {
+        aws.ok(&[
+            "s3api",
+            "upload-part",
+            "--bucket",
+            "big",
+            "--key",
+            "m.bin",
+            "--upload-id",
+            &id,
+            "--part-number",
+            n,
+            "--body",
+            p,
+        ])?;
+    }
+    let parts = aws.json(&[
+        "s3api",
+        "list-parts",
+        "--bucket",
+        "big",
+        "--key",
+        "m.bin",
+        "--upload-id",
+        &id,
+    ])?;
+    assert_eq!(parts["Parts"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        parts["Parts"][0]["ETag"],
+        format!("\"{}\"", md5_hex(&bytes(1 << 20, 1)))
+    );
+    let listing = format!(
+        r#"{{"Parts":[{{"PartNumber":1,"ETag":{}}},{{"PartNumber":2,"ETag":{}}}]}}"#,
+        parts["Parts"][0]["ETag"], parts["Parts"][1]["ETag"]
+    );
+    aws.fails(
+        "EntityTooSmall",
+        &[
+            "s3api",
+            "complete-multipart-upload",
+            "--bucket",
+            "big",
+            "--key",
+            "m.bin",
+            "--upload-id",
+            &id,
+            "--multipart-upload",
+            &listing,
+        ],
+    )?;
+    let uploads = aws.json(&["s3api", "list-multipart-uploads", "--bucket", "big"])?;
+    assert_eq!(uploads["Uploads"][0]["UploadId"], id.as_str());
+    aws.ok(&[
+        "s3api",
+        "abort-multipart-upload",
+        "--bucket",
+        "big",
+        "--key",
+        "m.bin",
+        "--upload-id",
+        &id,
+    ])?;
+    aws.fails(
+        "NoSuchUpload",
+        &[
+            "s3api",
+            "list-parts",
+            "--bucket",
+            "big",
+            "--key",
+            "m.bin",
+            "--upload-id",
+            &id,
+        ],
+    )?;
+    aws.fails(
+        "404",
+        &["s3api", "head-object", "--bucket", "big", "--key", "m.bin"],
+    )?;
     Ok(())
 }
