@@ -300,6 +300,71 @@ impl<S: Store> S3Front<S> {
         Ok((v, header))
     }
 
+    /// One DELETE: of a version (Object Lock enforced in the index
+    /// transaction), or of the current object (a delete marker where
+    /// versioned). Returns (delete marker?, version id) as S3 reports them.
+    async fn delete_one(
+        &self,
+        who: &Caller,
+        b: &BucketRecord,
+        bucket: &str,
+        key: &str,
+        version_id: Option<&str>,
+        bypass_requested: bool,
+    ) -> S3Result<(Option<bool>, Option<String>)> {
+        if !ix::valid_key(key) {
+            return Err(s3_error!(InvalidArgument, "invalid object key"));
+        }
+        let now = self.gw.clock.now_ms();
+        // Bypassing GOVERNANCE needs both the key's permission and the
+        // request's header, as in S3.
+        let bypass = who.bypass_governance && bypass_requested;
+        let (bucket, key) = (bucket.to_owned(), key.to_owned());
+        match parse_version(version_id) {
+            Ok(Some(vid)) => {
+                let removed = indexer::run(&self.gw.store, |tx| {
+                    let (bucket, key) = (&bucket, &key);
+                    async move { ix::delete_version_tx(&tx, bucket, key, vid, now, bypass).await }
+                })
+                .await
+                .map_err(|e| s3_err(e.into()))?;
+                tracing::info!(bucket = %bucket, key = %key, version = %vid, by = %who.tenant, role = ?who.role, "object version deleted");
+                Ok((
+                    removed.is_delete_marker().then_some(true),
+                    show_version(b, &removed),
+                ))
+            }
+            Ok(None) => {
+                let marker = ObjectVersion {
+                    version_id: EvidenceId::new(now, rand::random()),
+                    null_version: false,
+                    evidence: None,
+                    size: 0,
+                    etag: String::new(),
+                    last_modified_ms: now,
+                    content_type: None,
+                    user_metadata: Vec::new(),
+                    retention: None,
+                    legal_hold: false,
+                };
+                let done = indexer::run(&self.gw.store, |tx| {
+                    let (bucket, key, marker) = (&bucket, &key, &marker);
+                    async move {
+                        ix::delete_current_tx(&tx, bucket, key, marker, now, bypass).await
+                    }
+                })
+                .await
+                .map_err(|e| s3_err(e.into()))?;
+                Ok(match done {
+                    Deleted::Marker(m) => (Some(true), show_version(b, &m)),
+                    Deleted::Removed => (None, None),
+                })
+            }
+            // An id that is not ours names no version: deleting it is a no-op.
+            Err(_) => Ok((None, None)),
+        }
+    }
+
     /// Changes a bucket's record in one transaction; `change` may refuse.
     async fn update_bucket(
         &self,
@@ -775,62 +840,162 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let who = self.caller(&req, Role::Clerk).await?;
         let input = &req.input;
         let b = self.bucket(&who, &input.bucket).await?;
+        let bypass = input.bypass_governance_retention == Some(true);
+        let (delete_marker, version_id) = self
+            .delete_one(
+                &who,
+                &b,
+                &input.bucket,
+                &input.key,
+                input.version_id.as_deref(),
+                bypass,
+            )
+            .await?;
+        Ok(S3Response::new(DeleteObjectOutput {
+            delete_marker,
+            version_id,
+            ..Default::default()
+        }))
+    }
+
+    async fn delete_objects(
+        &self,
+        req: S3Request<DeleteObjectsInput>,
+    ) -> S3Result<S3Response<DeleteObjectsOutput>> {
+        let who = self.caller(&req, Role::Clerk).await?;
+        let input = req.input;
+        let b = self.bucket(&who, &input.bucket).await?;
+        if input.delete.objects.len() > 1000 {
+            return Err(s3_error!(MalformedXML, "at most 1000 keys per request"));
+        }
+        let bypass = input.bypass_governance_retention == Some(true);
+        let quiet = input.delete.quiet == Some(true);
+        let mut deleted = Vec::new();
+        let mut errors = Vec::new();
+        for o in &input.delete.objects {
+            match self
+                .delete_one(
+                    &who,
+                    &b,
+                    &input.bucket,
+                    &o.key,
+                    o.version_id.as_deref(),
+                    bypass,
+                )
+                .await
+            {
+                Ok((marker, vid)) if !quiet => deleted.push(DeletedObject {
+                    key: Some(o.key.clone()),
+                    version_id: o.version_id.clone(),
+                    delete_marker: marker,
+                    delete_marker_version_id: marker.and(vid),
+                }),
+                Ok(_) => {}
+                Err(e) => errors.push(Error {
+                    key: Some(o.key.clone()),
+                    version_id: o.version_id.clone(),
+                    code: Some(e.code().as_str().to_owned()),
+                    message: e.message().map(str::to_owned),
+                }),
+            }
+        }
+        Ok(S3Response::new(DeleteObjectsOutput {
+            deleted: Some(deleted),
+            errors: Some(errors),
+            ..Default::default()
+        }))
+    }
+
+    async fn copy_object(
+        &self,
+        req: S3Request<CopyObjectInput>,
+    ) -> S3Result<S3Response<CopyObjectOutput>> {
+        let who = self.caller(&req, Role::Clerk).await?;
+        let mut input = req.input;
+        let b = self.bucket(&who, &input.bucket).await?;
+        let CopySource::Bucket {
+            bucket: src_bucket,
+            key: src_key,
+            version_id: src_version,
+        } = &input.copy_source
+        else {
+            return Err(s3_error!(NotImplemented, "copy from an access point"));
+        };
+        // The source must be readable by the caller; the copy is a read of
+        // it (on the ledger) and a new filing of the same bytes.
+        self.bucket(&who, src_bucket).await?;
+        let (src, header) = self
+            .readable(src_bucket, src_key, src_version.as_deref())
+            .await?;
+        if let Some(c) = &input.copy_source_if_match {
+            if !etag_matches(c, &src.etag) {
+                return Err(s3_error!(PreconditionFailed));
+            }
+        }
+        if let Some(c) = &input.copy_source_if_none_match {
+            if etag_matches(c, &src.etag) {
+                return Err(s3_error!(PreconditionFailed));
+            }
+        }
+        let replace = input
+            .metadata_directive
+            .as_ref()
+            .is_some_and(|d| d.as_str() == MetadataDirective::REPLACE);
         let now = self.gw.clock.now_ms();
-        // Bypassing GOVERNANCE needs both the key's permission and the
-        // request's header, as in S3.
-        let bypass = who.bypass_governance && input.bypass_governance_retention == Some(true);
-        let (bucket, key) = (input.bucket.clone(), input.key.clone());
-        if !ix::valid_key(&key) {
-            return Err(s3_error!(InvalidArgument, "invalid object key"));
-        }
-        match parse_version(input.version_id.as_deref()) {
-            Ok(Some(vid)) => {
-                let removed = indexer::run(&self.gw.store, |tx| {
-                    let (bucket, key) = (&bucket, &key);
-                    async move { ix::delete_version_tx(&tx, bucket, key, vid, now, bypass).await }
-                })
-                .await
-                .map_err(|e| s3_err(e.into()))?;
-                tracing::info!(bucket = %bucket, key = %key, version = %vid, by = %who.tenant, role = ?who.role, "object version deleted");
-                Ok(S3Response::new(DeleteObjectOutput {
-                    delete_marker: removed.is_delete_marker().then_some(true),
-                    version_id: show_version(&b, &removed),
-                    ..Default::default()
-                }))
-            }
-            Ok(None) => {
-                let marker = ObjectVersion {
-                    version_id: EvidenceId::new(now, rand::random()),
-                    null_version: false,
-                    evidence: None,
-                    size: 0,
-                    etag: String::new(),
-                    last_modified_ms: now,
-                    content_type: None,
-                    user_metadata: Vec::new(),
-                    retention: None,
-                    legal_hold: false,
-                };
-                let done = indexer::run(&self.gw.store, |tx| {
-                    let (bucket, key, marker) = (&bucket, &key, &marker);
-                    async move {
-                        ix::delete_current_tx(&tx, bucket, key, marker, now, bypass).await
-                    }
-                })
-                .await
-                .map_err(|e| s3_err(e.into()))?;
-                Ok(S3Response::new(match done {
-                    Deleted::Marker(m) => DeleteObjectOutput {
-                        delete_marker: Some(true),
-                        version_id: show_version(&b, &m),
-                        ..Default::default()
-                    },
-                    Deleted::Removed => DeleteObjectOutput::default(),
-                }))
-            }
-            // An id that is not ours names no version: deleting it is a no-op.
-            Err(_) => Ok(S3Response::new(DeleteObjectOutput::default())),
-        }
+        let (content_type, metadata) = if replace {
+            (input.content_type.take(), input.metadata.take())
+        } else {
+            (
+                src.content_type.clone(),
+                Some(src.user_metadata.iter().cloned().collect()),
+            )
+        };
+        let template = object_template(
+            &b,
+            now,
+            content_type,
+            metadata,
+            input.object_lock_mode.as_ref(),
+            input.object_lock_retain_until_date.clone(),
+            input.object_lock_legal_hold_status.as_ref(),
+        )?;
+        let actor = format!("{}/s3:{}", who.tenant, who.access_key);
+        let size = header.size;
+        crate::api::record_access(&self.gw, &header, actor.clone(), &(0..size))
+            .await
+            .map_err(s3_err)?;
+        let meta = FilingMeta {
+            tenant: who.tenant.clone(),
+            file_name: Some(input.key.clone()),
+            media_type: template.content_type.clone(),
+            submitter: Some(actor),
+            expect_blake3: Some(header.blake3),
+            s3: Some(S3Put {
+                bucket: input.bucket.clone(),
+                key: input.key.clone(),
+                version: template,
+                etag: None,
+            }),
+            ..Default::default()
+        };
+        let body = crate::read::stream_range(self.gw.clone(), header, 0..size);
+        let filing = tokio::spawn(ingest::file_evidence(self.gw.clone(), meta, Box::pin(body)))
+            .await
+            .map_err(|_| internal(ApiError::Internal))?
+            .map_err(s3_err)?;
+        let (v, headers) = self.filed(&input.bucket, &input.key, filing).await?;
+        let mut resp = S3Response::new(CopyObjectOutput {
+            copy_object_result: Some(CopyObjectResult {
+                e_tag: Some(ETag::Strong(v.etag.clone())),
+                last_modified: Some(ms_to_ts(v.last_modified_ms)),
+                ..Default::default()
+            }),
+            version_id: show_version(&b, &v),
+            copy_source_version_id: src_version.as_deref().map(str::to_owned),
+            ..Default::default()
+        });
+        resp.headers = headers;
+        Ok(resp)
     }
 
     async fn get_bucket_versioning(

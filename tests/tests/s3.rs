@@ -326,6 +326,64 @@ fn aws_cli_files_lists_reads_and_deletes_objects_as_evidence() -> Result<()> {
     });
     assert!(accessed, "the S3 read is a custody event");
 
+    // Server-side copy: a read of the source and a new filing of its bytes.
+    aws.ok(&[
+        "s3",
+        "cp",
+        "s3://evidence/dir/f4.bin",
+        "s3://evidence/copy/f4.bin",
+    ])?;
+    aws.ok(&["s3", "cp", "s3://evidence/copy/f4.bin", "copied"])?;
+    assert_eq!(aws.read("copied")?, bytes(300_000, 4));
+    let copied = aws.json(&[
+        "s3api",
+        "head-object",
+        "--bucket",
+        "evidence",
+        "--key",
+        "copy/f4.bin",
+    ])?;
+    assert_eq!(
+        copied["ETag"],
+        format!("\"{}\"", md5_hex(&bytes(300_000, 4)))
+    );
+    // Presigned URLs work without credentials, and only as signed.
+    let url = aws.ok(&[
+        "s3",
+        "presign",
+        "s3://evidence/dir/f1.bin",
+        "--expires-in",
+        "300",
+    ])?;
+    let mut got = ureq::get(url.trim()).call()?;
+    assert_eq!(got.body_mut().read_to_vec()?, bytes(1, 1));
+    let tampered = url.trim().replace("dir/f1.bin", "dir/f2.bin");
+    assert!(
+        ureq::get(&tampered).call().is_err(),
+        "a presigned URL names one object"
+    );
+    // Multi-object delete.
+    let gone = aws.json(&[
+        "s3api",
+        "delete-objects",
+        "--bucket",
+        "evidence",
+        "--delete",
+        r#"{"Objects":[{"Key":"copy/f4.bin"},{"Key":"dir/f0.bin"}]}"#,
+    ])?;
+    assert_eq!(gone["Deleted"].as_array().map(Vec::len), Some(2), "{gone}");
+    aws.fails(
+        "404",
+        &[
+            "s3api",
+            "head-object",
+            "--bucket",
+            "evidence",
+            "--key",
+            "dir/f0.bin",
+        ],
+    )?;
+
     // Deleting through S3 removes the object from the bucket; the evidence,
     // its receipt and custody stay (only an expunge order removes bytes).
     aws.ok(&["s3", "rm", "s3://evidence/top.txt"])?;
@@ -346,7 +404,7 @@ fn aws_cli_files_lists_reads_and_deletes_objects_as_evidence() -> Result<()> {
         "BucketNotEmpty",
         &["s3api", "delete-bucket", "--bucket", "evidence"],
     )?;
-    aws.ok(&["s3", "rm", "--recursive", "s3://evidence/dir/"])?;
+    aws.ok(&["s3", "rm", "--recursive", "s3://evidence/"])?;
     aws.ok(&["s3", "rb", "s3://evidence"])?;
     aws.fails(
         "NoSuchBucket",
