@@ -1575,6 +1575,82 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         }))
     }
 
+    async fn list_object_versions(
+        &self,
+        req: S3Request<ListObjectVersionsInput>,
+    ) -> S3Result<S3Response<ListObjectVersionsOutput>> {
+        let who = self.caller(&req, Role::Reader).await?;
+        let input = req.input;
+        let b = self.bucket(&who, &input.bucket).await?;
+        if input.delimiter.as_deref().is_some_and(|d| !d.is_empty()) {
+            return Err(s3_error!(NotImplemented, "delimiters in version listings"));
+        }
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let max = input.max_keys.unwrap_or(1000).clamp(1, 1000) as usize;
+        let marker_version = match input.version_id_marker.as_deref() {
+            None | Some("") => None,
+            Some(v) => Some(
+                v.parse::<EvidenceId>()
+                    .map_err(|_| s3_error!(InvalidArgument, "bad version-id-marker"))?,
+            ),
+        };
+        let (bucket, marker_key) = (input.bucket.clone(), input.key_marker.clone());
+        let rows = indexer::run(&self.gw.store, |tx| {
+            let (bucket, prefix, marker_key) = (&bucket, &prefix, &marker_key);
+            async move {
+                let after = marker_key.as_deref().map(|k| (k, marker_version));
+                ix::list_versions_tx(&tx, bucket, prefix, after, max + 1).await
+            }
+        })
+        .await
+        .map_err(|e| s3_err(e.into()))?;
+        let truncated = rows.len() > max;
+        let rows = &rows[..rows.len().min(max)];
+        let mut versions = Vec::new();
+        let mut markers = Vec::new();
+        let mut previous: Option<&str> = marker_key.as_deref().filter(|_| marker_version.is_some());
+        for (key, v) in rows {
+            let latest = previous != Some(key.as_str());
+            previous = Some(key);
+            if v.is_delete_marker() {
+                markers.push(DeleteMarkerEntry {
+                    key: Some(key.clone()),
+                    version_id: show_version(&b, v),
+                    is_latest: Some(latest),
+                    last_modified: Some(ms_to_ts(v.last_modified_ms)),
+                    ..Default::default()
+                });
+            } else {
+                versions.push(s3s::dto::ObjectVersion {
+                    key: Some(key.clone()),
+                    version_id: show_version(&b, v),
+                    is_latest: Some(latest),
+                    e_tag: Some(ETag::Strong(v.etag.clone())),
+                    size: Some(v.size as i64),
+                    last_modified: Some(ms_to_ts(v.last_modified_ms)),
+                    storage_class: Some(ObjectVersionStorageClass::from_static(
+                        ObjectVersionStorageClass::STANDARD,
+                    )),
+                    ..Default::default()
+                });
+            }
+        }
+        let last = rows.last().filter(|_| truncated);
+        Ok(S3Response::new(ListObjectVersionsOutput {
+            name: Some(input.bucket),
+            prefix: input.prefix,
+            key_marker: input.key_marker,
+            version_id_marker: input.version_id_marker,
+            max_keys: Some(max as i32),
+            is_truncated: Some(truncated),
+            next_key_marker: last.map(|(k, _)| k.clone()),
+            next_version_id_marker: last.map(|(_, v)| v.version_id.to_string()),
+            versions: Some(versions),
+            delete_markers: Some(markers),
+            ..Default::default()
+        }))
+    }
+
     async fn list_objects_v2(
         &self,
         req: S3Request<ListObjectsV2Input>,

@@ -637,6 +637,54 @@ pub async fn list_current_tx<T: Transaction>(
         .collect()
 }
 
+/// Every version of the keys of `bucket` starting with `prefix`, by key
+/// and newest first within a key, after the position `after` (exclusive):
+/// `(key, None)` skips all of that key's versions, `(key, Some(id))` resumes
+/// after that version. At most `limit`.
+pub async fn list_versions_tx<T: Transaction>(
+    tx: &T,
+    bucket: &str,
+    prefix: &str,
+    after: Option<(&str, Option<EvidenceId>)>,
+    limit: usize,
+) -> Result<Vec<(String, ObjectVersion)>, ObjectError> {
+    check_names(bucket, None)?;
+    let base = key_of(VERSION, &[bucket.as_bytes(), b""]);
+    let mut from = base.clone();
+    from.extend_from_slice(prefix.as_bytes());
+    let end = prefix_end(&from);
+    if let Some((key, version)) = after.filter(|(k, _)| k.as_bytes() >= prefix.as_bytes()) {
+        let mut k = base.clone();
+        k.extend_from_slice(key.as_bytes());
+        match version {
+            // Just after this version's key.
+            Some(id) => {
+                k.push(0);
+                k.extend_from_slice(&inverted(&id));
+                k.push(0);
+            }
+            // Past every version of this key (they all start key + 0x00).
+            None => k.push(1),
+        }
+        from = from.max(k);
+    }
+    if from >= end {
+        return Ok(Vec::new());
+    }
+    tx.get_range(&from, &end, limit, false)
+        .await?
+        .iter()
+        .map(|(k, v)| {
+            let rest = &k[base.len()..];
+            let key = &rest[..rest.len().saturating_sub(17)];
+            Ok((
+                String::from_utf8_lossy(key).into_owned(),
+                decode_versioned(RECORD_V1, v)?,
+            ))
+        })
+        .collect()
+}
+
 /// What a DELETE without a version id did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Deleted {

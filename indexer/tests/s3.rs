@@ -82,6 +82,34 @@ async fn versions_read_newest_first_and_the_current_view_follows() {
     .await
     .unwrap();
     assert_eq!(all, vec![new.clone(), old.clone()]);
+    // Version listings resume after a version, or after a whole key.
+    let versions = |after: Option<(&'static str, Option<EvidenceId>)>| {
+        let s = &s;
+        async move {
+            run(s, |tx| async move {
+                ix::list_versions_tx(&tx, "vers", "", after, 10).await
+            })
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k, v.version_id))
+            .collect::<Vec<_>>()
+        }
+    };
+    let b_id = EvidenceId::new(150, [150; 10]);
+    assert_eq!(
+        versions(None).await,
+        [
+            ("a/x".into(), new.version_id),
+            ("a/x".into(), old.version_id),
+            ("b".into(), b_id)
+        ]
+    );
+    assert_eq!(
+        versions(Some(("a/x", Some(new.version_id)))).await,
+        [("a/x".into(), old.version_id), ("b".into(), b_id)]
+    );
+    assert_eq!(versions(Some(("a/x", None))).await, [("b".into(), b_id)]);
     assert_eq!(listed(&s, "vers", "", None).await, ["a/x", "b"]);
     assert_eq!(listed(&s, "vers", "a/", None).await, ["a/x"]);
     assert_eq!(listed(&s, "vers", "", Some(b"a/x")).await, ["b"]);
