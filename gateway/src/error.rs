@@ -63,6 +63,9 @@ pub enum ApiError {
     /// The body's MD5 is not the Content-MD5 the client sent.
     #[error("the body's MD5 does not match Content-MD5")]
     BadDigest,
+    /// The body does not match an `x-amz-checksum-*` the client sent.
+    #[error("{0}")]
+    ChecksumMismatch(String),
     /// A bug or an unexpected failure; details are in the gateway's log.
     #[error("internal error")]
     Internal,
@@ -113,7 +116,7 @@ impl ApiError {
             ApiError::Object(ObjectError::BucketNotEmpty) => StatusCode::CONFLICT,
             ApiError::Object(ObjectError::BadName(_)) => StatusCode::BAD_REQUEST,
             ApiError::Object(_) => StatusCode::NOT_FOUND,
-            ApiError::BadDigest => StatusCode::BAD_REQUEST,
+            ApiError::BadDigest | ApiError::ChecksumMismatch(_) => StatusCode::BAD_REQUEST,
             ApiError::Index(_) | ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -143,7 +146,7 @@ impl ApiError {
             ApiError::Object(ObjectError::BadName(_)) => "bad_name",
             ApiError::Object(ObjectError::Schema(_)) => "index_error",
             ApiError::Object(_) => "not_found",
-            ApiError::BadDigest => "bad_digest",
+            ApiError::BadDigest | ApiError::ChecksumMismatch(_) => "bad_digest",
             ApiError::Internal => "internal",
         }
     }

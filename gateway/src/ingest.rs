@@ -57,9 +57,23 @@ pub struct FilingMeta {
     pub s3: Option<S3Put>,
     /// Content-MD5 sent by an S3 client; a mismatch rejects the filing.
     pub expect_md5: Option<[u8; 16]>,
+    /// Run once the whole body has been read, before anything commits: a
+    /// refusal rejects the filing (S3's `x-amz-checksum-*`, also as
+    /// aws-chunked trailers, which exist only after the body).
+    pub body_check: Option<BodyCheck>,
     /// A part of an S3 multipart upload: stored and recorded as the part
     /// `.1` of upload `.0`, never visible as evidence on its own.
     pub part: Option<(EvidenceId, u32)>,
+}
+
+/// A check of the complete body (see [`FilingMeta::body_check`]).
+#[derive(Clone)]
+pub struct BodyCheck(pub Arc<dyn Fn() -> Result<(), ApiError> + Send + Sync>);
+
+impl std::fmt::Debug for BodyCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BodyCheck")
+    }
 }
 
 /// The S3 object a filing becomes, committed in the same transaction as the
@@ -244,6 +258,9 @@ impl<S: Store> Upload<S> {
             legal_hold: false,
         };
         check_declared(&header, meta.expect_blake3, meta.expect_sha256)?;
+        if let Some(check) = &meta.body_check {
+            (check.0)()?;
+        }
         let digest: Option<[u8; 16]> = md5.map(|m| md5::Digest::finalize(m).into());
         if meta.expect_md5.is_some() && meta.expect_md5 != digest {
             return Err(ApiError::BadDigest);

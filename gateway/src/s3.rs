@@ -132,7 +132,7 @@ fn s3_err(e: ApiError) -> S3Error {
             ObjectError::NoSuchTenant => (C::AccessDenied, o.to_string()),
             ObjectError::Schema(_) => return internal(e),
         },
-        ApiError::BadDigest => (C::BadDigest, e.to_string()),
+        ApiError::BadDigest | ApiError::ChecksumMismatch(_) => (C::BadDigest, e.to_string()),
         ApiError::HashMismatch { .. } => (C::BadDigest, e.to_string()),
         ApiError::BodyIncomplete(_) => (C::IncompleteBody, e.to_string()),
         ApiError::Unavailable(_) => (C::ServiceUnavailable, e.to_string()),
@@ -510,6 +510,26 @@ fn object_template(
     })
 }
 
+/// `x-amz-checksum-sha256` as a header: checked by the ingest's own SHA-256.
+fn sha256_header(header: Option<&str>) -> S3Result<Option<protocol::Sha256Hash>> {
+    use base64::Engine as _;
+    header
+        .map(|b64| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .ok()
+                .and_then(|v| <[u8; 32]>::try_from(v).ok())
+                .map(protocol::Sha256Hash)
+                .ok_or_else(|| {
+                    s3_error!(
+                        InvalidDigest,
+                        "x-amz-checksum-sha256 is not a base64 SHA-256"
+                    )
+                })
+        })
+        .transpose()
+}
+
 fn content_md5(header: Option<&str>) -> S3Result<Option<[u8; 16]>> {
     use base64::Engine as _;
     header
@@ -521,6 +541,114 @@ fn content_md5(header: Option<&str>) -> S3Result<Option<[u8; 16]>> {
                 .ok_or_else(|| s3_error!(InvalidDigest, "Content-MD5 is not a base64 MD5"))
         })
         .transpose()
+}
+
+/// Verifies S3's additional checksums (CRC32, CRC32C, CRC64NVME, SHA-1,
+/// SHA-256) of a body, whether sent as headers or as aws-chunked trailers
+/// (announced by `x-amz-trailer`): returns the body wrapped to hash what
+/// passes through, and the check to run when it has all passed.
+fn checked_body(
+    body: Option<StreamingBlob>,
+    headers: &http::HeaderMap,
+    trailers: Option<s3s::TrailingHeaders>,
+) -> S3Result<(
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<bytes::Bytes, String>> + Send>>,
+    Option<ingest::BodyCheck>,
+)> {
+    use s3s::crypto::Checksum as _;
+    const NAMES: [&str; 5] = [
+        "x-amz-checksum-crc32",
+        "x-amz-checksum-crc32c",
+        "x-amz-checksum-crc64nvme",
+        "x-amz-checksum-sha1",
+        "x-amz-checksum-sha256",
+    ];
+    let announced: Vec<String> = headers
+        .get_all("x-amz-trailer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().to_ascii_lowercase())
+        .collect();
+    let mut wanted = Vec::new();
+    for name in NAMES {
+        let header = headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let trailer = announced.iter().any(|a| a == name);
+        // A SHA-256 header is checked by the ingest's own SHA-256.
+        if name == "x-amz-checksum-sha256" && header.is_some() {
+            continue;
+        }
+        if header.is_some() || trailer {
+            wanted.push((name, header));
+        }
+    }
+    if let Some(other) = announced.iter().find(|a| !NAMES.contains(&a.as_str())) {
+        return Err(s3_error!(InvalidArgument, "unsupported trailer {other:?}"));
+    }
+    let body: std::pin::Pin<Box<dyn futures::Stream<Item = Result<bytes::Bytes, String>> + Send>> =
+        match body {
+            None => Box::pin(futures::stream::empty()),
+            Some(b) => Box::pin(b.map(|r| r.map_err(|e| e.to_string()))),
+        };
+    if wanted.is_empty() {
+        return Ok((body, None));
+    }
+    let want = |n: &str| wanted.iter().any(|(w, _)| *w == n);
+    let hasher = s3s::checksum::ChecksumHasher {
+        crc32: want(NAMES[0]).then(s3s::crypto::Crc32::new),
+        crc32c: want(NAMES[1]).then(s3s::crypto::Crc32c::new),
+        crc64nvme: want(NAMES[2]).then(s3s::crypto::Crc64Nvme::new),
+        sha1: want(NAMES[3]).then(s3s::crypto::Sha1::new),
+        sha256: want(NAMES[4]).then(s3s::crypto::Sha256::new),
+    };
+    let hasher = Arc::new(std::sync::Mutex::new(Some(hasher)));
+    let feed = hasher.clone();
+    let body = Box::pin(body.inspect(move |chunk| {
+        if let (Ok(c), Ok(mut h)) = (chunk, feed.lock()) {
+            if let Some(h) = h.as_mut() {
+                h.update(c);
+            }
+        }
+    }));
+    let check = move || -> Result<(), ApiError> {
+        let Some(h) = hasher.lock().ok().and_then(|mut h| h.take()) else {
+            return Err(ApiError::Internal);
+        };
+        let got = h.finalize();
+        let trailing = trailers.as_ref().and_then(|t| t.read(|h| h.clone()));
+        for (name, header) in &wanted {
+            let expected = header.clone().or_else(|| {
+                trailing
+                    .as_ref()
+                    .and_then(|t| t.get(*name))
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            });
+            let Some(expected) = expected else {
+                return Err(ApiError::ChecksumMismatch(format!(
+                    "{name} was announced as a trailer but not sent"
+                )));
+            };
+            let actual = match *name {
+                "x-amz-checksum-crc32" => got.checksum_crc32.clone(),
+                "x-amz-checksum-crc32c" => got.checksum_crc32c.clone(),
+                "x-amz-checksum-crc64nvme" => got.checksum_crc64nvme.clone(),
+                "x-amz-checksum-sha1" => got.checksum_sha1.clone(),
+                _ => got.checksum_sha256.clone(),
+            };
+            if actual.as_deref() != Some(expected.trim()) {
+                return Err(ApiError::ChecksumMismatch(format!(
+                    "{name} is {}, the client sent {expected}",
+                    actual.unwrap_or_default()
+                )));
+            }
+        }
+        Ok(())
+    };
+    Ok((body, Some(ingest::BodyCheck(Arc::new(check)))))
 }
 
 fn etag_matches(cond: &ETagCondition, etag: &str) -> bool {
@@ -679,23 +807,9 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             input.object_lock_legal_hold_status.as_ref(),
         )?;
         let expect_md5 = content_md5(input.content_md5.as_deref())?;
-        let expect_sha256 = match &input.checksum_sha256 {
-            None => None,
-            Some(b64) => {
-                use base64::Engine as _;
-                let raw = base64::engine::general_purpose::STANDARD
-                    .decode(b64.trim())
-                    .ok()
-                    .and_then(|v| <[u8; 32]>::try_from(v).ok())
-                    .ok_or_else(|| {
-                        s3_error!(
-                            InvalidDigest,
-                            "x-amz-checksum-sha256 is not a base64 SHA-256"
-                        )
-                    })?;
-                Some(protocol::Sha256Hash(raw))
-            }
-        };
+        let expect_sha256 = sha256_header(input.checksum_sha256.as_deref())?;
+        let (body, body_check) =
+            checked_body(input.body.take(), &req.headers, req.trailing_headers)?;
         let meta = FilingMeta {
             tenant: who.tenant.clone(),
             case: None,
@@ -704,6 +818,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             submitter: Some(format!("{}/s3:{}", who.tenant, who.access_key)),
             expect_sha256,
             expect_md5,
+            body_check,
             s3: Some(S3Put {
                 bucket: input.bucket.clone(),
                 key: input.key.clone(),
@@ -712,9 +827,6 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             }),
             ..Default::default()
         };
-        let body = input.body.unwrap_or_else(|| {
-            StreamingBlob::wrap(futures::stream::empty::<Result<bytes::Bytes, std::io::Error>>())
-        });
         // The upload runs in its own task, so a client that goes away leaves
         // a clean abort behind rather than a half-dropped future.
         let gw = self.gw.clone();
@@ -1307,11 +1419,13 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         req: S3Request<UploadPartInput>,
     ) -> S3Result<S3Response<UploadPartOutput>> {
         let who = self.caller(&req, Role::Clerk).await?;
-        let input = req.input;
+        let mut input = req.input;
         self.bucket(&who, &input.bucket).await?;
         let (upload, _) = self
             .multipart(&who, &input.bucket, &input.key, &input.upload_id)
             .await?;
+        let (body, body_check) =
+            checked_body(input.body.take(), &req.headers, req.trailing_headers)?;
         let number = u32::try_from(input.part_number)
             .ok()
             .filter(|n| (1..=10_000).contains(n))
@@ -1319,12 +1433,11 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let meta = FilingMeta {
             tenant: who.tenant.clone(),
             expect_md5: content_md5(input.content_md5.as_deref())?,
+            expect_sha256: sha256_header(input.checksum_sha256.as_deref())?,
+            body_check,
             part: Some((upload, number)),
             ..Default::default()
         };
-        let body = input.body.unwrap_or_else(|| {
-            StreamingBlob::wrap(futures::stream::empty::<Result<bytes::Bytes, std::io::Error>>())
-        });
         let gw = self.gw.clone();
         let filing = tokio::spawn(ingest::file_evidence(gw, meta, body))
             .await

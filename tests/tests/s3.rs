@@ -43,7 +43,8 @@ impl Aws {
                 }
             ),
         )?;
-        Command::new("aws")
+        // CUSTODIA_AWS picks the CLI (.ci/run points it at Debian's).
+        Command::new(std::env::var("CUSTODIA_AWS").unwrap_or_else(|_| "aws".into()))
             .args(["--endpoint-url", &self.endpoint, "--output", "json"])
             .args(args)
             .current_dir(&self.work)
