@@ -543,6 +543,9 @@ fn content_md5(header: Option<&str>) -> S3Result<Option<[u8; 16]>> {
         .transpose()
 }
 
+/// A request body as the ingest reads it.
+type Body = std::pin::Pin<Box<dyn futures::Stream<Item = Result<bytes::Bytes, String>> + Send>>;
+
 /// Verifies S3's additional checksums (CRC32, CRC32C, CRC64NVME, SHA-1,
 /// SHA-256) of a body, whether sent as headers or as aws-chunked trailers
 /// (announced by `x-amz-trailer`): returns the body wrapped to hash what
@@ -551,10 +554,7 @@ fn checked_body(
     body: Option<StreamingBlob>,
     headers: &http::HeaderMap,
     trailers: Option<s3s::TrailingHeaders>,
-) -> S3Result<(
-    std::pin::Pin<Box<dyn futures::Stream<Item = Result<bytes::Bytes, String>> + Send>>,
-    Option<ingest::BodyCheck>,
-)> {
+) -> S3Result<(Body, Option<ingest::BodyCheck>)> {
     use s3s::crypto::Checksum as _;
     const NAMES: [&str; 5] = [
         "x-amz-checksum-crc32",
@@ -588,11 +588,10 @@ fn checked_body(
     if let Some(other) = announced.iter().find(|a| !NAMES.contains(&a.as_str())) {
         return Err(s3_error!(InvalidArgument, "unsupported trailer {other:?}"));
     }
-    let body: std::pin::Pin<Box<dyn futures::Stream<Item = Result<bytes::Bytes, String>> + Send>> =
-        match body {
-            None => Box::pin(futures::stream::empty()),
-            Some(b) => Box::pin(b.map(|r| r.map_err(|e| e.to_string()))),
-        };
+    let body: Body = match body {
+        None => Box::pin(futures::stream::empty()),
+        Some(b) => Box::pin(b.map(|r| r.map_err(|e| e.to_string()))),
+    };
     if wanted.is_empty() {
         return Ok((body, None));
     }
