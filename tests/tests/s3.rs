@@ -1012,3 +1012,45 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
     )?;
     Ok(())
 }
+
+/// boto3 from PyPI with its default settings (CRC32 checksums on every
+/// upload), through `tests/independent/s3_boto3.py`. CUSTODIA_PYTHON names
+/// an interpreter with boto3 (.ci/run makes a venv); default `python3`.
+#[test]
+fn boto3_with_its_default_checksums() -> Result<()> {
+    let c = TestCluster::start(Shape {
+        shard_size: 256 * 1024,
+        ..Shape::default()
+    })?;
+    let creds = std::fs::read_to_string(c.data_dir().join("s3.credentials"))?;
+    let field = |name: &str| {
+        creds
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} = ")))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let python = std::env::var("CUSTODIA_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("independent/s3_boto3.py");
+    let out = Command::new(&python)
+        .arg(&script)
+        .env("S3_ENDPOINT", &c.s3)
+        .env("AWS_ACCESS_KEY_ID", field("aws_access_key_id"))
+        .env("AWS_SECRET_ACCESS_KEY", field("aws_secret_access_key"))
+        .env("AWS_CONFIG_FILE", c.data_dir().join("no-aws-config"))
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            c.data_dir().join("no-aws-credentials"),
+        )
+        .output()
+        .with_context(|| format!("running {python} (set CUSTODIA_PYTHON to one with boto3)"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    if !out.status.success() || !stdout.contains("checks passed") {
+        bail!(
+            "boto3 checks failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}

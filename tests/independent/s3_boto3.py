@@ -1,0 +1,113 @@
+"""Drives Custodia's S3 API with boto3 as agencies' scripts would: default
+settings, so current boto3 sends CRC32 checksums as aws-chunked trailers.
+
+Environment: S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY.
+Exits non-zero (with a traceback) on the first failed check.
+"""
+
+import hashlib
+import io
+import os
+import sys
+import urllib.request
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import ClientError
+
+checks = 0
+
+
+def check(cond, what):
+    global checks
+    if not cond:
+        raise AssertionError(what)
+    checks += 1
+
+
+def error_code(fn, *args, **kwargs):
+    try:
+        fn(*args, **kwargs)
+    except ClientError as e:
+        return e.response["Error"]["Code"]
+    return None
+
+
+def data(n, seed):
+    out = bytearray()
+    block = hashlib.sha256(str(seed).encode()).digest()
+    while len(out) < n:
+        out += block
+        block = hashlib.sha256(block).digest()
+    return bytes(out[:n])
+
+
+s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT"], region_name="us-east-1")
+
+# Record what boto3 sends, to know the trailer path is exercised.
+sent = []
+s3.meta.events.register("before-send.s3.PutObject", lambda request, **kw: sent.append(dict(request.headers)))
+
+s3.create_bucket(Bucket="boto")
+body = data(3 << 20, 1)
+put = s3.put_object(Bucket="boto", Key="a/one.bin", Body=body)
+check(put["ETag"] == '"%s"' % hashlib.md5(body).hexdigest(), "single-part ETag is the MD5")
+# botocore sends its default CRC32 as an aws-chunked trailer over HTTPS and
+# as a header over HTTP; either way it must be there and verified.
+crc = [h.get("x-amz-checksum-crc32") or h.get("x-amz-trailer") for h in sent]
+check(all(crc), "boto3 sent a CRC32 with each PutObject")
+via = "trailer" if any(h.get("x-amz-trailer") for h in sent) else "header"
+got = s3.get_object(Bucket="boto", Key="a/one.bin")["Body"].read()
+check(got == body, "read back byte-exact")
+part = s3.get_object(Bucket="boto", Key="a/one.bin", Range="bytes=1000-1999")["Body"].read()
+check(part == body[1000:2000], "range")
+head = s3.head_object(Bucket="boto", Key="a/one.bin")
+check(head["ContentLength"] == len(body), "head size")
+
+# A wrong checksum is refused and leaves nothing.
+code = error_code(s3.put_object, Bucket="boto", Key="bad.bin", Body=b"x" * 1000, ChecksumCRC32="AAAAAA==")
+check(code in ("BadDigest", "InvalidRequest", "XAmzContentChecksumMismatch"), "wrong CRC32 refused: %s" % code)
+check(error_code(s3.head_object, Bucket="boto", Key="bad.bin") == "404", "nothing stored")
+
+# Multipart with the transfer manager: 30 MiB in 5 MiB parts.
+big = data(30 << 20, 2)
+s3.upload_fileobj(
+    io.BytesIO(big), "boto", "a/big.bin",
+    Config=TransferConfig(multipart_threshold=8 << 20, multipart_chunksize=5 << 20),
+)
+out = io.BytesIO()
+s3.download_fileobj("boto", "a/big.bin", out)
+check(out.getvalue() == big, "multipart read back byte-exact")
+check(s3.head_object(Bucket="boto", Key="a/big.bin")["ETag"].endswith('-6"'), "multipart ETag")
+
+# Listing with a paginator.
+for i in range(7):
+    s3.put_object(Bucket="boto", Key="many/%02d" % i, Body=b"%d" % i)
+pages = s3.get_paginator("list_objects_v2").paginate(Bucket="boto", Prefix="many/", PaginationConfig={"PageSize": 3})
+keys = [o["Key"] for p in pages for o in p.get("Contents", [])]
+check(keys == ["many/%02d" % i for i in range(7)], "paginated listing: %r" % keys)
+
+# Presigned GET.
+url = s3.generate_presigned_url("get_object", Params={"Bucket": "boto", "Key": "many/03"}, ExpiresIn=300)
+check(urllib.request.urlopen(url).read() == b"3", "presigned URL")
+
+# Multi-object delete.
+res = s3.delete_objects(Bucket="boto", Delete={"Objects": [{"Key": "many/%02d" % i} for i in range(7)]})
+check(len(res.get("Deleted", [])) == 7, "delete_objects")
+
+# Object Lock: COMPLIANCE holds against this (admin) key.
+s3.create_bucket(Bucket="boto-locked", ObjectLockEnabledForBucket=True)
+import datetime
+
+v = s3.put_object(
+    Bucket="boto-locked", Key="c", Body=b"locked",
+    ObjectLockMode="COMPLIANCE",
+    ObjectLockRetainUntilDate=datetime.datetime(2100, 1, 1, tzinfo=datetime.timezone.utc),
+)["VersionId"]
+check(error_code(s3.delete_object, Bucket="boto-locked", Key="c", VersionId=v) == "AccessDenied", "COMPLIANCE holds")
+check(s3.delete_object(Bucket="boto-locked", Key="c")["DeleteMarker"], "a delete marker goes on top")
+got = s3.get_object(Bucket="boto-locked", Key="c", VersionId=v)["Body"].read()
+check(got == b"locked", "the locked version is intact")
+
+print("boto3 %s (CRC32 as %s): %d checks passed" % (boto3.__version__, via, checks))
+sys.exit(0)
