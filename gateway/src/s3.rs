@@ -67,16 +67,24 @@ pub async fn serve<S: Store + 'static>(
     listen: SocketAddr,
     domain: Option<&str>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
     let mut builder = s3s::service::S3ServiceBuilder::new(S3Front { gw: gw.clone() });
     builder.set_auth(Auth { gw });
     if let Some(d) = domain {
-        let host = s3s::host::SingleDomain::new(d)
+        // Clients send the port in Host: `BUCKET.DOMAIN:PORT`; a Host of
+        // `DOMAIN:PORT` alone is path-style.
+        let with_port = format!("{d}:{}", addr.port());
+        let domains = if d.contains(':') {
+            vec![d]
+        } else {
+            vec![d, with_port.as_str()]
+        };
+        let host = s3s::host::MultiDomain::new(domains)
             .map_err(|e| std::io::Error::other(format!("S3 domain {d:?}: {e}")))?;
         builder.set_host(host);
     }
     let service = builder.build();
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    let addr = listener.local_addr()?;
     let task = tokio::spawn(async move {
         loop {
             let (stream, _) = match listener.accept().await {
@@ -650,6 +658,21 @@ fn checked_body(
     Ok((body, Some(ingest::BodyCheck(Arc::new(check)))))
 }
 
+/// A read's `If-Match` / `If-None-Match` against the version's ETag.
+fn preconditions(
+    v: &ObjectVersion,
+    if_match: Option<&ETagCondition>,
+    if_none_match: Option<&ETagCondition>,
+) -> S3Result<()> {
+    if if_match.is_some_and(|c| !etag_matches(c, &v.etag)) {
+        return Err(s3_error!(PreconditionFailed));
+    }
+    if if_none_match.is_some_and(|c| etag_matches(c, &v.etag)) {
+        return Err(S3Error::new(S3ErrorCode::NotModified));
+    }
+    Ok(())
+}
+
 fn etag_matches(cond: &ETagCondition, etag: &str) -> bool {
     match cond {
         ETagCondition::Any => true,
@@ -854,16 +877,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let (v, header) = self
             .readable(&input.bucket, &input.key, input.version_id.as_deref())
             .await?;
-        if let Some(c) = &input.if_match {
-            if !etag_matches(c, &v.etag) {
-                return Err(s3_error!(PreconditionFailed));
-            }
-        }
-        if let Some(c) = &input.if_none_match {
-            if etag_matches(c, &v.etag) {
-                return Err(S3Error::new(S3ErrorCode::NotModified));
-            }
-        }
+        preconditions(&v, input.if_match.as_ref(), input.if_none_match.as_ref())?;
         let size = header.size;
         let range = match &input.range {
             None => None,
@@ -917,16 +931,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let (v, header) = self
             .readable(&input.bucket, &input.key, input.version_id.as_deref())
             .await?;
-        if let Some(c) = &input.if_match {
-            if !etag_matches(c, &v.etag) {
-                return Err(s3_error!(PreconditionFailed));
-            }
-        }
-        if let Some(c) = &input.if_none_match {
-            if etag_matches(c, &v.etag) {
-                return Err(S3Error::new(S3ErrorCode::NotModified));
-            }
-        }
+        preconditions(&v, input.if_match.as_ref(), input.if_none_match.as_ref())?;
         let mut resp = S3Response::new(HeadObjectOutput {
             content_length: Some(header.size as i64),
             accept_ranges: Some("bytes".into()),

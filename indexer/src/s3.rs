@@ -487,11 +487,7 @@ pub async fn put_version_tx<T: Transaction>(
     if version.null_version {
         remove_null_version(tx, bucket, key, now_ms, false).await?;
     }
-    tx.set(
-        &version_key(bucket, key, &version.version_id),
-        &encode_versioned(RECORD_V1, version),
-    );
-    refresh_current(tx, bucket, key).await
+    write_version(tx, bucket, key, version).await
 }
 
 /// The version `version_id` of `key`, or the newest; delete markers
@@ -719,11 +715,7 @@ pub async fn delete_current_tx<T: Transaction>(
             if m.null_version {
                 remove_null_version(tx, bucket, key, now_ms, bypass_governance).await?;
             }
-            tx.set(
-                &version_key(bucket, key, &m.version_id),
-                &encode_versioned(RECORD_V1, &m),
-            );
-            refresh_current(tx, bucket, key).await?;
+            write_version(tx, bucket, key, &m).await?;
             Ok(Deleted::Marker(m))
         }
         Versioning::Unversioned => {

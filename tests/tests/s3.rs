@@ -137,6 +137,20 @@ fn new_key(c: &mut TestCluster, tenant: &str, role: &str, extra: &[&str]) -> Res
     ))
 }
 
+/// A field of an AWS shared-credentials file.
+fn profile_field(creds: &str, name: &str) -> String {
+    creds
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} = ")))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// A command line split on spaces (for arguments without spaces).
+fn argv(line: &str) -> Vec<String> {
+    line.split_whitespace().map(str::to_owned).collect()
+}
+
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
@@ -148,14 +162,15 @@ fn md5_hex(data: &[u8]) -> String {
 
 /// curl with SigV4, for headers the AWS CLI does not show.
 fn curl_headers(c: &TestCluster, method: &str, path: &str) -> Result<String> {
+    let (headers, _) = curl(c, method, &format!("{}{path}", c.s3), &[])?;
+    Ok(headers)
+}
+
+/// A SigV4-signed request with curl: (lower-cased headers, body).
+fn curl(c: &TestCluster, method: &str, url: &str, extra: &[&str]) -> Result<(String, Vec<u8>)> {
+    let body = c.data_dir().join("curl-body");
     let creds = std::fs::read_to_string(c.data_dir().join("s3.credentials"))?;
-    let field = |name: &str| {
-        creds
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} = ")))
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let field = |name: &str| profile_field(&creds, name);
     // `-X HEAD` would wait for a body that never comes; `-I` does not.
     let verb = if method == "HEAD" {
         vec!["-I"]
@@ -163,8 +178,10 @@ fn curl_headers(c: &TestCluster, method: &str, path: &str) -> Result<String> {
         vec!["-X", method]
     };
     let out = Command::new("curl")
-        .args(["-s", "--max-time", "30", "-o", "/dev/null", "-D", "-"])
+        .args(["-s", "--max-time", "30", "-D", "-", "-o"])
+        .arg(&body)
         .args(verb)
+        .args(extra)
         .args(["--aws-sigv4", "aws:amz:us-east-1:s3"])
         .args([
             "--user",
@@ -175,10 +192,13 @@ fn curl_headers(c: &TestCluster, method: &str, path: &str) -> Result<String> {
             ),
         ])
         .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
-        .arg(format!("{}{path}", c.s3))
+        .arg(url)
         .output()
         .context("running curl")?;
-    Ok(String::from_utf8_lossy(&out.stdout).to_lowercase())
+    Ok((
+        String::from_utf8_lossy(&out.stdout).to_lowercase(),
+        std::fs::read(&body).unwrap_or_default(),
+    ))
 }
 
 fn header<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
@@ -348,6 +368,24 @@ fn aws_cli_files_lists_reads_and_deletes_objects_as_evidence() -> Result<()> {
         copied["ETag"],
         format!("\"{}\"", md5_hex(&bytes(300_000, 4)))
     );
+    // Virtual-host-style (BUCKET.localhost:PORT) and path-style through the
+    // name `localhost:PORT` both address the bucket.
+    let port = c.s3.rsplit(':').next().unwrap_or_default();
+    let to_loopback = |host: &str| format!("{host}:{port}:127.0.0.1:{port}");
+    for (url, host) in [
+        (
+            format!("http://evidence.localhost:{port}/dir/f1.bin"),
+            "evidence.localhost",
+        ),
+        (
+            format!("http://localhost:{port}/evidence/dir/f1.bin"),
+            "localhost",
+        ),
+    ] {
+        let (h, body) = curl(&c, "GET", &url, &["--connect-to", &to_loopback(host)])?;
+        assert!(h.starts_with("http/1.1 200"), "{url}: {h}");
+        assert_eq!(body, bytes(1, 1), "{url}");
+    }
     // Presigned URLs work without credentials, and only as signed.
     let url = aws.ok(&[
         "s3",
@@ -653,49 +691,10 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
     let mut bypass = del_version("c.bin", &c1);
     bypass.push("--bypass-governance-retention".into());
     admin.fails("AccessDenied", &strs(&bypass))?;
-    admin.fails(
-        "AccessDenied",
-        &[
-            "s3api",
-            "put-object-retention",
-            "--bucket",
-            "locked",
-            "--key",
-            "c.bin",
-            "--version-id",
-            &c1,
-            "--retention",
-            "Mode=COMPLIANCE,RetainUntilDate=2030-01-01T00:00:00Z",
-        ],
-    )?;
-    admin.fails(
-        "AccessDenied",
-        &[
-            "s3api",
-            "put-object-retention",
-            "--bucket",
-            "locked",
-            "--key",
-            "c.bin",
-            "--version-id",
-            &c1,
-            "--retention",
-            "Mode=GOVERNANCE,RetainUntilDate=2100-01-01T00:00:00Z",
-        ],
-    )?;
+    admin.fails("AccessDenied", &strs(&argv(&format!("s3api put-object-retention --bucket locked --key c.bin --version-id {c1} --retention Mode=COMPLIANCE,RetainUntilDate=2030-01-01T00:00:00Z"))))?;
+    admin.fails("AccessDenied", &strs(&argv(&format!("s3api put-object-retention --bucket locked --key c.bin --version-id {c1} --retention Mode=GOVERNANCE,RetainUntilDate=2100-01-01T00:00:00Z"))))?;
     // Extending is allowed.
-    admin.ok(&[
-        "s3api",
-        "put-object-retention",
-        "--bucket",
-        "locked",
-        "--key",
-        "c.bin",
-        "--version-id",
-        &c1,
-        "--retention",
-        "Mode=COMPLIANCE,RetainUntilDate=2101-01-01T00:00:00Z",
-    ])?;
+    admin.ok(&strs(&argv(&format!("s3api put-object-retention --bucket locked --key c.bin --version-id {c1} --retention Mode=COMPLIANCE,RetainUntilDate=2101-01-01T00:00:00Z"))))?;
     let r = admin.json(&[
         "s3api",
         "get-object-retention",
@@ -1023,13 +1022,7 @@ fn boto3_with_its_default_checksums() -> Result<()> {
         ..Shape::default()
     })?;
     let creds = std::fs::read_to_string(c.data_dir().join("s3.credentials"))?;
-    let field = |name: &str| {
-        creds
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} = ")))
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let field = |name: &str| profile_field(&creds, name);
     let python = std::env::var("CUSTODIA_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("independent/s3_boto3.py");
     let out = Command::new(&python)
