@@ -1015,7 +1015,7 @@ fn worm_statement<S: Store>(
 }
 
 /// Runs `change` and queues `kind`'s statement in the same transaction.
-async fn worm<S, F, Fut>(
+pub(crate) async fn worm<S, F, Fut, E>(
     gw: &Gateway<S>,
     who: &TokenRecord,
     h: &ManifestHeader,
@@ -1026,7 +1026,9 @@ async fn worm<S, F, Fut>(
 where
     S: Store,
     F: Fn(<S as KvStore>::Tx) -> Fut,
-    Fut: std::future::Future<Output = Result<ManifestHeader, schema::SchemaError>>,
+    Fut: std::future::Future<Output = Result<ManifestHeader, E>>,
+    E: From<indexer::KvError> + indexer::Retryable,
+    ApiError: From<E>,
 {
     let pending = worm_statement(gw, who, h, kind, detail)?;
     let updated = indexer::run(&gw.store, |tx| {
@@ -1037,7 +1039,7 @@ where
             if let Some(p) = pending {
                 indexer::ledger::enqueue_tx(&tx, 0, p);
             }
-            Ok::<_, schema::SchemaError>(updated)
+            Ok::<_, E>(updated)
         }
     })
     .await?;

@@ -53,6 +53,8 @@ pub struct FilingMeta {
     pub provenance: protocol::ledger::Provenance,
     /// COMPLIANCE retention from filing: nobody can expunge before then.
     pub retain_until_ms: Option<u64>,
+    /// A legal hold from filing (an S3 object filed under one).
+    pub legal_hold: bool,
     /// Filed through the S3 API: the object version committed with it.
     pub s3: Option<S3Put>,
     /// Content-MD5 sent by an S3 client; a mismatch rejects the filing.
@@ -255,7 +257,7 @@ impl<S: Store> Upload<S> {
             code,
             stripes: next_stripe,
             retain_until_ms: meta.retain_until_ms,
-            legal_hold: false,
+            legal_hold: meta.legal_hold,
         };
         check_declared(&header, meta.expect_blake3, meta.expect_sha256)?;
         if let Some(check) = &meta.body_check {

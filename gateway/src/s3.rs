@@ -39,6 +39,16 @@ struct Caller {
     bypass_governance: bool,
 }
 
+impl Caller {
+    /// The caller as the evidence API's ledger statements name actors.
+    fn token_record(&self) -> schema::TokenRecord {
+        schema::TokenRecord {
+            tenant: self.tenant.clone(),
+            role: self.role,
+        }
+    }
+}
+
 /// Looks SigV4 secrets up in the index.
 struct Auth<S: Store> {
     gw: Arc<Gateway<S>>,
@@ -538,6 +548,17 @@ fn sha256_header(header: Option<&str>) -> S3Result<Option<protocol::Sha256Hash>>
         .transpose()
 }
 
+/// The evidence-level WORM state an S3 version implies: COMPLIANCE
+/// retention and legal holds bind the evidence itself, so an expunge order
+/// cannot remove what Object Lock protects. (GOVERNANCE stays an S3 matter.)
+fn evidence_worm(v: &ObjectVersion) -> (Option<u64>, bool) {
+    let until = v
+        .retention
+        .filter(|r| r.mode == LockMode::Compliance)
+        .map(|r| r.until_ms);
+    (until, v.legal_hold)
+}
+
 fn content_md5(header: Option<&str>) -> S3Result<Option<[u8; 16]>> {
     use base64::Engine as _;
     header
@@ -832,9 +853,12 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let expect_sha256 = sha256_header(input.checksum_sha256.as_deref())?;
         let (body, body_check) =
             checked_body(input.body.take(), &req.headers, req.trailing_headers)?;
+        let (retain_until_ms, legal_hold) = evidence_worm(&template);
         let meta = FilingMeta {
             tenant: who.tenant.clone(),
             case: None,
+            retain_until_ms,
+            legal_hold,
             file_name: Some(input.key.clone()),
             media_type: input.content_type.clone(),
             submitter: Some(format!("{}/s3:{}", who.tenant, who.access_key)),
@@ -1080,8 +1104,11 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         crate::api::record_access(&self.gw, &header, actor.clone(), &(0..size))
             .await
             .map_err(s3_err)?;
+        let (retain_until_ms, legal_hold) = evidence_worm(&template);
         let meta = FilingMeta {
             tenant: who.tenant.clone(),
+            retain_until_ms,
+            legal_hold,
             file_name: Some(input.key.clone()),
             media_type: template.content_type.clone(),
             submitter: Some(actor),
@@ -1292,15 +1319,28 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 }
             },
         };
-        let (v, _) = self
+        let (v, header) = self
             .readable(&input.bucket, &input.key, input.version_id.as_deref())
             .await?;
         let now = self.gw.clock.now_ms();
         let bypass = who.bypass_governance && input.bypass_governance_retention == Some(true);
         let (bucket, key, vid) = (input.bucket.clone(), input.key.clone(), v.version_id);
+        let evidence = header.evidence;
         indexer::run(&self.gw.store, |tx| {
             let (bucket, key) = (&bucket, &key);
-            async move { ix::set_retention_tx(&tx, bucket, key, vid, retention, now, bypass).await }
+            async move {
+                ix::set_retention_tx(&tx, bucket, key, vid, retention, now, bypass).await?;
+                // COMPLIANCE binds the evidence itself (only ever extended).
+                if let Some(r) = retention.filter(|r| r.mode == LockMode::Compliance) {
+                    let until = schema::get_manifest_tx(&tx, evidence)
+                        .await?
+                        .and_then(|h| h.retain_until_ms);
+                    if until.is_none_or(|u| u < r.until_ms) {
+                        schema::extend_retention_tx(&tx, evidence, r.until_ms).await?;
+                    }
+                }
+                Ok::<_, ObjectError>(())
+            }
         })
         .await
         .map_err(|e| s3_err(e.into()))?;
@@ -1362,16 +1402,33 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 "lifting a legal hold needs an admin key"
             ));
         }
-        let (v, _) = self
+        let (v, header) = self
             .readable(&input.bucket, &input.key, input.version_id.as_deref())
             .await?;
         let (bucket, key, vid) = (input.bucket.clone(), input.key.clone(), v.version_id);
-        indexer::run(&self.gw.store, |tx| {
-            let (bucket, key) = (&bucket, &key);
-            async move { ix::set_legal_hold_tx(&tx, bucket, key, vid, on).await }
-        })
+        // The hold binds the evidence too, and is on the ledger like any
+        // hold or release.
+        let evidence = header.evidence;
+        crate::api::worm(
+            &self.gw,
+            &who.token_record(),
+            &header,
+            if on {
+                protocol::ledger::Kind::LegalHold
+            } else {
+                protocol::ledger::Kind::Released
+            },
+            serde_json::json!({ "legal_hold": on, "s3": { "bucket": bucket, "key": key, "version": vid.to_string() } }),
+            |tx| {
+                let (bucket, key) = (bucket.clone(), key.clone());
+                async move {
+                    ix::set_legal_hold_tx(&tx, &bucket, &key, vid, on).await?;
+                    Ok::<_, ObjectError>(schema::set_legal_hold_tx(&tx, evidence, on).await?)
+                }
+            },
+        )
         .await
-        .map_err(|e| s3_err(e.into()))?;
+        .map_err(s3_err)?;
         tracing::info!(bucket = %bucket, key = %key, version = %vid, on, by = %who.tenant, "legal hold set");
         Ok(S3Response::new(PutObjectLegalHoldOutput::default()))
     }
@@ -1523,8 +1580,11 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             }
             format!("{}-{}", hex::encode(h.finalize()), chosen.len())
         };
+        let (retain_until_ms, legal_hold) = evidence_worm(&rec.version);
         let meta = FilingMeta {
             tenant: who.tenant.clone(),
+            retain_until_ms,
+            legal_hold,
             file_name: Some(input.key.clone()),
             media_type: rec.version.content_type.clone(),
             submitter: Some(format!("{}/s3:{}", who.tenant, who.access_key)),

@@ -693,6 +693,23 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
     admin.fails("AccessDenied", &strs(&bypass))?;
     admin.fails("AccessDenied", &strs(&argv(&format!("s3api put-object-retention --bucket locked --key c.bin --version-id {c1} --retention Mode=COMPLIANCE,RetainUntilDate=2030-01-01T00:00:00Z"))))?;
     admin.fails("AccessDenied", &strs(&argv(&format!("s3api put-object-retention --bucket locked --key c.bin --version-id {c1} --retention Mode=GOVERNANCE,RetainUntilDate=2100-01-01T00:00:00Z"))))?;
+    // COMPLIANCE binds the evidence itself: its manifest carries the
+    // retention, so not even an expunge order can remove it early.
+    let h = curl_headers(&c, "HEAD", &format!("/locked/c.bin?versionId={c1}"))?;
+    let c1_evidence = header(&h, "x-custodia-evidence-id")
+        .context("no evidence id")?
+        .to_owned();
+    let manifest = c.get_with(
+        &c.token,
+        &format!("/v1/evidence/{c1_evidence}/manifest"),
+        &[],
+    )?;
+    assert_eq!(
+        manifest.json()["retain_until_ms"],
+        4_102_444_800_000u64,
+        "{}",
+        manifest.json()
+    );
     // Extending is allowed.
     admin.ok(&strs(&argv(&format!("s3api put-object-retention --bucket locked --key c.bin --version-id {c1} --retention Mode=COMPLIANCE,RetainUntilDate=2101-01-01T00:00:00Z"))))?;
     let r = admin.json(&[
@@ -768,6 +785,17 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
             "Status=OFF",
         ],
     )?;
+    // The hold binds the evidence and is on the ledger.
+    let h = curl_headers(&c, "HEAD", &format!("/locked/h.bin?versionId={h1}"))?;
+    let h1_evidence = header(&h, "x-custodia-evidence-id")
+        .context("no evidence id")?
+        .to_owned();
+    let manifest = c.get_with(
+        &c.token,
+        &format!("/v1/evidence/{h1_evidence}/manifest"),
+        &[],
+    )?;
+    assert_eq!(manifest.json()["legal_hold"], true);
     let held = admin.json(&[
         "s3api",
         "get-object-legal-hold",
@@ -792,6 +820,26 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
         "Status=OFF",
     ])?;
     admin.ok(&strs(&del_version("h.bin", &h1)))?;
+    let manifest = c.get_with(
+        &c.token,
+        &format!("/v1/evidence/{h1_evidence}/manifest"),
+        &[],
+    )?;
+    assert_eq!(manifest.json()["legal_hold"], false);
+    let released = custodia_tests::eventually(15, || {
+        c.get_with(
+            &c.token,
+            &format!("/v1/evidence/{h1_evidence}/custody"),
+            &[],
+        )
+        .map(|a| {
+            a.json()["events"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|e| e["kind"] == "released"))
+        })
+        .unwrap_or(false)
+    });
+    assert!(released, "lifting the S3 hold is a custody event");
 
     // GOVERNANCE: bypassed only by a key with the permission, asking for it.
     let g1 = put(
