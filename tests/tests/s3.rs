@@ -1095,3 +1095,113 @@ fn boto3_with_its_default_checksums() -> Result<()> {
     }
     Ok(())
 }
+
+/// Runs a client command; returns stdout, failing with its stderr.
+fn client(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// rclone and s3cmd (Debian's, installed by .ci/run): put (single and
+/// multipart), list, check, get, range, delete.
+#[test]
+fn rclone_and_s3cmd_put_get_list_and_delete() -> Result<()> {
+    let c = TestCluster::start(Shape {
+        shard_size: 256 * 1024,
+        ..Shape::default()
+    })?;
+    let creds = std::fs::read_to_string(c.data_dir().join("s3.credentials"))?;
+    let (key, secret) = (
+        profile_field(&creds, "aws_access_key_id"),
+        profile_field(&creds, "aws_secret_access_key"),
+    );
+    let hostport = c.s3.trim_start_matches("http://").to_owned();
+    let src = c.data_dir().join("src");
+    std::fs::create_dir_all(&src)?;
+    std::fs::write(src.join("small.bin"), bytes(300_000, 1))?;
+    std::fs::write(src.join("big.bin"), bytes(30 << 20, 2))?;
+    std::fs::write(src.join("note.txt"), b"note\n")?;
+
+    // rclone: `check` compares MD5s (ETags, and rclone's own metadata for
+    // multipart objects).
+    let conf = c.data_dir().join("rclone.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[cu]\ntype = s3\nprovider = Other\naccess_key_id = {key}\nsecret_access_key = {secret}\nendpoint = {}\nregion = us-east-1\n",
+            c.s3
+        ),
+    )?;
+    let rclone = |args: &[&str]| -> Result<String> {
+        client(
+            Command::new("rclone")
+                .arg("--config")
+                .arg(&conf)
+                .args(args)
+                // A CA bundle in the environment makes rclone refuse plain HTTP.
+                .env_remove("AWS_CA_BUNDLE"),
+        )
+    };
+    rclone(&["mkdir", "cu:rclone"])?;
+    rclone(&["copy", src.to_str().unwrap_or_default(), "cu:rclone/dir"])?;
+    let listed = rclone(&["ls", "cu:rclone"])?;
+    assert!(
+        listed.contains("31457280 dir/big.bin") && listed.contains("300000 dir/small.bin"),
+        "{listed}"
+    );
+    rclone(&["check", src.to_str().unwrap_or_default(), "cu:rclone/dir"])?;
+    let out = c.data_dir().join("rclone-out");
+    rclone(&["copy", "cu:rclone/dir", out.to_str().unwrap_or_default()])?;
+    assert!(std::fs::read(out.join("big.bin"))? == bytes(30 << 20, 2));
+    let part = rclone(&[
+        "cat",
+        "cu:rclone/dir/note.txt",
+        "--offset",
+        "1",
+        "--count",
+        "3",
+    ])?;
+    assert_eq!(part, "ote");
+    rclone(&["delete", "cu:rclone/dir/note.txt"])?;
+    assert!(!rclone(&["ls", "cu:rclone"])?.contains("note.txt"));
+
+    // s3cmd, multipart in 5 MiB parts.
+    let cfg = c.data_dir().join("s3cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[default]\naccess_key = {key}\nsecret_key = {secret}\nhost_base = {hostport}\nhost_bucket = {hostport}\nbucket_location = us-east-1\nuse_https = False\nsignature_v2 = False\n"
+        ),
+    )?;
+    let s3cmd = |args: &[&str]| -> Result<String> {
+        client(Command::new("s3cmd").arg("-c").arg(&cfg).args(args))
+    };
+    let path = |name: &str| src.join(name).to_string_lossy().into_owned();
+    s3cmd(&["mb", "s3://s3cmd"])?;
+    s3cmd(&["put", &path("small.bin"), "s3://s3cmd/x/small.bin"])?;
+    s3cmd(&[
+        "put",
+        "--multipart-chunk-size-mb=5",
+        &path("big.bin"),
+        "s3://s3cmd/x/big.bin",
+    ])?;
+    let listed = s3cmd(&["ls", "-r", "s3://s3cmd"])?;
+    assert!(
+        listed.contains("s3://s3cmd/x/big.bin") && listed.contains("s3://s3cmd/x/small.bin"),
+        "{listed}"
+    );
+    let got = c.data_dir().join("s3cmd-big.bin");
+    s3cmd(&[
+        "get",
+        "--force",
+        "s3://s3cmd/x/big.bin",
+        &got.to_string_lossy(),
+    ])?;
+    assert!(std::fs::read(&got)? == bytes(30 << 20, 2));
+    s3cmd(&["del", "s3://s3cmd/x/small.bin"])?;
+    assert!(!s3cmd(&["ls", "-r", "s3://s3cmd"])?.contains("small.bin"));
+    Ok(())
+}
