@@ -48,6 +48,54 @@ pub async fn delete_stripe_shards<S: Store>(
         .all(|ok| ok)
 }
 
+/// Deletes the shards of every stripe recorded for `evidence`, a batch at a
+/// time, and has `forget` drop the records of the stripes whose shards are
+/// all gone. Returns how many stripes keep their records (a shard on an
+/// unreachable node): running it again continues. Used for aborted uploads,
+/// expunged evidence and finished multipart parts.
+pub async fn delete_recorded_stripes<S, F, Fut>(
+    gw: &Gateway<S>,
+    evidence: EvidenceId,
+    forget: F,
+) -> Result<u64, schema::SchemaError>
+where
+    S: Store,
+    F: Fn(<S as indexer::KvStore>::Tx, Vec<u64>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), schema::SchemaError>>,
+{
+    let mut next = 0u64;
+    let mut kept = 0u64;
+    loop {
+        // Stripe records may have gaps (aborted uploads): read by key range.
+        let batch = indexer::run(&gw.store, |tx| async move {
+            schema::stripes_after_tx(&tx, evidence, next, STRIPES_PER_READ).await
+        })
+        .await?;
+        let Some(&(last, _)) = batch.last() else {
+            return Ok(kept);
+        };
+        let mut deleted = Vec::with_capacity(batch.len());
+        for group in batch.chunks(8) {
+            let done = futures::future::join_all(
+                group
+                    .iter()
+                    .map(|(stripe, rec)| delete_stripe_shards(gw, evidence, *stripe, rec)),
+            )
+            .await;
+            deleted.extend(
+                group
+                    .iter()
+                    .zip(done)
+                    .filter(|(_, ok)| *ok)
+                    .map(|((s, _), _)| *s),
+            );
+        }
+        kept += (batch.len() - deleted.len()) as u64;
+        indexer::run(&gw.store, |tx| forget(tx, deleted.clone())).await?;
+        next = last + 1;
+    }
+}
+
 /// Why [`abort_and_delete`] is running.
 #[derive(Clone, Copy, Debug)]
 pub enum Abort {
@@ -77,52 +125,17 @@ pub async fn abort_and_delete<S: Store>(gw: &Gateway<S>, evidence: EvidenceId, w
             return;
         }
     }
-    let mut next = 0u64;
-    let mut kept = 0usize;
-    loop {
-        let batch = indexer::run(&gw.store, |tx| async move {
-            // Stripes of an aborted upload may have gaps: read by key range.
-            schema::stripes_after_tx(&tx, evidence, next, STRIPES_PER_READ).await
-        })
-        .await;
-        let batch = match batch {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(%evidence, error = %e, "could not read stripes of an aborted upload; GC will retry");
-                return;
-            }
-        };
-        let Some(&(last, _)) = batch.last() else {
-            break;
-        };
-        let mut deleted = Vec::with_capacity(batch.len());
-        for group in batch.chunks(8) {
-            let done = futures::future::join_all(
-                group
-                    .iter()
-                    .map(|(stripe, rec)| delete_stripe_shards(gw, evidence, *stripe, rec)),
-            )
-            .await;
-            deleted.extend(
-                group
-                    .iter()
-                    .zip(done)
-                    .filter(|(_, ok)| *ok)
-                    .map(|((s, _), _)| *s),
-            );
-        }
-        kept += batch.len() - deleted.len();
-        if let Err(e) = indexer::run(&gw.store, |tx| {
-            let deleted = &deleted;
-            async move { schema::forget_aborted_stripes_tx(&tx, evidence, deleted).await }
-        })
-        .await
-        {
-            tracing::warn!(%evidence, error = %e, "could not forget deleted stripes; GC will retry");
+    let kept = match delete_recorded_stripes(gw, evidence, |tx, gone| async move {
+        schema::forget_aborted_stripes_tx(&tx, evidence, &gone).await
+    })
+    .await
+    {
+        Ok(kept) => kept,
+        Err(e) => {
+            tracing::warn!(%evidence, error = %e, "could not delete the stripes of an aborted upload; GC will retry");
             return;
         }
-        next = last + 1;
-    }
+    };
     if kept > 0 {
         tracing::warn!(%evidence, stripes = kept, "some shards of an aborted upload could not be deleted; GC will retry");
         return;
@@ -189,50 +202,17 @@ pub fn spawn_gc_loop<S: Store>(
 /// once its shards are gone; returns how many stripes are left (on nodes that
 /// could not be reached; running it again continues).
 pub async fn delete_expunged<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) -> u64 {
-    let mut next = 0u64;
-    let mut left = 0u64;
-    loop {
-        let batch = indexer::run(&gw.store, |tx| async move {
-            schema::stripes_after_tx(&tx, evidence, next, STRIPES_PER_READ).await
-        })
-        .await;
-        let batch = match batch {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(%evidence, error = %e, "could not read the stripes of expunged evidence");
-                return left + 1;
-            }
-        };
-        let Some(&(last, _)) = batch.last() else {
-            break;
-        };
-        let mut deleted = Vec::with_capacity(batch.len());
-        for group in batch.chunks(8) {
-            let done = futures::future::join_all(
-                group
-                    .iter()
-                    .map(|(stripe, rec)| delete_stripe_shards(gw, evidence, *stripe, rec)),
-            )
-            .await;
-            deleted.extend(
-                group
-                    .iter()
-                    .zip(done)
-                    .filter(|(_, ok)| *ok)
-                    .map(|((s, _), _)| *s),
-            );
+    let left = match delete_recorded_stripes(gw, evidence, |tx, gone| async move {
+        schema::forget_stripes_tx(&tx, evidence, &gone).await
+    })
+    .await
+    {
+        Ok(left) => left,
+        Err(e) => {
+            tracing::warn!(%evidence, error = %e, "could not delete the stripes of expunged evidence; GC will retry");
+            return 1;
         }
-        left += (batch.len() - deleted.len()) as u64;
-        if let Err(e) = indexer::run(&gw.store, |tx| {
-            let deleted = &deleted;
-            async move { schema::forget_stripes_tx(&tx, evidence, deleted).await }
-        })
-        .await
-        {
-            tracing::warn!(%evidence, error = %e, "could not forget deleted stripes");
-        }
-        next = last + 1;
-    }
+    };
     if left > 0 {
         tracing::warn!(%evidence, stripes = left, "some shards of expunged evidence could not be deleted yet; GC will retry");
     } else if let Err(e) = indexer::run(&gw.store, |tx| async move {

@@ -1980,34 +1980,17 @@ fn part_header(tenant: &str, p: &ix::PartRecord) -> protocol::ManifestHeader {
 /// the node-side sweep).
 async fn delete_part<S: Store>(gw: &Gateway<S>, p: &ix::PartRecord) {
     let evidence = p.part_id;
-    let mut next = 0u64;
-    loop {
-        let batch = indexer::run(&gw.store, |tx| async move {
-            schema::stripes_after_tx(&tx, evidence, next, 256).await
-        })
-        .await;
-        let Ok(batch) = batch else { return };
-        let Some(&(last, _)) = batch.last() else {
-            return;
-        };
-        let mut gone = Vec::new();
-        for (stripe, rec) in &batch {
-            if crate::gc::delete_stripe_shards(gw, evidence, *stripe, rec).await {
-                gone.push(*stripe);
-            }
+    let done = crate::gc::delete_recorded_stripes(gw, evidence, |tx, gone| async move {
+        schema::forget_part_stripes_tx(&tx, evidence, &gone);
+        Ok(())
+    })
+    .await;
+    match done {
+        Ok(0) => {}
+        Ok(kept) => {
+            tracing::warn!(part = %evidence, stripes = kept, "some shards of a multipart part could not be deleted")
         }
-        let forgot = indexer::run(&gw.store, |tx| {
-            let gone = &gone;
-            async move {
-                schema::forget_part_stripes_tx(&tx, evidence, gone);
-                Ok::<_, schema::SchemaError>(())
-            }
-        })
-        .await;
-        if forgot.is_err() {
-            return;
-        }
-        next = last + 1;
+        Err(e) => tracing::warn!(part = %evidence, error = %e, "could not delete a multipart part"),
     }
 }
 

@@ -378,12 +378,18 @@ pub async fn end_intent_as_part_tx<T: Transaction>(
 /// Forgets the stripe records of a finished or abandoned multipart part
 /// once its shards are deleted.
 pub fn forget_part_stripes_tx<T: Transaction>(tx: &T, evidence: EvidenceId, stripes: &[u64]) {
+    clear_stripes(tx, evidence, stripes);
+    // Range verification data goes with the bytes.
+    let prefix = evidence_key(OUTBOARD, &evidence);
+    tx.clear_range(&prefix, &prefix_end(&prefix));
+}
+
+/// Clears the records (and repair marks) of `stripes`.
+fn clear_stripes<T: Transaction>(tx: &T, evidence: EvidenceId, stripes: &[u64]) {
     for stripe in stripes {
         tx.clear(&stripe_key(STRIPE, &evidence, *stripe));
         tx.clear(&stripe_key(DEGRADED, &evidence, *stripe));
     }
-    let prefix = evidence_key(OUTBOARD, &evidence);
-    tx.clear_range(&prefix, &prefix_end(&prefix));
 }
 
 /// Marks an intent aborted: its filing can never become visible. Its stripe
@@ -432,10 +438,7 @@ pub async fn forget_aborted_stripes_tx<T: Transaction>(
         .err()
         .filter(|e| matches!(e, SchemaError::IntentAborted(_)))
         .ok_or(SchemaError::NoIntent(evidence))?;
-    for stripe in stripes {
-        tx.clear(&stripe_key(STRIPE, &evidence, *stripe));
-        tx.clear(&stripe_key(DEGRADED, &evidence, *stripe));
-    }
+    clear_stripes(tx, evidence, stripes);
     Ok(())
 }
 
@@ -787,13 +790,7 @@ pub async fn forget_stripes_tx<T: Transaction>(
     if get_expunged_tx(tx, evidence).await?.is_none() {
         return Err(SchemaError::NoEvidence(evidence));
     }
-    for stripe in stripes {
-        tx.clear(&stripe_key(STRIPE, &evidence, *stripe));
-        tx.clear(&stripe_key(DEGRADED, &evidence, *stripe));
-    }
-    // Range verification data goes with the bytes.
-    let prefix = evidence_key(OUTBOARD, &evidence);
-    tx.clear_range(&prefix, &prefix_end(&prefix));
+    forget_part_stripes_tx(tx, evidence, stripes);
     Ok(())
 }
 
