@@ -116,7 +116,25 @@ impl Answer {
 }
 
 impl TestCluster {
+    /// Starts a cluster on fresh temporary dirs and ports. Ports are picked
+    /// free at `init` and released until the processes bind them, so a test
+    /// starting beside this one can take one first; the gateway then
+    /// (rightly) refuses the node that answers with another id. Such a start
+    /// is torn down and retried on new ports, at most three times.
     pub fn start(shape: Shape) -> Result<Self> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_once(shape.clone()) {
+                Err(e) if attempt < 3 && e.to_string().contains("not healthy") => {
+                    eprintln!("cluster start attempt {attempt} failed (port race?), retrying: {e}");
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn start_once(shape: Shape) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let api_port = free_tcp_port();
         let s3_port = free_tcp_port();
