@@ -1517,6 +1517,80 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         }))
     }
 
+    /// A part copied from (a range of) an existing object: a read of the
+    /// source (on the ledger) and a new part filing of those bytes.
+    async fn upload_part_copy(
+        &self,
+        req: S3Request<UploadPartCopyInput>,
+    ) -> S3Result<S3Response<UploadPartCopyOutput>> {
+        let who = self.caller(&req, Role::Clerk).await?;
+        let input = req.input;
+        self.bucket(&who, &input.bucket).await?;
+        let (upload, _) = self
+            .multipart(&who, &input.bucket, &input.key, &input.upload_id)
+            .await?;
+        let number = u32::try_from(input.part_number)
+            .ok()
+            .filter(|n| (1..=10_000).contains(n))
+            .ok_or_else(|| s3_error!(InvalidArgument, "part numbers are 1 to 10000"))?;
+        let CopySource::Bucket {
+            bucket: src_bucket,
+            key: src_key,
+            version_id: src_version,
+        } = &input.copy_source
+        else {
+            return Err(s3_error!(NotImplemented, "copy from an access point"));
+        };
+        self.bucket(&who, src_bucket).await?;
+        let (src, header) = self
+            .readable(src_bucket, src_key, src_version.as_deref())
+            .await?;
+        if let Some(c) = &input.copy_source_if_match {
+            if !etag_matches(c, &src.etag) {
+                return Err(s3_error!(PreconditionFailed));
+            }
+        }
+        if let Some(c) = &input.copy_source_if_none_match {
+            if etag_matches(c, &src.etag) {
+                return Err(s3_error!(PreconditionFailed));
+            }
+        }
+        let range = match input.copy_source_range.as_deref() {
+            None => 0..header.size,
+            Some(r) => copy_range(r, header.size)?,
+        };
+        let actor = format!("{}/s3:{}", who.tenant, who.access_key);
+        crate::api::record_access(&self.gw, &header, actor, &range)
+            .await
+            .map_err(s3_err)?;
+        let meta = FilingMeta {
+            tenant: who.tenant.clone(),
+            part: Some((upload, number)),
+            ..Default::default()
+        };
+        let body = crate::read::stream_range(self.gw.clone(), header, range);
+        let filing = tokio::spawn(ingest::file_evidence(self.gw.clone(), meta, Box::pin(body)))
+            .await
+            .map_err(|_| internal(ApiError::Internal))?
+            .map_err(s3_err)?;
+        let Filing::Part { record, replaced } = filing else {
+            return Err(internal(ApiError::Internal));
+        };
+        if let Some(old) = replaced {
+            let gw = self.gw.clone();
+            tokio::spawn(async move { delete_part(&gw, &old).await });
+        }
+        Ok(S3Response::new(UploadPartCopyOutput {
+            copy_part_result: Some(CopyPartResult {
+                e_tag: Some(ETag::Strong(record.md5)),
+                last_modified: Some(ms_to_ts(self.gw.clock.now_ms())),
+                ..Default::default()
+            }),
+            copy_source_version_id: src_version.as_deref().map(str::to_owned),
+            ..Default::default()
+        }))
+    }
+
     async fn complete_multipart_upload(
         &self,
         req: S3Request<CompleteMultipartUploadInput>,
@@ -1978,6 +2052,22 @@ fn part_header(tenant: &str, p: &ix::PartRecord) -> protocol::ManifestHeader {
 /// Deletes a part's shards and forgets the stripes whose shards are gone (a
 /// shard on an unreachable node stays, named by its record, an orphan for
 /// the node-side sweep).
+/// `x-amz-copy-source-range`: `bytes=FIRST-LAST`, both inclusive and both
+/// required, inside the source object.
+fn copy_range(spec: &str, size: u64) -> S3Result<std::ops::Range<u64>> {
+    let parsed = spec
+        .strip_prefix("bytes=")
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
+    match parsed {
+        Some((first, last)) if first <= last && last < size => Ok(first..last + 1),
+        _ => Err(s3_error!(
+            InvalidRange,
+            "x-amz-copy-source-range must be bytes=FIRST-LAST inside the source object"
+        )),
+    }
+}
+
 async fn delete_part<S: Store>(gw: &Gateway<S>, p: &ix::PartRecord) {
     let evidence = p.part_id;
     let done = crate::gc::delete_recorded_stripes(gw, evidence, |tx, gone| async move {
@@ -2068,6 +2158,20 @@ impl<S: Store> S3Front<S> {
             if !cut && !full_batch {
                 return Ok(page);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copy_range;
+
+    #[test]
+    fn copy_source_ranges_are_inclusive_and_inside_the_source() {
+        assert_eq!(copy_range("bytes=0-0", 10).ok(), Some(0..1));
+        assert_eq!(copy_range("bytes=3-9", 10).ok(), Some(3..10));
+        for bad in ["bytes=3-10", "bytes=5-4", "bytes=-4", "bytes=4-", "3-4", "bytes=a-b"] {
+            assert!(copy_range(bad, 10).is_err(), "{bad} was accepted");
         }
     }
 }

@@ -1057,6 +1057,79 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
         "404",
         &["s3api", "head-object", "--bucket", "big", "--key", "m.bin"],
     )?;
+
+    // UploadPartCopy: a part cut from an existing object, then a plain part.
+    let up = aws.json(&[
+        "s3api",
+        "create-multipart-upload",
+        "--bucket",
+        "big",
+        "--key",
+        "assembled.bin",
+    ])?;
+    let id = up["UploadId"].as_str().unwrap_or_default().to_owned();
+    let copy_args = |range: String| -> Vec<String> {
+        argv(&format!(
+            "s3api upload-part-copy --bucket big --key assembled.bin --upload-id {id} \
+             --part-number 1 --copy-source big/video.bin --copy-source-range {range}"
+        ))
+    };
+    let (from, to) = (3u64 << 20, (9u64 << 20) - 1);
+    let past_end = format!("bytes={}-{}", 100u64 << 20, (101u64 << 20) - 1);
+    aws.fails("InvalidRange", &strs(&copy_args(past_end)))?;
+    let copied = aws.json(&strs(&copy_args(format!("bytes={from}-{to}"))))?;
+    let expected = &data[from as usize..=to as usize];
+    assert_eq!(
+        copied["CopyPartResult"]["ETag"],
+        format!("\"{}\"", md5_hex(expected))
+    );
+    aws.ok(&[
+        "s3api",
+        "upload-part",
+        "--bucket",
+        "big",
+        "--key",
+        "assembled.bin",
+        "--upload-id",
+        &id,
+        "--part-number",
+        "2",
+        "--body",
+        &p2,
+    ])?;
+    let parts = aws.json(&[
+        "s3api",
+        "list-parts",
+        "--bucket",
+        "big",
+        "--key",
+        "assembled.bin",
+        "--upload-id",
+        &id,
+    ])?;
+    let listing = format!(
+        r#"{{"Parts":[{{"PartNumber":1,"ETag":{}}},{{"PartNumber":2,"ETag":{}}}]}}"#,
+        parts["Parts"][0]["ETag"], parts["Parts"][1]["ETag"]
+    );
+    aws.ok(&[
+        "s3api",
+        "complete-multipart-upload",
+        "--bucket",
+        "big",
+        "--key",
+        "assembled.bin",
+        "--upload-id",
+        &id,
+        "--multipart-upload",
+        &listing,
+    ])?;
+    aws.ok(&["s3", "cp", "s3://big/assembled.bin", "assembled.out"])?;
+    let mut want = expected.to_vec();
+    want.extend_from_slice(&bytes(1000, 2));
+    assert!(
+        aws.read("assembled.out")? == want,
+        "a copied part and a plain part make the object"
+    );
     Ok(())
 }
 
@@ -1203,5 +1276,213 @@ fn rclone_and_s3cmd_put_get_list_and_delete() -> Result<()> {
     assert!(std::fs::read(&got)? == bytes(30 << 20, 2));
     s3cmd(&["del", "s3://s3cmd/x/small.bin"])?;
     assert!(!s3cmd(&["ls", "-r", "s3://s3cmd"])?.contains("small.bin"));
+    Ok(())
+}
+
+/// The Rust `object_store` crate's S3 client (with SHA-256 checksums on
+/// every upload): put (plain, create-only, update-if-match), get, range,
+/// head, list (with and without delimiter), 100 MiB multipart in 7 parts,
+/// copy, delete; and on an Object Lock bucket with default COMPLIANCE
+/// retention, its delete only hides the object: the locked version stays.
+#[test]
+fn rust_object_store_client() -> Result<()> {
+    use futures::TryStreamExt as _;
+    use object_store::aws::{AmazonS3Builder, Checksum};
+    use object_store::path::Path as OsPath;
+    use object_store::{
+        ObjectStore, PutMode, PutOptions, PutPayload, UpdateVersion, WriteMultipart,
+    };
+
+    // quinn's ring and object_store's aws-lc-rs are both linked: choose.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let c = TestCluster::start(Shape {
+        shard_size: 256 * 1024,
+        ..Shape::default()
+    })?;
+    let admin = Aws::admin(&c);
+    admin.ok(&["s3api", "create-bucket", "--bucket", "rust"])?;
+    admin.ok(&[
+        "s3api",
+        "create-bucket",
+        "--bucket",
+        "rust-locked",
+        "--object-lock-enabled-for-bucket",
+    ])?;
+    admin.ok(&[
+        "s3api",
+        "put-object-lock-configuration",
+        "--bucket",
+        "rust-locked",
+        "--object-lock-configuration",
+        "ObjectLockEnabled=Enabled,Rule={DefaultRetention={Mode=COMPLIANCE,Days=1}}",
+    ])?;
+    let creds = std::fs::read_to_string(c.data_dir().join("s3.credentials"))?;
+    let store = |bucket: &str| {
+        AmazonS3Builder::new()
+            .with_endpoint(&c.s3)
+            .with_allow_http(true)
+            .with_region("us-east-1")
+            .with_bucket_name(bucket)
+            .with_access_key_id(profile_field(&creds, "aws_access_key_id"))
+            .with_secret_access_key(profile_field(&creds, "aws_secret_access_key"))
+            .with_checksum_algorithm(Checksum::SHA256)
+            .build()
+    };
+    let (s, locked) = (store("rust")?, store("rust-locked")?);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let locked_version = rt.block_on(async {
+        let small = bytes(70_000, 11);
+        let p = OsPath::from("docs/a.bin");
+        s.put(&p, PutPayload::from(small.clone())).await?;
+        let got = s.get(&p).await?.bytes().await?;
+        assert_eq!(&got[..], &small[..], "get returns the bytes put");
+        let r = s.get_range(&p, 1000..1500).await?;
+        assert_eq!(&r[..], &small[1000..1500], "ranged get");
+        let meta = s.head(&p).await?;
+        assert_eq!(meta.size, small.len() as u64);
+        assert_eq!(
+            meta.e_tag.as_deref().map(|e| e.trim_matches('"')),
+            Some(md5_hex(&small).as_str()),
+            "a single-part ETag is the MD5 of the body"
+        );
+
+        // Create-only (If-None-Match: *) and update-if-match (If-Match).
+        let create = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        let q = OsPath::from("docs/b.bin");
+        s.put_opts(&q, PutPayload::from_static(b"first"), create.clone())
+            .await?;
+        let again = s
+            .put_opts(&q, PutPayload::from_static(b"second"), create)
+            .await;
+        assert!(
+            matches!(again, Err(object_store::Error::AlreadyExists { .. })),
+            "a create-only put over an existing key is refused: {again:?}"
+        );
+        let etag = s.head(&q).await?.e_tag;
+        let update = |e_tag: Option<String>| PutOptions {
+            mode: PutMode::Update(UpdateVersion {
+                e_tag,
+                version: None,
+            }),
+            ..Default::default()
+        };
+        s.put_opts(&q, PutPayload::from_static(b"second"), update(etag.clone()))
+            .await?;
+        let stale = s
+            .put_opts(&q, PutPayload::from_static(b"third"), update(etag))
+            .await;
+        assert!(
+            matches!(stale, Err(object_store::Error::Precondition { .. })),
+            "an update with a stale ETag is refused: {stale:?}"
+        );
+        assert_eq!(&s.get(&q).await?.bytes().await?[..], b"second");
+
+        // 100 MiB in 16 MiB parts: 7 parts.
+        let big = bytes(100 << 20, 12);
+        let bp = OsPath::from("video/big.bin");
+        let mut w = WriteMultipart::new_with_chunk_size(s.put_multipart(&bp).await?, 16 << 20);
+        for chunk in big.chunks(5 << 20) {
+            w.write(chunk);
+        }
+        w.finish().await?;
+        let got = s.get(&bp).await?.bytes().await?;
+        assert!(got == big[..], "the 100 MiB multipart object reads back exact");
+        let meta = s.head(&bp).await?;
+        assert!(
+            meta.e_tag.as_deref().is_some_and(|e| e.ends_with("-7\"") || e.ends_with("-7")),
+            "a multipart ETag names its 7 parts: {:?}",
+            meta.e_tag
+        );
+        let tail = s.get_range(&bp, (100 << 20) - 10..100 << 20).await?;
+        assert_eq!(&tail[..], &big[big.len() - 10..]);
+
+        s.copy(&p, &OsPath::from("docs/copy.bin")).await?;
+        assert_eq!(
+            &s.get(&OsPath::from("docs/copy.bin")).await?.bytes().await?[..],
+            &small[..]
+        );
+
+        let all: Vec<_> = s.list(None).try_collect().await?;
+        let mut names: Vec<String> = all.iter().map(|m| m.location.to_string()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["docs/a.bin", "docs/b.bin", "docs/copy.bin", "video/big.bin"]
+        );
+        let top = s.list_with_delimiter(None).await?;
+        let mut prefixes: Vec<String> =
+            top.common_prefixes.iter().map(|p| p.to_string()).collect();
+        prefixes.sort();
+        assert_eq!(prefixes, ["docs", "video"]);
+        let docs = s.list_with_delimiter(Some(&OsPath::from("docs"))).await?;
+        assert_eq!(docs.objects.len(), 3);
+
+        for name in ["docs/a.bin", "docs/b.bin", "docs/copy.bin", "video/big.bin"] {
+            s.delete(&OsPath::from(name)).await?;
+        }
+        let gone = s.get(&p).await;
+        assert!(matches!(gone, Err(object_store::Error::NotFound { .. })));
+        assert!(s.list(None).try_collect::<Vec<_>>().await?.is_empty());
+
+        // Default COMPLIANCE retention: object_store's delete (no version
+        // id) adds a delete marker; the locked version is still there.
+        let lp = OsPath::from("held.bin");
+        locked.put(&lp, PutPayload::from(small.clone())).await?;
+        locked.delete(&lp).await?;
+        let hidden = locked.get(&lp).await;
+        assert!(matches!(hidden, Err(object_store::Error::NotFound { .. })));
+        anyhow::Ok(small)
+    })?;
+    let versions = admin.json(&[
+        "s3api",
+        "list-object-versions",
+        "--bucket",
+        "rust-locked",
+    ])?;
+    let vid = versions["Versions"][0]["VersionId"]
+        .as_str()
+        .context("the locked version is listed")?
+        .to_owned();
+    let ret = admin.json(&[
+        "s3api",
+        "get-object-retention",
+        "--bucket",
+        "rust-locked",
+        "--key",
+        "held.bin",
+        "--version-id",
+        &vid,
+    ])?;
+    assert_eq!(ret["Retention"]["Mode"], "COMPLIANCE", "default retention applied");
+    admin.fails(
+        "AccessDenied",
+        &[
+            "s3api",
+            "delete-object",
+            "--bucket",
+            "rust-locked",
+            "--key",
+            "held.bin",
+            "--version-id",
+            &vid,
+        ],
+    )?;
+    admin.ok(&[
+        "s3api",
+        "get-object",
+        "--bucket",
+        "rust-locked",
+        "--key",
+        "held.bin",
+        "--version-id",
+        &vid,
+        "held.out",
+    ])?;
+    assert_eq!(admin.read("held.out")?, locked_version);
     Ok(())
 }
