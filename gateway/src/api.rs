@@ -84,6 +84,8 @@ pub struct Gateway<S: Store> {
     pub buffers: Arc<storage_node::buffers::BufferPool>,
     /// The notarization ledger, when configured.
     pub ledger: Option<Arc<crate::ledger::Ledger>>,
+    /// What the gateway counts (on the registry `new` was given).
+    pub metrics: crate::metrics::GatewayMetrics,
 }
 
 /// Why the gateway could not start.
@@ -102,6 +104,8 @@ pub enum StartError {
     Code(reed_solomon_erasure::Error),
     #[error("{0}")]
     Ledger(String),
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 /// A running gateway.
@@ -109,6 +113,8 @@ pub struct RunningGateway {
     pub local_addr: SocketAddr,
     /// The S3 API's address, when it runs.
     pub s3_addr: Option<SocketAddr>,
+    /// Where Prometheus scrapes `/metrics`, when configured.
+    pub metrics_addr: Option<SocketAddr>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     background: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -135,8 +141,20 @@ impl RunningGateway {
 }
 
 impl<S: Store> Gateway<S> {
-    pub fn new(config: GatewayConfig, store: S) -> Result<Self, StartError> {
+    /// A gateway counting on `registry`.
+    pub fn new(
+        config: GatewayConfig,
+        store: S,
+        registry: &prometheus::Registry,
+    ) -> Result<Self, StartError> {
         config.validate()?;
+        let metrics = crate::metrics::GatewayMetrics::new(registry)?;
+        metrics.witness_quorum.set(
+            config
+                .ledger
+                .as_ref()
+                .map_or(0, |l| l.witnesses.len() as i64),
+        );
         let client = storage_node::client::NodeClient::new(&config.tls.files())
             .map_err(|e| StartError::Tls(e.to_string()))?;
         let rs =
@@ -165,6 +183,7 @@ impl<S: Store> Gateway<S> {
             codecs: Default::default(),
             clock: Clock::default(),
             ledger,
+            metrics,
         })
     }
 
@@ -191,9 +210,10 @@ impl<S: Store> Gateway<S> {
 pub async fn serve<S: Store>(
     config: GatewayConfig,
     store: S,
+    registry: prometheus::Registry,
 ) -> Result<RunningGateway, StartError> {
     let listen = config.listen;
-    let gw = Arc::new(Gateway::new(config, store)?);
+    let gw = Arc::new(Gateway::new(config, store, &registry)?);
     gw.nodes.probe_all(&gw.store, gw.clock.now_ms()).await;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -228,18 +248,30 @@ pub async fn serve<S: Store>(
         ),
     };
     let s3_addr = s3.as_ref().map(|(a, _)| *a);
+    let metrics = match gw.config.metrics_listen {
+        None => None,
+        Some(addr) => Some(
+            storage_node::metrics::serve_http(addr, registry)
+                .await
+                .map_err(|source| StartError::Listen { addr, source })?,
+        ),
+    };
+    let metrics_addr = metrics.as_ref().map(|(a, _)| *a);
+    let refresher = crate::metrics::spawn_refresher(gw.clone());
     let app = router(gw);
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     tracing::info!(%local_addr, "evidence API listening");
     Ok(RunningGateway {
         local_addr,
         s3_addr,
+        metrics_addr,
         server,
-        background: [prober, gc, integrator]
+        background: [prober, gc, integrator, refresher]
             .into_iter()
             .chain(witnessing)
             .chain(timestamping)
             .chain(s3.map(|(_, task)| task))
+            .chain(metrics.map(|(_, task)| task))
             .collect(),
     })
 }
@@ -278,12 +310,17 @@ pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {
             post(dev_tsa::<S>).layer(DefaultBodyLimit::max(SMALL_BODY)),
         )
         .route("/v1/repair/queue", get(repair_queue::<S>))
+        .route("/v1/admin/status", get(status::<S>))
         .route(
             "/v1/admin/tokens",
             post(create_token::<S>).layer(DefaultBodyLimit::max(SMALL_BODY)),
         )
         // Uploads stream; their size is bounded by storage, not by memory.
         .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            gw.clone(),
+            crate::metrics::track_http::<S>,
+        ))
         .with_state(gw)
 }
 
@@ -620,6 +657,64 @@ async fn repair_queue<S: Store>(
         .map(|(e, s)| json!({ "evidence": e.to_string(), "stripe": s }))
         .collect();
     Ok(Json(json!({ "stripes": items })))
+}
+
+/// How far the degraded-stripe count walks the index for `status`.
+const STATUS_DEGRADED_LIMIT: usize = 100_000;
+
+/// The cluster at a glance (`custodia status`): nodes with their state and
+/// disks, the repair backlog, the ledger's size and freshness.
+async fn status<S: Store>(
+    State(gw): State<Arc<Gateway<S>>>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let who = authenticate(&gw, &headers).await?;
+    require(&who, Role::Admin, "see the cluster's status")?;
+    let (degraded, ledger_size) = indexer::run(&gw.store, |tx| async move {
+        Ok::<_, schema::SchemaError>((
+            schema::degraded_stripes_tx(&tx, STATUS_DEGRADED_LIMIT).await?,
+            indexer::ledger::checkpoint_size_tx(&tx).await?,
+        ))
+    })
+    .await?;
+    let nodes: Vec<_> = gw
+        .nodes
+        .view()
+        .into_iter()
+        .map(|n| {
+            json!({
+                "id": n.id.0,
+                "addr": n.addr.to_string(),
+                "failure_domain": n.domain,
+                "state": n.state.as_str(),
+                "last_seen_s": n.last_seen.map(|d| d.as_secs_f64()),
+                "capacity_bytes": n.disk.map(|d| d.capacity_bytes),
+                "used_bytes": n.disk.map(|d| d.used_bytes),
+                "free_bytes": n.disk.map(|d| d.free_bytes),
+                "shards": n.disk.map(|d| d.shards),
+                "rtt_ms": n.rtt.map(|d| d.as_secs_f64() * 1000.0),
+            })
+        })
+        .collect();
+    let integrated = gw.metrics.checkpoint_time.get();
+    let now_s = gw.clock.now_ms() as f64 / 1000.0;
+    let mut stripes: Vec<_> = degraded.iter().map(|(e, _)| *e).collect();
+    stripes.dedup();
+    Ok(Json(json!({
+        "code": { "k": gw.config.k, "m": gw.config.m },
+        "nodes": nodes,
+        "degraded_stripes": degraded.len(),
+        "degraded_evidence": stripes.len(),
+        "degraded_count_capped": degraded.len() >= STATUS_DEGRADED_LIMIT,
+        "ledger": {
+            "entries": ledger_size,
+            // Seconds since a signed checkpoint last covered every waiting
+            // entry (the integrator checks each second): small when healthy.
+            "checkpoint_age_s": (integrated > 0.0).then(|| (now_s - integrated).max(0.0)),
+            "witnesses": gw.metrics.witness_quorum.get(),
+            "cosigned_entries": gw.metrics.cosigned_entries.get(),
+        },
+    })))
 }
 
 #[derive(serde::Deserialize)]

@@ -84,6 +84,10 @@ pub struct GatewayConfig {
     /// (`BUCKET.DOMAIN`); path-style works always.
     #[serde(default)]
     pub s3_domain: Option<String>,
+    /// Where Prometheus scrapes the gateway's `/metrics` (plain HTTP);
+    /// none: not exported.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     pub nodes: Vec<NodeEntry>,
 }
 

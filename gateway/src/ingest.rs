@@ -317,6 +317,8 @@ impl<S: Store> Upload<S> {
         if let Some(ledger) = &self.gw.ledger {
             ledger.queued();
         }
+        self.gw.metrics.filings.inc();
+        self.gw.metrics.ingest_bytes.inc_by(size);
         tracing::info!(evidence = %header.evidence, size, stripes = header.stripes, degraded = self.degraded, "filed");
         Ok(Filing::New {
             header,
@@ -348,6 +350,7 @@ impl<S: Store> Upload<S> {
             async move { indexer::s3::put_part_tx(&tx, upload, number, record).await }
         })
         .await?;
+        self.gw.metrics.ingest_bytes.inc_by(header.size);
         tracing::info!(%upload, part = number, size = header.size, "multipart part stored");
         Ok(Filing::Part { record, replaced })
     }
@@ -400,6 +403,7 @@ impl<S: Store> Upload<S> {
         })??;
         if record.missing() > 0 {
             self.degraded += 1;
+            self.gw.metrics.degraded_written.inc();
         }
         self.unflushed.push((stripe, record));
         if self.unflushed.len() >= STRIPES_PER_TXN || self.pairs.len() >= PAIRS_PER_TXN {
@@ -601,6 +605,7 @@ async fn store_stripe<S: Store>(
     });
     let placed = futures::future::join_all(puts).await;
     let stored = placed.iter().flatten().count();
+    gw.metrics.shards_written.inc_by(stored as u64);
     let record = StripeRecord {
         version: 1,
         shard_len: shard_len as u32,

@@ -474,6 +474,8 @@ pub async fn integrate_once<S: Store>(
         cp => publish_state(gw, ledger, cp.unwrap_or(0), &state, HashMap::new()).await?,
     }
     if pending.is_empty() {
+        gw.metrics
+            .ledger_integrated(state.size.max(cp_size.unwrap_or(0)));
         return Ok(false);
     }
 
@@ -533,6 +535,7 @@ pub async fn integrate_once<S: Store>(
             .map(|(i, h)| (base + i as u64, *h)),
     );
     publish_state(gw, ledger, first, &next, known).await?;
+    gw.metrics.ledger_integrated(new_size);
     Ok(true)
 }
 
@@ -1051,7 +1054,13 @@ async fn witness_once<S: Store>(
     let url = format!("{}/add-checkpoint", w.url.trim_end_matches('/'));
     let agent = agent.clone();
     let started = std::time::Instant::now();
-    let (status, text) = tokio::task::spawn_blocking(move || {
+    let observe = |result: &str| {
+        gw.metrics
+            .cosign_seconds
+            .with_label_values(&[w.url.as_str(), result])
+            .observe(started.elapsed().as_secs_f64());
+    };
+    let answer = tokio::task::spawn_blocking(move || {
         let mut resp = agent
             .post(&url)
             .send(body.as_bytes())
@@ -1066,7 +1075,20 @@ async fn witness_once<S: Store>(
         Ok::<_, String>((status, text))
     })
     .await
-    .map_err(|e| e.to_string())??;
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    let (status, text) = match answer {
+        Ok(a) => a,
+        Err(e) => {
+            observe("unreachable");
+            return Err(e);
+        }
+    };
+    observe(match status {
+        200 => "cosigned",
+        409 => "conflict",
+        _ => "error",
+    });
     match status {
         200 => {
             // Keep only this witness's own valid cosignatures: a response
@@ -1082,6 +1104,7 @@ async fn witness_once<S: Store>(
             })
             .await
             .map_err(|e| e.to_string())?;
+            gw.metrics.cosigned(size, text.lines().count());
             tracing::debug!(witness = %w.url, size, ms = started.elapsed().as_millis() as u64, "cosigned");
             Ok(Cosigned::Yes)
         }

@@ -11,6 +11,7 @@
 //! - [`s3`]: the S3-compatible API (s3s); every object is evidence.
 //! - [`witness`]: a C2SP tlog-witness (`custodia witness`) that other courts host.
 //! - [`placement`]: hierarchical rendezvous hashing (failure domain, then node).
+//! - [`metrics`]: what the gateway counts, for Prometheus.
 //! - [`nodes`]: the live view of the storage nodes and their health.
 //! - [`error`]: every error mapped to an HTTP status and JSON body, in one place.
 //!
@@ -23,6 +24,7 @@ pub mod error;
 pub mod gc;
 pub mod ingest;
 pub mod ledger;
+pub mod metrics;
 pub mod nodes;
 pub mod placement;
 pub mod read;

@@ -11,12 +11,67 @@ use indexer::schema::{self, NodeRecord};
 use protocol::NodeId;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 use storage_node::client::NodeClient;
+
+/// A node that has not answered for this long is `down`; before that,
+/// `suspect` (it may be restarting).
+pub const DOWN_AFTER: Duration = Duration::from_secs(30);
 
 struct NodeState {
     entry: NodeEntry,
     healthy: AtomicBool,
+    /// The node's disk as its last answered probe reported it.
+    disk: Mutex<Option<DiskView>>,
+    /// When the node last answered a probe.
+    last_ok: Mutex<Option<Instant>>,
+}
+
+/// A node's disk as it last reported it.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct DiskView {
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub free_bytes: u64,
+    pub shards: u64,
+}
+
+/// How the gateway sees a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeHealth {
+    /// Answered the last probe or request.
+    Up,
+    /// Missed its last probe, but answered within [`DOWN_AFTER`].
+    Suspect,
+    /// Has not answered for [`DOWN_AFTER`] (or since the gateway started).
+    Down,
+}
+
+impl NodeHealth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeHealth::Up => "up",
+            NodeHealth::Suspect => "suspect",
+            NodeHealth::Down => "down",
+        }
+    }
+}
+
+/// One node as the gateway sees it now (for metrics and status).
+#[derive(Clone, Debug)]
+pub struct NodeView {
+    pub id: NodeId,
+    pub addr: SocketAddr,
+    pub domain: Option<String>,
+    pub healthy: bool,
+    pub state: NodeHealth,
+    /// How long ago it last answered a probe.
+    pub last_seen: Option<Duration>,
+    pub disk: Option<DiskView>,
+    /// Smoothed RTT of the open connection, if one is open.
+    pub rtt: Option<Duration>,
 }
 
 /// The nodes and a client to reach them.
@@ -32,6 +87,8 @@ impl NodeSet {
             .map(|e| NodeState {
                 entry: e.clone(),
                 healthy: AtomicBool::new(true),
+                disk: Mutex::new(None),
+                last_ok: Mutex::new(None),
             })
             .collect();
         NodeSet { nodes, client }
@@ -57,6 +114,37 @@ impl NodeSet {
     pub fn is_healthy(&self, id: NodeId) -> bool {
         self.get(id)
             .is_some_and(|n| n.healthy.load(Ordering::Relaxed))
+    }
+
+    /// Every node, with its health, disk and connection as last seen.
+    pub fn view(&self) -> Vec<NodeView> {
+        let rtts = self.client.connection_rtts();
+        self.nodes
+            .iter()
+            .map(|n| {
+                let healthy = n.healthy.load(Ordering::Relaxed);
+                let last_seen = lock(&n.last_ok).map(|t| t.elapsed());
+                let state = match (healthy, last_seen) {
+                    (true, Some(_)) => NodeHealth::Up,
+                    (_, Some(ago)) if ago < DOWN_AFTER => NodeHealth::Suspect,
+                    _ => NodeHealth::Down,
+                };
+                (n, healthy, state, last_seen)
+            })
+            .map(|(n, healthy, state, last_seen)| NodeView {
+                id: n.entry.node_id(),
+                addr: n.entry.addr,
+                domain: n.entry.failure_domain.clone(),
+                healthy,
+                state,
+                last_seen,
+                disk: *lock(&n.disk),
+                rtt: rtts
+                    .iter()
+                    .find(|(a, _)| *a == n.entry.addr)
+                    .map(|(_, rtt)| *rtt),
+            })
+            .collect()
     }
 
     pub fn healthy_count(&self) -> usize {
@@ -120,6 +208,13 @@ impl NodeSet {
                 continue;
             }
             self.mark(id, true);
+            *lock(&n.last_ok) = Some(Instant::now());
+            *lock(&n.disk) = Some(DiskView {
+                capacity_bytes: info.capacity_bytes,
+                used_bytes: info.used_bytes,
+                free_bytes: info.free_bytes,
+                shards: info.shards,
+            });
             let entry = n.entry.clone();
             let result = indexer::run(store, |tx| {
                 let entry = entry.clone();
@@ -153,6 +248,12 @@ impl NodeSet {
             }
         }
     }
+}
+
+/// A lock that a panicking holder cannot poison for good (the data are
+/// plain figures, valid whatever the holder was doing).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn candidate(e: &NodeEntry) -> Candidate {

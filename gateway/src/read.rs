@@ -127,9 +127,11 @@ async fn send_range<S: Store>(
                 .await?;
             for (at, bytes) in ready {
                 let want = clip(&range, at, bytes);
+                let len = want.len() as u64;
                 if !want.is_empty() && tx.send(Ok(want)).await.is_err() {
                     return Ok(()); // the client went away
                 }
+                gw.metrics.read_bytes.inc_by(len);
             }
         }
         first = last;
@@ -350,6 +352,7 @@ pub async fn fetch_stripe<S: Store>(
         }
         out
     } else {
+        gw.metrics.stripes_reconstructed.inc();
         let rs = gw
             .codec(k, header.code.parity_shards())
             .map_err(ReadError::Reconstruct)?;
@@ -399,13 +402,16 @@ async fn fetch_shard<S: Store>(
             if body.len() == rec.shard_len as usize
                 && Blake3Hash::of(&body) == placement.blake3 =>
         {
+            gw.metrics.shards_read.inc();
             ShardOutcome::Good(body)
         }
         Ok(_) => {
+            gw.metrics.shards_damaged.inc();
             tracing::warn!(shard = %key, "shard does not match the manifest's hash");
             ShardOutcome::Damaged
         }
         Err(NodeError::Remote(ErrorCode::Corrupt | ErrorCode::NotFound)) => {
+            gw.metrics.shards_damaged.inc();
             tracing::warn!(shard = %key, "shard missing or corrupt on its node");
             ShardOutcome::Damaged
         }

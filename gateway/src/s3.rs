@@ -79,6 +79,7 @@ pub async fn serve<S: Store + 'static>(
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
+    let metrics = gw.metrics.clone();
     let mut builder = s3s::service::S3ServiceBuilder::new(S3Front { gw: gw.clone() });
     builder.set_auth(Auth { gw });
     if let Some(d) = domain {
@@ -105,11 +106,25 @@ pub async fn serve<S: Store + 'static>(
                     continue;
                 }
             };
-            let service = service.clone();
+            let (service, metrics) = (service.clone(), metrics.clone());
+            // Counted by method: the S3 operation is known only inside s3s.
+            let counted =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let (service, metrics) = (service.clone(), metrics.clone());
+                    async move {
+                        let started = std::time::Instant::now();
+                        let method = req.method().as_str().to_owned();
+                        let resp = service.call(req.map(s3s::Body::from)).await;
+                        if let Ok(r) = &resp {
+                            metrics.http("s3", &method, r.status().as_u16(), started);
+                        }
+                        resp
+                    }
+                });
             tokio::spawn(async move {
                 let conn = hyper::server::conn::http1::Builder::new()
                     .max_buf_size(64 * 1024)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), counted);
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "S3 connection ended");
                 }
@@ -2170,7 +2185,14 @@ mod tests {
     fn copy_source_ranges_are_inclusive_and_inside_the_source() {
         assert_eq!(copy_range("bytes=0-0", 10).ok(), Some(0..1));
         assert_eq!(copy_range("bytes=3-9", 10).ok(), Some(3..10));
-        for bad in ["bytes=3-10", "bytes=5-4", "bytes=-4", "bytes=4-", "3-4", "bytes=a-b"] {
+        for bad in [
+            "bytes=3-10",
+            "bytes=5-4",
+            "bytes=-4",
+            "bytes=4-",
+            "3-4",
+            "bytes=a-b",
+        ] {
             assert!(copy_range(bad, 10).is_err(), "{bad} was accepted");
         }
     }

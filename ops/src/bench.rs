@@ -171,6 +171,8 @@ impl LocalCluster {
             api: ([127, 0, 0, 1], 0).into(),
             s3: None,
             node_base_port: 0,
+            metrics: None,
+            node_metrics_base_port: 0,
             min_write_shards: None,
             log_origin: "custodia.local/bench".into(),
         };
@@ -264,7 +266,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     let cdir = dir.join("cluster");
     let local = LocalCluster::start(&cdir, &args).await?;
     let store = indexer::EmbeddedStore::open(&local.cluster.gateway.index_path)?;
-    let gw = gateway::serve(local.cluster.gateway.clone(), store).await?;
+    let gw = gateway::serve(
+        local.cluster.gateway.clone(),
+        store,
+        prometheus::Registry::new(),
+    )
+    .await?;
     // Wait for every node to be seen healthy.
     let api = format!("http://{}", gw.local_addr);
     let token = std::fs::read_to_string(cdir.join(cluster::ADMIN_TOKEN_FILE))?

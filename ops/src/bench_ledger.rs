@@ -64,6 +64,8 @@ async fn init(dir: &std::path::Path) -> Result<cluster::Cluster> {
             api: ([127, 0, 0, 1], 0).into(),
             s3: None,
             node_base_port: 0,
+            metrics: None,
+            node_metrics_base_port: 0,
             min_write_shards: None,
             log_origin: "custodia.local/bench".into(),
         },
@@ -77,7 +79,11 @@ pub async fn run(args: BenchLedgerArgs) -> Result<()> {
     // 1. In process.
     let c = init(&tmp.path().join("inproc")).await?;
     let store = indexer::EmbeddedStore::open(&c.gateway.index_path)?;
-    let gw = Arc::new(gateway::Gateway::new(c.gateway.clone(), store)?);
+    let gw = Arc::new(gateway::Gateway::new(
+        c.gateway.clone(),
+        store,
+        &prometheus::Registry::new(),
+    )?);
     let ledger = gw.ledger.clone().context("no ledger configured")?;
     let queued_at = Instant::now();
     let mut n = 0u64;
@@ -123,7 +129,7 @@ pub async fn run(args: BenchLedgerArgs) -> Result<()> {
     // 2. Over HTTP.
     let c = init(&tmp.path().join("http")).await?;
     let store = indexer::EmbeddedStore::open(&c.gateway.index_path)?;
-    let running = gateway::serve(c.gateway.clone(), store).await?;
+    let running = gateway::serve(c.gateway.clone(), store, prometheus::Registry::new()).await?;
     let api = format!("http://{}", running.local_addr);
     let token = std::fs::read_to_string(tmp.path().join("http").join(cluster::ADMIN_TOKEN_FILE))?;
     let token = token.trim().to_owned();

@@ -38,7 +38,7 @@ fn bar(len: u64, what: &str) -> ProgressBar {
 }
 
 /// Turns an error response into a message with its JSON `message`.
-fn refuse(mut resp: ureq::http::Response<ureq::Body>) -> anyhow::Error {
+pub fn refuse(mut resp: ureq::http::Response<ureq::Body>) -> anyhow::Error {
     let status = resp.status();
     let body = resp.body_mut().read_to_string().unwrap_or_default();
     let msg = serde_json::from_str::<serde_json::Value>(&body)

@@ -31,6 +31,9 @@ pub struct NodeSpec {
     pub key: PathBuf,
     #[serde(default)]
     pub failure_domain: Option<String>,
+    /// Where Prometheus scrapes this node's `/metrics` (plain HTTP).
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -77,6 +80,10 @@ pub struct InitOptions {
     pub s3: Option<SocketAddr>,
     /// First node's UDP port; 0 picks free ports now.
     pub node_base_port: u16,
+    /// The gateway's `/metrics` address, if any.
+    pub metrics: Option<SocketAddr>,
+    /// First node's `/metrics` TCP port; 0 picks free ports now.
+    pub node_metrics_base_port: u16,
     pub min_write_shards: Option<u8>,
     /// The ledger's origin (C2SP tlog-checkpoint) and key name.
     pub log_origin: String,
@@ -84,6 +91,12 @@ pub struct InitOptions {
 
 fn free_udp_port() -> Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn free_tcp_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Creates the cluster CA, node and gateway certificates, the cluster file, the
@@ -121,6 +134,13 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
                 .context("node ports run past 65535")?
         };
         let listen: SocketAddr = ([127, 0, 0, 1], port).into();
+        let metrics_port = if opts.node_metrics_base_port == 0 {
+            free_tcp_port()?
+        } else {
+            opts.node_metrics_base_port
+                .checked_add(id as u16)
+                .context("node metrics ports run past 65535")?
+        };
         let (cert, key) = ca.issue(&format!("custodia node {id}"), &node_names, &loopback)?;
         let cert_path = tls.join(format!("node-{id}.pem"));
         let key_path = tls.join(format!("node-{id}.key"));
@@ -135,6 +155,7 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
             cert: cert_path,
             key: key_path,
             failure_domain: None,
+            metrics_listen: Some(([127, 0, 0, 1], metrics_port).into()),
         });
         entries.push(NodeEntry {
             id,
@@ -198,6 +219,7 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         ledger: Some(ledger),
         s3_listen: opts.s3,
         s3_domain: opts.s3.map(|_| "localhost".to_owned()),
+        metrics_listen: opts.metrics,
         nodes: entries,
     };
     gateway.validate()?;

@@ -11,6 +11,7 @@ mod bench;
 mod bench_ledger;
 mod client;
 mod cluster;
+mod status;
 mod up;
 mod verify;
 
@@ -53,6 +54,13 @@ struct ClusterShape {
     /// First storage node's UDP port (the others follow); 0 picks free ports.
     #[arg(long, default_value_t = 7100)]
     node_base_port: u16,
+    /// The gateway's Prometheus `/metrics` address ("off": none).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics: String,
+    /// First storage node's Prometheus `/metrics` TCP port (the others
+    /// follow); 0 picks free ports.
+    #[arg(long, default_value_t = 9500)]
+    node_metrics_base_port: u16,
     /// Allow degraded writes: fewest durable shards per stripe (k+1..=k+m).
     #[arg(long)]
     min_write_shards: Option<u8>,
@@ -63,13 +71,16 @@ struct ClusterShape {
 
 impl ClusterShape {
     fn options(&self) -> Result<cluster::InitOptions> {
-        let s3 = match self.s3.as_str() {
-            "off" => None,
-            a => Some(
-                a.parse()
-                    .with_context(|| format!("--s3 {a:?}: an address or \"off\""))?,
-            ),
+        let addr_or_off = |flag: &str, v: &str| -> Result<Option<SocketAddr>> {
+            match v {
+                "off" => Ok(None),
+                a => Ok(Some(a.parse().with_context(|| {
+                    format!("--{flag} {a:?}: an address or \"off\"")
+                })?)),
+            }
         };
+        let s3 = addr_or_off("s3", &self.s3)?;
+        let metrics = addr_or_off("metrics", &self.metrics)?;
         Ok(cluster::InitOptions {
             nodes: self.nodes,
             k: self.k,
@@ -78,6 +89,8 @@ impl ClusterShape {
             api: self.api,
             s3,
             node_base_port: self.node_base_port,
+            metrics,
+            node_metrics_base_port: self.node_metrics_base_port,
             min_write_shards: self.min_write_shards,
             log_origin: self.log_origin.clone(),
         })
@@ -156,6 +169,15 @@ enum Command {
         /// Retry-safe filing key (default: derived from nothing; each put files anew).
         #[arg(long)]
         idempotency_key: Option<String>,
+    },
+    /// The cluster at a glance: nodes (state, capacity, used, shards), the
+    /// repair backlog, the ledger's size and checkpoint age.
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Print the gateway's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Fetch evidence to a file.
     Get {
@@ -340,12 +362,14 @@ async fn run(cli: Cli) -> Result<()> {
             key,
         } => {
             init_tracing("info");
+            let mut metrics = None;
             let config = match (cluster_file, data_dir) {
                 (Some(file), _) => {
                     let dir = file.parent().context("cluster file has no parent directory")?;
                     let c = cluster::Cluster::load(dir)?;
                     let id = id.context("--id is required")?;
                     let n = c.node(id)?;
+                    metrics = n.metrics_listen;
                     storage_node::server::NodeConfig {
                         data_dir: n.data_dir.clone(),
                         listen: n.listen,
@@ -369,7 +393,7 @@ async fn run(cli: Cli) -> Result<()> {
                 },
                 (None, None) => anyhow::bail!("give --cluster FILE --id N, or --data-dir with --listen, --id, --ca, --cert, --key"),
             };
-            up::run_node(config).await
+            up::run_node(config, metrics).await
         }
         Command::Gateway { data_dir } => {
             init_tracing("info");
@@ -452,6 +476,15 @@ async fn run(cli: Cli) -> Result<()> {
             &id,
             &output,
         ),
+        Command::Status { api, json } => {
+            let s = status::fetch(&api.api, &client::token(api.token_file.as_deref())?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", status::render(&s));
+            }
+            Ok(())
+        }
         Command::Bench(args) => {
             init_tracing("warn");
             bench::run(args).await

@@ -23,11 +23,23 @@ pub async fn stop_requested() {
     }
 }
 
-pub async fn run_node(config: storage_node::server::NodeConfig) -> Result<()> {
+pub async fn run_node(
+    config: storage_node::server::NodeConfig,
+    metrics: Option<std::net::SocketAddr>,
+) -> Result<()> {
     let id = config.node_id;
-    let node = storage_node::server::serve(config)
+    // Every series of this process says which node it is.
+    let labels = std::collections::HashMap::from([("node".to_owned(), id.0.to_string())]);
+    let registry = prometheus::Registry::new_custom(None, Some(labels))
+        .context("creating the metrics registry")?;
+    let node = storage_node::server::serve(config, &registry)
         .await
         .context("starting the storage node")?;
+    if let Some(addr) = metrics {
+        storage_node::metrics::serve_http(addr, registry)
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))?;
+    }
     tracing::info!(node = %id, addr = %node.local_addr, "storage node running");
     stop_requested().await;
     tracing::info!(node = %id, "stopping");
@@ -38,7 +50,7 @@ pub async fn run_node(config: storage_node::server::NodeConfig) -> Result<()> {
 async fn start_gateway(cluster: &Cluster) -> Result<gateway::RunningGateway> {
     let store = indexer::EmbeddedStore::open(&cluster.gateway.index_path)
         .with_context(|| format!("opening the index {}", cluster.gateway.index_path.display()))?;
-    gateway::serve(cluster.gateway.clone(), store)
+    gateway::serve(cluster.gateway.clone(), store, prometheus::Registry::new())
         .await
         .context("starting the gateway")
 }
@@ -49,6 +61,9 @@ pub async fn run_gateway(data_dir: &Path) -> Result<()> {
     println!("evidence API: http://{}", gw.local_addr);
     if let Some(a) = gw.s3_addr {
         println!("S3 API: http://{a}");
+    }
+    if let Some(a) = gw.metrics_addr {
+        println!("metrics: http://{a}/metrics");
     }
     tokio::select! {
         r = gw.wait() => r.context("the evidence API stopped")?,
@@ -155,13 +170,19 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
             data_dir.join(cluster::LEDGER_VKEY_FILE).display()
         );
     }
+    if let Some(a) = gw.metrics_addr {
+        println!("  metrics        http://{a}/metrics  (nodes: see each node below)");
+    }
     for (n, c) in cluster.nodes.iter().zip(&children) {
         println!(
-            "  node {:<3}       quic://{}  pid {}  {}",
+            "  node {:<3}       quic://{}  pid {}  {}{}",
             n.id,
             n.listen,
             c.id().unwrap_or(0),
-            n.data_dir.display()
+            n.data_dir.display(),
+            n.metrics_listen
+                .map(|a| format!("  metrics http://{a}/metrics"))
+                .unwrap_or_default()
         );
     }
     println!("Press Ctrl-C to stop.");

@@ -363,6 +363,23 @@ impl NodeClient {
         }
     }
 
+    /// The open connections and their smoothed round-trip times (for
+    /// metrics; a connection busy handshaking is skipped).
+    pub fn connection_rtts(&self) -> Vec<(SocketAddr, Duration)> {
+        let map = self
+            .inner
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .filter_map(|(addr, slot)| {
+                let cached = slot.try_lock().ok()?;
+                let conn = cached.as_ref()?;
+                conn.close_reason().is_none().then(|| (*addr, conn.rtt()))
+            })
+            .collect()
+    }
+
     fn slot(&self, addr: SocketAddr) -> Slot {
         let mut map = self
             .inner
@@ -458,7 +475,8 @@ mod tests {
         assert_error::<crate::server::NodeServerError>();
         assert_error::<crate::store::StoreError>();
         assert_error::<crate::tls::TlsError>();
-        assert_send(&crate::server::serve(config));
+        let registry = prometheus::Registry::new();
+        assert_send(&crate::server::serve(config, &registry));
     }
 
     #[test]

@@ -17,6 +17,7 @@
 
 pub mod buffers;
 pub mod client;
+pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod tls;

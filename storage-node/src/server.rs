@@ -14,6 +14,7 @@
 //! flight is bounded across all connections.
 
 use crate::buffers::BufferPool;
+use crate::metrics::NodeMetrics;
 use crate::store::{ShardStore, StoreError};
 use crate::tls::{self, TlsError, TlsFiles};
 use protocol::wire::{decode_frame_prefix, FRAME_PREFIX};
@@ -21,7 +22,7 @@ use protocol::{DecodeError, ErrorCode, NodeId, Request, Response, ShardHeader, S
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -74,6 +75,9 @@ pub enum NodeServerError {
         #[source]
         source: std::io::Error,
     },
+    /// The metrics could not be registered (a name taken twice: a bug).
+    #[error("registering metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
     /// Opening the store panicked (a bug); the node did not start.
     #[error("opening the shard store panicked")]
     Panicked,
@@ -119,11 +123,20 @@ struct NodeState {
     body_memory: Arc<Semaphore>,
     /// Shard receive buffers, reused (see [`crate::buffers`]).
     buffers: BufferPool,
+    metrics: NodeMetrics,
 }
 
+/// How often the disk gauges are refreshed.
+const DISK_GAUGE_PERIOD: Duration = Duration::from_secs(5);
+
 /// Opens the store in `config.data_dir`, binds `config.listen` and starts
-/// serving. Returns once the node accepts connections.
-pub async fn serve(config: NodeConfig) -> Result<RunningNode, NodeServerError> {
+/// serving, counting on `registry` (see [`crate::metrics`]). Returns once the
+/// node accepts connections.
+pub async fn serve(
+    config: NodeConfig,
+    registry: &prometheus::Registry,
+) -> Result<RunningNode, NodeServerError> {
+    let metrics = NodeMetrics::new(registry)?;
     let data_dir = config.data_dir.clone();
     let store = tokio::task::spawn_blocking(move || ShardStore::open(&data_dir))
         .await
@@ -142,8 +155,10 @@ pub async fn serve(config: NodeConfig) -> Result<RunningNode, NodeServerError> {
         body_memory: Arc::new(Semaphore::new(BODY_MEMORY_MIB)),
         // Idle receive buffers stay within a quarter of the in-flight body budget.
         buffers: BufferPool::new((BODY_MEMORY_MIB / 4) << 20),
+        metrics,
     });
     let (stop, stopped) = watch::channel(false);
+    tokio::spawn(disk_gauges(state.clone(), stopped.clone()));
     let accept = tokio::spawn(accept_loop(endpoint.clone(), state, stopped));
     tracing::info!(node = %config.node_id, addr = %local_addr, "storage node listening");
     Ok(RunningNode {
@@ -153,6 +168,23 @@ pub async fn serve(config: NodeConfig) -> Result<RunningNode, NodeServerError> {
         accept,
         store,
     })
+}
+
+/// Keeps the capacity, used and free gauges current until the node stops.
+async fn disk_gauges(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(DISK_GAUGE_PERIOD);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tick.tick() => {
+                let store = state.store.clone();
+                match blocking(move || store.info()).await {
+                    Ok(info) => state.metrics.set_disk(&info),
+                    Err(e) => tracing::warn!(error = %e, "could not read the disk's figures"),
+                }
+            }
+        }
+    }
 }
 
 async fn accept_loop(
@@ -193,6 +225,8 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<NodeState>) {
         }
     };
     tracing::debug!(%remote, "connection established");
+    state.metrics.connections.inc();
+    let _open = scopeguard(&state.metrics.connections);
     let mut streams = JoinSet::new();
     loop {
         tokio::select! {
@@ -211,6 +245,19 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<NodeState>) {
                 }
             }
         }
+    }
+}
+
+/// Decrements a gauge when dropped (the connection task ends however it ends).
+struct GaugeGuard(prometheus::IntGauge);
+
+fn scopeguard(g: &prometheus::IntGauge) -> GaugeGuard {
+    GaugeGuard(g.clone())
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -288,20 +335,56 @@ async fn handle_request(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> Result<(), StreamError> {
+    let started = Instant::now();
     let request = match read_request(recv).await {
         Ok(request) => request,
         Err(RequestError::Bad(code)) => {
             tracing::debug!(%code, "refusing a malformed request");
-            return refuse(send, recv, code).await;
+            let result = refuse(send, recv, code).await?;
+            state
+                .metrics
+                .requests
+                .with_label_values(&["bad", result])
+                .inc();
+            return Ok(());
         }
         Err(RequestError::Stream(e)) => return Err(e),
     };
-    match request {
-        Request::PutShard(header) => handle_put_shard(state, header, send, recv).await,
-        Request::GetShard(key) => handle_get_shard(state, key, send).await,
-        Request::StatShard(key) => handle_stat_shard(state, key, send).await,
-        Request::DeleteShard(key) => handle_delete_shard(state, key, send).await,
-        Request::NodeInfo => handle_node_info(state, send).await,
+    let (op, answered) = match request {
+        Request::PutShard(header) => ("put", handle_put_shard(state, header, send, recv).await),
+        Request::GetShard(key) => ("get", handle_get_shard(state, key, send).await),
+        Request::StatShard(key) => ("stat", handle_stat_shard(state, key, send).await),
+        Request::DeleteShard(key) => ("delete", handle_delete_shard(state, key, send).await),
+        Request::NodeInfo => ("info", handle_node_info(state, send).await),
+    };
+    let result = answered?;
+    state
+        .metrics
+        .requests
+        .with_label_values(&[op, result])
+        .inc();
+    state
+        .metrics
+        .request_seconds
+        .with_label_values(&[op])
+        .observe(started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// A response's result label: `ok` or the error code's name.
+fn result_label(response: &Response) -> &'static str {
+    match response {
+        Response::Error(code) => match code {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::HashMismatch => "hash_mismatch",
+            ErrorCode::Corrupt => "corrupt",
+            ErrorCode::DiskFull => "disk_full",
+            ErrorCode::Io => "io",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::Other(_) => "other",
+        },
+        _ => "ok",
     }
 }
 
@@ -311,7 +394,7 @@ async fn handle_put_shard(
     header: ShardHeader,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
-) -> Result<(), StreamError> {
+) -> Result<&'static str, StreamError> {
     // Checked before allocating: `len` comes from the peer.
     if header.code.validate().is_err() || header.len > header.code.shard_size {
         tracing::info!(shard = %header.key, len = header.len, "refusing a put with an impossible header");
@@ -350,9 +433,14 @@ async fn handle_put_shard(
     let response = match stored {
         Ok(Ok(())) => {
             tracing::debug!(shard = %key, len = header.len, "shard stored");
+            state.metrics.shards_written.inc();
+            state.metrics.bytes_written.inc_by(u64::from(header.len));
             Response::Stored
         }
         Ok(Err(e)) => {
+            if e.code() == ErrorCode::HashMismatch {
+                state.metrics.corrupt_shards.inc();
+            }
             tracing::warn!(shard = %key, error = %e, "shard not stored");
             Response::Error(e.code())
         }
@@ -369,11 +457,18 @@ async fn handle_get_shard(
     state: &NodeState,
     key: ShardKey,
     send: &mut quinn::SendStream,
-) -> Result<(), StreamError> {
+) -> Result<&'static str, StreamError> {
     let store = state.store.clone();
     match blocking(move || store.get(&key)).await {
-        Ok((header, body)) => respond(send, &Response::Shard(header), &body).await,
+        Ok((header, body)) => {
+            state.metrics.shards_read.inc();
+            state.metrics.bytes_read.inc_by(body.len() as u64);
+            respond(send, &Response::Shard(header), &body).await
+        }
         Err(e) => {
+            if matches!(e, StoreError::Corrupt(_)) {
+                state.metrics.corrupt_shards.inc();
+            }
             log_store_error(&key, &e);
             respond(send, &Response::Error(e.code()), &[]).await
         }
@@ -384,7 +479,7 @@ async fn handle_stat_shard(
     state: &NodeState,
     key: ShardKey,
     send: &mut quinn::SendStream,
-) -> Result<(), StreamError> {
+) -> Result<&'static str, StreamError> {
     let store = state.store.clone();
     let response = match blocking(move || store.stat(&key)).await {
         Ok(header) => Response::Stat(header),
@@ -400,7 +495,7 @@ async fn handle_delete_shard(
     state: &NodeState,
     key: ShardKey,
     send: &mut quinn::SendStream,
-) -> Result<(), StreamError> {
+) -> Result<&'static str, StreamError> {
     let store = state.store.clone();
     let response = match blocking(move || store.delete(&key)).await {
         Ok(existed) => {
@@ -418,7 +513,7 @@ async fn handle_delete_shard(
 async fn handle_node_info(
     state: &NodeState,
     send: &mut quinn::SendStream,
-) -> Result<(), StreamError> {
+) -> Result<&'static str, StreamError> {
     let store = state.store.clone();
     let response = match blocking(move || store.info()).await {
         Ok(info) => Response::Info(protocol::wire::NodeInfo {
@@ -462,13 +557,13 @@ async fn respond(
     send: &mut quinn::SendStream,
     response: &Response,
     body: &[u8],
-) -> Result<(), StreamError> {
+) -> Result<&'static str, StreamError> {
     send.write_all(&response.encode()).await?;
     if !body.is_empty() {
         send.write_all(body).await?;
     }
     send.finish()?;
-    Ok(())
+    Ok(result_label(response))
 }
 
 /// Answers `Error(code)` and tells the peer to stop sending whatever body it
@@ -477,7 +572,7 @@ async fn refuse(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     code: ErrorCode,
-) -> Result<(), StreamError> {
+) -> Result<&'static str, StreamError> {
     let _ = recv.stop(CODE_REFUSED.into());
     respond(send, &Response::Error(code), &[]).await
 }

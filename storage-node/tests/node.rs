@@ -57,12 +57,15 @@ impl Cluster {
     }
 
     async fn start(&self, listen: SocketAddr) -> RunningNode {
-        serve(NodeConfig {
-            data_dir: self.data.clone(),
-            listen,
-            node_id: NodeId(7),
-            tls: self.node_tls.clone(),
-        })
+        serve(
+            NodeConfig {
+                data_dir: self.data.clone(),
+                listen,
+                node_id: NodeId(7),
+                tls: self.node_tls.clone(),
+            },
+            &prometheus::Registry::new(),
+        )
         .await
         .unwrap()
     }
@@ -247,12 +250,15 @@ async fn clients_and_nodes_from_another_ca_are_refused() {
     // And a gateway of this cluster refuses a node certified by another CA.
     let impostor_tls = issue(&foreign, &foreign_dir, "impostor", NODE_SERVER_NAME);
     let impostor_dir = tempfile::tempdir().unwrap();
-    let impostor = serve(NodeConfig {
-        data_dir: impostor_dir.path().to_path_buf(),
-        listen: loopback(),
-        node_id: NodeId(666),
-        tls: impostor_tls,
-    })
+    let impostor = serve(
+        NodeConfig {
+            data_dir: impostor_dir.path().to_path_buf(),
+            listen: loopback(),
+            node_id: NodeId(666),
+            tls: impostor_tls,
+        },
+        &prometheus::Registry::new(),
+    )
     .await
     .unwrap();
     let err = cluster
@@ -415,4 +421,84 @@ async fn an_unreachable_node_times_out_and_is_retryable() {
     assert!(err.is_retryable());
     // Keep the CA alive until here so the files above stay meaningful.
     drop(cluster.ca);
+}
+
+/// The node counts what it does on the registry it is given, and the
+/// exporter serves that registry as Prometheus text at `/metrics`.
+#[tokio::test]
+async fn metrics_count_requests_shards_and_corruption() {
+    let cluster = Cluster::new();
+    let registry = prometheus::Registry::new();
+    let node = serve(
+        NodeConfig {
+            data_dir: cluster.data.clone(),
+            listen: loopback(),
+            node_id: NodeId(7),
+            tls: cluster.node_tls.clone(),
+        },
+        &registry,
+    )
+    .await
+    .unwrap();
+    let client = cluster.client();
+    let addr = node.local_addr;
+    let (good, good_body) = shard(1, 5000);
+    let (bad, bad_body) = shard(2, 7000);
+    client.rpc_put_shard(addr, &good, &good_body).await.unwrap();
+    client.rpc_put_shard(addr, &bad, &bad_body).await.unwrap();
+    client.rpc_get_shard(addr, good.key).await.unwrap();
+    let path = node.store().shard_path(&bad.key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    assert!(client.rpc_get_shard(addr, bad.key).await.is_err());
+    assert!(client.rpc_get_shard(addr, key(9)).await.is_err());
+
+    let (metrics_addr, _task) = storage_node::metrics::serve_http(loopback(), registry.clone())
+        .await
+        .unwrap();
+    // A raw HTTP/1.1 GET: what Prometheus sends.
+    let text = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(metrics_addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing from:\n{text}"))
+    };
+    assert_eq!(value("custodia_node_shards_written_total"), 2.0);
+    assert_eq!(value("custodia_node_shard_bytes_written_total"), 12_000.0);
+    assert_eq!(value("custodia_node_shards_read_total"), 1.0);
+    assert_eq!(value("custodia_node_shard_bytes_read_total"), 5000.0);
+    assert_eq!(value("custodia_node_corrupt_shards_total"), 1.0);
+    assert_eq!(
+        value(r#"custodia_node_requests_total{op="put",result="ok"}"#),
+        2.0
+    );
+    assert_eq!(
+        value(r#"custodia_node_requests_total{op="get",result="corrupt"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"custodia_node_requests_total{op="get",result="not_found"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"custodia_node_request_duration_seconds_count{op="put"}"#),
+        2.0
+    );
+    assert_eq!(value("custodia_node_quic_connections"), 1.0);
+    // The disk gauges are set at start-up (the first tick is immediate).
+    assert!(value("custodia_node_capacity_bytes") > 0.0);
+    node.shutdown().await;
 }

@@ -1,0 +1,318 @@
+//! The gateway's Prometheus metrics, on a registry the caller passes in (see
+//! `storage_node::metrics` for the exporter and the conventions).
+//!
+//! Counters are bumped where the work happens; gauges that describe the
+//! cluster (nodes, degraded stripes, ledger) are refreshed by
+//! [`spawn_refresher`] from the gateway's own view and the index, so a scrape
+//! never touches the index or a node.
+
+use crate::api::{Gateway, Store};
+use prometheus::{
+    Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use storage_node::metrics::{clamp, LATENCY_BUCKETS};
+
+/// Longest the degraded-stripe count walks the index; beyond it the gauge
+/// says "at least this many".
+const DEGRADED_SCAN_LIMIT: usize = 100_000;
+/// How often the cluster gauges are refreshed.
+const REFRESH: Duration = Duration::from_secs(5);
+
+/// Everything the gateway counts.
+#[derive(Clone, Debug)]
+pub struct GatewayMetrics {
+    /// `custodia_http_requests_total{api, route, status}`: `api` is
+    /// `evidence` or `s3`; `route` the matched route (S3: the method).
+    pub http_requests: IntCounterVec,
+    /// `custodia_http_request_duration_seconds{api, route}`, until the
+    /// response head (bodies stream after).
+    pub http_seconds: HistogramVec,
+    /// `custodia_ingest_bytes_total`: evidence bytes filed (S3 included).
+    pub ingest_bytes: IntCounter,
+    /// `custodia_filings_total`: filings committed (S3 parts excluded).
+    pub filings: IntCounter,
+    /// `custodia_read_bytes_total`: evidence bytes served (a range only
+    /// after its Bao check; a whole read is checked against its root as it
+    /// streams).
+    pub read_bytes: IntCounter,
+    /// `custodia_shards_written_total`: shards fsynced on a node.
+    pub shards_written: IntCounter,
+    /// `custodia_shards_read_total`: shards fetched and verified for reads.
+    pub shards_read: IntCounter,
+    /// `custodia_shards_damaged_total`: shards a read found missing or corrupt.
+    pub shards_damaged: IntCounter,
+    /// `custodia_stripes_reconstructed_total`: stripes a read rebuilt from parity.
+    pub stripes_reconstructed: IntCounter,
+    /// `custodia_degraded_stripes_written_total`: stripes acknowledged with
+    /// fewer than k+m shards (allowed by `min_write_shards`).
+    pub degraded_written: IntCounter,
+    /// `custodia_degraded_stripes`: stripes waiting for repair (the backlog).
+    pub degraded: IntGauge,
+    /// `custodia_ledger_entries`: size of the newest signed checkpoint.
+    pub ledger_entries: IntGauge,
+    /// `custodia_ledger_integrated_timestamp_seconds`: when a signed
+    /// checkpoint last covered every entry waiting (the integrator checks
+    /// each second, idle or not), so
+    /// `time() - custodia_ledger_integrated_timestamp_seconds` is how far
+    /// behind notarization is, and stays small on an idle ledger.
+    pub checkpoint_time: Gauge,
+    /// Witnesses that cosigned the newest checkpoint any witness cosigned
+    /// (`custodia_ledger_checkpoint_cosignatures`), that checkpoint's size
+    /// (`custodia_ledger_cosigned_entries`), and the number of witnesses
+    /// configured (`custodia_ledger_witness_quorum`; the verifier's default
+    /// quorum is all of them).
+    pub cosignatures: IntGauge,
+    pub cosigned_entries: IntGauge,
+    pub witness_quorum: IntGauge,
+    /// `custodia_witness_cosign_duration_seconds{witness, result}`.
+    pub cosign_seconds: HistogramVec,
+    /// `custodia_cluster_node_up{node, domain}` and the node's disk as the
+    /// gateway last saw it: `custodia_cluster_node_{capacity,used,free}_bytes{node}`.
+    pub node_up: IntGaugeVec,
+    pub node_capacity: IntGaugeVec,
+    pub node_used: IntGaugeVec,
+    pub node_free: IntGaugeVec,
+    /// `custodia_quic_connections`: open connections to nodes;
+    /// `custodia_quic_rtt_seconds{node}`: each one's smoothed RTT.
+    pub quic_connections: IntGauge,
+    pub quic_rtt: prometheus::GaugeVec,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: T,
+) -> Result<T, prometheus::Error> {
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
+impl GatewayMetrics {
+    pub fn new(r: &Registry) -> Result<Self, prometheus::Error> {
+        let counter = |name: &str, help: &str| reg(r, IntCounter::new(name, help)?);
+        let gauge = |name: &str, help: &str| reg(r, IntGauge::new(name, help)?);
+        let node_gauge =
+            |name: &str, help: &str| reg(r, IntGaugeVec::new(Opts::new(name, help), &["node"])?);
+        Ok(GatewayMetrics {
+            http_requests: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new("custodia_http_requests_total", "HTTP requests answered."),
+                    &["api", "route", "status"],
+                )?,
+            )?,
+            http_seconds: reg(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "custodia_http_request_duration_seconds",
+                        "Time to the response head of an HTTP request.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["api", "route"],
+                )?,
+            )?,
+            ingest_bytes: counter("custodia_ingest_bytes_total", "Evidence bytes filed.")?,
+            filings: counter("custodia_filings_total", "Filings committed.")?,
+            read_bytes: counter("custodia_read_bytes_total", "Evidence bytes served.")?,
+            shards_written: counter(
+                "custodia_shards_written_total",
+                "Shards written and fsynced on nodes.",
+            )?,
+            shards_read: counter(
+                "custodia_shards_read_total",
+                "Shards fetched and verified for reads.",
+            )?,
+            shards_damaged: counter(
+                "custodia_shards_damaged_total",
+                "Shards a read found missing or corrupt.",
+            )?,
+            stripes_reconstructed: counter(
+                "custodia_stripes_reconstructed_total",
+                "Stripes a read rebuilt from parity.",
+            )?,
+            degraded_written: counter(
+                "custodia_degraded_stripes_written_total",
+                "Stripes acknowledged with fewer than k+m shards.",
+            )?,
+            degraded: gauge("custodia_degraded_stripes", "Stripes waiting for repair.")?,
+            ledger_entries: gauge(
+                "custodia_ledger_entries",
+                "Entries covered by the newest signed checkpoint.",
+            )?,
+            checkpoint_time: reg(
+                r,
+                Gauge::new(
+                    "custodia_ledger_integrated_timestamp_seconds",
+                    "When a signed checkpoint last covered every waiting entry (Unix seconds).",
+                )?,
+            )?,
+            cosigned_entries: gauge(
+                "custodia_ledger_cosigned_entries",
+                "Size of the newest checkpoint a witness cosigned.",
+            )?,
+            cosignatures: gauge(
+                "custodia_ledger_checkpoint_cosignatures",
+                "Witness cosignatures gathered on the newest cosigned checkpoint.",
+            )?,
+            witness_quorum: gauge(
+                "custodia_ledger_witness_quorum",
+                "Witness cosignatures the operator requires.",
+            )?,
+            cosign_seconds: reg(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "custodia_witness_cosign_duration_seconds",
+                        "Time a witness took to answer add-checkpoint.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["witness", "result"],
+                )?,
+            )?,
+            node_up: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "custodia_cluster_node_up",
+                        "1 when the node answered the gateway's last probe.",
+                    ),
+                    &["node", "domain"],
+                )?,
+            )?,
+            node_capacity: node_gauge(
+                "custodia_cluster_node_capacity_bytes",
+                "A node's disk size, as last reported to the gateway.",
+            )?,
+            node_used: node_gauge(
+                "custodia_cluster_node_used_bytes",
+                "A node's shard bytes, as last reported to the gateway.",
+            )?,
+            node_free: node_gauge(
+                "custodia_cluster_node_free_bytes",
+                "A node's free bytes, as last reported to the gateway.",
+            )?,
+            quic_connections: gauge(
+                "custodia_quic_connections",
+                "Open QUIC connections from the gateway to nodes.",
+            )?,
+            quic_rtt: reg(
+                r,
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        "custodia_quic_rtt_seconds",
+                        "Smoothed round-trip time of the connection to a node.",
+                    ),
+                    &["node"],
+                )?,
+            )?,
+        })
+    }
+
+    /// The integrator's pass ended with a checkpoint of `size` covering
+    /// everything that was waiting.
+    pub fn ledger_integrated(&self, size: u64) {
+        self.ledger_entries.set(clamp(size));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.checkpoint_time.set(now);
+    }
+
+    /// A witness cosigned the checkpoint of `size`; `lines` cosignature
+    /// lines from it.
+    pub fn cosigned(&self, size: u64, lines: usize) {
+        let size = clamp(size);
+        if size > self.cosigned_entries.get() {
+            self.cosigned_entries.set(size);
+            self.cosignatures.set(0);
+        }
+        if size == self.cosigned_entries.get() {
+            self.cosignatures.add(lines.min(1) as i64);
+        }
+    }
+
+    /// Records one HTTP exchange.
+    pub fn http(&self, api: &str, route: &str, status: u16, started: Instant) {
+        let status = status.to_string();
+        self.http_requests
+            .with_label_values(&[api, route, status.as_str()])
+            .inc();
+        self.http_seconds
+            .with_label_values(&[api, route])
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Axum middleware counting every evidence-API request by matched route.
+pub async fn track_http<S: Store>(
+    axum::extract::State(gw): axum::extract::State<Arc<Gateway<S>>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    gw.metrics
+        .http("evidence", &route, resp.status().as_u16(), started);
+    resp
+}
+
+/// Refreshes the cluster gauges every few seconds for the gateway's life.
+pub fn spawn_refresher<S: Store>(gw: Arc<Gateway<S>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(REFRESH);
+        loop {
+            tick.tick().await;
+            refresh(&gw).await;
+        }
+    })
+}
+
+/// One refresh of the gauges that describe the cluster.
+pub async fn refresh<S: Store>(gw: &Gateway<S>) {
+    let m = &gw.metrics;
+    for n in gw.nodes.view() {
+        let id = n.id.to_string();
+        m.node_up
+            .with_label_values(&[id.as_str(), n.domain.as_deref().unwrap_or("")])
+            .set(i64::from(n.healthy));
+        if let Some(d) = n.disk {
+            m.node_capacity
+                .with_label_values(&[id.as_str()])
+                .set(clamp(d.capacity_bytes));
+            m.node_used
+                .with_label_values(&[id.as_str()])
+                .set(clamp(d.used_bytes));
+            m.node_free
+                .with_label_values(&[id.as_str()])
+                .set(clamp(d.free_bytes));
+        }
+        match n.rtt {
+            Some(rtt) => m
+                .quic_rtt
+                .with_label_values(&[id.as_str()])
+                .set(rtt.as_secs_f64()),
+            None => {
+                let _ = m.quic_rtt.remove_label_values(&[id.as_str()]);
+            }
+        }
+    }
+    m.quic_connections
+        .set(gw.nodes.client.connection_rtts().len() as i64);
+    let degraded = indexer::run(&gw.store, |tx| async move {
+        indexer::schema::degraded_stripes_tx(&tx, DEGRADED_SCAN_LIMIT).await
+    })
+    .await;
+    match degraded {
+        Ok(d) => m.degraded.set(d.len() as i64),
+        Err(e) => tracing::debug!(error = %e, "could not count degraded stripes"),
+    }
+}

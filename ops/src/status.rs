@@ -1,0 +1,136 @@
+//! `custodia status`: the cluster at a glance, from the gateway's
+//! `GET /v1/admin/status` — a table of nodes, the repair backlog and the
+//! ledger, or the JSON itself with `--json`.
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use std::fmt::Write as _;
+
+/// Fetches the status; returns the JSON.
+pub fn fetch(api: &str, token: &str) -> Result<Value> {
+    let url = format!("{}/v1/admin/status", api.trim_end_matches('/'));
+    let mut resp = crate::client::agent()
+        .get(&url)
+        .header("Authorization", &format!("Bearer {token}"))
+        .call()
+        .with_context(|| format!("reaching the gateway at {api}"))?;
+    if !resp.status().is_success() {
+        return Err(crate::client::refuse(resp));
+    }
+    resp.body_mut()
+        .read_json()
+        .context("reading the gateway's status")
+}
+
+/// Human units: 1.5 GiB.
+pub fn bytes(v: Option<u64>) -> String {
+    let Some(v) = v else { return "-".into() };
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut x = v as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < units.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{v} B")
+    } else {
+        format!("{x:.1} {}", units[u])
+    }
+}
+
+/// The table a person reads.
+pub fn render(s: &Value) -> String {
+    let mut out = String::new();
+    let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
+    let up = nodes.iter().filter(|n| n["state"] == "up").count();
+    let _ = writeln!(
+        out,
+        "nodes: {up} of {} up, RS({},{})",
+        nodes.len(),
+        s["code"]["k"],
+        s["code"]["m"]
+    );
+    let _ = writeln!(
+        out,
+        "{:>4}  {:<8} {:<22} {:<10} {:>10} {:>10} {:>10} {:>8} {:>9}",
+        "NODE", "STATE", "ADDRESS", "DOMAIN", "CAPACITY", "USED", "FREE", "SHARDS", "SEEN"
+    );
+    for n in &nodes {
+        let seen = n["last_seen_s"]
+            .as_f64()
+            .map(|s| format!("{s:.0}s ago"))
+            .unwrap_or_else(|| "never".into());
+        let _ = writeln!(
+            out,
+            "{:>4}  {:<8} {:<22} {:<10} {:>10} {:>10} {:>10} {:>8} {:>9}",
+            n["id"].as_u64().map_or("?".into(), |v| v.to_string()),
+            n["state"].as_str().unwrap_or("?"),
+            n["addr"].as_str().unwrap_or("?"),
+            n["failure_domain"].as_str().unwrap_or("-"),
+            bytes(n["capacity_bytes"].as_u64()),
+            bytes(n["used_bytes"].as_u64()),
+            bytes(n["free_bytes"].as_u64()),
+            n["shards"].as_u64().map_or("-".into(), |v| v.to_string()),
+            seen
+        );
+    }
+    let capped = if s["degraded_count_capped"] == true {
+        " (at least)"
+    } else {
+        ""
+    };
+    let _ = writeln!(
+        out,
+        "repair backlog: {} degraded stripes{capped} in {} pieces of evidence",
+        s["degraded_stripes"], s["degraded_evidence"]
+    );
+    let l = &s["ledger"];
+    let age = l["checkpoint_age_s"]
+        .as_f64()
+        .map_or("unknown".into(), |a| format!("{a:.1} s"));
+    let _ = writeln!(
+        out,
+        "ledger: {} entries, checkpoint age {age}, {} witnesses (newest cosigned size {})",
+        l["entries"].as_u64().unwrap_or(0),
+        l["witnesses"],
+        l["cosigned_entries"]
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_like_a_person_writes_them() {
+        assert_eq!(bytes(None), "-");
+        assert_eq!(bytes(Some(512)), "512 B");
+        assert_eq!(bytes(Some(1536)), "1.5 KiB");
+        assert_eq!(bytes(Some(3 << 30)), "3.0 GiB");
+    }
+
+    #[test]
+    fn the_table_names_every_node_and_the_backlog() {
+        let s = serde_json::json!({
+            "code": {"k": 4, "m": 2},
+            "nodes": [
+                {"id": 0, "state": "up", "addr": "127.0.0.1:7100", "capacity_bytes": 1u64 << 40,
+                 "used_bytes": 1u64 << 30, "free_bytes": 1u64 << 39, "shards": 12, "last_seen_s": 1.2},
+                {"id": 1, "state": "down", "addr": "127.0.0.1:7101", "last_seen_s": null},
+            ],
+            "degraded_stripes": 7, "degraded_evidence": 2, "degraded_count_capped": false,
+            "ledger": {"entries": 42, "checkpoint_age_s": 0.5, "witnesses": 0, "cosigned_entries": 0},
+        });
+        let t = render(&s);
+        assert!(t.contains("nodes: 1 of 2 up, RS(4,2)"), "{t}");
+        assert!(t.contains("1.0 TiB") && t.contains("never"), "{t}");
+        assert!(t.contains("down"), "{t}");
+        assert!(t.contains("7 degraded stripes in 2 pieces"), "{t}");
+        assert!(
+            t.contains("ledger: 42 entries, checkpoint age 0.5 s"),
+            "{t}"
+        );
+    }
+}

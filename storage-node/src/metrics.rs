@@ -1,0 +1,203 @@
+//! Prometheus metrics: a storage node's own ([`NodeMetrics`]) and the small
+//! HTTP exporter ([`serve_http`]) that every Custodia process uses to expose
+//! its registry at `GET /metrics`.
+//!
+//! Metrics live on a [`Registry`] the caller passes in, never the global one:
+//! tests run several nodes in one process, and the binary labels each node's
+//! registry with its id. Names carry the `custodia_` prefix and their unit.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use prometheus::{
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+use std::net::SocketAddr;
+use tokio::task::JoinHandle;
+
+/// Latency buckets for one request, in seconds: 100 µs to 30 s.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+/// What a storage node counts.
+#[derive(Clone, Debug)]
+pub struct NodeMetrics {
+    /// `custodia_node_requests_total{op, result}`: requests answered, by
+    /// operation (put, get, stat, delete, info, bad) and result (ok or the
+    /// wire error code's name).
+    pub requests: IntCounterVec,
+    /// `custodia_node_request_duration_seconds{op}`.
+    pub request_seconds: HistogramVec,
+    /// `custodia_node_shards_written_total`, fsynced.
+    pub shards_written: IntCounter,
+    /// `custodia_node_shards_read_total`, verified on the way out.
+    pub shards_read: IntCounter,
+    /// `custodia_node_shard_bytes_written_total`.
+    pub bytes_written: IntCounter,
+    /// `custodia_node_shard_bytes_read_total`.
+    pub bytes_read: IntCounter,
+    /// `custodia_node_corrupt_shards_total`: shards whose bytes did not match
+    /// their hash, found on read (and quarantined) or refused on write.
+    pub corrupt_shards: IntCounter,
+    /// `custodia_node_capacity_bytes`, `custodia_node_used_bytes`,
+    /// `custodia_node_free_bytes`, `custodia_node_shards`: the disk, refreshed
+    /// by [`NodeMetrics::set_disk`].
+    pub capacity: IntGauge,
+    pub used: IntGauge,
+    pub free: IntGauge,
+    pub shards: IntGauge,
+    /// `custodia_node_quic_connections`: open client connections.
+    pub connections: IntGauge,
+}
+
+impl NodeMetrics {
+    /// Creates the node's metrics on `registry`.
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let m = NodeMetrics {
+            requests: IntCounterVec::new(
+                Opts::new("custodia_node_requests_total", "Requests a storage node answered."),
+                &["op", "result"],
+            )?,
+            request_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "custodia_node_request_duration_seconds",
+                    "Time a storage node took to answer a request, body transfer included.",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["op"],
+            )?,
+            shards_written: IntCounter::new(
+                "custodia_node_shards_written_total",
+                "Shards stored and fsynced.",
+            )?,
+            shards_read: IntCounter::new(
+                "custodia_node_shards_read_total",
+                "Shards read and verified.",
+            )?,
+            bytes_written: IntCounter::new(
+                "custodia_node_shard_bytes_written_total",
+                "Shard bytes stored and fsynced.",
+            )?,
+            bytes_read: IntCounter::new(
+                "custodia_node_shard_bytes_read_total",
+                "Shard bytes read and verified.",
+            )?,
+            corrupt_shards: IntCounter::new(
+                "custodia_node_corrupt_shards_total",
+                "Shards whose bytes did not match their hash (quarantined on read, refused on write).",
+            )?,
+            capacity: IntGauge::new("custodia_node_capacity_bytes", "Size of the node's disk.")?,
+            used: IntGauge::new("custodia_node_used_bytes", "Bytes of shards the node holds.")?,
+            free: IntGauge::new("custodia_node_free_bytes", "Free bytes on the node's disk.")?,
+            shards: IntGauge::new("custodia_node_shards", "Shards the node holds.")?,
+            connections: IntGauge::new(
+                "custodia_node_quic_connections",
+                "Open QUIC connections from gateways.",
+            )?,
+        };
+        registry.register(Box::new(m.requests.clone()))?;
+        registry.register(Box::new(m.request_seconds.clone()))?;
+        registry.register(Box::new(m.shards_written.clone()))?;
+        registry.register(Box::new(m.shards_read.clone()))?;
+        registry.register(Box::new(m.bytes_written.clone()))?;
+        registry.register(Box::new(m.bytes_read.clone()))?;
+        registry.register(Box::new(m.corrupt_shards.clone()))?;
+        registry.register(Box::new(m.capacity.clone()))?;
+        registry.register(Box::new(m.used.clone()))?;
+        registry.register(Box::new(m.free.clone()))?;
+        registry.register(Box::new(m.shards.clone()))?;
+        registry.register(Box::new(m.connections.clone()))?;
+        Ok(m)
+    }
+
+    /// Records the disk figures the store reports.
+    pub fn set_disk(&self, info: &crate::store::StoreInfo) {
+        self.capacity.set(clamp(info.capacity_bytes));
+        self.used.set(clamp(info.used_bytes));
+        self.free.set(clamp(info.free_bytes));
+        self.shards.set(clamp(info.shards));
+    }
+}
+
+/// A u64 as a gauge value (gauges are i64; a disk is never 8 EiB).
+pub fn clamp(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The registry in Prometheus' text exposition format.
+pub fn render(registry: &Registry) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&registry.gather(), &mut out) {
+        tracing::warn!(error = %e, "could not encode metrics");
+    }
+    out
+}
+
+/// Serves `registry` at `GET /metrics` on `addr` (plain HTTP/1.1, for
+/// Prometheus; no secret is ever a metric). Returns the bound address and
+/// the accept loop's task.
+pub async fn serve_http(
+    addr: SocketAddr,
+    registry: Registry,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics listener accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let registry = registry.clone();
+                        async move { Ok::<_, std::convert::Infallible>(answer(&req, &registry)) }
+                    });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await
+                {
+                    tracing::debug!(error = %e, "metrics connection ended");
+                }
+            });
+        }
+    });
+    tracing::info!(addr = %local, "metrics at /metrics");
+    Ok((local, task))
+}
+
+fn answer<B>(req: &Request<B>, registry: &Registry) -> Response<Full<Bytes>> {
+    let (status, body, kind) = match (req.method().as_str(), req.uri().path()) {
+        ("GET", "/metrics") => (
+            StatusCode::OK,
+            render(registry),
+            "text/plain; version=0.0.4; charset=utf-8",
+        ),
+        ("GET", _) => (
+            StatusCode::NOT_FOUND,
+            br#"{"error":"not_found","message":"metrics are at /metrics"}"#.to_vec(),
+            "application/json",
+        ),
+        _ => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            br#"{"error":"method_not_allowed","message":"GET /metrics"}"#.to_vec(),
+            "application/json",
+        ),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(kind) {
+        resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    resp
+}
