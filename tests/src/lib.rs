@@ -89,6 +89,8 @@ pub struct TestCluster {
     pub api: String,
     /// The S3 API's endpoint URL.
     pub s3: String,
+    /// The gateway's Prometheus endpoint (`http://127.0.0.1:PORT/metrics`).
+    pub metrics: String,
     pub token: String,
     nodes: Vec<Option<Child>>,
     gateway: Option<Child>,
@@ -138,6 +140,7 @@ impl TestCluster {
         let dir = tempfile::tempdir()?;
         let api_port = free_tcp_port();
         let s3_port = free_tcp_port();
+        let metrics_port = free_tcp_port();
         let mut init = Command::new(custodia_bin());
         init.arg("init")
             .arg("--data-dir")
@@ -147,7 +150,9 @@ impl TestCluster {
             .args(["--shard-size", &shape.shard_size.to_string()])
             .args(["--api", &format!("127.0.0.1:{api_port}")])
             .args(["--s3", &format!("127.0.0.1:{s3_port}")])
-            .args(["--node-base-port", "0"]);
+            .args(["--node-base-port", "0"])
+            .args(["--metrics", &format!("127.0.0.1:{metrics_port}")])
+            .args(["--node-metrics-base-port", "0"]);
         if let Some(w) = shape.min_write_shards {
             init.args(["--min-write-shards", &w.to_string()]);
         }
@@ -170,6 +175,7 @@ impl TestCluster {
             dir,
             api: format!("http://127.0.0.1:{api_port}"),
             s3: format!("http://127.0.0.1:{s3_port}"),
+            metrics: format!("http://127.0.0.1:{metrics_port}/metrics"),
             token,
             nodes: (0..shape.nodes).map(|_| None).collect(),
             gateway: None,
@@ -182,6 +188,71 @@ impl TestCluster {
         c.start_gateway()?;
         c.wait_healthy(c.shape.nodes as u64)?;
         Ok(c)
+    }
+
+    /// Restarts the gateway with these witnesses (url, verifier key) in its
+    /// ledger configuration, asked every `interval_ms`.
+    pub fn use_witnesses(&mut self, witnesses: &[(&str, &str)], interval_ms: i64) -> Result<()> {
+        self.kill_gateway();
+        let file = self.data_dir().join("cluster.toml");
+        let mut cluster: toml::Value = toml::from_str(&fs::read_to_string(&file)?)?;
+        let ledger = cluster
+            .get_mut("gateway")
+            .and_then(|g| g.get_mut("ledger"))
+            .and_then(|l| l.as_table_mut())
+            .context("gateway.ledger")?;
+        ledger.insert(
+            "witness_interval_ms".into(),
+            toml::Value::Integer(interval_ms),
+        );
+        let entries = witnesses
+            .iter()
+            .map(|(url, key)| {
+                let mut entry = toml::map::Map::new();
+                entry.insert("url".into(), toml::Value::String((*url).to_owned()));
+                entry.insert("key".into(), toml::Value::String((*key).to_owned()));
+                toml::Value::Table(entry)
+            })
+            .collect();
+        ledger.insert("witnesses".into(), toml::Value::Array(entries));
+        fs::write(&file, toml::to_string(&cluster)?)?;
+        self.start_gateway()?;
+        self.wait_healthy(self.shape.nodes as u64)
+    }
+
+    /// A SigV4-signed request with curl: (lower-cased headers, body).
+    pub fn s3_curl(&self, method: &str, url: &str, extra: &[&str]) -> Result<(String, Vec<u8>)> {
+        let body = self.data_dir().join("curl-body");
+        let creds = std::fs::read_to_string(self.data_dir().join("s3.credentials"))?;
+        let field = |name: &str| profile_field(&creds, name);
+        // `-X HEAD` would wait for a body that never comes; `-I` does not.
+        let verb = if method == "HEAD" {
+            vec!["-I"]
+        } else {
+            vec!["-X", method]
+        };
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "30", "-D", "-", "-o"])
+            .arg(&body)
+            .args(verb)
+            .args(extra)
+            .args(["--aws-sigv4", "aws:amz:us-east-1:s3"])
+            .args([
+                "--user",
+                &format!(
+                    "{}:{}",
+                    field("aws_access_key_id"),
+                    field("aws_secret_access_key")
+                ),
+            ])
+            .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
+            .arg(url)
+            .output()
+            .context("running curl (with SigV4 support)")?;
+        Ok((
+            String::from_utf8_lossy(&out.stdout).to_lowercase(),
+            std::fs::read(&body).unwrap_or_default(),
+        ))
     }
 
     /// Runs `custodia ARGS` against this cluster's data dir (for commands
@@ -453,4 +524,57 @@ pub fn ensure_eq<T: PartialEq + std::fmt::Debug>(a: T, b: T, what: &str) -> Resu
 
 pub fn read_file(p: &Path) -> Result<Vec<u8>> {
     fs::read(p).with_context(|| p.display().to_string())
+}
+
+/// A `custodia witness` process, killed on drop.
+pub struct WitnessProcess {
+    pub child: std::process::Child,
+    pub url: String,
+}
+
+impl Drop for WitnessProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `custodia witness` in `dir` on `port`, trusting the log key in
+/// `log_pub`; returns once it answers.
+pub fn start_witness(dir: &Path, port: u16, log_pub: &Path) -> Result<WitnessProcess> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("witness.log"))?;
+    let child = Command::new(custodia_bin())
+        .arg("witness")
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--name", "witness.example/court-b"])
+        .arg("--log-key")
+        .arg(log_pub)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let up = eventually(20, || {
+        ureq::post(format!("{url}/add-checkpoint"))
+            .send("")
+            .map(|_| true)
+            .unwrap_or_else(|e| matches!(e, ureq::Error::StatusCode(_)))
+    });
+    if !up {
+        bail!("witness did not start");
+    }
+    Ok(WitnessProcess { child, url })
+}
+
+/// A field of an AWS shared-credentials file.
+pub fn profile_field(creds: &str, name: &str) -> String {
+    creds
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} = ")))
+        .unwrap_or_default()
+        .to_owned()
 }

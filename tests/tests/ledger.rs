@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use base64::Engine as _;
-use custodia_tests::{bytes, custodia_bin, Shape, TestCluster};
+use custodia_tests::{bytes, custodia_bin, start_witness, Shape, TestCluster};
 use protocol::ledger::{self, Receipt, TreeHash};
 use serde_json::Value;
 use std::path::Path;
@@ -438,48 +438,6 @@ fn hash_only_notarization_returns_one_receipt_per_item() -> Result<()> {
     Ok(())
 }
 
-/// A `custodia witness` process, killed on drop.
-struct WitnessProcess {
-    child: std::process::Child,
-    url: String,
-}
-
-impl Drop for WitnessProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_witness(dir: &Path, port: u16, log_pub: &Path) -> Result<WitnessProcess> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("witness.log"))?;
-    let child = Command::new(custodia_bin())
-        .arg("witness")
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--name", "witness.example/court-b"])
-        .arg("--log-key")
-        .arg(log_pub)
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?;
-    let url = format!("http://127.0.0.1:{port}");
-    let up = custodia_tests::eventually(20, || {
-        ureq::post(format!("{url}/add-checkpoint"))
-            .send("")
-            .map(|_| true)
-            .unwrap_or_else(|e| matches!(e, ureq::Error::StatusCode(_)))
-    });
-    if !up {
-        bail!("witness did not start");
-    }
-    Ok(WitnessProcess { child, url })
-}
-
 fn add_checkpoint(url: &str, body: &str) -> Result<(u16, String)> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -513,29 +471,8 @@ fn witnesses_cosign_off_the_filing_path_and_never_cosign_a_fork() -> Result<()> 
         .to_string();
     let both = [wkey.clone(), wkey2.clone()];
 
-    // Point the gateway at the witness.
-    c.kill_gateway();
-    let file = c.data_dir().join("cluster.toml");
-    let mut cluster: toml::Value = toml::from_str(&std::fs::read_to_string(&file)?)?;
-    let ledger = cluster
-        .get_mut("gateway")
-        .and_then(|g| g.get_mut("ledger"))
-        .and_then(|l| l.as_table_mut())
-        .context("gateway.ledger")?;
-    ledger.insert("witness_interval_ms".into(), toml::Value::Integer(200));
-    let entries = [(&witness.url, &wkey), (&witness2.url, &wkey2)]
-        .into_iter()
-        .map(|(url, key)| {
-            let mut entry = toml::map::Map::new();
-            entry.insert("url".into(), toml::Value::String(url.clone()));
-            entry.insert("key".into(), toml::Value::String(key.clone()));
-            toml::Value::Table(entry)
-        })
-        .collect();
-    ledger.insert("witnesses".into(), toml::Value::Array(entries));
-    std::fs::write(&file, toml::to_string(&cluster)?)?;
-    c.start_gateway()?;
-    c.wait_healthy(8)?;
+    // Point the gateway at the witnesses.
+    c.use_witnesses(&[(&witness.url, &wkey), (&witness2.url, &wkey2)], 200)?;
 
     let data = bytes(3000, 7);
     let filed = c.file(&data)?;

@@ -4,7 +4,7 @@
 //! ledger, and Object Lock holds against every key, admins included.
 
 use anyhow::{bail, Context, Result};
-use custodia_tests::{bytes, Shape, TestCluster};
+use custodia_tests::{bytes, profile_field, Shape, TestCluster};
 use protocol::ledger::Receipt;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -137,15 +137,6 @@ fn new_key(c: &mut TestCluster, tenant: &str, role: &str, extra: &[&str]) -> Res
     ))
 }
 
-/// A field of an AWS shared-credentials file.
-fn profile_field(creds: &str, name: &str) -> String {
-    creds
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} = ")))
-        .unwrap_or_default()
-        .to_owned()
-}
-
 /// A command line split on spaces (for arguments without spaces).
 fn argv(line: &str) -> Vec<String> {
     line.split_whitespace().map(str::to_owned).collect()
@@ -168,37 +159,7 @@ fn curl_headers(c: &TestCluster, method: &str, path: &str) -> Result<String> {
 
 /// A SigV4-signed request with curl: (lower-cased headers, body).
 fn curl(c: &TestCluster, method: &str, url: &str, extra: &[&str]) -> Result<(String, Vec<u8>)> {
-    let body = c.data_dir().join("curl-body");
-    let creds = std::fs::read_to_string(c.data_dir().join("s3.credentials"))?;
-    let field = |name: &str| profile_field(&creds, name);
-    // `-X HEAD` would wait for a body that never comes; `-I` does not.
-    let verb = if method == "HEAD" {
-        vec!["-I"]
-    } else {
-        vec!["-X", method]
-    };
-    let out = Command::new("curl")
-        .args(["-s", "--max-time", "30", "-D", "-", "-o"])
-        .arg(&body)
-        .args(verb)
-        .args(extra)
-        .args(["--aws-sigv4", "aws:amz:us-east-1:s3"])
-        .args([
-            "--user",
-            &format!(
-                "{}:{}",
-                field("aws_access_key_id"),
-                field("aws_secret_access_key")
-            ),
-        ])
-        .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
-        .arg(url)
-        .output()
-        .context("running curl")?;
-    Ok((
-        String::from_utf8_lossy(&out.stdout).to_lowercase(),
-        std::fs::read(&body).unwrap_or_default(),
-    ))
+    c.s3_curl(method, url, extra)
 }
 
 fn header<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
@@ -1391,10 +1352,15 @@ fn rust_object_store_client() -> Result<()> {
         }
         w.finish().await?;
         let got = s.get(&bp).await?.bytes().await?;
-        assert!(got == big[..], "the 100 MiB multipart object reads back exact");
+        assert!(
+            got == big[..],
+            "the 100 MiB multipart object reads back exact"
+        );
         let meta = s.head(&bp).await?;
         assert!(
-            meta.e_tag.as_deref().is_some_and(|e| e.ends_with("-7\"") || e.ends_with("-7")),
+            meta.e_tag
+                .as_deref()
+                .is_some_and(|e| e.ends_with("-7\"") || e.ends_with("-7")),
             "a multipart ETag names its 7 parts: {:?}",
             meta.e_tag
         );
@@ -1415,8 +1381,7 @@ fn rust_object_store_client() -> Result<()> {
             ["docs/a.bin", "docs/b.bin", "docs/copy.bin", "video/big.bin"]
         );
         let top = s.list_with_delimiter(None).await?;
-        let mut prefixes: Vec<String> =
-            top.common_prefixes.iter().map(|p| p.to_string()).collect();
+        let mut prefixes: Vec<String> = top.common_prefixes.iter().map(|p| p.to_string()).collect();
         prefixes.sort();
         assert_eq!(prefixes, ["docs", "video"]);
         let docs = s.list_with_delimiter(Some(&OsPath::from("docs"))).await?;
@@ -1438,12 +1403,7 @@ fn rust_object_store_client() -> Result<()> {
         assert!(matches!(hidden, Err(object_store::Error::NotFound { .. })));
         anyhow::Ok(small)
     })?;
-    let versions = admin.json(&[
-        "s3api",
-        "list-object-versions",
-        "--bucket",
-        "rust-locked",
-    ])?;
+    let versions = admin.json(&["s3api", "list-object-versions", "--bucket", "rust-locked"])?;
     let vid = versions["Versions"][0]["VersionId"]
         .as_str()
         .context("the locked version is listed")?
@@ -1458,7 +1418,10 @@ fn rust_object_store_client() -> Result<()> {
         "--version-id",
         &vid,
     ])?;
-    assert_eq!(ret["Retention"]["Mode"], "COMPLIANCE", "default retention applied");
+    assert_eq!(
+        ret["Retention"]["Mode"], "COMPLIANCE",
+        "default retention applied"
+    );
     admin.fails(
         "AccessDenied",
         &[

@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Writes Custodia's Grafana dashboards (dashboards/*.json) from the panel
+lists below: one place to read every query, and JSON that stays uniform.
+Run it after editing; the JSON is committed (Grafana provisions it as is)
+and tests/tests/metrics.rs checks every panel's query against a live
+cluster scraped by a real Prometheus."""
+
+import json
+import pathlib
+
+DS = {"type": "prometheus", "uid": "custodia-prometheus"}
+
+
+def panel(title, exprs, unit="short", kind="timeseries", legend=None, desc=""):
+    if isinstance(exprs, str):
+        exprs = [exprs]
+    legend = legend or [""] * len(exprs)
+    return {
+        "type": kind,
+        "title": title,
+        "description": desc,
+        "datasource": DS,
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "options": {},
+        "targets": [
+            {"datasource": DS, "expr": e, "legendFormat": l, "refId": chr(65 + i)}
+            for i, (e, l) in enumerate(zip(exprs, legend))
+        ],
+    }
+
+
+def stat(title, expr, unit="short", desc=""):
+    return panel(title, expr, unit, kind="stat", desc=desc)
+
+
+# A 5xx series exists only once a 5xx happened: `or ... * 0` keeps the panel
+# at 0 instead of "no data".
+ERRORS = (
+    'sum by (api) (rate(custodia_http_requests_total{status=~"5.."}[1m]))'
+    " or sum by (api) (rate(custodia_http_requests_total[1m])) * 0"
+)
+CHECKPOINT_AGE = "time() - max(custodia_ledger_integrated_timestamp_seconds)"
+
+DASHBOARDS = {
+    "overview": (
+        "Custodia / Overview",
+        [
+            stat("Nodes up", "sum(custodia_cluster_node_up)", desc="Nodes that answered the gateway's last probe."),
+            stat("Degraded stripes", "sum(custodia_degraded_stripes)", desc="Stripes waiting for repair."),
+            stat("Ledger entries", "max(custodia_ledger_entries)"),
+            stat("Checkpoint age", CHECKPOINT_AGE, "s", desc="Since a signed checkpoint last covered every waiting entry."),
+            panel("Filings per second", "sum(rate(custodia_filings_total[1m]))", "ops"),
+            panel("Ingest and read throughput", ["sum(rate(custodia_ingest_bytes_total[1m]))", "sum(rate(custodia_read_bytes_total[1m]))"], "Bps", legend=["ingest", "read"]),
+            panel("HTTP 5xx per second", ERRORS, "reqps", legend=["{{api}}"]),
+            panel("Disk used (fraction)", "1 - custodia_cluster_node_free_bytes / custodia_cluster_node_capacity_bytes", "percentunit", legend=["node {{node}}"]),
+        ],
+    ),
+    "ingest-reads": (
+        "Custodia / Ingest and reads",
+        [
+            panel("Requests per second by route", "sum by (api, route, status) (rate(custodia_http_requests_total[1m]))", "reqps", legend=["{{api}} {{route}} {{status}}"]),
+            panel("p99 latency by route", "histogram_quantile(0.99, sum by (api, route, le) (rate(custodia_http_request_duration_seconds_bucket[5m])))", "s", legend=["{{api}} {{route}}"]),
+            panel("S3 requests per second", 'sum by (route, status) (rate(custodia_http_requests_total{api="s3"}[1m]))', "reqps", legend=["{{route}} {{status}}"]),
+            panel("Evidence bytes in and out", ["sum(rate(custodia_ingest_bytes_total[1m]))", "sum(rate(custodia_read_bytes_total[1m]))"], "Bps", legend=["ingest", "read"]),
+            panel("Shards written and read per second", ["sum(rate(custodia_shards_written_total[1m]))", "sum(rate(custodia_shards_read_total[1m]))"], "ops", legend=["written", "read"]),
+            panel("Reads around damage", ["sum(increase(custodia_shards_damaged_total[5m]))", "sum(increase(custodia_stripes_reconstructed_total[5m]))"], legend=["damaged shards", "reconstructed stripes"]),
+            panel("Stripes written degraded", "sum(increase(custodia_degraded_stripes_written_total[5m]))"),
+        ],
+    ),
+    "ledger": (
+        "Custodia / Ledger",
+        [
+            stat("Entries", "max(custodia_ledger_entries)"),
+            stat("Checkpoint age", CHECKPOINT_AGE, "s"),
+            panel("Entries per second", "sum(rate(custodia_ledger_entries[1m]))", "ops"),
+            panel("Witness cosignatures vs quorum", ["max(custodia_ledger_checkpoint_cosignatures)", "max(custodia_ledger_witness_quorum)"], legend=["cosignatures", "quorum"]),
+            panel("Entries not yet cosigned", "max(custodia_ledger_entries) - max(custodia_ledger_cosigned_entries)"),
+            panel("Witness cosign latency p90", "histogram_quantile(0.9, sum by (witness, le) (rate(custodia_witness_cosign_duration_seconds_bucket[5m])))", "s", legend=["{{witness}}"]),
+            panel("Witness answers", "sum by (witness, result) (increase(custodia_witness_cosign_duration_seconds_count[5m]))", legend=["{{witness}} {{result}}"]),
+        ],
+    ),
+    "nodes": (
+        "Custodia / Nodes",
+        [
+            panel("Node up (gateway's view)", "custodia_cluster_node_up", legend=["node {{node}}"]),
+            panel("Capacity, used, free", ["sum(custodia_node_capacity_bytes)", "sum(custodia_node_used_bytes)", "sum(custodia_node_free_bytes)"], "bytes", legend=["capacity", "used by shards", "free"]),
+            panel("Shards per node", "custodia_node_shards", legend=["node {{node}}"]),
+            panel("Node requests per second", "sum by (op, result) (rate(custodia_node_requests_total[1m]))", "reqps", legend=["{{op}} {{result}}"]),
+            panel("Node p99 latency by op", "histogram_quantile(0.99, sum by (op, le) (rate(custodia_node_request_duration_seconds_bucket[5m])))", "s", legend=["{{op}}"]),
+            panel("Shard bytes written and read", ["sum(rate(custodia_node_shard_bytes_written_total[1m]))", "sum(rate(custodia_node_shard_bytes_read_total[1m]))"], "Bps", legend=["written", "read"]),
+            panel("QUIC connections and RTT", ["sum(custodia_node_quic_connections)", "max(custodia_quic_rtt_seconds) * 1000"], legend=["connections at nodes", "max RTT ms"]),
+        ],
+    ),
+    "repair": (
+        "Custodia / Repair and integrity",
+        [
+            stat("Degraded stripes", "sum(custodia_degraded_stripes)"),
+            panel("Repair backlog", "sum(custodia_degraded_stripes)", legend=["degraded stripes"]),
+            panel("Corrupt shards found by nodes", "sum by (node) (increase(custodia_node_corrupt_shards_total[1h]))", legend=["node {{node}}"]),
+            panel("Damaged shards seen by reads", "sum(increase(custodia_shards_damaged_total[1h]))"),
+            panel("Nodes not up", "count(custodia_cluster_node_up == 0) or vector(0)"),
+        ],
+    ),
+}
+
+
+def layout(panels):
+    out, x, y = [], 0, 0
+    for i, p in enumerate(panels):
+        w, h = (6, 4) if p["type"] == "stat" else (12, 8)
+        if x + w > 24:
+            x, y = 0, y + 8
+        p = dict(p, id=i + 1, gridPos={"h": h, "w": w, "x": x, "y": y})
+        out.append(p)
+        x += w
+        if p["type"] == "stat" and x >= 24:
+            x, y = 0, y + 4
+    return out
+
+
+def main():
+    here = pathlib.Path(__file__).resolve().parent
+    out = here / "dashboards"
+    out.mkdir(exist_ok=True)
+    for name, (title, panels) in DASHBOARDS.items():
+        board = {
+            "uid": f"custodia-{name}",
+            "title": title,
+            "tags": ["custodia"],
+            "timezone": "utc",
+            "schemaVersion": 39,
+            "version": 1,
+            "editable": False,
+            "refresh": "10s",
+            "time": {"from": "now-1h", "to": "now"},
+            "panels": layout(panels),
+        }
+        (out / f"{name}.json").write_text(json.dumps(board, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
