@@ -86,6 +86,8 @@ pub struct Gateway<S: Store> {
     pub ledger: Option<Arc<crate::ledger::Ledger>>,
     /// What the gateway counts (on the registry `new` was given).
     pub metrics: crate::metrics::GatewayMetrics,
+    /// Wakes the repair loop (`POST /v1/admin/repair`).
+    pub repair_wake: tokio::sync::Notify,
 }
 
 /// Why the gateway could not start.
@@ -175,7 +177,11 @@ impl<S: Store> Gateway<S> {
             * (2 * config.k as usize + config.m as usize)
             * config.shard_size_bytes as usize;
         Ok(Gateway {
-            nodes: NodeSet::new(&config.nodes, client),
+            nodes: NodeSet::new(
+                &config.nodes,
+                client,
+                Duration::from_millis(config.node_down_after_ms),
+            ),
             buffers: Arc::new(storage_node::buffers::BufferPool::new(4 * per_upload)),
             config,
             store,
@@ -184,6 +190,7 @@ impl<S: Store> Gateway<S> {
             clock: Clock::default(),
             ledger,
             metrics,
+            repair_wake: tokio::sync::Notify::new(),
         })
     }
 
@@ -214,7 +221,8 @@ pub async fn serve<S: Store>(
 ) -> Result<RunningGateway, StartError> {
     let listen = config.listen;
     let gw = Arc::new(Gateway::new(config, store, &registry)?);
-    gw.nodes.probe_all(&gw.store, gw.clock.now_ms()).await;
+    let replaced = gw.nodes.probe_all(&gw.store, gw.clock.now_ms()).await;
+    crate::repair::spawn_reconcile(gw.clone(), replaced);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|source| StartError::Listen {
@@ -231,7 +239,8 @@ pub async fn serve<S: Store>(
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tick.tick().await;
-                gw.nodes.probe_all(&gw.store, gw.clock.now_ms()).await;
+                let replaced = gw.nodes.probe_all(&gw.store, gw.clock.now_ms()).await;
+                crate::repair::spawn_reconcile(gw.clone(), replaced);
             }
         })
     };
@@ -258,6 +267,10 @@ pub async fn serve<S: Store>(
     };
     let metrics_addr = metrics.as_ref().map(|(a, _)| *a);
     let refresher = crate::metrics::spawn_refresher(gw.clone());
+    let repair = crate::repair::spawn_repair_loop(
+        gw.clone(),
+        Duration::from_millis(gw.config.repair_interval_ms),
+    );
     let app = router(gw);
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
     tracing::info!(%local_addr, "evidence API listening");
@@ -266,7 +279,7 @@ pub async fn serve<S: Store>(
         s3_addr,
         metrics_addr,
         server,
-        background: [prober, gc, integrator, refresher]
+        background: [prober, gc, integrator, refresher, repair]
             .into_iter()
             .chain(witnessing)
             .chain(timestamping)
@@ -311,6 +324,7 @@ pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {
         )
         .route("/v1/repair/queue", get(repair_queue::<S>))
         .route("/v1/admin/status", get(status::<S>))
+        .route("/v1/admin/repair", post(repair_now::<S>))
         .route(
             "/v1/admin/tokens",
             post(create_token::<S>).layer(DefaultBodyLimit::max(SMALL_BODY)),
@@ -659,6 +673,46 @@ async fn repair_queue<S: Store>(
     Ok(Json(json!({ "stripes": items })))
 }
 
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RepairQuery {
+    /// `all`: queue every stripe, so each one's k+m shards are read and
+    /// checked (what a scrub finds, from the gateway).
+    verify: Option<String>,
+}
+
+/// Wakes the repair worker now (`custodia repair`); answers with the
+/// backlog, which `GET /v1/admin/status` then follows.
+async fn repair_now<S: Store>(
+    State(gw): State<Arc<Gateway<S>>>,
+    Query(q): Query<RepairQuery>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let who = authenticate(&gw, &headers).await?;
+    require(&who, Role::Admin, "start a repair pass")?;
+    match q.verify.as_deref() {
+        None => {}
+        // Walks every stripe record before answering, so the backlog this
+        // answers with includes them all.
+        Some("all") => {
+            crate::repair::queue_all(&gw, None).await;
+        }
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "verify={other:?}: the only value is \"all\""
+            )))
+        }
+    }
+    gw.repair_wake.notify_one();
+    let queued = indexer::run(&gw.store, |tx| async move {
+        schema::degraded_stripes_tx(&tx, STATUS_DEGRADED_LIMIT).await
+    })
+    .await?;
+    Ok(Json(
+        json!({ "started": true, "degraded_stripes": queued.len() }),
+    ))
+}
+
 /// How far the degraded-stripe count walks the index for `status`.
 const STATUS_DEGRADED_LIMIT: usize = 100_000;
 
@@ -825,7 +879,7 @@ fn actor(who: &TokenRecord) -> String {
     format!("{}/{:?}", who.tenant, who.role).to_lowercase()
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
 }

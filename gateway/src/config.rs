@@ -84,6 +84,16 @@ pub struct GatewayConfig {
     /// (`BUCKET.DOMAIN`); path-style works always.
     #[serde(default)]
     pub s3_domain: Option<String>,
+    /// Silence after which a node counts as down (before: suspect).
+    #[serde(default = "default_down_after")]
+    pub node_down_after_ms: u64,
+    /// How often the repair worker looks at its queue.
+    #[serde(default = "default_repair_interval")]
+    pub repair_interval_ms: u64,
+    /// How long a node must be down before its shards are rebuilt elsewhere
+    /// (a restart or a short outage should not cause a flood of repairs).
+    #[serde(default = "default_repair_after_down")]
+    pub repair_after_down_ms: u64,
     /// Where Prometheus scrapes the gateway's `/metrics` (plain HTTP);
     /// none: not exported.
     #[serde(default)]
@@ -91,6 +101,15 @@ pub struct GatewayConfig {
     pub nodes: Vec<NodeEntry>,
 }
 
+fn default_down_after() -> u64 {
+    30_000
+}
+fn default_repair_interval() -> u64 {
+    10_000
+}
+fn default_repair_after_down() -> u64 {
+    600_000
+}
 fn default_shard_size() -> u32 {
     ErasureCode::DEFAULT_SHARD_SIZE
 }

@@ -49,6 +49,11 @@ pub struct GatewayMetrics {
     /// `custodia_degraded_stripes_written_total`: stripes acknowledged with
     /// fewer than k+m shards (allowed by `min_write_shards`).
     pub degraded_written: IntCounter,
+    /// `custodia_shards_repaired_total`: shards rebuilt, written, re-read and
+    /// committed by repair.
+    pub shards_repaired: IntCounter,
+    /// `custodia_stripes_lost_total`: stripes found with fewer than k shards.
+    pub stripes_lost: IntCounter,
     /// `custodia_degraded_stripes`: stripes waiting for repair (the backlog).
     pub degraded: IntGauge,
     /// `custodia_ledger_entries`: size of the newest signed checkpoint.
@@ -136,6 +141,14 @@ impl GatewayMetrics {
             degraded_written: counter(
                 "custodia_degraded_stripes_written_total",
                 "Stripes acknowledged with fewer than k+m shards.",
+            )?,
+            shards_repaired: counter(
+                "custodia_shards_repaired_total",
+                "Shards rebuilt, written, re-read and committed by repair.",
+            )?,
+            stripes_lost: counter(
+                "custodia_stripes_lost_total",
+                "Stripes found with fewer than k good shards.",
             )?,
             degraded: gauge("custodia_degraded_stripes", "Stripes waiting for repair.")?,
             ledger_entries: gauge(

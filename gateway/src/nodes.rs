@@ -15,10 +15,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use storage_node::client::NodeClient;
 
-/// A node that has not answered for this long is `down`; before that,
-/// `suspect` (it may be restarting).
-pub const DOWN_AFTER: Duration = Duration::from_secs(30);
-
 struct NodeState {
     entry: NodeEntry,
     healthy: AtomicBool,
@@ -43,9 +39,11 @@ pub struct DiskView {
 pub enum NodeHealth {
     /// Answered the last probe or request.
     Up,
-    /// Missed its last probe, but answered within [`DOWN_AFTER`].
+    /// Missed its last probe, but answered within the configured
+    /// `node_down_after_ms` (it may be restarting).
     Suspect,
-    /// Has not answered for [`DOWN_AFTER`] (or since the gateway started).
+    /// Has not answered for `node_down_after_ms` (or since the gateway
+    /// started).
     Down,
 }
 
@@ -78,10 +76,12 @@ pub struct NodeView {
 pub struct NodeSet {
     nodes: Vec<NodeState>,
     pub client: NodeClient,
+    /// Silence after which a node is `down`.
+    down_after: Duration,
 }
 
 impl NodeSet {
-    pub fn new(entries: &[NodeEntry], client: NodeClient) -> Self {
+    pub fn new(entries: &[NodeEntry], client: NodeClient, down_after: Duration) -> Self {
         let nodes = entries
             .iter()
             .map(|e| NodeState {
@@ -91,11 +91,20 @@ impl NodeSet {
                 last_ok: Mutex::new(None),
             })
             .collect();
-        NodeSet { nodes, client }
+        NodeSet {
+            nodes,
+            client,
+            down_after,
+        }
     }
 
     fn get(&self, id: NodeId) -> Option<&NodeState> {
         self.nodes.iter().find(|n| n.entry.id == id.0)
+    }
+
+    /// The node's failure domain (`None`: unlabelled, its own domain).
+    pub fn domain(&self, id: NodeId) -> Option<String> {
+        self.get(id).and_then(|n| n.entry.failure_domain.clone())
     }
 
     pub fn addr(&self, id: NodeId) -> Option<SocketAddr> {
@@ -126,7 +135,7 @@ impl NodeSet {
                 let last_seen = lock(&n.last_ok).map(|t| t.elapsed());
                 let state = match (healthy, last_seen) {
                     (true, Some(_)) => NodeHealth::Up,
-                    (_, Some(ago)) if ago < DOWN_AFTER => NodeHealth::Suspect,
+                    (_, Some(ago)) if ago < self.down_after => NodeHealth::Suspect,
                     _ => NodeHealth::Down,
                 };
                 (n, healthy, state, last_seen)
@@ -179,7 +188,10 @@ impl NodeSet {
     }
 
     /// Asks every node who it is; records it in the index and updates health.
-    pub async fn probe_all<S: Store>(&self, store: &S, now_ms: u64) {
+    /// Returns the nodes that answered with another disk than the index
+    /// knows (wiped or replaced): their inventory must be reconciled.
+    pub async fn probe_all<S: Store>(&self, store: &S, now_ms: u64) -> Vec<NodeId> {
+        let mut replaced = Vec::new();
         let probes = self.nodes.iter().map(|n| async move {
             let info = tokio::time::timeout(
                 Duration::from_secs(3),
@@ -221,11 +233,10 @@ impl NodeSet {
                 let info = info.clone();
                 async move {
                     let prev = schema::get_node_tx(&tx, id).await?;
-                    if let Some(old) = prev.as_ref().and_then(|p| p.disk_uuid) {
-                        if old != info.disk_uuid {
-                            tracing::warn!(node = %id, "node came back with a different disk; its shards must be reconciled");
-                        }
-                    }
+                    let changed = prev
+                        .as_ref()
+                        .and_then(|p| p.disk_uuid)
+                        .is_some_and(|old| old != info.disk_uuid);
                     schema::put_node_tx(
                         &tx,
                         &NodeRecord {
@@ -239,14 +250,22 @@ impl NodeSet {
                             last_seen_ms: now_ms,
                         },
                     );
-                    Ok::<_, schema::SchemaError>(())
+                    Ok::<_, schema::SchemaError>(changed)
                 }
             })
             .await;
-            if let Err(e) = result {
-                tracing::warn!(node = %id, error = %e, "could not record node in the index");
+            match result {
+                Ok(true) => {
+                    tracing::warn!(node = %id, "node came back with a different disk (wiped or replaced); reconciling its shards");
+                    replaced.push(id);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(node = %id, error = %e, "could not record node in the index")
+                }
             }
         }
+        replaced
     }
 }
 

@@ -247,7 +247,7 @@ impl Verifier {
 }
 
 /// What fetching one shard gave.
-enum ShardOutcome {
+pub(crate) enum ShardOutcome {
     Good(Vec<u8>),
     /// Missing or failed its hash: the stripe needs repair.
     Damaged,
@@ -381,7 +381,7 @@ fn rec_len(shards: &[Option<Vec<u8>>]) -> usize {
     shards.iter().flatten().map(Vec::len).next().unwrap_or(0)
 }
 
-async fn fetch_shard<S: Store>(
+pub(crate) async fn fetch_shard<S: Store>(
     gw: &Gateway<S>,
     evidence: EvidenceId,
     stripe: u64,

@@ -18,6 +18,7 @@
 //! ("T", blake3(bearer token) 32)                  = TokenRecord        never the token itself
 //! ("X", evidence 16)                              = ManifestHeader     expunged: metadata kept, bytes gone
 //! ("Y", evidence 16)                              = ""                 expunged, shards still to delete
+//! ("Z", evidence 16, stripe u64)                  = ""                 lost: fewer than k shards left
 //! ```
 //!
 //! The ledger's keys ("Q", "L", "M", "W", "V") are laid out in [`crate::ledger`].
@@ -42,6 +43,7 @@ const DEGRADED: u8 = b'D';
 const TOKEN: u8 = b'T';
 const EXPUNGED: u8 = b'X';
 const EXPUNGING: u8 = b'Y';
+const LOST: u8 = b'Z';
 
 const RECORD_V1: u8 = 1;
 
@@ -544,6 +546,98 @@ pub fn put_stripe_tx<T: Transaction>(
 /// Queues a stripe for repair (a read found a missing or corrupt shard).
 pub fn mark_degraded_tx<T: Transaction>(tx: &T, evidence: EvidenceId, stripe: u64) {
     tx.set(&stripe_key(DEGRADED, &evidence, stripe), b"");
+}
+
+/// Takes a stripe off the repair queue (it was found healthy, or its
+/// evidence is gone).
+pub fn clear_degraded_tx<T: Transaction>(tx: &T, evidence: EvidenceId, stripe: u64) {
+    tx.clear(&stripe_key(DEGRADED, &evidence, stripe));
+}
+
+/// Records that a stripe has fewer than k shards left; it stays queued (a
+/// node may come back with its shards) and its `lost` statement is made once.
+pub fn mark_lost_tx<T: Transaction>(tx: &T, evidence: EvidenceId, stripe: u64) {
+    tx.set(&stripe_key(LOST, &evidence, stripe), b"");
+}
+
+/// Whether [`mark_lost_tx`] recorded this stripe as lost.
+pub async fn is_lost_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    stripe: u64,
+) -> Result<bool, SchemaError> {
+    Ok(tx
+        .get(&stripe_key(LOST, &evidence, stripe))
+        .await?
+        .is_some())
+}
+
+/// What [`commit_repair_tx`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepairCommit {
+    /// The new placement is recorded (version + 1; queue and lost marks
+    /// cleared).
+    Done,
+    /// The evidence is no longer visible (expunged): nothing is written, so
+    /// an expunged stripe is never resurrected.
+    Gone,
+    /// The record changed since the repair read it (another repair, a drain,
+    /// a GC): nothing is written.
+    Changed,
+}
+
+/// Commits a repaired stripe with a compare-and-set on its record: `new`
+/// replaces `seen` only if the evidence is still visible and the record is
+/// still exactly `seen`.
+pub async fn commit_repair_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    stripe: u64,
+    seen: &StripeRecord,
+    new: &StripeRecord,
+) -> Result<RepairCommit, SchemaError> {
+    if get_manifest_tx(tx, evidence).await?.is_none() {
+        return Ok(RepairCommit::Gone);
+    }
+    let current = match tx.get(&stripe_key(STRIPE, &evidence, stripe)).await? {
+        None => return Ok(RepairCommit::Gone),
+        Some(v) => StripeRecord::decode(&v)?,
+    };
+    if current != *seen {
+        return Ok(RepairCommit::Changed);
+    }
+    let mut next = new.clone();
+    next.version = seen.version + 1;
+    put_stripe_tx(tx, evidence, stripe, &next);
+    tx.clear(&stripe_key(LOST, &evidence, stripe));
+    Ok(RepairCommit::Done)
+}
+
+/// Up to `limit` stripe records of any evidence after `(evidence, stripe)`
+/// (from the start when `None`), in key order: the repair scanner's walk.
+pub async fn stripes_scan_tx<T: Transaction>(
+    tx: &T,
+    after: Option<(EvidenceId, u64)>,
+    limit: usize,
+) -> Result<Vec<(EvidenceId, u64, StripeRecord)>, SchemaError> {
+    let begin = match after {
+        None => vec![STRIPE],
+        Some((e, s)) => match s.checked_add(1) {
+            Some(next) => stripe_key(STRIPE, &e, next),
+            None => prefix_end(&evidence_key(STRIPE, &e)),
+        },
+    };
+    let rows = tx.get_range(&begin, &[STRIPE + 1], limit, false).await?;
+    rows.iter()
+        .map(|(k, v)| {
+            let id = evidence_from(k.get(1..17).ok_or(DecodeError::Truncated)?)?;
+            let s: [u8; 8] = k
+                .get(17..25)
+                .and_then(|s| s.try_into().ok())
+                .ok_or(DecodeError::Truncated)?;
+            Ok((id, u64::from_be_bytes(s), StripeRecord::decode(v)?))
+        })
+        .collect()
 }
 
 /// Stripe records `range` of one evidence, in order.

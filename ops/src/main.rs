@@ -179,6 +179,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Start a repair pass now and follow the backlog with a progress bar
+    /// until every stripe has k+m verified shards.
+    Repair {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Give up when the backlog has not shrunk for this many seconds.
+        #[arg(long, default_value_t = 60)]
+        patience_secs: u64,
+        /// Read and check all k+m shards of every stripe, not only the
+        /// queued ones (finds corruption no read has met yet).
+        #[arg(long)]
+        verify_all: bool,
+    },
     /// Fetch evidence to a file.
     Get {
         id: String,
@@ -485,6 +498,16 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Repair {
+            api,
+            patience_secs,
+            verify_all,
+        } => status::repair(
+            &api.api,
+            &client::token(api.token_file.as_deref())?,
+            verify_all,
+            std::time::Duration::from_secs(patience_secs),
+        ),
         Command::Bench(args) => {
             init_tracing("warn");
             bench::run(args).await

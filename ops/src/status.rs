@@ -99,6 +99,64 @@ pub fn render(s: &Value) -> String {
     out
 }
 
+/// `custodia repair`: wakes the repair worker and follows the backlog with
+/// a progress bar until it is empty, or until it stops shrinking for
+/// `patience` (stripes waiting on nodes within their grace period, or lost).
+pub fn repair(
+    api: &str,
+    token: &str,
+    verify_all: bool,
+    patience: std::time::Duration,
+) -> Result<()> {
+    let url = format!(
+        "{}/v1/admin/repair{}",
+        api.trim_end_matches('/'),
+        if verify_all { "?verify=all" } else { "" }
+    );
+    let mut resp = crate::client::agent()
+        .post(&url)
+        .header("Authorization", &format!("Bearer {token}"))
+        .send_empty()
+        .with_context(|| format!("reaching the gateway at {api}"))?;
+    if !resp.status().is_success() {
+        return Err(crate::client::refuse(resp));
+    }
+    let started: Value = resp.body_mut().read_json()?;
+    let first = started["degraded_stripes"].as_u64().unwrap_or(0);
+    let bar = indicatif::ProgressBar::new(first.max(1));
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "repair [{bar:40}] {pos}/{len} stripes {per_sec} eta {eta} {msg}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let mut best = first;
+    let mut since = std::time::Instant::now();
+    loop {
+        let s = fetch(api, token)?;
+        let left = s["degraded_stripes"].as_u64().unwrap_or(0);
+        if left > bar.length().unwrap_or(0) {
+            bar.set_length(left);
+        }
+        bar.set_position(bar.length().unwrap_or(0).saturating_sub(left));
+        if left == 0 {
+            bar.finish_with_message("every stripe has k+m verified shards");
+            return Ok(());
+        }
+        if left < best {
+            best = left;
+            since = std::time::Instant::now();
+        } else if since.elapsed() >= patience {
+            bar.abandon_with_message(format!("{left} stripes still queued"));
+            anyhow::bail!(
+                "{left} stripes could not be repaired yet (nodes within their grace \
+                 period, too few nodes, or lost stripes: see the gateway's log and \
+                 custodia status)"
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

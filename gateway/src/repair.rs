@@ -1,0 +1,643 @@
+//! Repair: brings every stripe back to k+m verified shards.
+//!
+//! The queue is the index's degraded marks (`D` keys): set by reads that met
+//! a missing or corrupt shard, by degraded writes, and by the scanner here,
+//! which walks the stripe records and queues those with a shard on a node
+//! that has been down longer than the grace period. For each queued stripe
+//! the worker:
+//!
+//! 1. reads every shard and checks it against the manifest's hash: a stripe
+//!    with all k+m good leaves the queue;
+//! 2. with fewer than k good shards and more than m known bad, appends a
+//!    `lost` statement once (the stripe stays queued: a node may come back
+//!    with its shards); with shards merely unreachable on nodes still in
+//!    their grace period, waits;
+//! 3. otherwise rebuilds the bad shards from k good ones, checks each against
+//!    the hash the manifest recorded, writes it to a node chosen by the
+//!    placement ranking (a node and failure domain not already holding a
+//!    shard of the stripe), and reads it back to re-count it;
+//! 4. commits the new placement with a compare-and-set on the stripe's
+//!    record (version + 1), in the transaction that checks the evidence is
+//!    still visible (an expunged stripe is never resurrected) and queues the
+//!    `repaired` statement. A lost race deletes the copies just written;
+//! 5. deletes the old copies still reachable only after [`OLD_COPY_GRACE`],
+//!    so a read that began on the old placement can finish.
+
+use crate::api::{Gateway, Store};
+use crate::error::ApiError;
+use crate::nodes::NodeHealth;
+use crate::placement;
+use crate::read::{fetch_shard, ShardOutcome};
+use indexer::schema::{self, RepairCommit};
+use protocol::ledger::{Kind, Statement};
+use protocol::{
+    Blake3Hash, EvidenceId, ManifestHeader, NodeId, ShardHeader, ShardKey, StripeRecord,
+};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Queued stripes taken per pass.
+const PASS_STRIPES: usize = 4096;
+/// Stripes repaired at once.
+const CONCURRENT_STRIPES: usize = 8;
+/// Stripe records the scanner reads per transaction.
+const SCAN_BATCH: usize = 2048;
+/// How long an old shard copy outlives the commit that replaced it: longer
+/// than any read that began before it (a node request times out sooner).
+pub const OLD_COPY_GRACE: Duration = Duration::from_secs(300);
+
+/// What one stripe's repair did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// All k+m shards were good; it left the queue.
+    Healthy,
+    /// `n` shards were rebuilt, written, re-read and committed.
+    Repaired(usize),
+    /// Fewer than k good shards: recorded as lost (once), still queued.
+    Lost,
+    /// Shards unreachable on nodes still within their grace period, or a
+    /// race with another change: try again later.
+    Waiting,
+    /// The evidence is gone (expunged) or the stripe no longer exists.
+    Gone,
+}
+
+/// What a pass did, for logs, metrics and `custodia repair`.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct PassReport {
+    pub examined: u64,
+    pub healthy: u64,
+    pub repaired_stripes: u64,
+    pub rebuilt_shards: u64,
+    pub lost: u64,
+    pub waiting: u64,
+    pub gone: u64,
+}
+
+/// Runs repair passes every `every` (or at once when woken) for the
+/// gateway's life.
+pub fn spawn_repair_loop<S: Store>(
+    gw: Arc<Gateway<S>>,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut cursor = None;
+        loop {
+            tokio::select! {
+                _ = gw.repair_wake.notified() => {}
+                _ = tokio::time::sleep(every) => {}
+            }
+            match scan(&gw, &mut cursor).await {
+                Ok(n) if n > 0 => {
+                    tracing::info!(stripes = n, "queued stripes on down nodes for repair")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "repair scan failed"),
+            }
+            match pass(&gw).await {
+                Ok(r) if r.examined > 0 => tracing::info!(?r, "repair pass"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "repair pass failed"),
+            }
+        }
+    })
+}
+
+/// Nodes down for longer than the configured grace: their shards count as
+/// missing.
+fn gone_nodes<S: Store>(gw: &Gateway<S>) -> HashSet<NodeId> {
+    let grace = Duration::from_millis(gw.config.repair_after_down_ms);
+    gw.nodes
+        .view()
+        .into_iter()
+        .filter(|n| n.state == NodeHealth::Down && n.last_seen.is_none_or(|ago| ago >= grace))
+        .map(|n| n.id)
+        .collect()
+}
+
+/// Walks up to one batch of stripe records from `cursor` (wrapping around)
+/// and queues those with a shard on a node gone past its grace, or with no
+/// node at all. Skipped entirely while every node is within its grace.
+pub async fn scan<S: Store>(
+    gw: &Gateway<S>,
+    cursor: &mut Option<(EvidenceId, u64)>,
+) -> Result<u64, ApiError> {
+    let gone = gone_nodes(gw);
+    if gone.is_empty() {
+        return Ok(0);
+    }
+    let mut queued = 0u64;
+    // At most 16 batches per call; each transaction stays small.
+    for _ in 0..16 {
+        let on_gone = |rec: &StripeRecord| {
+            rec.shards
+                .iter()
+                .any(|p| p.node.is_none_or(|n| gone.contains(&n)))
+        };
+        let (n, more) = queue_stripes(gw, &on_gone, cursor).await?;
+        queued += n;
+        if !more {
+            break;
+        }
+    }
+    Ok(queued)
+}
+
+/// Queues for re-checking every stripe with a shard on `nodes`, which came
+/// back with another disk: what they held is presumed gone until the repair
+/// worker has read it (a wiped disk must never go unnoticed).
+pub fn spawn_reconcile<S: Store>(gw: Arc<Gateway<S>>, nodes: Vec<NodeId>) {
+    if nodes.is_empty() {
+        return;
+    }
+    spawn_queue_all(gw, Some(nodes.into_iter().collect()));
+}
+
+/// Queues every stripe with a shard on one of `nodes` (every stripe when
+/// `None`: `custodia repair --verify-all` reads and checks all k+m shards of
+/// everything) in the background, then wakes the repair worker.
+pub fn spawn_queue_all<S: Store>(gw: Arc<Gateway<S>>, nodes: Option<HashSet<NodeId>>) {
+    tokio::spawn(async move {
+        queue_all(&gw, nodes.as_ref()).await;
+    });
+}
+
+/// [`spawn_queue_all`]'s walk, awaited; returns how many stripes it queued.
+pub async fn queue_all<S: Store>(gw: &Gateway<S>, nodes: Option<&HashSet<NodeId>>) -> u64 {
+    let mut cursor = None;
+    let mut queued = 0u64;
+    let hit = |rec: &StripeRecord| {
+        nodes.is_none_or(|nodes| {
+            rec.shards
+                .iter()
+                .any(|p| p.node.is_none_or(|n| nodes.contains(&n)))
+        })
+    };
+    loop {
+        match queue_stripes(gw, &hit, &mut cursor).await {
+            Ok((n, more)) => {
+                queued += n;
+                if !more {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "queueing stripes for repair failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    match nodes {
+        Some(nodes) => tracing::warn!(
+            ?nodes,
+            stripes = queued,
+            "stripes on a replaced disk queued for repair"
+        ),
+        None => tracing::info!(stripes = queued, "every stripe queued for verification"),
+    }
+    gw.repair_wake.notify_one();
+    queued
+}
+
+/// One batch of the walk over stripe records from `cursor`: queues those
+/// `hit` picks. Returns (queued, more to walk).
+async fn queue_stripes<S: Store>(
+    gw: &Gateway<S>,
+    hit: &(dyn Fn(&StripeRecord) -> bool + Sync),
+    cursor: &mut Option<(EvidenceId, u64)>,
+) -> Result<(u64, bool), ApiError> {
+    let after = *cursor;
+    let batch = indexer::run(&gw.store, |tx| async move {
+        schema::stripes_scan_tx(&tx, after, SCAN_BATCH).await
+    })
+    .await?;
+    let Some(&(e, s, _)) = batch.last() else {
+        *cursor = None;
+        return Ok((0, false));
+    };
+    *cursor = Some((e, s));
+    let hit: Vec<(EvidenceId, u64)> = batch
+        .iter()
+        .filter(|(_, _, rec)| hit(rec))
+        .map(|(e, s, _)| (*e, *s))
+        .collect();
+    if !hit.is_empty() {
+        indexer::run(&gw.store, |tx| {
+            let hit = &hit;
+            async move {
+                for (e, s) in hit {
+                    schema::mark_degraded_tx(&tx, *e, *s);
+                }
+                Ok::<_, schema::SchemaError>(())
+            }
+        })
+        .await?;
+    }
+    Ok((hit.len() as u64, true))
+}
+
+/// One pass over the queue.
+pub async fn pass<S: Store>(gw: &Arc<Gateway<S>>) -> Result<PassReport, ApiError> {
+    use futures::StreamExt as _;
+    let queued = indexer::run(&gw.store, |tx| async move {
+        schema::degraded_stripes_tx(&tx, PASS_STRIPES).await
+    })
+    .await?;
+    let gone = Arc::new(gone_nodes(gw));
+    let mut report = PassReport::default();
+    let mut outcomes = futures::stream::iter(queued)
+        .map(|(evidence, stripe)| {
+            let (gw, gone) = (gw.clone(), gone.clone());
+            async move {
+                (
+                    evidence,
+                    stripe,
+                    repair_stripe(&gw, evidence, stripe, &gone).await,
+                )
+            }
+        })
+        .buffer_unordered(CONCURRENT_STRIPES);
+    while let Some((evidence, stripe, outcome)) = outcomes.next().await {
+        report.examined += 1;
+        match outcome {
+            Ok(Outcome::Healthy) => report.healthy += 1,
+            Ok(Outcome::Repaired(n)) => {
+                report.repaired_stripes += 1;
+                report.rebuilt_shards += n as u64;
+            }
+            Ok(Outcome::Lost) => report.lost += 1,
+            Ok(Outcome::Waiting) => report.waiting += 1,
+            Ok(Outcome::Gone) => report.gone += 1,
+            Err(e) => {
+                report.waiting += 1;
+                tracing::warn!(%evidence, stripe, error = %e, "stripe repair failed; will retry");
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Repairs one queued stripe.
+pub async fn repair_stripe<S: Store>(
+    gw: &Arc<Gateway<S>>,
+    evidence: EvidenceId,
+    stripe: u64,
+    gone: &HashSet<NodeId>,
+) -> Result<Outcome, ApiError> {
+    let (header, rec) = indexer::run(&gw.store, |tx| async move {
+        let header = schema::get_manifest_tx(&tx, evidence).await?;
+        let rec = schema::stripes_after_tx(&tx, evidence, stripe, 1).await?;
+        Ok::<_, schema::SchemaError>((header, rec))
+    })
+    .await?;
+    let rec = rec.into_iter().find(|(s, _)| *s == stripe).map(|(_, r)| r);
+    let (Some(header), Some(rec)) = (header, rec) else {
+        // Expunged, or an upload that never became visible: not ours.
+        indexer::run(&gw.store, |tx| async move {
+            schema::clear_degraded_tx(&tx, evidence, stripe);
+            Ok::<_, schema::SchemaError>(())
+        })
+        .await?;
+        return Ok(Outcome::Gone);
+    };
+    let (k, m) = (header.code.data_shards(), header.code.parity_shards());
+    let total = k + m;
+    if rec.shards.len() != total {
+        tracing::error!(%evidence, stripe, "stripe record does not match its code; not repairing");
+        return Ok(Outcome::Waiting);
+    }
+
+    // 1. Every shard, checked against the manifest's hash.
+    let fetched =
+        futures::future::join_all((0..total).map(|i| fetch_shard(gw, evidence, stripe, i, &rec)))
+            .await;
+    let mut shards: Vec<Option<Vec<u8>>> = Vec::with_capacity(total);
+    let mut rebuild = Vec::new();
+    let mut bad = 0usize;
+    for (i, outcome) in fetched.into_iter().enumerate() {
+        match outcome {
+            ShardOutcome::Good(b) => shards.push(Some(b)),
+            ShardOutcome::Damaged => {
+                bad += 1;
+                rebuild.push(i);
+                shards.push(None);
+            }
+            ShardOutcome::Unreachable => {
+                shards.push(None);
+                // Within its node's grace period a shard is only waited for.
+                if rec.shards[i].node.is_none_or(|n| gone.contains(&n)) {
+                    bad += 1;
+                    rebuild.push(i);
+                }
+            }
+        }
+    }
+    let good = shards.iter().flatten().count();
+    if good == total {
+        recycle(gw, shards);
+        indexer::run(&gw.store, |tx| async move {
+            schema::clear_degraded_tx(&tx, evidence, stripe);
+            Ok::<_, schema::SchemaError>(())
+        })
+        .await?;
+        return Ok(Outcome::Healthy);
+    }
+    if good < k {
+        recycle(gw, shards);
+        if bad > m {
+            record_lost(gw, &header, stripe).await?;
+            return Ok(Outcome::Lost);
+        }
+        return Ok(Outcome::Waiting);
+    }
+    if rebuild.is_empty() {
+        recycle(gw, shards);
+        return Ok(Outcome::Waiting); // only unreachable shards, within grace
+    }
+
+    // 2. Rebuild from k good shards.
+    let rs = gw
+        .codec(k, m)
+        .map_err(|e| ApiError::Unavailable(format!("codec RS({k},{m}): {e:?}")))?;
+    let mut shards =
+        tokio::task::spawn_blocking(move || rs.reconstruct(&mut shards).map(|()| shards))
+            .await
+            .map_err(|_| ApiError::Internal)?
+            .map_err(|e| ApiError::Unavailable(format!("reconstruction: {e:?}")))?;
+
+    // 3. New homes, then write, then re-read.
+    let holders: Vec<NodeId> = rec
+        .shards
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !rebuild.contains(i))
+        .filter_map(|(_, p)| p.node)
+        .collect();
+    let targets = choose_targets(gw, evidence, stripe, &holders, &rec, gone, rebuild.len());
+    if targets.len() < rebuild.len() {
+        recycle(gw, shards);
+        return Err(ApiError::Unavailable(format!(
+            "only {} nodes can take the {} rebuilt shards",
+            targets.len(),
+            rebuild.len()
+        )));
+    }
+    let layout = header.code.layout(header.size);
+    let sr = layout.stripe_range(stripe);
+    let mut next = rec.clone();
+    let mut written: Vec<(usize, NodeId)> = Vec::new();
+    let writes = rebuild.iter().zip(&targets).map(|(&i, &node)| {
+        let body = shards[i].as_deref().unwrap_or_default();
+        let header = ShardHeader {
+            key: ShardKey {
+                evidence,
+                stripe,
+                index: i as u8,
+            },
+            code: header.code,
+            stripe_len: sr.end - sr.start,
+            len: rec.shard_len,
+            blake3: rec.shards[i].blake3,
+        };
+        async move { (i, node, put_and_verify(gw, node, &header, body).await) }
+    });
+    let results = futures::future::join_all(writes).await;
+    recycle(gw, std::mem::take(&mut shards));
+    let mut failed = None;
+    for (i, node, r) in results {
+        match r {
+            Ok(()) => {
+                written.push((i, node));
+                next.shards[i].node = Some(node);
+            }
+            Err(e) => failed = Some(e),
+        }
+    }
+    if let Some(e) = failed {
+        delete_copies(gw, evidence, stripe, &written).await;
+        return Err(e);
+    }
+
+    // 4. Compare-and-set, with the statement.
+    let detail = serde_json::json!({
+        "stripe": stripe,
+        "shards": written.iter().map(|(i, n)| serde_json::json!({"index": i, "node": n.0})).collect::<Vec<_>>(),
+    });
+    let pending = statement(gw, &header, Kind::Repaired, &detail)?;
+    let commit = indexer::run(&gw.store, |tx| {
+        let (rec, next, pending) = (&rec, &next, &pending);
+        async move {
+            let c = schema::commit_repair_tx(&tx, evidence, stripe, rec, next).await?;
+            if let (RepairCommit::Done, Some(p)) = (c, pending) {
+                indexer::ledger::enqueue_tx(&tx, 0, p);
+            }
+            Ok::<_, schema::SchemaError>(c)
+        }
+    })
+    .await?;
+    match commit {
+        RepairCommit::Done => {}
+        RepairCommit::Gone => {
+            delete_copies(gw, evidence, stripe, &written).await;
+            return Ok(Outcome::Gone);
+        }
+        RepairCommit::Changed => {
+            delete_copies(gw, evidence, stripe, &written).await;
+            return Ok(Outcome::Waiting);
+        }
+    }
+    if let Some(l) = &gw.ledger {
+        l.queued();
+    }
+    gw.metrics.shards_repaired.inc_by(written.len() as u64);
+    tracing::info!(%evidence, stripe, shards = written.len(), "stripe repaired");
+
+    // 5. Old copies that are still reachable go after the grace.
+    let old: Vec<(usize, NodeId)> = rebuild
+        .iter()
+        .filter_map(|&i| rec.shards[i].node.map(|n| (i, n)))
+        .filter(|(_, n)| !gone.contains(n))
+        .collect();
+    if !old.is_empty() {
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(OLD_COPY_GRACE).await;
+            delete_copies(&gw, evidence, stripe, &old).await;
+        });
+    }
+    Ok(Outcome::Repaired(written.len()))
+}
+
+/// Nodes to take `n` rebuilt shards: in the stripe's placement order,
+/// healthy, not already holding one of its shards, in a failure domain the
+/// stripe does not use yet where possible.
+fn choose_targets<S: Store>(
+    gw: &Gateway<S>,
+    evidence: EvidenceId,
+    stripe: u64,
+    holders: &[NodeId],
+    rec: &StripeRecord,
+    gone: &HashSet<NodeId>,
+    n: usize,
+) -> Vec<NodeId> {
+    let total = rec.shards.len();
+    let ranked = placement::rank(&evidence, stripe, &gw.nodes.write_candidates(total));
+    let used: HashSet<Option<String>> = holders.iter().map(|h| gw.nodes.domain(*h)).collect();
+    let free: Vec<NodeId> = ranked
+        .into_iter()
+        .filter(|c| !holders.contains(c) && !gone.contains(c) && gw.nodes.is_healthy(*c))
+        .filter(|c| !rec.shards.iter().any(|p| p.node == Some(*c)))
+        .collect();
+    let mut out: Vec<NodeId> = Vec::with_capacity(n);
+    let mut domains = used;
+    // First pass: new domains only (an unlabelled node is its own domain).
+    for c in &free {
+        let d = gw.nodes.domain(*c);
+        if out.len() < n && (d.is_none() || !domains.contains(&d)) {
+            domains.insert(d);
+            out.push(*c);
+        }
+    }
+    for c in &free {
+        if out.len() < n && !out.contains(c) {
+            out.push(*c);
+        }
+    }
+    out
+}
+
+/// Writes one rebuilt shard and reads it back: only a shard that comes back
+/// with the manifest's hash counts.
+async fn put_and_verify<S: Store>(
+    gw: &Gateway<S>,
+    node: NodeId,
+    header: &ShardHeader,
+    body: &[u8],
+) -> Result<(), ApiError> {
+    if Blake3Hash::of(body) != header.blake3 {
+        return Err(ApiError::Unavailable(format!(
+            "rebuilt shard {} does not match the manifest's hash",
+            header.key
+        )));
+    }
+    let addr = gw
+        .nodes
+        .addr(node)
+        .ok_or_else(|| ApiError::Unavailable(format!("node {node} left the cluster")))?;
+    gw.nodes
+        .client
+        .rpc_put_shard(addr, header, body)
+        .await
+        .map_err(|e| {
+            ApiError::Unavailable(format!("writing {} to node {node}: {e}", header.key))
+        })?;
+    let (_, back) = gw
+        .nodes
+        .client
+        .rpc_get_shard(addr, header.key)
+        .await
+        .map_err(|e| {
+            ApiError::Unavailable(format!("re-reading {} from node {node}: {e}", header.key))
+        })?;
+    let ok = Blake3Hash::of(&back) == header.blake3;
+    gw.nodes.client.recycle(back);
+    if !ok {
+        return Err(ApiError::Unavailable(format!(
+            "{} read back from node {node} does not match",
+            header.key
+        )));
+    }
+    Ok(())
+}
+
+async fn delete_copies<S: Store>(
+    gw: &Gateway<S>,
+    evidence: EvidenceId,
+    stripe: u64,
+    copies: &[(usize, NodeId)],
+) {
+    for &(i, node) in copies {
+        let Some(addr) = gw.nodes.addr(node) else {
+            continue;
+        };
+        let key = ShardKey {
+            evidence,
+            stripe,
+            index: i as u8,
+        };
+        if let Err(e) = gw.nodes.client.rpc_delete_shard(addr, key).await {
+            // Left behind: an orphan for the sweep.
+            tracing::debug!(shard = %key, %node, error = %e, "could not delete a superseded shard copy");
+        }
+    }
+}
+
+fn recycle<S: Store>(gw: &Gateway<S>, shards: Vec<Option<Vec<u8>>>) {
+    for s in shards.into_iter().flatten() {
+        gw.nodes.client.recycle(s);
+    }
+}
+
+/// A repair statement about `header`'s evidence, by the system.
+fn statement<S: Store>(
+    gw: &Gateway<S>,
+    header: &ManifestHeader,
+    kind: Kind,
+    detail: &serde_json::Value,
+) -> Result<Option<indexer::ledger::PendingRecord>, ApiError> {
+    if gw.ledger.is_none() {
+        return Ok(None);
+    }
+    let mut s = Statement::new(
+        kind,
+        header.evidence,
+        &header.blake3,
+        Some(&header.sha256),
+        header.size,
+        &header.tenant,
+        header.case.clone(),
+        Some("custodia/repair".to_owned()),
+        gw.clock.now_ms(),
+    );
+    s.metadata_sha256 = Some(crate::api::sha256_hex(detail.to_string().as_bytes()));
+    crate::ledger::pending(header.evidence, &s).map(Some)
+}
+
+/// Records a stripe as lost, once: the `lost` statement and the mark commit
+/// together.
+async fn record_lost<S: Store>(
+    gw: &Gateway<S>,
+    header: &ManifestHeader,
+    stripe: u64,
+) -> Result<(), ApiError> {
+    let evidence = header.evidence;
+    let pending = statement(
+        gw,
+        header,
+        Kind::Lost,
+        &serde_json::json!({ "stripe": stripe }),
+    )?;
+    let first = indexer::run(&gw.store, |tx| {
+        let pending = &pending;
+        async move {
+            if schema::is_lost_tx(&tx, evidence, stripe).await? {
+                return Ok::<_, schema::SchemaError>(false);
+            }
+            schema::mark_lost_tx(&tx, evidence, stripe);
+            if let Some(p) = pending {
+                indexer::ledger::enqueue_tx(&tx, 0, p);
+            }
+            Ok(true)
+        }
+    })
+    .await?;
+    if first {
+        gw.metrics.stripes_lost.inc();
+        tracing::error!(%evidence, stripe, "stripe lost: fewer than k good shards remain");
+        if let Some(l) = &gw.ledger {
+            l.queued();
+        }
+    }
+    Ok(())
+}
