@@ -190,34 +190,58 @@ impl TestCluster {
         Ok(c)
     }
 
-    /// Restarts the gateway with these witnesses (url, verifier key) in its
-    /// ledger configuration, asked every `interval_ms`.
-    pub fn use_witnesses(&mut self, witnesses: &[(&str, &str)], interval_ms: i64) -> Result<()> {
+    /// Restarts the gateway with `settings` (top-level keys of its section
+    /// of cluster.toml) changed.
+    pub fn set_gateway(&mut self, settings: &[(&str, toml::Value)]) -> Result<()> {
+        self.edit_gateway(|g| {
+            for (k, v) in settings {
+                g.insert((*k).to_owned(), v.clone());
+            }
+            Ok(())
+        })
+    }
+
+    fn edit_gateway(
+        &mut self,
+        edit: impl FnOnce(&mut toml::map::Map<String, toml::Value>) -> Result<()>,
+    ) -> Result<()> {
         self.kill_gateway();
         let file = self.data_dir().join("cluster.toml");
         let mut cluster: toml::Value = toml::from_str(&fs::read_to_string(&file)?)?;
-        let ledger = cluster
+        let gateway = cluster
             .get_mut("gateway")
-            .and_then(|g| g.get_mut("ledger"))
-            .and_then(|l| l.as_table_mut())
-            .context("gateway.ledger")?;
-        ledger.insert(
-            "witness_interval_ms".into(),
-            toml::Value::Integer(interval_ms),
-        );
-        let entries = witnesses
-            .iter()
-            .map(|(url, key)| {
-                let mut entry = toml::map::Map::new();
-                entry.insert("url".into(), toml::Value::String((*url).to_owned()));
-                entry.insert("key".into(), toml::Value::String((*key).to_owned()));
-                toml::Value::Table(entry)
-            })
-            .collect();
-        ledger.insert("witnesses".into(), toml::Value::Array(entries));
+            .and_then(|g| g.as_table_mut())
+            .context("gateway")?;
+        edit(gateway)?;
         fs::write(&file, toml::to_string(&cluster)?)?;
         self.start_gateway()?;
         self.wait_healthy(self.shape.nodes as u64)
+    }
+
+    /// Restarts the gateway with these witnesses (url, verifier key) in its
+    /// ledger configuration, asked every `interval_ms`.
+    pub fn use_witnesses(&mut self, witnesses: &[(&str, &str)], interval_ms: i64) -> Result<()> {
+        self.edit_gateway(|g| {
+            let ledger = g
+                .get_mut("ledger")
+                .and_then(|l| l.as_table_mut())
+                .context("gateway.ledger")?;
+            ledger.insert(
+                "witness_interval_ms".into(),
+                toml::Value::Integer(interval_ms),
+            );
+            let entries = witnesses
+                .iter()
+                .map(|(url, key)| {
+                    let mut entry = toml::map::Map::new();
+                    entry.insert("url".into(), toml::Value::String((*url).to_owned()));
+                    entry.insert("key".into(), toml::Value::String((*key).to_owned()));
+                    toml::Value::Table(entry)
+                })
+                .collect();
+            ledger.insert("witnesses".into(), toml::Value::Array(entries));
+            Ok(())
+        })
     }
 
     /// A SigV4-signed request with curl: (lower-cased headers, body).

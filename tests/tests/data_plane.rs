@@ -145,7 +145,7 @@ fn corrupt_shard_is_rebuilt_and_reported() -> Result<()> {
     std::fs::write(&victim, &file)?;
 
     assert_eq!(c.read(&id)?, data, "corruption must be repaired on the fly");
-    let queued = eventually(10, || {
+    let in_queue = || {
         c.get_with(&c.token, "/v1/repair/queue", &[])
             .map(|a| {
                 a.json()["stripes"]
@@ -153,12 +153,38 @@ fn corrupt_shard_is_rebuilt_and_reported() -> Result<()> {
                     .is_some_and(|s| s.iter().any(|x| x["evidence"] == id.as_str()))
             })
             .unwrap_or(false)
-    });
+    };
+    let repaired = || {
+        c.get_with(&c.token, &format!("/v1/evidence/{id}/custody"), &[])
+            .is_ok_and(|a| a.json().to_string().contains("repaired"))
+    };
+    // Queued (unless the repair worker, which looks every 10 s, was quicker).
+    let queued = eventually(10, || in_queue() || repaired());
     assert!(queued, "the corrupt stripe must be queued for repair");
     assert!(
         !victim.exists(),
         "the node must have quarantined the corrupt shard"
     );
+    // Then rebuilt: `custodia repair` returns once the queue is empty, and
+    // the repair is on the evidence's custody record.
+    let out = std::process::Command::new(custodia_tests::custodia_bin())
+        .args([
+            "repair",
+            "--patience-secs",
+            "20",
+            "--api",
+            &c.api,
+            "--token-file",
+        ])
+        .arg(c.data_dir().join("admin.token"))
+        .output()?;
+    assert!(
+        out.status.success(),
+        "repair: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!in_queue() && repaired(), "the stripe was rebuilt");
+    assert_eq!(c.read(&id)?, data);
     Ok(())
 }
 

@@ -262,7 +262,8 @@ fn prometheus_scrapes_every_process_and_every_dashboard_query_has_data() -> Resu
         .into();
     // Eight processes up (node 7 is dead: its target is down).
     let scraping = custodia_tests::eventually(60, || {
-        scalar(&agent, &prom, "count(up == 1)").is_ok_and(|n| n == 8.0)
+        scalar(&agent, &prom, "count(up)").is_ok_and(|n| n == 9.0)
+            && scalar(&agent, &prom, "count(up == 1)").is_ok_and(|n| n == 8.0)
     });
     assert!(
         scraping,
