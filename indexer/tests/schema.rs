@@ -560,3 +560,102 @@ async fn worm_is_enforced_in_the_transaction_that_removes_data() {
     assert!(!Role::Expunger.may(Role::Reader));
     assert!(Role::Admin.may(Role::Clerk) && !Role::Reader.may(Role::Clerk));
 }
+
+/// Repair commits with a compare-and-set: only over the record it read, only
+/// while the evidence is visible (never resurrecting an expunged stripe),
+/// bumping the version and clearing the queue and lost marks.
+#[tokio::test]
+async fn repair_commits_only_over_what_it_read_and_never_after_expunge() {
+    let (_d, s) = store();
+    let id = EvidenceId::new(1, [9; 10]);
+    begin(&s, id, "court", None).await.unwrap();
+    run(&s, |tx| async move {
+        schema::put_stripe_tx(&tx, id, 0, &stripe(true));
+        Ok::<_, SchemaError>(())
+    })
+    .await
+    .unwrap();
+    commit(&s, &header(id, "court", 3)).await.unwrap();
+    let queued = || async {
+        run(&s, |tx| async move {
+            schema::degraded_stripes_tx(&tx, 10).await
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        queued().await,
+        vec![(id, 0)],
+        "a stripe missing a shard is queued"
+    );
+
+    let seen = stripe(true);
+    let mut fixed = seen.clone();
+    fixed.shards[0].node = Some(NodeId(9));
+    // Another change got there first: nothing is written.
+    let mut other = seen.clone();
+    other.version = 7;
+    let c = run(&s, |tx| {
+        let (other, fixed) = (&other, &fixed);
+        async move { schema::commit_repair_tx(&tx, id, 0, other, fixed).await }
+    })
+    .await
+    .unwrap();
+    assert_eq!(c, schema::RepairCommit::Changed);
+    // Over what it read: done, version bumped, queue and lost mark cleared.
+    run(&s, |tx| async move {
+        schema::mark_lost_tx(&tx, id, 0);
+        Ok::<_, SchemaError>(())
+    })
+    .await
+    .unwrap();
+    let c = run(&s, |tx| {
+        let (seen, fixed) = (&seen, &fixed);
+        async move { schema::commit_repair_tx(&tx, id, 0, seen, fixed).await }
+    })
+    .await
+    .unwrap();
+    assert_eq!(c, schema::RepairCommit::Done);
+    let (rec, lost) = run(&s, |tx| async move {
+        Ok::<_, SchemaError>((
+            schema::get_stripes_tx(&tx, id, 0..1).await?,
+            schema::is_lost_tx(&tx, id, 0).await?,
+        ))
+    })
+    .await
+    .unwrap();
+    assert_eq!(rec[0].version, 2);
+    assert_eq!(rec[0].shards[0].node, Some(NodeId(9)));
+    assert!(!lost);
+    assert!(queued().await.is_empty());
+    // The scan walks every stripe record in key order.
+    let all = run(&s, |tx| async move {
+        schema::stripes_scan_tx(&tx, None, 10).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!((all[0].0, all[0].1), (id, 0));
+    let after = run(&s, |tx| async move {
+        schema::stripes_scan_tx(&tx, Some((id, 0)), 10).await
+    })
+    .await
+    .unwrap();
+    assert!(after.is_empty());
+
+    // Expunged: a repair in flight must not bring the stripe back.
+    run(
+        &s,
+        |tx| async move { schema::expunge_tx(&tx, id, 10).await },
+    )
+    .await
+    .unwrap();
+    let current = rec[0].clone();
+    let c = run(&s, |tx| {
+        let (current, fixed) = (&current, &fixed);
+        async move { schema::commit_repair_tx(&tx, id, 0, current, fixed).await }
+    })
+    .await
+    .unwrap();
+    assert_eq!(c, schema::RepairCommit::Gone);
+}
