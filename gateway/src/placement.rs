@@ -17,6 +17,17 @@ pub struct Candidate {
     pub failure_domain: Option<String>,
 }
 
+/// A node's score for one stripe: within its domain, the highest wins.
+pub fn node_score(evidence: &EvidenceId, stripe: u64, node: NodeId) -> u64 {
+    score(evidence, stripe, &node.0.to_le_bytes())
+}
+
+/// A labelled failure domain's score for one stripe: domains are visited
+/// highest first. (An unlabelled node's domain score is its node score.)
+pub fn domain_score(evidence: &EvidenceId, stripe: u64, domain: &str) -> u64 {
+    score(evidence, stripe, format!("domain:{domain}").as_bytes())
+}
+
 fn score(evidence: &EvidenceId, stripe: u64, what: &[u8]) -> u64 {
     let mut h = blake3::Hasher::new();
     h.update(evidence.as_bytes());
@@ -31,24 +42,21 @@ fn score(evidence: &EvidenceId, stripe: u64, what: &[u8]) -> u64 {
 /// stripe's home, the rest are fallbacks in order.
 pub fn rank(evidence: &EvidenceId, stripe: u64, nodes: &[Candidate]) -> Vec<NodeId> {
     // Group by domain; an unlabelled node is its own domain.
+    // (A map from name to slot: at 10,000 nodes a linear search per node
+    // cost more than the hashing.)
     let mut domains: Vec<(u64, Vec<(u64, NodeId)>)> = Vec::new();
-    let mut names: Vec<Option<&str>> = Vec::new();
+    let mut slots: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for n in nodes {
-        let node_score = score(evidence, stripe, &n.node.0.to_le_bytes());
-        let slot = match n.failure_domain.as_deref() {
-            Some(d) => names.iter().position(|x| *x == Some(d)),
-            None => None,
-        };
-        match slot {
-            Some(i) => domains[i].1.push((node_score, n.node)),
-            None => {
-                let domain_score = match n.failure_domain.as_deref() {
-                    Some(d) => score(evidence, stripe, format!("domain:{d}").as_bytes()),
-                    None => node_score,
-                };
-                names.push(n.failure_domain.as_deref());
-                domains.push((domain_score, vec![(node_score, n.node)]));
-            }
+        let ns = node_score(evidence, stripe, n.node);
+        match n.failure_domain.as_deref() {
+            Some(d) => match slots.get(d) {
+                Some(&i) => domains[i].1.push((ns, n.node)),
+                None => {
+                    slots.insert(d, domains.len());
+                    domains.push((domain_score(evidence, stripe, d), vec![(ns, n.node)]));
+                }
+            },
+            None => domains.push((ns, vec![(ns, n.node)])),
         }
     }
     domains.sort_by_key(|d| std::cmp::Reverse(d.0));
