@@ -46,7 +46,7 @@ fn mbps(bytes: u64, d: Duration) -> f64 {
 }
 
 /// MB/s moved over QUIC from one endpoint to another on loopback, 4 streams.
-async fn quic_bulk(dir: &Path) -> Result<f64> {
+pub(crate) async fn quic_bulk(dir: &Path) -> Result<f64> {
     let ca = storage_node::tls::ClusterCa::generate("bench CA")?;
     let (ca_pem, _) = ca.to_pem();
     std::fs::write(dir.join("ca.pem"), ca_pem)?;
@@ -155,18 +155,18 @@ fn durable_disk(dir: &Path) -> Result<f64> {
     Ok(mbps(files << 20, start.elapsed()))
 }
 
-struct LocalCluster {
-    /// Node processes; held only so that dropping the cluster kills them.
-    _children: Vec<Child>,
-    cluster: Cluster,
+pub(crate) struct LocalCluster {
+    /// Node processes, in node order; dropping the cluster kills them.
+    pub(crate) children: Vec<Child>,
+    pub(crate) cluster: Cluster,
 }
 
 impl LocalCluster {
-    async fn start(dir: &Path, args: &BenchArgs) -> Result<Self> {
+    pub(crate) async fn start(dir: &Path, nodes: u32, k: u8, m: u8) -> Result<Self> {
         let opts = InitOptions {
-            nodes: args.nodes,
-            k: args.k,
-            m: args.m,
+            nodes,
+            k,
+            m,
             shard_size: protocol::ErasureCode::DEFAULT_SHARD_SIZE,
             api: ([127, 0, 0, 1], 0).into(),
             s3: None,
@@ -191,14 +191,32 @@ impl LocalCluster {
                     .spawn()?,
             );
         }
-        Ok(LocalCluster {
-            _children: children,
-            cluster,
-        })
+        Ok(LocalCluster { children, cluster })
     }
 }
 
-fn http_put(api: &str, token: &str, data: Arc<Vec<u8>>) -> Result<()> {
+/// Waits until the gateway at `api` sees `nodes` healthy nodes.
+pub(crate) async fn wait_healthy(api: &str, nodes: u32) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let healthy = crate::client::agent()
+            .get(format!("{api}/healthz"))
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_json::<serde_json::Value>().ok())
+            .and_then(|v| v["nodes_healthy"].as_u64())
+            .unwrap_or(0);
+        if healthy >= nodes as u64 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the bench cluster did not become healthy");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub(crate) fn http_put(api: &str, token: &str, data: Arc<Vec<u8>>) -> Result<()> {
     let mut resp = crate::client::agent()
         .post(format!("{api}/v1/evidence"))
         .header("authorization", format!("Bearer {token}"))
@@ -264,7 +282,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         args.nodes
     );
     let cdir = dir.join("cluster");
-    let local = LocalCluster::start(&cdir, &args).await?;
+    let local = LocalCluster::start(&cdir, args.nodes, args.k, args.m).await?;
     let store = indexer::EmbeddedStore::open(&local.cluster.gateway.index_path)?;
     let gw = gateway::serve(
         local.cluster.gateway.clone(),
@@ -272,28 +290,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         prometheus::Registry::new(),
     )
     .await?;
-    // Wait for every node to be seen healthy.
     let api = format!("http://{}", gw.local_addr);
     let token = std::fs::read_to_string(cdir.join(cluster::ADMIN_TOKEN_FILE))?
         .trim()
         .to_string();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let healthy = crate::client::agent()
-            .get(format!("{api}/healthz"))
-            .call()
-            .ok()
-            .and_then(|mut r| r.body_mut().read_json::<serde_json::Value>().ok())
-            .and_then(|v| v["nodes_healthy"].as_u64())
-            .unwrap_or(0);
-        if healthy >= args.nodes as u64 {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the bench cluster did not become healthy");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_healthy(&api, args.nodes).await?;
 
     let mut rows = Vec::new();
     for &mib in &args.sizes_mib {

@@ -9,8 +9,10 @@
 
 mod bench;
 mod bench_ledger;
+mod bench_repair;
 mod client;
 mod cluster;
+mod sim;
 mod status;
 mod up;
 mod verify;
@@ -192,6 +194,9 @@ enum Command {
         #[arg(long)]
         verify_all: bool,
     },
+    /// Simulations of the real code at scales no test machine has.
+    #[command(subcommand)]
+    Sim(SimCommand),
     /// Fetch evidence to a file.
     Get {
         id: String,
@@ -255,6 +260,15 @@ enum Command {
     /// Measure the notarization ledger: sequencer entries/s in process,
     /// `POST /v1/notarize` entries/s over HTTP, and request-to-receipt latency.
     BenchLedger(bench_ledger::BenchLedgerArgs),
+    /// Repair throughput after a node dies, and ingest during repair.
+    BenchRepair(bench_repair::BenchRepairArgs),
+}
+
+#[derive(Subcommand)]
+enum SimCommand {
+    /// Placement on many nodes: fill, failure domains, movement on growth,
+    /// repair fan-out.
+    Placement(sim::PlacementArgs),
 }
 
 #[derive(Subcommand)]
@@ -508,9 +522,14 @@ async fn run(cli: Cli) -> Result<()> {
             verify_all,
             std::time::Duration::from_secs(patience_secs),
         ),
+        Command::Sim(SimCommand::Placement(args)) => sim::placement(&args),
         Command::Bench(args) => {
             init_tracing("warn");
             bench::run(args).await
+        }
+        Command::BenchRepair(args) => {
+            init_tracing("warn");
+            bench_repair::run(args).await
         }
         Command::BenchLedger(args) => {
             init_tracing("warn");
