@@ -29,7 +29,7 @@ use crate::nodes::NodeHealth;
 use crate::placement;
 use crate::read::{fetch_shard, ShardOutcome};
 use indexer::schema::{self, RepairCommit};
-use protocol::ledger::{Kind, Statement};
+use protocol::ledger::Kind;
 use protocol::{
     Blake3Hash, EvidenceId, ManifestHeader, NodeId, ShardHeader, ShardKey, StripeRecord,
 };
@@ -309,9 +309,20 @@ pub async fn repair_stripe<S: Store>(
     }
 
     // 1. Every shard, checked against the manifest's hash.
-    let fetched =
-        futures::future::join_all((0..total).map(|i| fetch_shard(gw, evidence, stripe, i, &rec)))
-            .await;
+    // A node that is gone or not answering is not asked: each request to it
+    // would wait for its timeout.
+    let fetched = futures::future::join_all((0..total).map(|i| {
+        let rec = &rec;
+        async move {
+            match rec.shards[i].node {
+                Some(n) if gone.contains(&n) || !gw.nodes.is_healthy(n) => {
+                    ShardOutcome::Unreachable
+                }
+                _ => fetch_shard(gw, evidence, stripe, i, rec).await,
+            }
+        }
+    }))
+    .await;
     let mut shards: Vec<Option<Vec<u8>>> = Vec::with_capacity(total);
     let mut rebuild = Vec::new();
     let mut bad = 0usize;
@@ -586,22 +597,7 @@ fn statement<S: Store>(
     kind: Kind,
     detail: &serde_json::Value,
 ) -> Result<Option<indexer::ledger::PendingRecord>, ApiError> {
-    if gw.ledger.is_none() {
-        return Ok(None);
-    }
-    let mut s = Statement::new(
-        kind,
-        header.evidence,
-        &header.blake3,
-        Some(&header.sha256),
-        header.size,
-        &header.tenant,
-        header.case.clone(),
-        Some("custodia/repair".to_owned()),
-        gw.clock.now_ms(),
-    );
-    s.metadata_sha256 = Some(crate::api::sha256_hex(detail.to_string().as_bytes()));
-    crate::ledger::pending(header.evidence, &s).map(Some)
+    crate::api::event_statement(gw, header, kind, "custodia/repair".to_owned(), detail)
 }
 
 /// Records a stripe as lost, once: the `lost` statement and the mark commit
