@@ -1145,6 +1145,19 @@ fn worm_statement<S: Store>(
     kind: Kind,
     detail: serde_json::Value,
 ) -> Result<Option<indexer::ledger::PendingRecord>, ApiError> {
+    event_statement(gw, h, kind, actor(who), &detail)
+}
+
+/// A statement of `kind` about `h`'s evidence by `actor`, with the hash of
+/// `detail` (what changed, which court order, which shards): ready for the
+/// outbox; `None` where no ledger is configured.
+pub(crate) fn event_statement<S: Store>(
+    gw: &Gateway<S>,
+    h: &ManifestHeader,
+    kind: Kind,
+    actor: String,
+    detail: &serde_json::Value,
+) -> Result<Option<indexer::ledger::PendingRecord>, ApiError> {
     if gw.ledger.is_none() {
         return Ok(None);
     }
@@ -1156,7 +1169,7 @@ fn worm_statement<S: Store>(
         h.size,
         &h.tenant,
         h.case.clone(),
-        Some(actor(who)),
+        Some(actor),
         gw.clock.now_ms(),
     );
     s.metadata_sha256 = Some(sha256_hex(detail.to_string().as_bytes()));

@@ -333,6 +333,34 @@ impl<S: Store> S3Front<S> {
         Ok((v, header))
     }
 
+    /// The source of a copy: in a bucket the caller may read, readable, and
+    /// matching the copy's preconditions. Returns it with its manifest and
+    /// the version id the request named.
+    async fn copy_source(
+        &self,
+        who: &Caller,
+        source: &CopySource,
+        if_match: Option<&ETagCondition>,
+        if_none_match: Option<&ETagCondition>,
+    ) -> S3Result<(ObjectVersion, protocol::ManifestHeader, Option<String>)> {
+        let CopySource::Bucket {
+            bucket,
+            key,
+            version_id,
+        } = source
+        else {
+            return Err(s3_error!(NotImplemented, "copy from an access point"));
+        };
+        self.bucket(who, bucket).await?;
+        let (src, header) = self.readable(bucket, key, version_id.as_deref()).await?;
+        if if_match.is_some_and(|c| !etag_matches(c, &src.etag))
+            || if_none_match.is_some_and(|c| etag_matches(c, &src.etag))
+        {
+            return Err(s3_error!(PreconditionFailed));
+        }
+        Ok((src, header, version_id.as_deref().map(str::to_owned)))
+    }
+
     /// One DELETE: of a version (Object Lock enforced in the index
     /// transaction), or of the current object (a delete marker where
     /// versioned). Returns (delete marker?, version id) as S3 reports them.
@@ -1068,30 +1096,16 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let who = self.caller(&req, Role::Clerk).await?;
         let mut input = req.input;
         let b = self.bucket(&who, &input.bucket).await?;
-        let CopySource::Bucket {
-            bucket: src_bucket,
-            key: src_key,
-            version_id: src_version,
-        } = &input.copy_source
-        else {
-            return Err(s3_error!(NotImplemented, "copy from an access point"));
-        };
-        // The source must be readable by the caller; the copy is a read of
-        // it (on the ledger) and a new filing of the same bytes.
-        self.bucket(&who, src_bucket).await?;
-        let (src, header) = self
-            .readable(src_bucket, src_key, src_version.as_deref())
+        // The copy is a read of the source (on the ledger) and a new filing
+        // of the same bytes.
+        let (src, header, src_version) = self
+            .copy_source(
+                &who,
+                &input.copy_source,
+                input.copy_source_if_match.as_ref(),
+                input.copy_source_if_none_match.as_ref(),
+            )
             .await?;
-        if let Some(c) = &input.copy_source_if_match {
-            if !etag_matches(c, &src.etag) {
-                return Err(s3_error!(PreconditionFailed));
-            }
-        }
-        if let Some(c) = &input.copy_source_if_none_match {
-            if etag_matches(c, &src.etag) {
-                return Err(s3_error!(PreconditionFailed));
-            }
-        }
         let replace = input
             .metadata_directive
             .as_ref()
@@ -1149,7 +1163,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 ..Default::default()
             }),
             version_id: show_version(&b, &v),
-            copy_source_version_id: src_version.as_deref().map(str::to_owned),
+            copy_source_version_id: src_version,
             ..Default::default()
         });
         resp.headers = headers;
@@ -1548,28 +1562,14 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             .ok()
             .filter(|n| (1..=10_000).contains(n))
             .ok_or_else(|| s3_error!(InvalidArgument, "part numbers are 1 to 10000"))?;
-        let CopySource::Bucket {
-            bucket: src_bucket,
-            key: src_key,
-            version_id: src_version,
-        } = &input.copy_source
-        else {
-            return Err(s3_error!(NotImplemented, "copy from an access point"));
-        };
-        self.bucket(&who, src_bucket).await?;
-        let (src, header) = self
-            .readable(src_bucket, src_key, src_version.as_deref())
+        let (_, header, src_version) = self
+            .copy_source(
+                &who,
+                &input.copy_source,
+                input.copy_source_if_match.as_ref(),
+                input.copy_source_if_none_match.as_ref(),
+            )
             .await?;
-        if let Some(c) = &input.copy_source_if_match {
-            if !etag_matches(c, &src.etag) {
-                return Err(s3_error!(PreconditionFailed));
-            }
-        }
-        if let Some(c) = &input.copy_source_if_none_match {
-            if etag_matches(c, &src.etag) {
-                return Err(s3_error!(PreconditionFailed));
-            }
-        }
         let range = match input.copy_source_range.as_deref() {
             None => 0..header.size,
             Some(r) => copy_range(r, header.size)?,
@@ -1601,7 +1601,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 last_modified: Some(ms_to_ts(self.gw.clock.now_ms())),
                 ..Default::default()
             }),
-            copy_source_version_id: src_version.as_deref().map(str::to_owned),
+            copy_source_version_id: src_version,
             ..Default::default()
         }))
     }
