@@ -279,6 +279,16 @@ impl TestCluster {
         ))
     }
 
+    /// Runs `custodia ARGS` as a client of this cluster's evidence API, with
+    /// the admin token (`status`, `repair`, ...).
+    pub fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(Command::new(custodia_bin())
+            .args(args)
+            .args(["--api", &self.api, "--token-file"])
+            .arg(self.dir.path().join("admin.token"))
+            .output()?)
+    }
+
     /// Runs `custodia ARGS` against this cluster's data dir (for commands
     /// that open the index, stop the gateway first).
     pub fn custodia(&self, args: &[&str]) -> Result<std::process::Output> {

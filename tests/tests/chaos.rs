@@ -7,10 +7,9 @@
 //! The test prints what it injected and what it found.
 
 use anyhow::{bail, Context, Result};
-use custodia_tests::{bytes, custodia_bin, Shape, TestCluster};
+use custodia_tests::{bytes, Shape, TestCluster};
 use protocol::ledger::Receipt;
 use rand::{RngExt as _, SeedableRng as _};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,14 +19,6 @@ const CHAOS: Duration = Duration::from_secs(75);
 
 /// A filing that got its 201: (id, length, seed of its bytes).
 type Filed = (String, usize, u64);
-
-fn custodia_api(c: &TestCluster, args: &[&str]) -> Result<std::process::Output> {
-    Ok(Command::new(custodia_bin())
-        .args(args)
-        .args(["--api", &c.api, "--token-file"])
-        .arg(c.data_dir().join("admin.token"))
-        .output()?)
-}
 
 /// Files random-sized evidence until `stop`; records each 201.
 fn filer(api: String, token: String, stop: Arc<AtomicBool>, filed: Arc<Mutex<Vec<Filed>>>) -> u64 {
@@ -177,8 +168,8 @@ fn filing_through_chaos_loses_nothing() -> Result<()> {
     );
 
     // Repair, reading and checking every shard of every stripe.
-    let out = custodia_api(&c, &["repair", "--verify-all", "--patience-secs", "60"])?;
-    let status = String::from_utf8(custodia_api(&c, &["status"])?.stdout)?;
+    let out = c.cli(&["repair", "--verify-all", "--patience-secs", "60"])?;
+    let status = String::from_utf8(c.cli(&["status"])?.stdout)?;
     println!("custodia status after repair:\n{status}");
     if !out.status.success() {
         bail!(

@@ -167,17 +167,7 @@ fn corrupt_shard_is_rebuilt_and_reported() -> Result<()> {
     );
     // Then rebuilt: `custodia repair` returns once the queue is empty, and
     // the repair is on the evidence's custody record.
-    let out = std::process::Command::new(custodia_tests::custodia_bin())
-        .args([
-            "repair",
-            "--patience-secs",
-            "20",
-            "--api",
-            &c.api,
-            "--token-file",
-        ])
-        .arg(c.data_dir().join("admin.token"))
-        .output()?;
+    let out = c.cli(&["repair", "--patience-secs", "20"])?;
     assert!(
         out.status.success(),
         "repair: {}",

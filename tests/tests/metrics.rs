@@ -5,7 +5,7 @@
 //! witness); and `custodia status` reports the dead node and the backlog.
 
 use anyhow::{bail, Context, Result};
-use custodia_tests::{bytes, custodia_bin, start_witness, Shape, TestCluster};
+use custodia_tests::{bytes, start_witness, Shape, TestCluster};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -95,10 +95,7 @@ fn scalar(agent: &ureq::Agent, prom: &str, expr: &str) -> Result<f64> {
 }
 
 fn status_json(c: &TestCluster) -> Result<Value> {
-    let out = Command::new(custodia_bin())
-        .args(["status", "--json", "--api", &c.api, "--token-file"])
-        .arg(c.data_dir().join("admin.token"))
-        .output()?;
+    let out = c.cli(&["status", "--json"])?;
     if !out.status.success() {
         bail!("status failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -192,10 +189,7 @@ fn prometheus_scrapes_every_process_and_every_dashboard_query_has_data() -> Resu
     assert!(nodes[..7].iter().all(|n| n["state"] == "up"), "{s}");
     assert!(nodes[0]["shards"].as_u64().unwrap_or(0) > 0, "{s}");
     assert!(s["ledger"]["entries"].as_u64().unwrap_or(0) >= 5, "{s}");
-    let table = Command::new(custodia_bin())
-        .args(["status", "--api", &c.api, "--token-file"])
-        .arg(c.data_dir().join("admin.token"))
-        .output()?;
+    let table = c.cli(&["status"])?;
     let table = String::from_utf8(table.stdout)?;
     println!("custodia status after killing node 7:\n{table}");
     assert!(table.contains("nodes: 7 of 8 up"), "{table}");

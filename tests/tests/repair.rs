@@ -4,20 +4,11 @@
 //! reads back byte-exact, which only k+m live shards per stripe allow.
 
 use anyhow::{bail, Context, Result};
-use custodia_tests::{bytes, custodia_bin, Shape, TestCluster};
+use custodia_tests::{bytes, Shape, TestCluster};
 use serde_json::Value;
-use std::process::Command;
-
-fn custodia_api(c: &TestCluster, args: &[&str]) -> Result<std::process::Output> {
-    Ok(Command::new(custodia_bin())
-        .args(args)
-        .args(["--api", &c.api, "--token-file"])
-        .arg(c.data_dir().join("admin.token"))
-        .output()?)
-}
 
 fn status(c: &TestCluster) -> Result<Value> {
-    let out = custodia_api(c, &["status", "--json"])?;
+    let out = c.cli(&["status", "--json"])?;
     if !out.status.success() {
         bail!("status failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -25,13 +16,13 @@ fn status(c: &TestCluster) -> Result<Value> {
 }
 
 fn status_table(c: &TestCluster) -> Result<String> {
-    Ok(String::from_utf8(custodia_api(c, &["status"])?.stdout)?)
+    Ok(String::from_utf8(c.cli(&["status"])?.stdout)?)
 }
 
 /// `custodia repair` until the backlog is empty; fails if it does not
 /// empty within its patience.
 fn repair(c: &TestCluster) -> Result<()> {
-    let out = custodia_api(c, &["repair", "--patience-secs", "30"])?;
+    let out = c.cli(&["repair", "--patience-secs", "30"])?;
     if !out.status.success() {
         bail!(
             "custodia repair failed: {}{}",

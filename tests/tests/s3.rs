@@ -1044,46 +1044,18 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
         copied["CopyPartResult"]["ETag"],
         format!("\"{}\"", md5_hex(expected))
     );
-    aws.ok(&[
-        "s3api",
-        "upload-part",
-        "--bucket",
-        "big",
-        "--key",
-        "assembled.bin",
-        "--upload-id",
-        &id,
-        "--part-number",
-        "2",
-        "--body",
-        &p2,
-    ])?;
-    let parts = aws.json(&[
-        "s3api",
-        "list-parts",
-        "--bucket",
-        "big",
-        "--key",
-        "assembled.bin",
-        "--upload-id",
-        &id,
-    ])?;
-    let listing = format!(
+    let on_upload = format!("--bucket big --key assembled.bin --upload-id {id}");
+    aws.ok(&strs(&argv(&format!(
+        "s3api upload-part {on_upload} --part-number 2 --body {p2}"
+    ))))?;
+    let parts = aws.json(&strs(&argv(&format!("s3api list-parts {on_upload}"))))?;
+    let mut complete = argv(&format!("s3api complete-multipart-upload {on_upload}"));
+    complete.push("--multipart-upload".into());
+    complete.push(format!(
         r#"{{"Parts":[{{"PartNumber":1,"ETag":{}}},{{"PartNumber":2,"ETag":{}}}]}}"#,
         parts["Parts"][0]["ETag"], parts["Parts"][1]["ETag"]
-    );
-    aws.ok(&[
-        "s3api",
-        "complete-multipart-upload",
-        "--bucket",
-        "big",
-        "--key",
-        "assembled.bin",
-        "--upload-id",
-        &id,
-        "--multipart-upload",
-        &listing,
-    ])?;
+    ));
+    aws.ok(&strs(&complete))?;
     aws.ok(&["s3", "cp", "s3://big/assembled.bin", "assembled.out"])?;
     let mut want = expected.to_vec();
     want.extend_from_slice(&bytes(1000, 2));
