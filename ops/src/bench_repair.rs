@@ -132,7 +132,13 @@ pub async fn run(args: BenchRepairArgs) -> Result<()> {
     let t0 = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let (a, t, d, s) = (api.clone(), token.clone(), data.clone(), stop.clone());
-    let during = tokio::task::spawn_blocking(move || ingest_until(&a, &t, &d, &s, None));
+    // Capped at what was filed before, so a slow repair cannot fill the disk.
+    let cap = filed;
+    let during = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        ingest_until(&a, &t, &d, &s, Some(cap)).map(|b| (b, started.elapsed()))
+    });
+    let mut last_report = Instant::now();
     let mut peak = 0u64;
     loop {
         let left = status(&api, &token)?["degraded_stripes"]
@@ -142,6 +148,13 @@ pub async fn run(args: BenchRepairArgs) -> Result<()> {
         if left == 0 {
             break;
         }
+        if last_report.elapsed() > Duration::from_secs(5) {
+            eprintln!(
+                "  {left} stripes left after {:.0} s",
+                t0.elapsed().as_secs_f64()
+            );
+            last_report = Instant::now();
+        }
         if t0.elapsed() > Duration::from_secs(1800) {
             bail!("repair did not finish within 30 minutes ({left} stripes left)");
         }
@@ -149,8 +162,8 @@ pub async fn run(args: BenchRepairArgs) -> Result<()> {
     }
     let repair_time = t0.elapsed();
     stop.store(true, Ordering::Relaxed);
-    let during_bytes = during.await??;
-    let ingest_during = during_bytes as f64 / 1e6 / repair_time.as_secs_f64();
+    let (during_bytes, during_time) = during.await??;
+    let ingest_during = during_bytes as f64 / 1e6 / during_time.min(repair_time).as_secs_f64();
     gw.abort();
     drop(local);
 
