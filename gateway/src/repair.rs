@@ -130,12 +130,7 @@ pub async fn scan<S: Store>(
     let mut queued = 0u64;
     // At most 16 batches per call; each transaction stays small.
     for _ in 0..16 {
-        let on_gone = |rec: &StripeRecord| {
-            rec.shards
-                .iter()
-                .any(|p| p.node.is_none_or(|n| gone.contains(&n)))
-        };
-        let (n, more) = queue_stripes(gw, &on_gone, cursor).await?;
+        let (n, more) = queue_stripes(gw, &|rec| needs_home(rec, &gone), cursor).await?;
         queued += n;
         if !more {
             break;
@@ -167,13 +162,7 @@ pub fn spawn_queue_all<S: Store>(gw: Arc<Gateway<S>>, nodes: Option<HashSet<Node
 pub async fn queue_all<S: Store>(gw: &Gateway<S>, nodes: Option<&HashSet<NodeId>>) -> u64 {
     let mut cursor = None;
     let mut queued = 0u64;
-    let hit = |rec: &StripeRecord| {
-        nodes.is_none_or(|nodes| {
-            rec.shards
-                .iter()
-                .any(|p| p.node.is_none_or(|n| nodes.contains(&n)))
-        })
-    };
+    let hit = |rec: &StripeRecord| nodes.is_none_or(|nodes| needs_home(rec, nodes));
     loop {
         match queue_stripes(gw, &hit, &mut cursor).await {
             Ok((n, more)) => {
@@ -198,6 +187,13 @@ pub async fn queue_all<S: Store>(gw: &Gateway<S>, nodes: Option<&HashSet<NodeId>
     }
     gw.repair_wake.notify_one();
     queued
+}
+
+/// Whether a stripe has a shard with no node, or on one of `nodes`.
+fn needs_home(rec: &StripeRecord, nodes: &HashSet<NodeId>) -> bool {
+    rec.shards
+        .iter()
+        .any(|p| p.node.is_none_or(|n| nodes.contains(&n)))
 }
 
 /// One batch of the walk over stripe records from `cursor`: queues those

@@ -333,6 +333,27 @@ impl<S: Store> S3Front<S> {
         Ok((v, header))
     }
 
+    /// Files one multipart part (`meta.part` set) and deletes the part it
+    /// replaced, if any, off the request's path.
+    async fn file_part<B, E>(&self, meta: FilingMeta, body: B) -> S3Result<ix::PartRecord>
+    where
+        B: futures::Stream<Item = Result<bytes::Bytes, E>> + Send + Unpin + 'static,
+        E: std::fmt::Display + Send + 'static,
+    {
+        let filing = tokio::spawn(ingest::file_evidence(self.gw.clone(), meta, body))
+            .await
+            .map_err(|_| internal(ApiError::Internal))?
+            .map_err(s3_err)?;
+        let Filing::Part { record, replaced } = filing else {
+            return Err(internal(ApiError::Internal));
+        };
+        if let Some(old) = replaced {
+            let gw = self.gw.clone();
+            tokio::spawn(async move { delete_part(&gw, &old).await });
+        }
+        Ok(record)
+    }
+
     /// The source of a copy: in a bucket the caller may read, readable, and
     /// matching the copy's preconditions. Returns it with its manifest and
     /// the version id the request named.
@@ -1516,10 +1537,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             .await?;
         let (body, body_check) =
             checked_body(input.body.take(), &req.headers, req.trailing_headers)?;
-        let number = u32::try_from(input.part_number)
-            .ok()
-            .filter(|n| (1..=10_000).contains(n))
-            .ok_or_else(|| s3_error!(InvalidArgument, "part numbers are 1 to 10000"))?;
+        let number = part_number(input.part_number)?;
         let meta = FilingMeta {
             tenant: who.tenant.clone(),
             expect_md5: content_md5(input.content_md5.as_deref())?,
@@ -1528,18 +1546,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             part: Some((upload, number)),
             ..Default::default()
         };
-        let gw = self.gw.clone();
-        let filing = tokio::spawn(ingest::file_evidence(gw, meta, body))
-            .await
-            .map_err(|_| internal(ApiError::Internal))?
-            .map_err(s3_err)?;
-        let Filing::Part { record, replaced } = filing else {
-            return Err(internal(ApiError::Internal));
-        };
-        if let Some(old) = replaced {
-            let gw = self.gw.clone();
-            tokio::spawn(async move { delete_part(&gw, &old).await });
-        }
+        let record = self.file_part(meta, body).await?;
         Ok(S3Response::new(UploadPartOutput {
             e_tag: Some(ETag::Strong(record.md5)),
             ..Default::default()
@@ -1558,10 +1565,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let (upload, _) = self
             .multipart(&who, &input.bucket, &input.key, &input.upload_id)
             .await?;
-        let number = u32::try_from(input.part_number)
-            .ok()
-            .filter(|n| (1..=10_000).contains(n))
-            .ok_or_else(|| s3_error!(InvalidArgument, "part numbers are 1 to 10000"))?;
+        let number = part_number(input.part_number)?;
         let (_, header, src_version) = self
             .copy_source(
                 &who,
@@ -1584,17 +1588,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             ..Default::default()
         };
         let body = crate::read::stream_range(self.gw.clone(), header, range);
-        let filing = tokio::spawn(ingest::file_evidence(self.gw.clone(), meta, Box::pin(body)))
-            .await
-            .map_err(|_| internal(ApiError::Internal))?
-            .map_err(s3_err)?;
-        let Filing::Part { record, replaced } = filing else {
-            return Err(internal(ApiError::Internal));
-        };
-        if let Some(old) = replaced {
-            let gw = self.gw.clone();
-            tokio::spawn(async move { delete_part(&gw, &old).await });
-        }
+        let record = self.file_part(meta, Box::pin(body)).await?;
         Ok(S3Response::new(UploadPartCopyOutput {
             copy_part_result: Some(CopyPartResult {
                 e_tag: Some(ETag::Strong(record.md5)),
@@ -2067,6 +2061,14 @@ fn part_header(tenant: &str, p: &ix::PartRecord) -> protocol::ManifestHeader {
 /// Deletes a part's shards and forgets the stripes whose shards are gone (a
 /// shard on an unreachable node stays, named by its record, an orphan for
 /// the node-side sweep).
+/// A part number as S3 allows it: 1 to 10000.
+fn part_number(n: i32) -> S3Result<u32> {
+    u32::try_from(n)
+        .ok()
+        .filter(|n| (1..=10_000).contains(n))
+        .ok_or_else(|| s3_error!(InvalidArgument, "part numbers are 1 to 10000"))
+}
+
 /// `x-amz-copy-source-range`: `bytes=FIRST-LAST`, both inclusive and both
 /// required, inside the source object.
 fn copy_range(spec: &str, size: u64) -> S3Result<std::ops::Range<u64>> {
