@@ -21,6 +21,7 @@
 use crate::api::{Gateway, Store};
 use crate::error::ApiError;
 use indexer::ledger::{self as lx, IntegrateError, LeafRecord, TreeState};
+use indexer::schema;
 use object_store::{local::LocalFileSystem, path::Path as StorePath, ObjectStore, PutPayload};
 use protocol::ledger::{self as pl, Kind, Receipt, TreeHash, TILE_HEIGHT};
 use protocol::EvidenceId;
@@ -57,6 +58,18 @@ pub struct LedgerConfig {
     pub tiles_url: Option<String>,
     #[serde(default)]
     pub tiles_options: std::collections::BTreeMap<String, String>,
+    /// The private openings archive: every leaf's salt and statement, and the
+    /// manifest of the evidence it names, one file per tile, written before
+    /// the checkpoint that covers them. `custodia recover-index` rebuilds the
+    /// index from it, the tiles and the nodes. It opens every commitment (sealed
+    /// cases included), so it is never served: keep it private, ideally off
+    /// this machine. A local directory (default: `openings` beside
+    /// `tiles_dir`)...
+    #[serde(default)]
+    pub openings_dir: Option<PathBuf>,
+    /// ...or an S3-compatible bucket (`s3://bucket/prefix`, with `tiles_options`).
+    #[serde(default)]
+    pub openings_url: Option<String>,
     /// How long `POST /v1/evidence` waits for a checkpoint covering the filing
     /// before answering without a receipt (it can be fetched later).
     #[serde(default = "default_receipt_wait")]
@@ -151,6 +164,9 @@ pub struct Ledger {
     /// The local directory of `tiles`, which needs syncing; `None` for a
     /// bucket, where a completed PUT is durable.
     tiles_dir: Option<PathBuf>,
+    /// The private openings archive (see [`LedgerConfig::openings_dir`]).
+    openings: Arc<dyn ObjectStore>,
+    openings_dir: Option<PathBuf>,
     wake: Notify,
     published: watch::Sender<u64>,
     /// The size of the checkpoint this process last wrote to the published
@@ -226,12 +242,28 @@ impl Ledger {
             }
             Some(url) => (bucket(url, &config.tiles_options)?, None),
         };
+        let (openings, openings_dir): (Arc<dyn ObjectStore>, _) = match &config.openings_url {
+            None => {
+                let dir = config.openings_dir.clone().unwrap_or_else(|| {
+                    config
+                        .tiles_dir
+                        .parent()
+                        .unwrap_or(std::path::Path::new("."))
+                        .join("openings")
+                });
+                std::fs::create_dir_all(&dir)?;
+                (Arc::new(LocalFileSystem::new_with_prefix(&dir)?), Some(dir))
+            }
+            Some(url) => (bucket(url, &config.tiles_options)?, None),
+        };
         Ok(Ledger {
             origin: config.origin.clone(),
             signer_key,
             verifier_key,
             tiles,
             tiles_dir: local,
+            openings,
+            openings_dir,
             wake: Notify::new(),
             published: watch::channel(0).0,
             checkpoint_file: std::sync::atomic::AtomicU64::new(0),
@@ -271,28 +303,74 @@ impl Ledger {
         }
     }
 
-    /// Writes files durably: object_store's local store writes each to a
-    /// temporary file and renames it into place, without fsync; one
-    /// `syncfs` of the tiles' filesystem then makes every file and rename
-    /// durable at once (far cheaper than an fsync per file and directory).
+    /// Writes published files durably (see [`put_durably`]).
     async fn publish_all(&self, files: Vec<(String, Vec<u8>)>) -> Result<(), LedgerError> {
-        let puts = files.into_iter().map(|(path, bytes)| async move {
-            let path = StorePath::parse(&path).map_err(|e| LedgerError::Tree(e.to_string()))?;
-            self.tiles.put(&path, PutPayload::from(bytes)).await?;
-            Ok::<_, LedgerError>(())
-        });
-        futures::future::try_join_all(puts).await?;
-        let Some(dir) = self.tiles_dir.clone() else {
-            return Ok(());
-        };
-        tokio::task::spawn_blocking(move || {
-            let d = std::fs::File::open(&dir)?;
-            rustix::fs::syncfs(&d).map_err(std::io::Error::from)
-        })
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))??;
-        Ok(())
+        put_durably(&self.tiles, self.tiles_dir.clone(), files).await
     }
+
+    /// Reads one tile's archived openings (`None`: no such file).
+    pub async fn read_openings(&self, tile: u64) -> Result<Option<bytes::Bytes>, LedgerError> {
+        let path = StorePath::from(openings_path(tile));
+        match self.openings.get(&path).await {
+            Ok(got) => Ok(Some(got.bytes().await?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads a published file for `recover-index` (`None`: no such file).
+    pub async fn read_tile_file(&self, path: &str) -> Result<Option<bytes::Bytes>, LedgerError> {
+        let path = StorePath::parse(path).map_err(|e| LedgerError::Tree(e.to_string()))?;
+        match self.tiles.get(&path).await {
+            Ok(got) => Ok(Some(got.bytes().await?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// A statement's kind without decoding the rest (`None`: not a statement).
+fn statement_kind(statement: &[u8]) -> Option<Kind> {
+    #[derive(serde::Deserialize)]
+    struct KindOnly {
+        kind: Kind,
+    }
+    serde_json::from_slice::<KindOnly>(statement)
+        .ok()
+        .map(|k| k.kind)
+}
+
+/// Where tile `n`'s openings are archived.
+fn openings_path(n: u64) -> String {
+    format!("openings-{n:012}")
+}
+
+/// Writes files durably: object_store's local store writes each to a
+/// temporary file and renames it into place, without fsync; one `syncfs` of
+/// the directory's filesystem then makes every file and rename durable at
+/// once (far cheaper than an fsync per file and directory). For a bucket
+/// (`dir` is `None`) a completed PUT is durable.
+async fn put_durably(
+    store: &Arc<dyn ObjectStore>,
+    dir: Option<PathBuf>,
+    files: Vec<(String, Vec<u8>)>,
+) -> Result<(), LedgerError> {
+    let puts = files.into_iter().map(|(path, bytes)| async move {
+        let path = StorePath::parse(&path).map_err(|e| LedgerError::Tree(e.to_string()))?;
+        store.put(&path, PutPayload::from(bytes)).await?;
+        Ok::<_, LedgerError>(())
+    });
+    futures::future::try_join_all(puts).await?;
+    let Some(dir) = dir else {
+        return Ok(());
+    };
+    tokio::task::spawn_blocking(move || {
+        let d = std::fs::File::open(&dir)?;
+        rustix::fs::syncfs(&d).map_err(std::io::Error::from)
+    })
+    .await
+    .map_err(|e| std::io::Error::other(e.to_string()))??;
+    Ok(())
 }
 
 /// An S3-compatible bucket for tiles: `AWS_*` environment, then the URL,
@@ -550,23 +628,54 @@ async fn publish_state<S: Store>(
 ) -> Result<(), LedgerError> {
     let base = tlog_tiles::stored_hash_index(0, state.size);
     let mut files = Vec::new();
+    let mut openings = Vec::new();
     for tile in Tile::new_tiles(TILE_HEIGHT, old, state.size) {
         let (data, _) = with_hashes(gw, &mut known, base, |r| tile.read_data(r)).await?;
         files.push((pl::tile_path(&tile), data));
         if tile.level() == 0 {
             let start = tile.level_index() << TILE_HEIGHT;
             let end = start + u64::from(tile.width());
-            let leaves = indexer::run(&gw.store, |tx| async move {
-                lx::leaves_tx(&tx, start..end).await
+            let (leaves, manifests) = indexer::run(&gw.store, |tx| async move {
+                let leaves = lx::leaves_tx(&tx, start..end).await?;
+                let manifests = futures::future::try_join_all(leaves.iter().map(|l| {
+                    let tx = &tx;
+                    async move {
+                        if statement_kind(&l.statement) == Some(Kind::Notarized) {
+                            return Ok(None);
+                        }
+                        schema::get_any_manifest_tx(tx, l.evidence).await
+                    }
+                }))
+                .await?;
+                Ok::<_, schema::SchemaError>((leaves, manifests))
             })
             .await?;
             let bundle = pl::entry_bundle(leaves.iter().map(|l| &l.commitment[..]));
             let mut data_tile = tile;
             data_tile.set_is_data();
             files.push((pl::tile_path(&data_tile), bundle));
+            let archived: Vec<lx::ArchivedLeaf> = leaves
+                .into_iter()
+                .zip(manifests)
+                .map(|(l, m)| lx::ArchivedLeaf {
+                    evidence: l.evidence,
+                    salt: l.salt,
+                    statement: l.statement,
+                    expunged: m.as_ref().is_some_and(|(_, x)| *x),
+                    manifest: m.map(|(h, _)| h.encode()),
+                })
+                .collect();
+            openings.push((
+                openings_path(tile.level_index()),
+                lx::encode_archive(&archived),
+            ));
         }
     }
-    // Tiles durable before the checkpoint that names them is signed.
+    // Openings and tiles durable before the checkpoint that names them is
+    // signed: every leaf a checkpoint covers can be recovered.
+    if !openings.is_empty() {
+        put_durably(&ledger.openings, ledger.openings_dir.clone(), openings).await?;
+    }
     ledger.publish_all(files).await?;
     let note = pl::sign_checkpoint(
         &ledger.signer_key,
@@ -1217,4 +1326,132 @@ pub fn dev_tsa_answer<S: Store>(
     let tsa = gw.ledger.as_ref()?.tsa.as_ref()?;
     let key = tsa.dev_key_pem.as_ref()?;
     Some(protocol::tsa::timestamp(request, &tsa.cert_pem, key, unix_now()).map_err(|e| e.0))
+}
+
+/// What [`restore`] rebuilt.
+#[derive(Debug, Default)]
+pub struct RestoredLedger {
+    /// Leaves restored from the archive.
+    pub leaves: u64,
+    /// The tree size of the published checkpoint they were checked against.
+    pub checkpoint_size: u64,
+    /// Every archived leaf, in order.
+    pub archive: Vec<lx::ArchivedLeaf>,
+}
+
+/// Rebuilds the ledger's index records (openings, tree hashes, state and
+/// the newest published checkpoint) from the openings archive and the
+/// published checkpoint, into an index that has none. The leaves' tree must
+/// reproduce the checkpoint's root, signed by this log's key: a damaged or
+/// foreign archive is refused, never half-restored. Leaves archived past
+/// the published checkpoint (integrated just before a crash) are kept; the
+/// integrator signs a checkpoint over them on start, extending this one.
+pub async fn restore<S: Store>(gw: &Gateway<S>) -> Result<RestoredLedger, LedgerError> {
+    let ledger = gw
+        .ledger
+        .as_ref()
+        .ok_or_else(|| LedgerError::Tree("no ledger is configured".into()))?;
+    let note = match ledger.read_tile_file("checkpoint").await? {
+        Some(n) => String::from_utf8(n.to_vec())
+            .map_err(|_| LedgerError::Tree("the published checkpoint is not text".into()))?,
+        None => return Ok(RestoredLedger::default()),
+    };
+    let cp = pl::verify_checkpoint(&note, &ledger.verifier_key)
+        .map_err(|e| LedgerError::Tree(format!("the published checkpoint: {e}")))?;
+    let mut archive: Vec<lx::ArchivedLeaf> = Vec::new();
+    for tile in 0.. {
+        let Some(bytes) = ledger.read_openings(tile).await? else {
+            break;
+        };
+        let leaves = lx::decode_archive(&bytes)
+            .map_err(|e| LedgerError::Tree(format!("openings archive of tile {tile}: {e}")))?;
+        if archive.len() as u64 != tile << TILE_HEIGHT {
+            return Err(LedgerError::Tree(format!(
+                "openings archive: tile {tile} follows a partial tile"
+            )));
+        }
+        archive.extend(leaves);
+    }
+    if (archive.len() as u64) < cp.size {
+        return Err(LedgerError::Tree(format!(
+            "the openings archive holds {} leaves; the published checkpoint covers {}",
+            archive.len(),
+            cp.size
+        )));
+    }
+
+    let mut known = HashMap::new();
+    let mut size = 0u64;
+    for chunk in archive.chunks(1 << TILE_HEIGHT) {
+        let leaves: Vec<(Vec<u8>, LeafRecord, Kind)> = chunk
+            .iter()
+            .map(|a| {
+                let kind = statement_kind(&a.statement).unwrap_or(Kind::Admin);
+                (
+                    vec![b'Q'],
+                    LeafRecord {
+                        evidence: a.evidence,
+                        salt: a.salt,
+                        statement: a.statement.clone(),
+                        commitment: pl::commitment(&a.salt, &a.statement),
+                    },
+                    kind,
+                )
+            })
+            .collect();
+        let first = size;
+        let new_size = first + leaves.len() as u64;
+        let base = tlog_tiles::stored_hash_index(0, first);
+        let (root, hashes) = with_hashes(gw, &mut known, base, |r| {
+            for (i, (_, leaf, _)) in leaves.iter().enumerate() {
+                let hs = tlog_tiles::stored_hashes(first + i as u64, &leaf.commitment, r)?;
+                r.new.borrow_mut().extend(hs);
+            }
+            tlog_tiles::tree_hash(new_size, r)
+        })
+        .await?;
+        let state = TreeState {
+            size: new_size,
+            root: root.0,
+            fence: 0,
+        };
+        indexer::run(&gw.store, |tx| {
+            let (leaves, hashes, state) = (&leaves, &hashes, &state);
+            async move {
+                lx::integrate_tx(&tx, first, leaves, base, hashes, state);
+                for (_, leaf, kind) in leaves {
+                    if *kind == Kind::Notarized {
+                        if let Ok(s) = pl::Statement::decode(&leaf.statement) {
+                            lx::put_notarization_tx(&tx, leaf.evidence, &s.tenant);
+                        }
+                    }
+                }
+                Ok::<_, schema::SchemaError>(())
+            }
+        })
+        .await?;
+        known.clear();
+        size = new_size;
+    }
+    let (root, _) = with_hashes(gw, &mut known, u64::MAX, |r| {
+        tlog_tiles::tree_hash(cp.size, r)
+    })
+    .await?;
+    if root.0 != cp.root.0 {
+        return Err(LedgerError::Tree(format!(
+            "the archived leaves do not reproduce the signed checkpoint's root at size {}",
+            cp.size
+        )));
+    }
+    let cp_size = cp.size;
+    indexer::run(&gw.store, |tx| {
+        let note = note.as_bytes();
+        async move { lx::put_checkpoint_tx(&tx, cp_size, note).await }
+    })
+    .await?;
+    Ok(RestoredLedger {
+        leaves: size,
+        checkpoint_size: cp.size,
+        archive,
+    })
 }

@@ -11,6 +11,7 @@
 //! - [`s3`]: the S3-compatible API (s3s); every object is evidence.
 //! - [`witness`]: a C2SP tlog-witness (`custodia witness`) that other courts host.
 //! - [`repair`]: rebuilds missing and corrupt shards; scans for down nodes.
+//! - [`recover`]: `recover-index`, the index rebuilt from the ledger archive and the nodes.
 //! - [`placement`]: hierarchical rendezvous hashing (failure domain, then node).
 //! - [`metrics`]: what the gateway counts, for Prometheus.
 //! - [`nodes`]: the live view of the storage nodes and their health.
@@ -29,6 +30,7 @@ pub mod metrics;
 pub mod nodes;
 pub mod placement;
 pub mod read;
+pub mod recover;
 pub mod repair;
 pub mod s3;
 pub mod witness;

@@ -83,10 +83,20 @@ pub fn spawn_repair_loop<S: Store>(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut cursor = None;
+        let mut reported = HashSet::new();
         loop {
             tokio::select! {
                 _ = gw.repair_wake.notified() => {}
                 _ = tokio::time::sleep(every) => {}
+            }
+            match collect_quarantined(&gw, &mut reported).await {
+                n if n > 0 => {
+                    tracing::info!(
+                        stripes = n,
+                        "queued stripes with shards the nodes quarantined"
+                    )
+                }
+                _ => {}
             }
             match scan(&gw, &mut cursor).await {
                 Ok(n) if n > 0 => {
@@ -102,6 +112,80 @@ pub fn spawn_repair_loop<S: Store>(
             }
         }
     })
+}
+
+/// Asks every healthy node for the shards it quarantined (found corrupt by
+/// its scrubber or on a read) and queues each stripe whose record still
+/// places that shard on that node. `reported` remembers what was handled, so
+/// a quarantine entry (kept on the node for forensics) is acted on once per
+/// gateway life. Returns the stripes queued.
+pub async fn collect_quarantined<S: Store>(
+    gw: &Gateway<S>,
+    reported: &mut HashSet<(NodeId, ShardKey)>,
+) -> u64 {
+    let mut queued = 0;
+    for entry in &gw.config.nodes {
+        let node = entry.node_id();
+        if !gw.nodes.is_healthy(node) {
+            continue;
+        }
+        let mut after = None;
+        loop {
+            let keys = match gw
+                .nodes
+                .client
+                .rpc_list_quarantined(entry.addr, after)
+                .await
+            {
+                Ok(keys) => keys,
+                Err(e) => {
+                    tracing::debug!(%node, error = %e, "could not list quarantined shards");
+                    break;
+                }
+            };
+            let Some(last) = keys.last() else { break };
+            after = Some(*last);
+            let fresh: Vec<ShardKey> = keys
+                .into_iter()
+                .filter(|k| !reported.contains(&(node, *k)))
+                .collect();
+            if fresh.is_empty() {
+                continue;
+            }
+            let result = indexer::run(&gw.store, |tx| {
+                let fresh = &fresh;
+                async move {
+                    let mut n = 0u64;
+                    for k in fresh {
+                        let rec = schema::get_stripes_tx(&tx, k.evidence, k.stripe..k.stripe + 1)
+                            .await
+                            .ok()
+                            .and_then(|mut r| r.pop());
+                        let placed_here = rec.is_some_and(|r| {
+                            r.shards.get(k.index as usize).and_then(|s| s.node) == Some(node)
+                        });
+                        if placed_here {
+                            schema::mark_degraded_tx(&tx, k.evidence, k.stripe);
+                            n += 1;
+                        }
+                    }
+                    Ok::<_, schema::SchemaError>(n)
+                }
+            })
+            .await;
+            match result {
+                Ok(n) => {
+                    queued += n;
+                    reported.extend(fresh.into_iter().map(|k| (node, k)));
+                }
+                Err(e) => {
+                    tracing::warn!(%node, error = %e, "could not queue quarantined shards");
+                    break;
+                }
+            }
+        }
+    }
+    queued
 }
 
 /// Nodes down for longer than the configured grace: their shards count as

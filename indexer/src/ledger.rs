@@ -52,6 +52,31 @@ pub struct PendingRecord {
     pub statement: Vec<u8>,
 }
 
+/// One leaf as the private openings archive keeps it (beside the public
+/// tiles, never served): the opening, and for statements about stored
+/// evidence the manifest header as it stood when the leaf was integrated,
+/// so `recover-index` can rebuild the index from the archive and the nodes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchivedLeaf {
+    pub evidence: EvidenceId,
+    pub salt: [u8; 32],
+    pub statement: Vec<u8>,
+    /// `ManifestHeader::encode()`; `None` for hash-only notarizations.
+    pub manifest: Option<Vec<u8>>,
+    /// The manifest had been expunged by then.
+    pub expunged: bool,
+}
+
+/// Encodes one tile's archived leaves.
+pub fn encode_archive(leaves: &[ArchivedLeaf]) -> Vec<u8> {
+    encode_versioned(RECORD_V1, &leaves)
+}
+
+/// Decodes [`encode_archive`]'s bytes.
+pub fn decode_archive(bytes: &[u8]) -> Result<Vec<ArchivedLeaf>, protocol::DecodeError> {
+    decode_versioned(RECORD_V1, bytes)
+}
+
 /// The opening of an integrated leaf.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeafRecord {

@@ -727,6 +727,55 @@ pub async fn get_manifest_tx<T: Transaction>(
     }
 }
 
+/// Writes a manifest recovered by `recover-index` (no intent): the header and
+/// the content lookup, as [`commit_manifest_tx`] leaves them.
+pub fn restore_manifest_tx<T: Transaction>(
+    tx: &T,
+    header: &ManifestHeader,
+) -> Result<(), SchemaError> {
+    tx.set(&evidence_key(EVIDENCE, &header.evidence), &header.encode());
+    let mut hk = hash_prefix(&header.tenant, &header.blake3)?;
+    hk.extend_from_slice(header.evidence.as_bytes());
+    tx.set(&hk, b"");
+    Ok(())
+}
+
+/// Writes the tombstone of evidence that `recover-index` found expunged;
+/// with `shards_left`, garbage collection deletes the shards still on nodes
+/// (their stripe records written alongside), as after [`expunge_tx`].
+pub fn restore_expunged_tx<T: Transaction>(tx: &T, header: &ManifestHeader, shards_left: bool) {
+    tx.set(&evidence_key(EXPUNGED, &header.evidence), &header.encode());
+    if shards_left {
+        tx.set(&evidence_key(EXPUNGING, &header.evidence), b"");
+    }
+}
+
+/// The header of evidence whether visible or expunged (the ledger's
+/// openings archive keeps it for `recover-index`); `true` when expunged.
+pub async fn get_any_manifest_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+) -> Result<Option<(ManifestHeader, bool)>, SchemaError> {
+    if let Some(h) = get_manifest_tx(tx, evidence).await? {
+        return Ok(Some((h, false)));
+    }
+    match tx.get(&evidence_key(EXPUNGED, &evidence)).await? {
+        Some(v) => Ok(Some((ManifestHeader::decode(&v)?, true))),
+        None => Ok(None),
+    }
+}
+
+/// Whether the index holds any evidence, live or expunged (`recover-index`
+/// refuses to write into an index that does).
+pub async fn any_evidence_tx<T: Transaction>(tx: &T) -> Result<bool, SchemaError> {
+    for tag in [EVIDENCE, EXPUNGED] {
+        if !tx.get_range(&[tag], &[tag + 1], 1, false).await?.is_empty() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// "Was this exact file filed, when, in which cases?" — answered only within
 /// `tenant`.
 pub async fn lookup_by_hash_tx<T: Transaction>(

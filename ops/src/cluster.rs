@@ -34,6 +34,25 @@ pub struct NodeSpec {
     /// Where Prometheus scrapes this node's `/metrics` (plain HTTP).
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Scrub read rate in bytes/s (default 32 MiB/s; 0 turns scrubbing off).
+    #[serde(default)]
+    pub scrub_bytes_per_sec: Option<u64>,
+    /// Least seconds between the starts of two scrub passes (default a day).
+    #[serde(default)]
+    pub scrub_pass_interval_secs: Option<u64>,
+}
+
+impl NodeSpec {
+    /// The node's scrub settings, defaults filled in.
+    pub fn scrub(&self) -> storage_node::scrub::ScrubConfig {
+        let d = storage_node::scrub::ScrubConfig::default();
+        storage_node::scrub::ScrubConfig {
+            bytes_per_sec: self.scrub_bytes_per_sec.unwrap_or(d.bytes_per_sec),
+            pass_interval: self
+                .scrub_pass_interval_secs
+                .map_or(d.pass_interval, std::time::Duration::from_secs),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -156,6 +175,8 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
             key: key_path,
             failure_domain: None,
             metrics_listen: Some(([127, 0, 0, 1], metrics_port).into()),
+            scrub_bytes_per_sec: None,
+            scrub_pass_interval_secs: None,
         });
         entries.push(NodeEntry {
             id,
@@ -190,6 +211,8 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         tiles_dir: ledger_dir.join("tiles"),
         tiles_url: None,
         tiles_options: Default::default(),
+        openings_dir: Some(ledger_dir.join("openings")),
+        openings_url: None,
         receipt_wait_ms: 10_000,
         witnesses: Vec::new(),
         witness_interval_ms: 2_000,

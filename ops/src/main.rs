@@ -6,12 +6,14 @@
 //!   deployment runs under its supervisor).
 //! - `put`, `get`: a thin client of the evidence API with progress bars.
 //! - `bench`: raw kernels and end-to-end throughput in one run.
+//! - `recover-index`: the index rebuilt from the ledger archive and the nodes.
 
 mod bench;
 mod bench_ledger;
 mod bench_repair;
 mod client;
 mod cluster;
+mod recover;
 mod sim;
 mod status;
 mod up;
@@ -194,6 +196,21 @@ enum Command {
         #[arg(long)]
         verify_all: bool,
     },
+    /// Rebuild a lost or corrupt index from the ledger's openings archive,
+    /// the published checkpoint and the storage nodes' shard headers, reading
+    /// every piece of evidence back to verify it. The gateway must be stopped
+    /// and the nodes running; the old index file is kept, renamed.
+    RecoverIndex {
+        #[arg(long, default_value = "custodia-data")]
+        data_dir: PathBuf,
+        /// Proceed with nodes that do not answer: their shards count as
+        /// missing and repair rebuilds them once the gateway runs.
+        #[arg(long)]
+        allow_down_nodes: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Simulations of the real code at scales no test machine has.
     #[command(subcommand)]
     Sim(SimCommand),
@@ -375,6 +392,14 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::RecoverIndex {
+            data_dir,
+            allow_down_nodes,
+            json,
+        } => {
+            init_tracing("warn");
+            recover::run(&data_dir, allow_down_nodes, json).await
+        }
         Command::Up { data_dir, shape } => {
             init_tracing("info");
             up::up(&data_dir, &shape.options()?).await
@@ -406,6 +431,7 @@ async fn run(cli: Cli) -> Result<()> {
                             cert: n.cert.clone(),
                             key: n.key.clone(),
                         },
+                        scrub: n.scrub(),
                     }
                 }
                 (None, Some(data_dir)) => storage_node::server::NodeConfig {
@@ -417,6 +443,7 @@ async fn run(cli: Cli) -> Result<()> {
                         cert: cert.context("--cert is required")?,
                         key: key.context("--key is required")?,
                     },
+                    scrub: Default::default(),
                 },
                 (None, None) => anyhow::bail!("give --cluster FILE --id N, or --data-dir with --listen, --id, --ca, --cert, --key"),
             };

@@ -84,7 +84,19 @@ pub enum Request {
     DeleteShard(ShardKey),
     /// Who the node is and how full.
     NodeInfo,
+    /// The headers of the shards this node stores, in key order after `after`,
+    /// at most `limit` (capped at [`MAX_LIST`]): `recover-index` and orphan
+    /// collection page through a node's inventory with it.
+    ListShards { after: Option<ShardKey>, limit: u16 },
+    /// The keys of shards this node has quarantined (failed their hash on
+    /// read or scrub) after `after`, in key order, at most [`MAX_LIST`]:
+    /// how scrub findings reach the repair worker.
+    ListQuarantined { after: Option<ShardKey> },
 }
+
+/// Most shard headers in one `ListShards` answer (an encoded header is under
+/// 100 bytes, so a full page stays well inside [`MAX_FRAME`]).
+pub const MAX_LIST: u16 = 500;
 
 /// A node's identity and capacity.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -112,6 +124,10 @@ pub enum Response {
     },
     Info(NodeInfo),
     Error(ErrorCode),
+    /// A page of shard headers; an empty page means the listing ended.
+    Shards(Vec<ShardHeader>),
+    /// A page of shard keys; an empty page means the listing ended.
+    Keys(Vec<ShardKey>),
 }
 
 /// Numeric error codes on the wire. Unknown codes from newer peers decode as
@@ -339,6 +355,10 @@ mod tests {
             key.clone().prop_map(Request::StatShard),
             key.prop_map(Request::DeleteShard),
             Just(Request::NodeInfo),
+            Just(Request::ListShards {
+                after: None,
+                limit: MAX_LIST
+            }),
         ]
     }
 

@@ -275,6 +275,45 @@ impl NodeClient {
         .await
     }
 
+    /// One page of the node's shard headers after `after` (an empty page:
+    /// the listing ended).
+    pub async fn rpc_list_shards(
+        &self,
+        addr: SocketAddr,
+        after: Option<ShardKey>,
+    ) -> Result<Vec<ShardHeader>, NodeError> {
+        let frame = Request::ListShards {
+            after,
+            limit: protocol::wire::MAX_LIST,
+        }
+        .encode();
+        let frame = &frame;
+        self.call(addr, |conn| async move {
+            match exchange(&conn, frame, &[]).await?.0 {
+                Response::Shards(headers) => Ok(headers),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
+    /// One page of the keys of shards the node quarantined, after `after`.
+    pub async fn rpc_list_quarantined(
+        &self,
+        addr: SocketAddr,
+        after: Option<ShardKey>,
+    ) -> Result<Vec<ShardKey>, NodeError> {
+        let frame = Request::ListQuarantined { after }.encode();
+        let frame = &frame;
+        self.call(addr, |conn| async move {
+            match exchange(&conn, frame, &[]).await?.0 {
+                Response::Keys(keys) => Ok(keys),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
     /// The node's identity, capacity and usage.
     pub async fn rpc_node_info(&self, addr: SocketAddr) -> Result<NodeInfo, NodeError> {
         let frame = Request::NodeInfo.encode();

@@ -10,6 +10,8 @@
 //!   and the quinn server/client configurations built from [`TlsFiles`].
 //! - [`server`] — [`serve`] runs a node (`custodia node`, `custodia up`, tests);
 //!   one request per bidirectional stream, `handle_*` functions per request.
+//! - [`scrub`] — re-reads every shard at a bounded rate; corrupt ones are
+//!   quarantined and listed for the gateway's repair worker.
 //! - [`client`] — [`NodeClient`], what gateways use to reach nodes; its
 //!   `rpc_*` methods pair with the server's `handle_*` functions.
 //!
@@ -18,6 +20,7 @@
 pub mod buffers;
 pub mod client;
 pub mod metrics;
+pub mod scrub;
 pub mod server;
 pub mod store;
 pub mod tls;

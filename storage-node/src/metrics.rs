@@ -10,8 +10,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
 use prometheus::{
-    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder as _, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 use std::net::SocketAddr;
 use tokio::task::JoinHandle;
@@ -51,6 +51,20 @@ pub struct NodeMetrics {
     pub shards: IntGauge,
     /// `custodia_node_quic_connections`: open client connections.
     pub connections: IntGauge,
+    /// `custodia_node_scrub_shards_total`, `custodia_node_scrub_bytes_total`:
+    /// shards and bytes the scrubber re-read and checked.
+    pub scrub_shards: IntCounter,
+    pub scrub_bytes: IntCounter,
+    /// `custodia_node_scrub_corrupt_shards_total`: corruption the scrubber
+    /// found (and quarantined).
+    pub scrub_corrupt: IntCounter,
+    /// `custodia_node_scrub_progress_ratio`: how far the current pass is.
+    pub scrub_progress: Gauge,
+    /// `custodia_node_scrub_passes_total` and
+    /// `custodia_node_scrub_last_pass_timestamp_seconds` (when the last pass
+    /// ended; alert on `time() - ...`).
+    pub scrub_passes: IntCounter,
+    pub scrub_last_pass: Gauge,
 }
 
 impl NodeMetrics {
@@ -97,6 +111,30 @@ impl NodeMetrics {
                 "custodia_node_quic_connections",
                 "Open QUIC connections from gateways.",
             )?,
+            scrub_shards: IntCounter::new(
+                "custodia_node_scrub_shards_total",
+                "Shards the scrubber re-read and checked.",
+            )?,
+            scrub_bytes: IntCounter::new(
+                "custodia_node_scrub_bytes_total",
+                "Shard bytes the scrubber re-read and checked.",
+            )?,
+            scrub_corrupt: IntCounter::new(
+                "custodia_node_scrub_corrupt_shards_total",
+                "Corrupt shards the scrubber found and quarantined.",
+            )?,
+            scrub_progress: Gauge::new(
+                "custodia_node_scrub_progress_ratio",
+                "Fraction of the node's shards the current scrub pass has checked.",
+            )?,
+            scrub_passes: IntCounter::new(
+                "custodia_node_scrub_passes_total",
+                "Scrub passes completed.",
+            )?,
+            scrub_last_pass: Gauge::new(
+                "custodia_node_scrub_last_pass_timestamp_seconds",
+                "When the last scrub pass ended (Unix seconds; 0 before the first).",
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.request_seconds.clone()))?;
@@ -110,6 +148,12 @@ impl NodeMetrics {
         registry.register(Box::new(m.free.clone()))?;
         registry.register(Box::new(m.shards.clone()))?;
         registry.register(Box::new(m.connections.clone()))?;
+        registry.register(Box::new(m.scrub_shards.clone()))?;
+        registry.register(Box::new(m.scrub_bytes.clone()))?;
+        registry.register(Box::new(m.scrub_corrupt.clone()))?;
+        registry.register(Box::new(m.scrub_progress.clone()))?;
+        registry.register(Box::new(m.scrub_passes.clone()))?;
+        registry.register(Box::new(m.scrub_last_pass.clone()))?;
         Ok(m)
     }
 

@@ -57,6 +57,8 @@ pub struct NodeConfig {
     /// The node's certificate and key, and the cluster CA its clients must
     /// chain to.
     pub tls: TlsFiles,
+    /// How hard the node scrubs its shards.
+    pub scrub: crate::scrub::ScrubConfig,
 }
 
 /// Why a node could not start.
@@ -159,6 +161,12 @@ pub async fn serve(
     });
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(disk_gauges(state.clone(), stopped.clone()));
+    tokio::spawn(crate::scrub::run(
+        store.clone(),
+        state.metrics.clone(),
+        config.scrub,
+        stopped.clone(),
+    ));
     let accept = tokio::spawn(accept_loop(endpoint.clone(), state, stopped));
     tracing::info!(node = %config.node_id, addr = %local_addr, "storage node listening");
     Ok(RunningNode {
@@ -356,6 +364,13 @@ async fn handle_request(
         Request::StatShard(key) => ("stat", handle_stat_shard(state, key, send).await),
         Request::DeleteShard(key) => ("delete", handle_delete_shard(state, key, send).await),
         Request::NodeInfo => ("info", handle_node_info(state, send).await),
+        Request::ListShards { after, limit } => {
+            ("list", handle_list_shards(state, after, limit, send).await)
+        }
+        Request::ListQuarantined { after } => (
+            "quarantined",
+            handle_list_quarantined(state, after, send).await,
+        ),
     };
     let result = answered?;
     state
@@ -504,6 +519,41 @@ async fn handle_delete_shard(
         }
         Err(e) => {
             log_store_error(&key, &e);
+            Response::Error(e.code())
+        }
+    };
+    respond(send, &response, &[]).await
+}
+
+async fn handle_list_shards(
+    state: &NodeState,
+    after: Option<ShardKey>,
+    limit: u16,
+    send: &mut quinn::SendStream,
+) -> Result<&'static str, StreamError> {
+    let store = state.store.clone();
+    let limit = limit.clamp(1, protocol::wire::MAX_LIST) as usize;
+    let response = match blocking(move || store.list(after.as_ref(), limit)).await {
+        Ok(headers) => Response::Shards(headers),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list shards");
+            Response::Error(e.code())
+        }
+    };
+    respond(send, &response, &[]).await
+}
+
+async fn handle_list_quarantined(
+    state: &NodeState,
+    after: Option<ShardKey>,
+    send: &mut quinn::SendStream,
+) -> Result<&'static str, StreamError> {
+    let store = state.store.clone();
+    let limit = protocol::wire::MAX_LIST as usize;
+    let response = match blocking(move || store.quarantined(after.as_ref(), limit)).await {
+        Ok(keys) => Response::Keys(keys),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list quarantined shards");
             Response::Error(e.code())
         }
     };

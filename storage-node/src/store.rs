@@ -304,6 +304,76 @@ impl ShardStore {
         Ok(true)
     }
 
+    /// The headers of up to `limit` stored shards in listing order after
+    /// `after` (fan-out directory, then key): pages through the inventory
+    /// for `recover-index` and orphan collection. Each header is read and
+    /// checked like [`ShardStore::stat`]; a file that fails is quarantined
+    /// and skipped, so a listing never names a shard a read would refuse.
+    pub fn list(
+        &self,
+        after: Option<&ShardKey>,
+        limit: usize,
+    ) -> Result<Vec<ShardHeader>, StoreError> {
+        let mut out = Vec::new();
+        let first = after.map_or(0, |k| k.evidence.0[15] as usize);
+        for fanout in first..=255usize {
+            let dir = self.root.join(SHARDS_DIR).join(format!("{fanout:02x}"));
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let mut keys = Vec::new();
+            for entry in entries {
+                let name = entry?.file_name();
+                match name.to_str().and_then(parse_shard_file_name) {
+                    Some(key) if after.is_none_or(|a| fanout > first || key > *a) => keys.push(key),
+                    Some(_) => {}
+                    None => {
+                        tracing::warn!(file = ?name, dir = %dir.display(), "unexpected file among shards")
+                    }
+                }
+            }
+            keys.sort_unstable();
+            for key in keys {
+                match self.stat(&key) {
+                    Ok(header) => out.push(header),
+                    // Deleted since the directory was read.
+                    Err(StoreError::NotFound) => {}
+                    // Quarantined by `stat`.
+                    Err(StoreError::Corrupt(_)) => {}
+                    Err(e) => return Err(e),
+                }
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The keys of quarantined shards after `after`, in key order, at most
+    /// `limit` (a key quarantined twice is named once).
+    pub fn quarantined(
+        &self,
+        after: Option<&ShardKey>,
+        limit: usize,
+    ) -> Result<Vec<ShardKey>, StoreError> {
+        let mut keys = std::collections::BTreeSet::new();
+        for entry in fs::read_dir(self.root.join(QUARANTINE_DIR))? {
+            let name = entry?.file_name();
+            // `<shard file name>.<uuid>`
+            let key = name
+                .to_str()
+                .and_then(|n| n.rsplit_once('.'))
+                .and_then(|(shard, _)| parse_shard_file_name(shard));
+            if let Some(key) = key.filter(|k| after.is_none_or(|a| k > a)) {
+                keys.insert(key);
+            }
+        }
+        Ok(keys.into_iter().take(limit).collect())
+    }
+
     /// Identity, capacity and usage.
     pub fn info(&self) -> Result<StoreInfo, StoreError> {
         let vfs = rustix::fs::statvfs(&self.root).map_err(io::Error::from)?;
@@ -387,6 +457,22 @@ fn shard_file_name(key: &ShardKey) -> String {
         key.stripe,
         key.index
     )
+}
+
+/// The key a shard file name (`shard_file_name`) stands for.
+fn parse_shard_file_name(name: &str) -> Option<ShardKey> {
+    let mut parts = name.split('-');
+    let evidence = uuid::Uuid::try_parse(parts.next()?).ok()?;
+    let stripe = parts.next()?.parse().ok()?;
+    let index = parts.next()?.parse().ok()?;
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(ShardKey {
+        evidence: protocol::EvidenceId(*evidence.as_bytes()),
+        stripe,
+        index,
+    })
 }
 
 /// Writes `parts` durably as `dir/name`, with a temporary file in `dir` itself.
@@ -664,6 +750,69 @@ mod tests {
         fs::write(&path, bytes).unwrap();
         assert!(matches!(store.stat(&k), Err(StoreError::Corrupt(_))));
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn listing_pages_through_every_good_shard_once_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ShardStore::open(dir.path()).unwrap();
+        let mut want = Vec::new();
+        for e in 0..40u8 {
+            for stripe in 0..3u64 {
+                for index in 0..6u8 {
+                    let k = ShardKey {
+                        // Spread over fan-out directories (the last byte).
+                        evidence: EvidenceId([
+                            e,
+                            1,
+                            2,
+                            3,
+                            4,
+                            5,
+                            6,
+                            7,
+                            8,
+                            9,
+                            10,
+                            11,
+                            12,
+                            13,
+                            14,
+                            e % 7,
+                        ]),
+                        stripe,
+                        index,
+                    };
+                    let b = body(16 + index as usize);
+                    store.put(&header(k, &b), &b).unwrap();
+                    want.push(header(k, &b));
+                }
+            }
+        }
+        // A stray file is skipped; a shard with a broken header is quarantined
+        // and never listed.
+        let broken = want.remove(100).key;
+        let path = store.shard_path(&broken);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[0] = b'X';
+        fs::write(&path, bytes).unwrap();
+        fs::write(path.with_file_name("notes.txt"), b"x").unwrap();
+
+        let mut got = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store.list(after.as_ref(), 97).unwrap();
+            if page.is_empty() {
+                break;
+            }
+            assert!(page.len() <= 97);
+            after = page.last().map(|h| h.key);
+            got.extend(page);
+        }
+        want.sort_by_key(|h| (h.key.evidence.0[15], h.key));
+        assert_eq!(got.len(), want.len());
+        assert_eq!(got, want);
+        assert!(!path.exists(), "the broken shard was quarantined");
     }
 
     #[test]

@@ -63,6 +63,7 @@ impl Cluster {
                 listen,
                 node_id: NodeId(7),
                 tls: self.node_tls.clone(),
+                scrub: Default::default(),
             },
             &prometheus::Registry::new(),
         )
@@ -256,6 +257,7 @@ async fn clients_and_nodes_from_another_ca_are_refused() {
             listen: loopback(),
             node_id: NodeId(666),
             tls: impostor_tls,
+            scrub: Default::default(),
         },
         &prometheus::Registry::new(),
     )
@@ -435,6 +437,7 @@ async fn metrics_count_requests_shards_and_corruption() {
             listen: loopback(),
             node_id: NodeId(7),
             tls: cluster.node_tls.clone(),
+            scrub: Default::default(),
         },
         &registry,
     )

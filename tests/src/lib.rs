@@ -218,6 +218,56 @@ impl TestCluster {
         self.wait_healthy(self.shape.nodes as u64)
     }
 
+    /// Restarts every node with `settings` (keys of each `[[nodes]]` table
+    /// of cluster.toml) changed, waiting for each to serve.
+    pub fn set_nodes(&mut self, settings: &[(&str, toml::Value)]) -> Result<()> {
+        let file = self.data_dir().join("cluster.toml");
+        let mut cluster: toml::Value = toml::from_str(&fs::read_to_string(&file)?)?;
+        for node in cluster
+            .get_mut("nodes")
+            .and_then(|n| n.as_array_mut())
+            .context("nodes")?
+        {
+            let table = node.as_table_mut().context("node table")?;
+            for (k, v) in settings {
+                table.insert((*k).to_owned(), v.clone());
+            }
+        }
+        fs::write(&file, toml::to_string(&cluster)?)?;
+        for i in 0..self.shape.nodes {
+            self.kill_node(i);
+            self.start_node_and_wait(i)?;
+        }
+        Ok(())
+    }
+
+    /// Node `i`'s Prometheus endpoint (`http://ADDR/metrics`).
+    pub fn node_metrics_url(&self, i: u32) -> Result<String> {
+        let file = self.data_dir().join("cluster.toml");
+        let cluster: toml::Value = toml::from_str(&fs::read_to_string(&file)?)?;
+        let addr = cluster["nodes"][i as usize]["metrics_listen"]
+            .as_str()
+            .context("metrics_listen")?
+            .to_owned();
+        Ok(format!("http://{addr}/metrics"))
+    }
+
+    /// One sample of a metric from a Prometheus text page: the first line
+    /// whose name (and labels) start with `series`.
+    pub fn metric(&self, url: &str, series: &str) -> Result<f64> {
+        let mut resp = self.agent.get(url).call()?;
+        let text = resp.body_mut().read_to_string()?;
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                (name == series || name.starts_with(&format!("{series}{{")))
+                    .then(|| value.parse().ok())
+                    .flatten()
+            })
+            .with_context(|| format!("{series} not in {url}"))
+    }
+
     /// Restarts the gateway with these witnesses (url, verifier key) in its
     /// ledger configuration, asked every `interval_ms`.
     pub fn use_witnesses(&mut self, witnesses: &[(&str, &str)], interval_ms: i64) -> Result<()> {
@@ -326,6 +376,24 @@ impl TestCluster {
             .stderr(log)
             .spawn()?;
         self.nodes[i as usize] = Some(child);
+        Ok(())
+    }
+
+    /// Starts node `i` and waits until it says it is serving (for commands
+    /// that talk to nodes without a gateway's patience).
+    pub fn start_node_and_wait(&mut self, i: u32) -> Result<()> {
+        let log = self.dir.path().join(format!("node-{i}.log"));
+        let running = || {
+            fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("storage node running")
+                .count()
+        };
+        let before = running();
+        self.start_node(i)?;
+        if !eventually(20, || running() > before) {
+            bail!("node {i} did not start within 20 s");
+        }
         Ok(())
     }
 

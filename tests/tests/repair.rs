@@ -132,3 +132,70 @@ fn dead_nodes_and_wiped_disks_are_repaired_to_full_redundancy() -> Result<()> {
     check_all(&c, "with the wiped disk repaired and nodes 6 and 7 dead")?;
     Ok(())
 }
+
+#[test]
+fn scrub_finds_corruption_no_read_met_and_repair_rebuilds_it() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.set_gateway(&[("repair_interval_ms", toml::Value::Integer(500))])?;
+    let mut filed = Vec::new();
+    for i in 0..6u64 {
+        let data = bytes(30_000 + 7_000 * i as usize, i + 70);
+        let r = c.file(&data)?;
+        filed.push((r["id"].as_str().unwrap_or_default().to_owned(), data));
+    }
+    // Scrub everything every second, fast.
+    c.set_nodes(&[
+        ("scrub_bytes_per_sec", toml::Value::Integer(64 << 20)),
+        ("scrub_pass_interval_secs", toml::Value::Integer(1)),
+    ])?;
+    // A bit flips in the last byte of a shard on node 4 that nobody reads.
+    let victim = c
+        .shard_files(4)
+        .into_iter()
+        .max()
+        .context("node 4 holds shards")?;
+    let name = victim.file_name().context("name")?.to_owned();
+    let mut body = std::fs::read(&victim)?;
+    let last = body.len() - 1;
+    body[last] ^= 0x01;
+    std::fs::write(&victim, &body)?;
+
+    let quarantine = c.node_dir(4).join("quarantine");
+    let found = custodia_tests::eventually(30, || {
+        std::fs::read_dir(&quarantine).is_ok_and(|d| {
+            d.filter_map(|e| e.ok()).any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&*name.to_string_lossy())
+            })
+        })
+    });
+    assert!(found, "the scrubber never quarantined {name:?}");
+    let url = c.node_metrics_url(4)?;
+    assert!(c.metric(&url, "custodia_node_scrub_corrupt_shards_total")? >= 1.0);
+    assert!(c.metric(&url, "custodia_node_scrub_passes_total")? >= 1.0);
+    assert!(c.metric(&url, "custodia_node_scrub_shards_total")? >= 1.0);
+
+    // The repair worker learns of it from the node and rebuilds the shard.
+    let queued = custodia_tests::eventually(20, || {
+        status(&c).is_ok_and(|s| s["degraded_stripes"].as_u64() >= Some(1))
+    });
+    let rebuilt = |c: &TestCluster| {
+        (0..8).any(|i| {
+            c.shard_files(i)
+                .iter()
+                .any(|p| p.file_name() == Some(&name))
+        })
+    };
+    assert!(
+        queued || rebuilt(&c),
+        "the quarantined shard was never queued for repair"
+    );
+    repair(&c)?;
+    assert_eq!(status(&c)?["degraded_stripes"], 0);
+    assert!(rebuilt(&c), "{name:?} was not rebuilt on any node");
+    for (id, data) in &filed {
+        assert_eq!(&c.read(id)?, data, "{id}");
+    }
+    Ok(())
+}

@@ -1,0 +1,451 @@
+//! `custodia recover-index`: rebuilds a lost or corrupt index from what
+//! lives outside it.
+//!
+//! - The ledger's **openings archive** (written beside the tiles before each
+//!   checkpoint is signed) gives every leaf's opening and the manifest header
+//!   of the evidence it names as it stood then; replaying it in order gives each
+//!   piece of evidence its newest header (legal holds, retention, expunges).
+//!   The leaves must reproduce the root of the published, signed checkpoint.
+//! - The **nodes' self-describing shards** give where each shard lives: every
+//!   node's inventory is listed (`ListShards`) and each stripe's record built
+//!   from the headers found.
+//! - Each recovered piece of evidence is then **read back whole** through the
+//!   verified read path: every stripe is re-encoded to learn the hash of every
+//!   shard (a missing one is marked for repair), the Bao outboard for ranged
+//!   reads is recomputed, and the content must hash to the manifest's BLAKE3
+//!   and SHA-256. Nothing is called recovered that was not read back.
+//!
+//! Not in the archive, so not recovered: credentials other than the ones the
+//! operator's files hold (`ops` restores `admin.token` and `s3.credentials`),
+//! the S3 buckets' and object versions' records (the objects stay readable as
+//! evidence, under their ids), witness cosignatures and time-stamp tokens
+//! over old checkpoints (new ones are gathered), and in-flight uploads (their
+//! shards are orphans, reported here).
+
+use crate::api::{Gateway, Store};
+use crate::ledger::LedgerError;
+use futures::StreamExt;
+use indexer::schema::{self, SchemaError};
+use protocol::bao::OutboardBuilder;
+use protocol::ledger::Statement;
+use protocol::{
+    Blake3Hash, EvidenceId, ManifestHeader, NodeId, ShardHeader, ShardPlacement, StripeRecord,
+};
+use sha2::Digest;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// Stripe records written per index transaction.
+const STRIPES_PER_TXN: usize = 256;
+/// The shards of one stripe found on the nodes, by index.
+type Slots = Vec<Option<(NodeId, ShardHeader)>>;
+
+/// Stripes read ahead while one is checked.
+const READ_AHEAD: usize = 8;
+
+/// Why recovery stopped. Nothing it wrote is visible to a gateway until it
+/// returns `Ok`: the caller moves the old index aside and recovers into a
+/// new file.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error("the index already holds evidence; recover into an empty index")]
+    NotEmpty,
+    #[error("ledger: {0}")]
+    Ledger(#[from] LedgerError),
+    #[error("index: {0}")]
+    Index(#[from] SchemaError),
+    #[error("index: {0}")]
+    Kv(#[from] indexer::KvError),
+    #[error("node {node} could not list its shards: {error}")]
+    Node { node: NodeId, error: String },
+    #[error("the archived manifest of {0} is unreadable")]
+    Manifest(EvidenceId),
+}
+
+/// What recovery found and did.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Report {
+    pub ledger_leaves: u64,
+    pub checkpoint_size: u64,
+    pub evidence: u64,
+    pub expunged: u64,
+    pub notarized: u64,
+    pub tenants: BTreeSet<String>,
+    pub nodes_listed: usize,
+    /// Nodes that did not answer (their shards count as missing).
+    pub nodes_down: Vec<u32>,
+    pub shards_listed: u64,
+    pub stripes: u64,
+    /// Stripes short of k+m verified shards, queued for repair.
+    pub stripes_degraded: u64,
+    pub bytes_verified: u64,
+    /// Evidence ids found on nodes that no filing names (failed uploads,
+    /// S3 multipart parts): left for orphan collection.
+    pub orphan_evidence: u64,
+    pub orphan_shards: u64,
+    /// Evidence that could not be read back and verified, and why.
+    pub unreadable: Vec<(String, String)>,
+}
+
+/// Rebuilds the index behind `gw` (which must be empty) from the openings
+/// archive, the published checkpoint and the nodes. With `allow_down`, nodes
+/// that do not answer are tolerated and their shards rebuilt by repair;
+/// without it recovery refuses to start until every node answers.
+pub async fn recover_index<S: Store>(
+    gw: &Gateway<S>,
+    allow_down: bool,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<Report, RecoverError> {
+    let mut report = Report::default();
+    let empty = indexer::run(&gw.store, |tx| async move {
+        let state = indexer::ledger::tree_state_tx(&tx).await?;
+        Ok::<_, SchemaError>(!schema::any_evidence_tx(&tx).await? && state.size == 0)
+    })
+    .await?;
+    if !empty {
+        return Err(RecoverError::NotEmpty);
+    }
+
+    // Nodes: registered with their disks as they are now, so nobody mistakes
+    // them for replaced disks afterwards.
+    gw.nodes.probe_all(&gw.store, gw.clock.now_ms()).await;
+
+    progress("ledger: restoring openings and tree hashes from the archive");
+    let restored = crate::ledger::restore(gw).await?;
+    report.ledger_leaves = restored.leaves;
+    report.checkpoint_size = restored.checkpoint_size;
+
+    // The newest header of each piece of evidence, in leaf order.
+    let mut manifests: BTreeMap<EvidenceId, (ManifestHeader, bool)> = BTreeMap::new();
+    for leaf in &restored.archive {
+        if let Ok(s) = Statement::decode(&leaf.statement) {
+            report.tenants.insert(s.tenant.clone());
+            if s.kind == protocol::ledger::Kind::Notarized {
+                report.notarized += 1;
+            }
+        }
+        if let Some(bytes) = &leaf.manifest {
+            let h =
+                ManifestHeader::decode(bytes).map_err(|_| RecoverError::Manifest(leaf.evidence))?;
+            manifests.insert(leaf.evidence, (h, leaf.expunged));
+        }
+    }
+    drop(restored);
+
+    // Inventories: (evidence, stripe) -> the shards found, by index.
+    let mut found: HashMap<(EvidenceId, u64), Slots> = HashMap::new();
+    let mut orphans = BTreeSet::new();
+    for entry in &gw.config.nodes {
+        let node = entry.node_id();
+        progress(&format!("node {node}: listing shards"));
+        let mut after = None;
+        loop {
+            let page = match gw.nodes.client.rpc_list_shards(entry.addr, after).await {
+                Ok(page) => page,
+                Err(e) if allow_down => {
+                    tracing::warn!(%node, error = %e, "node did not list its shards; its shards count as missing");
+                    report.nodes_down.push(node.0);
+                    break;
+                }
+                Err(e) => {
+                    return Err(RecoverError::Node {
+                        node,
+                        error: e.to_string(),
+                    })
+                }
+            };
+            let Some(last) = page.last() else {
+                report.nodes_listed += 1;
+                break;
+            };
+            after = Some(last.key);
+            for h in page {
+                report.shards_listed += 1;
+                let Some((m, _)) = manifests.get(&h.key.evidence) else {
+                    orphans.insert(h.key.evidence);
+                    report.orphan_shards += 1;
+                    continue;
+                };
+                let total = m.code.total();
+                if (h.key.index as usize) >= total || h.code != m.code {
+                    report.orphan_shards += 1;
+                    continue;
+                }
+                let slots = found
+                    .entry((h.key.evidence, h.key.stripe))
+                    .or_insert_with(|| vec![None; total]);
+                // A second copy (a repair's old one, within its grace) is
+                // as good as the first: either verifies or is re-placed.
+                slots[h.key.index as usize].get_or_insert((node, h));
+            }
+        }
+    }
+    report.orphan_evidence = orphans.len() as u64;
+
+    // Tenants first: every recovered record names one.
+    let tenants: Vec<String> = report.tenants.iter().cloned().collect();
+    let now = gw.clock.now_ms();
+    indexer::run(&gw.store, |tx| {
+        let tenants = &tenants;
+        async move {
+            for t in tenants {
+                if schema::valid_tenant(t) {
+                    indexer::s3::create_tenant_tx(&tx, t, now)
+                        .await
+                        .map_err(|e| SchemaError::Locked(e.to_string()))?;
+                }
+            }
+            Ok::<_, SchemaError>(())
+        }
+    })
+    .await?;
+
+    let count = manifests.len();
+    for (n, (id, (header, expunged))) in manifests.into_iter().enumerate() {
+        if n % 100 == 0 {
+            progress(&format!("evidence: {n} of {count} read back and indexed"));
+        }
+        let stripes: Vec<(u64, Slots)> = (0..header.stripes)
+            .map(|s| {
+                let slots = found
+                    .remove(&(id, s))
+                    .unwrap_or_else(|| vec![None; header.code.total()]);
+                (s, slots)
+            })
+            .collect();
+        if expunged {
+            // Only the tombstone, and the shards still on nodes for garbage
+            // collection to delete.
+            let left: Vec<(u64, StripeRecord)> = stripes
+                .into_iter()
+                .filter(|(_, slots)| slots.iter().any(Option::is_some))
+                .map(|(s, slots)| (s, initial_record(&header, s, &slots)))
+                .collect();
+            write_stripes(gw, id, &left, &[]).await?;
+            indexer::run(&gw.store, |tx| {
+                let (header, left) = (&header, &left);
+                async move {
+                    schema::restore_expunged_tx(&tx, header, !left.is_empty());
+                    Ok::<_, SchemaError>(())
+                }
+            })
+            .await?;
+            report.expunged += 1;
+            continue;
+        }
+        match read_back(gw, &header, stripes).await {
+            Ok((records, degraded, pairs)) => {
+                report.stripes += records.len() as u64;
+                report.stripes_degraded += degraded.len() as u64;
+                report.bytes_verified += header.size;
+                write_stripes(gw, id, &records, &degraded).await?;
+                for chunk in pairs.chunks(4096) {
+                    indexer::run(&gw.store, |tx| async move {
+                        schema::put_outboard_pairs_tx(&tx, id, chunk);
+                        Ok::<_, SchemaError>(())
+                    })
+                    .await?;
+                }
+            }
+            Err((why, records)) => {
+                // Indexed all the same (its statement says it was filed);
+                // every stripe goes to repair, which reports what it cannot
+                // rebuild as lost.
+                tracing::error!(evidence = %id, reason = %why, "evidence could not be read back during recovery");
+                report.unreadable.push((id.to_string(), why));
+                report.stripes += records.len() as u64;
+                report.stripes_degraded += records.len() as u64;
+                let all: Vec<u64> = records.iter().map(|(s, _)| *s).collect();
+                write_stripes(gw, id, &records, &all).await?;
+            }
+        }
+        indexer::run(&gw.store, |tx| {
+            let header = &header;
+            async move { schema::restore_manifest_tx(&tx, header) }
+        })
+        .await?;
+        report.evidence += 1;
+    }
+    progress(&format!("evidence: {count} of {count} done"));
+    Ok(report)
+}
+
+/// A stripe record from the shards found: their nodes and header hashes;
+/// shards not found are unplaced (hash unknown until re-encoded).
+fn initial_record(
+    header: &ManifestHeader,
+    stripe: u64,
+    slots: &[Option<(NodeId, ShardHeader)>],
+) -> StripeRecord {
+    StripeRecord {
+        version: 1,
+        shard_len: header.code.layout(header.size).shard_len(stripe) as u32,
+        shards: slots
+            .iter()
+            .map(|s| match s {
+                Some((node, h)) => ShardPlacement {
+                    node: Some(*node),
+                    blake3: h.blake3,
+                },
+                None => ShardPlacement {
+                    node: None,
+                    blake3: Blake3Hash([0; 32]),
+                },
+            })
+            .collect(),
+    }
+}
+
+type ReadBack = (
+    Vec<(u64, StripeRecord)>,
+    Vec<u64>,
+    Vec<(u64, protocol::bao::HashPair)>,
+);
+
+/// Reads `header`'s content back stripe by stripe from the shards found,
+/// re-encodes each stripe to learn every shard's hash, and checks the whole
+/// against the manifest's BLAKE3 and SHA-256. Returns the final stripe
+/// records, the stripes short of a verified shard, and the Bao outboard; or
+/// why not, with the records as found.
+async fn read_back<S: Store>(
+    gw: &Gateway<S>,
+    header: &ManifestHeader,
+    stripes: Vec<(u64, Slots)>,
+) -> Result<ReadBack, (String, Vec<(u64, StripeRecord)>)> {
+    let initial: Vec<(u64, StripeRecord)> = stripes
+        .iter()
+        .map(|(s, slots)| (*s, initial_record(header, *s, slots)))
+        .collect();
+    let code = header.code;
+    let (k, m) = (code.data_shards(), code.parity_shards());
+    let rs = match gw.codec(k, m) {
+        Ok(rs) => rs,
+        Err(e) => return Err((format!("erasure code: {e:?}"), initial)),
+    };
+    let mut outboard = OutboardBuilder::new();
+    let mut sha = sha2::Sha256::new();
+    let mut pairs = Vec::new();
+    let mut records = Vec::with_capacity(initial.len());
+    let mut degraded = Vec::new();
+    // Every placed shard of each stripe is read (not only k), so the count
+    // of verified shards is exact; a few stripes are in flight at once.
+    let mut fetched = futures::stream::iter(initial.iter())
+        .map(|(stripe, rec)| async move {
+            let reads = (0..rec.shards.len())
+                .filter(|i| rec.shards[*i].node.is_some())
+                .map(|i| async move {
+                    (
+                        i,
+                        crate::read::fetch_shard(gw, header.evidence, *stripe, i, rec).await,
+                    )
+                });
+            (*stripe, rec, futures::future::join_all(reads).await)
+        })
+        .buffered(READ_AHEAD);
+    while let Some((stripe, rec, outcomes)) = fetched.next().await {
+        let mut shards: Vec<Option<Vec<u8>>> = vec![None; rec.shards.len()];
+        for (i, outcome) in outcomes {
+            if let crate::read::ShardOutcome::Good(body) = outcome {
+                shards[i] = Some(body);
+            }
+        }
+        let good: Vec<bool> = shards.iter().map(Option::is_some).collect();
+        let count = good.iter().filter(|g| **g).count();
+        if count < k {
+            return Err((
+                format!("stripe {stripe}: only {count} verified shards of the {k} needed"),
+                initial.clone(),
+            ));
+        }
+        let stripe_len = {
+            let r = code.layout(header.size).stripe_range(stripe);
+            (r.end - r.start) as usize
+        };
+        let rs2 = rs.clone();
+        let rebuilt = tokio::task::spawn_blocking(move || {
+            rs2.reconstruct_data(&mut shards)?;
+            let mut data = Vec::with_capacity(stripe_len);
+            for s in shards.iter().take(k).flatten() {
+                data.extend_from_slice(s);
+            }
+            data.truncate(stripe_len);
+            Ok::<_, reed_solomon_erasure::Error>(data)
+        })
+        .await;
+        let data = match rebuilt {
+            Ok(Ok(data)) => data,
+            Ok(Err(e)) => return Err((format!("stripe {stripe}: {e:?}"), initial.clone())),
+            Err(_) => return Err(("reconstruction task failed".into(), initial.clone())),
+        };
+        outboard.update(&data);
+        sha.update(&data);
+        pairs.extend(outboard.take_pairs());
+        let shard_len = rec.shard_len as usize;
+        let shards = match crate::ingest::encode_stripe(&rs, k, m, &data, shard_len, &gw.buffers) {
+            Ok(shards) => shards,
+            Err(e) => return Err((format!("re-encoding: {e:?}"), initial.clone())),
+        };
+        let mut fixed = rec.clone();
+        let mut short = false;
+        for ((slot, shard), ok) in fixed.shards.iter_mut().zip(&shards).zip(&good) {
+            let hash = Blake3Hash::of(shard);
+            // Only a shard read back whole and agreeing with the content
+            // keeps its place; the rest are rebuilt by repair.
+            if !*ok || slot.blake3 != hash {
+                slot.node = None;
+            }
+            slot.blake3 = hash;
+            short |= slot.node.is_none();
+        }
+        for s in shards {
+            gw.buffers.give(s);
+        }
+        if short {
+            degraded.push(stripe);
+        }
+        records.push((stripe, fixed));
+    }
+    drop(fetched);
+    let (root, rest) = outboard.finish();
+    pairs.extend(rest);
+    if Blake3Hash(root) != header.blake3 {
+        return Err((
+            "content does not hash to the manifest's BLAKE3".into(),
+            initial,
+        ));
+    }
+    if sha.finalize().as_slice() != header.sha256.0.as_slice() {
+        return Err((
+            "content does not hash to the manifest's SHA-256".into(),
+            initial,
+        ));
+    }
+    Ok((records, degraded, pairs))
+}
+
+/// Writes stripe records (and repair marks for `degraded`) in batches.
+async fn write_stripes<S: Store>(
+    gw: &Gateway<S>,
+    id: EvidenceId,
+    records: &[(u64, StripeRecord)],
+    degraded: &[u64],
+) -> Result<(), RecoverError> {
+    for chunk in records.chunks(STRIPES_PER_TXN) {
+        indexer::run(&gw.store, |tx| async move {
+            for (s, rec) in chunk {
+                schema::put_stripe_tx(&tx, id, *s, rec);
+            }
+            Ok::<_, SchemaError>(())
+        })
+        .await?;
+    }
+    for chunk in degraded.chunks(STRIPES_PER_TXN) {
+        indexer::run(&gw.store, |tx| async move {
+            for s in chunk {
+                schema::mark_degraded_tx(&tx, id, *s);
+            }
+            Ok::<_, SchemaError>(())
+        })
+        .await?;
+    }
+    Ok(())
+}

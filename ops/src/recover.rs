@@ -1,0 +1,188 @@
+//! `custodia recover-index`: rebuilds DATA_DIR's index from the ledger's
+//! openings archive, the published checkpoint and the storage nodes (see
+//! `gateway::recover`), with the gateway stopped and every node running.
+//!
+//! The new index is built in a separate file and only swapped in when
+//! recovery succeeded; the old file (if any) is kept beside it, renamed,
+//! never deleted.
+
+use crate::cluster::{self, Cluster};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+pub async fn run(data_dir: &Path, allow_down: bool, json: bool) -> Result<()> {
+    let cluster = Cluster::load(data_dir)?;
+    let index = cluster.gateway.index_path.clone();
+    if index.exists() {
+        // redb holds an exclusive lock on an open index: a running gateway
+        // must not have its index replaced under it.
+        let file =
+            std::fs::File::open(&index).with_context(|| format!("opening {}", index.display()))?;
+        if let Err(std::fs::TryLockError::WouldBlock) = file.try_lock() {
+            bail!(
+                "the index {} is open in a running gateway; stop the gateway first",
+                index.display()
+            );
+        }
+    }
+    let building = with_suffix(&index, "recovering");
+    match std::fs::remove_file(&building) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).context(format!("removing {}", building.display())),
+    }
+    let store = indexer::EmbeddedStore::open(&building)
+        .with_context(|| format!("creating {}", building.display()))?;
+    let mut config = cluster.gateway.clone();
+    config.index_path = building.clone();
+    let gw = gateway::Gateway::new(config, store, &prometheus::Registry::new())
+        .context("starting the recovery")?;
+    let report = gateway::recover::recover_index(&gw, allow_down, &|msg| eprintln!("{msg}"))
+        .await
+        .context("recovering the index")?;
+    let restored = restore_credentials(&gw.store, data_dir).await?;
+    drop(gw);
+
+    if index.exists() {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let aside = with_suffix(&index, &format!("replaced-{stamp}"));
+        std::fs::rename(&index, &aside)?;
+        eprintln!("the old index is kept as {}", aside.display());
+    }
+    std::fs::rename(&building, &index)?;
+    if let Some(dir) = index.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("index recovered into {}", index.display());
+        println!(
+            "  ledger       {} leaves (published checkpoint: {})",
+            report.ledger_leaves, report.checkpoint_size
+        );
+        println!(
+            "  evidence     {} read back and verified ({} bytes), {} expunged, {} hash-only notarizations",
+            report.evidence - report.unreadable.len() as u64,
+            report.bytes_verified,
+            report.expunged,
+            report.notarized
+        );
+        println!(
+            "  stripes      {} ({} queued for repair)",
+            report.stripes, report.stripes_degraded
+        );
+        println!(
+            "  nodes        {} listed, {} shards{}",
+            report.nodes_listed,
+            report.shards_listed,
+            if report.nodes_down.is_empty() {
+                String::new()
+            } else {
+                format!(", down: {:?}", report.nodes_down)
+            }
+        );
+        println!(
+            "  orphans      {} shards of {} unnamed uploads (left for collection)",
+            report.orphan_shards, report.orphan_evidence
+        );
+        println!(
+            "  tenants      {}",
+            report
+                .tenants
+                .iter()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!("  credentials  {}", restored.join(", "));
+        for (id, why) in &report.unreadable {
+            println!("  UNREADABLE   {id}: {why}");
+        }
+        println!("not recovered: other tenants' keys (issue new ones with `custodia key create`), S3 bucket and version records, old witness cosignatures and time-stamp tokens");
+    }
+    if !report.unreadable.is_empty() {
+        bail!(
+            "{} pieces of evidence could not be read back; they are indexed and queued for repair",
+            report.unreadable.len()
+        );
+    }
+    Ok(())
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{suffix}"));
+    PathBuf::from(name)
+}
+
+/// Registers the admin credentials DATA_DIR's files hold (`admin.token`,
+/// `s3.credentials`), so the operator's tools keep working; returns what was
+/// restored.
+async fn restore_credentials<S: indexer::KvStore>(
+    store: &S,
+    data_dir: &Path,
+) -> Result<Vec<String>> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    cluster::create_tenant(store, "admin", now).await?;
+    let token = std::fs::read_to_string(data_dir.join(cluster::ADMIN_TOKEN_FILE))
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty());
+    let s3 = std::fs::read_to_string(data_dir.join(cluster::S3_CREDENTIALS_FILE))
+        .ok()
+        .and_then(|text| {
+            let field = |name: &str| {
+                text.lines().find_map(|l| {
+                    let (k, v) = l.split_once('=')?;
+                    (k.trim() == name).then(|| v.trim().to_owned())
+                })
+            };
+            Some((field("aws_access_key_id")?, field("aws_secret_access_key")?))
+        });
+    let mut restored = Vec::new();
+    indexer::run(store, |tx| {
+        let (token, s3) = (&token, &s3);
+        async move {
+            if let Some(t) = token {
+                indexer::schema::put_token_tx(
+                    &tx,
+                    t,
+                    &indexer::schema::TokenRecord {
+                        tenant: "admin".into(),
+                        role: indexer::schema::Role::Admin,
+                    },
+                )?;
+            }
+            if let Some((id, secret)) = s3 {
+                indexer::s3::put_access_key_tx(
+                    &tx,
+                    id,
+                    &indexer::s3::AccessKeyRecord {
+                        tenant: "admin".into(),
+                        role: indexer::schema::Role::Admin,
+                        secret: secret.clone(),
+                        bypass_governance: false,
+                    },
+                )
+                .await?;
+            }
+            Ok::<_, indexer::s3::ObjectError>(())
+        }
+    })
+    .await?;
+    if token.is_some() {
+        restored.push(cluster::ADMIN_TOKEN_FILE.to_owned());
+    }
+    if s3.is_some() {
+        restored.push(cluster::S3_CREDENTIALS_FILE.to_owned());
+    }
+    Ok(restored)
+}

@@ -1,0 +1,138 @@
+//! Scrubbing: the node re-reads every shard it holds at a bounded rate and
+//! checks it against the BLAKE3 in its header, so corruption is found while
+//! the other shards of its stripe can still rebuild it, not when a court
+//! asks for the file.
+//!
+//! A shard that fails is quarantined by the store (moved aside, kept for
+//! forensics, never served again) and counted; the gateway's repair worker
+//! collects the quarantined keys (`ListQuarantined`) and rebuilds them. A pass
+//! walks the inventory in listing order; passes start at most every
+//! [`ScrubConfig::pass_interval`], and the read rate never exceeds
+//! [`ScrubConfig::bytes_per_sec`] so foreground traffic keeps the disk.
+
+use crate::metrics::NodeMetrics;
+use crate::store::{ShardStore, StoreError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Shards listed per step of a pass.
+const PAGE: usize = 64;
+
+/// How hard a node scrubs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScrubConfig {
+    /// Shard bytes read per second at most; 0 turns scrubbing off.
+    pub bytes_per_sec: u64,
+    /// Least time from the start of one pass to the start of the next.
+    pub pass_interval: Duration,
+}
+
+impl Default for ScrubConfig {
+    /// 32 MiB/s (a 10 TB disk in under 4 days), one pass a day at most.
+    fn default() -> Self {
+        ScrubConfig {
+            bytes_per_sec: 32 << 20,
+            pass_interval: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Scrubs until `stop` says so.
+pub async fn run(
+    store: Arc<ShardStore>,
+    metrics: NodeMetrics,
+    config: ScrubConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    if config.bytes_per_sec == 0 {
+        tracing::info!("scrubbing is off");
+        return;
+    }
+    loop {
+        let started = Instant::now();
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = pass(&store, &metrics, config.bytes_per_sec) => {}
+        }
+        let next = started + config.pass_interval;
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep_until(next.into()) => {}
+        }
+    }
+}
+
+/// One pass over every shard.
+async fn pass(store: &Arc<ShardStore>, metrics: &NodeMetrics, bytes_per_sec: u64) {
+    let total = store.info().map(|i| i.shards).unwrap_or(0).max(1);
+    let started = Instant::now();
+    let (mut done, mut corrupt, mut bytes) = (0u64, 0u64, 0u64);
+    let mut after = None;
+    metrics.scrub_progress.set(0.0);
+    loop {
+        let s = store.clone();
+        let page = match run_blocking(move || s.list(after.as_ref(), PAGE)).await {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::warn!(error = %e, "scrub could not list shards; retrying in a minute");
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                continue;
+            }
+        };
+        let Some(last) = page.last() else { break };
+        after = Some(last.key);
+        for header in page {
+            let s = store.clone();
+            let key = header.key;
+            match run_blocking(move || s.get(&key)).await {
+                Ok((_, body)) => {
+                    bytes += body.len() as u64;
+                    metrics.scrub_bytes.inc_by(body.len() as u64);
+                }
+                Err(StoreError::Corrupt(_)) => {
+                    corrupt += 1;
+                    metrics.scrub_corrupt.inc();
+                    metrics.corrupt_shards.inc();
+                    tracing::warn!(shard = %key, "scrub found a corrupt shard; quarantined for repair");
+                }
+                Err(StoreError::NotFound) => {} // deleted since listed
+                Err(e) => tracing::warn!(shard = %key, error = %e, "scrub could not read a shard"),
+            }
+            done += 1;
+            metrics.scrub_shards.inc();
+            metrics
+                .scrub_progress
+                .set((done as f64 / total as f64).min(1.0));
+            // Never ahead of the rate: sleep off whatever was read too fast.
+            let due = Duration::from_secs_f64(bytes as f64 / bytes_per_sec as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    metrics.scrub_progress.set(1.0);
+    metrics.scrub_passes.inc();
+    metrics.scrub_last_pass.set(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0),
+    );
+    tracing::info!(
+        shards = done,
+        corrupt,
+        bytes,
+        secs = started.elapsed().as_secs_f64(),
+        "scrub pass done"
+    );
+}
+
+async fn run_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(_) => Err(StoreError::Io(std::io::Error::other("scrub task panicked"))),
+    }
+}
