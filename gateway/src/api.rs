@@ -30,7 +30,7 @@ use axum::{Json, Router};
 use indexer::schema::{self, Role, TokenRecord};
 use indexer::KvStore;
 use protocol::ledger::{Kind, Statement};
-use protocol::{Blake3Hash, EvidenceId, ManifestHeader, Sha256Hash};
+use protocol::{Blake3Hash, EvidenceId, ManifestHeader, NodeId, Sha256Hash};
 use reed_solomon_erasure::galois_8::ReedSolomon;
 use serde_json::json;
 use std::net::SocketAddr;
@@ -325,6 +325,8 @@ pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {
         .route("/v1/repair/queue", get(repair_queue::<S>))
         .route("/v1/admin/status", get(status::<S>))
         .route("/v1/admin/repair", post(repair_now::<S>))
+        .route("/v1/admin/nodes/{id}", get(node_detail::<S>))
+        .route("/v1/admin/nodes/{id}/{action}", post(node_lifecycle::<S>))
         .route(
             "/v1/admin/tokens",
             post(create_token::<S>).layer(DefaultBodyLimit::max(SMALL_BODY)),
@@ -713,6 +715,150 @@ async fn repair_now<S: Store>(
     ))
 }
 
+/// Stripes whose record places a shard on `node` (a walk of every stripe
+/// record, in small transactions: what a drain waits for).
+async fn stripes_on_node<S: Store>(gw: &Gateway<S>, node: NodeId) -> Result<u64, ApiError> {
+    const BATCH: usize = 4096;
+    let mut after = None;
+    let mut count = 0u64;
+    loop {
+        let batch = indexer::run(&gw.store, |tx| async move {
+            schema::stripes_scan_tx(&tx, after, BATCH).await
+        })
+        .await?;
+        count += batch
+            .iter()
+            .filter(|(_, _, rec)| rec.shards.iter().any(|s| s.node == Some(node)))
+            .count() as u64;
+        match batch.last() {
+            Some((e, s, _)) if batch.len() == BATCH => after = Some((*e, *s)),
+            _ => return Ok(count),
+        }
+    }
+}
+
+fn node_id_param<S: Store>(gw: &Gateway<S>, id: &str) -> Result<NodeId, ApiError> {
+    let id = NodeId(
+        id.trim_start_matches('n')
+            .parse()
+            .map_err(|_| ApiError::BadRequest(format!("{id:?} is not a node id")))?,
+    );
+    if gw.nodes.addr(id).is_none() {
+        return Err(ApiError::NotFound);
+    }
+    Ok(id)
+}
+
+/// One node's lifecycle and how many stripes still place a shard on it.
+async fn node_detail<S: Store>(
+    State(gw): State<Arc<Gateway<S>>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let who = authenticate(&gw, &headers).await?;
+    require(&who, Role::Admin, "see a node")?;
+    let node = node_id_param(&gw, &id)?;
+    let stripes = stripes_on_node(&gw, node).await?;
+    Ok(Json(json!({
+        "id": node.0,
+        "lifecycle": gw.nodes.lifecycle(node).as_str(),
+        "stripes": stripes,
+    })))
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LifecycleQuery {
+    /// `remove` a node that still holds shards (a dead one): its shards
+    /// count as missing and repair rebuilds them elsewhere.
+    force: Option<bool>,
+}
+
+/// `drain`, `activate` (undo a drain) or `remove` a node. A drain moves
+/// every shard off the node while it keeps serving them; `remove` is refused
+/// while any stripe still places a shard on it, unless forced.
+async fn node_lifecycle<S: Store>(
+    State(gw): State<Arc<Gateway<S>>>,
+    Path((id, action)): Path<(String, String)>,
+    Query(q): Query<LifecycleQuery>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    use schema::{Lifecycle, LifecycleRecord};
+    let who = authenticate(&gw, &headers).await?;
+    require(&who, Role::Admin, "change a node's lifecycle")?;
+    let node = node_id_param(&gw, &id)?;
+    let state = match action.as_str() {
+        "drain" => Lifecycle::Draining,
+        "activate" => Lifecycle::Active,
+        "remove" => Lifecycle::Removed,
+        other => {
+            return Err(ApiError::BadRequest(format!(
+                "{other:?}: the actions are drain, activate and remove"
+            )))
+        }
+    };
+    let current = gw.nodes.lifecycle(node);
+    if current == Lifecycle::Removed && state != Lifecycle::Removed {
+        return Err(ApiError::Conflict(format!(
+            "node {node} was removed; add it again as a new node"
+        )));
+    }
+    let mut stripes = None;
+    if state == Lifecycle::Removed && !q.force.unwrap_or(false) {
+        let left = stripes_on_node(&gw, node).await?;
+        if left > 0 {
+            return Err(ApiError::Conflict(format!(
+                "{left} stripes still place a shard on node {node}; drain it and let repair move them, or force the removal of a dead node"
+            )));
+        }
+        stripes = Some(left);
+    }
+    if state != Lifecycle::Active {
+        // Never below k+m active nodes: new stripes could not be placed.
+        let active = gw
+            .nodes
+            .view()
+            .iter()
+            .filter(|n| n.id != node && n.lifecycle == Lifecycle::Active)
+            .count();
+        let need = gw.config.k as usize + gw.config.m as usize;
+        if current == Lifecycle::Active && active < need {
+            return Err(ApiError::Conflict(format!(
+                "only {active} other active nodes would remain; RS({},{}) needs {need}",
+                gw.config.k, gw.config.m
+            )));
+        }
+    }
+    let rec = LifecycleRecord {
+        state,
+        changed_ms: gw.clock.now_ms(),
+    };
+    indexer::run(&gw.store, |tx| async move {
+        schema::set_lifecycle_tx(&tx, node, &rec);
+        Ok::<_, schema::SchemaError>(())
+    })
+    .await?;
+    gw.nodes.set_lifecycles(&current_decisions(&gw).await?);
+    tracing::warn!(%node, state = state.as_str(), actor = %actor(&who), "node lifecycle changed by an operator");
+    // A drain or removal queues the node's stripes at once.
+    gw.repair_wake.notify_one();
+    Ok(Json(json!({
+        "id": node.0,
+        "lifecycle": state.as_str(),
+        "stripes": stripes,
+    })))
+}
+
+async fn current_decisions<S: Store>(
+    gw: &Gateway<S>,
+) -> Result<Vec<(NodeId, schema::LifecycleRecord)>, ApiError> {
+    Ok(indexer::run(
+        &gw.store,
+        |tx| async move { schema::lifecycles_tx(&tx).await },
+    )
+    .await?)
+}
+
 /// How far the degraded-stripe count walks the index for `status`.
 const STATUS_DEGRADED_LIMIT: usize = 100_000;
 
@@ -741,6 +887,7 @@ async fn status<S: Store>(
                 "addr": n.addr.to_string(),
                 "failure_domain": n.domain,
                 "state": n.state.as_str(),
+                "lifecycle": n.lifecycle.as_str(),
                 "last_seen_s": n.last_seen.map(|d| d.as_secs_f64()),
                 "capacity_bytes": n.disk.map(|d| d.capacity_bytes),
                 "used_bytes": n.disk.map(|d| d.used_bytes),

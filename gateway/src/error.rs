@@ -37,6 +37,10 @@ pub enum ApiError {
     /// The same Idempotency-Key names an upload still in flight.
     #[error("an upload with this Idempotency-Key is still in progress ({0})")]
     UploadInProgress(String),
+    /// The request conflicts with the cluster's state (for example removing
+    /// a node that still holds shards).
+    #[error("{0}")]
+    Conflict(String),
     /// The client's body ended or failed before it was complete.
     #[error("the upload body was cut off: {0}")]
     BodyIncomplete(String),
@@ -96,7 +100,7 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::HashMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-            ApiError::UploadInProgress(_) => StatusCode::CONFLICT,
+            ApiError::UploadInProgress(_) | ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::BodyIncomplete(_) => StatusCode::BAD_REQUEST,
             ApiError::Body(r) => r.status(),
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -131,6 +135,7 @@ impl ApiError {
             ApiError::HashMismatch { .. } => "hash_mismatch",
             ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             ApiError::UploadInProgress(_) => "upload_in_progress",
+            ApiError::Conflict(_) => "conflict",
             ApiError::BodyIncomplete(_) => "body_incomplete",
             ApiError::Body(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
             ApiError::Body(_) => "bad_body",

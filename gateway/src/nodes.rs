@@ -2,12 +2,14 @@
 //! health. Health comes from a periodic `NodeInfo` probe and from failed calls,
 //! and only steers where new shards go; reads try every placed shard anyway.
 //! Each probe also records the node's capacity and disk UUID in the index, and
-//! warns when a node comes back with a different disk.
+//! warns when a node comes back with a different disk, and reads back each
+//! node's lifecycle (active, draining, removed) that operators set in the
+//! index: only active nodes take new shards.
 
 use crate::api::Store;
 use crate::config::NodeEntry;
 use crate::placement::Candidate;
-use indexer::schema::{self, NodeRecord};
+use indexer::schema::{self, Lifecycle, NodeRecord};
 use protocol::NodeId;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +24,8 @@ struct NodeState {
     disk: Mutex<Option<DiskView>>,
     /// When the node last answered a probe.
     last_ok: Mutex<Option<Instant>>,
+    /// The operator's decision, as the index last said.
+    lifecycle: Mutex<Lifecycle>,
 }
 
 /// A node's disk as it last reported it.
@@ -70,6 +74,7 @@ pub struct NodeView {
     pub disk: Option<DiskView>,
     /// Smoothed RTT of the open connection, if one is open.
     pub rtt: Option<Duration>,
+    pub lifecycle: Lifecycle,
 }
 
 /// The nodes and a client to reach them.
@@ -89,6 +94,7 @@ impl NodeSet {
                 healthy: AtomicBool::new(true),
                 disk: Mutex::new(None),
                 last_ok: Mutex::new(None),
+                lifecycle: Mutex::new(Lifecycle::Active),
             })
             .collect();
         NodeSet {
@@ -152,6 +158,7 @@ impl NodeSet {
                     .iter()
                     .find(|(a, _)| *a == n.entry.addr)
                     .map(|(_, rtt)| *rtt),
+                lifecycle: *lock(&n.lifecycle),
             })
             .collect()
     }
@@ -171,19 +178,54 @@ impl NodeSet {
         self.nodes.is_empty()
     }
 
-    /// Nodes new shards may go to: the healthy ones, or all of them when too few
-    /// are healthy to hold a stripe (a stale health flag must not refuse writes).
-    pub fn write_candidates(&self, need: usize) -> Vec<Candidate> {
-        let healthy: Vec<Candidate> = self
-            .nodes
+    /// The operator's lifecycle decision for `id`.
+    pub fn lifecycle(&self, id: NodeId) -> Lifecycle {
+        self.get(id)
+            .map_or(Lifecycle::Removed, |n| *lock(&n.lifecycle))
+    }
+
+    /// Takes the lifecycle decisions the index holds (nodes not named are active).
+    pub fn set_lifecycles(&self, decided: &[(NodeId, schema::LifecycleRecord)]) {
+        for n in &self.nodes {
+            let id = n.entry.node_id();
+            let state = decided
+                .iter()
+                .find(|(d, _)| *d == id)
+                .map_or(Lifecycle::Active, |(_, r)| r.state);
+            let mut current = lock(&n.lifecycle);
+            if *current != state {
+                tracing::info!(node = %id, state = state.as_str(), "node lifecycle changed");
+                *current = state;
+            }
+        }
+    }
+
+    /// Nodes that are draining or removed: their shards need new homes.
+    pub fn evacuating(&self) -> std::collections::HashSet<NodeId> {
+        self.nodes
             .iter()
+            .filter(|n| *lock(&n.lifecycle) != Lifecycle::Active)
+            .map(|n| n.entry.node_id())
+            .collect()
+    }
+
+    /// Nodes new shards may go to: the active, healthy ones, or every active
+    /// one when too few are healthy to hold a stripe (a stale health flag must
+    /// not refuse writes). Draining and removed nodes never take new shards.
+    pub fn write_candidates(&self, need: usize) -> Vec<Candidate> {
+        let active = || {
+            self.nodes
+                .iter()
+                .filter(|n| *lock(&n.lifecycle) == Lifecycle::Active)
+        };
+        let healthy: Vec<Candidate> = active()
             .filter(|n| n.healthy.load(Ordering::Relaxed))
             .map(|n| candidate(&n.entry))
             .collect();
         if healthy.len() >= need {
             healthy
         } else {
-            self.nodes.iter().map(|n| candidate(&n.entry)).collect()
+            active().map(|n| candidate(&n.entry)).collect()
         }
     }
 
@@ -191,6 +233,10 @@ impl NodeSet {
     /// Returns the nodes that answered with another disk than the index
     /// knows (wiped or replaced): their inventory must be reconciled.
     pub async fn probe_all<S: Store>(&self, store: &S, now_ms: u64) -> Vec<NodeId> {
+        match indexer::run(store, |tx| async move { schema::lifecycles_tx(&tx).await }).await {
+            Ok(decided) => self.set_lifecycles(&decided),
+            Err(e) => tracing::warn!(error = %e, "could not read node lifecycles"),
+        }
         let mut replaced = Vec::new();
         let probes = self.nodes.iter().map(|n| async move {
             let info = tokio::time::timeout(

@@ -28,6 +28,7 @@ use crate::error::ApiError;
 use crate::nodes::NodeHealth;
 use crate::placement;
 use crate::read::{fetch_shard, ShardOutcome};
+use indexer::schema::Lifecycle;
 use indexer::schema::{self, RepairCommit};
 use protocol::ledger::Kind;
 use protocol::{
@@ -188,33 +189,38 @@ pub async fn collect_quarantined<S: Store>(
     queued
 }
 
-/// Nodes down for longer than the configured grace: their shards count as
-/// missing.
+/// Nodes down for longer than the configured grace, and removed nodes:
+/// their shards count as missing.
 fn gone_nodes<S: Store>(gw: &Gateway<S>) -> HashSet<NodeId> {
     let grace = Duration::from_millis(gw.config.repair_after_down_ms);
     gw.nodes
         .view()
         .into_iter()
-        .filter(|n| n.state == NodeHealth::Down && n.last_seen.is_none_or(|ago| ago >= grace))
+        .filter(|n| {
+            n.lifecycle == Lifecycle::Removed
+                || (n.state == NodeHealth::Down && n.last_seen.is_none_or(|ago| ago >= grace))
+        })
         .map(|n| n.id)
         .collect()
 }
 
 /// Walks up to one batch of stripe records from `cursor` (wrapping around)
-/// and queues those with a shard on a node gone past its grace, or with no
-/// node at all. Skipped entirely while every node is within its grace.
+/// and queues those with a shard on a node gone past its grace, draining or
+/// removed, or with no node at all. Skipped entirely while every node is
+/// active and within its grace.
 pub async fn scan<S: Store>(
     gw: &Gateway<S>,
     cursor: &mut Option<(EvidenceId, u64)>,
 ) -> Result<u64, ApiError> {
-    let gone = gone_nodes(gw);
-    if gone.is_empty() {
+    let mut homeless = gone_nodes(gw);
+    homeless.extend(gw.nodes.evacuating());
+    if homeless.is_empty() {
         return Ok(0);
     }
     let mut queued = 0u64;
     // At most 16 batches per call; each transaction stays small.
     for _ in 0..16 {
-        let (n, more) = queue_stripes(gw, &|rec| needs_home(rec, &gone), cursor).await?;
+        let (n, more) = queue_stripes(gw, &|rec| needs_home(rec, &homeless), cursor).await?;
         queued += n;
         if !more {
             break;
@@ -325,15 +331,16 @@ pub async fn pass<S: Store>(gw: &Arc<Gateway<S>>) -> Result<PassReport, ApiError
     })
     .await?;
     let gone = Arc::new(gone_nodes(gw));
+    let draining = Arc::new(gw.nodes.evacuating());
     let mut report = PassReport::default();
     let mut outcomes = futures::stream::iter(queued)
         .map(|(evidence, stripe)| {
-            let (gw, gone) = (gw.clone(), gone.clone());
+            let (gw, gone, draining) = (gw.clone(), gone.clone(), draining.clone());
             async move {
                 (
                     evidence,
                     stripe,
-                    repair_stripe(&gw, evidence, stripe, &gone).await,
+                    repair_stripe(&gw, evidence, stripe, &gone, &draining).await,
                 )
             }
         })
@@ -364,6 +371,7 @@ pub async fn repair_stripe<S: Store>(
     evidence: EvidenceId,
     stripe: u64,
     gone: &HashSet<NodeId>,
+    draining: &HashSet<NodeId>,
 ) -> Result<Outcome, ApiError> {
     let (header, rec) = indexer::run(&gw.store, |tx| async move {
         let header = schema::get_manifest_tx(&tx, evidence).await?;
@@ -408,7 +416,13 @@ pub async fn repair_stripe<S: Store>(
     let mut bad = 0usize;
     for (i, outcome) in fetched.into_iter().enumerate() {
         match outcome {
-            ShardOutcome::Good(b) => shards.push(Some(b)),
+            ShardOutcome::Good(b) => {
+                // A good shard on a draining node is a source, and moves.
+                if rec.shards[i].node.is_some_and(|n| draining.contains(&n)) {
+                    rebuild.push(i);
+                }
+                shards.push(Some(b));
+            }
             ShardOutcome::Damaged => {
                 bad += 1;
                 rebuild.push(i);
@@ -425,7 +439,7 @@ pub async fn repair_stripe<S: Store>(
         }
     }
     let good = shards.iter().flatten().count();
-    if good == total {
+    if good == total && rebuild.is_empty() {
         recycle(gw, shards);
         indexer::run(&gw.store, |tx| async move {
             schema::clear_degraded_tx(&tx, evidence, stripe);

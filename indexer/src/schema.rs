@@ -8,6 +8,7 @@
 //!
 //! ```text
 //! ("N", node u32)                                 = NodeRecord
+//! ("n", node u32)                                 = LifecycleRecord    draining or removed (absent: active)
 //! ("I", evidence 16)                              = IntentRecord       upload in flight
 //! ("K", tenant, 0x00, blake3(idempotency key) 32) = evidence 16        retry finds the first filing
 //! ("E", evidence 16)                              = ManifestHeader     visible evidence
@@ -33,6 +34,7 @@ use protocol::{Blake3Hash, DecodeError, EvidenceId, ManifestHeader, NodeId, Stri
 use serde::{Deserialize, Serialize};
 
 const NODE: u8 = b'N';
+const LIFECYCLE: u8 = b'n';
 const INTENT: u8 = b'I';
 const IDEMPOTENCY: u8 = b'K';
 const EVIDENCE: u8 = b'E';
@@ -182,6 +184,68 @@ pub async fn list_nodes_tx<T: Transaction>(tx: &T) -> Result<Vec<NodeRecord>, Sc
     let rows = tx.get_range(&[NODE], &[NODE + 1], 0, false).await?;
     rows.iter()
         .map(|(_, v)| Ok(decode_versioned(RECORD_V1, v)?))
+        .collect()
+}
+
+/// Where a node is in its life: what an operator decided, beside the
+/// health the gateway measures (up, suspect, down).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Lifecycle {
+    /// Takes new shards (no record: every node starts active).
+    #[default]
+    Active,
+    /// Takes no new shards; repair moves its shards to other nodes while it
+    /// still serves them.
+    Draining,
+    /// Out of the cluster: takes nothing, and its shards count as missing.
+    Removed,
+}
+
+impl Lifecycle {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lifecycle::Active => "active",
+            Lifecycle::Draining => "draining",
+            Lifecycle::Removed => "removed",
+        }
+    }
+}
+
+/// A lifecycle decision and when it was made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LifecycleRecord {
+    pub state: Lifecycle,
+    pub changed_ms: u64,
+}
+
+pub fn set_lifecycle_tx<T: Transaction>(tx: &T, node: NodeId, rec: &LifecycleRecord) {
+    let mut k = vec![LIFECYCLE];
+    k.extend_from_slice(&node.0.to_be_bytes());
+    if rec.state == Lifecycle::Active {
+        tx.clear(&k);
+    } else {
+        tx.set(&k, &encode_versioned(RECORD_V1, rec));
+    }
+}
+
+/// Every node that is not active.
+pub async fn lifecycles_tx<T: Transaction>(
+    tx: &T,
+) -> Result<Vec<(NodeId, LifecycleRecord)>, SchemaError> {
+    let rows = tx
+        .get_range(&[LIFECYCLE], &[LIFECYCLE + 1], 0, false)
+        .await?;
+    rows.iter()
+        .map(|(k, v)| {
+            let id: [u8; 4] = k
+                .get(1..5)
+                .and_then(|b| b.try_into().ok())
+                .ok_or(DecodeError::Truncated)?;
+            Ok((
+                NodeId(u32::from_be_bytes(id)),
+                decode_versioned(RECORD_V1, v)?,
+            ))
+        })
         .collect()
 }
 

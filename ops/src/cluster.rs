@@ -108,11 +108,11 @@ pub struct InitOptions {
     pub log_origin: String,
 }
 
-fn free_udp_port() -> Result<u16> {
+pub fn free_udp_port() -> Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn free_tcp_port() -> Result<u16> {
+pub fn free_tcp_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())

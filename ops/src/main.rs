@@ -13,6 +13,7 @@ mod bench_ledger;
 mod bench_repair;
 mod client;
 mod cluster;
+mod node_admin;
 mod recover;
 mod sim;
 mod status;
@@ -135,8 +136,12 @@ enum Command {
         #[command(flatten)]
         shape: ClusterShape,
     },
-    /// Run one storage node.
+    /// Run one storage node; or, with a subcommand, change a node's
+    /// lifecycle (add, drain, activate, remove).
+    #[command(args_conflicts_with_subcommands = true)]
     Node {
+        #[command(subcommand)]
+        action: Option<NodeAction>,
         /// Take the node's settings from this cluster file...
         #[arg(long, requires = "id")]
         cluster: Option<PathBuf>,
@@ -282,6 +287,56 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum NodeAction {
+    /// Add a storage node to DATA_DIR's cluster: a certificate from the
+    /// cluster CA, a data dir and ports, recorded in cluster.toml. Start it
+    /// with `custodia node --cluster DATA_DIR/cluster.toml --id N`, then
+    /// restart the gateway, which places new shards on it from then on.
+    Add {
+        #[arg(long, default_value = "custodia-data")]
+        data_dir: PathBuf,
+        /// Failure domain label (rack, host, site).
+        #[arg(long)]
+        failure_domain: Option<String>,
+        /// QUIC address (default: a free port on 127.0.0.1).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Prometheus address (default: a free port on 127.0.0.1).
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
+    },
+    /// Stop placing shards on node ID and move its shards to other nodes
+    /// while it keeps serving them.
+    Drain {
+        id: u32,
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Follow the drain with a progress bar until nothing is left on it.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up when nothing moved for this many seconds.
+        #[arg(long, default_value_t = 120)]
+        patience_secs: u64,
+    },
+    /// Undo a drain: node ID takes new shards again.
+    Activate {
+        id: u32,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Take node ID out of the cluster. Refused while any stripe still places
+    /// a shard on it (drain it first), unless --force: for a dead node, whose
+    /// shards then count as missing and are rebuilt elsewhere by repair.
+    Remove {
+        id: u32,
+        #[command(flatten)]
+        api: ApiArgs,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum SimCommand {
     /// Placement on many nodes: fill, failure domains, movement on growth,
     /// repair fan-out.
@@ -349,6 +404,59 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+fn node_action(action: NodeAction) -> Result<()> {
+    match action {
+        NodeAction::Add {
+            data_dir,
+            failure_domain,
+            listen,
+            metrics,
+        } => {
+            let id = node_admin::add(&data_dir, failure_domain, listen, metrics)?;
+            println!(
+                "node {id} added to {}
+start it:  custodia node --cluster {} --id {id}
+then restart the gateway so it places new shards there",
+                data_dir.join(cluster::CLUSTER_FILE).display(),
+                data_dir.join(cluster::CLUSTER_FILE).display()
+            );
+            Ok(())
+        }
+        NodeAction::Drain {
+            id,
+            api,
+            wait,
+            patience_secs,
+        } => {
+            let token = client::token(api.token_file.as_deref())?;
+            node_admin::act(&api.api, &token, id, "drain", false)?;
+            println!("node {id} is draining: no new shards; repair moves its shards elsewhere");
+            if wait {
+                node_admin::wait_drained(
+                    &api.api,
+                    &token,
+                    id,
+                    std::time::Duration::from_secs(patience_secs),
+                )?;
+                println!("node {id} is drained; `custodia node remove {id}` takes it out");
+            }
+            Ok(())
+        }
+        NodeAction::Activate { id, api } => {
+            let token = client::token(api.token_file.as_deref())?;
+            node_admin::act(&api.api, &token, id, "activate", false)?;
+            println!("node {id} is active");
+            Ok(())
+        }
+        NodeAction::Remove { id, api, force } => {
+            let token = client::token(api.token_file.as_deref())?;
+            node_admin::act(&api.api, &token, id, "remove", force)?;
+            println!("node {id} is removed from the cluster");
+            Ok(())
+        }
+    }
+}
+
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init { data_dir, shape } => {
@@ -405,6 +513,11 @@ async fn run(cli: Cli) -> Result<()> {
             up::up(&data_dir, &shape.options()?).await
         }
         Command::Node {
+            action: Some(action),
+            ..
+        } => node_action(action),
+        Command::Node {
+            action: None,
             cluster: cluster_file,
             id,
             data_dir,

@@ -53,7 +53,7 @@ pub fn render(s: &Value) -> String {
     );
     let _ = writeln!(
         out,
-        "{:>4}  {:<8} {:<22} {:<10} {:>10} {:>10} {:>10} {:>8} {:>9}",
+        "{:>4}  {:<14} {:<22} {:<10} {:>10} {:>10} {:>10} {:>8} {:>9}",
         "NODE", "STATE", "ADDRESS", "DOMAIN", "CAPACITY", "USED", "FREE", "SHARDS", "SEEN"
     );
     for n in &nodes {
@@ -63,9 +63,12 @@ pub fn render(s: &Value) -> String {
             .unwrap_or_else(|| "never".into());
         let _ = writeln!(
             out,
-            "{:>4}  {:<8} {:<22} {:<10} {:>10} {:>10} {:>10} {:>8} {:>9}",
+            "{:>4}  {:<14} {:<22} {:<10} {:>10} {:>10} {:>10} {:>8} {:>9}",
             n["id"].as_u64().map_or("?".into(), |v| v.to_string()),
-            n["state"].as_str().unwrap_or("?"),
+            match n["lifecycle"].as_str() {
+                Some(l) if l != "active" => format!("{} {l}", n["state"].as_str().unwrap_or("?")),
+                _ => n["state"].as_str().unwrap_or("?").to_owned(),
+            },
             n["addr"].as_str().unwrap_or("?"),
             n["failure_domain"].as_str().unwrap_or("-"),
             bytes(n["capacity_bytes"].as_u64()),

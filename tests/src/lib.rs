@@ -375,7 +375,12 @@ impl TestCluster {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
-        self.nodes[i as usize] = Some(child);
+        let i = i as usize;
+        if self.nodes.len() <= i {
+            // A node added to the cluster after it started.
+            self.nodes.resize_with(i + 1, || None);
+        }
+        self.nodes[i] = Some(child);
         Ok(())
     }
 
@@ -399,7 +404,7 @@ impl TestCluster {
 
     /// SIGKILL, no goodbye.
     pub fn kill_node(&mut self, i: u32) {
-        if let Some(mut c) = self.nodes[i as usize].take() {
+        if let Some(mut c) = self.nodes.get_mut(i as usize).and_then(Option::take) {
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -1,0 +1,135 @@
+//! `custodia node add|drain|activate|remove`: a node's lifecycle.
+//!
+//! `add` works on DATA_DIR offline (a certificate from the cluster CA, a
+//! data dir and ports, recorded in cluster.toml); the others ask the running
+//! gateway, which records the decision in the index so every gateway and
+//! the repair worker follow it.
+
+use crate::cluster::{Cluster, NodeSpec, CLUSTER_FILE};
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// Adds a node to DATA_DIR's cluster file; returns its id.
+pub fn add(
+    data_dir: &Path,
+    failure_domain: Option<String>,
+    listen: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
+) -> Result<u32> {
+    let mut cluster = Cluster::load(data_dir)?;
+    let data_dir = data_dir.canonicalize()?;
+    let id = cluster.nodes.iter().map(|n| n.id + 1).max().unwrap_or(0);
+    let listen = match listen {
+        Some(a) => a,
+        None => ([127, 0, 0, 1], crate::cluster::free_udp_port()?).into(),
+    };
+    let metrics = match metrics {
+        Some(a) => a,
+        None => ([127, 0, 0, 1], crate::cluster::free_tcp_port()?).into(),
+    };
+    let tls = data_dir.join("tls");
+    let ca = storage_node::tls::ClusterCa::from_pem(
+        &std::fs::read_to_string(tls.join("ca.pem")).context("reading the cluster CA")?,
+        &std::fs::read_to_string(tls.join("ca.key")).context("reading the cluster CA key")?,
+    )?;
+    let names = vec![
+        storage_node::tls::NODE_SERVER_NAME.to_string(),
+        "localhost".to_string(),
+    ];
+    let (cert, key) = ca.issue(&format!("custodia node {id}"), &names, &[listen.ip()])?;
+    let cert_path = tls.join(format!("node-{id}.pem"));
+    let key_path = tls.join(format!("node-{id}.key"));
+    std::fs::write(&cert_path, cert)?;
+    storage_node::tls::write_private(&key_path, key.as_bytes())?;
+    let node_dir = data_dir.join("nodes").join(format!("n{id}"));
+    std::fs::create_dir_all(&node_dir)?;
+    cluster.nodes.push(NodeSpec {
+        id,
+        listen,
+        data_dir: node_dir,
+        cert: cert_path,
+        key: key_path,
+        failure_domain: failure_domain.clone(),
+        metrics_listen: Some(metrics),
+        scrub_bytes_per_sec: None,
+        scrub_pass_interval_secs: None,
+    });
+    cluster.gateway.nodes.push(gateway::config::NodeEntry {
+        id,
+        addr: listen,
+        failure_domain,
+    });
+    cluster.gateway.validate()?;
+    let path = data_dir.join(CLUSTER_FILE);
+    let tmp = data_dir.join(format!("{CLUSTER_FILE}.new"));
+    std::fs::write(&tmp, toml::to_string_pretty(&cluster)?)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(id)
+}
+
+/// Posts a lifecycle action for node `id`; returns the gateway's answer.
+pub fn act(api: &str, token: &str, id: u32, action: &str, force: bool) -> Result<Value> {
+    let url = format!(
+        "{}/v1/admin/nodes/{id}/{action}{}",
+        api.trim_end_matches('/'),
+        if force { "?force=true" } else { "" }
+    );
+    let mut resp = crate::client::agent()
+        .post(&url)
+        .header("Authorization", &format!("Bearer {token}"))
+        .send_empty()
+        .with_context(|| format!("reaching the gateway at {api}"))?;
+    if !resp.status().is_success() {
+        return Err(crate::client::refuse(resp));
+    }
+    Ok(resp.body_mut().read_json()?)
+}
+
+/// How many stripes still place a shard on node `id`.
+pub fn stripes_left(api: &str, token: &str, id: u32) -> Result<u64> {
+    let url = format!("{}/v1/admin/nodes/{id}", api.trim_end_matches('/'));
+    let mut resp = crate::client::agent()
+        .get(&url)
+        .header("Authorization", &format!("Bearer {token}"))
+        .call()
+        .with_context(|| format!("reaching the gateway at {api}"))?;
+    if !resp.status().is_success() {
+        return Err(crate::client::refuse(resp));
+    }
+    let v: Value = resp.body_mut().read_json()?;
+    v["stripes"]
+        .as_u64()
+        .context("the gateway's answer has no stripe count")
+}
+
+/// Follows a drain with a progress bar until no stripe places a shard on
+/// node `id`, or until the count stops shrinking for `patience`.
+pub fn wait_drained(api: &str, token: &str, id: u32, patience: std::time::Duration) -> Result<()> {
+    let first = stripes_left(api, token, id)?;
+    let bar = indicatif::ProgressBar::new(first.max(1));
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "drain [{bar:40}] {pos}/{len} stripes moved {per_sec} eta {eta} {msg}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let (mut best, mut since) = (first, std::time::Instant::now());
+    loop {
+        let left = stripes_left(api, token, id)?;
+        bar.set_position(first.saturating_sub(left));
+        if left == 0 {
+            bar.finish_with_message(format!("node {id} holds no shard any stripe needs"));
+            return Ok(());
+        }
+        if left < best {
+            (best, since) = (left, std::time::Instant::now());
+        } else if since.elapsed() >= patience {
+            bar.abandon_with_message(format!("{left} stripes left"));
+            bail!(
+                "the drain of node {id} stopped with {left} stripes left (see the gateway's log)"
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,125 @@
+//! A node's lifecycle: drained (no new shards; repair moves its shards
+//! while it still serves them), removed (refused while it still holds
+//! shards, and afterwards the cluster keeps full redundancy without it), a
+//! drain undone, and a node added that takes new shards.
+
+use anyhow::{bail, Result};
+use custodia_tests::{bytes, Shape, TestCluster};
+use serde_json::Value;
+
+fn status(c: &TestCluster) -> Result<Value> {
+    let out = c.cli(&["status", "--json"])?;
+    if !out.status.success() {
+        bail!("status failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn node_cmd(c: &TestCluster, args: &[&str]) -> Result<(bool, String)> {
+    let mut all = vec!["node"];
+    all.extend_from_slice(args);
+    let out = c.cli(&all)?;
+    Ok((
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+#[test]
+fn nodes_are_drained_removed_and_added_without_losing_redundancy() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.set_gateway(&[("repair_interval_ms", toml::Value::Integer(300))])?;
+    let mut filed = Vec::new();
+    for i in 0..10u64 {
+        let data = bytes(20_000 + 6_000 * i as usize, i + 200);
+        let r = c.file(&data)?;
+        filed.push((r["id"].as_str().unwrap_or_default().to_owned(), data));
+    }
+    let on_3 = c.shard_files(3).len();
+    assert!(on_3 > 0, "node 3 holds shards");
+
+    // Removing a node that holds shards is refused.
+    let (ok, text) = node_cmd(&c, &["remove", "3"])?;
+    assert!(!ok, "removing a loaded node must be refused: {text}");
+    assert!(text.contains("drain it"), "{text}");
+
+    // Drain: repair moves every shard off node 3 while it still serves.
+    let (ok, text) = node_cmd(&c, &["drain", "3", "--wait", "--patience-secs", "60"])?;
+    assert!(ok, "drain failed: {text}");
+    let s = status(&c)?;
+    assert_eq!(s["nodes"][3]["lifecycle"], "draining", "{s}");
+    assert_eq!(s["degraded_stripes"], 0, "{s}");
+    println!(
+        "custodia status while node 3 drains:\n{}",
+        String::from_utf8_lossy(&c.cli(&["status"])?.stdout)
+    );
+    // New filings place nothing on a draining node.
+    let before = c.shard_files(3).len();
+    for i in 0..5u64 {
+        let data = bytes(25_000, i + 300);
+        let r = c.file(&data)?;
+        filed.push((r["id"].as_str().unwrap_or_default().to_owned(), data));
+    }
+    assert!(
+        c.shard_files(3).len() <= before,
+        "a draining node took new shards"
+    );
+
+    let (ok, text) = node_cmd(&c, &["remove", "3"])?;
+    assert!(ok, "remove after the drain failed: {text}");
+    assert_eq!(status(&c)?["nodes"][3]["lifecycle"], "removed");
+    let (ok, text) = node_cmd(&c, &["activate", "3"])?;
+    assert!(!ok, "a removed node cannot come back: {text}");
+
+    // Without node 3, and with m = 2 more nodes dead, everything reads back:
+    // every stripe has k+m shards elsewhere.
+    c.kill_node(3);
+    c.kill_node(0);
+    c.kill_node(6);
+    for (id, data) in &filed {
+        assert_eq!(&c.read(id)?, data, "{id} without nodes 3, 0 and 6");
+    }
+    c.start_node_and_wait(0)?;
+    c.start_node_and_wait(6)?;
+
+    // A drain can be undone.
+    let (ok, text) = node_cmd(&c, &["drain", "5"])?;
+    assert!(ok, "{text}");
+    let (ok, text) = node_cmd(&c, &["activate", "5"])?;
+    assert!(ok, "{text}");
+    assert_eq!(status(&c)?["nodes"][5]["lifecycle"], "active");
+
+    // A new node joins and takes new shards once the gateway knows it.
+    let out = c.custodia(&["node", "add"])?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("node 8 added"), "{text}");
+    c.start_node_and_wait(8)?;
+    c.kill_gateway();
+    c.start_gateway()?;
+    c.wait_healthy(8)?;
+    for i in 0..8u64 {
+        let data = bytes(30_000, i + 400);
+        let r = c.file(&data)?;
+        filed.push((r["id"].as_str().unwrap_or_default().to_owned(), data));
+    }
+    assert!(!c.shard_files(8).is_empty(), "the new node took no shards");
+    let s = status(&c)?;
+    assert_eq!(s["nodes"].as_array().map(Vec::len), Some(9), "{s}");
+    println!(
+        "custodia status after removing node 3 and adding node 8:\n{}",
+        String::from_utf8_lossy(&c.cli(&["status"])?.stdout)
+    );
+    for (id, data) in &filed {
+        assert_eq!(&c.read(id)?, data, "{id}");
+    }
+    Ok(())
+}
