@@ -894,6 +894,7 @@ async fn status<S: Store>(
                 "free_bytes": n.disk.map(|d| d.free_bytes),
                 "shards": n.disk.map(|d| d.shards),
                 "rtt_ms": n.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                "clock_offset_ms": n.clock_offset_ms,
             })
         })
         .collect();

@@ -1296,8 +1296,14 @@ async fn stamp<S: Store>(gw: &Gateway<S>, tsa: &Tsa, note: &str, size: u64) -> R
         }
         (None, None) => return Err("no TSA configured".into()),
     };
-    protocol::tsa::verify_response(&response, &imprint, Some(nonce), &tsa.cert_pem)
+    let gen_time = protocol::tsa::verify_response(&response, &imprint, Some(nonce), &tsa.cert_pem)
         .map_err(|e| e.0)?;
+    // The TSA's clock against ours (genTime has whole seconds): the
+    // operator's clock, which stamps every statement, checked against an
+    // independent one.
+    gw.metrics
+        .tsa_clock_offset
+        .set(gen_time as f64 - gw.clock.now_ms() as f64 / 1000.0);
     indexer::run(&gw.store, |tx| {
         let response = &response;
         async move {

@@ -84,6 +84,12 @@ pub struct GatewayMetrics {
     /// `custodia_quic_rtt_seconds{node}`: each one's smoothed RTT.
     pub quic_connections: IntGauge,
     pub quic_rtt: prometheus::GaugeVec,
+    /// `custodia_node_clock_offset_seconds{node}`: a node's clock minus the
+    /// gateway's, measured at each probe (error within half the RTT).
+    pub node_clock_offset: prometheus::GaugeVec,
+    /// `custodia_tsa_clock_offset_seconds`: the RFC 3161 TSA's genTime minus
+    /// the gateway's clock at the newest token (whole seconds).
+    pub tsa_clock_offset: prometheus::Gauge,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(
@@ -221,6 +227,23 @@ impl GatewayMetrics {
                     &["node"],
                 )?,
             )?,
+            node_clock_offset: reg(
+                r,
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        "custodia_node_clock_offset_seconds",
+                        "A node's clock minus the gateway's, measured at each probe.",
+                    ),
+                    &["node"],
+                )?,
+            )?,
+            tsa_clock_offset: reg(
+                r,
+                prometheus::Gauge::new(
+                    "custodia_tsa_clock_offset_seconds",
+                    "The time-stamping authority's genTime minus the gateway's clock at the newest token.",
+                )?,
+            )?,
         })
     }
 
@@ -293,7 +316,8 @@ pub fn spawn_refresher<S: Store>(gw: Arc<Gateway<S>>) -> tokio::task::JoinHandle
 pub async fn refresh<S: Store>(gw: &Gateway<S>) {
     let m = &gw.metrics;
     for n in gw.nodes.view() {
-        let id = n.id.to_string();
+        // The bare number, as the nodes label their own metrics (`node="3"`).
+        let id = n.id.0.to_string();
         m.node_up
             .with_label_values(&[id.as_str(), n.domain.as_deref().unwrap_or("")])
             .set(i64::from(n.healthy));
@@ -307,6 +331,15 @@ pub async fn refresh<S: Store>(gw: &Gateway<S>) {
             m.node_free
                 .with_label_values(&[id.as_str()])
                 .set(clamp(d.free_bytes));
+        }
+        match n.clock_offset_ms {
+            Some(ms) => m
+                .node_clock_offset
+                .with_label_values(&[id.as_str()])
+                .set(ms as f64 / 1000.0),
+            None => {
+                let _ = m.node_clock_offset.remove_label_values(&[id.as_str()]);
+            }
         }
         match n.rtt {
             Some(rtt) => m

@@ -26,6 +26,8 @@ struct NodeState {
     last_ok: Mutex<Option<Instant>>,
     /// The operator's decision, as the index last said.
     lifecycle: Mutex<Lifecycle>,
+    /// The node's clock minus ours at the last probe, in ms.
+    clock_offset_ms: Mutex<Option<i64>>,
 }
 
 /// A node's disk as it last reported it.
@@ -75,6 +77,8 @@ pub struct NodeView {
     /// Smoothed RTT of the open connection, if one is open.
     pub rtt: Option<Duration>,
     pub lifecycle: Lifecycle,
+    /// The node's clock minus the gateway's at the last probe, in ms.
+    pub clock_offset_ms: Option<i64>,
 }
 
 /// The nodes and a client to reach them.
@@ -95,6 +99,7 @@ impl NodeSet {
                 disk: Mutex::new(None),
                 last_ok: Mutex::new(None),
                 lifecycle: Mutex::new(Lifecycle::Active),
+                clock_offset_ms: Mutex::new(None),
             })
             .collect();
         NodeSet {
@@ -159,6 +164,7 @@ impl NodeSet {
                     .find(|(a, _)| *a == n.entry.addr)
                     .map(|(_, rtt)| *rtt),
                 lifecycle: *lock(&n.lifecycle),
+                clock_offset_ms: *lock(&n.clock_offset_ms),
             })
             .collect()
     }
@@ -244,6 +250,18 @@ impl NodeSet {
                 self.client.rpc_node_info(n.entry.addr),
             )
             .await;
+            if matches!(info, Ok(Ok(_))) {
+                let clock = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    self.client.rpc_clock_offset(n.entry.addr),
+                )
+                .await;
+                // A node too old to answer keeps no figure rather than a stale one.
+                *lock(&n.clock_offset_ms) = match clock {
+                    Ok(Ok((offset, _rtt))) => Some(offset),
+                    _ => None,
+                };
+            }
             (n, info)
         });
         for (n, info) in futures::future::join_all(probes).await {

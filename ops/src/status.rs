@@ -53,8 +53,8 @@ pub fn render(s: &Value) -> String {
     );
     let _ = writeln!(
         out,
-        "{:>4}  {:<14} {:<22} {:<10} {:>10} {:>10} {:>10} {:>8} {:>9}",
-        "NODE", "STATE", "ADDRESS", "DOMAIN", "CAPACITY", "USED", "FREE", "SHARDS", "SEEN"
+        "{:>4}  {:<14} {:<22} {:<10} {:>10} {:>10} {:>10} {:>8} {:>9} {:>8}",
+        "NODE", "STATE", "ADDRESS", "DOMAIN", "CAPACITY", "USED", "FREE", "SHARDS", "SEEN", "SKEW"
     );
     for n in &nodes {
         let seen = n["last_seen_s"]
@@ -63,7 +63,7 @@ pub fn render(s: &Value) -> String {
             .unwrap_or_else(|| "never".into());
         let _ = writeln!(
             out,
-            "{:>4}  {:<14} {:<22} {:<10} {:>10} {:>10} {:>10} {:>8} {:>9}",
+            "{:>4}  {:<14} {:<22} {:<10} {:>10} {:>10} {:>10} {:>8} {:>9} {:>8}",
             n["id"].as_u64().map_or("?".into(), |v| v.to_string()),
             match n["lifecycle"].as_str() {
                 Some(l) if l != "active" => format!("{} {l}", n["state"].as_str().unwrap_or("?")),
@@ -75,7 +75,10 @@ pub fn render(s: &Value) -> String {
             bytes(n["used_bytes"].as_u64()),
             bytes(n["free_bytes"].as_u64()),
             n["shards"].as_u64().map_or("-".into(), |v| v.to_string()),
-            seen
+            seen,
+            n["clock_offset_ms"]
+                .as_i64()
+                .map_or("-".into(), |ms| format!("{ms:+}ms"))
         );
     }
     let capped = if s["degraded_count_capped"] == true {

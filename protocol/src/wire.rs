@@ -92,6 +92,8 @@ pub enum Request {
     /// read or scrub) after `after`, in key order, at most [`MAX_LIST`]:
     /// how scrub findings reach the repair worker.
     ListQuarantined { after: Option<ShardKey> },
+    /// The node's wall clock, so gateways can measure clock skew.
+    Time,
 }
 
 /// Most shard headers in one `ListShards` answer (an encoded header is under
@@ -128,6 +130,8 @@ pub enum Response {
     Shards(Vec<ShardHeader>),
     /// A page of shard keys; an empty page means the listing ended.
     Keys(Vec<ShardKey>),
+    /// Milliseconds since the Unix epoch on the node's clock.
+    Time(u64),
 }
 
 /// Numeric error codes on the wire. Unknown codes from newer peers decode as

@@ -314,6 +314,31 @@ impl NodeClient {
         .await
     }
 
+    /// The node's clock against ours: (node time − the midpoint of our
+    /// request, in ms; the round trip in ms, which bounds the error to ±half).
+    pub async fn rpc_clock_offset(&self, addr: SocketAddr) -> Result<(i64, u64), NodeError> {
+        let frame = Request::Time.encode();
+        let frame = &frame;
+        let now_ms = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0)
+        };
+        self.call(addr, |conn| async move {
+            let sent = now_ms();
+            let started = std::time::Instant::now();
+            match exchange(&conn, frame, &[]).await?.0 {
+                Response::Time(node) => {
+                    let rtt = started.elapsed().as_millis() as i64;
+                    Ok((node as i64 - (sent + rtt / 2), rtt as u64))
+                }
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
     /// The node's identity, capacity and usage.
     pub async fn rpc_node_info(&self, addr: SocketAddr) -> Result<NodeInfo, NodeError> {
         let frame = Request::NodeInfo.encode();

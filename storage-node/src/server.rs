@@ -371,6 +371,13 @@ async fn handle_request(
             "quarantined",
             handle_list_quarantined(state, after, send).await,
         ),
+        Request::Time => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            ("time", respond(send, &Response::Time(now), &[]).await)
+        }
     };
     let result = answered?;
     state

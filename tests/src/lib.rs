@@ -365,8 +365,21 @@ impl TestCluster {
     }
 
     pub fn start_node(&mut self, i: u32) -> Result<()> {
+        self.start_node_under(i, &[])
+    }
+
+    /// Starts node `i` under a wrapper command (`faketime -f +30s`, ...).
+    pub fn start_node_under(&mut self, i: u32, wrapper: &[&str]) -> Result<()> {
         let log = self.log(&format!("node-{i}.log"))?;
-        let child = Command::new(custodia_bin())
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(custodia_bin()),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(custodia_bin());
+                c
+            }
+        };
+        let child = cmd
             .arg("node")
             .arg("--cluster")
             .arg(self.dir.path().join("cluster.toml"))

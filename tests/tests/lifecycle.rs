@@ -123,3 +123,54 @@ fn nodes_are_drained_removed_and_added_without_losing_redundancy() -> Result<()>
     }
     Ok(())
 }
+
+#[test]
+fn a_node_whose_clock_is_off_is_measured_and_shown() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    // Node 5 restarts with its wall clock 30 s ahead (monotonic time, which
+    // timeouts use, left alone).
+    c.kill_node(5);
+    c.start_node_under(
+        5,
+        &[
+            "env",
+            "FAKETIME_DONT_FAKE_MONOTONIC=1",
+            "faketime",
+            "-f",
+            "+30s",
+        ],
+    )?;
+    let measured = custodia_tests::eventually(30, || {
+        status(&c).is_ok_and(|s| {
+            s["nodes"][5]["clock_offset_ms"]
+                .as_i64()
+                .is_some_and(|ms| (28_000..32_000).contains(&ms))
+        })
+    });
+    let s = status(&c)?;
+    assert!(
+        measured,
+        "node 5's offset was never measured near +30 s: {s}"
+    );
+    for n in s["nodes"].as_array().into_iter().flatten() {
+        if n["id"] != 5 {
+            let ms = n["clock_offset_ms"].as_i64().unwrap_or(i64::MAX);
+            assert!(ms.abs() < 1_000, "node {} is off by {ms} ms", n["id"]);
+        }
+    }
+    let table = String::from_utf8_lossy(&c.cli(&["status"])?.stdout).into_owned();
+    println!("custodia status with node 5's clock 30 s ahead:\n{table}");
+    assert!(table.contains("SKEW"), "{table}");
+    // The gauges are refreshed every few seconds.
+    let series = "custodia_node_clock_offset_seconds{node=\"5\"}";
+    let exported = custodia_tests::eventually(15, || {
+        c.metric(&c.metrics, series)
+            .is_ok_and(|v| (28.0..32.0).contains(&v))
+    });
+    assert!(
+        exported,
+        "{series} = {:?}",
+        c.metric(&c.metrics, series).ok()
+    );
+    Ok(())
+}
