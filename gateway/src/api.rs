@@ -245,6 +245,7 @@ pub async fn serve<S: Store>(
         })
     };
     let gc = crate::gc::spawn_gc_loop(gw.clone(), Duration::from_secs(30));
+    let orphans = crate::gc::spawn_orphan_sweeper(gw.clone());
     let integrator = crate::ledger::spawn_integrator(gw.clone());
     let witnessing = crate::ledger::spawn_witnessing(gw.clone());
     let timestamping = crate::ledger::spawn_timestamping(gw.clone());
@@ -279,7 +280,7 @@ pub async fn serve<S: Store>(
         s3_addr,
         metrics_addr,
         server,
-        background: [prober, gc, integrator, refresher, repair]
+        background: [prober, gc, orphans, integrator, refresher, repair]
             .into_iter()
             .chain(witnessing)
             .chain(timestamping)

@@ -98,7 +98,23 @@ pub struct GatewayConfig {
     /// none: not exported.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// How often every node's inventory is compared with the index to find
+    /// orphan shards (left by failed uploads or interrupted repairs).
+    #[serde(default = "default_orphan_sweep")]
+    pub orphan_sweep_interval_ms: u64,
+    /// How long a shard must stay unreferenced, seen by two sweeps at least
+    /// this far apart, before it is deleted: well above the longest upload
+    /// batch and repair commit.
+    #[serde(default = "default_orphan_grace")]
+    pub orphan_grace_ms: u64,
     pub nodes: Vec<NodeEntry>,
+}
+
+fn default_orphan_sweep() -> u64 {
+    3_600_000
+}
+fn default_orphan_grace() -> u64 {
+    6 * 3_600_000
 }
 
 fn default_down_after() -> u64 {

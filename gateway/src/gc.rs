@@ -1,4 +1,5 @@
-//! Garbage collection of failed uploads, and the shards of expunged evidence.
+//! Garbage collection of failed uploads, the shards of expunged evidence, and
+//! orphan shards that no record names ([`sweep_orphans`]).
 //!
 //! An upload that fails, or whose lease runs out (its gateway died, its client
 //! vanished), is aborted in a transaction *before* any of its shards is deleted,
@@ -11,7 +12,7 @@
 use crate::api::Gateway;
 use crate::api::Store;
 use indexer::schema;
-use protocol::{EvidenceId, ShardKey, StripeRecord};
+use protocol::{EvidenceId, NodeId, ShardKey, StripeRecord};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -223,4 +224,129 @@ pub async fn delete_expunged<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) ->
         tracing::warn!(%evidence, error = %e, "could not mark the expunge complete; GC will retry");
     }
     left
+}
+
+/// Orphan shards seen unreferenced, and when first seen so.
+pub type OrphanCandidates = std::collections::HashMap<(NodeId, ShardKey), std::time::Instant>;
+
+/// What one orphan sweep found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Sweep {
+    pub listed: u64,
+    /// Unreferenced shards still within their grace.
+    pub pending: u64,
+    pub deleted: u64,
+}
+
+/// Compares every active, healthy node's inventory with the index and
+/// deletes shards that no stripe record places on that node and no upload
+/// in flight can still claim, once two sweeps at least `grace` apart found
+/// them so (`candidates` carries the first sighting between sweeps). A shard
+/// that became referenced in between (a batch of stripe records written, a
+/// repair committed) is dropped from the candidates, never deleted.
+pub async fn sweep_orphans<S: Store>(
+    gw: &Gateway<S>,
+    candidates: &mut OrphanCandidates,
+    grace: Duration,
+) -> Sweep {
+    let mut sweep = Sweep::default();
+    let mut still = OrphanCandidates::new();
+    for entry in &gw.config.nodes {
+        let node = entry.node_id();
+        if !gw.nodes.is_healthy(node) || gw.nodes.lifecycle(node) != schema::Lifecycle::Active {
+            // Its entries stay as they were until it can be listed again.
+            still.extend(candidates.iter().filter(|((n, _), _)| *n == node));
+            continue;
+        }
+        let mut after = None;
+        loop {
+            let page = match gw.nodes.client.rpc_list_shards(entry.addr, after).await {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::debug!(%node, error = %e, "orphan sweep could not list a node");
+                    break;
+                }
+            };
+            let Some(last) = page.last() else { break };
+            after = Some(last.key);
+            sweep.listed += page.len() as u64;
+            let keys: Vec<ShardKey> = page.iter().map(|h| h.key).collect();
+            let unreferenced = indexer::run(&gw.store, |tx| {
+                let keys = &keys;
+                async move {
+                    let mut out = Vec::new();
+                    for k in keys {
+                        let rec = schema::get_stripes_tx(&tx, k.evidence, k.stripe..k.stripe + 1)
+                            .await
+                            .ok()
+                            .and_then(|mut r| r.pop());
+                        let placed = rec.is_some_and(|r| {
+                            r.shards.get(k.index as usize).and_then(|s| s.node) == Some(node)
+                        });
+                        // An upload in flight writes its stripe records in
+                        // batches after the shards: its intent covers them.
+                        if !placed && schema::get_intent_tx(&tx, k.evidence).await?.is_none() {
+                            out.push(*k);
+                        }
+                    }
+                    Ok::<_, schema::SchemaError>(out)
+                }
+            })
+            .await;
+            let unreferenced = match unreferenced {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::warn!(error = %e, "orphan sweep could not read the index");
+                    return sweep;
+                }
+            };
+            let now = std::time::Instant::now();
+            for key in unreferenced {
+                let first = candidates.get(&(node, key)).copied().unwrap_or(now);
+                if now.duration_since(first) < grace {
+                    still.insert((node, key), first);
+                    sweep.pending += 1;
+                    continue;
+                }
+                match gw.nodes.client.rpc_delete_shard(entry.addr, key).await {
+                    Ok(_) => {
+                        sweep.deleted += 1;
+                        gw.metrics.orphans_deleted.inc();
+                        tracing::info!(%node, shard = %key, "orphan shard deleted");
+                    }
+                    Err(e) => {
+                        tracing::debug!(%node, shard = %key, error = %e, "could not delete an orphan shard");
+                        still.insert((node, key), first);
+                    }
+                }
+            }
+        }
+    }
+    *candidates = still;
+    gw.metrics.orphans_pending.set(sweep.pending as i64);
+    sweep
+}
+
+/// Runs [`sweep_orphans`] every `orphan_sweep_interval_ms`.
+pub fn spawn_orphan_sweeper<S: Store>(gw: Arc<Gateway<S>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let every = Duration::from_millis(gw.config.orphan_sweep_interval_ms.max(100));
+        let grace = Duration::from_millis(gw.config.orphan_grace_ms);
+        let mut candidates = OrphanCandidates::new();
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // not at start: let nodes be probed first
+        loop {
+            tick.tick().await;
+            let s = sweep_orphans(&gw, &mut candidates, grace).await;
+            if s.deleted > 0 || s.pending > 0 {
+                tracing::info!(
+                    listed = s.listed,
+                    pending = s.pending,
+                    deleted = s.deleted,
+                    "orphan sweep"
+                );
+            }
+        }
+    })
 }

@@ -90,6 +90,10 @@ pub struct GatewayMetrics {
     /// `custodia_tsa_clock_offset_seconds`: the RFC 3161 TSA's genTime minus
     /// the gateway's clock at the newest token (whole seconds).
     pub tsa_clock_offset: prometheus::Gauge,
+    /// `custodia_orphan_shards_deleted_total` and
+    /// `custodia_orphan_shards_pending` (unreferenced, within their grace).
+    pub orphans_deleted: IntCounter,
+    pub orphans_pending: IntGauge,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(
@@ -243,6 +247,17 @@ impl GatewayMetrics {
                     "custodia_tsa_clock_offset_seconds",
                     "The time-stamping authority's genTime minus the gateway's clock at the newest token.",
                 )?,
+            )?,
+            orphans_deleted: reg(
+                r,
+                IntCounter::new(
+                    "custodia_orphan_shards_deleted_total",
+                    "Shards no record named, deleted after their grace (failed uploads, interrupted repairs).",
+                )?,
+            )?,
+            orphans_pending: gauge(
+                "custodia_orphan_shards_pending",
+                "Unreferenced shards found by the last sweep, still within their grace.",
             )?,
         })
     }

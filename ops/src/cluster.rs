@@ -246,6 +246,8 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         s3_listen: opts.s3,
         s3_domain: opts.s3.map(|_| "localhost".to_owned()),
         metrics_listen: opts.metrics,
+        orphan_sweep_interval_ms: 3_600_000,
+        orphan_grace_ms: 6 * 3_600_000,
         nodes: entries,
     };
     gateway.validate()?;

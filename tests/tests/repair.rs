@@ -199,3 +199,58 @@ fn scrub_finds_corruption_no_read_met_and_repair_rebuilds_it() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn orphan_shards_are_collected_after_their_grace_and_nothing_else_is() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.set_gateway(&[
+        ("orphan_sweep_interval_ms", toml::Value::Integer(500)),
+        ("orphan_grace_ms", toml::Value::Integer(4_000)),
+    ])?;
+    let mut filed = Vec::new();
+    for i in 0..6u64 {
+        let data = bytes(30_000 + 5_000 * i as usize, i + 90);
+        let r = c.file(&data)?;
+        filed.push((r["id"].as_str().unwrap_or_default().to_owned(), data));
+    }
+    // A copy of a shard of node 1 lands on node 2, which holds no shard of
+    // that name: what an interrupted repair or upload leaves behind.
+    let on_2: std::collections::HashSet<_> = c
+        .shard_files(2)
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_owned()))
+        .collect();
+    let source = c
+        .shard_files(1)
+        .into_iter()
+        .find(|p| p.file_name().is_some_and(|n| !on_2.contains(n)))
+        .context("a shard of node 1 that node 2 lacks")?;
+    let fanout = source
+        .parent()
+        .and_then(|p| p.file_name())
+        .context("fan-out dir")?;
+    let dir = c.node_dir(2).join("shards").join(fanout);
+    std::fs::create_dir_all(&dir)?;
+    let orphan = dir.join(source.file_name().context("name")?);
+    std::fs::copy(&source, &orphan)?;
+    let before = c.all_shard_files().len();
+
+    // Not before its grace...
+    std::thread::sleep(std::time::Duration::from_millis(1_500));
+    assert!(orphan.exists(), "an orphan was deleted before its grace");
+    // ...but after it.
+    let gone = custodia_tests::eventually(30, || !orphan.exists());
+    assert!(gone, "the orphan shard was never collected");
+    assert!(source.exists(), "the referenced copy must stay");
+    assert_eq!(
+        c.all_shard_files().len(),
+        before - 1,
+        "only the orphan went"
+    );
+    let deleted = c.metric(&c.metrics, "custodia_orphan_shards_deleted_total")?;
+    assert!(deleted >= 1.0, "deleted counter {deleted}");
+    for (id, data) in &filed {
+        assert_eq!(&c.read(id)?, data, "{id}");
+    }
+    Ok(())
+}
