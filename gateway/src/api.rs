@@ -694,7 +694,11 @@ async fn repair_now<S: Store>(
     let who = authenticate(&gw, &headers).await?;
     require(&who, Role::Admin, "start a repair pass")?;
     match q.verify.as_deref() {
-        None => {}
+        // Stripes on gone, draining and removed nodes, found now rather
+        // than at the worker's next scan.
+        None => {
+            crate::repair::scan_all(&gw).await?;
+        }
         // Walks every stripe record before answering, so the backlog this
         // answers with includes them all.
         Some("all") => {

@@ -85,6 +85,9 @@ pub struct NodeView {
 pub struct NodeSet {
     nodes: Vec<NodeState>,
     pub client: NodeClient,
+    /// Nodes with a new disk whose stripes are being queued for checking;
+    /// the index keeps their old disk UUID until that is done.
+    reconciling: Mutex<std::collections::HashSet<NodeId>>,
     /// Silence after which a node is `down`.
     down_after: Duration,
 }
@@ -105,6 +108,7 @@ impl NodeSet {
         NodeSet {
             nodes,
             client,
+            reconciling: Mutex::new(Default::default()),
             down_after,
         }
     }
@@ -184,6 +188,27 @@ impl NodeSet {
         self.nodes.is_empty()
     }
 
+    /// Records that node `id`'s new disk `uuid` has had every stripe of its
+    /// queued for checking: the index takes the new UUID.
+    pub async fn reconciled<S: Store>(&self, store: &S, id: NodeId, uuid: [u8; 16]) {
+        let result = indexer::run(store, |tx| async move {
+            if let Some(mut rec) = schema::get_node_tx(&tx, id).await? {
+                rec.disk_uuid = Some(uuid);
+                schema::put_node_tx(&tx, &rec);
+            }
+            Ok::<_, schema::SchemaError>(())
+        })
+        .await;
+        match result {
+            Ok(()) => {
+                lock(&self.reconciling).remove(&id);
+            }
+            // Still in the set: not probed as new again by this process, and
+            // the index's old UUID makes a restarted gateway reconcile again.
+            Err(e) => tracing::warn!(node = %id, error = %e, "could not record the new disk"),
+        }
+    }
+
     /// The operator's lifecycle decision for `id`.
     pub fn lifecycle(&self, id: NodeId) -> Lifecycle {
         self.get(id)
@@ -237,8 +262,12 @@ impl NodeSet {
 
     /// Asks every node who it is; records it in the index and updates health.
     /// Returns the nodes that answered with another disk than the index
-    /// knows (wiped or replaced): their inventory must be reconciled.
-    pub async fn probe_all<S: Store>(&self, store: &S, now_ms: u64) -> Vec<NodeId> {
+    /// knows (wiped or replaced), with the new disk's UUID: their inventory
+    /// must be reconciled. The index keeps the old UUID until the caller
+    /// has queued every stripe of theirs and calls [`NodeSet::reconciled`],
+    /// so a gateway that dies half-way finds the new disk again on restart
+    /// (a wiped disk must never go unnoticed).
+    pub async fn probe_all<S: Store>(&self, store: &S, now_ms: u64) -> Vec<(NodeId, [u8; 16])> {
         match indexer::run(store, |tx| async move { schema::lifecycles_tx(&tx).await }).await {
             Ok(decided) => self.set_lifecycles(&decided),
             Err(e) => tracing::warn!(error = %e, "could not read node lifecycles"),
@@ -297,17 +326,15 @@ impl NodeSet {
                 let info = info.clone();
                 async move {
                     let prev = schema::get_node_tx(&tx, id).await?;
-                    let changed = prev
-                        .as_ref()
-                        .and_then(|p| p.disk_uuid)
-                        .is_some_and(|old| old != info.disk_uuid);
+                    let old = prev.as_ref().and_then(|p| p.disk_uuid);
+                    let changed = old.is_some_and(|old| old != info.disk_uuid);
                     schema::put_node_tx(
                         &tx,
                         &NodeRecord {
                             node: id,
                             addr: entry.addr.to_string(),
                             failure_domain: entry.failure_domain.clone(),
-                            disk_uuid: Some(info.disk_uuid),
+                            disk_uuid: if changed { old } else { Some(info.disk_uuid) },
                             capacity_bytes: info.capacity_bytes,
                             free_bytes: info.free_bytes,
                             used_bytes: info.used_bytes,
@@ -320,8 +347,10 @@ impl NodeSet {
             .await;
             match result {
                 Ok(true) => {
-                    tracing::warn!(node = %id, "node came back with a different disk (wiped or replaced); reconciling its shards");
-                    replaced.push(id);
+                    if lock(&self.reconciling).insert(id) {
+                        tracing::warn!(node = %id, "node came back with a different disk (wiped or replaced); reconciling its shards");
+                        replaced.push((id, info.disk_uuid));
+                    }
                 }
                 Ok(false) => {}
                 Err(e) => {

@@ -229,14 +229,42 @@ pub async fn scan<S: Store>(
     Ok(queued)
 }
 
+/// One whole walk of the stripe records, queueing every stripe with a shard
+/// on a node gone past its grace, draining or removed (what
+/// `POST /v1/admin/repair` does before it reports the backlog, so the
+/// backlog it reports is complete). Returns the stripes queued.
+pub async fn scan_all<S: Store>(gw: &Gateway<S>) -> Result<u64, ApiError> {
+    let mut homeless = gone_nodes(gw);
+    homeless.extend(gw.nodes.evacuating());
+    if homeless.is_empty() {
+        return Ok(0);
+    }
+    let mut cursor = None;
+    let mut queued = 0;
+    loop {
+        let (n, more) = queue_stripes(gw, &|rec| needs_home(rec, &homeless), &mut cursor).await?;
+        queued += n;
+        if !more {
+            return Ok(queued);
+        }
+    }
+}
+
 /// Queues for re-checking every stripe with a shard on `nodes`, which came
 /// back with another disk: what they held is presumed gone until the repair
 /// worker has read it (a wiped disk must never go unnoticed).
-pub fn spawn_reconcile<S: Store>(gw: Arc<Gateway<S>>, nodes: Vec<NodeId>) {
+pub fn spawn_reconcile<S: Store>(gw: Arc<Gateway<S>>, nodes: Vec<(NodeId, [u8; 16])>) {
     if nodes.is_empty() {
         return;
     }
-    spawn_queue_all(gw, Some(nodes.into_iter().collect()));
+    tokio::spawn(async move {
+        let ids: HashSet<NodeId> = nodes.iter().map(|(n, _)| *n).collect();
+        queue_all(&gw, Some(&ids)).await;
+        // Only now does the index take the new disks.
+        for (node, uuid) in nodes {
+            gw.nodes.reconciled(&gw.store, node, uuid).await;
+        }
+    });
 }
 
 /// Queues every stripe with a shard on one of `nodes` (every stripe when
