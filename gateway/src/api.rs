@@ -88,6 +88,11 @@ pub struct Gateway<S: Store> {
     pub metrics: crate::metrics::GatewayMetrics,
     /// Wakes the repair loop (`POST /v1/admin/repair`).
     pub repair_wake: tokio::sync::Notify,
+    /// Set while a repair pass has stripes to rebuild: ingest then stores
+    /// at most `repair_ingest_stripes` stripes at once (across all uploads),
+    /// so repair gets its share of the machine.
+    pub repairing: std::sync::atomic::AtomicBool,
+    pub ingest_gate: tokio::sync::Semaphore,
 }
 
 /// Why the gateway could not start.
@@ -176,6 +181,10 @@ impl<S: Store> Gateway<S> {
         let per_upload = config.pipeline_stripes
             * (2 * config.k as usize + config.m as usize)
             * config.shard_size_bytes as usize;
+        let ingest_gate = tokio::sync::Semaphore::new(match config.repair_ingest_stripes {
+            0 => tokio::sync::Semaphore::MAX_PERMITS,
+            n => n,
+        });
         Ok(Gateway {
             nodes: NodeSet::new(
                 &config.nodes,
@@ -191,6 +200,8 @@ impl<S: Store> Gateway<S> {
             ledger,
             metrics,
             repair_wake: tokio::sync::Notify::new(),
+            repairing: std::sync::atomic::AtomicBool::new(false),
+            ingest_gate,
         })
     }
 

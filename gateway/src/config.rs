@@ -107,9 +107,17 @@ pub struct GatewayConfig {
     /// batch and repair commit.
     #[serde(default = "default_orphan_grace")]
     pub orphan_grace_ms: u64,
+    /// While repair has stripes to rebuild, ingest stores at most this many
+    /// stripes at once across all uploads (0: no limit), leaving repair its
+    /// share of CPU and network. Lower favours healing, higher favours filing.
+    #[serde(default = "default_repair_ingest_stripes")]
+    pub repair_ingest_stripes: usize,
     pub nodes: Vec<NodeEntry>,
 }
 
+fn default_repair_ingest_stripes() -> usize {
+    3
+}
 fn default_orphan_sweep() -> u64 {
     3_600_000
 }

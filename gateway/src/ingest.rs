@@ -549,6 +549,13 @@ async fn store_stripe<S: Store>(
     stripe: u64,
     data: Vec<u8>,
 ) -> Result<StripeRecord, ApiError> {
+    // While repair works, filings share the machine with it (see
+    // `repair_ingest_stripes`): held until this stripe is stored.
+    let _turn = if gw.repairing.load(std::sync::atomic::Ordering::Relaxed) {
+        gw.ingest_gate.acquire().await.ok()
+    } else {
+        None
+    };
     let code = gw.config.code();
     let (k, total) = (code.data_shards(), code.total());
     let shard_len = data.len().div_ceil(k);

@@ -351,6 +351,25 @@ async fn queue_stripes<S: Store>(
     Ok((hit.len() as u64, true))
 }
 
+/// Sets [`Gateway::repairing`] for as long as it lives.
+struct Repairing<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl<'a> Repairing<'a> {
+    fn start<S: Store>(gw: &'a Gateway<S>, on: bool) -> Option<Self> {
+        on.then(|| {
+            gw.repairing
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            Repairing(&gw.repairing)
+        })
+    }
+}
+
+impl Drop for Repairing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// One pass over the queue.
 pub async fn pass<S: Store>(gw: &Arc<Gateway<S>>) -> Result<PassReport, ApiError> {
     use futures::StreamExt as _;
@@ -358,6 +377,8 @@ pub async fn pass<S: Store>(gw: &Arc<Gateway<S>>) -> Result<PassReport, ApiError
         schema::degraded_stripes_tx(&tx, PASS_STRIPES).await
     })
     .await?;
+    // Filings yield part of the machine while there is work here.
+    let _yield = Repairing::start(gw, !queued.is_empty());
     let gone = Arc::new(gone_nodes(gw));
     let draining = Arc::new(gw.nodes.evacuating());
     let mut report = PassReport::default();
@@ -424,50 +445,70 @@ pub async fn repair_stripe<S: Store>(
         return Ok(Outcome::Waiting);
     }
 
-    // 1. Every shard, checked against the manifest's hash.
-    // A node that is gone or not answering is not asked: each request to it
-    // would wait for its timeout.
-    let fetched = futures::future::join_all((0..total).map(|i| {
-        let rec = &rec;
-        async move {
-            match rec.shards[i].node {
-                Some(n) if gone.contains(&n) || !gw.nodes.is_healthy(n) => {
-                    ShardOutcome::Unreachable
-                }
-                _ => fetch_shard(gw, evidence, stripe, i, rec).await,
-            }
+    // 1. Read and check shards against the manifest's hashes. A node that is
+    // gone or not answering is not asked (each request would wait for its
+    // timeout). A stripe queued because shards sit on gone nodes (a dead
+    // node's thousands of stripes) reads only k good shards, data first and
+    // draining nodes last: the k in of "k in, one out". Any other stripe (a
+    // read or scrub met damage, a disk was replaced, --verify-all) reads
+    // every shard, since which one is bad is not known.
+    let homeless: Vec<usize> = (0..total)
+        .filter(|i| rec.shards[*i].node.is_none_or(|n| gone.contains(&n)))
+        .collect();
+    let mut order: Vec<usize> = (0..total)
+        .filter(|i| {
+            rec.shards[*i]
+                .node
+                .is_some_and(|n| !gone.contains(&n) && gw.nodes.is_healthy(n))
+        })
+        .collect();
+    order.sort_by_key(|i| {
+        (
+            rec.shards[*i].node.is_some_and(|n| draining.contains(&n)),
+            *i,
+        )
+    });
+    let want = if homeless.is_empty() { order.len() } else { k };
+    let mut shards: Vec<Option<Vec<u8>>> = vec![None; total];
+    let mut rebuild: Vec<usize> = homeless.clone();
+    let mut bad = homeless.len();
+    let mut read_all = homeless.is_empty();
+    let mut next = 0usize;
+    loop {
+        let good = shards.iter().flatten().count();
+        let ask = want.saturating_sub(good).min(order.len() - next);
+        if ask == 0 {
+            break;
         }
-    }))
-    .await;
-    let mut shards: Vec<Option<Vec<u8>>> = Vec::with_capacity(total);
-    let mut rebuild = Vec::new();
-    let mut bad = 0usize;
-    for (i, outcome) in fetched.into_iter().enumerate() {
-        match outcome {
-            ShardOutcome::Good(b) => {
-                // A good shard on a draining node is a source, and moves.
-                if rec.shards[i].node.is_some_and(|n| draining.contains(&n)) {
-                    rebuild.push(i);
-                }
-                shards.push(Some(b));
-            }
-            ShardOutcome::Damaged => {
-                bad += 1;
-                rebuild.push(i);
-                shards.push(None);
-            }
-            ShardOutcome::Unreachable => {
-                shards.push(None);
-                // Within its node's grace period a shard is only waited for.
-                if rec.shards[i].node.is_none_or(|n| gone.contains(&n)) {
+        let batch = &order[next..next + ask];
+        next += ask;
+        let fetched = futures::future::join_all(batch.iter().map(|&i| {
+            let rec = &rec;
+            async move { (i, fetch_shard(gw, evidence, stripe, i, rec).await) }
+        }))
+        .await;
+        for (i, outcome) in fetched {
+            match outcome {
+                ShardOutcome::Good(b) => shards[i] = Some(b),
+                ShardOutcome::Damaged => {
                     bad += 1;
                     rebuild.push(i);
                 }
+                // Within its node's grace period a shard is only waited for.
+                ShardOutcome::Unreachable => {}
             }
         }
     }
+    read_all |= next == order.len();
+    // Shards on draining nodes move (their bodies were read or are rebuilt).
+    for i in 0..total {
+        if rec.shards[i].node.is_some_and(|n| draining.contains(&n)) && !rebuild.contains(&i) {
+            rebuild.push(i);
+        }
+    }
+    rebuild.sort_unstable();
     let good = shards.iter().flatten().count();
-    if good == total && rebuild.is_empty() {
+    if read_all && good == total && rebuild.is_empty() {
         recycle(gw, shards);
         indexer::run(&gw.store, |tx| async move {
             schema::clear_degraded_tx(&tx, evidence, stripe);
@@ -665,17 +706,17 @@ async fn put_and_verify<S: Store>(
         .map_err(|e| {
             ApiError::Unavailable(format!("writing {} to node {node}: {e}", header.key))
         })?;
-    let (_, back) = gw
+    // Re-counted from the disk: the node reads the shard back and hashes it
+    // against its header, which must be the manifest's hash.
+    let back = gw
         .nodes
         .client
-        .rpc_get_shard(addr, header.key)
+        .rpc_verify_shard(addr, header.key)
         .await
         .map_err(|e| {
             ApiError::Unavailable(format!("re-reading {} from node {node}: {e}", header.key))
         })?;
-    let ok = Blake3Hash::of(&back) == header.blake3;
-    gw.nodes.client.recycle(back);
-    if !ok {
+    if back.blake3 != header.blake3 || back.len != header.len {
         return Err(ApiError::Unavailable(format!(
             "{} read back from node {node} does not match",
             header.key

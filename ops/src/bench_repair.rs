@@ -27,6 +27,10 @@ pub struct BenchRepairArgs {
     /// Size of each filing, in MiB.
     #[arg(long, default_value_t = 64)]
     file_mib: u64,
+    /// Repair alone: no filing while the repair runs (its throughput with
+    /// the machine to itself).
+    #[arg(long)]
+    no_ingest: bool,
     /// Where the cluster keeps its data (default: a temporary directory).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
@@ -133,7 +137,7 @@ pub async fn run(args: BenchRepairArgs) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let (a, t, d, s) = (api.clone(), token.clone(), data.clone(), stop.clone());
     // Capped at what was filed before, so a slow repair cannot fill the disk.
-    let cap = filed;
+    let cap = if args.no_ingest { 0 } else { filed };
     let during = tokio::task::spawn_blocking(move || {
         let started = Instant::now();
         ingest_until(&a, &t, &d, &s, Some(cap)).map(|b| (b, started.elapsed()))

@@ -94,6 +94,11 @@ pub enum Request {
     ListQuarantined { after: Option<ShardKey> },
     /// The node's wall clock, so gateways can measure clock skew.
     Time,
+    /// Read the shard back from disk and check it against its header's
+    /// BLAKE3 on the node; answered `Stat` with the header, or `Corrupt`
+    /// (and quarantined). Repair re-counts a written shard with it without
+    /// moving its body over the network again.
+    VerifyShard(ShardKey),
 }
 
 /// Most shard headers in one `ListShards` answer (an encoded header is under

@@ -339,6 +339,24 @@ impl NodeClient {
         .await
     }
 
+    /// Has the node re-read shard `key` from disk and check its body against
+    /// its header; returns the header.
+    pub async fn rpc_verify_shard(
+        &self,
+        addr: SocketAddr,
+        key: ShardKey,
+    ) -> Result<ShardHeader, NodeError> {
+        let frame = Request::VerifyShard(key).encode();
+        let frame = &frame;
+        self.call(addr, |conn| async move {
+            match exchange(&conn, frame, &[]).await?.0 {
+                Response::Stat(header) if header.key == key => Ok(header),
+                other => Err(unexpected(other)),
+            }
+        })
+        .await
+    }
+
     /// The node's identity, capacity and usage.
     pub async fn rpc_node_info(&self, addr: SocketAddr) -> Result<NodeInfo, NodeError> {
         let frame = Request::NodeInfo.encode();

@@ -371,6 +371,7 @@ async fn handle_request(
             "quarantined",
             handle_list_quarantined(state, after, send).await,
         ),
+        Request::VerifyShard(key) => ("verify", handle_verify_shard(state, key, send).await),
         Request::Time => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -561,6 +562,29 @@ async fn handle_list_quarantined(
         Ok(keys) => Response::Keys(keys),
         Err(e) => {
             tracing::warn!(error = %e, "could not list quarantined shards");
+            Response::Error(e.code())
+        }
+    };
+    respond(send, &response, &[]).await
+}
+
+async fn handle_verify_shard(
+    state: &NodeState,
+    key: ShardKey,
+    send: &mut quinn::SendStream,
+) -> Result<&'static str, StreamError> {
+    let store = state.store.clone();
+    let response = match blocking(move || store.get(&key)).await {
+        Ok((header, body)) => {
+            state.metrics.shards_read.inc();
+            state.metrics.bytes_read.inc_by(body.len() as u64);
+            Response::Stat(header)
+        }
+        Err(e) => {
+            if matches!(e, StoreError::Corrupt(_)) {
+                state.metrics.corrupt_shards.inc();
+            }
+            log_store_error(&key, &e);
             Response::Error(e.code())
         }
     };
