@@ -329,6 +329,41 @@ impl Ledger {
     }
 }
 
+/// A leaf with its commitment, and its statement's kind (`admin` for a
+/// statement that does not decode, which the outbox never holds).
+fn leaf_of(evidence: EvidenceId, salt: [u8; 32], statement: Vec<u8>) -> (LeafRecord, Kind) {
+    let kind = statement_kind(&statement).unwrap_or(Kind::Admin);
+    let commitment = pl::commitment(&salt, &statement);
+    let leaf = LeafRecord {
+        evidence,
+        salt,
+        statement,
+        commitment,
+    };
+    (leaf, kind)
+}
+
+/// Appends `leaves` to the tree of size `first`: the new root and the
+/// stored hashes to write from index `base` (returned too).
+async fn extend_tree<S: Store>(
+    gw: &Gateway<S>,
+    known: &mut HashMap<u64, TreeHash>,
+    first: u64,
+    leaves: &[(Vec<u8>, LeafRecord, Kind)],
+) -> Result<(TreeHash, Vec<TreeHash>, u64), LedgerError> {
+    let new_size = first + leaves.len() as u64;
+    let base = tlog_tiles::stored_hash_index(0, first);
+    let (root, hashes) = with_hashes(gw, known, base, |r| {
+        for (i, (_, leaf, _)) in leaves.iter().enumerate() {
+            let hs = tlog_tiles::stored_hashes(first + i as u64, &leaf.commitment, r)?;
+            r.new.borrow_mut().extend(hs);
+        }
+        tlog_tiles::tree_hash(new_size, r)
+    })
+    .await?;
+    Ok((root, hashes, base))
+}
+
 /// A statement's kind without decoding the rest (`None`: not a statement).
 fn statement_kind(statement: &[u8]) -> Option<Kind> {
     #[derive(serde::Deserialize)]
@@ -562,33 +597,13 @@ pub async fn integrate_once<S: Store>(
     let leaves: Vec<(Vec<u8>, LeafRecord, Kind)> = pending
         .into_iter()
         .map(|(key, p)| {
-            let kind = pl::Statement::decode(&p.statement)
-                .map(|s| s.kind)
-                .unwrap_or(Kind::Admin);
-            let commitment = pl::commitment(&p.salt, &p.statement);
-            (
-                key,
-                LeafRecord {
-                    evidence: p.evidence,
-                    salt: p.salt,
-                    statement: p.statement,
-                    commitment,
-                },
-                kind,
-            )
+            let (leaf, kind) = leaf_of(p.evidence, p.salt, p.statement);
+            (key, leaf, kind)
         })
         .collect();
     let new_size = first + leaves.len() as u64;
-    let base = tlog_tiles::stored_hash_index(0, first);
     let mut known = HashMap::new();
-    let (root, hashes) = with_hashes(gw, &mut known, base, |r| {
-        for (i, (_, leaf, _)) in leaves.iter().enumerate() {
-            let hs = tlog_tiles::stored_hashes(first + i as u64, &leaf.commitment, r)?;
-            r.new.borrow_mut().extend(hs);
-        }
-        tlog_tiles::tree_hash(new_size, r)
-    })
-    .await?;
+    let (root, hashes, base) = extend_tree(gw, &mut known, first, &leaves).await?;
     let next = TreeState {
         size: new_size,
         root: root.0,
@@ -1392,30 +1407,13 @@ pub async fn restore<S: Store>(gw: &Gateway<S>) -> Result<RestoredLedger, Ledger
         let leaves: Vec<(Vec<u8>, LeafRecord, Kind)> = chunk
             .iter()
             .map(|a| {
-                let kind = statement_kind(&a.statement).unwrap_or(Kind::Admin);
-                (
-                    vec![b'Q'],
-                    LeafRecord {
-                        evidence: a.evidence,
-                        salt: a.salt,
-                        statement: a.statement.clone(),
-                        commitment: pl::commitment(&a.salt, &a.statement),
-                    },
-                    kind,
-                )
+                let (leaf, kind) = leaf_of(a.evidence, a.salt, a.statement.clone());
+                (vec![b'Q'], leaf, kind)
             })
             .collect();
         let first = size;
         let new_size = first + leaves.len() as u64;
-        let base = tlog_tiles::stored_hash_index(0, first);
-        let (root, hashes) = with_hashes(gw, &mut known, base, |r| {
-            for (i, (_, leaf, _)) in leaves.iter().enumerate() {
-                let hs = tlog_tiles::stored_hashes(first + i as u64, &leaf.commitment, r)?;
-                r.new.borrow_mut().extend(hs);
-            }
-            tlog_tiles::tree_hash(new_size, r)
-        })
-        .await?;
+        let (root, hashes, base) = extend_tree(gw, &mut known, first, &leaves).await?;
         let state = TreeState {
             size: new_size,
             root: root.0,

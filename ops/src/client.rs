@@ -48,6 +48,27 @@ pub fn refuse(mut resp: ureq::http::Response<ureq::Body>) -> anyhow::Error {
     anyhow::anyhow!("the gateway answered {status}: {msg}")
 }
 
+/// An administrative call (`GET` or `POST` with no body) to the evidence
+/// API at `path`; returns the JSON answer, or the gateway's own message.
+pub fn admin_call(api: &str, token: &str, method: &str, path: &str) -> Result<serde_json::Value> {
+    let url = format!("{}{path}", api.trim_end_matches('/'));
+    let auth = format!("Bearer {token}");
+    let sent = match method {
+        "POST" => agent()
+            .post(&url)
+            .header("Authorization", &auth)
+            .send_empty(),
+        _ => agent().get(&url).header("Authorization", &auth).call(),
+    };
+    let mut resp = sent.with_context(|| format!("reaching the gateway at {api}"))?;
+    if !resp.status().is_success() {
+        return Err(refuse(resp));
+    }
+    resp.body_mut()
+        .read_json()
+        .context("reading the gateway's answer")
+}
+
 pub fn put(
     api: &str,
     token: &str,

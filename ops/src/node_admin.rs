@@ -71,34 +71,18 @@ pub fn add(
 
 /// Posts a lifecycle action for node `id`; returns the gateway's answer.
 pub fn act(api: &str, token: &str, id: u32, action: &str, force: bool) -> Result<Value> {
-    let url = format!(
-        "{}/v1/admin/nodes/{id}/{action}{}",
-        api.trim_end_matches('/'),
-        if force { "?force=true" } else { "" }
-    );
-    let mut resp = crate::client::agent()
-        .post(&url)
-        .header("Authorization", &format!("Bearer {token}"))
-        .send_empty()
-        .with_context(|| format!("reaching the gateway at {api}"))?;
-    if !resp.status().is_success() {
-        return Err(crate::client::refuse(resp));
-    }
-    Ok(resp.body_mut().read_json()?)
+    let force = if force { "?force=true" } else { "" };
+    crate::client::admin_call(
+        api,
+        token,
+        "POST",
+        &format!("/v1/admin/nodes/{id}/{action}{force}"),
+    )
 }
 
 /// How many stripes still place a shard on node `id`.
 pub fn stripes_left(api: &str, token: &str, id: u32) -> Result<u64> {
-    let url = format!("{}/v1/admin/nodes/{id}", api.trim_end_matches('/'));
-    let mut resp = crate::client::agent()
-        .get(&url)
-        .header("Authorization", &format!("Bearer {token}"))
-        .call()
-        .with_context(|| format!("reaching the gateway at {api}"))?;
-    if !resp.status().is_success() {
-        return Err(crate::client::refuse(resp));
-    }
-    let v: Value = resp.body_mut().read_json()?;
+    let v = crate::client::admin_call(api, token, "GET", &format!("/v1/admin/nodes/{id}"))?;
     v["stripes"]
         .as_u64()
         .context("the gateway's answer has no stripe count")

@@ -2,24 +2,13 @@
 //! `GET /v1/admin/status` — a table of nodes, the repair backlog and the
 //! ledger, or the JSON itself with `--json`.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::Value;
 use std::fmt::Write as _;
 
 /// Fetches the status; returns the JSON.
 pub fn fetch(api: &str, token: &str) -> Result<Value> {
-    let url = format!("{}/v1/admin/status", api.trim_end_matches('/'));
-    let mut resp = crate::client::agent()
-        .get(&url)
-        .header("Authorization", &format!("Bearer {token}"))
-        .call()
-        .with_context(|| format!("reaching the gateway at {api}"))?;
-    if !resp.status().is_success() {
-        return Err(crate::client::refuse(resp));
-    }
-    resp.body_mut()
-        .read_json()
-        .context("reading the gateway's status")
+    crate::client::admin_call(api, token, "GET", "/v1/admin/status")
 }
 
 /// Human units: 1.5 GiB.
@@ -114,20 +103,12 @@ pub fn repair(
     verify_all: bool,
     patience: std::time::Duration,
 ) -> Result<()> {
-    let url = format!(
-        "{}/v1/admin/repair{}",
-        api.trim_end_matches('/'),
-        if verify_all { "?verify=all" } else { "" }
-    );
-    let mut resp = crate::client::agent()
-        .post(&url)
-        .header("Authorization", &format!("Bearer {token}"))
-        .send_empty()
-        .with_context(|| format!("reaching the gateway at {api}"))?;
-    if !resp.status().is_success() {
-        return Err(crate::client::refuse(resp));
-    }
-    let started: Value = resp.body_mut().read_json()?;
+    let path = if verify_all {
+        "/v1/admin/repair?verify=all"
+    } else {
+        "/v1/admin/repair"
+    };
+    let started = crate::client::admin_call(api, token, "POST", path)?;
     let first = started["degraded_stripes"].as_u64().unwrap_or(0);
     let bar = indicatif::ProgressBar::new(first.max(1));
     if let Ok(style) = indicatif::ProgressStyle::with_template(

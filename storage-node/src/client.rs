@@ -239,19 +239,46 @@ impl NodeClient {
         .await
     }
 
+    /// One request without a body either way; `pick` takes the answer it
+    /// expects and hands any other back (an error code becomes
+    /// [`NodeError::Remote`]).
+    async fn ask<T>(
+        &self,
+        addr: SocketAddr,
+        request: Request,
+        pick: impl Fn(Response) -> Result<T, Response>,
+    ) -> Result<T, NodeError> {
+        let frame = request.encode();
+        let (frame, pick) = (&frame, &pick);
+        self.call(addr, |conn| async move {
+            pick(exchange(&conn, frame, &[]).await?.0).map_err(unexpected)
+        })
+        .await
+    }
+
     /// The stored header of a shard, without its body.
     pub async fn rpc_stat_shard(
         &self,
         addr: SocketAddr,
         key: ShardKey,
     ) -> Result<ShardHeader, NodeError> {
-        let frame = Request::StatShard(key).encode();
-        let frame = &frame;
-        self.call(addr, |conn| async move {
-            match exchange(&conn, frame, &[]).await?.0 {
-                Response::Stat(header) if header.key == key => Ok(header),
-                other => Err(unexpected(other)),
-            }
+        self.ask(addr, Request::StatShard(key), |r| match r {
+            Response::Stat(header) if header.key == key => Ok(header),
+            other => Err(other),
+        })
+        .await
+    }
+
+    /// Has the node re-read shard `key` from disk and check its body against
+    /// its header; returns the header.
+    pub async fn rpc_verify_shard(
+        &self,
+        addr: SocketAddr,
+        key: ShardKey,
+    ) -> Result<ShardHeader, NodeError> {
+        self.ask(addr, Request::VerifyShard(key), |r| match r {
+            Response::Stat(header) if header.key == key => Ok(header),
+            other => Err(other),
         })
         .await
     }
@@ -264,13 +291,9 @@ impl NodeClient {
         addr: SocketAddr,
         key: ShardKey,
     ) -> Result<bool, NodeError> {
-        let frame = Request::DeleteShard(key).encode();
-        let frame = &frame;
-        self.call(addr, |conn| async move {
-            match exchange(&conn, frame, &[]).await?.0 {
-                Response::Deleted { existed } => Ok(existed),
-                other => Err(unexpected(other)),
-            }
+        self.ask(addr, Request::DeleteShard(key), |r| match r {
+            Response::Deleted { existed } => Ok(existed),
+            other => Err(other),
         })
         .await
     }
@@ -282,17 +305,13 @@ impl NodeClient {
         addr: SocketAddr,
         after: Option<ShardKey>,
     ) -> Result<Vec<ShardHeader>, NodeError> {
-        let frame = Request::ListShards {
+        let request = Request::ListShards {
             after,
             limit: protocol::wire::MAX_LIST,
-        }
-        .encode();
-        let frame = &frame;
-        self.call(addr, |conn| async move {
-            match exchange(&conn, frame, &[]).await?.0 {
-                Response::Shards(headers) => Ok(headers),
-                other => Err(unexpected(other)),
-            }
+        };
+        self.ask(addr, request, |r| match r {
+            Response::Shards(headers) => Ok(headers),
+            other => Err(other),
         })
         .await
     }
@@ -303,13 +322,9 @@ impl NodeClient {
         addr: SocketAddr,
         after: Option<ShardKey>,
     ) -> Result<Vec<ShardKey>, NodeError> {
-        let frame = Request::ListQuarantined { after }.encode();
-        let frame = &frame;
-        self.call(addr, |conn| async move {
-            match exchange(&conn, frame, &[]).await?.0 {
-                Response::Keys(keys) => Ok(keys),
-                other => Err(unexpected(other)),
-            }
+        self.ask(addr, Request::ListQuarantined { after }, |r| match r {
+            Response::Keys(keys) => Ok(keys),
+            other => Err(other),
         })
         .await
     }
@@ -317,55 +332,28 @@ impl NodeClient {
     /// The node's clock against ours: (node time − the midpoint of our
     /// request, in ms; the round trip in ms, which bounds the error to ±half).
     pub async fn rpc_clock_offset(&self, addr: SocketAddr) -> Result<(i64, u64), NodeError> {
-        let frame = Request::Time.encode();
-        let frame = &frame;
         let now_ms = || {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as i64)
                 .unwrap_or(0)
         };
-        self.call(addr, |conn| async move {
-            let sent = now_ms();
-            let started = std::time::Instant::now();
-            match exchange(&conn, frame, &[]).await?.0 {
-                Response::Time(node) => {
-                    let rtt = started.elapsed().as_millis() as i64;
-                    Ok((node as i64 - (sent + rtt / 2), rtt as u64))
-                }
-                other => Err(unexpected(other)),
-            }
-        })
-        .await
-    }
-
-    /// Has the node re-read shard `key` from disk and check its body against
-    /// its header; returns the header.
-    pub async fn rpc_verify_shard(
-        &self,
-        addr: SocketAddr,
-        key: ShardKey,
-    ) -> Result<ShardHeader, NodeError> {
-        let frame = Request::VerifyShard(key).encode();
-        let frame = &frame;
-        self.call(addr, |conn| async move {
-            match exchange(&conn, frame, &[]).await?.0 {
-                Response::Stat(header) if header.key == key => Ok(header),
-                other => Err(unexpected(other)),
-            }
-        })
-        .await
+        let (sent, started) = (now_ms(), std::time::Instant::now());
+        let node = self
+            .ask(addr, Request::Time, |r| match r {
+                Response::Time(t) => Ok(t),
+                other => Err(other),
+            })
+            .await?;
+        let rtt = started.elapsed().as_millis() as i64;
+        Ok((node as i64 - (sent + rtt / 2), rtt as u64))
     }
 
     /// The node's identity, capacity and usage.
     pub async fn rpc_node_info(&self, addr: SocketAddr) -> Result<NodeInfo, NodeError> {
-        let frame = Request::NodeInfo.encode();
-        let frame = &frame;
-        self.call(addr, |conn| async move {
-            match exchange(&conn, frame, &[]).await?.0 {
-                Response::Info(info) => Ok(info),
-                other => Err(unexpected(other)),
-            }
+        self.ask(addr, Request::NodeInfo, |r| match r {
+            Response::Info(info) => Ok(info),
+            other => Err(other),
         })
         .await
     }
