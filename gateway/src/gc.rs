@@ -276,13 +276,7 @@ pub async fn sweep_orphans<S: Store>(
                 async move {
                     let mut out = Vec::new();
                     for k in keys {
-                        let rec = schema::get_stripes_tx(&tx, k.evidence, k.stripe..k.stripe + 1)
-                            .await
-                            .ok()
-                            .and_then(|mut r| r.pop());
-                        let placed = rec.is_some_and(|r| {
-                            r.shards.get(k.index as usize).and_then(|s| s.node) == Some(node)
-                        });
+                        let placed = schema::shard_placed_on_tx(&tx, k, node).await?;
                         // An upload in flight writes its stripe records in
                         // batches after the shards: its intent covers them.
                         if !placed && schema::get_intent_tx(&tx, k.evidence).await?.is_none() {

@@ -158,14 +158,7 @@ pub async fn collect_quarantined<S: Store>(
                 async move {
                     let mut n = 0u64;
                     for k in fresh {
-                        let rec = schema::get_stripes_tx(&tx, k.evidence, k.stripe..k.stripe + 1)
-                            .await
-                            .ok()
-                            .and_then(|mut r| r.pop());
-                        let placed_here = rec.is_some_and(|r| {
-                            r.shards.get(k.index as usize).and_then(|s| s.node) == Some(node)
-                        });
-                        if placed_here {
+                        if schema::shard_placed_on_tx(&tx, k, node).await? {
                             schema::mark_degraded_tx(&tx, k.evidence, k.stripe);
                             n += 1;
                         }
@@ -204,6 +197,14 @@ fn gone_nodes<S: Store>(gw: &Gateway<S>) -> HashSet<NodeId> {
         .collect()
 }
 
+/// Nodes whose shards need new homes: gone past their grace, draining or
+/// removed.
+fn homeless_nodes<S: Store>(gw: &Gateway<S>) -> HashSet<NodeId> {
+    let mut homeless = gone_nodes(gw);
+    homeless.extend(gw.nodes.evacuating());
+    homeless
+}
+
 /// Walks up to one batch of stripe records from `cursor` (wrapping around)
 /// and queues those with a shard on a node gone past its grace, draining or
 /// removed, or with no node at all. Skipped entirely while every node is
@@ -212,8 +213,7 @@ pub async fn scan<S: Store>(
     gw: &Gateway<S>,
     cursor: &mut Option<(EvidenceId, u64)>,
 ) -> Result<u64, ApiError> {
-    let mut homeless = gone_nodes(gw);
-    homeless.extend(gw.nodes.evacuating());
+    let homeless = homeless_nodes(gw);
     if homeless.is_empty() {
         return Ok(0);
     }
@@ -234,8 +234,7 @@ pub async fn scan<S: Store>(
 /// `POST /v1/admin/repair` does before it reports the backlog, so the
 /// backlog it reports is complete). Returns the stripes queued.
 pub async fn scan_all<S: Store>(gw: &Gateway<S>) -> Result<u64, ApiError> {
-    let mut homeless = gone_nodes(gw);
-    homeless.extend(gw.nodes.evacuating());
+    let homeless = homeless_nodes(gw);
     if homeless.is_empty() {
         return Ok(0);
     }

@@ -30,7 +30,9 @@
 
 use crate::kv::{KvError, Retryable, Transaction};
 use protocol::wire::{decode_versioned, encode_versioned};
-use protocol::{Blake3Hash, DecodeError, EvidenceId, ManifestHeader, NodeId, StripeRecord};
+use protocol::{
+    Blake3Hash, DecodeError, EvidenceId, ManifestHeader, NodeId, ShardKey, StripeRecord,
+};
 use serde::{Deserialize, Serialize};
 
 const NODE: u8 = b'N';
@@ -702,6 +704,24 @@ pub async fn stripes_scan_tx<T: Transaction>(
             Ok((id, u64::from_be_bytes(s), StripeRecord::decode(v)?))
         })
         .collect()
+}
+
+/// Whether the stripe record of `key` places that shard on `node` (false
+/// when no such stripe is recorded). Index errors are returned, never read
+/// as "not placed": callers delete or rebuild what is not placed.
+pub async fn shard_placed_on_tx<T: Transaction>(
+    tx: &T,
+    key: &ShardKey,
+    node: NodeId,
+) -> Result<bool, SchemaError> {
+    let Some(v) = tx
+        .get(&stripe_key(STRIPE, &key.evidence, key.stripe))
+        .await?
+    else {
+        return Ok(false);
+    };
+    let rec = StripeRecord::decode(&v)?;
+    Ok(rec.shards.get(key.index as usize).and_then(|s| s.node) == Some(node))
 }
 
 /// Stripe records `range` of one evidence, in order.
