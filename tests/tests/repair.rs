@@ -171,10 +171,17 @@ fn scrub_finds_corruption_no_read_met_and_repair_rebuilds_it() -> Result<()> {
         })
     });
     assert!(found, "the scrubber never quarantined {name:?}");
+    // The counters move just after the store has quarantined the shard.
     let url = c.node_metrics_url(4)?;
-    assert!(c.metric(&url, "custodia_node_scrub_corrupt_shards_total")? >= 1.0);
-    assert!(c.metric(&url, "custodia_node_scrub_passes_total")? >= 1.0);
-    assert!(c.metric(&url, "custodia_node_scrub_shards_total")? >= 1.0);
+    for series in [
+        "custodia_node_scrub_corrupt_shards_total",
+        "custodia_node_scrub_passes_total",
+        "custodia_node_scrub_shards_total",
+    ] {
+        let counted =
+            custodia_tests::eventually(10, || c.metric(&url, series).is_ok_and(|v| v >= 1.0));
+        assert!(counted, "{series} = {:?}", c.metric(&url, series).ok());
+    }
 
     // The repair worker learns of it from the node and rebuilds the shard.
     let queued = custodia_tests::eventually(20, || {
