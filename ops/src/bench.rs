@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// Where the cluster keeps its data (default: a temporary directory).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
+    /// The nodes' `small_shard_bytes` (default: the nodes' default): shards
+    /// up to this size are packed into segments with group commit.
+    #[arg(long)]
+    small_shard_bytes: Option<u32>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -163,20 +167,44 @@ pub(crate) struct LocalCluster {
 
 impl LocalCluster {
     pub(crate) async fn start(dir: &Path, nodes: u32, k: u8, m: u8) -> Result<Self> {
+        Self::start_with(dir, nodes, k, m, ([127, 0, 0, 1], 0).into(), None, None).await
+    }
+
+    /// [`LocalCluster::start`] with the evidence API's address in the
+    /// cluster file set to `api`, the S3 API on `s3` when given, and the
+    /// nodes' `small_shard_bytes` when given.
+    pub(crate) async fn start_with(
+        dir: &Path,
+        nodes: u32,
+        k: u8,
+        m: u8,
+        api: std::net::SocketAddr,
+        s3: Option<std::net::SocketAddr>,
+        small_shard_bytes: Option<u32>,
+    ) -> Result<Self> {
         let opts = InitOptions {
             nodes,
             k,
             m,
             shard_size: protocol::ErasureCode::DEFAULT_SHARD_SIZE,
-            api: ([127, 0, 0, 1], 0).into(),
-            s3: None,
+            api,
+            s3,
             node_base_port: 0,
             metrics: None,
             node_metrics_base_port: 0,
             min_write_shards: None,
             log_origin: "custodia.local/bench".into(),
         };
-        let cluster = cluster::init(dir, &opts).await?;
+        let mut cluster = cluster::init(dir, &opts).await?;
+        if small_shard_bytes.is_some() {
+            for n in &mut cluster.nodes {
+                n.small_shard_bytes = small_shard_bytes;
+            }
+            std::fs::write(
+                dir.join(cluster::CLUSTER_FILE),
+                toml::to_string_pretty(&cluster)?,
+            )?;
+        }
         let exe = std::env::current_exe()?;
         let mut children = Vec::new();
         for n in &cluster.nodes {
@@ -282,7 +310,16 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         args.nodes
     );
     let cdir = dir.join("cluster");
-    let local = LocalCluster::start(&cdir, args.nodes, args.k, args.m).await?;
+    let local = LocalCluster::start_with(
+        &cdir,
+        args.nodes,
+        args.k,
+        args.m,
+        ([127, 0, 0, 1], 0).into(),
+        None,
+        args.small_shard_bytes,
+    )
+    .await?;
     let store = indexer::EmbeddedStore::open(&local.cluster.gateway.index_path)?;
     let gw = gateway::serve(
         local.cluster.gateway.clone(),

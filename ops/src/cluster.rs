@@ -40,6 +40,10 @@ pub struct NodeSpec {
     /// Least seconds between the starts of two scrub passes (default a day).
     #[serde(default)]
     pub scrub_pass_interval_secs: Option<u64>,
+    /// Shards up to this many bytes are packed into segments with group
+    /// commit (default 64 KiB; 0 keeps every shard in its own file).
+    #[serde(default)]
+    pub small_shard_bytes: Option<u32>,
 }
 
 impl NodeSpec {
@@ -51,6 +55,14 @@ impl NodeSpec {
             pass_interval: self
                 .scrub_pass_interval_secs
                 .map_or(d.pass_interval, std::time::Duration::from_secs),
+        }
+    }
+
+    /// The node's store layout, defaults filled in.
+    pub fn store(&self) -> storage_node::store::StoreConfig {
+        let d = storage_node::store::StoreConfig::default();
+        storage_node::store::StoreConfig {
+            small_shard_max: self.small_shard_bytes.unwrap_or(d.small_shard_max),
         }
     }
 }
@@ -177,6 +189,7 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
             metrics_listen: Some(([127, 0, 0, 1], metrics_port).into()),
             scrub_bytes_per_sec: None,
             scrub_pass_interval_secs: None,
+            small_shard_bytes: None,
         });
         entries.push(NodeEntry {
             id,

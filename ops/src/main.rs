@@ -11,6 +11,7 @@
 mod bench;
 mod bench_ledger;
 mod bench_repair;
+mod bench_s3;
 mod client;
 mod cluster;
 mod node_admin;
@@ -284,6 +285,9 @@ enum Command {
     BenchLedger(bench_ledger::BenchLedgerArgs),
     /// Repair throughput after a node dies, and ingest during repair.
     BenchRepair(bench_repair::BenchRepairArgs),
+    /// The S3 API against Garage (given `--garage PATH`), one client, one run:
+    /// 64 MiB and 4 KiB PUT/GET rates and server CPU per GiB and per operation.
+    BenchS3(bench_s3::BenchS3Args),
 }
 
 #[derive(Subcommand)]
@@ -545,6 +549,7 @@ async fn run(cli: Cli) -> Result<()> {
                             key: n.key.clone(),
                         },
                         scrub: n.scrub(),
+                        store: n.store(),
                     }
                 }
                 (None, Some(data_dir)) => storage_node::server::NodeConfig {
@@ -557,6 +562,7 @@ async fn run(cli: Cli) -> Result<()> {
                         key: key.context("--key is required")?,
                     },
                     scrub: Default::default(),
+                    store: Default::default(),
                 },
                 (None, None) => anyhow::bail!("give --cluster FILE --id N, or --data-dir with --listen, --id, --ca, --cert, --key"),
             };
@@ -674,6 +680,10 @@ async fn run(cli: Cli) -> Result<()> {
         Command::BenchLedger(args) => {
             init_tracing("warn");
             bench_ledger::run(args).await
+        }
+        Command::BenchS3(args) => {
+            init_tracing("warn");
+            bench_s3::run(args).await
         }
     }
 }

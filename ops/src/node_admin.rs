@@ -55,6 +55,7 @@ pub fn add(
         metrics_listen: Some(metrics),
         scrub_bytes_per_sec: None,
         scrub_pass_interval_secs: None,
+        small_shard_bytes: None,
     });
     cluster.gateway.nodes.push(gateway::config::NodeEntry {
         id,

@@ -21,6 +21,7 @@ pub mod buffers;
 pub mod client;
 pub mod metrics;
 pub mod scrub;
+mod segments;
 pub mod server;
 pub mod store;
 pub mod tls;

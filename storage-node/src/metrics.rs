@@ -49,6 +49,11 @@ pub struct NodeMetrics {
     pub used: IntGauge,
     pub free: IntGauge,
     pub shards: IntGauge,
+    /// `custodia_node_segment_bytes`: bytes of segment files, dead space
+    /// not yet compacted included; `custodia_node_segment_fsyncs_total`:
+    /// fsyncs that acknowledged small shards (compare with shards written).
+    pub segment_bytes: IntGauge,
+    pub segment_fsyncs: IntCounter,
     /// `custodia_node_quic_connections`: open client connections.
     pub connections: IntGauge,
     /// `custodia_node_scrub_shards_total`, `custodia_node_scrub_bytes_total`:
@@ -107,6 +112,14 @@ impl NodeMetrics {
             used: IntGauge::new("custodia_node_used_bytes", "Bytes of shards the node holds.")?,
             free: IntGauge::new("custodia_node_free_bytes", "Free bytes on the node's disk.")?,
             shards: IntGauge::new("custodia_node_shards", "Shards the node holds.")?,
+            segment_bytes: IntGauge::new(
+                "custodia_node_segment_bytes",
+                "Bytes of the segment files small shards are packed into, space not yet compacted included.",
+            )?,
+            segment_fsyncs: IntCounter::new(
+                "custodia_node_segment_fsyncs_total",
+                "Fsyncs of segment files; each acknowledges every small shard appended before it.",
+            )?,
             connections: IntGauge::new(
                 "custodia_node_quic_connections",
                 "Open QUIC connections from gateways.",
@@ -147,6 +160,8 @@ impl NodeMetrics {
         registry.register(Box::new(m.used.clone()))?;
         registry.register(Box::new(m.free.clone()))?;
         registry.register(Box::new(m.shards.clone()))?;
+        registry.register(Box::new(m.segment_bytes.clone()))?;
+        registry.register(Box::new(m.segment_fsyncs.clone()))?;
         registry.register(Box::new(m.connections.clone()))?;
         registry.register(Box::new(m.scrub_shards.clone()))?;
         registry.register(Box::new(m.scrub_bytes.clone()))?;
@@ -163,6 +178,9 @@ impl NodeMetrics {
         self.used.set(clamp(info.used_bytes));
         self.free.set(clamp(info.free_bytes));
         self.shards.set(clamp(info.shards));
+        self.segment_bytes.set(clamp(info.segment_bytes));
+        let syncs = info.segment_syncs.saturating_sub(self.segment_fsyncs.get());
+        self.segment_fsyncs.inc_by(syncs);
     }
 }
 

@@ -59,6 +59,8 @@ pub struct NodeConfig {
     pub tls: TlsFiles,
     /// How hard the node scrubs its shards.
     pub scrub: crate::scrub::ScrubConfig,
+    /// Which shards are packed into segments.
+    pub store: crate::store::StoreConfig,
 }
 
 /// Why a node could not start.
@@ -128,6 +130,35 @@ struct NodeState {
     metrics: NodeMetrics,
 }
 
+/// How often the node looks for a segment worth compacting.
+const COMPACT_PERIOD: Duration = Duration::from_secs(30);
+
+/// Reclaims the space of replaced and deleted small shards, one segment at a
+/// time, off the request path.
+async fn compact_segments(store: Arc<ShardStore>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(COMPACT_PERIOD) => {}
+        }
+        loop {
+            let s = store.clone();
+            match tokio::task::spawn_blocking(move || s.compact()).await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => break,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "segment compaction failed; will retry");
+                    break;
+                }
+                Err(_) => break,
+            }
+            if *stop.borrow() {
+                return;
+            }
+        }
+    }
+}
+
 /// How often the disk gauges are refreshed.
 const DISK_GAUGE_PERIOD: Duration = Duration::from_secs(5);
 
@@ -140,7 +171,8 @@ pub async fn serve(
 ) -> Result<RunningNode, NodeServerError> {
     let metrics = NodeMetrics::new(registry)?;
     let data_dir = config.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || ShardStore::open(&data_dir))
+    let store_config = config.store;
+    let store = tokio::task::spawn_blocking(move || ShardStore::open_with(&data_dir, store_config))
         .await
         .map_err(|_| NodeServerError::Panicked)??;
     let store = Arc::new(store);
@@ -167,6 +199,7 @@ pub async fn serve(
         config.scrub,
         stopped.clone(),
     ));
+    tokio::spawn(compact_segments(store.clone(), stopped.clone()));
     let accept = tokio::spawn(accept_loop(endpoint.clone(), state, stopped));
     tracing::info!(node = %config.node_id, addr = %local_addr, "storage node listening");
     Ok(RunningNode {

@@ -64,6 +64,7 @@ impl Cluster {
                 node_id: NodeId(7),
                 tls: self.node_tls.clone(),
                 scrub: Default::default(),
+                store: Default::default(),
             },
             &prometheus::Registry::new(),
         )
@@ -258,6 +259,7 @@ async fn clients_and_nodes_from_another_ca_are_refused() {
             node_id: NodeId(666),
             tls: impostor_tls,
             scrub: Default::default(),
+            store: Default::default(),
         },
         &prometheus::Registry::new(),
     )
@@ -438,6 +440,8 @@ async fn metrics_count_requests_shards_and_corruption() {
             node_id: NodeId(7),
             tls: cluster.node_tls.clone(),
             scrub: Default::default(),
+            // One file per shard, so the test can damage one.
+            store: storage_node::store::StoreConfig { small_shard_max: 0 },
         },
         &registry,
     )

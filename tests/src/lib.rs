@@ -69,6 +69,10 @@ pub struct Shape {
     pub m: u8,
     pub shard_size: u32,
     pub min_write_shards: Option<u8>,
+    /// The nodes' `small_shard_bytes`. Tests damage and remove shard files
+    /// one at a time, so the default keeps one file per shard (`Some(0)`);
+    /// `None` leaves the product default (small shards packed in segments).
+    pub small_shard_bytes: Option<u32>,
 }
 
 impl Default for Shape {
@@ -79,6 +83,7 @@ impl Default for Shape {
             m: 2,
             shard_size: 4096,
             min_write_shards: None,
+            small_shard_bytes: Some(0),
         }
     }
 }
@@ -182,6 +187,9 @@ impl TestCluster {
             shape,
             agent,
         };
+        if let Some(bytes) = c.shape.small_shard_bytes {
+            c.write_node_settings(&[("small_shard_bytes", toml::Value::Integer(bytes.into()))])?;
+        }
         for i in 0..c.shape.nodes {
             c.start_node(i)?;
         }
@@ -221,6 +229,17 @@ impl TestCluster {
     /// Restarts every node with `settings` (keys of each `[[nodes]]` table
     /// of cluster.toml) changed, waiting for each to serve.
     pub fn set_nodes(&mut self, settings: &[(&str, toml::Value)]) -> Result<()> {
+        self.write_node_settings(settings)?;
+        for i in 0..self.shape.nodes {
+            self.kill_node(i);
+            self.start_node_and_wait(i)?;
+        }
+        Ok(())
+    }
+
+    /// Changes `settings` in every `[[nodes]]` table of cluster.toml (taking
+    /// effect when each node next starts).
+    fn write_node_settings(&self, settings: &[(&str, toml::Value)]) -> Result<()> {
         let file = self.data_dir().join("cluster.toml");
         let mut cluster: toml::Value = toml::from_str(&fs::read_to_string(&file)?)?;
         for node in cluster
@@ -234,10 +253,6 @@ impl TestCluster {
             }
         }
         fs::write(&file, toml::to_string(&cluster)?)?;
-        for i in 0..self.shape.nodes {
-            self.kill_node(i);
-            self.start_node_and_wait(i)?;
-        }
         Ok(())
     }
 

@@ -1,0 +1,672 @@
+//! Segments: small shards packed into append-only files with group commit.
+//!
+//! A file per shard costs two fsyncs (file and directory) per shard, and a
+//! 4 KiB object is k+m shards: thousands of small filings a second would be
+//! tens of thousands of fsyncs. Shards up to [`crate::store::StoreConfig`]'s
+//! `small_shard_max` bytes are appended instead to the node's *active segment*
+//! (`segments/seg-<id>`, 16 hex digits), and every put waits until an fsync
+//! covers its record. Whoever finds no fsync running starts one for everything
+//! appended so far, so one fsync acknowledges every put that arrived while the
+//! previous one ran (group commit); a put is still acknowledged only once it is
+//! durable.
+//!
+//! A segment is a sequence of records:
+//!
+//! ```text
+//! "CSTDSEG1" | kind u8 | head length u16 LE | body length u32 LE | check [16] | head | body
+//! ```
+//!
+//! `check` is the first 16 bytes of BLAKE3 over the kind, both lengths and the
+//! head, so a damaged head is never read as another shard's name. A shard
+//! record (`kind` 1) has the shard's encoded [`ShardHeader`] as head and the
+//! body, whose BLAKE3 is in that header: segments are self-describing like
+//! shard files, and the index can be rebuilt from them. A delete record
+//! (`kind` 2) has a [`Tombstone`] head and no body.
+//!
+//! Nothing is rewritten in place. At open the node reads every segment in
+//! order (segment id, then offset), so the last record for a key wins, and
+//! starts a fresh active segment; a torn record at the end of a segment (a
+//! crash mid-append, never acknowledged) is skipped, and so is a damaged one,
+//! the scan resuming at the next record magic. Space of replaced and deleted
+//! shards is reclaimed by compaction (`ShardStore::compact`), which copies the
+//! live records of a mostly-dead sealed segment to the active segment, fsyncs,
+//! and only then removes it. A tombstone is copied too while it may still hide
+//! something: all records of its key are in segments up to the one holding the
+//! record it deleted (a record only ever moves forward while it is the newest),
+//! so it is kept while any such segment exists and its key has no newer record.
+//!
+//! Every put, delete and copy of one key runs under that key's lock in the
+//! store, so records of one key reach a segment in the order they happened.
+//! The in-memory index costs about 100 bytes per small shard; a node with
+//! hundreds of millions of them would want it on disk (a later change).
+
+use protocol::{ShardHeader, ShardKey};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+
+pub(crate) const SEGMENTS_DIR: &str = "segments";
+const MAGIC: &[u8; 8] = b"CSTDSEG1";
+const KIND_SHARD: u8 = 1;
+const KIND_DELETE: u8 = 2;
+/// Bytes before the head: magic, kind, two lengths, check.
+const FRAME: usize = 8 + 1 + 2 + 4 + 16;
+/// A segment is sealed once it reaches this size.
+const SEGMENT_TARGET: u64 = 64 << 20;
+/// Version byte of the tombstone encoding.
+const TOMBSTONE_V1: u8 = 1;
+
+/// What compacting a segment must keep: its current shard records, and the
+/// tombstones that still hide an older record.
+pub(crate) type Survivors = (Vec<(ShardKey, Loc)>, Vec<Tombstone>);
+
+/// Where a shard record lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Loc {
+    pub seg: u64,
+    pub off: u64,
+    /// Length of the whole record, frame included.
+    pub len: u32,
+}
+
+/// The head of a delete record: which key, and the segment that held the
+/// record it deletes (once that segment is gone, the tombstone hides nothing
+/// and compaction drops it).
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+pub(crate) struct Tombstone {
+    pub key: ShardKey,
+    pub segment: u64,
+}
+
+fn encode_record(kind: u8, head: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(FRAME + head.len() + body.len());
+    out.extend_from_slice(MAGIC);
+    out.push(kind);
+    out.extend_from_slice(&(head.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&check(kind, head.len(), body.len(), head));
+    out.extend_from_slice(head);
+    out.extend_from_slice(body);
+    out
+}
+
+fn check(kind: u8, head_len: usize, body_len: usize, head: &[u8]) -> [u8; 16] {
+    let mut h = blake3::Hasher::new();
+    h.update(&[kind]);
+    h.update(&(head_len as u16).to_le_bytes());
+    h.update(&(body_len as u32).to_le_bytes());
+    h.update(head);
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    out
+}
+
+/// A record's frame, checked: kind, head length, body length.
+fn parse_frame(bytes: &[u8]) -> Option<(u8, usize, usize)> {
+    let frame = bytes.get(..FRAME)?;
+    if &frame[..8] != MAGIC {
+        return None;
+    }
+    let kind = frame[8];
+    let head_len = u16::from_le_bytes([frame[9], frame[10]]) as usize;
+    let body_len = u32::from_le_bytes([frame[11], frame[12], frame[13], frame[14]]) as usize;
+    let head = bytes.get(FRAME..FRAME + head_len)?;
+    if frame[15..FRAME] != check(kind, head_len, body_len, head) {
+        return None;
+    }
+    Some((kind, head_len, body_len))
+}
+
+/// What a stored shard record holds.
+pub(crate) enum ReadRecord {
+    Shard(ShardHeader, Vec<u8>),
+    /// The record no longer reads back as a shard named `key` (the reason).
+    Damaged(&'static str, Vec<u8>),
+}
+
+struct Active {
+    id: u64,
+    file: Arc<File>,
+    len: u64,
+}
+
+#[derive(Default)]
+struct SyncState {
+    /// Everything before (segment, offset) is durable.
+    durable: (u64, u64),
+    /// A thread is fsyncing.
+    leader: bool,
+    /// A segment whose fsync failed: nothing more of it is acknowledged.
+    failed: Option<u64>,
+}
+
+struct SegStat {
+    file: Arc<File>,
+    /// Length when sealed (the active segment's grows).
+    len: u64,
+    /// Bytes of records that are the current copy of their key.
+    live: u64,
+}
+
+#[derive(Default)]
+struct Index {
+    /// Keyed like the shard tree's listing order: fan-out byte, then key.
+    entries: BTreeMap<(u8, ShardKey), Loc>,
+    segments: BTreeMap<u64, SegStat>,
+}
+
+/// Usage of the small shards, as the store counts it.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub(crate) struct LogUsage {
+    pub shards: u64,
+    pub live_bytes: u64,
+    pub file_bytes: u64,
+    /// Segment fsyncs so far: with `shards` written, the group commit's gain.
+    pub syncs: u64,
+}
+
+fn fanout_key(key: &ShardKey) -> (u8, ShardKey) {
+    (key.evidence.0[15], *key)
+}
+
+fn segment_name(id: u64) -> String {
+    format!("seg-{id:016x}")
+}
+
+/// The segments of one data directory.
+pub(crate) struct SegmentLog {
+    dir: PathBuf,
+    active: Mutex<Active>,
+    sync: Mutex<SyncState>,
+    synced: Condvar,
+    index: RwLock<Index>,
+    syncs: AtomicU64,
+}
+
+impl SegmentLog {
+    /// Opens `root/segments`, indexing every record, and starts a new active
+    /// segment after the last.
+    pub fn open(root: &Path) -> io::Result<SegmentLog> {
+        let dir = root.join(SEGMENTS_DIR);
+        fs::create_dir_all(&dir)?;
+        let mut ids = Vec::new();
+        for entry in fs::read_dir(&dir)? {
+            let name = entry?.file_name();
+            match name
+                .to_str()
+                .and_then(|n| n.strip_prefix("seg-"))
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            {
+                Some(id) => ids.push(id),
+                None => tracing::warn!(file = ?name, "unexpected file among segments"),
+            }
+        }
+        ids.sort_unstable();
+        let mut index = Index::default();
+        for &id in &ids {
+            let bytes = fs::read(dir.join(segment_name(id)))?;
+            let file = Arc::new(File::open(dir.join(segment_name(id)))?);
+            index.segments.insert(
+                id,
+                SegStat {
+                    file,
+                    len: bytes.len() as u64,
+                    live: 0,
+                },
+            );
+            scan_segment(id, &bytes, &mut index);
+        }
+        let next = ids.last().map_or(1, |id| id + 1);
+        let active = create_segment(&dir, next)?;
+        index.segments.insert(
+            next,
+            SegStat {
+                file: active.file.clone(),
+                len: 0,
+                live: 0,
+            },
+        );
+        Ok(SegmentLog {
+            dir,
+            active: Mutex::new(active),
+            sync: Mutex::new(SyncState {
+                durable: (next, 0),
+                ..SyncState::default()
+            }),
+            synced: Condvar::new(),
+            index: RwLock::new(index),
+            syncs: AtomicU64::new(0),
+        })
+    }
+
+    /// Counts of what the segments hold.
+    pub fn usage(&self) -> LogUsage {
+        // Lock order: the active segment before the index (as `seal`).
+        let (active_id, active_len) = {
+            let a = lock(&self.active);
+            (a.id, a.len)
+        };
+        let index = self.read_index();
+        LogUsage {
+            shards: index.entries.len() as u64,
+            live_bytes: index.segments.values().map(|s| s.live).sum(),
+            file_bytes: index
+                .segments
+                .iter()
+                .map(|(&id, s)| if id == active_id { active_len } else { s.len })
+                .sum(),
+            syncs: self.syncs.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Where `key`'s record is, if it is in a segment.
+    pub fn locate(&self, key: &ShardKey) -> Option<Loc> {
+        self.read_index().entries.get(&fanout_key(key)).copied()
+    }
+
+    /// The keys in segments with fan-out byte `fanout`, in order.
+    pub fn keys_in(&self, fanout: u8) -> Vec<ShardKey> {
+        let index = self.read_index();
+        let lo = (
+            fanout,
+            ShardKey {
+                evidence: protocol::EvidenceId([0; 16]),
+                stripe: 0,
+                index: 0,
+            },
+        );
+        index
+            .entries
+            .range(lo..)
+            .take_while(|((f, _), _)| *f == fanout)
+            .map(|((_, k), _)| *k)
+            .collect()
+    }
+
+    /// Reads the record at `loc` and checks it is a whole shard named `key`
+    /// (the body against its header's BLAKE3 too, unless `head_only`).
+    pub fn read(&self, key: &ShardKey, loc: Loc, head_only: bool) -> io::Result<ReadRecord> {
+        let file = match self.read_index().segments.get(&loc.seg) {
+            Some(s) => s.file.clone(),
+            None => return Err(io::ErrorKind::NotFound.into()),
+        };
+        let want = if head_only {
+            (FRAME + protocol::shard::MAX_HEADER_LEN).min(loc.len as usize)
+        } else {
+            loc.len as usize
+        };
+        let mut bytes = vec![0u8; want];
+        file.read_exact_at(&mut bytes, loc.off)?;
+        let Some((kind, head_len, body_len)) = parse_frame(&bytes) else {
+            return Ok(ReadRecord::Damaged("record frame fails its check", bytes));
+        };
+        if kind != KIND_SHARD || FRAME + head_len + body_len != loc.len as usize {
+            return Ok(ReadRecord::Damaged(
+                "record is not the shard indexed",
+                bytes,
+            ));
+        }
+        let header = match ShardHeader::decode(&bytes[FRAME..FRAME + head_len]) {
+            Ok(h) if h.key == *key && h.len as usize == body_len => h,
+            _ => return Ok(ReadRecord::Damaged("header names another shard", bytes)),
+        };
+        if head_only {
+            return Ok(ReadRecord::Shard(header, Vec::new()));
+        }
+        let body = bytes[FRAME + head_len..].to_vec();
+        if !header.matches(&body) {
+            return Ok(ReadRecord::Damaged(
+                "body does not match its header's length or BLAKE3",
+                bytes,
+            ));
+        }
+        Ok(ReadRecord::Shard(header, body))
+    }
+
+    /// Appends `header` and `body` and waits until they are durable; returns
+    /// the record this one replaced. The caller holds the key's lock.
+    pub fn put(&self, header: &ShardHeader, body: &[u8]) -> io::Result<(Loc, Option<Loc>)> {
+        let record = encode_record(KIND_SHARD, &header.encode(), body);
+        let (seg, off) = self.append(&record)?;
+        self.wait_durable(seg, off + record.len() as u64)?;
+        let loc = Loc {
+            seg,
+            off,
+            len: record.len() as u32,
+        };
+        let mut index = self.write_index();
+        let old = index.entries.insert(fanout_key(&header.key), loc);
+        index.add_live(seg, loc.len as i64);
+        if let Some(old) = old {
+            index.add_live(old.seg, -(old.len as i64));
+        }
+        Ok((loc, old))
+    }
+
+    /// Durably deletes `key` if its record is still `expect` (any record when
+    /// `None`); returns the record deleted. The caller holds the key's lock.
+    pub fn delete(&self, key: &ShardKey, expect: Option<Loc>) -> io::Result<Option<Loc>> {
+        let Some(loc) = self.locate(key) else {
+            return Ok(None);
+        };
+        if expect.is_some_and(|e| e != loc) {
+            return Ok(None);
+        }
+        self.append_tombstone(key, loc.seg)?;
+        let mut index = self.write_index();
+        if index.entries.get(&fanout_key(key)) == Some(&loc) {
+            index.entries.remove(&fanout_key(key));
+            index.add_live(loc.seg, -(loc.len as i64));
+        }
+        Ok(Some(loc))
+    }
+
+    fn append_tombstone(&self, key: &ShardKey, segment: u64) -> io::Result<()> {
+        let head =
+            protocol::wire::encode_versioned(TOMBSTONE_V1, &Tombstone { key: *key, segment });
+        let record = encode_record(KIND_DELETE, &head, &[]);
+        let (seg, off) = self.append(&record)?;
+        self.wait_durable(seg, off + record.len() as u64)
+    }
+
+    /// A sealed segment worth compacting (live records under half its
+    /// length), oldest first.
+    pub fn compaction_candidate(&self) -> Option<u64> {
+        let active = lock(&self.active).id;
+        let index = self.read_index();
+        index
+            .segments
+            .iter()
+            .find(|(&id, s)| id != active && s.live * 2 < s.len.max(1))
+            .map(|(&id, _)| id)
+    }
+
+    /// The shard records still current in segment `id`, and the tombstones
+    /// there that hide a record in a segment that still exists.
+    pub fn survivors(&self, id: u64) -> io::Result<Survivors> {
+        let bytes = fs::read(self.dir.join(segment_name(id)))?;
+        let index = self.read_index();
+        let live = index
+            .entries
+            .iter()
+            .filter(|(_, loc)| loc.seg == id)
+            .map(|((_, k), loc)| (*k, *loc))
+            .collect();
+        let mut tombstones = Vec::new();
+        for_each_record(&bytes, |kind, head, _, _| {
+            if kind != KIND_DELETE {
+                return;
+            }
+            if let Ok(t) = protocol::wire::decode_versioned::<Tombstone>(TOMBSTONE_V1, head) {
+                let hides = index.segments.range(..=t.segment).any(|(&s, _)| s != id);
+                if hides && !index.entries.contains_key(&fanout_key(&t.key)) {
+                    tombstones.push(t);
+                }
+            }
+        });
+        Ok((live, tombstones))
+    }
+
+    /// Copies the record at `loc` (still `key`'s current one: the caller holds
+    /// the key's lock and has checked) to the active segment, without waiting
+    /// for durability; returns the new location.
+    pub fn copy_forward(&self, key: &ShardKey, loc: Loc) -> io::Result<Option<Loc>> {
+        if self.locate(key) != Some(loc) {
+            return Ok(None);
+        }
+        let file = match self.read_index().segments.get(&loc.seg) {
+            Some(s) => s.file.clone(),
+            None => return Ok(None),
+        };
+        let mut bytes = vec![0u8; loc.len as usize];
+        file.read_exact_at(&mut bytes, loc.off)?;
+        let (seg, off) = self.append(&bytes)?;
+        Ok(Some(Loc {
+            seg,
+            off,
+            len: loc.len,
+        }))
+    }
+
+    /// Re-appends a tombstone that still hides an older record.
+    pub fn copy_tombstone(&self, t: &Tombstone) -> io::Result<Option<(u64, u64)>> {
+        if self.locate(&t.key).is_some() {
+            return Ok(None);
+        }
+        let head = protocol::wire::encode_versioned(TOMBSTONE_V1, t);
+        let record = encode_record(KIND_DELETE, &head, &[]);
+        let (seg, off) = self.append(&record)?;
+        Ok(Some((seg, off + record.len() as u64)))
+    }
+
+    /// Points `key` at `to` if it still points at `from`.
+    pub fn moved(&self, key: &ShardKey, from: Loc, to: Loc) {
+        let mut index = self.write_index();
+        if index.entries.get(&fanout_key(key)) == Some(&from) {
+            index.entries.insert(fanout_key(key), to);
+            index.add_live(from.seg, -(from.len as i64));
+            index.add_live(to.seg, to.len as i64);
+        }
+    }
+
+    /// Removes segment `id` once nothing current is left in it.
+    pub fn drop_segment(&self, id: u64) -> io::Result<bool> {
+        {
+            let mut index = self.write_index();
+            if index.entries.values().any(|l| l.seg == id) {
+                return Ok(false);
+            }
+            index.segments.remove(&id);
+        }
+        fs::remove_file(self.dir.join(segment_name(id)))?;
+        File::open(&self.dir)?.sync_all()?;
+        Ok(true)
+    }
+
+    /// Appends `record` to the active segment (sealing it first if full);
+    /// returns where the record starts. Not durable until [`Self::wait_durable`].
+    fn append(&self, record: &[u8]) -> io::Result<(u64, u64)> {
+        let mut active = lock(&self.active);
+        let failed = lock(&self.sync).failed == Some(active.id);
+        if failed || (active.len > 0 && active.len + record.len() as u64 > SEGMENT_TARGET) {
+            self.seal(&mut active, failed)?;
+        }
+        let off = active.len;
+        active.file.write_all_at(record, off)?;
+        active.len += record.len() as u64;
+        Ok((active.id, off))
+    }
+
+    /// Seals the active segment (fsynced, unless its fsync already failed)
+    /// and starts the next one.
+    fn seal(&self, active: &mut Active, failed: bool) -> io::Result<()> {
+        if !failed {
+            active.file.sync_data()?;
+            self.syncs.fetch_add(1, Ordering::Relaxed);
+        }
+        let next = create_segment(&self.dir, active.id + 1)?;
+        {
+            let mut index = self.write_index();
+            if let Some(s) = index.segments.get_mut(&active.id) {
+                s.len = active.len;
+            }
+            index.segments.insert(
+                next.id,
+                SegStat {
+                    file: next.file.clone(),
+                    len: 0,
+                    live: 0,
+                },
+            );
+        }
+        {
+            let mut sync = lock(&self.sync);
+            if !failed {
+                sync.durable = sync.durable.max((active.id, active.len));
+            }
+            // Everything of the sealed segment that will ever be durable is.
+            sync.durable = sync.durable.max((next.id, 0));
+        }
+        self.synced.notify_all();
+        *active = next;
+        Ok(())
+    }
+
+    /// Returns once everything before `(seg, end)` is durable: fsyncs itself
+    /// if no one else is, else waits for the fsync in flight (and then maybe
+    /// leads the next).
+    pub fn wait_durable(&self, seg: u64, end: u64) -> io::Result<()> {
+        let mut sync = lock(&self.sync);
+        loop {
+            if sync.failed == Some(seg) {
+                return Err(io::Error::other("fsync of the segment failed earlier"));
+            }
+            if sync.durable >= (seg, end) {
+                return Ok(());
+            }
+            if sync.leader {
+                sync = self.synced.wait(sync).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            sync.leader = true;
+            drop(sync);
+            let (id, file, len) = {
+                let a = lock(&self.active);
+                (a.id, a.file.clone(), a.len)
+            };
+            let result = file.sync_data();
+            sync = lock(&self.sync);
+            sync.leader = false;
+            match &result {
+                Ok(()) => {
+                    sync.durable = sync.durable.max((id, len));
+                    self.syncs.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    // After a failed fsync the kernel may have dropped the
+                    // dirty pages: nothing more of this segment is trusted.
+                    tracing::error!(segment = id, error = %e, "segment fsync failed");
+                    sync.failed = Some(id);
+                }
+            }
+            self.synced.notify_all();
+            if let Err(e) = result {
+                if id == seg {
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn read_index(&self) -> std::sync::RwLockReadGuard<'_, Index> {
+        self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_index(&self) -> std::sync::RwLockWriteGuard<'_, Index> {
+        self.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Index {
+    fn add_live(&mut self, seg: u64, delta: i64) {
+        if let Some(s) = self.segments.get_mut(&seg) {
+            s.live = s.live.saturating_add_signed(delta);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing a panicking holder leaves half-done is unsafe to see: records
+    // are only indexed once durable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn create_segment(dir: &Path, id: u64) -> io::Result<Active> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(dir.join(segment_name(id)))?;
+    File::open(dir)?.sync_all()?;
+    Ok(Active {
+        id,
+        file: Arc::new(file),
+        len: 0,
+    })
+}
+
+/// Calls `f(kind, head, offset, record length)` for every record of a
+/// segment that passes its frame check, skipping damage.
+fn for_each_record(bytes: &[u8], mut f: impl FnMut(u8, &[u8], u64, u32)) {
+    let mut at = 0usize;
+    while at < bytes.len() {
+        match parse_frame(&bytes[at..]) {
+            Some((kind, head_len, body_len)) if at + FRAME + head_len + body_len <= bytes.len() => {
+                let len = FRAME + head_len + body_len;
+                f(
+                    kind,
+                    &bytes[at + FRAME..at + FRAME + head_len],
+                    at as u64,
+                    len as u32,
+                );
+                at += len;
+            }
+            _ => {
+                // Torn tail or damage: resume at the next record magic.
+                let next = bytes[at + 1..]
+                    .windows(MAGIC.len())
+                    .position(|w| w == MAGIC)
+                    .map(|p| at + 1 + p);
+                if bytes.len() - at > 0 {
+                    tracing::warn!(offset = at, "skipping an unreadable stretch of a segment");
+                }
+                match next {
+                    Some(n) => at = n,
+                    None => break,
+                }
+            }
+        }
+    }
+}
+
+fn scan_segment(id: u64, bytes: &[u8], index: &mut Index) {
+    for_each_record(bytes, |kind, head, off, len| match kind {
+        KIND_SHARD => match ShardHeader::decode(head) {
+            Ok(h) if FRAME + head.len() + h.len as usize == len as usize => {
+                let loc = Loc { seg: id, off, len };
+                if let Some(old) = index.entries.insert(fanout_key(&h.key), loc) {
+                    index.add_live(old.seg, -(old.len as i64));
+                }
+                index.add_live(id, len as i64);
+            }
+            _ => tracing::warn!(
+                segment = id,
+                offset = off,
+                "segment record with a bad shard header"
+            ),
+        },
+        KIND_DELETE => match protocol::wire::decode_versioned::<Tombstone>(TOMBSTONE_V1, head) {
+            Ok(t) => {
+                if let Some(old) = index.entries.remove(&fanout_key(&t.key)) {
+                    index.add_live(old.seg, -(old.len as i64));
+                }
+            }
+            Err(_) => tracing::warn!(
+                segment = id,
+                offset = off,
+                "segment record with a bad tombstone"
+            ),
+        },
+        other => tracing::warn!(
+            segment = id,
+            offset = off,
+            kind = other,
+            "unknown segment record kind"
+        ),
+    });
+}
