@@ -599,6 +599,17 @@ impl TestCluster {
         out
     }
 
+    /// Whether node `i` holds any shard: a shard file, or a non-empty
+    /// segment (a node added by `custodia node add` packs small shards).
+    pub fn holds_shards(&self, i: u32) -> bool {
+        let segments = fs::read_dir(self.node_dir(i).join("segments"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.metadata().is_ok_and(|m| m.len() > 0));
+        segments || !self.shard_files(i).is_empty()
+    }
+
     pub fn all_shard_files(&self) -> Vec<PathBuf> {
         (0..self.shape.nodes)
             .flat_map(|i| self.shard_files(i))
