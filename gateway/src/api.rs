@@ -263,9 +263,14 @@ pub async fn serve<S: Store>(
     let s3 = match gw.config.s3_listen {
         None => None,
         Some(addr) => Some(
-            crate::s3::serve(gw.clone(), addr, gw.config.s3_domain.as_deref())
-                .await
-                .map_err(|source| StartError::Listen { addr, source })?,
+            crate::s3::serve(
+                gw.clone(),
+                addr,
+                gw.config.s3_domain.as_deref(),
+                gw.config.s3_tls.as_ref(),
+            )
+            .await
+            .map_err(|source| StartError::Listen { addr, source })?,
         ),
     };
     let s3_addr = s3.as_ref().map(|(a, _)| *a);

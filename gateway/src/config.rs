@@ -44,6 +44,14 @@ impl TlsPaths {
     }
 }
 
+/// A TLS server's certificate chain and private key, PEM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsPaths {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// Everything `serve` needs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -84,6 +92,9 @@ pub struct GatewayConfig {
     /// (`BUCKET.DOMAIN`); path-style works always.
     #[serde(default)]
     pub s3_domain: Option<String>,
+    /// Serve the S3 API over HTTPS (only) with this certificate and key.
+    #[serde(default)]
+    pub s3_tls: Option<ServerTlsPaths>,
     /// Silence after which a node counts as down (before: suspect).
     #[serde(default = "default_down_after")]
     pub node_down_after_ms: u64,

@@ -25,6 +25,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 /// Keys listed per index transaction.
 const LIST_BATCH: usize = 1000;
+/// Longest a client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The S3 front of a gateway.
 pub struct S3Front<S: Store> {
@@ -71,12 +73,21 @@ impl<S: Store + 'static> s3s::auth::S3Auth for Auth<S> {
     }
 }
 
-/// Starts the S3 API on `listen`; returns the bound address and the task.
+/// Starts the S3 API on `listen` (HTTPS only when `tls` is given); returns
+/// the bound address and the task.
 pub async fn serve<S: Store + 'static>(
     gw: Arc<Gateway<S>>,
     listen: SocketAddr,
     domain: Option<&str>,
+    tls: Option<&crate::config::ServerTlsPaths>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let acceptor = match tls {
+        None => None,
+        Some(t) => Some(tokio_rustls::TlsAcceptor::from(
+            storage_node::tls::https_server_config(&t.cert, &t.key)
+                .map_err(|e| std::io::Error::other(format!("S3 TLS: {e}")))?,
+        )),
+    };
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let metrics = gw.metrics.clone();
@@ -98,7 +109,7 @@ pub async fn serve<S: Store + 'static>(
     let service = builder.build();
     let task = tokio::spawn(async move {
         loop {
-            let (stream, _) = match listener.accept().await {
+            let (stream, peer) = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "S3 accept failed");
@@ -106,6 +117,11 @@ pub async fn serve<S: Store + 'static>(
                     continue;
                 }
             };
+            // Responses are written as head then body: without this, Nagle
+            // holds a small body until the client's delayed ACK (40 ms).
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY");
+            }
             let (service, metrics) = (service.clone(), metrics.clone());
             // Counted by method: the S3 operation is known only inside s3s.
             let counted =
@@ -121,17 +137,44 @@ pub async fn serve<S: Store + 'static>(
                         resp
                     }
                 });
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let conn = hyper::server::conn::http1::Builder::new()
+                let http = hyper::server::conn::http1::Builder::new()
                     .max_buf_size(64 * 1024)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), counted);
-                if let Err(e) = conn.await {
+                    .clone();
+                let ended = match acceptor {
+                    None => {
+                        http.serve_connection(hyper_util::rt::TokioIo::new(stream), counted)
+                            .await
+                    }
+                    Some(acceptor) => {
+                        // A client that never finishes its handshake must not
+                        // hold a task forever.
+                        let handshake =
+                            tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                        match handshake.await {
+                            Ok(Ok(tls)) => {
+                                http.serve_connection(hyper_util::rt::TokioIo::new(tls), counted)
+                                    .await
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "S3 TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "S3 TLS handshake timed out");
+                                return;
+                            }
+                        }
+                    }
+                };
+                if let Err(e) = ended {
                     tracing::debug!(error = %e, "S3 connection ended");
                 }
             });
         }
     });
-    tracing::info!(%addr, "S3 API listening");
+    tracing::info!(%addr, https = tls.is_some(), "S3 API listening");
     Ok((addr, task))
 }
 

@@ -194,6 +194,7 @@ impl LocalCluster {
             node_metrics_base_port: 0,
             min_write_shards: None,
             log_origin: "custodia.local/bench".into(),
+            s3_tls: false,
         };
         let mut cluster = cluster::init(dir, &opts).await?;
         if small_shard_bytes.is_some() {

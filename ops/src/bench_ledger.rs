@@ -68,6 +68,7 @@ async fn init(dir: &std::path::Path) -> Result<cluster::Cluster> {
             node_metrics_base_port: 0,
             min_write_shards: None,
             log_origin: "custodia.local/bench".into(),
+            s3_tls: false,
         },
     )
     .await

@@ -118,6 +118,8 @@ pub struct InitOptions {
     pub min_write_shards: Option<u8>,
     /// The ledger's origin (C2SP tlog-checkpoint) and key name.
     pub log_origin: String,
+    /// Serve S3 over HTTPS with a certificate from the cluster CA.
+    pub s3_tls: bool,
 }
 
 pub fn free_udp_port() -> Result<u16> {
@@ -204,6 +206,25 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
     )?;
     fs::write(tls.join("gateway.pem"), cert)?;
     storage_node::tls::write_private(&tls.join("gateway.key"), key.as_bytes())?;
+    let s3_tls = match opts.s3 {
+        Some(addr) if opts.s3_tls => {
+            // Path-style on localhost or the address, virtual-host style on
+            // BUCKET.localhost.
+            let mut ips = loopback.clone();
+            if !addr.ip().is_unspecified() && !ips.contains(&addr.ip()) {
+                ips.push(addr.ip());
+            }
+            let names = ["localhost".to_string(), "*.localhost".to_string()];
+            let (cert, key) = ca.issue("custodia S3 API", &names, &ips)?;
+            fs::write(tls.join("s3.pem"), cert)?;
+            storage_node::tls::write_private(&tls.join("s3.key"), key.as_bytes())?;
+            Some(gateway::config::ServerTlsPaths {
+                cert: tls.join("s3.pem"),
+                key: tls.join("s3.key"),
+            })
+        }
+        _ => None,
+    };
 
     // The ledger's signing key: C2SP signed-note Ed25519, owner-only; the
     // verifier key beside it is public (courts pin it).
@@ -258,6 +279,7 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         ledger: Some(ledger),
         s3_listen: opts.s3,
         s3_domain: opts.s3.map(|_| "localhost".to_owned()),
+        s3_tls,
         metrics_listen: opts.metrics,
         orphan_sweep_interval_ms: 3_600_000,
         orphan_grace_ms: 6 * 3_600_000,

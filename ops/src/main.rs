@@ -73,6 +73,11 @@ struct ClusterShape {
     /// The ledger's origin line (C2SP tlog-checkpoint) and key name.
     #[arg(long, default_value = "custodia.local/ledger")]
     log_origin: String,
+    /// Serve S3 over HTTPS with a certificate from the cluster CA (clients
+    /// trust `tls/ca.pem`, e.g. `AWS_CA_BUNDLE`). Current boto3 and the AWS
+    /// CLI send checksums as aws-chunked trailers only over HTTPS.
+    #[arg(long)]
+    s3_tls: bool,
 }
 
 impl ClusterShape {
@@ -99,6 +104,7 @@ impl ClusterShape {
             node_metrics_base_port: self.node_metrics_base_port,
             min_write_shards: self.min_write_shards,
             log_origin: self.log_origin.clone(),
+            s3_tls: self.s3_tls,
         })
     }
 }

@@ -55,12 +55,20 @@ async fn start_gateway(cluster: &Cluster) -> Result<gateway::RunningGateway> {
         .context("starting the gateway")
 }
 
+fn s3_scheme(cluster: &Cluster) -> &'static str {
+    if cluster.gateway.s3_tls.is_some() {
+        "https"
+    } else {
+        "http"
+    }
+}
+
 pub async fn run_gateway(data_dir: &Path) -> Result<()> {
     let cluster = Cluster::load(data_dir)?;
     let gw = start_gateway(&cluster).await?;
     println!("evidence API: http://{}", gw.local_addr);
     if let Some(a) = gw.s3_addr {
-        println!("S3 API: http://{a}");
+        println!("S3 API: {}://{a}", s3_scheme(&cluster));
     }
     if let Some(a) = gw.metrics_addr {
         println!("metrics: http://{a}/metrics");
@@ -156,9 +164,16 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
     );
     if let Some(a) = gw.s3_addr {
         println!(
-            "  S3 API         http://{a}  keys in {} (AWS_SHARED_CREDENTIALS_FILE=...)",
+            "  S3 API         {}://{a}  keys in {} (AWS_SHARED_CREDENTIALS_FILE=...)",
+            s3_scheme(&cluster),
             data_dir.join(cluster::S3_CREDENTIALS_FILE).display()
         );
+        if cluster.gateway.s3_tls.is_some() {
+            println!(
+                "                 trust {} (AWS_CA_BUNDLE=...)",
+                cluster.gateway.tls.ca_cert.display()
+            );
+        }
     }
     if let Some(l) = &cluster.gateway.ledger {
         println!(

@@ -259,6 +259,24 @@ pub fn server_config(files: &TlsFiles) -> Result<quinn::ServerConfig, TlsError> 
     Ok(config)
 }
 
+/// An HTTPS server configuration (the S3 API): presents `cert` (a PEM chain)
+/// with `key`; clients are authenticated by SigV4, not certificates. TLS 1.2
+/// and 1.3, since S3 clients in the field still speak 1.2; HTTP/1.1 only.
+pub fn https_server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let chain = read_certs(cert)?;
+    let key_pem = read(key)?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|source| TlsError::Pem {
+        path: key.to_path_buf(),
+        source,
+    })?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(tls))
+}
+
 /// A gateway's QUIC client configuration: trusts only the cluster CA and
 /// presents the gateway's certificate. Connect with [`NODE_SERVER_NAME`].
 pub fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig, TlsError> {

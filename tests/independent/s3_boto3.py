@@ -1,13 +1,16 @@
 """Drives Custodia's S3 API with boto3 as agencies' scripts would: default
 settings, so current boto3 sends CRC32 checksums as aws-chunked trailers.
 
-Environment: S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY.
+Environment: S3_ENDPOINT, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; for an
+https endpoint AWS_CA_BUNDLE, and EXPECT_TRAILER=1 to require that botocore
+sent its checksums as aws-chunked trailers.
 Exits non-zero (with a traceback) on the first failed check.
 """
 
 import hashlib
 import io
 import os
+import ssl
 import sys
 import urllib.request
 
@@ -46,7 +49,14 @@ s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT"], region_name="us-
 
 # Record what boto3 sends, to know the trailer path is exercised.
 sent = []
-s3.meta.events.register("before-send.s3.PutObject", lambda request, **kw: sent.append(dict(request.headers)))
+def text(v):
+    return v.decode() if isinstance(v, bytes) else v
+
+
+s3.meta.events.register(
+    "before-send.s3.PutObject",
+    lambda request, **kw: sent.append({k.lower(): text(v) for k, v in request.headers.items()}),
+)
 
 s3.create_bucket(Bucket="boto")
 body = data(3 << 20, 1)
@@ -57,6 +67,9 @@ check(put["ETag"] == '"%s"' % hashlib.md5(body).hexdigest(), "single-part ETag i
 crc = [h.get("x-amz-checksum-crc32") or h.get("x-amz-trailer") for h in sent]
 check(all(crc), "boto3 sent a CRC32 with each PutObject")
 via = "trailer" if any(h.get("x-amz-trailer") for h in sent) else "header"
+if os.environ.get("EXPECT_TRAILER"):
+    check(via == "trailer", "boto3 sent aws-chunked trailers over HTTPS")
+    check(all("aws-chunked" in h.get("content-encoding", "") for h in sent), "aws-chunked encoding")
 got = s3.get_object(Bucket="boto", Key="a/one.bin")["Body"].read()
 check(got == body, "read back byte-exact")
 part = s3.get_object(Bucket="boto", Key="a/one.bin", Range="bytes=1000-1999")["Body"].read()
@@ -89,7 +102,8 @@ check(keys == ["many/%02d" % i for i in range(7)], "paginated listing: %r" % key
 
 # Presigned GET.
 url = s3.generate_presigned_url("get_object", Params={"Bucket": "boto", "Key": "many/03"}, ExpiresIn=300)
-check(urllib.request.urlopen(url).read() == b"3", "presigned URL")
+tls = ssl.create_default_context(cafile=os.environ["AWS_CA_BUNDLE"]) if url.startswith("https:") else None
+check(urllib.request.urlopen(url, context=tls).read() == b"3", "presigned URL")
 
 # Multi-object delete.
 res = s3.delete_objects(Bucket="boto", Delete={"Objects": [{"Key": "many/%02d" % i} for i in range(7)]})

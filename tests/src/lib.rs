@@ -73,6 +73,9 @@ pub struct Shape {
     /// one at a time, so the default keeps one file per shard (`Some(0)`);
     /// `None` leaves the product default (small shards packed in segments).
     pub small_shard_bytes: Option<u32>,
+    /// Serve S3 over HTTPS (`custodia init --s3-tls`); clients trust
+    /// [`TestCluster::ca_cert`].
+    pub s3_tls: bool,
 }
 
 impl Default for Shape {
@@ -84,6 +87,7 @@ impl Default for Shape {
             shard_size: 4096,
             min_write_shards: None,
             small_shard_bytes: Some(0),
+            s3_tls: false,
         }
     }
 }
@@ -161,6 +165,9 @@ impl TestCluster {
         if let Some(w) = shape.min_write_shards {
             init.args(["--min-write-shards", &w.to_string()]);
         }
+        if shape.s3_tls {
+            init.arg("--s3-tls");
+        }
         let out = init.output()?;
         if !out.status.success() {
             bail!(
@@ -179,7 +186,10 @@ impl TestCluster {
         let mut c = TestCluster {
             dir,
             api: format!("http://127.0.0.1:{api_port}"),
-            s3: format!("http://127.0.0.1:{s3_port}"),
+            s3: format!(
+                "{}://127.0.0.1:{s3_port}",
+                if shape.s3_tls { "https" } else { "http" }
+            ),
             metrics: format!("http://127.0.0.1:{metrics_port}/metrics"),
             token,
             nodes: (0..shape.nodes).map(|_| None).collect(),
@@ -312,6 +322,15 @@ impl TestCluster {
     /// A SigV4-signed request with curl: (lower-cased headers, body).
     pub fn s3_curl(&self, method: &str, url: &str, extra: &[&str]) -> Result<(String, Vec<u8>)> {
         let body = self.data_dir().join("curl-body");
+        // A request that says what its payload is keeps its own header.
+        let payload = if extra
+            .iter()
+            .any(|a| a.to_ascii_lowercase().starts_with("x-amz-content-sha256:"))
+        {
+            vec![]
+        } else {
+            vec!["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"]
+        };
         let creds = std::fs::read_to_string(self.data_dir().join("s3.credentials"))?;
         let field = |name: &str| profile_field(&creds, name);
         // `-X HEAD` would wait for a body that never comes; `-I` does not.
@@ -334,7 +353,7 @@ impl TestCluster {
                     field("aws_secret_access_key")
                 ),
             ])
-            .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
+            .args(payload)
             .arg(url)
             .output()
             .context("running curl (with SigV4 support)")?;
@@ -362,6 +381,11 @@ impl TestCluster {
             .arg("--data-dir")
             .arg(self.dir.path())
             .output()?)
+    }
+
+    /// The cluster CA certificate (what an HTTPS S3 client trusts).
+    pub fn ca_cert(&self) -> PathBuf {
+        self.data_dir().join("tls").join("ca.pem")
     }
 
     pub fn data_dir(&self) -> &Path {

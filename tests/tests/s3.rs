@@ -169,6 +169,69 @@ fn header<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
+/// aws-chunked with the checksum in a trailer, framed by hand the way
+/// botocore sends it over HTTPS (`STREAMING-UNSIGNED-PAYLOAD-TRAILER`): the
+/// checksum arrives after the last byte, and a wrong one must still refuse
+/// the object and store nothing.
+#[test]
+fn aws_chunked_trailers_are_verified_after_the_last_byte() -> Result<()> {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let c = TestCluster::start(Shape::default())?;
+    let (h, _) = curl(&c, "PUT", &format!("{}/trail", c.s3), &[])?;
+    assert!(h.starts_with("http/1.1 200"), "{h}");
+    let data = bytes(100_000, 9);
+    let sha = |d: &[u8]| base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(d));
+    for (name, trailer, good) in [("good", sha(&data), true), ("bad", sha(b"other"), false)] {
+        // Two chunks, the terminating chunk, the trailer.
+        let mut framed = Vec::new();
+        for chunk in data.chunks(65_536) {
+            framed.extend(format!("{:x}\r\n", chunk.len()).bytes());
+            framed.extend(chunk);
+            framed.extend(b"\r\n");
+        }
+        framed.extend(format!("0\r\nx-amz-checksum-sha256:{trailer}\r\n\r\n").bytes());
+        let file = c.data_dir().join(format!("{name}.chunked"));
+        std::fs::write(&file, framed)?;
+        let url = format!("{}/trail/{name}", c.s3);
+        let (h, body) = curl(
+            &c,
+            "PUT",
+            &url,
+            &[
+                "-H",
+                "x-amz-content-sha256: STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+                "-H",
+                "content-encoding: aws-chunked",
+                "-H",
+                &format!("x-amz-decoded-content-length: {}", data.len()),
+                "-H",
+                "x-amz-trailer: x-amz-checksum-sha256",
+                "--data-binary",
+                &format!("@{}", file.display()),
+            ],
+        )?;
+        let body = String::from_utf8_lossy(&body).into_owned();
+        if good {
+            assert!(h.starts_with("http/1.1 200"), "{h}{body}");
+            let (_, got) = curl(&c, "GET", &url, &[])?;
+            assert!(
+                got == data,
+                "the trailer-checked object reads back byte-exact"
+            );
+        } else {
+            assert!(h.starts_with("http/1.1 400"), "{h}{body}");
+            assert!(
+                body.contains("BadDigest") || body.contains("XAmzContentChecksumMismatch"),
+                "{body}"
+            );
+            let (h, _) = curl(&c, "HEAD", &url, &[])?;
+            assert!(h.starts_with("http/1.1 404"), "nothing stored: {h}");
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn aws_cli_files_lists_reads_and_deletes_objects_as_evidence() -> Result<()> {
     let c = TestCluster::start(Shape::default())?;
@@ -1069,10 +1132,24 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
 /// boto3 from PyPI with its default settings (CRC32 checksums on every
 /// upload), through `tests/independent/s3_boto3.py`. CUSTODIA_PYTHON names
 /// an interpreter with boto3 (.ci/run makes a venv); default `python3`.
+/// Over HTTP botocore sends the checksum as a header.
 #[test]
 fn boto3_with_its_default_checksums() -> Result<()> {
+    boto3_checks(false)
+}
+
+/// The same over HTTPS (`--s3-tls`), where botocore streams every upload as
+/// aws-chunked with the CRC32 in a trailer: the path that must be verified
+/// after the last byte.
+#[test]
+fn boto3_over_https_sends_aws_chunked_trailers() -> Result<()> {
+    boto3_checks(true)
+}
+
+fn boto3_checks(tls: bool) -> Result<()> {
     let c = TestCluster::start(Shape {
         shard_size: 256 * 1024,
+        s3_tls: tls,
         ..Shape::default()
     })?;
     let creds = std::fs::read_to_string(c.data_dir().join("s3.credentials"))?;
@@ -1089,6 +1166,8 @@ fn boto3_with_its_default_checksums() -> Result<()> {
             "AWS_SHARED_CREDENTIALS_FILE",
             c.data_dir().join("no-aws-credentials"),
         )
+        .env("AWS_CA_BUNDLE", c.ca_cert())
+        .env("EXPECT_TRAILER", if tls { "1" } else { "" })
         .output()
         .with_context(|| format!("running {python} (set CUSTODIA_PYTHON to one with boto3)"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
