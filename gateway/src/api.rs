@@ -11,6 +11,9 @@
 //! - `GET /v1/repair/queue` — stripes queued for repair (admin).
 //! - `POST /v1/admin/tokens` — `{"tenant": "...", "role": "reader|clerk|admin"}`
 //!   creates a credential and returns its token once (admin).
+//! - `POST /v1/admin/tenants` — `{"name": "..."}` registers a tenant (admin).
+//! - `POST /v1/admin/keys` — `{"tenant", "role", "bypass_governance"?}`: a
+//!   token and an S3 access key, returned once (admin; never `expunger`).
 //! - `GET /healthz` — liveness and node counts; the only unauthenticated route.
 //!
 //! Every other route needs `Authorization: Bearer <token>`; tokens map to a
@@ -347,6 +350,14 @@ pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {
         .route(
             "/v1/admin/tokens",
             post(create_token::<S>).layer(DefaultBodyLimit::max(SMALL_BODY)),
+        )
+        .route(
+            "/v1/admin/tenants",
+            post(create_tenant::<S>).layer(DefaultBodyLimit::max(SMALL_BODY)),
+        )
+        .route(
+            "/v1/admin/keys",
+            post(create_key::<S>).layer(DefaultBodyLimit::max(SMALL_BODY)),
         )
         // Uploads stream; their size is bounded by storage, not by memory.
         .layer(DefaultBodyLimit::disable())
@@ -957,24 +968,7 @@ async fn create_token<S: Store>(
     require(&who, Role::Admin, "create credentials")?;
     let req: NewToken = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("expected {{\"tenant\", \"role\"}}: {e}")))?;
-    let role = match Role::parse(&req.role) {
-        // Separation of duties: whoever administers the service cannot give
-        // itself the power to expunge. Expunger credentials are issued on the
-        // index host (`custodia key create --role expunger`).
-        Some(Role::Expunger) => {
-            return Err(ApiError::Forbidden(
-                "expunger credentials are issued only on the index host with \
-                 `custodia key create --role expunger` (gateway stopped)",
-            ))
-        }
-        Some(role) => role,
-        None => {
-            return Err(ApiError::BadRequest(format!(
-                "unknown role {:?}: reader, clerk or admin",
-                req.role
-            )))
-        }
-    };
+    let role = grantable_role(&req.role)?;
     let token = hex::encode(rand::random::<[u8; 32]>());
     let rec = TokenRecord {
         tenant: req.tenant.clone(),
@@ -989,6 +983,107 @@ async fn create_token<S: Store>(
     Ok((
         StatusCode::CREATED,
         Json(json!({ "tenant": req.tenant, "role": req.role, "token": token })),
+    )
+        .into_response())
+}
+
+/// A role the admin API may grant. Separation of duties: whoever administers
+/// the service cannot give itself the power to expunge; expunger credentials
+/// are issued on the index host (`custodia key create --role expunger`).
+fn grantable_role(role: &str) -> Result<Role, ApiError> {
+    match Role::parse(role) {
+        Some(Role::Expunger) => Err(ApiError::Forbidden(
+            "expunger credentials are issued only on the index host with \
+             `custodia key create --role expunger` (gateway stopped)",
+        )),
+        Some(role) => Ok(role),
+        None => Err(ApiError::BadRequest(format!(
+            "unknown role {role:?}: reader, clerk or admin"
+        ))),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewTenant {
+    name: String,
+}
+
+/// `POST /v1/admin/tenants`: registers a tenant on a running cluster.
+/// 201 when created, 200 when it already existed.
+async fn create_tenant<S: Store>(
+    State(gw): State<Arc<Gateway<S>>>,
+    headers: HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body?;
+    let who = authenticate(&gw, &headers).await?;
+    require(&who, Role::Admin, "create tenants")?;
+    let req: NewTenant = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("expected {{\"name\"}}: {e}")))?;
+    let created =
+        crate::credentials::create_tenant(&gw.store, &req.name, gw.clock.now_ms()).await?;
+    if created {
+        tracing::info!(tenant = %req.name, by = %who.tenant, "tenant created");
+    }
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(json!({ "tenant": req.name, "created": created })),
+    )
+        .into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewKey {
+    tenant: String,
+    role: String,
+    #[serde(default)]
+    bypass_governance: bool,
+}
+
+/// `POST /v1/admin/keys`: a bearer token and an S3 access key for an
+/// existing tenant, on a running cluster. The secrets are in this answer
+/// only.
+async fn create_key<S: Store>(
+    State(gw): State<Arc<Gateway<S>>>,
+    headers: HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body?;
+    let who = authenticate(&gw, &headers).await?;
+    require(&who, Role::Admin, "create credentials")?;
+    let req: NewKey = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "expected {{\"tenant\", \"role\", \"bypass_governance\"?}}: {e}"
+        ))
+    })?;
+    let role = grantable_role(&req.role)?;
+    let creds =
+        crate::credentials::issue(&gw.store, &req.tenant, role, req.bypass_governance).await?;
+    tracing::info!(
+        tenant = %req.tenant,
+        role = %req.role,
+        access_key = %creds.access_key,
+        bypass_governance = req.bypass_governance,
+        by = %who.tenant,
+        "credentials created"
+    );
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "tenant": creds.tenant,
+            "role": req.role,
+            "token": creds.token,
+            "access_key": creds.access_key,
+            "secret_access_key": creds.secret,
+            "bypass_governance": creds.bypass_governance,
+        })),
     )
         .into_response())
 }

@@ -22,6 +22,7 @@
 
 pub mod api;
 pub mod config;
+pub mod credentials;
 pub mod error;
 pub mod gc;
 pub mod ingest;

@@ -69,6 +69,28 @@ pub fn admin_call(api: &str, token: &str, method: &str, path: &str) -> Result<se
         .context("reading the gateway's answer")
 }
 
+/// An administrative `POST` with a JSON body; returns the JSON answer, or
+/// the gateway's own message.
+pub fn admin_post_json(
+    api: &str,
+    token: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> Result<serde_json::Value> {
+    let url = format!("{}{path}", api.trim_end_matches('/'));
+    let mut resp = agent()
+        .post(&url)
+        .header("Authorization", &format!("Bearer {token}"))
+        .send_json(body)
+        .with_context(|| format!("reaching the gateway at {api}"))?;
+    if !resp.status().is_success() {
+        return Err(refuse(resp));
+    }
+    resp.body_mut()
+        .read_json()
+        .context("reading the gateway's answer")
+}
+
 pub fn put(
     api: &str,
     token: &str,

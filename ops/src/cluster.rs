@@ -310,81 +310,22 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
     Ok(cluster)
 }
 
-/// A tenant's credentials for one role: a bearer token for the evidence
-/// API and an S3 access key. Only the token's hash is stored; the S3 secret
-/// is stored (SigV4 needs it).
-pub struct Credentials {
-    pub tenant: String,
-    pub token: String,
-    pub access_key: String,
-    pub secret: String,
-}
-
-impl Credentials {
-    /// The AWS shared-credentials form, under `[profile]`.
-    pub fn aws_profile(&self, profile: &str) -> String {
-        format!(
-            "[{profile}]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
-            self.access_key, self.secret
-        )
-    }
-}
-
-/// Stores new credentials for an existing tenant in one transaction.
+/// Stores new credentials for an existing tenant in one transaction, with a
+/// message that says how to make a missing tenant.
 pub async fn issue_credentials<S: indexer::KvStore>(
     store: &S,
     tenant: &str,
     role: indexer::schema::Role,
     bypass_governance: bool,
-) -> Result<Credentials> {
-    const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
-    let access_key: String = std::iter::once("CU".to_owned())
-        .chain(
-            rand::random::<[u8; 18]>()
-                .iter()
-                .map(|b| (ALNUM[*b as usize % ALNUM.len()] as char).to_string()),
-        )
-        .collect();
-    let creds = Credentials {
-        tenant: tenant.to_owned(),
-        token: new_token(),
-        access_key,
-        secret: hex::encode(rand::random::<[u8; 20]>()),
-    };
-    indexer::run(store, |tx| {
-        let creds = &creds;
-        async move {
-            indexer::schema::put_token_tx(
-                &tx,
-                &creds.token,
-                &indexer::schema::TokenRecord {
-                    tenant: creds.tenant.clone(),
-                    role,
-                },
-            )?;
-            indexer::s3::put_access_key_tx(
-                &tx,
-                &creds.access_key,
-                &indexer::s3::AccessKeyRecord {
-                    tenant: creds.tenant.clone(),
-                    role,
-                    secret: creds.secret.clone(),
-                    bypass_governance,
-                },
-            )
-            .await
-        }
-    })
-    .await
-    .map_err(|e| match e {
-        indexer::s3::ObjectError::NoSuchTenant => {
-            anyhow::anyhow!(
+) -> Result<gateway::credentials::Credentials> {
+    gateway::credentials::issue(store, tenant, role, bypass_governance)
+        .await
+        .map_err(|e| match e {
+            indexer::s3::ObjectError::NoSuchTenant => anyhow::anyhow!(
                 "no tenant {tenant:?}: create it first with `custodia tenant create {tenant}`"
-            )
-        }
-        e => e.into(),
-    })?;
-    Ok(creds)
+            ),
+            e => e.into(),
+        })
 }
 
 /// Opens DATA_DIR's embedded index directly, which the gateway must not
@@ -399,19 +340,24 @@ pub fn open_index_offline(data_dir: &Path) -> Result<indexer::EmbeddedStore> {
     })
 }
 
+/// The evidence API of the gateway that holds DATA_DIR's index, and the
+/// admin token `init` wrote: how the CLI reaches a running cluster.
+pub fn running_gateway(data_dir: &Path) -> Result<(String, String)> {
+    let cluster = Cluster::load(data_dir)?;
+    let mut addr = cluster.gateway.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let token = fs::read_to_string(data_dir.join(ADMIN_TOKEN_FILE))
+        .with_context(|| format!("reading {}", data_dir.join(ADMIN_TOKEN_FILE).display()))?;
+    Ok((format!("http://{addr}"), token.trim().to_owned()))
+}
+
 /// Registers a tenant; false if it already existed.
 pub async fn create_tenant<S: indexer::KvStore>(
     store: &S,
     name: &str,
     now_ms: u64,
 ) -> Result<bool> {
-    Ok(indexer::run(store, |tx| async move {
-        indexer::s3::create_tenant_tx(&tx, name, now_ms).await
-    })
-    .await?)
-}
-
-/// A bearer token: 256 random bits, hex.
-pub fn new_token() -> String {
-    hex::encode(rand::random::<[u8; 32]>())
+    Ok(gateway::credentials::create_tenant(store, name, now_ms).await?)
 }

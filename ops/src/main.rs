@@ -357,7 +357,9 @@ enum SimCommand {
 enum KeyCommand {
     /// Create credentials for TENANT with ROLE: a bearer token for the
     /// evidence API and an S3 access key. Prints them in the AWS
-    /// shared-credentials format, the token as `custodia_token`.
+    /// shared-credentials format, the token as `custodia_token`. With the
+    /// gateway running, asks it (`POST /v1/admin/keys`, DATA_DIR/admin.token);
+    /// `expunger` only on the index host with the gateway stopped.
     Create {
         #[arg(long, default_value = "custodia-data")]
         data_dir: PathBuf,
@@ -374,7 +376,8 @@ enum KeyCommand {
 
 #[derive(Subcommand)]
 enum TenantCommand {
-    /// Register a tenant (`[a-z0-9_-]{1,64}`).
+    /// Register a tenant (`[a-z0-9_-]{1,64}`); through the running gateway
+    /// if it holds the index.
     Create {
         name: String,
         #[arg(long, default_value = "custodia-data")]
@@ -491,14 +494,72 @@ async fn run(cli: Cli) -> Result<()> {
             let parsed = indexer::schema::Role::parse(&role).with_context(|| {
                 format!("unknown role {role:?}: reader, clerk, admin or expunger")
             })?;
-            let store = cluster::open_index_offline(&data_dir)?;
+            let profile = format!("{tenant}-{role}");
+            let store = match cluster::open_index_offline(&data_dir) {
+                Ok(store) => store,
+                // Separation of duties: the admin API never grants expunger.
+                Err(e) if matches!(parsed, indexer::schema::Role::Expunger) => {
+                    return Err(e.context(
+                        "expunger credentials are issued only on the index host with the gateway stopped",
+                    ))
+                }
+                Err(offline) => {
+                    // The gateway holds the index: ask it, as the admin.
+                    let (api, token) = cluster::running_gateway(&data_dir)
+                        .map_err(|e| offline.context(e))?;
+                    let answer = client::admin_post_json(
+                        &api,
+                        &token,
+                        "/v1/admin/keys",
+                        &serde_json::json!({
+                            "tenant": tenant, "role": role, "bypass_governance": bypass_governance,
+                        }),
+                    )
+                    .map_err(|e| {
+                        if e.to_string().contains("no such tenant") {
+                            e.context(format!(
+                                "no tenant {tenant:?}: create it first with `custodia tenant create {tenant}`"
+                            ))
+                        } else {
+                            e
+                        }
+                    })?;
+                    let field = |k: &str| answer[k].as_str().unwrap_or_default().to_owned();
+                    print!(
+                        "[{profile}]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+                        field("access_key"),
+                        field("secret_access_key")
+                    );
+                    println!("custodia_token = {}", field("token"));
+                    return Ok(());
+                }
+            };
             let c = cluster::issue_credentials(&store, &tenant, parsed, bypass_governance).await?;
-            print!("{}", c.aws_profile(&format!("{tenant}-{role}")));
+            print!("{}", c.aws_profile(&profile));
             println!("custodia_token = {}", c.token);
             Ok(())
         }
         Command::Tenant(TenantCommand::Create { name, data_dir }) => {
-            let store = cluster::open_index_offline(&data_dir)?;
+            let store = match cluster::open_index_offline(&data_dir) {
+                Ok(store) => store,
+                Err(offline) => {
+                    // The gateway holds the index: ask it, as the admin.
+                    let (api, token) =
+                        cluster::running_gateway(&data_dir).map_err(|e| offline.context(e))?;
+                    let answer = client::admin_post_json(
+                        &api,
+                        &token,
+                        "/v1/admin/tenants",
+                        &serde_json::json!({ "name": name }),
+                    )?;
+                    if answer["created"].as_bool() == Some(true) {
+                        println!("tenant {name} created");
+                    } else {
+                        println!("tenant {name} already exists");
+                    }
+                    return Ok(());
+                }
+            };
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)

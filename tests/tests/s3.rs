@@ -105,14 +105,13 @@ impl Aws {
 
 /// Credentials for a new key of `tenant` (gateway stopped meanwhile), in
 /// their own shared-credentials file.
+/// New credentials from `custodia key create` on the running cluster (the
+/// CLI goes through the gateway's admin API).
 fn new_key(c: &mut TestCluster, tenant: &str, role: &str, extra: &[&str]) -> Result<(Aws, String)> {
-    c.stop_gateway();
     let mut args = vec!["key", "create", "--tenant", tenant, "--role", role];
     args.extend_from_slice(extra);
     let out = c.custodia(&args)?;
     let text = String::from_utf8(out.stdout)?;
-    c.start_gateway()?;
-    c.wait_healthy(c.shape.nodes as u64)?;
     if !out.status.success() {
         bail!(
             "key create failed: {}",
@@ -523,7 +522,39 @@ fn tenants_and_keys_are_isolated_and_signatures_checked() -> Result<()> {
     assert!(made.status.success());
     c.start_gateway()?;
     c.wait_healthy(c.shape.nodes as u64)?;
-    let (b, _) = new_key(&mut c, "court-b", "clerk", &[])?;
+    let (b, b_token) = new_key(&mut c, "court-b", "clerk", &[])?;
+
+    // On the running cluster too: tenants and keys through the admin API,
+    // the same refusals, and never an expunger.
+    let unknown = c.custodia(&["key", "create", "--tenant", "court-c"])?;
+    assert!(!unknown.status.success());
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("tenant create"),
+        "{}",
+        String::from_utf8_lossy(&unknown.stderr)
+    );
+    let made = c.custodia(&["tenant", "create", "court-c"])?;
+    assert!(String::from_utf8_lossy(&made.stdout).contains("tenant court-c created"));
+    let again = c.custodia(&["tenant", "create", "court-c"])?;
+    assert!(String::from_utf8_lossy(&again.stdout).contains("already exists"));
+    let expunger = c.custodia(&["key", "create", "--tenant", "court-c", "--role", "expunger"])?;
+    assert!(!expunger.status.success());
+    assert!(String::from_utf8_lossy(&expunger.stderr).contains("gateway stopped"));
+    let (court_c, _) = new_key(&mut c, "court-c", "clerk", &[])?;
+    court_c.ok(&["s3", "mb", "s3://court-c"])?;
+    court_c.fails(
+        "AccessDenied",
+        &["s3api", "list-objects-v2", "--bucket", "court-a"],
+    )?;
+    // Only an admin may mint keys.
+    let by_clerk = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent()
+        .post(&format!("{}/v1/admin/keys", c.api))
+        .header("Authorization", &format!("Bearer {b_token}"))
+        .send_json(serde_json::json!({ "tenant": "court-b", "role": "admin" }))?;
+    assert_eq!(by_clerk.status().as_u16(), 403);
 
     // Another tenant's bucket: AccessDenied for every operation.
     b.fails(

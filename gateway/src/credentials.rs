@@ -1,0 +1,108 @@
+//! Tenants and their credentials: a bearer token for the evidence API and an
+//! S3 access key per issue, one transaction each. The CLI uses this on the
+//! index host with the gateway stopped; the admin API
+//! (`POST /v1/admin/tenants`, `POST /v1/admin/keys`) uses it on a running
+//! cluster. Secrets are returned once and never logged.
+
+use indexer::s3::{AccessKeyRecord, ObjectError};
+use indexer::schema::{Role, TokenRecord};
+
+/// A tenant's credentials for one role. Only the token's hash is stored; the
+/// S3 secret is stored (SigV4 needs it).
+pub struct Credentials {
+    pub tenant: String,
+    pub role: Role,
+    pub token: String,
+    pub access_key: String,
+    pub secret: String,
+    pub bypass_governance: bool,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("tenant", &self.tenant)
+            .field("role", &self.role)
+            .field("access_key", &self.access_key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    /// The AWS shared-credentials form, under `[profile]`.
+    pub fn aws_profile(&self, profile: &str) -> String {
+        format!(
+            "[{profile}]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            self.access_key, self.secret
+        )
+    }
+}
+
+/// A bearer token: 256 random bits, hex.
+pub fn new_token() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+/// Stores new credentials for an existing tenant in one transaction;
+/// [`ObjectError::NoSuchTenant`] if there is none.
+pub async fn issue<S: indexer::KvStore>(
+    store: &S,
+    tenant: &str,
+    role: Role,
+    bypass_governance: bool,
+) -> Result<Credentials, ObjectError> {
+    const ALNUM: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let access_key: String = std::iter::once("CU".to_owned())
+        .chain(
+            rand::random::<[u8; 18]>()
+                .iter()
+                .map(|b| (ALNUM[*b as usize % ALNUM.len()] as char).to_string()),
+        )
+        .collect();
+    let creds = Credentials {
+        tenant: tenant.to_owned(),
+        role,
+        token: new_token(),
+        access_key,
+        secret: hex::encode(rand::random::<[u8; 20]>()),
+        bypass_governance,
+    };
+    indexer::run(store, |tx| {
+        let creds = &creds;
+        async move {
+            indexer::schema::put_token_tx(
+                &tx,
+                &creds.token,
+                &TokenRecord {
+                    tenant: creds.tenant.clone(),
+                    role,
+                },
+            )?;
+            indexer::s3::put_access_key_tx(
+                &tx,
+                &creds.access_key,
+                &AccessKeyRecord {
+                    tenant: creds.tenant.clone(),
+                    role,
+                    secret: creds.secret.clone(),
+                    bypass_governance,
+                },
+            )
+            .await
+        }
+    })
+    .await?;
+    Ok(creds)
+}
+
+/// Registers a tenant (`[a-z0-9_-]{1,64}`); false if it already existed.
+pub async fn create_tenant<S: indexer::KvStore>(
+    store: &S,
+    name: &str,
+    now_ms: u64,
+) -> Result<bool, ObjectError> {
+    indexer::run(store, |tx| async move {
+        indexer::s3::create_tenant_tx(&tx, name, now_ms).await
+    })
+    .await
+}
