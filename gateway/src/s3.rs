@@ -1885,9 +1885,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let who = self.caller(&req, Role::Reader).await?;
         let input = req.input;
         let b = self.bucket(&who, &input.bucket).await?;
-        if input.delimiter.as_deref().is_some_and(|d| !d.is_empty()) {
-            return Err(s3_error!(NotImplemented, "delimiters in version listings"));
-        }
+        let delimiter = input.delimiter.clone().filter(|d| !d.is_empty());
         let prefix = input.prefix.clone().unwrap_or_default();
         let max = input.max_keys.unwrap_or(1000).clamp(1, 1000) as usize;
         let marker_version = match input.version_id_marker.as_deref() {
@@ -1897,59 +1895,108 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                     .map_err(|_| s3_error!(InvalidArgument, "bad version-id-marker"))?,
             ),
         };
-        let (bucket, marker_key) = (input.bucket.clone(), input.key_marker.clone());
-        let rows = indexer::run(&self.gw.store, |tx| {
-            let (bucket, prefix, marker_key) = (&bucket, &prefix, &marker_key);
-            async move {
-                let after = marker_key.as_deref().map(|k| (k, marker_version));
-                ix::list_versions_tx(&tx, bucket, prefix, after, max + 1).await
+        let marker_key = input.key_marker.clone().filter(|k| !k.is_empty());
+        // The first key past `prefix` that holds the delimiter ends there.
+        let common_prefix = |key: &str| -> Option<String> {
+            let rest = key.strip_prefix(prefix.as_str())?;
+            let d = delimiter.as_deref()?;
+            rest.find(d)
+                .map(|i| format!("{prefix}{}", &rest[..i + d.len()]))
+        };
+        // A key marker that is a common prefix (what a truncated page ends
+        // with) resumes after every key under it.
+        let mut cursor = match (&marker_key, marker_version) {
+            (None, _) => Cursor::Start,
+            (Some(k), None) if common_prefix(k).as_deref() == Some(k.as_str()) => {
+                Cursor::Prefix(k.clone())
             }
-        })
-        .await
-        .map_err(|e| s3_err(e.into()))?;
-        let truncated = rows.len() > max;
-        let rows = &rows[..rows.len().min(max)];
+            (Some(k), v) => Cursor::Version(k.clone(), v),
+        };
         let mut versions = Vec::new();
         let mut markers = Vec::new();
-        let mut previous: Option<&str> = marker_key.as_deref().filter(|_| marker_version.is_some());
-        for (key, v) in rows {
-            let latest = previous != Some(key.as_str());
-            previous = Some(key);
-            if v.is_delete_marker() {
-                markers.push(DeleteMarkerEntry {
-                    key: Some(key.clone()),
-                    version_id: show_version(&b, v),
-                    is_latest: Some(latest),
-                    last_modified: Some(ms_to_ts(v.last_modified_ms)),
-                    ..Default::default()
-                });
-            } else {
-                versions.push(s3s::dto::ObjectVersion {
-                    key: Some(key.clone()),
-                    version_id: show_version(&b, v),
-                    is_latest: Some(latest),
-                    e_tag: Some(ETag::Strong(v.etag.clone())),
-                    size: Some(v.size as i64),
-                    last_modified: Some(ms_to_ts(v.last_modified_ms)),
-                    storage_class: Some(ObjectVersionStorageClass::from_static(
-                        ObjectVersionStorageClass::STANDARD,
-                    )),
-                    ..Default::default()
-                });
+        let mut prefixes = Vec::new();
+        let mut previous: Option<String> = marker_key.clone().filter(|_| marker_version.is_some());
+        let (mut listed, mut truncated) = (0usize, false);
+        let mut next: Option<(String, Option<String>)> = None;
+        'pages: loop {
+            let (bucket, p, at) = (input.bucket.clone(), prefix.clone(), cursor.clone());
+            let rows = indexer::run(&self.gw.store, |tx| {
+                let (bucket, p, at) = (&bucket, &p, &at);
+                async move {
+                    let after = match at {
+                        Cursor::Start => ix::VersionsAfter::Start,
+                        Cursor::Version(k, v) => ix::VersionsAfter::Version(k, *v),
+                        Cursor::Prefix(k) => ix::VersionsAfter::Prefix(k),
+                    };
+                    ix::list_versions_after_tx(&tx, bucket, p, after, LIST_BATCH).await
+                }
+            })
+            .await
+            .map_err(|e| s3_err(e.into()))?;
+            let full_batch = rows.len() == LIST_BATCH;
+            let mut cut = false;
+            for (key, v) in rows {
+                if listed == max {
+                    // A row remains: the listing is truncated here.
+                    truncated = true;
+                    break 'pages;
+                }
+                listed += 1;
+                if let Some(common) = common_prefix(&key) {
+                    prefixes.push(CommonPrefix {
+                        prefix: Some(common.clone()),
+                    });
+                    next = Some((common.clone(), None));
+                    // The rest of this batch may be under it: read again.
+                    cursor = Cursor::Prefix(common);
+                    cut = true;
+                    break;
+                }
+                let latest = previous.as_deref() != Some(key.as_str());
+                previous = Some(key.clone());
+                if v.is_delete_marker() {
+                    markers.push(DeleteMarkerEntry {
+                        key: Some(key.clone()),
+                        version_id: show_version(&b, &v),
+                        is_latest: Some(latest),
+                        last_modified: Some(ms_to_ts(v.last_modified_ms)),
+                        ..Default::default()
+                    });
+                } else {
+                    versions.push(s3s::dto::ObjectVersion {
+                        key: Some(key.clone()),
+                        version_id: show_version(&b, &v),
+                        is_latest: Some(latest),
+                        e_tag: Some(ETag::Strong(v.etag.clone())),
+                        size: Some(v.size as i64),
+                        last_modified: Some(ms_to_ts(v.last_modified_ms)),
+                        storage_class: Some(ObjectVersionStorageClass::from_static(
+                            ObjectVersionStorageClass::STANDARD,
+                        )),
+                        ..Default::default()
+                    });
+                }
+                next = Some((key.clone(), Some(v.version_id.to_string())));
+                cursor = Cursor::Version(key, Some(v.version_id));
+            }
+            if !cut && !full_batch {
+                break;
             }
         }
-        let last = rows.last().filter(|_| truncated);
+        let next = next.filter(|_| truncated);
         Ok(S3Response::new(ListObjectVersionsOutput {
             name: Some(input.bucket),
             prefix: input.prefix,
+            delimiter: input.delimiter,
             key_marker: input.key_marker,
             version_id_marker: input.version_id_marker,
             max_keys: Some(max as i32),
             is_truncated: Some(truncated),
-            next_key_marker: last.map(|(k, _)| k.clone()),
-            next_version_id_marker: last.map(|(_, v)| v.version_id.to_string()),
+            next_key_marker: next.as_ref().map(|(k, _)| k.clone()),
+            next_version_id_marker: next.and_then(|(_, v)| v),
             versions: Some(versions),
             delete_markers: Some(markers),
+            common_prefixes: Some(prefixes),
             ..Default::default()
         }))
     }
@@ -2142,6 +2189,14 @@ async fn delete_part<S: Store>(gw: &Gateway<S>, p: &ix::PartRecord) {
         }
         Err(e) => tracing::warn!(part = %evidence, error = %e, "could not delete a multipart part"),
     }
+}
+
+/// Where a version listing resumes (owned; see `ix::VersionsAfter`).
+#[derive(Clone)]
+enum Cursor {
+    Start,
+    Version(String, Option<EvidenceId>),
+    Prefix(String),
 }
 
 /// One page of a listing.

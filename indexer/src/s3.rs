@@ -644,24 +644,57 @@ pub async fn list_versions_tx<T: Transaction>(
     after: Option<(&str, Option<EvidenceId>)>,
     limit: usize,
 ) -> Result<Vec<(String, ObjectVersion)>, ObjectError> {
+    let after = match after {
+        None => VersionsAfter::Start,
+        Some((key, version)) => VersionsAfter::Version(key, version),
+    };
+    list_versions_after_tx(tx, bucket, prefix, after, limit).await
+}
+
+/// Where a version listing resumes.
+#[derive(Clone, Copy, Debug)]
+pub enum VersionsAfter<'a> {
+    /// From the first key under the prefix.
+    Start,
+    /// After this version of this key (`None`: after every version of it).
+    Version(&'a str, Option<EvidenceId>),
+    /// After every key that starts with this (a common prefix already listed).
+    Prefix(&'a str),
+}
+
+/// [`list_versions_tx`], resuming anywhere [`VersionsAfter`] says.
+pub async fn list_versions_after_tx<T: Transaction>(
+    tx: &T,
+    bucket: &str,
+    prefix: &str,
+    after: VersionsAfter<'_>,
+    limit: usize,
+) -> Result<Vec<(String, ObjectVersion)>, ObjectError> {
     check_names(bucket, None)?;
     let base = key_of(VERSION, &[bucket.as_bytes(), b""]);
     let mut from = base.clone();
     from.extend_from_slice(prefix.as_bytes());
     let end = prefix_end(&from);
-    if let Some((key, version)) = after.filter(|(k, _)| k.as_bytes() >= prefix.as_bytes()) {
+    let resume = match after {
+        VersionsAfter::Start => None,
+        VersionsAfter::Version(key, version) => Some((
+            key,
+            version.map_or(vec![1], |id| {
+                // Just after this version's key; `1`: past every version of the
+                // key (they all start key + 0x00).
+                let mut tail = vec![0];
+                tail.extend_from_slice(&inverted(&id));
+                tail.push(0);
+                tail
+            }),
+        )),
+        // Keys are UTF-8, which never holds 0xff: past every key under it.
+        VersionsAfter::Prefix(p) => Some((p, vec![0xff])),
+    };
+    if let Some((key, tail)) = resume.filter(|(k, _)| k.as_bytes() >= prefix.as_bytes()) {
         let mut k = base.clone();
         k.extend_from_slice(key.as_bytes());
-        match version {
-            // Just after this version's key.
-            Some(id) => {
-                k.push(0);
-                k.extend_from_slice(&inverted(&id));
-                k.push(0);
-            }
-            // Past every version of this key (they all start key + 0x00).
-            None => k.push(1),
-        }
+        k.extend_from_slice(&tail);
         from = from.max(k);
     }
     if from >= end {

@@ -82,16 +82,16 @@ code = error_code(s3.put_object, Bucket="boto", Key="bad.bin", Body=b"x" * 1000,
 check(code in ("BadDigest", "InvalidRequest", "XAmzContentChecksumMismatch"), "wrong CRC32 refused: %s" % code)
 check(error_code(s3.head_object, Bucket="boto", Key="bad.bin") == "404", "nothing stored")
 
-# Multipart with the transfer manager: 30 MiB in 5 MiB parts.
-big = data(30 << 20, 2)
+# Multipart with the transfer manager: 100 MiB in 16 MiB parts (7).
+big = data(100 << 20, 2)
 s3.upload_fileobj(
     io.BytesIO(big), "boto", "a/big.bin",
-    Config=TransferConfig(multipart_threshold=8 << 20, multipart_chunksize=5 << 20),
+    Config=TransferConfig(multipart_threshold=8 << 20, multipart_chunksize=16 << 20),
 )
 out = io.BytesIO()
 s3.download_fileobj("boto", "a/big.bin", out)
 check(out.getvalue() == big, "multipart read back byte-exact")
-check(s3.head_object(Bucket="boto", Key="a/big.bin")["ETag"].endswith('-6"'), "multipart ETag")
+check(s3.head_object(Bucket="boto", Key="a/big.bin")["ETag"].endswith('-7"'), "multipart ETag")
 
 # Listing with a paginator.
 for i in range(7):

@@ -231,6 +231,82 @@ fn aws_chunked_trailers_are_verified_after_the_last_byte() -> Result<()> {
     Ok(())
 }
 
+/// ListObjectVersions with a delimiter folds keys into common prefixes, and
+/// a page that ends on a prefix resumes after everything under it.
+#[test]
+fn version_listings_fold_common_prefixes_and_page() -> Result<()> {
+    let c = TestCluster::start(Shape::default())?;
+    let aws = Aws::admin(&c);
+    aws.ok(&["s3api", "create-bucket", "--bucket", "vers"])?;
+    aws.ok(&[
+        "s3api",
+        "put-bucket-versioning",
+        "--bucket",
+        "vers",
+        "--versioning-configuration",
+        "Status=Enabled",
+    ])?;
+    let f = aws.file("x.txt", b"x")?;
+    for key in ["a/1", "a/2", "a/2", "b/c/1", "top.txt", "top.txt"] {
+        aws.ok(&[
+            "s3api",
+            "put-object",
+            "--bucket",
+            "vers",
+            "--key",
+            key,
+            "--body",
+            &f,
+        ])?;
+    }
+    let list = |extra: &[&str]| -> Result<Value> {
+        let mut args = vec![
+            "s3api",
+            "list-object-versions",
+            "--bucket",
+            "vers",
+            "--delimiter",
+            "/",
+            "--no-paginate",
+        ];
+        args.extend_from_slice(extra);
+        aws.json(&args)
+    };
+    let prefixes = |v: &Value| -> Vec<String> {
+        v["CommonPrefixes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["Prefix"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let all = list(&[])?;
+    assert_eq!(prefixes(&all), ["a/", "b/"], "{all}");
+    let versions = all["Versions"].as_array().cloned().unwrap_or_default();
+    assert_eq!(versions.len(), 2, "both versions of top.txt: {all}");
+    assert!(versions.iter().all(|v| v["Key"] == "top.txt"));
+    assert_eq!(versions[0]["IsLatest"], true);
+    assert_eq!(versions[1]["IsLatest"], false);
+    // One entry a page: a, then b (not a again), then top.txt twice.
+    let first = list(&["--max-keys", "1"])?;
+    assert_eq!(prefixes(&first), ["a/"], "{first}");
+    assert_eq!(first["IsTruncated"], true);
+    assert_eq!(first["NextKeyMarker"], "a/");
+    let second = list(&["--max-keys", "1", "--key-marker", "a/"])?;
+    assert_eq!(prefixes(&second), ["b/"], "{second}");
+    let third = list(&["--max-keys", "1", "--key-marker", "b/"])?;
+    assert_eq!(third["Versions"][0]["Key"], "top.txt", "{third}");
+    // Under a prefix, the delimiter applies past it.
+    let under = list(&["--prefix", "a/"])?;
+    assert_eq!(
+        under["Versions"].as_array().map(Vec::len),
+        Some(3),
+        "{under}"
+    );
+    assert!(prefixes(&under).is_empty());
+    Ok(())
+}
+
 #[test]
 fn aws_cli_files_lists_reads_and_deletes_objects_as_evidence() -> Result<()> {
     let c = TestCluster::start(Shape::default())?;
@@ -1221,8 +1297,10 @@ fn client(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
-/// rclone and s3cmd (Debian's, installed by .ci/run): put (single and
-/// multipart), list, check, get, range, delete.
+/// rclone and s3cmd (Debian's, installed by .ci/run): put (single, and
+/// 100 MiB multipart in 7 parts), list, check, get, range, delete; and the
+/// Object Lock flows they can drive (neither can set a lock: the bucket's
+/// default COMPLIANCE retention binds what they write).
 #[test]
 fn rclone_and_s3cmd_put_get_list_and_delete() -> Result<()> {
     let c = TestCluster::start(Shape {
@@ -1238,7 +1316,7 @@ fn rclone_and_s3cmd_put_get_list_and_delete() -> Result<()> {
     let src = c.data_dir().join("src");
     std::fs::create_dir_all(&src)?;
     std::fs::write(src.join("small.bin"), bytes(300_000, 1))?;
-    std::fs::write(src.join("big.bin"), bytes(30 << 20, 2))?;
+    std::fs::write(src.join("big.bin"), bytes(100 << 20, 2))?;
     std::fs::write(src.join("note.txt"), b"note\n")?;
 
     // rclone: `check` compares MD5s (ETags, and rclone's own metadata for
@@ -1262,16 +1340,39 @@ fn rclone_and_s3cmd_put_get_list_and_delete() -> Result<()> {
         )
     };
     rclone(&["mkdir", "cu:rclone"])?;
-    rclone(&["copy", src.to_str().unwrap_or_default(), "cu:rclone/dir"])?;
+    // Multipart past 10 MiB, in 16 MiB parts (rclone's defaults would put
+    // anything under 200 MiB in one request).
+    rclone(&[
+        "copy",
+        "--s3-upload-cutoff",
+        "10M",
+        "--s3-chunk-size",
+        "16M",
+        src.to_str().unwrap_or_default(),
+        "cu:rclone/dir",
+    ])?;
     let listed = rclone(&["ls", "cu:rclone"])?;
     assert!(
-        listed.contains("31457280 dir/big.bin") && listed.contains("300000 dir/small.bin"),
+        listed.contains("104857600 dir/big.bin") && listed.contains("300000 dir/small.bin"),
         "{listed}"
+    );
+    let admin = Aws::admin(&c);
+    let head = admin.json(&[
+        "s3api",
+        "head-object",
+        "--bucket",
+        "rclone",
+        "--key",
+        "dir/big.bin",
+    ])?;
+    assert!(
+        head["ETag"].as_str().unwrap_or_default().ends_with("-7\""),
+        "{head}"
     );
     rclone(&["check", src.to_str().unwrap_or_default(), "cu:rclone/dir"])?;
     let out = c.data_dir().join("rclone-out");
     rclone(&["copy", "cu:rclone/dir", out.to_str().unwrap_or_default()])?;
-    assert!(std::fs::read(out.join("big.bin"))? == bytes(30 << 20, 2));
+    assert!(std::fs::read(out.join("big.bin"))? == bytes(100 << 20, 2));
     let part = rclone(&[
         "cat",
         "cu:rclone/dir/note.txt",
@@ -1283,6 +1384,73 @@ fn rclone_and_s3cmd_put_get_list_and_delete() -> Result<()> {
     assert_eq!(part, "ote");
     rclone(&["delete", "cu:rclone/dir/note.txt"])?;
     assert!(!rclone(&["ls", "cu:rclone"])?.contains("note.txt"));
+
+    // Object Lock through rclone: overwrite and delete only add versions and
+    // a marker; every version still reads back; removing one is refused.
+    admin.ok(&[
+        "s3api",
+        "create-bucket",
+        "--bucket",
+        "held",
+        "--object-lock-enabled-for-bucket",
+    ])?;
+    admin.ok(&[
+        "s3api",
+        "put-object-lock-configuration",
+        "--bucket",
+        "held",
+        "--object-lock-configuration",
+        "ObjectLockEnabled=Enabled,Rule={DefaultRetention={Mode=COMPLIANCE,Days=1}}",
+    ])?;
+    let versions = [&b"first version\n"[..], &b"the second version\n"[..]];
+    for (i, v) in versions.iter().enumerate() {
+        let f = src.join(format!("v{i}.txt"));
+        std::fs::write(&f, v)?;
+        rclone(&[
+            "copyto",
+            f.to_str().unwrap_or_default(),
+            "cu:held/exhibit.txt",
+        ])?;
+    }
+    rclone(&["deletefile", "cu:held/exhibit.txt"])?;
+    assert!(
+        !rclone(&["ls", "cu:held"])?.contains("exhibit"),
+        "hidden by a delete marker"
+    );
+    // `--s3-versions` lists versions with a delimiter, as S3 allows.
+    let listed = rclone(&["ls", "--s3-versions", "cu:held"])?;
+    let old: Vec<String> = listed
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|n| n.starts_with("exhibit-v"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(old.len(), 2, "both versions listed: {listed}");
+    let mut read = Vec::new();
+    for name in &old {
+        read.push(rclone(&[
+            "cat",
+            "--s3-versions",
+            &format!("cu:held/{name}"),
+        ])?);
+        let out = Command::new("rclone")
+            .arg("--config")
+            .arg(&conf)
+            .args(["deletefile", "--s3-versions", &format!("cu:held/{name}")])
+            .env_remove("AWS_CA_BUNDLE")
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("AccessDenied"),
+            "{err}"
+        );
+    }
+    read.sort();
+    assert_eq!(
+        read,
+        ["first version\n", "the second version\n"],
+        "every version intact"
+    );
 
     // s3cmd, multipart in 5 MiB parts.
     let cfg = c.data_dir().join("s3cfg");
@@ -1300,10 +1468,22 @@ fn rclone_and_s3cmd_put_get_list_and_delete() -> Result<()> {
     s3cmd(&["put", &path("small.bin"), "s3://s3cmd/x/small.bin"])?;
     s3cmd(&[
         "put",
-        "--multipart-chunk-size-mb=5",
+        "--multipart-chunk-size-mb=16",
         &path("big.bin"),
         "s3://s3cmd/x/big.bin",
     ])?;
+    let head = admin.json(&[
+        "s3api",
+        "head-object",
+        "--bucket",
+        "s3cmd",
+        "--key",
+        "x/big.bin",
+    ])?;
+    assert!(
+        head["ETag"].as_str().unwrap_or_default().ends_with("-7\""),
+        "{head}"
+    );
     let listed = s3cmd(&["ls", "-r", "s3://s3cmd"])?;
     assert!(
         listed.contains("s3://s3cmd/x/big.bin") && listed.contains("s3://s3cmd/x/small.bin"),
@@ -1316,9 +1496,53 @@ fn rclone_and_s3cmd_put_get_list_and_delete() -> Result<()> {
         "s3://s3cmd/x/big.bin",
         &got.to_string_lossy(),
     ])?;
-    assert!(std::fs::read(&got)? == bytes(30 << 20, 2));
+    assert!(std::fs::read(&got)? == bytes(100 << 20, 2));
     s3cmd(&["del", "s3://s3cmd/x/small.bin"])?;
     assert!(!s3cmd(&["ls", "-r", "s3://s3cmd"])?.contains("small.bin"));
+
+    // Object Lock through s3cmd: its delete hides the locked object behind a
+    // marker; the version stays, and nobody may remove it.
+    s3cmd(&["put", &path("note.txt"), "s3://held/s3cmd/note.txt"])?;
+    s3cmd(&["del", "s3://held/s3cmd/note.txt"])?;
+    assert!(!s3cmd(&["ls", "-r", "s3://held/s3cmd/"])?.contains("note.txt"));
+    let listed = admin.json(&[
+        "s3api",
+        "list-object-versions",
+        "--bucket",
+        "held",
+        "--prefix",
+        "s3cmd/",
+    ])?;
+    let version = listed["Versions"][0]["VersionId"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(listed["DeleteMarkers"][0]["IsLatest"], true, "{listed}");
+    admin.ok(&[
+        "s3api",
+        "get-object",
+        "--bucket",
+        "held",
+        "--key",
+        "s3cmd/note.txt",
+        "--version-id",
+        &version,
+        "note-back.txt",
+    ])?;
+    assert_eq!(admin.read("note-back.txt")?, b"note\n");
+    admin.fails(
+        "AccessDenied",
+        &[
+            "s3api",
+            "delete-object",
+            "--bucket",
+            "held",
+            "--key",
+            "s3cmd/note.txt",
+            "--version-id",
+            &version,
+        ],
+    )?;
     Ok(())
 }
 
