@@ -183,12 +183,12 @@ impl ObjectVersion {
         match self.retention {
             Some(r) if r.until_ms > now_ms => match r.mode {
                 LockMode::Compliance => Some(format!(
-                    "COMPLIANCE retention runs until {} ms; nobody can remove this version before then",
-                    r.until_ms
+                    "COMPLIANCE retention runs until {}; nobody can remove this version before then",
+                    crate::schema::utc_ms(r.until_ms)
                 )),
                 LockMode::Governance if !bypass => Some(format!(
-                    "GOVERNANCE retention runs until {} ms; only a key with the bypass permission may remove it",
-                    r.until_ms
+                    "GOVERNANCE retention runs until {}; only a key with the bypass permission may remove it",
+                    crate::schema::utc_ms(r.until_ms)
                 )),
                 LockMode::Governance => None,
             },
@@ -556,8 +556,9 @@ pub async fn set_retention_tx<T: Transaction>(
         let allowed = old.mode == LockMode::Governance && bypass_governance;
         if weaker && !allowed {
             return Err(ObjectError::Locked(format!(
-                "{:?} retention runs until {} ms and cannot be shortened or removed",
-                old.mode, old.until_ms
+                "{:?} retention runs until {} and cannot be shortened or removed",
+                old.mode,
+                crate::schema::utc_ms(old.until_ms)
             )));
         }
     }

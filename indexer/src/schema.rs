@@ -931,7 +931,9 @@ pub async fn extend_retention_tx<T: Transaction>(
         .ok_or(SchemaError::NoEvidence(evidence))?;
     if let Some(current) = h.retain_until_ms.filter(|c| *c > until_ms) {
         return Err(SchemaError::Locked(format!(
-            "COMPLIANCE retention runs until {current} ms; it cannot be shortened to {until_ms}"
+            "COMPLIANCE retention runs until {}; it cannot be shortened to {}",
+            utc_ms(current),
+            utc_ms(until_ms)
         )));
     }
     h.retain_until_ms = Some(until_ms);
@@ -959,7 +961,8 @@ pub async fn expunge_tx<T: Transaction>(
     }
     if let Some(until) = h.retain_until_ms.filter(|u| *u > now_ms) {
         return Err(SchemaError::Locked(format!(
-            "COMPLIANCE retention runs until {until} ms; nobody can expunge before then"
+            "COMPLIANCE retention runs until {}; nobody can expunge before then",
+            utc_ms(until)
         )));
     }
     tx.clear(&evidence_key(EVIDENCE, &evidence));
@@ -1021,8 +1024,27 @@ pub async fn forget_stripes_tx<T: Transaction>(
     Ok(())
 }
 
+/// A time in milliseconds since the epoch as RFC 3339 UTC, for messages
+/// people read (`1796243300378` is `2026-12-02T20:28:20.378Z`).
+pub fn utc_ms(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{ms} ms after the epoch"))
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn retention_dates_read_as_rfc3339() {
+        assert_eq!(utc_ms(1_796_243_300_378), "2026-12-02T20:28:20.378Z");
+        assert_eq!(utc_ms(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_ms(u64::MAX), format!("{} ms after the epoch", u64::MAX));
+    }
     use super::*;
 
     #[test]
