@@ -74,9 +74,11 @@ pub(crate) struct Loc {
     pub len: u32,
 }
 
-/// The head of a delete record: which key, and the segment that held the
-/// record it deletes (once that segment is gone, the tombstone hides nothing
-/// and compaction drops it).
+/// The head of a delete record: which key, and a bound: every record of the
+/// key written before the delete (indexed or not: a copy whose fsync failed
+/// may still be on disk) is in a segment no newer than `segment`, the active
+/// one when the delete was made. Once no such segment is left, the tombstone
+/// hides nothing and compaction drops it.
 #[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
 pub(crate) struct Tombstone {
     pub key: ShardKey,
@@ -141,8 +143,8 @@ struct SyncState {
     durable: (u64, u64),
     /// A thread is fsyncing.
     leader: bool,
-    /// A segment whose fsync failed: nothing more of it is acknowledged.
-    failed: Option<u64>,
+    /// Segments whose fsync failed: nothing more of them is acknowledged.
+    failed: std::collections::BTreeSet<u64>,
 }
 
 struct SegStat {
@@ -151,6 +153,9 @@ struct SegStat {
     len: u64,
     /// Bytes of records that are the current copy of their key.
     live: u64,
+    /// Records appended here whose writer has not yet indexed them (or
+    /// given up): while any are, the segment must not be compacted away.
+    pending: u64,
 }
 
 #[derive(Default)]
@@ -193,14 +198,17 @@ impl SegmentLog {
     /// segment after the last.
     pub fn open(root: &Path) -> io::Result<SegmentLog> {
         let dir = root.join(SEGMENTS_DIR);
-        fs::create_dir_all(&dir)?;
+        crate::store::create_dir_durably(&dir)?;
         let mut ids = Vec::new();
         for entry in fs::read_dir(&dir)? {
             let name = entry?.file_name();
+            // Only canonical names: `seg-1` beside `seg-0000000000000001`
+            // would otherwise be the same segment twice.
             match name
                 .to_str()
                 .and_then(|n| n.strip_prefix("seg-"))
                 .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+                .filter(|id| name.to_str() == Some(segment_name(*id).as_str()))
             {
                 Some(id) => ids.push(id),
                 None => tracing::warn!(file = ?name, "unexpected file among segments"),
@@ -217,11 +225,17 @@ impl SegmentLog {
                     file,
                     len: bytes.len() as u64,
                     live: 0,
+                    pending: 0,
                 },
             );
             scan_segment(id, &bytes, &mut index);
         }
-        let next = ids.last().map_or(1, |id| id + 1);
+        let next = match ids.last() {
+            None => 1,
+            Some(id) => id
+                .checked_add(1)
+                .ok_or_else(|| io::Error::other("segment ids exhausted"))?,
+        };
         let active = create_segment(&dir, next)?;
         index.segments.insert(
             next,
@@ -229,6 +243,7 @@ impl SegmentLog {
                 file: active.file.clone(),
                 len: 0,
                 live: 0,
+                pending: 0,
             },
         );
         Ok(SegmentLog {
@@ -332,7 +347,7 @@ impl SegmentLog {
     /// the record this one replaced. The caller holds the key's lock.
     pub fn put(&self, header: &ShardHeader, body: &[u8]) -> io::Result<(Loc, Option<Loc>)> {
         let record = encode_record(KIND_SHARD, &header.encode(), body);
-        let (seg, off) = self.append(&record)?;
+        let (seg, off, pending) = self.append(&record)?;
         self.wait_durable(seg, off + record.len() as u64)?;
         let loc = Loc {
             seg,
@@ -345,6 +360,8 @@ impl SegmentLog {
         if let Some(old) = old {
             index.add_live(old.seg, -(old.len as i64));
         }
+        drop(index);
+        drop(pending);
         Ok((loc, old))
     }
 
@@ -357,21 +374,26 @@ impl SegmentLog {
         if expect.is_some_and(|e| e != loc) {
             return Ok(None);
         }
-        self.append_tombstone(key, loc.seg)?;
+        // Every record of the key so far is in this segment or an older one.
+        let bound = lock(&self.active).id;
+        let head = protocol::wire::encode_versioned(
+            TOMBSTONE_V1,
+            &Tombstone {
+                key: *key,
+                segment: bound,
+            },
+        );
+        let record = encode_record(KIND_DELETE, &head, &[]);
+        let (seg, off, pending) = self.append(&record)?;
+        self.wait_durable(seg, off + record.len() as u64)?;
         let mut index = self.write_index();
         if index.entries.get(&fanout_key(key)) == Some(&loc) {
             index.entries.remove(&fanout_key(key));
             index.add_live(loc.seg, -(loc.len as i64));
         }
+        drop(index);
+        drop(pending);
         Ok(Some(loc))
-    }
-
-    fn append_tombstone(&self, key: &ShardKey, segment: u64) -> io::Result<()> {
-        let head =
-            protocol::wire::encode_versioned(TOMBSTONE_V1, &Tombstone { key: *key, segment });
-        let record = encode_record(KIND_DELETE, &head, &[]);
-        let (seg, off) = self.append(&record)?;
-        self.wait_durable(seg, off + record.len() as u64)
     }
 
     /// A sealed segment worth compacting (live records under half its
@@ -382,7 +404,7 @@ impl SegmentLog {
         index
             .segments
             .iter()
-            .find(|(&id, s)| id != active && s.live * 2 < s.len.max(1))
+            .find(|(&id, s)| id != active && s.pending == 0 && s.live * 2 < s.len.max(1))
             .map(|(&id, _)| id)
     }
 
@@ -398,13 +420,20 @@ impl SegmentLog {
             .map(|((_, k), loc)| (*k, *loc))
             .collect();
         let mut tombstones = Vec::new();
-        for_each_record(&bytes, |kind, head, _, _| {
+        for_each_record(&bytes, |kind, head, off, _| {
             if kind != KIND_DELETE {
                 return;
             }
             if let Ok(t) = protocol::wire::decode_versioned::<Tombstone>(TOMBSTONE_V1, head) {
                 let hides = index.segments.range(..=t.segment).any(|(&s, _)| s != id);
-                if hides && !index.entries.contains_key(&fanout_key(&t.key)) {
+                // A record of the key written after this tombstone makes it
+                // moot; one written before it (never the case once its delete
+                // finished) must stay hidden.
+                let superseded = index
+                    .entries
+                    .get(&fanout_key(&t.key))
+                    .is_some_and(|l| (l.seg, l.off) > (id, off));
+                if hides && !superseded {
                     tombstones.push(t);
                 }
             }
@@ -414,8 +443,9 @@ impl SegmentLog {
 
     /// Copies the record at `loc` (still `key`'s current one: the caller holds
     /// the key's lock and has checked) to the active segment, without waiting
-    /// for durability; returns the new location.
-    pub fn copy_forward(&self, key: &ShardKey, loc: Loc) -> io::Result<Option<Loc>> {
+    /// for durability; returns the new location, pending until the caller
+    /// drops the guard (after [`Self::moved`]).
+    pub fn copy_forward(&self, key: &ShardKey, loc: Loc) -> io::Result<Option<(Loc, Pending<'_>)>> {
         if self.locate(key) != Some(loc) {
             return Ok(None);
         }
@@ -425,23 +455,26 @@ impl SegmentLog {
         };
         let mut bytes = vec![0u8; loc.len as usize];
         file.read_exact_at(&mut bytes, loc.off)?;
-        let (seg, off) = self.append(&bytes)?;
-        Ok(Some(Loc {
-            seg,
-            off,
-            len: loc.len,
-        }))
+        let (seg, off, pending) = self.append(&bytes)?;
+        Ok(Some((
+            Loc {
+                seg,
+                off,
+                len: loc.len,
+            },
+            pending,
+        )))
     }
 
     /// Re-appends a tombstone that still hides an older record.
-    pub fn copy_tombstone(&self, t: &Tombstone) -> io::Result<Option<(u64, u64)>> {
+    pub fn copy_tombstone(&self, t: &Tombstone) -> io::Result<Option<(u64, u64, Pending<'_>)>> {
         if self.locate(&t.key).is_some() {
             return Ok(None);
         }
         let head = protocol::wire::encode_versioned(TOMBSTONE_V1, t);
         let record = encode_record(KIND_DELETE, &head, &[]);
-        let (seg, off) = self.append(&record)?;
-        Ok(Some((seg, off + record.len() as u64)))
+        let (seg, off, pending) = self.append(&record)?;
+        Ok(Some((seg, off + record.len() as u64, pending)))
     }
 
     /// Points `key` at `to` if it still points at `from`.
@@ -454,39 +487,57 @@ impl SegmentLog {
         }
     }
 
-    /// Removes segment `id` once nothing current is left in it.
+    /// Removes segment `id` once nothing current or in flight is left in it.
+    /// The index forgets it only once the removal is durable: while the file
+    /// may still exist, tombstones that hide its records are kept.
     pub fn drop_segment(&self, id: u64) -> io::Result<bool> {
-        {
-            let mut index = self.write_index();
-            if index.entries.values().any(|l| l.seg == id) {
-                return Ok(false);
-            }
-            index.segments.remove(&id);
+        let mut index = self.write_index();
+        let busy = index.segments.get(&id).is_some_and(|s| s.pending > 0);
+        if busy || index.entries.values().any(|l| l.seg == id) {
+            return Ok(false);
         }
         fs::remove_file(self.dir.join(segment_name(id)))?;
         File::open(&self.dir)?.sync_all()?;
+        index.segments.remove(&id);
         Ok(true)
     }
 
     /// Appends `record` to the active segment (sealing it first if full);
-    /// returns where the record starts. Not durable until [`Self::wait_durable`].
-    fn append(&self, record: &[u8]) -> io::Result<(u64, u64)> {
+    /// returns where the record starts, and a guard that keeps the segment
+    /// from being compacted away until the caller has indexed the record
+    /// (or given up). Not durable until [`Self::wait_durable`].
+    fn append(&self, record: &[u8]) -> io::Result<(u64, u64, Pending<'_>)> {
         let mut active = lock(&self.active);
-        let failed = lock(&self.sync).failed == Some(active.id);
+        let failed = lock(&self.sync).failed.contains(&active.id);
         if failed || (active.len > 0 && active.len + record.len() as u64 > SEGMENT_TARGET) {
             self.seal(&mut active, failed)?;
         }
         let off = active.len;
+        // Lock order: the active segment, then the index (as `seal`).
+        if let Some(s) = self.write_index().segments.get_mut(&active.id) {
+            s.pending += 1;
+        }
+        let pending = Pending {
+            log: self,
+            seg: active.id,
+        };
         active.file.write_all_at(record, off)?;
         active.len += record.len() as u64;
-        Ok((active.id, off))
+        Ok((active.id, off, pending))
     }
 
     /// Seals the active segment (fsynced, unless its fsync already failed)
     /// and starts the next one.
     fn seal(&self, active: &mut Active, failed: bool) -> io::Result<()> {
         if !failed {
-            active.file.sync_data()?;
+            if let Err(e) = active.file.sync_data() {
+                // As in `wait_durable`: a retried fsync may "succeed" over
+                // dropped pages, so nothing more of this segment counts.
+                tracing::error!(segment = active.id, error = %e, "segment fsync failed");
+                lock(&self.sync).failed.insert(active.id);
+                self.synced.notify_all();
+                return Err(e);
+            }
             self.syncs.fetch_add(1, Ordering::Relaxed);
         }
         let next = create_segment(&self.dir, active.id + 1)?;
@@ -501,6 +552,7 @@ impl SegmentLog {
                     file: next.file.clone(),
                     len: 0,
                     live: 0,
+                    pending: 0,
                 },
             );
         }
@@ -523,7 +575,7 @@ impl SegmentLog {
     pub fn wait_durable(&self, seg: u64, end: u64) -> io::Result<()> {
         let mut sync = lock(&self.sync);
         loop {
-            if sync.failed == Some(seg) {
+            if sync.failed.contains(&seg) {
                 return Err(io::Error::other("fsync of the segment failed earlier"));
             }
             if sync.durable >= (seg, end) {
@@ -551,7 +603,7 @@ impl SegmentLog {
                     // After a failed fsync the kernel may have dropped the
                     // dirty pages: nothing more of this segment is trusted.
                     tracing::error!(segment = id, error = %e, "segment fsync failed");
-                    sync.failed = Some(id);
+                    sync.failed.insert(id);
                 }
             }
             self.synced.notify_all();
@@ -572,6 +624,20 @@ impl SegmentLog {
     }
 }
 
+/// A record appended but not yet indexed (see [`SegmentLog::append`]).
+pub(crate) struct Pending<'a> {
+    log: &'a SegmentLog,
+    seg: u64,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.log.write_index().segments.get_mut(&self.seg) {
+            s.pending = s.pending.saturating_sub(1);
+        }
+    }
+}
+
 impl Index {
     fn add_live(&mut self, seg: u64, delta: i64) {
         if let Some(s) = self.segments.get_mut(&seg) {
@@ -587,11 +653,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn create_segment(dir: &Path, id: u64) -> io::Result<Active> {
+    // An empty file of this id is what a failed earlier attempt left.
     let file = OpenOptions::new()
         .read(true)
         .write(true)
-        .create_new(true)
+        .create(true)
+        .truncate(false)
         .open(dir.join(segment_name(id)))?;
+    if file.metadata()?.len() > 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("segment {id} already holds records"),
+        ));
+    }
     File::open(dir)?.sync_all()?;
     Ok(Active {
         id,
@@ -616,8 +690,15 @@ fn for_each_record(bytes: &[u8], mut f: impl FnMut(u8, &[u8], u64, u32)) {
                 );
                 at += len;
             }
-            _ => {
-                // Torn tail or damage: resume at the next record magic.
+            Some(_) => {
+                // A whole frame whose record runs past the end: the torn
+                // tail of a crash mid-append. Nothing after it was written;
+                // never look for records inside its (client-chosen) body.
+                tracing::warn!(offset = at, "segment ends in a torn record");
+                break;
+            }
+            None => {
+                // Damage: resume at the next record magic.
                 let next = bytes[at + 1..]
                     .windows(MAGIC.len())
                     .position(|w| w == MAGIC)
@@ -675,6 +756,42 @@ fn scan_segment(id: u64, bytes: &[u8], index: &mut Index) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_segment_with_a_record_in_flight_is_never_compacted_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SegmentLog::open(dir.path()).unwrap();
+        let record = encode_record(KIND_DELETE, b"x", &[]);
+        let (seg, _, pending) = log.append(&record).unwrap();
+        {
+            let mut active = lock(&log.active);
+            log.seal(&mut active, false).unwrap();
+        }
+        // Sealed and holding nothing current, but its writer has not yet
+        // indexed what it appended.
+        assert_eq!(log.compaction_candidate(), None);
+        assert!(!log.drop_segment(seg).unwrap());
+        drop(pending);
+        assert_eq!(log.compaction_candidate(), Some(seg));
+        assert!(log.drop_segment(seg).unwrap());
+        assert!(!dir
+            .path()
+            .join(SEGMENTS_DIR)
+            .join(segment_name(seg))
+            .exists());
+    }
+
+    #[test]
+    fn only_canonical_segment_names_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments = dir.path().join(SEGMENTS_DIR);
+        fs::create_dir_all(&segments).unwrap();
+        fs::write(segments.join("seg-1"), b"junk").unwrap();
+        fs::write(segments.join("seg-+2"), b"junk").unwrap();
+        let log = SegmentLog::open(dir.path()).unwrap();
+        assert_eq!(log.usage().shards, 0);
+        assert_eq!(lock(&log.active).id, 1, "stray names take no id");
+    }
 
     proptest! {
         #[test]

@@ -477,25 +477,26 @@ impl ShardStore {
             let _guards = self.lock_keys(batch.iter().map(|(k, _)| k));
             let mut moved = Vec::with_capacity(batch.len());
             for &(key, from) in batch {
-                if let Some(to) = self.log.copy_forward(&key, from)? {
-                    moved.push((key, from, to));
+                if let Some((to, pending)) = self.log.copy_forward(&key, from)? {
+                    moved.push((key, from, to, pending));
                 }
             }
-            if let Some(&(_, _, to)) = moved.last() {
+            if let Some((_, _, to, _)) = moved.last() {
                 self.log.wait_durable(to.seg, to.off + to.len as u64)?;
             }
-            for (key, from, to) in moved {
+            for (key, from, to, pending) in moved {
                 self.log.moved(&key, from, to);
+                drop(pending);
             }
         }
         for batch in tombstones.chunks(COMPACT_BATCH) {
             let _guards = self.lock_keys(batch.iter().map(|t| &t.key));
-            let mut last = None;
+            let mut copied = Vec::new();
             for t in batch {
-                last = self.log.copy_tombstone(t)?.or(last);
+                copied.extend(self.log.copy_tombstone(t)?);
             }
-            if let Some((seg, end)) = last {
-                self.log.wait_durable(seg, end)?;
+            if let Some((seg, end, _)) = copied.last() {
+                self.log.wait_durable(*seg, *end)?;
             }
         }
         let dropped = self.log.drop_segment(id)?;
@@ -749,7 +750,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn create_dir_durably(dir: &Path) -> io::Result<()> {
+pub(crate) fn create_dir_durably(dir: &Path) -> io::Result<()> {
     match fs::create_dir(dir) {
         Ok(()) => {
             if let Some(parent) = dir.parent() {
