@@ -10,14 +10,18 @@
 //! previous one ran (group commit); a put is still acknowledged only once it is
 //! durable.
 //!
-//! A segment is a sequence of records:
+//! A segment is a header and a sequence of records:
 //!
 //! ```text
+//! "CSTDSGH1" | key [32]                                    the segment header
 //! "CSTDSEG1" | kind u8 | head length u16 LE | body length u32 LE | check [16] | head | body
 //! ```
 //!
-//! `check` is the first 16 bytes of BLAKE3 over the kind, both lengths and the
-//! head, so a damaged head is never read as another shard's name. A shard
+//! `check` is the first 16 bytes of BLAKE3, keyed with the segment's random
+//! key, over the kind, both lengths and the head: a damaged head is never
+//! read as another shard's name, and bytes a client put in a shard body can
+//! never pass for a record, even to a scan resynchronising after damage (the
+//! key never leaves the node). A shard
 //! record (`kind` 1) has the shard's encoded [`ShardHeader`] as head and the
 //! body, whose BLAKE3 is in that header: segments are self-describing like
 //! shard files, and the index can be rebuilt from them. A delete record
@@ -52,6 +56,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 
 pub(crate) const SEGMENTS_DIR: &str = "segments";
 const MAGIC: &[u8; 8] = b"CSTDSEG1";
+/// First bytes of every segment file, before its key.
+const HEADER_MAGIC: &[u8; 8] = b"CSTDSGH1";
+/// The segment header: magic and the key of its record checks.
+const HEADER_LEN: usize = 8 + 32;
 const KIND_SHARD: u8 = 1;
 const KIND_DELETE: u8 = 2;
 /// Bytes before the head: magic, kind, two lengths, check.
@@ -85,20 +93,23 @@ pub(crate) struct Tombstone {
     pub segment: u64,
 }
 
-fn encode_record(kind: u8, head: &[u8], body: &[u8]) -> Vec<u8> {
+/// The key of a segment's record checks.
+type SegKey = [u8; 32];
+
+fn encode_record(key: &SegKey, kind: u8, head: &[u8], body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(FRAME + head.len() + body.len());
     out.extend_from_slice(MAGIC);
     out.push(kind);
     out.extend_from_slice(&(head.len() as u16).to_le_bytes());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&check(kind, head.len(), body.len(), head));
+    out.extend_from_slice(&check(key, kind, head.len(), body.len(), head));
     out.extend_from_slice(head);
     out.extend_from_slice(body);
     out
 }
 
-fn check(kind: u8, head_len: usize, body_len: usize, head: &[u8]) -> [u8; 16] {
-    let mut h = blake3::Hasher::new();
+fn check(key: &SegKey, kind: u8, head_len: usize, body_len: usize, head: &[u8]) -> [u8; 16] {
+    let mut h = blake3::Hasher::new_keyed(key);
     h.update(&[kind]);
     h.update(&(head_len as u16).to_le_bytes());
     h.update(&(body_len as u32).to_le_bytes());
@@ -109,7 +120,7 @@ fn check(kind: u8, head_len: usize, body_len: usize, head: &[u8]) -> [u8; 16] {
 }
 
 /// A record's frame, checked: kind, head length, body length.
-fn parse_frame(bytes: &[u8]) -> Option<(u8, usize, usize)> {
+fn parse_frame(key: &SegKey, bytes: &[u8]) -> Option<(u8, usize, usize)> {
     let frame = bytes.get(..FRAME)?;
     if &frame[..8] != MAGIC {
         return None;
@@ -118,7 +129,7 @@ fn parse_frame(bytes: &[u8]) -> Option<(u8, usize, usize)> {
     let head_len = u16::from_le_bytes([frame[9], frame[10]]) as usize;
     let body_len = u32::from_le_bytes([frame[11], frame[12], frame[13], frame[14]]) as usize;
     let head = bytes.get(FRAME..FRAME + head_len)?;
-    if frame[15..FRAME] != check(kind, head_len, body_len, head) {
+    if frame[15..FRAME] != check(key, kind, head_len, body_len, head) {
         return None;
     }
     Some((kind, head_len, body_len))
@@ -133,6 +144,7 @@ pub(crate) enum ReadRecord {
 
 struct Active {
     id: u64,
+    key: SegKey,
     file: Arc<File>,
     len: u64,
 }
@@ -148,6 +160,7 @@ struct SyncState {
 }
 
 struct SegStat {
+    key: SegKey,
     file: Arc<File>,
     /// Length when sealed (the active segment's grows).
     len: u64,
@@ -218,17 +231,28 @@ impl SegmentLog {
         let mut index = Index::default();
         for &id in &ids {
             let bytes = fs::read(dir.join(segment_name(id)))?;
+            let Some(key) = segment_key(&bytes) else {
+                // Its records cannot be checked: leave the file for
+                // forensics, serve nothing from it (repair rebuilds what it
+                // held from the other shards) and never reuse its id.
+                tracing::error!(
+                    segment = id,
+                    "segment header unreadable; its shards are not served"
+                );
+                continue;
+            };
             let file = Arc::new(File::open(dir.join(segment_name(id)))?);
             index.segments.insert(
                 id,
                 SegStat {
+                    key,
                     file,
                     len: bytes.len() as u64,
                     live: 0,
                     pending: 0,
                 },
             );
-            scan_segment(id, &bytes, &mut index);
+            scan_segment(id, &key, &bytes, &mut index);
         }
         let next = match ids.last() {
             None => 1,
@@ -240,8 +264,9 @@ impl SegmentLog {
         index.segments.insert(
             next,
             SegStat {
+                key: active.key,
                 file: active.file.clone(),
-                len: 0,
+                len: HEADER_LEN as u64,
                 live: 0,
                 pending: 0,
             },
@@ -250,7 +275,7 @@ impl SegmentLog {
             dir,
             active: Mutex::new(active),
             sync: Mutex::new(SyncState {
-                durable: (next, 0),
+                durable: (next, HEADER_LEN as u64),
                 ..SyncState::default()
             }),
             synced: Condvar::new(),
@@ -306,8 +331,8 @@ impl SegmentLog {
     /// Reads the record at `loc` and checks it is a whole shard named `key`
     /// (the body against its header's BLAKE3 too, unless `head_only`).
     pub fn read(&self, key: &ShardKey, loc: Loc, head_only: bool) -> io::Result<ReadRecord> {
-        let file = match self.read_index().segments.get(&loc.seg) {
-            Some(s) => s.file.clone(),
+        let (file, seg_key) = match self.read_index().segments.get(&loc.seg) {
+            Some(s) => (s.file.clone(), s.key),
             None => return Err(io::ErrorKind::NotFound.into()),
         };
         let want = if head_only {
@@ -317,7 +342,7 @@ impl SegmentLog {
         };
         let mut bytes = vec![0u8; want];
         file.read_exact_at(&mut bytes, loc.off)?;
-        let Some((kind, head_len, body_len)) = parse_frame(&bytes) else {
+        let Some((kind, head_len, body_len)) = parse_frame(&seg_key, &bytes) else {
             return Ok(ReadRecord::Damaged("record frame fails its check", bytes));
         };
         if kind != KIND_SHARD || FRAME + head_len + body_len != loc.len as usize {
@@ -346,14 +371,9 @@ impl SegmentLog {
     /// Appends `header` and `body` and waits until they are durable; returns
     /// the record this one replaced. The caller holds the key's lock.
     pub fn put(&self, header: &ShardHeader, body: &[u8]) -> io::Result<(Loc, Option<Loc>)> {
-        let record = encode_record(KIND_SHARD, &header.encode(), body);
-        let (seg, off, pending) = self.append(&record)?;
-        self.wait_durable(seg, off + record.len() as u64)?;
-        let loc = Loc {
-            seg,
-            off,
-            len: record.len() as u32,
-        };
+        let (seg, off, len, pending) = self.append(KIND_SHARD, &header.encode(), body)?;
+        self.wait_durable(seg, off + len as u64)?;
+        let loc = Loc { seg, off, len };
         let mut index = self.write_index();
         let old = index.entries.insert(fanout_key(&header.key), loc);
         index.add_live(seg, loc.len as i64);
@@ -383,9 +403,8 @@ impl SegmentLog {
                 segment: bound,
             },
         );
-        let record = encode_record(KIND_DELETE, &head, &[]);
-        let (seg, off, pending) = self.append(&record)?;
-        self.wait_durable(seg, off + record.len() as u64)?;
+        let (seg, off, len, pending) = self.append(KIND_DELETE, &head, &[])?;
+        self.wait_durable(seg, off + len as u64)?;
         let mut index = self.write_index();
         if index.entries.get(&fanout_key(key)) == Some(&loc) {
             index.entries.remove(&fanout_key(key));
@@ -413,6 +432,9 @@ impl SegmentLog {
     pub fn survivors(&self, id: u64) -> io::Result<Survivors> {
         let bytes = fs::read(self.dir.join(segment_name(id)))?;
         let index = self.read_index();
+        let Some(seg_key) = index.segments.get(&id).map(|s| s.key) else {
+            return Ok((Vec::new(), Vec::new()));
+        };
         let live = index
             .entries
             .iter()
@@ -420,7 +442,7 @@ impl SegmentLog {
             .map(|((_, k), loc)| (*k, *loc))
             .collect();
         let mut tombstones = Vec::new();
-        for_each_record(&bytes, |kind, head, off, _| {
+        for_each_record(&seg_key, &bytes, |kind, head, off, _| {
             if kind != KIND_DELETE {
                 return;
             }
@@ -449,21 +471,21 @@ impl SegmentLog {
         if self.locate(key) != Some(loc) {
             return Ok(None);
         }
-        let file = match self.read_index().segments.get(&loc.seg) {
-            Some(s) => s.file.clone(),
+        let (file, seg_key) = match self.read_index().segments.get(&loc.seg) {
+            Some(s) => (s.file.clone(), s.key),
             None => return Ok(None),
         };
         let mut bytes = vec![0u8; loc.len as usize];
         file.read_exact_at(&mut bytes, loc.off)?;
-        let (seg, off, pending) = self.append(&bytes)?;
-        Ok(Some((
-            Loc {
-                seg,
-                off,
-                len: loc.len,
-            },
-            pending,
-        )))
+        // Re-framed under the new segment's key. A record whose frame fails
+        // stays where it is, for a read (or the scrubber) to quarantine.
+        let Some((kind, head_len, _)) = parse_frame(&seg_key, &bytes) else {
+            tracing::warn!(shard = %key, segment = loc.seg, "not compacting a damaged record");
+            return Ok(None);
+        };
+        let (head, body) = bytes[FRAME..].split_at(head_len);
+        let (seg, off, len, pending) = self.append(kind, head, body)?;
+        Ok(Some((Loc { seg, off, len }, pending)))
     }
 
     /// Re-appends a tombstone that still hides an older record.
@@ -472,9 +494,8 @@ impl SegmentLog {
             return Ok(None);
         }
         let head = protocol::wire::encode_versioned(TOMBSTONE_V1, t);
-        let record = encode_record(KIND_DELETE, &head, &[]);
-        let (seg, off, pending) = self.append(&record)?;
-        Ok(Some((seg, off + record.len() as u64, pending)))
+        let (seg, off, len, pending) = self.append(KIND_DELETE, &head, &[])?;
+        Ok(Some((seg, off + len as u64, pending)))
     }
 
     /// Points `key` at `to` if it still points at `from`.
@@ -506,12 +527,20 @@ impl SegmentLog {
     /// returns where the record starts, and a guard that keeps the segment
     /// from being compacted away until the caller has indexed the record
     /// (or given up). Not durable until [`Self::wait_durable`].
-    fn append(&self, record: &[u8]) -> io::Result<(u64, u64, Pending<'_>)> {
+    fn append(
+        &self,
+        kind: u8,
+        head: &[u8],
+        body: &[u8],
+    ) -> io::Result<(u64, u64, u32, Pending<'_>)> {
         let mut active = lock(&self.active);
         let failed = lock(&self.sync).failed.contains(&active.id);
-        if failed || (active.len > 0 && active.len + record.len() as u64 > SEGMENT_TARGET) {
+        let len = (FRAME + head.len() + body.len()) as u64;
+        if failed || (active.len > HEADER_LEN as u64 && active.len + len > SEGMENT_TARGET) {
             self.seal(&mut active, failed)?;
         }
+        // Framed under the lock: the check is keyed by the segment it lands in.
+        let record = encode_record(&active.key, kind, head, body);
         let off = active.len;
         // Lock order: the active segment, then the index (as `seal`).
         if let Some(s) = self.write_index().segments.get_mut(&active.id) {
@@ -521,9 +550,9 @@ impl SegmentLog {
             log: self,
             seg: active.id,
         };
-        active.file.write_all_at(record, off)?;
+        active.file.write_all_at(&record, off)?;
         active.len += record.len() as u64;
-        Ok((active.id, off, pending))
+        Ok((active.id, off, record.len() as u32, pending))
     }
 
     /// Seals the active segment (fsynced, unless its fsync already failed)
@@ -549,8 +578,9 @@ impl SegmentLog {
             index.segments.insert(
                 next.id,
                 SegStat {
+                    key: next.key,
                     file: next.file.clone(),
-                    len: 0,
+                    len: HEADER_LEN as u64,
                     live: 0,
                     pending: 0,
                 },
@@ -561,8 +591,9 @@ impl SegmentLog {
             if !failed {
                 sync.durable = sync.durable.max((active.id, active.len));
             }
-            // Everything of the sealed segment that will ever be durable is.
-            sync.durable = sync.durable.max((next.id, 0));
+            // Everything of the sealed segment that will ever be durable is
+            // (the new one's header was fsynced when it was made).
+            sync.durable = sync.durable.max((next.id, HEADER_LEN as u64));
         }
         self.synced.notify_all();
         *active = next;
@@ -666,20 +697,27 @@ fn create_segment(dir: &Path, id: u64) -> io::Result<Active> {
             format!("segment {id} already holds records"),
         ));
     }
+    let key: SegKey = rand::random();
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    header.extend_from_slice(HEADER_MAGIC);
+    header.extend_from_slice(&key);
+    file.write_all_at(&header, 0)?;
+    file.sync_data()?;
     File::open(dir)?.sync_all()?;
     Ok(Active {
         id,
+        key,
         file: Arc::new(file),
-        len: 0,
+        len: HEADER_LEN as u64,
     })
 }
 
 /// Calls `f(kind, head, offset, record length)` for every record of a
 /// segment that passes its frame check, skipping damage.
-fn for_each_record(bytes: &[u8], mut f: impl FnMut(u8, &[u8], u64, u32)) {
-    let mut at = 0usize;
+fn for_each_record(key: &SegKey, bytes: &[u8], mut f: impl FnMut(u8, &[u8], u64, u32)) {
+    let mut at = HEADER_LEN.min(bytes.len());
     while at < bytes.len() {
-        match parse_frame(&bytes[at..]) {
+        match parse_frame(key, &bytes[at..]) {
             Some((kind, head_len, body_len)) if at + FRAME + head_len + body_len <= bytes.len() => {
                 let len = FRAME + head_len + body_len;
                 f(
@@ -715,8 +753,17 @@ fn for_each_record(bytes: &[u8], mut f: impl FnMut(u8, &[u8], u64, u32)) {
     }
 }
 
-fn scan_segment(id: u64, bytes: &[u8], index: &mut Index) {
-    for_each_record(bytes, |kind, head, off, len| match kind {
+/// The key in a segment's header, if the header is whole.
+fn segment_key(bytes: &[u8]) -> Option<SegKey> {
+    let header = bytes.get(..HEADER_LEN)?;
+    if &header[..8] != HEADER_MAGIC {
+        return None;
+    }
+    header[8..].try_into().ok()
+}
+
+fn scan_segment(id: u64, key: &SegKey, bytes: &[u8], index: &mut Index) {
+    for_each_record(key, bytes, |kind, head, off, len| match kind {
         KIND_SHARD => match ShardHeader::decode(head) {
             Ok(h) if FRAME + head.len() + h.len as usize == len as usize => {
                 let loc = Loc { seg: id, off, len };
@@ -761,8 +808,7 @@ mod tests {
     fn a_segment_with_a_record_in_flight_is_never_compacted_away() {
         let dir = tempfile::tempdir().unwrap();
         let log = SegmentLog::open(dir.path()).unwrap();
-        let record = encode_record(KIND_DELETE, b"x", &[]);
-        let (seg, _, pending) = log.append(&record).unwrap();
+        let (seg, _, _, pending) = log.append(KIND_DELETE, b"x", &[]).unwrap();
         {
             let mut active = lock(&log.active);
             log.seal(&mut active, false).unwrap();
@@ -781,6 +827,53 @@ mod tests {
             .exists());
     }
 
+    fn shard(n: u8, body: &[u8]) -> ShardHeader {
+        ShardHeader {
+            key: ShardKey {
+                evidence: protocol::EvidenceId([n; 16]),
+                stripe: 0,
+                index: 0,
+            },
+            code: protocol::ErasureCode::new(4, 2, 1 << 20).unwrap(),
+            stripe_len: body.len() as u64,
+            len: body.len() as u32,
+            blake3: protocol::Blake3Hash::of(body),
+        }
+    }
+
+    /// A client controls shard bodies. A record it forges inside one (it
+    /// cannot know the segment's key) is not indexed, even when damage
+    /// right before it sends the scan looking for the next record.
+    #[test]
+    fn a_record_forged_inside_a_body_is_never_indexed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim_body = b"planted".to_vec();
+        let victim = shard(9, &victim_body);
+        let seg = {
+            let log = SegmentLog::open(dir.path()).unwrap();
+            let mut body = Vec::new();
+            for guess in [[0u8; 32], [0xff; 32]] {
+                body.extend(encode_record(
+                    &guess,
+                    KIND_SHARD,
+                    &victim.encode(),
+                    &victim_body,
+                ));
+            }
+            let carrier = shard(1, &body);
+            let (loc, _) = log.put(&carrier, &body).unwrap();
+            loc
+        };
+        let path = dir.path().join(SEGMENTS_DIR).join(segment_name(seg.seg));
+        let mut bytes = fs::read(&path).unwrap();
+        // Damage the carrier's frame: the scan resynchronises past it.
+        bytes[seg.off as usize + 20] ^= 1;
+        fs::write(&path, bytes).unwrap();
+        let log = SegmentLog::open(dir.path()).unwrap();
+        assert_eq!(log.locate(&victim.key), None, "a forged record was indexed");
+        assert_eq!(log.usage().shards, 0);
+    }
+
     #[test]
     fn only_canonical_segment_names_are_read() {
         let dir = tempfile::tempdir().unwrap();
@@ -797,7 +890,7 @@ mod tests {
         #[test]
         fn scanning_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let mut seen = 0;
-            for_each_record(&bytes, |_, _, _, _| seen += 1);
+            for_each_record(&[7; 32], &bytes, |_, _, _, _| seen += 1);
             prop_assert!(seen <= bytes.len() / FRAME + 1);
         }
 
@@ -812,17 +905,18 @@ mod tests {
             at in any::<prop::sample::Index>(),
             bit in 0u8..8,
         ) {
-            let mut bytes = Vec::new();
+            let key = [7; 32];
+            let mut bytes = vec![0; HEADER_LEN];
             let mut spans = Vec::new();
             for (head, body) in &records {
                 let start = bytes.len();
-                bytes.extend(encode_record(KIND_SHARD, head, body));
+                bytes.extend(encode_record(&key, KIND_SHARD, head, body));
                 spans.push(start..bytes.len());
             }
-            let hit = at.index(bytes.len());
+            let hit = HEADER_LEN + at.index(bytes.len() - HEADER_LEN);
             bytes[hit] ^= 1 << bit;
             let mut found = Vec::new();
-            for_each_record(&bytes, |_, _, off, _| found.push(off as usize));
+            for_each_record(&key, &bytes, |_, _, off, _| found.push(off as usize));
             for span in spans.iter().filter(|s| !s.contains(&hit)) {
                 prop_assert!(found.contains(&span.start), "record at {} lost", span.start);
             }

@@ -1128,7 +1128,7 @@ mod tests {
             .collect();
         assert_eq!(starts.len(), 10);
         bytes[starts[3] + 40] ^= 0x01;
-        let first = bytes[..starts[1]].to_vec();
+        let first = bytes[starts[0]..starts[1]].to_vec();
         bytes.extend_from_slice(&first[..first.len() / 2]);
         fs::write(&seg, bytes).unwrap();
 
