@@ -958,16 +958,36 @@ struct NewToken {
     role: String,
 }
 
+/// What every admin `POST` with a JSON body starts with: the caller must be
+/// an admin, and the body must be `T` (`shape` says what was expected).
+async fn admin_request<S: Store, T: serde::de::DeserializeOwned>(
+    gw: &Gateway<S>,
+    headers: &HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+    action: &'static str,
+    shape: &str,
+) -> Result<(TokenRecord, T), ApiError> {
+    let body = body?;
+    let who = authenticate(gw, headers).await?;
+    require(&who, Role::Admin, action)?;
+    let req = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("expected {shape}: {e}")))?;
+    Ok((who, req))
+}
+
 async fn create_token<S: Store>(
     State(gw): State<Arc<Gateway<S>>>,
     headers: HeaderMap,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body?;
-    let who = authenticate(&gw, &headers).await?;
-    require(&who, Role::Admin, "create credentials")?;
-    let req: NewToken = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("expected {{\"tenant\", \"role\"}}: {e}")))?;
+    let (who, req): (_, NewToken) = admin_request(
+        &gw,
+        &headers,
+        body,
+        "create credentials",
+        r#"{"tenant", "role"}"#,
+    )
+    .await?;
     let role = grantable_role(&req.role)?;
     let token = hex::encode(rand::random::<[u8; 32]>());
     let rec = TokenRecord {
@@ -1016,11 +1036,8 @@ async fn create_tenant<S: Store>(
     headers: HeaderMap,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body?;
-    let who = authenticate(&gw, &headers).await?;
-    require(&who, Role::Admin, "create tenants")?;
-    let req: NewTenant = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("expected {{\"name\"}}: {e}")))?;
+    let (who, req): (_, NewTenant) =
+        admin_request(&gw, &headers, body, "create tenants", r#"{"name"}"#).await?;
     let created =
         crate::credentials::create_tenant(&gw.store, &req.name, gw.clock.now_ms()).await?;
     if created {
@@ -1055,14 +1072,14 @@ async fn create_key<S: Store>(
     headers: HeaderMap,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body?;
-    let who = authenticate(&gw, &headers).await?;
-    require(&who, Role::Admin, "create credentials")?;
-    let req: NewKey = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::BadRequest(format!(
-            "expected {{\"tenant\", \"role\", \"bypass_governance\"?}}: {e}"
-        ))
-    })?;
+    let (who, req): (_, NewKey) = admin_request(
+        &gw,
+        &headers,
+        body,
+        "create credentials",
+        r#"{"tenant", "role", "bypass_governance"?}"#,
+    )
+    .await?;
     let role = grantable_role(&req.role)?;
     let creds =
         crate::credentials::issue(&gw.store, &req.tenant, role, req.bypass_governance).await?;
