@@ -168,7 +168,9 @@ struct SegStat {
     live: u64,
     /// Records appended here whose writer has not yet indexed them (or
     /// given up): while any are, the segment must not be compacted away.
-    pending: u64,
+    /// Counted under the index's read lock (only the active segment gains
+    /// any, and only sealed ones are dropped, under the write lock).
+    pending: AtomicU64,
 }
 
 #[derive(Default)]
@@ -249,7 +251,7 @@ impl SegmentLog {
                     file,
                     len: bytes.len() as u64,
                     live: 0,
-                    pending: 0,
+                    pending: AtomicU64::new(0),
                 },
             );
             scan_segment(id, &key, &bytes, &mut index);
@@ -268,7 +270,7 @@ impl SegmentLog {
                 file: active.file.clone(),
                 len: HEADER_LEN as u64,
                 live: 0,
-                pending: 0,
+                pending: AtomicU64::new(0),
             },
         );
         Ok(SegmentLog {
@@ -423,7 +425,9 @@ impl SegmentLog {
         index
             .segments
             .iter()
-            .find(|(&id, s)| id != active && s.pending == 0 && s.live * 2 < s.len.max(1))
+            .find(|(&id, s)| {
+                id != active && s.pending.load(Ordering::Acquire) == 0 && s.live * 2 < s.len.max(1)
+            })
             .map(|(&id, _)| id)
     }
 
@@ -513,7 +517,10 @@ impl SegmentLog {
     /// may still exist, tombstones that hide its records are kept.
     pub fn drop_segment(&self, id: u64) -> io::Result<bool> {
         let mut index = self.write_index();
-        let busy = index.segments.get(&id).is_some_and(|s| s.pending > 0);
+        let busy = index
+            .segments
+            .get(&id)
+            .is_some_and(|s| s.pending.load(Ordering::Acquire) > 0);
         if busy || index.entries.values().any(|l| l.seg == id) {
             return Ok(false);
         }
@@ -543,8 +550,8 @@ impl SegmentLog {
         let record = encode_record(&active.key, kind, head, body);
         let off = active.len;
         // Lock order: the active segment, then the index (as `seal`).
-        if let Some(s) = self.write_index().segments.get_mut(&active.id) {
-            s.pending += 1;
+        if let Some(s) = self.read_index().segments.get(&active.id) {
+            s.pending.fetch_add(1, Ordering::AcqRel);
         }
         let pending = Pending {
             log: self,
@@ -582,7 +589,7 @@ impl SegmentLog {
                     file: next.file.clone(),
                     len: HEADER_LEN as u64,
                     live: 0,
-                    pending: 0,
+                    pending: AtomicU64::new(0),
                 },
             );
         }
@@ -663,8 +670,8 @@ pub(crate) struct Pending<'a> {
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        if let Some(s) = self.log.write_index().segments.get_mut(&self.seg) {
-            s.pending = s.pending.saturating_sub(1);
+        if let Some(s) = self.log.read_index().segments.get(&self.seg) {
+            s.pending.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
