@@ -1897,12 +1897,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         };
         let marker_key = input.key_marker.clone().filter(|k| !k.is_empty());
         // The first key past `prefix` that holds the delimiter ends there.
-        let common_prefix = |key: &str| -> Option<String> {
-            let rest = key.strip_prefix(prefix.as_str())?;
-            let d = delimiter.as_deref()?;
-            rest.find(d)
-                .map(|i| format!("{prefix}{}", &rest[..i + d.len()]))
-        };
+        let common_prefix = |key: &str| common_prefix(&prefix, delimiter.as_deref(), key);
         // A key marker that is a common prefix (what a truncated page ends
         // with) resumes after every key under it.
         let mut cursor = match (&marker_key, marker_version) {
@@ -2199,6 +2194,15 @@ enum Cursor {
     Prefix(String),
 }
 
+/// The common prefix `key` folds into: `prefix` and the rest of `key` up
+/// to and including the first `delimiter` after it; none without one.
+fn common_prefix(prefix: &str, delimiter: Option<&str>, key: &str) -> Option<String> {
+    let rest = key.strip_prefix(prefix)?;
+    let d = delimiter.filter(|d| !d.is_empty())?;
+    rest.find(d)
+        .map(|i| format!("{prefix}{}", &rest[..i + d.len()]))
+}
+
 /// One page of a listing.
 struct Page {
     objects: Vec<Object>,
@@ -2244,9 +2248,7 @@ impl<S: Store> S3Front<S> {
                     page.next = after;
                     return Ok(page);
                 }
-                let rest = &key[prefix.len()..];
-                if let Some(end) = delimiter.and_then(|d| rest.find(d).map(|i| i + d.len())) {
-                    let common = format!("{prefix}{}", &rest[..end]);
+                if let Some(common) = common_prefix(prefix, delimiter, &key) {
                     // Continue after every key under this common prefix;
                     // the rest of this batch may be under it: read again.
                     let mut skip = common.clone().into_bytes();

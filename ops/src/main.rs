@@ -495,8 +495,10 @@ async fn run(cli: Cli) -> Result<()> {
                 format!("unknown role {role:?}: reader, clerk, admin or expunger")
             })?;
             let profile = format!("{tenant}-{role}");
-            let store = match cluster::open_index_offline(&data_dir) {
-                Ok(store) => store,
+            let c = match cluster::open_index_offline(&data_dir) {
+                Ok(store) => {
+                    cluster::issue_credentials(&store, &tenant, parsed, bypass_governance).await?
+                }
                 // Separation of duties: the admin API never grants expunger.
                 Err(e) if matches!(parsed, indexer::schema::Role::Expunger) => {
                     return Err(e.context(
@@ -525,16 +527,16 @@ async fn run(cli: Cli) -> Result<()> {
                         }
                     })?;
                     let field = |k: &str| answer[k].as_str().unwrap_or_default().to_owned();
-                    print!(
-                        "[{profile}]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
-                        field("access_key"),
-                        field("secret_access_key")
-                    );
-                    println!("custodia_token = {}", field("token"));
-                    return Ok(());
+                    gateway::credentials::Credentials {
+                        tenant: tenant.clone(),
+                        role: parsed,
+                        token: field("token"),
+                        access_key: field("access_key"),
+                        secret: field("secret_access_key"),
+                        bypass_governance,
+                    }
                 }
             };
-            let c = cluster::issue_credentials(&store, &tenant, parsed, bypass_governance).await?;
             print!("{}", c.aws_profile(&profile));
             println!("custodia_token = {}", c.token);
             Ok(())

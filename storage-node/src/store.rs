@@ -527,24 +527,11 @@ impl ShardStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => match self.log.locate(key) {
                 Some(now) if now != loc => self.read_small(key, now, head_only),
                 Some(_) => Err(StoreError::Io(e)),
-                None => self.get_file(key, head_only),
+                // Deleted from the segments since: a file copy is all there may be.
+                None if head_only => self.stat(key).map(|h| (h, Vec::new())),
+                None => self.get(key),
             },
             Err(e) => Err(e.into()),
-        }
-    }
-
-    fn get_file(
-        &self,
-        key: &ShardKey,
-        head_only: bool,
-    ) -> Result<(ShardHeader, Vec<u8>), StoreError> {
-        if file_len(&self.shard_path(key))?.is_none() {
-            return Err(StoreError::NotFound);
-        }
-        if head_only {
-            self.stat(key).map(|h| (h, Vec::new()))
-        } else {
-            self.get(key)
         }
     }
 
