@@ -514,19 +514,84 @@ async fn with_hashes<S: Store, T>(
                 }
                 missing.sort_unstable();
                 missing.dedup();
-                let got = indexer::run(&gw.store, |tx| {
-                    let missing = &missing;
-                    async move { lx::hashes_tx(&tx, missing).await }
-                })
-                .await?;
-                for (i, h) in missing.iter().zip(got) {
-                    let h = h.ok_or_else(|| LedgerError::Tree(format!("stored hash {i}")))?;
-                    known.insert(*i, h);
-                }
+                fetch_hashes(gw, known, &missing).await?;
             }
         }
     }
     Err(LedgerError::Tree("too many fetch rounds".into()))
+}
+
+/// Reads stored hashes `indexes` from the hash tiles in the index into
+/// `known` (one read per tile, however many of its hashes are asked for).
+async fn fetch_hashes<S: Store>(
+    gw: &Gateway<S>,
+    known: &mut HashMap<u64, TreeHash>,
+    indexes: &[u64],
+) -> Result<(), LedgerError> {
+    let mut tiles: Vec<(u8, u64)> = indexes
+        .iter()
+        .map(|i| {
+            let t = Tile::from_index(TILE_HEIGHT, *i);
+            (t.level(), t.level_index())
+        })
+        .collect();
+    tiles.sort_unstable();
+    tiles.dedup();
+    let got = indexer::run(&gw.store, |tx| {
+        let tiles = &tiles;
+        async move { lx::tiles_tx(&tx, tiles).await }
+    })
+    .await?;
+    let data: HashMap<(u8, u64), Vec<u8>> = tiles
+        .into_iter()
+        .zip(got)
+        .filter_map(|(t, d)| Some((t, d?)))
+        .collect();
+    for &i in indexes {
+        let tile = Tile::from_index(TILE_HEIGHT, i);
+        let h = data
+            .get(&(tile.level(), tile.level_index()))
+            .and_then(|d| tile.hash_at_index(d, i).ok())
+            .ok_or_else(|| LedgerError::Tree(format!("stored hash {i}")))?;
+        known.insert(i, h);
+    }
+    Ok(())
+}
+
+/// The hash tiles that change when the tree grows from `old` to `new`, with
+/// their data; `known` holds the hashes appended since `old`.
+async fn changed_tiles<S: Store>(
+    gw: &Gateway<S>,
+    known: &mut HashMap<u64, TreeHash>,
+    old: u64,
+    new: u64,
+) -> Result<Vec<(Tile, Vec<u8>)>, LedgerError> {
+    let tiles = Tile::new_tiles(TILE_HEIGHT, old, new);
+    // Every tile's reads in one round, so their missing hashes are fetched
+    // together.
+    let (data, _) = with_hashes(gw, known, u64::MAX, |r| {
+        let mut out = Vec::with_capacity(tiles.len());
+        let mut failed = None;
+        for tile in &tiles {
+            match tile.read_data(r) {
+                Ok(d) => out.push(d),
+                Err(e) => failed = Some(e),
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    })
+    .await?;
+    Ok(tiles.into_iter().zip(data).collect())
+}
+
+fn tile_rows(tiles: &[(Tile, Vec<u8>)]) -> Vec<lx::TileData> {
+    tiles
+        .iter()
+        .map(|(t, d)| (t.level(), t.level_index(), d.clone()))
+        .collect()
 }
 
 /// Starts the integrator.
@@ -584,7 +649,7 @@ pub async fn integrate_once<S: Store>(
                 grew
             });
         }
-        cp => publish_state(gw, ledger, cp.unwrap_or(0), &state, HashMap::new()).await?,
+        cp => publish_state(gw, ledger, cp.unwrap_or(0), &state, None, &[]).await?,
     }
     if pending.is_empty() {
         gw.metrics
@@ -604,55 +669,92 @@ pub async fn integrate_once<S: Store>(
     let new_size = first + leaves.len() as u64;
     let mut known = HashMap::new();
     let (root, hashes, base) = extend_tree(gw, &mut known, first, &leaves).await?;
-    let next = TreeState {
-        size: new_size,
-        root: root.0,
-        fence,
-    };
-    indexer::run(&gw.store, |tx| {
-        let (leaves, hashes, next) = (&leaves, &hashes, &next);
-        async move {
-            lx::check_fence_tx(&tx, fence, first).await?;
-            lx::integrate_tx(&tx, first, leaves, base, hashes, next);
-            Ok::<_, IntegrateError>(())
-        }
-    })
-    .await?;
-    tracing::debug!(size = new_size, entries = leaves.len(), "ledger integrated");
-    // The tiles need the hashes just computed and their left neighbours
-    // fetched for it: no need to read them back from the index.
     known.extend(
         hashes
             .iter()
             .enumerate()
             .map(|(i, h)| (base + i as u64, *h)),
     );
-    publish_state(gw, ledger, first, &next, known).await?;
+    let tiles = changed_tiles(gw, &mut known, first, new_size).await?;
+    let next = TreeState {
+        size: new_size,
+        root: root.0,
+        fence,
+    };
+    indexer::run(&gw.store, |tx| {
+        let (leaves, rows, next) = (&leaves, tile_rows(&tiles), &next);
+        async move {
+            lx::check_fence_tx(&tx, fence, first).await?;
+            lx::integrate_tx(&tx, first, leaves, &rows, next);
+            Ok::<_, IntegrateError>(())
+        }
+    })
+    .await?;
+    tracing::debug!(size = new_size, entries = leaves.len(), "ledger integrated");
+    // The tiles and openings were just computed: no need to read them back.
+    let fresh: Vec<&LeafRecord> = leaves.iter().map(|(_, l, _)| l).collect();
+    publish_state(gw, ledger, first, &next, Some(tiles), &fresh).await?;
     gw.metrics.ledger_integrated(new_size);
     Ok(true)
 }
 
 /// Writes the tiles and entry bundles that change from `old` to `state.size`,
-/// then signs and publishes the checkpoint.
+/// then signs and publishes the checkpoint. `tiles` and `fresh` (the openings
+/// of leaves `old..`) are what the integration just computed; whatever is not
+/// given is read from the index.
 async fn publish_state<S: Store>(
     gw: &Gateway<S>,
     ledger: &Ledger,
     old: u64,
     state: &TreeState,
-    mut known: HashMap<u64, TreeHash>,
+    tiles: Option<Vec<(Tile, Vec<u8>)>>,
+    fresh: &[&LeafRecord],
 ) -> Result<(), LedgerError> {
-    let base = tlog_tiles::stored_hash_index(0, state.size);
+    let tiles = match tiles {
+        Some(t) => t,
+        None => stored_tiles(gw, old, state.size).await?,
+    };
     let mut files = Vec::new();
     let mut openings = Vec::new();
-    for tile in Tile::new_tiles(TILE_HEIGHT, old, state.size) {
-        let (data, _) = with_hashes(gw, &mut known, base, |r| tile.read_data(r)).await?;
+    for (tile, data) in tiles {
         files.push((pl::tile_path(&tile), data));
-        if tile.level() == 0 {
-            let start = tile.level_index() << TILE_HEIGHT;
-            let end = start + u64::from(tile.width());
-            let (leaves, manifests) = indexer::run(&gw.store, |tx| async move {
-                let leaves = lx::leaves_tx(&tx, start..end).await?;
-                let manifests = futures::future::try_join_all(leaves.iter().map(|l| {
+        if tile.level() != 0 {
+            continue;
+        }
+        let start = tile.level_index() << TILE_HEIGHT;
+        let end = start + u64::from(tile.width());
+        // Leaves before `old` (a partial tile's head) come from the index.
+        let stored_end = if fresh.is_empty() {
+            end
+        } else {
+            old.clamp(start, end)
+        };
+        let stored = if stored_end > start {
+            indexer::run(&gw.store, |tx| async move {
+                lx::leaves_tx(&tx, start..stored_end).await
+            })
+            .await?
+        } else {
+            Vec::new()
+        };
+        let from_fresh = if fresh.is_empty() {
+            &[][..]
+        } else {
+            let lo = usize::try_from(start.max(old) - old).unwrap_or(usize::MAX);
+            let hi = usize::try_from(end - old).unwrap_or(usize::MAX);
+            fresh.get(lo..hi).unwrap_or(&[])
+        };
+        let leaves: Vec<&LeafRecord> = stored.iter().chain(from_fresh.iter().copied()).collect();
+        if leaves.len() as u64 != end - start {
+            return Err(LedgerError::Tree(format!(
+                "leaves {start}..{end}: {} openings found",
+                leaves.len()
+            )));
+        }
+        let manifests = indexer::run(&gw.store, |tx| {
+            let leaves = &leaves;
+            async move {
+                futures::future::try_join_all(leaves.iter().map(|l| {
                     let tx = &tx;
                     async move {
                         if statement_kind(&l.statement) == Some(Kind::Notarized) {
@@ -661,30 +763,29 @@ async fn publish_state<S: Store>(
                         schema::get_any_manifest_tx(tx, l.evidence).await
                     }
                 }))
-                .await?;
-                Ok::<_, schema::SchemaError>((leaves, manifests))
+                .await
+            }
+        })
+        .await?;
+        let bundle = pl::entry_bundle(leaves.iter().map(|l| &l.commitment[..]));
+        let mut data_tile = tile;
+        data_tile.set_is_data();
+        files.push((pl::tile_path(&data_tile), bundle));
+        let archived: Vec<lx::ArchivedLeaf> = leaves
+            .iter()
+            .zip(manifests)
+            .map(|(l, m)| lx::ArchivedLeaf {
+                evidence: l.evidence,
+                salt: l.salt,
+                statement: l.statement.clone(),
+                expunged: m.as_ref().is_some_and(|(_, x)| *x),
+                manifest: m.map(|(h, _)| h.encode()),
             })
-            .await?;
-            let bundle = pl::entry_bundle(leaves.iter().map(|l| &l.commitment[..]));
-            let mut data_tile = tile;
-            data_tile.set_is_data();
-            files.push((pl::tile_path(&data_tile), bundle));
-            let archived: Vec<lx::ArchivedLeaf> = leaves
-                .into_iter()
-                .zip(manifests)
-                .map(|(l, m)| lx::ArchivedLeaf {
-                    evidence: l.evidence,
-                    salt: l.salt,
-                    statement: l.statement,
-                    expunged: m.as_ref().is_some_and(|(_, x)| *x),
-                    manifest: m.map(|(h, _)| h.encode()),
-                })
-                .collect();
-            openings.push((
-                openings_path(tile.level_index()),
-                lx::encode_archive(&archived),
-            ));
-        }
+            .collect();
+        openings.push((
+            openings_path(tile.level_index()),
+            lx::encode_archive(&archived),
+        ));
     }
     // Openings and tiles durable before the checkpoint that names them is
     // signed: every leaf a checkpoint covers can be recovered.
@@ -711,6 +812,38 @@ async fn publish_state<S: Store>(
         grew
     });
     Ok(())
+}
+
+/// The hash tiles that changed from `old` to `size`, as the index holds them.
+async fn stored_tiles<S: Store>(
+    gw: &Gateway<S>,
+    old: u64,
+    size: u64,
+) -> Result<Vec<(Tile, Vec<u8>)>, LedgerError> {
+    let tiles = Tile::new_tiles(TILE_HEIGHT, old, size);
+    let ids: Vec<(u8, u64)> = tiles.iter().map(|t| (t.level(), t.level_index())).collect();
+    let got = indexer::run(&gw.store, |tx| {
+        let ids = &ids;
+        async move { lx::tiles_tx(&tx, ids).await }
+    })
+    .await?;
+    tiles
+        .into_iter()
+        .zip(got)
+        .map(|(tile, data)| {
+            let want = tile.width() as usize * tlog_tiles::HASH_SIZE;
+            match data {
+                Some(mut d) if d.len() >= want => {
+                    d.truncate(want);
+                    Ok((tile, d))
+                }
+                _ => Err(LedgerError::Tree(format!(
+                    "hash tile {} is not in the index",
+                    pl::tile_path(&tile)
+                ))),
+            }
+        })
+        .collect()
 }
 
 /// Writes the index's newest checkpoint to the published `checkpoint` file
@@ -1414,15 +1547,22 @@ pub async fn restore<S: Store>(gw: &Gateway<S>) -> Result<RestoredLedger, Ledger
         let first = size;
         let new_size = first + leaves.len() as u64;
         let (root, hashes, base) = extend_tree(gw, &mut known, first, &leaves).await?;
+        known.extend(
+            hashes
+                .iter()
+                .enumerate()
+                .map(|(i, h)| (base + i as u64, *h)),
+        );
+        let tiles = changed_tiles(gw, &mut known, first, new_size).await?;
         let state = TreeState {
             size: new_size,
             root: root.0,
             fence: 0,
         };
         indexer::run(&gw.store, |tx| {
-            let (leaves, hashes, state) = (&leaves, &hashes, &state);
+            let (leaves, rows, state) = (&leaves, tile_rows(&tiles), &state);
             async move {
-                lx::integrate_tx(&tx, first, leaves, base, hashes, state);
+                lx::integrate_tx(&tx, first, leaves, &rows, state);
                 for (_, leaf, kind) in leaves {
                     if *kind == Kind::Notarized {
                         if let Ok(s) = pl::Statement::decode(&leaf.statement) {

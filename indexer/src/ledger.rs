@@ -14,8 +14,8 @@
 //! ("L", "witnessed")                 = WitnessedRecord newest checkpoint with witness cosignatures
 //! ("L", "stamped")                   = WitnessedRecord newest checkpoint with an RFC 3161 token
 //! ("L", "tsa", size u64)             = TimeStampResp   RFC 3161 token over that checkpoint's text
-//! ("M", leaf u64)                    = LeafRecord      opening of leaf i: salt, statement; private
-//! ("W", stored hash index u64)       = 32 bytes        RFC 9162 tree hashes (tlog_tiles' index)
+//! ("N", first leaf u64)              = [LeafRecord]    openings of leaves first.. (a group); private
+//! ("T", level u8, n u64)             = tile data       hash tile (level, n) at its current width
 //! ("V", evidence 16, leaf u64)       = kind            the leaves that name a piece of evidence
 //! ("O", id 16)                       = tenant          a hash-only notarization (no bytes stored)
 //! ```
@@ -27,18 +27,33 @@
 //! in its own transaction that its fencing token is still the lease's and that
 //! the tree is the one it extended. The tree hashes live here, so tiles and
 //! checkpoints can always be re-published from the index after a crash.
+//!
+//! Both the openings and the tree hashes are stored in groups rather than one
+//! key each, because an integration writes thousands of leaves at once and
+//! the cost of a transaction is mostly per key. Openings: each integration
+//! cuts its leaves into groups of at most [`GROUP_LEAVES`] leaves and
+//! [`GROUP_BYTES`] bytes (a lone statement of 64 KiB always fits under
+//! FoundationDB's 100 kB value limit); leaf `n` is in the group with the
+//! greatest first leaf `<= n`. Tree hashes: the C2SP tlog-tiles tiles of
+//! height 8 (the same bytes as the published `tile/` files), rewritten as a
+//! partial tile grows; every stored hash is a tile entry or the root of a run
+//! of entries of one tile (`tlog_tiles::Tile::hash_at_index`).
 
 use crate::kv::Transaction;
 use crate::schema::SchemaError;
-use protocol::ledger::TreeHash;
 use protocol::wire::{decode_versioned, encode_versioned};
 use protocol::EvidenceId;
 use serde::{Deserialize, Serialize};
 
 const QUEUE: u8 = b'Q';
 const LEDGER: u8 = b'L';
-const LEAF: u8 = b'M';
-const HASH: u8 = b'W';
+const GROUP: u8 = b'N';
+const TILE: u8 = b'T';
+
+/// Most leaves in one openings group.
+pub const GROUP_LEAVES: usize = 64;
+/// Most statement bytes in one openings group (unless it holds one leaf).
+pub const GROUP_BYTES: usize = 90_000;
 const BY_EVIDENCE: u8 = b'V';
 const NOTARIZED: u8 = b'O';
 
@@ -243,15 +258,17 @@ pub async fn check_fence_tx<T: Transaction>(
     Ok(state)
 }
 
-/// Writes integrated leaves `first..` with their new tree hashes (starting at
-/// stored index `first_hash`), removes them from the queue and moves the tree
-/// to `state`. Call after [`check_fence_tx`] in the same transaction.
+/// A hash tile to store: level, index within the level, tile data.
+pub type TileData = (u8, u64, Vec<u8>);
+
+/// Writes integrated leaves `first..` in openings groups with the hash tiles
+/// they change, removes them from the queue and moves the tree to `state`.
+/// Call after [`check_fence_tx`] in the same transaction.
 pub fn integrate_tx<T: Transaction>(
     tx: &T,
     first: u64,
     leaves: &[(Vec<u8>, LeafRecord, protocol::ledger::Kind)],
-    first_hash: u64,
-    hashes: &[TreeHash],
+    tiles: &[TileData],
     state: &TreeState,
 ) {
     // The batch is a prefix of the queue: one range clear dequeues it.
@@ -260,67 +277,115 @@ pub fn integrate_tx<T: Transaction>(
         end.push(0);
         tx.clear_range(from, &end);
     }
+    let mut group: Vec<&LeafRecord> = Vec::new();
+    let mut group_first = first;
+    let mut group_bytes = 0;
     for (i, (_, leaf, kind)) in leaves.iter().enumerate() {
         let n = first + i as u64;
-        tx.set(&u64_key(LEAF, n), &encode_versioned(RECORD_V1, leaf));
+        if !group.is_empty()
+            && (group.len() >= GROUP_LEAVES || group_bytes + leaf.statement.len() > GROUP_BYTES)
+        {
+            tx.set(
+                &u64_key(GROUP, group_first),
+                &encode_versioned(RECORD_V1, &group),
+            );
+            group.clear();
+            group_first = n;
+            group_bytes = 0;
+        }
+        group.push(leaf);
+        group_bytes += leaf.statement.len();
         let mut v = by_evidence_prefix(&leaf.evidence);
         v.extend_from_slice(&n.to_be_bytes());
         tx.set(&v, &encode_versioned(RECORD_V1, kind));
     }
-    for (i, h) in hashes.iter().enumerate() {
-        tx.set(&u64_key(HASH, first_hash + i as u64), &h.0);
+    if !group.is_empty() {
+        tx.set(
+            &u64_key(GROUP, group_first),
+            &encode_versioned(RECORD_V1, &group),
+        );
+    }
+    for (level, n, data) in tiles {
+        tx.set(&tile_key(*level, *n), data);
     }
     tx.set(&ledger_key("state"), &encode_versioned(RECORD_V1, state));
 }
 
-/// Tree hashes by stored index; `None` for hashes not (yet) stored.
-pub async fn hashes_tx<T: Transaction>(
+fn tile_key(level: u8, n: u64) -> Vec<u8> {
+    let mut k = vec![TILE, level];
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
+
+/// Hash tiles by (level, index) at their stored width; `None` for tiles not
+/// (yet) stored.
+pub async fn tiles_tx<T: Transaction>(
     tx: &T,
-    indexes: &[u64],
-) -> Result<Vec<Option<TreeHash>>, SchemaError> {
-    let reads = indexes.iter().map(|i| {
-        let key = u64_key(HASH, *i);
+    tiles: &[(u8, u64)],
+) -> Result<Vec<Option<Vec<u8>>>, SchemaError> {
+    let reads = tiles.iter().map(|(level, n)| {
+        let key = tile_key(*level, *n);
         async move { tx.get(&key).await }
     });
-    let values = futures::future::try_join_all(reads).await?;
-    values
-        .into_iter()
-        .map(|v| match v {
-            None => Ok(None),
-            Some(v) => {
-                let arr: [u8; 32] = v
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| protocol::DecodeError::Malformed)?;
-                Ok(Some(TreeHash(arr)))
-            }
-        })
-        .collect()
+    Ok(futures::future::try_join_all(reads).await?)
 }
 
+/// The first leaf of an openings group from its key.
+fn group_first(key: &[u8]) -> Result<u64, SchemaError> {
+    let n: [u8; 8] = key
+        .get(1..)
+        .and_then(|k| k.try_into().ok())
+        .ok_or(protocol::DecodeError::Malformed)?;
+    Ok(u64::from_be_bytes(n))
+}
+
+/// The opening of leaf `n`.
 pub async fn leaf_tx<T: Transaction>(tx: &T, n: u64) -> Result<Option<LeafRecord>, SchemaError> {
-    match tx.get(&u64_key(LEAF, n)).await? {
-        Some(v) => Ok(Some(decode_versioned(RECORD_V1, &v)?)),
-        None => Ok(None),
-    }
+    Ok(leaves_tx(tx, n..n.saturating_add(1)).await?.pop())
 }
 
-/// Leaves `range` (for entry bundles).
+/// The openings of leaves `range` that are stored, in order: all of them for
+/// a range inside the tree.
 pub async fn leaves_tx<T: Transaction>(
     tx: &T,
     range: std::ops::Range<u64>,
 ) -> Result<Vec<LeafRecord>, SchemaError> {
-    let rows = tx
+    if range.is_empty() {
+        return Ok(Vec::new());
+    }
+    // The group holding `range.start` begins at or before it; the rest of
+    // the range is in the groups that begin inside it.
+    let head = tx
         .get_range(
-            &u64_key(LEAF, range.start),
-            &u64_key(LEAF, range.end),
+            &[GROUP],
+            &u64_key(GROUP, range.start.saturating_add(1)),
+            1,
+            true,
+        )
+        .await?;
+    let tail = if range.end > range.start + 1 {
+        tx.get_range(
+            &u64_key(GROUP, range.start + 1),
+            &u64_key(GROUP, range.end),
             0,
             false,
         )
-        .await?;
-    rows.iter()
-        .map(|(_, v)| Ok(decode_versioned(RECORD_V1, v)?))
-        .collect()
+        .await?
+    } else {
+        Vec::new()
+    };
+    let mut out = Vec::new();
+    for (key, value) in head.iter().chain(&tail) {
+        let first = group_first(key)?;
+        let group: Vec<LeafRecord> = decode_versioned(RECORD_V1, value)?;
+        for (i, leaf) in group.into_iter().enumerate() {
+            let n = first + i as u64;
+            if range.contains(&n) && n == range.start + out.len() as u64 {
+                out.push(leaf);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The leaves that name `evidence`, oldest first, with their kinds.

@@ -1,0 +1,90 @@
+//! The ledger's openings groups and hash tiles on the embedded store: leaves
+//! integrated in batches of any size (and statements of any size) read back
+//! exactly, one by one and by range.
+
+use indexer::ledger::{self as lx, LeafRecord, TreeState, GROUP_BYTES, GROUP_LEAVES};
+use indexer::{run, EmbeddedStore};
+use protocol::ledger::Kind;
+use protocol::EvidenceId;
+
+fn store() -> (tempfile::TempDir, EmbeddedStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = EmbeddedStore::open(&dir.path().join("index.redb")).unwrap();
+    (dir, s)
+}
+
+fn leaf(n: u64) -> LeafRecord {
+    // Every 37th statement is large enough that a group holds only one or
+    // two of them, so groups are cut by bytes as well as by count.
+    let len = if n.is_multiple_of(37) {
+        50_000
+    } else {
+        100 + (n % 7) as usize
+    };
+    LeafRecord {
+        evidence: EvidenceId::new(n, [(n % 251) as u8; 10]),
+        salt: [(n % 256) as u8; 32],
+        statement: vec![(n % 256) as u8; len],
+        commitment: [(n / 256) as u8; 32],
+    }
+}
+
+#[tokio::test]
+async fn openings_integrated_in_groups_read_back_one_by_one_and_by_range() {
+    let (_dir, store) = store();
+    let mut size = 0u64;
+    // Batch sizes that cross group and tile boundaries in every way.
+    for batch in [1u64, 63, 64, 65, 300, 2, 700, 129] {
+        let leaves: Vec<(Vec<u8>, LeafRecord, Kind)> = (size..size + batch)
+            .map(|n| (vec![b'Q', 0], leaf(n), Kind::Notarized))
+            .collect();
+        let first = size;
+        size += batch;
+        let state = TreeState {
+            size,
+            root: [0; 32],
+            fence: 0,
+        };
+        let tiles = vec![(0u8, first >> 8, vec![7u8; 32])];
+        run(&store, |tx| {
+            let (leaves, tiles, state) = (&leaves, &tiles, &state);
+            async move {
+                lx::integrate_tx(&tx, first, leaves, tiles, state);
+                Ok::<_, indexer::schema::SchemaError>(())
+            }
+        })
+        .await
+        .unwrap();
+    }
+    const { assert!(GROUP_LEAVES < 300 && 2 * 50_000 > GROUP_BYTES) };
+    for n in 0..size {
+        let got = run(&store, |tx| async move { lx::leaf_tx(&tx, n).await })
+            .await
+            .unwrap();
+        assert_eq!(got, Some(leaf(n)), "leaf {n}");
+    }
+    let beyond = run(&store, |tx| async move { lx::leaf_tx(&tx, size).await })
+        .await
+        .unwrap();
+    assert_eq!(beyond, None);
+    for (a, b) in [
+        (0, size),
+        (5, 6),
+        (63, 200),
+        (64, 129),
+        (250, 1000),
+        (1200, size + 10),
+    ] {
+        let got = run(&store, |tx| async move { lx::leaves_tx(&tx, a..b).await })
+            .await
+            .unwrap();
+        let want: Vec<LeafRecord> = (a..b.min(size)).map(leaf).collect();
+        assert_eq!(got, want, "leaves {a}..{b}");
+    }
+    let tiles = run(&store, |tx| async move {
+        lx::tiles_tx(&tx, &[(0, 0), (0, 9)]).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(tiles, vec![Some(vec![7u8; 32]), None]);
+}
