@@ -987,12 +987,6 @@ pub async fn receipts_for<S: Store>(
     ids: &[EvidenceId],
     kind: Kind,
 ) -> Result<Vec<Option<Receipt>>, ApiError> {
-    let Some(ledger) = gw.ledger.as_ref() else {
-        return Ok(vec![None; ids.len()]);
-    };
-    let Some((note, cp)) = newest_checkpoint(gw, ledger).await? else {
-        return Ok(vec![None; ids.len()]);
-    };
     let indexes: Vec<Option<u64>> = indexer::run(&gw.store, |tx| async move {
         let reads = ids.iter().map(|id| {
             let tx = &tx;
@@ -1007,6 +1001,21 @@ pub async fn receipts_for<S: Store>(
         )
     })
     .await?;
+    receipts_at(gw, &indexes).await
+}
+
+/// The receipts of leaves `indexes` against the newest checkpoint (`None`
+/// where it does not cover the leaf, or no leaf is given).
+async fn receipts_at<S: Store>(
+    gw: &Gateway<S>,
+    indexes: &[Option<u64>],
+) -> Result<Vec<Option<Receipt>>, ApiError> {
+    let Some(ledger) = gw.ledger.as_ref() else {
+        return Ok(vec![None; indexes.len()]);
+    };
+    let Some((note, cp)) = newest_checkpoint(gw, ledger).await? else {
+        return Ok(vec![None; indexes.len()]);
+    };
     let covered: Vec<u64> = indexes
         .iter()
         .flatten()
@@ -1015,21 +1024,11 @@ pub async fn receipts_for<S: Store>(
         .collect();
     let leaves: HashMap<u64, LeafRecord> = indexer::run(&gw.store, |tx| {
         let covered = &covered;
-        async move {
-            let reads =
-                covered.iter().map(|i| {
-                    let tx = &tx;
-                    async move {
-                        Ok::<_, indexer::schema::SchemaError>((*i, lx::leaf_tx(tx, *i).await?))
-                    }
-                });
-            let got = futures::future::try_join_all(reads).await?;
-            Ok::<_, indexer::schema::SchemaError>(
-                got.into_iter().filter_map(|(i, l)| Some((i, l?))).collect(),
-            )
-        }
+        async move { lx::leaves_at_tx(&tx, covered).await }
     })
-    .await?;
+    .await?
+    .into_iter()
+    .collect();
     let mut known = HashMap::new();
     let base = tlog_tiles::stored_hash_index(0, cp.size);
     // Every proof in one pass: missing hashes of all of them are fetched
@@ -1070,10 +1069,36 @@ pub async fn wait_for_receipts<S: Store>(
     };
     let mut published = ledger.subscribe();
     let deadline = tokio::time::Instant::now() + ledger.receipt_wait;
+    // Until a checkpoint covers every statement, only look up leaf indexes
+    // (cheap); the proofs are built once, when all of them are covered.
+    let mut found: Vec<Option<u64>> = vec![None; ids.len()];
     loop {
-        let got = receipts_for(gw, ids, kind).await?;
-        if got.iter().all(Option::is_some) {
-            return Ok(got);
+        let missing: Vec<(usize, EvidenceId)> = found
+            .iter()
+            .zip(ids)
+            .enumerate()
+            .filter(|(_, (f, _))| f.is_none())
+            .map(|(i, (_, id))| (i, *id))
+            .collect();
+        let (size, got) = indexer::run(&gw.store, |tx| {
+            let missing = &missing;
+            async move {
+                let size = lx::checkpoint_size_tx(&tx).await?;
+                let reads = missing.iter().map(|(_, id)| {
+                    let tx = &tx;
+                    async move { lx::leaves_of_tx(tx, *id).await }
+                });
+                let got = futures::future::try_join_all(reads).await?;
+                Ok::<_, indexer::schema::SchemaError>((size, got))
+            }
+        })
+        .await?;
+        for ((slot, _), leaves) in missing.iter().zip(got) {
+            found[*slot] = leaves.iter().find(|(_, k)| *k == kind).map(|(i, _)| *i);
+        }
+        let size = size.unwrap_or(0);
+        if found.iter().all(|f| f.is_some_and(|i| i < size)) {
+            return receipts_at(gw, &found).await;
         }
         match tokio::time::timeout_at(deadline, published.changed()).await {
             Ok(Ok(())) => {}

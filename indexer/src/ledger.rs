@@ -341,7 +341,48 @@ fn group_first(key: &[u8]) -> Result<u64, SchemaError> {
 
 /// The opening of leaf `n`.
 pub async fn leaf_tx<T: Transaction>(tx: &T, n: u64) -> Result<Option<LeafRecord>, SchemaError> {
-    Ok(leaves_tx(tx, n..n.saturating_add(1)).await?.pop())
+    Ok(leaves_at_tx(tx, &[n]).await?.pop().map(|(_, l)| l))
+}
+
+/// The openings of leaves `indexes` that are stored, by index, in index
+/// order; each group is read and decoded once however many of its leaves
+/// are asked for.
+pub async fn leaves_at_tx<T: Transaction>(
+    tx: &T,
+    indexes: &[u64],
+) -> Result<Vec<(u64, LeafRecord)>, SchemaError> {
+    let mut wanted = indexes.to_vec();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let mut out = Vec::with_capacity(wanted.len());
+    let mut next = 0;
+    while let Some(&n) = wanted.get(next) {
+        let row = tx
+            .get_range(&[GROUP], &u64_key(GROUP, n.saturating_add(1)), 1, true)
+            .await?;
+        let Some((key, value)) = row.first() else {
+            next += 1;
+            continue;
+        };
+        let first = group_first(key)?;
+        let group: Vec<LeafRecord> = decode_versioned(RECORD_V1, value)?;
+        let end = first + group.len() as u64;
+        let mut group: Vec<Option<LeafRecord>> = group.into_iter().map(Some).collect();
+        while let Some(&m) = wanted.get(next) {
+            if m >= end {
+                break;
+            }
+            if let Some(leaf) = group.get_mut((m - first) as usize).and_then(Option::take) {
+                out.push((m, leaf));
+            }
+            next += 1;
+        }
+        // `n` itself lies past this group (a hole): skip it.
+        if wanted.get(next) == Some(&n) {
+            next += 1;
+        }
+    }
+    Ok(out)
 }
 
 /// The openings of leaves `range` that are stored, in order: all of them for

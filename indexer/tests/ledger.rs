@@ -81,6 +81,34 @@ async fn openings_integrated_in_groups_read_back_one_by_one_and_by_range() {
         let want: Vec<LeafRecord> = (a..b.min(size)).map(leaf).collect();
         assert_eq!(got, want, "leaves {a}..{b}");
     }
+    let asked = [
+        1300,
+        0,
+        1,
+        63,
+        64,
+        65,
+        499,
+        500,
+        1000,
+        37,
+        74,
+        64,
+        size - 1,
+        size,
+        size + 5,
+    ];
+    let got = run(
+        &store,
+        |tx| async move { lx::leaves_at_tx(&tx, &asked).await },
+    )
+    .await
+    .unwrap();
+    let mut want: Vec<u64> = asked.iter().copied().filter(|n| *n < size).collect();
+    want.sort_unstable();
+    want.dedup();
+    let want: Vec<(u64, LeafRecord)> = want.into_iter().map(|n| (n, leaf(n))).collect();
+    assert_eq!(got, want);
     let tiles = run(&store, |tx| async move {
         lx::tiles_tx(&tx, &[(0, 0), (0, 9)]).await
     })

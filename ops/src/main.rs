@@ -26,6 +26,12 @@ use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+/// mimalloc instead of glibc malloc: the ledger, the S3 API and the evidence
+/// API allocate many small buffers per request, and glibc's free lists were a
+/// fifth of their CPU in profiles.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "custodia",
