@@ -365,14 +365,24 @@ async fn extend_tree<S: Store>(
 }
 
 /// A statement's kind without decoding the rest (`None`: not a statement).
+/// `Statement::encode` writes `{"v":N,"kind":"..."` first, so the kind is
+/// read there; any other layout is parsed in full.
 fn statement_kind(statement: &[u8]) -> Option<Kind> {
     #[derive(serde::Deserialize)]
     struct KindOnly {
         kind: Kind,
     }
-    serde_json::from_slice::<KindOnly>(statement)
-        .ok()
-        .map(|k| k.kind)
+    let fast = statement.strip_prefix(b"{\"v\":").and_then(|rest| {
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        let quoted = rest[digits..].strip_prefix(b",\"kind\":")?;
+        let end = quoted.iter().skip(1).position(|b| *b == b'"')? + 2;
+        serde_json::from_slice::<Kind>(&quoted[..end]).ok()
+    });
+    fast.or_else(|| {
+        serde_json::from_slice::<KindOnly>(statement)
+            .ok()
+            .map(|k| k.kind)
+    })
 }
 
 /// Where tile `n`'s openings are archived.
@@ -390,6 +400,9 @@ async fn put_durably(
     dir: Option<PathBuf>,
     files: Vec<(String, Vec<u8>)>,
 ) -> Result<(), LedgerError> {
+    if files.is_empty() {
+        return Ok(());
+    }
     let puts = files.into_iter().map(|(path, bytes)| async move {
         let path = StorePath::parse(&path).map_err(|e| LedgerError::Tree(e.to_string()))?;
         store.put(&path, PutPayload::from(bytes)).await?;
@@ -692,8 +705,7 @@ pub async fn integrate_once<S: Store>(
     .await?;
     tracing::debug!(size = new_size, entries = leaves.len(), "ledger integrated");
     // The tiles and openings were just computed: no need to read them back.
-    let fresh: Vec<&LeafRecord> = leaves.iter().map(|(_, l, _)| l).collect();
-    publish_state(gw, ledger, first, &next, Some(tiles), &fresh).await?;
+    publish_state(gw, ledger, first, &next, Some(tiles), &leaves).await?;
     gw.metrics.ledger_integrated(new_size);
     Ok(true)
 }
@@ -708,7 +720,7 @@ async fn publish_state<S: Store>(
     old: u64,
     state: &TreeState,
     tiles: Option<Vec<(Tile, Vec<u8>)>>,
-    fresh: &[&LeafRecord],
+    fresh: &[(Vec<u8>, LeafRecord, Kind)],
 ) -> Result<(), LedgerError> {
     let tiles = match tiles {
         Some(t) => t,
@@ -744,37 +756,46 @@ async fn publish_state<S: Store>(
             let hi = usize::try_from(end - old).unwrap_or(usize::MAX);
             fresh.get(lo..hi).unwrap_or(&[])
         };
-        let leaves: Vec<&LeafRecord> = stored.iter().chain(from_fresh.iter().copied()).collect();
+        let leaves: Vec<(&LeafRecord, Kind)> = stored
+            .iter()
+            .map(|l| (l, statement_kind(&l.statement).unwrap_or(Kind::Admin)))
+            .chain(from_fresh.iter().map(|(_, l, k)| (l, *k)))
+            .collect();
         if leaves.len() as u64 != end - start {
             return Err(LedgerError::Tree(format!(
                 "leaves {start}..{end}: {} openings found",
                 leaves.len()
             )));
         }
-        let manifests = indexer::run(&gw.store, |tx| {
-            let leaves = &leaves;
-            async move {
-                futures::future::try_join_all(leaves.iter().map(|l| {
-                    let tx = &tx;
-                    async move {
-                        if statement_kind(&l.statement) == Some(Kind::Notarized) {
-                            return Ok(None);
+        // Hash-only notarizations have no manifest to archive.
+        let manifests = if leaves.iter().all(|(_, k)| *k == Kind::Notarized) {
+            vec![None; leaves.len()]
+        } else {
+            indexer::run(&gw.store, |tx| {
+                let leaves = &leaves;
+                async move {
+                    futures::future::try_join_all(leaves.iter().map(|(l, kind)| {
+                        let tx = &tx;
+                        async move {
+                            if *kind == Kind::Notarized {
+                                return Ok(None);
+                            }
+                            schema::get_any_manifest_tx(tx, l.evidence).await
                         }
-                        schema::get_any_manifest_tx(tx, l.evidence).await
-                    }
-                }))
-                .await
-            }
-        })
-        .await?;
-        let bundle = pl::entry_bundle(leaves.iter().map(|l| &l.commitment[..]));
+                    }))
+                    .await
+                }
+            })
+            .await?
+        };
+        let bundle = pl::entry_bundle(leaves.iter().map(|(l, _)| &l.commitment[..]));
         let mut data_tile = tile;
         data_tile.set_is_data();
         files.push((pl::tile_path(&data_tile), bundle));
         let archived: Vec<lx::ArchivedLeaf> = leaves
             .iter()
             .zip(manifests)
-            .map(|(l, m)| lx::ArchivedLeaf {
+            .map(|((l, _), m)| lx::ArchivedLeaf {
                 evidence: l.evidence,
                 salt: l.salt,
                 statement: l.statement.clone(),
@@ -789,10 +810,12 @@ async fn publish_state<S: Store>(
     }
     // Openings and tiles durable before the checkpoint that names them is
     // signed: every leaf a checkpoint covers can be recovered.
-    if !openings.is_empty() {
-        put_durably(&ledger.openings, ledger.openings_dir.clone(), openings).await?;
-    }
-    ledger.publish_all(files).await?;
+    // (Both at once: on one filesystem the two syncfs share a journal commit.)
+    futures::future::try_join(
+        put_durably(&ledger.openings, ledger.openings_dir.clone(), openings),
+        ledger.publish_all(files),
+    )
+    .await?;
     let note = pl::sign_checkpoint(
         &ledger.signer_key,
         &ledger.origin,
@@ -1623,4 +1646,59 @@ pub async fn restore<S: Store>(gw: &Gateway<S>) -> Result<RestoredLedger, Ledger
         checkpoint_size: cp.size,
         archive,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::Blake3Hash;
+
+    #[test]
+    fn statement_kind_reads_what_a_full_decode_reads() {
+        let all = [
+            Kind::Filed,
+            Kind::Notarized,
+            Kind::Accessed,
+            Kind::LegalHold,
+            Kind::Released,
+            Kind::Expunged,
+            Kind::Repaired,
+            Kind::Lost,
+            Kind::Admin,
+        ];
+        for kind in all {
+            let s = pl::Statement::new(
+                kind,
+                EvidenceId::new(7, [3; 10]),
+                &Blake3Hash([1; 32]),
+                None,
+                9,
+                "county-court",
+                Some("C-1".into()),
+                None,
+                11,
+            );
+            let bytes = s.encode().unwrap();
+            assert_eq!(statement_kind(&bytes), Some(kind));
+            assert_eq!(pl::Statement::decode(&bytes).unwrap().kind, kind);
+            // The same statement with its fields in another (alphabetical)
+            // order still parses, through the full decoder.
+            let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            let fields: Vec<(String, serde_json::Value)> =
+                value.as_object().unwrap().clone().into_iter().collect();
+            let mut reordered = String::from("{");
+            for (i, (k, v)) in fields.iter().enumerate() {
+                if i > 0 {
+                    reordered.push(',');
+                }
+                reordered.push_str(&format!("{}:{}", serde_json::json!(k), v));
+            }
+            reordered.push('}');
+            assert!(!reordered.starts_with("{\"v\""));
+            assert_eq!(statement_kind(reordered.as_bytes()), Some(kind));
+        }
+        assert_eq!(statement_kind(b"{\"v\":1,\"kind\":\"no-such\"}"), None);
+        assert_eq!(statement_kind(b"{\"v\":1,\"kind\":\"filed"), None);
+        assert_eq!(statement_kind(b"not json"), None);
+    }
 }
