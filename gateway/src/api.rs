@@ -235,6 +235,22 @@ pub async fn serve<S: Store>(
 ) -> Result<RunningGateway, StartError> {
     let listen = config.listen;
     let gw = Arc::new(Gateway::new(config, store, &registry)?);
+    if gw.ledger.is_some() {
+        let current = indexer::run(&gw.store, |tx| async move {
+            indexer::ledger::layout_current_tx(&tx).await
+        })
+        .await
+        .map_err(|e| StartError::Ledger(format!("reading the ledger's state: {e}")))?;
+        if !current {
+            return Err(StartError::Ledger(
+                "the index holds the ledger in an older layout (one key per opening and tree \
+                 hash) that this version does not read: stop here and rebuild the index with \
+                 `custodia recover-index`, which reads the openings archive and the nodes and \
+                 keeps the old index file beside the new one"
+                    .into(),
+            ));
+        }
+    }
     let replaced = gw.nodes.probe_all(&gw.store, gw.clock.now_ms()).await;
     crate::repair::spawn_reconcile(gw.clone(), replaced);
     let listener = tokio::net::TcpListener::bind(listen)

@@ -317,6 +317,17 @@ fn tile_key(level: u8, n: u64) -> Vec<u8> {
     k
 }
 
+/// Whether the ledger in this index is in the layout above: an empty tree,
+/// or a tree whose first hash tile is stored. (Indexes written before
+/// December 2026 kept one key per opening and per tree hash, which this
+/// version does not read.)
+pub async fn layout_current_tx<T: Transaction>(tx: &T) -> Result<bool, SchemaError> {
+    if tree_state_tx(tx).await?.size == 0 {
+        return Ok(true);
+    }
+    Ok(tx.get(&tile_key(0, 0)).await?.is_some())
+}
+
 /// Hash tiles by (level, index) at their stored width; `None` for tiles not
 /// (yet) stored.
 pub async fn tiles_tx<T: Transaction>(

@@ -30,6 +30,40 @@ fn leaf(n: u64) -> LeafRecord {
 }
 
 #[tokio::test]
+async fn an_index_in_the_old_ledger_layout_is_told_apart() {
+    let (_dir, store) = store();
+    let current =
+        || async { run(&store, |tx| async move { lx::layout_current_tx(&tx).await }).await };
+    assert!(current().await.unwrap(), "an empty ledger is current");
+    // A tree of one leaf written without its hash tile, as the old layout did.
+    run(&store, |tx| async move {
+        let leaves = vec![(vec![b'Q', 0], leaf(0), Kind::Notarized)];
+        let state = TreeState {
+            size: 1,
+            root: [0; 32],
+            fence: 0,
+        };
+        lx::integrate_tx(&tx, 0, &leaves, &[], &state);
+        Ok::<_, indexer::schema::SchemaError>(())
+    })
+    .await
+    .unwrap();
+    assert!(!current().await.unwrap());
+    run(&store, |tx| async move {
+        let state = TreeState {
+            size: 1,
+            root: [0; 32],
+            fence: 0,
+        };
+        lx::integrate_tx(&tx, 1, &[], &[(0, 0, vec![1; 32])], &state);
+        Ok::<_, indexer::schema::SchemaError>(())
+    })
+    .await
+    .unwrap();
+    assert!(current().await.unwrap());
+}
+
+#[tokio::test]
 async fn openings_integrated_in_groups_read_back_one_by_one_and_by_range() {
     let (_dir, store) = store();
     let mut size = 0u64;
