@@ -290,6 +290,10 @@ pub async fn fetch_stripe<S: Store>(
         up.into_iter().chain(down).collect()
     };
     let mut next = 0usize; // position in `order` of the next shard to ask for
+                           // Shards whose node did not answer; asked once more before the stripe is
+                           // called unrecoverable (a connection being replaced, a node restarting).
+    let mut unanswered: Vec<usize> = Vec::new();
+    let mut retried = false;
     let mut pending = FuturesUnordered::new();
     let fetch =
         |i: usize| async move { (i, fetch_shard(gw, header.evidence, stripe, i, rec).await) };
@@ -305,6 +309,12 @@ pub async fn fetch_stripe<S: Store>(
         }
         if good >= k {
             break;
+        }
+        if pending.is_empty() && !retried && !unanswered.is_empty() {
+            retried = true;
+            tracing::debug!(evidence = %header.evidence, stripe, shards = unanswered.len(), "asking unanswered shards once more");
+            pending.extend(unanswered.drain(..).map(fetch));
+            continue;
         }
         if pending.is_empty() {
             report_damage(gw, header.evidence, stripe);
@@ -326,6 +336,7 @@ pub async fn fetch_stripe<S: Store>(
                     if let Some(node) = rec.shards[i].node {
                         gw.nodes.mark(node, false);
                     }
+                    unanswered.push(i);
                 }
             },
             _ = &mut hedge, if next < order.len() => {

@@ -184,7 +184,17 @@ fn filing_through_chaos_loses_nothing() -> Result<()> {
         .to_owned();
     let check = |c: &TestCluster, why: &str| -> Result<()> {
         for (id, len, seed) in &filed {
-            let got = c.read(id).with_context(|| format!("reading {id} {why}"))?;
+            let got = c.read(id).with_context(|| {
+                // What the gateway saw, for whoever reads a failed CI run.
+                let log =
+                    std::fs::read_to_string(c.data_dir().join("gateway.log")).unwrap_or_default();
+                let seen: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .collect();
+                let tail = seen[seen.len().saturating_sub(40)..].join("\n");
+                format!("reading {id} {why}; the gateway's last warnings:\n{tail}")
+            })?;
             if got != bytes(*len, *seed) {
                 bail!("{id} did not read back byte-exact {why}");
             }
