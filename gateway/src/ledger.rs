@@ -343,14 +343,14 @@ fn leaf_of(evidence: EvidenceId, salt: [u8; 32], statement: Vec<u8>) -> (LeafRec
     (leaf, kind)
 }
 
-/// Appends `leaves` to the tree of size `first`: the new root and the
-/// stored hashes to write from index `base` (returned too).
+/// Appends `leaves` to the tree of size `first`: the new root, and the hash
+/// tiles that change with their data.
 async fn extend_tree<S: Store>(
     gw: &Gateway<S>,
     known: &mut HashMap<u64, TreeHash>,
     first: u64,
     leaves: &[(Vec<u8>, LeafRecord, Kind)],
-) -> Result<(TreeHash, Vec<TreeHash>, u64), LedgerError> {
+) -> Result<(TreeHash, Vec<(Tile, Vec<u8>)>), LedgerError> {
     let new_size = first + leaves.len() as u64;
     let base = tlog_tiles::stored_hash_index(0, first);
     let (root, hashes) = with_hashes(gw, known, base, |r| {
@@ -361,7 +361,14 @@ async fn extend_tree<S: Store>(
         tlog_tiles::tree_hash(new_size, r)
     })
     .await?;
-    Ok((root, hashes, base))
+    known.extend(
+        hashes
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (base + i as u64, *h)),
+    );
+    let tiles = changed_tiles(gw, known, first, new_size).await?;
+    Ok((root, tiles))
 }
 
 /// A statement's kind without decoding the rest (`None`: not a statement).
@@ -681,14 +688,7 @@ pub async fn integrate_once<S: Store>(
         .collect();
     let new_size = first + leaves.len() as u64;
     let mut known = HashMap::new();
-    let (root, hashes, base) = extend_tree(gw, &mut known, first, &leaves).await?;
-    known.extend(
-        hashes
-            .iter()
-            .enumerate()
-            .map(|(i, h)| (base + i as u64, *h)),
-    );
-    let tiles = changed_tiles(gw, &mut known, first, new_size).await?;
+    let (root, tiles) = extend_tree(gw, &mut known, first, &leaves).await?;
     let next = TreeState {
         size: new_size,
         root: root.0,
@@ -1594,14 +1594,7 @@ pub async fn restore<S: Store>(gw: &Gateway<S>) -> Result<RestoredLedger, Ledger
             .collect();
         let first = size;
         let new_size = first + leaves.len() as u64;
-        let (root, hashes, base) = extend_tree(gw, &mut known, first, &leaves).await?;
-        known.extend(
-            hashes
-                .iter()
-                .enumerate()
-                .map(|(i, h)| (base + i as u64, *h)),
-        );
-        let tiles = changed_tiles(gw, &mut known, first, new_size).await?;
+        let (root, tiles) = extend_tree(gw, &mut known, first, &leaves).await?;
         let state = TreeState {
             size: new_size,
             root: root.0,
