@@ -1080,6 +1080,22 @@ async fn receipts_at<S: Store>(
         .collect())
 }
 
+/// Waits until this gateway publishes a newer checkpoint, or a quarter second
+/// has passed (another gateway may hold the integrator lease, and its
+/// checkpoints wake no one here), or `deadline`; `false` once the deadline has
+/// passed or the ledger stopped.
+async fn next_checkpoint(
+    published: &mut watch::Receiver<u64>,
+    deadline: tokio::time::Instant,
+) -> bool {
+    let poll = (tokio::time::Instant::now() + Duration::from_millis(250)).min(deadline);
+    match tokio::time::timeout_at(poll, published.changed()).await {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false,
+        Err(_) => tokio::time::Instant::now() < deadline,
+    }
+}
+
 /// Waits (up to the configured time) until a checkpoint covers every one of
 /// `ids`' statements; returns the receipts there are by then.
 pub async fn wait_for_receipts<S: Store>(
@@ -1123,9 +1139,8 @@ pub async fn wait_for_receipts<S: Store>(
         if found.iter().all(|f| f.is_some_and(|i| i < size)) {
             return receipts_at(gw, &found).await;
         }
-        match tokio::time::timeout_at(deadline, published.changed()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) | Err(_) => return receipts_for(gw, ids, kind).await,
+        if !next_checkpoint(&mut published, deadline).await {
+            return receipts_for(gw, ids, kind).await;
         }
     }
 }
@@ -1201,9 +1216,8 @@ pub async fn wait_for_receipt<S: Store>(
         if let Some(r) = receipt(gw, evidence, kinds).await? {
             return Ok(Some(r));
         }
-        match tokio::time::timeout_at(deadline, published.changed()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) | Err(_) => return Ok(None),
+        if !next_checkpoint(&mut published, deadline).await {
+            return Ok(None);
         }
     }
 }
@@ -1584,7 +1598,11 @@ pub async fn restore<S: Store>(gw: &Gateway<S>) -> Result<RestoredLedger, Ledger
 
     let mut known = HashMap::new();
     let mut size = 0u64;
-    for chunk in archive.chunks(1 << TILE_HEIGHT) {
+    // Chunks of at most a tile and at most BATCH_BYTES of statements, so each
+    // transaction stays under FoundationDB's 10 MB whatever the statements'
+    // sizes (256 statements of 64 KiB would be 16 MiB).
+    let chunks = restore_chunks(&archive, 1 << TILE_HEIGHT, BATCH_BYTES);
+    for chunk in chunks {
         let leaves: Vec<(Vec<u8>, LeafRecord, Kind)> = chunk
             .iter()
             .map(|a| {
@@ -1641,9 +1659,58 @@ pub async fn restore<S: Store>(gw: &Gateway<S>) -> Result<RestoredLedger, Ledger
     })
 }
 
+/// `archive` cut into runs of at most `max_leaves` leaves and at most
+/// `max_bytes` of statements (a longer statement alone).
+fn restore_chunks(
+    archive: &[lx::ArchivedLeaf],
+    max_leaves: usize,
+    max_bytes: usize,
+) -> Vec<&[lx::ArchivedLeaf]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0usize, 0usize);
+    for (i, a) in archive.iter().enumerate() {
+        if i > start && (i - start >= max_leaves || bytes + a.statement.len() > max_bytes) {
+            chunks.push(&archive[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += a.statement.len();
+    }
+    if start < archive.len() {
+        chunks.push(&archive[start..]);
+    }
+    chunks
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restore_chunks_hold_a_tile_and_stay_under_the_byte_budget() {
+        let leaf = |len: usize| lx::ArchivedLeaf {
+            evidence: EvidenceId::new(1, [0; 10]),
+            salt: [0; 32],
+            statement: vec![b'x'; len],
+            manifest: None,
+            expunged: false,
+        };
+        let lens =
+            |chunks: Vec<&[lx::ArchivedLeaf]>| chunks.iter().map(|c| c.len()).collect::<Vec<_>>();
+        let small: Vec<_> = (0..600).map(|_| leaf(100)).collect();
+        assert_eq!(
+            lens(restore_chunks(&small, 256, 1 << 20)),
+            vec![256, 256, 88]
+        );
+        // 64 KiB statements: a tile of them would be 16 MiB.
+        let big: Vec<_> = (0..300).map(|_| leaf(64 << 10)).collect();
+        let chunks = restore_chunks(&big, 256, 4 << 20);
+        assert_eq!(lens(chunks.clone()), vec![64, 64, 64, 64, 44]);
+        assert!(chunks.iter().all(|c| c.len() * (64 << 10) <= 4 << 20));
+        // A statement over the budget still gets a chunk of its own.
+        let odd = vec![leaf(10), leaf(5 << 20), leaf(10)];
+        assert_eq!(lens(restore_chunks(&odd, 256, 4 << 20)), vec![1, 1, 1]);
+        assert!(restore_chunks(&[], 256, 4 << 20).is_empty());
+    }
     use protocol::Blake3Hash;
 
     #[test]
