@@ -735,27 +735,24 @@ async fn publish_state<S: Store>(
         }
         let start = tile.level_index() << TILE_HEIGHT;
         let end = start + u64::from(tile.width());
-        // Leaves before `old` (a partial tile's head) come from the index.
-        let stored_end = if fresh.is_empty() {
+        // Leaves before `split` (a partial tile's head, or all of them when
+        // nothing fresh is given) come from the index; `fresh` starts at `old`.
+        let split = if fresh.is_empty() {
             end
         } else {
             old.clamp(start, end)
         };
-        let stored = if stored_end > start {
+        let stored = if split > start {
             indexer::run(&gw.store, |tx| async move {
-                lx::leaves_tx(&tx, start..stored_end).await
+                lx::leaves_tx(&tx, start..split).await
             })
             .await?
         } else {
             Vec::new()
         };
-        let from_fresh = if fresh.is_empty() {
-            &[][..]
-        } else {
-            let lo = usize::try_from(start.max(old) - old).unwrap_or(usize::MAX);
-            let hi = usize::try_from(end - old).unwrap_or(usize::MAX);
-            fresh.get(lo..hi).unwrap_or(&[])
-        };
+        let from_fresh = fresh
+            .get((split.saturating_sub(old)) as usize..(end.saturating_sub(old)) as usize)
+            .unwrap_or(&[]);
         let leaves: Vec<(&LeafRecord, Kind)> = stored
             .iter()
             .map(|l| (l, statement_kind(&l.statement).unwrap_or(Kind::Admin)))
@@ -1010,21 +1007,25 @@ pub async fn receipts_for<S: Store>(
     ids: &[EvidenceId],
     kind: Kind,
 ) -> Result<Vec<Option<Receipt>>, ApiError> {
-    let indexes: Vec<Option<u64>> = indexer::run(&gw.store, |tx| async move {
-        let reads = ids.iter().map(|id| {
-            let tx = &tx;
-            async move { lx::leaves_of_tx(tx, *id).await }
-        });
-        let found = futures::future::try_join_all(reads).await?;
-        Ok::<_, indexer::schema::SchemaError>(
-            found
-                .into_iter()
-                .map(|l| l.iter().find(|(_, k)| *k == kind).map(|(i, _)| *i))
-                .collect(),
-        )
+    let indexes = indexer::run(&gw.store, |tx| async move {
+        leaf_indexes_tx(&tx, ids.iter().copied(), kind).await
     })
     .await?;
     receipts_at(gw, &indexes).await
+}
+
+/// The leaf of the first statement of `kind` about each of `ids`, if any.
+async fn leaf_indexes_tx<T: indexer::kv::Transaction>(
+    tx: &T,
+    ids: impl Iterator<Item = EvidenceId>,
+    kind: Kind,
+) -> Result<Vec<Option<u64>>, indexer::schema::SchemaError> {
+    let reads = ids.map(|id| async move { lx::leaves_of_tx(tx, id).await });
+    let found = futures::future::try_join_all(reads).await?;
+    Ok(found
+        .into_iter()
+        .map(|l| l.iter().find(|(_, k)| *k == kind).map(|(i, _)| *i))
+        .collect())
 }
 
 /// The receipts of leaves `indexes` against the newest checkpoint (`None`
@@ -1123,17 +1124,13 @@ pub async fn wait_for_receipts<S: Store>(
             let missing = &missing;
             async move {
                 let size = lx::checkpoint_size_tx(&tx).await?;
-                let reads = missing.iter().map(|(_, id)| {
-                    let tx = &tx;
-                    async move { lx::leaves_of_tx(tx, *id).await }
-                });
-                let got = futures::future::try_join_all(reads).await?;
+                let got = leaf_indexes_tx(&tx, missing.iter().map(|(_, id)| *id), kind).await?;
                 Ok::<_, indexer::schema::SchemaError>((size, got))
             }
         })
         .await?;
-        for ((slot, _), leaves) in missing.iter().zip(got) {
-            found[*slot] = leaves.iter().find(|(_, k)| *k == kind).map(|(i, _)| *i);
+        for ((slot, _), index) in missing.iter().zip(got) {
+            found[*slot] = index;
         }
         let size = size.unwrap_or(0);
         if found.iter().all(|f| f.is_some_and(|i| i < size)) {
@@ -1684,6 +1681,7 @@ fn restore_chunks(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protocol::Blake3Hash;
 
     #[test]
     fn restore_chunks_hold_a_tile_and_stay_under_the_byte_budget() {
@@ -1711,7 +1709,6 @@ mod tests {
         assert_eq!(lens(restore_chunks(&odd, 256, 4 << 20)), vec![1, 1, 1]);
         assert!(restore_chunks(&[], 256, 4 << 20).is_empty());
     }
-    use protocol::Blake3Hash;
 
     #[test]
     fn statement_kind_reads_what_a_full_decode_reads() {

@@ -289,9 +289,10 @@ pub async fn fetch_stripe<S: Store>(
             .partition(|i| placed(i).is_some_and(|n| gw.nodes.is_healthy(n)));
         up.into_iter().chain(down).collect()
     };
-    let mut next = 0usize; // position in `order` of the next shard to ask for
-                           // Shards whose node did not answer; asked once more before the stripe is
-                           // called unrecoverable (a connection being replaced, a node restarting).
+    // Position in `order` of the next shard to ask for.
+    let mut next = 0usize;
+    // Shards whose node did not answer; asked once more before the stripe is
+    // called unrecoverable (a connection being replaced, a node restarting).
     let mut unanswered: Vec<usize> = Vec::new();
     let mut retried = false;
     let mut pending = FuturesUnordered::new();

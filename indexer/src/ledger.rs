@@ -396,48 +396,20 @@ pub async fn leaves_at_tx<T: Transaction>(
     Ok(out)
 }
 
-/// The openings of leaves `range` that are stored, in order: all of them for
-/// a range inside the tree.
+/// The openings of leaves `range` that are stored, in order and without a
+/// gap from `range.start`: all of them for a range inside the tree.
 pub async fn leaves_tx<T: Transaction>(
     tx: &T,
     range: std::ops::Range<u64>,
 ) -> Result<Vec<LeafRecord>, SchemaError> {
-    if range.is_empty() {
-        return Ok(Vec::new());
-    }
-    // The group holding `range.start` begins at or before it; the rest of
-    // the range is in the groups that begin inside it.
-    let head = tx
-        .get_range(
-            &[GROUP],
-            &u64_key(GROUP, range.start.saturating_add(1)),
-            1,
-            true,
-        )
-        .await?;
-    let tail = if range.end > range.start + 1 {
-        tx.get_range(
-            &u64_key(GROUP, range.start + 1),
-            &u64_key(GROUP, range.end),
-            0,
-            false,
-        )
+    let wanted: Vec<u64> = range.clone().collect();
+    Ok(leaves_at_tx(tx, &wanted)
         .await?
-    } else {
-        Vec::new()
-    };
-    let mut out = Vec::new();
-    for (key, value) in head.iter().chain(&tail) {
-        let first = group_first(key)?;
-        let group: Vec<LeafRecord> = decode_versioned(RECORD_V1, value)?;
-        for (i, leaf) in group.into_iter().enumerate() {
-            let n = first + i as u64;
-            if range.contains(&n) && n == range.start + out.len() as u64 {
-                out.push(leaf);
-            }
-        }
-    }
-    Ok(out)
+        .into_iter()
+        .zip(range)
+        .take_while(|((n, _), want)| n == want)
+        .map(|((_, leaf), _)| leaf)
+        .collect())
 }
 
 /// The leaves that name `evidence`, oldest first, with their kinds.
