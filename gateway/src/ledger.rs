@@ -308,14 +308,37 @@ impl Ledger {
         put_durably(&self.tiles, self.tiles_dir.clone(), files).await
     }
 
-    /// Reads one tile's archived openings (`None`: no such file).
-    pub async fn read_openings(&self, tile: u64) -> Result<Option<bytes::Bytes>, LedgerError> {
-        let path = StorePath::from(openings_path(tile));
-        match self.openings.get(&path).await {
-            Ok(got) => Ok(Some(got.bytes().await?)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e.into()),
+    /// Every archived leaf from leaf 0 up to the first gap, in order (see
+    /// [`lx::archive_chain`]).
+    pub async fn read_archive(&self) -> Result<Vec<lx::ArchivedLeaf>, LedgerError> {
+        use futures::TryStreamExt;
+        let names: Vec<StorePath> = self
+            .openings
+            .list(None)
+            .map_ok(|meta| meta.location)
+            .try_collect()
+            .await?;
+        let runs: Vec<(StorePath, std::ops::Range<u64>)> = names
+            .into_iter()
+            .filter_map(|n| lx::parse_archive_name(n.as_ref()).map(|r| (n, r)))
+            .collect();
+        let ranges: Vec<std::ops::Range<u64>> = runs.iter().map(|(_, r)| r.clone()).collect();
+        let mut archive = Vec::new();
+        for (i, from) in lx::archive_chain(&ranges) {
+            let (name, range) = &runs[i];
+            let got = self.openings.get(name).await?;
+            let run = lx::decode_archive(&got.bytes().await?)
+                .map_err(|e| LedgerError::Tree(format!("openings archive {name}: {e}")))?;
+            if run.first != range.start || run.leaves.len() as u64 != range.end - range.start {
+                return Err(LedgerError::Tree(format!(
+                    "openings archive {name} holds leaves {}..{}",
+                    run.first,
+                    run.first + run.leaves.len() as u64
+                )));
+            }
+            archive.extend(run.leaves.into_iter().skip((from - range.start) as usize));
         }
+        Ok(archive)
     }
 
     /// Reads a published file for `recover-index` (`None`: no such file).
@@ -390,11 +413,6 @@ fn statement_kind(statement: &[u8]) -> Option<Kind> {
             .ok()
             .map(|k| k.kind)
     })
-}
-
-/// Where tile `n`'s openings are archived.
-fn openings_path(n: u64) -> String {
-    format!("openings-{n:012}")
 }
 
 /// Writes files durably: object_store's local store writes each to a
@@ -727,7 +745,6 @@ async fn publish_state<S: Store>(
         None => stored_tiles(gw, old, state.size).await?,
     };
     let mut files = Vec::new();
-    let mut openings = Vec::new();
     for (tile, data) in tiles {
         files.push((pl::tile_path(&tile), data));
         if tile.level() != 0 {
@@ -735,8 +752,8 @@ async fn publish_state<S: Store>(
         }
         let start = tile.level_index() << TILE_HEIGHT;
         let end = start + u64::from(tile.width());
-        // Leaves before `split` (a partial tile's head, or all of them when
-        // nothing fresh is given) come from the index; `fresh` starts at `old`.
+        // A partial tile's head (or all of it when nothing fresh is given)
+        // comes from the index; `fresh` starts at `old`.
         let split = if fresh.is_empty() {
             end
         } else {
@@ -753,58 +770,25 @@ async fn publish_state<S: Store>(
         let from_fresh = fresh
             .get((split.saturating_sub(old)) as usize..(end.saturating_sub(old)) as usize)
             .unwrap_or(&[]);
-        let leaves: Vec<(&LeafRecord, Kind)> = stored
+        let commitments: Vec<&[u8]> = stored
             .iter()
-            .map(|l| (l, statement_kind(&l.statement).unwrap_or(Kind::Admin)))
-            .chain(from_fresh.iter().map(|(_, l, k)| (l, *k)))
+            .map(|l| &l.commitment[..])
+            .chain(from_fresh.iter().map(|(_, l, _)| &l.commitment[..]))
             .collect();
-        if leaves.len() as u64 != end - start {
+        if commitments.len() as u64 != end - start {
             return Err(LedgerError::Tree(format!(
                 "leaves {start}..{end}: {} openings found",
-                leaves.len()
+                commitments.len()
             )));
         }
-        // Hash-only notarizations have no manifest to archive.
-        let manifests = if leaves.iter().all(|(_, k)| *k == Kind::Notarized) {
-            vec![None; leaves.len()]
-        } else {
-            indexer::run(&gw.store, |tx| {
-                let leaves = &leaves;
-                async move {
-                    futures::future::try_join_all(leaves.iter().map(|(l, kind)| {
-                        let tx = &tx;
-                        async move {
-                            if *kind == Kind::Notarized {
-                                return Ok(None);
-                            }
-                            schema::get_any_manifest_tx(tx, l.evidence).await
-                        }
-                    }))
-                    .await
-                }
-            })
-            .await?
-        };
-        let bundle = pl::entry_bundle(leaves.iter().map(|(l, _)| &l.commitment[..]));
         let mut data_tile = tile;
         data_tile.set_is_data();
-        files.push((pl::tile_path(&data_tile), bundle));
-        let archived: Vec<lx::ArchivedLeaf> = leaves
-            .iter()
-            .zip(manifests)
-            .map(|((l, _), m)| lx::ArchivedLeaf {
-                evidence: l.evidence,
-                salt: l.salt,
-                statement: l.statement.clone(),
-                expunged: m.as_ref().is_some_and(|(_, x)| *x),
-                manifest: m.map(|(h, _)| h.encode()),
-            })
-            .collect();
-        openings.push((
-            openings_path(tile.level_index()),
-            lx::encode_archive(&archived),
-        ));
+        files.push((pl::tile_path(&data_tile), pl::entry_bundle(commitments)));
     }
+    let openings = match archive_run(gw, old, state.size, fresh).await? {
+        Some(run) => vec![(lx::archive_name(old, state.size), lx::encode_archive(&run))],
+        None => Vec::new(),
+    };
     // Openings and tiles durable before the checkpoint that names them is
     // signed: every leaf a checkpoint covers can be recovered.
     // (Both at once: on one filesystem the two syncfs share a journal commit.)
@@ -832,6 +816,89 @@ async fn publish_state<S: Store>(
         grew
     });
     Ok(())
+}
+
+/// The openings archive's run for leaves `old..size` (`None`: no leaves):
+/// `fresh` when given (the leaves just integrated), else read from the index,
+/// each with its manifest header as it stands now.
+async fn archive_run<S: Store>(
+    gw: &Gateway<S>,
+    old: u64,
+    size: u64,
+    fresh: &[(Vec<u8>, LeafRecord, Kind)],
+) -> Result<Option<lx::ArchiveRun>, LedgerError> {
+    if size <= old {
+        return Ok(None);
+    }
+    let mut read = Vec::new();
+    if fresh.is_empty() {
+        // Only after a crash or a restore (at most a few batches): a tile
+        // per transaction keeps each read short whatever the statements' sizes.
+        let mut at = old;
+        while at < size {
+            let to = size.min(at + (1 << TILE_HEIGHT));
+            let got = indexer::run(
+                &gw.store,
+                |tx| async move { lx::leaves_tx(&tx, at..to).await },
+            )
+            .await?;
+            if got.len() as u64 != to - at {
+                return Err(LedgerError::Tree(format!(
+                    "leaves {at}..{to}: {} openings found",
+                    got.len()
+                )));
+            }
+            read.extend(got.into_iter().map(|l| {
+                let kind = statement_kind(&l.statement).unwrap_or(Kind::Admin);
+                (l, kind)
+            }));
+            at = to;
+        }
+    }
+    let leaves: Vec<(&LeafRecord, Kind)> = if fresh.is_empty() {
+        read.iter().map(|(l, k)| (l, *k)).collect()
+    } else {
+        fresh.iter().map(|(_, l, k)| (l, *k)).collect()
+    };
+    if leaves.len() as u64 != size - old {
+        return Err(LedgerError::Tree(format!(
+            "leaves {old}..{size}: {} openings given",
+            leaves.len()
+        )));
+    }
+    // Hash-only notarizations have no manifest to archive.
+    let manifests = if leaves.iter().all(|(_, k)| *k == Kind::Notarized) {
+        vec![None; leaves.len()]
+    } else {
+        indexer::run(&gw.store, |tx| {
+            let leaves = &leaves;
+            async move {
+                futures::future::try_join_all(leaves.iter().map(|(l, kind)| {
+                    let tx = &tx;
+                    async move {
+                        if *kind == Kind::Notarized {
+                            return Ok(None);
+                        }
+                        schema::get_any_manifest_tx(tx, l.evidence).await
+                    }
+                }))
+                .await
+            }
+        })
+        .await?
+    };
+    let leaves = leaves
+        .iter()
+        .zip(manifests)
+        .map(|((l, _), m)| lx::ArchivedLeaf {
+            evidence: l.evidence,
+            salt: l.salt,
+            statement: l.statement.clone(),
+            expunged: m.as_ref().is_some_and(|(_, x)| *x),
+            manifest: m.map(|(h, _)| h.encode()),
+        })
+        .collect();
+    Ok(Some(lx::ArchiveRun { first: old, leaves }))
 }
 
 /// The hash tiles that changed from `old` to `size`, as the index holds them.
@@ -1571,20 +1638,7 @@ pub async fn restore<S: Store>(gw: &Gateway<S>) -> Result<RestoredLedger, Ledger
     };
     let cp = pl::verify_checkpoint(&note, &ledger.verifier_key)
         .map_err(|e| LedgerError::Tree(format!("the published checkpoint: {e}")))?;
-    let mut archive: Vec<lx::ArchivedLeaf> = Vec::new();
-    for tile in 0.. {
-        let Some(bytes) = ledger.read_openings(tile).await? else {
-            break;
-        };
-        let leaves = lx::decode_archive(&bytes)
-            .map_err(|e| LedgerError::Tree(format!("openings archive of tile {tile}: {e}")))?;
-        if archive.len() as u64 != tile << TILE_HEIGHT {
-            return Err(LedgerError::Tree(format!(
-                "openings archive: tile {tile} follows a partial tile"
-            )));
-        }
-        archive.extend(leaves);
-    }
+    let archive = ledger.read_archive().await?;
     if (archive.len() as u64) < cp.size {
         return Err(LedgerError::Tree(format!(
             "the openings archive holds {} leaves; the published checkpoint covers {}",

@@ -58,6 +58,8 @@ const BY_EVIDENCE: u8 = b'V';
 const NOTARIZED: u8 = b'O';
 
 const RECORD_V1: u8 = 1;
+/// The archive's record version (1 was one file per tile, without `first`).
+const ARCHIVE_V2: u8 = 2;
 
 /// A statement waiting for a leaf index.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,14 +84,79 @@ pub struct ArchivedLeaf {
     pub expunged: bool,
 }
 
-/// Encodes one tile's archived leaves.
-pub fn encode_archive(leaves: &[ArchivedLeaf]) -> Vec<u8> {
-    encode_versioned(RECORD_V1, &leaves)
+/// One file of the openings archive: the leaves `first..first + leaves.len()`
+/// as one integration published them. Its name is [`archive_name`], so a
+/// file is only ever rewritten with the same leaves (an integrator that lost
+/// its lease can at worst rewrite a run another integrator also wrote, never
+/// replace a longer run with a shorter one).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveRun {
+    pub first: u64,
+    pub leaves: Vec<ArchivedLeaf>,
+}
+
+/// Encodes a run of archived leaves.
+pub fn encode_archive(run: &ArchiveRun) -> Vec<u8> {
+    encode_versioned(ARCHIVE_V2, run)
 }
 
 /// Decodes [`encode_archive`]'s bytes.
-pub fn decode_archive(bytes: &[u8]) -> Result<Vec<ArchivedLeaf>, protocol::DecodeError> {
-    decode_versioned(RECORD_V1, bytes)
+pub fn decode_archive(bytes: &[u8]) -> Result<ArchiveRun, protocol::DecodeError> {
+    decode_versioned(ARCHIVE_V2, bytes)
+}
+
+/// The archive file of leaves `first..end`: `DDDDDDD/FFFF...-EEEE...`, a
+/// directory per 65,536 leaves and zero-padded decimal indexes, so names
+/// sort in leaf order.
+pub fn archive_name(first: u64, end: u64) -> String {
+    format!("{:07}/{first:020}-{end:020}", first >> 16)
+}
+
+/// The leaf range an archive file name stands for (`None`: not an archive
+/// file, such as a store's temporary file).
+pub fn parse_archive_name(name: &str) -> Option<std::ops::Range<u64>> {
+    let (dir, file) = name.rsplit_once('/')?;
+    let (first, end) = file.split_once('-')?;
+    if first.len() != 20 || end.len() != 20 || dir.len() != 7 {
+        return None;
+    }
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(first) || !digits(end) || !digits(dir) {
+        return None;
+    }
+    let (first, end): (u64, u64) = (first.parse().ok()?, end.parse().ok()?);
+    (first < end && dir.parse::<u64>().ok()? == first >> 16).then_some(first..end)
+}
+
+/// From archive files' leaf ranges (in any order), the files to read to
+/// cover leaves `0..n` for the greatest `n` they cover without a gap, in
+/// leaf order: each file with the leaf it is read from. Overlapping runs
+/// (a run re-published after a crash, say) are fine: the one reaching
+/// furthest wins.
+pub fn archive_chain(ranges: &[std::ops::Range<u64>]) -> Vec<(usize, u64)> {
+    let mut order: Vec<usize> = (0..ranges.len()).collect();
+    order.sort_by_key(|&i| ranges[i].start);
+    let mut chain = Vec::new();
+    let (mut pos, mut next) = (0u64, 0usize);
+    loop {
+        let mut best: Option<usize> = None;
+        while let Some(&i) = order.get(next) {
+            if ranges[i].start > pos {
+                break;
+            }
+            if best.is_none_or(|b| ranges[i].end > ranges[b].end) {
+                best = Some(i);
+            }
+            next += 1;
+        }
+        match best {
+            Some(b) if ranges[b].end > pos => {
+                chain.push((b, pos));
+                pos = ranges[b].end;
+            }
+            _ => return chain,
+        }
+    }
 }
 
 /// The opening of an integrated leaf.

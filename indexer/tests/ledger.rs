@@ -1,6 +1,7 @@
 //! The ledger's openings groups and hash tiles on the embedded store: leaves
 //! integrated in batches of any size (and statements of any size) read back
-//! exactly, one by one and by range.
+//! exactly, one by one and by range; the openings archive's runs chain
+//! back from their file names.
 
 use indexer::ledger::{self as lx, LeafRecord, TreeState, GROUP_BYTES, GROUP_LEAVES};
 use indexer::{run, EmbeddedStore};
@@ -149,4 +150,52 @@ async fn openings_integrated_in_groups_read_back_one_by_one_and_by_range() {
     .await
     .unwrap();
     assert_eq!(tiles, vec![Some(vec![7u8; 32]), None]);
+}
+
+/// Archive file names round-trip, sort in leaf order, and nothing else
+/// (temporary files, other layouts) is taken for a run.
+#[test]
+fn archive_names() {
+    for (a, b) in [(0, 1), (255, 8192), (65_535, 65_536), (65_536, 70_000)] {
+        let name = lx::archive_name(a, b);
+        assert_eq!(lx::parse_archive_name(&name), Some(a..b), "{name}");
+    }
+    assert!(lx::archive_name(9, 10) < lx::archive_name(10, 11));
+    assert!(lx::archive_name(65_535, 65_536) < lx::archive_name(65_536, 65_537));
+    for bad in [
+        "openings-000000000000",
+        "0000000/00000000000000000000-00000000000000000001#1",
+        "0000000/00000000000000000005-00000000000000000005",
+        "0000001/00000000000000000000-00000000000000000001",
+        "0000000/0000000000000000000x-00000000000000000001",
+        "00000000000000000000-00000000000000000001",
+    ] {
+        assert_eq!(lx::parse_archive_name(bad), None, "{bad}");
+    }
+}
+
+/// The runs read back cover leaves from 0 without a gap, each leaf once,
+/// whatever the runs' order and overlaps; a gap ends the archive.
+#[test]
+fn archive_chain_covers_without_gaps() {
+    // Read back the leaves a chain yields.
+    fn cover(ranges: &[std::ops::Range<u64>]) -> Vec<u64> {
+        lx::archive_chain(ranges)
+            .into_iter()
+            .flat_map(|(i, from)| from..ranges[i].end)
+            .collect()
+    }
+    assert_eq!(cover(&[]), Vec::<u64>::new());
+    assert_eq!(cover(&[1..5]), Vec::<u64>::new());
+    assert_eq!(cover(&[3..6, 0..3]), (0..6).collect::<Vec<_>>());
+    // A run re-published after a crash overlaps others.
+    assert_eq!(
+        cover(&[0..4, 4..8, 2..8, 8..9, 0..2]),
+        (0..9).collect::<Vec<_>>()
+    );
+    // A shorter duplicate never shortens the archive.
+    assert_eq!(cover(&[0..10, 0..4, 4..6]), (0..10).collect::<Vec<_>>());
+    assert_eq!(cover(&[0..4, 4..6, 7..9]), (0..6).collect::<Vec<_>>());
+    let chain = lx::archive_chain(&[0..4, 2..10]);
+    assert_eq!(chain, vec![(0, 0), (1, 4)]);
 }
