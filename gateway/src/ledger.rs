@@ -173,6 +173,12 @@ pub struct Ledger {
     /// `checkpoint` file (0: none yet).
     checkpoint_file: std::sync::atomic::AtomicU64,
     owner: u128,
+    /// The integrator lease this process last stored: fencing token and
+    /// expiry by this gateway's clock. Each integration renews it in its own
+    /// transaction, so a round only takes the lease in a transaction of its
+    /// own when less than half of it is left; every integration still checks
+    /// the fence, so a stale belief here costs a retry, never a fork.
+    lease: std::sync::Mutex<Option<(u64, u64)>>,
     pub receipt_wait: Duration,
     witnesses: Vec<WitnessEntry>,
     witness_interval: Duration,
@@ -267,6 +273,7 @@ impl Ledger {
             wake: Notify::new(),
             published: watch::channel(0).0,
             checkpoint_file: std::sync::atomic::AtomicU64::new(0),
+            lease: std::sync::Mutex::new(None),
             owner: {
                 let h = blake3::hash(identity.as_bytes());
                 let mut b = [0u8; 16];
@@ -639,9 +646,8 @@ pub fn spawn_integrator<S: Store>(gw: Arc<Gateway<S>>) -> tokio::task::JoinHandl
             return;
         };
         loop {
-            match integrate_once(&gw, &ledger).await {
-                Ok(true) => continue, // more may be queued
-                Ok(false) => {}
+            match integrate_pending(&gw, &ledger).await {
+                Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "ledger integration failed; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -655,19 +661,124 @@ pub fn spawn_integrator<S: Store>(gw: Arc<Gateway<S>>) -> tokio::task::JoinHandl
     })
 }
 
-/// One round; returns whether it integrated anything.
-pub async fn integrate_once<S: Store>(
+/// Integrates until the queue is empty; returns whether anything was
+/// integrated. Each batch's publication (tiles, openings, signature) runs
+/// beside the next batch's integration, on another worker, and publications
+/// run one after another in order, so every checkpoint is signed only once
+/// the tiles and openings of all the leaves it covers are durable. A failed
+/// publication stops the run; the next run's first round publishes what
+/// the index holds.
+pub async fn integrate_pending<S: Store>(
+    gw: &Arc<Gateway<S>>,
+    ledger: &Arc<Ledger>,
+) -> Result<bool, LedgerError> {
+    let mut publishing: Option<tokio::task::JoinHandle<Result<(), LedgerError>>> = None;
+    let mut any = false;
+    let outcome = loop {
+        match integrate_round(gw, ledger, publishing.is_none()).await {
+            Ok(Some(batch)) => {
+                any = true;
+                if let Some(previous) = publishing.take() {
+                    if let Err(e) = joined(previous).await {
+                        // This batch is integrated: the next run publishes it.
+                        return Err(e);
+                    }
+                }
+                let (gw, ledger) = (gw.clone(), ledger.clone());
+                publishing = Some(tokio::spawn(async move {
+                    publish_state(
+                        &gw,
+                        &ledger,
+                        batch.first,
+                        &batch.state,
+                        Some(batch.tiles),
+                        &batch.leaves,
+                    )
+                    .await?;
+                    gw.metrics.ledger_integrated(batch.state.size);
+                    Ok(())
+                }));
+            }
+            Ok(None) => break Ok(any),
+            Err(e) => break Err(e),
+        }
+    };
+    if let Some(last) = publishing {
+        joined(last).await?;
+    }
+    outcome
+}
+
+/// A publication task's outcome.
+async fn joined(task: tokio::task::JoinHandle<Result<(), LedgerError>>) -> Result<(), LedgerError> {
+    task.await
+        .map_err(|e| LedgerError::Tree(format!("ledger publication task: {e}")))?
+}
+
+/// A batch integrated into the index, still to publish.
+struct Integrated {
+    first: u64,
+    state: TreeState,
+    tiles: Vec<(Tile, Vec<u8>)>,
+    leaves: Vec<(Vec<u8>, LeafRecord, Kind)>,
+}
+
+/// One round: renews the lease and integrates the next batch (`None`: this
+/// gateway does not hold the lease, or nothing is queued). With `catch_up`
+/// (no publication in flight) it first publishes whatever the index holds
+/// beyond the newest checkpoint, as after a crash.
+async fn integrate_round<S: Store>(
     gw: &Gateway<S>,
     ledger: &Ledger,
-) -> Result<bool, LedgerError> {
+    catch_up: bool,
+) -> Result<Option<Integrated>, LedgerError> {
+    let started = std::time::Instant::now();
+    let outcome = integrate_round_leased(gw, ledger, catch_up, started).await;
+    if outcome.is_err() {
+        ledger.forget_lease();
+    }
+    outcome
+}
+
+impl Ledger {
+    /// The lease's fencing token if this process holds it with more than
+    /// half of it left at `now`.
+    fn held_lease(&self, now: u64) -> Option<u64> {
+        let held = *self.lease.lock().unwrap_or_else(|e| e.into_inner());
+        held.and_then(|(fence, until)| (until > now.saturating_add(LEASE_MS / 2)).then_some(fence))
+    }
+
+    fn remember_lease(&self, fence: u64, until: u64) {
+        *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some((fence, until));
+    }
+
+    fn forget_lease(&self) {
+        *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+async fn integrate_round_leased<S: Store>(
+    gw: &Gateway<S>,
+    ledger: &Ledger,
+    catch_up: bool,
+    started: std::time::Instant,
+) -> Result<Option<Integrated>, LedgerError> {
     let now = gw.clock.now_ms();
     let owner = ledger.owner;
-    let lease = indexer::run(&gw.store, |tx| async move {
-        lx::acquire_lease_tx(&tx, owner, now, LEASE_MS).await
-    })
-    .await?;
-    let Some(fence) = lease else {
-        return Ok(false); // another gateway integrates
+    let fence = match ledger.held_lease(now) {
+        Some(fence) => fence,
+        None => {
+            let lease = indexer::run(&gw.store, |tx| async move {
+                lx::acquire_lease_tx(&tx, owner, now, LEASE_MS).await
+            })
+            .await?;
+            let Some(fence) = lease else {
+                ledger.forget_lease();
+                return Ok(None); // another gateway integrates
+            };
+            ledger.remember_lease(fence, now.saturating_add(LEASE_MS));
+            fence
+        }
     };
     let (state, cp_size, pending) = indexer::run(&gw.store, |tx| async move {
         let state = lx::tree_state_tx(&tx).await?;
@@ -676,26 +787,31 @@ pub async fn integrate_once<S: Store>(
         Ok::<_, indexer::schema::SchemaError>((state, cp_size, pending))
     })
     .await?;
-    match cp_size {
-        // After a crash between integration and publication, or on the first
-        // start: publish what the index holds.
-        Some(cp) if cp >= state.size => {
-            publish_checkpoint(gw, ledger).await?;
-            ledger.published.send_if_modified(|s| {
-                let grew = *s < cp;
-                *s = (*s).max(cp);
-                grew
-            });
+    if catch_up {
+        match cp_size {
+            // After a crash between integration and publication, or on the
+            // first start: publish what the index holds.
+            Some(cp) if cp >= state.size => {
+                publish_checkpoint(gw, ledger).await?;
+                ledger.published.send_if_modified(|s| {
+                    let grew = *s < cp;
+                    *s = (*s).max(cp);
+                    grew
+                });
+            }
+            cp => publish_state(gw, ledger, cp.unwrap_or(0), &state, None, &[]).await?,
         }
-        cp => publish_state(gw, ledger, cp.unwrap_or(0), &state, None, &[]).await?,
+        if pending.is_empty() {
+            gw.metrics
+                .ledger_integrated(state.size.max(cp_size.unwrap_or(0)));
+        }
     }
     if pending.is_empty() {
-        gw.metrics
-            .ledger_integrated(state.size.max(cp_size.unwrap_or(0)));
-        return Ok(false);
+        return Ok(None);
     }
 
     // Leaves and new tree hashes.
+    let read = started.elapsed();
     let first = state.size;
     let leaves: Vec<(Vec<u8>, LeafRecord, Kind)> = pending
         .into_iter()
@@ -707,25 +823,41 @@ pub async fn integrate_once<S: Store>(
     let new_size = first + leaves.len() as u64;
     let mut known = HashMap::new();
     let (root, tiles) = extend_tree(gw, &mut known, first, &leaves).await?;
+    let hashed = started.elapsed();
     let next = TreeState {
         size: new_size,
         root: root.0,
         fence,
     };
+    let now = gw.clock.now_ms();
     indexer::run(&gw.store, |tx| {
         let (leaves, rows, next) = (&leaves, tile_rows(&tiles), &next);
         async move {
             lx::check_fence_tx(&tx, fence, first).await?;
+            lx::renew_lease_tx(&tx, owner, fence, now, LEASE_MS);
             lx::integrate_tx(&tx, first, leaves, &rows, next);
             Ok::<_, IntegrateError>(())
         }
     })
     .await?;
-    tracing::debug!(size = new_size, entries = leaves.len(), "ledger integrated");
-    // The tiles and openings were just computed: no need to read them back.
-    publish_state(gw, ledger, first, &next, Some(tiles), &leaves).await?;
-    gw.metrics.ledger_integrated(new_size);
-    Ok(true)
+    ledger.remember_lease(fence, now.saturating_add(LEASE_MS));
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    tracing::debug!(
+        size = new_size,
+        entries = leaves.len(),
+        read_ms = ms(read),
+        hash_ms = ms(hashed - read),
+        integrate_ms = ms(started.elapsed() - hashed),
+        "ledger integrated"
+    );
+    // The tiles and openings were just computed: publication needs not read
+    // them back.
+    Ok(Some(Integrated {
+        first,
+        state: next,
+        tiles,
+        leaves,
+    }))
 }
 
 /// Writes the tiles and entry bundles that change from `old` to `state.size`,
@@ -740,6 +872,7 @@ async fn publish_state<S: Store>(
     tiles: Option<Vec<(Tile, Vec<u8>)>>,
     fresh: &[(Vec<u8>, LeafRecord, Kind)],
 ) -> Result<(), LedgerError> {
+    let started = std::time::Instant::now();
     let tiles = match tiles {
         Some(t) => t,
         None => stored_tiles(gw, old, state.size).await?,
@@ -789,6 +922,7 @@ async fn publish_state<S: Store>(
         Some(run) => vec![(lx::archive_name(old, state.size), lx::encode_archive(&run))],
         None => Vec::new(),
     };
+    let prepared = started.elapsed();
     // Openings and tiles durable before the checkpoint that names them is
     // signed: every leaf a checkpoint covers can be recovered.
     // (Both at once: on one filesystem the two syncfs share a journal commit.)
@@ -797,6 +931,7 @@ async fn publish_state<S: Store>(
         ledger.publish_all(files),
     )
     .await?;
+    let written = started.elapsed();
     let note = pl::sign_checkpoint(
         &ledger.signer_key,
         &ledger.origin,
@@ -815,6 +950,14 @@ async fn publish_state<S: Store>(
         *s = (*s).max(size);
         grew
     });
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    tracing::debug!(
+        size,
+        prepare_ms = ms(prepared),
+        write_ms = ms(written - prepared),
+        sign_ms = ms(started.elapsed() - written),
+        "ledger published"
+    );
     Ok(())
 }
 

@@ -277,6 +277,17 @@ pub async fn acquire_lease_tx<T: Transaction>(
     Ok(Some(fence))
 }
 
+/// Extends the lease of `owner`, who holds it under `fence` (checked in the
+/// same transaction with [`check_fence_tx`]), to `now_ms + lease_ms`.
+pub fn renew_lease_tx<T: Transaction>(tx: &T, owner: u128, fence: u64, now_ms: u64, lease_ms: u64) {
+    let rec = LeaseRecord {
+        owner,
+        until_ms: now_ms.saturating_add(lease_ms),
+        fence,
+    };
+    tx.set(&ledger_key("lease"), &encode_versioned(RECORD_V1, &rec));
+}
+
 /// Why an integration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum IntegrateError {

@@ -408,6 +408,17 @@ async fn one_ledger_integrator_at_a_time_and_fenced() {
     assert!(matches!(fenced, Err(lx::IntegrateError::Fenced(_))));
     let ok = run(&s, |tx| async move { lx::check_fence_tx(&tx, b, 0).await }).await;
     assert_eq!(ok.unwrap().size, 0);
+    // An integration renews the lease in its own transaction: the holder
+    // keeps it past its first expiry, and others stay out.
+    run(&s, |tx| async move {
+        lx::check_fence_tx(&tx, b, 0).await?;
+        lx::renew_lease_tx(&tx, 2, b, 250, 100);
+        Ok::<_, lx::IntegrateError>(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(lease(1, 300).await, None, "renewed by 2 until 350");
+    assert_eq!(lease(2, 300).await, Some(b));
     let moved = run(&s, |tx| async move { lx::check_fence_tx(&tx, b, 3).await }).await;
     assert!(matches!(
         moved,

@@ -35,6 +35,11 @@ pub struct BenchLedgerArgs {
     /// Seconds of the latency run.
     #[arg(long, default_value_t = 10)]
     latency_secs: u64,
+    /// Run in this directory (created, must be empty) and keep it, to
+    /// measure on the disk the ledger will use. Default: a temporary
+    /// directory, removed afterwards.
+    #[arg(long)]
+    dir: Option<std::path::PathBuf>,
 }
 
 fn statement(n: u64) -> Statement {
@@ -74,8 +79,32 @@ async fn init(dir: &std::path::Path) -> Result<cluster::Cluster> {
     .await
 }
 
+/// Where a benchmark runs: a temporary directory or one the operator keeps.
+enum BenchDir {
+    Temp(tempfile::TempDir),
+    Kept(std::path::PathBuf),
+}
+
+impl BenchDir {
+    fn path(&self) -> &std::path::Path {
+        match self {
+            BenchDir::Temp(t) => t.path(),
+            BenchDir::Kept(p) => p,
+        }
+    }
+}
+
 pub async fn run(args: BenchLedgerArgs) -> Result<()> {
-    let tmp = tempfile::tempdir()?;
+    let tmp = match &args.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            if std::fs::read_dir(d)?.next().is_some() {
+                anyhow::bail!("--dir {}: the directory is not empty", d.display());
+            }
+            BenchDir::Kept(d.clone())
+        }
+        None => BenchDir::Temp(tempfile::tempdir()?),
+    };
 
     // 1. In process.
     let c = init(&tmp.path().join("inproc")).await?;
@@ -111,8 +140,11 @@ pub async fn run(args: BenchLedgerArgs) -> Result<()> {
         .await?;
     }
     let queued = queued_at.elapsed();
+    // The queue's pages are on disk before the clock starts, so the first
+    // batch's flush does not also write out the queue phase.
+    rustix::fs::syncfs(std::fs::File::open(tmp.path())?)?;
     let started = Instant::now();
-    while gateway::ledger::integrate_once(&gw, &ledger).await? {}
+    gateway::ledger::integrate_pending(&gw, &ledger).await?;
     let integrated = started.elapsed();
     let inproc = args.entries as f64 / integrated.as_secs_f64();
     println!(
