@@ -679,10 +679,9 @@ pub async fn integrate_pending<S: Store>(
             Ok(Some(batch)) => {
                 any = true;
                 if let Some(previous) = publishing.take() {
-                    if let Err(e) = joined(previous).await {
-                        // This batch is integrated: the next run publishes it.
-                        return Err(e);
-                    }
+                    // On failure this batch stays integrated and unpublished:
+                    // the next run's first round publishes it.
+                    joined(previous).await?;
                 }
                 let (gw, ledger) = (gw.clone(), ledger.clone());
                 publishing = Some(tokio::spawn(async move {
