@@ -244,10 +244,18 @@ fn notarize(api: &str, token: &str, base: u64, count: usize) -> Result<u64> {
     let mut resp = ureq::post(format!("{api}/v1/notarize"))
         .header("authorization", format!("Bearer {token}"))
         .send_json(serde_json::json!({ "items": items }))?;
-    let v: serde_json::Value = resp.body_mut().with_config().limit(1 << 30).read_json()?;
-    let with_receipt = v["items"]
-        .as_array()
-        .map(|a| a.iter().filter(|i| !i["receipt"].is_null()).count())
-        .unwrap_or(0);
+    // The client shares the machine with the gateway, so it only checks that
+    // every item came back with a receipt (skipped over, not built as a
+    // JSON tree); the receipts themselves are verified by the ledger tests.
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        items: Vec<Item>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Item {
+        receipt: Option<serde::de::IgnoredAny>,
+    }
+    let answer: Answer = resp.body_mut().with_config().limit(1 << 30).read_json()?;
+    let with_receipt = answer.items.iter().filter(|i| i.receipt.is_some()).count();
     Ok(with_receipt as u64)
 }
