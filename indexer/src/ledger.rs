@@ -66,6 +66,9 @@ const ARCHIVE_V2: u8 = 2;
 pub struct PendingRecord {
     pub evidence: EvidenceId,
     pub salt: [u8; 32],
+    // serde_bytes: postcard then copies the bytes in one go instead of one
+    // `u8` at a time (the encoding is the same: a varint length, the bytes).
+    #[serde(with = "serde_bytes")]
     pub statement: Vec<u8>,
 }
 
@@ -77,8 +80,10 @@ pub struct PendingRecord {
 pub struct ArchivedLeaf {
     pub evidence: EvidenceId,
     pub salt: [u8; 32],
+    #[serde(with = "serde_bytes")]
     pub statement: Vec<u8>,
     /// `ManifestHeader::encode()`; `None` for hash-only notarizations.
+    #[serde(with = "serde_bytes")]
     pub manifest: Option<Vec<u8>>,
     /// The manifest had been expunged by then.
     pub expunged: bool,
@@ -164,6 +169,7 @@ pub fn archive_chain(ranges: &[std::ops::Range<u64>]) -> Vec<(usize, u64)> {
 pub struct LeafRecord {
     pub evidence: EvidenceId,
     pub salt: [u8; 32],
+    #[serde(with = "serde_bytes")]
     pub statement: Vec<u8>,
     /// The log entry: `SHA-256(salt || statement)`.
     pub commitment: [u8; 32],

@@ -200,3 +200,112 @@ fn archive_chain_covers_without_gaps() {
     let chain = lx::archive_chain(&[0..4, 2..10]);
     assert_eq!(chain, vec![(0, 0), (1, 4)]);
 }
+
+/// The records as they were encoded before their byte fields were marked
+/// `serde_bytes`: indexes and archives written then must read the same.
+mod before_serde_bytes {
+    use protocol::EvidenceId;
+    #[derive(serde::Serialize, serde::Deserialize)]
+    pub struct Pending {
+        pub evidence: EvidenceId,
+        pub salt: [u8; 32],
+        pub statement: Vec<u8>,
+    }
+    #[derive(serde::Serialize, serde::Deserialize)]
+    pub struct Leaf {
+        pub evidence: EvidenceId,
+        pub salt: [u8; 32],
+        pub statement: Vec<u8>,
+        pub commitment: [u8; 32],
+    }
+    #[derive(serde::Serialize, serde::Deserialize)]
+    pub struct Archived {
+        pub evidence: EvidenceId,
+        pub salt: [u8; 32],
+        pub statement: Vec<u8>,
+        pub manifest: Option<Vec<u8>>,
+        pub expunged: bool,
+    }
+    #[derive(serde::Serialize, serde::Deserialize)]
+    pub struct Run {
+        pub first: u64,
+        pub leaves: Vec<Archived>,
+    }
+}
+
+#[test]
+fn byte_fields_encode_as_before() {
+    use protocol::wire::{decode_versioned, encode_versioned};
+    // Lengths around postcard's varint boundaries, and a 64 KiB statement.
+    for len in [0usize, 1, 127, 128, 300, 16_383, 16_384, 65_536] {
+        let l = leaf(len as u64);
+        let statement: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+
+        let old = before_serde_bytes::Pending {
+            evidence: l.evidence,
+            salt: l.salt,
+            statement: statement.clone(),
+        };
+        let new = lx::PendingRecord {
+            evidence: l.evidence,
+            salt: l.salt,
+            statement: statement.clone(),
+        };
+        let bytes = encode_versioned(1, &old);
+        assert_eq!(encode_versioned(1, &new), bytes, "pending, {len} bytes");
+        assert_eq!(
+            decode_versioned::<lx::PendingRecord>(1, &bytes).unwrap(),
+            new
+        );
+
+        let old = before_serde_bytes::Leaf {
+            evidence: l.evidence,
+            salt: l.salt,
+            statement: statement.clone(),
+            commitment: l.commitment,
+        };
+        let new = LeafRecord {
+            statement: statement.clone(),
+            ..l.clone()
+        };
+        let bytes = encode_versioned(1, &vec![old]);
+        assert_eq!(
+            encode_versioned(1, &vec![new.clone()]),
+            bytes,
+            "leaf, {len} bytes"
+        );
+        assert_eq!(
+            decode_versioned::<Vec<LeafRecord>>(1, &bytes).unwrap(),
+            vec![new]
+        );
+
+        for manifest in [
+            None,
+            Some(statement.iter().rev().copied().collect::<Vec<u8>>()),
+        ] {
+            let old = before_serde_bytes::Run {
+                first: len as u64,
+                leaves: vec![before_serde_bytes::Archived {
+                    evidence: l.evidence,
+                    salt: l.salt,
+                    statement: statement.clone(),
+                    manifest: manifest.clone(),
+                    expunged: len % 2 == 0,
+                }],
+            };
+            let new = lx::ArchiveRun {
+                first: len as u64,
+                leaves: vec![lx::ArchivedLeaf {
+                    evidence: l.evidence,
+                    salt: l.salt,
+                    statement: statement.clone(),
+                    manifest,
+                    expunged: len % 2 == 0,
+                }],
+            };
+            let bytes = encode_versioned(2, &old);
+            assert_eq!(lx::encode_archive(&new), bytes, "archive, {len} bytes");
+            assert_eq!(lx::decode_archive(&bytes).unwrap(), new);
+        }
+    }
+}
