@@ -1294,7 +1294,8 @@ async fn notarize<S: Store>(
         )));
     }
     let now = gw.clock.now_ms();
-    let mut queued = Vec::with_capacity(req.items.len());
+    let mut ids = Vec::with_capacity(req.items.len());
+    let mut pending = Vec::with_capacity(req.items.len());
     for (i, item) in req.items.into_iter().enumerate() {
         let bad =
             |what: &str| ApiError::BadRequest(format!("item {i}: {what} must be 64 hex digits"));
@@ -1321,16 +1322,17 @@ async fn notarize<S: Store>(
         );
         s.metadata_sha256 = item.metadata_sha256;
         s.provenance = item.provenance;
-        queued.push((id, crate::ledger::pending(id, &s)?));
+        ids.push(id);
+        pending.push(crate::ledger::pending(id, &s)?);
     }
     let tenant = who.tenant.clone();
     indexer::run(&gw.store, |tx| {
-        let (queued, tenant) = (&queued, &tenant);
+        let (ids, pending, tenant) = (&ids, &pending, &tenant);
         async move {
-            for (seq, (id, p)) in queued.iter().enumerate() {
+            for id in ids {
                 indexer::ledger::put_notarization_tx(&tx, *id, tenant);
-                indexer::ledger::enqueue_tx(&tx, seq as u16, p);
             }
+            indexer::ledger::enqueue_many_tx(&tx, pending);
             Ok::<_, schema::SchemaError>(())
         }
     })
@@ -1338,7 +1340,6 @@ async fn notarize<S: Store>(
     if let Some(l) = &gw.ledger {
         l.queued();
     }
-    let ids: Vec<EvidenceId> = queued.iter().map(|(id, _)| *id).collect();
     let receipts = crate::ledger::wait_for_receipts(&gw, &ids, Kind::Notarized).await?;
     // Serialised straight from the receipts (a JSON value tree would copy
     // every string of up to 1,000 receipts once more).

@@ -6,7 +6,8 @@
 //! unless said otherwise):
 //!
 //! ```text
-//! ("Q", versionstamp 10, seq u16)    = PendingRecord   outbox, ordered by commit
+//! ("Q", versionstamp 10, seq u16)    = PendingRecord   outbox, ordered by commit (v1: one statement,
+//!                                    | [PendingRecord]   v2: a chunk one transaction queued together)
 //! ("L", "state")                     = TreeState       size, root, fence of the last integration
 //! ("L", "lease")                     = LeaseRecord     the one integrator allowed to append
 //! ("L", "checkpoint")                = signed note     newest checkpoint (raw bytes)
@@ -60,6 +61,11 @@ const NOTARIZED: u8 = b'O';
 const RECORD_V1: u8 = 1;
 /// The archive's record version (1 was one file per tile, without `first`).
 const ARCHIVE_V2: u8 = 2;
+/// A queue value holding several statements ([`enqueue_many_tx`]).
+const QUEUE_CHUNK_V2: u8 = 2;
+/// What a queued statement's record adds to its length (evidence id, salt,
+/// length prefixes), counted when cutting chunks under the value limit.
+const RECORD_OVERHEAD: usize = 64;
 
 /// A statement waiting for a leaf index.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,7 +220,8 @@ fn by_evidence_prefix(evidence: &EvidenceId) -> Vec<u8> {
 /// Queues a statement; it is integrated after this transaction commits.
 /// Every key a transaction versionstamps gets the same stamp (as in
 /// FoundationDB), so `seq` must differ between the statements one transaction
-/// queues; it also orders them.
+/// queues; it also orders them. A transaction that queues many statements
+/// uses [`enqueue_many_tx`] instead (not both).
 pub fn enqueue_tx<T: Transaction>(tx: &T, seq: u16, rec: &PendingRecord) {
     tx.set_versionstamped_key(
         &[QUEUE],
@@ -223,25 +230,77 @@ pub fn enqueue_tx<T: Transaction>(tx: &T, seq: u16, rec: &PendingRecord) {
     );
 }
 
+/// Queues statements in order, as chunks of up to [`GROUP_BYTES`] (a
+/// statement and its record overhead counted) under one queue key each:
+/// the queue then costs a key per chunk, not per statement, both here and
+/// when the integration dequeues it.
+pub fn enqueue_many_tx<T: Transaction>(tx: &T, recs: &[PendingRecord]) {
+    let put = |seq: u16, chunk: &[PendingRecord]| {
+        tx.set_versionstamped_key(
+            &[QUEUE],
+            &seq.to_be_bytes(),
+            &encode_versioned(QUEUE_CHUNK_V2, &chunk),
+        );
+    };
+    let (mut seq, mut start, mut bytes) = (0u16, 0usize, 0usize);
+    for (i, r) in recs.iter().enumerate() {
+        let len = r.statement.len() + RECORD_OVERHEAD;
+        if i > start && bytes + len > GROUP_BYTES {
+            put(seq, &recs[start..i]);
+            seq += 1;
+            start = i;
+            bytes = 0;
+        }
+        bytes += len;
+    }
+    if start < recs.len() {
+        put(seq, &recs[start..]);
+    }
+}
+
 /// The oldest pending statements (at most `limit`, at most `max_bytes` of
-/// statements), with their queue keys.
+/// statements, but always at least one queue key's worth), with their queue
+/// keys. A chunk of [`enqueue_many_tx`] is taken whole or not at all, since
+/// the integration dequeues with one range clear up to the last key.
 pub async fn pending_tx<T: Transaction>(
     tx: &T,
     limit: usize,
     max_bytes: usize,
 ) -> Result<Vec<(Vec<u8>, PendingRecord)>, SchemaError> {
-    let rows = tx.get_range(&[QUEUE], &[QUEUE + 1], limit, false).await?;
-    let mut out = Vec::with_capacity(rows.len());
+    // Read in growing pages: a key holds one statement or a few hundred, and
+    // reading `limit` keys at once could read the whole queue.
+    let mut page = 16usize;
+    let mut out = Vec::new();
     let mut bytes = 0;
-    for (k, v) in rows {
-        let rec: PendingRecord = decode_versioned(RECORD_V1, &v)?;
-        bytes += rec.statement.len();
-        if bytes > max_bytes && !out.is_empty() {
-            break;
+    let mut from = vec![QUEUE];
+    loop {
+        let want = page.min(limit.max(1));
+        let rows = tx.get_range(&from, &[QUEUE + 1], want, false).await?;
+        let exhausted = rows.len() < want;
+        if let Some((last, _)) = rows.last() {
+            from = last.clone();
+            from.push(0);
         }
-        out.push((k, rec));
+        for (k, v) in rows {
+            let recs: Vec<PendingRecord> = match v.first() {
+                Some(&QUEUE_CHUNK_V2) => decode_versioned(QUEUE_CHUNK_V2, &v)?,
+                _ => vec![decode_versioned(RECORD_V1, &v)?],
+            };
+            let chunk: usize = recs.iter().map(|r| r.statement.len()).sum();
+            if !out.is_empty() && (out.len() + recs.len() > limit || bytes + chunk > max_bytes) {
+                return Ok(out);
+            }
+            bytes += chunk;
+            out.extend(recs.into_iter().map(|r| (k.clone(), r)));
+            if out.len() >= limit || bytes >= max_bytes {
+                return Ok(out);
+            }
+        }
+        if exhausted {
+            return Ok(out);
+        }
+        page = (page * 2).min(1024);
     }
-    Ok(out)
 }
 
 pub async fn tree_state_tx<T: Transaction>(tx: &T) -> Result<TreeState, SchemaError> {

@@ -309,3 +309,104 @@ fn byte_fields_encode_as_before() {
         }
     }
 }
+
+/// Statements queued one per key (as single filings do) and many per
+/// transaction (as `POST /v1/notarize` does, in chunks under the value limit)
+/// come out of the queue in order, each chunk whole: the integration
+/// dequeues with one range clear up to the last key it took.
+#[tokio::test]
+async fn queued_chunks_are_dequeued_whole_and_in_order() {
+    let (_dir, store) = store();
+    let rec = |n: u64| lx::PendingRecord {
+        evidence: EvidenceId::new(n, [3; 10]),
+        salt: [(n % 256) as u8; 32],
+        // Every 97th near the 64 KiB limit, so chunks are cut by bytes too.
+        statement: vec![
+            (n % 251) as u8;
+            if n.is_multiple_of(97) {
+                60_000
+            } else {
+                300 + (n % 50) as usize
+            }
+        ],
+    };
+    let all: Vec<lx::PendingRecord> = (0..1002).map(rec).collect();
+    let (alone, many, last) = (&all[0], &all[1..1001], &all[1001]);
+    for step in [Some(alone), None, Some(last)] {
+        run(&store, |tx| async move {
+            match step {
+                Some(p) => lx::enqueue_tx(&tx, 0, p),
+                None => lx::enqueue_many_tx(&tx, many),
+            }
+            Ok::<_, indexer::schema::SchemaError>(())
+        })
+        .await
+        .unwrap();
+    }
+    let mut got = Vec::new();
+    let mut keys = std::collections::HashSet::new();
+    let limits = [
+        (1usize, 1usize << 20),
+        (10, 1 << 20),
+        (500, 100_000),
+        (3, 1),
+        (8192, 1 << 24),
+    ];
+    for &(limit, max_bytes) in limits.iter().cycle().take(1000) {
+        let pending = run(&store, |tx| async move {
+            lx::pending_tx(&tx, limit, max_bytes).await
+        })
+        .await
+        .unwrap();
+        if pending.is_empty() {
+            break;
+        }
+        let distinct: std::collections::HashSet<&Vec<u8>> =
+            pending.iter().map(|(k, _)| k).collect();
+        let bytes: usize = pending.iter().map(|(_, p)| p.statement.len()).sum();
+        assert!(
+            distinct.len() == 1 || (pending.len() <= limit && bytes <= max_bytes),
+            "{} statements, {bytes} bytes over {} keys for limit {limit}, {max_bytes} bytes",
+            pending.len(),
+            distinct.len()
+        );
+        keys.extend(distinct.into_iter().cloned());
+        let first = got.len() as u64;
+        let leaves: Vec<(Vec<u8>, LeafRecord, Kind)> = pending
+            .iter()
+            .map(|(k, p)| {
+                let leaf = LeafRecord {
+                    evidence: p.evidence,
+                    salt: p.salt,
+                    statement: p.statement.clone(),
+                    commitment: [0; 32],
+                };
+                (k.clone(), leaf, Kind::Notarized)
+            })
+            .collect();
+        let state = TreeState {
+            size: first + leaves.len() as u64,
+            root: [0; 32],
+            fence: 0,
+        };
+        run(&store, |tx| {
+            let (leaves, state) = (&leaves, &state);
+            async move {
+                lx::integrate_tx(&tx, first, leaves, &[], state);
+                Ok::<_, indexer::schema::SchemaError>(())
+            }
+        })
+        .await
+        .unwrap();
+        got.extend(pending.into_iter().map(|(_, p)| p));
+    }
+    assert_eq!(got.len(), all.len());
+    assert!(got == all, "statements came out of the queue out of order");
+    // Chunks, not one key per statement: ~1,000 statements of ~330 bytes
+    // and ten of 60 kB in a few dozen keys.
+    assert!(
+        keys.len() > 2 && keys.len() < 40,
+        "{} queue keys",
+        keys.len()
+    );
+}

@@ -131,9 +131,7 @@ pub async fn run(args: BenchLedgerArgs) -> Result<()> {
         indexer::run(&gw.store, |tx| {
             let batch = &batch;
             async move {
-                for (seq, p) in batch.iter().enumerate() {
-                    indexer::ledger::enqueue_tx(&tx, seq as u16, p);
-                }
+                indexer::ledger::enqueue_many_tx(&tx, batch);
                 Ok::<_, indexer::schema::SchemaError>(())
             }
         })
