@@ -13,6 +13,12 @@
 //! 4. sign the checkpoint, store it in the index unless a larger one is there,
 //!    and publish it as `checkpoint`.
 //!
+//! Steps 3 and 4 of one batch run beside steps 1 and 2 of the next, and
+//! publications go out strictly in order (a batch's publication starts only
+//! after the previous one finished); a failed publication is redone from the
+//! index by the next round. The lease is renewed inside step 2's transaction,
+//! so holding it costs no transaction of its own while batches keep coming.
+//!
 //! A crash anywhere leaves the index ahead of the published checkpoint at
 //! worst; the next round re-publishes from the index, which holds every hash,
 //! so tiles and checkpoints are always rebuilt for a tree that was committed
