@@ -63,6 +63,9 @@ const RECORD_V1: u8 = 1;
 const ARCHIVE_V2: u8 = 2;
 /// A queue value holding several statements ([`enqueue_many_tx`]).
 const QUEUE_CHUNK_V2: u8 = 2;
+/// The first queue-key suffix of a transaction's chunks; single statements
+/// ([`enqueue_tx`]) use the suffixes below it.
+pub const CHUNK_SEQ: u16 = 0x8000;
 /// What a queued statement's record adds to its length (evidence id, salt,
 /// length prefixes), counted when cutting chunks under the value limit.
 const RECORD_OVERHEAD: usize = 64;
@@ -220,9 +223,13 @@ fn by_evidence_prefix(evidence: &EvidenceId) -> Vec<u8> {
 /// Queues a statement; it is integrated after this transaction commits.
 /// Every key a transaction versionstamps gets the same stamp (as in
 /// FoundationDB), so `seq` must differ between the statements one transaction
-/// queues; it also orders them. A transaction that queues many statements
-/// uses [`enqueue_many_tx`] instead (not both).
+/// queues; it also orders them, and stays below [`CHUNK_SEQ`], where the
+/// chunks of [`enqueue_many_tx`] start (so the two never share a key).
 pub fn enqueue_tx<T: Transaction>(tx: &T, seq: u16, rec: &PendingRecord) {
+    debug_assert!(
+        seq < CHUNK_SEQ,
+        "single statements are queued below CHUNK_SEQ"
+    );
     tx.set_versionstamped_key(
         &[QUEUE],
         &seq.to_be_bytes(),
@@ -233,7 +240,10 @@ pub fn enqueue_tx<T: Transaction>(tx: &T, seq: u16, rec: &PendingRecord) {
 /// Queues statements in order, as chunks of up to [`GROUP_BYTES`] (a
 /// statement and its record overhead counted) under one queue key each:
 /// the queue then costs a key per chunk, not per statement, both here and
-/// when the integration dequeues it.
+/// when the integration dequeues it. Chunk keys are numbered from
+/// [`CHUNK_SEQ`], after any statement the same transaction queues singly.
+/// (A gateway of a version before chunks cannot read them: upgrade every
+/// gateway before any of them queues chunks.)
 pub fn enqueue_many_tx<T: Transaction>(tx: &T, recs: &[PendingRecord]) {
     let put = |seq: u16, chunk: &[PendingRecord]| {
         tx.set_versionstamped_key(
@@ -242,7 +252,9 @@ pub fn enqueue_many_tx<T: Transaction>(tx: &T, recs: &[PendingRecord]) {
             &encode_versioned(QUEUE_CHUNK_V2, &chunk),
         );
     };
-    let (mut seq, mut start, mut bytes) = (0u16, 0usize, 0usize);
+    // Every chunk but the last holds over 24 kB and a transaction at most
+    // 10 MB, so the numbers stay far below u16::MAX.
+    let (mut seq, mut start, mut bytes) = (CHUNK_SEQ, 0usize, 0usize);
     for (i, r) in recs.iter().enumerate() {
         let len = r.statement.len() + RECORD_OVERHEAD;
         if i > start && bytes + len > GROUP_BYTES {
@@ -259,8 +271,8 @@ pub fn enqueue_many_tx<T: Transaction>(tx: &T, recs: &[PendingRecord]) {
 }
 
 /// The oldest pending statements (at most `limit`, at most `max_bytes` of
-/// statements, but always at least one queue key's worth), with their queue
-/// keys. A chunk of [`enqueue_many_tx`] is taken whole or not at all, since
+/// statements, but always at least one queue key's worth, also when `limit`
+/// is 0), with their queue keys. A chunk of [`enqueue_many_tx`] is taken whole or not at all, since
 /// the integration dequeues with one range clear up to the last key.
 pub async fn pending_tx<T: Transaction>(
     tx: &T,

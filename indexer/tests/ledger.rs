@@ -330,24 +330,38 @@ async fn queued_chunks_are_dequeued_whole_and_in_order() {
             }
         ],
     };
-    let all: Vec<lx::PendingRecord> = (0..1002).map(rec).collect();
-    let (alone, many, last) = (&all[0], &all[1..1001], &all[1001]);
-    for step in [Some(alone), None, Some(last)] {
+    // 40 statements queued alone (more keys than the first page of the
+    // queue read), then 1,000 in one transaction, then one alone and 100 as
+    // chunks in the same transaction.
+    let all: Vec<lx::PendingRecord> = (0..1141).map(rec).collect();
+    for p in &all[..40] {
         run(&store, |tx| async move {
-            match step {
-                Some(p) => lx::enqueue_tx(&tx, 0, p),
-                None => lx::enqueue_many_tx(&tx, many),
-            }
+            lx::enqueue_tx(&tx, 0, p);
             Ok::<_, indexer::schema::SchemaError>(())
         })
         .await
         .unwrap();
     }
+    let (many, alone, more) = (&all[40..1040], &all[1040], &all[1041..]);
+    run(&store, |tx| async move {
+        lx::enqueue_many_tx(&tx, many);
+        Ok::<_, indexer::schema::SchemaError>(())
+    })
+    .await
+    .unwrap();
+    run(&store, |tx| async move {
+        lx::enqueue_tx(&tx, 0, alone);
+        lx::enqueue_many_tx(&tx, more);
+        Ok::<_, indexer::schema::SchemaError>(())
+    })
+    .await
+    .unwrap();
     let mut got = Vec::new();
     let mut keys = std::collections::HashSet::new();
     let limits = [
         (1usize, 1usize << 20),
-        (10, 1 << 20),
+        // More than the first page of 16 keys: the read goes on a page.
+        (30, 1 << 20),
         (500, 100_000),
         (3, 1),
         (8192, 1 << 24),
@@ -402,10 +416,10 @@ async fn queued_chunks_are_dequeued_whole_and_in_order() {
     }
     assert_eq!(got.len(), all.len());
     assert!(got == all, "statements came out of the queue out of order");
-    // Chunks, not one key per statement: ~1,000 statements of ~330 bytes
-    // and ten of 60 kB in a few dozen keys.
+    // Chunks, not one key per statement: besides the 41 single statements,
+    // ~1,100 statements of ~330 bytes and a dozen of 60 kB in a few dozen keys.
     assert!(
-        keys.len() > 2 && keys.len() < 40,
+        keys.len() > 41 + 2 && keys.len() < 41 + 40,
         "{} queue keys",
         keys.len()
     );
