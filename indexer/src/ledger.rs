@@ -272,8 +272,9 @@ pub fn enqueue_many_tx<T: Transaction>(tx: &T, recs: &[PendingRecord]) {
 
 /// The oldest pending statements (at most `limit`, at most `max_bytes` of
 /// statements, but always at least one queue key's worth, also when `limit`
-/// is 0), with their queue keys. A chunk of [`enqueue_many_tx`] is taken whole or not at all, since
-/// the integration dequeues with one range clear up to the last key.
+/// is 0), with their queue keys. A chunk of [`enqueue_many_tx`] is taken
+/// whole or not at all, since the integration dequeues with one range clear
+/// up to the last key.
 pub async fn pending_tx<T: Transaction>(
     tx: &T,
     limit: usize,
@@ -345,12 +346,7 @@ pub async fn acquire_lease_tx<T: Transaction>(
         Some(l) => l.fence + 1,
         None => 1,
     };
-    let rec = LeaseRecord {
-        owner,
-        until_ms: now_ms.saturating_add(lease_ms),
-        fence,
-    };
-    tx.set(&key, &encode_versioned(RECORD_V1, &rec));
+    renew_lease_tx(tx, owner, fence, now_ms, lease_ms);
     Ok(Some(fence))
 }
 

@@ -79,35 +79,19 @@ async fn init(dir: &std::path::Path) -> Result<cluster::Cluster> {
     .await
 }
 
-/// Where a benchmark runs: a temporary directory or one the operator keeps.
-enum BenchDir {
-    Temp(tempfile::TempDir),
-    Kept(std::path::PathBuf),
-}
-
-impl BenchDir {
-    fn path(&self) -> &std::path::Path {
-        match self {
-            BenchDir::Temp(t) => t.path(),
-            BenchDir::Kept(p) => p,
+pub async fn run(args: BenchLedgerArgs) -> Result<()> {
+    // As `custodia bench --dir`: a kept directory, else a temporary one.
+    let tmp = tempfile::tempdir()?;
+    if let Some(d) = &args.dir {
+        std::fs::create_dir_all(d)?;
+        if std::fs::read_dir(d)?.next().is_some() {
+            anyhow::bail!("--dir {}: the directory is not empty", d.display());
         }
     }
-}
-
-pub async fn run(args: BenchLedgerArgs) -> Result<()> {
-    let tmp = match &args.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            if std::fs::read_dir(d)?.next().is_some() {
-                anyhow::bail!("--dir {}: the directory is not empty", d.display());
-            }
-            BenchDir::Kept(d.clone())
-        }
-        None => BenchDir::Temp(tempfile::tempdir()?),
-    };
+    let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
 
     // 1. In process.
-    let c = init(&tmp.path().join("inproc")).await?;
+    let c = init(&dir.join("inproc")).await?;
     let store = indexer::EmbeddedStore::open(&c.gateway.index_path)?;
     let gw = Arc::new(gateway::Gateway::new(
         c.gateway.clone(),
@@ -140,7 +124,7 @@ pub async fn run(args: BenchLedgerArgs) -> Result<()> {
     let queued = queued_at.elapsed();
     // The queue's pages are on disk before the clock starts, so the first
     // batch's flush does not also write out the queue phase.
-    rustix::fs::syncfs(std::fs::File::open(tmp.path())?)?;
+    rustix::fs::syncfs(std::fs::File::open(&dir)?)?;
     let started = Instant::now();
     gateway::ledger::integrate_pending(&gw, &ledger).await?;
     let integrated = started.elapsed();
@@ -158,11 +142,11 @@ pub async fn run(args: BenchLedgerArgs) -> Result<()> {
     drop(gw);
 
     // 2. Over HTTP.
-    let c = init(&tmp.path().join("http")).await?;
+    let c = init(&dir.join("http")).await?;
     let store = indexer::EmbeddedStore::open(&c.gateway.index_path)?;
     let running = gateway::serve(c.gateway.clone(), store, prometheus::Registry::new()).await?;
     let api = format!("http://{}", running.local_addr);
-    let token = std::fs::read_to_string(tmp.path().join("http").join(cluster::ADMIN_TOKEN_FILE))?;
+    let token = std::fs::read_to_string(dir.join("http").join(cluster::ADMIN_TOKEN_FILE))?;
     let token = token.trim().to_owned();
     let requests = args.http_entries.div_ceil(1000);
     let t = Instant::now();
