@@ -13,11 +13,16 @@
 //! 4. sign the checkpoint, store it in the index unless a larger one is there,
 //!    and publish it as `checkpoint`.
 //!
-//! Steps 3 and 4 of one batch run beside steps 1 and 2 of the next, and
-//! publications go out strictly in order (a batch's publication starts only
-//! after the previous one finished); a failed publication is redone from the
-//! index by the next round. The lease is renewed inside step 2's transaction,
-//! so holding it costs no transaction of its own while batches keep coming.
+//! Three batches are in flight at once: while batch N's step-2 transaction
+//! commits, batch N+1 is read (from the queue key after N's last) and hashed
+//! on top of N's tree hashes kept in memory, and batch N-1 is published
+//! (steps 3 and 4). N+1's transaction starts only after N's committed, and
+//! checks the tree size it extends, so a batch read ahead of a failed commit
+//! is never integrated. Publications go out strictly in order (a batch's
+//! publication starts only after its commit and the previous publication); a
+//! failed publication is redone from the index by the next round. The lease
+//! is renewed inside step 2's transaction, so holding it costs no
+//! transaction of its own while batches keep coming.
 //!
 //! A crash anywhere leaves the index ahead of the published checkpoint at
 //! worst; the next round re-publishes from the index, which holds every hash,
@@ -668,46 +673,84 @@ pub fn spawn_integrator<S: Store>(gw: Arc<Gateway<S>>) -> tokio::task::JoinHandl
 }
 
 /// Integrates until the queue is empty; returns whether anything was
-/// integrated. Each batch's publication (tiles, openings, signature) runs
-/// beside the next batch's integration, on another worker, and publications
-/// run one after another in order, so every checkpoint is signed only once
-/// the tiles and openings of all the leaves it covers are durable. A failed
-/// publication stops the run; the next run's first round publishes what
-/// the index holds.
+/// integrated. Three batches move at once: batch N+1 is read and hashed
+/// while batch N's integration transaction commits, and batch N-1's
+/// publication (tiles, openings, signature) runs on another worker.
+/// Publications run one after another in order, and each starts only once
+/// its batch has committed, so every checkpoint is signed only once the
+/// tiles and openings of all the leaves it covers are durable; a batch read
+/// ahead is integrated only if the one before it committed (its transaction
+/// checks the tree size it extends). A failed commit or publication stops
+/// the run; the next run starts from the index and first publishes what the
+/// index holds.
 pub async fn integrate_pending<S: Store>(
     gw: &Arc<Gateway<S>>,
     ledger: &Arc<Ledger>,
 ) -> Result<bool, LedgerError> {
     let mut publishing: Option<tokio::task::JoinHandle<Result<(), LedgerError>>> = None;
+    let mut committing: Option<tokio::task::JoinHandle<Result<Integrated, LedgerError>>> = None;
+    // Where the next batch starts while the previous one is committing.
+    let mut ahead: Option<Ahead> = None;
+    // Tree hashes of the batches not yet known to be in the index, and
+    // others read from it.
+    let mut known: HashMap<u64, TreeHash> = HashMap::new();
     let mut any = false;
     let outcome = loop {
-        match integrate_round(gw, ledger, publishing.is_none()).await {
-            Ok(Some(batch)) => {
-                any = true;
-                if let Some(previous) = publishing.take() {
-                    // On failure this batch stays integrated and unpublished:
-                    // the next run's first round publishes it.
-                    joined(previous).await?;
+        let catch_up = publishing.is_none() && committing.is_none();
+        let started = std::time::Instant::now();
+        let prepared = prepare_round(gw, ledger, catch_up, ahead.take(), &mut known, started).await;
+        if prepared.is_err() {
+            ledger.forget_lease();
+        }
+        if let Some(task) = committing.take() {
+            let batch = match task.await {
+                Ok(Ok(batch)) => batch,
+                Ok(Err(e)) => break Err(e),
+                Err(e) => break Err(LedgerError::Tree(format!("ledger commit task: {e}"))),
+            };
+            // Everything before the batch just prepared is in the index now.
+            if let Ok(Some(p)) = &prepared {
+                let base = tlog_tiles::stored_hash_index(0, p.first);
+                known.retain(|i, _| *i >= base);
+            }
+            if let Some(previous) = publishing.take() {
+                // On failure this batch stays integrated and unpublished:
+                // the next run's first round publishes it.
+                if let Err(e) = joined(previous).await {
+                    break Err(e);
                 }
-                let (gw, ledger) = (gw.clone(), ledger.clone());
-                publishing = Some(tokio::spawn(async move {
-                    publish_state(
-                        &gw,
-                        &ledger,
-                        batch.first,
-                        &batch.state,
-                        Some(batch.tiles),
-                        &batch.leaves,
-                    )
-                    .await?;
-                    gw.metrics.ledger_integrated(batch.state.size);
-                    Ok(())
-                }));
+            }
+            let (gw, ledger) = (gw.clone(), ledger.clone());
+            publishing = Some(tokio::spawn(async move {
+                publish_state(
+                    &gw,
+                    &ledger,
+                    batch.first,
+                    &batch.state,
+                    Some(batch.tiles),
+                    &batch.leaves,
+                )
+                .await?;
+                gw.metrics.ledger_integrated(batch.state.size);
+                Ok(())
+            }));
+        }
+        match prepared {
+            Ok(Some(p)) => {
+                any = true;
+                ahead = p.leaves.last().map(|(key, ..)| Ahead {
+                    size: p.next.size,
+                    after: key.clone(),
+                    fence: p.fence,
+                });
+                committing = Some(tokio::spawn(commit_round(gw.clone(), ledger.clone(), p)));
             }
             Ok(None) => break Ok(any),
             Err(e) => break Err(e),
         }
     };
+    // Every way out of the loop has awaited the commit in flight.
+    debug_assert!(committing.is_none());
     if let Some(last) = publishing {
         joined(last).await?;
     }
@@ -728,21 +771,24 @@ struct Integrated {
     leaves: Vec<(Vec<u8>, LeafRecord, Kind)>,
 }
 
-/// One round: renews the lease and integrates the next batch (`None`: this
-/// gateway does not hold the lease, or nothing is queued). With `catch_up`
-/// (no publication in flight) it first publishes whatever the index holds
-/// beyond the newest checkpoint, as after a crash.
-async fn integrate_round<S: Store>(
-    gw: &Gateway<S>,
-    ledger: &Ledger,
-    catch_up: bool,
-) -> Result<Option<Integrated>, LedgerError> {
-    let started = std::time::Instant::now();
-    let outcome = integrate_round_leased(gw, ledger, catch_up, started).await;
-    if outcome.is_err() {
-        ledger.forget_lease();
-    }
-    outcome
+/// A batch read and hashed, to integrate.
+struct Prepared {
+    first: u64,
+    fence: u64,
+    next: TreeState,
+    tiles: Vec<(Tile, Vec<u8>)>,
+    leaves: Vec<(Vec<u8>, LeafRecord, Kind)>,
+    started: std::time::Instant,
+    read: Duration,
+    hashed: Duration,
+}
+
+/// The end of a batch whose integration is still committing: the tree size
+/// it makes, its last queue key, and the fencing token it holds.
+struct Ahead {
+    size: u64,
+    after: Vec<u8>,
+    fence: u64,
 }
 
 impl Ledger {
@@ -762,62 +808,70 @@ impl Ledger {
     }
 }
 
-async fn integrate_round_leased<S: Store>(
+/// Reads and hashes the next batch (`None`: this gateway does not hold the
+/// lease, or nothing is queued). Without `ahead` it starts from the index's
+/// tree; with `ahead`, from the end of the batch still committing. With
+/// `catch_up` (nothing in flight) it first publishes whatever the index holds
+/// beyond the newest checkpoint, as after a crash.
+async fn prepare_round<S: Store>(
     gw: &Gateway<S>,
     ledger: &Ledger,
     catch_up: bool,
+    ahead: Option<Ahead>,
+    known: &mut HashMap<u64, TreeHash>,
     started: std::time::Instant,
-) -> Result<Option<Integrated>, LedgerError> {
-    let now = gw.clock.now_ms();
-    let owner = ledger.owner;
-    let fence = match ledger.held_lease(now) {
-        Some(fence) => fence,
-        None => {
-            let lease = indexer::run(&gw.store, |tx| async move {
-                lx::acquire_lease_tx(&tx, owner, now, LEASE_MS).await
+) -> Result<Option<Prepared>, LedgerError> {
+    let (first, fence, pending) = match ahead {
+        Some(Ahead { size, after, fence }) => {
+            let after = &after;
+            let pending = indexer::run(&gw.store, |tx| async move {
+                lx::pending_after_tx(&tx, after, BATCH_ENTRIES, BATCH_BYTES).await
             })
             .await?;
-            let Some(fence) = lease else {
-                ledger.forget_lease();
+            (size, fence, pending)
+        }
+        None => {
+            let Some(fence) = current_lease(gw, ledger).await? else {
                 return Ok(None); // another gateway integrates
             };
-            ledger.remember_lease(fence, now.saturating_add(LEASE_MS));
-            fence
+            let (state, cp_size, pending) = indexer::run(&gw.store, |tx| async move {
+                let state = lx::tree_state_tx(&tx).await?;
+                let cp_size = lx::checkpoint_size_tx(&tx).await?;
+                let pending = lx::pending_tx(&tx, BATCH_ENTRIES, BATCH_BYTES).await?;
+                Ok::<_, indexer::schema::SchemaError>((state, cp_size, pending))
+            })
+            .await?;
+            if catch_up {
+                match cp_size {
+                    // After a crash between integration and publication, or
+                    // on the first start: publish what the index holds.
+                    Some(cp) if cp >= state.size => {
+                        publish_checkpoint(gw, ledger).await?;
+                        ledger.published.send_if_modified(|s| {
+                            let grew = *s < cp;
+                            *s = (*s).max(cp);
+                            grew
+                        });
+                    }
+                    cp => publish_state(gw, ledger, cp.unwrap_or(0), &state, None, &[]).await?,
+                }
+                if pending.is_empty() {
+                    gw.metrics
+                        .ledger_integrated(state.size.max(cp_size.unwrap_or(0)));
+                }
+            }
+            // Hashes kept from an earlier run may predate another
+            // integrator's batches.
+            known.clear();
+            (state.size, fence, pending)
         }
     };
-    let (state, cp_size, pending) = indexer::run(&gw.store, |tx| async move {
-        let state = lx::tree_state_tx(&tx).await?;
-        let cp_size = lx::checkpoint_size_tx(&tx).await?;
-        let pending = lx::pending_tx(&tx, BATCH_ENTRIES, BATCH_BYTES).await?;
-        Ok::<_, indexer::schema::SchemaError>((state, cp_size, pending))
-    })
-    .await?;
-    if catch_up {
-        match cp_size {
-            // After a crash between integration and publication, or on the
-            // first start: publish what the index holds.
-            Some(cp) if cp >= state.size => {
-                publish_checkpoint(gw, ledger).await?;
-                ledger.published.send_if_modified(|s| {
-                    let grew = *s < cp;
-                    *s = (*s).max(cp);
-                    grew
-                });
-            }
-            cp => publish_state(gw, ledger, cp.unwrap_or(0), &state, None, &[]).await?,
-        }
-        if pending.is_empty() {
-            gw.metrics
-                .ledger_integrated(state.size.max(cp_size.unwrap_or(0)));
-        }
-    }
     if pending.is_empty() {
         return Ok(None);
     }
 
     // Leaves and new tree hashes.
     let read = started.elapsed();
-    let first = state.size;
     let leaves: Vec<(Vec<u8>, LeafRecord, Kind)> = pending
         .into_iter()
         .map(|(key, p)| {
@@ -826,17 +880,64 @@ async fn integrate_round_leased<S: Store>(
         })
         .collect();
     let new_size = first + leaves.len() as u64;
-    let mut known = HashMap::new();
-    let (root, tiles) = extend_tree(gw, &mut known, first, &leaves).await?;
+    let (root, tiles) = extend_tree(gw, known, first, &leaves).await?;
     let hashed = started.elapsed();
-    let next = TreeState {
-        size: new_size,
-        root: root.0,
+    Ok(Some(Prepared {
+        first,
         fence,
-    };
+        next: TreeState {
+            size: new_size,
+            root: root.0,
+            fence,
+        },
+        tiles,
+        leaves,
+        started,
+        read,
+        hashed,
+    }))
+}
+
+/// The fencing token of the integrator lease, taken or renewed when less
+/// than half of it is left (`None`: another gateway holds it).
+async fn current_lease<S: Store>(
+    gw: &Gateway<S>,
+    ledger: &Ledger,
+) -> Result<Option<u64>, LedgerError> {
     let now = gw.clock.now_ms();
-    indexer::run(&gw.store, |tx| {
-        let (leaves, rows, next) = (&leaves, tile_rows(&tiles), &next);
+    if let Some(fence) = ledger.held_lease(now) {
+        return Ok(Some(fence));
+    }
+    let owner = ledger.owner;
+    let lease = indexer::run(&gw.store, |tx| async move {
+        lx::acquire_lease_tx(&tx, owner, now, LEASE_MS).await
+    })
+    .await?;
+    match lease {
+        Some(fence) => {
+            ledger.remember_lease(fence, now.saturating_add(LEASE_MS));
+            Ok(Some(fence))
+        }
+        None => {
+            ledger.forget_lease();
+            Ok(None)
+        }
+    }
+}
+
+/// Integrates a prepared batch in one transaction: checks the fence and that
+/// the tree is still the size the batch extends, renews the lease, writes
+/// the openings and tiles and dequeues the batch.
+async fn commit_round<S: Store>(
+    gw: Arc<Gateway<S>>,
+    ledger: Arc<Ledger>,
+    p: Prepared,
+) -> Result<Integrated, LedgerError> {
+    let (first, fence, owner) = (p.first, p.fence, ledger.owner);
+    let now = gw.clock.now_ms();
+    let committing = p.started.elapsed();
+    let outcome = indexer::run(&gw.store, |tx| {
+        let (leaves, rows, next) = (&p.leaves, tile_rows(&p.tiles), &p.next);
         async move {
             lx::check_fence_tx(&tx, fence, first).await?;
             lx::renew_lease_tx(&tx, owner, fence, now, LEASE_MS);
@@ -844,25 +945,30 @@ async fn integrate_round_leased<S: Store>(
             Ok::<_, IntegrateError>(())
         }
     })
-    .await?;
+    .await;
+    if let Err(e) = outcome {
+        ledger.forget_lease();
+        return Err(e.into());
+    }
     ledger.remember_lease(fence, now.saturating_add(LEASE_MS));
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     tracing::debug!(
-        size = new_size,
-        entries = leaves.len(),
-        read_ms = ms(read),
-        hash_ms = ms(hashed - read),
-        integrate_ms = ms(started.elapsed() - hashed),
+        size = p.next.size,
+        entries = p.leaves.len(),
+        read_ms = ms(p.read),
+        hash_ms = ms(p.hashed - p.read),
+        wait_ms = ms(committing - p.hashed),
+        integrate_ms = ms(p.started.elapsed() - committing),
         "ledger integrated"
     );
     // The tiles and openings were just computed: publication needs not read
     // them back.
-    Ok(Some(Integrated {
+    Ok(Integrated {
         first,
-        state: next,
-        tiles,
-        leaves,
-    }))
+        state: p.next,
+        tiles: p.tiles,
+        leaves: p.leaves,
+    })
 }
 
 /// Writes the tiles and entry bundles that change from `old` to `state.size`,

@@ -280,12 +280,33 @@ pub async fn pending_tx<T: Transaction>(
     limit: usize,
     max_bytes: usize,
 ) -> Result<Vec<(Vec<u8>, PendingRecord)>, SchemaError> {
+    pending_from_tx(tx, vec![QUEUE], limit, max_bytes).await
+}
+
+/// As [`pending_tx`], for the statements queued after the queue key `after`
+/// (the last key of a batch whose integration is still committing).
+pub async fn pending_after_tx<T: Transaction>(
+    tx: &T,
+    after: &[u8],
+    limit: usize,
+    max_bytes: usize,
+) -> Result<Vec<(Vec<u8>, PendingRecord)>, SchemaError> {
+    let mut from = after.to_vec();
+    from.push(0);
+    pending_from_tx(tx, from, limit, max_bytes).await
+}
+
+async fn pending_from_tx<T: Transaction>(
+    tx: &T,
+    mut from: Vec<u8>,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<Vec<(Vec<u8>, PendingRecord)>, SchemaError> {
     // Read in growing pages: a key holds one statement or a few hundred, and
     // reading `limit` keys at once could read the whole queue.
     let mut page = 16usize;
     let mut out = Vec::new();
     let mut bytes = 0;
-    let mut from = vec![QUEUE];
     loop {
         let want = page.min(limit.max(1));
         let rows = tx.get_range(&from, &[QUEUE + 1], want, false).await?;

@@ -424,3 +424,128 @@ async fn queued_chunks_are_dequeued_whole_and_in_order() {
         keys.len()
     );
 }
+
+/// The integrator reads the next batch while the previous one's integration
+/// is still committing, starting after the previous batch's last queue key:
+/// nothing is read twice or skipped, chunks stay whole, and statements
+/// queued meanwhile come after.
+#[tokio::test]
+async fn the_next_batch_is_read_after_one_still_committing() {
+    let (_dir, store) = store();
+    let rec = |n: u64| lx::PendingRecord {
+        evidence: EvidenceId::new(n, [5; 10]),
+        salt: [(n % 256) as u8; 32],
+        statement: vec![(n % 253) as u8; 200 + (n % 40) as usize],
+    };
+    let all: Vec<lx::PendingRecord> = (0..2000).map(rec).collect();
+    let enqueue = |recs: &'static [lx::PendingRecord], chunked: bool| {
+        let store = &store;
+        async move {
+            run(store, |tx| async move {
+                if chunked {
+                    lx::enqueue_many_tx(&tx, recs);
+                } else {
+                    for (i, r) in recs.iter().enumerate() {
+                        lx::enqueue_tx(&tx, i as u16, r);
+                    }
+                }
+                Ok::<_, indexer::schema::SchemaError>(())
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let all: &'static [lx::PendingRecord] = Box::leak(all.into_boxed_slice());
+    enqueue(&all[..700], true).await;
+    enqueue(&all[700..720], false).await;
+    enqueue(&all[720..1500], true).await;
+
+    let integrate = |first: u64, batch: Vec<(Vec<u8>, lx::PendingRecord)>| {
+        let store = &store;
+        async move {
+            let leaves: Vec<(Vec<u8>, LeafRecord, Kind)> = batch
+                .into_iter()
+                .map(|(k, p)| {
+                    let leaf = LeafRecord {
+                        evidence: p.evidence,
+                        salt: p.salt,
+                        statement: p.statement,
+                        commitment: [0; 32],
+                    };
+                    (k, leaf, Kind::Notarized)
+                })
+                .collect();
+            let state = TreeState {
+                size: first + leaves.len() as u64,
+                root: [0; 32],
+                fence: 0,
+            };
+            run(store, |tx| {
+                let (leaves, state) = (&leaves, &state);
+                async move {
+                    lx::integrate_tx(&tx, first, leaves, &[], state);
+                    Ok::<_, indexer::schema::SchemaError>(())
+                }
+            })
+            .await
+            .unwrap();
+        }
+    };
+
+    let mut got: Vec<lx::PendingRecord> = Vec::new();
+    // The batch read but not yet integrated, and where it starts.
+    type Batch = Vec<(Vec<u8>, lx::PendingRecord)>;
+    let mut reading: Option<(u64, Batch)> = None;
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        if rounds == 3 {
+            // Queued while a batch is in flight: read after it, in order.
+            enqueue(&all[1500..], true).await;
+        }
+        let next = match &reading {
+            None => {
+                run(&store, |tx| async move {
+                    lx::pending_tx(&tx, 300, 1 << 20).await
+                })
+                .await
+            }
+            Some((_, batch)) => {
+                let after = batch.last().map(|(k, _)| k.clone()).unwrap();
+                let after = &after;
+                run(&store, |tx| async move {
+                    lx::pending_after_tx(&tx, after, 300, 1 << 20).await
+                })
+                .await
+            }
+        }
+        .unwrap();
+        // Only now does the previous batch's integration commit.
+        if let Some((first, batch)) = reading.take() {
+            got.extend(batch.iter().map(|(_, p)| p.clone()));
+            integrate(first, batch).await;
+        }
+        if next.is_empty() {
+            break;
+        }
+        let keys: std::collections::HashSet<&Vec<u8>> = next.iter().map(|(k, _)| k).collect();
+        assert!(
+            next.len() <= 300 || keys.len() == 1,
+            "{} statements",
+            next.len()
+        );
+        reading = Some((got.len() as u64, next));
+    }
+    assert_eq!(got.len(), all.len(), "after {rounds} rounds");
+    assert!(got == all, "statements read ahead came out out of order");
+    let left = run(&store, |tx| async move {
+        lx::pending_tx(&tx, 10, 1 << 20).await
+    })
+    .await
+    .unwrap();
+    assert!(
+        left.is_empty(),
+        "{} statements left in the queue",
+        left.len()
+    );
+}

@@ -241,3 +241,98 @@ fn notarize(api: &str, token: &str, base: u64, count: usize) -> Result<u64> {
     let with_receipt = answer.items.iter().filter(|i| i.receipt.is_some()).count();
     Ok(with_receipt as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    /// RFC 9162 section 2.1.1, written out: the root of `leaves` (entries).
+    fn rfc9162_root(entries: &[[u8; 32]]) -> [u8; 32] {
+        match entries.len() {
+            0 => Sha256::digest([]).into(),
+            1 => Sha256::new()
+                .chain_update([0u8])
+                .chain_update(entries[0])
+                .finalize()
+                .into(),
+            n => {
+                let k = 1usize << (usize::BITS - 1 - (n - 1).leading_zeros());
+                Sha256::new()
+                    .chain_update([1u8])
+                    .chain_update(rfc9162_root(&entries[..k]))
+                    .chain_update(rfc9162_root(&entries[k..]))
+                    .finalize()
+                    .into()
+            }
+        }
+    }
+
+    /// A queue several batches long, integrated with each batch read and
+    /// hashed while the one before it commits: the published checkpoint
+    /// covers every statement, in queue order, with the root an independent
+    /// RFC 9162 computation gives, and every opening is the one queued.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_integrated_ahead_of_their_commits_make_one_correct_tree() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let c = init(dir.path()).await?;
+        let store = indexer::EmbeddedStore::open(&c.gateway.index_path)?;
+        let gw = Arc::new(gateway::Gateway::new(
+            c.gateway.clone(),
+            store,
+            &prometheus::Registry::new(),
+        )?);
+        let ledger = gw.ledger.clone().context("no ledger configured")?;
+        // Over three batches of 8,192, queued in chunks and singly.
+        let total = 20_000u64;
+        let queued: Vec<PendingRecord> = (0..total)
+            .map(|i| {
+                Ok(PendingRecord {
+                    evidence: EvidenceId::new(1_000 + i, [2; 10]),
+                    salt: rand::random(),
+                    statement: statement(i).encode()?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        for (i, part) in queued.chunks(1000).enumerate() {
+            indexer::run(&gw.store, |tx| async move {
+                if i % 5 == 4 {
+                    for (seq, p) in part.iter().enumerate() {
+                        indexer::ledger::enqueue_tx(&tx, seq as u16, p);
+                    }
+                } else {
+                    indexer::ledger::enqueue_many_tx(&tx, part);
+                }
+                Ok::<_, indexer::schema::SchemaError>(())
+            })
+            .await?;
+        }
+        assert!(gateway::ledger::integrate_pending(&gw, &ledger).await?);
+
+        let tiles_dir = &c.gateway.ledger.as_ref().context("ledger")?.tiles_dir;
+        let note = std::fs::read_to_string(tiles_dir.join("checkpoint"))?;
+        let vkey = std::fs::read_to_string(dir.path().join(cluster::LEDGER_VKEY_FILE))?;
+        let cp = protocol::ledger::verify_checkpoint(&note, vkey.trim())?;
+        assert_eq!(cp.size, total);
+        let commitments: Vec<[u8; 32]> = queued
+            .iter()
+            .map(|p| protocol::ledger::commitment(&p.salt, &p.statement))
+            .collect();
+        assert_eq!(cp.root.0, rfc9162_root(&commitments));
+        let (leaves, left) = indexer::run(&gw.store, |tx| async move {
+            let leaves = indexer::ledger::leaves_tx(&tx, 0..total).await?;
+            let left = indexer::ledger::pending_tx(&tx, 10, 1 << 20).await?;
+            Ok::<_, indexer::schema::SchemaError>((leaves, left))
+        })
+        .await?;
+        assert!(left.is_empty(), "{} statements still queued", left.len());
+        assert_eq!(leaves.len() as u64, total);
+        for (n, (leaf, p)) in leaves.iter().zip(&queued).enumerate() {
+            assert!(
+                leaf.evidence == p.evidence && leaf.salt == p.salt && leaf.statement == p.statement,
+                "leaf {n} is not the statement queued {n}th"
+            );
+        }
+        Ok(())
+    }
+}
