@@ -1326,21 +1326,19 @@ async fn notarize<S: Store>(
         pending.push(crate::ledger::pending(id, &s)?);
     }
     let tenant = who.tenant.clone();
-    indexer::run(&gw.store, |tx| {
-        let (ids, pending, tenant) = (&ids, &pending, &tenant);
+    let placed = indexer::run(&gw.store, |tx| {
+        let (pending, tenant) = (&pending, &tenant);
         async move {
-            for id in ids {
-                indexer::ledger::put_notarization_tx(&tx, *id, tenant);
-            }
-            indexer::ledger::enqueue_many_tx(&tx, pending);
-            Ok::<_, schema::SchemaError>(())
+            Ok::<_, schema::SchemaError>(indexer::ledger::enqueue_notarizations_tx(
+                &tx, pending, tenant,
+            ))
         }
     })
     .await?;
     if let Some(l) = &gw.ledger {
         l.queued();
     }
-    let receipts = crate::ledger::wait_for_receipts(&gw, &ids, Kind::Notarized).await?;
+    let receipts = crate::ledger::wait_for_receipts(&gw, &ids, &placed).await?;
     // Serialised straight from the receipts (a JSON value tree would copy
     // every string of up to 1,000 receipts once more).
     #[derive(serde::Serialize)]

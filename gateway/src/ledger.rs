@@ -1332,7 +1332,7 @@ pub async fn receipts_for<S: Store>(
         leaf_indexes_tx(&tx, ids.iter().copied(), kind).await
     })
     .await?;
-    receipts_at(gw, &indexes).await
+    receipts_at(gw, ids, &indexes).await
 }
 
 /// The leaf of the first statement of `kind` about each of `ids`, if any.
@@ -1349,10 +1349,12 @@ async fn leaf_indexes_tx<T: indexer::kv::Transaction>(
         .collect())
 }
 
-/// The receipts of leaves `indexes` against the newest checkpoint (`None`
-/// where it does not cover the leaf, or no leaf is given).
+/// The receipts of leaves `indexes` about `subjects` against the newest
+/// checkpoint (`None` where it does not cover the leaf, no leaf is given, or
+/// the leaf is about another subject).
 async fn receipts_at<S: Store>(
     gw: &Gateway<S>,
+    subjects: &[EvidenceId],
     indexes: &[Option<u64>],
 ) -> Result<Vec<Option<Receipt>>, ApiError> {
     let Some(ledger) = gw.ledger.as_ref() else {
@@ -1393,9 +1395,15 @@ async fn receipts_at<S: Store>(
     let proofs: HashMap<u64, Vec<TreeHash>> = covered.iter().copied().zip(proofs).collect();
     Ok(indexes
         .iter()
-        .map(|i| {
+        .zip(subjects)
+        .map(|(i, subject)| {
             let i = (*i)?;
             let leaf = leaves.get(&i)?;
+            if leaf.evidence != *subject {
+                // Never a receipt for another statement than the one asked.
+                tracing::error!(leaf = i, evidence = %subject, found = %leaf.evidence, "index links an id to another statement's leaf");
+                return None;
+            }
             let proof = proofs.get(&i)?;
             Some(Receipt::new(&leaf.statement, &leaf.salt, i, &note, proof))
         })
@@ -1419,12 +1427,15 @@ async fn next_checkpoint(
 }
 
 /// Waits (up to the configured time) until a checkpoint covers every one of
-/// `ids`' statements; returns the receipts there are by then.
+/// the notarizations `ids`, queued at `placed` (chunk, position: what
+/// `lx::enqueue_notarizations_tx` returned); returns the receipts there are
+/// by then.
 pub async fn wait_for_receipts<S: Store>(
     gw: &Gateway<S>,
     ids: &[EvidenceId],
-    kind: Kind,
+    placed: &[(EvidenceId, u32)],
 ) -> Result<Vec<Option<Receipt>>, ApiError> {
+    let kind = Kind::Notarized;
     let Some(ledger) = gw.ledger.as_ref() else {
         return Ok(vec![None; ids.len()]);
     };
@@ -1445,7 +1456,22 @@ pub async fn wait_for_receipts<S: Store>(
             let missing = &missing;
             async move {
                 let size = lx::checkpoint_size_tx(&tx).await?;
-                let got = leaf_indexes_tx(&tx, missing.iter().map(|(_, id)| *id), kind).await?;
+                // One read per chunk: a statement's leaf is its chunk's first
+                // plus its position.
+                let mut starts: HashMap<EvidenceId, Option<u64>> = HashMap::new();
+                let mut got = Vec::with_capacity(missing.len());
+                for (slot, _) in missing {
+                    let (chunk, position) = placed[*slot];
+                    let start = match starts.get(&chunk) {
+                        Some(s) => *s,
+                        None => {
+                            let s = lx::chunk_start_tx(&tx, chunk).await?;
+                            starts.insert(chunk, s);
+                            s
+                        }
+                    };
+                    got.push(start.map(|s| s + u64::from(position)));
+                }
                 Ok::<_, indexer::schema::SchemaError>((size, got))
             }
         })
@@ -1455,7 +1481,7 @@ pub async fn wait_for_receipts<S: Store>(
         }
         let size = size.unwrap_or(0);
         if found.iter().all(|f| f.is_some_and(|i| i < size)) {
-            return receipts_at(gw, &found).await;
+            return receipts_at(gw, ids, &found).await;
         }
         if !next_checkpoint(&mut published, deadline).await {
             return receipts_for(gw, ids, kind).await;

@@ -18,8 +18,19 @@
 //! ("N", first leaf u64)              = [LeafRecord]    openings of leaves first.. (a group); private
 //! ("T", level u8, n u64)             = tile data       hash tile (level, n) at its current width
 //! ("V", evidence 16, leaf u64)       = kind            the leaves that name a piece of evidence
-//! ("O", id 16)                       = tenant          a hash-only notarization (no bytes stored)
+//!                                                      (statements queued singly)
+//! ("O", id 16)                       = tenant          a hash-only notarization (no bytes stored),
+//!                                                      as `recover-index` restores them
+//! ("P", id 16)                       = NotarizedRecord a hash-only notarization queued in a chunk:
+//!                                                      tenant, chunk, position in the chunk
+//! ("M", chunk 16)                    = leaf u64        the leaf of a chunk's first statement
 //! ```
+//!
+//! A chunk ([`enqueue_notarizations_tx`]) is named by its first statement's
+//! evidence id. Its statements get no "V" links: the integration writes one
+//! "M" key per chunk, and a statement's leaf is the chunk's plus its position
+//! ("P"), so an integration of 8,192 notarizations writes a few dozen keys
+//! for them instead of 8,192.
 //!
 //! A statement is enqueued in the same transaction as the change it records
 //! (the manifest commit for `filed`), so evidence is never visible without its
@@ -57,18 +68,33 @@ pub const GROUP_LEAVES: usize = 64;
 pub const GROUP_BYTES: usize = 90_000;
 const BY_EVIDENCE: u8 = b'V';
 const NOTARIZED: u8 = b'O';
+const NOTARIZED_IN_CHUNK: u8 = b'P';
+const CHUNK_START: u8 = b'M';
 
 const RECORD_V1: u8 = 1;
 /// The archive's record version (1 was one file per tile, without `first`).
 const ARCHIVE_V2: u8 = 2;
-/// A queue value holding several statements ([`enqueue_many_tx`]).
+/// A queue value holding several statements ([`enqueue_notarizations_tx`]).
 const QUEUE_CHUNK_V2: u8 = 2;
 /// The first queue-key suffix of a transaction's chunks; single statements
 /// ([`enqueue_tx`]) use the suffixes below it.
 pub const CHUNK_SEQ: u16 = 0x8000;
+/// The first suffix of chunks whose statements have "P" records (numbered
+/// apart from chunks queued by the previous version, without them, whose
+/// statements the integration still links with "V" keys).
+const NAMED_CHUNK_SEQ: u16 = 0xC000;
 /// What a queued statement's record adds to its length (evidence id, salt,
 /// length prefixes), counted when cutting chunks under the value limit.
 const RECORD_OVERHEAD: usize = 64;
+
+/// Where a hash-only notarization was queued: its tenant, the chunk (named
+/// by the chunk's first statement's evidence id) and its position there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotarizedRecord {
+    pub tenant: String,
+    pub chunk: EvidenceId,
+    pub position: u32,
+}
 
 /// A statement waiting for a leaf index.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -224,7 +250,7 @@ fn by_evidence_prefix(evidence: &EvidenceId) -> Vec<u8> {
 /// Every key a transaction versionstamps gets the same stamp (as in
 /// FoundationDB), so `seq` must differ between the statements one transaction
 /// queues; it also orders them, and stays below [`CHUNK_SEQ`], where the
-/// chunks of [`enqueue_many_tx`] start (so the two never share a key).
+/// chunks of [`enqueue_notarizations_tx`] start (so the two never share a key).
 pub fn enqueue_tx<T: Transaction>(tx: &T, seq: u16, rec: &PendingRecord) {
     debug_assert!(
         seq < CHUNK_SEQ,
@@ -237,42 +263,82 @@ pub fn enqueue_tx<T: Transaction>(tx: &T, seq: u16, rec: &PendingRecord) {
     );
 }
 
-/// Queues statements in order, as chunks of up to [`GROUP_BYTES`] (a
-/// statement and its record overhead counted) under one queue key each:
-/// the queue then costs a key per chunk, not per statement, both here and
-/// when the integration dequeues it. Chunk keys are numbered from
-/// [`CHUNK_SEQ`], after any statement the same transaction queues singly.
-/// (A gateway of a version before chunks cannot read them: upgrade every
-/// gateway before any of them queues chunks.)
-pub fn enqueue_many_tx<T: Transaction>(tx: &T, recs: &[PendingRecord]) {
-    let put = |seq: u16, chunk: &[PendingRecord]| {
+/// Queues hash-only notarizations of `tenant` in order, as chunks of up to
+/// [`GROUP_BYTES`] (a statement and its record overhead counted) under one
+/// queue key each: the queue then costs a key per chunk, not per statement,
+/// both here and when the integration dequeues it. Chunk keys are numbered
+/// from `NAMED_CHUNK_SEQ` (above [`CHUNK_SEQ`]), after any statement the same transaction queues
+/// singly. Each statement gets a "P" record naming its chunk and position,
+/// returned in order (the integration gives each chunk one "M" key, not a
+/// "V" link per statement). A gateway of a version before chunks cannot read
+/// them: upgrade every gateway before any of them queues chunks.
+pub fn enqueue_notarizations_tx<T: Transaction>(
+    tx: &T,
+    recs: &[PendingRecord],
+    tenant: &str,
+) -> Vec<(EvidenceId, u32)> {
+    let mut placed = Vec::with_capacity(recs.len());
+    for (seq, range) in (NAMED_CHUNK_SEQ..).zip(chunk_ranges(recs)) {
+        let chunk = &recs[range];
         tx.set_versionstamped_key(
             &[QUEUE],
             &seq.to_be_bytes(),
             &encode_versioned(QUEUE_CHUNK_V2, &chunk),
         );
-    };
-    // Every chunk but the last holds over 24 kB and a transaction at most
-    // 10 MB, so the numbers stay far below u16::MAX.
-    let (mut seq, mut start, mut bytes) = (CHUNK_SEQ, 0usize, 0usize);
+        let name = chunk[0].evidence;
+        for (position, r) in (0u32..).zip(chunk) {
+            let rec = NotarizedRecord {
+                tenant: tenant.to_owned(),
+                chunk: name,
+                position,
+            };
+            tx.set(
+                &id_key(NOTARIZED_IN_CHUNK, &r.evidence),
+                &encode_versioned(RECORD_V1, &rec),
+            );
+            placed.push((name, position));
+        }
+    }
+    placed
+}
+
+/// `recs` cut into chunks of at most [`GROUP_BYTES`] (each holds at least
+/// one statement). Every chunk but the last holds over 24 kB and a
+/// transaction at most 10 MB, so a transaction's chunk numbers stay far
+/// below `u16::MAX - NAMED_CHUNK_SEQ`.
+fn chunk_ranges(recs: &[PendingRecord]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0usize, 0usize);
     for (i, r) in recs.iter().enumerate() {
         let len = r.statement.len() + RECORD_OVERHEAD;
         if i > start && bytes + len > GROUP_BYTES {
-            put(seq, &recs[start..i]);
-            seq += 1;
+            out.push(start..i);
             start = i;
             bytes = 0;
         }
         bytes += len;
     }
     if start < recs.len() {
-        put(seq, &recs[start..]);
+        out.push(start..recs.len());
     }
+    out
+}
+
+/// Whether a queue key is a chunk's whose statements have "P" records.
+fn is_named_chunk_key(key: &[u8]) -> bool {
+    key.len() == 1 + crate::kv::VERSIONSTAMP_BYTES + 2
+        && u16::from_be_bytes([key[key.len() - 2], key[key.len() - 1]]) >= NAMED_CHUNK_SEQ
+}
+
+fn id_key(tag: u8, id: &EvidenceId) -> Vec<u8> {
+    let mut k = vec![tag];
+    k.extend_from_slice(id.as_bytes());
+    k
 }
 
 /// The oldest pending statements (at most `limit`, at most `max_bytes` of
 /// statements, but always at least one queue key's worth, also when `limit`
-/// is 0), with their queue keys. A chunk of [`enqueue_many_tx`] is taken
+/// is 0), with their queue keys. A chunk of [`enqueue_notarizations_tx`] is taken
 /// whole or not at all, since the integration dequeues with one range clear
 /// up to the last key.
 pub async fn pending_tx<T: Transaction>(
@@ -467,9 +533,17 @@ pub fn integrate_tx<T: Transaction>(
         }
         group.push(leaf);
         group_bytes += leaf.statement.len();
-        let mut v = by_evidence_prefix(&leaf.evidence);
-        v.extend_from_slice(&n.to_be_bytes());
-        tx.set(&v, &encode_versioned(RECORD_V1, kind));
+        let key = &leaves[i].0;
+        if is_named_chunk_key(key) {
+            // A chunk's statements are found through its first leaf.
+            if i == 0 || leaves[i - 1].0 != *key {
+                tx.set(&id_key(CHUNK_START, &leaf.evidence), &n.to_be_bytes());
+            }
+        } else {
+            let mut v = by_evidence_prefix(&leaf.evidence);
+            v.extend_from_slice(&n.to_be_bytes());
+            tx.set(&v, &encode_versioned(RECORD_V1, kind));
+        }
     }
     if !group.is_empty() {
         tx.set(
@@ -593,6 +667,14 @@ pub async fn leaves_of_tx<T: Transaction>(
     let mut end = prefix.clone();
     end.extend_from_slice(&[0xff; 9]);
     let rows = tx.get_range(&prefix, &end, 0, false).await?;
+    if rows.is_empty() {
+        // A notarization queued in a chunk has no "V" link.
+        let leaf = notarized_leaf_tx(tx, evidence).await?;
+        return Ok(leaf
+            .map(|n| (n, protocol::ledger::Kind::Notarized))
+            .into_iter()
+            .collect());
+    }
     rows.iter()
         .map(|(k, v)| {
             let n: [u8; 8] = k[prefix.len()..]
@@ -601,6 +683,45 @@ pub async fn leaves_of_tx<T: Transaction>(
             Ok((u64::from_be_bytes(n), decode_versioned(RECORD_V1, v)?))
         })
         .collect()
+}
+
+/// Where a notarization was queued in a chunk, if it was.
+pub async fn notarized_record_tx<T: Transaction>(
+    tx: &T,
+    id: EvidenceId,
+) -> Result<Option<NotarizedRecord>, SchemaError> {
+    match tx.get(&id_key(NOTARIZED_IN_CHUNK, &id)).await? {
+        Some(v) => Ok(Some(decode_versioned(RECORD_V1, &v)?)),
+        None => Ok(None),
+    }
+}
+
+/// The leaf of a chunk's first statement, once the chunk is integrated.
+pub async fn chunk_start_tx<T: Transaction>(
+    tx: &T,
+    chunk: EvidenceId,
+) -> Result<Option<u64>, SchemaError> {
+    let Some(v) = tx.get(&id_key(CHUNK_START, &chunk)).await? else {
+        return Ok(None);
+    };
+    let n: [u8; 8] = v
+        .as_slice()
+        .try_into()
+        .map_err(|_| protocol::DecodeError::Malformed)?;
+    Ok(Some(u64::from_be_bytes(n)))
+}
+
+/// The leaf of a notarization queued in a chunk, once integrated.
+pub async fn notarized_leaf_tx<T: Transaction>(
+    tx: &T,
+    id: EvidenceId,
+) -> Result<Option<u64>, SchemaError> {
+    let Some(rec) = notarized_record_tx(tx, id).await? else {
+        return Ok(None);
+    };
+    Ok(chunk_start_tx(tx, rec.chunk)
+        .await?
+        .map(|first| first + u64::from(rec.position)))
 }
 
 /// The newest signed checkpoint.
@@ -649,10 +770,11 @@ pub async fn notarization_tenant_tx<T: Transaction>(
     tx: &T,
     id: EvidenceId,
 ) -> Result<Option<String>, SchemaError> {
-    let mut k = vec![NOTARIZED];
-    k.extend_from_slice(id.as_bytes());
+    if let Some(rec) = notarized_record_tx(tx, id).await? {
+        return Ok(Some(rec.tenant));
+    }
     Ok(tx
-        .get(&k)
+        .get(&id_key(NOTARIZED, &id))
         .await?
         .map(|v| String::from_utf8_lossy(&v).into_owned()))
 }

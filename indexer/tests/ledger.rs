@@ -344,14 +344,14 @@ async fn queued_chunks_are_dequeued_whole_and_in_order() {
     }
     let (many, alone, more) = (&all[40..1040], &all[1040], &all[1041..]);
     run(&store, |tx| async move {
-        lx::enqueue_many_tx(&tx, many);
+        lx::enqueue_notarizations_tx(&tx, many, "t");
         Ok::<_, indexer::schema::SchemaError>(())
     })
     .await
     .unwrap();
     run(&store, |tx| async move {
         lx::enqueue_tx(&tx, 0, alone);
-        lx::enqueue_many_tx(&tx, more);
+        lx::enqueue_notarizations_tx(&tx, more, "t");
         Ok::<_, indexer::schema::SchemaError>(())
     })
     .await
@@ -443,7 +443,7 @@ async fn the_next_batch_is_read_after_one_still_committing() {
         async move {
             run(store, |tx| async move {
                 if chunked {
-                    lx::enqueue_many_tx(&tx, recs);
+                    lx::enqueue_notarizations_tx(&tx, recs, "t");
                 } else {
                     for (i, r) in recs.iter().enumerate() {
                         lx::enqueue_tx(&tx, i as u16, r);
@@ -548,4 +548,122 @@ async fn the_next_batch_is_read_after_one_still_committing() {
         "{} statements left in the queue",
         left.len()
     );
+}
+
+/// Notarizations queued in chunks get one "M" key per chunk at integration,
+/// not a "V" link each, and are still found by id (leaf and tenant);
+/// statements queued singly, and chunks queued by the previous version
+/// (numbered from `CHUNK_SEQ`, without "P" records), keep their "V" links.
+#[tokio::test]
+async fn notarizations_in_chunks_are_found_by_id_without_a_link_each() {
+    use indexer::kv::Transaction;
+    let (_dir, store) = store();
+    let rec = |n: u64| lx::PendingRecord {
+        evidence: EvidenceId::new(5_000 + n, [9; 10]),
+        salt: [n as u8; 32],
+        statement: vec![b's'; 300 + n as usize],
+    };
+    let chunked: Vec<lx::PendingRecord> = (0..600).map(rec).collect();
+    let single = rec(600);
+    let legacy: Vec<lx::PendingRecord> = (601..606).map(rec).collect();
+    let placed = run(&store, |tx| {
+        let (chunked, single, legacy) = (&chunked, &single, &legacy);
+        async move {
+            lx::enqueue_tx(&tx, 0, single);
+            let placed = lx::enqueue_notarizations_tx(&tx, chunked, "court-a");
+            tx.set_versionstamped_key(
+                b"Q",
+                &lx::CHUNK_SEQ.to_be_bytes(),
+                &protocol::wire::encode_versioned(2, legacy),
+            );
+            Ok::<_, indexer::schema::SchemaError>(placed)
+        }
+    })
+    .await
+    .unwrap();
+    // Chunks of ~90 kB: several, each named by its first statement.
+    let chunks: std::collections::BTreeSet<EvidenceId> = placed.iter().map(|(c, _)| *c).collect();
+    assert!(chunks.len() > 2, "{} chunks", chunks.len());
+    for (r, (chunk, position)) in chunked.iter().zip(&placed) {
+        let first = chunked.iter().position(|x| x.evidence == *chunk).unwrap();
+        assert_eq!(chunked[first + *position as usize].evidence, r.evidence);
+    }
+    let id = chunked[7].evidence;
+    let before = run(&store, |tx| async move {
+        Ok::<_, indexer::schema::SchemaError>((
+            lx::leaves_of_tx(&tx, id).await?,
+            lx::notarization_tenant_tx(&tx, id).await?,
+        ))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        before,
+        (vec![], Some("court-a".to_string())),
+        "before integration"
+    );
+
+    let pending = run(&store, |tx| async move {
+        lx::pending_tx(&tx, 10_000, 1 << 24).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(pending.len(), 606);
+    let leaves: Vec<(Vec<u8>, LeafRecord, Kind)> = pending
+        .into_iter()
+        .map(|(k, p)| {
+            let leaf = LeafRecord {
+                evidence: p.evidence,
+                salt: p.salt,
+                statement: p.statement,
+                commitment: [0; 32],
+            };
+            (k, leaf, Kind::Notarized)
+        })
+        .collect();
+    let order: Vec<EvidenceId> = leaves.iter().map(|(_, l, _)| l.evidence).collect();
+    let state = TreeState {
+        size: 606,
+        root: [0; 32],
+        fence: 0,
+    };
+    run(&store, |tx| {
+        let (leaves, state) = (&leaves, &state);
+        async move {
+            lx::integrate_tx(&tx, 0, leaves, &[], state);
+            Ok::<_, indexer::schema::SchemaError>(())
+        }
+    })
+    .await
+    .unwrap();
+
+    for (n, id) in order.iter().enumerate() {
+        let (found, tenant) = run(&store, |tx| async move {
+            Ok::<_, indexer::schema::SchemaError>((
+                lx::leaves_of_tx(&tx, *id).await?,
+                lx::notarization_tenant_tx(&tx, *id).await?,
+            ))
+        })
+        .await
+        .unwrap();
+        assert_eq!(found, vec![(n as u64, Kind::Notarized)], "leaf of {id}");
+        let in_chunk = chunked.iter().any(|r| r.evidence == *id);
+        assert_eq!(tenant.is_some(), in_chunk, "tenant of {id}");
+    }
+    let links = run(&store, |tx| async move {
+        Ok::<_, indexer::schema::SchemaError>(tx.get_range(b"V", b"W", 0, false).await?)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        links.len(),
+        1 + legacy.len(),
+        "V links: only the single statement and the old chunk"
+    );
+    let starts = run(&store, |tx| async move {
+        Ok::<_, indexer::schema::SchemaError>(tx.get_range(b"M", b"N", 0, false).await?)
+    })
+    .await
+    .unwrap();
+    assert_eq!(starts.len(), chunks.len());
 }

@@ -115,7 +115,7 @@ pub async fn run(args: BenchLedgerArgs) -> Result<()> {
         indexer::run(&gw.store, |tx| {
             let batch = &batch;
             async move {
-                indexer::ledger::enqueue_many_tx(&tx, batch);
+                indexer::ledger::enqueue_notarizations_tx(&tx, batch, "bench");
                 Ok::<_, indexer::schema::SchemaError>(())
             }
         })
@@ -301,7 +301,7 @@ mod tests {
                         indexer::ledger::enqueue_tx(&tx, seq as u16, p);
                     }
                 } else {
-                    indexer::ledger::enqueue_many_tx(&tx, part);
+                    indexer::ledger::enqueue_notarizations_tx(&tx, part, "bench");
                 }
                 Ok::<_, indexer::schema::SchemaError>(())
             })
@@ -332,6 +332,22 @@ mod tests {
                 leaf.evidence == p.evidence && leaf.salt == p.salt && leaf.statement == p.statement,
                 "leaf {n} is not the statement queued {n}th"
             );
+        }
+        // Every statement is found by its id, queued singly or in a chunk.
+        let ids: Vec<EvidenceId> = queued.iter().map(|p| p.evidence).collect();
+        let found = indexer::run(&gw.store, |tx| {
+            let ids = &ids;
+            async move {
+                let mut out = Vec::new();
+                for id in ids {
+                    out.push(indexer::ledger::leaves_of_tx(&tx, *id).await?);
+                }
+                Ok::<_, indexer::schema::SchemaError>(out)
+            }
+        })
+        .await?;
+        for (n, f) in found.iter().enumerate() {
+            assert_eq!(f, &vec![(n as u64, Kind::Notarized)], "leaf of id {n}");
         }
         Ok(())
     }
