@@ -42,7 +42,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tlog_tiles::{HashReader, Tile};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 
 /// Statements integrated per round at most (one checkpoint signature each).
 const BATCH_ENTRIES: usize = 8192;
@@ -673,11 +673,12 @@ pub fn spawn_integrator<S: Store>(gw: Arc<Gateway<S>>) -> tokio::task::JoinHandl
 }
 
 /// Integrates until the queue is empty; returns whether anything was
-/// integrated. Three batches move at once: batch N+1 is read and hashed
-/// while batch N's integration transaction commits, and batch N-1's
-/// publication (tiles, openings, signature) runs on another worker.
-/// Publications run one after another in order, and each starts only once
-/// its batch has committed, so every checkpoint is signed only once the
+/// integrated. Batch N+1 is read and hashed while batch N's integration
+/// transaction commits; the task that commits a batch then publishes it
+/// (tiles, openings, signature) as soon as the publication before it is
+/// done, beside the next batches' work. Publications run one after another
+/// in order, and each starts only once its batch has committed, so every
+/// checkpoint is signed only once the
 /// tiles and openings of all the leaves it covers are durable; a batch read
 /// ahead is integrated only if the one before it committed (its transaction
 /// checks the tree size it extends). A failed commit or publication stops
@@ -687,8 +688,10 @@ pub async fn integrate_pending<S: Store>(
     gw: &Arc<Gateway<S>>,
     ledger: &Arc<Ledger>,
 ) -> Result<bool, LedgerError> {
+    // The newest batch's commit-then-publish task (it awaits the publication
+    // before it, so awaiting it awaits them all), and its commit's outcome.
     let mut publishing: Option<tokio::task::JoinHandle<Result<(), LedgerError>>> = None;
-    let mut committing: Option<tokio::task::JoinHandle<Result<Integrated, LedgerError>>> = None;
+    let mut committing: Option<oneshot::Receiver<Result<(), LedgerError>>> = None;
     // Where the next batch starts while the previous one is committing.
     let mut ahead: Option<Ahead> = None;
     // Tree hashes of the batches not yet known to be in the index, and
@@ -702,38 +705,25 @@ pub async fn integrate_pending<S: Store>(
         if prepared.is_err() {
             ledger.forget_lease();
         }
-        if let Some(task) = committing.take() {
-            let batch = match task.await {
-                Ok(Ok(batch)) => batch,
+        if let Some(commit) = committing.take() {
+            match commit.await {
+                Ok(Ok(())) => {}
                 Ok(Err(e)) => break Err(e),
-                Err(e) => break Err(LedgerError::Tree(format!("ledger commit task: {e}"))),
-            };
+                Err(_) => break Err(LedgerError::Tree("ledger commit task ended".into())),
+            }
             // Everything before the batch just prepared is in the index now.
             if let Ok(Some(p)) = &prepared {
                 let base = tlog_tiles::stored_hash_index(0, p.first);
                 known.retain(|i, _| *i >= base);
             }
-            if let Some(previous) = publishing.take() {
-                // On failure this batch stays integrated and unpublished:
-                // the next run's first round publishes it.
-                if let Err(e) = joined(previous).await {
-                    break Err(e);
+            // A failed publication fails every one after it: stop early.
+            if publishing.as_ref().is_some_and(|p| p.is_finished()) {
+                if let Some(done) = publishing.take() {
+                    if let Err(e) = joined(done).await {
+                        break Err(e);
+                    }
                 }
             }
-            let (gw, ledger) = (gw.clone(), ledger.clone());
-            publishing = Some(tokio::spawn(async move {
-                publish_state(
-                    &gw,
-                    &ledger,
-                    batch.first,
-                    &batch.state,
-                    Some(batch.tiles),
-                    &batch.leaves,
-                )
-                .await?;
-                gw.metrics.ledger_integrated(batch.state.size);
-                Ok(())
-            }));
         }
         match prepared {
             Ok(Some(p)) => {
@@ -743,7 +733,40 @@ pub async fn integrate_pending<S: Store>(
                     after: key.clone(),
                     fence: p.fence,
                 });
-                committing = Some(tokio::spawn(commit_round(gw.clone(), ledger.clone(), p)));
+                let (done, commit) = oneshot::channel();
+                committing = Some(commit);
+                let previous = publishing.take();
+                let (gw, ledger) = (gw.clone(), ledger.clone());
+                publishing = Some(tokio::spawn(async move {
+                    let committed = commit_round(gw.clone(), ledger.clone(), p).await;
+                    let batch = match committed {
+                        Ok(batch) => {
+                            let _ = done.send(Ok(()));
+                            Some(batch)
+                        }
+                        Err(e) => {
+                            let _ = done.send(Err(e));
+                            None
+                        }
+                    };
+                    // Publications in order: this one only after the last.
+                    if let Some(previous) = previous {
+                        joined(previous).await?;
+                    }
+                    // A failed commit was reported above; nothing to publish.
+                    let Some(batch) = batch else { return Ok(()) };
+                    publish_state(
+                        &gw,
+                        &ledger,
+                        batch.first,
+                        &batch.state,
+                        Some(batch.tiles),
+                        &batch.leaves,
+                    )
+                    .await?;
+                    gw.metrics.ledger_integrated(batch.state.size);
+                    Ok(())
+                }));
             }
             Ok(None) => break Ok(any),
             Err(e) => break Err(e),
@@ -752,6 +775,8 @@ pub async fn integrate_pending<S: Store>(
     // Every way out of the loop has awaited the commit in flight.
     debug_assert!(committing.is_none());
     if let Some(last) = publishing {
+        // On failure the batches stay integrated and unpublished: the next
+        // run's first round publishes them.
         joined(last).await?;
     }
     outcome
