@@ -13,16 +13,20 @@
 //! 4. sign the checkpoint, store it in the index unless a larger one is there,
 //!    and publish it as `checkpoint`.
 //!
-//! Three batches are in flight at once: while batch N's step-2 transaction
-//! commits, batch N+1 is read (from the queue key after N's last) and hashed
-//! on top of N's tree hashes kept in memory, and batch N-1 is published
-//! (steps 3 and 4). N+1's transaction starts only after N's committed, and
-//! checks the tree size it extends, so a batch read ahead of a failed commit
-//! is never integrated. Publications go out strictly in order (a batch's
-//! publication starts only after its commit and the previous publication); a
-//! failed publication is redone from the index by the next round. The lease
-//! is renewed inside step 2's transaction, so holding it costs no
-//! transaction of its own while batches keep coming.
+//! Up to three batches are in flight at once: while batch N's step-2
+//! transaction commits, batch N+1 is read (from the queue key after N's last)
+//! and hashed on top of N's tree hashes kept in memory, and batch N-1 is
+//! published (steps 3 and 4, by the task that committed it). N+1's
+//! transaction starts only after N's committed, and checks the tree size it
+//! extends, so a batch read ahead of a failed commit is never integrated; and
+//! only once N-1's publication is done, so a slow publication holds
+//! integration back rather than letting unpublished batches pile up.
+//! Publications go out strictly in order (a batch's publication starts only
+//! after its commit and the previous publication); a failed publication is
+//! redone from the index by the next round. The lease is renewed inside step
+//! 2's transaction, so holding it costs no transaction of its own while
+//! batches keep coming (and a stuck publication, which stops commits, lets
+//! the lease lapse to another gateway).
 //!
 //! A crash anywhere leaves the index ahead of the published checkpoint at
 //! worst; the next round re-publishes from the index, which holds every hash,
@@ -692,6 +696,12 @@ pub async fn integrate_pending<S: Store>(
     // before it, so awaiting it awaits them all), and its commit's outcome.
     let mut publishing: Option<tokio::task::JoinHandle<Result<(), LedgerError>>> = None;
     let mut committing: Option<oneshot::Receiver<Result<(), LedgerError>>> = None;
+    // A commit-then-publish task holds a permit until its publication is
+    // done: one batch publishing and one committing at most, so a slow
+    // publication (a slow disk or bucket) holds integration back instead of
+    // letting unpublished batches pile up in memory, and a stuck one stops
+    // lease renewals so another gateway can take over.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(2));
     // Where the next batch starts while the previous one is committing.
     let mut ahead: Option<Ahead> = None;
     // Tree hashes of the batches not yet known to be in the index, and
@@ -733,11 +743,15 @@ pub async fn integrate_pending<S: Store>(
                     after: key.clone(),
                     fence: p.fence,
                 });
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break Err(LedgerError::Tree("ledger publication gate closed".into()));
+                };
                 let (done, commit) = oneshot::channel();
                 committing = Some(commit);
                 let previous = publishing.take();
                 let (gw, ledger) = (gw.clone(), ledger.clone());
                 publishing = Some(tokio::spawn(async move {
+                    let _permit = permit;
                     let committed = commit_round(gw.clone(), ledger.clone(), p).await;
                     let batch = match committed {
                         Ok(batch) => {
@@ -1273,13 +1287,14 @@ pub async fn receipt<S: Store>(
     let Some(&(index, _)) = leaves.iter().find(|(_, k)| kinds.contains(k)) else {
         return Ok(None);
     };
-    leaf_receipt(gw, index).await
+    leaf_receipt(gw, evidence, index).await
 }
 
 /// The receipt of leaf `index` against the newest checkpoint; `None` while no
 /// checkpoint covers it.
 pub async fn leaf_receipt<S: Store>(
     gw: &Gateway<S>,
+    subject: EvidenceId,
     index: u64,
 ) -> Result<Option<Receipt>, ApiError> {
     let Some(ledger) = gw.ledger.as_ref() else {
@@ -1323,6 +1338,11 @@ pub async fn leaf_receipt<S: Store>(
     let leaf = indexer::run(&gw.store, |tx| async move { lx::leaf_tx(&tx, index).await })
         .await?
         .ok_or(ApiError::Internal)?;
+    if leaf.evidence != subject {
+        // Never a receipt for another statement than the one asked.
+        tracing::error!(leaf = index, evidence = %subject, found = %leaf.evidence, "index links an id to another statement's leaf");
+        return Err(ApiError::Internal);
+    }
     let mut known = HashMap::new();
     let base = tlog_tiles::stored_hash_index(0, cp.size);
     let (proof, _) = with_hashes(gw, &mut known, base, |r| {
@@ -1526,7 +1546,7 @@ pub async fn custody<S: Store>(
     .await?;
     let mut out = Vec::with_capacity(leaves.len());
     for (index, kind) in leaves {
-        out.push((index, kind, leaf_receipt(gw, index).await?));
+        out.push((index, kind, leaf_receipt(gw, evidence, index).await?));
     }
     Ok(out)
 }

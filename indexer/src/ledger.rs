@@ -252,7 +252,9 @@ fn by_evidence_prefix(evidence: &EvidenceId) -> Vec<u8> {
 /// queues; it also orders them, and stays below [`CHUNK_SEQ`], where the
 /// chunks of [`enqueue_notarizations_tx`] start (so the two never share a key).
 pub fn enqueue_tx<T: Transaction>(tx: &T, seq: u16, rec: &PendingRecord) {
-    debug_assert!(
+    // A bug if not: a statement queued at a chunk's number would be taken for
+    // a chunk and get no "V" link (found by nobody).
+    assert!(
         seq < CHUNK_SEQ,
         "single statements are queued below CHUNK_SEQ"
     );

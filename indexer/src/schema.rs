@@ -22,7 +22,11 @@
 //! ("Z", evidence 16, stripe u64)                  = ""                 lost: fewer than k shards left
 //! ```
 //!
-//! The ledger's keys ("Q", "L", "M", "W", "V") are laid out in [`crate::ledger`].
+//! The ledger's keys ("Q", "L", "N", "T", "V", "O", "P", "M") are laid out in
+//! [`crate::ledger`]. Two of its tags are also used here, with keys of other
+//! lengths ("N": a node id u32 here, a leaf u64 there; "T": a 32-byte token
+//! hash here, a level and tile number there), so neither side may scan a
+//! whole tag: the node registry is read by id, never listed by range.
 //!
 //! A 1 TiB filing is ~260,000 small `S` keys and ~1,000,000 64-byte `B` keys
 //! (one per MiB: `protocol::bao`) written in batches as the upload proceeds, and made visible by the small `E` key in the last transaction,
@@ -180,13 +184,6 @@ pub async fn get_node_tx<T: Transaction>(
         Some(v) => Ok(Some(decode_versioned(RECORD_V1, &v)?)),
         None => Ok(None),
     }
-}
-
-pub async fn list_nodes_tx<T: Transaction>(tx: &T) -> Result<Vec<NodeRecord>, SchemaError> {
-    let rows = tx.get_range(&[NODE], &[NODE + 1], 0, false).await?;
-    rows.iter()
-        .map(|(_, v)| Ok(decode_versioned(RECORD_V1, v)?))
-        .collect()
 }
 
 /// Where a node is in its life: what an operator decided, beside the

@@ -417,6 +417,46 @@ fn hash_only_notarization_returns_one_receipt_per_item() -> Result<()> {
     leaves.dedup();
     assert_eq!(leaves.len(), 3, "one leaf each");
 
+    // A full request spans several queue chunks: every item still gets the
+    // receipt of its own statement, in the answer and by its id.
+    let many: Vec<Value> = (0..1000u32)
+        .map(|i| {
+            serde_json::json!({
+                "blake3": custodia_tests::blake3_hex(&i.to_be_bytes()),
+                "size": 4,
+                "case": "AG-10",
+            })
+        })
+        .collect();
+    let (status, body) = post_json(
+        &c,
+        &clerk,
+        "/v1/notarize",
+        &serde_json::json!({ "items": many }),
+    )?;
+    assert_eq!(status, 201, "{body}");
+    let answered = body["items"].as_array().context("items")?;
+    assert_eq!(answered.len(), 1000);
+    let mut leaves = std::collections::BTreeSet::new();
+    for (i, item) in (0..1000u32).zip(answered) {
+        let r: Receipt = serde_json::from_value(item["receipt"].clone())
+            .with_context(|| format!("item {i} has no receipt"))?;
+        let ok = r.verify(&key)?;
+        let id = item["id"].as_str().context("id")?;
+        assert_eq!(ok.statement.evidence, id, "item {i}");
+        assert_eq!(
+            ok.statement.blake3,
+            custodia_tests::blake3_hex(&i.to_be_bytes())
+        );
+        assert!(leaves.insert(r.leaf_index), "item {i} shares a leaf");
+        if i % 333 == 0 || i == 999 {
+            let again = c.get_with(&clerk, &format!("/v1/evidence/{id}/receipt"), &[])?;
+            assert_eq!(again.status, 200, "item {i}");
+            let again: Receipt = serde_json::from_slice(&again.body)?;
+            assert_eq!(again.leaf_index, r.leaf_index, "item {i}");
+        }
+    }
+
     // Bad input: a clear 400 with a JSON error, nothing queued.
     for bad in [
         serde_json::json!({ "items": [] }),
