@@ -115,23 +115,29 @@ async fn send_range<S: Store>(
             })
             .buffered(gw.config.pipeline_stripes);
         while let Some(next) = fetched.next().await {
-            let (stripe, data) = next?;
-            let sr = layout.stripe_range(stripe);
-            let from = read.start.max(sr.start) - sr.start;
-            let to = read.end.min(sr.end) - sr.start;
-            let mut bytes = Bytes::from(data);
-            let slice = bytes.split_to(to as usize).split_off(from as usize);
-            let at = sr.start + from;
-            let ready = sink
-                .accept(gw, header, at, slice, at + (to - from) == read.end)
-                .await?;
-            for (at, bytes) in ready {
-                let want = clip(&range, at, bytes);
-                let len = want.len() as u64;
-                if !want.is_empty() && tx.send(Ok(want)).await.is_err() {
-                    return Ok(()); // the client went away
+            let (stripe, pieces) = next?;
+            // The stripe's data, piece by piece (a data shard each).
+            let mut at = layout.stripe_range(stripe).start;
+            for piece in pieces {
+                let end = at + piece.len() as u64;
+                let from = read.start.clamp(at, end) - at;
+                let to = read.end.clamp(at, end) - at;
+                if from < to {
+                    let slice = piece.slice(from as usize..to as usize);
+                    let start = at + from;
+                    let ready = sink
+                        .accept(gw, header, start, slice, start + (to - from) == read.end)
+                        .await?;
+                    for (at, bytes) in ready {
+                        let want = clip(&range, at, bytes);
+                        let len = want.len() as u64;
+                        if !want.is_empty() && tx.send(Ok(want)).await.is_err() {
+                            return Ok(()); // the client went away
+                        }
+                        gw.metrics.read_bytes.inc_by(len);
+                    }
                 }
-                gw.metrics.read_bytes.inc_by(len);
+                at = end;
             }
         }
         first = last;
@@ -255,13 +261,14 @@ pub(crate) enum ShardOutcome {
     Unreachable,
 }
 
-/// Returns the content bytes of one stripe, reading `k` verified shards.
+/// Returns the content bytes of one stripe (in pieces: the data shards as
+/// received, or the rebuilt stripe), reading `k` verified shards.
 pub async fn fetch_stripe<S: Store>(
     gw: &Gateway<S>,
     header: &ManifestHeader,
     stripe: u64,
     rec: &StripeRecord,
-) -> Result<Vec<u8>, ReadError> {
+) -> Result<Vec<Bytes>, ReadError> {
     let k = header.code.data_shards();
     let total = header.code.total();
     if rec.shards.len() != total {
@@ -352,14 +359,20 @@ pub async fn fetch_stripe<S: Store>(
     if damaged {
         report_damage(gw, header.evidence, stripe);
     }
-    let mut data = if shards[..k].iter().all(Option::is_some) {
-        let mut out = Vec::with_capacity(k * rec.shard_len as usize);
+    let pieces = if shards[..k].iter().all(Option::is_some) {
+        // The data shards go to the client as they are, each back to the
+        // receive pool once sent.
+        let mut out = Vec::with_capacity(k);
         for (i, s) in shards.into_iter().enumerate() {
             if let Some(s) = s {
                 if i < k {
-                    out.extend_from_slice(&s);
+                    out.push(Bytes::from_owner(Recycled {
+                        buf: s,
+                        client: gw.nodes.client.clone(),
+                    }));
+                } else {
+                    gw.nodes.client.recycle(s);
                 }
-                gw.nodes.client.recycle(s);
             }
         }
         out
@@ -379,13 +392,40 @@ pub async fn fetch_stripe<S: Store>(
                 ))?;
                 out.extend_from_slice(s);
             }
-            Ok::<_, ReadError>(out)
+            Ok::<_, ReadError>(vec![Bytes::from(out)])
         })
         .await
         .map_err(|_| ReadError::Internal)??
     };
-    data.truncate(stripe_len);
-    Ok(data)
+    // The last stripe's shards are padded: keep `stripe_len` bytes.
+    let mut left = stripe_len;
+    Ok(pieces
+        .into_iter()
+        .filter_map(|mut p| {
+            p.truncate(left);
+            left -= p.len();
+            (!p.is_empty()).then_some(p)
+        })
+        .collect())
+}
+
+/// A shard body that goes back to the node client's receive pool when the
+/// last `Bytes` sharing it is dropped.
+struct Recycled {
+    buf: Vec<u8>,
+    client: storage_node::client::NodeClient,
+}
+
+impl AsRef<[u8]> for Recycled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Recycled {
+    fn drop(&mut self) {
+        self.client.recycle(std::mem::take(&mut self.buf));
+    }
 }
 
 /// The length of the shards present.

@@ -515,11 +515,15 @@ async fn handle_get_shard(
     send: &mut quinn::SendStream,
 ) -> Result<&'static str, StreamError> {
     let store = state.store.clone();
-    match blocking(move || store.get(&key)).await {
+    match blocking(move || store.get_shared(&key)).await {
         Ok((header, body)) => {
             state.metrics.shards_read.inc();
             state.metrics.bytes_read.inc_by(body.len() as u64);
-            respond(send, &Response::Shard(header), &body).await
+            // The body goes to quinn as it is (write_all would copy it).
+            send.write_all(&Response::Shard(header).encode()).await?;
+            send.write_chunk(body).await?;
+            send.finish()?;
+            Ok(result_label(&Response::Shard(header)))
         }
         Err(e) => {
             if matches!(e, StoreError::Corrupt(_)) {

@@ -306,6 +306,27 @@ impl ShardStore {
         if let Some(loc) = self.log.locate(key) {
             return self.read_small(key, loc, false);
         }
+        let (header, mut bytes, body_at) = self.read_file(key)?;
+        // Shift the body down in place: no second buffer to allocate.
+        bytes.drain(..body_at);
+        Ok((header, bytes))
+    }
+
+    /// As [`get`](Self::get), the body as `Bytes` sharing the buffer the file
+    /// was read into (no copy: what the node sends to readers).
+    pub fn get_shared(&self, key: &ShardKey) -> Result<(ShardHeader, bytes::Bytes), StoreError> {
+        if let Some(loc) = self.log.locate(key) {
+            return self
+                .read_small(key, loc, false)
+                .map(|(h, body)| (h, bytes::Bytes::from(body)));
+        }
+        let (header, bytes, body_at) = self.read_file(key)?;
+        Ok((header, bytes::Bytes::from(bytes).slice(body_at..)))
+    }
+
+    /// Reads and verifies a shard file: its header, the whole file, and
+    /// where the body starts in it.
+    fn read_file(&self, key: &ShardKey) -> Result<(ShardHeader, Vec<u8>, usize), StoreError> {
         let (mut file, inode) = self.open_shard(key)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
@@ -316,17 +337,14 @@ impl ShardStore {
         if header.key != *key {
             return Err(self.quarantine(key, inode, "header names another shard"));
         }
-        // Shift the body down in place: no second buffer to allocate.
-        bytes.drain(..body_at);
-        let body = bytes;
-        if !header.matches(&body) {
+        if !header.matches(&bytes[body_at..]) {
             return Err(self.quarantine(
                 key,
                 inode,
                 "body does not match its header's length or BLAKE3",
             ));
         }
-        Ok((header, body))
+        Ok((header, bytes, body_at))
     }
 
     /// The stored header of `key`, without reading (or verifying) the body. Only
