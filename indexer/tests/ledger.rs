@@ -30,6 +30,42 @@ fn leaf(n: u64) -> LeafRecord {
     }
 }
 
+/// Queued statements as the integration's leaves (commitments left zero:
+/// these tests check the index's records, not the tree).
+fn as_leaves(pending: &[(Vec<u8>, lx::PendingRecord)]) -> Vec<(Vec<u8>, LeafRecord, Kind)> {
+    pending
+        .iter()
+        .map(|(k, p)| {
+            let leaf = LeafRecord {
+                evidence: p.evidence,
+                salt: p.salt,
+                statement: p.statement.clone(),
+                commitment: [0; 32],
+            };
+            (k.clone(), leaf, Kind::Notarized)
+        })
+        .collect()
+}
+
+/// Integrates `leaves` at leaf `first` in one transaction, as the sequencer
+/// does (without tiles).
+async fn integrate(store: &EmbeddedStore, first: u64, leaves: &[(Vec<u8>, LeafRecord, Kind)]) {
+    let state = TreeState {
+        size: first + leaves.len() as u64,
+        root: [0; 32],
+        fence: 0,
+    };
+    run(store, |tx| {
+        let state = &state;
+        async move {
+            lx::integrate_tx(&tx, first, leaves, &[], state);
+            Ok::<_, indexer::schema::SchemaError>(())
+        }
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn an_index_in_the_old_ledger_layout_is_told_apart() {
     let (_dir, store) = store();
@@ -385,33 +421,7 @@ async fn queued_chunks_are_dequeued_whole_and_in_order() {
             distinct.len()
         );
         keys.extend(distinct.into_iter().cloned());
-        let first = got.len() as u64;
-        let leaves: Vec<(Vec<u8>, LeafRecord, Kind)> = pending
-            .iter()
-            .map(|(k, p)| {
-                let leaf = LeafRecord {
-                    evidence: p.evidence,
-                    salt: p.salt,
-                    statement: p.statement.clone(),
-                    commitment: [0; 32],
-                };
-                (k.clone(), leaf, Kind::Notarized)
-            })
-            .collect();
-        let state = TreeState {
-            size: first + leaves.len() as u64,
-            root: [0; 32],
-            fence: 0,
-        };
-        run(&store, |tx| {
-            let (leaves, state) = (&leaves, &state);
-            async move {
-                lx::integrate_tx(&tx, first, leaves, &[], state);
-                Ok::<_, indexer::schema::SchemaError>(())
-            }
-        })
-        .await
-        .unwrap();
+        integrate(&store, got.len() as u64, &as_leaves(&pending)).await;
         got.extend(pending.into_iter().map(|(_, p)| p));
     }
     assert_eq!(got.len(), all.len());
@@ -460,38 +470,6 @@ async fn the_next_batch_is_read_after_one_still_committing() {
     enqueue(&all[700..720], false).await;
     enqueue(&all[720..1500], true).await;
 
-    let integrate = |first: u64, batch: Vec<(Vec<u8>, lx::PendingRecord)>| {
-        let store = &store;
-        async move {
-            let leaves: Vec<(Vec<u8>, LeafRecord, Kind)> = batch
-                .into_iter()
-                .map(|(k, p)| {
-                    let leaf = LeafRecord {
-                        evidence: p.evidence,
-                        salt: p.salt,
-                        statement: p.statement,
-                        commitment: [0; 32],
-                    };
-                    (k, leaf, Kind::Notarized)
-                })
-                .collect();
-            let state = TreeState {
-                size: first + leaves.len() as u64,
-                root: [0; 32],
-                fence: 0,
-            };
-            run(store, |tx| {
-                let (leaves, state) = (&leaves, &state);
-                async move {
-                    lx::integrate_tx(&tx, first, leaves, &[], state);
-                    Ok::<_, indexer::schema::SchemaError>(())
-                }
-            })
-            .await
-            .unwrap();
-        }
-    };
-
     let mut got: Vec<lx::PendingRecord> = Vec::new();
     // The batch read but not yet integrated, and where it starts.
     type Batch = Vec<(Vec<u8>, lx::PendingRecord)>;
@@ -503,10 +481,13 @@ async fn the_next_batch_is_read_after_one_still_committing() {
             // Queued while a batch is in flight: read after it, in order.
             enqueue(&all[1500..], true).await;
         }
+        // Batches of one chunk (~316 statements), of several, and of the
+        // single statements queued between chunks.
+        let limit = [300, 700, 1000, 5][rounds % 4];
         let next = match &reading {
             None => {
                 run(&store, |tx| async move {
-                    lx::pending_tx(&tx, 300, 1 << 20).await
+                    lx::pending_tx(&tx, limit, 1 << 20).await
                 })
                 .await
             }
@@ -514,7 +495,7 @@ async fn the_next_batch_is_read_after_one_still_committing() {
                 let after = batch.last().map(|(k, _)| k.clone()).unwrap();
                 let after = &after;
                 run(&store, |tx| async move {
-                    lx::pending_after_tx(&tx, after, 300, 1 << 20).await
+                    lx::pending_after_tx(&tx, after, limit, 1 << 20).await
                 })
                 .await
             }
@@ -523,15 +504,15 @@ async fn the_next_batch_is_read_after_one_still_committing() {
         // Only now does the previous batch's integration commit.
         if let Some((first, batch)) = reading.take() {
             got.extend(batch.iter().map(|(_, p)| p.clone()));
-            integrate(first, batch).await;
+            integrate(&store, first, &as_leaves(&batch)).await;
         }
         if next.is_empty() {
             break;
         }
         let keys: std::collections::HashSet<&Vec<u8>> = next.iter().map(|(k, _)| k).collect();
         assert!(
-            next.len() <= 300 || keys.len() == 1,
-            "{} statements",
+            next.len() <= limit || keys.len() == 1,
+            "{} statements for a limit of {limit}",
             next.len()
         );
         reading = Some((got.len() as u64, next));
@@ -609,33 +590,9 @@ async fn notarizations_in_chunks_are_found_by_id_without_a_link_each() {
     .await
     .unwrap();
     assert_eq!(pending.len(), 606);
-    let leaves: Vec<(Vec<u8>, LeafRecord, Kind)> = pending
-        .into_iter()
-        .map(|(k, p)| {
-            let leaf = LeafRecord {
-                evidence: p.evidence,
-                salt: p.salt,
-                statement: p.statement,
-                commitment: [0; 32],
-            };
-            (k, leaf, Kind::Notarized)
-        })
-        .collect();
+    let leaves = as_leaves(&pending);
     let order: Vec<EvidenceId> = leaves.iter().map(|(_, l, _)| l.evidence).collect();
-    let state = TreeState {
-        size: 606,
-        root: [0; 32],
-        fence: 0,
-    };
-    run(&store, |tx| {
-        let (leaves, state) = (&leaves, &state);
-        async move {
-            lx::integrate_tx(&tx, 0, leaves, &[], state);
-            Ok::<_, indexer::schema::SchemaError>(())
-        }
-    })
-    .await
-    .unwrap();
+    integrate(&store, 0, &leaves).await;
 
     for (n, id) in order.iter().enumerate() {
         let (found, tenant) = run(&store, |tx| async move {

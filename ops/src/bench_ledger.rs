@@ -79,6 +79,23 @@ async fn init(dir: &std::path::Path) -> Result<cluster::Cluster> {
     .await
 }
 
+/// The cluster's gateway and its ledger, in this process (no API served).
+fn in_process(
+    c: &cluster::Cluster,
+) -> Result<(
+    Arc<gateway::Gateway<indexer::EmbeddedStore>>,
+    Arc<gateway::ledger::Ledger>,
+)> {
+    let store = indexer::EmbeddedStore::open(&c.gateway.index_path)?;
+    let gw = Arc::new(gateway::Gateway::new(
+        c.gateway.clone(),
+        store,
+        &prometheus::Registry::new(),
+    )?);
+    let ledger = gw.ledger.clone().context("no ledger configured")?;
+    Ok((gw, ledger))
+}
+
 pub async fn run(args: BenchLedgerArgs) -> Result<()> {
     // As `custodia bench --dir`: a kept directory, else a temporary one.
     let tmp = tempfile::tempdir()?;
@@ -92,13 +109,7 @@ pub async fn run(args: BenchLedgerArgs) -> Result<()> {
 
     // 1. In process.
     let c = init(&dir.join("inproc")).await?;
-    let store = indexer::EmbeddedStore::open(&c.gateway.index_path)?;
-    let gw = Arc::new(gateway::Gateway::new(
-        c.gateway.clone(),
-        store,
-        &prometheus::Registry::new(),
-    )?);
-    let ledger = gw.ledger.clone().context("no ledger configured")?;
+    let (gw, ledger) = in_process(&c)?;
     let queued_at = Instant::now();
     let mut n = 0u64;
     while n < args.entries {
@@ -276,13 +287,7 @@ mod tests {
     async fn batches_integrated_ahead_of_their_commits_make_one_correct_tree() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let c = init(dir.path()).await?;
-        let store = indexer::EmbeddedStore::open(&c.gateway.index_path)?;
-        let gw = Arc::new(gateway::Gateway::new(
-            c.gateway.clone(),
-            store,
-            &prometheus::Registry::new(),
-        )?);
-        let ledger = gw.ledger.clone().context("no ledger configured")?;
+        let (gw, ledger) = in_process(&c)?;
         // Over three batches of 8,192, queued in chunks and singly.
         let total = 20_000u64;
         let queued: Vec<PendingRecord> = (0..total)
