@@ -710,8 +710,7 @@ pub async fn integrate_pending<S: Store>(
     let mut any = false;
     let outcome = loop {
         let catch_up = publishing.is_none() && committing.is_none();
-        let started = std::time::Instant::now();
-        let prepared = prepare_round(gw, ledger, catch_up, ahead.take(), &mut known, started).await;
+        let prepared = prepare_round(gw, ledger, catch_up, ahead.take(), &mut known).await;
         if prepared.is_err() {
             ledger.forget_lease();
         }
@@ -741,7 +740,7 @@ pub async fn integrate_pending<S: Store>(
                 ahead = p.leaves.last().map(|(key, ..)| Ahead {
                     size: p.next.size,
                     after: key.clone(),
-                    fence: p.fence,
+                    fence: p.next.fence,
                 });
                 let Ok(permit) = in_flight.clone().acquire_owned().await else {
                     break Err(LedgerError::Tree("ledger publication gate closed".into()));
@@ -813,7 +812,7 @@ struct Integrated {
 /// A batch read and hashed, to integrate.
 struct Prepared {
     first: u64,
-    fence: u64,
+    /// The tree after this batch, with the fencing token its commit checks.
     next: TreeState,
     tiles: Vec<(Tile, Vec<u8>)>,
     leaves: Vec<(Vec<u8>, LeafRecord, Kind)>,
@@ -858,8 +857,8 @@ async fn prepare_round<S: Store>(
     catch_up: bool,
     ahead: Option<Ahead>,
     known: &mut HashMap<u64, TreeHash>,
-    started: std::time::Instant,
 ) -> Result<Option<Prepared>, LedgerError> {
+    let started = std::time::Instant::now();
     let (first, fence, pending) = match ahead {
         Some(Ahead { size, after, fence }) => {
             let after = &after;
@@ -923,7 +922,6 @@ async fn prepare_round<S: Store>(
     let hashed = started.elapsed();
     Ok(Some(Prepared {
         first,
-        fence,
         next: TreeState {
             size: new_size,
             root: root.0,
@@ -972,7 +970,7 @@ async fn commit_round<S: Store>(
     ledger: Arc<Ledger>,
     p: Prepared,
 ) -> Result<Integrated, LedgerError> {
-    let (first, fence, owner) = (p.first, p.fence, ledger.owner);
+    let (first, fence, owner) = (p.first, p.next.fence, ledger.owner);
     let now = gw.clock.now_ms();
     let committing = p.started.elapsed();
     let outcome = indexer::run(&gw.store, |tx| {

@@ -52,7 +52,7 @@
 //! of entries of one tile (`tlog_tiles::Tile::hash_at_index`).
 
 use crate::kv::Transaction;
-use crate::schema::SchemaError;
+use crate::schema::{evidence_key, SchemaError};
 use protocol::wire::{decode_versioned, encode_versioned};
 use protocol::EvidenceId;
 use serde::{Deserialize, Serialize};
@@ -241,9 +241,7 @@ fn u64_key(tag: u8, n: u64) -> Vec<u8> {
 }
 
 fn by_evidence_prefix(evidence: &EvidenceId) -> Vec<u8> {
-    let mut k = vec![BY_EVIDENCE];
-    k.extend_from_slice(evidence.as_bytes());
-    k
+    evidence_key(BY_EVIDENCE, evidence)
 }
 
 /// Queues a statement; it is integrated after this transaction commits.
@@ -269,11 +267,12 @@ pub fn enqueue_tx<T: Transaction>(tx: &T, seq: u16, rec: &PendingRecord) {
 /// [`GROUP_BYTES`] (a statement and its record overhead counted) under one
 /// queue key each: the queue then costs a key per chunk, not per statement,
 /// both here and when the integration dequeues it. Chunk keys are numbered
-/// from `NAMED_CHUNK_SEQ` (above [`CHUNK_SEQ`]), after any statement the same transaction queues
-/// singly. Each statement gets a "P" record naming its chunk and position,
-/// returned in order (the integration gives each chunk one "M" key, not a
-/// "V" link per statement). A gateway of a version before chunks cannot read
-/// them: upgrade every gateway before any of them queues chunks.
+/// from `NAMED_CHUNK_SEQ` (above [`CHUNK_SEQ`]), after any statement the same
+/// transaction queues singly. Each statement gets a "P" record naming its
+/// chunk and position, returned in order (the integration gives each chunk
+/// one "M" key, not a "V" link per statement). A gateway of a version before
+/// chunks cannot read them: upgrade every gateway before any of them queues
+/// chunks.
 pub fn enqueue_notarizations_tx<T: Transaction>(
     tx: &T,
     recs: &[PendingRecord],
@@ -295,7 +294,7 @@ pub fn enqueue_notarizations_tx<T: Transaction>(
                 position,
             };
             tx.set(
-                &id_key(NOTARIZED_IN_CHUNK, &r.evidence),
+                &evidence_key(NOTARIZED_IN_CHUNK, &r.evidence),
                 &encode_versioned(RECORD_V1, &rec),
             );
             placed.push((name, position));
@@ -330,12 +329,6 @@ fn chunk_ranges(recs: &[PendingRecord]) -> Vec<std::ops::Range<usize>> {
 fn is_named_chunk_key(key: &[u8]) -> bool {
     key.len() == 1 + crate::kv::VERSIONSTAMP_BYTES + 2
         && u16::from_be_bytes([key[key.len() - 2], key[key.len() - 1]]) >= NAMED_CHUNK_SEQ
-}
-
-fn id_key(tag: u8, id: &EvidenceId) -> Vec<u8> {
-    let mut k = vec![tag];
-    k.extend_from_slice(id.as_bytes());
-    k
 }
 
 /// The oldest pending statements (at most `limit`, at most `max_bytes` of
@@ -539,7 +532,7 @@ pub fn integrate_tx<T: Transaction>(
         if is_named_chunk_key(key) {
             // A chunk's statements are found through its first leaf.
             if i == 0 || leaves[i - 1].0 != *key {
-                tx.set(&id_key(CHUNK_START, &leaf.evidence), &n.to_be_bytes());
+                tx.set(&evidence_key(CHUNK_START, &leaf.evidence), &n.to_be_bytes());
             }
         } else {
             let mut v = by_evidence_prefix(&leaf.evidence);
@@ -692,7 +685,7 @@ pub async fn notarized_record_tx<T: Transaction>(
     tx: &T,
     id: EvidenceId,
 ) -> Result<Option<NotarizedRecord>, SchemaError> {
-    match tx.get(&id_key(NOTARIZED_IN_CHUNK, &id)).await? {
+    match tx.get(&evidence_key(NOTARIZED_IN_CHUNK, &id)).await? {
         Some(v) => Ok(Some(decode_versioned(RECORD_V1, &v)?)),
         None => Ok(None),
     }
@@ -703,7 +696,7 @@ pub async fn chunk_start_tx<T: Transaction>(
     tx: &T,
     chunk: EvidenceId,
 ) -> Result<Option<u64>, SchemaError> {
-    let Some(v) = tx.get(&id_key(CHUNK_START, &chunk)).await? else {
+    let Some(v) = tx.get(&evidence_key(CHUNK_START, &chunk)).await? else {
         return Ok(None);
     };
     let n: [u8; 8] = v
@@ -762,9 +755,7 @@ pub async fn put_checkpoint_tx<T: Transaction>(
 
 /// Records a hash-only notarization under `id` for `tenant`.
 pub fn put_notarization_tx<T: Transaction>(tx: &T, id: EvidenceId, tenant: &str) {
-    let mut k = vec![NOTARIZED];
-    k.extend_from_slice(id.as_bytes());
-    tx.set(&k, tenant.as_bytes());
+    tx.set(&evidence_key(NOTARIZED, &id), tenant.as_bytes());
 }
 
 /// The tenant of a hash-only notarization.
@@ -776,7 +767,7 @@ pub async fn notarization_tenant_tx<T: Transaction>(
         return Ok(Some(rec.tenant));
     }
     Ok(tx
-        .get(&id_key(NOTARIZED, &id))
+        .get(&evidence_key(NOTARIZED, &id))
         .await?
         .map(|v| String::from_utf8_lossy(&v).into_owned()))
 }

@@ -97,7 +97,9 @@ pub fn valid_tenant(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
-fn evidence_key(tag: u8, id: &EvidenceId) -> Vec<u8> {
+/// A tag and an evidence id: the key of every record kept per evidence
+/// (here and in [`crate::ledger`]).
+pub(crate) fn evidence_key(tag: u8, id: &EvidenceId) -> Vec<u8> {
     let mut k = Vec::with_capacity(17);
     k.push(tag);
     k.extend_from_slice(id.as_bytes());

@@ -410,7 +410,7 @@ async fn handle_request(
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
-            ("time", respond(send, &Response::Time(now), &[]).await)
+            ("time", respond(send, &Response::Time(now)).await)
         }
     };
     let result = answered?;
@@ -505,7 +505,7 @@ async fn handle_put_shard(
             Response::Error(ErrorCode::Io)
         }
     };
-    respond(send, &response, &[]).await
+    respond(send, &response).await
 }
 
 /// Sends a shard's header and body, verified on the way out of the store.
@@ -519,18 +519,14 @@ async fn handle_get_shard(
         Ok((header, body)) => {
             state.metrics.shards_read.inc();
             state.metrics.bytes_read.inc_by(body.len() as u64);
-            // The body goes to quinn as it is (write_all would copy it).
-            send.write_all(&Response::Shard(header).encode()).await?;
-            send.write_chunk(body).await?;
-            send.finish()?;
-            Ok(result_label(&Response::Shard(header)))
+            respond_with(send, &Response::Shard(header), body).await
         }
         Err(e) => {
             if matches!(e, StoreError::Corrupt(_)) {
                 state.metrics.corrupt_shards.inc();
             }
             log_store_error(&key, &e);
-            respond(send, &Response::Error(e.code()), &[]).await
+            respond(send, &Response::Error(e.code())).await
         }
     }
 }
@@ -548,7 +544,7 @@ async fn handle_stat_shard(
             Response::Error(e.code())
         }
     };
-    respond(send, &response, &[]).await
+    respond(send, &response).await
 }
 
 async fn handle_delete_shard(
@@ -567,7 +563,7 @@ async fn handle_delete_shard(
             Response::Error(e.code())
         }
     };
-    respond(send, &response, &[]).await
+    respond(send, &response).await
 }
 
 async fn handle_list_shards(
@@ -585,7 +581,7 @@ async fn handle_list_shards(
             Response::Error(e.code())
         }
     };
-    respond(send, &response, &[]).await
+    respond(send, &response).await
 }
 
 async fn handle_list_quarantined(
@@ -602,7 +598,7 @@ async fn handle_list_quarantined(
             Response::Error(e.code())
         }
     };
-    respond(send, &response, &[]).await
+    respond(send, &response).await
 }
 
 async fn handle_verify_shard(
@@ -625,7 +621,7 @@ async fn handle_verify_shard(
             Response::Error(e.code())
         }
     };
-    respond(send, &response, &[]).await
+    respond(send, &response).await
 }
 
 async fn handle_node_info(
@@ -647,7 +643,7 @@ async fn handle_node_info(
             Response::Error(e.code())
         }
     };
-    respond(send, &response, &[]).await
+    respond(send, &response).await
 }
 
 /// Runs a store call on the blocking pool; a panic there becomes an I/O error
@@ -674,11 +670,20 @@ fn log_store_error(key: &ShardKey, e: &StoreError) {
 async fn respond(
     send: &mut quinn::SendStream,
     response: &Response,
-    body: &[u8],
+) -> Result<&'static str, StreamError> {
+    respond_with(send, response, bytes::Bytes::new()).await
+}
+
+/// Sends a response frame and its body; the body goes to quinn as it is
+/// (`write_all` would copy it).
+async fn respond_with(
+    send: &mut quinn::SendStream,
+    response: &Response,
+    body: bytes::Bytes,
 ) -> Result<&'static str, StreamError> {
     send.write_all(&response.encode()).await?;
     if !body.is_empty() {
-        send.write_all(body).await?;
+        send.write_chunk(body).await?;
     }
     send.finish()?;
     Ok(result_label(response))
@@ -692,5 +697,5 @@ async fn refuse(
     code: ErrorCode,
 ) -> Result<&'static str, StreamError> {
     let _ = recv.stop(CODE_REFUSED.into());
-    respond(send, &Response::Error(code), &[]).await
+    respond(send, &Response::Error(code)).await
 }
