@@ -49,7 +49,7 @@ use tlog_tiles::{HashReader, Tile};
 use tokio::sync::{oneshot, watch, Notify};
 
 /// Statements integrated per round at most (one checkpoint signature each).
-const BATCH_ENTRIES: usize = 8192;
+pub const BATCH_ENTRIES: usize = 8192;
 /// Statement bytes per integration transaction at most (FoundationDB: 10 MB).
 const BATCH_BYTES: usize = 4 << 20;
 /// The integrator lease.
@@ -682,12 +682,12 @@ pub fn spawn_integrator<S: Store>(gw: Arc<Gateway<S>>) -> tokio::task::JoinHandl
 /// (tiles, openings, signature) as soon as the publication before it is
 /// done, beside the next batches' work. Publications run one after another
 /// in order, and each starts only once its batch has committed, so every
-/// checkpoint is signed only once the
-/// tiles and openings of all the leaves it covers are durable; a batch read
-/// ahead is integrated only if the one before it committed (its transaction
-/// checks the tree size it extends). A failed commit or publication stops
-/// the run; the next run starts from the index and first publishes what the
-/// index holds.
+/// checkpoint is signed only once the tiles and openings of all the leaves
+/// it covers are durable; a batch read ahead is integrated only if the one
+/// before it committed (its transaction checks the tree size it extends).
+/// A failed commit or publication stops the run: no batch commits after it
+/// but the one already committing beside it. The next run starts from the
+/// index and first publishes what the index holds.
 pub async fn integrate_pending<S: Store>(
     gw: &Arc<Gateway<S>>,
     ledger: &Arc<Ledger>,
@@ -695,13 +695,18 @@ pub async fn integrate_pending<S: Store>(
     // The newest batch's commit-then-publish task (it awaits the publication
     // before it, so awaiting it awaits them all), and its commit's outcome.
     let mut publishing: Option<tokio::task::JoinHandle<Result<(), LedgerError>>> = None;
-    let mut committing: Option<oneshot::Receiver<Result<(), LedgerError>>> = None;
+    let mut committing: Option<oneshot::Receiver<bool>> = None;
     // A commit-then-publish task holds a permit until its publication is
     // done: one batch publishing and one committing at most, so a slow
     // publication (a slow disk or bucket) holds integration back instead of
     // letting unpublished batches pile up in memory, and a stuck one stops
     // lease renewals so another gateway can take over.
     let in_flight = Arc::new(tokio::sync::Semaphore::new(2));
+    // Set by a commit-then-publish task that failed, before it gives its
+    // permit back: a task that gets the permit after it commits nothing, so
+    // a failed publication stops integration at the batch committing beside
+    // it (the loop only learns of the failure when it next awaits a commit).
+    let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Where the next batch starts while the previous one is committing.
     let mut ahead: Option<Ahead> = None;
     // Tree hashes of the batches not yet known to be in the index, and
@@ -715,10 +720,13 @@ pub async fn integrate_pending<S: Store>(
             ledger.forget_lease();
         }
         if let Some(commit) = committing.take() {
-            match commit.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => break Err(e),
-                Err(_) => break Err(LedgerError::Tree("ledger commit task ended".into())),
+            if !commit.await.unwrap_or(false) {
+                // The task's outcome says why (the earliest failure).
+                let why = match publishing.take() {
+                    Some(task) => joined(task).await.err(),
+                    None => None,
+                };
+                break Err(why.unwrap_or_else(|| LedgerError::Tree("ledger commit failed".into())));
             }
             // Everything before the batch just prepared is in the index now.
             if let Ok(Some(p)) = &prepared {
@@ -748,37 +756,15 @@ pub async fn integrate_pending<S: Store>(
                 let (done, commit) = oneshot::channel();
                 committing = Some(commit);
                 let previous = publishing.take();
-                let (gw, ledger) = (gw.clone(), ledger.clone());
+                let (gw, ledger, stopped) = (gw.clone(), ledger.clone(), stopped.clone());
                 publishing = Some(tokio::spawn(async move {
                     let _permit = permit;
-                    let committed = commit_round(gw.clone(), ledger.clone(), p).await;
-                    let batch = match committed {
-                        Ok(batch) => {
-                            let _ = done.send(Ok(()));
-                            Some(batch)
-                        }
-                        Err(e) => {
-                            let _ = done.send(Err(e));
-                            None
-                        }
-                    };
-                    // Publications in order: this one only after the last.
-                    if let Some(previous) = previous {
-                        joined(previous).await?;
+                    let outcome =
+                        commit_then_publish(&gw, &ledger, p, done, previous, &stopped).await;
+                    if outcome.is_err() {
+                        stopped.store(true, std::sync::atomic::Ordering::SeqCst);
                     }
-                    // A failed commit was reported above; nothing to publish.
-                    let Some(batch) = batch else { return Ok(()) };
-                    publish_state(
-                        &gw,
-                        &ledger,
-                        batch.first,
-                        &batch.state,
-                        Some(batch.tiles),
-                        &batch.leaves,
-                    )
-                    .await?;
-                    gw.metrics.ledger_integrated(batch.state.size);
-                    Ok(())
+                    outcome
                 }));
             }
             Ok(None) => break Ok(any),
@@ -787,12 +773,60 @@ pub async fn integrate_pending<S: Store>(
     };
     // Every way out of the loop has awaited the commit in flight.
     debug_assert!(committing.is_none());
-    if let Some(last) = publishing {
-        // On failure the batches stay integrated and unpublished: the next
-        // run's first round publishes them.
-        joined(last).await?;
+    // On failure the batches stay integrated and unpublished: the next run's
+    // first round publishes them.
+    let last = match publishing {
+        Some(task) => joined(task).await,
+        None => Ok(()),
+    };
+    match outcome {
+        Err(e) => Err(e),
+        Ok(any) => last.map(|()| any),
     }
-    outcome
+}
+
+/// Commits batch `p` (telling the loop on `done` whether it did), waits
+/// for the publication before it (`previous`), then publishes the batch.
+/// Commits nothing once an earlier task has `stopped`. Returns the earliest
+/// failure of the chain.
+async fn commit_then_publish<S: Store>(
+    gw: &Arc<Gateway<S>>,
+    ledger: &Arc<Ledger>,
+    p: Prepared,
+    done: oneshot::Sender<bool>,
+    previous: Option<tokio::task::JoinHandle<Result<(), LedgerError>>>,
+    stopped: &std::sync::atomic::AtomicBool,
+) -> Result<(), LedgerError> {
+    let committed = if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+        None
+    } else {
+        Some(commit_round(gw.clone(), ledger.clone(), p).await)
+    };
+    let _ = done.send(matches!(committed, Some(Ok(_))));
+    // Publications in order: this one only after the last.
+    if let Some(previous) = previous {
+        joined(previous).await?;
+    }
+    let batch = match committed {
+        Some(Ok(batch)) => batch,
+        Some(Err(e)) => return Err(e),
+        None => {
+            return Err(LedgerError::Tree(
+                "integration stopped after an earlier failure".into(),
+            ))
+        }
+    };
+    publish_state(
+        gw,
+        ledger,
+        batch.first,
+        &batch.state,
+        Some(batch.tiles),
+        &batch.leaves,
+    )
+    .await?;
+    gw.metrics.ledger_integrated(batch.state.size);
+    Ok(())
 }
 
 /// A publication task's outcome.

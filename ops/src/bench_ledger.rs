@@ -86,7 +86,17 @@ fn in_process(
     Arc<gateway::Gateway<indexer::EmbeddedStore>>,
     Arc<gateway::ledger::Ledger>,
 )> {
-    let store = indexer::EmbeddedStore::open(&c.gateway.index_path)?;
+    in_process_on(c, indexer::EmbeddedStore::open(&c.gateway.index_path)?)
+}
+
+/// As [`in_process`], on an index already open.
+fn in_process_on(
+    c: &cluster::Cluster,
+    store: indexer::EmbeddedStore,
+) -> Result<(
+    Arc<gateway::Gateway<indexer::EmbeddedStore>>,
+    Arc<gateway::ledger::Ledger>,
+)> {
     let gw = Arc::new(gateway::Gateway::new(
         c.gateway.clone(),
         store,
@@ -279,6 +289,129 @@ mod tests {
         }
     }
 
+    type Gw = gateway::Gateway<indexer::EmbeddedStore>;
+
+    /// `total` statements queued in chunks of 1,000, as `POST /v1/notarize`
+    /// queues them.
+    async fn queue_chunks(gw: &Gw, total: u64) -> Result<Vec<PendingRecord>> {
+        let queued: Vec<PendingRecord> = (0..total)
+            .map(|i| {
+                Ok(PendingRecord {
+                    evidence: EvidenceId::new(1_000 + i, [3; 10]),
+                    salt: rand::random(),
+                    statement: statement(i).encode()?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        for part in queued.chunks(1000) {
+            indexer::run(&gw.store, |tx| async move {
+                indexer::ledger::enqueue_notarizations_tx(&tx, part, "bench");
+                Ok::<_, indexer::schema::SchemaError>(())
+            })
+            .await?;
+        }
+        Ok(queued)
+    }
+
+    fn commitments(queued: &[PendingRecord]) -> Vec<[u8; 32]> {
+        queued
+            .iter()
+            .map(|p| protocol::ledger::commitment(&p.salt, &p.statement))
+            .collect()
+    }
+
+    /// The C2SP tlog-tiles path of full entry bundle `n`, written out: the
+    /// index in zero-padded 3-digit elements, all but the last prefixed `x`.
+    fn bundle_path(mut n: u64) -> String {
+        let mut parts = Vec::new();
+        loop {
+            parts.push(n % 1000);
+            n /= 1000;
+            if n == 0 {
+                break;
+            }
+        }
+        let last = parts.len() - 1;
+        let elems: Vec<String> = parts
+            .iter()
+            .rev()
+            .enumerate()
+            .map(|(i, p)| {
+                if i < last {
+                    format!("x{p:03}")
+                } else {
+                    format!("{p:03}")
+                }
+            })
+            .collect();
+        format!("tile/entries/{}", elems.join("/"))
+    }
+
+    /// The index's tree size and its newest signed checkpoint (verified).
+    async fn index_state(
+        gw: &Gw,
+        vkey: &str,
+    ) -> Result<(u64, protocol::ledger::VerifiedCheckpoint)> {
+        let (state, note) = indexer::run(&gw.store, |tx| async move {
+            let state = indexer::ledger::tree_state_tx(&tx).await?;
+            let note = indexer::ledger::checkpoint_tx(&tx).await?;
+            Ok::<_, indexer::schema::SchemaError>((state, note))
+        })
+        .await?;
+        let note = String::from_utf8(note.context("no checkpoint signed")?)?;
+        Ok((
+            state.size,
+            protocol::ledger::verify_checkpoint(&note, vkey)?,
+        ))
+    }
+
+    /// What a verifier finds once everything `queued` is integrated: the
+    /// published checkpoint covers all of it with the root an independent
+    /// RFC 9162 computation gives, every leaf is the statement queued in its
+    /// place, nothing is left queued, and every full entry bundle holds
+    /// those statements' commitments.
+    async fn assert_one_tree(
+        c: &cluster::Cluster,
+        dir: &std::path::Path,
+        gw: &Gw,
+        queued: &[PendingRecord],
+    ) -> Result<()> {
+        let total = queued.len() as u64;
+        let tiles_dir = &c.gateway.ledger.as_ref().context("ledger")?.tiles_dir;
+        let note = std::fs::read_to_string(tiles_dir.join("checkpoint"))?;
+        let vkey = std::fs::read_to_string(dir.join(cluster::LEDGER_VKEY_FILE))?;
+        let cp = protocol::ledger::verify_checkpoint(&note, vkey.trim())?;
+        assert_eq!(cp.size, total);
+        let commitments = commitments(queued);
+        assert_eq!(cp.root.0, rfc9162_root(&commitments));
+        let (leaves, left) = indexer::run(&gw.store, |tx| async move {
+            let leaves = indexer::ledger::leaves_tx(&tx, 0..total).await?;
+            let left = indexer::ledger::pending_tx(&tx, 10, 1 << 20).await?;
+            Ok::<_, indexer::schema::SchemaError>((leaves, left))
+        })
+        .await?;
+        assert!(left.is_empty(), "{} statements still queued", left.len());
+        assert_eq!(leaves.len() as u64, total);
+        for (n, (leaf, p)) in leaves.iter().zip(queued).enumerate() {
+            assert!(
+                leaf.evidence == p.evidence && leaf.salt == p.salt && leaf.statement == p.statement,
+                "leaf {n} is not the statement queued {n}th"
+            );
+        }
+        for (n, expected) in commitments.chunks_exact(256).enumerate() {
+            let path = bundle_path(n as u64);
+            let bundle = std::fs::read(tiles_dir.join(&path)).with_context(|| path.clone())?;
+            let entries = protocol::ledger::parse_entry_bundle(&bundle)?;
+            assert!(
+                entries.iter().copied().eq(expected.iter().map(|c| &c[..])),
+                "{path} does not hold leaves {}..{}",
+                n * 256,
+                n * 256 + 256
+            );
+        }
+        Ok(())
+    }
+
     /// A queue several batches long, integrated with each batch read and
     /// hashed while the one before it commits: the published checkpoint
     /// covers every statement, in queue order, with the root an independent
@@ -313,31 +446,7 @@ mod tests {
             .await?;
         }
         assert!(gateway::ledger::integrate_pending(&gw, &ledger).await?);
-
-        let tiles_dir = &c.gateway.ledger.as_ref().context("ledger")?.tiles_dir;
-        let note = std::fs::read_to_string(tiles_dir.join("checkpoint"))?;
-        let vkey = std::fs::read_to_string(dir.path().join(cluster::LEDGER_VKEY_FILE))?;
-        let cp = protocol::ledger::verify_checkpoint(&note, vkey.trim())?;
-        assert_eq!(cp.size, total);
-        let commitments: Vec<[u8; 32]> = queued
-            .iter()
-            .map(|p| protocol::ledger::commitment(&p.salt, &p.statement))
-            .collect();
-        assert_eq!(cp.root.0, rfc9162_root(&commitments));
-        let (leaves, left) = indexer::run(&gw.store, |tx| async move {
-            let leaves = indexer::ledger::leaves_tx(&tx, 0..total).await?;
-            let left = indexer::ledger::pending_tx(&tx, 10, 1 << 20).await?;
-            Ok::<_, indexer::schema::SchemaError>((leaves, left))
-        })
-        .await?;
-        assert!(left.is_empty(), "{} statements still queued", left.len());
-        assert_eq!(leaves.len() as u64, total);
-        for (n, (leaf, p)) in leaves.iter().zip(&queued).enumerate() {
-            assert!(
-                leaf.evidence == p.evidence && leaf.salt == p.salt && leaf.statement == p.statement,
-                "leaf {n} is not the statement queued {n}th"
-            );
-        }
+        assert_one_tree(&c, dir.path(), &gw, &queued).await?;
         // Every statement is found by its id, queued singly or in a chunk.
         let ids: Vec<EvidenceId> = queued.iter().map(|p| p.evidence).collect();
         let found = indexer::run(&gw.store, |tx| {
@@ -355,5 +464,119 @@ mod tests {
             assert_eq!(f, &vec![(n as u64, Kind::Notarized)], "leaf of id {n}");
         }
         Ok(())
+    }
+
+    /// An integrator fenced off mid-pipeline (another took the lease while
+    /// it had a batch committing and the next one read ahead) commits
+    /// nothing more; its last checkpoint is a prefix of the tree a successor
+    /// finishes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_integrator_fenced_off_mid_pipeline_stops_and_a_successor_finishes_one_tree(
+    ) -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let c = init(dir.path()).await?;
+        let (gw, ledger) = in_process(&c)?;
+        let vkey = std::fs::read_to_string(dir.path().join(cluster::LEDGER_VKEY_FILE))?;
+        let queued = queue_chunks(&gw, 60_000).await?;
+        let mut published = ledger.subscribe();
+        let run = tokio::spawn({
+            let (gw, ledger) = (gw.clone(), ledger.clone());
+            async move { gateway::ledger::integrate_pending(&gw, &ledger).await }
+        });
+        // Once the first batch is published, later ones are committing and
+        // read ahead: another integrator takes the lease, as after this one
+        // stalled past it, and lets it lapse at once.
+        published.changed().await?;
+        let thief = 7u128;
+        let taken = indexer::run(&gw.store, |tx| async move {
+            let fence = indexer::ledger::acquire_lease_tx(&tx, thief, u64::MAX / 2, 0).await?;
+            if let Some(fence) = fence {
+                indexer::ledger::renew_lease_tx(&tx, thief, fence, 0, 0);
+            }
+            Ok::<_, indexer::schema::SchemaError>(fence)
+        })
+        .await?;
+        taken.context("the lease could not be taken")?;
+        let outcome = run.await?;
+        assert!(
+            matches!(
+                outcome,
+                Err(gateway::ledger::LedgerError::Integrate(
+                    indexer::ledger::IntegrateError::Fenced(_)
+                ))
+            ),
+            "the fenced-off integrator stops: {outcome:?}"
+        );
+        let (size, cp) = index_state(&gw, vkey.trim()).await?;
+        assert!(size < queued.len() as u64, "stopped before the end");
+        assert!(cp.size <= size);
+        let commitments = commitments(&queued);
+        assert_eq!(cp.root.0, rfc9162_root(&commitments[..cp.size as usize]));
+
+        // A successor on the same index (another gateway) takes the lapsed
+        // lease, publishes what is integrated and integrates the rest.
+        let (gw2, ledger2) = in_process_on(&c, gw.store.clone())?;
+        assert!(gateway::ledger::integrate_pending(&gw2, &ledger2).await?);
+        assert_one_tree(&c, dir.path(), &gw2, &queued).await
+    }
+
+    /// A publication that fails mid-pipeline (the tiles cannot be written)
+    /// stops integration at the batch committing beside it, signs nothing
+    /// over unwritten tiles, and a later run publishes and finishes one tree.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_publication_failing_mid_pipeline_stops_commits_and_signs_nothing_unwritten(
+    ) -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let c = init(dir.path()).await?;
+        let (gw, ledger) = in_process(&c)?;
+        let vkey = std::fs::read_to_string(dir.path().join(cluster::LEDGER_VKEY_FILE))?;
+        let queued = queue_chunks(&gw, 60_000).await?;
+        let tiles_dir = c
+            .gateway
+            .ledger
+            .as_ref()
+            .context("ledger")?
+            .tiles_dir
+            .clone();
+        let aside = dir.path().join("tiles-aside");
+        let mut published = ledger.subscribe();
+        let run = tokio::spawn({
+            let (gw, ledger) = (gw.clone(), ledger.clone());
+            async move { gateway::ledger::integrate_pending(&gw, &ledger).await }
+        });
+        // After the first publication, a file where the tiles directory was:
+        // every later tile write fails (root included).
+        published.changed().await?;
+        std::fs::rename(&tiles_dir, &aside)?;
+        std::fs::write(&tiles_dir, b"not a directory")?;
+        let outcome = run.await?;
+        assert!(outcome.is_err(), "a failed publication fails the run");
+        let (size, cp) = index_state(&gw, vkey.trim()).await?;
+        assert!(size < queued.len() as u64, "stopped before the end");
+        assert!(
+            size - cp.size <= 2 * gateway::ledger::BATCH_ENTRIES as u64,
+            "integrated {} past the last checkpoint ({}): commits went on after the failure",
+            size - cp.size,
+            cp.size
+        );
+        let commitments = commitments(&queued);
+        assert_eq!(cp.root.0, rfc9162_root(&commitments[..cp.size as usize]));
+        // Every tile the signed checkpoint needs was written before it.
+        for n in 0..cp.size / 256 {
+            let path = bundle_path(n);
+            assert!(
+                aside.join(&path).is_file(),
+                "{path} missing under checkpoint {}",
+                cp.size
+            );
+        }
+
+        // The tiles can be written again: the next run (here another
+        // gateway's) publishes and finishes.
+        std::fs::remove_file(&tiles_dir)?;
+        std::fs::rename(&aside, &tiles_dir)?;
+        let (gw2, ledger2) = in_process_on(&c, gw.store.clone())?;
+        assert!(gateway::ledger::integrate_pending(&gw2, &ledger2).await?);
+        assert_one_tree(&c, dir.path(), &gw2, &queued).await
     }
 }
