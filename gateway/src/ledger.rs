@@ -685,9 +685,9 @@ pub fn spawn_integrator<S: Store>(gw: Arc<Gateway<S>>) -> tokio::task::JoinHandl
 /// checkpoint is signed only once the tiles and openings of all the leaves
 /// it covers are durable; a batch read ahead is integrated only if the one
 /// before it committed (its transaction checks the tree size it extends).
-/// A failed commit or publication stops the run: no batch commits after it
-/// but the one already committing beside it. The next run starts from the
-/// index and first publishes what the index holds.
+/// A failed commit or publication stops the run: at most one batch after the
+/// failed one commits (the one already under way beside it). The next run
+/// starts from the index and first publishes what the index holds.
 pub async fn integrate_pending<S: Store>(
     gw: &Arc<Gateway<S>>,
     ledger: &Arc<Ledger>,
@@ -696,16 +696,17 @@ pub async fn integrate_pending<S: Store>(
     // before it, so awaiting it awaits them all), and its commit's outcome.
     let mut publishing: Option<tokio::task::JoinHandle<Result<(), LedgerError>>> = None;
     let mut committing: Option<oneshot::Receiver<bool>> = None;
-    // A commit-then-publish task holds a permit until its publication is
-    // done: one batch publishing and one committing at most, so a slow
-    // publication (a slow disk or bucket) holds integration back instead of
-    // letting unpublished batches pile up in memory, and a stuck one stops
-    // lease renewals so another gateway can take over.
+    // The loop takes a permit for each commit-then-publish task, which holds
+    // it until its publication is done: one batch publishing and one
+    // committing at most, so a slow publication (a slow disk or bucket)
+    // holds integration back instead of letting unpublished batches pile up
+    // in memory, and a stuck one stops lease renewals so another gateway can
+    // take over.
     let in_flight = Arc::new(tokio::sync::Semaphore::new(2));
-    // Set by a commit-then-publish task that failed, before it gives its
-    // permit back: a task that gets the permit after it commits nothing, so
-    // a failed publication stops integration at the batch committing beside
-    // it (the loop only learns of the failure when it next awaits a commit).
+    // Set by a commit-then-publish task that fails or panics, before its
+    // permit goes back: a task given that permit commits nothing, so at most
+    // one batch after a failed one commits (the one already holding the
+    // other permit).
     let stopped = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Where the next batch starts while the previous one is committing.
     let mut ahead: Option<Ahead> = None;
@@ -753,17 +754,30 @@ pub async fn integrate_pending<S: Store>(
                 let Ok(permit) = in_flight.clone().acquire_owned().await else {
                     break Err(LedgerError::Tree("ledger publication gate closed".into()));
                 };
+                if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    // A task failed while this batch waited for its permit.
+                    let why = match publishing.take() {
+                        Some(task) => joined(task).await.err(),
+                        None => None,
+                    };
+                    break Err(why.unwrap_or_else(|| {
+                        LedgerError::Tree("ledger integration stopped after a failure".into())
+                    }));
+                }
                 let (done, commit) = oneshot::channel();
                 committing = Some(commit);
                 let previous = publishing.take();
                 let (gw, ledger, stopped) = (gw.clone(), ledger.clone(), stopped.clone());
                 publishing = Some(tokio::spawn(async move {
                     let _permit = permit;
+                    // Dropped before the permit, on return and on a panic.
+                    let mut stop = StopUnlessDone {
+                        flag: stopped.clone(),
+                        done: false,
+                    };
                     let outcome =
                         commit_then_publish(&gw, &ledger, p, done, previous, &stopped).await;
-                    if outcome.is_err() {
-                        stopped.store(true, std::sync::atomic::Ordering::SeqCst);
-                    }
+                    stop.done = outcome.is_ok();
                     outcome
                 }));
             }
@@ -779,9 +793,28 @@ pub async fn integrate_pending<S: Store>(
         Some(task) => joined(task).await,
         None => Ok(()),
     };
-    match outcome {
-        Err(e) => Err(e),
-        Ok(any) => last.map(|()| any),
+    match (outcome, last) {
+        (Err(e), Err(later)) => {
+            tracing::debug!(error = %later, "ledger publication also failed");
+            Err(e)
+        }
+        (Err(e), Ok(())) => Err(e),
+        (Ok(any), last) => last.map(|()| any),
+    }
+}
+
+/// Sets `flag` when dropped before `done`: a commit-then-publish task that
+/// fails or panics stops the commits after it.
+struct StopUnlessDone {
+    flag: Arc<std::sync::atomic::AtomicBool>,
+    done: bool,
+}
+
+impl Drop for StopUnlessDone {
+    fn drop(&mut self) {
+        if !self.done {
+            self.flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 }
 

@@ -313,6 +313,15 @@ mod tests {
         Ok(queued)
     }
 
+    /// Waits for an integrator's first publication (a run that fails before
+    /// it would otherwise leave the test waiting forever).
+    async fn first_publication(published: &mut tokio::sync::watch::Receiver<u64>) -> Result<()> {
+        tokio::time::timeout(Duration::from_secs(120), published.changed())
+            .await
+            .context("no batch published in 120 s")??;
+        Ok(())
+    }
+
     fn commitments(queued: &[PendingRecord]) -> Vec<[u8; 32]> {
         queued
             .iter()
@@ -320,9 +329,10 @@ mod tests {
             .collect()
     }
 
-    /// The C2SP tlog-tiles path of full entry bundle `n`, written out: the
-    /// index in zero-padded 3-digit elements, all but the last prefixed `x`.
-    fn bundle_path(mut n: u64) -> String {
+    /// The C2SP tlog-tiles path of full tile `n` of `kind` ("entries" for
+    /// entry bundles, "0" for level-0 hashes), written out: the index in
+    /// zero-padded 3-digit elements, all but the last prefixed `x`.
+    fn tile_file(kind: &str, mut n: u64) -> String {
         let mut parts = Vec::new();
         loop {
             parts.push(n % 1000);
@@ -344,7 +354,7 @@ mod tests {
                 }
             })
             .collect();
-        format!("tile/entries/{}", elems.join("/"))
+        format!("tile/{kind}/{}", elems.join("/"))
     }
 
     /// The index's tree size and its newest signed checkpoint (verified).
@@ -399,7 +409,7 @@ mod tests {
             );
         }
         for (n, expected) in commitments.chunks_exact(256).enumerate() {
-            let path = bundle_path(n as u64);
+            let path = tile_file("entries", n as u64);
             let bundle = std::fs::read(tiles_dir.join(&path)).with_context(|| path.clone())?;
             let entries = protocol::ledger::parse_entry_bundle(&bundle)?;
             assert!(
@@ -407,6 +417,17 @@ mod tests {
                 "{path} does not hold leaves {}..{}",
                 n * 256,
                 n * 256 + 256
+            );
+            // RFC 9162 leaf hashes, SHA-256(0x00 || entry), 32 bytes each.
+            let path = tile_file("0", n as u64);
+            let hashes = std::fs::read(tiles_dir.join(&path)).with_context(|| path.clone())?;
+            let leaf_hashes: Vec<u8> = expected
+                .iter()
+                .flat_map(|c| Sha256::new().chain_update([0u8]).chain_update(c).finalize())
+                .collect();
+            assert!(
+                hashes == leaf_hashes,
+                "{path} does not hold the leaf hashes"
             );
         }
         Ok(())
@@ -486,7 +507,7 @@ mod tests {
         // Once the first batch is published, later ones are committing and
         // read ahead: another integrator takes the lease, as after this one
         // stalled past it, and lets it lapse at once.
-        published.changed().await?;
+        first_publication(&mut published).await?;
         let thief = 7u128;
         let taken = indexer::run(&gw.store, |tx| async move {
             let fence = indexer::ledger::acquire_lease_tx(&tx, thief, u64::MAX / 2, 0).await?;
@@ -546,7 +567,7 @@ mod tests {
         });
         // After the first publication, a file where the tiles directory was:
         // every later tile write fails (root included).
-        published.changed().await?;
+        first_publication(&mut published).await?;
         std::fs::rename(&tiles_dir, &aside)?;
         std::fs::write(&tiles_dir, b"not a directory")?;
         let outcome = run.await?;
@@ -563,12 +584,14 @@ mod tests {
         assert_eq!(cp.root.0, rfc9162_root(&commitments[..cp.size as usize]));
         // Every tile the signed checkpoint needs was written before it.
         for n in 0..cp.size / 256 {
-            let path = bundle_path(n);
-            assert!(
-                aside.join(&path).is_file(),
-                "{path} missing under checkpoint {}",
-                cp.size
-            );
+            for kind in ["entries", "0"] {
+                let path = tile_file(kind, n);
+                assert!(
+                    aside.join(&path).is_file(),
+                    "{path} missing under checkpoint {}",
+                    cp.size
+                );
+            }
         }
 
         // The tiles can be written again: the next run (here another
