@@ -421,6 +421,7 @@ pub async fn repair_stripe<S: Store>(
     gone: &HashSet<NodeId>,
     draining: &HashSet<NodeId>,
 ) -> Result<Outcome, ApiError> {
+    let started = std::time::Instant::now();
     let (header, rec) = indexer::run(&gw.store, |tx| async move {
         let header = schema::get_manifest_tx(&tx, evidence).await?;
         let rec = schema::stripes_after_tx(&tx, evidence, stripe, 1).await?;
@@ -529,6 +530,7 @@ pub async fn repair_stripe<S: Store>(
         return Ok(Outcome::Waiting); // only unreachable shards, within grace
     }
 
+    let read = started.elapsed();
     // 2. Rebuild from k good shards.
     let rs = gw
         .codec(k, m)
@@ -539,6 +541,7 @@ pub async fn repair_stripe<S: Store>(
             .map_err(|_| ApiError::Internal)?
             .map_err(|e| ApiError::Unavailable(format!("reconstruction: {e:?}")))?;
 
+    let rebuilt = started.elapsed();
     // 3. New homes, then write, then re-read.
     let holders: Vec<NodeId> = rec
         .shards
@@ -592,6 +595,7 @@ pub async fn repair_stripe<S: Store>(
         return Err(e);
     }
 
+    let stored = started.elapsed();
     // 4. Compare-and-set, with the statement.
     let detail = serde_json::json!({
         "stripe": stripe,
@@ -625,6 +629,16 @@ pub async fn repair_stripe<S: Store>(
     }
     gw.metrics.shards_repaired.inc_by(written.len() as u64);
     tracing::info!(%evidence, stripe, shards = written.len(), "stripe repaired");
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    tracing::debug!(
+        %evidence,
+        stripe,
+        read_ms = ms(read),
+        rebuild_ms = ms(rebuilt - read),
+        store_ms = ms(stored - rebuilt),
+        commit_ms = ms(started.elapsed() - stored),
+        "stripe repair timings"
+    );
 
     // 5. Old copies that are still reachable go after the grace.
     let old: Vec<(usize, NodeId)> = rebuild

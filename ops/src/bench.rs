@@ -49,8 +49,20 @@ fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / 1e6 / d.as_secs_f64().max(1e-9)
 }
 
-/// MB/s moved over QUIC from one endpoint to another on loopback, 4 streams.
+/// MB/s moved over QUIC from one endpoint to another on loopback, 4 streams:
+/// the better of two runs, one on sockets with the cluster's buffers
+/// (`storage_node::udp`) and one with the kernel's default buffers. A
+/// single flow goes faster with small buffers (its data stays in cache);
+/// the cluster's many flows need large ones to avoid drops. The better run
+/// is the fair denominator either way.
 pub(crate) async fn quic_bulk(dir: &Path) -> Result<f64> {
+    let sized = quic_bulk_run(dir, true).await?;
+    let default = quic_bulk_run(dir, false).await?;
+    Ok(sized.max(default))
+}
+
+/// One [`quic_bulk`] run; `sized`: with the cluster's socket buffers.
+async fn quic_bulk_run(dir: &Path, sized: bool) -> Result<f64> {
     let ca = storage_node::tls::ClusterCa::generate("bench CA")?;
     let (ca_pem, _) = ca.to_pem();
     std::fs::write(dir.join("ca.pem"), ca_pem)?;
@@ -70,10 +82,13 @@ pub(crate) async fn quic_bulk(dir: &Path) -> Result<f64> {
             key: dir.join(format!("{who}.key")),
         });
     }
-    let server = quinn::Endpoint::server(
-        storage_node::tls::server_config(&files[0])?,
-        ([127, 0, 0, 1], 0).into(),
-    )?;
+    let local: std::net::SocketAddr = ([127, 0, 0, 1], 0).into();
+    let server_config = storage_node::tls::server_config(&files[0])?;
+    let server = if sized {
+        storage_node::udp::endpoint(local, Some(server_config))?
+    } else {
+        quinn::Endpoint::server(server_config, local)?
+    };
     let addr = server.local_addr()?;
     let sink = tokio::spawn(async move {
         let Some(incoming) = server.accept().await else {
@@ -88,7 +103,11 @@ pub(crate) async fn quic_bulk(dir: &Path) -> Result<f64> {
             });
         }
     });
-    let mut client = quinn::Endpoint::client(([127, 0, 0, 1], 0).into())?;
+    let mut client = if sized {
+        storage_node::udp::endpoint(local, None)?
+    } else {
+        quinn::Endpoint::client(local)?
+    };
     client.set_default_client_config(storage_node::tls::client_config(&files[1])?);
     let conn = client
         .connect(addr, storage_node::tls::NODE_SERVER_NAME)?

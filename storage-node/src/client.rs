@@ -163,7 +163,7 @@ impl NodeClient {
     /// A client with explicit timeouts.
     pub fn with_timeouts(tls: &TlsFiles, timeouts: ClientTimeouts) -> Result<Self, NodeError> {
         let config = tls::client_config(tls)?;
-        let v4 = quinn::Endpoint::client((Ipv4Addr::UNSPECIFIED, 0).into())
+        let v4 = crate::udp::endpoint((Ipv4Addr::UNSPECIFIED, 0).into(), None)
             .map_err(NodeError::Endpoint)?;
         Ok(NodeClient {
             inner: Arc::new(Inner {
@@ -467,7 +467,7 @@ impl NodeClient {
         if let Some(endpoint) = v6.as_ref() {
             return Ok(endpoint.clone());
         }
-        let endpoint = quinn::Endpoint::client((Ipv6Addr::UNSPECIFIED, 0).into())
+        let endpoint = crate::udp::endpoint((Ipv6Addr::UNSPECIFIED, 0).into(), None)
             .map_err(NodeError::Endpoint)?;
         *v6 = Some(endpoint.clone());
         Ok(endpoint)

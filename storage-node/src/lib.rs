@@ -25,6 +25,7 @@ mod segments;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod udp;
 
 pub use client::{ClientTimeouts, NodeClient, NodeError};
 pub use server::{serve, NodeConfig, NodeServerError, RunningNode};

@@ -181,7 +181,7 @@ pub async fn serve(
         addr: config.listen,
         source,
     };
-    let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(bind)?;
+    let endpoint = crate::udp::endpoint(config.listen, Some(server_config)).map_err(bind)?;
     let local_addr = endpoint.local_addr().map_err(bind)?;
     let state = Arc::new(NodeState {
         store: store.clone(),
