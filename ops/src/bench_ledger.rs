@@ -291,18 +291,24 @@ mod tests {
 
     type Gw = gateway::Gateway<indexer::EmbeddedStore>;
 
-    /// `total` statements queued in chunks of 1,000, as `POST /v1/notarize`
-    /// queues them.
-    async fn queue_chunks(gw: &Gw, total: u64) -> Result<Vec<PendingRecord>> {
-        let queued: Vec<PendingRecord> = (0..total)
+    /// `total` statements to queue, with fresh salts; `tag` tells tests' ids
+    /// apart.
+    fn records(total: u64, tag: u8) -> Result<Vec<PendingRecord>> {
+        (0..total)
             .map(|i| {
                 Ok(PendingRecord {
-                    evidence: EvidenceId::new(1_000 + i, [3; 10]),
+                    evidence: EvidenceId::new(1_000 + i, [tag; 10]),
                     salt: rand::random(),
                     statement: statement(i).encode()?,
                 })
             })
-            .collect::<Result<_>>()?;
+            .collect()
+    }
+
+    /// `total` statements queued in chunks of 1,000, as `POST /v1/notarize`
+    /// queues them.
+    async fn queue_chunks(gw: &Gw, total: u64) -> Result<Vec<PendingRecord>> {
+        let queued = records(total, 3)?;
         for part in queued.chunks(1000) {
             indexer::run(&gw.store, |tx| async move {
                 indexer::ledger::enqueue_notarizations_tx(&tx, part, "bench");
@@ -313,13 +319,39 @@ mod tests {
         Ok(queued)
     }
 
-    /// Waits for an integrator's first publication (a run that fails before
-    /// it would otherwise leave the test waiting forever).
-    async fn first_publication(published: &mut tokio::sync::watch::Receiver<u64>) -> Result<()> {
+    /// A cluster in `dir` with 60,000 statements queued (about eight
+    /// batches) and an integrator running on them, once it has published
+    /// its first batch: later ones are then committing and read ahead.
+    struct Midway {
+        c: cluster::Cluster,
+        gw: Arc<Gw>,
+        vkey: String,
+        queued: Vec<PendingRecord>,
+        run: tokio::task::JoinHandle<Result<bool, gateway::ledger::LedgerError>>,
+    }
+
+    async fn integrating_midway(dir: &std::path::Path) -> Result<Midway> {
+        let c = init(dir).await?;
+        let (gw, ledger) = in_process(&c)?;
+        let vkey = std::fs::read_to_string(dir.join(cluster::LEDGER_VKEY_FILE))?;
+        let queued = queue_chunks(&gw, 60_000).await?;
+        let mut published = ledger.subscribe();
+        let run = tokio::spawn({
+            let gw = gw.clone();
+            async move { gateway::ledger::integrate_pending(&gw, &ledger).await }
+        });
+        // A run that fails before publishing would otherwise leave this
+        // waiting forever.
         tokio::time::timeout(Duration::from_secs(120), published.changed())
             .await
             .context("no batch published in 120 s")??;
-        Ok(())
+        Ok(Midway {
+            c,
+            gw,
+            vkey: vkey.trim().to_owned(),
+            queued,
+            run,
+        })
     }
 
     fn commitments(queued: &[PendingRecord]) -> Vec<[u8; 32]> {
@@ -444,15 +476,7 @@ mod tests {
         let (gw, ledger) = in_process(&c)?;
         // Over three batches of 8,192, queued in chunks and singly.
         let total = 20_000u64;
-        let queued: Vec<PendingRecord> = (0..total)
-            .map(|i| {
-                Ok(PendingRecord {
-                    evidence: EvidenceId::new(1_000 + i, [2; 10]),
-                    salt: rand::random(),
-                    statement: statement(i).encode()?,
-                })
-            })
-            .collect::<Result<_>>()?;
+        let queued = records(total, 2)?;
         for (i, part) in queued.chunks(1000).enumerate() {
             indexer::run(&gw.store, |tx| async move {
                 if i % 5 == 4 {
@@ -487,27 +511,23 @@ mod tests {
         Ok(())
     }
 
-    /// An integrator fenced off mid-pipeline (another took the lease while
-    /// it had a batch committing and the next one read ahead) commits
-    /// nothing more; its last checkpoint is a prefix of the tree a successor
-    /// finishes.
+    /// An integrator fenced off mid-pipeline (another takes the lease after
+    /// its first publication, with later batches committing and read ahead)
+    /// commits nothing more; its last checkpoint is a prefix of the tree a
+    /// successor finishes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_integrator_fenced_off_mid_pipeline_stops_and_a_successor_finishes_one_tree(
     ) -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let c = init(dir.path()).await?;
-        let (gw, ledger) = in_process(&c)?;
-        let vkey = std::fs::read_to_string(dir.path().join(cluster::LEDGER_VKEY_FILE))?;
-        let queued = queue_chunks(&gw, 60_000).await?;
-        let mut published = ledger.subscribe();
-        let run = tokio::spawn({
-            let (gw, ledger) = (gw.clone(), ledger.clone());
-            async move { gateway::ledger::integrate_pending(&gw, &ledger).await }
-        });
-        // Once the first batch is published, later ones are committing and
-        // read ahead: another integrator takes the lease, as after this one
-        // stalled past it, and lets it lapse at once.
-        first_publication(&mut published).await?;
+        let Midway {
+            c,
+            gw,
+            vkey,
+            queued,
+            run,
+        } = integrating_midway(dir.path()).await?;
+        // Another integrator takes the lease, as after this one stalled past
+        // it, and lets it lapse at once.
         let thief = 7u128;
         let taken = indexer::run(&gw.store, |tx| async move {
             let fence = indexer::ledger::acquire_lease_tx(&tx, thief, u64::MAX / 2, 0).await?;
@@ -528,7 +548,7 @@ mod tests {
             ),
             "the fenced-off integrator stops: {outcome:?}"
         );
-        let (size, cp) = index_state(&gw, vkey.trim()).await?;
+        let (size, cp) = index_state(&gw, &vkey).await?;
         assert!(size < queued.len() as u64, "stopped before the end");
         assert!(cp.size <= size);
         let commitments = commitments(&queued);
@@ -548,10 +568,15 @@ mod tests {
     async fn a_publication_failing_mid_pipeline_stops_commits_and_signs_nothing_unwritten(
     ) -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let c = init(dir.path()).await?;
-        let (gw, ledger) = in_process(&c)?;
-        let vkey = std::fs::read_to_string(dir.path().join(cluster::LEDGER_VKEY_FILE))?;
-        let queued = queue_chunks(&gw, 60_000).await?;
+        let Midway {
+            c,
+            gw,
+            vkey,
+            queued,
+            run,
+        } = integrating_midway(dir.path()).await?;
+        // A file where the tiles directory was: every later tile write fails
+        // (root included).
         let tiles_dir = c
             .gateway
             .ledger
@@ -560,19 +585,11 @@ mod tests {
             .tiles_dir
             .clone();
         let aside = dir.path().join("tiles-aside");
-        let mut published = ledger.subscribe();
-        let run = tokio::spawn({
-            let (gw, ledger) = (gw.clone(), ledger.clone());
-            async move { gateway::ledger::integrate_pending(&gw, &ledger).await }
-        });
-        // After the first publication, a file where the tiles directory was:
-        // every later tile write fails (root included).
-        first_publication(&mut published).await?;
         std::fs::rename(&tiles_dir, &aside)?;
         std::fs::write(&tiles_dir, b"not a directory")?;
         let outcome = run.await?;
         assert!(outcome.is_err(), "a failed publication fails the run");
-        let (size, cp) = index_state(&gw, vkey.trim()).await?;
+        let (size, cp) = index_state(&gw, &vkey).await?;
         assert!(size < queued.len() as u64, "stopped before the end");
         assert!(
             size - cp.size <= 2 * gateway::ledger::BATCH_ENTRIES as u64,
