@@ -530,6 +530,7 @@ pub async fn repair_stripe<S: Store>(
         return Ok(Outcome::Waiting); // only unreachable shards, within grace
     }
 
+    // The stripe's records and its shards read (`read_ms`).
     let read = started.elapsed();
     // 2. Rebuild from k good shards.
     let rs = gw
