@@ -722,12 +722,7 @@ pub async fn integrate_pending<S: Store>(
         }
         if let Some(commit) = committing.take() {
             if !commit.await.unwrap_or(false) {
-                // The task's outcome says why (the earliest failure).
-                let why = match publishing.take() {
-                    Some(task) => joined(task).await.err(),
-                    None => None,
-                };
-                break Err(why.unwrap_or_else(|| LedgerError::Tree("ledger commit failed".into())));
+                break Err(earliest_failure(publishing.take(), "ledger commit failed").await);
             }
             // Everything before the batch just prepared is in the index now.
             if let Ok(Some(p)) = &prepared {
@@ -756,13 +751,8 @@ pub async fn integrate_pending<S: Store>(
                 };
                 if stopped.load(std::sync::atomic::Ordering::SeqCst) {
                     // A task failed while this batch waited for its permit.
-                    let why = match publishing.take() {
-                        Some(task) => joined(task).await.err(),
-                        None => None,
-                    };
-                    break Err(why.unwrap_or_else(|| {
-                        LedgerError::Tree("ledger integration stopped after a failure".into())
-                    }));
+                    let fallback = "ledger integration stopped after a failure";
+                    break Err(earliest_failure(publishing.take(), fallback).await);
                 }
                 let (done, commit) = oneshot::channel();
                 committing = Some(commit);
@@ -801,6 +791,19 @@ pub async fn integrate_pending<S: Store>(
         (Err(e), Ok(())) => Err(e),
         (Ok(any), last) => last.map(|()| any),
     }
+}
+
+/// Why the run stops: the newest task's outcome (a task returns the
+/// earliest failure of the chain before it), else `fallback`.
+async fn earliest_failure(
+    newest: Option<tokio::task::JoinHandle<Result<(), LedgerError>>>,
+    fallback: &str,
+) -> LedgerError {
+    let why = match newest {
+        Some(task) => joined(task).await.err(),
+        None => None,
+    };
+    why.unwrap_or_else(|| LedgerError::Tree(fallback.into()))
 }
 
 /// Sets `flag` when dropped before `done`: a commit-then-publish task that
