@@ -566,7 +566,9 @@ async fn store_stripe<S: Store>(
         let shards = encode_stripe(&rs, k, total - k, &data, shard_len, &pool)?;
         pool.give(data);
         let hashes: Vec<Blake3Hash> = shards.iter().map(|s| Blake3Hash::of(s)).collect();
-        Ok::<_, reed_solomon_erasure::Error>(shards.into_iter().zip(hashes).collect::<Vec<_>>())
+        // Shared with QUIC's send buffers, back to the pool once acknowledged.
+        let shared = shards.into_iter().map(|s| pool.share(s));
+        Ok::<_, reed_solomon_erasure::Error>(shared.zip(hashes).collect::<Vec<_>>())
     })
     .await
     .map_err(|_| ApiError::Internal)?
@@ -598,7 +600,7 @@ async fn store_stripe<S: Store>(
             let mut target = first.or_else(|| pop(spares));
             while let Some(node) = target {
                 let Some(addr) = gw.nodes.addr(node) else { break };
-                match gw.nodes.client.rpc_put_shard(addr, &header, body).await {
+                match gw.nodes.client.rpc_put_shard_shared(addr, &header, body.clone()).await {
                     Ok(()) => return Some(node),
                     Err(e) => {
                         tracing::warn!(%node, shard = %header.key, error = %e, "shard put failed; trying the next ranked node");
@@ -631,9 +633,6 @@ async fn store_stripe<S: Store>(
             "only {stored} of {total} shards of stripe {stripe} could be stored durably; {} needed",
             gw.config.write_quorum()
         )));
-    }
-    for (body, _) in shards {
-        gw.buffers.give(body);
     }
     Ok(record)
 }

@@ -565,7 +565,7 @@ pub async fn repair_stripe<S: Store>(
     let mut next = rec.clone();
     let mut written: Vec<(usize, NodeId)> = Vec::new();
     let writes = rebuild.iter().zip(&targets).map(|(&i, &node)| {
-        let body = shards[i].as_deref().unwrap_or_default();
+        let body = gw.buffers.share(shards[i].take().unwrap_or_default());
         let header = ShardHeader {
             key: ShardKey {
                 evidence,
@@ -701,9 +701,9 @@ async fn put_and_verify<S: Store>(
     gw: &Gateway<S>,
     node: NodeId,
     header: &ShardHeader,
-    body: &[u8],
+    body: bytes::Bytes,
 ) -> Result<(), ApiError> {
-    if Blake3Hash::of(body) != header.blake3 {
+    if Blake3Hash::of(&body) != header.blake3 {
         return Err(ApiError::Unavailable(format!(
             "rebuilt shard {} does not match the manifest's hash",
             header.key
@@ -715,7 +715,7 @@ async fn put_and_verify<S: Store>(
         .ok_or_else(|| ApiError::Unavailable(format!("node {node} left the cluster")))?;
     gw.nodes
         .client
-        .rpc_put_shard(addr, header, body)
+        .rpc_put_shard_shared(addr, header, body)
         .await
         .map_err(|e| {
             ApiError::Unavailable(format!("writing {} to node {node}: {e}", header.key))

@@ -12,7 +12,7 @@
 //! shards, small and large codes). `take` prefers an idle buffer that already
 //! fits, so a small request does not grow or pin a large buffer needlessly.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 pub struct BufferPool {
     free: Mutex<Free>,
@@ -88,15 +88,59 @@ impl BufferPool {
         }
     }
 
+    /// `buf` as [`bytes::Bytes`] without a copy (what QUIC sends from: a
+    /// slice it would otherwise copy into its own buffer); the buffer comes
+    /// back to this pool when the last clone is dropped.
+    pub fn share(self: &Arc<Self>, buf: Vec<u8>) -> bytes::Bytes {
+        bytes::Bytes::from_owner(Pooled {
+            buf,
+            pool: Arc::clone(self),
+        })
+    }
+
     /// Idle capacity currently held, in bytes.
     pub fn idle_bytes(&self) -> usize {
         self.free.lock().unwrap_or_else(|p| p.into_inner()).bytes
     }
 }
 
+/// A pooled buffer owned by `Bytes` ([`BufferPool::share`]).
+struct Pooled {
+    buf: Vec<u8>,
+    pool: Arc<BufferPool>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        self.pool.give(std::mem::take(&mut self.buf));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_shared_buffer_comes_back_when_its_last_clone_goes() {
+        let pool = Arc::new(BufferPool::new(1 << 20));
+        let buf = pool.take(1000);
+        let ptr = buf.as_ptr();
+        let shared = pool.share(buf);
+        assert_eq!((shared.as_ptr(), shared.len()), (ptr, 1000), "no copy");
+        let clone = shared.slice(10..20);
+        drop(shared);
+        assert_eq!(pool.idle_bytes(), 0, "a clone still holds it");
+        drop(clone);
+        assert!(pool.idle_bytes() >= 1000);
+        let again = pool.take(1000);
+        assert_eq!(again.as_ptr(), ptr);
+    }
 
     #[test]
     fn reuses_the_same_allocation_and_sizes_exactly() {

@@ -185,6 +185,19 @@ impl NodeClient {
         header: &ShardHeader,
         body: &[u8],
     ) -> Result<(), NodeError> {
+        self.rpc_put_shard_shared(addr, header, bytes::Bytes::copy_from_slice(body))
+            .await
+    }
+
+    /// As [`rpc_put_shard`](Self::rpc_put_shard), QUIC sending straight
+    /// from `body` (no copy into its send buffer; it holds the `Bytes` until
+    /// the node has acknowledged them).
+    pub async fn rpc_put_shard_shared(
+        &self,
+        addr: SocketAddr,
+        header: &ShardHeader,
+        body: bytes::Bytes,
+    ) -> Result<(), NodeError> {
         if body.len() != header.len as usize {
             return Err(NodeError::BodyLength {
                 expected: header.len,
@@ -192,9 +205,9 @@ impl NodeClient {
             });
         }
         let frame = Request::PutShard(*header).encode();
-        let frame = &frame;
+        let (frame, body) = (&frame, &body);
         self.call(addr, |conn| async move {
-            let (response, _) = exchange(&conn, frame, body).await?;
+            let (response, _) = exchange(&conn, frame, body.clone()).await?;
             match response {
                 Response::Stored => Ok(()),
                 other => Err(unexpected(other)),
@@ -220,7 +233,7 @@ impl NodeClient {
         let frame = Request::GetShard(key).encode();
         let frame = &frame;
         self.call(addr, |conn| async move {
-            let (response, mut recv) = exchange(&conn, frame, &[]).await?;
+            let (response, mut recv) = exchange(&conn, frame, bytes::Bytes::new()).await?;
             let header = match response {
                 Response::Shard(header) => header,
                 other => return Err(unexpected(other)),
@@ -251,7 +264,7 @@ impl NodeClient {
         let frame = request.encode();
         let (frame, pick) = (&frame, &pick);
         self.call(addr, |conn| async move {
-            pick(exchange(&conn, frame, &[]).await?.0).map_err(unexpected)
+            pick(exchange(&conn, frame, bytes::Bytes::new()).await?.0).map_err(unexpected)
         })
         .await
     }
@@ -481,13 +494,13 @@ impl NodeClient {
 async fn exchange(
     conn: &quinn::Connection,
     frame: &[u8],
-    body: &[u8],
+    body: bytes::Bytes,
 ) -> Result<(Response, quinn::RecvStream), NodeError> {
     let (mut send, mut recv) = conn.open_bi().await?;
     let sent = async {
         send.write_all(frame).await?;
         if !body.is_empty() {
-            send.write_all(body).await?;
+            send.write_chunk(body).await?;
         }
         send.finish()?;
         Ok::<(), NodeError>(())
