@@ -474,6 +474,53 @@ pub(crate) async fn fetch_shard<S: Store>(
     }
 }
 
+/// What a node's own check of one shard found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Checked {
+    Good,
+    /// Missing, corrupt, or not the bytes the manifest names.
+    Damaged,
+    Unreachable,
+}
+
+/// Has the shard's node read the shard and hash it against its header (the
+/// body stays on the node), then checks that header against the manifest:
+/// how a repair that reads only k shards still re-counts the rest.
+pub(crate) async fn check_shard<S: Store>(
+    gw: &Gateway<S>,
+    evidence: EvidenceId,
+    stripe: u64,
+    index: usize,
+    rec: &StripeRecord,
+) -> Checked {
+    let placement = rec.shards[index];
+    let Some(addr) = placement.node.and_then(|n| gw.nodes.addr(n)) else {
+        return Checked::Damaged;
+    };
+    let key = ShardKey {
+        evidence,
+        stripe,
+        index: index as u8,
+    };
+    match gw.nodes.client.rpc_verify_shard(addr, key).await {
+        Ok(h) if h.blake3 == placement.blake3 && h.len == rec.shard_len => Checked::Good,
+        Ok(_) => {
+            gw.metrics.shards_damaged.inc();
+            tracing::warn!(shard = %key, "shard on its node is not the manifest's");
+            Checked::Damaged
+        }
+        Err(NodeError::Remote(ErrorCode::Corrupt | ErrorCode::NotFound)) => {
+            gw.metrics.shards_damaged.inc();
+            tracing::warn!(shard = %key, "shard missing or corrupt on its node");
+            Checked::Damaged
+        }
+        Err(e) => {
+            tracing::debug!(shard = %key, error = %e, "shard check failed");
+            Checked::Unreachable
+        }
+    }
+}
+
 /// Queues a stripe for repair, off the read's critical path.
 fn report_damage<S: Store>(gw: &Gateway<S>, evidence: EvidenceId, stripe: u64) {
     let store = gw.store.clone();

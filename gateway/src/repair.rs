@@ -6,12 +6,15 @@
 //! that has been down longer than the grace period. For each queued stripe
 //! the worker:
 //!
-//! 1. reads every shard and checks it against the manifest's hash: a stripe
-//!    with all k+m good leaves the queue;
-//! 2. with fewer than k good shards and more than m known bad, appends a
-//!    `lost` statement once (the stripe stays queued: a node may come back
-//!    with its shards); with shards merely unreachable on nodes still in
-//!    their grace period, waits;
+//! 1. reads every shard and checks it against the manifest's hash (or, when
+//!    shards sit on a gone node, reads k and has each other shard's node
+//!    check it in place): a stripe with all k+m good leaves the queue, unless
+//!    it was marked again meanwhile;
+//! 2. with fewer than k good shards and more than m that can never be read
+//!    again (damaged, or on no node or a removed one: a node merely down may
+//!    come back), appends a `lost` statement once (the stripe stays queued);
+//!    with shards merely unreachable on nodes still in their grace period,
+//!    waits;
 //! 3. otherwise rebuilds the bad shards from k good ones, checks each against
 //!    the hash the manifest recorded, writes it to a node chosen by the
 //!    placement ranking (a node and failure domain not already holding a
@@ -19,7 +22,9 @@
 //! 4. commits the new placement with a compare-and-set on the stripe's
 //!    record (version + 1), in the transaction that checks the evidence is
 //!    still visible (an expunged stripe is never resurrected) and queues the
-//!    `repaired` statement. A lost race deletes the copies just written;
+//!    `repaired` statement; the stripe leaves the queue in it only if every
+//!    shard was counted in step 1 or rebuilt, and no one marked it since. A
+//!    lost race deletes the copies just written;
 //! 5. deletes the old copies still reachable only after [`OLD_COPY_GRACE`],
 //!    so a read that began on the old placement can finish.
 
@@ -27,7 +32,7 @@ use crate::api::{Gateway, Store};
 use crate::error::ApiError;
 use crate::nodes::NodeHealth;
 use crate::placement;
-use crate::read::{fetch_shard, ShardOutcome};
+use crate::read::{check_shard, fetch_shard, Checked, ShardOutcome};
 use indexer::schema::Lifecycle;
 use indexer::schema::{self, RepairCommit};
 use protocol::ledger::Kind;
@@ -369,26 +374,55 @@ impl Drop for Repairing<'_> {
     }
 }
 
+/// The nodes a pass treats specially, as they were when it began.
+#[derive(Debug, Default)]
+pub struct PassNodes {
+    /// Down past their grace, or removed: their shards need new homes.
+    pub gone: HashSet<NodeId>,
+    /// Removed from the cluster: their shards never come back. (A node
+    /// merely down may return with its shards, so they do not count towards
+    /// declaring a stripe lost.)
+    pub removed: HashSet<NodeId>,
+    /// Draining or removed: their shards move.
+    pub draining: HashSet<NodeId>,
+}
+
+impl PassNodes {
+    /// The gateway's view now.
+    pub fn now<S: Store>(gw: &Gateway<S>) -> Self {
+        PassNodes {
+            gone: gone_nodes(gw),
+            removed: gw
+                .nodes
+                .view()
+                .into_iter()
+                .filter(|n| n.lifecycle == Lifecycle::Removed)
+                .map(|n| n.id)
+                .collect(),
+            draining: gw.nodes.evacuating(),
+        }
+    }
+}
+
 /// One pass over the queue.
 pub async fn pass<S: Store>(gw: &Arc<Gateway<S>>) -> Result<PassReport, ApiError> {
     use futures::StreamExt as _;
     let queued = indexer::run(&gw.store, |tx| async move {
-        schema::degraded_stripes_tx(&tx, PASS_STRIPES).await
+        schema::degraded_queue_tx(&tx, PASS_STRIPES).await
     })
     .await?;
     // Filings yield part of the machine while there is work here.
     let _yield = Repairing::start(gw, !queued.is_empty());
-    let gone = Arc::new(gone_nodes(gw));
-    let draining = Arc::new(gw.nodes.evacuating());
+    let nodes = Arc::new(PassNodes::now(gw));
     let mut report = PassReport::default();
     let mut outcomes = futures::stream::iter(queued)
-        .map(|(evidence, stripe)| {
-            let (gw, gone, draining) = (gw.clone(), gone.clone(), draining.clone());
+        .map(|(evidence, stripe, mark)| {
+            let (gw, nodes) = (gw.clone(), nodes.clone());
             async move {
                 (
                     evidence,
                     stripe,
-                    repair_stripe(&gw, evidence, stripe, &gone, &draining).await,
+                    repair_stripe(&gw, evidence, stripe, &mark, &nodes).await,
                 )
             }
         })
@@ -413,14 +447,15 @@ pub async fn pass<S: Store>(gw: &Arc<Gateway<S>>) -> Result<PassReport, ApiError
     Ok(report)
 }
 
-/// Repairs one queued stripe.
+/// Repairs one queued stripe; `mark` is its queue mark as the pass read it.
 pub async fn repair_stripe<S: Store>(
     gw: &Arc<Gateway<S>>,
     evidence: EvidenceId,
     stripe: u64,
-    gone: &HashSet<NodeId>,
-    draining: &HashSet<NodeId>,
+    mark: &[u8],
+    nodes: &PassNodes,
 ) -> Result<Outcome, ApiError> {
+    let (gone, draining) = (&nodes.gone, &nodes.draining);
     let started = std::time::Instant::now();
     let (header, rec) = indexer::run(&gw.store, |tx| async move {
         let header = schema::get_manifest_tx(&tx, evidence).await?;
@@ -449,9 +484,12 @@ pub async fn repair_stripe<S: Store>(
     // gone or not answering is not asked (each request would wait for its
     // timeout). A stripe queued because shards sit on gone nodes (a dead
     // node's thousands of stripes) reads only k good shards, data first and
-    // draining nodes last: the k in of "k in, one out". Any other stripe (a
-    // read or scrub met damage, a disk was replaced, --verify-all) reads
-    // every shard, since which one is bad is not known.
+    // draining nodes last: the k in of "k in, one out"; each other shard is
+    // checked where it lies, by its node (a local read and hash, no
+    // transfer), at the same time. Any other stripe (a read or scrub met
+    // damage, a disk was replaced, --verify-all) reads every shard, since
+    // which one is bad is not known. Either way every shard is re-counted
+    // before the stripe leaves the queue.
     let homeless: Vec<usize> = (0..total)
         .filter(|i| rec.shards[*i].node.is_none_or(|n| gone.contains(&n)))
         .collect();
@@ -471,35 +509,61 @@ pub async fn repair_stripe<S: Store>(
     let want = if homeless.is_empty() { order.len() } else { k };
     let mut shards: Vec<Option<Vec<u8>>> = vec![None; total];
     let mut rebuild: Vec<usize> = homeless.clone();
-    let mut bad = homeless.len();
-    let mut read_all = homeless.is_empty();
-    let mut next = 0usize;
-    loop {
-        let good = shards.iter().flatten().count();
-        let ask = want.saturating_sub(good).min(order.len() - next);
-        if ask == 0 {
-            break;
-        }
-        let batch = &order[next..next + ask];
-        next += ask;
-        let fetched = futures::future::join_all(batch.iter().map(|&i| {
-            let rec = &rec;
-            async move { (i, fetch_shard(gw, evidence, stripe, i, rec).await) }
-        }))
-        .await;
-        for (i, outcome) in fetched {
-            match outcome {
-                ShardOutcome::Good(b) => shards[i] = Some(b),
-                ShardOutcome::Damaged => {
-                    bad += 1;
-                    rebuild.push(i);
+    // Shards that can never be read again: damaged, or with no node or a
+    // removed one. (Those on nodes merely down may come back.)
+    let mut bad_for_good = homeless
+        .iter()
+        .filter(|i| {
+            rec.shards[**i]
+                .node
+                .is_none_or(|n| nodes.removed.contains(&n))
+        })
+        .count();
+    let spare: Vec<usize> = order.iter().skip(want).copied().collect();
+    let checks = futures::future::join_all(spare.iter().map(|&i| {
+        let rec = &rec;
+        async move { (i, check_shard(gw, evidence, stripe, i, rec).await) }
+    }));
+    let reads = async {
+        let mut next = 0usize;
+        loop {
+            let good = shards.iter().flatten().count();
+            let ask = want.saturating_sub(good).min(order.len() - next);
+            if ask == 0 {
+                break;
+            }
+            let batch = &order[next..next + ask];
+            next += ask;
+            let fetched = futures::future::join_all(batch.iter().map(|&i| {
+                let rec = &rec;
+                async move { (i, fetch_shard(gw, evidence, stripe, i, rec).await) }
+            }))
+            .await;
+            for (i, outcome) in fetched {
+                match outcome {
+                    ShardOutcome::Good(b) => shards[i] = Some(b),
+                    ShardOutcome::Damaged => {
+                        bad_for_good += 1;
+                        rebuild.push(i);
+                    }
+                    // Within its node's grace period a shard is only waited for.
+                    ShardOutcome::Unreachable => {}
                 }
-                // Within its node's grace period a shard is only waited for.
-                ShardOutcome::Unreachable => {}
             }
         }
+    };
+    let (checked, ()) = futures::join!(checks, reads);
+    let mut checked_good = vec![false; total];
+    for (i, c) in checked {
+        match c {
+            Checked::Good => checked_good[i] = true,
+            Checked::Damaged if !rebuild.contains(&i) => {
+                bad_for_good += 1;
+                rebuild.push(i);
+            }
+            Checked::Damaged | Checked::Unreachable => {}
+        }
     }
-    read_all |= next == order.len();
     // Shards on draining nodes move (their bodies were read or are rebuilt).
     for i in 0..total {
         if rec.shards[i].node.is_some_and(|n| draining.contains(&n)) && !rebuild.contains(&i) {
@@ -507,19 +571,22 @@ pub async fn repair_stripe<S: Store>(
         }
     }
     rebuild.sort_unstable();
+    // Whether every shard was read or checked good, or is about to be
+    // rebuilt and read back: only then may the stripe leave the queue.
+    let all_counted =
+        (0..total).all(|i| shards[i].is_some() || checked_good[i] || rebuild.contains(&i));
     let good = shards.iter().flatten().count();
-    if read_all && good == total && rebuild.is_empty() {
+    if rebuild.is_empty() && all_counted {
         recycle(gw, shards);
         indexer::run(&gw.store, |tx| async move {
-            schema::clear_degraded_tx(&tx, evidence, stripe);
-            Ok::<_, schema::SchemaError>(())
+            schema::clear_degraded_if_tx(&tx, evidence, stripe, mark).await
         })
         .await?;
         return Ok(Outcome::Healthy);
     }
     if good < k {
         recycle(gw, shards);
-        if bad > m {
+        if bad_for_good > m {
             record_lost(gw, &header, stripe).await?;
             return Ok(Outcome::Lost);
         }
@@ -606,7 +673,8 @@ pub async fn repair_stripe<S: Store>(
     let commit = indexer::run(&gw.store, |tx| {
         let (rec, next, pending) = (&rec, &next, &pending);
         async move {
-            let c = schema::commit_repair_tx(&tx, evidence, stripe, rec, next).await?;
+            let verified = all_counted.then_some(mark);
+            let c = schema::commit_repair_tx(&tx, evidence, stripe, rec, next, verified).await?;
             if let (RepairCommit::Done, Some(p)) = (c, pending) {
                 indexer::ledger::enqueue_tx(&tx, 0, p);
             }

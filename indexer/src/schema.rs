@@ -15,7 +15,7 @@
 //! ("S", evidence 16, stripe u64)                  = StripeRecord       one key per stripe
 //! ("B", evidence 16, tree node u64)               = 64-byte hash pair  Bao outboard, verified ranges
 //! ("H", tenant, 0x00, blake3 root 32, evidence 16) = ""                 lookup by content, per tenant
-//! ("D", evidence 16, stripe u64)                  = ""                 degraded: waits for repair
+//! ("D", evidence 16, stripe u64)                  = u64 LE marks       degraded: waits for repair
 //! ("T", blake3(bearer token) 32)                  = TokenRecord        never the token itself
 //! ("X", evidence 16)                              = ManifestHeader     expunged: metadata kept, bytes gone
 //! ("Y", evidence 16)                              = ""                 expunged, shards still to delete
@@ -600,23 +600,44 @@ pub fn put_stripe_tx<T: Transaction>(
     rec: &StripeRecord,
 ) {
     tx.set(&stripe_key(STRIPE, &evidence, stripe), &rec.encode());
-    let degraded = stripe_key(DEGRADED, &evidence, stripe);
     if rec.missing() > 0 {
-        tx.set(&degraded, b"");
+        mark_degraded_tx(tx, evidence, stripe);
     } else {
-        tx.clear(&degraded);
+        tx.clear(&stripe_key(DEGRADED, &evidence, stripe));
     }
 }
 
-/// Queues a stripe for repair (a read found a missing or corrupt shard).
+/// Queues a stripe for repair (a read found a missing or corrupt shard, a
+/// scrub quarantined one, `--verify-all`). The mark counts its markings with
+/// an atomic add, so markers never conflict and a repair takes the stripe
+/// off the queue only if no one marked it again while it worked
+/// ([`clear_degraded_if_tx`], [`commit_repair_tx`]).
 pub fn mark_degraded_tx<T: Transaction>(tx: &T, evidence: EvidenceId, stripe: u64) {
-    tx.set(&stripe_key(DEGRADED, &evidence, stripe), b"");
+    tx.atomic_add(&stripe_key(DEGRADED, &evidence, stripe), 1);
 }
 
-/// Takes a stripe off the repair queue (it was found healthy, or its
-/// evidence is gone).
+/// Takes a stripe off the repair queue whatever its mark (its evidence is
+/// gone).
 pub fn clear_degraded_tx<T: Transaction>(tx: &T, evidence: EvidenceId, stripe: u64) {
     tx.clear(&stripe_key(DEGRADED, &evidence, stripe));
+}
+
+/// Takes a stripe off the repair queue if its mark is still `seen`, the mark
+/// [`degraded_queue_tx`] gave the repair that found every shard good; a mark
+/// set since then (damage a read met after the repair's reads) keeps it
+/// queued. Says whether it cleared.
+pub async fn clear_degraded_if_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    stripe: u64,
+    seen: &[u8],
+) -> Result<bool, SchemaError> {
+    let key = stripe_key(DEGRADED, &evidence, stripe);
+    let same = tx.get(&key).await?.as_deref() == Some(seen);
+    if same {
+        tx.clear(&key);
+    }
+    Ok(same)
 }
 
 /// Records that a stripe has fewer than k shards left; it stays queued (a
@@ -640,8 +661,8 @@ pub async fn is_lost_tx<T: Transaction>(
 /// What [`commit_repair_tx`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RepairCommit {
-    /// The new placement is recorded (version + 1; queue and lost marks
-    /// cleared).
+    /// The new placement is recorded (version + 1; lost mark cleared; the
+    /// queue mark cleared only as `verified` allows).
     Done,
     /// The evidence is no longer visible (expunged): nothing is written, so
     /// an expunged stripe is never resurrected.
@@ -654,12 +675,19 @@ pub enum RepairCommit {
 /// Commits a repaired stripe with a compare-and-set on its record: `new`
 /// replaces `seen` only if the evidence is still visible and the record is
 /// still exactly `seen`.
+///
+/// `verified` is the queue mark the repair was given, when it verified every
+/// shard of the stripe (read and checked, checked on its node, or rebuilt
+/// and read back): only then, and only if the mark is unchanged, does the
+/// stripe leave the queue. A repair that rebuilt only what it had to (k
+/// shards in, the missing ones out) leaves it queued for a full check.
 pub async fn commit_repair_tx<T: Transaction>(
     tx: &T,
     evidence: EvidenceId,
     stripe: u64,
     seen: &StripeRecord,
     new: &StripeRecord,
+    verified: Option<&[u8]>,
 ) -> Result<RepairCommit, SchemaError> {
     if get_manifest_tx(tx, evidence).await?.is_none() {
         return Ok(RepairCommit::Gone);
@@ -673,7 +701,12 @@ pub async fn commit_repair_tx<T: Transaction>(
     }
     let mut next = new.clone();
     next.version = seen.version + 1;
-    put_stripe_tx(tx, evidence, stripe, &next);
+    tx.set(&stripe_key(STRIPE, &evidence, stripe), &next.encode());
+    if next.missing() > 0 {
+        mark_degraded_tx(tx, evidence, stripe);
+    } else if let Some(mark) = verified {
+        clear_degraded_if_tx(tx, evidence, stripe, mark).await?;
+    }
     tx.clear(&stripe_key(LOST, &evidence, stripe));
     Ok(RepairCommit::Done)
 }
@@ -881,6 +914,33 @@ pub async fn lookup_by_hash_tx<T: Transaction>(
     Ok(out)
 }
 
+/// Up to `limit` stripes waiting for repair with their marks, as
+/// (evidence, stripe, mark): the repair worker's queue.
+pub async fn degraded_queue_tx<T: Transaction>(
+    tx: &T,
+    limit: usize,
+) -> Result<Vec<(EvidenceId, u64, Vec<u8>)>, SchemaError> {
+    let rows = tx
+        .get_range(&[DEGRADED], &[DEGRADED + 1], limit, false)
+        .await?;
+    rows.into_iter()
+        .map(|(k, mark)| {
+            let (id, stripe) = degraded_key(&k)?;
+            Ok((id, stripe, mark))
+        })
+        .collect()
+}
+
+/// The (evidence, stripe) a `D` key names.
+fn degraded_key(k: &[u8]) -> Result<(EvidenceId, u64), SchemaError> {
+    let id = evidence_from(k.get(1..17).ok_or(DecodeError::Truncated)?)?;
+    let s: [u8; 8] = k
+        .get(17..25)
+        .and_then(|s| s.try_into().ok())
+        .ok_or(DecodeError::Truncated)?;
+    Ok((id, u64::from_be_bytes(s)))
+}
+
 /// Stripes waiting for repair, as (evidence, stripe).
 pub async fn degraded_stripes_tx<T: Transaction>(
     tx: &T,
@@ -889,16 +949,7 @@ pub async fn degraded_stripes_tx<T: Transaction>(
     let rows = tx
         .get_range(&[DEGRADED], &[DEGRADED + 1], limit, false)
         .await?;
-    rows.iter()
-        .map(|(k, _)| {
-            let id = evidence_from(k.get(1..17).ok_or(DecodeError::Truncated)?)?;
-            let s: [u8; 8] = k
-                .get(17..25)
-                .and_then(|s| s.try_into().ok())
-                .ok_or(DecodeError::Truncated)?;
-            Ok((id, u64::from_be_bytes(s)))
-        })
-        .collect()
+    rows.iter().map(|(k, _)| degraded_key(k)).collect()
 }
 
 // ---------------------------------------------------------------- WORM

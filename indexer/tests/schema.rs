@@ -574,7 +574,8 @@ async fn worm_is_enforced_in_the_transaction_that_removes_data() {
 
 /// Repair commits with a compare-and-set: only over the record it read, only
 /// while the evidence is visible (never resurrecting an expunged stripe),
-/// bumping the version and clearing the queue and lost marks.
+/// bumping the version and clearing the lost mark; the queue mark goes only
+/// when the repair counted every shard and no one marked the stripe since.
 #[tokio::test]
 async fn repair_commits_only_over_what_it_read_and_never_after_expunge() {
     let (_d, s) = store();
@@ -599,6 +600,17 @@ async fn repair_commits_only_over_what_it_read_and_never_after_expunge() {
         vec![(id, 0)],
         "a stripe missing a shard is queued"
     );
+    let marks = || async {
+        run(
+            &s,
+            |tx| async move { schema::degraded_queue_tx(&tx, 10).await },
+        )
+        .await
+        .unwrap()
+    };
+    let first = marks().await;
+    assert_eq!(first.len(), 1);
+    let (_, _, mark) = first[0].clone();
 
     let seen = stripe(true);
     let mut fixed = seen.clone();
@@ -607,8 +619,8 @@ async fn repair_commits_only_over_what_it_read_and_never_after_expunge() {
     let mut other = seen.clone();
     other.version = 7;
     let c = run(&s, |tx| {
-        let (other, fixed) = (&other, &fixed);
-        async move { schema::commit_repair_tx(&tx, id, 0, other, fixed).await }
+        let (other, fixed, mark) = (&other, &fixed, &mark);
+        async move { schema::commit_repair_tx(&tx, id, 0, other, fixed, Some(mark)).await }
     })
     .await
     .unwrap();
@@ -620,13 +632,44 @@ async fn repair_commits_only_over_what_it_read_and_never_after_expunge() {
     })
     .await
     .unwrap();
+    // A read meets damage while the repair works: the stripe is marked again.
+    run(&s, |tx| async move {
+        schema::mark_degraded_tx(&tx, id, 0);
+        Ok::<_, SchemaError>(())
+    })
+    .await
+    .unwrap();
     let c = run(&s, |tx| {
-        let (seen, fixed) = (&seen, &fixed);
-        async move { schema::commit_repair_tx(&tx, id, 0, seen, fixed).await }
+        let (seen, fixed, mark) = (&seen, &fixed, &mark);
+        async move { schema::commit_repair_tx(&tx, id, 0, seen, fixed, Some(mark)).await }
     })
     .await
     .unwrap();
     assert_eq!(c, schema::RepairCommit::Done);
+    let again = marks().await;
+    assert_eq!(
+        again.len(),
+        1,
+        "marked since the repair read it: still queued"
+    );
+    assert_ne!(again[0].2, mark);
+    // Only the mark a repair was given clears it.
+    let stale = run(&s, |tx| {
+        let mark = &mark;
+        async move { schema::clear_degraded_if_tx(&tx, id, 0, mark).await }
+    })
+    .await
+    .unwrap();
+    assert!(!stale);
+    assert_eq!(marks().await.len(), 1);
+    let current = again[0].2.clone();
+    let cleared = run(&s, |tx| {
+        let current = &current;
+        async move { schema::clear_degraded_if_tx(&tx, id, 0, current).await }
+    })
+    .await
+    .unwrap();
+    assert!(cleared);
     let (rec, lost) = run(&s, |tx| async move {
         Ok::<_, SchemaError>((
             schema::get_stripes_tx(&tx, id, 0..1).await?,
@@ -664,7 +707,7 @@ async fn repair_commits_only_over_what_it_read_and_never_after_expunge() {
     let current = rec[0].clone();
     let c = run(&s, |tx| {
         let (current, fixed) = (&current, &fixed);
-        async move { schema::commit_repair_tx(&tx, id, 0, current, fixed).await }
+        async move { schema::commit_repair_tx(&tx, id, 0, current, fixed, None).await }
     })
     .await
     .unwrap();
