@@ -208,7 +208,8 @@ impl<S: Store> Upload<S> {
         let mut md5 =
             (meta.s3.is_some() || meta.part.is_some()).then(<md5::Md5 as md5::Digest>::new);
         let mut size: u64 = 0;
-        let mut stripe = self.gw.buffers.take_empty(stripe_size);
+        let (k, shard_size) = (code.data_shards(), code.shard_size as usize);
+        let mut stripe = StripeFill::new(&self.gw.buffers, k, shard_size);
         let mut next_stripe: u64 = 0;
 
         while let Some(chunk) = body.next().await {
@@ -221,20 +222,26 @@ impl<S: Store> Upload<S> {
             }
             size += chunk.len() as u64;
             while !chunk.is_empty() {
-                let take = (stripe_size - stripe.len()).min(chunk.len());
-                stripe.extend_from_slice(&chunk.split_to(take));
-                if stripe.len() == stripe_size {
-                    let full =
-                        std::mem::replace(&mut stripe, self.gw.buffers.take_empty(stripe_size));
+                let taken = stripe.fill(&chunk);
+                let _ = chunk.split_to(taken);
+                if stripe.len == stripe_size {
+                    let full = std::mem::replace(
+                        &mut stripe,
+                        StripeFill::new(&self.gw.buffers, k, shard_size),
+                    );
                     self.pairs.extend(bao.take_pairs());
-                    self.dispatch(next_stripe, full).await?;
+                    self.dispatch(next_stripe, StripeData::Full(full.shards))
+                        .await?;
                     next_stripe += 1;
                 }
             }
         }
-        if !stripe.is_empty() {
-            self.dispatch(next_stripe, stripe).await?;
+        if stripe.len > 0 {
+            let tail = stripe.into_tail(&self.gw.buffers);
+            self.dispatch(next_stripe, StripeData::Tail(tail)).await?;
             next_stripe += 1;
+        } else {
+            stripe.give_back(&self.gw.buffers);
         }
         while !self.in_flight.is_empty() {
             self.complete_oldest().await?;
@@ -380,7 +387,7 @@ impl<S: Store> Upload<S> {
 
     /// Starts coding and storing one stripe, first waiting for the oldest one if
     /// the pipeline is full.
-    async fn dispatch(&mut self, stripe: u64, data: Vec<u8>) -> Result<(), ApiError> {
+    async fn dispatch(&mut self, stripe: u64, data: StripeData) -> Result<(), ApiError> {
         while self.in_flight.len() >= self.gw.config.pipeline_stripes {
             self.complete_oldest().await?;
         }
@@ -518,6 +525,67 @@ fn check_declared(
     Ok(())
 }
 
+/// A stripe being filled from the body straight into its `k` data shards,
+/// cut where a full stripe's layout cuts it, so a full stripe is coded
+/// with no copy.
+struct StripeFill {
+    shards: Vec<Vec<u8>>,
+    shard_size: usize,
+    /// Bytes filled.
+    len: usize,
+}
+
+impl StripeFill {
+    fn new(pool: &BufferPool, k: usize, shard_size: usize) -> Self {
+        StripeFill {
+            shards: (0..k).map(|_| pool.take_empty(shard_size)).collect(),
+            shard_size,
+            len: 0,
+        }
+    }
+
+    /// Copies from the front of `chunk` up to the stripe's end; returns how
+    /// many bytes it took.
+    fn fill(&mut self, chunk: &[u8]) -> usize {
+        let mut taken = 0;
+        while taken < chunk.len() {
+            let Some(shard) = self.shards.get_mut(self.len / self.shard_size) else {
+                break; // full
+            };
+            let n = (self.shard_size - shard.len()).min(chunk.len() - taken);
+            shard.extend_from_slice(&chunk[taken..taken + n]);
+            taken += n;
+            self.len += n;
+        }
+        taken
+    }
+
+    /// A short last stripe, as one buffer: its layout cuts it into `k`
+    /// shorter shards (one copy of at most one stripe per filing).
+    fn into_tail(self, pool: &BufferPool) -> Vec<u8> {
+        let mut tail = pool.take_empty(self.len);
+        for shard in self.shards {
+            tail.extend_from_slice(&shard);
+            pool.give(shard);
+        }
+        tail
+    }
+
+    fn give_back(self, pool: &BufferPool) {
+        for shard in self.shards {
+            pool.give(shard);
+        }
+    }
+}
+
+/// What [`store_stripe`] codes.
+enum StripeData {
+    /// A full stripe: its `k` data shards, each `shard_size` long.
+    Full(Vec<Vec<u8>>),
+    /// A short last stripe, whole.
+    Tail(Vec<u8>),
+}
+
 /// Codes one stripe into `k + m` equal shards: data shards are the stripe cut
 /// in `k`, the last zero-padded.
 pub fn encode_stripe(
@@ -547,7 +615,7 @@ async fn store_stripe<S: Store>(
     gw: Arc<Gateway<S>>,
     evidence: EvidenceId,
     stripe: u64,
-    data: Vec<u8>,
+    data: StripeData,
 ) -> Result<StripeRecord, ApiError> {
     // While repair works, filings share the machine with it (see
     // `repair_ingest_stripes`): held until this stripe is stored.
@@ -558,13 +626,28 @@ async fn store_stripe<S: Store>(
     };
     let code = gw.config.code();
     let (k, total) = (code.data_shards(), code.total());
-    let shard_len = data.len().div_ceil(k);
-    let data_len = data.len() as u64;
+    let (shard_len, data_len) = match &data {
+        StripeData::Full(shards) => {
+            let len: usize = shards.iter().map(Vec::len).sum();
+            (code.shard_size as usize, len as u64)
+        }
+        StripeData::Tail(tail) => (tail.len().div_ceil(k), tail.len() as u64),
+    };
     let rs = gw.rs.clone();
     let pool = gw.buffers.clone();
     let shards = tokio::task::spawn_blocking(move || {
-        let shards = encode_stripe(&rs, k, total - k, &data, shard_len, &pool)?;
-        pool.give(data);
+        let shards = match data {
+            StripeData::Full(mut shards) => {
+                shards.extend((k..total).map(|_| pool.take(shard_len)));
+                rs.encode(&mut shards)?;
+                shards
+            }
+            StripeData::Tail(tail) => {
+                let shards = encode_stripe(&rs, k, total - k, &tail, shard_len, &pool)?;
+                pool.give(tail);
+                shards
+            }
+        };
         let hashes: Vec<Blake3Hash> = shards.iter().map(|s| Blake3Hash::of(s)).collect();
         // Shared with QUIC's send buffers, back to the pool once acknowledged.
         let shared = shards.into_iter().map(|s| pool.share(s));
@@ -663,5 +746,41 @@ mod tests {
             .collect();
         assert_eq!(&rebuilt[..data.len()], &data[..]);
         assert!(rebuilt[data.len()..].iter().all(|&b| b == 0));
+    }
+
+    /// Filled chunk by chunk, whatever the chunk boundaries, a full stripe's
+    /// data shards are the stripe cut in k (what `encode_stripe` codes), and
+    /// a short one comes back whole.
+    #[test]
+    fn a_stripe_fills_its_shards_in_layout_order() {
+        let pool = BufferPool::new(1 << 20);
+        let (k, shard) = (4, 1000);
+        let data: Vec<u8> = (0..10_500u32).map(|i| (i * 31 % 251) as u8).collect();
+        for chunk in [1, 7, 999, 1000, 1001, 4000, 10_500] {
+            let mut fill = StripeFill::new(&pool, k, shard);
+            let mut full = Vec::new();
+            let mut rest: &[u8] = &data;
+            while !rest.is_empty() {
+                let piece = &rest[..chunk.min(rest.len())];
+                let mut at = 0;
+                while at < piece.len() {
+                    at += fill.fill(&piece[at..]);
+                    if fill.len == k * shard {
+                        let done = std::mem::replace(&mut fill, StripeFill::new(&pool, k, shard));
+                        full.push(done.shards);
+                    }
+                }
+                rest = &rest[piece.len()..];
+            }
+            assert_eq!(full.len(), 2, "chunks of {chunk}");
+            for (n, shards) in full.iter().enumerate() {
+                for (i, s) in shards.iter().enumerate() {
+                    let at = n * k * shard + i * shard;
+                    assert_eq!(&s[..], &data[at..at + shard], "chunks of {chunk}");
+                }
+            }
+            assert_eq!(fill.len, 2500);
+            assert_eq!(fill.into_tail(&pool), &data[8000..], "chunks of {chunk}");
+        }
     }
 }
