@@ -192,8 +192,19 @@ fn filing_through_chaos_loses_nothing() -> Result<()> {
                     .lines()
                     .filter(|l| l.contains("WARN") || l.contains("ERROR"))
                     .collect();
-                let tail = seen[seen.len().saturating_sub(40)..].join("\n");
-                format!("reading {id} {why}; the gateway's last warnings:\n{tail}")
+                let tail = seen[seen.len().saturating_sub(20)..].join("\n");
+                // Everything the gateway said about this filing (its shard
+                // keys name it without hyphens).
+                let simple = id.replace('-', "");
+                let about: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains(id.as_str()) || l.contains(&simple))
+                    .collect();
+                let about = about[about.len().saturating_sub(80)..].join("\n");
+                format!(
+                    "reading {id} {why}; the gateway's log about it:\n{about}\n\
+                     its last warnings:\n{tail}"
+                )
             })?;
             if got != bytes(*len, *seed) {
                 bail!("{id} did not read back byte-exact {why}");
