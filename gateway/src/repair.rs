@@ -89,6 +89,7 @@ pub fn spawn_repair_loop<S: Store>(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut cursor = None;
+        let mut queue_cursor = None;
         let mut reported = HashSet::new();
         loop {
             tokio::select! {
@@ -111,7 +112,7 @@ pub fn spawn_repair_loop<S: Store>(
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "repair scan failed"),
             }
-            match pass(&gw).await {
+            match pass(&gw, &mut queue_cursor).await {
                 Ok(r) if r.examined > 0 => tracing::info!(?r, "repair pass"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "repair pass failed"),
@@ -404,13 +405,26 @@ impl PassNodes {
     }
 }
 
-/// One pass over the queue.
-pub async fn pass<S: Store>(gw: &Arc<Gateway<S>>) -> Result<PassReport, ApiError> {
+/// One pass over up to [`PASS_STRIPES`] queued stripes from `cursor`, which
+/// it moves on (wrapping round at the queue's end).
+pub async fn pass<S: Store>(
+    gw: &Arc<Gateway<S>>,
+    cursor: &mut Option<(EvidenceId, u64)>,
+) -> Result<PassReport, ApiError> {
     use futures::StreamExt as _;
-    let queued = indexer::run(&gw.store, |tx| async move {
-        schema::degraded_queue_tx(&tx, PASS_STRIPES).await
-    })
-    .await?;
+    let take = |after: Option<(EvidenceId, u64)>| {
+        indexer::run(&gw.store, move |tx| async move {
+            schema::degraded_queue_tx(&tx, after, PASS_STRIPES).await
+        })
+    };
+    let mut queued = take(*cursor).await?;
+    if queued.is_empty() && cursor.is_some() {
+        queued = take(None).await?;
+    }
+    *cursor = match queued.last() {
+        Some((e, s, _)) if queued.len() == PASS_STRIPES => Some((*e, *s)),
+        _ => None,
+    };
     // Filings yield part of the machine while there is work here.
     let _yield = Repairing::start(gw, !queued.is_empty());
     let nodes = Arc::new(PassNodes::now(gw));
@@ -457,13 +471,24 @@ pub async fn repair_stripe<S: Store>(
 ) -> Result<Outcome, ApiError> {
     let (gone, draining) = (&nodes.gone, &nodes.draining);
     let started = std::time::Instant::now();
-    let (header, rec) = indexer::run(&gw.store, |tx| async move {
+    let (header, rec, pending) = indexer::run(&gw.store, |tx| async move {
         let header = schema::get_manifest_tx(&tx, evidence).await?;
         let rec = schema::stripes_after_tx(&tx, evidence, stripe, 1).await?;
-        Ok::<_, schema::SchemaError>((header, rec))
+        let rec = rec.into_iter().find(|(s, _)| *s == stripe).map(|(_, r)| r);
+        // Records without a manifest: an upload still in flight (its intent
+        // live) or an S3 part awaiting completion (intent ended) will become
+        // visible; an aborted one is the collector's.
+        let pending = header.is_none()
+            && rec.is_some()
+            && !schema::get_intent_tx(&tx, evidence)
+                .await?
+                .is_some_and(|i| i.aborted);
+        Ok::<_, schema::SchemaError>((header, rec, pending))
     })
     .await?;
-    let rec = rec.into_iter().find(|(s, _)| *s == stripe).map(|(_, r)| r);
+    if pending {
+        return Ok(Outcome::Waiting);
+    }
     let (Some(header), Some(rec)) = (header, rec) else {
         // Expunged, or an upload that never became visible: not ours.
         indexer::run(&gw.store, |tx| async move {

@@ -15,7 +15,7 @@
 //! ("S", evidence 16, stripe u64)                  = StripeRecord       one key per stripe
 //! ("B", evidence 16, tree node u64)               = 64-byte hash pair  Bao outboard, verified ranges
 //! ("H", tenant, 0x00, blake3 root 32, evidence 16) = ""                 lookup by content, per tenant
-//! ("D", evidence 16, stripe u64)                  = u64 LE marks       degraded: waits for repair
+//! ("D", evidence 16, stripe u64)                  = i64 LE (nonces)    degraded: waits for repair
 //! ("T", blake3(bearer token) 32)                  = TokenRecord        never the token itself
 //! ("X", evidence 16)                              = ManifestHeader     expunged: metadata kept, bytes gone
 //! ("Y", evidence 16)                              = ""                 expunged, shards still to delete
@@ -608,12 +608,24 @@ pub fn put_stripe_tx<T: Transaction>(
 }
 
 /// Queues a stripe for repair (a read found a missing or corrupt shard, a
-/// scrub quarantined one, `--verify-all`). The mark counts its markings with
-/// an atomic add, so markers never conflict and a repair takes the stripe
-/// off the queue only if no one marked it again while it worked
+/// scrub quarantined one, `--verify-all`). Each marking adds a random
+/// nonce to the mark with an atomic add, so markers never conflict and a
+/// repair takes the stripe off the queue only if no one marked it again
+/// while it worked
 /// ([`clear_degraded_if_tx`], [`commit_repair_tx`]).
 pub fn mark_degraded_tx<T: Transaction>(tx: &T, evidence: EvidenceId, stripe: u64) {
-    tx.atomic_add(&stripe_key(DEGRADED, &evidence, stripe), 1);
+    tx.atomic_add(&stripe_key(DEGRADED, &evidence, stripe), mark_nonce());
+}
+
+/// What one marking adds: random and odd, so a mark set again after a
+/// clear (or by another gateway sharing the index) is never the value an
+/// older repair read (adding 1 would make almost every mark 1).
+fn mark_nonce() -> i64 {
+    use std::hash::BuildHasher as _;
+    static MARKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = MARKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // RandomState's keys are random per process and thread.
+    (std::hash::RandomState::new().hash_one(n) | 1) as i64
 }
 
 /// Takes a stripe off the repair queue whatever its mark (its evidence is
@@ -914,15 +926,24 @@ pub async fn lookup_by_hash_tx<T: Transaction>(
     Ok(out)
 }
 
-/// Up to `limit` stripes waiting for repair with their marks, as
-/// (evidence, stripe, mark): the repair worker's queue.
+/// Up to `limit` stripes waiting for repair after `after` (from the start
+/// when `None`), with their marks, as (evidence, stripe, mark): the repair
+/// worker's queue, walked round so stripes that wait long (a lost one, an
+/// upload not yet visible) never keep the others from their turn.
 pub async fn degraded_queue_tx<T: Transaction>(
     tx: &T,
+    after: Option<(EvidenceId, u64)>,
     limit: usize,
 ) -> Result<Vec<(EvidenceId, u64, Vec<u8>)>, SchemaError> {
-    let rows = tx
-        .get_range(&[DEGRADED], &[DEGRADED + 1], limit, false)
-        .await?;
+    let from = match after {
+        Some((e, s)) => {
+            let mut k = stripe_key(DEGRADED, &e, s);
+            k.push(0);
+            k
+        }
+        None => vec![DEGRADED],
+    };
+    let rows = tx.get_range(&from, &[DEGRADED + 1], limit, false).await?;
     rows.into_iter()
         .map(|(k, mark)| {
             let (id, stripe) = degraded_key(&k)?;

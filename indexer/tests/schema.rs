@@ -601,16 +601,22 @@ async fn repair_commits_only_over_what_it_read_and_never_after_expunge() {
         "a stripe missing a shard is queued"
     );
     let marks = || async {
-        run(
-            &s,
-            |tx| async move { schema::degraded_queue_tx(&tx, 10).await },
-        )
+        run(&s, |tx| async move {
+            schema::degraded_queue_tx(&tx, None, 10).await
+        })
         .await
         .unwrap()
     };
     let first = marks().await;
     assert_eq!(first.len(), 1);
     let (_, _, mark) = first[0].clone();
+    // The queue is walked from a cursor, strictly after it.
+    let after = run(&s, |tx| async move {
+        schema::degraded_queue_tx(&tx, Some((id, 0)), 10).await
+    })
+    .await
+    .unwrap();
+    assert!(after.is_empty());
 
     let seen = stripe(true);
     let mut fixed = seen.clone();
@@ -670,6 +676,22 @@ async fn repair_commits_only_over_what_it_read_and_never_after_expunge() {
     .await
     .unwrap();
     assert!(cleared);
+    // Marked again after the clear: never a value an older repair read.
+    run(&s, |tx| async move {
+        schema::mark_degraded_tx(&tx, id, 0);
+        Ok::<_, SchemaError>(())
+    })
+    .await
+    .unwrap();
+    let fresh = marks().await;
+    assert!(fresh[0].2 != mark && fresh[0].2 != current, "{fresh:?}");
+    let current = fresh[0].2.clone();
+    run(&s, |tx| {
+        let current = &current;
+        async move { schema::clear_degraded_if_tx(&tx, id, 0, current).await }
+    })
+    .await
+    .unwrap();
     let (rec, lost) = run(&s, |tx| async move {
         Ok::<_, SchemaError>((
             schema::get_stripes_tx(&tx, id, 0..1).await?,
