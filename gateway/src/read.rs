@@ -366,10 +366,7 @@ pub async fn fetch_stripe<S: Store>(
         for (i, s) in shards.into_iter().enumerate() {
             if let Some(s) = s {
                 if i < k {
-                    out.push(Bytes::from_owner(Recycled {
-                        buf: s,
-                        client: gw.nodes.client.clone(),
-                    }));
+                    out.push(gw.nodes.client.share(s));
                 } else {
                     gw.nodes.client.recycle(s);
                 }
@@ -407,25 +404,6 @@ pub async fn fetch_stripe<S: Store>(
             (!p.is_empty()).then_some(p)
         })
         .collect())
-}
-
-/// A shard body that goes back to the node client's receive pool when the
-/// last `Bytes` sharing it is dropped.
-struct Recycled {
-    buf: Vec<u8>,
-    client: storage_node::client::NodeClient,
-}
-
-impl AsRef<[u8]> for Recycled {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf
-    }
-}
-
-impl Drop for Recycled {
-    fn drop(&mut self) {
-        self.client.recycle(std::mem::take(&mut self.buf));
-    }
 }
 
 /// The length of the shards present.

@@ -142,7 +142,7 @@ struct Inner {
     connections: Mutex<HashMap<SocketAddr, Slot>>,
     timeouts: ClientTimeouts,
     /// Receive buffers for shard bodies; see [`NodeClient::recycle`].
-    buffers: crate::buffers::BufferPool,
+    buffers: Arc<crate::buffers::BufferPool>,
 }
 
 impl std::fmt::Debug for NodeClient {
@@ -172,7 +172,7 @@ impl NodeClient {
                 v6: Mutex::new(None),
                 connections: Mutex::new(HashMap::new()),
                 timeouts,
-                buffers: crate::buffers::BufferPool::new(CLIENT_IDLE_BUFFER_BYTES),
+                buffers: Arc::new(crate::buffers::BufferPool::new(CLIENT_IDLE_BUFFER_BYTES)),
             }),
         })
     }
@@ -220,6 +220,12 @@ impl NodeClient {
     /// for reuse once the caller is done with it (optional: dropping is fine).
     pub fn recycle(&self, body: Vec<u8>) {
         self.inner.buffers.give(body);
+    }
+
+    /// A body from [`rpc_get_shard`](Self::rpc_get_shard) as `Bytes`
+    /// without a copy, back to the receive pool when the last clone goes.
+    pub fn share(&self, body: Vec<u8>) -> bytes::Bytes {
+        self.inner.buffers.share(body)
     }
 
     /// Reads a shard: its stored header (checked to name `key`) and body
