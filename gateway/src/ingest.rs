@@ -223,7 +223,7 @@ impl<S: Store> Upload<S> {
             size += chunk.len() as u64;
             while !chunk.is_empty() {
                 let taken = stripe.fill(&chunk);
-                let _ = chunk.split_to(taken);
+                bytes::Buf::advance(&mut chunk, taken);
                 if stripe.len == stripe_size {
                     let full = std::mem::replace(
                         &mut stripe,
@@ -627,10 +627,7 @@ async fn store_stripe<S: Store>(
     let code = gw.config.code();
     let (k, total) = (code.data_shards(), code.total());
     let (shard_len, data_len) = match &data {
-        StripeData::Full(shards) => {
-            let len: usize = shards.iter().map(Vec::len).sum();
-            (code.shard_size as usize, len as u64)
-        }
+        StripeData::Full(_) => (code.shard_size as usize, code.stripe_size()),
         StripeData::Tail(tail) => (tail.len().div_ceil(k), tail.len() as u64),
     };
     let rs = gw.rs.clone();
@@ -683,7 +680,7 @@ async fn store_stripe<S: Store>(
             let mut target = first.or_else(|| pop(spares));
             while let Some(node) = target {
                 let Some(addr) = gw.nodes.addr(node) else { break };
-                match gw.nodes.client.rpc_put_shard_shared(addr, &header, body.clone()).await {
+                match gw.nodes.client.rpc_put_shard(addr, &header, body.clone()).await {
                     Ok(()) => return Some(node),
                     Err(e) => {
                         tracing::warn!(%node, shard = %header.key, error = %e, "shard put failed; trying the next ranked node");

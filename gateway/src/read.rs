@@ -411,6 +411,24 @@ fn rec_len(shards: &[Option<Vec<u8>>]) -> usize {
     shards.iter().flatten().map(Vec::len).next().unwrap_or(0)
 }
 
+/// Where shard `index` of a stripe lives and its key; `None` when its
+/// record names no node, or one that left the cluster.
+fn shard_at<S: Store>(
+    gw: &Gateway<S>,
+    evidence: EvidenceId,
+    stripe: u64,
+    index: usize,
+    rec: &StripeRecord,
+) -> Option<(std::net::SocketAddr, ShardKey)> {
+    let addr = rec.shards[index].node.and_then(|n| gw.nodes.addr(n))?;
+    let key = ShardKey {
+        evidence,
+        stripe,
+        index: index as u8,
+    };
+    Some((addr, key))
+}
+
 pub(crate) async fn fetch_shard<S: Store>(
     gw: &Gateway<S>,
     evidence: EvidenceId,
@@ -419,13 +437,8 @@ pub(crate) async fn fetch_shard<S: Store>(
     rec: &StripeRecord,
 ) -> ShardOutcome {
     let placement = rec.shards[index];
-    let Some(addr) = placement.node.and_then(|n| gw.nodes.addr(n)) else {
+    let Some((addr, key)) = shard_at(gw, evidence, stripe, index, rec) else {
         return ShardOutcome::Damaged;
-    };
-    let key = ShardKey {
-        evidence,
-        stripe,
-        index: index as u8,
     };
     match gw.nodes.client.rpc_get_shard(addr, key).await {
         Ok((_, body))
@@ -472,13 +485,8 @@ pub(crate) async fn check_shard<S: Store>(
     rec: &StripeRecord,
 ) -> Checked {
     let placement = rec.shards[index];
-    let Some(addr) = placement.node.and_then(|n| gw.nodes.addr(n)) else {
+    let Some((addr, key)) = shard_at(gw, evidence, stripe, index, rec) else {
         return Checked::Damaged;
-    };
-    let key = ShardKey {
-        evidence,
-        stripe,
-        index: index as u8,
     };
     match gw.nodes.client.rpc_verify_shard(addr, key).await {
         Ok(h) if h.blake3 == placement.blake3 && h.len == rec.shard_len => Checked::Good,

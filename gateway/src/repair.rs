@@ -657,7 +657,8 @@ pub async fn repair_stripe<S: Store>(
     let mut next = rec.clone();
     let mut written: Vec<(usize, NodeId)> = Vec::new();
     let writes = rebuild.iter().zip(&targets).map(|(&i, &node)| {
-        let body = gw.buffers.share(shards[i].take().unwrap_or_default());
+        // Back to the receive pool the next stripe's reads take from.
+        let body = gw.nodes.client.share(shards[i].take().unwrap_or_default());
         let header = ShardHeader {
             key: ShardKey {
                 evidence,
@@ -808,7 +809,7 @@ async fn put_and_verify<S: Store>(
         .ok_or_else(|| ApiError::Unavailable(format!("node {node} left the cluster")))?;
     gw.nodes
         .client
-        .rpc_put_shard_shared(addr, header, body)
+        .rpc_put_shard(addr, header, body)
         .await
         .map_err(|e| {
             ApiError::Unavailable(format!("writing {} to node {node}: {e}", header.key))

@@ -967,10 +967,8 @@ pub async fn degraded_stripes_tx<T: Transaction>(
     tx: &T,
     limit: usize,
 ) -> Result<Vec<(EvidenceId, u64)>, SchemaError> {
-    let rows = tx
-        .get_range(&[DEGRADED], &[DEGRADED + 1], limit, false)
-        .await?;
-    rows.iter().map(|(k, _)| degraded_key(k)).collect()
+    let queue = degraded_queue_tx(tx, None, limit).await?;
+    Ok(queue.into_iter().map(|(e, s, _)| (e, s)).collect())
 }
 
 // ---------------------------------------------------------------- WORM

@@ -178,21 +178,11 @@ impl NodeClient {
     }
 
     /// Stores a shard on the node at `addr`; returns once the node has fsynced
-    /// it. Idempotent: putting the same shard again is harmless.
+    /// it. Idempotent: putting the same shard again is harmless. QUIC sends
+    /// straight from `body` (no copy into its send buffer; it holds the
+    /// `Bytes` until the node has acknowledged them): pooled buffers come as
+    /// [`BufferPool::share`](crate::buffers::BufferPool::share) makes them.
     pub async fn rpc_put_shard(
-        &self,
-        addr: SocketAddr,
-        header: &ShardHeader,
-        body: &[u8],
-    ) -> Result<(), NodeError> {
-        self.rpc_put_shard_shared(addr, header, bytes::Bytes::copy_from_slice(body))
-            .await
-    }
-
-    /// As [`rpc_put_shard`](Self::rpc_put_shard), QUIC sending straight
-    /// from `body` (no copy into its send buffer; it holds the `Bytes` until
-    /// the node has acknowledged them).
-    pub async fn rpc_put_shard_shared(
         &self,
         addr: SocketAddr,
         header: &ShardHeader,
@@ -555,7 +545,7 @@ mod tests {
         key: ShardKey,
         config: crate::server::NodeConfig,
     ) {
-        assert_send(&client.rpc_put_shard(addr, header, &[]));
+        assert_send(&client.rpc_put_shard(addr, header, bytes::Bytes::new()));
         assert_send(&client.rpc_get_shard(addr, key));
         assert_send(&client.rpc_stat_shard(addr, key));
         assert_send(&client.rpc_delete_shard(addr, key));

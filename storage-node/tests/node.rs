@@ -1,6 +1,7 @@
 //! A real node and client over QUIC on loopback, with certificates from a fresh
 //! cluster CA in a temporary directory.
 
+use bytes::Bytes;
 use protocol::wire::NodeInfo;
 use protocol::{
     Blake3Hash, ErasureCode, ErrorCode, EvidenceId, NodeId, Request, Response, ShardHeader,
@@ -116,7 +117,10 @@ async fn put_get_stat_delete_and_info_round_trip() {
         (5, SHARD_SIZE as usize),
     ] {
         let (header, body) = shard(n, len);
-        client.rpc_put_shard(addr, &header, &body).await.unwrap();
+        client
+            .rpc_put_shard(addr, &header, Bytes::copy_from_slice(&body))
+            .await
+            .unwrap();
         let (got_header, got_body) = client.rpc_get_shard(addr, header.key).await.unwrap();
         assert_eq!(got_header, header);
         assert_eq!(got_body, body, "body of {len} bytes");
@@ -157,7 +161,7 @@ async fn bodies_that_do_not_match_their_header_are_refused() {
     let (header, mut body) = shard(1, 5000);
     body[100] ^= 1;
     let err = client
-        .rpc_put_shard(addr, &header, &body)
+        .rpc_put_shard(addr, &header, Bytes::copy_from_slice(&body))
         .await
         .unwrap_err();
     assert!(
@@ -179,7 +183,10 @@ async fn bodies_that_do_not_match_their_header_are_refused() {
         blake3: Blake3Hash::of(&big),
         ..shard(2, 0).0
     };
-    let err = client.rpc_put_shard(addr, &header, &big).await.unwrap_err();
+    let err = client
+        .rpc_put_shard(addr, &header, Bytes::copy_from_slice(&big))
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, NodeError::Remote(ErrorCode::BadRequest)),
         "{err:?}"
@@ -188,7 +195,9 @@ async fn bodies_that_do_not_match_their_header_are_refused() {
     // A body of the wrong length never leaves the client.
     let (header, body) = shard(3, 10);
     assert!(matches!(
-        client.rpc_put_shard(addr, &header, &body[..9]).await,
+        client
+            .rpc_put_shard(addr, &header, Bytes::copy_from_slice(&body[..9]))
+            .await,
         Err(NodeError::BodyLength {
             expected: 10,
             actual: 9
@@ -207,7 +216,10 @@ async fn corrupt_shards_are_reported_and_quarantined() {
     let client = cluster.client();
     let addr = node.local_addr;
     let (header, body) = shard(1, 70_000);
-    client.rpc_put_shard(addr, &header, &body).await.unwrap();
+    client
+        .rpc_put_shard(addr, &header, Bytes::copy_from_slice(&body))
+        .await
+        .unwrap();
 
     let path = node.store().shard_path(&header.key);
     let mut bytes = std::fs::read(&path).unwrap();
@@ -293,7 +305,10 @@ async fn shards_and_disk_identity_survive_a_restart_on_the_same_port() {
     )
     .unwrap();
     let (header, body) = shard(1, 12_345);
-    client.rpc_put_shard(addr, &header, &body).await.unwrap();
+    client
+        .rpc_put_shard(addr, &header, Bytes::copy_from_slice(&body))
+        .await
+        .unwrap();
     let before = client.rpc_node_info(addr).await.unwrap();
     node.shutdown().await;
 
@@ -328,7 +343,9 @@ async fn many_concurrent_puts_share_one_connection() {
         let client = client.clone();
         tokio::spawn(async move {
             let (header, body) = shard(n, 64 * 1024 + n as usize);
-            client.rpc_put_shard(addr, &header, &body).await
+            client
+                .rpc_put_shard(addr, &header, Bytes::copy_from_slice(&body))
+                .await
         })
     });
     let puts: Vec<_> = puts.collect();
@@ -451,8 +468,14 @@ async fn metrics_count_requests_shards_and_corruption() {
     let addr = node.local_addr;
     let (good, good_body) = shard(1, 5000);
     let (bad, bad_body) = shard(2, 7000);
-    client.rpc_put_shard(addr, &good, &good_body).await.unwrap();
-    client.rpc_put_shard(addr, &bad, &bad_body).await.unwrap();
+    client
+        .rpc_put_shard(addr, &good, Bytes::copy_from_slice(&good_body))
+        .await
+        .unwrap();
+    client
+        .rpc_put_shard(addr, &bad, Bytes::copy_from_slice(&bad_body))
+        .await
+        .unwrap();
     client.rpc_get_shard(addr, good.key).await.unwrap();
     let path = node.store().shard_path(&bad.key);
     let mut bytes = std::fs::read(&path).unwrap();
