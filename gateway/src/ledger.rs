@@ -330,6 +330,25 @@ impl Ledger {
         put_durably(&self.tiles, self.tiles_dir.clone(), files).await
     }
 
+    /// Publishes `note`, a checkpoint of tree size `size`, as the
+    /// `checkpoint` file unless that file already holds one at least as
+    /// large: the published checkpoint never goes back, whoever else writes
+    /// it (another gateway on the same index and bucket, or an integrator
+    /// fenced off while publishing, whose write lands after its successor's).
+    /// A local directory is guarded by an advisory lock held
+    /// around the read and the write; a bucket by a conditional PUT
+    /// (`If-Match` on the version read, `If-None-Match: *` when there is
+    /// none), read again when another writer got in between. Returns whether
+    /// it wrote.
+    async fn publish_checkpoint_note(&self, size: u64, note: Vec<u8>) -> Result<bool, LedgerError> {
+        match &self.tiles_dir {
+            Some(dir) => {
+                publish_local_if_newer(&self.tiles, dir, &self.verifier_key, size, note).await
+            }
+            None => publish_if_newer(self.tiles.as_ref(), &self.verifier_key, size, note).await,
+        }
+    }
+
     /// Every archived leaf from leaf 0 up to the first gap, in order (see
     /// [`lx::archive_chain`]).
     pub async fn read_archive(&self) -> Result<Vec<lx::ArchivedLeaf>, LedgerError> {
@@ -1314,11 +1333,146 @@ async fn publish_checkpoint<S: Store>(gw: &Gateway<S>, ledger: &Ledger) -> Resul
     if ledger.checkpoint_file.load(Ordering::Acquire) >= size {
         return Ok(());
     }
-    ledger
-        .publish_all(vec![("checkpoint".to_owned(), note)])
-        .await?;
+    if !ledger.publish_checkpoint_note(size, note).await? {
+        tracing::debug!(size, "the published checkpoint is already at least as new");
+    }
     ledger.checkpoint_file.fetch_max(size, Ordering::AcqRel);
     Ok(())
+}
+
+/// The local-directory half of [`Ledger::publish_checkpoint_note`]: the
+/// read, the comparison and the durable write under an exclusive advisory
+/// lock (`flock`) on a file beside the directory, which every gateway
+/// publishing there takes.
+async fn publish_local_if_newer(
+    store: &Arc<dyn ObjectStore>,
+    dir: &std::path::Path,
+    vkey: &str,
+    size: u64,
+    note: Vec<u8>,
+) -> Result<bool, LedgerError> {
+    let (at, vkey) = (dir.to_path_buf(), vkey.to_owned());
+    let lock = tokio::task::spawn_blocking(move || {
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(checkpoint_lock_path(&at))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
+        let published = match std::fs::read(at.join(CHECKPOINT_FILE)) {
+            Ok(bytes) => published_size(&bytes, &vkey),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        Ok::<_, std::io::Error>((published < size).then_some(lock))
+    })
+    .await
+    .map_err(|e| std::io::Error::other(e.to_string()))??;
+    let Some(lock) = lock else { return Ok(false) };
+    put_durably(
+        store,
+        Some(dir.to_path_buf()),
+        vec![(CHECKPOINT_FILE.to_owned(), note)],
+    )
+    .await?;
+    // Released only once the write is durable.
+    drop(lock);
+    Ok(true)
+}
+
+/// The bucket half of [`Ledger::publish_checkpoint_note`]: reads the
+/// published checkpoint and its version, and writes `note` only over that
+/// version (or only where there is none), again after any other writer got
+/// in between; unconditionally, with a warning, on a store that takes no
+/// conditional writes.
+async fn publish_if_newer(
+    store: &dyn ObjectStore,
+    vkey: &str,
+    size: u64,
+    note: Vec<u8>,
+) -> Result<bool, LedgerError> {
+    use object_store::{Error as OsError, PutMode, UpdateVersion};
+    let path = StorePath::from(CHECKPOINT_FILE);
+    for _ in 0..16 {
+        let (published, mode) = match store.get(&path).await {
+            Ok(got) => {
+                let version = UpdateVersion {
+                    e_tag: got.meta.e_tag.clone(),
+                    version: got.meta.version.clone(),
+                };
+                let bytes = got.bytes().await?;
+                (published_size(&bytes, vkey), PutMode::Update(version))
+            }
+            Err(OsError::NotFound { .. }) => (0, PutMode::Create),
+            Err(e) => return Err(e.into()),
+        };
+        if published >= size {
+            return Ok(false);
+        }
+        let conditional = match &mode {
+            PutMode::Update(v) => v.e_tag.is_some() || v.version.is_some(),
+            _ => true,
+        };
+        let payload = PutPayload::from(note.clone());
+        let put = if conditional {
+            store.put_opts(&path, payload, mode.into()).await
+        } else {
+            Err(OsError::NotImplemented)
+        };
+        match put {
+            Ok(_) => return Ok(true),
+            // Another writer got in between: read what it wrote.
+            Err(OsError::Precondition { .. } | OsError::AlreadyExists { .. }) => continue,
+            Err(OsError::NotImplemented) => {
+                tracing::warn!(
+                    "the tiles bucket takes no conditional writes: the published \
+                     checkpoint is written unconditionally and can go back when \
+                     several gateways publish"
+                );
+                store.put(&path, PutPayload::from(note)).await?;
+                return Ok(true);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(LedgerError::Tree(
+        "the published checkpoint kept changing under 16 conditional writes".into(),
+    ))
+}
+
+/// The published checkpoint's file name in the tiles store.
+const CHECKPOINT_FILE: &str = "checkpoint";
+
+/// The advisory lock guarding a local tiles directory's `checkpoint`: a
+/// sibling of the directory (`tiles.lock` beside `tiles/`), so nothing but
+/// tiles and the checkpoint is in what is published.
+fn checkpoint_lock_path(tiles_dir: &std::path::Path) -> PathBuf {
+    match (tiles_dir.parent(), tiles_dir.file_name()) {
+        (Some(parent), Some(name)) => {
+            let mut lock = name.to_os_string();
+            lock.push(".lock");
+            parent.join(lock)
+        }
+        _ => tiles_dir.join(".checkpoint.lock"),
+    }
+}
+
+/// The tree size of a published checkpoint note; 0 for one that does not
+/// verify under this ledger's key (garbled, or another log's), which is then
+/// replaced.
+fn published_size(note: &[u8], vkey: &str) -> u64 {
+    match std::str::from_utf8(note)
+        .ok()
+        .and_then(|n| pl::verify_checkpoint(n, vkey).ok())
+    {
+        Some(cp) => cp.size,
+        None => {
+            tracing::warn!(
+                "the published checkpoint does not verify under this ledger's key; replacing it"
+            );
+            0
+        }
+    }
 }
 
 /// The newest checkpoint note and what it says.
@@ -2024,7 +2178,7 @@ pub async fn restore<S: Store>(gw: &Gateway<S>) -> Result<RestoredLedger, Ledger
         .ledger
         .as_ref()
         .ok_or_else(|| LedgerError::Tree("no ledger is configured".into()))?;
-    let note = match ledger.read_tile_file("checkpoint").await? {
+    let note = match ledger.read_tile_file(CHECKPOINT_FILE).await? {
         Some(n) => String::from_utf8(n.to_vec())
             .map_err(|_| LedgerError::Tree("the published checkpoint is not text".into()))?,
         None => return Ok(RestoredLedger::default()),
@@ -2129,6 +2283,117 @@ fn restore_chunks(
 mod tests {
     use super::*;
     use protocol::Blake3Hash;
+
+    /// A bucket's published checkpoint only grows: a smaller one is not
+    /// written over a larger one, a larger one replaces it, a garbled one is
+    /// replaced, and writers racing with sizes 1 to 8 leave the largest.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_checkpoint_in_a_bucket_only_grows() {
+        use object_store::memory::InMemory;
+        let origin = "example.com/log";
+        let (skey, vkey) = pl::note_keys(origin, &[9u8; 32]);
+        let note = |n: u64| {
+            pl::sign_checkpoint(&skey, origin, n, TreeHash([n as u8; 32]))
+                .unwrap()
+                .into_bytes()
+        };
+        let published = |store: Arc<InMemory>| {
+            let vkey = vkey.clone();
+            async move {
+                let got = store.get(&StorePath::from(CHECKPOINT_FILE)).await.unwrap();
+                let note = String::from_utf8(got.bytes().await.unwrap().to_vec()).unwrap();
+                pl::verify_checkpoint(&note, &vkey).unwrap().size
+            }
+        };
+        let store = Arc::new(InMemory::new());
+        assert!(publish_if_newer(store.as_ref(), &vkey, 5, note(5))
+            .await
+            .unwrap());
+        assert!(!publish_if_newer(store.as_ref(), &vkey, 3, note(3))
+            .await
+            .unwrap());
+        assert!(!publish_if_newer(store.as_ref(), &vkey, 5, note(5))
+            .await
+            .unwrap());
+        assert_eq!(published(store.clone()).await, 5);
+        assert!(publish_if_newer(store.as_ref(), &vkey, 9, note(9))
+            .await
+            .unwrap());
+        assert_eq!(published(store.clone()).await, 9);
+        store
+            .put(
+                &StorePath::from(CHECKPOINT_FILE),
+                PutPayload::from(&b"garbage"[..]),
+            )
+            .await
+            .unwrap();
+        assert!(publish_if_newer(store.as_ref(), &vkey, 2, note(2))
+            .await
+            .unwrap());
+        assert_eq!(published(store.clone()).await, 2);
+
+        for round in 0..20 {
+            let store = Arc::new(InMemory::new());
+            let writers: Vec<_> = (1..=8u64)
+                .map(|n| {
+                    let (store, vkey, note) = (store.clone(), vkey.clone(), note(n));
+                    tokio::spawn(async move {
+                        publish_if_newer(store.as_ref(), &vkey, n, note)
+                            .await
+                            .unwrap()
+                    })
+                })
+                .collect();
+            for w in writers {
+                w.await.unwrap();
+            }
+            assert_eq!(published(store).await, 8, "round {round}");
+        }
+    }
+
+    /// The same for a local tiles directory, with writers racing through
+    /// separate stores on it (as separate gateway processes would).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_checkpoint_in_a_directory_only_grows() {
+        let origin = "example.com/log";
+        let (skey, vkey) = pl::note_keys(origin, &[9u8; 32]);
+        let note = |n: u64| {
+            pl::sign_checkpoint(&skey, origin, n, TreeHash([n as u8; 32]))
+                .unwrap()
+                .into_bytes()
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        for round in 0..20 {
+            let dir = tmp.path().join(format!("tiles{round}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let writers: Vec<_> = (1..=8u64)
+                .map(|n| {
+                    let (dir, vkey, note) = (dir.clone(), vkey.clone(), note(n));
+                    tokio::spawn(async move {
+                        let store: Arc<dyn ObjectStore> =
+                            Arc::new(LocalFileSystem::new_with_prefix(&dir).unwrap());
+                        publish_local_if_newer(&store, &dir, &vkey, n, note)
+                            .await
+                            .unwrap()
+                    })
+                })
+                .collect();
+            for w in writers {
+                w.await.unwrap();
+            }
+            let got = std::fs::read_to_string(dir.join(CHECKPOINT_FILE)).unwrap();
+            assert_eq!(
+                pl::verify_checkpoint(&got, &vkey).unwrap().size,
+                8,
+                "round {round}"
+            );
+            assert!(
+                !dir.join("tiles.lock").exists(),
+                "the lock is beside the directory"
+            );
+        }
+        assert!(tmp.path().join("tiles0.lock").exists());
+    }
 
     #[test]
     fn restore_chunks_hold_a_tile_and_stay_under_the_byte_budget() {

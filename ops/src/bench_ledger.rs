@@ -511,6 +511,75 @@ mod tests {
         Ok(())
     }
 
+    /// The published checkpoint never goes back: one already there that is
+    /// larger than the index's (as a successor integrator leaves it when a
+    /// fenced-off one publishes late) stays, through further integration and
+    /// a restart, until this gateway's tree passes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_published_checkpoint_is_never_replaced_by_a_smaller_one() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let c = init(dir.path()).await?;
+        let (gw, ledger) = in_process(&c)?;
+        let config = c.gateway.ledger.as_ref().context("ledger")?;
+        let file = config.tiles_dir.join("checkpoint");
+        let vkey = std::fs::read_to_string(dir.path().join(cluster::LEDGER_VKEY_FILE))?;
+        let published = || -> Result<protocol::ledger::VerifiedCheckpoint> {
+            let note = std::fs::read_to_string(&file)?;
+            Ok(protocol::ledger::verify_checkpoint(&note, vkey.trim())?)
+        };
+        let queue = |n: u64, tag: u8| {
+            let gw = gw.clone();
+            async move {
+                let part = records(n, tag)?;
+                indexer::run(&gw.store, |tx| {
+                    let part = &part;
+                    async move {
+                        indexer::ledger::enqueue_notarizations_tx(&tx, part, "test");
+                        Ok::<_, indexer::schema::SchemaError>(())
+                    }
+                })
+                .await?;
+                anyhow::Ok(part)
+            }
+        };
+        let mut queued = queue(100, 4).await?;
+        assert!(gateway::ledger::integrate_pending(&gw, &ledger).await?);
+        assert_eq!(published()?.size, 100);
+
+        // A newer checkpoint, signed with this log's key, published by
+        // another writer.
+        let skey = std::fs::read_to_string(&config.signer_key)?;
+        let ahead = protocol::ledger::sign_checkpoint(
+            skey.trim(),
+            &ledger.origin,
+            500,
+            protocol::ledger::TreeHash([7u8; 32]),
+        )?;
+        std::fs::write(&file, &ahead)?;
+
+        queued.extend(queue(10, 5).await?);
+        assert!(gateway::ledger::integrate_pending(&gw, &ledger).await?);
+        assert_eq!(index_state(&gw, vkey.trim()).await?.1.size, 110);
+        assert_eq!(
+            std::fs::read_to_string(&file)?,
+            ahead,
+            "a checkpoint of 110 replaced the published one of 500"
+        );
+        // A restarted gateway publishes what its index holds first: not over
+        // a larger one either.
+        let (gw2, ledger2) = in_process_on(&c, gw.store.clone())?;
+        gateway::ledger::integrate_pending(&gw2, &ledger2).await?;
+        assert_eq!(std::fs::read_to_string(&file)?, ahead);
+
+        // Once the tree is larger than the published one, it is replaced.
+        queued.extend(queue(400, 6).await?);
+        assert!(gateway::ledger::integrate_pending(&gw2, &ledger2).await?);
+        let cp = published()?;
+        assert_eq!(cp.size, 510);
+        assert_eq!(cp.root.0, rfc9162_root(&commitments(&queued)));
+        Ok(())
+    }
+
     /// An integrator fenced off mid-pipeline (another takes the lease after
     /// its first publication, with later batches committing and read ahead)
     /// commits nothing more; its last checkpoint is a prefix of the tree a
