@@ -44,6 +44,10 @@ pub struct NodeSpec {
     /// commit (default 64 KiB; 0 keeps every shard in its own file).
     #[serde(default)]
     pub small_shard_bytes: Option<u32>,
+    /// Shard files of 64 KiB and more bypass the page cache with `O_DIRECT`
+    /// (default true; false for file systems where direct I/O is slow).
+    #[serde(default)]
+    pub direct_io: Option<bool>,
 }
 
 impl NodeSpec {
@@ -63,6 +67,7 @@ impl NodeSpec {
         let d = storage_node::store::StoreConfig::default();
         storage_node::store::StoreConfig {
             small_shard_max: self.small_shard_bytes.unwrap_or(d.small_shard_max),
+            direct_io: self.direct_io.unwrap_or(d.direct_io),
         }
     }
 }
@@ -192,6 +197,7 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
             scrub_bytes_per_sec: None,
             scrub_pass_interval_secs: None,
             small_shard_bytes: None,
+            direct_io: None,
         });
         entries.push(NodeEntry {
             id,

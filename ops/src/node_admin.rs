@@ -56,6 +56,7 @@ pub fn add(
         scrub_bytes_per_sec: None,
         scrub_pass_interval_secs: None,
         small_shard_bytes: None,
+        direct_io: None,
     });
     cluster.gateway.nodes.push(gateway::config::NodeEntry {
         id,

@@ -64,12 +64,19 @@ pub struct StoreConfig {
     /// Shards with bodies up to this size are packed into segments; 0 keeps
     /// every shard in its own file.
     pub small_shard_max: u32,
+    /// Write and read shard files of 64 KiB and more with
+    /// `O_DIRECT` (the default), bypassing the page cache; off, every shard
+    /// goes through the page cache (for file systems where direct I/O is
+    /// slow or emulated). A file system that refuses `O_DIRECT` turns it off
+    /// by itself, once, with a warning.
+    pub direct_io: bool,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             small_shard_max: DEFAULT_SMALL_SHARD_MAX,
+            direct_io: true,
         }
     }
 }
@@ -178,6 +185,9 @@ pub struct ShardStore {
     key_locks: Vec<Mutex<()>>,
     log: SegmentLog,
     small_max: u32,
+    /// Whether shard files still go around the page cache (see
+    /// [`StoreConfig::direct_io`]); cleared when the file system refuses.
+    direct: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ShardStore {
@@ -225,7 +235,24 @@ impl ShardStore {
             key_locks: (0..KEY_LOCKS).map(|_| Mutex::new(())).collect(),
             log,
             small_max: config.small_shard_max,
+            direct: std::sync::atomic::AtomicBool::new(config.direct_io),
         })
+    }
+
+    /// Whether shard files are written and read with `O_DIRECT` now.
+    pub fn direct_io(&self) -> bool {
+        self.direct.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Notes that the file system refused `O_DIRECT`: later shards go
+    /// through the page cache without asking again.
+    fn direct_refused(&self) {
+        if self
+            .direct
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(dir = %self.root.display(), "the file system refuses O_DIRECT: shard files go through the page cache");
+        }
     }
 
     /// The directory this store lives in.
@@ -284,13 +311,17 @@ impl ShardStore {
             create_dir_durably(&dir)?;
         }
         let prefix = header.file_prefix();
-        let written = durable_write(
+        let (written, refused) = durable_write_with(
             &self.root.join(TMP_DIR),
             &dir,
             &name,
             &[&prefix, body],
             0o644,
+            self.direct_io(),
         )?;
+        if refused {
+            self.direct_refused();
+        }
         {
             let mut usage = self.lock_usage();
             if let Some(old) = old_len {
@@ -331,7 +362,12 @@ impl ShardStore {
     /// Reads and verifies a shard file: its header, the whole file, and
     /// where the body starts in it.
     fn read_file(&self, key: &ShardKey) -> Result<(ShardHeader, Vec<u8>, usize), StoreError> {
-        let (bytes, start, inode) = match read_direct(&self.shard_path(key)) {
+        let direct = if self.direct_io() {
+            read_direct(&self.shard_path(key))
+        } else {
+            Ok(None)
+        };
+        let (bytes, start, inode) = match direct {
             Ok(Some(read)) => read,
             Ok(None) => {
                 let (mut file, inode) = self.open_shard(key)?;
@@ -718,11 +754,25 @@ pub(crate) fn durable_write(
     parts: &[&[u8]],
     mode: u32,
 ) -> io::Result<u64> {
+    durable_write_with(tmp_dir, dir, name, parts, mode, true).map(|(len, _)| len)
+}
+
+/// [`durable_write`], with `O_DIRECT` for large files only if `direct`;
+/// also says whether the file system refused `O_DIRECT` (the file was then
+/// written through the page cache).
+pub(crate) fn durable_write_with(
+    tmp_dir: &Path,
+    dir: &Path,
+    name: &str,
+    parts: &[&[u8]],
+    mode: u32,
+    direct: bool,
+) -> io::Result<(u64, bool)> {
     let tmp = tmp_dir.join(format!(".{name}.{}.tmp", uuid::Uuid::now_v7().simple()));
-    let result = write_and_sync(&tmp, parts, mode).and_then(|len| {
+    let result = write_and_sync(&tmp, parts, mode, direct).and_then(|written| {
         fs::rename(&tmp, dir.join(name))?;
         sync_dir(dir)?;
-        Ok(len)
+        Ok(written)
     });
     if result.is_err() {
         // Best effort: the open after a crash removes what this misses.
@@ -757,15 +807,24 @@ fn direct_refused(e: &io::Error) -> bool {
     )
 }
 
-fn write_and_sync(path: &Path, parts: &[&[u8]], mode: u32) -> io::Result<u64> {
+/// Writes and fsyncs a new file; with `O_DIRECT` if `direct` and it is
+/// large. Returns the bytes written and whether `O_DIRECT` was refused.
+fn write_and_sync(
+    path: &Path,
+    parts: &[&[u8]],
+    mode: u32,
+    direct: bool,
+) -> io::Result<(u64, bool)> {
     let total: usize = parts.iter().map(|p| p.len()).sum();
-    if total >= DIRECT_MIN {
+    let mut refused = false;
+    if direct && total >= DIRECT_MIN {
         match write_direct(path, parts, total, mode) {
-            Ok(len) => return Ok(len),
-            // The file system does not take O_DIRECT (tmpfs, some FUSE and
-            // network file systems): through the page cache instead.
+            Ok(len) => return Ok((len, false)),
+            // The file system does not take O_DIRECT (some FUSE and network
+            // file systems, tmpfs before Linux 6.6): through the page cache.
             Err(e) if direct_refused(&e) => {
                 let _ = fs::remove_file(path);
+                refused = true;
             }
             Err(e) => return Err(e),
         }
@@ -781,7 +840,7 @@ fn write_and_sync(path: &Path, parts: &[&[u8]], mode: u32) -> io::Result<u64> {
         len += part.len() as u64;
     }
     file.sync_all()?;
-    Ok(len)
+    Ok((len, refused))
 }
 
 /// [`write_and_sync`] without the page cache: `parts` staged through an
@@ -1016,7 +1075,14 @@ mod tests {
 
     /// A store that keeps every shard in its own file.
     fn files_only(dir: &Path) -> ShardStore {
-        ShardStore::open_with(dir, StoreConfig { small_shard_max: 0 }).unwrap()
+        ShardStore::open_with(
+            dir,
+            StoreConfig {
+                small_shard_max: 0,
+                ..StoreConfig::default()
+            },
+        )
+        .unwrap()
     }
 
     fn segment_files(dir: &Path) -> Vec<PathBuf> {
@@ -1048,6 +1114,78 @@ mod tests {
         assert_eq!(err.code(), ErrorCode::BadRequest);
         assert!(matches!(store.get(&k), Err(StoreError::NotFound)));
         assert_eq!(store.info().unwrap().shards, sizes.len() as u64);
+    }
+
+    /// Shard files around the `O_DIRECT` sizes (the 64 KiB threshold, the
+    /// 4 KiB block, the 2 MiB staging chunk) round-trip through `store`,
+    /// also after reopening, and a flipped last byte is found.
+    fn large_shards_round_trip(dir: &Path, config: StoreConfig) {
+        let sizes = [
+            DIRECT_MIN - 1,
+            DIRECT_MIN,
+            DIRECT_MIN + 1,
+            DIRECT_ALIGN * 17 + 5,
+            DIRECT_CHUNK - 100,
+            DIRECT_CHUNK,
+            DIRECT_CHUNK + DIRECT_ALIGN + 1,
+            3 * DIRECT_CHUNK + 7,
+        ];
+        let code = ErasureCode::new(4, 2, 8 << 20).unwrap();
+        let sized = |key: ShardKey, body: &[u8]| ShardHeader {
+            code,
+            stripe_len: body.len() as u64 * 4,
+            ..header(key, body)
+        };
+        let direct = config.direct_io;
+        {
+            let store = ShardStore::open_with(dir, config).unwrap();
+            for (n, &len) in sizes.iter().enumerate() {
+                let k = key(n as u8);
+                let b = body(len);
+                store.put(&sized(k, &b), &b).unwrap();
+                let (h, got) = store.get(&k).unwrap();
+                assert_eq!((h, got.len()), (sized(k, &b), len));
+                assert!(got == b, "size {len}");
+                assert!(store.get_shared(&k).unwrap().1 == b, "size {len}, shared");
+            }
+            assert_eq!(store.direct_io(), direct);
+        }
+        let store = ShardStore::open_with(dir, config).unwrap();
+        assert_eq!(store.info().unwrap().shards, sizes.len() as u64);
+        for (n, &len) in sizes.iter().enumerate() {
+            assert!(
+                store.get(&key(n as u8)).unwrap().1 == body(len),
+                "size {len} reopened"
+            );
+        }
+        let k = key(6);
+        let path = store.shard_path(&k);
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        fs::write(&path, bytes).unwrap();
+        assert!(matches!(store.get(&k), Err(StoreError::Corrupt(_))));
+        assert_eq!(fs::read_dir(dir.join(TMP_DIR)).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn large_shards_round_trip_with_o_direct() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig {
+            small_shard_max: 0,
+            ..StoreConfig::default()
+        };
+        large_shards_round_trip(dir.path(), config);
+    }
+
+    #[test]
+    fn large_shards_round_trip_through_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig {
+            small_shard_max: 0,
+            direct_io: false,
+        };
+        large_shards_round_trip(dir.path(), config);
     }
 
     #[test]
@@ -1146,6 +1284,7 @@ mod tests {
             dir.path(),
             StoreConfig {
                 small_shard_max: 18,
+                ..StoreConfig::default()
             },
         )
         .unwrap();
@@ -1255,6 +1394,7 @@ mod tests {
             dir.path(),
             StoreConfig {
                 small_shard_max: 100,
+                ..StoreConfig::default()
             },
         )
         .unwrap();

@@ -458,7 +458,10 @@ async fn metrics_count_requests_shards_and_corruption() {
             tls: cluster.node_tls.clone(),
             scrub: Default::default(),
             // One file per shard, so the test can damage one.
-            store: storage_node::store::StoreConfig { small_shard_max: 0 },
+            store: storage_node::store::StoreConfig {
+                small_shard_max: 0,
+                ..Default::default()
+            },
         },
         &registry,
     )
