@@ -44,7 +44,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Queued stripes taken per pass.
-const PASS_STRIPES: usize = 4096;
+pub const PASS_STRIPES: usize = 4096;
 /// Stripes repaired at once.
 const CONCURRENT_STRIPES: usize = 8;
 /// Stripe records the scanner reads per transaction.

@@ -58,7 +58,7 @@ fn statement(n: u64) -> Statement {
     )
 }
 
-async fn init(dir: &std::path::Path) -> Result<cluster::Cluster> {
+pub(crate) async fn init(dir: &std::path::Path) -> Result<cluster::Cluster> {
     cluster::init(
         dir,
         &InitOptions {
@@ -80,7 +80,7 @@ async fn init(dir: &std::path::Path) -> Result<cluster::Cluster> {
 }
 
 /// The cluster's gateway and its ledger, in this process (no API served).
-fn in_process(
+pub(crate) fn in_process(
     c: &cluster::Cluster,
 ) -> Result<(
     Arc<gateway::Gateway<indexer::EmbeddedStore>>,

@@ -190,3 +190,124 @@ pub async fn run(args: BenchRepairArgs) -> Result<()> {
     println!("  ingest during repair                     {ingest_during:>9.0} MB/s   {:.2} x healthy (target >= 0.5)", ingest_during / healthy_ingest);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench_ledger::{in_process, init};
+    use indexer::schema;
+    use protocol::{Blake3Hash, EvidenceId, NodeId, ShardPlacement, StripeRecord};
+
+    type Gw = gateway::Gateway<indexer::EmbeddedStore>;
+
+    /// A stripe record as an upload writes it when one node did not take
+    /// its shard: queued for repair before the filing has a manifest.
+    fn degraded_record() -> StripeRecord {
+        let mut shards: Vec<ShardPlacement> = (0..6u32)
+            .map(|i| ShardPlacement {
+                node: Some(NodeId(i)),
+                blake3: Blake3Hash([i as u8; 32]),
+            })
+            .collect();
+        shards[5].node = None;
+        StripeRecord {
+            version: 1,
+            shard_len: 1024,
+            shards,
+        }
+    }
+
+    /// What the repair queue holds, in order.
+    async fn queue(gw: &Gw) -> Result<Vec<(EvidenceId, u64)>> {
+        let rows = indexer::run(&gw.store, |tx| async move {
+            schema::degraded_queue_tx(&tx, None, 100_000).await
+        })
+        .await?;
+        Ok(rows.into_iter().map(|(e, s, _)| (e, s)).collect())
+    }
+
+    /// Uploads write their stripes (a degraded one queued) before their
+    /// manifest: a pass leaves such a stripe queued while its upload is in
+    /// flight or its S3 part awaits completion, and drops it only once the
+    /// upload is aborted (the orphan collector's then).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stripes_of_unfinished_uploads_wait_in_the_repair_queue() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let c = init(dir.path()).await?;
+        let (gw, _) = in_process(&c)?;
+        let at = 1_800_000_000_000;
+        let (live, part, aborted) = (
+            EvidenceId::new(at, [1; 10]),
+            EvidenceId::new(at, [2; 10]),
+            EvidenceId::new(at, [3; 10]),
+        );
+        indexer::run(&gw.store, |tx| async move {
+            for e in [live, part, aborted] {
+                schema::begin_intent_tx(&tx, e, "admin", None, u64::MAX).await?;
+                schema::put_stripe_tx(&tx, e, 0, &degraded_record());
+            }
+            Ok::<_, schema::SchemaError>(())
+        })
+        .await?;
+        indexer::run(&gw.store, |tx| async move {
+            schema::end_intent_as_part_tx(&tx, part).await?;
+            schema::abort_intent_tx(&tx, aborted).await?;
+            Ok::<_, schema::SchemaError>(())
+        })
+        .await?;
+        assert_eq!(queue(&gw).await?, vec![(live, 0), (part, 0), (aborted, 0)]);
+        let mut cursor = None;
+        let r = gateway::repair::pass(&gw, &mut cursor).await?;
+        assert_eq!((r.examined, r.waiting, r.gone), (3, 2, 1), "{r:?}");
+        assert_eq!(queue(&gw).await?, vec![(live, 0), (part, 0)]);
+
+        // Aborted later (a lease lapsed): dropped by the next pass.
+        indexer::run(&gw.store, |tx| async move {
+            schema::abort_intent_tx(&tx, live).await?;
+            Ok::<_, schema::SchemaError>(())
+        })
+        .await?;
+        let r = gateway::repair::pass(&gw, &mut cursor).await?;
+        assert_eq!((r.examined, r.waiting, r.gone), (2, 1, 1), "{r:?}");
+        assert_eq!(queue(&gw).await?, vec![(part, 0)]);
+        Ok(())
+    }
+
+    /// A queue longer than one pass is walked round: each pass takes the
+    /// stripes after the last one's, so stripes that keep waiting at the
+    /// front never keep the rest from their turn.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn repair_passes_walk_a_long_queue_round() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let c = init(dir.path()).await?;
+        let (gw, _) = in_process(&c)?;
+        let per_pass = gateway::repair::PASS_STRIPES as u64;
+        let total = per_pass + 3;
+        let evidence = EvidenceId::new(1_800_000_000_000, [4; 10]);
+        indexer::run(&gw.store, |tx| async move {
+            schema::begin_intent_tx(&tx, evidence, "admin", None, u64::MAX).await?;
+            Ok::<_, schema::SchemaError>(())
+        })
+        .await?;
+        for first in (0..total).step_by(1000) {
+            indexer::run(&gw.store, |tx| async move {
+                for s in first..(first + 1000).min(total) {
+                    schema::put_stripe_tx(&tx, evidence, s, &degraded_record());
+                }
+                Ok::<_, schema::SchemaError>(())
+            })
+            .await?;
+        }
+        let mut cursor = None;
+        let r = gateway::repair::pass(&gw, &mut cursor).await?;
+        assert_eq!((r.examined, r.waiting), (per_pass, per_pass));
+        assert_eq!(cursor, Some((evidence, per_pass - 1)));
+        let r = gateway::repair::pass(&gw, &mut cursor).await?;
+        assert_eq!(r.examined, 3, "the second pass goes on after the first");
+        assert_eq!(cursor, None, "and the next starts over");
+        let r = gateway::repair::pass(&gw, &mut cursor).await?;
+        assert_eq!(r.examined, per_pass);
+        assert_eq!(queue(&gw).await?.len() as u64, total, "all still waiting");
+        Ok(())
+    }
+}
