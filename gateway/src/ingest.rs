@@ -89,6 +89,26 @@ pub struct S3Put {
     pub version: indexer::s3::ObjectVersion,
     /// The ETag to record instead of the body's MD5 (a multipart object's).
     pub etag: Option<String>,
+    /// A conditional write's check of the key's current version, run again
+    /// in the transaction that makes this version current.
+    pub condition: Option<PutCondition>,
+}
+
+/// Checks a key's current version (`None`: no object, or a delete marker)
+/// against a conditional write's condition.
+#[derive(Clone)]
+pub struct PutCondition(
+    pub  Arc<
+        dyn Fn(Option<&indexer::s3::ObjectVersion>) -> Result<(), indexer::s3::ObjectError>
+            + Send
+            + Sync,
+    >,
+);
+
+impl std::fmt::Debug for PutCondition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PutCondition")
+    }
 }
 
 /// The outcome of a filing request.
@@ -307,6 +327,17 @@ impl<S: Store> Upload<S> {
                         indexer::ledger::enqueue_tx(&tx, 0, p);
                     }
                     if let Some(put) = s3 {
+                        if let Some(check) = &put.condition {
+                            let current =
+                                match indexer::s3::get_version_tx(&tx, &put.bucket, &put.key, None)
+                                    .await
+                                {
+                                    Ok(v) if !v.is_delete_marker() => Some(v),
+                                    Ok(_) | Err(indexer::s3::ObjectError::NoSuchKey) => None,
+                                    Err(e) => return Err(e.into()),
+                                };
+                            (check.0)(current.as_ref())?;
+                        }
                         indexer::s3::put_version_tx(
                             &tx,
                             &put.bucket,

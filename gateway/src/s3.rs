@@ -202,6 +202,7 @@ fn s3_err(e: ApiError) -> S3Error {
             ObjectError::NoSuchKey => (C::NoSuchKey, o.to_string()),
             ObjectError::NoSuchVersion => (C::NoSuchVersion, o.to_string()),
             ObjectError::NoSuchUpload => (C::NoSuchUpload, o.to_string()),
+            ObjectError::PreconditionFailed(m) => (C::PreconditionFailed, m.clone()),
             ObjectError::Locked(m) => (C::AccessDenied, m.clone()),
             ObjectError::BadName("bucket") => (C::InvalidBucketName, o.to_string()),
             ObjectError::BadName(_) => (C::InvalidArgument, o.to_string()),
@@ -801,6 +802,37 @@ fn preconditions(
     Ok(())
 }
 
+/// A PUT's `If-Match` / `If-None-Match` as a check of the key's current
+/// version (`None`: no object, or a delete marker), run before the upload and
+/// again in the transaction that commits it ([`ingest::S3Put::condition`]).
+fn put_condition(
+    if_match: Option<ETagCondition>,
+    if_none_match: Option<ETagCondition>,
+) -> Option<ingest::PutCondition> {
+    if if_match.is_none() && if_none_match.is_none() {
+        return None;
+    }
+    Some(ingest::PutCondition(Arc::new(
+        move |current: Option<&ix::ObjectVersion>| {
+            if let (Some(c), Some(v)) = (&if_none_match, current) {
+                if etag_matches(c, &v.etag) {
+                    return Err(ObjectError::PreconditionFailed(
+                        "the object exists (If-None-Match)".into(),
+                    ));
+                }
+            }
+            if let Some(c) = &if_match {
+                if !current.is_some_and(|v| etag_matches(c, &v.etag)) {
+                    return Err(ObjectError::PreconditionFailed(
+                        "If-Match does not match the current object".into(),
+                    ));
+                }
+            }
+            Ok(())
+        },
+    )))
+}
+
 fn etag_matches(cond: &ETagCondition, etag: &str) -> bool {
     match cond {
         ETagCondition::Any => true,
@@ -921,31 +953,19 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             ));
         }
         let now = self.gw.clock.now_ms();
-        // Conditional writes, checked before the upload and again nowhere
-        // else: S3 gives no stronger guarantee for concurrent writers.
-        if input.if_none_match.is_some() || input.if_match.is_some() {
+        // Conditional writes: checked before the upload (a 412 costs no
+        // upload) and again in the transaction that makes the new version
+        // current, as S3 does: of two writers racing on a condition, the
+        // second to complete gets 412 and files nothing.
+        let condition = put_condition(input.if_match.take(), input.if_none_match.take());
+        if let Some(check) = &condition {
             let current = match self.version(&input.bucket, &input.key, None).await {
                 Ok(v) if !v.is_delete_marker() => Some(v),
                 Ok(_) => None,
                 Err(e) if *e.code() == S3ErrorCode::NoSuchKey => None,
                 Err(e) => return Err(e),
             };
-            if let (Some(c), Some(v)) = (&input.if_none_match, &current) {
-                if etag_matches(c, &v.etag) {
-                    return Err(s3_error!(
-                        PreconditionFailed,
-                        "the object exists (If-None-Match)"
-                    ));
-                }
-            }
-            if let Some(c) = &input.if_match {
-                if !current.as_ref().is_some_and(|v| etag_matches(c, &v.etag)) {
-                    return Err(s3_error!(
-                        PreconditionFailed,
-                        "If-Match does not match the current object"
-                    ));
-                }
-            }
+            (check.0)(current.as_ref()).map_err(|e| s3_err(e.into()))?;
         }
         let template = object_template(
             &b,
@@ -977,6 +997,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 key: input.key.clone(),
                 version: template,
                 etag: None,
+                condition,
             }),
             ..Default::default()
         };
@@ -1211,6 +1232,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 key: input.key.clone(),
                 version: template,
                 etag: None,
+                condition: None,
             }),
             ..Default::default()
         };
@@ -1653,6 +1675,18 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let (upload, rec) = self
             .multipart(&who, &input.bucket, &input.key, &input.upload_id)
             .await?;
+        // Conditional completion, as for PUT: checked now and again in the
+        // transaction that makes the object current.
+        let condition = put_condition(input.if_match.clone(), input.if_none_match.clone());
+        if let Some(check) = &condition {
+            let current = match self.version(&input.bucket, &input.key, None).await {
+                Ok(v) if !v.is_delete_marker() => Some(v),
+                Ok(_) => None,
+                Err(e) if *e.code() == S3ErrorCode::NoSuchKey => None,
+                Err(e) => return Err(e),
+            };
+            (check.0)(current.as_ref()).map_err(|e| s3_err(e.into()))?;
+        }
         let stored = indexer::run(&self.gw.store, |tx| async move {
             ix::parts_tx(&tx, upload).await
         })
@@ -1722,6 +1756,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                     ..rec.version.clone()
                 },
                 etag: Some(etag),
+                condition,
             }),
             ..Default::default()
         };

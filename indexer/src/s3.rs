@@ -67,6 +67,10 @@ pub enum ObjectError {
     BadName(&'static str),
     #[error("no such multipart upload")]
     NoSuchUpload,
+    /// A conditional write's condition (`If-Match`, `If-None-Match`) no
+    /// longer holds.
+    #[error("{0}")]
+    PreconditionFailed(String),
 }
 
 impl From<crate::kv::KvError> for ObjectError {

@@ -1649,6 +1649,52 @@ fn rust_object_store_client() -> Result<()> {
         );
         assert_eq!(&s.get(&q).await?.bytes().await?[..], b"second");
 
+        // Conditional writes racing on one key: checked again when each
+        // upload commits, so exactly one of eight create-only PUTs, and one
+        // of eight updates of the same ETag, wins (the others all passed the
+        // check made when their upload began).
+        let racers = |n: u8| bytes(3 << 20, 40 + u64::from(n));
+        let r = OsPath::from("docs/race.bin");
+        let puts = (0..8u8).map(|n| {
+            let (s, r, opts) = (
+                &s,
+                &r,
+                PutOptions {
+                    mode: PutMode::Create,
+                    ..Default::default()
+                },
+            );
+            async move { s.put_opts(r, PutPayload::from(racers(n)), opts).await }
+        });
+        let outcomes = futures::future::join_all(puts).await;
+        let won: Vec<usize> = (0..8).filter(|n| outcomes[*n].is_ok()).collect();
+        assert_eq!(won.len(), 1, "one create-only PUT wins: {outcomes:?}");
+        for o in &outcomes {
+            assert!(
+                o.is_ok() || matches!(o, Err(object_store::Error::AlreadyExists { .. })),
+                "the others are refused as existing: {o:?}"
+            );
+        }
+        let got = s.get(&r).await?.bytes().await?;
+        assert!(got == racers(won[0] as u8)[..], "the winner's bytes");
+        let etag = s.head(&r).await?.e_tag;
+        let puts = (0..8u8).map(|n| {
+            let (s, r, opts) = (&s, &r, update(etag.clone()));
+            async move { s.put_opts(r, PutPayload::from(racers(10 + n)), opts).await }
+        });
+        let outcomes = futures::future::join_all(puts).await;
+        let won: Vec<usize> = (0..8).filter(|n| outcomes[*n].is_ok()).collect();
+        assert_eq!(won.len(), 1, "one update of the ETag wins: {outcomes:?}");
+        for o in &outcomes {
+            assert!(
+                o.is_ok() || matches!(o, Err(object_store::Error::Precondition { .. })),
+                "the others fail their precondition: {o:?}"
+            );
+        }
+        let got = s.get(&r).await?.bytes().await?;
+        assert!(got == racers(10 + won[0] as u8)[..], "the winner's bytes");
+        s.delete(&r).await?;
+
         // 100 MiB in 16 MiB parts: 7 parts.
         let big = bytes(100 << 20, 12);
         let bp = OsPath::from("video/big.bin");
