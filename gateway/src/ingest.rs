@@ -97,13 +97,12 @@ pub struct S3Put {
 /// Checks a key's current version (`None`: no object, or a delete marker)
 /// against a conditional write's condition.
 #[derive(Clone)]
-pub struct PutCondition(
-    pub  Arc<
-        dyn Fn(Option<&indexer::s3::ObjectVersion>) -> Result<(), indexer::s3::ObjectError>
-            + Send
-            + Sync,
-    >,
-);
+pub struct PutCondition(pub Arc<VersionCheck>);
+
+/// What a [`PutCondition`] runs.
+pub type VersionCheck = dyn Fn(Option<&indexer::s3::ObjectVersion>) -> Result<(), indexer::s3::ObjectError>
+    + Send
+    + Sync;
 
 impl std::fmt::Debug for PutCondition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
