@@ -342,9 +342,7 @@ impl Ledger {
     /// it wrote.
     async fn publish_checkpoint_note(&self, size: u64, note: Vec<u8>) -> Result<bool, LedgerError> {
         match &self.tiles_dir {
-            Some(dir) => {
-                publish_local_if_newer(&self.tiles, dir, &self.verifier_key, size, note).await
-            }
+            Some(dir) => publish_local_if_newer(dir, &self.verifier_key, size, note).await,
             None => publish_if_newer(self.tiles.as_ref(), &self.verifier_key, size, note).await,
         }
     }
@@ -1340,51 +1338,57 @@ async fn publish_checkpoint<S: Store>(gw: &Gateway<S>, ledger: &Ledger) -> Resul
     Ok(())
 }
 
-/// The local-directory half of [`Ledger::publish_checkpoint_note`]: the
-/// read, the comparison and the durable write under an exclusive advisory
-/// lock (`flock`) on a file beside the directory, which every gateway
-/// publishing there takes.
+/// The local-directory half of [`Ledger::publish_checkpoint_note`]: under
+/// an exclusive advisory lock (`flock`) on the directory itself, which every
+/// gateway publishing there takes whatever path it names the directory by,
+/// reads the published checkpoint and, if it is smaller, writes the new one
+/// to a temporary file, fsyncs it, renames it into place and fsyncs the
+/// directory, all before the lock goes (one blocking task: nothing lands
+/// after the lock is released).
 async fn publish_local_if_newer(
-    store: &Arc<dyn ObjectStore>,
     dir: &std::path::Path,
     vkey: &str,
     size: u64,
     note: Vec<u8>,
 ) -> Result<bool, LedgerError> {
-    let (at, vkey) = (dir.to_path_buf(), vkey.to_owned());
-    let lock = tokio::task::spawn_blocking(move || {
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(checkpoint_lock_path(&at))?;
+    use std::io::Write as _;
+    let (dir, vkey) = (dir.to_path_buf(), vkey.to_owned());
+    let wrote = tokio::task::spawn_blocking(move || {
+        let lock = std::fs::File::open(&dir)?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
-        let published = match std::fs::read(at.join(CHECKPOINT_FILE)) {
+        let published = match std::fs::read(dir.join(CHECKPOINT_FILE)) {
             Ok(bytes) => published_size(&bytes, &vkey),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
             Err(e) => return Err(e),
         };
-        Ok::<_, std::io::Error>((published < size).then_some(lock))
+        if published >= size {
+            return Ok(false);
+        }
+        let tmp = dir.join(format!(
+            ".{CHECKPOINT_FILE}.{:016x}.tmp",
+            rand::random::<u64>()
+        ));
+        let written = std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(&note).and_then(|()| f.sync_all()))
+            .and_then(|()| std::fs::rename(&tmp, dir.join(CHECKPOINT_FILE)));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        // The directory's own fsync makes the rename durable.
+        lock.sync_all()?;
+        Ok(true)
     })
     .await
     .map_err(|e| std::io::Error::other(e.to_string()))??;
-    let Some(lock) = lock else { return Ok(false) };
-    put_durably(
-        store,
-        Some(dir.to_path_buf()),
-        vec![(CHECKPOINT_FILE.to_owned(), note)],
-    )
-    .await?;
-    // Released only once the write is durable.
-    drop(lock);
-    Ok(true)
+    Ok(wrote)
 }
 
 /// The bucket half of [`Ledger::publish_checkpoint_note`]: reads the
 /// published checkpoint and its version, and writes `note` only over that
 /// version (or only where there is none), again after any other writer got
-/// in between; unconditionally, with a warning, on a store that takes no
-/// conditional writes.
+/// in between; unconditionally, with a warning, when the conditional write
+/// fails otherwise (a store that takes no conditional writes).
 async fn publish_if_newer(
     store: &dyn ObjectStore,
     vkey: &str,
@@ -1423,16 +1427,20 @@ async fn publish_if_newer(
             Ok(_) => return Ok(true),
             // Another writer got in between: read what it wrote.
             Err(OsError::Precondition { .. } | OsError::AlreadyExists { .. }) => continue,
-            Err(OsError::NotImplemented) => {
+            // A store that takes no conditional writes says so with an error
+            // object_store cannot tell from any other (a 400 or 501): write
+            // as before conditional writes were used, so the ledger goes on,
+            // and say that the checkpoint can then go back.
+            Err(e) => {
                 tracing::warn!(
-                    "the tiles bucket takes no conditional writes: the published \
-                     checkpoint is written unconditionally and can go back when \
-                     several gateways publish"
+                    error = %e,
+                    "a conditional write of the published checkpoint failed; \
+                     writing it unconditionally (if the tiles bucket takes no \
+                     If-Match, the checkpoint can go back when several gateways publish)"
                 );
                 store.put(&path, PutPayload::from(note)).await?;
                 return Ok(true);
             }
-            Err(e) => return Err(e.into()),
         }
     }
     Err(LedgerError::Tree(
@@ -1442,20 +1450,6 @@ async fn publish_if_newer(
 
 /// The published checkpoint's file name in the tiles store.
 const CHECKPOINT_FILE: &str = "checkpoint";
-
-/// The advisory lock guarding a local tiles directory's `checkpoint`: a
-/// sibling of the directory (`tiles.lock` beside `tiles/`), so nothing but
-/// tiles and the checkpoint is in what is published.
-fn checkpoint_lock_path(tiles_dir: &std::path::Path) -> PathBuf {
-    match (tiles_dir.parent(), tiles_dir.file_name()) {
-        (Some(parent), Some(name)) => {
-            let mut lock = name.to_os_string();
-            lock.push(".lock");
-            parent.join(lock)
-        }
-        _ => tiles_dir.join(".checkpoint.lock"),
-    }
-}
 
 /// The tree size of a published checkpoint note; 0 for one that does not
 /// verify under this ledger's key (garbled, or another log's), which is then
@@ -2351,8 +2345,9 @@ mod tests {
         }
     }
 
-    /// The same for a local tiles directory, with writers racing through
-    /// separate stores on it (as separate gateway processes would).
+    /// The same for a local tiles directory, with writers racing as
+    /// separate gateway processes would; nothing is left beside the
+    /// checkpoint.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_checkpoint_in_a_directory_only_grows() {
         let origin = "example.com/log";
@@ -2370,11 +2365,7 @@ mod tests {
                 .map(|n| {
                     let (dir, vkey, note) = (dir.clone(), vkey.clone(), note(n));
                     tokio::spawn(async move {
-                        let store: Arc<dyn ObjectStore> =
-                            Arc::new(LocalFileSystem::new_with_prefix(&dir).unwrap());
-                        publish_local_if_newer(&store, &dir, &vkey, n, note)
-                            .await
-                            .unwrap()
+                        publish_local_if_newer(&dir, &vkey, n, note).await.unwrap()
                     })
                 })
                 .collect();
@@ -2387,12 +2378,19 @@ mod tests {
                 8,
                 "round {round}"
             );
-            assert!(
-                !dir.join("tiles.lock").exists(),
-                "the lock is beside the directory"
-            );
+            let names: Vec<_> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(names, vec![CHECKPOINT_FILE], "round {round}");
         }
-        assert!(tmp.path().join("tiles0.lock").exists());
+        // A smaller one is not written over it.
+        let dir = tmp.path().join("tiles0");
+        assert!(!publish_local_if_newer(&dir, &vkey, 3, note(3))
+            .await
+            .unwrap());
+        let got = std::fs::read_to_string(dir.join(CHECKPOINT_FILE)).unwrap();
+        assert_eq!(pl::verify_checkpoint(&got, &vkey).unwrap().size, 8);
     }
 
     #[test]
