@@ -79,6 +79,8 @@ pub struct PassReport {
     pub lost: u64,
     pub waiting: u64,
     pub gone: u64,
+    /// Repairs that failed with an error (logged; retried by a later pass).
+    pub failed: u64,
 }
 
 /// Runs repair passes every `every` (or at once when woken) for the
@@ -453,7 +455,7 @@ pub async fn pass<S: Store>(
             Ok(Outcome::Waiting) => report.waiting += 1,
             Ok(Outcome::Gone) => report.gone += 1,
             Err(e) => {
-                report.waiting += 1;
+                report.failed += 1;
                 tracing::warn!(%evidence, stripe, error = %e, "stripe repair failed; will retry");
             }
         }

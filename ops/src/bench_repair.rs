@@ -258,7 +258,11 @@ mod tests {
         assert_eq!(queue(&gw).await?, vec![(live, 0), (part, 0), (aborted, 0)]);
         let mut cursor = None;
         let r = gateway::repair::pass(&gw, &mut cursor).await?;
-        assert_eq!((r.examined, r.waiting, r.gone), (3, 2, 1), "{r:?}");
+        assert_eq!(
+            (r.examined, r.waiting, r.gone, r.failed),
+            (3, 2, 1, 0),
+            "{r:?}"
+        );
         assert_eq!(queue(&gw).await?, vec![(live, 0), (part, 0)]);
 
         // Aborted later (a lease lapsed): dropped by the next pass.
@@ -268,7 +272,11 @@ mod tests {
         })
         .await?;
         let r = gateway::repair::pass(&gw, &mut cursor).await?;
-        assert_eq!((r.examined, r.waiting, r.gone), (2, 1, 1), "{r:?}");
+        assert_eq!(
+            (r.examined, r.waiting, r.gone, r.failed),
+            (2, 1, 1, 0),
+            "{r:?}"
+        );
         assert_eq!(queue(&gw).await?, vec![(part, 0)]);
         Ok(())
     }
@@ -300,7 +308,7 @@ mod tests {
         }
         let mut cursor = None;
         let r = gateway::repair::pass(&gw, &mut cursor).await?;
-        assert_eq!((r.examined, r.waiting), (per_pass, per_pass));
+        assert_eq!((r.examined, r.waiting, r.failed), (per_pass, per_pass, 0));
         assert_eq!(cursor, Some((evidence, per_pass - 1)));
         let r = gateway::repair::pass(&gw, &mut cursor).await?;
         assert_eq!(r.examined, 3, "the second pass goes on after the first");
