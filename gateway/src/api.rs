@@ -96,6 +96,9 @@ pub struct Gateway<S: Store> {
     /// so repair gets its share of the machine.
     pub repairing: std::sync::atomic::AtomicBool,
     pub ingest_gate: tokio::sync::Semaphore,
+    /// Stripe fetches in flight across all reads
+    /// ([`GatewayConfig::read_stripes`]).
+    pub read_gate: tokio::sync::Semaphore,
 }
 
 /// Why the gateway could not start.
@@ -188,6 +191,7 @@ impl<S: Store> Gateway<S> {
             0 => tokio::sync::Semaphore::MAX_PERMITS,
             n => n,
         });
+        let read_gate = tokio::sync::Semaphore::new(config.read_stripes());
         Ok(Gateway {
             nodes: NodeSet::new(
                 &config.nodes,
@@ -205,6 +209,7 @@ impl<S: Store> Gateway<S> {
             repair_wake: tokio::sync::Notify::new(),
             repairing: std::sync::atomic::AtomicBool::new(false),
             ingest_gate,
+            read_gate,
         })
     }
 

@@ -123,6 +123,15 @@ pub struct GatewayConfig {
     /// share of CPU and network. Lower favours healing, higher favours filing.
     #[serde(default = "default_repair_ingest_stripes")]
     pub repair_ingest_stripes: usize,
+    /// Stripe fetches in flight across all reads at once (each read still
+    /// fetches at most `pipeline_stripes` ahead). 0, the default: twice the
+    /// machine's cores, at least `pipeline_stripes`. Fetches beyond what the
+    /// cores can verify and send only spread the data in flight over more
+    /// memory than the caches hold: on two cores, four 64 MiB S3 GETs at a
+    /// time took 6-13 % less CPU per GiB with 4 in flight than with 16 (and
+    /// with 8 no less than with 16).
+    #[serde(default)]
+    pub read_stripes_in_flight: usize,
     pub nodes: Vec<NodeEntry>,
 }
 
@@ -174,6 +183,18 @@ pub enum ConfigError {
 }
 
 impl GatewayConfig {
+    /// [`read_stripes_in_flight`](Self::read_stripes_in_flight) with its
+    /// default filled in.
+    pub fn read_stripes(&self) -> usize {
+        match self.read_stripes_in_flight {
+            0 => {
+                let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+                (2 * cores).max(self.pipeline_stripes)
+            }
+            n => n,
+        }
+    }
+
     pub fn code(&self) -> ErasureCode {
         ErasureCode {
             k: self.k,
@@ -256,6 +277,18 @@ failure_domain = "rack-a"
         assert_eq!(c.shard_size_bytes, 1 << 20);
         assert_eq!(c.write_quorum(), 5);
         assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn reads_in_flight_default_to_the_cores_and_never_below_one_read() {
+        let mut c = example();
+        assert_eq!(c.read_stripes_in_flight, 0, "the default is 0: sized here");
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        assert_eq!(c.read_stripes(), (2 * cores).max(c.pipeline_stripes));
+        c.pipeline_stripes = 64;
+        assert!(c.read_stripes() >= 64, "one read's pipeline always fits");
+        c.read_stripes_in_flight = 3;
+        assert_eq!(c.read_stripes(), 3);
     }
 
     #[test]

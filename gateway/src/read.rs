@@ -5,7 +5,8 @@
 //! nodes when a shard is missing, corrupt or slower than the hedge delay;
 //! rebuild the data shards with Reed-Solomon when a data shard is not among them;
 //! and queue the stripe for repair when a shard was missing or corrupt. Stripes
-//! are fetched `pipeline_stripes` ahead of the client.
+//! are fetched `pipeline_stripes` ahead of the client, and no more than
+//! `read_stripes_in_flight` are fetched at once across all reads.
 //!
 //! Beyond the per-shard hashes, every read is checked against the content root
 //! itself: a whole-content read hashes as it streams and aborts the response
@@ -109,7 +110,12 @@ async fn send_range<S: Store>(
             .map(|(rec, stripe)| {
                 let gw = gw.clone();
                 async move {
-                    let data = fetch_stripe(&gw, header, stripe, &rec).await?;
+                    // Taken in turn (the semaphore is fair): a large read
+                    // never holds back another for more than a few fetches.
+                    let permit = gw.read_gate.acquire().await.ok();
+                    let data = fetch_stripe(&gw, header, stripe, &rec).await;
+                    drop(permit);
+                    let data = data?;
                     Ok::<_, ReadError>((stripe, data))
                 }
             })

@@ -290,6 +290,7 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         orphan_sweep_interval_ms: 3_600_000,
         orphan_grace_ms: 6 * 3_600_000,
         repair_ingest_stripes: 3,
+        read_stripes_in_flight: 0,
         nodes: entries,
     };
     gateway.validate()?;
