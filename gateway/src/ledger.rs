@@ -2278,19 +2278,25 @@ mod tests {
     use super::*;
     use protocol::Blake3Hash;
 
+    /// A test log's verifier key, and its checkpoint of size `n` (any root).
+    fn test_log() -> (String, impl Fn(u64) -> Vec<u8>) {
+        let origin = "example.com/log";
+        let (skey, vkey) = pl::note_keys(origin, &[9u8; 32]);
+        let note = move |n: u64| {
+            pl::sign_checkpoint(&skey, origin, n, TreeHash([n as u8; 32]))
+                .unwrap()
+                .into_bytes()
+        };
+        (vkey, note)
+    }
+
     /// A bucket's published checkpoint only grows: a smaller one is not
     /// written over a larger one, a larger one replaces it, a garbled one is
     /// replaced, and writers racing with sizes 1 to 8 leave the largest.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_checkpoint_in_a_bucket_only_grows() {
         use object_store::memory::InMemory;
-        let origin = "example.com/log";
-        let (skey, vkey) = pl::note_keys(origin, &[9u8; 32]);
-        let note = |n: u64| {
-            pl::sign_checkpoint(&skey, origin, n, TreeHash([n as u8; 32]))
-                .unwrap()
-                .into_bytes()
-        };
+        let (vkey, note) = test_log();
         let published = |store: Arc<InMemory>| {
             let vkey = vkey.clone();
             async move {
@@ -2350,13 +2356,7 @@ mod tests {
     /// checkpoint.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_checkpoint_in_a_directory_only_grows() {
-        let origin = "example.com/log";
-        let (skey, vkey) = pl::note_keys(origin, &[9u8; 32]);
-        let note = |n: u64| {
-            pl::sign_checkpoint(&skey, origin, n, TreeHash([n as u8; 32]))
-                .unwrap()
-                .into_bytes()
-        };
+        let (vkey, note) = test_log();
         let tmp = tempfile::tempdir().unwrap();
         for round in 0..20 {
             let dir = tmp.path().join(format!("tiles{round}"));

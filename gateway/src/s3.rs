@@ -346,6 +346,26 @@ impl<S: Store> S3Front<S> {
         .map_err(|e| s3_err(e.into()))
     }
 
+    /// A conditional write's check before its upload (a 412 then costs no
+    /// upload); the filing checks it again as it commits.
+    async fn precheck(
+        &self,
+        bucket: &str,
+        key: &str,
+        condition: Option<&ingest::PutCondition>,
+    ) -> S3Result<()> {
+        let Some(check) = condition else {
+            return Ok(());
+        };
+        let current = match self.version(bucket, key, None).await {
+            Ok(v) if !v.is_delete_marker() => Some(v),
+            Ok(_) => None,
+            Err(e) if *e.code() == S3ErrorCode::NoSuchKey => None,
+            Err(e) => return Err(e),
+        };
+        (check.0)(current.as_ref()).map_err(|e| s3_err(e.into()))
+    }
+
     /// The readable version and its manifest: delete markers and expunged
     /// evidence are not found (a marker named by version id is 405, as S3).
     async fn readable(
@@ -958,15 +978,8 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         // current, as S3 does: of two writers racing on a condition, the
         // second to complete gets 412 and files nothing.
         let condition = put_condition(input.if_match.take(), input.if_none_match.take());
-        if let Some(check) = &condition {
-            let current = match self.version(&input.bucket, &input.key, None).await {
-                Ok(v) if !v.is_delete_marker() => Some(v),
-                Ok(_) => None,
-                Err(e) if *e.code() == S3ErrorCode::NoSuchKey => None,
-                Err(e) => return Err(e),
-            };
-            (check.0)(current.as_ref()).map_err(|e| s3_err(e.into()))?;
-        }
+        self.precheck(&input.bucket, &input.key, condition.as_ref())
+            .await?;
         let template = object_template(
             &b,
             now,
@@ -1678,15 +1691,8 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         // Conditional completion, as for PUT: checked now and again in the
         // transaction that makes the object current.
         let condition = put_condition(input.if_match.clone(), input.if_none_match.clone());
-        if let Some(check) = &condition {
-            let current = match self.version(&input.bucket, &input.key, None).await {
-                Ok(v) if !v.is_delete_marker() => Some(v),
-                Ok(_) => None,
-                Err(e) if *e.code() == S3ErrorCode::NoSuchKey => None,
-                Err(e) => return Err(e),
-            };
-            (check.0)(current.as_ref()).map_err(|e| s3_err(e.into()))?;
-        }
+        self.precheck(&input.bucket, &input.key, condition.as_ref())
+            .await?;
         let stored = indexer::run(&self.gw.store, |tx| async move {
             ix::parts_tx(&tx, upload).await
         })
