@@ -335,11 +335,10 @@ impl Ledger {
     /// large: the published checkpoint never goes back, whoever else writes
     /// it (another gateway on the same index and bucket, or an integrator
     /// fenced off while publishing, whose write lands after its successor's).
-    /// A local directory is guarded by an advisory lock held
-    /// around the read and the write; a bucket by a conditional PUT
-    /// (`If-Match` on the version read, `If-None-Match: *` when there is
-    /// none), read again when another writer got in between. Returns whether
-    /// it wrote.
+    /// A local directory is guarded by a lock on it held around the read and
+    /// the write; a bucket by a conditional PUT (`If-Match` on the version
+    /// read, `If-None-Match: *` when there is none), read again when another
+    /// writer got in between. Returns whether it wrote.
     async fn publish_checkpoint_note(&self, size: u64, note: Vec<u8>) -> Result<bool, LedgerError> {
         match &self.tiles_dir {
             Some(dir) => publish_local_if_newer(dir, &self.verifier_key, size, note).await,
