@@ -45,6 +45,50 @@ pub struct BenchArgs {
     json: bool,
 }
 
+/// One size's end-to-end figures.
+struct Row {
+    mib: u64,
+    ingest: f64,
+    read: f64,
+    /// Busy CPU seconds of the whole machine per GiB filed / read.
+    ingest_cpu: f64,
+    read_cpu: f64,
+}
+
+/// Busy CPU seconds of the whole machine so far (`/proc/stat`: user, nice,
+/// system, irq, softirq; not idle, iowait or time stolen by a hypervisor).
+fn machine_busy() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let ticks = clock_ticks()?;
+    busy_seconds(&stat, ticks).context("unreadable /proc/stat")
+}
+
+/// [`machine_busy`] from the text of `/proc/stat`.
+fn busy_seconds(stat: &str, ticks_per_s: f64) -> Option<f64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal ...
+    let busy = v.first()? + v.get(1)? + v.get(2)? + v.get(5)? + v.get(6)?;
+    Some(busy as f64 / ticks_per_s)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 where it cannot say).
+pub(crate) fn clock_ticks() -> Result<f64> {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    Ok(*TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    }))
+}
+
 fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / 1e6 / d.as_secs_f64().max(1e-9)
 }
@@ -363,13 +407,15 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         let (a, t, d) = (api.clone(), token.clone(), data.clone());
         // Warm-up filing, also the one we read back.
         let id = tokio::task::spawn_blocking(move || http_put_id(&a, &t, &d)).await??;
-        let start = Instant::now();
+        let gib = (args.repeat as u64 * (mib << 20)) as f64 / (1u64 << 30) as f64;
+        let (start, busy) = (Instant::now(), machine_busy()?);
         for _ in 0..args.repeat {
             let (a, t, d) = (api.clone(), token.clone(), data.clone());
             tokio::task::spawn_blocking(move || http_put(&a, &t, d)).await??;
         }
         let ingest = mbps(args.repeat as u64 * (mib << 20), start.elapsed());
-        let start = Instant::now();
+        let ingest_cpu = (machine_busy()? - busy) / gib;
+        let (start, busy) = (Instant::now(), machine_busy()?);
         for _ in 0..args.repeat {
             let (a, t, i) = (api.clone(), token.clone(), id.clone());
             let n = tokio::task::spawn_blocking(move || http_get(&a, &t, &i)).await??;
@@ -378,7 +424,14 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             }
         }
         let read = mbps(args.repeat as u64 * (mib << 20), start.elapsed());
-        rows.push((mib, ingest, read));
+        let read_cpu = (machine_busy()? - busy) / gib;
+        rows.push(Row {
+            mib,
+            ingest,
+            read,
+            ingest_cpu,
+            read_cpu,
+        });
     }
     gw.abort();
     drop(local);
@@ -388,10 +441,11 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if args.json {
         let sizes: Vec<_> = rows
             .iter()
-            .map(|(mib, i, r)| {
+            .map(|r| {
                 serde_json::json!({
-                    "size_mib": mib, "ingest_mbps": i, "read_mbps": r,
-                    "ingest_ratio": i / ingest_ceiling, "read_ratio": r / quic,
+                    "size_mib": r.mib, "ingest_mbps": r.ingest, "read_mbps": r.read,
+                    "ingest_ratio": r.ingest / ingest_ceiling, "read_ratio": r.read / quic,
+                    "ingest_cpu_s_per_gib": r.ingest_cpu, "read_cpu_s_per_gib": r.read_cpu,
                 })
             })
             .collect();
@@ -413,20 +467,41 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             args.nodes, args.repeat
         );
         println!(
-            "  {:>8}  {:>12}  {:>10}  {:>12}  {:>10}",
-            "size", "ingest MB/s", "ratio", "read MB/s", "ratio"
+            "  {:>8}  {:>12}  {:>7}  {:>9}  {:>10}  {:>7}  {:>9}",
+            "size", "ingest MB/s", "ratio", "cpu s/GiB", "read MB/s", "ratio", "cpu s/GiB"
         );
-        for (mib, i, r) in &rows {
+        for r in &rows {
             println!(
-                "  {:>5} MiB  {:>12.0}  {:>10.2}  {:>12.0}  {:>10.2}",
-                mib,
-                i,
-                i / ingest_ceiling,
-                r,
-                r / quic
+                "  {:>5} MiB  {:>12.0}  {:>7.2}  {:>9.2}  {:>10.0}  {:>7.2}  {:>9.2}",
+                r.mib,
+                r.ingest,
+                r.ingest / ingest_ceiling,
+                r.ingest_cpu,
+                r.read,
+                r.read / quic,
+                r.read_cpu
             );
         }
         println!("ratios: ingest / (min(QUIC, disk) / ((k+m)/k)) and read / QUIC bulk");
+        println!(
+            "cpu s/GiB: busy CPU seconds of the whole machine (nodes, gateway, client) per GiB; \
+             steadier than MB/s on a shared machine"
+        );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_time_counts_user_system_and_interrupts_only() {
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let stat =
+            "cpu  100 20 30 5000 70 4 6 900 0 0\ncpu0 50 10 15 2500 35 2 3 450 0 0\nintr 1 2\n";
+        assert_eq!(busy_seconds(stat, 100.0), Some(1.6));
+        assert_eq!(busy_seconds("cpu0 1 2 3\n", 100.0), None, "no total line");
+        assert_eq!(busy_seconds("cpu  1 2\n", 100.0), None, "too few fields");
+    }
 }

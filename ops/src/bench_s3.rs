@@ -91,7 +91,7 @@ struct Target {
 pub async fn run(args: BenchS3Args) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
-    let ticks = clock_ticks()?;
+    let ticks = crate::bench::clock_ticks()?;
     let mut results = Vec::new();
 
     eprintln!("custodia: starting {} nodes and a gateway...", args.nodes);
@@ -264,17 +264,6 @@ fn cpu_ticks(pids: &[u32]) -> Result<u64> {
         total += field(14)? + field(15)?;
     }
     Ok(total)
-}
-
-fn clock_ticks() -> Result<f64> {
-    let out = std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()?;
-    let ticks: f64 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(100.0);
-    Ok(ticks)
 }
 
 async fn start_custodia(dir: &Path, args: &BenchS3Args) -> Result<Target> {
