@@ -89,6 +89,15 @@ pub struct LedgerConfig {
     /// before answering without a receipt (it can be fetched later).
     #[serde(default = "default_receipt_wait")]
     pub receipt_wait_ms: u64,
+    /// After a round of a few statements (2 to 63), the next round starts no
+    /// sooner than this after it, so that under load the statements queued
+    /// meanwhile share one round: a round's fixed costs (an index commit,
+    /// tiles and openings written durably, a signed checkpoint) are then paid
+    /// per batch, not per few statements. A round of one statement (nobody
+    /// to batch with) or of 64 or more (costs already spread) is followed at
+    /// once. A receipt waits at most this much longer; 0 never waits.
+    #[serde(default = "default_round_interval")]
+    pub round_interval_ms: u64,
     /// C2SP tlog-witnesses to send checkpoints to, off the filing path.
     #[serde(default)]
     pub witnesses: Vec<WitnessEntry>,
@@ -149,6 +158,62 @@ fn default_receipt_wait() -> u64 {
     10_000
 }
 
+fn default_round_interval() -> u64 {
+    25
+}
+
+/// Rounds of at least this many statements are followed at once: their
+/// fixed costs are already spread (see [`LedgerConfig::round_interval_ms`]).
+const PACED_BELOW: usize = 64;
+
+/// Spaces the integration rounds (see [`LedgerConfig::round_interval_ms`]).
+#[derive(Debug)]
+struct RoundPacer {
+    interval: Duration,
+    /// When the last round that found statements started, and how many.
+    last: std::sync::Mutex<Option<(tokio::time::Instant, usize)>>,
+}
+
+impl RoundPacer {
+    fn new(interval: Duration) -> Self {
+        RoundPacer {
+            interval,
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The earliest the next round may start, asked at `now`.
+    fn next_start(&self, now: tokio::time::Instant) -> tokio::time::Instant {
+        let last = *self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match last {
+            Some((started, n)) if (2..PACED_BELOW).contains(&n) => {
+                (started + self.interval).max(now)
+            }
+            _ => now,
+        }
+    }
+
+    /// Waits until the next round may start; returns its start.
+    async fn pace(&self) -> tokio::time::Instant {
+        tokio::time::sleep_until(self.next_start(tokio::time::Instant::now())).await;
+        tokio::time::Instant::now()
+    }
+
+    /// Notes a round that started at `started` and found `statements`
+    /// (none: a look at an empty queue, which changes nothing).
+    fn found(&self, started: tokio::time::Instant, statements: usize) {
+        if statements > 0 {
+            *self
+                .last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((started, statements));
+        }
+    }
+}
+
 /// Why the ledger could not start or run.
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -195,6 +260,7 @@ pub struct Ledger {
     /// the fence, so a stale belief here costs a retry, never a fork.
     lease: std::sync::Mutex<Option<(u64, u64)>>,
     pub receipt_wait: Duration,
+    pacer: RoundPacer,
     witnesses: Vec<WitnessEntry>,
     witness_interval: Duration,
     tsa: Option<Tsa>,
@@ -296,6 +362,7 @@ impl Ledger {
                 u128::from_be_bytes(b)
             },
             receipt_wait: Duration::from_millis(config.receipt_wait_ms),
+            pacer: RoundPacer::new(Duration::from_millis(config.round_interval_ms.min(1_000))),
             witnesses: config.witnesses.clone(),
             witness_interval: Duration::from_millis(config.witness_interval_ms.clamp(100, 60_000)),
             tsa,
@@ -731,8 +798,12 @@ pub async fn integrate_pending<S: Store>(
     let mut known: HashMap<u64, TreeHash> = HashMap::new();
     let mut any = false;
     let outcome = loop {
+        let started = ledger.pacer.pace().await;
         let catch_up = publishing.is_none() && committing.is_none();
         let prepared = prepare_round(gw, ledger, catch_up, ahead.take(), &mut known).await;
+        if let Ok(Some(p)) = &prepared {
+            ledger.pacer.found(started, p.leaves.len());
+        }
         if prepared.is_err() {
             ledger.forget_lease();
         }
@@ -2276,6 +2347,36 @@ fn restore_chunks(
 mod tests {
     use super::*;
     use protocol::Blake3Hash;
+
+    /// A round of a few statements makes the next wait out the interval from
+    /// its start; one of a single statement, of `PACED_BELOW` or more, or a
+    /// look at an empty queue does not, nor does anything with interval 0.
+    #[test]
+    fn rounds_of_a_few_statements_space_the_next() {
+        let ms = Duration::from_millis;
+        let pacer = RoundPacer::new(ms(25));
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(pacer.next_start(t0), t0, "first round");
+        pacer.found(t0, 5);
+        assert_eq!(pacer.next_start(t0 + ms(3)), t0 + ms(25));
+        assert_eq!(pacer.next_start(t0 + ms(40)), t0 + ms(40), "already waited");
+        pacer.found(t0 + ms(1), 0);
+        assert_eq!(
+            pacer.next_start(t0 + ms(10)),
+            t0 + ms(25),
+            "a look at an empty queue changes nothing"
+        );
+        let started = t0 + ms(25);
+        pacer.found(started, PACED_BELOW - 1);
+        assert_eq!(pacer.next_start(started), started + ms(25));
+        for n in [1, PACED_BELOW, 8192] {
+            pacer.found(started, n);
+            assert_eq!(pacer.next_start(started), started, "{n} statements");
+        }
+        let unpaced = RoundPacer::new(Duration::ZERO);
+        unpaced.found(t0, 5);
+        assert_eq!(unpaced.next_start(t0 + ms(1)), t0 + ms(1));
+    }
 
     /// A test log's verifier key, and its checkpoint of size `n` (any root).
     fn test_log() -> (String, impl Fn(u64) -> Vec<u8>) {

@@ -465,6 +465,60 @@ mod tests {
         Ok(())
     }
 
+    /// With the integrator running as in a gateway: a statement queued just
+    /// after a round of five is integrated no sooner than `round_interval_ms`
+    /// after that round started (the pacing that lets concurrent readers'
+    /// and filers' statements share rounds), and none is lost or reordered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_round_of_a_few_statements_spaces_the_next() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut c = init(dir.path()).await?;
+        let interval = Duration::from_millis(1_000);
+        c.gateway
+            .ledger
+            .as_mut()
+            .context("ledger")?
+            .round_interval_ms = 1_000;
+        let (gw, ledger) = in_process(&c)?;
+        let integrator = gateway::ledger::spawn_integrator(gw.clone());
+        let mut published = ledger.subscribe();
+        let queue = |part: Vec<PendingRecord>| {
+            let (gw, ledger) = (gw.clone(), ledger.clone());
+            async move {
+                indexer::run(&gw.store, |tx| {
+                    let part = &part;
+                    async move {
+                        for (seq, p) in part.iter().enumerate() {
+                            indexer::ledger::enqueue_tx(&tx, seq as u16, p);
+                        }
+                        Ok::<_, indexer::schema::SchemaError>(())
+                    }
+                })
+                .await?;
+                ledger.queued();
+                anyhow::Ok(())
+            }
+        };
+        let mut all = records(5, 6)?;
+        let queued_at = Instant::now();
+        queue(all.clone()).await?;
+        let wait = Duration::from_secs(60);
+        tokio::time::timeout(wait, published.wait_for(|s| *s >= 5)).await??;
+        let one = records(1, 7)?;
+        all.extend(one.clone());
+        queue(one).await?;
+        tokio::time::timeout(wait, published.wait_for(|s| *s >= 6)).await??;
+        // The first round started after `queued_at`; the next only
+        // `interval` after it.
+        assert!(
+            queued_at.elapsed() >= interval,
+            "the sixth statement was published {:?} after the first five were queued",
+            queued_at.elapsed()
+        );
+        integrator.abort();
+        assert_one_tree(&c, dir.path(), &gw, &all).await
+    }
+
     /// A queue several batches long, integrated with each batch read and
     /// hashed while the one before it commits: the published checkpoint
     /// covers every statement, in queue order, with the root an independent

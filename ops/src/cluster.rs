@@ -254,6 +254,7 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         openings_dir: Some(ledger_dir.join("openings")),
         openings_url: None,
         receipt_wait_ms: 10_000,
+        round_interval_ms: 25,
         witnesses: Vec::new(),
         witness_interval_ms: 2_000,
         tsa: Some(gateway::ledger::TsaConfig {
