@@ -89,13 +89,16 @@ pub struct LedgerConfig {
     /// before answering without a receipt (it can be fetched later).
     #[serde(default = "default_receipt_wait")]
     pub receipt_wait_ms: u64,
-    /// After a round of a few statements (2 to 63), the next round starts no
-    /// sooner than this after it, so that under load the statements queued
-    /// meanwhile share one round: a round's fixed costs (an index commit,
-    /// tiles and openings written durably, a signed checkpoint) are then paid
-    /// per batch, not per few statements. A round of one statement (nobody
-    /// to batch with) or of 64 or more (costs already spread) is followed at
-    /// once. A receipt waits at most this much longer; 0 never waits.
+    /// While nobody waits for a receipt, a round of a few statements (2 to
+    /// 63) makes the next start no sooner than this after it started, so that
+    /// statements queued meanwhile (reads' `accessed` records, under load)
+    /// share one round: a round's fixed costs (an index commit, tiles and
+    /// openings written durably, a signed checkpoint) are then paid per batch,
+    /// not per few statements. A round of one statement (nobody to batch
+    /// with) or of 64 or more (costs already spread) is followed at once, and
+    /// so is any round while a filing waits for its receipt: a waiting client
+    /// sends nothing more until it is answered, so waiting would only slow it.
+    /// At most 1,000; 0 never waits.
     #[serde(default = "default_round_interval")]
     pub round_interval_ms: u64,
     /// C2SP tlog-witnesses to send checkpoints to, off the filing path.
@@ -172,6 +175,21 @@ struct RoundPacer {
     interval: Duration,
     /// When the last round that found statements started, and how many.
     last: std::sync::Mutex<Option<(tokio::time::Instant, usize)>>,
+    /// Callers waiting for a receipt, and a wake-up for a paced wait when
+    /// one starts waiting.
+    waiters: std::sync::atomic::AtomicUsize,
+    waiter_came: Notify,
+}
+
+/// A caller waiting for a receipt (see [`RoundPacer::waiting`]).
+struct Waiting<'a>(&'a RoundPacer);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0
+            .waiters
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl RoundPacer {
@@ -179,11 +197,25 @@ impl RoundPacer {
         RoundPacer {
             interval,
             last: std::sync::Mutex::new(None),
+            waiters: std::sync::atomic::AtomicUsize::new(0),
+            waiter_came: Notify::new(),
         }
+    }
+
+    /// Counts a caller waiting for a receipt until the guard drops: while
+    /// any waits, rounds are not paced, and a paced wait under way ends.
+    fn waiting(&self) -> Waiting<'_> {
+        self.waiters
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.waiter_came.notify_waiters();
+        Waiting(self)
     }
 
     /// The earliest the next round may start, asked at `now`.
     fn next_start(&self, now: tokio::time::Instant) -> tokio::time::Instant {
+        if self.waiters.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            return now;
+        }
         let last = *self
             .last
             .lock()
@@ -196,9 +228,19 @@ impl RoundPacer {
         }
     }
 
-    /// Waits until the next round may start; returns its start.
+    /// Waits until the next round may start, or until a caller starts
+    /// waiting for a receipt; returns the round's start.
     async fn pace(&self) -> tokio::time::Instant {
-        tokio::time::sleep_until(self.next_start(tokio::time::Instant::now())).await;
+        // Registered before the check, so a waiter counted after it still
+        // wakes this wait.
+        let came = self.waiter_came.notified();
+        tokio::pin!(came);
+        came.as_mut().enable();
+        let until = self.next_start(tokio::time::Instant::now());
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => {}
+            _ = came => {}
+        }
         tokio::time::Instant::now()
     }
 
@@ -1770,6 +1812,7 @@ pub async fn wait_for_receipts<S: Store>(
     let Some(ledger) = gw.ledger.as_ref() else {
         return Ok(vec![None; ids.len()]);
     };
+    let _waiting = ledger.pacer.waiting();
     let mut published = ledger.subscribe();
     let deadline = tokio::time::Instant::now() + ledger.receipt_wait;
     // Until a checkpoint covers every statement, only look up leaf indexes
@@ -1885,6 +1928,7 @@ pub async fn wait_for_receipt<S: Store>(
     let Some(ledger) = gw.ledger.as_ref() else {
         return Ok(None);
     };
+    let _waiting = ledger.pacer.waiting();
     let mut published = ledger.subscribe();
     let deadline = tokio::time::Instant::now() + ledger.receipt_wait;
     loop {
@@ -2350,7 +2394,8 @@ mod tests {
 
     /// A round of a few statements makes the next wait out the interval from
     /// its start; one of a single statement, of `PACED_BELOW` or more, or a
-    /// look at an empty queue does not, nor does anything with interval 0.
+    /// look at an empty queue does not, nor does anything with interval 0
+    /// or while a caller waits for a receipt.
     #[test]
     fn rounds_of_a_few_statements_space_the_next() {
         let ms = Duration::from_millis;
@@ -2373,6 +2418,11 @@ mod tests {
             pacer.found(started, n);
             assert_eq!(pacer.next_start(started), started, "{n} statements");
         }
+        pacer.found(started, 5);
+        let waiting = pacer.waiting();
+        assert_eq!(pacer.next_start(started), started, "a filing waits");
+        drop(waiting);
+        assert_eq!(pacer.next_start(started), started + ms(25));
         let unpaced = RoundPacer::new(Duration::ZERO);
         unpaced.found(t0, 5);
         assert_eq!(unpaced.next_start(t0 + ms(1)), t0 + ms(1));

@@ -466,9 +466,10 @@ mod tests {
     }
 
     /// With the integrator running as in a gateway: a statement queued just
-    /// after a round of five is integrated no sooner than `round_interval_ms`
-    /// after that round started (the pacing that lets concurrent readers'
-    /// and filers' statements share rounds), and none is lost or reordered.
+    /// after a round of five, with nobody waiting for a receipt, is
+    /// integrated no sooner than `round_interval_ms` after that round
+    /// started (the pacing that lets concurrent readers' statements share
+    /// rounds), and none is lost or reordered.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_round_of_a_few_statements_spaces_the_next() -> Result<()> {
         let dir = tempfile::tempdir()?;
@@ -480,6 +481,8 @@ mod tests {
             .context("ledger")?
             .round_interval_ms = 1_000;
         let (gw, ledger) = in_process(&c)?;
+        // Before the integrator starts, so no round starts before it.
+        let queued_at = Instant::now();
         let integrator = gateway::ledger::spawn_integrator(gw.clone());
         let mut published = ledger.subscribe();
         let queue = |part: Vec<PendingRecord>| {
@@ -500,7 +503,6 @@ mod tests {
             }
         };
         let mut all = records(5, 6)?;
-        let queued_at = Instant::now();
         queue(all.clone()).await?;
         let wait = Duration::from_secs(60);
         tokio::time::timeout(wait, published.wait_for(|s| *s >= 5)).await??;
@@ -509,7 +511,7 @@ mod tests {
         queue(one).await?;
         tokio::time::timeout(wait, published.wait_for(|s| *s >= 6)).await??;
         // The first round started after `queued_at`; the next only
-        // `interval` after it.
+        // `interval` after it, as nobody waits for a receipt here.
         assert!(
             queued_at.elapsed() >= interval,
             "the sixth statement was published {:?} after the first five were queued",
