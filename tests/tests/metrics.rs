@@ -300,16 +300,24 @@ fn prometheus_scrapes_every_process_and_every_dashboard_query_has_data() -> Resu
             "max(max_over_time(custodia_degraded_stripes[10m]))"
         )? >= 1.0
     );
-    assert!(scalar(&agent, &prom, "sum(custodia_node_corrupt_shards_total)")? >= 1.0);
-    assert!(scalar(&agent, &prom, "sum(custodia_stripes_reconstructed_total)")? >= 1.0);
-    assert!(scalar(&agent, &prom, "sum(custodia_filings_total)")? >= 8.0);
-    assert!(scalar(&agent, &prom, "max(custodia_ledger_entries)")? >= 8.0);
-    assert!(
-        scalar(
-            &agent,
-            &prom,
-            r#"sum(custodia_http_requests_total{api="s3",route="PUT",status="200"})"#
-        )? >= 2.0
+    // Counters bumped by the traffic above: the panels may all have had
+    // data before the scrape that follows the last filing (scrapes are 1 s
+    // apart), so wait for that scrape rather than read the one before it.
+    let at_least = |expr: &str, want: f64| {
+        let mut got = None;
+        let ok = custodia_tests::eventually(20, || {
+            got = scalar(&agent, &prom, expr).ok();
+            got.is_some_and(|v| v >= want)
+        });
+        assert!(ok, "{expr}: {got:?}, want at least {want}");
+    };
+    at_least("sum(custodia_node_corrupt_shards_total)", 1.0);
+    at_least("sum(custodia_stripes_reconstructed_total)", 1.0);
+    at_least("sum(custodia_filings_total)", 8.0);
+    at_least("max(custodia_ledger_entries)", 8.0);
+    at_least(
+        r#"sum(custodia_http_requests_total{api="s3",route="PUT",status="200"})"#,
+        2.0,
     );
     let cosigned = custodia_tests::eventually(20, || {
         scalar(
