@@ -515,7 +515,13 @@ async fn handle_get_shard(
     send: &mut quinn::SendStream,
 ) -> Result<&'static str, StreamError> {
     let store = state.store.clone();
-    match blocking(move || store.get_shared(&key)).await {
+    // A small shard is read right here: handing a read of a few KiB to the
+    // blocking pool costs two thread wake-ups, more than the read itself.
+    let got = match state.store.get_small_shared(&key) {
+        Some(got) => got,
+        None => blocking(move || store.get_shared(&key)).await,
+    };
+    match got {
         Ok((header, body)) => {
             state.metrics.shards_read.inc();
             state.metrics.bytes_read.inc_by(body.len() as u64);

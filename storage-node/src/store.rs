@@ -359,6 +359,21 @@ impl ShardStore {
         Ok((header, bytes::Bytes::from(bytes).slice(body_at..)))
     }
 
+    /// [`get_shared`](Self::get_shared) for a shard packed in a segment
+    /// (a small one: one positioned read of a few KiB, from the page cache
+    /// when recently written), cheap enough to run on the caller's thread;
+    /// `None` for a shard in its own file (read it on the blocking pool).
+    pub fn get_small_shared(
+        &self,
+        key: &ShardKey,
+    ) -> Option<Result<(ShardHeader, bytes::Bytes), StoreError>> {
+        let loc = self.log.locate(key)?;
+        Some(
+            self.read_small(key, loc, false)
+                .map(|(h, body)| (h, bytes::Bytes::from(body))),
+        )
+    }
+
     /// Reads and verifies a shard file: its header, the whole file, and
     /// where the body starts in it.
     fn read_file(&self, key: &ShardKey) -> Result<(ShardHeader, Vec<u8>, usize), StoreError> {

@@ -94,6 +94,30 @@ fn small_filings_are_group_committed_into_segments_and_survive_kill_9() -> Resul
     for (id, data) in &filed {
         assert_eq!(&c.read(id)?, data, "{id} reads back byte-exact");
     }
+    // Damage inside node 5's segments: a byte flipped every 4 KiB lands in
+    // many records. Reads still return every filing byte-exact (at most one
+    // shard of a stripe is on node 5), and the node reports what it found.
+    // Flipped in place while the node runs (its reads see the page cache).
+    for seg in std::fs::read_dir(c.node_dir(5).join("segments"))? {
+        use std::os::unix::fs::FileExt;
+        let path = seg?.path();
+        let raw = std::fs::read(&path)?;
+        let file = std::fs::OpenOptions::new().write(true).open(&path)?;
+        for at in (512..raw.len()).step_by(4096) {
+            file.write_all_at(&[raw[at] ^ 0x20], at as u64)?;
+        }
+    }
+    for (id, data) in &filed {
+        assert_eq!(&c.read(id)?, data, "{id} reads back past node 5's damage");
+    }
+    let url = c.node_metrics_url(5).expect("node 5 exports metrics");
+    assert!(
+        eventually(20, || c
+            .metric(&url, "custodia_node_corrupt_shards_total")
+            .unwrap_or(0.0)
+            >= 1.0),
+        "node 5 never reported a damaged record"
+    );
     // A node that loses its segments is repaired like any lost disk: the
     // filings still read back from the others.
     c.kill_node(3);
