@@ -625,7 +625,19 @@ async fn read_evidence<S: Store>(
     let size = header.size;
     let partial = parse_range(headers.get(header::RANGE), size)?;
     let range = partial.clone().unwrap_or(0..size);
-    record_access(&gw, &header, actor(&who), &range).await?;
+    // Small evidence is fetched and verified while its access is recorded,
+    // and answered only when both are done; larger evidence streams after.
+    let small = if size <= crate::read::SMALL_READ_BYTES {
+        let (recorded, read) = tokio::join!(
+            record_access(&gw, &header, actor(&who), &range),
+            crate::read::read_small(&gw, &header, range.clone()),
+        );
+        recorded?;
+        Some(read?)
+    } else {
+        record_access(&gw, &header, actor(&who), &range).await?;
+        None
+    };
     let len = range.end - range.start;
     let mut resp = Response::builder()
         .header(header::CONTENT_LENGTH, len)
@@ -645,7 +657,10 @@ async fn read_evidence<S: Store>(
             format!("bytes {}-{}/{}", r.start, r.end - 1, size),
         );
     }
-    let body = Body::from_stream(crate::read::stream_range(gw.clone(), header, range));
+    let body = match small {
+        Some(bytes) => Body::from(bytes),
+        None => Body::from_stream(crate::read::stream_range(gw.clone(), header, range)),
+    };
     resp.body(body).map_err(|_| ApiError::Internal)
 }
 

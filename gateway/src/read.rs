@@ -56,6 +56,58 @@ pub enum ReadError {
     Internal,
 }
 
+impl From<ReadError> for crate::error::ApiError {
+    fn from(e: ReadError) -> Self {
+        use crate::error::ApiError;
+        match e {
+            ReadError::Unrecoverable { .. } => ApiError::Unavailable(e.to_string()),
+            ReadError::Index(e) => ApiError::Index(e),
+            ReadError::RootMismatch(_) | ReadError::Reconstruct(_) | ReadError::Internal => {
+                tracing::error!(error = %e, "read failed");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+/// Evidence up to this size is read whole and checked against its content
+/// root before any byte is answered ([`read_small`]); larger evidence is
+/// streamed ([`stream_range`]).
+pub const SMALL_READ_BYTES: u64 = 1 << 20;
+
+/// Bytes `range` of `header`'s content (at most [`SMALL_READ_BYTES`]),
+/// verified before it is returned: the whole content is fetched and hashed
+/// against its content root. So a failed small read is an error status, not
+/// a response cut off part way, and it needs no Bao outboard lookups, no
+/// task and no channel to the client.
+pub async fn read_small<S: Store>(
+    gw: &Arc<Gateway<S>>,
+    header: &ManifestHeader,
+    range: Range<u64>,
+) -> Result<Bytes, ReadError> {
+    let (mut tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let fetch = async move {
+        let fetched = send_range(gw, header, 0..header.size, &mut tx).await;
+        drop(tx); // ends the collection below
+        fetched
+    };
+    let (fetched, pieces) = futures::join!(fetch, rx.collect::<Vec<_>>());
+    fetched?;
+    let mut pieces = pieces
+        .into_iter()
+        .collect::<Result<Vec<Bytes>, _>>()
+        .map_err(|_| ReadError::Internal)?;
+    let content = if pieces.len() == 1 {
+        pieces.pop().unwrap_or_default()
+    } else {
+        Bytes::from(pieces.concat())
+    };
+    if content.len() as u64 != header.size || range.end > header.size || range.start > range.end {
+        return Err(ReadError::Internal);
+    }
+    Ok(content.slice(range.start as usize..range.end as usize))
+}
+
 /// Streams bytes `range` of `header`'s content, verified.
 pub fn stream_range<S: Store>(
     gw: Arc<Gateway<S>>,

@@ -116,6 +116,32 @@ fn reads_survive_m_dead_nodes() -> Result<()> {
         .unwrap_or_default()
         .to_string();
     assert_eq!(c.read(&id)?, data);
+
+    // Past m: every shard of one filing gone from every node. A read that
+    // cannot be completed is a 503 with a JSON body, never a 200 whose body
+    // stops short (evidence this small is fetched and verified before the
+    // answer starts); the other filings still read back.
+    c.start_node_and_wait(2)?;
+    c.start_node_and_wait(5)?;
+    let (lost, _) = &items[0];
+    // Shard files are named `EVIDENCE-STRIPE-INDEX`, the id without hyphens.
+    let prefix = format!("{}-", lost.replace('-', ""));
+    let mut removed = 0;
+    for f in c.all_shard_files() {
+        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.starts_with(&prefix) {
+            std::fs::remove_file(&f)?;
+            removed += 1;
+        }
+    }
+    assert_eq!(removed, 6 * 4, "RS(4,2) shards of the filing's 4 stripes");
+    let a = c.get_with(&c.token, &format!("/v1/evidence/{lost}"), &[])?;
+    assert_eq!(a.status, 503, "{}", String::from_utf8_lossy(&a.body));
+    let body: serde_json::Value = serde_json::from_slice(&a.body)?;
+    assert_eq!(body["error"], "unavailable", "{body}");
+    for (id, data) in &items[1..] {
+        assert_eq!(&c.read(id)?, data, "{id} is untouched");
+    }
     Ok(())
 }
 
