@@ -105,6 +105,7 @@ pub async fn read_small<S: Store>(
     if content.len() as u64 != header.size || range.end > header.size || range.start > range.end {
         return Err(ReadError::Internal);
     }
+    gw.metrics.read_bytes.inc_by(range.end - range.start);
     Ok(content.slice(range.start as usize..range.end as usize))
 }
 
@@ -115,13 +116,18 @@ pub fn stream_range<S: Store>(
     range: Range<u64>,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
     let (mut tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(2);
+    let served = gw.metrics.read_bytes.clone();
     tokio::spawn(async move {
         if let Err(e) = send_range(&gw, &header, range, &mut tx).await {
             tracing::error!(evidence = %header.evidence, error = %e, "read failed");
             let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
         }
     });
-    rx
+    rx.inspect(move |piece| {
+        if let Ok(bytes) = piece {
+            served.inc_by(bytes.len() as u64);
+        }
+    })
 }
 
 async fn send_range<S: Store>(
@@ -188,11 +194,9 @@ async fn send_range<S: Store>(
                         .await?;
                     for (at, bytes) in ready {
                         let want = clip(&range, at, bytes);
-                        let len = want.len() as u64;
                         if !want.is_empty() && tx.send(Ok(want)).await.is_err() {
                             return Ok(()); // the client went away
                         }
-                        gw.metrics.read_bytes.inc_by(len);
                     }
                 }
                 at = end;

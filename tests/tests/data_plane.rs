@@ -25,6 +25,8 @@ fn sizes_round_trip_with_ranges() -> Result<()> {
         STRIPE + 1,
         37 * STRIPE + 5,
     ];
+    // Bytes served, as `custodia_read_bytes_total` must count them.
+    let mut served = 0u64;
     for (i, &size) in sizes.iter().enumerate() {
         let data = bytes(size, i as u64);
         let filed = c.file(&data)?;
@@ -45,6 +47,7 @@ fn sizes_round_trip_with_ranges() -> Result<()> {
         );
         let id = filed["id"].as_str().unwrap_or_default().to_string();
         assert_eq!(c.read(&id)?, data, "size {size} must read back byte-exact");
+        served += size as u64;
         if size > 2 {
             let (a, b) = (size as u64 / 3, size as u64 - 2);
             assert_eq!(
@@ -52,8 +55,14 @@ fn sizes_round_trip_with_ranges() -> Result<()> {
                 data[a as usize..=b as usize],
                 "range of size {size}"
             );
+            served += b - a + 1;
         }
     }
+    // A range counts its own bytes, not what was fetched to verify it.
+    assert_eq!(
+        c.metric(&c.metrics, "custodia_read_bytes_total")?,
+        served as f64
+    );
     Ok(())
 }
 
@@ -73,6 +82,7 @@ fn hundred_mib_round_trips() -> Result<()> {
     // group boundaries, the first and last bytes, and the short last group.
     let last = data.len() as u64 - 1;
     let mib = 1u64 << 20;
+    let mut served = data.len() as u64;
     for (a, b) in [
         (50_000_000u64, 60_000_000u64),
         (0, 0),
@@ -85,7 +95,12 @@ fn hundred_mib_round_trips() -> Result<()> {
             c.read_range(&id, a, b)? == data[a as usize..=b as usize],
             "range {a}-{b}"
         );
+        served += b - a + 1;
     }
+    assert_eq!(
+        c.metric(&c.metrics, "custodia_read_bytes_total")?,
+        served as f64
+    );
     Ok(())
 }
 
