@@ -350,10 +350,8 @@ impl ShardStore {
     /// As [`get`](Self::get), the body as `Bytes` sharing the buffer the file
     /// was read into (no copy: what the node sends to readers).
     pub fn get_shared(&self, key: &ShardKey) -> Result<(ShardHeader, bytes::Bytes), StoreError> {
-        if let Some(loc) = self.log.locate(key) {
-            return self
-                .read_small(key, loc, false)
-                .map(|(h, body)| (h, bytes::Bytes::from(body)));
+        if let Some(small) = self.get_small_shared(key) {
+            return small;
         }
         let (header, bytes, body_at) = self.read_file(key)?;
         Ok((header, bytes::Bytes::from(bytes).slice(body_at..)))
