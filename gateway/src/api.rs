@@ -625,18 +625,11 @@ async fn read_evidence<S: Store>(
     let size = header.size;
     let partial = parse_range(headers.get(header::RANGE), size)?;
     let range = partial.clone().unwrap_or(0..size);
-    // Small evidence is fetched and verified while its access is recorded,
-    // and answered only when both are done; larger evidence streams after.
-    let small = if size <= crate::read::SMALL_READ_BYTES {
-        let (recorded, read) = tokio::join!(
-            record_access(&gw, &header, actor(&who), &range),
-            crate::read::read_small(&gw, &header, range.clone()),
-        );
-        recorded?;
-        Some(read?)
-    } else {
-        record_access(&gw, &header, actor(&who), &range).await?;
-        None
+    let media_type = header.media_type.clone();
+    let (blake3, sha256) = (header.blake3, header.sha256);
+    let body = match recorded_read(&gw, header, actor(&who), range.clone()).await? {
+        ReadBody::Verified(bytes) => Body::from(bytes),
+        ReadBody::Streamed(stream) => Body::from_stream(stream),
     };
     let len = range.end - range.start;
     let mut resp = Response::builder()
@@ -644,28 +637,56 @@ async fn read_evidence<S: Store>(
         .header(header::ACCEPT_RANGES, "bytes")
         .header(
             header::CONTENT_TYPE,
-            header
-                .media_type
-                .as_deref()
-                .unwrap_or("application/octet-stream"),
+            media_type.as_deref().unwrap_or("application/octet-stream"),
         )
-        .header("x-custodia-blake3", header.blake3.to_hex())
-        .header("x-custodia-sha256", header.sha256.to_hex());
+        .header("x-custodia-blake3", blake3.to_hex())
+        .header("x-custodia-sha256", sha256.to_hex());
     if let Some(r) = &partial {
         resp = resp.status(StatusCode::PARTIAL_CONTENT).header(
             header::CONTENT_RANGE,
             format!("bytes {}-{}/{}", r.start, r.end - 1, size),
         );
     }
-    let body = match small {
-        Some(bytes) => Body::from(bytes),
-        None => Body::from_stream(crate::read::stream_range(gw.clone(), header, range)),
-    };
     resp.body(body).map_err(|_| ApiError::Internal)
 }
 
+/// The body of a read, its access already recorded.
+pub(crate) enum ReadBody<St> {
+    /// Small evidence, fetched whole and checked against its content root.
+    Verified(bytes::Bytes),
+    /// Larger evidence, verified as it streams.
+    Streamed(St),
+}
+
+/// Records the access to `range` (durable before any byte is answered) and
+/// reads it, for every API. Evidence up to [`crate::read::SMALL_READ_BYTES`]
+/// is fetched and verified while the access is recorded, so a failed read
+/// is an error status; larger evidence streams once the access is recorded.
+pub(crate) async fn recorded_read<S: Store>(
+    gw: &Arc<Gateway<S>>,
+    header: ManifestHeader,
+    actor: String,
+    range: Range<u64>,
+) -> Result<ReadBody<impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>>>, ApiError> {
+    if header.size <= crate::read::SMALL_READ_BYTES {
+        let (recorded, read) = tokio::join!(
+            record_access(gw, &header, actor, &range),
+            crate::read::read_small(gw, &header, range.clone()),
+        );
+        recorded?;
+        return Ok(ReadBody::Verified(read?));
+    }
+    record_access(gw, &header, actor, &range).await?;
+    Ok(ReadBody::Streamed(crate::read::stream_range(
+        gw.clone(),
+        header,
+        range,
+    )))
+}
+
 /// Puts a read of `range` of the evidence on the ledger, durable in the
-/// index: called before the first byte is sent, by every API.
+/// index: called before the first byte is sent, by every API (reads
+/// answered to a client go through [`recorded_read`]).
 pub(crate) async fn record_access<S: Store>(
     gw: &Gateway<S>,
     header: &ManifestHeader,

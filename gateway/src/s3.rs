@@ -1051,25 +1051,12 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let read = range.clone().unwrap_or(0..size);
         let actor = format!("{}/s3:{}", who.tenant, who.access_key);
         let evidence = header.evidence;
-        // As the evidence API: small objects are fetched and verified while
-        // the access is recorded, and answered only when both are done.
-        let body = if size <= crate::read::SMALL_READ_BYTES {
-            let (recorded, bytes) = tokio::join!(
-                crate::api::record_access(&self.gw, &header, actor, &read),
-                crate::read::read_small(&self.gw, &header, read.clone()),
-            );
-            recorded.map_err(s3_err)?;
-            let bytes = bytes.map_err(|e| s3_err(e.into()))?;
-            StreamingBlob::from(s3s::Body::from(bytes))
-        } else {
-            crate::api::record_access(&self.gw, &header, actor, &read)
-                .await
-                .map_err(s3_err)?;
-            StreamingBlob::wrap(crate::read::stream_range(
-                self.gw.clone(),
-                header,
-                read.clone(),
-            ))
+        let body = match crate::api::recorded_read(&self.gw, header, actor, read.clone())
+            .await
+            .map_err(s3_err)?
+        {
+            crate::api::ReadBody::Verified(bytes) => StreamingBlob::from(s3s::Body::from(bytes)),
+            crate::api::ReadBody::Streamed(stream) => StreamingBlob::wrap(stream),
         };
         let mut resp = S3Response::new(GetObjectOutput {
             body: Some(body),
