@@ -1896,11 +1896,14 @@ pub fn pending(
 
 /// Appends a statement and returns once it is durable in the index (the
 /// outbox), before the caller acts on it: e.g. before the first byte of a
-/// read is sent.
+/// read is sent. `slack`: how long past its commit the caller can wait,
+/// because it has other work in flight (a small read fetching its shards);
+/// the index may use it to share one fsync among many records.
 pub async fn record<S: Store>(
     gw: &Gateway<S>,
     evidence: EvidenceId,
     statement: &pl::Statement,
+    slack: Duration,
 ) -> Result<(), ApiError> {
     let Some(ledger) = gw.ledger.as_ref() else {
         return Ok(());
@@ -1909,6 +1912,7 @@ pub async fn record<S: Store>(
     indexer::run(&gw.store, |tx| {
         let p = &p;
         async move {
+            indexer::kv::Transaction::set_commit_slack(&tx, slack);
             lx::enqueue_tx(&tx, 0, p);
             Ok::<_, indexer::schema::SchemaError>(())
         }

@@ -1231,7 +1231,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         )?;
         let actor = format!("{}/s3:{}", who.tenant, who.access_key);
         let size = header.size;
-        crate::api::record_access(&self.gw, &header, actor.clone(), &(0..size))
+        crate::api::record_access(&self.gw, &header, actor.clone(), &(0..size), Duration::ZERO)
             .await
             .map_err(s3_err)?;
         let (retain_until_ms, legal_hold) = evidence_worm(&template);
@@ -1660,7 +1660,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             Some(r) => copy_range(r, header.size)?,
         };
         let actor = format!("{}/s3:{}", who.tenant, who.access_key);
-        crate::api::record_access(&self.gw, &header, actor, &range)
+        crate::api::record_access(&self.gw, &header, actor, &range, Duration::ZERO)
             .await
             .map_err(s3_err)?;
         let meta = FilingMeta {

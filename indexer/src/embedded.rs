@@ -15,7 +15,10 @@
 //!   committed after its read version fails with [`KvError::Conflict`].
 //! - Group commit: the committer drains every queued commit (up to
 //!   [`MAX_BATCH`]), checks them in order, and applies the survivors in one redb
-//!   write transaction, so one fsync serves the whole batch. Each batch is one
+//!   write transaction, so one fsync serves the whole batch. A batch whose
+//!   every commit has slack ([`Transaction::set_commit_slack`]: a caller with
+//!   other work in flight) may be held for company until the first is due,
+//!   while commits arrive often enough to expect some. Each batch is one
 //!   commit version; versionstamps are that version (8 bytes, big-endian) and
 //!   the transaction's place in the batch (2 bytes, big-endian).
 //! - FoundationDB's limits (see `kv`): key, value and transaction sizes, and the
@@ -106,6 +109,7 @@ impl EmbeddedStore {
             version,
             recent: VecDeque::new(),
             disk_commits: disk_commits.clone(),
+            arrivals: Arrivals::default(),
         };
         let committer = std::thread::Builder::new()
             .name("index-committer".into())
@@ -198,6 +202,8 @@ struct TxState {
     mutations: Vec<Mutation>,
     reads: ConflictSet,
     budget: WriteBudget,
+    /// See [`Transaction::set_commit_slack`].
+    slack: Duration,
 }
 
 enum Pending {
@@ -522,6 +528,7 @@ impl TxInner {
             started: self.started,
             reads: std::mem::take(&mut state.reads),
             mutations: std::mem::take(&mut state.mutations),
+            slack: state.slack,
         }))
     }
 
@@ -532,7 +539,11 @@ impl TxInner {
         let (reply, answer) = oneshot::channel();
         let commits = self.store.commits.as_ref().ok_or(KvError::Closed)?;
         commits
-            .send(CommitRequest { body, reply })
+            .send(CommitRequest {
+                body,
+                submitted: Instant::now(),
+                reply,
+            })
             .map_err(|_| KvError::Closed)?;
         answer.await.map_err(|_| KvError::Closed)?
     }
@@ -573,6 +584,10 @@ impl Transaction for EmbeddedTx {
         self.inner.set_versionstamped_key(prefix, suffix, value);
     }
 
+    fn set_commit_slack(&self, slack: Duration) {
+        self.inner.lock().slack = slack;
+    }
+
     async fn commit(&self) -> Result<(), KvError> {
         self.inner.commit().await
     }
@@ -585,11 +600,20 @@ struct CommitRequestBody {
     started: Instant,
     reads: ConflictSet,
     mutations: Vec<Mutation>,
+    slack: Duration,
 }
 
 struct CommitRequest {
     body: CommitRequestBody,
+    /// When `commit` was called; with the slack, when the reply is due.
+    submitted: Instant,
     reply: oneshot::Sender<Result<(), KvError>>,
+}
+
+impl CommitRequest {
+    fn due(&self) -> Instant {
+        self.submitted + self.body.slack
+    }
 }
 
 /// The write sets of one committed batch.
@@ -607,6 +631,53 @@ struct Committer {
     version: u64,
     recent: VecDeque<RecentCommit>,
     disk_commits: Arc<AtomicU64>,
+    /// How fast commits arrive while one is being written.
+    arrivals: Arrivals,
+}
+
+/// The rate at which commits arrive from callers other than those waiting on
+/// the batch in hand: counted only while a batch is being written or held,
+/// when its own callers cannot add to it. A lone caller waiting on its own
+/// commit therefore never makes the committer hold a batch for company that
+/// cannot come, and a hold that finds nobody lowers the estimate at once.
+#[derive(Default)]
+struct Arrivals {
+    /// The last write's start and end.
+    write: Option<(Instant, Instant)>,
+    /// Commits seen and seconds watched, older windows decayed by
+    /// [`ARRIVALS_HALF_LIFE`] of watched time.
+    arrived: f64,
+    watched: f64,
+}
+
+/// How much watched time halves the weight of what was seen before it.
+const ARRIVALS_HALF_LIFE: Duration = Duration::from_millis(20);
+
+impl Arrivals {
+    fn observe(&mut self, arrived: usize, over: Duration) {
+        let t = over.as_secs_f64();
+        let keep = 0.5f64.powf(t / ARRIVALS_HALF_LIFE.as_secs_f64());
+        self.arrived = self.arrived * keep + arrived as f64;
+        self.watched = self.watched * keep + t;
+    }
+
+    /// Learns from the batch taken after the last write: how many of its
+    /// commits were submitted while that write ran.
+    fn after_write(&mut self, batch: &[CommitRequest]) {
+        let Some((start, end)) = self.write.take() else {
+            return;
+        };
+        let during = batch
+            .iter()
+            .filter(|r| r.submitted >= start && r.submitted <= end)
+            .count();
+        self.observe(during, end.saturating_duration_since(start));
+    }
+
+    /// The mean time between arrivals, if any were seen.
+    fn mean_gap(&self) -> Option<Duration> {
+        (self.arrived > 0.0).then(|| Duration::from_secs_f64(self.watched / self.arrived))
+    }
 }
 
 impl Committer {
@@ -619,7 +690,48 @@ impl Committer {
                     Err(_) => break,
                 }
             }
+            self.arrivals.after_write(&batch);
+            self.gather(&mut batch);
+            let start = Instant::now();
             self.commit_batch(batch);
+            self.arrivals.write = Some((start, Instant::now()));
+        }
+    }
+
+    /// Holds a batch whose every commit has slack (its caller has other work
+    /// in flight) for more commits to share its fsync, until the earliest is
+    /// due. Holds only while commits keep coming about as often as they have
+    /// from other callers (see [`Arrivals`]), so a lone caller, or callers
+    /// that are all in the batch already, are not held for company that
+    /// cannot come; a commit without slack ends the hold at once.
+    fn gather(&mut self, batch: &mut Vec<CommitRequest>) {
+        let Some(mut due) = batch.iter().map(CommitRequest::due).min() else {
+            return;
+        };
+        let started = Instant::now();
+        let mut arrived = 0;
+        while batch.len() < MAX_BATCH {
+            let left = due.saturating_duration_since(Instant::now());
+            let Some(gap) = self.arrivals.mean_gap() else {
+                break;
+            };
+            if gap > left {
+                break;
+            }
+            // Two mean gaps without an arrival: the callers are all waiting
+            // on this batch, or gone.
+            match self.requests.recv_timeout(left.min(gap * 2)) {
+                Ok(request) => {
+                    arrived += 1;
+                    due = due.min(request.due());
+                    batch.push(request);
+                }
+                Err(_) => break,
+            }
+        }
+        let held = started.elapsed();
+        if !held.is_zero() {
+            self.arrivals.observe(arrived, held);
         }
     }
 

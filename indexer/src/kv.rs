@@ -118,6 +118,14 @@ pub trait Transaction: Clone + Send + Sync + 'static {
     /// Writes key = prefix ++ 10-byte versionstamp ++ suffix at commit. Versionstamps are
     /// unique and strictly increasing in commit order across the life of the store (restarts included).
     fn set_versionstamped_key(&self, prefix: &[u8], suffix: &[u8], value: &[u8]);
+    /// Says the caller has other work in flight and will not need the commit
+    /// sooner than `slack` after calling [`Transaction::commit`], so the store
+    /// may hold it that long to share one durable write with other commits.
+    /// A hint only: `commit` returns as durable as ever. The default ignores
+    /// it (FoundationDB batches commits on its own proxies).
+    fn set_commit_slack(&self, slack: Duration) {
+        let _ = slack;
+    }
     /// Makes the writes durable and visible, or fails with nothing written.
     fn commit(&self) -> impl Future<Output = Result<(), KvError>> + Send;
 }

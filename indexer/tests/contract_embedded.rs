@@ -164,3 +164,122 @@ async fn concurrent_commits_share_disk_commits() {
     );
     assert!(elapsed < Duration::from_secs(20), "took {elapsed:?}");
 }
+
+/// `workers` closed-loop callers, each committing `each` single-key
+/// transactions with `slack`, one after another, pausing `pause` on average
+/// between them (the rest of a request); returns the disk commits they took and how
+/// long.
+async fn closed_loop(
+    store: &Arc<EmbeddedStore>,
+    workers: usize,
+    each: usize,
+    slack: Duration,
+    pause: Duration,
+) -> (u64, Duration) {
+    let before = store.disk_commits();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for i in 0..each {
+                    run(&*store, |tx| async move {
+                        tx.set_commit_slack(slack);
+                        tx.set(format!("w{w}/{i}").as_bytes(), b"v");
+                        Ok::<_, KvError>(())
+                    })
+                    .await
+                    .expect("commit");
+                    // Between none and twice `pause`, differing by caller
+                    // and round, so callers do not fall into lockstep.
+                    let spread = (w * 7919 + i * 104_729) % 1000;
+                    tokio::time::sleep(pause * 2 * spread as u32 / 1000).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task");
+    }
+    (store.disk_commits() - before, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_with_slack_share_more_fsyncs_under_concurrency() {
+    let (_dir, store) = fresh();
+    let store = Arc::new(store);
+    // Callers spend longer between commits than a commit takes, so without
+    // slack few queue behind any one fsync.
+    let pause = Duration::from_millis(20);
+    let (plain, _) = closed_loop(&store, 16, 20, Duration::ZERO, pause).await;
+    let (slack, took) = closed_loop(&store, 16, 20, Duration::from_millis(100), pause).await;
+    println!("320 commits: {plain} disk commits without slack, {slack} with 100 ms, {took:?}");
+    // Without slack a batch is whatever queued during the last fsync; with
+    // it, the committer holds a batch for the callers still running.
+    assert!(
+        slack * 2 < plain,
+        "slack should at least halve the disk commits: {slack} against {plain}"
+    );
+    // A commit waits at most its slack: 20 rounds of 100 ms plus the pauses
+    // and writes, and far less when the batch fills.
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_caller_is_never_held_for_company() {
+    let (_dir, store) = fresh();
+    let store = Arc::new(store);
+    // Teach the committer that commits come often, then commit alone: nobody
+    // else can arrive while the one caller waits, so nothing is held.
+    closed_loop(&store, 16, 20, Duration::from_secs(1), Duration::ZERO).await;
+    let (disk, took) = closed_loop(&store, 1, 20, Duration::from_secs(1), Duration::ZERO).await;
+    println!("20 lone commits took {took:?}");
+    assert_eq!(disk, 20, "one caller, one disk commit each");
+    // Held for its slack, 20 commits would take 20 s.
+    assert!(
+        took < Duration::from_secs(5),
+        "20 lone commits took {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_without_slack_is_not_held_behind_one_with_it() {
+    let (_dir, store) = fresh();
+    let store = Arc::new(store);
+    // Many callers with a long slack, each pausing a while between commits,
+    // keep commits trickling in, so the committer holds batches for as long
+    // as the trickle lasts (most of a second); a commit without slack must
+    // end a hold at once.
+    let busy = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            closed_loop(
+                &store,
+                64,
+                6,
+                Duration::from_secs(10),
+                Duration::from_millis(300),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut slowest = Duration::ZERO;
+    for i in 0..10 {
+        let started = Instant::now();
+        run(&*store, |tx| async move {
+            tx.set(format!("urgent/{i}").as_bytes(), b"v");
+            Ok::<_, KvError>(())
+        })
+        .await
+        .expect("commit");
+        slowest = slowest.max(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("slowest commit without slack: {slowest:?}");
+    assert!(
+        slowest < Duration::from_millis(250),
+        "a commit without slack waited {slowest:?}"
+    );
+    busy.await.expect("busy callers");
+}
