@@ -127,14 +127,37 @@ pub struct InitOptions {
     pub s3_tls: bool,
 }
 
+/// A loopback UDP port free now, for a process started next to bind.
 pub fn free_udp_port() -> Result<u16> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+    free_local_port(|port| UdpSocket::bind(("127.0.0.1", port)).is_ok())
 }
 
+/// A loopback TCP port free now, for a process started next to bind.
 pub fn free_tcp_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    free_local_port(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+}
+
+/// Ports handed to child processes come from below Linux's ephemeral range
+/// (32768-60999 by default): a port the kernel picked for `bind(0)` could be
+/// handed to any socket bound to port 0 (a QUIC client endpoint, an outgoing
+/// connection) between our check and the child's bind, which made
+/// `custodia bench-s3` fail now and then with "Address already in use". Each
+/// process walks its own sequence from a start derived from its pid, so
+/// concurrent processes rarely try the same ports.
+fn free_local_port(free: impl Fn(u16) -> bool) -> Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (start + n) % SPAN) as u16;
+        if free(port) {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port between {LOW} and {}", LOW + SPAN)
 }
 
 /// Creates the cluster CA, node and gateway certificates, the cluster file, the
@@ -368,4 +391,24 @@ pub async fn create_tenant<S: indexer::KvStore>(
     now_ms: u64,
 ) -> Result<bool> {
     Ok(gateway::credentials::create_tenant(store, name, now_ms).await?)
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_outside_the_ephemeral_range() {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..50 {
+            let tcp = free_tcp_port().expect("tcp port");
+            let udp = free_udp_port().expect("udp port");
+            for port in [tcp, udp] {
+                assert!((10_000..32_000).contains(&port), "port {port}");
+                assert!(seen.insert(port), "port {port} handed out twice");
+            }
+            std::net::TcpListener::bind(("127.0.0.1", tcp)).expect("tcp port is free");
+            UdpSocket::bind(("127.0.0.1", udp)).expect("udp port is free");
+        }
+    }
 }
