@@ -611,8 +611,13 @@ struct CommitRequest {
 }
 
 impl CommitRequest {
+    /// When the reply is due: the caller's slack (at most
+    /// [`MAX_COMMIT_SLACK`]) after submission, and never so late that
+    /// holding it could make the transaction too old to commit.
     fn due(&self) -> Instant {
-        self.submitted + self.body.slack
+        let wanted = self.submitted + self.body.slack.min(MAX_COMMIT_SLACK);
+        let latest = self.body.started + (MAX_TRANSACTION_AGE - 2 * MAX_COMMIT_SLACK);
+        wanted.min(latest.max(self.submitted))
     }
 }
 
@@ -636,10 +641,13 @@ struct Committer {
 }
 
 /// The rate at which commits arrive from callers other than those waiting on
-/// the batch in hand: counted only while a batch is being written or held,
-/// when its own callers cannot add to it. A lone caller waiting on its own
-/// commit therefore never makes the committer hold a batch for company that
-/// cannot come, and a hold that finds nobody lowers the estimate at once.
+/// the batch in hand: counted only while a batch is being written (from the
+/// write's start to its fsync's end, before any reply goes out) or held, when
+/// its own callers cannot add to it. So a lone caller waiting on its own
+/// commit does not make the committer hold a batch for company that cannot
+/// come. After a burst of concurrency it may be held a few times, each for at
+/// most two of the burst's mean gaps: a hold that finds nobody doubles the
+/// expected gap, and a second without any observation forgets the estimate.
 #[derive(Default)]
 struct Arrivals {
     /// The last write's start and end.
@@ -648,10 +656,19 @@ struct Arrivals {
     /// [`ARRIVALS_HALF_LIFE`] of watched time.
     arrived: f64,
     watched: f64,
+    /// When the last observation ended.
+    last: Option<Instant>,
 }
 
 /// How much watched time halves the weight of what was seen before it.
 const ARRIVALS_HALF_LIFE: Duration = Duration::from_millis(20);
+
+/// An estimate older than this (no write or hold since) is forgotten.
+const ARRIVALS_STALE: Duration = Duration::from_secs(1);
+
+/// The most slack a commit is granted, whatever it asks for: holding a batch
+/// must never come near [`MAX_TRANSACTION_AGE`].
+pub const MAX_COMMIT_SLACK: Duration = Duration::from_millis(500);
 
 impl Arrivals {
     fn observe(&mut self, arrived: usize, over: Duration) {
@@ -659,6 +676,7 @@ impl Arrivals {
         let keep = 0.5f64.powf(t / ARRIVALS_HALF_LIFE.as_secs_f64());
         self.arrived = self.arrived * keep + arrived as f64;
         self.watched = self.watched * keep + t;
+        self.last = Some(Instant::now());
     }
 
     /// Learns from the batch taken after the last write: how many of its
@@ -674,9 +692,14 @@ impl Arrivals {
         self.observe(during, end.saturating_duration_since(start));
     }
 
-    /// The mean time between arrivals, if any were seen.
+    /// The mean time between arrivals, when at least one arrival's worth was
+    /// seen recently.
     fn mean_gap(&self) -> Option<Duration> {
-        (self.arrived > 0.0).then(|| Duration::from_secs_f64(self.watched / self.arrived))
+        let recent = self.last.is_some_and(|at| at.elapsed() < ARRIVALS_STALE);
+        if !recent || self.arrived < 1.0 {
+            return None;
+        }
+        Duration::try_from_secs_f64(self.watched / self.arrived).ok()
     }
 }
 
@@ -692,9 +715,7 @@ impl Committer {
             }
             self.arrivals.after_write(&batch);
             self.gather(&mut batch);
-            let start = Instant::now();
             self.commit_batch(batch);
-            self.arrivals.write = Some((start, Instant::now()));
         }
     }
 
@@ -710,6 +731,7 @@ impl Committer {
         };
         let started = Instant::now();
         let mut arrived = 0;
+        let mut waited = false;
         while batch.len() < MAX_BATCH {
             let left = due.saturating_duration_since(Instant::now());
             let Some(gap) = self.arrivals.mean_gap() else {
@@ -718,9 +740,10 @@ impl Committer {
             if gap > left {
                 break;
             }
+            waited = true;
             // Two mean gaps without an arrival: the callers are all waiting
             // on this batch, or gone.
-            match self.requests.recv_timeout(left.min(gap * 2)) {
+            match self.requests.recv_timeout(left.min(gap.saturating_mul(2))) {
                 Ok(request) => {
                     arrived += 1;
                     due = due.min(request.due());
@@ -729,9 +752,15 @@ impl Committer {
                 Err(_) => break,
             }
         }
-        let held = started.elapsed();
-        if !held.is_zero() {
-            self.arrivals.observe(arrived, held);
+        if !waited {
+            return;
+        }
+        self.arrivals.observe(arrived, started.elapsed());
+        if arrived == 0 {
+            // Nobody came: whoever made commits frequent may be gone. Each
+            // such hold doubles the expected gap, so a lone caller stops
+            // being held after a few.
+            self.arrivals.arrived /= 2.0;
         }
     }
 
@@ -754,7 +783,12 @@ impl Committer {
         if accepted.is_empty() {
             return;
         }
-        match self.write_batch(version, &accepted) {
+        let started = Instant::now();
+        let written = self.write_batch(version, &accepted);
+        // Before any reply: a caller that resubmits at once must not count
+        // as another caller arriving during the write.
+        self.arrivals.write = Some((started, Instant::now()));
+        match written {
             Ok(()) => {
                 self.version = version;
                 self.disk_commits.fetch_add(1, Ordering::Relaxed);
@@ -913,6 +947,23 @@ mod tests {
         assert!(!set(&[b"c"], &[]).intersects(&set(&[], &[(b"a", b"c")])));
         assert!(set(&[], &[(b"a", b"c")]).intersects(&set(&[], &[(b"b", b"d")])));
         assert!(!set(&[], &[(b"a", b"b")]).intersects(&set(&[], &[(b"b", b"d")])));
+    }
+
+    #[test]
+    fn the_arrival_estimate_survives_long_quiet_windows() {
+        let mut a = Arrivals::default();
+        assert_eq!(a.mean_gap(), None, "nothing seen yet");
+        a.observe(10, Duration::from_millis(1));
+        let gap = a.mean_gap().expect("ten arrivals in a millisecond");
+        assert!(gap <= Duration::from_micros(100), "{gap:?}");
+        // A long window with nobody decays what was seen to nothing: no
+        // estimate, and no overflow or panic on the way.
+        a.observe(0, Duration::from_secs(2));
+        assert_eq!(a.mean_gap(), None);
+        a.observe(0, Duration::from_secs(3600));
+        assert_eq!(a.mean_gap(), None);
+        a.observe(1, Duration::ZERO);
+        assert!(a.mean_gap().is_some_and(|g| g < Duration::from_secs(3601)));
     }
 
     #[test]

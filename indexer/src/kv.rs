@@ -121,8 +121,9 @@ pub trait Transaction: Clone + Send + Sync + 'static {
     /// Says the caller has other work in flight and will not need the commit
     /// sooner than `slack` after calling [`Transaction::commit`], so the store
     /// may hold it that long to share one durable write with other commits.
-    /// A hint only: `commit` returns as durable as ever. The default ignores
-    /// it (FoundationDB batches commits on its own proxies).
+    /// A hint only: `commit` returns as durable as ever. The embedded store
+    /// honours up to half a second; the default ignores it (FoundationDB
+    /// batches commits on its own proxies).
     fn set_commit_slack(&self, slack: Duration) {
         let _ = slack;
     }

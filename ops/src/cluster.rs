@@ -137,13 +137,13 @@ pub fn free_tcp_port() -> Result<u16> {
     free_local_port(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
 }
 
-/// Ports handed to child processes come from below Linux's ephemeral range
-/// (32768-60999 by default): a port the kernel picked for `bind(0)` could be
-/// handed to any socket bound to port 0 (a QUIC client endpoint, an outgoing
-/// connection) between our check and the child's bind, which made
-/// `custodia bench-s3` fail now and then with "Address already in use". Each
-/// process walks its own sequence from a start derived from its pid, so
-/// concurrent processes rarely try the same ports.
+/// Ports handed to child processes come from below Linux's default
+/// ephemeral range (`ip_local_port_range`, 32768-60999): a port the kernel
+/// picked for `bind(0)` could be handed to any socket bound to port 0 (a QUIC
+/// client endpoint, an outgoing connection) between our check and the
+/// child's bind, which made `custodia bench-s3` fail now and then with
+/// "Address already in use". Each process walks its own sequence from a start
+/// derived from its pid, so concurrent processes rarely try the same ports.
 fn free_local_port(free: impl Fn(u16) -> bool) -> Result<u16> {
     use std::sync::atomic::{AtomicU32, Ordering};
     const LOW: u32 = 10_000;
@@ -152,12 +152,12 @@ fn free_local_port(free: impl Fn(u16) -> bool) -> Result<u16> {
     let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
     for _ in 0..SPAN {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = (LOW + (start + n) % SPAN) as u16;
+        let port = (LOW + (start + n % SPAN) % SPAN) as u16;
         if free(port) {
             return Ok(port);
         }
     }
-    bail!("no free loopback port between {LOW} and {}", LOW + SPAN)
+    bail!("no free loopback port from {LOW} to {}", LOW + SPAN - 1)
 }
 
 /// Creates the cluster CA, node and gateway certificates, the cluster file, the
