@@ -636,7 +636,8 @@ struct Committer {
     version: u64,
     recent: VecDeque<RecentCommit>,
     disk_commits: Arc<AtomicU64>,
-    /// How fast commits arrive while one is being written.
+    /// How fast other callers' commits arrive while a batch is written or
+    /// held.
     arrivals: Arrivals,
 }
 
