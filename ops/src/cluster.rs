@@ -48,6 +48,12 @@ pub struct NodeSpec {
     /// (default true; false for file systems where direct I/O is slow).
     #[serde(default)]
     pub direct_io: Option<bool>,
+    /// Free bytes the node keeps on its file system (default 256 MiB): it
+    /// refuses new shards that would leave less, and the gateway sends new
+    /// shards elsewhere while it is that full; deletes and compaction may
+    /// still use the reserve.
+    #[serde(default)]
+    pub reserve_bytes: Option<u64>,
 }
 
 impl NodeSpec {
@@ -68,6 +74,7 @@ impl NodeSpec {
         storage_node::store::StoreConfig {
             small_shard_max: self.small_shard_bytes.unwrap_or(d.small_shard_max),
             direct_io: self.direct_io.unwrap_or(d.direct_io),
+            reserve_bytes: self.reserve_bytes.unwrap_or(d.reserve_bytes),
         }
     }
 }
@@ -221,6 +228,7 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
             scrub_pass_interval_secs: None,
             small_shard_bytes: None,
             direct_io: None,
+            reserve_bytes: None,
         });
         entries.push(NodeEntry {
             id,

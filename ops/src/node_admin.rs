@@ -57,6 +57,7 @@ pub fn add(
         scrub_pass_interval_secs: None,
         small_shard_bytes: None,
         direct_io: None,
+        reserve_bytes: None,
     });
     cluster.gateway.nodes.push(gateway::config::NodeEntry {
         id,

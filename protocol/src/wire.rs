@@ -117,6 +117,19 @@ pub struct NodeInfo {
     /// Bytes of shard files this node stores.
     pub used_bytes: u64,
     pub shards: u64,
+    /// Free bytes the node keeps for deletes, compaction and the file
+    /// system: it refuses a new shard ([`ErrorCode::DiskFull`]) that would
+    /// leave less than this free, so it is full for new shards once
+    /// `free_bytes` is at or under it.
+    pub reserve_bytes: u64,
+}
+
+impl NodeInfo {
+    /// Whether the node takes no new shards now: its free space is within
+    /// its reserve.
+    pub fn is_full(&self) -> bool {
+        self.free_bytes <= self.reserve_bytes
+    }
 }
 
 /// What a node answers.
@@ -306,6 +319,39 @@ mod tests {
             hex::encode(Response::Error(ErrorCode::HashMismatch).encode()),
             "01020000000503"
         );
+        // Info: variant 4; node 7, the disk UUID, then capacity 1000, free
+        // 300, used 5, shards 2 and reserve 200 as varints.
+        let info = Response::Info(NodeInfo {
+            node: NodeId(7),
+            disk_uuid: [0x11; 16],
+            capacity_bytes: 1000,
+            free_bytes: 300,
+            used_bytes: 5,
+            shards: 2,
+            reserve_bytes: 200,
+        });
+        assert_eq!(
+            hex::encode(info.encode()),
+            "011a000000040711111111111111111111111111111111e807ac020502c801"
+        );
+    }
+
+    #[test]
+    fn a_node_is_full_once_its_free_space_is_within_its_reserve() {
+        let info = |free_bytes, reserve_bytes| NodeInfo {
+            node: NodeId(1),
+            disk_uuid: [0; 16],
+            capacity_bytes: 1 << 30,
+            free_bytes,
+            used_bytes: 0,
+            shards: 0,
+            reserve_bytes,
+        };
+        assert!(!info(201, 200).is_full());
+        assert!(info(200, 200).is_full());
+        assert!(info(0, 200).is_full());
+        assert!(info(0, 0).is_full());
+        assert!(!info(1, 0).is_full());
     }
 
     #[test]

@@ -643,6 +643,7 @@ async fn handle_node_info(
             free_bytes: info.free_bytes,
             used_bytes: info.used_bytes,
             shards: info.shards,
+            reserve_bytes: info.reserve_bytes,
         }),
         Err(e) => {
             tracing::warn!(error = %e, "could not read node info");

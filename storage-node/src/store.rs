@@ -55,6 +55,8 @@ const MAX_PREFIX: usize = protocol::shard::MAGIC.len() + 2 + protocol::shard::MA
 /// Shard bodies up to this many bytes go to segments by default: a 4 KiB
 /// object's shards, and the last stripe of most small files.
 pub const DEFAULT_SMALL_SHARD_MAX: u32 = 64 << 10;
+/// Free bytes a node keeps by default (see [`StoreConfig::reserve_bytes`]).
+pub const DEFAULT_RESERVE_BYTES: u64 = 256 << 20;
 /// Records copied per fsync when compacting a segment.
 const COMPACT_BATCH: usize = 256;
 
@@ -70,6 +72,12 @@ pub struct StoreConfig {
     /// slow or emulated). A file system that refuses `O_DIRECT` turns it off
     /// by itself, once, with a warning.
     pub direct_io: bool,
+    /// Free bytes kept on the file system: a new shard that would leave
+    /// less free is refused with [`StoreError::DiskFull`] before anything is
+    /// written. Deletes and compaction may use the reserve (a tombstone and
+    /// the copies that let a segment go need room, and they are how space
+    /// comes back), and so may the file system and anything sharing it.
+    pub reserve_bytes: u64,
 }
 
 impl Default for StoreConfig {
@@ -77,6 +85,7 @@ impl Default for StoreConfig {
         StoreConfig {
             small_shard_max: DEFAULT_SMALL_SHARD_MAX,
             direct_io: true,
+            reserve_bytes: DEFAULT_RESERVE_BYTES,
         }
     }
 }
@@ -155,6 +164,9 @@ pub struct StoreInfo {
     /// Fsyncs of segments since the store opened (each acknowledges every
     /// small shard appended before it).
     pub segment_syncs: u64,
+    /// Free bytes this store leaves for deletes, compaction and the file
+    /// system ([`StoreConfig::reserve_bytes`]).
+    pub reserve_bytes: u64,
 }
 
 #[derive(Default)]
@@ -188,6 +200,7 @@ pub struct ShardStore {
     /// Whether shard files still go around the page cache (see
     /// [`StoreConfig::direct_io`]); cleared when the file system refuses.
     direct: std::sync::atomic::AtomicBool,
+    reserve: u64,
 }
 
 impl std::fmt::Debug for ShardStore {
@@ -236,6 +249,7 @@ impl ShardStore {
             log,
             small_max: config.small_shard_max,
             direct: std::sync::atomic::AtomicBool::new(config.direct_io),
+            reserve: config.reserve_bytes,
         })
     }
 
@@ -289,6 +303,13 @@ impl ShardStore {
         }
         if !header.matches(body) {
             return Err(StoreError::HashMismatch);
+        }
+        // Checked before anything is written, so a full node refuses cleanly
+        // and keeps its reserve for what frees space.
+        // The body plus a block for its header and the file system's own.
+        let record = body.len() as u64 + 4096;
+        if self.free_bytes()?.saturating_sub(record) < self.reserve {
+            return Err(StoreError::DiskFull);
         }
         let key = header.key;
         let dir = self.shard_dir(&key);
@@ -539,7 +560,14 @@ impl ShardStore {
             shards: usage.shards + small.shards,
             segment_bytes: small.file_bytes,
             segment_syncs: small.syncs,
+            reserve_bytes: self.reserve,
         })
+    }
+
+    /// Bytes available to this process on the store's file system now.
+    fn free_bytes(&self) -> Result<u64, StoreError> {
+        let vfs = rustix::fs::statvfs(&self.root).map_err(io::Error::from)?;
+        Ok(vfs.f_bavail.saturating_mul(vfs.f_frsize))
     }
 
     /// Reclaims the space of one sealed segment that is mostly replaced or
@@ -1213,6 +1241,7 @@ mod tests {
         let config = StoreConfig {
             small_shard_max: 0,
             direct_io: false,
+            ..StoreConfig::default()
         };
         large_shards_round_trip(dir.path(), config);
     }
@@ -1632,6 +1661,58 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(), 0);
         let other = tempfile::tempdir().unwrap();
         assert_ne!(ShardStore::open(other.path()).unwrap().disk_uuid(), uuid);
+    }
+
+    #[test]
+    fn a_store_at_its_reserve_refuses_new_shards_but_serves_and_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let with_reserve = |reserve_bytes| {
+            ShardStore::open_with(
+                dir.path(),
+                StoreConfig {
+                    small_shard_max: 100,
+                    reserve_bytes,
+                    ..StoreConfig::default()
+                },
+            )
+            .unwrap()
+        };
+        // One shard in a segment, one in its own file.
+        let (small, large) = (body(50), body(SHARD_SIZE as usize));
+        {
+            let store = with_reserve(0);
+            store.put(&header(key(1), &small), &small).unwrap();
+            store.put(&header(key(2), &large), &large).unwrap();
+        }
+        // A reserve larger than the disk's free space: full for new shards.
+        let free = with_reserve(0).info().unwrap().free_bytes;
+        let reserve = free + (1 << 30);
+        let store = with_reserve(reserve);
+        assert_eq!(store.info().unwrap().reserve_bytes, reserve);
+        for (n, b) in [(3, &small), (4, &large), (1, &small), (2, &large)] {
+            let err = store.put(&header(key(n), b), b).unwrap_err();
+            assert!(matches!(err, StoreError::DiskFull), "shard {n}: {err}");
+            assert_eq!(err.code(), ErrorCode::DiskFull);
+        }
+        // Nothing new was stored or replaced, and no temporary file is left.
+        for n in [3, 4] {
+            assert!(matches!(store.get(&key(n)), Err(StoreError::NotFound)));
+        }
+        assert_eq!(store.get(&key(1)).unwrap().1, small);
+        assert_eq!(store.get(&key(2)).unwrap().1, large);
+        assert_eq!(store.info().unwrap().shards, 2);
+        assert_eq!(fs::read_dir(dir.path().join(TMP_DIR)).unwrap().count(), 0);
+        // Deletes use the reserve: they are how space comes back.
+        assert!(store.delete(&key(1)).unwrap());
+        assert!(store.delete(&key(2)).unwrap());
+        assert_eq!(store.info().unwrap().shards, 0);
+        drop(store);
+        // With room again, the same shards are taken.
+        let store = with_reserve(0);
+        assert!(matches!(store.get(&key(1)), Err(StoreError::NotFound)));
+        store.put(&header(key(3), &small), &small).unwrap();
+        store.put(&header(key(4), &large), &large).unwrap();
+        assert_eq!(store.info().unwrap().shards, 2);
     }
 
     #[test]
