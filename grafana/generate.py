@@ -84,6 +84,7 @@ DASHBOARDS = {
         [
             panel("Node up (gateway's view)", "custodia_cluster_node_up", legend=["node {{node}}"]),
             panel("Capacity, used, free", ["sum(custodia_node_capacity_bytes)", "sum(custodia_node_used_bytes)", "sum(custodia_node_free_bytes)"], "bytes", legend=["capacity", "used by shards", "free"]),
+            panel("Free above reserve (full at 0: no new shards)", "clamp_min(custodia_cluster_node_free_bytes - custodia_cluster_node_reserve_bytes, 0)", "bytes", legend=["node {{node}}"]),
             panel("Shards per node", "custodia_node_shards", legend=["node {{node}}"]),
             panel("Node requests per second", "sum by (op, result) (rate(custodia_node_requests_total[1m]))", "reqps", legend=["{{op}} {{result}}"]),
             panel("Node p99 latency by op", "histogram_quantile(0.99, sum by (op, le) (rate(custodia_node_request_duration_seconds_bucket[5m])))", "s", legend=["{{op}}"]),

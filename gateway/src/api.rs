@@ -990,6 +990,8 @@ async fn status<S: Store>(
                 "capacity_bytes": n.disk.map(|d| d.capacity_bytes),
                 "used_bytes": n.disk.map(|d| d.used_bytes),
                 "free_bytes": n.disk.map(|d| d.free_bytes),
+                "reserve_bytes": n.disk.map(|d| d.reserve_bytes),
+                "full": n.full,
                 "shards": n.disk.map(|d| d.shards),
                 "rtt_ms": n.rtt.map(|d| d.as_secs_f64() * 1000.0),
                 "clock_offset_ms": n.clock_offset_ms,

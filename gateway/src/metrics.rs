@@ -80,6 +80,8 @@ pub struct GatewayMetrics {
     pub node_capacity: IntGaugeVec,
     pub node_used: IntGaugeVec,
     pub node_free: IntGaugeVec,
+    pub node_reserve: IntGaugeVec,
+    pub node_full: IntGaugeVec,
     /// `custodia_quic_connections`: open connections to nodes;
     /// `custodia_quic_rtt_seconds{node}`: each one's smoothed RTT.
     pub quic_connections: IntGauge,
@@ -217,6 +219,14 @@ impl GatewayMetrics {
                 "custodia_cluster_node_free_bytes",
                 "A node's free bytes, as last reported to the gateway.",
             )?,
+            node_reserve: node_gauge(
+                "custodia_cluster_node_reserve_bytes",
+                "Free bytes a node keeps for deletes and compaction: it refuses new shards that would leave less.",
+            )?,
+            node_full: node_gauge(
+                "custodia_cluster_node_full",
+                "1 while a node takes no new shards because its free space is within its reserve.",
+            )?,
             quic_connections: gauge(
                 "custodia_quic_connections",
                 "Open QUIC connections from the gateway to nodes.",
@@ -346,7 +356,13 @@ pub async fn refresh<S: Store>(gw: &Gateway<S>) {
             m.node_free
                 .with_label_values(&[id.as_str()])
                 .set(clamp(d.free_bytes));
+            m.node_reserve
+                .with_label_values(&[id.as_str()])
+                .set(clamp(d.reserve_bytes));
         }
+        m.node_full
+            .with_label_values(&[id.as_str()])
+            .set(i64::from(n.full));
         match n.clock_offset_ms {
             Some(ms) => m
                 .node_clock_offset

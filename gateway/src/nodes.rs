@@ -20,6 +20,9 @@ use storage_node::client::NodeClient;
 struct NodeState {
     entry: NodeEntry,
     healthy: AtomicBool,
+    /// Takes no new shards: its free space is within its reserve, as its last
+    /// probe said or a put it refused with `DiskFull` since.
+    full: AtomicBool,
     /// The node's disk as its last answered probe reported it.
     disk: Mutex<Option<DiskView>>,
     /// When the node last answered a probe.
@@ -30,6 +33,10 @@ struct NodeState {
     clock_offset_ms: Mutex<Option<i64>>,
 }
 
+/// Free bytes above its reserve a full node must report before it takes new
+/// shards again.
+const FULL_HEADROOM: u64 = 64 << 20;
+
 /// A node's disk as it last reported it.
 #[derive(Clone, Copy, Debug, serde::Serialize)]
 pub struct DiskView {
@@ -37,6 +44,9 @@ pub struct DiskView {
     pub used_bytes: u64,
     pub free_bytes: u64,
     pub shards: u64,
+    /// Free bytes the node keeps; it takes no new shard that would leave
+    /// less.
+    pub reserve_bytes: u64,
 }
 
 /// How the gateway sees a node.
@@ -74,6 +84,8 @@ pub struct NodeView {
     /// How long ago it last answered a probe.
     pub last_seen: Option<Duration>,
     pub disk: Option<DiskView>,
+    /// Takes no new shards (its disk is down to its reserve).
+    pub full: bool,
     /// Smoothed RTT of the open connection, if one is open.
     pub rtt: Option<Duration>,
     pub lifecycle: Lifecycle,
@@ -99,6 +111,7 @@ impl NodeSet {
             .map(|e| NodeState {
                 entry: e.clone(),
                 healthy: AtomicBool::new(true),
+                full: AtomicBool::new(false),
                 disk: Mutex::new(None),
                 last_ok: Mutex::new(None),
                 lifecycle: Mutex::new(Lifecycle::Active),
@@ -134,6 +147,25 @@ impl NodeSet {
         }
     }
 
+    /// Notes whether `id` takes new shards. A full node still serves reads
+    /// and deletes: it is not marked unhealthy for being full.
+    pub fn mark_full(&self, id: NodeId, full: bool) {
+        if let Some(n) = self.get(id) {
+            if n.full.swap(full, Ordering::Relaxed) != full {
+                if full {
+                    tracing::warn!(node = %id, "node is full: no new shards go to it until it has room above its reserve");
+                } else {
+                    tracing::info!(node = %id, "node has room again: it takes new shards");
+                }
+            }
+        }
+    }
+
+    /// Whether `id` is full for new shards, as last seen.
+    pub fn is_full(&self, id: NodeId) -> bool {
+        self.get(id).is_some_and(|n| n.full.load(Ordering::Relaxed))
+    }
+
     /// Whether `id` answered its last probe or request.
     pub fn is_healthy(&self, id: NodeId) -> bool {
         self.get(id)
@@ -163,6 +195,7 @@ impl NodeSet {
                 state,
                 last_seen,
                 disk: *lock(&n.disk),
+                full: n.full.load(Ordering::Relaxed),
                 rtt: rtts
                     .iter()
                     .find(|(a, _)| *a == n.entry.addr)
@@ -240,21 +273,29 @@ impl NodeSet {
             .collect()
     }
 
-    /// Nodes new shards may go to: the active, healthy ones, or every active
-    /// one when too few are healthy to hold a stripe (a stale health flag must
-    /// not refuse writes). Draining and removed nodes never take new shards.
+    /// Nodes new shards may go to: the active, healthy ones with room; when
+    /// too few of those can hold a stripe, the active ones with room
+    /// whatever their health, then every active one (a stale health or full
+    /// flag must not refuse writes: a node that is really full or down
+    /// refuses the shard and the next ranked node takes it). Draining and
+    /// removed nodes never take new shards.
     pub fn write_candidates(&self, need: usize) -> Vec<Candidate> {
         let active = || {
             self.nodes
                 .iter()
                 .filter(|n| *lock(&n.lifecycle) == Lifecycle::Active)
         };
-        let healthy: Vec<Candidate> = active()
+        let with_room = || active().filter(|n| !n.full.load(Ordering::Relaxed));
+        let healthy: Vec<Candidate> = with_room()
             .filter(|n| n.healthy.load(Ordering::Relaxed))
             .map(|n| candidate(&n.entry))
             .collect();
         if healthy.len() >= need {
-            healthy
+            return healthy;
+        }
+        let roomy: Vec<Candidate> = with_room().map(|n| candidate(&n.entry)).collect();
+        if roomy.len() >= need {
+            roomy
         } else {
             active().map(|n| candidate(&n.entry)).collect()
         }
@@ -313,12 +354,21 @@ impl NodeSet {
                 continue;
             }
             self.mark(id, true);
+            // Full at the reserve; room again only well above it, so a node
+            // at the edge does not flip with every probe (and every put it
+            // refuses).
+            if info.is_full() {
+                self.mark_full(id, true);
+            } else if info.free_bytes > info.reserve_bytes.saturating_add(FULL_HEADROOM) {
+                self.mark_full(id, false);
+            }
             *lock(&n.last_ok) = Some(Instant::now());
             *lock(&n.disk) = Some(DiskView {
                 capacity_bytes: info.capacity_bytes,
                 used_bytes: info.used_bytes,
                 free_bytes: info.free_bytes,
                 shards: info.shards,
+                reserve_bytes: info.reserve_bytes,
             });
             let entry = n.entry.clone();
             let result = indexer::run(store, |tx| {
@@ -372,5 +422,71 @@ fn candidate(e: &NodeEntry) -> Candidate {
     Candidate {
         node: e.node_id(),
         failure_domain: e.failure_domain.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use storage_node::tls::{ClusterCa, TlsFiles};
+
+    /// Eight nodes, all up and active, and a client that never connects.
+    fn set(dir: &std::path::Path) -> NodeSet {
+        let ca = ClusterCa::generate("test CA").unwrap();
+        let (ca_pem, _) = ca.to_pem();
+        let (cert, key) = ca
+            .issue("gateway", &["gateway.custodia.internal".into()], &[])
+            .unwrap();
+        let files = TlsFiles {
+            ca_cert: dir.join("ca.pem"),
+            cert: dir.join("gw.pem"),
+            key: dir.join("gw.key"),
+        };
+        std::fs::write(&files.ca_cert, ca_pem).unwrap();
+        std::fs::write(&files.cert, cert).unwrap();
+        std::fs::write(&files.key, key).unwrap();
+        let entries: Vec<NodeEntry> = (0..8)
+            .map(|id| NodeEntry {
+                id,
+                addr: SocketAddr::from(([127, 0, 0, 1], 7100 + id as u16)),
+                failure_domain: None,
+            })
+            .collect();
+        NodeSet::new(
+            &entries,
+            NodeClient::new(&files).unwrap(),
+            Duration::from_secs(10),
+        )
+    }
+
+    fn ids(c: &[Candidate]) -> Vec<u32> {
+        c.iter().map(|c| c.node.0).collect()
+    }
+
+    #[tokio::test]
+    async fn full_nodes_take_new_shards_only_when_too_few_others_have_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = set(dir.path());
+        nodes.mark_full(NodeId(2), true);
+        assert!(nodes.is_full(NodeId(2)) && nodes.is_healthy(NodeId(2)));
+        assert_eq!(ids(&nodes.write_candidates(6)), [0, 1, 3, 4, 5, 6, 7]);
+        // Two down: six healthy, of which one full; the five with room are
+        // too few, so the down ones with room are asked before the full one.
+        nodes.mark(NodeId(0), false);
+        nodes.mark(NodeId(1), false);
+        assert_eq!(ids(&nodes.write_candidates(6)), [0, 1, 3, 4, 5, 6, 7]);
+        // Three full: five with room is too few for six shards, so every
+        // active node is a candidate (a really full one refuses, cleanly).
+        nodes.mark_full(NodeId(3), true);
+        nodes.mark_full(NodeId(4), true);
+        assert_eq!(ids(&nodes.write_candidates(6)).len(), 8);
+        // Room again.
+        for id in [2, 3, 4] {
+            nodes.mark_full(NodeId(id), false);
+        }
+        nodes.mark(NodeId(0), true);
+        nodes.mark(NodeId(1), true);
+        assert_eq!(ids(&nodes.write_candidates(6)).len(), 8);
+        assert!(nodes.view().iter().all(|v| !v.full));
     }
 }

@@ -771,6 +771,7 @@ fn choose_targets<S: Store>(
     let free: Vec<NodeId> = ranked
         .into_iter()
         .filter(|c| !holders.contains(c) && !gone.contains(c) && gw.nodes.is_healthy(*c))
+        .filter(|c| !gw.nodes.is_full(*c))
         .filter(|c| !rec.shards.iter().any(|p| p.node == Some(*c)))
         .collect();
     let mut out: Vec<NodeId> = Vec::with_capacity(n);
@@ -814,6 +815,12 @@ async fn put_and_verify<S: Store>(
         .rpc_put_shard(addr, header, body)
         .await
         .map_err(|e| {
+            if matches!(
+                e,
+                storage_node::client::NodeError::Remote(protocol::wire::ErrorCode::DiskFull)
+            ) {
+                gw.nodes.mark_full(node, true);
+            }
             ApiError::Unavailable(format!("writing {} to node {node}: {e}", header.key))
         })?;
     // Re-counted from the disk: the node reads the shard back and hashes it

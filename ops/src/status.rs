@@ -28,6 +28,19 @@ pub fn bytes(v: Option<u64>) -> String {
     }
 }
 
+/// A node's state column: health, then the lifecycle when not active and
+/// "full" when it takes no new shards (e.g. `up draining`, `up full`).
+fn state(n: &Value) -> String {
+    let mut state = n["state"].as_str().unwrap_or("?").to_owned();
+    if let Some(l) = n["lifecycle"].as_str().filter(|l| *l != "active") {
+        state = format!("{state} {l}");
+    }
+    if n["full"] == true {
+        state.push_str(" full");
+    }
+    state
+}
+
 /// The table a person reads.
 pub fn render(s: &Value) -> String {
     let mut out = String::new();
@@ -42,7 +55,7 @@ pub fn render(s: &Value) -> String {
     );
     let _ = writeln!(
         out,
-        "{:>4}  {:<14} {:<22} {:<10} {:>10} {:>10} {:>10} {:>8} {:>9} {:>8}",
+        "{:>4}  {:<20} {:<22} {:<10} {:>10} {:>10} {:>10} {:>8} {:>9} {:>8}",
         "NODE", "STATE", "ADDRESS", "DOMAIN", "CAPACITY", "USED", "FREE", "SHARDS", "SEEN", "SKEW"
     );
     for n in &nodes {
@@ -52,12 +65,9 @@ pub fn render(s: &Value) -> String {
             .unwrap_or_else(|| "never".into());
         let _ = writeln!(
             out,
-            "{:>4}  {:<14} {:<22} {:<10} {:>10} {:>10} {:>10} {:>8} {:>9} {:>8}",
+            "{:>4}  {:<20} {:<22} {:<10} {:>10} {:>10} {:>10} {:>8} {:>9} {:>8}",
             n["id"].as_u64().map_or("?".into(), |v| v.to_string()),
-            match n["lifecycle"].as_str() {
-                Some(l) if l != "active" => format!("{} {l}", n["state"].as_str().unwrap_or("?")),
-                _ => n["state"].as_str().unwrap_or("?").to_owned(),
-            },
+            state(n),
             n["addr"].as_str().unwrap_or("?"),
             n["failure_domain"].as_str().unwrap_or("-"),
             bytes(n["capacity_bytes"].as_u64()),
@@ -164,12 +174,25 @@ mod tests {
                 {"id": 0, "state": "up", "addr": "127.0.0.1:7100", "capacity_bytes": 1u64 << 40,
                  "used_bytes": 1u64 << 30, "free_bytes": 1u64 << 39, "shards": 12, "last_seen_s": 1.2},
                 {"id": 1, "state": "down", "addr": "127.0.0.1:7101", "last_seen_s": null},
+                {"id": 2, "state": "up", "lifecycle": "draining", "full": true,
+                 "addr": "127.0.0.1:7102", "last_seen_s": 0.4},
+                {"id": 3, "state": "up", "lifecycle": "active", "full": true,
+                 "addr": "127.0.0.1:7103", "last_seen_s": 0.4},
             ],
             "degraded_stripes": 7, "degraded_evidence": 2, "degraded_count_capped": false,
             "ledger": {"entries": 42, "checkpoint_age_s": 0.5, "witnesses": 0, "cosigned_entries": 0},
         });
         let t = render(&s);
-        assert!(t.contains("nodes: 1 of 2 up, RS(4,2)"), "{t}");
+        assert!(t.contains("nodes: 3 of 4 up, RS(4,2)"), "{t}");
+        let row = |id: &str| {
+            t.lines()
+                .find(|l| l.trim_start().starts_with(id))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        assert!(row("2 ").contains("up draining full"), "{t}");
+        assert!(row("3 ").contains("up full "), "{t}");
+        assert!(!row("0 ").contains("full"), "{t}");
         assert!(t.contains("1.0 TiB") && t.contains("never"), "{t}");
         assert!(t.contains("down"), "{t}");
         assert!(t.contains("7 degraded stripes in 2 pieces"), "{t}");

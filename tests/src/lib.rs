@@ -198,7 +198,10 @@ impl TestCluster {
             agent,
         };
         if let Some(bytes) = c.shape.small_shard_bytes {
-            c.write_node_settings(&[("small_shard_bytes", toml::Value::Integer(bytes.into()))])?;
+            c.write_node_settings(
+                None,
+                &[("small_shard_bytes", toml::Value::Integer(bytes.into()))],
+            )?;
         }
         for i in 0..c.shape.nodes {
             c.start_node(i)?;
@@ -239,7 +242,7 @@ impl TestCluster {
     /// Restarts every node with `settings` (keys of each `[[nodes]]` table
     /// of cluster.toml) changed, waiting for each to serve.
     pub fn set_nodes(&mut self, settings: &[(&str, toml::Value)]) -> Result<()> {
-        self.write_node_settings(settings)?;
+        self.write_node_settings(None, settings)?;
         for i in 0..self.shape.nodes {
             self.kill_node(i);
             self.start_node_and_wait(i)?;
@@ -247,15 +250,31 @@ impl TestCluster {
         Ok(())
     }
 
-    /// Changes `settings` in every `[[nodes]]` table of cluster.toml (taking
-    /// effect when each node next starts).
-    fn write_node_settings(&self, settings: &[(&str, toml::Value)]) -> Result<()> {
+    /// Restarts node `i` alone with `settings` changed in its `[[nodes]]`
+    /// table, waiting for it to serve.
+    pub fn set_node(&mut self, i: u32, settings: &[(&str, toml::Value)]) -> Result<()> {
+        self.write_node_settings(Some(i), settings)?;
+        self.kill_node(i);
+        self.start_node_and_wait(i)
+    }
+
+    /// Changes `settings` in the `[[nodes]]` table of node `only`, or of
+    /// every node (taking effect when each node next starts).
+    fn write_node_settings(
+        &self,
+        only: Option<u32>,
+        settings: &[(&str, toml::Value)],
+    ) -> Result<()> {
         let file = self.data_dir().join("cluster.toml");
         let mut cluster: toml::Value = toml::from_str(&fs::read_to_string(&file)?)?;
         for node in cluster
             .get_mut("nodes")
             .and_then(|n| n.as_array_mut())
             .context("nodes")?
+            .iter_mut()
+            .filter(|n| {
+                only.is_none_or(|i| n.get("id").and_then(|v| v.as_integer()) == Some(i.into()))
+            })
         {
             let table = node.as_table_mut().context("node table")?;
             for (k, v) in settings {

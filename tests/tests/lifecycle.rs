@@ -189,3 +189,101 @@ fn a_node_whose_clock_is_off_is_measured_and_shown() -> Result<()> {
     );
     Ok(())
 }
+
+/// A node down to its free-space reserve (here: a reserve larger than the
+/// disk) refuses new shards; the gateway sends new filings elsewhere at full
+/// redundancy without calling it down, it keeps serving the shards it holds,
+/// `status` and the metrics say it is full, and it takes shards again once
+/// it has room.
+#[test]
+fn a_full_node_takes_no_new_shards_but_keeps_serving() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    let mut filed = Vec::new();
+    let mut file = |c: &TestCluster, n: u64| -> Result<Value> {
+        // 5-6 stripes of RS(4,2) with 4 KiB shards.
+        let data = bytes(70_000 + 3_000 * (n % 7) as usize, n + 900);
+        let r = c.file(&data)?;
+        assert_eq!(r["degraded_stripes"], 0, "filing {n}: {r}");
+        filed.push((r["id"].as_str().unwrap_or_default().to_owned(), data));
+        Ok(r)
+    };
+    for n in 0..6 {
+        file(&c, n)?;
+    }
+    let held = c.shard_files(2).len();
+    assert!(held > 0, "node 2 holds shards before it is full");
+
+    // A reserve no disk here has free: node 2 is full for new shards.
+    c.set_node(2, &[("reserve_bytes", toml::Value::Integer(1 << 60))])?;
+    let full_and_up = |c: &TestCluster| {
+        status(c).is_ok_and(|s| s["nodes"][2]["full"] == true && s["nodes"][2]["state"] == "up")
+    };
+    assert!(
+        custodia_tests::eventually(30, || full_and_up(&c)),
+        "node 2 never showed as up and full: {}",
+        status(&c)?
+    );
+    let table = String::from_utf8_lossy(&c.cli(&["status"])?.stdout).into_owned();
+    println!("custodia status with node 2 at its reserve:\n{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.trim_start().starts_with("2 ") && l.contains("up full")),
+        "{table}"
+    );
+    let series = "custodia_cluster_node_full{node=\"2\"}";
+    assert!(
+        custodia_tests::eventually(15, || c.metric(&c.metrics, series).is_ok_and(|v| v == 1.0)),
+        "{series} = {:?}",
+        c.metric(&c.metrics, series).ok()
+    );
+
+    // New filings: every stripe at k+m shards, none on node 2.
+    let before: usize = (0..8).map(|i| c.shard_files(i).len()).sum();
+    let mut stripes = 0;
+    for n in 6..14 {
+        stripes += file(&c, n)?["stripes"].as_u64().unwrap_or(0) as usize;
+    }
+    assert_eq!(
+        c.shard_files(2).len(),
+        held,
+        "new shards went to a full node"
+    );
+    let after: usize = (0..8).map(|i| c.shard_files(i).len()).sum();
+    assert_eq!(
+        after - before,
+        stripes * 6,
+        "every new stripe has k+m shards"
+    );
+    let s = status(&c)?;
+    assert_eq!(s["nodes"][2]["full"], true, "{s}");
+    assert_eq!(s["nodes"][2]["state"], "up", "a full node is not down: {s}");
+
+    // With room again it takes new shards.
+    c.set_node(2, &[("reserve_bytes", toml::Value::Integer(0))])?;
+    assert!(
+        custodia_tests::eventually(30, || {
+            status(&c)
+                .is_ok_and(|s| s["nodes"][2]["full"] == false && s["nodes"][2]["state"] == "up")
+        }),
+        "node 2 never showed room again: {}",
+        status(&c)?
+    );
+    for n in 14..20 {
+        file(&c, n)?;
+    }
+    assert!(
+        c.shard_files(2).len() > held,
+        "node 2 took no shards once it had room"
+    );
+
+    // Full again, and two other nodes dead: stripes with shards on nodes 0,
+    // 1 and 2 read back only because the full node still serves its shards.
+    c.set_node(2, &[("reserve_bytes", toml::Value::Integer(1 << 60))])?;
+    c.kill_node(0);
+    c.kill_node(1);
+    for (id, data) in &filed {
+        assert!(c.read(id)? == *data, "{id} read back different bytes");
+    }
+    Ok(())
+}
