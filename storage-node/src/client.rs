@@ -43,6 +43,11 @@ pub enum NodeError {
     /// Connecting or the request took longer than its timeout.
     #[error("timed out")]
     Timeout,
+    /// A request stalled and the node did not answer a liveness check on the
+    /// same connection (a node that died without closing it): the connection
+    /// was closed rather than waiting out its idle timeout.
+    #[error("the node stopped answering")]
+    Unresponsive,
     /// Sending the request or body failed.
     #[error("sending: {0}")]
     Write(#[from] quinn::WriteError),
@@ -76,6 +81,7 @@ impl NodeError {
             ),
             NodeError::Connection(_)
             | NodeError::Timeout
+            | NodeError::Unresponsive
             | NodeError::Write(_)
             | NodeError::Read(_)
             | NodeError::Finish(_) => true,
@@ -86,6 +92,19 @@ impl NodeError {
             | NodeError::UnexpectedResponse
             | NodeError::BodyLength { .. } => false,
         }
+    }
+
+    /// True when this client closed the connection (a liveness check failed).
+    fn closed_by_us(&self) -> bool {
+        use quinn::{ConnectionError::LocallyClosed, ReadError, ReadExactError, WriteError};
+        matches!(
+            self,
+            NodeError::Connection(LocallyClosed)
+                | NodeError::Write(WriteError::ConnectionLost(LocallyClosed))
+                | NodeError::Read(ReadExactError::ReadError(ReadError::ConnectionLost(
+                    LocallyClosed
+                )))
+        )
     }
 
     /// True when the connection itself broke, so a cached connection should be
@@ -108,6 +127,13 @@ pub struct ClientTimeouts {
     pub connect: Duration,
     /// For one request, from opening its stream to the last response byte.
     pub request: Duration,
+    /// A request still running after this long has its node asked, on the
+    /// same connection, whether it is there at all; a node that does not
+    /// answer within `stall` more is taken for dead and the connection
+    /// closed, failing its requests with [`NodeError::Unresponsive`] at once
+    /// (a node killed without closing its connections otherwise holds them
+    /// until QUIC's idle timeout, and a filing with them).
+    pub stall: Duration,
 }
 
 impl Default for ClientTimeouts {
@@ -115,6 +141,7 @@ impl Default for ClientTimeouts {
         ClientTimeouts {
             connect: Duration::from_secs(5),
             request: Duration::from_secs(30),
+            stall: Duration::from_secs(1),
         }
     }
 }
@@ -393,15 +420,38 @@ impl NodeClient {
         conn: &quinn::Connection,
         request: impl Future<Output = Result<T, NodeError>>,
     ) -> Result<T, NodeError> {
-        let result = match tokio::time::timeout(self.inner.timeouts.request, request).await {
-            Ok(result) => result,
-            Err(_) => Err(NodeError::Timeout),
+        let stall = self.inner.timeouts.stall;
+        // Runs beside the request and ends only if the node is gone.
+        let watch = async {
+            tokio::time::sleep(stall).await;
+            if answers(conn, stall).await {
+                std::future::pending::<()>().await;
+            }
         };
+        let result = tokio::select! {
+            result = tokio::time::timeout(self.inner.timeouts.request, request) => {
+                result.unwrap_or(Err(NodeError::Timeout))
+            }
+            () = watch => {
+                tracing::warn!(%addr, "a request stalled and the node did not answer a liveness check; closing the connection");
+                conn.close(quinn::VarInt::from_u32(2), b"no answer to a liveness check");
+                Err(NodeError::Unresponsive)
+            }
+        };
+        // Requests that shared the connection another request's watch closed
+        // fail the same way (not as a lost connection worth a reconnect).
+        let result = result.map_err(|e| {
+            if e.closed_by_us() {
+                NodeError::Unresponsive
+            } else {
+                e
+            }
+        });
         if let Err(e) = &result {
             // A request that times out may be on a connection to a node that
             // died without closing it; the next request should not wait for
             // the idle timeout to find out.
-            if e.is_connection_lost() || matches!(e, NodeError::Timeout) {
+            if e.is_connection_lost() || matches!(e, NodeError::Timeout | NodeError::Unresponsive) {
                 self.forget(addr, conn).await;
             }
         }
@@ -510,6 +560,17 @@ async fn exchange(
         },
         Err(read_error) => Err(sent.err().unwrap_or(read_error)),
     }
+}
+
+/// Whether the node at the other end of `conn` answers a clock request
+/// within `within` (a request of its own, beside whatever stalled).
+async fn answers(conn: &quinn::Connection, within: Duration) -> bool {
+    let frame = Request::Time.encode();
+    let ask = exchange(conn, &frame, bytes::Bytes::new());
+    matches!(
+        tokio::time::timeout(within, ask).await,
+        Ok(Ok((Response::Time(_), _)))
+    )
 }
 
 async fn read_response(recv: &mut quinn::RecvStream) -> Result<Response, NodeError> {

@@ -301,6 +301,7 @@ async fn shards_and_disk_identity_survive_a_restart_on_the_same_port() {
         storage_node::client::ClientTimeouts {
             connect: std::time::Duration::from_millis(500),
             request: std::time::Duration::from_secs(10),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -429,6 +430,7 @@ async fn an_unreachable_node_times_out_and_is_retryable() {
         storage_node::client::ClientTimeouts {
             connect: std::time::Duration::from_millis(300),
             request: std::time::Duration::from_secs(1),
+            ..Default::default()
         },
     )
     .unwrap();
@@ -533,5 +535,96 @@ async fn metrics_count_requests_shards_and_corruption() {
     assert_eq!(value("custodia_node_quic_connections"), 1.0);
     // The disk gauges are set at start-up (the first tick is immediate).
     assert!(value("custodia_node_capacity_bytes") > 0.0);
+    node.shutdown().await;
+}
+
+/// Forwards UDP between one client and `node` until `silent` is set, then
+/// drops every packet both ways: a node killed mid-request, as QUIC sees it
+/// (no close, just silence). Returns the address to connect to.
+async fn relay(
+    node: SocketAddr,
+    silent: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> SocketAddr {
+    use std::sync::atomic::Ordering;
+    let front = tokio::net::UdpSocket::bind(loopback()).await.unwrap();
+    let back = tokio::net::UdpSocket::bind(loopback()).await.unwrap();
+    back.connect(node).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut client = None;
+        let (mut up, mut down) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+        loop {
+            tokio::select! {
+                Ok((n, from)) = front.recv_from(&mut up) => {
+                    client = Some(from);
+                    if !silent.load(Ordering::Relaxed) {
+                        let _ = back.send(&up[..n]).await;
+                    }
+                }
+                Ok(n) = back.recv(&mut down) => {
+                    if let (Some(to), false) = (client, silent.load(Ordering::Relaxed)) {
+                        let _ = front.send_to(&down[..n], to).await;
+                    }
+                }
+            }
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_request_to_a_node_gone_silent_fails_after_a_liveness_check_not_the_idle_timeout() {
+    let cluster = Cluster::new();
+    let node = cluster.start(loopback()).await;
+    let silent = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let addr = relay(node.local_addr, silent.clone()).await;
+    let stall = std::time::Duration::from_millis(300);
+    let client = NodeClient::with_timeouts(
+        &cluster.gateway_tls,
+        storage_node::client::ClientTimeouts {
+            connect: std::time::Duration::from_secs(2),
+            request: std::time::Duration::from_secs(30),
+            stall,
+        },
+    )
+    .unwrap();
+    let (header, body) = shard(3, 200_000);
+    client
+        .rpc_put_shard(addr, &header, Bytes::copy_from_slice(&body))
+        .await
+        .unwrap();
+
+    // Silence mid-connection: four reads and a put in flight on it.
+    silent.store(true, std::sync::atomic::Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        let (client, key) = (client.clone(), header.key);
+        calls.push(tokio::spawn(async move {
+            client.rpc_get_shard(addr, key).await.map(|_| ())
+        }));
+    }
+    let (other, other_body) = shard(4, 100_000);
+    let putter = client.clone();
+    calls.push(tokio::spawn(async move {
+        putter
+            .rpc_put_shard(addr, &other, Bytes::from(other_body))
+            .await
+    }));
+    for call in calls {
+        let err = call.await.unwrap().unwrap_err();
+        assert!(matches!(err, NodeError::Unresponsive), "{err:?}");
+        assert!(err.is_retryable());
+    }
+    let took = started.elapsed();
+    // A stall, a check as long, and no reconnect: far under the 10 s idle
+    // timeout and the 30 s request timeout.
+    assert!(took < stall * 6, "took {took:?}");
+
+    // The node answers again (a restart, a healed network): the next request
+    // gets a fresh connection.
+    silent.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (_, back) = client.rpc_get_shard(addr, header.key).await.unwrap();
+    assert_eq!(back[..], body[..]);
     node.shutdown().await;
 }

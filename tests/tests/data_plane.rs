@@ -272,6 +272,78 @@ fn node_killed_during_upload() -> Result<()> {
     Ok(())
 }
 
+/// Files `data` by trickling it (1 MiB every 20 ms) over a raw HTTP/1.1
+/// connection; returns the status, the JSON body and how long it took.
+fn trickle_upload(
+    api: &str,
+    token: &str,
+    data: &[u8],
+) -> Result<(u16, serde_json::Value, Duration)> {
+    let started = std::time::Instant::now();
+    let mut s = std::net::TcpStream::connect(api.trim_start_matches("http://"))?;
+    write!(
+        s,
+        "POST /v1/evidence HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        data.len()
+    )?;
+    for chunk in data.chunks(1 << 20) {
+        s.write_all(chunk)?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0);
+    let body = resp.split("\r\n\r\n").nth(1).unwrap_or("");
+    Ok((
+        status,
+        serde_json::from_str(body).unwrap_or_default(),
+        started.elapsed(),
+    ))
+}
+
+/// A node killed without closing its connections (SIGKILL: its packets just
+/// stop) costs a filing in flight a liveness check, not QUIC's 10 s idle
+/// timeout plus a reconnect: the stalled shard puts fail within a couple of
+/// seconds, go to other nodes, and the filing is acknowledged at full
+/// redundancy. (Before the check, one kill stalled a 300 MB filing 20 s.)
+#[test]
+fn a_node_killed_mid_filing_costs_seconds_not_the_idle_timeout() -> Result<()> {
+    let mut c = TestCluster::start(Shape {
+        shard_size: 64 * 1024,
+        ..Shape::default()
+    })?;
+    let data = bytes(32 * 1024 * 1024, 12);
+    // The same filing on a healthy cluster, for the time it takes here.
+    let (status, json, healthy) = trickle_upload(&c.api, &c.token, &data)?;
+    assert_eq!(status, 201, "{json}");
+    let upload = {
+        let (api, token, data) = (c.api.clone(), c.token.clone(), data.clone());
+        std::thread::spawn(move || trickle_upload(&api, &token, &data))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    c.kill_node(3);
+    let (status, json, took) = upload.join().expect("upload thread")?;
+    println!("32 MiB filing: {healthy:?} healthy, {took:?} with node 3 killed at 300 ms");
+    assert_eq!(status, 201, "{json}");
+    assert_eq!(
+        json["degraded_stripes"], 0,
+        "spares take the dead node's shards: {json}"
+    );
+    assert!(
+        took < healthy + Duration::from_secs(8),
+        "the kill stalled the filing {:?} (healthy {healthy:?}); QUIC's idle timeout is 10 s",
+        took.saturating_sub(healthy)
+    );
+    let id = json["id"].as_str().unwrap_or_default();
+    c.kill_node(6);
+    assert!(c.read(id)? == data, "a 201 must mean the data reads back");
+    Ok(())
+}
+
 /// A client that disconnects mid-upload leaves no visible evidence, and its
 /// shards are deleted.
 #[test]
