@@ -271,7 +271,8 @@ pub async fn serve<S: Store>(
     let prober = {
         let gw = gw.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            let every = Duration::from_millis(gw.config.node_probe_interval_ms.max(100));
+            let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
                 let replaced = gw.nodes.probe_all(&gw.store, gw.clock.now_ms()).await;

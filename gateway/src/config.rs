@@ -98,6 +98,11 @@ pub struct GatewayConfig {
     /// Silence after which a node counts as down (before: suspect).
     #[serde(default = "default_down_after")]
     pub node_down_after_ms: u64,
+    /// How often every node is asked who it is, how full and what time it
+    /// has (health, disk, clock skew). Between probes, a node is marked down
+    /// by a request that fails or a liveness check that goes unanswered.
+    #[serde(default = "default_probe_interval")]
+    pub node_probe_interval_ms: u64,
     /// How often the repair worker looks at its queue.
     #[serde(default = "default_repair_interval")]
     pub repair_interval_ms: u64,
@@ -147,6 +152,9 @@ fn default_orphan_grace() -> u64 {
 
 fn default_down_after() -> u64 {
     30_000
+}
+fn default_probe_interval() -> u64 {
+    5_000
 }
 fn default_repair_interval() -> u64 {
     10_000

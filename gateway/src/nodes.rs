@@ -13,7 +13,7 @@ use indexer::schema::{self, Lifecycle, NodeRecord};
 use protocol::NodeId;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use storage_node::client::NodeClient;
 
@@ -23,6 +23,10 @@ struct NodeState {
     /// Takes no new shards: its free space is within its reserve, as its last
     /// probe said or a put it refused with `DiskFull` since.
     full: AtomicBool,
+    /// A liveness check of this node is running (see [`NodeSet::suspect`]).
+    checking: AtomicBool,
+    /// When the last liveness check started.
+    last_check: Mutex<Option<Instant>>,
     /// The node's disk as its last answered probe reported it.
     disk: Mutex<Option<DiskView>>,
     /// When the node last answered a probe.
@@ -32,6 +36,9 @@ struct NodeState {
     /// The node's clock minus ours at the last probe, in ms.
     clock_offset_ms: Mutex<Option<i64>>,
 }
+
+/// Least time between two liveness checks of one node that reads asked for.
+const SUSPECT_EVERY: Duration = Duration::from_secs(1);
 
 /// Free bytes above its reserve a full node must report before it takes new
 /// shards again.
@@ -95,7 +102,8 @@ pub struct NodeView {
 
 /// The nodes and a client to reach them.
 pub struct NodeSet {
-    nodes: Vec<NodeState>,
+    /// Shared with liveness checks running in their own tasks.
+    nodes: Arc<Vec<NodeState>>,
     pub client: NodeClient,
     /// Nodes with a new disk whose stripes are being queued for checking;
     /// the index keeps their old disk UUID until that is done.
@@ -112,14 +120,16 @@ impl NodeSet {
                 entry: e.clone(),
                 healthy: AtomicBool::new(true),
                 full: AtomicBool::new(false),
+                checking: AtomicBool::new(false),
+                last_check: Mutex::new(None),
                 disk: Mutex::new(None),
                 last_ok: Mutex::new(None),
                 lifecycle: Mutex::new(Lifecycle::Active),
                 clock_offset_ms: Mutex::new(None),
             })
-            .collect();
+            .collect::<Vec<_>>();
         NodeSet {
-            nodes,
+            nodes: Arc::new(nodes),
             client,
             reconciling: Mutex::new(Default::default()),
             down_after,
@@ -141,10 +151,42 @@ impl NodeSet {
 
     pub fn mark(&self, id: NodeId, healthy: bool) {
         if let Some(n) = self.get(id) {
-            if n.healthy.swap(healthy, Ordering::Relaxed) != healthy {
-                tracing::info!(node = %id, healthy, "node health changed");
-            }
+            n.mark(healthy);
         }
+    }
+
+    /// Has `id` checked in the background when a request to it is slower
+    /// than a read can wait for (a read hedged past it): a node that does
+    /// not answer on its connection is marked down at once, so later reads
+    /// stop waiting for it, instead of at the next probe. At most one check
+    /// per node at a time and per [`SUSPECT_EVERY`]; a node already down is
+    /// left to the prober.
+    pub fn suspect(&self, id: NodeId) {
+        let Some(pos) = self.nodes.iter().position(|n| n.entry.id == id.0) else {
+            return;
+        };
+        let n = &self.nodes[pos];
+        if !n.healthy.load(Ordering::Relaxed) {
+            return;
+        }
+        {
+            let mut last = lock(&n.last_check);
+            if last.is_some_and(|t| t.elapsed() < SUSPECT_EVERY) {
+                return;
+            }
+            if n.checking.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let (nodes, client, addr) = (self.nodes.clone(), self.client.clone(), n.entry.addr);
+        tokio::spawn(async move {
+            let n = &nodes[pos];
+            if !client.check_alive(addr).await {
+                n.mark(false);
+            }
+            n.checking.store(false, Ordering::Release);
+        });
     }
 
     /// Notes whether `id` takes new shards. A full node still serves reads
@@ -250,7 +292,7 @@ impl NodeSet {
 
     /// Takes the lifecycle decisions the index holds (nodes not named are active).
     pub fn set_lifecycles(&self, decided: &[(NodeId, schema::LifecycleRecord)]) {
-        for n in &self.nodes {
+        for n in self.nodes.iter() {
             let id = n.entry.node_id();
             let state = decided
                 .iter()
@@ -409,6 +451,14 @@ impl NodeSet {
             }
         }
         replaced
+    }
+}
+
+impl NodeState {
+    fn mark(&self, healthy: bool) {
+        if self.healthy.swap(healthy, Ordering::Relaxed) != healthy {
+            tracing::info!(node = %self.entry.node_id(), healthy, "node health changed");
+        }
     }
 }
 

@@ -365,6 +365,8 @@ pub async fn fetch_stripe<S: Store>(
     let mut unanswered: Vec<usize> = Vec::new();
     let mut retried = false;
     let mut pending = FuturesUnordered::new();
+    // Shards asked for and not answered yet.
+    let mut in_flight: Vec<usize> = Vec::with_capacity(total);
     let fetch =
         |i: usize| async move { (i, fetch_shard(gw, header.evidence, stripe, i, rec).await) };
 
@@ -375,6 +377,7 @@ pub async fn fetch_stripe<S: Store>(
         // Keep exactly enough requests in flight to reach k.
         while good + pending.len() < k && next < order.len() {
             pending.push(fetch(order[next]));
+            in_flight.push(order[next]);
             next += 1;
         }
         if good >= k {
@@ -383,6 +386,7 @@ pub async fn fetch_stripe<S: Store>(
         if pending.is_empty() && !retried && !unanswered.is_empty() {
             retried = true;
             tracing::debug!(evidence = %header.evidence, stripe, shards = unanswered.len(), "asking unanswered shards once more");
+            in_flight.extend_from_slice(&unanswered);
             pending.extend(unanswered.drain(..).map(fetch));
             continue;
         }
@@ -396,23 +400,35 @@ pub async fn fetch_stripe<S: Store>(
             });
         }
         tokio::select! {
-            Some((i, outcome)) = pending.next() => match outcome {
-                ShardOutcome::Good(body) => {
-                    shards[i] = Some(body);
-                    good += 1;
-                }
-                ShardOutcome::Damaged => damaged = true,
-                ShardOutcome::Unreachable => {
-                    if let Some(node) = rec.shards[i].node {
-                        gw.nodes.mark(node, false);
+            Some((i, outcome)) = pending.next() => {
+                in_flight.retain(|&j| j != i);
+                match outcome {
+                    ShardOutcome::Good(body) => {
+                        shards[i] = Some(body);
+                        good += 1;
                     }
-                    unanswered.push(i);
+                    ShardOutcome::Damaged => damaged = true,
+                    ShardOutcome::Unreachable => {
+                        if let Some(node) = rec.shards[i].node {
+                            gw.nodes.mark(node, false);
+                        }
+                        unanswered.push(i);
+                    }
                 }
-            },
+            }
             _ = &mut hedge, if next < order.len() => {
                 // Something is slow: ask one more shard beside it, and again
-                // each period while the stripe is still short.
+                // each period while the stripe is still short. Whoever is
+                // slow gets a liveness check: a node killed a moment ago
+                // would otherwise cost every read a hedge delay per stripe
+                // until the next probe.
+                for &i in &in_flight {
+                    if let Some(node) = rec.shards[i].node {
+                        gw.nodes.suspect(node);
+                    }
+                }
                 pending.push(fetch(order[next]));
+                in_flight.push(order[next]);
                 next += 1;
                 hedge.as_mut().reset(tokio::time::Instant::now() + hedge_every);
             }

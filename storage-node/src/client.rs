@@ -483,6 +483,30 @@ impl NodeClient {
             .unwrap_or(Err(NodeError::Timeout))
     }
 
+    /// Whether the node at `addr` answers on the open connection to it
+    /// within the stall timeout; a node that does not has that connection
+    /// closed (failing whatever else waits on it, as a stalled request's own
+    /// check would). True when no connection is open: nothing is waiting.
+    pub async fn check_alive(&self, addr: SocketAddr) -> bool {
+        let slot = self.slot(addr);
+        let conn = match slot.try_lock() {
+            Ok(cached) => cached
+                .as_ref()
+                .filter(|c| c.close_reason().is_none())
+                .cloned(),
+            // A handshake is under way: the connect timeout covers it.
+            Err(_) => None,
+        };
+        let Some(conn) = conn else { return true };
+        if answers(&conn, self.inner.timeouts.stall).await {
+            return true;
+        }
+        tracing::warn!(%addr, "the node did not answer a liveness check; closing the connection");
+        conn.close(quinn::VarInt::from_u32(2), b"no answer to a liveness check");
+        self.forget(addr, &conn).await;
+        false
+    }
+
     /// Drops the cached connection to `addr` if it is still `conn`.
     async fn forget(&self, addr: SocketAddr, conn: &quinn::Connection) {
         let slot = self.slot(addr);

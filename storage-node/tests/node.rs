@@ -626,5 +626,22 @@ async fn a_request_to_a_node_gone_silent_fails_after_a_liveness_check_not_the_id
     silent.store(false, std::sync::atomic::Ordering::Relaxed);
     let (_, back) = client.rpc_get_shard(addr, header.key).await.unwrap();
     assert_eq!(back[..], body[..]);
+
+    // The check alone, as a read that hedged past a slow node asks for it.
+    assert!(client.check_alive(addr).await, "a live node answers");
+    silent.store(true, std::sync::atomic::Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    assert!(
+        !client.check_alive(addr).await,
+        "a silent node is not alive"
+    );
+    assert!(
+        started.elapsed() < stall * 3,
+        "took {:?}",
+        started.elapsed()
+    );
+    silent.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (_, back) = client.rpc_get_shard(addr, header.key).await.unwrap();
+    assert_eq!(back[..], body[..]);
     node.shutdown().await;
 }

@@ -344,6 +344,33 @@ fn a_node_killed_mid_filing_costs_seconds_not_the_idle_timeout() -> Result<()> {
     Ok(())
 }
 
+/// A read that hedges past a node killed a moment ago has that node checked
+/// in the background: it is marked down at once, so later reads stop
+/// waiting a hedge delay per stripe for it. The prober is slowed to a
+/// minute here, so only the read can have found out.
+#[test]
+fn a_read_that_hedges_past_a_dead_node_has_it_marked_down() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.set_gateway(&[("node_probe_interval_ms", toml::Value::Integer(60_000))])?;
+    let data = bytes(40 * STRIPE, 21);
+    let id = c.file(&data)?["id"].as_str().unwrap_or_default().to_owned();
+    let state = |c: &TestCluster| -> Result<String> {
+        let out = c.cli(&["status", "--json"])?;
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(s["nodes"][3]["state"].as_str().unwrap_or("?").to_owned())
+    };
+    assert_eq!(state(&c)?, "up");
+    c.kill_node(3);
+    assert!(c.read(&id)? == data, "read back different bytes");
+    assert!(
+        eventually(5, || state(&c).is_ok_and(|s| s != "up")),
+        "node 3 still counts as up after a read hedged past it: {}",
+        state(&c)?
+    );
+    assert!(c.read(&id)? == data, "read back different bytes");
+    Ok(())
+}
+
 /// A client that disconnects mid-upload leaves no visible evidence, and its
 /// shards are deleted.
 #[test]
