@@ -47,6 +47,10 @@ pub enum ApiError {
     /// Not enough storage nodes answered to store or read the data durably.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// Too few nodes have room for a stripe's shards (they are at their
+    /// free-space reserve); nothing was filed.
+    #[error("insufficient storage: {0}")]
+    InsufficientStorage(String),
     /// The evidence was expunged by court order: its bytes are gone.
     #[error("this evidence was expunged; its receipt and custody record remain")]
     Gone,
@@ -104,6 +108,7 @@ impl ApiError {
             ApiError::BodyIncomplete(_) => StatusCode::BAD_REQUEST,
             ApiError::Body(r) => r.status(),
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::ReceiptPending => StatusCode::ACCEPTED,
             ApiError::Gone => StatusCode::GONE,
             ApiError::Index(SchemaError::Locked(_)) => StatusCode::CONFLICT,
@@ -140,6 +145,7 @@ impl ApiError {
             ApiError::Body(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
             ApiError::Body(_) => "bad_body",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::InsufficientStorage(_) => "insufficient_storage",
             ApiError::ReceiptPending => "receipt_pending",
             ApiError::Gone => "expunged",
             ApiError::Index(SchemaError::Locked(_)) => "locked",

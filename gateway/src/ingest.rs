@@ -710,15 +710,17 @@ async fn store_stripe<S: Store>(
         let spares = &spares;
         async move {
             let mut target = first.or_else(|| pop(spares));
+            let mut full = false;
             while let Some(node) = target {
                 let Some(addr) = gw.nodes.addr(node) else { break };
                 match gw.nodes.client.rpc_put_shard(addr, &header, body.clone()).await {
-                    Ok(()) => return Some(node),
+                    Ok(()) => return (Some(node), full),
                     Err(e) => {
                         tracing::warn!(%node, shard = %header.key, error = %e, "shard put failed; trying the next ranked node");
                         if matches!(e, NodeError::Remote(ErrorCode::DiskFull)) {
                             // Up and serving reads, only out of room.
                             gw.nodes.mark_full(node, true);
+                            full = true;
                         } else {
                             gw.nodes.mark(node, false);
                         }
@@ -726,10 +728,11 @@ async fn store_stripe<S: Store>(
                     }
                 }
             }
-            None
+            (None, full)
         }
     });
-    let placed = futures::future::join_all(puts).await;
+    let (placed, full): (Vec<_>, Vec<_>) =
+        futures::future::join_all(puts).await.into_iter().unzip();
     let stored = placed.iter().flatten().count();
     gw.metrics.shards_written.inc_by(stored as u64);
     let record = StripeRecord {
@@ -746,6 +749,13 @@ async fn store_stripe<S: Store>(
     };
     if stored < gw.config.write_quorum() {
         crate::gc::delete_stripe_shards(&gw, evidence, stripe, &record).await;
+        if full.contains(&true) {
+            return Err(ApiError::InsufficientStorage(format!(
+                "only {stored} of {total} shards of stripe {stripe} found a node with room ({} needed): \
+                 nodes are at their free-space reserve; add capacity or nodes",
+                gw.config.write_quorum()
+            )));
+        }
         return Err(ApiError::Unavailable(format!(
             "only {stored} of {total} shards of stripe {stripe} could be stored durably; {} needed",
             gw.config.write_quorum()

@@ -4,7 +4,7 @@
 //! drain undone, and a node added that takes new shards.
 
 use anyhow::{bail, Result};
-use custodia_tests::{bytes, Shape, TestCluster};
+use custodia_tests::{blake3_hex, bytes, Shape, TestCluster};
 use serde_json::Value;
 
 /// Debian's libfaketime (package `faketime`, which .ci/run installs), in
@@ -285,5 +285,77 @@ fn a_full_node_takes_no_new_shards_but_keeps_serving() -> Result<()> {
     for (id, data) in &filed {
         assert!(c.read(id)? == *data, "{id} read back different bytes");
     }
+    Ok(())
+}
+
+/// With every node at its reserve no stripe finds room: a filing is refused
+/// with 507 and a JSON body saying so, nothing of it becomes visible or stays
+/// on the nodes, what was filed before still reads back, and the same
+/// filing succeeds once the nodes have room again.
+#[test]
+fn a_cluster_without_room_refuses_filings_with_507_and_keeps_what_it_has() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    let kept = bytes(50_000, 31);
+    let kept_id = c.file(&kept)?["id"].as_str().unwrap_or_default().to_owned();
+    let shards_before = c.all_shard_files().len();
+    c.set_nodes(&[("reserve_bytes", toml::Value::Integer(1 << 60))])?;
+    let all = |want_full: bool| {
+        move |c: &TestCluster| {
+            status(c).is_ok_and(|s| {
+                s["nodes"].as_array().is_some_and(|n| {
+                    n.iter()
+                        .all(|n| n["state"] == "up" && n["full"] == want_full)
+                })
+            })
+        }
+    };
+    assert!(
+        custodia_tests::eventually(30, || all(true)(&c)),
+        "the nodes never all showed as up and full: {}",
+        status(&c)?
+    );
+
+    let new = bytes(60_000, 32);
+    let refused = c.file_with(&c.token, &new, &[])?;
+    assert_eq!(
+        refused.status,
+        507,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    let body = refused.json();
+    assert_eq!(body["error"], "insufficient_storage", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("reserve")),
+        "{body}"
+    );
+    let h = blake3_hex(&new);
+    let found = c.get_with(&c.token, &format!("/v1/evidence/by-hash/{h}"), &[])?;
+    assert_eq!(
+        found.json()["filings"].as_array().map(Vec::len),
+        Some(0),
+        "nothing may be visible"
+    );
+    assert_eq!(
+        c.all_shard_files().len(),
+        shards_before,
+        "no shard of the refusal stays"
+    );
+    assert!(
+        c.read(&kept_id)? == kept,
+        "what was filed before reads back"
+    );
+
+    c.set_nodes(&[("reserve_bytes", toml::Value::Integer(0))])?;
+    assert!(
+        custodia_tests::eventually(30, || all(false)(&c)),
+        "the nodes never showed room again: {}",
+        status(&c)?
+    );
+    let filed = c.file(&new)?;
+    assert_eq!(filed["blake3"].as_str(), Some(h.as_str()), "{filed}");
+    assert_eq!(filed["degraded_stripes"], 0, "{filed}");
     Ok(())
 }
