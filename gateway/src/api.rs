@@ -314,7 +314,7 @@ pub async fn serve<S: Store>(
         Duration::from_millis(gw.config.repair_interval_ms),
     );
     let app = router(gw);
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let server = tokio::spawn(serve_api(listener, app));
     tracing::info!(%local_addr, "evidence API listening");
     Ok(RunningGateway {
         local_addr,
@@ -329,6 +329,53 @@ pub async fn serve<S: Store>(
             .chain(metrics.map(|(_, task)| task))
             .collect(),
     })
+}
+
+/// Most bytes of a request's head (request line and headers) the evidence
+/// API reads; past it hyper answers 431 and closes the connection. The
+/// metadata headers are 1 KiB each, tokens well under that.
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
+/// Serves the evidence API over HTTP/1.1: what `axum::serve` does, with
+/// request heads bounded to [`MAX_REQUEST_HEAD`] (hyper's default lets a
+/// client hold about 400 KiB per connection in headers).
+async fn serve_api(listener: tokio::net::TcpListener, app: Router) -> std::io::Result<()> {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.max_buf_size(MAX_REQUEST_HEAD);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            // A connection reset before it was accepted is nothing to wait for.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                continue
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: wait, as axum does,
+                // rather than spin.
+                tracing::warn!(error = %e, "accepting an evidence API connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // Heads and small bodies go out at once, not after the client's
+        // delayed ACK.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let http = http.clone();
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = http.serve_connection(io, service).await {
+                tracing::debug!(%peer, error = %e, "evidence API connection ended");
+            }
+        });
+    }
 }
 
 pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {

@@ -608,6 +608,10 @@ impl<S: Store> S3Front<S> {
     }
 }
 
+/// Most bytes of user metadata (`x-amz-meta-*` names and values) on one
+/// object, as S3 allows.
+const MAX_USER_METADATA: usize = 2048;
+
 /// The version record an upload will commit: lock settings from the
 /// request or the bucket's default, checked against the bucket.
 fn object_template(
@@ -645,6 +649,24 @@ fn object_template(
     let mut user_metadata: Vec<(String, String)> =
         metadata.unwrap_or_default().into_iter().collect();
     user_metadata.sort();
+    // S3's limit (keys and values, UTF-8); it also keeps a version record
+    // far inside the index's value limit.
+    let meta_len: usize = user_metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if meta_len > MAX_USER_METADATA {
+        return Err(s3_error!(
+            MetadataTooLarge,
+            "user metadata is {meta_len} bytes; at most {MAX_USER_METADATA} are allowed"
+        ));
+    }
+    if content_type
+        .as_ref()
+        .is_some_and(|t| t.len() > MAX_USER_METADATA)
+    {
+        return Err(s3_error!(
+            InvalidArgument,
+            "Content-Type is longer than {MAX_USER_METADATA} bytes"
+        ));
+    }
     Ok(ObjectVersion {
         version_id: EvidenceId([0; 16]),
         null_version: b.versioning != Versioning::Enabled,

@@ -501,6 +501,56 @@ fn idempotency_and_declared_hashes() -> Result<()> {
 
     let a = c.file_with(&c.token, b"x", &[("x-custodia-sha256", "zz")])?;
     assert_eq!(a.status, 400);
+
+    // Metadata headers are held to 1 KiB each: 400 with a JSON body, and
+    // nothing filed.
+    let named = bytes(700, 10);
+    let long = "n".repeat(2_000);
+    let a = c.file_with(&c.token, &named, &[("x-custodia-file-name", &long)])?;
+    assert_eq!(a.status, 400, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(a.json()["error"], "bad_request");
+    assert!(a.json()["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("x-custodia-file-name")));
+    let found = c.get_with(
+        &c.token,
+        &format!("/v1/evidence/by-hash/{}", blake3_hex(&named)),
+        &[],
+    )?;
+    assert_eq!(found.json()["filings"].as_array().map(Vec::len), Some(0));
+
+    // A request head past 64 KiB is refused (431) before any of it is
+    // filed, and the API serves on. (Headers from a file: one command-line
+    // argument holds at most 128 KiB.)
+    let head = c.data_dir().join("huge-header");
+    std::fs::write(&head, format!("x-custodia-case: {}\n", "c".repeat(200_000)))?;
+    let out = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--data-binary",
+            "abc",
+        ])
+        .args(["-H", &format!("Authorization: Bearer {}", c.token)])
+        .arg("-H")
+        .arg(format!("@{}", head.display()))
+        .arg(format!("{}/v1/evidence", c.api))
+        .output()?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "431");
+    let found = c.get_with(
+        &c.token,
+        &format!("/v1/evidence/by-hash/{}", blake3_hex(b"abc")),
+        &[],
+    )?;
+    assert_eq!(found.json()["filings"].as_array().map(Vec::len), Some(0));
+    assert_eq!(
+        c.file_with(&c.token, b"abc", &[])?.status,
+        201,
+        "the API serves on"
+    );
     Ok(())
 }
 
