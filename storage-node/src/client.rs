@@ -420,22 +420,35 @@ impl NodeClient {
         conn: &quinn::Connection,
         request: impl Future<Output = Result<T, NodeError>>,
     ) -> Result<T, NodeError> {
-        let stall = self.inner.timeouts.stall;
-        // Runs beside the request and ends only if the node is gone.
-        let watch = async {
-            tokio::time::sleep(stall).await;
-            if answers(conn, stall).await {
-                std::future::pending::<()>().await;
-            }
-        };
-        let result = tokio::select! {
-            result = tokio::time::timeout(self.inner.timeouts.request, request) => {
-                result.unwrap_or(Err(NodeError::Timeout))
-            }
-            () = watch => {
-                tracing::warn!(%addr, "a request stalled and the node did not answer a liveness check; closing the connection");
-                conn.close(quinn::VarInt::from_u32(2), b"no answer to a liveness check");
-                Err(NodeError::Unresponsive)
+        let (stall, limit) = (self.inner.timeouts.stall, self.inner.timeouts.request);
+        let started = tokio::time::Instant::now();
+        tokio::pin!(request);
+        // One timer per request (a second one measurably slowed small
+        // reads): first the stall, then, once the node has answered a
+        // liveness check, the request's own limit.
+        let timer = tokio::time::sleep(stall.min(limit));
+        tokio::pin!(timer);
+        let mut checked = stall >= limit;
+        let result = loop {
+            tokio::select! {
+                result = &mut request => break result,
+                () = &mut timer => {
+                    if checked {
+                        break Err(NodeError::Timeout);
+                    }
+                    checked = true;
+                    let check = answers(conn, stall);
+                    tokio::pin!(check);
+                    tokio::select! {
+                        result = &mut request => break result,
+                        alive = &mut check => if !alive {
+                            tracing::warn!(%addr, "a request stalled and the node did not answer a liveness check; closing the connection");
+                            conn.close(quinn::VarInt::from_u32(2), b"no answer to a liveness check");
+                            break Err(NodeError::Unresponsive);
+                        }
+                    }
+                    timer.as_mut().reset(started + limit);
+                }
             }
         };
         // Requests that shared the connection another request's watch closed
