@@ -229,36 +229,14 @@ fn node_killed_during_upload() -> Result<()> {
         ..Shape::default()
     })?;
     let data = bytes(48 * 1024 * 1024, 11);
-    let api = c.api.clone();
-    let token = c.token.clone();
     let upload = {
-        let data = data.clone();
-        std::thread::spawn(move || -> Result<(u16, serde_json::Value)> {
-            // Trickle the body so the kill lands mid-upload.
-            let mut s = std::net::TcpStream::connect(api.trim_start_matches("http://"))?;
-            write!(
-                s,
-                "POST /v1/evidence HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                data.len()
-            )?;
-            for chunk in data.chunks(1 << 20) {
-                s.write_all(chunk)?;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let mut resp = String::new();
-            s.read_to_string(&mut resp)?;
-            let status = resp
-                .split(' ')
-                .nth(1)
-                .and_then(|x| x.parse().ok())
-                .unwrap_or(0);
-            let body = resp.split("\r\n\r\n").nth(1).unwrap_or("");
-            Ok((status, serde_json::from_str(body).unwrap_or_default()))
-        })
+        let (api, token, data) = (c.api.clone(), c.token.clone(), data.clone());
+        // Trickled, so the kill lands mid-upload.
+        std::thread::spawn(move || trickle_upload(&api, &token, &data))
     };
     std::thread::sleep(Duration::from_millis(300));
     c.kill_node(3);
-    let (status, json) = upload.join().expect("upload thread")?;
+    let (status, json, _) = upload.join().expect("upload thread")?;
     if status == 201 {
         let id = json["id"].as_str().unwrap_or_default();
         assert_eq!(json["blake3"].as_str(), Some(blake3_hex(&data).as_str()));
