@@ -749,7 +749,14 @@ async fn store_stripe<S: Store>(
     };
     if stored < gw.config.write_quorum() {
         crate::gc::delete_stripe_shards(&gw, evidence, stripe, &record).await;
-        if full.contains(&true) {
+        // Lack of room is the cause only if the shards that met a full
+        // node and found no other would have made the quorum.
+        let roomless = placed
+            .iter()
+            .zip(&full)
+            .filter(|(p, f)| p.is_none() && **f)
+            .count();
+        if stored + roomless >= gw.config.write_quorum() {
             return Err(ApiError::InsufficientStorage(format!(
                 "only {stored} of {total} shards of stripe {stripe} found a node with room ({} needed): \
                  nodes are at their free-space reserve; add capacity or nodes",

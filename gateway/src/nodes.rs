@@ -10,6 +10,7 @@ use crate::api::Store;
 use crate::config::NodeEntry;
 use crate::placement::Candidate;
 use indexer::schema::{self, Lifecycle, NodeRecord};
+use protocol::wire::SpaceInfo;
 use protocol::NodeId;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,7 +42,8 @@ struct NodeState {
 const SUSPECT_EVERY: Duration = Duration::from_secs(1);
 
 /// Free bytes above its reserve a full node must report before it takes new
-/// shards again.
+/// shards again (or half of what its disk holds above the reserve, on a
+/// disk too small for that, else it could never clear).
 const FULL_HEADROOM: u64 = 64 << 20;
 
 /// A node's disk as it last reported it.
@@ -362,7 +364,19 @@ impl NodeSet {
                 self.client.rpc_node_info(n.entry.addr),
             )
             .await;
+            let mut space = None;
             if matches!(info, Ok(Ok(_))) {
+                // A node too old to know the request keeps no reserve: it is
+                // full only when a put finds its disk full.
+                space = match tokio::time::timeout(
+                    Duration::from_secs(3),
+                    self.client.rpc_space(n.entry.addr),
+                )
+                .await
+                {
+                    Ok(Ok(space)) => Some(space),
+                    _ => None,
+                };
                 let clock = tokio::time::timeout(
                     Duration::from_secs(3),
                     self.client.rpc_clock_offset(n.entry.addr),
@@ -374,9 +388,9 @@ impl NodeSet {
                     _ => None,
                 };
             }
-            (n, info)
+            (n, info, space)
         });
-        for (n, info) in futures::future::join_all(probes).await {
+        for (n, info, space) in futures::future::join_all(probes).await {
             let id = n.entry.node_id();
             let info = match info {
                 Ok(Ok(info)) => info,
@@ -399,9 +413,15 @@ impl NodeSet {
             // Full at the reserve; room again only well above it, so a node
             // at the edge does not flip with every probe (and every put it
             // refuses).
-            if info.is_full() {
+            let space = space.unwrap_or(SpaceInfo {
+                free_bytes: info.free_bytes,
+                reserve_bytes: 0,
+            });
+            let headroom =
+                FULL_HEADROOM.min(info.capacity_bytes.saturating_sub(space.reserve_bytes) / 2);
+            if space.is_full() {
                 self.mark_full(id, true);
-            } else if info.free_bytes > info.reserve_bytes.saturating_add(FULL_HEADROOM) {
+            } else if space.free_bytes > space.reserve_bytes.saturating_add(headroom) {
                 self.mark_full(id, false);
             }
             *lock(&n.last_ok) = Some(Instant::now());
@@ -410,7 +430,7 @@ impl NodeSet {
                 used_bytes: info.used_bytes,
                 free_bytes: info.free_bytes,
                 shards: info.shards,
-                reserve_bytes: info.reserve_bytes,
+                reserve_bytes: space.reserve_bytes,
             });
             let entry = n.entry.clone();
             let result = indexer::run(store, |tx| {
@@ -520,8 +540,9 @@ mod tests {
         nodes.mark_full(NodeId(2), true);
         assert!(nodes.is_full(NodeId(2)) && nodes.is_healthy(NodeId(2)));
         assert_eq!(ids(&nodes.write_candidates(6)), [0, 1, 3, 4, 5, 6, 7]);
-        // Two down: six healthy, of which one full; the five with room are
-        // too few, so the down ones with room are asked before the full one.
+        // Two down: six healthy, of which one full; the five healthy ones
+        // with room are too few, so the down ones with room are candidates
+        // too (the full one still is not).
         nodes.mark(NodeId(0), false);
         nodes.mark(NodeId(1), false);
         assert_eq!(ids(&nodes.write_candidates(6)), [0, 1, 3, 4, 5, 6, 7]);

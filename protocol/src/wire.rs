@@ -99,6 +99,11 @@ pub enum Request {
     /// (and quarantined). Repair re-counts a written shard with it without
     /// moving its body over the network again.
     VerifyShard(ShardKey),
+    /// The node's free space and the reserve it keeps; answered `Space`.
+    /// (A request of its own, not fields added to `NodeInfo`, so gateways
+    /// and nodes of either version keep decoding each other's frames: an
+    /// older node answers `Error(BadRequest)`.)
+    Space,
 }
 
 /// Most shard headers in one `ListShards` answer (an encoded header is under
@@ -117,6 +122,13 @@ pub struct NodeInfo {
     /// Bytes of shard files this node stores.
     pub used_bytes: u64,
     pub shards: u64,
+}
+
+/// A node's free space against the reserve it keeps.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct SpaceInfo {
+    /// Bytes available to the node on its data dir's file system.
+    pub free_bytes: u64,
     /// Free bytes the node keeps for deletes, compaction and the file
     /// system: it refuses a new shard ([`ErrorCode::DiskFull`]) that would
     /// leave less than this free, so it is full for new shards once
@@ -124,7 +136,7 @@ pub struct NodeInfo {
     pub reserve_bytes: u64,
 }
 
-impl NodeInfo {
+impl SpaceInfo {
     /// Whether the node takes no new shards now: its free space is within
     /// its reserve.
     pub fn is_full(&self) -> bool {
@@ -150,6 +162,8 @@ pub enum Response {
     Keys(Vec<ShardKey>),
     /// Milliseconds since the Unix epoch on the node's clock.
     Time(u64),
+    /// Free space and reserve, for `Space`.
+    Space(SpaceInfo),
 }
 
 /// Numeric error codes on the wire. Unknown codes from newer peers decode as
@@ -320,7 +334,8 @@ mod tests {
             "01020000000503"
         );
         // Info: variant 4; node 7, the disk UUID, then capacity 1000, free
-        // 300, used 5, shards 2 and reserve 200 as varints.
+        // 300, used 5 and shards 2 as varints (unchanged since the first
+        // version: older gateways and nodes decode it).
         let info = Response::Info(NodeInfo {
             node: NodeId(7),
             disk_uuid: [0x11; 16],
@@ -328,23 +343,24 @@ mod tests {
             free_bytes: 300,
             used_bytes: 5,
             shards: 2,
-            reserve_bytes: 200,
         });
         assert_eq!(
             hex::encode(info.encode()),
-            "011a000000040711111111111111111111111111111111e807ac020502c801"
+            "0118000000040711111111111111111111111111111111e807ac020502"
         );
+        // Space: request and response variant 9 (free 300, reserve 200).
+        assert_eq!(hex::encode(Request::Space.encode()), "010100000009");
+        let space = Response::Space(SpaceInfo {
+            free_bytes: 300,
+            reserve_bytes: 200,
+        });
+        assert_eq!(hex::encode(space.encode()), "010500000009ac02c801");
     }
 
     #[test]
     fn a_node_is_full_once_its_free_space_is_within_its_reserve() {
-        let info = |free_bytes, reserve_bytes| NodeInfo {
-            node: NodeId(1),
-            disk_uuid: [0; 16],
-            capacity_bytes: 1 << 30,
+        let info = |free_bytes, reserve_bytes| SpaceInfo {
             free_bytes,
-            used_bytes: 0,
-            shards: 0,
             reserve_bytes,
         };
         assert!(!info(201, 200).is_full());
@@ -410,6 +426,7 @@ mod tests {
             key.clone().prop_map(Request::StatShard),
             key.prop_map(Request::DeleteShard),
             Just(Request::NodeInfo),
+            Just(Request::Space),
             Just(Request::ListShards {
                 after: None,
                 limit: MAX_LIST

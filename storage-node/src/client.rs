@@ -13,7 +13,7 @@
 
 use crate::tls::{self, TlsError, TlsFiles, NODE_SERVER_NAME};
 use protocol::code::MAX_SHARD_SIZE;
-use protocol::wire::{decode_frame_prefix, NodeInfo, FRAME_PREFIX};
+use protocol::wire::{decode_frame_prefix, NodeInfo, SpaceInfo, FRAME_PREFIX};
 use protocol::{DecodeError, ErrorCode, Request, Response, ShardHeader, ShardKey};
 use std::collections::HashMap;
 use std::future::Future;
@@ -127,12 +127,14 @@ pub struct ClientTimeouts {
     pub connect: Duration,
     /// For one request, from opening its stream to the last response byte.
     pub request: Duration,
-    /// A request still running after this long has its node asked, on the
-    /// same connection, whether it is there at all; a node that does not
-    /// answer within `stall` more is taken for dead and the connection
-    /// closed, failing its requests with [`NodeError::Unresponsive`] at once
-    /// (a node killed without closing its connections otherwise holds them
-    /// until QUIC's idle timeout, and a filing with them).
+    /// A request still running after this long, and again after each such
+    /// period, has its node asked on the same connection whether it is
+    /// there at all; a node that neither answers nor sends anything else on
+    /// the connection within `stall` more is taken for dead and the
+    /// connection closed, failing its requests with
+    /// [`NodeError::Unresponsive`] at once (a node killed without closing
+    /// its connections otherwise holds them until QUIC's idle timeout, and a
+    /// filing with them).
     pub stall: Duration,
 }
 
@@ -385,6 +387,16 @@ impl NodeClient {
         Ok((node as i64 - (sent + rtt / 2), rtt as u64))
     }
 
+    /// The node's free space and the reserve it keeps. A node older than
+    /// the request answers `Remote(BadRequest)`.
+    pub async fn rpc_space(&self, addr: SocketAddr) -> Result<SpaceInfo, NodeError> {
+        self.ask(addr, Request::Space, |r| match r {
+            Response::Space(space) => Ok(space),
+            other => Err(other),
+        })
+        .await
+    }
+
     /// The node's identity, capacity and usage.
     pub async fn rpc_node_info(&self, addr: SocketAddr) -> Result<NodeInfo, NodeError> {
         self.ask(addr, Request::NodeInfo, |r| match r {
@@ -421,33 +433,34 @@ impl NodeClient {
         request: impl Future<Output = Result<T, NodeError>>,
     ) -> Result<T, NodeError> {
         let (stall, limit) = (self.inner.timeouts.stall, self.inner.timeouts.request);
-        let started = tokio::time::Instant::now();
+        let deadline = tokio::time::Instant::now() + limit;
         tokio::pin!(request);
         // One timer per request (a second one measurably slowed small
-        // reads): first the stall, then, once the node has answered a
-        // liveness check, the request's own limit.
+        // reads): it fires at each stall, when the node is checked, and at
+        // the request's own limit.
         let timer = tokio::time::sleep(stall.min(limit));
         tokio::pin!(timer);
-        let mut checked = stall >= limit;
         let result = loop {
             tokio::select! {
                 result = &mut request => break result,
                 () = &mut timer => {
-                    if checked {
+                    let now = tokio::time::Instant::now();
+                    if now >= deadline {
                         break Err(NodeError::Timeout);
                     }
-                    checked = true;
+                    // The request is still polled while its node is asked.
                     let check = answers(conn, stall);
                     tokio::pin!(check);
                     tokio::select! {
                         result = &mut request => break result,
                         alive = &mut check => if !alive {
-                            tracing::warn!(%addr, "a request stalled and the node did not answer a liveness check; closing the connection");
-                            conn.close(quinn::VarInt::from_u32(2), b"no answer to a liveness check");
+                            give_up(addr, conn);
                             break Err(NodeError::Unresponsive);
                         }
                     }
-                    timer.as_mut().reset(started + limit);
+                    // Checked again at the next stall: a node may die while
+                    // a long request runs.
+                    timer.as_mut().reset((tokio::time::Instant::now() + stall).min(deadline));
                 }
             }
         };
@@ -514,8 +527,7 @@ impl NodeClient {
         if answers(&conn, self.inner.timeouts.stall).await {
             return true;
         }
-        tracing::warn!(%addr, "the node did not answer a liveness check; closing the connection");
-        conn.close(quinn::VarInt::from_u32(2), b"no answer to a liveness check");
+        give_up(addr, &conn);
         self.forget(addr, &conn).await;
         false
     }
@@ -599,15 +611,26 @@ async fn exchange(
     }
 }
 
-/// Whether the node at the other end of `conn` answers a clock request
-/// within `within` (a request of its own, beside whatever stalled).
+/// Whether the node at the other end of `conn` shows it is there within
+/// `within`: it answers a clock request of our own (any answer will do, an
+/// error code from a node too old to know the request included), or the
+/// connection receives anything meanwhile (a node busy enough that our
+/// request waits for a stream still acknowledges and answers the others).
 async fn answers(conn: &quinn::Connection, within: Duration) -> bool {
+    let received = conn.stats().udp_rx.datagrams;
     let frame = Request::Time.encode();
     let ask = exchange(conn, &frame, bytes::Bytes::new());
-    matches!(
-        tokio::time::timeout(within, ask).await,
-        Ok(Ok((Response::Time(_), _)))
-    )
+    match tokio::time::timeout(within, ask).await {
+        Ok(Ok(_) | Err(NodeError::Remote(_))) => true,
+        _ => conn.stats().udp_rx.datagrams > received,
+    }
+}
+
+/// Gives up on a connection whose node did not show it is there: closes it,
+/// so every request on it fails at once (as [`NodeError::Unresponsive`]).
+fn give_up(addr: SocketAddr, conn: &quinn::Connection) {
+    tracing::warn!(%addr, "the node did not answer a liveness check; closing the connection");
+    conn.close(quinn::VarInt::from_u32(2), b"no answer to a liveness check");
 }
 
 async fn read_response(recv: &mut quinn::RecvStream) -> Result<Response, NodeError> {

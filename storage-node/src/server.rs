@@ -397,6 +397,7 @@ async fn handle_request(
         Request::StatShard(key) => ("stat", handle_stat_shard(state, key, send).await),
         Request::DeleteShard(key) => ("delete", handle_delete_shard(state, key, send).await),
         Request::NodeInfo => ("info", handle_node_info(state, send).await),
+        Request::Space => ("space", handle_space(state, send).await),
         Request::ListShards { after, limit } => {
             ("list", handle_list_shards(state, after, limit, send).await)
         }
@@ -630,6 +631,24 @@ async fn handle_verify_shard(
     respond(send, &response).await
 }
 
+async fn handle_space(
+    state: &NodeState,
+    send: &mut quinn::SendStream,
+) -> Result<&'static str, StreamError> {
+    let store = state.store.clone();
+    let response = match blocking(move || store.info()).await {
+        Ok(info) => Response::Space(protocol::wire::SpaceInfo {
+            free_bytes: info.free_bytes,
+            reserve_bytes: info.reserve_bytes,
+        }),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the node's free space");
+            Response::Error(e.code())
+        }
+    };
+    respond(send, &response).await
+}
+
 async fn handle_node_info(
     state: &NodeState,
     send: &mut quinn::SendStream,
@@ -643,7 +662,6 @@ async fn handle_node_info(
             free_bytes: info.free_bytes,
             used_bytes: info.used_bytes,
             shards: info.shards,
-            reserve_bytes: info.reserve_bytes,
         }),
         Err(e) => {
             tracing::warn!(error = %e, "could not read node info");

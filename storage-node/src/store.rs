@@ -39,6 +39,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 const DISK_UUID_FILE: &str = "disk.uuid";
@@ -201,6 +202,20 @@ pub struct ShardStore {
     /// [`StoreConfig::direct_io`]); cleared when the file system refuses.
     direct: std::sync::atomic::AtomicBool,
     reserve: u64,
+    /// Free bytes claimed by puts in flight (see [`ShardStore::claim_space`]).
+    claimed: AtomicU64,
+}
+
+/// Free space a put in flight holds; released when dropped.
+struct SpaceClaim<'a> {
+    claimed: &'a AtomicU64,
+    bytes: u64,
+}
+
+impl Drop for SpaceClaim<'_> {
+    fn drop(&mut self) {
+        self.claimed.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 impl std::fmt::Debug for ShardStore {
@@ -250,6 +265,7 @@ impl ShardStore {
             small_max: config.small_shard_max,
             direct: std::sync::atomic::AtomicBool::new(config.direct_io),
             reserve: config.reserve_bytes,
+            claimed: AtomicU64::new(0),
         })
     }
 
@@ -307,10 +323,7 @@ impl ShardStore {
         // Checked before anything is written, so a full node refuses cleanly
         // and keeps its reserve for what frees space.
         // The body plus a block for its header and the file system's own.
-        let record = body.len() as u64 + 4096;
-        if self.free_bytes()?.saturating_sub(record) < self.reserve {
-            return Err(StoreError::DiskFull);
-        }
+        let _claim = self.claim_space(body.len() as u64 + 4096)?;
         let key = header.key;
         let dir = self.shard_dir(&key);
         let name = shard_file_name(&key);
@@ -562,6 +575,23 @@ impl ShardStore {
             segment_syncs: small.syncs,
             reserve_bytes: self.reserve,
         })
+    }
+
+    /// Claims `bytes` of free space for a put in flight until the claim is
+    /// dropped: refused with [`StoreError::DiskFull`] if the free space, less
+    /// what puts in flight have claimed, would fall under the reserve
+    /// (puts running together must not pass the check together and then
+    /// all write into the reserve).
+    fn claim_space(&self, bytes: u64) -> Result<SpaceClaim<'_>, StoreError> {
+        let claimed = self.claimed.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        let claim = SpaceClaim {
+            claimed: &self.claimed,
+            bytes,
+        };
+        if self.free_bytes()?.saturating_sub(claimed) < self.reserve {
+            return Err(StoreError::DiskFull);
+        }
+        Ok(claim)
     }
 
     /// Bytes available to this process on the store's file system now.
@@ -1713,6 +1743,37 @@ mod tests {
         store.put(&header(key(3), &small), &small).unwrap();
         store.put(&header(key(4), &large), &large).unwrap();
         assert_eq!(store.info().unwrap().shards, 2);
+    }
+
+    #[test]
+    fn puts_in_flight_claim_their_space_before_the_reserve_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let free = ShardStore::open(dir.path()).unwrap().free_bytes().unwrap();
+        // Room above the reserve for one claim of a quarter of the free
+        // space, not two (with an eighth of it to spare either way for
+        // whatever else writes to this disk meanwhile).
+        let quarter = free / 4;
+        let store = ShardStore::open_with(
+            dir.path(),
+            StoreConfig {
+                reserve_bytes: free - quarter * 3 / 2,
+                ..StoreConfig::default()
+            },
+        )
+        .unwrap();
+        let first = store.claim_space(quarter).unwrap();
+        assert!(matches!(
+            store.claim_space(quarter),
+            Err(StoreError::DiskFull)
+        ));
+        drop(first);
+        let again = store.claim_space(quarter).unwrap();
+        drop(again);
+        assert_eq!(
+            store.claimed.load(Ordering::Acquire),
+            0,
+            "claims are released"
+        );
     }
 
     #[test]

@@ -311,6 +311,12 @@ async fn shards_and_disk_identity_survive_a_restart_on_the_same_port() {
         .await
         .unwrap();
     let before = client.rpc_node_info(addr).await.unwrap();
+    let space = client.rpc_space(addr).await.unwrap();
+    assert_eq!(
+        space.reserve_bytes,
+        storage_node::store::DEFAULT_RESERVE_BYTES
+    );
+    assert!(space.free_bytes > 0 && space.free_bytes <= before.capacity_bytes);
     node.shutdown().await;
 
     assert!(

@@ -517,7 +517,10 @@ fn idempotency_and_declared_hashes() -> Result<()> {
         .arg(format!("@{}", head.display()))
         .arg(format!("{}/v1/evidence", c.api))
         .output()?;
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "431");
+    // hyper answers 431 and closes with the rest of the head unread, which
+    // the kernel may turn into a reset before curl reads the answer.
+    let code = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(code == "431" || code == "000", "a 200 KB head got {code}");
     let found = c.get_with(
         &c.token,
         &format!("/v1/evidence/by-hash/{}", blake3_hex(b"abc")),

@@ -231,8 +231,6 @@ fn aws_chunked_trailers_are_verified_after_the_last_byte() -> Result<()> {
     Ok(())
 }
 
-/// ListObjectVersions with a delimiter folds keys into common prefixes, and
-/// a page that ends on a prefix resumes after everything under it.
 /// User metadata is held to S3's 2 KB (MetadataTooLarge, nothing stored),
 /// a header too large for the server is refused before any upload, and the
 /// gateway serves on afterwards.
@@ -277,7 +275,10 @@ fn oversized_metadata_and_headers_are_refused_and_store_nothing() -> Result<()> 
         .arg(format!("@{}", huge.display()))
         .arg(format!("{}/meta/huge", c.s3))
         .output()?;
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "431");
+    // hyper answers 431 and closes with the rest of the head unread, which
+    // the kernel may turn into a reset before curl reads the answer.
+    let code = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(code == "431" || code == "000", "a 200 KB head got {code}");
     for name in ["over", "huge"] {
         let (h, _) = curl(&c, "HEAD", &format!("{}/meta/{name}", c.s3), &[])?;
         assert_eq!(status(&h), "404", "{name}: {h}");
@@ -287,6 +288,8 @@ fn oversized_metadata_and_headers_are_refused_and_store_nothing() -> Result<()> 
     Ok(())
 }
 
+/// ListObjectVersions with a delimiter folds keys into common prefixes, and
+/// a page that ends on a prefix resumes after everything under it.
 #[test]
 fn version_listings_fold_common_prefixes_and_page() -> Result<()> {
     let c = TestCluster::start(Shape::default())?;
