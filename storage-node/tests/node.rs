@@ -600,8 +600,11 @@ async fn a_request_to_a_node_gone_silent_fails_after_a_liveness_check_not_the_id
         .await
         .unwrap();
 
-    // Silence mid-connection: four reads and a put in flight on it.
+    // Silence mid-connection: four reads and a put in flight on it. (A
+    // moment first for what the node sent before the silence to be taken
+    // in: anything received during a check counts as a sign of life.)
     silent.store(true, std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let started = std::time::Instant::now();
     let mut calls = Vec::new();
     for _ in 0..4 {
@@ -636,6 +639,7 @@ async fn a_request_to_a_node_gone_silent_fails_after_a_liveness_check_not_the_id
     // The check alone, as a read that hedged past a slow node asks for it.
     assert!(client.check_alive(addr).await, "a live node answers");
     silent.store(true, std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let started = std::time::Instant::now();
     assert!(
         !client.check_alive(addr).await,
