@@ -435,9 +435,9 @@ impl NodeClient {
         let (stall, limit) = (self.inner.timeouts.stall, self.inner.timeouts.request);
         let deadline = tokio::time::Instant::now() + limit;
         tokio::pin!(request);
-        // One timer per request (a second one measurably slowed small
-        // reads): it fires at each stall, when the node is checked, and at
-        // the request's own limit.
+        // One timer per request (a second per shard request would be a
+        // cost the check does not need): it fires at each stall, when the
+        // node is checked, and at the request's own limit.
         let timer = tokio::time::sleep(stall.min(limit));
         tokio::pin!(timer);
         let result = loop {
