@@ -21,14 +21,12 @@ use crate::placement;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use indexer::schema::{self, IntentStart};
-use protocol::wire::ErrorCode;
 use protocol::{Blake3Hash, EvidenceId, ManifestHeader, Sha256Hash, ShardHeader, ShardKey};
 use protocol::{ShardPlacement, StripeRecord};
 use sha2::Digest;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use storage_node::buffers::BufferPool;
-use storage_node::client::NodeError;
 use tokio::task::JoinHandle;
 
 /// Stripe records written per index transaction: well under FoundationDB's
@@ -717,7 +715,7 @@ async fn store_stripe<S: Store>(
                     Ok(()) => return (Some(node), full),
                     Err(e) => {
                         tracing::warn!(%node, shard = %header.key, error = %e, "shard put failed; trying the next ranked node");
-                        if matches!(e, NodeError::Remote(ErrorCode::DiskFull)) {
+                        if e.is_disk_full() {
                             // Up and serving reads, only out of room.
                             gw.nodes.mark_full(node, true);
                             full = true;

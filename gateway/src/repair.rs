@@ -815,10 +815,7 @@ async fn put_and_verify<S: Store>(
         .rpc_put_shard(addr, header, body)
         .await
         .map_err(|e| {
-            if matches!(
-                e,
-                storage_node::client::NodeError::Remote(protocol::wire::ErrorCode::DiskFull)
-            ) {
+            if e.is_disk_full() {
                 gw.nodes.mark_full(node, true);
             }
             ApiError::Unavailable(format!("writing {} to node {node}: {e}", header.key))

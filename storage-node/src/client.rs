@@ -94,6 +94,12 @@ impl NodeError {
         }
     }
 
+    /// True when the node refused because its disk is at its reserve: it is
+    /// up and serving, only out of room for new shards.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, NodeError::Remote(ErrorCode::DiskFull))
+    }
+
     /// True when this client closed the connection (a liveness check failed).
     fn closed_by_us(&self) -> bool {
         use quinn::{ConnectionError::LocallyClosed, ReadError, ReadExactError, WriteError};

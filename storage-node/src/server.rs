@@ -635,14 +635,27 @@ async fn handle_space(
     state: &NodeState,
     send: &mut quinn::SendStream,
 ) -> Result<&'static str, StreamError> {
-    let store = state.store.clone();
-    let response = match blocking(move || store.info()).await {
-        Ok(info) => Response::Space(protocol::wire::SpaceInfo {
+    answer_from_info(state, send, |info| {
+        Response::Space(protocol::wire::SpaceInfo {
             free_bytes: info.free_bytes,
             reserve_bytes: info.reserve_bytes,
-        }),
+        })
+    })
+    .await
+}
+
+/// Answers with what `answer` makes of the store's info (`NodeInfo`,
+/// `Space`), or the store's error code.
+async fn answer_from_info(
+    state: &NodeState,
+    send: &mut quinn::SendStream,
+    answer: impl FnOnce(crate::store::StoreInfo) -> Response,
+) -> Result<&'static str, StreamError> {
+    let store = state.store.clone();
+    let response = match blocking(move || store.info()).await {
+        Ok(info) => answer(info),
         Err(e) => {
-            tracing::warn!(error = %e, "could not read the node's free space");
+            tracing::warn!(error = %e, "could not read the node's disk figures");
             Response::Error(e.code())
         }
     };
@@ -653,22 +666,18 @@ async fn handle_node_info(
     state: &NodeState,
     send: &mut quinn::SendStream,
 ) -> Result<&'static str, StreamError> {
-    let store = state.store.clone();
-    let response = match blocking(move || store.info()).await {
-        Ok(info) => Response::Info(protocol::wire::NodeInfo {
-            node: state.node_id,
+    let node = state.node_id;
+    answer_from_info(state, send, |info| {
+        Response::Info(protocol::wire::NodeInfo {
+            node,
             disk_uuid: info.disk_uuid,
             capacity_bytes: info.capacity_bytes,
             free_bytes: info.free_bytes,
             used_bytes: info.used_bytes,
             shards: info.shards,
-        }),
-        Err(e) => {
-            tracing::warn!(error = %e, "could not read node info");
-            Response::Error(e.code())
-        }
-    };
-    respond(send, &response).await
+        })
+    })
+    .await
 }
 
 /// Runs a store call on the blocking pool; a panic there becomes an I/O error
