@@ -482,8 +482,21 @@ impl TestCluster {
     }
 
     pub fn start_gateway(&mut self) -> Result<()> {
+        self.start_gateway_under(&[])
+    }
+
+    /// Starts the gateway under a wrapper command (see [`faketime`]).
+    pub fn start_gateway_under(&mut self, wrapper: &[&str]) -> Result<()> {
         let log = self.log("gateway.log")?;
-        let child = Command::new(custodia_bin())
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(custodia_bin()),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(custodia_bin());
+                c
+            }
+        };
+        let child = cmd
             .arg("gateway")
             .arg("--data-dir")
             .arg(self.dir.path())
@@ -675,6 +688,28 @@ impl Drop for TestCluster {
 }
 
 /// Deterministic pseudo-random bytes (no two sizes share a prefix pattern).
+/// A wrapper (for `start_node_under`, `start_gateway_under`) that runs the
+/// process with its wall clock moved by `offset` (libfaketime syntax:
+/// `+30s`, `-12h`, `+1d`), monotonic time left alone (timeouts use it).
+/// libfaketime is preloaded through `env`, which execs: the `faketime`
+/// wrapper forks, and killing it would leave the process running after the
+/// test.
+pub fn faketime(offset: &str) -> Result<Vec<String>> {
+    let lib = fs::read_dir("/usr/lib")?
+        .flatten()
+        .map(|dir| dir.path().join("faketime").join("libfaketime.so.1"))
+        .find(|lib| lib.exists())
+        .context(
+            "libfaketime.so.1 not found under /usr/lib/*/faketime (apt-get install faketime)",
+        )?;
+    Ok(vec![
+        "env".into(),
+        format!("LD_PRELOAD={}", lib.display()),
+        format!("FAKETIME={offset}"),
+        "FAKETIME_DONT_FAKE_MONOTONIC=1".into(),
+    ])
+}
+
 pub fn bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)

@@ -9,16 +9,6 @@ use serde_json::Value;
 
 /// Debian's libfaketime (package `faketime`, which .ci/run installs), in
 /// whichever multiarch directory this machine has.
-fn libfaketime() -> Result<std::path::PathBuf> {
-    for dir in std::fs::read_dir("/usr/lib")?.flatten() {
-        let lib = dir.path().join("faketime").join("libfaketime.so.1");
-        if lib.exists() {
-            return Ok(lib);
-        }
-    }
-    bail!("libfaketime.so.1 not found under /usr/lib/*/faketime (apt-get install faketime)")
-}
-
 fn status(c: &TestCluster) -> Result<Value> {
     let out = c.cli(&["status", "--json"])?;
     if !out.status.success() {
@@ -141,20 +131,9 @@ fn a_node_whose_clock_is_off_is_measured_and_shown() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
     // Node 5 restarts with its wall clock 30 s ahead (monotonic time, which
     // timeouts use, left alone).
-    // libfaketime preloaded through `env`, which execs: the `faketime`
-    // wrapper forks, and killing it would leave the node running after
-    // the test.
-    let lib = libfaketime()?;
+    let wrapper = custodia_tests::faketime("+30s")?;
     c.kill_node(5);
-    c.start_node_under(
-        5,
-        &[
-            "env",
-            &format!("LD_PRELOAD={}", lib.display()),
-            "FAKETIME=+30s",
-            "FAKETIME_DONT_FAKE_MONOTONIC=1",
-        ],
-    )?;
+    c.start_node_under(5, &wrapper.iter().map(String::as_str).collect::<Vec<_>>())?;
     let measured = custodia_tests::eventually(30, || {
         status(&c).is_ok_and(|s| {
             s["nodes"][5]["clock_offset_ms"]
