@@ -90,7 +90,7 @@ DASHBOARDS = {
             panel("Node p99 latency by op", "histogram_quantile(0.99, sum by (op, le) (rate(custodia_node_request_duration_seconds_bucket[5m])))", "s", legend=["{{op}}"]),
             panel("Shard bytes written and read", ["sum(rate(custodia_node_shard_bytes_written_total[1m]))", "sum(rate(custodia_node_shard_bytes_read_total[1m]))"], "Bps", legend=["written", "read"]),
             panel("QUIC connections and RTT", ["sum(custodia_node_quic_connections)", "max(custodia_quic_rtt_seconds) * 1000"], legend=["connections at nodes", "max RTT ms"]),
-            panel("Clock offsets from the gateway", ["custodia_node_clock_offset_seconds", "custodia_tsa_clock_offset_seconds"], "s", legend=["node {{node}}", "time-stamping authority"]),
+            panel("Clock offsets from the gateway", ["custodia_node_clock_offset_seconds", "custodia_tsa_clock_offset_seconds", "custodia_compliance_clock_offset_seconds"], "s", legend=["node {{node}}", "time-stamping authority", "compliance clock (retention ends by it)"]),
         ],
     ),
     "repair": (

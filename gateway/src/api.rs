@@ -38,9 +38,8 @@ use reed_solomon_erasure::galois_8::ReedSolomon;
 use serde_json::json;
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// The index backends the gateway can run on.
 pub trait Store: KvStore + Clone {}
@@ -54,23 +53,7 @@ const SMALL_BODY: usize = 16 * 1024;
 /// Longest metadata header value accepted.
 const MAX_META_LEN: usize = 1024;
 
-/// The operator's clock, never going backwards within a process: ids and
-/// filing times stay ordered even if the system clock is stepped back.
-#[derive(Default)]
-pub struct Clock {
-    last: AtomicU64,
-}
-
-impl Clock {
-    pub fn now_ms(&self) -> u64 {
-        let wall = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        let prev = self.last.fetch_max(wall, Ordering::Relaxed);
-        prev.max(wall)
-    }
-}
+pub use crate::clock::Clock;
 
 /// Everything a request handler needs.
 pub struct Gateway<S: Store> {
@@ -117,6 +100,8 @@ pub enum StartError {
     Code(reed_solomon_erasure::Error),
     #[error("{0}")]
     Ledger(String),
+    #[error("reading the compliance clock from the index: {0}")]
+    Clock(String),
     #[error("registering metrics: {0}")]
     Metrics(#[from] prometheus::Error),
 }
@@ -256,6 +241,10 @@ pub async fn serve<S: Store>(
             ));
         }
     }
+    crate::clock::start(&gw)
+        .await
+        .map_err(|e| StartError::Clock(e.to_string()))?;
+    let clock_keeper = crate::clock::spawn_keeper(gw.clone());
     let replaced = gw.nodes.probe_all(&gw.store, gw.clock.now_ms()).await;
     crate::repair::spawn_reconcile(gw.clone(), replaced);
     let listener = tokio::net::TcpListener::bind(listen)
@@ -321,13 +310,21 @@ pub async fn serve<S: Store>(
         s3_addr,
         metrics_addr,
         server,
-        background: [prober, gc, orphans, integrator, refresher, repair]
-            .into_iter()
-            .chain(witnessing)
-            .chain(timestamping)
-            .chain(s3.map(|(_, task)| task))
-            .chain(metrics.map(|(_, task)| task))
-            .collect(),
+        background: [
+            prober,
+            gc,
+            orphans,
+            integrator,
+            refresher,
+            repair,
+            clock_keeper,
+        ]
+        .into_iter()
+        .chain(witnessing)
+        .chain(timestamping)
+        .chain(s3.map(|(_, task)| task))
+        .chain(metrics.map(|(_, task)| task))
+        .collect(),
     })
 }
 
@@ -1048,6 +1045,7 @@ async fn status<S: Store>(
         .collect();
     let integrated = gw.metrics.checkpoint_time.get();
     let now_s = gw.clock.now_ms() as f64 / 1000.0;
+    let clock = gw.clock.reading();
     let mut stripes: Vec<_> = degraded.iter().map(|(e, _)| *e).collect();
     stripes.dedup();
     Ok(Json(json!({
@@ -1063,6 +1061,14 @@ async fn status<S: Store>(
             "checkpoint_age_s": (integrated > 0.0).then(|| (now_s - integrated).max(0.0)),
             "witnesses": gw.metrics.witness_quorum.get(),
             "cosigned_entries": gw.metrics.cosigned_entries.get(),
+        },
+        // Retention is judged by the compliance clock (`crate::clock`).
+        "clock": {
+            "system_ms": clock.system_ms,
+            "compliance_ms": clock.compliance_ms,
+            "compliance_offset_s": (clock.compliance_ms as f64 - clock.system_ms as f64) / 1000.0,
+            "confirmed_by": clock.confirmed.map(|(s, _)| s.as_str()),
+            "confirmed_s_ago": clock.confirmed.map(|(_, age)| age.as_secs_f64()),
         },
     })))
 }
@@ -1260,13 +1266,6 @@ mod tests {
             parse_range(Some(&hv("bytes=5-2")), 10),
             Err(ApiError::BadRequest(_))
         ));
-    }
-
-    #[test]
-    fn the_clock_never_goes_backwards() {
-        let c = Clock::default();
-        c.last.store(u64::MAX / 2, Ordering::Relaxed);
-        assert_eq!(c.now_ms(), u64::MAX / 2);
     }
 }
 
@@ -1751,14 +1750,16 @@ async fn expunge<S: Store>(
     }
     let h = load_visible(&gw, &who, &id).await?;
     let evidence = h.evidence;
-    let now = gw.clock.now_ms();
+    // Retention ends by the compliance clock: setting the system clock
+    // forward expunges nothing early.
+    let compliance = gw.clock.compliance_ms();
     worm(
         &gw,
         &who,
         &h,
         Kind::Expunged,
         json!({ "order": req.order }),
-        |tx| async move { schema::expunge_tx(&tx, evidence, now).await },
+        |tx| async move { schema::expunge_tx(&tx, evidence, compliance).await },
     )
     .await?;
     tracing::info!(%evidence, by = %actor(&who), "expunged; deleting its shards");

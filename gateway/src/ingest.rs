@@ -317,6 +317,8 @@ impl<S: Store> Upload<S> {
             )?),
             None => None,
         };
+        // Replacing a locked "null" version is judged by the compliance clock.
+        let compliance_ms = self.gw.clock.compliance_ms();
         indexer::run(&self.gw.store, |tx| {
             let (header, pending, s3) = (&header, &pending, &s3);
             async move {
@@ -342,7 +344,7 @@ impl<S: Store> Upload<S> {
                             &put.bucket,
                             &put.key,
                             &put.version,
-                            filed_at_ms,
+                            compliance_ms,
                         )
                         .await?;
                     }

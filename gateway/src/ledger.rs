@@ -2034,18 +2034,20 @@ pub fn spawn_witnessing<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::Jo
                 continue;
             };
             // All witnesses at once: a slow one delays no other.
-            let rounds = ledger.witnesses.iter().zip(seen.iter()).map(|(w, seen)| {
+            let count = ledger.witnesses.len();
+            let rounds = ledger.witnesses.iter().zip(seen.iter()).enumerate().map(|(i, (w, seen))| {
                 let (gw, agent, newest) = (&gw, &agent, &newest);
                 let seen = *seen;
+                let which = (i, count, w);
                 async move {
                     if seen == Some(newest.1.size) {
                         return seen;
                     }
-                    match witness_once(gw, agent, w, seen.unwrap_or(0), newest).await {
+                    match witness_once(gw, agent, which, seen.unwrap_or(0), newest).await {
                         Ok(Cosigned::Yes) => Some(newest.1.size),
                         // It is at another size: retry at once from there.
                         Ok(Cosigned::Behind(size)) => {
-                            match witness_once(gw, agent, w, size, newest).await {
+                            match witness_once(gw, agent, which, size, newest).await {
                                 Ok(Cosigned::Yes) => Some(newest.1.size),
                                 Ok(Cosigned::Behind(s)) => Some(s),
                                 Err(e) => {
@@ -2075,7 +2077,7 @@ enum Cosigned {
 async fn witness_once<S: Store>(
     gw: &Gateway<S>,
     agent: &ureq::Agent,
-    w: &WitnessEntry,
+    (index, count, w): (usize, usize, &WitnessEntry),
     old: u64,
     (note, cp): &(String, pl::VerifiedCheckpoint),
 ) -> Result<Cosigned, String> {
@@ -2147,6 +2149,15 @@ async fn witness_once<S: Store>(
             .await
             .map_err(|e| e.to_string())?;
             gw.metrics.cosigned(size, text.lines().count());
+            // The time it cosigned at: a majority of witnesses vouching for
+            // a time lets the compliance clock catch up to it.
+            if let Some(t) = text
+                .lines()
+                .filter_map(protocol::witness::cosignature_time)
+                .max()
+            {
+                gw.clock.witnessed(index, count, t.saturating_mul(1000));
+            }
             tracing::debug!(witness = %w.url, size, ms = started.elapsed().as_millis() as u64, "cosigned");
             Ok(Cosigned::Yes)
         }
@@ -2237,6 +2248,12 @@ async fn stamp<S: Store>(gw: &Gateway<S>, tsa: &Tsa, note: &str, size: u64) -> R
     gw.metrics
         .tsa_clock_offset
         .set(gen_time as f64 - gw.clock.now_ms() as f64 / 1000.0);
+    // An outside TSA's time lets the compliance clock catch up; the
+    // development TSA signs with this machine's clock, so it does not.
+    if tsa.url.is_some() {
+        gw.clock
+            .confirm(gen_time.saturating_mul(1000), crate::clock::Source::Tsa);
+    }
     indexer::run(&gw.store, |tx| {
         let response = &response;
         async move {

@@ -21,6 +21,7 @@
 //! calls [`serve`].
 
 pub mod api;
+pub mod clock;
 pub mod config;
 pub mod credentials;
 pub mod error;

@@ -92,6 +92,11 @@ pub struct GatewayMetrics {
     /// `custodia_tsa_clock_offset_seconds`: the RFC 3161 TSA's genTime minus
     /// the gateway's clock at the newest token (whole seconds).
     pub tsa_clock_offset: prometheus::Gauge,
+    /// `custodia_compliance_clock_offset_seconds`: the compliance clock
+    /// (which retention is judged by) minus the system clock. Negative: it
+    /// lags (time no gateway ran, not yet confirmed); positive: the system
+    /// clock was stepped back.
+    pub compliance_clock_offset: prometheus::Gauge,
     /// `custodia_orphan_shards_deleted_total` and
     /// `custodia_orphan_shards_pending` (unreferenced, within their grace).
     pub orphans_deleted: IntCounter,
@@ -256,6 +261,13 @@ impl GatewayMetrics {
                 prometheus::Gauge::new(
                     "custodia_tsa_clock_offset_seconds",
                     "The time-stamping authority's genTime minus the gateway's clock at the newest token.",
+                )?,
+            )?,
+            compliance_clock_offset: reg(
+                r,
+                prometheus::Gauge::new(
+                    "custodia_compliance_clock_offset_seconds",
+                    "The compliance clock (retention is judged by it) minus the system clock.",
                 )?,
             )?,
             orphans_deleted: reg(

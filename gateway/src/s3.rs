@@ -465,18 +465,23 @@ impl<S: Store> S3Front<S> {
             return Err(s3_error!(InvalidArgument, "invalid object key"));
         }
         let now = self.gw.clock.now_ms();
+        // Locks end by the compliance clock, which no system clock moves.
+        let compliance = self.gw.clock.compliance_ms();
         // Bypassing GOVERNANCE needs both the key's permission and the
         // request's header, as in S3.
         let bypass = who.bypass_governance && bypass_requested;
         let (bucket, key) = (bucket.to_owned(), key.to_owned());
         match parse_version(version_id) {
             Ok(Some(vid)) => {
-                let removed = indexer::run(&self.gw.store, |tx| {
-                    let (bucket, key) = (&bucket, &key);
-                    async move { ix::delete_version_tx(&tx, bucket, key, vid, now, bypass).await }
-                })
-                .await
-                .map_err(|e| s3_err(e.into()))?;
+                let removed =
+                    indexer::run(&self.gw.store, |tx| {
+                        let (bucket, key) = (&bucket, &key);
+                        async move {
+                            ix::delete_version_tx(&tx, bucket, key, vid, compliance, bypass).await
+                        }
+                    })
+                    .await
+                    .map_err(|e| s3_err(e.into()))?;
                 tracing::info!(bucket = %bucket, key = %key, version = %vid, by = %who.tenant, role = ?who.role, "object version deleted");
                 Ok((
                     removed.is_delete_marker().then_some(true),
@@ -499,7 +504,7 @@ impl<S: Store> S3Front<S> {
                 let done = indexer::run(&self.gw.store, |tx| {
                     let (bucket, key, marker) = (&bucket, &key, &marker);
                     async move {
-                        ix::delete_current_tx(&tx, bucket, key, marker, now, bypass).await
+                        ix::delete_current_tx(&tx, bucket, key, marker, compliance, bypass).await
                     }
                 })
                 .await
@@ -1478,14 +1483,14 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let (v, header) = self
             .readable(&input.bucket, &input.key, input.version_id.as_deref())
             .await?;
-        let now = self.gw.clock.now_ms();
+        let compliance = self.gw.clock.compliance_ms();
         let bypass = who.bypass_governance && input.bypass_governance_retention == Some(true);
         let (bucket, key, vid) = (input.bucket.clone(), input.key.clone(), v.version_id);
         let evidence = header.evidence;
         indexer::run(&self.gw.store, |tx| {
             let (bucket, key) = (&bucket, &key);
             async move {
-                ix::set_retention_tx(&tx, bucket, key, vid, retention, now, bypass).await?;
+                ix::set_retention_tx(&tx, bucket, key, vid, retention, compliance, bypass).await?;
                 // COMPLIANCE binds the evidence itself (only ever extended).
                 if let Some(r) = retention.filter(|r| r.mode == LockMode::Compliance) {
                     let until = schema::get_manifest_tx(&tx, evidence)

@@ -180,6 +180,8 @@ impl ObjectVersion {
 
     /// Why this version may not be removed (or its retention shortened) at
     /// `now_ms`, if it may not; `bypass`: the caller may bypass GOVERNANCE.
+    /// Every `now_ms` that decides a lock here is the gateway's compliance
+    /// clock (`gateway::clock`), not the system clock.
     pub fn lock_reason(&self, now_ms: u64, bypass: bool) -> Option<String> {
         if self.legal_hold {
             return Some("a legal hold applies to this object version".into());

@@ -20,6 +20,7 @@
 //! ("X", evidence 16)                              = ManifestHeader     expunged: metadata kept, bytes gone
 //! ("Y", evidence 16)                              = ""                 expunged, shards still to delete
 //! ("Z", evidence 16, stripe u64)                  = ""                 lost: fewer than k shards left
+//! ("C")                                           = ClockRecord        the compliance clock
 //! ```
 //!
 //! The ledger's keys ("Q", "L", "N", "T", "V", "O", "P", "M") are laid out in
@@ -52,6 +53,7 @@ const TOKEN: u8 = b'T';
 const EXPUNGED: u8 = b'X';
 const EXPUNGING: u8 = b'Y';
 const LOST: u8 = b'Z';
+const CLOCK: u8 = b'C';
 
 const RECORD_V1: u8 = 1;
 
@@ -186,6 +188,39 @@ pub async fn get_node_tx<T: Transaction>(
         Some(v) => Ok(Some(decode_versioned(RECORD_V1, &v)?)),
         None => Ok(None),
     }
+}
+
+/// The compliance clock (see `gateway::clock`): the time retention is
+/// judged by, which only gateways' monotonic clocks and independent time
+/// sources move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockRecord {
+    /// Milliseconds since the Unix epoch.
+    pub compliance_ms: u64,
+}
+
+/// The stored compliance clock, if a gateway has started one.
+pub async fn clock_tx<T: Transaction>(tx: &T) -> Result<Option<ClockRecord>, SchemaError> {
+    match tx.get(&[CLOCK]).await? {
+        Some(v) => Ok(Some(decode_versioned(RECORD_V1, &v)?)),
+        None => Ok(None),
+    }
+}
+
+/// Stores the compliance clock, never moving it back (several gateways
+/// each advance their own reading of it).
+pub async fn advance_clock_tx<T: Transaction>(
+    tx: &T,
+    rec: ClockRecord,
+) -> Result<ClockRecord, SchemaError> {
+    let stored = clock_tx(tx).await?;
+    let next = ClockRecord {
+        compliance_ms: stored.map_or(0, |r| r.compliance_ms).max(rec.compliance_ms),
+    };
+    if stored != Some(next) {
+        tx.set(&[CLOCK], &encode_versioned(RECORD_V1, &next));
+    }
+    Ok(next)
 }
 
 /// Where a node is in its life: what an operator decided, beside the
@@ -1010,7 +1045,8 @@ pub async fn extend_retention_tx<T: Transaction>(
     Ok(h)
 }
 
-/// Expunges: refused while COMPLIANCE retention runs (against `now_ms`) or a
+/// Expunges: refused while COMPLIANCE retention runs (against `now_ms`, the
+/// gateway's compliance clock) or a
 /// legal hold applies, checked in this transaction, which is the only one that
 /// removes a manifest. The manifest moves to a tombstone (custody and
 /// receipts stay answerable), the content lookup goes; stripe records stay

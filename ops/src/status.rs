@@ -101,7 +101,50 @@ pub fn render(s: &Value) -> String {
         l["witnesses"],
         l["cosigned_entries"]
     );
+    if let Some(line) = clock_line(&s["clock"]) {
+        let _ = writeln!(out, "{line}");
+    }
     out
+}
+
+/// How the compliance clock (retention is judged by it) stands against
+/// the system clock, and what last confirmed it.
+fn clock_line(c: &Value) -> Option<String> {
+    let offset = c["compliance_offset_s"].as_f64()?;
+    let span = |s: f64| {
+        let s = s.abs();
+        if s < 120.0 {
+            format!("{s:.1} s")
+        } else if s < 7_200.0 {
+            format!("{:.1} min", s / 60.0)
+        } else if s < 172_800.0 {
+            format!("{:.1} h", s / 3_600.0)
+        } else {
+            format!("{:.1} days", s / 86_400.0)
+        }
+    };
+    let state = if offset > 1.0 {
+        format!(
+            "{} ahead of the system clock (the system clock was stepped back)",
+            span(offset)
+        )
+    } else if offset < -1.0 {
+        format!("{} behind the system clock", span(offset))
+    } else {
+        "with the system clock".to_owned()
+    };
+    let confirmed = match (c["confirmed_by"].as_str(), c["confirmed_s_ago"].as_f64()) {
+        (Some(by), Some(ago)) => {
+            let by = if by == "tsa" {
+                "time-stamping authority"
+            } else {
+                by
+            };
+            format!("confirmed by the {by} {} ago", span(ago))
+        }
+        _ => "no independent time source confirmed it yet".to_owned(),
+    };
+    Some(format!("compliance clock: {state}; {confirmed}"))
 }
 
 /// `custodia repair`: wakes the repair worker and follows the backlog with
@@ -181,6 +224,7 @@ mod tests {
             ],
             "degraded_stripes": 7, "degraded_evidence": 2, "degraded_count_capped": false,
             "ledger": {"entries": 42, "checkpoint_age_s": 0.5, "witnesses": 0, "cosigned_entries": 0},
+            "clock": {"compliance_offset_s": -5_400.0, "confirmed_by": null},
         });
         let t = render(&s);
         assert!(t.contains("nodes: 3 of 4 up, RS(4,2)"), "{t}");
@@ -199,6 +243,17 @@ mod tests {
         assert!(
             t.contains("ledger: 42 entries, checkpoint age 0.5 s"),
             "{t}"
+        );
+        assert!(
+            t.contains("compliance clock: 90.0 min behind the system clock; no independent"),
+            "{t}"
+        );
+        let c = serde_json::json!({"compliance_offset_s": 86_400.0,
+                                   "confirmed_by": "witnesses", "confirmed_s_ago": 3.0});
+        assert_eq!(
+            clock_line(&c).unwrap_or_default(),
+            "compliance clock: 24.0 h ahead of the system clock (the system clock was stepped \
+             back); confirmed by the witnesses 3.0 s ago"
         );
     }
 }

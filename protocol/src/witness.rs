@@ -219,6 +219,21 @@ pub fn own_cosignatures(note: &str, lines: &str, witness_key: &str) -> String {
     out
 }
 
+/// The time (seconds since the Unix epoch) a `cosignature/v1` signature
+/// line (`— name base64`) says it was made: the 8 big-endian bytes after
+/// the 4-byte key id. Only meaningful for a line that verified (as
+/// [`own_cosignatures`] returns them).
+pub fn cosignature_time(line: &str) -> Option<u64> {
+    let rest = line.strip_prefix("\u{2014} ")?;
+    let (_, sig) = rest.trim_end().rsplit_once(' ')?;
+    let bytes = B64.decode(sig).ok()?;
+    if bytes.len() != 4 + 8 + 64 {
+        return None;
+    }
+    let time: [u8; 8] = bytes.get(4..12)?.try_into().ok()?;
+    Some(u64::from_be_bytes(time))
+}
+
 /// A C2SP tlog-witness `add-checkpoint` request body.
 pub fn add_checkpoint_body(old: u64, proof: &[Hash], note: &str) -> String {
     let mut out = format!("old {old}\n");
@@ -298,6 +313,10 @@ mod tests {
             format!("{line}\n")
         );
         assert_eq!(own_cosignatures(&note, w2_line, &w1v_again()), "");
+        // The time a cosignature vouches for is read from its line.
+        assert_eq!(cosignature_time(line), Some(1_679_315_147));
+        assert_eq!(cosignature_time(&forged), None);
+        assert_eq!(cosignature_time("junk"), None);
         // Deterministic: same key, time and checkpoint, same bytes.
         let mut again = Note::from_bytes(note.as_bytes()).unwrap();
         again

@@ -535,6 +535,12 @@ fn witnesses_cosign_off_the_filing_path_and_never_cosign_a_fork() -> Result<()> 
     });
     let upgraded = upgraded.context("no receipt cosigned by both witnesses within 15 s")?;
     upgraded.verify(&key)?;
+    // Both witnesses vouched for the time they cosigned at: the compliance
+    // clock counts that as confirmed (a majority of two is two).
+    let confirmed = custodia_tests::eventually(5, || {
+        status_json(&c).is_ok_and(|s| s["clock"]["confirmed_by"] == "witnesses")
+    });
+    assert!(confirmed, "{}", status_json(&c)?["clock"]);
     let dir = tempfile::tempdir()?;
     let (rpath, fpath, wpath) = (
         dir.path().join("r.json"),
@@ -1118,6 +1124,128 @@ fn holds_retention_and_expunge_are_enforced_and_on_the_ledger() -> Result<()> {
         (200, Some(far + 1))
     );
     assert_eq!(c.read(&bid)?, bytes(5000, 12), "B is intact");
+    Ok(())
+}
+
+fn status_json(c: &TestCluster) -> Result<Value> {
+    let out = c.cli(&["status", "--json"])?;
+    if !out.status.success() {
+        bail!("status failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Retention ends by the compliance clock, not the system clock: a gateway
+/// restarted with its clock set a day forward expunges nothing early (and
+/// says its compliance clock lags), one restarted with its clock set back
+/// half a day stamps filings with about the real time, and once the
+/// retention has really passed, the evidence can be expunged.
+#[test]
+fn retention_ends_by_the_compliance_clock_not_the_system_clock() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.stop_gateway();
+    let out = Command::new(custodia_bin())
+        .args(["key", "create", "--tenant", "admin", "--role", "expunger"])
+        .arg("--data-dir")
+        .arg(c.data_dir())
+        .output()?;
+    let expunger = String::from_utf8(out.stdout)?
+        .lines()
+        .find_map(|l| l.strip_prefix("custodia_token = "))
+        .context("no expunger token")?
+        .to_string();
+    let restart_under = |c: &mut TestCluster, offset: Option<&str>| -> Result<()> {
+        c.stop_gateway();
+        match offset {
+            None => c.start_gateway()?,
+            Some(o) => {
+                let w = custodia_tests::faketime(o)?;
+                c.start_gateway_under(&w.iter().map(String::as_str).collect::<Vec<_>>())?
+            }
+        }
+        c.wait_healthy(c.shape.nodes as u64)
+    };
+    restart_under(&mut c, None)?;
+    let order = serde_json::json!({ "order": "Order 2026-91 of the District Court" });
+    let expunge = |c: &TestCluster, id: &str| {
+        send(
+            c,
+            "POST",
+            &expunger,
+            &format!("/v1/evidence/{id}/expunge"),
+            Some(order.clone()),
+        )
+    };
+    let until = unix_ms() + 30_000;
+    let a = c.file_with(
+        &c.token,
+        &bytes(3000, 31),
+        &[("x-custodia-retain-until-ms", &until.to_string())],
+    )?;
+    assert_eq!(a.status, 201);
+    let (id, a_filed) = (
+        a.json()["id"].as_str().context("id")?.to_owned(),
+        a.json()["filed_at_ms"].as_u64().context("filed_at_ms")?,
+    );
+
+    // 1. The system clock a day ahead: its retention has not ended.
+    restart_under(&mut c, Some("+1d"))?;
+    let (status, body) = expunge(&c, &id)?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("locked")),
+        "a clock set forward expunged: {body}"
+    );
+    assert!(
+        unix_ms() < until,
+        "the test ran too slowly to prove anything"
+    );
+    let offset = status_json(&c)?["clock"]["compliance_offset_s"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!(
+        (-86_460.0..-86_000.0).contains(&offset),
+        "compliance clock minus system clock: {offset} s"
+    );
+    let table = String::from_utf8_lossy(&c.cli(&["status"])?.stdout).into_owned();
+    println!("custodia status with the gateway's clock a day ahead:\n{table}");
+    assert!(table.contains("h behind the system clock"), "{table}");
+    let gauge = c.metric(&c.metrics, "custodia_compliance_clock_offset_seconds")?;
+    assert!(gauge < -86_000.0, "gauge {gauge}");
+
+    // 2. The system clock 12 hours behind: filings are stamped with the
+    //    compliance clock, which lost only the restarts, not 12 hours.
+    restart_under(&mut c, Some("-12h"))?;
+    let before = unix_ms();
+    let b = c.file(&bytes(2000, 32))?;
+    let b_filed = b["filed_at_ms"].as_u64().context("filed_at_ms")?;
+    assert!(
+        b_filed + 10_000 > before && b_filed + 10_000 > a_filed,
+        "filed at {b_filed}, after one filed at {a_filed}, at real time {before}"
+    );
+    let table = String::from_utf8_lossy(&c.cli(&["status"])?.stdout).into_owned();
+    assert!(
+        table.contains("the system clock was stepped back"),
+        "{table}"
+    );
+
+    // 3. The right time again: once its date has passed by the compliance
+    //    clock (which lost only the restarts), it is expunged.
+    restart_under(&mut c, None)?;
+    let mut last = (0, Value::Null);
+    let expunged = custodia_tests::eventually(60, || {
+        last = expunge(&c, &id).unwrap_or((0, Value::Null));
+        last.0 == 200
+    });
+    assert!(expunged, "never expunged after its date: {last:?}");
+    assert!(unix_ms() >= until, "expunged before its date");
     Ok(())
 }
 
