@@ -247,6 +247,13 @@ pub async fn serve<S: Store>(
     let clock_keeper = crate::clock::spawn_keeper(gw.clone());
     let replaced = gw.nodes.probe_all(&gw.store, gw.clock.now_ms()).await;
     crate::repair::spawn_reconcile(gw.clone(), replaced);
+    let tls = match &gw.config.api_tls {
+        None => None,
+        Some(t) => Some(tokio_rustls::TlsAcceptor::from(
+            storage_node::tls::https_server_config(&t.cert, &t.key)
+                .map_err(|e| StartError::Tls(format!("evidence API: {e}")))?,
+        )),
+    };
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|source| StartError::Listen {
@@ -303,8 +310,9 @@ pub async fn serve<S: Store>(
         Duration::from_millis(gw.config.repair_interval_ms),
     );
     let app = router(gw);
-    let server = tokio::spawn(serve_api(listener, app));
-    tracing::info!(%local_addr, "evidence API listening");
+    let https = tls.is_some();
+    let server = tokio::spawn(serve_api(listener, app, tls));
+    tracing::info!(%local_addr, https, "evidence API listening");
     Ok(RunningGateway {
         local_addr,
         s3_addr,
@@ -333,10 +341,15 @@ pub async fn serve<S: Store>(
 /// metadata headers are 1 KiB each, tokens well under that.
 const MAX_REQUEST_HEAD: usize = 64 * 1024;
 
-/// Serves the evidence API over HTTP/1.1: what `axum::serve` does, with
-/// request heads bounded to [`MAX_REQUEST_HEAD`] (hyper's default lets a
-/// client hold about 400 KiB per connection in headers).
-async fn serve_api(listener: tokio::net::TcpListener, app: Router) -> std::io::Result<()> {
+/// Serves the evidence API over HTTP/1.1 (over TLS with `tls`): what
+/// `axum::serve` does, with request heads bounded to [`MAX_REQUEST_HEAD`]
+/// (hyper's default lets a client hold about 400 KiB per connection in
+/// headers).
+async fn serve_api(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> std::io::Result<()> {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.max_buf_size(MAX_REQUEST_HEAD);
     loop {
@@ -365,10 +378,37 @@ async fn serve_api(listener: tokio::net::TcpListener, app: Router) -> std::io::R
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let http = http.clone();
+        let (http, tls) = (http.clone(), tls.clone());
         tokio::spawn(async move {
-            let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = http.serve_connection(io, service).await {
+            let ended = match tls {
+                None => {
+                    http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await
+                }
+                Some(acceptor) => {
+                    // A client that never finishes its handshake must not
+                    // hold a task forever.
+                    let handshake = tokio::time::timeout(
+                        crate::s3::TLS_HANDSHAKE_TIMEOUT,
+                        acceptor.accept(stream),
+                    );
+                    match handshake.await {
+                        Ok(Ok(tls)) => {
+                            http.serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                                .await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "evidence API TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "evidence API TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+            };
+            if let Err(e) = ended {
                 tracing::debug!(%peer, error = %e, "evidence API connection ended");
             }
         });

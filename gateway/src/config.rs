@@ -95,6 +95,10 @@ pub struct GatewayConfig {
     /// Serve the S3 API over HTTPS (only) with this certificate and key.
     #[serde(default)]
     pub s3_tls: Option<ServerTlsPaths>,
+    /// Serve the evidence API over HTTPS (only) with this certificate and
+    /// key: bearer tokens and evidence never cross the network in clear.
+    #[serde(default)]
+    pub api_tls: Option<ServerTlsPaths>,
     /// Silence after which a node counts as down (before: suspect).
     #[serde(default = "default_down_after")]
     pub node_down_after_ms: u64,

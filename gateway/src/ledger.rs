@@ -2009,6 +2009,22 @@ async fn checked_size<S: Store>(gw: &Gateway<S>, size: u64) -> Result<u64, ApiEr
     Ok(size)
 }
 
+/// An HTTP(S) client for witnesses and time-stamping authorities: HTTPS
+/// against the public web roots, with rustls' ring provider chosen here
+/// (two providers are linked in, and rustls will not pick one).
+fn outside_agent(timeout: Duration, status_as_error: bool) -> ureq::Agent {
+    let tls = ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .build();
+    ureq::Agent::config_builder()
+        .http_status_as_error(status_as_error)
+        .timeout_global(Some(timeout))
+        .tls_config(tls)
+        .build()
+        .into()
+}
+
 /// Sends the newest checkpoint to every configured witness every interval,
 /// with a consistency proof from the size each last saw, and stores the
 /// cosignatures. Runs beside filing, never in its way: a dead witness only
@@ -2019,11 +2035,7 @@ pub fn spawn_witnessing<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::Jo
         return None;
     }
     Some(tokio::spawn(async move {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(5)))
-            .build()
-            .into();
+        let agent = outside_agent(Duration::from_secs(5), false);
         // What each witness has cosigned, as far as we know (it tells us on 409).
         let mut seen: Vec<Option<u64>> = vec![None; ledger.witnesses.len()];
         let mut tick = tokio::time::interval(ledger.witness_interval);
@@ -2217,10 +2229,7 @@ async fn stamp<S: Store>(gw: &Gateway<S>, tsa: &Tsa, note: &str, size: u64) -> R
         (Some(url), _) => {
             let url = url.clone();
             tokio::task::spawn_blocking(move || {
-                let agent: ureq::Agent = ureq::Agent::config_builder()
-                    .timeout_global(Some(Duration::from_secs(10)))
-                    .build()
-                    .into();
+                let agent = outside_agent(Duration::from_secs(10), true);
                 let mut resp = agent
                     .post(&url)
                     .header("content-type", protocol::tsa::CONTENT_TYPE_QUERY)

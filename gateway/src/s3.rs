@@ -26,7 +26,7 @@ use std::time::{Duration, UNIX_EPOCH};
 /// Keys listed per index transaction.
 const LIST_BATCH: usize = 1000;
 /// Longest a client may take over its TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The S3 front of a gateway.
 pub struct S3Front<S: Store> {

@@ -258,6 +258,7 @@ impl LocalCluster {
             min_write_shards: None,
             log_origin: "custodia.local/bench".into(),
             s3_tls: false,
+            api_tls: false,
         };
         let mut cluster = cluster::init(dir, &opts).await?;
         if small_shard_bytes.is_some() {
@@ -291,7 +292,7 @@ impl LocalCluster {
 pub(crate) async fn wait_healthy(api: &str, nodes: u32) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let healthy = crate::client::agent()
+        let healthy = crate::client::agent()?
             .get(format!("{api}/healthz"))
             .call()
             .ok()
@@ -309,7 +310,7 @@ pub(crate) async fn wait_healthy(api: &str, nodes: u32) -> Result<()> {
 }
 
 pub(crate) fn http_put(api: &str, token: &str, data: Arc<Vec<u8>>) -> Result<()> {
-    let mut resp = crate::client::agent()
+    let mut resp = crate::client::agent()?
         .post(format!("{api}/v1/evidence"))
         .header("authorization", format!("Bearer {token}"))
         .send(&data[..])?;
@@ -326,7 +327,7 @@ pub(crate) fn http_put(api: &str, token: &str, data: Arc<Vec<u8>>) -> Result<()>
 }
 
 fn http_put_id(api: &str, token: &str, data: &[u8]) -> Result<String> {
-    let mut resp = crate::client::agent()
+    let mut resp = crate::client::agent()?
         .post(format!("{api}/v1/evidence"))
         .header("authorization", format!("Bearer {token}"))
         .send(data)?;
@@ -338,7 +339,7 @@ fn http_put_id(api: &str, token: &str, data: &[u8]) -> Result<String> {
 }
 
 fn http_get(api: &str, token: &str, id: &str) -> Result<u64> {
-    let mut resp = crate::client::agent()
+    let mut resp = crate::client::agent()?
         .get(format!("{api}/v1/evidence/{id}"))
         .header("authorization", format!("Bearer {token}"))
         .call()?;

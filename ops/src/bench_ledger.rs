@@ -74,6 +74,7 @@ pub(crate) async fn init(dir: &std::path::Path) -> Result<cluster::Cluster> {
             min_write_shards: None,
             log_origin: "custodia.local/bench".into(),
             s3_tls: false,
+            api_tls: false,
         },
     )
     .await

@@ -19,11 +19,48 @@ pub fn token(file: Option<&Path>) -> Result<String> {
     Ok(t.trim().to_string())
 }
 
-pub fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
+/// The CA file `https://` APIs must chain to (`None`: the public web
+/// roots), settled once by [`trust`].
+static TRUST: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+
+/// Settles which CA the client trusts: `ca`, else the cluster CA beside the
+/// token file (`DATA_DIR/tls/ca.pem`, where `init` writes both), if there.
+pub fn trust(ca: Option<&Path>, token_file: Option<&Path>) {
+    let beside_token = || {
+        let token = token_file.unwrap_or(Path::new("custodia-data/admin.token"));
+        let ca = token.parent()?.join("tls").join("ca.pem");
+        ca.exists().then_some(ca)
+    };
+    let _ = TRUST.set(ca.map(Path::to_path_buf).or_else(beside_token));
+}
+
+/// An HTTP(S) client that returns error statuses as answers. Over HTTPS it
+/// trusts the CA settled by [`trust`] (rustls with ring, chosen explicitly).
+pub fn agent() -> Result<ureq::Agent> {
+    use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
+    let mut tls = TlsConfig::builder()
+        .provider(TlsProvider::Rustls)
+        .unversioned_rustls_crypto_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ));
+    if let Some(Some(ca)) = TRUST.get() {
+        let pem = std::fs::read(ca).with_context(|| format!("reading the CA {}", ca.display()))?;
+        let certs = ureq::tls::parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                _ => None,
+            })
+            .collect::<Vec<Certificate<'static>>>();
+        if certs.is_empty() {
+            bail!("no certificate in the CA file {}", ca.display());
+        }
+        tls = tls.root_certs(RootCerts::Specific(std::sync::Arc::new(certs)));
+    }
+    Ok(ureq::Agent::config_builder()
         .http_status_as_error(false)
+        .tls_config(tls.build())
         .build()
-        .into()
+        .into())
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {
@@ -54,11 +91,11 @@ pub fn admin_call(api: &str, token: &str, method: &str, path: &str) -> Result<se
     let url = format!("{}{path}", api.trim_end_matches('/'));
     let auth = format!("Bearer {token}");
     let sent = match method {
-        "POST" => agent()
+        "POST" => agent()?
             .post(&url)
             .header("Authorization", &auth)
             .send_empty(),
-        _ => agent().get(&url).header("Authorization", &auth).call(),
+        _ => agent()?.get(&url).header("Authorization", &auth).call(),
     };
     let mut resp = sent.with_context(|| format!("reaching the gateway at {api}"))?;
     if !resp.status().is_success() {
@@ -78,7 +115,7 @@ pub fn admin_post_json(
     body: &serde_json::Value,
 ) -> Result<serde_json::Value> {
     let url = format!("{}{path}", api.trim_end_matches('/'));
-    let mut resp = agent()
+    let mut resp = agent()?
         .post(&url)
         .header("Authorization", &format!("Bearer {token}"))
         .send_json(body)
@@ -103,7 +140,7 @@ pub fn put(
     let len = file.metadata()?.len();
     let pb = bar(len, "filing");
     let mut reader = pb.wrap_read(file);
-    let mut req = agent()
+    let mut req = agent()?
         .post(format!("{}/v1/evidence", api.trim_end_matches('/')))
         .header("authorization", format!("Bearer {token}"))
         .header("content-type", "application/octet-stream");
@@ -136,7 +173,7 @@ pub fn put(
 }
 
 pub fn get(api: &str, token: &str, id: &str, output: &Path) -> Result<()> {
-    let mut resp = agent()
+    let mut resp = agent()?
         .get(format!("{}/v1/evidence/{id}", api.trim_end_matches('/')))
         .header("authorization", format!("Bearer {token}"))
         .call()

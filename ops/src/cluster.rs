@@ -132,6 +132,9 @@ pub struct InitOptions {
     pub log_origin: String,
     /// Serve S3 over HTTPS with a certificate from the cluster CA.
     pub s3_tls: bool,
+    /// Serve the evidence API over HTTPS with a certificate from the
+    /// cluster CA.
+    pub api_tls: bool,
 }
 
 /// A loopback UDP port free now, for a process started next to bind.
@@ -262,6 +265,21 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         }
         _ => None,
     };
+    let api_tls = if opts.api_tls {
+        let mut ips = loopback.clone();
+        if !opts.api.ip().is_unspecified() && !ips.contains(&opts.api.ip()) {
+            ips.push(opts.api.ip());
+        }
+        let (cert, key) = ca.issue("custodia evidence API", &["localhost".to_string()], &ips)?;
+        fs::write(tls.join("api.pem"), cert)?;
+        storage_node::tls::write_private(&tls.join("api.key"), key.as_bytes())?;
+        Some(gateway::config::ServerTlsPaths {
+            cert: tls.join("api.pem"),
+            key: tls.join("api.key"),
+        })
+    } else {
+        None
+    };
 
     // The ledger's signing key: C2SP signed-note Ed25519, owner-only; the
     // verifier key beside it is public (courts pin it).
@@ -319,6 +337,7 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         s3_listen: opts.s3,
         s3_domain: opts.s3.map(|_| "localhost".to_owned()),
         s3_tls,
+        api_tls,
         metrics_listen: opts.metrics,
         orphan_sweep_interval_ms: 3_600_000,
         orphan_grace_ms: 6 * 3_600_000,
@@ -390,7 +409,13 @@ pub fn running_gateway(data_dir: &Path) -> Result<(String, String)> {
     }
     let token = fs::read_to_string(data_dir.join(ADMIN_TOKEN_FILE))
         .with_context(|| format!("reading {}", data_dir.join(ADMIN_TOKEN_FILE).display()))?;
-    Ok((format!("http://{addr}"), token.trim().to_owned()))
+    crate::client::trust(Some(&cluster.gateway.tls.ca_cert), None);
+    let scheme = if cluster.gateway.api_tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    Ok((format!("{scheme}://{addr}"), token.trim().to_owned()))
 }
 
 /// Registers a tenant; false if it already existed.

@@ -84,6 +84,10 @@ struct ClusterShape {
     /// CLI send checksums as aws-chunked trailers only over HTTPS.
     #[arg(long)]
     s3_tls: bool,
+    /// Serve the evidence API over HTTPS with a certificate from the
+    /// cluster CA (`tls/ca.pem`; `curl --cacert`, and the CLI trusts it).
+    #[arg(long)]
+    api_tls: bool,
 }
 
 impl ClusterShape {
@@ -111,6 +115,7 @@ impl ClusterShape {
             min_write_shards: self.min_write_shards,
             log_origin: self.log_origin.clone(),
             s3_tls: self.s3_tls,
+            api_tls: self.api_tls,
         })
     }
 }
@@ -123,6 +128,19 @@ struct ApiArgs {
     /// File holding the bearer token (default: ./custodia-data/admin.token).
     #[arg(long, env = "CUSTODIA_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// The CA an `https://` API's certificate must chain to (default: the
+    /// cluster CA beside the token file, `tls/ca.pem`, if there is one;
+    /// else the public web roots).
+    #[arg(long, env = "CUSTODIA_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+}
+
+impl ApiArgs {
+    /// The bearer token; also settles which CA the client trusts.
+    fn token(&self) -> Result<String> {
+        client::trust(self.ca_cert.as_deref(), self.token_file.as_deref());
+        client::token(self.token_file.as_deref())
+    }
 }
 
 #[derive(Subcommand)]
@@ -447,7 +465,7 @@ then restart the gateway so it places new shards there",
             wait,
             patience_secs,
         } => {
-            let token = client::token(api.token_file.as_deref())?;
+            let token = api.token()?;
             node_admin::act(&api.api, &token, id, "drain", false)?;
             println!("node {id} is draining: no new shards; repair moves its shards elsewhere");
             if wait {
@@ -462,13 +480,13 @@ then restart the gateway so it places new shards there",
             Ok(())
         }
         NodeAction::Activate { id, api } => {
-            let token = client::token(api.token_file.as_deref())?;
+            let token = api.token()?;
             node_admin::act(&api.api, &token, id, "activate", false)?;
             println!("node {id} is active");
             Ok(())
         }
         NodeAction::Remove { id, api, force } => {
-            let token = client::token(api.token_file.as_deref())?;
+            let token = api.token()?;
             node_admin::act(&api.api, &token, id, "remove", force)?;
             println!("node {id} is removed from the cluster");
             Ok(())
@@ -655,7 +673,7 @@ async fn run(cli: Cli) -> Result<()> {
             idempotency_key,
         } => client::put(
             &api.api,
-            &client::token(api.token_file.as_deref())?,
+            &api.token()?,
             &file,
             case,
             submitter,
@@ -718,14 +736,9 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Get { id, output, api } => client::get(
-            &api.api,
-            &client::token(api.token_file.as_deref())?,
-            &id,
-            &output,
-        ),
+        Command::Get { id, output, api } => client::get(&api.api, &api.token()?, &id, &output),
         Command::Status { api, json } => {
-            let s = status::fetch(&api.api, &client::token(api.token_file.as_deref())?)?;
+            let s = status::fetch(&api.api, &api.token()?)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
@@ -739,7 +752,7 @@ async fn run(cli: Cli) -> Result<()> {
             verify_all,
         } => status::repair(
             &api.api,
-            &client::token(api.token_file.as_deref())?,
+            &api.token()?,
             verify_all,
             std::time::Duration::from_secs(patience_secs),
         ),

@@ -55,6 +55,14 @@ async fn start_gateway(cluster: &Cluster) -> Result<gateway::RunningGateway> {
         .context("starting the gateway")
 }
 
+fn api_scheme(cluster: &Cluster) -> &'static str {
+    if cluster.gateway.api_tls.is_some() {
+        "https"
+    } else {
+        "http"
+    }
+}
+
 fn s3_scheme(cluster: &Cluster) -> &'static str {
     if cluster.gateway.s3_tls.is_some() {
         "https"
@@ -66,7 +74,7 @@ fn s3_scheme(cluster: &Cluster) -> &'static str {
 pub async fn run_gateway(data_dir: &Path) -> Result<()> {
     let cluster = Cluster::load(data_dir)?;
     let gw = start_gateway(&cluster).await?;
-    println!("evidence API: http://{}", gw.local_addr);
+    println!("evidence API: {}://{}", api_scheme(&cluster), gw.local_addr);
     if let Some(a) = gw.s3_addr {
         println!("S3 API: {}://{a}", s3_scheme(&cluster));
     }
@@ -157,7 +165,17 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
         cluster.gateway.k,
         cluster.gateway.m
     );
-    println!("  evidence API   http://{}", gw.local_addr);
+    println!(
+        "  evidence API   {}://{}",
+        api_scheme(&cluster),
+        gw.local_addr
+    );
+    if cluster.gateway.api_tls.is_some() {
+        println!(
+            "                 trust {} (curl --cacert ...; the CLI finds it)",
+            cluster.gateway.tls.ca_cert.display()
+        );
+    }
     println!(
         "  admin token    {}",
         data_dir.join(cluster::ADMIN_TOKEN_FILE).display()
@@ -177,8 +195,10 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
     }
     if let Some(l) = &cluster.gateway.ledger {
         println!(
-            "  ledger         http://{}/ledger/checkpoint  origin {:?}",
-            gw.local_addr, l.origin
+            "  ledger         {}://{}/ledger/checkpoint  origin {:?}",
+            api_scheme(&cluster),
+            gw.local_addr,
+            l.origin
         );
         println!(
             "  ledger key     {}  (verify receipts with it: custodia verify)",

@@ -76,6 +76,9 @@ pub struct Shape {
     /// Serve S3 over HTTPS (`custodia init --s3-tls`); clients trust
     /// [`TestCluster::ca_cert`].
     pub s3_tls: bool,
+    /// Serve the evidence API over HTTPS (`custodia init --api-tls`); the
+    /// harness's client trusts [`TestCluster::ca_cert`].
+    pub api_tls: bool,
 }
 
 impl Default for Shape {
@@ -88,6 +91,7 @@ impl Default for Shape {
             min_write_shards: None,
             small_shard_bytes: Some(0),
             s3_tls: false,
+            api_tls: false,
         }
     }
 }
@@ -168,6 +172,9 @@ impl TestCluster {
         if shape.s3_tls {
             init.arg("--s3-tls");
         }
+        if shape.api_tls {
+            init.arg("--api-tls");
+        }
         let out = init.output()?;
         if !out.status.success() {
             bail!(
@@ -178,14 +185,33 @@ impl TestCluster {
         let token = fs::read_to_string(dir.path().join("admin.token"))?
             .trim()
             .to_string();
+        let mut tls = ureq::tls::TlsConfig::builder()
+            .provider(ureq::tls::TlsProvider::Rustls)
+            .unversioned_rustls_crypto_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ));
+        if shape.api_tls {
+            let pem = fs::read(dir.path().join("tls").join("ca.pem"))?;
+            let ca = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                    _ => None,
+                })
+                .collect::<Vec<_>>();
+            tls = tls.root_certs(ureq::tls::RootCerts::Specific(std::sync::Arc::new(ca)));
+        }
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(300)))
+            .tls_config(tls.build())
             .build()
             .into();
         let mut c = TestCluster {
             dir,
-            api: format!("http://127.0.0.1:{api_port}"),
+            api: format!(
+                "{}://127.0.0.1:{api_port}",
+                if shape.api_tls { "https" } else { "http" }
+            ),
             s3: format!(
                 "{}://127.0.0.1:{s3_port}",
                 if shape.s3_tls { "https" } else { "http" }

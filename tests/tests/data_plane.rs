@@ -565,3 +565,69 @@ fn restart_keeps_everything() -> Result<()> {
     assert_eq!(a.status, 416);
     Ok(())
 }
+
+/// `init --api-tls`: the evidence API speaks HTTPS only, with a certificate
+/// from the cluster CA. Bearer tokens and evidence do not cross the network
+/// in clear: a plain-HTTP request gets no HTTP answer, the CLI finds the CA
+/// beside the token and files and reads back, and a client trusting another
+/// CA is refused.
+#[test]
+fn the_evidence_api_serves_https_only_when_asked() -> Result<()> {
+    let c = TestCluster::start(Shape {
+        nodes: 6,
+        api_tls: true,
+        ..Shape::default()
+    })?;
+    assert!(c.api.starts_with("https://"), "{}", c.api);
+    let data = bytes(300_000, 61);
+    let filed = c.file(&data)?;
+    assert_eq!(filed["blake3"].as_str(), Some(blake3_hex(&data).as_str()));
+    let id = filed["id"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(c.read(&id)?, data);
+
+    // Plain HTTP on the same port: the TLS server answers no HTTP.
+    let addr = c.api.trim_start_matches("https://").to_owned();
+    let mut plain = std::net::TcpStream::connect(&addr)?;
+    plain.set_read_timeout(Some(Duration::from_secs(5)))?;
+    plain.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "plain HTTP was answered: {}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // The CLI: the cluster CA beside the token file is trusted without a flag.
+    let dir = tempfile::tempdir()?;
+    let (file, back) = (dir.path().join("e.bin"), dir.path().join("back.bin"));
+    std::fs::write(&file, &data)?;
+    let put = c.cli(&["put", file.to_str().unwrap_or_default()])?;
+    assert!(
+        put.status.success(),
+        "{}",
+        String::from_utf8_lossy(&put.stderr)
+    );
+    let put: serde_json::Value = serde_json::from_slice(&put.stdout)?;
+    let id2 = put["id"].as_str().unwrap_or_default();
+    let get = c.cli(&["get", id2, "-o", back.to_str().unwrap_or_default()])?;
+    assert!(
+        get.status.success(),
+        "{}",
+        String::from_utf8_lossy(&get.stderr)
+    );
+    assert_eq!(std::fs::read(&back)?, data);
+    let status = c.cli(&["status"])?;
+    assert!(status.status.success());
+
+    // A client that trusts another CA (here: the TSA's certificate) is
+    // refused by its own TLS check, with a message and a failing exit code.
+    let tsa = c.data_dir().join("tsa.pem");
+    let refused = c.cli(&["status", "--ca-cert", tsa.to_str().unwrap_or_default()])?;
+    let err = String::from_utf8_lossy(&refused.stderr).to_lowercase();
+    assert!(
+        !refused.status.success() && err.contains("certificate"),
+        "{err}"
+    );
+    Ok(())
+}
