@@ -4,34 +4,42 @@
 //! **The compliance clock** ([`Clock::compliance_ms`]) is WORM storage's
 //! answer to "set the system clock forward a year, then delete" (NetApp
 //! SnapLock's ComplianceClock is the model). It starts from the system
-//! clock once, when a gateway first opens the index, is kept in the index
-//! (`("C")` in `indexer::schema`) and from then on advances with the monotonic clock of the
-//! gateways that run. Stepping the system clock forward does not move it, so
-//! nobody ends a COMPLIANCE period or expunges early that way, admins
-//! included. Time during which no gateway ran is time it lags the system
-//! clock; it makes that up:
+//! clock once, when a gateway first opens an empty index, is kept in the
+//! index (`("C")` in `indexer::schema`) and from then on advances with the
+//! monotonic clock of the gateways that run. Stepping the system clock
+//! forward does not move it, so nobody ends a COMPLIANCE period or
+//! expunges early that way, admins included. Time during which no gateway
+//! ran is time it lags the system clock; it makes that up:
 //!
 //! - at once, as far as an independent source confirms the time: an RFC
 //!   3161 time-stamping authority's verified `genTime`, or the cosignature
 //!   times of a majority of the ledger's witnesses (the development TSA of
 //!   `custodia up` signs with this machine's clock, so it does not count);
-//! - without one, at most 1/64 faster than real time (about 5.7 days a
-//!   year), never past the system clock.
+//! - without one, while it is behind, at most 1/64 faster than real time
+//!   (about 5.7 days a year), never past the system clock. The allowance
+//!   is not saved up: a gateway that ran a year with its clocks agreeing has
+//!   none to spend when the system clock jumps.
 //!
 //! Lagging only delays deletions, never advances them: a retention runs
-//! until the compliance clock passes its date.
+//! until the compliance clock passes its date. An index with evidence but
+//! no clock (an upgrade, `custodia recover-index`) starts it at its newest
+//! filing's time, or the system clock if that is earlier.
+//!
+//! The sources are what the operator configures, so the guarantee holds as
+//! far as `cluster.toml` is protected: an operator who can point the TSA or
+//! the witnesses at services that lie can also edit the index.
 //!
 //! **The stamping clock** ([`Clock::now_ms`]) is the system clock, except
-//! that it never goes backwards in a process and never falls below the
-//! compliance clock: a clock stepped back (an operator, a bad NTP source, a
-//! restored snapshot) stamps filings with about the real time, the
-//! compliance clock's, not the wrong one, and cannot make a default
-//! retention period end early. Across a restart stamps may step back by as
-//! much as the compliance clock lost (the downtime): the stamp that starts
-//! from the last one handed out would carry a forward step of the system
-//! clock into every later process, and filing times must be right before
-//! they are ordered (ids stay unique either way).
+//! that it never falls below the compliance clock: a clock stepped back (an
+//! operator, a bad NTP source, a restored snapshot) stamps filings with
+//! about the real time, the compliance clock's, not the wrong one, and
+//! cannot make a default retention period end early. Within a process it
+//! holds still through a step back of up to [`MAX_HOLD_MS`] rather than go
+//! back; a larger step back, of a clock that had run ahead, it follows, and
+//! so does the next process: filing times must be right before they are
+//! ordered (ids stay unique either way).
 
+pub use indexer::schema::ClockRecord;
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -39,7 +47,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 /// the system clock when no independent source confirms the time.
 const UNCONFIRMED_CATCH_UP: u64 = 64;
 
-pub use indexer::schema::ClockRecord;
+/// The largest step back of the system clock that stamps hold still
+/// through rather than follow.
+pub const MAX_HOLD_MS: u64 = 5_000;
+
+const NS_PER_MS: u64 = 1_000_000;
 
 /// Where an independent confirmation of the time came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,15 +87,13 @@ impl Confirmed {
 
 #[derive(Debug)]
 struct State {
-    /// The compliance clock when this process learned it, and when.
-    base_ms: u64,
-    since: Instant,
-    /// The last compliance reading (it never goes backwards).
-    compliance_ms: u64,
-    /// The last stamp handed out, and when (stamps continue from it at real
-    /// rate, never backwards and never frozen).
+    /// The compliance clock at its last reading (ns since the Unix epoch),
+    /// and when that was: each reading advances it by the monotonic time
+    /// since the one before.
+    compliance_ns: u64,
+    read_at: Instant,
+    /// The last stamp handed out.
     stamp_ms: u64,
-    stamp_at: Instant,
     confirmed: Option<Confirmed>,
     /// Each witness's newest cosignature time, and when it arrived.
     witnesses: Vec<Option<(u64, Instant)>>,
@@ -99,14 +109,11 @@ impl Default for Clock {
     /// Before [`Clock::seed`]: the compliance clock starts at the system
     /// clock now.
     fn default() -> Self {
-        let now = Instant::now();
         Clock {
             state: Mutex::new(State {
-                base_ms: wall_ms(),
-                since: now,
-                compliance_ms: 0,
+                compliance_ns: wall_ns(),
+                read_at: Instant::now(),
                 stamp_ms: 0,
-                stamp_at: now,
                 confirmed: None,
                 witnesses: Vec::new(),
             }),
@@ -114,11 +121,15 @@ impl Default for Clock {
     }
 }
 
-fn wall_ms() -> u64 {
+fn wall_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+fn wall_ms() -> u64 {
+    wall_ns() / NS_PER_MS
 }
 
 fn elapsed_ms(since: Instant) -> u64 {
@@ -144,11 +155,11 @@ impl Clock {
     /// persist.
     pub fn seed(&self, stored: Option<ClockRecord>) -> ClockRecord {
         let mut s = self.lock();
-        s.base_ms = stored.map_or_else(wall_ms, |r| r.compliance_ms);
-        s.since = Instant::now();
-        s.compliance_ms = s.base_ms;
+        s.compliance_ns =
+            stored.map_or_else(wall_ns, |r| r.compliance_ms.saturating_mul(NS_PER_MS));
+        s.read_at = Instant::now();
         ClockRecord {
-            compliance_ms: s.base_ms,
+            compliance_ms: s.compliance_ns / NS_PER_MS,
         }
     }
 
@@ -156,18 +167,20 @@ impl Clock {
     /// when this has passed its date.
     pub fn compliance_ms(&self) -> u64 {
         let mut s = self.lock();
-        compliance(&mut s, wall_ms())
+        compliance(&mut s, wall_ns()) / NS_PER_MS
     }
 
     /// The time to stamp on what happens now, ms since the Unix epoch.
     pub fn now_ms(&self) -> u64 {
         let mut s = self.lock();
-        let wall = wall_ms();
-        let compliance = compliance(&mut s, wall);
-        let continued = s.stamp_ms.saturating_add(elapsed_ms(s.stamp_at));
-        let t = wall.max(compliance).max(continued);
+        let wall = wall_ns();
+        let base = (wall.max(compliance(&mut s, wall))) / NS_PER_MS;
+        let t = if s.stamp_ms > base && s.stamp_ms - base <= MAX_HOLD_MS {
+            s.stamp_ms
+        } else {
+            base
+        };
         s.stamp_ms = t;
-        s.stamp_at = Instant::now();
         t
     }
 
@@ -206,10 +219,10 @@ impl Clock {
     /// The system clock, the compliance clock and the newest confirmation.
     pub fn reading(&self) -> Reading {
         let mut s = self.lock();
-        let system_ms = wall_ms();
+        let wall = wall_ns();
         Reading {
-            system_ms,
-            compliance_ms: compliance(&mut s, system_ms),
+            system_ms: wall / NS_PER_MS,
+            compliance_ms: compliance(&mut s, wall) / NS_PER_MS,
             confirmed: s.confirmed.map(|c| (c.source, c.at.elapsed())),
         }
     }
@@ -226,11 +239,20 @@ const KEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 pub async fn start<S: crate::api::Store>(
     gw: &crate::api::Gateway<S>,
 ) -> Result<(), indexer::schema::SchemaError> {
-    let stored = indexer::run(&gw.store, |tx| async move {
-        indexer::schema::clock_tx(&tx).await
+    let (stored, newest_filing) = indexer::run(&gw.store, |tx| async move {
+        Ok::<_, indexer::schema::SchemaError>((
+            indexer::schema::clock_tx(&tx).await?,
+            indexer::schema::newest_filing_ms_tx(&tx).await?,
+        ))
     })
     .await?;
-    let rec = gw.clock.seed(stored);
+    // An index with evidence but no clock: start where its newest filing
+    // was, not wherever the system clock says now (it may have been set
+    // forward for the occasion).
+    let start_at = stored.or(newest_filing.map(|ms| ClockRecord {
+        compliance_ms: ms.min(wall_ms()),
+    }));
+    let rec = gw.clock.seed(start_at);
     indexer::run(&gw.store, |tx| async move {
         indexer::schema::advance_clock_tx(&tx, rec).await
     })
@@ -238,6 +260,11 @@ pub async fn start<S: crate::api::Store>(
     let offset_s = (rec.compliance_ms as f64 - wall_ms() as f64) / 1000.0;
     gw.metrics.compliance_clock_offset.set(offset_s);
     match stored {
+        None if newest_filing.is_some() => tracing::warn!(
+            behind_s = -offset_s,
+            "the index has evidence but no compliance clock (an upgrade, or a recovered \
+             index): it starts at the newest filing's time"
+        ),
         None => tracing::info!("compliance clock started from the system clock"),
         Some(_) if offset_s > 1.0 => tracing::warn!(
             behind_s = offset_s,
@@ -293,16 +320,24 @@ fn confirm(s: &mut State, ms: u64, source: Source) {
     }
 }
 
+/// Reads the compliance clock (ns) at system time `wall` (ns): the last
+/// reading plus the monotonic time since; while behind the system clock,
+/// plus 1/64 of that time, up to it; up to the confirmed time, if later,
+/// but never past the system clock.
 fn compliance(s: &mut State, wall: u64) -> u64 {
-    let e = elapsed_ms(s.since);
-    let steady = s.base_ms.saturating_add(e);
-    let catching_up = steady.saturating_add(e / UNCONFIRMED_CATCH_UP);
-    let mut c = steady.max(wall.min(catching_up));
+    let now = Instant::now();
+    let dt = u64::try_from(now.saturating_duration_since(s.read_at).as_nanos()).unwrap_or(u64::MAX);
+    s.read_at = now;
+    let steady = s.compliance_ns.saturating_add(dt);
+    let mut c = if wall > steady {
+        wall.min(steady.saturating_add(dt / UNCONFIRMED_CATCH_UP))
+    } else {
+        steady
+    };
     if let Some(confirmed) = &s.confirmed {
-        c = c.max(wall.min(confirmed.now_ms()));
+        c = c.max(wall.min(confirmed.now_ms().saturating_mul(NS_PER_MS)));
     }
-    c = c.max(s.compliance_ms);
-    s.compliance_ms = c;
+    s.compliance_ns = c;
     c
 }
 
@@ -314,13 +349,13 @@ mod tests {
     const DAY: u64 = 86_400_000;
 
     /// A clock whose compliance clock was `behind` ms behind the system
-    /// clock when it was seeded `ago` ms ago.
+    /// clock when it was last read, `ago` ms ago.
     fn clock(behind: i64, ago: u64) -> Clock {
         let c = Clock::default();
         c.seed(Some(ClockRecord {
             compliance_ms: (wall_ms() as i64 - behind) as u64,
         }));
-        c.lock().since = Instant::now() - Duration::from_millis(ago);
+        c.lock().read_at = Instant::now() - Duration::from_millis(ago);
         c
     }
 
@@ -332,10 +367,34 @@ mod tests {
         let lag = wall_ms() - c.compliance_ms();
         assert!(
             (DAY - 66_000..=DAY - 64_000).contains(&lag),
-            "64 s after the seed it caught up 64 s + 1 s, lagging {lag} ms"
+            "64 s after the last reading it caught up 64 s + 1 s, lagging {lag} ms"
         );
         // Stamps follow the system clock.
         assert!(c.now_ms() >= wall_ms() - 5);
+    }
+
+    #[test]
+    fn catching_up_is_not_saved_up_while_the_clocks_agree() {
+        // An hour with the clocks agreeing, then the system clock jumps
+        // 11 hours forward: the compliance clock moves by the time since
+        // its last reading (and 1/64 of it), not by 1/64 of the hour.
+        let t0 = 1_000 * DAY * NS_PER_MS;
+        let mut s = State {
+            compliance_ns: t0,
+            read_at: Instant::now() - Duration::from_secs(3_600),
+            stamp_ms: 0,
+            confirmed: None,
+            witnesses: Vec::new(),
+        };
+        let hour = 3_600_000 * NS_PER_MS;
+        let agreed = compliance(&mut s, t0 + hour);
+        assert!(agreed - (t0 + hour) < 10 * NS_PER_MS, "{agreed}");
+        let jumped = compliance(&mut s, t0 + 12 * hour);
+        assert!(
+            jumped - agreed < 100 * NS_PER_MS,
+            "moved {} ms on the jump",
+            (jumped - agreed) / NS_PER_MS
+        );
     }
 
     #[test]
@@ -367,26 +426,29 @@ mod tests {
     }
 
     #[test]
-    fn a_system_clock_stepped_back_stamps_no_earlier_than_before() {
+    fn a_system_clock_stepped_back_stamps_about_the_real_time() {
         // The compliance clock a day ahead of the system clock: as after a
         // restart with the system clock stepped back a day.
         let c = clock(-(DAY as i64), 0);
         let stamp = c.now_ms();
         assert!(stamp >= wall_ms() + DAY - 1_000, "stamped {stamp}");
-        let next = c.now_ms();
-        assert!(next >= stamp);
+        assert!(c.now_ms() >= stamp);
         // And the compliance clock keeps its own time.
         assert!(c.compliance_ms() >= wall_ms() + DAY - 1_000);
     }
 
     #[test]
-    fn stamps_never_go_backwards_in_a_process() {
+    fn stamps_hold_still_through_a_small_step_back_and_follow_a_large_one() {
         let c = Clock::default();
         c.seed(None);
+        let held = wall_ms() + 3_000;
+        c.lock().stamp_ms = held;
+        assert_eq!(c.now_ms(), held, "a 3 s step back is held through");
         c.lock().stamp_ms = wall_ms() + 60_000;
         let t = c.now_ms();
-        assert!(t >= wall_ms() + 59_000, "a stamp went back: {t}");
-        std::thread::sleep(Duration::from_millis(20));
-        assert!(c.now_ms() >= t + 20, "stamps keep advancing at real rate");
+        assert!(
+            t < wall_ms() + 1_000,
+            "a minute's step back is followed: {t}"
+        );
     }
 }

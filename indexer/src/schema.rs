@@ -207,6 +207,17 @@ pub async fn clock_tx<T: Transaction>(tx: &T) -> Result<Option<ClockRecord>, Sch
     }
 }
 
+/// When the newest visible evidence was filed (ms since the Unix epoch, from
+/// its time-ordered id), if there is any: where a compliance clock starts in
+/// an index that has evidence but no clock (an upgrade, `recover-index`).
+pub async fn newest_filing_ms_tx<T: Transaction>(tx: &T) -> Result<Option<u64>, SchemaError> {
+    let rows = tx.get_range(&[EVIDENCE], &[EVIDENCE + 1], 1, true).await?;
+    Ok(rows.first().and_then(|(k, _)| {
+        let id: [u8; 16] = k.get(1..17)?.try_into().ok()?;
+        Some(EvidenceId(id).unix_millis())
+    }))
+}
+
 /// Stores the compliance clock, never moving it back (several gateways
 /// each advance their own reading of it).
 pub async fn advance_clock_tx<T: Transaction>(

@@ -713,8 +713,8 @@ impl Drop for TestCluster {
     }
 }
 
-/// Deterministic pseudo-random bytes (no two sizes share a prefix pattern).
-/// A wrapper (for `start_node_under`, `start_gateway_under`) that runs the
+/// A wrapper (for `start_node_under`, `start_gateway_under`,
+/// `start_witness_under`) that runs the
 /// process with its wall clock moved by `offset` (libfaketime syntax:
 /// `+30s`, `-12h`, `+1d`), monotonic time left alone (timeouts use it).
 /// libfaketime is preloaded through `env`, which execs: the `faketime`
@@ -736,6 +736,7 @@ pub fn faketime(offset: &str) -> Result<Vec<String>> {
     ])
 }
 
+/// Deterministic pseudo-random bytes (no two sizes share a prefix pattern).
 pub fn bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
@@ -792,11 +793,29 @@ impl Drop for WitnessProcess {
 /// Starts `custodia witness` in `dir` on `port`, trusting the log key in
 /// `log_pub`; returns once it answers.
 pub fn start_witness(dir: &Path, port: u16, log_pub: &Path) -> Result<WitnessProcess> {
+    start_witness_under(dir, port, log_pub, &[])
+}
+
+/// [`start_witness`] under a wrapper command (see [`faketime`]).
+pub fn start_witness_under(
+    dir: &Path,
+    port: u16,
+    log_pub: &Path,
+    wrapper: &[&str],
+) -> Result<WitnessProcess> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("witness.log"))?;
-    let child = Command::new(custodia_bin())
+    let mut cmd = match wrapper.split_first() {
+        None => Command::new(custodia_bin()),
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(custodia_bin());
+            c
+        }
+    };
+    let child = cmd
         .arg("witness")
         .arg("--data-dir")
         .arg(dir)

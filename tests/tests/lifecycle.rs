@@ -7,8 +7,6 @@ use anyhow::{bail, Result};
 use custodia_tests::{blake3_hex, bytes, Shape, TestCluster};
 use serde_json::Value;
 
-/// Debian's libfaketime (package `faketime`, which .ci/run installs), in
-/// whichever multiarch directory this machine has.
 fn status(c: &TestCluster) -> Result<Value> {
     let out = c.cli(&["status", "--json"])?;
     if !out.status.success() {
