@@ -1225,7 +1225,10 @@ fn retention_ends_by_the_compliance_clock_not_the_system_clock() -> Result<()> {
 
     // 1. The system clock a day ahead: no retention has ended.
     restart_under(&mut c, Some("+1d"))?;
-    for id in [&long, &short] {
+    // (The short one only while its date is still ahead in real time: a
+    // slow machine may have taken that long to get here.)
+    let ahead = unix_ms() + 5_000 < short_until;
+    for id in [&long, &short].into_iter().take(if ahead { 2 } else { 1 }) {
         let (status, body) = expunge(&c, &expunger, id)?;
         assert_eq!(
             (status, body["error"].as_str()),
