@@ -455,15 +455,7 @@ impl TestCluster {
     /// Starts node `i` under a wrapper command (`faketime -f +30s`, ...).
     pub fn start_node_under(&mut self, i: u32, wrapper: &[&str]) -> Result<()> {
         let log = self.log(&format!("node-{i}.log"))?;
-        let mut cmd = match wrapper.split_first() {
-            None => Command::new(custodia_bin()),
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(custodia_bin());
-                c
-            }
-        };
-        let child = cmd
+        let child = custodia_under(wrapper)
             .arg("node")
             .arg("--cluster")
             .arg(self.dir.path().join("cluster.toml"))
@@ -514,15 +506,7 @@ impl TestCluster {
     /// Starts the gateway under a wrapper command (see [`faketime`]).
     pub fn start_gateway_under(&mut self, wrapper: &[&str]) -> Result<()> {
         let log = self.log("gateway.log")?;
-        let mut cmd = match wrapper.split_first() {
-            None => Command::new(custodia_bin()),
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(custodia_bin());
-                c
-            }
-        };
-        let child = cmd
+        let child = custodia_under(wrapper)
             .arg("gateway")
             .arg("--data-dir")
             .arg(self.dir.path())
@@ -713,6 +697,19 @@ impl Drop for TestCluster {
     }
 }
 
+/// The `custodia` binary as a command, run by `wrapper` (a program and its
+/// arguments, e.g. [`faketime`]'s) if there is one.
+fn custodia_under(wrapper: &[&str]) -> Command {
+    match wrapper.split_first() {
+        None => Command::new(custodia_bin()),
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(custodia_bin());
+            c
+        }
+    }
+}
+
 /// A wrapper (for `start_node_under`, `start_gateway_under`,
 /// `start_witness_under`) that runs the
 /// process with its wall clock moved by `offset` (libfaketime syntax:
@@ -807,15 +804,7 @@ pub fn start_witness_under(
         .create(true)
         .append(true)
         .open(dir.join("witness.log"))?;
-    let mut cmd = match wrapper.split_first() {
-        None => Command::new(custodia_bin()),
-        Some((program, args)) => {
-            let mut c = Command::new(program);
-            c.args(args).arg(custodia_bin());
-            c
-        }
-    };
-    let child = cmd
+    let child = custodia_under(wrapper)
         .arg("witness")
         .arg("--data-dir")
         .arg(dir)
