@@ -583,11 +583,12 @@ async fn file_evidence<S: Store>(
         },
         retain_until_ms: meta_header(h, "x-custodia-retain-until-ms")?
             .map(|v| {
-                v.parse::<u64>().map_err(|_| {
+                let until = v.parse::<u64>().map_err(|_| {
                     ApiError::BadRequest(
                         "X-Custodia-Retain-Until-Ms must be milliseconds since the epoch".into(),
                     )
-                })
+                })?;
+                in_the_future(&gw, until)
             })
             .transpose()?,
         ..Default::default()
@@ -630,6 +631,20 @@ async fn file_evidence<S: Store>(
 }
 
 /// Loads evidence visible to the caller.
+/// `until` (ms), if it is still ahead: a retention that would end before
+/// it began is a mistake (a date in seconds, say), refused as S3 does.
+fn in_the_future<S: Store>(gw: &Gateway<S>, until: u64) -> Result<u64, ApiError> {
+    let now = gw.clock.now_ms();
+    if until <= now {
+        return Err(ApiError::BadRequest(format!(
+            "a retention must end in the future: {} is before now ({})",
+            schema::utc_ms(until),
+            schema::utc_ms(now)
+        )));
+    }
+    Ok(until)
+}
+
 async fn load_visible<S: Store>(
     gw: &Gateway<S>,
     who: &TokenRecord,
@@ -1749,6 +1764,11 @@ async fn retention<S: Store>(
     let h = load_visible(&gw, &who, &id).await?;
     let evidence = h.evidence;
     let until = req.retain_until_ms;
+    // A date in the past: 409 if it would shorten the retention there is
+    // (the transaction refuses it), else 400.
+    if h.retain_until_ms.is_none_or(|current| current <= until) {
+        in_the_future(&gw, until)?;
+    }
     let updated = worm(
         &gw,
         &who,

@@ -617,6 +617,19 @@ impl<S: Store> S3Front<S> {
 /// object, as S3 allows.
 const MAX_USER_METADATA: usize = 2048;
 
+/// A retain-until date as ms, if it is after `now`: S3 refuses one in the
+/// past ("The retain until date must be in the future!").
+fn future_ms(until: Timestamp, now: u64) -> S3Result<u64> {
+    let ms = ts_to_ms(until);
+    if ms <= now {
+        return Err(s3_error!(
+            InvalidArgument,
+            "The retain until date must be in the future!"
+        ));
+    }
+    Ok(ms)
+}
+
 /// The version record an upload will commit: lock settings from the
 /// request or the bucket's default, checked against the bucket.
 fn object_template(
@@ -631,7 +644,7 @@ fn object_template(
     let retention = match (lock_mode, retain_until) {
         (Some(m), Some(until)) => Some(Retention {
             mode: parse_lock_mode(m)?,
-            until_ms: ts_to_ms(until),
+            until_ms: future_ms(until, now)?,
         }),
         (None, None) => b.default_retention.map(|d| Retention {
             mode: d.mode,
@@ -1469,7 +1482,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             Some(r) => match (r.mode, r.retain_until_date) {
                 (Some(m), Some(until)) => Some(Retention {
                     mode: parse_retention_mode(&m)?,
-                    until_ms: ts_to_ms(until),
+                    until_ms: future_ms(until, self.gw.clock.now_ms())?,
                 }),
                 (None, None) => None,
                 _ => {

@@ -1124,6 +1124,51 @@ fn holds_retention_and_expunge_are_enforced_and_on_the_ledger() -> Result<()> {
         (200, Some(far + 1))
     );
     assert_eq!(c.read(&bid)?, bytes(5000, 12), "B is intact");
+
+    // C: a retention that would end before it began (a date in seconds,
+    // say) is a mistake, refused with 400, at filing and later.
+    let past = unix_ms() / 1000;
+    let refused = c.file_with(
+        &c.token,
+        &bytes(4000, 13),
+        &[("x-custodia-retain-until-ms", &past.to_string())],
+    )?;
+    assert_eq!(
+        (refused.status, refused.json()["error"].as_str()),
+        (400, Some("bad_request")),
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    let hash = blake3::hash(&bytes(4000, 13)).to_hex().to_string();
+    let found = c.get_with(&c.token, &format!("/v1/evidence/by-hash/{hash}"), &[])?;
+    assert_eq!(
+        found.json()["filings"].as_array().map(Vec::len),
+        Some(0),
+        "the refused filing was stored: {}",
+        found.json()
+    );
+    let cid = c.file(&bytes(4000, 14))?["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let (status, body) = send(
+        &c,
+        "PUT",
+        &c.token,
+        &format!("/v1/evidence/{cid}/retention"),
+        Some(serde_json::json!({ "retain_until_ms": past })),
+    )?;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("bad_request")),
+        "{body}"
+    );
+    let manifest = c.get_with(&c.token, &format!("/v1/evidence/{cid}/manifest"), &[])?;
+    assert!(
+        manifest.json()["retain_until_ms"].is_null(),
+        "{}",
+        manifest.json()
+    );
     Ok(())
 }
 

@@ -881,6 +881,26 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
     admin.fails("AccessDenied", &strs(&bypass))?;
     admin.fails("AccessDenied", &strs(&argv(&format!("s3api put-object-retention --bucket locked --key c.bin --version-id {c1} --retention Mode=COMPLIANCE,RetainUntilDate=2030-01-01T00:00:00Z"))))?;
     admin.fails("AccessDenied", &strs(&argv(&format!("s3api put-object-retention --bucket locked --key c.bin --version-id {c1} --retention Mode=GOVERNANCE,RetainUntilDate=2100-01-01T00:00:00Z"))))?;
+    // A retain-until date in the past is refused as S3 does, on a PUT and
+    // on the retention call.
+    admin.fails("InvalidArgument", &strs(&argv(&format!("s3api put-object-retention --bucket locked --key c.bin --version-id {c1} --retention Mode=COMPLIANCE,RetainUntilDate=2001-01-01T00:00:00Z"))))?;
+    admin.fails(
+        "InvalidArgument",
+        &[
+            "s3api",
+            "put-object",
+            "--bucket",
+            "locked",
+            "--key",
+            "past.bin",
+            "--body",
+            &f,
+            "--object-lock-mode",
+            "COMPLIANCE",
+            "--object-lock-retain-until-date",
+            "2001-01-01T00:00:00Z",
+        ],
+    )?;
     // COMPLIANCE binds the evidence itself: its manifest carries the
     // retention, so not even an expunge order can remove it early.
     let h = curl_headers(&c, "HEAD", &format!("/locked/c.bin?versionId={c1}"))?;
