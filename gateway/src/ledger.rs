@@ -301,6 +301,9 @@ pub struct Ledger {
     /// own when less than half of it is left; every integration still checks
     /// the fence, so a stale belief here costs a retry, never a fork.
     lease: std::sync::Mutex<Option<(u64, u64)>>,
+    /// Another gateway's lease as last found, and since when it has been
+    /// found unchanged (see `lx::acquire_lease_tx`'s `stale`).
+    watched: std::sync::Mutex<Option<(lx::LeaseRecord, std::time::Instant)>>,
     pub receipt_wait: Duration,
     pacer: RoundPacer,
     witnesses: Vec<WitnessEntry>,
@@ -397,6 +400,7 @@ impl Ledger {
             published: watch::channel(0).0,
             checkpoint_file: std::sync::atomic::AtomicU64::new(0),
             lease: std::sync::Mutex::new(None),
+            watched: std::sync::Mutex::new(None),
             owner: {
                 let h = blake3::hash(identity.as_bytes());
                 let mut b = [0u8; 16];
@@ -1043,6 +1047,24 @@ impl Ledger {
     fn forget_lease(&self) {
         *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
+
+    /// Notes another gateway's lease as found now; the watch restarts
+    /// whenever it changes (each renewal does).
+    fn watch_lease(&self, theirs: lx::LeaseRecord) {
+        let mut w = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        if w.is_none_or(|(seen, _)| seen != theirs) {
+            *w = Some((theirs, std::time::Instant::now()));
+        }
+    }
+
+    /// The watched lease, if it has gone a whole term unchanged by this
+    /// process's monotonic clock (its holder is gone, whatever its
+    /// `until_ms` says).
+    fn stale_lease(&self) -> Option<lx::LeaseRecord> {
+        let w = *self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        w.filter(|(_, since)| since.elapsed() >= Duration::from_millis(LEASE_MS))
+            .map(|(l, _)| l)
+    }
 }
 
 /// Reads and hashes the next batch (`None`: this gateway does not hold the
@@ -1145,17 +1167,27 @@ async fn current_lease<S: Store>(
         return Ok(Some(fence));
     }
     let owner = ledger.owner;
+    let stale = ledger.stale_lease();
     let lease = indexer::run(&gw.store, |tx| async move {
-        lx::acquire_lease_tx(&tx, owner, now, LEASE_MS).await
+        lx::acquire_lease_tx(&tx, owner, now, LEASE_MS, stale).await
     })
     .await?;
     match lease {
-        Some(fence) => {
+        Ok(fence) => {
+            if let Some(s) = stale.filter(|s| s.fence < fence) {
+                tracing::warn!(
+                    fence,
+                    until_ms = s.until_ms,
+                    "took over an integrator lease left unrenewed for a whole term (its \
+                     holder's clock ran ahead, and it stopped)"
+                );
+            }
             ledger.remember_lease(fence, now.saturating_add(LEASE_MS));
             Ok(Some(fence))
         }
-        None => {
+        Err(theirs) => {
             ledger.forget_lease();
+            ledger.watch_lease(theirs);
             Ok(None)
         }
     }

@@ -410,13 +410,21 @@ pub async fn tree_state_tx<T: Transaction>(tx: &T) -> Result<TreeState, SchemaEr
 }
 
 /// Takes or renews the integrator lease for `owner`; returns its fencing
-/// token, or `None` while another owner's lease is live.
+/// token, or (as `Err`) the other owner's lease that is live by `now_ms`.
+///
+/// `stale`: a lease the caller has watched go unrenewed, unchanged, for a
+/// whole lease term of its own monotonic clock. That one is taken over even
+/// if its `until_ms` is ahead by `now_ms`: a holder whose system clock ran
+/// ahead and then died would otherwise keep every other gateway from
+/// integrating for as long as its clock was wrong. The fence grows, so a
+/// holder that was only slow finds its next commit refused.
 pub async fn acquire_lease_tx<T: Transaction>(
     tx: &T,
     owner: u128,
     now_ms: u64,
     lease_ms: u64,
-) -> Result<Option<u64>, SchemaError> {
+    stale: Option<LeaseRecord>,
+) -> Result<Result<u64, LeaseRecord>, SchemaError> {
     let key = ledger_key("lease");
     let current: Option<LeaseRecord> = match tx.get(&key).await? {
         Some(v) => Some(decode_versioned(RECORD_V1, &v)?),
@@ -424,12 +432,12 @@ pub async fn acquire_lease_tx<T: Transaction>(
     };
     let fence = match current {
         Some(l) if l.owner == owner => l.fence,
-        Some(l) if l.until_ms >= now_ms => return Ok(None),
+        Some(l) if l.until_ms >= now_ms && Some(l) != stale => return Ok(Err(l)),
         Some(l) => l.fence + 1,
         None => 1,
     };
     renew_lease_tx(tx, owner, fence, now_ms, lease_ms);
-    Ok(Some(fence))
+    Ok(Ok(fence))
 }
 
 /// Extends the lease of `owner`, who holds it under `fence` (checked in the

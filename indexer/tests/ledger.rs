@@ -624,3 +624,54 @@ async fn notarizations_in_chunks_are_found_by_id_without_a_link_each() {
     .unwrap();
     assert_eq!(starts.len(), chunks.len());
 }
+
+/// The integrator lease: a live lease of another owner is refused (and
+/// returned); one the caller watched go unrenewed for a whole term is taken
+/// over even while its `until_ms` is ahead (a holder whose clock ran ahead,
+/// then died), with a larger fence; a lease that changed since is not.
+#[tokio::test]
+async fn a_lease_left_unrenewed_is_taken_over_whatever_its_clock_said() {
+    let (_d, s) = store();
+    let (a, b) = (1u128, 2u128);
+    let day = 86_400_000u64;
+    // A's clock is a day ahead when it takes the lease.
+    let fence = run(&s, |tx| async move {
+        lx::acquire_lease_tx(&tx, a, 1_000 + day, 10_000, None).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(fence, Ok(1));
+    // B, on the right time, finds it live.
+    let theirs = run(&s, |tx| async move {
+        lx::acquire_lease_tx(&tx, b, 2_000, 10_000, None).await
+    })
+    .await
+    .unwrap()
+    .expect_err("A's lease is live by its until_ms");
+    assert_eq!((theirs.owner, theirs.fence), (a, 1));
+    // A record B did not watch (here: another until_ms) is not stale.
+    let other = lx::LeaseRecord {
+        until_ms: theirs.until_ms + 1,
+        ..theirs
+    };
+    let refused = run(&s, |tx| async move {
+        lx::acquire_lease_tx(&tx, b, 12_000, 10_000, Some(other)).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(refused, Err(theirs));
+    // The one B watched unchanged for a term: taken over, fence 2.
+    let taken = run(&s, |tx| async move {
+        lx::acquire_lease_tx(&tx, b, 12_000, 10_000, Some(theirs)).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(taken, Ok(2));
+    // And A, back, finds B's lease live (its fence says A lost it).
+    let back = run(&s, |tx| async move {
+        lx::acquire_lease_tx(&tx, a, 13_000, 10_000, None).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(back.map_err(|l| (l.owner, l.fence)), Err((b, 2)));
+}

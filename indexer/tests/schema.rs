@@ -392,10 +392,11 @@ async fn one_ledger_integrator_at_a_time_and_fenced() {
         let s = &s;
         async move {
             run(s, |tx| async move {
-                lx::acquire_lease_tx(&tx, owner, now, 100).await
+                lx::acquire_lease_tx(&tx, owner, now, 100, None).await
             })
             .await
             .unwrap()
+            .ok()
         }
     };
     let a = lease(1, 0).await.expect("free lease");

@@ -656,7 +656,9 @@ mod tests {
         // it, and lets it lapse at once.
         let thief = 7u128;
         let taken = indexer::run(&gw.store, |tx| async move {
-            let fence = indexer::ledger::acquire_lease_tx(&tx, thief, u64::MAX / 2, 0).await?;
+            let fence = indexer::ledger::acquire_lease_tx(&tx, thief, u64::MAX / 2, 0, None)
+                .await?
+                .ok();
             if let Some(fence) = fence {
                 indexer::ledger::renew_lease_tx(&tx, thief, fence, 0, 0);
             }
