@@ -232,9 +232,10 @@ impl Clock {
 /// restart may lose of it) and its gauge refreshed.
 const KEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Takes the compliance clock from the index, or starts it there from the
-/// system clock if no gateway has before. Says so in the log when the
-/// system clock is behind it (stepped back) or far ahead (not yet
+/// Takes the compliance clock from the index, or starts it there: at the
+/// newest filing's time if the index holds evidence (an upgrade, a
+/// recovered index), else from the system clock. Says so in the log when
+/// the system clock is behind it (stepped back) or far ahead (not yet
 /// confirmed).
 pub async fn start<S: crate::api::Store>(
     gw: &crate::api::Gateway<S>,
