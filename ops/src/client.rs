@@ -23,7 +23,12 @@ pub fn token(file: Option<&Path>) -> Result<String> {
 /// roots), settled once by [`trust`].
 static TRUST: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
 
-/// Settles which CA the client trusts: `ca`, else the cluster CA beside the
+/// What `--ca-cert` (or `CUSTODIA_CA_CERT`) says for "the public web
+/// roots", for an evidence API whose certificate a public CA issued.
+pub const PUBLIC_ROOTS: &str = "public";
+
+/// Settles, once per process, which CA the client trusts: `ca` (or the
+/// public web roots for [`PUBLIC_ROOTS`]), else the cluster CA beside the
 /// token file (`DATA_DIR/tls/ca.pem`, where `init` writes both), if there.
 pub fn trust(ca: Option<&Path>, token_file: Option<&Path>) {
     let beside_token = || {
@@ -31,7 +36,14 @@ pub fn trust(ca: Option<&Path>, token_file: Option<&Path>) {
         let ca = token.parent()?.join("tls").join("ca.pem");
         ca.exists().then_some(ca)
     };
-    let _ = TRUST.set(ca.map(Path::to_path_buf).or_else(beside_token));
+    let chosen = match ca {
+        Some(p) if p == Path::new(PUBLIC_ROOTS) => None,
+        Some(p) => Some(p.to_path_buf()),
+        None => beside_token(),
+    };
+    if TRUST.set(chosen).is_err() {
+        tracing::debug!("the CA to trust was settled already");
+    }
 }
 
 /// An HTTP(S) client that returns error statuses as answers. Over HTTPS it

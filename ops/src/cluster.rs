@@ -409,7 +409,12 @@ pub fn running_gateway(data_dir: &Path) -> Result<(String, String)> {
     }
     let token = fs::read_to_string(data_dir.join(ADMIN_TOKEN_FILE))
         .with_context(|| format!("reading {}", data_dir.join(ADMIN_TOKEN_FILE).display()))?;
-    crate::client::trust(Some(&cluster.gateway.tls.ca_cert), None);
+    // The cluster CA, unless CUSTODIA_CA_CERT names another (or `public`).
+    let ca = std::env::var_os("CUSTODIA_CA_CERT").map(std::path::PathBuf::from);
+    crate::client::trust(
+        Some(ca.as_deref().unwrap_or(&cluster.gateway.tls.ca_cert)),
+        None,
+    );
     let scheme = if cluster.gateway.api_tls.is_some() {
         "https"
     } else {

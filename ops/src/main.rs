@@ -128,9 +128,9 @@ struct ApiArgs {
     /// File holding the bearer token (default: ./custodia-data/admin.token).
     #[arg(long, env = "CUSTODIA_TOKEN_FILE")]
     token_file: Option<PathBuf>,
-    /// The CA an `https://` API's certificate must chain to (default: the
-    /// cluster CA beside the token file, `tls/ca.pem`, if there is one;
-    /// else the public web roots).
+    /// The CA an `https://` API's certificate must chain to, or `public`
+    /// for the public web roots (default: the cluster CA beside the token
+    /// file, `tls/ca.pem`, if there is one; else the public web roots).
     #[arg(long, env = "CUSTODIA_CA_CERT")]
     ca_cert: Option<PathBuf>,
 }

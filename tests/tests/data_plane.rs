@@ -629,5 +629,13 @@ fn the_evidence_api_serves_https_only_when_asked() -> Result<()> {
         !refused.status.success() && err.contains("certificate"),
         "{err}"
     );
+    // `--ca-cert public` means the public web roots (for a certificate a
+    // public CA issued), which do not vouch for the cluster CA's.
+    let public = c.cli(&["status", "--ca-cert", "public"])?;
+    let err = String::from_utf8_lossy(&public.stderr).to_lowercase();
+    assert!(
+        !public.status.success() && err.contains("certificate") && !err.contains("reading the ca"),
+        "{err}"
+    );
     Ok(())
 }
