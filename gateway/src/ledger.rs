@@ -296,11 +296,11 @@ pub struct Ledger {
     checkpoint_file: std::sync::atomic::AtomicU64,
     owner: u128,
     /// The integrator lease this process last stored: fencing token and
-    /// expiry by this gateway's clock. Each integration renews it in its own
+    /// when (monotonic) it was taken or renewed. Each integration renews it in its own
     /// transaction, so a round only takes the lease in a transaction of its
     /// own when less than half of it is left; every integration still checks
     /// the fence, so a stale belief here costs a retry, never a fork.
-    lease: std::sync::Mutex<Option<(u64, u64)>>,
+    lease: std::sync::Mutex<Option<(u64, std::time::Instant)>>,
     /// Another gateway's lease as last found, and since when it has been
     /// found unchanged (see `lx::acquire_lease_tx`'s `stale`).
     watched: std::sync::Mutex<Option<(lx::LeaseRecord, std::time::Instant)>>,
@@ -1034,14 +1034,22 @@ struct Ahead {
 
 impl Ledger {
     /// The lease's fencing token if this process holds it with more than
-    /// half of it left at `now`.
-    fn held_lease(&self, now: u64) -> Option<u64> {
+    /// half of its term left.
+    ///
+    /// Timed by the monotonic clock, as other gateways watch the lease
+    /// (`watch_lease`): a holder whose system clock steps back still renews
+    /// on time instead of losing the lease to a watcher.
+    fn held_lease(&self) -> Option<u64> {
         let held = *self.lease.lock().unwrap_or_else(|e| e.into_inner());
-        held.and_then(|(fence, until)| (until > now.saturating_add(LEASE_MS / 2)).then_some(fence))
+        held.and_then(|(fence, renewed)| {
+            (renewed.elapsed() < Duration::from_millis(LEASE_MS / 2)).then_some(fence)
+        })
     }
 
-    fn remember_lease(&self, fence: u64, until: u64) {
-        *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some((fence, until));
+    /// Notes the lease taken or renewed (for a term) now.
+    fn remember_lease(&self, fence: u64) {
+        *self.lease.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((fence, std::time::Instant::now()));
     }
 
     fn forget_lease(&self) {
@@ -1163,7 +1171,7 @@ async fn current_lease<S: Store>(
     ledger: &Ledger,
 ) -> Result<Option<u64>, LedgerError> {
     let now = gw.clock.now_ms();
-    if let Some(fence) = ledger.held_lease(now) {
+    if let Some(fence) = ledger.held_lease() {
         return Ok(Some(fence));
     }
     let owner = ledger.owner;
@@ -1174,7 +1182,7 @@ async fn current_lease<S: Store>(
     .await?;
     match lease {
         Ok(fence) => {
-            if let Some(s) = stale.filter(|s| s.fence < fence) {
+            if let Some(s) = stale.filter(|s| s.fence < fence && s.until_ms >= now) {
                 tracing::warn!(
                     fence,
                     until_ms = s.until_ms,
@@ -1182,7 +1190,7 @@ async fn current_lease<S: Store>(
                      holder's clock ran ahead, and it stopped)"
                 );
             }
-            ledger.remember_lease(fence, now.saturating_add(LEASE_MS));
+            ledger.remember_lease(fence);
             Ok(Some(fence))
         }
         Err(theirs) => {
@@ -1218,7 +1226,7 @@ async fn commit_round<S: Store>(
         ledger.forget_lease();
         return Err(e.into());
     }
-    ledger.remember_lease(fence, now.saturating_add(LEASE_MS));
+    ledger.remember_lease(fence);
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     tracing::debug!(
         size = p.next.size,
