@@ -386,25 +386,12 @@ async fn serve_api(
                         .await
                 }
                 Some(acceptor) => {
-                    // A client that never finishes its handshake must not
-                    // hold a task forever.
-                    let handshake = tokio::time::timeout(
-                        crate::s3::TLS_HANDSHAKE_TIMEOUT,
-                        acceptor.accept(stream),
-                    );
-                    match handshake.await {
-                        Ok(Ok(tls)) => {
+                    match tls_handshake(&acceptor, stream, peer, "evidence API").await {
+                        Some(tls) => {
                             http.serve_connection(hyper_util::rt::TokioIo::new(tls), service)
                                 .await
                         }
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "evidence API TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "evidence API TLS handshake timed out");
-                            return;
-                        }
+                        None => return,
                     }
                 }
             };
@@ -412,6 +399,32 @@ async fn serve_api(
                 tracing::debug!(%peer, error = %e, "evidence API connection ended");
             }
         });
+    }
+}
+
+/// Longest a client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The TLS side of an accepted connection of `api` (the evidence API or
+/// S3), or `None` (logged) if the handshake failed or took longer than
+/// [`TLS_HANDSHAKE_TIMEOUT`]: a client that never finishes its handshake
+/// must not hold a task forever.
+pub(crate) async fn tls_handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    api: &str,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "{api} TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "{api} TLS handshake timed out");
+            None
+        }
     }
 }
 

@@ -25,8 +25,6 @@ use std::time::{Duration, UNIX_EPOCH};
 
 /// Keys listed per index transaction.
 const LIST_BATCH: usize = 1000;
-/// Longest a client may take over its TLS handshake.
-pub(crate) const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The S3 front of a gateway.
 pub struct S3Front<S: Store> {
@@ -148,23 +146,12 @@ pub async fn serve<S: Store + 'static>(
                             .await
                     }
                     Some(acceptor) => {
-                        // A client that never finishes its handshake must not
-                        // hold a task forever.
-                        let handshake =
-                            tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
-                        match handshake.await {
-                            Ok(Ok(tls)) => {
+                        match crate::api::tls_handshake(&acceptor, stream, peer, "S3").await {
+                            Some(tls) => {
                                 http.serve_connection(hyper_util::rt::TokioIo::new(tls), counted)
                                     .await
                             }
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "S3 TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(%peer, "S3 TLS handshake timed out");
-                                return;
-                            }
+                            None => return,
                         }
                     }
                 };
