@@ -1,18 +1,23 @@
 //! The verified read path.
 //!
 //! For each stripe a range touches: ask the `k` data shards' nodes, take the
-//! first `k` shards whose BLAKE3 matches the manifest, asking parity shards'
-//! nodes when a shard is missing, corrupt or slower than the hedge delay;
-//! rebuild the data shards with Reed-Solomon when a data shard is not among them;
-//! and queue the stripe for repair when a shard was missing or corrupt. Stripes
-//! are fetched `pipeline_stripes` ahead of the client, and no more than
+//! first `k` shards that arrive whole, asking parity shards' nodes when a
+//! shard is missing, corrupt or slower than the hedge delay; rebuild the data
+//! shards with Reed-Solomon when a data shard is not among them; and queue the
+//! stripe for repair when a shard was missing or corrupt. Stripes are fetched
+//! `pipeline_stripes` ahead of the client, and no more than
 //! `read_stripes_in_flight` are fetched at once across all reads.
 //!
-//! Beyond the per-shard hashes, every read is checked against the content root
-//! itself: a whole-content read hashes as it streams and aborts the response
-//! (instead of completing it) on a mismatch; a `Range` read is widened to whole
-//! 1 MiB groups, and each window of groups is verified through the Bao outboard
-//! (`protocol::bao`) before any of its bytes is sent.
+//! Every read is checked against the content root itself, in one BLAKE3 pass:
+//! it is widened to whole 1 MiB groups, and each group is hashed as it
+//! arrives and sent only once it matches the chaining value the Bao outboard
+//! (`protocol::bao`) gives for it, verified down from the root. The nodes check
+//! each shard against its header as they read it; parity shards are also
+//! checked against the manifest here before a rebuild uses them. A group that
+//! fails is read again with every shard checked against the manifest, which
+//! finds a shard a node served wrong under a right header and rebuilds
+//! without it; a group still wrong ends the read with an error, so no client
+//! ever receives a byte that does not verify.
 
 use crate::api::Gateway;
 use crate::api::Store;
@@ -136,24 +141,18 @@ async fn send_range<S: Store>(
     range: Range<u64>,
     tx: &mut mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) -> Result<(), ReadError> {
-    let whole = range == (0..header.size);
-    // A whole read is checked against the content root as it streams; a part
-    // is read in whole 1 MiB groups and each window checked through the Bao
-    // outboard before any byte of it is sent.
-    let read = if whole {
-        range.clone()
-    } else {
-        bao::group_aligned(range.clone(), header.size)
-    };
-    let mut sink = if whole {
-        Verifier::Root(Box::new(blake3::Hasher::new()))
-    } else {
-        Verifier::Outboard {
-            window: Vec::new(),
-            start: read.start,
-            pairs: HashMap::new(),
-        }
-    };
+    if header.size == 0 {
+        // No group to check: the root must be that of no bytes.
+        return if Blake3Hash::of(&[]) == header.blake3 {
+            Ok(())
+        } else {
+            Err(ReadError::RootMismatch(header.evidence))
+        };
+    }
+    // Whole 1 MiB groups are read, and each is checked against the content
+    // root (through the Bao outboard) before any byte of it is sent.
+    let read = bao::group_aligned(range.clone(), header.size);
+    let mut check = GroupCheck::new(header, read.start);
     let layout = header.code.layout(header.size);
     let stripes = layout.stripes_for(read.clone());
     let evidence = header.evidence;
@@ -171,7 +170,7 @@ async fn send_range<S: Store>(
                     // Taken in turn (the semaphore is fair): a large read
                     // never holds back another for more than a few fetches.
                     let permit = gw.read_gate.acquire().await.ok();
-                    let data = fetch_stripe(&gw, header, stripe, &rec).await;
+                    let data = fetch_stripe(&gw, header, stripe, &rec, ShardCheck::Parity).await;
                     drop(permit);
                     let data = data?;
                     Ok::<_, ReadError>((stripe, data))
@@ -188,11 +187,7 @@ async fn send_range<S: Store>(
                 let to = read.end.clamp(at, end) - at;
                 if from < to {
                     let slice = piece.slice(from as usize..to as usize);
-                    let start = at + from;
-                    let ready = sink
-                        .accept(gw, header, start, slice, start + (to - from) == read.end)
-                        .await?;
-                    for (at, bytes) in ready {
+                    for (at, bytes) in check.accept(gw, header, at + from, slice).await? {
                         let want = clip(&range, at, bytes);
                         if !want.is_empty() && tx.send(Ok(want)).await.is_err() {
                             return Ok(()); // the client went away
@@ -204,10 +199,9 @@ async fn send_range<S: Store>(
         }
         first = last;
     }
-    if let Verifier::Root(h) = sink {
-        if Blake3Hash::from(h.finalize()) != header.blake3 {
-            return Err(ReadError::RootMismatch(evidence));
-        }
+    if check.at != read.end {
+        tracing::error!(%evidence, at = check.at, end = read.end, "read ended short of its range");
+        return Err(ReadError::Internal);
     }
     Ok(())
 }
@@ -221,97 +215,174 @@ fn clip(range: &Range<u64>, at: u64, mut bytes: Bytes) -> Bytes {
     bytes.split_off(from as usize)
 }
 
-/// Bytes verified per outboard check of a partial read.
-const VERIFY_WINDOW: u64 = 8 * bao::GROUP_SIZE;
+/// Groups whose expected chaining values are loaded per index transaction.
+const GROUPS_PER_LOAD: u64 = 64;
 
-/// How a read's bytes are checked against the content root.
-enum Verifier {
-    /// A whole read: hash everything, compare at the end.
-    Root(Box<blake3::Hasher>),
-    /// A partial read: collect whole groups, verify each window through the
-    /// stored Bao outboard, release it only then.
-    Outboard {
-        window: Vec<u8>,
-        /// Content offset of `window[0]`.
-        start: u64,
-        /// Outboard pairs loaded so far.
-        pairs: HashMap<u64, bao::HashPair>,
-    },
+/// Checks a read's bytes against the content root one 1 MiB group at a time,
+/// in the one BLAKE3 pass the read makes over them: each group is hashed as
+/// its pieces arrive and held (shared, not copied) until its chaining value
+/// matches the one the Bao outboard gives for it, verified down from the root
+/// ([`bao::expected_group_cvs`]). Data shards are therefore not hashed one by
+/// one on the way in ([`ShardCheck::Parity`]); a group that fails is read again
+/// with every shard checked against the manifest ([`recheck_group`]), which
+/// finds the bad shard, rebuilds without it and queues its stripe for repair.
+struct GroupCheck {
+    size: u64,
+    root: [u8; 32],
+    /// The group being received, and its hash so far.
+    group: u64,
+    hasher: bao::GroupHasher,
+    /// Its pieces so far, with their content offsets.
+    held: Vec<(u64, Bytes)>,
+    /// Content offset of the next byte expected.
+    at: u64,
+    /// Expected chaining values of the groups loaded so far.
+    expected: HashMap<u64, [u8; 32]>,
 }
 
-impl Verifier {
-    /// Takes the bytes at content offset `at`; returns what may be sent now.
+impl GroupCheck {
+    /// For a read starting at `start`, a group boundary.
+    fn new(header: &ManifestHeader, start: u64) -> Self {
+        let group = start / bao::GROUP_SIZE;
+        GroupCheck {
+            size: header.size,
+            root: header.blake3.0,
+            group,
+            hasher: bao::GroupHasher::new(header.size, group),
+            held: Vec::new(),
+            at: start,
+            expected: HashMap::new(),
+        }
+    }
+
+    /// Takes the next bytes (at content offset `at`); returns those that may
+    /// be sent now, in order.
     async fn accept<S: Store>(
+        &mut self,
+        gw: &Arc<Gateway<S>>,
+        header: &ManifestHeader,
+        at: u64,
+        mut bytes: Bytes,
+    ) -> Result<Vec<(u64, Bytes)>, ReadError> {
+        if at != self.at {
+            tracing::error!(evidence = %header.evidence, at, expected = self.at, "read pieces out of order");
+            return Err(ReadError::Internal);
+        }
+        let mut ready = Vec::new();
+        while !bytes.is_empty() {
+            let end = bao::group_range(self.size, self.group).end;
+            let take = bytes.len().min((end - self.at) as usize);
+            let part = bytes.split_to(take);
+            self.hasher.update(&part);
+            self.held.push((self.at, part));
+            self.at += take as u64;
+            if self.at < end {
+                continue;
+            }
+            let good = self.expected_cv(gw, header).await?;
+            if self.hasher.finish() == good {
+                ready.append(&mut self.held);
+            } else {
+                self.held.clear();
+                let start = bao::group_range(self.size, self.group).start;
+                ready.push((start, recheck_group(gw, header, self.group, good).await?));
+            }
+            self.group += 1;
+            self.hasher = bao::GroupHasher::new(self.size, self.group);
+        }
+        Ok(ready)
+    }
+
+    /// The chaining value the current group must hash to, loading the next
+    /// [`GROUPS_PER_LOAD`] groups' values when it is not known yet.
+    async fn expected_cv<S: Store>(
         &mut self,
         gw: &Gateway<S>,
         header: &ManifestHeader,
-        at: u64,
-        bytes: Bytes,
-        last: bool,
-    ) -> Result<Vec<(u64, Bytes)>, ReadError> {
-        match self {
-            Verifier::Root(h) => {
-                h.update(&bytes);
-                // The final bytes are held back until the root matches: the
-                // response then ends short of its Content-Length, and no
-                // client can take wrong bytes for a complete download.
-                if last && Blake3Hash::from(h.finalize()) != header.blake3 {
-                    return Err(ReadError::RootMismatch(header.evidence));
-                }
-                Ok(vec![(at, bytes)])
-            }
-            Verifier::Outboard {
-                window,
-                start,
-                pairs,
-            } => {
-                window.extend_from_slice(&bytes);
-                let len = window.len() as u64;
-                let n = if last {
-                    len
-                } else if len >= VERIFY_WINDOW {
-                    len / bao::GROUP_SIZE * bao::GROUP_SIZE
-                } else {
-                    return Ok(Vec::new());
-                };
-                if n == 0 {
-                    return Ok(Vec::new());
-                }
-                let checked = *start..*start + n;
-                let needed: Vec<u64> = bao::nodes_for(header.size, checked.clone())
-                    .into_iter()
-                    .filter(|n| !pairs.contains_key(n))
-                    .collect();
-                if !needed.is_empty() {
-                    let evidence = header.evidence;
-                    let loaded = indexer::run(&gw.store, |t| {
-                        let needed = &needed;
-                        async move { schema::get_outboard_pairs_tx(&t, evidence, needed).await }
-                    })
-                    .await?;
-                    pairs.extend(loaded);
-                }
-                let outboard = bao::PairOutboard {
-                    root: header.blake3.0,
-                    size: header.size,
-                    pairs: std::mem::take(pairs),
-                };
-                let verdict = bao::verify_range(&outboard, checked.clone(), &window[..n as usize]);
-                *pairs = outboard.pairs;
-                if let Err(e) = verdict {
-                    tracing::error!(evidence = %header.evidence, error = %e, "verified range read failed");
-                    return Err(ReadError::RootMismatch(header.evidence));
-                }
-                // Ancestors are reloaded per window (a few pairs): the map
-                // stays small however long the range.
-                pairs.clear();
-                let rest = window.split_off(n as usize);
-                let done = Bytes::from(std::mem::replace(window, rest));
-                *start += n;
-                Ok(vec![(checked.start, done)])
-            }
+    ) -> Result<[u8; 32], ReadError> {
+        if let Some(cv) = self.expected.get(&self.group) {
+            return Ok(*cv);
+        }
+        let groups = self.group..(self.group + GROUPS_PER_LOAD).min(bao::group_count(self.size));
+        let bytes = bao::group_range(self.size, groups.start).start
+            ..bao::group_range(self.size, groups.end - 1).end;
+        let needed = bao::nodes_for(self.size, bytes);
+        let pairs = if needed.is_empty() {
+            HashMap::new() // a single group: its value is the root
+        } else {
+            let evidence = header.evidence;
+            indexer::run(&gw.store, |t| {
+                let needed = &needed;
+                async move { schema::get_outboard_pairs_tx(&t, evidence, needed).await }
+            })
+            .await?
+            .into_iter()
+            .collect()
+        };
+        let expected = bao::expected_group_cvs(&self.root, self.size, &pairs, groups)
+            .map_err(|e| {
+                tracing::error!(evidence = %header.evidence, error = %e, "the stored outboard does not verify against the content root");
+                ReadError::RootMismatch(header.evidence)
+            })?;
+        // Only the window's values are kept: the map stays small however
+        // long the read.
+        self.expected = expected.into_iter().collect();
+        self.expected
+            .get(&self.group)
+            .copied()
+            .ok_or(ReadError::RootMismatch(header.evidence))
+    }
+}
+
+/// Reads group `group` again from shards each checked against the manifest,
+/// after its bytes failed the content root: a node that served wrong bytes
+/// under a right header is found this way (its stripe is queued for repair
+/// and rebuilt around it). The group must then hash to `good`.
+async fn recheck_group<S: Store>(
+    gw: &Arc<Gateway<S>>,
+    header: &ManifestHeader,
+    group: u64,
+    good: [u8; 32],
+) -> Result<Bytes, ReadError> {
+    let evidence = header.evidence;
+    tracing::warn!(%evidence, group, "group does not match the content root; reading it again with every shard checked");
+    let bytes = bao::group_range(header.size, group);
+    let layout = header.code.layout(header.size);
+    let stripes = layout.stripes_for(bytes.clone());
+    let records = indexer::run(&gw.store, |t| {
+        let stripes = stripes.clone();
+        async move { schema::get_stripes_tx(&t, evidence, stripes).await }
+    })
+    .await?;
+    let mut out = Vec::with_capacity((bytes.end - bytes.start) as usize);
+    for (rec, stripe) in records.iter().zip(stripes) {
+        let mut at = layout.stripe_range(stripe).start;
+        for piece in fetch_stripe(gw, header, stripe, rec, ShardCheck::All).await? {
+            let end = at + piece.len() as u64;
+            let from = bytes.start.clamp(at, end) - at;
+            let to = bytes.end.clamp(at, end) - at;
+            out.extend_from_slice(&piece[from as usize..to as usize]);
+            at = end;
         }
     }
+    let mut hasher = bao::GroupHasher::new(header.size, group);
+    hasher.update(&out);
+    if hasher.finish() != good {
+        tracing::error!(%evidence, group, "group does not match the content root even from checked shards");
+        return Err(ReadError::RootMismatch(evidence));
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Which of a stripe's fetched shards are hashed against the manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ShardCheck {
+    /// Every shard.
+    All,
+    /// Parity shards only: a read checks the data shards' bytes against the
+    /// content root instead ([`GroupCheck`]), which costs one BLAKE3 pass
+    /// rather than two.
+    Parity,
 }
 
 /// What fetching one shard gave.
@@ -325,11 +396,12 @@ pub(crate) enum ShardOutcome {
 
 /// Returns the content bytes of one stripe (in pieces: the data shards as
 /// received, or the rebuilt stripe), reading `k` verified shards.
-pub async fn fetch_stripe<S: Store>(
+pub(crate) async fn fetch_stripe<S: Store>(
     gw: &Gateway<S>,
     header: &ManifestHeader,
     stripe: u64,
     rec: &StripeRecord,
+    check: ShardCheck,
 ) -> Result<Vec<Bytes>, ReadError> {
     let k = header.code.data_shards();
     let total = header.code.total();
@@ -367,8 +439,13 @@ pub async fn fetch_stripe<S: Store>(
     let mut pending = FuturesUnordered::new();
     // Shards asked for and not answered yet.
     let mut in_flight: Vec<usize> = Vec::with_capacity(total);
-    let fetch =
-        |i: usize| async move { (i, fetch_shard(gw, header.evidence, stripe, i, rec).await) };
+    let fetch = |i: usize| async move {
+        let hash = check == ShardCheck::All || i >= k;
+        (
+            i,
+            fetch_shard(gw, header.evidence, stripe, i, rec, hash).await,
+        )
+    };
 
     let hedge_every = Duration::from_millis(gw.config.hedge_after_ms);
     let hedge = tokio::time::sleep(hedge_every);
@@ -507,12 +584,16 @@ fn shard_at<S: Store>(
     Some((addr, key))
 }
 
+/// Fetches one shard. The node has checked it against its stored header;
+/// with `hash` it is also checked here against the manifest's hash (without,
+/// the caller checks the bytes some other way: [`ShardCheck::Parity`]).
 pub(crate) async fn fetch_shard<S: Store>(
     gw: &Gateway<S>,
     evidence: EvidenceId,
     stripe: u64,
     index: usize,
     rec: &StripeRecord,
+    hash: bool,
 ) -> ShardOutcome {
     let placement = rec.shards[index];
     let Some((addr, key)) = shard_at(gw, evidence, stripe, index, rec) else {
@@ -521,7 +602,7 @@ pub(crate) async fn fetch_shard<S: Store>(
     match gw.nodes.client.rpc_get_shard(addr, key).await {
         Ok((_, body))
             if body.len() == rec.shard_len as usize
-                && Blake3Hash::of(&body) == placement.blake3 =>
+                && (!hash || Blake3Hash::of(&body) == placement.blake3) =>
         {
             gw.metrics.shards_read.inc();
             ShardOutcome::Good(body)

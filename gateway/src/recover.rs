@@ -335,7 +335,7 @@ async fn read_back<S: Store>(
                 .map(|i| async move {
                     (
                         i,
-                        crate::read::fetch_shard(gw, header.evidence, *stripe, i, rec).await,
+                        crate::read::fetch_shard(gw, header.evidence, *stripe, i, rec, true).await,
                     )
                 });
             (*stripe, rec, futures::future::join_all(reads).await)

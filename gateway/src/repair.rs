@@ -563,7 +563,7 @@ pub async fn repair_stripe<S: Store>(
             next += ask;
             let fetched = futures::future::join_all(batch.iter().map(|&i| {
                 let rec = &rec;
-                async move { (i, fetch_shard(gw, evidence, stripe, i, rec).await) }
+                async move { (i, fetch_shard(gw, evidence, stripe, i, rec, true).await) }
             }))
             .await;
             for (i, outcome) in fetched {

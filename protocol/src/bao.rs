@@ -277,6 +277,118 @@ pub fn verify_range(
         .map_err(|e| fail(e.to_string()))
 }
 
+/// Groups in a blob of `size` bytes (an empty blob is one empty group).
+pub fn group_count(size: u64) -> u64 {
+    size.div_ceil(GROUP_SIZE).max(1)
+}
+
+/// Bytes `range` of group `index` of a blob of `size` bytes.
+pub fn group_range(size: u64, index: u64) -> Range<u64> {
+    let start = index.saturating_mul(GROUP_SIZE).min(size);
+    start..start.saturating_add(GROUP_SIZE).min(size)
+}
+
+/// The chaining value each of `groups` must hash to (see [`GroupHasher`]),
+/// derived from the content root down through `pairs` (as loaded for
+/// [`nodes_for`] of the groups' bytes). Every pair on the way is checked
+/// against its parent, so the values are as trustworthy as the root; a
+/// missing or inconsistent pair is an error, never a pass.
+///
+/// This is how a read verifies whole groups in one BLAKE3 pass over its
+/// bytes, each group before any of its bytes is released.
+pub fn expected_group_cvs(
+    root: &[u8; 32],
+    size: u64,
+    pairs: &HashMap<u64, HashPair>,
+    groups: Range<u64>,
+) -> Result<Vec<(u64, [u8; 32])>, RangeMismatch> {
+    let n = group_count(size);
+    let groups = groups.start.min(n)..groups.end.min(n);
+    let mut out = Vec::with_capacity((groups.end - groups.start) as usize);
+    if !groups.is_empty() {
+        walk(0..n, *root, true, &groups, pairs, &mut out).map_err(|reason| RangeMismatch {
+            start: groups.start.saturating_mul(GROUP_SIZE),
+            end: groups.end.saturating_mul(GROUP_SIZE).min(size),
+            reason,
+        })?;
+    }
+    Ok(out)
+}
+
+/// Descends from the subtree of groups `span`, whose chaining value is `cv`,
+/// to the groups in `want`.
+fn walk(
+    span: Range<u64>,
+    cv: [u8; 32],
+    is_root: bool,
+    want: &Range<u64>,
+    pairs: &HashMap<u64, HashPair>,
+    out: &mut Vec<(u64, [u8; 32])>,
+) -> Result<(), String> {
+    let groups = span.end - span.start;
+    if groups == 1 {
+        out.push((span.start, cv));
+        return Ok(());
+    }
+    // BLAKE3's left subtree: the largest power of two of groups (whole
+    // chunks, so whole groups) that leaves the right one non-empty.
+    let left = 1u64 << (63 - (groups - 1).leading_zeros());
+    let split = span.start + left;
+    let node = (split << GROUP_CHUNK_LOG) - 1;
+    let (l, r) = pairs
+        .get(&node)
+        .ok_or_else(|| format!("hash pair of tree node {node} is missing"))?;
+    let merged = if is_root {
+        *merge_subtrees_root(l, r, Mode::Hash).as_bytes()
+    } else {
+        merge_subtrees_non_root(l, r, Mode::Hash)
+    };
+    if merged != cv {
+        return Err(format!(
+            "hash pair of tree node {node} does not match its parent"
+        ));
+    }
+    if want.start < split {
+        walk(span.start..split, *l, false, want, pairs, out)?;
+    }
+    if want.end > split {
+        walk(split..span.end, *r, false, want, pairs, out)?;
+    }
+    Ok(())
+}
+
+/// Hashes one group's bytes, fed in pieces, into the chaining value
+/// [`expected_group_cvs`] gives for it (the content root itself when the
+/// blob is a single group).
+pub struct GroupHasher {
+    hasher: bao_tree::blake3::Hasher,
+    alone: bool,
+}
+
+impl GroupHasher {
+    /// For group `index` of a blob of `size` bytes.
+    pub fn new(size: u64, index: u64) -> Self {
+        let mut hasher = bao_tree::blake3::Hasher::new();
+        hasher.set_input_offset(index.saturating_mul(GROUP_SIZE));
+        GroupHasher {
+            hasher,
+            alone: group_count(size) == 1,
+        }
+    }
+
+    pub fn update(&mut self, data: &[u8]) {
+        self.hasher.update(data);
+    }
+
+    pub fn finish(&self) -> [u8; 32] {
+        if self.alone {
+            *self.hasher.finalize().as_bytes()
+        } else {
+            self.hasher.finalize_non_root()
+        }
+    }
+}
+
 /// Bytes `base..base + data.len()` of a blob, for positioned reads.
 struct Window<'a> {
     base: u64,
@@ -414,6 +526,86 @@ mod tests {
             pairs: ob.pairs.clone(),
         };
         assert!(verify_range(&forged, r, bytes).is_err());
+    }
+
+    fn group_cvs_of(data: &[u8]) -> Vec<[u8; 32]> {
+        let size = data.len() as u64;
+        (0..group_count(size))
+            .map(|g| {
+                let r = group_range(size, g);
+                let mut h = GroupHasher::new(size, g);
+                // In uneven pieces, as a read receives them.
+                for piece in data[r.start as usize..r.end as usize].chunks(300_007) {
+                    h.update(piece);
+                }
+                h.finish()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_group_checks_against_the_root_in_one_pass() {
+        let g = GROUP_SIZE as usize;
+        for len in [
+            0,
+            1,
+            g - 1,
+            g,
+            g + 1,
+            2 * g,
+            3 * g - 7,
+            4 * g,
+            5 * g + 1,
+            11 * g + 3,
+        ] {
+            let data = content(len);
+            let ob = build(&data, 1 << 20);
+            let size = len as u64;
+            let n = group_count(size);
+            let got = group_cvs_of(&data);
+            for want in [0..n, 0..1, n - 1..n, n / 2..n, 1.min(n)..n.div_ceil(2)] {
+                let bytes =
+                    group_range(size, want.start).start..group_range(size, want.end.max(1) - 1).end;
+                // Only the pairs a verifier loads for those bytes.
+                let pairs: HashMap<u64, HashPair> = nodes_for(size, bytes)
+                    .into_iter()
+                    .map(|node| (node, ob.pairs[&node]))
+                    .collect();
+                let expected = expected_group_cvs(&ob.root, size, &pairs, want.clone())
+                    .expect("genuine pairs verify");
+                let groups: Vec<u64> = expected.iter().map(|(g, _)| *g).collect();
+                assert_eq!(groups, want.clone().collect::<Vec<_>>(), "len {len}");
+                for (g, cv) in expected {
+                    assert_eq!(got[g as usize], cv, "group {g} of len {len}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_fails_its_group_only_and_forged_pairs_fail() {
+        let g = GROUP_SIZE as usize;
+        let mut data = content(5 * g + 1234);
+        let ob = build(&data, 1 << 20);
+        let size = data.len() as u64;
+        let expected = expected_group_cvs(&ob.root, size, &ob.pairs, 0..6).unwrap();
+        data[2 * g + 100] ^= 1;
+        let got = group_cvs_of(&data);
+        let failing: Vec<u64> = expected
+            .iter()
+            .filter(|(i, cv)| got[*i as usize] != *cv)
+            .map(|(i, _)| *i)
+            .collect();
+        assert_eq!(failing, vec![2]);
+        // A wrong root, a changed pair or a missing one: no values at all.
+        assert!(expected_group_cvs(&[7; 32], size, &ob.pairs, 0..6).is_err());
+        let mut forged = ob.pairs.clone();
+        let node = *forged.keys().next().unwrap();
+        forged.get_mut(&node).unwrap().0[0] ^= 1;
+        assert!(expected_group_cvs(&ob.root, size, &forged, 0..6).is_err());
+        let mut short = ob.pairs.clone();
+        short.remove(&node);
+        assert!(expected_group_cvs(&ob.root, size, &short, 0..6).is_err());
     }
 
     proptest! {

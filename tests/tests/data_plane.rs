@@ -219,6 +219,80 @@ fn corrupt_shard_is_rebuilt_and_reported() -> Result<()> {
     Ok(())
 }
 
+/// A node that serves wrong bytes under a right-looking header (the shard
+/// file rewritten with a matching header hash, so the node's own check
+/// passes): the read checks every 1 MiB group against the content root,
+/// reads the bad group again with each shard checked against the manifest,
+/// and still answers the right bytes, whole and in ranges; the stripe is
+/// queued for repair, and the repair worker rebuilds it.
+#[test]
+fn a_shard_rewritten_on_its_node_is_caught_by_the_content_root() -> Result<()> {
+    let c = TestCluster::start(Shape::default())?;
+    // Three 1 MiB groups over 4 KiB shards: a group spans 64 stripes.
+    let data = bytes(3 << 20, 17);
+    let id = c.file(&data)?["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    // Data shard 2 of stripe 70 (content from 70 x 16 KiB + 2 x 4 KiB, in
+    // group 1), rewritten with a header that matches it.
+    let victim = c
+        .all_shard_files()
+        .into_iter()
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with("-70-2"))
+        })
+        .expect("shard 2 of stripe 70 on some node");
+    let file = std::fs::read(&victim)?;
+    let (mut header, body_at) = protocol::ShardHeader::parse_file_prefix(&file)?;
+    let mut body = file[body_at..].to_vec();
+    body[100] ^= 0x01;
+    header.blake3 = protocol::Blake3Hash::of(&body);
+    let mut forged = header.file_prefix();
+    forged.extend_from_slice(&body);
+    std::fs::write(&victim, &forged)?;
+
+    assert!(c.read(&id)? == data, "the whole read must still be right");
+    let at = 70 * STRIPE + 2 * SHARD + 90;
+    for (from, to) in [(at, at + 20), (1 << 20, (2 << 20) - 1), (5, 6)] {
+        let a = c.get_with(
+            &c.token,
+            &format!("/v1/evidence/{id}"),
+            &[("range", &format!("bytes={from}-{to}"))],
+        )?;
+        assert_eq!(a.status, 206, "range {from}-{to}");
+        assert!(a.body == data[from..=to], "range {from}-{to} must be right");
+    }
+    let in_queue = || {
+        c.get_with(&c.token, "/v1/repair/queue", &[])
+            .map(|a| {
+                a.json()["stripes"]
+                    .as_array()
+                    .is_some_and(|s| s.iter().any(|x| x["evidence"] == id.as_str()))
+            })
+            .unwrap_or(false)
+    };
+    let repaired = || {
+        c.get_with(&c.token, &format!("/v1/evidence/{id}/custody"), &[])
+            .is_ok_and(|a| a.json().to_string().contains("repaired"))
+    };
+    assert!(
+        eventually(10, || in_queue() || repaired()),
+        "the stripe with the rewritten shard must be queued for repair"
+    );
+    let out = c.cli(&["repair", "--patience-secs", "20"])?;
+    assert!(
+        out.status.success(),
+        "repair: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!in_queue() && repaired(), "the stripe was rebuilt");
+    assert!(c.read(&id)? == data);
+    Ok(())
+}
+
 /// Killing a node while an upload streams: the filing either completes and
 /// reads back byte-exact, or fails with an error — never a 201 for data that
 /// cannot be read.
