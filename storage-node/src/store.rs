@@ -33,6 +33,7 @@
 //! file (a crash between writing one and removing the other), the segment's copy
 //! is served; both are whole copies of the same shard.
 
+use crate::buffers::BufferPool;
 use crate::segments::{Loc, ReadRecord, SegmentLog};
 use protocol::{ErrorCode, ShardHeader, ShardKey};
 use std::fs::{self, File, OpenOptions};
@@ -40,7 +41,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 const DISK_UUID_FILE: &str = "disk.uuid";
 const SHARDS_DIR: &str = "shards";
@@ -204,6 +205,10 @@ pub struct ShardStore {
     reserve: u64,
     /// Free bytes claimed by puts in flight (see [`ShardStore::claim_space`]).
     claimed: AtomicU64,
+    /// Buffers shard files are read into: a fresh one per read cost a zeroing
+    /// and a page fault per page (see [`crate::buffers`]); a buffer sent to a
+    /// reader ([`get_shared`](Self::get_shared)) comes back once sent.
+    read_buffers: Arc<BufferPool>,
 }
 
 /// Free space a put in flight holds; released when dropped.
@@ -266,6 +271,7 @@ impl ShardStore {
             direct: std::sync::atomic::AtomicBool::new(config.direct_io),
             reserve: config.reserve_bytes,
             claimed: AtomicU64::new(0),
+            read_buffers: Arc::new(BufferPool::new(READ_BUFFER_IDLE_BYTES)),
         })
     }
 
@@ -388,7 +394,7 @@ impl ShardStore {
             return small;
         }
         let (header, bytes, body_at) = self.read_file(key)?;
-        Ok((header, bytes::Bytes::from(bytes).slice(body_at..)))
+        Ok((header, self.read_buffers.share(bytes).slice(body_at..)))
     }
 
     /// [`get_shared`](Self::get_shared) for a shard packed in a segment
@@ -410,7 +416,7 @@ impl ShardStore {
     /// where the body starts in it.
     fn read_file(&self, key: &ShardKey) -> Result<(ShardHeader, Vec<u8>, usize), StoreError> {
         let direct = if self.direct_io() {
-            read_direct(&self.shard_path(key))
+            read_direct(&self.shard_path(key), &self.read_buffers)
         } else {
             Ok(None)
         };
@@ -859,6 +865,8 @@ const DIRECT_MIN: usize = 64 << 10;
 /// Memory address and length alignment for `O_DIRECT` (covers 512-byte and
 /// 4 KiB logical blocks).
 const DIRECT_ALIGN: usize = 4096;
+/// Idle read buffers a store keeps (a few 1 MiB shards' worth).
+const READ_BUFFER_IDLE_BYTES: usize = 16 << 20;
 /// Bytes staged and written at a time: a thread's staging memory stays this
 /// small whatever the shard size, and a default 1 MiB shard with its header
 /// goes in one write.
@@ -984,7 +992,7 @@ fn write_aligned(file: &File, buf: &[u8], at: u64) -> io::Result<()> {
 /// the buffer, where the file starts in it (aligned), and the file's inode.
 /// `None` when the file system does not take `O_DIRECT`.
 #[cfg(target_os = "linux")]
-fn read_direct(path: &Path) -> io::Result<Option<(Vec<u8>, usize, u64)>> {
+fn read_direct(path: &Path, pool: &BufferPool) -> io::Result<Option<(Vec<u8>, usize, u64)>> {
     use std::os::unix::fs::FileExt;
     let file = match OpenOptions::new()
         .read(true)
@@ -998,7 +1006,9 @@ fn read_direct(path: &Path) -> io::Result<Option<(Vec<u8>, usize, u64)>> {
     let meta = file.metadata()?;
     let len = usize::try_from(meta.len()).map_err(io::Error::other)?;
     let padded = len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-    let mut buf = vec![0u8; padded + DIRECT_ALIGN];
+    // Stale bytes of an earlier read at most, overwritten up to `start + len`,
+    // and nothing before `start` is ever looked at.
+    let mut buf = pool.take(padded + DIRECT_ALIGN);
     let start = buf.as_ptr().align_offset(DIRECT_ALIGN);
     if start >= DIRECT_ALIGN {
         return Ok(None);
@@ -1028,7 +1038,7 @@ fn read_direct(path: &Path) -> io::Result<Option<(Vec<u8>, usize, u64)>> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn read_direct(_: &Path) -> io::Result<Option<(Vec<u8>, usize, u64)>> {
+fn read_direct(_: &Path, _: &BufferPool) -> io::Result<Option<(Vec<u8>, usize, u64)>> {
     Ok(None)
 }
 
