@@ -16,8 +16,13 @@
 //! checked against the manifest here before a rebuild uses them. A group that
 //! fails is read again with every shard checked against the manifest, which
 //! finds a shard a node served wrong under a right header and rebuilds
-//! without it; a group still wrong ends the read with an error, so no client
-//! ever receives a byte that does not verify.
+//! without it (and the rest of the read then checks every shard); a group
+//! still wrong ends the read with an error, so no client ever receives a
+//! byte that does not verify. Evidence without a usable outboard (filed
+//! before outboards were kept, or restored by `recover-index` while a node
+//! was down) can still be read whole: every shard is checked and the content
+//! hashed against the root as it streams, the last bytes held back until it
+//! matches.
 
 use crate::api::Gateway;
 use crate::api::Store;
@@ -30,6 +35,7 @@ use protocol::bao;
 use protocol::{Blake3Hash, ErrorCode, EvidenceId, ManifestHeader, ShardKey, StripeRecord};
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use storage_node::client::NodeError;
@@ -153,6 +159,10 @@ async fn send_range<S: Store>(
     // root (through the Bao outboard) before any byte of it is sent.
     let read = bao::group_aligned(range.clone(), header.size);
     let mut check = GroupCheck::new(header, read.start);
+    if read == (0..header.size) {
+        check.root_if_no_outboard(gw, header).await?;
+    }
+    let strict = check.strict.clone();
     let layout = header.code.layout(header.size);
     let stripes = layout.stripes_for(read.clone());
     let evidence = header.evidence;
@@ -165,12 +175,17 @@ async fn send_range<S: Store>(
         .await?;
         let mut fetched = futures::stream::iter(records.into_iter().zip(first..last))
             .map(|(rec, stripe)| {
-                let gw = gw.clone();
+                let (gw, strict) = (gw.clone(), strict.clone());
                 async move {
                     // Taken in turn (the semaphore is fair): a large read
                     // never holds back another for more than a few fetches.
                     let permit = gw.read_gate.acquire().await.ok();
-                    let data = fetch_stripe(&gw, header, stripe, &rec, ShardCheck::Parity).await;
+                    let shards = if strict.load(Ordering::Relaxed) {
+                        ShardCheck::All
+                    } else {
+                        ShardCheck::Parity
+                    };
+                    let data = fetch_stripe(&gw, header, stripe, &rec, shards).await;
                     drop(permit);
                     let data = data?;
                     Ok::<_, ReadError>((stripe, data))
@@ -224,7 +239,7 @@ const GROUPS_PER_LOAD: u64 = 64;
 /// matches the one the Bao outboard gives for it, verified down from the root
 /// ([`bao::expected_group_cvs`]). Data shards are therefore not hashed one by
 /// one on the way in ([`ShardCheck::Parity`]); a group that fails is read again
-/// with every shard checked against the manifest ([`recheck_group`]), which
+/// with every shard checked against the manifest ([`GroupCheck::recheck_group`]), which
 /// finds the bad shard, rebuilds without it and queues its stripe for repair.
 struct GroupCheck {
     size: u64,
@@ -238,6 +253,20 @@ struct GroupCheck {
     at: u64,
     /// Expected chaining values of the groups loaded so far.
     expected: HashMap<u64, [u8; 32]>,
+    /// Set once a group has failed: the read's later stripes are fetched with
+    /// every shard checked ([`ShardCheck::All`]), since a node that served
+    /// one wrong shard may serve more.
+    strict: Arc<AtomicBool>,
+    /// Stripes the last [`recheck_group`](Self::recheck_group) fetched that
+    /// reach into the next group (a stripe of several groups is fetched and
+    /// checked once, not once per group).
+    checked: Vec<(u64, Vec<Bytes>)>,
+    /// Set for a whole read of evidence without a usable outboard (filed
+    /// before outboards were kept, or restored by `recover-index` while a
+    /// node was down): the whole content is hashed against the root instead,
+    /// every shard checked, and the read's last bytes are held back until the
+    /// root matches.
+    whole: Option<Box<blake3::Hasher>>,
 }
 
 impl GroupCheck {
@@ -252,6 +281,28 @@ impl GroupCheck {
             held: Vec::new(),
             at: start,
             expected: HashMap::new(),
+            strict: Arc::new(AtomicBool::new(false)),
+            checked: Vec::new(),
+            whole: None,
+        }
+    }
+
+    /// For a whole read: checks the content against the root as it streams
+    /// when the stored outboard does not give the first group's value.
+    async fn root_if_no_outboard<S: Store>(
+        &mut self,
+        gw: &Gateway<S>,
+        header: &ManifestHeader,
+    ) -> Result<(), ReadError> {
+        match self.expected_cv(gw, header).await {
+            Ok(_) => Ok(()),
+            Err(ReadError::RootMismatch(_)) => {
+                tracing::warn!(evidence = %header.evidence, "no usable Bao outboard; checking the whole read against the content root");
+                self.whole = Some(Box::new(blake3::Hasher::new()));
+                self.strict.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -267,6 +318,17 @@ impl GroupCheck {
         if at != self.at {
             tracing::error!(evidence = %header.evidence, at, expected = self.at, "read pieces out of order");
             return Err(ReadError::Internal);
+        }
+        if let Some(h) = &mut self.whole {
+            h.update(&bytes);
+            let at = self.at;
+            self.at += bytes.len() as u64;
+            // The final bytes go only once the root matches: a response cut
+            // short of its Content-Length, never a wrong complete download.
+            if self.at == self.size && Blake3Hash::from(h.finalize()) != header.blake3 {
+                return Err(ReadError::RootMismatch(header.evidence));
+            }
+            return Ok(vec![(at, bytes)]);
         }
         let mut ready = Vec::new();
         while !bytes.is_empty() {
@@ -284,8 +346,9 @@ impl GroupCheck {
                 ready.append(&mut self.held);
             } else {
                 self.held.clear();
+                self.strict.store(true, Ordering::Relaxed);
                 let start = bao::group_range(self.size, self.group).start;
-                ready.push((start, recheck_group(gw, header, self.group, good).await?));
+                ready.push((start, self.recheck_group(gw, header, good).await?));
             }
             self.group += 1;
             self.hasher = bao::GroupHasher::new(self.size, self.group);
@@ -332,46 +395,64 @@ impl GroupCheck {
             .copied()
             .ok_or(ReadError::RootMismatch(header.evidence))
     }
-}
 
-/// Reads group `group` again from shards each checked against the manifest,
-/// after its bytes failed the content root: a node that served wrong bytes
-/// under a right header is found this way (its stripe is queued for repair
-/// and rebuilt around it). The group must then hash to `good`.
-async fn recheck_group<S: Store>(
-    gw: &Arc<Gateway<S>>,
-    header: &ManifestHeader,
-    group: u64,
-    good: [u8; 32],
-) -> Result<Bytes, ReadError> {
-    let evidence = header.evidence;
-    tracing::warn!(%evidence, group, "group does not match the content root; reading it again with every shard checked");
-    let bytes = bao::group_range(header.size, group);
-    let layout = header.code.layout(header.size);
-    let stripes = layout.stripes_for(bytes.clone());
-    let records = indexer::run(&gw.store, |t| {
-        let stripes = stripes.clone();
-        async move { schema::get_stripes_tx(&t, evidence, stripes).await }
-    })
-    .await?;
-    let mut out = Vec::with_capacity((bytes.end - bytes.start) as usize);
-    for (rec, stripe) in records.iter().zip(stripes) {
-        let mut at = layout.stripe_range(stripe).start;
-        for piece in fetch_stripe(gw, header, stripe, rec, ShardCheck::All).await? {
-            let end = at + piece.len() as u64;
-            let from = bytes.start.clamp(at, end) - at;
-            let to = bytes.end.clamp(at, end) - at;
-            out.extend_from_slice(&piece[from as usize..to as usize]);
-            at = end;
+    /// Reads the current group again from shards each checked against the
+    /// manifest, after its bytes failed the content root: a node that served
+    /// wrong bytes under a right header is found this way (its stripe is
+    /// queued for repair and rebuilt around it). The group must then hash to
+    /// `good`.
+    async fn recheck_group<S: Store>(
+        &mut self,
+        gw: &Arc<Gateway<S>>,
+        header: &ManifestHeader,
+        good: [u8; 32],
+    ) -> Result<Bytes, ReadError> {
+        let (evidence, group) = (header.evidence, self.group);
+        tracing::warn!(%evidence, group, "group does not match the content root; reading it again with every shard checked");
+        let bytes = bao::group_range(header.size, group);
+        let layout = header.code.layout(header.size);
+        let stripes = layout.stripes_for(bytes.clone());
+        let mut kept = std::mem::take(&mut self.checked);
+        kept.retain(|(stripe, _)| stripes.contains(stripe));
+        let missing: Vec<u64> = stripes
+            .clone()
+            .filter(|s| !kept.iter().any(|(k, _)| k == s))
+            .collect();
+        if let (Some(&first), Some(&last)) = (missing.first(), missing.last()) {
+            let records = indexer::run(&gw.store, |t| async move {
+                schema::get_stripes_tx(&t, evidence, first..last + 1).await
+            })
+            .await?;
+            for (rec, stripe) in records.iter().zip(first..last + 1) {
+                if missing.contains(&stripe) {
+                    let pieces = fetch_stripe(gw, header, stripe, rec, ShardCheck::All).await?;
+                    kept.push((stripe, pieces));
+                }
+            }
         }
+        kept.sort_by_key(|(stripe, _)| *stripe);
+        let mut out = Vec::with_capacity((bytes.end - bytes.start) as usize);
+        for (stripe, pieces) in &kept {
+            let mut at = layout.stripe_range(*stripe).start;
+            for piece in pieces {
+                let end = at + piece.len() as u64;
+                let from = bytes.start.clamp(at, end) - at;
+                let to = bytes.end.clamp(at, end) - at;
+                out.extend_from_slice(&piece[from as usize..to as usize]);
+                at = end;
+            }
+        }
+        // A stripe that reaches into the next group serves it too.
+        kept.retain(|(stripe, _)| layout.stripe_range(*stripe).end > bytes.end);
+        self.checked = kept;
+        let mut hasher = bao::GroupHasher::new(header.size, group);
+        hasher.update(&out);
+        if hasher.finish() != good {
+            tracing::error!(%evidence, group, "group does not match the content root even from checked shards");
+            return Err(ReadError::RootMismatch(evidence));
+        }
+        Ok(Bytes::from(out))
     }
-    let mut hasher = bao::GroupHasher::new(header.size, group);
-    hasher.update(&out);
-    if hasher.finish() != good {
-        tracing::error!(%evidence, group, "group does not match the content root even from checked shards");
-        return Err(ReadError::RootMismatch(evidence));
-    }
-    Ok(Bytes::from(out))
 }
 
 /// Which of a stripe's fetched shards are hashed against the manifest.

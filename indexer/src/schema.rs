@@ -493,6 +493,12 @@ pub async fn end_intent_as_part_tx<T: Transaction>(
 pub fn forget_part_stripes_tx<T: Transaction>(tx: &T, evidence: EvidenceId, stripes: &[u64]) {
     clear_stripes(tx, evidence, stripes);
     // Range verification data goes with the bytes.
+    clear_outboard_tx(tx, evidence);
+}
+
+/// Forgets all of `evidence`'s Bao outboard pairs. Its ranges can no longer
+/// be verified (whole reads still can: against the content root).
+pub fn clear_outboard_tx<T: Transaction>(tx: &T, evidence: EvidenceId) {
     let prefix = evidence_key(OUTBOARD, &evidence);
     tx.clear_range(&prefix, &prefix_end(&prefix));
 }

@@ -304,7 +304,7 @@ pub fn expected_group_cvs(
 ) -> Result<Vec<(u64, [u8; 32])>, RangeMismatch> {
     let n = group_count(size);
     let groups = groups.start.min(n)..groups.end.min(n);
-    let mut out = Vec::with_capacity((groups.end - groups.start) as usize);
+    let mut out = Vec::with_capacity(groups.end.saturating_sub(groups.start) as usize);
     if !groups.is_empty() {
         walk(0..n, *root, true, &groups, pairs, &mut out).map_err(|reason| RangeMismatch {
             start: groups.start.saturating_mul(GROUP_SIZE),
@@ -369,7 +369,8 @@ impl GroupHasher {
     /// For group `index` of a blob of `size` bytes.
     pub fn new(size: u64, index: u64) -> Self {
         let mut hasher = bao_tree::blake3::Hasher::new();
-        hasher.set_input_offset(index.saturating_mul(GROUP_SIZE));
+        // A whole number of chunks, however large `index` (BLAKE3 asks it).
+        hasher.set_input_offset(index.min(u64::MAX / GROUP_SIZE) * GROUP_SIZE);
         GroupHasher {
             hasher,
             alone: group_count(size) == 1,
