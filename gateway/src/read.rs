@@ -476,7 +476,8 @@ pub(crate) enum ShardOutcome {
 }
 
 /// Returns the content bytes of one stripe (in pieces: the data shards as
-/// received, or the rebuilt stripe), reading `k` verified shards.
+/// received, or the rebuilt stripe), reading `k` shards the nodes vouch for,
+/// checked against the manifest as `check` says.
 pub(crate) async fn fetch_stripe<S: Store>(
     gw: &Gateway<S>,
     header: &ManifestHeader,

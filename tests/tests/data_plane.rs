@@ -1,7 +1,7 @@
 //! The data plane end to end: real `custodia node` and `custodia gateway`
 //! processes on loopback, killed and corrupted for real.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use custodia_tests::{blake3_hex, bytes, eventually, Shape, TestCluster};
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -235,24 +235,8 @@ fn a_shard_rewritten_on_its_node_is_caught_by_the_content_root() -> Result<()> {
         .unwrap_or_default()
         .to_string();
     // Data shard 2 of stripe 70 (content from 70 x 16 KiB + 2 x 4 KiB, in
-    // group 1), rewritten with a header that matches it.
-    let victim = c
-        .all_shard_files()
-        .into_iter()
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.ends_with("-70-2"))
-        })
-        .expect("shard 2 of stripe 70 on some node");
-    let file = std::fs::read(&victim)?;
-    let (mut header, body_at) = protocol::ShardHeader::parse_file_prefix(&file)?;
-    let mut body = file[body_at..].to_vec();
-    body[100] ^= 0x01;
-    header.blake3 = protocol::Blake3Hash::of(&body);
-    let mut forged = header.file_prefix();
-    forged.extend_from_slice(&body);
-    std::fs::write(&victim, &forged)?;
+    // group 1).
+    rewrite_shard(&c, 70, 2, &[100])?;
 
     assert!(c.read(&id)? == data, "the whole read must still be right");
     let at = 70 * STRIPE + 2 * SHARD + 90;
@@ -307,24 +291,8 @@ fn a_rewritten_shard_spanning_groups_is_caught_in_each() -> Result<()> {
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let victim = c
-        .all_shard_files()
-        .into_iter()
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.ends_with("-0-1"))
-        })
-        .expect("shard 1 of stripe 0 on some node");
-    let file = std::fs::read(&victim)?;
-    let (mut header, body_at) = protocol::ShardHeader::parse_file_prefix(&file)?;
-    let mut body = file[body_at..].to_vec();
-    body[10] ^= 0x01; // group 2
-    body[(1 << 20) + 10] ^= 0x01; // group 3
-    header.blake3 = protocol::Blake3Hash::of(&body);
-    let mut forged = header.file_prefix();
-    forged.extend_from_slice(&body);
-    std::fs::write(&victim, &forged)?;
+    // In group 2 and in group 3.
+    rewrite_shard(&c, 0, 1, &[10, (1 << 20) + 10])?;
 
     assert!(c.read(&id)? == data, "the whole read must still be right");
     let (from, to) = ((2 << 20) + 5, (4 << 20) - 5);
@@ -335,6 +303,33 @@ fn a_rewritten_shard_spanning_groups_is_caught_in_each() -> Result<()> {
     )?;
     assert_eq!(a.status, 206);
     assert!(a.body == data[from..=to], "the range over both groups");
+    Ok(())
+}
+
+/// Flips the bytes at `flips` in the body of shard `index` of `stripe`
+/// (wherever it is stored) and rewrites its header to match: a node serving
+/// wrong bytes that its own check cannot catch.
+fn rewrite_shard(c: &TestCluster, stripe: u64, index: u8, flips: &[usize]) -> Result<()> {
+    let suffix = format!("-{stripe}-{index}");
+    let victim = c
+        .all_shard_files()
+        .into_iter()
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(&suffix))
+        })
+        .with_context(|| format!("shard {index} of stripe {stripe} on some node"))?;
+    let file = std::fs::read(&victim)?;
+    let (mut header, body_at) = protocol::ShardHeader::parse_file_prefix(&file)?;
+    let mut body = file[body_at..].to_vec();
+    for &at in flips {
+        body[at] ^= 0x01;
+    }
+    header.blake3 = protocol::Blake3Hash::of(&body);
+    let mut forged = header.file_prefix();
+    forged.extend_from_slice(&body);
+    std::fs::write(&victim, &forged)?;
     Ok(())
 }
 
