@@ -186,19 +186,8 @@ fn corrupt_shard_is_rebuilt_and_reported() -> Result<()> {
     std::fs::write(&victim, &file)?;
 
     assert_eq!(c.read(&id)?, data, "corruption must be repaired on the fly");
-    let in_queue = || {
-        c.get_with(&c.token, "/v1/repair/queue", &[])
-            .map(|a| {
-                a.json()["stripes"]
-                    .as_array()
-                    .is_some_and(|s| s.iter().any(|x| x["evidence"] == id.as_str()))
-            })
-            .unwrap_or(false)
-    };
-    let repaired = || {
-        c.get_with(&c.token, &format!("/v1/evidence/{id}/custody"), &[])
-            .is_ok_and(|a| a.json().to_string().contains("repaired"))
-    };
+    let in_queue = || queued_for_repair(&c, &id);
+    let repaired = || was_repaired(&c, &id);
     // Queued (unless the repair worker, which looks every 10 s, was quicker).
     let queued = eventually(10, || in_queue() || repaired());
     assert!(queued, "the corrupt stripe must be queued for repair");
@@ -249,19 +238,8 @@ fn a_shard_rewritten_on_its_node_is_caught_by_the_content_root() -> Result<()> {
         assert_eq!(a.status, 206, "range {from}-{to}");
         assert!(a.body == data[from..=to], "range {from}-{to} must be right");
     }
-    let in_queue = || {
-        c.get_with(&c.token, "/v1/repair/queue", &[])
-            .map(|a| {
-                a.json()["stripes"]
-                    .as_array()
-                    .is_some_and(|s| s.iter().any(|x| x["evidence"] == id.as_str()))
-            })
-            .unwrap_or(false)
-    };
-    let repaired = || {
-        c.get_with(&c.token, &format!("/v1/evidence/{id}/custody"), &[])
-            .is_ok_and(|a| a.json().to_string().contains("repaired"))
-    };
+    let in_queue = || queued_for_repair(&c, &id);
+    let repaired = || was_repaired(&c, &id);
     assert!(
         eventually(10, || in_queue() || repaired()),
         "the stripe with the rewritten shard must be queued for repair"
@@ -304,6 +282,23 @@ fn a_rewritten_shard_spanning_groups_is_caught_in_each() -> Result<()> {
     assert_eq!(a.status, 206);
     assert!(a.body == data[from..=to], "the range over both groups");
     Ok(())
+}
+
+/// Whether a stripe of `id` waits in the repair queue.
+fn queued_for_repair(c: &TestCluster, id: &str) -> bool {
+    c.get_with(&c.token, "/v1/repair/queue", &[])
+        .map(|a| {
+            a.json()["stripes"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|x| x["evidence"] == id))
+        })
+        .unwrap_or(false)
+}
+
+/// Whether `id`'s custody record shows a repair.
+fn was_repaired(c: &TestCluster, id: &str) -> bool {
+    c.get_with(&c.token, &format!("/v1/evidence/{id}/custody"), &[])
+        .is_ok_and(|a| a.json().to_string().contains("repaired"))
 }
 
 /// Flips the bytes at `flips` in the body of shard `index` of `stripe`
