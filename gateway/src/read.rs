@@ -20,9 +20,11 @@
 //! still wrong ends the read with an error, so no client ever receives a
 //! byte that does not verify. Evidence without a usable outboard (filed
 //! before outboards were kept, or restored by `recover-index` while a node
-//! was down) can still be read whole: every shard is checked and the content
-//! hashed against the root as it streams, the last bytes held back until it
-//! matches.
+//! was down) is read whole, even for a `Range`: every shard is checked and
+//! the content hashed against the root as it streams, the last bytes the
+//! client asked for held back until it matches. That pass also rebuilds the
+//! outboard, which is stored once the root matches, so later ranges are
+//! checked group by group again.
 
 use crate::api::Gateway;
 use crate::api::Store;
@@ -157,12 +159,19 @@ async fn send_range<S: Store>(
     }
     // Whole 1 MiB groups are read, and each is checked against the content
     // root (through the Bao outboard) before any byte of it is sent.
-    let read = bao::group_aligned(range.clone(), header.size);
+    let mut read = bao::group_aligned(range.clone(), header.size);
     let mut check = GroupCheck::new(header, read.start);
-    if read == (0..header.size) {
-        check.root_if_no_outboard(gw, header).await?;
+    if !check.has_outboard(gw, header).await? {
+        // Then every byte is read and hashed against the root, which also
+        // rebuilds the outboard.
+        read = 0..header.size;
+        check = GroupCheck::whole(header);
     }
     let strict = check.strict.clone();
+    // With no outboard, the piece holding the range's last byte waits for
+    // the root to match (unless it is the content's last piece, which
+    // `accept` returns only after it matched).
+    let mut last_piece = None;
     let layout = header.code.layout(header.size);
     let stripes = layout.stripes_for(read.clone());
     let evidence = header.evidence;
@@ -202,9 +211,21 @@ async fn send_range<S: Store>(
                 let to = read.end.clamp(at, end) - at;
                 if from < to {
                     let slice = piece.slice(from as usize..to as usize);
-                    for (at, bytes) in check.accept(gw, header, at + from, slice).await? {
+                    let ready = check.accept(gw, header, at + from, slice).await?;
+                    if let Some(pairs) = check.rebuilt.take() {
+                        // Stored before the last bytes go: once the client
+                        // has them all, the outboard is back.
+                        store_outboard(gw, evidence, &pairs).await;
+                    }
+                    for (at, bytes) in ready {
+                        let reaches_end = at + bytes.len() as u64 >= range.end;
                         let want = clip(&range, at, bytes);
-                        if !want.is_empty() && tx.send(Ok(want)).await.is_err() {
+                        if want.is_empty() {
+                            continue;
+                        }
+                        if check.rebuilding() && reaches_end && check.at < header.size {
+                            last_piece = Some(want);
+                        } else if tx.send(Ok(want)).await.is_err() {
                             return Ok(()); // the client went away
                         }
                     }
@@ -218,7 +239,43 @@ async fn send_range<S: Store>(
         tracing::error!(%evidence, at = check.at, end = read.end, "read ended short of its range");
         return Err(ReadError::Internal);
     }
+    if let Some(piece) = last_piece {
+        let _ = tx.send(Ok(piece)).await;
+    }
     Ok(())
+}
+
+/// Stores an outboard a read rebuilt (its root matched the manifest's), in
+/// transactions of a few thousand pairs, each only while the evidence is
+/// still visible (not expunged meanwhile). The pairs go in the order they
+/// were built, which ends with the root's own pair
+/// ([`bao::OutboardBuilder::finish`]): a store cut short (a crash, an index
+/// error, logged, not the read's) verifies no group, so the next read
+/// rebuilds it again rather than failing part way on a half outboard.
+async fn store_outboard<S: Store>(
+    gw: &Gateway<S>,
+    evidence: EvidenceId,
+    pairs: &[(u64, bao::HashPair)],
+) {
+    for chunk in pairs.chunks(4096) {
+        let stored = indexer::run(&gw.store, |tx| async move {
+            let visible = schema::get_manifest_tx(&tx, evidence).await?.is_some();
+            if visible {
+                schema::put_outboard_pairs_tx(&tx, evidence, chunk);
+            }
+            Ok::<_, schema::SchemaError>(visible)
+        })
+        .await;
+        match stored {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::warn!(%evidence, error = %e, "could not store the rebuilt Bao outboard");
+                return;
+            }
+        }
+    }
+    tracing::info!(%evidence, pairs = pairs.len(), "rebuilt and stored the Bao outboard");
 }
 
 /// The part of `bytes` (which start at content offset `at`) inside `range`.
@@ -261,12 +318,13 @@ struct GroupCheck {
     /// reach into the next group (a stripe of several groups is fetched and
     /// checked once, not once per group).
     checked: Vec<(u64, Vec<Bytes>)>,
-    /// Set for a whole read of evidence without a usable outboard (filed
-    /// before outboards were kept, or restored by `recover-index` while a
-    /// node was down): the whole content is hashed against the root instead,
-    /// every shard checked, and the read's last bytes are held back until the
-    /// root matches.
-    whole: Option<Box<blake3::Hasher>>,
+    /// Set for a read of evidence without a usable outboard (filed before
+    /// outboards were kept, or restored by `recover-index` while a node was
+    /// down): the whole content is hashed against the root instead, every
+    /// shard checked, and the outboard rebuilt on the way.
+    whole: Option<Box<bao::OutboardBuilder>>,
+    /// The outboard pairs `whole` rebuilt, once the root matched.
+    rebuilt: Option<Vec<(u64, bao::HashPair)>>,
 }
 
 impl GroupCheck {
@@ -284,26 +342,42 @@ impl GroupCheck {
             strict: Arc::new(AtomicBool::new(false)),
             checked: Vec::new(),
             whole: None,
+            rebuilt: None,
         }
     }
 
-    /// For a whole read: checks the content against the root as it streams
-    /// when the stored outboard does not give the first group's value.
-    async fn root_if_no_outboard<S: Store>(
+    /// For a whole read of evidence without a usable outboard: the content
+    /// is hashed against the root as it streams (and the outboard rebuilt),
+    /// every shard checked against the manifest.
+    fn whole(header: &ManifestHeader) -> Self {
+        let check = GroupCheck {
+            whole: Some(Box::new(bao::OutboardBuilder::new())),
+            ..GroupCheck::new(header, 0)
+        };
+        check.strict.store(true, Ordering::Relaxed);
+        check
+    }
+
+    /// Whether the stored outboard gives the first group's value (loading
+    /// it); false when it is missing or does not verify against the root.
+    async fn has_outboard<S: Store>(
         &mut self,
         gw: &Gateway<S>,
         header: &ManifestHeader,
-    ) -> Result<(), ReadError> {
+    ) -> Result<bool, ReadError> {
         match self.expected_cv(gw, header).await {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(true),
             Err(ReadError::RootMismatch(_)) => {
-                tracing::warn!(evidence = %header.evidence, "no usable Bao outboard; checking the whole read against the content root");
-                self.whole = Some(Box::new(blake3::Hasher::new()));
-                self.strict.store(true, Ordering::Relaxed);
-                Ok(())
+                tracing::warn!(evidence = %header.evidence, "no usable Bao outboard; reading the whole content against its root to rebuild it");
+                Ok(false)
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Whether this read is rebuilding the outboard (see [`Self::whole`]).
+    fn rebuilding(&self) -> bool {
+        self.whole.is_some()
     }
 
     /// Takes the next bytes (at content offset `at`); returns those that may
@@ -325,8 +399,12 @@ impl GroupCheck {
             self.at += bytes.len() as u64;
             // The final bytes go only once the root matches: a response cut
             // short of its Content-Length, never a wrong complete download.
-            if self.at == self.size && Blake3Hash::from(h.finalize()) != header.blake3 {
-                return Err(ReadError::RootMismatch(header.evidence));
+            if self.at == self.size {
+                let (root, pairs) = self.whole.take().map(|h| h.finish()).unwrap_or_default();
+                if root != self.root {
+                    return Err(ReadError::RootMismatch(header.evidence));
+                }
+                self.rebuilt = Some(pairs);
             }
             return Ok(vec![(at, bytes)]);
         }

@@ -249,7 +249,8 @@ pub async fn recover_index<S: Store>(
             Err((why, records)) => {
                 // Indexed all the same (its statement says it was filed);
                 // every stripe goes to repair, which reports what it cannot
-                // rebuild as lost.
+                // rebuild as lost. Its outboard is rebuilt by its first read
+                // (`crate::read`).
                 tracing::error!(evidence = %id, reason = %why, "evidence could not be read back during recovery");
                 report.unreadable.push((id.to_string(), why));
                 report.stripes += records.len() as u64;

@@ -143,7 +143,9 @@ impl OutboardBuilder {
         std::mem::take(&mut self.pairs)
     }
 
-    /// The content root and the remaining pairs.
+    /// The content root and the remaining pairs. The last pair is the
+    /// root's own, which verifying any group needs: pairs stored in the
+    /// order they were built, cut short, verify no group at all.
     pub fn finish(mut self) -> ([u8; 32], Vec<(u64, HashPair)>) {
         if self.stack.is_empty() {
             // At most one group: the root is the plain hash.
@@ -579,6 +581,33 @@ mod tests {
                 for (g, cv) in expected {
                     assert_eq!(got[g as usize], cv, "group {g} of len {len}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn without_the_last_pair_built_no_group_verifies() {
+        let g = GROUP_SIZE as usize;
+        for len in [g + 1, 2 * g, 3 * g - 7, 4 * g, 11 * g + 3] {
+            let data = content(len);
+            let mut b = OutboardBuilder::new();
+            let mut built = Vec::new();
+            for piece in data.chunks(1 << 19) {
+                b.update(piece);
+                built.extend(b.take_pairs());
+            }
+            let (root, rest) = b.finish();
+            built.extend(rest);
+            let size = len as u64;
+            let n = group_count(size);
+            let all: HashMap<u64, HashPair> = built.iter().copied().collect();
+            assert!(expected_group_cvs(&root, size, &all, 0..n).is_ok());
+            let cut: HashMap<u64, HashPair> = built[..built.len() - 1].iter().copied().collect();
+            for group in 0..n {
+                assert!(
+                    expected_group_cvs(&root, size, &cut, group..group + 1).is_err(),
+                    "group {group} of len {len} verified without the root's pair"
+                );
             }
         }
     }

@@ -330,10 +330,11 @@ fn rewrite_shard(c: &TestCluster, stripe: u64, index: u8, flips: &[usize]) -> Re
 
 /// Evidence whose Bao outboard is gone from the index (filed before
 /// outboards were kept, or restored by `recover-index` while it could not be
-/// read back) still reads whole: every shard is checked against the manifest
-/// and the content against its root as it streams.
+/// read back) still reads, whole or by range: every shard is checked against
+/// the manifest and the whole content against its root as it streams, and
+/// that read rebuilds and stores the outboard.
 #[test]
-fn evidence_without_an_outboard_still_reads_whole() -> Result<()> {
+fn evidence_without_an_outboard_reads_and_gets_it_back() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
     let data = bytes(3 << 20, 23);
     let id = c.file(&data)?["id"]
@@ -341,18 +342,47 @@ fn evidence_without_an_outboard_still_reads_whole() -> Result<()> {
         .unwrap_or_default()
         .to_string();
     let evidence: protocol::EvidenceId = id.parse()?;
-    c.kill_gateway();
-    {
-        let store = indexer::EmbeddedStore::open(&c.data_dir().join("index.redb"))?;
+    let needed = protocol::bao::nodes_for(data.len() as u64, 0..data.len() as u64);
+    assert!(!needed.is_empty(), "3 MiB needs hash pairs");
+    // With the gateway stopped: clears the evidence's outboard, or counts
+    // its pairs that are missing.
+    let path = c.data_dir().join("index.redb");
+    let index = |clear: bool| -> Result<usize> {
+        let store = indexer::EmbeddedStore::open(&path)?;
         let rt = tokio::runtime::Builder::new_current_thread().build()?;
-        rt.block_on(indexer::run(&store, |tx| async move {
-            indexer::schema::clear_outboard_tx(&tx, evidence);
-            Ok::<_, indexer::schema::SchemaError>(())
+        let needed = &needed;
+        let found = rt.block_on(indexer::run(&store, |tx| async move {
+            if clear {
+                indexer::schema::clear_outboard_tx(&tx, evidence);
+            }
+            indexer::schema::get_outboard_pairs_tx(&tx, evidence, needed).await
         }))?;
-    }
+        Ok(needed.len() - found.len())
+    };
+
+    c.kill_gateway();
+    assert_eq!(index(true)?, needed.len());
     c.start_gateway()?;
     c.wait_healthy(c.shape.nodes.into())?;
     assert!(c.read(&id)? == data, "a whole read needs no outboard");
+    c.kill_gateway();
+    assert_eq!(index(false)?, 0, "the whole read rebuilt the outboard");
+
+    // A range is served all the same (the whole content is read and checked
+    // against the root), and that read rebuilds the outboard too.
+    assert_eq!(index(true)?, needed.len());
+    c.start_gateway()?;
+    c.wait_healthy(c.shape.nodes.into())?;
+    let (first, last) = ((1 << 20) + 5, (2 << 20) + 77);
+    assert!(
+        c.read_range(&id, first, last)? == data[first as usize..=last as usize],
+        "a range of evidence without an outboard"
+    );
+    c.kill_gateway();
+    assert_eq!(index(false)?, 0, "the range read rebuilt the outboard");
+    c.start_gateway()?;
+    c.wait_healthy(c.shape.nodes.into())?;
+    assert!(c.read_range(&id, 7, (3 << 20) - 2)? == data[7..(3 << 20) - 1]);
     Ok(())
 }
 
