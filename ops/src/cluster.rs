@@ -400,9 +400,16 @@ pub fn open_index_offline(data_dir: &Path) -> Result<indexer::EmbeddedStore> {
 }
 
 /// The evidence API of the gateway that holds DATA_DIR's index, and the
-/// admin token `init` wrote: how the CLI reaches a running cluster.
+/// admin token `init` wrote: how the CLI reaches a running cluster. The
+/// address is the gateway's listen address unless `CUSTODIA_API` gives the
+/// URL (as for `put` and `get`): a certificate issued for a host name does
+/// not match a bare IP.
 pub fn running_gateway(data_dir: &Path) -> Result<(String, String)> {
     let cluster = Cluster::load(data_dir)?;
+    let named = std::env::var("CUSTODIA_API")
+        .ok()
+        .map(|url| url.trim().trim_end_matches('/').to_owned())
+        .filter(|url| !url.is_empty());
     let mut addr = cluster.gateway.listen;
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
@@ -420,7 +427,8 @@ pub fn running_gateway(data_dir: &Path) -> Result<(String, String)> {
     } else {
         "http"
     };
-    Ok((format!("{scheme}://{addr}"), token.trim().to_owned()))
+    let api = named.unwrap_or_else(|| format!("{scheme}://{addr}"));
+    Ok((api, token.trim().to_owned()))
 }
 
 /// Registers a tenant; false if it already existed.

@@ -425,6 +425,7 @@ impl TestCluster {
             .args(args)
             .arg("--data-dir")
             .arg(self.dir.path())
+            .env_remove("CUSTODIA_API")
             .output()?)
     }
 

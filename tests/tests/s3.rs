@@ -4,7 +4,7 @@
 //! ledger, and Object Lock holds against every key, admins included.
 
 use anyhow::{bail, Context, Result};
-use custodia_tests::{bytes, profile_field, Shape, TestCluster};
+use custodia_tests::{bytes, custodia_bin, profile_field, Shape, TestCluster};
 use protocol::ledger::Receipt;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -670,6 +670,27 @@ fn tenants_and_keys_are_isolated_and_signatures_checked() -> Result<()> {
     assert!(String::from_utf8_lossy(&made.stdout).contains("tenant court-c created"));
     let again = c.custodia(&["tenant", "create", "court-c"])?;
     assert!(String::from_utf8_lossy(&again.stdout).contains("already exists"));
+    // `CUSTODIA_API` names the gateway (as its certificate would) instead of
+    // the listen address in cluster.toml.
+    let by_name = |api: &str| {
+        Command::new(custodia_bin())
+            .args(["tenant", "create", "court-d", "--data-dir"])
+            .arg(c.data_dir())
+            .env("CUSTODIA_API", api)
+            .output()
+    };
+    let port = c.api.rsplit(':').next().unwrap_or_default().to_string();
+    let named = by_name(&format!("http://localhost:{port}/"))?;
+    assert!(
+        String::from_utf8_lossy(&named.stdout).contains("tenant court-d created"),
+        "{}",
+        String::from_utf8_lossy(&named.stderr)
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let wrong = by_name(&format!("http://localhost:{closed}"))?;
+    assert!(!wrong.status.success(), "CUSTODIA_API was not used");
     let expunger = c.custodia(&["key", "create", "--tenant", "court-c", "--role", "expunger"])?;
     assert!(!expunger.status.success());
     assert!(String::from_utf8_lossy(&expunger.stderr).contains("gateway stopped"));
