@@ -4,9 +4,13 @@
 //! An upload that fails, or whose lease runs out (its gateway died, its client
 //! vanished), is aborted in a transaction *before* any of its shards is deleted,
 //! so a filing can never become visible with shards missing: the manifest commit
-//! checks the intent and fails once it is aborted; GC re-checks in that same
-//! transaction that the lease really ended, so an upload that renewed it in the
-//! meantime goes on. Then the shards named by its stripe records are deleted,
+//! checks the intent and fails once it is aborted. A lease has run out when GC
+//! has watched it stay unchanged for a whole lease period by its own monotonic
+//! clock ([`LeaseWatch`]); its time stamps are never compared with a clock, so
+//! a clock set forward or back, or skewed between gateways, neither aborts a
+//! live upload nor keeps a dead one. The abort re-checks in its transaction
+//! that the lease is still the one watched, so an upload that renewed it in
+//! the meantime goes on. Then the shards named by its stripe records are deleted,
 //! and each record is forgotten only once all its shards are gone.
 
 use crate::api::Gateway;
@@ -102,8 +106,9 @@ where
 pub enum Abort {
     /// The upload itself failed: abort unconditionally.
     Failed,
-    /// GC found the lease ended before this time: abort only if it still has.
-    Stale { now_ms: u64 },
+    /// GC watched the lease stay at this value for a lease period: abort
+    /// only if it still does.
+    Stale { lease_until_ms: u64 },
 }
 
 /// Aborts `evidence`'s intent, deletes every shard its stripe records name, and
@@ -114,7 +119,9 @@ pub async fn abort_and_delete<S: Store>(gw: &Gateway<S>, evidence: EvidenceId, w
     let aborted = indexer::run(&gw.store, |tx| async move {
         match why {
             Abort::Failed => schema::abort_intent_tx(&tx, evidence).await,
-            Abort::Stale { now_ms } => schema::abort_if_stale_tx(&tx, evidence, now_ms).await,
+            Abort::Stale { lease_until_ms } => {
+                schema::abort_if_stale_tx(&tx, evidence, lease_until_ms).await
+            }
         }
     })
     .await;
@@ -150,23 +157,87 @@ pub async fn abort_and_delete<S: Store>(gw: &Gateway<S>, evidence: EvidenceId, w
     }
 }
 
-/// One GC pass over stale intents; returns how many were collected.
-pub async fn collect_once<S: Store>(gw: &Gateway<S>) -> usize {
-    let now = gw.clock.now_ms();
-    let stale = indexer::run(&gw.store, |tx| async move {
-        schema::stale_intents_tx(&tx, now, 64).await
-    })
-    .await;
-    let stale = match stale {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "GC could not list stale intents");
-            return 0;
+/// Intents listed per index transaction.
+const INTENTS_PER_READ: usize = 1024;
+
+/// Upload intents GC has seen, each with its lease as last seen and since
+/// when (monotonic) it has read so. A live upload renews its lease every
+/// third of a lease period, and every renewal changes the value
+/// ([`schema::renew_intent_tx`]); one unchanged for a whole period is
+/// abandoned. Judged on this gateway's monotonic clock alone, whatever the
+/// wall clocks say. A gateway that restarts watches afresh: it collects an
+/// abandoned upload a lease period after it started, not sooner.
+#[derive(Debug, Default)]
+pub struct LeaseWatch {
+    seen: std::collections::HashMap<EvidenceId, (u64, std::time::Instant)>,
+}
+
+impl LeaseWatch {
+    /// Takes in every live intent listed now (`(evidence, lease_until_ms)`)
+    /// and returns those whose lease has read the same for at least `lease`:
+    /// abort them with [`Abort::Stale`]. Intents no longer listed are
+    /// forgotten.
+    pub fn observe(
+        &mut self,
+        now: std::time::Instant,
+        live: &[(EvidenceId, u64)],
+        lease: Duration,
+    ) -> Vec<(EvidenceId, u64)> {
+        let mut next = std::collections::HashMap::with_capacity(live.len());
+        let mut stale = Vec::new();
+        for &(evidence, until) in live {
+            let since = match self.seen.get(&evidence) {
+                Some(&(seen, since)) if seen == until => since,
+                _ => now,
+            };
+            if now.saturating_duration_since(since) >= lease {
+                stale.push((evidence, until));
+            }
+            next.insert(evidence, (until, since));
         }
-    };
-    for (evidence, _) in &stale {
-        tracing::info!(%evidence, "collecting an abandoned upload");
-        abort_and_delete(gw, *evidence, Abort::Stale { now_ms: now }).await;
+        self.seen = next;
+        stale
+    }
+}
+
+/// One GC pass: aborted intents and those `watch` found abandoned are
+/// collected; returns how many.
+pub async fn collect_once<S: Store>(gw: &Gateway<S>, watch: &mut LeaseWatch) -> usize {
+    let (mut aborted, mut live, mut after) = (Vec::new(), Vec::new(), None);
+    loop {
+        let page = indexer::run(&gw.store, |tx| async move {
+            schema::intents_tx(&tx, after, INTENTS_PER_READ).await
+        })
+        .await;
+        let page = match page {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::warn!(error = %e, "GC could not list upload intents");
+                return 0;
+            }
+        };
+        let full = page.len() == INTENTS_PER_READ;
+        after = page.last().map(|(id, _)| *id);
+        for (evidence, rec) in page {
+            if rec.aborted {
+                aborted.push(evidence);
+            } else {
+                live.push((evidence, rec.lease_until_ms));
+            }
+        }
+        if !full {
+            break;
+        }
+    }
+    let lease = Duration::from_millis(gw.config.intent_lease_ms);
+    let stale = watch.observe(std::time::Instant::now(), &live, lease);
+    for evidence in &aborted {
+        tracing::info!(%evidence, "collecting an aborted upload");
+        abort_and_delete(gw, *evidence, Abort::Failed).await;
+    }
+    for &(evidence, lease_until_ms) in &stale {
+        tracing::info!(%evidence, "collecting an abandoned upload (its lease stopped being renewed)");
+        abort_and_delete(gw, evidence, Abort::Stale { lease_until_ms }).await;
     }
     // Expunges whose shards sat on unreachable nodes.
     match indexer::run(&gw.store, |tx| async move {
@@ -181,7 +252,7 @@ pub async fn collect_once<S: Store>(gw: &Gateway<S>) -> usize {
         }
         Err(e) => tracing::warn!(error = %e, "GC could not list unfinished expunges"),
     }
-    stale.len()
+    aborted.len() + stale.len()
 }
 
 /// Runs [`collect_once`] every `every`.
@@ -192,9 +263,10 @@ pub fn spawn_gc_loop<S: Store>(
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watch = LeaseWatch::default();
         loop {
             tick.tick().await;
-            collect_once(&gw).await;
+            collect_once(&gw, &mut watch).await;
         }
     })
 }
@@ -343,4 +415,59 @@ pub fn spawn_orphan_sweeper<S: Store>(gw: Arc<Gateway<S>>) -> tokio::task::JoinH
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn a_lease_is_stale_after_a_period_unchanged_whatever_its_stamp_says() {
+        let lease = Duration::from_secs(120);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let (renewing, dead, behind) = (
+            EvidenceId::new(1, [1; 10]),
+            EvidenceId::new(2, [2; 10]),
+            EvidenceId::new(3, [3; 10]),
+        );
+        let mut w = LeaseWatch::default();
+        // Stamps in the past (a GC clock set forward) are not stale by
+        // themselves, and one far in the future (set back) is not safe.
+        assert!(w
+            .observe(
+                at(0),
+                &[(renewing, 10), (dead, 20), (behind, u64::MAX - 1)],
+                lease
+            )
+            .is_empty());
+        assert!(w
+            .observe(
+                at(60),
+                &[(renewing, 11), (dead, 20), (behind, u64::MAX - 1)],
+                lease
+            )
+            .is_empty());
+        // A period after first seen: the unchanged ones, not the renewed.
+        assert_eq!(
+            w.observe(
+                at(120),
+                &[(renewing, 12), (dead, 20), (behind, u64::MAX - 1)],
+                lease
+            ),
+            vec![(dead, 20), (behind, u64::MAX - 1)]
+        );
+        // The renewing upload's lease changed at 120 s, so a period of
+        // silence counts from there.
+        assert!(w.observe(at(239), &[(renewing, 12)], lease).is_empty());
+        assert_eq!(
+            w.observe(at(240), &[(renewing, 12)], lease),
+            vec![(renewing, 12)]
+        );
+        // Gone from the list (committed or collected): forgotten, and seen
+        // afresh if it ever came back.
+        assert!(w.observe(at(241), &[], lease).is_empty());
+        assert!(w.observe(at(500), &[(dead, 20)], lease).is_empty());
+    }
 }

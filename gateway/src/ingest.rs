@@ -190,13 +190,13 @@ struct Upload<S: Store> {
     /// Bao outboard pairs not yet stored.
     pairs: Vec<(u64, protocol::bao::HashPair)>,
     degraded: u64,
-    /// When the intent's lease was last extended (gateway clock, ms).
-    renewed_at_ms: u64,
+    /// When the intent's lease was last extended (monotonic: a wall clock
+    /// set back must not stop the renewals GC watches for).
+    renewed_at: std::time::Instant,
 }
 
 impl<S: Store> Upload<S> {
     fn new(gw: Arc<Gateway<S>>, evidence: EvidenceId) -> Self {
-        let renewed_at_ms = gw_now(&gw);
         Upload {
             gw,
             evidence,
@@ -204,7 +204,7 @@ impl<S: Store> Upload<S> {
             unflushed: Vec::new(),
             pairs: Vec::new(),
             degraded: 0,
-            renewed_at_ms,
+            renewed_at: std::time::Instant::now(),
         }
     }
 
@@ -454,16 +454,17 @@ impl<S: Store> Upload<S> {
     /// Extends the intent's lease once a third of it has passed, so a slow but
     /// live upload is never taken for abandoned by GC. Fails if GC aborted it.
     async fn keep_lease(&mut self) -> Result<(), ApiError> {
-        let now = gw_now(&self.gw);
-        if now.saturating_sub(self.renewed_at_ms) < self.gw.config.intent_lease_ms / 3 {
+        let third = std::time::Duration::from_millis(self.gw.config.intent_lease_ms / 3);
+        if self.renewed_at.elapsed() < third {
             return Ok(());
         }
+        let now = gw_now(&self.gw);
         let (evidence, lease) = (self.evidence, now + self.gw.config.intent_lease_ms);
         indexer::run(&self.gw.store, |tx| async move {
             schema::renew_intent_tx(&tx, evidence, lease).await
         })
         .await?;
-        self.renewed_at_ms = now;
+        self.renewed_at = std::time::Instant::now();
         Ok(())
     }
 
@@ -488,7 +489,7 @@ impl<S: Store> Upload<S> {
         .await?;
         self.unflushed.clear();
         self.pairs.clear();
-        self.renewed_at_ms = now;
+        self.renewed_at = std::time::Instant::now();
         Ok(())
     }
 }

@@ -449,14 +449,18 @@ pub async fn get_intent_tx<T: Transaction>(
 }
 
 /// Checks the intent is live and extends its lease; reads the intent so an
-/// abort committed meanwhile makes this transaction conflict.
+/// abort committed meanwhile makes this transaction conflict. Every renewal
+/// moves `lease_until_ms` forward, by at least 1 ms even when the renewing
+/// gateway's clock is behind: GC takes a lease that stopped changing for a
+/// whole lease period (by its own monotonic clock) as abandoned
+/// ([`abort_if_stale_tx`]), never a wall-clock comparison.
 pub async fn renew_intent_tx<T: Transaction>(
     tx: &T,
     evidence: EvidenceId,
     lease_until_ms: u64,
 ) -> Result<(), SchemaError> {
     let mut rec = live_intent_tx(tx, evidence).await?;
-    rec.lease_until_ms = rec.lease_until_ms.max(lease_until_ms);
+    rec.lease_until_ms = lease_until_ms.max(rec.lease_until_ms.saturating_add(1));
     tx.set(
         &evidence_key(INTENT, &evidence),
         &encode_versioned(RECORD_V1, &rec),
@@ -528,19 +532,21 @@ pub async fn abort_intent_tx<T: Transaction>(
     Ok(true)
 }
 
-/// GC's abort: marks the intent aborted only if it already is or its lease
-/// ended before `now_ms`, checked in this same transaction, so an upload that
-/// renewed its lease after GC listed it as stale is left alone. Returns whether
-/// the intent is (now) aborted.
+/// GC's abort of an upload it watched stop renewing: marks the intent
+/// aborted only if it already is or its lease still reads `seen_lease_ms`
+/// (what GC saw a lease period ago), checked in this same transaction, so an
+/// upload that renewed in the meantime is left alone. No clock is read:
+/// clocks set forward or back, or skewed between gateways, cannot make a live
+/// upload look abandoned. Returns whether the intent is (now) aborted.
 pub async fn abort_if_stale_tx<T: Transaction>(
     tx: &T,
     evidence: EvidenceId,
-    now_ms: u64,
+    seen_lease_ms: u64,
 ) -> Result<bool, SchemaError> {
     match get_intent_tx(tx, evidence).await? {
         None => Ok(false),
         Some(rec) if rec.aborted => Ok(true),
-        Some(rec) if rec.lease_until_ms >= now_ms => Ok(false),
+        Some(rec) if rec.lease_until_ms != seen_lease_ms => Ok(false),
         Some(_) => abort_intent_tx(tx, evidence).await,
     }
 }
@@ -561,24 +567,26 @@ pub async fn forget_aborted_stripes_tx<T: Transaction>(
     Ok(())
 }
 
-/// Intents whose lease ended before `now_ms` or that were aborted: garbage for GC.
-pub async fn stale_intents_tx<T: Transaction>(
+/// Up to `limit` upload intents after `after` (from the first when `None`),
+/// in evidence order: live ones GC watches for renewals, aborted ones it
+/// collects.
+pub async fn intents_tx<T: Transaction>(
     tx: &T,
-    now_ms: u64,
+    after: Option<EvidenceId>,
     limit: usize,
 ) -> Result<Vec<(EvidenceId, IntentRecord)>, SchemaError> {
-    let rows = tx.get_range(&[INTENT], &[INTENT + 1], 0, false).await?;
-    let mut out = Vec::new();
-    for (k, v) in rows {
-        let rec: IntentRecord = decode_versioned(RECORD_V1, &v)?;
-        if rec.aborted || rec.lease_until_ms < now_ms {
-            out.push((evidence_from(&k[1..])?, rec));
-            if out.len() == limit {
-                break;
-            }
+    let from = match after {
+        Some(id) => {
+            let mut k = evidence_key(INTENT, &id);
+            k.push(0);
+            k
         }
-    }
-    Ok(out)
+        None => vec![INTENT],
+    };
+    let rows = tx.get_range(&from, &[INTENT + 1], limit, false).await?;
+    rows.into_iter()
+        .map(|(k, v)| Ok((evidence_from(&k[1..])?, decode_versioned(RECORD_V1, &v)?)))
+        .collect()
 }
 
 /// Removes an aborted intent and its stripe records, once GC deleted the shards.

@@ -145,12 +145,14 @@ async fn an_aborted_intent_can_never_commit() {
     )
     .await;
     assert!(matches!(renew, Err(SchemaError::IntentAborted(_))));
-    let stale = run(&s, |tx| async move {
-        schema::stale_intents_tx(&tx, 0, 10).await
-    })
+    let intents = run(
+        &s,
+        |tx| async move { schema::intents_tx(&tx, None, 10).await },
+    )
     .await
     .unwrap();
-    assert_eq!(stale.len(), 1);
+    assert_eq!(intents.len(), 1);
+    assert!(intents[0].1.aborted);
     let listed = run(&s, |tx| async move {
         schema::stripes_after_tx(&tx, id, 0, 10).await
     })
@@ -292,28 +294,35 @@ async fn gc_aborts_only_an_intent_whose_lease_really_ended() {
     let (_d, s) = store();
     let id = EvidenceId::new(1, [8; 10]);
     begin(&s, id, "court", None).await.unwrap(); // lease until 1_000
-                                                 // The upload renews after GC listed it as stale at t=1_500 ...
+    let abort = |seen: u64| {
+        let s = &s;
+        async move {
+            run(s, |tx| async move {
+                schema::abort_if_stale_tx(&tx, id, seen).await
+            })
+            .await
+            .unwrap()
+        }
+    };
+    // GC saw 1_000; the upload then renews from a gateway whose clock is
+    // far behind: the lease still moves, ...
     run(&s, |tx| async move {
-        schema::renew_intent_tx(&tx, id, 3_000).await
+        schema::renew_intent_tx(&tx, id, 500).await
     })
     .await
     .unwrap();
-    // ... so GC's abort at t=1_500 leaves it alone, and the filing commits.
-    let aborted = run(&s, |tx| async move {
-        schema::abort_if_stale_tx(&tx, id, 1_500).await
-    })
-    .await
-    .unwrap();
-    assert!(!aborted);
-    // Past the renewed lease it is aborted, and stays so.
-    for now in [3_001, 0] {
-        let aborted = run(&s, |tx| async move {
-            schema::abort_if_stale_tx(&tx, id, now).await
-        })
+    let rec = run(&s, |tx| async move { schema::get_intent_tx(&tx, id).await })
         .await
+        .unwrap()
         .unwrap();
-        assert!(aborted, "at {now}");
-    }
+    assert_eq!(rec.lease_until_ms, 1_001);
+    // ... so GC's abort of what it saw is refused, and one of a value the
+    // lease never had too.
+    assert!(!abort(1_000).await);
+    assert!(!abort(99_999).await);
+    // Unchanged since GC saw it: aborted, and stays so.
+    assert!(abort(1_001).await);
+    assert!(abort(0).await);
     assert!(matches!(
         commit(&s, &header(id, "court", 1)).await,
         Err(SchemaError::IntentAborted(_))
@@ -326,6 +335,34 @@ async fn gc_aborts_only_an_intent_whose_lease_really_ended() {
     .await
     .unwrap();
     assert!(!aborted);
+}
+
+#[tokio::test]
+async fn intents_are_listed_in_pages() {
+    let (_d, s) = store();
+    let ids: Vec<EvidenceId> = (1..=5).map(|i| EvidenceId::new(i, [3; 10])).collect();
+    for id in &ids {
+        begin(&s, *id, "court", None).await.unwrap();
+    }
+    let (mut seen, mut after) = (Vec::new(), None);
+    loop {
+        let page = run(
+            &s,
+            |tx| async move { schema::intents_tx(&tx, after, 2).await },
+        )
+        .await
+        .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 2);
+        after = page.last().map(|(id, _)| *id);
+        seen.extend(page.into_iter().map(|(id, rec)| {
+            assert!(!rec.aborted);
+            id
+        }));
+    }
+    assert_eq!(seen, ids);
 }
 
 #[tokio::test]
