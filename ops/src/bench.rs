@@ -286,6 +286,10 @@ impl LocalCluster {
                     .args(["node", "--id", &n.id.to_string(), "--cluster"])
                     .arg(dir.join(cluster::CLUSTER_FILE))
                     .env("RUST_LOG", "warn")
+                    .envs(
+                        cluster::colocated_node_workers(cluster.nodes.len())
+                            .map(|w| ("TOKIO_WORKER_THREADS", w)),
+                    )
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .kill_on_drop(true)

@@ -440,6 +440,20 @@ pub async fn create_tenant<S: indexer::KvStore>(
     Ok(gateway::credentials::create_tenant(store, name, now_ms).await?)
 }
 
+/// Worker threads for each of `nodes` storage nodes that share this machine
+/// (`custodia up`, the benchmarks): the cores split between them, at least
+/// one each. Every node runtime defaulting to one worker per core puts
+/// nodes x cores threads on the cores, each parked worker woken for new
+/// tasks only to find them taken. `TOKIO_WORKER_THREADS`, when the operator
+/// sets it, wins.
+pub fn colocated_node_workers(nodes: usize) -> Option<String> {
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Some((cores / nodes.max(1)).max(1).to_string())
+}
+
 #[cfg(test)]
 mod port_tests {
     use super::*;

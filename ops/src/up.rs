@@ -140,6 +140,10 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
             .arg(&cluster_file)
             .arg("--id")
             .arg(n.id.to_string())
+            .envs(
+                cluster::colocated_node_workers(cluster.nodes.len())
+                    .map(|w| ("TOKIO_WORKER_THREADS", w)),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
