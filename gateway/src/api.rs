@@ -82,6 +82,11 @@ pub struct Gateway<S: Store> {
     /// Stripe fetches in flight across all reads
     /// ([`GatewayConfig::read_stripes`]).
     pub read_gate: tokio::sync::Semaphore,
+    /// Reads rebuilding an evidence's missing Bao outboard, one per evidence
+    /// at a time (`crate::read`); the others wait, then read by groups.
+    pub outboard_rebuilds: std::sync::Mutex<
+        std::collections::HashMap<EvidenceId, std::sync::Weak<tokio::sync::Mutex<()>>>,
+    >,
 }
 
 /// Why the gateway could not start.
@@ -195,6 +200,7 @@ impl<S: Store> Gateway<S> {
             repairing: std::sync::atomic::AtomicBool::new(false),
             ingest_gate,
             read_gate,
+            outboard_rebuilds: Default::default(),
         })
     }
 

@@ -34,9 +34,10 @@ pub struct GatewayMetrics {
     pub ingest_bytes: IntCounter,
     /// `custodia_filings_total`: filings committed (S3 parts excluded).
     pub filings: IntCounter,
-    /// `custodia_read_bytes_total`: evidence bytes served (a range only
-    /// after its Bao check; a whole read is checked against its root as it
-    /// streams).
+    /// `custodia_read_bytes_total`: evidence bytes served, each once its
+    /// 1 MiB group matched the Bao outboard (or, for evidence whose
+    /// outboard is being rebuilt, once its shards matched the manifest; the
+    /// root is checked as the read streams).
     pub read_bytes: IntCounter,
     /// `custodia_shards_written_total`: shards fsynced on a node.
     pub shards_written: IntCounter,

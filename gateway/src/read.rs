@@ -161,11 +161,20 @@ async fn send_range<S: Store>(
     // root (through the Bao outboard) before any byte of it is sent.
     let mut read = bao::group_aligned(range.clone(), header.size);
     let mut check = GroupCheck::new(header, read.start);
+    let mut _rebuilding = None;
     if !check.has_outboard(gw, header).await? {
-        // Then every byte is read and hashed against the root, which also
-        // rebuilds the outboard.
-        read = 0..header.size;
-        check = GroupCheck::whole(header);
+        // One read per evidence rebuilds it; the others wait for that one
+        // and then find the outboard.
+        let slot = rebuild_slot(gw, header.evidence).lock_owned().await;
+        check = GroupCheck::new(header, read.start);
+        if !check.has_outboard(gw, header).await? {
+            tracing::warn!(evidence = %header.evidence, "no usable Bao outboard; reading the whole content against its root to rebuild it");
+            // Every byte is read and hashed against the root, which also
+            // rebuilds the outboard.
+            read = 0..header.size;
+            check = GroupCheck::whole(header);
+            _rebuilding = Some(slot);
+        }
     }
     let strict = check.strict.clone();
     // With no outboard, the piece holding the range's last byte waits for
@@ -245,10 +254,26 @@ async fn send_range<S: Store>(
     Ok(())
 }
 
+/// The lock a read holds while it rebuilds `evidence`'s outboard.
+fn rebuild_slot<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) -> Arc<tokio::sync::Mutex<()>> {
+    let mut slots = gw
+        .outboard_rebuilds
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(slot) = slots.get(&evidence).and_then(std::sync::Weak::upgrade) {
+        return slot;
+    }
+    slots.retain(|_, slot| slot.strong_count() > 0);
+    let slot = Arc::new(tokio::sync::Mutex::new(()));
+    slots.insert(evidence, Arc::downgrade(&slot));
+    slot
+}
+
 /// Stores an outboard a read rebuilt (its root matched the manifest's), in
 /// transactions of a few thousand pairs, each only while the evidence is
-/// still visible (not expunged meanwhile). The pairs go in the order they
-/// were built, which ends with the root's own pair
+/// still visible (not expunged meanwhile). The first clears whatever
+/// unusable pairs were there, and the pairs go in the order they were
+/// built, which ends with the root's own pair
 /// ([`bao::OutboardBuilder::finish`]): a store cut short (a crash, an index
 /// error, logged, not the read's) verifies no group, so the next read
 /// rebuilds it again rather than failing part way on a half outboard.
@@ -257,10 +282,13 @@ async fn store_outboard<S: Store>(
     evidence: EvidenceId,
     pairs: &[(u64, bao::HashPair)],
 ) {
-    for chunk in pairs.chunks(4096) {
+    for (i, chunk) in pairs.chunks(4096).enumerate() {
         let stored = indexer::run(&gw.store, |tx| async move {
             let visible = schema::get_manifest_tx(&tx, evidence).await?.is_some();
             if visible {
+                if i == 0 {
+                    schema::clear_outboard_tx(&tx, evidence);
+                }
                 schema::put_outboard_pairs_tx(&tx, evidence, chunk);
             }
             Ok::<_, schema::SchemaError>(visible)
@@ -367,10 +395,7 @@ impl GroupCheck {
     ) -> Result<bool, ReadError> {
         match self.expected_cv(gw, header).await {
             Ok(_) => Ok(true),
-            Err(ReadError::RootMismatch(_)) => {
-                tracing::warn!(evidence = %header.evidence, "no usable Bao outboard; reading the whole content against its root to rebuild it");
-                Ok(false)
-            }
+            Err(ReadError::RootMismatch(_)) => Ok(false),
             Err(e) => Err(e),
         }
     }

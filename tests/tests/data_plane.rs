@@ -373,11 +373,37 @@ fn evidence_without_an_outboard_reads_and_gets_it_back() -> Result<()> {
     assert_eq!(index(true)?, needed.len());
     c.start_gateway()?;
     c.wait_healthy(c.shape.nodes.into())?;
-    let (first, last) = ((1 << 20) + 5, (2 << 20) + 77);
-    assert!(
-        c.read_range(&id, first, last)? == data[first as usize..=last as usize],
-        "a range of evidence without an outboard"
-    );
+    let rebuilds = || {
+        std::fs::read_to_string(c.data_dir().join("gateway.log"))
+            .unwrap_or_default()
+            .matches("rebuilt and stored the Bao outboard")
+            .count()
+    };
+    assert_eq!(rebuilds(), 1, "the whole read above");
+    // Several at once: one rebuilds, the others wait for it.
+    let ranges: [(u64, u64); 3] = [
+        ((1 << 20) + 5, (2 << 20) + 77),
+        (0, 0),
+        ((3 << 20) - 9, (3 << 20) - 1),
+    ];
+    std::thread::scope(|s| {
+        let reads: Vec<_> = ranges
+            .iter()
+            .map(|&(first, last)| {
+                let (c, id) = (&c, &id);
+                (first, last, s.spawn(move || c.read_range(id, first, last)))
+            })
+            .collect();
+        for (first, last, read) in reads {
+            let got = read.join().expect("read thread");
+            assert!(
+                got.as_ref().ok().map(Vec::as_slice) == Some(&data[first as usize..=last as usize]),
+                "range {first}-{last} of evidence without an outboard: {:?}",
+                got.err()
+            );
+        }
+    });
+    assert_eq!(rebuilds(), 2, "one rebuild for the concurrent ranges");
     c.kill_gateway();
     assert_eq!(index(false)?, 0, "the range read rebuilt the outboard");
     c.start_gateway()?;
