@@ -89,6 +89,16 @@ pub(crate) fn clock_ticks() -> Result<f64> {
     }))
 }
 
+/// QUIC bulk's CPU per GiB over a read's; 0 when the read's could not be
+/// measured (a clock tick coarser than the run), never infinite.
+fn cpu_ratio(quic: f64, read: f64) -> f64 {
+    if read > 0.0 {
+        quic / read
+    } else {
+        0.0
+    }
+}
+
 fn mbps(bytes: u64, d: Duration) -> f64 {
     bytes as f64 / 1e6 / d.as_secs_f64().max(1e-9)
 }
@@ -458,7 +468,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 serde_json::json!({
                     "size_mib": r.mib, "ingest_mbps": r.ingest, "read_mbps": r.read,
                     "ingest_ratio": r.ingest / ingest_ceiling, "read_ratio": r.read / quic,
-                    "read_cpu_ratio": quic_cpu / r.read_cpu,
+                    "read_cpu_ratio": cpu_ratio(quic_cpu, r.read_cpu),
                     "ingest_cpu_s_per_gib": r.ingest_cpu, "read_cpu_s_per_gib": r.read_cpu,
                 })
             })
@@ -503,7 +513,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
                 r.read,
                 r.read / quic,
                 r.read_cpu,
-                quic_cpu / r.read_cpu
+                cpu_ratio(quic_cpu, r.read_cpu)
             );
         }
         println!("ratios: ingest / (min(QUIC, disk) / ((k+m)/k)) and read / QUIC bulk");

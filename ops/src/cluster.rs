@@ -401,13 +401,13 @@ pub fn open_index_offline(data_dir: &Path) -> Result<indexer::EmbeddedStore> {
 
 /// The evidence API of the gateway that holds DATA_DIR's index, and the
 /// admin token `init` wrote: how the CLI reaches a running cluster. The
-/// address is the gateway's listen address unless `CUSTODIA_API` gives the
-/// URL (as for `put` and `get`): a certificate issued for a host name does
-/// not match a bare IP.
-pub fn running_gateway(data_dir: &Path) -> Result<(String, String)> {
+/// address is the gateway's listen address unless `api` gives the URL (a
+/// certificate issued for a host name does not match a bare IP). Only an
+/// explicit argument, never the environment (`CUSTODIA_API` may name
+/// another cluster, and this sends DATA_DIR's admin token).
+pub fn running_gateway(data_dir: &Path, api: Option<&str>) -> Result<(String, String)> {
     let cluster = Cluster::load(data_dir)?;
-    let named = std::env::var("CUSTODIA_API")
-        .ok()
+    let named = api
         .map(|url| url.trim().trim_end_matches('/').to_owned())
         .filter(|url| !url.is_empty());
     let mut addr = cluster.gateway.listen;

@@ -395,6 +395,11 @@ enum KeyCommand {
         /// The S3 key may bypass GOVERNANCE retention (with the request header).
         #[arg(long)]
         bypass_governance: bool,
+        /// The running gateway's evidence API, e.g. https://evidence.example:8443
+        /// when its certificate names a host (default: the listen address in
+        /// DATA_DIR/cluster.toml). DATA_DIR's admin token is sent there.
+        #[arg(long)]
+        api: Option<String>,
     },
 }
 
@@ -406,6 +411,9 @@ enum TenantCommand {
         name: String,
         #[arg(long, default_value = "custodia-data")]
         data_dir: PathBuf,
+        /// The running gateway's evidence API (see `key create --api`).
+        #[arg(long)]
+        api: Option<String>,
     },
 }
 
@@ -514,6 +522,7 @@ async fn run(cli: Cli) -> Result<()> {
             tenant,
             role,
             bypass_governance,
+            api,
         }) => {
             let parsed = indexer::schema::Role::parse(&role).with_context(|| {
                 format!("unknown role {role:?}: reader, clerk, admin or expunger")
@@ -531,7 +540,7 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 Err(offline) => {
                     // The gateway holds the index: ask it, as the admin.
-                    let (api, token) = cluster::running_gateway(&data_dir)
+                    let (api, token) = cluster::running_gateway(&data_dir, api.as_deref())
                         .map_err(|e| offline.context(e))?;
                     let answer = client::admin_post_json(
                         &api,
@@ -565,13 +574,17 @@ async fn run(cli: Cli) -> Result<()> {
             println!("custodia_token = {}", c.token);
             Ok(())
         }
-        Command::Tenant(TenantCommand::Create { name, data_dir }) => {
+        Command::Tenant(TenantCommand::Create {
+            name,
+            data_dir,
+            api,
+        }) => {
             let store = match cluster::open_index_offline(&data_dir) {
                 Ok(store) => store,
                 Err(offline) => {
                     // The gateway holds the index: ask it, as the admin.
-                    let (api, token) =
-                        cluster::running_gateway(&data_dir).map_err(|e| offline.context(e))?;
+                    let (api, token) = cluster::running_gateway(&data_dir, api.as_deref())
+                        .map_err(|e| offline.context(e))?;
                     let answer = client::admin_post_json(
                         &api,
                         &token,

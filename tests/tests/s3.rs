@@ -670,13 +670,13 @@ fn tenants_and_keys_are_isolated_and_signatures_checked() -> Result<()> {
     assert!(String::from_utf8_lossy(&made.stdout).contains("tenant court-c created"));
     let again = c.custodia(&["tenant", "create", "court-c"])?;
     assert!(String::from_utf8_lossy(&again.stdout).contains("already exists"));
-    // `CUSTODIA_API` names the gateway (as its certificate would) instead of
-    // the listen address in cluster.toml.
+    // `--api` names the gateway (as its certificate would) instead of the
+    // listen address in cluster.toml; `CUSTODIA_API`, which may name another
+    // cluster, is not followed with this cluster's admin token.
     let by_name = |api: &str| {
         Command::new(custodia_bin())
-            .args(["tenant", "create", "court-d", "--data-dir"])
+            .args(["tenant", "create", "court-d", "--api", api, "--data-dir"])
             .arg(c.data_dir())
-            .env("CUSTODIA_API", api)
             .output()
     };
     let port = c.api.rsplit(':').next().unwrap_or_default().to_string();
@@ -690,7 +690,17 @@ fn tenants_and_keys_are_isolated_and_signatures_checked() -> Result<()> {
         .local_addr()?
         .port();
     let wrong = by_name(&format!("http://localhost:{closed}"))?;
-    assert!(!wrong.status.success(), "CUSTODIA_API was not used");
+    assert!(!wrong.status.success(), "--api was not used");
+    let elsewhere = Command::new(custodia_bin())
+        .args(["tenant", "create", "court-e", "--data-dir"])
+        .arg(c.data_dir())
+        .env("CUSTODIA_API", format!("http://localhost:{closed}"))
+        .output()?;
+    assert!(
+        String::from_utf8_lossy(&elsewhere.stdout).contains("tenant court-e created"),
+        "{}",
+        String::from_utf8_lossy(&elsewhere.stderr)
+    );
     let expunger = c.custodia(&["key", "create", "--tenant", "court-c", "--role", "expunger"])?;
     assert!(!expunger.status.success());
     assert!(String::from_utf8_lossy(&expunger.stderr).contains("gateway stopped"));
