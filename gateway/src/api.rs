@@ -282,7 +282,10 @@ pub async fn serve<S: Store>(
             }
         })
     };
-    let gc = crate::gc::spawn_gc_loop(gw.clone(), Duration::from_secs(30));
+    let gc = crate::gc::spawn_gc_loop(
+        gw.clone(),
+        Duration::from_millis(gw.config.gc_interval_ms.max(100)),
+    );
     let orphans = crate::gc::spawn_orphan_sweeper(gw.clone());
     let integrator = crate::ledger::spawn_integrator(gw.clone());
     let witnessing = crate::ledger::spawn_witnessing(gw.clone());

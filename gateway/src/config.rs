@@ -82,6 +82,9 @@ pub struct GatewayConfig {
     /// How long an upload intent lives without progress before GC may abort it.
     #[serde(default = "default_lease")]
     pub intent_lease_ms: u64,
+    /// How often abandoned uploads and unfinished expunges are collected.
+    #[serde(default = "default_gc_interval")]
+    pub gc_interval_ms: u64,
     /// The notarization ledger; without it filings get no receipts.
     #[serde(default)]
     pub ledger: Option<crate::ledger::LedgerConfig>,
@@ -177,6 +180,9 @@ fn default_hedge() -> u64 {
 }
 fn default_lease() -> u64 {
     120_000
+}
+fn default_gc_interval() -> u64 {
+    30_000
 }
 
 /// A configuration value that cannot work; names the field.

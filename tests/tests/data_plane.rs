@@ -443,6 +443,69 @@ fn node_killed_during_upload() -> Result<()> {
     Ok(())
 }
 
+/// A gateway killed mid-upload leaves an intent nobody renews. Restarted,
+/// the gateway's collector ends it once it has watched the lease stay
+/// unchanged for a whole period on its own clock: not before (whatever the
+/// stamps say), and not never. Until then the orphan sweep leaves the
+/// upload's shards alone (an upload in flight may claim them); after, it
+/// deletes them (here with a one-second grace).
+#[test]
+fn an_upload_cut_off_by_a_gateway_crash_is_collected_after_a_lease() -> Result<()> {
+    let mut c = TestCluster::start(Shape {
+        shard_size: 64 * 1024,
+        ..Shape::default()
+    })?;
+    let lease = Duration::from_secs(3);
+    c.set_gateway(&[
+        ("intent_lease_ms", toml::Value::Integer(3_000)),
+        ("gc_interval_ms", toml::Value::Integer(200)),
+        ("orphan_sweep_interval_ms", toml::Value::Integer(500)),
+        ("orphan_grace_ms", toml::Value::Integer(1_000)),
+    ])?;
+    let data = bytes(48 * 1024 * 1024, 5);
+    let upload = {
+        let (api, token, data) = (c.api.clone(), c.token.clone(), data.clone());
+        std::thread::spawn(move || trickle_upload(&api, &token, &data))
+    };
+    assert!(
+        eventually(20, || c.all_shard_files().len() >= 60),
+        "the upload stored no shards"
+    );
+    c.kill_gateway();
+    let cut = upload.join().expect("upload thread");
+    assert!(
+        !matches!(cut, Ok((201, _, _))),
+        "the upload cannot have completed"
+    );
+    // Shards already received are fsynced and renamed by the nodes.
+    std::thread::sleep(Duration::from_millis(300));
+    let left = c.all_shard_files().len();
+    let restarted = std::time::Instant::now();
+    c.start_gateway()?;
+    c.wait_healthy(c.shape.nodes.into())?;
+    std::thread::sleep(Duration::from_millis(500));
+    if restarted.elapsed() < lease - Duration::from_millis(500) {
+        assert_eq!(
+            c.all_shard_files().len(),
+            left,
+            "collected before the restarted gateway watched a whole lease"
+        );
+    }
+    assert!(
+        eventually(30, || c.all_shard_files().is_empty()),
+        "{} shards of the abandoned upload are still on the nodes",
+        c.all_shard_files().len()
+    );
+    // The cluster files as before.
+    let again = bytes(200_000, 6);
+    let id = c.file(&again)?["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(c.read(&id)? == again);
+    Ok(())
+}
+
 /// Files `data` by trickling it (1 MiB every 20 ms) over a raw HTTP/1.1
 /// connection; returns the status, the JSON body and how long it took.
 fn trickle_upload(
