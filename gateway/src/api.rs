@@ -913,6 +913,13 @@ async fn repair_now<S: Store>(
         // than at the worker's next scan.
         None => {
             crate::repair::scan_all(&gw).await?;
+            // A node that came back with another disk: its stripes are
+            // queued by a walk in the background; walk them here too, so the
+            // backlog answered (and then followed) already holds them.
+            let reconciling = gw.nodes.reconciling();
+            if !reconciling.is_empty() {
+                crate::repair::queue_all(&gw, Some(&reconciling)).await;
+            }
         }
         // Walks every stripe record before answering, so the backlog this
         // answers with includes them all.
@@ -1117,6 +1124,7 @@ async fn status<S: Store>(
                 "shards": n.disk.map(|d| d.shards),
                 "rtt_ms": n.rtt.map(|d| d.as_secs_f64() * 1000.0),
                 "clock_offset_ms": n.clock_offset_ms,
+                "reconciling": n.reconciling,
             })
         })
         .collect();

@@ -100,6 +100,9 @@ pub struct NodeView {
     pub lifecycle: Lifecycle,
     /// The node's clock minus the gateway's at the last probe, in ms.
     pub clock_offset_ms: Option<i64>,
+    /// Came back with another disk, and its stripes are still being queued
+    /// for checking: the repair backlog is not complete yet.
+    pub reconciling: bool,
 }
 
 /// The nodes and a client to reach them.
@@ -219,6 +222,7 @@ impl NodeSet {
     /// Every node, with its health, disk and connection as last seen.
     pub fn view(&self) -> Vec<NodeView> {
         let rtts = self.client.connection_rtts();
+        let reconciling = self.reconciling();
         self.nodes
             .iter()
             .map(|n| {
@@ -246,8 +250,15 @@ impl NodeSet {
                     .map(|(_, rtt)| *rtt),
                 lifecycle: *lock(&n.lifecycle),
                 clock_offset_ms: *lock(&n.clock_offset_ms),
+                reconciling: reconciling.contains(&n.entry.node_id()),
             })
             .collect()
+    }
+
+    /// Nodes that came back with another disk and whose stripes are not all
+    /// queued for checking yet.
+    pub fn reconciling(&self) -> std::collections::HashSet<NodeId> {
+        lock(&self.reconciling).clone()
     }
 
     pub fn healthy_count(&self) -> usize {

@@ -29,7 +29,9 @@ pub fn bytes(v: Option<u64>) -> String {
 }
 
 /// A node's state column: health, then the lifecycle when not active and
-/// "full" when it takes no new shards (e.g. `up draining`, `up full`).
+/// "full" when it takes no new shards, "new-disk" while the stripes of a
+/// node back with another disk are being queued (e.g. `up draining`,
+/// `up full`, `up new-disk`).
 fn state(n: &Value) -> String {
     let mut state = n["state"].as_str().unwrap_or("?").to_owned();
     if let Some(l) = n["lifecycle"].as_str().filter(|l| *l != "active") {
@@ -37,6 +39,9 @@ fn state(n: &Value) -> String {
     }
     if n["full"] == true {
         state.push_str(" full");
+    }
+    if n["reconciling"] == true {
+        state.push_str(" new-disk");
     }
     state
 }
@@ -178,7 +183,12 @@ pub fn repair(
             bar.set_length(left);
         }
         bar.set_position(bar.length().unwrap_or(0).saturating_sub(left));
-        if left == 0 {
+        // A node back with another disk: until its stripes are all queued
+        // an empty backlog says nothing.
+        let reconciling = s["nodes"]
+            .as_array()
+            .is_some_and(|n| n.iter().any(|n| n["reconciling"] == true));
+        if left == 0 && !reconciling {
             bar.finish_with_message("every stripe has k+m verified shards");
             return Ok(());
         }
