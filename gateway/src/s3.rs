@@ -635,7 +635,7 @@ fn object_template(
         }),
         (None, None) => b.default_retention.map(|d| Retention {
             mode: d.mode,
-            until_ms: now + u64::from(d.days) * 86_400_000,
+            until_ms: d.until_ms(now),
         }),
         _ => {
             return Err(s3_error!(
@@ -1374,9 +1374,15 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 )),
                 rule: b.default_retention.map(|d| ObjectLockRule {
                     default_retention: Some(s3s::dto::DefaultRetention {
-                        days: Some(d.days as i32),
+                        days: match d.period {
+                            ix::RetentionPeriod::Days(n) => Some(n as i32),
+                            ix::RetentionPeriod::Years(_) => None,
+                        },
                         mode: Some(retention_mode(d.mode)),
-                        years: None,
+                        years: match d.period {
+                            ix::RetentionPeriod::Years(n) => Some(n as i32),
+                            ix::RetentionPeriod::Days(_) => None,
+                        },
                     }),
                 }),
             }),
@@ -1403,9 +1409,9 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                     .map(parse_retention_mode)
                     .transpose()?
                     .ok_or_else(|| s3_error!(MalformedXML, "DefaultRetention needs a Mode"))?;
-                let days = match (d.days, d.years) {
-                    (Some(n), None) if n > 0 => n as u32,
-                    (None, Some(y)) if y > 0 && y <= 100 => y as u32 * 365,
+                let period = match (d.days, d.years) {
+                    (Some(n), None) if n > 0 => ix::RetentionPeriod::Days(n as u32),
+                    (None, Some(y)) if y > 0 && y <= 100 => ix::RetentionPeriod::Years(y as u32),
                     _ => {
                         return Err(s3_error!(
                             MalformedXML,
@@ -1413,7 +1419,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                         ))
                     }
                 };
-                Some(ix::DefaultRetention { mode, days })
+                Some(ix::DefaultRetention { mode, period })
             }
         };
         self.update_bucket(&req.input.bucket, |b| {

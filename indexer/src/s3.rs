@@ -41,6 +41,8 @@ const MULTIPART: &[u8] = b"3u";
 const PART: &[u8] = b"3p";
 
 const RECORD_V1: u8 = 1;
+/// Bucket records since default retention kept Years apart from Days.
+const BUCKET_V2: u8 = 2;
 
 /// Errors of bucket and object records.
 #[derive(Debug, thiserror::Error)]
@@ -142,7 +144,45 @@ pub struct Retention {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DefaultRetention {
     pub mode: LockMode,
-    pub days: u32,
+    pub period: RetentionPeriod,
+}
+
+/// How long a default retention lasts, kept in the unit the bucket's owner
+/// gave (and answered back in it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RetentionPeriod {
+    Days(u32),
+    /// Calendar years: a version filed on 2024-03-01 is kept until
+    /// 2031-03-01 for seven, never 365-day years that would end a day or two
+    /// early across leap years. From 29 February, to 1 March.
+    Years(u32),
+}
+
+impl DefaultRetention {
+    /// When a version filed at `filed_ms` (ms since the epoch) may first be
+    /// removed.
+    pub fn until_ms(&self, filed_ms: u64) -> u64 {
+        const DAY_MS: u64 = 86_400_000;
+        match self.period {
+            RetentionPeriod::Days(n) => filed_ms.saturating_add(u64::from(n) * DAY_MS),
+            RetentionPeriod::Years(n) => calendar_years_on(filed_ms, n)
+                // Past the calendar's range: 366-day years, longer if anything.
+                .unwrap_or_else(|| filed_ms.saturating_add(u64::from(n) * 366 * DAY_MS)),
+        }
+    }
+}
+
+/// `ms` moved `years` calendar years on (29 February to 1 March), or `None`
+/// outside what the calendar type represents.
+fn calendar_years_on(ms: u64, years: u32) -> Option<u64> {
+    let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()?;
+    let year = at.year().checked_add(i32::try_from(years).ok()?)?;
+    let moved = match at.replace_year(year) {
+        Ok(t) => t,
+        // Only 29 February has no counterpart in a common year.
+        Err(_) => at.replace_day(28).ok()?.replace_year(year).ok()? + time::Duration::DAY,
+    };
+    u64::try_from(moved.unix_timestamp_nanos() / 1_000_000).ok()
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,6 +193,32 @@ pub struct BucketRecord {
     /// Object Lock, which can only be enabled at creation.
     pub object_lock: bool,
     pub default_retention: Option<DefaultRetention>,
+}
+
+/// A bucket record as version 1 wrote it: default retention in days only
+/// (Years were stored as 365 days each). Read, never written.
+#[derive(Deserialize)]
+struct BucketRecordV1 {
+    tenant: String,
+    created_ms: u64,
+    versioning: Versioning,
+    object_lock: bool,
+    default_retention: Option<(LockMode, u32)>,
+}
+
+impl From<BucketRecordV1> for BucketRecord {
+    fn from(v1: BucketRecordV1) -> Self {
+        BucketRecord {
+            tenant: v1.tenant,
+            created_ms: v1.created_ms,
+            versioning: v1.versioning,
+            object_lock: v1.object_lock,
+            default_retention: v1.default_retention.map(|(mode, days)| DefaultRetention {
+                mode,
+                period: RetentionPeriod::Days(days),
+            }),
+        }
+    }
 }
 
 /// One version of an object: a piece of evidence, or a delete marker.
@@ -329,7 +395,7 @@ pub async fn create_bucket_tx<T: Transaction>(
     }
     tx.set(
         &key_of(BUCKET, &[name.as_bytes()]),
-        &encode_versioned(RECORD_V1, rec),
+        &encode_versioned(BUCKET_V2, rec),
     );
     tx.set(
         &key_of(TENANT_BUCKET, &[rec.tenant.as_bytes(), name.as_bytes()]),
@@ -345,7 +411,13 @@ pub async fn get_bucket_tx<T: Transaction>(
     if !valid_bucket(name) {
         return Ok(None);
     }
-    get_record(tx, &key_of(BUCKET, &[name.as_bytes()])).await
+    let Some(v) = tx.get(&key_of(BUCKET, &[name.as_bytes()])).await? else {
+        return Ok(None);
+    };
+    Ok(Some(match v.first() {
+        Some(&RECORD_V1) => decode_versioned::<BucketRecordV1>(RECORD_V1, &v)?.into(),
+        _ => decode_versioned(BUCKET_V2, &v)?,
+    }))
 }
 
 pub async fn put_bucket_tx<T: Transaction>(
@@ -358,7 +430,7 @@ pub async fn put_bucket_tx<T: Transaction>(
     }
     tx.set(
         &key_of(BUCKET, &[name.as_bytes()]),
-        &encode_versioned(RECORD_V1, rec),
+        &encode_versioned(BUCKET_V2, rec),
     );
     Ok(())
 }
@@ -897,6 +969,79 @@ pub async fn end_multipart_tx<T: Transaction>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// ms since the epoch of a UTC date at noon.
+    fn noon(y: i32, m: u8, d: u8) -> u64 {
+        let date = time::Date::from_calendar_date(y, time::Month::try_from(m).unwrap(), d).unwrap();
+        (date
+            .with_hms(12, 0, 0)
+            .unwrap()
+            .assume_utc()
+            .unix_timestamp()
+            * 1000) as u64
+    }
+
+    #[test]
+    fn default_retention_in_years_keeps_to_the_calendar() {
+        let years = |n| DefaultRetention {
+            mode: LockMode::Compliance,
+            period: RetentionPeriod::Years(n),
+        };
+        // Seven years over two leap days: 2,557 days, not 7 x 365.
+        assert_eq!(years(7).until_ms(noon(2024, 3, 1)), noon(2031, 3, 1));
+        assert_eq!(years(1).until_ms(noon(2023, 6, 15)), noon(2024, 6, 15));
+        // 29 February has no date in a common year: 1 March, never earlier.
+        assert_eq!(years(1).until_ms(noon(2024, 2, 29)), noon(2025, 3, 1));
+        assert_eq!(years(4).until_ms(noon(2024, 2, 29)), noon(2028, 2, 29));
+        let days = DefaultRetention {
+            mode: LockMode::Governance,
+            period: RetentionPeriod::Days(30),
+        };
+        assert_eq!(days.until_ms(noon(2024, 2, 15)), noon(2024, 3, 16));
+        // Beyond the calendar's range: still later, never wrapped.
+        assert!(years(100).until_ms(u64::MAX / 2) >= u64::MAX / 2);
+        assert_eq!(years(1).until_ms(u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn version_1_bucket_records_still_read() {
+        #[derive(Serialize)]
+        struct V1 {
+            tenant: String,
+            created_ms: u64,
+            versioning: Versioning,
+            object_lock: bool,
+            default_retention: Option<(LockMode, u32)>,
+        }
+        let bytes = encode_versioned(
+            RECORD_V1,
+            &V1 {
+                tenant: "court".into(),
+                created_ms: 5,
+                versioning: Versioning::Enabled,
+                object_lock: true,
+                default_retention: Some((LockMode::Compliance, 30)),
+            },
+        );
+        let rec: BucketRecord = decode_versioned::<BucketRecordV1>(RECORD_V1, &bytes)
+            .unwrap()
+            .into();
+        assert_eq!(
+            rec.default_retention,
+            Some(DefaultRetention {
+                mode: LockMode::Compliance,
+                period: RetentionPeriod::Days(30)
+            })
+        );
+        assert_eq!((rec.tenant.as_str(), rec.created_ms), ("court", 5));
+        // A version 2 record is not read as version 1.
+        let v2 = encode_versioned(BUCKET_V2, &rec);
+        assert!(decode_versioned::<BucketRecordV1>(RECORD_V1, &v2).is_err());
+        assert_eq!(
+            decode_versioned::<BucketRecord>(BUCKET_V2, &v2).unwrap(),
+            rec
+        );
+    }
 
     #[test]
     fn bucket_names_follow_s3() {

@@ -1112,6 +1112,59 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
     ])?;
     assert_eq!(r["Retention"]["Mode"], "COMPLIANCE");
     admin.fails("AccessDenied", &strs(&del_version("d.bin", &d1)))?;
+    // A default in years is kept in years (answered back as set) and runs
+    // to the same date by the calendar, not to 365 days on.
+    admin.ok(&["s3api", "put-object-lock-configuration", "--bucket", "locked", "--object-lock-configuration",
+               r#"{"ObjectLockEnabled":"Enabled","Rule":{"DefaultRetention":{"Mode":"GOVERNANCE","Years":1}}}"#])?;
+    let conf = admin.json(&[
+        "s3api",
+        "get-object-lock-configuration",
+        "--bucket",
+        "locked",
+    ])?;
+    let rule = &conf["ObjectLockConfiguration"]["Rule"]["DefaultRetention"];
+    assert_eq!(
+        (&rule["Years"], &rule["Days"], &rule["Mode"]),
+        (&1.into(), &Value::Null, &"GOVERNANCE".into()),
+        "{conf}"
+    );
+    put(&admin, "y.bin", &[])?;
+    let head = admin.json(&[
+        "s3api",
+        "head-object",
+        "--bucket",
+        "locked",
+        "--key",
+        "y.bin",
+    ])?;
+    // RetainUntilDate is ISO 8601, LastModified an HTTP date
+    // ("Thu, 03 Dec 2026 22:59:49 GMT"): both as (year, month, day).
+    let until = head["ObjectLockRetainUntilDate"]
+        .as_str()
+        .unwrap_or_default();
+    let iso = |d: &str| -> Option<(u32, u32, u32)> {
+        Some((
+            d.get(..4)?.parse().ok()?,
+            d.get(5..7)?.parse().ok()?,
+            d.get(8..10)?.parse().ok()?,
+        ))
+    };
+    let http = |d: &str| -> Option<(u32, u32, u32)> {
+        let mut w = d.split_whitespace().skip(1);
+        let day = w.next()?.parse().ok()?;
+        let months = [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ];
+        let name = w.next()?;
+        let month = months.iter().position(|m| *m == name)? as u32 + 1;
+        Some((w.next()?.parse().ok()?, month, day))
+    };
+    let filed = http(head["LastModified"].as_str().unwrap_or_default()).context("LastModified")?;
+    let want = match filed {
+        (y, 2, 29) => (y + 1, 3, 1),
+        (y, m, d) => (y + 1, m, d),
+    };
+    assert_eq!(iso(until), Some(want), "a calendar year on: {head}");
 
     // Lock headers on a bucket without Object Lock are refused.
     admin.ok(&["s3", "mb", "s3://plain"])?;
