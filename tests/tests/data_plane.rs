@@ -422,11 +422,7 @@ fn node_killed_during_upload() -> Result<()> {
         ..Shape::default()
     })?;
     let data = bytes(48 * 1024 * 1024, 11);
-    let upload = {
-        let (api, token, data) = (c.api.clone(), c.token.clone(), data.clone());
-        // Trickled, so the kill lands mid-upload.
-        std::thread::spawn(move || trickle_upload(&api, &token, &data))
-    };
+    let upload = trickle_in_background(&c, &data);
     std::thread::sleep(Duration::from_millis(300));
     c.kill_node(3);
     let (status, json, _) = upload.join().expect("upload thread")?;
@@ -463,10 +459,7 @@ fn an_upload_cut_off_by_a_gateway_crash_is_collected_after_a_lease() -> Result<(
         ("orphan_grace_ms", toml::Value::Integer(1_000)),
     ])?;
     let data = bytes(48 * 1024 * 1024, 5);
-    let upload = {
-        let (api, token, data) = (c.api.clone(), c.token.clone(), data.clone());
-        std::thread::spawn(move || trickle_upload(&api, &token, &data))
-    };
+    let upload = trickle_in_background(&c, &data);
     assert!(
         eventually(20, || c.all_shard_files().len() >= 60),
         "the upload stored no shards"
@@ -506,8 +499,19 @@ fn an_upload_cut_off_by_a_gateway_crash_is_collected_after_a_lease() -> Result<(
     Ok(())
 }
 
-/// Files `data` by trickling it (1 MiB every 20 ms) over a raw HTTP/1.1
-/// connection; returns the status, the JSON body and how long it took.
+/// [`trickle_upload`] on a thread of its own, so that the test can kill
+/// something while the upload streams.
+fn trickle_in_background(
+    c: &TestCluster,
+    data: &[u8],
+) -> std::thread::JoinHandle<Result<(u16, serde_json::Value, Duration)>> {
+    let (api, token, data) = (c.api.clone(), c.token.clone(), data.to_vec());
+    std::thread::spawn(move || trickle_upload(&api, &token, &data))
+}
+
+/// Files `data` by trickling it (1 MiB every 20 ms, so that a kill lands
+/// mid-upload) over a raw HTTP/1.1 connection; returns the status, the JSON
+/// body and how long it took.
 fn trickle_upload(
     api: &str,
     token: &str,
@@ -554,10 +558,7 @@ fn a_node_killed_mid_filing_costs_seconds_not_the_idle_timeout() -> Result<()> {
     // The same filing on a healthy cluster, for the time it takes here.
     let (status, json, healthy) = trickle_upload(&c.api, &c.token, &data)?;
     assert_eq!(status, 201, "{json}");
-    let upload = {
-        let (api, token, data) = (c.api.clone(), c.token.clone(), data.clone());
-        std::thread::spawn(move || trickle_upload(&api, &token, &data))
-    };
+    let upload = trickle_in_background(&c, &data);
     std::thread::sleep(Duration::from_millis(300));
     c.kill_node(3);
     let (status, json, took) = upload.join().expect("upload thread")?;
