@@ -85,6 +85,12 @@ pub struct GatewayConfig {
     /// How often abandoned uploads and unfinished expunges are collected.
     #[serde(default = "default_gc_interval")]
     pub gc_interval_ms: u64,
+    /// An upload whose client sends no body bytes for this long fails
+    /// (408 `body_timeout`; S3 `RequestTimeout`) and releases its buffers,
+    /// instead of holding them while a stalled client keeps its connection.
+    /// Shorter than the intent lease, so a live slow client never loses it.
+    #[serde(default = "default_body_idle_timeout")]
+    pub body_idle_timeout_ms: u64,
     /// The notarization ledger; without it filings get no receipts.
     #[serde(default)]
     pub ledger: Option<crate::ledger::LedgerConfig>,
@@ -181,6 +187,10 @@ fn default_hedge() -> u64 {
 fn default_lease() -> u64 {
     120_000
 }
+fn default_body_idle_timeout() -> u64 {
+    60_000
+}
+
 fn default_gc_interval() -> u64 {
     30_000
 }
@@ -198,6 +208,12 @@ pub enum ConfigError {
     MinWrite { got: u8, min: u8, max: u8 },
     #[error("pipeline_stripes: must be 1..=64")]
     Pipeline,
+    #[error(
+        "body_idle_timeout_ms: {idle} must be positive and under two thirds of \
+         intent_lease_ms ({lease}): a lease is renewed when a third of it has passed \
+         and a chunk arrives, so a longer pause would lose a live upload's intent"
+    )]
+    BodyIdle { idle: u64, lease: u64 },
 }
 
 impl GatewayConfig {
@@ -251,6 +267,10 @@ impl GatewayConfig {
         if !(1..=64).contains(&self.pipeline_stripes) {
             return Err(ConfigError::Pipeline);
         }
+        let (idle, lease) = (self.body_idle_timeout_ms, self.intent_lease_ms);
+        if idle == 0 || idle.saturating_mul(3) >= lease.saturating_mul(2) {
+            return Err(ConfigError::BodyIdle { idle, lease });
+        }
         Ok(())
     }
 }
@@ -294,6 +314,25 @@ failure_domain = "rack-a"
         let c = example();
         assert_eq!(c.shard_size_bytes, 1 << 20);
         assert_eq!(c.write_quorum(), 5);
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_body_timeout_must_leave_a_slow_upload_its_lease() {
+        let mut c = example();
+        assert_eq!(
+            (c.body_idle_timeout_ms, c.intent_lease_ms),
+            (60_000, 120_000)
+        );
+        c.intent_lease_ms = 3_000;
+        for idle in [0, 2_000, 60_000] {
+            c.body_idle_timeout_ms = idle;
+            assert_eq!(
+                c.validate(),
+                Err(ConfigError::BodyIdle { idle, lease: 3_000 })
+            );
+        }
+        c.body_idle_timeout_ms = 1_999;
         assert_eq!(c.validate(), Ok(()));
     }
 

@@ -44,6 +44,11 @@ pub enum ApiError {
     /// The client's body ended or failed before it was complete.
     #[error("the upload body was cut off: {0}")]
     BodyIncomplete(String),
+    /// The client sent no body bytes for this long: the upload is abandoned
+    /// rather than holding its buffers and intent for as long as the client
+    /// keeps the connection open.
+    #[error("no body bytes arrived for {} s; the upload was abandoned (send again)", .0.as_secs_f64())]
+    BodyIdle(std::time::Duration),
     /// Not enough storage nodes answered to store or read the data durably.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
@@ -106,6 +111,7 @@ impl ApiError {
             ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             ApiError::UploadInProgress(_) | ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::BodyIncomplete(_) => StatusCode::BAD_REQUEST,
+            ApiError::BodyIdle(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Body(r) => r.status(),
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
@@ -142,6 +148,7 @@ impl ApiError {
             ApiError::UploadInProgress(_) => "upload_in_progress",
             ApiError::Conflict(_) => "conflict",
             ApiError::BodyIncomplete(_) => "body_incomplete",
+            ApiError::BodyIdle(_) => "body_timeout",
             ApiError::Body(r) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
             ApiError::Body(_) => "bad_body",
             ApiError::Unavailable(_) => "unavailable",

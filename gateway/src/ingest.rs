@@ -231,7 +231,14 @@ impl<S: Store> Upload<S> {
         let mut stripe = StripeFill::new(&self.gw.buffers, k, shard_size);
         let mut next_stripe: u64 = 0;
 
-        while let Some(chunk) = body.next().await {
+        let idle = std::time::Duration::from_millis(self.gw.config.body_idle_timeout_ms.max(1));
+        loop {
+            let Some(chunk) = tokio::time::timeout(idle, body.next())
+                .await
+                .map_err(|_| ApiError::BodyIdle(idle))?
+            else {
+                break;
+            };
             let mut chunk = chunk.map_err(|e| ApiError::BodyIncomplete(e.to_string()))?;
             self.keep_lease().await?;
             bao.update(&chunk);

@@ -199,6 +199,7 @@ fn s3_err(e: ApiError) -> S3Error {
         ApiError::BadDigest | ApiError::ChecksumMismatch(_) => (C::BadDigest, e.to_string()),
         ApiError::HashMismatch { .. } => (C::BadDigest, e.to_string()),
         ApiError::BodyIncomplete(_) => (C::IncompleteBody, e.to_string()),
+        ApiError::BodyIdle(_) => (C::RequestTimeout, e.to_string()),
         // S3 has no code for a full cluster; 503 with the reason.
         ApiError::Unavailable(_) | ApiError::InsufficientStorage(_) => {
             (C::ServiceUnavailable, e.to_string())

@@ -454,6 +454,7 @@ fn an_upload_cut_off_by_a_gateway_crash_is_collected_after_a_lease() -> Result<(
     let lease = Duration::from_secs(3);
     c.set_gateway(&[
         ("intent_lease_ms", toml::Value::Integer(3_000)),
+        ("body_idle_timeout_ms", toml::Value::Integer(1_500)),
         ("gc_interval_ms", toml::Value::Integer(200)),
         ("orphan_sweep_interval_ms", toml::Value::Integer(500)),
         ("orphan_grace_ms", toml::Value::Integer(1_000)),
@@ -640,6 +641,72 @@ fn disconnect_mid_upload_leaves_nothing() -> Result<()> {
         "shards of the aborted upload must be deleted, found {:?}",
         c.all_shard_files()
     );
+    Ok(())
+}
+
+/// A client that stops sending mid-body but keeps its connection open (a
+/// stalled or hostile client) does not hold its upload's buffers and intent
+/// for as long as it likes: after `body_idle_timeout_ms` it gets 408 with a
+/// JSON body, nothing is visible and its shards are deleted.
+#[test]
+fn a_stalled_upload_times_out_and_leaves_nothing() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.set_gateway(&[("body_idle_timeout_ms", toml::Value::Integer(1_000))])?;
+    let data = bytes(40 * STRIPE, 8);
+    let mut s = std::net::TcpStream::connect(c.api.trim_start_matches("http://"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "POST /v1/evidence HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n",
+        c.token,
+        data.len()
+    )?;
+    s.write_all(&data[..data.len() / 2])?;
+    s.flush()?;
+    let stalled = std::time::Instant::now();
+    // The connection stays open; the answer comes anyway.
+    let mut resp = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&resp).contains("}") {
+        match s.read(&mut buf)? {
+            0 => break,
+            n => resp.extend_from_slice(&buf[..n]),
+        }
+    }
+    let waited = stalled.elapsed();
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(resp.contains(r#""error":"body_timeout""#), "{resp}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(20),
+        "answered after {waited:?}"
+    );
+    let half = blake3_hex(&data[..data.len() / 2]);
+    let a = c.get_with(&c.token, &format!("/v1/evidence/by-hash/{half}"), &[])?;
+    assert_eq!(a.json()["filings"].as_array().map(Vec::len), Some(0));
+    assert!(
+        eventually(15, || c.all_shard_files().is_empty()),
+        "shards of the abandoned upload must be deleted, found {:?}",
+        c.all_shard_files()
+    );
+    drop(s);
+    // A client that keeps sending, however slowly, is not cut off.
+    let slow = bytes(3 * STRIPE, 9);
+    let mut s = std::net::TcpStream::connect(c.api.trim_start_matches("http://"))?;
+    write!(
+        s,
+        "POST /v1/evidence HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        c.token,
+        slow.len()
+    )?;
+    for piece in slow.chunks(slow.len() / 4 + 1) {
+        std::thread::sleep(Duration::from_millis(600));
+        s.write_all(piece)?;
+        s.flush()?;
+    }
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    assert!(resp.starts_with("HTTP/1.1 201"), "{resp}");
     Ok(())
 }
 
