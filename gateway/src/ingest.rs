@@ -66,6 +66,12 @@ pub struct FilingMeta {
     /// A part of an S3 multipart upload: stored and recorded as the part
     /// `.1` of upload `.0`, never visible as evidence on its own.
     pub part: Option<(EvidenceId, u32)>,
+    /// The body is read from this cluster's own storage (an S3 copy, or the
+    /// parts of a multipart upload being completed), not sent by a client:
+    /// `body_idle_timeout_ms` does not apply, since a pause means the
+    /// source is still being read (a ranged copy of evidence without an
+    /// outboard holds its last bytes until the whole source is checked).
+    pub body_from_store: bool,
 }
 
 /// A check of the complete body (see [`FilingMeta::body_check`]).
@@ -231,12 +237,10 @@ impl<S: Store> Upload<S> {
         let mut stripe = StripeFill::new(&self.gw.buffers, k, shard_size);
         let mut next_stripe: u64 = 0;
 
-        let idle = std::time::Duration::from_millis(self.gw.config.body_idle_timeout_ms.max(1));
+        let idle = (!meta.body_from_store)
+            .then(|| std::time::Duration::from_millis(self.gw.config.body_idle_timeout_ms.max(1)));
         loop {
-            let Some(chunk) = tokio::time::timeout(idle, body.next())
-                .await
-                .map_err(|_| ApiError::BodyIdle(idle))?
-            else {
+            let Some(chunk) = self.next_chunk(&mut body, idle).await? else {
                 break;
             };
             let mut chunk = chunk.map_err(|e| ApiError::BodyIncomplete(e.to_string()))?;
@@ -460,9 +464,41 @@ impl<S: Store> Upload<S> {
 
     /// Extends the intent's lease once a third of it has passed, so a slow but
     /// live upload is never taken for abandoned by GC. Fails if GC aborted it.
+    /// The body's next chunk. While it is awaited the intent's lease is kept
+    /// (the upload is alive, however slow its source); a client body that
+    /// sends nothing for `idle` fails the filing.
+    async fn next_chunk<B, E>(
+        &mut self,
+        body: &mut B,
+        idle: Option<std::time::Duration>,
+    ) -> Result<Option<Result<Bytes, E>>, ApiError>
+    where
+        B: Stream<Item = Result<Bytes, E>> + Unpin,
+    {
+        use tokio::time::{sleep_until, Instant};
+        let give_up = idle.map(|d| Instant::now() + d);
+        loop {
+            let renew_at = Instant::from_std(self.renewed_at) + self.lease_third();
+            tokio::select! {
+                biased;
+                next = body.next() => return Ok(next),
+                () = sleep_until(renew_at) => self.keep_lease().await?,
+                () = async {
+                    match give_up {
+                        Some(at) => sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => return Err(ApiError::BodyIdle(idle.unwrap_or_default())),
+            }
+        }
+    }
+
+    fn lease_third(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.gw.config.intent_lease_ms / 3)
+    }
+
     async fn keep_lease(&mut self) -> Result<(), ApiError> {
-        let third = std::time::Duration::from_millis(self.gw.config.intent_lease_ms / 3);
-        if self.renewed_at.elapsed() < third {
+        if self.renewed_at.elapsed() < self.lease_third() {
             return Ok(());
         }
         let now = gw_now(&self.gw);

@@ -1281,6 +1281,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 etag: None,
                 condition: None,
             }),
+            body_from_store: true,
             ..Default::default()
         };
         let body = crate::read::stream_range(self.gw.clone(), header, 0..size);
@@ -1703,6 +1704,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let meta = FilingMeta {
             tenant: who.tenant.clone(),
             part: Some((upload, number)),
+            body_from_store: true,
             ..Default::default()
         };
         let body = crate::read::stream_range(self.gw.clone(), header, range);
@@ -1804,6 +1806,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 etag: Some(etag),
                 condition,
             }),
+            body_from_store: true,
             ..Default::default()
         };
         // The object is filed anew from the parts' verified bytes, so its
