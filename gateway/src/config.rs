@@ -87,8 +87,9 @@ pub struct GatewayConfig {
     pub gc_interval_ms: u64,
     /// An upload whose client sends no body bytes for this long fails
     /// (408 `body_timeout`; S3 `RequestTimeout`) and releases its buffers,
-    /// instead of holding them while a stalled client keeps its connection.
-    /// Shorter than the intent lease, so a live slow client never loses it.
+    /// instead of holding them while a stalled client keeps its connection;
+    /// a read whose client takes no bytes for this long is abandoned.
+    /// Under two thirds of the intent lease, so a live slow client keeps it.
     #[serde(default = "default_body_idle_timeout")]
     pub body_idle_timeout_ms: u64,
     /// The notarization ledger; without it filings get no receipts.

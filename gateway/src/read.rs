@@ -234,8 +234,8 @@ async fn send_range<S: Store>(
                         }
                         if check.rebuilding() && reaches_end && check.at < header.size {
                             last_piece = Some(want);
-                        } else if tx.send(Ok(want)).await.is_err() {
-                            return Ok(()); // the client went away
+                        } else if !deliver(gw, evidence, tx, want).await {
+                            return Ok(());
                         }
                     }
                 }
@@ -249,9 +249,30 @@ async fn send_range<S: Store>(
         return Err(ReadError::Internal);
     }
     if let Some(piece) = last_piece {
-        let _ = tx.send(Ok(piece)).await;
+        deliver(gw, evidence, tx, piece).await;
     }
     Ok(())
+}
+
+/// Hands `piece` to the reader. False when the reader went away, or took
+/// nothing for `body_idle_timeout_ms`: the read is then abandoned (the
+/// response ends short of its length), so a client that stops reading
+/// with its connection open does not hold the read's stripes, nor an
+/// outboard rebuild that other readers of the evidence wait for.
+async fn deliver<S: Store>(
+    gw: &Gateway<S>,
+    evidence: EvidenceId,
+    tx: &mut mpsc::Sender<Result<Bytes, std::io::Error>>,
+    piece: Bytes,
+) -> bool {
+    let idle = std::time::Duration::from_millis(gw.config.body_idle_timeout_ms.max(1));
+    match tokio::time::timeout(idle, tx.send(Ok(piece))).await {
+        Ok(sent) => sent.is_ok(),
+        Err(_) => {
+            tracing::warn!(%evidence, idle_s = idle.as_secs_f64(), "the reader took no bytes for body_idle_timeout_ms; read abandoned");
+            false
+        }
+    }
 }
 
 /// The lock a read holds while it rebuilds `evidence`'s outboard.

@@ -710,6 +710,45 @@ fn a_stalled_upload_times_out_and_leaves_nothing() -> Result<()> {
     Ok(())
 }
 
+/// A reader that stops taking bytes with its connection open does not hold
+/// its read (stripes in memory, or an outboard rebuild other readers wait
+/// for) for ever: after `body_idle_timeout_ms` the read is abandoned and the
+/// response ends short of its Content-Length. Other reads go on.
+#[test]
+fn a_reader_that_stops_reading_is_cut_off() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.set_gateway(&[("body_idle_timeout_ms", toml::Value::Integer(1_000))])?;
+    // Larger than what loopback socket buffers hold, so the gateway blocks.
+    let data = bytes(32 * 1024 * 1024, 21);
+    let id = c.file(&data)?["id"].as_str().context("id")?.to_owned();
+    let mut s = std::net::TcpStream::connect(c.api.trim_start_matches("http://"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET /v1/evidence/{id} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+        c.token
+    )?;
+    let mut first = vec![0u8; 64 * 1024];
+    s.read_exact(&mut first)?;
+    assert!(first.starts_with(b"HTTP/1.1 200"));
+    std::thread::sleep(Duration::from_secs(4));
+    let mut rest = Vec::new();
+    // The connection closes early: a short read, or a reset.
+    let _ = s.read_to_end(&mut rest);
+    let got = first.len() + rest.len();
+    assert!(
+        got < data.len(),
+        "the whole response arrived ({got} bytes) although the reader stalled"
+    );
+    let log = std::fs::read_to_string(c.data_dir().join("gateway.log"))?;
+    assert!(log.contains("read abandoned"), "the gateway says why");
+    assert!(
+        c.read(&id)? == data,
+        "a reader that keeps reading gets it all"
+    );
+    Ok(())
+}
+
 /// Credentials: missing or unknown tokens get 401 with a JSON body; a reader
 /// cannot file; tenants cannot see each other's evidence.
 #[test]
