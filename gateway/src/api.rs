@@ -318,9 +318,12 @@ pub async fn serve<S: Store>(
         gw.clone(),
         Duration::from_millis(gw.config.repair_interval_ms),
     );
+    let http = http1(Duration::from_millis(
+        gw.config.client_idle_timeout_ms.max(1),
+    ));
     let app = router(gw);
     let https = tls.is_some();
-    let server = tokio::spawn(serve_api(listener, app, tls));
+    let server = tokio::spawn(serve_api(listener, app, tls, http));
     tracing::info!(%local_addr, https, "evidence API listening");
     Ok(RunningGateway {
         local_addr,
@@ -350,17 +353,28 @@ pub async fn serve<S: Store>(
 /// metadata headers are 1 KiB each, tokens well under that.
 const MAX_REQUEST_HEAD: usize = 64 * 1024;
 
+/// HTTP/1.1 as both APIs serve it. Request heads are bounded to
+/// [`MAX_REQUEST_HEAD`] (hyper's default lets a client hold about 400 KiB
+/// per connection in headers) and must arrive whole within `head_timeout`,
+/// which is also how long an idle keep-alive connection stays open: hyper
+/// applies its head timeout only with a timer, and none is set by default,
+/// so a client trickling a head byte by byte held its connection for ever.
+pub(crate) fn http1(head_timeout: Duration) -> hyper::server::conn::http1::Builder {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.max_buf_size(MAX_REQUEST_HEAD)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(head_timeout);
+    http
+}
+
 /// Serves the evidence API over HTTP/1.1 (over TLS with `tls`): what
-/// `axum::serve` does, with request heads bounded to [`MAX_REQUEST_HEAD`]
-/// (hyper's default lets a client hold about 400 KiB per connection in
-/// headers).
+/// `axum::serve` does, with [`http1`]'s limits.
 async fn serve_api(
     listener: tokio::net::TcpListener,
     app: Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    http: hyper::server::conn::http1::Builder,
 ) -> std::io::Result<()> {
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.max_buf_size(MAX_REQUEST_HEAD);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,

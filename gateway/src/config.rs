@@ -88,10 +88,12 @@ pub struct GatewayConfig {
     /// An upload whose client sends no body bytes for this long fails
     /// (408 `body_timeout`; S3 `RequestTimeout`) and releases its buffers,
     /// instead of holding them while a stalled client keeps its connection;
-    /// a read whose client takes no bytes for this long is abandoned.
+    /// a read whose client takes no bytes for this long is abandoned; a
+    /// request head must arrive whole within it, and an idle keep-alive
+    /// connection is closed after it (both APIs).
     /// Under two thirds of the intent lease, so a live slow client keeps it.
-    #[serde(default = "default_body_idle_timeout")]
-    pub body_idle_timeout_ms: u64,
+    #[serde(default = "default_client_idle_timeout")]
+    pub client_idle_timeout_ms: u64,
     /// The notarization ledger; without it filings get no receipts.
     #[serde(default)]
     pub ledger: Option<crate::ledger::LedgerConfig>,
@@ -188,7 +190,7 @@ fn default_hedge() -> u64 {
 fn default_lease() -> u64 {
     120_000
 }
-fn default_body_idle_timeout() -> u64 {
+fn default_client_idle_timeout() -> u64 {
     60_000
 }
 
@@ -210,7 +212,7 @@ pub enum ConfigError {
     #[error("pipeline_stripes: must be 1..=64")]
     Pipeline,
     #[error(
-        "body_idle_timeout_ms: {idle} must be positive and under two thirds of \
+        "client_idle_timeout_ms: {idle} must be positive and under two thirds of \
          intent_lease_ms ({lease}): a lease is renewed when a third of it has passed \
          and a chunk arrives, so a longer pause would lose a live upload's intent"
     )]
@@ -268,7 +270,7 @@ impl GatewayConfig {
         if !(1..=64).contains(&self.pipeline_stripes) {
             return Err(ConfigError::Pipeline);
         }
-        let (idle, lease) = (self.body_idle_timeout_ms, self.intent_lease_ms);
+        let (idle, lease) = (self.client_idle_timeout_ms, self.intent_lease_ms);
         if idle == 0 || idle.saturating_mul(3) >= lease.saturating_mul(2) {
             return Err(ConfigError::BodyIdle { idle, lease });
         }
@@ -322,18 +324,18 @@ failure_domain = "rack-a"
     fn a_body_timeout_must_leave_a_slow_upload_its_lease() {
         let mut c = example();
         assert_eq!(
-            (c.body_idle_timeout_ms, c.intent_lease_ms),
+            (c.client_idle_timeout_ms, c.intent_lease_ms),
             (60_000, 120_000)
         );
         c.intent_lease_ms = 3_000;
         for idle in [0, 2_000, 60_000] {
-            c.body_idle_timeout_ms = idle;
+            c.client_idle_timeout_ms = idle;
             assert_eq!(
                 c.validate(),
                 Err(ConfigError::BodyIdle { idle, lease: 3_000 })
             );
         }
-        c.body_idle_timeout_ms = 1_999;
+        c.client_idle_timeout_ms = 1_999;
         assert_eq!(c.validate(), Ok(()));
     }
 

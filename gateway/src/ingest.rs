@@ -68,7 +68,7 @@ pub struct FilingMeta {
     pub part: Option<(EvidenceId, u32)>,
     /// The body is read from this cluster's own storage (an S3 copy, or the
     /// parts of a multipart upload being completed), not sent by a client:
-    /// `body_idle_timeout_ms` does not apply, since a pause means the
+    /// `client_idle_timeout_ms` does not apply, since a pause means the
     /// source is still being read (a ranged copy of evidence without an
     /// outboard holds its last bytes until the whole source is checked).
     pub body_from_store: bool,
@@ -237,8 +237,9 @@ impl<S: Store> Upload<S> {
         let mut stripe = StripeFill::new(&self.gw.buffers, k, shard_size);
         let mut next_stripe: u64 = 0;
 
-        let idle = (!meta.body_from_store)
-            .then(|| std::time::Duration::from_millis(self.gw.config.body_idle_timeout_ms.max(1)));
+        let idle = (!meta.body_from_store).then(|| {
+            std::time::Duration::from_millis(self.gw.config.client_idle_timeout_ms.max(1))
+        });
         loop {
             let Some(chunk) = self.next_chunk(&mut body, idle).await? else {
                 break;

@@ -255,7 +255,7 @@ async fn send_range<S: Store>(
 }
 
 /// Hands `piece` to the reader. False when the reader went away, or took
-/// nothing for `body_idle_timeout_ms`: the read is then abandoned (the
+/// nothing for `client_idle_timeout_ms`: the read is then abandoned (the
 /// response ends short of its length), so a client that stops reading
 /// with its connection open does not hold the read's stripes, nor an
 /// outboard rebuild that other readers of the evidence wait for.
@@ -265,11 +265,11 @@ async fn deliver<S: Store>(
     tx: &mut mpsc::Sender<Result<Bytes, std::io::Error>>,
     piece: Bytes,
 ) -> bool {
-    let idle = std::time::Duration::from_millis(gw.config.body_idle_timeout_ms.max(1));
+    let idle = std::time::Duration::from_millis(gw.config.client_idle_timeout_ms.max(1));
     match tokio::time::timeout(idle, tx.send(Ok(piece))).await {
         Ok(sent) => sent.is_ok(),
         Err(_) => {
-            tracing::warn!(%evidence, idle_s = idle.as_secs_f64(), "the reader took no bytes for body_idle_timeout_ms; read abandoned");
+            tracing::warn!(%evidence, idle_s = idle.as_secs_f64(), "the reader took no bytes for client_idle_timeout_ms; read abandoned");
             false
         }
     }

@@ -89,6 +89,9 @@ pub async fn serve<S: Store + 'static>(
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let metrics = gw.metrics.clone();
+    let http = crate::api::http1(Duration::from_millis(
+        gw.config.client_idle_timeout_ms.max(1),
+    ));
     let mut builder = s3s::service::S3ServiceBuilder::new(S3Front { gw: gw.clone() });
     builder.set_auth(Auth { gw });
     if let Some(d) = domain {
@@ -135,11 +138,8 @@ pub async fn serve<S: Store + 'static>(
                         resp
                     }
                 });
-            let acceptor = acceptor.clone();
+            let (acceptor, http) = (acceptor.clone(), http.clone());
             tokio::spawn(async move {
-                let http = hyper::server::conn::http1::Builder::new()
-                    .max_buf_size(64 * 1024)
-                    .clone();
                 let ended = match acceptor {
                     None => {
                         http.serve_connection(hyper_util::rt::TokioIo::new(stream), counted)

@@ -330,7 +330,7 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         hedge_after_ms: 250,
         intent_lease_ms: 120_000,
         gc_interval_ms: 30_000,
-        body_idle_timeout_ms: 60_000,
+        client_idle_timeout_ms: 60_000,
         node_down_after_ms: 30_000,
         node_probe_interval_ms: 5_000,
         repair_interval_ms: 10_000,

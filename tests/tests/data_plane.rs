@@ -454,7 +454,7 @@ fn an_upload_cut_off_by_a_gateway_crash_is_collected_after_a_lease() -> Result<(
     let lease = Duration::from_secs(3);
     c.set_gateway(&[
         ("intent_lease_ms", toml::Value::Integer(3_000)),
-        ("body_idle_timeout_ms", toml::Value::Integer(1_500)),
+        ("client_idle_timeout_ms", toml::Value::Integer(1_500)),
         ("gc_interval_ms", toml::Value::Integer(200)),
         ("orphan_sweep_interval_ms", toml::Value::Integer(500)),
         ("orphan_grace_ms", toml::Value::Integer(1_000)),
@@ -646,12 +646,13 @@ fn disconnect_mid_upload_leaves_nothing() -> Result<()> {
 
 /// A client that stops sending mid-body but keeps its connection open (a
 /// stalled or hostile client) does not hold its upload's buffers and intent
-/// for as long as it likes: after `body_idle_timeout_ms` it gets 408 with a
-/// JSON body, nothing is visible and its shards are deleted.
+/// for as long as it likes: after `client_idle_timeout_ms` it gets 408 with a
+/// JSON body, nothing is visible and its shards are deleted. A request head
+/// that never ends is cut off after as long.
 #[test]
 fn a_stalled_upload_times_out_and_leaves_nothing() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
-    c.set_gateway(&[("body_idle_timeout_ms", toml::Value::Integer(1_000))])?;
+    c.set_gateway(&[("client_idle_timeout_ms", toml::Value::Integer(1_000))])?;
     let data = bytes(40 * STRIPE, 8);
     let mut s = std::net::TcpStream::connect(c.api.trim_start_matches("http://"))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -680,6 +681,19 @@ fn a_stalled_upload_times_out_and_leaves_nothing() -> Result<()> {
     assert!(
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(20),
         "answered after {waited:?}"
+    );
+    // A head trickled and never finished is not waited for either (nor is
+    // an idle connection kept open for ever).
+    let mut h = std::net::TcpStream::connect(c.api.trim_start_matches("http://"))?;
+    h.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let opened = std::time::Instant::now();
+    h.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")?;
+    let mut rest = Vec::new();
+    let closed = h.read_to_end(&mut rest);
+    assert!(
+        opened.elapsed() < Duration::from_secs(20),
+        "an unfinished head held its connection {:?} ({closed:?})",
+        opened.elapsed()
     );
     let half = blake3_hex(&data[..data.len() / 2]);
     let a = c.get_with(&c.token, &format!("/v1/evidence/by-hash/{half}"), &[])?;
@@ -712,12 +726,12 @@ fn a_stalled_upload_times_out_and_leaves_nothing() -> Result<()> {
 
 /// A reader that stops taking bytes with its connection open does not hold
 /// its read (stripes in memory, or an outboard rebuild other readers wait
-/// for) for ever: after `body_idle_timeout_ms` the read is abandoned and the
+/// for) for ever: after `client_idle_timeout_ms` the read is abandoned and the
 /// response ends short of its Content-Length. Other reads go on.
 #[test]
 fn a_reader_that_stops_reading_is_cut_off() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
-    c.set_gateway(&[("body_idle_timeout_ms", toml::Value::Integer(1_000))])?;
+    c.set_gateway(&[("client_idle_timeout_ms", toml::Value::Integer(1_000))])?;
     // Larger than what loopback socket buffers hold, so the gateway blocks.
     let data = bytes(32 * 1024 * 1024, 21);
     let id = c.file(&data)?["id"].as_str().context("id")?.to_owned();
