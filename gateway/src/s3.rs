@@ -255,14 +255,38 @@ fn parse_retention_mode(m: &ObjectLockRetentionMode) -> S3Result<LockMode> {
     }
 }
 
-fn parse_version(v: Option<&str>) -> S3Result<Option<EvidenceId>> {
+/// The version a request names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum VersionRef {
+    /// No `versionId`: the newest.
+    Newest,
+    Id(EvidenceId),
+    /// `versionId=null`: the version written while versioning was not
+    /// enabled, as S3 names it (and as listings show it).
+    Null,
+}
+
+fn parse_version(v: Option<&str>) -> S3Result<VersionRef> {
     match v {
-        None => Ok(None),
+        None => Ok(VersionRef::Newest),
+        Some("null") => Ok(VersionRef::Null),
         Some(s) => s
             .parse()
-            .map(Some)
-            .map_err(|_| s3_error!(NoSuchVersion, "no version {s:?}")),
+            .map(VersionRef::Id)
+            .map_err(|_| s3_error!(InvalidArgument, "invalid version id {s:?}")),
     }
+}
+
+/// `x-amz-object-lock-legal-hold` of GET and HEAD: on a bucket with
+/// Object Lock, ON or OFF.
+fn legal_hold_status(b: &BucketRecord, v: &ObjectVersion) -> Option<ObjectLockLegalHoldStatus> {
+    b.object_lock.then(|| {
+        ObjectLockLegalHoldStatus::from_static(if v.legal_hold {
+            ObjectLockLegalHoldStatus::ON
+        } else {
+            ObjectLockLegalHoldStatus::OFF
+        })
+    })
 }
 
 fn show_version(b: &BucketRecord, v: &ObjectVersion) -> Option<String> {
@@ -322,16 +346,19 @@ impl<S: Store> S3Front<S> {
         Ok(b)
     }
 
-    async fn version(
-        &self,
-        bucket: &str,
-        key: &str,
-        version_id: Option<EvidenceId>,
-    ) -> S3Result<ObjectVersion> {
+    async fn version(&self, bucket: &str, key: &str, which: VersionRef) -> S3Result<ObjectVersion> {
         let (b, k) = (bucket.to_owned(), key.to_owned());
         indexer::run(&self.gw.store, |tx| {
             let (b, k) = (&b, &k);
-            async move { ix::get_version_tx(&tx, b, k, version_id).await }
+            async move {
+                match which {
+                    VersionRef::Newest => ix::get_version_tx(&tx, b, k, None).await,
+                    VersionRef::Id(id) => ix::get_version_tx(&tx, b, k, Some(id)).await,
+                    VersionRef::Null => ix::null_version_tx(&tx, b, k)
+                        .await?
+                        .ok_or(ObjectError::NoSuchVersion),
+                }
+            }
         })
         .await
         .map_err(|e| s3_err(e.into()))
@@ -348,7 +375,7 @@ impl<S: Store> S3Front<S> {
         let Some(check) = condition else {
             return Ok(());
         };
-        let current = match self.version(bucket, key, None).await {
+        let current = match self.version(bucket, key, VersionRef::Newest).await {
             Ok(v) if !v.is_delete_marker() => Some(v),
             Ok(_) => None,
             Err(e) if *e.code() == S3ErrorCode::NoSuchKey => None,
@@ -365,10 +392,10 @@ impl<S: Store> S3Front<S> {
         key: &str,
         version_id: Option<&str>,
     ) -> S3Result<(ObjectVersion, protocol::ManifestHeader)> {
-        let vid = parse_version(version_id)?;
-        let v = self.version(bucket, key, vid).await?;
+        let which = parse_version(version_id)?;
+        let v = self.version(bucket, key, which).await?;
         let Some(evidence) = v.evidence else {
-            return Err(if vid.is_some() {
+            return Err(if which != VersionRef::Newest {
                 s3_error!(MethodNotAllowed, "this version is a delete marker")
             } else {
                 s3_error!(NoSuchKey)
@@ -439,7 +466,10 @@ impl<S: Store> S3Front<S> {
 
     /// One DELETE: of a version (Object Lock enforced in the index
     /// transaction), or of the current object (a delete marker where
-    /// versioned). Returns (delete marker?, version id) as S3 reports them.
+    /// versioned). `if_match` (S3's conditional delete) is checked in the
+    /// same transaction against the version deleted, or the current object.
+    /// Returns (delete marker?, version id) as S3 reports them.
+    #[allow(clippy::too_many_arguments)]
     async fn delete_one(
         &self,
         who: &Caller,
@@ -447,11 +477,13 @@ impl<S: Store> S3Front<S> {
         bucket: &str,
         key: &str,
         version_id: Option<&str>,
+        if_match: Option<&ETagCondition>,
         bypass_requested: bool,
     ) -> S3Result<(Option<bool>, Option<String>)> {
         if !ix::valid_key(key) {
             return Err(s3_error!(InvalidArgument, "invalid object key"));
         }
+        let which = parse_version(version_id)?;
         let now = self.gw.clock.now_ms();
         // Locks end by the compliance clock, which no system clock moves.
         let compliance = self.gw.clock.compliance_ms();
@@ -459,51 +491,81 @@ impl<S: Store> S3Front<S> {
         // request's header, as in S3.
         let bypass = who.bypass_governance && bypass_requested;
         let (bucket, key) = (bucket.to_owned(), key.to_owned());
-        match parse_version(version_id) {
-            Ok(Some(vid)) => {
-                let removed =
-                    indexer::run(&self.gw.store, |tx| {
-                        let (bucket, key) = (&bucket, &key);
-                        async move {
-                            ix::delete_version_tx(&tx, bucket, key, vid, compliance, bypass).await
+        let unmatched = |v: Option<&ObjectVersion>| {
+            if_match.is_some_and(|c| !v.is_some_and(|v| etag_matches(c, &v.etag)))
+        };
+        let refused = || ObjectError::PreconditionFailed("If-Match does not match".into());
+        if which == VersionRef::Newest {
+            let marker = ObjectVersion {
+                version_id: EvidenceId::new(now, rand::random()),
+                null_version: false,
+                evidence: None,
+                size: 0,
+                etag: String::new(),
+                last_modified_ms: now,
+                content_type: None,
+                user_metadata: Vec::new(),
+                retention: None,
+                legal_hold: false,
+            };
+            let done = indexer::run(&self.gw.store, |tx| {
+                let (bucket, key, marker) = (&bucket, &key, &marker);
+                async move {
+                    if if_match.is_some() {
+                        let current = match ix::get_version_tx(&tx, bucket, key, None).await {
+                            Ok(v) if !v.is_delete_marker() => Some(v),
+                            Ok(_) | Err(ObjectError::NoSuchKey) => None,
+                            Err(e) => return Err(e),
+                        };
+                        if unmatched(current.as_ref()) {
+                            return Err(refused());
                         }
-                    })
-                    .await
-                    .map_err(|e| s3_err(e.into()))?;
-                tracing::info!(bucket = %bucket, key = %key, version = %vid, by = %who.tenant, role = ?who.role, "object version deleted");
-                Ok((
-                    removed.is_delete_marker().then_some(true),
-                    show_version(b, &removed),
-                ))
-            }
-            Ok(None) => {
-                let marker = ObjectVersion {
-                    version_id: EvidenceId::new(now, rand::random()),
-                    null_version: false,
-                    evidence: None,
-                    size: 0,
-                    etag: String::new(),
-                    last_modified_ms: now,
-                    content_type: None,
-                    user_metadata: Vec::new(),
-                    retention: None,
-                    legal_hold: false,
-                };
-                let done = indexer::run(&self.gw.store, |tx| {
-                    let (bucket, key, marker) = (&bucket, &key, &marker);
-                    async move {
-                        ix::delete_current_tx(&tx, bucket, key, marker, compliance, bypass).await
                     }
-                })
-                .await
-                .map_err(|e| s3_err(e.into()))?;
-                Ok(match done {
-                    Deleted::Marker(m) => (Some(true), show_version(b, &m)),
-                    Deleted::Removed => (None, None),
-                })
+                    ix::delete_current_tx(&tx, bucket, key, marker, compliance, bypass).await
+                }
+            })
+            .await
+            .map_err(|e| s3_err(e.into()))?;
+            return Ok(match done {
+                Deleted::Marker(m) => (Some(true), show_version(b, &m)),
+                Deleted::Removed => (None, None),
+            });
+        }
+        let removed = indexer::run(&self.gw.store, |tx| {
+            let (bucket, key) = (&bucket, &key);
+            async move {
+                let found = match which {
+                    VersionRef::Id(id) => {
+                        match ix::get_version_tx(&tx, bucket, key, Some(id)).await {
+                            Ok(v) => Some(v),
+                            Err(ObjectError::NoSuchVersion) => None,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    _ => ix::null_version_tx(&tx, bucket, key).await?,
+                };
+                let Some(v) = found else {
+                    return Ok(None);
+                };
+                if unmatched(Some(&v)) {
+                    return Err(refused());
+                }
+                ix::delete_version_tx(&tx, bucket, key, v.version_id, compliance, bypass)
+                    .await
+                    .map(Some)
             }
-            // An id that is not ours names no version: deleting it is a no-op.
-            Err(_) => Ok((None, None)),
+        })
+        .await
+        .map_err(|e| s3_err(e.into()))?;
+        // S3 names the version asked for, whether or not there was one
+        // (deleting what is not there succeeds, as S3's DELETE does).
+        let named = version_id.map(str::to_owned);
+        match removed {
+            Some(v) => {
+                tracing::info!(bucket = %bucket, key = %key, version = %v.version_id, by = %who.tenant, role = ?who.role, "object version deleted");
+                Ok((v.is_delete_marker().then_some(true), named))
+            }
+            None => Ok((None, named)),
         }
     }
 
@@ -551,7 +613,9 @@ impl<S: Store> S3Front<S> {
             Filing::New { header, .. } | Filing::Replayed(header) => header,
             Filing::Part { .. } => return Err(internal(ApiError::Internal)),
         };
-        let v = self.version(bucket, key, Some(header.evidence)).await?;
+        let v = self
+            .version(bucket, key, VersionRef::Id(header.evidence))
+            .await?;
         let mut headers = self.custodia_headers(header.evidence);
         let receipt = crate::ledger::wait_for_receipt(
             &self.gw,
@@ -1104,13 +1168,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             version_id: show_version(&b, &v),
             object_lock_mode: v.retention.map(|r| lock_mode(r.mode)),
             object_lock_retain_until_date: v.retention.map(|r| ms_to_ts(r.until_ms)),
-            object_lock_legal_hold_status: b.object_lock.then(|| {
-                ObjectLockLegalHoldStatus::from_static(if v.legal_hold {
-                    ObjectLockLegalHoldStatus::ON
-                } else {
-                    ObjectLockLegalHoldStatus::OFF
-                })
-            }),
+            object_lock_legal_hold_status: legal_hold_status(&b, &v),
             ..Default::default()
         });
         resp.headers = self.custodia_headers(evidence);
@@ -1142,6 +1200,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             version_id: show_version(&b, &v),
             object_lock_mode: v.retention.map(|r| lock_mode(r.mode)),
             object_lock_retain_until_date: v.retention.map(|r| ms_to_ts(r.until_ms)),
+            object_lock_legal_hold_status: legal_hold_status(&b, &v),
             ..Default::default()
         });
         resp.headers = self.custodia_headers(header.evidence);
@@ -1163,6 +1222,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 &input.bucket,
                 &input.key,
                 input.version_id.as_deref(),
+                input.if_match.as_ref(),
                 bypass,
             )
             .await?;
@@ -1188,6 +1248,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let mut deleted = Vec::new();
         let mut errors = Vec::new();
         for o in &input.delete.objects {
+            let if_match = o.e_tag.clone().map(ETagCondition::ETag);
             match self
                 .delete_one(
                     &who,
@@ -1195,6 +1256,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                     &input.bucket,
                     &o.key,
                     o.version_id.as_deref(),
+                    if_match.as_ref(),
                     bypass,
                 )
                 .await
@@ -1397,9 +1459,12 @@ impl<S: Store + 'static> S3 for S3Front<S> {
     ) -> S3Result<S3Response<PutObjectLockConfigurationOutput>> {
         let who = self.caller(&req, Role::Clerk).await?;
         self.bucket(&who, &req.input.bucket).await?;
-        let rule = req
-            .input
-            .object_lock_configuration
+        let config = req.input.object_lock_configuration;
+        let enable = config
+            .as_ref()
+            .and_then(|c| c.object_lock_enabled.as_ref())
+            .is_some_and(|e| e.as_str() == ObjectLockEnabled::ENABLED);
+        let rule = config
             .and_then(|c| c.rule)
             .and_then(|r| r.default_retention);
         let default = match rule {
@@ -1425,10 +1490,15 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             }
         };
         self.update_bucket(&req.input.bucket, |b| {
+            // As S3 now allows: an existing bucket takes Object Lock once its
+            // versioning is enabled (and keeps both for good).
+            if !b.object_lock && enable && b.versioning == Versioning::Enabled {
+                b.object_lock = true;
+            }
             if !b.object_lock {
                 return Err(s3_error!(
                     InvalidBucketState,
-                    "Object Lock can only be enabled when the bucket is created"
+                    "Object Lock needs ObjectLockEnabled=Enabled on a bucket whose versioning is enabled"
                 ));
             }
             b.default_retention = default;

@@ -589,6 +589,19 @@ pub async fn get_version_tx<T: Transaction>(
     }
 }
 
+/// The "null" version of `key` (written while versioning was not enabled),
+/// delete marker or not, if there is one.
+pub async fn null_version_tx<T: Transaction>(
+    tx: &T,
+    bucket: &str,
+    key: &str,
+) -> Result<Option<ObjectVersion>, ObjectError> {
+    Ok(versions_tx(tx, bucket, key, 10_000)
+        .await?
+        .into_iter()
+        .find(|v| v.null_version))
+}
+
 /// Permanently removes one version, enforcing Object Lock in this
 /// transaction. Returns the removed version.
 pub async fn delete_version_tx<T: Transaction>(

@@ -123,5 +123,47 @@ check(s3.delete_object(Bucket="boto-locked", Key="c")["DeleteMarker"], "a delete
 got = s3.get_object(Bucket="boto-locked", Key="c", VersionId=v)["Body"].read()
 check(got == b"locked", "the locked version is intact")
 
+# The "null" version (written before versioning was enabled), by the name
+# S3 gives it and listings show.
+s3.create_bucket(Bucket="boto-nulls")
+s3.put_object(Bucket="boto-nulls", Key="k", Body=b"before versioning")
+s3.put_bucket_versioning(Bucket="boto-nulls", VersioningConfiguration={"Status": "Enabled"})
+newer = s3.put_object(Bucket="boto-nulls", Key="k", Body=b"after")["VersionId"]
+ids = sorted(v["VersionId"] for v in s3.list_object_versions(Bucket="boto-nulls")["Versions"])
+check(ids == sorted(["null", newer]), "the null version listed: %r" % ids)
+got = s3.get_object(Bucket="boto-nulls", Key="k", VersionId="null")["Body"].read()
+check(got == b"before versioning", "GET versionId=null")
+code = error_code(s3.get_object, Bucket="boto-nulls", Key="k", VersionId="not-a-version")
+check(code == "InvalidArgument", "a malformed version id: %r" % code)
+s3.delete_object(Bucket="boto-nulls", Key="k", VersionId="null")
+ids = [v["VersionId"] for v in s3.list_object_versions(Bucket="boto-nulls").get("Versions", [])]
+check(ids == [newer], "DELETE versionId=null removed it, and only it: %r" % ids)
+
+# Conditional delete: a stale ETag is refused and deletes nothing.
+etag = s3.head_object(Bucket="boto-nulls", Key="k")["ETag"]
+stale = '"0123456789abcdef0123456789abcdef"'
+code = error_code(s3.delete_object, Bucket="boto-nulls", Key="k", IfMatch=stale)
+check(code == "PreconditionFailed", "If-Match with a stale ETag: %r" % code)
+check(s3.get_object(Bucket="boto-nulls", Key="k")["Body"].read() == b"after", "nothing deleted")
+check(s3.delete_object(Bucket="boto-nulls", Key="k", IfMatch=etag).get("DeleteMarker"), "If-Match with the current ETag deletes")
+
+# Object Lock on an existing bucket whose versioning is enabled, as S3 allows;
+# not on one without versioning.
+s3.put_object_lock_configuration(
+    Bucket="boto-nulls",
+    ObjectLockConfiguration={"ObjectLockEnabled": "Enabled", "Rule": {"DefaultRetention": {"Mode": "GOVERNANCE", "Days": 1}}},
+)
+held = s3.put_object(Bucket="boto-nulls", Key="h", Body=b"held")["VersionId"]
+head = s3.head_object(Bucket="boto-nulls", Key="h")
+check(head.get("ObjectLockMode") == "GOVERNANCE", "default retention applies: %r" % head)
+check(head.get("ObjectLockLegalHoldStatus") == "OFF", "HEAD reports the legal hold: %r" % head)
+code = error_code(s3.delete_object, Bucket="boto-nulls", Key="h", VersionId=held)
+check(code == "AccessDenied", "the new lock holds: %r" % code)
+s3.create_bucket(Bucket="boto-plain")
+code = error_code(
+    s3.put_object_lock_configuration, Bucket="boto-plain", ObjectLockConfiguration={"ObjectLockEnabled": "Enabled"}
+)
+check(code == "InvalidBucketState", "no Object Lock without versioning: %r" % code)
+
 print("boto3 %s (CRC32 as %s): %d checks passed" % (boto3.__version__, via, checks))
 sys.exit(0)
