@@ -1514,7 +1514,12 @@ impl<S: Store + 'static> S3 for S3Front<S> {
     ) -> S3Result<S3Response<GetObjectRetentionOutput>> {
         let who = self.caller(&req, Role::Reader).await?;
         let input = &req.input;
-        self.bucket(&who, &input.bucket).await?;
+        if !self.bucket(&who, &input.bucket).await?.object_lock {
+            return Err(s3_error!(
+                InvalidRequest,
+                "Bucket is missing Object Lock Configuration"
+            ));
+        }
         let (v, _) = self
             .readable(&input.bucket, &input.key, input.version_id.as_deref())
             .await?;
@@ -1593,7 +1598,12 @@ impl<S: Store + 'static> S3 for S3Front<S> {
     ) -> S3Result<S3Response<GetObjectLegalHoldOutput>> {
         let who = self.caller(&req, Role::Reader).await?;
         let input = &req.input;
-        self.bucket(&who, &input.bucket).await?;
+        if !self.bucket(&who, &input.bucket).await?.object_lock {
+            return Err(s3_error!(
+                InvalidRequest,
+                "Bucket is missing Object Lock Configuration"
+            ));
+        }
         let (v, _) = self
             .readable(&input.bucket, &input.key, input.version_id.as_deref())
             .await?;

@@ -1185,6 +1185,23 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
             far,
         ],
     )?;
+    // Nor is there a lock to read there.
+    admin.ok(&[
+        "s3api",
+        "put-object",
+        "--bucket",
+        "plain",
+        "--key",
+        "x",
+        "--body",
+        &f,
+    ])?;
+    for call in ["get-object-retention", "get-object-legal-hold"] {
+        admin.fails(
+            "InvalidRequest",
+            &["s3api", call, "--bucket", "plain", "--key", "x"],
+        )?;
+    }
     check_on_disk(&c, &data)
 }
 
