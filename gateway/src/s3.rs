@@ -395,11 +395,20 @@ impl<S: Store> S3Front<S> {
         let which = parse_version(version_id)?;
         let v = self.version(bucket, key, which).await?;
         let Some(evidence) = v.evidence else {
-            return Err(if which != VersionRef::Newest {
+            let mut e = if which != VersionRef::Newest {
                 s3_error!(MethodNotAllowed, "this version is a delete marker")
             } else {
                 s3_error!(NoSuchKey)
-            });
+            };
+            // As S3: the answer says a delete marker is why (clients tell a
+            // deleted key from one that never was by it).
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                "x-amz-delete-marker",
+                http::HeaderValue::from_static("true"),
+            );
+            e.set_headers(headers);
+            return Err(e);
         };
         let header = indexer::run(&self.gw.store, |tx| async move {
             schema::get_manifest_tx(&tx, evidence).await

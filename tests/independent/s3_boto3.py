@@ -146,6 +146,13 @@ code = error_code(s3.delete_object, Bucket="boto-nulls", Key="k", IfMatch=stale)
 check(code == "PreconditionFailed", "If-Match with a stale ETag: %r" % code)
 check(s3.get_object(Bucket="boto-nulls", Key="k")["Body"].read() == b"after", "nothing deleted")
 check(s3.delete_object(Bucket="boto-nulls", Key="k", IfMatch=etag).get("DeleteMarker"), "If-Match with the current ETag deletes")
+try:
+    s3.get_object(Bucket="boto-nulls", Key="k")
+    check(False, "a GET under a delete marker fails")
+except ClientError as e:
+    headers = e.response["ResponseMetadata"]["HTTPHeaders"]
+    check(e.response["Error"]["Code"] == "NoSuchKey", "NoSuchKey under a delete marker")
+    check(headers.get("x-amz-delete-marker") == "true", "the 404 says a delete marker: %r" % headers)
 
 # Object Lock on an existing bucket whose versioning is enabled, as S3 allows;
 # not on one without versioning.
