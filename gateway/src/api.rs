@@ -825,6 +825,9 @@ pub(crate) async fn recorded_read<S: Store>(
         gw.clone(),
         header,
         range,
+        Some(Duration::from_millis(
+            gw.config.client_idle_timeout_ms.max(1),
+        )),
     )))
 }
 

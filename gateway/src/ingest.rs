@@ -463,8 +463,6 @@ impl<S: Store> Upload<S> {
         self.keep_lease().await
     }
 
-    /// Extends the intent's lease once a third of it has passed, so a slow but
-    /// live upload is never taken for abandoned by GC. Fails if GC aborted it.
     /// The body's next chunk. While it is awaited the intent's lease is kept
     /// (the upload is alive, however slow its source); a client body that
     /// sends nothing for `idle` fails the filing.
@@ -498,6 +496,8 @@ impl<S: Store> Upload<S> {
         std::time::Duration::from_millis(self.gw.config.intent_lease_ms / 3)
     }
 
+    /// Extends the intent's lease once a third of it has passed, so a slow but
+    /// live upload is never taken for abandoned by GC. Fails if GC aborted it.
     async fn keep_lease(&mut self) -> Result<(), ApiError> {
         if self.renewed_at.elapsed() < self.lease_third() {
             return Ok(());

@@ -100,7 +100,7 @@ pub async fn read_small<S: Store>(
 ) -> Result<Bytes, ReadError> {
     let (mut tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     let fetch = async move {
-        let fetched = send_range(gw, header, 0..header.size, &mut tx).await;
+        let fetched = send_range(gw, header, 0..header.size, &mut tx, None).await;
         drop(tx); // ends the collection below
         fetched
     };
@@ -122,25 +122,46 @@ pub async fn read_small<S: Store>(
     Ok(content.slice(range.start as usize..range.end as usize))
 }
 
-/// Streams bytes `range` of `header`'s content, verified.
+/// Streams bytes `range` of `header`'s content, verified. `idle`: for a
+/// client's read, how long it may take nothing before the read is
+/// abandoned (see [`deliver`]); `None` for the cluster's own reads (copies),
+/// which wait for their consumer however long it takes.
+///
+/// A stream that ends short of the range, for whatever reason, ends with an
+/// error rather than quietly: a copy must never file a prefix as the whole.
 pub fn stream_range<S: Store>(
     gw: Arc<Gateway<S>>,
     header: ManifestHeader,
     range: Range<u64>,
+    idle: Option<std::time::Duration>,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
     let (mut tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(2);
     let served = gw.metrics.read_bytes.clone();
+    let want = range.end.saturating_sub(range.start);
+    let got = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = got.clone();
     tokio::spawn(async move {
-        if let Err(e) = send_range(&gw, &header, range, &mut tx).await {
+        if let Err(e) = send_range(&gw, &header, range, &mut tx, idle).await {
             tracing::error!(evidence = %header.evidence, error = %e, "read failed");
             let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
         }
     });
+    let short = futures::stream::once(async move {
+        let got = counted.load(Ordering::Relaxed);
+        (got < want).then(|| {
+            Err(std::io::Error::other(format!(
+                "the read ended after {got} of {want} bytes"
+            )))
+        })
+    })
+    .filter_map(futures::future::ready);
     rx.inspect(move |piece| {
         if let Ok(bytes) = piece {
+            got.fetch_add(bytes.len() as u64, Ordering::Relaxed);
             served.inc_by(bytes.len() as u64);
         }
     })
+    .chain(short)
 }
 
 async fn send_range<S: Store>(
@@ -148,6 +169,7 @@ async fn send_range<S: Store>(
     header: &ManifestHeader,
     range: Range<u64>,
     tx: &mut mpsc::Sender<Result<Bytes, std::io::Error>>,
+    idle: Option<std::time::Duration>,
 ) -> Result<(), ReadError> {
     if header.size == 0 {
         // No group to check: the root must be that of no bytes.
@@ -234,7 +256,7 @@ async fn send_range<S: Store>(
                         }
                         if check.rebuilding() && reaches_end && check.at < header.size {
                             last_piece = Some(want);
-                        } else if !deliver(gw, evidence, tx, want).await {
+                        } else if !deliver(evidence, tx, want, idle).await {
                             return Ok(());
                         }
                     }
@@ -249,30 +271,44 @@ async fn send_range<S: Store>(
         return Err(ReadError::Internal);
     }
     if let Some(piece) = last_piece {
-        deliver(gw, evidence, tx, piece).await;
+        deliver(evidence, tx, piece, idle).await;
     }
     Ok(())
 }
 
-/// Hands `piece` to the reader. False when the reader went away, or took
-/// nothing for `client_idle_timeout_ms`: the read is then abandoned (the
-/// response ends short of its length), so a client that stops reading
-/// with its connection open does not hold the read's stripes, nor an
-/// outboard rebuild that other readers of the evidence wait for.
-async fn deliver<S: Store>(
-    gw: &Gateway<S>,
+/// Slices a client's read is handed over in: the idle limit is measured
+/// per slice, so a client that reads slowly but steadily is not cut off
+/// because a whole 1 MiB piece took it longer than the limit.
+const DELIVER_SLICE: usize = 256 * 1024;
+
+/// Hands `piece` to the reader. False when the reader went away, or (with
+/// `idle`, a client's read) took none of a [`DELIVER_SLICE`] for `idle`:
+/// the read is then abandoned (the response ends short of its length), so
+/// a client that stops reading with its connection open does not hold the
+/// read's stripes, nor an outboard rebuild that other readers of the
+/// evidence wait for.
+async fn deliver(
     evidence: EvidenceId,
     tx: &mut mpsc::Sender<Result<Bytes, std::io::Error>>,
     piece: Bytes,
+    idle: Option<std::time::Duration>,
 ) -> bool {
-    let idle = std::time::Duration::from_millis(gw.config.client_idle_timeout_ms.max(1));
-    match tokio::time::timeout(idle, tx.send(Ok(piece))).await {
-        Ok(sent) => sent.is_ok(),
-        Err(_) => {
-            tracing::warn!(%evidence, idle_s = idle.as_secs_f64(), "the reader took no bytes for client_idle_timeout_ms; read abandoned");
-            false
+    let Some(idle) = idle else {
+        return tx.send(Ok(piece)).await.is_ok();
+    };
+    let mut at = 0;
+    while at < piece.len() {
+        let end = (at + DELIVER_SLICE).min(piece.len());
+        match tokio::time::timeout(idle, tx.send(Ok(piece.slice(at..end)))).await {
+            Ok(Ok(())) => at = end,
+            Ok(Err(_)) => return false,
+            Err(_) => {
+                tracing::warn!(%evidence, idle_s = idle.as_secs_f64(), "the reader took nothing for client_idle_timeout_ms; read abandoned");
+                return false;
+            }
         }
     }
+    true
 }
 
 /// The lock a read holds while it rebuilds `evidence`'s outboard.

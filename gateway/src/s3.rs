@@ -1355,7 +1355,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             body_from_store: true,
             ..Default::default()
         };
-        let body = crate::read::stream_range(self.gw.clone(), header, 0..size);
+        let body = crate::read::stream_range(self.gw.clone(), header, 0..size, None);
         let filing = tokio::spawn(ingest::file_evidence(self.gw.clone(), meta, Box::pin(body)))
             .await
             .map_err(|_| internal(ApiError::Internal))?
@@ -1796,7 +1796,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             body_from_store: true,
             ..Default::default()
         };
-        let body = crate::read::stream_range(self.gw.clone(), header, range);
+        let body = crate::read::stream_range(self.gw.clone(), header, range, None);
         let record = self.file_part(meta, Box::pin(body)).await?;
         Ok(S3Response::new(UploadPartCopyOutput {
             copy_part_result: Some(CopyPartResult {
@@ -1910,7 +1910,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             let tenant = meta.tenant.clone();
             let body = futures::stream::iter(chosen.clone())
                 .map(move |p| {
-                    crate::read::stream_range(gw.clone(), part_header(&tenant, &p), 0..p.size)
+                    crate::read::stream_range(gw.clone(), part_header(&tenant, &p), 0..p.size, None)
                 })
                 .flatten();
             let filing = tokio::spawn(ingest::file_evidence(

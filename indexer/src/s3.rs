@@ -1000,7 +1000,8 @@ mod tests {
             mode: LockMode::Compliance,
             period: RetentionPeriod::Years(n),
         };
-        // Seven years over two leap days: 2,557 days, not 7 x 365.
+        // Seven years across 29 February 2028: 2,556 days, where 7 x 365
+        // would end on 28 February 2031.
         assert_eq!(years(7).until_ms(noon(2024, 3, 1)), noon(2031, 3, 1));
         assert_eq!(years(1).until_ms(noon(2023, 6, 15)), noon(2024, 6, 15));
         // 29 February has no date in a common year: 1 March, never earlier.
