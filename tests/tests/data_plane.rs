@@ -606,6 +606,19 @@ fn a_read_that_hedges_past_a_dead_node_has_it_marked_down() -> Result<()> {
     Ok(())
 }
 
+/// Connects and sends the head of an evidence upload of `len` bytes, over
+/// raw HTTP/1.1 so that the test can cut, stall or trickle the body.
+fn raw_upload(c: &TestCluster, len: usize, close: bool) -> Result<std::net::TcpStream> {
+    let mut s = std::net::TcpStream::connect(c.api.trim_start_matches("http://"))?;
+    let close = if close { "Connection: close\r\n" } else { "" };
+    write!(
+        s,
+        "POST /v1/evidence HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: {len}\r\n{close}\r\n",
+        c.token
+    )?;
+    Ok(s)
+}
+
 /// A client that disconnects mid-upload leaves no visible evidence, and its
 /// shards are deleted.
 #[test]
@@ -613,13 +626,7 @@ fn disconnect_mid_upload_leaves_nothing() -> Result<()> {
     let c = TestCluster::start(Shape::default())?;
     let data = bytes(40 * STRIPE, 3);
     {
-        let mut s = std::net::TcpStream::connect(c.api.trim_start_matches("http://"))?;
-        write!(
-            s,
-            "POST /v1/evidence HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n",
-            c.token,
-            data.len()
-        )?;
+        let mut s = raw_upload(&c, data.len(), false)?;
         s.write_all(&data[..data.len() / 2])?;
         s.flush()?;
         std::thread::sleep(Duration::from_millis(500));
@@ -653,14 +660,8 @@ fn a_stalled_upload_times_out_and_leaves_nothing() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
     c.set_gateway(&[("client_idle_timeout_ms", toml::Value::Integer(2_000))])?;
     let data = bytes(40 * STRIPE, 8);
-    let mut s = std::net::TcpStream::connect(c.api.trim_start_matches("http://"))?;
+    let mut s = raw_upload(&c, data.len(), false)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "POST /v1/evidence HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n",
-        c.token,
-        data.len()
-    )?;
     s.write_all(&data[..data.len() / 2])?;
     s.flush()?;
     let stalled = std::time::Instant::now();
@@ -705,13 +706,7 @@ fn a_stalled_upload_times_out_and_leaves_nothing() -> Result<()> {
     drop(s);
     // A client that keeps sending, however slowly, is not cut off.
     let slow = bytes(3 * STRIPE, 9);
-    let mut s = std::net::TcpStream::connect(c.api.trim_start_matches("http://"))?;
-    write!(
-        s,
-        "POST /v1/evidence HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        c.token,
-        slow.len()
-    )?;
+    let mut s = raw_upload(&c, slow.len(), true)?;
     for piece in slow.chunks(slow.len() / 4 + 1) {
         std::thread::sleep(Duration::from_millis(600));
         s.write_all(piece)?;

@@ -1168,25 +1168,7 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
 
     // Lock headers on a bucket without Object Lock are refused.
     admin.ok(&["s3", "mb", "s3://plain"])?;
-    admin.fails(
-        "InvalidRequest",
-        &[
-            "s3api",
-            "put-object",
-            "--bucket",
-            "plain",
-            "--key",
-            "x",
-            "--body",
-            &f,
-            "--object-lock-mode",
-            "COMPLIANCE",
-            "--object-lock-retain-until-date",
-            far,
-        ],
-    )?;
-    // Nor is there a lock to read there.
-    admin.ok(&[
+    let put_plain = [
         "s3api",
         "put-object",
         "--bucket",
@@ -1195,7 +1177,16 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
         "x",
         "--body",
         &f,
-    ])?;
+    ];
+    let lock = [
+        "--object-lock-mode",
+        "COMPLIANCE",
+        "--object-lock-retain-until-date",
+        far,
+    ];
+    admin.fails("InvalidRequest", &[&put_plain[..], &lock[..]].concat())?;
+    // Nor is there a lock to read there.
+    admin.ok(&put_plain)?;
     for call in ["get-object-retention", "get-object-legal-hold"] {
         admin.fails(
             "InvalidRequest",
