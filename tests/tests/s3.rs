@@ -1137,8 +1137,9 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
         "--key",
         "y.bin",
     ])?;
-    // RetainUntilDate is ISO 8601, LastModified an HTTP date
-    // ("Thu, 03 Dec 2026 22:59:49 GMT"): both as (year, month, day).
+    // RetainUntilDate is ISO 8601; LastModified is an HTTP date ("Thu, 03
+    // Dec 2026 22:59:49 GMT") from aws-cli 1, ISO 8601 from aws-cli 2
+    // (Debian's): each as (year, month, day).
     let until = head["ObjectLockRetainUntilDate"]
         .as_str()
         .unwrap_or_default();
@@ -1159,7 +1160,10 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
         let month = months.iter().position(|m| *m == name)? as u32 + 1;
         Some((w.next()?.parse().ok()?, month, day))
     };
-    let filed = http(head["LastModified"].as_str().unwrap_or_default()).context("LastModified")?;
+    let modified = head["LastModified"].as_str().unwrap_or_default();
+    let filed = http(modified)
+        .or_else(|| iso(modified))
+        .with_context(|| format!("LastModified {modified:?}"))?;
     let want = match filed {
         (y, 2, 29) => (y + 1, 3, 1),
         (y, m, d) => (y + 1, m, d),
