@@ -11,12 +11,14 @@
 //! Every read is checked against the content root itself, in one BLAKE3 pass:
 //! it is widened to whole 1 MiB groups, and each group is hashed as it
 //! arrives and sent only once it matches the chaining value the Bao outboard
-//! (`protocol::bao`) gives for it, verified down from the root. The nodes check
-//! each shard against its header as they read it; parity shards are also
-//! checked against the manifest here before a rebuild uses them. A group that
-//! fails is read again with every shard checked against the manifest, which
-//! finds a shard a node served wrong under a right header and rebuilds
-//! without it (and the rest of the read then checks every shard); a group
+//! (`protocol::bao`) gives for it, verified down from the root. So the
+//! nodes do not hash the data shards they serve to a read (they check each
+//! one's header and length); parity shards are hashed by their node and
+//! against the manifest here before a rebuild uses them. A group that fails
+//! is read again with every shard hashed by its node and checked against the
+//! manifest, which has the node quarantine and report a shard damaged on
+//! its disk, finds a shard a node served wrong under a right header, and
+//! rebuilds without it (and the rest of the read then checks every shard); a group
 //! still wrong ends the read with an error, so no client ever receives a
 //! byte that does not verify. Evidence without a usable outboard (filed
 //! before outboards were kept, or restored by `recover-index` while a node
@@ -826,9 +828,12 @@ fn shard_at<S: Store>(
     Some((addr, key))
 }
 
-/// Fetches one shard. The node has checked it against its stored header;
-/// with `hash` it is also checked here against the manifest's hash (without,
-/// the caller checks the bytes some other way: [`ShardCheck::Parity`]).
+/// Fetches one shard. With `hash` the node checks it against its stored
+/// header and it is checked here against the manifest's hash. Without, the
+/// caller checks the bytes against the content root ([`ShardCheck::Parity`]),
+/// so neither hashes it: the node checks only its header and length, and a
+/// group that fails is read again with `hash`, which has the node find and
+/// quarantine a damaged shard.
 pub(crate) async fn fetch_shard<S: Store>(
     gw: &Gateway<S>,
     evidence: EvidenceId,
@@ -841,7 +846,13 @@ pub(crate) async fn fetch_shard<S: Store>(
     let Some((addr, key)) = shard_at(gw, evidence, stripe, index, rec) else {
         return ShardOutcome::Damaged;
     };
-    match gw.nodes.client.rpc_get_shard(addr, key).await {
+    let client = &gw.nodes.client;
+    let got = if hash {
+        client.rpc_get_shard(addr, key).await
+    } else {
+        client.rpc_get_shard_unchecked(addr, key).await
+    };
+    match got {
         Ok((_, body))
             if body.len() == rec.shard_len as usize
                 && (!hash || Blake3Hash::of(&body) == placement.blake3) =>

@@ -104,6 +104,15 @@ pub enum Request {
     /// and nodes of either version keep decoding each other's frames: an
     /// older node answers `Error(BadRequest)`.)
     Space,
+    /// Read a shard as [`GetShard`](Self::GetShard) does, without hashing its
+    /// body on the node: for a caller that checks every byte itself against
+    /// something stronger than the shard header (a gateway's read, checked
+    /// group by group against the content root). The node still checks that
+    /// the header names the shard and that the body has its length. A caller
+    /// whose check fails reads the shard again with `GetShard`, so the node
+    /// finds, quarantines and reports the corruption. An older node answers
+    /// `Error(BadRequest)`.
+    GetShardUnchecked(ShardKey),
 }
 
 /// Most shard headers in one `ListShards` answer (an encoded header is under
@@ -328,6 +337,11 @@ mod tests {
         );
         // NodeInfo is variant 4 with no fields.
         assert_eq!(hex::encode(Request::NodeInfo.encode()), "010100000004");
+        // GetShardUnchecked is appended (variant 10), so older frames keep their numbers.
+        assert_eq!(
+            hex::encode(Request::GetShardUnchecked(key()).encode()),
+            "01130000000a333333333333333333333333333333330102"
+        );
         // Error(HashMismatch): variant 5, code 3.
         assert_eq!(
             hex::encode(Response::Error(ErrorCode::HashMismatch).encode()),
@@ -423,6 +437,7 @@ mod tests {
                 }
             ),
             key.clone().prop_map(Request::GetShard),
+            key.clone().prop_map(Request::GetShardUnchecked),
             key.clone().prop_map(Request::StatShard),
             key.prop_map(Request::DeleteShard),
             Just(Request::NodeInfo),

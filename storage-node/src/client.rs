@@ -261,7 +261,35 @@ impl NodeClient {
         addr: SocketAddr,
         key: ShardKey,
     ) -> Result<(ShardHeader, Vec<u8>), NodeError> {
-        let frame = Request::GetShard(key).encode();
+        self.get_shard(addr, Request::GetShard(key), key).await
+    }
+
+    /// As [`rpc_get_shard`](Self::rpc_get_shard), but the node does not hash
+    /// the body (it checks the header and the length): for a caller that
+    /// hashes every byte itself against the content root, and reads again
+    /// with `rpc_get_shard` when that fails so the node finds the damage. A
+    /// node too old to know the request is asked with `GetShard` instead.
+    pub async fn rpc_get_shard_unchecked(
+        &self,
+        addr: SocketAddr,
+        key: ShardKey,
+    ) -> Result<(ShardHeader, Vec<u8>), NodeError> {
+        match self
+            .get_shard(addr, Request::GetShardUnchecked(key), key)
+            .await
+        {
+            Err(NodeError::Remote(ErrorCode::BadRequest)) => self.rpc_get_shard(addr, key).await,
+            other => other,
+        }
+    }
+
+    async fn get_shard(
+        &self,
+        addr: SocketAddr,
+        request: Request,
+        key: ShardKey,
+    ) -> Result<(ShardHeader, Vec<u8>), NodeError> {
+        let frame = request.encode();
         let frame = &frame;
         self.call(addr, |conn| async move {
             let (response, mut recv) = exchange(&conn, frame, bytes::Bytes::new()).await?;

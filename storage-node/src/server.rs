@@ -15,7 +15,7 @@
 
 use crate::buffers::BufferPool;
 use crate::metrics::NodeMetrics;
-use crate::store::{ShardStore, StoreError};
+use crate::store::{BodyCheck, ShardStore, StoreError};
 use crate::tls::{self, TlsError, TlsFiles};
 use protocol::wire::{decode_frame_prefix, FRAME_PREFIX};
 use protocol::{DecodeError, ErrorCode, NodeId, Request, Response, ShardHeader, ShardKey};
@@ -393,7 +393,14 @@ async fn handle_request(
     };
     let (op, answered) = match request {
         Request::PutShard(header) => ("put", handle_put_shard(state, header, send, recv).await),
-        Request::GetShard(key) => ("get", handle_get_shard(state, key, send).await),
+        Request::GetShard(key) => (
+            "get",
+            handle_get_shard(state, key, BodyCheck::Hash, send).await,
+        ),
+        Request::GetShardUnchecked(key) => (
+            "get_unchecked",
+            handle_get_shard(state, key, BodyCheck::Length, send).await,
+        ),
         Request::StatShard(key) => ("stat", handle_stat_shard(state, key, send).await),
         Request::DeleteShard(key) => ("delete", handle_delete_shard(state, key, send).await),
         Request::NodeInfo => ("info", handle_node_info(state, send).await),
@@ -509,10 +516,12 @@ async fn handle_put_shard(
     respond(send, &response).await
 }
 
-/// Sends a shard's header and body, verified on the way out of the store.
+/// Sends a shard's header and body, verified on the way out of the store as
+/// far as `check` says.
 async fn handle_get_shard(
     state: &NodeState,
     key: ShardKey,
+    check: BodyCheck,
     send: &mut quinn::SendStream,
 ) -> Result<&'static str, StreamError> {
     let store = state.store.clone();
@@ -520,7 +529,7 @@ async fn handle_get_shard(
     // blocking pool costs two thread wake-ups, more than the read itself.
     let got = match state.store.get_small_shared(&key) {
         Some(got) => got,
-        None => blocking(move || store.get_shared(&key)).await,
+        None => blocking(move || store.get_shared_checked(&key, check)).await,
     };
     match got {
         Ok((header, body)) => {

@@ -92,6 +92,15 @@ impl Default for StoreConfig {
     }
 }
 
+/// How much of a shard's body a read checks against its header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyCheck {
+    /// Length and BLAKE3: a failure quarantines the shard.
+    Hash,
+    /// Length only; the reader hashes the bytes itself.
+    Length,
+}
+
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -381,7 +390,7 @@ impl ShardStore {
         if let Some(loc) = self.log.locate(key) {
             return self.read_small(key, loc, false);
         }
-        let (header, mut bytes, body_at) = self.read_file(key)?;
+        let (header, mut bytes, body_at) = self.read_file(key, BodyCheck::Hash)?;
         // Shift the body down in place: no second buffer to allocate.
         bytes.drain(..body_at);
         Ok((header, bytes))
@@ -390,10 +399,24 @@ impl ShardStore {
     /// As [`get`](Self::get), the body as `Bytes` sharing the buffer the file
     /// was read into (no copy: what the node sends to readers).
     pub fn get_shared(&self, key: &ShardKey) -> Result<(ShardHeader, bytes::Bytes), StoreError> {
+        self.get_shared_checked(key, BodyCheck::Hash)
+    }
+
+    /// As [`get_shared`](Self::get_shared), checking of the body only what
+    /// `check` says: [`BodyCheck::Length`] is for a reader that hashes every
+    /// byte itself against something stronger than the header (the content
+    /// root) and reads again with [`BodyCheck::Hash`] when that fails, which
+    /// finds and quarantines the corruption here. A shard packed in a
+    /// segment is always hashed (its record's checksum covers it anyway).
+    pub fn get_shared_checked(
+        &self,
+        key: &ShardKey,
+        check: BodyCheck,
+    ) -> Result<(ShardHeader, bytes::Bytes), StoreError> {
         if let Some(small) = self.get_small_shared(key) {
             return small;
         }
-        let (header, bytes, body_at) = self.read_file(key)?;
+        let (header, bytes, body_at) = self.read_file(key, check)?;
         Ok((header, self.read_buffers.share(bytes).slice(body_at..)))
     }
 
@@ -412,9 +435,13 @@ impl ShardStore {
         )
     }
 
-    /// Reads and verifies a shard file: its header, the whole file, and
-    /// where the body starts in it.
-    fn read_file(&self, key: &ShardKey) -> Result<(ShardHeader, Vec<u8>, usize), StoreError> {
+    /// Reads and verifies a shard file (its body as far as `check` says): its
+    /// header, the whole file, and where the body starts in it.
+    fn read_file(
+        &self,
+        key: &ShardKey,
+        check: BodyCheck,
+    ) -> Result<(ShardHeader, Vec<u8>, usize), StoreError> {
         let direct = if self.direct_io() {
             read_direct(&self.shard_path(key), &self.read_buffers)
         } else {
@@ -439,7 +466,12 @@ impl ShardStore {
             return Err(self.quarantine(key, inode, "header names another shard"));
         }
         let body_at = start + body_at;
-        if !header.matches(&bytes[body_at..]) {
+        let body = &bytes[body_at..];
+        let good = match check {
+            BodyCheck::Hash => header.matches(body),
+            BodyCheck::Length => body.len() == header.len as usize,
+        };
+        if !good {
             return Err(self.quarantine(
                 key,
                 inode,
@@ -1356,6 +1388,44 @@ mod tests {
         );
         assert!(matches!(store.get(&k), Err(StoreError::NotFound)));
         assert_eq!(store.info().unwrap().shards, 0);
+    }
+
+    /// A read that hashes the bytes itself gets them unhashed (a flipped
+    /// byte passes), but a truncated body or a header naming another shard
+    /// is still refused; the hashed read after it quarantines the shard.
+    #[test]
+    fn a_length_only_read_leaves_the_hash_to_the_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = files_only(dir.path());
+        let k = key(3);
+        let b = body(4096);
+        store.put(&header(k, &b), &b).unwrap();
+        let path = store.shard_path(&k);
+        let good = fs::read(&path).unwrap();
+        let mut flipped = good.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0x40;
+        fs::write(&path, &flipped).unwrap();
+        let (h, got) = store.get_shared_checked(&k, BodyCheck::Length).unwrap();
+        assert_eq!(h.key, k);
+        assert_eq!(got.len(), b.len());
+        assert_ne!(&got[..], &b[..], "the flipped byte is served as stored");
+        assert!(path.exists(), "a length-only read quarantines nothing");
+        let err = store.get_shared_checked(&k, BodyCheck::Hash).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)));
+        assert!(!path.exists(), "the hashed read quarantines it");
+
+        // A short body fails even the length check.
+        let k2 = key(4);
+        store.put(&header(k2, &b), &b).unwrap();
+        let path2 = store.shard_path(&k2);
+        let whole = fs::read(&path2).unwrap();
+        fs::write(&path2, &whole[..whole.len() - 1]).unwrap();
+        let err = store
+            .get_shared_checked(&k2, BodyCheck::Length)
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)));
+        assert!(!path2.exists());
     }
 
     #[test]
