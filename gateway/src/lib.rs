@@ -35,6 +35,7 @@ pub mod read;
 pub mod recover;
 pub mod repair;
 pub mod s3;
+pub mod s3_digest;
 pub mod witness;
 
 pub use api::{serve, Gateway, RunningGateway};

@@ -131,7 +131,14 @@ pub async fn serve<S: Store + 'static>(
                     async move {
                         let started = std::time::Instant::now();
                         let method = req.method().as_str().to_owned();
-                        let resp = service.call(req.map(s3s::Body::from)).await;
+                        let resp = if crate::s3_digest::wants_check(&req) {
+                            match crate::s3_digest::read_checked(req).await {
+                                Ok(req) => service.call(req.map(s3s::Body::from)).await,
+                                Err(refused) => Ok(refused_response(&refused)),
+                            }
+                        } else {
+                            service.call(req.map(s3s::Body::from)).await
+                        };
                         if let Ok(r) = &resp {
                             metrics.http("s3", &method, r.status().as_u16(), started);
                         }
@@ -167,6 +174,18 @@ pub async fn serve<S: Store + 'static>(
 
 // ---------------------------------------------------------------- errors
 
+/// An S3 XML error answer for a document that failed its digest.
+fn refused_response(refused: &crate::s3_digest::Refused) -> hyper::Response<s3s::Body> {
+    tracing::warn!(code = refused.code, message = %refused.message, "S3 document refused");
+    let mut resp = hyper::Response::new(s3s::Body::from(refused.xml()));
+    *resp.status_mut() = refused.status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/xml"),
+    );
+    resp
+}
+
 fn internal(e: ApiError) -> S3Error {
     tracing::error!(error = %e, "S3 request failed");
     let mut err = S3Error::new(S3ErrorCode::InternalError);
@@ -198,6 +217,16 @@ fn s3_err(e: ApiError) -> S3Error {
         },
         ApiError::BadDigest | ApiError::ChecksumMismatch(_) => (C::BadDigest, e.to_string()),
         ApiError::HashMismatch { .. } => (C::BadDigest, e.to_string()),
+        // s3s reports a signed payload whose SHA-256 does not match as a
+        // failed body stream (its error type is not exported, so by name).
+        ApiError::BodyIncomplete(m) if m.contains("Sha256Mismatch") => {
+            let mut err = S3Error::with_message(
+                C::Custom("XAmzContentSHA256Mismatch".into()),
+                "the provided 'x-amz-content-sha256' header does not match what was computed",
+            );
+            err.set_status_code(http::StatusCode::BAD_REQUEST);
+            return err;
+        }
         ApiError::BodyIncomplete(_) => (C::IncompleteBody, e.to_string()),
         ApiError::BodyIdle(_) => (C::RequestTimeout, e.to_string()),
         // S3 has no code for a full cluster; 503 with the reason.
