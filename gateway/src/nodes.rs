@@ -277,23 +277,32 @@ impl NodeSet {
     }
 
     /// Records that node `id`'s new disk `uuid` has had every stripe of its
-    /// queued for checking: the index takes the new UUID.
+    /// queued for checking: the index takes the new UUID. Until it has, the
+    /// node stays reconciling (`custodia repair` does not call the cluster
+    /// healthy), so a failed write is tried again, backing off to every
+    /// 30 s, rather than left for a restart to find.
     pub async fn reconciled<S: Store>(&self, store: &S, id: NodeId, uuid: [u8; 16]) {
-        let result = indexer::run(store, |tx| async move {
-            if let Some(mut rec) = schema::get_node_tx(&tx, id).await? {
-                rec.disk_uuid = Some(uuid);
-                schema::put_node_tx(&tx, &rec);
+        let mut pause = Duration::from_secs(1);
+        loop {
+            let result = indexer::run(store, |tx| async move {
+                if let Some(mut rec) = schema::get_node_tx(&tx, id).await? {
+                    rec.disk_uuid = Some(uuid);
+                    schema::put_node_tx(&tx, &rec);
+                }
+                Ok::<_, schema::SchemaError>(())
+            })
+            .await;
+            match result {
+                Ok(()) => {
+                    lock(&self.reconciling).remove(&id);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(node = %id, error = %e, retry_in_s = pause.as_secs(), "could not record the new disk");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(30));
+                }
             }
-            Ok::<_, schema::SchemaError>(())
-        })
-        .await;
-        match result {
-            Ok(()) => {
-                lock(&self.reconciling).remove(&id);
-            }
-            // Still in the set: not probed as new again by this process, and
-            // the index's old UUID makes a restarted gateway reconcile again.
-            Err(e) => tracing::warn!(node = %id, error = %e, "could not record the new disk"),
         }
     }
 
