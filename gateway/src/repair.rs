@@ -267,10 +267,14 @@ pub fn spawn_reconcile<S: Store>(gw: Arc<Gateway<S>>, nodes: Vec<(NodeId, [u8; 1
     tokio::spawn(async move {
         let ids: HashSet<NodeId> = nodes.iter().map(|(n, _)| *n).collect();
         queue_all(&gw, Some(&ids)).await;
-        // Only now does the index take the new disks.
-        for (node, uuid) in nodes {
-            gw.nodes.reconciled(&gw.store, node, uuid).await;
-        }
+        // Only now does the index take the new disks (each on its own, so
+        // one whose write keeps failing holds back no other).
+        futures::future::join_all(
+            nodes
+                .into_iter()
+                .map(|(node, uuid)| gw.nodes.reconciled(&gw.store, node, uuid)),
+        )
+        .await;
     });
 }
 

@@ -132,8 +132,17 @@ pub async fn serve<S: Store + 'static>(
                         let started = std::time::Instant::now();
                         let method = req.method().as_str().to_owned();
                         let resp = if crate::s3_digest::wants_check(&req) {
-                            match crate::s3_digest::read_checked(req).await {
-                                Ok(req) => service.call(req.map(s3s::Body::from)).await,
+                            match crate::s3_digest::wrap(req) {
+                                Ok((req, verdict)) => {
+                                    let resp =
+                                        service.call(req.map(s3s::Body::http_body_unsync)).await;
+                                    // s3s answers a body that failed with a 500.
+                                    let refused = verdict.lock().ok().and_then(|mut v| v.take());
+                                    match refused {
+                                        Some(refused) => Ok(refused_response(&refused)),
+                                        None => resp,
+                                    }
+                                }
                                 Err(refused) => Ok(refused_response(&refused)),
                             }
                         } else {

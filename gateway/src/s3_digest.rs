@@ -6,18 +6,21 @@
 //! the `x-amz-checksum-*` headers a client sends with them (the object
 //! bodies the gateway files are checked as they stream, in `s3.rs`). A
 //! retention date damaged on the way must not become a lock that nobody can
-//! lift, so such a document is read whole here (it is small) and checked
-//! against every digest the client sent, before `s3s` parses it: a mismatch
-//! is `BadDigest`, a malformed `Content-MD5` `InvalidDigest`, both 400 with
-//! S3's XML error body, and nothing is changed.
+//! lift, so such a document's body is hashed as `s3s` reads it (after it has
+//! authenticated the request, under its own size limit) and checked against
+//! every digest the client sent before `s3s` parses it: a mismatch is
+//! `BadDigest` (or `XAmzContentSHA256Mismatch` for the signed payload hash),
+//! 400 with S3's XML error body, and nothing is changed. Malformed digest
+//! headers are refused up front (`InvalidDigest`, `InvalidRequest`).
 //!
-//! The check runs before authentication (the document must be read first),
-//! so an unsigned request with a wrong digest hears `BadDigest` rather than
-//! `AccessDenied`; it learns nothing by that but that its own bytes and
-//! headers disagree.
-
+//! Not covered: a document sent aws-chunked (`STREAMING-*`), which `s3s`
+//! decodes and whose chunk signatures it checks; clients send documents
+//! whole.
 use bytes::Bytes;
-use http_body_util::BodyExt;
+use s3s::crypto::Checksum as _;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 /// Query keys naming a sub-resource whose PUT or POST body is an XML
 /// document rather than object data.
@@ -41,10 +44,6 @@ const DOCUMENTS: &[&str] = &[
     "website",
 ];
 
-/// The largest document read whole: a multi-object delete of 1,000 keys of
-/// 1,024 bytes, escaped, with room to spare.
-pub const MAX_DOCUMENT_BYTES: usize = 8 << 20;
-
 const CONTENT_MD5: &str = "content-md5";
 
 /// The checksum headers S3 defines beside `Content-MD5`.
@@ -63,16 +62,8 @@ pub fn wants_check<B>(req: &http::Request<B>) -> bool {
     if method != http::Method::PUT && method != http::Method::POST {
         return false;
     }
-    let keys = || {
-        req.uri()
-            .query()
-            .unwrap_or("")
-            .split('&')
-            .map(|pair| pair.split('=').next().unwrap_or(""))
-    };
     // CompleteMultipartUpload (POST ?uploadId=) sends its part list as XML.
-    let document = keys().any(|k| DOCUMENTS.contains(&k))
-        || (method == http::Method::POST && keys().any(|k| k == "uploadId"));
+    let document = query_keys(req).any(|k| DOCUMENTS.contains(&k)) || completes_upload(req);
     let headers = req.headers();
     let streaming = headers
         .get("x-amz-content-sha256")
@@ -124,102 +115,248 @@ fn payload_sha256(headers: &http::HeaderMap) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// Checks `body` against every digest header in `headers`: `Content-MD5`
-/// and the checksums first (`BadDigest`), then the signed payload hash.
-///
-/// `s3s` checks a signed payload's SHA-256 too, but answers a mismatch with
-/// a 500 InternalError (and clients retry it); here it is S3's 400
-/// `XAmzContentSHA256Mismatch`.
-pub fn check(headers: &http::HeaderMap, body: &[u8]) -> Result<(), Refused> {
-    use base64::Engine as _;
-    use s3s::crypto::Checksum as _;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    if let Some(sent) = headers.get(CONTENT_MD5) {
-        let want = sent
-            .to_str()
-            .ok()
-            .and_then(|v| b64.decode(v.trim()).ok())
-            .filter(|v| v.len() == 16)
-            .ok_or_else(|| Refused::new("InvalidDigest", "Content-MD5 is not a base64 MD5"))?;
-        let got = <md5::Md5 as md5::Digest>::digest(body);
-        if got.as_slice() != want.as_slice() {
-            return Err(Refused::new(
-                "BadDigest",
-                "the Content-MD5 you specified did not match what we received",
-            ));
-        }
-    }
-    for name in CHECKSUMS {
-        let Some(sent) = headers.get(name) else {
-            continue;
-        };
-        let sent = sent.to_str().unwrap_or("").trim();
-        let mut hasher = s3s::checksum::ChecksumHasher {
-            crc32: (name == CHECKSUMS[0]).then(s3s::crypto::Crc32::new),
-            crc32c: (name == CHECKSUMS[1]).then(s3s::crypto::Crc32c::new),
-            crc64nvme: (name == CHECKSUMS[2]).then(s3s::crypto::Crc64Nvme::new),
-            sha1: (name == CHECKSUMS[3]).then(s3s::crypto::Sha1::new),
-            sha256: (name == CHECKSUMS[4]).then(s3s::crypto::Sha256::new),
-        };
-        hasher.update(body);
-        let got = hasher.finalize();
-        let got = [
-            got.checksum_crc32,
-            got.checksum_crc32c,
-            got.checksum_crc64nvme,
-            got.checksum_sha1,
-            got.checksum_sha256,
-        ]
-        .into_iter()
-        .flatten()
-        .next()
-        .unwrap_or_default();
-        if got != sent {
-            return Err(Refused::new(
-                "BadDigest",
-                format!("the {name} you specified did not match what we received"),
-            ));
-        }
-    }
-    if let Some(want) = payload_sha256(headers) {
-        let got = <sha2::Sha256 as sha2::Digest>::digest(body);
-        if got.as_slice() != want.as_slice() {
-            return Err(Refused::new(
-                "XAmzContentSHA256Mismatch",
-                "the provided 'x-amz-content-sha256' header does not match what was computed",
-            ));
-        }
-    }
-    Ok(())
+/// The digests a request sent for its document, hashed as the body passes.
+pub struct Digests {
+    md5: Option<(md5::Md5, Vec<u8>)>,
+    checksum: Option<(&'static str, s3s::checksum::ChecksumHasher, String)>,
+    sha256: Option<(sha2::Sha256, [u8; 32])>,
 }
 
-/// Reads the document body of `req` whole (at most
-/// [`MAX_DOCUMENT_BYTES`]) and checks it: the request back with the body
-/// as read, or why it is refused.
-pub async fn read_checked<B>(req: http::Request<B>) -> Result<http::Request<Bytes>, Refused>
+impl Digests {
+    /// The digests `headers` name. `checksums`: whether the
+    /// `x-amz-checksum-*` headers are the body's (for CompleteMultipartUpload
+    /// they are the assembled object's, checked when it is assembled). A
+    /// malformed `Content-MD5` is `InvalidDigest`; more than one checksum
+    /// header `InvalidRequest`, as S3 answers.
+    pub fn new(headers: &http::HeaderMap, checksums: bool) -> Result<Self, Refused> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let md5 = match headers.get(CONTENT_MD5) {
+            None => None,
+            Some(sent) => Some(
+                sent.to_str()
+                    .ok()
+                    .and_then(|v| b64.decode(v.trim()).ok())
+                    .filter(|v| v.len() == 16)
+                    .map(|want| (<md5::Md5 as md5::Digest>::new(), want))
+                    .ok_or_else(|| {
+                        Refused::new("InvalidDigest", "Content-MD5 is not a base64 MD5")
+                    })?,
+            ),
+        };
+        let sent: Vec<(&'static str, &http::HeaderValue)> = CHECKSUMS
+            .iter()
+            .filter_map(|name| headers.get(*name).map(|v| (*name, v)))
+            .collect();
+        let checksum = match sent.as_slice() {
+            _ if !checksums => None,
+            [] => None,
+            [(name, value)] => {
+                let value = value
+                    .to_str()
+                    .ok()
+                    .map(|v| v.trim().to_owned())
+                    .filter(|v| b64.decode(v).is_ok())
+                    .ok_or_else(|| {
+                        Refused::new("InvalidRequest", format!("{name} is not a base64 value"))
+                    })?;
+                let hasher = s3s::checksum::ChecksumHasher {
+                    crc32: (*name == CHECKSUMS[0]).then(s3s::crypto::Crc32::new),
+                    crc32c: (*name == CHECKSUMS[1]).then(s3s::crypto::Crc32c::new),
+                    crc64nvme: (*name == CHECKSUMS[2]).then(s3s::crypto::Crc64Nvme::new),
+                    sha1: (*name == CHECKSUMS[3]).then(s3s::crypto::Sha1::new),
+                    sha256: (*name == CHECKSUMS[4]).then(s3s::crypto::Sha256::new),
+                };
+                Some((*name, hasher, value))
+            }
+            _ => {
+                return Err(Refused::new(
+                    "InvalidRequest",
+                    "expecting a single x-amz-checksum- header; multiple checksum types are not allowed",
+                ))
+            }
+        };
+        let sha256 =
+            payload_sha256(headers).map(|want| (<sha2::Sha256 as sha2::Digest>::new(), want));
+        Ok(Digests {
+            md5,
+            checksum,
+            sha256,
+        })
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        if let Some((h, _)) = &mut self.md5 {
+            md5::Digest::update(h, bytes);
+        }
+        if let Some((_, h, _)) = &mut self.checksum {
+            h.update(bytes);
+        }
+        if let Some((h, _)) = &mut self.sha256 {
+            sha2::Digest::update(h, bytes);
+        }
+    }
+
+    /// Whether everything hashed matches: `Content-MD5` and the checksum
+    /// first (`BadDigest`), then the signed payload hash.
+    ///
+    /// `s3s` checks a signed payload's SHA-256 too, but answers a mismatch
+    /// with a 500 InternalError (and clients retry it); here it is S3's 400
+    /// `XAmzContentSHA256Mismatch`.
+    pub fn finish(self) -> Result<(), Refused> {
+        if let Some((h, want)) = self.md5 {
+            if md5::Digest::finalize(h).as_slice() != want.as_slice() {
+                return Err(Refused::new(
+                    "BadDigest",
+                    "the Content-MD5 you specified did not match what we received",
+                ));
+            }
+        }
+        if let Some((name, h, want)) = self.checksum {
+            let got = h.finalize();
+            let got = [
+                got.checksum_crc32,
+                got.checksum_crc32c,
+                got.checksum_crc64nvme,
+                got.checksum_sha1,
+                got.checksum_sha256,
+            ]
+            .into_iter()
+            .flatten()
+            .next()
+            .unwrap_or_default();
+            if got != want {
+                return Err(Refused::new(
+                    "BadDigest",
+                    format!("the {name} you specified did not match what we received"),
+                ));
+            }
+        }
+        if let Some((h, want)) = self.sha256 {
+            if sha2::Digest::finalize(h).as_slice() != want.as_slice() {
+                return Err(Refused::new(
+                    "XAmzContentSHA256Mismatch",
+                    "the provided 'x-amz-content-sha256' header does not match what was computed",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a whole `body` against the digests in `headers`.
+pub fn check(headers: &http::HeaderMap, body: &[u8], checksums: bool) -> Result<(), Refused> {
+    let mut d = Digests::new(headers, checksums)?;
+    d.update(body);
+    d.finish()
+}
+
+/// Where a [`DigestBody`] leaves why it failed, for the answer.
+pub type Verdict = Arc<Mutex<Option<Refused>>>;
+
+/// A request body that hashes what passes through it and, at its end,
+/// fails (leaving the reason in its [`Verdict`]) when a digest does not
+/// match. `s3s` reads a document only after it has authenticated the
+/// request and checked access, under its own size limit; it then answers
+/// the failure with a 500, which the caller replaces with the verdict.
+pub struct DigestBody<B> {
+    inner: B,
+    digests: Option<Digests>,
+    verdict: Verdict,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}: {1}")]
+struct DigestFailed(&'static str, String);
+
+/// Wraps `req`'s body to be checked; the verdict to look at after the call.
+pub fn wrap<B>(req: http::Request<B>) -> Result<(http::Request<DigestBody<B>>, Verdict), Refused> {
+    let checksums = !completes_upload(&req);
+    let digests = Digests::new(req.headers(), checksums)?;
+    let verdict = Verdict::default();
+    let req = req.map(|inner| DigestBody {
+        inner,
+        digests: Some(digests),
+        verdict: verdict.clone(),
+    });
+    Ok((req, verdict))
+}
+
+impl<B> http_body::Body for DigestBody<B>
 where
-    B: http_body::Body<Data = Bytes>,
+    B: http_body::Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let (parts, body) = req.into_parts();
-    let limited = http_body_util::Limited::new(body, MAX_DOCUMENT_BYTES);
-    let body = match limited.collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(Refused::new(
-                "MaxMessageLengthExceeded",
-                format!("the XML document is over {MAX_DOCUMENT_BYTES} bytes"),
-            ))
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(d), Some(data)) = (this.digests.as_mut(), frame.data_ref()) {
+                    d.update(data);
+                }
+                // Checked with the last byte, not at the end of the stream:
+                // s3s's own SHA-256 check stops reading once it has
+                // Content-Length bytes, and would fail first.
+                if this.inner.is_end_stream() {
+                    if let Err(e) = this.finish() {
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => match this.finish() {
+                Err(e) => Poll::Ready(Some(Err(e))),
+                Ok(()) => Poll::Ready(None),
+            },
         }
-        Err(e) => {
-            return Err(Refused::new(
-                "IncompleteBody",
-                format!("the request body could not be read: {e}"),
-            ))
+    }
+
+    /// Not ended until the digests have been checked (a reader that trusts
+    /// this would otherwise stop before the check).
+    fn is_end_stream(&self) -> bool {
+        self.digests.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> DigestBody<B> {
+    /// Checks the digests once; a failure is left in the verdict.
+    fn finish(&mut self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        match self.digests.take().map(Digests::finish) {
+            Some(Err(refused)) => {
+                let failed = DigestFailed(refused.code, refused.message.clone());
+                if let Ok(mut v) = self.verdict.lock() {
+                    *v = Some(refused);
+                }
+                Err(Box::new(failed))
+            }
+            _ => Ok(()),
         }
-    };
-    check(&parts.headers, &body)?;
-    Ok(http::Request::from_parts(parts, body))
+    }
+}
+
+/// CompleteMultipartUpload: its checksum headers are the object's.
+fn completes_upload<B>(req: &http::Request<B>) -> bool {
+    req.method() == http::Method::POST && query_keys(req).any(|k| k == "uploadId")
+}
+
+fn query_keys<B>(req: &http::Request<B>) -> impl Iterator<Item = &str> {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .map(|pair| pair.split('=').next().unwrap_or(""))
 }
 
 #[cfg(test)]
@@ -282,24 +419,24 @@ mod tests {
         let good = md5_b64(doc);
         let mut h = http::HeaderMap::new();
         h.insert("content-md5", good.parse().unwrap());
-        assert_eq!(check(&h, doc), Ok(()));
+        assert_eq!(check(&h, doc, true), Ok(()));
         // One byte changed on the way.
         let mut damaged = doc.to_vec();
         damaged[20] ^= 1;
-        assert_eq!(check(&h, &damaged).unwrap_err().code, "BadDigest");
+        assert_eq!(check(&h, &damaged, true).unwrap_err().code, "BadDigest");
         h.insert("content-md5", "not base64!".parse().unwrap());
-        assert_eq!(check(&h, doc).unwrap_err().code, "InvalidDigest");
+        assert_eq!(check(&h, doc, true).unwrap_err().code, "InvalidDigest");
 
         // CRC32 of the document, as boto3 sends it.
         let crc = crc32_b64(doc);
         let mut h = http::HeaderMap::new();
         h.insert("x-amz-checksum-crc32", crc.parse().unwrap());
-        assert_eq!(check(&h, doc), Ok(()));
-        assert_eq!(check(&h, &damaged).unwrap_err().code, "BadDigest");
+        assert_eq!(check(&h, doc, true), Ok(()));
+        assert_eq!(check(&h, &damaged, true).unwrap_err().code, "BadDigest");
         // A right MD5 does not excuse a wrong CRC32.
         h.insert("content-md5", good.parse().unwrap());
         h.insert("x-amz-checksum-crc32", "AAAAAA==".parse().unwrap());
-        let refused = check(&h, doc).unwrap_err();
+        let refused = check(&h, doc, true).unwrap_err();
         assert_eq!(refused.code, "BadDigest");
         assert!(refused.xml().contains("<Code>BadDigest</Code>"));
 
@@ -307,8 +444,8 @@ mod tests {
         let mut h = http::HeaderMap::new();
         let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(doc));
         h.insert("x-amz-content-sha256", sha.parse().unwrap());
-        assert_eq!(check(&h, doc), Ok(()));
-        let refused = check(&h, &damaged).unwrap_err();
+        assert_eq!(check(&h, doc, true), Ok(()));
+        let refused = check(&h, &damaged, true).unwrap_err();
         assert_eq!(refused.code, "XAmzContentSHA256Mismatch");
         assert_eq!(refused.status, http::StatusCode::BAD_REQUEST);
     }
@@ -330,16 +467,61 @@ mod tests {
         base64::engine::general_purpose::STANDARD.encode((!crc).to_be_bytes())
     }
 
+    #[test]
+    fn an_upload_completion_carries_the_objects_checksum_and_one_checksum_is_allowed() {
+        let doc = b"<CompleteMultipartUpload></CompleteMultipartUpload>";
+        let mut h = http::HeaderMap::new();
+        // The whole object's CRC32, not the document's: not checked here.
+        h.insert("x-amz-checksum-crc32", "AAAAAA==".parse().unwrap());
+        assert_eq!(check(&h, doc, false), Ok(()));
+        let complete = req(
+            "POST",
+            "/b/k?uploadId=x",
+            &[("x-amz-checksum-crc32", "AAAAAA==")],
+        );
+        assert!(completes_upload(&complete));
+        // Its Content-MD5 is the document's.
+        h.insert("content-md5", "AAAAAAAAAAAAAAAAAAAAAA==".parse().unwrap());
+        assert_eq!(check(&h, doc, false).unwrap_err().code, "BadDigest");
+        // Two checksum types at once, or one that is not base64: refused.
+        let mut h = http::HeaderMap::new();
+        h.insert("x-amz-checksum-crc32", crc32_b64(doc).parse().unwrap());
+        h.insert(
+            "x-amz-checksum-sha1",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAA=".parse().unwrap(),
+        );
+        assert_eq!(check(&h, doc, true).unwrap_err().code, "InvalidRequest");
+        let mut h = http::HeaderMap::new();
+        h.insert("x-amz-checksum-crc32", "not base64!".parse().unwrap());
+        assert_eq!(check(&h, doc, true).unwrap_err().code, "InvalidRequest");
+    }
+
+    /// The body passes through unchanged; a damaged one ends in an error,
+    /// with the reason left for the answer, and a good one leaves none.
     #[tokio::test]
-    async fn an_oversized_document_is_refused() {
-        let body = http_body_util::Full::new(Bytes::from(vec![b' '; MAX_DOCUMENT_BYTES + 1]));
-        let req = http::Request::builder()
-            .method("POST")
-            .uri("/b?delete")
-            .header("content-md5", "AAAAAAAAAAAAAAAAAAAAAA==")
-            .body(body)
-            .unwrap();
-        let refused = read_checked(req).await.unwrap_err();
-        assert_eq!(refused.code, "MaxMessageLengthExceeded");
+    async fn the_body_is_checked_as_it_is_read() {
+        use http_body_util::BodyExt;
+        let doc = Bytes::from_static(b"<LegalHold><Status>ON</Status></LegalHold>");
+        let build = |body: Bytes| {
+            http::Request::builder()
+                .method("PUT")
+                .uri("/b/k?legal-hold")
+                .header(
+                    "content-md5",
+                    md5_b64(b"<LegalHold><Status>ON</Status></LegalHold>"),
+                )
+                .body(http_body_util::Full::new(body))
+                .unwrap()
+        };
+        let (req, verdict) = wrap(build(doc.clone())).unwrap();
+        let got = req.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(got, doc);
+        assert!(verdict.lock().unwrap().is_none());
+
+        let damaged = Bytes::from_static(b"<LegalHold><Status>OF</Status></LegalHold>");
+        let (req, verdict) = wrap(build(damaged)).unwrap();
+        assert!(req.into_body().collect().await.is_err());
+        let refused = verdict.lock().unwrap().take().expect("a verdict");
+        assert_eq!(refused.code, "BadDigest");
     }
 }
