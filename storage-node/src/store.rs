@@ -1362,11 +1362,9 @@ mod tests {
         assert_eq!((info.shards, info.used_bytes), (0, 0));
     }
 
-    #[test]
-    fn a_flipped_byte_is_reported_corrupt_and_quarantined() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = files_only(dir.path());
-        let k = key(3);
+    /// Stores a 4 KiB shard `k` as a file and flips its last byte on disk;
+    /// returns the file's path and the body as stored.
+    fn stored_then_flipped(store: &ShardStore, k: ShardKey) -> (PathBuf, Vec<u8>) {
         let b = body(4096);
         store.put(&header(k, &b), &b).unwrap();
         let path = store.shard_path(&k);
@@ -1374,6 +1372,15 @@ mod tests {
         let last = bytes.len() - 1;
         bytes[last] ^= 0x40;
         fs::write(&path, bytes).unwrap();
+        (path, b)
+    }
+
+    #[test]
+    fn a_flipped_byte_is_reported_corrupt_and_quarantined() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = files_only(dir.path());
+        let k = key(3);
+        let (path, _) = stored_then_flipped(&store, k);
         // A cheap stat does not read the body; a get does.
         assert!(store.stat(&k).is_ok());
         let err = store.get(&k).unwrap_err();
@@ -1391,21 +1398,14 @@ mod tests {
     }
 
     /// A read that hashes the bytes itself gets them unhashed (a flipped
-    /// byte passes), but a truncated body or a header naming another shard
-    /// is still refused; the hashed read after it quarantines the shard.
+    /// byte passes), but a truncated body is still refused; the hashed read
+    /// after it quarantines the shard.
     #[test]
     fn a_length_only_read_leaves_the_hash_to_the_reader() {
         let dir = tempfile::tempdir().unwrap();
         let store = files_only(dir.path());
         let k = key(3);
-        let b = body(4096);
-        store.put(&header(k, &b), &b).unwrap();
-        let path = store.shard_path(&k);
-        let good = fs::read(&path).unwrap();
-        let mut flipped = good.clone();
-        let last = flipped.len() - 1;
-        flipped[last] ^= 0x40;
-        fs::write(&path, &flipped).unwrap();
+        let (path, b) = stored_then_flipped(&store, k);
         let (h, got) = store.get_shared_checked(&k, BodyCheck::Length).unwrap();
         assert_eq!(h.key, k);
         assert_eq!(got.len(), b.len());
