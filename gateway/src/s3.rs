@@ -854,14 +854,7 @@ fn checked_body(
     headers: &http::HeaderMap,
     trailers: Option<s3s::TrailingHeaders>,
 ) -> S3Result<(Body, Option<ingest::BodyCheck>)> {
-    use s3s::crypto::Checksum as _;
-    const NAMES: [&str; 5] = [
-        "x-amz-checksum-crc32",
-        "x-amz-checksum-crc32c",
-        "x-amz-checksum-crc64nvme",
-        "x-amz-checksum-sha1",
-        "x-amz-checksum-sha256",
-    ];
+    use crate::s3_digest::CHECKSUMS as NAMES;
     let announced: Vec<String> = headers
         .get_all("x-amz-trailer")
         .iter()
@@ -895,13 +888,7 @@ fn checked_body(
         return Ok((body, None));
     }
     let want = |n: &str| wanted.iter().any(|(w, _)| *w == n);
-    let hasher = s3s::checksum::ChecksumHasher {
-        crc32: want(NAMES[0]).then(s3s::crypto::Crc32::new),
-        crc32c: want(NAMES[1]).then(s3s::crypto::Crc32c::new),
-        crc64nvme: want(NAMES[2]).then(s3s::crypto::Crc64Nvme::new),
-        sha1: want(NAMES[3]).then(s3s::crypto::Sha1::new),
-        sha256: want(NAMES[4]).then(s3s::crypto::Sha256::new),
-    };
+    let hasher = crate::s3_digest::checksum_hasher(want);
     let hasher = Arc::new(std::sync::Mutex::new(Some(hasher)));
     let feed = hasher.clone();
     let body = Box::pin(body.inspect(move |chunk| {
@@ -930,13 +917,7 @@ fn checked_body(
                     "{name} was announced as a trailer but not sent"
                 )));
             };
-            let actual = match *name {
-                "x-amz-checksum-crc32" => got.checksum_crc32.clone(),
-                "x-amz-checksum-crc32c" => got.checksum_crc32c.clone(),
-                "x-amz-checksum-crc64nvme" => got.checksum_crc64nvme.clone(),
-                "x-amz-checksum-sha1" => got.checksum_sha1.clone(),
-                _ => got.checksum_sha256.clone(),
-            };
+            let actual = crate::s3_digest::checksum_value(&got, name);
             if actual.as_deref() != Some(expected.trim()) {
                 return Err(ApiError::ChecksumMismatch(format!(
                     "{name} is {}, the client sent {expected}",

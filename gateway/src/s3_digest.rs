@@ -47,7 +47,7 @@ const DOCUMENTS: &[&str] = &[
 const CONTENT_MD5: &str = "content-md5";
 
 /// The checksum headers S3 defines beside `Content-MD5`.
-const CHECKSUMS: [&str; 5] = [
+pub(crate) const CHECKSUMS: [&str; 5] = [
     "x-amz-checksum-crc32",
     "x-amz-checksum-crc32c",
     "x-amz-checksum-crc64nvme",
@@ -160,14 +160,7 @@ impl Digests {
                     .ok_or_else(|| {
                         Refused::new("InvalidRequest", format!("{name} is not a base64 value"))
                     })?;
-                let hasher = s3s::checksum::ChecksumHasher {
-                    crc32: (*name == CHECKSUMS[0]).then(s3s::crypto::Crc32::new),
-                    crc32c: (*name == CHECKSUMS[1]).then(s3s::crypto::Crc32c::new),
-                    crc64nvme: (*name == CHECKSUMS[2]).then(s3s::crypto::Crc64Nvme::new),
-                    sha1: (*name == CHECKSUMS[3]).then(s3s::crypto::Sha1::new),
-                    sha256: (*name == CHECKSUMS[4]).then(s3s::crypto::Sha256::new),
-                };
-                Some((*name, hasher, value))
+                Some((*name, checksum_hasher(|n| n == *name), value))
             }
             _ => {
                 return Err(Refused::new(
@@ -213,18 +206,7 @@ impl Digests {
             }
         }
         if let Some((name, h, want)) = self.checksum {
-            let got = h.finalize();
-            let got = [
-                got.checksum_crc32,
-                got.checksum_crc32c,
-                got.checksum_crc64nvme,
-                got.checksum_sha1,
-                got.checksum_sha256,
-            ]
-            .into_iter()
-            .flatten()
-            .next()
-            .unwrap_or_default();
+            let got = checksum_value(&h.finalize(), name).unwrap_or_default();
             if got != want {
                 return Err(Refused::new(
                     "BadDigest",
@@ -241,6 +223,29 @@ impl Digests {
             }
         }
         Ok(())
+    }
+}
+
+/// A hasher for the checksums (of [`CHECKSUMS`]) that `want` names.
+pub(crate) fn checksum_hasher(want: impl Fn(&str) -> bool) -> s3s::checksum::ChecksumHasher {
+    s3s::checksum::ChecksumHasher {
+        crc32: want(CHECKSUMS[0]).then(s3s::crypto::Crc32::new),
+        crc32c: want(CHECKSUMS[1]).then(s3s::crypto::Crc32c::new),
+        crc64nvme: want(CHECKSUMS[2]).then(s3s::crypto::Crc64Nvme::new),
+        sha1: want(CHECKSUMS[3]).then(s3s::crypto::Sha1::new),
+        sha256: want(CHECKSUMS[4]).then(s3s::crypto::Sha256::new),
+    }
+}
+
+/// The value a hasher computed for checksum header `name`, as S3 writes it.
+pub(crate) fn checksum_value(got: &s3s::dto::Checksum, name: &str) -> Option<String> {
+    match name {
+        "x-amz-checksum-crc32" => got.checksum_crc32.clone(),
+        "x-amz-checksum-crc32c" => got.checksum_crc32c.clone(),
+        "x-amz-checksum-crc64nvme" => got.checksum_crc64nvme.clone(),
+        "x-amz-checksum-sha1" => got.checksum_sha1.clone(),
+        "x-amz-checksum-sha256" => got.checksum_sha256.clone(),
+        _ => None,
     }
 }
 
