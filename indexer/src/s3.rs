@@ -15,11 +15,26 @@
 //! ("3c", bucket, 0x00, key)                         = ObjectVersion    current, unless a delete marker
 //! ("3u", upload id 16)                              = MultipartRecord  a multipart upload in progress
 //! ("3p", upload id 16, part number u32)             = PartRecord       its parts (stripes under the part's id)
+//! ("3j", versionstamp 10, record key)               = 1 ++ value | 0   journal of 3t/3b/3v changes, for recovery
+//! ("3J")                                            = u64              the journal's epoch
+//! ("3Js")                                           = ""               every record is journaled (or archived)
 //! ```
 //!
 //! Version ids are time-ordered UUIDs (the evidence id for a PUT), stored
 //! bit-inverted so a key's versions read newest first. `3c` duplicates the
 //! newest non-marker version so listings are one range read.
+//!
+//! Every change to a tenant (`3t`), bucket (`3b`) or version (`3v`) record
+//! is also written to the journal (`3j`) in the same transaction, keyed by
+//! its commit's versionstamp and the record's key, so a transaction leaves
+//! each record's final value; the gateway moves the journal durably to the
+//! ledger's openings archive ([`journal_tx`], [`clear_journal_tx`]), and
+//! `custodia recover-index` replays it ([`replay`]). Versionstamps start
+//! again in a new index, so every entry also carries the journal's epoch,
+//! which each recovery sets past every epoch in the archive: replay orders
+//! by epoch, then versionstamp. The other records are
+//! derived (`3B`, `3c`), secret (`3a`: access keys are issued anew) or
+//! transient (`3u`, `3p`: an upload in progress is lost with the index).
 //!
 //! Object Lock is enforced here, in the transaction that removes a version
 //! or changes its retention: COMPLIANCE retention and legal holds refuse
@@ -39,6 +54,9 @@ const VERSION: &[u8] = b"3v";
 const CURRENT: &[u8] = b"3c";
 const MULTIPART: &[u8] = b"3u";
 const PART: &[u8] = b"3p";
+const JOURNAL: &[u8] = b"3j";
+const JOURNAL_EPOCH: &[u8] = b"3J";
+const JOURNAL_SEEDED: &[u8] = b"3Js";
 
 const RECORD_V1: u8 = 1;
 /// Bucket records since default retention kept Years apart from Days.
@@ -73,6 +91,10 @@ pub enum ObjectError {
     /// longer holds.
     #[error("{0}")]
     PreconditionFailed(String),
+    /// A journal entry (in the index or an archived journal file) is not one
+    /// this version writes.
+    #[error("the S3 records' journal is unreadable: {0}")]
+    Journal(&'static str),
 }
 
 impl From<crate::kv::KvError> for ObjectError {
@@ -325,6 +347,241 @@ async fn get_record<T: Transaction, R: serde::de::DeserializeOwned>(
     }
 }
 
+// ---------------------------------------------------------------- journal
+
+/// Sets a journaled record (`3t`, `3b`, `3v`) and journals its new value.
+fn set_journaled<T: Transaction>(tx: &T, key: &[u8], value: &[u8]) {
+    tx.set(key, value);
+    journal(tx, key, value);
+}
+
+fn journal<T: Transaction>(tx: &T, key: &[u8], value: &[u8]) {
+    let mut entry = Vec::with_capacity(value.len() + 1);
+    entry.push(1);
+    entry.extend_from_slice(value);
+    tx.set_versionstamped_key(JOURNAL, key, &entry);
+}
+
+/// Whether every record is journaled: the index was journaled from its
+/// start, was seeded ([`seed_journal_tx`]) or was recovered from an archive.
+pub async fn journal_seeded_tx<T: Transaction>(tx: &T) -> Result<bool, ObjectError> {
+    Ok(tx.get(JOURNAL_SEEDED).await?.is_some())
+}
+
+/// Says every record is journaled (recovery, which restores them from the
+/// archived journal).
+pub fn set_journal_seeded_tx<T: Transaction>(tx: &T) {
+    tx.set(JOURNAL_SEEDED, b"");
+}
+
+/// Seeds the journal of an index written before records were journaled:
+/// journals the current value of up to `limit` records after the key
+/// `after` (none: from the first), and returns the last one journaled, or
+/// `None` once all are (and says so in the index). Records changed while it
+/// runs are journaled by their change too; either way the newest value has
+/// the later versionstamp.
+pub async fn seed_journal_tx<T: Transaction>(
+    tx: &T,
+    after: Option<&[u8]>,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, ObjectError> {
+    // In key order: "3b" < "3t" < "3v".
+    for p in [BUCKET, TENANT, VERSION] {
+        let end = prefix_end(p);
+        let begin = match after {
+            Some(a) if a >= end.as_slice() => continue,
+            Some(a) if a >= p => [a, &[0]].concat(),
+            _ => p.to_vec(),
+        };
+        let rows = tx.get_range(&begin, &end, limit, false).await?;
+        let Some((last, _)) = rows.last() else {
+            continue;
+        };
+        for (k, v) in &rows {
+            journal(tx, k, v);
+        }
+        return Ok(Some(last.clone()));
+    }
+    set_journal_seeded_tx(tx);
+    Ok(None)
+}
+
+/// Clears a journaled record and journals that it is gone.
+fn clear_journaled<T: Transaction>(tx: &T, key: &[u8]) {
+    tx.clear(key);
+    tx.set_versionstamped_key(JOURNAL, key, &[0]);
+}
+
+/// One journaled change: the record `key` became `value` (`None`: cleared)
+/// in the transaction committed at `stamp`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub epoch: u64,
+    pub stamp: [u8; crate::kv::VERSIONSTAMP_BYTES],
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub value: Option<Vec<u8>>,
+}
+
+/// The oldest journal entries, at most `limit`, in commit order.
+pub async fn journal_tx<T: Transaction>(
+    tx: &T,
+    limit: usize,
+) -> Result<Vec<JournalEntry>, ObjectError> {
+    let epoch = journal_epoch_tx(tx).await?;
+    let rows = tx
+        .get_range(JOURNAL, &prefix_end(JOURNAL), limit, false)
+        .await?;
+    let at = JOURNAL.len();
+    let end = at + crate::kv::VERSIONSTAMP_BYTES;
+    rows.into_iter()
+        .map(|(k, v)| {
+            let stamp = k
+                .get(at..end)
+                .and_then(|s| s.try_into().ok())
+                .ok_or(ObjectError::Journal("key"))?;
+            let value = match v.split_first() {
+                Some((1, rest)) => Some(rest.to_vec()),
+                Some((0, [])) => None,
+                _ => return Err(ObjectError::Journal("value")),
+            };
+            Ok(JournalEntry {
+                epoch,
+                stamp,
+                key: k[end..].to_vec(),
+                value,
+            })
+        })
+        .collect()
+}
+
+/// The journal's epoch (0 until a recovery sets one).
+pub async fn journal_epoch_tx<T: Transaction>(tx: &T) -> Result<u64, ObjectError> {
+    match tx.get(JOURNAL_EPOCH).await? {
+        None => Ok(0),
+        Some(v) => Ok(u64::from_be_bytes(
+            v.try_into().map_err(|_| ObjectError::Journal("epoch"))?,
+        )),
+    }
+}
+
+/// Sets the journal's epoch (recovery: past every epoch archived).
+pub fn set_journal_epoch_tx<T: Transaction>(tx: &T, epoch: u64) {
+    tx.set(JOURNAL_EPOCH, &epoch.to_be_bytes());
+}
+
+/// Clears the journal up to and including `last` (once it is stored
+/// elsewhere).
+pub fn clear_journal_tx<T: Transaction>(tx: &T, last: &JournalEntry) {
+    let mut end = JOURNAL.to_vec();
+    end.extend_from_slice(&last.stamp);
+    end.extend_from_slice(&last.key);
+    end.push(0);
+    tx.clear_range(JOURNAL, &end);
+}
+
+/// What replaying a journal gives: the records to write into an empty
+/// index, derived ones included.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    /// Every record to set, in key order.
+    pub records: Vec<(Vec<u8>, Vec<u8>)>,
+    pub tenants: usize,
+    pub buckets: usize,
+    /// Versions kept (delete markers included).
+    pub versions: usize,
+    /// Versions dropped because their evidence is not in the recovered index.
+    pub dropped: Vec<(String, String, EvidenceId)>,
+}
+
+/// Replays journal entries (in any order, repeats allowed: each file of the
+/// journal may overlap another) into the final records: each record's
+/// newest value by commit order, versions whose evidence `exists` does not
+/// know dropped, and the derived records (`3B`, `3c`) rebuilt. Entries
+/// naming anything but a journaled record are refused.
+pub fn replay(
+    mut entries: Vec<JournalEntry>,
+    exists: impl Fn(EvidenceId) -> bool,
+) -> Result<Replayed, ObjectError> {
+    entries.sort_by(|a, b| (a.epoch, a.stamp, &a.key).cmp(&(b.epoch, b.stamp, &b.key)));
+    let mut last: std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>> =
+        std::collections::BTreeMap::new();
+    for e in entries {
+        if ![TENANT, BUCKET, VERSION].contains(&&e.key[..2.min(e.key.len())]) {
+            return Err(ObjectError::Journal("an entry for an unjournaled record"));
+        }
+        last.insert(e.key, e.value);
+    }
+    let mut out = Replayed::default();
+    let mut derived = Vec::new();
+    let mut newest_of: Option<Vec<u8>> = None;
+    for (key, value) in last {
+        let Some(value) = value else { continue };
+        match &key[..2] {
+            t if t == TENANT => out.tenants += 1,
+            t if t == BUCKET => {
+                let name = std::str::from_utf8(&key[2..])
+                    .map_err(|_| ObjectError::Journal("a bucket name"))?;
+                let rec: BucketRecord = match value.first() {
+                    Some(&RECORD_V1) => {
+                        decode_versioned::<BucketRecordV1>(RECORD_V1, &value)?.into()
+                    }
+                    _ => decode_versioned(BUCKET_V2, &value)?,
+                };
+                derived.push((
+                    key_of(TENANT_BUCKET, &[rec.tenant.as_bytes(), name.as_bytes()]),
+                    Vec::new(),
+                ));
+                out.buckets += 1;
+            }
+            _ => {
+                // ("3v", bucket, 0, key, 0, inverted id 16): the object's
+                // versions sort newest first, so the first one seen of each
+                // object decides its current record.
+                let object = key
+                    .len()
+                    .checked_sub(16)
+                    .map(|n| &key[..n])
+                    .ok_or(ObjectError::Journal("a version key"))?;
+                let v: ObjectVersion = decode_versioned(RECORD_V1, &value)?;
+                if let Some(id) = v.evidence.filter(|id| !exists(*id)) {
+                    let names = object[2..object.len().saturating_sub(1)].splitn(2, |b| *b == 0);
+                    let names: Vec<String> = names
+                        .map(|n| String::from_utf8_lossy(n).into_owned())
+                        .collect();
+                    out.dropped.push((
+                        names.first().cloned().unwrap_or_default(),
+                        names.get(1).cloned().unwrap_or_default(),
+                        id,
+                    ));
+                    continue;
+                }
+                if newest_of.as_deref() != Some(object) {
+                    newest_of = Some(object.to_vec());
+                    if !v.is_delete_marker() {
+                        let mut current = CURRENT.to_vec();
+                        current.extend_from_slice(&object[2..object.len() - 1]);
+                        derived.push((current, value.clone()));
+                    }
+                }
+                out.versions += 1;
+            }
+        }
+        out.records.push((key, value));
+    }
+    out.records.extend(derived);
+    out.records.sort();
+    Ok(out)
+}
+
+/// Writes replayed records (a slice of [`Replayed::records`]).
+pub fn restore_records_tx<T: Transaction>(tx: &T, records: &[(Vec<u8>, Vec<u8>)]) {
+    for (k, v) in records {
+        tx.set(k, v);
+    }
+}
+
 // ---------------------------------------------------------------- tenants and keys
 
 /// Registers a tenant; returns false if it already existed.
@@ -340,7 +597,8 @@ pub async fn create_tenant_tx<T: Transaction>(
     if tx.get(&k).await?.is_some() {
         return Ok(false);
     }
-    tx.set(
+    set_journaled(
+        tx,
         &k,
         &encode_versioned(RECORD_V1, &TenantRecord { created_ms: now_ms }),
     );
@@ -393,7 +651,8 @@ pub async fn create_bucket_tx<T: Transaction>(
     if !tenant_exists_tx(tx, &rec.tenant).await? {
         return Err(ObjectError::NoSuchTenant);
     }
-    tx.set(
+    set_journaled(
+        tx,
         &key_of(BUCKET, &[name.as_bytes()]),
         &encode_versioned(BUCKET_V2, rec),
     );
@@ -428,7 +687,8 @@ pub async fn put_bucket_tx<T: Transaction>(
     if get_bucket_tx(tx, name).await?.is_none() {
         return Err(ObjectError::NoSuchBucket);
     }
-    tx.set(
+    set_journaled(
+        tx,
         &key_of(BUCKET, &[name.as_bytes()]),
         &encode_versioned(BUCKET_V2, rec),
     );
@@ -468,7 +728,7 @@ pub async fn delete_bucket_tx<T: Transaction>(tx: &T, name: &str) -> Result<(), 
     {
         return Err(ObjectError::BucketNotEmpty);
     }
-    tx.clear(&key_of(BUCKET, &[name.as_bytes()]));
+    clear_journaled(tx, &key_of(BUCKET, &[name.as_bytes()]));
     tx.clear(&key_of(
         TENANT_BUCKET,
         &[b.tenant.as_bytes(), name.as_bytes()],
@@ -536,7 +796,7 @@ async fn remove_null_version<T: Transaction>(
             if let Some(why) = v.lock_reason(now_ms, bypass) {
                 return Err(ObjectError::Locked(why));
             }
-            tx.clear(&version_key(bucket, key, &v.version_id));
+            clear_journaled(tx, &version_key(bucket, key, &v.version_id));
         }
     }
     Ok(())
@@ -616,7 +876,7 @@ pub async fn delete_version_tx<T: Transaction>(
     if let Some(why) = v.lock_reason(now_ms, bypass_governance) {
         return Err(ObjectError::Locked(why));
     }
-    tx.clear(&version_key(bucket, key, &version_id));
+    clear_journaled(tx, &version_key(bucket, key, &version_id));
     refresh_current(tx, bucket, key).await?;
     Ok(v)
 }
@@ -681,7 +941,8 @@ async fn write_version<T: Transaction>(
     key: &str,
     v: &ObjectVersion,
 ) -> Result<(), ObjectError> {
-    tx.set(
+    set_journaled(
+        tx,
         &version_key(bucket, key, &v.version_id),
         &encode_versioned(RECORD_V1, v),
     );

@@ -329,3 +329,220 @@ async fn buckets_and_keys_belong_to_tenants() {
     .unwrap()
     .is_empty());
 }
+
+/// Every S3 record the journal rebuilds (all but keys, uploads and the
+/// journal itself), raw.
+async fn s3_records(s: &EmbeddedStore) -> Vec<(Vec<u8>, Vec<u8>)> {
+    use indexer::kv::Transaction;
+    let rows = run(s, |tx| async move {
+        tx.get_range(b"3", b"4", 100_000, false).await
+    })
+    .await
+    .unwrap();
+    rows.into_iter()
+        .filter(|(k, _)| [&b"3t"[..], b"3b", b"3B", b"3v", b"3c"].contains(&&k[..2]))
+        .collect()
+}
+
+/// Moves the journal out of `s` in batches of `batch`, as the gateway does.
+async fn drained(s: &EmbeddedStore, batch: usize) -> Vec<ix::JournalEntry> {
+    let mut out = Vec::new();
+    loop {
+        let got = run(s, |tx| async move { ix::journal_tx(&tx, batch).await })
+            .await
+            .unwrap();
+        let Some(last) = got.last().cloned() else {
+            return out;
+        };
+        run(s, |tx| {
+            let last = &last;
+            async move {
+                ix::clear_journal_tx(&tx, last);
+                Ok::<_, ObjectError>(())
+            }
+        })
+        .await
+        .unwrap();
+        out.extend(got);
+    }
+}
+
+async fn restored(
+    entries: Vec<ix::JournalEntry>,
+    exists: impl Fn(EvidenceId) -> bool,
+) -> (tempfile::TempDir, EmbeddedStore, ix::Replayed) {
+    let (d, s) = store();
+    let replayed = ix::replay(entries, exists).unwrap();
+    run(&s, |tx| {
+        let records = &replayed.records;
+        async move {
+            ix::restore_records_tx(&tx, records);
+            Ok::<_, ObjectError>(())
+        }
+    })
+    .await
+    .unwrap();
+    (d, s, replayed)
+}
+
+#[tokio::test]
+async fn the_journal_replays_into_the_same_records() {
+    let (_d, s) = store();
+    bucket(&s, "kept", Versioning::Enabled, true).await;
+    bucket(&s, "gone", Versioning::Enabled, false).await;
+    bucket(&s, "plain", Versioning::Unversioned, false).await;
+    let (a, b, c) = (
+        version(100, false),
+        version(200, false),
+        version(300, false),
+    );
+    put(&s, "kept", "case/1", &a).await.unwrap();
+    put(&s, "kept", "case/1", &b).await.unwrap();
+    put(&s, "kept", "case/2", &c).await.unwrap();
+    // Retention and a hold on one version, a marker over another key.
+    run(&s, |tx| async move {
+        let r = Retention {
+            mode: LockMode::Compliance,
+            until_ms: 1 << 50,
+        };
+        ix::set_retention_tx(&tx, "kept", "case/1", a.version_id, Some(r), 10, false).await?;
+        ix::set_legal_hold_tx(&tx, "kept", "case/1", b.version_id, true).await
+    })
+    .await
+    .unwrap();
+    let marker = ObjectVersion {
+        evidence: None,
+        ..version(400, false)
+    };
+    run(&s, |tx| {
+        let marker = &marker;
+        async move { ix::delete_current_tx(&tx, "kept", "case/2", marker, 10, false).await }
+    })
+    .await
+    .unwrap();
+    // An unversioned key overwritten (the old null version removed), a
+    // bucket emptied and deleted.
+    put(&s, "plain", "k", &version(500, true)).await.unwrap();
+    put(&s, "plain", "k", &version(600, true)).await.unwrap();
+    let d = version(700, false);
+    put(&s, "gone", "x", &d).await.unwrap();
+    run(&s, |tx| async move {
+        ix::delete_version_tx(&tx, "gone", "x", d.version_id, 10, false).await?;
+        ix::delete_bucket_tx(&tx, "gone").await
+    })
+    .await
+    .unwrap();
+
+    let want = s3_records(&s).await;
+    assert!(want.len() > 8, "{} records", want.len());
+    // Drained in small batches, one batch archived twice (two gateways).
+    let mut entries = drained(&s, 3).await;
+    assert!(drained(&s, 3).await.is_empty(), "the journal is cleared");
+    entries.extend(entries[..3].to_vec());
+    entries.reverse();
+    let (_d2, r, replayed) = restored(entries.clone(), |_| true).await;
+    assert_eq!(s3_records(&r).await, want);
+    assert_eq!((replayed.tenants, replayed.buckets), (1, 2));
+    // a, b, c, the marker over c and the null version 600.
+    assert_eq!(replayed.versions, 5);
+    assert!(replayed.dropped.is_empty());
+
+    // A version whose evidence was not recovered is dropped, and the
+    // current view falls back to the one before it.
+    let (_d3, r, replayed) = restored(entries.clone(), |id| id != b.version_id).await;
+    assert_eq!(
+        replayed.dropped,
+        [("kept".to_owned(), "case/1".to_owned(), b.version_id)]
+    );
+    let current = run(&r, |tx| async move {
+        ix::list_current_tx(&tx, "kept", "", None, 10).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(current.len(), 1);
+    assert_eq!(current[0].1.version_id, a.version_id);
+
+    // After a recovery the index's versionstamps start again; the epoch
+    // keeps its changes after the old ones.
+    let (_d4, r, _) = restored(entries.clone(), |_| true).await;
+    run(&r, |tx| async move {
+        ix::set_journal_epoch_tx(&tx, 1);
+        ix::delete_version_tx(&tx, "kept", "case/2", marker.version_id, 10, false).await
+    })
+    .await
+    .unwrap();
+    let later = drained(&r, 100).await;
+    assert!(later.iter().all(|e| e.epoch == 1), "{later:?}");
+    assert!(later[0].stamp < entries.iter().map(|e| e.stamp).max().unwrap());
+    let mut all = entries;
+    all.extend(later);
+    let (_d5, r2, _) = restored(all, |_| true).await;
+    assert_eq!(s3_records(&r2).await, s3_records(&r).await);
+    assert_eq!(
+        listed(&r2, "kept", "", None).await,
+        ["case/1", "case/2"],
+        "the marker's removal survived a second recovery"
+    );
+
+    // A journal entry for anything else is refused.
+    let forged = ix::JournalEntry {
+        epoch: 0,
+        stamp: [0; 10],
+        key: b"3aAKIAEXAMPLE".to_vec(),
+        value: Some(vec![1]),
+    };
+    assert!(matches!(
+        ix::replay(vec![forged], |_| true),
+        Err(ObjectError::Journal(_))
+    ));
+}
+
+#[tokio::test]
+async fn an_index_from_before_the_journal_is_seeded_whole() {
+    let (_d, s) = store();
+    bucket(&s, "old", Versioning::Enabled, true).await;
+    bucket(&s, "older", Versioning::Unversioned, false).await;
+    for i in 0..7 {
+        put(&s, "old", &format!("k{i}"), &version(100 + i, false))
+            .await
+            .unwrap();
+    }
+    put(&s, "older", "x", &version(90, true)).await.unwrap();
+    // As if written before records were journaled.
+    drained(&s, 1000).await;
+    let seeded = |s: &EmbeddedStore| {
+        let s = s.clone();
+        async move {
+            run(&s, |tx| async move { ix::journal_seeded_tx(&tx).await })
+                .await
+                .unwrap()
+        }
+    };
+    assert!(!seeded(&s).await);
+    let want = s3_records(&s).await;
+    // Seeded in small steps, with a change between two of them.
+    let mut after: Option<Vec<u8>> = None;
+    let mut steps = 0;
+    loop {
+        let next = run(&s, |tx| {
+            let after = after.clone();
+            async move { ix::seed_journal_tx(&tx, after.as_deref(), 3).await }
+        })
+        .await
+        .unwrap();
+        steps += 1;
+        if steps == 2 {
+            put(&s, "old", "k0", &version(200, false)).await.unwrap();
+        }
+        match next {
+            Some(k) => after = Some(k),
+            None => break,
+        }
+    }
+    assert!(steps >= 4, "{steps} steps");
+    assert!(seeded(&s).await);
+    let (_d2, r, replayed) = restored(drained(&s, 1000).await, |_| true).await;
+    assert_ne!(s3_records(&s).await, want, "k0 changed meanwhile");
+    assert_eq!(s3_records(&r).await, s3_records(&s).await);
+    assert_eq!((replayed.buckets, replayed.versions), (2, 9));
+}
