@@ -72,6 +72,7 @@ DASHBOARDS = {
         [
             stat("Entries", "max(custodia_ledger_entries)"),
             stat("Checkpoint age", CHECKPOINT_AGE, "s"),
+            stat("S3 journal age", "time() - max(custodia_s3_journal_synced_timestamp_seconds)", "s", desc="Since the S3 records' journal last reached the openings archive whole (what recover-index replays)."),
             panel("Entries per second", "sum(rate(custodia_ledger_entries[1m]))", "ops"),
             panel("Witness cosignatures vs quorum", ["max(custodia_ledger_checkpoint_cosignatures)", "max(custodia_ledger_witness_quorum)"], legend=["cosignatures", "quorum"]),
             panel("Entries not yet cosigned", "max(custodia_ledger_entries) - max(custodia_ledger_cosigned_entries)"),

@@ -290,6 +290,7 @@ pub async fn serve<S: Store>(
     let integrator = crate::ledger::spawn_integrator(gw.clone());
     let witnessing = crate::ledger::spawn_witnessing(gw.clone());
     let timestamping = crate::ledger::spawn_timestamping(gw.clone());
+    let s3_journal = crate::s3_journal::spawn(gw.clone());
     let s3 = match gw.config.s3_listen {
         None => None,
         Some(addr) => Some(
@@ -342,6 +343,7 @@ pub async fn serve<S: Store>(
         .into_iter()
         .chain(witnessing)
         .chain(timestamping)
+        .chain(s3_journal)
         .chain(s3.map(|(_, task)| task))
         .chain(metrics.map(|(_, task)| task))
         .collect(),

@@ -126,7 +126,9 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::Object(ObjectError::Locked(_)) => StatusCode::CONFLICT,
-            ApiError::Object(ObjectError::Schema(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Object(ObjectError::Schema(_) | ObjectError::Journal(_)) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             ApiError::Object(ObjectError::BucketExists { .. }) => StatusCode::CONFLICT,
             ApiError::Object(ObjectError::BucketNotEmpty) => StatusCode::CONFLICT,
             ApiError::Object(ObjectError::BadName(_)) => StatusCode::BAD_REQUEST,
@@ -162,7 +164,7 @@ impl ApiError {
             ApiError::Index(_) => "index_error",
             ApiError::Object(ObjectError::Locked(_)) => "locked",
             ApiError::Object(ObjectError::BadName(_)) => "bad_name",
-            ApiError::Object(ObjectError::Schema(_)) => "index_error",
+            ApiError::Object(ObjectError::Schema(_) | ObjectError::Journal(_)) => "index_error",
             ApiError::Object(_) => "not_found",
             ApiError::BadDigest | ApiError::ChecksumMismatch(_) => "bad_digest",
             ApiError::Internal => "internal",

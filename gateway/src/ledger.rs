@@ -459,6 +459,54 @@ impl Ledger {
         }
     }
 
+    /// Writes one file to the private openings archive durably (a local
+    /// directory: temporary file, fsync, rename, fsync of the directory).
+    pub async fn archive_file(&self, name: &str, bytes: Vec<u8>) -> Result<(), LedgerError> {
+        let Some(root) = self.openings_dir.clone() else {
+            return put_durably(&self.openings, None, vec![(name.to_owned(), bytes)]).await;
+        };
+        let name = name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let path = root.join(&name);
+            let (Some(dir), Some(file)) = (path.parent(), path.file_name()) else {
+                return Err(std::io::Error::other(format!("archive file name {name:?}")));
+            };
+            if !dir.exists() {
+                std::fs::create_dir_all(dir)?;
+                if let Some(up) = dir.parent() {
+                    std::fs::File::open(up)?.sync_all()?;
+                }
+            }
+            storage_node::store::write_durably(dir, &file.to_string_lossy(), &[&bytes])
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
+        Ok(())
+    }
+
+    /// Every file of the private openings archive under `folder`, whole,
+    /// in name order.
+    pub async fn archived_files(
+        &self,
+        folder: &str,
+    ) -> Result<Vec<(String, bytes::Bytes)>, LedgerError> {
+        use futures::TryStreamExt;
+        let prefix = StorePath::parse(folder).map_err(|e| LedgerError::Tree(e.to_string()))?;
+        let mut names: Vec<StorePath> = self
+            .openings
+            .list(Some(&prefix))
+            .map_ok(|meta| meta.location)
+            .try_collect()
+            .await?;
+        names.sort();
+        let mut files = Vec::with_capacity(names.len());
+        for name in names {
+            let bytes = self.openings.get(&name).await?.bytes().await?;
+            files.push((name.to_string(), bytes));
+        }
+        Ok(files)
+    }
+
     /// Every archived leaf from leaf 0 up to the first gap, in order (see
     /// [`lx::archive_chain`]).
     pub async fn read_archive(&self) -> Result<Vec<lx::ArchivedLeaf>, LedgerError> {

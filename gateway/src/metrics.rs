@@ -65,6 +65,11 @@ pub struct GatewayMetrics {
     /// `time() - custodia_ledger_integrated_timestamp_seconds` is how far
     /// behind notarization is, and stays small on an idle ledger.
     pub checkpoint_time: Gauge,
+    /// `custodia_s3_journal_synced_timestamp_seconds`: when the last drain
+    /// of the S3 records' journal that left nothing behind began
+    /// (`crate::s3_journal`): every S3 record change committed before then
+    /// is in the archive `recover-index` replays.
+    pub s3_journal_synced: Gauge,
     /// Witnesses that cosigned the newest checkpoint any witness cosigned
     /// (`custodia_ledger_checkpoint_cosignatures`), that checkpoint's size
     /// (`custodia_ledger_cosigned_entries`), and the number of witnesses
@@ -178,6 +183,13 @@ impl GatewayMetrics {
                 Gauge::new(
                     "custodia_ledger_integrated_timestamp_seconds",
                     "When a signed checkpoint last covered every waiting entry (Unix seconds).",
+                )?,
+            )?,
+            s3_journal_synced: reg(
+                r,
+                Gauge::new(
+                    "custodia_s3_journal_synced_timestamp_seconds",
+                    "When the S3 records' journal was last archived whole (Unix seconds).",
                 )?,
             )?,
             cosigned_entries: gauge(

@@ -15,12 +15,18 @@
 //!   reads is recomputed, and the content must hash to the manifest's BLAKE3
 //!   and SHA-256. Nothing is called recovered that was not read back.
 //!
+//! - The **S3 records' journal** (`crate::s3_journal`, in the same archive)
+//!   gives the S3 tenants, buckets (versioning, Object Lock, default
+//!   retention) and every object version and delete marker with its
+//!   retention and legal hold, as they stood when the journal was last
+//!   archived (within about a second). A version whose evidence was not
+//!   recovered is dropped and reported.
+//!
 //! Not in the archive, so not recovered: credentials other than the ones the
-//! operator's files hold (`ops` restores `admin.token` and `s3.credentials`),
-//! the S3 buckets' and object versions' records (the objects stay readable as
-//! evidence, under their ids), witness cosignatures and time-stamp tokens
-//! over old checkpoints (new ones are gathered), and in-flight uploads (their
-//! shards are orphans, reported here).
+//! operator's files hold (`ops` restores `admin.token` and `s3.credentials`;
+//! other keys are issued anew), witness cosignatures and time-stamp tokens
+//! over old checkpoints (new ones are gathered), and in-flight uploads and
+//! S3 multipart uploads (their shards are orphans, reported here).
 
 use crate::api::{Gateway, Store};
 use crate::ledger::LedgerError;
@@ -59,6 +65,8 @@ pub enum RecoverError {
     Node { node: NodeId, error: String },
     #[error("the archived manifest of {0} is unreadable")]
     Manifest(EvidenceId),
+    #[error("S3 records: {0}")]
+    S3(#[from] crate::s3_journal::JournalError),
 }
 
 /// What recovery found and did.
@@ -84,6 +92,13 @@ pub struct Report {
     pub orphan_shards: u64,
     /// Evidence that could not be read back and verified, and why.
     pub unreadable: Vec<(String, String)>,
+    /// S3 records replayed from the journal.
+    pub s3_tenants: usize,
+    pub s3_buckets: usize,
+    /// Object versions, delete markers included.
+    pub s3_versions: usize,
+    /// Versions (bucket, key, evidence id) whose evidence was not recovered.
+    pub s3_versions_dropped: Vec<(String, String, String)>,
 }
 
 /// Rebuilds the index behind `gw` (which must be empty) from the openings
@@ -199,6 +214,12 @@ pub async fn recover_index<S: Store>(
     })
     .await?;
 
+    // Evidence an S3 version may name once recovery is done.
+    let indexed: BTreeSet<EvidenceId> = manifests
+        .iter()
+        .filter(|(_, (_, expunged))| !expunged)
+        .map(|(id, _)| *id)
+        .collect();
     let count = manifests.len();
     for (n, (id, (header, expunged))) in manifests.into_iter().enumerate() {
         if n % 100 == 0 {
@@ -267,7 +288,55 @@ pub async fn recover_index<S: Store>(
         report.evidence += 1;
     }
     progress(&format!("evidence: {count} of {count} done"));
+    restore_s3_records(gw, &indexed, &mut report, progress).await?;
     Ok(report)
+}
+
+/// S3 records per index transaction.
+const S3_RECORDS_PER_TXN: usize = 512;
+
+/// Replays the S3 records' journal from the archive into the index, after
+/// the evidence (a version naming evidence not recovered is dropped).
+async fn restore_s3_records<S: Store>(
+    gw: &Gateway<S>,
+    indexed: &BTreeSet<EvidenceId>,
+    report: &mut Report,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<(), RecoverError> {
+    let Some(ledger) = &gw.ledger else {
+        return Ok(());
+    };
+    progress("s3: replaying the records' journal");
+    let (entries, epoch) = crate::s3_journal::read_archived(ledger).await?;
+    let replayed = indexer::s3::replay(entries, |id| indexed.contains(&id))
+        .map_err(crate::s3_journal::JournalError::from)?;
+    for chunk in replayed.records.chunks(S3_RECORDS_PER_TXN) {
+        indexer::run(&gw.store, |tx| async move {
+            indexer::s3::restore_records_tx(&tx, chunk);
+            Ok::<_, SchemaError>(())
+        })
+        .await?;
+    }
+    // Journaled from here on after every epoch archived, so a later
+    // recovery orders this index's changes after the old ones.
+    indexer::run(&gw.store, |tx| async move {
+        indexer::s3::set_journal_epoch_tx(&tx, epoch);
+        indexer::s3::set_journal_seeded_tx(&tx);
+        Ok::<_, SchemaError>(())
+    })
+    .await?;
+    for (bucket, key, id) in &replayed.dropped {
+        tracing::error!(%bucket, %key, evidence = %id, "S3 version dropped: its evidence was not recovered");
+    }
+    report.s3_tenants = replayed.tenants;
+    report.s3_buckets = replayed.buckets;
+    report.s3_versions = replayed.versions;
+    report.s3_versions_dropped = replayed
+        .dropped
+        .into_iter()
+        .map(|(b, k, id)| (b, k, id.to_string()))
+        .collect();
+    Ok(())
 }
 
 /// A stripe record from the shards found: their nodes and header hashes;

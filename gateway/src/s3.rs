@@ -222,7 +222,7 @@ fn s3_err(e: ApiError) -> S3Error {
             ObjectError::BadName("bucket") => (C::InvalidBucketName, o.to_string()),
             ObjectError::BadName(_) => (C::InvalidArgument, o.to_string()),
             ObjectError::NoSuchTenant => (C::AccessDenied, o.to_string()),
-            ObjectError::Schema(_) => return internal(e),
+            ObjectError::Schema(_) | ObjectError::Journal(_) => return internal(e),
         },
         ApiError::BadDigest | ApiError::ChecksumMismatch(_) => (C::BadDigest, e.to_string()),
         ApiError::HashMismatch { .. } => (C::BadDigest, e.to_string()),

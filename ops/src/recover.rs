@@ -100,10 +100,19 @@ pub async fn run(data_dir: &Path, allow_down: bool, json: bool) -> Result<()> {
                 .join(", ")
         );
         println!("  credentials  {}", restored.join(", "));
+        println!(
+            "  s3           {} tenants, {} buckets, {} object versions and delete markers",
+            report.s3_tenants, report.s3_buckets, report.s3_versions
+        );
         for (id, why) in &report.unreadable {
             println!("  UNREADABLE   {id}: {why}");
         }
-        println!("not recovered: other tenants' keys (issue new ones with `custodia key create`), S3 bucket and version records, old witness cosignatures and time-stamp tokens");
+        for (bucket, key, id) in &report.s3_versions_dropped {
+            println!(
+                "  S3 DROPPED   s3://{bucket}/{key} version {id}: its evidence was not recovered"
+            );
+        }
+        println!("not recovered: other tenants' keys (issue new ones with `custodia key create`), S3 multipart uploads in progress, old witness cosignatures and time-stamp tokens");
     }
     if !report.unreadable.is_empty() {
         bail!(

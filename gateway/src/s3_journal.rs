@@ -1,0 +1,223 @@
+//! The S3 records' journal, moved out of the index.
+//!
+//! Evidence survives the loss of the index through the ledger's openings
+//! archive and the nodes' self-describing shards (`crate::recover`); the S3
+//! API's own records (tenants, buckets with their versioning, Object Lock
+//! and default retention, and every object version: key, ETag, metadata,
+//! retention, legal hold, delete markers) are journaled by the indexer in
+//! the transaction that changes them (`indexer::s3`, key `3j`). This task
+//! moves that journal, in commit order, into files in the openings archive
+//! (`s3-journal/EPOCH-FIRST-LAST`) and only then clears what it moved from
+//! the index, so `custodia recover-index` can replay it. A record change is
+//! in the archive within about [`INTERVAL`] of its commit;
+//! `custodia_s3_journal_synced_timestamp_seconds` says when the last drain
+//! that left nothing behind began.
+//!
+//! Every gateway drains (sharing one index they may move the same entries
+//! twice, into overlapping files; replay takes each record's newest value
+//! by epoch and versionstamp, so repeats change nothing).
+
+use crate::api::{Gateway, Store};
+use crate::ledger::{Ledger, LedgerError};
+use indexer::s3::{self, JournalEntry, ObjectError};
+use protocol::wire::{decode_versioned, encode_versioned};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often the journal is drained.
+pub const INTERVAL: Duration = Duration::from_secs(1);
+/// The archive's folder for journal files.
+pub const DIR: &str = "s3-journal";
+/// Entries per file (each at most a few KiB: a version with its metadata).
+const BATCH: usize = 1024;
+const FILE_V1: u8 = 1;
+
+/// Why a drain or a replay failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("index: {0}")]
+    Index(#[from] ObjectError),
+    #[error("archive: {0}")]
+    Archive(#[from] LedgerError),
+    #[error("archive: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("journal file {name}: {reason}")]
+    File { name: String, reason: String },
+}
+
+/// The name of the file holding `entries` (non-empty, in commit order).
+fn file_name(entries: &[JournalEntry]) -> Option<String> {
+    let (first, last) = (entries.first()?, entries.last()?);
+    Some(format!(
+        "{DIR}/{:020}-{}-{}",
+        first.epoch,
+        hex::encode(first.stamp),
+        hex::encode(last.stamp)
+    ))
+}
+
+/// Whether `name` is one [`file_name`] gives.
+fn is_file_name(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(DIR).and_then(|r| r.strip_prefix('/')) else {
+        return false;
+    };
+    let parts: Vec<&str> = rest.split('-').collect();
+    matches!(parts.as_slice(), [e, a, b]
+        if e.len() == 20 && e.bytes().all(|c| c.is_ascii_digit())
+            && [a, b].iter().all(|h| h.len() == 20 && h.bytes().all(|c| c.is_ascii_hexdigit())))
+}
+
+/// Encodes one journal file.
+pub fn encode_file(entries: &[JournalEntry]) -> Vec<u8> {
+    encode_versioned(FILE_V1, &entries)
+}
+
+/// Decodes one journal file.
+pub fn decode_file(bytes: &[u8]) -> Result<Vec<JournalEntry>, protocol::DecodeError> {
+    decode_versioned(FILE_V1, bytes)
+}
+
+/// Starts the drain (none without a ledger, which holds the archive).
+pub fn spawn<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::JoinHandle<()>> {
+    let ledger = gw.ledger.clone()?;
+    Some(tokio::spawn(async move {
+        while let Err(e) = seed(&gw, &ledger).await {
+            tracing::warn!(error = %e, "S3 journal not seeded; retrying");
+            tokio::time::sleep(INTERVAL).await;
+        }
+        let mut tick = tokio::time::interval(INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let began = unix_seconds();
+            match drain(&gw, &ledger).await {
+                Ok(_) => gw.metrics.s3_journal_synced.set(began),
+                Err(e) => tracing::warn!(error = %e, "S3 journal not archived; retrying"),
+            }
+        }
+    }))
+}
+
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Journals every record of an index written before records were
+/// journaled (once; nothing to do on any other index), archiving as it
+/// goes so the journal in the index stays small.
+pub async fn seed<S: Store>(gw: &Gateway<S>, ledger: &Ledger) -> Result<(), JournalError> {
+    if indexer::run(&gw.store, |tx| async move { s3::journal_seeded_tx(&tx).await }).await? {
+        return Ok(());
+    }
+    let mut after: Option<Vec<u8>> = None;
+    let mut batches = 0;
+    loop {
+        let next = indexer::run(&gw.store, |tx| {
+            let after = after.as_deref();
+            async move { s3::seed_journal_tx(&tx, after, BATCH / 2).await }
+        })
+        .await?;
+        match next {
+            Some(last) => {
+                after = Some(last);
+                batches += 1;
+                drain(gw, ledger).await?;
+            }
+            None => break,
+        }
+    }
+    tracing::info!(batches, "S3 records journaled for the archive");
+    Ok(())
+}
+
+/// Moves the whole journal into the archive; returns the entries moved.
+pub async fn drain<S: Store>(gw: &Gateway<S>, ledger: &Ledger) -> Result<usize, JournalError> {
+    let mut moved = 0;
+    loop {
+        let batch = indexer::run(
+            &gw.store,
+            |tx| async move { s3::journal_tx(&tx, BATCH).await },
+        )
+        .await?;
+        let (Some(name), Some(last)) = (file_name(&batch), batch.last()) else {
+            return Ok(moved);
+        };
+        ledger.archive_file(&name, encode_file(&batch)).await?;
+        indexer::run(&gw.store, |tx| async move {
+            s3::clear_journal_tx(&tx, last);
+            Ok::<_, ObjectError>(())
+        })
+        .await?;
+        moved += batch.len();
+        if batch.len() < BATCH {
+            return Ok(moved);
+        }
+    }
+}
+
+/// Every journal entry in the archive, and the epoch a recovered index
+/// must journal under (past every one found).
+pub async fn read_archived(ledger: &Ledger) -> Result<(Vec<JournalEntry>, u64), JournalError> {
+    let mut entries = Vec::new();
+    let mut epoch = 0;
+    for (name, bytes) in ledger.archived_files(DIR).await? {
+        if !is_file_name(&name) {
+            // A write's temporary file, left by a crash.
+            tracing::warn!(%name, "not a journal file; skipped");
+            continue;
+        }
+        let got = decode_file(&bytes).map_err(|e| JournalError::File {
+            name: name.clone(),
+            reason: e.to_string(),
+        })?;
+        for e in &got {
+            epoch = epoch.max(e.epoch + 1);
+        }
+        entries.extend(got);
+    }
+    Ok((entries, epoch))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(epoch: u64, stamp: u8, key: &[u8], value: Option<&[u8]>) -> JournalEntry {
+        JournalEntry {
+            epoch,
+            stamp: [stamp; 10],
+            key: key.to_vec(),
+            value: value.map(<[u8]>::to_vec),
+        }
+    }
+
+    #[test]
+    fn files_round_trip_and_are_named_by_epoch_and_stamps() {
+        let entries = vec![
+            entry(3, 1, b"3tacme", Some(b"\x01x")),
+            entry(3, 2, b"3bphotos", None),
+        ];
+        let name = file_name(&entries).unwrap();
+        assert_eq!(
+            name,
+            format!(
+                "s3-journal/{:020}-{}-{}",
+                3,
+                "01".repeat(10),
+                "02".repeat(10)
+            )
+        );
+        assert_eq!(decode_file(&encode_file(&entries)).unwrap(), entries);
+        assert!(is_file_name(&name));
+        assert!(!is_file_name(&format!("{name}.tmp")));
+        assert!(!is_file_name("s3-journal/.tmp-1234"));
+        assert!(!is_file_name(
+            "0000001/00000000000000000000-00000000000000000010"
+        ));
+        assert!(file_name(&[]).is_none());
+        assert!(decode_file(b"\x02garbage").is_err());
+    }
+}
