@@ -109,7 +109,12 @@ fn unix_seconds() -> f64 {
 /// journaled (once; nothing to do on any other index), archiving as it
 /// goes so the journal in the index stays small.
 pub async fn seed<S: Store>(gw: &Gateway<S>, ledger: &Ledger) -> Result<(), JournalError> {
-    if indexer::run(&gw.store, |tx| async move { s3::journal_seeded_tx(&tx).await }).await? {
+    if indexer::run(
+        &gw.store,
+        |tx| async move { s3::journal_seeded_tx(&tx).await },
+    )
+    .await?
+    {
         return Ok(());
     }
     let mut after: Option<Vec<u8>> = None;
