@@ -471,11 +471,11 @@ impl Ledger {
             let (Some(dir), Some(file)) = (path.parent(), path.file_name()) else {
                 return Err(std::io::Error::other(format!("archive file name {name:?}")));
             };
-            if !dir.exists() {
-                std::fs::create_dir_all(dir)?;
-                if let Some(up) = dir.parent() {
-                    std::fs::File::open(up)?.sync_all()?;
-                }
+            std::fs::create_dir_all(dir)?;
+            // The folder's own entry too, every time: a crash between its
+            // creation and a sync would otherwise leave it unsynced for ever.
+            if let Some(up) = dir.parent() {
+                std::fs::File::open(up)?.sync_all()?;
             }
             storage_node::store::write_durably(dir, &file.to_string_lossy(), &[&bytes])
         })

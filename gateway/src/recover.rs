@@ -196,7 +196,14 @@ pub async fn recover_index<S: Store>(
     }
     report.orphan_evidence = orphans.len() as u64;
 
-    // Tenants first: every recovered record names one.
+    // The S3 records, before the tenants below, which then only add those
+    // no S3 record named (a tenant's journaled record keeps its creation
+    // time). A version may name any evidence recovered, expunged included
+    // (as before the loss, it then reads as gone).
+    let indexed: BTreeSet<EvidenceId> = manifests.keys().copied().collect();
+    restore_s3_records(gw, &indexed, &mut report, progress).await?;
+
+    // Tenants: every recovered record names one.
     let tenants: Vec<String> = report.tenants.iter().cloned().collect();
     let now = gw.clock.now_ms();
     indexer::run(&gw.store, |tx| {
@@ -214,12 +221,6 @@ pub async fn recover_index<S: Store>(
     })
     .await?;
 
-    // Evidence an S3 version may name once recovery is done.
-    let indexed: BTreeSet<EvidenceId> = manifests
-        .iter()
-        .filter(|(_, (_, expunged))| !expunged)
-        .map(|(id, _)| *id)
-        .collect();
     let count = manifests.len();
     for (n, (id, (header, expunged))) in manifests.into_iter().enumerate() {
         if n % 100 == 0 {
@@ -288,7 +289,6 @@ pub async fn recover_index<S: Store>(
         report.evidence += 1;
     }
     progress(&format!("evidence: {count} of {count} done"));
-    restore_s3_records(gw, &indexed, &mut report, progress).await?;
     Ok(report)
 }
 

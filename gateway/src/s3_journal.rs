@@ -45,14 +45,19 @@ pub enum JournalError {
     File { name: String, reason: String },
 }
 
-/// The name of the file holding `entries` (non-empty, in commit order).
-fn file_name(entries: &[JournalEntry]) -> Option<String> {
+/// The name of the file holding `entries` (non-empty, in commit order),
+/// encoded as `bytes`. Two gateways draining one index may read batches
+/// that begin and end in the same transactions yet hold different entries
+/// (a batch can end inside a transaction); the content's hash in the name
+/// keeps either file from replacing the other.
+fn file_name(entries: &[JournalEntry], bytes: &[u8]) -> Option<String> {
     let (first, last) = (entries.first()?, entries.last()?);
     Some(format!(
-        "{DIR}/{:020}-{}-{}",
+        "{DIR}/{:020}-{}-{}-{}",
         first.epoch,
         hex::encode(first.stamp),
-        hex::encode(last.stamp)
+        hex::encode(last.stamp),
+        hex::encode(&blake3::hash(bytes).as_bytes()[..8])
     ))
 }
 
@@ -61,10 +66,11 @@ fn is_file_name(name: &str) -> bool {
     let Some(rest) = name.strip_prefix(DIR).and_then(|r| r.strip_prefix('/')) else {
         return false;
     };
+    let hex = |h: &str, len| h.len() == len && h.bytes().all(|c| c.is_ascii_hexdigit());
     let parts: Vec<&str> = rest.split('-').collect();
-    matches!(parts.as_slice(), [e, a, b]
+    matches!(parts.as_slice(), [e, a, b, h]
         if e.len() == 20 && e.bytes().all(|c| c.is_ascii_digit())
-            && [a, b].iter().all(|h| h.len() == 20 && h.bytes().all(|c| c.is_ascii_hexdigit())))
+            && hex(a, 20) && hex(b, 20) && hex(h, 16))
 }
 
 /// Encodes one journal file.
@@ -77,9 +83,22 @@ pub fn decode_file(bytes: &[u8]) -> Result<Vec<JournalEntry>, protocol::DecodeEr
     decode_versioned(FILE_V1, bytes)
 }
 
-/// Starts the drain (none without a ledger, which holds the archive).
+/// Starts the drain. Without a ledger there is no archive (and nothing for
+/// `recover-index` to start from): the journal is then only cleared, so it
+/// does not grow in the index.
 pub fn spawn<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::JoinHandle<()>> {
-    let ledger = gw.ledger.clone()?;
+    let Some(ledger) = gw.ledger.clone() else {
+        return Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = discard(&gw).await {
+                    tracing::warn!(error = %e, "S3 journal not cleared; retrying");
+                }
+            }
+        }));
+    };
     Some(tokio::spawn(async move {
         while let Err(e) = seed(&gw, &ledger).await {
             tracing::warn!(error = %e, "S3 journal not seeded; retrying");
@@ -147,10 +166,11 @@ pub async fn drain<S: Store>(gw: &Gateway<S>, ledger: &Ledger) -> Result<usize, 
             |tx| async move { s3::journal_tx(&tx, BATCH).await },
         )
         .await?;
-        let (Some(name), Some(last)) = (file_name(&batch), batch.last()) else {
+        let bytes = encode_file(&batch);
+        let (Some(name), Some(last)) = (file_name(&batch, &bytes), batch.last()) else {
             return Ok(moved);
         };
-        ledger.archive_file(&name, encode_file(&batch)).await?;
+        ledger.archive_file(&name, bytes).await?;
         indexer::run(&gw.store, |tx| async move {
             s3::clear_journal_tx(&tx, last);
             Ok::<_, ObjectError>(())
@@ -159,6 +179,28 @@ pub async fn drain<S: Store>(gw: &Gateway<S>, ledger: &Ledger) -> Result<usize, 
         moved += batch.len();
         if batch.len() < BATCH {
             return Ok(moved);
+        }
+    }
+}
+
+/// Clears the whole journal (no archive to move it to).
+async fn discard<S: Store>(gw: &Gateway<S>) -> Result<(), JournalError> {
+    loop {
+        let batch = indexer::run(
+            &gw.store,
+            |tx| async move { s3::journal_tx(&tx, BATCH).await },
+        )
+        .await?;
+        let Some(last) = batch.last() else {
+            return Ok(());
+        };
+        indexer::run(&gw.store, |tx| async move {
+            s3::clear_journal_tx(&tx, last);
+            Ok::<_, ObjectError>(())
+        })
+        .await?;
+        if batch.len() < BATCH {
+            return Ok(());
         }
     }
 }
@@ -205,16 +247,22 @@ mod tests {
             entry(3, 1, b"3tacme", Some(b"\x01x")),
             entry(3, 2, b"3bphotos", None),
         ];
-        let name = file_name(&entries).unwrap();
+        let bytes = encode_file(&entries);
+        let name = file_name(&entries, &bytes).unwrap();
         assert_eq!(
             name,
             format!(
-                "s3-journal/{:020}-{}-{}",
+                "s3-journal/{:020}-{}-{}-{}",
                 3,
                 "01".repeat(10),
-                "02".repeat(10)
+                "02".repeat(10),
+                &blake3::hash(&bytes).to_hex()[..16]
             )
         );
+        // The same range with other entries (another gateway's batch) gets
+        // another name.
+        let other = vec![entries[0].clone(), entry(3, 2, b"3bother", None)];
+        assert_ne!(file_name(&other, &encode_file(&other)).unwrap(), name);
         assert_eq!(decode_file(&encode_file(&entries)).unwrap(), entries);
         assert!(is_file_name(&name));
         assert!(!is_file_name(&format!("{name}.tmp")));
@@ -222,7 +270,7 @@ mod tests {
         assert!(!is_file_name(
             "0000001/00000000000000000000-00000000000000000010"
         ));
-        assert!(file_name(&[]).is_none());
+        assert!(file_name(&[], b"").is_none());
         assert!(decode_file(b"\x02garbage").is_err());
     }
 }

@@ -543,16 +543,18 @@ pub fn replay(
                     .len()
                     .checked_sub(16)
                     .map(|n| &key[..n])
+                    .filter(|o| o.len() > 3 && o.ends_with(&[0]))
+                    .ok_or(ObjectError::Journal("a version key"))?;
+                let names = &object[2..object.len() - 1];
+                let split = names
+                    .iter()
+                    .position(|b| *b == 0)
                     .ok_or(ObjectError::Journal("a version key"))?;
                 let v: ObjectVersion = decode_versioned(RECORD_V1, &value)?;
                 if let Some(id) = v.evidence.filter(|id| !exists(*id)) {
-                    let names = object[2..object.len().saturating_sub(1)].splitn(2, |b| *b == 0);
-                    let names: Vec<String> = names
-                        .map(|n| String::from_utf8_lossy(n).into_owned())
-                        .collect();
                     out.dropped.push((
-                        names.first().cloned().unwrap_or_default(),
-                        names.get(1).cloned().unwrap_or_default(),
+                        String::from_utf8_lossy(&names[..split]).into_owned(),
+                        String::from_utf8_lossy(&names[split + 1..]).into_owned(),
                         id,
                     ));
                     continue;
@@ -561,7 +563,7 @@ pub fn replay(
                     newest_of = Some(object.to_vec());
                     if !v.is_delete_marker() {
                         let mut current = CURRENT.to_vec();
-                        current.extend_from_slice(&object[2..object.len() - 1]);
+                        current.extend_from_slice(names);
                         derived.push((current, value.clone()));
                     }
                 }

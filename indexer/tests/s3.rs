@@ -495,6 +495,28 @@ async fn the_journal_replays_into_the_same_records() {
         ix::replay(vec![forged], |_| true),
         Err(ObjectError::Journal(_))
     ));
+    // And a version key too short to name a bucket and a key is an error,
+    // not a panic.
+    for key in [
+        &b"3v"[..],
+        b"3vb\0",
+        b"3v\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
+        b"3vab\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
+    ] {
+        let short = ix::JournalEntry {
+            epoch: 0,
+            stamp: [0; 10],
+            key: key.to_vec(),
+            value: Some(vec![1]),
+        };
+        assert!(
+            matches!(
+                ix::replay(vec![short], |_| true),
+                Err(ObjectError::Journal(_))
+            ),
+            "{key:?}"
+        );
+    }
 }
 
 #[tokio::test]
