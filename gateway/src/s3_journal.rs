@@ -93,7 +93,7 @@ pub fn spawn<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::JoinHandle<()
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                if let Err(e) = discard(&gw).await {
+                if let Err(e) = drain(&gw, None).await {
                     tracing::warn!(error = %e, "S3 journal not cleared; retrying");
                 }
             }
@@ -109,7 +109,7 @@ pub fn spawn<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::JoinHandle<()
         loop {
             tick.tick().await;
             let began = unix_seconds();
-            match drain(&gw, &ledger).await {
+            match drain(&gw, Some(&ledger)).await {
                 Ok(_) => gw.metrics.s3_journal_synced.set(began),
                 Err(e) => tracing::warn!(error = %e, "S3 journal not archived; retrying"),
             }
@@ -148,7 +148,7 @@ pub async fn seed<S: Store>(gw: &Gateway<S>, ledger: &Ledger) -> Result<(), Jour
             Some(last) => {
                 after = Some(last);
                 batches += 1;
-                drain(gw, ledger).await?;
+                drain(gw, Some(ledger)).await?;
             }
             None => break,
         }
@@ -158,7 +158,11 @@ pub async fn seed<S: Store>(gw: &Gateway<S>, ledger: &Ledger) -> Result<(), Jour
 }
 
 /// Moves the whole journal into the archive; returns the entries moved.
-pub async fn drain<S: Store>(gw: &Gateway<S>, ledger: &Ledger) -> Result<usize, JournalError> {
+/// Without a ledger (no archive) the entries are only cleared.
+pub async fn drain<S: Store>(
+    gw: &Gateway<S>,
+    ledger: Option<&Ledger>,
+) -> Result<usize, JournalError> {
     let mut moved = 0;
     loop {
         let batch = indexer::run(
@@ -170,7 +174,9 @@ pub async fn drain<S: Store>(gw: &Gateway<S>, ledger: &Ledger) -> Result<usize, 
         let (Some(name), Some(last)) = (file_name(&batch, &bytes), batch.last()) else {
             return Ok(moved);
         };
-        ledger.archive_file(&name, bytes).await?;
+        if let Some(ledger) = ledger {
+            ledger.archive_file(&name, bytes).await?;
+        }
         indexer::run(&gw.store, |tx| async move {
             s3::clear_journal_tx(&tx, last);
             Ok::<_, ObjectError>(())
@@ -179,28 +185,6 @@ pub async fn drain<S: Store>(gw: &Gateway<S>, ledger: &Ledger) -> Result<usize, 
         moved += batch.len();
         if batch.len() < BATCH {
             return Ok(moved);
-        }
-    }
-}
-
-/// Clears the whole journal (no archive to move it to).
-async fn discard<S: Store>(gw: &Gateway<S>) -> Result<(), JournalError> {
-    loop {
-        let batch = indexer::run(
-            &gw.store,
-            |tx| async move { s3::journal_tx(&tx, BATCH).await },
-        )
-        .await?;
-        let Some(last) = batch.last() else {
-            return Ok(());
-        };
-        indexer::run(&gw.store, |tx| async move {
-            s3::clear_journal_tx(&tx, last);
-            Ok::<_, ObjectError>(())
-        })
-        .await?;
-        if batch.len() < BATCH {
-            return Ok(());
         }
     }
 }

@@ -829,6 +829,14 @@ pub fn start_witness_under(
     Ok(WitnessProcess { child, url })
 }
 
+/// A header's value in the lower-cased head [`TestCluster::s3_curl`] returns.
+pub fn header<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
+    headers
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .map(str::trim)
+}
+
 /// A field of an AWS shared-credentials file.
 pub fn profile_field(creds: &str, name: &str) -> String {
     creds

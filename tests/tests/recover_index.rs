@@ -8,7 +8,7 @@
 //! still work.
 
 use anyhow::{bail, Context, Result};
-use custodia_tests::{bytes, Shape, TestCluster};
+use custodia_tests::{bytes, header, Shape, TestCluster};
 use protocol::ledger::{self, Receipt, TreeHash};
 use serde_json::Value;
 use std::io::{Seek, SeekFrom, Write};
@@ -240,13 +240,6 @@ fn status_of(headers: &str) -> &str {
     headers.split_whitespace().nth(1).unwrap_or_default()
 }
 
-fn header_of<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
-    headers
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-        .map(str::trim)
-}
-
 /// The S3 view survives too: buckets with their Object Lock, every version
 /// with its metadata and retention, delete markers; a COMPLIANCE-locked
 /// version is as undeletable after recovery as before it.
@@ -275,7 +268,7 @@ fn s3_buckets_versions_and_locks_survive_a_destroyed_index() -> Result<()> {
             "{h}{:?}",
             String::from_utf8_lossy(&body)
         );
-        Ok(header_of(&h, "x-amz-version-id")
+        Ok(header(&h, "x-amz-version-id")
             .context("x-amz-version-id")?
             .to_owned())
     };
@@ -337,14 +330,14 @@ fn s3_buckets_versions_and_locks_survive_a_destroyed_index() -> Result<()> {
     assert_eq!(listing(&c)?, versions_before);
     let (h, body) = c.s3_curl("GET", &format!("{s3}/locked/case/exhibit.bin"), &[])?;
     assert_eq!(status_of(&h), "200", "{h}");
-    assert_eq!(header_of(&h, "x-amz-version-id"), Some(v2.as_str()));
-    assert_eq!(header_of(&h, "content-type"), Some("video/mp4"));
+    assert_eq!(header(&h, "x-amz-version-id"), Some(v2.as_str()));
+    assert_eq!(header(&h, "content-type"), Some("video/mp4"));
     assert!(body == new, "the current version's bytes");
     let url = format!("{s3}/locked/case/exhibit.bin?versionId={v1}");
     let (h, body) = c.s3_curl("GET", &url, &[])?;
     assert_eq!(status_of(&h), "200", "{h}");
-    assert_eq!(header_of(&h, "x-amz-meta-officer"), Some("kline"));
-    assert_eq!(header_of(&h, "x-amz-object-lock-mode"), Some("compliance"));
+    assert_eq!(header(&h, "x-amz-meta-officer"), Some("kline"));
+    assert_eq!(header(&h, "x-amz-object-lock-mode"), Some("compliance"));
     assert!(body == old, "the old version's bytes");
     // The delete marker still hides the withdrawn object; the deleted
     // bucket stays deleted; the lock still refuses.
@@ -386,7 +379,7 @@ fn s3_buckets_versions_and_locks_survive_a_destroyed_index() -> Result<()> {
     c.wait_healthy(8)?;
     let (h, body) = c.s3_curl("GET", &format!("{s3}/locked/case/exhibit.bin"), &[])?;
     assert_eq!(status_of(&h), "200", "{h}");
-    assert_eq!(header_of(&h, "x-amz-version-id"), Some(v1.as_str()));
+    assert_eq!(header(&h, "x-amz-version-id"), Some(v1.as_str()));
     assert!(body == old, "the removed version stays removed");
     Ok(())
 }

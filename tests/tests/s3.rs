@@ -4,7 +4,7 @@
 //! ledger, and Object Lock holds against every key, admins included.
 
 use anyhow::{bail, Context, Result};
-use custodia_tests::{bytes, custodia_bin, profile_field, Shape, TestCluster};
+use custodia_tests::{bytes, custodia_bin, header, profile_field, Shape, TestCluster};
 use protocol::ledger::Receipt;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -159,13 +159,6 @@ fn curl_headers(c: &TestCluster, method: &str, path: &str) -> Result<String> {
 /// A SigV4-signed request with curl: (lower-cased headers, body).
 fn curl(c: &TestCluster, method: &str, url: &str, extra: &[&str]) -> Result<(String, Vec<u8>)> {
     c.s3_curl(method, url, extra)
-}
-
-fn header<'a>(headers: &'a str, name: &str) -> Option<&'a str> {
-    headers
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-        .map(str::trim)
 }
 
 /// aws-chunked with the checksum in a trailer, framed by hand the way
