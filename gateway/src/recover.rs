@@ -295,8 +295,8 @@ pub async fn recover_index<S: Store>(
 /// S3 records per index transaction.
 const S3_RECORDS_PER_TXN: usize = 512;
 
-/// Replays the S3 records' journal from the archive into the index, after
-/// the evidence (a version naming evidence not recovered is dropped).
+/// Replays the S3 records' journal from the archive into the index; a
+/// version naming evidence not in `indexed` is dropped and reported.
 async fn restore_s3_records<S: Store>(
     gw: &Gateway<S>,
     indexed: &BTreeSet<EvidenceId>,

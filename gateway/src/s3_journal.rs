@@ -7,7 +7,8 @@
 //! retention, legal hold, delete markers) are journaled by the indexer in
 //! the transaction that changes them (`indexer::s3`, key `3j`). This task
 //! moves that journal, in commit order, into files in the openings archive
-//! (`s3-journal/EPOCH-FIRST-LAST`) and only then clears what it moved from
+//! (`s3-journal/EPOCH-FIRST-LAST-HASH`: the epoch, the first and last
+//! entries' versionstamps, and a hash of the content) and only then clears what it moved from
 //! the index, so `custodia recover-index` can replay it. A record change is
 //! in the archive within about [`INTERVAL`] of its commit;
 //! `custodia_s3_journal_synced_timestamp_seconds` says when the last drain
@@ -39,8 +40,6 @@ pub enum JournalError {
     Index(#[from] ObjectError),
     #[error("archive: {0}")]
     Archive(#[from] LedgerError),
-    #[error("archive: {0}")]
-    Io(#[from] std::io::Error),
     #[error("journal file {name}: {reason}")]
     File { name: String, reason: String },
 }
@@ -170,12 +169,14 @@ pub async fn drain<S: Store>(
             |tx| async move { s3::journal_tx(&tx, BATCH).await },
         )
         .await?;
-        let bytes = encode_file(&batch);
-        let (Some(name), Some(last)) = (file_name(&batch, &bytes), batch.last()) else {
+        let Some(last) = batch.last() else {
             return Ok(moved);
         };
         if let Some(ledger) = ledger {
-            ledger.archive_file(&name, bytes).await?;
+            let bytes = encode_file(&batch);
+            if let Some(name) = file_name(&batch, &bytes) {
+                ledger.archive_file(&name, bytes).await?;
+            }
         }
         indexer::run(&gw.store, |tx| async move {
             s3::clear_journal_tx(&tx, last);
