@@ -18,7 +18,14 @@
 //! 3. otherwise rebuilds the bad shards from k good ones, checks each against
 //!    the hash the manifest recorded, writes it to a node chosen by the
 //!    placement ranking (a node and failure domain not already holding a
-//!    shard of the stripe), and reads it back to re-count it;
+//!    shard of the stripe), and reads it back to re-count it. When the one
+//!    bad shard is one lost with its node (the common case: a dead node's
+//!    thousands of stripes), the chosen node rebuilds it itself from k
+//!    others it reads from their nodes (`RebuildShard`), each checked
+//!    against the manifest's hash: k shards move instead of k in to this
+//!    gateway and one out, and the gateway is not the hub every rebuilt
+//!    byte passes through. If that fails (a source unreadable or damaged,
+//!    an older node), the stripe is rebuilt here as above;
 //! 4. commits the new placement with a compare-and-set on the stripe's
 //!    record (version + 1), in the transaction that checks the evidence is
 //!    still visible (an expunged stripe is never resurrected) and queues the
@@ -36,12 +43,14 @@ use crate::read::{check_shard, fetch_shard, Checked, ShardOutcome};
 use indexer::schema::Lifecycle;
 use indexer::schema::{self, RepairCommit};
 use protocol::ledger::Kind;
+use protocol::wire::{RebuildShard, RebuildSource};
 use protocol::{
-    Blake3Hash, EvidenceId, ManifestHeader, NodeId, ShardHeader, ShardKey, StripeRecord,
+    Blake3Hash, ErrorCode, EvidenceId, ManifestHeader, NodeId, ShardHeader, ShardKey, StripeRecord,
 };
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
+use storage_node::NodeError;
 
 /// Queued stripes taken per pass.
 pub const PASS_STRIPES: usize = 4096;
@@ -551,6 +560,32 @@ pub async fn repair_stripe<S: Store>(
         })
         .count();
     let spare: Vec<usize> = order.iter().skip(want).copied().collect();
+    // One shard lost with its node, every other in place: the node that
+    // will hold it rebuilds it from k others itself, so k shards move
+    // instead of k to this gateway and one back out. Anything else (damage
+    // found, a drain, an older node, a source unreadable) is rebuilt here.
+    let draining_shards = rec
+        .shards
+        .iter()
+        .any(|p| p.node.is_some_and(|n| draining.contains(&n)));
+    if homeless.len() == 1 && order.len() >= k && !draining_shards {
+        let lost = homeless[0];
+        if let Some(outcome) = rebuild_on_target(
+            gw,
+            &header,
+            stripe,
+            &rec,
+            lost,
+            &order[..k],
+            &spare,
+            mark,
+            gone,
+        )
+        .await?
+        {
+            return Ok(outcome);
+        }
+    }
     let checks = futures::future::join_all(spare.iter().map(|&i| {
         let rec = &rec;
         async move { (i, check_shard(gw, evidence, stripe, i, rec).await) }
@@ -696,14 +731,179 @@ pub async fn repair_stripe<S: Store>(
     }
 
     let stored = started.elapsed();
-    // 4. Compare-and-set, with the statement.
+    let outcome = commit_repair(
+        gw,
+        &header,
+        stripe,
+        &rec,
+        &next,
+        &written,
+        &rebuild,
+        all_counted,
+        mark,
+        gone,
+    )
+    .await?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    tracing::debug!(
+        %evidence,
+        stripe,
+        read_ms = ms(read),
+        rebuild_ms = ms(rebuilt - read),
+        store_ms = ms(stored - rebuilt),
+        commit_ms = ms(started.elapsed() - stored),
+        "stripe repair timings"
+    );
+    Ok(outcome)
+}
+
+/// Has the node chosen for shard `lost` rebuild it from the shards
+/// `sources` (k of them) and re-read it, while the `spare` shards are
+/// checked in place by their nodes; then commits as a rebuild here would.
+/// `None` when it could not: the caller rebuilds through this gateway.
+#[allow(clippy::too_many_arguments)]
+async fn rebuild_on_target<S: Store>(
+    gw: &Arc<Gateway<S>>,
+    header: &ManifestHeader,
+    stripe: u64,
+    rec: &StripeRecord,
+    lost: usize,
+    sources: &[usize],
+    spare: &[usize],
+    mark: &[u8],
+    gone: &HashSet<NodeId>,
+) -> Result<Option<Outcome>, ApiError> {
+    let evidence = header.evidence;
+    let holders: Vec<NodeId> = rec
+        .shards
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != lost)
+        .filter_map(|(_, p)| p.node)
+        .collect();
+    let Some(&target) = choose_targets(gw, evidence, stripe, &holders, rec, gone, 1).first() else {
+        return Ok(None);
+    };
+    let Some(target_addr) = gw.nodes.addr(target) else {
+        return Ok(None);
+    };
+    let mut from = Vec::with_capacity(sources.len());
+    for &i in sources {
+        let Some(addr) = rec.shards[i].node.and_then(|n| gw.nodes.addr(n)) else {
+            return Ok(None);
+        };
+        from.push(RebuildSource {
+            addr,
+            index: i as u8,
+            blake3: rec.shards[i].blake3,
+        });
+    }
+    let sr = header.code.layout(header.size).stripe_range(stripe);
+    let shard = ShardHeader {
+        key: ShardKey {
+            evidence,
+            stripe,
+            index: lost as u8,
+        },
+        code: header.code,
+        stripe_len: sr.end - sr.start,
+        len: rec.shard_len,
+        blake3: rec.shards[lost].blake3,
+    };
+    let request = RebuildShard {
+        header: shard,
+        sources: from,
+    };
+    let client = &gw.nodes.client;
+    let checks = futures::future::join_all(
+        spare
+            .iter()
+            .map(|&i| async move { (i, check_shard(gw, evidence, stripe, i, rec).await) }),
+    );
+    let build = async {
+        client
+            .rpc_rebuild_shard(target_addr, &request)
+            .await
+            .inspect_err(|e| {
+                if e.is_disk_full() {
+                    gw.nodes.mark_full(target, true);
+                }
+            })?;
+        // Re-counted from the disk, as a shard written from here is.
+        let back = client.rpc_verify_shard(target_addr, shard.key).await?;
+        Ok::<_, NodeError>(back.blake3 == shard.blake3 && back.len == shard.len)
+    };
+    let (checked, built) = futures::join!(checks, build);
+    let written = [(lost, target)];
+    match built {
+        Ok(true) => {}
+        Ok(false) | Err(_) => {
+            tracing::debug!(shard = %shard.key, %target, outcome = ?built, "rebuild on the target node failed; rebuilding here");
+            // A refusal stored nothing; anything else may have stored a
+            // copy, and the rebuild here may choose another node.
+            let stored_nothing = matches!(
+                built,
+                Err(NodeError::Remote(
+                    ErrorCode::SourceUnavailable | ErrorCode::BadRequest | ErrorCode::HashMismatch
+                ))
+            );
+            if !stored_nothing {
+                delete_copies(gw, evidence, stripe, &written).await;
+            }
+            return Ok(None);
+        }
+    }
+    if checked.iter().any(|(_, c)| *c == Checked::Damaged) {
+        // A second shard is damaged: rebuilt here with the first, from
+        // shards read and checked here.
+        delete_copies(gw, evidence, stripe, &written).await;
+        return Ok(None);
+    }
+    let all_counted = checked.iter().all(|(_, c)| *c == Checked::Good);
+    let mut next = rec.clone();
+    next.shards[lost].node = Some(target);
+    let outcome = commit_repair(
+        gw,
+        header,
+        stripe,
+        rec,
+        &next,
+        &written,
+        &[lost],
+        all_counted,
+        mark,
+        gone,
+    )
+    .await?;
+    Ok(Some(outcome))
+}
+
+/// Steps 4 and 5: commits the new placement `next` (the shards `written`
+/// in place of `rebuilt`) with a compare-and-set against `rec` and the
+/// `repaired` statement, taking the stripe off the queue if every shard was
+/// counted; then deletes the old copies still reachable after the grace.
+/// A lost race deletes the copies just written.
+#[allow(clippy::too_many_arguments)]
+async fn commit_repair<S: Store>(
+    gw: &Arc<Gateway<S>>,
+    header: &ManifestHeader,
+    stripe: u64,
+    rec: &StripeRecord,
+    next: &StripeRecord,
+    written: &[(usize, NodeId)],
+    rebuilt: &[usize],
+    all_counted: bool,
+    mark: &[u8],
+    gone: &HashSet<NodeId>,
+) -> Result<Outcome, ApiError> {
+    let evidence = header.evidence;
     let detail = serde_json::json!({
         "stripe": stripe,
         "shards": written.iter().map(|(i, n)| serde_json::json!({"index": i, "node": n.0})).collect::<Vec<_>>(),
     });
-    let pending = statement(gw, &header, Kind::Repaired, &detail)?;
+    let pending = statement(gw, header, Kind::Repaired, &detail)?;
     let commit = indexer::run(&gw.store, |tx| {
-        let (rec, next, pending) = (&rec, &next, &pending);
+        let pending = &pending;
         async move {
             let verified = all_counted.then_some(mark);
             let c = schema::commit_repair_tx(&tx, evidence, stripe, rec, next, verified).await?;
@@ -717,11 +917,11 @@ pub async fn repair_stripe<S: Store>(
     match commit {
         RepairCommit::Done => {}
         RepairCommit::Gone => {
-            delete_copies(gw, evidence, stripe, &written).await;
+            delete_copies(gw, evidence, stripe, written).await;
             return Ok(Outcome::Gone);
         }
         RepairCommit::Changed => {
-            delete_copies(gw, evidence, stripe, &written).await;
+            delete_copies(gw, evidence, stripe, written).await;
             return Ok(Outcome::Waiting);
         }
     }
@@ -730,19 +930,9 @@ pub async fn repair_stripe<S: Store>(
     }
     gw.metrics.shards_repaired.inc_by(written.len() as u64);
     tracing::info!(%evidence, stripe, shards = written.len(), "stripe repaired");
-    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-    tracing::debug!(
-        %evidence,
-        stripe,
-        read_ms = ms(read),
-        rebuild_ms = ms(rebuilt - read),
-        store_ms = ms(stored - rebuilt),
-        commit_ms = ms(started.elapsed() - stored),
-        "stripe repair timings"
-    );
 
     // 5. Old copies that are still reachable go after the grace.
-    let old: Vec<(usize, NodeId)> = rebuild
+    let old: Vec<(usize, NodeId)> = rebuilt
         .iter()
         .filter_map(|&i| rec.shards[i].node.map(|n| (i, n)))
         .filter(|(_, n)| !gone.contains(n))

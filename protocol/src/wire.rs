@@ -113,6 +113,67 @@ pub enum Request {
     /// finds, quarantines and reports the corruption. An older node answers
     /// `Error(BadRequest)`.
     GetShardUnchecked(ShardKey),
+    /// Build a shard here from `k` others of its stripe and store it: the
+    /// node fetches each source from its node (`GetShardUnchecked`), checks
+    /// it against the hash the manifest records, decodes, and stores the
+    /// result as [`PutShard`](Self::PutShard) would, checked against
+    /// `header.blake3`; answered `Stored` after the fsync. How repair moves
+    /// k shards in and none out of a gateway (instead of k in and one out),
+    /// so the gateway is not the hub every rebuilt byte passes through. A
+    /// source that cannot be had or fails its hash is answered
+    /// [`ErrorCode::SourceUnavailable`] with nothing stored; the caller then
+    /// rebuilds the old way, reading every shard itself. An older node
+    /// answers `Error(BadRequest)`.
+    RebuildShard(RebuildShard),
+}
+
+/// What [`Request::RebuildShard`] asks for.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct RebuildShard {
+    /// The shard to build, as its manifest names it.
+    pub header: ShardHeader,
+    /// Exactly `k` other shards of the same stripe, each with its node's
+    /// address and the hash the manifest records for it.
+    pub sources: Vec<RebuildSource>,
+}
+
+/// One shard a [`RebuildShard`] reads.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct RebuildSource {
+    /// Where the shard's node listens.
+    pub addr: std::net::SocketAddr,
+    /// The shard's index in its stripe.
+    pub index: u8,
+    /// Its BLAKE3, as the manifest records it.
+    pub blake3: crate::ids::Blake3Hash,
+}
+
+impl RebuildShard {
+    /// Whether the request is one a node can carry out: a valid code, a
+    /// length within the shard size, exactly `k` distinct sources in the
+    /// stripe and none of them the shard being built. Checked before any
+    /// allocation or connection.
+    pub fn is_well_formed(&self) -> bool {
+        let code = self.header.code;
+        let (k, total) = (
+            code.data_shards(),
+            code.data_shards() + code.parity_shards(),
+        );
+        let index = usize::from(self.header.key.index);
+        let mut seen = vec![false; total.max(index + 1)];
+        code.validate().is_ok()
+            && self.header.len <= code.shard_size
+            && index < total
+            && self.sources.len() == k
+            && self.sources.iter().all(|s| {
+                let i = usize::from(s.index);
+                let fresh = i < total && i != index && !seen[i];
+                if fresh {
+                    seen[i] = true;
+                }
+                fresh
+            })
+    }
 }
 
 /// Most shard headers in one `ListShards` answer (an encoded header is under
@@ -195,6 +256,9 @@ pub enum ErrorCode {
     Io,
     /// A frame version this node does not speak.
     UnsupportedVersion,
+    /// A `RebuildShard` could not read one of its sources, or one failed its
+    /// hash; nothing was stored.
+    SourceUnavailable,
     /// A code this build does not know.
     Other(u16),
 }
@@ -209,6 +273,7 @@ impl From<u16> for ErrorCode {
             5 => ErrorCode::DiskFull,
             6 => ErrorCode::Io,
             7 => ErrorCode::UnsupportedVersion,
+            8 => ErrorCode::SourceUnavailable,
             other => ErrorCode::Other(other),
         }
     }
@@ -224,6 +289,7 @@ impl From<ErrorCode> for u16 {
             ErrorCode::DiskFull => 5,
             ErrorCode::Io => 6,
             ErrorCode::UnsupportedVersion => 7,
+            ErrorCode::SourceUnavailable => 8,
             ErrorCode::Other(v) => v,
         }
     }
@@ -239,6 +305,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::DiskFull => "disk full",
             ErrorCode::Io => "disk error",
             ErrorCode::UnsupportedVersion => "unsupported frame version",
+            ErrorCode::SourceUnavailable => "a shard to rebuild from is unavailable",
             ErrorCode::Other(v) => return write!(f, "error code {v}"),
         };
         f.write_str(name)
@@ -371,6 +438,86 @@ mod tests {
         assert_eq!(hex::encode(space.encode()), "010500000009ac02c801");
     }
 
+    fn rebuild() -> RebuildShard {
+        let code = ErasureCode {
+            k: 2,
+            m: 1,
+            shard_size: 1 << 20,
+        };
+        let source = |index, port| RebuildSource {
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            index,
+            blake3: Blake3Hash([index; 32]),
+        };
+        RebuildShard {
+            header: ShardHeader {
+                key: key(),
+                code,
+                stripe_len: 10,
+                len: 5,
+                blake3: Blake3Hash([0x44; 32]),
+            },
+            sources: vec![source(0, 7001), source(1, 7002)],
+        }
+    }
+
+    #[test]
+    fn rebuild_frames_golden_bytes() {
+        // Body length 139, variant 11 (appended). The header (key, code 2+1
+        // of 1 MiB, stripe length 10, length 5, hash), then two sources: an
+        // IPv4 socket address (variant 0, four bytes, port 7001 as a
+        // varint), the index, the hash.
+        let hex = hex::encode(Request::RebuildShard(rebuild()).encode());
+        assert_eq!(
+            hex,
+            concat!(
+                "018b0000000b",
+                "333333333333333333333333333333330102",
+                "0201808040",
+                "0a05",
+                "4444444444444444444444444444444444444444444444444444444444444444",
+                "02",
+                "007f000001d93600",
+                "0000000000000000000000000000000000000000000000000000000000000000",
+                "007f000001da3601",
+                "0101010101010101010101010101010101010101010101010101010101010101",
+            )
+        );
+        assert_eq!(
+            hex::encode(Response::Error(ErrorCode::SourceUnavailable).encode()),
+            "01020000000508"
+        );
+    }
+
+    #[test]
+    fn a_rebuild_names_k_distinct_other_shards_of_a_valid_code() {
+        assert!(rebuild().is_well_formed());
+        let mut r = rebuild();
+        r.sources.pop();
+        assert!(!r.is_well_formed(), "fewer than k sources");
+        let mut r = rebuild();
+        r.sources[1].index = 0;
+        assert!(!r.is_well_formed(), "a source twice");
+        let mut r = rebuild();
+        r.sources[1].index = 2;
+        assert!(
+            !r.is_well_formed(),
+            "the shard being built as its own source"
+        );
+        let mut r = rebuild();
+        r.sources[1].index = 3;
+        assert!(!r.is_well_formed(), "a source outside the stripe");
+        let mut r = rebuild();
+        r.header.key.index = 3;
+        assert!(!r.is_well_formed(), "a shard outside the stripe");
+        let mut r = rebuild();
+        r.header.len = (1 << 20) + 1;
+        assert!(!r.is_well_formed(), "longer than a shard");
+        let mut r = rebuild();
+        r.header.code.k = 0;
+        assert!(!r.is_well_formed(), "an invalid code");
+    }
+
     #[test]
     fn a_node_is_full_once_its_free_space_is_within_its_reserve() {
         let info = |free_bytes, reserve_bytes| SpaceInfo {
@@ -438,6 +585,41 @@ mod tests {
             ),
             key.clone().prop_map(Request::GetShard),
             key.clone().prop_map(Request::GetShardUnchecked),
+            (
+                key.clone(),
+                proptest::collection::vec(
+                    (
+                        any::<[u8; 4]>(),
+                        any::<u16>(),
+                        any::<u8>(),
+                        any::<[u8; 32]>()
+                    ),
+                    0..6
+                )
+            )
+                .prop_map(|(key, sources)| {
+                    Request::RebuildShard(RebuildShard {
+                        header: ShardHeader {
+                            key,
+                            code: ErasureCode {
+                                k: 4,
+                                m: 2,
+                                shard_size: 1 << 20,
+                            },
+                            stripe_len: 1,
+                            len: 1,
+                            blake3: Blake3Hash([9; 32]),
+                        },
+                        sources: sources
+                            .into_iter()
+                            .map(|(ip, port, index, h)| RebuildSource {
+                                addr: std::net::SocketAddr::from((ip, port)),
+                                index,
+                                blake3: Blake3Hash(h),
+                            })
+                            .collect(),
+                    })
+                }),
             key.clone().prop_map(Request::StatShard),
             key.prop_map(Request::DeleteShard),
             Just(Request::NodeInfo),

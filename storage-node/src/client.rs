@@ -355,6 +355,23 @@ impl NodeClient {
         .await
     }
 
+    /// Has the node at `addr` build `rebuild.header`'s shard from the k
+    /// sources named, read from their nodes, and store it; returns once it
+    /// is fsynced. Idempotent, as a put is. A node that could not read a
+    /// source, or found one not matching its hash, answers
+    /// [`ErrorCode::SourceUnavailable`]; an older node, `BadRequest`.
+    pub async fn rpc_rebuild_shard(
+        &self,
+        addr: SocketAddr,
+        rebuild: &protocol::wire::RebuildShard,
+    ) -> Result<(), NodeError> {
+        self.ask(addr, Request::RebuildShard(rebuild.clone()), |r| match r {
+            Response::Stored => Ok(()),
+            other => Err(other),
+        })
+        .await
+    }
+
     /// Deletes a shard; says whether the node had it. (If the connection breaks
     /// mid-call the request is retried, and a delete that had already happened
     /// then reports `false`.)

@@ -14,11 +14,14 @@
 //! flight is bounded across all connections.
 
 use crate::buffers::BufferPool;
+use crate::client::NodeClient;
 use crate::metrics::NodeMetrics;
 use crate::store::{BodyCheck, ShardStore, StoreError};
 use crate::tls::{self, TlsError, TlsFiles};
-use protocol::wire::{decode_frame_prefix, FRAME_PREFIX};
-use protocol::{DecodeError, ErrorCode, NodeId, Request, Response, ShardHeader, ShardKey};
+use protocol::wire::{decode_frame_prefix, RebuildShard, FRAME_PREFIX};
+use protocol::{
+    Blake3Hash, DecodeError, ErrorCode, NodeId, Request, Response, ShardHeader, ShardKey,
+};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -43,6 +46,11 @@ const DRAIN_GRACE: Duration = Duration::from_secs(1);
 const CODE_SHUTDOWN: u32 = 0;
 const CODE_REFUSED: u32 = 1;
 const CODE_TIMEOUT: u32 = 2;
+/// Longest a `RebuildShard` waits for its sources: well inside a client's
+/// request timeout (30 s by default), so a slow source fails the rebuild
+/// here, answered, rather than leave the caller guessing whether the shard
+/// was stored.
+const REBUILD_FETCH_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// What a node needs to run.
 #[derive(Clone, Debug)]
@@ -128,6 +136,11 @@ struct NodeState {
     /// Shard receive buffers, reused (see [`crate::buffers`]).
     buffers: BufferPool,
     metrics: NodeMetrics,
+    /// This node's certificate, which it also presents as a client when it
+    /// reads other nodes' shards for a `RebuildShard`.
+    tls: TlsFiles,
+    /// The client for those reads, made on the first rebuild.
+    peers: tokio::sync::OnceCell<NodeClient>,
 }
 
 /// How often the node looks for a segment worth compacting.
@@ -190,6 +203,8 @@ pub async fn serve(
         // Idle receive buffers stay within a quarter of the in-flight body budget.
         buffers: BufferPool::new((BODY_MEMORY_MIB / 4) << 20),
         metrics,
+        tls: config.tls.clone(),
+        peers: tokio::sync::OnceCell::new(),
     });
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(disk_gauges(state.clone(), stopped.clone()));
@@ -413,6 +428,9 @@ async fn handle_request(
             handle_list_quarantined(state, after, send).await,
         ),
         Request::VerifyShard(key) => ("verify", handle_verify_shard(state, key, send).await),
+        Request::RebuildShard(rebuild) => {
+            ("rebuild", handle_rebuild_shard(state, rebuild, send).await)
+        }
         Request::Time => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -446,6 +464,7 @@ fn result_label(response: &Response) -> &'static str {
             ErrorCode::DiskFull => "disk_full",
             ErrorCode::Io => "io",
             ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::SourceUnavailable => "source_unavailable",
             ErrorCode::Other(_) => "other",
         },
         _ => "ok",
@@ -545,6 +564,130 @@ async fn handle_get_shard(
             respond(send, &Response::Error(e.code())).await
         }
     }
+}
+
+/// Builds a shard from `k` others of its stripe, read from their nodes, and
+/// stores it; answers `Stored` after the fsync (see
+/// [`Request::RebuildShard`]).
+async fn handle_rebuild_shard(
+    state: &NodeState,
+    rebuild: RebuildShard,
+    send: &mut quinn::SendStream,
+) -> Result<&'static str, StreamError> {
+    let response = match rebuild_shard(state, rebuild).await {
+        Ok(()) => Response::Stored,
+        Err(code) => Response::Error(code),
+    };
+    respond(send, &response).await
+}
+
+async fn rebuild_shard(state: &NodeState, rebuild: RebuildShard) -> Result<(), ErrorCode> {
+    // Checked before allocating or connecting: the request comes from a peer.
+    if !rebuild.is_well_formed() {
+        tracing::info!(shard = %rebuild.header.key, "refusing an impossible rebuild");
+        return Err(ErrorCode::BadRequest);
+    }
+    let header = rebuild.header;
+    let code = header.code;
+    let (k, m) = (code.data_shards(), code.parity_shards());
+    // The k sources and the result, within the memory all bodies share.
+    let mib = (k + 1) * (header.len as usize).div_ceil(1 << 20).max(1);
+    let Ok(_memory) = state
+        .body_memory
+        .clone()
+        .acquire_many_owned(mib.min(BODY_MEMORY_MIB) as u32)
+        .await
+    else {
+        return Err(ErrorCode::Io);
+    };
+    let peers = state
+        .peers
+        .get_or_try_init(|| async { NodeClient::new(&state.tls) })
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot make a client to read other nodes");
+            ErrorCode::Io
+        })?;
+    let fetch = futures::future::join_all(rebuild.sources.iter().map(|source| {
+        let key = ShardKey {
+            index: source.index,
+            ..header.key
+        };
+        async move {
+            match peers.rpc_get_shard_unchecked(source.addr, key).await {
+                Ok((_, body))
+                    if body.len() == header.len as usize
+                        && Blake3Hash::of(&body) == source.blake3 =>
+                {
+                    Ok((source.index, body))
+                }
+                Ok((_, body)) => {
+                    tracing::warn!(shard = %key, addr = %source.addr, "a rebuild source is not the manifest's shard");
+                    peers.recycle(body);
+                    Err(())
+                }
+                Err(e) => {
+                    tracing::info!(shard = %key, addr = %source.addr, error = %e, "a rebuild source could not be read");
+                    Err(())
+                }
+            }
+        }
+    }));
+    let fetched = tokio::time::timeout(REBUILD_FETCH_TIMEOUT, fetch)
+        .await
+        .map_err(|_| ErrorCode::SourceUnavailable)?;
+    let mut shards: Vec<Option<Vec<u8>>> = vec![None; k + m];
+    let mut missing = false;
+    for got in fetched {
+        match got {
+            Ok((index, body)) => shards[usize::from(index)] = Some(body),
+            Err(()) => missing = true,
+        }
+    }
+    if missing {
+        for body in shards.into_iter().flatten() {
+            peers.recycle(body);
+        }
+        return Err(ErrorCode::SourceUnavailable);
+    }
+    let store = state.store.clone();
+    let index = usize::from(header.key.index);
+    let stored = tokio::task::spawn_blocking(move || {
+        let rs = reed_solomon_erasure::galois_8::ReedSolomon::new(k, m)
+            .map_err(|e| StoreError::BadHeader(rs_error(e)))?;
+        rs.reconstruct(&mut shards)
+            .map_err(|e| StoreError::BadHeader(rs_error(e)))?;
+        let body = shards[index].take().unwrap_or_default();
+        // Checks the body against the manifest's hash, then writes durably.
+        store.put(&header, &body).map(|()| (body, shards))
+    })
+    .await;
+    match stored {
+        Ok(Ok((body, rest))) => {
+            tracing::debug!(shard = %header.key, len = header.len, "shard rebuilt and stored");
+            state.metrics.shards_written.inc();
+            state.metrics.bytes_written.inc_by(u64::from(header.len));
+            for b in rest.into_iter().flatten().chain([body]) {
+                peers.recycle(b);
+            }
+            Ok(())
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(shard = %header.key, error = %e, "rebuilt shard not stored");
+            Err(e.code())
+        }
+        Err(e) => {
+            tracing::error!(shard = %header.key, error = %e, "shard rebuild task failed");
+            Err(ErrorCode::Io)
+        }
+    }
+}
+
+/// A Reed-Solomon error as a static reason (the sources were checked, so
+/// any is a bug or an impossible code).
+fn rs_error(e: reed_solomon_erasure::Error) -> &'static str {
+    tracing::error!(error = ?e, "reconstruction failed");
+    "reconstruction failed"
 }
 
 async fn handle_stat_shard(

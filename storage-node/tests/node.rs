@@ -655,3 +655,127 @@ async fn a_request_to_a_node_gone_silent_fails_after_a_liveness_check_not_the_id
     assert_eq!(back[..], body[..]);
     node.shutdown().await;
 }
+
+/// A node asked to rebuild a shard reads k others from their nodes, checks
+/// each against the hash the request names, decodes, and stores the result
+/// only if it has the hash the manifest gives it; a source that is missing
+/// or not the named shard, or a result with another hash, stores nothing.
+#[tokio::test]
+async fn a_node_rebuilds_a_shard_from_k_others_and_stores_nothing_from_bad_sources() {
+    use protocol::wire::{RebuildShard, RebuildSource};
+    let cluster = Cluster::new();
+    let registries: Vec<_> = (0..3).map(|_| prometheus::Registry::new()).collect();
+    let start = |n: u32| {
+        serve(
+            NodeConfig {
+                data_dir: cluster._dir.path().join(format!("node-{n}")),
+                listen: loopback(),
+                node_id: NodeId(n),
+                tls: cluster.node_tls.clone(),
+                scrub: Default::default(),
+                store: Default::default(),
+            },
+            &registries[n as usize - 1],
+        )
+    };
+    let (a, b, c) = (
+        start(1).await.unwrap(),
+        start(2).await.unwrap(),
+        start(3).await.unwrap(),
+    );
+    let client = cluster.client();
+
+    // RS(2,1): two data shards of 300,000 bytes and their parity.
+    let code = ErasureCode::new(2, 1, SHARD_SIZE).unwrap();
+    let len = 300_000usize;
+    let mut shards: Vec<Vec<u8>> = (0..3u8)
+        .map(|i| {
+            (0..len)
+                .map(|j| (j as u8).wrapping_mul(31) ^ i.wrapping_mul(97))
+                .collect()
+        })
+        .collect();
+    shards[2].fill(0);
+    reed_solomon_erasure::galois_8::ReedSolomon::new(2, 1)
+        .unwrap()
+        .encode(&mut shards)
+        .unwrap();
+    let evidence = EvidenceId::new(1_700_000_000_000, [9; 10]);
+    let header = |index: u8| ShardHeader {
+        key: ShardKey {
+            evidence,
+            stripe: 0,
+            index,
+        },
+        code,
+        stripe_len: 2 * len as u64,
+        len: len as u32,
+        blake3: Blake3Hash::of(&shards[usize::from(index)]),
+    };
+    for (node, index) in [(&a, 0u8), (&b, 2u8)] {
+        let body = Bytes::copy_from_slice(&shards[usize::from(index)]);
+        client
+            .rpc_put_shard(node.local_addr, &header(index), body)
+            .await
+            .unwrap();
+    }
+    let source = |node: &RunningNode, index: u8| RebuildSource {
+        addr: node.local_addr,
+        index,
+        blake3: header(index).blake3,
+    };
+    let good = RebuildShard {
+        header: header(1),
+        sources: vec![source(&a, 0), source(&b, 2)],
+    };
+    let stored_on_c = || client.rpc_stat_shard(c.local_addr, header(1).key);
+
+    // A source hash that is not the shard's.
+    let mut wrong_source = good.clone();
+    wrong_source.sources[1].blake3 = Blake3Hash([0; 32]);
+    // A source asked of a node that does not have it.
+    let mut absent = good.clone();
+    absent.sources[0].addr = c.local_addr;
+    for bad in [wrong_source, absent] {
+        assert!(matches!(
+            client.rpc_rebuild_shard(c.local_addr, &bad).await,
+            Err(NodeError::Remote(ErrorCode::SourceUnavailable))
+        ));
+        assert!(matches!(
+            stored_on_c().await,
+            Err(NodeError::Remote(ErrorCode::NotFound))
+        ));
+    }
+    // A result that is not the manifest's shard.
+    let mut wrong_result = good.clone();
+    wrong_result.header.blake3 = Blake3Hash([1; 32]);
+    assert!(matches!(
+        client.rpc_rebuild_shard(c.local_addr, &wrong_result).await,
+        Err(NodeError::Remote(ErrorCode::HashMismatch))
+    ));
+    // Fewer than k sources.
+    let mut short = good.clone();
+    short.sources.pop();
+    assert!(matches!(
+        client.rpc_rebuild_shard(c.local_addr, &short).await,
+        Err(NodeError::Remote(ErrorCode::BadRequest))
+    ));
+    assert!(matches!(
+        stored_on_c().await,
+        Err(NodeError::Remote(ErrorCode::NotFound))
+    ));
+
+    // The good request: C holds the lost data shard, byte for byte.
+    client.rpc_rebuild_shard(c.local_addr, &good).await.unwrap();
+    let (got_header, got_body) = client
+        .rpc_get_shard(c.local_addr, header(1).key)
+        .await
+        .unwrap();
+    assert_eq!(got_header, header(1));
+    assert_eq!(got_body, shards[1]);
+    // Asked again (a retry), it answers the same.
+    client.rpc_rebuild_shard(c.local_addr, &good).await.unwrap();
+    for node in [a, b, c] {
+        node.shutdown().await;
+    }
+}

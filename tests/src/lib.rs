@@ -323,7 +323,8 @@ impl TestCluster {
     }
 
     /// One sample of a metric from a Prometheus text page: the first line
-    /// whose name (and labels) start with `series`.
+    /// whose name is `series`, or whose labels begin with those `series`
+    /// gives (`name{a="x",` matches `name{a="x",b="y"}`).
     pub fn metric(&self, url: &str, series: &str) -> Result<f64> {
         let mut resp = self.agent.get(url).call()?;
         let text = resp.body_mut().read_to_string()?;
@@ -331,9 +332,11 @@ impl TestCluster {
             .filter(|l| !l.starts_with('#'))
             .find_map(|l| {
                 let (name, value) = l.rsplit_once(' ')?;
-                (name == series || name.starts_with(&format!("{series}{{")))
-                    .then(|| value.parse().ok())
-                    .flatten()
+                (name == series
+                    || name.starts_with(&format!("{series}{{"))
+                    || (series.ends_with(',') && name.starts_with(series)))
+                .then(|| value.parse().ok())
+                .flatten()
             })
             .with_context(|| format!("{series} not in {url}"))
     }

@@ -93,6 +93,28 @@ fn dead_nodes_and_wiped_disks_are_repaired_to_full_redundancy() -> Result<()> {
         6 * stripes as usize,
         "every stripe has k+m shards on live nodes"
     );
+    // Each shard lost with node 3 was rebuilt by the node that now holds
+    // it, from k shards it read from the others: none passed through the
+    // gateway.
+    let rebuilt_by_nodes: f64 = live
+        .iter()
+        .map(|&i| {
+            c.node_metrics_url(i)
+                .and_then(|u| {
+                    c.metric(
+                        &u,
+                        r#"custodia_node_requests_total{op="rebuild",result="ok","#,
+                    )
+                })
+                .unwrap_or(0.0)
+        })
+        .sum();
+    let repaired = c.metric(&c.metrics, "custodia_shards_repaired_total")?;
+    assert!(repaired > 0.0, "node 3 held shards that were repaired");
+    assert_eq!(
+        rebuilt_by_nodes, repaired,
+        "every shard lost with node 3 was rebuilt on its new node"
+    );
     // The repairs are on the ledger, on the evidence's custody record.
     let custody = c
         .get_with(
