@@ -34,6 +34,9 @@ pub struct BenchRepairArgs {
     /// Where the cluster keeps its data (default: a temporary directory).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
+    /// The gateway's `repair_ingest_stripes` (default: the gateway's own).
+    #[arg(long)]
+    repair_ingest_stripes: Option<usize>,
 }
 
 fn status(api: &str, token: &str) -> Result<serde_json::Value> {
@@ -84,6 +87,9 @@ pub async fn run(args: BenchRepairArgs) -> Result<()> {
     config.node_down_after_ms = 1_000;
     config.repair_after_down_ms = 0;
     config.repair_interval_ms = 200;
+    if let Some(n) = args.repair_ingest_stripes {
+        config.repair_ingest_stripes = n;
+    }
     let store = indexer::EmbeddedStore::open(&config.index_path)?;
     let gw = gateway::serve(config, store, prometheus::Registry::new()).await?;
     let api = format!("http://{}", gw.local_addr);
