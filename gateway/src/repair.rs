@@ -24,8 +24,11 @@
 //!    others it reads from their nodes (`RebuildShard`), each checked
 //!    against the manifest's hash: k shards move instead of k in to this
 //!    gateway and one out, and the gateway is not the hub every rebuilt
-//!    byte passes through. If that fails (a source unreadable or damaged,
-//!    an older node), the stripe is rebuilt here as above;
+//!    byte passes through. Likewise a shard on a draining node is copied
+//!    by its new node straight from the old one (one shard moves, not k+m
+//!    in and one out), the stripe's other shards checked in place. If that
+//!    fails (a source unreadable or damaged, an older node), the stripe is
+//!    rebuilt here as above;
 //! 4. commits the new placement with a compare-and-set on the stripe's
 //!    record (version + 1), in the transaction that checks the evidence is
 //!    still visible (an expunged stripe is never resurrected) and queues the
@@ -560,28 +563,34 @@ pub async fn repair_stripe<S: Store>(
         })
         .count();
     let spare: Vec<usize> = order.iter().skip(want).copied().collect();
-    // One shard lost with its node, every other in place: the node that
-    // will hold it rebuilds it from k others itself, so k shards move
-    // instead of k to this gateway and one back out. Anything else (damage
-    // found, a drain, an older node, a source unreadable) is rebuilt here.
-    let draining_shards = rec
-        .shards
-        .iter()
-        .any(|p| p.node.is_some_and(|n| draining.contains(&n)));
-    if homeless.len() == 1 && order.len() >= k && !draining_shards {
-        let lost = homeless[0];
-        if let Some(outcome) = rebuild_on_target(
-            gw,
-            &header,
-            stripe,
-            &rec,
-            lost,
-            &order[..k],
-            &spare,
-            mark,
-            gone,
-        )
-        .await?
+    // Two common cases need no shard to pass through this gateway. One
+    // shard lost with its node, every other in place: the node that will
+    // hold it rebuilds it from k others itself, so k shards move instead
+    // of k in and one back out. Shards on draining nodes, every shard
+    // reachable: each is copied by its new node from its old one, one
+    // shard moving instead of all k+m in and one out. The rest is checked
+    // in place by its nodes either way. Anything else (damage found, an
+    // older node, a source that cannot be read) is rebuilt here.
+    let on_draining: Vec<usize> = (0..total)
+        .filter(|i| rec.shards[*i].node.is_some_and(|n| draining.contains(&n)))
+        .collect();
+    let remote = match (&homeless[..], on_draining.is_empty()) {
+        ([lost], true) if order.len() >= k => {
+            Some((vec![(*lost, order[..k].to_vec())], spare.clone()))
+        }
+        ([], false) if order.len() == total => Some((
+            on_draining.iter().map(|&i| (i, vec![i])).collect(),
+            order
+                .iter()
+                .copied()
+                .filter(|i| !on_draining.contains(i))
+                .collect(),
+        )),
+        _ => None,
+    };
+    if let Some((moves, in_place)) = remote {
+        if let Some(outcome) =
+            rebuild_on_targets(gw, &header, stripe, &rec, &moves, &in_place, mark, gone).await?
         {
             return Ok(outcome);
         }
@@ -757,111 +766,123 @@ pub async fn repair_stripe<S: Store>(
     Ok(outcome)
 }
 
-/// Has the node chosen for shard `lost` rebuild it from the shards
-/// `sources` (k of them) and re-read it, while the `spare` shards are
-/// checked in place by their nodes; then commits as a rebuild here would.
-/// `None` when it could not: the caller rebuilds through this gateway.
+/// Has a node chosen for each shard in `moves` build it from the shards
+/// listed beside it (k others: a rebuild; the shard itself: a copy) and
+/// re-read it, while the `in_place` shards are checked by their own nodes;
+/// then commits as a rebuild here would. `None` when it could not: the
+/// caller rebuilds through this gateway.
 #[allow(clippy::too_many_arguments)]
-async fn rebuild_on_target<S: Store>(
+async fn rebuild_on_targets<S: Store>(
     gw: &Arc<Gateway<S>>,
     header: &ManifestHeader,
     stripe: u64,
     rec: &StripeRecord,
-    lost: usize,
-    sources: &[usize],
-    spare: &[usize],
+    moves: &[(usize, Vec<usize>)],
+    in_place: &[usize],
     mark: &[u8],
     gone: &HashSet<NodeId>,
 ) -> Result<Option<Outcome>, ApiError> {
     let evidence = header.evidence;
+    let moved: Vec<usize> = moves.iter().map(|(i, _)| *i).collect();
     let holders: Vec<NodeId> = rec
         .shards
         .iter()
         .enumerate()
-        .filter(|(i, _)| *i != lost)
+        .filter(|(i, _)| !moved.contains(i))
         .filter_map(|(_, p)| p.node)
         .collect();
-    let Some(&target) = choose_targets(gw, evidence, stripe, &holders, rec, gone, 1).first() else {
+    let targets = choose_targets(gw, evidence, stripe, &holders, rec, gone, moves.len());
+    if targets.len() < moves.len() {
         return Ok(None);
-    };
-    let Some(target_addr) = gw.nodes.addr(target) else {
-        return Ok(None);
-    };
-    let mut from = Vec::with_capacity(sources.len());
-    for &i in sources {
-        let Some(addr) = rec.shards[i].node.and_then(|n| gw.nodes.addr(n)) else {
-            return Ok(None);
-        };
-        from.push(RebuildSource {
-            addr,
-            index: i as u8,
-            blake3: rec.shards[i].blake3,
-        });
     }
     let sr = header.code.layout(header.size).stripe_range(stripe);
-    let shard = ShardHeader {
-        key: ShardKey {
-            evidence,
-            stripe,
-            index: lost as u8,
-        },
-        code: header.code,
-        stripe_len: sr.end - sr.start,
-        len: rec.shard_len,
-        blake3: rec.shards[lost].blake3,
-    };
-    let request = RebuildShard {
-        header: shard,
-        sources: from,
-    };
+    let mut requests = Vec::with_capacity(moves.len());
+    for ((index, sources), &target) in moves.iter().zip(&targets) {
+        let Some(target_addr) = gw.nodes.addr(target) else {
+            return Ok(None);
+        };
+        let mut from = Vec::with_capacity(sources.len());
+        for &i in sources {
+            let Some(addr) = rec.shards[i].node.and_then(|n| gw.nodes.addr(n)) else {
+                return Ok(None);
+            };
+            from.push(RebuildSource {
+                addr,
+                index: i as u8,
+                blake3: rec.shards[i].blake3,
+            });
+        }
+        let shard = ShardHeader {
+            key: ShardKey {
+                evidence,
+                stripe,
+                index: *index as u8,
+            },
+            code: header.code,
+            stripe_len: sr.end - sr.start,
+            len: rec.shard_len,
+            blake3: rec.shards[*index].blake3,
+        };
+        let request = RebuildShard {
+            header: shard,
+            sources: from,
+        };
+        requests.push((*index, target, target_addr, request));
+    }
     let client = &gw.nodes.client;
     let checks = futures::future::join_all(
-        spare
+        in_place
             .iter()
             .map(|&i| async move { (i, check_shard(gw, evidence, stripe, i, rec).await) }),
     );
-    let build = async {
-        client
-            .rpc_rebuild_shard(target_addr, &request)
-            .await
-            .inspect_err(|e| {
-                if e.is_disk_full() {
-                    gw.nodes.mark_full(target, true);
-                }
-            })?;
-        // Re-counted from the disk, as a shard written from here is.
-        let back = client.rpc_verify_shard(target_addr, shard.key).await?;
-        Ok::<_, NodeError>(back.blake3 == shard.blake3 && back.len == shard.len)
-    };
-    let (checked, built) = futures::join!(checks, build);
-    let written = [(lost, target)];
-    match built {
-        Ok(true) => {}
-        Ok(false) | Err(_) => {
-            tracing::debug!(shard = %shard.key, %target, outcome = ?built, "rebuild on the target node failed; rebuilding here");
-            // A refusal stored nothing; anything else may have stored a
-            // copy, and the rebuild here may choose another node.
-            let stored_nothing = matches!(
-                built,
-                Err(NodeError::Remote(
-                    ErrorCode::SourceUnavailable | ErrorCode::BadRequest | ErrorCode::HashMismatch
-                ))
-            );
-            if !stored_nothing {
-                delete_copies(gw, evidence, stripe, &written).await;
-            }
-            return Ok(None);
-        }
-    }
-    if checked.iter().any(|(_, c)| *c == Checked::Damaged) {
-        // A second shard is damaged: rebuilt here with the first, from
-        // shards read and checked here.
-        delete_copies(gw, evidence, stripe, &written).await;
+    let builds = futures::future::join_all(requests.iter().map(
+        |(_, target, addr, request)| async move {
+            client
+                .rpc_rebuild_shard(*addr, request)
+                .await
+                .inspect_err(|e| {
+                    if e.is_disk_full() {
+                        gw.nodes.mark_full(*target, true);
+                    }
+                })?;
+            // Re-counted from the disk, as a shard written from here is.
+            let key = request.header.key;
+            let back = client.rpc_verify_shard(*addr, key).await?;
+            Ok::<_, NodeError>(
+                back.blake3 == request.header.blake3 && back.len == request.header.len,
+            )
+        },
+    ));
+    let (checked, built) = futures::join!(checks, builds);
+    let written: Vec<(usize, NodeId)> = requests.iter().map(|(i, t, ..)| (*i, *t)).collect();
+    let failed = built.iter().any(|b| !matches!(b, Ok(true)));
+    if failed || checked.iter().any(|(_, c)| *c == Checked::Damaged) {
+        tracing::debug!(%evidence, stripe, outcome = ?built, "building on the target nodes failed or met damage; rebuilding here");
+        // A refusal stored nothing; anything else may have stored a copy,
+        // and the rebuild here may choose other nodes.
+        let stored: Vec<(usize, NodeId)> = written
+            .iter()
+            .zip(&built)
+            .filter(|(_, b)| {
+                !matches!(
+                    b,
+                    Err(NodeError::Remote(
+                        ErrorCode::SourceUnavailable
+                            | ErrorCode::BadRequest
+                            | ErrorCode::HashMismatch
+                    ))
+                )
+            })
+            .map(|(w, _)| *w)
+            .collect();
+        delete_copies(gw, evidence, stripe, &stored).await;
         return Ok(None);
     }
     let all_counted = checked.iter().all(|(_, c)| *c == Checked::Good);
     let mut next = rec.clone();
-    next.shards[lost].node = Some(target);
+    for &(i, target) in &written {
+        next.shards[i].node = Some(target);
+    }
     let outcome = commit_repair(
         gw,
         header,
@@ -869,7 +890,7 @@ async fn rebuild_on_target<S: Store>(
         rec,
         &next,
         &written,
-        &[lost],
+        &moved,
         all_counted,
         mark,
         gone,

@@ -122,8 +122,10 @@ pub enum Request {
     /// so the gateway is not the hub every rebuilt byte passes through. A
     /// source that cannot be had or fails its hash is answered
     /// [`ErrorCode::SourceUnavailable`] with nothing stored; the caller then
-    /// rebuilds the old way, reading every shard itself. An older node
-    /// answers `Error(BadRequest)`.
+    /// rebuilds the old way, reading every shard itself. With one source
+    /// that is the shard itself, the node copies it instead: how a drain
+    /// moves a shard off a node that still serves it (one shard moves, not
+    /// k+1). An older node answers `Error(BadRequest)`.
     RebuildShard(RebuildShard),
 }
 
@@ -132,8 +134,9 @@ pub enum Request {
 pub struct RebuildShard {
     /// The shard to build, as its manifest names it.
     pub header: ShardHeader,
-    /// Exactly `k` other shards of the same stripe, each with its node's
-    /// address and the hash the manifest records for it.
+    /// Exactly `k` other shards of the same stripe, or the shard itself
+    /// alone (a copy), each with its node's address and the hash the
+    /// manifest records for it.
     pub sources: Vec<RebuildSource>,
 }
 
@@ -149,10 +152,15 @@ pub struct RebuildSource {
 }
 
 impl RebuildShard {
+    /// Whether the sources are the shard itself: a copy, not a decode.
+    pub fn is_copy(&self) -> bool {
+        matches!(&self.sources[..], [only] if only.index == self.header.key.index)
+    }
+
     /// Whether the request is one a node can carry out: a valid code, a
-    /// length within the shard size, exactly `k` distinct sources in the
-    /// stripe and none of them the shard being built. Checked before any
-    /// allocation or connection.
+    /// length within the shard size, and either the shard itself as the one
+    /// source or exactly `k` distinct sources in the stripe, none of them
+    /// the shard being built. Checked before any allocation or connection.
     pub fn is_well_formed(&self) -> bool {
         let code = self.header.code;
         let (k, total) = (
@@ -161,9 +169,11 @@ impl RebuildShard {
         );
         let index = usize::from(self.header.key.index);
         let mut seen = vec![false; total.max(index + 1)];
-        code.validate().is_ok()
-            && self.header.len <= code.shard_size
-            && index < total
+        let valid = code.validate().is_ok() && self.header.len <= code.shard_size && index < total;
+        if self.is_copy() {
+            return valid;
+        }
+        valid
             && self.sources.len() == k
             && self.sources.iter().all(|s| {
                 let i = usize::from(s.index);
@@ -516,6 +526,16 @@ mod tests {
         let mut r = rebuild();
         r.header.code.k = 0;
         assert!(!r.is_well_formed(), "an invalid code");
+        // A copy: the shard itself, alone.
+        let mut r = rebuild();
+        r.sources.truncate(1);
+        r.sources[0].index = r.header.key.index;
+        assert!(r.is_copy() && r.is_well_formed(), "a copy");
+        r.sources.push(r.sources[0]);
+        assert!(
+            !r.is_copy() && !r.is_well_formed(),
+            "the shard itself twice"
+        );
     }
 
     #[test]

@@ -566,8 +566,8 @@ async fn handle_get_shard(
     }
 }
 
-/// Builds a shard from `k` others of its stripe, read from their nodes, and
-/// stores it; answers `Stored` after the fsync (see
+/// Builds a shard from `k` others of its stripe (or copies it from one
+/// node), read from their nodes, and stores it; answers `Stored` after the fsync (see
 /// [`Request::RebuildShard`]).
 async fn handle_rebuild_shard(
     state: &NodeState,
@@ -590,8 +590,8 @@ async fn rebuild_shard(state: &NodeState, rebuild: RebuildShard) -> Result<(), E
     let header = rebuild.header;
     let code = header.code;
     let (k, m) = (code.data_shards(), code.parity_shards());
-    // The k sources and the result, within the memory all bodies share.
-    let mib = (k + 1) * (header.len as usize).div_ceil(1 << 20).max(1);
+    // The sources and the result, within the memory all bodies share.
+    let mib = (rebuild.sources.len() + 1) * (header.len as usize).div_ceil(1 << 20).max(1);
     let Ok(_memory) = state
         .body_memory
         .clone()
@@ -652,7 +652,13 @@ async fn rebuild_shard(state: &NodeState, rebuild: RebuildShard) -> Result<(), E
     }
     let store = state.store.clone();
     let index = usize::from(header.key.index);
+    let copy = rebuild.is_copy();
     let stored = tokio::task::spawn_blocking(move || {
+        if copy {
+            // The one source is the shard itself, already in its place.
+            let body = shards[index].take().unwrap_or_default();
+            return store.put(&header, &body).map(|()| (body, shards));
+        }
         let rs = reed_solomon_erasure::galois_8::ReedSolomon::new(k, m)
             .map_err(|e| StoreError::BadHeader(rs_error(e)))?;
         rs.reconstruct(&mut shards)

@@ -660,8 +660,9 @@ async fn a_request_to_a_node_gone_silent_fails_after_a_liveness_check_not_the_id
 /// each against the hash the request names, decodes, and stores the result
 /// only if it has the hash the manifest gives it; a source that is missing
 /// or not the named shard, or a result with another hash, stores nothing.
+/// Asked with the shard itself as the one source, it copies it.
 #[tokio::test]
-async fn a_node_rebuilds_a_shard_from_k_others_and_stores_nothing_from_bad_sources() {
+async fn a_node_rebuilds_or_copies_a_shard_and_stores_nothing_from_bad_sources() {
     use protocol::wire::{RebuildShard, RebuildSource};
     let cluster = Cluster::new();
     let registries: Vec<_> = (0..3).map(|_| prometheus::Registry::new()).collect();
@@ -775,6 +776,31 @@ async fn a_node_rebuilds_a_shard_from_k_others_and_stores_nothing_from_bad_sourc
     assert_eq!(got_body, shards[1]);
     // Asked again (a retry), it answers the same.
     client.rpc_rebuild_shard(c.local_addr, &good).await.unwrap();
+
+    // A copy: the parity shard, from B to C as it is; asked of a node
+    // without it (A), nothing is stored.
+    let copy = |from: &RunningNode| RebuildShard {
+        header: header(2),
+        sources: vec![source(from, 2)],
+    };
+    assert!(matches!(
+        client.rpc_rebuild_shard(c.local_addr, &copy(&a)).await,
+        Err(NodeError::Remote(ErrorCode::SourceUnavailable))
+    ));
+    assert!(matches!(
+        client.rpc_stat_shard(c.local_addr, header(2).key).await,
+        Err(NodeError::Remote(ErrorCode::NotFound))
+    ));
+    client
+        .rpc_rebuild_shard(c.local_addr, &copy(&b))
+        .await
+        .unwrap();
+    let (got_header, got_body) = client
+        .rpc_get_shard(c.local_addr, header(2).key)
+        .await
+        .unwrap();
+    assert_eq!(got_header, header(2));
+    assert_eq!(got_body, shards[2]);
     for node in [a, b, c] {
         node.shutdown().await;
     }
