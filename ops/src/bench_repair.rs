@@ -34,6 +34,10 @@ pub struct BenchRepairArgs {
     /// Where the cluster keeps its data (default: a temporary directory).
     #[arg(long)]
     dir: Option<std::path::PathBuf>,
+    /// Drain the node instead of killing it: its shards are moved while it
+    /// still serves them (the time until no stripe places a shard on it).
+    #[arg(long)]
+    drain: bool,
     /// The gateway's `repair_ingest_stripes` (default: the gateway's own).
     #[arg(long)]
     repair_ingest_stripes: Option<usize>,
@@ -119,21 +123,31 @@ pub async fn run(args: BenchRepairArgs) -> Result<()> {
     let victim = 0usize;
     let rebuild_bytes = before["nodes"][victim]["used_bytes"].as_u64().unwrap_or(0);
     let shards = before["nodes"][victim]["shards"].as_u64().unwrap_or(0);
+    let what = if args.drain { "draining" } else { "killing" };
     eprintln!(
-        "killing node {victim} ({shards} shards, {:.2} GB)...",
+        "{what} node {victim} ({shards} shards, {:.2} GB)...",
         rebuild_bytes as f64 / 1e9
     );
-    if let Some(child) = local.children.get_mut(victim) {
+    if args.drain {
+        crate::node_admin::act(&api, &token, victim as u32, "drain", false)?;
+    } else if let Some(child) = local.children.get_mut(victim) {
         child.kill().await?;
     }
+    // Stripes still to move: queued for repair, or (a drain) placing a
+    // shard on the node.
+    let left = || -> Result<u64> {
+        if args.drain {
+            crate::node_admin::stripes_left(&api, &token, victim as u32)
+        } else {
+            Ok(status(&api, &token)?["degraded_stripes"]
+                .as_u64()
+                .unwrap_or(0))
+        }
+    };
 
     // Wait for the backlog to appear, then ingest while it drains.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while status(&api, &token)?["degraded_stripes"]
-        .as_u64()
-        .unwrap_or(0)
-        == 0
-    {
+    while !args.drain && left()? == 0 {
         if Instant::now() > deadline {
             bail!("the dead node's stripes were never queued");
         }
@@ -151,9 +165,7 @@ pub async fn run(args: BenchRepairArgs) -> Result<()> {
     let mut last_report = Instant::now();
     let mut peak = 0u64;
     loop {
-        let left = status(&api, &token)?["degraded_stripes"]
-            .as_u64()
-            .unwrap_or(0);
+        let left = left()?;
         peak = peak.max(left);
         if left == 0 {
             break;
@@ -186,6 +198,21 @@ pub async fn run(args: BenchRepairArgs) -> Result<()> {
     );
     println!("  QUIC bulk, loopback, mutual TLS          {quic:>9.0} MB/s");
     println!("  repair ceiling QUIC / (k+1)              {ceiling:>9.0} MB/s");
+    if args.drain {
+        // One shard moves per shard: the ceiling is QUIC bulk itself.
+        println!(
+            "  drained: {shards} shards, {:.2} GB in {:.1} s",
+            rebuild_bytes as f64 / 1e9,
+            repair_time.as_secs_f64()
+        );
+        println!(
+            "  drain throughput                         {repair:>9.0} MB/s   {:.2} x QUIC bulk",
+            repair / quic
+        );
+        println!("  ingest, healthy cluster                  {healthy_ingest:>9.0} MB/s");
+        println!("  ingest during the drain                  {ingest_during:>9.0} MB/s   {:.2} x healthy", ingest_during / healthy_ingest);
+        return Ok(());
+    }
     println!(
         "  rebuilt: {shards} shards, {:.2} GB in {:.1} s ({peak} stripes queued at peak)",
         rebuild_bytes as f64 / 1e9,
