@@ -686,13 +686,7 @@ pub async fn repair_stripe<S: Store>(
 
     let rebuilt = started.elapsed();
     // 3. New homes, then write, then re-read.
-    let holders: Vec<NodeId> = rec
-        .shards
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !rebuild.contains(i))
-        .filter_map(|(_, p)| p.node)
-        .collect();
+    let holders = holders_except(&rec, &rebuild);
     let targets = choose_targets(gw, evidence, stripe, &holders, &rec, gone, rebuild.len());
     if targets.len() < rebuild.len() {
         recycle(gw, shards);
@@ -702,24 +696,12 @@ pub async fn repair_stripe<S: Store>(
             rebuild.len()
         )));
     }
-    let layout = header.code.layout(header.size);
-    let sr = layout.stripe_range(stripe);
     let mut next = rec.clone();
     let mut written: Vec<(usize, NodeId)> = Vec::new();
     let writes = rebuild.iter().zip(&targets).map(|(&i, &node)| {
         // Back to the receive pool the next stripe's reads take from.
         let body = gw.nodes.client.share(shards[i].take().unwrap_or_default());
-        let header = ShardHeader {
-            key: ShardKey {
-                evidence,
-                stripe,
-                index: i as u8,
-            },
-            code: header.code,
-            stripe_len: sr.end - sr.start,
-            len: rec.shard_len,
-            blake3: rec.shards[i].blake3,
-        };
+        let header = shard_header(&header, stripe, &rec, i);
         async move { (i, node, put_and_verify(gw, node, &header, body).await) }
     });
     let results = futures::future::join_all(writes).await;
@@ -784,18 +766,11 @@ async fn rebuild_on_targets<S: Store>(
 ) -> Result<Option<Outcome>, ApiError> {
     let evidence = header.evidence;
     let moved: Vec<usize> = moves.iter().map(|(i, _)| *i).collect();
-    let holders: Vec<NodeId> = rec
-        .shards
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !moved.contains(i))
-        .filter_map(|(_, p)| p.node)
-        .collect();
+    let holders = holders_except(rec, &moved);
     let targets = choose_targets(gw, evidence, stripe, &holders, rec, gone, moves.len());
     if targets.len() < moves.len() {
         return Ok(None);
     }
-    let sr = header.code.layout(header.size).stripe_range(stripe);
     let mut requests = Vec::with_capacity(moves.len());
     for ((index, sources), &target) in moves.iter().zip(&targets) {
         let Some(target_addr) = gw.nodes.addr(target) else {
@@ -812,19 +787,8 @@ async fn rebuild_on_targets<S: Store>(
                 blake3: rec.shards[i].blake3,
             });
         }
-        let shard = ShardHeader {
-            key: ShardKey {
-                evidence,
-                stripe,
-                index: *index as u8,
-            },
-            code: header.code,
-            stripe_len: sr.end - sr.start,
-            len: rec.shard_len,
-            blake3: rec.shards[*index].blake3,
-        };
         let request = RebuildShard {
-            header: shard,
+            header: shard_header(header, stripe, rec, *index),
             sources: from,
         };
         requests.push((*index, target, target_addr, request));
@@ -897,6 +861,37 @@ async fn rebuild_on_targets<S: Store>(
     )
     .await?;
     Ok(Some(outcome))
+}
+
+/// The nodes holding the stripe's shards other than those in `moving`.
+fn holders_except(rec: &StripeRecord, moving: &[usize]) -> Vec<NodeId> {
+    rec.shards
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !moving.contains(i))
+        .filter_map(|(_, p)| p.node)
+        .collect()
+}
+
+/// The header of shard `index` of `stripe`, as its manifest names it.
+fn shard_header(
+    header: &ManifestHeader,
+    stripe: u64,
+    rec: &StripeRecord,
+    index: usize,
+) -> ShardHeader {
+    let sr = header.code.layout(header.size).stripe_range(stripe);
+    ShardHeader {
+        key: ShardKey {
+            evidence: header.evidence,
+            stripe,
+            index: index as u8,
+        },
+        code: header.code,
+        stripe_len: sr.end - sr.start,
+        len: rec.shard_len,
+        blake3: rec.shards[index].blake3,
+    }
 }
 
 /// Steps 4 and 5: commits the new placement `next` (the shards `written`

@@ -341,6 +341,18 @@ impl TestCluster {
             .with_context(|| format!("{series} not in {url}"))
     }
 
+    /// The sum of one series over the metrics pages of `nodes` (a node
+    /// whose page lacks it, or cannot be read, adds nothing).
+    pub fn node_metric_sum(&self, nodes: impl Iterator<Item = u32>, series: &str) -> f64 {
+        nodes
+            .map(|i| {
+                self.node_metrics_url(i)
+                    .and_then(|u| self.metric(&u, series))
+                    .unwrap_or(0.0)
+            })
+            .sum()
+    }
+
     /// Restarts the gateway with these witnesses (url, verifier key) in its
     /// ledger configuration, asked every `interval_ms`.
     pub fn use_witnesses(&mut self, witnesses: &[(&str, &str)], interval_ms: i64) -> Result<()> {

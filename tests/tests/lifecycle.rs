@@ -55,19 +55,10 @@ fn nodes_are_drained_removed_and_added_without_losing_redundancy() -> Result<()>
     assert_eq!(s["degraded_stripes"], 0, "{s}");
     // Each shard was copied by its new node straight from node 3: one
     // shard moved per shard, none through the gateway.
-    let copied: f64 = (0..8u32)
-        .filter(|i| *i != 3)
-        .map(|i| {
-            c.node_metrics_url(i)
-                .and_then(|u| {
-                    c.metric(
-                        &u,
-                        r#"custodia_node_requests_total{op="rebuild",result="ok","#,
-                    )
-                })
-                .unwrap_or(0.0)
-        })
-        .sum();
+    let copied = c.node_metric_sum(
+        (0..8u32).filter(|i| *i != 3),
+        r#"custodia_node_requests_total{op="rebuild",result="ok","#,
+    );
     let moved = c.metric(&c.metrics, "custodia_shards_repaired_total")?;
     assert_eq!(moved, on_3 as f64, "every shard on node 3 moved");
     assert_eq!(copied, moved, "each moved by its new node");

@@ -96,19 +96,10 @@ fn dead_nodes_and_wiped_disks_are_repaired_to_full_redundancy() -> Result<()> {
     // Each shard lost with node 3 was rebuilt by the node that now holds
     // it, from k shards it read from the others: none passed through the
     // gateway.
-    let rebuilt_by_nodes: f64 = live
-        .iter()
-        .map(|&i| {
-            c.node_metrics_url(i)
-                .and_then(|u| {
-                    c.metric(
-                        &u,
-                        r#"custodia_node_requests_total{op="rebuild",result="ok","#,
-                    )
-                })
-                .unwrap_or(0.0)
-        })
-        .sum();
+    let rebuilt_by_nodes = c.node_metric_sum(
+        live.iter().copied(),
+        r#"custodia_node_requests_total{op="rebuild",result="ok","#,
+    );
     let repaired = c.metric(&c.metrics, "custodia_shards_repaired_total")?;
     assert!(repaired > 0.0, "node 3 held shards that were repaired");
     assert_eq!(
