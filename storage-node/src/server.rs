@@ -566,9 +566,9 @@ async fn handle_get_shard(
     }
 }
 
-/// Builds a shard from `k` others of its stripe (or copies it from one
-/// node), read from their nodes, and stores it; answers `Stored` after the fsync (see
-/// [`Request::RebuildShard`]).
+/// Builds a shard from `k` others of its stripe read from their nodes (or
+/// copies it from one node) and stores it; answers `Stored` after the
+/// fsync (see [`Request::RebuildShard`]).
 async fn handle_rebuild_shard(
     state: &NodeState,
     rebuild: RebuildShard,
