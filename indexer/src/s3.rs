@@ -495,6 +495,25 @@ pub struct Replayed {
     pub dropped: Vec<(String, String, EvidenceId)>,
 }
 
+/// Each record's newest entry among `entries` (by epoch, then versionstamp),
+/// in commit order: what a set of journal files can be merged into without
+/// changing what [`replay`] makes of the whole journal. A cleared record
+/// keeps its clearing entry, since an older value for it may lie in a file
+/// not merged (another gateway's, written late).
+pub fn compact(mut entries: Vec<JournalEntry>) -> Vec<JournalEntry> {
+    entries.sort_by(|a, b| (&a.key, a.epoch, a.stamp).cmp(&(&b.key, b.epoch, b.stamp)));
+    // The last of each key's run is its newest.
+    let mut newest: Vec<JournalEntry> = Vec::with_capacity(entries.len());
+    for e in entries {
+        match newest.last_mut() {
+            Some(last) if last.key == e.key => *last = e,
+            _ => newest.push(e),
+        }
+    }
+    newest.sort_by(|a, b| (a.epoch, a.stamp, &a.key).cmp(&(b.epoch, b.stamp, &b.key)));
+    newest
+}
+
 /// Replays journal entries (in any order, repeats allowed: each file of the
 /// journal may overlap another) into the final records: each record's
 /// newest value by commit order, versions whose evidence `exists` does not

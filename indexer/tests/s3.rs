@@ -447,6 +447,27 @@ async fn the_journal_replays_into_the_same_records() {
     assert_eq!(replayed.versions, 5);
     assert!(replayed.dropped.is_empty());
 
+    // Merged as a gateway compacts its journal files (part of them, the
+    // rest left as they are), the journal replays into the same records:
+    // one entry per record in the merged part, clearing entries kept.
+    let (merged, rest) = entries.split_at(entries.len() / 2);
+    let mut compacted = ix::compact(merged.to_vec());
+    assert!(
+        compacted.len() < merged.len(),
+        "repeats and overwrites merged"
+    );
+    let keys: std::collections::HashSet<&Vec<u8>> = compacted.iter().map(|e| &e.key).collect();
+    assert_eq!(keys.len(), compacted.len(), "one entry per record");
+    assert!(
+        compacted.iter().any(|e| e.value.is_none()) || merged.iter().all(|e| e.value.is_some()),
+        "a cleared record keeps its clearing entry"
+    );
+    compacted.extend(rest.iter().cloned());
+    let (_dc, r, _) = restored(compacted.clone(), |_| true).await;
+    assert_eq!(s3_records(&r).await, want);
+    let (_dc2, r, _) = restored(ix::compact(compacted), |_| true).await;
+    assert_eq!(s3_records(&r).await, want);
+
     // A version whose evidence was not recovered is dropped, and the
     // current view falls back to the one before it.
     let (_d3, r, replayed) = restored(entries.clone(), |id| id != b.version_id).await;
