@@ -153,7 +153,18 @@ pub struct GatewayConfig {
     /// with 8 no less than with 16).
     #[serde(default)]
     pub read_stripes_in_flight: usize,
+    /// The S3 records' journal files (`ledger/openings/s3-journal/`, one
+    /// per second with changes) are merged into one, each record's newest
+    /// entry, once a gateway has written this many since it last merged
+    /// (and once at start). Files of 64 MiB or more are left as they are,
+    /// so a merge never rewrites more than about that.
+    #[serde(default = "default_s3_journal_merge_files")]
+    pub s3_journal_merge_files: usize,
     pub nodes: Vec<NodeEntry>,
+}
+
+fn default_s3_journal_merge_files() -> usize {
+    256
 }
 
 fn default_repair_ingest_stripes() -> usize {

@@ -311,6 +311,11 @@ pub struct Ledger {
     tsa: Option<Tsa>,
 }
 
+/// An archive path from a name this module made (or listed).
+fn store_path(name: &str) -> Result<StorePath, LedgerError> {
+    StorePath::parse(name).map_err(|e| LedgerError::Tree(e.to_string()))
+}
+
 impl std::fmt::Debug for Ledger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ledger")
@@ -490,21 +495,52 @@ impl Ledger {
         &self,
         folder: &str,
     ) -> Result<Vec<(String, bytes::Bytes)>, LedgerError> {
+        let names = self.archived_names(folder).await?;
+        let mut files = Vec::with_capacity(names.len());
+        for (name, _) in names {
+            let bytes = self
+                .openings
+                .get(&store_path(&name)?)
+                .await?
+                .bytes()
+                .await?;
+            files.push((name, bytes));
+        }
+        Ok(files)
+    }
+
+    /// The names and sizes of the private openings archive's files under
+    /// `folder`, in name order.
+    pub async fn archived_names(&self, folder: &str) -> Result<Vec<(String, u64)>, LedgerError> {
         use futures::TryStreamExt;
-        let prefix = StorePath::parse(folder).map_err(|e| LedgerError::Tree(e.to_string()))?;
-        let mut names: Vec<StorePath> = self
+        let prefix = store_path(folder)?;
+        let mut names: Vec<(String, u64)> = self
             .openings
             .list(Some(&prefix))
-            .map_ok(|meta| meta.location)
+            .map_ok(|meta| (meta.location.to_string(), meta.size))
             .try_collect()
             .await?;
         names.sort();
-        let mut files = Vec::with_capacity(names.len());
-        for name in names {
-            let bytes = self.openings.get(&name).await?.bytes().await?;
-            files.push((name.to_string(), bytes));
+        Ok(names)
+    }
+
+    /// One file of the private openings archive; `None` if there is none
+    /// by that name (another gateway may have just replaced it).
+    pub async fn archived_file(&self, name: &str) -> Result<Option<bytes::Bytes>, LedgerError> {
+        match self.openings.get(&store_path(name)?).await {
+            Ok(got) => Ok(Some(got.bytes().await?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
         }
-        Ok(files)
+    }
+
+    /// Deletes one file of the private openings archive, one whose content
+    /// another file now holds (a file already gone is no error).
+    pub async fn delete_archived(&self, name: &str) -> Result<(), LedgerError> {
+        match self.openings.delete(&store_path(name)?).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Every archived leaf from leaf 0 up to the first gap, in order (see

@@ -17,6 +17,17 @@
 //! Every gateway drains (sharing one index they may move the same entries
 //! twice, into overlapping files; replay takes each record's newest value
 //! by epoch and versionstamp, so repeats change nothing).
+//!
+//! A busy gateway writes a file a second, so every
+//! `s3_journal_merge_files` files written it merges the archive's small
+//! files (under [`MERGE_SMALL_BYTES`]) into one holding each record's
+//! newest entry ([`s3::compact`]), written durably before the files it
+//! replaces are deleted. A crash between the two leaves repeats, which
+//! replay ignores; two gateways merging at once each write what they read
+//! and delete only that; a file another gateway deleted first makes a
+//! merge give up until next time. Larger files are left as they are, so a
+//! merge rewrites at most about that much, and the archive holds about one
+//! file per [`MERGE_SMALL_BYTES`] of records.
 
 use crate::api::{Gateway, Store};
 use crate::ledger::{Ledger, LedgerError};
@@ -31,6 +42,8 @@ pub const INTERVAL: Duration = Duration::from_secs(1);
 pub const DIR: &str = "s3-journal";
 /// Entries per file (each at most a few KiB: a version with its metadata).
 const BATCH: usize = 1024;
+/// Journal files at least this large are not merged again.
+pub const MERGE_SMALL_BYTES: u64 = 64 << 20;
 const FILE_V1: u8 = 1;
 
 /// Why a drain or a replay failed.
@@ -105,12 +118,31 @@ pub fn spawn<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::JoinHandle<()
         }
         let mut tick = tokio::time::interval(INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Files written since the last merge; at start, enough for one.
+        let every = gw.config.s3_journal_merge_files.max(2);
+        let mut written = every;
         loop {
             tick.tick().await;
             let began = unix_seconds();
             match drain(&gw, Some(&ledger)).await {
-                Ok(_) => gw.metrics.s3_journal_synced.set(began),
+                Ok(moved) => {
+                    gw.metrics.s3_journal_synced.set(began);
+                    written += moved.files;
+                }
                 Err(e) => tracing::warn!(error = %e, "S3 journal not archived; retrying"),
+            }
+            if written >= every {
+                match merge(&ledger, 2).await {
+                    Ok(Some(m)) => tracing::info!(
+                        files = m.files,
+                        entries = m.entries,
+                        kept = m.kept,
+                        "S3 journal files merged"
+                    ),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "S3 journal files not merged; will retry"),
+                }
+                written = 0;
             }
         }
     }))
@@ -156,13 +188,21 @@ pub async fn seed<S: Store>(gw: &Gateway<S>, ledger: &Ledger) -> Result<(), Jour
     Ok(())
 }
 
-/// Moves the whole journal into the archive; returns the entries moved.
-/// Without a ledger (no archive) the entries are only cleared.
+/// What a drain moved.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    pub entries: usize,
+    /// Files written to the archive.
+    pub files: usize,
+}
+
+/// Moves the whole journal into the archive. Without a ledger (no
+/// archive) the entries are only cleared.
 pub async fn drain<S: Store>(
     gw: &Gateway<S>,
     ledger: Option<&Ledger>,
-) -> Result<usize, JournalError> {
-    let mut moved = 0;
+) -> Result<Drained, JournalError> {
+    let mut moved = Drained::default();
     loop {
         let batch = indexer::run(
             &gw.store,
@@ -176,6 +216,7 @@ pub async fn drain<S: Store>(
             let bytes = encode_file(&batch);
             if let Some(name) = file_name(&batch, &bytes) {
                 ledger.archive_file(&name, bytes).await?;
+                moved.files += 1;
             }
         }
         indexer::run(&gw.store, |tx| async move {
@@ -183,11 +224,65 @@ pub async fn drain<S: Store>(
             Ok::<_, ObjectError>(())
         })
         .await?;
-        moved += batch.len();
+        moved.entries += batch.len();
         if batch.len() < BATCH {
             return Ok(moved);
         }
     }
+}
+
+/// What a merge did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Merged {
+    /// Files merged (and deleted).
+    pub files: usize,
+    /// Entries they held.
+    pub entries: usize,
+    /// Entries in the file that replaced them.
+    pub kept: usize,
+}
+
+/// Merges the archive's small journal files into one, if there are at
+/// least `min_files` of them; `None` when there were fewer, or another
+/// gateway changed the files meanwhile.
+pub async fn merge(ledger: &Ledger, min_files: usize) -> Result<Option<Merged>, JournalError> {
+    let small: Vec<String> = ledger
+        .archived_names(DIR)
+        .await?
+        .into_iter()
+        .filter(|(name, size)| is_file_name(name) && *size < MERGE_SMALL_BYTES)
+        .map(|(name, _)| name)
+        .collect();
+    if small.len() < min_files.max(2) {
+        return Ok(None);
+    }
+    let mut entries = Vec::new();
+    for name in &small {
+        let Some(bytes) = ledger.archived_file(name).await? else {
+            tracing::debug!(%name, "a journal file went while merging (another gateway merged it)");
+            return Ok(None);
+        };
+        entries.extend(decode_file(&bytes).map_err(|e| JournalError::File {
+            name: name.clone(),
+            reason: e.to_string(),
+        })?);
+    }
+    let read = entries.len();
+    let kept = s3::compact(entries);
+    let bytes = encode_file(&kept);
+    let Some(merged) = file_name(&kept, &bytes) else {
+        return Ok(None);
+    };
+    // Durable before anything it replaces is deleted.
+    ledger.archive_file(&merged, bytes).await?;
+    for name in small.iter().filter(|n| **n != merged) {
+        ledger.delete_archived(name).await?;
+    }
+    Ok(Some(Merged {
+        files: small.len(),
+        entries: read,
+        kept: kept.len(),
+    }))
 }
 
 /// Every journal entry in the archive, and the epoch a recovered index

@@ -345,6 +345,7 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         orphan_grace_ms: 6 * 3_600_000,
         repair_ingest_stripes: 3,
         read_stripes_in_flight: 0,
+        s3_journal_merge_files: 256,
         nodes: entries,
     };
     gateway.validate()?;

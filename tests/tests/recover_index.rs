@@ -246,7 +246,16 @@ fn status_of(headers: &str) -> &str {
 #[test]
 fn s3_buckets_versions_and_locks_survive_a_destroyed_index() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
+    // The journal's files are merged every two written (256 by default),
+    // so what recovery replays below went through merges.
+    c.set_gateway(&[("s3_journal_merge_files", toml::Value::Integer(2))])?;
     let s3 = c.s3.clone();
+    let synced_after = |c: &TestCluster, t: f64| {
+        custodia_tests::eventually(20, || {
+            c.metric(&c.metrics, "custodia_s3_journal_synced_timestamp_seconds")
+                .is_ok_and(|s| s > t)
+        })
+    };
     let (h, _) = c.s3_curl(
         "PUT",
         &format!("{s3}/locked"),
@@ -255,6 +264,8 @@ fn s3_buckets_versions_and_locks_survive_a_destroyed_index() -> Result<()> {
     assert_eq!(status_of(&h), "200", "{h}");
     let (h, _) = c.s3_curl("PUT", &format!("{s3}/scratch"), &[])?;
     assert_eq!(status_of(&h), "200", "{h}");
+    // Archived apart from what follows: two files at least.
+    assert!(synced_after(&c, unix_now()), "the buckets were archived");
     let put = |name: &str, data: &[u8], extra: &[&str]| -> Result<String> {
         let file = c.data_dir().join("s3-body");
         std::fs::write(&file, data)?;
@@ -299,13 +310,16 @@ fn s3_buckets_versions_and_locks_survive_a_destroyed_index() -> Result<()> {
     let versions_before = listing(&c)?;
 
     // Everything above is archived once a drain that began after it ends.
-    let changed = unix_now();
+    assert!(synced_after(&c, unix_now()), "the S3 journal was archived");
+    let log = c.data_dir().join("gateway.log");
     assert!(
-        custodia_tests::eventually(20, || c
-            .metric(&c.metrics, "custodia_s3_journal_synced_timestamp_seconds")
-            .is_ok_and(|t| t > changed)),
-        "the S3 journal was archived"
+        custodia_tests::eventually(20, || std::fs::read_to_string(&log)
+            .is_ok_and(|l| l.contains("S3 journal files merged"))),
+        "the journal's files were merged"
     );
+    let journal = c.data_dir().join("ledger/openings/s3-journal");
+    let files = std::fs::read_dir(&journal)?.count();
+    assert!(files <= 3, "{files} journal files left after merging");
 
     c.kill_gateway();
     let index = c.data_dir().join("index.redb");
@@ -363,10 +377,7 @@ fn s3_buckets_versions_and_locks_survive_a_destroyed_index() -> Result<()> {
         &[],
     )?;
     assert_eq!(status_of(&h), "204", "{h}");
-    let changed = unix_now();
-    assert!(custodia_tests::eventually(20, || c
-        .metric(&c.metrics, "custodia_s3_journal_synced_timestamp_seconds")
-        .is_ok_and(|t| t > changed)));
+    assert!(synced_after(&c, unix_now()));
     c.kill_gateway();
     std::fs::remove_file(&index)?;
     let out = recover(&c, &["--json"])?;
