@@ -87,6 +87,8 @@ pub struct Gateway<S: Store> {
     pub outboard_rebuilds: std::sync::Mutex<
         std::collections::HashMap<EvidenceId, std::sync::Weak<tokio::sync::Mutex<()>>>,
     >,
+    /// Whether repair asks nodes to build shards themselves just now.
+    pub remote_builds: crate::repair::RemoteBuilds,
 }
 
 /// Why the gateway could not start.
@@ -201,6 +203,7 @@ impl<S: Store> Gateway<S> {
             ingest_gate,
             read_gate,
             outboard_rebuilds: Default::default(),
+            remote_builds: Default::default(),
         })
     }
 

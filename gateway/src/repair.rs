@@ -65,6 +65,65 @@ const SCAN_BATCH: usize = 2048;
 /// than any read that began before it (a node request times out sooner).
 pub const OLD_COPY_GRACE: Duration = Duration::from_secs(300);
 
+/// Remote builds that fail in a row, none succeeding, before repair stops
+/// asking nodes for them for [`REMOTE_PAUSE`].
+const REMOTE_FAILURES_TO_PAUSE: u32 = 16;
+/// How long repair rebuilds everything itself after that.
+const REMOTE_PAUSE: Duration = Duration::from_secs(600);
+
+/// Whether repair asks nodes to build shards themselves (`RebuildShard`).
+/// Nodes that cannot reach each other, or too old to know the request,
+/// fail every such build, each only after its sources' connection timeout:
+/// after [`REMOTE_FAILURES_TO_PAUSE`] failures in a row the gateway
+/// rebuilds everything itself for [`REMOTE_PAUSE`], then tries again.
+#[derive(Debug, Default)]
+pub struct RemoteBuilds {
+    failures: std::sync::atomic::AtomicU32,
+    paused_until: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl RemoteBuilds {
+    fn allowed(&self) -> bool {
+        let mut paused = self
+            .paused_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match *paused {
+            Some(until) if std::time::Instant::now() < until => false,
+            Some(_) => {
+                *paused = None;
+                self.failures.store(0, std::sync::atomic::Ordering::Relaxed);
+                true
+            }
+            None => true,
+        }
+    }
+
+    fn succeeded(&self) {
+        self.failures.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn failed(&self) {
+        let n = self
+            .failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if n == REMOTE_FAILURES_TO_PAUSE {
+            tracing::warn!(
+                failures = n,
+                pause_secs = REMOTE_PAUSE.as_secs(),
+                "nodes failed every shard build asked of them (can they reach each other's QUIC ports?); \
+                 the gateway rebuilds shards itself for a while"
+            );
+            *self
+                .paused_until
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(std::time::Instant::now() + REMOTE_PAUSE);
+        }
+    }
+}
+
 /// What one stripe's repair did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -588,7 +647,7 @@ pub async fn repair_stripe<S: Store>(
         )),
         _ => None,
     };
-    if let Some((moves, in_place)) = remote {
+    if let Some((moves, in_place)) = remote.filter(|_| gw.remote_builds.allowed()) {
         if let Some(outcome) =
             rebuild_on_targets(gw, &header, stripe, &rec, &moves, &in_place, mark, gone).await?
         {
@@ -820,6 +879,11 @@ async fn rebuild_on_targets<S: Store>(
     let (checked, built) = futures::join!(checks, builds);
     let written: Vec<(usize, NodeId)> = requests.iter().map(|(i, t, ..)| (*i, *t)).collect();
     let failed = built.iter().any(|b| !matches!(b, Ok(true)));
+    if failed {
+        gw.remote_builds.failed();
+    } else {
+        gw.remote_builds.succeeded();
+    }
     if failed || checked.iter().any(|(_, c)| *c == Checked::Damaged) {
         tracing::debug!(%evidence, stripe, outcome = ?built, "building on the target nodes failed or met damage; rebuilding here");
         // A refusal stored nothing; anything else may have stored a copy,
@@ -1123,4 +1187,37 @@ async fn record_lost<S: Store>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_builds_pause_after_failures_in_a_row_and_a_success_resets_the_count() {
+        let r = RemoteBuilds::default();
+        for _ in 0..REMOTE_FAILURES_TO_PAUSE - 1 {
+            assert!(r.allowed());
+            r.failed();
+        }
+        // A success in between: the count starts again.
+        r.succeeded();
+        for _ in 0..REMOTE_FAILURES_TO_PAUSE - 1 {
+            r.failed();
+        }
+        assert!(
+            r.allowed(),
+            "no pause before {REMOTE_FAILURES_TO_PAUSE} in a row"
+        );
+        r.failed();
+        assert!(
+            !r.allowed(),
+            "paused after {REMOTE_FAILURES_TO_PAUSE} in a row"
+        );
+        // When the pause has passed, builds are asked for again.
+        *r.paused_until.lock().unwrap() = Some(std::time::Instant::now());
+        assert!(r.allowed());
+        r.failed();
+        assert!(r.allowed(), "the count started again after the pause");
+    }
 }
