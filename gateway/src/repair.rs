@@ -906,7 +906,14 @@ async fn rebuild_on_targets<S: Store>(
         delete_copies(gw, evidence, stripe, &stored).await;
         return Ok(None);
     }
-    let all_counted = checked.iter().all(|(_, c)| *c == Checked::Good);
+    // Every shard counted: built and read back, hashed as a source by the
+    // node that read it, or checked good in place. A shard none of these
+    // reached (its node not healthy just now) keeps the stripe queued.
+    let all_counted = (0..rec.shards.len()).all(|i| {
+        moved.contains(&i)
+            || moves.iter().any(|(_, sources)| sources.contains(&i))
+            || checked.iter().any(|(j, c)| *j == i && *c == Checked::Good)
+    });
     let mut next = rec.clone();
     for &(i, target) in &written {
         next.shards[i].node = Some(target);
@@ -1001,7 +1008,26 @@ async fn commit_repair<S: Store>(
             return Ok(Outcome::Gone);
         }
         RepairCommit::Changed => {
-            delete_copies(gw, evidence, stripe, written).await;
+            // Another repair (another gateway's) committed first and may
+            // have placed the same shard on the same node, the placement
+            // ranking being the same for both: its copy is not ours to
+            // delete.
+            let now = indexer::run(&gw.store, |tx| async move {
+                schema::stripes_after_tx(&tx, evidence, stripe, 1).await
+            })
+            .await?;
+            let placed = now.into_iter().find(|(s, _)| *s == stripe).map(|(_, r)| r);
+            let ours: Vec<(usize, NodeId)> = written
+                .iter()
+                .copied()
+                .filter(|&(i, n)| {
+                    placed
+                        .as_ref()
+                        .and_then(|r| r.shards.get(i))
+                        .is_none_or(|p| p.node != Some(n))
+                })
+                .collect();
+            delete_copies(gw, evidence, stripe, &ours).await;
             return Ok(Outcome::Waiting);
         }
     }
