@@ -157,7 +157,8 @@ pub struct GatewayConfig {
     /// per second with changes) are merged into one, each record's newest
     /// entry, once a gateway has written this many since it last merged
     /// (and once at start). Files of 64 MiB or more are left as they are,
-    /// so a merge never rewrites more than about that.
+    /// and one merge takes about 64 MiB of small files at most (merging
+    /// again at once while more are left), so it holds a bounded amount.
     #[serde(default = "default_s3_journal_merge_files")]
     pub s3_journal_merge_files: usize,
     pub nodes: Vec<NodeEntry>,

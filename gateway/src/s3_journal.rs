@@ -132,15 +132,27 @@ pub fn spawn<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::JoinHandle<()
                 Err(e) => tracing::warn!(error = %e, "S3 journal not archived; retrying"),
             }
             if written >= every {
-                match merge(&ledger, 2).await {
-                    Ok(Some(m)) => tracing::info!(
-                        files = m.files,
-                        entries = m.entries,
-                        kept = m.kept,
-                        "S3 journal files merged"
-                    ),
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(error = %e, "S3 journal files not merged; will retry"),
+                // Again while merges take the most they may (a backlog, say
+                // after an upgrade), each one file fewer at least.
+                loop {
+                    match merge(&ledger, 2).await {
+                        Ok(Some(m)) => {
+                            tracing::info!(
+                                files = m.files,
+                                entries = m.entries,
+                                kept = m.kept,
+                                "S3 journal files merged"
+                            );
+                            if !m.full {
+                                break;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "S3 journal files not merged; will retry");
+                            break;
+                        }
+                    }
                 }
                 written = 0;
             }
@@ -240,17 +252,32 @@ pub struct Merged {
     pub entries: usize,
     /// Entries in the file that replaced them.
     pub kept: usize,
+    /// Whether small files were left out to keep the merge's size bounded.
+    pub full: bool,
 }
 
-/// Merges the archive's small journal files into one, if there are at
-/// least `min_files` of them; `None` when there were fewer, or another
-/// gateway changed the files meanwhile.
+/// Merges the archive's small journal files (as many as make about
+/// [`MERGE_SMALL_BYTES`]) into one, if there are at least `min_files` of
+/// them; `None` when there were fewer, or another gateway changed the files
+/// meanwhile.
 pub async fn merge(ledger: &Ledger, min_files: usize) -> Result<Option<Merged>, JournalError> {
-    let small: Vec<String> = ledger
+    // Small files in name order, up to about MERGE_SMALL_BYTES in all, so
+    // one merge holds a bounded amount in memory however many there are.
+    let mut total = 0;
+    let candidates: Vec<(String, u64)> = ledger
         .archived_names(DIR)
         .await?
         .into_iter()
         .filter(|(name, size)| is_file_name(name) && *size < MERGE_SMALL_BYTES)
+        .collect();
+    let all = candidates.len();
+    let small: Vec<String> = candidates
+        .into_iter()
+        .take_while(|(_, size)| {
+            let fits = total < MERGE_SMALL_BYTES;
+            total += size;
+            fits
+        })
         .map(|(name, _)| name)
         .collect();
     if small.len() < min_files.max(2) {
@@ -282,6 +309,7 @@ pub async fn merge(ledger: &Ledger, min_files: usize) -> Result<Option<Merged>, 
         files: small.len(),
         entries: read,
         kept: kept.len(),
+        full: small.len() < all,
     }))
 }
 
