@@ -550,8 +550,7 @@ pub async fn repair_stripe<S: Store>(
     let started = std::time::Instant::now();
     let (header, rec, pending) = indexer::run(&gw.store, |tx| async move {
         let header = schema::get_manifest_tx(&tx, evidence).await?;
-        let rec = schema::stripes_after_tx(&tx, evidence, stripe, 1).await?;
-        let rec = rec.into_iter().find(|(s, _)| *s == stripe).map(|(_, r)| r);
+        let rec = schema::get_stripe_tx(&tx, evidence, stripe).await?;
         // Records without a manifest: an upload still in flight (its intent
         // live) or an S3 part awaiting completion (intent ended) will become
         // visible; an aborted one is the collector's.
@@ -1012,11 +1011,10 @@ async fn commit_repair<S: Store>(
             // have placed the same shard on the same node, the placement
             // ranking being the same for both: its copy is not ours to
             // delete.
-            let now = indexer::run(&gw.store, |tx| async move {
-                schema::stripes_after_tx(&tx, evidence, stripe, 1).await
+            let placed = indexer::run(&gw.store, |tx| async move {
+                schema::get_stripe_tx(&tx, evidence, stripe).await
             })
             .await?;
-            let placed = now.into_iter().find(|(s, _)| *s == stripe).map(|(_, r)| r);
             let ours: Vec<(usize, NodeId)> = written
                 .iter()
                 .copied()

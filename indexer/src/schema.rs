@@ -850,6 +850,18 @@ pub async fn get_stripes_tx<T: Transaction>(
     Ok(out)
 }
 
+/// Stripe `stripe`'s record, if there is one.
+pub async fn get_stripe_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    stripe: u64,
+) -> Result<Option<StripeRecord>, SchemaError> {
+    match tx.get(&stripe_key(STRIPE, &evidence, stripe)).await? {
+        Some(v) => Ok(Some(StripeRecord::decode(&v)?)),
+        None => Ok(None),
+    }
+}
+
 /// Up to `limit` stripe records of `evidence` from stripe `from` on, with their
 /// numbers; unlike [`get_stripes_tx`] it tolerates gaps (aborted uploads).
 pub async fn stripes_after_tx<T: Transaction>(
