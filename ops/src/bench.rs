@@ -57,7 +57,7 @@ struct Row {
 
 /// Busy CPU seconds of the whole machine so far (`/proc/stat`: user, nice,
 /// system, irq, softirq; not idle, iowait or time stolen by a hypervisor).
-fn machine_busy() -> Result<f64> {
+pub(crate) fn machine_busy() -> Result<f64> {
     let stat = std::fs::read_to_string("/proc/stat")?;
     let ticks = clock_ticks()?;
     busy_seconds(&stat, ticks).context("unreadable /proc/stat")

@@ -154,6 +154,7 @@ pub async fn run(args: BenchRepairArgs) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let t0 = Instant::now();
+    let busy0 = crate::bench::machine_busy()?;
     let stop = Arc::new(AtomicBool::new(false));
     let (a, t, d, s) = (api.clone(), token.clone(), data.clone(), stop.clone());
     // Capped at what was filed before, so a slow repair cannot fill the disk.
@@ -183,6 +184,7 @@ pub async fn run(args: BenchRepairArgs) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let repair_time = t0.elapsed();
+    let busy = crate::bench::machine_busy()? - busy0;
     stop.store(true, Ordering::Relaxed);
     let (during_bytes, during_time) = during.await??;
     let ingest_during = during_bytes as f64 / 1e6 / during_time.min(repair_time).as_secs_f64();
@@ -219,6 +221,13 @@ pub async fn run(args: BenchRepairArgs) -> Result<()> {
         repair_time.as_secs_f64()
     );
     println!("  repair throughput                        {repair:>9.0} MB/s   {:.2} x ceiling (target >= 0.4)", repair / ceiling);
+    if args.no_ingest {
+        // Nothing else runs: the whole machine's busy CPU is the repair's.
+        println!(
+            "  repair CPU (whole machine)               {:>9.2} cpu s per GB rebuilt",
+            busy / (rebuild_bytes as f64 / 1e9)
+        );
+    }
     println!("  ingest, healthy cluster                  {healthy_ingest:>9.0} MB/s");
     println!("  ingest during repair                     {ingest_during:>9.0} MB/s   {:.2} x healthy (target >= 0.5)", ingest_during / healthy_ingest);
     Ok(())
