@@ -653,17 +653,21 @@ async fn rebuild_shard(state: &NodeState, rebuild: RebuildShard) -> Result<(), E
     let store = state.store.clone();
     let index = usize::from(header.key.index);
     let copy = rebuild.is_copy();
+    // Overwritten whole by the decode (unused for a copy).
+    let out = if copy {
+        Vec::new()
+    } else {
+        state.buffers.take(header.len as usize)
+    };
     let stored = tokio::task::spawn_blocking(move || {
         if copy {
             // The one source is the shard itself, already in its place.
             let body = shards[index].take().unwrap_or_default();
             return store.put(&header, &body).map(|()| (body, shards));
         }
-        let rs = reed_solomon_erasure::galois_8::ReedSolomon::new(k, m)
+        let mut body = out;
+        decode_one(k, m, &shards, index, &mut body)
             .map_err(|e| StoreError::BadHeader(rs_error(e)))?;
-        rs.reconstruct(&mut shards)
-            .map_err(|e| StoreError::BadHeader(rs_error(e)))?;
-        let body = shards[index].take().unwrap_or_default();
         // Checks the body against the manifest's hash, then writes durably.
         store.put(&header, &body).map(|()| (body, shards))
     })
@@ -673,8 +677,13 @@ async fn rebuild_shard(state: &NodeState, rebuild: RebuildShard) -> Result<(), E
             tracing::debug!(shard = %header.key, len = header.len, "shard rebuilt and stored");
             state.metrics.shards_written.inc();
             state.metrics.bytes_written.inc_by(u64::from(header.len));
-            for b in rest.into_iter().flatten().chain([body]) {
+            for b in rest.into_iter().flatten() {
                 peers.recycle(b);
+            }
+            if copy {
+                peers.recycle(body);
+            } else {
+                state.buffers.give(body);
             }
             Ok(())
         }
@@ -687,6 +696,58 @@ async fn rebuild_shard(state: &NodeState, rebuild: RebuildShard) -> Result<(), E
             Err(ErrorCode::Io)
         }
     }
+}
+
+/// Decodes shard `target` of a stripe coded RS(`k`, `m`) into `out` (as
+/// long as the sources) from exactly `k` present `shards`, and nothing
+/// else: `ReedSolomon::reconstruct` would rebuild every missing shard
+/// into fresh zeroed buffers, `m` of them where one is wanted.
+///
+/// The target is a fixed linear combination of the sources, the same at
+/// every byte, so its coefficients come from the crate's own decoder run
+/// on `k`-byte unit vectors (source j holds 1 at byte j, 0 elsewhere: byte
+/// j of the result is source j's coefficient); the shard is then `k`
+/// multiply-accumulate passes.
+fn decode_one(
+    k: usize,
+    m: usize,
+    shards: &[Option<Vec<u8>>],
+    target: usize,
+    out: &mut [u8],
+) -> Result<(), reed_solomon_erasure::Error> {
+    use reed_solomon_erasure::galois_8;
+    let sources: Vec<(usize, &[u8])> = shards
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| Some((i, s.as_deref()?)))
+        .collect();
+    if shards.len() != k + m || sources.len() != k || target >= k + m {
+        return Err(reed_solomon_erasure::Error::TooFewShardsPresent);
+    }
+    if sources
+        .iter()
+        .any(|(i, s)| *i == target || s.len() != out.len())
+    {
+        return Err(reed_solomon_erasure::Error::IncorrectShardSize);
+    }
+    let mut probe: Vec<Option<Vec<u8>>> = vec![None; k + m];
+    for (j, (i, _)) in sources.iter().enumerate() {
+        let mut unit = vec![0u8; k];
+        unit[j] = 1;
+        probe[*i] = Some(unit);
+    }
+    galois_8::ReedSolomon::new(k, m)?.reconstruct(&mut probe)?;
+    let coefficients = probe[target]
+        .take()
+        .ok_or(reed_solomon_erasure::Error::TooFewShardsPresent)?;
+    for (j, (_, source)) in sources.iter().enumerate() {
+        if j == 0 {
+            galois_8::mul_slice(coefficients[j], source, out);
+        } else {
+            galois_8::mul_slice_xor(coefficients[j], source, out);
+        }
+    }
+    Ok(())
 }
 
 /// A Reed-Solomon error as a static reason (the sources were checked, so
@@ -890,4 +951,65 @@ async fn refuse(
 ) -> Result<&'static str, StreamError> {
     let _ = recv.stop(CODE_REFUSED.into());
     respond(send, &Response::Error(code)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_one;
+    use reed_solomon_erasure::galois_8::ReedSolomon;
+
+    /// Every shard, from every choice of `k` sources that leaves it out,
+    /// decodes to what the encoder made.
+    #[test]
+    fn one_shard_decodes_from_any_k_others() {
+        for (k, m, len) in [
+            (4usize, 2usize, 1000usize),
+            (2, 1, 7),
+            (3, 3, 64),
+            (10, 4, 33),
+        ] {
+            let mut shards: Vec<Vec<u8>> = (0..k + m)
+                .map(|i| (0..len).map(|b| (b * 31 + i * 7 + b / 5) as u8).collect())
+                .collect();
+            ReedSolomon::new(k, m).unwrap().encode(&mut shards).unwrap();
+            for mask in 0u32..(1 << (k + m)) {
+                if mask.count_ones() as usize != k {
+                    continue;
+                }
+                let present: Vec<Option<Vec<u8>>> = (0..k + m)
+                    .map(|i| (mask & (1 << i) != 0).then(|| shards[i].clone()))
+                    .collect();
+                for target in (0..k + m).filter(|t| mask & (1 << t) == 0) {
+                    let mut out = vec![0xee; len];
+                    decode_one(k, m, &present, target, &mut out).unwrap();
+                    assert_eq!(
+                        out, shards[target],
+                        "RS({k},{m}) sources {mask:b} target {target}"
+                    );
+                }
+                // The target among the sources, or a short output: refused.
+                let source = (0..k + m).find(|i| mask & (1 << i) != 0).unwrap();
+                assert!(decode_one(k, m, &present, source, &mut vec![0; len]).is_err());
+                if let Some(target) = (0..k + m).find(|t| mask & (1 << t) == 0) {
+                    assert!(decode_one(k, m, &present, target, &mut vec![0; len - 1]).is_err());
+                }
+            }
+        }
+    }
+
+    /// Fewer or more than `k` sources are refused, not decoded wrong.
+    #[test]
+    fn only_exactly_k_sources_decode() {
+        let (k, m, len) = (4, 2, 16);
+        let mut shards: Vec<Vec<u8>> = (0..k + m).map(|i| vec![i as u8 + 1; len]).collect();
+        ReedSolomon::new(k, m).unwrap().encode(&mut shards).unwrap();
+        let mut three: Vec<Option<Vec<u8>>> = shards.iter().cloned().map(Some).collect();
+        three[0] = None;
+        three[1] = None;
+        three[2] = None;
+        assert!(decode_one(k, m, &three, 0, &mut vec![0; len]).is_err());
+        let mut five: Vec<Option<Vec<u8>>> = shards.iter().cloned().map(Some).collect();
+        five[0] = None;
+        assert!(decode_one(k, m, &five, 0, &mut vec![0; len]).is_err());
+    }
 }
