@@ -126,6 +126,11 @@ pub struct GatewayConfig {
     /// (a restart or a short outage should not cause a flood of repairs).
     #[serde(default = "default_repair_after_down")]
     pub repair_after_down_ms: u64,
+    /// How long an old shard copy outlives the repair commit that replaced
+    /// it (moved off a draining node, or rebuilt elsewhere): longer than
+    /// any read that began on the old placement.
+    #[serde(default = "default_old_copy_grace")]
+    pub repair_old_copy_grace_ms: u64,
     /// Where Prometheus scrapes the gateway's `/metrics` (plain HTTP);
     /// none: not exported.
     #[serde(default)]
@@ -189,6 +194,9 @@ fn default_repair_interval() -> u64 {
 }
 fn default_repair_after_down() -> u64 {
     600_000
+}
+fn default_old_copy_grace() -> u64 {
+    crate::repair::OLD_COPY_GRACE.as_millis() as u64
 }
 fn default_shard_size() -> u32 {
     ErasureCode::DEFAULT_SHARD_SIZE

@@ -15,6 +15,7 @@
 
 use crate::api::Gateway;
 use crate::api::Store;
+use crate::repair::{StripeLease, LEASE_MARGIN};
 use indexer::schema;
 use protocol::{EvidenceId, NodeId, ShardKey, StripeRecord};
 use std::sync::Arc;
@@ -315,7 +316,9 @@ pub struct Sweep {
 /// in flight can still claim, once two sweeps at least `grace` apart found
 /// them so (`candidates` carries the first sighting between sweeps). A shard
 /// that became referenced in between (a batch of stripe records written, a
-/// repair committed) is dropped from the candidates, never deleted.
+/// repair committed) is dropped from the candidates, never deleted; each is
+/// checked once more under its stripe's repair lease just before it goes,
+/// and one a repair holds waits for the next sweep.
 pub async fn sweep_orphans<S: Store>(
     gw: &Gateway<S>,
     candidates: &mut OrphanCandidates,
@@ -374,17 +377,41 @@ pub async fn sweep_orphans<S: Store>(
                     sweep.pending += 1;
                     continue;
                 }
-                match gw.nodes.client.rpc_delete_shard(entry.addr, key).await {
-                    Ok(_) => {
-                        sweep.deleted += 1;
-                        gw.metrics.orphans_deleted.inc();
-                        tracing::info!(%node, shard = %key, "orphan shard deleted");
-                    }
-                    Err(e) => {
-                        tracing::debug!(%node, shard = %key, error = %e, "could not delete an orphan shard");
+                // Under the stripe's repair lease, checked again: a repair
+                // may be about to commit this very shard on this node.
+                let lease =
+                    match StripeLease::take(gw, key.evidence, key.stripe, 2 * LEASE_MARGIN).await {
+                        Ok(Some(lease)) => lease,
+                        Ok(None) | Err(_) => {
+                            still.insert((node, key), first);
+                            continue;
+                        }
+                    };
+                let claimed = indexer::run(&gw.store, |tx| async move {
+                    Ok::<_, schema::SchemaError>(
+                        schema::shard_placed_on_tx(&tx, &key, node).await?
+                            || schema::get_intent_tx(&tx, key.evidence).await?.is_some(),
+                    )
+                })
+                .await;
+                match claimed {
+                    Ok(false) => match gw.nodes.client.rpc_delete_shard(entry.addr, key).await {
+                        Ok(_) => {
+                            sweep.deleted += 1;
+                            gw.metrics.orphans_deleted.inc();
+                            tracing::info!(%node, shard = %key, "orphan shard deleted");
+                        }
+                        Err(e) => {
+                            tracing::debug!(%node, shard = %key, error = %e, "could not delete an orphan shard");
+                            still.insert((node, key), first);
+                        }
+                    },
+                    Ok(true) => {}
+                    Err(_) => {
                         still.insert((node, key), first);
                     }
                 }
+                lease.release(gw).await;
             }
         }
     }

@@ -35,8 +35,23 @@
 //!    `repaired` statement; the stripe leaves the queue in it only if every
 //!    shard was counted in step 1 or rebuilt, and no one marked it since. A
 //!    lost race deletes the copies just written;
-//! 5. deletes the old copies still reachable only after [`OLD_COPY_GRACE`],
-//!    so a read that began on the old placement can finish.
+//! 5. deletes the old copies still reachable only after [`OLD_COPY_GRACE`]
+//!    (`repair_old_copy_grace_ms`),
+//!    so a read that began on the old placement can finish, and only those
+//!    the stripe's record does not place there again by then.
+//!
+//! One task works on a stripe at a time, across all gateways sharing the
+//! index: each repair holds the stripe's lease
+//! (`indexer::schema::RepairLease`, [`REPAIR_LEASE`]) from its first step
+//! to its commit, and a stripe held by another (another gateway's repair)
+//! is left to it (`elsewhere` in the pass report); so is the deletion of a
+//! repair's old copies after the grace. Two repairs would rank the same
+//! node for a rebuilt shard, so without it one's cleanup after a failure
+//! (or a late deletion of old copies) could delete the copy the other was
+//! about to commit, and a healed stripe would be short of a shard it was
+//! just counted with. A repair commits, and deletes a copy it wrote, only
+//! while it holds the lease with [`LEASE_MARGIN`] to spare; a copy it can
+//! no longer delete safely is left for the orphan sweep.
 
 use crate::api::{Gateway, Store};
 use crate::error::ApiError;
@@ -61,9 +76,19 @@ pub const PASS_STRIPES: usize = 4096;
 const CONCURRENT_STRIPES: usize = 8;
 /// Stripe records the scanner reads per transaction.
 const SCAN_BATCH: usize = 2048;
-/// How long an old shard copy outlives the commit that replaced it: longer
-/// than any read that began before it (a node request times out sooner).
+/// How long an old shard copy outlives the commit that replaced it, unless
+/// the gateway's `repair_old_copy_grace_ms` says otherwise: longer than any
+/// read that began before it (a node request times out sooner).
 pub const OLD_COPY_GRACE: Duration = Duration::from_secs(300);
+
+/// How long a gateway's claim on a stripe it is repairing keeps the others
+/// off it: far longer than one stripe's repair (every node request in it
+/// times out sooner), so only a gateway that died mid-repair leaves one to
+/// lapse.
+pub const REPAIR_LEASE: Duration = Duration::from_secs(600);
+/// Lease a repair must have left to commit, or to delete a copy it wrote:
+/// time for the deletes, and for clocks a little apart.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(120);
 
 /// Remote builds that fail in a row, none succeeding, before repair stops
 /// asking nodes for them for [`REMOTE_PAUSE`].
@@ -138,6 +163,8 @@ pub enum Outcome {
     Waiting,
     /// The evidence is gone (expunged) or the stripe no longer exists.
     Gone,
+    /// Another gateway holds the stripe's repair lease.
+    Elsewhere,
 }
 
 /// What a pass did, for logs, metrics and `custodia repair`.
@@ -150,6 +177,8 @@ pub struct PassReport {
     pub lost: u64,
     pub waiting: u64,
     pub gone: u64,
+    /// Stripes another gateway was repairing (its lease live).
+    pub elsewhere: u64,
     /// Repairs that failed with an error (logged; retried by a later pass).
     pub failed: u64,
 }
@@ -529,6 +558,7 @@ pub async fn pass<S: Store>(
             Ok(Outcome::Lost) => report.lost += 1,
             Ok(Outcome::Waiting) => report.waiting += 1,
             Ok(Outcome::Gone) => report.gone += 1,
+            Ok(Outcome::Elsewhere) => report.elsewhere += 1,
             Err(e) => {
                 report.failed += 1;
                 tracing::warn!(%evidence, stripe, error = %e, "stripe repair failed; will retry");
@@ -539,6 +569,8 @@ pub async fn pass<S: Store>(
 }
 
 /// Repairs one queued stripe; `mark` is its queue mark as the pass read it.
+/// Holds the stripe's repair lease while it works, or leaves the stripe to
+/// the gateway that holds it.
 pub async fn repair_stripe<S: Store>(
     gw: &Arc<Gateway<S>>,
     evidence: EvidenceId,
@@ -546,6 +578,115 @@ pub async fn repair_stripe<S: Store>(
     mark: &[u8],
     nodes: &PassNodes,
 ) -> Result<Outcome, ApiError> {
+    let Some(lease) = StripeLease::take(gw, evidence, stripe, REPAIR_LEASE).await? else {
+        return Ok(Outcome::Elsewhere);
+    };
+    let outcome = repair_leased(gw, &lease, mark, nodes).await;
+    // A repair that committed gave the lease up in its commit.
+    if !matches!(outcome, Ok(Outcome::Repaired(_))) {
+        lease.release(gw).await;
+    }
+    outcome
+}
+
+/// A stripe's repair lease as one task holds it. The owner is random per
+/// task, not per gateway: a gateway's own tasks (a repair, and the deletion
+/// of an earlier repair's old copies) exclude each other too.
+pub(crate) struct StripeLease {
+    evidence: EvidenceId,
+    stripe: u64,
+    owner: [u8; 16],
+}
+
+impl StripeLease {
+    /// Takes the stripe's lease for `length`; `None` while another holds it.
+    pub(crate) async fn take<S: Store>(
+        gw: &Gateway<S>,
+        evidence: EvidenceId,
+        stripe: u64,
+        length: Duration,
+    ) -> Result<Option<Self>, ApiError> {
+        let owner: [u8; 16] = rand::random();
+        let now = wall_ms();
+        let until = now + length.as_millis() as u64;
+        let taken = indexer::run(&gw.store, |tx| async move {
+            schema::take_repair_lease_tx(&tx, evidence, stripe, owner, now, until).await
+        })
+        .await?;
+        Ok(taken.then_some(StripeLease {
+            evidence,
+            stripe,
+            owner,
+        }))
+    }
+
+    /// Whether it is still held with [`LEASE_MARGIN`] to spare, checked in
+    /// `tx` (what a commit checks in its own transaction).
+    async fn held_tx<T: indexer::Transaction>(&self, tx: &T) -> Result<bool, schema::SchemaError> {
+        let after = wall_ms() + LEASE_MARGIN.as_millis() as u64;
+        schema::holds_repair_lease_tx(tx, self.evidence, self.stripe, self.owner, after).await
+    }
+
+    /// Whether it is still held with [`LEASE_MARGIN`] to spare (false when
+    /// the index cannot say).
+    async fn held<S: Store>(&self, gw: &Gateway<S>) -> bool {
+        match indexer::run(&gw.store, |tx| async move { self.held_tx(&tx).await }).await {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(evidence = %self.evidence, stripe = self.stripe, error = %e, "could not read a repair lease");
+                false
+            }
+        }
+    }
+
+    /// Gives it up in `tx`, if it is still this task's.
+    async fn release_tx<T: indexer::Transaction>(&self, tx: &T) -> Result<(), schema::SchemaError> {
+        schema::release_repair_lease_tx(tx, self.evidence, self.stripe, self.owner).await
+    }
+
+    /// Gives it up (a failure only leaves it to lapse).
+    pub(crate) async fn release<S: Store>(&self, gw: &Gateway<S>) {
+        if let Err(e) =
+            indexer::run(&gw.store, |tx| async move { self.release_tx(&tx).await }).await
+        {
+            tracing::warn!(evidence = %self.evidence, stripe = self.stripe, error = %e, "could not give a repair lease up; it lapses");
+        }
+    }
+}
+
+/// Deletes copies this repair wrote and will not commit, if it still holds
+/// the stripe's lease: otherwise another repair may be about to commit the
+/// same shard on the same node, and they are left for the orphan sweep.
+async fn delete_own_copies<S: Store>(
+    gw: &Gateway<S>,
+    lease: &StripeLease,
+    copies: &[(usize, NodeId)],
+) {
+    if copies.is_empty() {
+        return;
+    }
+    let (evidence, stripe) = (lease.evidence, lease.stripe);
+    if lease.held(gw).await {
+        delete_copies(gw, evidence, stripe, copies).await;
+    } else {
+        tracing::warn!(%evidence, stripe, copies = copies.len(), "repair lease lapsed: copies written are left for the orphan sweep");
+    }
+}
+
+/// Milliseconds since the Unix epoch by this machine's clock.
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+async fn repair_leased<S: Store>(
+    gw: &Arc<Gateway<S>>,
+    lease: &StripeLease,
+    mark: &[u8],
+    nodes: &PassNodes,
+) -> Result<Outcome, ApiError> {
+    let (evidence, stripe) = (lease.evidence, lease.stripe);
     let (gone, draining) = (&nodes.gone, &nodes.draining);
     let started = std::time::Instant::now();
     let (header, rec, pending) = indexer::run(&gw.store, |tx| async move {
@@ -648,7 +789,7 @@ pub async fn repair_stripe<S: Store>(
     };
     if let Some((moves, in_place)) = remote.filter(|_| gw.remote_builds.allowed()) {
         if let Some(outcome) =
-            rebuild_on_targets(gw, &header, stripe, &rec, &moves, &in_place, mark, gone).await?
+            rebuild_on_targets(gw, lease, &header, &rec, &moves, &in_place, mark, gone).await?
         {
             return Ok(outcome);
         }
@@ -775,15 +916,15 @@ pub async fn repair_stripe<S: Store>(
         }
     }
     if let Some(e) = failed {
-        delete_copies(gw, evidence, stripe, &written).await;
+        delete_own_copies(gw, lease, &written).await;
         return Err(e);
     }
 
     let stored = started.elapsed();
     let outcome = commit_repair(
         gw,
+        lease,
         &header,
-        stripe,
         &rec,
         &next,
         &written,
@@ -814,15 +955,15 @@ pub async fn repair_stripe<S: Store>(
 #[allow(clippy::too_many_arguments)]
 async fn rebuild_on_targets<S: Store>(
     gw: &Arc<Gateway<S>>,
+    lease: &StripeLease,
     header: &ManifestHeader,
-    stripe: u64,
     rec: &StripeRecord,
     moves: &[(usize, Vec<usize>)],
     in_place: &[usize],
     mark: &[u8],
     gone: &HashSet<NodeId>,
 ) -> Result<Option<Outcome>, ApiError> {
-    let evidence = header.evidence;
+    let (evidence, stripe) = (header.evidence, lease.stripe);
     let moved: Vec<usize> = moves.iter().map(|(i, _)| *i).collect();
     let holders = holders_except(rec, &moved);
     let targets = choose_targets(gw, evidence, stripe, &holders, rec, gone, moves.len());
@@ -902,7 +1043,7 @@ async fn rebuild_on_targets<S: Store>(
             })
             .map(|(w, _)| *w)
             .collect();
-        delete_copies(gw, evidence, stripe, &stored).await;
+        delete_own_copies(gw, lease, &stored).await;
         return Ok(None);
     }
     // Every shard counted: built and read back, hashed as a source by the
@@ -919,8 +1060,8 @@ async fn rebuild_on_targets<S: Store>(
     }
     let outcome = commit_repair(
         gw,
+        lease,
         header,
-        stripe,
         rec,
         &next,
         &written,
@@ -972,8 +1113,8 @@ fn shard_header(
 #[allow(clippy::too_many_arguments)]
 async fn commit_repair<S: Store>(
     gw: &Arc<Gateway<S>>,
+    lease: &StripeLease,
     header: &ManifestHeader,
-    stripe: u64,
     rec: &StripeRecord,
     next: &StripeRecord,
     written: &[(usize, NodeId)],
@@ -982,7 +1123,7 @@ async fn commit_repair<S: Store>(
     mark: &[u8],
     gone: &HashSet<NodeId>,
 ) -> Result<Outcome, ApiError> {
-    let evidence = header.evidence;
+    let (evidence, stripe) = (header.evidence, lease.stripe);
     let detail = serde_json::json!({
         "stripe": stripe,
         "shards": written.iter().map(|(i, n)| serde_json::json!({"index": i, "node": n.0})).collect::<Vec<_>>(),
@@ -991,15 +1132,27 @@ async fn commit_repair<S: Store>(
     let commit = indexer::run(&gw.store, |tx| {
         let pending = &pending;
         async move {
+            if !lease.held_tx(&tx).await? {
+                return Ok(None);
+            }
             let verified = all_counted.then_some(mark);
             let c = schema::commit_repair_tx(&tx, evidence, stripe, rec, next, verified).await?;
-            if let (RepairCommit::Done, Some(p)) = (c, pending) {
-                indexer::ledger::enqueue_tx(&tx, 0, p);
+            if c == RepairCommit::Done {
+                if let Some(p) = pending {
+                    indexer::ledger::enqueue_tx(&tx, 0, p);
+                }
+                lease.release_tx(&tx).await?;
             }
-            Ok::<_, schema::SchemaError>(c)
+            Ok::<_, schema::SchemaError>(Some(c))
         }
     })
     .await?;
+    let Some(commit) = commit else {
+        // Another gateway may hold the stripe now and be placing the same
+        // shards on the same nodes: nothing here is deleted.
+        tracing::warn!(%evidence, stripe, copies = written.len(), "repair lease lapsed before the commit: not committed, copies left for the orphan sweep");
+        return Ok(Outcome::Waiting);
+    };
     match commit {
         RepairCommit::Done => {}
         RepairCommit::Gone => {
@@ -1044,8 +1197,8 @@ async fn commit_repair<S: Store>(
     if !old.is_empty() {
         let gw = gw.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(OLD_COPY_GRACE).await;
-            delete_copies(&gw, evidence, stripe, &old).await;
+            tokio::time::sleep(Duration::from_millis(gw.config.repair_old_copy_grace_ms)).await;
+            delete_old_copies(&gw, evidence, stripe, &old).await;
         });
     }
     Ok(Outcome::Repaired(written.len()))
@@ -1135,6 +1288,52 @@ async fn put_and_verify<S: Store>(
         )));
     }
     Ok(())
+}
+
+/// Deletes the copies a committed repair replaced, under the stripe's
+/// lease, skipping any the stripe's record places on its node again (a
+/// later repair may have chosen the same node). While a repair holds the
+/// stripe they are kept: they are left for the orphan sweep.
+async fn delete_old_copies<S: Store>(
+    gw: &Gateway<S>,
+    evidence: EvidenceId,
+    stripe: u64,
+    old: &[(usize, NodeId)],
+) {
+    let lease = match StripeLease::take(gw, evidence, stripe, 2 * LEASE_MARGIN).await {
+        Ok(Some(lease)) => lease,
+        Ok(None) => {
+            tracing::info!(%evidence, stripe, "a repair holds the stripe; its old copies are left for the orphan sweep");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(%evidence, stripe, error = %e, "old shard copies not deleted; left for the orphan sweep");
+            return;
+        }
+    };
+    match indexer::run(&gw.store, |tx| async move {
+        schema::get_stripe_tx(&tx, evidence, stripe).await
+    })
+    .await
+    {
+        Ok(placed) => {
+            let unplaced: Vec<(usize, NodeId)> = old
+                .iter()
+                .copied()
+                .filter(|&(i, n)| {
+                    placed
+                        .as_ref()
+                        .and_then(|r| r.shards.get(i))
+                        .is_none_or(|p| p.node != Some(n))
+                })
+                .collect();
+            delete_copies(gw, evidence, stripe, &unplaced).await;
+        }
+        Err(e) => {
+            tracing::warn!(%evidence, stripe, error = %e, "old shard copies not deleted; left for the orphan sweep");
+        }
+    }
+    lease.release(gw).await;
 }
 
 async fn delete_copies<S: Store>(

@@ -21,6 +21,7 @@
 //! ("Y", evidence 16)                              = ""                 expunged, shards still to delete
 //! ("Z", evidence 16, stripe u64)                  = ""                 lost: fewer than k shards left
 //! ("C")                                           = ClockRecord        the compliance clock
+//! ("R", evidence 16, stripe u64)                  = RepairLease        the gateway repairing it
 //! ```
 //!
 //! The ledger's keys ("Q", "L", "N", "T", "V", "O", "P", "M") are laid out in
@@ -54,6 +55,7 @@ const EXPUNGED: u8 = b'X';
 const EXPUNGING: u8 = b'Y';
 const LOST: u8 = b'Z';
 const CLOCK: u8 = b'C';
+const REPAIR_LEASE: u8 = b'R';
 
 const RECORD_V1: u8 = 1;
 
@@ -512,6 +514,7 @@ fn clear_stripes<T: Transaction>(tx: &T, evidence: EvidenceId, stripes: &[u64]) 
     for stripe in stripes {
         tx.clear(&stripe_key(STRIPE, &evidence, *stripe));
         tx.clear(&stripe_key(DEGRADED, &evidence, *stripe));
+        tx.clear(&stripe_key(REPAIR_LEASE, &evidence, *stripe));
     }
 }
 
@@ -600,7 +603,7 @@ pub async fn forget_aborted_tx<T: Transaction>(
         .filter(|e| matches!(e, SchemaError::IntentAborted(_)))
         .ok_or(SchemaError::NoIntent(evidence))?;
     tx.clear(&evidence_key(INTENT, &evidence));
-    for tag in [STRIPE, OUTBOARD, DEGRADED] {
+    for tag in [STRIPE, OUTBOARD, DEGRADED, REPAIR_LEASE] {
         let prefix = evidence_key(tag, &evidence);
         tx.clear_range(&prefix, &prefix_end(&prefix));
     }
@@ -710,6 +713,87 @@ pub async fn clear_degraded_if_tx<T: Transaction>(
         tx.clear(&key);
     }
     Ok(same)
+}
+
+/// Which gateway is repairing a stripe, and until when (ms since the epoch,
+/// by that gateway's clock) the others leave it alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairLease {
+    /// Random per gateway process.
+    pub owner: [u8; 16],
+    pub until_ms: u64,
+}
+
+/// Takes (or renews) the repair lease of a stripe for `owner` until
+/// `until_ms`, unless another owner's lease runs past `now_ms`. Says
+/// whether `owner` holds it now.
+///
+/// One gateway at a time works on a stripe: two gateways sharing an index
+/// rank the same nodes for a rebuilt shard, so one's cleanup after a
+/// failure could delete the copy the other is about to commit.
+pub async fn take_repair_lease_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    stripe: u64,
+    owner: [u8; 16],
+    now_ms: u64,
+    until_ms: u64,
+) -> Result<bool, SchemaError> {
+    let key = stripe_key(REPAIR_LEASE, &evidence, stripe);
+    if let Some(v) = tx.get(&key).await? {
+        let held: RepairLease = decode_versioned(RECORD_V1, &v)?;
+        if held.owner != owner && held.until_ms > now_ms {
+            return Ok(false);
+        }
+    }
+    tx.set(
+        &key,
+        &encode_versioned(RECORD_V1, &RepairLease { owner, until_ms }),
+    );
+    Ok(true)
+}
+
+/// Whether `owner` holds the stripe's repair lease beyond `after_ms`: what
+/// a gateway checks before it commits or deletes a copy it wrote, leaving
+/// itself the time the deletes take.
+pub async fn holds_repair_lease_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    stripe: u64,
+    owner: [u8; 16],
+    after_ms: u64,
+) -> Result<bool, SchemaError> {
+    Ok(get_repair_lease_tx(tx, evidence, stripe)
+        .await?
+        .is_some_and(|l| l.owner == owner && l.until_ms > after_ms))
+}
+
+/// The stripe's repair lease, live or lapsed.
+pub async fn get_repair_lease_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    stripe: u64,
+) -> Result<Option<RepairLease>, SchemaError> {
+    match tx.get(&stripe_key(REPAIR_LEASE, &evidence, stripe)).await? {
+        None => Ok(None),
+        Some(v) => Ok(Some(decode_versioned(RECORD_V1, &v)?)),
+    }
+}
+
+/// Gives the stripe's repair lease up if `owner` holds it (lapsed or not).
+pub async fn release_repair_lease_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    stripe: u64,
+    owner: [u8; 16],
+) -> Result<(), SchemaError> {
+    if get_repair_lease_tx(tx, evidence, stripe)
+        .await?
+        .is_some_and(|l| l.owner == owner)
+    {
+        tx.clear(&stripe_key(REPAIR_LEASE, &evidence, stripe));
+    }
+    Ok(())
 }
 
 /// Records that a stripe has fewer than k shards left; it stays queued (a

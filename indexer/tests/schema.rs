@@ -773,3 +773,80 @@ async fn repair_commits_only_over_what_it_read_and_never_after_expunge() {
     .unwrap();
     assert_eq!(c, schema::RepairCommit::Gone);
 }
+
+/// One gateway repairs a stripe at a time: a live lease keeps others off,
+/// a lapsed one is anyone's, its holder may renew it, only the holder
+/// gives it up, and it goes with the stripe's records.
+#[tokio::test]
+async fn a_stripe_is_repaired_under_one_gateways_lease() {
+    let (_d, s) = store();
+    let id = EvidenceId::new(1, [11; 10]);
+    let (a, b) = ([1u8; 16], [2u8; 16]);
+    let take = |who: [u8; 16], now: u64, until: u64| {
+        let s = &s;
+        async move {
+            run(s, |tx| async move {
+                schema::take_repair_lease_tx(&tx, id, 0, who, now, until).await
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let holds = |who: [u8; 16], after: u64| {
+        let s = &s;
+        async move {
+            run(s, |tx| async move {
+                schema::holds_repair_lease_tx(&tx, id, 0, who, after).await
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let release = |who: [u8; 16]| {
+        let s = &s;
+        async move {
+            run(s, |tx| async move {
+                schema::release_repair_lease_tx(&tx, id, 0, who).await
+            })
+            .await
+            .unwrap()
+        }
+    };
+    assert!(!holds(a, 0).await, "nobody holds a stripe never leased");
+    assert!(take(a, 1_000, 2_000).await);
+    assert!(holds(a, 1_500).await);
+    assert!(!holds(a, 2_000).await, "not beyond its end");
+    assert!(!holds(b, 1_500).await);
+    assert!(
+        !take(b, 1_999, 3_000).await,
+        "a live lease keeps others off"
+    );
+    assert!(take(a, 1_999, 4_000).await, "its holder renews it");
+    assert!(!take(b, 3_000, 5_000).await);
+    release(b).await;
+    assert!(holds(a, 3_999).await, "only the holder gives it up");
+    assert!(take(b, 4_000, 6_000).await, "a lapsed lease is anyone's");
+    assert!(!holds(a, 0).await, "and its old holder no longer has it");
+    release(b).await;
+    assert!(take(a, 4_001, 5_000).await, "given up, it is free at once");
+
+    // The stripe's records going (GC after an abort) take the lease too.
+    begin(&s, id, "court", None).await.unwrap();
+    run(&s, |tx| async move {
+        schema::put_stripe_tx(&tx, id, 0, &stripe(true));
+        schema::abort_intent_tx(&tx, id).await
+    })
+    .await
+    .unwrap();
+    run(&s, |tx| async move {
+        schema::forget_aborted_stripes_tx(&tx, id, &[0]).await
+    })
+    .await
+    .unwrap();
+    let lease = run(&s, |tx| async move {
+        schema::get_repair_lease_tx(&tx, id, 0).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(lease, None);
+}

@@ -360,4 +360,52 @@ mod tests {
         assert_eq!(queue(&gw).await?.len() as u64, total, "all still waiting");
         Ok(())
     }
+
+    /// A stripe another gateway is repairing (its lease live) is left to
+    /// it, lease untouched; once that lease lapses a pass takes the stripe
+    /// up, and gives its own lease back when it is done with it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stripe_leased_by_another_gateway_is_left_to_it() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let c = init(dir.path()).await?;
+        let (gw, _) = in_process(&c)?;
+        let evidence = EvidenceId::new(1_800_000_000_000, [5; 10]);
+        let other = [7u8; 16];
+        let far = u64::MAX / 2;
+        indexer::run(&gw.store, |tx| async move {
+            schema::begin_intent_tx(&tx, evidence, "admin", None, u64::MAX).await?;
+            schema::put_stripe_tx(&tx, evidence, 0, &degraded_record());
+            assert!(schema::take_repair_lease_tx(&tx, evidence, 0, other, 0, far).await?);
+            Ok::<_, schema::SchemaError>(())
+        })
+        .await?;
+        let lease = || async {
+            indexer::run(&gw.store, |tx| async move {
+                schema::get_repair_lease_tx(&tx, evidence, 0).await
+            })
+            .await
+        };
+        let mut cursor = None;
+        let r = gateway::repair::pass(&gw, &mut cursor).await?;
+        assert_eq!((r.examined, r.elsewhere, r.waiting), (1, 1, 0), "{r:?}");
+        let held = anyhow::Context::context(lease().await?, "the other gateway's lease")?;
+        assert_eq!((held.owner, held.until_ms), (other, far));
+        assert_eq!(queue(&gw).await?, vec![(evidence, 0)]);
+
+        // The other gateway died: its lease lapsed.
+        indexer::run(&gw.store, |tx| async move {
+            assert!(schema::take_repair_lease_tx(&tx, evidence, 0, other, 0, 1).await?);
+            Ok::<_, schema::SchemaError>(())
+        })
+        .await?;
+        let r = gateway::repair::pass(&gw, &mut cursor).await?;
+        assert_eq!((r.examined, r.elsewhere, r.waiting), (1, 0, 1), "{r:?}");
+        assert_eq!(lease().await?, None, "taken, worked on, given back");
+        assert_eq!(
+            queue(&gw).await?,
+            vec![(evidence, 0)],
+            "still waiting on its upload"
+        );
+        Ok(())
+    }
 }

@@ -335,6 +335,7 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         node_probe_interval_ms: 5_000,
         repair_interval_ms: 10_000,
         repair_after_down_ms: 600_000,
+        repair_old_copy_grace_ms: gateway::repair::OLD_COPY_GRACE.as_millis() as u64,
         ledger: Some(ledger),
         s3_listen: opts.s3,
         s3_domain: opts.s3.map(|_| "localhost".to_owned()),

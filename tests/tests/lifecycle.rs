@@ -32,7 +32,10 @@ fn node_cmd(c: &TestCluster, args: &[&str]) -> Result<(bool, String)> {
 #[test]
 fn nodes_are_drained_removed_and_added_without_losing_redundancy() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
-    c.set_gateway(&[("repair_interval_ms", toml::Value::Integer(300))])?;
+    c.set_gateway(&[
+        ("repair_interval_ms", toml::Value::Integer(300)),
+        ("repair_old_copy_grace_ms", toml::Value::Integer(2_000)),
+    ])?;
     let mut filed = Vec::new();
     for i in 0..10u64 {
         let data = bytes(20_000 + 6_000 * i as usize, i + 200);
@@ -65,6 +68,14 @@ fn nodes_are_drained_removed_and_added_without_losing_redundancy() -> Result<()>
     println!(
         "custodia status while node 3 drains:\n{}",
         String::from_utf8_lossy(&c.cli(&["status"])?.stdout)
+    );
+    // Node 3's copies outlive the commits that moved them by the grace
+    // (2 s here), for reads that began on the old placement, then go.
+    let cleared = custodia_tests::eventually(30, || c.shard_files(3).is_empty());
+    assert!(
+        cleared,
+        "node 3 still holds {} shard files after the grace",
+        c.shard_files(3).len()
     );
     // New filings place nothing on a draining node.
     let before = c.shard_files(3).len();
