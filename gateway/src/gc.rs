@@ -15,7 +15,7 @@
 
 use crate::api::Gateway;
 use crate::api::Store;
-use crate::repair::{StripeLease, LEASE_MARGIN};
+use crate::repair::StripeLease;
 use indexer::schema;
 use protocol::{EvidenceId, NodeId, ShardKey, StripeRecord};
 use std::sync::Arc;
@@ -379,14 +379,13 @@ pub async fn sweep_orphans<S: Store>(
                 }
                 // Under the stripe's repair lease, checked again: a repair
                 // may be about to commit this very shard on this node.
-                let lease =
-                    match StripeLease::take(gw, key.evidence, key.stripe, 2 * LEASE_MARGIN).await {
-                        Ok(Some(lease)) => lease,
-                        Ok(None) | Err(_) => {
-                            still.insert((node, key), first);
-                            continue;
-                        }
-                    };
+                let lease = match StripeLease::take(gw, key.evidence, key.stripe).await {
+                    Ok(Some(lease)) => lease,
+                    Ok(None) | Err(_) => {
+                        still.insert((node, key), first);
+                        continue;
+                    }
+                };
                 let claimed = indexer::run(&gw.store, |tx| async move {
                     Ok::<_, schema::SchemaError>(
                         schema::shard_placed_on_tx(&tx, &key, node).await?
@@ -395,7 +394,10 @@ pub async fn sweep_orphans<S: Store>(
                 })
                 .await;
                 match claimed {
-                    Ok(false) => match gw.nodes.client.rpc_delete_shard(entry.addr, key).await {
+                    Ok(false) => match lease
+                        .renewed(gw, gw.nodes.client.rpc_delete_shard(entry.addr, key))
+                        .await
+                    {
                         Ok(_) => {
                             sweep.deleted += 1;
                             gw.metrics.orphans_deleted.inc();

@@ -81,14 +81,16 @@ const SCAN_BATCH: usize = 2048;
 /// read that began before it (a node request times out sooner).
 pub const OLD_COPY_GRACE: Duration = Duration::from_secs(300);
 
-/// How long a gateway's claim on a stripe it is repairing keeps the others
-/// off it: far longer than one stripe's repair (every node request in it
-/// times out sooner), so only a gateway that died mid-repair leaves one to
-/// lapse.
-pub const REPAIR_LEASE: Duration = Duration::from_secs(600);
-/// Lease a repair must have left to commit, or to delete a copy it wrote:
-/// time for the deletes, and for clocks a little apart.
-pub const LEASE_MARGIN: Duration = Duration::from_secs(120);
+/// How long a claim on a stripe keeps other repairs off it after its last
+/// renewal: the task holding it renews it every [`LEASE_RENEW`] while it
+/// works, so one that died (its gateway killed) holds the stripe this long
+/// at most. Clocks of gateways sharing an index must agree to well within
+/// this minus [`LEASE_RENEW`].
+pub const REPAIR_LEASE: Duration = Duration::from_secs(30);
+/// How often a task renews the lease it works under.
+pub const LEASE_RENEW: Duration = Duration::from_secs(5);
+/// Lease a repair must have left to commit, or to delete a copy it wrote.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(10);
 
 /// Remote builds that fail in a row, none succeeding, before repair stops
 /// asking nodes for them for [`REMOTE_PAUSE`].
@@ -578,10 +580,12 @@ pub async fn repair_stripe<S: Store>(
     mark: &[u8],
     nodes: &PassNodes,
 ) -> Result<Outcome, ApiError> {
-    let Some(lease) = StripeLease::take(gw, evidence, stripe, REPAIR_LEASE).await? else {
+    let Some(lease) = StripeLease::take(gw, evidence, stripe).await? else {
         return Ok(Outcome::Elsewhere);
     };
-    let outcome = repair_leased(gw, &lease, mark, nodes).await;
+    let outcome = lease
+        .renewed(gw, repair_leased(gw, &lease, mark, nodes))
+        .await;
     // A repair that committed gave the lease up in its commit.
     if !matches!(outcome, Ok(Outcome::Repaired(_))) {
         lease.release(gw).await;
@@ -599,16 +603,15 @@ pub(crate) struct StripeLease {
 }
 
 impl StripeLease {
-    /// Takes the stripe's lease for `length`; `None` while another holds it.
+    /// Takes the stripe's lease; `None` while another holds it.
     pub(crate) async fn take<S: Store>(
         gw: &Gateway<S>,
         evidence: EvidenceId,
         stripe: u64,
-        length: Duration,
     ) -> Result<Option<Self>, ApiError> {
         let owner: [u8; 16] = rand::random();
         let now = wall_ms();
-        let until = now + length.as_millis() as u64;
+        let until = now + REPAIR_LEASE.as_millis() as u64;
         let taken = indexer::run(&gw.store, |tx| async move {
             schema::take_repair_lease_tx(&tx, evidence, stripe, owner, now, until).await
         })
@@ -618,6 +621,44 @@ impl StripeLease {
             stripe,
             owner,
         }))
+    }
+
+    /// Runs `work`, renewing the lease every [`LEASE_RENEW`] until it ends
+    /// (or until the lease is found taken: the work's commit and deletes
+    /// then find it not held, and do nothing).
+    pub(crate) async fn renewed<S: Store, T>(
+        &self,
+        gw: &Gateway<S>,
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        let renew = async {
+            loop {
+                tokio::time::sleep(LEASE_RENEW).await;
+                let (evidence, stripe, owner) = (self.evidence, self.stripe, self.owner);
+                let until = wall_ms() + REPAIR_LEASE.as_millis() as u64;
+                match indexer::run(&gw.store, |tx| async move {
+                    schema::renew_repair_lease_tx(&tx, evidence, stripe, owner, until).await
+                })
+                .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(%evidence, stripe, "repair lease lost to another task; this one will not commit or delete");
+                        return;
+                    }
+                    // Tried again at the next renewal.
+                    Err(e) => {
+                        tracing::warn!(%evidence, stripe, error = %e, "could not renew a repair lease")
+                    }
+                }
+            }
+        };
+        let work = std::pin::pin!(work);
+        let renew = std::pin::pin!(renew);
+        match futures::future::select(work, renew).await {
+            futures::future::Either::Left((out, _)) => out,
+            futures::future::Either::Right(((), work)) => work.await,
+        }
     }
 
     /// Whether it is still held with [`LEASE_MARGIN`] to spare, checked in
@@ -1300,7 +1341,7 @@ async fn delete_old_copies<S: Store>(
     stripe: u64,
     old: &[(usize, NodeId)],
 ) {
-    let lease = match StripeLease::take(gw, evidence, stripe, 2 * LEASE_MARGIN).await {
+    let lease = match StripeLease::take(gw, evidence, stripe).await {
         Ok(Some(lease)) => lease,
         Ok(None) => {
             tracing::info!(%evidence, stripe, "a repair holds the stripe; its old copies are left for the orphan sweep");
@@ -1311,11 +1352,11 @@ async fn delete_old_copies<S: Store>(
             return;
         }
     };
-    match indexer::run(&gw.store, |tx| async move {
+    let placed = indexer::run(&gw.store, |tx| async move {
         schema::get_stripe_tx(&tx, evidence, stripe).await
     })
-    .await
-    {
+    .await;
+    match placed {
         Ok(placed) => {
             let unplaced: Vec<(usize, NodeId)> = old
                 .iter()
@@ -1327,7 +1368,9 @@ async fn delete_old_copies<S: Store>(
                         .is_none_or(|p| p.node != Some(n))
                 })
                 .collect();
-            delete_copies(gw, evidence, stripe, &unplaced).await;
+            lease
+                .renewed(gw, delete_copies(gw, evidence, stripe, &unplaced))
+                .await;
         }
         Err(e) => {
             tracing::warn!(%evidence, stripe, error = %e, "old shard copies not deleted; left for the orphan sweep");

@@ -753,6 +753,29 @@ pub async fn take_repair_lease_tx<T: Transaction>(
     Ok(true)
 }
 
+/// Moves the end of `owner`'s repair lease on a stripe to `until_ms`, if
+/// `owner` still holds it (lapsed or not, as long as nobody took it since);
+/// never takes a lease given up. Says whether it did.
+pub async fn renew_repair_lease_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    stripe: u64,
+    owner: [u8; 16],
+    until_ms: u64,
+) -> Result<bool, SchemaError> {
+    if get_repair_lease_tx(tx, evidence, stripe)
+        .await?
+        .is_none_or(|l| l.owner != owner)
+    {
+        return Ok(false);
+    }
+    tx.set(
+        &stripe_key(REPAIR_LEASE, &evidence, stripe),
+        &encode_versioned(RECORD_V1, &RepairLease { owner, until_ms }),
+    );
+    Ok(true)
+}
+
 /// Whether `owner` holds the stripe's repair lease beyond `after_ms`: what
 /// a gateway checks before it commits or deletes a copy it wrote, leaving
 /// itself the time the deletes take.

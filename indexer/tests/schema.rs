@@ -823,11 +823,24 @@ async fn a_stripe_is_repaired_under_one_gateways_lease() {
     );
     assert!(take(a, 1_999, 4_000).await, "its holder renews it");
     assert!(!take(b, 3_000, 5_000).await);
+    let renew = |who: [u8; 16], until: u64| {
+        let s = &s;
+        async move {
+            run(s, |tx| async move {
+                schema::renew_repair_lease_tx(&tx, id, 0, who, until).await
+            })
+            .await
+            .unwrap()
+        }
+    };
+    assert!(!renew(b, 9_000).await, "only its holder renews it");
+    assert!(renew(a, 4_000).await);
     release(b).await;
     assert!(holds(a, 3_999).await, "only the holder gives it up");
     assert!(take(b, 4_000, 6_000).await, "a lapsed lease is anyone's");
     assert!(!holds(a, 0).await, "and its old holder no longer has it");
     release(b).await;
+    assert!(!renew(b, 9_000).await, "a lease given up is not renewed");
     assert!(take(a, 4_001, 5_000).await, "given up, it is free at once");
 
     // The stripe's records going (GC after an abort) take the lease too.
