@@ -89,6 +89,8 @@ pub struct Gateway<S: Store> {
     >,
     /// Whether repair asks nodes to build shards themselves just now.
     pub remote_builds: crate::repair::RemoteBuilds,
+    /// Repair leases found held by other tasks, watched for staleness.
+    pub repair_leases: crate::repair::LeaseSightings,
 }
 
 /// Why the gateway could not start.
@@ -204,6 +206,7 @@ impl<S: Store> Gateway<S> {
             read_gate,
             outboard_rebuilds: Default::default(),
             remote_builds: Default::default(),
+            repair_leases: Default::default(),
         })
     }
 

@@ -386,15 +386,21 @@ pub async fn sweep_orphans<S: Store>(
                         continue;
                     }
                 };
-                let claimed = indexer::run(&gw.store, |tx| async move {
-                    Ok::<_, schema::SchemaError>(
-                        schema::shard_placed_on_tx(&tx, &key, node).await?
-                            || schema::get_intent_tx(&tx, key.evidence).await?.is_some(),
-                    )
+                let claimed = indexer::run(&gw.store, |tx| {
+                    let lease = &lease;
+                    async move {
+                        if !lease.held_tx(&tx).await? {
+                            return Ok(None);
+                        }
+                        Ok::<_, schema::SchemaError>(Some(
+                            schema::shard_placed_on_tx(&tx, &key, node).await?
+                                || schema::get_intent_tx(&tx, key.evidence).await?.is_some(),
+                        ))
+                    }
                 })
                 .await;
                 match claimed {
-                    Ok(false) => match lease
+                    Ok(Some(false)) => match lease
                         .renewed(gw, gw.nodes.client.rpc_delete_shard(entry.addr, key))
                         .await
                     {
@@ -408,8 +414,8 @@ pub async fn sweep_orphans<S: Store>(
                             still.insert((node, key), first);
                         }
                     },
-                    Ok(true) => {}
-                    Err(_) => {
+                    Ok(Some(true)) => {}
+                    Ok(None) | Err(_) => {
                         still.insert((node, key), first);
                     }
                 }

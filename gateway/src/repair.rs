@@ -42,16 +42,19 @@
 //!
 //! One task works on a stripe at a time, across all gateways sharing the
 //! index: each repair holds the stripe's lease
-//! (`indexer::schema::RepairLease`, [`REPAIR_LEASE`]) from its first step
-//! to its commit, and a stripe held by another (another gateway's repair)
-//! is left to it (`elsewhere` in the pass report); so is the deletion of a
-//! repair's old copies after the grace. Two repairs would rank the same
-//! node for a rebuilt shard, so without it one's cleanup after a failure
-//! (or a late deletion of old copies) could delete the copy the other was
-//! about to commit, and a healed stripe would be short of a shard it was
-//! just counted with. A repair commits, and deletes a copy it wrote, only
-//! while it holds the lease with [`LEASE_MARGIN`] to spare; a copy it can
-//! no longer delete safely is left for the orphan sweep.
+//! (`indexer::schema::RepairLease`) from its first step to its commit,
+//! renewing it every [`LEASE_RENEW`], and a stripe held by another task is
+//! left to it (`elsewhere` in the pass report); the deletion of a repair's
+//! old copies after the grace and the orphan sweep's deletions take it too.
+//! Two repairs would rank the same node for a rebuilt shard, so without it
+//! one's cleanup after a failure (or a late deletion of old copies) could
+//! delete the copy the other was about to commit, and a healed stripe would
+//! be short of a shard it was just counted with. A task commits, and
+//! deletes a copy, only while it holds the lease with [`LEASE_MARGIN`] to
+//! spare by its own monotonic clock; a copy it can no longer delete safely
+//! is left for the orphan sweep. A lease seen unchanged for
+//! [`REPAIR_LEASE`] (its holder died) is taken over; wall clocks play no
+//! part.
 
 use crate::api::{Gateway, Store};
 use crate::error::ApiError;
@@ -59,15 +62,16 @@ use crate::nodes::NodeHealth;
 use crate::placement;
 use crate::read::{check_shard, fetch_shard, Checked, ShardOutcome};
 use indexer::schema::Lifecycle;
+use indexer::schema::RepairLease;
 use indexer::schema::{self, RepairCommit};
 use protocol::ledger::Kind;
 use protocol::wire::{RebuildShard, RebuildSource};
 use protocol::{
     Blake3Hash, ErrorCode, EvidenceId, ManifestHeader, NodeId, ShardHeader, ShardKey, StripeRecord,
 };
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use storage_node::NodeError;
 
 /// Queued stripes taken per pass.
@@ -81,15 +85,16 @@ const SCAN_BATCH: usize = 2048;
 /// read that began before it (a node request times out sooner).
 pub const OLD_COPY_GRACE: Duration = Duration::from_secs(300);
 
-/// How long a claim on a stripe keeps other repairs off it after its last
-/// renewal: the task holding it renews it every [`LEASE_RENEW`] while it
-/// works, so one that died (its gateway killed) holds the stripe this long
-/// at most. Clocks of gateways sharing an index must agree to well within
-/// this minus [`LEASE_RENEW`].
+/// How long a claim on a stripe must be seen unchanged before another task
+/// takes it over: the task holding it renews it every [`LEASE_RENEW`] while
+/// it works, so one that died (its gateway killed) keeps the stripe from
+/// the others about this long after they first look (measured by each
+/// gateway's monotonic clock; wall clocks play no part).
 pub const REPAIR_LEASE: Duration = Duration::from_secs(30);
 /// How often a task renews the lease it works under.
 pub const LEASE_RENEW: Duration = Duration::from_secs(5);
-/// Lease a repair must have left to commit, or to delete a copy it wrote.
+/// Lease a task must have left, by its own count, to commit or to delete a
+/// copy.
 pub const LEASE_MARGIN: Duration = Duration::from_secs(10);
 
 /// Remote builds that fail in a row, none succeeding, before repair stops
@@ -165,7 +170,8 @@ pub enum Outcome {
     Waiting,
     /// The evidence is gone (expunged) or the stripe no longer exists.
     Gone,
-    /// Another gateway holds the stripe's repair lease.
+    /// Another task (another gateway's repair, or a deletion of old
+    /// copies) holds the stripe's repair lease.
     Elsewhere,
 }
 
@@ -179,7 +185,7 @@ pub struct PassReport {
     pub lost: u64,
     pub waiting: u64,
     pub gone: u64,
-    /// Stripes another gateway was repairing (its lease live).
+    /// Stripes another task held (its lease live).
     pub elsewhere: u64,
     /// Repairs that failed with an error (logged; retried by a later pass).
     pub failed: u64,
@@ -572,7 +578,7 @@ pub async fn pass<S: Store>(
 
 /// Repairs one queued stripe; `mark` is its queue mark as the pass read it.
 /// Holds the stripe's repair lease while it works, or leaves the stripe to
-/// the gateway that holds it.
+/// the task that holds it.
 pub async fn repair_stripe<S: Store>(
     gw: &Arc<Gateway<S>>,
     evidence: EvidenceId,
@@ -593,39 +599,124 @@ pub async fn repair_stripe<S: Store>(
     outcome
 }
 
+/// Repair leases this gateway found held by another task, and since when
+/// (by its monotonic clock) each has read the same: one unchanged for
+/// [`REPAIR_LEASE`] belongs to a task that died, and is taken over.
+#[derive(Debug, Default)]
+pub struct LeaseSightings {
+    seen: std::sync::Mutex<HashMap<(EvidenceId, u64), (RepairLease, Instant)>>,
+}
+
+/// Sightings kept before old ones are dropped.
+const SIGHTINGS_KEPT: usize = 65_536;
+
+impl LeaseSightings {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<(EvidenceId, u64), (RepairLease, Instant)>> {
+        self.seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The stripe's lease as watched unchanged for a whole lease period by
+    /// `now`.
+    fn stale(&self, evidence: EvidenceId, stripe: u64, now: Instant) -> Option<RepairLease> {
+        self.lock()
+            .get(&(evidence, stripe))
+            .filter(|(_, since)| now.saturating_duration_since(*since) >= REPAIR_LEASE)
+            .map(|(lease, _)| *lease)
+    }
+
+    /// Notes the stripe's lease as found held at `now`.
+    fn saw(&self, evidence: EvidenceId, stripe: u64, lease: RepairLease, now: Instant) {
+        let mut seen = self.lock();
+        match seen.get(&(evidence, stripe)) {
+            Some((same, _)) if *same == lease => {}
+            _ => {
+                if seen.len() >= SIGHTINGS_KEPT {
+                    // Sightings of stripes not looked at again for a while.
+                    seen.retain(|_, (_, since)| {
+                        now.saturating_duration_since(*since) < 4 * REPAIR_LEASE
+                    });
+                }
+                seen.insert((evidence, stripe), (lease, now));
+            }
+        }
+    }
+
+    fn forget(&self, evidence: EvidenceId, stripe: u64) {
+        self.lock().remove(&(evidence, stripe));
+    }
+}
+
 /// A stripe's repair lease as one task holds it. The owner is random per
-/// task, not per gateway: a gateway's own tasks (a repair, and the deletion
-/// of an earlier repair's old copies) exclude each other too.
+/// task, not per gateway: a gateway's own tasks (a repair, the deletion of
+/// an earlier repair's old copies, the orphan sweep) exclude each other too.
+///
+/// No clock is compared across machines. The holder counts its lease from
+/// the start of its last renewal that succeeded, by its monotonic clock;
+/// another task starts counting only once it sees that renewal, and takes
+/// over only after [`REPAIR_LEASE`] more. So a holder that stays within
+/// `REPAIR_LEASE - LEASE_MARGIN` of its last renewal still has the stripe
+/// to itself.
 pub(crate) struct StripeLease {
     evidence: EvidenceId,
     stripe: u64,
     owner: [u8; 16],
+    /// When its last take or renewal that succeeded began.
+    since: std::sync::Mutex<Instant>,
+    /// A renewal found it taken over.
+    lost: std::sync::atomic::AtomicBool,
 }
 
 impl StripeLease {
-    /// Takes the stripe's lease; `None` while another holds it.
+    /// Takes the stripe's lease; `None` while another task holds it (taking
+    /// it over once it has read the same for [`REPAIR_LEASE`]).
     pub(crate) async fn take<S: Store>(
         gw: &Gateway<S>,
         evidence: EvidenceId,
         stripe: u64,
     ) -> Result<Option<Self>, ApiError> {
         let owner: [u8; 16] = rand::random();
-        let now = wall_ms();
-        let until = now + REPAIR_LEASE.as_millis() as u64;
-        let taken = indexer::run(&gw.store, |tx| async move {
-            schema::take_repair_lease_tx(&tx, evidence, stripe, owner, now, until).await
+        let stale = gw.repair_leases.stale(evidence, stripe, Instant::now());
+        let began = Instant::now();
+        let holder = indexer::run(&gw.store, |tx| async move {
+            schema::take_repair_lease_tx(&tx, evidence, stripe, owner, stale).await
         })
         .await?;
-        Ok(taken.then_some(StripeLease {
+        if let Some(holder) = holder {
+            gw.repair_leases
+                .saw(evidence, stripe, holder, Instant::now());
+            return Ok(None);
+        }
+        if let Some(dead) = stale {
+            tracing::info!(%evidence, stripe, beat = dead.beat, "took over a repair lease unchanged for a whole lease period");
+        }
+        gw.repair_leases.forget(evidence, stripe);
+        Ok(Some(StripeLease {
             evidence,
             stripe,
             owner,
+            since: std::sync::Mutex::new(began),
+            lost: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
+    /// Whether it is still this task's by its own clock, with
+    /// [`LEASE_MARGIN`] to spare (no index read: checked before each delete).
+    fn fresh(&self) -> bool {
+        let since = *self
+            .since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        !self.lost.load(std::sync::atomic::Ordering::Relaxed)
+            && since.elapsed() + LEASE_MARGIN < REPAIR_LEASE
+    }
+
     /// Runs `work`, renewing the lease every [`LEASE_RENEW`] until it ends
-    /// (or until the lease is found taken: the work's commit and deletes
-    /// then find it not held, and do nothing).
+    /// (or until the lease is found taken over: the work's commit and
+    /// deletes then find it not held, and do nothing).
     pub(crate) async fn renewed<S: Store, T>(
         &self,
         gw: &Gateway<S>,
@@ -635,14 +726,20 @@ impl StripeLease {
             loop {
                 tokio::time::sleep(LEASE_RENEW).await;
                 let (evidence, stripe, owner) = (self.evidence, self.stripe, self.owner);
-                let until = wall_ms() + REPAIR_LEASE.as_millis() as u64;
+                let began = Instant::now();
                 match indexer::run(&gw.store, |tx| async move {
-                    schema::renew_repair_lease_tx(&tx, evidence, stripe, owner, until).await
+                    schema::renew_repair_lease_tx(&tx, evidence, stripe, owner).await
                 })
                 .await
                 {
-                    Ok(true) => {}
+                    Ok(true) => {
+                        *self
+                            .since
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = began;
+                    }
                     Ok(false) => {
+                        self.lost.store(true, std::sync::atomic::Ordering::Relaxed);
                         tracing::warn!(%evidence, stripe, "repair lease lost to another task; this one will not commit or delete");
                         return;
                     }
@@ -661,11 +758,14 @@ impl StripeLease {
         }
     }
 
-    /// Whether it is still held with [`LEASE_MARGIN`] to spare, checked in
+    /// Whether it is still held, with [`LEASE_MARGIN`] to spare, checked in
     /// `tx` (what a commit checks in its own transaction).
-    async fn held_tx<T: indexer::Transaction>(&self, tx: &T) -> Result<bool, schema::SchemaError> {
-        let after = wall_ms() + LEASE_MARGIN.as_millis() as u64;
-        schema::holds_repair_lease_tx(tx, self.evidence, self.stripe, self.owner, after).await
+    pub(crate) async fn held_tx<T: indexer::Transaction>(
+        &self,
+        tx: &T,
+    ) -> Result<bool, schema::SchemaError> {
+        Ok(self.fresh()
+            && schema::holds_repair_lease_tx(tx, self.evidence, self.stripe, self.owner).await?)
     }
 
     /// Whether it is still held with [`LEASE_MARGIN`] to spare (false when
@@ -685,12 +785,23 @@ impl StripeLease {
         schema::release_repair_lease_tx(tx, self.evidence, self.stripe, self.owner).await
     }
 
-    /// Gives it up (a failure only leaves it to lapse).
+    /// Gives it up (a failure only leaves it to be taken over).
     pub(crate) async fn release<S: Store>(&self, gw: &Gateway<S>) {
         if let Err(e) =
             indexer::run(&gw.store, |tx| async move { self.release_tx(&tx).await }).await
         {
-            tracing::warn!(evidence = %self.evidence, stripe = self.stripe, error = %e, "could not give a repair lease up; it lapses");
+            tracing::warn!(evidence = %self.evidence, stripe = self.stripe, error = %e, "could not give a repair lease up; another task takes it over later");
+        }
+    }
+
+    /// Deletes `copies`, each only while the lease is still fresh.
+    async fn delete<S: Store>(&self, gw: &Gateway<S>, copies: &[(usize, NodeId)]) {
+        for (n, copy) in copies.iter().enumerate() {
+            if !self.fresh() {
+                tracing::warn!(evidence = %self.evidence, stripe = self.stripe, left = copies.len() - n, "repair lease no longer fresh: copies left for the orphan sweep");
+                return;
+            }
+            delete_copies(gw, self.evidence, self.stripe, std::slice::from_ref(copy)).await;
         }
     }
 }
@@ -708,17 +819,10 @@ async fn delete_own_copies<S: Store>(
     }
     let (evidence, stripe) = (lease.evidence, lease.stripe);
     if lease.held(gw).await {
-        delete_copies(gw, evidence, stripe, copies).await;
+        lease.delete(gw, copies).await;
     } else {
         tracing::warn!(%evidence, stripe, copies = copies.len(), "repair lease lapsed: copies written are left for the orphan sweep");
     }
-}
-
-/// Milliseconds since the Unix epoch by this machine's clock.
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 async fn repair_leased<S: Store>(
@@ -1174,7 +1278,14 @@ async fn commit_repair<S: Store>(
         let pending = &pending;
         async move {
             if !lease.held_tx(&tx).await? {
-                return Ok(None);
+                // An earlier attempt of this transaction may have committed
+                // (giving the lease up) with its result unknown.
+                let now = schema::get_stripe_tx(&tx, evidence, stripe).await?;
+                let done = StripeRecord {
+                    version: rec.version + 1,
+                    ..next.clone()
+                };
+                return Ok((now.as_ref() == Some(&done)).then_some(RepairCommit::Done));
             }
             let verified = all_counted.then_some(mark);
             let c = schema::commit_repair_tx(&tx, evidence, stripe, rec, next, verified).await?;
@@ -1201,10 +1312,11 @@ async fn commit_repair<S: Store>(
             return Ok(Outcome::Gone);
         }
         RepairCommit::Changed => {
-            // Another repair (another gateway's) committed first and may
-            // have placed the same shard on the same node, the placement
-            // ranking being the same for both: its copy is not ours to
-            // delete.
+            // The record changed while this task held the lease: another
+            // writer, or a repair whose lease this one took over, committed
+            // first and may have placed the same shard on the same node
+            // (the placement ranking is the same for both): its copy is
+            // not ours to delete.
             let placed = indexer::run(&gw.store, |tx| async move {
                 schema::get_stripe_tx(&tx, evidence, stripe).await
             })
@@ -1331,33 +1443,55 @@ async fn put_and_verify<S: Store>(
     Ok(())
 }
 
+/// Attempts [`delete_old_copies`] makes to get the stripe's lease, one per
+/// [`LEASE_RENEW`] (a dead holder's lease is taken over after
+/// [`REPAIR_LEASE`]).
+const OLD_COPY_ATTEMPTS: u32 = 60;
+
 /// Deletes the copies a committed repair replaced, under the stripe's
 /// lease, skipping any the stripe's record places on its node again (a
-/// later repair may have chosen the same node). While a repair holds the
-/// stripe they are kept: they are left for the orphan sweep.
+/// later repair may have chosen the same node). While another task holds
+/// the stripe it waits; copies it still cannot delete are left for the
+/// orphan sweep (which lists active nodes only: a drained node's leftovers
+/// are then removed with the node).
 async fn delete_old_copies<S: Store>(
     gw: &Gateway<S>,
     evidence: EvidenceId,
     stripe: u64,
     old: &[(usize, NodeId)],
 ) {
-    let lease = match StripeLease::take(gw, evidence, stripe).await {
-        Ok(Some(lease)) => lease,
-        Ok(None) => {
-            tracing::info!(%evidence, stripe, "a repair holds the stripe; its old copies are left for the orphan sweep");
-            return;
+    let mut attempts = 0;
+    let lease = loop {
+        match StripeLease::take(gw, evidence, stripe).await {
+            Ok(Some(lease)) => break lease,
+            Ok(None) if attempts < OLD_COPY_ATTEMPTS => {}
+            Ok(None) => {
+                tracing::warn!(%evidence, stripe, "the stripe stayed leased; its old copies are left for the orphan sweep");
+                return;
+            }
+            Err(e) if attempts < OLD_COPY_ATTEMPTS => {
+                tracing::debug!(%evidence, stripe, error = %e, "old shard copies wait for the index");
+            }
+            Err(e) => {
+                tracing::warn!(%evidence, stripe, error = %e, "old shard copies not deleted; left for the orphan sweep");
+                return;
+            }
         }
-        Err(e) => {
-            tracing::warn!(%evidence, stripe, error = %e, "old shard copies not deleted; left for the orphan sweep");
-            return;
-        }
+        attempts += 1;
+        tokio::time::sleep(LEASE_RENEW).await;
     };
-    let placed = indexer::run(&gw.store, |tx| async move {
-        schema::get_stripe_tx(&tx, evidence, stripe).await
+    let placed = indexer::run(&gw.store, |tx| {
+        let lease = &lease;
+        async move {
+            if !lease.held_tx(&tx).await? {
+                return Ok(None);
+            }
+            Ok::<_, schema::SchemaError>(Some(schema::get_stripe_tx(&tx, evidence, stripe).await?))
+        }
     })
     .await;
     match placed {
-        Ok(placed) => {
+        Ok(Some(placed)) => {
             let unplaced: Vec<(usize, NodeId)> = old
                 .iter()
                 .copied()
@@ -1368,10 +1502,9 @@ async fn delete_old_copies<S: Store>(
                         .is_none_or(|p| p.node != Some(n))
                 })
                 .collect();
-            lease
-                .renewed(gw, delete_copies(gw, evidence, stripe, &unplaced))
-                .await;
+            lease.renewed(gw, lease.delete(gw, &unplaced)).await;
         }
+        Ok(None) => {}
         Err(e) => {
             tracing::warn!(%evidence, stripe, error = %e, "old shard copies not deleted; left for the orphan sweep");
         }
@@ -1485,5 +1618,45 @@ mod tests {
         assert!(r.allowed());
         r.failed();
         assert!(r.allowed(), "the count started again after the pause");
+    }
+
+    /// A lease is stale once it has read the same for a whole lease period
+    /// of this gateway's own clock, counted from when it was first seen
+    /// so; a renewal (a new beat) starts the count again.
+    #[test]
+    fn a_lease_is_taken_over_only_after_reading_the_same_for_a_whole_period() {
+        let w = LeaseSightings::default();
+        let e = EvidenceId::new(1, [1; 10]);
+        let t0 = Instant::now();
+        let first = RepairLease {
+            owner: [3; 16],
+            beat: 7,
+        };
+        assert_eq!(w.stale(e, 0, t0 + REPAIR_LEASE * 9), None, "never seen");
+        w.saw(e, 0, first, t0);
+        w.saw(e, 0, first, t0 + REPAIR_LEASE / 2);
+        assert_eq!(
+            w.stale(e, 0, t0 + REPAIR_LEASE - Duration::from_millis(1)),
+            None
+        );
+        assert_eq!(
+            w.stale(e, 0, t0 + REPAIR_LEASE),
+            Some(first),
+            "counted from the first sighting"
+        );
+        assert_eq!(w.stale(e, 1, t0 + REPAIR_LEASE), None, "per stripe");
+        let renewed = RepairLease { beat: 8, ..first };
+        w.saw(e, 0, renewed, t0 + REPAIR_LEASE);
+        assert_eq!(
+            w.stale(e, 0, t0 + REPAIR_LEASE * 2 - Duration::from_millis(1)),
+            None
+        );
+        assert_eq!(w.stale(e, 0, t0 + REPAIR_LEASE * 2), Some(renewed));
+        w.forget(e, 0);
+        assert_eq!(
+            w.stale(e, 0, t0 + REPAIR_LEASE * 9),
+            None,
+            "forgotten once taken"
+        );
     }
 }

@@ -21,7 +21,7 @@
 //! ("Y", evidence 16)                              = ""                 expunged, shards still to delete
 //! ("Z", evidence 16, stripe u64)                  = ""                 lost: fewer than k shards left
 //! ("C")                                           = ClockRecord        the compliance clock
-//! ("R", evidence 16, stripe u64)                  = RepairLease        the gateway repairing it
+//! ("R", evidence 16, stripe u64)                  = RepairLease        the task repairing it
 //! ```
 //!
 //! The ledger's keys ("Q", "L", "N", "T", "V", "O", "P", "M") are laid out in
@@ -715,80 +715,86 @@ pub async fn clear_degraded_if_tx<T: Transaction>(
     Ok(same)
 }
 
-/// Which gateway is repairing a stripe, and until when (ms since the epoch,
-/// by that gateway's clock) the others leave it alone.
+/// Which task (a repair, or a deletion of shard copies) holds a stripe, and
+/// how many times it has renewed its hold. No time is stored: another task
+/// takes a lease over only once it has watched it unchanged (same owner,
+/// same `beat`) for a whole lease period by its own monotonic clock, as
+/// garbage collection watches upload intents, so clocks set wrong or apart
+/// neither steal a live lease nor keep a dead one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RepairLease {
-    /// Random per gateway process.
+    /// Random per task.
     pub owner: [u8; 16],
-    pub until_ms: u64,
+    /// Renewals so far: what changes while its holder lives.
+    pub beat: u64,
 }
 
-/// Takes (or renews) the repair lease of a stripe for `owner` until
-/// `until_ms`, unless another owner's lease runs past `now_ms`. Says
-/// whether `owner` holds it now.
+/// Takes a stripe's repair lease for `owner` if nobody holds it, or if its
+/// holder's lease is still exactly `stale` (the value the caller watched
+/// unchanged for a lease period). Otherwise returns the lease as it is,
+/// for the caller to watch.
 ///
-/// One gateway at a time works on a stripe: two gateways sharing an index
-/// rank the same nodes for a rebuilt shard, so one's cleanup after a
-/// failure could delete the copy the other is about to commit.
+/// One task at a time works on a stripe: two repairs rank the same nodes
+/// for a rebuilt shard, so one's cleanup after a failure (or a late
+/// deletion of old copies) could delete the copy the other is about to
+/// commit.
 pub async fn take_repair_lease_tx<T: Transaction>(
     tx: &T,
     evidence: EvidenceId,
     stripe: u64,
     owner: [u8; 16],
-    now_ms: u64,
-    until_ms: u64,
-) -> Result<bool, SchemaError> {
-    let key = stripe_key(REPAIR_LEASE, &evidence, stripe);
-    if let Some(v) = tx.get(&key).await? {
-        let held: RepairLease = decode_versioned(RECORD_V1, &v)?;
-        if held.owner != owner && held.until_ms > now_ms {
-            return Ok(false);
+    stale: Option<RepairLease>,
+) -> Result<Option<RepairLease>, SchemaError> {
+    if let Some(held) = get_repair_lease_tx(tx, evidence, stripe).await? {
+        if held.owner != owner && Some(held) != stale {
+            return Ok(Some(held));
         }
     }
     tx.set(
-        &key,
-        &encode_versioned(RECORD_V1, &RepairLease { owner, until_ms }),
+        &stripe_key(REPAIR_LEASE, &evidence, stripe),
+        &encode_versioned(RECORD_V1, &RepairLease { owner, beat: 0 }),
     );
-    Ok(true)
+    Ok(None)
 }
 
-/// Moves the end of `owner`'s repair lease on a stripe to `until_ms`, if
-/// `owner` still holds it (lapsed or not, as long as nobody took it since);
-/// never takes a lease given up. Says whether it did.
+/// Renews `owner`'s repair lease on a stripe (a new `beat`), if `owner`
+/// still holds it; never takes one given up or taken over. Says whether it
+/// did.
 pub async fn renew_repair_lease_tx<T: Transaction>(
     tx: &T,
     evidence: EvidenceId,
     stripe: u64,
     owner: [u8; 16],
-    until_ms: u64,
 ) -> Result<bool, SchemaError> {
-    if get_repair_lease_tx(tx, evidence, stripe)
+    let Some(held) = get_repair_lease_tx(tx, evidence, stripe)
         .await?
-        .is_none_or(|l| l.owner != owner)
-    {
+        .filter(|l| l.owner == owner)
+    else {
         return Ok(false);
-    }
+    };
+    let next = RepairLease {
+        owner,
+        beat: held.beat.wrapping_add(1),
+    };
     tx.set(
         &stripe_key(REPAIR_LEASE, &evidence, stripe),
-        &encode_versioned(RECORD_V1, &RepairLease { owner, until_ms }),
+        &encode_versioned(RECORD_V1, &next),
     );
     Ok(true)
 }
 
-/// Whether `owner` holds the stripe's repair lease beyond `after_ms`: what
-/// a gateway checks before it commits or deletes a copy it wrote, leaving
-/// itself the time the deletes take.
+/// Whether `owner` still holds the stripe's repair lease (nobody took it
+/// over). The holder also keeps to its own lease period by its monotonic
+/// clock (the gateway's `StripeLease`).
 pub async fn holds_repair_lease_tx<T: Transaction>(
     tx: &T,
     evidence: EvidenceId,
     stripe: u64,
     owner: [u8; 16],
-    after_ms: u64,
 ) -> Result<bool, SchemaError> {
     Ok(get_repair_lease_tx(tx, evidence, stripe)
         .await?
-        .is_some_and(|l| l.owner == owner && l.until_ms > after_ms))
+        .is_some_and(|l| l.owner == owner))
 }
 
 /// The stripe's repair lease, live or lapsed.
@@ -803,7 +809,7 @@ pub async fn get_repair_lease_tx<T: Transaction>(
     }
 }
 
-/// Gives the stripe's repair lease up if `owner` holds it (lapsed or not).
+/// Gives the stripe's repair lease up if `owner` holds it.
 pub async fn release_repair_lease_tx<T: Transaction>(
     tx: &T,
     evidence: EvidenceId,

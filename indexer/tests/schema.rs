@@ -774,29 +774,41 @@ async fn repair_commits_only_over_what_it_read_and_never_after_expunge() {
     assert_eq!(c, schema::RepairCommit::Gone);
 }
 
-/// One gateway repairs a stripe at a time: a live lease keeps others off,
-/// a lapsed one is anyone's, its holder may renew it, only the holder
-/// gives it up, and it goes with the stripe's records.
+/// One task repairs a stripe at a time: a held lease keeps others off
+/// unless it is exactly the value they watched go stale; renewing it
+/// changes that value; only its holder renews or gives it up; and it goes
+/// with the stripe's records.
 #[tokio::test]
-async fn a_stripe_is_repaired_under_one_gateways_lease() {
+async fn a_stripe_is_repaired_under_one_tasks_lease() {
+    use schema::RepairLease;
     let (_d, s) = store();
     let id = EvidenceId::new(1, [11; 10]);
     let (a, b) = ([1u8; 16], [2u8; 16]);
-    let take = |who: [u8; 16], now: u64, until: u64| {
+    let take = |who: [u8; 16], stale: Option<RepairLease>| {
         let s = &s;
         async move {
             run(s, |tx| async move {
-                schema::take_repair_lease_tx(&tx, id, 0, who, now, until).await
+                schema::take_repair_lease_tx(&tx, id, 0, who, stale).await
             })
             .await
             .unwrap()
         }
     };
-    let holds = |who: [u8; 16], after: u64| {
+    let holds = |who: [u8; 16]| {
         let s = &s;
         async move {
             run(s, |tx| async move {
-                schema::holds_repair_lease_tx(&tx, id, 0, who, after).await
+                schema::holds_repair_lease_tx(&tx, id, 0, who).await
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let renew = |who: [u8; 16]| {
+        let s = &s;
+        async move {
+            run(s, |tx| async move {
+                schema::renew_repair_lease_tx(&tx, id, 0, who).await
             })
             .await
             .unwrap()
@@ -812,36 +824,39 @@ async fn a_stripe_is_repaired_under_one_gateways_lease() {
             .unwrap()
         }
     };
-    assert!(!holds(a, 0).await, "nobody holds a stripe never leased");
-    assert!(take(a, 1_000, 2_000).await);
-    assert!(holds(a, 1_500).await);
-    assert!(!holds(a, 2_000).await, "not beyond its end");
-    assert!(!holds(b, 1_500).await);
-    assert!(
-        !take(b, 1_999, 3_000).await,
-        "a live lease keeps others off"
+    assert!(!holds(a).await, "nobody holds a stripe never leased");
+    assert!(!renew(a).await, "nor renews one");
+    assert_eq!(take(a, None).await, None, "free: taken");
+    assert!(holds(a).await);
+    let first = RepairLease { owner: a, beat: 0 };
+    assert_eq!(
+        take(b, None).await,
+        Some(first),
+        "held: the holder's lease comes back"
     );
-    assert!(take(a, 1_999, 4_000).await, "its holder renews it");
-    assert!(!take(b, 3_000, 5_000).await);
-    let renew = |who: [u8; 16], until: u64| {
-        let s = &s;
-        async move {
-            run(s, |tx| async move {
-                schema::renew_repair_lease_tx(&tx, id, 0, who, until).await
-            })
-            .await
-            .unwrap()
-        }
-    };
-    assert!(!renew(b, 9_000).await, "only its holder renews it");
-    assert!(renew(a, 4_000).await);
+    assert!(!holds(b).await);
+    assert!(!renew(b).await, "only its holder renews it");
+    assert!(renew(a).await);
+    let second = RepairLease { owner: a, beat: 1 };
+    assert_eq!(
+        take(b, Some(first)).await,
+        Some(second),
+        "renewed since it was watched: not stale"
+    );
     release(b).await;
-    assert!(holds(a, 3_999).await, "only the holder gives it up");
-    assert!(take(b, 4_000, 6_000).await, "a lapsed lease is anyone's");
-    assert!(!holds(a, 0).await, "and its old holder no longer has it");
+    assert!(holds(a).await, "only the holder gives it up");
+    assert_eq!(
+        take(b, Some(second)).await,
+        None,
+        "watched stale: taken over"
+    );
+    assert!(holds(b).await && !holds(a).await);
+    assert!(!renew(a).await, "its old holder cannot renew it back");
+    release(a).await;
+    assert!(holds(b).await);
     release(b).await;
-    assert!(!renew(b, 9_000).await, "a lease given up is not renewed");
-    assert!(take(a, 4_001, 5_000).await, "given up, it is free at once");
+    assert!(!renew(b).await, "a lease given up is not renewed");
+    assert_eq!(take(a, None).await, None, "given up, it is free at once");
 
     // The stripe's records going (GC after an abort) take the lease too.
     begin(&s, id, "court", None).await.unwrap();
