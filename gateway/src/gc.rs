@@ -401,8 +401,9 @@ pub async fn sweep_orphans<S: Store>(
                 .await;
                 match claimed {
                     Ok(Some(false)) => match lease
-                        .renewed(gw, gw.nodes.client.rpc_delete_shard(entry.addr, key))
+                        .renewed(gw, lease.delete_shard(gw, entry.addr, key))
                         .await
+                        .unwrap_or_else(|| Err("its stripe's lease is no longer held".to_owned()))
                     {
                         Ok(_) => {
                             sweep.deleted += 1;

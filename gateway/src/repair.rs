@@ -88,8 +88,9 @@ pub const OLD_COPY_GRACE: Duration = Duration::from_secs(300);
 /// How long a claim on a stripe must be seen unchanged before another task
 /// takes it over: the task holding it renews it every [`LEASE_RENEW`] while
 /// it works, so one that died (its gateway killed) keeps the stripe from
-/// the others about this long after they first look (measured by each
-/// gateway's monotonic clock; wall clocks play no part).
+/// the others at least this long after they first look, until their next
+/// look after that (measured by each gateway's monotonic clock; wall
+/// clocks play no part).
 pub const REPAIR_LEASE: Duration = Duration::from_secs(30);
 /// How often a task renews the lease it works under.
 pub const LEASE_RENEW: Duration = Duration::from_secs(5);
@@ -170,8 +171,8 @@ pub enum Outcome {
     Waiting,
     /// The evidence is gone (expunged) or the stripe no longer exists.
     Gone,
-    /// Another task (another gateway's repair, or a deletion of old
-    /// copies) holds the stripe's repair lease.
+    /// Another task (another gateway's repair, a deletion of old copies,
+    /// the orphan sweep) holds the stripe's repair lease.
     Elsewhere,
 }
 
@@ -604,16 +605,17 @@ pub async fn repair_stripe<S: Store>(
 /// [`REPAIR_LEASE`] belongs to a task that died, and is taken over.
 #[derive(Debug, Default)]
 pub struct LeaseSightings {
-    seen: std::sync::Mutex<HashMap<(EvidenceId, u64), (RepairLease, Instant)>>,
+    /// The lease as last found, when first found so, and when last looked.
+    seen: std::sync::Mutex<Sightings>,
 }
 
-/// Sightings kept before old ones are dropped.
+/// Sightings kept before those of stripes not looked at lately are dropped.
 const SIGHTINGS_KEPT: usize = 65_536;
 
+type Sightings = HashMap<(EvidenceId, u64), (RepairLease, Instant, Instant)>;
+
 impl LeaseSightings {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(EvidenceId, u64), (RepairLease, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Sightings> {
         self.seen
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -624,25 +626,25 @@ impl LeaseSightings {
     fn stale(&self, evidence: EvidenceId, stripe: u64, now: Instant) -> Option<RepairLease> {
         self.lock()
             .get(&(evidence, stripe))
-            .filter(|(_, since)| now.saturating_duration_since(*since) >= REPAIR_LEASE)
-            .map(|(lease, _)| *lease)
+            .filter(|(_, since, _)| now.saturating_duration_since(*since) >= REPAIR_LEASE)
+            .map(|(lease, ..)| *lease)
     }
 
     /// Notes the stripe's lease as found held at `now`.
     fn saw(&self, evidence: EvidenceId, stripe: u64, lease: RepairLease, now: Instant) {
         let mut seen = self.lock();
-        match seen.get(&(evidence, stripe)) {
-            Some((same, _)) if *same == lease => {}
-            _ => {
-                if seen.len() >= SIGHTINGS_KEPT {
-                    // Sightings of stripes not looked at again for a while.
-                    seen.retain(|_, (_, since)| {
-                        now.saturating_duration_since(*since) < 4 * REPAIR_LEASE
-                    });
-                }
-                seen.insert((evidence, stripe), (lease, now));
+        if let Some((same, _, last)) = seen.get_mut(&(evidence, stripe)) {
+            if *same == lease {
+                *last = now;
+                return;
             }
         }
+        if seen.len() >= SIGHTINGS_KEPT {
+            // Stripes not looked at for a while (their repair ended, or
+            // nothing queues them any more).
+            seen.retain(|_, (_, _, last)| now.saturating_duration_since(*last) < 4 * REPAIR_LEASE);
+        }
+        seen.insert((evidence, stripe), (lease, now, now));
     }
 
     fn forget(&self, evidence: EvidenceId, stripe: u64) {
@@ -691,7 +693,7 @@ impl StripeLease {
             return Ok(None);
         }
         if let Some(dead) = stale {
-            tracing::info!(%evidence, stripe, beat = dead.beat, "took over a repair lease unchanged for a whole lease period");
+            tracing::debug!(%evidence, stripe, beat = dead.beat, "repair lease taken (over, if its holder had not given it up)");
         }
         gw.repair_leases.forget(evidence, stripe);
         Ok(Some(StripeLease {
@@ -740,7 +742,7 @@ impl StripeLease {
                     }
                     Ok(false) => {
                         self.lost.store(true, std::sync::atomic::Ordering::Relaxed);
-                        tracing::warn!(%evidence, stripe, "repair lease lost to another task; this one will not commit or delete");
+                        tracing::info!(%evidence, stripe, "repair lease no longer this task's (given up, or taken over): it commits and deletes nothing more");
                         return;
                     }
                     // Tried again at the next renewal.
@@ -794,14 +796,59 @@ impl StripeLease {
         }
     }
 
-    /// Deletes `copies`, each only while the lease is still fresh.
+    /// Deletes one copy of a shard of its stripe: only while the index still
+    /// names this task and its own count leaves [`LEASE_MARGIN`], and
+    /// within what is left of the lease (no other task can take it over
+    /// before then). `None`: not attempted.
+    pub(crate) async fn delete_shard<S: Store>(
+        &self,
+        gw: &Gateway<S>,
+        addr: std::net::SocketAddr,
+        key: ShardKey,
+    ) -> Option<Result<bool, String>> {
+        if key.evidence != self.evidence || key.stripe != self.stripe || !self.held(gw).await {
+            return None;
+        }
+        let since = *self
+            .since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let left = REPAIR_LEASE
+            .saturating_sub(since.elapsed())
+            .saturating_sub(LEASE_MARGIN / 4);
+        Some(
+            match tokio::time::timeout(left, gw.nodes.client.rpc_delete_shard(addr, key)).await {
+                Ok(Ok(existed)) => Ok(existed),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("no answer within the lease".to_owned()),
+            },
+        )
+    }
+
+    /// Deletes `copies` of shards of its stripe, each as [`delete_shard`]
+    /// (Self::delete_shard) does; the rest are left for the orphan sweep
+    /// once the lease is not held.
     async fn delete<S: Store>(&self, gw: &Gateway<S>, copies: &[(usize, NodeId)]) {
-        for (n, copy) in copies.iter().enumerate() {
-            if !self.fresh() {
-                tracing::warn!(evidence = %self.evidence, stripe = self.stripe, left = copies.len() - n, "repair lease no longer fresh: copies left for the orphan sweep");
-                return;
+        for (n, &(i, node)) in copies.iter().enumerate() {
+            let Some(addr) = gw.nodes.addr(node) else {
+                continue;
+            };
+            let key = ShardKey {
+                evidence: self.evidence,
+                stripe: self.stripe,
+                index: i as u8,
+            };
+            match self.delete_shard(gw, addr, key).await {
+                None => {
+                    tracing::warn!(evidence = %self.evidence, stripe = self.stripe, left = copies.len() - n, "repair lease no longer held: copies left for the orphan sweep");
+                    return;
+                }
+                Some(Ok(_)) => {}
+                // Left behind: an orphan for the sweep.
+                Some(Err(e)) => {
+                    tracing::debug!(shard = %key, %node, error = %e, "could not delete a shard copy")
+                }
             }
-            delete_copies(gw, self.evidence, self.stripe, std::slice::from_ref(copy)).await;
         }
     }
 }
@@ -817,12 +864,7 @@ async fn delete_own_copies<S: Store>(
     if copies.is_empty() {
         return;
     }
-    let (evidence, stripe) = (lease.evidence, lease.stripe);
-    if lease.held(gw).await {
-        lease.delete(gw, copies).await;
-    } else {
-        tracing::warn!(%evidence, stripe, copies = copies.len(), "repair lease lapsed: copies written are left for the orphan sweep");
-    }
+    lease.delete(gw, copies).await;
 }
 
 async fn repair_leased<S: Store>(
@@ -1312,11 +1354,10 @@ async fn commit_repair<S: Store>(
             return Ok(Outcome::Gone);
         }
         RepairCommit::Changed => {
-            // The record changed while this task held the lease: another
-            // writer, or a repair whose lease this one took over, committed
-            // first and may have placed the same shard on the same node
-            // (the placement ranking is the same for both): its copy is
-            // not ours to delete.
+            // The record changed while this task held the lease (another
+            // writer), or an earlier attempt of this commit landed and the
+            // stripe changed again since: a placement it names now is not
+            // ours to delete.
             let placed = indexer::run(&gw.store, |tx| async move {
                 schema::get_stripe_tx(&tx, evidence, stripe).await
             })
@@ -1331,7 +1372,7 @@ async fn commit_repair<S: Store>(
                         .is_none_or(|p| p.node != Some(n))
                 })
                 .collect();
-            delete_copies(gw, evidence, stripe, &ours).await;
+            lease.delete(gw, &ours).await;
             return Ok(Outcome::Waiting);
         }
     }
@@ -1658,5 +1699,43 @@ mod tests {
             None,
             "forgotten once taken"
         );
+    }
+
+    /// A full map drops the stripes not looked at lately, never one that
+    /// keeps being looked at (its first sighting, which take-over counts
+    /// from, is kept).
+    #[test]
+    fn sightings_of_stripes_still_looked_at_survive_pruning() {
+        let w = LeaseSightings::default();
+        let e = EvidenceId::new(1, [2; 10]);
+        let t0 = Instant::now();
+        let dead = RepairLease {
+            owner: [4; 16],
+            beat: 0,
+        };
+        w.saw(e, u64::MAX, dead, t0);
+        for stripe in 0..(SIGHTINGS_KEPT as u64 - 1) {
+            w.saw(e, stripe, dead, t0);
+        }
+        let later = t0 + REPAIR_LEASE * 5;
+        w.saw(e, u64::MAX, dead, later);
+        // Full: the next new sighting prunes.
+        w.saw(
+            EvidenceId::new(2, [2; 10]),
+            0,
+            dead,
+            later + Duration::from_secs(1),
+        );
+        assert_eq!(
+            w.lock().len(),
+            2,
+            "only the stripes looked at lately are kept"
+        );
+        assert_eq!(
+            w.stale(e, u64::MAX, later),
+            Some(dead),
+            "counted from its first sighting"
+        );
+        assert_eq!(w.stale(e, 0, later), None, "dropped");
     }
 }
