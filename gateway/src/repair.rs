@@ -1362,17 +1362,7 @@ async fn commit_repair<S: Store>(
                 schema::get_stripe_tx(&tx, evidence, stripe).await
             })
             .await?;
-            let ours: Vec<(usize, NodeId)> = written
-                .iter()
-                .copied()
-                .filter(|&(i, n)| {
-                    placed
-                        .as_ref()
-                        .and_then(|r| r.shards.get(i))
-                        .is_none_or(|p| p.node != Some(n))
-                })
-                .collect();
-            lease.delete(gw, &ours).await;
+            lease.delete(gw, &unplaced(written, placed.as_ref())).await;
             return Ok(Outcome::Waiting);
         }
     }
@@ -1533,16 +1523,7 @@ async fn delete_old_copies<S: Store>(
     .await;
     match placed {
         Ok(Some(placed)) => {
-            let unplaced: Vec<(usize, NodeId)> = old
-                .iter()
-                .copied()
-                .filter(|&(i, n)| {
-                    placed
-                        .as_ref()
-                        .and_then(|r| r.shards.get(i))
-                        .is_none_or(|p| p.node != Some(n))
-                })
-                .collect();
+            let unplaced = unplaced(old, placed.as_ref());
             lease.renewed(gw, lease.delete(gw, &unplaced)).await;
         }
         Ok(None) => {}
@@ -1551,6 +1532,20 @@ async fn delete_old_copies<S: Store>(
         }
     }
     lease.release(gw).await;
+}
+
+/// The `copies` (shard index, node) that `placed` (the stripe's record
+/// now, if any) does not place: those not in use, to delete.
+fn unplaced(copies: &[(usize, NodeId)], placed: Option<&StripeRecord>) -> Vec<(usize, NodeId)> {
+    copies
+        .iter()
+        .copied()
+        .filter(|&(i, n)| {
+            placed
+                .and_then(|r| r.shards.get(i))
+                .is_none_or(|p| p.node != Some(n))
+        })
+        .collect()
 }
 
 async fn delete_copies<S: Store>(
