@@ -706,7 +706,8 @@ impl StripeLease {
     }
 
     /// Whether it is still this task's by its own clock, with
-    /// [`LEASE_MARGIN`] to spare (no index read: checked before each delete).
+    /// [`LEASE_MARGIN`] to spare, and no renewal found it gone (no index
+    /// read; [`held_tx`](Self::held_tx) adds one).
     fn fresh(&self) -> bool {
         let since = *self
             .since
