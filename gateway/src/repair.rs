@@ -798,9 +798,12 @@ impl StripeLease {
     }
 
     /// Deletes one copy of a shard of its stripe: only while the index still
-    /// names this task and its own count leaves [`LEASE_MARGIN`], and
-    /// within what is left of the lease (no other task can take it over
-    /// before then). `None`: not attempted.
+    /// names this task and its own count leaves [`LEASE_MARGIN`]. The
+    /// gateway waits for the answer only as long as the lease has left (no
+    /// other task can take it over before then); a request already sent is
+    /// not recalled, so a node that holds it longer could still carry it
+    /// out late (closing that needs a delete the node fences itself).
+    /// `None`: not attempted.
     pub(crate) async fn delete_shard<S: Store>(
         &self,
         gw: &Gateway<S>,
@@ -1356,9 +1359,7 @@ async fn commit_repair<S: Store>(
         }
         RepairCommit::Changed => {
             // The record changed while this task held the lease (another
-            // writer), or an earlier attempt of this commit landed and the
-            // stripe changed again since: a placement it names now is not
-            // ours to delete.
+            // writer): a placement it names now is not ours to delete.
             let placed = indexer::run(&gw.store, |tx| async move {
                 schema::get_stripe_tx(&tx, evidence, stripe).await
             })
