@@ -386,21 +386,17 @@ pub async fn sweep_orphans<S: Store>(
                         continue;
                     }
                 };
-                let claimed = indexer::run(&gw.store, |tx| {
-                    let lease = &lease;
-                    async move {
-                        if !lease.held_tx(&tx).await? {
-                            return Ok(None);
-                        }
-                        Ok::<_, schema::SchemaError>(Some(
-                            schema::shard_placed_on_tx(&tx, &key, node).await?
-                                || schema::get_intent_tx(&tx, key.evidence).await?.is_some(),
-                        ))
-                    }
+                // delete_shard checks the lease is still held right before
+                // it deletes, so no repair changed the placement since.
+                let claimed = indexer::run(&gw.store, |tx| async move {
+                    Ok::<_, schema::SchemaError>(
+                        schema::shard_placed_on_tx(&tx, &key, node).await?
+                            || schema::get_intent_tx(&tx, key.evidence).await?.is_some(),
+                    )
                 })
                 .await;
                 match claimed {
-                    Ok(Some(false)) => match lease
+                    Ok(false) => match lease
                         .renewed(gw, lease.delete_shard(gw, entry.addr, key))
                         .await
                         .unwrap_or_else(|| Err("its stripe's lease is no longer held".to_owned()))
@@ -415,8 +411,8 @@ pub async fn sweep_orphans<S: Store>(
                             still.insert((node, key), first);
                         }
                     },
-                    Ok(Some(true)) => {}
-                    Ok(None) | Err(_) => {
+                    Ok(true) => {}
+                    Err(_) => {
                         still.insert((node, key), first);
                     }
                 }

@@ -709,12 +709,16 @@ impl StripeLease {
     /// [`LEASE_MARGIN`] to spare, and no renewal found it gone (no index
     /// read; [`held_tx`](Self::held_tx) adds one).
     fn fresh(&self) -> bool {
-        let since = *self
-            .since
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         !self.lost.load(std::sync::atomic::Ordering::Relaxed)
-            && since.elapsed() + LEASE_MARGIN < REPAIR_LEASE
+            && self.counted() + LEASE_MARGIN < REPAIR_LEASE
+    }
+
+    /// Time since its last take or renewal that succeeded began.
+    fn counted(&self) -> Duration {
+        self.since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .elapsed()
     }
 
     /// Runs `work`, renewing the lease every [`LEASE_RENEW`] until it ends
@@ -763,10 +767,7 @@ impl StripeLease {
 
     /// Whether it is still held, with [`LEASE_MARGIN`] to spare, checked in
     /// `tx` (what a commit checks in its own transaction).
-    pub(crate) async fn held_tx<T: indexer::Transaction>(
-        &self,
-        tx: &T,
-    ) -> Result<bool, schema::SchemaError> {
+    async fn held_tx<T: indexer::Transaction>(&self, tx: &T) -> Result<bool, schema::SchemaError> {
         Ok(self.fresh()
             && schema::holds_repair_lease_tx(tx, self.evidence, self.stripe, self.owner).await?)
     }
@@ -813,12 +814,8 @@ impl StripeLease {
         if key.evidence != self.evidence || key.stripe != self.stripe || !self.held(gw).await {
             return None;
         }
-        let since = *self
-            .since
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let left = REPAIR_LEASE
-            .saturating_sub(since.elapsed())
+            .saturating_sub(self.counted())
             .saturating_sub(LEASE_MARGIN / 4);
         Some(
             match tokio::time::timeout(left, gw.nodes.client.rpc_delete_shard(addr, key)).await {
@@ -855,20 +852,6 @@ impl StripeLease {
             }
         }
     }
-}
-
-/// Deletes copies this repair wrote and will not commit, if it still holds
-/// the stripe's lease: otherwise another repair may be about to commit the
-/// same shard on the same node, and they are left for the orphan sweep.
-async fn delete_own_copies<S: Store>(
-    gw: &Gateway<S>,
-    lease: &StripeLease,
-    copies: &[(usize, NodeId)],
-) {
-    if copies.is_empty() {
-        return;
-    }
-    lease.delete(gw, copies).await;
 }
 
 async fn repair_leased<S: Store>(
@@ -1107,7 +1090,9 @@ async fn repair_leased<S: Store>(
         }
     }
     if let Some(e) = failed {
-        delete_own_copies(gw, lease, &written).await;
+        // Copies this repair will not commit (left for the orphan sweep if
+        // the lease is no longer held).
+        lease.delete(gw, &written).await;
         return Err(e);
     }
 
@@ -1234,7 +1219,7 @@ async fn rebuild_on_targets<S: Store>(
             })
             .map(|(w, _)| *w)
             .collect();
-        delete_own_copies(gw, lease, &stored).await;
+        lease.delete(gw, &stored).await;
         return Ok(None);
     }
     // Every shard counted: built and read back, hashed as a source by the
@@ -1513,22 +1498,17 @@ async fn delete_old_copies<S: Store>(
         attempts += 1;
         tokio::time::sleep(LEASE_RENEW).await;
     };
-    let placed = indexer::run(&gw.store, |tx| {
-        let lease = &lease;
-        async move {
-            if !lease.held_tx(&tx).await? {
-                return Ok(None);
-            }
-            Ok::<_, schema::SchemaError>(Some(schema::get_stripe_tx(&tx, evidence, stripe).await?))
-        }
+    // Read under the lease; each delete checks it is still held (so no
+    // repair can have changed the placement in between).
+    let placed = indexer::run(&gw.store, |tx| async move {
+        schema::get_stripe_tx(&tx, evidence, stripe).await
     })
     .await;
     match placed {
-        Ok(Some(placed)) => {
+        Ok(placed) => {
             let unplaced = unplaced(old, placed.as_ref());
             lease.renewed(gw, lease.delete(gw, &unplaced)).await;
         }
-        Ok(None) => {}
         Err(e) => {
             tracing::warn!(%evidence, stripe, error = %e, "old shard copies not deleted; left for the orphan sweep");
         }
