@@ -40,6 +40,9 @@ pub struct BenchArgs {
     /// up to this size are packed into segments with group commit.
     #[arg(long)]
     small_shard_bytes: Option<u32>,
+    /// Bytes per shard (default: the gateway's default, 1 MiB).
+    #[arg(long)]
+    shard_size: Option<u32>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -397,7 +400,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         args.nodes
     );
     let cdir = dir.join("cluster");
-    let local = LocalCluster::start_with(
+    let mut local = LocalCluster::start_with(
         &cdir,
         args.nodes,
         args.k,
@@ -407,6 +410,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         args.small_shard_bytes,
     )
     .await?;
+    if let Some(size) = args.shard_size {
+        local.cluster.gateway.shard_size_bytes = size;
+    }
     let store = indexer::EmbeddedStore::open(&local.cluster.gateway.index_path)?;
     let gw = gateway::serve(
         local.cluster.gateway.clone(),
