@@ -82,6 +82,13 @@ pub(crate) struct Loc {
     pub len: u32,
 }
 
+impl Loc {
+    /// Where the record ends in its segment.
+    pub fn end(&self) -> u64 {
+        self.off + u64::from(self.len)
+    }
+}
+
 /// The head of a delete record: which key, and a bound: every record of the
 /// key written before the delete (indexed or not: a copy whose fsync failed
 /// may still be on disk) is in a segment no newer than `segment`, the active
@@ -206,6 +213,8 @@ pub(crate) struct SegmentLog {
     synced: Condvar,
     index: RwLock<Index>,
     syncs: AtomicU64,
+    /// Segments compaction passes over (see [`SegmentLog::skip_compaction`]).
+    stuck: Mutex<std::collections::BTreeSet<u64>>,
 }
 
 impl SegmentLog {
@@ -283,6 +292,7 @@ impl SegmentLog {
             synced: Condvar::new(),
             index: RwLock::new(index),
             syncs: AtomicU64::new(0),
+            stuck: Mutex::default(),
         })
     }
 
@@ -419,22 +429,47 @@ impl SegmentLog {
 
     /// A sealed segment worth compacting (live records under half its
     /// length), oldest first.
+    ///
+    /// Only segments older than the active one qualify: the active id is
+    /// read first, and a segment sealed after that (with the next one
+    /// created, empty) has an id no older than it. Segments whose
+    /// compaction left something behind (see [`Self::skip_compaction`]) are
+    /// passed over, so one of them cannot hold up all the others.
     pub fn compaction_candidate(&self) -> Option<u64> {
         let active = lock(&self.active).id;
+        let skipped = lock(&self.stuck).clone();
         let index = self.read_index();
         index
             .segments
-            .iter()
-            .find(|(&id, s)| {
-                id != active && s.pending.load(Ordering::Acquire) == 0 && s.live * 2 < s.len.max(1)
+            .range(..active)
+            .find(|(id, s)| {
+                !skipped.contains(id)
+                    && s.pending.load(Ordering::Acquire) == 0
+                    && s.live * 2 < s.len.max(1)
             })
             .map(|(&id, _)| id)
+    }
+
+    /// Passes over segment `id` in later [`Self::compaction_candidate`]s
+    /// (until the node restarts): compacting it left a record that could not
+    /// be copied (damaged, for a read or the scrubber to quarantine) or the
+    /// file could not be removed.
+    pub fn skip_compaction(&self, id: u64) {
+        lock(&self.stuck).insert(id);
     }
 
     /// The shard records still current in segment `id`, and the tombstones
     /// there that hide a record in a segment that still exists.
     pub fn survivors(&self, id: u64) -> io::Result<Survivors> {
-        let bytes = fs::read(self.dir.join(segment_name(id)))?;
+        let bytes = match fs::read(self.dir.join(segment_name(id))) {
+            Ok(b) => b,
+            // Removed by an earlier compaction whose directory fsync failed:
+            // nothing is left in it to keep.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok((Vec::new(), Vec::new()));
+            }
+            Err(e) => return Err(e),
+        };
         let index = self.read_index();
         let Some(seg_key) = index.segments.get(&id).map(|s| s.key) else {
             return Ok((Vec::new(), Vec::new()));
@@ -515,7 +550,15 @@ impl SegmentLog {
     /// Removes segment `id` once nothing current or in flight is left in it.
     /// The index forgets it only once the removal is durable: while the file
     /// may still exist, tombstones that hide its records are kept.
+    ///
+    /// Never the active segment, nor one sealed after `id` was chosen: only
+    /// segments older than the active one are removed (ids only grow, so
+    /// one older now stays older).
     pub fn drop_segment(&self, id: u64) -> io::Result<bool> {
+        // Lock order: the active segment before the index (as `seal`).
+        if id >= lock(&self.active).id {
+            return Ok(false);
+        }
         let mut index = self.write_index();
         let busy = index
             .segments
@@ -524,7 +567,11 @@ impl SegmentLog {
         if busy || index.entries.values().any(|l| l.seg == id) {
             return Ok(false);
         }
-        fs::remove_file(self.dir.join(segment_name(id)))?;
+        match fs::remove_file(self.dir.join(segment_name(id))) {
+            // Gone already: an earlier removal whose directory fsync failed.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            r => r?,
+        }
         File::open(&self.dir)?.sync_all()?;
         index.segments.remove(&id);
         Ok(true)
@@ -604,6 +651,23 @@ impl SegmentLog {
         }
         self.synced.notify_all();
         *active = next;
+        Ok(())
+    }
+
+    /// Returns once every record ending at one of `ends` (segment, end
+    /// offset) is durable. Each segment is waited on, not only the newest:
+    /// records appended together can straddle a seal, and a failed fsync of
+    /// the earlier segment shows only when that segment is waited on (the
+    /// seal after a failure raises the durable mark past it).
+    pub fn wait_all_durable(&self, ends: impl IntoIterator<Item = (u64, u64)>) -> io::Result<()> {
+        let mut last = BTreeMap::new();
+        for (seg, end) in ends {
+            let e = last.entry(seg).or_insert(0);
+            *e = end.max(*e);
+        }
+        for (seg, end) in last {
+            self.wait_durable(seg, end)?;
+        }
         Ok(())
     }
 
@@ -691,14 +755,16 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn create_segment(dir: &Path, id: u64) -> io::Result<Active> {
-    // An empty file of this id is what a failed earlier attempt left.
+    // A file of this id holding no more than a header is what a failed
+    // earlier attempt left (its header written, an fsync failed): it never
+    // held a record, so it is started again with a fresh key.
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .open(dir.join(segment_name(id)))?;
-    if file.metadata()?.len() > 0 {
+    if file.metadata()?.len() > HEADER_LEN as u64 {
         return Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
             format!("segment {id} already holds records"),
@@ -769,10 +835,28 @@ fn segment_key(bytes: &[u8]) -> Option<SegKey> {
     header[8..].try_into().ok()
 }
 
+/// Indexes the records of segment `id`. A shard record whose body does not
+/// match its header is not indexed, so an older copy of the key stays
+/// current: compaction's copies and re-puts are appended before their fsync,
+/// and a crash may keep a copy's frame and head but not its body; that torn
+/// copy must not hide (and, once a read quarantined it, delete) the intact
+/// record it was copied from. A record damaged on the disk later is missed
+/// the same way, and repair rebuilds it like any missing shard.
 fn scan_segment(id: u64, key: &SegKey, bytes: &[u8], index: &mut Index) {
     for_each_record(key, bytes, |kind, head, off, len| match kind {
         KIND_SHARD => match ShardHeader::decode(head) {
             Ok(h) if FRAME + head.len() + h.len as usize == len as usize => {
+                let body_at = off as usize + FRAME + head.len();
+                let body = bytes.get(body_at..off as usize + len as usize);
+                if !body.is_some_and(|b| h.matches(b)) {
+                    tracing::warn!(
+                        segment = id,
+                        offset = off,
+                        shard = %h.key,
+                        "segment record whose body fails its BLAKE3: not served"
+                    );
+                    return;
+                }
                 let loc = Loc { seg: id, off, len };
                 if let Some(old) = index.entries.insert(fanout_key(&h.key), loc) {
                     index.add_live(old.seg, -(old.len as i64));
@@ -832,6 +916,119 @@ mod tests {
             .join(SEGMENTS_DIR)
             .join(segment_name(seg))
             .exists());
+    }
+
+    /// A segment sealed while compaction chose its candidate is the new
+    /// active one, empty: neither the choice nor the removal may take it.
+    #[test]
+    fn the_active_segment_is_never_compacted_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SegmentLog::open(dir.path()).unwrap();
+        let (sealed, _, _, pending) = log.append(KIND_DELETE, b"x", &[]).unwrap();
+        drop(pending);
+        {
+            let mut active = lock(&log.active);
+            log.seal(&mut active, false).unwrap();
+        }
+        let active = lock(&log.active).id;
+        assert!(active > sealed);
+        // The new active segment holds nothing current and nothing in
+        // flight, like the one just sealed.
+        assert!(
+            !log.drop_segment(active).unwrap(),
+            "dropped the active segment"
+        );
+        let file = dir.path().join(SEGMENTS_DIR).join(segment_name(active));
+        assert!(file.exists());
+        assert_eq!(log.compaction_candidate(), Some(sealed));
+        // A put after all that lands in a file that is still there.
+        let body = b"after".to_vec();
+        let h = shard(3, &body);
+        let (loc, _) = log.put(&h, &body).unwrap();
+        assert_eq!(loc.seg, active);
+        let reopened = SegmentLog::open(dir.path()).unwrap();
+        assert!(matches!(
+            reopened.read(&h.key, loc, false).unwrap(),
+            ReadRecord::Shard(_, b) if b == body
+        ));
+    }
+
+    /// A crash can keep a copy's frame and head without its body (appended,
+    /// never fsynced). At the next open the intact older record must stay
+    /// the key's, not be hidden by the torn copy.
+    #[test]
+    fn a_torn_copy_does_not_hide_the_intact_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = vec![0x5a; 3000];
+        let h = shard(4, &body);
+        let (first, torn) = {
+            let log = SegmentLog::open(dir.path()).unwrap();
+            let (first, _) = log.put(&h, &body).unwrap();
+            {
+                let mut active = lock(&log.active);
+                log.seal(&mut active, false).unwrap();
+            }
+            let (seg, off, len, pending) = log.append(KIND_SHARD, &h.encode(), &body).unwrap();
+            drop(pending);
+            log.wait_durable(seg, off + len as u64).unwrap();
+            (first, Loc { seg, off, len })
+        };
+        assert!(torn.seg > first.seg);
+        // The copy's body pages never reached the disk.
+        let path = dir.path().join(SEGMENTS_DIR).join(segment_name(torn.seg));
+        let mut bytes = fs::read(&path).unwrap();
+        let body_at = (torn.off + torn.len as u64) as usize - body.len();
+        bytes[body_at..body_at + 2048].fill(0);
+        fs::write(&path, bytes).unwrap();
+
+        let log = SegmentLog::open(dir.path()).unwrap();
+        assert_eq!(log.locate(&h.key), Some(first));
+        assert!(matches!(
+            log.read(&h.key, first, false).unwrap(),
+            ReadRecord::Shard(_, b) if b == body
+        ));
+    }
+
+    /// A segment whose header was written but whose fsync failed held no
+    /// record: the next attempt at that id starts it again instead of
+    /// refusing every small put until a restart.
+    #[test]
+    fn a_header_only_leftover_segment_is_started_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let segments = dir.path().join(SEGMENTS_DIR);
+        fs::create_dir_all(&segments).unwrap();
+        let mut header = HEADER_MAGIC.to_vec();
+        header.extend_from_slice(&[1; 32]);
+        fs::write(segments.join(segment_name(1)), &header).unwrap();
+        let again = create_segment(&segments, 1).unwrap();
+        assert_ne!(again.key, [1; 32]);
+        // One holding a record is never started again.
+        let log = SegmentLog::open(dir.path()).unwrap();
+        let body = b"kept".to_vec();
+        let (loc, _) = log.put(&shard(5, &body), &body).unwrap();
+        assert!(create_segment(&segments, loc.seg).is_err());
+    }
+
+    /// Records appended together across a seal are durable only if every
+    /// segment they went to is: a failed fsync of the earlier one is not
+    /// hidden by the later one's success.
+    #[test]
+    fn records_straddling_a_failed_segment_are_not_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SegmentLog::open(dir.path()).unwrap();
+        let body = b"copy".to_vec();
+        let h = shard(6, &body);
+        let (a, a_off, a_len, pa) = log.append(KIND_SHARD, &h.encode(), &body).unwrap();
+        // Its fsync failed (as `wait_durable` records it); the next append
+        // seals it without an fsync and goes on in a new segment.
+        lock(&log.sync).failed.insert(a);
+        let (b, b_off, b_len, pb) = log.append(KIND_SHARD, &h.encode(), &body).unwrap();
+        assert!(b > a);
+        assert!(log.wait_durable(b, b_off + b_len as u64).is_ok());
+        assert!(log
+            .wait_all_durable([(a, a_off + a_len as u64), (b, b_off + b_len as u64)])
+            .is_err());
+        drop((pa, pb));
     }
 
     fn shard(n: u8, body: &[u8]) -> ShardHeader {

@@ -40,7 +40,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 const DISK_UUID_FILE: &str = "disk.uuid";
@@ -218,6 +218,10 @@ pub struct ShardStore {
     /// and a page fault per page (see [`crate::buffers`]); a buffer sent to a
     /// reader ([`get_shared`](Self::get_shared)) comes back once sent.
     read_buffers: Arc<BufferPool>,
+    /// Fan-out directories this process has made sure are durable (see
+    /// [`create_dir_durably`]): one parent fsync each per process, not one
+    /// per shard.
+    fanouts_durable: [AtomicBool; 256],
 }
 
 /// Free space a put in flight holds; released when dropped.
@@ -252,8 +256,9 @@ impl ShardStore {
     /// [`ShardStore::open`] with a layout other than the default. Shards already
     /// stored stay where they are whatever `config` says.
     pub fn open_with(data_dir: &Path, config: StoreConfig) -> Result<Self, StoreError> {
+        fs::create_dir_all(data_dir)?;
         for dir in [SHARDS_DIR, TMP_DIR, QUARANTINE_DIR] {
-            fs::create_dir_all(data_dir.join(dir))?;
+            create_dir_durably(&data_dir.join(dir))?;
         }
         let root = data_dir.to_path_buf();
         remove_temporary_files(&root.join(TMP_DIR))?;
@@ -281,7 +286,20 @@ impl ShardStore {
             reserve: config.reserve_bytes,
             claimed: AtomicU64::new(0),
             read_buffers: Arc::new(BufferPool::new(READ_BUFFER_IDLE_BYTES)),
+            fanouts_durable: std::array::from_fn(|_| AtomicBool::new(false)),
         })
+    }
+
+    /// Makes sure the fan-out directory of `key` exists and its entry is
+    /// durable before a shard file goes in it.
+    fn fanout_dir_durably(&self, key: &ShardKey) -> io::Result<()> {
+        let done = &self.fanouts_durable[usize::from(key.evidence.0[15])];
+        if done.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        create_dir_durably(&self.shard_dir(key))?;
+        done.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Whether shard files are written and read with `O_DIRECT` now.
@@ -357,7 +375,7 @@ impl ShardStore {
         if old_len.is_none() {
             // The fan-out directory is created on first use; a crash after this
             // leaves an empty directory, which is harmless.
-            create_dir_durably(&dir)?;
+            self.fanout_dir_durably(&key)?;
         }
         let prefix = header.file_prefix();
         let (written, refused) = durable_write_with(
@@ -657,9 +675,8 @@ impl ShardStore {
                     moved.push((key, from, to, pending));
                 }
             }
-            if let Some((_, _, to, _)) = moved.last() {
-                self.log.wait_durable(to.seg, to.off + to.len as u64)?;
-            }
+            self.log
+                .wait_all_durable(moved.iter().map(|(_, _, to, _)| (to.seg, to.end())))?;
             for (key, from, to, pending) in moved {
                 self.log.moved(&key, from, to);
                 drop(pending);
@@ -671,11 +688,15 @@ impl ShardStore {
             for t in batch {
                 copied.extend(self.log.copy_tombstone(t)?);
             }
-            if let Some((seg, end, _)) = copied.last() {
-                self.log.wait_durable(*seg, *end)?;
-            }
+            self.log
+                .wait_all_durable(copied.iter().map(|(seg, end, _)| (*seg, *end)))?;
         }
-        let dropped = self.log.drop_segment(id)?;
+        let dropped = self.log.drop_segment(id).inspect_err(|_| {
+            self.log.skip_compaction(id);
+        })?;
+        if !dropped {
+            self.log.skip_compaction(id);
+        }
         tracing::info!(
             segment = id,
             copied,
@@ -1101,17 +1122,20 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Creates `dir` if needed and makes its entry in its parent durable. The
+/// parent is fsynced even when `dir` already exists: another thread's
+/// `mkdir` may still be waiting on that fsync, or an earlier process may
+/// have crashed before it (the directory visible, its entry not on disk).
 pub(crate) fn create_dir_durably(dir: &Path) -> io::Result<()> {
     match fs::create_dir(dir) {
-        Ok(()) => {
-            if let Some(parent) = dir.parent() {
-                sync_dir(parent)?;
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(e),
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
     }
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
 }
 
 fn file_len(path: &Path) -> io::Result<Option<u64>> {
