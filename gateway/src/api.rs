@@ -464,7 +464,10 @@ pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {
         .route("/healthz", get(healthz::<S>))
         .route("/v1/evidence", post(file_evidence::<S>))
         .route("/v1/evidence/by-hash/{blake3}", get(by_hash::<S>))
-        .route("/v1/evidence/{id}", get(read_evidence::<S>))
+        .route(
+            "/v1/evidence/{id}",
+            get(read_evidence::<S>).head(head_evidence::<S>),
+        )
         .route("/v1/evidence/{id}/manifest", get(manifest::<S>))
         .route("/v1/evidence/{id}/receipt", get(evidence_receipt::<S>))
         .route("/v1/evidence/{id}/custody", get(custody::<S>))
@@ -618,7 +621,14 @@ async fn file_evidence<S: Store>(
         submitter: meta_header(h, "x-custodia-submitter")?,
         expect_blake3: hash_header::<Blake3Hash>(h, "x-custodia-blake3")?,
         expect_sha256: hash_header::<Sha256Hash>(h, "x-custodia-sha256")?,
-        idempotency_key: meta_header(h, "idempotency-key")?,
+        idempotency_key: meta_header(h, "idempotency-key")?
+            .map(|k| match k.is_empty() {
+                // An empty key would make every later filing that sends
+                // one a "retry" of the first.
+                true => Err(ApiError::BadRequest("Idempotency-Key is empty".into())),
+                false => Ok(k),
+            })
+            .transpose()?,
         provenance: protocol::ledger::Provenance {
             source_device: meta_header(h, "x-custodia-source-device")?,
             capture_time: meta_header(h, "x-custodia-capture-time")?,
@@ -655,14 +665,19 @@ async fn file_evidence<S: Store>(
     let mut body = evidence_json(&header);
     body["degraded_stripes"] = json!(degraded);
     // The receipt as soon as a signed checkpoint covers the statement; a
-    // stalled ledger never fails a durable filing: the receipt is then
-    // fetched later from its URL.
-    let receipt = crate::ledger::wait_for_receipt(&gw, header.evidence, &[Kind::Filed]).await?;
+    // stalled or failing ledger never fails a durable filing: the evidence
+    // is committed, and an error here would have the client file it again.
+    // The receipt is then fetched later from its URL.
+    let receipt = crate::ledger::wait_for_receipt(&gw, header.evidence, &[Kind::Filed])
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(evidence = %header.evidence, error = %e, "filed; its receipt could not be built yet");
+            None
+        });
     body["receipt_url"] = json!(format!("/v1/evidence/{}/receipt", header.evidence));
-    body["receipt"] = match receipt {
-        Some(r) => serde_json::to_value(r).map_err(|_| ApiError::Internal)?,
-        None => serde_json::Value::Null,
-    };
+    body["receipt"] = receipt
+        .and_then(|r| serde_json::to_value(r).ok())
+        .unwrap_or(serde_json::Value::Null);
     let mut resp = (StatusCode::CREATED, Json(body)).into_response();
     if replayed {
         resp.headers_mut()
@@ -763,6 +778,26 @@ async fn read_evidence<S: Store>(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    evidence_response(gw, id, headers, true).await
+}
+
+/// `HEAD /v1/evidence/{id}`: the GET's headers from the manifest alone. No
+/// byte is read, so no access is recorded: the custody record would
+/// otherwise say the caller read evidence it never received.
+async fn head_evidence<S: Store>(
+    State(gw): State<Arc<Gateway<S>>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    evidence_response(gw, id, headers, false).await
+}
+
+async fn evidence_response<S: Store>(
+    gw: Arc<Gateway<S>>,
+    id: String,
+    headers: HeaderMap,
+    with_body: bool,
+) -> Result<Response, ApiError> {
     let who = authenticate(&gw, &headers).await?;
     require(&who, Role::Reader, "read evidence")?;
     let header = load_visible(&gw, &who, &id).await?;
@@ -771,9 +806,13 @@ async fn read_evidence<S: Store>(
     let range = partial.clone().unwrap_or(0..size);
     let media_type = header.media_type.clone();
     let (blake3, sha256) = (header.blake3, header.sha256);
-    let body = match recorded_read(&gw, header, actor(&who), range.clone()).await? {
-        ReadBody::Verified(bytes) => Body::from(bytes),
-        ReadBody::Streamed(stream) => Body::from_stream(stream),
+    let body = if !with_body {
+        Body::empty()
+    } else {
+        match recorded_read(&gw, header, actor(&who), range.clone()).await? {
+            ReadBody::Verified(bytes) => Body::from(bytes),
+            ReadBody::Streamed(stream) => Body::from_stream(stream),
+        }
     };
     let len = range.end - range.start;
     let mut resp = Response::builder()

@@ -37,6 +37,10 @@ pub enum ApiError {
     /// The same Idempotency-Key names an upload still in flight.
     #[error("an upload with this Idempotency-Key is still in progress ({0})")]
     UploadInProgress(String),
+    /// The Idempotency-Key names an earlier filing that this request does
+    /// not repeat (other content or metadata): nothing was filed.
+    #[error("this Idempotency-Key was used for evidence {evidence}, filed with another {what}; use a new key to file this")]
+    IdempotencyMismatch { evidence: String, what: String },
     /// The request conflicts with the cluster's state (for example removing
     /// a node that still holds shards).
     #[error("{0}")]
@@ -107,7 +111,9 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::HashMismatch { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::HashMismatch { .. } | ApiError::IdempotencyMismatch { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             ApiError::UploadInProgress(_) | ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::BodyIncomplete(_) => StatusCode::BAD_REQUEST,
@@ -148,6 +154,7 @@ impl ApiError {
             ApiError::HashMismatch { .. } => "hash_mismatch",
             ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             ApiError::UploadInProgress(_) => "upload_in_progress",
+            ApiError::IdempotencyMismatch { .. } => "idempotency_key_reused",
             ApiError::Conflict(_) => "conflict",
             ApiError::BodyIncomplete(_) => "body_incomplete",
             ApiError::BodyIdle(_) => "body_timeout",

@@ -170,6 +170,7 @@ where
             })
             .await?
             .ok_or(ApiError::Internal)?;
+            check_replay(&gw, &meta, &header, body).await?;
             return Ok(Filing::Replayed(header));
         }
         IntentStart::InFlight(prev) => return Err(ApiError::UploadInProgress(prev.to_string())),
@@ -184,6 +185,77 @@ where
             Err(e)
         }
     }
+}
+
+/// Checks that a request whose Idempotency-Key names the filing `header`
+/// repeats it: the same metadata, no retention or hold beyond what the
+/// filing has, and the same content. The content is judged by a declared
+/// hash when the request has one; otherwise the body is read and hashed
+/// (a retry sends it anyway). A key reused for something else would
+/// otherwise answer 201 for a filing that never happened.
+async fn check_replay<S, B, E>(
+    gw: &Gateway<S>,
+    meta: &FilingMeta,
+    header: &ManifestHeader,
+    mut body: B,
+) -> Result<(), ApiError>
+where
+    S: Store,
+    B: Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let differs = |what: &str| ApiError::IdempotencyMismatch {
+        evidence: header.evidence.to_string(),
+        what: what.to_string(),
+    };
+    let fields = [
+        ("case", &meta.case, &header.case),
+        ("file name", &meta.file_name, &header.file_name),
+        ("media type", &meta.media_type, &header.media_type),
+        ("submitter", &meta.submitter, &header.submitter),
+    ];
+    if let Some((what, _, _)) = fields.iter().find(|(_, asked, filed)| asked != filed) {
+        return Err(differs(what));
+    }
+    // Retention is only ever extended and a hold may be lifted later: a
+    // retry asking no more than the filing has now is the same request.
+    if meta
+        .retain_until_ms
+        .is_some_and(|asked| header.retain_until_ms.is_none_or(|r| r < asked))
+    {
+        return Err(differs("retention"));
+    }
+    if meta.legal_hold && !header.legal_hold {
+        return Err(differs("legal hold"));
+    }
+    if meta.expect_blake3.is_some_and(|h| h != header.blake3) {
+        return Err(differs("BLAKE3"));
+    }
+    if meta.expect_sha256.is_some_and(|h| h != header.sha256) {
+        return Err(differs("SHA-256"));
+    }
+    if meta.expect_blake3.is_some() || meta.expect_sha256.is_some() {
+        return Ok(());
+    }
+    let idle = std::time::Duration::from_millis(gw.config.client_idle_timeout_ms.max(1));
+    let mut hasher = blake3::Hasher::new();
+    let mut size: u64 = 0;
+    loop {
+        let chunk = match tokio::time::timeout(idle, body.next()).await {
+            Err(_) => return Err(ApiError::BodyIdle(idle)),
+            Ok(None) => break,
+            Ok(Some(chunk)) => chunk.map_err(|e| ApiError::BodyIncomplete(e.to_string()))?,
+        };
+        size += chunk.len() as u64;
+        if size > header.size {
+            return Err(differs("content"));
+        }
+        hasher.update(&chunk);
+    }
+    if size != header.size || Blake3Hash(*hasher.finalize().as_bytes()) != header.blake3 {
+        return Err(differs("content"));
+    }
+    Ok(())
 }
 
 struct Upload<S: Store> {

@@ -632,6 +632,14 @@ impl TestCluster {
         Self::answer(req.call())
     }
 
+    pub fn head_with(&self, token: &str, path: &str) -> Result<Answer> {
+        let req = self
+            .agent
+            .head(format!("{}{path}", self.api))
+            .header("authorization", format!("Bearer {token}"));
+        Self::answer(req.call())
+    }
+
     /// GET /v1/evidence/{id}, insisting on 200.
     pub fn read(&self, id: &str) -> Result<Vec<u8>> {
         let a = self.get_with(&self.token, &format!("/v1/evidence/{id}"), &[])?;

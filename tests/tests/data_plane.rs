@@ -830,6 +830,48 @@ fn idempotency_and_declared_hashes() -> Result<()> {
     assert_eq!(first.json()["id"], again.json()["id"]);
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
 
+    // The key names that filing only: a request that does not repeat it
+    // (other bytes, another declared hash, other metadata) is refused with
+    // 422 and files nothing, instead of answering with the first filing.
+    let changed = bytes(3 * STRIPE, 11);
+    let key = [("idempotency-key", "upload-42")];
+    let a = c.file_with(&c.token, &changed, &key)?;
+    assert_eq!(a.status, 422, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(a.json()["error"], "idempotency_key_reused");
+    let found = c.get_with(
+        &c.token,
+        &format!("/v1/evidence/by-hash/{}", blake3_hex(&changed)),
+        &[],
+    )?;
+    assert_eq!(found.json()["filings"].as_array().map(Vec::len), Some(0));
+    let shorter = &data[..data.len() - 1];
+    assert_eq!(c.file_with(&c.token, shorter, &key)?.status, 422);
+    let declared = blake3_hex(&changed);
+    let a = c.file_with(
+        &c.token,
+        &data,
+        &[key[0], ("x-custodia-blake3", declared.as_str())],
+    )?;
+    assert_eq!(a.status, 422);
+    let a = c.file_with(&c.token, &data, &[key[0], ("x-custodia-case", "other")])?;
+    assert_eq!(a.status, 422);
+    assert!(a.json()["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("case")));
+    let declared = blake3_hex(&data);
+    let a = c.file_with(
+        &c.token,
+        &data,
+        &[key[0], ("x-custodia-blake3", declared.as_str())],
+    )?;
+    assert_eq!(a.status, 201);
+    assert_eq!(a.json()["id"], first.json()["id"]);
+    let a = c.file_with(&c.token, &data, &[("idempotency-key", "")])?;
+    assert_eq!(a.status, 400, "an empty key is refused");
+    assert!(a.json()["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("Idempotency-Key")));
+
     let other = bytes(100, 9);
     let wrong = blake3_hex(b"something else");
     let a = c.file_with(&c.token, &other, &[("x-custodia-blake3", &wrong)])?;

@@ -327,6 +327,12 @@ fn every_read_is_a_custody_event_on_the_ledger_before_its_bytes() -> Result<()> 
     let data = bytes(9000, 3);
     let filed = c.file(&data)?;
     let id = filed["id"].as_str().unwrap_or_default().to_string();
+    // A HEAD answers the GET's headers and reads nothing: no custody event.
+    let a = c.head_with(&reader, &format!("/v1/evidence/{id}"))?;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("content-length"), Some("9000"));
+    assert_eq!(a.header("x-custodia-blake3"), filed["blake3"].as_str());
+    assert!(a.body.is_empty());
     assert_eq!(c.read(&id)?, data);
     let a = c.get_with(
         &reader,
