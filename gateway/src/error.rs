@@ -131,7 +131,9 @@ impl ApiError {
             ApiError::Object(ObjectError::Schema(e)) if e.is_retryable() => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ApiError::Object(ObjectError::Locked(_)) => StatusCode::CONFLICT,
+            ApiError::Object(ObjectError::Locked(_) | ObjectError::Conflict(_)) => {
+                StatusCode::CONFLICT
+            }
             ApiError::Object(ObjectError::Schema(_) | ObjectError::Journal(_)) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -170,6 +172,7 @@ impl ApiError {
             ApiError::Index(SchemaError::IntentAborted(_)) => "upload_aborted",
             ApiError::Index(_) => "index_error",
             ApiError::Object(ObjectError::Locked(_)) => "locked",
+            ApiError::Object(ObjectError::Conflict(_)) => "conflict",
             ApiError::Object(ObjectError::BadName(_)) => "bad_name",
             ApiError::Object(ObjectError::Schema(_) | ObjectError::Journal(_)) => "index_error",
             ApiError::Object(_) => "not_found",

@@ -98,6 +98,9 @@ pub struct S3Put {
     /// A conditional write's check of the key's current version, run again
     /// in the transaction that makes this version current.
     pub condition: Option<PutCondition>,
+    /// The bucket as the request found it: the version commits only into
+    /// that bucket, not one deleted and created again meanwhile.
+    pub seen: indexer::s3::BucketRecord,
 }
 
 /// Checks a key's current version (`None`: no object, or a delete marker)
@@ -429,6 +432,7 @@ impl<S: Store> Upload<S> {
                             &put.key,
                             &put.version,
                             compliance_ms,
+                            &put.seen,
                         )
                         .await?;
                     }

@@ -218,6 +218,7 @@ fn s3_err(e: ApiError) -> S3Error {
             ObjectError::NoSuchVersion => (C::NoSuchVersion, o.to_string()),
             ObjectError::NoSuchUpload => (C::NoSuchUpload, o.to_string()),
             ObjectError::PreconditionFailed(m) => (C::PreconditionFailed, m.clone()),
+            ObjectError::Conflict(m) => (C::OperationAborted, m.clone()),
             ObjectError::Locked(m) => (C::AccessDenied, m.clone()),
             ObjectError::BadName("bucket") => (C::InvalidBucketName, o.to_string()),
             ObjectError::BadName(_) => (C::InvalidArgument, o.to_string()),
@@ -251,8 +252,14 @@ fn s3_err(e: ApiError) -> S3Error {
     S3Error::with_message(code, msg)
 }
 
+/// The last millisecond of year 9999, the latest instant S3 timestamps
+/// (and the `time` crate without its large-dates feature) can show.
+const LATEST_TS_MS: u64 = 253_402_300_799_999;
+
+/// `ms` as an S3 timestamp; later instants show as the latest one (a
+/// conversion past year 9999 would panic).
 fn ms_to_ts(ms: u64) -> Timestamp {
-    Timestamp::from(UNIX_EPOCH + Duration::from_millis(ms))
+    Timestamp::from(UNIX_EPOCH + Duration::from_millis(ms.min(LATEST_TS_MS)))
 }
 
 fn ts_to_ms(ts: Timestamp) -> u64 {
@@ -317,9 +324,11 @@ fn parse_version(v: Option<&str>) -> S3Result<VersionRef> {
 
 /// `x-amz-object-lock-legal-hold` of GET and HEAD: on a bucket with
 /// Object Lock, ON or OFF.
-fn legal_hold_status(b: &BucketRecord, v: &ObjectVersion) -> Option<ObjectLockLegalHoldStatus> {
+/// `held`: the version's own hold, or one placed on its evidence through
+/// the evidence API (which binds the S3 view as well).
+fn legal_hold_status(b: &BucketRecord, held: bool) -> Option<ObjectLockLegalHoldStatus> {
     b.object_lock.then(|| {
-        ObjectLockLegalHoldStatus::from_static(if v.legal_hold {
+        ObjectLockLegalHoldStatus::from_static(if held {
             ObjectLockLegalHoldStatus::ON
         } else {
             ObjectLockLegalHoldStatus::OFF
@@ -568,7 +577,7 @@ impl<S: Store> S3Front<S> {
                             return Err(refused());
                         }
                     }
-                    ix::delete_current_tx(&tx, bucket, key, marker, compliance, bypass).await
+                    ix::delete_current_tx(&tx, bucket, key, marker, compliance, bypass, b).await
                 }
             })
             .await
@@ -597,7 +606,7 @@ impl<S: Store> S3Front<S> {
                 if unmatched(Some(&v)) {
                     return Err(refused());
                 }
-                ix::delete_version_tx(&tx, bucket, key, v.version_id, compliance, bypass)
+                ix::delete_version_tx(&tx, bucket, key, v.version_id, compliance, bypass, b)
                     .await
                     .map(Some)
             }
@@ -1134,6 +1143,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 version: template,
                 etag: None,
                 condition,
+                seen: b.clone(),
             }),
             ..Default::default()
         };
@@ -1165,6 +1175,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let (v, header) = self
             .readable(&input.bucket, &input.key, input.version_id.as_deref())
             .await?;
+        let held = v.legal_hold || header.legal_hold;
         preconditions(&v, input.if_match.as_ref(), input.if_none_match.as_ref())?;
         let size = header.size;
         let range = match &input.range {
@@ -1196,7 +1207,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             version_id: show_version(&b, &v),
             object_lock_mode: v.retention.map(|r| lock_mode(r.mode)),
             object_lock_retain_until_date: v.retention.map(|r| ms_to_ts(r.until_ms)),
-            object_lock_legal_hold_status: legal_hold_status(&b, &v),
+            object_lock_legal_hold_status: legal_hold_status(&b, held),
             ..Default::default()
         });
         resp.headers = self.custodia_headers(evidence);
@@ -1216,6 +1227,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let (v, header) = self
             .readable(&input.bucket, &input.key, input.version_id.as_deref())
             .await?;
+        let held = v.legal_hold || header.legal_hold;
         preconditions(&v, input.if_match.as_ref(), input.if_none_match.as_ref())?;
         let mut resp = S3Response::new(HeadObjectOutput {
             content_length: Some(header.size as i64),
@@ -1228,7 +1240,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             version_id: show_version(&b, &v),
             object_lock_mode: v.retention.map(|r| lock_mode(r.mode)),
             object_lock_retain_until_date: v.retention.map(|r| ms_to_ts(r.until_ms)),
-            object_lock_legal_hold_status: legal_hold_status(&b, &v),
+            object_lock_legal_hold_status: legal_hold_status(&b, held),
             ..Default::default()
         });
         resp.headers = self.custodia_headers(header.evidence);
@@ -1370,6 +1382,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 version: template,
                 etag: None,
                 condition: None,
+                seen: b.clone(),
             }),
             body_from_store: true,
             ..Default::default()
@@ -1505,12 +1518,13 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                     .transpose()?
                     .ok_or_else(|| s3_error!(MalformedXML, "DefaultRetention needs a Mode"))?;
                 let period = match (d.days, d.years) {
-                    (Some(n), None) if n > 0 => ix::RetentionPeriod::Days(n as u32),
+                    // At most 100 years either way (S3's own bound).
+                    (Some(n), None) if n > 0 && n <= 36_500 => ix::RetentionPeriod::Days(n as u32),
                     (None, Some(y)) if y > 0 && y <= 100 => ix::RetentionPeriod::Years(y as u32),
                     _ => {
                         return Err(s3_error!(
                             MalformedXML,
-                            "DefaultRetention needs a positive Days or Years, not both"
+                            "DefaultRetention needs Days (1 to 36500) or Years (1 to 100), not both"
                         ))
                     }
                 };
@@ -1632,16 +1646,18 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 "Bucket is missing Object Lock Configuration"
             ));
         }
-        let (v, _) = self
+        let (v, header) = self
             .readable(&input.bucket, &input.key, input.version_id.as_deref())
             .await?;
         Ok(S3Response::new(GetObjectLegalHoldOutput {
             legal_hold: Some(ObjectLockLegalHold {
-                status: Some(ObjectLockLegalHoldStatus::from_static(if v.legal_hold {
-                    ObjectLockLegalHoldStatus::ON
-                } else {
-                    ObjectLockLegalHoldStatus::OFF
-                })),
+                status: Some(ObjectLockLegalHoldStatus::from_static(
+                    if v.legal_hold || header.legal_hold {
+                        ObjectLockLegalHoldStatus::ON
+                    } else {
+                        ObjectLockLegalHoldStatus::OFF
+                    },
+                )),
             }),
         }))
     }
@@ -1913,6 +1929,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 },
                 etag: Some(etag),
                 condition,
+                seen: b.clone(),
             }),
             body_from_store: true,
             ..Default::default()
@@ -2473,7 +2490,16 @@ impl<S: Store> S3Front<S> {
 
 #[cfg(test)]
 mod tests {
-    use super::copy_range;
+    use super::{copy_range, ms_to_ts, ts_to_ms, LATEST_TS_MS};
+
+    /// A retain-until date past year 9999 (a default retention of many
+    /// days, say) shows as the latest date instead of panicking the request.
+    #[test]
+    fn timestamps_past_year_9999_are_shown_as_its_end() {
+        assert_eq!(ts_to_ms(ms_to_ts(1_000)), 1_000);
+        assert_eq!(ts_to_ms(ms_to_ts(LATEST_TS_MS)), LATEST_TS_MS);
+        assert_eq!(ts_to_ms(ms_to_ts(u64::MAX)), LATEST_TS_MS);
+    }
 
     #[test]
     fn copy_source_ranges_are_inclusive_and_inside_the_source() {

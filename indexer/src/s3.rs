@@ -91,6 +91,10 @@ pub enum ObjectError {
     /// longer holds.
     #[error("{0}")]
     PreconditionFailed(String),
+    /// A concurrent change made this one impossible as asked; sending the
+    /// request again resolves it.
+    #[error("{0}")]
+    Conflict(String),
     /// A journal entry (in the index or an archived journal file) is not one
     /// this version writes.
     #[error("the S3 records' journal is unreadable: {0}")]
@@ -749,6 +753,13 @@ pub async fn delete_bucket_tx<T: Transaction>(tx: &T, name: &str) -> Result<(), 
     {
         return Err(ObjectError::BucketNotEmpty);
     }
+    // Uploads in progress belong to this bucket: left behind, they would
+    // show in (and complete into) a bucket of the same name created later,
+    // perhaps by another tenant. They are aborted first, as objects are
+    // deleted first.
+    if !list_multipart_tx(tx, name, 1).await?.is_empty() {
+        return Err(ObjectError::BucketNotEmpty);
+    }
     clear_journaled(tx, &key_of(BUCKET, &[name.as_bytes()]));
     tx.clear(&key_of(
         TENANT_BUCKET,
@@ -814,7 +825,7 @@ async fn remove_null_version<T: Transaction>(
 ) -> Result<(), ObjectError> {
     for v in versions_tx(tx, bucket, key, 10_000).await? {
         if v.null_version {
-            if let Some(why) = v.lock_reason(now_ms, bypass) {
+            if let Some(why) = removal_refused(tx, &v, now_ms, bypass).await? {
                 return Err(ObjectError::Locked(why));
             }
             clear_journaled(tx, &version_key(bucket, key, &v.version_id));
@@ -827,20 +838,22 @@ async fn remove_null_version<T: Transaction>(
 /// `key`. Where versioning is not enabled it replaces the "null" version —
 /// refused if that one is locked (a locked bucket is always versioned, so
 /// this only matters for a bucket whose versioning was suspended).
+///
+/// `seen` is the bucket as the caller checked it (owner, creation): a bucket
+/// deleted and created again since, by any tenant, is not this one.
 pub async fn put_version_tx<T: Transaction>(
     tx: &T,
     bucket: &str,
     key: &str,
     version: &ObjectVersion,
     now_ms: u64,
+    seen: &BucketRecord,
 ) -> Result<(), ObjectError> {
     check_names(bucket, Some(key))?;
-    let b = get_bucket_tx(tx, bucket)
-        .await?
-        .ok_or(ObjectError::NoSuchBucket)?;
+    let b = bucket_as_seen(tx, bucket, seen).await?;
     if version.null_version != (b.versioning != Versioning::Enabled) {
-        return Err(ObjectError::Locked(
-            "the bucket's versioning changed during the upload; retry".into(),
+        return Err(ObjectError::Conflict(
+            "the bucket's versioning changed during the upload; send it again".into(),
         ));
     }
     if version.null_version {
@@ -892,14 +905,65 @@ pub async fn delete_version_tx<T: Transaction>(
     version_id: EvidenceId,
     now_ms: u64,
     bypass_governance: bool,
+    seen: &BucketRecord,
 ) -> Result<ObjectVersion, ObjectError> {
+    bucket_as_seen(tx, bucket, seen).await?;
     let v = get_version_tx(tx, bucket, key, Some(version_id)).await?;
-    if let Some(why) = v.lock_reason(now_ms, bypass_governance) {
+    if let Some(why) = removal_refused(tx, &v, now_ms, bypass_governance).await? {
         return Err(ObjectError::Locked(why));
     }
     clear_journaled(tx, &version_key(bucket, key, &version_id));
     refresh_current(tx, bucket, key).await?;
     Ok(v)
+}
+
+/// Bucket `name` if it is still the one the caller checked (`seen`: same
+/// owner, same creation); otherwise, as far as the caller is concerned, its
+/// bucket is gone. Checked in the transaction that changes the bucket, so
+/// a bucket deleted and created again while a request ran (an upload can
+/// take minutes) never receives what was meant for the old one.
+async fn bucket_as_seen<T: Transaction>(
+    tx: &T,
+    name: &str,
+    seen: &BucketRecord,
+) -> Result<BucketRecord, ObjectError> {
+    match get_bucket_tx(tx, name).await? {
+        Some(b) if b.tenant == seen.tenant && b.created_ms == seen.created_ms => Ok(b),
+        _ => Err(ObjectError::NoSuchBucket),
+    }
+}
+
+/// Why version `v` may not be removed now, if it may not: its own Object
+/// Lock settings, or those of its evidence. A legal hold or retention set
+/// through the evidence API lives on the manifest, not the version record,
+/// and binds the S3 view of the same evidence as well.
+async fn removal_refused<T: Transaction>(
+    tx: &T,
+    v: &ObjectVersion,
+    now_ms: u64,
+    bypass: bool,
+) -> Result<Option<String>, ObjectError> {
+    if let Some(why) = v.lock_reason(now_ms, bypass) {
+        return Ok(Some(why));
+    }
+    let Some(evidence) = v.evidence else {
+        return Ok(None);
+    };
+    let Some(header) = crate::schema::get_manifest_tx(tx, evidence).await? else {
+        return Ok(None);
+    };
+    if header.legal_hold {
+        return Ok(Some(format!(
+            "a legal hold applies to evidence {evidence}, which this version is"
+        )));
+    }
+    match header.retain_until_ms {
+        Some(until) if until > now_ms => Ok(Some(format!(
+            "evidence {evidence}, which this version is, is retained until {}; nobody can remove it before then",
+            crate::schema::utc_ms(until)
+        ))),
+        _ => Ok(None),
+    }
 }
 
 /// Sets a version's retention: never shorter for COMPLIANCE, nor for
@@ -1110,11 +1174,10 @@ pub async fn delete_current_tx<T: Transaction>(
     marker: &ObjectVersion,
     now_ms: u64,
     bypass_governance: bool,
+    seen: &BucketRecord,
 ) -> Result<Deleted, ObjectError> {
     check_names(bucket, Some(key))?;
-    let b = get_bucket_tx(tx, bucket)
-        .await?
-        .ok_or(ObjectError::NoSuchBucket)?;
+    let b = bucket_as_seen(tx, bucket, seen).await?;
     match b.versioning {
         Versioning::Enabled | Versioning::Suspended => {
             let mut m = marker.clone();

@@ -30,6 +30,17 @@ fn version(ms: u64, null: bool) -> ObjectVersion {
     }
 }
 
+/// A bucket as [`bucket`] creates it, as a request would have found it.
+fn seen() -> BucketRecord {
+    BucketRecord {
+        tenant: "court".into(),
+        created_ms: 1,
+        versioning: Versioning::Enabled,
+        object_lock: false,
+        default_retention: None,
+    }
+}
+
 async fn bucket(s: &EmbeddedStore, name: &str, versioning: Versioning, lock: bool) {
     let rec = BucketRecord {
         tenant: "court".into(),
@@ -50,10 +61,9 @@ async fn bucket(s: &EmbeddedStore, name: &str, versioning: Versioning, lock: boo
 }
 
 async fn put(s: &EmbeddedStore, b: &str, k: &str, v: &ObjectVersion) -> Result<(), ObjectError> {
-    run(
-        s,
-        |tx| async move { ix::put_version_tx(&tx, b, k, v, 10).await },
-    )
+    run(s, |tx| async move {
+        ix::put_version_tx(&tx, b, k, v, 10, &seen()).await
+    })
     .await
 }
 
@@ -123,7 +133,7 @@ async fn versions_read_newest_first_and_the_current_view_follows() {
     };
     let done = run(&s, |tx| {
         let marker = &marker;
-        async move { ix::delete_current_tx(&tx, "vers", "a/x", marker, 10, false).await }
+        async move { ix::delete_current_tx(&tx, "vers", "a/x", marker, 10, false, &seen()).await }
     })
     .await
     .unwrap();
@@ -138,7 +148,7 @@ async fn versions_read_newest_first_and_the_current_view_follows() {
     // Removing the marker brings the newest real version back.
     let mid = marker.version_id;
     run(&s, |tx| async move {
-        ix::delete_version_tx(&tx, "vers", "a/x", mid, 10, false).await
+        ix::delete_version_tx(&tx, "vers", "a/x", mid, 10, false, &seen()).await
     })
     .await
     .unwrap();
@@ -166,7 +176,7 @@ async fn an_unversioned_bucket_keeps_one_version_per_key() {
     };
     let done = run(&s, |tx| {
         let marker = &marker;
-        async move { ix::delete_current_tx(&tx, "plain", "k", marker, 10, false).await }
+        async move { ix::delete_current_tx(&tx, "plain", "k", marker, 10, false, &seen()).await }
     })
     .await
     .unwrap();
@@ -205,7 +215,7 @@ async fn object_lock_is_enforced_in_the_transaction_that_removes_data() {
         let s = &s;
         async move {
             run(s, |tx| async move {
-                ix::delete_version_tx(&tx, "lock", k, id, now, bypass).await
+                ix::delete_version_tx(&tx, "lock", k, id, now, bypass, &seen()).await
             })
             .await
         }
@@ -416,7 +426,7 @@ async fn the_journal_replays_into_the_same_records() {
     };
     run(&s, |tx| {
         let marker = &marker;
-        async move { ix::delete_current_tx(&tx, "kept", "case/2", marker, 10, false).await }
+        async move { ix::delete_current_tx(&tx, "kept", "case/2", marker, 10, false, &seen()).await }
     })
     .await
     .unwrap();
@@ -427,7 +437,7 @@ async fn the_journal_replays_into_the_same_records() {
     let d = version(700, false);
     put(&s, "gone", "x", &d).await.unwrap();
     run(&s, |tx| async move {
-        ix::delete_version_tx(&tx, "gone", "x", d.version_id, 10, false).await?;
+        ix::delete_version_tx(&tx, "gone", "x", d.version_id, 10, false, &seen()).await?;
         ix::delete_bucket_tx(&tx, "gone").await
     })
     .await
@@ -488,7 +498,7 @@ async fn the_journal_replays_into_the_same_records() {
     let (_d4, r, _) = restored(entries.clone(), |_| true).await;
     run(&r, |tx| async move {
         ix::set_journal_epoch_tx(&tx, 1);
-        ix::delete_version_tx(&tx, "kept", "case/2", marker.version_id, 10, false).await
+        ix::delete_version_tx(&tx, "kept", "case/2", marker.version_id, 10, false, &seen()).await
     })
     .await
     .unwrap();
@@ -588,4 +598,154 @@ async fn an_index_from_before_the_journal_is_seeded_whole() {
     assert_ne!(s3_records(&s).await, want, "k0 changed meanwhile");
     assert_eq!(s3_records(&r).await, s3_records(&s).await);
     assert_eq!((replayed.buckets, replayed.versions), (2, 9));
+}
+
+/// A legal hold or retention placed on the evidence (through the evidence
+/// API, on the manifest) binds the S3 version that is that evidence: no
+/// permanent delete of it while either holds, bypass or not.
+#[tokio::test]
+async fn holds_and_retention_on_the_evidence_bind_its_version() {
+    use indexer::schema;
+    use protocol::{Blake3Hash, ErasureCode, ManifestHeader, Sha256Hash};
+    let (_d, s) = store();
+    bucket(&s, "evid", Versioning::Enabled, true).await;
+    let v = version(400, false);
+    put(&s, "evid", "k", &v).await.unwrap();
+    let evidence = v.evidence.unwrap();
+    let header = ManifestHeader {
+        evidence,
+        tenant: "court".into(),
+        case: None,
+        blake3: Blake3Hash([4; 32]),
+        sha256: Sha256Hash([4; 32]),
+        size: v.size,
+        media_type: None,
+        file_name: None,
+        submitter: None,
+        filed_at_ms: 400,
+        code: ErasureCode::new(4, 2, 4096).unwrap(),
+        stripes: 1,
+        retain_until_ms: Some(5_000),
+        legal_hold: true,
+    };
+    run(&s, |tx| {
+        let header = &header;
+        async move {
+            schema::begin_intent_tx(&tx, evidence, "court", None, 10_000).await?;
+            schema::commit_manifest_tx(&tx, header).await
+        }
+    })
+    .await
+    .unwrap();
+    let delete = |now: u64| {
+        let s = &s;
+        let id = v.version_id;
+        async move {
+            run(s, |tx| async move {
+                ix::delete_version_tx(&tx, "evid", "k", id, now, true, &seen()).await
+            })
+            .await
+        }
+    };
+    assert!(matches!(delete(50).await, Err(ObjectError::Locked(m)) if m.contains("legal hold")));
+    run(&s, |tx| async move {
+        schema::set_legal_hold_tx(&tx, evidence, false).await
+    })
+    .await
+    .unwrap();
+    assert!(matches!(delete(50).await, Err(ObjectError::Locked(m)) if m.contains("retained")));
+    // Still there, and current.
+    let current = run(&s, |tx| async move {
+        ix::get_version_tx(&tx, "evid", "k", None).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(current.version_id, v.version_id);
+    // Once the retention has run out, the version may go.
+    delete(5_001).await.unwrap();
+}
+
+/// A request checks its bucket before it runs and commits after (an upload
+/// can take minutes): the commit goes only into the bucket it checked. A
+/// bucket with uploads in progress is not deleted, so no later bucket of
+/// the same name inherits them.
+#[tokio::test]
+async fn a_bucket_made_again_is_not_the_one_a_request_checked() {
+    let (_d, s) = store();
+    bucket(&s, "reused", Versioning::Enabled, false).await;
+    let upload = EvidenceId::new(70, [7; 10]);
+    let rec = ix::MultipartRecord {
+        bucket: "reused".into(),
+        key: "case/9".into(),
+        tenant: "court".into(),
+        created_ms: 2,
+        version: version(70, false),
+    };
+    run(&s, |tx| {
+        let rec = &rec;
+        async move { ix::create_multipart_tx(&tx, upload, rec).await }
+    })
+    .await
+    .unwrap();
+    let delete_bucket = || {
+        let s = &s;
+        async move {
+            run(
+                s,
+                |tx| async move { ix::delete_bucket_tx(&tx, "reused").await },
+            )
+            .await
+        }
+    };
+    assert!(matches!(
+        delete_bucket().await,
+        Err(ObjectError::BucketNotEmpty)
+    ));
+    run(
+        &s,
+        |tx| async move { ix::end_multipart_tx(&tx, upload).await },
+    )
+    .await
+    .unwrap();
+    delete_bucket().await.unwrap();
+
+    // Another tenant takes the name; a put checked against the old bucket
+    // finds no bucket, and leaves the new owner's empty.
+    let theirs = BucketRecord {
+        tenant: "other".into(),
+        created_ms: 5,
+        versioning: Versioning::Enabled,
+        object_lock: false,
+        default_retention: None,
+    };
+    run(&s, |tx| {
+        let theirs = &theirs;
+        async move {
+            ix::create_tenant_tx(&tx, "other", 1).await?;
+            ix::create_bucket_tx(&tx, "reused", theirs).await
+        }
+    })
+    .await
+    .unwrap();
+    let v = version(80, false);
+    assert!(matches!(
+        put(&s, "reused", "case/9", &v).await,
+        Err(ObjectError::NoSuchBucket)
+    ));
+    let marker = version(90, false);
+    let r =
+        run(&s, |tx| {
+            let marker = &marker;
+            async move {
+                ix::delete_current_tx(&tx, "reused", "case/9", marker, 10, false, &seen()).await
+            }
+        })
+        .await;
+    assert!(matches!(r, Err(ObjectError::NoSuchBucket)));
+    let listed = run(&s, |tx| async move {
+        ix::list_current_tx(&tx, "reused", "", None, 10).await
+    })
+    .await
+    .unwrap();
+    assert!(listed.is_empty());
 }
