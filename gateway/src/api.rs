@@ -529,8 +529,10 @@ pub async fn authenticate<S: Store>(
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        // The scheme name is case-insensitive (RFC 9110 §11.1).
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
         .filter(|t| !t.is_empty() && t.len() <= 512)
         .ok_or(ApiError::Unauthorized)?;
     let token = token.to_string();
@@ -728,33 +730,42 @@ async fn load_visible<S: Store>(
 }
 
 /// Parses a single `bytes=` range (RFC 9110 §14.1.2). `Ok(None)` means serve the
-/// whole content (no header, or several ranges, which a server may ignore).
+/// whole content: no header, a range unit other than bytes (which a server
+/// must ignore; unit names are case-insensitive), several ranges (which a
+/// server may ignore), or a suffix range of zero-length content (the only
+/// satisfiable form there, selecting all of nothing). Positions past
+/// `u64::MAX` are valid and mean "past the end".
 pub fn parse_range(value: Option<&HeaderValue>, size: u64) -> Result<Option<Range<u64>>, ApiError> {
     let Some(value) = value else { return Ok(None) };
-    let s = value
-        .to_str()
-        .map_err(|_| ApiError::BadRequest("malformed Range".into()))?;
-    let spec = s
-        .trim()
-        .strip_prefix("bytes=")
-        .ok_or_else(|| ApiError::BadRequest("Range must use bytes".into()))?;
+    let malformed = || ApiError::BadRequest("malformed Range".into());
+    let s = value.to_str().map_err(|_| malformed())?.trim();
+    let Some((unit, spec)) = s.split_once('=') else {
+        return Err(malformed());
+    };
+    if !unit.trim().eq_ignore_ascii_case("bytes") {
+        return Ok(None);
+    }
     if spec.contains(',') {
         return Ok(None);
     }
-    let (a, b) = spec
-        .split_once('-')
-        .ok_or_else(|| ApiError::BadRequest("malformed Range".into()))?;
+    let (a, b) = spec.split_once('-').ok_or_else(malformed)?;
     let num = |x: &str| {
-        x.trim()
-            .parse::<u64>()
-            .map_err(|_| ApiError::BadRequest("malformed Range".into()))
+        let x = x.trim();
+        if x.is_empty() || !x.bytes().all(|c| c.is_ascii_digit()) {
+            return Err(malformed());
+        }
+        // Only overflow can fail now: a position past any content.
+        Ok(x.parse::<u64>().unwrap_or(u64::MAX))
     };
     let range = match (a.trim().is_empty(), b.trim().is_empty()) {
-        (true, true) => return Err(ApiError::BadRequest("malformed Range".into())),
+        (true, true) => return Err(malformed()),
         (true, false) => {
             let n = num(b)?;
             if n == 0 {
                 return Err(ApiError::RangeNotSatisfiable { size });
+            }
+            if size == 0 {
+                return Ok(None);
             }
             size.saturating_sub(n)..size
         }
@@ -762,7 +773,7 @@ pub fn parse_range(value: Option<&HeaderValue>, size: u64) -> Result<Option<Rang
         (false, false) => {
             let (first, last) = (num(a)?, num(b)?);
             if last < first {
-                return Err(ApiError::BadRequest("malformed Range".into()));
+                return Err(malformed());
             }
             first..last.saturating_add(1).min(size)
         }
@@ -1265,9 +1276,17 @@ async fn create_token<S: Store>(
         tenant: req.tenant.clone(),
         role,
     };
+    // Only for a registered tenant (as S3 keys): a typo would otherwise
+    // file evidence under a tenant nobody else can see.
     indexer::run(&gw.store, |tx| {
         let (token, rec) = (&token, &rec);
-        async move { schema::put_token_tx(&tx, token, rec) }
+        async move {
+            if !indexer::s3::tenant_exists_tx(&tx, &rec.tenant).await? {
+                return Err(ApiError::Object(indexer::s3::ObjectError::NoSuchTenant));
+            }
+            schema::put_token_tx(&tx, token, rec)?;
+            Ok::<_, ApiError>(())
+        }
     })
     .await?;
     tracing::info!(tenant = %req.tenant, role = %req.role, by = %who.tenant, "credential created");
@@ -1407,10 +1426,44 @@ mod tests {
             parse_range(Some(&hv("bytes=0-")), 0),
             Err(ApiError::RangeNotSatisfiable { .. })
         ));
+        // Units: case-insensitive; one not understood is ignored.
+        assert_eq!(parse_range(Some(&hv("Bytes=0-1")), 10).unwrap(), Some(0..2));
+        assert_eq!(parse_range(Some(&hv("items=0-1")), 10).unwrap(), None);
+        // Positions past u64::MAX: valid, past any end.
+        let huge = "99999999999999999999";
+        assert_eq!(
+            parse_range(Some(&hv(&format!("bytes=0-{huge}"))), 10).unwrap(),
+            Some(0..10)
+        );
+        assert_eq!(
+            parse_range(Some(&hv(&format!("bytes=-{huge}"))), 10).unwrap(),
+            Some(0..10)
+        );
         assert!(matches!(
-            parse_range(Some(&hv("items=0-1")), 10),
-            Err(ApiError::BadRequest(_))
+            parse_range(Some(&hv(&format!("bytes={huge}-"))), 10),
+            Err(ApiError::RangeNotSatisfiable { size: 10 })
         ));
+        // Zero-length content: a non-zero suffix is satisfiable (all of it).
+        assert_eq!(parse_range(Some(&hv("bytes=-5")), 0).unwrap(), None);
+        assert!(matches!(
+            parse_range(Some(&hv("bytes=-0")), 0),
+            Err(ApiError::RangeNotSatisfiable { size: 0 })
+        ));
+        for bad in [
+            "bytes=+1-2",
+            "bytes=1-+2",
+            "bytes=-",
+            "bytes=a-1",
+            "bytes 0-1",
+        ] {
+            assert!(
+                matches!(
+                    parse_range(Some(&hv(bad)), 10),
+                    Err(ApiError::BadRequest(_))
+                ),
+                "{bad}"
+            );
+        }
         assert!(matches!(
             parse_range(Some(&hv("bytes=5-2")), 10),
             Err(ApiError::BadRequest(_))

@@ -173,6 +173,7 @@ impl ApiError {
             ApiError::Index(_) => "index_error",
             ApiError::Object(ObjectError::Locked(_)) => "locked",
             ApiError::Object(ObjectError::Conflict(_)) => "conflict",
+            ApiError::Object(ObjectError::NoSuchTenant) => "no_such_tenant",
             ApiError::Object(ObjectError::BadName(_)) => "bad_name",
             ApiError::Object(ObjectError::Schema(_) | ObjectError::Journal(_)) => "index_error",
             ApiError::Object(_) => "not_found",

@@ -632,6 +632,15 @@ impl TestCluster {
         Self::answer(req.call())
     }
 
+    /// GET with `authorization` exactly as given.
+    pub fn get_with_auth(&self, authorization: &str, path: &str) -> Result<Answer> {
+        let req = self
+            .agent
+            .get(format!("{}{path}", self.api))
+            .header("authorization", authorization);
+        Self::answer(req.call())
+    }
+
     pub fn head_with(&self, token: &str, path: &str) -> Result<Answer> {
         let req = self
             .agent

@@ -771,7 +771,35 @@ fn authentication_and_tenants() -> Result<()> {
     let a = c.get_with("", "/v1/evidence/by-hash/00", &[])?;
     assert_eq!(a.status, 401);
 
+    // A token for a tenant nobody registered is refused (a typo would
+    // file evidence no one else can see).
+    let (status, body) = {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut resp = agent
+            .post(format!("{}/v1/admin/tokens", c.api))
+            .header("authorization", format!("Bearer {}", c.token))
+            .send_json(serde_json::json!({ "tenant": "cuort-a", "role": "clerk" }))?;
+        let v: serde_json::Value = resp.body_mut().read_json()?;
+        (resp.status().as_u16(), v)
+    };
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (404, Some("no_such_tenant"))
+    );
+    // The scheme name is case-insensitive.
+    let a = c.get_with("", "/v1/evidence/by-hash/00", &[])?;
+    assert_eq!(a.status, 401);
+    let lower = format!("bearer {}", c.token);
+    let a = c.get_with_auth(&lower, &format!("/v1/evidence/by-hash/{}", "0".repeat(64)))?;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+
     let make = |tenant: &str, role: &str| -> Result<String> {
+        ureq::post(format!("{}/v1/admin/tenants", c.api))
+            .header("authorization", format!("Bearer {}", c.token))
+            .send_json(serde_json::json!({ "name": tenant }))?;
         let resp = ureq::post(format!("{}/v1/admin/tokens", c.api))
             .header("authorization", format!("Bearer {}", c.token))
             .send_json(serde_json::json!({ "tenant": tenant, "role": role }))?;

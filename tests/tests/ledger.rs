@@ -299,6 +299,10 @@ fn walk(dir: &Path) -> Vec<Vec<u8>> {
 }
 
 fn make_token(c: &TestCluster, tenant: &str, role: &str) -> Result<String> {
+    // Tokens are issued for registered tenants only.
+    ureq::post(format!("{}/v1/admin/tenants", c.api))
+        .header("authorization", format!("Bearer {}", c.token))
+        .send_json(serde_json::json!({ "name": tenant }))?;
     let mut resp = ureq::post(format!("{}/v1/admin/tokens", c.api))
         .header("authorization", format!("Bearer {}", c.token))
         .send_json(serde_json::json!({ "tenant": tenant, "role": role }))?;
