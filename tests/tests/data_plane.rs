@@ -789,6 +789,28 @@ fn authentication_and_tenants() -> Result<()> {
         (status, body["error"].as_str()),
         (404, Some("no_such_tenant"))
     );
+    // Errors made before any handler runs (a path that is not UTF-8, no
+    // such route, a wrong method) have the API's JSON body too.
+    let a = c.get_with("", "/v1/evidence/%FF", &[])?;
+    assert_eq!(
+        (a.status, a.json()["error"].as_str()),
+        (400, Some("bad_request"))
+    );
+    let a = c.get_with(&c.token, "/v1/no-such-route", &[])?;
+    assert_eq!(
+        (a.status, a.json()["error"].as_str()),
+        (404, Some("not_found"))
+    );
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent.put(format!("{}/healthz", c.api)).send_empty()?;
+    let v: serde_json::Value = resp.body_mut().read_json()?;
+    assert_eq!(
+        (resp.status().as_u16(), v["error"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
     // The scheme name is case-insensitive.
     let a = c.get_with("", "/v1/evidence/by-hash/00", &[])?;
     assert_eq!(a.status, 401);
