@@ -1612,24 +1612,44 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let bypass = who.bypass_governance && input.bypass_governance_retention == Some(true);
         let (bucket, key, vid) = (input.bucket.clone(), input.key.clone(), v.version_id);
         let evidence = header.evidence;
-        indexer::run(&self.gw.store, |tx| {
-            let (bucket, key) = (&bucket, &key);
-            async move {
-                ix::set_retention_tx(&tx, bucket, key, vid, retention, compliance, bypass).await?;
-                // COMPLIANCE binds the evidence itself (only ever extended).
-                if let Some(r) = retention.filter(|r| r.mode == LockMode::Compliance) {
-                    let until = schema::get_manifest_tx(&tx, evidence)
+        // A retention change is on the ledger, as the evidence API's is and
+        // as S3 legal holds are: custody shows who locked what until when.
+        let detail = serde_json::json!({
+            "retention": retention.map(|r| serde_json::json!({
+                "mode": if r.mode == LockMode::Compliance { "COMPLIANCE" } else { "GOVERNANCE" },
+                "retain_until_ms": r.until_ms,
+            })),
+            "bypass_governance": bypass,
+            "s3": { "bucket": bucket, "key": key, "version": vid.to_string() },
+        });
+        crate::api::worm(
+            &self.gw,
+            &who.token_record(),
+            &header,
+            protocol::ledger::Kind::Admin,
+            detail,
+            |tx| {
+                let (bucket, key) = (bucket.clone(), key.clone());
+                async move {
+                    ix::set_retention_tx(&tx, &bucket, &key, vid, retention, compliance, bypass)
+                        .await?;
+                    let h = schema::get_manifest_tx(&tx, evidence)
                         .await?
-                        .and_then(|h| h.retain_until_ms);
-                    if until.is_none_or(|u| u < r.until_ms) {
-                        schema::extend_retention_tx(&tx, evidence, r.until_ms).await?;
+                        .ok_or(ObjectError::NoSuchVersion)?;
+                    // COMPLIANCE binds the evidence itself (only ever extended).
+                    if let Some(r) = retention.filter(|r| r.mode == LockMode::Compliance) {
+                        if h.retain_until_ms.is_none_or(|u| u < r.until_ms) {
+                            return Ok(
+                                schema::extend_retention_tx(&tx, evidence, r.until_ms).await?
+                            );
+                        }
                     }
+                    Ok::<_, ObjectError>(h)
                 }
-                Ok::<_, ObjectError>(())
-            }
-        })
+            },
+        )
         .await
-        .map_err(|e| s3_err(e.into()))?;
+        .map_err(s3_err)?;
         tracing::info!(bucket = %bucket, key = %key, version = %vid, ?retention, by = %who.tenant, "retention set");
         Ok(S3Response::new(PutObjectRetentionOutput::default()))
     }

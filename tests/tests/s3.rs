@@ -959,6 +959,21 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
         .as_str()
         .unwrap_or_default()
         .starts_with("2101-01-01"));
+    // The change is on the ledger, in the evidence's custody.
+    let noted = custodia_tests::eventually(15, || {
+        c.get_with(
+            &c.token,
+            &format!("/v1/evidence/{c1_evidence}/custody"),
+            &[],
+        )
+        .map(|a| {
+            a.json()["events"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|e| e["kind"] == "admin"))
+        })
+        .unwrap_or(false)
+    });
+    assert!(noted, "an S3 retention change is a custody event");
     // A PUT adds a version and a DELETE adds a marker, over the lock.
     let c2 = put(&admin, "c.bin", &[])?;
     assert_ne!(c1, c2);
