@@ -2079,26 +2079,52 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         self.bucket(&who, &input.bucket).await?;
         let max = input.max_uploads.unwrap_or(1000).clamp(1, 1000) as usize;
         let bucket = input.bucket.clone();
+        // Uploads in progress are few: all of the bucket's are read, then
+        // ordered as S3 lists them (key, then upload id, which is
+        // time-ordered) and paged by the markers.
         let uploads = indexer::run(&self.gw.store, |tx| {
             let bucket = &bucket;
-            async move { ix::list_multipart_tx(&tx, bucket, max).await }
+            async move { ix::list_multipart_tx(&tx, bucket, usize::MAX).await }
         })
         .await
         .map_err(|e| s3_err(e.into()))?;
         let prefix = input.prefix.clone().unwrap_or_default();
+        let key_marker = input.key_marker.clone().filter(|k| !k.is_empty());
+        let id_marker = input.upload_id_marker.clone().filter(|k| !k.is_empty());
+        let mut page: Vec<(String, String, u64)> = uploads
+            .into_iter()
+            .filter(|(_, r)| r.key.starts_with(&prefix))
+            .map(|(id, r)| (r.key, id.to_string(), r.created_ms))
+            .filter(|(key, id, _)| match &key_marker {
+                None => true,
+                Some(m) => match &id_marker {
+                    Some(after) if key == m => id > after,
+                    _ => key > m,
+                },
+            })
+            .collect();
+        page.sort();
+        let truncated = page.len() > max;
+        page.truncate(max);
+        let (next_key, next_id) = match (truncated, page.last()) {
+            (true, Some((key, id, _))) => (Some(key.clone()), Some(id.clone())),
+            _ => (None, None),
+        };
         Ok(S3Response::new(ListMultipartUploadsOutput {
             bucket: Some(input.bucket),
             prefix: input.prefix,
+            key_marker: input.key_marker,
+            upload_id_marker: input.upload_id_marker,
             max_uploads: Some(max as i32),
-            is_truncated: Some(false),
+            is_truncated: Some(truncated),
+            next_key_marker: next_key,
+            next_upload_id_marker: next_id,
             uploads: Some(
-                uploads
-                    .into_iter()
-                    .filter(|(_, r)| r.key.starts_with(&prefix))
-                    .map(|(id, r)| MultipartUpload {
-                        key: Some(r.key),
-                        upload_id: Some(id.to_string()),
-                        initiated: Some(ms_to_ts(r.created_ms)),
+                page.into_iter()
+                    .map(|(key, id, created_ms)| MultipartUpload {
+                        key: Some(key),
+                        upload_id: Some(id),
+                        initiated: Some(ms_to_ts(created_ms)),
                         ..Default::default()
                     })
                     .collect(),

@@ -1342,6 +1342,68 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
     )?;
     let uploads = aws.json(&["s3api", "list-multipart-uploads", "--bucket", "big"])?;
     assert_eq!(uploads["Uploads"][0]["UploadId"], id.as_str());
+    // Listed in key order and paged by the markers, as S3 does.
+    let mut others = Vec::new();
+    for key in ["z.bin", "a.bin"] {
+        let up = aws.json(&[
+            "s3api",
+            "create-multipart-upload",
+            "--bucket",
+            "big",
+            "--key",
+            key,
+        ])?;
+        others.push((key, up["UploadId"].as_str().unwrap_or_default().to_owned()));
+    }
+    let keys = |v: &serde_json::Value| -> Vec<String> {
+        v["Uploads"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|u| u["Key"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let all = aws.json(&["s3api", "list-multipart-uploads", "--bucket", "big"])?;
+    assert_eq!(keys(&all), ["a.bin", "m.bin", "z.bin"]);
+    let first = aws.json(&[
+        "s3api",
+        "list-multipart-uploads",
+        "--bucket",
+        "big",
+        "--max-uploads",
+        "1",
+        "--no-paginate",
+    ])?;
+    assert_eq!(keys(&first), ["a.bin"]);
+    assert_eq!(first["IsTruncated"], true, "{first}");
+    let next = aws.json(&[
+        "s3api",
+        "list-multipart-uploads",
+        "--bucket",
+        "big",
+        "--max-uploads",
+        "1",
+        "--no-paginate",
+        "--key-marker",
+        first["NextKeyMarker"].as_str().unwrap_or_default(),
+        "--upload-id-marker",
+        first["NextUploadIdMarker"].as_str().unwrap_or_default(),
+    ])?;
+    assert_eq!(keys(&next), ["m.bin"]);
+    for (key, up) in &others {
+        aws.ok(&[
+            "s3api",
+            "abort-multipart-upload",
+            "--bucket",
+            "big",
+            "--key",
+            key,
+            "--upload-id",
+            up,
+        ])?;
+    }
     aws.ok(&[
         "s3api",
         "abort-multipart-upload",
