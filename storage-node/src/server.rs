@@ -546,9 +546,17 @@ async fn handle_get_shard(
     let store = state.store.clone();
     // A small shard is read right here: handing a read of a few KiB to the
     // blocking pool costs two thread wake-ups, more than the read itself.
-    let got = match state.store.get_small_shared(&key) {
-        Some(got) => got,
-        None => blocking(move || store.get_shared_checked(&key, check)).await,
+    // Anything slower (a file, a quarantine's fsyncs, a record compaction
+    // moved) goes to the blocking pool, off the threads serving QUIC.
+    let got = match state.store.get_small_fast(&key) {
+        Some(got) => Ok(got),
+        None => {
+            blocking(move || match store.get_small_shared(&key) {
+                Some(got) => got,
+                None => store.get_shared_checked(&key, check),
+            })
+            .await
+        }
     };
     match got {
         Ok((header, body)) => {

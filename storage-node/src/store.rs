@@ -442,6 +442,19 @@ impl ShardStore {
     /// (a small one: one positioned read of a few KiB, from the page cache
     /// when recently written), cheap enough to run on the caller's thread;
     /// `None` for a shard in its own file (read it on the blocking pool).
+    /// The fast path of [`Self::get_small_shared`], for an async thread: a
+    /// segment record that reads back whole (a few KiB from the page cache,
+    /// no lock taken). `None` when anything slower is needed (the shard is
+    /// not in a segment, its record is damaged and must be quarantined, or
+    /// compaction moved it), for the caller to do on the blocking pool.
+    pub fn get_small_fast(&self, key: &ShardKey) -> Option<(ShardHeader, bytes::Bytes)> {
+        let loc = self.log.locate(key)?;
+        match self.log.read(key, loc, false) {
+            Ok(ReadRecord::Shard(header, body)) => Some((header, bytes::Bytes::from(body))),
+            _ => None,
+        }
+    }
+
     pub fn get_small_shared(
         &self,
         key: &ShardKey,
