@@ -559,20 +559,28 @@ impl SegmentLog {
         if id >= lock(&self.active).id {
             return Ok(false);
         }
-        let mut index = self.write_index();
-        let busy = index
-            .segments
-            .get(&id)
-            .is_some_and(|s| s.pending.load(Ordering::Acquire) > 0);
-        if busy || index.entries.values().any(|l| l.seg == id) {
-            return Ok(false);
+        {
+            let index = self.read_index();
+            let busy = index
+                .segments
+                .get(&id)
+                .is_some_and(|s| s.pending.load(Ordering::Acquire) > 0);
+            if busy || index.entries.values().any(|l| l.seg == id) {
+                return Ok(false);
+            }
         }
+        // Nothing can enter the segment now: it is sealed (only the active
+        // one gains records or pending appends), and nothing current is in
+        // it (a record only moves forward). So the file goes without the
+        // index lock held across the unlink and fsync, which small reads on
+        // the QUIC threads would wait for.
         match fs::remove_file(self.dir.join(segment_name(id))) {
             // Gone already: an earlier removal whose directory fsync failed.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             r => r?,
         }
         File::open(&self.dir)?.sync_all()?;
+        let mut index = self.write_index();
         index.segments.remove(&id);
         Ok(true)
     }
@@ -835,27 +843,33 @@ fn segment_key(bytes: &[u8]) -> Option<SegKey> {
     header[8..].try_into().ok()
 }
 
-/// Indexes the records of segment `id`. A shard record whose body does not
-/// match its header is not indexed, so an older copy of the key stays
-/// current: compaction's copies and re-puts are appended before their fsync,
-/// and a crash may keep a copy's frame and head but not its body; that torn
-/// copy must not hide (and, once a read quarantined it, delete) the intact
-/// record it was copied from. A record damaged on the disk later is missed
-/// the same way, and repair rebuilds it like any missing shard.
+/// Indexes the records of segment `id`. A shard record that would replace
+/// an older record of its key and whose body does not match its header is
+/// not indexed, so the older one stays current: compaction's copies and
+/// re-puts are appended before their fsync, and a crash may keep a copy's
+/// frame and head but not its body; that torn copy must not hide (and, once
+/// a read quarantined it, delete) the intact record it was copied from.
 fn scan_segment(id: u64, key: &SegKey, bytes: &[u8], index: &mut Index) {
     for_each_record(key, bytes, |kind, head, off, len| match kind {
         KIND_SHARD => match ShardHeader::decode(head) {
             Ok(h) if FRAME + head.len() + h.len as usize == len as usize => {
-                let body_at = off as usize + FRAME + head.len();
-                let body = bytes.get(body_at..off as usize + len as usize);
-                if !body.is_some_and(|b| h.matches(b)) {
-                    tracing::warn!(
-                        segment = id,
-                        offset = off,
-                        shard = %h.key,
-                        "segment record whose body fails its BLAKE3: not served"
-                    );
-                    return;
+                // Only a record that would replace an older one is hashed
+                // here (a copy or a re-put): a torn one keeps the older
+                // record current. One with nothing older is indexed
+                // whatever its body, so a read or the scrubber finds it
+                // damaged, quarantines it and has it repaired.
+                if index.entries.contains_key(&fanout_key(&h.key)) {
+                    let body_at = off as usize + FRAME + head.len();
+                    let body = bytes.get(body_at..off as usize + len as usize);
+                    if !body.is_some_and(|b| h.matches(b)) {
+                        tracing::warn!(
+                            segment = id,
+                            offset = off,
+                            shard = %h.key,
+                            "a later copy of a shard fails its BLAKE3; the earlier record stays"
+                        );
+                        return;
+                    }
                 }
                 let loc = Loc { seg: id, off, len };
                 if let Some(old) = index.entries.insert(fanout_key(&h.key), loc) {
@@ -986,6 +1000,30 @@ mod tests {
         assert!(matches!(
             log.read(&h.key, first, false).unwrap(),
             ReadRecord::Shard(_, b) if b == body
+        ));
+    }
+
+    /// A damaged record with no older copy stays indexed, so a read finds
+    /// it damaged (and the store quarantines and reports it for repair)
+    /// instead of the shard quietly vanishing at the next open.
+    #[test]
+    fn a_damaged_only_copy_stays_indexed_to_be_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = vec![0x33; 2000];
+        let h = shard(7, &body);
+        let loc = {
+            let log = SegmentLog::open(dir.path()).unwrap();
+            log.put(&h, &body).unwrap().0
+        };
+        let path = dir.path().join(SEGMENTS_DIR).join(segment_name(loc.seg));
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[(loc.end() - 10) as usize] ^= 0xff;
+        fs::write(&path, bytes).unwrap();
+        let log = SegmentLog::open(dir.path()).unwrap();
+        assert_eq!(log.locate(&h.key), Some(loc));
+        assert!(matches!(
+            log.read(&h.key, loc, false).unwrap(),
+            ReadRecord::Damaged(..)
         ));
     }
 

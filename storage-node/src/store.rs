@@ -444,7 +444,7 @@ impl ShardStore {
     /// `None` for a shard in its own file (read it on the blocking pool).
     /// The fast path of [`Self::get_small_shared`], for an async thread: a
     /// segment record that reads back whole (a few KiB from the page cache,
-    /// no lock taken). `None` when anything slower is needed (the shard is
+    /// no key lock; the segment index's read lock only briefly). `None` when anything slower is needed (the shard is
     /// not in a segment, its record is damaged and must be quarantined, or
     /// compaction moved it), for the caller to do on the blocking pool.
     pub fn get_small_fast(&self, key: &ShardKey) -> Option<(ShardHeader, bytes::Bytes)> {
@@ -678,6 +678,13 @@ impl ShardStore {
         let Some(id) = self.log.compaction_candidate() else {
             return Ok(false);
         };
+        // A segment whose compaction fails (a bad sector, a failed fsync) is
+        // passed over from then on, so it cannot hold up all the others.
+        self.compact_segment(id)
+            .inspect_err(|_| self.log.skip_compaction(id))
+    }
+
+    fn compact_segment(&self, id: u64) -> Result<bool, StoreError> {
         let (live, tombstones) = self.log.survivors(id)?;
         let (copied, kept) = (live.len(), tombstones.len());
         for batch in live.chunks(COMPACT_BATCH) {
@@ -704,9 +711,7 @@ impl ShardStore {
             self.log
                 .wait_all_durable(copied.iter().map(|(seg, end, _)| (*seg, *end)))?;
         }
-        let dropped = self.log.drop_segment(id).inspect_err(|_| {
-            self.log.skip_compaction(id);
-        })?;
+        let dropped = self.log.drop_segment(id)?;
         if !dropped {
             self.log.skip_compaction(id);
         }
