@@ -309,6 +309,8 @@ pub struct Sweep {
     /// Unreferenced shards still within their grace.
     pub pending: u64,
     pub deleted: u64,
+    /// Copies of shards their stripe's record had no node for, placed.
+    pub adopted: u64,
 }
 
 /// Compares every active, healthy node's inventory with the index and
@@ -345,30 +347,69 @@ pub async fn sweep_orphans<S: Store>(
             let Some(last) = page.last() else { break };
             after = Some(last.key);
             sweep.listed += page.len() as u64;
-            let keys: Vec<ShardKey> = page.iter().map(|h| h.key).collect();
             let unreferenced = indexer::run(&gw.store, |tx| {
-                let keys = &keys;
+                let page = &page;
                 async move {
-                    let mut out = Vec::new();
-                    for k in keys {
-                        let placed = schema::shard_placed_on_tx(&tx, k, node).await?;
-                        // An upload in flight writes its stripe records in
-                        // batches after the shards: its intent covers them.
-                        if !placed && schema::get_intent_tx(&tx, k.evidence).await?.is_none() {
-                            out.push(*k);
+                    let (mut orphans, mut homeless) = (Vec::new(), Vec::new());
+                    for h in page {
+                        let k = &h.key;
+                        let Some(rec) =
+                            schema::get_stripes_tx(&tx, k.evidence, k.stripe..k.stripe + 1)
+                                .await?
+                                .pop()
+                        else {
+                            // An upload in flight writes its stripe records
+                            // in batches after the shards: its intent covers
+                            // them.
+                            if schema::get_intent_tx(&tx, k.evidence).await?.is_none() {
+                                orphans.push(*k);
+                            }
+                            continue;
+                        };
+                        let slot = rec.shards.get(k.index as usize);
+                        if slot.is_some_and(|s| s.node == Some(node)) {
+                            continue;
+                        }
+                        // A copy of a shard the record has no node for (the
+                        // index lost track of it: a node down while
+                        // recover-index ran) is adopted, never deleted.
+                        // (A record whose hash for it is unknown, zeros,
+                        // as recovery writes one it could not read back.)
+                        let unknown = protocol::Blake3Hash([0; 32]);
+                        if slot.is_some_and(|s| {
+                            s.node.is_none() && (s.blake3 == h.blake3 || s.blake3 == unknown)
+                        }) {
+                            homeless.push(*k);
+                        } else if schema::get_intent_tx(&tx, k.evidence).await?.is_none() {
+                            orphans.push(*k);
                         }
                     }
-                    Ok::<_, schema::SchemaError>(out)
+                    Ok::<_, schema::SchemaError>((orphans, homeless))
                 }
             })
             .await;
-            let unreferenced = match unreferenced {
+            let (unreferenced, homeless) = match unreferenced {
                 Ok(u) => u,
                 Err(e) => {
                     tracing::warn!(error = %e, "orphan sweep could not read the index");
                     return sweep;
                 }
             };
+            for key in homeless {
+                if let Ok(Some(lease)) = StripeLease::take(gw, key.evidence, key.stripe).await {
+                    match lease
+                        .renewed(gw, lease.adopt(gw, entry.addr, node, key))
+                        .await
+                    {
+                        Ok(true) => sweep.adopted += 1,
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::debug!(%node, shard = %key, error = %e, "could not adopt a copy")
+                        }
+                    }
+                    lease.release(gw).await;
+                }
+            }
             let now = std::time::Instant::now();
             for key in unreferenced {
                 let first = candidates.get(&(node, key)).copied().unwrap_or(now);

@@ -2443,7 +2443,19 @@ pub async fn restore<S: Store>(gw: &Gateway<S>) -> Result<RestoredLedger, Ledger
     let note = match ledger.read_tile_file(CHECKPOINT_FILE).await? {
         Some(n) => String::from_utf8(n.to_vec())
             .map_err(|_| LedgerError::Tree("the published checkpoint is not text".into()))?,
-        None => return Ok(RestoredLedger::default()),
+        // Nothing published: a log that never signed a checkpoint, or the
+        // tiles' location is wrong. An archive with leaves says the latter;
+        // restoring nothing would leave every shard an orphan.
+        None => {
+            let archived = ledger.read_archive().await?.len();
+            if archived > 0 {
+                return Err(LedgerError::Tree(format!(
+                    "no published checkpoint at the tiles location, yet the openings archive \
+                     holds {archived} leaves: check tiles_dir / tiles_url"
+                )));
+            }
+            return Ok(RestoredLedger::default());
+        }
     };
     let cp = pl::verify_checkpoint(&note, &ledger.verifier_key)
         .map_err(|e| LedgerError::Tree(format!("the published checkpoint: {e}")))?;

@@ -67,6 +67,13 @@ pub enum RecoverError {
     Manifest(EvidenceId),
     #[error("S3 records: {0}")]
     S3(#[from] crate::s3_journal::JournalError),
+    /// The nodes hold shards but the ledger gave no evidence to restore.
+    #[error(
+        "the nodes hold {shards} shards but the ledger restored no evidence: check the openings \
+         archive (openings / openings_url) and the tiles location; an index restored from \
+         nothing would leave every shard to garbage collection"
+    )]
+    NoLedger { shards: u64 },
 }
 
 /// What recovery found and did.
@@ -195,6 +202,14 @@ pub async fn recover_index<S: Store>(
         }
     }
     report.orphan_evidence = orphans.len() as u64;
+    // Shards on the nodes and no evidence in the ledger: the ledger's
+    // archive or tiles were not where the configuration says. An index
+    // restored from nothing would let garbage collection delete them all.
+    if manifests.is_empty() && report.shards_listed > 0 {
+        return Err(RecoverError::NoLedger {
+            shards: report.shards_listed,
+        });
+    }
 
     // The S3 records, before the tenants below, which then only add those
     // no S3 record named (a tenant's journaled record keeps its creation

@@ -798,6 +798,78 @@ impl StripeLease {
         }
     }
 
+    /// Adopts the copy of shard `key` on `node` into its stripe's record,
+    /// if the record has no node for it: a copy the index lost track of
+    /// (left on a node that was down while `recover-index` ran, say) and
+    /// that the node has just re-hashed to the record's BLAKE3. Committed
+    /// under the lease, with the stripe's compare-and-set, like a repair;
+    /// the stripe stays queued for repair to re-count. Returns whether it
+    /// was adopted.
+    pub(crate) async fn adopt<S: Store>(
+        &self,
+        gw: &Gateway<S>,
+        addr: std::net::SocketAddr,
+        node: NodeId,
+        key: ShardKey,
+    ) -> Result<bool, ApiError> {
+        if key.evidence != self.evidence || key.stripe != self.stripe {
+            return Ok(false);
+        }
+        let back = match gw.nodes.client.rpc_verify_shard(addr, key).await {
+            Ok(back) => back,
+            Err(e) => {
+                tracing::debug!(%node, shard = %key, error = %e, "a copy to adopt did not verify");
+                return Ok(false);
+            }
+        };
+        let adopted = indexer::run(&gw.store, |tx| {
+            let back = &back;
+            async move {
+                let Some(seen) =
+                    schema::get_stripes_tx(&tx, key.evidence, key.stripe..key.stripe + 1)
+                        .await?
+                        .pop()
+                else {
+                    return Ok(false);
+                };
+                // The record's hash of the shard, or none known (zeros:
+                // recovery could not read the stripe back). Then the node's
+                // own check of the copy against its header is what there
+                // is, as in recovery; reads still check the content root.
+                let fits = seen.shards.get(key.index as usize).is_some_and(|slot| {
+                    slot.node.is_none()
+                        && (slot.blake3 == back.blake3 || slot.blake3 == Blake3Hash([0; 32]))
+                        && seen.shard_len == back.len
+                });
+                let Some(manifest) = schema::get_manifest_tx(&tx, key.evidence).await? else {
+                    return Ok(false);
+                };
+                let fits = fits && back.code == manifest.code;
+                if !fits
+                    || seen.shards.iter().any(|s| s.node == Some(node))
+                    || !self.held_tx(&tx).await?
+                {
+                    return Ok(false);
+                }
+                let mut new = seen.clone();
+                new.shards[key.index as usize].node = Some(node);
+                new.shards[key.index as usize].blake3 = back.blake3;
+                let done =
+                    schema::commit_repair_tx(&tx, key.evidence, key.stripe, &seen, &new, None)
+                        .await?;
+                if done == schema::RepairCommit::Done {
+                    schema::mark_degraded_tx(&tx, key.evidence, key.stripe);
+                }
+                Ok::<_, schema::SchemaError>(done == schema::RepairCommit::Done)
+            }
+        })
+        .await?;
+        if adopted {
+            tracing::info!(%node, shard = %key, "a copy the index had no node for was adopted");
+        }
+        Ok(adopted)
+    }
+
     /// Deletes one copy of a shard of its stripe: only while the index still
     /// names this task and its own count leaves [`LEASE_MARGIN`]. The
     /// gateway waits for the answer only as long as the lease has left (no

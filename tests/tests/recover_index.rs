@@ -122,6 +122,30 @@ fn a_destroyed_index_is_rebuilt_from_the_ledger_archive_and_the_nodes() -> Resul
     f.write_all(b"XXXXXXXXXX")?;
     drop(f);
 
+    // A ledger not where the configuration says is refused, never taken
+    // for an empty one (every shard would be left to garbage collection):
+    // tiles missing while the archive has leaves, then both missing while
+    // the nodes hold shards.
+    let ledger_dir = c.data_dir().join("ledger");
+    let tiles = ledger_dir.join("tiles");
+    let openings = ledger_dir.join("openings");
+    let (tiles_aside, openings_aside) = (
+        ledger_dir.join("tiles.aside"),
+        ledger_dir.join("openings.aside"),
+    );
+    std::fs::rename(&tiles, &tiles_aside)?;
+    let out = recover(&c, &[])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no published checkpoint"), "{err}");
+    std::fs::rename(&openings, &openings_aside)?;
+    let out = recover(&c, &[])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("restored no evidence"), "{err}");
+    std::fs::rename(&tiles_aside, &tiles)?;
+    std::fs::rename(&openings_aside, &openings)?;
+
     // With a node down, recovery refuses unless told to proceed.
     c.kill_node(2);
     let out = recover(&c, &[])?;
@@ -226,6 +250,68 @@ fn a_destroyed_index_is_rebuilt_from_the_ledger_archive_and_the_nodes() -> Resul
     let out = c.cli(&["status", "--json"])?;
     let s: Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(s["degraded_stripes"], 0, "{s}");
+    Ok(())
+}
+
+/// Recovery with more than m nodes down (`--allow-down-nodes`) cannot read
+/// every piece of evidence back: stripes whose shards were on the down
+/// nodes are indexed with those shards unplaced. Once the nodes return,
+/// the orphan sweep adopts their copies (re-hashed by their node against
+/// the record) instead of deleting them, and everything reads again.
+#[test]
+fn copies_on_nodes_down_during_recovery_are_adopted_when_they_return() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.set_gateway(&[
+        ("repair_interval_ms", toml::Value::Integer(500)),
+        ("orphan_sweep_interval_ms", toml::Value::Integer(1000)),
+    ])?;
+    let key = std::fs::read_to_string(c.data_dir().join("ledger.vkey"))?
+        .trim()
+        .to_owned();
+    let mut filed = Vec::new();
+    for i in 0..3u64 {
+        let data = bytes(60_000 + i as usize * 7_000, 80 + i);
+        let r = c.file(&data)?;
+        filed.push((r["id"].as_str().context("id")?.to_owned(), data));
+    }
+    let published = custodia_tests::eventually(10, || {
+        checkpoint(&c, &key).is_ok_and(|cp| cp.size >= filed.len() as u64)
+    });
+    assert!(published, "the filings under a published checkpoint");
+
+    c.kill_gateway();
+    let index = c.data_dir().join("index.redb");
+    let len = std::fs::metadata(&index)?.len() as usize;
+    std::fs::write(&index, bytes(len, 98))?;
+    // Three of eight nodes down: more than m = 2.
+    for n in [1, 2, 3] {
+        c.kill_node(n);
+    }
+    // The index is built, and the command says what it could not read.
+    let out = recover(&c, &["--allow-down-nodes"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("could not be read back"), "{err}");
+    assert!(err.contains("old index is kept"), "{err}");
+    for n in [1, 2, 3] {
+        c.start_node_and_wait(n)?;
+    }
+    c.start_gateway()?;
+    c.wait_healthy(8)?;
+    let mut last = String::new();
+    let whole = custodia_tests::eventually(60, || {
+        filed.iter().all(|(id, data)| match c.read(id) {
+            Ok(back) => &back == data,
+            Err(e) => {
+                last = e.to_string();
+                false
+            }
+        })
+    });
+    assert!(
+        whole,
+        "evidence unreadable after the nodes returned: {last}"
+    );
     Ok(())
 }
 
