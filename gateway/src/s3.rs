@@ -1082,12 +1082,16 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let who = self.caller(&req, Role::Clerk).await?;
         self.bucket(&who, &req.input.bucket).await?;
         let name = req.input.bucket.clone();
-        indexer::run(&self.gw.store, |tx| {
+        // Its multipart uploads in progress go with it (as in S3).
+        let parts = indexer::run(&self.gw.store, |tx| {
             let name = &name;
             async move { ix::delete_bucket_tx(&tx, name).await }
         })
         .await
         .map_err(|e| s3_err(e.into()))?;
+        for p in &parts {
+            delete_part(&self.gw, p).await;
+        }
         Ok(S3Response::new(DeleteBucketOutput::default()))
     }
 
@@ -1775,8 +1779,8 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             version,
         };
         indexer::run(&self.gw.store, |tx| {
-            let rec = &rec;
-            async move { ix::create_multipart_tx(&tx, upload, rec).await }
+            let (rec, b) = (&rec, &b);
+            async move { ix::create_multipart_tx(&tx, upload, rec, b).await }
         })
         .await
         .map_err(|e| s3_err(e.into()))?;
@@ -2076,7 +2080,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
     ) -> S3Result<S3Response<ListMultipartUploadsOutput>> {
         let who = self.caller(&req, Role::Reader).await?;
         let input = req.input;
-        self.bucket(&who, &input.bucket).await?;
+        let b = self.bucket(&who, &input.bucket).await?;
         let max = input.max_uploads.unwrap_or(1000).clamp(1, 1000) as usize;
         let bucket = input.bucket.clone();
         // Uploads in progress are few: all of the bucket's are read, then
@@ -2093,7 +2097,10 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let id_marker = input.upload_id_marker.clone().filter(|k| !k.is_empty());
         let mut page: Vec<(String, String, u64)> = uploads
             .into_iter()
-            .filter(|(_, r)| r.key.starts_with(&prefix))
+            // Only the owner's: an upload another tenant left under this
+            // bucket name (before uploads went with their bucket) is not
+            // this bucket's.
+            .filter(|(_, r)| r.tenant == b.tenant && r.key.starts_with(&prefix))
             .map(|(id, r)| (r.key, id.to_string(), r.created_ms))
             .filter(|(key, id, _)| match &key_marker {
                 None => true,

@@ -741,7 +741,10 @@ pub async fn list_buckets_tx<T: Transaction>(
 
 /// Deletes a bucket that holds no version at all (delete markers count, as
 /// in S3).
-pub async fn delete_bucket_tx<T: Transaction>(tx: &T, name: &str) -> Result<(), ObjectError> {
+pub async fn delete_bucket_tx<T: Transaction>(
+    tx: &T,
+    name: &str,
+) -> Result<Vec<PartRecord>, ObjectError> {
     let b = get_bucket_tx(tx, name)
         .await?
         .ok_or(ObjectError::NoSuchBucket)?;
@@ -753,19 +756,21 @@ pub async fn delete_bucket_tx<T: Transaction>(tx: &T, name: &str) -> Result<(), 
     {
         return Err(ObjectError::BucketNotEmpty);
     }
-    // Uploads in progress belong to this bucket: left behind, they would
-    // show in (and complete into) a bucket of the same name created later,
-    // perhaps by another tenant. They are aborted first, as objects are
-    // deleted first.
-    if !list_multipart_tx(tx, name, 1).await?.is_empty() {
-        return Err(ObjectError::BucketNotEmpty);
+    // Uploads in progress go with the bucket, as in S3: left behind, they
+    // would show in (and complete into) a bucket of the same name created
+    // later, perhaps by another tenant. Their parts are returned for the
+    // caller to delete.
+    let mut parts = Vec::new();
+    for (upload, _) in list_multipart_tx(tx, name, usize::MAX).await? {
+        parts.extend(parts_tx(tx, upload).await?.into_iter().map(|(_, p)| p));
+        end_multipart_tx(tx, upload).await?;
     }
     clear_journaled(tx, &key_of(BUCKET, &[name.as_bytes()]));
     tx.clear(&key_of(
         TENANT_BUCKET,
         &[b.tenant.as_bytes(), name.as_bytes()],
     ));
-    Ok(())
+    Ok(parts)
 }
 
 // ---------------------------------------------------------------- objects
@@ -1235,8 +1240,12 @@ pub async fn create_multipart_tx<T: Transaction>(
     tx: &T,
     upload: EvidenceId,
     rec: &MultipartRecord,
+    seen: &BucketRecord,
 ) -> Result<(), ObjectError> {
     check_names(&rec.bucket, Some(&rec.key))?;
+    // In the bucket the request checked, not one deleted (taking its
+    // uploads) and created again since.
+    bucket_as_seen(tx, &rec.bucket, seen).await?;
     tx.set(
         &key_of(MULTIPART, &[upload.as_bytes()]),
         &encode_versioned(RECORD_V1, rec),

@@ -667,8 +667,8 @@ async fn holds_and_retention_on_the_evidence_bind_its_version() {
 
 /// A request checks its bucket before it runs and commits after (an upload
 /// can take minutes): the commit goes only into the bucket it checked. A
-/// bucket with uploads in progress is not deleted, so no later bucket of
-/// the same name inherits them.
+/// bucket's uploads in progress go with it, so no later bucket of the same
+/// name inherits them.
 #[tokio::test]
 async fn a_bucket_made_again_is_not_the_one_a_request_checked() {
     let (_d, s) = store();
@@ -683,7 +683,7 @@ async fn a_bucket_made_again_is_not_the_one_a_request_checked() {
     };
     run(&s, |tx| {
         let rec = &rec;
-        async move { ix::create_multipart_tx(&tx, upload, rec).await }
+        async move { ix::create_multipart_tx(&tx, upload, rec, &seen()).await }
     })
     .await
     .unwrap();
@@ -697,17 +697,22 @@ async fn a_bucket_made_again_is_not_the_one_a_request_checked() {
             .await
         }
     };
-    assert!(matches!(
-        delete_bucket().await,
-        Err(ObjectError::BucketNotEmpty)
-    ));
-    run(
+    // Its uploads in progress go with it (their parts for the caller).
+    delete_bucket().await.unwrap();
+    let left = run(
         &s,
-        |tx| async move { ix::end_multipart_tx(&tx, upload).await },
+        |tx| async move { ix::get_multipart_tx(&tx, upload).await },
     )
     .await
     .unwrap();
-    delete_bucket().await.unwrap();
+    assert!(left.is_none(), "the upload went with its bucket");
+    // An upload started for the old bucket finds none.
+    let r = run(&s, |tx| {
+        let rec = &rec;
+        async move { ix::create_multipart_tx(&tx, upload, rec, &seen()).await }
+    })
+    .await;
+    assert!(matches!(r, Err(ObjectError::NoSuchBucket)));
 
     // Another tenant takes the name; a put checked against the old bucket
     // finds no bucket, and leaves the new owner's empty.

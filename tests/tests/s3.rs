@@ -1392,6 +1392,36 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
         first["NextUploadIdMarker"].as_str().unwrap_or_default(),
     ])?;
     assert_eq!(keys(&next), ["m.bin"]);
+    // A bucket with nothing but an upload in progress can be deleted (as
+    // in S3); the upload goes with it.
+    aws.ok(&["s3", "mb", "s3://scratch"])?;
+    let up = aws.json(&[
+        "s3api",
+        "create-multipart-upload",
+        "--bucket",
+        "scratch",
+        "--key",
+        "left.bin",
+    ])?;
+    let left = up["UploadId"].as_str().unwrap_or_default().to_owned();
+    aws.ok(&[
+        "s3api",
+        "upload-part",
+        "--bucket",
+        "scratch",
+        "--key",
+        "left.bin",
+        "--upload-id",
+        &left,
+        "--part-number",
+        "1",
+        "--body",
+        &p1,
+    ])?;
+    aws.ok(&["s3", "rb", "s3://scratch"])?;
+    aws.ok(&["s3", "mb", "s3://scratch"])?;
+    let none = aws.json(&["s3api", "list-multipart-uploads", "--bucket", "scratch"])?;
+    assert!(keys(&none).is_empty(), "{none}");
     for (key, up) in &others {
         aws.ok(&[
             "s3api",
