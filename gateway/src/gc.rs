@@ -240,18 +240,29 @@ pub async fn collect_once<S: Store>(gw: &Gateway<S>, watch: &mut LeaseWatch) -> 
         tracing::info!(%evidence, "collecting an abandoned upload (its lease stopped being renewed)");
         abort_and_delete(gw, evidence, Abort::Stale { lease_until_ms }).await;
     }
-    // Expunges whose shards sat on unreachable nodes.
-    match indexer::run(&gw.store, |tx| async move {
-        schema::expunging_tx(&tx, 64).await
-    })
-    .await
-    {
-        Ok(pending) => {
-            for evidence in pending {
-                delete_expunged(gw, evidence).await;
+    // Expunges whose shards sat on unreachable nodes: all of them, a page
+    // at a time (the first page alone could be held by a node down for
+    // good, and starve the rest).
+    let mut after = None;
+    loop {
+        let page = match indexer::run(&gw.store, |tx| async move {
+            schema::expunging_tx(&tx, after, 64).await
+        })
+        .await
+        {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::warn!(error = %e, "GC could not list unfinished expunges");
+                break;
             }
+        };
+        for &evidence in &page {
+            delete_expunged(gw, evidence).await;
         }
-        Err(e) => tracing::warn!(error = %e, "GC could not list unfinished expunges"),
+        match page.last() {
+            Some(&last) if page.len() == 64 => after = Some(last),
+            _ => break,
+        }
     }
     aborted.len() + stale.len()
 }
@@ -440,15 +451,18 @@ pub async fn sweep_orphans<S: Store>(
                     Ok(false) => match lease
                         .renewed(gw, lease.delete_shard(gw, entry.addr, key))
                         .await
-                        .unwrap_or_else(|| Err("its stripe's lease is no longer held".to_owned()))
                     {
-                        Ok(_) => {
+                        Some(Ok(_)) => {
                             sweep.deleted += 1;
                             gw.metrics.orphans_deleted.inc();
                             tracing::info!(%node, shard = %key, "orphan shard deleted");
                         }
-                        Err(e) => {
+                        Some(Err(e)) => {
                             tracing::debug!(%node, shard = %key, error = %e, "could not delete an orphan shard");
+                            still.insert((node, key), first);
+                        }
+                        None => {
+                            tracing::debug!(%node, shard = %key, "its stripe's lease is no longer held");
                             still.insert((node, key), first);
                         }
                     },

@@ -670,6 +670,10 @@ pub(crate) struct StripeLease {
     since: std::sync::Mutex<Instant>,
     /// A renewal found it taken over.
     lost: std::sync::atomic::AtomicBool,
+    /// A delete it sent went unanswered: the node may still carry it out,
+    /// so the lease is not given back but left to run out (see
+    /// [`release`](Self::release)).
+    unanswered: std::sync::atomic::AtomicBool,
 }
 
 impl StripeLease {
@@ -702,6 +706,7 @@ impl StripeLease {
             owner,
             since: std::sync::Mutex::new(began),
             lost: std::sync::atomic::AtomicBool::new(false),
+            unanswered: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -789,8 +794,16 @@ impl StripeLease {
         schema::release_repair_lease_tx(tx, self.evidence, self.stripe, self.owner).await
     }
 
-    /// Gives it up (a failure only leaves it to be taken over).
+    /// Gives it up (a failure only leaves it to be taken over). Not after a
+    /// delete that went unanswered: that delete may still land on its node,
+    /// and a repair taking the stripe at once could have just placed the
+    /// shard there again. Left to run out, the lease keeps every other
+    /// task off the stripe for [`REPAIR_LEASE`] first.
     pub(crate) async fn release<S: Store>(&self, gw: &Gateway<S>) {
+        if self.unanswered.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::debug!(evidence = %self.evidence, stripe = self.stripe, "a delete went unanswered: the repair lease is left to run out");
+            return;
+        }
         if let Err(e) =
             indexer::run(&gw.store, |tx| async move { self.release_tx(&tx).await }).await
         {
@@ -892,8 +905,23 @@ impl StripeLease {
         Some(
             match tokio::time::timeout(left, gw.nodes.client.rpc_delete_shard(addr, key)).await {
                 Ok(Ok(existed)) => Ok(existed),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err("no answer within the lease".to_owned()),
+                Ok(Err(e)) => {
+                    // Answered with an error, or never sent: nothing left to
+                    // land later. Anything else may have reached the node.
+                    use storage_node::client::NodeError as E;
+                    let settled =
+                        matches!(e, E::Remote(_) | E::Tls(_) | E::Endpoint(_) | E::Connect(_));
+                    if !settled {
+                        self.unanswered
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e.to_string())
+                }
+                Err(_) => {
+                    self.unanswered
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    Err("no answer within the lease".to_owned())
+                }
             },
         )
     }

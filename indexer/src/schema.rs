@@ -1232,9 +1232,18 @@ pub async fn expunge_tx<T: Transaction>(
 /// Expunged evidence whose shards are not all deleted yet (GC retries them).
 pub async fn expunging_tx<T: Transaction>(
     tx: &T,
+    after: Option<EvidenceId>,
     limit: usize,
 ) -> Result<Vec<EvidenceId>, SchemaError> {
-    tx.get_range(&[EXPUNGING], &[EXPUNGING + 1], limit, false)
+    let begin = match after {
+        Some(e) => {
+            let mut k = evidence_key(EXPUNGING, &e);
+            k.push(0);
+            k
+        }
+        None => vec![EXPUNGING],
+    };
+    tx.get_range(&begin, &[EXPUNGING + 1], limit, false)
         .await?
         .iter()
         .map(|(k, _)| evidence_from(&k[1..]))

@@ -586,8 +586,20 @@ async fn worm_is_enforced_in_the_transaction_that_removes_data() {
     ));
     // The expunge stays listed for GC until its shards are deleted and their
     // records forgotten; it cannot be marked done before.
-    let pending = || run(&s, |tx| async move { schema::expunging_tx(&tx, 10).await });
+    let pending = || {
+        run(
+            &s,
+            |tx| async move { schema::expunging_tx(&tx, None, 10).await },
+        )
+    };
     assert_eq!(pending().await.unwrap(), vec![id]);
+    // Paged: the page after it is empty.
+    let next = run(&s, |tx| async move {
+        schema::expunging_tx(&tx, Some(id), 10).await
+    })
+    .await
+    .unwrap();
+    assert!(next.is_empty());
     let done = || {
         run(
             &s,
