@@ -1395,13 +1395,13 @@ async fn publish_state<S: Store>(
     };
     let prepared = started.elapsed();
     // Openings and tiles durable before the checkpoint that names them is
-    // signed: every leaf a checkpoint covers can be recovered.
-    // (Both at once: on one filesystem the two syncfs share a journal commit.)
-    futures::future::try_join(
-        put_durably(&ledger.openings, ledger.openings_dir.clone(), openings),
-        ledger.publish_all(files),
-    )
-    .await?;
+    // signed: every leaf a checkpoint covers can be recovered. The openings
+    // first: a tile published for leaves the archive lacks would, after a
+    // lost index, be overwritten by different leaves at the same indexes
+    // (recovery rebuilds only as far as the archive goes), and published
+    // tiles never change.
+    put_durably(&ledger.openings, ledger.openings_dir.clone(), openings).await?;
+    ledger.publish_all(files).await?;
     let written = started.elapsed();
     let note = pl::sign_checkpoint(
         &ledger.signer_key,
@@ -1633,6 +1633,8 @@ async fn publish_if_newer(
 ) -> Result<bool, LedgerError> {
     use object_store::{Error as OsError, PutMode, UpdateVersion};
     let path = StorePath::from(CHECKPOINT_FILE);
+    // Conditional writes that failed other than by losing a race.
+    let mut refused = 0;
     for _ in 0..16 {
         let (published, mode) = match store.get(&path).await {
             Ok(got) => {
@@ -1663,10 +1665,18 @@ async fn publish_if_newer(
             Ok(_) => return Ok(true),
             // Another writer got in between: read what it wrote.
             Err(OsError::Precondition { .. } | OsError::AlreadyExists { .. }) => continue,
+            // A transient failure (a 503, a timeout) is tried again: written
+            // unconditionally over another gateway's newer checkpoint, it
+            // would make the published tree shrink.
+            Err(OsError::Generic { .. }) if refused < 2 => {
+                refused += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(200 << refused)).await;
+                continue;
+            }
             // A store that takes no conditional writes says so with an error
-            // object_store cannot tell from any other (a 400 or 501): write
-            // as before conditional writes were used, so the ledger goes on,
-            // and say that the checkpoint can then go back.
+            // object_store cannot tell from any other (a 400 or 501), every
+            // time: write as before conditional writes were used, so the
+            // ledger goes on, and say that the checkpoint can then go back.
             Err(e) => {
                 tracing::warn!(
                     error = %e,

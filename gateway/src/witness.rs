@@ -56,6 +56,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WitnessStartError + '_ {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Views {
     logs: BTreeMap<String, View>,
+    /// The time of the newest cosignature, Unix seconds: none is ever dated
+    /// earlier, whatever the clock does (a cosignature says "as of this
+    /// time, the largest tree I saw"; an earlier date on a larger tree
+    /// would contradict one already given).
+    #[serde(default)]
+    cosigned_at: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -174,6 +180,11 @@ async fn add_checkpoint(State(w): State<Arc<Witness>>, body: Bytes) -> Response 
         size: 0,
         root: pl::empty_root().to_string(),
     });
+    // In the order tlog-witness gives: an old size past the checkpoint is
+    // a bad request whatever this witness saw.
+    if new.size < old {
+        return text(StatusCode::BAD_REQUEST, "checkpoint is smaller than old");
+    }
     if old != latest.size {
         return answer(
             StatusCode::CONFLICT,
@@ -181,16 +192,21 @@ async fn add_checkpoint(State(w): State<Arc<Witness>>, body: Bytes) -> Response 
             format!("{}\n", latest.size),
         );
     }
-    if new.size < old {
-        return text(StatusCode::BAD_REQUEST, "checkpoint is smaller than old");
-    }
     let Ok(latest_root) = TreeHash::parse_hash(&latest.root) else {
         return text(StatusCode::INTERNAL_SERVER_ERROR, "stored view is corrupt");
     };
-    let consistent = if old == 0 {
+    if old == new.size && old > 0 && new.root != latest_root {
+        // The same size with another root: a fork of what it cosigned.
+        tracing::warn!(%origin, size = old, "refusing a checkpoint that forks the one cosigned");
+        return answer(
+            StatusCode::CONFLICT,
+            "text/x.tlog.size",
+            format!("{}\n", latest.size),
+        );
+    }
+    // (From nothing, or to the same tree: no proof to check.)
+    let consistent = if old == 0 || old == new.size {
         proof.is_empty()
-    } else if old == new.size {
-        proof.is_empty() && new.root == latest_root
     } else {
         let old_cp = pl::VerifiedCheckpoint {
             origin: origin.clone(),
@@ -206,7 +222,13 @@ async fn add_checkpoint(State(w): State<Arc<Witness>>, body: Bytes) -> Response 
             "consistency proof does not verify",
         );
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        .max(views.cosigned_at);
     let mut next = views.clone();
+    next.cosigned_at = now;
     next.logs.insert(
         origin.clone(),
         View {
@@ -231,10 +253,6 @@ async fn add_checkpoint(State(w): State<Arc<Witness>>, body: Bytes) -> Response 
     }
     *views = next;
     drop(views);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
     let cosigned = Cosigner::new(&w.signer_key, now).ok().and_then(|c| {
         let mut n = signed_note::Note::from_bytes(note.as_bytes()).ok()?;
         n.add_sigs(&[&c]).ok()?;

@@ -624,6 +624,25 @@ fn witnesses_cosign_off_the_filing_path_and_never_cosign_a_fork() -> Result<()> 
         status, 422,
         "a fork (no valid consistency proof) is refused"
     );
+    // As tlog-witness orders them: a fork at the size it cosigned is a
+    // conflict (409 with its size), and an old size past the checkpoint's a
+    // bad request, whatever the witness saw.
+    let same_size_fork = ledger::sign_checkpoint(
+        skey.trim(),
+        "custodia.local/ledger",
+        seen,
+        TreeHash([0xdd; 32]),
+    )?;
+    let (status, body) = add_checkpoint(
+        &witness.url,
+        &protocol::witness::add_checkpoint_body(seen, &[], &same_size_fork),
+    )?;
+    assert_eq!((status, body.trim().parse::<u64>().ok()), (409, Some(seen)));
+    let (status, _) = add_checkpoint(
+        &witness.url,
+        &protocol::witness::add_checkpoint_body(seen + 5, &[], &upgraded.checkpoint),
+    )?;
+    assert_eq!(status, 400, "old past the checkpoint's size");
     let (other_s, _) = ledger::note_keys("custodia.local/ledger", &[7; 32]);
     let forged = ledger::sign_checkpoint(
         &other_s,
