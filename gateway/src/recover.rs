@@ -42,8 +42,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Stripe records written per index transaction.
 const STRIPES_PER_TXN: usize = 256;
-/// The shards of one stripe found on the nodes, by index.
-type Slots = Vec<Option<(NodeId, ShardHeader)>>;
+/// The shards of one stripe found on the nodes, by index: every copy found
+/// (a repair's old copy awaiting deletion beside its new one, say), in the
+/// order the nodes were listed.
+type Slots = Vec<Vec<(NodeId, ShardHeader)>>;
 
 /// Stripes read ahead while one is checked.
 const READ_AHEAD: usize = 8;
@@ -194,10 +196,11 @@ pub async fn recover_index<S: Store>(
                 }
                 let slots = found
                     .entry((h.key.evidence, h.key.stripe))
-                    .or_insert_with(|| vec![None; total]);
+                    .or_insert_with(|| vec![Vec::new(); total]);
                 // A second copy (a repair's old one, within its grace) is
-                // as good as the first: either verifies or is re-placed.
-                slots[h.key.index as usize].get_or_insert((node, h));
+                // kept too: the read-back falls back to it when the first
+                // does not verify.
+                slots[h.key.index as usize].push((node, h));
             }
         }
     }
@@ -245,7 +248,7 @@ pub async fn recover_index<S: Store>(
             .map(|s| {
                 let slots = found
                     .remove(&(id, s))
-                    .unwrap_or_else(|| vec![None; header.code.total()]);
+                    .unwrap_or_else(|| vec![Vec::new(); header.code.total()]);
                 (s, slots)
             })
             .collect();
@@ -254,7 +257,7 @@ pub async fn recover_index<S: Store>(
             // collection to delete.
             let left: Vec<(u64, StripeRecord)> = stripes
                 .into_iter()
-                .filter(|(_, slots)| slots.iter().any(Option::is_some))
+                .filter(|(_, slots)| slots.iter().any(|copies| !copies.is_empty()))
                 .map(|(s, slots)| (s, initial_record(&header, s, &slots)))
                 .collect();
             write_stripes(gw, id, &left, &[]).await?;
@@ -359,14 +362,14 @@ async fn restore_s3_records<S: Store>(
 fn initial_record(
     header: &ManifestHeader,
     stripe: u64,
-    slots: &[Option<(NodeId, ShardHeader)>],
+    slots: &[Vec<(NodeId, ShardHeader)>],
 ) -> StripeRecord {
     StripeRecord {
         version: 1,
         shard_len: header.code.layout(header.size).shard_len(stripe) as u32,
         shards: slots
             .iter()
-            .map(|s| match s {
+            .map(|copies| match copies.first() {
                 Some((node, h)) => ShardPlacement {
                     node: Some(*node),
                     blake3: h.blake3,
@@ -413,24 +416,43 @@ async fn read_back<S: Store>(
     let mut degraded = Vec::new();
     // Every placed shard of each stripe is read (not only k), so the count
     // of verified shards is exact; a few stripes are in flight at once.
-    let mut fetched = futures::stream::iter(initial.iter())
-        .map(|(stripe, rec)| async move {
-            let reads = (0..rec.shards.len())
-                .filter(|i| rec.shards[*i].node.is_some())
-                .map(|i| async move {
-                    (
-                        i,
-                        crate::read::fetch_shard(gw, header.evidence, *stripe, i, rec, true).await,
-                    )
-                });
+    // Each shard from its first copy found, or the next when one does not
+    // verify.
+    let mut fetched = futures::stream::iter(initial.iter().zip(&stripes))
+        .map(|((stripe, rec), (_, slots))| async move {
+            let reads = slots.iter().enumerate().filter(|(_, c)| !c.is_empty()).map(
+                |(i, copies)| async move {
+                    for (node, h) in copies {
+                        let mut one = rec.clone();
+                        one.shards[i] = ShardPlacement {
+                            node: Some(*node),
+                            blake3: h.blake3,
+                        };
+                        if let crate::read::ShardOutcome::Good(body) =
+                            crate::read::fetch_shard(gw, header.evidence, *stripe, i, &one, true)
+                                .await
+                        {
+                            return (i, Some((*node, h.blake3, body)));
+                        }
+                    }
+                    (i, None)
+                },
+            );
             (*stripe, rec, futures::future::join_all(reads).await)
         })
         .buffered(READ_AHEAD);
     while let Some((stripe, rec, outcomes)) = fetched.next().await {
         let mut shards: Vec<Option<Vec<u8>>> = vec![None; rec.shards.len()];
+        // Where each shard was read from, and the hash its copy's header
+        // gave (which the read checked it against).
+        let mut fixed = rec.clone();
         for (i, outcome) in outcomes {
-            if let crate::read::ShardOutcome::Good(body) = outcome {
+            if let Some((node, blake3, body)) = outcome {
                 shards[i] = Some(body);
+                fixed.shards[i] = ShardPlacement {
+                    node: Some(node),
+                    blake3,
+                };
             }
         }
         let good: Vec<bool> = shards.iter().map(Option::is_some).collect();
@@ -469,7 +491,6 @@ async fn read_back<S: Store>(
             Ok(shards) => shards,
             Err(e) => return Err((format!("re-encoding: {e:?}"), initial.clone())),
         };
-        let mut fixed = rec.clone();
         let mut short = false;
         for ((slot, shard), ok) in fixed.shards.iter_mut().zip(&shards).zip(&good) {
             let hash = Blake3Hash::of(shard);
