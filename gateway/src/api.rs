@@ -2006,12 +2006,23 @@ async fn expunge<S: Store>(
         |tx| async move { schema::expunge_tx(&tx, evidence, compliance).await },
     )
     .await?;
+    // The shards go once the expunge is notarized (in the ledger's archive,
+    // so a lost index cannot bring the evidence back): waited for here as a
+    // filing waits for its receipt; with the ledger stalled, GC deletes
+    // them when it catches up.
+    let receipt = crate::ledger::wait_for_receipt(&gw, evidence, &[Kind::Expunged])
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(%evidence, error = %e, "expunged; its receipt could not be built yet");
+            None
+        });
     tracing::info!(%evidence, by = %actor(&who), "expunged; deleting its shards");
     let left = crate::gc::delete_expunged(&gw, evidence).await;
     Ok(Json(json!({
         "id": evidence.to_string(),
         "expunged": true,
         "stripes_left_to_delete": left,
+        "receipt": receipt.and_then(|r| serde_json::to_value(r).ok()),
     })))
 }
 

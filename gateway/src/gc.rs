@@ -287,6 +287,21 @@ pub fn spawn_gc_loop<S: Store>(
 /// once its shards are gone; returns how many stripes are left (on nodes that
 /// could not be reached; running it again continues).
 pub async fn delete_expunged<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) -> u64 {
+    // Not before the expunge is in the ledger's archive: an index lost
+    // before then is rebuilt from the archive, which would restore the
+    // evidence as filed, and with its bytes deleted it would come back as
+    // unreadable evidence instead of an expunge on the record.
+    match crate::ledger::statement_published(gw, evidence, protocol::ledger::Kind::Expunged).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::debug!(%evidence, "expunge not notarized yet: its shards wait for it");
+            return 1;
+        }
+        Err(e) => {
+            tracing::warn!(%evidence, error = %e, "could not read the ledger; GC will retry the expunge");
+            return 1;
+        }
+    }
     let left = match delete_recorded_stripes(gw, evidence, |tx, gone| async move {
         schema::forget_stripes_tx(&tx, evidence, &gone).await
     })

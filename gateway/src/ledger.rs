@@ -1752,6 +1752,28 @@ pub async fn receipt<S: Store>(
     leaf_receipt(gw, evidence, index).await
 }
 
+/// Whether a statement of `kind` about `evidence` is under a signed
+/// checkpoint, and so in the openings archive (written before any
+/// checkpoint that covers it is signed): a lost index rebuilt from the
+/// archive will know of it. True where no ledger is configured.
+pub async fn statement_published<S: Store>(
+    gw: &Gateway<S>,
+    evidence: EvidenceId,
+    kind: Kind,
+) -> Result<bool, ApiError> {
+    if gw.ledger.is_none() {
+        return Ok(true);
+    }
+    Ok(indexer::run(&gw.store, |tx| async move {
+        let size = lx::checkpoint_size_tx(&tx).await?.unwrap_or(0);
+        let leaves = lx::leaves_of_tx(&tx, evidence).await?;
+        Ok::<_, indexer::schema::SchemaError>(
+            leaves.iter().any(|(index, k)| *k == kind && *index < size),
+        )
+    })
+    .await?)
+}
+
 /// The receipt of leaf `index` against the newest checkpoint; `None` while no
 /// checkpoint covers it.
 pub async fn leaf_receipt<S: Store>(

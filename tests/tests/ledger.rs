@@ -1081,6 +1081,10 @@ fn holds_retention_and_expunge_are_enforced_and_on_the_ledger() -> Result<()> {
         Some(order.clone()),
     )?;
     assert_eq!(status, 200, "{body}");
+    // The shards went once the expunge was notarized (its receipt comes
+    // with the answer): a lost index rebuilt from the ledger knows of it.
+    let r: Receipt = serde_json::from_value(body["receipt"].clone())?;
+    assert_eq!(r.verify(&key)?.statement.kind, ledger::Kind::Expunged);
     assert_eq!(body["stripes_left_to_delete"].as_u64(), Some(0));
     // The bytes are gone from every node; reading says so.
     assert!(c.all_shard_files().len() < shards_before);
