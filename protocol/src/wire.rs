@@ -269,6 +269,9 @@ pub enum ErrorCode {
     /// A `RebuildShard` could not read one of its sources, or one failed its
     /// hash; nothing was stored.
     SourceUnavailable,
+    /// The peer's certificate may not make this request (only the gateway
+    /// writes or deletes shards; other nodes only read them).
+    Forbidden,
     /// A code this build does not know.
     Other(u16),
 }
@@ -284,6 +287,7 @@ impl From<u16> for ErrorCode {
             6 => ErrorCode::Io,
             7 => ErrorCode::UnsupportedVersion,
             8 => ErrorCode::SourceUnavailable,
+            9 => ErrorCode::Forbidden,
             other => ErrorCode::Other(other),
         }
     }
@@ -300,6 +304,7 @@ impl From<ErrorCode> for u16 {
             ErrorCode::Io => 6,
             ErrorCode::UnsupportedVersion => 7,
             ErrorCode::SourceUnavailable => 8,
+            ErrorCode::Forbidden => 9,
             ErrorCode::Other(v) => v,
         }
     }
@@ -316,6 +321,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::Io => "disk error",
             ErrorCode::UnsupportedVersion => "unsupported frame version",
             ErrorCode::SourceUnavailable => "a shard to rebuild from is unavailable",
+            ErrorCode::Forbidden => "this peer may not make that request",
             ErrorCode::Other(v) => return write!(f, "error code {v}"),
         };
         f.write_str(name)

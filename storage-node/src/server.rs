@@ -280,7 +280,11 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<NodeState>) {
             return;
         }
     };
-    tracing::debug!(%remote, "connection established");
+    // Any certificate the cluster CA issued gets this far; only the
+    // gateway's may write or delete shards. Other nodes (and any other
+    // leaf: a node's key taken from its host) only read.
+    let peer = peer_role(&conn);
+    tracing::debug!(%remote, ?peer, "connection established");
     state.metrics.connections.inc();
     let _open = scopeguard(&state.metrics.connections);
     let mut streams = JoinSet::new();
@@ -288,7 +292,7 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<NodeState>) {
         tokio::select! {
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
-                    streams.spawn(serve_stream(state.clone(), send, recv));
+                    streams.spawn(serve_stream(state.clone(), peer, send, recv));
                 }
                 Err(e) => {
                     tracing::debug!(%remote, reason = %e, "connection closed");
@@ -329,14 +333,47 @@ enum StreamError {
     Closed(#[from] quinn::ClosedStream),
 }
 
+/// Who is on the other end of a connection, by its certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Peer {
+    /// A certificate for [`crate::tls::GATEWAY_NAME`].
+    Gateway,
+    /// Any other the cluster CA issued (a node's, an HTTPS API's).
+    Other,
+}
+
+fn peer_role(conn: &quinn::Connection) -> Peer {
+    let gateway = conn
+        .peer_identity()
+        .and_then(|id| {
+            id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|chain| chain.first().cloned())
+        .is_some_and(|leaf| {
+            let name = rustls::pki_types::ServerName::try_from(crate::tls::GATEWAY_NAME);
+            match (webpki::EndEntityCert::try_from(&leaf), name) {
+                // The chain to the cluster CA was verified in the handshake.
+                (Ok(cert), Ok(name)) => cert.verify_is_valid_for_subject_name(&name).is_ok(),
+                _ => false,
+            }
+        });
+    if gateway {
+        Peer::Gateway
+    } else {
+        Peer::Other
+    }
+}
+
 async fn serve_stream(
     state: Arc<NodeState>,
+    peer: Peer,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
     let served = tokio::time::timeout(
         REQUEST_TIMEOUT,
-        handle_request(&state, &mut send, &mut recv),
+        handle_request(&state, peer, &mut send, &mut recv),
     )
     .await;
     match served {
@@ -388,6 +425,7 @@ fn decode_error_code(e: &DecodeError) -> ErrorCode {
 
 async fn handle_request(
     state: &NodeState,
+    peer: Peer,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
 ) -> Result<(), StreamError> {
@@ -406,6 +444,20 @@ async fn handle_request(
         }
         Err(RequestError::Stream(e)) => return Err(e),
     };
+    let writes = matches!(
+        request,
+        Request::PutShard(_) | Request::DeleteShard(_) | Request::RebuildShard(_)
+    );
+    if writes && peer != Peer::Gateway {
+        tracing::warn!("refusing a write from a peer whose certificate is not the gateway's");
+        let result = refuse(send, recv, ErrorCode::Forbidden).await?;
+        state
+            .metrics
+            .requests
+            .with_label_values(&["forbidden", result])
+            .inc();
+        return Ok(());
+    }
     let (op, answered) = match request {
         Request::PutShard(header) => ("put", handle_put_shard(state, header, send, recv).await),
         Request::GetShard(key) => (
@@ -465,6 +517,7 @@ fn result_label(response: &Response) -> &'static str {
             ErrorCode::Io => "io",
             ErrorCode::UnsupportedVersion => "unsupported_version",
             ErrorCode::SourceUnavailable => "source_unavailable",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::Other(_) => "other",
         },
         _ => "ok",

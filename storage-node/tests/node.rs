@@ -805,3 +805,56 @@ async fn a_node_rebuilds_or_copies_a_shard_and_stores_nothing_from_bad_sources()
         node.shutdown().await;
     }
 }
+
+/// Any leaf the cluster CA issued passes the handshake, but only the
+/// gateway's writes or deletes shards: another node's key (taken from its
+/// host, say) reads, and is refused everything that changes the store.
+#[tokio::test]
+async fn only_the_gateway_writes_or_deletes_shards() {
+    let cluster = Cluster::new();
+    let node = cluster.start(loopback()).await;
+    let addr = node.local_addr;
+    let (header, body) = shard(3, 3000);
+    cluster
+        .client()
+        .rpc_put_shard(addr, &header, Bytes::copy_from_slice(&body))
+        .await
+        .unwrap();
+
+    let peer = NodeClient::new(&cluster.node_tls).unwrap();
+    // Reads are a peer's (a rebuild reads its sources from other nodes).
+    let (got, bytes) = peer.rpc_get_shard(addr, header.key).await.unwrap();
+    assert_eq!((got.key, bytes), (header.key, body.clone()));
+    let err = peer.rpc_delete_shard(addr, header.key).await.unwrap_err();
+    assert!(
+        matches!(err, NodeError::Remote(ErrorCode::Forbidden)),
+        "{err:?}"
+    );
+    let (other, other_body) = shard(4, 3000);
+    let err = peer
+        .rpc_put_shard(addr, &other, Bytes::copy_from_slice(&other_body))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, NodeError::Remote(ErrorCode::Forbidden)),
+        "{err:?}"
+    );
+    // Nothing changed: the shard is still there, the other never stored.
+    assert!(cluster
+        .client()
+        .rpc_get_shard(addr, header.key)
+        .await
+        .is_ok());
+    assert!(cluster
+        .client()
+        .rpc_get_shard(addr, other.key)
+        .await
+        .is_err());
+    // The gateway still deletes.
+    assert!(cluster
+        .client()
+        .rpc_delete_shard(addr, header.key)
+        .await
+        .unwrap());
+    node.shutdown().await;
+}
