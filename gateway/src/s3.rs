@@ -499,8 +499,7 @@ impl<S: Store> S3Front<S> {
         &self,
         who: &Caller,
         source: &CopySource,
-        if_match: Option<&ETagCondition>,
-        if_none_match: Option<&ETagCondition>,
+        conditions: Conditions<'_>,
     ) -> S3Result<(ObjectVersion, protocol::ManifestHeader, Option<String>)> {
         let CopySource::Bucket {
             bucket,
@@ -512,9 +511,8 @@ impl<S: Store> S3Front<S> {
         };
         self.bucket(who, bucket).await?;
         let (src, header) = self.readable(bucket, key, version_id.as_deref()).await?;
-        if if_match.is_some_and(|c| !etag_matches(c, &src.etag))
-            || if_none_match.is_some_and(|c| etag_matches(c, &src.etag))
-        {
+        // Any unmet copy-source condition is a 412.
+        if unmet(&src, conditions).is_some() {
             return Err(s3_error!(PreconditionFailed));
         }
         Ok((src, header, version_id.as_deref().map(str::to_owned)))
@@ -940,18 +938,46 @@ fn checked_body(
 }
 
 /// A read's `If-Match` / `If-None-Match` against the version's ETag.
-fn preconditions(
-    v: &ObjectVersion,
-    if_match: Option<&ETagCondition>,
-    if_none_match: Option<&ETagCondition>,
-) -> S3Result<()> {
-    if if_match.is_some_and(|c| !etag_matches(c, &v.etag)) {
-        return Err(s3_error!(PreconditionFailed));
+/// A read's (or a copy source's) conditional headers.
+#[derive(Clone, Copy, Default)]
+struct Conditions<'a> {
+    if_match: Option<&'a ETagCondition>,
+    if_none_match: Option<&'a ETagCondition>,
+    if_modified_since: Option<&'a Timestamp>,
+    if_unmodified_since: Option<&'a Timestamp>,
+}
+
+/// Why a condition failed: 412, or 304 for a read whose copy is current.
+#[derive(Debug, PartialEq, Eq)]
+enum Unmet {
+    Precondition,
+    NotModified,
+}
+
+/// RFC 9110's order, as S3 applies it: If-Match, else If-Unmodified-Since;
+/// then If-None-Match, else If-Modified-Since (dates to the second, as
+/// Last-Modified is sent).
+fn unmet(v: &ObjectVersion, c: Conditions<'_>) -> Option<Unmet> {
+    let modified = v.last_modified_ms / 1000;
+    let secs = |t: &Timestamp| ts_to_ms(t.clone()) / 1000;
+    match (c.if_match, c.if_unmodified_since) {
+        (Some(m), _) if !etag_matches(m, &v.etag) => return Some(Unmet::Precondition),
+        (None, Some(t)) if modified > secs(t) => return Some(Unmet::Precondition),
+        _ => {}
     }
-    if if_none_match.is_some_and(|c| etag_matches(c, &v.etag)) {
-        return Err(S3Error::new(S3ErrorCode::NotModified));
+    match (c.if_none_match, c.if_modified_since) {
+        (Some(n), _) if etag_matches(n, &v.etag) => Some(Unmet::NotModified),
+        (None, Some(t)) if modified <= secs(t) => Some(Unmet::NotModified),
+        _ => None,
     }
-    Ok(())
+}
+
+fn preconditions(v: &ObjectVersion, c: Conditions<'_>) -> S3Result<()> {
+    match unmet(v, c) {
+        None => Ok(()),
+        Some(Unmet::Precondition) => Err(s3_error!(PreconditionFailed)),
+        Some(Unmet::NotModified) => Err(S3Error::new(S3ErrorCode::NotModified)),
+    }
 }
 
 /// A PUT's `If-Match` / `If-None-Match` as a check of the key's current
@@ -1180,11 +1206,26 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             .readable(&input.bucket, &input.key, input.version_id.as_deref())
             .await?;
         let held = v.legal_hold || header.legal_hold;
-        preconditions(&v, input.if_match.as_ref(), input.if_none_match.as_ref())?;
+        preconditions(
+            &v,
+            Conditions {
+                if_match: input.if_match.as_ref(),
+                if_none_match: input.if_none_match.as_ref(),
+                if_modified_since: input.if_modified_since.as_ref(),
+                if_unmodified_since: input.if_unmodified_since.as_ref(),
+            },
+        )?;
         let size = header.size;
         let range = match &input.range {
             None => None,
-            Some(r) => Some(r.check(size).map_err(|_| s3_error!(InvalidRange))?),
+            // Nothing to select (a suffix range of an empty object) is not
+            // satisfiable either: 416, as S3 answers.
+            Some(r) => Some(
+                r.check(size)
+                    .ok()
+                    .filter(|r| !r.is_empty())
+                    .ok_or_else(|| s3_error!(InvalidRange))?,
+            ),
         };
         let read = range.clone().unwrap_or(0..size);
         let actor = format!("{}/s3:{}", who.tenant, who.access_key);
@@ -1232,7 +1273,15 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             .readable(&input.bucket, &input.key, input.version_id.as_deref())
             .await?;
         let held = v.legal_hold || header.legal_hold;
-        preconditions(&v, input.if_match.as_ref(), input.if_none_match.as_ref())?;
+        preconditions(
+            &v,
+            Conditions {
+                if_match: input.if_match.as_ref(),
+                if_none_match: input.if_none_match.as_ref(),
+                if_modified_since: input.if_modified_since.as_ref(),
+                if_unmodified_since: input.if_unmodified_since.as_ref(),
+            },
+        )?;
         let mut resp = S3Response::new(HeadObjectOutput {
             content_length: Some(header.size as i64),
             accept_ranges: Some("bytes".into()),
@@ -1340,8 +1389,12 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             .copy_source(
                 &who,
                 &input.copy_source,
-                input.copy_source_if_match.as_ref(),
-                input.copy_source_if_none_match.as_ref(),
+                Conditions {
+                    if_match: input.copy_source_if_match.as_ref(),
+                    if_none_match: input.copy_source_if_none_match.as_ref(),
+                    if_modified_since: input.copy_source_if_modified_since.as_ref(),
+                    if_unmodified_since: input.copy_source_if_unmodified_since.as_ref(),
+                },
             )
             .await?;
         let replace = input
@@ -1837,8 +1890,12 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             .copy_source(
                 &who,
                 &input.copy_source,
-                input.copy_source_if_match.as_ref(),
-                input.copy_source_if_none_match.as_ref(),
+                Conditions {
+                    if_match: input.copy_source_if_match.as_ref(),
+                    if_none_match: input.copy_source_if_none_match.as_ref(),
+                    if_modified_since: input.copy_source_if_modified_since.as_ref(),
+                    if_unmodified_since: input.copy_source_if_unmodified_since.as_ref(),
+                },
             )
             .await?;
         let range = match input.copy_source_range.as_deref() {
@@ -2274,7 +2331,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         };
         let prefix = input.prefix.clone().unwrap_or_default();
         let max = input.max_keys.unwrap_or(1000).clamp(0, 1000) as usize;
-        let page = self
+        let mut page = self
             .list(
                 &input.bucket,
                 &prefix,
@@ -2284,16 +2341,27 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             )
             .await?;
         let key_count = (page.objects.len() + page.prefixes.len()) as i32;
+        // With encoding-type=url (which the AWS CLI and boto3 always ask
+        // for, and then decode), keys, prefixes, the delimiter and
+        // start-after go out percent-encoded: a key "a+b c" sent raw would
+        // be read back as "a b c".
+        let encode = url_encoded(input.encoding_type.as_ref());
+        let shown = |v: Option<String>| match encode {
+            true => v.as_deref().map(url_encode),
+            false => v,
+        };
+        let (delimiter, start_after) = (shown(input.delimiter), shown(input.start_after));
+        let shown_prefix = encode_page(&mut page, input.encoding_type.as_ref(), input.prefix);
         Ok(S3Response::new(ListObjectsV2Output {
             name: Some(input.bucket),
-            prefix: input.prefix,
-            delimiter: input.delimiter,
+            prefix: shown_prefix,
+            delimiter,
             max_keys: Some(max as i32),
             key_count: Some(key_count),
             is_truncated: Some(page.next.is_some()),
             next_continuation_token: page.next.map(hex::encode),
             continuation_token: input.continuation_token,
-            start_after: input.start_after,
+            start_after,
             encoding_type: input.encoding_type,
             contents: Some(page.objects),
             common_prefixes: Some(page.prefixes),
@@ -2310,7 +2378,25 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         self.bucket(&who, &input.bucket).await?;
         let prefix = input.prefix.clone().unwrap_or_default();
         let max = input.max_keys.unwrap_or(1000).clamp(0, 1000) as usize;
-        let after = input.marker.as_ref().map(|m| m.as_bytes().to_vec());
+        // A marker that is a common prefix (what a page ending in one gives
+        // as NextMarker) resumes after every key under it, not at its
+        // first key (which would fold into the same prefix again).
+        let after = input.marker.as_ref().map(|m| {
+            let mut after = m.as_bytes().to_vec();
+            let folds = input
+                .delimiter
+                .as_deref()
+                .filter(|d| !d.is_empty())
+                .is_some_and(|d| {
+                    m.starts_with(&prefix)
+                        && m[prefix.len()..].ends_with(d)
+                        && m[prefix.len()..].find(d) == Some(m.len() - prefix.len() - d.len())
+                });
+            if folds {
+                after.push(0xFF);
+            }
+            after
+        });
         let mut page = self
             .list(
                 &input.bucket,
@@ -2543,7 +2629,64 @@ impl<S: Store> S3Front<S> {
 
 #[cfg(test)]
 mod tests {
-    use super::{copy_range, ms_to_ts, ts_to_ms, LATEST_TS_MS};
+    use super::{copy_range, ms_to_ts, ts_to_ms, unmet, Conditions, Unmet, LATEST_TS_MS};
+    use s3s::dto::{ETag, ETagCondition};
+
+    /// GET's and a copy source's conditions in RFC 9110's order, dates to
+    /// the second (as Last-Modified is sent).
+    #[test]
+    fn conditional_reads_follow_the_rfc_order() {
+        let v = indexer::s3::ObjectVersion {
+            version_id: protocol::EvidenceId([1; 16]),
+            null_version: false,
+            evidence: None,
+            size: 1,
+            etag: "abc".into(),
+            last_modified_ms: 10_500,
+            content_type: None,
+            user_metadata: Vec::new(),
+            retention: None,
+            legal_hold: false,
+        };
+        let (right, wrong) = (
+            ETagCondition::ETag(ETag::Strong("abc".into())),
+            ETagCondition::ETag(ETag::Strong("xyz".into())),
+        );
+        let (before, same, after) = (ms_to_ts(9_000), ms_to_ts(10_000), ms_to_ts(11_000));
+        let c = |m, n, ims, ius| Conditions {
+            if_match: m,
+            if_none_match: n,
+            if_modified_since: ims,
+            if_unmodified_since: ius,
+        };
+        assert_eq!(unmet(&v, Conditions::default()), None);
+        assert_eq!(
+            unmet(&v, c(None, None, None, Some(&before))),
+            Some(Unmet::Precondition)
+        );
+        assert_eq!(unmet(&v, c(None, None, None, Some(&same))), None);
+        // If-Match decides over If-Unmodified-Since.
+        assert_eq!(unmet(&v, c(Some(&right), None, None, Some(&before))), None);
+        assert_eq!(
+            unmet(&v, c(Some(&wrong), None, None, None)),
+            Some(Unmet::Precondition)
+        );
+        assert_eq!(
+            unmet(&v, c(None, None, Some(&same), None)),
+            Some(Unmet::NotModified)
+        );
+        assert_eq!(
+            unmet(&v, c(None, None, Some(&after), None)),
+            Some(Unmet::NotModified)
+        );
+        assert_eq!(unmet(&v, c(None, None, Some(&before), None)), None);
+        // If-None-Match decides over If-Modified-Since.
+        assert_eq!(unmet(&v, c(None, Some(&wrong), Some(&after), None)), None);
+        assert_eq!(
+            unmet(&v, c(None, Some(&right), None, None)),
+            Some(Unmet::NotModified)
+        );
+    }
 
     /// A retain-until date past year 9999 (a default retention of many
     /// days, say) shows as the latest date instead of panicking the request.

@@ -465,8 +465,62 @@ fn aws_cli_files_lists_reads_and_deletes_objects_as_evidence() -> Result<()> {
         "/",
     ])?;
     assert_eq!(v1["CommonPrefixes"][0]["Prefix"], "dir/");
+    // V1 pages of one: a page ending in a common prefix resumes after it.
+    let first = aws.json(&[
+        "s3api",
+        "list-objects",
+        "--bucket",
+        "evidence",
+        "--delimiter",
+        "/",
+        "--max-keys",
+        "1",
+        "--no-paginate",
+    ])?;
+    assert_eq!(first["CommonPrefixes"][0]["Prefix"], "dir/", "{first}");
+    let marker = first["NextMarker"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(marker, "dir/");
+    let second = aws.json(&[
+        "s3api",
+        "list-objects",
+        "--bucket",
+        "evidence",
+        "--delimiter",
+        "/",
+        "--max-keys",
+        "1",
+        "--marker",
+        &marker,
+        "--no-paginate",
+    ])?;
+    assert!(
+        second["CommonPrefixes"]
+            .as_array()
+            .is_none_or(Vec::is_empty),
+        "{second}"
+    );
+    assert_eq!(second["Contents"][0]["Key"], "top.txt", "{second}");
     let recursive = aws.ok(&["s3", "ls", "--recursive", "s3://evidence"])?;
     assert_eq!(recursive.lines().count(), sizes.len() + 1, "{recursive}");
+    // Keys with '+' and spaces list as themselves (the CLI asks for
+    // url-encoded keys and decodes them, '+' as a space).
+    let odd = aws.file("odd", b"odd")?;
+    aws.ok(&["s3", "cp", &odd, "s3://evidence/report+v1 final.pdf"])?;
+    let listed = aws.json(&[
+        "s3api",
+        "list-objects-v2",
+        "--bucket",
+        "evidence",
+        "--prefix",
+        "report",
+    ])?;
+    assert_eq!(
+        listed["Contents"][0]["Key"], "report+v1 final.pdf",
+        "{listed}"
+    );
+    aws.ok(&["s3", "cp", "s3://evidence/report+v1 final.pdf", "odd-back"])?;
+    assert_eq!(aws.read("odd-back")?, b"odd");
+    aws.ok(&["s3", "rm", "s3://evidence/report+v1 final.pdf"])?;
 
     // The object is evidence: its id and receipt come with it, the read is
     // on the ledger, and the filing's receipt verifies.
