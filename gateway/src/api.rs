@@ -697,6 +697,7 @@ async fn file_evidence<S: Store>(
         Filing::New {
             header,
             degraded_stripes,
+            ..
         } => (header, false, degraded_stripes),
         Filing::Replayed(header) => (header, true, 0),
         Filing::Part { .. } => return Err(ApiError::Internal),

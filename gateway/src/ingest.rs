@@ -126,6 +126,10 @@ pub enum Filing {
     New {
         header: ManifestHeader,
         degraded_stripes: u64,
+        /// The S3 object version committed with it (S3 filings): what the
+        /// response describes, not re-read (a concurrent PUT of the key may
+        /// already have replaced it).
+        version: Option<indexer::s3::ObjectVersion>,
     },
     /// The Idempotency-Key named an earlier, completed filing.
     Replayed(ManifestHeader),
@@ -450,6 +454,7 @@ impl<S: Store> Upload<S> {
         Ok(Filing::New {
             header,
             degraded_stripes: self.degraded,
+            version: s3.map(|put| put.version),
         })
     }
 

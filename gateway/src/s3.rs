@@ -663,21 +663,37 @@ impl<S: Store> S3Front<S> {
         key: &str,
         filing: Filing,
     ) -> S3Result<(ObjectVersion, http::HeaderMap)> {
-        let header = match filing {
-            Filing::New { header, .. } | Filing::Replayed(header) => header,
+        let (header, written) = match filing {
+            Filing::New {
+                header, version, ..
+            } => (header, version),
+            Filing::Replayed(header) => (header, None),
             Filing::Part { .. } => return Err(internal(ApiError::Internal)),
         };
-        let v = self
-            .version(bucket, key, VersionRef::Id(header.evidence))
-            .await?;
+        // The version as committed: read back, a concurrent PUT or DELETE of
+        // the key could already have replaced it (in an unversioned bucket),
+        // and a committed write would answer an error (a client retrying a
+        // Complete would file it twice).
+        let v = match written {
+            Some(v) => v,
+            None => {
+                self.version(bucket, key, VersionRef::Id(header.evidence))
+                    .await?
+            }
+        };
         let mut headers = self.custodia_headers(header.evidence);
+        // Committed: a ledger that cannot build the receipt yet makes it
+        // pending, never a failed write.
         let receipt = crate::ledger::wait_for_receipt(
             &self.gw,
             header.evidence,
             &[protocol::ledger::Kind::Filed],
         )
         .await
-        .map_err(s3_err)?;
+        .unwrap_or_else(|e| {
+            tracing::warn!(evidence = %header.evidence, error = %e, "filed; its receipt could not be built yet");
+            None
+        });
         let receipt_value = match receipt {
             Some(r) => format!(
                 "leaf={}; url=/v1/evidence/{}/receipt",
