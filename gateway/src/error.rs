@@ -126,8 +126,12 @@ impl ApiError {
             ApiError::Index(SchemaError::Locked(_)) => StatusCode::CONFLICT,
             ApiError::Index(SchemaError::NoEvidence(_)) => StatusCode::NOT_FOUND,
             ApiError::Index(SchemaError::BadTenant) => StatusCode::BAD_REQUEST,
+            ApiError::Index(SchemaError::AdminOutsideOperators) => StatusCode::FORBIDDEN,
             ApiError::Index(SchemaError::IntentAborted(_)) => StatusCode::CONFLICT,
             ApiError::Index(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Object(ObjectError::Schema(SchemaError::AdminOutsideOperators)) => {
+                StatusCode::FORBIDDEN
+            }
             ApiError::Object(ObjectError::Schema(e)) if e.is_retryable() => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -169,9 +173,13 @@ impl ApiError {
             ApiError::Index(SchemaError::Locked(_)) => "locked",
             ApiError::Index(SchemaError::NoEvidence(_)) => "not_found",
             ApiError::Index(SchemaError::BadTenant) => "bad_tenant",
+            ApiError::Index(SchemaError::AdminOutsideOperators) => "forbidden",
             ApiError::Index(SchemaError::IntentAborted(_)) => "upload_aborted",
             ApiError::Index(_) => "index_error",
             ApiError::Object(ObjectError::Locked(_)) => "locked",
+            ApiError::Object(ObjectError::Schema(SchemaError::AdminOutsideOperators)) => {
+                "forbidden"
+            }
             ApiError::Object(ObjectError::Conflict(_)) => "conflict",
             ApiError::Object(ObjectError::NoSuchTenant) => "no_such_tenant",
             ApiError::Object(ObjectError::BadName(_)) => "bad_name",

@@ -100,6 +100,14 @@ impl EmbeddedStore {
     /// Opens the store at `path`, creating the file if it does not exist.
     pub fn open(path: &Path) -> Result<Self, KvError> {
         let db = Arc::new(Database::create(path).map_err(storage)?);
+        // It holds S3 secret keys (and every tenant's records): its owner's
+        // alone, whatever the umask made of it.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+                tracing::warn!(path = %path.display(), error = %e, "could not make the index file private");
+            }
+        }
         let version = prepare_tables(&db).map_err(storage)?;
         let disk_commits = Arc::new(AtomicU64::new(0));
         let (commits, requests) = mpsc::channel();

@@ -84,7 +84,15 @@ pub enum SchemaError {
     /// COMPLIANCE retention or a legal hold forbids this, for every role.
     #[error("{0}")]
     Locked(String),
+    /// The admin role reaches every tenant's evidence, holds and nodes:
+    /// only the operators' tenant ([`OPERATOR_TENANT`]) holds it.
+    #[error("the admin role is only the operators' (tenant {OPERATOR_TENANT:?}); another tenant's credentials are reader or clerk")]
+    AdminOutsideOperators,
 }
+
+/// The operators' tenant, which `custodia init` creates with the first
+/// admin credentials: the only tenant whose credentials may be admin.
+pub const OPERATOR_TENANT: &str = "admin";
 
 impl Retryable for SchemaError {
     fn is_retryable(&self) -> bool {
@@ -364,6 +372,9 @@ pub fn put_token_tx<T: Transaction>(
 ) -> Result<(), SchemaError> {
     if !valid_tenant(&rec.tenant) {
         return Err(SchemaError::BadTenant);
+    }
+    if rec.role == Role::Admin && rec.tenant != OPERATOR_TENANT {
+        return Err(SchemaError::AdminOutsideOperators);
     }
     tx.set(&token_key(token), &encode_versioned(RECORD_V1, rec));
     Ok(())

@@ -184,6 +184,15 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
     let data_dir = data_dir.canonicalize()?;
     let tls = data_dir.join("tls");
     fs::create_dir_all(&tls)?;
+    // The index holds S3 secret keys, node directories hold evidence and
+    // the ledger's archive opens sealed statements: the cluster's directory
+    // is its operator's alone.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for dir in [&data_dir, &tls] {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+        }
+    }
     let ca = ClusterCa::generate("Custodia cluster CA")?;
     let (ca_pem, ca_key) = ca.to_pem();
     fs::write(tls.join("ca.pem"), &ca_pem)?;

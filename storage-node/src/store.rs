@@ -257,6 +257,15 @@ impl ShardStore {
     /// stored stay where they are whatever `config` says.
     pub fn open_with(data_dir: &Path, config: StoreConfig) -> Result<Self, StoreError> {
         fs::create_dir_all(data_dir)?;
+        // Shards are evidence: the node's data directory is its own (a
+        // directory it may not restrict, a mount point owned by another
+        // user, is only warned about).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if let Err(e) = fs::set_permissions(data_dir, fs::Permissions::from_mode(0o700)) {
+                tracing::warn!(dir = %data_dir.display(), error = %e, "could not make the data directory private");
+            }
+        }
         for dir in [SHARDS_DIR, TMP_DIR, QUARANTINE_DIR] {
             create_dir_durably(&data_dir.join(dir))?;
         }

@@ -771,6 +771,18 @@ fn authentication_and_tenants() -> Result<()> {
     let a = c.get_with("", "/v1/evidence/by-hash/00", &[])?;
     assert_eq!(a.status, 401);
 
+    // Secrets and evidence are the operator's alone: the cluster's
+    // directory, the index (S3 secret keys) and the nodes' data.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| -> Result<u32> {
+            Ok(std::fs::metadata(p)?.permissions().mode() & 0o777)
+        };
+        assert_eq!(mode(c.data_dir())?, 0o700);
+        assert_eq!(mode(&c.data_dir().join("tls"))?, 0o700);
+        assert_eq!(mode(&c.data_dir().join("index.redb"))?, 0o600);
+        assert_eq!(mode(&c.node_dir(0))?, 0o700);
+    }
     // A token for a tenant nobody registered is refused (a typo would
     // file evidence no one else can see).
     let (status, body) = {
@@ -832,6 +844,24 @@ fn authentication_and_tenants() -> Result<()> {
     let clerk_a = make("court-a", "clerk")?;
     let reader_a = make("court-a", "reader")?;
     let clerk_b = make("court-b", "clerk")?;
+    // Admin reaches every tenant: only the operators' tenant holds it.
+    let (status, body) = {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut resp = agent
+            .post(format!("{}/v1/admin/tokens", c.api))
+            .header("authorization", format!("Bearer {}", c.token))
+            .send_json(serde_json::json!({ "tenant": "court-a", "role": "admin" }))?;
+        let v: serde_json::Value = resp.body_mut().read_json()?;
+        (resp.status().as_u16(), v)
+    };
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("forbidden")),
+        "{body}"
+    );
 
     let data = bytes(1000, 1);
     let filed = c.file_with(&clerk_a, &data, &[("x-custodia-case", "A-1")])?;
