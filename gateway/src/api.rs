@@ -573,12 +573,14 @@ pub async fn authenticate<S: Store>(
         .filter(|t| !t.is_empty() && t.len() <= 512)
         .ok_or(ApiError::Unauthorized)?;
     let token = token.to_string();
-    indexer::run(&gw.store, |tx| {
+    let mut rec = indexer::run(&gw.store, |tx| {
         let token = &token;
         async move { schema::get_token_tx(&tx, token).await }
     })
     .await?
-    .ok_or(ApiError::Unauthorized)
+    .ok_or(ApiError::Unauthorized)?;
+    rec.role = schema::effective_role(&rec.tenant, rec.role);
+    Ok(rec)
 }
 
 fn require(who: &TokenRecord, role: Role, action: &'static str) -> Result<(), ApiError> {

@@ -358,7 +358,8 @@ impl<S: Store> S3Front<S> {
         .await
         .map_err(|e| s3_err(e.into()))?
         .ok_or_else(|| s3_error!(InvalidAccessKeyId))?;
-        if !rec.role.may(needed) {
+        let role = schema::effective_role(&rec.tenant, rec.role);
+        if !role.may(needed) {
             return Err(s3_error!(
                 AccessDenied,
                 "this key's role may not do this ({:?} needed)",
@@ -367,7 +368,7 @@ impl<S: Store> S3Front<S> {
         }
         Ok(Caller {
             tenant: rec.tenant,
-            role: rec.role,
+            role,
             access_key: key,
             bypass_governance: rec.bypass_governance,
         })

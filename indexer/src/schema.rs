@@ -94,6 +94,17 @@ pub enum SchemaError {
 /// admin credentials: the only tenant whose credentials may be admin.
 pub const OPERATOR_TENANT: &str = "admin";
 
+/// The role a stored credential acts with: admin credentials another
+/// tenant holds (issued before admin was the operators' alone) act as
+/// clerks, within their tenant.
+pub fn effective_role(tenant: &str, role: Role) -> Role {
+    if role == Role::Admin && tenant != OPERATOR_TENANT {
+        Role::Clerk
+    } else {
+        role
+    }
+}
+
 impl Retryable for SchemaError {
     fn is_retryable(&self) -> bool {
         matches!(self, SchemaError::Kv(e) if e.is_retryable())

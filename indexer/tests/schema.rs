@@ -890,3 +890,37 @@ async fn a_stripe_is_repaired_under_one_tasks_lease() {
     .unwrap();
     assert_eq!(lease, None);
 }
+
+/// Admin reaches every tenant: only the operators' tenant is issued it, and
+/// an admin credential another tenant holds from before acts as a clerk.
+#[tokio::test]
+async fn admin_is_the_operators_alone() {
+    use indexer::schema::{effective_role, Role, TokenRecord, OPERATOR_TENANT};
+    let dir = tempfile::tempdir().unwrap();
+    let s = indexer::EmbeddedStore::open(&dir.path().join("i.redb")).unwrap();
+    let put = |tenant: &'static str, role: Role| {
+        let s = &s;
+        async move {
+            indexer::run(s, |tx| async move {
+                schema::put_token_tx(
+                    &tx,
+                    &format!("{tenant}-{role:?}"),
+                    &TokenRecord {
+                        tenant: tenant.into(),
+                        role,
+                    },
+                )
+            })
+            .await
+        }
+    };
+    put(OPERATOR_TENANT, Role::Admin).await.unwrap();
+    put("court-b", Role::Clerk).await.unwrap();
+    assert!(matches!(
+        put("court-b", Role::Admin).await,
+        Err(SchemaError::AdminOutsideOperators)
+    ));
+    assert_eq!(effective_role(OPERATOR_TENANT, Role::Admin), Role::Admin);
+    assert_eq!(effective_role("court-b", Role::Admin), Role::Clerk);
+    assert_eq!(effective_role("court-b", Role::Reader), Role::Reader);
+}

@@ -184,15 +184,7 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
     let data_dir = data_dir.canonicalize()?;
     let tls = data_dir.join("tls");
     fs::create_dir_all(&tls)?;
-    // The index holds S3 secret keys, node directories hold evidence and
-    // the ledger's archive opens sealed statements: the cluster's directory
-    // is its operator's alone.
-    {
-        use std::os::unix::fs::PermissionsExt;
-        for dir in [&data_dir, &tls] {
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
-        }
-    }
+    make_private(&data_dir);
     let ca = ClusterCa::generate("Custodia cluster CA")?;
     let (ca_pem, ca_key) = ca.to_pem();
     fs::write(tls.join("ca.pem"), &ca_pem)?;
@@ -465,6 +457,20 @@ pub fn colocated_node_workers(nodes: usize) -> Option<String> {
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     Some((cores / nodes.max(1)).max(1).to_string())
+}
+
+/// Makes a cluster's directory and its `tls/` its operator's alone (0700):
+/// the index holds S3 secret keys, node directories hold evidence and the
+/// ledger's archive opens sealed statements. `init` and every `up` do it
+/// (so a cluster made by an older version is tightened too); a directory
+/// this process may not restrict is warned about.
+pub(crate) fn make_private(data_dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [data_dir.to_path_buf(), data_dir.join("tls")] {
+        if let Err(e) = fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)) {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not make the directory private");
+        }
+    }
 }
 
 #[cfg(test)]

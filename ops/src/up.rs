@@ -128,6 +128,7 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
         cluster::init(data_dir, opts).await?;
         println!("initialised a new cluster in {}", data_dir.display());
     }
+    cluster::make_private(data_dir);
     let cluster = Cluster::load(data_dir)?;
     let exe = std::env::current_exe().context("locating the custodia binary")?;
     let cluster_file = data_dir.join(cluster::CLUSTER_FILE);

@@ -439,7 +439,7 @@ impl SegmentLog {
         let active = lock(&self.active).id;
         let skipped = lock(&self.stuck).clone();
         let index = self.read_index();
-        index
+        let found = index
             .segments
             .range(..active)
             .find(|(id, s)| {
@@ -447,7 +447,13 @@ impl SegmentLog {
                     && s.pending.load(Ordering::Acquire) == 0
                     && s.live * 2 < s.len.max(1)
             })
-            .map(|(&id, _)| id)
+            .map(|(&id, _)| id);
+        // Once nothing else is left, those passed over are tried again (a
+        // failure may have been passing: a full disk, a failed fsync).
+        if found.is_none() && !skipped.is_empty() {
+            lock(&self.stuck).clear();
+        }
+        found
     }
 
     /// Passes over segment `id` in later [`Self::compaction_candidate`]s

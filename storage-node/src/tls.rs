@@ -29,8 +29,9 @@ pub use crate::store::write_private;
 /// nodes are addressed by IP, so their certificates are checked against one
 /// cluster-internal name (the CA, not the name, is what makes a node a node).
 pub const NODE_SERVER_NAME: &str = "node.custodia.internal";
-/// The DNS name in gateway certificates (informational: nodes accept any
-/// certificate the cluster CA issued).
+/// The DNS name in gateway certificates. Nodes accept any certificate the
+/// cluster CA issued, but only one carrying this name may write or delete
+/// shards (others only read: a node rebuilding from its peers).
 pub const GATEWAY_NAME: &str = "gateway.custodia.internal";
 /// ALPN protocol of node traffic; bumped if the frames ever change incompatibly.
 pub const ALPN: &[u8] = b"custodia/1";

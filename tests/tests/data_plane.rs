@@ -783,20 +783,22 @@ fn authentication_and_tenants() -> Result<()> {
         assert_eq!(mode(&c.data_dir().join("index.redb"))?, 0o600);
         assert_eq!(mode(&c.node_dir(0))?, 0o700);
     }
-    // A token for a tenant nobody registered is refused (a typo would
-    // file evidence no one else can see).
-    let (status, body) = {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    // POST /v1/admin/tokens, any answer: (status, JSON body).
+    let token_for = |tenant: &str, role: &str| -> Result<(u16, serde_json::Value)> {
         let mut resp = agent
             .post(format!("{}/v1/admin/tokens", c.api))
             .header("authorization", format!("Bearer {}", c.token))
-            .send_json(serde_json::json!({ "tenant": "cuort-a", "role": "clerk" }))?;
+            .send_json(serde_json::json!({ "tenant": tenant, "role": role }))?;
         let v: serde_json::Value = resp.body_mut().read_json()?;
-        (resp.status().as_u16(), v)
+        Ok((resp.status().as_u16(), v))
     };
+    // A token for a tenant nobody registered is refused (a typo would
+    // file evidence no one else can see).
+    let (status, body) = token_for("cuort-a", "clerk")?;
     assert_eq!(
         (status, body["error"].as_str()),
         (404, Some("no_such_tenant"))
@@ -813,10 +815,6 @@ fn authentication_and_tenants() -> Result<()> {
         (a.status, a.json()["error"].as_str()),
         (404, Some("not_found"))
     );
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
     let mut resp = agent.put(format!("{}/healthz", c.api)).send_empty()?;
     let v: serde_json::Value = resp.body_mut().read_json()?;
     assert_eq!(
@@ -845,18 +843,7 @@ fn authentication_and_tenants() -> Result<()> {
     let reader_a = make("court-a", "reader")?;
     let clerk_b = make("court-b", "clerk")?;
     // Admin reaches every tenant: only the operators' tenant holds it.
-    let (status, body) = {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let mut resp = agent
-            .post(format!("{}/v1/admin/tokens", c.api))
-            .header("authorization", format!("Bearer {}", c.token))
-            .send_json(serde_json::json!({ "tenant": "court-a", "role": "admin" }))?;
-        let v: serde_json::Value = resp.body_mut().read_json()?;
-        (resp.status().as_u16(), v)
-    };
+    let (status, body) = token_for("court-a", "admin")?;
     assert_eq!(
         (status, body["error"].as_str()),
         (403, Some("forbidden")),
