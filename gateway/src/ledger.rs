@@ -2467,7 +2467,15 @@ pub struct RestoredLedger {
 /// foreign archive is refused, never half-restored. Leaves archived past
 /// the published checkpoint (integrated just before a crash) are kept; the
 /// integrator signs a checkpoint over them on start, extending this one.
-pub async fn restore<S: Store>(gw: &Gateway<S>) -> Result<RestoredLedger, LedgerError> {
+///
+/// With `trust_archive`, an archive no published checkpoint covers (a log
+/// that crashed before its first checkpoint, or whose tiles were lost) is
+/// restored as it is, its leaves unchecked against a signed root; the
+/// integrator signs a checkpoint over them on start.
+pub async fn restore<S: Store>(
+    gw: &Gateway<S>,
+    trust_archive: bool,
+) -> Result<RestoredLedger, LedgerError> {
     let ledger = gw
         .ledger
         .as_ref()
@@ -2480,23 +2488,33 @@ pub async fn restore<S: Store>(gw: &Gateway<S>) -> Result<RestoredLedger, Ledger
         // restoring nothing would leave every shard an orphan.
         None => {
             let archived = ledger.read_archive().await?.len();
-            if archived > 0 {
+            if archived > 0 && !trust_archive {
                 return Err(LedgerError::Tree(format!(
                     "no published checkpoint at the tiles location, yet the openings archive \
-                     holds {archived} leaves: check tiles_dir / tiles_url"
+                     holds {archived} leaves: check tiles_dir / tiles_url (or, if the log never \
+                     published one, restore the archive as it is with --trust-archive)"
                 )));
             }
-            return Ok(RestoredLedger::default());
+            if archived == 0 {
+                return Ok(RestoredLedger::default());
+            }
+            String::new()
         }
     };
-    let cp = pl::verify_checkpoint(&note, &ledger.verifier_key)
-        .map_err(|e| LedgerError::Tree(format!("the published checkpoint: {e}")))?;
+    let cp = match note.is_empty() {
+        true => None,
+        false => Some(
+            pl::verify_checkpoint(&note, &ledger.verifier_key)
+                .map_err(|e| LedgerError::Tree(format!("the published checkpoint: {e}")))?,
+        ),
+    };
     let archive = ledger.read_archive().await?;
-    if (archive.len() as u64) < cp.size {
+    let covered = cp.as_ref().map_or(0, |cp| cp.size);
+    if (archive.len() as u64) < covered {
         return Err(LedgerError::Tree(format!(
             "the openings archive holds {} leaves; the published checkpoint covers {}",
             archive.len(),
-            cp.size
+            covered
         )));
     }
 
@@ -2540,6 +2558,14 @@ pub async fn restore<S: Store>(gw: &Gateway<S>) -> Result<RestoredLedger, Ledger
         known.clear();
         size = new_size;
     }
+    let Some(cp) = cp else {
+        // Nothing signed to check against (see `trust_archive`).
+        return Ok(RestoredLedger {
+            leaves: size,
+            checkpoint_size: 0,
+            archive,
+        });
+    };
     let (root, _) = with_hashes(gw, &mut known, u64::MAX, |r| {
         tlog_tiles::tree_hash(cp.size, r)
     })

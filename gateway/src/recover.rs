@@ -73,7 +73,8 @@ pub enum RecoverError {
     #[error(
         "the nodes hold {shards} shards but the ledger restored no evidence: check the openings \
          archive (openings / openings_url) and the tiles location; an index restored from \
-         nothing would leave every shard to garbage collection"
+         nothing would leave every shard to garbage collection (if none was ever filed, \
+         --trust-archive proceeds)"
     )]
     NoLedger { shards: u64 },
 }
@@ -114,9 +115,15 @@ pub struct Report {
 /// archive, the published checkpoint and the nodes. With `allow_down`, nodes
 /// that do not answer are tolerated and their shards rebuilt by repair;
 /// without it recovery refuses to start until every node answers.
+///
+/// With `trust_archive`, an openings archive no published checkpoint covers
+/// is restored as it is (see [`crate::ledger::restore`]), and nodes holding
+/// shards while the ledger names no evidence (only failed uploads or parts
+/// were ever stored) are accepted.
 pub async fn recover_index<S: Store>(
     gw: &Gateway<S>,
     allow_down: bool,
+    trust_archive: bool,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Report, RecoverError> {
     let mut report = Report::default();
@@ -134,7 +141,7 @@ pub async fn recover_index<S: Store>(
     gw.nodes.probe_all(&gw.store, gw.clock.now_ms()).await;
 
     progress("ledger: restoring openings and tree hashes from the archive");
-    let restored = crate::ledger::restore(gw).await?;
+    let restored = crate::ledger::restore(gw, trust_archive).await?;
     report.ledger_leaves = restored.leaves;
     report.checkpoint_size = restored.checkpoint_size;
 
@@ -208,7 +215,7 @@ pub async fn recover_index<S: Store>(
     // Shards on the nodes and no evidence in the ledger: the ledger's
     // archive or tiles were not where the configuration says. An index
     // restored from nothing would let garbage collection delete them all.
-    if manifests.is_empty() && report.shards_listed > 0 {
+    if manifests.is_empty() && report.shards_listed > 0 && !trust_archive {
         return Err(RecoverError::NoLedger {
             shards: report.shards_listed,
         });

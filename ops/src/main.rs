@@ -243,6 +243,12 @@ enum Command {
         /// missing and repair rebuilds them once the gateway runs.
         #[arg(long)]
         allow_down_nodes: bool,
+        /// Restore the openings archive even where no published checkpoint
+        /// covers it (a log that never published one, or whose tiles were
+        /// lost): its leaves are not checked against a signed root. Also
+        /// accepts shards on the nodes when the ledger names no evidence.
+        #[arg(long)]
+        trust_archive: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -613,10 +619,11 @@ async fn run(cli: Cli) -> Result<()> {
         Command::RecoverIndex {
             data_dir,
             allow_down_nodes,
+            trust_archive,
             json,
         } => {
             init_tracing("warn");
-            recover::run(&data_dir, allow_down_nodes, json).await
+            recover::run(&data_dir, allow_down_nodes, trust_archive, json).await
         }
         Command::Up { data_dir, shape } => {
             init_tracing("info");

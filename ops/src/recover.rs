@@ -10,7 +10,7 @@ use crate::cluster::{self, Cluster};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
-pub async fn run(data_dir: &Path, allow_down: bool, json: bool) -> Result<()> {
+pub async fn run(data_dir: &Path, allow_down: bool, trust_archive: bool, json: bool) -> Result<()> {
     let cluster = Cluster::load(data_dir)?;
     let index = cluster.gateway.index_path.clone();
     if index.exists() {
@@ -37,9 +37,10 @@ pub async fn run(data_dir: &Path, allow_down: bool, json: bool) -> Result<()> {
     config.index_path = building.clone();
     let gw = gateway::Gateway::new(config, store, &prometheus::Registry::new())
         .context("starting the recovery")?;
-    let report = gateway::recover::recover_index(&gw, allow_down, &|msg| eprintln!("{msg}"))
-        .await
-        .context("recovering the index")?;
+    let report =
+        gateway::recover::recover_index(&gw, allow_down, trust_archive, &|msg| eprintln!("{msg}"))
+            .await
+            .context("recovering the index")?;
     let restored = restore_credentials(&gw.store, data_dir).await?;
     drop(gw);
 

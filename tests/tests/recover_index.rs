@@ -148,6 +148,17 @@ fn a_destroyed_index_is_rebuilt_from_the_ledger_archive_and_the_nodes() -> Resul
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no published checkpoint"), "{err}");
+    // A log that never published a checkpoint (or lost its tiles) is
+    // restored from its archive as it is when the operator says so.
+    let out = recover(&c, &["--trust-archive", "--json"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["evidence"], filed.len() as u64, "{report}");
+    assert_eq!(report["checkpoint_size"], 0, "{report}");
     std::fs::rename(&openings, &openings_aside)?;
     let out = recover(&c, &[])?;
     assert!(!out.status.success());
@@ -191,7 +202,8 @@ fn a_destroyed_index_is_rebuilt_from_the_ledger_archive_and_the_nodes() -> Resul
                 .starts_with("index.redb.replaced-")
         })
         .collect();
-    assert_eq!(kept.len(), 1, "the destroyed index is kept aside");
+    // The destroyed index and the one restored with --trust-archive.
+    assert_eq!(kept.len(), 2, "the replaced indexes are kept aside");
 
     c.start_gateway()?;
     c.wait_healthy(8)?;
