@@ -379,10 +379,7 @@ pub async fn sweep_orphans<S: Store>(
                     let (mut orphans, mut homeless) = (Vec::new(), Vec::new());
                     for h in page {
                         let k = &h.key;
-                        let Some(rec) =
-                            schema::get_stripes_tx(&tx, k.evidence, k.stripe..k.stripe + 1)
-                                .await?
-                                .pop()
+                        let Some(rec) = schema::get_stripe_tx(&tx, k.evidence, k.stripe).await?
                         else {
                             // An upload in flight writes its stripe records
                             // in batches after the shards: its intent covers

@@ -838,11 +838,7 @@ impl StripeLease {
         let adopted = indexer::run(&gw.store, |tx| {
             let back = &back;
             async move {
-                let Some(seen) =
-                    schema::get_stripes_tx(&tx, key.evidence, key.stripe..key.stripe + 1)
-                        .await?
-                        .pop()
-                else {
+                let Some(seen) = schema::get_stripe_tx(&tx, key.evidence, key.stripe).await? else {
                     return Ok(false);
                 };
                 // The record's hash of the shard, or none known (zeros:
