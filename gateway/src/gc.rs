@@ -398,7 +398,7 @@ pub async fn sweep_orphans<S: Store>(
                         // recover-index ran) is adopted, never deleted.
                         // (A record whose hash for it is unknown, zeros,
                         // as recovery writes one it could not read back.)
-                        let unknown = protocol::Blake3Hash([0; 32]);
+                        let unknown = protocol::ShardPlacement::UNKNOWN_HASH;
                         if slot.is_some_and(|s| {
                             s.node.is_none() && (s.blake3 == h.blake3 || s.blake3 == unknown)
                         }) {
@@ -504,11 +504,12 @@ pub fn spawn_orphan_sweeper<S: Store>(gw: Arc<Gateway<S>>) -> tokio::task::JoinH
         loop {
             tick.tick().await;
             let s = sweep_orphans(&gw, &mut candidates, grace).await;
-            if s.deleted > 0 || s.pending > 0 {
+            if s.deleted > 0 || s.pending > 0 || s.adopted > 0 {
                 tracing::info!(
                     listed = s.listed,
                     pending = s.pending,
                     deleted = s.deleted,
+                    adopted = s.adopted,
                     "orphan sweep"
                 );
             }

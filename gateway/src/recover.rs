@@ -383,7 +383,7 @@ fn initial_record(
                 },
                 None => ShardPlacement {
                     node: None,
-                    blake3: Blake3Hash([0; 32]),
+                    blake3: ShardPlacement::UNKNOWN_HASH,
                 },
             })
             .collect(),

@@ -847,7 +847,8 @@ impl StripeLease {
                 // is, as in recovery; reads still check the content root.
                 let fits = seen.shards.get(key.index as usize).is_some_and(|slot| {
                     slot.node.is_none()
-                        && (slot.blake3 == back.blake3 || slot.blake3 == Blake3Hash([0; 32]))
+                        && (slot.blake3 == back.blake3
+                            || slot.blake3 == protocol::ShardPlacement::UNKNOWN_HASH)
                         && seen.shard_len == back.len
                 });
                 let Some(manifest) = schema::get_manifest_tx(&tx, key.evidence).await? else {

@@ -46,6 +46,12 @@ pub struct ShardPlacement {
     pub blake3: Blake3Hash,
 }
 
+impl ShardPlacement {
+    /// The hash of a shard nobody could read when its record was written
+    /// (`recover-index` of a stripe short of k shards): all zeros.
+    pub const UNKNOWN_HASH: Blake3Hash = Blake3Hash([0; 32]);
+}
+
 /// One stripe: its shards in index order (`k` data then `m` parity).
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct StripeRecord {
