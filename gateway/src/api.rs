@@ -113,6 +113,8 @@ pub enum StartError {
     Clock(String),
     #[error("registering metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("indexing S3 multipart uploads by bucket: {0}")]
+    Uploads(String),
 }
 
 /// A running gateway.
@@ -229,6 +231,21 @@ impl<S: Store> Gateway<S> {
     }
 }
 
+/// Indexes by bucket the S3 multipart uploads begun before uploads were
+/// (once, in small transactions; nothing to do on any later start).
+async fn index_bucket_uploads<S: Store>(gw: &Gateway<S>) -> Result<(), indexer::s3::ObjectError> {
+    let mut after = None;
+    loop {
+        after = indexer::run(&gw.store, |tx| async move {
+            indexer::s3::index_bucket_uploads_tx(&tx, after, 500).await
+        })
+        .await?;
+        if after.is_none() {
+            return Ok(());
+        }
+    }
+}
+
 /// Starts the evidence API, the node prober and garbage collection.
 pub async fn serve<S: Store>(
     config: GatewayConfig,
@@ -257,6 +274,9 @@ pub async fn serve<S: Store>(
         .await
         .map_err(|e| StartError::Clock(e.to_string()))?;
     let clock_keeper = crate::clock::spawn_keeper(gw.clone());
+    index_bucket_uploads(&gw)
+        .await
+        .map_err(|e| StartError::Uploads(e.to_string()))?;
     let replaced = gw.nodes.probe_all(&gw.store, gw.clock.now_ms()).await;
     crate::repair::spawn_reconcile(gw.clone(), replaced);
     let tls = match &gw.config.api_tls {

@@ -2156,37 +2156,36 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let input = req.input;
         let b = self.bucket(&who, &input.bucket).await?;
         let max = input.max_uploads.unwrap_or(1000).clamp(1, 1000) as usize;
-        let bucket = input.bucket.clone();
-        // Uploads in progress are few: all of the bucket's are read, then
-        // ordered as S3 lists them (key, then upload id, which is
-        // time-ordered) and paged by the markers.
-        let uploads = indexer::run(&self.gw.store, |tx| {
-            let bucket = &bucket;
-            async move { ix::list_multipart_tx(&tx, bucket, usize::MAX).await }
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let after = match input.key_marker.as_deref().filter(|k| !k.is_empty()) {
+            None => None,
+            Some(key) => Some(ix::UploadMarker {
+                key: key.to_string(),
+                // An id marker counts only with a key marker, as in S3.
+                upload: match input.upload_id_marker.as_deref().filter(|k| !k.is_empty()) {
+                    None => None,
+                    Some(id) => Some(
+                        id.parse::<EvidenceId>()
+                            .map_err(|_| s3_error!(InvalidArgument, "bad upload-id-marker"))?,
+                    ),
+                },
+            }),
+        };
+        let mut page = indexer::run(&self.gw.store, |tx| {
+            let (bucket, tenant, prefix, after) = (&input.bucket, &b.tenant, &prefix, &after);
+            async move {
+                ix::list_multipart_tx(&tx, bucket, Some(tenant), prefix, after.as_ref(), max + 1)
+                    .await
+            }
         })
         .await
         .map_err(|e| s3_err(e.into()))?;
-        let prefix = input.prefix.clone().unwrap_or_default();
-        let key_marker = input.key_marker.clone().filter(|k| !k.is_empty());
-        let id_marker = input.upload_id_marker.clone().filter(|k| !k.is_empty());
-        let mut page: Vec<(String, String, u64)> = uploads
-            .into_iter()
-            // Only the owner's: an upload another tenant left under this
-            // bucket name (before uploads went with their bucket) is not
-            // this bucket's.
-            .filter(|(_, r)| r.tenant == b.tenant && r.key.starts_with(&prefix))
-            .map(|(id, r)| (r.key, id.to_string(), r.created_ms))
-            .filter(|(key, id, _)| match &key_marker {
-                None => true,
-                Some(m) => match &id_marker {
-                    Some(after) if key == m => id > after,
-                    _ => key > m,
-                },
-            })
-            .collect();
-        page.sort();
         let truncated = page.len() > max;
         page.truncate(max);
+        let page: Vec<(String, String, u64)> = page
+            .into_iter()
+            .map(|(id, r)| (r.key, id.to_string(), r.created_ms))
+            .collect();
         let (next_key, next_id) = match (truncated, page.last()) {
             (true, Some((key, id, _))) => (Some(key.clone()), Some(id.clone())),
             _ => (None, None),

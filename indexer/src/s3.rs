@@ -14,6 +14,8 @@
 //! ("3v", bucket, 0x00, key, 0x00, !version id 16)   = ObjectVersion    newest first
 //! ("3c", bucket, 0x00, key)                         = ObjectVersion    current, unless a delete marker
 //! ("3u", upload id 16)                              = MultipartRecord  a multipart upload in progress
+//! ("3U", bucket, 0x00, key, 0x00, upload id 16)     = ""               a bucket's uploads, as S3 lists them
+//! ("3q")                                            = ""               every upload is in "3U"
 //! ("3p", upload id 16, part number u32)             = PartRecord       its parts (stripes under the part's id)
 //! ("3j", versionstamp 10, record key)               = 1 ++ value | 0   journal of 3t/3b/3v changes, for recovery
 //! ("3J")                                            = u64              the journal's epoch
@@ -33,7 +35,7 @@
 //! again in a new index, so every entry also carries the journal's epoch,
 //! which each recovery sets past every epoch in the archive: replay orders
 //! by epoch, then versionstamp. The other records are
-//! derived (`3B`, `3c`), secret (`3a`: access keys are issued anew) or
+//! derived (`3B`, `3c`, `3U`), secret (`3a`: access keys are issued anew) or
 //! transient (`3u`, `3p`: an upload in progress is lost with the index).
 //!
 //! Object Lock is enforced here, in the transaction that removes a version
@@ -54,6 +56,8 @@ const VERSION: &[u8] = b"3v";
 const CURRENT: &[u8] = b"3c";
 const MULTIPART: &[u8] = b"3u";
 const PART: &[u8] = b"3p";
+const BUCKET_UPLOAD: &[u8] = b"3U";
+const BUCKET_UPLOADS_INDEXED: &[u8] = b"3q";
 const JOURNAL: &[u8] = b"3j";
 const JOURNAL_EPOCH: &[u8] = b"3J";
 const JOURNAL_SEEDED: &[u8] = b"3Js";
@@ -761,7 +765,7 @@ pub async fn delete_bucket_tx<T: Transaction>(
     // later, perhaps by another tenant. Their parts are returned for the
     // caller to delete.
     let mut parts = Vec::new();
-    for (upload, _) in list_multipart_tx(tx, name, usize::MAX).await? {
+    for (upload, _) in list_multipart_tx(tx, name, None, "", None, usize::MAX).await? {
         parts.extend(parts_tx(tx, upload).await?.into_iter().map(|(_, p)| p));
         end_multipart_tx(tx, upload).await?;
     }
@@ -1250,7 +1254,15 @@ pub async fn create_multipart_tx<T: Transaction>(
         &key_of(MULTIPART, &[upload.as_bytes()]),
         &encode_versioned(RECORD_V1, rec),
     );
+    tx.set(&bucket_upload_key(&rec.bucket, &rec.key, &upload), b"");
     Ok(())
+}
+
+fn bucket_upload_key(bucket: &str, key: &str, upload: &EvidenceId) -> Vec<u8> {
+    key_of(
+        BUCKET_UPLOAD,
+        &[bucket.as_bytes(), key.as_bytes(), upload.as_bytes()],
+    )
 }
 
 pub async fn get_multipart_tx<T: Transaction>(
@@ -1260,29 +1272,110 @@ pub async fn get_multipart_tx<T: Transaction>(
     get_record(tx, &key_of(MULTIPART, &[upload.as_bytes()])).await
 }
 
-/// A tenant's multipart uploads in `bucket` (at most `limit`).
+/// Where a listing of a bucket's uploads resumes: after this key's uploads
+/// (`upload: None`), or after this upload of it.
+#[derive(Clone, Debug, Default)]
+pub struct UploadMarker {
+    pub key: String,
+    pub upload: Option<EvidenceId>,
+}
+
+/// Up to `limit` multipart uploads in `bucket` under `prefix`, past
+/// `after`, in the order S3 lists them: by key, then by upload id (which
+/// is time-ordered). Reads only the bucket's own uploads, and only as many
+/// as it returns, however many uploads the cluster holds. With `tenant`,
+/// only that tenant's (an upload another tenant left under this bucket
+/// name, before uploads went with their bucket, is not this bucket's).
 pub async fn list_multipart_tx<T: Transaction>(
     tx: &T,
     bucket: &str,
+    tenant: Option<&str>,
+    prefix: &str,
+    after: Option<&UploadMarker>,
     limit: usize,
 ) -> Result<Vec<(EvidenceId, MultipartRecord)>, ObjectError> {
-    let rows = tx
-        .get_range(MULTIPART, &prefix_end(MULTIPART), 0, false)
-        .await?;
+    check_names(bucket, None)?;
+    let base = key_of(BUCKET_UPLOAD, &[bucket.as_bytes(), b""]);
+    let mut under = base.clone();
+    under.extend_from_slice(prefix.as_bytes());
+    let end = prefix_end(&under);
+    let mut begin = under;
+    if let Some(m) = after {
+        let mut from = base.clone();
+        from.extend_from_slice(m.key.as_bytes());
+        from.push(0);
+        match m.upload {
+            Some(id) => {
+                from.extend_from_slice(id.as_bytes());
+                from.push(0);
+            }
+            // Past every upload of the key: ids are 16 bytes, all below this.
+            None => from.extend_from_slice(&[0xff; 17]),
+        }
+        begin = begin.max(from);
+    }
     let mut out = Vec::new();
-    for (k, v) in rows {
-        let rec: MultipartRecord = decode_versioned(RECORD_V1, &v)?;
-        if rec.bucket == bucket {
-            let id: [u8; 16] = k[MULTIPART.len()..]
-                .try_into()
-                .map_err(|_| protocol::DecodeError::Malformed)?;
-            out.push((EvidenceId(id), rec));
-            if out.len() == limit {
-                break;
+    while out.len() < limit && begin < end {
+        let rows = tx
+            .get_range(&begin, &end, (limit - out.len()).min(1000), false)
+            .await?;
+        let Some((last, _)) = rows.last() else { break };
+        begin = [last.as_slice(), &[0]].concat();
+        for (k, _) in &rows {
+            let id: [u8; 16] = k
+                .len()
+                .checked_sub(16)
+                .and_then(|at| k[at..].try_into().ok())
+                .ok_or(protocol::DecodeError::Malformed)?;
+            let id = EvidenceId(id);
+            match get_multipart_tx(tx, id).await? {
+                Some(rec) if tenant.is_none_or(|t| t == rec.tenant) => out.push((id, rec)),
+                _ => {}
             }
         }
     }
     Ok(out)
+}
+
+/// Indexes by bucket (`3U`) up to `limit` uploads begun before that index
+/// existed, after upload `after` (none: from the first), and returns the
+/// last one looked at, or `None` once all are (and says so in the index).
+pub async fn index_bucket_uploads_tx<T: Transaction>(
+    tx: &T,
+    after: Option<EvidenceId>,
+    limit: usize,
+) -> Result<Option<EvidenceId>, ObjectError> {
+    if tx.get(BUCKET_UPLOADS_INDEXED).await?.is_some() {
+        return Ok(None);
+    }
+    let begin = match after {
+        Some(id) => [&key_of(MULTIPART, &[id.as_bytes()])[..], &[0]].concat(),
+        None => MULTIPART.to_vec(),
+    };
+    let rows = tx
+        .get_range(&begin, &prefix_end(MULTIPART), limit.max(1), false)
+        .await?;
+    let Some((last, _)) = rows.last() else {
+        tx.set(BUCKET_UPLOADS_INDEXED, b"");
+        return Ok(None);
+    };
+    let last = upload_id_of(last)?;
+    for (k, v) in &rows {
+        let rec: MultipartRecord = decode_versioned(RECORD_V1, v)?;
+        tx.set(
+            &bucket_upload_key(&rec.bucket, &rec.key, &upload_id_of(k)?),
+            b"",
+        );
+    }
+    Ok(Some(last))
+}
+
+fn upload_id_of(k: &[u8]) -> Result<EvidenceId, ObjectError> {
+    let id: [u8; 16] = k
+        .get(MULTIPART.len()..)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(protocol::DecodeError::Malformed)?;
+    Ok(EvidenceId(id))
 }
 
 /// Records a part in the transaction that ends its upload intent; returns
@@ -1327,6 +1420,9 @@ pub async fn end_multipart_tx<T: Transaction>(
     tx: &T,
     upload: EvidenceId,
 ) -> Result<(), ObjectError> {
+    if let Some(rec) = get_multipart_tx(tx, upload).await? {
+        tx.clear(&bucket_upload_key(&rec.bucket, &rec.key, &upload));
+    }
     tx.clear(&key_of(MULTIPART, &[upload.as_bytes()]));
     let prefix = key_of(PART, &[upload.as_bytes()]);
     tx.clear_range(&prefix, &prefix_end(&prefix));

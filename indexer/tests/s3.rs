@@ -5,7 +5,7 @@
 use indexer::s3::{
     self as ix, BucketRecord, Deleted, LockMode, ObjectError, ObjectVersion, Retention, Versioning,
 };
-use indexer::{run, EmbeddedStore};
+use indexer::{run, EmbeddedStore, Transaction};
 use protocol::EvidenceId;
 
 fn store() -> (tempfile::TempDir, EmbeddedStore) {
@@ -753,4 +753,168 @@ async fn a_bucket_made_again_is_not_the_one_a_request_checked() {
     .await
     .unwrap();
     assert!(listed.is_empty());
+}
+
+async fn start_upload(s: &EmbeddedStore, b: &str, key: &str, tenant: &str, ms: u64) -> EvidenceId {
+    let upload = EvidenceId::new(ms, [ms as u8; 10]);
+    let rec = ix::MultipartRecord {
+        bucket: b.into(),
+        key: key.into(),
+        tenant: tenant.into(),
+        created_ms: ms,
+        version: version(ms, false),
+    };
+    let ours = ix::MultipartRecord {
+        tenant: "court".into(),
+        ..rec.clone()
+    };
+    run(s, |tx| {
+        let ours = &ours;
+        async move { ix::create_multipart_tx(&tx, upload, ours, &seen()).await }
+    })
+    .await
+    .unwrap();
+    if tenant != "court" {
+        // Only as an index from before uploads went with their bucket
+        // could hold it: written as its record ("3u", id) directly.
+        run(s, |tx| {
+            let rec = &rec;
+            async move {
+                let key = [&b"3u"[..], upload.as_bytes()].concat();
+                tx.set(&key, &protocol::wire::encode_versioned(1, rec));
+                Ok::<_, ObjectError>(())
+            }
+        })
+        .await
+        .unwrap();
+    }
+    upload
+}
+
+async fn uploads(
+    s: &EmbeddedStore,
+    b: &str,
+    tenant: Option<&str>,
+    prefix: &str,
+    after: Option<ix::UploadMarker>,
+    limit: usize,
+) -> Vec<(String, EvidenceId)> {
+    run(s, |tx| {
+        let after = after.clone();
+        async move { ix::list_multipart_tx(&tx, b, tenant, prefix, after.as_ref(), limit).await }
+    })
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|(id, r)| (r.key, id))
+    .collect()
+}
+
+/// A bucket's uploads in progress are listed from an index of its own, in
+/// S3's order (key, then upload id), paged by the markers, without reading
+/// any other bucket's; uploads begun before that index are indexed once.
+#[tokio::test]
+async fn uploads_in_progress_are_listed_by_bucket() {
+    let (_d, s) = store();
+    bucket(&s, "mine", Versioning::Enabled, false).await;
+    bucket(&s, "mine2", Versioning::Enabled, false).await;
+    let b2 = start_upload(&s, "mine", "b", "court", 30).await;
+    let a = start_upload(&s, "mine", "a", "court", 40).await;
+    let b1 = start_upload(&s, "mine", "b", "court", 20).await;
+    let ab = start_upload(&s, "mine", "a/b", "court", 10).await;
+    let elsewhere = start_upload(&s, "mine2", "a", "court", 50).await;
+    // Left under this name by another tenant before uploads went with
+    // their bucket.
+    let foreign = start_upload(&s, "mine", "c", "other", 60).await;
+    let all = uploads(&s, "mine", None, "", None, 100).await;
+    let named = |v: &[(&str, EvidenceId)]| -> Vec<(String, EvidenceId)> {
+        v.iter().map(|(k, id)| (k.to_string(), *id)).collect()
+    };
+    assert_eq!(
+        all,
+        named(&[("a", a), ("a/b", ab), ("b", b1), ("b", b2), ("c", foreign)])
+    );
+    let mine = uploads(&s, "mine", Some("court"), "", None, 100).await;
+    assert_eq!(mine, all[..4]);
+    assert_eq!(
+        uploads(&s, "mine", Some("court"), "", None, 2).await,
+        all[..2]
+    );
+    assert_eq!(uploads(&s, "mine", None, "a", None, 100).await, all[..2]);
+    assert_eq!(uploads(&s, "mine", None, "a/", None, 100).await, all[1..2]);
+    let marker = |key: &str, upload: Option<EvidenceId>| {
+        Some(ix::UploadMarker {
+            key: key.into(),
+            upload,
+        })
+    };
+    // A key marker alone passes every upload of that key; with an upload
+    // id, only those up to it.
+    assert_eq!(
+        uploads(&s, "mine", None, "", marker("b", None), 100).await,
+        all[4..]
+    );
+    assert_eq!(
+        uploads(&s, "mine", None, "", marker("a", None), 100).await,
+        all[1..]
+    );
+    assert_eq!(
+        uploads(&s, "mine", None, "", marker("b", Some(b1)), 100).await,
+        all[3..]
+    );
+    assert_eq!(
+        uploads(&s, "mine", None, "b", marker("a", None), 100).await,
+        all[2..4]
+    );
+    assert!(uploads(&s, "mine", None, "a", marker("b", None), 100)
+        .await
+        .is_empty());
+    assert_eq!(
+        uploads(&s, "mine2", None, "", None, 100).await,
+        named(&[("a", elsewhere)])
+    );
+    // An ended upload leaves the listing.
+    run(&s, |tx| async move { ix::end_multipart_tx(&tx, b1).await })
+        .await
+        .unwrap();
+    assert_eq!(
+        uploads(&s, "mine", Some("court"), "", None, 100).await,
+        named(&[("a", a), ("a/b", ab), ("b", b2)])
+    );
+
+    // An index from before: the uploads' records only, no "3U" entries.
+    run(&s, |tx| async move {
+        tx.clear_range(b"3U", b"3V");
+        Ok::<_, ObjectError>(())
+    })
+    .await
+    .unwrap();
+    assert!(uploads(&s, "mine", None, "", None, 100).await.is_empty());
+    let mut after = None;
+    let mut steps = 0;
+    loop {
+        after = run(&s, |tx| async move {
+            ix::index_bucket_uploads_tx(&tx, after, 2).await
+        })
+        .await
+        .unwrap();
+        steps += 1;
+        if after.is_none() {
+            break;
+        }
+    }
+    assert!(steps >= 3, "{steps} steps");
+    assert_eq!(
+        uploads(&s, "mine", None, "", None, 100).await,
+        named(&[("a", a), ("a/b", ab), ("b", b2), ("c", foreign)])
+    );
+    assert_eq!(uploads(&s, "mine2", None, "", None, 100).await.len(), 1);
+    // Once done, never again: an entry cleared now stays cleared.
+    run(&s, |tx| async move {
+        tx.clear_range(b"3U", b"3V");
+        ix::index_bucket_uploads_tx(&tx, None, 2).await
+    })
+    .await
+    .unwrap();
+    assert!(uploads(&s, "mine", None, "", None, 100).await.is_empty());
 }
