@@ -141,6 +141,16 @@ impl RunningGateway {
         r
     }
 
+    /// Waits until the server stops (it does not, unless it fails), and
+    /// says why; the gateway is still to be stopped with [`Self::abort`].
+    pub async fn stopped(&mut self) -> std::io::Error {
+        match (&mut self.server).await {
+            Ok(Ok(())) => std::io::Error::other("the server stopped"),
+            Ok(Err(e)) => e,
+            Err(e) => std::io::Error::other(e),
+        }
+    }
+
     pub fn abort(self) {
         self.server.abort();
         for b in self.background {

@@ -20,6 +20,9 @@ pub const LOG_KEY_FILE: &str = "log.key";
 pub const LEDGER_VKEY_FILE: &str = "ledger.vkey";
 /// The development TSA's certificate, `DATA_DIR/tsa.pem`.
 pub const TSA_CERT_FILE: &str = "tsa.pem";
+/// Locked for its life by every process that owns DATA_DIR's index and
+/// nodes (`up`, `gateway`, `recover-index`).
+pub const LOCK_FILE: &str = "custodia.lock";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -178,6 +181,29 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         bail!(
             "{} is already initialised (found {CLUSTER_FILE})",
             data_dir.display()
+        );
+    }
+    // What an earlier cluster leaves: initialising over it would replace
+    // the keys its evidence and receipts depend on (the CA, the ledger's
+    // signing key, the one local copy of the key courts pin).
+    let earlier: Vec<&str> = [
+        "index.redb",
+        "nodes",
+        "ledger",
+        "tls/ca.key",
+        LEDGER_VKEY_FILE,
+        ADMIN_TOKEN_FILE,
+    ]
+    .into_iter()
+    .filter(|p| data_dir.join(p).exists())
+    .collect();
+    if !earlier.is_empty() {
+        bail!(
+            "{} holds an earlier cluster ({}) but no {CLUSTER_FILE}; initialising would replace \
+             its keys and leave its evidence and receipts unverifiable. Restore {CLUSTER_FILE} \
+             from a backup, or use an empty directory",
+            data_dir.display(),
+            earlier.join(", ")
         );
     }
     fs::create_dir_all(data_dir)?;
@@ -457,6 +483,30 @@ pub fn colocated_node_workers(nodes: usize) -> Option<String> {
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     Some((cores / nodes.max(1)).max(1).to_string())
+}
+
+/// Takes DATA_DIR's lock ([`LOCK_FILE`]) for as long as the returned file
+/// lives: one process at a time owns a data directory's index, nodes and
+/// logs. Refuses when another holds it.
+pub fn lock_data_dir(data_dir: &Path) -> Result<fs::File> {
+    fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let path = data_dir.join(LOCK_FILE);
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => bail!(
+            "{} is in use by another custodia process (up, gateway or recover-index); stop it first",
+            data_dir.display()
+        ),
+        Err(fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
 }
 
 /// Makes a cluster's directory and its `tls/` its operator's alone (0700):

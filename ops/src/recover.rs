@@ -11,11 +11,15 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
 pub async fn run(data_dir: &Path, allow_down: bool, trust_archive: bool, json: bool) -> Result<()> {
+    // Held until the new index is in place: no gateway (which takes the
+    // same lock) starts and files evidence into the index being replaced.
+    let _lock = cluster::lock_data_dir(data_dir)?;
     let cluster = Cluster::load(data_dir)?;
     let index = cluster.gateway.index_path.clone();
     if index.exists() {
-        // redb holds an exclusive lock on an open index: a running gateway
-        // must not have its index replaced under it.
+        // redb holds an exclusive lock on an open index: a gateway (one
+        // started some other way, without the data directory's lock) must
+        // not have its index replaced under it.
         let file =
             std::fs::File::open(&index).with_context(|| format!("opening {}", index.display()))?;
         if let Err(std::fs::TryLockError::WouldBlock) = file.try_lock() {

@@ -10,16 +10,36 @@ use tokio::process::{Child, Command};
 
 /// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
 pub async fn stop_requested() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
+    match StopSignals::new() {
+        Ok(mut s) => s.recv().await,
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
-            return;
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    }
+}
+
+/// SIGINT and SIGTERM, caught from creation on: a signal before the first
+/// wait is kept for it, not left to its default (which would end the
+/// process without stopping its children).
+struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+        }
     }
 }
 
@@ -72,6 +92,7 @@ fn s3_scheme(cluster: &Cluster) -> &'static str {
 }
 
 pub async fn run_gateway(data_dir: &Path) -> Result<()> {
+    let _lock = cluster::lock_data_dir(data_dir)?;
     let cluster = Cluster::load(data_dir)?;
     let gw = start_gateway(&cluster).await?;
     println!("evidence API: {}://{}", api_scheme(&cluster), gw.local_addr);
@@ -114,6 +135,20 @@ async fn wait_for_nodes(cluster: &Cluster, children: &mut [Child]) -> Result<()>
     Ok(())
 }
 
+/// Asks every node to stop, and kills those still running after 10 s.
+async fn stop_children(children: &mut [Child]) {
+    println!("stopping {} nodes", children.len());
+    children.iter().for_each(stop_child);
+    for c in children.iter_mut() {
+        if tokio::time::timeout(Duration::from_secs(10), c.wait())
+            .await
+            .is_err()
+        {
+            let _ = c.kill().await;
+        }
+    }
+}
+
 fn stop_child(child: &Child) {
     if let Some(pid) = child
         .id()
@@ -123,7 +158,29 @@ fn stop_child(child: &Child) {
     }
 }
 
+/// Refuses a node directory another process holds (a node an earlier
+/// `up` left running): a second node process on it would delete the first
+/// one's shards in flight, and `up` would take the old node's answers for
+/// the new one's.
+fn check_node_free(n: &cluster::NodeSpec) -> Result<()> {
+    let path = n.data_dir.join(storage_node::server::NODE_LOCK_FILE);
+    let Ok(file) = std::fs::File::open(&path) else {
+        return Ok(());
+    };
+    match file.try_lock() {
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "node {}'s directory {} is in use by a running node process (left by an earlier \
+             `custodia up`?); stop it first",
+            n.id,
+            n.data_dir.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
+    let mut stop = StopSignals::new().context("catching SIGINT and SIGTERM")?;
+    let _lock = cluster::lock_data_dir(data_dir)?;
     if !data_dir.join(cluster::CLUSTER_FILE).exists() {
         cluster::init(data_dir, opts).await?;
         println!("initialised a new cluster in {}", data_dir.display());
@@ -132,10 +189,18 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
     let cluster = Cluster::load(data_dir)?;
     let exe = std::env::current_exe().context("locating the custodia binary")?;
     let cluster_file = data_dir.join(cluster::CLUSTER_FILE);
+    for n in &cluster.nodes {
+        check_node_free(n)?;
+    }
     let mut children = Vec::new();
     for n in &cluster.nodes {
-        let log = std::fs::File::create(n.data_dir.join("node.log"))?;
-        let child = Command::new(&exe)
+        // Appended to: an earlier run's lines (why a node died) stay.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(n.data_dir.join("node.log"))?;
+        let mut command = Command::new(&exe);
+        command
             .arg("node")
             .arg("--cluster")
             .arg(&cluster_file)
@@ -148,7 +213,20 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .kill_on_drop(true)
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe and touches no memory of this
+        // process; it runs in the child between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                // A node outlives no `up` killed without its Ctrl-C
+                // handling (SIGKILL, the OOM killer).
+                rustix::process::set_parent_process_death_signal(Some(
+                    rustix::process::Signal::TERM,
+                ))
+                .map_err(std::io::Error::from)
+            });
+        }
+        let child = command
             .spawn()
             .with_context(|| format!("starting node {}", n.id))?;
         children.push(child);
@@ -157,10 +235,14 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
         wait_for_nodes(&cluster, &mut children).await?;
         start_gateway(&cluster).await
     };
-    let gw = match started.await {
+    let started = tokio::select! {
+        r = started => r,
+        _ = stop.recv() => Err(anyhow::anyhow!("stopped while starting")),
+    };
+    let mut gw = match started {
         Ok(gw) => gw,
         Err(e) => {
-            children.iter().for_each(stop_child);
+            stop_children(&mut children).await;
             return Err(e);
         }
     };
@@ -226,19 +308,38 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
         );
     }
     println!("Press Ctrl-C to stop.");
-    tokio::select! {
-        r = gw.wait() => { if let Err(e) = r { tracing::error!(error = %e, "the evidence API stopped"); } }
-        _ = stop_requested() => {}
+    let mut exited = Box::pin(first_exit(&mut children));
+    let failed = tokio::select! {
+        e = gw.stopped() => Some(anyhow::Error::from(e).context("the evidence API stopped")),
+        (i, status) = &mut exited => Some(anyhow::anyhow!(
+            "node {} exited ({status}); see its node.log; stopping the cluster",
+            cluster.nodes.get(i).map_or(i, |n| n.id as usize)
+        )),
+        _ = stop.recv() => None,
+    };
+    drop(exited);
+    // The gateway first, so nothing is filed to nodes that are stopping.
+    gw.abort();
+    stop_children(&mut children).await;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
-    println!("stopping {} nodes", children.len());
-    children.iter().for_each(stop_child);
-    for c in &mut children {
-        if tokio::time::timeout(Duration::from_secs(10), c.wait())
-            .await
-            .is_err()
-        {
-            let _ = c.kill().await;
-        }
+}
+
+/// The first node process to exit, with how it ended.
+async fn first_exit(children: &mut [Child]) -> (usize, String) {
+    if children.is_empty() {
+        return std::future::pending().await;
     }
-    Ok(())
+    let waits = children.iter_mut().enumerate().map(|(i, c)| {
+        Box::pin(async move {
+            let status = c
+                .wait()
+                .await
+                .map_or_else(|e| e.to_string(), |s| s.to_string());
+            (i, status)
+        })
+    });
+    futures::future::select_all(waits).await.0
 }

@@ -93,6 +93,40 @@ pub enum NodeServerError {
     /// Opening the store panicked (a bug); the node did not start.
     #[error("opening the shard store panicked")]
     Panicked,
+    /// Another process serves this data directory.
+    #[error("{0} is in use by another node process; stop it first")]
+    InUse(std::path::PathBuf),
+    /// The data directory's lock could not be taken.
+    #[error("locking {path}: {source}")]
+    Lock {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Locked by a node process for its life in its data directory: two
+/// processes on one store would delete each other's shards in flight.
+pub const NODE_LOCK_FILE: &str = "node.lock";
+
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, NodeServerError> {
+    let path = dir.join(NODE_LOCK_FILE);
+    let lock_err = |source| NodeServerError::Lock {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(lock_err)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(lock_err)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(NodeServerError::InUse(dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) => Err(lock_err(e)),
+    }
 }
 
 /// A node that is serving. Call [`RunningNode::shutdown`] to stop it; dropping
@@ -105,6 +139,8 @@ pub struct RunningNode {
     stop: watch::Sender<bool>,
     accept: JoinHandle<()>,
     store: Arc<ShardStore>,
+    /// Held until the node is dropped ([`NODE_LOCK_FILE`]).
+    _lock: std::fs::File,
 }
 
 impl RunningNode {
@@ -183,6 +219,7 @@ pub async fn serve(
     registry: &prometheus::Registry,
 ) -> Result<RunningNode, NodeServerError> {
     let metrics = NodeMetrics::new(registry)?;
+    let lock = lock_data_dir(&config.data_dir)?;
     let data_dir = config.data_dir.clone();
     let store_config = config.store;
     let store = tokio::task::spawn_blocking(move || ShardStore::open_with(&data_dir, store_config))
@@ -223,6 +260,7 @@ pub async fn serve(
         stop,
         accept,
         store,
+        _lock: lock,
     })
 }
 

@@ -1119,3 +1119,178 @@ fn the_evidence_api_serves_https_only_when_asked() -> Result<()> {
     );
     Ok(())
 }
+
+/// A running `custodia up`: its node processes' pids, read from what it
+/// printed.
+struct Up {
+    child: std::process::Child,
+    nodes: Vec<i32>,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn up_command(dir: &std::path::Path, api: u16) -> std::process::Command {
+    let mut cmd = std::process::Command::new(custodia_tests::custodia_bin());
+    cmd.args(["up", "--data-dir"])
+        .arg(dir)
+        .args(["--nodes", "3", "--k", "2", "--m", "1", "--api"])
+        .arg(format!("127.0.0.1:{api}"))
+        .args([
+            "--s3",
+            "off",
+            "--metrics",
+            "off",
+            "--node-base-port",
+            "0",
+            "--node-metrics-base-port",
+            "0",
+        ]);
+    cmd
+}
+
+/// Starts `custodia up` and waits for it to say it is up.
+fn start_up(dir: &std::path::Path, api: u16) -> Result<Up> {
+    use std::io::BufRead;
+    let mut child = up_command(dir, api)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let out = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut up = Up {
+        child,
+        nodes: Vec::new(),
+    };
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(90))
+            .context("custodia up did not say it was up")?;
+        if let Some(pid) = line.split("  pid ").nth(1) {
+            let pid = pid.split_whitespace().next().unwrap_or_default();
+            up.nodes.push(pid.parse()?);
+        }
+        if line.starts_with("Press Ctrl-C") {
+            return Ok(up);
+        }
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie (exited, not yet reaped) is not alive.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// The README's first command, as a newcomer and an operator use it: `up`
+/// serves; a second `up` on the same directory is refused without touching
+/// the first; SIGTERM stops every process it started, and exits 0; a
+/// killed `up` takes its nodes with it; a directory whose cluster file is
+/// gone is not initialised over its evidence.
+#[test]
+fn custodia_up_serves_stops_and_guards_its_directory() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("data");
+    let api = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    let first = start_up(&dir, api)?;
+    assert_eq!(first.nodes.len(), 3, "three node pids printed");
+    let token = std::fs::read_to_string(dir.join("admin.token"))?;
+    let body = bytes(300_000, 41);
+    let mut resp = agent
+        .post(format!("http://127.0.0.1:{api}/v1/evidence"))
+        .header("authorization", format!("Bearer {}", token.trim()))
+        .send(&body[..])?;
+    assert_eq!(resp.status().as_u16(), 201);
+    let filed: serde_json::Value = serde_json::from_slice(&resp.body_mut().read_to_vec()?)?;
+    let id = filed["id"].as_str().context("id")?.to_owned();
+
+    // A second `up` on the same directory is refused at once.
+    let second = up_command(&dir, api).output()?;
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("in use"), "{err}");
+    let read = |agent: &ureq::Agent| -> Result<Vec<u8>> {
+        let mut r = agent
+            .get(format!("http://127.0.0.1:{api}/v1/evidence/{id}"))
+            .header("authorization", format!("Bearer {}", token.trim()))
+            .call()?;
+        anyhow::ensure!(r.status().as_u16() == 200, "read answered {}", r.status());
+        Ok(r.body_mut().read_to_vec()?)
+    };
+    assert!(read(&agent)? == body, "the first cluster still serves");
+
+    // SIGTERM: everything stops, and `up` says it stopped cleanly.
+    let mut first = first;
+    std::process::Command::new("kill")
+        .args(["-TERM", &first.child.id().to_string()])
+        .status()?;
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = first.child.try_wait()? {
+            break s;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "up did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status}");
+    assert!(
+        eventually(10, || first.nodes.iter().all(|p| !alive(*p))),
+        "every node stopped with up"
+    );
+
+    // Again: the evidence is back. Killed outright, `up` takes its nodes
+    // with it, and the directory is free for the next one.
+    let mut again = start_up(&dir, api)?;
+    assert!(read(&agent)? == body, "the evidence is back");
+    again.child.kill()?;
+    again.child.wait()?;
+    assert!(
+        eventually(10, || again.nodes.iter().all(|p| !alive(*p))),
+        "no node outlives a killed up"
+    );
+    let third = start_up(&dir, api)?;
+    assert!(read(&agent)? == body);
+    drop(third);
+
+    // Without its cluster file, the directory is not initialised anew
+    // (which would replace the ledger's and the CA's keys).
+    std::fs::rename(dir.join("cluster.toml"), tmp.path().join("cluster.toml"))?;
+    let vkey = std::fs::read(dir.join("ledger.vkey"))?;
+    let refused = up_command(&dir, api).output()?;
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("holds an earlier cluster"), "{err}");
+    assert_eq!(
+        std::fs::read(dir.join("ledger.vkey"))?,
+        vkey,
+        "keys untouched"
+    );
+    Ok(())
+}
