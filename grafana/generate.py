@@ -40,13 +40,18 @@ ERRORS = (
     " or sum by (api) (rate(custodia_http_requests_total[1m])) * 0"
 )
 CHECKPOINT_AGE = "time() - max(custodia_ledger_integrated_timestamp_seconds)"
+# Every gateway exports the same cluster-wide view (nodes, degraded stripes,
+# orphans) from the index: take one (max), never the sum over gateways.
+NODES_UP = "count(max by (node) (custodia_cluster_node_up) == 1) or vector(0)"
+NODES_NOT_UP = "count(max by (node) (custodia_cluster_node_up) == 0) or vector(0)"
+DEGRADED = "max(custodia_degraded_stripes)"
 
 DASHBOARDS = {
     "overview": (
         "Custodia / Overview",
         [
-            stat("Nodes up", "sum(custodia_cluster_node_up)", desc="Nodes that answered the gateway's last probe."),
-            stat("Degraded stripes", "sum(custodia_degraded_stripes)", desc="Stripes waiting for repair."),
+            stat("Nodes up", NODES_UP, desc="Nodes that answered a gateway's last probe (removed nodes are not counted)."),
+            stat("Degraded stripes", DEGRADED, desc="Stripes waiting for repair."),
             stat("Ledger entries", "max(custodia_ledger_entries)"),
             stat("Checkpoint age", CHECKPOINT_AGE, "s", desc="Since a signed checkpoint last covered every waiting entry."),
             panel("Filings per second", "sum(rate(custodia_filings_total[1m]))", "ops"),
@@ -73,7 +78,7 @@ DASHBOARDS = {
             stat("Entries", "max(custodia_ledger_entries)"),
             stat("Checkpoint age", CHECKPOINT_AGE, "s"),
             stat("S3 journal age", "time() - max(custodia_s3_journal_synced_timestamp_seconds)", "s", desc="Since the S3 records' journal last reached the openings archive whole (what recover-index replays)."),
-            panel("Entries per second", "sum(rate(custodia_ledger_entries[1m]))", "ops"),
+            panel("Entries per second", "sum(rate(custodia_ledger_entries_integrated_total[1m]))", "ops"),
             panel("Witness cosignatures vs quorum", ["max(custodia_ledger_checkpoint_cosignatures)", "max(custodia_ledger_witness_quorum)"], legend=["cosignatures", "quorum"]),
             panel("Entries not yet cosigned", "max(custodia_ledger_entries) - max(custodia_ledger_cosigned_entries)"),
             panel("Witness cosign latency p90", "histogram_quantile(0.9, sum by (witness, le) (rate(custodia_witness_cosign_duration_seconds_bucket[5m])))", "s", legend=["{{witness}}"]),
@@ -97,14 +102,15 @@ DASHBOARDS = {
     "repair": (
         "Custodia / Repair and integrity",
         [
-            stat("Degraded stripes", "sum(custodia_degraded_stripes)"),
-            panel("Repair backlog", "sum(custodia_degraded_stripes)", legend=["degraded stripes"]),
+            stat("Degraded stripes", DEGRADED),
+            panel("Repair backlog", DEGRADED, legend=["degraded stripes"]),
+            panel("Stripes lost (fewer than k good shards)", "sum(increase(custodia_stripes_lost_total[1h]))"),
             panel("Corrupt shards found by nodes", "sum by (node) (increase(custodia_node_corrupt_shards_total[1h]))", legend=["node {{node}}"]),
             panel("Damaged shards seen by reads", "sum(increase(custodia_shards_damaged_total[1h]))"),
-            panel("Orphan shards (failed uploads, interrupted repairs)", ["sum(custodia_orphan_shards_pending)", "sum(increase(custodia_orphan_shards_deleted_total[1h]))"], legend=["within grace", "deleted (1h)"]),
+            panel("Orphan shards (failed uploads, interrupted repairs)", ["max(custodia_orphan_shards_pending)", "sum(increase(custodia_orphan_shards_deleted_total[1h]))"], legend=["within grace", "deleted (1h)"]),
             panel("Scrub progress (current pass)", "custodia_node_scrub_progress_ratio", "percentunit", legend=["node {{node}}"]),
             panel("Scrub rate and corruption found", ["sum(rate(custodia_node_scrub_bytes_total[5m]))", "sum(increase(custodia_node_scrub_corrupt_shards_total[1h]))"], legend=["bytes/s checked", "corrupt found (1h)"]),
-            panel("Nodes not up", "count(custodia_cluster_node_up == 0) or vector(0)"),
+            panel("Nodes not up", NODES_NOT_UP),
         ],
     ),
 }

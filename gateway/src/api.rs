@@ -167,7 +167,7 @@ impl<S: Store> Gateway<S> {
         registry: &prometheus::Registry,
     ) -> Result<Self, StartError> {
         config.validate()?;
-        let metrics = crate::metrics::GatewayMetrics::new(registry)?;
+        let metrics = crate::metrics::GatewayMetrics::new(registry, config.ledger.is_some())?;
         metrics.witness_quorum.set(
             config
                 .ledger

@@ -1069,6 +1069,9 @@ async fn commit_then_publish<S: Store>(
             ))
         }
     };
+    gw.metrics
+        .entries_integrated
+        .inc_by(batch.leaves.len() as u64);
     publish_state(
         gw,
         ledger,

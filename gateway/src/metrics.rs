@@ -59,16 +59,23 @@ pub struct GatewayMetrics {
     pub degraded: IntGauge,
     /// `custodia_ledger_entries`: size of the newest signed checkpoint.
     pub ledger_entries: IntGauge,
+    /// `custodia_ledger_entries_integrated_total`: entries this gateway's
+    /// integrator added to the tree (summed over gateways: the ledger's
+    /// growth, whichever holds the integrator's lease).
+    pub entries_integrated: IntCounter,
     /// `custodia_ledger_integrated_timestamp_seconds`: when a signed
     /// checkpoint last covered every entry waiting (the integrator checks
     /// each second, idle or not), so
     /// `time() - custodia_ledger_integrated_timestamp_seconds` is how far
-    /// behind notarization is, and stays small on an idle ledger.
+    /// behind notarization is, and stays small on an idle ledger. Only the
+    /// integrator sets it, and only gateways with a ledger export it, so
+    /// the cluster's is the `max` over gateways.
     pub checkpoint_time: Gauge,
     /// `custodia_s3_journal_synced_timestamp_seconds`: when the last drain
     /// of the S3 records' journal that left nothing behind began
     /// (`crate::s3_journal`): every S3 record change committed before then
-    /// is in the archive `recover-index` replays.
+    /// is in the archive `recover-index` replays. Exported only by gateways
+    /// with a ledger (without one there is no archive).
     pub s3_journal_synced: Gauge,
     /// Witnesses that cosigned the newest checkpoint any witness cosigned
     /// (`custodia_ledger_checkpoint_cosignatures`), that checkpoint's size
@@ -117,8 +124,38 @@ fn reg<T: prometheus::core::Collector + Clone + 'static>(
     Ok(metric)
 }
 
+/// An HTTP method as a label: the standard ones by name, any other as
+/// `other` (a method is any token a client sends).
+pub fn method_label(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::PUT => "PUT",
+        http::Method::POST => "POST",
+        http::Method::HEAD => "HEAD",
+        http::Method::DELETE => "DELETE",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Registers `metric` only when `on`: a gauge that would never be set is
+/// better absent than a constant 0 an alert reads as "long ago".
+fn reg_if<T: prometheus::core::Collector + Clone + 'static>(
+    on: bool,
+    registry: &Registry,
+    metric: T,
+) -> Result<T, prometheus::Error> {
+    if on {
+        reg(registry, metric)
+    } else {
+        Ok(metric)
+    }
+}
+
 impl GatewayMetrics {
-    pub fn new(r: &Registry) -> Result<Self, prometheus::Error> {
+    /// `ledger`: whether this gateway runs one (the ledger's gauges are
+    /// exported only then).
+    pub fn new(r: &Registry, ledger: bool) -> Result<Self, prometheus::Error> {
         let counter = |name: &str, help: &str| reg(r, IntCounter::new(name, help)?);
         let gauge = |name: &str, help: &str| reg(r, IntGauge::new(name, help)?);
         let node_gauge =
@@ -178,14 +215,20 @@ impl GatewayMetrics {
                 "custodia_ledger_entries",
                 "Entries covered by the newest signed checkpoint.",
             )?,
-            checkpoint_time: reg(
+            entries_integrated: counter(
+                "custodia_ledger_entries_integrated_total",
+                "Ledger entries this gateway integrated into the tree.",
+            )?,
+            checkpoint_time: reg_if(
+                ledger,
                 r,
                 Gauge::new(
                     "custodia_ledger_integrated_timestamp_seconds",
                     "When a signed checkpoint last covered every waiting entry (Unix seconds).",
                 )?,
             )?,
-            s3_journal_synced: reg(
+            s3_journal_synced: reg_if(
+                ledger,
                 r,
                 Gauge::new(
                     "custodia_s3_journal_synced_timestamp_seconds",
@@ -368,6 +411,24 @@ pub async fn refresh<S: Store>(gw: &Gateway<S>) {
     for n in gw.nodes.view() {
         // The bare number, as the nodes label their own metrics (`node="3"`).
         let id = n.id.0.to_string();
+        if n.lifecycle == indexer::schema::Lifecycle::Removed {
+            // Out of the cluster: not a node that is down.
+            let _ = m
+                .node_up
+                .remove_label_values(&[id.as_str(), n.domain.as_deref().unwrap_or("")]);
+            for g in [
+                &m.node_capacity,
+                &m.node_used,
+                &m.node_free,
+                &m.node_reserve,
+                &m.node_full,
+            ] {
+                let _ = g.remove_label_values(&[id.as_str()]);
+            }
+            let _ = m.node_clock_offset.remove_label_values(&[id.as_str()]);
+            let _ = m.quic_rtt.remove_label_values(&[id.as_str()]);
+            continue;
+        }
         m.node_up
             .with_label_values(&[id.as_str(), n.domain.as_deref().unwrap_or("")])
             .set(i64::from(n.healthy));
@@ -388,7 +449,9 @@ pub async fn refresh<S: Store>(gw: &Gateway<S>) {
         m.node_full
             .with_label_values(&[id.as_str()])
             .set(i64::from(n.full));
-        match n.clock_offset_ms {
+        // A node that is not answering has no current offset: its last
+        // one would keep a skew alert firing for a node that is down.
+        match n.clock_offset_ms.filter(|_| n.healthy) {
             Some(ms) => m
                 .node_clock_offset
                 .with_label_values(&[id.as_str()])

@@ -94,6 +94,19 @@ fn nodes_are_drained_removed_and_added_without_losing_redundancy() -> Result<()>
     assert_eq!(status(&c)?["nodes"][3]["lifecycle"], "removed");
     let (ok, text) = node_cmd(&c, &["activate", "3"])?;
     assert!(!ok, "a removed node cannot come back: {text}");
+    // Out of the cluster, it is no node that is down: its series go (an
+    // alert on node_up == 0 would otherwise page for it forever).
+    let up = |i: u32| {
+        c.metric(
+            &c.metrics,
+            &format!("custodia_cluster_node_up{{domain=\"\",node=\"{i}\"}}"),
+        )
+    };
+    assert!(up(2).is_ok());
+    assert!(
+        custodia_tests::eventually(15, || up(3).is_err()),
+        "a removed node's series is gone"
+    );
 
     // Without node 3, and with m = 2 more nodes dead, everything reads back:
     // every stripe has k+m shards elsewhere.

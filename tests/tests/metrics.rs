@@ -291,7 +291,22 @@ fn prometheus_scrapes_every_process_and_every_dashboard_query_has_data() -> Resu
     );
 
     // And the data mean what they say.
-    assert_eq!(scalar(&agent, &prom, "sum(custodia_cluster_node_up)")?, 7.0);
+    assert_eq!(
+        scalar(
+            &agent,
+            &prom,
+            "count(max by (node) (custodia_cluster_node_up) == 1)"
+        )?,
+        7.0
+    );
+    assert!(
+        scalar(
+            &agent,
+            &prom,
+            "sum(custodia_ledger_entries_integrated_total)"
+        )? >= 8.0,
+        "the ledger's growth is counted"
+    );
     // Degraded at some scrape (repair may have healed it since).
     assert!(
         scalar(
