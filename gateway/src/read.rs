@@ -208,6 +208,8 @@ async fn send_range<S: Store>(
     let layout = header.code.layout(header.size);
     let stripes = layout.stripes_for(read.clone());
     let evidence = header.evidence;
+    // Shared by the fetch tasks.
+    let shared = Arc::new(header.clone());
     let mut first = stripes.start;
     while first < stripes.end {
         let last = (first + STRIPES_PER_TXN).min(stripes.end);
@@ -217,8 +219,13 @@ async fn send_range<S: Store>(
         .await?;
         let mut fetched = futures::stream::iter(records.into_iter().zip(first..last))
             .map(|(rec, stripe)| {
-                let (gw, strict) = (gw.clone(), strict.clone());
-                async move {
+                let (gw, strict, header) = (gw.clone(), strict.clone(), shared.clone());
+                // A task of its own: a fetch runs to its end, and gives its
+                // gate permit back, however slowly this read's client takes
+                // what came before (an unpolled fetch would hold the permit
+                // from every other read, and its node requests would time
+                // out unread).
+                AbortOnDrop(tokio::spawn(async move {
                     // Taken in turn (the semaphore is fair): a large read
                     // never holds back another for more than a few fetches.
                     let permit = gw.read_gate.acquire().await.ok();
@@ -227,11 +234,11 @@ async fn send_range<S: Store>(
                     } else {
                         ShardCheck::Parity
                     };
-                    let data = fetch_stripe(&gw, header, stripe, &rec, shards).await;
+                    let data = fetch_stripe(&gw, &header, stripe, &rec, shards).await;
                     drop(permit);
                     let data = data?;
                     Ok::<_, ReadError>((stripe, data))
-                }
+                }))
             })
             .buffered(gw.config.pipeline_stripes);
         while let Some(next) = fetched.next().await {
@@ -276,6 +283,31 @@ async fn send_range<S: Store>(
         deliver(evidence, tx, piece, idle).await;
     }
     Ok(())
+}
+
+/// A spawned fetch, aborted when the read that wanted it is dropped (its
+/// client went away): its result is nobody's.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<Result<T, ReadError>>);
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = Result<T, ReadError>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|r| {
+            r.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "a stripe fetch task failed");
+                Err(ReadError::Internal)
+            })
+        })
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Slices a client's read is handed over in: the idle limit is measured
@@ -870,6 +902,14 @@ pub(crate) async fn fetch_shard<S: Store>(
             tracing::warn!(shard = %key, "shard missing or corrupt on its node");
             ShardOutcome::Damaged
         }
+        // The node answered: it is up, and this shard is what it could not
+        // read (a bad sector). Damaged, so the stripe is repaired; not
+        // unreachable, which would mark a live node down at every read.
+        Err(NodeError::Remote(ErrorCode::Io)) => {
+            gw.metrics.shards_damaged.inc();
+            tracing::warn!(shard = %key, "the node could not read the shard from its disk");
+            ShardOutcome::Damaged
+        }
         Err(e) => {
             tracing::debug!(shard = %key, error = %e, "shard read failed");
             ShardOutcome::Unreachable
@@ -907,9 +947,9 @@ pub(crate) async fn check_shard<S: Store>(
             tracing::warn!(shard = %key, "shard on its node is not the manifest's");
             Checked::Damaged
         }
-        Err(NodeError::Remote(ErrorCode::Corrupt | ErrorCode::NotFound)) => {
+        Err(NodeError::Remote(ErrorCode::Corrupt | ErrorCode::NotFound | ErrorCode::Io)) => {
             gw.metrics.shards_damaged.inc();
-            tracing::warn!(shard = %key, "shard missing or corrupt on its node");
+            tracing::warn!(shard = %key, "shard missing, corrupt or unreadable on its node");
             Checked::Damaged
         }
         Err(e) => {

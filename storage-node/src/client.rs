@@ -492,7 +492,10 @@ impl NodeClient {
         let timer = tokio::time::sleep(stall.min(limit));
         tokio::pin!(timer);
         let result = loop {
+            // The answer first: one that arrived while this future was not
+            // polled (its caller busy) is no timeout.
             tokio::select! {
+                biased;
                 result = &mut request => break result,
                 () = &mut timer => {
                     let now = tokio::time::Instant::now();
@@ -503,6 +506,7 @@ impl NodeClient {
                     let check = answers(conn, stall);
                     tokio::pin!(check);
                     tokio::select! {
+                        biased;
                         result = &mut request => break result,
                         alive = &mut check => if !alive {
                             give_up(addr, conn);

@@ -1294,3 +1294,44 @@ fn custodia_up_serves_stops_and_guards_its_directory() -> Result<()> {
     );
     Ok(())
 }
+
+/// A client that stops reading (its connection open) holds back no other
+/// read: the stripes its read fetched ahead give their turn at the nodes
+/// back as soon as they arrive, not when the client takes them.
+#[test]
+fn a_client_that_stops_reading_holds_back_no_other_read() -> Result<()> {
+    let mut c = TestCluster::start(Shape {
+        shard_size: 256 << 10,
+        ..Shape::default()
+    })?;
+    // One stripe fetched at a time, gateway-wide: the tightest gate.
+    c.set_gateway(&[("read_stripes_in_flight", toml::Value::Integer(1))])?;
+    let big = bytes(48 << 20, 61);
+    let big_id = c.file(&big)?["id"].as_str().context("id")?.to_owned();
+    let small = bytes(300_000, 62);
+    let small_id = c.file(&small)?["id"].as_str().context("id")?.to_owned();
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut s = std::net::TcpStream::connect(c.api.trim_start_matches("http://"))?;
+        write!(
+            s,
+            "GET /v1/evidence/{big_id} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+            c.token
+        )?;
+        let mut head = [0u8; 4096];
+        s.read_exact(&mut head)?;
+        assert!(head.starts_with(b"HTTP/1.1 200"));
+        stalled.push(s); // and never read again
+    }
+    // Long enough for their buffers to fill and their reads to stall.
+    std::thread::sleep(Duration::from_secs(3));
+    let started = std::time::Instant::now();
+    assert!(c.read(&small_id)? == small, "the other read is byte-exact");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "a read behind two stalled clients took {took:?}"
+    );
+    drop(stalled);
+    Ok(())
+}
