@@ -92,6 +92,11 @@ pub struct NodeView {
     pub state: NodeHealth,
     /// How long ago it last answered a probe.
     pub last_seen: Option<Duration>,
+    /// How long it has been silent as far as this gateway knows: since it
+    /// last answered, or, if it never has, since this gateway started (a
+    /// node still rebooting when the gateway restarts has not been down
+    /// for long).
+    pub silent_for: Duration,
     pub disk: Option<DiskView>,
     /// Takes no new shards (its disk is down to its reserve).
     pub full: bool,
@@ -115,6 +120,11 @@ pub struct NodeSet {
     reconciling: Mutex<std::collections::HashSet<NodeId>>,
     /// Silence after which a node is `down`.
     down_after: Duration,
+    /// When this gateway began watching its nodes.
+    started: std::time::Instant,
+    /// Nodes the index says were removed that this gateway's configuration
+    /// no longer lists: their shards still need new homes.
+    removed_unlisted: Mutex<std::collections::HashSet<NodeId>>,
 }
 
 impl NodeSet {
@@ -138,6 +148,8 @@ impl NodeSet {
             client,
             reconciling: Mutex::new(Default::default()),
             down_after,
+            started: std::time::Instant::now(),
+            removed_unlisted: Mutex::new(Default::default()),
         }
     }
 
@@ -242,6 +254,7 @@ impl NodeSet {
                 healthy,
                 state,
                 last_seen,
+                silent_for: last_seen.unwrap_or_else(|| self.started.elapsed()),
                 disk: *lock(&n.disk),
                 full: n.full.load(Ordering::Relaxed),
                 rtt: rtts
@@ -312,8 +325,23 @@ impl NodeSet {
             .map_or(Lifecycle::Removed, |n| *lock(&n.lifecycle))
     }
 
+    /// Whether this gateway's configuration lists `id`.
+    pub fn knows(&self, id: NodeId) -> bool {
+        self.get(id).is_some()
+    }
+
+    /// Removed nodes this gateway's configuration no longer lists.
+    pub fn removed_unlisted(&self) -> std::collections::HashSet<NodeId> {
+        lock(&self.removed_unlisted).clone()
+    }
+
     /// Takes the lifecycle decisions the index holds (nodes not named are active).
     pub fn set_lifecycles(&self, decided: &[(NodeId, schema::LifecycleRecord)]) {
+        *lock(&self.removed_unlisted) = decided
+            .iter()
+            .filter(|(id, r)| r.state == Lifecycle::Removed && !self.knows(*id))
+            .map(|(id, _)| *id)
+            .collect();
         for n in self.nodes.iter() {
             let id = n.entry.node_id();
             let state = decided

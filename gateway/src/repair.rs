@@ -303,15 +303,19 @@ pub async fn collect_quarantined<S: Store>(
 /// their shards count as missing.
 fn gone_nodes<S: Store>(gw: &Gateway<S>) -> HashSet<NodeId> {
     let grace = Duration::from_millis(gw.config.repair_after_down_ms);
-    gw.nodes
+    let mut gone: HashSet<NodeId> = gw
+        .nodes
         .view()
         .into_iter()
         .filter(|n| {
             n.lifecycle == Lifecycle::Removed
-                || (n.state == NodeHealth::Down && n.last_seen.is_none_or(|ago| ago >= grace))
+                || (n.state == NodeHealth::Down && n.silent_for >= grace)
         })
         .map(|n| n.id)
-        .collect()
+        .collect();
+    // Removed, then dropped from the configuration: still gone.
+    gone.extend(gw.nodes.removed_unlisted());
+    gone
 }
 
 /// Nodes whose shards need new homes: gone past their grace, draining or
@@ -1003,8 +1007,14 @@ async fn repair_leased<S: Store>(
     // damage, a disk was replaced, --verify-all) reads every shard, since
     // which one is bad is not known. Either way every shard is re-counted
     // before the stripe leaves the queue.
+    // A node this gateway's configuration does not list cannot be asked:
+    // its shard is rebuilt here, or the stripe would wait for it forever.
     let homeless: Vec<usize> = (0..total)
-        .filter(|i| rec.shards[*i].node.is_none_or(|n| gone.contains(&n)))
+        .filter(|i| {
+            rec.shards[*i]
+                .node
+                .is_none_or(|n| gone.contains(&n) || !gw.nodes.knows(n))
+        })
         .collect();
     let mut order: Vec<usize> = (0..total)
         .filter(|i| {
@@ -1682,8 +1692,17 @@ async fn record_lost<S: Store>(
     let first = indexer::run(&gw.store, |tx| {
         let pending = &pending;
         async move {
-            if schema::is_lost_tx(&tx, evidence, stripe).await? {
+            // Expunged meanwhile (its shards deleted, which is what this
+            // pass may have met): nothing was lost.
+            if schema::get_manifest_tx(&tx, evidence).await?.is_none()
+                || schema::get_stripe_tx(&tx, evidence, stripe)
+                    .await?
+                    .is_none()
+            {
                 return Ok::<_, schema::SchemaError>(false);
+            }
+            if schema::is_lost_tx(&tx, evidence, stripe).await? {
+                return Ok(false);
             }
             schema::mark_lost_tx(&tx, evidence, stripe);
             if let Some(p) = pending {
