@@ -91,6 +91,10 @@ pub struct Gateway<S: Store> {
     pub remote_builds: crate::repair::RemoteBuilds,
     /// Repair leases found held by other tasks, watched for staleness.
     pub repair_leases: crate::repair::LeaseSightings,
+    /// An orphan sweep since this gateway started listed every active node
+    /// and adopted every copy of a shard its record had no node for: only
+    /// then does a stripe short of such shards count as lost.
+    pub homeless_adopted: std::sync::atomic::AtomicBool,
 }
 
 /// Why the gateway could not start.
@@ -219,6 +223,7 @@ impl<S: Store> Gateway<S> {
             outboard_rebuilds: Default::default(),
             remote_builds: Default::default(),
             repair_leases: Default::default(),
+            homeless_adopted: Default::default(),
         })
     }
 

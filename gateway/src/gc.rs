@@ -337,6 +337,10 @@ pub struct Sweep {
     pub deleted: u64,
     /// Copies of shards their stripe's record had no node for, placed.
     pub adopted: u64,
+    /// Every active node was listed whole and every such copy found was
+    /// adopted (or found not to be one): a stripe still short of a shard
+    /// no node holds is then really short.
+    pub complete: bool,
 }
 
 /// Compares every active, healthy node's inventory with the index and
@@ -352,10 +356,16 @@ pub async fn sweep_orphans<S: Store>(
     candidates: &mut OrphanCandidates,
     grace: Duration,
 ) -> Sweep {
-    let mut sweep = Sweep::default();
+    let mut sweep = Sweep {
+        complete: true,
+        ..Sweep::default()
+    };
     let mut still = OrphanCandidates::new();
     for entry in &gw.config.nodes {
         let node = entry.node_id();
+        if gw.nodes.lifecycle(node) == schema::Lifecycle::Active && !gw.nodes.is_healthy(node) {
+            sweep.complete = false;
+        }
         if !gw.nodes.is_healthy(node) || gw.nodes.lifecycle(node) != schema::Lifecycle::Active {
             // Its entries stay as they were until it can be listed again.
             still.extend(candidates.iter().filter(|((n, _), _)| *n == node));
@@ -367,6 +377,7 @@ pub async fn sweep_orphans<S: Store>(
                 Ok(page) => page,
                 Err(e) => {
                     tracing::debug!(%node, error = %e, "orphan sweep could not list a node");
+                    sweep.complete = false;
                     break;
                 }
             };
@@ -415,23 +426,27 @@ pub async fn sweep_orphans<S: Store>(
                 Ok(u) => u,
                 Err(e) => {
                     tracing::warn!(error = %e, "orphan sweep could not read the index");
+                    sweep.complete = false;
                     return sweep;
                 }
             };
             for key in homeless {
-                if let Ok(Some(lease)) = StripeLease::take(gw, key.evidence, key.stripe).await {
-                    match lease
-                        .renewed(gw, lease.adopt(gw, entry.addr, node, key))
-                        .await
-                    {
-                        Ok(true) => sweep.adopted += 1,
-                        Ok(false) => {}
-                        Err(e) => {
-                            tracing::debug!(%node, shard = %key, error = %e, "could not adopt a copy")
-                        }
+                let Ok(Some(lease)) = StripeLease::take(gw, key.evidence, key.stripe).await else {
+                    sweep.complete = false;
+                    continue;
+                };
+                match lease
+                    .renewed(gw, lease.adopt(gw, entry.addr, node, key))
+                    .await
+                {
+                    Ok(true) => sweep.adopted += 1,
+                    Ok(false) => {}
+                    Err(e) => {
+                        sweep.complete = false;
+                        tracing::debug!(%node, shard = %key, error = %e, "could not adopt a copy")
                     }
-                    lease.release(gw).await;
                 }
+                lease.release(gw).await;
             }
             let now = std::time::Instant::now();
             for key in unreferenced {
@@ -504,6 +519,14 @@ pub fn spawn_orphan_sweeper<S: Store>(gw: Arc<Gateway<S>>) -> tokio::task::JoinH
         loop {
             tick.tick().await;
             let s = sweep_orphans(&gw, &mut candidates, grace).await;
+            if s.complete
+                && !gw
+                    .homeless_adopted
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                // Stripes that waited on copies no node turned up with.
+                gw.repair_wake.notify_one();
+            }
             if s.deleted > 0 || s.pending > 0 || s.adopted > 0 {
                 tracing::info!(
                     listed = s.listed,

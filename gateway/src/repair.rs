@@ -1032,14 +1032,18 @@ async fn repair_leased<S: Store>(
     let want = if homeless.is_empty() { order.len() } else { k };
     let mut shards: Vec<Option<Vec<u8>>> = vec![None; total];
     let mut rebuild: Vec<usize> = homeless.clone();
-    // Shards that can never be read again: damaged, or with no node or a
-    // removed one. (Those on nodes merely down may come back.)
+    // Shards that can never be read again: damaged, or on a removed node,
+    // or with no node once an orphan sweep adopted every copy it found of
+    // such shards. (Those on nodes merely down may come back, and so may a
+    // copy recovery could not place, on a node down while it ran.)
+    let swept = gw
+        .homeless_adopted
+        .load(std::sync::atomic::Ordering::Relaxed);
     let mut bad_for_good = homeless
         .iter()
-        .filter(|i| {
-            rec.shards[**i]
-                .node
-                .is_none_or(|n| nodes.removed.contains(&n))
+        .filter(|i| match rec.shards[**i].node {
+            None => swept,
+            Some(n) => nodes.removed.contains(&n),
         })
         .count();
     let spare: Vec<usize> = order.iter().skip(want).copied().collect();
@@ -1068,7 +1072,19 @@ async fn repair_leased<S: Store>(
         )),
         _ => None,
     };
-    if let Some((moves, in_place)) = remote.filter(|_| gw.remote_builds.allowed()) {
+    // A shard whose hash nobody knows (a slot `recover-index` found no copy
+    // of) cannot be checked by the node that would build it: it is rebuilt
+    // here, from k shards that each matched their hash, and takes the hash
+    // of what they give.
+    let unknown = |moves: &[(usize, Vec<usize>)]| {
+        moves
+            .iter()
+            .any(|(i, _)| rec.shards[*i].blake3 == protocol::ShardPlacement::UNKNOWN_HASH)
+    };
+    if let Some((moves, in_place)) = remote
+        .filter(|(moves, _)| !unknown(moves))
+        .filter(|_| gw.remote_builds.allowed())
+    {
         if let Some(outcome) =
             rebuild_on_targets(gw, lease, &header, &rec, &moves, &in_place, mark, gone).await?
         {
@@ -1178,10 +1194,17 @@ async fn repair_leased<S: Store>(
     }
     let mut next = rec.clone();
     let mut written: Vec<(usize, NodeId)> = Vec::new();
+    for &i in &rebuild {
+        if rec.shards[i].blake3 == protocol::ShardPlacement::UNKNOWN_HASH {
+            if let Some(body) = &shards[i] {
+                next.shards[i].blake3 = Blake3Hash::of(body);
+            }
+        }
+    }
     let writes = rebuild.iter().zip(&targets).map(|(&i, &node)| {
         // Back to the receive pool the next stripe's reads take from.
         let body = gw.nodes.client.share(shards[i].take().unwrap_or_default());
-        let header = shard_header(&header, stripe, &rec, i);
+        let header = shard_header(&header, stripe, &next, i);
         async move { (i, node, put_and_verify(gw, node, &header, body).await) }
     });
     let results = futures::future::join_all(writes).await;

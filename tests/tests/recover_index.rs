@@ -99,7 +99,7 @@ fn a_destroyed_index_is_rebuilt_from_the_ledger_archive_and_the_nodes() -> Resul
     let out = recover(&c, &[])?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("stop the gateway"), "{err}");
+    assert!(err.contains("in use by another custodia process"), "{err}");
 
     // The index is destroyed: the gateway dies and its file is garbage.
     c.kill_gateway();
@@ -334,6 +334,85 @@ fn copies_on_nodes_down_during_recovery_are_adopted_when_they_return() -> Result
         whole,
         "evidence unreadable after the nodes returned: {last}"
     );
+    Ok(())
+}
+
+/// The same recovery, but two of the down nodes come back with empty
+/// disks: their slots have no copy anywhere and no hash the index knows.
+/// Nothing is declared lost while the third node's copies can still be
+/// adopted; then repair rebuilds the two from k shards that matched their
+/// own hashes, so every stripe is whole again and reads back byte-exact.
+#[test]
+fn shards_recovery_found_no_copy_of_are_rebuilt() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.set_gateway(&[
+        ("repair_interval_ms", toml::Value::Integer(500)),
+        ("repair_after_down_ms", toml::Value::Integer(1000)),
+        ("orphan_sweep_interval_ms", toml::Value::Integer(1000)),
+    ])?;
+    let key = std::fs::read_to_string(c.data_dir().join("ledger.vkey"))?
+        .trim()
+        .to_owned();
+    let mut filed = Vec::new();
+    for i in 0..3u64 {
+        let data = bytes(60_000 + i as usize * 7_000, 90 + i);
+        let r = c.file(&data)?;
+        filed.push((r["id"].as_str().context("id")?.to_owned(), data));
+    }
+    let published = custodia_tests::eventually(10, || {
+        checkpoint(&c, &key).is_ok_and(|cp| cp.size >= filed.len() as u64)
+    });
+    assert!(published, "the filings under a published checkpoint");
+    c.kill_gateway();
+    let index = c.data_dir().join("index.redb");
+    let len = std::fs::metadata(&index)?.len() as usize;
+    std::fs::write(&index, bytes(len, 97))?;
+    for n in [1, 2, 3] {
+        c.kill_node(n);
+    }
+    let out = recover(&c, &["--allow-down-nodes"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("could not be read back"), "{err}");
+    // Node 1 returns whole; nodes 2 and 3 with new, empty disks.
+    for n in [2, 3] {
+        let dir = c.node_dir(n);
+        std::fs::remove_dir_all(&dir)?;
+        std::fs::create_dir_all(&dir)?;
+    }
+    for n in [1, 2, 3] {
+        c.start_node_and_wait(n)?;
+    }
+    c.start_gateway()?;
+    c.wait_healthy(8)?;
+    let mut last = String::new();
+    let healed = custodia_tests::eventually(90, || match c.cli(&["status", "--json"]) {
+        Ok(out) => {
+            let s: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            last = s["degraded_stripes"].to_string();
+            s["degraded_stripes"] == 0
+        }
+        Err(_) => false,
+    });
+    if !healed {
+        let log = std::fs::read_to_string(c.data_dir().join("gateway.log")).unwrap_or_default();
+        let tail: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect();
+        eprintln!("{}", tail[tail.len().saturating_sub(30)..].join("\n"));
+    }
+    assert!(healed, "stripes still degraded: {last}");
+    for (id, data) in &filed {
+        assert!(&c.read(id)? == data, "{id} reads back byte-exact");
+    }
+    let log = std::fs::read_to_string(c.data_dir().join("gateway.log"))?;
+    assert!(!log.contains("stripe lost"), "nothing was lost");
+    // Whole again: two more nodes may die.
+    c.kill_node(4);
+    c.kill_node(5);
+    for (id, data) in &filed {
+        assert!(&c.read(id)? == data, "{id} reads with two more nodes down");
+    }
     Ok(())
 }
 
