@@ -879,11 +879,7 @@ pub(crate) async fn fetch_shard<S: Store>(
         return ShardOutcome::Damaged;
     };
     let client = &gw.nodes.client;
-    let got = if hash {
-        client.rpc_get_shard(addr, key).await
-    } else {
-        client.rpc_get_shard_unchecked(addr, key).await
-    };
+    let got = client.rpc_read_shard(addr, key, hash, rec.shard_len).await;
     match got {
         Ok((_, body))
             if body.len() == rec.shard_len as usize
@@ -900,6 +896,11 @@ pub(crate) async fn fetch_shard<S: Store>(
         Err(NodeError::Remote(ErrorCode::Corrupt | ErrorCode::NotFound)) => {
             gw.metrics.shards_damaged.inc();
             tracing::warn!(shard = %key, "shard missing or corrupt on its node");
+            ShardOutcome::Damaged
+        }
+        Err(e @ NodeError::ShardLength { .. }) => {
+            gw.metrics.shards_damaged.inc();
+            tracing::warn!(shard = %key, error = %e, "shard does not match the manifest");
             ShardOutcome::Damaged
         }
         // The node answered: it is up, and this shard is what it could not

@@ -68,6 +68,10 @@ pub enum NodeError {
     /// was sent.
     #[error("body is {actual} bytes but the header says {expected}")]
     BodyLength { expected: u32, actual: usize },
+    /// The node holds a shard under that key of another length than the
+    /// caller's record says (not this shard); nothing of it was read.
+    #[error("the node's shard is {held} bytes, not {expected}")]
+    ShardLength { expected: u32, held: u32 },
 }
 
 impl NodeError {
@@ -90,7 +94,8 @@ impl NodeError {
             | NodeError::Connect(_)
             | NodeError::Protocol(_)
             | NodeError::UnexpectedResponse
-            | NodeError::BodyLength { .. } => false,
+            | NodeError::BodyLength { .. }
+            | NodeError::ShardLength { .. } => false,
         }
     }
 
@@ -261,7 +266,36 @@ impl NodeClient {
         addr: SocketAddr,
         key: ShardKey,
     ) -> Result<(ShardHeader, Vec<u8>), NodeError> {
-        self.get_shard(addr, Request::GetShard(key), key).await
+        self.get_shard(addr, Request::GetShard(key), key, None)
+            .await
+    }
+
+    /// Reads a shard the caller knows the length of (from its stripe's
+    /// record), hashed by its node (`hash`) or not: an answer announcing
+    /// any other length is refused before a byte of it is buffered, so a
+    /// faulty node cannot make the caller allocate a maximal shard.
+    pub async fn rpc_read_shard(
+        &self,
+        addr: SocketAddr,
+        key: ShardKey,
+        hash: bool,
+        len: u32,
+    ) -> Result<(ShardHeader, Vec<u8>), NodeError> {
+        if hash {
+            return self
+                .get_shard(addr, Request::GetShard(key), key, Some(len))
+                .await;
+        }
+        match self
+            .get_shard(addr, Request::GetShardUnchecked(key), key, Some(len))
+            .await
+        {
+            Err(NodeError::Remote(ErrorCode::BadRequest)) => {
+                self.get_shard(addr, Request::GetShard(key), key, Some(len))
+                    .await
+            }
+            other => other,
+        }
     }
 
     /// As [`rpc_get_shard`](Self::rpc_get_shard), but the node does not hash
@@ -275,7 +309,7 @@ impl NodeClient {
         key: ShardKey,
     ) -> Result<(ShardHeader, Vec<u8>), NodeError> {
         match self
-            .get_shard(addr, Request::GetShardUnchecked(key), key)
+            .get_shard(addr, Request::GetShardUnchecked(key), key, None)
             .await
         {
             Err(NodeError::Remote(ErrorCode::BadRequest)) => self.rpc_get_shard(addr, key).await,
@@ -288,6 +322,7 @@ impl NodeClient {
         addr: SocketAddr,
         request: Request,
         key: ShardKey,
+        expect_len: Option<u32>,
     ) -> Result<(ShardHeader, Vec<u8>), NodeError> {
         let frame = request.encode();
         let frame = &frame;
@@ -302,6 +337,12 @@ impl NodeClient {
                 || header.len > MAX_SHARD_SIZE
             {
                 return Err(NodeError::UnexpectedResponse);
+            }
+            if let Some(expected) = expect_len.filter(|len| header.len != *len) {
+                return Err(NodeError::ShardLength {
+                    expected,
+                    held: header.len,
+                });
             }
             // Overwritten in full by the read, or not used.
             let mut body = self.inner.buffers.take(header.len as usize);

@@ -578,7 +578,7 @@ async fn handle_put_shard(
         .div_ceil(1 << 20)
         .clamp(1, BODY_MEMORY_MIB);
     // The semaphore is never closed, so acquiring only fails on a bug.
-    let Ok(_memory) = state
+    let Ok(memory) = state
         .body_memory
         .clone()
         .acquire_many_owned(mib as u32)
@@ -596,6 +596,10 @@ async fn handle_put_shard(
     let store = state.store.clone();
     let key = header.key;
     let stored = tokio::task::spawn_blocking(move || {
+        // The body's memory stays counted while the write holds it, even
+        // if this request is dropped meanwhile (timed out, its connection
+        // gone): a blocking write cannot be cancelled.
+        let _memory = memory;
         let stored = store.put(&header, &body);
         (stored, body)
     })
@@ -713,7 +717,10 @@ async fn rebuild_shard(state: &NodeState, rebuild: RebuildShard) -> Result<(), E
             ..header.key
         };
         async move {
-            match peers.rpc_get_shard_unchecked(source.addr, key).await {
+            match peers
+                .rpc_read_shard(source.addr, key, false, header.len)
+                .await
+            {
                 Ok((_, body))
                     if body.len() == header.len as usize
                         && Blake3Hash::of(&body) == source.blake3 =>

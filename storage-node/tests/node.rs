@@ -124,6 +124,21 @@ async fn put_get_stat_delete_and_info_round_trip() {
         let (got_header, got_body) = client.rpc_get_shard(addr, header.key).await.unwrap();
         assert_eq!(got_header, header);
         assert_eq!(got_body, body, "body of {len} bytes");
+        for hash in [true, false] {
+            let (_, sized) = client
+                .rpc_read_shard(addr, header.key, hash, len as u32)
+                .await
+                .unwrap();
+            assert_eq!(sized, body);
+            // A caller whose record says another length refuses the answer
+            // before reading it.
+            assert!(matches!(
+                client
+                    .rpc_read_shard(addr, header.key, hash, len as u32 + 1)
+                    .await,
+                Err(NodeError::ShardLength { held, .. }) if held == len as u32
+            ));
+        }
         assert_eq!(
             client.rpc_stat_shard(addr, header.key).await.unwrap(),
             header
