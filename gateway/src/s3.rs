@@ -879,6 +879,7 @@ fn checked_body(
     body: Option<StreamingBlob>,
     headers: &http::HeaderMap,
     trailers: Option<s3s::TrailingHeaders>,
+    declared: [Option<String>; 4],
 ) -> S3Result<(Body, Option<ingest::BodyCheck>)> {
     use crate::s3_digest::CHECKSUMS as NAMES;
     let announced: Vec<String> = headers
@@ -889,11 +890,14 @@ fn checked_body(
         .map(|v| v.trim().to_ascii_lowercase())
         .collect();
     let mut wanted = Vec::new();
-    for name in NAMES {
+    for (i, name) in NAMES.into_iter().enumerate() {
+        // As a header, or as s3s read it into the input (a browser form
+        // upload's fields arrive that way, not as headers).
         let header = headers
             .get(name)
             .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+            .map(str::to_owned)
+            .or_else(|| declared.get(i).cloned().flatten());
         let trailer = announced.iter().any(|a| a == name);
         // A SHA-256 header is checked by the ingest's own SHA-256.
         if name == "x-amz-checksum-sha256" && header.is_some() {
@@ -1172,8 +1176,18 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         )?;
         let expect_md5 = content_md5(input.content_md5.as_deref())?;
         let expect_sha256 = sha256_header(input.checksum_sha256.as_deref())?;
-        let (body, body_check) =
-            checked_body(input.body.take(), &req.headers, req.trailing_headers)?;
+        let declared = [
+            input.checksum_crc32.clone(),
+            input.checksum_crc32c.clone(),
+            input.checksum_crc64nvme.clone(),
+            input.checksum_sha1.clone(),
+        ];
+        let (body, body_check) = checked_body(
+            input.body.take(),
+            &req.headers,
+            req.trailing_headers,
+            declared,
+        )?;
         let (retain_until_ms, legal_hold) = evidence_worm(&template);
         let meta = FilingMeta {
             tenant: who.tenant.clone(),
@@ -1874,8 +1888,18 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let (upload, _) = self
             .multipart(&who, &input.bucket, &input.key, &input.upload_id)
             .await?;
-        let (body, body_check) =
-            checked_body(input.body.take(), &req.headers, req.trailing_headers)?;
+        let declared = [
+            input.checksum_crc32.clone(),
+            input.checksum_crc32c.clone(),
+            input.checksum_crc64nvme.clone(),
+            input.checksum_sha1.clone(),
+        ];
+        let (body, body_check) = checked_body(
+            input.body.take(),
+            &req.headers,
+            req.trailing_headers,
+            declared,
+        )?;
         let number = part_number(input.part_number)?;
         let meta = FilingMeta {
             tenant: who.tenant.clone(),
@@ -1989,8 +2013,33 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 .find(|(m, _)| *m == n)
                 .map(|(_, r)| r.clone())
                 .ok_or_else(|| s3_error!(InvalidPart, "part {n} was not uploaded"))?;
-            if p.e_tag.as_ref().is_some_and(|e| e.value() != part.md5) {
-                return Err(s3_error!(InvalidPart, "part {n} has another ETag"));
+            // The ETag is required, as in S3: it says which upload of the
+            // part the client means (a part may be uploaded again).
+            match &p.e_tag {
+                None => {
+                    return Err(s3_error!(
+                        InvalidPart,
+                        "part {n} is listed without its ETag"
+                    ))
+                }
+                Some(e) if e.value() != part.md5 => {
+                    return Err(s3_error!(InvalidPart, "part {n} has another ETag"))
+                }
+                Some(_) => {}
+            }
+            // A part's SHA-256, when the client lists one, is the stored
+            // part's (S3 refuses a listed checksum the part was not
+            // uploaded with).
+            if let Some(sum) = &p.checksum_sha256 {
+                use base64::Engine as _;
+                let listed = base64::engine::general_purpose::STANDARD
+                    .decode(sum.as_bytes())
+                    .map_err(|_| {
+                        s3_error!(InvalidPart, "part {n}'s ChecksumSHA256 is not base64")
+                    })?;
+                if listed != part.sha256 {
+                    return Err(s3_error!(InvalidPart, "part {n} has another SHA-256"));
+                }
             }
             chosen.push(part);
         }

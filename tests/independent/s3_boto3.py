@@ -126,6 +126,32 @@ url = s3.generate_presigned_url("get_object", Params={"Bucket": "boto", "Key": "
 tls = ssl.create_default_context(cafile=os.environ["AWS_CA_BUNDLE"]) if url.startswith("https:") else None
 check(urllib.request.urlopen(url, context=tls).read() == b"3", "presigned URL")
 
+# A browser form upload (presigned POST): its checksum fields are checked as
+# headers are; a wrong one is refused and stores nothing.
+import base64, binascii, urllib3
+
+def form_post(key, body, fields):
+    post = s3.generate_presigned_post(
+        "boto", key, Fields=dict(fields), Conditions=[{k: v} for k, v in fields.items()], ExpiresIn=300
+    )
+    form = dict(post["fields"])
+    form["file"] = ("f.bin", body)
+    encoded, ctype = urllib3.encode_multipart_formdata(form)
+    req = urllib.request.Request(post["url"], data=encoded, headers={"Content-Type": ctype}, method="POST")
+    try:
+        return urllib.request.urlopen(req, context=tls).status, b""
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+form_body = b"filed through a form" * 100
+good_crc = base64.b64encode((binascii.crc32(form_body) & 0xFFFFFFFF).to_bytes(4, "big")).decode()
+status, _ = form_post("form/good", form_body, {"x-amz-checksum-crc32": good_crc})
+check(status in (200, 204), "a form upload with a right CRC32 is stored: %r" % status)
+check(s3.get_object(Bucket="boto", Key="form/good")["Body"].read() == form_body, "form upload read back")
+status, err = form_post("form/bad", form_body, {"x-amz-checksum-crc32": "AAAAAA=="})
+check(status == 400 and b"BadDigest" in err, "a form upload with a wrong CRC32 is refused: %r %r" % (status, err))
+check(error_code(s3.head_object, Bucket="boto", Key="form/bad") == "404", "nothing stored from it")
+
 # Multi-object delete.
 res = s3.delete_objects(Bucket="boto", Delete={"Objects": [{"Key": "many/%02d" % i} for i in range(7)]})
 check(len(res.get("Deleted", [])) == 7, "delete_objects")

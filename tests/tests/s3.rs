@@ -1379,6 +1379,49 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
         r#"{{"Parts":[{{"PartNumber":1,"ETag":{}}},{{"PartNumber":2,"ETag":{}}}]}}"#,
         parts["Parts"][0]["ETag"], parts["Parts"][1]["ETag"]
     );
+    // A part listed without its ETag, or with a SHA-256 it was not
+    // uploaded with, is not the part the client meant.
+    let sha = |b: &[u8]| {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(b))
+    };
+    for (bad, why) in [
+        (
+            format!(
+                r#"{{"Parts":[{{"PartNumber":1}},{{"PartNumber":2,"ETag":{}}}]}}"#,
+                parts["Parts"][1]["ETag"]
+            ),
+            "no ETag",
+        ),
+        (
+            format!(
+                r#"{{"Parts":[{{"PartNumber":1,"ETag":{},"ChecksumSHA256":"{}"}},{{"PartNumber":2,"ETag":{}}}]}}"#,
+                parts["Parts"][0]["ETag"],
+                sha(&bytes(1 << 20, 9)),
+                parts["Parts"][1]["ETag"]
+            ),
+            "another SHA-256",
+        ),
+    ] {
+        let out = aws.run(&[
+            "s3api",
+            "complete-multipart-upload",
+            "--bucket",
+            "big",
+            "--key",
+            "m.bin",
+            "--upload-id",
+            &id,
+            "--multipart-upload",
+            &bad,
+        ])?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("InvalidPart"),
+            "{why}: {err}"
+        );
+    }
     aws.fails(
         "EntityTooSmall",
         &[
