@@ -148,14 +148,26 @@ pub fn put(
     submitter: Option<String>,
     idempotency_key: Option<String>,
 ) -> Result<()> {
+    // Hashed first and sent as the acquisition hashes: the gateway refuses
+    // (and keeps nothing of) a body that is not these bytes, say a file
+    // still being written while it is sent.
+    let (blake3, sha256, hashed) = hash_file(path)?;
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let len = file.metadata()?.len();
+    if len != hashed {
+        bail!(
+            "{} changed while it was hashed ({hashed} bytes, now {len}); file it once it is complete",
+            path.display()
+        );
+    }
     let pb = bar(len, "filing");
     let mut reader = pb.wrap_read(file);
     let mut req = agent()?
         .post(format!("{}/v1/evidence", api.trim_end_matches('/')))
         .header("authorization", format!("Bearer {token}"))
-        .header("content-type", "application/octet-stream");
+        .header("content-type", "application/octet-stream")
+        .header("x-custodia-blake3", blake3.to_hex())
+        .header("x-custodia-sha256", sha256.to_hex());
     if let Some(name) = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -180,6 +192,17 @@ pub fn put(
         return Err(refuse(resp));
     }
     let body = resp.body_mut().read_to_string()?;
+    let filed: serde_json::Value =
+        serde_json::from_str(&body).context("reading the gateway's answer")?;
+    if filed["blake3"].as_str() != Some(blake3.to_hex().as_str()) || filed["size"] != len {
+        bail!(
+            "the gateway answered for other content (BLAKE3 {}, {} bytes) than {} (BLAKE3 {}, {len} bytes): {body}",
+            filed["blake3"],
+            filed["size"],
+            path.display(),
+            blake3.to_hex()
+        );
+    }
     println!("{body}");
     Ok(())
 }
@@ -199,11 +222,17 @@ pub fn get(api: &str, token: &str, id: &str, output: &Path) -> Result<()> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let expect = resp
+    let Some(expect) = resp
         .headers()
         .get("x-custodia-blake3")
         .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+        .map(str::to_string)
+    else {
+        bail!(
+            "the answer carries no X-Custodia-Blake3 (is {api} a Custodia gateway, or a proxy \
+             dropping headers?): what arrives could not be verified; nothing written"
+        );
+    };
     // Write beside the target and rename at the end: a cut-off download never
     // leaves a plausible-looking partial file under the requested name.
     let dir = output
@@ -215,6 +244,7 @@ pub fn get(api: &str, token: &str, id: &str, output: &Path) -> Result<()> {
     let mut hasher = blake3::Hasher::new();
     let mut reader = resp.body_mut().as_reader();
     let mut buf = vec![0u8; 1 << 20];
+    let mut received = 0u64;
     loop {
         let n = reader.read(&mut buf).context("reading the evidence")?;
         if n == 0 {
@@ -222,19 +252,23 @@ pub fn get(api: &str, token: &str, id: &str, output: &Path) -> Result<()> {
         }
         hasher.update(&buf[..n]);
         tmp.write_all(&buf[..n])?;
+        received += n as u64;
         pb.inc(n as u64);
     }
     pb.finish_and_clear();
     let got = hasher.finalize().to_hex().to_string();
-    if let Some(expect) = expect {
-        if got != expect {
-            bail!("the bytes received hash to {got}, the evidence's BLAKE3 is {expect}; nothing written");
-        }
+    if got != expect {
+        bail!(
+            "the bytes received hash to {got}, the evidence's BLAKE3 is {expect}; nothing written"
+        );
     }
     tmp.as_file().sync_all()?;
     tmp.persist(output)
         .with_context(|| format!("writing {}", output.display()))?;
-    println!("wrote {} ({} bytes, BLAKE3 {got})", output.display(), len);
+    println!(
+        "wrote {} ({received} bytes, BLAKE3 {got})",
+        output.display()
+    );
     Ok(())
 }
 

@@ -20,6 +20,32 @@ pub fn key_arg(arg: &str) -> Result<String> {
     }
 }
 
+/// `--log-key`: a file holding the log's verifier key, or the key itself.
+/// Anything else is a mistake in the command, said as such, never a
+/// verdict on the receipt.
+fn log_key_arg(arg: &str) -> Result<String> {
+    let key = key_arg(arg)?;
+    protocol::ledger::check_log_key(&key).map_err(|_| {
+        anyhow::anyhow!(
+            "--log-key {arg:?} is neither a readable key file nor a log key; \
+             nothing was verified (check the path)"
+        )
+    })?;
+    Ok(key)
+}
+
+/// `--witness-key`: as [`log_key_arg`], for a witness's cosignature key.
+fn witness_key_arg(arg: &str) -> Result<String> {
+    let key = key_arg(arg)?;
+    protocol::witness::CosignatureVerifier::new(&key).map_err(|_| {
+        anyhow::anyhow!(
+            "--witness-key {arg:?} is neither a readable key file nor a witness key; \
+             nothing was verified (check the path)"
+        )
+    })?;
+    Ok(key)
+}
+
 /// Reads a receipt: a receipt JSON, or a saved filing response with a
 /// `receipt` field.
 fn read_receipt(path: &Path) -> Result<Receipt> {
@@ -50,10 +76,10 @@ pub struct ReceiptArgs<'a> {
 /// Checks a receipt (and the file); prints the verdict; returns whether
 /// everything holds.
 pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
-    let log_key = key_arg(args.log_key)?;
+    let log_key = log_key_arg(args.log_key)?;
     let mut witness_keys = Vec::new();
     for k in args.witness_keys {
-        let k = key_arg(k)?;
+        let k = witness_key_arg(k)?;
         // The same witness given twice must not count twice toward a quorum.
         if !witness_keys.contains(&k) {
             witness_keys.push(k);
@@ -204,9 +230,23 @@ fn read_checkpoint(path: &Path, log_key: &str) -> Result<ledger::VerifiedCheckpo
 
 /// `custodia verify --consistency OLD NEW --proof P`: checks that NEW extends OLD.
 pub fn consistency(old: &Path, new: &Path, proof: &Path, log_key: &str) -> Result<bool> {
-    let log_key = key_arg(log_key)?;
+    let log_key = log_key_arg(log_key)?;
     let old = read_checkpoint(old, &log_key)?;
     let new = read_checkpoint(new, &log_key)?;
+    if old.size > new.size {
+        anyhow::bail!(
+            "the first checkpoint ({} entries) is larger than the second ({}): give the older \
+             one first (--consistency OLD NEW); nothing was verified",
+            old.size,
+            new.size
+        );
+    }
+    if old.size == 0 {
+        anyhow::bail!(
+            "the first checkpoint is of an empty log, which every later one extends: \
+             there is nothing to verify"
+        );
+    }
     let text =
         std::fs::read_to_string(proof).with_context(|| format!("reading {}", proof.display()))?;
     let v: Value = serde_json::from_str(&text).context("the proof is not JSON")?;

@@ -310,6 +310,13 @@ pub struct VerifiedCheckpoint {
     pub root: Hash,
 }
 
+/// Checks that `vkey` is a log verifier key (a signed-note Ed25519 key).
+pub fn check_log_key(vkey: &str) -> Result<(), LedgerError> {
+    signed_note::StandardVerifier::new(vkey)
+        .map(|_| ())
+        .map_err(|_| LedgerError::BadKey)
+}
+
 /// Verifies a checkpoint note's signature by the log key `vkey` and parses it.
 pub fn verify_checkpoint(note: &str, vkey: &str) -> Result<VerifiedCheckpoint, LedgerError> {
     let verifier = signed_note::StandardVerifier::new(vkey).map_err(|_| LedgerError::BadKey)?;

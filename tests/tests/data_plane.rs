@@ -1099,6 +1099,29 @@ fn the_evidence_api_serves_https_only_when_asked() -> Result<()> {
     assert_eq!(std::fs::read(&back)?, data);
     let status = c.cli(&["status"])?;
     assert!(status.status.success());
+    // An answer that cannot be verified (no X-Custodia-Blake3: not a
+    // gateway, or a proxy that drops headers) is not written.
+    let fake = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let fake_api = format!("http://{}", fake.local_addr()?);
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut conn, _) = fake.accept()?;
+        let mut head = [0u8; 4096];
+        let _ = conn.read(&mut head)?;
+        conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+    });
+    let unverified = dir.path().join("unverified.bin");
+    let out = std::process::Command::new(custodia_tests::custodia_bin())
+        .args(["get", id2, "-o", unverified.to_str().unwrap_or_default()])
+        .args(["--api", &fake_api, "--token-file"])
+        .arg(c.data_dir().join("admin.token"))
+        .output()?;
+    let _ = server.join();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("X-Custodia-Blake3"),
+        "{err}"
+    );
+    assert!(!unverified.exists(), "nothing written");
 
     // A client that trusts another CA (here: the TSA's certificate) is
     // refused by its own TLS check, with a message and a failing exit code.

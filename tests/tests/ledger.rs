@@ -111,6 +111,11 @@ fn a_filing_gets_a_receipt_a_court_can_verify_offline() -> Result<()> {
     std::fs::write(&wrong_key, vkey)?;
     let (ok, out) = custodia_verify(&rpath, &wrong_key, None)?;
     assert!(!ok && out.contains("INVALID: not logged"), "{out}");
+    // A mistyped key path is the command's mistake, not a verdict on the
+    // receipt: no INVALID a court could read as a forgery.
+    let (ok, out) = custodia_verify(&rpath, &dir.path().join("no-such.vkey"), None)?;
+    assert!(!ok && out.contains("nothing was verified"), "{out}");
+    assert!(!out.contains("INVALID"), "{out}");
 
     // One character of the proof, of the salt or of the signature.
     let original: Value = serde_json::from_slice(&std::fs::read(&rpath)?)?;
