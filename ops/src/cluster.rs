@@ -282,7 +282,7 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
                 ips.push(addr.ip());
             }
             let names = ["localhost".to_string(), "*.localhost".to_string()];
-            let (cert, key) = ca.issue("custodia S3 API", &names, &ips)?;
+            let (cert, key) = ca.issue_server("custodia S3 API", &names, &ips)?;
             fs::write(tls.join("s3.pem"), cert)?;
             storage_node::tls::write_private(&tls.join("s3.key"), key.as_bytes())?;
             Some(gateway::config::ServerTlsPaths {
@@ -297,7 +297,8 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         if !opts.api.ip().is_unspecified() && !ips.contains(&opts.api.ip()) {
             ips.push(opts.api.ip());
         }
-        let (cert, key) = ca.issue("custodia evidence API", &["localhost".to_string()], &ips)?;
+        let (cert, key) =
+            ca.issue_server("custodia evidence API", &["localhost".to_string()], &ips)?;
         fs::write(tls.join("api.pem"), cert)?;
         storage_node::tls::write_private(&tls.join("api.key"), key.as_bytes())?;
         Some(gateway::config::ServerTlsPaths {

@@ -271,6 +271,12 @@ async fn disk_gauges(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
         tokio::select! {
             _ = stop.changed() => break,
             _ = tick.tick() => {
+                // Damage found by listing (the scrubber's walk, an orphan
+                // sweep) is corruption found like any other.
+                state
+                    .metrics
+                    .corrupt_shards
+                    .inc_by(state.store.take_listed_corrupt());
                 let store = state.store.clone();
                 match blocking(move || store.info()).await {
                     Ok(info) => state.metrics.set_disk(&info),
@@ -376,28 +382,36 @@ enum StreamError {
 enum Peer {
     /// A certificate for [`crate::tls::GATEWAY_NAME`].
     Gateway,
-    /// Any other the cluster CA issued (a node's, an HTTPS API's).
+    /// A node's ([`crate::tls::NODE_SERVER_NAME`]): reads shards to rebuild.
+    Node,
+    /// Any other the cluster CA issued (an HTTPS API's, whose key may sit
+    /// on a TLS proxy): says who it is and reads the time, nothing more.
     Other,
 }
 
 fn peer_role(conn: &quinn::Connection) -> Peer {
-    let gateway = conn
+    let Some(leaf) = conn
         .peer_identity()
         .and_then(|id| {
             id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
                 .ok()
         })
         .and_then(|chain| chain.first().cloned())
-        .is_some_and(|leaf| {
-            let name = rustls::pki_types::ServerName::try_from(crate::tls::GATEWAY_NAME);
-            match (webpki::EndEntityCert::try_from(&leaf), name) {
-                // The chain to the cluster CA was verified in the handshake.
-                (Ok(cert), Ok(name)) => cert.verify_is_valid_for_subject_name(&name).is_ok(),
-                _ => false,
-            }
-        });
-    if gateway {
+    else {
+        return Peer::Other;
+    };
+    // The chain to the cluster CA was verified in the handshake.
+    let Ok(cert) = webpki::EndEntityCert::try_from(&leaf) else {
+        return Peer::Other;
+    };
+    let named = |name: &'static str| {
+        rustls::pki_types::ServerName::try_from(name)
+            .is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())
+    };
+    if named(crate::tls::GATEWAY_NAME) {
         Peer::Gateway
+    } else if named(crate::tls::NODE_SERVER_NAME) {
+        Peer::Node
     } else {
         Peer::Other
     }
@@ -486,8 +500,18 @@ async fn handle_request(
         request,
         Request::PutShard(_) | Request::DeleteShard(_) | Request::RebuildShard(_)
     );
-    if writes && peer != Peer::Gateway {
-        tracing::warn!("refusing a write from a peer whose certificate is not the gateway's");
+    let harmless = matches!(request, Request::NodeInfo | Request::Time);
+    let allowed = match peer {
+        Peer::Gateway => true,
+        Peer::Node => !writes,
+        Peer::Other => harmless,
+    };
+    if !allowed {
+        tracing::warn!(
+            ?peer,
+            "refusing a request this peer's certificate does not allow (only the gateway \
+             writes; only the gateway and nodes read shards)"
+        );
         let result = refuse(send, recv, ErrorCode::Forbidden).await?;
         state
             .metrics

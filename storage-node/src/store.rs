@@ -222,6 +222,10 @@ pub struct ShardStore {
     /// [`create_dir_durably`]): one parent fsync each per process, not one
     /// per shard.
     fanouts_durable: [AtomicBool; 256],
+    /// Shards [`list`](Self::list) found damaged and quarantined (its
+    /// callers see them only as absent): counted by the node's metrics
+    /// ([`take_listed_corrupt`](Self::take_listed_corrupt)).
+    listed_corrupt: AtomicU64,
 }
 
 /// Free space a put in flight holds; released when dropped.
@@ -296,7 +300,13 @@ impl ShardStore {
             claimed: AtomicU64::new(0),
             read_buffers: Arc::new(BufferPool::new(READ_BUFFER_IDLE_BYTES)),
             fanouts_durable: std::array::from_fn(|_| AtomicBool::new(false)),
+            listed_corrupt: AtomicU64::new(0),
         })
+    }
+
+    /// Shards listing quarantined since the last call.
+    pub fn take_listed_corrupt(&self) -> u64 {
+        self.listed_corrupt.swap(0, Ordering::Relaxed)
     }
 
     /// Makes sure the fan-out directory of `key` exists and its entry is
@@ -604,8 +614,11 @@ impl ShardStore {
                     Ok(header) => out.push(header),
                     // Deleted since the directory was read.
                     Err(StoreError::NotFound) => {}
-                    // Quarantined by `stat`.
-                    Err(StoreError::Corrupt(_)) => {}
+                    // Quarantined by `stat` (a torn or truncated file, a
+                    // header naming another shard): counted, then absent.
+                    Err(StoreError::Corrupt(_)) => {
+                        self.listed_corrupt.fetch_add(1, Ordering::Relaxed);
+                    }
                     Err(e) => return Err(e),
                 }
                 if out.len() >= limit {
@@ -1293,6 +1306,37 @@ mod tests {
         assert_eq!(err.code(), ErrorCode::BadRequest);
         assert!(matches!(store.get(&k), Err(StoreError::NotFound)));
         assert_eq!(store.info().unwrap().shards, sizes.len() as u64);
+    }
+
+    /// A truncated shard file is quarantined by the listing that meets it
+    /// (the scrubber's walk), and counted: listing alone would otherwise
+    /// make the damage vanish from every figure an operator watches.
+    #[test]
+    fn damage_met_while_listing_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = files_only(dir.path());
+        for n in 0..3u8 {
+            let b = body(1000);
+            store.put(&header(key(n), &b), &b).unwrap();
+        }
+        let torn = store.shard_path(&key(1));
+        let len = fs::metadata(&torn).unwrap().len();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&torn)
+            .unwrap()
+            .set_len(len - 10)
+            .unwrap();
+        let listed: Vec<ShardKey> = store
+            .list(None, 100)
+            .unwrap()
+            .iter()
+            .map(|h| h.key)
+            .collect();
+        assert_eq!(listed, vec![key(0), key(2)]);
+        assert_eq!(store.take_listed_corrupt(), 1);
+        assert_eq!(store.take_listed_corrupt(), 0, "counted once");
+        assert_eq!(store.quarantined(None, 10).unwrap(), vec![key(1)]);
     }
 
     /// Shard files around the `O_DIRECT` sizes (the 64 KiB threshold, the

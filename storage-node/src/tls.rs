@@ -137,12 +137,35 @@ impl ClusterCa {
     }
 
     /// Issues a leaf certificate (with a fresh key) usable both as a TLS server
-    /// and a TLS client, for `dns_names` and `ips`. Returns `(cert_pem, key_pem)`.
+    /// and a TLS client, for `dns_names` and `ips`: a node's or a gateway's.
+    /// Returns `(cert_pem, key_pem)`.
     pub fn issue(
         &self,
         common_name: &str,
         dns_names: &[String],
         ips: &[IpAddr],
+    ) -> Result<(String, String), TlsError> {
+        self.issue_for(common_name, dns_names, ips, true)
+    }
+
+    /// As [`issue`](Self::issue), but usable only as a TLS server: an HTTPS
+    /// API's certificate, whose key may be handed to a proxy, must not
+    /// also be a client identity the nodes accept.
+    pub fn issue_server(
+        &self,
+        common_name: &str,
+        dns_names: &[String],
+        ips: &[IpAddr],
+    ) -> Result<(String, String), TlsError> {
+        self.issue_for(common_name, dns_names, ips, false)
+    }
+
+    fn issue_for(
+        &self,
+        common_name: &str,
+        dns_names: &[String],
+        ips: &[IpAddr],
+        client: bool,
     ) -> Result<(String, String), TlsError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
@@ -157,10 +180,12 @@ impl ClusterCa {
             .collect::<Result<_, rcgen::Error>>()?;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        if client {
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ClientAuth);
+        }
         params.use_authority_key_identifier_extension = true;
         set_validity(&mut params, LEAF_VALIDITY_DAYS);
         let cert = params.signed_by(&key, &self.issuer)?;

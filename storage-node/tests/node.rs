@@ -854,6 +854,45 @@ async fn only_the_gateway_writes_or_deletes_shards() {
         matches!(err, NodeError::Remote(ErrorCode::Forbidden)),
         "{err:?}"
     );
+    // A leaf of the cluster CA named for neither (an HTTPS API's, older
+    // ones of which can act as clients) reads nothing: it only says hello.
+    let https = issue(
+        &cluster.ca,
+        &cluster.tls_dir,
+        "custodia S3 API",
+        "localhost",
+    );
+    let api = NodeClient::new(&https).unwrap();
+    assert!(api.rpc_node_info(addr).await.is_ok());
+    for err in [
+        api.rpc_get_shard(addr, header.key)
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        api.rpc_list_shards(addr, None)
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+    ] {
+        assert!(
+            matches!(err, NodeError::Remote(ErrorCode::Forbidden)),
+            "{err:?}"
+        );
+    }
+    // An HTTPS certificate issued now cannot act as a client at all.
+    let (cert, key) = cluster
+        .ca
+        .issue_server("custodia S3 API", &["localhost".to_string()], &[])
+        .unwrap();
+    std::fs::write(cluster.tls_dir.join("server-only.pem"), cert).unwrap();
+    tls::write_private(&cluster.tls_dir.join("server-only.key"), key.as_bytes()).unwrap();
+    let server_only = NodeClient::new(&TlsFiles {
+        cert: cluster.tls_dir.join("server-only.pem"),
+        key: cluster.tls_dir.join("server-only.key"),
+        ..https.clone()
+    })
+    .unwrap();
+    assert!(server_only.rpc_node_info(addr).await.is_err());
     // Nothing changed: the shard is still there, the other never stored.
     assert!(cluster
         .client()
