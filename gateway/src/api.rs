@@ -1105,7 +1105,8 @@ async fn stripes_on_node<S: Store>(gw: &Gateway<S>, node: NodeId) -> Result<u64,
         .await?;
         count += batch
             .iter()
-            .filter(|(_, _, rec)| rec.shards.iter().any(|s| s.node == Some(node)))
+            .filter_map(|(_, _, rec)| rec.as_ref())
+            .filter(|rec| rec.shards.iter().any(|s| s.node == Some(node)))
             .count() as u64;
         match batch.last() {
             Some((e, s, _)) if batch.len() == BATCH => after = Some((*e, *s)),

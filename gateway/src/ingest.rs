@@ -376,6 +376,10 @@ impl<S: Store> Upload<S> {
             retain_until_ms: meta.retain_until_ms,
             legal_hold: meta.legal_hold,
         };
+        // Bytes a client sent count as ingest; bytes this cluster read back
+        // from itself (an S3 copy, a multipart completion, whose parts were
+        // counted as they came) do not.
+        let from_client = !meta.body_from_store;
         check_declared(&header, meta.expect_blake3, meta.expect_sha256)?;
         if let Some(check) = &meta.body_check {
             (check.0)()?;
@@ -385,7 +389,9 @@ impl<S: Store> Upload<S> {
             return Err(ApiError::BadDigest);
         }
         if let Some((upload, number)) = meta.part {
-            return self.commit_part(header, upload, number, digest).await;
+            return self
+                .commit_part(header, upload, number, digest, from_client)
+                .await;
         }
         let s3 = match (meta.s3, digest) {
             (Some(mut put), Some(digest)) => {
@@ -449,7 +455,9 @@ impl<S: Store> Upload<S> {
             ledger.queued();
         }
         self.gw.metrics.filings.inc();
-        self.gw.metrics.ingest_bytes.inc_by(size);
+        if from_client {
+            self.gw.metrics.ingest_bytes.inc_by(size);
+        }
         tracing::info!(evidence = %header.evidence, size, stripes = header.stripes, degraded = self.degraded, "filed");
         Ok(Filing::New {
             header,
@@ -466,6 +474,7 @@ impl<S: Store> Upload<S> {
         upload: EvidenceId,
         number: u32,
         md5: Option<[u8; 16]>,
+        from_client: bool,
     ) -> Result<Filing, ApiError> {
         let record = indexer::s3::PartRecord {
             part_id: self.evidence,
@@ -482,7 +491,9 @@ impl<S: Store> Upload<S> {
             async move { indexer::s3::put_part_tx(&tx, upload, number, record).await }
         })
         .await?;
-        self.gw.metrics.ingest_bytes.inc_by(header.size);
+        if from_client {
+            self.gw.metrics.ingest_bytes.inc_by(header.size);
+        }
         tracing::info!(%upload, part = number, size = header.size, "multipart part stored");
         Ok(Filing::Part { record, replaced })
     }

@@ -30,11 +30,13 @@ pub struct GatewayMetrics {
     /// `custodia_http_request_duration_seconds{api, route}`, until the
     /// response head (bodies stream after).
     pub http_seconds: HistogramVec,
-    /// `custodia_ingest_bytes_total`: evidence bytes filed (S3 included).
+    /// `custodia_ingest_bytes_total`: evidence bytes clients sent and the
+    /// cluster filed (S3 and its parts included; not what a copy or a
+    /// multipart completion files again from stored bytes).
     pub ingest_bytes: IntCounter,
     /// `custodia_filings_total`: filings committed (S3 parts excluded).
     pub filings: IntCounter,
-    /// `custodia_read_bytes_total`: evidence bytes served, each once its
+    /// `custodia_read_bytes_total`: evidence bytes served to clients, each once its
     /// 1 MiB group matched the Bao outboard (or, for evidence whose
     /// outboard is being rebuilt, once its shards matched the manifest; the
     /// root is checked as the read streams).

@@ -273,21 +273,24 @@ pub async fn collect_quarantined<S: Store>(
             let result = indexer::run(&gw.store, |tx| {
                 let fresh = &fresh;
                 async move {
-                    let mut n = 0u64;
+                    let mut marked = Vec::new();
                     for k in fresh {
                         if schema::shard_placed_on_tx(&tx, k, node).await? {
                             schema::mark_degraded_tx(&tx, k.evidence, k.stripe);
-                            n += 1;
+                            marked.push(*k);
                         }
                     }
-                    Ok::<_, schema::SchemaError>(n)
+                    Ok::<_, schema::SchemaError>(marked)
                 }
             })
             .await;
             match result {
-                Ok(n) => {
-                    queued += n;
-                    reported.extend(fresh.into_iter().map(|k| (node, k)));
+                Ok(marked) => {
+                    queued += marked.len() as u64;
+                    // Only what was queued is done with: a shard not placed
+                    // yet (its upload's records not written yet) is looked
+                    // at again by the next scan.
+                    reported.extend(marked.into_iter().map(|k| (node, k)));
                 }
                 Err(e) => {
                     tracing::warn!(%node, error = %e, "could not queue quarantined shards");
@@ -457,7 +460,13 @@ async fn queue_stripes<S: Store>(
     *cursor = Some((e, s));
     let hit: Vec<(EvidenceId, u64)> = batch
         .iter()
-        .filter(|(_, _, rec)| hit(rec))
+        .filter(|(e, s, rec)| match rec {
+            Some(rec) => hit(rec),
+            None => {
+                tracing::error!(evidence = %e, stripe = s, "a stripe record does not decode; passed over");
+                false
+            }
+        })
         .map(|(e, s, _)| (*e, *s))
         .collect();
     if !hit.is_empty() {
@@ -1150,6 +1159,8 @@ async fn repair_leased<S: Store>(
     if rebuild.is_empty() && all_counted {
         recycle(gw, shards);
         indexer::run(&gw.store, |tx| async move {
+            // Every shard counted good: whole, whatever was recorded lost.
+            schema::clear_lost_tx(&tx, evidence, stripe);
             schema::clear_degraded_if_tx(&tx, evidence, stripe, mark).await
         })
         .await?;

@@ -853,6 +853,13 @@ pub fn mark_lost_tx<T: Transaction>(tx: &T, evidence: EvidenceId, stripe: u64) {
     tx.set(&stripe_key(LOST, &evidence, stripe), b"");
 }
 
+/// Ends a [`mark_lost_tx`] record: every shard of the stripe was found
+/// again (a node back with its disk, copies adopted), so a later loss is a
+/// new one, recorded and counted as such.
+pub fn clear_lost_tx<T: Transaction>(tx: &T, evidence: EvidenceId, stripe: u64) {
+    tx.clear(&stripe_key(LOST, &evidence, stripe));
+}
+
 /// Whether [`mark_lost_tx`] recorded this stripe as lost.
 pub async fn is_lost_tx<T: Transaction>(
     tx: &T,
@@ -896,9 +903,9 @@ pub async fn commit_repair_tx<T: Transaction>(
     new: &StripeRecord,
     verified: Option<&[u8]>,
 ) -> Result<RepairCommit, SchemaError> {
-    if get_manifest_tx(tx, evidence).await?.is_none() {
+    let Some(manifest) = get_manifest_tx(tx, evidence).await? else {
         return Ok(RepairCommit::Gone);
-    }
+    };
     let current = match tx.get(&stripe_key(STRIPE, &evidence, stripe)).await? {
         None => return Ok(RepairCommit::Gone),
         Some(v) => StripeRecord::decode(&v)?,
@@ -914,17 +921,24 @@ pub async fn commit_repair_tx<T: Transaction>(
     } else if let Some(mark) = verified {
         clear_degraded_if_tx(tx, evidence, stripe, mark).await?;
     }
-    tx.clear(&stripe_key(LOST, &evidence, stripe));
+    // Lost no more once k shards are placed again (an adoption may place
+    // one while the stripe is still short: still lost, not recorded twice).
+    if next.shards.len() - next.missing() >= usize::from(manifest.code.k) {
+        clear_lost_tx(tx, evidence, stripe);
+    }
     Ok(RepairCommit::Done)
 }
 
 /// Up to `limit` stripe records of any evidence after `(evidence, stripe)`
 /// (from the start when `None`), in key order: the repair scanner's walk.
+/// A record that does not decode (damage, or a newer version than this
+/// build reads) comes as `None`, so a walk passes it instead of stopping
+/// there for good.
 pub async fn stripes_scan_tx<T: Transaction>(
     tx: &T,
     after: Option<(EvidenceId, u64)>,
     limit: usize,
-) -> Result<Vec<(EvidenceId, u64, StripeRecord)>, SchemaError> {
+) -> Result<Vec<(EvidenceId, u64, Option<StripeRecord>)>, SchemaError> {
     let begin = match after {
         None => vec![STRIPE],
         Some((e, s)) => match s.checked_add(1) {
@@ -940,7 +954,7 @@ pub async fn stripes_scan_tx<T: Transaction>(
                 .get(17..25)
                 .and_then(|s| s.try_into().ok())
                 .ok_or(DecodeError::Truncated)?;
-            Ok((id, u64::from_be_bytes(s), StripeRecord::decode(v)?))
+            Ok((id, u64::from_be_bytes(s), StripeRecord::decode(v).ok()))
         })
         .collect()
 }

@@ -1291,7 +1291,19 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
     // 100 MiB through `aws s3 cp`, which splits it into 7 parts.
     let data = bytes(100 << 20, 42);
     let f = aws.file("big.bin", &data)?;
+    let counted = |series: &str| c.metric(&c.metrics, series).unwrap_or(0.0);
+    let (ingest, read) = (
+        counted("custodia_ingest_bytes_total"),
+        counted("custodia_read_bytes_total"),
+    );
     aws.ok(&["s3", "cp", &f, "s3://big/video.bin"])?;
+    // What the client sent counts once as ingest (its parts), and the
+    // completion's reading of them back is nobody's read.
+    assert_eq!(
+        counted("custodia_ingest_bytes_total") - ingest,
+        (100u64 << 20) as f64
+    );
+    assert_eq!(counted("custodia_read_bytes_total") - read, 0.0);
     let head = aws.json(&[
         "s3api",
         "head-object",
