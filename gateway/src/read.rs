@@ -572,13 +572,23 @@ impl GroupCheck {
             HashMap::new() // a single group: its value is the root
         } else {
             let evidence = header.evidence;
-            indexer::run(&gw.store, |t| {
+            match indexer::run(&gw.store, |t| {
                 let needed = &needed;
                 async move { schema::get_outboard_pairs_tx(&t, evidence, needed).await }
             })
-            .await?
-            .into_iter()
-            .collect()
+            .await
+            {
+                Ok(pairs) => pairs.into_iter().collect(),
+                // A stored value that does not decode is an outboard that
+                // cannot be used, like one that does not verify: the read
+                // goes the whole way and rebuilds it, rather than failing
+                // every read of the evidence for good.
+                Err(schema::SchemaError::Decode(e)) => {
+                    tracing::error!(evidence = %header.evidence, error = %e, "the stored outboard does not decode");
+                    return Err(ReadError::RootMismatch(header.evidence));
+                }
+                Err(e) => return Err(e.into()),
+            }
         };
         let expected = bao::expected_group_cvs(&self.root, self.size, &pairs, groups)
             .map_err(|e| {

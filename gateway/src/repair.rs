@@ -1099,6 +1099,13 @@ async fn repair_leased<S: Store>(
         {
             return Ok(outcome);
         }
+        // Its cleanup sent a delete that got no answer: that delete may yet
+        // land on the very node a rebuild here would choose again, after
+        // the new copy was counted. The next pass, under a new lease, does it.
+        if lease.unanswered.load(std::sync::atomic::Ordering::Relaxed) {
+            recycle(gw, shards);
+            return Ok(Outcome::Waiting);
+        }
     }
     let checks = futures::future::join_all(spare.iter().map(|&i| {
         let rec = &rec;
