@@ -101,6 +101,10 @@ pub struct S3Put {
     /// The bucket as the request found it: the version commits only into
     /// that bucket, not one deleted and created again meanwhile.
     pub seen: indexer::s3::BucketRecord,
+    /// The multipart upload this filing completes: ended in the same
+    /// transaction, which fails if it already ended (completed by a
+    /// concurrent request, or aborted), so an upload completes once.
+    pub completes: Option<EvidenceId>,
 }
 
 /// Checks a key's current version (`None`: no object, or a delete marker)
@@ -425,6 +429,12 @@ impl<S: Store> Upload<S> {
                         indexer::ledger::enqueue_tx(&tx, 0, p);
                     }
                     if let Some(put) = s3 {
+                        if let Some(upload) = put.completes {
+                            if indexer::s3::get_multipart_tx(&tx, upload).await?.is_none() {
+                                return Err(indexer::s3::ObjectError::NoSuchUpload.into());
+                            }
+                            indexer::s3::end_multipart_tx(&tx, upload).await?;
+                        }
                         if let Some(check) = &put.condition {
                             let current =
                                 match indexer::s3::get_version_tx(&tx, &put.bucket, &put.key, None)

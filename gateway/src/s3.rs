@@ -1207,6 +1207,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 etag: None,
                 condition,
                 seen: b.clone(),
+                completes: None,
             }),
             ..Default::default()
         };
@@ -1473,6 +1474,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 etag: None,
                 condition: None,
                 seen: b.clone(),
+                completes: None,
             }),
             body_from_store: true,
             ..Default::default()
@@ -2079,6 +2081,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 etag: Some(etag),
                 condition,
                 seen: b.clone(),
+                completes: Some(upload),
             }),
             body_from_store: true,
             ..Default::default()
@@ -2106,12 +2109,8 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             .await
             .map_err(|_| internal(ApiError::Internal))?
             .map_err(s3_err)?;
+            // The upload ended in the filing's own transaction.
             let (v, _) = front.filed(&bucket, &key, filing).await?;
-            indexer::run(&front.gw.store, |tx| async move {
-                ix::end_multipart_tx(&tx, upload).await
-            })
-            .await
-            .map_err(|e| s3_err(e.into()))?;
             for (_, p) in &stored {
                 delete_part(&front.gw, p).await;
             }

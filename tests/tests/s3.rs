@@ -1571,6 +1571,78 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
         &["s3api", "head-object", "--bucket", "big", "--key", "m.bin"],
     )?;
 
+    // Two completions of one upload at once, in a versioned bucket: one
+    // object version, the other request refused (the upload ends in the
+    // transaction that makes the object visible).
+    aws.ok(&["s3api", "create-bucket", "--bucket", "twice"])?;
+    aws.ok(&[
+        "s3api",
+        "put-bucket-versioning",
+        "--bucket",
+        "twice",
+        "--versioning-configuration",
+        "Status=Enabled",
+    ])?;
+    let up = aws.json(&[
+        "s3api",
+        "create-multipart-upload",
+        "--bucket",
+        "twice",
+        "--key",
+        "t.bin",
+    ])?;
+    let tid = up["UploadId"].as_str().unwrap_or_default().to_owned();
+    let p = aws.file("t1", &bytes(6 << 20, 71))?;
+    let part = aws.json(&[
+        "s3api",
+        "upload-part",
+        "--bucket",
+        "twice",
+        "--key",
+        "t.bin",
+        "--upload-id",
+        &tid,
+        "--part-number",
+        "1",
+        "--body",
+        &p,
+    ])?;
+    let listing = format!(
+        r#"{{"Parts":[{{"PartNumber":1,"ETag":{}}}]}}"#,
+        part["ETag"]
+    );
+    let complete = || {
+        aws.run(&[
+            "s3api",
+            "complete-multipart-upload",
+            "--bucket",
+            "twice",
+            "--key",
+            "t.bin",
+            "--upload-id",
+            &tid,
+            "--multipart-upload",
+            &listing,
+        ])
+    };
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(complete);
+        let b = s.spawn(complete);
+        (a.join(), b.join())
+    });
+    let done = [a, b]
+        .into_iter()
+        .filter_map(|r| r.ok().and_then(Result::ok))
+        .filter(|o| o.status.success())
+        .count();
+    assert_eq!(done, 1, "exactly one completion succeeds");
+    let versions = aws.json(&["s3api", "list-object-versions", "--bucket", "twice"])?;
+    assert_eq!(
+        versions["Versions"].as_array().map(Vec::len),
+        Some(1),
+        "{versions}"
+    );
+
     // UploadPartCopy: a part cut from an existing object, then a plain part.
     let up = aws.json(&[
         "s3api",
