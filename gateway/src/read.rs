@@ -46,6 +46,9 @@ use storage_node::client::NodeError;
 
 /// Stripe records read per index transaction.
 const STRIPES_PER_TXN: u64 = 1024;
+/// The first batch of a long read's stripe records, before its pace is
+/// known (see `send_range`).
+const FIRST_STRIPES_PER_TXN: u64 = 16;
 
 /// Why a read could not be completed.
 #[derive(Debug, thiserror::Error)]
@@ -215,8 +218,16 @@ async fn send_range<S: Store>(
     // Shared by the fetch tasks.
     let shared = Arc::new(header.clone());
     let mut first = stripes.start;
+    // Stripe records are read a batch at a time, each batch no older, by
+    // the time its last stripe is fetched, than a fraction of the grace
+    // repair gives old copies (`repair_old_copy_grace_ms`): a slow client
+    // must not be read from placements repair has since moved and deleted.
+    // The batch starts small and follows the pace the client keeps.
+    let fresh_for = Duration::from_millis(gw.config.repair_old_copy_grace_ms / 4);
+    let mut per_txn = FIRST_STRIPES_PER_TXN;
     while first < stripes.end {
-        let last = (first + STRIPES_PER_TXN).min(stripes.end);
+        let loaded = std::time::Instant::now();
+        let last = (first + per_txn).min(stripes.end);
         let records = indexer::run(&gw.store, |t| async move {
             schema::get_stripes_tx(&t, evidence, first..last).await
         })
@@ -277,6 +288,11 @@ async fn send_range<S: Store>(
                 at = end;
             }
         }
+        let per_stripe = loaded.elapsed() / ((last - first).max(1) as u32);
+        per_txn = (fresh_for.as_nanos() / per_stripe.as_nanos().max(1)).clamp(
+            u128::from(FIRST_STRIPES_PER_TXN),
+            u128::from(STRIPES_PER_TXN),
+        ) as u64;
         first = last;
     }
     if check.at != read.end {
