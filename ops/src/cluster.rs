@@ -206,6 +206,31 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
             earlier.join(", ")
         );
     }
+    let tls_existed = data_dir.join("tls").exists();
+    let made = init_fresh(data_dir, opts).await;
+    if made.is_err() {
+        // None of these existed (checked above): what a failed init wrote
+        // goes, so it is not taken for an earlier cluster next time.
+        for dir in ["nodes", "ledger"] {
+            let _ = fs::remove_dir_all(data_dir.join(dir));
+        }
+        if !tls_existed {
+            let _ = fs::remove_dir_all(data_dir.join("tls"));
+        }
+        for file in [
+            "index.redb",
+            LEDGER_VKEY_FILE,
+            ADMIN_TOKEN_FILE,
+            S3_CREDENTIALS_FILE,
+            TSA_CERT_FILE,
+        ] {
+            let _ = fs::remove_file(data_dir.join(file));
+        }
+    }
+    made
+}
+
+async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
     fs::create_dir_all(data_dir)?;
     let data_dir = data_dir.canonicalize()?;
     let tls = data_dir.join("tls");

@@ -213,17 +213,26 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
+            // Out of the terminal's process group: a Ctrl-C reaches `up`
+            // alone, which stops the gateway before the nodes.
+            .process_group(0)
             .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe and touches no memory of this
-        // process; it runs in the child between fork and exec.
+        let parent = rustix::process::getpid();
+        // SAFETY: prctl and getppid are async-signal-safe and touch no
+        // memory of this process; they run in the child between fork and exec.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 // A node outlives no `up` killed without its Ctrl-C
                 // handling (SIGKILL, the OOM killer).
                 rustix::process::set_parent_process_death_signal(Some(
                     rustix::process::Signal::TERM,
                 ))
-                .map_err(std::io::Error::from)
+                .map_err(std::io::Error::from)?;
+                // `up` died between the fork and here: no signal will come.
+                if rustix::process::getppid() != Some(parent) {
+                    return Err(std::io::Error::other("custodia up is gone"));
+                }
+                Ok(())
             });
         }
         let child = command
@@ -310,12 +319,14 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
     println!("Press Ctrl-C to stop.");
     let mut exited = Box::pin(first_exit(&mut children));
     let failed = tokio::select! {
+        // Asked to stop: that, whatever else ends at the same moment.
+        biased;
+        _ = stop.recv() => None,
         e = gw.stopped() => Some(anyhow::Error::from(e).context("the evidence API stopped")),
         (i, status) = &mut exited => Some(anyhow::anyhow!(
             "node {} exited ({status}); see its node.log; stopping the cluster",
             cluster.nodes.get(i).map_or(i, |n| n.id as usize)
         )),
-        _ = stop.recv() => None,
     };
     drop(exited);
     // The gateway first, so nothing is filed to nodes that are stopping.

@@ -24,25 +24,31 @@ pub fn key_arg(arg: &str) -> Result<String> {
 /// Anything else is a mistake in the command, said as such, never a
 /// verdict on the receipt.
 fn log_key_arg(arg: &str) -> Result<String> {
-    let key = key_arg(arg)?;
-    protocol::ledger::check_log_key(&key).map_err(|_| {
-        anyhow::anyhow!(
-            "--log-key {arg:?} is neither a readable key file nor a log key; \
-             nothing was verified (check the path)"
-        )
-    })?;
-    Ok(key)
+    checked_key_arg("--log-key", "a log key", arg, |k| {
+        protocol::ledger::check_log_key(k).is_ok()
+    })
 }
 
 /// `--witness-key`: as [`log_key_arg`], for a witness's cosignature key.
 fn witness_key_arg(arg: &str) -> Result<String> {
+    checked_key_arg("--witness-key", "a witness key", arg, |k| {
+        protocol::witness::CosignatureVerifier::new(k).is_ok()
+    })
+}
+
+fn checked_key_arg(
+    flag: &str,
+    what: &str,
+    arg: &str,
+    valid: impl Fn(&str) -> bool,
+) -> Result<String> {
     let key = key_arg(arg)?;
-    protocol::witness::CosignatureVerifier::new(&key).map_err(|_| {
-        anyhow::anyhow!(
-            "--witness-key {arg:?} is neither a readable key file nor a witness key; \
-             nothing was verified (check the path)"
-        )
-    })?;
+    if !valid(&key) {
+        anyhow::bail!(
+            "{flag} {arg:?} is neither a readable key file nor {what}; nothing was verified \
+             (check the path)"
+        );
+    }
     Ok(key)
 }
 

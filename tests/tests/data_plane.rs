@@ -1158,10 +1158,22 @@ impl Drop for Up {
 }
 
 fn up_command(dir: &std::path::Path, api: u16) -> std::process::Command {
+    up_with_nodes(dir, api, 3)
+}
+
+fn up_with_nodes(dir: &std::path::Path, api: u16, nodes: u32) -> std::process::Command {
     let mut cmd = std::process::Command::new(custodia_tests::custodia_bin());
     cmd.args(["up", "--data-dir"])
         .arg(dir)
-        .args(["--nodes", "3", "--k", "2", "--m", "1", "--api"])
+        .args([
+            "--nodes",
+            &nodes.to_string(),
+            "--k",
+            "2",
+            "--m",
+            "1",
+            "--api",
+        ])
         .arg(format!("127.0.0.1:{api}"))
         .args([
             "--s3",
@@ -1239,6 +1251,11 @@ fn custodia_up_serves_stops_and_guards_its_directory() -> Result<()> {
         .timeout_global(Some(Duration::from_secs(60)))
         .build()
         .into();
+    // A first `up` that fails (too few nodes for RS(2,1)) leaves nothing
+    // that the next would take for an earlier cluster.
+    let failed = up_with_nodes(&dir, api, 2).output()?;
+    let err = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success() && err.contains("node"), "{err}");
     let first = start_up(&dir, api)?;
     assert_eq!(first.nodes.len(), 3, "three node pids printed");
     let token = std::fs::read_to_string(dir.join("admin.token"))?;
