@@ -363,7 +363,11 @@ pub async fn sweep_orphans<S: Store>(
     let mut still = OrphanCandidates::new();
     for entry in &gw.config.nodes {
         let node = entry.node_id();
-        if gw.nodes.lifecycle(node) == schema::Lifecycle::Active && !gw.nodes.is_healthy(node) {
+        // A draining node still holds copies that may be adoptable: the
+        // sweep is complete only once it too was listed.
+        if gw.nodes.lifecycle(node) != schema::Lifecycle::Removed
+            && (gw.nodes.lifecycle(node) != schema::Lifecycle::Active || !gw.nodes.is_healthy(node))
+        {
             sweep.complete = false;
         }
         if !gw.nodes.is_healthy(node) || gw.nodes.lifecycle(node) != schema::Lifecycle::Active {

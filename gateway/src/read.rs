@@ -697,6 +697,10 @@ pub(crate) enum ShardOutcome {
     Damaged,
     /// The node did not answer; says nothing about the shard.
     Unreachable,
+    /// The node answered that it could not read the shard from its disk
+    /// (`Io`): rebuilt around and repaired, but not proof of loss (the
+    /// cause may pass: a full file table, a moment's EIO).
+    Unreadable,
 }
 
 /// Returns the content bytes of one stripe (in pieces: the data shards as
@@ -790,7 +794,7 @@ pub(crate) async fn fetch_stripe<S: Store>(
                         shards[i] = Some(body);
                         good += 1;
                     }
-                    ShardOutcome::Damaged => damaged = true,
+                    ShardOutcome::Damaged | ShardOutcome::Unreadable => damaged = true,
                     ShardOutcome::Unreachable => {
                         if let Some(node) = rec.shards[i].node {
                             gw.nodes.mark(node, false);
@@ -939,7 +943,7 @@ pub(crate) async fn fetch_shard<S: Store>(
         Err(NodeError::Remote(ErrorCode::Io)) => {
             gw.metrics.shards_damaged.inc();
             tracing::warn!(shard = %key, "the node could not read the shard from its disk");
-            ShardOutcome::Damaged
+            ShardOutcome::Unreadable
         }
         Err(e) => {
             tracing::debug!(shard = %key, error = %e, "shard read failed");
@@ -978,9 +982,9 @@ pub(crate) async fn check_shard<S: Store>(
             tracing::warn!(shard = %key, "shard on its node is not the manifest's");
             Checked::Damaged
         }
-        Err(NodeError::Remote(ErrorCode::Corrupt | ErrorCode::NotFound | ErrorCode::Io)) => {
+        Err(NodeError::Remote(ErrorCode::Corrupt | ErrorCode::NotFound)) => {
             gw.metrics.shards_damaged.inc();
-            tracing::warn!(shard = %key, "shard missing, corrupt or unreadable on its node");
+            tracing::warn!(shard = %key, "shard missing or corrupt on its node");
             Checked::Damaged
         }
         Err(e) => {

@@ -273,24 +273,32 @@ pub async fn collect_quarantined<S: Store>(
             let result = indexer::run(&gw.store, |tx| {
                 let fresh = &fresh;
                 async move {
-                    let mut marked = Vec::new();
+                    // Done with: queued, or the stripe's record exists and
+                    // places the shard elsewhere, or the evidence has no
+                    // record and no upload in flight. A shard with neither
+                    // yet (its upload's records still to be written) is
+                    // looked at again.
+                    let mut done = Vec::new();
                     for k in fresh {
                         if schema::shard_placed_on_tx(&tx, k, node).await? {
                             schema::mark_degraded_tx(&tx, k.evidence, k.stripe);
-                            marked.push(*k);
+                            done.push((*k, true));
+                        } else if schema::get_stripe_tx(&tx, k.evidence, k.stripe)
+                            .await?
+                            .is_some()
+                            || schema::get_intent_tx(&tx, k.evidence).await?.is_none()
+                        {
+                            done.push((*k, false));
                         }
                     }
-                    Ok::<_, schema::SchemaError>(marked)
+                    Ok::<_, schema::SchemaError>(done)
                 }
             })
             .await;
             match result {
-                Ok(marked) => {
-                    queued += marked.len() as u64;
-                    // Only what was queued is done with: a shard not placed
-                    // yet (its upload's records not written yet) is looked
-                    // at again by the next scan.
-                    reported.extend(marked.into_iter().map(|k| (node, k)));
+                Ok(done) => {
+                    queued += done.iter().filter(|(_, q)| *q).count() as u64;
+                    reported.extend(done.into_iter().map(|(k, _)| (node, k)));
                 }
                 Err(e) => {
                     tracing::warn!(%node, error = %e, "could not queue quarantined shards");
@@ -527,6 +535,7 @@ impl PassNodes {
                 .into_iter()
                 .filter(|n| n.lifecycle == Lifecycle::Removed)
                 .map(|n| n.id)
+                .chain(gw.nodes.removed_unlisted())
                 .collect(),
             draining: gw.nodes.evacuating(),
         }
@@ -1016,14 +1025,12 @@ async fn repair_leased<S: Store>(
     // damage, a disk was replaced, --verify-all) reads every shard, since
     // which one is bad is not known. Either way every shard is re-counted
     // before the stripe leaves the queue.
-    // A node this gateway's configuration does not list cannot be asked:
-    // its shard is rebuilt here, or the stripe would wait for it forever.
+    // A node removed and dropped from the configuration is in `gone`. One
+    // this gateway does not list but the index does not call removed (a
+    // node added since this gateway started) is only waited for: another
+    // gateway may be writing to it.
     let homeless: Vec<usize> = (0..total)
-        .filter(|i| {
-            rec.shards[*i]
-                .node
-                .is_none_or(|n| gone.contains(&n) || !gw.nodes.knows(n))
-        })
+        .filter(|i| rec.shards[*i].node.is_none_or(|n| gone.contains(&n)))
         .collect();
     let mut order: Vec<usize> = (0..total)
         .filter(|i| {
@@ -1133,6 +1140,8 @@ async fn repair_leased<S: Store>(
                         bad_for_good += 1;
                         rebuild.push(i);
                     }
+                    // Rebuilt elsewhere, but no proof it is gone for good.
+                    ShardOutcome::Unreadable => rebuild.push(i),
                     // Within its node's grace period a shard is only waited for.
                     ShardOutcome::Unreachable => {}
                 }

@@ -868,6 +868,19 @@ fn content_md5(header: Option<&str>) -> S3Result<Option<[u8; 16]>> {
         .transpose()
 }
 
+/// The checksums s3s read into a PutObject or UploadPart input (from its
+/// headers, or a form upload's fields), in [`checked_body`]'s order.
+macro_rules! declared_checksums {
+    ($input:expr) => {
+        [
+            $input.checksum_crc32.clone(),
+            $input.checksum_crc32c.clone(),
+            $input.checksum_crc64nvme.clone(),
+            $input.checksum_sha1.clone(),
+        ]
+    };
+}
+
 /// A request body as the ingest reads it.
 type Body = std::pin::Pin<Box<dyn futures::Stream<Item = Result<bytes::Bytes, String>> + Send>>;
 
@@ -1176,17 +1189,11 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         )?;
         let expect_md5 = content_md5(input.content_md5.as_deref())?;
         let expect_sha256 = sha256_header(input.checksum_sha256.as_deref())?;
-        let declared = [
-            input.checksum_crc32.clone(),
-            input.checksum_crc32c.clone(),
-            input.checksum_crc64nvme.clone(),
-            input.checksum_sha1.clone(),
-        ];
         let (body, body_check) = checked_body(
             input.body.take(),
             &req.headers,
             req.trailing_headers,
-            declared,
+            declared_checksums!(input),
         )?;
         let (retain_until_ms, legal_hold) = evidence_worm(&template);
         let meta = FilingMeta {
@@ -1890,17 +1897,11 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let (upload, _) = self
             .multipart(&who, &input.bucket, &input.key, &input.upload_id)
             .await?;
-        let declared = [
-            input.checksum_crc32.clone(),
-            input.checksum_crc32c.clone(),
-            input.checksum_crc64nvme.clone(),
-            input.checksum_sha1.clone(),
-        ];
         let (body, body_check) = checked_body(
             input.body.take(),
             &req.headers,
             req.trailing_headers,
-            declared,
+            declared_checksums!(input),
         )?;
         let number = part_number(input.part_number)?;
         let meta = FilingMeta {
@@ -2101,19 +2102,25 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                     crate::read::stream_range(gw.clone(), part_header(&tenant, &p), 0..p.size, None)
                 })
                 .flatten();
-            let filing = tokio::spawn(ingest::file_evidence(
-                front.gw.clone(),
-                meta,
-                Box::pin(body),
-            ))
+            // The filing and the deletion of the parts run to their end in
+            // a task of their own: the upload ends in the filing's own
+            // transaction, after which nothing else refers to the parts, so
+            // a client gone meanwhile (dropping this future) must not leave
+            // them stored for good.
+            let (gw, parts) = (front.gw.clone(), stored.clone());
+            let filing = tokio::spawn(async move {
+                let filing = ingest::file_evidence(gw.clone(), meta, Box::pin(body)).await;
+                if filing.is_ok() {
+                    for (_, p) in &parts {
+                        delete_part(&gw, p).await;
+                    }
+                }
+                filing
+            })
             .await
             .map_err(|_| internal(ApiError::Internal))?
             .map_err(s3_err)?;
-            // The upload ended in the filing's own transaction.
             let (v, _) = front.filed(&bucket, &key, filing).await?;
-            for (_, p) in &stored {
-                delete_part(&front.gw, p).await;
-            }
             tracing::info!(%upload, bucket = %bucket, key = %key, parts = chosen.len(), size = v.size, "multipart upload completed");
             Ok(CompleteMultipartUploadOutput {
                 bucket: Some(bucket.clone()),

@@ -1361,7 +1361,11 @@ pub async fn index_bucket_uploads_tx<T: Transaction>(
     };
     let last = upload_id_of(last)?;
     for (k, v) in &rows {
-        let rec: MultipartRecord = decode_versioned(RECORD_V1, v)?;
+        // One that does not decode is passed over (listings never showed
+        // it either), not a gateway that cannot start.
+        let Ok(rec) = decode_versioned::<MultipartRecord>(RECORD_V1, v) else {
+            continue;
+        };
         tx.set(
             &bucket_upload_key(&rec.bucket, &rec.key, &upload_id_of(k)?),
             b"",

@@ -275,6 +275,42 @@ fn a_destroyed_index_is_rebuilt_from_the_ledger_archive_and_the_nodes() -> Resul
     Ok(())
 }
 
+/// A filing: its id and its bytes.
+type Filed = (String, Vec<u8>);
+
+/// Files three pieces of evidence (contents from `seed`), waits for a
+/// published checkpoint over them, destroys the index, kills nodes 1-3
+/// (more than m) and runs `recover-index --allow-down-nodes`, which must
+/// say what it could not read back and fail. Returns the filings (id,
+/// bytes) and what the command said.
+fn recovered_with_three_nodes_down(c: &mut TestCluster, seed: u64) -> Result<(Vec<Filed>, String)> {
+    let key = std::fs::read_to_string(c.data_dir().join("ledger.vkey"))?
+        .trim()
+        .to_owned();
+    let mut filed = Vec::new();
+    for i in 0..3u64 {
+        let data = bytes(60_000 + i as usize * 7_000, seed + i);
+        let r = c.file(&data)?;
+        filed.push((r["id"].as_str().context("id")?.to_owned(), data));
+    }
+    let published = custodia_tests::eventually(10, || {
+        checkpoint(c, &key).is_ok_and(|cp| cp.size >= filed.len() as u64)
+    });
+    assert!(published, "the filings under a published checkpoint");
+    c.kill_gateway();
+    let index = c.data_dir().join("index.redb");
+    let len = std::fs::metadata(&index)?.len() as usize;
+    std::fs::write(&index, bytes(len, seed + 17))?;
+    for n in [1, 2, 3] {
+        c.kill_node(n);
+    }
+    let out = recover(c, &["--allow-down-nodes"])?;
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert!(err.contains("could not be read back"), "{err}");
+    Ok((filed, err))
+}
+
 /// Recovery with more than m nodes down (`--allow-down-nodes`) cannot read
 /// every piece of evidence back: stripes whose shards were on the down
 /// nodes are indexed with those shards unplaced. Once the nodes return,
@@ -287,33 +323,7 @@ fn copies_on_nodes_down_during_recovery_are_adopted_when_they_return() -> Result
         ("repair_interval_ms", toml::Value::Integer(500)),
         ("orphan_sweep_interval_ms", toml::Value::Integer(1000)),
     ])?;
-    let key = std::fs::read_to_string(c.data_dir().join("ledger.vkey"))?
-        .trim()
-        .to_owned();
-    let mut filed = Vec::new();
-    for i in 0..3u64 {
-        let data = bytes(60_000 + i as usize * 7_000, 80 + i);
-        let r = c.file(&data)?;
-        filed.push((r["id"].as_str().context("id")?.to_owned(), data));
-    }
-    let published = custodia_tests::eventually(10, || {
-        checkpoint(&c, &key).is_ok_and(|cp| cp.size >= filed.len() as u64)
-    });
-    assert!(published, "the filings under a published checkpoint");
-
-    c.kill_gateway();
-    let index = c.data_dir().join("index.redb");
-    let len = std::fs::metadata(&index)?.len() as usize;
-    std::fs::write(&index, bytes(len, 98))?;
-    // Three of eight nodes down: more than m = 2.
-    for n in [1, 2, 3] {
-        c.kill_node(n);
-    }
-    // The index is built, and the command says what it could not read.
-    let out = recover(&c, &["--allow-down-nodes"])?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(err.contains("could not be read back"), "{err}");
+    let (filed, err) = recovered_with_three_nodes_down(&mut c, 80)?;
     assert!(err.contains("old index is kept"), "{err}");
     for n in [1, 2, 3] {
         c.start_node_and_wait(n)?;
@@ -350,29 +360,7 @@ fn shards_recovery_found_no_copy_of_are_rebuilt() -> Result<()> {
         ("repair_after_down_ms", toml::Value::Integer(1000)),
         ("orphan_sweep_interval_ms", toml::Value::Integer(1000)),
     ])?;
-    let key = std::fs::read_to_string(c.data_dir().join("ledger.vkey"))?
-        .trim()
-        .to_owned();
-    let mut filed = Vec::new();
-    for i in 0..3u64 {
-        let data = bytes(60_000 + i as usize * 7_000, 90 + i);
-        let r = c.file(&data)?;
-        filed.push((r["id"].as_str().context("id")?.to_owned(), data));
-    }
-    let published = custodia_tests::eventually(10, || {
-        checkpoint(&c, &key).is_ok_and(|cp| cp.size >= filed.len() as u64)
-    });
-    assert!(published, "the filings under a published checkpoint");
-    c.kill_gateway();
-    let index = c.data_dir().join("index.redb");
-    let len = std::fs::metadata(&index)?.len() as usize;
-    std::fs::write(&index, bytes(len, 97))?;
-    for n in [1, 2, 3] {
-        c.kill_node(n);
-    }
-    let out = recover(&c, &["--allow-down-nodes"])?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("could not be read back"), "{err}");
+    let (filed, _) = recovered_with_three_nodes_down(&mut c, 90)?;
     // Node 1 returns whole; nodes 2 and 3 with new, empty disks.
     for n in [2, 3] {
         let dir = c.node_dir(n);
