@@ -249,7 +249,23 @@ async fn send_range<S: Store>(
                     } else {
                         ShardCheck::Parity
                     };
-                    let data = fetch_stripe(&gw, &header, stripe, &rec, shards).await;
+                    let mut data = fetch_stripe(&gw, &header, stripe, &rec, shards).await;
+                    if matches!(data, Err(ReadError::Unrecoverable { .. })) {
+                        // Repair may have moved shards since this record was
+                        // read (and deleted the old copies after its grace,
+                        // which a slow client can outlast): read the stripe
+                        // again from its record as it is now.
+                        let evidence = header.evidence;
+                        let now = indexer::run(&gw.store, |t| async move {
+                            schema::get_stripe_tx(&t, evidence, stripe).await
+                        })
+                        .await;
+                        if let Ok(Some(now)) = now {
+                            if now != rec {
+                                data = fetch_stripe(&gw, &header, stripe, &now, shards).await;
+                            }
+                        }
+                    }
                     drop(permit);
                     let data = data?;
                     Ok::<_, ReadError>((stripe, data))
