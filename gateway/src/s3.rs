@@ -983,6 +983,30 @@ struct Conditions<'a> {
     if_unmodified_since: Option<&'a Timestamp>,
 }
 
+/// A GetObject's or HeadObject's conditions (the same fields in both).
+macro_rules! conditions {
+    ($input:expr) => {
+        Conditions {
+            if_match: $input.if_match.as_ref(),
+            if_none_match: $input.if_none_match.as_ref(),
+            if_modified_since: $input.if_modified_since.as_ref(),
+            if_unmodified_since: $input.if_unmodified_since.as_ref(),
+        }
+    };
+}
+
+/// A CopyObject's or UploadPartCopy's conditions on its source.
+macro_rules! copy_source_conditions {
+    ($input:expr) => {
+        Conditions {
+            if_match: $input.copy_source_if_match.as_ref(),
+            if_none_match: $input.copy_source_if_none_match.as_ref(),
+            if_modified_since: $input.copy_source_if_modified_since.as_ref(),
+            if_unmodified_since: $input.copy_source_if_unmodified_since.as_ref(),
+        }
+    };
+}
+
 /// Why a condition failed: 412, or 304 for a read whose copy is current.
 #[derive(Debug, PartialEq, Eq)]
 enum Unmet {
@@ -1247,15 +1271,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             .readable(&input.bucket, &input.key, input.version_id.as_deref())
             .await?;
         let held = v.legal_hold || header.legal_hold;
-        preconditions(
-            &v,
-            Conditions {
-                if_match: input.if_match.as_ref(),
-                if_none_match: input.if_none_match.as_ref(),
-                if_modified_since: input.if_modified_since.as_ref(),
-                if_unmodified_since: input.if_unmodified_since.as_ref(),
-            },
-        )?;
+        preconditions(&v, conditions!(input))?;
         let size = header.size;
         let range = match &input.range {
             None => None,
@@ -1314,15 +1330,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             .readable(&input.bucket, &input.key, input.version_id.as_deref())
             .await?;
         let held = v.legal_hold || header.legal_hold;
-        preconditions(
-            &v,
-            Conditions {
-                if_match: input.if_match.as_ref(),
-                if_none_match: input.if_none_match.as_ref(),
-                if_modified_since: input.if_modified_since.as_ref(),
-                if_unmodified_since: input.if_unmodified_since.as_ref(),
-            },
-        )?;
+        preconditions(&v, conditions!(input))?;
         let mut resp = S3Response::new(HeadObjectOutput {
             content_length: Some(header.size as i64),
             accept_ranges: Some("bytes".into()),
@@ -1427,16 +1435,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         // The copy is a read of the source (on the ledger) and a new filing
         // of the same bytes.
         let (src, header, src_version) = self
-            .copy_source(
-                &who,
-                &input.copy_source,
-                Conditions {
-                    if_match: input.copy_source_if_match.as_ref(),
-                    if_none_match: input.copy_source_if_none_match.as_ref(),
-                    if_modified_since: input.copy_source_if_modified_since.as_ref(),
-                    if_unmodified_since: input.copy_source_if_unmodified_since.as_ref(),
-                },
-            )
+            .copy_source(&who, &input.copy_source, copy_source_conditions!(input))
             .await?;
         let replace = input
             .metadata_directive
@@ -1933,16 +1932,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             .await?;
         let number = part_number(input.part_number)?;
         let (_, header, src_version) = self
-            .copy_source(
-                &who,
-                &input.copy_source,
-                Conditions {
-                    if_match: input.copy_source_if_match.as_ref(),
-                    if_none_match: input.copy_source_if_none_match.as_ref(),
-                    if_modified_since: input.copy_source_if_modified_since.as_ref(),
-                    if_unmodified_since: input.copy_source_if_unmodified_since.as_ref(),
-                },
-            )
+            .copy_source(&who, &input.copy_source, copy_source_conditions!(input))
             .await?;
         let range = match input.copy_source_range.as_deref() {
             None => 0..header.size,
