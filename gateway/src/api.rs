@@ -688,9 +688,25 @@ async fn file_evidence<S: Store>(
     let (parts, body) = request.into_parts();
     let who = authenticate(&gw, &parts.headers).await?;
     require(&who, Role::Clerk, "file evidence")?;
-    let h = &parts.headers;
-    let meta = FilingMeta {
-        tenant: who.tenant,
+    let meta = match filing_meta(&gw, who.tenant, &parts.headers) {
+        Ok(meta) => meta,
+        Err(e) => {
+            let idle = Duration::from_millis(gw.config.client_idle_timeout_ms.max(1));
+            ingest::drain_small(body.into_data_stream(), idle).await;
+            return Err(e);
+        }
+    };
+    file_evidence_rest(gw, meta, body).await
+}
+
+/// A filing's metadata, from its request's headers.
+fn filing_meta<S: Store>(
+    gw: &Gateway<S>,
+    tenant: String,
+    h: &http::HeaderMap,
+) -> Result<FilingMeta, ApiError> {
+    Ok(FilingMeta {
+        tenant,
         case: meta_header(h, "x-custodia-case")?,
         file_name: meta_header(h, "x-custodia-file-name")?,
         media_type: meta_header(h, "content-type")?,
@@ -718,11 +734,18 @@ async fn file_evidence<S: Store>(
                         "X-Custodia-Retain-Until-Ms must be milliseconds since the epoch".into(),
                     )
                 })?;
-                in_the_future(&gw, until)
+                in_the_future(gw, until)
             })
             .transpose()?,
         ..Default::default()
-    };
+    })
+}
+
+async fn file_evidence_rest<S: Store>(
+    gw: Arc<Gateway<S>>,
+    meta: FilingMeta,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
     // Run the upload in its own task: if the client disconnects, the body
     // stream fails and the upload cleans up after itself instead of being
     // dropped half-way.

@@ -219,36 +219,43 @@ where
         evidence: header.evidence.to_string(),
         what: what.to_string(),
     };
+    let idle = std::time::Duration::from_millis(gw.config.client_idle_timeout_ms.max(1));
     let fields = [
         ("case", &meta.case, &header.case),
         ("file name", &meta.file_name, &header.file_name),
         ("media type", &meta.media_type, &header.media_type),
         ("submitter", &meta.submitter, &header.submitter),
     ];
-    if let Some((what, _, _)) = fields.iter().find(|(_, asked, filed)| asked != filed) {
-        return Err(differs(what));
-    }
     // Retention is only ever extended and a hold may be lifted later: a
     // retry asking no more than the filing has now is the same request.
-    if meta
-        .retain_until_ms
-        .is_some_and(|asked| header.retain_until_ms.is_none_or(|r| r < asked))
-    {
-        return Err(differs("retention"));
-    }
-    if meta.legal_hold && !header.legal_hold {
-        return Err(differs("legal hold"));
-    }
-    if meta.expect_blake3.is_some_and(|h| h != header.blake3) {
-        return Err(differs("BLAKE3"));
-    }
-    if meta.expect_sha256.is_some_and(|h| h != header.sha256) {
-        return Err(differs("SHA-256"));
+    let refused = fields
+        .iter()
+        .find(|(_, asked, filed)| asked != filed)
+        .map(|(what, _, _)| *what)
+        .or_else(|| {
+            meta.retain_until_ms
+                .is_some_and(|asked| header.retain_until_ms.is_none_or(|r| r < asked))
+                .then_some("retention")
+        })
+        .or_else(|| (meta.legal_hold && !header.legal_hold).then_some("legal hold"))
+        .or_else(|| {
+            meta.expect_blake3
+                .is_some_and(|h| h != header.blake3)
+                .then_some("BLAKE3")
+        })
+        .or_else(|| {
+            meta.expect_sha256
+                .is_some_and(|h| h != header.sha256)
+                .then_some("SHA-256")
+        });
+    if let Some(what) = refused {
+        drain_small(body, idle).await;
+        return Err(differs(what));
     }
     if meta.expect_blake3.is_some() || meta.expect_sha256.is_some() {
+        drain_small(body, idle).await;
         return Ok(());
     }
-    let idle = std::time::Duration::from_millis(gw.config.client_idle_timeout_ms.max(1));
     let mut hasher = blake3::Hasher::new();
     let mut size: u64 = 0;
     loop {
@@ -267,6 +274,28 @@ where
         return Err(differs("content"));
     }
     Ok(())
+}
+
+/// Bodies up to this size are read (and dropped) before a refusal that
+/// needs none of them is answered.
+pub const DRAINED_BODY_BYTES: u64 = 4 << 20;
+
+/// Reads and drops what is left of a small request body, so that a client
+/// still sending it gets the answer instead of a connection reset (an
+/// answer given while the client sends is lost with the unread bytes when
+/// the connection closes). Stops after [`DRAINED_BODY_BYTES`], at the first
+/// error, or when the client pauses for `idle`: a large body is cut off.
+pub async fn drain_small<B, E>(mut body: B, idle: std::time::Duration)
+where
+    B: Stream<Item = Result<Bytes, E>> + Unpin,
+{
+    let mut read = 0u64;
+    while read < DRAINED_BODY_BYTES {
+        match tokio::time::timeout(idle, body.next()).await {
+            Ok(Some(Ok(chunk))) => read += chunk.len() as u64,
+            _ => return,
+        }
+    }
 }
 
 struct Upload<S: Store> {
