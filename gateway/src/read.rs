@@ -240,7 +240,7 @@ async fn send_range<S: Store>(
                 // what came before (an unpolled fetch would hold the permit
                 // from every other read, and its node requests would time
                 // out unread).
-                AbortOnDrop(tokio::spawn(async move {
+                fetch_task(async move {
                     // Taken in turn (the semaphore is fair): a large read
                     // never holds back another for more than a few fetches.
                     let permit = gw.read_gate.acquire().await.ok();
@@ -269,7 +269,7 @@ async fn send_range<S: Store>(
                     drop(permit);
                     let data = data?;
                     Ok::<_, ReadError>((stripe, data))
-                }))
+                })
             })
             .buffered(gw.config.pipeline_stripes);
         while let Some(next) = fetched.next().await {
@@ -323,27 +323,18 @@ async fn send_range<S: Store>(
 
 /// A spawned fetch, aborted when the read that wanted it is dropped (its
 /// client went away): its result is nobody's.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<Result<T, ReadError>>);
-
-impl<T> std::future::Future for AbortOnDrop<T> {
-    type Output = Result<T, ReadError>;
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.0).poll(cx).map(|r| {
-            r.unwrap_or_else(|e| {
+fn fetch_task<T: Send + 'static>(
+    fetch: impl std::future::Future<Output = Result<T, ReadError>> + Send + 'static,
+) -> impl std::future::Future<Output = Result<T, ReadError>> {
+    futures::FutureExt::map(
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(fetch)),
+        |joined| {
+            joined.unwrap_or_else(|e| {
                 tracing::error!(error = %e, "a stripe fetch task failed");
                 Err(ReadError::Internal)
             })
-        })
-    }
-}
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+        },
+    )
 }
 
 /// Slices a client's read is handed over in: the idle limit is measured
