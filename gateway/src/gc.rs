@@ -264,7 +264,32 @@ pub async fn collect_once<S: Store>(gw: &Gateway<S>, watch: &mut LeaseWatch) -> 
             _ => break,
         }
     }
+    expire_completed_uploads(gw).await;
     aborted.len() + stale.len()
+}
+
+/// How long a completed multipart upload's answer is kept for a client
+/// retrying its Complete.
+pub const COMPLETED_UPLOADS_KEPT_MS: u64 = 24 * 3600 * 1000;
+
+/// Forgets the answers of multipart uploads completed more than
+/// [`COMPLETED_UPLOADS_KEPT_MS`] ago, a page per transaction.
+async fn expire_completed_uploads<S: Store>(gw: &Gateway<S>) {
+    let before = gw.clock.now_ms().saturating_sub(COMPLETED_UPLOADS_KEPT_MS);
+    loop {
+        match indexer::run(&gw.store, |tx| async move {
+            indexer::s3::expire_completed_tx(&tx, before, 256).await
+        })
+        .await
+        {
+            Ok(256) => continue,
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "GC could not expire completed multipart uploads");
+                break;
+            }
+        }
+    }
 }
 
 /// Runs [`collect_once`] every `every`.

@@ -459,10 +459,16 @@ impl<S: Store> Upload<S> {
                     }
                     if let Some(put) = s3 {
                         if let Some(upload) = put.completes {
-                            if indexer::s3::get_multipart_tx(&tx, upload).await?.is_none() {
-                                return Err(indexer::s3::ObjectError::NoSuchUpload.into());
-                            }
-                            indexer::s3::end_multipart_tx(&tx, upload).await?;
+                            let done = indexer::s3::CompletedUpload {
+                                tenant: header.tenant.clone(),
+                                bucket: put.bucket.clone(),
+                                key: put.key.clone(),
+                                etag: put.version.etag.clone(),
+                                version_id: put.version.version_id,
+                                null_version: put.version.null_version,
+                                completed_ms: put.version.last_modified_ms,
+                            };
+                            indexer::s3::complete_multipart_tx(&tx, upload, &done).await?;
                         }
                         if let Some(check) = &put.condition {
                             let current =

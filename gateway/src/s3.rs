@@ -339,11 +339,26 @@ fn legal_hold_status(b: &BucketRecord, held: bool) -> Option<ObjectLockLegalHold
 }
 
 fn show_version(b: &BucketRecord, v: &ObjectVersion) -> Option<String> {
-    if v.null_version {
+    shown_version_id(b, v.null_version, v.version_id)
+}
+
+fn shown_version_id(b: &BucketRecord, null_version: bool, id: EvidenceId) -> Option<String> {
+    if null_version {
         (b.versioning != Versioning::Unversioned).then(|| "null".to_owned())
     } else {
-        Some(v.version_id.to_string())
+        Some(id.to_string())
     }
+}
+
+/// A multipart object's ETag: the MD5 of its parts' MD5s (hex), then "-N".
+fn multipart_etag<'a>(md5s: impl ExactSizeIterator<Item = &'a str>) -> String {
+    use md5::Digest as _;
+    let n = md5s.len();
+    let mut h = md5::Md5::new();
+    for m in md5s {
+        h.update(hex::decode(m).unwrap_or_default());
+    }
+    format!("{}-{n}", hex::encode(h.finalize()))
 }
 
 impl<S: Store> S3Front<S> {
@@ -727,6 +742,41 @@ impl<S: Store> S3Front<S> {
         .filter(|r| r.bucket == bucket && r.key == key && r.tenant == who.tenant)
         .ok_or_else(|| s3_error!(NoSuchUpload))?;
         Ok((upload, rec))
+    }
+
+    /// A Complete retried after its upload completed (the first answer
+    /// lost on the way, or a retry that raced the first): the same answer,
+    /// as S3 gives, if it names the same object and lists the same parts
+    /// (`etags`, the listed parts' ETags in order); `None` otherwise.
+    async fn completed_again(
+        &self,
+        tenant: &str,
+        b: &BucketRecord,
+        (bucket, key): (&str, &str),
+        upload: EvidenceId,
+        etags: Option<&[String]>,
+    ) -> S3Result<Option<CompleteMultipartUploadOutput>> {
+        let done = indexer::run(&self.gw.store, |tx| async move {
+            ix::completed_upload_tx(&tx, upload).await
+        })
+        .await
+        .map_err(|e| s3_err(e.into()))?
+        .filter(|d| d.tenant == tenant && d.bucket == bucket && d.key == key);
+        let (Some(done), Some(etags)) = (done, etags) else {
+            return Ok(None);
+        };
+        if etags.is_empty() || multipart_etag(etags.iter().map(String::as_str)) != done.etag {
+            return Ok(None);
+        }
+        tracing::info!(%upload, bucket = %done.bucket, key = %done.key, "a completed multipart upload's Complete again: the same answer");
+        Ok(Some(CompleteMultipartUploadOutput {
+            version_id: shown_version_id(b, done.null_version, done.version_id),
+            location: Some(format!("/{}/{}", done.bucket, done.key)),
+            e_tag: Some(ETag::Strong(done.etag)),
+            bucket: Some(done.bucket),
+            key: Some(done.key),
+            ..Default::default()
+        }))
     }
 
     fn custodia_headers(&self, evidence: EvidenceId) -> http::HeaderMap {
@@ -1968,9 +2018,36 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let who = self.caller(&req, Role::Clerk).await?;
         let input = req.input;
         let b = self.bucket(&who, &input.bucket).await?;
-        let (upload, rec) = self
+        // The listed parts' ETags, if every part lists one.
+        let etags: Option<Vec<String>> = input
+            .multipart_upload
+            .as_ref()
+            .and_then(|m| m.parts.as_ref())
+            .and_then(|parts| {
+                parts
+                    .iter()
+                    .map(|p| p.e_tag.as_ref().map(|e| e.value().to_owned()))
+                    .collect()
+            });
+        let (upload, rec) = match self
             .multipart(&who, &input.bucket, &input.key, &input.upload_id)
-            .await?;
+            .await
+        {
+            Ok(found) => found,
+            Err(e) => {
+                let Ok(upload) = input.upload_id.parse::<EvidenceId>() else {
+                    return Err(e);
+                };
+                let object = (input.bucket.as_str(), input.key.as_str());
+                return match self
+                    .completed_again(&who.tenant, &b, object, upload, etags.as_deref())
+                    .await?
+                {
+                    Some(answer) => Ok(S3Response::new(answer)),
+                    None => Err(e),
+                };
+            }
+        };
         // Conditional completion, as for PUT: checked now and again in the
         // transaction that makes the object current.
         let condition = put_condition(input.if_match.clone(), input.if_none_match.clone());
@@ -2045,15 +2122,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 "every part but the last must be at least 5 MiB"
             ));
         }
-        // The multipart ETag: MD5 of the parts' MD5s, then "-N".
-        let etag = {
-            use md5::Digest as _;
-            let mut h = md5::Md5::new();
-            for p in &chosen {
-                h.update(hex::decode(&p.md5).unwrap_or_default());
-            }
-            format!("{}-{}", hex::encode(h.finalize()), chosen.len())
-        };
+        let etag = multipart_etag(chosen.iter().map(|p| p.md5.as_str()));
         let (retain_until_ms, legal_hold) = evidence_worm(&rec.version);
         let meta = FilingMeta {
             tenant: who.tenant.clone(),
@@ -2084,6 +2153,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             gw: self.gw.clone(),
         };
         let (bucket, key) = (input.bucket.clone(), input.key.clone());
+        let caller_tenant = who.tenant.clone();
         let future = async move {
             let gw = front.gw.clone();
             let tenant = meta.tenant.clone();
@@ -2108,8 +2178,24 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 filing
             })
             .await
-            .map_err(|_| internal(ApiError::Internal))?
-            .map_err(s3_err)?;
+            .map_err(|_| internal(ApiError::Internal))?;
+            let filing = match filing {
+                Ok(filing) => filing,
+                // A concurrent Complete of the same upload (a retry that
+                // raced the first) committed first: its answer, if it
+                // listed the same parts.
+                Err(e @ ApiError::Object(ix::ObjectError::NoSuchUpload)) => {
+                    let object = (bucket.as_str(), key.as_str());
+                    return match front
+                        .completed_again(&caller_tenant, &b, object, upload, etags.as_deref())
+                        .await?
+                    {
+                        Some(answer) => Ok(answer),
+                        None => Err(s3_err(e)),
+                    };
+                }
+                Err(e) => return Err(s3_err(e)),
+            };
             let (v, _) = front.filed(&bucket, &key, filing).await?;
             tracing::info!(%upload, bucket = %bucket, key = %key, parts = chosen.len(), size = v.size, "multipart upload completed");
             Ok(CompleteMultipartUploadOutput {

@@ -17,6 +17,8 @@
 //! ("3U", bucket, 0x00, key, 0x00, upload id 16)     = ""               a bucket's uploads, as S3 lists them
 //! ("3q")                                            = ""               every upload is in "3U"
 //! ("3p", upload id 16, part number u32)             = PartRecord       its parts (stripes under the part's id)
+//! ("3d", upload id 16)                              = CompletedUpload  a completed upload, for a retried Complete
+//! ("3D", completed ms u64 BE, 0x00, upload id 16)   = ""               the same, oldest first, to expire them
 //! ("3j", versionstamp 10, record key)               = 1 ++ value | 0   journal of 3t/3b/3v changes, for recovery
 //! ("3J")                                            = u64              the journal's epoch
 //! ("3Js")                                           = ""               every record is journaled (or archived)
@@ -36,7 +38,9 @@
 //! which each recovery sets past every epoch in the archive: replay orders
 //! by epoch, then versionstamp. The other records are
 //! derived (`3B`, `3c`, `3U`), secret (`3a`: access keys are issued anew) or
-//! transient (`3u`, `3p`: an upload in progress is lost with the index).
+//! transient (`3u`, `3p`: an upload in progress is lost with the index;
+//! `3d`, `3D`: what a completed upload answers a retried Complete, kept a
+//! day).
 //!
 //! Object Lock is enforced here, in the transaction that removes a version
 //! or changes its retention: COMPLIANCE retention and legal holds refuse
@@ -58,6 +62,8 @@ const MULTIPART: &[u8] = b"3u";
 const PART: &[u8] = b"3p";
 const BUCKET_UPLOAD: &[u8] = b"3U";
 const BUCKET_UPLOADS_INDEXED: &[u8] = b"3q";
+const COMPLETED: &[u8] = b"3d";
+const COMPLETED_BY_TIME: &[u8] = b"3D";
 const JOURNAL: &[u8] = b"3j";
 const JOURNAL_EPOCH: &[u8] = b"3J";
 const JOURNAL_SEEDED: &[u8] = b"3Js";
@@ -1431,6 +1437,78 @@ pub async fn end_multipart_tx<T: Transaction>(
     let prefix = key_of(PART, &[upload.as_bytes()]);
     tx.clear_range(&prefix, &prefix_end(&prefix));
     Ok(())
+}
+
+/// What a completed multipart upload answered, kept so that a client
+/// retrying its Complete (the first answer lost on the way) gets the same
+/// answer instead of NoSuchUpload, as S3 gives it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompletedUpload {
+    pub tenant: String,
+    pub bucket: String,
+    pub key: String,
+    /// The object's ETag (MD5 of the parts' MD5s, then "-N").
+    pub etag: String,
+    pub version_id: EvidenceId,
+    pub null_version: bool,
+    pub completed_ms: u64,
+}
+
+/// Ends a multipart upload that completed (see [`end_multipart_tx`]) and
+/// keeps what it answered for [`completed_upload_tx`]. Fails with
+/// `NoSuchUpload` if the upload already ended (completed by a concurrent
+/// request, or aborted), so an upload completes once.
+pub async fn complete_multipart_tx<T: Transaction>(
+    tx: &T,
+    upload: EvidenceId,
+    done: &CompletedUpload,
+) -> Result<(), ObjectError> {
+    if get_multipart_tx(tx, upload).await?.is_none() {
+        return Err(ObjectError::NoSuchUpload);
+    }
+    end_multipart_tx(tx, upload).await?;
+    tx.set(
+        &key_of(COMPLETED, &[upload.as_bytes()]),
+        &encode_versioned(RECORD_V1, done),
+    );
+    tx.set(&completed_by_time(done.completed_ms, &upload), b"");
+    Ok(())
+}
+
+fn completed_by_time(ms: u64, upload: &EvidenceId) -> Vec<u8> {
+    key_of(COMPLETED_BY_TIME, &[&ms.to_be_bytes(), upload.as_bytes()])
+}
+
+/// What `upload` answered when it completed, if it did (and that answer is
+/// still kept).
+pub async fn completed_upload_tx<T: Transaction>(
+    tx: &T,
+    upload: EvidenceId,
+) -> Result<Option<CompletedUpload>, ObjectError> {
+    get_record(tx, &key_of(COMPLETED, &[upload.as_bytes()])).await
+}
+
+/// Forgets up to `limit` completed uploads that completed before
+/// `before_ms`, oldest first; returns how many.
+pub async fn expire_completed_tx<T: Transaction>(
+    tx: &T,
+    before_ms: u64,
+    limit: usize,
+) -> Result<usize, ObjectError> {
+    let end = key_of(COMPLETED_BY_TIME, &[&before_ms.to_be_bytes()]);
+    let rows = tx
+        .get_range(COMPLETED_BY_TIME, &end, limit.max(1), false)
+        .await?;
+    for (k, _) in &rows {
+        // "3D", 8 bytes of time, 0x00, then the upload id.
+        let id = k
+            .get(COMPLETED_BY_TIME.len() + 9..)
+            .and_then(|b| <[u8; 16]>::try_from(b).ok())
+            .ok_or(protocol::DecodeError::Malformed)?;
+        tx.clear(&key_of(COMPLETED, &[&id]));
+        tx.clear(k);
+    }
+    Ok(rows.len())
 }
 
 #[cfg(test)]

@@ -918,3 +918,65 @@ async fn uploads_in_progress_are_listed_by_bucket() {
     .unwrap();
     assert!(uploads(&s, "mine", None, "", None, 100).await.is_empty());
 }
+
+#[tokio::test]
+async fn a_completed_upload_is_remembered_a_while_and_completes_once() {
+    let (_d, s) = store();
+    bucket(&s, "mine", Versioning::Enabled, false).await;
+    let first = start_upload(&s, "mine", "a", "court", 1_000).await;
+    let second = start_upload(&s, "mine", "b", "court", 2_000).await;
+    let done = |upload: EvidenceId, ms: u64| ix::CompletedUpload {
+        tenant: "court".into(),
+        bucket: "mine".into(),
+        key: "a".into(),
+        etag: format!("{ms:032x}-1"),
+        version_id: upload,
+        null_version: false,
+        completed_ms: ms,
+    };
+    for (upload, ms) in [(first, 10_000), (second, 20_000)] {
+        let d = done(upload, ms);
+        run(&s, |tx| {
+            let d = &d;
+            async move { ix::complete_multipart_tx(&tx, upload, d).await }
+        })
+        .await
+        .unwrap();
+    }
+    // Completed once: a second completion finds no upload, and the upload
+    // is gone from the listing; its answer is kept.
+    let d = done(first, 11_000);
+    let again = run(&s, |tx| {
+        let d = &d;
+        async move { ix::complete_multipart_tx(&tx, first, d).await }
+    })
+    .await;
+    assert!(matches!(again, Err(ObjectError::NoSuchUpload)), "{again:?}");
+    assert!(uploads(&s, "mine", None, "", None, 100).await.is_empty());
+    let kept = |upload: EvidenceId| {
+        let s = s.clone();
+        async move {
+            run(&s, |tx| async move {
+                ix::completed_upload_tx(&tx, upload).await
+            })
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(kept(first).await, Some(done(first, 10_000)));
+    // Expired oldest first, only those completed before the cut.
+    let expired = run(&s, |tx| async move {
+        ix::expire_completed_tx(&tx, 15_000, 100).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(expired, 1);
+    assert_eq!(kept(first).await, None);
+    assert_eq!(kept(second).await, Some(done(second, 20_000)));
+    let expired = run(&s, |tx| async move {
+        ix::expire_completed_tx(&tx, 15_000, 100).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(expired, 0);
+}

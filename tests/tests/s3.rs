@@ -1571,9 +1571,10 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
         &["s3api", "head-object", "--bucket", "big", "--key", "m.bin"],
     )?;
 
-    // Two completions of one upload at once, in a versioned bucket: one
-    // object version, the other request refused (the upload ends in the
-    // transaction that makes the object visible).
+    // Two completions of one upload at once, in a versioned bucket (a
+    // client's retry racing its first request): one object version (the
+    // upload ends in the transaction that makes the object visible), and
+    // both requests get its answer, as from S3.
     aws.ok(&["s3api", "create-bucket", "--bucket", "twice"])?;
     aws.ok(&[
         "s3api",
@@ -1630,18 +1631,50 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
         let b = s.spawn(complete);
         (a.join(), b.join())
     });
-    let done = [a, b]
+    let answers: Vec<serde_json::Value> = [a, b]
         .into_iter()
         .filter_map(|r| r.ok().and_then(Result::ok))
         .filter(|o| o.status.success())
-        .count();
-    assert_eq!(done, 1, "exactly one completion succeeds");
+        .filter_map(|o| serde_json::from_slice(&o.stdout).ok())
+        .collect();
+    assert_eq!(answers.len(), 2, "both completions answer: {answers:?}");
     let versions = aws.json(&["s3api", "list-object-versions", "--bucket", "twice"])?;
     assert_eq!(
         versions["Versions"].as_array().map(Vec::len),
         Some(1),
         "{versions}"
     );
+    let version = &versions["Versions"][0];
+    for answer in &answers {
+        assert_eq!(answer["ETag"], version["ETag"], "{answer}");
+    }
+    // A retry long after gets the same answer (with the version id, which
+    // the first answer, sent while the object was being filed, lacks); one
+    // listing other parts is not a retry of this completion, and finds no
+    // upload.
+    let again = complete()?;
+    let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap_or_default();
+    assert_eq!(again["ETag"], version["ETag"], "{again}");
+    assert_eq!(again["VersionId"], version["VersionId"], "{again}");
+    let other = format!(
+        r#"{{"Parts":[{{"PartNumber":1,"ETag":"\"{}\""}}]}}"#,
+        md5_hex(b"x")
+    );
+    aws.fails(
+        "NoSuchUpload",
+        &[
+            "s3api",
+            "complete-multipart-upload",
+            "--bucket",
+            "twice",
+            "--key",
+            "t.bin",
+            "--upload-id",
+            &tid,
+            "--multipart-upload",
+            &other,
+        ],
+    )?;
 
     // UploadPartCopy: a part cut from an existing object, then a plain part.
     let up = aws.json(&[
