@@ -133,7 +133,9 @@ pub async fn serve<S: Store + 'static>(
                         // From a fixed set: any token is a valid method, and
                         // each new label would be a series kept for good.
                         let method = crate::metrics::method_label(req.method());
-                        let resp = if crate::s3_digest::wants_check(&req) {
+                        let resp = if let Some(refused) = crate::s3_digest::auth_refusal(&req) {
+                            Ok(refused_response(&refused))
+                        } else if crate::s3_digest::wants_check(&req) {
                             match crate::s3_digest::wrap(req) {
                                 Ok((req, verdict)) => {
                                     let resp =
@@ -403,10 +405,8 @@ impl<S: Store> S3Front<S> {
         .map_err(|e| s3_err(e.into()))?
         .ok_or_else(|| s3_error!(NoSuchBucket))?;
         if b.tenant != who.tenant {
-            return Err(s3_error!(
-                AccessDenied,
-                "the bucket belongs to another tenant"
-            ));
+            // S3's own words: whose bucket it is is not the caller's to learn.
+            return Err(s3_error!(AccessDenied, "Access Denied"));
         }
         Ok(b)
     }

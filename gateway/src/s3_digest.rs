@@ -356,6 +356,51 @@ fn completes_upload<B>(req: &http::Request<B>) -> bool {
     req.method() == http::Method::POST && query_keys(req).any(|k| k == "uploadId")
 }
 
+/// The longest a presigned URL may be valid, as in S3: a week.
+pub const MAX_PRESIGNED_SECS: u64 = 7 * 24 * 3600;
+
+/// A refusal for a request signed in a way this gateway does not accept,
+/// before s3s sees it:
+///
+/// - Signature Version 2 (an `Authorization: AWS ...` header, or a query
+///   with `Signature`/`AWSAccessKeyId`), which s3s would check: its
+///   requests carry no expiry s3s enforces (a captured one replays for
+///   ever), s3s compares their signatures in variable time and logs the
+///   expected one. S3 itself refuses it in every region opened since 2014.
+/// - A SigV4 presigned URL valid for more than [`MAX_PRESIGNED_SECS`]
+///   (s3s accepts any `X-Amz-Expires`, up to 136 years).
+pub fn auth_refusal<B>(req: &http::Request<B>) -> Option<Refused> {
+    let v2 = || Refused {
+        code: "InvalidRequest",
+        status: http::StatusCode::BAD_REQUEST,
+        message: "The authorization mechanism you have provided is not supported. \
+                  Please use AWS4-HMAC-SHA256."
+            .into(),
+    };
+    if let Some(auth) = req.headers().get(http::header::AUTHORIZATION) {
+        if auth.as_bytes().starts_with(b"AWS ") {
+            return Some(v2());
+        }
+    }
+    let query = req.uri().query().unwrap_or("");
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "Signature" | "AWSAccessKeyId" => return Some(v2()),
+            "X-Amz-Expires" if v.parse::<u64>().map_or(true, |s| s > MAX_PRESIGNED_SECS) => {
+                return Some(Refused {
+                    code: "AuthorizationQueryParametersError",
+                    status: http::StatusCode::BAD_REQUEST,
+                    message: format!(
+                        "X-Amz-Expires must be less than a week (in seconds) that is {MAX_PRESIGNED_SECS}"
+                    ),
+                });
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
 fn query_keys<B>(req: &http::Request<B>) -> impl Iterator<Item = &str> {
     req.uri()
         .query()
@@ -368,6 +413,44 @@ fn query_keys<B>(req: &http::Request<B>) -> impl Iterator<Item = &str> {
 mod tests {
     use super::*;
     use base64::Engine as _;
+
+    #[test]
+    fn only_sigv4_within_a_week_gets_through() {
+        let code = |uri: &str, headers: &[(&str, &str)]| {
+            auth_refusal(&req("GET", uri, headers)).map(|r| r.code)
+        };
+        let v4 = "AWS4-HMAC-SHA256 Credential=AK/20261205/us-east-1/s3/aws4_request, \
+                  SignedHeaders=host, Signature=00";
+        assert_eq!(code("/b/k", &[("authorization", v4)]), None);
+        assert_eq!(
+            code("/b/k", &[("authorization", "AWS AK:c2lnbmF0dXJl")]),
+            Some("InvalidRequest")
+        );
+        assert_eq!(
+            code(
+                "/b/k?AWSAccessKeyId=AK&Expires=99999999999&Signature=x",
+                &[]
+            ),
+            Some("InvalidRequest")
+        );
+        let presigned = |expires: &str| {
+            format!(
+                "/b/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AK%2F20261205%2Fus-east-1%2Fs3%2Faws4_request\
+                 &X-Amz-Date=20261205T000000Z&X-Amz-Expires={expires}&X-Amz-SignedHeaders=host&X-Amz-Signature=00"
+            )
+        };
+        assert_eq!(code(&presigned("604800"), &[]), None);
+        assert_eq!(code(&presigned("3600"), &[]), None);
+        for bad in ["604801", "4294967295", "-1", "x"] {
+            assert_eq!(
+                code(&presigned(bad), &[]),
+                Some("AuthorizationQueryParametersError"),
+                "{bad}"
+            );
+        }
+        // A key or a value that merely contains the names is not SigV2.
+        assert_eq!(code("/b/k?prefix=Signature", &[]), None);
+    }
 
     fn req(method: &str, uri: &str, headers: &[(&str, &str)]) -> http::Request<()> {
         let mut b = http::Request::builder().method(method).uri(uri);

@@ -99,15 +99,26 @@ impl std::fmt::Debug for EmbeddedStore {
 impl EmbeddedStore {
     /// Opens the store at `path`, creating the file if it does not exist.
     pub fn open(path: &Path) -> Result<Self, KvError> {
-        let db = Arc::new(Database::create(path).map_err(storage)?);
         // It holds S3 secret keys (and every tenant's records): its owner's
-        // alone, whatever the umask made of it.
+        // alone from its first byte, whatever the umask (made private only
+        // after redb created it, another user could open it in between and
+        // read every secret written later through that handle).
         {
-            use std::os::unix::fs::PermissionsExt;
-            if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
-                tracing::warn!(path = %path.display(), error = %e, "could not make the index file private");
+            use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(storage(e)),
             }
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(storage)?;
         }
+        let db = Arc::new(Database::create(path).map_err(storage)?);
         let version = prepare_tables(&db).map_err(storage)?;
         let disk_commits = Arc::new(AtomicU64::new(0));
         let (commits, requests) = mpsc::channel();

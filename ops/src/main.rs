@@ -424,8 +424,17 @@ enum TenantCommand {
 }
 
 fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // s3s logs whole requests at debug level, Authorization headers and
+    // presigned URLs' signatures included: `RUST_LOG=debug` must not write
+    // credentials to the log. Only an operator naming s3s gets its debug.
+    let names_s3s = std::env::var("RUST_LOG").is_ok_and(|v| v.contains("s3s"));
+    if !names_s3s {
+        if let Ok(quiet) = "s3s=info".parse() {
+            filter = filter.add_directive(quiet);
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

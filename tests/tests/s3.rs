@@ -604,6 +604,38 @@ fn aws_cli_files_lists_reads_and_deletes_objects_as_evidence() -> Result<()> {
         ureq::get(&tampered).call().is_err(),
         "a presigned URL names one object"
     );
+    // Refused whatever their signature: a URL valid for more than a week,
+    // and Signature Version 2 (no expiry s3s enforces), header or query.
+    let refused = |url: &str, auth: Option<&str>| -> Result<(u16, String)> {
+        let mut req = ureq::get(url).config().http_status_as_error(false).build();
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let mut resp = req.call()?;
+        Ok((resp.status().as_u16(), resp.body_mut().read_to_string()?))
+    };
+    let long = url
+        .trim()
+        .replace("X-Amz-Expires=300", "X-Amz-Expires=604801");
+    assert_ne!(long, url.trim());
+    let (status, body) = refused(&long, None)?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("AuthorizationQueryParametersError"), "{body}");
+    let object = format!("{}/evidence/dir/f1.bin", c.s3);
+    for (url, auth) in [
+        (
+            object.clone(),
+            Some("AWS AKIDEXAMPLE:frJIUN8DYpKDtOLCwo//yllqDzg="),
+        ),
+        (
+            format!("{object}?AWSAccessKeyId=AKIDEXAMPLE&Expires=4102444800&Signature=x"),
+            None,
+        ),
+    ] {
+        let (status, body) = refused(&url, auth)?;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("AWS4-HMAC-SHA256"), "{body}");
+    }
     // Multi-object delete.
     let gone = aws.json(&[
         "s3api",
