@@ -14,6 +14,9 @@
 //! - `POST /v1/admin/tenants` — `{"name": "..."}` registers a tenant (admin).
 //! - `POST /v1/admin/keys` — `{"tenant", "role", "bypass_governance"?}`: a
 //!   token and an S3 access key, returned once (admin; never `expunger`).
+//! - `POST /v1/admin/keys/revoke` — `{"token"?, "access_key"?}`: revokes a
+//!   bearer token and/or an S3 access key at once (admin); 404 if neither
+//!   exists.
 //! - `GET /healthz` — liveness and node counts; the only unauthenticated route.
 //!
 //! Every other route needs `Authorization: Bearer <token>`; tokens map to a
@@ -546,6 +549,10 @@ pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {
         .route(
             "/v1/admin/keys",
             post(create_key::<S>).layer(DefaultBodyLimit::max(SMALL_BODY)),
+        )
+        .route(
+            "/v1/admin/keys/revoke",
+            post(revoke_key::<S>).layer(DefaultBodyLimit::max(SMALL_BODY)),
         )
         // Uploads stream; their size is bounded by storage, not by memory.
         .layer(DefaultBodyLimit::disable())
@@ -1489,6 +1496,56 @@ async fn create_key<S: Store>(
             "access_key": creds.access_key,
             "secret_access_key": creds.secret,
             "bypass_governance": creds.bypass_governance,
+        })),
+    )
+        .into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeKey {
+    token: Option<String>,
+    access_key: Option<String>,
+}
+
+/// `POST /v1/admin/keys/revoke`: a leaked or retired credential stops
+/// working now, presigned URLs signed with the access key included.
+async fn revoke_key<S: Store>(
+    State(gw): State<Arc<Gateway<S>>>,
+    headers: HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let (who, req): (_, RevokeKey) = admin_request(
+        &gw,
+        &headers,
+        body,
+        "revoke credentials",
+        r#"{"token"?, "access_key"?}"#,
+    )
+    .await?;
+    if req.token.is_none() && req.access_key.is_none() {
+        return Err(ApiError::BadRequest(
+            "name a \"token\", an \"access_key\" or both".into(),
+        ));
+    }
+    let revoked =
+        crate::credentials::revoke(&gw.store, req.token.as_deref(), req.access_key.as_deref())
+            .await?;
+    if !revoked.token && !revoked.access_key {
+        return Err(ApiError::NoSuchCredential);
+    }
+    // The token itself is a secret: never logged, even revoked.
+    tracing::info!(
+        token = revoked.token,
+        access_key = req.access_key.as_deref().filter(|_| revoked.access_key),
+        by = %who.tenant,
+        "credentials revoked"
+    );
+    Ok((
+        StatusCode::OK,
+        Json(json!({
+            "token_revoked": revoked.token,
+            "access_key_revoked": revoked.access_key,
         })),
     )
         .into_response())

@@ -106,3 +106,31 @@ pub async fn create_tenant<S: indexer::KvStore>(
     })
     .await
 }
+
+/// What [`revoke`] found and removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Revoked {
+    pub token: bool,
+    pub access_key: bool,
+}
+
+/// Revokes a bearer token and/or an S3 access key in one transaction: each
+/// stops working when it commits (both APIs read credentials from the
+/// index at every request; nothing caches them).
+pub async fn revoke<S: indexer::KvStore>(
+    store: &S,
+    token: Option<&str>,
+    access_key: Option<&str>,
+) -> Result<Revoked, ObjectError> {
+    indexer::run(store, |tx| async move {
+        let mut revoked = Revoked::default();
+        if let Some(t) = token {
+            revoked.token = indexer::schema::revoke_token_tx(&tx, t).await?;
+        }
+        if let Some(k) = access_key {
+            revoked.access_key = indexer::s3::revoke_access_key_tx(&tx, k).await?;
+        }
+        Ok::<_, ObjectError>(revoked)
+    })
+    .await
+}

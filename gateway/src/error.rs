@@ -21,6 +21,9 @@ pub enum ApiError {
     /// No such evidence for this tenant (other tenants' evidence is invisible).
     #[error("no such evidence")]
     NotFound,
+    /// A credential to revoke that does not exist.
+    #[error("no such credential")]
+    NoSuchCredential,
     /// A malformed header, id, query or range.
     #[error("{0}")]
     BadRequest(String),
@@ -109,7 +112,7 @@ impl ApiError {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::NotFound | ApiError::NoSuchCredential => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::HashMismatch { .. } | ApiError::IdempotencyMismatch { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
@@ -156,6 +159,7 @@ impl ApiError {
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound => "not_found",
+            ApiError::NoSuchCredential => "no_such_credential",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::HashMismatch { .. } => "hash_mismatch",
             ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",

@@ -660,6 +660,18 @@ pub async fn put_access_key_tx<T: Transaction>(
     Ok(())
 }
 
+/// Revokes an access key: requests signed with it, presigned URLs
+/// included, fail from this transaction's commit on. False if there was none.
+pub async fn revoke_access_key_tx<T: Transaction>(
+    tx: &T,
+    key_id: &str,
+) -> Result<bool, ObjectError> {
+    let key = key_of(ACCESS_KEY, &[key_id.as_bytes()]);
+    let existed = tx.get(&key).await?.is_some();
+    tx.clear(&key);
+    Ok(existed)
+}
+
 pub async fn get_access_key_tx<T: Transaction>(
     tx: &T,
     key_id: &str,

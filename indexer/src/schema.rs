@@ -391,6 +391,15 @@ pub fn put_token_tx<T: Transaction>(
     Ok(())
 }
 
+/// Revokes a credential: the token stops working with this transaction's
+/// commit. False if no such token was stored.
+pub async fn revoke_token_tx<T: Transaction>(tx: &T, token: &str) -> Result<bool, SchemaError> {
+    let key = token_key(token);
+    let existed = tx.get(&key).await?.is_some();
+    tx.clear(&key);
+    Ok(existed)
+}
+
 pub async fn get_token_tx<T: Transaction>(
     tx: &T,
     token: &str,

@@ -407,6 +407,24 @@ enum KeyCommand {
         #[arg(long)]
         api: Option<String>,
     },
+    /// Revoke credentials at once: an S3 access key (and every presigned
+    /// URL signed with it), a bearer token, or both. Through the running
+    /// gateway if it holds the index.
+    #[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["access_key", "token_file"])))]
+    Revoke {
+        #[arg(long, default_value = "custodia-data")]
+        data_dir: PathBuf,
+        /// The S3 access key id.
+        #[arg(long)]
+        access_key: Option<String>,
+        /// A file holding the bearer token (never on the command line,
+        /// where other users' `ps` and the shell's history would see it).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// The running gateway's evidence API (see `key create --api`).
+        #[arg(long)]
+        api: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -587,6 +605,62 @@ async fn run(cli: Cli) -> Result<()> {
             };
             print!("{}", c.aws_profile(&profile));
             println!("custodia_token = {}", c.token);
+            Ok(())
+        }
+        Command::Key(KeyCommand::Revoke {
+            data_dir,
+            access_key,
+            token_file,
+            api,
+        }) => {
+            let token = match &token_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(f)
+                        .with_context(|| format!("reading the token from {}", f.display()))?
+                        .trim()
+                        .to_owned(),
+                ),
+                None => None,
+            };
+            let revoked = match cluster::open_index_offline(&data_dir) {
+                Ok(store) => {
+                    gateway::credentials::revoke(&store, token.as_deref(), access_key.as_deref())
+                        .await?
+                }
+                Err(offline) => {
+                    let (api, admin) = cluster::running_gateway(&data_dir, api.as_deref())
+                        .map_err(|e| offline.context(e))?;
+                    let answer = client::admin_post_json(
+                        &api,
+                        &admin,
+                        "/v1/admin/keys/revoke",
+                        &serde_json::json!({ "token": token, "access_key": access_key }),
+                    )?;
+                    gateway::credentials::Revoked {
+                        token: answer["token_revoked"].as_bool().unwrap_or(false),
+                        access_key: answer["access_key_revoked"].as_bool().unwrap_or(false),
+                    }
+                }
+            };
+            if let Some(k) = &access_key {
+                let said = if revoked.access_key {
+                    "revoked"
+                } else {
+                    "not found"
+                };
+                println!("access key {k}: {said}");
+            }
+            if token.is_some() {
+                let said = if revoked.token {
+                    "revoked"
+                } else {
+                    "not found"
+                };
+                println!("token: {said}");
+            }
+            if !revoked.token && !revoked.access_key {
+                anyhow::bail!("no such credential: nothing was revoked");
+            }
             Ok(())
         }
         Command::Tenant(TenantCommand::Create {

@@ -910,6 +910,49 @@ fn tenants_and_keys_are_isolated_and_signatures_checked() -> Result<()> {
     wrong.fails("SignatureDoesNotMatch", &["s3api", "list-buckets"])?;
     let anonymous = ureq::get(format!("{}/court-a/a.txt", c.s3)).call();
     assert!(anonymous.is_err(), "anonymous reads are refused");
+
+    // Revoked credentials stop working at once: the access key, presigned
+    // URLs it signed, and the bearer token.
+    let presigned = reader.ok(&["s3", "presign", "s3://court-b/b.txt"])?;
+    assert!(ureq::get(presigned.trim()).call().is_ok());
+    let reader_key = std::fs::read_to_string(&reader.creds)?
+        .lines()
+        .find_map(|l| l.strip_prefix("aws_access_key_id = ").map(str::to_owned))
+        .unwrap_or_default();
+    let status_of = |token: &str| -> Result<u16> {
+        let zeros = "0".repeat(64);
+        Ok(ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .new_agent()
+            .get(&format!("{}/v1/evidence/by-hash/{zeros}", c.api))
+            .header("Authorization", &format!("Bearer {token}"))
+            .call()?
+            .status()
+            .as_u16())
+    };
+    assert_eq!(status_of(&b_token)?, 200, "a valid token is let in");
+    let token_file = c.data_dir().join("b.token");
+    std::fs::write(&token_file, &b_token)?;
+    let token_arg = token_file.to_string_lossy().into_owned();
+    let revoke = |args: &[&str]| c.custodia(&[&["key", "revoke"][..], args].concat());
+    let out = revoke(&["--access-key", &reader_key, "--token-file", &token_arg])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    reader.fails("InvalidAccessKeyId", &["s3api", "list-buckets"])?;
+    assert!(
+        ureq::get(presigned.trim()).call().is_err(),
+        "a presigned URL dies with its key"
+    );
+    assert_eq!(status_of(&b_token)?, 401);
+    // The other key of the tenant still works; revoking again finds nothing.
+    b.ok(&["s3api", "list-buckets"])?;
+    let again = revoke(&["--access-key", &reader_key])?;
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no such credential"));
     Ok(())
 }
 
