@@ -693,9 +693,12 @@ async fn file_evidence<S: Store>(
     request: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
+    // Unauthenticated callers get their 401 at once (nothing of theirs is
+    // read); a known caller's refusal is answered after its body, if small.
     let who = authenticate(&gw, &parts.headers).await?;
-    require(&who, Role::Clerk, "file evidence")?;
-    let meta = match filing_meta(&gw, who.tenant, &parts.headers) {
+    let meta = match require(&who, Role::Clerk, "file evidence")
+        .and_then(|()| filing_meta(&gw, who.tenant.clone(), &parts.headers))
+    {
         Ok(meta) => meta,
         Err(e) => {
             let idle = Duration::from_millis(gw.config.client_idle_timeout_ms.max(1));

@@ -130,7 +130,10 @@ impl ApiError {
             ApiError::Index(SchemaError::NoEvidence(_)) => StatusCode::NOT_FOUND,
             ApiError::Index(SchemaError::BadTenant) => StatusCode::BAD_REQUEST,
             ApiError::Index(SchemaError::AdminOutsideOperators) => StatusCode::FORBIDDEN,
-            ApiError::Index(SchemaError::IntentAborted(_)) => StatusCode::CONFLICT,
+            // Aborted, or aborted and already collected: the same to the filer.
+            ApiError::Index(SchemaError::IntentAborted(_) | SchemaError::NoIntent(_)) => {
+                StatusCode::CONFLICT
+            }
             ApiError::Index(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Object(ObjectError::Schema(SchemaError::AdminOutsideOperators)) => {
                 StatusCode::FORBIDDEN
@@ -178,7 +181,9 @@ impl ApiError {
             ApiError::Index(SchemaError::NoEvidence(_)) => "not_found",
             ApiError::Index(SchemaError::BadTenant) => "bad_tenant",
             ApiError::Index(SchemaError::AdminOutsideOperators) => "forbidden",
-            ApiError::Index(SchemaError::IntentAborted(_)) => "upload_aborted",
+            ApiError::Index(SchemaError::IntentAborted(_) | SchemaError::NoIntent(_)) => {
+                "upload_aborted"
+            }
             ApiError::Index(_) => "index_error",
             ApiError::Object(ObjectError::Locked(_)) => "locked",
             ApiError::Object(ObjectError::Schema(SchemaError::AdminOutsideOperators)) => {

@@ -172,19 +172,39 @@ where
             .await
         }
     })
-    .await?;
+    .await;
+    // Refused before its body is read: a small body is read first, or the
+    // client, still sending, may see the connection close instead of the
+    // answer (a retry while the first attempt runs is the usual case).
+    let idle = std::time::Duration::from_millis(gw.config.client_idle_timeout_ms.max(1));
+    let refuse = |body: B, e: ApiError| async move {
+        drain_small(body, idle).await;
+        Err(e)
+    };
     match start {
-        IntentStart::Started => {}
-        IntentStart::AlreadyFiled(prev) => {
-            let header = indexer::run(&gw.store, |tx| async move {
+        Err(e) => return refuse(body, e.into()).await,
+        Ok(IntentStart::Started) => {}
+        Ok(IntentStart::AlreadyFiled(prev)) => {
+            let header = match indexer::run(&gw.store, |tx| async move {
                 schema::get_manifest_tx(&tx, prev).await
             })
-            .await?
-            .ok_or(ApiError::Internal)?;
+            .await
+            {
+                Ok(Some(header)) => header,
+                // Expunged since the key was looked up.
+                Ok(None) => return refuse(body, ApiError::Gone).await,
+                Err(e) => return refuse(body, e.into()).await,
+            };
             check_replay(&gw, &meta, &header, body).await?;
             return Ok(Filing::Replayed(header));
         }
-        IntentStart::InFlight(prev) => return Err(ApiError::UploadInProgress(prev.to_string())),
+        Ok(IntentStart::InFlight(prev)) => {
+            return refuse(body, ApiError::UploadInProgress(prev.to_string())).await
+        }
+        Ok(IntentStart::Expunged(prev)) => {
+            tracing::info!(evidence = %prev, "a retried filing names expunged evidence: refused");
+            return refuse(body, ApiError::Gone).await;
+        }
     }
 
     let mut upload = Upload::new(gw.clone(), evidence);
@@ -582,10 +602,28 @@ impl<S: Store> Upload<S> {
     }
 
     async fn complete_oldest(&mut self) -> Result<(), ApiError> {
-        let Some((stripe, handle)) = self.in_flight.pop_front() else {
+        let Some((stripe, mut handle)) = self.in_flight.pop_front() else {
             return Ok(());
         };
-        let record = handle.await.map_err(|e| {
+        // The lease is kept while the stripe waits (on a slow node, its
+        // spares one after another, or the ingest gate while repair runs):
+        // a live upload is never taken for abandoned.
+        let joined = loop {
+            let renew_at = tokio::time::Instant::from_std(self.renewed_at) + self.lease_third();
+            tokio::select! {
+                biased;
+                joined = &mut handle => break joined,
+                () = tokio::time::sleep_until(renew_at) => {
+                    if let Err(e) = self.keep_lease().await {
+                        // Still in flight: `abandon` waits for it and
+                        // deletes what it stored.
+                        self.in_flight.push_front((stripe, handle));
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        let record = joined.map_err(|e| {
             tracing::error!(error = %e, "stripe task failed");
             ApiError::Internal
         })??;

@@ -430,6 +430,9 @@ pub enum IntentStart {
     AlreadyFiled(EvidenceId),
     /// The idempotency key names an upload still in flight.
     InFlight(EvidenceId),
+    /// The idempotency key names a filing since expunged: a retry must not
+    /// file again what a court ordered removed.
+    Expunged(EvidenceId),
 }
 
 /// Records an upload intent for `evidence`, unless `idempotency` already names
@@ -443,17 +446,26 @@ pub async fn begin_intent_tx<T: Transaction>(
 ) -> Result<IntentStart, SchemaError> {
     if let Some(key) = idempotency {
         let ik = idempotency_key(tenant, key)?;
-        if let Some(prev) = tx.get(&ik).await? {
-            let prev = evidence_from(&prev)?;
-            if tx.get(&evidence_key(EVIDENCE, &prev)).await?.is_some() {
-                return Ok(IntentStart::AlreadyFiled(prev));
-            }
-            if let Some(intent) = get_intent_tx(tx, prev).await? {
-                if !intent.aborted {
-                    return Ok(IntentStart::InFlight(prev));
+        match tx.get(&ik).await? {
+            // This very transaction, run again after a commit whose outcome
+            // was unknown (FoundationDB) and which did commit: ours.
+            Some(prev) if evidence_from(&prev)? == evidence => {}
+            Some(prev) => {
+                let prev = evidence_from(&prev)?;
+                if tx.get(&evidence_key(EVIDENCE, &prev)).await?.is_some() {
+                    return Ok(IntentStart::AlreadyFiled(prev));
                 }
+                if tx.get(&evidence_key(EXPUNGED, &prev)).await?.is_some() {
+                    return Ok(IntentStart::Expunged(prev));
+                }
+                if let Some(intent) = get_intent_tx(tx, prev).await? {
+                    if !intent.aborted {
+                        return Ok(IntentStart::InFlight(prev));
+                    }
+                }
+                // The earlier attempt failed: this retry files anew.
             }
-            // The earlier attempt failed: this retry files anew.
+            None => {}
         }
         tx.set(&ik, evidence.as_bytes());
     } else if !valid_tenant(tenant) {

@@ -216,6 +216,24 @@ async fn idempotency_keys_replay_per_tenant() {
         begin(&s, b, "court", Some("k2")).await.unwrap(),
         IntentStart::Started
     );
+    // The same start run again (a commit whose outcome was unknown, which
+    // did commit) is still ours, not an upload in progress.
+    assert_eq!(
+        begin(&s, b, "court", Some("k2")).await.unwrap(),
+        IntentStart::Started
+    );
+    // A filing expunged since: its retry is refused, never filed anew.
+    run(
+        &s,
+        |tx| async move { schema::expunge_tx(&tx, first, 10).await },
+    )
+    .await
+    .unwrap();
+    let late = EvidenceId::new(5, [5; 10]);
+    assert_eq!(
+        begin(&s, late, "court", Some("k1")).await.unwrap(),
+        IntentStart::Expunged(first)
+    );
 }
 
 #[tokio::test]
