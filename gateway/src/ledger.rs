@@ -273,6 +273,13 @@ pub enum LedgerError {
     Format(#[from] pl::LedgerError),
     #[error("tree hashes missing from the index: {0}")]
     Tree(String),
+    /// The published checkpoint is not a tree the index holds: writing
+    /// tiles or signing now would fork the log.
+    #[error(
+        "the published log is not this index's tree ({0}); refusing to write tiles or sign: \
+         was the index restored from an older backup, or does another index publish here?"
+    )]
+    Forked(String),
 }
 
 /// The running ledger.
@@ -294,6 +301,9 @@ pub struct Ledger {
     /// The size of the checkpoint this process last wrote to the published
     /// `checkpoint` file (0: none yet).
     checkpoint_file: std::sync::atomic::AtomicU64,
+    /// Whether the published checkpoint was found to be a tree the index
+    /// holds (see [`check_published_tree`]).
+    published_checked: std::sync::atomic::AtomicBool,
     owner: u128,
     /// The integrator lease this process last stored: fencing token and
     /// when (monotonic) it was taken or renewed. Each integration renews it in its own
@@ -404,6 +414,7 @@ impl Ledger {
             wake: Notify::new(),
             published: watch::channel(0).0,
             checkpoint_file: std::sync::atomic::AtomicU64::new(0),
+            published_checked: std::sync::atomic::AtomicBool::new(false),
             lease: std::sync::Mutex::new(None),
             watched: std::sync::Mutex::new(None),
             owner: {
@@ -867,6 +878,66 @@ fn tile_rows(tiles: &[(Tile, Vec<u8>)]) -> Vec<lx::TileData> {
         .collect()
 }
 
+/// Checks, before this process first writes tiles or signs, that the
+/// published checkpoint is a tree the index holds: as large as the index's
+/// at most, with the root the index's tree has at its size. An index
+/// restored from an older backup (or another log's index publishing into
+/// the same place) would otherwise integrate new leaves at published
+/// indexes: tiles served as immutable rewritten with other bytes, and a
+/// second tree signed at a size already signed, a fork. Integration stops
+/// with [`LedgerError::Forked`] until an operator resolves it.
+async fn check_published_tree<S: Store>(
+    gw: &Gateway<S>,
+    ledger: &Ledger,
+) -> Result<(), LedgerError> {
+    use std::sync::atomic::Ordering;
+    if ledger.published_checked.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    let published = match ledger.tiles.get(&StorePath::from(CHECKPOINT_FILE)).await {
+        Ok(got) => Some(got.bytes().await?),
+        Err(object_store::Error::NotFound { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    // Nothing published, or a note that is not this log's (replaced, as
+    // `published_size` says).
+    let Some(cp) = published.as_deref().and_then(|note| {
+        std::str::from_utf8(note)
+            .ok()
+            .and_then(|n| pl::verify_checkpoint(n, &ledger.verifier_key).ok())
+    }) else {
+        ledger.published_checked.store(true, Ordering::Release);
+        return Ok(());
+    };
+    let index_size = newest_checkpoint(gw, ledger)
+        .await
+        .map_err(|e| LedgerError::Tree(format!("the index's checkpoint: {e}")))?
+        .map_or(0, |(_, c)| c.size);
+    let fork = if cp.size > index_size {
+        Some(format!(
+            "published size {} is beyond the index's {index_size}",
+            cp.size
+        ))
+    } else {
+        let mut known = HashMap::new();
+        let base = tlog_tiles::stored_hash_index(0, cp.size);
+        let (root, _) =
+            with_hashes(gw, &mut known, base, |r| tlog_tiles::tree_hash(cp.size, r)).await?;
+        (root != cp.root).then(|| {
+            format!(
+                "at size {} the published root differs from the index's",
+                cp.size
+            )
+        })
+    };
+    if let Some(why) = fork {
+        tracing::error!(%why, "the published ledger and the index disagree; integration stopped");
+        return Err(LedgerError::Forked(why));
+    }
+    ledger.published_checked.store(true, Ordering::Release);
+    Ok(())
+}
+
 /// Starts the integrator.
 pub fn spawn_integrator<S: Store>(gw: Arc<Gateway<S>>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -905,6 +976,7 @@ pub async fn integrate_pending<S: Store>(
     gw: &Arc<Gateway<S>>,
     ledger: &Arc<Ledger>,
 ) -> Result<bool, LedgerError> {
+    check_published_tree(gw, ledger).await?;
     // The newest batch's commit-then-publish task (it awaits the publication
     // before it, so awaiting it awaits them all), and its commit's outcome.
     let mut publishing: Option<tokio::task::JoinHandle<Result<(), LedgerError>>> = None;
@@ -2220,6 +2292,19 @@ pub fn spawn_witnessing<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::Jo
                         Ok(Cosigned::Behind(size)) => {
                             match witness_once(gw, agent, which, size, newest).await {
                                 Ok(Cosigned::Yes) => Some(newest.1.size),
+                                // Sent from its own size and refused again at
+                                // ours or beyond: it holds another tree there.
+                                // Never marked seen: said at every round.
+                                Ok(Cosigned::Behind(s)) if s >= newest.1.size => {
+                                    tracing::error!(
+                                        witness = %w.url,
+                                        witness_size = s,
+                                        our_size = newest.1.size,
+                                        "the witness holds a different tree at our size or beyond: \
+                                         this log may have forked (an index restored from an older backup?)"
+                                    );
+                                    None
+                                }
                                 Ok(Cosigned::Behind(s)) => Some(s),
                                 Err(e) => {
                                     tracing::warn!(witness = %w.url, error = %e, "witness did not cosign");
@@ -2424,10 +2509,7 @@ async fn stamp<S: Store>(gw: &Gateway<S>, tsa: &Tsa, note: &str, size: u64) -> R
     }
     indexer::run(&gw.store, |tx| {
         let response = &response;
-        async move {
-            lx::put_timestamp_tx(&tx, size, note, response);
-            Ok::<_, indexer::schema::SchemaError>(())
-        }
+        async move { lx::put_timestamp_tx(&tx, size, note, response).await }
     })
     .await
     .map_err(|e| e.to_string())?;

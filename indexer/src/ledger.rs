@@ -828,9 +828,19 @@ fn tsa_key(size: u64) -> Vec<u8> {
     k
 }
 
-/// Stores an RFC 3161 response over the checkpoint `note` of `size`.
-pub fn put_timestamp_tx<T: Transaction>(tx: &T, size: u64, note: &str, response: &[u8]) {
+/// Stores an RFC 3161 response over the checkpoint `note` of `size`; the
+/// newest time-stamped checkpoint only moves forward (an older one stamped
+/// late does not replace it).
+pub async fn put_timestamp_tx<T: Transaction>(
+    tx: &T,
+    size: u64,
+    note: &str,
+    response: &[u8],
+) -> Result<(), SchemaError> {
     tx.set(&tsa_key(size), response);
+    if stamped_tx(tx).await?.is_some_and(|s| s.size > size) {
+        return Ok(());
+    }
     tx.set(
         &ledger_key("stamped"),
         &encode_versioned(
@@ -841,6 +851,7 @@ pub fn put_timestamp_tx<T: Transaction>(tx: &T, size: u64, note: &str, response:
             },
         ),
     );
+    Ok(())
 }
 
 /// The RFC 3161 response over the checkpoint of `size`, if any.

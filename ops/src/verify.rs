@@ -131,13 +131,40 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
     let mut content = Value::Null;
     if let (Some(path), Ok(v)) = (args.file, &logged) {
         let (b3, sha, size) = crate::client::hash_file(path)?;
-        let matches = v.check_content(&b3, &sha).is_ok() && size == v.statement.size;
-        if !matches {
-            problems.push(format!(
-                "{} is NOT the evidence the receipt names (its BLAKE3 is {}, the statement says {})",
-                path.display(),
+        // Each difference named: a hash-only notarization's size is what its
+        // client declared, so the hashes can match while the size does not.
+        let mut differs = Vec::new();
+        if v.statement.blake3 != b3.to_hex() {
+            differs.push(format!(
+                "its BLAKE3 is {}, the statement says {}",
                 b3.to_hex(),
                 v.statement.blake3
+            ));
+        }
+        if let Some(said) = v.statement.sha256.as_deref().filter(|s| *s != sha.to_hex()) {
+            differs.push(format!(
+                "its SHA-256 is {}, the statement says {said}",
+                sha.to_hex()
+            ));
+        }
+        if size != v.statement.size {
+            differs.push(format!(
+                "its size is {size} bytes, the statement says {}",
+                v.statement.size
+            ));
+        }
+        // The same check the protocol makes, should it ever check more.
+        if differs.is_empty() {
+            if let Err(e) = v.check_content(&b3, &sha) {
+                differs.push(e.to_string());
+            }
+        }
+        let matches = differs.is_empty();
+        if !matches {
+            problems.push(format!(
+                "{} is NOT the evidence the receipt names ({})",
+                path.display(),
+                differs.join("; ")
             ));
         }
         content = json!({ "file": path.display().to_string(), "blake3": b3.to_hex(), "sha256": sha.to_hex(), "size": size, "matches": matches });

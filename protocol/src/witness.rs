@@ -189,17 +189,38 @@ pub fn cosigned_by(note: &str, witness_keys: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// Appends signature lines (`— name base64\n`, as a witness returns them) to
-/// a signed note.
+/// Adds signature lines (`— name base64\n`, as a witness returns them) to
+/// a signed note: one line per signer (name and key ID), the newest given
+/// replacing an older one. A witness cosigns a checkpoint again with a new
+/// time (after a gateway restart, say): appended, the lines would pile up
+/// past the 100 signatures a note may carry, and receipts would lose every
+/// cosignature.
 pub fn add_signature_lines(note: &str, lines: &str) -> String {
-    let mut out = note.to_owned();
+    let mut out: Vec<String> = note.lines().map(str::to_owned).collect();
     for line in lines.lines().filter(|l| l.starts_with("\u{2014} ")) {
-        if !out.contains(line) {
-            out.push_str(line);
-            out.push('\n');
+        if out.iter().any(|l| l == line) {
+            continue;
+        }
+        let signer = signer_of(line);
+        let same = out
+            .iter()
+            .position(|l| l.starts_with("\u{2014} ") && signer.is_some() && signer_of(l) == signer);
+        match same {
+            Some(i) => out[i] = line.to_owned(),
+            None => out.push(line.to_owned()),
         }
     }
-    out
+    let mut text = out.join("\n");
+    text.push('\n');
+    text
+}
+
+/// A signature line's signer: its name and key ID (the first 4 bytes of
+/// its signature), as signed-note identifies a key.
+fn signer_of(line: &str) -> Option<(&str, [u8; 4])> {
+    let (name, sig) = line.strip_prefix("\u{2014} ")?.rsplit_once(' ')?;
+    let raw = B64.decode(sig).ok()?;
+    Some((name, raw.get(..4)?.try_into().ok()?))
 }
 
 /// The signature lines of a witness's `add-checkpoint` response that are
@@ -317,6 +338,27 @@ mod tests {
         assert_eq!(cosignature_time(line), Some(1_679_315_147));
         assert_eq!(cosignature_time(&forged), None);
         assert_eq!(cosignature_time("junk"), None);
+        // Cosigned again later: the newer line replaces the older, one line
+        // per witness however often it cosigns; the log's own stays.
+        let mut later = Note::from_bytes(note.as_bytes()).unwrap();
+        later
+            .add_sigs(&[&Cosigner::new(&w1s, 1_679_315_999).unwrap()])
+            .unwrap();
+        let later = String::from_utf8(later.to_bytes()).unwrap();
+        let later_line = later.lines().last().unwrap();
+        let mut merged = cosigned.clone();
+        for _ in 0..3 {
+            merged = add_signature_lines(&merged, later_line);
+        }
+        merged = add_signature_lines(&merged, w2_line);
+        let lines: Vec<&str> = merged
+            .lines()
+            .filter(|l| l.starts_with('\u{2014}'))
+            .collect();
+        assert_eq!(lines.len(), 3, "{merged}");
+        assert!(lines.contains(&later_line) && lines.contains(&w2_line));
+        assert!(!lines.contains(&line));
+        crate::ledger::verify_checkpoint(&merged, &log_v).unwrap();
         // Deterministic: same key, time and checkpoint, same bytes.
         let mut again = Note::from_bytes(note.as_bytes()).unwrap();
         again

@@ -105,6 +105,16 @@ fn a_filing_gets_a_receipt_a_court_can_verify_offline() -> Result<()> {
     std::fs::write(&other, &altered)?;
     let (ok, out) = custodia_verify(&rpath, &key, Some(&other))?;
     assert!(!ok && out.contains("NOT the evidence"), "{out}");
+    // Each difference is named, and only those.
+    assert!(
+        out.contains("its BLAKE3 is")
+            && out.contains("its SHA-256 is")
+            && !out.contains("its size"),
+        "{out}"
+    );
+    std::fs::write(&other, &data[..data.len() - 1])?;
+    let (ok, out) = custodia_verify(&rpath, &key, Some(&other))?;
+    assert!(!ok && out.contains("its size is"), "{out}");
 
     let wrong_key = dir.path().join("wrong.pub");
     let (_, vkey) = ledger::note_keys("custodia.local/ledger", &[9; 32]);
@@ -239,6 +249,9 @@ fn the_log_is_published_as_c2sp_tiles_and_stays_consistent_across_a_crash() -> R
 
     // Kill the gateway without warning, bring it back, file more.
     c.kill_gateway();
+    let index = c.data_dir().join("index.redb");
+    let backup = c.data_dir().join("index.redb.at-5");
+    std::fs::copy(&index, &backup)?;
     c.start_gateway()?;
     c.wait_healthy(8)?;
     for i in 5..8u64 {
@@ -283,6 +296,37 @@ fn the_log_is_published_as_c2sp_tiles_and_stays_consistent_across_a_crash() -> R
     assert_eq!(
         (a.status, a.json()["error"].as_str()),
         (400, Some("bad_request"))
+    );
+
+    // The index restored from its backup at size 5, behind the published
+    // log: integrating would put new leaves at published indexes 5..8 and
+    // sign a second tree of size 8. The gateway files, but its ledger
+    // stops and says why; nothing published changes.
+    let sorted = |mut files: Vec<Vec<u8>>| {
+        files.sort();
+        files
+    };
+    let tiles = sorted(walk(&c.data_dir().join("ledger/tiles")));
+    c.stop_gateway();
+    std::fs::copy(&backup, &index)?;
+    c.start_gateway()?;
+    c.wait_healthy(8)?;
+    let filed = c.file_with(&c.token, &bytes(999, 99), &[])?;
+    assert_eq!(filed.status, 201);
+    assert!(
+        filed.json()["receipt"].get("leaf_index").is_none(),
+        "no receipt from a ledger that would fork: {}",
+        filed.json()
+    );
+    assert_eq!(published(&c, "checkpoint")?, note.as_bytes());
+    assert!(
+        sorted(walk(&c.data_dir().join("ledger/tiles"))) == tiles,
+        "tiles unchanged"
+    );
+    let log = std::fs::read_to_string(c.data_dir().join("gateway.log"))?;
+    assert!(
+        log.contains("the published ledger and the index disagree"),
+        "the gateway says why its ledger stopped"
     );
     Ok(())
 }
