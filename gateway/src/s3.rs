@@ -1921,6 +1921,8 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             tenant: who.tenant.clone(),
             created_ms: now,
             version,
+            default_retention: input.object_lock_mode.is_none()
+                && input.object_lock_retain_until_date.is_none(),
         };
         indexer::run(&self.gw.store, |tx| {
             let (rec, b) = (&rec, &b);
@@ -2123,7 +2125,18 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             ));
         }
         let etag = multipart_etag(chosen.iter().map(|p| p.md5.as_str()));
-        let (retain_until_ms, legal_hold) = evidence_worm(&rec.version);
+        // The bucket's default retention as the object comes to be: counted
+        // from now, and as the bucket has it now (set or changed during a
+        // long upload), as S3 applies it.
+        let mut version = rec.version.clone();
+        if rec.default_retention {
+            let now = self.gw.clock.now_ms();
+            version.retention = b.default_retention.map(|d| Retention {
+                mode: d.mode,
+                until_ms: d.until_ms(now),
+            });
+        }
+        let (retain_until_ms, legal_hold) = evidence_worm(&version);
         let meta = FilingMeta {
             tenant: who.tenant.clone(),
             retain_until_ms,
@@ -2136,7 +2149,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 key: input.key.clone(),
                 version: ObjectVersion {
                     null_version: b.versioning != Versioning::Enabled,
-                    ..rec.version.clone()
+                    ..version
                 },
                 etag: Some(etag),
                 condition,

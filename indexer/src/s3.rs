@@ -1234,6 +1234,40 @@ pub struct MultipartRecord {
     pub created_ms: u64,
     /// The version to write at completion (evidence, size and ETag filled then).
     pub version: ObjectVersion,
+    /// The request named no retention: the bucket's default applies, taken
+    /// at completion (when the object comes to be, as in S3), not from when
+    /// the upload began.
+    pub default_retention: bool,
+}
+
+/// Multipart records before `default_retention` (their retention is kept
+/// as it was taken).
+#[derive(Deserialize)]
+struct MultipartRecordV1 {
+    bucket: String,
+    key: String,
+    tenant: String,
+    created_ms: u64,
+    version: ObjectVersion,
+}
+
+const MULTIPART_V2: u8 = 2;
+
+fn decode_multipart(v: &[u8]) -> Result<MultipartRecord, protocol::DecodeError> {
+    match v.first() {
+        Some(&RECORD_V1) => {
+            let old: MultipartRecordV1 = decode_versioned(RECORD_V1, v)?;
+            Ok(MultipartRecord {
+                bucket: old.bucket,
+                key: old.key,
+                tenant: old.tenant,
+                created_ms: old.created_ms,
+                version: old.version,
+                default_retention: false,
+            })
+        }
+        _ => decode_versioned(MULTIPART_V2, v),
+    }
 }
 
 /// One uploaded part: its bytes are stored as stripes under `part_id` (an
@@ -1270,7 +1304,7 @@ pub async fn create_multipart_tx<T: Transaction>(
     bucket_as_seen(tx, &rec.bucket, seen).await?;
     tx.set(
         &key_of(MULTIPART, &[upload.as_bytes()]),
-        &encode_versioned(RECORD_V1, rec),
+        &encode_versioned(MULTIPART_V2, rec),
     );
     tx.set(&bucket_upload_key(&rec.bucket, &rec.key, &upload), b"");
     Ok(())
@@ -1287,7 +1321,10 @@ pub async fn get_multipart_tx<T: Transaction>(
     tx: &T,
     upload: EvidenceId,
 ) -> Result<Option<MultipartRecord>, ObjectError> {
-    get_record(tx, &key_of(MULTIPART, &[upload.as_bytes()])).await
+    match tx.get(&key_of(MULTIPART, &[upload.as_bytes()])).await? {
+        Some(v) => Ok(Some(decode_multipart(&v)?)),
+        None => Ok(None),
+    }
 }
 
 /// Where a listing of a bucket's uploads resumes: after this key's uploads
@@ -1381,7 +1418,7 @@ pub async fn index_bucket_uploads_tx<T: Transaction>(
     for (k, v) in &rows {
         // One that does not decode is passed over (listings never showed
         // it either), not a gateway that cannot start.
-        let Ok(rec) = decode_versioned::<MultipartRecord>(RECORD_V1, v) else {
+        let Ok(rec) = decode_multipart(v) else {
             continue;
         };
         tx.set(

@@ -680,6 +680,7 @@ async fn a_bucket_made_again_is_not_the_one_a_request_checked() {
         tenant: "court".into(),
         created_ms: 2,
         version: version(70, false),
+        default_retention: false,
     };
     run(&s, |tx| {
         let rec = &rec;
@@ -763,6 +764,7 @@ async fn start_upload(s: &EmbeddedStore, b: &str, key: &str, tenant: &str, ms: u
         tenant: tenant.into(),
         created_ms: ms,
         version: version(ms, false),
+        default_retention: false,
     };
     let ours = ix::MultipartRecord {
         tenant: "court".into(),
@@ -781,7 +783,7 @@ async fn start_upload(s: &EmbeddedStore, b: &str, key: &str, tenant: &str, ms: u
             let rec = &rec;
             async move {
                 let key = [&b"3u"[..], upload.as_bytes()].concat();
-                tx.set(&key, &protocol::wire::encode_versioned(1, rec));
+                tx.set(&key, &protocol::wire::encode_versioned(2, rec));
                 Ok::<_, ObjectError>(())
             }
         })
@@ -979,4 +981,47 @@ async fn a_completed_upload_is_remembered_a_while_and_completes_once() {
     .await
     .unwrap();
     assert_eq!(expired, 0);
+}
+
+#[tokio::test]
+async fn multipart_records_from_before_default_retention_still_read() {
+    #[derive(serde::Serialize)]
+    struct Before {
+        bucket: String,
+        key: String,
+        tenant: String,
+        created_ms: u64,
+        version: ObjectVersion,
+    }
+    let (_d, s) = store();
+    let upload = EvidenceId::new(80, [8; 10]);
+    let old = Before {
+        bucket: "mine".into(),
+        key: "k".into(),
+        tenant: "court".into(),
+        created_ms: 80,
+        version: version(80, false),
+    };
+    run(&s, |tx| {
+        let old = &old;
+        async move {
+            let key = [&b"3u"[..], upload.as_bytes()].concat();
+            tx.set(&key, &protocol::wire::encode_versioned(1, old));
+            Ok::<_, ObjectError>(())
+        }
+    })
+    .await
+    .unwrap();
+    let rec = run(
+        &s,
+        |tx| async move { ix::get_multipart_tx(&tx, upload).await },
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // Its retention stays as it was taken when the upload began.
+    assert_eq!(
+        (rec.version, rec.default_retention),
+        (version(80, false), false)
+    );
 }

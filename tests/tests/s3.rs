@@ -1307,6 +1307,59 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
     };
     assert_eq!(iso(until), Some(want), "a calendar year on: {head}");
 
+    // A multipart object takes the default as it stands at completion
+    // (changed here during the upload), as S3 applies it.
+    let up = admin.json(&[
+        "s3api",
+        "create-multipart-upload",
+        "--bucket",
+        "locked",
+        "--key",
+        "m.bin",
+    ])?;
+    let upload = up["UploadId"].as_str().unwrap_or_default().to_owned();
+    let part = admin.json(&[
+        "s3api",
+        "upload-part",
+        "--bucket",
+        "locked",
+        "--key",
+        "m.bin",
+        "--upload-id",
+        &upload,
+        "--part-number",
+        "1",
+        "--body",
+        &f,
+    ])?;
+    admin.ok(&["s3api", "put-object-lock-configuration", "--bucket", "locked", "--object-lock-configuration",
+               r#"{"ObjectLockEnabled":"Enabled","Rule":{"DefaultRetention":{"Mode":"COMPLIANCE","Days":1}}}"#])?;
+    let listing = format!(
+        r#"{{"Parts":[{{"PartNumber":1,"ETag":{}}}]}}"#,
+        part["ETag"]
+    );
+    admin.ok(&[
+        "s3api",
+        "complete-multipart-upload",
+        "--bucket",
+        "locked",
+        "--key",
+        "m.bin",
+        "--upload-id",
+        &upload,
+        "--multipart-upload",
+        &listing,
+    ])?;
+    let r = admin.json(&[
+        "s3api",
+        "get-object-retention",
+        "--bucket",
+        "locked",
+        "--key",
+        "m.bin",
+    ])?;
+    assert_eq!(r["Retention"]["Mode"], "COMPLIANCE", "{r}");
+
     // Lock headers on a bucket without Object Lock are refused.
     admin.ok(&["s3", "mb", "s3://plain"])?;
     let put_plain = [
