@@ -1320,7 +1320,8 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let (v, header) = self
             .readable(&input.bucket, &input.key, input.version_id.as_deref())
             .await?;
-        let held = v.legal_hold || header.legal_hold;
+        // The evidence's hold is the object's (see `removal_refused`).
+        let held = header.legal_hold;
         preconditions(&v, conditions!(input))?;
         let size = header.size;
         let range = match &input.range {
@@ -1379,7 +1380,8 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let (v, header) = self
             .readable(&input.bucket, &input.key, input.version_id.as_deref())
             .await?;
-        let held = v.legal_hold || header.legal_hold;
+        // The evidence's hold is the object's (see `removal_refused`).
+        let held = header.legal_hold;
         preconditions(&v, conditions!(input))?;
         let mut resp = S3Response::new(HeadObjectOutput {
             content_length: Some(header.size as i64),
@@ -1814,13 +1816,13 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 "Bucket is missing Object Lock Configuration"
             ));
         }
-        let (v, header) = self
+        let (_, header) = self
             .readable(&input.bucket, &input.key, input.version_id.as_deref())
             .await?;
         Ok(S3Response::new(GetObjectLegalHoldOutput {
             legal_hold: Some(ObjectLockLegalHold {
                 status: Some(ObjectLockLegalHoldStatus::from_static(
-                    if v.legal_hold || header.legal_hold {
+                    if header.legal_hold {
                         ObjectLockLegalHoldStatus::ON
                     } else {
                         ObjectLockLegalHoldStatus::OFF

@@ -280,14 +280,12 @@ impl ObjectVersion {
         self.evidence.is_none()
     }
 
-    /// Why this version may not be removed (or its retention shortened) at
-    /// `now_ms`, if it may not; `bypass`: the caller may bypass GOVERNANCE.
-    /// Every `now_ms` that decides a lock here is the gateway's compliance
-    /// clock (`gateway::clock`), not the system clock.
-    pub fn lock_reason(&self, now_ms: u64, bypass: bool) -> Option<String> {
-        if self.legal_hold {
-            return Some("a legal hold applies to this object version".into());
-        }
+    /// Why this version's retention forbids removing it (or shortening the
+    /// retention) at `now_ms`, if it does; `bypass`: the caller may bypass
+    /// GOVERNANCE. Every `now_ms` that decides a lock here is the gateway's
+    /// compliance clock (`gateway::clock`), not the system clock. Legal
+    /// holds are its evidence's ([`removal_refused`]).
+    pub fn retention_reason(&self, now_ms: u64, bypass: bool) -> Option<String> {
         match self.retention {
             Some(r) if r.until_ms > now_ms => match r.mode {
                 LockMode::Compliance => Some(format!(
@@ -960,30 +958,38 @@ async fn bucket_as_seen<T: Transaction>(
     }
 }
 
-/// Why version `v` may not be removed now, if it may not: its own Object
-/// Lock settings, or those of its evidence. A legal hold or retention set
-/// through the evidence API lives on the manifest, not the version record,
-/// and binds the S3 view of the same evidence as well.
+/// Why version `v` may not be removed now, if it may not: its retention,
+/// or its evidence's legal hold and retention (set through either API: a
+/// retention set through the evidence API lives on the manifest and binds
+/// the S3 view of the same evidence as well).
+///
+/// A legal hold is one per evidence, the manifest's, whichever API placed
+/// or lifted it (each lifting is an administrator's, on the ledger); the
+/// version's flag mirrors it and decides only once the evidence is gone.
+/// Two holds lifted apart would let an expunge through while S3 still
+/// showed the object held.
 async fn removal_refused<T: Transaction>(
     tx: &T,
     v: &ObjectVersion,
     now_ms: u64,
     bypass: bool,
 ) -> Result<Option<String>, ObjectError> {
-    if let Some(why) = v.lock_reason(now_ms, bypass) {
+    let header = match v.evidence {
+        Some(evidence) => crate::schema::get_manifest_tx(tx, evidence).await?,
+        None => None,
+    };
+    if header.as_ref().map_or(v.legal_hold, |h| h.legal_hold) {
+        return Ok(Some(
+            "a legal hold applies to this object version (its evidence is held)".into(),
+        ));
+    }
+    if let Some(why) = v.retention_reason(now_ms, bypass) {
         return Ok(Some(why));
     }
-    let Some(evidence) = v.evidence else {
+    let Some(header) = header else {
         return Ok(None);
     };
-    let Some(header) = crate::schema::get_manifest_tx(tx, evidence).await? else {
-        return Ok(None);
-    };
-    if header.legal_hold {
-        return Ok(Some(format!(
-            "a legal hold applies to evidence {evidence}, which this version is"
-        )));
-    }
+    let evidence = header.evidence;
     match header.retain_until_ms {
         Some(until) if until > now_ms => Ok(Some(format!(
             "evidence {evidence}, which this version is, is retained until {}; nobody can remove it before then",

@@ -1216,6 +1216,51 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
         .unwrap_or(false)
     });
     assert!(released, "lifting the S3 hold is a custody event");
+    // One hold per evidence, whichever API places or lifts it: lifted on
+    // the evidence API, S3 says so (and lets the version go); placed
+    // there, S3 shows it and refuses.
+    let hold_call = |method: &str, evidence: &str| -> Result<u16> {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let url = format!("{}/v1/evidence/{evidence}/legal-hold", c.api);
+        let auth = format!("Bearer {}", c.token);
+        let resp = match method {
+            "PUT" => agent
+                .put(&url)
+                .header("authorization", &auth)
+                .send_empty()?,
+            _ => agent.delete(&url).header("authorization", &auth).call()?,
+        };
+        Ok(resp.status().as_u16())
+    };
+    let s3_hold = |vid: &str| -> Result<String> {
+        let got = admin.json(&[
+            "s3api",
+            "get-object-legal-hold",
+            "--bucket",
+            "locked",
+            "--key",
+            "h2.bin",
+            "--version-id",
+            vid,
+        ])?;
+        Ok(got["LegalHold"]["Status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    };
+    let h2 = put(&admin, "h2.bin", &["--object-lock-legal-hold-status", "ON"])?;
+    let h = curl_headers(&c, "HEAD", &format!("/locked/h2.bin?versionId={h2}"))?;
+    let h2_evidence = header(&h, "x-custodia-evidence-id")
+        .context("no evidence id")?
+        .to_owned();
+    assert_eq!(hold_call("DELETE", &h2_evidence)?, 200);
+    assert_eq!(s3_hold(&h2)?, "OFF");
+    assert_eq!(hold_call("PUT", &h2_evidence)?, 200);
+    assert_eq!(s3_hold(&h2)?, "ON");
+    admin.fails("AccessDenied", &strs(&del_version("h2.bin", &h2)))?;
 
     // GOVERNANCE: bypassed only by a key with the permission, asking for it.
     let g1 = put(
