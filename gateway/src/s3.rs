@@ -2367,18 +2367,31 @@ impl<S: Store + 'static> S3 for S3Front<S> {
     ) -> S3Result<S3Response<ListObjectVersionsOutput>> {
         let who = self.caller(&req, Role::Reader).await?;
         let input = req.input;
-        let b = self.bucket(&who, &input.bucket).await?;
+        self.bucket(&who, &input.bucket).await?;
         let delimiter = input.delimiter.clone().filter(|d| !d.is_empty());
         let prefix = input.prefix.clone().unwrap_or_default();
         let max = input.max_keys.unwrap_or(1000).clamp(1, 1000) as usize;
-        let marker_version = match input.version_id_marker.as_deref() {
-            None | Some("") => None,
-            Some(v) => Some(
+        let marker_key = input.key_marker.clone().filter(|k| !k.is_empty());
+        let marker_version = match (input.version_id_marker.as_deref(), &marker_key) {
+            (None | Some(""), _) => None,
+            // The listing names the null version "null": it resumes after
+            // that key's null version, wherever it sorts.
+            (Some("null"), Some(k)) => Some(
+                self.version(&input.bucket, k, VersionRef::Null)
+                    .await
+                    .map_err(|_| {
+                        s3_error!(
+                            InvalidArgument,
+                            "version-id-marker null: the key-marker has no null version"
+                        )
+                    })?
+                    .version_id,
+            ),
+            (Some(v), _) => Some(
                 v.parse::<EvidenceId>()
                     .map_err(|_| s3_error!(InvalidArgument, "bad version-id-marker"))?,
             ),
         };
-        let marker_key = input.key_marker.clone().filter(|k| !k.is_empty());
         // The first key past `prefix` that holds the delimiter ends there.
         let common_prefix = |key: &str| common_prefix(&prefix, delimiter.as_deref(), key);
         // A key marker that is a common prefix (what a truncated page ends
@@ -2432,10 +2445,17 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 }
                 let latest = previous.as_deref() != Some(key.as_str());
                 previous = Some(key.clone());
+                // Listings name every version, the null one "null" (in a
+                // bucket never versioned too, as S3 lists it).
+                let shown = if v.null_version {
+                    "null".to_owned()
+                } else {
+                    v.version_id.to_string()
+                };
                 if v.is_delete_marker() {
                     markers.push(DeleteMarkerEntry {
                         key: Some(key.clone()),
-                        version_id: show_version(&b, &v),
+                        version_id: Some(shown.clone()),
                         is_latest: Some(latest),
                         last_modified: Some(ms_to_ts(v.last_modified_ms)),
                         ..Default::default()
@@ -2443,7 +2463,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 } else {
                     versions.push(s3s::dto::ObjectVersion {
                         key: Some(key.clone()),
-                        version_id: show_version(&b, &v),
+                        version_id: Some(shown.clone()),
                         is_latest: Some(latest),
                         e_tag: Some(ETag::Strong(v.etag.clone())),
                         size: Some(v.size as i64),
@@ -2454,7 +2474,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                         ..Default::default()
                     });
                 }
-                next = Some((key.clone(), Some(v.version_id.to_string())));
+                next = Some((key.clone(), Some(shown)));
                 cursor = Cursor::Version(key, Some(v.version_id));
             }
             if !cut && !full_batch {

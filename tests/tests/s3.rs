@@ -354,6 +354,62 @@ fn version_listings_fold_common_prefixes_and_page() -> Result<()> {
         "{under}"
     );
     assert!(prefixes(&under).is_empty());
+
+    // The null version is listed and paged as "null": in a bucket written
+    // before versioning was enabled, and in one never versioned.
+    aws.ok(&["s3api", "create-bucket", "--bucket", "mixed"])?;
+    let put = |key: &str| {
+        aws.ok(&[
+            "s3api",
+            "put-object",
+            "--bucket",
+            "mixed",
+            "--key",
+            key,
+            "--body",
+            &f,
+        ])
+    };
+    put("k")?;
+    put("z")?;
+    let page = |extra: &[&str]| -> Result<Value> {
+        let mut args = vec![
+            "s3api",
+            "list-object-versions",
+            "--bucket",
+            "mixed",
+            "--no-paginate",
+            "--max-keys",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        aws.json(&args)
+    };
+    let first = page(&[])?;
+    assert_eq!(first["Versions"][0]["VersionId"], "null", "{first}");
+    assert_eq!(first["NextVersionIdMarker"], "null", "{first}");
+    let next = page(&["--key-marker", "k", "--version-id-marker", "null"])?;
+    assert_eq!(next["Versions"][0]["Key"], "z", "{next}");
+    aws.ok(&[
+        "s3api",
+        "put-bucket-versioning",
+        "--bucket",
+        "mixed",
+        "--versioning-configuration",
+        "Status=Enabled",
+    ])?;
+    put("k")?;
+    let newest = page(&[])?;
+    let id = newest["Versions"][0]["VersionId"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_ne!(id, "null");
+    assert_eq!(newest["NextVersionIdMarker"], id.as_str());
+    let older = page(&["--key-marker", "k", "--version-id-marker", &id])?;
+    assert_eq!(older["Versions"][0]["VersionId"], "null", "{older}");
+    let after = page(&["--key-marker", "k", "--version-id-marker", "null"])?;
+    assert_eq!(after["Versions"][0]["Key"], "z", "{after}");
     Ok(())
 }
 
