@@ -153,6 +153,13 @@ impl From<io::Error> for StoreError {
     }
 }
 
+/// A read the disk itself failed (EIO: a bad sector, a dying drive). The
+/// shard is then as good as corrupt: quarantined, so scrub and listings go
+/// on past it and repair rebuilds it, instead of every pass stopping there.
+fn is_media_error(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error())
+}
+
 fn is_disk_full(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::StorageFull
         || e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
@@ -502,11 +509,13 @@ impl ShardStore {
             Ok(None) => {
                 let (mut file, inode) = self.open_shard(key)?;
                 let mut bytes = Vec::new();
-                file.read_to_end(&mut bytes)?;
+                if let Err(e) = file.read_to_end(&mut bytes) {
+                    return Err(self.unreadable(key, Some(inode), e));
+                }
                 (bytes, 0, inode)
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotFound),
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(self.unreadable(key, None, e)),
         };
         let (header, body_at) = match ShardHeader::parse_file_prefix(&bytes[start..]) {
             Ok(parsed) => parsed,
@@ -541,9 +550,9 @@ impl ShardStore {
         let (mut file, inode) = self.open_shard(key)?;
         let file_len = file.metadata()?.len();
         let mut prefix = Vec::with_capacity(MAX_PREFIX);
-        (&mut file)
-            .take(MAX_PREFIX as u64)
-            .read_to_end(&mut prefix)?;
+        if let Err(e) = (&mut file).take(MAX_PREFIX as u64).read_to_end(&mut prefix) {
+            return Err(self.unreadable(key, Some(inode), e));
+        }
         let (header, body_at) = match ShardHeader::parse_file_prefix(&prefix) {
             Ok(parsed) => parsed,
             Err(e) => return Err(self.quarantine(key, inode, &format!("unreadable header: {e}"))),
@@ -568,7 +577,7 @@ impl ShardStore {
         };
         match fs::remove_file(&path) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(small),
             Err(e) => return Err(e.into()),
         }
         self.lock_usage().remove(len);
@@ -758,6 +767,15 @@ impl ShardStore {
         match self.log.read(key, loc, head_only) {
             Ok(ReadRecord::Shard(header, body)) => Ok((header, body)),
             Ok(ReadRecord::Damaged(why, bytes)) => {
+                // A head-only read holds the record's first bytes only: the
+                // copy kept for forensics is the whole record.
+                let bytes = match head_only {
+                    true => match self.log.read(key, loc, false) {
+                        Ok(ReadRecord::Damaged(_, all)) if all.len() > bytes.len() => all,
+                        _ => bytes,
+                    },
+                    false => bytes,
+                };
                 Err(self.quarantine_small(key, loc, &bytes, why))
             }
             // Compacted away between the lookup and the read: look again.
@@ -768,7 +786,26 @@ impl ShardStore {
                 None if head_only => self.stat(key).map(|h| (h, Vec::new())),
                 None => self.get(key),
             },
+            // Nothing of it could be read to keep: an empty copy says so.
+            Err(e) if is_media_error(&e) => {
+                Err(self.quarantine_small(key, loc, &[], "the disk could not read it"))
+            }
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The error for a shard file that could not be read: a media error
+    /// quarantines it (`inode`, when known, names the version that failed),
+    /// anything else is reported as it is.
+    fn unreadable(&self, key: &ShardKey, inode: Option<u64>, e: io::Error) -> StoreError {
+        if !is_media_error(&e) {
+            return e.into();
+        }
+        tracing::error!(shard = %key, error = %e, "the disk could not read a shard");
+        let inode = inode.or_else(|| fs::metadata(self.shard_path(key)).ok().map(|m| m.ino()));
+        match inode {
+            Some(inode) => self.quarantine(key, inode, "the disk could not read it"),
+            None => e.into(),
         }
     }
 
@@ -1746,6 +1783,33 @@ mod tests {
             matches!(store.get(&key(2)), Err(StoreError::NotFound)),
             "stays deleted"
         );
+    }
+
+    /// Damage in a record's head, met by a stat (what listings and scrub
+    /// do first): the copy kept for forensics is the whole record, not the
+    /// few bytes the stat read.
+    #[test]
+    fn a_small_shard_damaged_in_its_head_is_kept_whole_in_quarantine() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ShardStore::open(dir.path()).unwrap();
+        for n in 0..3u8 {
+            let b = body(4000);
+            store.put(&header(key(n), &b), &b).unwrap();
+        }
+        let seg = segment_files(dir.path())[0].clone();
+        let mut bytes = fs::read(&seg).unwrap();
+        // Just before the third shard's body: its header.
+        let at = bytes.len() - 4000 - 5;
+        bytes[at] ^= 0x40;
+        fs::write(&seg, bytes).unwrap();
+        assert!(matches!(store.stat(&key(2)), Err(StoreError::Corrupt(_))));
+        assert_eq!(store.quarantined(None, 10).unwrap(), vec![key(2)]);
+        let kept: Vec<u64> = fs::read_dir(dir.path().join(QUARANTINE_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .collect();
+        assert_eq!(kept.len(), 1);
+        assert!(kept[0] > 4000, "the whole record is kept: {kept:?}");
     }
 
     #[test]
