@@ -133,7 +133,9 @@ pub async fn serve<S: Store + 'static>(
                         // From a fixed set: any token is a valid method, and
                         // each new label would be a series kept for good.
                         let method = crate::metrics::method_label(req.method());
-                        let resp = if let Some(refused) = crate::s3_digest::auth_refusal(&req) {
+                        let resp = if let Some(refused) =
+                            crate::s3_digest::auth_refusal(&req, unix_now())
+                        {
                             Ok(refused_response(&refused))
                         } else if crate::s3_digest::wants_check(&req) {
                             match crate::s3_digest::wrap(req) {
@@ -183,6 +185,12 @@ pub async fn serve<S: Store + 'static>(
     });
     tracing::info!(%addr, https = tls.is_some(), "S3 API listening");
     Ok((addr, task))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 // ---------------------------------------------------------------- errors
@@ -2198,8 +2206,10 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 Ok(filing) => filing,
                 // A concurrent Complete of the same upload (a retry that
                 // raced the first) committed first: its answer, if it
-                // listed the same parts.
-                Err(e @ ApiError::Object(ix::ObjectError::NoSuchUpload)) => {
+                // listed the same parts. This one then failed at its commit
+                // (the upload gone) or before (reading parts the other
+                // deleted once it committed).
+                Err(e) => {
                     let object = (bucket.as_str(), key.as_str());
                     return match front
                         .completed_again(&caller_tenant, &b, object, upload, etags.as_deref())
@@ -2209,7 +2219,6 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                         None => Err(s3_err(e)),
                     };
                 }
-                Err(e) => return Err(s3_err(e)),
             };
             let (v, _) = front.filed(&bucket, &key, filing).await?;
             tracing::info!(%upload, bucket = %bucket, key = %key, parts = chosen.len(), size = v.size, "multipart upload completed");

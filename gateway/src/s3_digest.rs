@@ -360,16 +360,15 @@ fn completes_upload<B>(req: &http::Request<B>) -> bool {
 pub const MAX_PRESIGNED_SECS: u64 = 7 * 24 * 3600;
 
 /// A refusal for a request signed in a way this gateway does not accept,
-/// before s3s sees it:
+/// before s3s sees it (`now_secs`: the time, as Unix seconds):
 ///
-/// - Signature Version 2 (an `Authorization: AWS ...` header, or a query
-///   with `Signature`/`AWSAccessKeyId`), which s3s would check: its
-///   requests carry no expiry s3s enforces (a captured one replays for
-///   ever), s3s compares their signatures in variable time and logs the
-///   expected one. S3 itself refuses it in every region opened since 2014.
-/// - A SigV4 presigned URL valid for more than [`MAX_PRESIGNED_SECS`]
-///   (s3s accepts any `X-Amz-Expires`, up to 136 years).
-pub fn auth_refusal<B>(req: &http::Request<B>) -> Option<Refused> {
+/// - Signature Version 2 in an `Authorization: AWS ...` header: s3s checks
+///   no time on it, so a captured request replays for ever.
+/// - A presigned URL valid for more than [`MAX_PRESIGNED_SECS`]: SigV4's
+///   `X-Amz-Expires` (s3s accepts up to 136 years), or SigV2's absolute
+///   `Expires` further than that from now. SigV2 presigned URLs are still
+///   taken: boto3 makes them by default for any endpoint but AWS's own.
+pub fn auth_refusal<B>(req: &http::Request<B>, now_secs: u64) -> Option<Refused> {
     let v2 = || Refused {
         code: "InvalidRequest",
         status: http::StatusCode::BAD_REQUEST,
@@ -382,20 +381,31 @@ pub fn auth_refusal<B>(req: &http::Request<B>) -> Option<Refused> {
             return Some(v2());
         }
     }
+    let too_long = |what: &str| Refused {
+        code: "AuthorizationQueryParametersError",
+        status: http::StatusCode::BAD_REQUEST,
+        message: format!(
+            "{what} must be less than a week (in seconds) that is {MAX_PRESIGNED_SECS}"
+        ),
+    };
     let query = req.uri().query().unwrap_or("");
+    let mut v2_presigned = false;
+    let mut v2_expires = None;
     for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
         match &*k {
-            "Signature" | "AWSAccessKeyId" => return Some(v2()),
+            "Signature" | "AWSAccessKeyId" => v2_presigned = true,
+            "Expires" => v2_expires = Some(v.parse::<u64>().ok()),
             "X-Amz-Expires" if v.parse::<u64>().map_or(true, |s| s > MAX_PRESIGNED_SECS) => {
-                return Some(Refused {
-                    code: "AuthorizationQueryParametersError",
-                    status: http::StatusCode::BAD_REQUEST,
-                    message: format!(
-                        "X-Amz-Expires must be less than a week (in seconds) that is {MAX_PRESIGNED_SECS}"
-                    ),
-                });
+                return Some(too_long("X-Amz-Expires"));
             }
             _ => {}
+        }
+    }
+    if v2_presigned {
+        match v2_expires {
+            Some(Some(at)) if at <= now_secs.saturating_add(MAX_PRESIGNED_SECS) => {}
+            Some(Some(_)) => return Some(too_long("Expires, from now,")),
+            _ => return Some(v2()),
         }
     }
     None
@@ -416,8 +426,9 @@ mod tests {
 
     #[test]
     fn only_sigv4_within_a_week_gets_through() {
+        let now = 1_796_000_000u64;
         let code = |uri: &str, headers: &[(&str, &str)]| {
-            auth_refusal(&req("GET", uri, headers)).map(|r| r.code)
+            auth_refusal(&req("GET", uri, headers), now).map(|r| r.code)
         };
         let v4 = "AWS4-HMAC-SHA256 Credential=AK/20261205/us-east-1/s3/aws4_request, \
                   SignedHeaders=host, Signature=00";
@@ -426,11 +437,21 @@ mod tests {
             code("/b/k", &[("authorization", "AWS AK:c2lnbmF0dXJl")]),
             Some("InvalidRequest")
         );
+        // SigV2 presigned (boto3's default off AWS): within a week only.
+        let v2 = |expires: u64| format!("/b/k?AWSAccessKeyId=AK&Expires={expires}&Signature=x");
+        assert_eq!(code(&v2(now + 300), &[]), None);
+        assert_eq!(code(&v2(now + MAX_PRESIGNED_SECS), &[]), None);
         assert_eq!(
-            code(
-                "/b/k?AWSAccessKeyId=AK&Expires=99999999999&Signature=x",
-                &[]
-            ),
+            code(&v2(now + MAX_PRESIGNED_SECS + 1), &[]),
+            Some("AuthorizationQueryParametersError")
+        );
+        assert_eq!(
+            code("/b/k?AWSAccessKeyId=AK&Signature=x", &[]),
+            Some("InvalidRequest"),
+            "no expiry"
+        );
+        assert_eq!(
+            code("/b/k?AWSAccessKeyId=AK&Expires=soon&Signature=x", &[]),
             Some("InvalidRequest")
         );
         let presigned = |expires: &str| {
