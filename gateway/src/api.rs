@@ -193,7 +193,14 @@ impl<S: Store> Gateway<S> {
                 )
                 .map_err(|e| StartError::Ledger(e.to_string()))?,
             )),
-            None => None,
+            None => {
+                tracing::error!(
+                    "no [ledger] configured: filings get no receipts and reads are NOT \
+                     recorded as custody events (custody answers 503); configure one for \
+                     any use beyond a test"
+                );
+                None
+            }
         };
         // Idle buffers for a few uploads' pipelines: each stripe in flight holds
         // the stripe (k shards of data) and its k+m shards.
@@ -1692,6 +1699,13 @@ async fn custody<S: Store>(
     let who = authenticate(&gw, &headers).await?;
     require(&who, Role::Reader, "read custody events")?;
     let id = visible_subject(&gw, &who, &id).await?;
+    // Without a ledger nothing is recorded: an empty list would read as
+    // "nobody accessed it".
+    if gw.ledger.is_none() {
+        return Err(ApiError::Unavailable(
+            "this gateway runs without a ledger: accesses are not recorded".into(),
+        ));
+    }
     let events = crate::ledger::custody(&gw, id).await?;
     Ok(Json(json!({
         "id": id.to_string(),
