@@ -241,7 +241,21 @@ impl SegmentLog {
         ids.sort_unstable();
         let mut index = Index::default();
         for &id in &ids {
-            let bytes = fs::read(dir.join(segment_name(id)))?;
+            // A segment the disk cannot read (a bad sector anywhere in it)
+            // is treated like one whose header is damaged: not served, left
+            // for forensics; the node starts and serves everything else.
+            let bytes = match fs::read(dir.join(segment_name(id))) {
+                Ok(bytes) => bytes,
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) => {
+                    tracing::error!(
+                        segment = id,
+                        error = %e,
+                        "the disk cannot read this segment; its shards are not served"
+                    );
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let Some(key) = segment_key(&bytes) else {
                 // Its records cannot be checked: leave the file for
                 // forensics, serve nothing from it (repair rebuilds what it
