@@ -515,23 +515,14 @@ pub fn colocated_node_workers(nodes: usize) -> Option<String> {
 /// lives: one process at a time owns a data directory's index, nodes and
 /// logs. Refuses when another holds it.
 pub fn lock_data_dir(data_dir: &Path) -> Result<fs::File> {
-    fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     let path = data_dir.join(LOCK_FILE);
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(fs::TryLockError::WouldBlock) => bail!(
+    match storage_node::store::lock_file(&path) {
+        Ok(Some(file)) => Ok(file),
+        Ok(None) => bail!(
             "{} is in use by another custodia process (up, gateway or recover-index); stop it first",
             data_dir.display()
         ),
-        Err(fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("locking {}", path.display()))
-        }
+        Err(e) => Err(e).with_context(|| format!("locking {}", path.display())),
     }
 }
 

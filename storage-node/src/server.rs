@@ -111,21 +111,10 @@ pub const NODE_LOCK_FILE: &str = "node.lock";
 
 fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, NodeServerError> {
     let path = dir.join(NODE_LOCK_FILE);
-    let lock_err = |source| NodeServerError::Lock {
-        path: path.clone(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(lock_err)?;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(lock_err)?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(NodeServerError::InUse(dir.to_path_buf())),
-        Err(std::fs::TryLockError::Error(e)) => Err(lock_err(e)),
+    match crate::store::lock_file(&path) {
+        Ok(Some(file)) => Ok(file),
+        Ok(None) => Err(NodeServerError::InUse(dir.to_path_buf())),
+        Err(source) => Err(NodeServerError::Lock { path, source }),
     }
 }
 

@@ -1177,6 +1177,25 @@ fn write_direct(_: &Path, _: &[&[u8]], _: usize, _: u32) -> io::Result<u64> {
     Err(io::ErrorKind::InvalidInput.into())
 }
 
+/// Takes an exclusive lock on the file at `path` (created if missing, in a
+/// directory created if missing), held for as long as the file is: one
+/// process per data directory. `None`: another process holds it.
+pub fn lock_file(path: &Path) -> io::Result<Option<File>> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(fs::TryLockError::WouldBlock) => Ok(None),
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 /// Writes a secret (private key, token) readable only by its owner, durably.
 /// Replaces any existing file, so a key never exists with looser permissions.
 pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
