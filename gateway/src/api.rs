@@ -122,6 +122,8 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error("indexing S3 multipart uploads by bucket: {0}")]
     Uploads(String),
+    #[error("bringing older S3 records up to date: {0}")]
+    Migrate(String),
 }
 
 /// A running gateway.
@@ -271,6 +273,33 @@ async fn index_bucket_uploads<S: Store>(gw: &Gateway<S>) -> Result<(), indexer::
     }
 }
 
+/// Carries every S3 version's legal hold onto its evidence, once (see
+/// `indexer::s3::carry_holds_to_evidence_tx`).
+async fn carry_holds_to_evidence<S: Store>(
+    gw: &Gateway<S>,
+) -> Result<(), indexer::s3::ObjectError> {
+    let (mut after, mut total) = (None, 0);
+    loop {
+        let (next, carried) = indexer::run(&gw.store, |tx| {
+            let after = after.clone();
+            async move { indexer::s3::carry_holds_to_evidence_tx(&tx, after, 200).await }
+        })
+        .await?;
+        total += carried;
+        match next {
+            Some(k) => after = Some(k),
+            None => break,
+        }
+    }
+    if total > 0 {
+        tracing::warn!(
+            evidence = total,
+            "legal holds placed through S3 by an older version now bind their evidence"
+        );
+    }
+    Ok(())
+}
+
 /// Starts the evidence API, the node prober and garbage collection.
 pub async fn serve<S: Store>(
     config: GatewayConfig,
@@ -295,6 +324,29 @@ pub async fn serve<S: Store>(
             ));
         }
     }
+    // An index behind the published log (restored from an older backup,
+    // or a new empty one beside a cluster's tiles and nodes) would sign a
+    // fork, and its orphan sweep would take every shard filed since for an
+    // orphan: refused here. A store that cannot be read now is checked
+    // again by the integrator; the sweep deletes nothing until it passes.
+    if let Some(ledger) = gw.ledger.clone() {
+        match crate::ledger::check_published_tree(&gw, &ledger).await {
+            Ok(()) => {}
+            Err(crate::ledger::LedgerError::Forked(why)) => {
+                return Err(StartError::Ledger(format!(
+                    "the index does not hold the published log ({why}): it was restored from \
+                     an older backup, or is new beside an existing cluster. Stop here: move the \
+                     index file aside and rebuild it with `custodia recover-index`, which reads \
+                     the nodes and the ledger's archive"
+                )))
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "could not compare the published log with the index yet; \
+                 the orphan sweep waits until it can"
+            ),
+        }
+    }
     crate::clock::start(&gw)
         .await
         .map_err(|e| StartError::Clock(e.to_string()))?;
@@ -302,6 +354,9 @@ pub async fn serve<S: Store>(
     index_bucket_uploads(&gw)
         .await
         .map_err(|e| StartError::Uploads(e.to_string()))?;
+    carry_holds_to_evidence(&gw)
+        .await
+        .map_err(|e| StartError::Migrate(format!("legal holds: {e}")))?;
     let replaced = gw.nodes.probe_all(&gw.store, gw.clock.now_ms()).await;
     crate::repair::spawn_reconcile(gw.clone(), replaced);
     let tls = match &gw.config.api_tls {

@@ -547,6 +547,15 @@ pub fn spawn_orphan_sweeper<S: Store>(gw: Arc<Gateway<S>>) -> tokio::task::JoinH
         tick.tick().await; // not at start: let nodes be probed first
         loop {
             tick.tick().await;
+            // Nothing is an orphan before the index is known to hold the
+            // published log: an empty or rolled-back index has no record of
+            // shards filed since, and would have them all deleted.
+            if gw.ledger.as_ref().is_some_and(|l| !l.published_checked()) {
+                tracing::warn!(
+                    "orphan sweep waits: the index is not yet known to hold the published log"
+                );
+                continue;
+            }
             let s = sweep_orphans(&gw, &mut candidates, grace).await;
             if s.complete
                 && !gw

@@ -431,6 +431,15 @@ impl Ledger {
         })
     }
 
+    /// Whether the published log was found to be a tree the index holds
+    /// (see `check_published_tree`): until then the index may be one
+    /// restored from an older backup, or empty, and the orphan sweep must
+    /// delete nothing (every shard filed since would look like an orphan).
+    pub fn published_checked(&self) -> bool {
+        self.published_checked
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Wakes the integrator: a statement was queued.
     pub fn queued(&self) {
         self.wake.notify_one();
@@ -886,7 +895,7 @@ fn tile_rows(tiles: &[(Tile, Vec<u8>)]) -> Vec<lx::TileData> {
 /// indexes: tiles served as immutable rewritten with other bytes, and a
 /// second tree signed at a size already signed, a fork. Integration stops
 /// with [`LedgerError::Forked`] until an operator resolves it.
-async fn check_published_tree<S: Store>(
+pub(crate) async fn check_published_tree<S: Store>(
     gw: &Gateway<S>,
     ledger: &Ledger,
 ) -> Result<(), LedgerError> {
@@ -2293,14 +2302,16 @@ pub fn spawn_witnessing<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::Jo
                             match witness_once(gw, agent, which, size, newest).await {
                                 Ok(Cosigned::Yes) => Some(newest.1.size),
                                 // Sent from its own size and refused again at
-                                // ours or beyond: it holds another tree there.
-                                // Never marked seen: said at every round.
-                                Ok(Cosigned::Behind(s)) if s >= newest.1.size => {
+                                // ours: it holds another tree of our size.
+                                // (Beyond ours is another gateway of this log
+                                // ahead of this one.) Never marked seen: said
+                                // at every round.
+                                Ok(Cosigned::Behind(s)) if s == newest.1.size => {
                                     tracing::error!(
                                         witness = %w.url,
                                         witness_size = s,
                                         our_size = newest.1.size,
-                                        "the witness holds a different tree at our size or beyond: \
+                                        "the witness holds a different tree of our size: \
                                          this log may have forked (an index restored from an older backup?)"
                                     );
                                     None

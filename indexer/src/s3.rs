@@ -22,6 +22,7 @@
 //! ("3j", versionstamp 10, record key)               = 1 ++ value | 0   journal of 3t/3b/3v changes, for recovery
 //! ("3J")                                            = u64              the journal's epoch
 //! ("3Js")                                           = ""               every record is journaled (or archived)
+//! ("3h")                                            = ""               every version's legal hold is its evidence's
 //! ```
 //!
 //! Version ids are time-ordered UUIDs (the evidence id for a PUT), stored
@@ -62,6 +63,7 @@ const MULTIPART: &[u8] = b"3u";
 const PART: &[u8] = b"3p";
 const BUCKET_UPLOAD: &[u8] = b"3U";
 const BUCKET_UPLOADS_INDEXED: &[u8] = b"3q";
+const HOLDS_ON_EVIDENCE: &[u8] = b"3h";
 const COMPLETED: &[u8] = b"3d";
 const COMPLETED_BY_TIME: &[u8] = b"3D";
 const JOURNAL: &[u8] = b"3j";
@@ -974,8 +976,12 @@ async fn removal_refused<T: Transaction>(
     now_ms: u64,
     bypass: bool,
 ) -> Result<Option<String>, ObjectError> {
+    // An expunged evidence's record too: its hold was lifted before the
+    // expunge (which refuses a held evidence), whatever the version says.
     let header = match v.evidence {
-        Some(evidence) => crate::schema::get_manifest_tx(tx, evidence).await?,
+        Some(evidence) => crate::schema::get_any_manifest_tx(tx, evidence)
+            .await?
+            .map(|(h, _)| h),
         None => None,
     };
     if header.as_ref().map_or(v.legal_hold, |h| h.legal_hold) {
@@ -1331,6 +1337,51 @@ pub async fn get_multipart_tx<T: Transaction>(
         Some(v) => Ok(Some(decode_multipart(&v)?)),
         None => Ok(None),
     }
+}
+
+/// Carries the legal holds of up to `limit` versions after the version
+/// key `after` (none: from the first) onto their evidence, and returns the
+/// last key looked at, or `None` once every version is done (and says so
+/// in the index). A hold is one per evidence, the manifest's
+/// ([`removal_refused`]); versions held through S3 before holds bound the
+/// evidence carry it only on the version record, and would otherwise stop
+/// being held.
+pub async fn carry_holds_to_evidence_tx<T: Transaction>(
+    tx: &T,
+    after: Option<Vec<u8>>,
+    limit: usize,
+) -> Result<(Option<Vec<u8>>, usize), ObjectError> {
+    if tx.get(HOLDS_ON_EVIDENCE).await?.is_some() {
+        return Ok((None, 0));
+    }
+    let begin = match after {
+        Some(k) => [&k[..], &[0]].concat(),
+        None => VERSION.to_vec(),
+    };
+    let rows = tx
+        .get_range(&begin, &prefix_end(VERSION), limit.max(1), false)
+        .await?;
+    let Some((last, _)) = rows.last() else {
+        tx.set(HOLDS_ON_EVIDENCE, b"");
+        return Ok((None, 0));
+    };
+    let last = last.clone();
+    let mut carried = 0;
+    for (_, value) in &rows {
+        let Ok(v) = decode_versioned::<ObjectVersion>(RECORD_V1, value) else {
+            continue;
+        };
+        let (true, Some(evidence)) = (v.legal_hold, v.evidence) else {
+            continue;
+        };
+        if let Some(h) = crate::schema::get_manifest_tx(tx, evidence).await? {
+            if !h.legal_hold {
+                crate::schema::set_legal_hold_tx(tx, evidence, true).await?;
+                carried += 1;
+            }
+        }
+    }
+    Ok((Some(last), carried))
 }
 
 /// Where a listing of a bucket's uploads resumes: after this key's uploads

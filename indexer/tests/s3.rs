@@ -1025,3 +1025,80 @@ async fn multipart_records_from_before_default_retention_still_read() {
         (version(80, false), false)
     );
 }
+
+/// A version held through S3 by an older version (the hold on the version
+/// record only) stays held: the hold is carried onto its evidence, once.
+#[tokio::test]
+async fn holds_on_versions_only_are_carried_onto_their_evidence() {
+    use indexer::schema;
+    use protocol::{Blake3Hash, ErasureCode, ManifestHeader, Sha256Hash};
+    let (_d, s) = store();
+    bucket(&s, "old", Versioning::Enabled, true).await;
+    let v = ObjectVersion {
+        legal_hold: true,
+        ..version(500, false)
+    };
+    put(&s, "old", "k", &v).await.unwrap();
+    let evidence = v.evidence.unwrap();
+    let header = ManifestHeader {
+        evidence,
+        tenant: "court".into(),
+        case: None,
+        blake3: Blake3Hash([5; 32]),
+        sha256: Sha256Hash([5; 32]),
+        size: v.size,
+        media_type: None,
+        file_name: None,
+        submitter: None,
+        filed_at_ms: 500,
+        code: ErasureCode::new(4, 2, 4096).unwrap(),
+        stripes: 1,
+        retain_until_ms: None,
+        legal_hold: false,
+    };
+    run(&s, |tx| {
+        let header = &header;
+        async move {
+            schema::begin_intent_tx(&tx, evidence, "court", None, 10_000).await?;
+            schema::commit_manifest_tx(&tx, header).await
+        }
+    })
+    .await
+    .unwrap();
+    let carry = || {
+        let s = &s;
+        async move {
+            let (mut after, mut total, mut rounds) = (None, 0, 0);
+            loop {
+                let (next, n) = run(s, |tx| {
+                    let after = after.clone();
+                    async move { ix::carry_holds_to_evidence_tx(&tx, after, 1).await }
+                })
+                .await
+                .unwrap();
+                total += n;
+                rounds += 1;
+                match next {
+                    Some(k) => after = Some(k),
+                    None => return (total, rounds),
+                }
+            }
+        }
+    };
+    assert_eq!(carry().await.0, 1);
+    let held = run(&s, |tx| async move {
+        schema::get_manifest_tx(&tx, evidence).await
+    })
+    .await
+    .unwrap()
+    .unwrap()
+    .legal_hold;
+    assert!(held, "the evidence is held");
+    let delete = run(&s, |tx| async move {
+        ix::delete_version_tx(&tx, "old", "k", v.version_id, 50, true, &seen()).await
+    })
+    .await;
+    assert!(matches!(delete, Err(ObjectError::Locked(m)) if m.contains("legal hold")));
+    // Done once: the next start looks at nothing.
+    assert_eq!(carry().await, (0, 1));
+}

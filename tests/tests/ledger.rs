@@ -57,6 +57,8 @@ fn published(c: &TestCluster, path: &str) -> Result<Vec<u8>> {
 #[test]
 fn a_filing_gets_a_receipt_a_court_can_verify_offline() -> Result<()> {
     let c = TestCluster::start(Shape::default())?;
+    // Filed second, so its receipt carries an inclusion proof to tamper with.
+    assert_eq!(c.file_with(&c.token, b"first", &[])?.status, 201);
     let data = bytes(50_000, 1);
     let a = c.file_with(
         &c.token,
@@ -147,11 +149,10 @@ fn a_filing_gets_a_receipt_a_court_can_verify_offline() -> Result<()> {
         .to_owned();
     let sig_at = note.rfind(' ').unwrap_or(0) + 5;
     let mut tampered = Vec::new();
-    if let Some(p) = proof0 {
-        let mut t = original.clone();
-        t["receipt"]["inclusion_proof"][0] = Value::String(flip(&p, 3));
-        tampered.push(("proof", t));
-    }
+    let p = proof0.context("a second leaf's receipt carries an inclusion proof")?;
+    let mut t = original.clone();
+    t["receipt"]["inclusion_proof"][0] = Value::String(flip(&p, 3));
+    tampered.push(("proof", t));
     let mut t = original.clone();
     let hex_flipped = format!(
         "{}{}",
@@ -300,8 +301,9 @@ fn the_log_is_published_as_c2sp_tiles_and_stays_consistent_across_a_crash() -> R
 
     // The index restored from its backup at size 5, behind the published
     // log: integrating would put new leaves at published indexes 5..8 and
-    // sign a second tree of size 8. The gateway files, but its ledger
-    // stops and says why; nothing published changes.
+    // sign a second tree of size 8, and the orphan sweep would take the
+    // shards filed since for orphans. The gateway refuses to start, says
+    // why and what to do; nothing published changes.
     let sorted = |mut files: Vec<Vec<u8>>| {
         files.sort();
         files
@@ -309,24 +311,38 @@ fn the_log_is_published_as_c2sp_tiles_and_stays_consistent_across_a_crash() -> R
     let tiles = sorted(walk(&c.data_dir().join("ledger/tiles")));
     c.stop_gateway();
     std::fs::copy(&backup, &index)?;
-    c.start_gateway()?;
-    c.wait_healthy(8)?;
-    let filed = c.file_with(&c.token, &bytes(999, 99), &[])?;
-    assert_eq!(filed.status, 201);
+    let mut gateway = std::process::Command::new(custodia_tests::custodia_bin())
+        .args(["gateway", "--data-dir"])
+        .arg(c.data_dir())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let exited = loop {
+        if let Some(status) = gateway.try_wait()? {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = gateway.kill();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out = gateway.wait_with_output()?;
+    let said = String::from_utf8_lossy(&out.stderr);
     assert!(
-        filed.json()["receipt"].get("leaf_index").is_none(),
-        "no receipt from a ledger that would fork: {}",
-        filed.json()
+        exited.is_some_and(|s| !s.success()),
+        "the gateway refuses an index behind the published log: {said}"
     );
-    assert_eq!(published(&c, "checkpoint")?, note.as_bytes());
+    assert!(said.contains("recover-index"), "{said}");
+    assert_eq!(
+        std::fs::read(c.data_dir().join("ledger/tiles/checkpoint"))?,
+        note.as_bytes()
+    );
     assert!(
         sorted(walk(&c.data_dir().join("ledger/tiles"))) == tiles,
         "tiles unchanged"
-    );
-    let log = std::fs::read_to_string(c.data_dir().join("gateway.log"))?;
-    assert!(
-        log.contains("the published ledger and the index disagree"),
-        "the gateway says why its ledger stopped"
     );
     Ok(())
 }
@@ -704,19 +720,17 @@ fn witnesses_cosign_off_the_filing_path_and_never_cosign_a_fork() -> Result<()> 
         &protocol::witness::add_checkpoint_body(seen, &[], &forged),
     )?;
     assert_eq!(status, 403, "a checkpoint not signed by the log is refused");
-    if seen > 1 {
-        let smaller = ledger::sign_checkpoint(
-            skey.trim(),
-            "custodia.local/ledger",
-            seen - 1,
-            TreeHash([2; 32]),
-        )?;
-        let (status, _) = add_checkpoint(
-            &witness.url,
-            &protocol::witness::add_checkpoint_body(seen, &[], &smaller),
-        )?;
-        assert_eq!(status, 400, "a smaller tree is refused");
-    }
+    let smaller = ledger::sign_checkpoint(
+        skey.trim(),
+        "custodia.local/ledger",
+        seen - 1,
+        TreeHash([2; 32]),
+    )?;
+    let (status, _) = add_checkpoint(
+        &witness.url,
+        &protocol::witness::add_checkpoint_body(seen, &[], &smaller),
+    )?;
+    assert_eq!(status, 400, "a smaller tree is refused");
 
     // A dead witness never slows filing: time filings with both alive, then
     // with one killed (a ratio within this run, not an absolute time).
@@ -1644,6 +1658,31 @@ fn no_checkpoint_is_signed_while_its_tiles_cannot_be_stored() -> Result<()> {
         (r.status, r.json()["error"].as_str()),
         (202, Some("receipt_pending"))
     );
-    assert_ne!(c.get_with("", "/ledger/checkpoint", &[])?.status, 200);
+    // Nothing signed: the index holds no checkpoint at all.
+    let status = status_json(&c)?;
+    assert_eq!(
+        status["ledger"]["entries"].as_u64().unwrap_or(0),
+        0,
+        "no checkpoint signed: {status}"
+    );
+    // Tiles stored again (the local directory): the receipt comes.
+    c.kill_gateway();
+    let mut cluster: toml::Value = toml::from_str(&std::fs::read_to_string(&file)?)?;
+    if let Some(l) = cluster
+        .get_mut("gateway")
+        .and_then(|g| g.get_mut("ledger"))
+        .and_then(|l| l.as_table_mut())
+    {
+        l.remove("tiles_url");
+        l.remove("tiles_options");
+    }
+    std::fs::write(&file, toml::to_string(&cluster)?)?;
+    c.start_gateway()?;
+    c.wait_healthy(8)?;
+    let issued = custodia_tests::eventually(20, || {
+        c.get_with(&c.token, &format!("/v1/evidence/{id}/receipt"), &[])
+            .is_ok_and(|r| r.status == 200)
+    });
+    assert!(issued, "the receipt is issued once its tiles are stored");
     Ok(())
 }
