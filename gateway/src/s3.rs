@@ -597,6 +597,10 @@ impl<S: Store> S3Front<S> {
                             Ok(_) | Err(ObjectError::NoSuchKey) => None,
                             Err(e) => return Err(e),
                         };
+                        // As for a PUT: nothing to match is 404, not 412.
+                        if current.is_none() {
+                            return Err(ObjectError::NoSuchKey);
+                        }
                         if unmatched(current.as_ref()) {
                             return Err(refused());
                         }
@@ -875,7 +879,9 @@ fn object_template(
         size: 0,
         etag: String::new(),
         last_modified_ms: now,
-        content_type,
+        // S3's type for an object sent without one (boto3's put_object
+        // sends none, and reads ContentType back).
+        content_type: content_type.or_else(|| Some("binary/octet-stream".to_owned())),
         user_metadata,
         retention,
         legal_hold,
@@ -1118,7 +1124,12 @@ fn put_condition(
                 }
             }
             if let Some(c) = &if_match {
-                if !current.is_some_and(|v| etag_matches(c, &v.etag)) {
+                // No object to match: S3 answers 404 NoSuchKey, not 412 (a
+                // client's compare-and-swap loop tells the two apart).
+                let Some(v) = current else {
+                    return Err(ObjectError::NoSuchKey);
+                };
+                if !etag_matches(c, &v.etag) {
                     return Err(ObjectError::PreconditionFailed(
                         "If-Match does not match the current object".into(),
                     ));
@@ -1492,6 +1503,30 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let who = self.caller(&req, Role::Clerk).await?;
         let mut input = req.input;
         let b = self.bucket(&who, &input.bucket).await?;
+        // An object copied onto itself changing nothing is refused, as by
+        // S3 (here it would file the same bytes again as new evidence).
+        if let CopySource::Bucket {
+            bucket,
+            key,
+            version_id: None,
+        } = &input.copy_source
+        {
+            let unchanged = input
+                .metadata_directive
+                .as_ref()
+                .is_none_or(|d| d.as_str() != MetadataDirective::REPLACE)
+                && input.object_lock_mode.is_none()
+                && input.object_lock_retain_until_date.is_none()
+                && input.object_lock_legal_hold_status.is_none();
+            if **bucket == *input.bucket && **key == *input.key && unchanged {
+                return Err(s3_error!(
+                    InvalidRequest,
+                    "This copy request is illegal because it is trying to copy an object to \
+                     itself without changing the object's metadata, storage class, website \
+                     redirect location or encryption attributes."
+                ));
+            }
+        }
         // The copy is a read of the source (on the ledger) and a new filing
         // of the same bytes.
         let (src, header, src_version) = self
@@ -2060,181 +2095,207 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 };
             }
         };
-        // Conditional completion, as for PUT: checked now and again in the
-        // transaction that makes the object current.
-        let condition = put_condition(input.if_match.clone(), input.if_none_match.clone());
-        self.precheck(&input.bucket, &input.key, condition.as_ref())
-            .await?;
-        let stored = indexer::run(&self.gw.store, |tx| async move {
-            ix::parts_tx(&tx, upload).await
-        })
-        .await
-        .map_err(|e| s3_err(e.into()))?;
-        let listed = input
-            .multipart_upload
-            .and_then(|m| m.parts)
-            .unwrap_or_default();
-        if listed.is_empty() {
-            return Err(s3_error!(MalformedXML, "no parts listed"));
-        }
-        // The listed parts, in ascending order, each stored with that ETag;
-        // all but the last at least 5 MiB, as in S3.
-        let mut chosen = Vec::with_capacity(listed.len());
-        let mut last = 0u32;
-        for p in &listed {
-            let n = p
-                .part_number
-                .and_then(|n| u32::try_from(n).ok())
-                .unwrap_or(0);
-            if n <= last {
-                return Err(s3_error!(InvalidPartOrder));
-            }
-            last = n;
-            let part = stored
-                .iter()
-                .find(|(m, _)| *m == n)
-                .map(|(_, r)| r.clone())
-                .ok_or_else(|| s3_error!(InvalidPart, "part {n} was not uploaded"))?;
-            // The ETag is required, as in S3: it says which upload of the
-            // part the client means (a part may be uploaded again).
-            match &p.e_tag {
-                None => {
-                    return Err(s3_error!(
-                        InvalidPart,
-                        "part {n} is listed without its ETag"
-                    ))
-                }
-                Some(e) if e.value() != part.md5 => {
-                    return Err(s3_error!(InvalidPart, "part {n} has another ETag"))
-                }
-                Some(_) => {}
-            }
-            // A part's SHA-256, when the client lists one, is the stored
-            // part's (S3 refuses a listed checksum the part was not
-            // uploaded with).
-            if let Some(sum) = &p.checksum_sha256 {
-                use base64::Engine as _;
-                let listed = base64::engine::general_purpose::STANDARD
-                    .decode(sum.as_bytes())
-                    .map_err(|_| {
-                        s3_error!(InvalidPart, "part {n}'s ChecksumSHA256 is not base64")
-                    })?;
-                if listed != part.sha256 {
-                    return Err(s3_error!(InvalidPart, "part {n} has another SHA-256"));
-                }
-            }
-            chosen.push(part);
-        }
-        if chosen[..chosen.len() - 1]
-            .iter()
-            .any(|p| p.size < 5 * 1024 * 1024)
-        {
-            return Err(s3_error!(
-                EntityTooSmall,
-                "every part but the last must be at least 5 MiB"
-            ));
-        }
-        let etag = multipart_etag(chosen.iter().map(|p| p.md5.as_str()));
-        // The bucket's default retention as the object comes to be: counted
-        // from now, and as the bucket has it now (set or changed during a
-        // long upload), as S3 applies it.
-        let mut version = rec.version.clone();
-        if rec.default_retention {
-            let now = self.gw.clock.now_ms();
-            version.retention = b.default_retention.map(|d| Retention {
-                mode: d.mode,
-                until_ms: d.until_ms(now),
-            });
-        }
-        let (retain_until_ms, legal_hold) = evidence_worm(&version);
-        let meta = FilingMeta {
-            tenant: who.tenant.clone(),
-            retain_until_ms,
-            legal_hold,
-            file_name: Some(input.key.clone()),
-            media_type: rec.version.content_type.clone(),
-            submitter: Some(format!("{}/s3:{}", who.tenant, who.access_key)),
-            s3: Some(S3Put {
-                bucket: input.bucket.clone(),
-                key: input.key.clone(),
-                version: ObjectVersion {
-                    null_version: b.versioning != Versioning::Enabled,
-                    ..version
-                },
-                etag: Some(etag),
-                condition,
-                seen: b.clone(),
-                completes: Some(upload),
-            }),
-            body_from_store: true,
-            ..Default::default()
-        };
-        // The object is filed anew from the parts' verified bytes, so its
-        // BLAKE3 root, SHA-256 and receipt are the whole object's. This can
-        // take a while: s3s keeps the connection alive meanwhile.
-        let front = S3Front {
-            gw: self.gw.clone(),
-        };
-        let (bucket, key) = (input.bucket.clone(), input.key.clone());
-        let caller_tenant = who.tenant.clone();
-        let future = async move {
-            let gw = front.gw.clone();
-            let tenant = meta.tenant.clone();
-            let body = futures::stream::iter(chosen.clone())
-                .map(move |p| {
-                    crate::read::stream_range(gw.clone(), part_header(&tenant, &p), 0..p.size, None)
-                })
-                .flatten();
-            // The filing and the deletion of the parts run to their end in
-            // a task of their own: the upload ends in the filing's own
-            // transaction, after which nothing else refers to the parts, so
-            // a client gone meanwhile (dropping this future) must not leave
-            // them stored for good.
-            let (gw, parts) = (front.gw.clone(), stored.clone());
-            let filing = tokio::spawn(async move {
-                let filing = ingest::file_evidence(gw.clone(), meta, Box::pin(body)).await;
-                if filing.is_ok() {
-                    for (_, p) in &parts {
-                        delete_part(&gw, p).await;
-                    }
-                }
-                filing
+        // Anything that fails from here may be a retry that raced the
+        // first Complete, which has since committed (and deleted the
+        // parts): its answer, if it listed the same parts.
+        let (etags_again, b_again) = (etags.clone(), b.clone());
+        let attempt: S3Result<S3Response<CompleteMultipartUploadOutput>> = async {
+            // Conditional completion, as for PUT: checked now and again in the
+            // transaction that makes the object current.
+            let condition = put_condition(input.if_match.clone(), input.if_none_match.clone());
+            self.precheck(&input.bucket, &input.key, condition.as_ref())
+                .await?;
+            let stored = indexer::run(&self.gw.store, |tx| async move {
+                ix::parts_tx(&tx, upload).await
             })
             .await
-            .map_err(|_| internal(ApiError::Internal))?;
-            let filing = match filing {
-                Ok(filing) => filing,
-                // A concurrent Complete of the same upload (a retry that
-                // raced the first) committed first: its answer, if it
-                // listed the same parts. This one then failed at its commit
-                // (the upload gone) or before (reading parts the other
-                // deleted once it committed).
-                Err(e) => {
-                    let object = (bucket.as_str(), key.as_str());
-                    return match front
-                        .completed_again(&caller_tenant, &b, object, upload, etags.as_deref())
-                        .await?
-                    {
-                        Some(answer) => Ok(answer),
-                        None => Err(s3_err(e)),
-                    };
+            .map_err(|e| s3_err(e.into()))?;
+            let listed = input
+                .multipart_upload
+                .and_then(|m| m.parts)
+                .unwrap_or_default();
+            if listed.is_empty() {
+                return Err(s3_error!(MalformedXML, "no parts listed"));
+            }
+            // The listed parts, in ascending order, each stored with that ETag;
+            // all but the last at least 5 MiB, as in S3.
+            let mut chosen = Vec::with_capacity(listed.len());
+            let mut last = 0u32;
+            for p in &listed {
+                let n = p
+                    .part_number
+                    .and_then(|n| u32::try_from(n).ok())
+                    .unwrap_or(0);
+                if n <= last {
+                    return Err(s3_error!(InvalidPartOrder));
                 }
-            };
-            let (v, _) = front.filed(&bucket, &key, filing).await?;
-            tracing::info!(%upload, bucket = %bucket, key = %key, parts = chosen.len(), size = v.size, "multipart upload completed");
-            Ok(CompleteMultipartUploadOutput {
-                bucket: Some(bucket.clone()),
-                key: Some(key.clone()),
-                e_tag: Some(ETag::Strong(v.etag.clone())),
-                version_id: show_version(&b, &v),
-                location: Some(format!("/{bucket}/{key}")),
+                last = n;
+                let part = stored
+                    .iter()
+                    .find(|(m, _)| *m == n)
+                    .map(|(_, r)| r.clone())
+                    .ok_or_else(|| s3_error!(InvalidPart, "part {n} was not uploaded"))?;
+                // The ETag is required, as in S3: it says which upload of the
+                // part the client means (a part may be uploaded again).
+                match &p.e_tag {
+                    None => {
+                        return Err(s3_error!(
+                            InvalidPart,
+                            "part {n} is listed without its ETag"
+                        ))
+                    }
+                    Some(e) if e.value() != part.md5 => {
+                        return Err(s3_error!(InvalidPart, "part {n} has another ETag"))
+                    }
+                    Some(_) => {}
+                }
+                // A part's SHA-256, when the client lists one, is the stored
+                // part's (S3 refuses a listed checksum the part was not
+                // uploaded with).
+                if let Some(sum) = &p.checksum_sha256 {
+                    use base64::Engine as _;
+                    let listed = base64::engine::general_purpose::STANDARD
+                        .decode(sum.as_bytes())
+                        .map_err(|_| {
+                            s3_error!(InvalidPart, "part {n}'s ChecksumSHA256 is not base64")
+                        })?;
+                    if listed != part.sha256 {
+                        return Err(s3_error!(InvalidPart, "part {n} has another SHA-256"));
+                    }
+                }
+                chosen.push(part);
+            }
+            if chosen[..chosen.len() - 1]
+                .iter()
+                .any(|p| p.size < 5 * 1024 * 1024)
+            {
+                return Err(s3_error!(
+                    EntityTooSmall,
+                    "every part but the last must be at least 5 MiB"
+                ));
+            }
+            let etag = multipart_etag(chosen.iter().map(|p| p.md5.as_str()));
+            // The bucket's default retention as the object comes to be: counted
+            // from now, and as the bucket has it now (set or changed during a
+            // long upload), as S3 applies it.
+            let mut version = rec.version.clone();
+            if rec.default_retention {
+                let now = self.gw.clock.now_ms();
+                version.retention = b.default_retention.map(|d| Retention {
+                    mode: d.mode,
+                    until_ms: d.until_ms(now),
+                });
+            }
+            let (retain_until_ms, legal_hold) = evidence_worm(&version);
+            let meta = FilingMeta {
+                tenant: who.tenant.clone(),
+                retain_until_ms,
+                legal_hold,
+                file_name: Some(input.key.clone()),
+                media_type: rec.version.content_type.clone(),
+                submitter: Some(format!("{}/s3:{}", who.tenant, who.access_key)),
+                s3: Some(S3Put {
+                    bucket: input.bucket.clone(),
+                    key: input.key.clone(),
+                    version: ObjectVersion {
+                        null_version: b.versioning != Versioning::Enabled,
+                        ..version
+                    },
+                    etag: Some(etag),
+                    condition,
+                    seen: b.clone(),
+                    completes: Some(upload),
+                }),
+                body_from_store: true,
                 ..Default::default()
-            })
-        };
-        Ok(S3Response::new(CompleteMultipartUploadOutput {
-            future: Some(Box::pin(future)),
-            ..Default::default()
-        }))
+            };
+            // The object is filed anew from the parts' verified bytes, so its
+            // BLAKE3 root, SHA-256 and receipt are the whole object's. This can
+            // take a while: s3s keeps the connection alive meanwhile.
+            let front = S3Front {
+                gw: self.gw.clone(),
+            };
+            let (bucket, key) = (input.bucket.clone(), input.key.clone());
+            let caller_tenant = who.tenant.clone();
+            let future = async move {
+                let gw = front.gw.clone();
+                let tenant = meta.tenant.clone();
+                let body = futures::stream::iter(chosen.clone())
+                    .map(move |p| {
+                        crate::read::stream_range(gw.clone(), part_header(&tenant, &p), 0..p.size, None)
+                    })
+                    .flatten();
+                // The filing and the deletion of the parts run to their end in
+                // a task of their own: the upload ends in the filing's own
+                // transaction, after which nothing else refers to the parts, so
+                // a client gone meanwhile (dropping this future) must not leave
+                // them stored for good.
+                let (gw, parts) = (front.gw.clone(), stored.clone());
+                let filing = tokio::spawn(async move {
+                    let filing = ingest::file_evidence(gw.clone(), meta, Box::pin(body)).await;
+                    if filing.is_ok() {
+                        for (_, p) in &parts {
+                            delete_part(&gw, p).await;
+                        }
+                    }
+                    filing
+                })
+                .await
+                .map_err(|_| internal(ApiError::Internal))?;
+                let filing = match filing {
+                    Ok(filing) => filing,
+                    // A concurrent Complete of the same upload (a retry that
+                    // raced the first) committed first: its answer, if it
+                    // listed the same parts. This one then failed at its commit
+                    // (the upload gone) or before (reading parts the other
+                    // deleted once it committed).
+                    Err(e) => {
+                        let object = (bucket.as_str(), key.as_str());
+                        return match front
+                            .completed_again(&caller_tenant, &b, object, upload, etags.as_deref())
+                            .await?
+                        {
+                            Some(answer) => Ok(answer),
+                            None => Err(s3_err(e)),
+                        };
+                    }
+                };
+                let (v, _) = front.filed(&bucket, &key, filing).await?;
+                tracing::info!(%upload, bucket = %bucket, key = %key, parts = chosen.len(), size = v.size, "multipart upload completed");
+                Ok(CompleteMultipartUploadOutput {
+                    bucket: Some(bucket.clone()),
+                    key: Some(key.clone()),
+                    e_tag: Some(ETag::Strong(v.etag.clone())),
+                    version_id: show_version(&b, &v),
+                    location: Some(format!("/{bucket}/{key}")),
+                    ..Default::default()
+                })
+            };
+            Ok(S3Response::new(CompleteMultipartUploadOutput {
+                future: Some(Box::pin(future)),
+                ..Default::default()
+            }))
+        }
+        .await;
+        match attempt {
+            Ok(answer) => Ok(answer),
+            Err(e) => {
+                let object = (input.bucket.as_str(), input.key.as_str());
+                match self
+                    .completed_again(
+                        &who.tenant,
+                        &b_again,
+                        object,
+                        upload,
+                        etags_again.as_deref(),
+                    )
+                    .await?
+                {
+                    Some(answer) => Ok(S3Response::new(answer)),
+                    None => Err(e),
+                }
+            }
+        }
     }
 
     async fn abort_multipart_upload(
@@ -2379,23 +2440,20 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         self.bucket(&who, &input.bucket).await?;
         let delimiter = input.delimiter.clone().filter(|d| !d.is_empty());
         let prefix = input.prefix.clone().unwrap_or_default();
-        let max = input.max_keys.unwrap_or(1000).clamp(1, 1000) as usize;
+        // max-keys=0 lists nothing (and is not truncated), as in S3.
+        let max = input.max_keys.unwrap_or(1000).clamp(0, 1000) as usize;
         let marker_key = input.key_marker.clone().filter(|k| !k.is_empty());
         let marker_version = match (input.version_id_marker.as_deref(), &marker_key) {
             (None | Some(""), _) => None,
             // The listing names the null version "null": it resumes after
             // that key's null version, wherever it sorts.
-            (Some("null"), Some(k)) => Some(
-                self.version(&input.bucket, k, VersionRef::Null)
-                    .await
-                    .map_err(|_| {
-                        s3_error!(
-                            InvalidArgument,
-                            "version-id-marker null: the key-marker has no null version"
-                        )
-                    })?
-                    .version_id,
-            ),
+            // Gone since the last page (deleted or replaced): resume after
+            // the key, rather than fail a client's paging.
+            (Some("null"), Some(k)) => self
+                .version(&input.bucket, k, VersionRef::Null)
+                .await
+                .ok()
+                .map(|v| v.version_id),
             (Some(v), _) => Some(
                 v.parse::<EvidenceId>()
                     .map_err(|_| s3_error!(InvalidArgument, "bad version-id-marker"))?,
@@ -2419,6 +2477,9 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let (mut listed, mut truncated) = (0usize, false);
         let mut next: Option<(String, Option<String>)> = None;
         'pages: loop {
+            if max == 0 {
+                break;
+            }
             let (bucket, p, at) = (input.bucket.clone(), prefix.clone(), cursor.clone());
             let rows = indexer::run(&self.gw.store, |tx| {
                 let (bucket, p, at) = (&bucket, &p, &at);

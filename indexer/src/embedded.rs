@@ -115,8 +115,11 @@ impl EmbeddedStore {
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(storage(e)),
             }
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-                .map_err(storage)?;
+            // An existing file made by an older version: tightened if this
+            // process may (one it may not is warned about, as before).
+            if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+                tracing::warn!(path = %path.display(), error = %e, "could not make the index file private");
+            }
         }
         let db = Arc::new(Database::create(path).map_err(storage)?);
         let version = prepare_tables(&db).map_err(storage)?;

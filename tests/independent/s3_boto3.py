@@ -218,6 +218,27 @@ except ClientError as e:
     headers = e.response["ResponseMetadata"]["HTTPHeaders"]
     check(e.response["Error"]["Code"] == "NoSuchKey", "NoSuchKey under a delete marker")
     check(headers.get("x-amz-delete-marker") == "true", "the 404 says a delete marker: %r" % headers)
+# If-Match with no current object (here a delete marker) is 404 NoSuchKey,
+# not 412, for a write and a delete alike, as in S3.
+code = error_code(s3.put_object, Bucket="boto-nulls", Key="k", Body=b"x", IfMatch=etag)
+check(code == "NoSuchKey", "If-Match PUT over no object: %r" % code)
+code = error_code(s3.delete_object, Bucket="boto-nulls", Key="k", IfMatch=etag)
+check(code == "NoSuchKey", "If-Match DELETE of no object: %r" % code)
+
+# An object sent without a type is binary/octet-stream, as S3 says; copied
+# onto itself changing nothing it is refused; max-keys=0 lists nothing.
+s3.put_object(Bucket="boto-nulls", Key="typeless", Body=b"t")
+ctype = s3.head_object(Bucket="boto-nulls", Key="typeless").get("ContentType")
+check(ctype == "binary/octet-stream", "default Content-Type: %r" % ctype)
+code = error_code(s3.copy_object, Bucket="boto-nulls", Key="typeless",
+                  CopySource={"Bucket": "boto-nulls", "Key": "typeless"})
+check(code == "InvalidRequest", "a copy onto itself changing nothing: %r" % code)
+s3.copy_object(Bucket="boto-nulls", Key="typeless", CopySource={"Bucket": "boto-nulls", "Key": "typeless"},
+               MetadataDirective="REPLACE", ContentType="text/plain")
+ctype = s3.head_object(Bucket="boto-nulls", Key="typeless").get("ContentType")
+check(ctype == "text/plain", "a copy onto itself replacing its metadata: %r" % ctype)
+none = s3.list_object_versions(Bucket="boto-nulls", MaxKeys=0)
+check(not none.get("Versions") and not none.get("IsTruncated"), "max-keys=0 lists nothing: %r" % none)
 
 # Object Lock on an existing bucket whose versioning is enabled, as S3 allows;
 # not on one without versioning.

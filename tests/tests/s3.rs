@@ -1271,8 +1271,8 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
     });
     assert!(released, "lifting the S3 hold is a custody event");
     // One hold per evidence, whichever API places or lifts it: lifted on
-    // the evidence API, S3 says so (and lets the version go); placed
-    // there, S3 shows it and refuses.
+    // the evidence API, S3 says so; placed there, S3 shows it and refuses
+    // to delete the version.
     let hold_call = |method: &str, evidence: &str| -> Result<u16> {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
