@@ -10,7 +10,12 @@ use indexer::fdb::FdbStore;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contract_on_foundationdb() {
     let Ok(cluster_file) = std::env::var("FDB_CLUSTER_FILE") else {
-        println!("SKIPPED: FoundationDB contract tests need FDB_CLUSTER_FILE");
+        // On stderr, unbuffered: libtest captures println! unless --nocapture.
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: FoundationDB contract tests need FDB_CLUSTER_FILE"
+        );
         return;
     };
     let store = FdbStore::open(Some(&cluster_file)).expect("connect to FoundationDB");

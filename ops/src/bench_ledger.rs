@@ -622,15 +622,20 @@ mod tests {
             ahead,
             "a checkpoint of 110 replaced the published one of 500"
         );
-        // A restarted gateway publishes what its index holds first: not over
-        // a larger one either.
+        // A restarted gateway first compares the published log with its
+        // index: a tree of 500 the index does not hold is refused (it would
+        // be a fork), and nothing is written over it.
         let (gw2, ledger2) = in_process_on(&c, gw.store.clone())?;
-        gateway::ledger::integrate_pending(&gw2, &ledger2).await?;
+        let refused = gateway::ledger::integrate_pending(&gw2, &ledger2).await;
+        assert!(
+            matches!(refused, Err(gateway::ledger::LedgerError::Forked(_))),
+            "{refused:?}"
+        );
         assert_eq!(std::fs::read_to_string(&file)?, ahead);
 
         // Once the tree is larger than the published one, it is replaced.
         queued.extend(queue(400, 6).await?);
-        assert!(gateway::ledger::integrate_pending(&gw2, &ledger2).await?);
+        assert!(gateway::ledger::integrate_pending(&gw, &ledger).await?);
         let cp = published()?;
         assert_eq!(cp.size, 510);
         assert_eq!(cp.root.0, rfc9162_root(&commitments(&queued)));

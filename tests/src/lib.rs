@@ -399,8 +399,15 @@ impl TestCluster {
         } else {
             vec!["-X", method]
         };
+        // A transfer that fails before any body leaves the file as it was:
+        // an earlier call's body must not pass for this one's.
+        match std::fs::remove_file(&body) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
         let out = Command::new("curl")
-            .args(["-s", "--max-time", "30", "-D", "-", "-o"])
+            .args(["-s", "-S", "--max-time", "30", "-D", "-", "-o"])
             .arg(&body)
             .args(verb)
             .args(extra)
@@ -417,10 +424,20 @@ impl TestCluster {
             .arg(url)
             .output()
             .context("running curl (with SigV4 support)")?;
-        Ok((
-            String::from_utf8_lossy(&out.stdout).to_lowercase(),
-            std::fs::read(&body).unwrap_or_default(),
-        ))
+        if !out.status.success() {
+            bail!(
+                "curl {method} {url} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // No body file: the answer had none (a HEAD, a 204).
+        let got = match std::fs::read(&body) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        Ok((String::from_utf8_lossy(&out.stdout).to_lowercase(), got))
     }
 
     /// Runs `custodia ARGS` as a client of this cluster's evidence API, with

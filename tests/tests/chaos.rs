@@ -217,8 +217,15 @@ fn filing_through_chaos_loses_nothing() -> Result<()> {
         let a = c.get_with(&c.token, &format!("/v1/evidence/{id}/receipt"), &[])?;
         let r: Receipt = serde_json::from_slice(&a.body)
             .with_context(|| format!("receipt of {id}: {}", String::from_utf8_lossy(&a.body)))?;
-        r.verify(&key)
+        let ok = r
+            .verify(&key)
             .map_err(|e| anyhow::anyhow!("receipt of {id} does not verify: {e}"))?;
+        // And it is this filing's receipt, not some other leaf's.
+        anyhow::ensure!(
+            ok.statement.evidence == *id,
+            "receipt of {id} names {}",
+            ok.statement.evidence
+        );
     }
     // Full redundancy: two more nodes die and nothing is lost.
     let (a, b) = (rng.random_range(0..8u32), rng.random_range(0..8u32));

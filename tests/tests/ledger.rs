@@ -859,11 +859,13 @@ fn twenty_gateway_restarts_during_filing_keep_every_receipt_and_one_consistent_l
     use std::sync::{Arc, Mutex};
     let mut c = TestCluster::start(Shape::default())?;
     let key = log_key(&c)?;
-    let receipts: Arc<Mutex<Vec<Receipt>>> = Arc::default();
+    // Every 201's id, and its receipt when the answer carried one.
+    type Acknowledged = Vec<(String, Option<Receipt>)>;
+    let acknowledged: Arc<Mutex<Acknowledged>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let filer = {
         let (api, token) = (c.api.clone(), c.token.clone());
-        let (receipts, stop) = (receipts.clone(), stop.clone());
+        let (acknowledged, stop) = (acknowledged.clone(), stop.clone());
         std::thread::spawn(move || {
             let agent: ureq::Agent = ureq::Agent::config_builder()
                 .http_status_as_error(false)
@@ -880,9 +882,9 @@ fn twenty_gateway_restarts_during_filing_keep_every_receipt_and_one_consistent_l
                 match sent {
                     Ok(mut r) if r.status() == 201 => {
                         let v: Value = r.body_mut().read_json().unwrap_or(Value::Null);
-                        if let Ok(rc) = serde_json::from_value::<Receipt>(v["receipt"].clone()) {
-                            receipts.lock().map(|mut g| g.push(rc)).ok();
-                        }
+                        let id = v["id"].as_str().unwrap_or_default().to_owned();
+                        let rc = serde_json::from_value::<Receipt>(v["receipt"].clone()).ok();
+                        acknowledged.lock().map(|mut g| g.push((id, rc))).ok();
                     }
                     // The gateway is down or died mid-request: no receipt, try again.
                     _ => std::thread::sleep(std::time::Duration::from_millis(20)),
@@ -909,25 +911,53 @@ fn twenty_gateway_restarts_during_filing_keep_every_receipt_and_one_consistent_l
     filer
         .join()
         .map_err(|_| anyhow::anyhow!("filer thread panicked"))?;
-    let receipts = receipts
+    let acknowledged = acknowledged
         .lock()
         .map_err(|_| anyhow::anyhow!("poisoned"))?
         .clone();
     assert!(
-        receipts.len() >= 20,
-        "only {} receipts issued",
-        receipts.len()
+        acknowledged.len() >= 20,
+        "only {} filings acknowledged",
+        acknowledged.len()
     );
-
-    // Every receipt ever issued verifies, and no leaf index was given twice.
-    let mut leaves = std::collections::BTreeSet::new();
-    for r in &receipts {
-        r.verify(&key)?;
+    // Every acknowledged filing gets its own receipt, if not in its answer
+    // then from its URL: no statement is lost to a kill.
+    let mut receipts = Vec::with_capacity(acknowledged.len());
+    for (id, answered) in &acknowledged {
+        if let Some(r) = answered {
+            receipts.push(r.clone());
+        }
+        let mut fetched = None;
+        let issued = custodia_tests::eventually(30, || {
+            fetched = c
+                .get_with(&c.token, &format!("/v1/evidence/{id}/receipt"), &[])
+                .ok()
+                .filter(|a| a.status == 200)
+                .and_then(|a| serde_json::from_slice::<Receipt>(&a.body).ok());
+            fetched.is_some()
+        });
         assert!(
-            leaves.insert(r.leaf_index),
-            "leaf {} issued twice",
-            r.leaf_index
+            issued,
+            "filing {id} was acknowledged but never got a receipt"
         );
+        let r = fetched.context("receipt")?;
+        assert_eq!(
+            r.verify(&key)?.statement.evidence,
+            *id,
+            "{id}'s own receipt"
+        );
+        receipts.push(r);
+    }
+
+    // Every receipt ever issued verifies, and no leaf index was given to
+    // two filings.
+    let mut leaves = std::collections::BTreeMap::new();
+    for r in &receipts {
+        let evidence = r.verify(&key)?.statement.evidence;
+        let first = leaves
+            .entry(r.leaf_index)
+            .or_insert_with(|| evidence.clone());
+        assert_eq!(*first, evidence, "leaf {} issued twice", r.leaf_index);
         checkpoints.push(r.checkpoint.clone());
     }
     checkpoints.push(String::from_utf8(published(&c, "checkpoint")?)?);

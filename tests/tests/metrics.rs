@@ -161,7 +161,8 @@ fn prometheus_scrapes_every_process_and_every_dashboard_query_has_data() -> Resu
     for (id, data) in &filed {
         assert!(c.read(id)? == *data, "reads survive the corrupt shard");
     }
-    let (_, body) = c.s3_curl("GET", &format!("{}/metrics-bucket/o.bin", c.s3), &[])?;
+    let (h, body) = c.s3_curl("GET", &format!("{}/metrics-bucket/o.bin", c.s3), &[])?;
+    assert!(h.starts_with("http/1.1 200"), "{h}");
     assert_eq!(body, bytes(5000, 9), "S3 reads survive the corrupt shard");
     c.kill_node(7);
     for (id, data) in &filed {

@@ -73,6 +73,11 @@ fn small_filings_are_group_committed_into_segments_and_survive_kill_9() -> Resul
     let fsyncs = over_nodes(&c, "custodia_node_segment_fsyncs_total");
     let written = over_nodes(&c, "custodia_node_shards_written_total");
     eprintln!("{written} shards acknowledged with {fsyncs} segment fsyncs");
+    // Some grouped. How much depends on how many filings overlap at one
+    // node's disk, which here is little: a filing spends most of its time
+    // waiting for its receipt. The store's own test
+    // (`concurrent_small_puts_share_their_fsyncs`) holds it to 4 puts per
+    // fsync with puts that all overlap.
     assert!(
         fsyncs < written,
         "{fsyncs} segment fsyncs for {written} shards: nothing was grouped"
