@@ -474,13 +474,21 @@ impl<S: Store> S3Front<S> {
                 s3_error!(NoSuchKey)
             };
             // As S3: the answer says a delete marker is why (clients tell a
-            // deleted key from one that never was by it).
-            let mut headers = http::HeaderMap::new();
-            headers.insert(
-                "x-amz-delete-marker",
-                http::HeaderValue::from_static("true"),
+            // deleted key from one that never was by it), and which.
+            // (Markers exist only in buckets that were versioned, where the
+            // null one is named "null".)
+            let id = if v.null_version {
+                "null".to_owned()
+            } else {
+                v.version_id.to_string()
+            };
+            with_headers(
+                &mut e,
+                &[
+                    ("x-amz-delete-marker", "true".to_owned()),
+                    ("x-amz-version-id", id),
+                ],
             );
-            e.set_headers(headers);
             return Err(e);
         };
         let header = indexer::run(&self.gw.store, |tx| async move {
@@ -1100,8 +1108,41 @@ fn preconditions(v: &ObjectVersion, c: Conditions<'_>) -> S3Result<()> {
     match unmet(v, c) {
         None => Ok(()),
         Some(Unmet::Precondition) => Err(s3_error!(PreconditionFailed)),
-        Some(Unmet::NotModified) => Err(S3Error::new(S3ErrorCode::NotModified)),
+        // A 304 carries the validators (RFC 9110 15.4.5), so a cache can
+        // refresh what it holds.
+        Some(Unmet::NotModified) => {
+            let mut e = S3Error::new(S3ErrorCode::NotModified);
+            with_headers(
+                &mut e,
+                &[
+                    ("etag", format!("\"{}\"", v.etag)),
+                    ("last-modified", http_date(v.last_modified_ms)),
+                ],
+            );
+            Err(e)
+        }
     }
+}
+
+/// Sets headers on an error answer. s3s replaces the answer's headers with
+/// the error's, so its XML Content-Type goes with them.
+fn with_headers(e: &mut S3Error, headers: &[(&'static str, String)]) {
+    let mut map = http::HeaderMap::new();
+    map.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/xml"),
+    );
+    for (name, value) in headers {
+        if let Ok(v) = http::HeaderValue::from_str(value) {
+            map.insert(*name, v);
+        }
+    }
+    e.set_headers(map);
+}
+
+/// An HTTP date (IMF-fixdate) of ms since the epoch.
+fn http_date(ms: u64) -> String {
+    httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_millis(ms))
 }
 
 /// A PUT's `If-Match` / `If-None-Match` as a check of the key's current
@@ -1351,7 +1392,12 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 r.check(size)
                     .ok()
                     .filter(|r| !r.is_empty())
-                    .ok_or_else(|| s3_error!(InvalidRange))?,
+                    .ok_or_else(|| {
+                        // With the size, as RFC 9110 asks of a 416.
+                        let mut e = s3_error!(InvalidRange);
+                        with_headers(&mut e, &[("content-range", format!("bytes */{size}"))]);
+                        e
+                    })?,
             ),
         };
         let read = range.clone().unwrap_or(0..size);

@@ -218,6 +218,8 @@ except ClientError as e:
     headers = e.response["ResponseMetadata"]["HTTPHeaders"]
     check(e.response["Error"]["Code"] == "NoSuchKey", "NoSuchKey under a delete marker")
     check(headers.get("x-amz-delete-marker") == "true", "the 404 says a delete marker: %r" % headers)
+    check(bool(headers.get("x-amz-version-id")), "the 404 names the marker: %r" % headers)
+    check(headers.get("content-type") == "application/xml", "the 404 is XML: %r" % headers)
 # If-Match with no current object (here a delete marker) is 404 NoSuchKey,
 # not 412, for a write and a delete alike, as in S3.
 code = error_code(s3.put_object, Bucket="boto-nulls", Key="k", Body=b"x", IfMatch=etag)
@@ -237,6 +239,22 @@ s3.copy_object(Bucket="boto-nulls", Key="typeless", CopySource={"Bucket": "boto-
                MetadataDirective="REPLACE", ContentType="text/plain")
 ctype = s3.head_object(Bucket="boto-nulls", Key="typeless").get("ContentType")
 check(ctype == "text/plain", "a copy onto itself replacing its metadata: %r" % ctype)
+# A 416 says the size; a 304 carries the validators.
+try:
+    s3.get_object(Bucket="boto-nulls", Key="typeless", Range="bytes=100-")
+    check(False, "a range past the end is refused")
+except ClientError as e:
+    headers = e.response["ResponseMetadata"]["HTTPHeaders"]
+    check(e.response["ResponseMetadata"]["HTTPStatusCode"] == 416, "416: %r" % e.response)
+    check(headers.get("content-range") == "bytes */1", "416 Content-Range: %r" % headers)
+etag = s3.head_object(Bucket="boto-nulls", Key="typeless")["ETag"]
+try:
+    s3.get_object(Bucket="boto-nulls", Key="typeless", IfNoneMatch=etag)
+    check(False, "If-None-Match with the current ETag is 304")
+except ClientError as e:
+    headers = e.response["ResponseMetadata"]["HTTPHeaders"]
+    check(e.response["ResponseMetadata"]["HTTPStatusCode"] == 304, "304: %r" % e.response)
+    check(headers.get("etag") == etag and headers.get("last-modified"), "304 validators: %r" % headers)
 none = s3.list_object_versions(Bucket="boto-nulls", MaxKeys=0)
 check(not none.get("Versions") and not none.get("IsTruncated"), "max-keys=0 lists nothing: %r" % none)
 
