@@ -109,6 +109,11 @@ pub struct Report {
     pub s3_versions: usize,
     /// Versions (bucket, key, evidence id) whose evidence was not recovered.
     pub s3_versions_dropped: Vec<(String, String, String)>,
+    /// Evidence the archive shows expunged without its `expunged` statement
+    /// on the ledger (the index was lost before it was notarized): restored
+    /// as it was, its shards still on the nodes; the order must be given
+    /// again.
+    pub expunge_not_logged: Vec<String>,
 }
 
 /// Rebuilds the index behind `gw` (which must be empty) from the openings
@@ -147,11 +152,17 @@ pub async fn recover_index<S: Store>(
 
     // The newest header of each piece of evidence, in leaf order.
     let mut manifests: BTreeMap<EvidenceId, (ManifestHeader, bool)> = BTreeMap::new();
+    // Evidence whose expunge is on the ledger.
+    let mut expunge_logged = BTreeSet::new();
     for leaf in &restored.archive {
         if let Ok(s) = Statement::decode(&leaf.statement) {
             report.tenants.insert(s.tenant.clone());
-            if s.kind == protocol::ledger::Kind::Notarized {
-                report.notarized += 1;
+            match s.kind {
+                protocol::ledger::Kind::Notarized => report.notarized += 1,
+                protocol::ledger::Kind::Expunged => {
+                    expunge_logged.insert(leaf.evidence);
+                }
+                _ => {}
             }
         }
         if let Some(bytes) = &leaf.manifest {
@@ -161,6 +172,18 @@ pub async fn recover_index<S: Store>(
         }
     }
     drop(restored);
+    // A header is archived as it stands when a leaf about its evidence is
+    // published, which can be after an expunge committed and before its
+    // statement was notarized. Without that statement GC never deletes the
+    // shards (it waits for it) and the order is nowhere on the ledger: the
+    // evidence comes back as it was, and is reported.
+    for (id, (_, expunged)) in manifests.iter_mut() {
+        if *expunged && !expunge_logged.contains(id) {
+            tracing::warn!(evidence = %id, "its expunge is not on the ledger: restored as it was; give the order again");
+            report.expunge_not_logged.push(id.to_string());
+            *expunged = false;
+        }
+    }
 
     // Inventories: (evidence, stripe) -> the shards found, by index.
     let mut found: HashMap<(EvidenceId, u64), Slots> = HashMap::new();
@@ -365,7 +388,13 @@ async fn restore_s3_records<S: Store>(
 }
 
 /// A stripe record from the shards found: their nodes and header hashes;
-/// shards not found are unplaced (hash unknown until re-encoded).
+/// shards not found are unplaced (hash unknown until re-encoded). It stands
+/// only for evidence that could not be read back. A slot found on several
+/// nodes (repair moved it, and the old copy was not deleted yet) is left
+/// unplaced too, with the hash its copies agree on (else unknown): which
+/// copy is good is not known, and a recorded placement would have the
+/// orphan sweep delete the others, perhaps the good one. The sweep adopts
+/// the copy that verifies, and deletes the rest only after.
 fn initial_record(
     header: &ManifestHeader,
     stripe: u64,
@@ -376,14 +405,22 @@ fn initial_record(
         shard_len: header.code.layout(header.size).shard_len(stripe) as u32,
         shards: slots
             .iter()
-            .map(|copies| match copies.first() {
-                Some((node, h)) => ShardPlacement {
+            .map(|copies| match copies.as_slice() {
+                [(node, h)] => ShardPlacement {
                     node: Some(*node),
                     blake3: h.blake3,
                 },
-                None => ShardPlacement {
+                [] => ShardPlacement {
                     node: None,
                     blake3: ShardPlacement::UNKNOWN_HASH,
+                },
+                [(_, first), rest @ ..] => ShardPlacement {
+                    node: None,
+                    blake3: if rest.iter().all(|(_, h)| h.blake3 == first.blake3) {
+                        first.blake3
+                    } else {
+                        ShardPlacement::UNKNOWN_HASH
+                    },
                 },
             })
             .collect(),

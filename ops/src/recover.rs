@@ -117,6 +117,12 @@ pub async fn run(data_dir: &Path, allow_down: bool, trust_archive: bool, json: b
                 "  S3 DROPPED   s3://{bucket}/{key} version {id}: its evidence was not recovered"
             );
         }
+        for id in &report.expunge_not_logged {
+            println!(
+                "  NOT EXPUNGED {id}: its expunge was never notarized before the index was lost; \
+                 restored as it was: give the order again"
+            );
+        }
         println!("not recovered: other tenants' keys (issue new ones with `custodia key create`), S3 multipart uploads in progress, old witness cosignatures and time-stamp tokens");
     }
     if !report.unreadable.is_empty() {
