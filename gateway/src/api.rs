@@ -1593,6 +1593,21 @@ async fn revoke_key<S: Store>(
             "name a \"token\", an \"access_key\" or both".into(),
         ));
     }
+    // Not the credential this request is made with: an administrator
+    // revoking its own token (DATA_DIR/admin.token, say) would lock every
+    // administrative command out. Another admin's token revokes it.
+    let own = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .map(|(_, t)| t.trim());
+    if req.token.is_some() && req.token.as_deref().map(str::trim) == own {
+        return Err(ApiError::Conflict(
+            "this is the token the request is made with: revoke it with another \
+             administrator's token"
+                .into(),
+        ));
+    }
     let revoked =
         crate::credentials::revoke(&gw.store, req.token.as_deref(), req.access_key.as_deref())
             .await?;

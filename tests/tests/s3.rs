@@ -1013,6 +1013,16 @@ fn tenants_and_keys_are_isolated_and_signatures_checked() -> Result<()> {
     let again = revoke(&["--access-key", &reader_key])?;
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("no such credential"));
+    // Not the token the request is made with: the CLI would lock itself out.
+    let admin_token = c.data_dir().join("admin.token");
+    let own = revoke(&["--token-file", &admin_token.to_string_lossy()])?;
+    assert!(!own.status.success());
+    assert!(
+        String::from_utf8_lossy(&own.stderr).contains("another administrator"),
+        "{}",
+        String::from_utf8_lossy(&own.stderr)
+    );
+    assert_eq!(status_of(&c.token)?, 200, "the admin token still works");
     Ok(())
 }
 
