@@ -1638,23 +1638,31 @@ async fn stored_tiles<S: Store>(
 /// from this file).
 async fn publish_checkpoint<S: Store>(gw: &Gateway<S>, ledger: &Ledger) -> Result<(), LedgerError> {
     use std::sync::atomic::Ordering;
-    let (size, note) = indexer::run(&gw.store, |tx| async move {
-        Ok::<_, indexer::schema::SchemaError>((
-            lx::checkpoint_size_tx(&tx).await?,
-            lx::checkpoint_tx(&tx).await?,
-        ))
-    })
-    .await?;
-    let (Some(size), Some(note)) = (size, note) else {
-        return Ok(());
-    };
-    if ledger.checkpoint_file.load(Ordering::Acquire) >= size {
-        return Ok(());
+    // Again while the index moved on meanwhile: another gateway's newer
+    // checkpoint, stored in the index before it is published, may have been
+    // written over (a bucket without conditional writes; see
+    // `publish_if_newer`), and is published again.
+    let mut published = None;
+    for _ in 0..3 {
+        let (size, note) = indexer::run(&gw.store, |tx| async move {
+            Ok::<_, indexer::schema::SchemaError>((
+                lx::checkpoint_size_tx(&tx).await?,
+                lx::checkpoint_tx(&tx).await?,
+            ))
+        })
+        .await?;
+        let (Some(size), Some(note)) = (size, note) else {
+            return Ok(());
+        };
+        if published == Some(size) || ledger.checkpoint_file.load(Ordering::Acquire) >= size {
+            return Ok(());
+        }
+        if !ledger.publish_checkpoint_note(size, note).await? {
+            tracing::debug!(size, "the published checkpoint is already at least as new");
+        }
+        ledger.checkpoint_file.fetch_max(size, Ordering::AcqRel);
+        published = Some(size);
     }
-    if !ledger.publish_checkpoint_note(size, note).await? {
-        tracing::debug!(size, "the published checkpoint is already at least as new");
-    }
-    ledger.checkpoint_file.fetch_max(size, Ordering::AcqRel);
     Ok(())
 }
 
