@@ -600,35 +600,34 @@ async fn an_index_from_before_the_journal_is_seeded_whole() {
     assert_eq!((replayed.buckets, replayed.versions), (2, 9));
 }
 
-/// A legal hold or retention placed on the evidence (through the evidence
-/// API, on the manifest) binds the S3 version that is that evidence: no
-/// permanent delete of it while either holds, bypass or not.
-#[tokio::test]
-async fn holds_and_retention_on_the_evidence_bind_its_version() {
+/// Commits the manifest of the evidence version `v` names, as a filing
+/// would, with the evidence's own retention and hold.
+async fn commit_evidence_of(
+    s: &EmbeddedStore,
+    v: &ObjectVersion,
+    retain_until_ms: Option<u64>,
+    legal_hold: bool,
+) {
     use indexer::schema;
     use protocol::{Blake3Hash, ErasureCode, ManifestHeader, Sha256Hash};
-    let (_d, s) = store();
-    bucket(&s, "evid", Versioning::Enabled, true).await;
-    let v = version(400, false);
-    put(&s, "evid", "k", &v).await.unwrap();
     let evidence = v.evidence.unwrap();
     let header = ManifestHeader {
         evidence,
         tenant: "court".into(),
         case: None,
-        blake3: Blake3Hash([4; 32]),
-        sha256: Sha256Hash([4; 32]),
+        blake3: Blake3Hash([v.size as u8; 32]),
+        sha256: Sha256Hash([v.size as u8; 32]),
         size: v.size,
         media_type: None,
         file_name: None,
         submitter: None,
-        filed_at_ms: 400,
+        filed_at_ms: v.last_modified_ms,
         code: ErasureCode::new(4, 2, 4096).unwrap(),
         stripes: 1,
-        retain_until_ms: Some(5_000),
-        legal_hold: true,
+        retain_until_ms,
+        legal_hold,
     };
-    run(&s, |tx| {
+    run(s, |tx| {
         let header = &header;
         async move {
             schema::begin_intent_tx(&tx, evidence, "court", None, 10_000).await?;
@@ -637,6 +636,20 @@ async fn holds_and_retention_on_the_evidence_bind_its_version() {
     })
     .await
     .unwrap();
+}
+
+/// A legal hold or retention placed on the evidence (through the evidence
+/// API, on the manifest) binds the S3 version that is that evidence: no
+/// permanent delete of it while either holds, bypass or not.
+#[tokio::test]
+async fn holds_and_retention_on_the_evidence_bind_its_version() {
+    use indexer::schema;
+    let (_d, s) = store();
+    bucket(&s, "evid", Versioning::Enabled, true).await;
+    let v = version(400, false);
+    put(&s, "evid", "k", &v).await.unwrap();
+    let evidence = v.evidence.unwrap();
+    commit_evidence_of(&s, &v, Some(5_000), true).await;
     let delete = |now: u64| {
         let s = &s;
         let id = v.version_id;
@@ -1031,7 +1044,6 @@ async fn multipart_records_from_before_default_retention_still_read() {
 #[tokio::test]
 async fn holds_on_versions_only_are_carried_onto_their_evidence() {
     use indexer::schema;
-    use protocol::{Blake3Hash, ErasureCode, ManifestHeader, Sha256Hash};
     let (_d, s) = store();
     bucket(&s, "old", Versioning::Enabled, true).await;
     let v = ObjectVersion {
@@ -1040,31 +1052,7 @@ async fn holds_on_versions_only_are_carried_onto_their_evidence() {
     };
     put(&s, "old", "k", &v).await.unwrap();
     let evidence = v.evidence.unwrap();
-    let header = ManifestHeader {
-        evidence,
-        tenant: "court".into(),
-        case: None,
-        blake3: Blake3Hash([5; 32]),
-        sha256: Sha256Hash([5; 32]),
-        size: v.size,
-        media_type: None,
-        file_name: None,
-        submitter: None,
-        filed_at_ms: 500,
-        code: ErasureCode::new(4, 2, 4096).unwrap(),
-        stripes: 1,
-        retain_until_ms: None,
-        legal_hold: false,
-    };
-    run(&s, |tx| {
-        let header = &header;
-        async move {
-            schema::begin_intent_tx(&tx, evidence, "court", None, 10_000).await?;
-            schema::commit_manifest_tx(&tx, header).await
-        }
-    })
-    .await
-    .unwrap();
+    commit_evidence_of(&s, &v, None, false).await;
     let carry = || {
         let s = &s;
         async move {
