@@ -663,11 +663,9 @@ async fn json_errors(resp: Response) -> Response {
 }
 
 /// Who is calling: from the bearer token.
-pub async fn authenticate<S: Store>(
-    gw: &Gateway<S>,
-    headers: &HeaderMap,
-) -> Result<TokenRecord, ApiError> {
-    let token = headers
+/// The token of an `Authorization: Bearer` header, if well formed.
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         // The scheme name is case-insensitive (RFC 9110 §11.1).
@@ -675,8 +673,15 @@ pub async fn authenticate<S: Store>(
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim())
         .filter(|t| !t.is_empty() && t.len() <= 512)
-        .ok_or(ApiError::Unauthorized)?;
-    let token = token.to_string();
+}
+
+pub async fn authenticate<S: Store>(
+    gw: &Gateway<S>,
+    headers: &HeaderMap,
+) -> Result<TokenRecord, ApiError> {
+    let token = bearer_token(headers)
+        .ok_or(ApiError::Unauthorized)?
+        .to_string();
     let mut rec = indexer::run(&gw.store, |tx| {
         let token = &token;
         async move { schema::get_token_tx(&tx, token).await }
@@ -1596,12 +1601,7 @@ async fn revoke_key<S: Store>(
     // Not the credential this request is made with: an administrator
     // revoking its own token (DATA_DIR/admin.token, say) would lock every
     // administrative command out. Another admin's token revokes it.
-    let own = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .map(|(_, t)| t.trim());
-    if req.token.is_some() && req.token.as_deref().map(str::trim) == own {
+    if req.token.is_some() && req.token.as_deref().map(str::trim) == bearer_token(&headers) {
         return Err(ApiError::Conflict(
             "this is the token the request is made with: revoke it with another \
              administrator's token"

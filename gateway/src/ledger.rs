@@ -2536,7 +2536,8 @@ async fn stamp<S: Store>(gw: &Gateway<S>, tsa: &Tsa, note: &str, size: u64) -> R
     Ok(())
 }
 
-fn unix_now() -> u64 {
+/// The system clock in Unix seconds (0 before 1970).
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -134,7 +134,7 @@ pub async fn serve<S: Store + 'static>(
                         // each new label would be a series kept for good.
                         let method = crate::metrics::method_label(req.method());
                         let resp = if let Some(refused) =
-                            crate::s3_digest::auth_refusal(&req, unix_now())
+                            crate::s3_digest::auth_refusal(&req, crate::ledger::unix_now())
                         {
                             Ok(refused_response(&refused))
                         } else if crate::s3_digest::wants_check(&req) {
@@ -185,12 +185,6 @@ pub async fn serve<S: Store + 'static>(
     });
     tracing::info!(%addr, https = tls.is_some(), "S3 API listening");
     Ok((addr, task))
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 // ---------------------------------------------------------------- errors
@@ -353,10 +347,17 @@ fn show_version(b: &BucketRecord, v: &ObjectVersion) -> Option<String> {
 }
 
 fn shown_version_id(b: &BucketRecord, null_version: bool, id: EvidenceId) -> Option<String> {
+    (b.versioning != Versioning::Unversioned || !null_version)
+        .then(|| version_name(null_version, id))
+}
+
+/// A version's name wherever S3 always names it (listings, a delete
+/// marker's answer): its id, or "null" for the null version.
+fn version_name(null_version: bool, id: EvidenceId) -> String {
     if null_version {
-        (b.versioning != Versioning::Unversioned).then(|| "null".to_owned())
+        "null".to_owned()
     } else {
-        Some(id.to_string())
+        id.to_string()
     }
 }
 
@@ -477,16 +478,14 @@ impl<S: Store> S3Front<S> {
             // deleted key from one that never was by it), and which.
             // (Markers exist only in buckets that were versioned, where the
             // null one is named "null".)
-            let id = if v.null_version {
-                "null".to_owned()
-            } else {
-                v.version_id.to_string()
-            };
             with_headers(
                 &mut e,
                 &[
                     ("x-amz-delete-marker", "true".to_owned()),
-                    ("x-amz-version-id", id),
+                    (
+                        "x-amz-version-id",
+                        version_name(v.null_version, v.version_id),
+                    ),
                 ],
             );
             return Err(e);
@@ -2563,11 +2562,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 previous = Some(key.clone());
                 // Listings name every version, the null one "null" (in a
                 // bucket never versioned too, as S3 lists it).
-                let shown = if v.null_version {
-                    "null".to_owned()
-                } else {
-                    v.version_id.to_string()
-                };
+                let shown = version_name(v.null_version, v.version_id);
                 if v.is_delete_marker() {
                     markers.push(DeleteMarkerEntry {
                         key: Some(key.clone()),
