@@ -671,10 +671,22 @@ struct Committer {
 /// come. After a burst of concurrency it may be held a few times, each for at
 /// most two of the burst's mean gaps: a hold that finds nobody doubles the
 /// expected gap, and a second without any observation forgets the estimate.
+///
+/// Writes can be too short to see anyone: with a fast disk and callers that
+/// arrive together (woken by the same timer tick or network poll), every
+/// arrival lands in the batch being drained and none during its write, so no
+/// estimate would ever form and slack would never be used. With no estimate,
+/// a batch whose every commit has slack is therefore held once in a while
+/// ([`PROBE_EVERY`]) for one write's time (at least [`MIN_HOLD`]) to look
+/// for company: well within the slack its callers granted.
 #[derive(Default)]
 struct Arrivals {
     /// The last write's start and end.
     write: Option<(Instant, Instant)>,
+    /// How long the last write took.
+    last_write: Duration,
+    /// When a batch was last held with no estimate.
+    probed: Option<Instant>,
     /// Commits seen and seconds watched, older windows decayed by
     /// [`ARRIVALS_HALF_LIFE`] of watched time.
     arrived: f64,
@@ -688,6 +700,16 @@ const ARRIVALS_HALF_LIFE: Duration = Duration::from_millis(20);
 
 /// An estimate older than this (no write or hold since) is forgotten.
 const ARRIVALS_STALE: Duration = Duration::from_secs(1);
+
+/// With no estimate, a batch with slack is held to look for company at most
+/// this often.
+const PROBE_EVERY: Duration = Duration::from_millis(20);
+
+/// The shortest hold: the granularity of the runtime timers that wake
+/// callers together. Arrivals come in bursts, so the mean gap within one
+/// (all an estimate may have seen) can be far shorter than the time to the
+/// next.
+const MIN_HOLD: Duration = Duration::from_millis(1);
 
 /// The most slack a commit is granted, whatever it asks for: holding a batch
 /// must never come near [`MAX_TRANSACTION_AGE`].
@@ -708,6 +730,7 @@ impl Arrivals {
         let Some((start, end)) = self.write.take() else {
             return;
         };
+        self.last_write = end.saturating_duration_since(start);
         let during = batch
             .iter()
             .filter(|r| r.submitted >= start && r.submitted <= end)
@@ -723,6 +746,19 @@ impl Arrivals {
             return None;
         }
         Duration::try_from_secs_f64(self.watched / self.arrived).ok()
+    }
+
+    /// How long to hold a batch, with no estimate, to look for company; None
+    /// when it was done less than [`PROBE_EVERY`] ago.
+    fn probe(&mut self, now: Instant) -> Option<Duration> {
+        if self
+            .probed
+            .is_some_and(|at| now.saturating_duration_since(at) < PROBE_EVERY)
+        {
+            return None;
+        }
+        self.probed = Some(now);
+        Some(self.last_write.max(MIN_HOLD))
     }
 }
 
@@ -756,17 +792,23 @@ impl Committer {
         let mut arrived = 0;
         let mut waited = false;
         while batch.len() < MAX_BATCH {
-            let left = due.saturating_duration_since(Instant::now());
-            let Some(gap) = self.arrivals.mean_gap() else {
-                break;
-            };
-            if gap > left {
-                break;
-            }
-            waited = true;
+            let now = Instant::now();
+            let left = due.saturating_duration_since(now);
             // Two mean gaps without an arrival: the callers are all waiting
             // on this batch, or gone.
-            match self.requests.recv_timeout(left.min(gap.saturating_mul(2))) {
+            let hold = match self.arrivals.mean_gap() {
+                Some(gap) if gap <= left => gap.saturating_mul(2).max(MIN_HOLD),
+                Some(_) => break,
+                // One probe per hold: what it finds forms the estimate
+                // that later batches are held by.
+                None if !waited => match self.arrivals.probe(now) {
+                    Some(hold) => hold,
+                    None => break,
+                },
+                None => break,
+            };
+            waited = true;
+            match self.requests.recv_timeout(left.min(hold)) {
                 Ok(request) => {
                     arrived += 1;
                     due = due.min(request.due());
@@ -987,6 +1029,21 @@ mod tests {
         assert_eq!(a.mean_gap(), None);
         a.observe(1, Duration::ZERO);
         assert!(a.mean_gap().is_some_and(|g| g < Duration::from_secs(3601)));
+    }
+
+    #[test]
+    fn with_no_estimate_a_hold_is_tried_now_and_then_for_at_least_a_tick() {
+        let mut a = Arrivals::default();
+        let now = Instant::now();
+        assert_eq!(a.probe(now), Some(MIN_HOLD), "no write seen yet");
+        assert_eq!(a.probe(now + PROBE_EVERY / 2), None, "too soon");
+        a.write = Some((now, now + 3 * MIN_HOLD));
+        a.after_write(&[]);
+        assert_eq!(
+            a.probe(now + PROBE_EVERY),
+            Some(3 * MIN_HOLD),
+            "one write's time"
+        );
     }
 
     #[test]
