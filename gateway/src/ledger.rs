@@ -463,9 +463,10 @@ impl Ledger {
         }
     }
 
-    /// Writes published files durably (see [`put_durably`]).
+    /// Writes published tiles durably, each only where none is or the same
+    /// bytes are (see [`put_immutable`]).
     async fn publish_all(&self, files: Vec<(String, Vec<u8>)>) -> Result<(), LedgerError> {
-        put_durably(&self.tiles, self.tiles_dir.clone(), files).await
+        put_immutable(&self.tiles, self.tiles_dir.clone(), files).await
     }
 
     /// Publishes `note`, a checkpoint of tree size `size`, as the
@@ -689,6 +690,65 @@ async fn put_durably(
         Ok::<_, LedgerError>(())
     });
     futures::future::try_join_all(puts).await?;
+    sync_filesystem(dir).await
+}
+
+/// Writes tiles, which never change once published, as [`put_durably`] does
+/// but each created only where there is none (`If-None-Match: *` on a
+/// bucket, a hard link on a directory). One already there must hold the same
+/// bytes (the same publication again, after a crash or a re-run); other bytes
+/// mean that another tree was published at the same indexes, by another
+/// index publishing into the same place or by this one after a rollback, and
+/// publication stops with [`LedgerError::Forked`] rather than overwrite what
+/// monitors and receipt holders already fetched. A bucket that takes no
+/// conditional writes (or a transient failure) is read first instead.
+async fn put_immutable(
+    store: &Arc<dyn ObjectStore>,
+    dir: Option<PathBuf>,
+    files: Vec<(String, Vec<u8>)>,
+) -> Result<(), LedgerError> {
+    use object_store::{Error as OsError, PutMode};
+    if files.is_empty() {
+        return Ok(());
+    }
+    let puts = files.into_iter().map(|(name, bytes)| async move {
+        let path = StorePath::parse(&name).map_err(|e| LedgerError::Tree(e.to_string()))?;
+        let bytes = bytes::Bytes::from(bytes);
+        let payload = PutPayload::from(bytes.clone());
+        let existing = match store.put_opts(&path, payload, PutMode::Create.into()).await {
+            Ok(_) => return Ok(()),
+            Err(OsError::AlreadyExists { .. } | OsError::Precondition { .. }) => {
+                store.get(&path).await?.bytes().await?
+            }
+            Err(OsError::NotImplemented | OsError::Generic { .. }) => {
+                match store.get(&path).await {
+                    Ok(got) => got.bytes().await?,
+                    Err(OsError::NotFound { .. }) => {
+                        store.put(&path, PutPayload::from(bytes)).await?;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if existing == bytes {
+            return Ok(());
+        }
+        let why = format!(
+            "{name} is published with other bytes ({} against {} here)",
+            existing.len(),
+            bytes.len()
+        );
+        tracing::error!(%why, "a published tile differs; integration stopped");
+        Err(LedgerError::Forked(why))
+    });
+    futures::future::try_join_all(puts).await?;
+    sync_filesystem(dir).await
+}
+
+/// One `syncfs` of `dir`'s filesystem (nothing for a bucket, `None`).
+async fn sync_filesystem(dir: Option<PathBuf>) -> Result<(), LedgerError> {
     let Some(dir) = dir else {
         return Ok(());
     };
@@ -2827,6 +2887,39 @@ mod tests {
                 w.await.unwrap();
             }
             assert_eq!(published(store).await, 8, "round {round}");
+        }
+    }
+
+    /// A tile is written once: the same bytes again are taken (a re-run),
+    /// other bytes are a fork and leave the published tile as it was, in a
+    /// bucket and in a directory alike.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn published_tiles_are_never_overwritten() {
+        let tmp = tempfile::tempdir().unwrap();
+        let local: Arc<dyn ObjectStore> =
+            Arc::new(LocalFileSystem::new_with_prefix(tmp.path()).unwrap());
+        let stores = [
+            (
+                Arc::new(object_store::memory::InMemory::new()) as Arc<dyn ObjectStore>,
+                None,
+            ),
+            (local, Some(tmp.path().to_path_buf())),
+        ];
+        for (store, dir) in stores {
+            let tile = |bytes: &[u8]| vec![("tile/0/000".to_owned(), bytes.to_vec())];
+            put_immutable(&store, dir.clone(), tile(b"first"))
+                .await
+                .unwrap();
+            put_immutable(&store, dir.clone(), tile(b"first"))
+                .await
+                .unwrap();
+            let err = put_immutable(&store, dir.clone(), tile(b"other")).await;
+            assert!(
+                matches!(&err, Err(LedgerError::Forked(why)) if why.contains("tile/0/000")),
+                "{err:?}"
+            );
+            let kept = store.get(&StorePath::from("tile/0/000")).await.unwrap();
+            assert_eq!(&kept.bytes().await.unwrap()[..], b"first");
         }
     }
 
