@@ -58,7 +58,7 @@
 
 use crate::api::{Gateway, Store};
 use crate::error::ApiError;
-use crate::nodes::NodeHealth;
+use crate::nodes::{NodeHealth, NodeView};
 use crate::placement;
 use crate::read::{check_shard, fetch_shard, Checked, ShardOutcome};
 use indexer::schema::Lifecycle;
@@ -313,20 +313,29 @@ pub async fn collect_quarantined<S: Store>(
 /// Nodes down for longer than the configured grace, and removed nodes:
 /// their shards count as missing.
 fn gone_nodes<S: Store>(gw: &Gateway<S>) -> HashSet<NodeId> {
-    let grace = Duration::from_millis(gw.config.repair_after_down_ms);
     let mut gone: HashSet<NodeId> = gw
         .nodes
         .view()
         .into_iter()
-        .filter(|n| {
-            n.lifecycle == Lifecycle::Removed
-                || (n.state == NodeHealth::Down && n.silent_for >= grace)
-        })
+        .filter(|n| is_gone(gw, n))
         .map(|n| n.id)
         .collect();
     // Removed, then dropped from the configuration: still gone.
     gone.extend(gw.nodes.removed_unlisted());
     gone
+}
+
+/// Whether `n`'s shards are given up on: removed, or down past the grace.
+fn is_gone<S: Store>(gw: &Gateway<S>, n: &NodeView) -> bool {
+    let grace = Duration::from_millis(gw.config.repair_after_down_ms);
+    n.lifecycle == Lifecycle::Removed || (n.state == NodeHealth::Down && n.silent_for >= grace)
+}
+
+/// Whether `n` is not up but not yet given up on: its shards are neither
+/// readable now nor queued for new homes, so nothing is verified about them
+/// until it is back or past its grace (`custodia repair` says so).
+pub fn awaiting_grace<S: Store>(gw: &Gateway<S>, n: &NodeView) -> bool {
+    n.state != NodeHealth::Up && !is_gone(gw, n)
 }
 
 /// Nodes whose shards need new homes: gone past their grace, draining or
@@ -465,7 +474,7 @@ async fn queue_stripes<S: Store>(
         *cursor = None;
         return Ok((0, false));
     };
-    *cursor = Some((e, s));
+    let last = (e, s);
     let hit: Vec<(EvidenceId, u64)> = batch
         .iter()
         .filter(|(e, s, rec)| match rec {
@@ -489,6 +498,10 @@ async fn queue_stripes<S: Store>(
         })
         .await?;
     }
+    // Only past a batch that is marked: one whose marking failed is read
+    // again on the retry, not passed over (a replaced disk's stripes would
+    // otherwise stay a shard short, unqueued, once the new disk is recorded).
+    *cursor = Some(last);
     Ok((hit.len() as u64, true))
 }
 
