@@ -1376,6 +1376,7 @@ async fn status<S: Store>(
                 "rtt_ms": n.rtt.map(|d| d.as_secs_f64() * 1000.0),
                 "clock_offset_ms": n.clock_offset_ms,
                 "reconciling": n.reconciling,
+                "awaiting_grace": crate::repair::awaiting_grace(&gw, &n),
             })
         })
         .collect();

@@ -188,7 +188,11 @@ pub fn repair(
         let reconciling = s["nodes"]
             .as_array()
             .is_some_and(|n| n.iter().any(|n| n["reconciling"] == true));
-        if left == 0 && !reconciling {
+        // A node down or suspect within its grace period holds shards that
+        // nothing queues until it is back or gone for good: an empty backlog
+        // does not make them verified.
+        let unverified = not_up(&s);
+        if left == 0 && !reconciling && unverified.is_empty() {
             bar.finish_with_message("every stripe has k+m verified shards");
             return Ok(());
         }
@@ -196,6 +200,14 @@ pub fn repair(
             best = left;
             since = std::time::Instant::now();
         } else if since.elapsed() >= patience {
+            if left == 0 && !unverified.is_empty() {
+                bar.abandon_with_message("the backlog is empty, but not every node is up");
+                anyhow::bail!(
+                    "the shards on {} are not verified: the node is not up, and its stripes \
+                     are queued only once it is back or past its grace period (custodia status)",
+                    unverified.join(", ")
+                );
+            }
             bar.abandon_with_message(format!("{left} stripes still queued"));
             anyhow::bail!(
                 "{left} stripes could not be repaired yet (nodes within their grace \
@@ -207,9 +219,40 @@ pub fn repair(
     }
 }
 
+/// The nodes of a status answer that are not up but not given up on yet
+/// (within their grace period, "node 3 (down)"): their shards are neither
+/// readable nor queued for repair.
+fn not_up(status: &serde_json::Value) -> Vec<String> {
+    status["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["awaiting_grace"] == true)
+        .map(|n| {
+            format!(
+                "node {} ({})",
+                n["id"],
+                n["state"].as_str().unwrap_or("unknown")
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nodes_within_their_grace_are_named() {
+        let status = serde_json::json!({ "nodes": [
+            { "id": 1, "state": "up", "awaiting_grace": false },
+            { "id": 2, "state": "down", "awaiting_grace": true },
+            { "id": 3, "state": "suspect", "awaiting_grace": true },
+            { "id": 4, "state": "down", "awaiting_grace": false },
+        ]});
+        assert_eq!(not_up(&status), ["node 2 (down)", "node 3 (suspect)"]);
+        assert!(not_up(&serde_json::json!({})).is_empty());
+    }
 
     #[test]
     fn sizes_read_like_a_person_writes_them() {

@@ -611,6 +611,12 @@ fn a_read_that_hedges_past_a_dead_node_has_it_marked_down() -> Result<()> {
         state(&c)?
     );
     assert!(c.read(&id)? == data, "read back different bytes");
+    // Within its grace (10 minutes) nothing is queued for node 3: an empty
+    // backlog, but `custodia repair` must not call its shards verified.
+    let out = c.cli(&["repair", "--patience-secs", "1"])?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "repair succeeded: {said}");
+    assert!(said.contains("node 3 ("), "{said}");
     Ok(())
 }
 
