@@ -174,6 +174,10 @@ pub enum Outcome {
     /// Another task (another gateway's repair, a deletion of old copies,
     /// the orphan sweep) holds the stripe's repair lease.
     Elsewhere,
+    /// Too few nodes could take its shards that need new homes (a cluster
+    /// of exactly k+m nodes with one gone, or every other node full):
+    /// nothing was read; still queued.
+    NoHome,
 }
 
 /// What a pass did, for logs, metrics and `custodia repair`.
@@ -190,6 +194,8 @@ pub struct PassReport {
     pub elsewhere: u64,
     /// Repairs that failed with an error (logged; retried by a later pass).
     pub failed: u64,
+    /// Stripes with shards to rehome and too few nodes to take them.
+    pub no_home: u64,
 }
 
 /// Runs repair passes every `every` (or at once when woken) for the
@@ -224,6 +230,13 @@ pub fn spawn_repair_loop<S: Store>(
                 Err(e) => tracing::warn!(error = %e, "repair scan failed"),
             }
             match pass(&gw, &mut queue_cursor).await {
+                Ok(r) if r.no_home > 0 => tracing::warn!(
+                    ?r,
+                    "repair pass: {} stripes have shards to move and too few nodes \
+                     (healthy, not full, in the stripe's placement) to take them; \
+                     add nodes or free space",
+                    r.no_home
+                ),
                 Ok(r) if r.examined > 0 => tracing::info!(?r, "repair pass"),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "repair pass failed"),
@@ -603,6 +616,7 @@ pub async fn pass<S: Store>(
             Ok(Outcome::Waiting) => report.waiting += 1,
             Ok(Outcome::Gone) => report.gone += 1,
             Ok(Outcome::Elsewhere) => report.elsewhere += 1,
+            Ok(Outcome::NoHome) => report.no_home += 1,
             Err(e) => {
                 report.failed += 1;
                 tracing::warn!(%evidence, stripe, error = %e, "stripe repair failed; will retry");
@@ -1058,6 +1072,18 @@ async fn repair_leased<S: Store>(
             *i,
         )
     });
+    // Shards to move with nowhere to go: found before any shard is read or
+    // decoded, or every pass would read and decode each such stripe (a
+    // whole dataset, while a node of a k+m cluster stays gone) for nothing.
+    // A loss only damage could reveal waits for a home too; one the
+    // shards' homes already show (more than m gone) is recorded below.
+    if !homeless.is_empty() && homeless.len() <= m {
+        let holders = holders_except(&rec, &homeless);
+        let targets = choose_targets(gw, evidence, stripe, &holders, &rec, gone, homeless.len());
+        if targets.len() < homeless.len() {
+            return Ok(Outcome::NoHome);
+        }
+    }
     let want = if homeless.is_empty() { order.len() } else { k };
     let mut shards: Vec<Option<Vec<u8>>> = vec![None; total];
     let mut rebuild: Vec<usize> = homeless.clone();

@@ -457,3 +457,51 @@ fn nodes_down_past_their_grace_do_not_make_a_stripe_lost() -> Result<()> {
     );
     Ok(())
 }
+
+/// A cluster of exactly k+m nodes with one gone for good: its shards have
+/// nowhere to go. Passes say so, once each, and read nothing: before, each
+/// read and decoded every such stripe, every pass, for as long as the node
+/// stayed away.
+#[test]
+fn with_nowhere_to_rebuild_a_pass_reads_nothing() -> Result<()> {
+    let mut c = TestCluster::start(Shape {
+        nodes: 6,
+        ..Shape::default()
+    })?;
+    c.set_gateway(&[
+        ("node_down_after_ms", toml::Value::Integer(1_000)),
+        ("repair_after_down_ms", toml::Value::Integer(500)),
+        ("repair_interval_ms", toml::Value::Integer(300)),
+    ])?;
+    for i in 0..4u64 {
+        c.file(&bytes(30_000, 40 + i))?;
+    }
+    c.kill_node(2);
+    let log = c.data_dir().join("gateway.log");
+    let said = custodia_tests::eventually(20, || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("too few nodes"))
+    });
+    assert!(said, "no pass said that the stripes have nowhere to go");
+    let reads = |c: &TestCluster| -> f64 {
+        ["get", "get_unchecked", "verify", "rebuild"]
+            .iter()
+            .map(|op| {
+                c.node_metric_sum(
+                    [0u32, 1, 3, 4, 5].into_iter(),
+                    &format!(r#"custodia_node_requests_total{{op="{op}",result="ok","#),
+                )
+            })
+            .sum()
+    };
+    let before = reads(&c);
+    // Several passes, 300 ms apart.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(
+        reads(&c),
+        before,
+        "passes read shards with nowhere to put them"
+    );
+    let s = status(&c)?;
+    assert!(s["degraded_stripes"].as_u64().unwrap_or(0) > 0, "{s}");
+    Ok(())
+}
