@@ -85,6 +85,11 @@ pub struct GatewayConfig {
     /// How often abandoned uploads and unfinished expunges are collected.
     #[serde(default = "default_gc_interval")]
     pub gc_interval_ms: u64,
+    /// An S3 multipart upload neither completed nor aborted this long after
+    /// it began is aborted and its parts deleted (7 days; 0: never), as
+    /// S3's AbortIncompleteMultipartUpload lifecycle rule does.
+    #[serde(default = "default_multipart_expiry")]
+    pub multipart_expiry_ms: u64,
     /// An upload whose client sends no body bytes for this long fails
     /// (408 `body_timeout`; S3 `RequestTimeout`) and releases its buffers,
     /// instead of holding them while a stalled client keeps its connection;
@@ -175,6 +180,9 @@ fn default_s3_journal_merge_files() -> usize {
 
 fn default_repair_ingest_stripes() -> usize {
     3
+}
+fn default_multipart_expiry() -> u64 {
+    7 * 24 * 3_600_000
 }
 fn default_orphan_sweep() -> u64 {
     3_600_000

@@ -265,7 +265,66 @@ pub async fn collect_once<S: Store>(gw: &Gateway<S>, watch: &mut LeaseWatch) -> 
         }
     }
     expire_completed_uploads(gw).await;
+    expire_incomplete_uploads(gw).await;
+    delete_queued_parts(gw).await;
     aborted.len() + stale.len()
+}
+
+/// Aborts multipart uploads begun more than `multipart_expiry_ms` ago and
+/// never completed (a client that crashed, or gave up): their parts are not
+/// evidence, but stored they would be for good, and would keep every node
+/// holding them from draining. 0: never.
+async fn expire_incomplete_uploads<S: Store>(gw: &Gateway<S>) {
+    let expiry = gw.config.multipart_expiry_ms;
+    if expiry == 0 {
+        return;
+    }
+    let before = gw.clock.now_ms().saturating_sub(expiry);
+    loop {
+        let aborted = indexer::run(&gw.store, |tx| async move {
+            let stale = indexer::s3::stale_uploads_tx(&tx, before, 64).await?;
+            for upload in &stale {
+                indexer::s3::end_multipart_tx(&tx, *upload).await?;
+            }
+            Ok::<_, indexer::s3::ObjectError>(stale)
+        })
+        .await;
+        match aborted {
+            Ok(stale) if stale.is_empty() => break,
+            Ok(stale) => {
+                tracing::info!(
+                    uploads = ?stale,
+                    expiry_ms = expiry,
+                    "aborted multipart uploads left incomplete past multipart_expiry_ms"
+                );
+                if stale.len() < 64 {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "GC could not expire incomplete multipart uploads");
+                break;
+            }
+        }
+    }
+}
+
+/// Deletes the parts queued for deletion that are left: those whose upload
+/// ended while a node was unreachable, or whose deletion a crash cut short
+/// (the request deletes them at once otherwise).
+async fn delete_queued_parts<S: Store>(gw: &Gateway<S>) {
+    let queued = indexer::run(&gw.store, |tx| async move {
+        indexer::s3::parts_to_delete_tx(&tx, 256).await
+    })
+    .await;
+    match queued {
+        Ok(parts) => {
+            for part in parts {
+                crate::s3::delete_part(gw, part).await;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "GC could not list the parts to delete"),
+    }
 }
 
 /// How long a completed multipart upload's answer is kept for a client

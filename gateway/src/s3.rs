@@ -519,8 +519,7 @@ impl<S: Store> S3Front<S> {
             return Err(internal(ApiError::Internal));
         };
         if let Some(old) = replaced {
-            let gw = self.gw.clone();
-            tokio::spawn(async move { delete_part(&gw, &old).await });
+            delete_parts_later(&self.gw, vec![old]);
         }
         Ok(record)
     }
@@ -1284,9 +1283,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         })
         .await
         .map_err(|e| s3_err(e.into()))?;
-        for p in &parts {
-            delete_part(&self.gw, p).await;
-        }
+        delete_parts_later(&self.gw, parts);
         Ok(S3Response::new(DeleteBucketOutput::default()))
     }
 
@@ -2280,7 +2277,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                     let filing = ingest::file_evidence(gw.clone(), meta, Box::pin(body)).await;
                     if filing.is_ok() {
                         for (_, p) in &parts {
-                            delete_part(&gw, p).await;
+                            delete_part(&gw, p.part_id).await;
                         }
                     }
                     filing
@@ -2354,15 +2351,11 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             .multipart(&who, &input.bucket, &input.key, &input.upload_id)
             .await?;
         let parts = indexer::run(&self.gw.store, |tx| async move {
-            let parts = ix::parts_tx(&tx, upload).await?;
-            ix::end_multipart_tx(&tx, upload).await?;
-            Ok::<_, ObjectError>(parts)
+            ix::abort_multipart_tx(&tx, upload).await
         })
         .await
         .map_err(|e| s3_err(e.into()))?;
-        for (_, p) in &parts {
-            delete_part(&self.gw, p).await;
-        }
+        delete_parts_later(&self.gw, parts);
         Ok(S3Response::new(AbortMultipartUploadOutput::default()))
     }
 
@@ -2813,20 +2806,49 @@ fn copy_range(spec: &str, size: u64) -> S3Result<std::ops::Range<u64>> {
     }
 }
 
-async fn delete_part<S: Store>(gw: &Gateway<S>, p: &ix::PartRecord) {
-    let evidence = p.part_id;
-    let done = crate::gc::delete_recorded_stripes(gw, evidence, |tx, gone| async move {
-        schema::forget_part_stripes_tx(&tx, evidence, &gone);
+/// Deletes a part queued for deletion (see `ix::parts_to_delete_tx`): its
+/// shards, then its stripe records, and, once every one is gone, the queue
+/// entry in the same transaction as the last records. What is left (a node
+/// unreachable) the collector finishes.
+pub(crate) async fn delete_part<S: Store>(gw: &Gateway<S>, part: EvidenceId) {
+    let done = crate::gc::delete_recorded_stripes(gw, part, |tx, gone| async move {
+        schema::forget_part_stripes_tx(&tx, part, &gone);
         Ok(())
     })
     .await;
     match done {
-        Ok(0) => {}
-        Ok(kept) => {
-            tracing::warn!(part = %evidence, stripes = kept, "some shards of a multipart part could not be deleted")
+        Ok(0) => {
+            let cleared = indexer::run(&gw.store, |tx| async move {
+                ix::part_deleted_tx(&tx, part);
+                Ok::<_, ObjectError>(())
+            })
+            .await;
+            if let Err(e) = cleared {
+                tracing::debug!(%part, error = %e, "a deleted part stays queued; the collector clears it");
+            }
         }
-        Err(e) => tracing::warn!(part = %evidence, error = %e, "could not delete a multipart part"),
+        Ok(kept) => {
+            tracing::warn!(%part, stripes = kept, "some shards of a multipart part could not be deleted yet; the collector retries")
+        }
+        Err(e) => {
+            tracing::warn!(%part, error = %e, "could not delete a multipart part yet; the collector retries")
+        }
     }
+}
+
+/// Deletes `parts` in a task of its own: the records that referred to them
+/// are gone, and a client that leaves (dropping the request's future) must
+/// not cut the deletion short. Each is queued too, so a crash is covered.
+fn delete_parts_later<S: Store>(gw: &Arc<Gateway<S>>, parts: Vec<ix::PartRecord>) {
+    if parts.is_empty() {
+        return;
+    }
+    let gw = gw.clone();
+    tokio::spawn(async move {
+        for p in &parts {
+            delete_part(&gw, p.part_id).await;
+        }
+    });
 }
 
 /// Where a version listing resumes (owned; see `ix::VersionsAfter`).

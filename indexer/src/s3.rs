@@ -17,6 +17,7 @@
 //! ("3U", bucket, 0x00, key, 0x00, upload id 16)     = ""               a bucket's uploads, as S3 lists them
 //! ("3q")                                            = ""               every upload is in "3U"
 //! ("3p", upload id 16, part number u32)             = PartRecord       its parts (stripes under the part's id)
+//! ("3x", part id 16)                                = ""               a part of an ended upload (or a replaced one): its shards to delete
 //! ("3d", upload id 16)                              = CompletedUpload  a completed upload, for a retried Complete
 //! ("3D", completed ms u64 BE, 0x00, upload id 16)   = ""               the same, oldest first, to expire them
 //! ("3j", versionstamp 10, record key)               = 1 ++ value | 0   journal of 3t/3b/3v changes, for recovery
@@ -39,7 +40,7 @@
 //! which each recovery sets past every epoch in the archive: replay orders
 //! by epoch, then versionstamp. The other records are
 //! derived (`3B`, `3c`, `3U`), secret (`3a`: access keys are issued anew) or
-//! transient (`3u`, `3p`: an upload in progress is lost with the index;
+//! transient (`3u`, `3p`, `3x`: an upload in progress is lost with the index;
 //! `3d`, `3D`: what a completed upload answers a retried Complete, kept a
 //! day).
 //!
@@ -61,6 +62,7 @@ const VERSION: &[u8] = b"3v";
 const CURRENT: &[u8] = b"3c";
 const MULTIPART: &[u8] = b"3u";
 const PART: &[u8] = b"3p";
+const PART_DELETION: &[u8] = b"3x";
 const BUCKET_UPLOAD: &[u8] = b"3U";
 const BUCKET_UPLOADS_INDEXED: &[u8] = b"3q";
 const HOLDS_ON_EVIDENCE: &[u8] = b"3h";
@@ -784,8 +786,7 @@ pub async fn delete_bucket_tx<T: Transaction>(
     // caller to delete.
     let mut parts = Vec::new();
     for (upload, _) in list_multipart_tx(tx, name, None, "", None, usize::MAX).await? {
-        parts.extend(parts_tx(tx, upload).await?.into_iter().map(|(_, p)| p));
-        end_multipart_tx(tx, upload).await?;
+        parts.extend(end_multipart_tx(tx, upload).await?);
     }
     clear_journaled(tx, &key_of(BUCKET, &[name.as_bytes()]));
     tx.clear(&key_of(
@@ -1507,7 +1508,10 @@ pub async fn put_part_tx<T: Transaction>(
     }
     crate::schema::end_intent_as_part_tx(tx, part.part_id).await?;
     let key = part_key(&upload, number);
-    let old = get_record(tx, &key).await?;
+    let old: Option<PartRecord> = get_record(tx, &key).await?;
+    if let Some(old) = &old {
+        queue_part_deletion_tx(tx, old.part_id);
+    }
     tx.set(&key, &encode_versioned(RECORD_V1, part));
     Ok(old)
 }
@@ -1530,19 +1534,96 @@ pub async fn parts_tx<T: Transaction>(
         .collect()
 }
 
-/// Ends a multipart upload (completed or aborted): its records go; the
-/// caller deletes the parts' shards.
+/// Ends a multipart upload (completed, aborted, expired, or gone with its
+/// bucket): its records go, and every part it has now is queued for
+/// deletion ([`parts_to_delete_tx`]) in the same transaction. So no part
+/// outlives its upload: not one uploaded while a Complete was filing the
+/// others, nor one whose deletion a crash or a client gone cut short.
+/// Returns the parts, for the caller to delete at once.
 pub async fn end_multipart_tx<T: Transaction>(
     tx: &T,
     upload: EvidenceId,
-) -> Result<(), ObjectError> {
+) -> Result<Vec<PartRecord>, ObjectError> {
+    let parts = parts_tx(tx, upload).await?;
+    for (_, p) in &parts {
+        queue_part_deletion_tx(tx, p.part_id);
+    }
     if let Some(rec) = get_multipart_tx(tx, upload).await? {
         tx.clear(&bucket_upload_key(&rec.bucket, &rec.key, &upload));
     }
     tx.clear(&key_of(MULTIPART, &[upload.as_bytes()]));
     let prefix = key_of(PART, &[upload.as_bytes()]);
     tx.clear_range(&prefix, &prefix_end(&prefix));
-    Ok(())
+    Ok(parts.into_iter().map(|(_, p)| p).collect())
+}
+
+/// Aborts a multipart upload: [`end_multipart_tx`], or `NoSuchUpload` when
+/// it already ended (an Abort racing a Complete that committed first must
+/// not answer that it aborted).
+pub async fn abort_multipart_tx<T: Transaction>(
+    tx: &T,
+    upload: EvidenceId,
+) -> Result<Vec<PartRecord>, ObjectError> {
+    if get_multipart_tx(tx, upload).await?.is_none() {
+        return Err(ObjectError::NoSuchUpload);
+    }
+    end_multipart_tx(tx, upload).await
+}
+
+/// Uploads begun before `before_ms` and never completed nor aborted, up to
+/// `limit`, oldest first (upload ids are time-ordered), for the collector
+/// to abort.
+pub async fn stale_uploads_tx<T: Transaction>(
+    tx: &T,
+    before_ms: u64,
+    limit: usize,
+) -> Result<Vec<EvidenceId>, ObjectError> {
+    let rows = tx
+        .get_range(MULTIPART, &prefix_end(MULTIPART), limit.max(1), false)
+        .await?;
+    let mut stale = Vec::new();
+    for (k, v) in &rows {
+        let id = k
+            .get(MULTIPART.len()..)
+            .and_then(|b| <[u8; 16]>::try_from(b).ok())
+            .ok_or(protocol::DecodeError::Malformed)?;
+        if decode_multipart(v)?.created_ms < before_ms {
+            stale.push(EvidenceId(id));
+        }
+    }
+    Ok(stale)
+}
+
+fn queue_part_deletion_tx<T: Transaction>(tx: &T, part: EvidenceId) {
+    tx.set(&key_of(PART_DELETION, &[part.as_bytes()]), b"");
+}
+
+/// Up to `limit` parts queued for deletion: parts of ended uploads and
+/// parts replaced by another upload of their number.
+pub async fn parts_to_delete_tx<T: Transaction>(
+    tx: &T,
+    limit: usize,
+) -> Result<Vec<EvidenceId>, ObjectError> {
+    tx.get_range(
+        PART_DELETION,
+        &prefix_end(PART_DELETION),
+        limit.max(1),
+        false,
+    )
+    .await?
+    .iter()
+    .map(|(k, _)| {
+        k.get(PART_DELETION.len()..)
+            .and_then(|b| <[u8; 16]>::try_from(b).ok())
+            .map(EvidenceId)
+            .ok_or_else(|| protocol::DecodeError::Malformed.into())
+    })
+    .collect()
+}
+
+/// A queued part's shards are all deleted and its stripe records forgotten.
+pub fn part_deleted_tx<T: Transaction>(tx: &T, part: EvidenceId) {
+    tx.clear(&key_of(PART_DELETION, &[part.as_bytes()]));
 }
 
 /// What a completed multipart upload answered, kept so that a client

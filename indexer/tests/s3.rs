@@ -5,8 +5,9 @@
 use indexer::s3::{
     self as ix, BucketRecord, Deleted, LockMode, ObjectError, ObjectVersion, Retention, Versioning,
 };
+use indexer::schema;
 use indexer::{run, EmbeddedStore, Transaction};
-use protocol::EvidenceId;
+use protocol::{ErasureCode, EvidenceId};
 
 fn store() -> (tempfile::TempDir, EmbeddedStore) {
     let dir = tempfile::tempdir().unwrap();
@@ -608,8 +609,7 @@ async fn commit_evidence_of(
     retain_until_ms: Option<u64>,
     legal_hold: bool,
 ) {
-    use indexer::schema;
-    use protocol::{Blake3Hash, ErasureCode, ManifestHeader, Sha256Hash};
+    use protocol::{Blake3Hash, ManifestHeader, Sha256Hash};
     let evidence = v.evidence.unwrap();
     let header = ManifestHeader {
         evidence,
@@ -643,7 +643,6 @@ async fn commit_evidence_of(
 /// permanent delete of it while either holds, bypass or not.
 #[tokio::test]
 async fn holds_and_retention_on_the_evidence_bind_its_version() {
-    use indexer::schema;
     let (_d, s) = store();
     bucket(&s, "evid", Versioning::Enabled, true).await;
     let v = version(400, false);
@@ -1043,7 +1042,6 @@ async fn multipart_records_from_before_default_retention_still_read() {
 /// record only) stays held: the hold is carried onto its evidence, once.
 #[tokio::test]
 async fn holds_on_versions_only_are_carried_onto_their_evidence() {
-    use indexer::schema;
     let (_d, s) = store();
     bucket(&s, "old", Versioning::Enabled, true).await;
     let v = ObjectVersion {
@@ -1089,4 +1087,125 @@ async fn holds_on_versions_only_are_carried_onto_their_evidence() {
     assert!(matches!(delete, Err(ObjectError::Locked(m)) if m.contains("legal hold")));
     // Done once: the next start looks at nothing.
     assert_eq!(carry().await, (0, 1));
+}
+
+/// Files a part of `upload` under a new part id (its intent begun and
+/// ended as ingest does); returns the id and the part it replaced.
+async fn put_part(
+    s: &EmbeddedStore,
+    upload: EvidenceId,
+    number: u32,
+    seed: u8,
+) -> Result<(EvidenceId, Option<ix::PartRecord>), ObjectError> {
+    let part_id = EvidenceId::new(50_000 + u64::from(seed), [seed; 10]);
+    let part = ix::PartRecord {
+        part_id,
+        size: 5,
+        md5: String::new(),
+        blake3: [seed; 32],
+        sha256: [seed; 32],
+        code: ErasureCode::new(4, 2, 4096).unwrap(),
+        stripes: 1,
+        uploaded_ms: 50_000,
+    };
+    run(s, |tx| {
+        let part = &part;
+        async move {
+            schema::begin_intent_tx(&tx, part_id, "court", None, 100_000).await?;
+            ix::put_part_tx(&tx, upload, number, part).await
+        }
+    })
+    .await
+    .map(|old| (part_id, old))
+}
+
+async fn queued_for_deletion(s: &EmbeddedStore) -> std::collections::BTreeSet<EvidenceId> {
+    run(
+        s,
+        |tx| async move { ix::parts_to_delete_tx(&tx, 100).await },
+    )
+    .await
+    .unwrap()
+    .into_iter()
+    .collect()
+}
+
+#[tokio::test]
+async fn no_part_outlives_its_upload_and_stale_uploads_are_found() {
+    let (_d, s) = store();
+    bucket(&s, "mine", Versioning::Enabled, false).await;
+    let done = start_upload(&s, "mine", "a", "court", 1_000).await;
+    let stale = start_upload(&s, "mine", "b", "court", 2_000).await;
+    let fresh = start_upload(&s, "mine", "c", "court", 9_000).await;
+    // A part uploaded again: the one it replaces is queued at once.
+    let (first, _) = put_part(&s, done, 1, 1).await.unwrap();
+    let (again, replaced) = put_part(&s, done, 1, 2).await.unwrap();
+    assert_eq!(replaced.map(|p| p.part_id), Some(first));
+    assert_eq!(queued_for_deletion(&s).await, [first].into());
+    // Completed: every part it has is queued, including one a Complete
+    // that listed only part 1 did not know of.
+    let (late, _) = put_part(&s, done, 2, 3).await.unwrap();
+    let d = ix::CompletedUpload {
+        tenant: "court".into(),
+        bucket: "mine".into(),
+        key: "a".into(),
+        etag: "x-1".into(),
+        version_id: done,
+        null_version: false,
+        completed_ms: 10_000,
+    };
+    run(&s, |tx| {
+        let d = &d;
+        async move { ix::complete_multipart_tx(&tx, done, d).await }
+    })
+    .await
+    .unwrap();
+    assert_eq!(queued_for_deletion(&s).await, [first, again, late].into());
+    // An Abort that comes after the Complete committed is told so.
+    let abort = run(
+        &s,
+        |tx| async move { ix::abort_multipart_tx(&tx, done).await },
+    )
+    .await;
+    assert!(matches!(abort, Err(ObjectError::NoSuchUpload)), "{abort:?}");
+    // A part filed after its upload ended is refused (its shards are the
+    // intent collector's).
+    let after = put_part(&s, done, 3, 4).await;
+    assert!(matches!(after, Err(ObjectError::NoSuchUpload)), "{after:?}");
+    // Deleted parts leave the queue.
+    run(&s, |tx| async move {
+        ix::part_deleted_tx(&tx, first);
+        Ok::<_, ObjectError>(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(queued_for_deletion(&s).await, [again, late].into());
+    // Uploads begun before the cut are stale, the others not.
+    let (kept, _) = put_part(&s, stale, 1, 5).await.unwrap();
+    let found = run(&s, |tx| async move {
+        ix::stale_uploads_tx(&tx, 5_000, 100).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(found, [stale]);
+    let parts = run(
+        &s,
+        |tx| async move { ix::abort_multipart_tx(&tx, stale).await },
+    )
+    .await
+    .unwrap();
+    assert_eq!(parts.iter().map(|p| p.part_id).collect::<Vec<_>>(), [kept]);
+    assert!(queued_for_deletion(&s).await.contains(&kept));
+    let found = run(&s, |tx| async move {
+        ix::stale_uploads_tx(&tx, 5_000, 100).await
+    })
+    .await
+    .unwrap();
+    assert!(found.is_empty(), "{found:?}");
+    let found = run(&s, |tx| async move {
+        ix::stale_uploads_tx(&tx, 10_000, 100).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(found, [fresh]);
 }

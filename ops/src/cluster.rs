@@ -383,6 +383,7 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         hedge_after_ms: 250,
         intent_lease_ms: 120_000,
         gc_interval_ms: 30_000,
+        multipart_expiry_ms: 7 * 24 * 3_600_000,
         client_idle_timeout_ms: 60_000,
         node_down_after_ms: 30_000,
         node_probe_interval_ms: 5_000,

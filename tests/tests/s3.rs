@@ -1913,6 +1913,60 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
     Ok(())
 }
 
+/// An upload neither completed nor aborted goes after `multipart_expiry_ms`
+/// (S3's AbortIncompleteMultipartUpload), and its parts' shards with it.
+#[test]
+fn incomplete_uploads_expire_and_their_parts_go() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.set_gateway(&[
+        ("multipart_expiry_ms", toml::Value::Integer(3_000)),
+        ("gc_interval_ms", toml::Value::Integer(500)),
+    ])?;
+    let aws = Aws::admin(&c);
+    aws.ok(&["s3", "mb", "s3://left"])?;
+    let up = aws.json(&[
+        "s3api",
+        "create-multipart-upload",
+        "--bucket",
+        "left",
+        "--key",
+        "half.bin",
+    ])?;
+    let id = up["UploadId"].as_str().unwrap_or_default().to_owned();
+    let part = aws.file("p1", &bytes(300_000, 5))?;
+    let args = |n: &str| {
+        argv(&format!(
+            "s3api upload-part --bucket left --key half.bin --upload-id {id} \
+             --part-number {n} --body {part}"
+        ))
+    };
+    aws.ok(&strs(&args("1")))?;
+    // Part 1 again: the part it replaces goes at once.
+    aws.ok(&strs(&args("1")))?;
+    let stored = c.all_shard_files().len();
+    assert!(stored > 0, "the part is stored");
+    let listed = || aws.json(&["s3api", "list-multipart-uploads", "--bucket", "left"]);
+    assert!(listed()?["Uploads"]
+        .as_array()
+        .is_some_and(|u| u.len() == 1));
+    let gone = custodia_tests::eventually(30, || {
+        listed().is_ok_and(|l| l["Uploads"].as_array().is_none_or(Vec::is_empty))
+            && c.all_shard_files().is_empty()
+    });
+    assert!(
+        gone,
+        "the upload and its {stored} shard files are still there: {} files",
+        c.all_shard_files().len()
+    );
+    aws.fails(
+        "NoSuchUpload",
+        &strs(&argv(&format!(
+            "s3api list-parts --bucket left --key half.bin --upload-id {id}"
+        ))),
+    )?;
+    Ok(())
+}
+
 /// boto3 from PyPI with its default settings (CRC32 checksums on every
 /// upload), through `tests/independent/s3_boto3.py`. CUSTODIA_PYTHON names
 /// an interpreter with boto3 (.ci/run makes a venv); default `python3`.
