@@ -72,6 +72,9 @@ pub enum ReadError {
     Reconstruct(reed_solomon_erasure::Error),
     #[error("internal task failed")]
     Internal,
+    /// The evidence was expunged while it was being read.
+    #[error("{0} was expunged during the read")]
+    Expunged(EvidenceId),
 }
 
 impl From<ReadError> for crate::error::ApiError {
@@ -80,6 +83,7 @@ impl From<ReadError> for crate::error::ApiError {
         match e {
             ReadError::Unrecoverable { .. } => ApiError::Unavailable(e.to_string()),
             ReadError::Index(e) => ApiError::Index(e),
+            ReadError::Expunged(_) => ApiError::Gone,
             ReadError::RootMismatch(_) | ReadError::Reconstruct(_) | ReadError::Internal => {
                 tracing::error!(error = %e, "read failed");
                 ApiError::Internal
@@ -225,13 +229,28 @@ async fn send_range<S: Store>(
     // The batch starts small and follows the pace the client keeps.
     let fresh_for = Duration::from_millis(gw.config.repair_old_copy_grace_ms / 4);
     let mut per_txn = FIRST_STRIPES_PER_TXN;
+    // Evidence expunged while it streams (its stripe records stay until its
+    // shards are deleted) stops at the next batch. A multipart part, read
+    // to complete its upload, has no manifest of its own to look at.
+    let mut visible = None;
     while first < stripes.end {
         let loaded = std::time::Instant::now();
+        // A client gone while nothing was sent (a rebuild reading past its
+        // range) is noticed here.
+        if tx.is_closed() {
+            return Ok(());
+        }
         let last = (first + per_txn).min(stripes.end);
-        let records = indexer::run(&gw.store, |t| async move {
-            schema::get_stripes_tx(&t, evidence, first..last).await
+        let (records, now_visible) = indexer::run(&gw.store, |t| async move {
+            let records = schema::get_stripes_tx(&t, evidence, first..last).await?;
+            let visible = schema::get_manifest_tx(&t, evidence).await?.is_some();
+            Ok::<_, schema::SchemaError>((records, visible))
         })
         .await?;
+        if *visible.get_or_insert(now_visible) && !now_visible {
+            tracing::info!(%evidence, "evidence expunged while it was read; the read stops");
+            return Err(ReadError::Expunged(evidence));
+        }
         let mut fetched = futures::stream::iter(records.into_iter().zip(first..last))
             .map(|(rec, stripe)| {
                 let (gw, strict, header) = (gw.clone(), strict.clone(), shared.clone());
