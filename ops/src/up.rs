@@ -52,7 +52,7 @@ pub async fn run_node(
     let labels = std::collections::HashMap::from([("node".to_owned(), id.0.to_string())]);
     let registry = prometheus::Registry::new_custom(None, Some(labels))
         .context("creating the metrics registry")?;
-    let node = storage_node::server::serve(config, &registry)
+    let mut node = storage_node::server::serve(config, &registry)
         .await
         .context("starting the storage node")?;
     if let Some(addr) = metrics {
@@ -61,10 +61,21 @@ pub async fn run_node(
             .with_context(|| format!("serving metrics on {addr}"))?;
     }
     tracing::info!(node = %id, addr = %node.local_addr, "storage node running");
-    stop_requested().await;
+    let failed = tokio::select! {
+        () = stop_requested() => None,
+        why = node.failed() => Some(why),
+    };
     tracing::info!(node = %id, "stopping");
     node.shutdown().await;
-    Ok(())
+    match failed {
+        None => Ok(()),
+        // Exits with an error, for its supervisor to start it again on what
+        // the directory holds now.
+        Some(why) => anyhow::bail!(
+            "node {id} stopped: the data directory changed under it ({why}); start it again \
+             to serve what is there now (the gateway checks it against the index)"
+        ),
+    }
 }
 
 async fn start_gateway(cluster: &Cluster) -> Result<gateway::RunningGateway> {

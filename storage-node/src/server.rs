@@ -128,6 +128,9 @@ pub struct RunningNode {
     stop: watch::Sender<bool>,
     accept: JoinHandle<()>,
     store: Arc<ShardStore>,
+    /// Why the node can no longer serve, once it cannot (see
+    /// [`RunningNode::failed`]).
+    failed: watch::Receiver<Option<String>>,
     /// Held until the node is dropped ([`NODE_LOCK_FILE`]).
     _lock: std::fs::File,
 }
@@ -136,6 +139,21 @@ impl RunningNode {
     /// The store this node serves (tests, scrubbing).
     pub fn store(&self) -> &Arc<ShardStore> {
         &self.store
+    }
+
+    /// Resolves, with the reason, once the node can no longer serve: its
+    /// data directory changed under it ([`ShardStore::check_identity`]).
+    /// The process should then shut the node down and exit with an error,
+    /// to be restarted on what the directory holds now.
+    pub async fn failed(&mut self) -> String {
+        loop {
+            if let Some(why) = self.failed.borrow_and_update().clone() {
+                return why;
+            }
+            if self.failed.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// Stops accepting, closes every connection (requests in flight fail on the
@@ -233,7 +251,8 @@ pub async fn serve(
         peers: tokio::sync::OnceCell::new(),
     });
     let (stop, stopped) = watch::channel(false);
-    tokio::spawn(disk_gauges(state.clone(), stopped.clone()));
+    let (fail, failed) = watch::channel(None);
+    tokio::spawn(disk_gauges(state.clone(), stopped.clone(), fail));
     tokio::spawn(crate::scrub::run(
         store.clone(),
         state.metrics.clone(),
@@ -249,17 +268,39 @@ pub async fn serve(
         stop,
         accept,
         store,
+        failed,
         _lock: lock,
     })
 }
 
-/// Keeps the capacity, used and free gauges current until the node stops.
-async fn disk_gauges(state: Arc<NodeState>, mut stop: watch::Receiver<bool>) {
+/// Keeps the capacity, used and free gauges current until the node stops,
+/// and looks each time whether the data directory is still the one opened:
+/// changed at two looks in a row, the node reports that it failed.
+async fn disk_gauges(
+    state: Arc<NodeState>,
+    mut stop: watch::Receiver<bool>,
+    fail: watch::Sender<Option<String>>,
+) {
     let mut tick = tokio::time::interval(DISK_GAUGE_PERIOD);
+    let mut changed_before = false;
     loop {
         tokio::select! {
             _ = stop.changed() => break,
             _ = tick.tick() => {
+                let store = state.store.clone();
+                match blocking(move || store.check_identity()).await {
+                    Ok(()) => changed_before = false,
+                    Err(StoreError::DiskChanged(why)) if changed_before => {
+                        tracing::error!(%why, "the data directory changed under the running node; stopping it");
+                        let _ = fail.send(Some(why));
+                        break;
+                    }
+                    Err(StoreError::DiskChanged(why)) => {
+                        tracing::warn!(%why, "the data directory looks changed; looking again");
+                        changed_before = true;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not check the data directory's identity"),
+                }
                 // Damage found by listing (the scrubber's walk, an orphan
                 // sweep) is corruption found like any other.
                 state

@@ -107,6 +107,10 @@ pub enum StoreError {
     /// No shard is stored under this key.
     #[error("shard not found")]
     NotFound,
+    /// The data directory is not the one the store opened (see
+    /// [`ShardStore::check_identity`]).
+    #[error("the data directory changed under the running node: {0}")]
+    DiskChanged(String),
     /// The body's length or BLAKE3 differs from its header; nothing was stored.
     #[error("shard body does not match its header (length or BLAKE3)")]
     HashMismatch,
@@ -138,7 +142,9 @@ impl StoreError {
             StoreError::BadHeader(_) => ErrorCode::BadRequest,
             StoreError::Corrupt(_) => ErrorCode::Corrupt,
             StoreError::DiskFull => ErrorCode::DiskFull,
-            StoreError::BadDiskUuid(_) | StoreError::Io(_) => ErrorCode::Io,
+            StoreError::BadDiskUuid(_) | StoreError::DiskChanged(_) | StoreError::Io(_) => {
+                ErrorCode::Io
+            }
         }
     }
 }
@@ -210,6 +216,9 @@ impl Usage {
 pub struct ShardStore {
     root: PathBuf,
     disk_uuid: [u8; 16],
+    /// The data directory and the directories shards live in, as opened
+    /// (device, inode): see [`ShardStore::check_identity`].
+    opened_dirs: Vec<(PathBuf, DirIdentity)>,
     /// Shards in their own files (segments count their own).
     usage: Mutex<Usage>,
     key_locks: Vec<Mutex<()>>,
@@ -285,6 +294,17 @@ impl ShardStore {
         let disk_uuid = read_or_mint_disk_uuid(&root)?;
         let usage = count_shards(&root.join(SHARDS_DIR))?;
         let log = SegmentLog::open(&root)?;
+        let opened_dirs = [
+            root.clone(),
+            root.join(SHARDS_DIR),
+            root.join(crate::segments::SEGMENTS_DIR),
+        ]
+        .into_iter()
+        .map(|dir| {
+            let id = dir_identity(&dir)?;
+            Ok((dir, id))
+        })
+        .collect::<io::Result<Vec<_>>>()?;
         let small = log.usage();
         tracing::info!(
             dir = %root.display(),
@@ -298,6 +318,7 @@ impl ShardStore {
         Ok(ShardStore {
             root,
             disk_uuid,
+            opened_dirs,
             usage: Mutex::new(usage),
             key_locks: (0..KEY_LOCKS).map(|_| Mutex::new(())).collect(),
             log,
@@ -661,6 +682,53 @@ impl ShardStore {
     }
 
     /// Identity, capacity and usage.
+    /// Whether the data directory is still the one opened: the same
+    /// directories (device and inode) holding the same `disk.uuid`. A
+    /// directory wiped or replaced under the running node, or a file system
+    /// unmounted from under it (writes then land on the one beneath), fails
+    /// with [`StoreError::DiskChanged`]: what this process holds open and
+    /// counts no longer matches the disk, and the node must stop and be
+    /// restarted on what is there now, which the gateway then notices as
+    /// another disk and checks against the index. Only a definite change
+    /// counts: an error reading (a full file table, a failing disk) is
+    /// returned as itself.
+    pub fn check_identity(&self) -> Result<(), StoreError> {
+        for (dir, opened) in &self.opened_dirs {
+            match dir_identity(dir) {
+                Ok(now) if now == *opened => {}
+                Ok(_) => {
+                    return Err(StoreError::DiskChanged(format!(
+                        "{} is another directory than the one opened",
+                        dir.display()
+                    )))
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(StoreError::DiskChanged(format!(
+                        "{} is gone",
+                        dir.display()
+                    )))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let path = self.root.join(DISK_UUID_FILE);
+        let now = match fs::read_to_string(&path) {
+            Ok(text) => uuid::Uuid::parse_str(text.trim())
+                .ok()
+                .map(|u| *u.as_bytes()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e.into()),
+        };
+        if now != Some(self.disk_uuid) {
+            return Err(StoreError::DiskChanged(format!(
+                "{} no longer holds {}",
+                path.display(),
+                uuid::Uuid::from_bytes(self.disk_uuid)
+            )));
+        }
+        Ok(())
+    }
+
     pub fn info(&self) -> Result<StoreInfo, StoreError> {
         let vfs = rustix::fs::statvfs(&self.root).map_err(io::Error::from)?;
         let small = self.log.usage();
@@ -1241,6 +1309,17 @@ fn file_len(path: &Path) -> io::Result<Option<u64>> {
         Err(e) => Err(e),
     }
 }
+
+/// A directory's identity: device, inode, and birth time where the file
+/// system keeps one (an inode freed by a deletion is often the next one
+/// made, so a directory removed and made again can have the same number).
+fn dir_identity(dir: &Path) -> io::Result<DirIdentity> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(dir)?;
+    Ok((m.dev(), m.ino(), m.created().ok()))
+}
+
+type DirIdentity = (u64, u64, Option<std::time::SystemTime>);
 
 fn read_or_mint_disk_uuid(root: &Path) -> Result<[u8; 16], StoreError> {
     let path = root.join(DISK_UUID_FILE);
@@ -2089,6 +2168,40 @@ mod tests {
             ShardStore::open(dir.path()),
             Err(StoreError::BadDiskUuid(_))
         ));
+    }
+
+    #[test]
+    fn a_data_directory_changed_under_the_store_is_noticed() {
+        let changed =
+            |store: &ShardStore| matches!(store.check_identity(), Err(StoreError::DiskChanged(_)));
+        // Wiped and made again (what a restore or `rm -rf` and a restart of
+        // something else would leave).
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("node");
+        let store = ShardStore::open(&dir).unwrap();
+        store.check_identity().unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(changed(&store), "directory gone");
+        fs::create_dir_all(dir.join(SHARDS_DIR)).unwrap();
+        assert!(changed(&store), "another directory");
+        // Shards wiped, the rest left.
+        let dir = parent.path().join("node2");
+        let store = ShardStore::open(&dir).unwrap();
+        fs::remove_dir_all(dir.join(SHARDS_DIR)).unwrap();
+        fs::create_dir(dir.join(SHARDS_DIR)).unwrap();
+        assert!(changed(&store), "shards directory replaced");
+        // Another disk's identity written over this one's.
+        let dir = parent.path().join("node3");
+        let store = ShardStore::open(&dir).unwrap();
+        fs::write(
+            dir.join(DISK_UUID_FILE),
+            format!("{}\n", uuid::Uuid::now_v7()),
+        )
+        .unwrap();
+        assert!(changed(&store), "another disk.uuid");
+        // Reopened on what is there now, it is itself again.
+        drop(store);
+        ShardStore::open(&dir).unwrap().check_identity().unwrap();
     }
 
     #[test]

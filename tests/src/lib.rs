@@ -524,6 +524,15 @@ impl TestCluster {
         Ok(())
     }
 
+    /// How node `i`'s process ended, once it has (`None` while it runs, or
+    /// if it was not started).
+    pub fn node_exit(&mut self, i: u32) -> Option<std::process::ExitStatus> {
+        self.nodes
+            .get_mut(i as usize)
+            .and_then(Option::as_mut)
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
     /// SIGKILL, no goodbye.
     pub fn kill_node(&mut self, i: u32) {
         if let Some(mut c) = self.nodes.get_mut(i as usize).and_then(Option::take) {

@@ -505,3 +505,54 @@ fn with_nowhere_to_rebuild_a_pass_reads_nothing() -> Result<()> {
     assert!(s["degraded_stripes"].as_u64().unwrap_or(0) > 0, "{s}");
     Ok(())
 }
+
+/// A data directory wiped under a running node, which is not restarted:
+/// the node notices, stops with an error (for its supervisor to start it
+/// again), and started again on the empty directory it is another disk to
+/// the gateway, which rebuilds what it held. Before, the node served on
+/// with its old disk UUID and nothing was queued until a read met a hole.
+#[test]
+fn a_disk_wiped_under_a_running_node_is_noticed() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.set_gateway(&[("repair_interval_ms", toml::Value::Integer(500))])?;
+    let mut filed = Vec::new();
+    let mut stripes = 0u64;
+    for i in 0..6u64 {
+        let data = bytes(20_000 + 7_000 * i as usize, 60 + i);
+        let r = c.file(&data)?;
+        stripes += r["stripes"].as_u64().context("stripes")?;
+        filed.push((r["id"].as_str().unwrap_or_default().to_owned(), data));
+    }
+    assert!(!c.shard_files(4).is_empty(), "node 4 holds shards");
+    std::fs::remove_dir_all(c.node_dir(4))?;
+    let mut exit = None;
+    let stopped = custodia_tests::eventually(30, || {
+        exit = c.node_exit(4);
+        exit.is_some()
+    });
+    assert!(stopped, "node 4 kept running on a wiped directory");
+    assert!(exit.is_some_and(|s| !s.success()), "{exit:?}");
+    let log = std::fs::read_to_string(c.data_dir().join("node-4.log"))?;
+    assert!(log.contains("data directory changed"), "{log}");
+    c.start_node(4)?;
+    let noticed = custodia_tests::eventually(20, || {
+        std::fs::read_to_string(c.data_dir().join("gateway.log"))
+            .is_ok_and(|l| l.contains("different disk"))
+    });
+    assert!(noticed, "the gateway did not see another disk");
+    repair(&c)?;
+    assert_eq!(
+        shard_count(&c, 0..8),
+        6 * stripes as usize,
+        "every shard is back"
+    );
+    c.kill_node(0);
+    c.kill_node(1);
+    for (id, data) in &filed {
+        assert!(
+            c.read(id)? == *data,
+            "{id} with node 4 rebuilt, nodes 0 and 1 dead"
+        );
+    }
+    Ok(())
+}
