@@ -72,14 +72,26 @@ async fn pass(store: &Arc<ShardStore>, metrics: &NodeMetrics, bytes_per_sec: u64
     metrics.scrub_progress.set(0.0);
     loop {
         let s = store.clone();
-        let page = match run_blocking(move || s.list(after.as_ref(), PAGE)).await {
-            Ok(page) => page,
-            Err(e) => {
-                tracing::warn!(error = %e, "scrub could not list shards; retrying in a minute");
-                tokio::time::sleep(Duration::from_secs(60)).await;
-                continue;
-            }
-        };
+        let (page, listed) =
+            match run_blocking(move || s.list_finding_damage(after.as_ref(), PAGE)).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(error = %e, "scrub could not list shards; retrying in a minute");
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    continue;
+                }
+            };
+        // Files the listing itself found torn or unreadable (quarantined
+        // there) are this pass's findings too.
+        if listed > 0 {
+            corrupt += listed;
+            metrics.scrub_corrupt.inc_by(listed);
+            metrics.corrupt_shards.inc_by(listed);
+            tracing::warn!(
+                shards = listed,
+                "scrub's listing found damaged shards; quarantined for repair"
+            );
+        }
         let Some(last) = page.last() else { break };
         after = Some(last.key);
         for header in page {

@@ -616,6 +616,20 @@ impl ShardStore {
         after: Option<&ShardKey>,
         limit: usize,
     ) -> Result<Vec<ShardHeader>, StoreError> {
+        let (out, damaged) = self.list_finding_damage(after, limit)?;
+        self.listed_corrupt.fetch_add(damaged, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// [`list`](Self::list), returning how many files it quarantined
+    /// instead of counting them for [`take_listed_corrupt`](Self::take_listed_corrupt)
+    /// (the scrubber counts what its own listing finds).
+    pub fn list_finding_damage(
+        &self,
+        after: Option<&ShardKey>,
+        limit: usize,
+    ) -> Result<(Vec<ShardHeader>, u64), StoreError> {
+        let mut damaged = 0;
         let mut out = Vec::new();
         let first = after.map_or(0, |k| k.evidence.0[15] as usize);
         for fanout in first..=255usize {
@@ -646,17 +660,15 @@ impl ShardStore {
                     Err(StoreError::NotFound) => {}
                     // Quarantined by `stat` (a torn or truncated file, a
                     // header naming another shard): counted, then absent.
-                    Err(StoreError::Corrupt(_)) => {
-                        self.listed_corrupt.fetch_add(1, Ordering::Relaxed);
-                    }
+                    Err(StoreError::Corrupt(_)) => damaged += 1,
                     Err(e) => return Err(e),
                 }
                 if out.len() >= limit {
-                    return Ok(out);
+                    return Ok((out, damaged));
                 }
             }
         }
-        Ok(out)
+        Ok((out, damaged))
     }
 
     /// The keys of quarantined shards after `after`, in key order, at most

@@ -186,6 +186,15 @@ fn scrub_finds_corruption_no_read_met_and_repair_rebuilds_it() -> Result<()> {
     let last = body.len() - 1;
     body[last] ^= 0x01;
     std::fs::write(&victim, &body)?;
+    // And another is torn: cut short, which scrub's listing itself finds.
+    let torn = c
+        .shard_files(4)
+        .into_iter()
+        .min()
+        .context("node 4 holds two shards")?;
+    assert_ne!(torn, victim);
+    let cut = std::fs::read(&torn)?;
+    std::fs::write(&torn, &cut[..cut.len() / 2])?;
 
     let quarantine = c.node_dir(4).join("quarantine");
     let found = custodia_tests::eventually(30, || {
@@ -200,13 +209,14 @@ fn scrub_finds_corruption_no_read_met_and_repair_rebuilds_it() -> Result<()> {
     assert!(found, "the scrubber never quarantined {name:?}");
     // The counters move just after the store has quarantined the shard.
     let url = c.node_metrics_url(4)?;
-    for series in [
-        "custodia_node_scrub_corrupt_shards_total",
-        "custodia_node_scrub_passes_total",
-        "custodia_node_scrub_shards_total",
+    for (series, at_least) in [
+        // Both: the flipped bit and the torn file.
+        ("custodia_node_scrub_corrupt_shards_total", 2.0),
+        ("custodia_node_scrub_passes_total", 1.0),
+        ("custodia_node_scrub_shards_total", 1.0),
     ] {
         let counted =
-            custodia_tests::eventually(10, || c.metric(&url, series).is_ok_and(|v| v >= 1.0));
+            custodia_tests::eventually(10, || c.metric(&url, series).is_ok_and(|v| v >= at_least));
         assert!(counted, "{series} = {:?}", c.metric(&url, series).ok());
     }
 
