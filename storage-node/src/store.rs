@@ -899,16 +899,29 @@ impl ShardStore {
         }
         let name = format!("{}.{}", shard_file_name(key), uuid::Uuid::now_v7().simple());
         let quarantine = self.root.join(QUARANTINE_DIR);
-        let moved = durable_write_with(
-            &self.root.join(TMP_DIR),
-            &quarantine,
-            &name,
-            &[bytes],
-            0o644,
-            self.direct_io(),
-        )
-        .and_then(|_| self.log.delete(key, Some(loc)));
-        if let Err(e) = moved {
+        let write = |body: &[u8]| {
+            durable_write_with(
+                &self.root.join(TMP_DIR),
+                &quarantine,
+                &name,
+                &[body],
+                0o644,
+                self.direct_io(),
+            )
+        };
+        // On a full disk the forensic copy cannot be written: an empty file
+        // (an inode, no blocks) still names the shard to the gateway's
+        // quarantine listing, so repair hears of it, and the record is
+        // still taken out of service. Kept in service, it would be found
+        // by every scrub pass and repaired only if a read met it.
+        let copied = write(bytes).or_else(|e| {
+            if !is_disk_full(&e) {
+                return Err(e);
+            }
+            tracing::warn!(shard = %key, "no room for a forensic copy of a corrupt shard; quarantining its name only");
+            write(&[])
+        });
+        if let Err(e) = copied.and_then(|_| self.log.delete(key, Some(loc))) {
             tracing::warn!(shard = %key, error = %e, "could not quarantine corrupt shard");
         }
         StoreError::Corrupt(*key)
