@@ -208,10 +208,19 @@ pub fn spawn_repair_loop<S: Store>(
         let mut cursor = None;
         let mut queue_cursor = None;
         let mut reported = HashSet::new();
+        let mut reported_since = Instant::now();
         loop {
             tokio::select! {
                 _ = gw.repair_wake.notified() => {}
                 _ = tokio::time::sleep(every) => {}
+            }
+            // Forgotten now and then: a shard rebuilt back onto the node
+            // that quarantined it and damaged again has the same key, and
+            // would otherwise be passed over until the gateway restarts
+            // (re-marking the others only has their stripes checked again).
+            if reported_since.elapsed() >= QUARANTINE_REMEMBERED {
+                reported.clear();
+                reported_since = Instant::now();
             }
             match collect_quarantined(&gw, &mut reported).await {
                 n if n > 0 => {
@@ -244,6 +253,10 @@ pub fn spawn_repair_loop<S: Store>(
         }
     })
 }
+
+/// How long [`collect_quarantined`]'s record of the quarantined shards it
+/// handled is kept.
+const QUARANTINE_REMEMBERED: Duration = Duration::from_secs(3600);
 
 /// Asks every healthy node for the shards it quarantined (found corrupt by
 /// its scrubber or on a read) and queues each stripe whose record still
