@@ -133,7 +133,8 @@ pub async fn serve<S: Store + 'static>(
                         // From a fixed set: any token is a valid method, and
                         // each new label would be a series kept for good.
                         let method = crate::metrics::method_label(req.method());
-                        let resp = if let Some(refused) =
+                        let head = req.method() == http::Method::HEAD;
+                        let mut resp = if let Some(refused) =
                             crate::s3_digest::auth_refusal(&req, crate::ledger::unix_now())
                         {
                             Ok(refused_response(&refused))
@@ -154,7 +155,16 @@ pub async fn serve<S: Store + 'static>(
                         } else {
                             service.call(req.map(s3s::Body::from)).await
                         };
-                        if let Ok(r) = &resp {
+                        // s3s answers a HEAD 200 whatever its output says: a
+                        // ranged one (with its Content-Range) is a 206, as
+                        // from S3.
+                        if let Ok(r) = &mut resp {
+                            if head
+                                && r.status() == http::StatusCode::OK
+                                && r.headers().contains_key(http::header::CONTENT_RANGE)
+                            {
+                                *r.status_mut() = http::StatusCode::PARTIAL_CONTENT;
+                            }
                             metrics.http("s3", method, r.status().as_u16(), started);
                         }
                         resp
@@ -1380,22 +1390,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let held = header.legal_hold;
         preconditions(&v, conditions!(input))?;
         let size = header.size;
-        let range = match &input.range {
-            None => None,
-            // Nothing to select (a suffix range of an empty object) is not
-            // satisfiable either: 416, as S3 answers.
-            Some(r) => Some(
-                r.check(size)
-                    .ok()
-                    .filter(|r| !r.is_empty())
-                    .ok_or_else(|| {
-                        // With the size, as RFC 9110 asks of a 416.
-                        let mut e = s3_error!(InvalidRange);
-                        with_headers(&mut e, &[("content-range", format!("bytes */{size}"))]);
-                        e
-                    })?,
-            ),
-        };
+        let range = object_range(input.range.as_ref(), size)?;
         let read = range.clone().unwrap_or(0..size);
         let actor = format!("{}/s3:{}", who.tenant, who.access_key);
         let evidence = header.evidence;
@@ -1409,9 +1404,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let mut resp = S3Response::new(GetObjectOutput {
             body: Some(body),
             content_length: Some((read.end - read.start) as i64),
-            content_range: range
-                .as_ref()
-                .map(|r| format!("bytes {}-{}/{}", r.start, r.end.saturating_sub(1), size)),
+            content_range: content_range(range.as_ref(), size),
             accept_ranges: Some("bytes".into()),
             content_type: v.content_type.clone(),
             e_tag: Some(ETag::Strong(v.etag.clone())),
@@ -1424,10 +1417,9 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             object_lock_legal_hold_status: legal_hold_status(&b, held),
             ..Default::default()
         });
+        // s3s answers 206 for a Content-Range (the status set here it does
+        // not read).
         resp.headers = self.custodia_headers(evidence);
-        if range.is_some() {
-            resp.status = Some(http::StatusCode::PARTIAL_CONTENT);
-        }
         Ok(resp)
     }
 
@@ -1444,8 +1436,13 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         // The evidence's hold is the object's (see `removal_refused`).
         let held = header.legal_hold;
         preconditions(&v, conditions!(input))?;
+        // A ranged HEAD answers as the GET would: 206 with the range's
+        // length and Content-Range, or 416 (as S3 does).
+        let size = header.size;
+        let range = object_range(input.range.as_ref(), size)?;
         let mut resp = S3Response::new(HeadObjectOutput {
-            content_length: Some(header.size as i64),
+            content_length: Some(range.as_ref().map_or(size, |r| r.end - r.start) as i64),
+            content_range: content_range(range.as_ref(), size),
             accept_ranges: Some("bytes".into()),
             content_type: v.content_type.clone(),
             e_tag: Some(ETag::Strong(v.etag.clone())),
@@ -1458,6 +1455,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             object_lock_legal_hold_status: legal_hold_status(&b, held),
             ..Default::default()
         });
+        // Its 206 is set around s3s, which answers every HEAD 200.
         resp.headers = self.custodia_headers(header.evidence);
         Ok(resp)
     }
@@ -2804,6 +2802,29 @@ fn copy_range(spec: &str, size: u64) -> S3Result<std::ops::Range<u64>> {
             "x-amz-copy-source-range must be bytes=FIRST-LAST inside the source object"
         )),
     }
+}
+
+/// The bytes a GET or HEAD `Range` selects of an object of `size`; `None`
+/// without one. Nothing to select (a suffix range of an empty object) is not
+/// satisfiable either: 416 `InvalidRange`, with the size, as RFC 9110 asks.
+fn object_range(range: Option<&Range>, size: u64) -> S3Result<Option<std::ops::Range<u64>>> {
+    let Some(r) = range else {
+        return Ok(None);
+    };
+    r.check(size)
+        .ok()
+        .filter(|r| !r.is_empty())
+        .map(Some)
+        .ok_or_else(|| {
+            let mut e = s3_error!(InvalidRange);
+            with_headers(&mut e, &[("content-range", format!("bytes */{size}"))]);
+            e
+        })
+}
+
+/// The `Content-Range` of a ranged answer.
+fn content_range(range: Option<&std::ops::Range<u64>>, size: u64) -> Option<String> {
+    range.map(|r| format!("bytes {}-{}/{}", r.start, r.end.saturating_sub(1), size))
 }
 
 /// Deletes a part queued for deletion (see `ix::parts_to_delete_tx`): its

@@ -247,6 +247,16 @@ except ClientError as e:
     headers = e.response["ResponseMetadata"]["HTTPHeaders"]
     check(e.response["ResponseMetadata"]["HTTPStatusCode"] == 416, "416: %r" % e.response)
     check(headers.get("content-range") == "bytes */1", "416 Content-Range: %r" % headers)
+# A ranged HEAD answers as the GET would.
+ranged = s3.head_object(Bucket="boto-nulls", Key="typeless", Range="bytes=0-0")
+check(ranged["ResponseMetadata"]["HTTPStatusCode"] == 206, "ranged HEAD: %r" % ranged)
+check(ranged["ContentLength"] == 1 and ranged.get("ContentRange") == "bytes 0-0/1",
+      "ranged HEAD headers: %r" % ranged)
+try:
+    s3.head_object(Bucket="boto-nulls", Key="typeless", Range="bytes=100-")
+    check(False, "a HEAD range past the end is refused")
+except ClientError as e:
+    check(e.response["ResponseMetadata"]["HTTPStatusCode"] == 416, "HEAD 416: %r" % e.response)
 etag = s3.head_object(Bucket="boto-nulls", Key="typeless")["ETag"]
 try:
     s3.get_object(Bucket="boto-nulls", Key="typeless", IfNoneMatch=etag)
