@@ -207,7 +207,15 @@ pub fn put(
     Ok(())
 }
 
-pub fn get(api: &str, token: &str, id: &str, output: &Path) -> Result<()> {
+pub fn get(api: &str, token: &str, id: &str, output: &Path, force: bool) -> Result<()> {
+    // Checked first, so nothing is fetched for nothing; the final rename
+    // checks again (another writer may come meanwhile).
+    if !force && output.symlink_metadata().is_ok() {
+        bail!(
+            "{} exists; not replacing it (pass --force to)",
+            output.display()
+        );
+    }
     let mut resp = agent()?
         .get(format!("{}/v1/evidence/{id}", api.trim_end_matches('/')))
         .header("authorization", format!("Bearer {token}"))
@@ -239,7 +247,8 @@ pub fn get(api: &str, token: &str, id: &str, output: &Path) -> Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     let pb = bar(len, "fetching");
     let mut hasher = blake3::Hasher::new();
     let mut reader = resp.body_mut().as_reader();
@@ -263,8 +272,17 @@ pub fn get(api: &str, token: &str, id: &str, output: &Path) -> Result<()> {
         );
     }
     tmp.as_file().sync_all()?;
-    tmp.persist(output)
-        .with_context(|| format!("writing {}", output.display()))?;
+    if force {
+        tmp.persist(output)
+            .with_context(|| format!("writing {}", output.display()))?;
+    } else {
+        tmp.persist_noclobber(output).with_context(|| {
+            format!(
+                "writing {} (it exists now; pass --force to replace it)",
+                output.display()
+            )
+        })?;
+    }
     println!(
         "wrote {} ({received} bytes, BLAKE3 {got})",
         output.display()

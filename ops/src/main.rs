@@ -261,6 +261,10 @@ enum Command {
         id: String,
         #[arg(short, long)]
         output: PathBuf,
+        /// Replace FILE if it exists (by default an existing file, perhaps
+        /// an earlier verified copy, is never overwritten).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -839,7 +843,12 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Get { id, output, api } => client::get(&api.api, &api.token()?, &id, &output),
+        Command::Get {
+            id,
+            output,
+            force,
+            api,
+        } => client::get(&api.api, &api.token()?, &id, &output, force),
         Command::Status { api, json } => {
             let s = status::fetch(&api.api, &api.token()?)?;
             if json {

@@ -1111,6 +1111,25 @@ fn the_evidence_api_serves_https_only_when_asked() -> Result<()> {
         String::from_utf8_lossy(&get.stderr)
     );
     assert_eq!(std::fs::read(&back)?, data);
+    // An existing file is not replaced without --force.
+    std::fs::write(&back, b"an earlier copy")?;
+    let again = c.cli(&["get", id2, "-o", back.to_str().unwrap_or_default()])?;
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("--force"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(std::fs::read(&back)?, b"an earlier copy");
+    let forced = c.cli(&[
+        "get",
+        id2,
+        "-o",
+        back.to_str().unwrap_or_default(),
+        "--force",
+    ])?;
+    assert!(forced.status.success());
+    assert_eq!(std::fs::read(&back)?, data);
     let status = c.cli(&["status"])?;
     assert!(status.status.success());
     // An answer that cannot be verified (no X-Custodia-Blake3: not a
