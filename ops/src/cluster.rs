@@ -447,14 +447,20 @@ pub async fn issue_credentials<S: indexer::KvStore>(
 
 /// Opens DATA_DIR's embedded index directly, which the gateway must not
 /// hold open.
-pub fn open_index_offline(data_dir: &Path) -> Result<indexer::EmbeddedStore> {
+pub fn open_index_offline(data_dir: &Path) -> Result<(indexer::EmbeddedStore, fs::File)> {
+    // DATA_DIR's lock first: `up` holds it from before its gateway opens the
+    // index, and an index opened here in between would keep that gateway
+    // from starting (the whole cluster would stop).
+    let lock =
+        lock_data_dir(data_dir).context("opening the index offline (stop the gateway first)")?;
     let cluster = Cluster::load(data_dir)?;
-    indexer::EmbeddedStore::open(&cluster.gateway.index_path).with_context(|| {
+    let store = indexer::EmbeddedStore::open(&cluster.gateway.index_path).with_context(|| {
         format!(
             "opening the index {} (stop the gateway first)",
             cluster.gateway.index_path.display()
         )
-    })
+    })?;
+    Ok((store, lock))
 }
 
 /// The evidence API of the gateway that holds DATA_DIR's index, and the

@@ -543,6 +543,10 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init { data_dir, shape } => {
             init_tracing("warn");
+            // Not beside an `up` making the same directory's keys.
+            std::fs::create_dir_all(&data_dir)
+                .with_context(|| format!("creating {}", data_dir.display()))?;
+            let _lock = cluster::lock_data_dir(&data_dir)?;
             let c = cluster::init(&data_dir, &shape.options()?).await?;
             println!(
                 "initialised {} nodes, RS({},{}) in {}\nadmin token: {}",
@@ -566,7 +570,7 @@ async fn run(cli: Cli) -> Result<()> {
             })?;
             let profile = format!("{tenant}-{role}");
             let c = match cluster::open_index_offline(&data_dir) {
-                Ok(store) => {
+                Ok((store, _lock)) => {
                     cluster::issue_credentials(&store, &tenant, parsed, bypass_governance).await?
                 }
                 // Separation of duties: the admin API never grants expunger.
@@ -627,7 +631,7 @@ async fn run(cli: Cli) -> Result<()> {
                 None => None,
             };
             let revoked = match cluster::open_index_offline(&data_dir) {
-                Ok(store) => {
+                Ok((store, _lock)) => {
                     gateway::credentials::revoke(&store, token.as_deref(), access_key.as_deref())
                         .await?
                 }
@@ -672,8 +676,8 @@ async fn run(cli: Cli) -> Result<()> {
             data_dir,
             api,
         }) => {
-            let store = match cluster::open_index_offline(&data_dir) {
-                Ok(store) => store,
+            let (store, _lock) = match cluster::open_index_offline(&data_dir) {
+                Ok(opened) => opened,
                 Err(offline) => {
                     // The gateway holds the index: ask it, as the admin.
                     let (api, token) = cluster::running_gateway(&data_dir, api.as_deref())
