@@ -8,12 +8,18 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
-/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
-pub async fn stop_requested() {
-    match StopSignals::new() {
-        Ok(mut s) => s.recv().await,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+/// Catches SIGINT and SIGTERM from now on; the future resolves when the
+/// process is asked to stop. Made before a component starts, so that a
+/// signal during its start (`up` stopping while its nodes come up) stops it
+/// cleanly instead of ending the process by the signal's default.
+pub fn stop_requested() -> impl std::future::Future<Output = ()> {
+    let signals = StopSignals::new();
+    async move {
+        match signals {
+            Ok(mut s) => s.recv().await,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }
@@ -47,6 +53,7 @@ pub async fn run_node(
     config: storage_node::server::NodeConfig,
     metrics: Option<std::net::SocketAddr>,
 ) -> Result<()> {
+    let stop = stop_requested();
     let id = config.node_id;
     // Every series of this process says which node it is.
     let labels = std::collections::HashMap::from([("node".to_owned(), id.0.to_string())]);
@@ -62,7 +69,7 @@ pub async fn run_node(
     }
     tracing::info!(node = %id, addr = %node.local_addr, "storage node running");
     let failed = tokio::select! {
-        () = stop_requested() => None,
+        () = stop => None,
         why = node.failed() => Some(why),
     };
     tracing::info!(node = %id, "stopping");
@@ -103,6 +110,7 @@ fn s3_scheme(cluster: &Cluster) -> &'static str {
 }
 
 pub async fn run_gateway(data_dir: &Path) -> Result<()> {
+    let stop = stop_requested();
     let _lock = cluster::lock_data_dir(data_dir)?;
     let cluster = Cluster::load(data_dir)?;
     let gw = start_gateway(&cluster).await?;
@@ -115,7 +123,7 @@ pub async fn run_gateway(data_dir: &Path) -> Result<()> {
     }
     tokio::select! {
         r = gw.wait() => r.context("the evidence API stopped")?,
-        _ = stop_requested() => tracing::info!("stopping"),
+        () = stop => tracing::info!("stopping"),
     }
     Ok(())
 }
