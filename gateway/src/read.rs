@@ -75,6 +75,10 @@ pub enum ReadError {
     /// The evidence was expunged while it was being read.
     #[error("{0} was expunged during the read")]
     Expunged(EvidenceId),
+    /// The stored Bao outboard is missing values, does not decode, or does
+    /// not verify against the content root: the content may be intact.
+    #[error("the stored outboard of {0} cannot be used (it is rebuilt by the next read)")]
+    BadOutboard(EvidenceId),
 }
 
 impl From<ReadError> for crate::error::ApiError {
@@ -84,7 +88,10 @@ impl From<ReadError> for crate::error::ApiError {
             ReadError::Unrecoverable { .. } => ApiError::Unavailable(e.to_string()),
             ReadError::Index(e) => ApiError::Index(e),
             ReadError::Expunged(_) => ApiError::Gone,
-            ReadError::RootMismatch(_) | ReadError::Reconstruct(_) | ReadError::Internal => {
+            ReadError::RootMismatch(_)
+            | ReadError::BadOutboard(_)
+            | ReadError::Reconstruct(_)
+            | ReadError::Internal => {
                 tracing::error!(error = %e, "read failed");
                 ApiError::Internal
             }
@@ -532,7 +539,7 @@ impl GroupCheck {
     ) -> Result<bool, ReadError> {
         match self.expected_cv(gw, header).await {
             Ok(_) => Ok(true),
-            Err(ReadError::RootMismatch(_)) => Ok(false),
+            Err(ReadError::BadOutboard(_)) => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -581,7 +588,27 @@ impl GroupCheck {
             if self.at < end {
                 continue;
             }
-            let good = self.expected_cv(gw, header).await?;
+            let good = match self.expected_cv(gw, header).await {
+                Ok(good) => good,
+                // Past the window the read began with: its bytes so far
+                // went out, so this read cannot turn into a whole one. It
+                // ends, and the outboard is cleared for the next read to
+                // rebuild (it is derived from the content, which may well
+                // be intact): not a content-root alarm, and not every read
+                // failing here for good.
+                Err(ReadError::BadOutboard(evidence)) => {
+                    let cleared = indexer::run(&gw.store, |t| async move {
+                        schema::clear_outboard_tx(&t, evidence);
+                        Ok::<_, schema::SchemaError>(())
+                    })
+                    .await;
+                    if let Err(e) = cleared {
+                        tracing::warn!(%evidence, error = %e, "could not clear an outboard that does not verify");
+                    }
+                    return Err(ReadError::BadOutboard(evidence));
+                }
+                Err(e) => return Err(e),
+            };
             if self.hasher.finish() == good {
                 ready.append(&mut self.held);
             } else {
@@ -627,7 +654,7 @@ impl GroupCheck {
                 // every read of the evidence for good.
                 Err(schema::SchemaError::Decode(e)) => {
                     tracing::error!(evidence = %header.evidence, error = %e, "the stored outboard does not decode");
-                    return Err(ReadError::RootMismatch(header.evidence));
+                    return Err(ReadError::BadOutboard(header.evidence));
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -635,7 +662,7 @@ impl GroupCheck {
         let expected = bao::expected_group_cvs(&self.root, self.size, &pairs, groups)
             .map_err(|e| {
                 tracing::error!(evidence = %header.evidence, error = %e, "the stored outboard does not verify against the content root");
-                ReadError::RootMismatch(header.evidence)
+                ReadError::BadOutboard(header.evidence)
             })?;
         // Only the window's values are kept: the map stays small however
         // long the read.
@@ -643,7 +670,7 @@ impl GroupCheck {
         self.expected
             .get(&self.group)
             .copied()
-            .ok_or(ReadError::RootMismatch(header.evidence))
+            .ok_or(ReadError::BadOutboard(header.evidence))
     }
 
     /// Reads the current group again from shards each checked against the
