@@ -281,30 +281,41 @@ async fn expire_incomplete_uploads<S: Store>(gw: &Gateway<S>) {
     }
     let before = gw.clock.now_ms().saturating_sub(expiry);
     loop {
-        let aborted = indexer::run(&gw.store, |tx| async move {
-            let stale = indexer::s3::stale_uploads_tx(&tx, before, 64).await?;
-            for upload in &stale {
-                indexer::s3::end_multipart_tx(&tx, *upload).await?;
-            }
-            Ok::<_, indexer::s3::ObjectError>(stale)
+        let stale = match indexer::run(&gw.store, |tx| async move {
+            indexer::s3::stale_uploads_tx(&tx, before, 64).await
         })
-        .await;
-        match aborted {
-            Ok(stale) if stale.is_empty() => break,
-            Ok(stale) => {
-                tracing::info!(
-                    uploads = ?stale,
+        .await
+        {
+            Ok(stale) => stale,
+            Err(e) => {
+                tracing::warn!(error = %e, "GC could not list incomplete multipart uploads");
+                return;
+            }
+        };
+        // One transaction each: an upload of 10,000 parts queues 10,000
+        // deletions.
+        for &upload in &stale {
+            let ended = indexer::run(&gw.store, |tx| async move {
+                indexer::s3::abort_multipart_tx(&tx, upload).await
+            })
+            .await;
+            match ended {
+                Ok(parts) => tracing::info!(
+                    %upload,
+                    parts = parts.len(),
                     expiry_ms = expiry,
-                    "aborted multipart uploads left incomplete past multipart_expiry_ms"
-                );
-                if stale.len() < 64 {
-                    break;
+                    "aborted a multipart upload left incomplete past multipart_expiry_ms"
+                ),
+                // Completed or aborted meanwhile.
+                Err(indexer::s3::ObjectError::NoSuchUpload) => {}
+                Err(e) => {
+                    tracing::warn!(%upload, error = %e, "GC could not expire a multipart upload");
+                    return;
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "GC could not expire incomplete multipart uploads");
-                break;
-            }
+        }
+        if stale.len() < 64 {
+            return;
         }
     }
 }
@@ -313,17 +324,28 @@ async fn expire_incomplete_uploads<S: Store>(gw: &Gateway<S>) {
 /// ended while a node was unreachable, or whose deletion a crash cut short
 /// (the request deletes them at once otherwise).
 async fn delete_queued_parts<S: Store>(gw: &Gateway<S>) {
-    let queued = indexer::run(&gw.store, |tx| async move {
-        indexer::s3::parts_to_delete_tx(&tx, 256).await
-    })
-    .await;
-    match queued {
-        Ok(parts) => {
-            for part in parts {
-                crate::s3::delete_part(gw, part).await;
+    // All of them, a page at a time: the first page alone could be held by
+    // a node down for good, and starve the rest.
+    let mut after = None;
+    loop {
+        let page = match indexer::run(&gw.store, |tx| async move {
+            indexer::s3::parts_to_delete_tx(&tx, after, 256).await
+        })
+        .await
+        {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::warn!(error = %e, "GC could not list the parts to delete");
+                return;
             }
+        };
+        for &part in &page {
+            crate::s3::delete_part(gw, part).await;
         }
-        Err(e) => tracing::warn!(error = %e, "GC could not list the parts to delete"),
+        match page.last() {
+            Some(&last) if page.len() == 256 => after = Some(last),
+            _ => return,
+        }
     }
 }
 

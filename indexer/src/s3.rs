@@ -1598,27 +1598,32 @@ fn queue_part_deletion_tx<T: Transaction>(tx: &T, part: EvidenceId) {
     tx.set(&key_of(PART_DELETION, &[part.as_bytes()]), b"");
 }
 
-/// Up to `limit` parts queued for deletion: parts of ended uploads and
-/// parts replaced by another upload of their number.
+/// Up to `limit` parts queued for deletion after `after` (from the first
+/// when `None`), in id order: parts of ended uploads and parts replaced by
+/// another upload of their number.
 pub async fn parts_to_delete_tx<T: Transaction>(
     tx: &T,
+    after: Option<EvidenceId>,
     limit: usize,
 ) -> Result<Vec<EvidenceId>, ObjectError> {
-    tx.get_range(
-        PART_DELETION,
-        &prefix_end(PART_DELETION),
-        limit.max(1),
-        false,
-    )
-    .await?
-    .iter()
-    .map(|(k, _)| {
-        k.get(PART_DELETION.len()..)
-            .and_then(|b| <[u8; 16]>::try_from(b).ok())
-            .map(EvidenceId)
-            .ok_or_else(|| protocol::DecodeError::Malformed.into())
-    })
-    .collect()
+    let begin = match after {
+        Some(id) => {
+            let mut k = key_of(PART_DELETION, &[id.as_bytes()]);
+            k.push(0);
+            k
+        }
+        None => PART_DELETION.to_vec(),
+    };
+    tx.get_range(&begin, &prefix_end(PART_DELETION), limit.max(1), false)
+        .await?
+        .iter()
+        .map(|(k, _)| {
+            k.get(PART_DELETION.len()..)
+                .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                .map(EvidenceId)
+                .ok_or_else(|| protocol::DecodeError::Malformed.into())
+        })
+        .collect()
 }
 
 /// A queued part's shards are all deleted and its stripe records forgotten.

@@ -1120,10 +1120,9 @@ async fn put_part(
 }
 
 async fn queued_for_deletion(s: &EmbeddedStore) -> std::collections::BTreeSet<EvidenceId> {
-    run(
-        s,
-        |tx| async move { ix::parts_to_delete_tx(&tx, 100).await },
-    )
+    run(s, |tx| async move {
+        ix::parts_to_delete_tx(&tx, None, 100).await
+    })
     .await
     .unwrap()
     .into_iter()
@@ -1180,6 +1179,21 @@ async fn no_part_outlives_its_upload_and_stale_uploads_are_found() {
     .await
     .unwrap();
     assert_eq!(queued_for_deletion(&s).await, [again, late].into());
+    // Paged in id order.
+    let first_page = run(&s, |tx| async move {
+        ix::parts_to_delete_tx(&tx, None, 1).await
+    })
+    .await
+    .unwrap();
+    let rest = run(&s, |tx| {
+        let after = first_page[0];
+        async move { ix::parts_to_delete_tx(&tx, Some(after), 10).await }
+    })
+    .await
+    .unwrap();
+    let mut both = [again, late];
+    both.sort();
+    assert_eq!((first_page, rest), (vec![both[0]], vec![both[1]]));
     // Uploads begun before the cut are stale, the others not.
     let (kept, _) = put_part(&s, stale, 1, 5).await.unwrap();
     let found = run(&s, |tx| async move {

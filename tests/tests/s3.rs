@@ -1918,10 +1918,6 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
 #[test]
 fn incomplete_uploads_expire_and_their_parts_go() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
-    c.set_gateway(&[
-        ("multipart_expiry_ms", toml::Value::Integer(3_000)),
-        ("gc_interval_ms", toml::Value::Integer(500)),
-    ])?;
     let aws = Aws::admin(&c);
     aws.ok(&["s3", "mb", "s3://left"])?;
     let up = aws.json(&[
@@ -1945,12 +1941,18 @@ fn incomplete_uploads_expire_and_their_parts_go() -> Result<()> {
     aws.ok(&strs(&args("1")))?;
     let stored = c.all_shard_files().len();
     assert!(stored > 0, "the part is stored");
-    let listed = || aws.json(&["s3api", "list-multipart-uploads", "--bucket", "left"]);
-    assert!(listed()?["Uploads"]
+    let listed = |aws: &Aws| aws.json(&["s3api", "list-multipart-uploads", "--bucket", "left"]);
+    assert!(listed(&aws)?["Uploads"]
         .as_array()
         .is_some_and(|u| u.len() == 1));
-    let gone = custodia_tests::eventually(30, || {
-        listed().is_ok_and(|l| l["Uploads"].as_array().is_none_or(Vec::is_empty))
+    // Only now an expiry short enough for a test (the gateway restarts):
+    // set before, it could end the upload between the client's calls.
+    c.set_gateway(&[
+        ("multipart_expiry_ms", toml::Value::Integer(1_000)),
+        ("gc_interval_ms", toml::Value::Integer(500)),
+    ])?;
+    let gone = custodia_tests::eventually(60, || {
+        listed(&aws).is_ok_and(|l| l["Uploads"].as_array().is_none_or(Vec::is_empty))
             && c.all_shard_files().is_empty()
     });
     assert!(
