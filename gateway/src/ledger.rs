@@ -714,13 +714,28 @@ async fn put_immutable(
     let puts = files.into_iter().map(|(name, bytes)| async move {
         let path = StorePath::parse(&name).map_err(|e| LedgerError::Tree(e.to_string()))?;
         let bytes = bytes::Bytes::from(bytes);
-        let payload = PutPayload::from(bytes.clone());
-        let existing = match store.put_opts(&path, payload, PutMode::Create.into()).await {
+        let mut created = store
+            .put_opts(&path, PutPayload::from(bytes.clone()), PutMode::Create.into())
+            .await;
+        // A transient failure (a 503, a reset) is tried again as it was: only
+        // a store that keeps refusing a conditional write is read first
+        // instead, which two publishers could race.
+        for retry in 1..=2u32 {
+            if !matches!(created, Err(OsError::Generic { .. })) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200 << retry)).await;
+            created = store
+                .put_opts(&path, PutPayload::from(bytes.clone()), PutMode::Create.into())
+                .await;
+        }
+        let existing = match created {
             Ok(_) => return Ok(()),
             Err(OsError::AlreadyExists { .. } | OsError::Precondition { .. }) => {
                 store.get(&path).await?.bytes().await?
             }
             Err(OsError::NotImplemented | OsError::Generic { .. }) => {
+                tracing::warn!(tile = %name, "a create-only write of a tile was refused; checking for it and writing it unconditionally");
                 match store.get(&path).await {
                     Ok(got) => got.bytes().await?,
                     Err(OsError::NotFound { .. }) => {

@@ -116,7 +116,8 @@ pub async fn read_small<S: Store>(
 ) -> Result<Bytes, ReadError> {
     let (mut tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     let fetch = async move {
-        let fetched = send_range(gw, header, 0..header.size, &mut tx, None).await;
+        let fetched =
+            send_range(gw, header, 0..header.size, &mut tx, None, Visible::Evidence).await;
         drop(tx); // ends the collection below
         fetched
     };
@@ -151,6 +152,34 @@ pub fn stream_range<S: Store>(
     range: Range<u64>,
     idle: Option<std::time::Duration>,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
+    stream(gw, header, range, idle, Visible::Evidence)
+}
+
+/// [`stream_range`] of a multipart part (`header` made from its record),
+/// which has no manifest: read to complete its upload.
+pub fn stream_part<S: Store>(
+    gw: Arc<Gateway<S>>,
+    header: ManifestHeader,
+    range: Range<u64>,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
+    stream(gw, header, range, None, Visible::Part)
+}
+
+/// What is read: evidence, which stops being readable once expunged, or a
+/// multipart part, which has no manifest to look at.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Visible {
+    Evidence,
+    Part,
+}
+
+fn stream<S: Store>(
+    gw: Arc<Gateway<S>>,
+    header: ManifestHeader,
+    range: Range<u64>,
+    idle: Option<std::time::Duration>,
+    what: Visible,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
     let (mut tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(2);
     // Evidence served is what clients read; the cluster's own reads (a
     // copy, a multipart completion: `idle` None) serve nobody.
@@ -159,7 +188,7 @@ pub fn stream_range<S: Store>(
     let got = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let counted = got.clone();
     tokio::spawn(async move {
-        if let Err(e) = send_range(&gw, &header, range, &mut tx, idle).await {
+        if let Err(e) = send_range(&gw, &header, range, &mut tx, idle, what).await {
             tracing::error!(evidence = %header.evidence, error = %e, "read failed");
             let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
         }
@@ -190,6 +219,7 @@ async fn send_range<S: Store>(
     range: Range<u64>,
     tx: &mut mpsc::Sender<Result<Bytes, std::io::Error>>,
     idle: Option<std::time::Duration>,
+    what: Visible,
 ) -> Result<(), ReadError> {
     if header.size == 0 {
         // No group to check: the root must be that of no bytes.
@@ -237,9 +267,9 @@ async fn send_range<S: Store>(
     let fresh_for = Duration::from_millis(gw.config.repair_old_copy_grace_ms / 4);
     let mut per_txn = FIRST_STRIPES_PER_TXN;
     // Evidence expunged while it streams (its stripe records stay until its
-    // shards are deleted) stops at the next batch. A multipart part, read
-    // to complete its upload, has no manifest of its own to look at.
-    let mut visible = None;
+    // shards are deleted) stops at the next batch, or at the first if it
+    // went since its manifest was read. A multipart part, read to complete
+    // its upload, has no manifest of its own to look at.
     while first < stripes.end {
         let loaded = std::time::Instant::now();
         // A client gone while nothing was sent (a rebuild reading past its
@@ -254,7 +284,7 @@ async fn send_range<S: Store>(
             Ok::<_, schema::SchemaError>((records, visible))
         })
         .await?;
-        if *visible.get_or_insert(now_visible) && !now_visible {
+        if what == Visible::Evidence && !now_visible {
             tracing::info!(%evidence, "evidence expunged while it was read; the read stops");
             return Err(ReadError::Expunged(evidence));
         }

@@ -208,19 +208,10 @@ pub fn spawn_repair_loop<S: Store>(
         let mut cursor = None;
         let mut queue_cursor = None;
         let mut reported = HashSet::new();
-        let mut reported_since = Instant::now();
         loop {
             tokio::select! {
                 _ = gw.repair_wake.notified() => {}
                 _ = tokio::time::sleep(every) => {}
-            }
-            // Forgotten now and then: a shard rebuilt back onto the node
-            // that quarantined it and damaged again has the same key, and
-            // would otherwise be passed over until the gateway restarts
-            // (re-marking the others only has their stripes checked again).
-            if reported_since.elapsed() >= QUARANTINE_REMEMBERED {
-                reported.clear();
-                reported_since = Instant::now();
             }
             match collect_quarantined(&gw, &mut reported).await {
                 n if n > 0 => {
@@ -253,10 +244,6 @@ pub fn spawn_repair_loop<S: Store>(
         }
     })
 }
-
-/// How long [`collect_quarantined`]'s record of the quarantined shards it
-/// handled is kept.
-const QUARANTINE_REMEMBERED: Duration = Duration::from_secs(3600);
 
 /// Asks every healthy node for the shards it quarantined (found corrupt by
 /// its scrubber or on a read) and queues each stripe whose record still
@@ -361,7 +348,8 @@ fn is_gone<S: Store>(gw: &Gateway<S>, n: &NodeView) -> bool {
 /// readable now nor queued for new homes, so nothing is verified about them
 /// until it is back or past its grace (`custodia repair` says so).
 pub fn awaiting_grace<S: Store>(gw: &Gateway<S>, n: &NodeView) -> bool {
-    n.state != NodeHealth::Up && !is_gone(gw, n)
+    // A draining node's stripes are queued to move whatever its health.
+    n.state != NodeHealth::Up && n.lifecycle == Lifecycle::Active && !is_gone(gw, n)
 }
 
 /// Nodes whose shards need new homes: gone past their grace, draining or

@@ -2262,7 +2262,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 let tenant = meta.tenant.clone();
                 let body = futures::stream::iter(chosen.clone())
                     .map(move |p| {
-                        crate::read::stream_range(gw.clone(), part_header(&tenant, &p), 0..p.size, None)
+                        crate::read::stream_part(gw.clone(), part_header(&tenant, &p), 0..p.size)
                     })
                     .flatten();
                 // The filing and the deletion of the parts run to their end in
@@ -2777,9 +2777,6 @@ fn part_header(tenant: &str, p: &ix::PartRecord) -> protocol::ManifestHeader {
     }
 }
 
-/// Deletes a part's shards and forgets the stripes whose shards are gone (a
-/// shard on an unreachable node stays, named by its record, an orphan for
-/// the node-side sweep).
 /// A part number as S3 allows it: 1 to 10000.
 fn part_number(n: i32) -> S3Result<u32> {
     u32::try_from(n)
@@ -2829,8 +2826,8 @@ fn content_range(range: Option<&std::ops::Range<u64>>, size: u64) -> Option<Stri
 
 /// Deletes a part queued for deletion (see `ix::parts_to_delete_tx`): its
 /// shards, then its stripe records, and, once every one is gone, the queue
-/// entry in the same transaction as the last records. What is left (a node
-/// unreachable) the collector finishes.
+/// entry. What is left (a node unreachable) the collector finishes; run
+/// twice, the second finds nothing to delete.
 pub(crate) async fn delete_part<S: Store>(gw: &Gateway<S>, part: EvidenceId) {
     let done = crate::gc::delete_recorded_stripes(gw, part, |tx, gone| async move {
         schema::forget_part_stripes_tx(&tx, part, &gone);

@@ -677,8 +677,9 @@ struct Committer {
 /// arrival lands in the batch being drained and none during its write, so no
 /// estimate would ever form and slack would never be used. With no estimate,
 /// a batch whose every commit has slack is therefore held once in a while
-/// ([`PROBE_EVERY`]) for one write's time (at least [`MIN_HOLD`]) to look
-/// for company: well within the slack its callers granted.
+/// ([`PROBE_EVERY`]) for about one write's time (from [`MIN_HOLD`] to
+/// [`MAX_PROBE`]) to look for company: within the slack its callers
+/// granted, and at most a fraction of a lone caller's time.
 #[derive(Default)]
 struct Arrivals {
     /// The last write's start and end.
@@ -701,9 +702,13 @@ const ARRIVALS_HALF_LIFE: Duration = Duration::from_millis(20);
 /// An estimate older than this (no write or hold since) is forgotten.
 const ARRIVALS_STALE: Duration = Duration::from_secs(1);
 
-/// With no estimate, a batch with slack is held to look for company at most
-/// this often.
+/// With no estimate, a batch with slack is held to look for company at
+/// most this often...
 const PROBE_EVERY: Duration = Duration::from_millis(20);
+
+/// ...and for at most this long (a write's time, on a slow disk whose
+/// writes see arrivals anyway).
+const MAX_PROBE: Duration = Duration::from_millis(5);
 
 /// The shortest hold: the granularity of the runtime timers that wake
 /// callers together. Arrivals come in bursts, so the mean gap within one
@@ -748,8 +753,9 @@ impl Arrivals {
         Duration::try_from_secs_f64(self.watched / self.arrived).ok()
     }
 
-    /// How long to hold a batch, with no estimate, to look for company; None
-    /// when it was done less than [`PROBE_EVERY`] ago.
+    /// How long to hold a batch with no estimate to look for company: about
+    /// one write's time; none when that was done less than [`PROBE_EVERY`]
+    /// ago.
     fn probe(&mut self, now: Instant) -> Option<Duration> {
         if self
             .probed
@@ -758,7 +764,7 @@ impl Arrivals {
             return None;
         }
         self.probed = Some(now);
-        Some(self.last_write.max(MIN_HOLD))
+        Some(self.last_write.clamp(MIN_HOLD, MAX_PROBE))
     }
 }
 
@@ -799,9 +805,11 @@ impl Committer {
             let hold = match self.arrivals.mean_gap() {
                 Some(gap) if gap <= left => gap.saturating_mul(2).max(MIN_HOLD),
                 Some(_) => break,
-                // One probe per hold: what it finds forms the estimate
-                // that later batches are held by.
-                None if !waited => match self.arrivals.probe(now) {
+                // One probe per hold, and only with slack to spare (a
+                // probe used up on a batch that cannot wait would find
+                // nothing): what it finds forms the estimate that later
+                // batches are held by.
+                None if !waited && left > MIN_HOLD => match self.arrivals.probe(now) {
                     Some(hold) => hold,
                     None => break,
                 },
@@ -1032,7 +1040,7 @@ mod tests {
     }
 
     #[test]
-    fn with_no_estimate_a_hold_is_tried_now_and_then_for_at_least_a_tick() {
+    fn with_no_estimate_a_hold_is_tried_now_and_then_for_about_a_write() {
         let mut a = Arrivals::default();
         let now = Instant::now();
         assert_eq!(a.probe(now), Some(MIN_HOLD), "no write seen yet");
@@ -1044,6 +1052,9 @@ mod tests {
             Some(3 * MIN_HOLD),
             "one write's time"
         );
+        a.write = Some((now, now + Duration::from_secs(1)));
+        a.after_write(&[]);
+        assert_eq!(a.probe(now + 2 * PROBE_EVERY), Some(MAX_PROBE), "at most");
     }
 
     #[test]

@@ -441,6 +441,18 @@ impl SegmentLog {
         Ok(Some(loc))
     }
 
+    /// Takes `key`'s record at `loc` out of service in this process only,
+    /// when its tombstone cannot be written (a full disk): reads and
+    /// listings no longer find it, and compaction does not carry it over.
+    /// Until then a restart finds it again (and its check fails again).
+    pub fn forget(&self, key: &ShardKey, loc: Loc) {
+        let mut index = self.write_index();
+        if index.entries.get(&fanout_key(key)) == Some(&loc) {
+            index.entries.remove(&fanout_key(key));
+            index.add_live(loc.seg, -(loc.len as i64));
+        }
+    }
+
     /// A sealed segment worth compacting (live records under half its
     /// length), oldest first.
     ///

@@ -216,9 +216,9 @@ impl Usage {
 pub struct ShardStore {
     root: PathBuf,
     disk_uuid: [u8; 16],
-    /// The data directory and the directories shards live in, as opened
-    /// (device, inode): see [`ShardStore::check_identity`].
-    opened_dirs: Vec<(PathBuf, DirIdentity)>,
+    /// The data directory and the directories shards live in, with the
+    /// device each was on when opened: see [`ShardStore::check_identity`].
+    opened_dirs: Vec<(PathBuf, u64)>,
     /// Shards in their own files (segments count their own).
     usage: Mutex<Usage>,
     key_locks: Vec<Mutex<()>>,
@@ -630,6 +630,22 @@ impl ShardStore {
         limit: usize,
     ) -> Result<(Vec<ShardHeader>, u64), StoreError> {
         let mut damaged = 0;
+        match self.list_counting(after, limit, &mut damaged) {
+            Ok(out) => Ok((out, damaged)),
+            Err(e) => {
+                // What was quarantined before the error still counts.
+                self.listed_corrupt.fetch_add(damaged, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    fn list_counting(
+        &self,
+        after: Option<&ShardKey>,
+        limit: usize,
+        damaged: &mut u64,
+    ) -> Result<Vec<ShardHeader>, StoreError> {
         let mut out = Vec::new();
         let first = after.map_or(0, |k| k.evidence.0[15] as usize);
         for fanout in first..=255usize {
@@ -660,15 +676,15 @@ impl ShardStore {
                     Err(StoreError::NotFound) => {}
                     // Quarantined by `stat` (a torn or truncated file, a
                     // header naming another shard): counted, then absent.
-                    Err(StoreError::Corrupt(_)) => damaged += 1,
+                    Err(StoreError::Corrupt(_)) => *damaged += 1,
                     Err(e) => return Err(e),
                 }
                 if out.len() >= limit {
-                    return Ok((out, damaged));
+                    return Ok(out);
                 }
             }
         }
-        Ok((out, damaged))
+        Ok(out)
     }
 
     /// The keys of quarantined shards after `after`, in key order, at most
@@ -693,9 +709,8 @@ impl ShardStore {
         Ok(keys.into_iter().take(limit).collect())
     }
 
-    /// Identity, capacity and usage.
-    /// Whether the data directory is still the one opened: the same
-    /// directories (device and inode) holding the same `disk.uuid`. A
+    /// Whether the data directory is still the one opened: its directories
+    /// there, on the devices they were on, and `disk.uuid` the same. A
     /// directory wiped or replaced under the running node, or a file system
     /// unmounted from under it (writes then land on the one beneath), fails
     /// with [`StoreError::DiskChanged`]: what this process holds open and
@@ -710,7 +725,7 @@ impl ShardStore {
                 Ok(now) if now == *opened => {}
                 Ok(_) => {
                     return Err(StoreError::DiskChanged(format!(
-                        "{} is another directory than the one opened",
+                        "{} is on another device than when opened",
                         dir.display()
                     )))
                 }
@@ -741,6 +756,7 @@ impl ShardStore {
         Ok(())
     }
 
+    /// Identity, capacity and usage.
     pub fn info(&self) -> Result<StoreInfo, StoreError> {
         let vfs = rustix::fs::statvfs(&self.root).map_err(io::Error::from)?;
         let small = self.log.usage();
@@ -921,8 +937,16 @@ impl ShardStore {
             tracing::warn!(shard = %key, "no room for a forensic copy of a corrupt shard; quarantining its name only");
             write(&[])
         });
-        if let Err(e) = copied.and_then(|_| self.log.delete(key, Some(loc))) {
+        if let Err(e) = copied {
             tracing::warn!(shard = %key, error = %e, "could not quarantine corrupt shard");
+            return StoreError::Corrupt(*key);
+        }
+        if let Err(e) = self.log.delete(key, Some(loc)) {
+            // Its name is in quarantine: out of service now, found (and
+            // quarantined again) after a restart if no tombstone gets
+            // written meanwhile.
+            tracing::warn!(shard = %key, error = %e, "could not write a corrupt shard's tombstone; dropping it from service until restart");
+            self.log.forget(key, loc);
         }
         StoreError::Corrupt(*key)
     }
@@ -1335,16 +1359,14 @@ fn file_len(path: &Path) -> io::Result<Option<u64>> {
     }
 }
 
-/// A directory's identity: device, inode, and birth time where the file
-/// system keeps one (an inode freed by a deletion is often the next one
-/// made, so a directory removed and made again can have the same number).
-fn dir_identity(dir: &Path) -> io::Result<DirIdentity> {
+/// The device a directory is on. Inode numbers are not compared: some file
+/// systems do not keep them stable (FUSE without `use_ino`, CIFS with
+/// `noserverino`, overlayfs without `xino`), and a healthy node must not be
+/// stopped for that.
+fn dir_identity(dir: &Path) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
-    let m = fs::metadata(dir)?;
-    Ok((m.dev(), m.ino(), m.created().ok()))
+    Ok(fs::metadata(dir)?.dev())
 }
-
-type DirIdentity = (u64, u64, Option<std::time::SystemTime>);
 
 fn read_or_mint_disk_uuid(root: &Path) -> Result<[u8; 16], StoreError> {
     let path = root.join(DISK_UUID_FILE);
@@ -2213,8 +2235,7 @@ mod tests {
         let dir = parent.path().join("node2");
         let store = ShardStore::open(&dir).unwrap();
         fs::remove_dir_all(dir.join(SHARDS_DIR)).unwrap();
-        fs::create_dir(dir.join(SHARDS_DIR)).unwrap();
-        assert!(changed(&store), "shards directory replaced");
+        assert!(changed(&store), "shards directory gone");
         // Another disk's identity written over this one's.
         let dir = parent.path().join("node3");
         let store = ShardStore::open(&dir).unwrap();
