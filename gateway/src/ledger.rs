@@ -700,8 +700,9 @@ async fn put_durably(
 /// mean that another tree was published at the same indexes, by another
 /// index publishing into the same place or by this one after a rollback, and
 /// publication stops with [`LedgerError::Forked`] rather than overwrite what
-/// monitors and receipt holders already fetched. A bucket that takes no
-/// conditional writes (or a transient failure) is read first instead.
+/// monitors and receipt holders already fetched. A transient failure is
+/// tried again; a bucket that keeps refusing the conditional write is read
+/// first instead (which two publishers could race).
 async fn put_immutable(
     store: &Arc<dyn ObjectStore>,
     dir: Option<PathBuf>,
