@@ -321,7 +321,8 @@ pub struct Ledger {
     tsa: Option<Tsa>,
 }
 
-/// An archive path from a name this module made (or listed).
+/// A path in the tiles or openings store from a name this module made (or
+/// listed).
 fn store_path(name: &str) -> Result<StorePath, LedgerError> {
     StorePath::parse(name).map_err(|e| LedgerError::Tree(e.to_string()))
 }
@@ -599,7 +600,7 @@ impl Ledger {
 
     /// Reads a published file for `recover-index` (`None`: no such file).
     pub async fn read_tile_file(&self, path: &str) -> Result<Option<bytes::Bytes>, LedgerError> {
-        let path = StorePath::parse(path).map_err(|e| LedgerError::Tree(e.to_string()))?;
+        let path = store_path(path)?;
         match self.tiles.get(&path).await {
             Ok(got) => Ok(Some(got.bytes().await?)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -685,7 +686,7 @@ async fn put_durably(
         return Ok(());
     }
     let puts = files.into_iter().map(|(path, bytes)| async move {
-        let path = StorePath::parse(&path).map_err(|e| LedgerError::Tree(e.to_string()))?;
+        let path = store_path(&path)?;
         store.put(&path, PutPayload::from(bytes)).await?;
         Ok::<_, LedgerError>(())
     });
@@ -713,11 +714,10 @@ async fn put_immutable(
         return Ok(());
     }
     let puts = files.into_iter().map(|(name, bytes)| async move {
-        let path = StorePath::parse(&name).map_err(|e| LedgerError::Tree(e.to_string()))?;
+        let path = store_path(&name)?;
         let bytes = bytes::Bytes::from(bytes);
-        let mut created = store
-            .put_opts(&path, PutPayload::from(bytes.clone()), PutMode::Create.into())
-            .await;
+        let create = || store.put_opts(&path, PutPayload::from(bytes.clone()), PutMode::Create.into());
+        let mut created = create().await;
         // A transient failure (a 503, a reset) is tried again as it was: only
         // a store that keeps refusing a conditional write is read first
         // instead, which two publishers could race.
@@ -726,9 +726,7 @@ async fn put_immutable(
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(200 << retry)).await;
-            created = store
-                .put_opts(&path, PutPayload::from(bytes.clone()), PutMode::Create.into())
-                .await;
+            created = create().await;
         }
         let existing = match created {
             Ok(_) => return Ok(()),

@@ -322,13 +322,17 @@ impl TestCluster {
         Ok(format!("http://{addr}/metrics"))
     }
 
+    /// A Prometheus text page, as fetched.
+    pub fn metrics_page(&self, url: &str) -> Result<String> {
+        Ok(self.agent.get(url).call()?.body_mut().read_to_string()?)
+    }
+
     /// One sample of a metric from a Prometheus text page: the first line
     /// whose name is `series`, or whose labels begin with those `series`
     /// gives (`name{a="x",` matches `name{a="x",b="y"}`).
     pub fn metric(&self, url: &str, series: &str) -> Result<f64> {
-        let mut resp = self.agent.get(url).call()?;
-        let text = resp.body_mut().read_to_string()?;
-        text.lines()
+        self.metrics_page(url)?
+            .lines()
             .filter(|l| !l.starts_with('#'))
             .find_map(|l| {
                 let (name, value) = l.rsplit_once(' ')?;

@@ -503,10 +503,7 @@ fn with_nowhere_to_rebuild_a_pass_reads_nothing() -> Result<()> {
             let url = c.node_metrics_url(node)?;
             let page = (0..5)
                 .find_map(|_| {
-                    let got = ureq::get(&url)
-                        .call()
-                        .ok()
-                        .and_then(|mut r| r.body_mut().read_to_string().ok());
+                    let got = c.metrics_page(&url).ok();
                     if got.is_none() {
                         std::thread::sleep(std::time::Duration::from_millis(200));
                     }
