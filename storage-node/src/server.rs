@@ -238,7 +238,9 @@ pub async fn serve(
         addr: config.listen,
         source,
     };
-    let endpoint = crate::udp::endpoint(config.listen, Some(server_config)).map_err(bind)?;
+    let endpoint_config = tls::endpoint_config(&config.tls)?;
+    let endpoint = crate::udp::endpoint(config.listen, Some((endpoint_config, server_config)))
+        .map_err(bind)?;
     let local_addr = endpoint.local_addr().map_err(bind)?;
     let state = Arc::new(NodeState {
         store: store.clone(),

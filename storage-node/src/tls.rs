@@ -285,6 +285,46 @@ pub fn server_config(files: &TlsFiles) -> Result<quinn::ServerConfig, TlsError> 
     Ok(config)
 }
 
+/// A node's QUIC endpoint configuration: its stateless-reset key, and the
+/// key its connection IDs are checked with, are derived from the node's
+/// private key, so they are the same after the node restarts.
+///
+/// A node killed and started again has none of its old connections. A
+/// gateway's next packet on one is answered with a stateless reset (RFC 9000
+/// §10.3), which the gateway accepts only if its token was made with the key
+/// the old process used. With quinn's default (a random key per process) the
+/// gateway ignores it, and its requests on the old connection wait for a
+/// liveness check to fail; the node is then marked down until the next probe.
+/// With a key that outlives the process, the first request fails at once as
+/// a reset connection and is retried on a new one ([`crate::NodeClient`]
+/// retries a lost cached connection once). An endpoint answers only packets
+/// whose connection ID it could have issued (quinn's hashed IDs), so the ID
+/// key has to outlive the process too, or the old IDs are dropped unanswered.
+///
+/// The key must stay secret (anyone holding it can reset the node's
+/// connections), which is why it comes from the node's private key and not
+/// from anything public about the node.
+pub fn endpoint_config(files: &TlsFiles) -> Result<quinn::EndpointConfig, TlsError> {
+    let m = files.load()?;
+    let derived = blake3::derive_key(
+        "custodia 2026-12 storage node QUIC stateless reset key",
+        m.key.secret_der(),
+    );
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &derived);
+    let mut config = quinn::EndpointConfig::new(Arc::new(key));
+    let cids = blake3::derive_key(
+        "custodia 2026-12 storage node QUIC connection ID key",
+        m.key.secret_der(),
+    );
+    let cid_key = u64::from_le_bytes([
+        cids[0], cids[1], cids[2], cids[3], cids[4], cids[5], cids[6], cids[7],
+    ]);
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    Ok(config)
+}
+
 /// An HTTPS server configuration (the S3 API): presents `cert` (a PEM chain)
 /// with `key`; clients are authenticated by SigV4, not certificates. TLS 1.2
 /// and 1.3, since S3 clients in the field still speak 1.2; HTTP/1.1 only.

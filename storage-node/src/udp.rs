@@ -16,20 +16,21 @@ use std::sync::Arc;
 /// Receive and send buffer asked for on every QUIC socket.
 pub const BUFFER_BYTES: usize = 8 << 20;
 
-/// A QUIC endpoint bound to `addr`: a server when `server` is given, else a
-/// client (set its default client config before connecting). An IPv6
-/// socket is dual-stack, as `quinn::Endpoint::client` makes it, so it also
-/// reaches IPv4-mapped addresses.
+/// A QUIC endpoint bound to `addr`: a server when `server` is given (with
+/// the endpoint configuration [`crate::tls::endpoint_config`] gives, whose
+/// stateless-reset key outlives the process), else a client (set its default
+/// client config before connecting). An IPv6 socket is dual-stack, as
+/// `quinn::Endpoint::client` makes it, so it also reaches IPv4-mapped
+/// addresses.
 pub fn endpoint(
     addr: SocketAddr,
-    server: Option<quinn::ServerConfig>,
+    server: Option<(quinn::EndpointConfig, quinn::ServerConfig)>,
 ) -> std::io::Result<quinn::Endpoint> {
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server,
-        bind(addr)?,
-        Arc::new(quinn::TokioRuntime),
-    )
+    let (config, server) = match server {
+        Some((config, server)) => (config, Some(server)),
+        None => (quinn::EndpointConfig::default(), None),
+    };
+    quinn::Endpoint::new(config, server, bind(addr)?, Arc::new(quinn::TokioRuntime))
 }
 
 /// A UDP socket bound to `addr` with [`size_buffers`]; dual-stack if IPv6.

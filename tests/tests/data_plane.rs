@@ -620,6 +620,46 @@ fn a_read_that_hedges_past_a_dead_node_has_it_marked_down() -> Result<()> {
     Ok(())
 }
 
+/// A node killed and started again on its address is used by the next read
+/// as if nothing happened: the first packet the gateway sends it on the old
+/// connection is answered with a stateless reset that the gateway trusts
+/// (the node's reset key is derived from its private key, so it outlives the
+/// process), and the request is retried on a new connection at once. Before,
+/// the gateway ignored the new process's reset, waited out a liveness check
+/// and marked the node down until its next probe, reading around a node
+/// that was up. The prober is slowed to a minute, so only reads move the
+/// node's state.
+#[test]
+fn a_node_restarted_after_kill_9_is_reconnected_at_once() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.set_gateway(&[("node_probe_interval_ms", toml::Value::Integer(60_000))])?;
+    let data = bytes(40 * STRIPE, 22);
+    let id = c.file(&data)?["id"].as_str().unwrap_or_default().to_owned();
+    let state = |c: &TestCluster| -> Result<String> {
+        let out = c.cli(&["status", "--json"])?;
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        Ok(s["nodes"][3]["state"].as_str().unwrap_or("?").to_owned())
+    };
+    // Every node has a connection open from the gateway.
+    assert!(c.read(&id)? == data, "read back different bytes");
+    c.kill_node(3);
+    c.start_node_and_wait(3)?;
+    assert!(c.read(&id)? == data, "read back different bytes");
+    // The restarted process served some of it (its counters start at 0).
+    let url = c.node_metrics_url(3).expect("node 3 exports metrics");
+    assert!(
+        c.metric(&url, "custodia_node_shards_read_total")? >= 1.0,
+        "the read did not reach the restarted node"
+    );
+    let log = std::fs::read_to_string(c.dir.path().join("gateway.log"))?;
+    assert!(
+        !log.contains("did not answer a liveness check"),
+        "the restarted node's reset was not trusted: a liveness check ran out"
+    );
+    assert_eq!(state(&c)?, "up", "the restarted node was marked down");
+    Ok(())
+}
+
 /// Connects and sends the head of an evidence upload of `len` bytes, over
 /// raw HTTP/1.1 so that the test can cut, stall or trickle the body.
 fn raw_upload(c: &TestCluster, len: usize, close: bool) -> Result<std::net::TcpStream> {
