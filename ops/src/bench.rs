@@ -149,7 +149,7 @@ async fn quic_bulk_run(dir: &Path, sized: bool) -> Result<(f64, f64)> {
     let local: std::net::SocketAddr = ([127, 0, 0, 1], 0).into();
     let server_config = storage_node::tls::server_config(&files[0])?;
     let server = if sized {
-        let endpoint_config = storage_node::tls::endpoint_config(&files[0])?;
+        let endpoint_config = storage_node::tls::endpoint_config(&files[0], protocol::NodeId(0))?;
         storage_node::udp::endpoint(local, Some((endpoint_config, server_config)))?
     } else {
         quinn::Endpoint::server(server_config, local)?

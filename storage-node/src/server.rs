@@ -238,7 +238,7 @@ pub async fn serve(
         addr: config.listen,
         source,
     };
-    let endpoint_config = tls::endpoint_config(&config.tls)?;
+    let endpoint_config = tls::endpoint_config(&config.tls, config.node_id)?;
     let endpoint = crate::udp::endpoint(config.listen, Some((endpoint_config, server_config)))
         .map_err(bind)?;
     let local_addr = endpoint.local_addr().map_err(bind)?;

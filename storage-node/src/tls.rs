@@ -286,8 +286,8 @@ pub fn server_config(files: &TlsFiles) -> Result<quinn::ServerConfig, TlsError> 
 }
 
 /// A node's QUIC endpoint configuration: its stateless-reset key, and the
-/// key its connection IDs are checked with, are derived from the node's
-/// private key, so they are the same after the node restarts.
+/// key its connection IDs are tagged with, are derived from the node's
+/// private key and id, so they are the same after the node restarts.
 ///
 /// A node killed and started again has none of its old connections. A
 /// gateway's next packet on one is answered with a stateless reset (RFC 9000
@@ -298,31 +298,93 @@ pub fn server_config(files: &TlsFiles) -> Result<quinn::ServerConfig, TlsError> 
 /// With a key that outlives the process, the first request fails at once as
 /// a reset connection and is retried on a new one ([`crate::NodeClient`]
 /// retries a lost cached connection once). An endpoint answers only packets
-/// whose connection ID it could have issued (quinn's hashed IDs), so the ID
-/// key has to outlive the process too, or the old IDs are dropped unanswered.
+/// whose connection ID it could have issued ([`TaggedCids`]), so the ID key
+/// has to outlive the process too, or the old IDs are dropped unanswered.
 ///
-/// The key must stay secret (anyone holding it can reset the node's
-/// connections), which is why it comes from the node's private key and not
-/// from anything public about the node.
-pub fn endpoint_config(files: &TlsFiles) -> Result<quinn::EndpointConfig, TlsError> {
+/// The keys must stay secret (anyone holding the reset key can reset the
+/// node's connections), which is why they come from the node's private key
+/// and not from anything public about it. The node's id goes in too, so
+/// nodes configured with one key file between them still reset only their
+/// own connections (RFC 9000 §10.3.2).
+pub fn endpoint_config(
+    files: &TlsFiles,
+    node: protocol::NodeId,
+) -> Result<quinn::EndpointConfig, TlsError> {
     let m = files.load()?;
-    let derived = blake3::derive_key(
-        "custodia 2026-12 storage node QUIC stateless reset key",
-        m.key.secret_der(),
-    );
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &derived);
+    let derive = |context: &str| {
+        let mut h = blake3::Hasher::new_derive_key(context);
+        h.update(m.key.secret_der());
+        h.update(&node.0.to_le_bytes());
+        *h.finalize().as_bytes()
+    };
+    let reset = derive("custodia 2026-12 storage node QUIC stateless reset key");
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset);
     let mut config = quinn::EndpointConfig::new(Arc::new(key));
-    let cids = blake3::derive_key(
-        "custodia 2026-12 storage node QUIC connection ID key",
-        m.key.secret_der(),
-    );
-    let cid_key = u64::from_le_bytes([
-        cids[0], cids[1], cids[2], cids[3], cids[4], cids[5], cids[6], cids[7],
-    ]);
-    config.cid_generator(move || {
-        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-    });
+    let cids = TaggedCids {
+        key: derive("custodia 2026-12 storage node QUIC connection ID key"),
+    };
+    config.cid_generator(move || Box::new(cids.clone()));
     Ok(config)
+}
+
+/// Connection IDs of [`CID_RANDOM`] random bytes and a [`CID_TAG`]-byte
+/// keyed-BLAKE3 tag of them: an endpoint answers (with a stateless reset)
+/// only IDs it could have issued, under a key that outlives the process.
+///
+/// Not quinn's `HashedConnectionIdGenerator`: its IDs carry a 3-byte nonce
+/// and a non-cryptographic tag, so with a key kept across restarts the IDs
+/// (and the reset tokens they reveal) would repeat, and could be forged and
+/// harvested; here neither can be, as RFC 9000 §10.3.2 asks.
+#[derive(Clone)]
+struct TaggedCids {
+    key: [u8; 32],
+}
+
+const CID_RANDOM: usize = 8;
+const CID_TAG: usize = 8;
+
+impl TaggedCids {
+    fn tag(&self, random: &[u8]) -> [u8; CID_TAG] {
+        let mut tag = [0u8; CID_TAG];
+        tag.copy_from_slice(&blake3::keyed_hash(&self.key, random).as_bytes()[..CID_TAG]);
+        tag
+    }
+}
+
+impl quinn_proto::ConnectionIdGenerator for TaggedCids {
+    fn generate_cid(&mut self) -> quinn_proto::ConnectionId {
+        let random: [u8; CID_RANDOM] = rand::random();
+        let mut cid = [0u8; CID_RANDOM + CID_TAG];
+        cid[..CID_RANDOM].copy_from_slice(&random);
+        cid[CID_RANDOM..].copy_from_slice(&self.tag(&random));
+        quinn_proto::ConnectionId::new(&cid)
+    }
+
+    fn validate(&self, cid: &quinn_proto::ConnectionId) -> Result<(), quinn_proto::InvalidCid> {
+        if cid.len() != CID_RANDOM + CID_TAG {
+            return Err(quinn_proto::InvalidCid);
+        }
+        let (random, tag) = cid.split_at(CID_RANDOM);
+        // Compared in constant time: a packet's fate must not say how much
+        // of a guessed tag was right.
+        let differs = self
+            .tag(random)
+            .iter()
+            .zip(tag)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        match differs {
+            0 => Ok(()),
+            _ => Err(quinn_proto::InvalidCid),
+        }
+    }
+
+    fn cid_len(&self) -> usize {
+        CID_RANDOM + CID_TAG
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// An HTTPS server configuration (the S3 API): presents `cert` (a PEM chain)
@@ -364,9 +426,9 @@ pub fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig, TlsError> 
 /// open, and the idle timeout finds dead peers.
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    // A node killed without closing its connections (or restarted on the same
-    // port, whose new endpoint cannot reset the old connection) is found dead
-    // after the idle timeout; keep-alives keep live idle connections open.
+    // A node killed without closing its connections is found dead after the
+    // idle timeout (one restarted on its port resets them at once: see
+    // `endpoint_config`); keep-alives keep live idle connections open.
     t.keep_alive_interval(Some(Duration::from_secs(2)));
     // 10 s always fits a QUIC idle timeout (a VarInt of milliseconds).
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(10)) {
@@ -383,6 +445,33 @@ fn transport() -> Arc<quinn::TransportConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A restarted node (same key) accepts the IDs its previous process
+    /// issued, and nothing else: not a tampered ID, not another key's.
+    #[test]
+    fn connection_ids_are_recognised_across_restarts_and_unforgeable() {
+        use quinn_proto::ConnectionIdGenerator;
+        let mut before = TaggedCids { key: [7; 32] };
+        let after = TaggedCids { key: [7; 32] };
+        let other = TaggedCids { key: [8; 32] };
+        let ids: Vec<_> = (0..64).map(|_| before.generate_cid()).collect();
+        for id in &ids {
+            assert_eq!(id.len(), before.cid_len());
+            assert!(after.validate(id).is_ok());
+            assert!(other.validate(id).is_err());
+            for at in [0, CID_RANDOM - 1, CID_RANDOM, CID_RANDOM + CID_TAG - 1] {
+                let mut bytes = id.to_vec();
+                bytes[at] ^= 1;
+                let tampered = quinn_proto::ConnectionId::new(&bytes);
+                assert!(after.validate(&tampered).is_err(), "byte {at} flipped");
+            }
+        }
+        let distinct: std::collections::HashSet<Vec<u8>> = ids.iter().map(|i| i.to_vec()).collect();
+        assert_eq!(distinct.len(), ids.len(), "IDs repeat");
+        assert!(after
+            .validate(&quinn_proto::ConnectionId::new(&[0; 8]))
+            .is_err());
+    }
 
     #[test]
     fn a_ca_survives_pem_and_issues_loadable_leaves() {
