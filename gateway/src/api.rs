@@ -134,24 +134,34 @@ pub struct RunningGateway {
     /// Where Prometheus scrapes `/metrics`, when configured.
     pub metrics_addr: Option<SocketAddr>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The S3 API's accept loop, when it runs.
+    s3: Option<tokio::task::JoinHandle<()>>,
+    /// Tells both APIs to stop accepting and drain ([`Self::shutdown`]).
+    stop: Stopper,
     background: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl RunningGateway {
-    /// Waits until the server stops (it does not, unless it fails).
-    pub async fn wait(self) -> std::io::Result<()> {
-        let r = self
-            .server
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    /// Stops cleanly: both APIs stop accepting connections at once, let
+    /// the requests under way finish (an evidence upload streaming its body
+    /// included) for up to `shutdown_grace_ms`, and close every connection
+    /// as its response ends; then the background work stops. A request
+    /// still running when the grace ends is cut off as by a crash (nothing
+    /// of an unacknowledged filing becomes visible).
+    pub async fn shutdown(self) {
+        self.stop.stop();
+        let _ = self.server.await;
+        if let Some(s3) = self.s3 {
+            let _ = s3.await;
+        }
         for b in self.background {
             b.abort();
         }
-        r
     }
 
-    /// Waits until the server stops (it does not, unless it fails), and
-    /// says why; the gateway is still to be stopped with [`Self::abort`].
+    /// Waits until the evidence API stops (it does not, unless it fails or
+    /// is shut down), and says why; the gateway is still to be stopped
+    /// with [`Self::abort`].
     pub async fn stopped(&mut self) -> std::io::Error {
         match (&mut self.server).await {
             Ok(Ok(())) => std::io::Error::other("the server stopped"),
@@ -162,8 +172,76 @@ impl RunningGateway {
 
     pub fn abort(self) {
         self.server.abort();
-        for b in self.background {
+        for b in self.s3.into_iter().chain(self.background) {
             b.abort();
+        }
+    }
+}
+
+/// Tells the APIs' accept loops to stop (see [`RunningGateway::shutdown`]).
+#[derive(Clone)]
+pub(crate) struct Stopper(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Stopper {
+    fn new() -> Self {
+        Stopper(Arc::new(tokio::sync::watch::Sender::new(false)))
+    }
+
+    fn stop(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// The accept loops' side: [`Drain::stopped`].
+    pub(crate) fn drain(&self, api: &'static str, grace: Duration) -> Drain {
+        Drain {
+            stop: self.0.subscribe(),
+            graceful: hyper_util::server::graceful::GracefulShutdown::new(),
+            api,
+            grace,
+        }
+    }
+}
+
+/// One API's connections, for a clean stop: each connection is watched, and
+/// once told to stop, each finishes the request it serves and closes.
+pub(crate) struct Drain {
+    stop: tokio::sync::watch::Receiver<bool>,
+    graceful: hyper_util::server::graceful::GracefulShutdown,
+    api: &'static str,
+    grace: Duration,
+}
+
+impl Drain {
+    /// Resolves once the gateway is told to stop (never before).
+    pub(crate) async fn stopped(&mut self) {
+        let _ = self.stop.wait_for(|stop| *stop).await;
+    }
+
+    /// A connection accepted now, to be served under [`Self::finish`]'s watch.
+    pub(crate) fn watcher(&self) -> hyper_util::server::graceful::Watcher {
+        self.graceful.watcher()
+    }
+
+    /// Has every connection finish its request and close, waiting up to the
+    /// grace period for them; call once the listener is closed.
+    pub(crate) async fn finish(self) {
+        let open = self.graceful.count();
+        if open > 0 {
+            tracing::info!(
+                api = self.api,
+                connections = open,
+                grace_ms = self.grace.as_millis() as u64,
+                "letting the requests under way finish"
+            );
+        }
+        if tokio::time::timeout(self.grace, self.graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                api = self.api,
+                "requests still running at the end of shutdown_grace_ms are cut off"
+            );
         }
     }
 }
@@ -397,6 +475,8 @@ pub async fn serve<S: Store>(
     let witnessing = crate::ledger::spawn_witnessing(gw.clone());
     let timestamping = crate::ledger::spawn_timestamping(gw.clone());
     let s3_journal = crate::s3_journal::spawn(gw.clone());
+    let stop = Stopper::new();
+    let grace = Duration::from_millis(gw.config.shutdown_grace_ms);
     let s3 = match gw.config.s3_listen {
         None => None,
         Some(addr) => Some(
@@ -405,6 +485,7 @@ pub async fn serve<S: Store>(
                 addr,
                 gw.config.s3_domain.as_deref(),
                 gw.config.s3_tls.as_ref(),
+                stop.drain("S3", grace),
             )
             .await
             .map_err(|source| StartError::Listen { addr, source })?,
@@ -430,13 +511,16 @@ pub async fn serve<S: Store>(
     ));
     let app = router(gw);
     let https = tls.is_some();
-    let server = tokio::spawn(serve_api(listener, app, tls, http));
+    let drain = stop.drain("evidence", grace);
+    let server = tokio::spawn(serve_api(listener, app, tls, http, drain));
     tracing::info!(%local_addr, https, "evidence API listening");
     Ok(RunningGateway {
         local_addr,
         s3_addr,
         metrics_addr,
         server,
+        s3: s3.map(|(_, task)| task),
+        stop,
         background: [
             prober,
             gc,
@@ -450,7 +534,6 @@ pub async fn serve<S: Store>(
         .chain(witnessing)
         .chain(timestamping)
         .chain(s3_journal)
-        .chain(s3.map(|(_, task)| task))
         .chain(metrics.map(|(_, task)| task))
         .collect(),
     })
@@ -476,15 +559,21 @@ pub(crate) fn http1(head_timeout: Duration) -> hyper::server::conn::http1::Build
 }
 
 /// Serves the evidence API over HTTP/1.1 (over TLS with `tls`): what
-/// `axum::serve` does, with [`http1`]'s limits.
+/// `axum::serve` does, with [`http1`]'s limits; until told to stop, then
+/// drains (see [`RunningGateway::shutdown`]).
 async fn serve_api(
     listener: tokio::net::TcpListener,
     app: Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
     http: hyper::server::conn::http1::Builder,
+    mut drain: Drain,
 ) -> std::io::Result<()> {
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = drain.stopped() => break,
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             // A connection reset before it was accepted is nothing to wait for.
             Err(e)
@@ -509,18 +598,19 @@ async fn serve_api(
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let (http, tls) = (http.clone(), tls.clone());
+        let (http, tls, watcher) = (http.clone(), tls.clone(), drain.watcher());
         tokio::spawn(async move {
             let ended = match tls {
                 None => {
-                    http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await
+                    let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                    watcher.watch(conn).await
                 }
                 Some(acceptor) => {
                     match tls_handshake(&acceptor, stream, peer, "evidence API").await {
                         Some(tls) => {
-                            http.serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                                .await
+                            let conn =
+                                http.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+                            watcher.watch(conn).await
                         }
                         None => return,
                     }
@@ -531,6 +621,9 @@ async fn serve_api(
             }
         });
     }
+    drop(listener);
+    drain.finish().await;
+    Ok(())
 }
 
 /// Longest a client may take over its TLS handshake.

@@ -99,6 +99,12 @@ pub struct GatewayConfig {
     /// cluster's own reads and copies have no such limit.
     #[serde(default = "default_client_idle_timeout")]
     pub client_idle_timeout_ms: u64,
+    /// How long a gateway told to stop (SIGTERM, Ctrl-C) lets the requests
+    /// under way finish, an upload's body included, after it stops
+    /// accepting connections; what still runs then is cut off. A supervisor
+    /// should wait longer than this before it kills the gateway.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_ms: u64,
     /// The notarization ledger; without it filings get no receipts.
     #[serde(default)]
     pub ledger: Option<crate::ledger::LedgerConfig>,
@@ -214,6 +220,9 @@ fn default_pipeline() -> usize {
 }
 fn default_hedge() -> u64 {
     250
+}
+fn default_shutdown_grace() -> u64 {
+    20_000
 }
 fn default_lease() -> u64 {
     120_000

@@ -73,11 +73,12 @@ impl<S: Store + 'static> s3s::auth::S3Auth for Auth<S> {
 
 /// Starts the S3 API on `listen` (HTTPS only when `tls` is given); returns
 /// the bound address and the task.
-pub async fn serve<S: Store + 'static>(
+pub(crate) async fn serve<S: Store + 'static>(
     gw: Arc<Gateway<S>>,
     listen: SocketAddr,
     domain: Option<&str>,
     tls: Option<&crate::config::ServerTlsPaths>,
+    mut drain: crate::api::Drain,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let acceptor = match tls {
         None => None,
@@ -110,7 +111,11 @@ pub async fn serve<S: Store + 'static>(
     let service = builder.build();
     let task = tokio::spawn(async move {
         loop {
-            let (stream, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = drain.stopped() => break,
+            };
+            let (stream, peer) = match accepted {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "S3 accept failed");
@@ -170,18 +175,20 @@ pub async fn serve<S: Store + 'static>(
                         resp
                     }
                 });
-            let (acceptor, http) = (acceptor.clone(), http.clone());
+            let (acceptor, http, watcher) = (acceptor.clone(), http.clone(), drain.watcher());
             tokio::spawn(async move {
                 let ended = match acceptor {
                     None => {
-                        http.serve_connection(hyper_util::rt::TokioIo::new(stream), counted)
-                            .await
+                        let conn =
+                            http.serve_connection(hyper_util::rt::TokioIo::new(stream), counted);
+                        watcher.watch(conn).await
                     }
                     Some(acceptor) => {
                         match crate::api::tls_handshake(&acceptor, stream, peer, "S3").await {
                             Some(tls) => {
-                                http.serve_connection(hyper_util::rt::TokioIo::new(tls), counted)
-                                    .await
+                                let conn = http
+                                    .serve_connection(hyper_util::rt::TokioIo::new(tls), counted);
+                                watcher.watch(conn).await
                             }
                             None => return,
                         }
@@ -192,6 +199,8 @@ pub async fn serve<S: Store + 'static>(
                 }
             });
         }
+        drop(listener);
+        drain.finish().await;
     });
     tracing::info!(%addr, https = tls.is_some(), "S3 API listening");
     Ok((addr, task))

@@ -110,10 +110,12 @@ fn s3_scheme(cluster: &Cluster) -> &'static str {
 }
 
 pub async fn run_gateway(data_dir: &Path) -> Result<()> {
-    let stop = stop_requested();
+    let mut stop = StopSignals::new().context("catching SIGINT and SIGTERM")?;
     let _lock = cluster::lock_data_dir(data_dir)?;
     let cluster = Cluster::load(data_dir)?;
-    let gw = start_gateway(&cluster).await?;
+    // A signal during the start is kept for the wait below: the start (its
+    // migrations included) is not cut short.
+    let mut gw = start_gateway(&cluster).await?;
     println!("evidence API: {}://{}", api_scheme(&cluster), gw.local_addr);
     if let Some(a) = gw.s3_addr {
         println!("S3 API: {}://{a}", s3_scheme(&cluster));
@@ -122,10 +124,23 @@ pub async fn run_gateway(data_dir: &Path) -> Result<()> {
         println!("metrics: http://{a}/metrics");
     }
     tokio::select! {
-        r = gw.wait() => r.context("the evidence API stopped")?,
-        () = stop => tracing::info!("stopping"),
+        e = gw.stopped() => {
+            gw.abort();
+            return Err(anyhow::Error::from(e).context("the evidence API stopped"));
+        }
+        () = stop.recv() => tracing::info!("stopping"),
     }
+    drain(gw, &mut stop).await;
     Ok(())
+}
+
+/// Stops the gateway cleanly ([`gateway::RunningGateway::shutdown`]: the
+/// requests under way finish first), or at once on a second signal.
+async fn drain(gw: gateway::RunningGateway, stop: &mut StopSignals) {
+    tokio::select! {
+        () = gw.shutdown() => tracing::info!("gateway stopped"),
+        () = stop.recv() => tracing::warn!("asked again: stopping without waiting for the requests under way"),
+    }
 }
 
 /// Waits until every node answers over QUIC, so the gateway starts with a full
@@ -337,19 +352,24 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
     }
     println!("Press Ctrl-C to stop.");
     let mut exited = Box::pin(first_exit(&mut children));
-    let failed = tokio::select! {
+    let (failed, gateway_failed) = tokio::select! {
         // Asked to stop: that, whatever else ends at the same moment.
         biased;
-        _ = stop.recv() => None,
-        e = gw.stopped() => Some(anyhow::Error::from(e).context("the evidence API stopped")),
-        (i, status) = &mut exited => Some(anyhow::anyhow!(
+        _ = stop.recv() => (None, false),
+        e = gw.stopped() => (Some(anyhow::Error::from(e).context("the evidence API stopped")), true),
+        (i, status) = &mut exited => (Some(anyhow::anyhow!(
             "node {} exited ({status}); see its node.log; stopping the cluster",
             cluster.nodes.get(i).map_or(i, |n| n.id as usize)
-        )),
+        )), false),
     };
     drop(exited);
-    // The gateway first, so nothing is filed to nodes that are stopping.
-    gw.abort();
+    // The gateway first, so nothing is filed to nodes that are stopping;
+    // the requests under way finish while the nodes still run.
+    if gateway_failed {
+        gw.abort();
+    } else {
+        drain(gw, &mut stop).await;
+    }
     stop_children(&mut children).await;
     match failed {
         Some(e) => Err(e),

@@ -311,6 +311,16 @@ impl TestCluster {
         Ok(())
     }
 
+    /// Node `i`'s QUIC address (`IP:PORT`), as the gateway reaches it.
+    pub fn node_addr(&self, i: u32) -> Result<String> {
+        let file = self.data_dir().join("cluster.toml");
+        let cluster: toml::Value = toml::from_str(&fs::read_to_string(&file)?)?;
+        Ok(cluster["nodes"][i as usize]["listen"]
+            .as_str()
+            .context("listen")?
+            .to_owned())
+    }
+
     /// Node `i`'s Prometheus endpoint (`http://ADDR/metrics`).
     pub fn node_metrics_url(&self, i: u32) -> Result<String> {
         let file = self.data_dir().join("cluster.toml");
@@ -562,6 +572,24 @@ impl TestCluster {
             .spawn()?;
         self.gateway = Some(child);
         Ok(())
+    }
+
+    /// Sends the gateway process `signal` (`"TERM"`, `"INT"`, ...) and
+    /// returns at once.
+    pub fn signal_gateway(&self, signal: &str) -> Result<()> {
+        let child = self.gateway.as_ref().context("no gateway running")?;
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{signal} failed: {status}");
+        Ok(())
+    }
+
+    /// How the gateway process ended, once it has (`None` while it runs).
+    pub fn gateway_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.gateway
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// SIGTERM (a clean stop), waiting for the process to go.
