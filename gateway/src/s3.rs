@@ -287,6 +287,25 @@ fn ms_to_ts(ms: u64) -> Timestamp {
     Timestamp::from(UNIX_EPOCH + Duration::from_millis(ms.min(LATEST_TS_MS)))
 }
 
+/// A modification or creation time as S3 writes it in XML: whole seconds
+/// (`…:30.000Z`), as the `Last-Modified` header has it, so a client that
+/// compares a listing with a HEAD sees the same time.
+fn seconds_ts(ms: u64) -> Timestamp {
+    ms_to_ts(ms - ms % 1000)
+}
+
+/// Object tags are not kept: a write that asks for some is refused rather
+/// than filed without them. (An empty `x-amz-tagging` asks for none.)
+fn refuse_tags(tagging: Option<&str>) -> S3Result<()> {
+    match tagging {
+        Some(t) if !t.is_empty() => Err(s3_error!(
+            NotImplemented,
+            "object tags are not kept here: file without x-amz-tagging"
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn ts_to_ms(ts: Timestamp) -> u64 {
     let t: time::OffsetDateTime = ts.into();
     u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
@@ -560,13 +579,16 @@ impl<S: Store> S3Front<S> {
         else {
             return Err(s3_error!(NotImplemented, "copy from an access point"));
         };
-        self.bucket(who, bucket).await?;
+        let b = self.bucket(who, bucket).await?;
         let (src, header) = self.readable(bucket, key, version_id.as_deref()).await?;
         // Any unmet copy-source condition is a 412.
         if unmet(&src, conditions).is_some() {
             return Err(s3_error!(PreconditionFailed));
         }
-        Ok((src, header, version_id.as_deref().map(str::to_owned)))
+        // The version copied, named or not (`x-amz-copy-source-version-id`),
+        // as S3 says it for a source in a bucket that keeps versions.
+        let copied = show_version(&b, &src);
+        Ok((src, header, copied))
     }
 
     /// One DELETE: of a version (Object Lock enforced in the index
@@ -1225,7 +1247,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                     .into_iter()
                     .map(|(name, b)| Bucket {
                         name: Some(name),
-                        creation_date: Some(ms_to_ts(b.created_ms)),
+                        creation_date: Some(seconds_ts(b.created_ms)),
                         ..Default::default()
                     })
                     .collect(),
@@ -1319,6 +1341,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 "object keys are 1 to 1024 bytes of UTF-8 without NUL"
             ));
         }
+        refuse_tags(input.tagging.as_deref())?;
         let now = self.gw.clock.now_ms();
         // Conditional writes: checked before the upload (a 412 costs no
         // upload) and again in the transaction that makes the new version
@@ -1552,6 +1575,14 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let who = self.caller(&req, Role::Clerk).await?;
         let mut input = req.input;
         let b = self.bucket(&who, &input.bucket).await?;
+        // The source's tags (none) are copied unless others replace them.
+        if input
+            .tagging_directive
+            .as_ref()
+            .is_some_and(|d| d.as_str() == TaggingDirective::REPLACE)
+        {
+            refuse_tags(input.tagging.as_deref())?;
+        }
         // An object copied onto itself changing nothing is refused, as by
         // S3 (here it would file the same bytes again as new evidence).
         if let CopySource::Bucket {
@@ -1638,7 +1669,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let mut resp = S3Response::new(CopyObjectOutput {
             copy_object_result: Some(CopyObjectResult {
                 e_tag: Some(ETag::Strong(v.etag.clone())),
-                last_modified: Some(ms_to_ts(v.last_modified_ms)),
+                last_modified: Some(seconds_ts(v.last_modified_ms)),
                 ..Default::default()
             }),
             version_id: show_version(&b, &v),
@@ -1790,6 +1821,25 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         })
         .await?;
         Ok(S3Response::new(PutObjectLockConfigurationOutput::default()))
+    }
+
+    /// Every object's tag set is empty (tags are refused on writes). Clients
+    /// ask even when they set none: `aws s3 cp` does before every multipart
+    /// copy, and fails the copy on an error.
+    async fn get_object_tagging(
+        &self,
+        req: S3Request<GetObjectTaggingInput>,
+    ) -> S3Result<S3Response<GetObjectTaggingOutput>> {
+        let who = self.caller(&req, Role::Reader).await?;
+        let input = &req.input;
+        let b = self.bucket(&who, &input.bucket).await?;
+        let (v, _) = self
+            .readable(&input.bucket, &input.key, input.version_id.as_deref())
+            .await?;
+        Ok(S3Response::new(GetObjectTaggingOutput {
+            tag_set: Vec::new(),
+            version_id: show_version(&b, &v),
+        }))
     }
 
     async fn get_object_retention(
@@ -1998,6 +2048,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         if !ix::valid_key(&input.key) {
             return Err(s3_error!(InvalidArgument, "invalid object key"));
         }
+        refuse_tags(input.tagging.as_deref())?;
         let now = self.gw.clock.now_ms();
         let version = object_template(
             &b,
@@ -2099,7 +2150,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         Ok(S3Response::new(UploadPartCopyOutput {
             copy_part_result: Some(CopyPartResult {
                 e_tag: Some(ETag::Strong(record.md5)),
-                last_modified: Some(ms_to_ts(self.gw.clock.now_ms())),
+                last_modified: Some(seconds_ts(self.gw.clock.now_ms())),
                 ..Default::default()
             }),
             copy_source_version_id: src_version,
@@ -2402,7 +2453,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                         part_number: Some(n as i32),
                         e_tag: Some(ETag::Strong(p.md5)),
                         size: Some(p.size as i64),
-                        last_modified: Some(ms_to_ts(p.uploaded_ms)),
+                        last_modified: Some(seconds_ts(p.uploaded_ms)),
                         ..Default::default()
                     })
                     .collect(),
@@ -2453,21 +2504,29 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             (true, Some((key, id, _))) => (Some(key.clone()), Some(id.clone())),
             _ => (None, None),
         };
+        // encoding-type=url: keys, the prefix and the markers go out
+        // percent-encoded, as from S3.
+        let encode = url_encoded(input.encoding_type.as_ref());
+        let shown = |v: Option<String>| match encode {
+            true => v.as_deref().map(url_encode),
+            false => v,
+        };
         Ok(S3Response::new(ListMultipartUploadsOutput {
             bucket: Some(input.bucket),
-            prefix: input.prefix,
-            key_marker: input.key_marker,
+            prefix: shown(input.prefix),
+            key_marker: shown(input.key_marker),
             upload_id_marker: input.upload_id_marker,
             max_uploads: Some(max as i32),
             is_truncated: Some(truncated),
-            next_key_marker: next_key,
+            next_key_marker: shown(next_key),
             next_upload_id_marker: next_id,
+            encoding_type: input.encoding_type,
             uploads: Some(
                 page.into_iter()
                     .map(|(key, id, created_ms)| MultipartUpload {
-                        key: Some(key),
+                        key: shown(Some(key)),
                         upload_id: Some(id),
-                        initiated: Some(ms_to_ts(created_ms)),
+                        initiated: Some(seconds_ts(created_ms)),
                         ..Default::default()
                     })
                     .collect(),
@@ -2568,7 +2627,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                         key: Some(key.clone()),
                         version_id: Some(shown.clone()),
                         is_latest: Some(latest),
-                        last_modified: Some(ms_to_ts(v.last_modified_ms)),
+                        last_modified: Some(seconds_ts(v.last_modified_ms)),
                         ..Default::default()
                     });
                 } else {
@@ -2578,7 +2637,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                         is_latest: Some(latest),
                         e_tag: Some(ETag::Strong(v.etag.clone())),
                         size: Some(v.size as i64),
-                        last_modified: Some(ms_to_ts(v.last_modified_ms)),
+                        last_modified: Some(seconds_ts(v.last_modified_ms)),
                         storage_class: Some(ObjectVersionStorageClass::from_static(
                             ObjectVersionStorageClass::STANDARD,
                         )),
@@ -2593,19 +2652,39 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             }
         }
         let next = next.filter(|_| truncated);
+        // With encoding-type=url, every key, prefix and marker goes out
+        // percent-encoded, as from S3 (rclone decodes them whatever it is
+        // told; a raw "a+b" would come back to it as "a b").
+        let encode = url_encoded(input.encoding_type.as_ref());
+        let shown = |v: Option<String>| match encode {
+            true => v.as_deref().map(url_encode),
+            false => v,
+        };
+        if encode {
+            for v in &mut versions {
+                v.key = v.key.as_deref().map(url_encode);
+            }
+            for m in &mut markers {
+                m.key = m.key.as_deref().map(url_encode);
+            }
+            for p in &mut prefixes {
+                p.prefix = p.prefix.as_deref().map(url_encode);
+            }
+        }
         Ok(S3Response::new(ListObjectVersionsOutput {
             name: Some(input.bucket),
-            prefix: input.prefix,
-            delimiter: input.delimiter,
-            key_marker: input.key_marker,
+            prefix: shown(input.prefix),
+            delimiter: shown(input.delimiter),
+            key_marker: shown(input.key_marker),
             version_id_marker: input.version_id_marker,
             max_keys: Some(max as i32),
             is_truncated: Some(truncated),
-            next_key_marker: next.as_ref().map(|(k, _)| k.clone()),
+            next_key_marker: shown(next.as_ref().map(|(k, _)| k.clone())),
             next_version_id_marker: next.and_then(|(_, v)| v),
             versions: Some(versions),
             delete_markers: Some(markers),
             common_prefixes: Some(prefixes),
+            encoding_type: input.encoding_type,
             ..Default::default()
         }))
     }
@@ -2957,7 +3036,7 @@ impl<S: Store> S3Front<S> {
                     key: Some(key),
                     size: Some(v.size as i64),
                     e_tag: Some(ETag::Strong(v.etag)),
-                    last_modified: Some(ms_to_ts(v.last_modified_ms)),
+                    last_modified: Some(seconds_ts(v.last_modified_ms)),
                     storage_class: Some(ObjectStorageClass::from_static(
                         ObjectStorageClass::STANDARD,
                     )),

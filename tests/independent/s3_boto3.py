@@ -265,6 +265,25 @@ except ClientError as e:
     headers = e.response["ResponseMetadata"]["HTTPHeaders"]
     check(e.response["ResponseMetadata"]["HTTPStatusCode"] == 304, "304: %r" % e.response)
     check(headers.get("etag") == etag and headers.get("last-modified"), "304 validators: %r" % headers)
+# Tags: every object's set is empty (aws s3 cp asks before each multipart
+# copy), and a write asking for tags is refused, not filed without them.
+tags = s3.get_object_tagging(Bucket="boto-nulls", Key="typeless")
+check(tags["TagSet"] == [] and tags.get("VersionId"), "empty tag set, version named: %r" % tags)
+code = error_code(s3.get_object_tagging, Bucket="boto-nulls", Key="no-such-key")
+check(code == "NoSuchKey", "tags of no object: %r" % code)
+code = error_code(s3.put_object, Bucket="boto-nulls", Key="tagged", Body=b"x", Tagging="case=1")
+check(code == "NotImplemented", "a tagged PUT: %r" % code)
+code = error_code(s3.get_object, Bucket="boto-nulls", Key="tagged")
+check(code == "NoSuchKey", "the tagged PUT filed nothing: %r" % code)
+# The version a copy read is named whether or not the request named it.
+current = s3.head_object(Bucket="boto-nulls", Key="typeless")["VersionId"]
+copied = s3.copy_object(Bucket="boto-nulls", Key="copied", CopySource={"Bucket": "boto-nulls", "Key": "typeless"})
+check(copied.get("CopySourceVersionId") == current, "x-amz-copy-source-version-id: %r" % copied)
+# Times in XML are whole seconds, as in the Last-Modified header.
+listed = [o for o in s3.list_objects_v2(Bucket="boto-nulls")["Contents"] if o["Key"] == "copied"][0]
+headed = s3.head_object(Bucket="boto-nulls", Key="copied")["LastModified"]
+check(listed["LastModified"] == headed, "listed %r, HEAD %r" % (listed["LastModified"], headed))
+check(copied["CopyObjectResult"]["LastModified"] == headed, "copy result time: %r" % copied)
 none = s3.list_object_versions(Bucket="boto-nulls", MaxKeys=0)
 check(not none.get("Versions") and not none.get("IsTruncated"), "max-keys=0 lists nothing: %r" % none)
 
