@@ -443,11 +443,20 @@ impl NodeSet {
             let info = match info {
                 Ok(Ok(info)) => info,
                 Ok(Err(e)) => {
-                    tracing::debug!(node = %id, error = %e, "node probe failed");
+                    // Why a node went down, once (a certificate it refuses,
+                    // an old version, no route): the operator's first question.
+                    if self.is_healthy(id) {
+                        tracing::warn!(node = %id, addr = %n.entry.addr, error = %e, "node probe failed");
+                    } else {
+                        tracing::debug!(node = %id, error = %e, "node probe failed");
+                    }
                     self.mark(id, false);
                     continue;
                 }
                 Err(_) => {
+                    if self.is_healthy(id) {
+                        tracing::warn!(node = %id, addr = %n.entry.addr, "node probe got no answer within 3 s");
+                    }
                     self.mark(id, false);
                     continue;
                 }
