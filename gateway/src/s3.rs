@@ -283,15 +283,12 @@ const LATEST_TS_MS: u64 = 253_402_300_799_999;
 
 /// `ms` as an S3 timestamp; later instants show as the latest one (a
 /// conversion past year 9999 would panic).
+/// A time as S3's XML gives it. Milliseconds are kept (S3 writes `.000`):
+/// rclone names each version by its time (`--s3-versions`), and versions
+/// filed within one second would otherwise share a name and be read as one.
+/// Headers (`Last-Modified`) carry whole seconds, as HTTP dates do.
 fn ms_to_ts(ms: u64) -> Timestamp {
     Timestamp::from(UNIX_EPOCH + Duration::from_millis(ms.min(LATEST_TS_MS)))
-}
-
-/// A modification or creation time as S3 writes it in XML: whole seconds
-/// (`…:30.000Z`), as the `Last-Modified` header has it, so a client that
-/// compares a listing with a HEAD sees the same time.
-fn seconds_ts(ms: u64) -> Timestamp {
-    ms_to_ts(ms - ms % 1000)
 }
 
 /// Object tags are not kept: a write that asks for some is refused rather
@@ -1247,7 +1244,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                     .into_iter()
                     .map(|(name, b)| Bucket {
                         name: Some(name),
-                        creation_date: Some(seconds_ts(b.created_ms)),
+                        creation_date: Some(ms_to_ts(b.created_ms)),
                         ..Default::default()
                     })
                     .collect(),
@@ -1669,7 +1666,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let mut resp = S3Response::new(CopyObjectOutput {
             copy_object_result: Some(CopyObjectResult {
                 e_tag: Some(ETag::Strong(v.etag.clone())),
-                last_modified: Some(seconds_ts(v.last_modified_ms)),
+                last_modified: Some(ms_to_ts(v.last_modified_ms)),
                 ..Default::default()
             }),
             version_id: show_version(&b, &v),
@@ -2150,7 +2147,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         Ok(S3Response::new(UploadPartCopyOutput {
             copy_part_result: Some(CopyPartResult {
                 e_tag: Some(ETag::Strong(record.md5)),
-                last_modified: Some(seconds_ts(self.gw.clock.now_ms())),
+                last_modified: Some(ms_to_ts(self.gw.clock.now_ms())),
                 ..Default::default()
             }),
             copy_source_version_id: src_version,
@@ -2453,7 +2450,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                         part_number: Some(n as i32),
                         e_tag: Some(ETag::Strong(p.md5)),
                         size: Some(p.size as i64),
-                        last_modified: Some(seconds_ts(p.uploaded_ms)),
+                        last_modified: Some(ms_to_ts(p.uploaded_ms)),
                         ..Default::default()
                     })
                     .collect(),
@@ -2526,7 +2523,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                     .map(|(key, id, created_ms)| MultipartUpload {
                         key: shown(Some(key)),
                         upload_id: Some(id),
-                        initiated: Some(seconds_ts(created_ms)),
+                        initiated: Some(ms_to_ts(created_ms)),
                         ..Default::default()
                     })
                     .collect(),
@@ -2627,7 +2624,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                         key: Some(key.clone()),
                         version_id: Some(shown.clone()),
                         is_latest: Some(latest),
-                        last_modified: Some(seconds_ts(v.last_modified_ms)),
+                        last_modified: Some(ms_to_ts(v.last_modified_ms)),
                         ..Default::default()
                     });
                 } else {
@@ -2637,7 +2634,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                         is_latest: Some(latest),
                         e_tag: Some(ETag::Strong(v.etag.clone())),
                         size: Some(v.size as i64),
-                        last_modified: Some(seconds_ts(v.last_modified_ms)),
+                        last_modified: Some(ms_to_ts(v.last_modified_ms)),
                         storage_class: Some(ObjectVersionStorageClass::from_static(
                             ObjectVersionStorageClass::STANDARD,
                         )),
@@ -3036,7 +3033,7 @@ impl<S: Store> S3Front<S> {
                     key: Some(key),
                     size: Some(v.size as i64),
                     e_tag: Some(ETag::Strong(v.etag)),
-                    last_modified: Some(seconds_ts(v.last_modified_ms)),
+                    last_modified: Some(ms_to_ts(v.last_modified_ms)),
                     storage_class: Some(ObjectStorageClass::from_static(
                         ObjectStorageClass::STANDARD,
                     )),

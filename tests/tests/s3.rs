@@ -558,7 +558,10 @@ fn aws_cli_files_lists_reads_and_deletes_objects_as_evidence() -> Result<()> {
     let (_, body) = curl(
         &c,
         "GET",
-        &format!("{}/evidence?encoding-type=url&prefix=report&versions=", c.s3),
+        &format!(
+            "{}/evidence?encoding-type=url&prefix=report&versions=",
+            c.s3
+        ),
         &[],
     )?;
     let body = String::from_utf8_lossy(&body);
