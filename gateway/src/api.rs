@@ -126,15 +126,18 @@ pub enum StartError {
     Migrate(String),
 }
 
-/// A running gateway.
+/// A running gateway. Dropped, it stops accepting connections (as at
+/// [`Self::shutdown`]) but leaves its tasks running: stop it with
+/// [`Self::shutdown`] and [`Self::abort`].
 pub struct RunningGateway {
     pub local_addr: SocketAddr,
     /// The S3 API's address, when it runs.
     pub s3_addr: Option<SocketAddr>,
     /// Where Prometheus scrapes `/metrics`, when configured.
     pub metrics_addr: Option<SocketAddr>,
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
-    /// The S3 API's accept loop, when it runs.
+    /// The evidence API's accept loop, until it has ended.
+    server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    /// The S3 API's accept loop, when it runs and until it has ended.
     s3: Option<tokio::task::JoinHandle<()>>,
     /// Tells both APIs to stop accepting and drain ([`Self::shutdown`]).
     stop: Stopper,
@@ -145,17 +148,19 @@ impl RunningGateway {
     /// Stops cleanly: both APIs stop accepting connections at once, let
     /// the requests under way finish (an evidence upload streaming its body
     /// included) for up to `shutdown_grace_ms`, and close every connection
-    /// as its response ends; then the background work stops. A request
-    /// still running when the grace ends is cut off as by a crash (nothing
-    /// of an unacknowledged filing becomes visible).
-    pub async fn shutdown(self) {
+    /// as its response ends; a request still running when the grace ends
+    /// is aborted, as by a crash (nothing of an unacknowledged filing
+    /// becomes visible). Follow with [`Self::abort`], which also ends the
+    /// background work, whether this finished or was given up on.
+    pub async fn shutdown(&mut self) {
         self.stop.stop();
-        let _ = self.server.await;
-        if let Some(s3) = self.s3 {
-            let _ = s3.await;
+        if let Some(server) = self.server.as_mut() {
+            let _ = server.await;
+            self.server = None;
         }
-        for b in self.background {
-            b.abort();
+        if let Some(s3) = self.s3.as_mut() {
+            let _ = s3.await;
+            self.s3 = None;
         }
     }
 
@@ -163,15 +168,25 @@ impl RunningGateway {
     /// is shut down), and says why; the gateway is still to be stopped
     /// with [`Self::abort`].
     pub async fn stopped(&mut self) -> std::io::Error {
-        match (&mut self.server).await {
+        let Some(server) = self.server.as_mut() else {
+            return std::io::Error::other("the server stopped");
+        };
+        let ended = server.await;
+        self.server = None;
+        match ended {
             Ok(Ok(())) => std::io::Error::other("the server stopped"),
             Ok(Err(e)) => e,
             Err(e) => std::io::Error::other(e),
         }
     }
 
+    /// Ends everything at once: both APIs (their connections included) and
+    /// the background work.
     pub fn abort(self) {
-        self.server.abort();
+        self.stop.stop();
+        if let Some(server) = self.server {
+            server.abort();
+        }
         for b in self.s3.into_iter().chain(self.background) {
             b.abort();
         }
@@ -196,6 +211,7 @@ impl Stopper {
         Drain {
             stop: self.0.subscribe(),
             graceful: hyper_util::server::graceful::GracefulShutdown::new(),
+            connections: tokio::task::JoinSet::new(),
             api,
             grace,
         }
@@ -203,28 +219,42 @@ impl Stopper {
 }
 
 /// One API's connections, for a clean stop: each connection is watched, and
-/// once told to stop, each finishes the request it serves and closes.
+/// once told to stop, each finishes the request it serves and closes. The
+/// connections' tasks belong to the accept loop: aborted with it, and at
+/// the end of the grace.
 pub(crate) struct Drain {
     stop: tokio::sync::watch::Receiver<bool>,
     graceful: hyper_util::server::graceful::GracefulShutdown,
+    connections: tokio::task::JoinSet<()>,
     api: &'static str,
     grace: Duration,
 }
 
 impl Drain {
-    /// Resolves once the gateway is told to stop (never before).
+    /// Resolves once the gateway is told to stop, or its [`Stopper`] is
+    /// dropped (the [`RunningGateway`] with it, or a start that failed).
     pub(crate) async fn stopped(&mut self) {
         let _ = self.stop.wait_for(|stop| *stop).await;
     }
 
-    /// A connection accepted now, to be served under [`Self::finish`]'s watch.
-    pub(crate) fn watcher(&self) -> hyper_util::server::graceful::Watcher {
-        self.graceful.watcher()
+    /// Serves a connection accepted now: `serve` gets the watcher to serve
+    /// it under ([`hyper_util::server::graceful::Watcher::watch`]).
+    pub(crate) fn spawn<F>(
+        &mut self,
+        serve: impl FnOnce(hyper_util::server::graceful::Watcher) -> F,
+    ) where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        // Ended connections' tasks are let go of here, so the set holds
+        // only the open ones.
+        while self.connections.try_join_next().is_some() {}
+        self.connections.spawn(serve(self.graceful.watcher()));
     }
 
     /// Has every connection finish its request and close, waiting up to the
-    /// grace period for them; call once the listener is closed.
-    pub(crate) async fn finish(self) {
+    /// grace period for them, then aborts what still runs; call once the
+    /// listener is closed.
+    pub(crate) async fn finish(mut self) {
         let open = self.graceful.count();
         if open > 0 {
             tracing::info!(
@@ -240,9 +270,11 @@ impl Drain {
         {
             tracing::warn!(
                 api = self.api,
+                connections = self.connections.len(),
                 "requests still running at the end of shutdown_grace_ms are cut off"
             );
         }
+        self.connections.shutdown().await;
     }
 }
 
@@ -518,7 +550,7 @@ pub async fn serve<S: Store>(
         local_addr,
         s3_addr,
         metrics_addr,
-        server,
+        server: Some(server),
         s3: s3.map(|(_, task)| task),
         stop,
         background: [
@@ -598,8 +630,8 @@ async fn serve_api(
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let (http, tls, watcher) = (http.clone(), tls.clone(), drain.watcher());
-        tokio::spawn(async move {
+        let (http, tls) = (http.clone(), tls.clone());
+        drain.spawn(|watcher| async move {
             let ended = match tls {
                 None => {
                     let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);

@@ -36,6 +36,8 @@ struct NodeState {
     lifecycle: Mutex<Lifecycle>,
     /// The node's clock minus ours at the last probe, in ms.
     clock_offset_ms: Mutex<Option<i64>>,
+    /// Its last probe failed (why is logged once, when this turns true).
+    probe_failing: AtomicBool,
 }
 
 /// Least time between two liveness checks of one node that reads asked for.
@@ -141,6 +143,7 @@ impl NodeSet {
                 last_ok: Mutex::new(None),
                 lifecycle: Mutex::new(Lifecycle::Active),
                 clock_offset_ms: Mutex::new(None),
+                probe_failing: AtomicBool::new(false),
             })
             .collect::<Vec<_>>();
         NodeSet {
@@ -443,9 +446,10 @@ impl NodeSet {
             let info = match info {
                 Ok(Ok(info)) => info,
                 Ok(Err(e)) => {
-                    // Why a node went down, once (a certificate it refuses,
-                    // an old version, no route): the operator's first question.
-                    if self.is_healthy(id) {
+                    // Why the probes fail, once (a certificate the node
+                    // refuses, an old version, no route): the operator's
+                    // first question when a node is down.
+                    if !n.probe_failing.swap(true, Ordering::Relaxed) {
                         tracing::warn!(node = %id, addr = %n.entry.addr, error = %e, "node probe failed");
                     } else {
                         tracing::debug!(node = %id, error = %e, "node probe failed");
@@ -454,13 +458,14 @@ impl NodeSet {
                     continue;
                 }
                 Err(_) => {
-                    if self.is_healthy(id) {
+                    if !n.probe_failing.swap(true, Ordering::Relaxed) {
                         tracing::warn!(node = %id, addr = %n.entry.addr, "node probe got no answer within 3 s");
                     }
                     self.mark(id, false);
                     continue;
                 }
             };
+            n.probe_failing.store(false, Ordering::Relaxed);
             if info.node != id {
                 tracing::error!(node = %id, reported = %info.node, "node at this address reports another id; not using it");
                 self.mark(id, false);

@@ -175,8 +175,8 @@ pub(crate) async fn serve<S: Store + 'static>(
                         resp
                     }
                 });
-            let (acceptor, http, watcher) = (acceptor.clone(), http.clone(), drain.watcher());
-            tokio::spawn(async move {
+            let (acceptor, http) = (acceptor.clone(), http.clone());
+            drain.spawn(|watcher| async move {
                 let ended = match acceptor {
                     None => {
                         let conn =
@@ -283,7 +283,8 @@ const LATEST_TS_MS: u64 = 253_402_300_799_999;
 
 /// `ms` as an S3 timestamp; later instants show as the latest one (a
 /// conversion past year 9999 would panic).
-/// A time as S3's XML gives it. Milliseconds are kept (S3 writes `.000`):
+///
+/// As a time in S3's XML. Milliseconds are kept (S3 writes `.000`):
 /// rclone names each version by its time (`--s3-versions`), and versions
 /// filed within one second would otherwise share a name and be read as one.
 /// Headers (`Last-Modified`) carry whole seconds, as HTTP dates do.
@@ -561,7 +562,8 @@ impl<S: Store> S3Front<S> {
 
     /// The source of a copy: in a bucket the caller may read, readable, and
     /// matching the copy's preconditions. Returns it with its manifest and
-    /// the version id the request named.
+    /// the version id to report as copied (whether or not the request named
+    /// one; none for an unversioned bucket's object).
     async fn copy_source(
         &self,
         who: &Caller,

@@ -136,11 +136,12 @@ pub async fn run_gateway(data_dir: &Path) -> Result<()> {
 
 /// Stops the gateway cleanly ([`gateway::RunningGateway::shutdown`]: the
 /// requests under way finish first), or at once on a second signal.
-async fn drain(gw: gateway::RunningGateway, stop: &mut StopSignals) {
+async fn drain(mut gw: gateway::RunningGateway, stop: &mut StopSignals) {
     tokio::select! {
         () = gw.shutdown() => tracing::info!("gateway stopped"),
         () = stop.recv() => tracing::warn!("asked again: stopping without waiting for the requests under way"),
     }
+    gw.abort();
 }
 
 /// Waits until every node answers over QUIC, so the gateway starts with a full

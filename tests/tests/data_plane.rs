@@ -834,6 +834,49 @@ fn a_stopping_gateway_finishes_the_upload_under_way() -> Result<()> {
     c.start_gateway()?;
     c.wait_healthy(c.shape.nodes as u64)?;
     assert!(c.read(&id)? == data, "the filing reads back byte-exact");
+
+    // Told twice, it stops at once: the upload under way is cut off and
+    // nothing of it is filed.
+    let written = c.metric(&c.metrics, "custodia_shards_written_total")?;
+    let mut s = raw_upload(&c, data.len(), true)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(&data[..data.len() / 2])?;
+    s.flush()?;
+    assert!(
+        eventually(10, || c
+            .metric(&c.metrics, "custodia_shards_written_total")
+            .unwrap_or(0.0)
+            > written),
+        "the second upload never started"
+    );
+    c.signal_gateway("TERM")?;
+    assert!(
+        eventually(10, || std::net::TcpStream::connect(&api).is_err()),
+        "the gateway still takes connections after SIGTERM"
+    );
+    c.signal_gateway("TERM")?;
+    assert!(
+        eventually(10, || c.gateway_exit().is_some()),
+        "a second SIGTERM did not stop the gateway"
+    );
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    assert!(
+        !resp.contains(" 201 "),
+        "the cut-off upload was filed: {resp}"
+    );
+    c.start_gateway()?;
+    c.wait_healthy(c.shape.nodes as u64)?;
+    let found = c.get_with(
+        &c.token,
+        &format!("/v1/evidence/by-hash/{}", blake3_hex(&data)),
+        &[],
+    )?;
+    assert_eq!(
+        found.json()["filings"].as_array().map(Vec::len),
+        Some(1),
+        "only the first filing exists"
+    );
     Ok(())
 }
 
