@@ -304,6 +304,10 @@ pub struct Ledger {
     /// Whether the published checkpoint was found to be a tree the index
     /// holds (see [`check_published_tree`]).
     published_checked: std::sync::atomic::AtomicBool,
+    /// A conditional write of the published checkpoint has succeeded on
+    /// the tiles bucket: it takes them, so one failing later is a failure
+    /// of the moment, never a reason to write unconditionally.
+    conditional_puts: std::sync::atomic::AtomicBool,
     owner: u128,
     /// The integrator lease this process last stored: fencing token and
     /// when (monotonic) it was taken or renewed. Each integration renews it in its own
@@ -416,6 +420,7 @@ impl Ledger {
             published: watch::channel(0).0,
             checkpoint_file: std::sync::atomic::AtomicU64::new(0),
             published_checked: std::sync::atomic::AtomicBool::new(false),
+            conditional_puts: std::sync::atomic::AtomicBool::new(false),
             lease: std::sync::Mutex::new(None),
             watched: std::sync::Mutex::new(None),
             owner: {
@@ -482,7 +487,16 @@ impl Ledger {
     async fn publish_checkpoint_note(&self, size: u64, note: Vec<u8>) -> Result<bool, LedgerError> {
         match &self.tiles_dir {
             Some(dir) => publish_local_if_newer(dir, &self.verifier_key, size, note).await,
-            None => publish_if_newer(self.tiles.as_ref(), &self.verifier_key, size, note).await,
+            None => {
+                publish_if_newer(
+                    self.tiles.as_ref(),
+                    &self.verifier_key,
+                    size,
+                    note,
+                    &self.conditional_puts,
+                )
+                .await
+            }
         }
     }
 
@@ -1790,14 +1804,18 @@ async fn publish_local_if_newer(
 /// published checkpoint and its version, and writes `note` only over that
 /// version (or only where there is none), again after any other writer got
 /// in between; unconditionally, with a warning, when the conditional write
-/// fails otherwise (a store that takes no conditional writes).
+/// fails otherwise (a store that takes no conditional writes), unless one
+/// has succeeded before (`takes_conditional`, set here): then the failure is
+/// returned, and the next round tries again.
 async fn publish_if_newer(
     store: &dyn ObjectStore,
     vkey: &str,
     size: u64,
     note: Vec<u8>,
+    takes_conditional: &std::sync::atomic::AtomicBool,
 ) -> Result<bool, LedgerError> {
     use object_store::{Error as OsError, PutMode, UpdateVersion};
+    use std::sync::atomic::Ordering;
     let path = StorePath::from(CHECKPOINT_FILE);
     // Conditional writes that failed other than by losing a race.
     let mut refused = 0;
@@ -1828,7 +1846,10 @@ async fn publish_if_newer(
             Err(OsError::NotImplemented)
         };
         match put {
-            Ok(_) => return Ok(true),
+            Ok(_) => {
+                takes_conditional.store(true, Ordering::Relaxed);
+                return Ok(true);
+            }
             // Another writer got in between: read what it wrote.
             Err(OsError::Precondition { .. } | OsError::AlreadyExists { .. }) => continue,
             // A transient failure (a 503, a timeout) is tried again: written
@@ -1839,6 +1860,9 @@ async fn publish_if_newer(
                 tokio::time::sleep(std::time::Duration::from_millis(200 << refused)).await;
                 continue;
             }
+            // The store took conditional writes before: this one failed for
+            // now (a longer outage), not for good.
+            Err(e) if takes_conditional.load(Ordering::Relaxed) => return Err(e.into()),
             // A store that takes no conditional writes says so with an error
             // object_store cannot tell from any other (a 400 or 501), every
             // time: write as before conditional writes were used, so the
@@ -2859,17 +2883,18 @@ mod tests {
             }
         };
         let store = Arc::new(InMemory::new());
-        assert!(publish_if_newer(store.as_ref(), &vkey, 5, note(5))
+        let cond = std::sync::atomic::AtomicBool::new(false);
+        assert!(publish_if_newer(store.as_ref(), &vkey, 5, note(5), &cond)
             .await
             .unwrap());
-        assert!(!publish_if_newer(store.as_ref(), &vkey, 3, note(3))
+        assert!(!publish_if_newer(store.as_ref(), &vkey, 3, note(3), &cond)
             .await
             .unwrap());
-        assert!(!publish_if_newer(store.as_ref(), &vkey, 5, note(5))
+        assert!(!publish_if_newer(store.as_ref(), &vkey, 5, note(5), &cond)
             .await
             .unwrap());
         assert_eq!(published(store.clone()).await, 5);
-        assert!(publish_if_newer(store.as_ref(), &vkey, 9, note(9))
+        assert!(publish_if_newer(store.as_ref(), &vkey, 9, note(9), &cond)
             .await
             .unwrap());
         assert_eq!(published(store.clone()).await, 9);
@@ -2880,7 +2905,7 @@ mod tests {
             )
             .await
             .unwrap();
-        assert!(publish_if_newer(store.as_ref(), &vkey, 2, note(2))
+        assert!(publish_if_newer(store.as_ref(), &vkey, 2, note(2), &cond)
             .await
             .unwrap());
         assert_eq!(published(store.clone()).await, 2);
@@ -2891,7 +2916,8 @@ mod tests {
                 .map(|n| {
                     let (store, vkey, note) = (store.clone(), vkey.clone(), note(n));
                     tokio::spawn(async move {
-                        publish_if_newer(store.as_ref(), &vkey, n, note)
+                        let cond = std::sync::atomic::AtomicBool::new(false);
+                        publish_if_newer(store.as_ref(), &vkey, n, note, &cond)
                             .await
                             .unwrap()
                     })
@@ -2901,6 +2927,118 @@ mod tests {
                 w.await.unwrap();
             }
             assert_eq!(published(store).await, 8, "round {round}");
+        }
+    }
+
+    /// A bucket whose conditional writes fail for a while (503s), after one
+    /// has succeeded: the checkpoint is not written unconditionally (which
+    /// could land over a newer one another gateway published meanwhile);
+    /// the failure is returned, for the next round to try again.
+    #[tokio::test]
+    async fn a_bucket_failing_for_a_while_never_takes_an_older_checkpoint() {
+        use object_store::memory::InMemory;
+        let (vkey, note) = test_log();
+        let inner = Arc::new(InMemory::new());
+        let store = Flaky {
+            inner: inner.clone(),
+            failing: std::sync::atomic::AtomicBool::new(false),
+        };
+        let cond = std::sync::atomic::AtomicBool::new(false);
+        assert!(publish_if_newer(&store, &vkey, 5, note(5), &cond)
+            .await
+            .unwrap());
+        // Another gateway publishes a newer one; then the bucket fails
+        // every conditional write for a while.
+        inner
+            .put(&StorePath::from(CHECKPOINT_FILE), PutPayload::from(note(9)))
+            .await
+            .unwrap();
+        store
+            .failing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(publish_if_newer(&store, &vkey, 12, note(12), &cond)
+            .await
+            .is_err());
+        let got = inner.get(&StorePath::from(CHECKPOINT_FILE)).await.unwrap();
+        let text = String::from_utf8(got.bytes().await.unwrap().to_vec()).unwrap();
+        assert_eq!(pl::verify_checkpoint(&text, &vkey).unwrap().size, 9);
+        // A store never seen to take them is written as before.
+        let fresh = std::sync::atomic::AtomicBool::new(false);
+        assert!(publish_if_newer(&store, &vkey, 11, note(11), &fresh)
+            .await
+            .unwrap());
+    }
+
+    /// An in-memory bucket whose conditional writes fail (as a 503 would)
+    /// while `failing` is set.
+    #[derive(Debug)]
+    struct Flaky {
+        inner: Arc<object_store::memory::InMemory>,
+        failing: std::sync::atomic::AtomicBool,
+    }
+
+    impl std::fmt::Display for Flaky {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "Flaky")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for Flaky {
+        async fn put_opts(
+            &self,
+            location: &StorePath,
+            payload: PutPayload,
+            opts: object_store::PutOptions,
+        ) -> object_store::Result<object_store::PutResult> {
+            let conditional = !matches!(opts.mode, object_store::PutMode::Overwrite);
+            if conditional && self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(object_store::Error::Generic {
+                    store: "Flaky",
+                    source: "503 Slow Down".into(),
+                });
+            }
+            self.inner.put_opts(location, payload, opts).await
+        }
+        async fn put_multipart_opts(
+            &self,
+            location: &StorePath,
+            opts: object_store::PutMultipartOptions,
+        ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+        async fn get_opts(
+            &self,
+            location: &StorePath,
+            options: object_store::GetOptions,
+        ) -> object_store::Result<object_store::GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+        async fn delete(&self, location: &StorePath) -> object_store::Result<()> {
+            self.inner.delete(location).await
+        }
+        fn list(
+            &self,
+            prefix: Option<&StorePath>,
+        ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>>
+        {
+            self.inner.list(prefix)
+        }
+        async fn list_with_delimiter(
+            &self,
+            prefix: Option<&StorePath>,
+        ) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+        async fn copy(&self, from: &StorePath, to: &StorePath) -> object_store::Result<()> {
+            self.inner.copy(from, to).await
+        }
+        async fn copy_if_not_exists(
+            &self,
+            from: &StorePath,
+            to: &StorePath,
+        ) -> object_store::Result<()> {
+            self.inner.copy_if_not_exists(from, to).await
         }
     }
 
