@@ -152,7 +152,10 @@ pub(crate) enum ReadRecord {
 struct Active {
     id: u64,
     key: SegKey,
-    file: Arc<File>,
+    /// `None` until the segment could be created: a node started on a full
+    /// disk serves what it holds, and creates its active segment at the
+    /// first append (which fails while the disk stays full).
+    file: Option<Arc<File>>,
     len: u64,
 }
 
@@ -178,6 +181,20 @@ struct SegStat {
     /// Counted under the index's read lock (only the active segment gains
     /// any, and only sealed ones are dropped, under the write lock).
     pending: AtomicU64,
+}
+
+impl SegStat {
+    /// A segment just created, as the index counts it (`None` when it has
+    /// no file yet).
+    fn fresh(active: &Active) -> Option<SegStat> {
+        Some(SegStat {
+            key: active.key,
+            file: active.file.clone()?,
+            len: HEADER_LEN as u64,
+            live: 0,
+            pending: AtomicU64::new(0),
+        })
+    }
 }
 
 #[derive(Default)]
@@ -256,6 +273,18 @@ impl SegmentLog {
                 }
                 Err(e) => return Err(e),
             };
+            if bytes.len() < HEADER_LEN {
+                // Shorter than a header: a creation cut short (a crash, a
+                // full disk). Records follow only a header made durable, so
+                // it never held one.
+                tracing::warn!(
+                    segment = id,
+                    len = bytes.len(),
+                    "removing a segment file shorter than its header (its creation was cut short)"
+                );
+                fs::remove_file(dir.join(segment_name(id)))?;
+                continue;
+            }
             let Some(key) = segment_key(&bytes) else {
                 // Its records cannot be checked: leave the file for
                 // forensics, serve nothing from it (repair rebuilds what it
@@ -285,17 +314,32 @@ impl SegmentLog {
                 .checked_add(1)
                 .ok_or_else(|| io::Error::other("segment ids exhausted"))?,
         };
-        let active = create_segment(&dir, next)?;
-        index.segments.insert(
-            next,
-            SegStat {
-                key: active.key,
-                file: active.file.clone(),
-                len: HEADER_LEN as u64,
-                live: 0,
-                pending: AtomicU64::new(0),
-            },
-        );
+        let active = match create_segment(&dir, next) {
+            Ok(active) => {
+                index
+                    .segments
+                    .extend(SegStat::fresh(&active).map(|s| (next, s)));
+                active
+            }
+            // Not even a segment header fits: start anyway, to serve every
+            // shard there is (the disk filled up under the node, by others'
+            // files or its logs); small puts fail as a full disk's do until
+            // there is room.
+            Err(e) if crate::store::is_disk_full(&e) => {
+                tracing::warn!(
+                    segment = next,
+                    "no room for a new segment on this disk: serving what it holds, \
+                     taking no small shards until there is room"
+                );
+                Active {
+                    id: next,
+                    key: rand::random(),
+                    file: None,
+                    len: HEADER_LEN as u64,
+                }
+            }
+            Err(e) => return Err(e),
+        };
         Ok(SegmentLog {
             dir,
             active: Mutex::new(active),
@@ -628,11 +672,22 @@ impl SegmentLog {
         body: &[u8],
     ) -> io::Result<(u64, u64, u32, Pending<'_>)> {
         let mut active = lock(&self.active);
+        if active.file.is_none() {
+            // Started on a full disk: the active segment is made now.
+            let made = create_segment(&self.dir, active.id)?;
+            self.write_index()
+                .segments
+                .extend(SegStat::fresh(&made).map(|s| (made.id, s)));
+            *active = made;
+        }
         let failed = lock(&self.sync).failed.contains(&active.id);
         let len = (FRAME + head.len() + body.len()) as u64;
         if failed || (active.len > HEADER_LEN as u64 && active.len + len > SEGMENT_TARGET) {
             self.seal(&mut active, failed)?;
         }
+        let Some(file) = active.file.clone() else {
+            return Err(io::Error::other("no active segment"));
+        };
         // Framed under the lock: the check is keyed by the segment it lands in.
         let record = encode_record(&active.key, kind, head, body);
         let off = active.len;
@@ -644,7 +699,7 @@ impl SegmentLog {
             log: self,
             seg: active.id,
         };
-        active.file.write_all_at(&record, off)?;
+        file.write_all_at(&record, off)?;
         active.len += record.len() as u64;
         Ok((active.id, off, record.len() as u32, pending))
     }
@@ -652,8 +707,8 @@ impl SegmentLog {
     /// Seals the active segment (fsynced, unless its fsync already failed)
     /// and starts the next one.
     fn seal(&self, active: &mut Active, failed: bool) -> io::Result<()> {
-        if !failed {
-            if let Err(e) = active.file.sync_data() {
+        if let (false, Some(file)) = (failed, &active.file) {
+            if let Err(e) = file.sync_data() {
                 // As in `wait_durable`: a retried fsync may "succeed" over
                 // dropped pages, so nothing more of this segment counts.
                 tracing::error!(segment = active.id, error = %e, "segment fsync failed");
@@ -669,16 +724,9 @@ impl SegmentLog {
             if let Some(s) = index.segments.get_mut(&active.id) {
                 s.len = active.len;
             }
-            index.segments.insert(
-                next.id,
-                SegStat {
-                    key: next.key,
-                    file: next.file.clone(),
-                    len: HEADER_LEN as u64,
-                    live: 0,
-                    pending: AtomicU64::new(0),
-                },
-            );
+            index
+                .segments
+                .extend(SegStat::fresh(&next).map(|s| (next.id, s)));
         }
         {
             let mut sync = lock(&self.sync);
@@ -733,7 +781,8 @@ impl SegmentLog {
                 let a = lock(&self.active);
                 (a.id, a.file.clone(), a.len)
             };
-            let result = file.sync_data();
+            // No active file: nothing was appended since the start.
+            let result = file.map_or(Ok(()), |f| f.sync_data());
             sync = lock(&self.sync);
             sync.leader = false;
             match &result {
@@ -795,6 +844,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn create_segment(dir: &Path, id: u64) -> io::Result<Active> {
+    #[cfg(test)]
+    if tests::DISK_FULL.with(std::cell::Cell::get) {
+        return Err(io::ErrorKind::StorageFull.into());
+    }
     // A file of this id holding no more than a header is what a failed
     // earlier attempt left (its header written, an fsync failed): it never
     // held a record, so it is started again with a fresh key.
@@ -820,7 +873,7 @@ fn create_segment(dir: &Path, id: u64) -> io::Result<Active> {
     Ok(Active {
         id,
         key,
-        file: Arc::new(file),
+        file: Some(Arc::new(file)),
         len: HEADER_LEN as u64,
     })
 }
@@ -940,6 +993,62 @@ fn scan_segment(id: u64, key: &SegKey, bytes: &[u8], index: &mut Index) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    thread_local! {
+        /// Makes [`create_segment`] fail as on a full disk (this thread only).
+        pub(super) static DISK_FULL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// A node whose disk filled up under it starts again: it serves every
+    /// small shard it holds, refuses new ones as a full disk does, and takes
+    /// them again once there is room; nothing it held is lost.
+    #[test]
+    fn a_log_opened_on_a_full_disk_serves_and_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (h, body) = {
+            let body = b"filed before the disk filled".to_vec();
+            (shard(1, &body), body)
+        };
+        let loc = {
+            let log = SegmentLog::open(dir.path()).unwrap();
+            log.put(&h, &body).unwrap().0
+        };
+        DISK_FULL.with(|f| f.set(true));
+        let log = SegmentLog::open(dir.path()).unwrap();
+        assert_eq!(log.locate(&h.key), Some(loc));
+        assert!(matches!(
+            log.read(&h.key, loc, false).unwrap(),
+            ReadRecord::Shard(got, b) if got == h && b == body
+        ));
+        let (h2, body2) = {
+            let body = b"filed while full".to_vec();
+            (shard(2, &body), body)
+        };
+        let refused = log.put(&h2, &body2).unwrap_err();
+        assert!(crate::store::is_disk_full(&refused), "{refused}");
+        assert_eq!(log.locate(&h2.key), None);
+        DISK_FULL.with(|f| f.set(false));
+        let (loc2, _) = log.put(&h2, &body2).unwrap();
+        assert!(matches!(
+            log.read(&h2.key, loc2, false).unwrap(),
+            ReadRecord::Shard(got, b) if got == h2 && b == body2
+        ));
+        drop(log);
+        // What a real full disk leaves: the next segment's file created,
+        // its header not (or not wholly) written. Removed at the next open.
+        let segments = dir.path().join(SEGMENTS_DIR);
+        std::fs::write(segments.join(segment_name(loc2.seg + 1)), b"").unwrap();
+        std::fs::write(
+            segments.join(segment_name(loc2.seg + 2)),
+            &HEADER_MAGIC[..5],
+        )
+        .unwrap();
+        let log = SegmentLog::open(dir.path()).unwrap();
+        assert_eq!(log.locate(&h.key), Some(loc));
+        assert_eq!(log.locate(&h2.key), Some(loc2));
+        assert!(!segments.join(segment_name(loc2.seg + 1)).exists());
+        assert!(!segments.join(segment_name(loc2.seg + 2)).exists());
+    }
 
     #[test]
     fn a_segment_with_a_record_in_flight_is_never_compacted_away() {

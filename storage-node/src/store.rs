@@ -166,7 +166,7 @@ fn is_media_error(e: &io::Error) -> bool {
     e.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error())
 }
 
-fn is_disk_full(e: &io::Error) -> bool {
+pub(crate) fn is_disk_full(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::StorageFull
         || e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
 }
