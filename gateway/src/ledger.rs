@@ -1840,6 +1840,9 @@ async fn publish_if_newer(
             _ => true,
         };
         let payload = PutPayload::from(note.clone());
+        // Only an `If-Match` that worked shows the bucket takes what every
+        // later write needs (some take `If-None-Match` alone).
+        let update = matches!(mode, PutMode::Update(_));
         let put = if conditional {
             store.put_opts(&path, payload, mode.into()).await
         } else {
@@ -1847,7 +1850,9 @@ async fn publish_if_newer(
         };
         match put {
             Ok(_) => {
-                takes_conditional.store(true, Ordering::Relaxed);
+                if update && conditional {
+                    takes_conditional.store(true, Ordering::Relaxed);
+                }
                 return Ok(true);
             }
             // Another writer got in between: read what it wrote.
@@ -1862,7 +1867,15 @@ async fn publish_if_newer(
             }
             // The store took conditional writes before: this one failed for
             // now (a longer outage), not for good.
-            Err(e) if takes_conditional.load(Ordering::Relaxed) => return Err(e.into()),
+            Err(e) if takes_conditional.load(Ordering::Relaxed) => {
+                tracing::warn!(
+                    error = %e,
+                    "a conditional write of the published checkpoint failed on a bucket \
+                     that took them before; trying again next round rather than writing \
+                     over whatever is there"
+                );
+                return Err(e.into());
+            }
             // A store that takes no conditional writes says so with an error
             // object_store cannot tell from any other (a 400 or 501), every
             // time: write as before conditional writes were used, so the
@@ -2944,9 +2957,16 @@ mod tests {
             failing: std::sync::atomic::AtomicBool::new(false),
         };
         let cond = std::sync::atomic::AtomicBool::new(false);
+        // The first is a create (`If-None-Match`), which some buckets take
+        // without taking `If-Match`: only the update after it counts.
+        assert!(publish_if_newer(&store, &vkey, 4, note(4), &cond)
+            .await
+            .unwrap());
+        assert!(!cond.load(std::sync::atomic::Ordering::Relaxed));
         assert!(publish_if_newer(&store, &vkey, 5, note(5), &cond)
             .await
             .unwrap());
+        assert!(cond.load(std::sync::atomic::Ordering::Relaxed));
         // Another gateway publishes a newer one; then the bucket fails
         // every conditional write for a while.
         inner

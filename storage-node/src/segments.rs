@@ -184,16 +184,15 @@ struct SegStat {
 }
 
 impl SegStat {
-    /// A segment just created, as the index counts it (`None` when it has
-    /// no file yet).
-    fn fresh(active: &Active) -> Option<SegStat> {
-        Some(SegStat {
-            key: active.key,
-            file: active.file.clone()?,
+    /// A segment just created, as the index counts it.
+    fn fresh(key: SegKey, file: &Arc<File>) -> SegStat {
+        SegStat {
+            key,
+            file: file.clone(),
             len: HEADER_LEN as u64,
             live: 0,
             pending: AtomicU64::new(0),
-        })
+        }
     }
 }
 
@@ -273,16 +272,18 @@ impl SegmentLog {
                 }
                 Err(e) => return Err(e),
             };
-            if bytes.len() < HEADER_LEN {
-                // Shorter than a header: a creation cut short (a crash, a
-                // full disk). Records follow only a header made durable, so
-                // it never held one.
+            if bytes.len() <= HEADER_LEN && segment_key(&bytes).is_none() {
+                // No whole header: a creation cut short (a crash before the
+                // header was durable, a full disk). Records follow only a
+                // header made durable, so it never held one.
                 tracing::warn!(
                     segment = id,
                     len = bytes.len(),
-                    "removing a segment file shorter than its header (its creation was cut short)"
+                    "removing a segment file without a header (its creation was cut short)"
                 );
-                fs::remove_file(dir.join(segment_name(id)))?;
+                if let Err(e) = fs::remove_file(dir.join(segment_name(id))) {
+                    tracing::warn!(segment = id, error = %e, "could not remove it; passing over it");
+                }
                 continue;
             }
             let Some(key) = segment_key(&bytes) else {
@@ -315,10 +316,8 @@ impl SegmentLog {
                 .ok_or_else(|| io::Error::other("segment ids exhausted"))?,
         };
         let active = match create_segment(&dir, next) {
-            Ok(active) => {
-                index
-                    .segments
-                    .extend(SegStat::fresh(&active).map(|s| (next, s)));
+            Ok((active, stat)) => {
+                index.segments.insert(next, stat);
                 active
             }
             // Not even a segment header fits: start anyway, to serve every
@@ -674,10 +673,8 @@ impl SegmentLog {
         let mut active = lock(&self.active);
         if active.file.is_none() {
             // Started on a full disk: the active segment is made now.
-            let made = create_segment(&self.dir, active.id)?;
-            self.write_index()
-                .segments
-                .extend(SegStat::fresh(&made).map(|s| (made.id, s)));
+            let (made, stat) = create_segment(&self.dir, active.id)?;
+            self.write_index().segments.insert(made.id, stat);
             *active = made;
         }
         let failed = lock(&self.sync).failed.contains(&active.id);
@@ -718,15 +715,13 @@ impl SegmentLog {
             }
             self.syncs.fetch_add(1, Ordering::Relaxed);
         }
-        let next = create_segment(&self.dir, active.id + 1)?;
+        let (next, stat) = create_segment(&self.dir, active.id + 1)?;
         {
             let mut index = self.write_index();
             if let Some(s) = index.segments.get_mut(&active.id) {
                 s.len = active.len;
             }
-            index
-                .segments
-                .extend(SegStat::fresh(&next).map(|s| (next.id, s)));
+            index.segments.insert(next.id, stat);
         }
         {
             let mut sync = lock(&self.sync);
@@ -843,7 +838,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn create_segment(dir: &Path, id: u64) -> io::Result<Active> {
+/// Creates segment `id` (header written and fsynced): the active segment,
+/// and the index's count of it, so neither is made without the other.
+fn create_segment(dir: &Path, id: u64) -> io::Result<(Active, SegStat)> {
     #[cfg(test)]
     if tests::DISK_FULL.with(std::cell::Cell::get) {
         return Err(io::ErrorKind::StorageFull.into());
@@ -870,12 +867,17 @@ fn create_segment(dir: &Path, id: u64) -> io::Result<Active> {
     file.write_all_at(&header, 0)?;
     file.sync_data()?;
     File::open(dir)?.sync_all()?;
-    Ok(Active {
-        id,
-        key,
-        file: Some(Arc::new(file)),
-        len: HEADER_LEN as u64,
-    })
+    let file = Arc::new(file);
+    let stat = SegStat::fresh(key, &file);
+    Ok((
+        Active {
+            id,
+            key,
+            file: Some(file),
+            len: HEADER_LEN as u64,
+        },
+        stat,
+    ))
 }
 
 /// Calls `f(kind, head, offset, record length)` for every record of a
@@ -1043,11 +1045,14 @@ mod tests {
             &HEADER_MAGIC[..5],
         )
         .unwrap();
+        // Or a header's length of zeros (a crash before its fsync).
+        std::fs::write(segments.join(segment_name(loc2.seg + 3)), [0u8; HEADER_LEN]).unwrap();
         let log = SegmentLog::open(dir.path()).unwrap();
         assert_eq!(log.locate(&h.key), Some(loc));
         assert_eq!(log.locate(&h2.key), Some(loc2));
         assert!(!segments.join(segment_name(loc2.seg + 1)).exists());
         assert!(!segments.join(segment_name(loc2.seg + 2)).exists());
+        assert!(!segments.join(segment_name(loc2.seg + 3)).exists());
     }
 
     #[test]
@@ -1179,7 +1184,7 @@ mod tests {
         let mut header = HEADER_MAGIC.to_vec();
         header.extend_from_slice(&[1; 32]);
         fs::write(segments.join(segment_name(1)), &header).unwrap();
-        let again = create_segment(&segments, 1).unwrap();
+        let (again, _) = create_segment(&segments, 1).unwrap();
         assert_ne!(again.key, [1; 32]);
         // One holding a record is never started again.
         let log = SegmentLog::open(dir.path()).unwrap();
