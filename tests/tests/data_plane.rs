@@ -587,6 +587,13 @@ fn a_node_killed_mid_filing_costs_seconds_not_the_idle_timeout() -> Result<()> {
     Ok(())
 }
 
+/// Node `i`'s state as `custodia status` reports it (`up`, `suspect`, ...).
+fn node_state(c: &TestCluster, i: usize) -> Result<String> {
+    let out = c.cli(&["status", "--json"])?;
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(s["nodes"][i]["state"].as_str().unwrap_or("?").to_owned())
+}
+
 /// A read that hedges past a node killed a moment ago has that node checked
 /// in the background: it is marked down at once, so later reads stop
 /// waiting a hedge delay per stripe for it. The prober is slowed to a
@@ -597,18 +604,13 @@ fn a_read_that_hedges_past_a_dead_node_has_it_marked_down() -> Result<()> {
     c.set_gateway(&[("node_probe_interval_ms", toml::Value::Integer(60_000))])?;
     let data = bytes(40 * STRIPE, 21);
     let id = c.file(&data)?["id"].as_str().unwrap_or_default().to_owned();
-    let state = |c: &TestCluster| -> Result<String> {
-        let out = c.cli(&["status", "--json"])?;
-        let s: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        Ok(s["nodes"][3]["state"].as_str().unwrap_or("?").to_owned())
-    };
-    assert_eq!(state(&c)?, "up");
+    assert_eq!(node_state(&c, 3)?, "up");
     c.kill_node(3);
     assert!(c.read(&id)? == data, "read back different bytes");
     assert!(
-        eventually(5, || state(&c).is_ok_and(|s| s != "up")),
+        eventually(5, || node_state(&c, 3).is_ok_and(|s| s != "up")),
         "node 3 still counts as up after a read hedged past it: {}",
-        state(&c)?
+        node_state(&c, 3)?
     );
     assert!(c.read(&id)? == data, "read back different bytes");
     // Within its grace (10 minutes) nothing is queued for node 3: an empty
@@ -635,11 +637,6 @@ fn a_node_restarted_after_kill_9_is_reconnected_at_once() -> Result<()> {
     c.set_gateway(&[("node_probe_interval_ms", toml::Value::Integer(60_000))])?;
     let data = bytes(40 * STRIPE, 22);
     let id = c.file(&data)?["id"].as_str().unwrap_or_default().to_owned();
-    let state = |c: &TestCluster| -> Result<String> {
-        let out = c.cli(&["status", "--json"])?;
-        let s: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        Ok(s["nodes"][3]["state"].as_str().unwrap_or("?").to_owned())
-    };
     // Every node has a connection open from the gateway.
     assert!(c.read(&id)? == data, "read back different bytes");
     let log_path = c.dir.path().join("gateway.log");
@@ -669,7 +666,11 @@ fn a_node_restarted_after_kill_9_is_reconnected_at_once() -> Result<()> {
             .any(|l| l.contains("did not answer a liveness check") && l.contains(&addr)),
         "the restarted node's reset was not trusted: a liveness check ran out"
     );
-    assert_eq!(state(&c)?, "up", "the restarted node is not counted up");
+    assert_eq!(
+        node_state(&c, 3)?,
+        "up",
+        "the restarted node is not counted up"
+    );
     Ok(())
 }
 
