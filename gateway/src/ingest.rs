@@ -372,11 +372,17 @@ impl<S: Store> Upload<S> {
         let idle = (!meta.body_from_store).then(|| {
             std::time::Duration::from_millis(self.gw.config.client_idle_timeout_ms.max(1))
         });
+        // A body read back from the store (a copy, a multipart completion)
+        // that fails is the cluster's failure, not a client's cut-off body.
+        let from_store = meta.body_from_store;
         loop {
             let Some(chunk) = self.next_chunk(&mut body, idle).await? else {
                 break;
             };
-            let mut chunk = chunk.map_err(|e| ApiError::BodyIncomplete(e.to_string()))?;
+            let mut chunk = chunk.map_err(|e| match from_store {
+                true => ApiError::Unavailable(format!("reading the source back failed: {e}")),
+                false => ApiError::BodyIncomplete(e.to_string()),
+            })?;
             self.keep_lease().await?;
             bao.update(&chunk);
             sha.update(&chunk);

@@ -139,6 +139,11 @@ pub(crate) async fn serve<S: Store + 'static>(
                         // each new label would be a series kept for good.
                         let method = crate::metrics::method_label(req.method());
                         let head = req.method() == http::Method::HEAD;
+                        let completes = req.method() == http::Method::POST
+                            && req
+                                .uri()
+                                .query()
+                                .is_some_and(|q| q.split('&').any(|p| p.starts_with("uploadId=")));
                         let mut resp = if let Some(refused) =
                             crate::s3_digest::auth_refusal(&req, crate::ledger::unix_now())
                         {
@@ -171,6 +176,10 @@ pub(crate) async fn serve<S: Store + 'static>(
                                 *r.status_mut() = http::StatusCode::PARTIAL_CONTENT;
                             }
                             metrics.http("s3", method, r.status().as_u16(), started);
+                            if completes {
+                                let body = std::mem::take(r.body_mut());
+                                *r.body_mut() = one_xml_declaration(body);
+                            }
                         }
                         resp
                     }
@@ -204,6 +213,32 @@ pub(crate) async fn serve<S: Store + 'static>(
     });
     tracing::info!(%addr, https = tls.is_some(), "S3 API listening");
     Ok((addr, task))
+}
+
+/// A CompleteMultipartUpload answer with at most one XML declaration.
+///
+/// s3s answers a Complete at once (200, an XML declaration, then spaces
+/// while the object is filed) and writes the outcome after; an error is
+/// written with a declaration of its own, which is not well-formed XML:
+/// botocore's parser then gives up and reports a generic 500, losing the
+/// error's code (a 412 from a commit race, a part that could not be read).
+/// Later declarations are dropped here.
+fn one_xml_declaration(body: s3s::Body) -> s3s::Body {
+    use http_body_util::BodyExt;
+    const DECLARATION: &[u8] = br#"<?xml version="1.0" encoding="UTF-8"?>"#;
+    let mut seen = false;
+    let body = body.map_frame(move |frame| match frame.into_data() {
+        Ok(data) if data.is_empty() => http_body::Frame::data(data),
+        Ok(data) => {
+            let later = std::mem::replace(&mut seen, true);
+            match later && data.starts_with(DECLARATION) {
+                true => http_body::Frame::data(data.slice(DECLARATION.len()..)),
+                false => http_body::Frame::data(data),
+            }
+        }
+        Err(frame) => frame,
+    });
+    s3s::Body::http_body(body)
 }
 
 // ---------------------------------------------------------------- errors

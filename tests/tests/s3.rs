@@ -1944,6 +1944,77 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
 
 /// An upload neither completed nor aborted goes after `multipart_expiry_ms`
 /// (S3's AbortIncompleteMultipartUpload), and its parts' shards with it.
+/// A CompleteMultipartUpload that fails while the object is being filed
+/// (here: its part's shards are gone from every node) is answered after
+/// its 200 has started: the answer is still one well-formed XML document
+/// carrying the error, which clients parse for its code (a second XML
+/// declaration made botocore report a generic 500 instead).
+#[test]
+fn a_complete_that_fails_while_filing_answers_one_xml_document() -> Result<()> {
+    let c = TestCluster::start(Shape::default())?;
+    let aws = Aws::admin(&c);
+    aws.ok(&["s3", "mb", "s3://late"])?;
+    let up = aws.json(&[
+        "s3api",
+        "create-multipart-upload",
+        "--bucket",
+        "late",
+        "--key",
+        "gone.bin",
+    ])?;
+    let id = up["UploadId"].as_str().context("upload id")?.to_owned();
+    let p = aws.file("p1", &bytes(100_000, 5))?;
+    let part = aws.json(&[
+        "s3api",
+        "upload-part",
+        "--bucket",
+        "late",
+        "--key",
+        "gone.bin",
+        "--upload-id",
+        &id,
+        "--part-number",
+        "1",
+        "--body",
+        &p,
+    ])?;
+    let etag = part["ETag"].as_str().context("etag")?.to_owned();
+    // The part is all the cluster holds.
+    let files = c.all_shard_files();
+    assert!(!files.is_empty(), "the part is on the nodes");
+    for f in &files {
+        std::fs::remove_file(f)?;
+    }
+    let xml = format!(
+        "<CompleteMultipartUpload><Part><PartNumber>1</PartNumber><ETag>{etag}</ETag></Part></CompleteMultipartUpload>"
+    );
+    let (head, body) = curl(
+        &c,
+        "POST",
+        &format!("{}/late/gone.bin?uploadId={id}", c.s3),
+        &["--data-binary", &xml, "-H", "content-type: application/xml"],
+    )?;
+    let body = String::from_utf8_lossy(&body);
+    // The cluster's failure (503, worth a retry once the nodes are back),
+    // not a client's cut-off body (400).
+    assert!(
+        body.contains("<Error><Code>ServiceUnavailable</Code>"),
+        "{head}{body}"
+    );
+    assert_eq!(body.matches("<?xml").count(), 1, "{body}");
+    assert!(
+        body.trim_start().starts_with("<?xml"),
+        "the declaration comes first: {body}"
+    );
+    // Nothing was filed under the key.
+    let listed = aws.json(&["s3api", "list-objects-v2", "--bucket", "late"])?;
+    assert!(
+        listed["Contents"].as_array().is_none_or(Vec::is_empty),
+        "{listed}"
+    );
+    Ok(())
+}
+
 #[test]
 fn incomplete_uploads_expire_and_their_parts_go() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
