@@ -17,9 +17,12 @@
 //! - `POST /v1/admin/keys/revoke` — `{"token"?, "access_key"?}`: revokes a
 //!   bearer token and/or an S3 access key at once (admin); 404 if neither
 //!   exists.
-//! - `GET /healthz` — liveness and node counts; the only unauthenticated route.
+//! - `GET /healthz` — liveness and node counts.
 //!
-//! Every other route needs `Authorization: Bearer <token>`; tokens map to a
+//! `/healthz`, the published log (`/ledger/*`), its key (`/v1/ledger/key`)
+//! and the time-stamping service (`/tsa`) need no credentials: they reveal
+//! nothing of what was filed. Every other route needs
+//! `Authorization: Bearer <token>`; tokens map to a
 //! tenant and role in the index. Evidence of another tenant answers 404, so its
 //! existence does not leak.
 
@@ -1761,6 +1764,42 @@ async fn revoke_key<S: Store>(
 mod tests {
     use super::*;
 
+    #[test]
+    fn tile_paths_are_told_from_anything_else() {
+        for ok in [
+            "tile/0/000",
+            "tile/0/x001/234",
+            "tile/1/x001/x234/067.p/8",
+            "tile/entries/000.p/1",
+            "tile/entries/x012/345",
+            "tile/63/999.p/255",
+        ] {
+            assert!(is_tile_path(ok), "{ok}");
+        }
+        for bad in [
+            "tile/",
+            "tile/0",
+            "tile/0/",
+            "tile/0/00",
+            "tile/0/0000",
+            "tile/0/x001",
+            "tile/0/001/234",
+            "tile/0/000.p",
+            "tile/0/000.p/",
+            "tile/0/000.p/1/x",
+            "tile/0/000.p/1000",
+            "tile/100/000",
+            "tile/data/000",
+            "tile/x%231",
+            "tile/0/000#1",
+            "checkpoint",
+        ] {
+            assert!(!is_tile_path(bad), "{bad}");
+        }
+        let long = format!("tile/{}", "a".repeat(300));
+        assert!(!is_tile_path(&long));
+    }
+
     fn hv(s: &str) -> HeaderValue {
         HeaderValue::from_str(s).unwrap()
     }
@@ -1881,6 +1920,10 @@ async fn evidence_receipt<S: Store>(
     let who = authenticate(&gw, &headers).await?;
     require(&who, Role::Reader, "read receipts")?;
     let id = visible_subject(&gw, &who, &id).await?;
+    if gw.ledger.is_none() {
+        // Not "pending": no receipt will ever come.
+        return Err(no_ledger());
+    }
     crate::ledger::receipt(&gw, id, &[Kind::Filed, Kind::Notarized])
         .await?
         .map(Json)
@@ -1954,7 +1997,7 @@ async fn notarize<S: Store>(
     let who = authenticate(&gw, &headers).await?;
     require(&who, Role::Clerk, "notarize")?;
     if gw.ledger.is_none() {
-        return Err(ApiError::NotFound);
+        return Err(no_ledger());
     }
     let req: NotarizeRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("notarize body: {e}")))?;
@@ -2071,6 +2114,9 @@ async fn ledger_inclusion<S: Store>(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let who = authenticate(&gw, &headers).await?;
     require(&who, Role::Reader, "read ledger proofs")?;
+    if gw.ledger.is_none() {
+        return Err(no_ledger());
+    }
     let proof = crate::ledger::inclusion_proof(&gw, q.index, q.size).await?;
     Ok(Json(proof_json(&proof)))
 }
@@ -2082,6 +2128,9 @@ async fn ledger_consistency<S: Store>(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let who = authenticate(&gw, &headers).await?;
     require(&who, Role::Reader, "read ledger proofs")?;
+    if gw.ledger.is_none() {
+        return Err(no_ledger());
+    }
     let proof = crate::ledger::consistency_proof(&gw, q.old, q.new).await?;
     Ok(Json(proof_json(&proof)))
 }
@@ -2092,7 +2141,58 @@ async fn ledger_key<S: Store>(State(gw): State<Arc<Gateway<S>>>) -> Result<Strin
     gw.ledger
         .as_ref()
         .map(|l| format!("{}\n", l.verifier_key))
-        .ok_or(ApiError::NotFound)
+        .ok_or_else(no_ledger)
+}
+
+/// What the ledger's routes answer on a gateway configured without one.
+fn no_ledger() -> ApiError {
+    ApiError::Unavailable(
+        "this gateway keeps no ledger ([gateway.ledger] in cluster.toml): filings get no \
+         receipts and nothing is notarized"
+            .into(),
+    )
+}
+
+/// Whether `path` names a tile as C2SP tlog-tiles does: `tile/<L>/<N>` or
+/// `tile/entries/<N>`, `<N>` in 3-digit groups all but the last prefixed
+/// with `x`, and `.p/<W>` for a partial tile. Anything else is not looked
+/// up (a path through a tile, or a name the file system refuses, would
+/// otherwise be a 500).
+fn is_tile_path(path: &str) -> bool {
+    let digits = |s: &str, max: usize| {
+        !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_digit())
+    };
+    let Some(rest) = path.strip_prefix("tile/") else {
+        return false;
+    };
+    let mut parts: Vec<&str> = rest.split('/').collect();
+    let level = parts.remove(0);
+    if level != "entries" && !digits(level, 2) {
+        return false;
+    }
+    // `.p/<W>`: the last group ends in `.p`, then the width.
+    let partial = parts.len() >= 2 && parts[parts.len() - 2].ends_with(".p");
+    if partial {
+        let Some(width) = parts.pop() else {
+            return false;
+        };
+        if !digits(width, 3) {
+            return false;
+        }
+    }
+    let Some((last, groups)) = parts.split_last() else {
+        return false;
+    };
+    let last = if partial {
+        last.strip_suffix(".p").unwrap_or(last)
+    } else {
+        last
+    };
+    groups.iter().all(|g| {
+        g.strip_prefix('x')
+            .is_some_and(|n| digits(n, 3) && n.len() == 3)
+    }) && digits(last, 3)
+        && last.len() == 3
 }
 
 /// The published log, read-only and public (C2SP tlog-tiles): `checkpoint`,
@@ -2103,7 +2203,7 @@ async fn ledger_published<S: Store>(
     Path(path): Path<String>,
 ) -> Result<Response, ApiError> {
     let ledger = gw.ledger.as_ref().ok_or(ApiError::NotFound)?;
-    if !(path == "checkpoint" || path.starts_with("tile/")) {
+    if !(path == "checkpoint" || is_tile_path(&path)) {
         return Err(ApiError::NotFound);
     }
     let bytes = ledger

@@ -138,6 +138,9 @@ impl ApiError {
             ApiError::Object(ObjectError::Schema(SchemaError::AdminOutsideOperators)) => {
                 StatusCode::FORBIDDEN
             }
+            ApiError::Object(ObjectError::Schema(SchemaError::BadTenant)) => {
+                StatusCode::BAD_REQUEST
+            }
             ApiError::Object(ObjectError::Schema(e)) if e.is_retryable() => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -189,6 +192,7 @@ impl ApiError {
             ApiError::Object(ObjectError::Schema(SchemaError::AdminOutsideOperators)) => {
                 "forbidden"
             }
+            ApiError::Object(ObjectError::Schema(SchemaError::BadTenant)) => "bad_tenant",
             ApiError::Object(ObjectError::Conflict(_)) => "conflict",
             ApiError::Object(ObjectError::NoSuchTenant) => "no_such_tenant",
             ApiError::Object(ObjectError::BadName(_)) => "bad_name",

@@ -966,6 +966,27 @@ fn authentication_and_tenants() -> Result<()> {
         (status, body["error"].as_str()),
         (404, Some("no_such_tenant"))
     );
+    // A tenant name against the naming rules is the caller's mistake (400),
+    // not the server's (it was a 500).
+    let mut resp = agent
+        .post(format!("{}/v1/admin/tenants", c.api))
+        .header("authorization", format!("Bearer {}", c.token))
+        .send_json(serde_json::json!({ "name": "Court A" }))?;
+    let v: serde_json::Value = resp.body_mut().read_json()?;
+    assert_eq!(
+        (resp.status().as_u16(), v["error"].as_str()),
+        (400, Some("bad_tenant"))
+    );
+    // The public ledger answers 404 to what is not a tile, a path through
+    // one included (it was a 500 from the file system).
+    for path in ["/ledger/tile/0/000.p/1/x", "/ledger/tile/x%231"] {
+        let a = c.get_with("", path, &[])?;
+        assert_eq!(
+            (a.status, a.json()["error"].as_str()),
+            (404, Some("not_found")),
+            "{path}"
+        );
+    }
     // Errors made before any handler runs (a path that is not UTF-8, no
     // such route, a wrong method) have the API's JSON body too.
     let a = c.get_with("", "/v1/evidence/%FF", &[])?;
