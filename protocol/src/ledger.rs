@@ -424,8 +424,8 @@ impl Receipt {
         if self.version != RECEIPT_V1 {
             return Err(LedgerError::Version(self.version));
         }
-        // A tree of 2^64 leaves needs at most 63 proof hashes.
-        if self.inclusion_proof.len() > 63 {
+        // A tree of up to 2^64 leaves needs at most 64 proof hashes.
+        if self.inclusion_proof.len() > 64 {
             return Err(LedgerError::Malformed("inclusion proof too long"));
         }
         let checkpoint = verify_checkpoint(&self.checkpoint, vkey)?;
@@ -496,6 +496,13 @@ pub fn check_consistency(
     new: &VerifiedCheckpoint,
     proof: &[Hash],
 ) -> Result<(), LedgerError> {
+    // RFC 9162 consistency proofs of trees below 2^64 leaves hold fewer
+    // than 2 x 64 hashes. A longer one is refused before it is checked:
+    // the check copies what is left of the proof at every level, so a huge
+    // one would cost the auditor's machine memory for nothing.
+    if proof.len() > 128 {
+        return Err(LedgerError::Malformed("consistency proof too long"));
+    }
     tlog_tiles::check_tree(&proof.to_vec(), new.size, new.root, old.size, old.root)
         .map_err(|_| LedgerError::Inconsistent)
 }
@@ -723,7 +730,7 @@ mod tests {
         bad.tlog_proof = bad.tlog_proof.replacen("index 6\n", "index 5\n", 1);
         assert!(matches!(bad.verify(&vkey), Err(LedgerError::Malformed(_))));
         let mut bad = r.clone();
-        bad.inclusion_proof = vec![r.inclusion_proof[0].clone(); 64];
+        bad.inclusion_proof = vec![r.inclusion_proof[0].clone(); 65];
         assert!(matches!(bad.verify(&vkey), Err(LedgerError::Malformed(_))));
     }
 
@@ -743,6 +750,13 @@ mod tests {
         assert_eq!(
             check_consistency(&forked, &new, &proof),
             Err(LedgerError::Inconsistent)
+        );
+        // A proof padded past any real one's length is refused unread.
+        let mut padded = proof.clone();
+        padded.resize(129, Hash([0; 32]));
+        assert_eq!(
+            check_consistency(&old, &new, &padded),
+            Err(LedgerError::Malformed("consistency proof too long"))
         );
     }
 

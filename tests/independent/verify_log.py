@@ -168,7 +168,7 @@ def parse_checkpoint(text):
 
 def verify_inclusion(index, size, leaf, proof, root):
     """RFC 9162 2.1.3.2."""
-    if index >= size:
+    if not isinstance(index, int) or not isinstance(size, int) or index < 0 or index >= size:
         return False
     fn, sn, r = index, size - 1, leaf
     for p in proof:
@@ -188,6 +188,10 @@ def verify_inclusion(index, size, leaf, proof, root):
 
 def verify_consistency(first, second, first_hash, second_hash, proof):
     """RFC 9162 2.1.4.2."""
+    # A tree never shrinks: an "old" tree larger than the new one is a
+    # rollback, whatever the proof says.
+    if first < 0 or first > second:
+        return False
     if first == second:
         return not proof and first_hash == second_hash
     if first == 0:
@@ -278,9 +282,20 @@ def main():
 
     for r in checks["receipts"]:
         rtext = verify_note(r["checkpoint"], vkey)
-        _, rsize, rroot = parse_checkpoint(rtext)
+        rorigin, rsize, rroot = parse_checkpoint(rtext)
+        if rorigin != origin:
+            fail("a receipt's checkpoint names another log: %r" % rorigin)
+        if rsize > size:
+            fail("a receipt's checkpoint is newer than the published one")
+        # The receipt's tree is the published tree's prefix, not another
+        # history (a split view).
+        if mth(leaves[:rsize]) != rroot:
+            fail("a receipt's checkpoint is not a prefix of the published log")
+        salt = bytes.fromhex(r["salt"])
+        if len(salt) != 32:
+            fail("a receipt's salt is not 32 bytes")
         statement = base64.b64decode(r["statement"])
-        commitment = sha256(bytes.fromhex(r["salt"]) + statement)
+        commitment = sha256(salt + statement)
         proof = [base64.b64decode(h) for h in r["inclusion_proof"]]
         if not verify_inclusion(r["leaf_index"], rsize, leaf_hash(commitment), proof, rroot):
             fail("inclusion proof of leaf %d does not verify" % r["leaf_index"])
@@ -290,7 +305,9 @@ def main():
             fail("statement is not version 1")
 
     old_text = verify_note(checks["old_checkpoint"], vkey)
-    _, old_size, old_root = parse_checkpoint(old_text)
+    old_origin, old_size, old_root = parse_checkpoint(old_text)
+    if old_origin != origin:
+        fail("the old checkpoint names another log: %r" % old_origin)
     proof = [base64.b64decode(h) for h in checks["consistency_proof"]]
     if not verify_consistency(old_size, size, old_root, root, proof):
         fail("consistency proof %d -> %d does not verify" % (old_size, size))
@@ -299,6 +316,11 @@ def main():
         bad = [bytes([proof[0][0] ^ 1]) + proof[0][1:]] + proof[1:]
         if verify_consistency(old_size, size, old_root, root, bad):
             fail("a tampered consistency proof verified")
+    # Nor one that has the tree shrink, nor an inclusion before leaf 0.
+    if old_size < size and verify_consistency(size, old_size, root, old_root, proof):
+        fail("a consistency proof of a shrinking tree verified")
+    if verify_inclusion(-1, size, leaves[-1], [], root):
+        fail("an inclusion proof of leaf -1 verified")
 
     print("OK: %d leaves, %d receipts, consistency %d -> %d (Ed25519: %s)"
           % (size, len(checks["receipts"]), old_size, size, ED25519))
