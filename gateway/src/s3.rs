@@ -2390,7 +2390,20 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                             .await?
                         {
                             Some(answer) => Ok(answer),
-                            None => Err(s3_err(e)),
+                            None => {
+                                // Aborted meanwhile, or completed with other
+                                // parts: NoSuchUpload, as S3 answers, not the
+                                // failed read of its parts that it caused.
+                                let gone = indexer::run(&front.gw.store, |tx| async move {
+                                    ix::get_multipart_tx(&tx, upload).await
+                                })
+                                .await
+                                .is_ok_and(|r| r.is_none());
+                                Err(match gone {
+                                    true => s3_error!(NoSuchUpload),
+                                    false => s3_err(e),
+                                })
+                            }
                         };
                     }
                 };

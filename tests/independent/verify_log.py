@@ -186,6 +186,17 @@ def verify_inclusion(index, size, leaf, proof, root):
     return sn == 0 and r == root
 
 
+def inclusion_path(m, leaves):
+    """RFC 9162 2.1.3.1: the inclusion proof of leaf m."""
+    n = len(leaves)
+    if n <= 1:
+        return []
+    k = 1 << ((n - 1).bit_length() - 1)
+    if m < k:
+        return inclusion_path(m, leaves[:k]) + [mth(leaves[k:])]
+    return inclusion_path(m - k, leaves[k:]) + [mth(leaves[:k])]
+
+
 def verify_consistency(first, second, first_hash, second_hash, proof):
     """RFC 9162 2.1.4.2."""
     # A tree never shrinks: an "old" tree larger than the new one is a
@@ -280,6 +291,7 @@ def main():
             if level1[k * 32:(k + 1) * 32] != mth(leaves[k * 256:(k + 1) * 256]):
                 fail("level-1 tile hash %d is wrong" % k)
 
+    prefix_roots = {}
     for r in checks["receipts"]:
         rtext = verify_note(r["checkpoint"], vkey)
         rorigin, rsize, rroot = parse_checkpoint(rtext)
@@ -289,7 +301,9 @@ def main():
             fail("a receipt's checkpoint is newer than the published one")
         # The receipt's tree is the published tree's prefix, not another
         # history (a split view).
-        if mth(leaves[:rsize]) != rroot:
+        if rsize not in prefix_roots:
+            prefix_roots[rsize] = mth(leaves[:rsize])
+        if prefix_roots[rsize] != rroot:
             fail("a receipt's checkpoint is not a prefix of the published log")
         salt = bytes.fromhex(r["salt"])
         if len(salt) != 32:
@@ -319,8 +333,14 @@ def main():
     # Nor one that has the tree shrink, nor an inclusion before leaf 0.
     if old_size < size and verify_consistency(size, old_size, root, old_root, proof):
         fail("a consistency proof of a shrinking tree verified")
-    if verify_inclusion(-1, size, leaves[-1], [], root):
-        fail("an inclusion proof of leaf -1 verified")
+    if size > 0:
+        # Index -1 acts like an index of all ones: with the last leaf's real
+        # proof it verified wherever the size is a power of two.
+        last = inclusion_path(size - 1, leaves)
+        if not verify_inclusion(size - 1, size, leaves[-1], last, root):
+            fail("the last leaf's own inclusion proof does not verify")
+        if verify_inclusion(-1, size, leaves[-1], last, root):
+            fail("an inclusion proof of leaf -1 verified")
 
     print("OK: %d leaves, %d receipts, consistency %d -> %d (Ed25519: %s)"
           % (size, len(checks["receipts"]), old_size, size, ED25519))

@@ -1942,8 +1942,6 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
     Ok(())
 }
 
-/// An upload neither completed nor aborted goes after `multipart_expiry_ms`
-/// (S3's AbortIncompleteMultipartUpload), and its parts' shards with it.
 /// A CompleteMultipartUpload that fails while the object is being filed
 /// (here: its part's shards are gone from every node) is answered after
 /// its 200 has started: the answer is still one well-formed XML document
@@ -2015,6 +2013,8 @@ fn a_complete_that_fails_while_filing_answers_one_xml_document() -> Result<()> {
     Ok(())
 }
 
+/// An upload neither completed nor aborted goes after `multipart_expiry_ms`
+/// (S3's AbortIncompleteMultipartUpload), and its parts' shards with it.
 #[test]
 fn incomplete_uploads_expire_and_their_parts_go() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
