@@ -795,19 +795,24 @@ fn a_stalled_upload_times_out_and_leaves_nothing() -> Result<()> {
 fn a_stopping_gateway_finishes_the_upload_under_way() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
     let data = bytes(40 * STRIPE, 23);
-    let mut s = raw_upload(&c, data.len(), true)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    s.write_all(&data[..data.len() / 2])?;
-    s.flush()?;
-    // The upload is under way (its first stripes are on the nodes) before
-    // the gateway is told to stop.
-    assert!(
-        eventually(10, || c
-            .metric(&c.metrics, "custodia_shards_written_total")
-            .unwrap_or(0.0)
-            >= 1.0),
-        "the upload never started"
-    );
+    // Half an upload, under way (its first stripes on the nodes) before the
+    // gateway is told to stop.
+    let half_upload = |c: &TestCluster| -> Result<std::net::TcpStream> {
+        let written = c.metric(&c.metrics, "custodia_shards_written_total")?;
+        let mut s = raw_upload(c, data.len(), true)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        s.write_all(&data[..data.len() / 2])?;
+        s.flush()?;
+        anyhow::ensure!(
+            eventually(10, || c
+                .metric(&c.metrics, "custodia_shards_written_total")
+                .unwrap_or(0.0)
+                > written),
+            "the upload never started"
+        );
+        Ok(s)
+    };
+    let mut s = half_upload(&c)?;
     c.signal_gateway("TERM")?;
     let api = c.api.trim_start_matches("http://").to_owned();
     assert!(
@@ -838,18 +843,7 @@ fn a_stopping_gateway_finishes_the_upload_under_way() -> Result<()> {
 
     // Told twice, it stops at once: the upload under way is cut off and
     // nothing of it is filed.
-    let written = c.metric(&c.metrics, "custodia_shards_written_total")?;
-    let mut s = raw_upload(&c, data.len(), true)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    s.write_all(&data[..data.len() / 2])?;
-    s.flush()?;
-    assert!(
-        eventually(10, || c
-            .metric(&c.metrics, "custodia_shards_written_total")
-            .unwrap_or(0.0)
-            > written),
-        "the second upload never started"
-    );
+    let mut s = half_upload(&c)?;
     c.signal_gateway("TERM")?;
     assert!(
         eventually(10, || std::net::TcpStream::connect(&api).is_err()),
