@@ -248,7 +248,9 @@ impl TestCluster {
         })
     }
 
-    fn edit_gateway(
+    /// Restarts the gateway with its `[gateway]` table of cluster.toml
+    /// changed by `edit`, and waits until it sees every node.
+    pub fn edit_gateway(
         &mut self,
         edit: impl FnOnce(&mut toml::map::Map<String, toml::Value>) -> Result<()>,
     ) -> Result<()> {

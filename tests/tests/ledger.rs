@@ -1717,3 +1717,34 @@ fn no_checkpoint_is_signed_while_its_tiles_cannot_be_stored() -> Result<()> {
     assert!(issued, "the receipt is issued once its tiles are stored");
     Ok(())
 }
+
+/// A gateway configured without a ledger says so (503 `unavailable`)
+/// wherever a receipt, a proof or the log's key would come from, instead of
+/// "pending" for ever or "no such evidence".
+#[test]
+fn a_gateway_without_a_ledger_says_so() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.edit_gateway(|g| {
+        g.remove("ledger");
+        Ok(())
+    })?;
+    let id = c.file(b"filed where no ledger is kept")?["id"]
+        .as_str()
+        .context("id")?
+        .to_owned();
+    for path in [
+        format!("/v1/evidence/{id}/receipt"),
+        "/v1/ledger/key".to_owned(),
+        "/v1/ledger/inclusion?index=0&size=1".to_owned(),
+        "/v1/ledger/consistency?old=1&new=2".to_owned(),
+    ] {
+        let a = c.get_with(&c.token, &path, &[])?;
+        assert_eq!(
+            (a.status, a.json()["error"].as_str()),
+            (503, Some("unavailable")),
+            "{path}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+    }
+    Ok(())
+}
