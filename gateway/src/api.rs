@@ -198,12 +198,11 @@ impl RunningGateway {
 }
 
 /// Tells the APIs' accept loops to stop (see [`RunningGateway::shutdown`]).
-#[derive(Clone)]
-pub(crate) struct Stopper(Arc<tokio::sync::watch::Sender<bool>>);
+pub(crate) struct Stopper(tokio::sync::watch::Sender<bool>);
 
 impl Stopper {
     fn new() -> Self {
-        Stopper(Arc::new(tokio::sync::watch::Sender::new(false)))
+        Stopper(tokio::sync::watch::Sender::new(false))
     }
 
     fn stop(&self) {
@@ -547,7 +546,7 @@ pub async fn serve<S: Store>(
     ));
     let app = router(gw);
     let https = tls.is_some();
-    let drain = stop.drain("evidence", grace);
+    let drain = stop.drain("evidence API", grace);
     let server = tokio::spawn(serve_api(listener, app, tls, http, drain));
     tracing::info!(%local_addr, https, "evidence API listening");
     Ok(RunningGateway {
@@ -594,16 +593,43 @@ pub(crate) fn http1(head_timeout: Duration) -> hyper::server::conn::http1::Build
     http
 }
 
-/// Serves the evidence API over HTTP/1.1 (over TLS with `tls`): what
-/// `axum::serve` does, with [`http1`]'s limits; until told to stop, then
-/// drains (see [`RunningGateway::shutdown`]).
+/// Serves the evidence API (see [`serve_connections`]).
 async fn serve_api(
     listener: tokio::net::TcpListener,
     app: Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
     http: hyper::server::conn::http1::Builder,
-    mut drain: Drain,
+    drain: Drain,
 ) -> std::io::Result<()> {
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    serve_connections(listener, tls, http, drain, service).await;
+    Ok(())
+}
+
+/// Serves `service` on `listener` over HTTP/1.1 (over TLS with `tls`), as
+/// both APIs do: what `axum::serve` does, with [`http1`]'s limits, until
+/// `drain` is told to stop; then the connections drain (see
+/// [`RunningGateway::shutdown`]).
+pub(crate) async fn serve_connections<Svc, B>(
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    http: hyper::server::conn::http1::Builder,
+    mut drain: Drain,
+    service: Svc,
+) where
+    Svc: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<B>,
+        > + Clone
+        + Send
+        + 'static,
+    Svc::Future: Send + 'static,
+    Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let api = drain.api;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -623,7 +649,7 @@ async fn serve_api(
             Err(e) => {
                 // Out of file descriptors and the like: wait, as axum does,
                 // rather than spin.
-                tracing::warn!(error = %e, "accepting an evidence API connection failed");
+                tracing::warn!(error = %e, "accepting an {api} connection failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -633,33 +659,29 @@ async fn serve_api(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "could not set TCP_NODELAY");
         }
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let (http, tls) = (http.clone(), tls.clone());
+        let (http, tls, service) = (http.clone(), tls.clone(), service.clone());
         drain.spawn(|watcher| async move {
             let ended = match tls {
                 None => {
                     let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
                     watcher.watch(conn).await
                 }
-                Some(acceptor) => {
-                    match tls_handshake(&acceptor, stream, peer, "evidence API").await {
-                        Some(tls) => {
-                            let conn =
-                                http.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
-                            watcher.watch(conn).await
-                        }
-                        None => return,
+                Some(acceptor) => match tls_handshake(&acceptor, stream, peer, api).await {
+                    Some(tls) => {
+                        let conn =
+                            http.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+                        watcher.watch(conn).await
                     }
-                }
+                    None => return,
+                },
             };
             if let Err(e) = ended {
-                tracing::debug!(%peer, error = %e, "evidence API connection ended");
+                tracing::debug!(%peer, error = %e, "{api} connection ended");
             }
         });
     }
     drop(listener);
     drain.finish().await;
-    Ok(())
 }
 
 /// Longest a client may take over its TLS handshake.

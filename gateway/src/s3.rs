@@ -78,7 +78,7 @@ pub(crate) async fn serve<S: Store + 'static>(
     listen: SocketAddr,
     domain: Option<&str>,
     tls: Option<&crate::config::ServerTlsPaths>,
-    mut drain: crate::api::Drain,
+    drain: crate::api::Drain,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let acceptor = match tls {
         None => None,
@@ -109,108 +109,62 @@ pub(crate) async fn serve<S: Store + 'static>(
         builder.set_host(host);
     }
     let service = builder.build();
-    let task = tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                () = drain.stopped() => break,
-            };
-            let (stream, peer) = match accepted {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "S3 accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+    // Counted by method: the S3 operation is known only inside s3s.
+    let counted = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let (service, metrics) = (service.clone(), metrics.clone());
+        async move {
+            let started = std::time::Instant::now();
+            // From a fixed set: any token is a valid method, and
+            // each new label would be a series kept for good.
+            let method = crate::metrics::method_label(req.method());
+            let head = req.method() == http::Method::HEAD;
+            let completes = req.method() == http::Method::POST
+                && req
+                    .uri()
+                    .query()
+                    .is_some_and(|q| q.split('&').any(|p| p.starts_with("uploadId=")));
+            let mut resp = if let Some(refused) =
+                crate::s3_digest::auth_refusal(&req, crate::ledger::unix_now())
+            {
+                Ok(refused_response(&refused))
+            } else if crate::s3_digest::wants_check(&req) {
+                match crate::s3_digest::wrap(req) {
+                    Ok((req, verdict)) => {
+                        let resp = service.call(req.map(s3s::Body::http_body_unsync)).await;
+                        // s3s answers a body that failed with a 500.
+                        let refused = verdict.lock().ok().and_then(|mut v| v.take());
+                        match refused {
+                            Some(refused) => Ok(refused_response(&refused)),
+                            None => resp,
+                        }
+                    }
+                    Err(refused) => Ok(refused_response(&refused)),
                 }
+            } else {
+                service.call(req.map(s3s::Body::from)).await
             };
-            // Responses are written as head then body: without this, Nagle
-            // holds a small body until the client's delayed ACK (40 ms).
-            if let Err(e) = stream.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY");
+            // s3s answers a HEAD 200 whatever its output says: a
+            // ranged one (with its Content-Range) is a 206, as
+            // from S3.
+            if let Ok(r) = &mut resp {
+                if head
+                    && r.status() == http::StatusCode::OK
+                    && r.headers().contains_key(http::header::CONTENT_RANGE)
+                {
+                    *r.status_mut() = http::StatusCode::PARTIAL_CONTENT;
+                }
+                metrics.http("s3", method, r.status().as_u16(), started);
+                if completes {
+                    let body = std::mem::take(r.body_mut());
+                    *r.body_mut() = one_xml_declaration(body);
+                }
             }
-            let (service, metrics) = (service.clone(), metrics.clone());
-            // Counted by method: the S3 operation is known only inside s3s.
-            let counted =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (service, metrics) = (service.clone(), metrics.clone());
-                    async move {
-                        let started = std::time::Instant::now();
-                        // From a fixed set: any token is a valid method, and
-                        // each new label would be a series kept for good.
-                        let method = crate::metrics::method_label(req.method());
-                        let head = req.method() == http::Method::HEAD;
-                        let completes = req.method() == http::Method::POST
-                            && req
-                                .uri()
-                                .query()
-                                .is_some_and(|q| q.split('&').any(|p| p.starts_with("uploadId=")));
-                        let mut resp = if let Some(refused) =
-                            crate::s3_digest::auth_refusal(&req, crate::ledger::unix_now())
-                        {
-                            Ok(refused_response(&refused))
-                        } else if crate::s3_digest::wants_check(&req) {
-                            match crate::s3_digest::wrap(req) {
-                                Ok((req, verdict)) => {
-                                    let resp =
-                                        service.call(req.map(s3s::Body::http_body_unsync)).await;
-                                    // s3s answers a body that failed with a 500.
-                                    let refused = verdict.lock().ok().and_then(|mut v| v.take());
-                                    match refused {
-                                        Some(refused) => Ok(refused_response(&refused)),
-                                        None => resp,
-                                    }
-                                }
-                                Err(refused) => Ok(refused_response(&refused)),
-                            }
-                        } else {
-                            service.call(req.map(s3s::Body::from)).await
-                        };
-                        // s3s answers a HEAD 200 whatever its output says: a
-                        // ranged one (with its Content-Range) is a 206, as
-                        // from S3.
-                        if let Ok(r) = &mut resp {
-                            if head
-                                && r.status() == http::StatusCode::OK
-                                && r.headers().contains_key(http::header::CONTENT_RANGE)
-                            {
-                                *r.status_mut() = http::StatusCode::PARTIAL_CONTENT;
-                            }
-                            metrics.http("s3", method, r.status().as_u16(), started);
-                            if completes {
-                                let body = std::mem::take(r.body_mut());
-                                *r.body_mut() = one_xml_declaration(body);
-                            }
-                        }
-                        resp
-                    }
-                });
-            let (acceptor, http) = (acceptor.clone(), http.clone());
-            drain.spawn(|watcher| async move {
-                let ended = match acceptor {
-                    None => {
-                        let conn =
-                            http.serve_connection(hyper_util::rt::TokioIo::new(stream), counted);
-                        watcher.watch(conn).await
-                    }
-                    Some(acceptor) => {
-                        match crate::api::tls_handshake(&acceptor, stream, peer, "S3").await {
-                            Some(tls) => {
-                                let conn = http
-                                    .serve_connection(hyper_util::rt::TokioIo::new(tls), counted);
-                                watcher.watch(conn).await
-                            }
-                            None => return,
-                        }
-                    }
-                };
-                if let Err(e) = ended {
-                    tracing::debug!(error = %e, "S3 connection ended");
-                }
-            });
+            resp
         }
-        drop(listener);
-        drain.finish().await;
     });
+    let task = tokio::spawn(crate::api::serve_connections(
+        listener, acceptor, http, drain, counted,
+    ));
     tracing::info!(%addr, https = tls.is_some(), "S3 API listening");
     Ok((addr, task))
 }
