@@ -102,8 +102,16 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
             (None, None)
         }
     };
-    let witnessed = protocol::witness::cosigned_by(&receipt.checkpoint, &witness_keys);
-    if witnessed.len() < quorum {
+    // Cosignatures and the time-stamp vouch for the checkpoint; they say
+    // nothing about a receipt whose checkpoint or proof does not verify, so
+    // they are not even looked at then (an auditor must not read "witnessed"
+    // next to a forged checkpoint).
+    let witnessed = if logged.is_ok() {
+        protocol::witness::cosigned_by(&receipt.checkpoint, &witness_keys)
+    } else {
+        Vec::new()
+    };
+    if logged.is_ok() && witnessed.len() < quorum {
         problems.push(format!(
             "witnessed by {} of {} trusted witnesses, {quorum} required",
             witnessed.len(),
@@ -113,6 +121,7 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
     // Independent time: the RFC 3161 token over the checkpoint.
     let mut stamped = Value::Null;
     match (args.tsa_cert, &receipt.timestamp) {
+        _ if logged.is_err() => {}
         (Some(cert), Some(_)) => {
             let pem = std::fs::read_to_string(cert)
                 .with_context(|| format!("reading {}", cert.display()))?;
@@ -204,19 +213,28 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
             s.time_ms, s.time_source
         );
     }
-    println!(
-        "witnessed: by {} of {} trusted witnesses (quorum {quorum}){}{}",
-        witnessed.len(),
-        witness_keys.len(),
-        if witnessed.is_empty() { "" } else { ": " },
-        witnessed.join(", ")
-    );
+    if logged.is_err() {
+        println!("witnessed: not checked (the receipt's checkpoint or proof does not verify)");
+        if receipt.timestamp.is_some() {
+            println!(
+                "time-stamped: not checked (the receipt's checkpoint or proof does not verify)"
+            );
+        }
+    } else {
+        println!(
+            "witnessed: by {} of {} trusted witnesses (quorum {quorum}){}{}",
+            witnessed.len(),
+            witness_keys.len(),
+            if witnessed.is_empty() { "" } else { ": " },
+            witnessed.join(", ")
+        );
+    }
     match stamped.get("gen_time_unix").and_then(Value::as_u64) {
         Some(t) => println!(
             "time-stamped: the checkpoint existed by {} (RFC 3161 token, verified against the given TSA certificate)",
             rfc3339(t)
         ),
-        None if receipt.timestamp.is_some() => {
+        None if receipt.timestamp.is_some() && logged.is_ok() => {
             println!("time-stamped: token present, not checked (give --tsa-cert)")
         }
         None => {}

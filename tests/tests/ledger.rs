@@ -645,6 +645,32 @@ fn witnesses_cosign_off_the_filing_path_and_never_cosign_a_fork() -> Result<()> 
         text.contains("witnessed: by 2 of 2 trusted witnesses (quorum 2)"),
         "{text}"
     );
+    // Under the wrong log key the same receipt is not logged, and its
+    // cosignatures are not reported as vouching for anything.
+    let wrong_log = dir.path().join("wrong.vkey");
+    std::fs::write(
+        &wrong_log,
+        ledger::note_keys("custodia.local/ledger", &[9; 32]).1,
+    )?;
+    let out = Command::new(custodia_bin())
+        .arg("verify")
+        .arg("--receipt")
+        .arg(&rpath)
+        .arg("--log-key")
+        .arg(&wrong_log)
+        .arg("--witness-key")
+        .arg(&wpath)
+        .arg("--witness-key")
+        .arg(wdir2.path().join("witness.pub"))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        !out.status.success()
+            && text.contains("INVALID: not logged")
+            && text.contains("witnessed: not checked")
+            && !text.contains("witnessed: by"),
+        "{text}"
+    );
     // A quorum the receipt does not meet fails, with a non-zero exit.
     let (_, stranger) = protocol::witness::witness_keys("witness.example/other", &[4; 32]);
     let out = Command::new(custodia_bin())
