@@ -162,14 +162,14 @@ where
     let start = indexer::run(&gw.store, |tx| {
         let meta = &meta;
         async move {
-            schema::begin_intent_tx(
-                &tx,
-                evidence,
-                &meta.tenant,
-                meta.idempotency_key.as_deref(),
-                lease,
-            )
-            .await
+            let idem = meta
+                .idempotency_key
+                .as_deref()
+                .map(|key| schema::Idempotency {
+                    key,
+                    request: request_digest(meta),
+                });
+            schema::begin_intent_tx(&tx, evidence, &meta.tenant, idem, lease).await
         }
     })
     .await;
@@ -184,7 +184,7 @@ where
     match start {
         Err(e) => return refuse(body, e.into()).await,
         Ok(IntentStart::Started) => {}
-        Ok(IntentStart::AlreadyFiled(prev)) => {
+        Ok(IntentStart::AlreadyFiled(prev, request)) => {
             let header = match indexer::run(&gw.store, |tx| async move {
                 schema::get_manifest_tx(&tx, prev).await
             })
@@ -195,7 +195,7 @@ where
                 Ok(None) => return refuse(body, ApiError::Gone).await,
                 Err(e) => return refuse(body, e.into()).await,
             };
-            check_replay(&gw, &meta, &header, body).await?;
+            check_replay(&gw, &meta, &header, request, body).await?;
             return Ok(Filing::Replayed(header));
         }
         Ok(IntentStart::InFlight(prev)) => {
@@ -218,6 +218,29 @@ where
     }
 }
 
+/// The digest kept with an Idempotency-Key of what the request said that
+/// the manifest does not keep, so that a replay can be checked against it:
+/// the declared provenance (notarized in the `filed` statement only).
+fn request_digest(meta: &FilingMeta) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key("custodia 2026 idempotent request v1");
+    for field in [
+        &meta.provenance.source_device,
+        &meta.provenance.capture_time,
+        &meta.provenance.capture_method,
+        &meta.provenance.prior_custody,
+    ] {
+        // Length-prefixed, with absent distinct from empty.
+        match field {
+            None => h.update(&[0]),
+            Some(v) => h
+                .update(&[1])
+                .update(&(v.len() as u64).to_be_bytes())
+                .update(v.as_bytes()),
+        };
+    }
+    *h.finalize().as_bytes()
+}
+
 /// Checks that a request whose Idempotency-Key names the filing `header`
 /// repeats it: the same metadata, no retention or hold beyond what the
 /// filing has, and the same content. The content is judged by a declared
@@ -228,6 +251,7 @@ async fn check_replay<S, B, E>(
     gw: &Gateway<S>,
     meta: &FilingMeta,
     header: &ManifestHeader,
+    request: Option<[u8; 32]>,
     mut body: B,
 ) -> Result<(), ApiError>
 where
@@ -258,6 +282,11 @@ where
                 .then_some("retention")
         })
         .or_else(|| (meta.legal_hold && !header.legal_hold).then_some("legal hold"))
+        .or_else(|| {
+            request
+                .is_some_and(|r| r != request_digest(meta))
+                .then_some("provenance")
+        })
         .or_else(|| {
             meta.expect_blake3
                 .is_some_and(|h| h != header.blake3)

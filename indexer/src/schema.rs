@@ -10,7 +10,7 @@
 //! ("N", node u32)                                 = NodeRecord
 //! ("n", node u32)                                 = LifecycleRecord    draining or removed (absent: active)
 //! ("I", evidence 16)                              = IntentRecord       upload in flight
-//! ("K", tenant, 0x00, blake3(idempotency key) 32) = evidence 16        retry finds the first filing
+//! ("K", tenant, 0x00, blake3(idempotency key) 32) = evidence 16 [request 32]  retry finds the first filing
 //! ("E", evidence 16)                              = ManifestHeader     visible evidence
 //! ("S", evidence 16, stripe u64)                  = StripeRecord       one key per stripe
 //! ("B", evidence 16, tree node u64)               = 64-byte hash pair  Bao outboard, verified ranges
@@ -173,6 +173,20 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 fn evidence_from(bytes: &[u8]) -> Result<EvidenceId, SchemaError> {
     let arr: [u8; 16] = bytes.try_into().map_err(|_| DecodeError::Malformed)?;
     Ok(EvidenceId(arr))
+}
+
+/// An idempotency record: the evidence, then (since the request digest was
+/// added) 32 bytes of request digest.
+fn idempotent_from(bytes: &[u8]) -> Result<(EvidenceId, Option<[u8; 32]>), SchemaError> {
+    match bytes.len() {
+        16 => Ok((evidence_from(bytes)?, None)),
+        48 => {
+            let (e, r) = bytes.split_at(16);
+            let r: [u8; 32] = r.try_into().map_err(|_| DecodeError::Malformed)?;
+            Ok((evidence_from(e)?, Some(r)))
+        }
+        _ => Err(DecodeError::Malformed.into()),
+    }
 }
 
 // ---------------------------------------------------------------- nodes
@@ -426,13 +440,26 @@ pub struct IntentRecord {
 pub enum IntentStart {
     /// A new intent was recorded; go ahead.
     Started,
-    /// The idempotency key already names a completed filing: answer with it.
-    AlreadyFiled(EvidenceId),
+    /// The idempotency key already names a completed filing: answer with
+    /// it, once the request is known to repeat it. The second field is the
+    /// digest of what that filing's request said that its manifest does not
+    /// keep ([`Idempotency::request`]); `None` for a key recorded before
+    /// digests were.
+    AlreadyFiled(EvidenceId, Option<[u8; 32]>),
     /// The idempotency key names an upload still in flight.
     InFlight(EvidenceId),
     /// The idempotency key names a filing since expunged: a retry must not
     /// file again what a court ordered removed.
     Expunged(EvidenceId),
+}
+
+/// An upload's `Idempotency-Key` and the digest of the parts of its request
+/// that a retry must repeat and the manifest does not keep (the gateway's
+/// choice: the declared provenance, which only the ledger records).
+#[derive(Clone, Copy, Debug)]
+pub struct Idempotency<'a> {
+    pub key: &'a str,
+    pub request: [u8; 32],
 }
 
 /// Records an upload intent for `evidence`, unless `idempotency` already names
@@ -441,19 +468,19 @@ pub async fn begin_intent_tx<T: Transaction>(
     tx: &T,
     evidence: EvidenceId,
     tenant: &str,
-    idempotency: Option<&str>,
+    idempotency: Option<Idempotency<'_>>,
     lease_until_ms: u64,
 ) -> Result<IntentStart, SchemaError> {
-    if let Some(key) = idempotency {
-        let ik = idempotency_key(tenant, key)?;
+    if let Some(idem) = idempotency {
+        let ik = idempotency_key(tenant, idem.key)?;
         match tx.get(&ik).await? {
             // This very transaction, run again after a commit whose outcome
             // was unknown (FoundationDB) and which did commit: ours.
-            Some(prev) if evidence_from(&prev)? == evidence => {}
+            Some(prev) if idempotent_from(&prev)?.0 == evidence => {}
             Some(prev) => {
-                let prev = evidence_from(&prev)?;
+                let (prev, request) = idempotent_from(&prev)?;
                 if tx.get(&evidence_key(EVIDENCE, &prev)).await?.is_some() {
-                    return Ok(IntentStart::AlreadyFiled(prev));
+                    return Ok(IntentStart::AlreadyFiled(prev, request));
                 }
                 if tx.get(&evidence_key(EXPUNGED, &prev)).await?.is_some() {
                     return Ok(IntentStart::Expunged(prev));
@@ -467,7 +494,9 @@ pub async fn begin_intent_tx<T: Transaction>(
             }
             None => {}
         }
-        tx.set(&ik, evidence.as_bytes());
+        let mut value = evidence.as_bytes().to_vec();
+        value.extend_from_slice(&idem.request);
+        tx.set(&ik, &value);
     } else if !valid_tenant(tenant) {
         return Err(SchemaError::BadTenant);
     }

@@ -55,7 +55,11 @@ async fn begin(
     key: Option<&str>,
 ) -> Result<IntentStart, SchemaError> {
     run(s, |tx| async move {
-        schema::begin_intent_tx(&tx, id, tenant, key, 1_000).await
+        let idem = key.map(|key| schema::Idempotency {
+            key,
+            request: [7; 32],
+        });
+        schema::begin_intent_tx(&tx, id, tenant, idem, 1_000).await
     })
     .await
 }
@@ -200,7 +204,7 @@ async fn idempotency_keys_replay_per_tenant() {
     commit(&s, &header(first, "court", 4)).await.unwrap();
     assert_eq!(
         begin(&s, retry, "court", Some("k1")).await.unwrap(),
-        IntentStart::AlreadyFiled(first)
+        IntentStart::AlreadyFiled(first, Some([7; 32]))
     );
     // A failed first attempt lets the retry file anew.
     let a = EvidenceId::new(3, [4; 10]);

@@ -1103,6 +1103,17 @@ fn idempotency_and_declared_hashes() -> Result<()> {
     assert!(a.json()["message"]
         .as_str()
         .is_some_and(|m| m.contains("case")));
+    // Provenance is notarized with the filing but not kept in its manifest:
+    // a retry declaring another source device is refused all the same.
+    let a = c.file_with(
+        &c.token,
+        &data,
+        &[key[0], ("x-custodia-source-device", "camera 7")],
+    )?;
+    assert_eq!(a.status, 422, "{}", String::from_utf8_lossy(&a.body));
+    assert!(a.json()["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("provenance")));
     let declared = blake3_hex(&data);
     let a = c.file_with(
         &c.token,
