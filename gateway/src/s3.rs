@@ -93,6 +93,7 @@ pub(crate) async fn serve<S: Store + 'static>(
     let http = crate::api::http1(Duration::from_millis(
         gw.config.client_idle_timeout_ms.max(1),
     ));
+    let gw_keep_alive_ms = gw.config.s3_copy_keep_alive_ms;
     let mut builder = s3s::service::S3ServiceBuilder::new(S3Front { gw: gw.clone() });
     builder.set_auth(Auth { gw });
     if let Some(d) = domain {
@@ -109,6 +110,7 @@ pub(crate) async fn serve<S: Store + 'static>(
         builder.set_host(host);
     }
     let service = builder.build();
+    let copy_keep_alive = Duration::from_millis(gw_keep_alive_ms);
     // Counted by method: the S3 operation is known only inside s3s.
     let counted = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let (service, metrics) = (service.clone(), metrics.clone());
@@ -123,25 +125,34 @@ pub(crate) async fn serve<S: Store + 'static>(
                     .uri()
                     .query()
                     .is_some_and(|q| q.split('&').any(|p| p.starts_with("uploadId=")));
-            let mut resp = if let Some(refused) =
-                crate::s3_digest::auth_refusal(&req, crate::ledger::unix_now())
-            {
-                Ok(refused_response(&refused))
-            } else if crate::s3_digest::wants_check(&req) {
-                match crate::s3_digest::wrap(req) {
-                    Ok((req, verdict)) => {
-                        let resp = service.call(req.map(s3s::Body::http_body_unsync)).await;
-                        // s3s answers a body that failed with a 500.
-                        let refused = verdict.lock().ok().and_then(|mut v| v.take());
-                        match refused {
-                            Some(refused) => Ok(refused_response(&refused)),
-                            None => resp,
+            // CopyObject and UploadPartCopy.
+            let copies = req.method() == http::Method::PUT
+                && req.headers().contains_key("x-amz-copy-source");
+            let call = async move {
+                if let Some(refused) =
+                    crate::s3_digest::auth_refusal(&req, crate::ledger::unix_now())
+                {
+                    Ok(refused_response(&refused))
+                } else if crate::s3_digest::wants_check(&req) {
+                    match crate::s3_digest::wrap(req) {
+                        Ok((req, verdict)) => {
+                            let resp = service.call(req.map(s3s::Body::http_body_unsync)).await;
+                            // s3s answers a body that failed with a 500.
+                            let refused = verdict.lock().ok().and_then(|mut v| v.take());
+                            match refused {
+                                Some(refused) => Ok(refused_response(&refused)),
+                                None => resp,
+                            }
                         }
+                        Err(refused) => Ok(refused_response(&refused)),
                     }
-                    Err(refused) => Ok(refused_response(&refused)),
+                } else {
+                    service.call(req.map(s3s::Body::from)).await
                 }
-            } else {
-                service.call(req.map(s3s::Body::from)).await
+            };
+            let mut resp = match copies {
+                true => kept_alive(Box::pin(call), copy_keep_alive).await,
+                false => call.await,
             };
             // s3s answers a HEAD 200 whatever its output says: a
             // ranged one (with its Content-Range) is a 206, as
@@ -167,6 +178,124 @@ pub(crate) async fn serve<S: Store + 'static>(
     ));
     tracing::info!(%addr, https = tls.is_some(), "S3 API listening");
     Ok((addr, task))
+}
+
+/// The answer to a copy, kept alive the way S3 keeps its own: a copy
+/// still running after `after` is answered 200 at once with an XML
+/// declaration, then a space each second, then the copy's own XML, or its
+/// error document (inside the 200: the AWS SDKs, botocore, rclone and
+/// s3cmd read a CopyObject's or UploadPartCopy's body for an `<Error>`).
+/// A copy of many GiB would otherwise send nothing until it is done, and
+/// the client's read timeout would cut it off and retry it from the start.
+/// The copy runs inside the body: a client that leaves cancels it.
+async fn kept_alive<F, E>(
+    mut call: std::pin::Pin<Box<F>>,
+    after: Duration,
+) -> Result<hyper::Response<s3s::Body>, E>
+where
+    F: std::future::Future<Output = Result<hyper::Response<s3s::Body>, E>> + Send + 'static,
+    E: std::fmt::Debug + 'static,
+{
+    use std::task::Poll;
+    if let Ok(resp) = tokio::time::timeout(after, call.as_mut()).await {
+        return resp;
+    }
+    const DECLARATION: &[u8] = br#"<?xml version="1.0" encoding="UTF-8"?>"#;
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
+    let mut call = Some(call);
+    let mut outcome: Option<s3s::Body> = None;
+    let mut declared = false;
+    let mut first_of_outcome = true;
+    let stream = futures::stream::poll_fn(
+        move |cx| -> Poll<Option<Result<bytes::Bytes, s3s::StdError>>> {
+            use http_body::Body as _;
+            if !declared {
+                declared = true;
+                return Poll::Ready(Some(Ok(bytes::Bytes::from_static(DECLARATION))));
+            }
+            loop {
+                if let Some(body) = outcome.as_mut() {
+                    return match std::pin::Pin::new(body).poll_frame(cx) {
+                        Poll::Pending => Poll::Pending,
+                        Poll::Ready(None) => Poll::Ready(None),
+                        Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+                        Poll::Ready(Some(Ok(frame))) => {
+                            let Ok(mut data) = frame.into_data() else {
+                                // Trailers: a copy's answer has none to send.
+                                continue;
+                            };
+                            if first_of_outcome && !data.is_empty() {
+                                first_of_outcome = false;
+                                if data.starts_with(DECLARATION) {
+                                    data = data.slice(DECLARATION.len()..);
+                                }
+                            }
+                            Poll::Ready(Some(Ok(data)))
+                        }
+                    };
+                }
+                let Some(running) = call.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                match running.as_mut().poll(cx) {
+                    Poll::Ready(Ok(resp)) => {
+                        call = None;
+                        outcome = Some(resp.into_body());
+                    }
+                    Poll::Ready(Err(e)) => {
+                        call = None;
+                        tracing::error!(error = ?e, "S3 copy failed after its answer began");
+                        let mut err = S3Error::new(S3ErrorCode::InternalError);
+                        err.set_message("internal error; details are in the gateway's log");
+                        let xml = s3_error_document(&err);
+                        return Poll::Ready(Some(Ok(bytes::Bytes::from(xml))));
+                    }
+                    Poll::Pending => {
+                        return match tick.poll_tick(cx) {
+                            Poll::Ready(_) => {
+                                Poll::Ready(Some(Ok(bytes::Bytes::from_static(b" "))))
+                            }
+                            Poll::Pending => Poll::Pending,
+                        };
+                    }
+                }
+            }
+        },
+    );
+    let body = http_body_util::StreamBody::new(futures::StreamExt::map(stream, |r| {
+        r.map(http_body::Frame::data)
+    }));
+    let mut resp = hyper::Response::new(s3s::Body::http_body_unsync(body));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/xml"),
+    );
+    tracing::info!(
+        after_ms = after.as_millis() as u64,
+        "S3 copy still running: answered 200, kept alive"
+    );
+    Ok(resp)
+}
+
+/// An S3 error document without its XML declaration.
+fn s3_error_document(err: &S3Error) -> String {
+    let code = err.code().as_str();
+    let message = err.message().unwrap_or(code);
+    format!(
+        "<Error><Code>{}</Code><Message>{}</Message></Error>",
+        xml_escape(code),
+        xml_escape(message)
+    )
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// A CompleteMultipartUpload answer with at most one XML declaration.

@@ -2013,6 +2013,190 @@ fn a_complete_that_fails_while_filing_answers_one_xml_document() -> Result<()> {
     Ok(())
 }
 
+/// A copy still running after `s3_copy_keep_alive_ms` (here at once) is
+/// answered 200 and kept alive, as S3 does: the copy's XML comes after, or
+/// its error inside the 200, which the AWS CLI reads as the failure it is.
+#[test]
+fn long_copies_are_kept_alive_and_fail_inside_the_200() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.set_gateway(&[("s3_copy_keep_alive_ms", toml::Value::Integer(0))])?;
+    let aws = Aws::admin(&c);
+    aws.ok(&["s3", "mb", "s3://copies"])?;
+    let data = bytes(3 << 20, 21);
+    let src = aws.file("src", &data)?;
+    aws.ok(&[
+        "s3api",
+        "put-object",
+        "--bucket",
+        "copies",
+        "--key",
+        "src.bin",
+        "--body",
+        &src,
+    ])?;
+
+    // By hand: 200, one declaration, then the result; no headers that were
+    // not known when the answer began.
+    let (head, body) = curl(
+        &c,
+        "PUT",
+        &format!("{}/copies/by-hand.bin", c.s3),
+        &["-H", "x-amz-copy-source: copies/src.bin"],
+    )?;
+    let body = String::from_utf8_lossy(&body);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(
+        !head.contains("x-custodia-evidence-id"),
+        "the answer began before the copy was done: {head}"
+    );
+    assert_eq!(body.matches("<?xml").count(), 1, "{body}");
+    assert!(
+        body.starts_with("<?xml") && body.contains("<CopyObjectResult>"),
+        "{body}"
+    );
+    assert!(
+        body.contains(&md5_hex(&data)),
+        "the copy's ETag is its MD5: {body}"
+    );
+
+    // The AWS CLI parses it as any other answer.
+    aws.ok(&[
+        "s3api",
+        "copy-object",
+        "--bucket",
+        "copies",
+        "--key",
+        "cli.bin",
+        "--copy-source",
+        "copies/src.bin",
+    ])?;
+    aws.ok(&["s3", "cp", "s3://copies/cli.bin", "cli.out"])?;
+    assert!(aws.read("cli.out")? == data, "the copy reads back");
+    let up = aws.json(&[
+        "s3api",
+        "create-multipart-upload",
+        "--bucket",
+        "copies",
+        "--key",
+        "parts.bin",
+    ])?;
+    let id = up["UploadId"].as_str().context("upload id")?.to_owned();
+    let part = aws.json(&[
+        "s3api",
+        "upload-part-copy",
+        "--bucket",
+        "copies",
+        "--key",
+        "parts.bin",
+        "--upload-id",
+        &id,
+        "--part-number",
+        "1",
+        "--copy-source",
+        "copies/src.bin",
+    ])?;
+    let etag = part["CopyPartResult"]["ETag"]
+        .as_str()
+        .context("part etag")?
+        .to_owned();
+    let parts = format!(r#"{{"Parts":[{{"PartNumber":1,"ETag":{etag:?}}}]}}"#);
+    aws.ok(&[
+        "s3api",
+        "complete-multipart-upload",
+        "--bucket",
+        "copies",
+        "--key",
+        "parts.bin",
+        "--upload-id",
+        &id,
+        "--multipart-upload",
+        &parts,
+    ])?;
+    aws.ok(&["s3", "cp", "s3://copies/parts.bin", "parts.out"])?;
+    assert!(aws.read("parts.out")? == data, "the part copy reads back");
+
+    // A copy whose source cannot be read fails after its 200 began: the
+    // error is the body, and the CLI reports it and exits non-zero.
+    for f in c.all_shard_files() {
+        std::fs::remove_file(f)?;
+    }
+    let (head, body) = curl(
+        &c,
+        "PUT",
+        &format!("{}/copies/lost.bin", c.s3),
+        &["-H", "x-amz-copy-source: copies/src.bin"],
+    )?;
+    let body = String::from_utf8_lossy(&body);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(
+        body.starts_with("<?xml") && body.contains("<Error><Code>ServiceUnavailable</Code>"),
+        "{head}{body}"
+    );
+    assert_eq!(body.matches("<?xml").count(), 1, "{body}");
+    // The AWS CLI (its botocore of 2022 takes the code from the parsed
+    // success, so it says "Unknown") and current boto3 (the code) both fail.
+    let out = aws.run(&[
+        "s3api",
+        "copy-object",
+        "--bucket",
+        "copies",
+        "--key",
+        "lost.bin",
+        "--copy-source",
+        "copies/src.bin",
+    ])?;
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let creds = std::fs::read_to_string(c.data_dir().join("s3.credentials"))?;
+    let field = |name: &str| profile_field(&creds, name);
+    let python = std::env::var("CUSTODIA_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(&python)
+        .args([
+            "-c",
+            "import boto3, botocore.config, botocore.exceptions, os\n\
+             s3 = boto3.client('s3', endpoint_url=os.environ['S3_ENDPOINT'], region_name='us-east-1',\n\
+                 config=botocore.config.Config(retries={'max_attempts': 1}))\n\
+             try:\n\
+             \x20   s3.copy_object(Bucket='copies', Key='lost.bin', CopySource='copies/src.bin')\n\
+             \x20   print('copied')\n\
+             except botocore.exceptions.ClientError as e:\n\
+             \x20   print('code', e.response['Error']['Code'])\n",
+        ])
+        .env("S3_ENDPOINT", &c.s3)
+        .env("AWS_ACCESS_KEY_ID", field("aws_access_key_id"))
+        .env("AWS_SECRET_ACCESS_KEY", field("aws_secret_access_key"))
+        .env("AWS_CONFIG_FILE", c.data_dir().join("no-aws-config"))
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            c.data_dir().join("no-aws-credentials"),
+        )
+        .output()
+        .with_context(|| format!("running {python} (set CUSTODIA_PYTHON to one with boto3)"))?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        said.trim(),
+        "code ServiceUnavailable",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = aws.json(&[
+        "s3api",
+        "list-objects-v2",
+        "--bucket",
+        "copies",
+        "--prefix",
+        "lost",
+    ])?;
+    assert!(
+        listed["Contents"].as_array().is_none_or(Vec::is_empty),
+        "nothing filed under the failed copy's key: {listed}"
+    );
+    Ok(())
+}
+
 /// An upload neither completed nor aborted goes after `multipart_expiry_ms`
 /// (S3's AbortIncompleteMultipartUpload), and its parts' shards with it.
 #[test]
