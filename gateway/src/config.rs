@@ -105,14 +105,14 @@ pub struct GatewayConfig {
     /// should wait longer than this before it kills the gateway.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace_ms: u64,
-    /// How long an S3 CopyObject or UploadPartCopy may run before the S3
-    /// API answers 200 and keeps the connection alive with spaces until the
-    /// copy's XML (or its error, inside the 200, as S3 does), so that a
-    /// client's read timeout (60 s for the AWS CLI and boto3) does not cut
-    /// off a copy of many GiB. The response's headers (version id,
+    /// How long an S3 CopyObject, UploadPartCopy or CompleteMultipartUpload
+    /// may run before the S3 API answers 200 and keeps the connection alive
+    /// with spaces until its XML (or its error, inside the 200, as S3 does),
+    /// so that a client's read timeout (60 s for the AWS CLI and boto3) does
+    /// not cut off one of many GiB. The response's headers (version id,
     /// evidence id) are then sent before they are known, so without them.
-    #[serde(default = "default_s3_copy_keep_alive")]
-    pub s3_copy_keep_alive_ms: u64,
+    #[serde(default = "default_s3_keep_alive_after")]
+    pub s3_keep_alive_after_ms: u64,
     /// The notarization ledger; without it filings get no receipts.
     #[serde(default)]
     pub ledger: Option<crate::ledger::LedgerConfig>,
@@ -232,7 +232,7 @@ fn default_hedge() -> u64 {
 fn default_shutdown_grace() -> u64 {
     20_000
 }
-fn default_s3_copy_keep_alive() -> u64 {
+fn default_s3_keep_alive_after() -> u64 {
     15_000
 }
 fn default_lease() -> u64 {

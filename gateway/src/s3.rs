@@ -93,7 +93,7 @@ pub(crate) async fn serve<S: Store + 'static>(
     let http = crate::api::http1(Duration::from_millis(
         gw.config.client_idle_timeout_ms.max(1),
     ));
-    let gw_keep_alive_ms = gw.config.s3_copy_keep_alive_ms;
+    let keep_alive_ms = gw.config.s3_keep_alive_after_ms;
     let mut builder = s3s::service::S3ServiceBuilder::new(S3Front { gw: gw.clone() });
     builder.set_auth(Auth { gw });
     if let Some(d) = domain {
@@ -110,7 +110,7 @@ pub(crate) async fn serve<S: Store + 'static>(
         builder.set_host(host);
     }
     let service = builder.build();
-    let copy_keep_alive = Duration::from_millis(gw_keep_alive_ms);
+    let keep_alive_after = Duration::from_millis(keep_alive_ms);
     // Counted by method: the S3 operation is known only inside s3s.
     let counted = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let (service, metrics) = (service.clone(), metrics.clone());
@@ -151,7 +151,7 @@ pub(crate) async fn serve<S: Store + 'static>(
                 }
             };
             let mut resp = match copies {
-                true => kept_alive(Box::pin(call), copy_keep_alive).await,
+                true => kept_alive(Box::pin(call), keep_alive_after).await,
                 false => call.await,
             };
             // s3s answers a HEAD 200 whatever its output says: a
@@ -2428,7 +2428,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             };
             // The object is filed anew from the parts' verified bytes, so its
             // BLAKE3 root, SHA-256 and receipt are the whole object's. This can
-            // take a while: s3s keeps the connection alive meanwhile.
+            // take a while: see below.
             let front = S3Front {
                 gw: self.gw.clone(),
             };
@@ -2501,10 +2501,18 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                     ..Default::default()
                 })
             };
-            Ok(S3Response::new(CompleteMultipartUploadOutput {
-                future: Some(Box::pin(future)),
-                ..Default::default()
-            }))
+            // Answered as any other request when it is done in time, with
+            // its version id and its error's own status; kept alive by s3s
+            // (200, spaces, then the outcome) once it takes longer.
+            let mut future: futures::future::BoxFuture<'static, _> = Box::pin(future);
+            let after = Duration::from_millis(self.gw.config.s3_keep_alive_after_ms);
+            match tokio::time::timeout(after, future.as_mut()).await {
+                Ok(done) => done.map(S3Response::new),
+                Err(_) => Ok(S3Response::new(CompleteMultipartUploadOutput {
+                    future: Some(future),
+                    ..Default::default()
+                })),
+            }
         }
         .await;
         match attempt {

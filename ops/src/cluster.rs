@@ -386,7 +386,7 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         multipart_expiry_ms: 7 * 24 * 3_600_000,
         client_idle_timeout_ms: 60_000,
         shutdown_grace_ms: 20_000,
-        s3_copy_keep_alive_ms: 15_000,
+        s3_keep_alive_after_ms: 15_000,
         node_down_after_ms: 30_000,
         node_probe_interval_ms: 5_000,
         repair_interval_ms: 10_000,

@@ -1873,13 +1873,13 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
         "{versions}"
     );
     let version = &versions["Versions"][0];
+    // Done within `s3_keep_alive_after_ms`, each answer names the version.
     for answer in &answers {
         assert_eq!(answer["ETag"], version["ETag"], "{answer}");
+        assert_eq!(answer["VersionId"], version["VersionId"], "{answer}");
     }
-    // A retry long after gets the same answer (with the version id, which
-    // the first answer, sent while the object was being filed, lacks); one
-    // listing other parts is not a retry of this completion, and finds no
-    // upload.
+    // A retry long after gets the same answer; one listing other parts is
+    // not a retry of this completion, and finds no upload.
     let again = complete()?;
     let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap_or_default();
     assert_eq!(again["ETag"], version["ETag"], "{again}");
@@ -1949,7 +1949,7 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
 /// declaration made botocore report a generic 500 instead).
 #[test]
 fn a_complete_that_fails_while_filing_answers_one_xml_document() -> Result<()> {
-    let c = TestCluster::start(Shape::default())?;
+    let mut c = TestCluster::start(Shape::default())?;
     let aws = Aws::admin(&c);
     aws.ok(&["s3", "mb", "s3://late"])?;
     let up = aws.json(&[
@@ -1986,24 +1986,33 @@ fn a_complete_that_fails_while_filing_answers_one_xml_document() -> Result<()> {
     let xml = format!(
         "<CompleteMultipartUpload><Part><PartNumber>1</PartNumber><ETag>{etag}</ETag></Part></CompleteMultipartUpload>"
     );
-    let (head, body) = curl(
-        &c,
-        "POST",
-        &format!("{}/late/gone.bin?uploadId={id}", c.s3),
-        &["--data-binary", &xml, "-H", "content-type: application/xml"],
-    )?;
-    let body = String::from_utf8_lossy(&body);
-    // The cluster's failure (503, worth a retry once the nodes are back),
-    // not a client's cut-off body (400).
-    assert!(
-        body.contains("<Error><Code>ServiceUnavailable</Code>"),
-        "{head}{body}"
-    );
-    assert_eq!(body.matches("<?xml").count(), 1, "{body}");
-    assert!(
-        body.trim_start().starts_with("<?xml"),
-        "the declaration comes first: {body}"
-    );
+    // Failing at once, it is answered with its own status; failing after
+    // the answer began (here at once), inside the 200.
+    for (keep_alive_after, status) in [(15_000, "503"), (0, "200")] {
+        c.set_gateway(&[(
+            "s3_keep_alive_after_ms",
+            toml::Value::Integer(keep_alive_after),
+        )])?;
+        let (head, body) = curl(
+            &c,
+            "POST",
+            &format!("{}/late/gone.bin?uploadId={id}", c.s3),
+            &["--data-binary", &xml, "-H", "content-type: application/xml"],
+        )?;
+        let body = String::from_utf8_lossy(&body);
+        assert!(head.starts_with(&format!("http/1.1 {status}")), "{head}");
+        // The cluster's failure (503, worth a retry once the nodes are
+        // back), not a client's cut-off body (400).
+        assert!(
+            body.contains("<Error><Code>ServiceUnavailable</Code>"),
+            "{head}{body}"
+        );
+        assert_eq!(body.matches("<?xml").count(), 1, "{body}");
+        assert!(
+            body.trim_start().starts_with("<?xml"),
+            "the declaration comes first: {body}"
+        );
+    }
     // Nothing was filed under the key.
     let listed = aws.json(&["s3api", "list-objects-v2", "--bucket", "late"])?;
     assert!(
@@ -2013,13 +2022,13 @@ fn a_complete_that_fails_while_filing_answers_one_xml_document() -> Result<()> {
     Ok(())
 }
 
-/// A copy still running after `s3_copy_keep_alive_ms` (here at once) is
+/// A copy still running after `s3_keep_alive_after_ms` (here at once) is
 /// answered 200 and kept alive, as S3 does: the copy's XML comes after, or
 /// its error inside the 200, which the AWS CLI reads as the failure it is.
 #[test]
 fn long_copies_are_kept_alive_and_fail_inside_the_200() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
-    c.set_gateway(&[("s3_copy_keep_alive_ms", toml::Value::Integer(0))])?;
+    c.set_gateway(&[("s3_keep_alive_after_ms", toml::Value::Integer(0))])?;
     let aws = Aws::admin(&c);
     aws.ok(&["s3", "mb", "s3://copies"])?;
     let data = bytes(3 << 20, 21);
