@@ -133,7 +133,7 @@ pub enum Filing {
         /// The S3 object version committed with it (S3 filings): what the
         /// response describes, not re-read (a concurrent PUT of the key may
         /// already have replaced it).
-        version: Option<indexer::s3::ObjectVersion>,
+        version: Option<Box<indexer::s3::ObjectVersion>>,
     },
     /// The Idempotency-Key named an earlier, completed filing.
     Replayed(ManifestHeader),
@@ -562,7 +562,7 @@ impl<S: Store> Upload<S> {
         Ok(Filing::New {
             header,
             degraded_stripes: self.degraded,
-            version: s3.map(|put| put.version),
+            version: s3.map(|put| Box::new(put.version)),
         })
     }
 

@@ -751,6 +751,7 @@ impl<S: Store> S3Front<S> {
                 user_metadata: Vec::new(),
                 retention: None,
                 legal_hold: false,
+                content: ix::ContentHeaders::default(),
             };
             let done = indexer::run(&self.gw.store, |tx| {
                 let (bucket, key, marker) = (&bucket, &key, &marker);
@@ -869,7 +870,7 @@ impl<S: Store> S3Front<S> {
         // and a committed write would answer an error (a client retrying a
         // Complete would file it twice).
         let v = match written {
-            Some(v) => v,
+            Some(v) => *v,
             None => {
                 self.version(bucket, key, VersionRef::Id(header.evidence))
                     .await?
@@ -986,7 +987,7 @@ fn future_ms(until: Timestamp, now: u64) -> S3Result<u64> {
 fn object_template(
     b: &BucketRecord,
     now: u64,
-    content_type: Option<String>,
+    (content_type, content): (Option<String>, ix::ContentHeaders),
     metadata: Option<Metadata>,
     lock_mode: Option<&ObjectLockMode>,
     retain_until: Option<Timestamp>,
@@ -1036,6 +1037,13 @@ fn object_template(
             "Content-Type is longer than {MAX_USER_METADATA} bytes"
         ));
     }
+    // Kept in the same record: bounded the same way.
+    if content.len() > MAX_USER_METADATA {
+        return Err(s3_error!(
+            InvalidArgument,
+            "Content-Encoding, -Disposition, -Language and Cache-Control together are longer than {MAX_USER_METADATA} bytes"
+        ));
+    }
     Ok(ObjectVersion {
         version_id: EvidenceId([0; 16]),
         null_version: b.versioning != Versioning::Enabled,
@@ -1049,7 +1057,60 @@ fn object_template(
         user_metadata,
         retention,
         legal_hold,
+        content,
     })
+}
+
+/// The standard headers a write (PUT, CreateMultipartUpload, a copy with
+/// `REPLACE`) gives the object: its type and [`ix::ContentHeaders`].
+macro_rules! content_of {
+    ($input:expr) => {
+        (
+            $input.content_type.clone(),
+            ix::ContentHeaders {
+                encoding: $input.content_encoding.clone(),
+                disposition: $input.content_disposition.clone(),
+                language: $input.content_language.clone(),
+                cache_control: $input.cache_control.clone(),
+                expires_ms: $input.expires.clone().map(ts_to_ms),
+            },
+        )
+    };
+}
+
+/// The headers a GET or HEAD answers with: the object's, or those its
+/// `response-*` parameters name instead (a presigned download link's
+/// `response-content-disposition`, as S3 allows).
+macro_rules! answered_content {
+    ($input:expr, $v:expr) => {{
+        let c = &$v.content;
+        (
+            $input
+                .response_content_type
+                .clone()
+                .or_else(|| $v.content_type.clone()),
+            $input
+                .response_content_encoding
+                .clone()
+                .or_else(|| c.encoding.clone()),
+            $input
+                .response_content_disposition
+                .clone()
+                .or_else(|| c.disposition.clone()),
+            $input
+                .response_content_language
+                .clone()
+                .or_else(|| c.language.clone()),
+            $input
+                .response_cache_control
+                .clone()
+                .or_else(|| c.cache_control.clone()),
+            $input
+                .response_expires
+                .clone()
+                .or_else(|| c.expires_ms.map(ms_to_ts)),
+        )
+    }};
 }
 
 /// `x-amz-checksum-sha256` as a header: checked by the ingest's own SHA-256.
@@ -1470,7 +1531,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let template = object_template(
             &b,
             now,
-            input.content_type.clone(),
+            content_of!(input),
             input.metadata.take(),
             input.object_lock_mode.as_ref(),
             input.object_lock_retain_until_date.clone(),
@@ -1550,12 +1611,25 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             crate::api::ReadBody::Verified(bytes) => StreamingBlob::from(s3s::Body::from(bytes)),
             crate::api::ReadBody::Streamed(stream) => StreamingBlob::wrap(stream),
         };
+        let (
+            content_type,
+            content_encoding,
+            content_disposition,
+            content_language,
+            cache_control,
+            expires,
+        ) = answered_content!(input, v);
         let mut resp = S3Response::new(GetObjectOutput {
             body: Some(body),
             content_length: Some((read.end - read.start) as i64),
             content_range: content_range(range.as_ref(), size),
             accept_ranges: Some("bytes".into()),
-            content_type: v.content_type.clone(),
+            content_type,
+            content_encoding,
+            content_disposition,
+            content_language,
+            cache_control,
+            expires,
             e_tag: Some(ETag::Strong(v.etag.clone())),
             last_modified: Some(ms_to_ts(v.last_modified_ms)),
             metadata: (!v.user_metadata.is_empty())
@@ -1589,11 +1663,24 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         // length and Content-Range, or 416 (as S3 does).
         let size = header.size;
         let range = object_range(input.range.as_ref(), size)?;
+        let (
+            content_type,
+            content_encoding,
+            content_disposition,
+            content_language,
+            cache_control,
+            expires,
+        ) = answered_content!(input, v);
         let mut resp = S3Response::new(HeadObjectOutput {
             content_length: Some(range.as_ref().map_or(size, |r| r.end - r.start) as i64),
             content_range: content_range(range.as_ref(), size),
             accept_ranges: Some("bytes".into()),
-            content_type: v.content_type.clone(),
+            content_type,
+            content_encoding,
+            content_disposition,
+            content_language,
+            cache_control,
+            expires,
             e_tag: Some(ETag::Strong(v.etag.clone())),
             last_modified: Some(ms_to_ts(v.last_modified_ms)),
             metadata: (!v.user_metadata.is_empty())
@@ -1734,18 +1821,20 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             .as_ref()
             .is_some_and(|d| d.as_str() == MetadataDirective::REPLACE);
         let now = self.gw.clock.now_ms();
-        let (content_type, metadata) = if replace {
-            (input.content_type.take(), input.metadata.take())
+        // S3 copies the source's headers with its metadata, or replaces
+        // both with the request's.
+        let (content, metadata) = if replace {
+            (content_of!(input), input.metadata.take())
         } else {
             (
-                src.content_type.clone(),
+                (src.content_type.clone(), src.content.clone()),
                 Some(src.user_metadata.iter().cloned().collect()),
             )
         };
         let template = object_template(
             &b,
             now,
-            content_type,
+            content,
             metadata,
             input.object_lock_mode.as_ref(),
             input.object_lock_retain_until_date.clone(),
@@ -2170,7 +2259,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let version = object_template(
             &b,
             now,
-            input.content_type.clone(),
+            content_of!(input),
             input.metadata.take(),
             input.object_lock_mode.as_ref(),
             input.object_lock_retain_until_date.clone(),
@@ -3208,6 +3297,7 @@ mod tests {
             user_metadata: Vec::new(),
             retention: None,
             legal_hold: false,
+            content: Default::default(),
         };
         let (right, wrong) = (
             ETagCondition::ETag(ETag::Strong("abc".into())),

@@ -277,6 +277,87 @@ pub struct ObjectVersion {
     pub user_metadata: Vec<(String, String)>,
     pub retention: Option<Retention>,
     pub legal_hold: bool,
+    /// The standard headers S3 keeps with an object and answers with.
+    pub content: ContentHeaders,
+}
+
+/// The standard headers an S3 object is written with, kept and answered
+/// on GET and HEAD as S3 does (its "system metadata" beyond the type).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentHeaders {
+    pub encoding: Option<String>,
+    pub disposition: Option<String>,
+    pub language: Option<String>,
+    pub cache_control: Option<String>,
+    /// `Expires`, as the instant it names (ms after the Unix epoch).
+    pub expires_ms: Option<u64>,
+}
+
+impl ContentHeaders {
+    /// Bytes they take, counted with user metadata against S3's limit.
+    pub fn len(&self) -> usize {
+        [
+            &self.encoding,
+            &self.disposition,
+            &self.language,
+            &self.cache_control,
+        ]
+        .iter()
+        .map(|v| v.as_ref().map_or(0, String::len))
+        .sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == ContentHeaders::default()
+    }
+}
+
+/// Version records before [`ContentHeaders`]. Read, never written.
+#[derive(Deserialize)]
+struct ObjectVersionV1 {
+    version_id: EvidenceId,
+    null_version: bool,
+    evidence: Option<EvidenceId>,
+    size: u64,
+    etag: String,
+    last_modified_ms: u64,
+    content_type: Option<String>,
+    user_metadata: Vec<(String, String)>,
+    retention: Option<Retention>,
+    legal_hold: bool,
+}
+
+impl From<ObjectVersionV1> for ObjectVersion {
+    fn from(v1: ObjectVersionV1) -> Self {
+        ObjectVersion {
+            version_id: v1.version_id,
+            null_version: v1.null_version,
+            evidence: v1.evidence,
+            size: v1.size,
+            etag: v1.etag,
+            last_modified_ms: v1.last_modified_ms,
+            content_type: v1.content_type,
+            user_metadata: v1.user_metadata,
+            retention: v1.retention,
+            legal_hold: v1.legal_hold,
+            content: ContentHeaders::default(),
+        }
+    }
+}
+
+/// Object versions (`3v`, `3c`) with their [`ContentHeaders`].
+const VERSION_V2: u8 = 2;
+
+fn encode_version(v: &ObjectVersion) -> Vec<u8> {
+    encode_versioned(VERSION_V2, v)
+}
+
+/// A version record of either layout.
+pub fn decode_version(bytes: &[u8]) -> Result<ObjectVersion, protocol::DecodeError> {
+    match bytes.first() {
+        Some(&RECORD_V1) => Ok(decode_versioned::<ObjectVersionV1>(RECORD_V1, bytes)?.into()),
+        _ => decode_versioned(VERSION_V2, bytes),
+    }
 }
 
 impl ObjectVersion {
@@ -585,7 +666,7 @@ pub fn replay(
                     .iter()
                     .position(|b| *b == 0)
                     .ok_or(ObjectError::Journal("a version key"))?;
-                let v: ObjectVersion = decode_versioned(RECORD_V1, &value)?;
+                let v = decode_version(&value)?;
                 if let Some(id) = v.evidence.filter(|id| !exists(*id)) {
                     out.dropped.push((
                         String::from_utf8_lossy(&names[..split]).into_owned(),
@@ -824,7 +905,7 @@ pub async fn versions_tx<T: Transaction>(
     tx.get_range(&prefix, &prefix_end(&prefix), limit, false)
         .await?
         .iter()
-        .map(|(_, v)| Ok(decode_versioned(RECORD_V1, v)?))
+        .map(|(_, v)| Ok(decode_version(v)?))
         .collect()
 }
 
@@ -835,9 +916,7 @@ async fn refresh_current<T: Transaction>(
     key: &str,
 ) -> Result<(), ObjectError> {
     match versions_tx(tx, bucket, key, 1).await?.first() {
-        Some(v) if !v.is_delete_marker() => {
-            tx.set(&current_key(bucket, key), &encode_versioned(RECORD_V1, v))
-        }
+        Some(v) if !v.is_delete_marker() => tx.set(&current_key(bucket, key), &encode_version(v)),
         _ => tx.clear(&current_key(bucket, key)),
     }
     Ok(())
@@ -900,9 +979,10 @@ pub async fn get_version_tx<T: Transaction>(
 ) -> Result<ObjectVersion, ObjectError> {
     check_names(bucket, Some(key))?;
     match version_id {
-        Some(id) => get_record(tx, &version_key(bucket, key, &id))
-            .await?
-            .ok_or(ObjectError::NoSuchVersion),
+        Some(id) => match tx.get(&version_key(bucket, key, &id)).await? {
+            Some(v) => Ok(decode_version(&v)?),
+            None => Err(ObjectError::NoSuchVersion),
+        },
         None => versions_tx(tx, bucket, key, 1)
             .await?
             .into_iter()
@@ -1069,7 +1149,7 @@ async fn write_version<T: Transaction>(
     set_journaled(
         tx,
         &version_key(bucket, key, &v.version_id),
-        &encode_versioned(RECORD_V1, v),
+        &encode_version(v),
     );
     refresh_current(tx, bucket, key).await
 }
@@ -1105,7 +1185,7 @@ pub async fn list_current_tx<T: Transaction>(
         .map(|(k, v)| {
             Ok((
                 String::from_utf8_lossy(&k[base.len()..]).into_owned(),
-                decode_versioned(RECORD_V1, v)?,
+                decode_version(v)?,
             ))
         })
         .collect()
@@ -1186,7 +1266,7 @@ pub async fn list_versions_after_tx<T: Transaction>(
             let key = &rest[..rest.len().saturating_sub(17)];
             Ok((
                 String::from_utf8_lossy(key).into_owned(),
-                decode_versioned(RECORD_V1, v)?,
+                decode_version(v)?,
             ))
         })
         .collect()
@@ -1196,7 +1276,7 @@ pub async fn list_versions_after_tx<T: Transaction>(
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Deleted {
     /// A delete marker was added (versioning enabled or suspended).
-    Marker(ObjectVersion),
+    Marker(Box<ObjectVersion>),
     /// The "null" version was removed (never-versioned bucket), or there
     /// was nothing to delete.
     Removed,
@@ -1226,7 +1306,7 @@ pub async fn delete_current_tx<T: Transaction>(
                 remove_null_version(tx, bucket, key, now_ms, bypass_governance).await?;
             }
             write_version(tx, bucket, key, &m).await?;
-            Ok(Deleted::Marker(m))
+            Ok(Deleted::Marker(Box::new(m)))
         }
         Versioning::Unversioned => {
             remove_null_version(tx, bucket, key, now_ms, bypass_governance).await?;
@@ -1261,10 +1341,22 @@ struct MultipartRecordV1 {
     key: String,
     tenant: String,
     created_ms: u64,
-    version: ObjectVersion,
+    version: ObjectVersionV1,
+}
+
+/// Multipart records before [`ContentHeaders`].
+#[derive(Deserialize)]
+struct MultipartRecordV2 {
+    bucket: String,
+    key: String,
+    tenant: String,
+    created_ms: u64,
+    version: ObjectVersionV1,
+    default_retention: bool,
 }
 
 const MULTIPART_V2: u8 = 2;
+const MULTIPART_V3: u8 = 3;
 
 fn decode_multipart(v: &[u8]) -> Result<MultipartRecord, protocol::DecodeError> {
     match v.first() {
@@ -1275,11 +1367,22 @@ fn decode_multipart(v: &[u8]) -> Result<MultipartRecord, protocol::DecodeError> 
                 key: old.key,
                 tenant: old.tenant,
                 created_ms: old.created_ms,
-                version: old.version,
+                version: old.version.into(),
                 default_retention: false,
             })
         }
-        _ => decode_versioned(MULTIPART_V2, v),
+        Some(&MULTIPART_V2) => {
+            let old: MultipartRecordV2 = decode_versioned(MULTIPART_V2, v)?;
+            Ok(MultipartRecord {
+                bucket: old.bucket,
+                key: old.key,
+                tenant: old.tenant,
+                created_ms: old.created_ms,
+                version: old.version.into(),
+                default_retention: old.default_retention,
+            })
+        }
+        _ => decode_versioned(MULTIPART_V3, v),
     }
 }
 
@@ -1317,7 +1420,7 @@ pub async fn create_multipart_tx<T: Transaction>(
     bucket_as_seen(tx, &rec.bucket, seen).await?;
     tx.set(
         &key_of(MULTIPART, &[upload.as_bytes()]),
-        &encode_versioned(MULTIPART_V2, rec),
+        &encode_versioned(MULTIPART_V3, rec),
     );
     tx.set(&bucket_upload_key(&rec.bucket, &rec.key, &upload), b"");
     Ok(())
@@ -1369,7 +1472,7 @@ pub async fn carry_holds_to_evidence_tx<T: Transaction>(
     let last = last.clone();
     let mut carried = 0;
     for (_, value) in &rows {
-        let Ok(v) = decode_versioned::<ObjectVersion>(RECORD_V1, value) else {
+        let Ok(v) = decode_version(value) else {
             continue;
         };
         let (true, Some(evidence)) = (v.legal_hold, v.evidence) else {
@@ -1779,6 +1882,80 @@ mod tests {
             decode_versioned::<BucketRecord>(BUCKET_V2, &v2).unwrap(),
             rec
         );
+    }
+
+    #[test]
+    fn version_and_multipart_records_before_content_headers_still_read() {
+        #[derive(Serialize)]
+        struct V1 {
+            version_id: EvidenceId,
+            null_version: bool,
+            evidence: Option<EvidenceId>,
+            size: u64,
+            etag: String,
+            last_modified_ms: u64,
+            content_type: Option<String>,
+            user_metadata: Vec<(String, String)>,
+            retention: Option<Retention>,
+            legal_hold: bool,
+        }
+        let old = V1 {
+            version_id: EvidenceId::new(7, [1; 10]),
+            null_version: false,
+            evidence: Some(EvidenceId::new(7, [2; 10])),
+            size: 42,
+            etag: "abc".into(),
+            last_modified_ms: 7,
+            content_type: Some("video/mp4".into()),
+            user_metadata: vec![("case".into(), "17".into())],
+            retention: Some(Retention {
+                mode: LockMode::Compliance,
+                until_ms: 99,
+            }),
+            legal_hold: true,
+        };
+        let v = decode_version(&encode_versioned(RECORD_V1, &old)).unwrap();
+        assert_eq!(
+            (
+                v.size,
+                v.etag.as_str(),
+                v.content_type.as_deref(),
+                v.legal_hold
+            ),
+            (42, "abc", Some("video/mp4"), true)
+        );
+        assert_eq!(v.user_metadata, old.user_metadata);
+        assert!(v.content.is_empty());
+        // Written now, with its headers, and read back whole.
+        let mut new = v.clone();
+        new.content.disposition = Some("attachment".into());
+        new.content.expires_ms = Some(5);
+        assert_eq!(decode_version(&encode_version(&new)).unwrap(), new);
+
+        #[derive(Serialize)]
+        struct MultipartV2 {
+            bucket: String,
+            key: String,
+            tenant: String,
+            created_ms: u64,
+            version: V1,
+            default_retention: bool,
+        }
+        let m = encode_versioned(
+            MULTIPART_V2,
+            &MultipartV2 {
+                bucket: "b".into(),
+                key: "k".into(),
+                tenant: "court".into(),
+                created_ms: 3,
+                version: old,
+                default_retention: true,
+            },
+        );
+        let m = decode_multipart(&m).unwrap();
+        assert!(m.default_retention && m.version == v, "{m:?}");
+        let again = encode_versioned(MULTIPART_V3, &m);
+        assert_eq!(decode_multipart(&again).unwrap(), m);
     }
 
     #[test]

@@ -28,6 +28,7 @@ fn version(ms: u64, null: bool) -> ObjectVersion {
         user_metadata: Vec::new(),
         retention: None,
         legal_hold: false,
+        content: Default::default(),
     }
 }
 
@@ -795,7 +796,7 @@ async fn start_upload(s: &EmbeddedStore, b: &str, key: &str, tenant: &str, ms: u
             let rec = &rec;
             async move {
                 let key = [&b"3u"[..], upload.as_bytes()].concat();
-                tx.set(&key, &protocol::wire::encode_versioned(2, rec));
+                tx.set(&key, &protocol::wire::encode_versioned(3, rec));
                 Ok::<_, ObjectError>(())
             }
         })
@@ -997,22 +998,48 @@ async fn a_completed_upload_is_remembered_a_while_and_completes_once() {
 
 #[tokio::test]
 async fn multipart_records_from_before_default_retention_still_read() {
+    // The version as it was then, before its content headers.
+    #[derive(serde::Serialize)]
+    struct VersionThen {
+        version_id: EvidenceId,
+        null_version: bool,
+        evidence: Option<EvidenceId>,
+        size: u64,
+        etag: String,
+        last_modified_ms: u64,
+        content_type: Option<String>,
+        user_metadata: Vec<(String, String)>,
+        retention: Option<ix::Retention>,
+        legal_hold: bool,
+    }
     #[derive(serde::Serialize)]
     struct Before {
         bucket: String,
         key: String,
         tenant: String,
         created_ms: u64,
-        version: ObjectVersion,
+        version: VersionThen,
     }
     let (_d, s) = store();
     let upload = EvidenceId::new(80, [8; 10]);
+    let v = version(80, false);
     let old = Before {
         bucket: "mine".into(),
         key: "k".into(),
         tenant: "court".into(),
         created_ms: 80,
-        version: version(80, false),
+        version: VersionThen {
+            version_id: v.version_id,
+            null_version: v.null_version,
+            evidence: v.evidence,
+            size: v.size,
+            etag: v.etag.clone(),
+            last_modified_ms: v.last_modified_ms,
+            content_type: v.content_type.clone(),
+            user_metadata: v.user_metadata.clone(),
+            retention: v.retention,
+            legal_hold: v.legal_hold,
+        },
     };
     run(&s, |tx| {
         let old = &old;

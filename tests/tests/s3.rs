@@ -2022,6 +2022,239 @@ fn a_complete_that_fails_while_filing_answers_one_xml_document() -> Result<()> {
     Ok(())
 }
 
+/// Content-Encoding, -Disposition, -Language, Cache-Control and Expires are
+/// kept with the object and answered on GET and HEAD, carried by a copy
+/// (replaced with `REPLACE`) and a multipart upload; a signed download may
+/// override them with `response-*` parameters, as S3 allows.
+#[test]
+fn standard_headers_are_kept_and_a_download_may_override_them() -> Result<()> {
+    let c = TestCluster::start(Shape::default())?;
+    let aws = Aws::admin(&c);
+    aws.ok(&["s3", "mb", "s3://headers"])?;
+    let f = aws.file("f", &bytes(10_000, 3))?;
+    let disposition = r#"attachment; filename="scene 4.mp4""#;
+    aws.ok(&[
+        "s3api",
+        "put-object",
+        "--bucket",
+        "headers",
+        "--key",
+        "a.bin",
+        "--body",
+        &f,
+        "--content-type",
+        "video/mp4",
+        "--content-disposition",
+        disposition,
+        "--content-encoding",
+        "identity",
+        "--content-language",
+        "de-CH",
+        "--cache-control",
+        "max-age=60",
+        "--expires",
+        "2031-03-01T00:00:00Z",
+    ])?;
+    let expect = |head: &Value, disposition: &str, what: &str| {
+        assert_eq!(head["ContentType"], "video/mp4", "{what}: {head}");
+        assert_eq!(head["ContentDisposition"], disposition, "{what}: {head}");
+        assert_eq!(head["ContentEncoding"], "identity", "{what}: {head}");
+        assert_eq!(head["ContentLanguage"], "de-CH", "{what}: {head}");
+        assert_eq!(head["CacheControl"], "max-age=60", "{what}: {head}");
+        assert!(
+            head["Expires"].as_str().is_some_and(|e| e.contains("2031")),
+            "{what}: {head}"
+        );
+    };
+    let head = aws.json(&[
+        "s3api",
+        "head-object",
+        "--bucket",
+        "headers",
+        "--key",
+        "a.bin",
+    ])?;
+    expect(&head, disposition, "put");
+    let got = aws.json(&[
+        "s3api",
+        "get-object",
+        "--bucket",
+        "headers",
+        "--key",
+        "a.bin",
+        "a.out",
+    ])?;
+    expect(&got, disposition, "get");
+
+    // A copy keeps them; REPLACE takes the request's instead.
+    aws.ok(&[
+        "s3api",
+        "copy-object",
+        "--bucket",
+        "headers",
+        "--key",
+        "copy.bin",
+        "--copy-source",
+        "headers/a.bin",
+    ])?;
+    let head = aws.json(&[
+        "s3api",
+        "head-object",
+        "--bucket",
+        "headers",
+        "--key",
+        "copy.bin",
+    ])?;
+    expect(&head, disposition, "copy");
+    aws.ok(&[
+        "s3api",
+        "copy-object",
+        "--bucket",
+        "headers",
+        "--key",
+        "replaced.bin",
+        "--copy-source",
+        "headers/a.bin",
+        "--metadata-directive",
+        "REPLACE",
+        "--content-type",
+        "text/plain",
+    ])?;
+    let head = aws.json(&[
+        "s3api",
+        "head-object",
+        "--bucket",
+        "headers",
+        "--key",
+        "replaced.bin",
+    ])?;
+    assert_eq!(head["ContentType"], "text/plain", "{head}");
+    assert!(
+        head.get("ContentDisposition").is_none() && head.get("CacheControl").is_none(),
+        "{head}"
+    );
+
+    // A multipart upload takes them at its creation.
+    let up = aws.json(&[
+        "s3api",
+        "create-multipart-upload",
+        "--bucket",
+        "headers",
+        "--key",
+        "m.bin",
+        "--content-type",
+        "video/mp4",
+        "--content-disposition",
+        disposition,
+        "--content-encoding",
+        "identity",
+        "--content-language",
+        "de-CH",
+        "--cache-control",
+        "max-age=60",
+        "--expires",
+        "2031-03-01T00:00:00Z",
+    ])?;
+    let id = up["UploadId"].as_str().context("upload id")?.to_owned();
+    let part = aws.json(&[
+        "s3api",
+        "upload-part",
+        "--bucket",
+        "headers",
+        "--key",
+        "m.bin",
+        "--upload-id",
+        &id,
+        "--part-number",
+        "1",
+        "--body",
+        &f,
+    ])?;
+    let parts = format!(
+        r#"{{"Parts":[{{"PartNumber":1,"ETag":{}}}]}}"#,
+        part["ETag"]
+    );
+    aws.ok(&[
+        "s3api",
+        "complete-multipart-upload",
+        "--bucket",
+        "headers",
+        "--key",
+        "m.bin",
+        "--upload-id",
+        &id,
+        "--multipart-upload",
+        &parts,
+    ])?;
+    let head = aws.json(&[
+        "s3api",
+        "head-object",
+        "--bucket",
+        "headers",
+        "--key",
+        "m.bin",
+    ])?;
+    expect(&head, disposition, "multipart");
+
+    // A presigned download link names its own file name, for its answers
+    // only (made by boto3, fetched by plain curl).
+    let creds = std::fs::read_to_string(c.data_dir().join("s3.credentials"))?;
+    let field = |name: &str| profile_field(&creds, name);
+    let python = std::env::var("CUSTODIA_PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = Command::new(&python)
+        .args([
+            "-c",
+            "import boto3, botocore.config, os\n\
+             s3 = boto3.client('s3', endpoint_url=os.environ['S3_ENDPOINT'], region_name='us-east-1',\n\
+                 config=botocore.config.Config(signature_version='s3v4'))\n\
+             print(s3.generate_presigned_url('get_object', Params={'Bucket': 'headers', 'Key': 'a.bin',\n\
+                 'ResponseContentDisposition': 'attachment; filename=exhibit-7.mp4',\n\
+                 'ResponseCacheControl': 'no-store'}, ExpiresIn=300))\n",
+        ])
+        .env("S3_ENDPOINT", &c.s3)
+        .env("AWS_ACCESS_KEY_ID", field("aws_access_key_id"))
+        .env("AWS_SECRET_ACCESS_KEY", field("aws_secret_access_key"))
+        .env("AWS_CONFIG_FILE", c.data_dir().join("no-aws-config"))
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            c.data_dir().join("no-aws-credentials"),
+        )
+        .output()
+        .with_context(|| format!("running {python} (set CUSTODIA_PYTHON to one with boto3)"))?;
+    let url = String::from_utf8(out.stdout)?.trim().to_owned();
+    assert!(
+        url.starts_with("http"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body_file = c.data_dir().join("presigned-body");
+    let out = Command::new("curl")
+        .args(["-s", "-S", "--max-time", "30", "-D", "-", "-o"])
+        .arg(&body_file)
+        .arg(&url)
+        .output()?;
+    let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    let body = std::fs::read(&body_file)?;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(
+        head.contains("content-disposition: attachment; filename=exhibit-7.mp4")
+            && head.contains("cache-control: no-store")
+            && head.contains("content-language: de-ch"),
+        "{head}"
+    );
+    assert_eq!(body, bytes(10_000, 3));
+    let head = aws.json(&[
+        "s3api",
+        "head-object",
+        "--bucket",
+        "headers",
+        "--key",
+        "a.bin",
+    ])?;
+    expect(&head, disposition, "after the download");
+    Ok(())
+}
+
 /// A copy still running after `s3_keep_alive_after_ms` (here at once) is
 /// answered 200 and kept alive, as S3 does: the copy's XML comes after, or
 /// its error inside the 200, which the AWS CLI reads as the failure it is.
