@@ -413,7 +413,13 @@ pub fn spawn_reconcile<S: Store>(gw: Arc<Gateway<S>>, nodes: Vec<(NodeId, [u8; 1
     }
     tokio::spawn(async move {
         let ids: HashSet<NodeId> = nodes.iter().map(|(n, _)| *n).collect();
+        // Uploads under way may have put shards on the old disk whose stripe
+        // records they have not written yet (they write them in batches):
+        // the walk below cannot see those, so each such upload is waited
+        // for and its stripes checked once it has ended.
+        let in_flight = retry_index("listing uploads in flight", || live_intents(&gw)).await;
         queue_all(&gw, Some(&ids)).await;
+        queue_after_uploads(&gw, in_flight, &ids).await;
         // Only now does the index take the new disks (each on its own, so
         // one whose write keeps failing holds back no other).
         futures::future::join_all(
@@ -423,6 +429,129 @@ pub fn spawn_reconcile<S: Store>(gw: Arc<Gateway<S>>, nodes: Vec<(NodeId, [u8; 1
         )
         .await;
     });
+}
+
+/// Runs `f` until it succeeds, a second apart, saying why it failed.
+async fn retry_index<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ApiError>>,
+{
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+/// The uploads (intents) not ended nor aborted.
+async fn live_intents<S: Store>(gw: &Gateway<S>) -> Result<Vec<EvidenceId>, ApiError> {
+    let mut live = Vec::new();
+    let mut after = None;
+    loop {
+        let batch = indexer::run(&gw.store, |tx| async move {
+            schema::intents_tx(&tx, after, SCAN_BATCH).await
+        })
+        .await?;
+        let Some(&(last, _)) = batch.last() else {
+            return Ok(live);
+        };
+        live.extend(batch.iter().filter(|(_, r)| !r.aborted).map(|(e, _)| *e));
+        after = Some(last);
+    }
+}
+
+/// Waits until each upload of `uploads` has ended, then queues the
+/// stripes of those that became evidence with a shard on one of `nodes`.
+async fn queue_after_uploads<S: Store>(
+    gw: &Gateway<S>,
+    mut uploads: Vec<EvidenceId>,
+    nodes: &HashSet<NodeId>,
+) {
+    let mut said = false;
+    while !uploads.is_empty() {
+        let mut still = Vec::new();
+        for e in uploads {
+            let intent = retry_index("reading an upload's intent", || async move {
+                Ok(indexer::run(&gw.store, |tx| async move {
+                    schema::get_intent_tx(&tx, e).await
+                })
+                .await?)
+            })
+            .await;
+            match intent {
+                Some(i) if !i.aborted => still.push(e),
+                // Aborted: never evidence; its shards go with it.
+                Some(_) => {}
+                None => {
+                    retry_index("queueing an ended upload's stripes", || {
+                        queue_stripes_of(gw, e, nodes)
+                    })
+                    .await;
+                }
+            }
+        }
+        uploads = still;
+        if !uploads.is_empty() {
+            if !std::mem::replace(&mut said, true) {
+                tracing::info!(
+                    uploads = uploads.len(),
+                    ?nodes,
+                    "waiting for uploads begun before the disk was replaced, to check their stripes"
+                );
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+}
+
+/// Queues the stripes of evidence `e` (if it is evidence) with a shard on
+/// one of `nodes`.
+async fn queue_stripes_of<S: Store>(
+    gw: &Gateway<S>,
+    e: EvidenceId,
+    nodes: &HashSet<NodeId>,
+) -> Result<(), ApiError> {
+    let Some(header) = indexer::run(&gw.store, |tx| async move {
+        schema::get_manifest_tx(&tx, e).await
+    })
+    .await?
+    else {
+        return Ok(());
+    };
+    let mut from = 0;
+    while from < header.stripes {
+        let to = header.stripes.min(from + SCAN_BATCH as u64);
+        let recs = indexer::run(&gw.store, |tx| async move {
+            schema::get_stripes_tx(&tx, e, from..to).await
+        })
+        .await?;
+        let hit: Vec<u64> = (from..to)
+            .zip(&recs)
+            .filter(|(_, rec)| needs_home(rec, nodes))
+            .map(|(s, _)| s)
+            .collect();
+        if !hit.is_empty() {
+            indexer::run(&gw.store, |tx| {
+                let hit = &hit;
+                async move {
+                    for s in hit {
+                        schema::mark_degraded_tx(&tx, e, *s);
+                    }
+                    Ok::<_, schema::SchemaError>(())
+                }
+            })
+            .await?;
+            tracing::warn!(evidence = %e, stripes = hit.len(), "stripes of an upload that ended after the disk was replaced queued for repair");
+            gw.repair_wake.notify_one();
+        }
+        from = to;
+    }
+    Ok(())
 }
 
 /// Queues every stripe with a shard on one of `nodes` (every stripe when
