@@ -124,6 +124,14 @@ pub struct NodeSet {
     down_after: Duration,
     /// When this gateway began watching its nodes.
     started: std::time::Instant,
+    /// How long each node had been silent while the cluster was watched,
+    /// as the index said when this gateway first read it: the time since
+    /// the node was last seen up to when any node was last seen (by any
+    /// gateway). A node that died before this gateway started is then not
+    /// given a fresh grace by each restart, and a cluster that was shut
+    /// down as a whole does not count its downtime as anyone's silence.
+    /// `None` until the index could be read.
+    silent_before: Mutex<Option<std::collections::HashMap<NodeId, Duration>>>,
     /// Nodes the index says were removed that this gateway's configuration
     /// no longer lists: their shards still need new homes.
     removed_unlisted: Mutex<std::collections::HashSet<NodeId>>,
@@ -152,6 +160,7 @@ impl NodeSet {
             reconciling: Mutex::new(Default::default()),
             down_after,
             started: std::time::Instant::now(),
+            silent_before: Mutex::new(None),
             removed_unlisted: Mutex::new(Default::default()),
         }
     }
@@ -238,6 +247,7 @@ impl NodeSet {
     pub fn view(&self) -> Vec<NodeView> {
         let rtts = self.client.connection_rtts();
         let reconciling = self.reconciling();
+        let silent_before = lock(&self.silent_before).clone().unwrap_or_default();
         self.nodes
             .iter()
             .map(|n| {
@@ -257,7 +267,13 @@ impl NodeSet {
                 healthy,
                 state,
                 last_seen,
-                silent_for: last_seen.unwrap_or_else(|| self.started.elapsed()),
+                silent_for: last_seen.unwrap_or_else(|| {
+                    self.started.elapsed()
+                        + silent_before
+                            .get(&n.entry.node_id())
+                            .copied()
+                            .unwrap_or_default()
+                }),
                 disk: *lock(&n.disk),
                 full: n.full.load(Ordering::Relaxed),
                 rtt: rtts
@@ -269,6 +285,35 @@ impl NodeSet {
                 reconciling: reconciling.contains(&n.entry.node_id()),
             })
             .collect()
+    }
+
+    /// Fills [`NodeSet::silent_before`] from the nodes' records.
+    async fn read_silences<S: Store>(&self, store: &S) {
+        let ids: Vec<NodeId> = self.nodes.iter().map(|n| n.entry.node_id()).collect();
+        let seen = indexer::run(store, |tx| {
+            let ids = &ids;
+            async move {
+                let mut seen = Vec::new();
+                for id in ids {
+                    if let Some(rec) = schema::get_node_tx(&tx, *id).await? {
+                        seen.push((*id, rec.last_seen_ms));
+                    }
+                }
+                Ok::<_, schema::SchemaError>(seen)
+            }
+        })
+        .await;
+        match seen {
+            Ok(seen) => {
+                let latest = seen.iter().map(|(_, t)| *t).max().unwrap_or(0);
+                let silences = seen
+                    .into_iter()
+                    .map(|(id, t)| (id, Duration::from_millis(latest.saturating_sub(t))))
+                    .collect();
+                *lock(&self.silent_before) = Some(silences);
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read when nodes were last seen"),
+        }
     }
 
     /// Nodes that came back with another disk and whose stripes are not all
@@ -407,6 +452,10 @@ impl NodeSet {
         match indexer::run(store, |tx| async move { schema::lifecycles_tx(&tx).await }).await {
             Ok(decided) => self.set_lifecycles(&decided),
             Err(e) => tracing::warn!(error = %e, "could not read node lifecycles"),
+        }
+        // Before this probe records anyone as seen now.
+        if lock(&self.silent_before).is_none() {
+            self.read_silences(store).await;
         }
         let mut replaced = Vec::new();
         let probes = self.nodes.iter().map(|n| async move {

@@ -657,3 +657,42 @@ fn a_disk_wiped_during_an_upload_is_repaired_once_the_upload_ends() -> Result<()
     assert!(c.read(&id)? == data, "the filing reads back byte-exact");
     Ok(())
 }
+
+/// A node dead since before the gateway started is not given a fresh grace
+/// by each restart: gateways restarted more often than
+/// `repair_after_down_ms` (a crash loop, rolling deploys) still repair it,
+/// counting the silence the index saw before.
+#[test]
+fn gateway_restarts_do_not_postpone_a_dead_nodes_repair() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.set_gateway(&[
+        ("node_probe_interval_ms", toml::Value::Integer(500)),
+        ("node_down_after_ms", toml::Value::Integer(1_000)),
+        ("repair_after_down_ms", toml::Value::Integer(8_000)),
+        ("repair_interval_ms", toml::Value::Integer(500)),
+    ])?;
+    let mut stripes = 0;
+    for i in 0..4u64 {
+        let r = c.file(&bytes(30_000, 40 + i))?;
+        stripes += r["stripes"].as_u64().context("stripes")? as usize;
+    }
+    c.kill_node(3);
+    // Restarted every 3 s, for longer than the grace, while the nodes that
+    // are up go on being seen.
+    for _ in 0..4 {
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        c.kill_gateway();
+        c.start_gateway()?;
+        c.wait_healthy(7)?;
+    }
+    let live = [0u32, 1, 2, 4, 5, 6, 7];
+    // Well inside the grace since this gateway started.
+    let rebuilt =
+        custodia_tests::eventually(5, || shard_count(&c, live.iter().copied()) == 6 * stripes);
+    assert!(
+        rebuilt,
+        "node 3, silent for 12 s, waits for a grace of 8 s from the last restart: {}",
+        status_table(&c)?
+    );
+    Ok(())
+}
