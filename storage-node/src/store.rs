@@ -54,6 +54,11 @@ const KEY_LOCKS: usize = 256;
 /// Longest possible shard file prefix: magic, length, header.
 const MAX_PREFIX: usize = protocol::shard::MAGIC.len() + 2 + protocol::shard::MAX_HEADER_LEN;
 
+/// The longest a shard file can be: a read never takes more than one byte
+/// past it (a longer file fails its length check and is quarantined), so a
+/// file whose size is damaged cannot make a read allocate all of memory.
+const MAX_SHARD_FILE: u64 = MAX_PREFIX as u64 + protocol::code::MAX_SHARD_SIZE as u64;
+
 /// Shard bodies up to this many bytes go to segments by default: a 4 KiB
 /// object's shards, and the last stripe of most small files.
 pub const DEFAULT_SMALL_SHARD_MAX: u32 = 64 << 10;
@@ -159,11 +164,16 @@ impl From<io::Error> for StoreError {
     }
 }
 
-/// A read the disk itself failed (EIO: a bad sector, a dying drive). The
-/// shard is then as good as corrupt: quarantined, so scrub and listings go
-/// on past it and repair rebuilds it, instead of every pass stopping there.
+/// A read the disk or the file system failed: EIO (a bad sector, a dying
+/// drive), or a file system's own checksums refusing its metadata (ext4's
+/// and XFS's EFSCORRUPTED, which is EUCLEAN, and EBADMSG). The shard is then
+/// as good as corrupt: quarantined, so scrub and listings go on past it and
+/// repair rebuilds it, instead of every pass stopping there.
 fn is_media_error(e: &io::Error) -> bool {
-    e.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error())
+    use rustix::io::Errno;
+    [Errno::IO, Errno::UCLEAN, Errno::BADMSG]
+        .iter()
+        .any(|errno| e.raw_os_error() == Some(errno.raw_os_error()))
 }
 
 pub(crate) fn is_disk_full(e: &io::Error) -> bool {
@@ -528,9 +538,9 @@ impl ShardStore {
         let (bytes, start, inode) = match direct {
             Ok(Some(read)) => read,
             Ok(None) => {
-                let (mut file, inode) = self.open_shard(key)?;
+                let (file, inode) = self.open_shard(key)?;
                 let mut bytes = Vec::new();
-                if let Err(e) = file.read_to_end(&mut bytes) {
+                if let Err(e) = file.take(MAX_SHARD_FILE + 1).read_to_end(&mut bytes) {
                     return Err(self.unreadable(key, Some(inode), e));
                 }
                 (bytes, 0, inode)
@@ -569,7 +579,10 @@ impl ShardStore {
             return self.read_small(key, loc, true).map(|(h, _)| h);
         }
         let (mut file, inode) = self.open_shard(key)?;
-        let file_len = file.metadata()?.len();
+        let file_len = match file.metadata() {
+            Ok(meta) => meta.len(),
+            Err(e) => return Err(self.unreadable(key, Some(inode), e)),
+        };
         let mut prefix = Vec::with_capacity(MAX_PREFIX);
         if let Err(e) = (&mut file).take(MAX_PREFIX as u64).read_to_end(&mut prefix) {
             return Err(self.unreadable(key, Some(inode), e));
@@ -677,6 +690,14 @@ impl ShardStore {
                     // Quarantined by `stat` (a torn or truncated file, a
                     // header naming another shard): counted, then absent.
                     Err(StoreError::Corrupt(_)) => *damaged += 1,
+                    // One file that cannot even be opened or quarantined
+                    // (its inode unreadable, a link where a file should be)
+                    // must not stop every listing there for good: scrub,
+                    // recovery and orphan collection page past it, and a
+                    // read of it fails, so the gateway rebuilds it.
+                    Err(StoreError::Io(e)) => {
+                        tracing::error!(shard = %key, error = %e, "a shard file could not be read; passed over");
+                    }
                     Err(e) => return Err(e),
                 }
                 if out.len() >= limit {
@@ -955,12 +976,12 @@ impl ShardStore {
     /// identifies this version of the shard if it is later found corrupt.
     fn open_shard(&self, key: &ShardKey) -> Result<(File, u64), StoreError> {
         match File::open(self.shard_path(key)) {
-            Ok(file) => {
-                let inode = file.metadata()?.ino();
-                Ok((file, inode))
-            }
+            Ok(file) => match file.metadata() {
+                Ok(meta) => Ok((file, meta.ino())),
+                Err(e) => Err(self.unreadable(key, None, e)),
+            },
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StoreError::NotFound),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(self.unreadable(key, None, e)),
         }
     }
 
@@ -1251,6 +1272,11 @@ fn read_direct(path: &Path, pool: &BufferPool) -> io::Result<Option<(Vec<u8>, us
         Err(e) => return Err(e),
     };
     let meta = file.metadata()?;
+    // Longer than any shard: read (its first bytes) the ordinary way, and
+    // quarantined for its length.
+    if meta.len() > MAX_SHARD_FILE {
+        return Ok(None);
+    }
     let len = usize::try_from(meta.len()).map_err(io::Error::other)?;
     let padded = len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
     // Stale bytes of an earlier read at most, overwritten up to `start + len`,
@@ -1519,6 +1545,59 @@ mod tests {
         assert_eq!(store.take_listed_corrupt(), 1);
         assert_eq!(store.take_listed_corrupt(), 0, "counted once");
         assert_eq!(store.quarantined(None, 10).unwrap(), vec![key(1)]);
+    }
+
+    /// A shard file that cannot be opened at all (here a link that loops;
+    /// on a failing disk, an inode the file system cannot read) is passed
+    /// over: every listing (scrub, recovery, orphan collection) would
+    /// otherwise stop at it for good.
+    #[test]
+    fn a_shard_file_that_cannot_be_opened_does_not_stop_listings() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = files_only(dir.path());
+        for n in 0..3u8 {
+            let b = body(1000);
+            store.put(&header(key(n), &b), &b).unwrap();
+        }
+        let broken = store.shard_path(&key(1));
+        fs::remove_file(&broken).unwrap();
+        std::os::unix::fs::symlink(&broken, &broken).unwrap();
+        let listed: Vec<ShardKey> = store
+            .list(None, 100)
+            .unwrap()
+            .iter()
+            .map(|h| h.key)
+            .collect();
+        assert_eq!(listed, vec![key(0), key(2)]);
+        // Paged from just before it, too.
+        let listed: Vec<ShardKey> = store
+            .list(Some(&key(0)), 100)
+            .unwrap()
+            .iter()
+            .map(|h| h.key)
+            .collect();
+        assert_eq!(listed, vec![key(2)]);
+        assert!(store.get(&key(1)).is_err(), "its read fails");
+    }
+
+    /// A shard file whose size is damaged (here grown sparse to 8 GiB) is
+    /// quarantined for its length, reading at most one byte past the
+    /// longest shard file, not its whole claimed size.
+    #[test]
+    fn a_shard_file_grown_past_any_shard_is_quarantined_without_reading_it_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = files_only(dir.path());
+        let b = body(1000);
+        store.put(&header(key(0), &b), &b).unwrap();
+        let path = store.shard_path(&key(0));
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(8 << 30)
+            .unwrap();
+        assert!(matches!(store.get(&key(0)), Err(StoreError::Corrupt(_))));
+        assert_eq!(store.quarantined(None, 10).unwrap(), vec![key(0)]);
     }
 
     /// Shard files around the `O_DIRECT` sizes (the 64 KiB threshold, the
