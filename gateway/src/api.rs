@@ -874,6 +874,36 @@ fn meta_header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiErr
     Ok(Some(s.to_string()))
 }
 
+/// A text field of a filing: visible ASCII as sent, or UTF-8 in RFC 8187's
+/// ext-value form, `UTF-8''` then percent-encoded bytes (as
+/// Content-Disposition's `filename*` carries a name), for what no ASCII
+/// header can hold: `UTF-8''Beweis_M%C3%BCller.mp4`.
+fn meta_text(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
+    let Some(raw) = meta_header(headers, name)? else {
+        return Ok(None);
+    };
+    let Some(encoded) = raw
+        .get(..7)
+        .filter(|p| p.eq_ignore_ascii_case("utf-8''"))
+        .map(|_| &raw[7..])
+    else {
+        return Ok(Some(raw));
+    };
+    let text = percent_encoding::percent_decode_str(encoded)
+        .decode_utf8()
+        .map_err(|_| {
+            ApiError::BadRequest(format!(
+                "header {name}: after UTF-8'' must come percent-encoded UTF-8"
+            ))
+        })?;
+    if text.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest(format!(
+            "header {name} holds control characters"
+        )));
+    }
+    Ok(Some(text.into_owned()))
+}
+
 fn hash_header<H: std::str::FromStr>(
     headers: &HeaderMap,
     name: &str,
@@ -935,10 +965,10 @@ fn filing_meta<S: Store>(
 ) -> Result<FilingMeta, ApiError> {
     Ok(FilingMeta {
         tenant,
-        case: meta_header(h, "x-custodia-case")?,
-        file_name: meta_header(h, "x-custodia-file-name")?,
+        case: meta_text(h, "x-custodia-case")?,
+        file_name: meta_text(h, "x-custodia-file-name")?,
         media_type: meta_header(h, "content-type")?,
-        submitter: meta_header(h, "x-custodia-submitter")?,
+        submitter: meta_text(h, "x-custodia-submitter")?,
         expect_blake3: hash_header::<Blake3Hash>(h, "x-custodia-blake3")?,
         expect_sha256: hash_header::<Sha256Hash>(h, "x-custodia-sha256")?,
         idempotency_key: meta_header(h, "idempotency-key")?
@@ -950,10 +980,10 @@ fn filing_meta<S: Store>(
             })
             .transpose()?,
         provenance: protocol::ledger::Provenance {
-            source_device: meta_header(h, "x-custodia-source-device")?,
-            capture_time: meta_header(h, "x-custodia-capture-time")?,
-            capture_method: meta_header(h, "x-custodia-capture-method")?,
-            prior_custody: meta_header(h, "x-custodia-prior-custody")?,
+            source_device: meta_text(h, "x-custodia-source-device")?,
+            capture_time: meta_text(h, "x-custodia-capture-time")?,
+            capture_method: meta_text(h, "x-custodia-capture-method")?,
+            prior_custody: meta_text(h, "x-custodia-prior-custody")?,
         },
         retain_until_ms: meta_header(h, "x-custodia-retain-until-ms")?
             .map(|v| {

@@ -19,6 +19,32 @@ pub fn token(file: Option<&Path>) -> Result<String> {
     Ok(t.trim().to_string())
 }
 
+/// Refuses an `http://` API that is not on this machine: a bearer token
+/// sent to it would cross the network in clear.
+pub fn refuse_clear_text(api: &str) -> Result<()> {
+    let uri: ureq::http::Uri = api
+        .trim()
+        .parse()
+        .with_context(|| format!("--api {api:?} is not a URL"))?;
+    if uri.scheme_str() != Some("http") {
+        return Ok(());
+    }
+    let host = uri.host().unwrap_or_default();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let local = bare
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
+        || bare.eq_ignore_ascii_case("localhost")
+        || bare.to_ascii_lowercase().ends_with(".localhost");
+    if !local {
+        bail!(
+            "not sending a bearer token to {api} in clear: use https:// (the gateway's \
+             `api_tls` in cluster.toml), or run the command on the gateway's machine"
+        );
+    }
+    Ok(())
+}
+
 /// The CA file `https://` APIs must chain to (`None`: the public web
 /// roots), settled once by [`trust`].
 static TRUST: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
@@ -68,9 +94,16 @@ pub fn agent() -> Result<ureq::Agent> {
         }
         tls = tls.root_certs(RootCerts::Specific(std::sync::Arc::new(certs)));
     }
+    // A gateway that does not answer fails the command instead of hanging
+    // it (a script polling `status`, a half-open connection): connecting,
+    // and the answer's head once the request is sent (an upload's 201
+    // comes after its last stripes are stored). A body being received has
+    // no limit: evidence may be many GiB.
     Ok(ureq::Agent::config_builder()
         .http_status_as_error(false)
         .tls_config(tls.build())
+        .timeout_connect(Some(std::time::Duration::from_secs(15)))
+        .timeout_recv_response(Some(std::time::Duration::from_secs(600)))
         .build()
         .into())
 }
@@ -94,7 +127,25 @@ pub fn refuse(mut resp: ureq::http::Response<ureq::Body>) -> anyhow::Error {
         .ok()
         .and_then(|v| v["message"].as_str().map(str::to_string))
         .unwrap_or(body);
-    anyhow::anyhow!("the gateway answered {status}: {msg}")
+    anyhow::anyhow!("the gateway answered {status}: {}", printable(&msg, 500))
+}
+
+/// At most `max` characters of `text` fit for a terminal: a proxy's error
+/// page is cut short, and control characters (escape sequences that would
+/// act on the operator's terminal) are shown as `?`.
+fn printable(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .take(max)
+        .map(|c| match c.is_control() && c != '\n' {
+            true => '?',
+            false => c,
+        })
+        .collect();
+    if text.chars().count() > max {
+        out.push_str(" [...]");
+    }
+    out
 }
 
 /// An administrative call (`GET` or `POST` with no body) to the evidence
@@ -102,12 +153,24 @@ pub fn refuse(mut resp: ureq::http::Response<ureq::Body>) -> anyhow::Error {
 pub fn admin_call(api: &str, token: &str, method: &str, path: &str) -> Result<serde_json::Value> {
     let url = format!("{}{path}", api.trim_end_matches('/'));
     let auth = format!("Bearer {token}");
+    // An answer (status, a repair's progress) is small: two minutes bound
+    // the whole call, its body included.
+    let limit = Some(std::time::Duration::from_secs(120));
     let sent = match method {
         "POST" => agent()?
             .post(&url)
+            .config()
+            .timeout_global(limit)
+            .build()
             .header("Authorization", &auth)
             .send_empty(),
-        _ => agent()?.get(&url).header("Authorization", &auth).call(),
+        _ => agent()?
+            .get(&url)
+            .config()
+            .timeout_global(limit)
+            .build()
+            .header("Authorization", &auth)
+            .call(),
     };
     let mut resp = sent.with_context(|| format!("reaching the gateway at {api}"))?;
     if !resp.status().is_success() {
@@ -168,18 +231,19 @@ pub fn put(
         .header("content-type", "application/octet-stream")
         .header("x-custodia-blake3", blake3.to_hex())
         .header("x-custodia-sha256", sha256.to_hex());
-    if let Some(name) = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .filter(|n| n.is_ascii())
-    {
-        req = req.header("x-custodia-file-name", name);
+    match path.file_name().map(|n| n.to_str()) {
+        Some(Some(name)) => req = req.header("x-custodia-file-name", header_text(name)),
+        Some(None) => eprintln!(
+            "note: the file name of {} is not UTF-8; filed without it",
+            path.display()
+        ),
+        None => {}
     }
     if let Some(c) = case {
-        req = req.header("x-custodia-case", c);
+        req = req.header("x-custodia-case", header_text(&c));
     }
     if let Some(s) = submitter {
-        req = req.header("x-custodia-submitter", s);
+        req = req.header("x-custodia-submitter", header_text(&s));
     }
     if let Some(k) = idempotency_key {
         req = req.header("idempotency-key", k);
@@ -207,7 +271,17 @@ pub fn put(
     Ok(())
 }
 
-pub fn get(api: &str, token: &str, id: &str, output: &Path, force: bool) -> Result<()> {
+/// Where [`get`] is writing before it renames, for a Ctrl-C to remove.
+pub type Partial = std::sync::Arc<std::sync::Mutex<Option<std::path::PathBuf>>>;
+
+pub fn get(
+    api: &str,
+    token: &str,
+    id: &str,
+    output: &Path,
+    force: bool,
+    partial: &Partial,
+) -> Result<()> {
     // Checked first, so nothing is fetched for nothing; the final rename
     // checks again (another writer may come meanwhile).
     if !force && output.symlink_metadata().is_ok() {
@@ -247,8 +321,13 @@ pub fn get(api: &str, token: &str, id: &str, output: &Path, force: bool) -> Resu
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".custodia-partial-")
+        .tempfile_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    if let Ok(mut p) = partial.lock() {
+        *p = Some(tmp.path().to_path_buf());
+    }
     let pb = bar(len, "fetching");
     let mut hasher = blake3::Hasher::new();
     let mut reader = resp.body_mut().as_reader();
@@ -272,6 +351,9 @@ pub fn get(api: &str, token: &str, id: &str, output: &Path, force: bool) -> Resu
         );
     }
     tmp.as_file().sync_all()?;
+    if let Ok(mut p) = partial.lock() {
+        *p = None;
+    }
     if force {
         tmp.persist(output)
             .with_context(|| format!("writing {}", output.display()))?;
@@ -288,6 +370,23 @@ pub fn get(api: &str, token: &str, id: &str, output: &Path, force: bool) -> Resu
         output.display()
     );
     Ok(())
+}
+
+/// A text field as a header value: as it is when it is visible ASCII,
+/// else as RFC 8187's `UTF-8''` and its percent-encoded bytes, which the
+/// gateway decodes (a file name with an umlaut, a case in Greek).
+fn header_text(text: &str) -> String {
+    let plain = text.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && !text
+            .get(..7)
+            .is_some_and(|p| p.eq_ignore_ascii_case("utf-8''"));
+    match plain {
+        true => text.to_string(),
+        false => format!(
+            "UTF-8''{}",
+            percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC)
+        ),
+    }
 }
 
 /// BLAKE3, SHA-256 and size of a file, in one pass.

@@ -91,9 +91,13 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn load(data_dir: &Path) -> Result<Self> {
-        let path = data_dir.join(CLUSTER_FILE);
+        Self::load_file(&data_dir.join(CLUSTER_FILE))
+    }
+
+    /// The cluster file at `path` (whatever its name).
+    pub fn load_file(path: &Path) -> Result<Self> {
         let text =
-            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let cluster: Cluster =
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         cluster

@@ -136,8 +136,11 @@ struct ApiArgs {
 }
 
 impl ApiArgs {
-    /// The bearer token; also settles which CA the client trusts.
+    /// The bearer token; also settles which CA the client trusts. Refused
+    /// for a plain `http://` API on another machine: the token (and the
+    /// evidence) would cross the network in clear.
     fn token(&self) -> Result<String> {
+        client::refuse_clear_text(&self.api)?;
         client::trust(self.ca_cert.as_deref(), self.token_file.as_deref());
         client::token(self.token_file.as_deref())
     }
@@ -738,8 +741,7 @@ async fn run(cli: Cli) -> Result<()> {
             let mut metrics = None;
             let config = match (cluster_file, data_dir) {
                 (Some(file), _) => {
-                    let dir = file.parent().context("cluster file has no parent directory")?;
-                    let c = cluster::Cluster::load(dir)?;
+                    let c = cluster::Cluster::load_file(&file)?;
                     let id = id.context("--id is required")?;
                     let n = c.node(id)?;
                     metrics = n.metrics_listen;
@@ -852,7 +854,29 @@ async fn run(cli: Cli) -> Result<()> {
             output,
             force,
             api,
-        } => client::get(&api.api, &api.token()?, &id, &output, force),
+        } => {
+            // Interrupted, it leaves no partial download behind (the
+            // process ends on Ctrl-C, past any destructor).
+            let token = api.token()?;
+            let partial = client::Partial::default();
+            let work = {
+                let partial = partial.clone();
+                tokio::task::spawn_blocking(move || {
+                    client::get(&api.api, &token, &id, &output, force, &partial)
+                })
+            };
+            tokio::select! {
+                done = work => done.context("the download task")?,
+                _ = tokio::signal::ctrl_c() => {
+                    let left = partial.lock().ok().and_then(|mut p| p.take());
+                    if let Some(path) = left {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    eprintln!("interrupted; nothing written");
+                    std::process::exit(130);
+                }
+            }
+        }
         Command::Status { api, json } => {
             let s = status::fetch(&api.api, &api.token()?)?;
             if json {

@@ -2,13 +2,22 @@
 //! `GET /v1/admin/status` — a table of nodes, the repair backlog and the
 //! ledger, or the JSON itself with `--json`.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::Value;
 use std::fmt::Write as _;
 
-/// Fetches the status; returns the JSON.
+/// Fetches the status; returns the JSON, once it is known to be a status
+/// (its nodes and repair backlog): a stranger's answer is not printed as a
+/// cluster of nulls, nor read as an empty backlog.
 pub fn fetch(api: &str, token: &str) -> Result<Value> {
-    crate::client::admin_call(api, token, "GET", "/v1/admin/status")
+    let s = crate::client::admin_call(api, token, "GET", "/v1/admin/status")?;
+    backlog(&s)?;
+    if !s["nodes"].is_array() {
+        anyhow::bail!(
+            "the gateway's status names no nodes: is this a Custodia gateway of this version?"
+        );
+    }
+    Ok(s)
 }
 
 /// Human units: 1.5 GiB.
@@ -167,7 +176,7 @@ pub fn repair(
         "/v1/admin/repair"
     };
     let started = crate::client::admin_call(api, token, "POST", path)?;
-    let first = started["degraded_stripes"].as_u64().unwrap_or(0);
+    let first = backlog(&started)?;
     let bar = indicatif::ProgressBar::new(first.max(1));
     if let Ok(style) = indicatif::ProgressStyle::with_template(
         "repair [{bar:40}] {pos}/{len} stripes {per_sec} eta {eta} {msg}",
@@ -178,7 +187,7 @@ pub fn repair(
     let mut since = std::time::Instant::now();
     loop {
         let s = fetch(api, token)?;
-        let left = s["degraded_stripes"].as_u64().unwrap_or(0);
+        let left = backlog(&s)?;
         if left > bar.length().unwrap_or(0) {
             bar.set_length(left);
         }
@@ -193,7 +202,10 @@ pub fn repair(
         // does not make them verified.
         let unverified = not_up(&s);
         if left == 0 && !reconciling && unverified.is_empty() {
-            bar.finish_with_message("every stripe has k+m verified shards");
+            bar.finish_and_clear();
+            // Said on stdout whether or not a terminal shows the bar (cron,
+            // CI): a repair that ends in silence reads as one that did not.
+            println!("repair done: every stripe has k+m verified shards");
             return Ok(());
         }
         if left < best {
@@ -217,6 +229,18 @@ pub fn repair(
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
+}
+
+/// The repair backlog an answer reports. An answer without it is not one
+/// this command can judge: never read as an empty backlog (a success).
+fn backlog(answer: &serde_json::Value) -> Result<u64> {
+    answer["degraded_stripes"].as_u64().with_context(|| {
+        format!(
+            "the gateway's answer has no repair backlog (degraded_stripes): is this a \
+             Custodia gateway of this version? {}",
+            answer.to_string().chars().take(200).collect::<String>()
+        )
+    })
 }
 
 /// The nodes of a status answer that are not up but not given up on yet

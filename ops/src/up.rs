@@ -216,12 +216,27 @@ fn check_node_free(n: &cluster::NodeSpec) -> Result<()> {
 pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
     let mut stop = StopSignals::new().context("catching SIGINT and SIGTERM")?;
     let _lock = cluster::lock_data_dir(data_dir)?;
-    if !data_dir.join(cluster::CLUSTER_FILE).exists() {
+    let fresh = !data_dir.join(cluster::CLUSTER_FILE).exists();
+    if fresh {
         cluster::init(data_dir, opts).await?;
         println!("initialised a new cluster in {}", data_dir.display());
     }
     cluster::make_private(data_dir);
     let cluster = Cluster::load(data_dir)?;
+    if !fresh {
+        // Said, not silently ignored: an operator working around a port in
+        // use would otherwise try again with the same address.
+        println!(
+            "starting the cluster already in {} ({} nodes, RS({},{}), evidence API on {}): its \
+             cluster.toml decides these; the shape and address options apply only to a new \
+             cluster",
+            data_dir.display(),
+            cluster.nodes.len(),
+            cluster.gateway.k,
+            cluster.gateway.m,
+            cluster.gateway.listen
+        );
+    }
     let exe = std::env::current_exe().context("locating the custodia binary")?;
     let cluster_file = data_dir.join(cluster::CLUSTER_FILE);
     for n in &cluster.nodes {

@@ -255,10 +255,15 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
     for p in &problems {
         println!("INVALID: {p}");
     }
+    // A genuine receipt checked against the wrong file is not a forgery:
+    // said so, for whoever reads the verdict alone.
+    let only_the_file = problems.len() == 1 && content["matches"] == false;
     println!(
         "verdict: {}",
         if valid {
             "VALID — this receipt proves the statement above was logged"
+        } else if only_the_file {
+            "INVALID for this file — the receipt itself verifies, but the file given is not the evidence it names"
         } else {
             "INVALID — do not rely on this receipt"
         }

@@ -1269,15 +1269,30 @@ fn the_evidence_api_serves_https_only_when_asked() -> Result<()> {
 
     // The CLI: the cluster CA beside the token file is trusted without a flag.
     let dir = tempfile::tempdir()?;
-    let (file, back) = (dir.path().join("e.bin"), dir.path().join("back.bin"));
+    // A name no ASCII header holds is filed as it is (RFC 8187's UTF-8'').
+    let (file, back) = (
+        dir.path().join("Beweis_Müller 100%.mp4"),
+        dir.path().join("back.bin"),
+    );
     std::fs::write(&file, &data)?;
-    let put = c.cli(&["put", file.to_str().unwrap_or_default()])?;
+    let put = c.cli(&[
+        "put",
+        file.to_str().unwrap_or_default(),
+        "--case",
+        "Fall Ä-17/Ωμέγα",
+    ])?;
     assert!(
         put.status.success(),
         "{}",
         String::from_utf8_lossy(&put.stderr)
     );
     let put: serde_json::Value = serde_json::from_slice(&put.stdout)?;
+    assert_eq!(put["file_name"], "Beweis_Müller 100%.mp4", "{put}");
+    assert_eq!(put["case"], "Fall Ä-17/Ωμέγα", "{put}");
+    for bad in ["UTF-8''%FF", "UTF-8''a%0Ab"] {
+        let a = c.file_with(&c.token, b"x", &[("x-custodia-case", bad)])?;
+        assert_eq!(a.status, 400, "{bad}: not UTF-8, or a control character");
+    }
     let id2 = put["id"].as_str().unwrap_or_default();
     let get = c.cli(&["get", id2, "-o", back.to_str().unwrap_or_default()])?;
     assert!(
@@ -1581,5 +1596,92 @@ fn a_client_that_stops_reading_holds_back_no_other_read() -> Result<()> {
         "a read behind two stalled clients took {took:?}"
     );
     drop(stalled);
+    Ok(())
+}
+
+/// `custodia get` interrupted mid-download (Ctrl-C) leaves nothing behind:
+/// neither the file nor a hidden partial copy of unchecked bytes. The
+/// "gateway" here is a stand-in that sends half the evidence and stalls.
+/// And the CLI sends no bearer token in clear to another machine.
+#[test]
+fn an_interrupted_get_leaves_nothing_and_tokens_stay_off_clear_text() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0ken")?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let server = std::thread::spawn(move || -> Result<()> {
+        let (mut s, _) = listener.accept()?;
+        let mut head = [0u8; 4096];
+        let _ = s.read(&mut head)?;
+        write!(
+            s,
+            "HTTP/1.1 200 OK\r\ncontent-length: 2000000\r\nx-custodia-blake3: {}\r\n\r\n",
+            blake3_hex(b"whatever")
+        )?;
+        s.write_all(&[7u8; 1_000_000])?;
+        s.flush()?;
+        // Stalls until the client goes.
+        let _ = s.read(&mut head);
+        Ok(())
+    });
+    let out = dir.path().join("exhibit.bin");
+    let mut child = std::process::Command::new(custodia_tests::custodia_bin())
+        .args(["get", "01a2460e-bfe0-7549-9148-b16e65350dcb", "-o"])
+        .arg(&out)
+        .arg("--api")
+        .arg(format!("http://{addr}"))
+        .arg("--token-file")
+        .arg(&token)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let partial = || {
+        std::fs::read_dir(dir.path())
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| {
+                        e.file_name()
+                            .to_string_lossy()
+                            .starts_with(".custodia-partial-")
+                    })
+                    .map(|e| e.path())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    let started = eventually(10, || {
+        partial()
+            .first()
+            .is_some_and(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0))
+    });
+    assert!(started, "the download never began");
+    let pid = child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()?;
+    let status = child.wait()?;
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .context("stderr")?
+        .read_to_string(&mut err)?;
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("nothing written"), "{err}");
+    assert!(partial().is_empty(), "a partial copy was left behind");
+    assert!(!out.exists());
+    let _ = server.join();
+
+    // A token is not sent in clear to another machine; on this one it is.
+    let refused = std::process::Command::new(custodia_tests::custodia_bin())
+        .args(["status", "--api", "http://192.0.2.1:8080", "--token-file"])
+        .arg(&token)
+        .output()?;
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("in clear"),
+        "{said}"
+    );
     Ok(())
 }

@@ -107,6 +107,10 @@ fn a_filing_gets_a_receipt_a_court_can_verify_offline() -> Result<()> {
     std::fs::write(&other, &altered)?;
     let (ok, out) = custodia_verify(&rpath, &key, Some(&other))?;
     assert!(!ok && out.contains("NOT the evidence"), "{out}");
+    assert!(
+        out.contains("the receipt itself verifies, but the file given is not the evidence"),
+        "{out}"
+    );
     // Each difference is named, and only those.
     assert!(
         out.contains("its BLAKE3 is")
