@@ -1638,6 +1638,13 @@ async fn commit_repair<S: Store>(
                 // An earlier attempt of this transaction may have committed
                 // (giving the lease up) with its result unknown.
                 let now = schema::get_stripe_tx(&tx, evidence, stripe).await?;
+                // Or the evidence was expunged meanwhile, its stripes (and
+                // their leases) forgotten: the copies just written are of
+                // nothing, and go now rather than at the orphan sweep,
+                // hours later.
+                if now.is_none() && schema::get_manifest_tx(&tx, evidence).await?.is_none() {
+                    return Ok(Some(RepairCommit::Gone));
+                }
                 let done = StripeRecord {
                     version: rec.version + 1,
                     ..next.clone()
