@@ -1396,6 +1396,42 @@ async fn stripes_on_node<S: Store>(gw: &Gateway<S>, node: NodeId) -> Result<u64,
     }
 }
 
+/// Uploads still under way that may have put shards on `node` before its
+/// drain or removal took effect everywhere: their stripe records are
+/// written in batches, so [`stripes_on_node`] cannot count those shards
+/// yet. Those begun before the decision, or within two probe intervals
+/// after it (another gateway learns of it at its next probe), count.
+async fn uploads_before_lifecycle<S: Store>(
+    gw: &Gateway<S>,
+    node: NodeId,
+) -> Result<u64, ApiError> {
+    let decided = current_decisions(gw)
+        .await?
+        .into_iter()
+        .find(|(n, _)| *n == node)
+        .map(|(_, rec)| rec.changed_ms);
+    let Some(decided) = decided else {
+        return Ok(0);
+    };
+    let cutoff = decided.saturating_add(gw.config.node_probe_interval_ms.saturating_mul(2));
+    let mut after = None;
+    let mut count = 0;
+    loop {
+        let batch = indexer::run(&gw.store, |tx| async move {
+            schema::intents_tx(&tx, after, 4096).await
+        })
+        .await?;
+        let Some(&(last, _)) = batch.last() else {
+            return Ok(count);
+        };
+        count += batch
+            .iter()
+            .filter(|(e, r)| !r.aborted && e.unix_millis() <= cutoff)
+            .count() as u64;
+        after = Some(last);
+    }
+}
+
 fn node_id_param<S: Store>(gw: &Gateway<S>, id: &str) -> Result<NodeId, ApiError> {
     let id = NodeId(
         id.trim_start_matches('n')
@@ -1418,10 +1454,15 @@ async fn node_detail<S: Store>(
     require(&who, Role::Admin, "see a node")?;
     let node = node_id_param(&gw, &id)?;
     let stripes = stripes_on_node(&gw, node).await?;
+    let uploads = match gw.nodes.lifecycle(node) {
+        schema::Lifecycle::Active => 0,
+        _ => uploads_before_lifecycle(&gw, node).await?,
+    };
     Ok(Json(json!({
         "id": node.0,
         "lifecycle": gw.nodes.lifecycle(node).as_str(),
         "stripes": stripes,
+        "uploads_in_flight": uploads,
     })))
 }
 
@@ -1469,6 +1510,14 @@ async fn node_lifecycle<S: Store>(
             return Err(ApiError::Conflict(format!(
                 "{left} stripes still place a shard on node {node}; drain it and let repair move them, or force the removal of a dead node"
             )));
+        }
+        if current == Lifecycle::Draining {
+            let uploads = uploads_before_lifecycle(&gw, node).await?;
+            if uploads > 0 {
+                return Err(ApiError::Conflict(format!(
+                    "{uploads} uploads begun before node {node}'s drain are still under way and may hold shards on it; wait for them"
+                )));
+            }
         }
         stripes = Some(left);
     }
