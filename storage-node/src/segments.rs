@@ -231,6 +231,11 @@ pub(crate) struct SegmentLog {
     syncs: AtomicU64,
     /// Segments compaction passes over (see [`SegmentLog::skip_compaction`]).
     stuck: Mutex<std::collections::BTreeSet<u64>>,
+    /// Segments whose tombstones a compaction copied forward (durably) in
+    /// this process: tried again (one that could not be dropped), it does
+    /// not copy them once more. Without this, each retry of a segment held
+    /// by a damaged record appended all its tombstones again.
+    carried: Mutex<std::collections::BTreeSet<u64>>,
 }
 
 impl SegmentLog {
@@ -350,6 +355,7 @@ impl SegmentLog {
             index: RwLock::new(index),
             syncs: AtomicU64::new(0),
             stuck: Mutex::default(),
+            carried: Mutex::default(),
         })
     }
 
@@ -531,6 +537,16 @@ impl SegmentLog {
     /// file could not be removed.
     pub fn skip_compaction(&self, id: u64) {
         lock(&self.stuck).insert(id);
+    }
+
+    /// Whether segment `id`'s tombstones were copied forward already.
+    pub fn tombstones_carried(&self, id: u64) -> bool {
+        lock(&self.carried).contains(&id)
+    }
+
+    /// Notes that segment `id`'s tombstones are copied forward, durably.
+    pub fn carried_tombstones(&self, id: u64) {
+        lock(&self.carried).insert(id);
     }
 
     /// The shard records still current in segment `id`, and the tombstones

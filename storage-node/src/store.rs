@@ -850,14 +850,20 @@ impl ShardStore {
                 drop(pending);
             }
         }
-        for batch in tombstones.chunks(COMPACT_BATCH) {
-            let _guards = self.lock_keys(batch.iter().map(|t| &t.key));
-            let mut copied = Vec::new();
-            for t in batch {
-                copied.extend(self.log.copy_tombstone(t)?);
+        // Once per segment: copies made by an earlier try (which could not
+        // drop it) hide the same records, and are carried by compactions of
+        // their own segments.
+        if !self.log.tombstones_carried(id) {
+            for batch in tombstones.chunks(COMPACT_BATCH) {
+                let _guards = self.lock_keys(batch.iter().map(|t| &t.key));
+                let mut copied = Vec::new();
+                for t in batch {
+                    copied.extend(self.log.copy_tombstone(t)?);
+                }
+                self.log
+                    .wait_all_durable(copied.iter().map(|(seg, end, _)| (*seg, *end)))?;
             }
-            self.log
-                .wait_all_durable(copied.iter().map(|(seg, end, _)| (*seg, *end)))?;
+            self.log.carried_tombstones(id);
         }
         let dropped = self.log.drop_segment(id)?;
         if !dropped {
@@ -2121,6 +2127,51 @@ mod tests {
         assert_eq!(store.get(&key(100)).unwrap().1, body(800));
         assert!(matches!(store.get(&key(101)), Err(StoreError::NotFound)));
         // The tombstone outlived its segment: segment 1's old copy stays hidden.
+        assert!(matches!(store.get(&victim), Err(StoreError::NotFound)));
+    }
+
+    /// A segment that compaction cannot drop (a record in it damaged since
+    /// the node started, left for the scrubber) is tried again and again;
+    /// its tombstones are copied forward once, not at every try (the disk
+    /// would fill with copies).
+    #[test]
+    fn retrying_a_segment_held_by_a_damaged_record_copies_its_tombstones_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = key(200);
+        {
+            let store = ShardStore::open(dir.path()).unwrap();
+            let b = body(10);
+            store.put(&header(victim, &b), &b).unwrap();
+        }
+        {
+            let store = ShardStore::open(dir.path()).unwrap();
+            assert!(store.delete(&victim).unwrap());
+            let b = body(800);
+            store.put(&header(key(100), &b), &b).unwrap();
+            for n in 101..140u8 {
+                store.put(&header(key(n), &b), &b).unwrap();
+                assert!(store.delete(&key(n)).unwrap());
+            }
+        }
+        let store = ShardStore::open(dir.path()).unwrap();
+        // Rot under the running node: key(100)'s frame in segment 2.
+        let loc = store.log.locate(&key(100)).unwrap();
+        let seg = &segment_files(dir.path())[1];
+        let mut bytes = fs::read(seg).unwrap();
+        bytes[loc.off as usize + 1] ^= 0x10;
+        fs::write(seg, bytes).unwrap();
+        let size = |store: &ShardStore| store.info().unwrap().segment_bytes;
+        for _ in 0..2 {
+            let _ = store.compact();
+        }
+        let once = size(&store);
+        for _ in 0..10 {
+            let _ = store.compact();
+        }
+        assert_eq!(size(&store), once, "tombstones copied again by the retries");
+        assert!(matches!(store.get(&victim), Err(StoreError::NotFound)));
+        drop(store);
+        let store = ShardStore::open(dir.path()).unwrap();
         assert!(matches!(store.get(&victim), Err(StoreError::NotFound)));
     }
 
