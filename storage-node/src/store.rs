@@ -2139,7 +2139,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let victim = key(200);
         {
+            // Segment 1: mostly live (kept), with the victim's old copy.
             let store = ShardStore::open(dir.path()).unwrap();
+            for n in 0..50u8 {
+                let b = body(500);
+                store.put(&header(key(n), &b), &b).unwrap();
+            }
             let b = body(10);
             store.put(&header(victim, &b), &b).unwrap();
         }
