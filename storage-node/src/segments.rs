@@ -236,6 +236,8 @@ pub(crate) struct SegmentLog {
     /// not copy them once more. Without this, each retry of a segment held
     /// by a damaged record appended all its tombstones again.
     carried: Mutex<std::collections::BTreeSet<u64>>,
+    /// See [`SegmentLog::damaged_segments`].
+    damaged: Vec<u64>,
 }
 
 impl SegmentLog {
@@ -261,6 +263,7 @@ impl SegmentLog {
         }
         ids.sort_unstable();
         let mut index = Index::default();
+        let mut damaged = Vec::new();
         for &id in &ids {
             // A segment the disk cannot read (a bad sector anywhere in it)
             // is treated like one whose header is damaged: not served, left
@@ -273,6 +276,7 @@ impl SegmentLog {
                         error = %e,
                         "the disk cannot read this segment; its shards are not served"
                     );
+                    damaged.push(id);
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -299,6 +303,7 @@ impl SegmentLog {
                     segment = id,
                     "segment header unreadable; its shards are not served"
                 );
+                damaged.push(id);
                 continue;
             };
             let file = Arc::new(File::open(dir.join(segment_name(id)))?);
@@ -356,7 +361,19 @@ impl SegmentLog {
             syncs: AtomicU64::new(0),
             stuck: Mutex::default(),
             carried: Mutex::default(),
+            damaged,
         })
+    }
+
+    /// Segments found unreadable at open (a bad sector, a damaged header):
+    /// nothing of them is served, and which shards they held is unknown.
+    pub fn damaged_segments(&self) -> &[u64] {
+        &self.damaged
+    }
+
+    /// The file of segment `id`.
+    pub fn segment_path(&self, id: u64) -> PathBuf {
+        self.dir.join(segment_name(id))
     }
 
     /// Counts of what the segments hold.

@@ -14,6 +14,7 @@
 //! segments/seg-<id>                          small shards, appended (see `crate::segments`)
 //! tmp/                                       files being written; emptied at open
 //! quarantine/<name>.<uuid>                   shards that failed their hash, kept for forensics
+//! damaged-segments/seg-<id>.<uuid>           segments found unreadable at open, kept for forensics
 //! ```
 //!
 //! `<evidence>` is the evidence id as 32 lowercase hex digits and `<xx>` is the
@@ -44,6 +45,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 const DISK_UUID_FILE: &str = "disk.uuid";
+const DAMAGED_SEGMENTS_DIR: &str = "damaged-segments";
 const SHARDS_DIR: &str = "shards";
 const TMP_DIR: &str = "tmp";
 const QUARANTINE_DIR: &str = "quarantine";
@@ -301,9 +303,12 @@ impl ShardStore {
         }
         let root = data_dir.to_path_buf();
         remove_temporary_files(&root.join(TMP_DIR))?;
-        let disk_uuid = read_or_mint_disk_uuid(&root)?;
+        let mut disk_uuid = read_or_mint_disk_uuid(&root)?;
         let usage = count_shards(&root.join(SHARDS_DIR))?;
         let log = SegmentLog::open(&root)?;
+        if !log.damaged_segments().is_empty() {
+            disk_uuid = renew_identity(&root, &log)?;
+        }
         let opened_dirs = [
             root.clone(),
             root.join(SHARDS_DIR),
@@ -1400,6 +1405,49 @@ fn dir_identity(dir: &Path) -> io::Result<u64> {
     Ok(fs::metadata(dir)?.dev())
 }
 
+/// A segment could not be read at open: it held small shards no one can
+/// name now, and tombstones no one can honour. The disk takes a new
+/// identity, which the gateway takes as a disk that lost what it held: it
+/// re-checks every stripe with a shard placed here and rebuilds what is
+/// missing (as for a wiped disk, which must never go unnoticed). The
+/// segment is then moved aside for forensics, so the next start neither
+/// finds it again nor renews the identity once more. The new identity is
+/// durable before the segment moves: a crash between the two renews it
+/// again at the next start, which costs a second check, not a missed one.
+fn renew_identity(root: &Path, log: &SegmentLog) -> Result<[u8; 16], StoreError> {
+    let id = uuid::Uuid::now_v7();
+    let text = format!("{}\n", id.hyphenated());
+    durable_write(
+        &root.join(TMP_DIR),
+        root,
+        DISK_UUID_FILE,
+        &[text.as_bytes()],
+        0o644,
+    )?;
+    tracing::error!(
+        segments = ?log.damaged_segments(),
+        disk = %id,
+        "segments of small shards could not be read: the disk takes a new identity, so the \
+         gateway re-checks every shard it placed here; the segments are kept in {DAMAGED_SEGMENTS_DIR}/"
+    );
+    let aside = root.join(DAMAGED_SEGMENTS_DIR);
+    create_dir_durably(&aside)?;
+    for &seg in log.damaged_segments() {
+        let from = log.segment_path(seg);
+        let name = from
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let to = aside.join(format!("{name}.{}", uuid::Uuid::now_v7().simple()));
+        if let Err(e) = fs::rename(&from, &to) {
+            tracing::warn!(segment = seg, error = %e, "could not move a damaged segment aside");
+        }
+    }
+    sync_dir(&aside)?;
+    sync_dir(&root.join(crate::segments::SEGMENTS_DIR))?;
+    Ok(*id.as_bytes())
+}
+
 fn read_or_mint_disk_uuid(root: &Path) -> Result<[u8; 16], StoreError> {
     let path = root.join(DISK_UUID_FILE);
     match fs::read_to_string(&path) {
@@ -2178,6 +2226,47 @@ mod tests {
         drop(store);
         let store = ShardStore::open(dir.path()).unwrap();
         assert!(matches!(store.get(&victim), Err(StoreError::NotFound)));
+    }
+
+    /// A segment found unreadable at open (here its header damaged) held
+    /// shards no one can name: the disk takes a new identity, which the
+    /// gateway treats as a disk that lost its contents (it re-checks every
+    /// stripe placed here), and the segment is moved aside, once.
+    #[test]
+    fn an_unreadable_segment_renews_the_disk_identity_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = {
+            let store = ShardStore::open(dir.path()).unwrap();
+            for n in 0..5u8 {
+                let b = body(300);
+                store.put(&header(key(n), &b), &b).unwrap();
+            }
+            store.disk_uuid()
+        };
+        let seg = segment_files(dir.path())[0].clone();
+        let mut bytes = fs::read(&seg).unwrap();
+        bytes[..8].fill(0xee);
+        fs::write(&seg, bytes).unwrap();
+        let second = {
+            let store = ShardStore::open(dir.path()).unwrap();
+            assert!(matches!(store.get(&key(0)), Err(StoreError::NotFound)));
+            store.disk_uuid()
+        };
+        assert_ne!(first, second, "the disk took a new identity");
+        assert!(!seg.exists(), "the damaged segment was moved aside");
+        let aside: Vec<_> = fs::read_dir(dir.path().join(DAMAGED_SEGMENTS_DIR))
+            .unwrap()
+            .collect();
+        assert_eq!(aside.len(), 1);
+        let store = ShardStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.disk_uuid(),
+            second,
+            "renewed once, not at every start"
+        );
+        let b = body(300);
+        store.put(&header(key(9), &b), &b).unwrap();
+        assert_eq!(store.get(&key(9)).unwrap().1, b);
     }
 
     #[test]
