@@ -1453,11 +1453,13 @@ async fn node_detail<S: Store>(
     let who = authenticate(&gw, &headers).await?;
     require(&who, Role::Admin, "see a node")?;
     let node = node_id_param(&gw, &id)?;
-    let stripes = stripes_on_node(&gw, node).await?;
+    // Uploads before stripes: one that ends meanwhile has written its
+    // records before the walk of stripes begins.
     let uploads = match gw.nodes.lifecycle(node) {
         schema::Lifecycle::Active => 0,
         _ => uploads_before_lifecycle(&gw, node).await?,
     };
+    let stripes = stripes_on_node(&gw, node).await?;
     Ok(Json(json!({
         "id": node.0,
         "lifecycle": gw.nodes.lifecycle(node).as_str(),
@@ -1505,12 +1507,9 @@ async fn node_lifecycle<S: Store>(
     }
     let mut stripes = None;
     if state == Lifecycle::Removed && !q.force.unwrap_or(false) {
-        let left = stripes_on_node(&gw, node).await?;
-        if left > 0 {
-            return Err(ApiError::Conflict(format!(
-                "{left} stripes still place a shard on node {node}; drain it and let repair move them, or force the removal of a dead node"
-            )));
-        }
+        // Uploads before stripes: one that ends meanwhile has written its
+        // records before the walk of stripes begins, so it is counted by one
+        // of the two.
         if current == Lifecycle::Draining {
             let uploads = uploads_before_lifecycle(&gw, node).await?;
             if uploads > 0 {
@@ -1518,6 +1517,12 @@ async fn node_lifecycle<S: Store>(
                     "{uploads} uploads begun before node {node}'s drain are still under way and may hold shards on it; wait for them"
                 )));
             }
+        }
+        let left = stripes_on_node(&gw, node).await?;
+        if left > 0 {
+            return Err(ApiError::Conflict(format!(
+                "{left} stripes still place a shard on node {node}; drain it and let repair move them, or force the removal of a dead node"
+            )));
         }
         stripes = Some(left);
     }

@@ -153,24 +153,18 @@ fn printable(text: &str, max: usize) -> String {
 pub fn admin_call(api: &str, token: &str, method: &str, path: &str) -> Result<serde_json::Value> {
     let url = format!("{}{path}", api.trim_end_matches('/'));
     let auth = format!("Bearer {token}");
-    // An answer (status, a repair's progress) is small: two minutes bound
-    // the whole call, its body included.
-    let limit = Some(std::time::Duration::from_secs(120));
+    // An action (a repair pass, `--verify-all`, a removal) may walk every
+    // stripe record before it answers, however long that takes on a large
+    // index: no limit on its answer. A GET keeps the agent's.
     let sent = match method {
         "POST" => agent()?
             .post(&url)
             .config()
-            .timeout_global(limit)
+            .timeout_recv_response(None)
             .build()
             .header("Authorization", &auth)
             .send_empty(),
-        _ => agent()?
-            .get(&url)
-            .config()
-            .timeout_global(limit)
-            .build()
-            .header("Authorization", &auth)
-            .call(),
+        _ => agent()?.get(&url).header("Authorization", &auth).call(),
     };
     let mut resp = sent.with_context(|| format!("reaching the gateway at {api}"))?;
     if !resp.status().is_success() {
@@ -351,9 +345,6 @@ pub fn get(
         );
     }
     tmp.as_file().sync_all()?;
-    if let Ok(mut p) = partial.lock() {
-        *p = None;
-    }
     if force {
         tmp.persist(output)
             .with_context(|| format!("writing {}", output.display()))?;
@@ -364,6 +355,11 @@ pub fn get(
                 output.display()
             )
         })?;
+    }
+    // Only now: a Ctrl-C before the rename still removes the copy (after
+    // it, the path it would remove is gone).
+    if let Ok(mut p) = partial.lock() {
+        *p = None;
     }
     println!(
         "wrote {} ({received} bytes, BLAKE3 {got})",

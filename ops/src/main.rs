@@ -865,8 +865,19 @@ async fn run(cli: Cli) -> Result<()> {
                     client::get(&api.api, &token, &id, &output, force, &partial)
                 })
             };
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .context("catching SIGTERM")?;
             tokio::select! {
                 done = work => done.context("the download task")?,
+                _ = term.recv() => {
+                    let left = partial.lock().ok().and_then(|mut p| p.take());
+                    if let Some(path) = left {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    eprintln!("stopped; nothing written");
+                    std::process::exit(143);
+                }
                 _ = tokio::signal::ctrl_c() => {
                     let left = partial.lock().ok().and_then(|mut p| p.take());
                     if let Some(path) = left {

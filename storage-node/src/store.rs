@@ -178,6 +178,16 @@ fn is_media_error(e: &io::Error) -> bool {
         .any(|errno| e.raw_os_error() == Some(errno.raw_os_error()))
 }
 
+/// An error that is this file's for good: the disk or file system cannot
+/// read it, or it is not a file (a link that loops, a directory).
+fn is_broken_file(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    is_media_error(e)
+        || [Errno::LOOP, Errno::ISDIR, Errno::NOTDIR]
+            .iter()
+            .any(|errno| e.raw_os_error() == Some(errno.raw_os_error()))
+}
+
 pub(crate) fn is_disk_full(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::StorageFull
         || e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
@@ -699,8 +709,10 @@ impl ShardStore {
                     // (its inode unreadable, a link where a file should be)
                     // must not stop every listing there for good: scrub,
                     // recovery and orphan collection page past it, and a
-                    // read of it fails, so the gateway rebuilds it.
-                    Err(StoreError::Io(e)) => {
+                    // read of it fails, so the gateway rebuilds it. Errors
+                    // that pass (too many open files) still fail the
+                    // listing: recovery must not take a short one as whole.
+                    Err(StoreError::Io(e)) if is_broken_file(&e) => {
                         tracing::error!(shard = %key, error = %e, "a shard file could not be read; passed over");
                     }
                     Err(e) => return Err(e),
