@@ -274,7 +274,7 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         fs::write(&cert_path, cert)?;
         storage_node::tls::write_private(&key_path, key.as_bytes())?;
         let node_dir = data_dir.join("nodes").join(format!("n{id}"));
-        fs::create_dir_all(&node_dir)?;
+        create_private_dir(&node_dir)?;
         nodes.push(NodeSpec {
             id,
             listen,
@@ -458,7 +458,7 @@ pub fn open_index_offline(data_dir: &Path) -> Result<(indexer::EmbeddedStore, fs
     // index, and an index opened here in between would keep that gateway
     // from starting (the whole cluster would stop).
     let lock =
-        lock_data_dir(data_dir).context("opening the index offline (stop the gateway first)")?;
+        lock_cluster_dir(data_dir).context("opening the index offline (stop the gateway first)")?;
     let cluster = Cluster::load(data_dir)?;
     let store = indexer::EmbeddedStore::open(&cluster.gateway.index_path).with_context(|| {
         format!(
@@ -527,6 +527,19 @@ pub fn colocated_node_workers(nodes: usize) -> Option<String> {
 /// Takes DATA_DIR's lock ([`LOCK_FILE`]) for as long as the returned file
 /// lives: one process at a time owns a data directory's index, nodes and
 /// logs. Refuses when another holds it.
+/// [`lock_data_dir`] for a command that needs the cluster there: a
+/// mistyped DATA_DIR is said so, and no directory or lock file is made.
+pub fn lock_cluster_dir(data_dir: &Path) -> Result<fs::File> {
+    if !data_dir.join(CLUSTER_FILE).exists() {
+        bail!(
+            "no cluster in {} (no {CLUSTER_FILE}; `custodia init` or `custodia up` makes one, \
+             --data-dir names another)",
+            data_dir.display()
+        );
+    }
+    lock_data_dir(data_dir)
+}
+
 pub fn lock_data_dir(data_dir: &Path) -> Result<fs::File> {
     let path = data_dir.join(LOCK_FILE);
     match storage_node::store::lock_file(&path) {
@@ -544,6 +557,17 @@ pub fn lock_data_dir(data_dir: &Path) -> Result<fs::File> {
 /// ledger's archive opens sealed statements. `init` and every `up` do it
 /// (so a cluster made by an older version is tightened too); a directory
 /// this process may not restrict is warned about.
+/// Creates `dir` (and its parents) with the node's own 0700 from the
+/// start, as the node itself keeps it: it will hold evidence.
+pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+}
+
 pub(crate) fn make_private(data_dir: &Path) {
     use std::os::unix::fs::PermissionsExt;
     for dir in [data_dir.to_path_buf(), data_dir.join("tls")] {

@@ -44,7 +44,7 @@ pub fn add(
     std::fs::write(&cert_path, cert)?;
     storage_node::tls::write_private(&key_path, key.as_bytes())?;
     let node_dir = data_dir.join("nodes").join(format!("n{id}"));
-    std::fs::create_dir_all(&node_dir)?;
+    crate::cluster::create_private_dir(&node_dir)?;
     cluster.nodes.push(NodeSpec {
         id,
         listen,

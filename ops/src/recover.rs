@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 pub async fn run(data_dir: &Path, allow_down: bool, trust_archive: bool, json: bool) -> Result<()> {
     // Held until the new index is in place: no gateway (which takes the
     // same lock) starts and files evidence into the index being replaced.
-    let _lock = cluster::lock_data_dir(data_dir)?;
+    let _lock = cluster::lock_cluster_dir(data_dir)?;
     let cluster = Cluster::load(data_dir)?;
     let index = cluster.gateway.index_path.clone();
     if index.exists() {

@@ -111,7 +111,7 @@ fn s3_scheme(cluster: &Cluster) -> &'static str {
 
 pub async fn run_gateway(data_dir: &Path) -> Result<()> {
     let mut stop = StopSignals::new().context("catching SIGINT and SIGTERM")?;
-    let _lock = cluster::lock_data_dir(data_dir)?;
+    let _lock = cluster::lock_cluster_dir(data_dir)?;
     let cluster = Cluster::load(data_dir)?;
     // A signal during the start is kept for the wait below: the start (its
     // migrations included) is not cut short.
@@ -295,14 +295,20 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
         start_gateway(&cluster).await
     };
     let started = tokio::select! {
-        r = started => r,
-        _ = stop.recv() => Err(anyhow::anyhow!("stopped while starting")),
+        r = started => Some(r),
+        _ = stop.recv() => None,
     };
     let mut gw = match started {
-        Ok(gw) => gw,
-        Err(e) => {
+        Some(Ok(gw)) => gw,
+        Some(Err(e)) => {
             stop_children(&mut children).await;
             return Err(e);
+        }
+        // Asked to stop before it was up: a clean stop, as after (exit 0).
+        None => {
+            stop_children(&mut children).await;
+            println!("stopped before the cluster was up; everything filed before is kept");
+            return Ok(());
         }
     };
     println!(

@@ -1685,3 +1685,31 @@ fn an_interrupted_get_leaves_nothing_and_tokens_stay_off_clear_text() -> Result<
     );
     Ok(())
 }
+
+/// A mistyped data directory is said so, and nothing is created there; an
+/// error's cause is said once.
+#[test]
+fn cli_errors_name_the_problem_once_and_create_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let missing = dir.path().join("no-such-cluster");
+    for cmd in ["recover-index", "gateway"] {
+        let out = std::process::Command::new(custodia_tests::custodia_bin())
+            .args([cmd, "--data-dir"])
+            .arg(&missing)
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("no cluster in"),
+            "{cmd}: {err}"
+        );
+        assert!(!missing.exists(), "{cmd} created {}", missing.display());
+    }
+    let out = std::process::Command::new(custodia_tests::custodia_bin())
+        .args(["init", "--k", "0", "--data-dir"])
+        .arg(dir.path().join("bad-shape"))
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert_eq!(err.matches("k must be at least 1").count(), 1, "{err}");
+    Ok(())
+}
