@@ -2037,9 +2037,22 @@ async fn evidence_receipt<S: Store>(
         .ok_or(ApiError::ReceiptPending)
 }
 
+/// Custody events per page, by default and at most.
+const CUSTODY_PAGE: usize = 1000;
+const CUSTODY_PAGE_MAX: usize = 10_000;
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CustodyQuery {
+    /// The events after this leaf (the previous page's `next_after`).
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
 async fn custody<S: Store>(
     State(gw): State<Arc<Gateway<S>>>,
     Path(id): Path<String>,
+    Query(q): Query<CustodyQuery>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let who = authenticate(&gw, &headers).await?;
@@ -2052,7 +2065,18 @@ async fn custody<S: Store>(
             "this gateway runs without a ledger: accesses are not recorded".into(),
         ));
     }
-    let events = crate::ledger::custody(&gw, id).await?;
+    // Paged: every read adds an event, so one evidence may have millions.
+    let limit = q.limit.unwrap_or(CUSTODY_PAGE);
+    if !(1..=CUSTODY_PAGE_MAX).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be 1 to {CUSTODY_PAGE_MAX}"
+        )));
+    }
+    let events = crate::ledger::custody(&gw, id, q.after, limit).await?;
+    // A full page may have more after it.
+    let next_after = (events.len() == limit)
+        .then(|| events.last().map(|(index, _, _)| *index))
+        .flatten();
     Ok(Json(json!({
         "id": id.to_string(),
         "events": events
@@ -2063,6 +2087,7 @@ async fn custody<S: Store>(
                 "receipt": receipt,
             }))
             .collect::<Vec<_>>(),
+        "next_after": next_after,
     })))
 }
 

@@ -1945,11 +1945,11 @@ pub async fn receipt<S: Store>(
     evidence: EvidenceId,
     kinds: &[Kind],
 ) -> Result<Option<Receipt>, ApiError> {
-    let leaves = indexer::run(&gw.store, |tx| async move {
-        lx::leaves_of_tx(&tx, evidence).await
+    let first = indexer::run(&gw.store, |tx| async move {
+        lx::first_leaf_of_tx(&tx, evidence, kinds).await
     })
     .await?;
-    let Some(&(index, _)) = leaves.iter().find(|(_, k)| kinds.contains(k)) else {
+    let Some((index, _)) = first else {
         return Ok(None);
     };
     leaf_receipt(gw, evidence, index).await
@@ -1969,10 +1969,9 @@ pub async fn statement_published<S: Store>(
     }
     Ok(indexer::run(&gw.store, |tx| async move {
         let size = lx::checkpoint_size_tx(&tx).await?.unwrap_or(0);
-        let leaves = lx::leaves_of_tx(&tx, evidence).await?;
-        Ok::<_, indexer::schema::SchemaError>(
-            leaves.iter().any(|(index, k)| *k == kind && *index < size),
-        )
+        // The first of its kind: it is under the checkpoint if any is.
+        let first = lx::first_leaf_of_tx(&tx, evidence, &[kind]).await?;
+        Ok::<_, indexer::schema::SchemaError>(first.is_some_and(|(index, _)| index < size))
     })
     .await?)
 }
@@ -2073,12 +2072,9 @@ async fn leaf_indexes_tx<T: indexer::kv::Transaction>(
     ids: impl Iterator<Item = EvidenceId>,
     kind: Kind,
 ) -> Result<Vec<Option<u64>>, indexer::schema::SchemaError> {
-    let reads = ids.map(|id| async move { lx::leaves_of_tx(tx, id).await });
+    let reads = ids.map(|id| async move { lx::first_leaf_of_tx(tx, id, &[kind]).await });
     let found = futures::future::try_join_all(reads).await?;
-    Ok(found
-        .into_iter()
-        .map(|l| l.iter().find(|(_, k)| *k == kind).map(|(i, _)| *i))
-        .collect())
+    Ok(found.into_iter().map(|l| l.map(|(i, _)| i)).collect())
 }
 
 /// The receipts of leaves `indexes` about `subjects` against the newest
@@ -2227,9 +2223,11 @@ pub async fn wait_for_receipts<S: Store>(
 pub async fn custody<S: Store>(
     gw: &Gateway<S>,
     evidence: EvidenceId,
+    after: Option<u64>,
+    limit: usize,
 ) -> Result<Vec<(u64, Kind, Option<Receipt>)>, ApiError> {
     let leaves = indexer::run(&gw.store, |tx| async move {
-        lx::leaves_of_tx(&tx, evidence).await
+        lx::leaves_of_page_tx(&tx, evidence, after, limit.max(1)).await
     })
     .await?;
     let mut out = Vec::with_capacity(leaves.len());

@@ -661,16 +661,57 @@ pub async fn leaves_tx<T: Transaction>(
         .collect())
 }
 
-/// The leaves that name `evidence`, oldest first, with their kinds.
+/// The leaves that name `evidence`, oldest first, with their kinds. All of
+/// them: every read adds one, so callers serving requests page with
+/// [`leaves_of_page_tx`] or stop at the first with [`first_leaf_of_tx`].
 pub async fn leaves_of_tx<T: Transaction>(
     tx: &T,
     evidence: EvidenceId,
 ) -> Result<Vec<(u64, protocol::ledger::Kind)>, SchemaError> {
+    leaves_of_page_tx(tx, evidence, None, 0).await
+}
+
+/// The first leaf about `evidence` of one of `kinds`, if any, read a page
+/// at a time (a filing's own statement comes before its reads').
+pub async fn first_leaf_of_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    kinds: &[protocol::ledger::Kind],
+) -> Result<Option<(u64, protocol::ledger::Kind)>, SchemaError> {
+    const PAGE: usize = 256;
+    let mut after = None;
+    loop {
+        let page = leaves_of_page_tx(tx, evidence, after, PAGE).await?;
+        if let Some(found) = page.iter().find(|(_, k)| kinds.contains(k)) {
+            return Ok(Some(*found));
+        }
+        match page.last() {
+            Some(&(last, _)) if page.len() == PAGE => after = Some(last),
+            _ => return Ok(None),
+        }
+    }
+}
+
+/// Up to `limit` (0: all) of the leaves about `evidence` after leaf
+/// `after`, oldest first, with their kinds.
+pub async fn leaves_of_page_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    after: Option<u64>,
+    limit: usize,
+) -> Result<Vec<(u64, protocol::ledger::Kind)>, SchemaError> {
     let prefix = by_evidence_prefix(&evidence);
     let mut end = prefix.clone();
     end.extend_from_slice(&[0xff; 9]);
-    let rows = tx.get_range(&prefix, &end, 0, false).await?;
-    if rows.is_empty() {
+    let begin = match after {
+        None => prefix.clone(),
+        Some(n) => match n.checked_add(1) {
+            Some(next) => [&prefix[..], &next.to_be_bytes()].concat(),
+            None => return Ok(Vec::new()),
+        },
+    };
+    let rows = tx.get_range(&begin, &end, limit, false).await?;
+    if rows.is_empty() && after.is_none() {
         // A notarization queued in a chunk has no "V" link.
         let leaf = notarized_leaf_tx(tx, evidence).await?;
         return Ok(leaf

@@ -441,6 +441,40 @@ fn every_read_is_a_custody_event_on_the_ledger_before_its_bytes() -> Result<()> 
     }
     assert_eq!(actors[1], "admin/admin");
     assert_eq!(actors[2], "admin/reader");
+    // Paged (every read adds an event): two, then the rest after the last.
+    let page = c
+        .get_with(&c.token, &format!("/v1/evidence/{id}/custody?limit=2"), &[])?
+        .json();
+    let first: Vec<&Value> = page["events"].as_array().into_iter().flatten().collect();
+    assert_eq!(first.len(), 2, "{page}");
+    assert_eq!(page["next_after"], first[1]["leaf_index"], "{page}");
+    let rest = c
+        .get_with(
+            &c.token,
+            &format!(
+                "/v1/evidence/{id}/custody?limit=2&after={}",
+                page["next_after"]
+            ),
+            &[],
+        )?
+        .json();
+    assert_eq!(rest["events"].as_array().map(Vec::len), Some(1), "{rest}");
+    assert_eq!(rest["events"][0]["leaf_index"], events[2]["leaf_index"]);
+    assert!(
+        rest["next_after"].is_null(),
+        "the last page says so: {rest}"
+    );
+    let a = c.get_with(&c.token, &format!("/v1/evidence/{id}/custody?limit=0"), &[])?;
+    assert_eq!(a.status, 400);
+    // The receipt is still the filing's, whatever reads came after.
+    let r: Receipt = serde_json::from_slice(
+        &c.get_with(&c.token, &format!("/v1/evidence/{id}/receipt"), &[])?
+            .body,
+    )?;
+    assert_eq!(
+        r.verify(&key)?.statement.kind,
+        protocol::ledger::Kind::Filed
+    );
     // Another tenant sees neither the evidence nor its custody.
     let other = make_token(&c, "police", "reader")?;
     let a = c.get_with(&other, &format!("/v1/evidence/{id}/custody"), &[])?;
