@@ -259,6 +259,13 @@ async fn send_range<S: Store>(
     // Shared by the fetch tasks.
     let shared = Arc::new(header.clone());
     let mut first = stripes.start;
+    // The reader went away (or stopped taking bytes). A read rebuilding the
+    // outboard goes on to its end without it: the next reader (a client's
+    // retry waits for this rebuild) then finds the outboard, instead of
+    // starting over from byte 0 and, if it too gives up before the whole
+    // content is read (a range of 100 GiB recovered evidence, a 60 s client
+    // timeout), never getting an answer.
+    let mut gone = false;
     // Stripe records are read a batch at a time, each batch no older, by
     // the time its last stripe is fetched, than a fraction of the grace
     // repair gives old copies (`repair_old_copy_grace_ms`): a slow client
@@ -274,8 +281,12 @@ async fn send_range<S: Store>(
         let loaded = std::time::Instant::now();
         // A client gone while nothing was sent (a rebuild reading past its
         // range) is noticed here.
-        if tx.is_closed() {
-            return Ok(());
+        if tx.is_closed() && !gone {
+            if !check.rebuilding() {
+                return Ok(());
+            }
+            tracing::info!(%evidence, "the reader went away; reading on to finish the outboard");
+            gone = true;
         }
         let last = (first + per_txn).min(stripes.end);
         let (records, now_visible) = indexer::run(&gw.store, |t| async move {
@@ -350,10 +361,17 @@ async fn send_range<S: Store>(
                         if want.is_empty() {
                             continue;
                         }
+                        if gone {
+                            continue;
+                        }
                         if check.rebuilding() && reaches_end && check.at < header.size {
                             last_piece = Some(want);
                         } else if !deliver(evidence, tx, want, idle).await {
-                            return Ok(());
+                            if !check.rebuilding() {
+                                return Ok(());
+                            }
+                            tracing::info!(%evidence, "the reader went away; reading on to finish the outboard");
+                            gone = true;
                         }
                     }
                 }
@@ -371,7 +389,7 @@ async fn send_range<S: Store>(
         tracing::error!(%evidence, at = check.at, end = read.end, "read ended short of its range");
         return Err(ReadError::Internal);
     }
-    if let Some(piece) = last_piece {
+    if let Some(piece) = last_piece.filter(|_| !gone) {
         deliver(evidence, tx, piece, idle).await;
     }
     Ok(())

@@ -409,6 +409,68 @@ fn evidence_without_an_outboard_reads_and_gets_it_back() -> Result<()> {
     c.start_gateway()?;
     c.wait_healthy(c.shape.nodes.into())?;
     assert!(c.read_range(&id, 7, (3 << 20) - 2)? == data[7..(3 << 20) - 1]);
+
+    Ok(())
+}
+
+/// A reader that goes away while its range waits for an outboard rebuild
+/// (a client's timeout on large recovered evidence) does not leave the
+/// rebuild undone: the read goes on to the end and stores the outboard, so
+/// the retry finds it instead of starting over from byte 0.
+#[test]
+fn an_abandoned_read_still_finishes_the_outboard_rebuild() -> Result<()> {
+    let mut c = TestCluster::start(Shape {
+        shard_size: 64 * 1024,
+        ..Shape::default()
+    })?;
+    let data = bytes(128 << 20, 29);
+    let id = c.file(&data)?["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let evidence: protocol::EvidenceId = id.parse()?;
+    let needed = protocol::bao::nodes_for(data.len() as u64, 0..data.len() as u64);
+    let path = c.data_dir().join("index.redb");
+    let index = |clear: bool| -> Result<usize> {
+        let store = indexer::EmbeddedStore::open(&path)?;
+        let rt = tokio::runtime::Builder::new_current_thread().build()?;
+        let needed = &needed;
+        let found = rt.block_on(indexer::run(&store, |tx| async move {
+            if clear {
+                indexer::schema::clear_outboard_tx(&tx, evidence);
+            }
+            indexer::schema::get_outboard_pairs_tx(&tx, evidence, needed).await
+        }))?;
+        Ok(needed.len() - found.len())
+    };
+    c.kill_gateway();
+    assert_eq!(index(true)?, needed.len());
+    c.start_gateway()?;
+    c.wait_healthy(c.shape.nodes.into())?;
+    let log = || std::fs::read_to_string(c.data_dir().join("gateway.log")).unwrap_or_default();
+    {
+        let mut s = std::net::TcpStream::connect(c.api.trim_start_matches("http://"))?;
+        write!(
+            s,
+            "GET /v1/evidence/{id} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nRange: bytes=0-67108863\r\n\r\n",
+            c.token
+        )?;
+        s.flush()?;
+        // Gone once the rebuild has begun, having read nothing of the
+        // range the gateway sends meanwhile.
+        assert!(
+            eventually(20, || log().contains("no usable Bao outboard")),
+            "the read never began its rebuild"
+        );
+    }
+    let done = eventually(30, || log().contains("rebuilt and stored the Bao outboard"));
+    assert!(done, "the abandoned read did not finish the rebuild");
+    assert!(
+        log().contains("reading on to finish the outboard"),
+        "the reader was gone before the rebuild ended"
+    );
+    c.kill_gateway();
+    assert_eq!(index(false)?, 0, "the abandoned read stored the outboard");
     Ok(())
 }
 
