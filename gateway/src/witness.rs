@@ -72,7 +72,6 @@ struct View {
 }
 
 struct Witness {
-    name: String,
     signer_key: String,
     /// Log origin -> verifier key.
     logs: BTreeMap<String, String>,
@@ -100,7 +99,8 @@ pub fn open(
         }
         Err(e) => return Err(io(&key_path)(e)),
     };
-    let cosigner = Cosigner::new(&signer_key, 0)?;
+    // A key that cannot cosign is refused at the start, not at each request.
+    Cosigner::new(&signer_key, 0)?;
     let verifier_key = std::fs::read_to_string(dir.join(WITNESS_PUB_FILE))
         .map_err(io(&dir.join(WITNESS_PUB_FILE)))?
         .trim()
@@ -121,7 +121,6 @@ pub fn open(
         Err(e) => return Err(io(&state_path)(e)),
     };
     let w = Arc::new(Witness {
-        name: cosigner.name().to_owned(),
         signer_key,
         logs,
         dir: dir.to_path_buf(),
@@ -253,20 +252,20 @@ async fn add_checkpoint(State(w): State<Arc<Witness>>, body: Bytes) -> Response 
     }
     *views = next;
     drop(views);
+    // The answer is this witness's own cosignature line and nothing else:
+    // not the lines a requester put in the note under this witness's name
+    // with other key IDs (a log appending the answer as it is would store
+    // them as this witness's).
     let cosigned = Cosigner::new(&w.signer_key, now).ok().and_then(|c| {
-        let mut n = signed_note::Note::from_bytes(note.as_bytes()).ok()?;
-        n.add_sigs(&[&c]).ok()?;
-        String::from_utf8(n.to_bytes()).ok()
+        use signed_note::Signer as _;
+        let n = signed_note::Note::from_bytes(note.as_bytes()).ok()?;
+        let sig = c.sign(n.text()).ok()?;
+        let line = signed_note::Signature::new(c.name().to_owned(), c.key_id(), sig).ok()?;
+        String::from_utf8(line.to_bytes()).ok()
     });
-    let Some(cosigned) = cosigned else {
+    let Some(lines) = cosigned else {
         return text(StatusCode::INTERNAL_SERVER_ERROR, "cannot cosign");
     };
-    let prefix = format!("\u{2014} {} ", w.name);
-    let lines: String = cosigned
-        .lines()
-        .filter(|l| l.starts_with(&prefix))
-        .map(|l| format!("{l}\n"))
-        .collect();
     tracing::info!(%origin, size = new.size, "cosigned");
     answer(StatusCode::OK, "text/plain; charset=utf-8", lines)
 }

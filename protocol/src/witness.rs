@@ -276,7 +276,12 @@ pub fn parse_add_checkpoint(body: &str) -> Result<(u64, Vec<Hash>, String), Witn
     let old = lines
         .next()
         .and_then(|l| l.strip_prefix("old "))
-        .filter(|n| !n.is_empty() && (n == &"0" || !n.starts_with('0')))
+        // Digits only (u64's parser also takes a leading `+`), no leading zero.
+        .filter(|n| {
+            !n.is_empty()
+                && n.bytes().all(|b| b.is_ascii_digit())
+                && (n == &"0" || !n.starts_with('0'))
+        })
         .and_then(|n| n.parse().ok())
         .ok_or(WitnessError::Malformed("first line must be `old <size>`"))?;
     let proof = lines
@@ -391,6 +396,7 @@ mod tests {
         );
         for bad in [
             "old 05\n\nx",
+            "old +5\n\nx",
             "new 5\n\nx",
             "old 5\nnot-base64\n\nx",
             "old 5\n",

@@ -796,6 +796,24 @@ fn witnesses_cosign_off_the_filing_path_and_never_cosign_a_fork() -> Result<()> 
         &protocol::witness::add_checkpoint_body(seen, &[], &smaller),
     )?;
     assert_eq!(status, 400, "a smaller tree is refused");
+    // The answer is the witness's own cosignature, one line: not a line the
+    // request carried under the witness's name with another key ID.
+    let name = wkey.split('+').next().context("witness name")?.to_owned();
+    let planted = format!(
+        "{}\u{2014} {name} {}\n",
+        upgraded.checkpoint,
+        base64::engine::general_purpose::STANDARD.encode([0xde_u8; 76])
+    );
+    let (status, body) = add_checkpoint(
+        &witness.url,
+        &protocol::witness::add_checkpoint_body(seen, &[], &planted),
+    )?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.lines().count(), 1, "{body}");
+    assert!(
+        !body.contains("3t7e3t7e"),
+        "the planted line came back: {body}"
+    );
 
     // A dead witness never slows filing: time filings with both alive, then
     // with one killed (a ratio within this run, not an absolute time).
