@@ -290,8 +290,14 @@ async fn send_range<S: Store>(
         }
         let last = (first + per_txn).min(stripes.end);
         let (records, now_visible) = indexer::run(&gw.store, |t| async move {
-            let records = schema::get_stripes_tx(&t, evidence, first..last).await?;
+            // Visibility first: an expunge forgets the stripe records once
+            // their shards are deleted, and reading them then would fail as
+            // a damaged index (500) rather than as the 410 it is.
             let visible = schema::get_manifest_tx(&t, evidence).await?.is_some();
+            if what == Visible::Evidence && !visible {
+                return Ok((Vec::new(), false));
+            }
+            let records = schema::get_stripes_tx(&t, evidence, first..last).await?;
             Ok::<_, schema::SchemaError>((records, visible))
         })
         .await?;
