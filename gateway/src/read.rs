@@ -238,6 +238,11 @@ async fn send_range<S: Store>(
         // One read per evidence rebuilds it; the others wait for that one
         // and then find the outboard.
         let slot = rebuild_slot(gw, header.evidence).lock_owned().await;
+        // Its reader gone while it waited (a client's timeout): no rebuild
+        // for nobody. Only a rebuild begun for a reader goes on without it.
+        if tx.is_closed() {
+            return Ok(());
+        }
         check = GroupCheck::new(header, read.start);
         if !check.has_outboard(gw, header).await? {
             tracing::warn!(evidence = %header.evidence, "no usable Bao outboard; reading the whole content against its root to rebuild it");
@@ -287,6 +292,7 @@ async fn send_range<S: Store>(
             }
             tracing::info!(%evidence, "the reader went away; reading on to finish the outboard");
             gone = true;
+            tx.close_channel();
         }
         let last = (first + per_txn).min(stripes.end);
         let (records, now_visible) = indexer::run(&gw.store, |t| async move {
@@ -378,6 +384,11 @@ async fn send_range<S: Store>(
                             }
                             tracing::info!(%evidence, "the reader went away; reading on to finish the outboard");
                             gone = true;
+                            // Ended for the client now (short of its length,
+                            // as an abandoned read's is), not when the
+                            // rebuild is done; nor does an error later wait
+                            // on a reader that is not there.
+                            tx.close_channel();
                         }
                     }
                 }

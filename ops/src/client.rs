@@ -154,17 +154,23 @@ pub fn admin_call(api: &str, token: &str, method: &str, path: &str) -> Result<se
     let url = format!("{}{path}", api.trim_end_matches('/'));
     let auth = format!("Bearer {token}");
     // An action (a repair pass, `--verify-all`, a removal) may walk every
-    // stripe record before it answers, however long that takes on a large
-    // index: no limit on its answer. A GET keeps the agent's.
+    // stripe record before it answers: a long limit on its answer, an hour.
+    // A status answer is small: ten minutes for the whole call.
     let sent = match method {
         "POST" => agent()?
             .post(&url)
             .config()
-            .timeout_recv_response(None)
+            .timeout_recv_response(Some(std::time::Duration::from_secs(3600)))
             .build()
             .header("Authorization", &auth)
             .send_empty(),
-        _ => agent()?.get(&url).header("Authorization", &auth).call(),
+        _ => agent()?
+            .get(&url)
+            .config()
+            .timeout_global(Some(std::time::Duration::from_secs(600)))
+            .build()
+            .header("Authorization", &auth)
+            .call(),
     };
     let mut resp = sent.with_context(|| format!("reaching the gateway at {api}"))?;
     if !resp.status().is_success() {

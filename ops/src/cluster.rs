@@ -524,9 +524,6 @@ pub fn colocated_node_workers(nodes: usize) -> Option<String> {
     Some((cores / nodes.max(1)).max(1).to_string())
 }
 
-/// Takes DATA_DIR's lock ([`LOCK_FILE`]) for as long as the returned file
-/// lives: one process at a time owns a data directory's index, nodes and
-/// logs. Refuses when another holds it.
 /// [`lock_data_dir`] for a command that needs the cluster there: a
 /// mistyped DATA_DIR is said so, and no directory or lock file is made.
 pub fn lock_cluster_dir(data_dir: &Path) -> Result<fs::File> {
@@ -540,6 +537,9 @@ pub fn lock_cluster_dir(data_dir: &Path) -> Result<fs::File> {
     lock_data_dir(data_dir)
 }
 
+/// Takes DATA_DIR's lock ([`LOCK_FILE`]) for as long as the returned file
+/// lives: one process at a time owns a data directory's index, nodes and
+/// logs. Refuses when another holds it.
 pub fn lock_data_dir(data_dir: &Path) -> Result<fs::File> {
     let path = data_dir.join(LOCK_FILE);
     match storage_node::store::lock_file(&path) {
@@ -552,11 +552,6 @@ pub fn lock_data_dir(data_dir: &Path) -> Result<fs::File> {
     }
 }
 
-/// Makes a cluster's directory and its `tls/` its operator's alone (0700):
-/// the index holds S3 secret keys, node directories hold evidence and the
-/// ledger's archive opens sealed statements. `init` and every `up` do it
-/// (so a cluster made by an older version is tightened too); a directory
-/// this process may not restrict is warned about.
 /// Creates `dir` (and its parents) with the node's own 0700 from the
 /// start, as the node itself keeps it: it will hold evidence.
 pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
@@ -568,6 +563,11 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("creating {}", dir.display()))
 }
 
+/// Makes a cluster's directory and its `tls/` its operator's alone (0700):
+/// the index holds S3 secret keys, node directories hold evidence and the
+/// ledger's archive opens sealed statements. `init` and every `up` do it
+/// (so a cluster made by an older version is tightened too); a directory
+/// this process may not restrict is warned about.
 pub(crate) fn make_private(data_dir: &Path) {
     use std::os::unix::fs::PermissionsExt;
     for dir in [data_dir.to_path_buf(), data_dir.join("tls")] {

@@ -496,7 +496,8 @@ fn describe(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let text = cause.to_string();
-        if text.is_empty() || out.contains(&text) {
+        // A cause its outer message already ends with ("context: cause").
+        if text.is_empty() || out.ends_with(&text) {
             continue;
         }
         if !out.is_empty() {

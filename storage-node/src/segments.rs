@@ -268,9 +268,22 @@ impl SegmentLog {
             // A segment the disk cannot read (a bad sector anywhere in it)
             // is treated like one whose header is damaged: not served, left
             // for forensics; the node starts and serves everything else.
-            let bytes = match fs::read(dir.join(segment_name(id))) {
+            // A read error is tried twice more before the segment is taken
+            // out of service (and the disk's identity renewed): one that
+            // passes must not cost every shard in it a rebuild.
+            let path = dir.join(segment_name(id));
+            let media =
+                |e: &io::Error| e.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error());
+            let mut read = fs::read(&path);
+            for _ in 0..2 {
+                match &read {
+                    Err(e) if media(e) => read = fs::read(&path),
+                    _ => break,
+                }
+            }
+            let bytes = match read {
                 Ok(bytes) => bytes,
-                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) => {
+                Err(e) if media(&e) => {
                     tracing::error!(
                         segment = id,
                         error = %e,

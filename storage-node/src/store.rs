@@ -317,7 +317,16 @@ impl ShardStore {
         let usage = count_shards(&root.join(SHARDS_DIR))?;
         let log = SegmentLog::open(&root)?;
         if !log.damaged_segments().is_empty() {
-            disk_uuid = renew_identity(&root, &log)?;
+            match renew_identity(&root, &log) {
+                Ok(renewed) => disk_uuid = renewed,
+                // No room even for the identity file: the node still starts
+                // and serves what it can; the next start tries again.
+                Err(StoreError::DiskFull) => tracing::error!(
+                    "no room to renew the disk's identity after unreadable segments; \
+                     run `custodia repair --verify-all` once there is room"
+                ),
+                Err(e) => return Err(e),
+            }
         }
         let opened_dirs = [
             root.clone(),
