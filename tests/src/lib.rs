@@ -339,6 +339,33 @@ impl TestCluster {
         Ok(self.agent.get(url).call()?.body_mut().read_to_string()?)
     }
 
+    /// An upload of `data` begun over a connection of its own, its first
+    /// half sent, returned once `shards` more shards than before are on the
+    /// nodes (the upload is then under way); [`finish_upload`] sends the rest.
+    pub fn half_upload(&self, data: &[u8], shards: f64) -> Result<std::net::TcpStream> {
+        use std::io::Write;
+        let written = self.metric(&self.metrics, "custodia_shards_written_total")?;
+        let mut s = std::net::TcpStream::connect(self.api.trim_start_matches("http://"))?;
+        write!(
+            s,
+            "POST /v1/evidence HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.token,
+            data.len()
+        )?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        s.write_all(&data[..data.len() / 2])?;
+        s.flush()?;
+        let started = eventually(20, || {
+            self.metric(&self.metrics, "custodia_shards_written_total")
+                .unwrap_or(0.0)
+                >= written + shards
+        });
+        if !started {
+            bail!("the upload's first half never reached the nodes");
+        }
+        Ok(s)
+    }
+
     /// One sample of a metric from a Prometheus text page: the first line
     /// whose name is `series`, or whose labels begin with those `series`
     /// gives (`name{a="x",` matches `name{a="x",b="y"}`).
@@ -844,6 +871,21 @@ pub fn blake3_hex(b: &[u8]) -> String {
 }
 
 /// Polls `f` until it is true or `secs` pass.
+/// Sends the second half of `data` on an upload [`TestCluster::half_upload`]
+/// began; returns the filing's JSON once it is answered 201.
+pub fn finish_upload(mut s: std::net::TcpStream, data: &[u8]) -> Result<Value> {
+    use std::io::Write;
+    s.write_all(&data[data.len() / 2..])?;
+    s.flush()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    if !resp.starts_with("HTTP/1.1 201") {
+        bail!("the upload was not filed: {resp}");
+    }
+    let body = resp.split("\r\n\r\n").nth(1).context("response body")?;
+    Ok(serde_json::from_str(body)?)
+}
+
 pub fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {

@@ -328,6 +328,26 @@ fn rewrite_shard(c: &TestCluster, stripe: u64, index: u8, flips: &[usize]) -> Re
     Ok(())
 }
 
+/// With the gateway stopped: clears `evidence`'s Bao outboard in the index
+/// at `path` (when `clear`), and counts how many of its `needed` pairs are
+/// missing.
+fn outboard_missing(
+    path: &std::path::Path,
+    evidence: protocol::EvidenceId,
+    needed: &[u64],
+    clear: bool,
+) -> Result<usize> {
+    let store = indexer::EmbeddedStore::open(path)?;
+    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    let found = rt.block_on(indexer::run(&store, |tx| async move {
+        if clear {
+            indexer::schema::clear_outboard_tx(&tx, evidence);
+        }
+        indexer::schema::get_outboard_pairs_tx(&tx, evidence, needed).await
+    }))?;
+    Ok(needed.len() - found.len())
+}
+
 /// Evidence whose Bao outboard is gone from the index (filed before
 /// outboards were kept, or restored by `recover-index` while it could not be
 /// read back) still reads, whole or by range: every shard is checked against
@@ -344,21 +364,8 @@ fn evidence_without_an_outboard_reads_and_gets_it_back() -> Result<()> {
     let evidence: protocol::EvidenceId = id.parse()?;
     let needed = protocol::bao::nodes_for(data.len() as u64, 0..data.len() as u64);
     assert!(!needed.is_empty(), "3 MiB needs hash pairs");
-    // With the gateway stopped: clears the evidence's outboard, or counts
-    // its pairs that are missing.
     let path = c.data_dir().join("index.redb");
-    let index = |clear: bool| -> Result<usize> {
-        let store = indexer::EmbeddedStore::open(&path)?;
-        let rt = tokio::runtime::Builder::new_current_thread().build()?;
-        let needed = &needed;
-        let found = rt.block_on(indexer::run(&store, |tx| async move {
-            if clear {
-                indexer::schema::clear_outboard_tx(&tx, evidence);
-            }
-            indexer::schema::get_outboard_pairs_tx(&tx, evidence, needed).await
-        }))?;
-        Ok(needed.len() - found.len())
-    };
+    let index = |clear: bool| outboard_missing(&path, evidence, &needed, clear);
 
     c.kill_gateway();
     assert_eq!(index(true)?, needed.len());
@@ -409,7 +416,6 @@ fn evidence_without_an_outboard_reads_and_gets_it_back() -> Result<()> {
     c.start_gateway()?;
     c.wait_healthy(c.shape.nodes.into())?;
     assert!(c.read_range(&id, 7, (3 << 20) - 2)? == data[7..(3 << 20) - 1]);
-
     Ok(())
 }
 
@@ -431,18 +437,7 @@ fn an_abandoned_read_still_finishes_the_outboard_rebuild() -> Result<()> {
     let evidence: protocol::EvidenceId = id.parse()?;
     let needed = protocol::bao::nodes_for(data.len() as u64, 0..data.len() as u64);
     let path = c.data_dir().join("index.redb");
-    let index = |clear: bool| -> Result<usize> {
-        let store = indexer::EmbeddedStore::open(&path)?;
-        let rt = tokio::runtime::Builder::new_current_thread().build()?;
-        let needed = &needed;
-        let found = rt.block_on(indexer::run(&store, |tx| async move {
-            if clear {
-                indexer::schema::clear_outboard_tx(&tx, evidence);
-            }
-            indexer::schema::get_outboard_pairs_tx(&tx, evidence, needed).await
-        }))?;
-        Ok(needed.len() - found.len())
-    };
+    let index = |clear: bool| outboard_missing(&path, evidence, &needed, clear);
     c.kill_gateway();
     assert_eq!(index(true)?, needed.len());
     c.start_gateway()?;

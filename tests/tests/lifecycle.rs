@@ -376,27 +376,10 @@ fn a_cluster_without_room_refuses_filings_with_507_and_keeps_what_it_has() -> Re
 /// Once it ends, its shards are moved like the rest.
 #[test]
 fn a_drain_waits_for_uploads_under_way() -> Result<()> {
-    use std::io::{Read, Write};
     let mut c = TestCluster::start(Shape::default())?;
     c.set_gateway(&[("repair_interval_ms", toml::Value::Integer(300))])?;
     let data = bytes(40 * 4 * 4096, 77);
-    let written = c.metric(&c.metrics, "custodia_shards_written_total")?;
-    let mut s = std::net::TcpStream::connect(c.api.trim_start_matches("http://"))?;
-    write!(
-        s,
-        "POST /v1/evidence HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        c.token,
-        data.len()
-    )?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
-    s.write_all(&data[..data.len() / 2])?;
-    s.flush()?;
-    let started = custodia_tests::eventually(20, || {
-        c.metric(&c.metrics, "custodia_shards_written_total")
-            .unwrap_or(0.0)
-            >= written + 20.0 * 6.0 - 6.0
-    });
-    assert!(started, "the upload's first half never reached the nodes");
+    let s = c.half_upload(&data, 20.0 * 6.0 - 6.0)?;
     let node = (0..8u32)
         .max_by_key(|&i| c.shard_files(i).len())
         .unwrap_or(0);
@@ -407,18 +390,12 @@ fn a_drain_waits_for_uploads_under_way() -> Result<()> {
     // Nothing recorded on it yet, but the upload may hold shards there.
     let (ok, text) = node_cmd(&c, &["remove", &id])?;
     assert!(!ok && text.contains("uploads begun before"), "{text}");
-    s.write_all(&data[data.len() / 2..])?;
-    s.flush()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    assert!(resp.starts_with("HTTP/1.1 201"), "{resp}");
+    let filed = custodia_tests::finish_upload(s, &data)?;
     let (ok, text) = node_cmd(&c, &["drain", &id, "--wait", "--patience-secs", "60"])?;
     assert!(ok, "{text}");
     let (ok, text) = node_cmd(&c, &["remove", &id])?;
     assert!(ok, "{text}");
     c.kill_node(node);
-    let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default();
-    let filed: Value = serde_json::from_str(body)?;
     let evidence = filed["id"].as_str().unwrap_or_default();
     // With the removed node gone and two more dead, it still reads back.
     let others: Vec<u32> = (0..8).filter(|&i| i != node).take(2).collect();

@@ -591,31 +591,12 @@ fn a_disk_wiped_under_a_running_node_is_noticed() -> Result<()> {
 /// They are checked once the upload has ended, and rebuilt.
 #[test]
 fn a_disk_wiped_during_an_upload_is_repaired_once_the_upload_ends() -> Result<()> {
-    use std::io::{Read, Write};
     let mut c = TestCluster::start(Shape::default())?;
     c.set_gateway(&[("repair_interval_ms", toml::Value::Integer(500))])?;
-    // 40 stripes of 4 x 4 KiB: fewer than a batch of stripe records.
+    // 40 stripes of 4 x 4 KiB: fewer than a batch of stripe records. Half
+    // of them on the nodes, none of them recorded yet.
     let data = bytes(40 * 4 * 4096, 31);
-    let written = c.metric(&c.metrics, "custodia_shards_written_total")?;
-    let mut s = std::net::TcpStream::connect(c.api.trim_start_matches("http://"))?;
-    write!(
-        s,
-        "POST /v1/evidence HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        c.token,
-        data.len()
-    )?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
-    s.write_all(&data[..data.len() / 2])?;
-    s.flush()?;
-    // Half the stripes are on the nodes, none of them recorded yet.
-    let half = 20.0 * 6.0;
-    anyhow::ensure!(
-        custodia_tests::eventually(20, || c
-            .metric(&c.metrics, "custodia_shards_written_total")
-            .unwrap_or(0.0)
-            >= written + half - 6.0),
-        "the upload's first half never reached the nodes"
-    );
+    let s = c.half_upload(&data, 20.0 * 6.0 - 6.0)?;
     let node = (0..8)
         .max_by_key(|&i| c.shard_files(i).len())
         .context("a node")?;
@@ -631,13 +612,7 @@ fn a_disk_wiped_during_an_upload_is_repaired_once_the_upload_ends() -> Result<()
             .is_ok_and(|l| l.contains("different disk"))
     });
     assert!(noticed, "the wiped disk went unnoticed");
-    s.write_all(&data[data.len() / 2..])?;
-    s.flush()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    assert!(resp.starts_with("HTTP/1.1 201"), "{resp}");
-    let body = resp.split("\r\n\r\n").nth(1).context("response body")?;
-    let filed: Value = serde_json::from_str(body)?;
+    let filed = custodia_tests::finish_upload(s, &data)?;
     let stripes = filed["stripes"].as_u64().context("stripes")? as usize;
     let id = filed["id"].as_str().context("id")?.to_owned();
     // `custodia repair` waits until the node is reconciled, which it is once

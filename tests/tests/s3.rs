@@ -2198,10 +2198,8 @@ fn standard_headers_are_kept_and_a_download_may_override_them() -> Result<()> {
 
     // A presigned download link names its own file name, for its answers
     // only (made by boto3, fetched by plain curl).
-    let creds = std::fs::read_to_string(c.data_dir().join("s3.credentials"))?;
-    let field = |name: &str| profile_field(&creds, name);
-    let python = std::env::var("CUSTODIA_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = Command::new(&python)
+    let (mut python, name) = python_with_boto3(&c)?;
+    let out = python
         .args([
             "-c",
             "import boto3, botocore.config, os\n\
@@ -2211,16 +2209,8 @@ fn standard_headers_are_kept_and_a_download_may_override_them() -> Result<()> {
                  'ResponseContentDisposition': 'attachment; filename=exhibit-7.mp4',\n\
                  'ResponseCacheControl': 'no-store'}, ExpiresIn=300))\n",
         ])
-        .env("S3_ENDPOINT", &c.s3)
-        .env("AWS_ACCESS_KEY_ID", field("aws_access_key_id"))
-        .env("AWS_SECRET_ACCESS_KEY", field("aws_secret_access_key"))
-        .env("AWS_CONFIG_FILE", c.data_dir().join("no-aws-config"))
-        .env(
-            "AWS_SHARED_CREDENTIALS_FILE",
-            c.data_dir().join("no-aws-credentials"),
-        )
         .output()
-        .with_context(|| format!("running {python} (set CUSTODIA_PYTHON to one with boto3)"))?;
+        .with_context(|| format!("running {name} (set CUSTODIA_PYTHON to one with boto3)"))?;
     let url = String::from_utf8(out.stdout)?.trim().to_owned();
     assert!(
         url.starts_with("http"),
@@ -2392,10 +2382,8 @@ fn long_copies_are_kept_alive_and_fail_inside_the_200() -> Result<()> {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let creds = std::fs::read_to_string(c.data_dir().join("s3.credentials"))?;
-    let field = |name: &str| profile_field(&creds, name);
-    let python = std::env::var("CUSTODIA_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = Command::new(&python)
+    let (mut python, name) = python_with_boto3(&c)?;
+    let out = python
         .args([
             "-c",
             "import boto3, botocore.config, botocore.exceptions, os\n\
@@ -2407,16 +2395,8 @@ fn long_copies_are_kept_alive_and_fail_inside_the_200() -> Result<()> {
              except botocore.exceptions.ClientError as e:\n\
              \x20   print('code', e.response['Error']['Code'])\n",
         ])
-        .env("S3_ENDPOINT", &c.s3)
-        .env("AWS_ACCESS_KEY_ID", field("aws_access_key_id"))
-        .env("AWS_SECRET_ACCESS_KEY", field("aws_secret_access_key"))
-        .env("AWS_CONFIG_FILE", c.data_dir().join("no-aws-config"))
-        .env(
-            "AWS_SHARED_CREDENTIALS_FILE",
-            c.data_dir().join("no-aws-credentials"),
-        )
         .output()
-        .with_context(|| format!("running {python} (set CUSTODIA_PYTHON to one with boto3)"))?;
+        .with_context(|| format!("running {name} (set CUSTODIA_PYTHON to one with boto3)"))?;
     let said = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         said.trim(),
@@ -2518,24 +2498,14 @@ fn boto3_checks(tls: bool) -> Result<()> {
         s3_tls: tls,
         ..Shape::default()
     })?;
-    let creds = std::fs::read_to_string(c.data_dir().join("s3.credentials"))?;
-    let field = |name: &str| profile_field(&creds, name);
-    let python = std::env::var("CUSTODIA_PYTHON").unwrap_or_else(|_| "python3".into());
+    let (mut python, name) = python_with_boto3(&c)?;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("independent/s3_boto3.py");
-    let out = Command::new(&python)
+    let out = python
         .arg(&script)
-        .env("S3_ENDPOINT", &c.s3)
-        .env("AWS_ACCESS_KEY_ID", field("aws_access_key_id"))
-        .env("AWS_SECRET_ACCESS_KEY", field("aws_secret_access_key"))
-        .env("AWS_CONFIG_FILE", c.data_dir().join("no-aws-config"))
-        .env(
-            "AWS_SHARED_CREDENTIALS_FILE",
-            c.data_dir().join("no-aws-credentials"),
-        )
         .env("AWS_CA_BUNDLE", c.ca_cert())
         .env("EXPECT_TRAILER", if tls { "1" } else { "" })
         .output()
-        .with_context(|| format!("running {python} (set CUSTODIA_PYTHON to one with boto3)"))?;
+        .with_context(|| format!("running {name} (set CUSTODIA_PYTHON to one with boto3)"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("{stdout}");
     if !out.status.success() || !stdout.contains("checks passed") {
@@ -2545,6 +2515,26 @@ fn boto3_checks(tls: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The Python with boto3 (`CUSTODIA_PYTHON`, else `python3`), with the
+/// cluster's S3 endpoint and admin keys in its environment and none of the
+/// machine's AWS configuration; and its name, for messages.
+fn python_with_boto3(c: &TestCluster) -> Result<(Command, String)> {
+    let creds = std::fs::read_to_string(c.data_dir().join("s3.credentials"))?;
+    let field = |name: &str| profile_field(&creds, name);
+    let name = std::env::var("CUSTODIA_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut python = Command::new(&name);
+    python
+        .env("S3_ENDPOINT", &c.s3)
+        .env("AWS_ACCESS_KEY_ID", field("aws_access_key_id"))
+        .env("AWS_SECRET_ACCESS_KEY", field("aws_secret_access_key"))
+        .env("AWS_CONFIG_FILE", c.data_dir().join("no-aws-config"))
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            c.data_dir().join("no-aws-credentials"),
+        );
+    Ok((python, name))
 }
 
 /// Runs a client command; returns stdout, failing with its stderr.
