@@ -1414,22 +1414,11 @@ async fn uploads_before_lifecycle<S: Store>(
         return Ok(0);
     };
     let cutoff = decided.saturating_add(gw.config.node_probe_interval_ms.saturating_mul(2));
-    let mut after = None;
-    let mut count = 0;
-    loop {
-        let batch = indexer::run(&gw.store, |tx| async move {
-            schema::intents_tx(&tx, after, 4096).await
-        })
-        .await?;
-        let Some(&(last, _)) = batch.last() else {
-            return Ok(count);
-        };
-        count += batch
-            .iter()
-            .filter(|(e, r)| !r.aborted && e.unix_millis() <= cutoff)
-            .count() as u64;
-        after = Some(last);
-    }
+    Ok(crate::repair::live_intents(gw)
+        .await?
+        .iter()
+        .filter(|e| e.unix_millis() <= cutoff)
+        .count() as u64)
 }
 
 fn node_id_param<S: Store>(gw: &Gateway<S>, id: &str) -> Result<NodeId, ApiError> {

@@ -449,7 +449,7 @@ where
 }
 
 /// The uploads (intents) not ended nor aborted.
-async fn live_intents<S: Store>(gw: &Gateway<S>) -> Result<Vec<EvidenceId>, ApiError> {
+pub(crate) async fn live_intents<S: Store>(gw: &Gateway<S>) -> Result<Vec<EvidenceId>, ApiError> {
     let mut live = Vec::new();
     let mut after = None;
     loop {
@@ -536,16 +536,8 @@ async fn queue_stripes_of<S: Store>(
             .map(|(s, _)| s)
             .collect();
         if !hit.is_empty() {
-            indexer::run(&gw.store, |tx| {
-                let hit = &hit;
-                async move {
-                    for s in hit {
-                        schema::mark_degraded_tx(&tx, e, *s);
-                    }
-                    Ok::<_, schema::SchemaError>(())
-                }
-            })
-            .await?;
+            let hit: Vec<(EvidenceId, u64)> = hit.into_iter().map(|s| (e, s)).collect();
+            mark_degraded(gw, &hit).await?;
             tracing::warn!(evidence = %e, stripes = hit.len(), "stripes of an upload that ended after the disk was replaced queued for repair");
             gw.repair_wake.notify_one();
         }
@@ -630,22 +622,28 @@ async fn queue_stripes<S: Store>(
         .map(|(e, s, _)| (*e, *s))
         .collect();
     if !hit.is_empty() {
-        indexer::run(&gw.store, |tx| {
-            let hit = &hit;
-            async move {
-                for (e, s) in hit {
-                    schema::mark_degraded_tx(&tx, *e, *s);
-                }
-                Ok::<_, schema::SchemaError>(())
-            }
-        })
-        .await?;
+        mark_degraded(gw, &hit).await?;
     }
     // Only past a batch that is marked: one whose marking failed is read
     // again on the retry, not passed over (a replaced disk's stripes would
     // otherwise stay a shard short, unqueued, once the new disk is recorded).
     *cursor = Some(last);
     Ok((hit.len() as u64, true))
+}
+
+/// Queues `stripes` for repair, in one transaction.
+async fn mark_degraded<S: Store>(
+    gw: &Gateway<S>,
+    stripes: &[(EvidenceId, u64)],
+) -> Result<(), ApiError> {
+    indexer::run(&gw.store, |tx| async move {
+        for (e, s) in stripes {
+            schema::mark_degraded_tx(&tx, *e, *s);
+        }
+        Ok::<_, schema::SchemaError>(())
+    })
+    .await?;
+    Ok(())
 }
 
 /// Sets [`Gateway::repairing`] for as long as it lives.
