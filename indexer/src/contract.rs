@@ -542,8 +542,13 @@ pub async fn size_limits<S: KvStore>(store: &S, prefix: &[u8]) {
         .commit()
         .await
         .expect("a key and value at the limits commit");
+    let err = at_limits.commit().await.expect_err("committed once");
+    assert!(matches!(err, KvError::Finished), "got {err:?}");
 
+    // A write within the limits, then one over: neither lands, however
+    // often commit is called.
     let long_key = store.begin().expect("begin");
+    long_key.set(&space.key(b"before"), b"v");
     long_key.set(&key_of(MAX_KEY_BYTES + 1), b"v");
     let err = long_key.commit().await.expect_err("key over the limit");
     assert!(
@@ -551,6 +556,11 @@ pub async fn size_limits<S: KvStore>(store: &S, prefix: &[u8]) {
         "got {err:?}"
     );
     assert!(!err.is_retryable());
+    let err = long_key.commit().await.expect_err("still refused");
+    assert!(
+        matches!(err, KvError::KeyTooLarge(_) | KvError::Finished),
+        "got {err:?}"
+    );
 
     let long_value = store.begin().expect("begin");
     long_value.set(&space.key(b"v"), &vec![0u8; MAX_VALUE_BYTES + 1]);

@@ -180,6 +180,9 @@ impl KvStore for EmbeddedStore {
     type Tx = EmbeddedTx;
 
     fn begin(&self) -> Result<EmbeddedTx, KvError> {
+        // Before the snapshot: the conflict window (`CONFLICT_WINDOW`) outlasts
+        // the age limit only if the age is counted from no later than it.
+        let started = Instant::now();
         let read = self.shared.db.begin_read().map_err(redb_storage)?;
         let snapshot = read.open_table(DATA).map_err(redb_storage)?;
         let meta = read.open_table(META).map_err(redb_storage)?;
@@ -193,7 +196,7 @@ impl KvStore for EmbeddedStore {
                 store: self.shared.clone(),
                 snapshot,
                 read_version,
-                started: Instant::now(),
+                started,
                 state: Mutex::new(TxState::default()),
             }),
         })
@@ -226,6 +229,8 @@ struct TxState {
     budget: WriteBudget,
     /// See [`Transaction::set_commit_slack`].
     slack: Duration,
+    /// `commit` was called: a second call fails with [`KvError::Finished`].
+    finished: bool,
 }
 
 enum Pending {
@@ -536,7 +541,10 @@ impl TxInner {
     /// nothing to write, so read-only transactions never touch disk.
     fn take_commit(&self) -> Result<Option<CommitRequestBody>, KvError> {
         let mut state = self.lock();
-        if let Some(e) = state.budget.take_error() {
+        if std::mem::replace(&mut state.finished, true) {
+            return Err(KvError::Finished);
+        }
+        if let Some(e) = state.budget.error() {
             return Err(e);
         }
         // Like FoundationDB, a read-only commit succeeds whatever its age:

@@ -18,11 +18,26 @@
 //! an [`FdbError`] inside [`KvError::Fdb`], whose own `is_retryable` drives
 //! [`crate::run`]. Size limits are checked here before FoundationDB sees the
 //! write, so both backends report the same sizes.
+//!
+//! A commit whose outcome FoundationDB cannot tell (`commit_unknown_result`,
+//! 1021, and the other "maybe committed" errors) is resolved here, never
+//! retried blind: [`crate::run`] would run the closure again, and a ledger
+//! entry, a custody event or a queued notarization would be written twice.
+//! Every commit that writes carries a marker key (see [`MARKERS`]) that it also reads;
+//! after an unknown result a new transaction reads the marker. Present: the
+//! commit landed, and `commit` returns `Ok`. Absent: it writes the marker
+//! itself, which makes the first commit conflict should it still be in
+//! flight, and returns [`KvError::Conflict`] so that `run` tries again
+//! knowing the first attempt wrote nothing. Markers are named by the read
+//! version they were written at (FoundationDB's versions advance about a
+//! million a second) and swept once they are [`MARKER_LIFETIME`] old.
 
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+use std::sync::atomic::{AtomicI64, Ordering};
+
 use foundationdb::api::{FdbApiBuilder, NetworkAutoStop};
-use foundationdb::options::{MutationType, StreamingMode};
+use foundationdb::options::{ConflictRangeType, MutationType, StreamingMode};
 use foundationdb::{Database, FdbError, RangeOption};
 
 use crate::kv::{KeyValues, KvError, KvStore, Transaction, WriteBudget, VERSIONSTAMP_BYTES};
@@ -30,6 +45,23 @@ use crate::kv::{KeyValues, KvError, KvStore, Transaction, WriteBudget, VERSIONST
 const NOT_COMMITTED: i32 = 1020;
 const TRANSACTION_TOO_OLD: i32 = 1007;
 const TRANSACTION_TOO_LARGE: i32 = 2101;
+
+/// Where commit markers live: `MARKERS ++ read version (i64 BE) ++ 16 random
+/// bytes`. No schema tag starts with 0xfe.
+pub const MARKERS: &[u8] = &[0xfe, b'c'];
+/// A marker's value when its own commit wrote it, and when the check after
+/// an unknown result wrote it in the commit's stead.
+const LANDED: &[u8] = b"c";
+const ABANDONED: &[u8] = b"a";
+/// Versions a marker is kept: about ten minutes. The check that reads it
+/// runs at once after the commit it belongs to.
+const MARKER_LIFETIME: i64 = 600_000_000;
+/// Versions between sweeps of old markers by one process (about a minute).
+const SWEEP_EVERY: i64 = 60_000_000;
+/// Read version of this process's last sweep.
+static LAST_SWEEP: AtomicI64 = AtomicI64::new(0);
+/// Most checks of one marker before the outcome is given up as unknown.
+const RESOLVE_ATTEMPTS: u32 = 20;
 
 type Network = Result<Mutex<Option<NetworkAutoStop>>, FdbError>;
 
@@ -96,6 +128,7 @@ impl KvStore for FdbStore {
         let tx = self.db.create_trx()?;
         Ok(FdbTx {
             inner: Arc::new(FdbTxInner {
+                db: self.db.clone(),
                 tx: Mutex::new(Some(tx)),
                 budget: Mutex::new(WriteBudget::default()),
             }),
@@ -110,6 +143,8 @@ pub struct FdbTx {
 }
 
 struct FdbTxInner {
+    /// For the check after a commit's outcome is unknown.
+    db: Arc<Database>,
     /// `None` once committed: foundationdb's `commit` consumes the transaction.
     tx: Mutex<Option<foundationdb::Transaction>>,
     budget: Mutex<WriteBudget>,
@@ -240,16 +275,126 @@ impl Transaction for FdbTx {
     }
 
     async fn commit(&self) -> Result<(), KvError> {
-        if let Some(e) = lock(&self.inner.budget).take_error() {
-            return Err(e);
-        }
         let Some(tx) = lock(&self.inner.tx).take() else {
-            // Already committed: nothing new can have been written since.
-            return Ok(());
+            return Err(KvError::Finished);
         };
+        let wrote = {
+            let budget = lock(&self.inner.budget);
+            if let Some(e) = budget.error() {
+                return Err(e);
+            }
+            budget.wrote()
+        };
+        if !wrote {
+            // Read-only: nothing to land twice, and FoundationDB answers
+            // without asking the cluster.
+            return match tx.commit().await {
+                Ok(_) => Ok(()),
+                Err(e) => Err(self.map_error(FdbError::from(e))),
+            };
+        }
+        // The marker, read (so a later write of it makes this commit
+        // conflict) and written. Named by the read version, which a
+        // transaction that read anything already holds.
+        let version = tx.get_read_version().await.map_err(|e| self.map_error(e))?;
+        let marker = marker_key(version);
+        let mut marker_end = marker.clone();
+        marker_end.push(0);
+        tx.add_conflict_range(&marker, &marker_end, ConflictRangeType::Read)
+            .map_err(|e| self.map_error(e))?;
+        tx.set(&marker, LANDED);
+        // Once a minute per process, the markers no check can still need.
+        let last = LAST_SWEEP.load(Ordering::Relaxed);
+        if version - last > SWEEP_EVERY
+            && LAST_SWEEP
+                .compare_exchange(last, version, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let old = marker_key_prefix(version - MARKER_LIFETIME);
+            tx.clear_range(MARKERS, &old);
+        }
         match tx.commit().await {
             Ok(_) => Ok(()),
-            Err(e) => Err(self.map_error(FdbError::from(e))),
+            Err(e) => {
+                let e = FdbError::from(e);
+                if e.is_maybe_committed() {
+                    resolve(&self.inner.db, &marker, e).await
+                } else {
+                    Err(self.map_error(e))
+                }
+            }
         }
     }
+}
+
+/// `MARKERS ++ version`: markers sort by the version they were written at.
+fn marker_key_prefix(version: i64) -> Vec<u8> {
+    let mut key = MARKERS.to_vec();
+    key.extend_from_slice(&version.max(0).to_be_bytes());
+    key
+}
+
+/// A marker no other transaction shares: its read version, then 16 bytes
+/// from this process's random seed (the OS's, through `RandomState`), its
+/// id and a counter.
+fn marker_key(version: i64) -> Vec<u8> {
+    use std::hash::{BuildHasher, Hasher};
+    static SEED: OnceLock<[u64; 2]> = OnceLock::new();
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seed = SEED.get_or_init(|| {
+        let random = || {
+            std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
+        };
+        [random(), random()]
+    });
+    let mut unique = blake3::Hasher::new();
+    unique.update(&seed[0].to_le_bytes());
+    unique.update(&seed[1].to_le_bytes());
+    unique.update(&std::process::id().to_le_bytes());
+    unique.update(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    let mut key = marker_key_prefix(version);
+    key.extend_from_slice(&unique.finalize().as_bytes()[..16]);
+    key
+}
+
+/// Whether the commit that wrote `marker` landed, after FoundationDB said it
+/// could not tell (`unknown`): `Ok` if it did, [`KvError::Conflict`] (which
+/// [`crate::run`] retries) once it certainly never will.
+async fn resolve(db: &Database, marker: &[u8], unknown: FdbError) -> Result<(), KvError> {
+    tracing::warn!(
+        code = unknown.code(),
+        "commit outcome unknown; checking its marker"
+    );
+    let mut tx = db.create_trx()?;
+    for _ in 0..RESOLVE_ATTEMPTS {
+        let found = match tx.get(marker, false).await {
+            Ok(found) => found,
+            Err(e) => {
+                tx = tx.on_error(e).await?;
+                continue;
+            }
+        };
+        match found.as_deref() {
+            // It landed. Clearing the marker is tidiness (the sweep would).
+            Some(value) if value == LANDED => {
+                tx.clear(marker);
+                let _ = tx.commit().await;
+                return Ok(());
+            }
+            // A check of ours (whose own outcome was unknown) abandoned it.
+            Some(_) => return Err(KvError::Conflict),
+            None => {
+                tx.set(marker, ABANDONED);
+                match tx.commit().await {
+                    Ok(_) => return Err(KvError::Conflict),
+                    // Conflicted (the commit landed meanwhile) or unknown
+                    // itself: read again.
+                    Err(e) => tx = e.on_error().await?,
+                }
+            }
+        }
+    }
+    Err(KvError::Fdb(unknown))
 }

@@ -55,6 +55,11 @@ pub enum KvError {
     /// The store was shut down, or its committer stopped.
     #[error("store is closed")]
     Closed,
+    /// `commit` was called again on a transaction that had already
+    /// committed or failed. Not retryable: a second commit would write
+    /// whatever part of it the first did not (a bug in the caller).
+    #[error("transaction already committed or failed")]
+    Finished,
     /// FoundationDB reported an error not mapped onto a variant above; its own
     /// `is_retryable` decides whether [`run`] retries.
     #[cfg(feature = "fdb")]
@@ -72,7 +77,9 @@ impl Retryable for KvError {
         match self {
             KvError::Conflict | KvError::TooOld => true,
             #[cfg(feature = "fdb")]
-            KvError::Fdb(e) => e.is_retryable(),
+            // A commit that may have landed is resolved by the backend
+            // (its marker); one it could not resolve must not run again.
+            KvError::Fdb(e) => e.is_retryable() && !e.is_maybe_committed(),
             _ => false,
         }
     }
@@ -211,6 +218,7 @@ pub(crate) fn add_le(existing: Option<&[u8]>, delta: i64) -> Vec<u8> {
 #[derive(Debug, Default)]
 pub(crate) struct WriteBudget {
     bytes: usize,
+    writes: usize,
     error: Option<KvError>,
 }
 
@@ -220,6 +228,7 @@ impl WriteBudget {
         if self.error.is_some() {
             return false;
         }
+        self.writes += 1;
         if let Some(&too_long) = keys.iter().find(|&&k| k > MAX_KEY_BYTES) {
             self.error = Some(KvError::KeyTooLarge(too_long));
             return false;
@@ -242,9 +251,24 @@ impl WriteBudget {
         self.bytes
     }
 
-    /// The first limit this transaction broke, if any; taken once.
-    pub(crate) fn take_error(&mut self) -> Option<KvError> {
-        self.error.take()
+    /// Whether the transaction wrote anything (a read-only one commits
+    /// without a round trip on FoundationDB).
+    #[allow(dead_code)] // used by the fdb backend only
+    pub(crate) fn wrote(&self) -> bool {
+        self.writes > 0
+    }
+
+    /// The first limit this transaction broke, if any, as often as asked:
+    /// a transaction that broke one never commits.
+    pub(crate) fn error(&self) -> Option<KvError> {
+        match self.error {
+            Some(KvError::KeyTooLarge(n)) => Some(KvError::KeyTooLarge(n)),
+            Some(KvError::ValueTooLarge(n)) => Some(KvError::ValueTooLarge(n)),
+            Some(KvError::TransactionTooLarge(n)) => Some(KvError::TransactionTooLarge(n)),
+            // `charge` records only the limits above.
+            Some(_) => Some(KvError::Finished),
+            None => None,
+        }
     }
 }
 
@@ -270,7 +294,10 @@ mod tests {
         assert!(b.charge(&[10], 10));
         assert!(!b.charge(&[MAX_KEY_BYTES + 1], 0));
         assert!(!b.charge(&[1], MAX_VALUE_BYTES + 1));
-        assert!(matches!(b.take_error(), Some(KvError::KeyTooLarge(n)) if n == MAX_KEY_BYTES + 1));
+        // As often as asked: a transaction that broke a limit never commits.
+        for _ in 0..2 {
+            assert!(matches!(b.error(), Some(KvError::KeyTooLarge(n)) if n == MAX_KEY_BYTES + 1));
+        }
     }
 
     #[test]
