@@ -408,7 +408,68 @@ pub fn auth_refusal<B>(req: &http::Request<B>, now_secs: u64) -> Option<Refused>
             _ => return Some(v2()),
         }
     }
+    let unsigned = unsigned_amz_headers(req);
+    if !unsigned.is_empty() {
+        return Some(Refused {
+            code: "AccessDenied",
+            status: http::StatusCode::FORBIDDEN,
+            message: format!(
+                "There were headers present in the request which were not signed: {}",
+                unsigned.join(", ")
+            ),
+        });
+    }
     None
+}
+
+/// `x-amz-*` headers a client may add around a signed request: S3 takes
+/// them unsigned, and each is checked against the body, not trusted.
+const UNSIGNED_AMZ_ALLOWED: [&str; 4] = [
+    "x-amz-content-sha256",
+    "x-amz-decoded-content-length",
+    "x-amz-trailer",
+    "x-amz-checksum-algorithm",
+];
+
+/// The `x-amz-*` headers of a SigV4 request that its signature does not
+/// cover. s3s 0.14 checks only the headers the request names as signed,
+/// yet routes and acts on all of them: an `x-amz-copy-source`, an Object
+/// Lock mode or `x-amz-bypass-governance-retention` added to a presigned
+/// URL would turn it into a copy of other evidence, a lock nobody can lift,
+/// or a bypass the signer never asked for. S3 refuses such a request, and
+/// so does this gateway. (SigV2 signs every `x-amz-*` header by itself.)
+fn unsigned_amz_headers<B>(req: &http::Request<B>) -> Vec<String> {
+    let from_header = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("AWS4-HMAC-SHA256"))
+        .and_then(|v| {
+            v.split(',')
+                .find_map(|part| part.trim().strip_prefix("SignedHeaders="))
+                .map(str::to_owned)
+        });
+    let signed = from_header.or_else(|| {
+        url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .find(|(k, _)| k == "X-Amz-SignedHeaders")
+            .map(|(_, v)| v.into_owned())
+    });
+    // Not SigV4: s3s refuses it or (SigV2) signs the headers itself.
+    let Some(signed) = signed else {
+        return Vec::new();
+    };
+    let signed: Vec<String> = signed
+        .split(';')
+        .map(|h| h.trim().to_ascii_lowercase())
+        .collect();
+    req.headers()
+        .keys()
+        .map(|name| name.as_str())
+        .filter(|name| name.starts_with("x-amz-"))
+        .filter(|name| !UNSIGNED_AMZ_ALLOWED.contains(name))
+        .filter(|name| !signed.iter().any(|s| s == name))
+        .map(str::to_owned)
+        .collect()
 }
 
 fn query_keys<B>(req: &http::Request<B>) -> impl Iterator<Item = &str> {
@@ -471,6 +532,78 @@ mod tests {
         }
         // A key or a value that merely contains the names is not SigV2.
         assert_eq!(code("/b/k?prefix=Signature", &[]), None);
+    }
+
+    #[test]
+    fn every_amz_header_must_be_signed() {
+        let refused = |uri: &str, headers: &[(&str, &str)]| {
+            auth_refusal(&req("PUT", uri, headers), 1_796_000_000).map(|r| (r.code, r.message))
+        };
+        let presigned = |signed: &str| {
+            format!(
+                "/b/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AK%2F20261205%2Fus-east-1%2Fs3%2Faws4_request\
+                 &X-Amz-Date=20261205T000000Z&X-Amz-Expires=300&X-Amz-SignedHeaders={signed}&X-Amz-Signature=00"
+            )
+        };
+        // A presigned PUT turned into a copy of other evidence, or a lock.
+        let copy = [("X-Amz-Copy-Source", "/casefiles/secret.mp4")];
+        let (code, message) = refused(&presigned("host"), &copy).expect("refused");
+        assert_eq!(code, "AccessDenied");
+        assert!(
+            message.ends_with("not signed: x-amz-copy-source"),
+            "{message}"
+        );
+        let lock = [
+            ("x-amz-object-lock-mode", "COMPLIANCE"),
+            (
+                "x-amz-object-lock-retain-until-date",
+                "9999-01-01T00:00:00Z",
+            ),
+        ];
+        assert!(refused(&presigned("host"), &lock).is_some());
+        assert_eq!(
+            refused(
+                &presigned("host%3Bx-amz-object-lock-mode%3Bx-amz-object-lock-retain-until-date"),
+                &lock
+            ),
+            None,
+            "signed, they stand"
+        );
+        // Header authentication: the same rule, names compared without case.
+        let auth = |signed: &str| {
+            format!(
+                "AWS4-HMAC-SHA256 Credential=AK/20261205/us-east-1/s3/aws4_request, \
+                 SignedHeaders={signed}, Signature=00"
+            )
+        };
+        let bypass = auth("host;x-amz-date");
+        let headers = [
+            ("authorization", bypass.as_str()),
+            ("x-amz-date", "20261205T000000Z"),
+            ("x-amz-bypass-governance-retention", "true"),
+        ];
+        assert!(refused("/b/k", &headers).is_some());
+        let signed = auth("host;X-Amz-Bypass-Governance-Retention;x-amz-date");
+        let headers = [
+            ("authorization", signed.as_str()),
+            ("x-amz-date", "20261205T000000Z"),
+            ("x-amz-bypass-governance-retention", "true"),
+        ];
+        assert_eq!(refused("/b/k", &headers), None);
+        // What clients add around a signed request, and what is not x-amz-.
+        let around = auth("host;x-amz-date");
+        let headers = [
+            ("authorization", around.as_str()),
+            ("x-amz-date", "20261205T000000Z"),
+            ("x-amz-content-sha256", "STREAMING-UNSIGNED-PAYLOAD-TRAILER"),
+            ("x-amz-decoded-content-length", "5"),
+            ("x-amz-trailer", "x-amz-checksum-crc32"),
+            ("x-amzn-trace-id", "Root=1"),
+            ("user-agent", "aws-cli"),
+        ];
+        assert_eq!(refused("/b/k", &headers), None);
+        // Unsigned requests are s3s's to refuse (no anonymous access).
+        assert_eq!(refused("/b/k", &copy), None);
     }
 
     fn req(method: &str, uri: &str, headers: &[(&str, &str)]) -> http::Request<()> {
