@@ -666,6 +666,18 @@ fn aws_cli_files_lists_reads_and_deletes_objects_as_evidence() -> Result<()> {
         let mut resp = req.call()?;
         Ok((resp.status().as_u16(), resp.body_mut().read_to_string()?))
     };
+    // An x-amz- header the URL's signature does not cover (here one that
+    // would turn a presigned PUT into a copy of other evidence), as in S3.
+    let mut resp = ureq::get(url.trim())
+        .header("x-amz-copy-source", "/evidence/dir/f2.bin")
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .call()?;
+    let body = resp.body_mut().read_to_string()?;
+    assert_eq!(resp.status().as_u16(), 403, "{body}");
+    assert!(body.contains("<Code>AccessDenied</Code>"), "{body}");
+    assert!(body.contains("not signed: x-amz-copy-source"), "{body}");
     let long = url
         .trim()
         .replace("X-Amz-Expires=300", "X-Amz-Expires=604801");
