@@ -945,7 +945,7 @@ async fn file_evidence<S: Store>(
     // read); a known caller's refusal is answered after its body, if small.
     let who = authenticate(&gw, &parts.headers).await?;
     let meta = match require(&who, Role::Clerk, "file evidence")
-        .and_then(|()| filing_meta(&gw, who.tenant.clone(), &parts.headers))
+        .and_then(|()| filing_meta(&gw, &who, &parts.headers))
     {
         Ok(meta) => meta,
         Err(e) => {
@@ -960,11 +960,12 @@ async fn file_evidence<S: Store>(
 /// A filing's metadata, from its request's headers.
 fn filing_meta<S: Store>(
     gw: &Gateway<S>,
-    tenant: String,
+    who: &TokenRecord,
     h: &http::HeaderMap,
 ) -> Result<FilingMeta, ApiError> {
     Ok(FilingMeta {
-        tenant,
+        tenant: who.tenant.clone(),
+        actor: Some(actor(who)),
         case: meta_text(h, "x-custodia-case")?,
         file_name: meta_text(h, "x-custodia-file-name")?,
         media_type: meta_header(h, "content-type")?,

@@ -44,7 +44,13 @@ pub struct FilingMeta {
     pub case: Option<String>,
     pub file_name: Option<String>,
     pub media_type: Option<String>,
+    /// Who the filer says submitted it (a person, a unit): metadata the
+    /// receipt covers through `metadata_sha256`, not an identity checked.
     pub submitter: Option<String>,
+    /// Who filed it as this gateway authenticated them (`tenant/role`, or
+    /// `tenant/s3:ACCESS_KEY`): the `filed` statement's actor, as every
+    /// other statement's actor is the authenticated caller.
+    pub actor: Option<String>,
     /// Hashes the filer computed at acquisition; a mismatch rejects the filing.
     pub expect_blake3: Option<Blake3Hash>,
     pub expect_sha256: Option<Sha256Hash>,
@@ -497,6 +503,7 @@ impl<S: Store> Upload<S> {
         let pending = match &self.gw.ledger {
             Some(_) => Some(filed_statement(
                 &header,
+                meta.actor,
                 meta.provenance,
                 self.gw.clock.now_ms(),
             )?),
@@ -755,6 +762,7 @@ fn gw_now<S: Store>(gw: &Gateway<S>) -> u64 {
 /// The ledger statement recording a filing, with a fresh salt.
 fn filed_statement(
     h: &ManifestHeader,
+    actor: Option<String>,
     provenance: protocol::ledger::Provenance,
     now_ms: u64,
 ) -> Result<indexer::ledger::PendingRecord, ApiError> {
@@ -773,7 +781,7 @@ fn filed_statement(
         h.size,
         &h.tenant,
         h.case.clone(),
-        h.submitter.clone(),
+        actor,
         now_ms,
     );
     s.metadata_sha256 = Some(hex::encode(sha2::Sha256::digest(

@@ -1554,6 +1554,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             file_name: Some(input.key.clone()),
             media_type: input.content_type.clone(),
             submitter: Some(format!("{}/s3:{}", who.tenant, who.access_key)),
+            actor: Some(format!("{}/s3:{}", who.tenant, who.access_key)),
             expect_sha256,
             expect_md5,
             body_check,
@@ -1852,7 +1853,8 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             legal_hold,
             file_name: Some(input.key.clone()),
             media_type: template.content_type.clone(),
-            submitter: Some(actor),
+            submitter: Some(actor.clone()),
+            actor: Some(actor),
             expect_blake3: Some(header.blake3),
             s3: Some(S3Put {
                 bucket: input.bucket.clone(),
@@ -2500,6 +2502,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 file_name: Some(input.key.clone()),
                 media_type: rec.version.content_type.clone(),
                 submitter: Some(format!("{}/s3:{}", who.tenant, who.access_key)),
+                actor: Some(format!("{}/s3:{}", who.tenant, who.access_key)),
                 s3: Some(S3Put {
                     bucket: input.bucket.clone(),
                     key: input.key.clone(),

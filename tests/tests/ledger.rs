@@ -399,8 +399,13 @@ fn every_read_is_a_custody_event_on_the_ledger_before_its_bytes() -> Result<()> 
     let key = log_key(&c)?;
     let reader = make_token(&c, "admin", "reader")?;
     let data = bytes(9000, 3);
-    let filed = c.file(&data)?;
+    // The submitter is what the filer says; the actor is who it was.
+    let clerk = make_token(&c, "admin", "clerk")?;
+    let filed = c
+        .file_with(&clerk, &data, &[("x-custodia-submitter", "acme/admin")])?
+        .json();
     let id = filed["id"].as_str().unwrap_or_default().to_string();
+    assert_eq!(filed["submitter"], "acme/admin", "{filed}");
     // A HEAD answers the GET's headers and reads nothing: no custody event.
     let a = c.head_with(&reader, &format!("/v1/evidence/{id}"))?;
     assert_eq!(a.status, 200);
@@ -439,8 +444,7 @@ fn every_read_is_a_custody_event_on_the_ledger_before_its_bytes() -> Result<()> 
         assert_eq!(Some(ok.statement.blake3.as_str()), filed["blake3"].as_str());
         actors.push(ok.statement.actor.unwrap_or_default());
     }
-    assert_eq!(actors[1], "admin/admin");
-    assert_eq!(actors[2], "admin/reader");
+    assert_eq!(actors, ["admin/clerk", "admin/admin", "admin/reader"]);
     // Paged (every read adds an event): two, then the rest after the last.
     let page = c
         .get_with(&c.token, &format!("/v1/evidence/{id}/custody?limit=2"), &[])?
