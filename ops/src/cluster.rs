@@ -498,6 +498,8 @@ pub fn running_gateway(data_dir: &Path, api: Option<&str>) -> Result<(String, St
         "http"
     };
     let api = named.unwrap_or_else(|| format!("{scheme}://{addr}"));
+    // The admin token goes out, and new secrets come back.
+    crate::client::refuse_clear_text(&api)?;
     Ok((api, token.trim().to_owned()))
 }
 

@@ -797,6 +797,20 @@ fn tenants_and_keys_are_isolated_and_signatures_checked() -> Result<()> {
     c.start_gateway()?;
     c.wait_healthy(c.shape.nodes as u64)?;
     let (b, b_token) = new_key(&mut c, "court-b", "clerk", &[])?;
+    // Through the running gateway, never with the admin token in clear.
+    let clear = c.custodia(&[
+        "key",
+        "create",
+        "--tenant",
+        "court-b",
+        "--api",
+        "http://192.0.2.1:8080",
+    ])?;
+    let said = String::from_utf8_lossy(&clear.stderr);
+    assert!(
+        !clear.status.success() && said.contains("in clear"),
+        "{said}"
+    );
 
     // On the running cluster too: tenants and keys through the admin API,
     // the same refusals, and never an expunger.
