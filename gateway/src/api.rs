@@ -860,18 +860,44 @@ async fn healthz<S: Store>(State(gw): State<Arc<Gateway<S>>>) -> Json<serde_json
 }
 
 fn meta_header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
-    let Some(v) = headers.get(name) else {
+    let mut all = headers.get_all(name).iter();
+    let Some(v) = all.next() else {
         return Ok(None);
     };
+    // Two would leave which one was meant to chance (a proxy's order).
+    if all.next().is_some() {
+        return Err(ApiError::BadRequest(format!("header {name} is sent twice")));
+    }
     if v.len() > MAX_META_LEN {
         return Err(ApiError::BadRequest(format!(
             "header {name} is longer than {MAX_META_LEN} bytes"
         )));
     }
+    // `to_str` lets a TAB through; percent-encoded, it is refused below.
     let s = v
         .to_str()
-        .map_err(|_| ApiError::BadRequest(format!("header {name} is not visible ASCII")))?;
+        .ok()
+        .filter(|s| !s.contains('\t'))
+        .ok_or_else(|| ApiError::BadRequest(format!("header {name} is not visible ASCII")))?;
     Ok(Some(s.to_string()))
+}
+
+/// Characters that change how the text around them shows without showing
+/// themselves: bidirectional embeddings, overrides and isolates (U+202E
+/// shows `invoice\u{202E}gpj.exe` as `invoiceexe.jpg`), line and paragraph
+/// separators, and zero-width spaces. The joiners and direction marks that
+/// Persian and Indic names need stay allowed.
+fn is_deceptive(c: char) -> bool {
+    matches!(
+        c,
+        '\u{202A}'..='\u{202E}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{2028}'
+            | '\u{2029}'
+            | '\u{200B}'
+            | '\u{2060}'
+            | '\u{FEFF}'
+    )
 }
 
 /// A text field of a filing: visible ASCII as sent, or UTF-8 in RFC 8187's
@@ -896,7 +922,7 @@ fn meta_text(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError
                 "header {name}: after UTF-8'' must come percent-encoded UTF-8"
             ))
         })?;
-    if text.chars().any(char::is_control) {
+    if text.chars().any(|c| c.is_control() || is_deceptive(c)) {
         return Err(ApiError::BadRequest(format!(
             "header {name} holds control characters"
         )));
@@ -949,12 +975,22 @@ async fn file_evidence<S: Store>(
     {
         Ok(meta) => meta,
         Err(e) => {
-            let idle = Duration::from_millis(gw.config.client_idle_timeout_ms.max(1));
-            ingest::drain_small(body.into_data_stream(), idle).await;
+            if !expects_continue(&parts.headers) {
+                let idle = Duration::from_millis(gw.config.client_idle_timeout_ms.max(1));
+                ingest::drain_small(body.into_data_stream(), idle).await;
+            }
             return Err(e);
         }
     };
     file_evidence_rest(gw, meta, body).await
+}
+
+/// Whether the client waits for `100 Continue` before sending its body
+/// (curl does for large uploads): a refusal is then answered without
+/// reading it, which would be the go-ahead.
+fn expects_continue(h: &HeaderMap) -> bool {
+    h.get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// A filing's metadata, from its request's headers.
@@ -966,6 +1002,7 @@ fn filing_meta<S: Store>(
     Ok(FilingMeta {
         tenant: who.tenant.clone(),
         actor: Some(actor(who)),
+        expects_continue: expects_continue(h),
         case: meta_text(h, "x-custodia-case")?,
         file_name: meta_text(h, "x-custodia-file-name")?,
         media_type: meta_header(h, "content-type")?,
@@ -1060,8 +1097,22 @@ fn in_the_future<S: Store>(gw: &Gateway<S>, until: u64) -> Result<u64, ApiError>
             schema::utc_ms(now)
         )));
     }
+    if until > now.saturating_add(MAX_RETENTION_AHEAD_MS) {
+        return Err(ApiError::BadRequest(format!(
+            "a retention may end at most 100 years from now, not {} (milliseconds since the \
+             epoch are expected; for evidence kept indefinitely, use a legal hold)",
+            schema::utc_ms(until)
+        )));
+    }
     Ok(until)
 }
+
+/// The furthest ahead a retention may end: 100 years, S3's bound for a
+/// bucket's default. A COMPLIANCE date can never be brought forward, so a
+/// date given in microseconds (year 57,900) would keep evidence from any
+/// court-ordered expunge for ever; indefinite keeping is a legal hold's,
+/// which can be lifted.
+pub(crate) const MAX_RETENTION_AHEAD_MS: u64 = 36_525 * 86_400_000;
 
 async fn load_visible<S: Store>(
     gw: &Gateway<S>,

@@ -78,6 +78,11 @@ pub struct FilingMeta {
     /// source is still being read (a ranged copy of evidence without an
     /// outboard holds its last bytes until the whole source is checked).
     pub body_from_store: bool,
+    /// The client sent `Expect: 100-continue` and waits for a go-ahead
+    /// before its body: a refusal answers at once, without reading it
+    /// (reading is the go-ahead, and the client would then send all of a
+    /// body nobody reads).
+    pub expects_continue: bool,
 }
 
 /// A check of the complete body (see [`FilingMeta::body_check`]).
@@ -183,8 +188,11 @@ where
     // client, still sending, may see the connection close instead of the
     // answer (a retry while the first attempt runs is the usual case).
     let idle = std::time::Duration::from_millis(gw.config.client_idle_timeout_ms.max(1));
+    let drain = !meta.expects_continue;
     let refuse = |body: B, e: ApiError| async move {
-        drain_small(body, idle).await;
+        if drain {
+            drain_small(body, idle).await;
+        }
         Err(e)
     };
     match start {
@@ -304,11 +312,15 @@ where
                 .then_some("SHA-256")
         });
     if let Some(what) = refused {
-        drain_small(body, idle).await;
+        if !meta.expects_continue {
+            drain_small(body, idle).await;
+        }
         return Err(differs(what));
     }
     if meta.expect_blake3.is_some() || meta.expect_sha256.is_some() {
-        drain_small(body, idle).await;
+        if !meta.expects_continue {
+            drain_small(body, idle).await;
+        }
         return Ok(());
     }
     let mut hasher = blake3::Hasher::new();
@@ -562,6 +574,7 @@ impl<S: Store> Upload<S> {
             ledger.queued();
         }
         self.gw.metrics.filings.inc();
+        self.gw.metrics.degraded_written.inc_by(self.degraded);
         if from_client {
             self.gw.metrics.ingest_bytes.inc_by(size);
         }
@@ -598,6 +611,7 @@ impl<S: Store> Upload<S> {
             async move { indexer::s3::put_part_tx(&tx, upload, number, record).await }
         })
         .await?;
+        self.gw.metrics.degraded_written.inc_by(self.degraded);
         if from_client {
             self.gw.metrics.ingest_bytes.inc_by(header.size);
         }
@@ -669,9 +683,10 @@ impl<S: Store> Upload<S> {
             tracing::error!(error = %e, "stripe task failed");
             ApiError::Internal
         })??;
+        // Counted in the metrics once the filing commits: a stripe of a
+        // filing that then fails was never acknowledged.
         if record.missing() > 0 {
             self.degraded += 1;
-            self.gw.metrics.degraded_written.inc();
         }
         self.unflushed.push((stripe, record));
         if self.unflushed.len() >= STRIPES_PER_TXN || self.pairs.len() >= PAIRS_PER_TXN {

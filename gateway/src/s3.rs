@@ -979,6 +979,12 @@ fn future_ms(until: Timestamp, now: u64) -> S3Result<u64> {
             "The retain until date must be in the future!"
         ));
     }
+    if ms > now.saturating_add(crate::api::MAX_RETENTION_AHEAD_MS) {
+        return Err(s3_error!(
+            InvalidArgument,
+            "The retain until date must be at most 100 years from now (use a legal hold to keep an object indefinitely)"
+        ));
+    }
     Ok(ms)
 }
 

@@ -1090,6 +1090,23 @@ fn authentication_and_tenants() -> Result<()> {
     assert_eq!(filed.status, 201);
     let id = filed.json()["id"].as_str().unwrap_or_default().to_string();
     assert_eq!(c.file_with(&reader_a, &data, &[])?.status, 403);
+    // A client that waits for `100 Continue` (curl, for large uploads) gets
+    // its refusal at once, not a go-ahead to send 40 GB nobody reads.
+    {
+        use std::io::{Read, Write};
+        let addr = c.api.trim_start_matches("http://");
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+        write!(
+            s,
+            "POST /v1/evidence HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {reader_a}\r\n\
+             Content-Length: 40000000000\r\nExpect: 100-continue\r\n\r\n"
+        )?;
+        let mut head = [0u8; 64];
+        let n = s.read(&mut head)?;
+        let head = String::from_utf8_lossy(&head[..n]);
+        assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    }
     assert_eq!(
         c.get_with(&reader_a, &format!("/v1/evidence/{id}"), &[])?
             .body,
@@ -1346,10 +1363,35 @@ fn the_evidence_api_serves_https_only_when_asked() -> Result<()> {
     let put: serde_json::Value = serde_json::from_slice(&put.stdout)?;
     assert_eq!(put["file_name"], "Beweis_Müller 100%.mp4", "{put}");
     assert_eq!(put["case"], "Fall Ä-17/Ωμέγα", "{put}");
-    for bad in ["UTF-8''%FF", "UTF-8''a%0Ab"] {
-        let a = c.file_with(&c.token, b"x", &[("x-custodia-case", bad)])?;
-        assert_eq!(a.status, 400, "{bad}: not UTF-8, or a control character");
+    // Not UTF-8, a control character (encoded or raw), a right-to-left
+    // override that shows `invoice\u{202E}gpj.exe` as `invoiceexe.jpg`.
+    for bad in [
+        "UTF-8''%FF",
+        "UTF-8''a%0Ab",
+        "a\tb",
+        "UTF-8''invoice%E2%80%AEgpj.exe",
+    ] {
+        let a = c.file_with(&c.token, b"x", &[("x-custodia-file-name", bad)])?;
+        assert_eq!(a.status, 400, "{bad}: {}", String::from_utf8_lossy(&a.body));
     }
+    // Two of one header: which was meant is not guessed.
+    let twice = [("x-custodia-case", "A-1"), ("x-custodia-case", "B-2")];
+    let a = c.file_with(&c.token, b"x", &twice)?;
+    assert_eq!(a.status, 400, "{}", String::from_utf8_lossy(&a.body));
+    // The zero-width non-joiner Persian words are spelt with is not refused.
+    let a = c.file_with(
+        &c.token,
+        b"x",
+        &[(
+            "x-custodia-case",
+            "UTF-8''%D9%85%DB%8C%E2%80%8C%D8%B4%D9%88%D8%AF",
+        )],
+    )?;
+    assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(
+        a.json()["case"],
+        "\u{645}\u{6cc}\u{200c}\u{634}\u{648}\u{62f}"
+    );
     let id2 = put["id"].as_str().unwrap_or_default();
     let get = c.cli(&["get", id2, "-o", back.to_str().unwrap_or_default()])?;
     assert!(

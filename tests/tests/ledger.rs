@@ -1376,6 +1376,31 @@ fn holds_retention_and_expunge_are_enforced_and_on_the_ledger() -> Result<()> {
         (400, Some("bad_request")),
         "{body}"
     );
+    // So is one in microseconds (year 57,900), which nothing could undo.
+    let micros = (unix_ms() * 1000).to_string();
+    let refused = c.file_with(
+        &c.token,
+        &bytes(4000, 15),
+        &[("x-custodia-retain-until-ms", &micros)],
+    )?;
+    assert_eq!(
+        refused.status,
+        400,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    let (status, body) = send(
+        &c,
+        "PUT",
+        &c.token,
+        &format!("/v1/evidence/{cid}/retention"),
+        Some(serde_json::json!({ "retain_until_ms": unix_ms() * 1000 })),
+    )?;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap_or("").contains("100 years"),
+        "{body}"
+    );
     let manifest = c.get_with(&c.token, &format!("/v1/evidence/{cid}/manifest"), &[])?;
     assert!(
         manifest.json()["retain_until_ms"].is_null(),
