@@ -1250,7 +1250,8 @@ async fn commit_then_publish<S: Store>(
         &batch.leaves,
     )
     .await?;
-    gw.metrics.ledger_integrated(batch.state.size);
+    gw.metrics
+        .ledger_integrated(batch.state.size, batch.covers_queue_at);
     Ok(())
 }
 
@@ -1266,6 +1267,7 @@ struct Integrated {
     state: TreeState,
     tiles: Vec<(Tile, Vec<u8>)>,
     leaves: Vec<(Vec<u8>, LeafRecord, Kind)>,
+    covers_queue_at: Option<f64>,
 }
 
 /// A batch read and hashed, to integrate.
@@ -1275,6 +1277,9 @@ struct Prepared {
     next: TreeState,
     tiles: Vec<(Tile, Vec<u8>)>,
     leaves: Vec<(Vec<u8>, LeafRecord, Kind)>,
+    /// When the batch was read, if it took the whole queue: once it is
+    /// published, every statement queued before then is covered.
+    covers_queue_at: Option<f64>,
     started: std::time::Instant,
     read: Duration,
     hashed: Duration,
@@ -1344,11 +1349,14 @@ async fn prepare_round<S: Store>(
     known: &mut HashMap<u64, TreeHash>,
 ) -> Result<Option<Prepared>, LedgerError> {
     let started = std::time::Instant::now();
+    // Every statement queued before now is in this batch or an earlier one,
+    // if the batch takes the whole queue.
+    let read_at = unix_now_secs_f64();
     let (first, fence, pending) = match ahead {
         Some(Ahead { size, after, fence }) => {
             let after = &after;
             let pending = indexer::run(&gw.store, |tx| async move {
-                lx::pending_after_tx(&tx, after, BATCH_ENTRIES, BATCH_BYTES).await
+                lx::pending_batch_tx(&tx, Some(after), BATCH_ENTRIES, BATCH_BYTES).await
             })
             .await?;
             (size, fence, pending)
@@ -1360,7 +1368,7 @@ async fn prepare_round<S: Store>(
             let (state, cp_size, pending) = indexer::run(&gw.store, |tx| async move {
                 let state = lx::tree_state_tx(&tx).await?;
                 let cp_size = lx::checkpoint_size_tx(&tx).await?;
-                let pending = lx::pending_tx(&tx, BATCH_ENTRIES, BATCH_BYTES).await?;
+                let pending = lx::pending_batch_tx(&tx, None, BATCH_ENTRIES, BATCH_BYTES).await?;
                 Ok::<_, indexer::schema::SchemaError>((state, cp_size, pending))
             })
             .await?;
@@ -1378,9 +1386,9 @@ async fn prepare_round<S: Store>(
                     }
                     cp => publish_state(gw, ledger, cp.unwrap_or(0), &state, None, &[]).await?,
                 }
-                if pending.is_empty() {
+                if pending.records.is_empty() {
                     gw.metrics
-                        .ledger_integrated(state.size.max(cp_size.unwrap_or(0)));
+                        .ledger_integrated(state.size.max(cp_size.unwrap_or(0)), Some(read_at));
                 }
             }
             // Hashes kept from an earlier run may predate another
@@ -1389,13 +1397,15 @@ async fn prepare_round<S: Store>(
             (state.size, fence, pending)
         }
     };
-    if pending.is_empty() {
+    if pending.records.is_empty() {
         return Ok(None);
     }
+    let covers_queue_at = pending.whole.then_some(read_at);
 
     // Leaves and new tree hashes.
     let read = started.elapsed();
     let leaves: Vec<(Vec<u8>, LeafRecord, Kind)> = pending
+        .records
         .into_iter()
         .map(|(key, p)| {
             let (leaf, kind) = leaf_of(p.evidence, p.salt, p.statement);
@@ -1414,6 +1424,7 @@ async fn prepare_round<S: Store>(
         },
         tiles,
         leaves,
+        covers_queue_at,
         started,
         read,
         hashed,
@@ -1500,6 +1511,7 @@ async fn commit_round<S: Store>(
         state: p.next,
         tiles: p.tiles,
         leaves: p.leaves,
+        covers_queue_at: p.covers_queue_at,
     })
 }
 
@@ -2643,6 +2655,14 @@ async fn stamp<S: Store>(gw: &Gateway<S>, tsa: &Tsa, note: &str, size: u64) -> R
     .map_err(|e| e.to_string())?;
     tracing::debug!(size, "checkpoint time-stamped");
     Ok(())
+}
+
+/// The system clock in Unix seconds, with their fraction (0 before 1970).
+fn unix_now_secs_f64() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// The system clock in Unix seconds (0 before 1970).

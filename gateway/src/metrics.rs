@@ -18,6 +18,15 @@ use storage_node::metrics::{clamp, LATENCY_BUCKETS};
 /// Longest the degraded-stripe count walks the index; beyond it the gauge
 /// says "at least this many".
 const DEGRADED_SCAN_LIMIT: usize = 100_000;
+/// Request durations: a filing's response head comes after its whole body,
+/// so large uploads take minutes, up to an hour for a 10 GiB video on a
+/// slow link.
+fn http_buckets() -> Vec<f64> {
+    let mut b = LATENCY_BUCKETS.to_vec();
+    b.extend_from_slice(&[60.0, 300.0, 900.0, 3600.0]);
+    b
+}
+
 /// How often the cluster gauges are refreshed.
 const REFRESH: Duration = Duration::from_secs(5);
 
@@ -57,7 +66,9 @@ pub struct GatewayMetrics {
     pub shards_repaired: IntCounter,
     /// `custodia_stripes_lost_total`: stripes found with fewer than k shards.
     pub stripes_lost: IntCounter,
-    /// `custodia_degraded_stripes`: stripes waiting for repair (the backlog).
+    /// `custodia_degraded_stripes`: stripes waiting for repair (the backlog),
+    /// counted up to [`DEGRADED_SCAN_LIMIT`] (100,000): at that figure it
+    /// means "at least", and an alert says so.
     pub degraded: IntGauge,
     /// `custodia_ledger_entries`: size of the newest signed checkpoint.
     pub ledger_entries: IntGauge,
@@ -177,7 +188,7 @@ impl GatewayMetrics {
                         "custodia_http_request_duration_seconds",
                         "Time to the response head of an HTTP request.",
                     )
-                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    .buckets(http_buckets()),
                     &["api", "route"],
                 )?,
             )?,
@@ -212,7 +223,10 @@ impl GatewayMetrics {
                 "custodia_stripes_lost_total",
                 "Stripes found with fewer than k good shards.",
             )?,
-            degraded: gauge("custodia_degraded_stripes", "Stripes waiting for repair.")?,
+            degraded: gauge(
+                "custodia_degraded_stripes",
+                "Stripes waiting for repair (counted up to 100000: at least that many then).",
+            )?,
             ledger_entries: gauge(
                 "custodia_ledger_entries",
                 "Entries covered by the newest signed checkpoint.",
@@ -342,15 +356,15 @@ impl GatewayMetrics {
         })
     }
 
-    /// The integrator's pass ended with a checkpoint of `size` covering
-    /// everything that was waiting.
-    pub fn ledger_integrated(&self, size: u64) {
+    /// A checkpoint of `size` was published; `covers_queue_at`: it covers
+    /// every statement queued before then (Unix seconds). A batch cut short
+    /// by the batch limits (a backlog) says nothing of what it left behind,
+    /// so the age keeps growing until one takes the whole queue.
+    pub fn ledger_integrated(&self, size: u64, covers_queue_at: Option<f64>) {
         self.ledger_entries.set(clamp(size));
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        self.checkpoint_time.set(now);
+        if let Some(at) = covers_queue_at {
+            self.checkpoint_time.set(at);
+        }
     }
 
     /// A witness cosigned the checkpoint of `size`; `lines` cosignature
@@ -480,6 +494,6 @@ pub async fn refresh<S: Store>(gw: &Gateway<S>) {
     .await;
     match degraded {
         Ok(d) => m.degraded.set(d.len() as i64),
-        Err(e) => tracing::debug!(error = %e, "could not count degraded stripes"),
+        Err(e) => tracing::warn!(error = %e, "could not count degraded stripes"),
     }
 }

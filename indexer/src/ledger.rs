@@ -341,7 +341,7 @@ pub async fn pending_tx<T: Transaction>(
     limit: usize,
     max_bytes: usize,
 ) -> Result<Vec<(Vec<u8>, PendingRecord)>, SchemaError> {
-    pending_from_tx(tx, vec![QUEUE], limit, max_bytes).await
+    Ok(pending_batch_tx(tx, None, limit, max_bytes).await?.records)
 }
 
 /// As [`pending_tx`], for the statements queued after the queue key `after`
@@ -352,8 +352,36 @@ pub async fn pending_after_tx<T: Transaction>(
     limit: usize,
     max_bytes: usize,
 ) -> Result<Vec<(Vec<u8>, PendingRecord)>, SchemaError> {
-    let mut from = after.to_vec();
-    from.push(0);
+    Ok(pending_batch_tx(tx, Some(after), limit, max_bytes)
+        .await?
+        .records)
+}
+
+/// A batch of pending statements.
+#[derive(Debug)]
+pub struct PendingBatch {
+    pub records: Vec<(Vec<u8>, PendingRecord)>,
+    /// The batch holds everything queued (after `after`) when it was read;
+    /// false when a limit may have left some behind (a backlog).
+    pub whole: bool,
+}
+
+/// As [`pending_tx`] (after the queue key `after`, if given), saying
+/// whether the batch took the whole queue.
+pub async fn pending_batch_tx<T: Transaction>(
+    tx: &T,
+    after: Option<&[u8]>,
+    limit: usize,
+    max_bytes: usize,
+) -> Result<PendingBatch, SchemaError> {
+    let from = match after {
+        Some(after) => {
+            let mut from = after.to_vec();
+            from.push(0);
+            from
+        }
+        None => vec![QUEUE],
+    };
     pending_from_tx(tx, from, limit, max_bytes).await
 }
 
@@ -362,7 +390,11 @@ async fn pending_from_tx<T: Transaction>(
     mut from: Vec<u8>,
     limit: usize,
     max_bytes: usize,
-) -> Result<Vec<(Vec<u8>, PendingRecord)>, SchemaError> {
+) -> Result<PendingBatch, SchemaError> {
+    let cut = |records| PendingBatch {
+        records,
+        whole: false,
+    };
     // Read in growing pages: a key holds one statement or a few hundred, and
     // reading `limit` keys at once could read the whole queue.
     let mut page = 16usize;
@@ -383,16 +415,19 @@ async fn pending_from_tx<T: Transaction>(
             };
             let chunk: usize = recs.iter().map(|r| r.statement.len()).sum();
             if !out.is_empty() && (out.len() + recs.len() > limit || bytes + chunk > max_bytes) {
-                return Ok(out);
+                return Ok(cut(out));
             }
             bytes += chunk;
             out.extend(recs.into_iter().map(|r| (k.clone(), r)));
             if out.len() >= limit || bytes >= max_bytes {
-                return Ok(out);
+                return Ok(cut(out));
             }
         }
         if exhausted {
-            return Ok(out);
+            return Ok(PendingBatch {
+                records: out,
+                whole: true,
+            });
         }
         page = (page * 2).min(1024);
     }

@@ -538,6 +538,27 @@ async fn statements_queued_in_one_transaction_are_all_kept_in_order() {
         .await
         .unwrap();
     assert_eq!(capped.len(), 2);
+    // A batch says whether it took the whole queue (the checkpoint-age
+    // gauge moves only then): not when a limit cut it, also at its end.
+    for (after, limit, max_bytes, whole, len) in [
+        (None, 10, 1 << 20, true, 4),
+        (None, 3, 1 << 20, false, 3),
+        (None, 4, 1 << 20, false, 4),
+        (None, 10, 2, false, 2),
+        (Some(capped[1].0.clone()), 10, 1 << 20, true, 2),
+    ] {
+        let batch = run(&s, |tx| {
+            let after = after.clone();
+            async move { lx::pending_batch_tx(&tx, after.as_deref(), limit, max_bytes).await }
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            (batch.whole, batch.records.len()),
+            (whole, len),
+            "limit {limit}, {max_bytes} bytes"
+        );
+    }
 }
 
 #[tokio::test]

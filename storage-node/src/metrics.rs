@@ -70,6 +70,10 @@ pub struct NodeMetrics {
     /// ended; alert on `time() - ...`).
     pub scrub_passes: IntCounter,
     pub scrub_last_pass: Gauge,
+    /// `custodia_node_scrub_rate_bytes_per_second`: the configured scrub
+    /// rate, 0 when scrubbing is off (a stalled-scrub alert must not fire
+    /// on a node that was told not to scrub).
+    pub scrub_rate: IntGauge,
 }
 
 impl NodeMetrics {
@@ -144,6 +148,10 @@ impl NodeMetrics {
                 "custodia_node_scrub_passes_total",
                 "Scrub passes completed.",
             )?,
+            scrub_rate: IntGauge::new(
+                "custodia_node_scrub_rate_bytes_per_second",
+                "The configured scrub rate; 0 when scrubbing is off.",
+            )?,
             scrub_last_pass: Gauge::new(
                 "custodia_node_scrub_last_pass_timestamp_seconds",
                 "When the last scrub pass ended (Unix seconds; 0 before the first).",
@@ -169,6 +177,7 @@ impl NodeMetrics {
         registry.register(Box::new(m.scrub_progress.clone()))?;
         registry.register(Box::new(m.scrub_passes.clone()))?;
         registry.register(Box::new(m.scrub_last_pass.clone()))?;
+        registry.register(Box::new(m.scrub_rate.clone()))?;
         Ok(m)
     }
 

@@ -10,7 +10,7 @@
 //! [`ScrubConfig::pass_interval`], and the read rate never exceeds
 //! [`ScrubConfig::bytes_per_sec`] so foreground traffic keeps the disk.
 
-use crate::metrics::NodeMetrics;
+use crate::metrics::{clamp, NodeMetrics};
 use crate::store::{ShardStore, StoreError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,6 +45,7 @@ pub async fn run(
     config: ScrubConfig,
     mut stop: watch::Receiver<bool>,
 ) {
+    metrics.scrub_rate.set(clamp(config.bytes_per_sec));
     if config.bytes_per_sec == 0 {
         tracing::info!("scrubbing is off");
         return;
