@@ -82,7 +82,11 @@ fn filing_through_chaos_loses_nothing() -> Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let mut injected: Vec<String> = Vec::new();
     let mut down: Vec<(u32, Instant)> = Vec::new();
-    let (mut wiped, mut gateway_kills) = (false, 0);
+    let (mut wiped, mut gateway_kills, mut node_kills) = (false, 0, 0);
+    // Each flipped shard file and its bytes after the flip (one flip per
+    // file: a second of the same bit would undo the first).
+    let mut flipped: std::collections::HashMap<std::path::PathBuf, Vec<u8>> =
+        std::collections::HashMap::new();
     let start = Instant::now();
     while start.elapsed() < CHAOS {
         std::thread::sleep(Duration::from_millis(rng.random_range(500..2_000)));
@@ -104,20 +108,23 @@ fn filing_through_chaos_loses_nothing() -> Result<()> {
                 let n = rng.random_range(0..8u32);
                 if !down.iter().any(|(d, _)| *d == n) {
                     c.kill_node(n);
+                    node_kills += 1;
                     down.push((n, Instant::now()));
                     injected.push(format!("{t:>5.1}s kill node {n}"));
                 }
             }
             4..=6 => {
                 let n = rng.random_range(0..8u32);
-                let files = c.shard_files(n);
+                let mut files = c.shard_files(n);
+                files.retain(|f| !flipped.contains_key(f));
                 if !files.is_empty() {
                     let f = &files[rng.random_range(0..files.len())];
                     if let Ok(mut raw) = std::fs::read(f) {
                         // Past the header: a body byte.
                         let at = raw.len() - 1 - rng.random_range(0..raw.len().min(1024));
                         raw[at] ^= 1 << rng.random_range(0..8);
-                        std::fs::write(f, raw)?;
+                        std::fs::write(f, &raw)?;
+                        flipped.insert(f.clone(), raw);
                         injected.push(format!(
                             "{t:>5.1}s flip a bit in {} on node {n}",
                             f.file_name().and_then(|n| n.to_str()).unwrap_or("?")
@@ -143,14 +150,32 @@ fn filing_through_chaos_loses_nothing() -> Result<()> {
             _ => {}
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    let refused = filing
-        .join()
-        .map_err(|_| anyhow::anyhow!("the filer panicked"))?;
+    // Every kind of fault lands at least once, whatever the dice said,
+    // while filings go on.
     for (n, _) in down.drain(..) {
         c.start_node(n)?;
         injected.push(format!("  end restart node {n}"));
     }
+    if !wiped {
+        let n = rng.random_range(0..8u32);
+        c.kill_node(n);
+        std::fs::remove_dir_all(c.node_dir(n))?;
+        c.start_node(n)?;
+        wiped = true;
+        injected.push(format!("  end wipe node {n}'s data dir and restart it"));
+    }
+    if gateway_kills == 0 {
+        c.kill_gateway();
+        gateway_kills += 1;
+        injected.push("  end kill the gateway mid-upload".to_owned());
+        std::thread::sleep(Duration::from_millis(300));
+        c.start_gateway()?;
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let refused = filing
+        .join()
+        .map_err(|_| anyhow::anyhow!("the filer panicked"))?;
     c.wait_healthy(8)?;
     let filed = filed
         .lock()
@@ -165,6 +190,14 @@ fn filing_through_chaos_loses_nothing() -> Result<()> {
         filed.len() >= 20,
         "too few filings got through: {}",
         filed.len()
+    );
+    println!(
+        "faults: {node_kills} node kills, {} bit flips, wiped: {wiped}, {gateway_kills} gateway kills",
+        flipped.len()
+    );
+    assert!(
+        node_kills > 0 && !flipped.is_empty() && wiped && gateway_kills > 0,
+        "a kind of fault was never injected"
     );
 
     // Repair, reading and checking every shard of every stripe.
@@ -213,6 +246,62 @@ fn filing_through_chaos_loses_nothing() -> Result<()> {
         Ok(())
     };
     check(&c, "after repair")?;
+
+    // No stripe short of k+m shards: each of every filing's stripes has all
+    // six shards, on six nodes, in the nodes' shard files (old copies a
+    // repair moved may linger beside new ones until their deletion).
+    let mut held: std::collections::HashMap<(String, u64), Vec<(u32, u8)>> =
+        std::collections::HashMap::new();
+    for n in 0..8u32 {
+        for f in c.shard_files(n) {
+            let name = f.file_name().and_then(|s| s.to_str()).unwrap_or_default();
+            let mut parts = name.split('-');
+            if let (Some(id), Some(Ok(stripe)), Some(Ok(index)), None) = (
+                parts.next(),
+                parts.next().map(str::parse::<u64>),
+                parts.next().map(str::parse::<u8>),
+                parts.next(),
+            ) {
+                held.entry((id.to_owned(), stripe))
+                    .or_default()
+                    .push((n, index));
+            }
+        }
+    }
+    let shard_bytes = 16 * 1024;
+    for (id, len, _) in &filed {
+        let simple = id.replace('-', "");
+        let stripes = len.div_ceil(4 * shard_bytes).max(1) as u64;
+        for stripe in 0..stripes {
+            let shards = held
+                .get(&(simple.clone(), stripe))
+                .cloned()
+                .unwrap_or_default();
+            let indices: std::collections::BTreeSet<u8> = shards.iter().map(|(_, i)| *i).collect();
+            let nodes: std::collections::BTreeSet<u32> = shards.iter().map(|(n, _)| *n).collect();
+            anyhow::ensure!(
+                indices.len() == 6 && nodes.len() >= 6,
+                "stripe {stripe} of {id} after repair: shards {shards:?}"
+            );
+        }
+    }
+    // Every flipped shard of a filing that got its 201 was found: moved to
+    // quarantine when a read met it, and rebuilt.
+    let unnoticed: Vec<&std::path::PathBuf> = flipped
+        .iter()
+        .filter(|(f, raw)| {
+            let name = f.file_name().and_then(|s| s.to_str()).unwrap_or_default();
+            filed
+                .iter()
+                .any(|(id, ..)| name.starts_with(&id.replace('-', "")))
+                && std::fs::read(f).is_ok_and(|now| now == **raw)
+        })
+        .map(|(f, _)| f)
+        .collect();
+    anyhow::ensure!(
+        unnoticed.is_empty(),
+        "corruption never found: {unnoticed:?}"
+    );
     for (id, _, _) in &filed {
         let a = c.get_with(&c.token, &format!("/v1/evidence/{id}/receipt"), &[])?;
         let r: Receipt = serde_json::from_slice(&a.body)
@@ -234,7 +323,8 @@ fn filing_through_chaos_loses_nothing() -> Result<()> {
     c.kill_node(b);
     check(&c, &format!("with nodes {a} and {b} dead after repair"))?;
     println!(
-        "found: all {} filings byte-exact with receipts verified, also with nodes {a} and {b} dead",
+        "found: all {} filings byte-exact with receipts verified, every stripe with k+m shards \
+         on k+m nodes, every flipped shard of theirs caught; also with nodes {a} and {b} dead",
         filed.len()
     );
     Ok(())
