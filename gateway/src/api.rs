@@ -86,6 +86,9 @@ pub struct Gateway<S: Store> {
     /// so repair gets its share of the machine.
     pub repairing: std::sync::atomic::AtomicBool,
     pub ingest_gate: tokio::sync::Semaphore,
+    /// KiB of stripes being coded and stored across all uploads
+    /// ([`GatewayConfig::ingest_memory_bytes`]).
+    pub ingest_memory: Arc<tokio::sync::Semaphore>,
     /// Stripe fetches in flight across all reads
     /// ([`GatewayConfig::read_stripes`]).
     pub read_gate: tokio::sync::Semaphore,
@@ -327,6 +330,11 @@ impl<S: Store> Gateway<S> {
             n => n,
         });
         let read_gate = tokio::sync::Semaphore::new(config.read_stripes());
+        let ingest_memory = Arc::new(tokio::sync::Semaphore::new(
+            usize::try_from(config.ingest_memory_bytes() >> 10)
+                .unwrap_or(usize::MAX)
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+        ));
         Ok(Gateway {
             nodes: NodeSet::new(
                 &config.nodes,
@@ -344,6 +352,7 @@ impl<S: Store> Gateway<S> {
             repair_wake: tokio::sync::Notify::new(),
             repairing: std::sync::atomic::AtomicBool::new(false),
             ingest_gate,
+            ingest_memory,
             read_gate,
             outboard_rebuilds: Default::default(),
             remote_builds: Default::default(),

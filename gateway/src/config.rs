@@ -177,6 +177,14 @@ pub struct GatewayConfig {
     /// with 8 no less than with 16).
     #[serde(default)]
     pub read_stripes_in_flight: usize,
+    /// Memory, in MiB, that the stripes being coded and stored may hold
+    /// across all uploads at once (each holds its data and parity shards
+    /// while its puts run). An upload whose next stripe would go over waits
+    /// (its client is slowed through TCP) instead of the gateway running
+    /// out of memory under many large uploads. 0, the default: 1024. Never
+    /// less than one upload's whole pipeline.
+    #[serde(default)]
+    pub ingest_memory_mib: u64,
     /// The S3 records' journal files (`ledger/openings/s3-journal/`, one
     /// per second with changes) are merged into one, each record's newest
     /// entry, once a gateway has written this many since it last merged
@@ -280,6 +288,19 @@ impl GatewayConfig {
         }
     }
 
+    /// [`ingest_memory_mib`](Self::ingest_memory_mib) in bytes, with its
+    /// default and floor applied.
+    pub fn ingest_memory_bytes(&self) -> u64 {
+        let asked = match self.ingest_memory_mib {
+            0 => 1024,
+            n => n,
+        };
+        let one_pipeline = self.pipeline_stripes as u64
+            * (2 * u64::from(self.k) + u64::from(self.m))
+            * u64::from(self.shard_size_bytes);
+        (asked << 20).max(one_pipeline)
+    }
+
     pub fn code(&self) -> ErasureCode {
         ErasureCode {
             k: self.k,
@@ -368,6 +389,17 @@ failure_domain = "rack-a"
         assert_eq!(c.shard_size_bytes, 1 << 20);
         assert_eq!(c.write_quorum(), 5);
         assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn ingest_memory_defaults_to_a_gib_and_holds_one_pipeline_at_least() {
+        let mut c = example();
+        assert_eq!(c.ingest_memory_bytes(), 1 << 30);
+        c.ingest_memory_mib = 64;
+        assert_eq!(c.ingest_memory_bytes(), 64 << 20);
+        // 4 stripes of (2x4 + 2) MiB-shards: 40 MiB, whatever was asked.
+        c.ingest_memory_mib = 1;
+        assert_eq!(c.ingest_memory_bytes(), 40 << 20);
     }
 
     #[test]

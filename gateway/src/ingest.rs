@@ -648,13 +648,44 @@ impl<S: Store> Upload<S> {
         while self.in_flight.len() >= self.gw.config.pipeline_stripes {
             self.complete_oldest().await?;
         }
+        let memory = self.memory_for(&data).await?;
         let gw = self.gw.clone();
         let evidence = self.evidence;
         self.in_flight.push_back((
             stripe,
-            tokio::spawn(async move { store_stripe(gw, evidence, stripe, data).await }),
+            tokio::spawn(async move {
+                let _memory = memory;
+                store_stripe(gw, evidence, stripe, data).await
+            }),
         ));
         Ok(())
+    }
+
+    /// The gateway-wide memory a stripe holds while it is coded and stored
+    /// (its data and parity shards, and the data's copy in flight), waited
+    /// for while other uploads hold it all, the lease kept meanwhile.
+    async fn memory_for(
+        &mut self,
+        data: &StripeData,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        let code = self.gw.config.code();
+        let (k, m) = (code.data_shards(), code.parity_shards());
+        let shard_len = match data {
+            StripeData::Full(_) => code.shard_size as usize,
+            StripeData::Tail(tail) => tail.len().div_ceil(k),
+        };
+        let kib = ((2 * k + m) * shard_len).div_ceil(1024).max(1);
+        let kib = u32::try_from(kib).unwrap_or(u32::MAX);
+        loop {
+            let renew_at = tokio::time::Instant::from_std(self.renewed_at) + self.lease_third();
+            tokio::select! {
+                biased;
+                permit = self.gw.ingest_memory.clone().acquire_many_owned(kib) => {
+                    return permit.map_err(|_| ApiError::Unavailable("the gateway is stopping".into()));
+                }
+                () = tokio::time::sleep_until(renew_at) => self.keep_lease().await?,
+            }
+        }
     }
 
     async fn complete_oldest(&mut self) -> Result<(), ApiError> {

@@ -496,6 +496,35 @@ fn node_killed_during_upload() -> Result<()> {
     Ok(())
 }
 
+/// Uploads share a gateway-wide memory budget for the stripes they code and
+/// store: held to one upload's pipeline here, six at once take turns, and
+/// every one is filed and reads back.
+#[test]
+fn uploads_beyond_the_memory_budget_wait_their_turn() -> Result<()> {
+    let mut c = TestCluster::start(Shape {
+        shard_size: 64 * 1024,
+        ..Shape::default()
+    })?;
+    c.set_gateway(&[("ingest_memory_mib", toml::Value::Integer(1))])?;
+    let uploads: Vec<_> = (0..6u64)
+        .map(|i| {
+            let (api, token) = (c.api.clone(), c.token.clone());
+            std::thread::spawn(move || -> Result<(String, u64)> {
+                let mut resp = ureq::post(format!("{api}/v1/evidence"))
+                    .header("authorization", format!("Bearer {token}"))
+                    .send(&bytes(2 << 20, 700 + i)[..])?;
+                let v: serde_json::Value = resp.body_mut().read_json()?;
+                Ok((v["id"].as_str().unwrap_or_default().to_owned(), 700 + i))
+            })
+        })
+        .collect();
+    for upload in uploads {
+        let (id, seed) = upload.join().expect("upload thread")?;
+        assert!(c.read(&id)? == bytes(2 << 20, seed), "{id} reads back");
+    }
+    Ok(())
+}
+
 /// A gateway killed mid-upload leaves an intent nobody renews. Restarted,
 /// the gateway's collector ends it once it has watched the lease stay
 /// unchanged for a whole period on its own clock: not before (whatever the
