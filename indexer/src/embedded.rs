@@ -357,6 +357,7 @@ impl TxInner {
         }
         let base = self.snapshot_get(key)?;
         state.reads.keys.insert(key.to_vec());
+        state.budget.charge_read(key.len(), None);
         Ok(match state.overlay.get(key) {
             Some(pending) => pending.resolve(base.as_deref()),
             None => base,
@@ -376,6 +377,7 @@ impl TxInner {
         }
         let mut state = self.lock();
         let out = self.merged_range(&state, begin, end, limit, reverse)?;
+        state.budget.charge_read(begin.len(), Some(end.len()));
         // Only what the caller saw can make its decision stale: a read that
         // stopped at the limit conflicts only up to the last key it returned.
         match out.last() {

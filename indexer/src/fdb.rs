@@ -187,6 +187,7 @@ impl FdbTx {
 
 impl Transaction for FdbTx {
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+        lock(&self.inner.budget).charge_read(key.len(), None);
         let read = self.with_tx(|tx| tx.get(key, false))?;
         let value = read.await.map_err(|e| self.map_error(e))?;
         Ok(value.map(|v| v.to_vec()))
@@ -203,6 +204,7 @@ impl Transaction for FdbTx {
         if begin >= end {
             return Ok(Vec::new());
         }
+        lock(&self.inner.budget).charge_read(begin.len(), Some(end.len()));
         let mut opt = RangeOption {
             limit: (limit > 0).then_some(limit),
             reverse,

@@ -213,8 +213,17 @@ pub(crate) fn add_le(existing: Option<&[u8]>, delta: i64) -> Vec<u8> {
         .to_vec()
 }
 
-/// Tracks one transaction's writes against FoundationDB's size limits and
-/// remembers the first violation, which `commit` reports (writes return nothing).
+/// Tracks one transaction's size against FoundationDB's limits and
+/// remembers the first violation, which `commit` reports (writes return
+/// nothing).
+///
+/// Sizes are counted as FoundationDB counts them: every key and value
+/// written, every range cleared, and every read and write conflict range.
+/// A set of key K costs K + value for the mutation and K + (K + 1) for its
+/// write conflict range; a clear of [B, E) costs B + E twice; a read of one
+/// key, K + (K + 1); a range read, its two ends. Counting only the keys
+/// and values written let 100,000 small sets through that FoundationDB
+/// refuses (error 2101) at half again the size.
 #[derive(Debug, Default)]
 pub(crate) struct WriteBudget {
     bytes: usize,
@@ -223,7 +232,8 @@ pub(crate) struct WriteBudget {
 }
 
 impl WriteBudget {
-    /// Accounts for one write of `keys` and `value`; false if it broke a limit.
+    /// Accounts for one write of `keys` (one key, or a range's two ends) and
+    /// `value`; false if it broke a limit.
     pub(crate) fn charge(&mut self, keys: &[usize], value: usize) -> bool {
         if self.error.is_some() {
             return false;
@@ -237,7 +247,29 @@ impl WriteBudget {
             self.error = Some(KvError::ValueTooLarge(value));
             return false;
         }
-        self.bytes += keys.iter().sum::<usize>() + value;
+        let keys_len: usize = keys.iter().sum();
+        // The write conflict range: [key, key + 0x00), or the range itself.
+        let conflict = match keys {
+            [key] => 2 * key + 1,
+            _ => keys_len,
+        };
+        self.add(keys_len + value + conflict)
+    }
+
+    /// Accounts for a read's conflict range: one key (`end` None) or a
+    /// range's two ends. A read is refused by FoundationDB only at commit,
+    /// so it is here too.
+    pub(crate) fn charge_read(&mut self, begin: usize, end: Option<usize>) {
+        if self.error.is_none() {
+            self.add(match end {
+                None => 2 * begin + 1,
+                Some(end) => begin + end,
+            });
+        }
+    }
+
+    fn add(&mut self, bytes: usize) -> bool {
+        self.bytes += bytes;
         if self.bytes > MAX_TRANSACTION_BYTES {
             self.error = Some(KvError::TransactionTooLarge(self.bytes));
             return false;
