@@ -28,6 +28,9 @@ pub const WITNESS_KEY_FILE: &str = "witness.key";
 /// Its public verifier key, for logs and verifiers to configure.
 pub const WITNESS_PUB_FILE: &str = "witness.pub";
 const STATE_FILE: &str = "witness-state.json";
+/// How far behind its newest cosignature's time the clock may be before a
+/// witness stops cosigning (see `add_checkpoint`).
+const MAX_CLOCK_BEHIND_SECS: u64 = 5;
 
 /// Why the witness could not start.
 #[derive(Debug, thiserror::Error)]
@@ -221,11 +224,28 @@ async fn add_checkpoint(State(w): State<Arc<Witness>>, body: Bytes) -> Response 
             "consistency proof does not verify",
         );
     }
-    let now = std::time::SystemTime::now()
+    let clock = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
-        .unwrap_or(0)
-        .max(views.cosigned_at);
+        .unwrap_or(0);
+    // A clock a little behind the last cosignature (an NTP step) dates this
+    // one at that time. One far behind means the last was dated by a clock
+    // gone wrong; dating this one then too would put a time on it that is
+    // not this witness's, and logs take witness times as confirmation of
+    // the time. Refused until the clock passes it again or an operator
+    // who knows the last date was wrong resets `cosigned_at` in the state.
+    if views.cosigned_at > clock.saturating_add(MAX_CLOCK_BEHIND_SECS) {
+        tracing::error!(
+            last = views.cosigned_at,
+            clock,
+            "this witness's clock is behind its last cosignature; not cosigning"
+        );
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this witness's clock is behind its last cosignature; fix its clock",
+        );
+    }
+    let now = clock.max(views.cosigned_at);
     let mut next = views.clone();
     next.cosigned_at = now;
     next.logs.insert(

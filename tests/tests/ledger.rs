@@ -837,7 +837,7 @@ fn witnesses_cosign_off_the_filing_path_and_never_cosign_a_fork() -> Result<()> 
         "filing slowed from {healthy:?} to {degraded:?} with a witness dead"
     );
     // Killed and restarted, the witness remembers what it cosigned.
-    let witness = start_witness(wdir.path(), port, &log_pub)?;
+    let mut witness = start_witness(wdir.path(), port, &log_pub)?;
     let (status, body) = add_checkpoint(
         &witness.url,
         &protocol::witness::add_checkpoint_body(0, &[], &upgraded.checkpoint),
@@ -847,6 +847,28 @@ fn witnesses_cosign_off_the_filing_path_and_never_cosign_a_fork() -> Result<()> 
         body.trim().parse::<u64>()? >= seen,
         "state survived the restart: {body}"
     );
+    // Its last cosignature dated a day ahead (a clock gone wrong then):
+    // it cosigns nothing more rather than date it a day ahead too.
+    let _ = witness.child.kill();
+    let _ = witness.child.wait();
+    let state_file = wdir.path().join("witness-state.json");
+    let mut state: Value = serde_json::from_slice(&std::fs::read(&state_file)?)?;
+    let ahead = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 86_400;
+    state["cosigned_at"] = ahead.into();
+    std::fs::write(&state_file, serde_json::to_vec(&state)?)?;
+    let _witness = start_witness(wdir.path(), port, &log_pub)?;
+    let log = wdir.path().join("witness.log");
+    let refused = custodia_tests::eventually(20, || {
+        let _ = c.file(&bytes(100, 300));
+        std::fs::read_to_string(&log)
+            .is_ok_and(|l| l.contains("clock is behind its last cosignature"))
+    });
+    assert!(refused, "the witness cosigned with its clock a day behind");
+    let state: Value = serde_json::from_slice(&std::fs::read(&state_file)?)?;
+    assert_eq!(state["cosigned_at"], ahead, "nothing more was cosigned");
     Ok(())
 }
 
