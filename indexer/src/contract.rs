@@ -598,15 +598,36 @@ pub async fn size_limits<S: KvStore>(store: &S, prefix: &[u8]) {
         matches!(err, KvError::TransactionTooLarge(n) if n > MAX_TRANSACTION_BYTES),
         "got {err:?}"
     );
-    // Reads count too (their conflict ranges): 10 MB of keys read, one set.
-    let reads = store.begin().expect("begin");
-    for i in 0..=(MAX_TRANSACTION_BYTES / (2 * MAX_KEY_BYTES)) as u32 {
-        let mut key = space.key(&i.to_be_bytes());
-        key.resize(MAX_KEY_BYTES, b'r');
-        reads.get(&key).await.expect("read");
+    // Reads count too (their conflict ranges): 10 MB of keys read, one set;
+    // without the set, a read-only transaction commits whatever it read.
+    for write in [true, false] {
+        let reads = store.begin().expect("begin");
+        for i in 0..=(MAX_TRANSACTION_BYTES / (2 * MAX_KEY_BYTES)) as u32 {
+            let mut key = space.key(&i.to_be_bytes());
+            key.resize(MAX_KEY_BYTES, b'r');
+            reads.get(&key).await.expect("read");
+        }
+        if write {
+            reads.set(&space.key(b"after reads"), b"v");
+            let err = reads.commit().await.expect_err("reads over the limit");
+            assert!(
+                matches!(err, KvError::TransactionTooLarge(_)),
+                "got {err:?}"
+            );
+        } else {
+            reads.commit().await.expect("read-only commits");
+        }
     }
-    reads.set(&space.key(b"after reads"), b"v");
-    let err = reads.commit().await.expect_err("reads over the limit");
+    // A cleared key counts as the range [key, key + 0x00) it is.
+    let clears = store.begin().expect("begin");
+    let key_len = MAX_KEY_BYTES / 2;
+    // As many as would fit if a clear cost what a set of no value does.
+    for i in 0..(MAX_TRANSACTION_BYTES / (3 * key_len + 1)) as u32 {
+        let mut key = space.key(&i.to_be_bytes());
+        key.resize(key_len, b'c');
+        clears.clear(&key);
+    }
+    let err = clears.commit().await.expect_err("clears over the limit");
     assert!(
         matches!(err, KvError::TransactionTooLarge(_)),
         "got {err:?}"

@@ -486,7 +486,8 @@ impl TxInner {
 
     fn clear(&self, key: &[u8]) {
         let mut state = self.lock();
-        if !state.budget.charge(&[key.len()], 0) {
+        // FoundationDB records a clear as one of [key, key + 0x00).
+        if !state.budget.charge(&[key.len(), key.len() + 1], 0) {
             return;
         }
         state.overlay.insert(key.to_vec(), Pending::Cleared);
@@ -545,6 +546,11 @@ impl TxInner {
         let mut state = self.lock();
         if std::mem::replace(&mut state.finished, true) {
             return Err(KvError::Finished);
+        }
+        // Read-only (no write even tried): FoundationDB commits it without
+        // counting its reads' size, and so does this store.
+        if !state.budget.wrote() {
+            return Ok(None);
         }
         if let Some(e) = state.budget.error() {
             return Err(e);

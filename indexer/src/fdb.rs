@@ -238,7 +238,8 @@ impl Transaction for FdbTx {
     }
 
     fn clear(&self, key: &[u8]) {
-        self.write(&[key.len()], 0, |tx| tx.clear(key));
+        // FoundationDB records a clear as one of [key, key + 0x00).
+        self.write(&[key.len(), key.len() + 1], 0, |tx| tx.clear(key));
     }
 
     fn clear_range(&self, begin: &[u8], end: &[u8]) {
@@ -280,20 +281,23 @@ impl Transaction for FdbTx {
         let Some(tx) = lock(&self.inner.tx).take() else {
             return Err(KvError::Finished);
         };
-        let wrote = {
-            let budget = lock(&self.inner.budget);
-            if let Some(e) = budget.error() {
-                return Err(e);
-            }
-            budget.wrote()
-        };
-        if !wrote {
-            // Read-only: nothing to land twice, and FoundationDB answers
-            // without asking the cluster.
+        if !lock(&self.inner.budget).wrote() {
+            // Read-only: nothing to land twice, its reads' size is not
+            // counted, and FoundationDB answers without asking the cluster.
             return match tx.commit().await {
                 Ok(_) => Ok(()),
                 Err(e) => Err(self.map_error(FdbError::from(e))),
             };
+        }
+        {
+            // The marker and its read (below) count too.
+            let mut budget = lock(&self.inner.budget);
+            let marker_len = MARKERS.len() + 8 + 16;
+            budget.charge(&[marker_len], LANDED.len());
+            budget.charge_read(marker_len, None);
+            if let Some(e) = budget.error() {
+                return Err(e);
+            }
         }
         // The marker, read (so a later write of it makes this commit
         // conflict) and written. Named by the read version, which a

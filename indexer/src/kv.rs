@@ -235,10 +235,12 @@ impl WriteBudget {
     /// Accounts for one write of `keys` (one key, or a range's two ends) and
     /// `value`; false if it broke a limit.
     pub(crate) fn charge(&mut self, keys: &[usize], value: usize) -> bool {
+        // Counted first: a write refused still makes the transaction one
+        // that writes (its commit fails rather than pass as read-only).
+        self.writes += 1;
         if self.error.is_some() {
             return false;
         }
-        self.writes += 1;
         if let Some(&too_long) = keys.iter().find(|&&k| k > MAX_KEY_BYTES) {
             self.error = Some(KvError::KeyTooLarge(too_long));
             return false;
@@ -283,9 +285,9 @@ impl WriteBudget {
         self.bytes
     }
 
-    /// Whether the transaction wrote anything (a read-only one commits
-    /// without a round trip on FoundationDB).
-    #[allow(dead_code)] // used by the fdb backend only
+    /// Whether the transaction wrote anything, or tried to: a read-only one
+    /// commits whatever the size of its reads (and, on FoundationDB,
+    /// without a round trip).
     pub(crate) fn wrote(&self) -> bool {
         self.writes > 0
     }
