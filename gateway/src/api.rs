@@ -89,6 +89,8 @@ pub struct Gateway<S: Store> {
     /// KiB of stripes being coded and stored across all uploads
     /// ([`GatewayConfig::ingest_memory_bytes`]).
     pub ingest_memory: Arc<tokio::sync::Semaphore>,
+    /// Its size, in KiB.
+    pub ingest_memory_kib: usize,
     /// Stripe fetches in flight across all reads
     /// ([`GatewayConfig::read_stripes`]).
     pub read_gate: tokio::sync::Semaphore,
@@ -330,11 +332,10 @@ impl<S: Store> Gateway<S> {
             n => n,
         });
         let read_gate = tokio::sync::Semaphore::new(config.read_stripes());
-        let ingest_memory = Arc::new(tokio::sync::Semaphore::new(
-            usize::try_from(config.ingest_memory_bytes() >> 10)
-                .unwrap_or(usize::MAX)
-                .min(tokio::sync::Semaphore::MAX_PERMITS),
-        ));
+        let ingest_memory_kib = usize::try_from(config.ingest_memory_bytes().div_ceil(1024))
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        let ingest_memory = Arc::new(tokio::sync::Semaphore::new(ingest_memory_kib));
         Ok(Gateway {
             nodes: NodeSet::new(
                 &config.nodes,
@@ -353,6 +354,7 @@ impl<S: Store> Gateway<S> {
             repairing: std::sync::atomic::AtomicBool::new(false),
             ingest_gate,
             ingest_memory,
+            ingest_memory_kib,
             read_gate,
             outboard_rebuilds: Default::default(),
             remote_builds: Default::default(),

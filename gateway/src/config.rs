@@ -180,9 +180,11 @@ pub struct GatewayConfig {
     /// Memory, in MiB, that the stripes being coded and stored may hold
     /// across all uploads at once (each holds its data and parity shards
     /// while its puts run). An upload whose next stripe would go over waits
-    /// (its client is slowed through TCP) instead of the gateway running
-    /// out of memory under many large uploads. 0, the default: 1024. Never
-    /// less than one upload's whole pipeline.
+    /// (its client is slowed through TCP, and it holds that one stripe's
+    /// data meanwhile) instead of the gateway running out of memory under
+    /// many large uploads (`custodia_ingest_memory_waits_total` counts the
+    /// waits). 0, the default: 1024. Never less than one upload's whole
+    /// pipeline.
     #[serde(default)]
     pub ingest_memory_mib: u64,
     /// The S3 records' journal files (`ledger/openings/s3-journal/`, one

@@ -663,7 +663,10 @@ impl<S: Store> Upload<S> {
 
     /// The gateway-wide memory a stripe holds while it is coded and stored
     /// (its data and parity shards, and the data's copy in flight), waited
-    /// for while other uploads hold it all, the lease kept meanwhile.
+    /// for while other uploads hold it all, the lease kept meanwhile. An
+    /// upload waiting here holds this stripe's data outside the budget and
+    /// reads no more of its body: each upload holds at most one stripe of
+    /// data beyond the budget, not its whole pipeline.
     async fn memory_for(
         &mut self,
         data: &StripeData,
@@ -674,13 +677,23 @@ impl<S: Store> Upload<S> {
             StripeData::Full(_) => code.shard_size as usize,
             StripeData::Tail(tail) => tail.len().div_ceil(k),
         };
-        let kib = ((2 * k + m) * shard_len).div_ceil(1024).max(1);
+        // Never more than the whole budget (its size is rounded up from
+        // at least one pipeline, but a stripe's cost is rounded up too).
+        let total = self.gw.ingest_memory_kib;
+        let kib = ((2 * k + m) * shard_len).div_ceil(1024).clamp(1, total);
         let kib = u32::try_from(kib).unwrap_or(u32::MAX);
+        let gate = self.gw.ingest_memory.clone();
+        if let Ok(permit) = gate.clone().try_acquire_many_owned(kib) {
+            return Ok(permit);
+        }
+        self.gw.metrics.ingest_memory_waits.inc();
+        // One wait, keeping its place in the queue while the lease is kept.
+        let mut acquire = std::pin::pin!(gate.acquire_many_owned(kib));
         loop {
             let renew_at = tokio::time::Instant::from_std(self.renewed_at) + self.lease_third();
             tokio::select! {
                 biased;
-                permit = self.gw.ingest_memory.clone().acquire_many_owned(kib) => {
+                permit = &mut acquire => {
                     return permit.map_err(|_| ApiError::Unavailable("the gateway is stopping".into()));
                 }
                 () = tokio::time::sleep_until(renew_at) => self.keep_lease().await?,

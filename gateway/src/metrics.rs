@@ -58,6 +58,9 @@ pub struct GatewayMetrics {
     pub shards_damaged: IntCounter,
     /// `custodia_stripes_reconstructed_total`: stripes a read rebuilt from parity.
     pub stripes_reconstructed: IntCounter,
+    /// `custodia_ingest_memory_waits_total`: stripes that waited for the
+    /// gateway's ingest memory (`ingest_memory_mib`) held by other uploads.
+    pub ingest_memory_waits: IntCounter,
     /// `custodia_degraded_stripes_written_total`: stripes acknowledged with
     /// fewer than k+m shards (allowed by `min_write_shards`).
     pub degraded_written: IntCounter,
@@ -210,6 +213,10 @@ impl GatewayMetrics {
             stripes_reconstructed: counter(
                 "custodia_stripes_reconstructed_total",
                 "Stripes a read rebuilt from parity.",
+            )?,
+            ingest_memory_waits: counter(
+                "custodia_ingest_memory_waits_total",
+                "Stripes that waited for ingest memory other uploads held.",
             )?,
             degraded_written: counter(
                 "custodia_degraded_stripes_written_total",

@@ -522,6 +522,8 @@ fn uploads_beyond_the_memory_budget_wait_their_turn() -> Result<()> {
         let (id, seed) = upload.join().expect("upload thread")?;
         assert!(c.read(&id)? == bytes(2 << 20, seed), "{id} reads back");
     }
+    let waits = c.metric(&c.metrics, "custodia_ingest_memory_waits_total")?;
+    assert!(waits > 0.0, "no stripe waited for memory");
     Ok(())
 }
 
