@@ -1088,6 +1088,8 @@ async fn removal_refused<T: Transaction>(
 
 /// Sets a version's retention: never shorter for COMPLIANCE, nor for
 /// GOVERNANCE without the bypass permission, and never removed while it runs.
+/// A GOVERNANCE lock's mode is its settings too: made COMPLIANCE (which
+/// nobody could then undo) only with the bypass permission, as in S3.
 pub async fn set_retention_tx<T: Transaction>(
     tx: &T,
     bucket: &str,
@@ -1109,10 +1111,17 @@ pub async fn set_retention_tx<T: Transaction>(
                     || (old.mode == LockMode::Compliance && new.mode != LockMode::Compliance)
             }
         };
+        let hardened = retention.is_some_and(|new| {
+            old.mode == LockMode::Governance && new.mode == LockMode::Compliance
+        });
         let allowed = old.mode == LockMode::Governance && bypass_governance;
-        if weaker && !allowed {
+        if (weaker || hardened) && !allowed {
+            let what = match hardened {
+                true => "cannot be made COMPLIANCE without the permission to bypass it",
+                false => "cannot be shortened or removed",
+            };
             return Err(ObjectError::Locked(format!(
-                "{:?} retention runs until {} and cannot be shortened or removed",
+                "{:?} retention runs until {} and {what}",
                 old.mode,
                 crate::schema::utc_ms(old.until_ms)
             )));

@@ -265,7 +265,24 @@ async fn object_lock_is_enforced_in_the_transaction_that_removes_data() {
     )
     .await
     .unwrap();
-    // GOVERNANCE: only with bypass.
+    // GOVERNANCE: only with bypass, also to harden it into COMPLIANCE
+    // (which nobody could then undo); extended as it is, by anyone.
+    let set_g = |mode: LockMode, until_ms: u64, bypass: bool| {
+        let s = &s;
+        let id = g.version_id;
+        async move {
+            run(s, |tx| async move {
+                let r = Retention { mode, until_ms };
+                ix::set_retention_tx(&tx, "lock", "g", id, Some(r), 50, bypass).await
+            })
+            .await
+        }
+    };
+    assert!(matches!(
+        set_g(LockMode::Compliance, far + 1, false).await,
+        Err(ObjectError::Locked(_))
+    ));
+    set_g(LockMode::Governance, far + 1, false).await.unwrap();
     assert!(matches!(
         delete("g", g.version_id, 50, false).await,
         Err(ObjectError::Locked(_))
