@@ -163,6 +163,14 @@ pub struct GatewayConfig {
     /// batch and repair commit.
     #[serde(default = "default_orphan_grace")]
     pub orphan_grace_ms: u64,
+    /// Most pieces of evidence one orphan sweep may delete shards of. More
+    /// means the index is behind the nodes (restored from a backup, or a
+    /// fresh one where the old was lost) rather than a few failed uploads:
+    /// the sweep then deletes nothing, says so, and sets
+    /// `custodia_orphan_sweep_refused`, until an operator who has checked
+    /// (`custodia recover-index` rebuilds an index from the nodes) raises it.
+    #[serde(default = "default_orphan_sweep_max_evidence")]
+    pub orphan_sweep_max_evidence: u64,
     /// While repair has stripes to rebuild, ingest stores at most this many
     /// stripes at once across all uploads (0: no limit), leaving repair its
     /// share of CPU and network. Lower favours healing, higher favours filing.
@@ -227,6 +235,10 @@ fn default_repair_interval() -> u64 {
 fn default_repair_after_down() -> u64 {
     600_000
 }
+fn default_orphan_sweep_max_evidence() -> u64 {
+    100
+}
+
 fn default_old_copy_grace() -> u64 {
     crate::repair::OLD_COPY_GRACE.as_millis() as u64
 }

@@ -447,6 +447,9 @@ pub struct Sweep {
     /// adopted (or found not to be one): a stripe still short of a shard
     /// no node holds is then really short.
     pub complete: bool,
+    /// Shards of more pieces of evidence than `orphan_sweep_max_evidence`
+    /// were due: none was deleted.
+    pub refused: bool,
 }
 
 /// Compares every active, healthy node's inventory with the index and
@@ -467,6 +470,9 @@ pub async fn sweep_orphans<S: Store>(
         ..Sweep::default()
     };
     let mut still = OrphanCandidates::new();
+    // Past their grace, deleted once every node was listed and their
+    // number found plausible.
+    let mut due: Vec<(NodeId, std::net::SocketAddr, ShardKey, std::time::Instant)> = Vec::new();
     for entry in &gw.config.nodes {
         let node = entry.node_id();
         // A draining node still holds copies that may be adoptable: the
@@ -566,51 +572,78 @@ pub async fn sweep_orphans<S: Store>(
                     sweep.pending += 1;
                     continue;
                 }
-                // Under the stripe's repair lease, checked again: a repair
-                // may be about to commit this very shard on this node.
-                let lease = match StripeLease::take(gw, key.evidence, key.stripe).await {
-                    Ok(Some(lease)) => lease,
-                    Ok(None) | Err(_) => {
-                        still.insert((node, key), first);
-                        continue;
-                    }
-                };
-                // delete_shard checks the lease is still held right before
-                // it deletes, so no repair changed the placement since.
-                let claimed = indexer::run(&gw.store, |tx| async move {
-                    Ok::<_, schema::SchemaError>(
-                        schema::shard_placed_on_tx(&tx, &key, node).await?
-                            || schema::get_intent_tx(&tx, key.evidence).await?.is_some(),
-                    )
-                })
-                .await;
-                match claimed {
-                    Ok(false) => match lease
-                        .renewed(gw, lease.delete_shard(gw, entry.addr, key))
-                        .await
-                    {
-                        Some(Ok(_)) => {
-                            sweep.deleted += 1;
-                            gw.metrics.orphans_deleted.inc();
-                            tracing::info!(%node, shard = %key, "orphan shard deleted");
-                        }
-                        Some(Err(e)) => {
-                            tracing::debug!(%node, shard = %key, error = %e, "could not delete an orphan shard");
-                            still.insert((node, key), first);
-                        }
-                        None => {
-                            tracing::debug!(%node, shard = %key, "its stripe's lease is no longer held");
-                            still.insert((node, key), first);
-                        }
-                    },
-                    Ok(true) => {}
-                    Err(_) => {
-                        still.insert((node, key), first);
-                    }
-                }
-                lease.release(gw).await;
+                due.push((node, entry.addr, key, first));
             }
         }
+    }
+    // Failed uploads leave a few pieces of evidence behind; an index
+    // behind its nodes (a backup restored, an index lost and begun anew)
+    // leaves everything filed since, each with its receipt. Those must
+    // not go: not one is deleted then.
+    let evidence: std::collections::HashSet<EvidenceId> =
+        due.iter().map(|(_, _, key, _)| key.evidence).collect();
+    let limit = gw.config.orphan_sweep_max_evidence;
+    sweep.refused = evidence.len() as u64 > limit;
+    gw.metrics
+        .orphan_sweep_refused
+        .set(i64::from(sweep.refused));
+    if sweep.refused {
+        tracing::error!(
+            evidence = evidence.len(),
+            shards = due.len(),
+            limit,
+            "the orphan sweep found shards of more evidence than orphan_sweep_max_evidence \
+             that the index knows nothing of, and deletes none: is the index behind the nodes \
+             (restored from a backup, or begun anew)? `custodia recover-index` rebuilds it \
+             from the nodes; raise the limit only if these are failed uploads"
+        );
+        still.extend(
+            due.iter()
+                .map(|(node, _, key, first)| ((*node, *key), *first)),
+        );
+        due.clear();
+    }
+    for (node, addr, key, first) in due {
+        // Under the stripe's repair lease, checked again: a repair
+        // may be about to commit this very shard on this node.
+        let lease = match StripeLease::take(gw, key.evidence, key.stripe).await {
+            Ok(Some(lease)) => lease,
+            Ok(None) | Err(_) => {
+                still.insert((node, key), first);
+                continue;
+            }
+        };
+        // delete_shard checks the lease is still held right before
+        // it deletes, so no repair changed the placement since.
+        let claimed = indexer::run(&gw.store, |tx| async move {
+            Ok::<_, schema::SchemaError>(
+                schema::shard_placed_on_tx(&tx, &key, node).await?
+                    || schema::get_intent_tx(&tx, key.evidence).await?.is_some(),
+            )
+        })
+        .await;
+        match claimed {
+            Ok(false) => match lease.renewed(gw, lease.delete_shard(gw, addr, key)).await {
+                Some(Ok(_)) => {
+                    sweep.deleted += 1;
+                    gw.metrics.orphans_deleted.inc();
+                    tracing::info!(%node, shard = %key, "orphan shard deleted");
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(%node, shard = %key, error = %e, "could not delete an orphan shard");
+                    still.insert((node, key), first);
+                }
+                None => {
+                    tracing::debug!(%node, shard = %key, "its stripe's lease is no longer held");
+                    still.insert((node, key), first);
+                }
+            },
+            Ok(true) => {}
+            Err(_) => {
+                still.insert((node, key), first);
+            }
+        }
+        lease.release(gw).await;
     }
     *candidates = still;
     gw.metrics.orphans_pending.set(sweep.pending as i64);

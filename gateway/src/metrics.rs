@@ -130,6 +130,10 @@ pub struct GatewayMetrics {
     /// `custodia_orphan_shards_pending` (unreferenced, within their grace).
     pub orphans_deleted: IntCounter,
     pub orphans_pending: IntGauge,
+    /// `custodia_orphan_sweep_refused`: 1 while the orphan sweep refuses to
+    /// delete (shards of more evidence than `orphan_sweep_max_evidence`
+    /// unknown to the index: it may be behind the nodes).
+    pub orphan_sweep_refused: IntGauge,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(
@@ -355,6 +359,10 @@ impl GatewayMetrics {
                     "custodia_orphan_shards_deleted_total",
                     "Shards no record named, deleted after their grace (failed uploads, interrupted repairs).",
                 )?,
+            )?,
+            orphan_sweep_refused: gauge(
+                "custodia_orphan_sweep_refused",
+                "1 while the orphan sweep deletes nothing: shards of too much evidence unknown to the index.",
             )?,
             orphans_pending: gauge(
                 "custodia_orphan_shards_pending",

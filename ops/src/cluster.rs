@@ -404,6 +404,7 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         metrics_listen: opts.metrics,
         orphan_sweep_interval_ms: 3_600_000,
         orphan_grace_ms: 6 * 3_600_000,
+        orphan_sweep_max_evidence: 100,
         repair_ingest_stripes: 3,
         read_stripes_in_flight: 0,
         ingest_memory_mib: 0,

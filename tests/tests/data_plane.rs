@@ -595,6 +595,94 @@ fn an_upload_cut_off_by_a_gateway_crash_is_collected_after_a_lease() -> Result<(
     Ok(())
 }
 
+/// An index restored from last night's backup, its ledger with it, knows
+/// nothing of what was filed since: every shard of that evidence looks like
+/// an orphan to the sweep. Shards of more evidence than the sweep's limit
+/// are then not deleted, and the gateway says why.
+#[test]
+fn an_index_restored_from_a_backup_does_not_sweep_what_was_filed_since() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.file(&bytes(5000, 80))?;
+    // Last night's backup: the index and the ledger, the gateway stopped.
+    c.stop_gateway();
+    let backup = tempfile::tempdir()?;
+    std::fs::copy(
+        c.data_dir().join("index.redb"),
+        backup.path().join("index.redb"),
+    )?;
+    copy_dir(&c.data_dir().join("ledger"), &backup.path().join("ledger"))?;
+    c.start_gateway()?;
+    c.wait_healthy(c.shape.nodes.into())?;
+    // Today's filings, with their receipts.
+    let today: Vec<String> = (0..3u64)
+        .map(|i| -> Result<String> {
+            Ok(c.file(&bytes(9000, 81 + i))?["id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned())
+        })
+        .collect::<Result<_>>()?;
+    let shards = c.all_shard_files().len();
+    // The disk fails; last night's backup comes back. (Today's index, as
+    // an operator may yet find it elsewhere, is kept aside.)
+    c.stop_gateway();
+    let found = tempfile::tempdir()?;
+    std::fs::copy(
+        c.data_dir().join("index.redb"),
+        found.path().join("index.redb"),
+    )?;
+    copy_dir(&c.data_dir().join("ledger"), &found.path().join("ledger"))?;
+    std::fs::copy(
+        backup.path().join("index.redb"),
+        c.data_dir().join("index.redb"),
+    )?;
+    std::fs::remove_dir_all(c.data_dir().join("ledger"))?;
+    copy_dir(&backup.path().join("ledger"), &c.data_dir().join("ledger"))?;
+    // (Restarts the gateway.)
+    c.set_gateway(&[
+        ("orphan_sweep_interval_ms", toml::Value::Integer(300)),
+        ("orphan_grace_ms", toml::Value::Integer(500)),
+        ("orphan_sweep_max_evidence", toml::Value::Integer(2)),
+    ])?;
+    let refused = eventually(30, || {
+        c.metric(&c.metrics, "custodia_orphan_sweep_refused")
+            .is_ok_and(|v| v == 1.0)
+    });
+    assert!(refused, "the sweep did not refuse");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(c.all_shard_files().len(), shards, "shards were deleted");
+    let log = std::fs::read_to_string(c.data_dir().join("gateway.log"))?;
+    assert!(log.contains("is the index behind the nodes"), "not said");
+    // Today's index found after all: every filing of today is whole.
+    c.stop_gateway();
+    std::fs::copy(
+        found.path().join("index.redb"),
+        c.data_dir().join("index.redb"),
+    )?;
+    std::fs::remove_dir_all(c.data_dir().join("ledger"))?;
+    copy_dir(&found.path().join("ledger"), &c.data_dir().join("ledger"))?;
+    c.start_gateway()?;
+    c.wait_healthy(c.shape.nodes.into())?;
+    for (i, id) in today.iter().enumerate() {
+        assert!(c.read(id)? == bytes(9000, 81 + i as u64), "{id}");
+    }
+    Ok(())
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &target)?;
+        } else {
+            std::fs::copy(e.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
 /// [`trickle_upload`] on a thread of its own, so that the test can kill
 /// something while the upload streams.
 fn trickle_in_background(
