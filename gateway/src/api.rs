@@ -2484,19 +2484,66 @@ where
     Ok(updated)
 }
 
-fn worm_json(h: &ManifestHeader) -> Json<serde_json::Value> {
-    Json(json!({
+/// [`worm`], answered once its statement is notarized (waited for as a
+/// filing waits for its receipt): then it is in the ledger's openings
+/// archive, and an index lost and rebuilt from it keeps the hold or the
+/// retention. `None` while the ledger has not published it within the wait
+/// (the index holds the change; the archive will once the ledger catches
+/// up), or where no ledger runs.
+pub(crate) async fn worm_notarized<S, F, Fut, E>(
+    gw: &Gateway<S>,
+    who: &TokenRecord,
+    h: &ManifestHeader,
+    kind: Kind,
+    detail: serde_json::Value,
+    change: F,
+) -> Result<(ManifestHeader, Option<protocol::ledger::Receipt>), ApiError>
+where
+    S: Store,
+    F: Fn(<S as KvStore>::Tx) -> Fut,
+    Fut: std::future::Future<Output = Result<ManifestHeader, E>>,
+    E: From<indexer::KvError> + indexer::Retryable,
+    ApiError: From<E>,
+{
+    let since = match gw.ledger {
+        Some(_) => crate::ledger::tree_size(gw).await?,
+        None => 0,
+    };
+    let updated = worm(gw, who, h, kind, detail, change).await?;
+    let receipt = crate::ledger::wait_for_receipt_since(gw, h.evidence, &[kind], since)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(evidence = %h.evidence, error = %e, "its receipt could not be built yet");
+            None
+        });
+    Ok((updated, receipt))
+}
+
+/// A hold's or retention's answer: 200 with its receipt, or 202 (accepted,
+/// in force, not yet notarized) while the ledger has not published it.
+fn worm_answer<S: Store>(
+    gw: &Gateway<S>,
+    h: &ManifestHeader,
+    receipt: Option<protocol::ledger::Receipt>,
+) -> Response {
+    let status = match (&receipt, &gw.ledger) {
+        (None, Some(_)) => StatusCode::ACCEPTED,
+        _ => StatusCode::OK,
+    };
+    let body = json!({
         "id": h.evidence.to_string(),
         "legal_hold": h.legal_hold,
         "retain_until_ms": h.retain_until_ms,
-    }))
+        "receipt": receipt.and_then(|r| serde_json::to_value(r).ok()),
+    });
+    (status, Json(body)).into_response()
 }
 
 async fn legal_hold_on<S: Store>(
     State(gw): State<Arc<Gateway<S>>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     set_hold(gw, id, headers, true).await
 }
 
@@ -2504,7 +2551,7 @@ async fn legal_hold_off<S: Store>(
     State(gw): State<Arc<Gateway<S>>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     set_hold(gw, id, headers, false).await
 }
 
@@ -2513,7 +2560,7 @@ async fn set_hold<S: Store>(
     id: String,
     headers: HeaderMap,
     hold: bool,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let who = authenticate(&gw, &headers).await?;
     // A clerk may place a hold; lifting one (which may make evidence
     // expungeable) takes an administrator.
@@ -2529,7 +2576,7 @@ async fn set_hold<S: Store>(
         Kind::Released
     };
     let evidence = h.evidence;
-    let updated = worm(
+    let (updated, receipt) = worm_notarized(
         &gw,
         &who,
         &h,
@@ -2538,7 +2585,7 @@ async fn set_hold<S: Store>(
         |tx| async move { schema::set_legal_hold_tx(&tx, evidence, hold).await },
     )
     .await?;
-    Ok(worm_json(&updated))
+    Ok(worm_answer(&gw, &updated, receipt))
 }
 
 #[derive(serde::Deserialize)]
@@ -2553,7 +2600,7 @@ async fn retention<S: Store>(
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let body = body?;
     let who = authenticate(&gw, &headers).await?;
     require(&who, Role::Clerk, "set retention")?;
@@ -2567,7 +2614,7 @@ async fn retention<S: Store>(
     if h.retain_until_ms.is_none_or(|current| current <= until) {
         in_the_future(&gw, until)?;
     }
-    let updated = worm(
+    let (updated, receipt) = worm_notarized(
         &gw,
         &who,
         &h,
@@ -2576,7 +2623,7 @@ async fn retention<S: Store>(
         |tx| async move { schema::extend_retention_tx(&tx, evidence, until).await },
     )
     .await?;
-    Ok(worm_json(&updated))
+    Ok(worm_answer(&gw, &updated, receipt))
 }
 
 #[derive(serde::Deserialize)]

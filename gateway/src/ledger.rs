@@ -2314,6 +2314,61 @@ pub async fn wait_for_receipt<S: Store>(
     }
 }
 
+/// The tree's size now: a statement queued after this call becomes a leaf
+/// at this index or later.
+pub async fn tree_size<S: Store>(gw: &Gateway<S>) -> Result<u64, ApiError> {
+    Ok(
+        indexer::run(&gw.store, |tx| async move { lx::tree_state_tx(&tx).await })
+            .await?
+            .size,
+    )
+}
+
+/// As [`wait_for_receipt`], for the first statement of `kinds` about
+/// `evidence` at leaf `since` or later (one queued after [`tree_size`] said
+/// `since`: a hold placed again after an earlier one was lifted).
+pub async fn wait_for_receipt_since<S: Store>(
+    gw: &Gateway<S>,
+    evidence: EvidenceId,
+    kinds: &[Kind],
+    since: u64,
+) -> Result<Option<Receipt>, ApiError> {
+    let Some(ledger) = gw.ledger.as_ref() else {
+        return Ok(None);
+    };
+    let _waiting = ledger.pacer.waiting();
+    let mut published = ledger.subscribe();
+    let deadline = tokio::time::Instant::now() + ledger.receipt_wait;
+    loop {
+        let leaf = indexer::run(&gw.store, |tx| async move {
+            const PAGE: usize = 256;
+            let mut after = since.checked_sub(1);
+            loop {
+                let page = lx::leaves_of_page_tx(&tx, evidence, after, PAGE).await?;
+                if let Some(&(index, _)) = page
+                    .iter()
+                    .find(|(index, kind)| *index >= since && kinds.contains(kind))
+                {
+                    return Ok::<_, indexer::schema::SchemaError>(Some(index));
+                }
+                match page.last() {
+                    Some(&(last, _)) if page.len() == PAGE => after = Some(last),
+                    _ => return Ok(None),
+                }
+            }
+        })
+        .await?;
+        if let Some(index) = leaf {
+            if let Some(r) = leaf_receipt(gw, evidence, index).await? {
+                return Ok(Some(r));
+            }
+        }
+        if !next_checkpoint(&mut published, deadline).await {
+            return Ok(None);
+        }
+    }
+}
+
 /// An inclusion proof for leaf `index` in the tree of `size` (at most the
 /// newest checkpoint's).
 pub async fn inclusion_proof<S: Store>(

@@ -2128,7 +2128,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             "bypass_governance": bypass,
             "s3": { "bucket": bucket, "key": key, "version": vid.to_string() },
         });
-        crate::api::worm(
+        crate::api::worm_notarized(
             &self.gw,
             &who.token_record(),
             &header,
@@ -2228,7 +2228,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         // The hold binds the evidence too, and is on the ledger like any
         // hold or release.
         let evidence = header.evidence;
-        crate::api::worm(
+        crate::api::worm_notarized(
             &self.gw,
             &who.token_record(),
             &header,

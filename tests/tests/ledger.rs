@@ -1232,6 +1232,12 @@ fn holds_retention_and_expunge_are_enforced_and_on_the_ledger() -> Result<()> {
         None,
     )?;
     assert_eq!((status, body["legal_hold"].as_bool()), (200, Some(true)));
+    // Answered once notarized, with its receipt: in the ledger's archive,
+    // a lost index rebuilt from it keeps the hold.
+    let held: Receipt = serde_json::from_value(body["receipt"].clone())?;
+    let first_hold = held.verify(&key)?;
+    assert_eq!(first_hold.statement.kind, ledger::Kind::LegalHold);
+    assert_eq!(first_hold.statement.evidence, id);
     let (status, body) = send(
         &c,
         "POST",
@@ -1267,14 +1273,33 @@ fn holds_retention_and_expunge_are_enforced_and_on_the_ledger() -> Result<()> {
             .status,
         403
     );
-    let (status, _) = send(
-        &c,
-        "DELETE",
-        &c.token,
-        &format!("/v1/evidence/{id}/legal-hold"),
-        None,
-    )?;
-    assert_eq!(status, 200);
+    // Released, held again, released again: each answer's receipt is its
+    // own statement's, not the first of its kind.
+    for kind in [
+        ledger::Kind::Released,
+        ledger::Kind::LegalHold,
+        ledger::Kind::Released,
+    ] {
+        let method = match kind {
+            ledger::Kind::LegalHold => "PUT",
+            _ => "DELETE",
+        };
+        let (status, body) = send(
+            &c,
+            method,
+            &c.token,
+            &format!("/v1/evidence/{id}/legal-hold"),
+            None,
+        )?;
+        assert_eq!(status, 200, "{body}");
+        let r: Receipt = serde_json::from_value(body["receipt"].clone())?;
+        let ok = r.verify(&key)?;
+        assert_eq!(ok.statement.kind, kind);
+        assert!(
+            r.leaf_index > held.leaf_index,
+            "{kind:?} answered with an older receipt"
+        );
+    }
     let (status, body) = send(
         &c,
         "POST",
@@ -1307,9 +1332,12 @@ fn holds_retention_and_expunge_are_enforced_and_on_the_ledger() -> Result<()> {
             .iter()
             .map(|e| e["kind"].as_str().unwrap_or("").to_string())
             .collect();
-        events.len() == 4 && events.iter().all(|e| !e["receipt"].is_null())
+        events.len() == 6 && events.iter().all(|e| !e["receipt"].is_null())
     });
-    assert_eq!(kinds, ["filed", "legal-hold", "released", "expunged"]);
+    assert_eq!(
+        kinds,
+        ["filed", "legal-hold", "released", "legal-hold", "released", "expunged"]
+    );
     let r = c.get_with(&c.token, &format!("/v1/evidence/{id}/receipt"), &[])?;
     let r: Receipt = serde_json::from_slice(&r.body)?;
     assert_eq!(r.verify(&key)?.statement.kind, ledger::Kind::Filed);
