@@ -131,6 +131,7 @@ pub(crate) async fn serve<S: Store + 'static>(
             let call = async move {
                 if let Some(refused) =
                     crate::s3_digest::auth_refusal(&req, crate::ledger::unix_now())
+                        .or_else(|| crate::s3_digest::unsupported_refusal(&req))
                 {
                     Ok(refused_response(&refused))
                 } else if crate::s3_digest::wants_check(&req) {
@@ -1327,6 +1328,39 @@ fn unmet(v: &ObjectVersion, c: Conditions<'_>) -> Option<Unmet> {
     }
 }
 
+/// A GET or HEAD by `partNumber`: part 1 of an object uploaded whole is the
+/// object, as in S3. The parts of a multipart object are not kept apart
+/// once it is filed (it is filed anew, whole), so reading one by number is
+/// refused rather than answered with the whole object, which a part-wise
+/// downloader would take for the part.
+fn whole_part(part_number: Option<i32>, ranged: bool, v: &ObjectVersion) -> S3Result<()> {
+    let Some(n) = part_number else {
+        return Ok(());
+    };
+    if ranged {
+        return Err(s3_error!(
+            InvalidRequest,
+            "Cannot specify both Range header and partNumber query parameter"
+        ));
+    }
+    if v.etag.contains('-') {
+        return Err(s3_error!(
+            NotImplemented,
+            "reading a multipart object by part number is not supported; read it by Range"
+        ));
+    }
+    if n != 1 {
+        let mut e = s3_error!(
+            InvalidArgument,
+            "The requested partnumber is not satisfiable"
+        );
+        e.set_code(S3ErrorCode::Custom("InvalidPartNumber".into()));
+        e.set_status_code(http::StatusCode::RANGE_NOT_SATISFIABLE);
+        return Err(e);
+    }
+    Ok(())
+}
+
 fn preconditions(v: &ObjectVersion, c: Conditions<'_>) -> S3Result<()> {
     match unmet(v, c) {
         None => Ok(()),
@@ -1606,6 +1640,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         // The evidence's hold is the object's (see `removal_refused`).
         let held = header.legal_hold;
         preconditions(&v, conditions!(input))?;
+        whole_part(input.part_number, input.range.is_some(), &v)?;
         let size = header.size;
         let range = object_range(input.range.as_ref(), size)?;
         let read = range.clone().unwrap_or(0..size);
@@ -1666,6 +1701,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         // The evidence's hold is the object's (see `removal_refused`).
         let held = header.legal_hold;
         preconditions(&v, conditions!(input))?;
+        whole_part(input.part_number, input.range.is_some(), &v)?;
         // A ranged HEAD answers as the GET would: 206 with the range's
         // length and Content-Range, or 416 (as S3 does).
         let size = header.size;

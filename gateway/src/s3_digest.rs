@@ -422,6 +422,31 @@ pub fn auth_refusal<B>(req: &http::Request<B>, now_secs: u64) -> Option<Refused>
     None
 }
 
+/// A refusal for what this gateway does not do and must not pretend to:
+/// server-side encryption with the client's key (SSE-C) or a KMS key.
+/// Taken silently, `aws s3 cp --sse-c` would store the object readable by
+/// anyone with a reader key, as if encrypted. (SSE-S3, `AES256`, which S3
+/// applies to everything by default, is taken as asked of any store.)
+pub fn unsupported_refusal<B>(req: &http::Request<B>) -> Option<Refused> {
+    let h = req.headers();
+    let customer_key = [
+        "x-amz-server-side-encryption-customer-algorithm",
+        "x-amz-copy-source-server-side-encryption-customer-algorithm",
+    ]
+    .iter()
+    .any(|name| h.contains_key(*name));
+    let kms = h
+        .get("x-amz-server-side-encryption")
+        .is_some_and(|v| v.as_bytes().starts_with(b"aws:kms"));
+    (customer_key || kms).then(|| Refused {
+        code: "NotImplemented",
+        status: http::StatusCode::NOT_IMPLEMENTED,
+        message: "server-side encryption with a customer-provided or KMS key is not supported \
+                  here; the object was not stored"
+            .into(),
+    })
+}
+
 /// `x-amz-*` headers a client may add around a signed request: S3 takes
 /// them unsigned, and each is checked against the body, not trusted.
 const UNSIGNED_AMZ_ALLOWED: [&str; 4] = [
@@ -532,6 +557,34 @@ mod tests {
         }
         // A key or a value that merely contains the names is not SigV2.
         assert_eq!(code("/b/k?prefix=Signature", &[]), None);
+    }
+
+    #[test]
+    fn encryption_with_keys_this_store_lacks_is_refused() {
+        let code = |headers: &[(&str, &str)]| {
+            unsupported_refusal(&req("PUT", "/b/k", headers)).map(|r| r.code)
+        };
+        assert_eq!(
+            code(&[("x-amz-server-side-encryption-customer-algorithm", "AES256")]),
+            Some("NotImplemented")
+        );
+        assert_eq!(
+            code(&[(
+                "x-amz-copy-source-server-side-encryption-customer-algorithm",
+                "AES256"
+            )]),
+            Some("NotImplemented")
+        );
+        assert_eq!(
+            code(&[("x-amz-server-side-encryption", "aws:kms")]),
+            Some("NotImplemented")
+        );
+        assert_eq!(
+            code(&[("x-amz-server-side-encryption", "aws:kms:dsse")]),
+            Some("NotImplemented")
+        );
+        assert_eq!(code(&[("x-amz-server-side-encryption", "AES256")]), None);
+        assert_eq!(code(&[]), None);
     }
 
     #[test]

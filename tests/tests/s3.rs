@@ -1584,6 +1584,54 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
         stored < (100u64 << 20) * 16 / 10,
         "parts were not deleted: {stored} bytes on nodes"
     );
+    // Its parts are not kept apart: read by part number, it is refused
+    // (a part-wise downloader would take the whole object for part 1).
+    let by_part = aws.run(&[
+        "s3api",
+        "get-object",
+        "--bucket",
+        "big",
+        "--key",
+        "video.bin",
+        "--part-number",
+        "1",
+        "part1.bin",
+    ])?;
+    let said = String::from_utf8_lossy(&by_part.stderr);
+    assert!(
+        !by_part.status.success() && said.contains("NotImplemented"),
+        "{said}"
+    );
+    // Asked for encryption with a KMS key it does not have, the store
+    // refuses rather than keep the bytes unencrypted.
+    let small = aws.file("small.bin", b"sealed")?;
+    let kms = aws.run(&[
+        "s3",
+        "cp",
+        &small,
+        "s3://big/sealed.bin",
+        "--sse",
+        "aws:kms",
+    ])?;
+    let said = String::from_utf8_lossy(&kms.stderr);
+    assert!(
+        !kms.status.success() && said.contains("NotImplemented"),
+        "{said}"
+    );
+    aws.ok(&["s3", "cp", &small, "s3://big/small.bin"])?;
+    let part1 = aws.json(&[
+        "s3api",
+        "get-object",
+        "--bucket",
+        "big",
+        "--key",
+        "small.bin",
+        "--part-number",
+        "1",
+        "part1.bin",
+    ])?;
+    assert_eq!(part1["ContentLength"], 6, "{part1}");
+    assert_eq!(aws.read("part1.bin")?, b"sealed");
     // Copied inside the store, as `aws s3 cp` does past 8 MiB: part by part,
     // after asking for the source's tags.
     aws.ok(&["s3", "cp", "s3://big/video.bin", "s3://big/video-copy.bin"])?;
