@@ -2298,20 +2298,7 @@ pub async fn wait_for_receipt<S: Store>(
     evidence: EvidenceId,
     kinds: &[Kind],
 ) -> Result<Option<Receipt>, ApiError> {
-    let Some(ledger) = gw.ledger.as_ref() else {
-        return Ok(None);
-    };
-    let _waiting = ledger.pacer.waiting();
-    let mut published = ledger.subscribe();
-    let deadline = tokio::time::Instant::now() + ledger.receipt_wait;
-    loop {
-        if let Some(r) = receipt(gw, evidence, kinds).await? {
-            return Ok(Some(r));
-        }
-        if !next_checkpoint(&mut published, deadline).await {
-            return Ok(None);
-        }
-    }
+    wait_for_receipt_since(gw, evidence, kinds, 0).await
 }
 
 /// The tree's size now: a statement queued after this call becomes a leaf
@@ -2341,24 +2328,10 @@ pub async fn wait_for_receipt_since<S: Store>(
     let deadline = tokio::time::Instant::now() + ledger.receipt_wait;
     loop {
         let leaf = indexer::run(&gw.store, |tx| async move {
-            const PAGE: usize = 256;
-            let mut after = since.checked_sub(1);
-            loop {
-                let page = lx::leaves_of_page_tx(&tx, evidence, after, PAGE).await?;
-                if let Some(&(index, _)) = page
-                    .iter()
-                    .find(|(index, kind)| *index >= since && kinds.contains(kind))
-                {
-                    return Ok::<_, indexer::schema::SchemaError>(Some(index));
-                }
-                match page.last() {
-                    Some(&(last, _)) if page.len() == PAGE => after = Some(last),
-                    _ => return Ok(None),
-                }
-            }
+            lx::first_leaf_since_tx(&tx, evidence, kinds, since).await
         })
         .await?;
-        if let Some(index) = leaf {
+        if let Some((index, _)) = leaf {
             if let Some(r) = leaf_receipt(gw, evidence, index).await? {
                 return Ok(Some(r));
             }

@@ -713,11 +713,24 @@ pub async fn first_leaf_of_tx<T: Transaction>(
     evidence: EvidenceId,
     kinds: &[protocol::ledger::Kind],
 ) -> Result<Option<(u64, protocol::ledger::Kind)>, SchemaError> {
+    first_leaf_since_tx(tx, evidence, kinds, 0).await
+}
+
+/// As [`first_leaf_of_tx`], among the leaves at index `since` or later.
+pub async fn first_leaf_since_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    kinds: &[protocol::ledger::Kind],
+    since: u64,
+) -> Result<Option<(u64, protocol::ledger::Kind)>, SchemaError> {
     const PAGE: usize = 256;
-    let mut after = None;
+    let mut after = since.checked_sub(1);
     loop {
         let page = leaves_of_page_tx(tx, evidence, after, PAGE).await?;
-        if let Some(found) = page.iter().find(|(_, k)| kinds.contains(k)) {
+        if let Some(found) = page
+            .iter()
+            .find(|(index, k)| *index >= since && kinds.contains(k))
+        {
             return Ok(Some(*found));
         }
         match page.last() {

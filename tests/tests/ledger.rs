@@ -1336,7 +1336,14 @@ fn holds_retention_and_expunge_are_enforced_and_on_the_ledger() -> Result<()> {
     });
     assert_eq!(
         kinds,
-        ["filed", "legal-hold", "released", "legal-hold", "released", "expunged"]
+        [
+            "filed",
+            "legal-hold",
+            "released",
+            "legal-hold",
+            "released",
+            "expunged"
+        ]
     );
     let r = c.get_with(&c.token, &format!("/v1/evidence/{id}/receipt"), &[])?;
     let r: Receipt = serde_json::from_slice(&r.body)?;
