@@ -163,8 +163,9 @@ pub struct GatewayConfig {
     /// batch and repair commit.
     #[serde(default = "default_orphan_grace")]
     pub orphan_grace_ms: u64,
-    /// Most pieces of evidence one orphan sweep may delete shards of. More
-    /// means the index is behind the nodes (restored from a backup, or a
+    /// Most pieces of evidence the index has no stripe of that one orphan
+    /// sweep may delete shards of (old copies of known stripes are not
+    /// counted). More means the index is behind the nodes (restored from a backup, or a
     /// fresh one where the old was lost) rather than a few failed uploads:
     /// the sweep then deletes nothing, says so, and sets
     /// `custodia_orphan_sweep_refused`, until an operator who has checked

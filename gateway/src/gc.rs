@@ -471,8 +471,11 @@ pub async fn sweep_orphans<S: Store>(
     };
     let mut still = OrphanCandidates::new();
     // Past their grace, deleted once every node was listed and their
-    // number found plausible.
+    // number found plausible; and of those, the shards of evidence the
+    // index has no stripe of at all.
     let mut due: Vec<(NodeId, std::net::SocketAddr, ShardKey, std::time::Instant)> = Vec::new();
+    let mut unknown_evidence: std::collections::HashSet<EvidenceId> =
+        std::collections::HashSet::new();
     for entry in &gw.config.nodes {
         let node = entry.node_id();
         // A draining node still holds copies that may be adoptable: the
@@ -512,7 +515,7 @@ pub async fn sweep_orphans<S: Store>(
                             // in batches after the shards: its intent covers
                             // them.
                             if schema::get_intent_tx(&tx, k.evidence).await?.is_none() {
-                                orphans.push(*k);
+                                orphans.push((*k, true));
                             }
                             continue;
                         };
@@ -531,7 +534,10 @@ pub async fn sweep_orphans<S: Store>(
                         }) {
                             homeless.push(*k);
                         } else if schema::get_intent_tx(&tx, k.evidence).await?.is_none() {
-                            orphans.push(*k);
+                            // A copy of a stripe the index knows, placed
+                            // elsewhere now (a repair's old copy on a node
+                            // that was away).
+                            orphans.push((*k, false));
                         }
                     }
                     Ok::<_, schema::SchemaError>((orphans, homeless))
@@ -565,23 +571,27 @@ pub async fn sweep_orphans<S: Store>(
                 lease.release(gw).await;
             }
             let now = std::time::Instant::now();
-            for key in unreferenced {
+            for (key, unknown) in unreferenced {
                 let first = candidates.get(&(node, key)).copied().unwrap_or(now);
                 if now.duration_since(first) < grace {
                     still.insert((node, key), first);
                     sweep.pending += 1;
                     continue;
                 }
+                if unknown {
+                    unknown_evidence.insert(key.evidence);
+                }
                 due.push((node, entry.addr, key, first));
             }
         }
     }
-    // Failed uploads leave a few pieces of evidence behind; an index
-    // behind its nodes (a backup restored, an index lost and begun anew)
-    // leaves everything filed since, each with its receipt. Those must
-    // not go: not one is deleted then.
-    let evidence: std::collections::HashSet<EvidenceId> =
-        due.iter().map(|(_, _, key, _)| key.evidence).collect();
+    // Failed uploads leave a few pieces of evidence the index has no stripe
+    // of; an index behind its nodes (a backup restored, an index lost and
+    // begun anew) leaves everything filed since, each with its receipt.
+    // Those must not go: not one is deleted then. (Old copies of stripes
+    // the index knows, however many a node back from a long absence holds,
+    // are not counted.)
+    let evidence = unknown_evidence;
     let limit = gw.config.orphan_sweep_max_evidence;
     sweep.refused = evidence.len() as u64 > limit;
     gw.metrics
