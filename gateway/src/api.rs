@@ -986,10 +986,9 @@ async fn file_evidence<S: Store>(
     {
         Ok(meta) => meta,
         Err(e) => {
-            if !expects_continue(&parts.headers) {
-                let idle = Duration::from_millis(gw.config.client_idle_timeout_ms.max(1));
-                ingest::drain_small(body.into_data_stream(), idle).await;
-            }
+            let idle = Duration::from_millis(gw.config.client_idle_timeout_ms.max(1));
+            let waiting = expects_continue(&parts.headers);
+            ingest::drain_unless_waiting(body.into_data_stream(), idle, waiting).await;
             return Err(e);
         }
     };
@@ -2466,6 +2465,22 @@ where
     ApiError: From<E>,
 {
     let pending = worm_statement(gw, who, h, kind, detail)?;
+    worm_with(gw, pending, change).await
+}
+
+/// [`worm`] with its statement made (`None`: no ledger).
+async fn worm_with<S, F, Fut, E>(
+    gw: &Gateway<S>,
+    pending: Option<indexer::ledger::PendingRecord>,
+    change: F,
+) -> Result<ManifestHeader, ApiError>
+where
+    S: Store,
+    F: Fn(<S as KvStore>::Tx) -> Fut,
+    Fut: std::future::Future<Output = Result<ManifestHeader, E>>,
+    E: From<indexer::KvError> + indexer::Retryable,
+    ApiError: From<E>,
+{
     let updated = indexer::run(&gw.store, |tx| {
         let pending = &pending;
         let change = &change;
@@ -2505,12 +2520,15 @@ where
     E: From<indexer::KvError> + indexer::Retryable,
     ApiError: From<E>,
 {
-    let since = match gw.ledger {
-        Some(_) => crate::ledger::tree_size(gw).await?,
-        None => 0,
+    let pending = worm_statement(gw, who, h, kind, detail)?;
+    let Some(salt) = pending.as_ref().map(|p| p.salt) else {
+        return Ok((worm_with(gw, pending, change).await?, None));
     };
-    let updated = worm(gw, who, h, kind, detail, change).await?;
-    let receipt = crate::ledger::wait_for_receipt_since(gw, h.evidence, &[kind], since)
+    // Its leaf comes at the tree's present size or after, and is the one
+    // with its salt (not an earlier statement of its kind still queued).
+    let since = crate::ledger::tree_size(gw).await?;
+    let updated = worm_with(gw, pending, change).await?;
+    let receipt = crate::ledger::wait_for_statement(gw, h.evidence, since, salt)
         .await
         .unwrap_or_else(|e| {
             tracing::warn!(evidence = %h.evidence, error = %e, "its receipt could not be built yet");

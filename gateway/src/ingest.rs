@@ -188,11 +188,9 @@ where
     // client, still sending, may see the connection close instead of the
     // answer (a retry while the first attempt runs is the usual case).
     let idle = std::time::Duration::from_millis(gw.config.client_idle_timeout_ms.max(1));
-    let drain = !meta.expects_continue;
+    let expects_continue = meta.expects_continue;
     let refuse = |body: B, e: ApiError| async move {
-        if drain {
-            drain_small(body, idle).await;
-        }
+        drain_unless_waiting(body, idle, expects_continue).await;
         Err(e)
     };
     match start {
@@ -312,15 +310,11 @@ where
                 .then_some("SHA-256")
         });
     if let Some(what) = refused {
-        if !meta.expects_continue {
-            drain_small(body, idle).await;
-        }
+        drain_unless_waiting(body, idle, meta.expects_continue).await;
         return Err(differs(what));
     }
     if meta.expect_blake3.is_some() || meta.expect_sha256.is_some() {
-        if !meta.expects_continue {
-            drain_small(body, idle).await;
-        }
+        drain_unless_waiting(body, idle, meta.expects_continue).await;
         return Ok(());
     }
     let mut hasher = blake3::Hasher::new();
@@ -346,6 +340,18 @@ where
 /// Bodies up to this size are read (and dropped) before a refusal that
 /// needs none of them is answered.
 pub const DRAINED_BODY_BYTES: u64 = 4 << 20;
+
+/// [`drain_small`], unless the client waits for `100 Continue` before its
+/// body (reading it would be the go-ahead to send all of it): answered at
+/// once instead.
+pub async fn drain_unless_waiting<B, E>(body: B, idle: std::time::Duration, expects_continue: bool)
+where
+    B: Stream<Item = Result<Bytes, E>> + Unpin,
+{
+    if !expects_continue {
+        drain_small(body, idle).await;
+    }
+}
 
 /// Reads and drops what is left of a small request body, so that a client
 /// still sending it gets the answer instead of a connection reset (an

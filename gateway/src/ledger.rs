@@ -2298,7 +2298,18 @@ pub async fn wait_for_receipt<S: Store>(
     evidence: EvidenceId,
     kinds: &[Kind],
 ) -> Result<Option<Receipt>, ApiError> {
-    wait_for_receipt_since(gw, evidence, kinds, 0).await
+    wait_for(
+        gw,
+        || async {
+            let first = indexer::run(&gw.store, |tx| async move {
+                lx::first_leaf_of_tx(&tx, evidence, kinds).await
+            })
+            .await?;
+            Ok(first.map(|(index, _)| index))
+        },
+        evidence,
+    )
+    .await
 }
 
 /// The tree's size now: a statement queued after this call becomes a leaf
@@ -2311,15 +2322,39 @@ pub async fn tree_size<S: Store>(gw: &Gateway<S>) -> Result<u64, ApiError> {
     )
 }
 
-/// As [`wait_for_receipt`], for the first statement of `kinds` about
-/// `evidence` at leaf `since` or later (one queued after [`tree_size`] said
-/// `since`: a hold placed again after an earlier one was lifted).
-pub async fn wait_for_receipt_since<S: Store>(
+/// As [`wait_for_receipt`], for the one statement about `evidence` queued
+/// with `salt` after [`tree_size`] said `since`.
+pub async fn wait_for_statement<S: Store>(
     gw: &Gateway<S>,
     evidence: EvidenceId,
-    kinds: &[Kind],
     since: u64,
+    salt: [u8; 32],
 ) -> Result<Option<Receipt>, ApiError> {
+    wait_for(
+        gw,
+        || async {
+            Ok(indexer::run(&gw.store, |tx| async move {
+                lx::leaf_with_salt_tx(&tx, evidence, since, &salt).await
+            })
+            .await?)
+        },
+        evidence,
+    )
+    .await
+}
+
+/// Until the leaf `find` names (once integrated) is under a published
+/// checkpoint, or the receipt wait ends: its receipt.
+async fn wait_for<S, F, Fut>(
+    gw: &Gateway<S>,
+    find: F,
+    evidence: EvidenceId,
+) -> Result<Option<Receipt>, ApiError>
+where
+    S: Store,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<u64>, ApiError>>,
+{
     let Some(ledger) = gw.ledger.as_ref() else {
         return Ok(None);
     };
@@ -2327,11 +2362,7 @@ pub async fn wait_for_receipt_since<S: Store>(
     let mut published = ledger.subscribe();
     let deadline = tokio::time::Instant::now() + ledger.receipt_wait;
     loop {
-        let leaf = indexer::run(&gw.store, |tx| async move {
-            lx::first_leaf_since_tx(&tx, evidence, kinds, since).await
-        })
-        .await?;
-        if let Some((index, _)) = leaf {
+        if let Some(index) = find().await? {
             if let Some(r) = leaf_receipt(gw, evidence, index).await? {
                 return Ok(Some(r));
             }
@@ -2693,12 +2724,9 @@ fn unix_now_secs_f64() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The system clock in Unix seconds (0 before 1970).
+/// The system clock in whole Unix seconds (0 before 1970).
 pub(crate) fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    unix_now_secs_f64() as u64
 }
 
 /// The development TSA's answer to an RFC 3161 request, when `up` runs one.

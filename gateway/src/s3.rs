@@ -1328,12 +1328,12 @@ fn unmet(v: &ObjectVersion, c: Conditions<'_>) -> Option<Unmet> {
     }
 }
 
-/// A GET or HEAD by `partNumber`: part 1 of an object uploaded whole is the
-/// object, as in S3. The parts of a multipart object are not kept apart
-/// once it is filed (it is filed anew, whole), so reading one by number is
-/// refused rather than answered with the whole object, which a part-wise
-/// downloader would take for the part.
-fn whole_part(part_number: Option<i32>, ranged: bool, v: &ObjectVersion) -> S3Result<()> {
+/// A GET or HEAD by `partNumber`. A multipart object is filed anew, whole,
+/// and its parts are not kept apart, so every object reads as one part:
+/// part 1 is the object (answered without `x-amz-mp-parts-count`, which
+/// part-wise downloaders read as "one part"), any other is one it does not
+/// have, refused as S3 refuses those.
+fn whole_part(part_number: Option<i32>, ranged: bool) -> S3Result<()> {
     let Some(n) = part_number else {
         return Ok(());
     };
@@ -1343,10 +1343,10 @@ fn whole_part(part_number: Option<i32>, ranged: bool, v: &ObjectVersion) -> S3Re
             "Cannot specify both Range header and partNumber query parameter"
         ));
     }
-    if v.etag.contains('-') {
+    if n < 1 {
         return Err(s3_error!(
-            NotImplemented,
-            "reading a multipart object by part number is not supported; read it by Range"
+            InvalidArgument,
+            "Part number must be an integer between 1 and 10000, inclusive"
         ));
     }
     if n != 1 {
@@ -1640,7 +1640,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         // The evidence's hold is the object's (see `removal_refused`).
         let held = header.legal_hold;
         preconditions(&v, conditions!(input))?;
-        whole_part(input.part_number, input.range.is_some(), &v)?;
+        whole_part(input.part_number, input.range.is_some())?;
         let size = header.size;
         let range = object_range(input.range.as_ref(), size)?;
         let read = range.clone().unwrap_or(0..size);
@@ -1701,7 +1701,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         // The evidence's hold is the object's (see `removal_refused`).
         let held = header.legal_hold;
         preconditions(&v, conditions!(input))?;
-        whole_part(input.part_number, input.range.is_some(), &v)?;
+        whole_part(input.part_number, input.range.is_some())?;
         // A ranged HEAD answers as the GET would: 206 with the range's
         // length and Content-Range, or 416 (as S3 does).
         let size = header.size;
@@ -2164,7 +2164,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             "bypass_governance": bypass,
             "s3": { "bucket": bucket, "key": key, "version": vid.to_string() },
         });
-        crate::api::worm_notarized(
+        crate::api::worm(
             &self.gw,
             &who.token_record(),
             &header,
@@ -2264,7 +2264,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         // The hold binds the evidence too, and is on the ledger like any
         // hold or release.
         let evidence = header.evidence;
-        crate::api::worm_notarized(
+        crate::api::worm(
             &self.gw,
             &who.token_record(),
             &header,

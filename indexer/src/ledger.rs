@@ -713,25 +713,40 @@ pub async fn first_leaf_of_tx<T: Transaction>(
     evidence: EvidenceId,
     kinds: &[protocol::ledger::Kind],
 ) -> Result<Option<(u64, protocol::ledger::Kind)>, SchemaError> {
-    first_leaf_since_tx(tx, evidence, kinds, 0).await
+    const PAGE: usize = 256;
+    let mut after = None;
+    loop {
+        let page = leaves_of_page_tx(tx, evidence, after, PAGE).await?;
+        if let Some(found) = page.iter().find(|(_, k)| kinds.contains(k)) {
+            return Ok(Some(*found));
+        }
+        match page.last() {
+            Some(&(last, _)) if page.len() == PAGE => after = Some(last),
+            _ => return Ok(None),
+        }
+    }
 }
 
-/// As [`first_leaf_of_tx`], among the leaves at index `since` or later.
-pub async fn first_leaf_since_tx<T: Transaction>(
+/// The leaf about `evidence`, at index `since` or later, whose opening has
+/// `salt`: one statement's own leaf, whatever others of its kind precede
+/// it (salts are random per statement).
+pub async fn leaf_with_salt_tx<T: Transaction>(
     tx: &T,
     evidence: EvidenceId,
-    kinds: &[protocol::ledger::Kind],
     since: u64,
-) -> Result<Option<(u64, protocol::ledger::Kind)>, SchemaError> {
+    salt: &[u8; 32],
+) -> Result<Option<u64>, SchemaError> {
     const PAGE: usize = 256;
     let mut after = since.checked_sub(1);
     loop {
         let page = leaves_of_page_tx(tx, evidence, after, PAGE).await?;
-        if let Some(found) = page
-            .iter()
-            .find(|(index, k)| *index >= since && kinds.contains(k))
-        {
-            return Ok(Some(*found));
+        let indexes: Vec<u64> = page.iter().map(|(i, _)| *i).collect();
+        let found = leaves_at_tx(tx, &indexes)
+            .await?
+            .into_iter()
+            .find(|(_, leaf)| leaf.salt == *salt);
+        if let Some((index, _)) = found {
+            return Ok(Some(index));
         }
         match page.last() {
             Some(&(last, _)) if page.len() == PAGE => after = Some(last),

@@ -1584,22 +1584,34 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
         stored < (100u64 << 20) * 16 / 10,
         "parts were not deleted: {stored} bytes on nodes"
     );
-    // Its parts are not kept apart: read by part number, it is refused
-    // (a part-wise downloader would take the whole object for part 1).
-    let by_part = aws.run(&[
-        "s3api",
-        "get-object",
-        "--bucket",
-        "big",
-        "--key",
-        "video.bin",
-        "--part-number",
-        "1",
-        "part1.bin",
-    ])?;
-    let said = String::from_utf8_lossy(&by_part.stderr);
+    // Its parts are not kept apart: it reads as one part, whole, and a
+    // part-wise downloader asking for part 2 is told there is none.
+    let by_part = |n: &str| {
+        aws.run(&[
+            "s3api",
+            "get-object",
+            "--bucket",
+            "big",
+            "--key",
+            "video.bin",
+            "--part-number",
+            n,
+            "part.bin",
+        ])
+    };
+    let part1 = by_part("1")?;
     assert!(
-        !by_part.status.success() && said.contains("NotImplemented"),
+        part1.status.success(),
+        "{}",
+        String::from_utf8_lossy(&part1.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&part1.stdout)?;
+    assert_eq!(answer["ContentLength"], 100u64 << 20, "{answer}");
+    assert!(answer.get("PartsCount").is_none(), "{answer}");
+    let part2 = by_part("2")?;
+    let said = String::from_utf8_lossy(&part2.stderr);
+    assert!(
+        !part2.status.success() && said.contains("InvalidPartNumber"),
         "{said}"
     );
     // Asked for encryption with a KMS key it does not have, the store
