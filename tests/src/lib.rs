@@ -905,6 +905,21 @@ pub fn ensure_eq<T: PartialEq + std::fmt::Debug>(a: T, b: T, what: &str) -> Resu
     Ok(())
 }
 
+/// Copies the directory tree `from` to `to` (created), files and folders.
+pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to)?;
+    for e in fs::read_dir(from)? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &target)?;
+        } else {
+            fs::copy(e.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
 pub fn read_file(p: &Path) -> Result<Vec<u8>> {
     fs::read(p).with_context(|| p.display().to_string())
 }

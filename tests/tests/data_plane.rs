@@ -610,7 +610,7 @@ fn an_index_restored_from_a_backup_does_not_sweep_what_was_filed_since() -> Resu
         c.data_dir().join("index.redb"),
         backup.path().join("index.redb"),
     )?;
-    copy_dir(&c.data_dir().join("ledger"), &backup.path().join("ledger"))?;
+    custodia_tests::copy_dir(&c.data_dir().join("ledger"), &backup.path().join("ledger"))?;
     c.start_gateway()?;
     c.wait_healthy(c.shape.nodes.into())?;
     // Today's filings, with their receipts.
@@ -631,13 +631,13 @@ fn an_index_restored_from_a_backup_does_not_sweep_what_was_filed_since() -> Resu
         c.data_dir().join("index.redb"),
         found.path().join("index.redb"),
     )?;
-    copy_dir(&c.data_dir().join("ledger"), &found.path().join("ledger"))?;
+    custodia_tests::copy_dir(&c.data_dir().join("ledger"), &found.path().join("ledger"))?;
     std::fs::copy(
         backup.path().join("index.redb"),
         c.data_dir().join("index.redb"),
     )?;
     std::fs::remove_dir_all(c.data_dir().join("ledger"))?;
-    copy_dir(&backup.path().join("ledger"), &c.data_dir().join("ledger"))?;
+    custodia_tests::copy_dir(&backup.path().join("ledger"), &c.data_dir().join("ledger"))?;
     // (Restarts the gateway.)
     c.set_gateway(&[
         ("orphan_sweep_interval_ms", toml::Value::Integer(300)),
@@ -660,25 +660,11 @@ fn an_index_restored_from_a_backup_does_not_sweep_what_was_filed_since() -> Resu
         c.data_dir().join("index.redb"),
     )?;
     std::fs::remove_dir_all(c.data_dir().join("ledger"))?;
-    copy_dir(&found.path().join("ledger"), &c.data_dir().join("ledger"))?;
+    custodia_tests::copy_dir(&found.path().join("ledger"), &c.data_dir().join("ledger"))?;
     c.start_gateway()?;
     c.wait_healthy(c.shape.nodes.into())?;
     for (i, id) in today.iter().enumerate() {
         assert!(c.read(id)? == bytes(9000, 81 + i as u64), "{id}");
-    }
-    Ok(())
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let e = e?;
-        let target = to.join(e.file_name());
-        if e.file_type()?.is_dir() {
-            copy_dir(&e.path(), &target)?;
-        } else {
-            std::fs::copy(e.path(), target)?;
-        }
     }
     Ok(())
 }
