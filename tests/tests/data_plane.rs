@@ -601,16 +601,19 @@ fn an_upload_cut_off_by_a_gateway_crash_is_collected_after_a_lease() -> Result<(
 /// are then not deleted, and the gateway says why.
 #[test]
 fn an_index_restored_from_a_backup_does_not_sweep_what_was_filed_since() -> Result<()> {
+    // The index and the ledger (its tiles and archive) from one directory
+    // to another, as a backup holds them.
+    let copy_index = |from: &std::path::Path, to: &std::path::Path| -> Result<()> {
+        std::fs::copy(from.join("index.redb"), to.join("index.redb"))?;
+        let _ = std::fs::remove_dir_all(to.join("ledger"));
+        custodia_tests::copy_dir(&from.join("ledger"), &to.join("ledger"))
+    };
     let mut c = TestCluster::start(Shape::default())?;
     c.file(&bytes(5000, 80))?;
-    // Last night's backup: the index and the ledger, the gateway stopped.
+    // Last night's backup, the gateway stopped.
     c.stop_gateway();
     let backup = tempfile::tempdir()?;
-    std::fs::copy(
-        c.data_dir().join("index.redb"),
-        backup.path().join("index.redb"),
-    )?;
-    custodia_tests::copy_dir(&c.data_dir().join("ledger"), &backup.path().join("ledger"))?;
+    copy_index(c.data_dir(), backup.path())?;
     c.start_gateway()?;
     c.wait_healthy(c.shape.nodes.into())?;
     // Today's filings, with their receipts.
@@ -627,17 +630,8 @@ fn an_index_restored_from_a_backup_does_not_sweep_what_was_filed_since() -> Resu
     // an operator may yet find it elsewhere, is kept aside.)
     c.stop_gateway();
     let found = tempfile::tempdir()?;
-    std::fs::copy(
-        c.data_dir().join("index.redb"),
-        found.path().join("index.redb"),
-    )?;
-    custodia_tests::copy_dir(&c.data_dir().join("ledger"), &found.path().join("ledger"))?;
-    std::fs::copy(
-        backup.path().join("index.redb"),
-        c.data_dir().join("index.redb"),
-    )?;
-    std::fs::remove_dir_all(c.data_dir().join("ledger"))?;
-    custodia_tests::copy_dir(&backup.path().join("ledger"), &c.data_dir().join("ledger"))?;
+    copy_index(c.data_dir(), found.path())?;
+    copy_index(backup.path(), c.data_dir())?;
     // (Restarts the gateway.)
     c.set_gateway(&[
         ("orphan_sweep_interval_ms", toml::Value::Integer(300)),
@@ -655,12 +649,7 @@ fn an_index_restored_from_a_backup_does_not_sweep_what_was_filed_since() -> Resu
     assert!(log.contains("is the index behind the nodes"), "not said");
     // Today's index found after all: every filing of today is whole.
     c.stop_gateway();
-    std::fs::copy(
-        found.path().join("index.redb"),
-        c.data_dir().join("index.redb"),
-    )?;
-    std::fs::remove_dir_all(c.data_dir().join("ledger"))?;
-    custodia_tests::copy_dir(&found.path().join("ledger"), &c.data_dir().join("ledger"))?;
+    copy_index(found.path(), c.data_dir())?;
     c.start_gateway()?;
     c.wait_healthy(c.shape.nodes.into())?;
     for (i, id) in today.iter().enumerate() {
