@@ -820,9 +820,13 @@ impl<S: Store> S3Front<S> {
     }
 
     /// Changes a bucket's record in one transaction; `change` may refuse.
+    /// Changes bucket `name`'s record: the bucket the caller was found to
+    /// own (`seen`), checked again in the transaction (deleted and made
+    /// anew by another tenant meanwhile, it is not this one).
     async fn update_bucket(
         &self,
         name: &str,
+        seen: &BucketRecord,
         change: impl Fn(&mut BucketRecord) -> S3Result<()> + Send + Sync,
     ) -> S3Result<()> {
         let n = name.to_owned();
@@ -830,9 +834,7 @@ impl<S: Store> S3Front<S> {
         indexer::run(&self.gw.store, |tx| {
             let (n, change, refused) = (&n, &change, &refused);
             async move {
-                let mut b = ix::get_bucket_tx(&tx, n)
-                    .await?
-                    .ok_or(ObjectError::NoSuchBucket)?;
+                let mut b = ix::bucket_as_seen(&tx, n, seen).await?;
                 if let Err(e) = change(&mut b) {
                     if let Ok(mut r) = refused.lock() {
                         *r = Some(e);
@@ -1533,12 +1535,12 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         req: S3Request<DeleteBucketInput>,
     ) -> S3Result<S3Response<DeleteBucketOutput>> {
         let who = self.caller(&req, Role::Clerk).await?;
-        self.bucket(&who, &req.input.bucket).await?;
+        let seen = self.bucket(&who, &req.input.bucket).await?;
         let name = req.input.bucket.clone();
         // Its multipart uploads in progress go with it (as in S3).
         let parts = indexer::run(&self.gw.store, |tx| {
-            let name = &name;
-            async move { ix::delete_bucket_tx(&tx, name).await }
+            let (name, seen) = (&name, &seen);
+            async move { ix::delete_bucket_tx(&tx, name, seen).await }
         })
         .await
         .map_err(|e| s3_err(e.into()))?;
@@ -1952,7 +1954,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         req: S3Request<PutBucketVersioningInput>,
     ) -> S3Result<S3Response<PutBucketVersioningOutput>> {
         let who = self.caller(&req, Role::Clerk).await?;
-        self.bucket(&who, &req.input.bucket).await?;
+        let seen = self.bucket(&who, &req.input.bucket).await?;
         let to = match req
             .input
             .versioning_configuration
@@ -1969,7 +1971,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 ))
             }
         };
-        self.update_bucket(&req.input.bucket, |b| {
+        self.update_bucket(&req.input.bucket, &seen, |b| {
             if b.object_lock && to != Versioning::Enabled {
                 return Err(s3_error!(
                     InvalidBucketState,
@@ -2022,7 +2024,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         req: S3Request<PutObjectLockConfigurationInput>,
     ) -> S3Result<S3Response<PutObjectLockConfigurationOutput>> {
         let who = self.caller(&req, Role::Clerk).await?;
-        self.bucket(&who, &req.input.bucket).await?;
+        let seen = self.bucket(&who, &req.input.bucket).await?;
         let config = req.input.object_lock_configuration;
         let enable = config
             .as_ref()
@@ -2054,7 +2056,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 Some(ix::DefaultRetention { mode, period })
             }
         };
-        self.update_bucket(&req.input.bucket, |b| {
+        self.update_bucket(&req.input.bucket, &seen, |b| {
             // As S3 now allows: an existing bucket takes Object Lock once its
             // versioning is enabled (and keeps both for good).
             if !b.object_lock && enable && b.versioning == Versioning::Enabled {

@@ -849,10 +849,9 @@ pub async fn list_buckets_tx<T: Transaction>(
 pub async fn delete_bucket_tx<T: Transaction>(
     tx: &T,
     name: &str,
+    seen: &BucketRecord,
 ) -> Result<Vec<PartRecord>, ObjectError> {
-    let b = get_bucket_tx(tx, name)
-        .await?
-        .ok_or(ObjectError::NoSuchBucket)?;
+    let b = bucket_as_seen(tx, name, seen).await?;
     let prefix = key_of(VERSION, &[name.as_bytes(), b""]);
     if !tx
         .get_range(&prefix, &prefix_end(&prefix), 1, false)
@@ -1030,7 +1029,7 @@ pub async fn delete_version_tx<T: Transaction>(
 /// bucket is gone. Checked in the transaction that changes the bucket, so
 /// a bucket deleted and created again while a request ran (an upload can
 /// take minutes) never receives what was meant for the old one.
-async fn bucket_as_seen<T: Transaction>(
+pub async fn bucket_as_seen<T: Transaction>(
     tx: &T,
     name: &str,
     seen: &BucketRecord,

@@ -184,11 +184,24 @@ async fn an_unversioned_bucket_keeps_one_version_per_key() {
     .unwrap();
     assert_eq!(done, Deleted::Removed);
     assert!(listed(&s, "plain", "", None).await.is_empty());
-    // Empty now: the bucket can go.
-    run(
-        &s,
-        |tx| async move { ix::delete_bucket_tx(&tx, "plain").await },
-    )
+    // Empty now: the bucket can go, but only the one the caller saw (not
+    // one deleted and created anew meanwhile, by another tenant say).
+    let other = BucketRecord {
+        tenant: "other".into(),
+        ..seen()
+    };
+    let refused = run(&s, |tx| {
+        let other = &other;
+        async move { ix::delete_bucket_tx(&tx, "plain", other).await }
+    })
+    .await;
+    assert!(
+        matches!(refused, Err(ObjectError::NoSuchBucket)),
+        "{refused:?}"
+    );
+    run(&s, |tx| async move {
+        ix::delete_bucket_tx(&tx, "plain", &seen()).await
+    })
     .await
     .unwrap();
 }
@@ -303,10 +316,9 @@ async fn object_lock_is_enforced_in_the_transaction_that_removes_data() {
     // After expiry the COMPLIANCE version may go, and the bucket is still
     // not empty until it does.
     assert!(matches!(
-        run(
-            &s,
-            |tx| async move { ix::delete_bucket_tx(&tx, "lock").await }
-        )
+        run(&s, |tx| async move {
+            ix::delete_bucket_tx(&tx, "lock", &seen()).await
+        })
         .await,
         Err(ObjectError::BucketNotEmpty)
     ));
@@ -457,7 +469,7 @@ async fn the_journal_replays_into_the_same_records() {
     put(&s, "gone", "x", &d).await.unwrap();
     run(&s, |tx| async move {
         ix::delete_version_tx(&tx, "gone", "x", d.version_id, 10, false, &seen()).await?;
-        ix::delete_bucket_tx(&tx, "gone").await
+        ix::delete_bucket_tx(&tx, "gone", &seen()).await
     })
     .await
     .unwrap();
@@ -721,10 +733,9 @@ async fn a_bucket_made_again_is_not_the_one_a_request_checked() {
     let delete_bucket = || {
         let s = &s;
         async move {
-            run(
-                s,
-                |tx| async move { ix::delete_bucket_tx(&tx, "reused").await },
-            )
+            run(s, |tx| async move {
+                ix::delete_bucket_tx(&tx, "reused", &seen()).await
+            })
             .await
         }
     };
