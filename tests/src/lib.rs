@@ -708,6 +708,14 @@ impl TestCluster {
         Ok(a.json())
     }
 
+    /// Files `bytes` as the admin, like [`TestCluster::file`]; its id.
+    pub fn file_id(&self, bytes: &[u8]) -> Result<String> {
+        Ok(self.file(bytes)?["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    }
+
     pub fn get_with(&self, token: &str, path: &str, headers: &[(&str, &str)]) -> Result<Answer> {
         let mut req = self
             .agent

@@ -111,10 +111,7 @@ fn reads_survive_m_dead_nodes() -> Result<()> {
     let items: Vec<(String, Vec<u8>)> = (0..6)
         .map(|i| {
             let data = bytes(3 * STRIPE + i * 1000 + 7, 1000 + i as u64);
-            let id = c.file(&data)?["id"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
+            let id = c.file_id(&data)?;
             Ok((id, data))
         })
         .collect::<Result<_>>()?;
@@ -126,10 +123,7 @@ fn reads_survive_m_dead_nodes() -> Result<()> {
     }
     // And new filings still work: shards go to the six live nodes.
     let data = bytes(5 * STRIPE, 7);
-    let id = c.file(&data)?["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let id = c.file_id(&data)?;
     assert_eq!(c.read(&id)?, data);
 
     // Past m: every shard of one filing gone from every node. A read that
@@ -166,10 +160,7 @@ fn reads_survive_m_dead_nodes() -> Result<()> {
 fn corrupt_shard_is_rebuilt_and_reported() -> Result<()> {
     let c = TestCluster::start(Shape::default())?;
     let data = bytes(STRIPE, 5);
-    let id = c.file(&data)?["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let id = c.file_id(&data)?;
     // Corrupt the first data shard (index 0), wherever it is.
     let victim = c
         .all_shard_files()
@@ -219,10 +210,7 @@ fn a_shard_rewritten_on_its_node_is_caught_by_the_content_root() -> Result<()> {
     let c = TestCluster::start(Shape::default())?;
     // Three 1 MiB groups over 4 KiB shards: a group spans 64 stripes.
     let data = bytes(3 << 20, 17);
-    let id = c.file(&data)?["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let id = c.file_id(&data)?;
     // Data shard 2 of stripe 70 (content from 70 x 16 KiB + 2 x 4 KiB, in
     // group 1).
     rewrite_shard(&c, 70, 2, &[100])?;
@@ -265,10 +253,7 @@ fn a_rewritten_shard_spanning_groups_is_caught_in_each() -> Result<()> {
         ..Shape::default()
     })?;
     let data = bytes(10 << 20, 29);
-    let id = c.file(&data)?["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let id = c.file_id(&data)?;
     // In group 2 and in group 3.
     rewrite_shard(&c, 0, 1, &[10, (1 << 20) + 10])?;
 
@@ -357,10 +342,7 @@ fn outboard_missing(
 fn evidence_without_an_outboard_reads_and_gets_it_back() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
     let data = bytes(3 << 20, 23);
-    let id = c.file(&data)?["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let id = c.file_id(&data)?;
     let evidence: protocol::EvidenceId = id.parse()?;
     let needed = protocol::bao::nodes_for(data.len() as u64, 0..data.len() as u64);
     assert!(!needed.is_empty(), "3 MiB needs hash pairs");
@@ -430,10 +412,7 @@ fn an_abandoned_read_still_finishes_the_outboard_rebuild() -> Result<()> {
         ..Shape::default()
     })?;
     let data = bytes(128 << 20, 29);
-    let id = c.file(&data)?["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let id = c.file_id(&data)?;
     let evidence: protocol::EvidenceId = id.parse()?;
     let needed = protocol::bao::nodes_for(data.len() as u64, 0..data.len() as u64);
     let path = c.data_dir().join("index.redb");
@@ -587,10 +566,7 @@ fn an_upload_cut_off_by_a_gateway_crash_is_collected_after_a_lease() -> Result<(
     );
     // The cluster files as before.
     let again = bytes(200_000, 6);
-    let id = c.file(&again)?["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let id = c.file_id(&again)?;
     assert!(c.read(&id)? == again);
     Ok(())
 }
@@ -618,12 +594,7 @@ fn an_index_restored_from_a_backup_does_not_sweep_what_was_filed_since() -> Resu
     c.wait_healthy(c.shape.nodes.into())?;
     // Today's filings, with their receipts.
     let today: Vec<String> = (0..3u64)
-        .map(|i| -> Result<String> {
-            Ok(c.file(&bytes(9000, 81 + i))?["id"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned())
-        })
+        .map(|i| c.file_id(&bytes(9000, 81 + i)))
         .collect::<Result<_>>()?;
     let shards = c.all_shard_files().len();
     // The disk fails; last night's backup comes back. (Today's index, as
@@ -754,7 +725,7 @@ fn a_read_that_hedges_past_a_dead_node_has_it_marked_down() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
     c.set_gateway(&[("node_probe_interval_ms", toml::Value::Integer(60_000))])?;
     let data = bytes(40 * STRIPE, 21);
-    let id = c.file(&data)?["id"].as_str().unwrap_or_default().to_owned();
+    let id = c.file_id(&data)?;
     assert_eq!(node_state(&c, 3)?, "up");
     c.kill_node(3);
     assert!(c.read(&id)? == data, "read back different bytes");
@@ -787,7 +758,7 @@ fn a_node_restarted_after_kill_9_is_reconnected_at_once() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
     c.set_gateway(&[("node_probe_interval_ms", toml::Value::Integer(60_000))])?;
     let data = bytes(40 * STRIPE, 22);
-    let id = c.file(&data)?["id"].as_str().unwrap_or_default().to_owned();
+    let id = c.file_id(&data)?;
     // Every node has a connection open from the gateway.
     assert!(c.read(&id)? == data, "read back different bytes");
     let log_path = c.dir.path().join("gateway.log");
@@ -1380,10 +1351,7 @@ fn restart_keeps_everything() -> Result<()> {
         ..Shape::default()
     })?;
     let data = bytes(9 * STRIPE + 3, 21);
-    let id = c.file(&data)?["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let id = c.file_id(&data)?;
     c.kill_gateway();
     for i in 0..6 {
         c.kill_node(i);

@@ -1417,10 +1417,7 @@ fn holds_retention_and_expunge_are_enforced_and_on_the_ledger() -> Result<()> {
         "the refused filing was stored: {}",
         found.json()
     );
-    let cid = c.file(&bytes(4000, 14))?["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let cid = c.file_id(&bytes(4000, 14))?;
     let (status, body) = send(
         &c,
         "PUT",

@@ -306,7 +306,7 @@ fn a_full_node_takes_no_new_shards_but_keeps_serving() -> Result<()> {
 fn a_cluster_without_room_refuses_filings_with_507_and_keeps_what_it_has() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
     let kept = bytes(50_000, 31);
-    let kept_id = c.file(&kept)?["id"].as_str().unwrap_or_default().to_owned();
+    let kept_id = c.file_id(&kept)?;
     let shards_before = c.all_shard_files().len();
     c.set_nodes(&[("reserve_bytes", toml::Value::Integer(1 << 60))])?;
     let all = |want_full: bool| {

@@ -124,7 +124,7 @@ fn prometheus_scrapes_every_process_and_every_dashboard_query_has_data() -> Resu
     let mut filed = Vec::new();
     for i in 0..5u64 {
         let data = bytes(60_000 + i as usize * 1000, i);
-        let id = c.file(&data)?["id"].as_str().unwrap_or_default().to_owned();
+        let id = c.file_id(&data)?;
         filed.push((id, data));
     }
     assert!(c.read(&filed[0].0)? == filed[0].1);
