@@ -2448,6 +2448,14 @@ pub(crate) fn event_statement<S: Store>(
     crate::ledger::pending(h.evidence, &s).map(Some)
 }
 
+/// What [`worm`] committed: the evidence as it now stands, and (with a
+/// ledger) where to look for its statement: at the tree's size when it was
+/// queued or later, the leaf with its salt.
+pub(crate) struct Wormed {
+    pub header: ManifestHeader,
+    queued: Option<(u64, [u8; 32])>,
+}
+
 /// Runs `change` and queues `kind`'s statement in the same transaction.
 pub(crate) async fn worm<S, F, Fut, E>(
     gw: &Gateway<S>,
@@ -2456,7 +2464,7 @@ pub(crate) async fn worm<S, F, Fut, E>(
     kind: Kind,
     detail: serde_json::Value,
     change: F,
-) -> Result<ManifestHeader, ApiError>
+) -> Result<Wormed, ApiError>
 where
     S: Store,
     F: Fn(<S as KvStore>::Tx) -> Fut,
@@ -2465,23 +2473,13 @@ where
     ApiError: From<E>,
 {
     let pending = worm_statement(gw, who, h, kind, detail)?;
-    worm_with(gw, pending, change).await
-}
-
-/// [`worm`] with its statement made (`None`: no ledger).
-async fn worm_with<S, F, Fut, E>(
-    gw: &Gateway<S>,
-    pending: Option<indexer::ledger::PendingRecord>,
-    change: F,
-) -> Result<ManifestHeader, ApiError>
-where
-    S: Store,
-    F: Fn(<S as KvStore>::Tx) -> Fut,
-    Fut: std::future::Future<Output = Result<ManifestHeader, E>>,
-    E: From<indexer::KvError> + indexer::Retryable,
-    ApiError: From<E>,
-{
-    let updated = indexer::run(&gw.store, |tx| {
+    // Its leaf comes at the tree's present size or after, and is the one
+    // with its salt (not an earlier statement of its kind still queued).
+    let queued = match &pending {
+        Some(p) => Some((crate::ledger::tree_size(gw).await?, p.salt)),
+        None => None,
+    };
+    let header = indexer::run(&gw.store, |tx| {
         let pending = &pending;
         let change = &change;
         async move {
@@ -2496,45 +2494,24 @@ where
     if let Some(l) = &gw.ledger {
         l.queued();
     }
-    Ok(updated)
+    Ok(Wormed { header, queued })
 }
 
-/// [`worm`], answered once its statement is notarized (waited for as a
-/// filing waits for its receipt): then it is in the ledger's openings
+/// The receipt of what [`worm`] committed, waited for as a filing waits
+/// for its receipt: once it comes, the change is in the ledger's openings
 /// archive, and an index lost and rebuilt from it keeps the hold or the
 /// retention. `None` while the ledger has not published it within the wait
 /// (the index holds the change; the archive will once the ledger catches
 /// up), or where no ledger runs.
-pub(crate) async fn worm_notarized<S, F, Fut, E>(
-    gw: &Gateway<S>,
-    who: &TokenRecord,
-    h: &ManifestHeader,
-    kind: Kind,
-    detail: serde_json::Value,
-    change: F,
-) -> Result<(ManifestHeader, Option<protocol::ledger::Receipt>), ApiError>
-where
-    S: Store,
-    F: Fn(<S as KvStore>::Tx) -> Fut,
-    Fut: std::future::Future<Output = Result<ManifestHeader, E>>,
-    E: From<indexer::KvError> + indexer::Retryable,
-    ApiError: From<E>,
-{
-    let pending = worm_statement(gw, who, h, kind, detail)?;
-    let Some(salt) = pending.as_ref().map(|p| p.salt) else {
-        return Ok((worm_with(gw, pending, change).await?, None));
-    };
-    // Its leaf comes at the tree's present size or after, and is the one
-    // with its salt (not an earlier statement of its kind still queued).
-    let since = crate::ledger::tree_size(gw).await?;
-    let updated = worm_with(gw, pending, change).await?;
-    let receipt = crate::ledger::wait_for_statement(gw, h.evidence, since, salt)
+async fn notarized<S: Store>(gw: &Gateway<S>, w: &Wormed) -> Option<protocol::ledger::Receipt> {
+    let (since, salt) = w.queued?;
+    let evidence = w.header.evidence;
+    crate::ledger::wait_for_statement(gw, evidence, since, salt)
         .await
         .unwrap_or_else(|e| {
-            tracing::warn!(evidence = %h.evidence, error = %e, "its receipt could not be built yet");
+            tracing::warn!(%evidence, error = %e, "its receipt could not be built yet");
             None
-        });
-    Ok((updated, receipt))
+        })
 }
 
 /// A hold's or retention's answer: 200 with its receipt, or 202 (accepted,
@@ -2594,7 +2571,7 @@ async fn set_hold<S: Store>(
         Kind::Released
     };
     let evidence = h.evidence;
-    let (updated, receipt) = worm_notarized(
+    let w = worm(
         &gw,
         &who,
         &h,
@@ -2603,7 +2580,7 @@ async fn set_hold<S: Store>(
         |tx| async move { schema::set_legal_hold_tx(&tx, evidence, hold).await },
     )
     .await?;
-    Ok(worm_answer(&gw, &updated, receipt))
+    Ok(worm_answer(&gw, &w.header, notarized(&gw, &w).await))
 }
 
 #[derive(serde::Deserialize)]
@@ -2632,7 +2609,7 @@ async fn retention<S: Store>(
     if h.retain_until_ms.is_none_or(|current| current <= until) {
         in_the_future(&gw, until)?;
     }
-    let (updated, receipt) = worm_notarized(
+    let w = worm(
         &gw,
         &who,
         &h,
@@ -2641,7 +2618,7 @@ async fn retention<S: Store>(
         |tx| async move { schema::extend_retention_tx(&tx, evidence, until).await },
     )
     .await?;
-    Ok(worm_answer(&gw, &updated, receipt))
+    Ok(worm_answer(&gw, &w.header, notarized(&gw, &w).await))
 }
 
 #[derive(serde::Deserialize)]
