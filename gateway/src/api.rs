@@ -2673,11 +2673,13 @@ async fn expunge<S: Store>(
             None
         });
     tracing::info!(%evidence, by = %actor(&who), "expunged; deleting its shards");
-    let left = crate::gc::delete_expunged(&gw, evidence).await;
+    let erasure = crate::gc::delete_expunged(&gw, evidence).await;
     Ok(Json(json!({
         "id": evidence.to_string(),
         "expunged": true,
-        "stripes_left_to_delete": left,
+        "erased": erasure.done,
+        "stripes_left_to_delete": erasure.stripes_left,
+        "nodes_left_to_erase": erasure.nodes_left,
         "receipt": receipt.and_then(|r| serde_json::to_value(r).ok()),
     })))
 }

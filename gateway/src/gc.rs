@@ -389,10 +389,33 @@ pub fn spawn_gc_loop<S: Store>(
     })
 }
 
-/// Deletes the shards of expunged evidence and forgets each stripe record
-/// once its shards are gone; returns how many stripes are left (on nodes that
-/// could not be reached; running it again continues).
-pub async fn delete_expunged<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) -> u64 {
+/// How far erasing an expunged evidence's bytes got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Erasure {
+    /// Stripes whose recorded shards are not all deleted yet.
+    pub stripes_left: u64,
+    /// Nodes that have not yet confirmed they hold nothing of it.
+    pub nodes_left: u64,
+    /// Nothing of it is left on any node (every node not removed said so).
+    pub done: bool,
+}
+
+impl Erasure {
+    /// Not started: the expunge is not notarized yet, or the index could
+    /// not be read.
+    const WAITING: Erasure = Erasure {
+        stripes_left: 0,
+        nodes_left: 0,
+        done: false,
+    };
+}
+
+/// Deletes the shards of expunged evidence, forgetting each stripe record
+/// once its shards are gone, then has every node erase whatever else it
+/// holds of it ([`erase_everywhere`]); marks the expunge complete once
+/// nothing is left. Says how far it got; running it again continues (GC
+/// does, until it is complete).
+pub async fn delete_expunged<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) -> Erasure {
     // Not before the expunge is in the ledger's archive: an index lost
     // before then is rebuilt from the archive, which would restore the
     // evidence as filed, and with its bytes deleted it would come back as
@@ -401,14 +424,14 @@ pub async fn delete_expunged<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) ->
         Ok(true) => {}
         Ok(false) => {
             tracing::debug!(%evidence, "expunge not notarized yet: its shards wait for it");
-            return 1;
+            return Erasure::WAITING;
         }
         Err(e) => {
             tracing::warn!(%evidence, error = %e, "could not read the ledger; GC will retry the expunge");
-            return 1;
+            return Erasure::WAITING;
         }
     }
-    let left = match delete_recorded_stripes(gw, evidence, |tx, gone| async move {
+    let stripes_left = match delete_recorded_stripes(gw, evidence, |tx, gone| async move {
         schema::forget_stripes_tx(&tx, evidence, &gone).await
     })
     .await
@@ -416,19 +439,95 @@ pub async fn delete_expunged<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) ->
         Ok(left) => left,
         Err(e) => {
             tracing::warn!(%evidence, error = %e, "could not delete the stripes of expunged evidence; GC will retry");
-            return 1;
+            return Erasure::WAITING;
         }
     };
-    if left > 0 {
-        tracing::warn!(%evidence, stripes = left, "some shards of expunged evidence could not be deleted yet; GC will retry");
-    } else if let Err(e) = indexer::run(&gw.store, |tx| async move {
+    if stripes_left > 0 {
+        tracing::warn!(%evidence, stripes = stripes_left, "some shards of expunged evidence could not be deleted yet; GC will retry");
+        return Erasure {
+            stripes_left,
+            ..Erasure::WAITING
+        };
+    }
+    let nodes_left = erase_everywhere(gw, evidence).await;
+    let left = Erasure {
+        stripes_left,
+        nodes_left,
+        done: false,
+    };
+    if nodes_left > 0 {
+        tracing::warn!(%evidence, nodes = nodes_left, "some nodes could not erase what they hold of expunged evidence yet; GC will retry");
+        return left;
+    }
+    match indexer::run(&gw.store, |tx| async move {
         schema::expunge_done_tx(&tx, evidence).await
     })
     .await
     {
-        tracing::warn!(%evidence, error = %e, "could not mark the expunge complete; GC will retry");
+        Ok(()) => Erasure { done: true, ..left },
+        Err(e) => {
+            tracing::warn!(%evidence, error = %e, "could not mark the expunge complete; GC will retry");
+            left
+        }
+    }
+}
+
+/// Has every node not removed erase all it holds of expunged `evidence`:
+/// besides the shards its stripe records name, copies no record names
+/// (moved away by repair or drain, quarantined by scrub, in a damaged
+/// segment, left by an upload cut short); see
+/// [`protocol::wire::Request::EraseEvidence`]. Returns how many nodes could
+/// not (down, unreachable, or too old to know the request): the expunge is
+/// complete only once none is left.
+async fn erase_everywhere<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) -> u64 {
+    let targets: Vec<(NodeId, std::net::SocketAddr)> = gw
+        .config
+        .nodes
+        .iter()
+        .map(|entry| (entry.node_id(), entry.addr))
+        .filter(|&(node, _)| gw.nodes.lifecycle(node) != schema::Lifecycle::Removed)
+        .collect();
+    // One known to be down now is not waited for (a connect timeout per
+    // expunge per GC pass): it stays to do.
+    let (targets, down): (Vec<_>, Vec<_>) = targets
+        .into_iter()
+        .partition(|&(node, _)| gw.nodes.is_healthy(node));
+    for (node, _) in &down {
+        tracing::debug!(%evidence, %node, "a node that is down erases expunged evidence once it is back");
+    }
+    let mut left = down.len() as u64;
+    for group in targets.chunks(16) {
+        let done = futures::future::join_all(
+            group
+                .iter()
+                .map(|&(node, addr)| erase_on(gw, node, addr, evidence)),
+        )
+        .await;
+        left += done.iter().filter(|ok| !**ok).count() as u64;
     }
     left
+}
+
+/// Has node `node` at `addr` erase what it holds of `evidence`; says
+/// whether it did.
+async fn erase_on<S: Store>(
+    gw: &Gateway<S>,
+    node: NodeId,
+    addr: std::net::SocketAddr,
+    evidence: EvidenceId,
+) -> bool {
+    match gw.nodes.client.rpc_erase_evidence(addr, evidence).await {
+        Ok((shards, copies)) => {
+            if shards + copies > 0 {
+                tracing::info!(%evidence, %node, shards, forensic_copies = copies, "a node erased what it held of expunged evidence");
+            }
+            true
+        }
+        Err(e) => {
+            tracing::warn!(%evidence, %node, error = %e, "a node could not erase what it holds of expunged evidence");
+            false
+        }
+    }
 }
 
 /// Orphan shards seen unreferenced, and when first seen so.

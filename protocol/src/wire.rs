@@ -9,7 +9,7 @@
 //! length is checked against the code's shard size. Errors travel as numeric
 //! [`ErrorCode`]s, never strings.
 
-use crate::ids::{NodeId, ShardKey};
+use crate::ids::{EvidenceId, NodeId, ShardKey};
 use crate::shard::ShardHeader;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -127,6 +127,13 @@ pub enum Request {
     /// moves a shard off a node that still serves it (one shard moves, not
     /// k+1). An older node answers `Error(BadRequest)`.
     RebuildShard(RebuildShard),
+    /// Erase every trace of this evidence's shards on the node (an expunge):
+    /// its shard files and packed records, whichever node placement put them
+    /// on, the forensic copies in quarantine, and any damaged segment that
+    /// holds one; packed records are overwritten, not only marked deleted.
+    /// Answered `Erased` once all of it is durable. Idempotent. An older
+    /// node answers `Error(BadRequest)`.
+    EraseEvidence(EvidenceId),
 }
 
 /// What [`Request::RebuildShard`] asks for.
@@ -244,6 +251,12 @@ pub enum Response {
     Time(u64),
     /// Free space and reserve, for `Space`.
     Space(SpaceInfo),
+    /// What an `EraseEvidence` removed: shards (files and packed records)
+    /// and forensic copies (quarantined shards, damaged segments).
+    Erased {
+        shards: u64,
+        copies: u64,
+    },
 }
 
 /// Numeric error codes on the wire. Unknown codes from newer peers decode as
@@ -452,6 +465,17 @@ mod tests {
             reserve_bytes: 200,
         });
         assert_eq!(hex::encode(space.encode()), "010500000009ac02c801");
+        // EraseEvidence: request variant 12 (appended), the evidence id;
+        // Erased: response variant 10, shards 300 and copies 2 as varints.
+        assert_eq!(
+            hex::encode(Request::EraseEvidence(EvidenceId([0x33; 16])).encode()),
+            concat!("0111000000", "0c", "33333333333333333333333333333333")
+        );
+        let erased = Response::Erased {
+            shards: 300,
+            copies: 2,
+        };
+        assert_eq!(hex::encode(erased.encode()), "01040000000aac0202");
     }
 
     fn rebuild() -> RebuildShard {
@@ -648,6 +672,7 @@ mod tests {
                 }),
             key.clone().prop_map(Request::StatShard),
             key.prop_map(Request::DeleteShard),
+            any::<[u8; 16]>().prop_map(|e| Request::EraseEvidence(EvidenceId(e))),
             Just(Request::NodeInfo),
             Just(Request::Space),
             Just(Request::ListShards {

@@ -428,6 +428,21 @@ impl NodeClient {
         .await
     }
 
+    /// Has the node erase every trace of `evidence`'s shards (an expunge:
+    /// see [`Request::EraseEvidence`]); returns how many shards and forensic
+    /// copies it removed. Idempotent.
+    pub async fn rpc_erase_evidence(
+        &self,
+        addr: SocketAddr,
+        evidence: protocol::EvidenceId,
+    ) -> Result<(u64, u64), NodeError> {
+        self.ask(addr, Request::EraseEvidence(evidence), |r| match r {
+            Response::Erased { shards, copies } => Ok((shards, copies)),
+            other => Err(other),
+        })
+        .await
+    }
+
     /// One page of the node's shard headers after `after` (an empty page:
     /// the listing ended).
     pub async fn rpc_list_shards(

@@ -25,9 +25,17 @@
 //! record (`kind` 1) has the shard's encoded [`ShardHeader`] as head and the
 //! body, whose BLAKE3 is in that header: segments are self-describing like
 //! shard files, and the index can be rebuilt from them. A delete record
-//! (`kind` 2) has a [`Tombstone`] head and no body.
+//! (`kind` 2) has a [`Tombstone`] head and no body. An erased record (`kind`
+//! 3) has no head and a body of zeros: what a dead shard record becomes.
 //!
-//! Nothing is rewritten in place. At open the node reads every segment in
+//! Records are appended, and only one thing is ever rewritten in place: a
+//! shard record once it is dead (deleted, replaced, or a torn copy) is
+//! overwritten with an erased record of the same length, after whatever made
+//! it dead is durable. A deleted shard's bytes (an expunged one's above all)
+//! do not linger in a segment until compaction removes it, which may be
+//! never for a segment that stays mostly live. The rewrite is fsynced when an
+//! erase asks for it ([`SegmentLog::sync_erasures`]), and a record a crash
+//! left unerased is erased at the next open. At open the node reads every segment in
 //! order (segment id, then offset), so the last record for a key wins, and
 //! starts a fresh active segment; a torn record at the end of a segment (a
 //! crash mid-append, never acknowledged) is skipped, and so is a damaged one,
@@ -62,6 +70,7 @@ const HEADER_MAGIC: &[u8; 8] = b"CSTDSGH1";
 const HEADER_LEN: usize = 8 + 32;
 const KIND_SHARD: u8 = 1;
 const KIND_DELETE: u8 = 2;
+const KIND_ERASED: u8 = 3;
 /// Bytes before the head: magic, kind, two lengths, check.
 const FRAME: usize = 8 + 1 + 2 + 4 + 16;
 /// A segment is sealed once it reaches this size.
@@ -238,6 +247,8 @@ pub(crate) struct SegmentLog {
     carried: Mutex<std::collections::BTreeSet<u64>>,
     /// See [`SegmentLog::damaged_segments`].
     damaged: Vec<u64>,
+    /// Segments with records erased since their last fsync.
+    unsynced_erasures: Mutex<std::collections::BTreeSet<u64>>,
 }
 
 impl SegmentLog {
@@ -264,6 +275,9 @@ impl SegmentLog {
         ids.sort_unstable();
         let mut index = Index::default();
         let mut damaged = Vec::new();
+        // Records found dead (replaced, deleted, torn copies) that still hold
+        // a shard's bytes: a crash came before they were erased.
+        let mut dead = Vec::new();
         for &id in &ids {
             // A segment the disk cannot read (a bad sector anywhere in it)
             // is treated like one whose header is damaged: not served, left
@@ -319,7 +333,13 @@ impl SegmentLog {
                 damaged.push(id);
                 continue;
             };
-            let file = Arc::new(File::open(dir.join(segment_name(id)))?);
+            // Writable: dead records are erased in place.
+            let file = Arc::new(
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(dir.join(segment_name(id)))?,
+            );
             index.segments.insert(
                 id,
                 SegStat {
@@ -330,8 +350,9 @@ impl SegmentLog {
                     pending: AtomicU64::new(0),
                 },
             );
-            scan_segment(id, &key, &bytes, &mut index);
+            scan_segment(id, &key, &bytes, &mut index, &mut dead);
         }
+        erase_found_dead(&index, &dead);
         let next = match ids.last() {
             None => 1,
             Some(id) => id
@@ -375,6 +396,7 @@ impl SegmentLog {
             stuck: Mutex::default(),
             carried: Mutex::default(),
             damaged,
+            unsynced_erasures: Mutex::default(),
         })
     }
 
@@ -487,6 +509,9 @@ impl SegmentLog {
         }
         drop(index);
         drop(pending);
+        if let Some(old) = old {
+            self.erase(old);
+        }
         Ok((loc, old))
     }
 
@@ -517,7 +542,46 @@ impl SegmentLog {
         }
         drop(index);
         drop(pending);
+        self.erase(loc);
         Ok(Some(loc))
+    }
+
+    /// Erases the dead shard record at `loc` (see [`erase_at`]), once what
+    /// made it dead is durable. A failure is logged: the record is erased at
+    /// the next open.
+    pub fn erase(&self, loc: Loc) {
+        let Some((file, key)) = self
+            .read_index()
+            .segments
+            .get(&loc.seg)
+            .map(|s| (s.file.clone(), s.key))
+        else {
+            // Compacted away: its file is gone.
+            return;
+        };
+        match erase_at(&file, &key, loc) {
+            Ok(()) => {
+                lock(&self.unsynced_erasures).insert(loc.seg);
+            }
+            Err(e) => {
+                tracing::warn!(segment = loc.seg, offset = loc.off, error = %e, "could not erase a dead record; the next start does")
+            }
+        }
+    }
+
+    /// Makes every erase so far durable: fsyncs the segments records were
+    /// erased in since their last fsync.
+    pub fn sync_erasures(&self) -> io::Result<()> {
+        let ids = std::mem::take(&mut *lock(&self.unsynced_erasures));
+        let mut left = ids.iter();
+        while let Some(&id) = left.next() {
+            let file = self.read_index().segments.get(&id).map(|s| s.file.clone());
+            if let Err(e) = file.map_or(Ok(()), |f| f.sync_data()) {
+                lock(&self.unsynced_erasures).extend(std::iter::once(id).chain(left.copied()));
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Takes `key`'s record at `loc` out of service in this process only,
@@ -982,7 +1046,10 @@ fn segment_key(bytes: &[u8]) -> Option<SegKey> {
 /// re-puts are appended before their fsync, and a crash may keep a copy's
 /// frame and head but not its body; that torn copy must not hide (and, once
 /// a read quarantined it, delete) the intact record it was copied from.
-fn scan_segment(id: u64, key: &SegKey, bytes: &[u8], index: &mut Index) {
+///
+/// Shard records found dead on the way (replaced by a later one, deleted by a
+/// tombstone, or a torn copy passed over) are added to `dead`, to be erased.
+fn scan_segment(id: u64, key: &SegKey, bytes: &[u8], index: &mut Index, dead: &mut Vec<Loc>) {
     for_each_record(key, bytes, |kind, head, off, len| match kind {
         KIND_SHARD => match ShardHeader::decode(head) {
             Ok(h) if FRAME + head.len() + h.len as usize == len as usize => {
@@ -1001,12 +1068,14 @@ fn scan_segment(id: u64, key: &SegKey, bytes: &[u8], index: &mut Index) {
                             shard = %h.key,
                             "a later copy of a shard fails its BLAKE3; the earlier record stays"
                         );
+                        dead.push(Loc { seg: id, off, len });
                         return;
                     }
                 }
                 let loc = Loc { seg: id, off, len };
                 if let Some(old) = index.entries.insert(fanout_key(&h.key), loc) {
                     index.add_live(old.seg, -(old.len as i64));
+                    dead.push(old);
                 }
                 index.add_live(id, len as i64);
             }
@@ -1020,6 +1089,7 @@ fn scan_segment(id: u64, key: &SegKey, bytes: &[u8], index: &mut Index) {
             Ok(t) => {
                 if let Some(old) = index.entries.remove(&fanout_key(&t.key)) {
                     index.add_live(old.seg, -(old.len as i64));
+                    dead.push(old);
                 }
             }
             Err(_) => tracing::warn!(
@@ -1028,6 +1098,7 @@ fn scan_segment(id: u64, key: &SegKey, bytes: &[u8], index: &mut Index) {
                 "segment record with a bad tombstone"
             ),
         },
+        KIND_ERASED => {}
         other => tracing::warn!(
             segment = id,
             offset = off,
@@ -1035,6 +1106,58 @@ fn scan_segment(id: u64, key: &SegKey, bytes: &[u8], index: &mut Index) {
             "unknown segment record kind"
         ),
     });
+}
+
+/// Overwrites the dead shard record at `loc` in `file` (a segment whose
+/// records are checked with `key`) with an erased record of the same
+/// length: a frame that passes its check, no head, a body of zeros. Not
+/// durable until the file is fsynced. A write torn by a crash leaves a
+/// stretch that fails its check, which a scan skips like any damage.
+fn erase_at(file: &File, key: &SegKey, loc: Loc) -> io::Result<()> {
+    let body = vec![0u8; loc.len as usize - FRAME];
+    file.write_all_at(&encode_record(key, KIND_ERASED, &[], &body), loc.off)
+}
+
+/// Erases the records an open found dead (see [`scan_segment`]): first every
+/// segment is fsynced, so what made a record dead (a later copy, a
+/// tombstone) is durable before the record goes, then each is erased and
+/// the segments it was in fsynced. Failures are logged, not fatal: a record
+/// left unerased is found again at the next open.
+fn erase_found_dead(index: &Index, dead: &[Loc]) {
+    if dead.is_empty() {
+        return;
+    }
+    for (id, s) in &index.segments {
+        if let Err(e) = s.file.sync_data() {
+            tracing::warn!(segment = id, error = %e, "could not fsync a segment; its dead records are erased at the next open");
+            return;
+        }
+    }
+    let mut touched = std::collections::BTreeSet::new();
+    let mut erased = 0u64;
+    for loc in dead {
+        let Some(s) = index.segments.get(&loc.seg) else {
+            continue;
+        };
+        match erase_at(&s.file, &s.key, *loc) {
+            Ok(()) => {
+                erased += 1;
+                touched.insert(loc.seg);
+            }
+            Err(e) => {
+                tracing::warn!(segment = loc.seg, offset = loc.off, error = %e, "could not erase a dead record")
+            }
+        }
+    }
+    for id in touched {
+        if let Some(Err(e)) = index.segments.get(&id).map(|s| s.file.sync_data()) {
+            tracing::warn!(segment = id, error = %e, "could not fsync erased records");
+        }
+    }
+    tracing::info!(
+        records = erased,
+        "erased dead shard records an earlier run left in segments"
+    );
 }
 
 #[cfg(test)]
@@ -1306,6 +1429,79 @@ mod tests {
         let log = SegmentLog::open(dir.path()).unwrap();
         assert_eq!(log.locate(&victim.key), None, "a forged record was indexed");
         assert_eq!(log.usage().shards, 0);
+    }
+
+    fn holds(path: &Path, needle: &[u8]) -> bool {
+        fs::read(path)
+            .unwrap()
+            .windows(needle.len())
+            .any(|w| w == needle)
+    }
+
+    /// A shard record's bytes leave the segment when it dies: replaced by a
+    /// later copy, or deleted; and one a crash left behind (its tombstone
+    /// durable, its erasure not) is erased at the next open. What stays
+    /// current reads back whole throughout.
+    #[test]
+    fn dead_records_are_erased_and_a_crash_does_not_keep_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = |tag: u8| -> Vec<u8> {
+            let mut out = vec![0u8; 3000];
+            blake3::Hasher::new()
+                .update(&[tag])
+                .finalize_xof()
+                .fill(&mut out);
+            out
+        };
+        let (kept, gone) = (secret(1), secret(2));
+        let (hk, hg) = (shard(1, &kept), shard(2, &gone));
+        let log = SegmentLog::open(dir.path()).unwrap();
+        let (first, _) = log.put(&hk, &kept).unwrap();
+        let (again, old) = log.put(&hk, &kept).unwrap();
+        assert_eq!(old, Some(first));
+        let (dead, _) = log.put(&hg, &gone).unwrap();
+        let path = log.segment_path(dead.seg);
+        let record = {
+            let mut b = vec![0u8; dead.len as usize];
+            File::open(&path)
+                .unwrap()
+                .read_exact_at(&mut b, dead.off)
+                .unwrap();
+            b
+        };
+        assert_eq!(log.delete(&hg.key, None).unwrap(), Some(dead));
+        log.sync_erasures().unwrap();
+        assert!(!holds(&path, &gone[..64]), "a deleted shard's bytes stayed");
+        let copies = fs::read(&path)
+            .unwrap()
+            .windows(64)
+            .filter(|w| *w == &kept[..64])
+            .count();
+        assert_eq!(copies, 1, "the replaced copy stayed beside the current one");
+        assert!(
+            matches!(log.read(&hk.key, again, false).unwrap(), ReadRecord::Shard(_, b) if b == kept)
+        );
+        drop(log);
+
+        // A crash between the tombstone and the erasure: the record is back.
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(&record, dead.off)
+            .unwrap();
+        assert!(holds(&path, &gone[..64]));
+        let log = SegmentLog::open(dir.path()).unwrap();
+        assert!(!holds(&path, &gone[..64]), "not erased at open");
+        assert_eq!(log.locate(&hg.key), None);
+        let now = log.locate(&hk.key).unwrap();
+        assert!(
+            matches!(log.read(&hk.key, now, false).unwrap(), ReadRecord::Shard(_, b) if b == kept)
+        );
+        drop(log);
+        // Erased records read as nothing, quietly, at the next open.
+        let log = SegmentLog::open(dir.path()).unwrap();
+        assert_eq!(log.usage().shards, 1);
     }
 
     #[test]

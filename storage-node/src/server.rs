@@ -530,7 +530,10 @@ async fn handle_request(
     };
     let writes = matches!(
         request,
-        Request::PutShard(_) | Request::DeleteShard(_) | Request::RebuildShard(_)
+        Request::PutShard(_)
+            | Request::DeleteShard(_)
+            | Request::RebuildShard(_)
+            | Request::EraseEvidence(_)
     );
     let harmless = matches!(request, Request::NodeInfo | Request::Time);
     let allowed = match peer {
@@ -564,6 +567,9 @@ async fn handle_request(
         ),
         Request::StatShard(key) => ("stat", handle_stat_shard(state, key, send).await),
         Request::DeleteShard(key) => ("delete", handle_delete_shard(state, key, send).await),
+        Request::EraseEvidence(evidence) => {
+            ("erase", handle_erase_evidence(state, evidence, send).await)
+        }
         Request::NodeInfo => ("info", handle_node_info(state, send).await),
         Request::Space => ("space", handle_space(state, send).await),
         Request::ListShards { after, limit } => {
@@ -952,6 +958,33 @@ async fn handle_delete_shard(
         }
         Err(e) => {
             log_store_error(&key, &e);
+            Response::Error(e.code())
+        }
+    };
+    respond(send, &response).await
+}
+
+async fn handle_erase_evidence(
+    state: &NodeState,
+    evidence: protocol::EvidenceId,
+    send: &mut quinn::SendStream,
+) -> Result<&'static str, StreamError> {
+    let store = state.store.clone();
+    let response = match blocking(move || store.erase_evidence(evidence)).await {
+        Ok(erased) => {
+            tracing::info!(
+                %evidence,
+                shards = erased.shards,
+                forensic_copies = erased.copies,
+                "erased an expunged evidence's shards"
+            );
+            Response::Erased {
+                shards: erased.shards,
+                copies: erased.copies,
+            }
+        }
+        Err(e) => {
+            tracing::warn!(%evidence, error = %e, "could not erase an expunged evidence's shards");
             Response::Error(e.code())
         }
     };

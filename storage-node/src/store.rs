@@ -36,7 +36,7 @@
 
 use crate::buffers::BufferPool;
 use crate::segments::{Loc, ReadRecord, SegmentLog};
-use protocol::{ErrorCode, ShardHeader, ShardKey};
+use protocol::{ErrorCode, EvidenceId, ShardHeader, ShardKey};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -68,6 +68,15 @@ pub const DEFAULT_SMALL_SHARD_MAX: u32 = 64 << 10;
 pub const DEFAULT_RESERVE_BYTES: u64 = 256 << 20;
 /// Records copied per fsync when compacting a segment.
 const COMPACT_BATCH: usize = 256;
+
+/// What [`ShardStore::erase_evidence`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Erased {
+    /// Shards (files and packed records).
+    pub shards: u64,
+    /// Forensic copies: quarantined shards and damaged segments.
+    pub copies: u64,
+}
 
 /// How a store lays out what it keeps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -519,10 +528,6 @@ impl ShardStore {
         Ok((header, self.read_buffers.share(bytes).slice(body_at..)))
     }
 
-    /// [`get_shared`](Self::get_shared) for a shard packed in a segment
-    /// (a small one: one positioned read of a few KiB, from the page cache
-    /// when recently written), cheap enough to run on the caller's thread;
-    /// `None` for a shard in its own file (read it on the blocking pool).
     /// The fast path of [`Self::get_small_shared`], for an async thread: a
     /// segment record that reads back whole (a few KiB from the page cache,
     /// no key lock; the segment index's read lock only briefly). `None` when anything slower is needed (the shard is
@@ -536,6 +541,9 @@ impl ShardStore {
         }
     }
 
+    /// [`get_shared`](Self::get_shared) for a shard packed in a segment
+    /// (a small one: one positioned read of a few KiB, from the page cache
+    /// when recently written); `None` for a shard in its own file.
     pub fn get_small_shared(
         &self,
         key: &ShardKey,
@@ -641,6 +649,73 @@ impl ShardStore {
         self.lock_usage().remove(len);
         sync_dir(&dir)?;
         Ok(true)
+    }
+
+    /// Erases every trace of `evidence`'s shards on this disk, for an
+    /// expunge: its shard files and packed records (a packed record is
+    /// overwritten, see `crate::segments`), the forensic copies of its
+    /// shards in `quarantine/`, and every damaged segment in
+    /// `damaged-segments/` that holds any of its bytes or cannot be read
+    /// whole to show that it does not (a court's order to destroy evidence
+    /// outweighs keeping a failed disk's leftovers for forensics; what those
+    /// held was rebuilt elsewhere). Durable on return; running it again
+    /// finds nothing more.
+    pub fn erase_evidence(&self, evidence: EvidenceId) -> Result<Erased, StoreError> {
+        let fanout = evidence.0[15];
+        let prefix = format!("{}-", uuid::Uuid::from_bytes(evidence.0).simple());
+        let mut keys: std::collections::BTreeSet<ShardKey> = self
+            .log
+            .keys_in(fanout)
+            .into_iter()
+            .filter(|k| k.evidence == evidence)
+            .collect();
+        let dir = self.root.join(SHARDS_DIR).join(format!("{fanout:02x}"));
+        keys.extend(
+            names_starting(&dir, &prefix)?
+                .iter()
+                .filter_map(|name| parse_shard_file_name(name))
+                .filter(|k| k.evidence == evidence),
+        );
+        let mut erased = Erased::default();
+        for key in &keys {
+            if self.delete(key)? {
+                erased.shards += 1;
+            }
+        }
+        // Records of its shards deleted earlier (a repair moved them, GC
+        // collected a copy) were erased then, not yet durably.
+        self.log.sync_erasures()?;
+        let quarantine = self.root.join(QUARANTINE_DIR);
+        let copies = names_starting(&quarantine, &prefix)?;
+        for name in &copies {
+            remove_if_there(&quarantine.join(name))?;
+        }
+        if !copies.is_empty() {
+            sync_dir(&quarantine)?;
+        }
+        erased.copies += copies.len() as u64;
+        let aside = self.root.join(DAMAGED_SEGMENTS_DIR);
+        let mut removed_aside = false;
+        for name in names_starting(&aside, "")? {
+            let path = aside.join(&name);
+            let holds = match fs::read(&path) {
+                Ok(bytes) => bytes.windows(evidence.0.len()).any(|w| w == evidence.0),
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "a damaged segment cannot be read whole to show it holds nothing of expunged evidence: removing it");
+                    true
+                }
+            };
+            if holds {
+                tracing::info!(%evidence, file = %path.display(), "removing a damaged segment that holds shards of expunged evidence");
+                remove_if_there(&path)?;
+                removed_aside = true;
+                erased.copies += 1;
+            }
+        }
+        if removed_aside {
+            sync_dir(&aside)?;
+        }
+        Ok(erased)
     }
 
     /// The headers of up to `limit` stored shards in listing order after
@@ -861,6 +936,7 @@ impl ShardStore {
     fn compact_segment(&self, id: u64) -> Result<bool, StoreError> {
         let (live, tombstones) = self.log.survivors(id)?;
         let (copied, kept) = (live.len(), tombstones.len());
+        let mut copied_from = Vec::with_capacity(live.len());
         for batch in live.chunks(COMPACT_BATCH) {
             let _guards = self.lock_keys(batch.iter().map(|(k, _)| k));
             let mut moved = Vec::with_capacity(batch.len());
@@ -874,6 +950,7 @@ impl ShardStore {
             for (key, from, to, pending) in moved {
                 self.log.moved(&key, from, to);
                 drop(pending);
+                copied_from.push(from);
             }
         }
         // Once per segment: copies made by an earlier try (which could not
@@ -894,6 +971,11 @@ impl ShardStore {
         let dropped = self.log.drop_segment(id)?;
         if !dropped {
             self.log.skip_compaction(id);
+            // The segment stays (something in it could not be copied): the
+            // records copied out of it are dead, and go as any dead record.
+            for from in copied_from {
+                self.log.erase(from);
+            }
         }
         tracing::info!(
             segment = id,
@@ -913,7 +995,24 @@ impl ShardStore {
         loc: Loc,
         head_only: bool,
     ) -> Result<(ShardHeader, Vec<u8>), StoreError> {
-        match self.log.read(key, loc, head_only) {
+        let read = self.log.read(key, loc, head_only);
+        let moved = match &read {
+            Ok(ReadRecord::Shard(..)) => false,
+            Ok(ReadRecord::Damaged(..)) => true,
+            Err(e) => e.kind() == io::ErrorKind::NotFound,
+        };
+        // Not what was indexed when the read began: compacted away,
+        // replaced, or deleted (and erased) since. Look again.
+        if moved {
+            match self.log.locate(key) {
+                Some(now) if now == loc => {}
+                Some(now) => return self.read_small(key, now, head_only),
+                // Deleted from the segments since: a file copy is all there may be.
+                None if head_only => return self.stat(key).map(|h| (h, Vec::new())),
+                None => return self.get(key),
+            }
+        }
+        match read {
             Ok(ReadRecord::Shard(header, body)) => Ok((header, body)),
             Ok(ReadRecord::Damaged(why, bytes)) => {
                 // A head-only read holds the record's first bytes only: the
@@ -927,14 +1026,6 @@ impl ShardStore {
                 };
                 Err(self.quarantine_small(key, loc, &bytes, why))
             }
-            // Compacted away between the lookup and the read: look again.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => match self.log.locate(key) {
-                Some(now) if now != loc => self.read_small(key, now, head_only),
-                Some(_) => Err(StoreError::Io(e)),
-                // Deleted from the segments since: a file copy is all there may be.
-                None if head_only => self.stat(key).map(|h| (h, Vec::new())),
-                None => self.get(key),
-            },
             // Nothing of it could be read to keep: an empty copy says so.
             Err(e) if is_media_error(&e) => {
                 Err(self.quarantine_small(key, loc, &[], "the disk could not read it"))
@@ -1096,6 +1187,33 @@ fn shard_file_name(key: &ShardKey) -> String {
         key.stripe,
         key.index
     )
+}
+
+/// The names of the entries of `dir` that start with `prefix` (none when
+/// `dir` does not exist).
+fn names_starting(dir: &Path, prefix: &str) -> io::Result<Vec<String>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        if let Some(name) = entry?.file_name().to_str() {
+            if name.starts_with(prefix) {
+                names.push(name.to_owned());
+            }
+        }
+    }
+    Ok(names)
+}
+
+/// Removes the file at `path` if it is there.
+fn remove_if_there(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// The key a shard file name (`shard_file_name`) stands for.
@@ -2288,6 +2406,154 @@ mod tests {
         let b = body(300);
         store.put(&header(key(9), &b), &b).unwrap();
         assert_eq!(store.get(&key(9)).unwrap().1, b);
+    }
+
+    /// Bytes no one can guess: the same nowhere else on the disk.
+    fn secret(tag: u64, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        blake3::Hasher::new()
+            .update(&tag.to_le_bytes())
+            .finalize_xof()
+            .fill(&mut out);
+        out
+    }
+
+    /// Every file under `dir` that holds `needle`.
+    fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        let mut dirs = vec![dir.to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for entry in fs::read_dir(&d).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if fs::read(&path)
+                    .unwrap()
+                    .windows(needle.len())
+                    .any(|w| w == needle)
+                {
+                    found.push(path);
+                }
+            }
+        }
+        found
+    }
+
+    /// An expunge leaves none of the evidence's bytes in any file of the
+    /// data directory: not its shard files or packed records, not a copy a
+    /// repair moved away or a re-put replaced, not the forensic copies of
+    /// quarantined shards, not a damaged segment kept aside; another
+    /// evidence's shards stay whole, and a second erase finds nothing.
+    #[test]
+    fn erasing_evidence_leaves_none_of_its_bytes_on_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            ShardStore::open_with(
+                dir.path(),
+                StoreConfig {
+                    small_shard_max: 1000,
+                    ..StoreConfig::default()
+                },
+            )
+            .unwrap()
+        };
+        let store = open();
+        let (doomed, other) = (key(1).evidence, key(2).evidence);
+        let shard = |evidence, stripe: u64, len: usize| {
+            let k = ShardKey {
+                evidence,
+                stripe,
+                index: 0,
+            };
+            let b = secret(u64::from(evidence.0[15]) << 32 | stripe, len);
+            (k, b)
+        };
+        // Stripes 0-1 packed, 2-3 in files; 4 replaced by a re-put; 5
+        // deleted (moved away by a repair); 6 (packed) and 7 (a file)
+        // quarantined by a read that found them damaged.
+        let sizes = [500, 900, 3000, 4000, 600, 700, 800, 3500];
+        let doomed_shards: Vec<_> = (0..8u64)
+            .map(|s| shard(doomed, s, sizes[s as usize]))
+            .collect();
+        let other_shards: Vec<_> = (0..4u64)
+            .map(|s| shard(other, s, sizes[s as usize]))
+            .collect();
+        for (k, b) in doomed_shards.iter().chain(&other_shards) {
+            store.put(&header(*k, b), b).unwrap();
+        }
+        let (k4, b4) = &doomed_shards[4];
+        store.put(&header(*k4, b4), b4).unwrap();
+        assert!(store.delete(&doomed_shards[5].0).unwrap());
+        for (k, b) in &doomed_shards[6..] {
+            // Damage the copy on disk: the last 16 bytes of its body.
+            let needle = &b[b.len() - 16..];
+            let mut hit = files_holding(dir.path(), needle);
+            assert_eq!(hit.len(), 1, "{k}");
+            let path = hit.remove(0);
+            let mut bytes = fs::read(&path).unwrap();
+            let at = bytes.windows(16).position(|w| w == needle).unwrap();
+            bytes[at] ^= 1;
+            fs::write(&path, bytes).unwrap();
+            assert!(matches!(store.get(k), Err(StoreError::Corrupt(_))), "{k}");
+        }
+        assert_eq!(store.quarantined(None, 10).unwrap().len(), 2);
+        // A segment a failed disk left aside, holding shards of both.
+        let aside = dir.path().join(DAMAGED_SEGMENTS_DIR);
+        fs::create_dir_all(&aside).unwrap();
+        let seg = segment_files(dir.path())[0].clone();
+        fs::copy(&seg, aside.join("seg-0000000000000001.a")).unwrap();
+        // And one holding nothing of the doomed evidence.
+        fs::write(aside.join("seg-0000000000000002.b"), &other_shards[0].1).unwrap();
+
+        let erased = store.erase_evidence(doomed).unwrap();
+        assert_eq!(
+            erased,
+            Erased {
+                shards: 5,
+                copies: 3
+            },
+            "stripes 0-4, and two quarantined copies and a damaged segment"
+        );
+        let check = |store: &ShardStore| {
+            for (k, b) in &doomed_shards {
+                for part in [&b[..32], &b[b.len() - 32..]] {
+                    let left = files_holding(dir.path(), part);
+                    assert!(left.is_empty(), "{k} is still in {left:?}");
+                }
+                assert!(matches!(store.get(k), Err(StoreError::NotFound)), "{k}");
+            }
+            for (k, b) in &other_shards {
+                assert_eq!(&store.get(k).unwrap().1, b, "{k}");
+            }
+            assert!(aside.join("seg-0000000000000002.b").exists());
+        };
+        check(&store);
+        assert_eq!(store.erase_evidence(doomed).unwrap(), Erased::default());
+        drop(store);
+        check(&open());
+    }
+
+    /// A read that finds its record erased under it (the shard deleted
+    /// between the lookup and the read) reports the shard gone, not
+    /// corrupt: nothing is quarantined, no repair is asked for.
+    #[test]
+    fn a_read_racing_a_delete_finds_the_shard_gone_not_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ShardStore::open(dir.path()).unwrap();
+        let b = body(700);
+        store.put(&header(key(3), &b), &b).unwrap();
+        let loc = store.log.locate(&key(3)).unwrap();
+        assert!(store.delete(&key(3)).unwrap());
+        assert!(matches!(
+            store.read_small(&key(3), loc, false),
+            Err(StoreError::NotFound)
+        ));
+        assert!(matches!(
+            store.read_small(&key(3), loc, true),
+            Err(StoreError::NotFound)
+        ));
+        assert!(store.quarantined(None, 10).unwrap().is_empty());
+        assert_eq!(store.take_listed_corrupt(), 0);
     }
 
     #[test]

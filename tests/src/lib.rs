@@ -804,6 +804,23 @@ impl TestCluster {
         segments || !self.shard_files(i).is_empty()
     }
 
+    /// Every file under any node's data directory that holds `needle`.
+    pub fn node_files_holding(&self, needle: &[u8]) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        let mut stack: Vec<PathBuf> = (0..self.shape.nodes).map(|i| self.node_dir(i)).collect();
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)) {
+                    found.push(p);
+                }
+            }
+        }
+        found
+    }
+
     pub fn all_shard_files(&self) -> Vec<PathBuf> {
         (0..self.shape.nodes)
             .flat_map(|i| self.shard_files(i))

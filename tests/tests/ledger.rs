@@ -1300,6 +1300,18 @@ fn holds_retention_and_expunge_are_enforced_and_on_the_ledger() -> Result<()> {
             "{kind:?} answered with an older receipt"
         );
     }
+    // A copy no stripe record names: a shard of it a scrub quarantined on
+    // a node it has since been moved off.
+    let quarantine = c.node_dir(0).join("quarantine");
+    std::fs::create_dir_all(&quarantine)?;
+    std::fs::write(
+        quarantine.join(format!("{}-0-0.0001", id.replace('-', ""))),
+        &data[..4000],
+    )?;
+    let pieces = [&data[..32], &data[20_000..20_032], &data[40_000 - 32..]];
+    for piece in pieces {
+        assert!(!c.node_files_holding(piece).is_empty());
+    }
     let (status, body) = send(
         &c,
         "POST",
@@ -1313,8 +1325,15 @@ fn holds_retention_and_expunge_are_enforced_and_on_the_ledger() -> Result<()> {
     let r: Receipt = serde_json::from_value(body["receipt"].clone())?;
     assert_eq!(r.verify(&key)?.statement.kind, ledger::Kind::Expunged);
     assert_eq!(body["stripes_left_to_delete"].as_u64(), Some(0));
-    // The bytes are gone from every node; reading says so.
-    assert!(c.all_shard_files().len() < shards_before);
+    assert_eq!(body["nodes_left_to_erase"].as_u64(), Some(0));
+    assert_eq!(body["erased"].as_bool(), Some(true), "{body}");
+    // The bytes are gone from every node, packed records and forensic
+    // copies included; reading says so.
+    assert!(c.all_shard_files().len() <= shards_before);
+    for piece in pieces {
+        let left = c.node_files_holding(piece);
+        assert!(left.is_empty(), "expunged bytes left in {left:?}");
+    }
     let gone = c.get_with(&c.token, &format!("/v1/evidence/{id}"), &[])?;
     assert_eq!(
         (gone.status, gone.json()["error"].as_str()),
