@@ -42,7 +42,7 @@ use protocol::ledger::{self as pl, Kind, Receipt, TreeHash, TILE_HEIGHT};
 use protocol::EvidenceId;
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tlog_tiles::{HashReader, Tile};
@@ -548,16 +548,7 @@ impl Ledger {
     /// The names and sizes of the private openings archive's files under
     /// `folder`, in name order.
     pub async fn archived_names(&self, folder: &str) -> Result<Vec<(String, u64)>, LedgerError> {
-        use futures::TryStreamExt;
-        let prefix = store_path(folder)?;
-        let mut names: Vec<(String, u64)> = self
-            .openings
-            .list(Some(&prefix))
-            .map_ok(|meta| (meta.location.to_string(), meta.size))
-            .try_collect()
-            .await?;
-        names.sort();
-        Ok(names)
+        names_in(&*self.openings, folder).await
     }
 
     /// One file of the private openings archive; `None` if there is none
@@ -710,7 +701,7 @@ async fn put_durably(
 
 /// Writes tiles, which never change once published, as [`put_durably`] does
 /// but each created only where there is none (`If-None-Match: *` on a
-/// bucket, a hard link on a directory). One already there must hold the same
+/// bucket; on a directory, [`create_local`]). One already there must hold the same
 /// bytes (the same publication again, after a crash or a re-run); other bytes
 /// mean that another tree was published at the same indexes, by another
 /// index publishing into the same place or by this one after a rollback, and
@@ -727,9 +718,20 @@ async fn put_immutable(
     if files.is_empty() {
         return Ok(());
     }
+    let dir = &dir;
     let puts = files.into_iter().map(|(name, bytes)| async move {
         let path = store_path(&name)?;
         let bytes = bytes::Bytes::from(bytes);
+        if let Some(dir) = dir {
+            let (file, body) = (dir.join(path.as_ref()), bytes.clone());
+            let existing = tokio::task::spawn_blocking(move || create_local(&file, &body))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))??;
+            return match existing {
+                None => Ok(()),
+                Some(existing) => same_tile(&name, &existing, &bytes),
+            };
+        }
         let create = || store.put_opts(&path, PutPayload::from(bytes.clone()), PutMode::Create.into());
         let mut created = create().await;
         // A transient failure (a 503, a reset) is tried again as it was: only
@@ -760,19 +762,61 @@ async fn put_immutable(
             }
             Err(e) => return Err(e.into()),
         };
-        if existing == bytes {
-            return Ok(());
-        }
-        let why = format!(
-            "{name} is published with other bytes ({} against {} here)",
-            existing.len(),
-            bytes.len()
-        );
-        tracing::error!(%why, "a published tile differs; integration stopped");
-        Err(LedgerError::Forked(why))
+        same_tile(&name, &existing, &bytes)
     });
     futures::future::try_join_all(puts).await?;
-    sync_filesystem(dir).await
+    sync_filesystem(dir.clone()).await
+}
+
+/// Whether the tile `name` already published as `existing` is the one
+/// about to be published as `bytes`: [`LedgerError::Forked`] if not.
+fn same_tile(name: &str, existing: &[u8], bytes: &[u8]) -> Result<(), LedgerError> {
+    if existing == bytes {
+        return Ok(());
+    }
+    let why = format!(
+        "{name} is published with other bytes ({} against {} here)",
+        existing.len(),
+        bytes.len()
+    );
+    tracing::error!(%why, "a published tile differs; integration stopped");
+    Err(LedgerError::Forked(why))
+}
+
+/// Creates `path` holding `bytes` unless a file is there already, whose
+/// bytes it returns. The file appears under its name only once its bytes
+/// are on disk: written to a temporary file beside it and fsynced, then
+/// hard-linked into place (which fails where a file is). object_store's
+/// local create links before any fsync, so a power cut before the
+/// directory's `syncfs` could leave a tile of zeros or of part of its bytes
+/// under its final name, and every later publication would take it for a
+/// fork and stop the ledger for good. The link itself is made durable by
+/// the `syncfs` after the batch.
+fn create_local(path: &Path, bytes: &[u8]) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Write;
+    if let Ok(existing) = std::fs::read(path) {
+        return Ok(Some(existing));
+    }
+    let parent = path
+        .parent()
+        .ok_or_else(|| std::io::Error::other("a tile path without a directory"))?;
+    std::fs::create_dir_all(parent)?;
+    let tmp = parent.join(format!(".tmp-{:016x}", rand::random::<u64>()));
+    let linked = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::hard_link(&tmp, path)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => std::fs::read(path).map(Some),
+        Err(e) => Err(e),
+    }
 }
 
 /// One `syncfs` of `dir`'s filesystem (nothing for a bucket, `None`).
@@ -991,6 +1035,26 @@ pub(crate) async fn check_published_tree<S: Store>(
     if ledger.published_checked.load(Ordering::Acquire) {
         return Ok(());
     }
+    // The openings archive first: a batch's run is written once the index
+    // has integrated it and before its checkpoint is signed, receipts for
+    // it handed out, or the checkpoint file written. A run reaching past
+    // the index's tree is the trace of integrated leaves the index no
+    // longer has, even when the checkpoint file lags behind them.
+    let tree = indexer::run(&gw.store, |tx| async move { lx::tree_state_tx(&tx).await })
+        .await
+        .map_err(|e| LedgerError::Tree(format!("the index's tree: {e}")))?
+        .size;
+    let index_size = newest_checkpoint(gw, ledger)
+        .await
+        .map_err(|e| LedgerError::Tree(format!("the index's checkpoint: {e}")))?
+        .map_or(0, |(_, c)| c.size);
+    if let Some(end) = archived_beyond(&*ledger.openings, index_size, tree).await? {
+        let why = format!(
+            "the openings archive holds leaves up to {end}, beyond the index's tree of {tree}"
+        );
+        tracing::error!(%why, "the ledger's archive and the index disagree; integration stopped");
+        return Err(LedgerError::Forked(why));
+    }
     let published = match ledger.tiles.get(&StorePath::from(CHECKPOINT_FILE)).await {
         Ok(got) => Some(got.bytes().await?),
         Err(object_store::Error::NotFound { .. }) => None,
@@ -1006,10 +1070,6 @@ pub(crate) async fn check_published_tree<S: Store>(
         ledger.published_checked.store(true, Ordering::Release);
         return Ok(());
     };
-    let index_size = newest_checkpoint(gw, ledger)
-        .await
-        .map_err(|e| LedgerError::Tree(format!("the index's checkpoint: {e}")))?
-        .map_or(0, |(_, c)| c.size);
     let fork = if cp.size > index_size {
         Some(format!(
             "published size {} is beyond the index's {index_size}",
@@ -1033,6 +1093,53 @@ pub(crate) async fn check_published_tree<S: Store>(
     }
     ledger.published_checked.store(true, Ordering::Release);
     Ok(())
+}
+
+/// The end of the furthest run of the openings archive that reaches past
+/// leaf `tree`, if one does. Every run is written by a round publishing
+/// from the index's checkpoint size then, which only grows: so every run
+/// the index could have lost starts at `signed` (the index's checkpoint
+/// size now) or later. Runs are filed by the folder of their first leaf
+/// (`first >> 16`) and follow each other without gaps, so the folders are
+/// listed from `signed`'s on, each next one where the furthest run so far
+/// ends, until one holds nothing.
+async fn archived_beyond(
+    openings: &dyn ObjectStore,
+    signed: u64,
+    tree: u64,
+) -> Result<Option<u64>, LedgerError> {
+    let mut furthest: Option<u64> = None;
+    let mut folder = signed >> 16;
+    loop {
+        let names = names_in(openings, &format!("{folder:07}")).await?;
+        let ends = names
+            .iter()
+            .filter_map(|(name, _)| lx::parse_archive_name(name))
+            .map(|run| run.end)
+            .max();
+        let Some(end) = ends else {
+            return Ok(furthest.filter(|&end| end > tree));
+        };
+        furthest = furthest.max(Some(end));
+        folder = (folder + 1).max(end >> 16);
+    }
+}
+
+/// The names and sizes of the files of `store` under `folder`, in name
+/// order.
+async fn names_in(
+    store: &dyn ObjectStore,
+    folder: &str,
+) -> Result<Vec<(String, u64)>, LedgerError> {
+    use futures::TryStreamExt;
+    let prefix = store_path(folder)?;
+    let mut names: Vec<(String, u64)> = store
+        .list(Some(&prefix))
+        .map_ok(|meta| (meta.location.to_string(), meta.size))
+        .try_collect()
+        .await?;
+    names.sort();
+    Ok(names)
 }
 
 /// Starts the integrator.
@@ -3136,6 +3243,34 @@ mod tests {
         }
     }
 
+    /// The archive's runs betray leaves an index lost (restored from an
+    /// older backup) even where the checkpoint file lags: found past the
+    /// index's tree wherever they are filed, runs spanning folders
+    /// included; an archive that ends at the tree (or short of it) is no
+    /// sign of anything.
+    #[tokio::test]
+    async fn archived_runs_past_the_index_tree_are_found() {
+        let store = object_store::memory::InMemory::new();
+        let runs = [(0u64, 70_000u64), (70_000, 200_000), (200_000, 200_010)];
+        for (first, end) in runs {
+            store
+                .put(
+                    &StorePath::from(lx::archive_name(first, end)),
+                    PutPayload::from_static(b"run"),
+                )
+                .await
+                .unwrap();
+        }
+        let found = |signed, tree| archived_beyond(&store, signed, tree);
+        assert_eq!(found(0, 200_010).await.unwrap(), None);
+        assert_eq!(found(70_000, 300_000).await.unwrap(), None);
+        // Signed at 0, the tree lost everything past 100 (or 199,999): the
+        // run at folder 3 is reached over the empty folder 2.
+        assert_eq!(found(0, 100).await.unwrap(), Some(200_010));
+        assert_eq!(found(70_000, 199_999).await.unwrap(), Some(200_010));
+        assert_eq!(found(200_000, 200_005).await.unwrap(), Some(200_010));
+    }
+
     /// A tile is written once: the same bytes again are taken (a re-run),
     /// other bytes are a fork and leave the published tile as it was, in a
     /// bucket and in a directory alike.
@@ -3166,6 +3301,13 @@ mod tests {
             );
             let kept = store.get(&StorePath::from("tile/0/000")).await.unwrap();
             assert_eq!(&kept.bytes().await.unwrap()[..], b"first");
+            if let Some(dir) = dir {
+                let beside: Vec<_> = std::fs::read_dir(dir.join("tile/0"))
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name())
+                    .collect();
+                assert_eq!(beside, ["000"], "temporary files left beside the tile");
+            }
         }
     }
 
