@@ -351,6 +351,9 @@ async fn send_range<S: Store>(
                 })
             })
             .buffered(gw.config.pipeline_stripes);
+        // Where the next batch starts: past the last stripe handled, once
+        // this batch is stale (see below); else where this one ends.
+        let mut next_first = last;
         while let Some(next) = fetched.next().await {
             let (stripe, pieces) = next?;
             // The stripe's data, piece by piece (a data shard each).
@@ -394,13 +397,24 @@ async fn send_range<S: Store>(
                 }
                 at = end;
             }
+            // A client slower than the pace this batch was sized for must
+            // not be read from records older than `fresh_for` (repair may
+            // have moved and deleted their copies, an expunge may have
+            // ordered the bytes destroyed): the rest of the batch is read
+            // from records loaded afresh, the evidence's visibility checked
+            // again. Fetches under way for it are dropped.
+            if loaded.elapsed() > fresh_for && stripe + 1 < last {
+                next_first = stripe + 1;
+                break;
+            }
         }
-        let per_stripe = loaded.elapsed() / ((last - first).max(1) as u32);
+        drop(fetched);
+        let per_stripe = loaded.elapsed() / ((next_first - first).max(1) as u32);
         per_txn = (fresh_for.as_nanos() / per_stripe.as_nanos().max(1)).clamp(
             u128::from(FIRST_STRIPES_PER_TXN),
             u128::from(STRIPES_PER_TXN),
         ) as u64;
-        first = last;
+        first = next_first;
     }
     if check.at != read.end {
         tracing::error!(%evidence, at = check.at, end = read.end, "read ended short of its range");
