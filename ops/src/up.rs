@@ -170,15 +170,14 @@ async fn wait_for_nodes(cluster: &Cluster, children: &mut [Child]) -> Result<()>
     Ok(())
 }
 
-/// Asks every node to stop, and kills those still running after 10 s.
+/// Asks every node to stop, and kills those still running 10 s later (10 s
+/// in all, not 10 s more for each node in turn).
 async fn stop_children(children: &mut [Child]) {
     println!("stopping {} nodes", children.len());
     children.iter().for_each(stop_child);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     for c in children.iter_mut() {
-        if tokio::time::timeout(Duration::from_secs(10), c.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout_at(deadline, c.wait()).await.is_err() {
             let _ = c.kill().await;
         }
     }
@@ -244,11 +243,17 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
     }
     let mut children = Vec::new();
     for n in &cluster.nodes {
+        // A directory that is gone (a wiped disk) is made again: the node
+        // starts empty, and the gateway finds its disk new and has what it
+        // held rebuilt.
+        cluster::create_private_dir(&n.data_dir)?;
         // Appended to: an earlier run's lines (why a node died) stay.
+        let log_path = n.data_dir.join("node.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(n.data_dir.join("node.log"))?;
+            .open(&log_path)
+            .with_context(|| format!("opening {}", log_path.display()))?;
         let mut command = Command::new(&exe);
         command
             .arg("node")
@@ -373,18 +378,32 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
         );
     }
     println!("Press Ctrl-C to stop.");
-    let mut exited = Box::pin(first_exit(&mut children));
-    let (failed, gateway_failed) = tokio::select! {
-        // Asked to stop: that, whatever else ends at the same moment.
-        biased;
-        _ = stop.recv() => (None, false),
-        e = gw.stopped() => (Some(anyhow::Error::from(e).context("the evidence API stopped")), true),
-        (i, status) = &mut exited => (Some(anyhow::anyhow!(
-            "node {} exited ({status}); see its node.log; stopping the cluster",
-            cluster.nodes.get(i).map_or(i, |n| n.id as usize)
-        )), false),
+    // A node that dies (killed to see the erasure coding at work, a disk
+    // gone) is reported, and the cluster serves on without it, as a real
+    // one does: reads rebuild what it held, filings go to the others while
+    // enough are left, and the repair worker restores redundancy once it
+    // is declared down. The next `up` starts it again.
+    let mut running = vec![true; children.len()];
+    let (failed, gateway_failed) = loop {
+        let exited = first_exit(&mut children, &running);
+        tokio::select! {
+            // Asked to stop: that, whatever else ends at the same moment.
+            biased;
+            _ = stop.recv() => break (None, false),
+            e = gw.stopped() => break (Some(anyhow::Error::from(e).context("the evidence API stopped")), true),
+            (i, status) = exited => {
+                running[i] = false;
+                let id = cluster.nodes.get(i).map_or(i, |n| n.id as usize);
+                let left = running.iter().filter(|r| **r).count();
+                tracing::warn!(node = id, %status, "a node exited");
+                eprintln!(
+                    "node {id} exited ({status}); see its node.log. The cluster serves on \
+                     with {left} of {} nodes; the next `custodia up` starts it again.",
+                    running.len()
+                );
+            }
+        }
     };
-    drop(exited);
     // The gateway first, so nothing is filed to nodes that are stopping;
     // the requests under way finish while the nodes still run.
     if gateway_failed {
@@ -399,19 +418,24 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
     }
 }
 
-/// The first node process to exit, with how it ended.
-async fn first_exit(children: &mut [Child]) -> (usize, String) {
-    if children.is_empty() {
+/// The first of the node processes still `running` to exit (its index),
+/// with how it ended.
+async fn first_exit(children: &mut [Child], running: &[bool]) -> (usize, String) {
+    if !running.contains(&true) {
         return std::future::pending().await;
     }
-    let waits = children.iter_mut().enumerate().map(|(i, c)| {
-        Box::pin(async move {
-            let status = c
-                .wait()
-                .await
-                .map_or_else(|e| e.to_string(), |s| s.to_string());
-            (i, status)
-        })
-    });
+    let waits = children
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| running.get(*i).copied().unwrap_or(false))
+        .map(|(i, c)| {
+            Box::pin(async move {
+                let status = c
+                    .wait()
+                    .await
+                    .map_or_else(|e| e.to_string(), |s| s.to_string());
+                (i, status)
+            })
+        });
     futures::future::select_all(waits).await.0
 }

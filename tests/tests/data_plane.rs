@@ -1666,9 +1666,27 @@ fn custodia_up_serves_stops_and_guards_its_directory() -> Result<()> {
         Ok(r.body_mut().read_to_vec()?)
     };
     assert!(read(&agent)? == body, "the first cluster still serves");
+    // A node killed (RS(2,1) tolerates one): `up` serves on, and the
+    // filing still reads back byte-exact.
+    std::process::Command::new("kill")
+        .args(["-KILL", &first.nodes[1].to_string()])
+        .status()?;
+    assert!(
+        eventually(10, || !alive(first.nodes[1])),
+        "the node survived SIGKILL"
+    );
+    let mut first = first;
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        first.child.try_wait()?.is_none(),
+        "up stopped when a node died"
+    );
+    assert!(
+        read(&agent)? == body,
+        "a node down, the cluster still serves"
+    );
 
     // SIGTERM: everything stops, and `up` says it stopped cleanly.
-    let mut first = first;
     std::process::Command::new("kill")
         .args(["-TERM", &first.child.id().to_string()])
         .status()?;
@@ -1689,9 +1707,18 @@ fn custodia_up_serves_stops_and_guards_its_directory() -> Result<()> {
         "every node stopped with up"
     );
 
-    // Again: the evidence is back. Killed outright, `up` takes its nodes
-    // with it, and the directory is free for the next one.
+    // Again, with the killed node's directory gone (a wiped disk): the
+    // evidence is back. Killed outright, `up` takes its nodes with it, and
+    // the directory is free for the next one.
+    let wiped: Vec<_> = std::fs::read_dir(dir.join("nodes"))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    std::fs::remove_dir_all(&wiped[0])?;
     let mut again = start_up(&dir, api)?;
+    assert!(
+        wiped[0].join("node.log").exists(),
+        "the wiped node did not start"
+    );
     assert!(read(&agent)? == body, "the evidence is back");
     again.child.kill()?;
     again.child.wait()?;
