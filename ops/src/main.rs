@@ -300,7 +300,8 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Two checkpoints (note or receipt files): check NEW extends OLD.
-        #[arg(long, num_args = 2, value_names = ["OLD", "NEW"], conflicts_with = "receipt", requires = "proof")]
+        #[arg(long, num_args = 2, value_names = ["OLD", "NEW"], requires = "proof",
+              conflicts_with_all = ["receipt", "file", "witness_keys", "quorum", "tsa_cert", "json"])]
         consistency: Option<Vec<PathBuf>>,
         /// The consistency proof, as `GET /v1/ledger/consistency` returns it.
         #[arg(long)]
@@ -519,8 +520,9 @@ fn node_action(action: NodeAction) -> Result<()> {
             let id = node_admin::add(&data_dir, failure_domain, listen, metrics)?;
             println!(
                 "node {id} added to {}
-start it:  custodia node --cluster {} --id {id}
-then restart the gateway so it places new shards there",
+under `custodia up`: restart `custodia up`, which starts it with the others
+otherwise: start it with  custodia node --cluster {} --id {id}
+           then restart the gateway so it places new shards there",
                 data_dir.join(cluster::CLUSTER_FILE).display(),
                 data_dir.join(cluster::CLUSTER_FILE).display()
             );
@@ -622,13 +624,21 @@ async fn run(cli: Cli) -> Result<()> {
                             e
                         }
                     })?;
-                    let field = |k: &str| answer[k].as_str().unwrap_or_default().to_owned();
+                    // An answer without them (a proxy's, another service's)
+                    // must not become a profile of empty secrets.
+                    let field = |k: &str| {
+                        answer[k]
+                            .as_str()
+                            .filter(|v| !v.is_empty())
+                            .map(str::to_owned)
+                            .with_context(|| format!("the gateway's answer has no {k}: {answer}"))
+                    };
                     gateway::credentials::Credentials {
                         tenant: tenant.clone(),
                         role: parsed,
-                        token: field("token"),
-                        access_key: field("access_key"),
-                        secret: field("secret_access_key"),
+                        token: field("token")?,
+                        access_key: field("access_key")?,
+                        secret: field("secret_access_key")?,
                         bypass_governance,
                     }
                 }
@@ -710,10 +720,12 @@ async fn run(cli: Cli) -> Result<()> {
                         "/v1/admin/tenants",
                         &serde_json::json!({ "name": name }),
                     )?;
-                    if answer["created"].as_bool() == Some(true) {
-                        println!("tenant {name} created");
-                    } else {
-                        println!("tenant {name} already exists");
+                    match answer["created"].as_bool() {
+                        Some(true) => println!("tenant {name} created"),
+                        Some(false) => println!("tenant {name} already exists"),
+                        None => anyhow::bail!(
+                            "the gateway's answer does not say whether tenant {name} was created: {answer}"
+                        ),
                     }
                     return Ok(());
                 }

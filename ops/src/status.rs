@@ -59,11 +59,22 @@ fn state(n: &Value) -> String {
 pub fn render(s: &Value) -> String {
     let mut out = String::new();
     let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
-    let up = nodes.iter().filter(|n| n["state"] == "up").count();
+    // Removed nodes are listed (their shards may still be moving off) but
+    // are no part of the cluster's count.
+    let removed = |n: &&Value| n["lifecycle"] == "removed";
+    let up = nodes
+        .iter()
+        .filter(|n| n["state"] == "up" && !removed(n))
+        .count();
+    let gone = nodes.iter().filter(removed).count();
     let _ = writeln!(
         out,
-        "nodes: {up} of {} up, RS({},{})",
-        nodes.len(),
+        "nodes: {up} of {} up{}, RS({},{})",
+        nodes.len() - gone,
+        match gone {
+            0 => String::new(),
+            n => format!(" ({n} removed)"),
+        },
         s["code"]["k"],
         s["code"]["m"]
     );
@@ -298,13 +309,15 @@ mod tests {
                  "addr": "127.0.0.1:7102", "last_seen_s": 0.4},
                 {"id": 3, "state": "up", "lifecycle": "active", "full": true,
                  "addr": "127.0.0.1:7103", "last_seen_s": 0.4},
+                {"id": 4, "state": "up", "lifecycle": "removed",
+                 "addr": "127.0.0.1:7104", "last_seen_s": 0.4},
             ],
             "degraded_stripes": 7, "degraded_evidence": 2, "degraded_count_capped": false,
             "ledger": {"entries": 42, "checkpoint_age_s": 0.5, "witnesses": 0, "cosigned_entries": 0},
             "clock": {"compliance_offset_s": -5_400.0, "confirmed_by": null},
         });
         let t = render(&s);
-        assert!(t.contains("nodes: 3 of 4 up, RS(4,2)"), "{t}");
+        assert!(t.contains("nodes: 3 of 4 up (1 removed), RS(4,2)"), "{t}");
         let row = |id: &str| {
             t.lines()
                 .find(|l| l.trim_start().starts_with(id))
