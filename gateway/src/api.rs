@@ -91,6 +91,11 @@ pub struct Gateway<S: Store> {
     pub ingest_memory: Arc<tokio::sync::Semaphore>,
     /// Its size, in KiB.
     pub ingest_memory_kib: usize,
+    /// KiB of stripes read ahead across all reads
+    /// ([`GatewayConfig::read_memory_bytes`]).
+    pub read_memory: Arc<tokio::sync::Semaphore>,
+    /// Its size, in KiB.
+    pub read_memory_kib: usize,
     /// Stripe fetches in flight across all reads
     /// ([`GatewayConfig::read_stripes`]).
     pub read_gate: tokio::sync::Semaphore,
@@ -336,6 +341,10 @@ impl<S: Store> Gateway<S> {
             .unwrap_or(usize::MAX)
             .min(tokio::sync::Semaphore::MAX_PERMITS);
         let ingest_memory = Arc::new(tokio::sync::Semaphore::new(ingest_memory_kib));
+        let read_memory_kib = usize::try_from(config.read_memory_bytes().div_ceil(1024))
+            .unwrap_or(usize::MAX)
+            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        let read_memory = Arc::new(tokio::sync::Semaphore::new(read_memory_kib));
         Ok(Gateway {
             nodes: NodeSet::new(
                 &config.nodes,
@@ -354,6 +363,8 @@ impl<S: Store> Gateway<S> {
             repairing: std::sync::atomic::AtomicBool::new(false),
             ingest_gate,
             ingest_memory,
+            read_memory,
+            read_memory_kib,
             ingest_memory_kib,
             read_gate,
             outboard_rebuilds: Default::default(),

@@ -196,6 +196,15 @@ pub struct GatewayConfig {
     /// pipeline.
     #[serde(default)]
     pub ingest_memory_mib: u64,
+    /// Memory, in MiB, that stripes read ahead may hold across all reads at
+    /// once, from their fetch until their bytes are handed to the client.
+    /// A read whose next stripe would go over waits for one that a client
+    /// took, instead of many slow readers (each holding its read-ahead)
+    /// running the gateway out of memory
+    /// (`custodia_read_memory_waits_total` counts the waits). 0, the
+    /// default: 1024. Never less than one read's whole pipeline.
+    #[serde(default)]
+    pub read_memory_mib: u64,
     /// The S3 records' journal files (`ledger/openings/s3-journal/`, one
     /// per second with changes) are merged into one, each record's newest
     /// entry, once a gateway has written this many since it last merged
@@ -316,6 +325,18 @@ impl GatewayConfig {
         (asked << 20).max(one_pipeline)
     }
 
+    /// [`read_memory_mib`](Self::read_memory_mib) in bytes, with its
+    /// default and floor applied.
+    pub fn read_memory_bytes(&self) -> u64 {
+        let asked = match self.read_memory_mib {
+            0 => 1024,
+            n => n,
+        };
+        let one_pipeline =
+            self.pipeline_stripes as u64 * u64::from(self.k) * u64::from(self.shard_size_bytes);
+        (asked << 20).max(one_pipeline)
+    }
+
     pub fn code(&self) -> ErasureCode {
         ErasureCode {
             k: self.k,
@@ -415,6 +436,17 @@ failure_domain = "rack-a"
         // 4 stripes of (2x4 + 2) MiB-shards: 40 MiB, whatever was asked.
         c.ingest_memory_mib = 1;
         assert_eq!(c.ingest_memory_bytes(), 40 << 20);
+    }
+
+    #[test]
+    fn read_memory_defaults_to_a_gib_and_holds_one_pipeline_at_least() {
+        let mut c = example();
+        assert_eq!(c.read_memory_bytes(), 1 << 30);
+        c.read_memory_mib = 64;
+        assert_eq!(c.read_memory_bytes(), 64 << 20);
+        // 4 stripes of 4 MiB-shards: 16 MiB, whatever was asked.
+        c.read_memory_mib = 1;
+        assert_eq!(c.read_memory_bytes(), 16 << 20);
     }
 
     #[test]

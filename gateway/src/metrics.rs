@@ -61,6 +61,10 @@ pub struct GatewayMetrics {
     /// `custodia_ingest_memory_waits_total`: stripes that waited for the
     /// gateway's ingest memory (`ingest_memory_mib`) held by other uploads.
     pub ingest_memory_waits: IntCounter,
+    /// `custodia_read_memory_waits_total`: stripes a read waited to fetch
+    /// while other reads' read-ahead held the gateway's read memory
+    /// (`read_memory_mib`).
+    pub read_memory_waits: IntCounter,
     /// `custodia_degraded_stripes_written_total`: stripes acknowledged with
     /// fewer than k+m shards (allowed by `min_write_shards`).
     pub degraded_written: IntCounter,
@@ -221,6 +225,10 @@ impl GatewayMetrics {
             ingest_memory_waits: counter(
                 "custodia_ingest_memory_waits_total",
                 "Stripes that waited for ingest memory other uploads held.",
+            )?,
+            read_memory_waits: counter(
+                "custodia_read_memory_waits_total",
+                "Stripes a read waited to fetch for read memory other reads held.",
             )?,
             degraded_written: counter(
                 "custodia_degraded_stripes_written_total",

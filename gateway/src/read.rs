@@ -311,8 +311,17 @@ async fn send_range<S: Store>(
             tracing::info!(%evidence, "evidence expunged while it was read; the read stops");
             return Err(ReadError::Expunged(evidence));
         }
-        let mut fetched = futures::stream::iter(records.into_iter().zip(first..last))
-            .map(|(rec, stripe)| {
+        let mut fetched = std::pin::pin!(futures::stream::iter(records.into_iter().zip(first..last))
+            // The memory each stripe holds until its bytes are handed over,
+            // taken before its fetch starts (a read waiting for it holds no
+            // fetch slot), one stripe after another: what a read holds is
+            // always its next stripes, never later ones while the next
+            // waits, which could leave every read waiting on another's.
+            .then(|(rec, stripe)| {
+                let (gw, header) = (gw.clone(), shared.clone());
+                async move { (rec, stripe, read_memory(&gw, &header).await) }
+            })
+            .map(|(rec, stripe, memory)| {
                 let (gw, strict, header) = (gw.clone(), strict.clone(), shared.clone());
                 // A task of its own: a fetch runs to its end, and gives its
                 // gate permit back, however slowly this read's client takes
@@ -347,15 +356,16 @@ async fn send_range<S: Store>(
                     }
                     drop(permit);
                     let data = data?;
-                    Ok::<_, ReadError>((stripe, data))
+                    Ok::<_, ReadError>((stripe, data, memory))
                 })
             })
-            .buffered(gw.config.pipeline_stripes);
+            .buffered(gw.config.pipeline_stripes));
         // Where the next batch starts: past the last stripe handled, once
         // this batch is stale (see below); else where this one ends.
         let mut next_first = last;
         while let Some(next) = fetched.next().await {
-            let (stripe, pieces) = next?;
+            // The stripe's memory goes back once its bytes are handed over.
+            let (stripe, pieces, _memory) = next?;
             // The stripe's data, piece by piece (a data shard each).
             let mut at = layout.stripe_range(stripe).start;
             for piece in pieces {
@@ -408,7 +418,6 @@ async fn send_range<S: Store>(
                 break;
             }
         }
-        drop(fetched);
         let per_stripe = loaded.elapsed() / ((next_first - first).max(1) as u32);
         per_txn = (fresh_for.as_nanos() / per_stripe.as_nanos().max(1)).clamp(
             u128::from(FIRST_STRIPES_PER_TXN),
@@ -424,6 +433,27 @@ async fn send_range<S: Store>(
         deliver(evidence, tx, piece, idle).await;
     }
     Ok(())
+}
+
+/// The gateway's read memory for one stripe of `header`'s evidence (its k
+/// data shards), waited for while other reads' read-ahead holds it all
+/// (`None` only once the gateway is stopping).
+async fn read_memory<S: Store>(
+    gw: &Gateway<S>,
+    header: &ManifestHeader,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let code = header.code;
+    let bytes = code.data_shards() * code.shard_size as usize;
+    // Never more than the whole budget (a code with larger stripes than
+    // the gateway's own, filed before its settings changed).
+    let kib = bytes.div_ceil(1024).clamp(1, gw.read_memory_kib);
+    let kib = u32::try_from(kib).unwrap_or(u32::MAX);
+    let gate = gw.read_memory.clone();
+    if let Ok(permit) = gate.clone().try_acquire_many_owned(kib) {
+        return Some(permit);
+    }
+    gw.metrics.read_memory_waits.inc();
+    gate.acquire_many_owned(kib).await.ok()
 }
 
 /// A spawned fetch, aborted when the read that wanted it is dropped (its

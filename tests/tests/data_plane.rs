@@ -1787,6 +1787,53 @@ fn a_client_that_stops_reading_holds_back_no_other_read() -> Result<()> {
     Ok(())
 }
 
+/// Reads share a bounded memory for what they read ahead: with the budget
+/// at its floor (one read's pipeline), a stalled client's read-ahead holds
+/// it, and another read waits (counted) instead of taking more; the
+/// stalled client gone, its memory goes back and the other read completes
+/// byte-exact.
+#[test]
+fn reads_wait_for_memory_a_stalled_client_holds_and_get_it_back() -> Result<()> {
+    let mut c = TestCluster::start(Shape {
+        shard_size: 256 << 10,
+        ..Shape::default()
+    })?;
+    c.set_gateway(&[("read_memory_mib", toml::Value::Integer(1))])?;
+    let big = bytes(48 << 20, 71);
+    let big_id = c.file_id(&big)?;
+    let small = bytes(300_000, 72);
+    let small_id = c.file_id(&small)?;
+    let waits = |c: &TestCluster| c.metric(&c.metrics, "custodia_read_memory_waits_total");
+    let before = waits(&c)?;
+    let mut stalled = std::net::TcpStream::connect(c.api.trim_start_matches("http://"))?;
+    write!(
+        stalled,
+        "GET /v1/evidence/{big_id} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        c.token
+    )?;
+    let mut head = [0u8; 4096];
+    stalled.read_exact(&mut head)?;
+    assert!(head.starts_with(b"HTTP/1.1 200"));
+    // Long enough for its buffers to fill and its read-ahead to stall.
+    std::thread::sleep(Duration::from_secs(3));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::scope(|s| -> Result<()> {
+        s.spawn(|| tx.send(c.read(&small_id).map(|got| got == small)));
+        assert!(
+            eventually(10, || waits(&c).is_ok_and(|w| w > before)),
+            "the other read never waited for memory"
+        );
+        assert!(
+            rx.recv_timeout(Duration::from_secs(2)).is_err(),
+            "the other read went past the budget"
+        );
+        drop(stalled);
+        let done = rx.recv_timeout(Duration::from_secs(30))?;
+        assert!(done?, "the other read is byte-exact");
+        Ok(())
+    })
+}
+
 /// `custodia get` interrupted mid-download (Ctrl-C) leaves nothing behind:
 /// neither the file nor a hidden partial copy of unchecked bytes. The
 /// "gateway" here is a stand-in that sends half the evidence and stalls.
