@@ -392,20 +392,22 @@ pub fn spawn_gc_loop<S: Store>(
 /// How far erasing an expunged evidence's bytes got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Erasure {
-    /// Stripes whose recorded shards are not all deleted yet.
-    pub stripes_left: u64,
-    /// Nodes that have not yet confirmed they hold nothing of it.
-    pub nodes_left: u64,
+    /// Stripes whose recorded shards are not all deleted yet (`None`: not
+    /// known yet: the expunge is not notarized yet, or the index could not
+    /// be read).
+    pub stripes_left: Option<u64>,
+    /// Nodes that have not yet confirmed they hold nothing of it (`None`:
+    /// not asked yet).
+    pub nodes_left: Option<u64>,
     /// Nothing of it is left on any node (every node not removed said so).
     pub done: bool,
 }
 
 impl Erasure {
-    /// Not started: the expunge is not notarized yet, or the index could
-    /// not be read.
+    /// Not started.
     const WAITING: Erasure = Erasure {
-        stripes_left: 0,
-        nodes_left: 0,
+        stripes_left: None,
+        nodes_left: None,
         done: false,
     };
 }
@@ -445,14 +447,14 @@ pub async fn delete_expunged<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) ->
     if stripes_left > 0 {
         tracing::warn!(%evidence, stripes = stripes_left, "some shards of expunged evidence could not be deleted yet; GC will retry");
         return Erasure {
-            stripes_left,
+            stripes_left: Some(stripes_left),
             ..Erasure::WAITING
         };
     }
     let nodes_left = erase_everywhere(gw, evidence).await;
     let left = Erasure {
-        stripes_left,
-        nodes_left,
+        stripes_left: Some(stripes_left),
+        nodes_left: Some(nodes_left),
         done: false,
     };
     if nodes_left > 0 {

@@ -1040,15 +1040,19 @@ pub(crate) async fn check_published_tree<S: Store>(
     // it handed out, or the checkpoint file written. A run reaching past
     // the index's tree is the trace of integrated leaves the index no
     // longer has, even when the checkpoint file lags behind them.
-    let tree = indexer::run(&gw.store, |tx| async move { lx::tree_state_tx(&tx).await })
-        .await
-        .map_err(|e| LedgerError::Tree(format!("the index's tree: {e}")))?
-        .size;
+    // In this order: the signed size, the archive, then the tree. Another
+    // gateway integrating meanwhile writes a run only after committing its
+    // leaves, so a run listed here is in the tree read after it.
     let index_size = newest_checkpoint(gw, ledger)
         .await
         .map_err(|e| LedgerError::Tree(format!("the index's checkpoint: {e}")))?
         .map_or(0, |(_, c)| c.size);
-    if let Some(end) = archived_beyond(&*ledger.openings, index_size, tree).await? {
+    let archived = archived_end(&*ledger.openings, index_size).await?;
+    let tree = indexer::run(&gw.store, |tx| async move { lx::tree_state_tx(&tx).await })
+        .await
+        .map_err(|e| LedgerError::Tree(format!("the index's tree: {e}")))?
+        .size;
+    if let Some(end) = archived.filter(|&end| end > tree) {
         let why = format!(
             "the openings archive holds leaves up to {end}, beyond the index's tree of {tree}"
         );
@@ -1095,19 +1099,15 @@ pub(crate) async fn check_published_tree<S: Store>(
     Ok(())
 }
 
-/// The end of the furthest run of the openings archive that reaches past
-/// leaf `tree`, if one does. Every run is written by a round publishing
+/// The end of the furthest run of the openings archive filed from the
+/// folder of leaf `signed` on. Every run is written by a round publishing
 /// from the index's checkpoint size then, which only grows: so every run
 /// the index could have lost starts at `signed` (the index's checkpoint
 /// size now) or later. Runs are filed by the folder of their first leaf
 /// (`first >> 16`) and follow each other without gaps, so the folders are
 /// listed from `signed`'s on, each next one where the furthest run so far
 /// ends, until one holds nothing.
-async fn archived_beyond(
-    openings: &dyn ObjectStore,
-    signed: u64,
-    tree: u64,
-) -> Result<Option<u64>, LedgerError> {
+async fn archived_end(openings: &dyn ObjectStore, signed: u64) -> Result<Option<u64>, LedgerError> {
     let mut furthest: Option<u64> = None;
     let mut folder = signed >> 16;
     loop {
@@ -1118,7 +1118,7 @@ async fn archived_beyond(
             .map(|run| run.end)
             .max();
         let Some(end) = ends else {
-            return Ok(furthest.filter(|&end| end > tree));
+            return Ok(furthest);
         };
         furthest = furthest.max(Some(end));
         folder = (folder + 1).max(end >> 16);
@@ -3261,7 +3261,12 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let found = |signed, tree| archived_beyond(&store, signed, tree);
+        let store = &store;
+        let found = |signed, tree| async move {
+            archived_end(store, signed)
+                .await
+                .map(|end| end.filter(|&end| end > tree))
+        };
         assert_eq!(found(0, 200_010).await.unwrap(), None);
         assert_eq!(found(70_000, 300_000).await.unwrap(), None);
         // Signed at 0, the tree lost everything past 100 (or 199,999): the

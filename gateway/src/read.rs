@@ -311,55 +311,56 @@ async fn send_range<S: Store>(
             tracing::info!(%evidence, "evidence expunged while it was read; the read stops");
             return Err(ReadError::Expunged(evidence));
         }
-        let mut fetched = std::pin::pin!(futures::stream::iter(records.into_iter().zip(first..last))
-            // The memory each stripe holds until its bytes are handed over,
-            // taken before its fetch starts (a read waiting for it holds no
-            // fetch slot), one stripe after another: what a read holds is
-            // always its next stripes, never later ones while the next
-            // waits, which could leave every read waiting on another's.
-            .then(|(rec, stripe)| {
-                let (gw, header) = (gw.clone(), shared.clone());
-                async move { (rec, stripe, read_memory(&gw, &header).await) }
-            })
-            .map(|(rec, stripe, memory)| {
-                let (gw, strict, header) = (gw.clone(), strict.clone(), shared.clone());
-                // A task of its own: a fetch runs to its end, and gives its
-                // gate permit back, however slowly this read's client takes
-                // what came before (an unpolled fetch would hold the permit
-                // from every other read, and its node requests would time
-                // out unread).
-                fetch_task(async move {
-                    // Taken in turn (the semaphore is fair): a large read
-                    // never holds back another for more than a few fetches.
-                    let permit = gw.read_gate.acquire().await.ok();
-                    let shards = if strict.load(Ordering::Relaxed) {
-                        ShardCheck::All
-                    } else {
-                        ShardCheck::Parity
-                    };
-                    let mut data = fetch_stripe(&gw, &header, stripe, &rec, shards).await;
-                    if matches!(data, Err(ReadError::Unrecoverable { .. })) {
-                        // Repair may have moved shards since this record was
-                        // read (and deleted the old copies after its grace,
-                        // which a slow client can outlast): read the stripe
-                        // again from its record as it is now.
-                        let evidence = header.evidence;
-                        let now = indexer::run(&gw.store, |t| async move {
-                            schema::get_stripe_tx(&t, evidence, stripe).await
-                        })
-                        .await;
-                        if let Ok(Some(now)) = now {
-                            if now != rec {
-                                data = fetch_stripe(&gw, &header, stripe, &now, shards).await;
+        let mut fetched =
+            std::pin::pin!(futures::stream::iter(records.into_iter().zip(first..last))
+                // The memory each stripe holds until its bytes are handed over,
+                // taken before its fetch starts (a read waiting for it holds no
+                // fetch slot), one stripe after another: what a read holds is
+                // always its next stripes, never later ones while the next
+                // waits, which could leave every read waiting on another's.
+                .then(|(rec, stripe)| {
+                    let (gw, header) = (gw.clone(), shared.clone());
+                    async move { (rec, stripe, read_memory(&gw, &header).await) }
+                })
+                .map(|(rec, stripe, memory)| {
+                    let (gw, strict, header) = (gw.clone(), strict.clone(), shared.clone());
+                    // A task of its own: a fetch runs to its end, and gives its
+                    // gate permit back, however slowly this read's client takes
+                    // what came before (an unpolled fetch would hold the permit
+                    // from every other read, and its node requests would time
+                    // out unread).
+                    fetch_task(async move {
+                        // Taken in turn (the semaphore is fair): a large read
+                        // never holds back another for more than a few fetches.
+                        let permit = gw.read_gate.acquire().await.ok();
+                        let shards = if strict.load(Ordering::Relaxed) {
+                            ShardCheck::All
+                        } else {
+                            ShardCheck::Parity
+                        };
+                        let mut data = fetch_stripe(&gw, &header, stripe, &rec, shards).await;
+                        if matches!(data, Err(ReadError::Unrecoverable { .. })) {
+                            // Repair may have moved shards since this record was
+                            // read (and deleted the old copies after its grace,
+                            // which a slow client can outlast): read the stripe
+                            // again from its record as it is now.
+                            let evidence = header.evidence;
+                            let now = indexer::run(&gw.store, |t| async move {
+                                schema::get_stripe_tx(&t, evidence, stripe).await
+                            })
+                            .await;
+                            if let Ok(Some(now)) = now {
+                                if now != rec {
+                                    data = fetch_stripe(&gw, &header, stripe, &now, shards).await;
+                                }
                             }
                         }
-                    }
-                    drop(permit);
-                    let data = data?;
-                    Ok::<_, ReadError>((stripe, data, memory))
+                        drop(permit);
+                        let data = data?;
+                        Ok::<_, ReadError>((stripe, data, memory))
+                    })
                 })
-            })
-            .buffered(gw.config.pipeline_stripes));
+                .buffered(gw.config.pipeline_stripes));
         // Where the next batch starts: past the last stripe handled, once
         // this batch is stale (see below); else where this one ends.
         let mut next_first = last;

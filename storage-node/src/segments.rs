@@ -25,17 +25,19 @@
 //! record (`kind` 1) has the shard's encoded [`ShardHeader`] as head and the
 //! body, whose BLAKE3 is in that header: segments are self-describing like
 //! shard files, and the index can be rebuilt from them. A delete record
-//! (`kind` 2) has a [`Tombstone`] head and no body. An erased record (`kind`
-//! 3) has no head and a body of zeros: what a dead shard record becomes.
+//! (`kind` 2) has a [`Tombstone`] head and no body.
 //!
-//! Records are appended, and only one thing is ever rewritten in place: a
-//! shard record once it is dead (deleted, replaced, or a torn copy) is
-//! overwritten with an erased record of the same length, after whatever made
-//! it dead is durable. A deleted shard's bytes (an expunged one's above all)
-//! do not linger in a segment until compaction removes it, which may be
-//! never for a segment that stays mostly live. The rewrite is fsynced when an
-//! erase asks for it ([`SegmentLog::sync_erasures`]), and a record a crash
-//! left unerased is erased at the next open. At open the node reads every segment in
+//! Records are appended, and only one thing is ever rewritten in place: the
+//! body of a shard record once it is dead (deleted, replaced, or a torn
+//! copy) is overwritten with zeros, after whatever made it dead is durable.
+//! A deleted shard's bytes (an expunged one's above all) do not linger in a
+//! segment until compaction removes it, which may be never for a segment
+//! that stays mostly live. Its frame and head stay as they were (the
+//! frame's check does not cover the body), so a write torn by a crash
+//! leaves at worst part of the body unerased, never a record a scan cannot
+//! find: an open erases again every dead record whose body is not all
+//! zeros. The zeros are fsynced when an erase asks for it
+//! ([`SegmentLog::sync_erasures`]). At open the node reads every segment in
 //! order (segment id, then offset), so the last record for a key wins, and
 //! starts a fresh active segment; a torn record at the end of a segment (a
 //! crash mid-append, never acknowledged) is skipped, and so is a damaged one,
@@ -70,7 +72,6 @@ const HEADER_MAGIC: &[u8; 8] = b"CSTDSGH1";
 const HEADER_LEN: usize = 8 + 32;
 const KIND_SHARD: u8 = 1;
 const KIND_DELETE: u8 = 2;
-const KIND_ERASED: u8 = 3;
 /// Bytes before the head: magic, kind, two lengths, check.
 const FRAME: usize = 8 + 1 + 2 + 4 + 16;
 /// A segment is sealed once it reaches this size.
@@ -249,6 +250,9 @@ pub(crate) struct SegmentLog {
     damaged: Vec<u64>,
     /// Segments with records erased since their last fsync.
     unsynced_erasures: Mutex<std::collections::BTreeSet<u64>>,
+    /// Dead records whose erasure failed (a full copy-on-write file system,
+    /// a disk error), tried again by [`SegmentLog::sync_erasures`].
+    unerased: Mutex<Vec<Loc>>,
 }
 
 impl SegmentLog {
@@ -277,7 +281,7 @@ impl SegmentLog {
         let mut damaged = Vec::new();
         // Records found dead (replaced, deleted, torn copies) that still hold
         // a shard's bytes: a crash came before they were erased.
-        let mut dead = Vec::new();
+        let mut dead = Dead::default();
         for &id in &ids {
             // A segment the disk cannot read (a bad sector anywhere in it)
             // is treated like one whose header is damaged: not served, left
@@ -352,7 +356,7 @@ impl SegmentLog {
             );
             scan_segment(id, &key, &bytes, &mut index, &mut dead);
         }
-        erase_found_dead(&index, &dead);
+        erase_found_dead(&index, &dead.erase);
         let next = match ids.last() {
             None => 1,
             Some(id) => id
@@ -397,6 +401,7 @@ impl SegmentLog {
             carried: Mutex::default(),
             damaged,
             unsynced_erasures: Mutex::default(),
+            unerased: Mutex::default(),
         })
     }
 
@@ -547,8 +552,8 @@ impl SegmentLog {
     }
 
     /// Erases the dead shard record at `loc` (see [`erase_at`]), once what
-    /// made it dead is durable. A failure is logged: the record is erased at
-    /// the next open.
+    /// made it dead is durable. One that fails is kept to be tried again by
+    /// [`Self::sync_erasures`] (and found again by the next open).
     pub fn erase(&self, loc: Loc) {
         let Some((file, key)) = self
             .read_index()
@@ -564,24 +569,52 @@ impl SegmentLog {
                 lock(&self.unsynced_erasures).insert(loc.seg);
             }
             Err(e) => {
-                tracing::warn!(segment = loc.seg, offset = loc.off, error = %e, "could not erase a dead record; the next start does")
+                tracing::warn!(segment = loc.seg, offset = loc.off, error = %e, "could not erase a dead record; trying again later");
+                lock(&self.unerased).push(loc);
             }
         }
     }
 
-    /// Makes every erase so far durable: fsyncs the segments records were
-    /// erased in since their last fsync.
+    /// Makes every erase so far durable: tries again those that failed,
+    /// then fsyncs the segments records were erased in since their last
+    /// fsync. An error while any dead record is left unerased, or not yet
+    /// durably.
     pub fn sync_erasures(&self) -> io::Result<()> {
+        let failed = std::mem::take(&mut *lock(&self.unerased));
+        for loc in failed {
+            self.erase(loc);
+        }
+        let left = lock(&self.unerased).len();
         let ids = std::mem::take(&mut *lock(&self.unsynced_erasures));
-        let mut left = ids.iter();
-        while let Some(&id) = left.next() {
-            let file = self.read_index().segments.get(&id).map(|s| s.file.clone());
-            if let Err(e) = file.map_or(Ok(()), |f| f.sync_data()) {
-                lock(&self.unsynced_erasures).extend(std::iter::once(id).chain(left.copied()));
+        let mut ids = ids.into_iter();
+        while let Some(id) = ids.next() {
+            if let Err(e) = self.sync_segment(id) {
+                lock(&self.unsynced_erasures).extend(std::iter::once(id).chain(ids));
                 return Err(e);
             }
         }
-        Ok(())
+        match left {
+            0 => Ok(()),
+            n => Err(io::Error::other(format!(
+                "{n} dead records could not be erased"
+            ))),
+        }
+    }
+
+    /// Fsyncs segment `id`: the active one as appends are (so a failure
+    /// there is never lost to them: after a failed fsync the kernel may
+    /// have dropped its dirty pages, and the next fsync would "succeed"),
+    /// a sealed one directly (one gone since has nothing left to sync).
+    fn sync_segment(&self, id: u64) -> io::Result<()> {
+        let active = {
+            let a = lock(&self.active);
+            (a.id == id).then_some(a.len)
+        };
+        if let Some(len) = active {
+            return self.wait_durable(id, len);
+        }
+        let file = self.read_index().segments.get(&id).map(|s| s.file.clone());
+        file.map_or(Ok(()), |f| f.sync_data())
     }
 
     /// Takes `key`'s record at `loc` out of service in this process only,
@@ -1048,29 +1081,33 @@ fn segment_key(bytes: &[u8]) -> Option<SegKey> {
 /// a read quarantined it, delete) the intact record it was copied from.
 ///
 /// Shard records found dead on the way (replaced by a later one, deleted by a
-/// tombstone, or a torn copy passed over) are added to `dead`, to be erased.
-fn scan_segment(id: u64, key: &SegKey, bytes: &[u8], index: &mut Index, dead: &mut Vec<Loc>) {
+/// tombstone, or a torn copy passed over) whose bodies are not all zeros
+/// are added to `dead.erase`, to be erased.
+fn scan_segment(id: u64, key: &SegKey, bytes: &[u8], index: &mut Index, dead: &mut Dead) {
     for_each_record(key, bytes, |kind, head, off, len| match kind {
         KIND_SHARD => match ShardHeader::decode(head) {
             Ok(h) if FRAME + head.len() + h.len as usize == len as usize => {
+                let body = &bytes[off as usize + FRAME + head.len()..off as usize + len as usize];
+                if body.iter().all(|b| *b == 0) {
+                    dead.zeroed.insert((id, off));
+                }
                 // Only a record that would replace an older one is hashed
                 // here (a copy or a re-put): a torn one keeps the older
                 // record current. One with nothing older is indexed
                 // whatever its body, so a read or the scrubber finds it
                 // damaged, quarantines it and has it repaired.
-                if index.entries.contains_key(&fanout_key(&h.key)) {
-                    let body_at = off as usize + FRAME + head.len();
-                    let body = bytes.get(body_at..off as usize + len as usize);
-                    if !body.is_some_and(|b| h.matches(b)) {
+                if index.entries.contains_key(&fanout_key(&h.key)) && !h.matches(body) {
+                    // (An erased one is a copy that died later, quietly.)
+                    if !dead.zeroed.contains(&(id, off)) {
                         tracing::warn!(
                             segment = id,
                             offset = off,
                             shard = %h.key,
                             "a later copy of a shard fails its BLAKE3; the earlier record stays"
                         );
-                        dead.push(Loc { seg: id, off, len });
-                        return;
                     }
+                    dead.push(Loc { seg: id, off, len });
+                    return;
                 }
                 let loc = Loc { seg: id, off, len };
                 if let Some(old) = index.entries.insert(fanout_key(&h.key), loc) {
@@ -1098,7 +1135,6 @@ fn scan_segment(id: u64, key: &SegKey, bytes: &[u8], index: &mut Index, dead: &m
                 "segment record with a bad tombstone"
             ),
         },
-        KIND_ERASED => {}
         other => tracing::warn!(
             segment = id,
             offset = off,
@@ -1108,14 +1144,38 @@ fn scan_segment(id: u64, key: &SegKey, bytes: &[u8], index: &mut Index, dead: &m
     });
 }
 
-/// Overwrites the dead shard record at `loc` in `file` (a segment whose
-/// records are checked with `key`) with an erased record of the same
-/// length: a frame that passes its check, no head, a body of zeros. Not
-/// durable until the file is fsynced. A write torn by a crash leaves a
-/// stretch that fails its check, which a scan skips like any damage.
+/// The shard records an open found dead, and which records have bodies of
+/// zeros (erased already, or nothing to erase).
+#[derive(Default)]
+struct Dead {
+    erase: Vec<Loc>,
+    zeroed: std::collections::HashSet<(u64, u64)>,
+}
+
+impl Dead {
+    fn push(&mut self, loc: Loc) {
+        if !self.zeroed.contains(&(loc.seg, loc.off)) {
+            self.erase.push(loc);
+        }
+    }
+}
+
+/// Overwrites the body of the dead shard record at `loc` in `file` (a
+/// segment whose records are checked with `key`) with zeros; its frame and
+/// head stay. A record whose frame no longer passes its check (damaged
+/// since it was indexed) has its head zeroed too. Not durable until the
+/// file is fsynced.
 fn erase_at(file: &File, key: &SegKey, loc: Loc) -> io::Result<()> {
-    let body = vec![0u8; loc.len as usize - FRAME];
-    file.write_all_at(&encode_record(key, KIND_ERASED, &[], &body), loc.off)
+    let mut frame = vec![0u8; (FRAME + protocol::shard::MAX_HEADER_LEN).min(loc.len as usize)];
+    file.read_exact_at(&mut frame, loc.off)?;
+    let from = match parse_frame(key, &frame) {
+        Some((_, head_len, body_len)) if FRAME + head_len + body_len == loc.len as usize => {
+            FRAME + head_len
+        }
+        _ => FRAME.min(loc.len as usize),
+    };
+    let zeros = vec![0u8; loc.len as usize - from];
+    file.write_all_at(&zeros, loc.off + from as u64)
 }
 
 /// Erases the records an open found dead (see [`scan_segment`]): first every
@@ -1499,9 +1559,28 @@ mod tests {
             matches!(log.read(&hk.key, now, false).unwrap(), ReadRecord::Shard(_, b) if b == kept)
         );
         drop(log);
-        // Erased records read as nothing, quietly, at the next open.
+        // An erasure torn by a crash (part of the body zeros, part not):
+        // erased at the next open too.
+        let half = record.len() / 2;
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .write_all_at(&record[half..], dead.off + half as u64)
+            .unwrap();
+        let tail = &gone[gone.len() - 64..];
+        assert!(holds(&path, tail));
+        let log = SegmentLog::open(dir.path()).unwrap();
+        assert!(!holds(&path, tail), "a torn erasure was not erased again");
+        assert_eq!(log.usage().shards, 1);
+        drop(log);
+        // Erased records read as nothing at the next open.
         let log = SegmentLog::open(dir.path()).unwrap();
         assert_eq!(log.usage().shards, 1);
+        let now = log.locate(&hk.key).unwrap();
+        assert!(
+            matches!(log.read(&hk.key, now, false).unwrap(), ReadRecord::Shard(_, b) if b == kept)
+        );
     }
 
     #[test]

@@ -934,9 +934,28 @@ impl ShardStore {
     }
 
     fn compact_segment(&self, id: u64) -> Result<bool, StoreError> {
+        let mut copied_from = Vec::new();
+        let compacted = self.compact_segment_from(id, &mut copied_from);
+        if !matches!(compacted, Ok(true)) {
+            // The segment stays (something in it could not be copied, or
+            // the compaction failed part way): the records copied out of it
+            // are dead, and go as any dead record.
+            for from in copied_from {
+                self.log.erase(from);
+            }
+        }
+        compacted
+    }
+
+    /// [`Self::compact_segment`], noting in `copied_from` each record it
+    /// copied forward.
+    fn compact_segment_from(
+        &self,
+        id: u64,
+        copied_from: &mut Vec<Loc>,
+    ) -> Result<bool, StoreError> {
         let (live, tombstones) = self.log.survivors(id)?;
         let (copied, kept) = (live.len(), tombstones.len());
-        let mut copied_from = Vec::with_capacity(live.len());
         for batch in live.chunks(COMPACT_BATCH) {
             let _guards = self.lock_keys(batch.iter().map(|(k, _)| k));
             let mut moved = Vec::with_capacity(batch.len());
@@ -971,11 +990,6 @@ impl ShardStore {
         let dropped = self.log.drop_segment(id)?;
         if !dropped {
             self.log.skip_compaction(id);
-            // The segment stays (something in it could not be copied): the
-            // records copied out of it are dead, and go as any dead record.
-            for from in copied_from {
-                self.log.erase(from);
-            }
         }
         tracing::info!(
             segment = id,
@@ -1091,6 +1105,10 @@ impl ShardStore {
             // written meanwhile.
             tracing::warn!(shard = %key, error = %e, "could not write a corrupt shard's tombstone; dropping it from service until restart");
             self.log.forget(key, loc);
+            // Its bytes go all the same (it is copied to quarantine, or
+            // could not be read): found again at the next start, it reads
+            // as damaged, as it is.
+            self.log.erase(loc);
         }
         StoreError::Corrupt(*key)
     }
@@ -2548,9 +2566,11 @@ mod tests {
             store.read_small(&key(3), loc, false),
             Err(StoreError::NotFound)
         ));
+        // A stat that began before the delete may still answer with the
+        // header (its frame and head stay); never with corruption.
         assert!(matches!(
             store.read_small(&key(3), loc, true),
-            Err(StoreError::NotFound)
+            Err(StoreError::NotFound) | Ok(_)
         ));
         assert!(store.quarantined(None, 10).unwrap().is_empty());
         assert_eq!(store.take_listed_corrupt(), 0);
