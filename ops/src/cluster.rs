@@ -244,10 +244,11 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
     let (ca_pem, ca_key) = ca.to_pem();
     fs::write(tls.join("ca.pem"), &ca_pem)?;
     storage_node::tls::write_private(&tls.join("ca.key"), ca_key.as_bytes())?;
-    let node_names = vec![
-        storage_node::tls::NODE_SERVER_NAME.to_string(),
-        "localhost".to_string(),
-    ];
+    // Only the name gateways and nodes dial each other by: no address or
+    // `localhost`, so a node's certificate can never pass for an HTTPS API
+    // under the same CA (the CLI trusts it for the evidence API), whoever
+    // holds a node's key.
+    let node_names = vec![storage_node::tls::NODE_SERVER_NAME.to_string()];
     let loopback = vec![std::net::IpAddr::from([127, 0, 0, 1])];
 
     let mut nodes = Vec::new();
@@ -268,7 +269,7 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
                 .checked_add(id as u16)
                 .context("node metrics ports run past 65535")?
         };
-        let (cert, key) = ca.issue(&format!("custodia node {id}"), &node_names, &loopback)?;
+        let (cert, key) = ca.issue(&format!("custodia node {id}"), &node_names, &[])?;
         let cert_path = tls.join(format!("node-{id}.pem"));
         let key_path = tls.join(format!("node-{id}.key"));
         fs::write(&cert_path, cert)?;
@@ -295,10 +296,12 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
             failure_domain: None,
         });
     }
+    // The gateway's identity towards nodes: a name, no address (it serves
+    // nothing under it; see the nodes' above).
     let (cert, key) = ca.issue(
         "custodia gateway",
         &["gateway.custodia.internal".to_string()],
-        &loopback,
+        &[],
     )?;
     fs::write(tls.join("gateway.pem"), cert)?;
     storage_node::tls::write_private(&tls.join("gateway.key"), key.as_bytes())?;

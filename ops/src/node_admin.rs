@@ -34,11 +34,9 @@ pub fn add(
         &std::fs::read_to_string(tls.join("ca.pem")).context("reading the cluster CA")?,
         &std::fs::read_to_string(tls.join("ca.key")).context("reading the cluster CA key")?,
     )?;
-    let names = vec![
-        storage_node::tls::NODE_SERVER_NAME.to_string(),
-        "localhost".to_string(),
-    ];
-    let (cert, key) = ca.issue(&format!("custodia node {id}"), &names, &[listen.ip()])?;
+    // Only the name nodes are dialled by (see `cluster::init`).
+    let names = vec![storage_node::tls::NODE_SERVER_NAME.to_string()];
+    let (cert, key) = ca.issue(&format!("custodia node {id}"), &names, &[])?;
     let cert_path = tls.join(format!("node-{id}.pem"));
     let key_path = tls.join(format!("node-{id}.key"));
     std::fs::write(&cert_path, cert)?;

@@ -14,6 +14,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 use std::net::SocketAddr;
+use std::sync::Arc;
 use tokio::task::JoinHandle;
 
 /// Latency buckets for one request, in seconds: 100 µs to 30 s.
@@ -42,6 +43,9 @@ pub struct NodeMetrics {
     /// `custodia_node_corrupt_shards_total`: shards whose bytes did not match
     /// their hash, found on read (and quarantined) or refused on write.
     pub corrupt_shards: IntCounter,
+    /// `custodia_node_read_memory_waits_total`: shard reads that waited for
+    /// memory other reads' bodies held (peers slow to take them).
+    pub read_memory_waits: IntCounter,
     /// `custodia_node_capacity_bytes`, `custodia_node_used_bytes`,
     /// `custodia_node_free_bytes`, `custodia_node_shards`: the disk, refreshed
     /// by [`NodeMetrics::set_disk`].
@@ -112,6 +116,10 @@ impl NodeMetrics {
                 "custodia_node_corrupt_shards_total",
                 "Shards whose bytes did not match their hash (quarantined on read, refused on write).",
             )?,
+            read_memory_waits: IntCounter::new(
+                "custodia_node_read_memory_waits_total",
+                "Shard reads that waited for memory other reads' bodies held.",
+            )?,
             capacity: IntGauge::new("custodia_node_capacity_bytes", "Size of the node's disk.")?,
             used: IntGauge::new("custodia_node_used_bytes", "Bytes of shards the node holds.")?,
             free: IntGauge::new("custodia_node_free_bytes", "Free bytes on the node's disk.")?,
@@ -161,6 +169,7 @@ impl NodeMetrics {
         registry.register(Box::new(m.request_seconds.clone()))?;
         registry.register(Box::new(m.shards_written.clone()))?;
         registry.register(Box::new(m.shards_read.clone()))?;
+        registry.register(Box::new(m.read_memory_waits.clone()))?;
         registry.register(Box::new(m.bytes_written.clone()))?;
         registry.register(Box::new(m.bytes_read.clone()))?;
         registry.register(Box::new(m.corrupt_shards.clone()))?;
@@ -216,8 +225,17 @@ pub async fn serve_http(
 ) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
+    // Unauthenticated and often reachable from other hosts (for a
+    // Prometheus elsewhere): a bounded number of connections, each with a
+    // deadline for its request head and a lifetime, so clients that connect
+    // and say nothing cannot take the process's file descriptors, which
+    // shard puts need.
+    let open = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
     let task = tokio::spawn(async move {
         loop {
+            let Ok(permit) = open.clone().acquire_owned().await else {
+                return;
+            };
             let (stream, _) = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
@@ -234,18 +252,29 @@ pub async fn serve_http(
                         async move { Ok::<_, std::convert::Infallible>(answer(&req, &registry)) }
                     });
                 let io = hyper_util::rt::TokioIo::new(stream);
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await
-                {
-                    tracing::debug!(error = %e, "metrics connection ended");
+                let serve = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(METRICS_HEAD_TIMEOUT)
+                    .serve_connection(io, service);
+                match tokio::time::timeout(METRICS_CONNECTION_LIFETIME, serve).await {
+                    Ok(Err(e)) => tracing::debug!(error = %e, "metrics connection ended"),
+                    Err(_) => tracing::debug!("metrics connection closed after its lifetime"),
+                    Ok(Ok(())) => {}
                 }
+                drop(permit);
             });
         }
     });
     tracing::info!(addr = %local, "metrics at /metrics");
     Ok((local, task))
 }
+
+/// Metrics connections open at once; more wait to be accepted.
+const METRICS_CONNECTIONS: usize = 64;
+/// How long a metrics client has to send its request head.
+const METRICS_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a metrics connection (kept alive between scrapes) lasts.
+const METRICS_CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn answer<B>(req: &Request<B>, registry: &Registry) -> Response<Full<Bytes>> {
     let (status, body, kind) = match (req.method().as_str(), req.uri().path()) {

@@ -68,6 +68,7 @@ pub async fn run(
 async fn pass(store: &Arc<ShardStore>, metrics: &NodeMetrics, bytes_per_sec: u64) {
     let total = store.info().map(|i| i.shards).unwrap_or(0).max(1);
     let started = Instant::now();
+    let mut pace = Pace::new(bytes_per_sec, started);
     let (mut done, mut corrupt, mut bytes) = (0u64, 0u64, 0u64);
     let mut after = None;
     metrics.scrub_progress.set(0.0);
@@ -98,6 +99,8 @@ async fn pass(store: &Arc<ShardStore>, metrics: &NodeMetrics, bytes_per_sec: u64
         for header in page {
             let s = store.clone();
             let key = header.key;
+            // What a shard costs the disk, read whole or found corrupt.
+            let cost = u64::from(header.len);
             match run_blocking(move || s.get(&key)).await {
                 Ok((_, body)) => {
                     bytes += body.len() as u64;
@@ -118,8 +121,8 @@ async fn pass(store: &Arc<ShardStore>, metrics: &NodeMetrics, bytes_per_sec: u64
                 .scrub_progress
                 .set((done as f64 / total as f64).min(1.0));
             // Never ahead of the rate: sleep off whatever was read too fast.
-            let due = Duration::from_secs_f64(bytes as f64 / bytes_per_sec as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
+            let wait = pace.after(cost, Instant::now());
+            if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
         }
@@ -141,11 +144,71 @@ async fn pass(store: &Arc<ShardStore>, metrics: &NodeMetrics, bytes_per_sec: u64
     );
 }
 
+/// Keeps scrub's reads at `bytes_per_sec` on average, never more than a
+/// second's worth ahead of it after a stall: time it spent slowed (by
+/// foreground work on the disk, a failed listing's minute of waiting) is
+/// not made up later in a burst at full disk speed, which would starve the
+/// reads and filings the rate is there to leave room for.
+struct Pace {
+    bytes_per_sec: u64,
+    since: Instant,
+    bytes: u64,
+}
+
+impl Pace {
+    fn new(bytes_per_sec: u64, now: Instant) -> Pace {
+        Pace {
+            bytes_per_sec: bytes_per_sec.max(1),
+            since: now,
+            bytes: 0,
+        }
+    }
+
+    /// How long to wait, at `now`, after reading `bytes` more.
+    fn after(&mut self, bytes: u64, now: Instant) -> Duration {
+        self.bytes += bytes;
+        let due = Duration::from_secs_f64(self.bytes as f64 / self.bytes_per_sec as f64);
+        let elapsed = now.saturating_duration_since(self.since);
+        if let Some(wait) = due.checked_sub(elapsed) {
+            return wait;
+        }
+        if elapsed - due > Duration::from_secs(1) {
+            // Behind by more than a second: the schedule starts again now.
+            self.since = now;
+            self.bytes = 0;
+        }
+        Duration::ZERO
+    }
+}
+
 async fn run_blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
         Err(_) => Err(StoreError::Io(std::io::Error::other("scrub task panicked"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rate holds on average, and an hour spent slowed earns no burst:
+    /// once the stall ends, reads wait as if the pass had just begun.
+    #[test]
+    fn scrub_keeps_its_rate_and_makes_up_no_stall() {
+        let t0 = Instant::now();
+        let mut pace = Pace::new(1000, t0);
+        assert_eq!(pace.after(500, t0), Duration::from_millis(500));
+        assert_eq!(
+            pace.after(500, t0 + Duration::from_millis(500)),
+            Duration::from_millis(500)
+        );
+        // An hour later (scrub was slowed): no credit for the hour.
+        let later = t0 + Duration::from_secs(3600);
+        assert_eq!(pace.after(500, later), Duration::ZERO);
+        assert_eq!(pace.after(500, later), Duration::from_millis(500));
+        assert_eq!(pace.after(1000, later), Duration::from_millis(1500));
     }
 }

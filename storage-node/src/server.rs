@@ -35,6 +35,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// Put bodies held in memory at once, across all connections, in MiB: bounds a
 /// node's memory whatever many gateways send at once.
 const BODY_MEMORY_MIB: usize = 1024;
+/// Shard bodies being read and sent at once, across all connections, in
+/// KiB: a peer that asks for many shards and never takes them (flow control
+/// holds each body until it does) cannot make a node hold more.
+const READ_MEMORY_KIB: usize = 1 << 20;
 /// How long shutdown waits for connection tasks to end after the endpoint is
 /// closed (they end at once unless a request is stuck on disk).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -176,6 +180,8 @@ struct NodeState {
     store: Arc<ShardStore>,
     node_id: NodeId,
     body_memory: Arc<Semaphore>,
+    /// See [`READ_MEMORY_KIB`].
+    read_memory: Arc<Semaphore>,
     /// Shard receive buffers, reused (see [`crate::buffers`]).
     buffers: BufferPool,
     metrics: NodeMetrics,
@@ -246,6 +252,7 @@ pub async fn serve(
         store: store.clone(),
         node_id: config.node_id,
         body_memory: Arc::new(Semaphore::new(BODY_MEMORY_MIB)),
+        read_memory: Arc::new(Semaphore::new(READ_MEMORY_KIB)),
         // Idle receive buffers stay within a quarter of the in-flight body budget.
         buffers: BufferPool::new((BODY_MEMORY_MIB / 4) << 20),
         metrics,
@@ -700,6 +707,25 @@ async fn handle_get_shard(
     check: BodyCheck,
     send: &mut quinn::SendStream,
 ) -> Result<&'static str, StreamError> {
+    // Charged before the read, held until the body is sent (a shard not
+    // here costs nothing: it is answered at once).
+    let kib = state
+        .store
+        .stored_len(&key)
+        .map_or(1, |len| {
+            usize::try_from(len.div_ceil(1024)).unwrap_or(usize::MAX)
+        })
+        .clamp(1, READ_MEMORY_KIB);
+    let memory = match state.read_memory.try_acquire_many(kib as u32) {
+        Ok(permit) => Ok(permit),
+        Err(_) => {
+            state.metrics.read_memory_waits.inc();
+            state.read_memory.acquire_many(kib as u32).await
+        }
+    };
+    let Ok(_memory) = memory else {
+        return respond(send, &Response::Error(ErrorCode::Io)).await;
+    };
     let store = state.store.clone();
     // A small shard is read right here: handing a read of a few KiB to the
     // blocking pool costs two thread wake-ups, more than the read itself.
@@ -755,12 +781,18 @@ async fn rebuild_shard(state: &NodeState, rebuild: RebuildShard) -> Result<(), E
     let header = rebuild.header;
     let code = header.code;
     let (k, m) = (code.data_shards(), code.parity_shards());
-    // The sources and the result, within the memory all bodies share.
+    // The sources and the result, within the memory all bodies share. One
+    // that needs more than all of it is refused: the gateway then rebuilds
+    // the shard itself.
     let mib = (rebuild.sources.len() + 1) * (header.len as usize).div_ceil(1 << 20).max(1);
+    if mib > BODY_MEMORY_MIB {
+        tracing::info!(shard = %header.key, mib, "refusing a rebuild larger than the node's body memory");
+        return Err(ErrorCode::BadRequest);
+    }
     let Ok(_memory) = state
         .body_memory
         .clone()
-        .acquire_many_owned(mib.min(BODY_MEMORY_MIB) as u32)
+        .acquire_many_owned(mib as u32)
         .await
     else {
         return Err(ErrorCode::Io);

@@ -603,6 +603,16 @@ impl ShardStore {
         Ok((header, bytes, body_at))
     }
 
+    /// About how many bytes reading `key` takes (its segment record or its
+    /// file, header included): what a read is charged before it is made.
+    /// `None` if it is not here.
+    pub fn stored_len(&self, key: &ShardKey) -> Option<u64> {
+        match self.log.locate(key) {
+            Some(loc) => Some(u64::from(loc.len)),
+            None => file_len(&self.shard_path(key)).ok().flatten(),
+        }
+    }
+
     /// The stored header of `key`, without reading (or verifying) the body. Only
     /// checks what is cheap: the header parses, names `key`, and the file is as
     /// long as the header says.

@@ -527,6 +527,25 @@ async fn metrics_count_requests_shards_and_corruption() {
     .await
     .unwrap();
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    // A client that connects and says nothing is not kept: its connection
+    // is closed once the head's deadline (10 s) passes.
+    let closed = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(metrics_addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let started = std::time::Instant::now();
+        let mut buf = [0u8; 512];
+        // Closed: end of stream (perhaps after a 408), not a timeout.
+        while s.read(&mut buf).is_ok_and(|n| n > 0) {}
+        started.elapsed()
+    })
+    .await
+    .unwrap();
+    assert!(
+        closed < std::time::Duration::from_secs(20),
+        "a silent metrics client was kept {closed:?}"
+    );
     let value = |series: &str| -> f64 {
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
