@@ -317,12 +317,30 @@ impl ShardStore {
                 tracing::warn!(dir = %data_dir.display(), error = %e, "could not make the data directory private");
             }
         }
+        // A disk that has an identity but lost the directories its shards
+        // live in (deleted by hand, a snapshot restored over part of it)
+        // no longer holds what its identity stands for: it takes a new one,
+        // so the gateway re-checks every shard it placed here.
+        let had_identity = data_dir.join(DISK_UUID_FILE).exists();
+        let lost: Vec<&str> = [SHARDS_DIR, crate::segments::SEGMENTS_DIR]
+            .into_iter()
+            .filter(|d| !data_dir.join(d).exists())
+            .collect();
         for dir in [SHARDS_DIR, TMP_DIR, QUARANTINE_DIR] {
             create_dir_durably(&data_dir.join(dir))?;
         }
         let root = data_dir.to_path_buf();
         remove_temporary_files(&root.join(TMP_DIR))?;
         let mut disk_uuid = read_or_mint_disk_uuid(&root)?;
+        if had_identity && !lost.is_empty() {
+            disk_uuid = mint_disk_uuid(&root)?;
+            tracing::error!(
+                directories = ?lost,
+                disk = %uuid::Uuid::from_bytes(disk_uuid),
+                "the data directory lost where its shards live: the disk takes a new identity, \
+                 so the gateway re-checks every shard it placed here"
+            );
+        }
         let usage = count_shards(&root.join(SHARDS_DIR))?;
         let log = SegmentLog::open(&root)?;
         if !log.damaged_segments().is_empty() {
@@ -1582,15 +1600,7 @@ fn dir_identity(dir: &Path) -> io::Result<u64> {
 /// durable before the segment moves: a crash between the two renews it
 /// again at the next start, which costs a second check, not a missed one.
 fn renew_identity(root: &Path, log: &SegmentLog) -> Result<[u8; 16], StoreError> {
-    let id = uuid::Uuid::now_v7();
-    let text = format!("{}\n", id.hyphenated());
-    durable_write(
-        &root.join(TMP_DIR),
-        root,
-        DISK_UUID_FILE,
-        &[text.as_bytes()],
-        0o644,
-    )?;
+    let id = uuid::Uuid::from_bytes(mint_disk_uuid(root)?);
     tracing::error!(
         segments = ?log.damaged_segments(),
         disk = %id,
@@ -1622,20 +1632,26 @@ fn read_or_mint_disk_uuid(root: &Path) -> Result<[u8; 16], StoreError> {
             .map(|u| *u.as_bytes())
             .map_err(|_| StoreError::BadDiskUuid(path)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let id = uuid::Uuid::now_v7();
-            let text = format!("{}\n", id.hyphenated());
-            durable_write(
-                &root.join(TMP_DIR),
-                root,
-                DISK_UUID_FILE,
-                &[text.as_bytes()],
-                0o644,
-            )?;
-            tracing::info!(disk = %id, "minted a disk UUID for a new data dir");
-            Ok(*id.as_bytes())
+            let id = mint_disk_uuid(root)?;
+            tracing::info!(disk = %uuid::Uuid::from_bytes(id), "minted a disk UUID for a new data dir");
+            Ok(id)
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Writes a new disk UUID (durably), replacing any earlier one.
+fn mint_disk_uuid(root: &Path) -> Result<[u8; 16], StoreError> {
+    let id = uuid::Uuid::now_v7();
+    let text = format!("{}\n", id.hyphenated());
+    durable_write(
+        &root.join(TMP_DIR),
+        root,
+        DISK_UUID_FILE,
+        &[text.as_bytes()],
+        0o644,
+    )?;
+    Ok(*id.as_bytes())
 }
 
 fn remove_temporary_files(tmp: &Path) -> io::Result<()> {
@@ -2775,8 +2791,26 @@ mod tests {
         // Shards wiped, the rest left.
         let dir = parent.path().join("node2");
         let store = ShardStore::open(&dir).unwrap();
+        let before = store.disk_uuid();
         fs::remove_dir_all(dir.join(SHARDS_DIR)).unwrap();
         assert!(changed(&store), "shards directory gone");
+        // Restarted on what is left, its disk.uuid kept: a new identity
+        // all the same, so the gateway re-checks what it placed here.
+        drop(store);
+        let store = ShardStore::open(&dir).unwrap();
+        assert_ne!(store.disk_uuid(), before, "shards gone, identity kept");
+        let again = store.disk_uuid();
+        drop(store);
+        assert_eq!(
+            ShardStore::open(&dir).unwrap().disk_uuid(),
+            again,
+            "renewed once, not at every start"
+        );
+        // The same for the segments small shards are packed into.
+        let store = ShardStore::open(&dir).unwrap();
+        fs::remove_dir_all(dir.join(crate::segments::SEGMENTS_DIR)).unwrap();
+        drop(store);
+        assert_ne!(ShardStore::open(&dir).unwrap().disk_uuid(), again);
         // Another disk's identity written over this one's.
         let dir = parent.path().join("node3");
         let store = ShardStore::open(&dir).unwrap();
