@@ -707,13 +707,21 @@ impl GroupCheck {
                 // be intact): not a content-root alarm, and not every read
                 // failing here for good.
                 Err(ReadError::BadOutboard(evidence)) => {
-                    let cleared = indexer::run(&gw.store, |t| async move {
-                        schema::clear_outboard_tx(&t, evidence);
-                        Ok::<_, schema::SchemaError>(())
-                    })
-                    .await;
-                    if let Err(e) = cleared {
-                        tracing::warn!(%evidence, error = %e, "could not clear an outboard that does not verify");
+                    // Not while a read rebuilds it: that one writes the new
+                    // outboard in chunks (clearing before the first), and a
+                    // clear between two chunks would leave it partial. The
+                    // slot is held across the clear, so a rebuild starting
+                    // now finds the outboard gone, as it should.
+                    let slot = rebuild_slot(gw, evidence);
+                    if let Ok(_slot) = slot.try_lock() {
+                        let cleared = indexer::run(&gw.store, |t| async move {
+                            schema::clear_outboard_tx(&t, evidence);
+                            Ok::<_, schema::SchemaError>(())
+                        })
+                        .await;
+                        if let Err(e) = cleared {
+                            tracing::warn!(%evidence, error = %e, "could not clear an outboard that does not verify");
+                        }
                     }
                     return Err(ReadError::BadOutboard(evidence));
                 }
