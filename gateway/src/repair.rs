@@ -207,7 +207,7 @@ pub fn spawn_repair_loop<S: Store>(
     tokio::spawn(async move {
         let mut cursor = None;
         let mut queue_cursor = None;
-        let mut reported = HashSet::new();
+        let mut reported = HashMap::new();
         loop {
             tokio::select! {
                 _ = gw.repair_wake.notified() => {}
@@ -247,12 +247,15 @@ pub fn spawn_repair_loop<S: Store>(
 
 /// Asks every healthy node for the shards it quarantined (found corrupt by
 /// its scrubber or on a read) and queues each stripe whose record still
-/// places that shard on that node. `reported` remembers what was handled, so
-/// a quarantine entry (kept on the node for forensics) is acted on once per
-/// gateway life. Returns the stripes queued.
+/// places that shard on that node. `reported` remembers what was handled
+/// and whether the record placed the shard on that node then, so a
+/// quarantine entry (kept on the node for forensics, and named once however
+/// often the key was quarantined) is acted on once per placement: a shard
+/// repaired away and later placed on the same node again, and found
+/// corrupt there again, is queued again. Returns the stripes queued.
 pub async fn collect_quarantined<S: Store>(
     gw: &Gateway<S>,
-    reported: &mut HashSet<(NodeId, ShardKey)>,
+    reported: &mut HashMap<(NodeId, ShardKey), bool>,
 ) -> u64 {
     let mut queued = 0;
     for entry in &gw.config.nodes {
@@ -276,26 +279,26 @@ pub async fn collect_quarantined<S: Store>(
             };
             let Some(last) = keys.last() else { break };
             after = Some(*last);
-            let fresh: Vec<ShardKey> = keys
+            let listed: Vec<(ShardKey, Option<bool>)> = keys
                 .into_iter()
-                .filter(|k| !reported.contains(&(node, *k)))
+                .map(|k| (k, reported.get(&(node, k)).copied()))
                 .collect();
-            if fresh.is_empty() {
-                continue;
-            }
             let result = indexer::run(&gw.store, |tx| {
-                let fresh = &fresh;
+                let listed = &listed;
                 async move {
-                    // Done with: queued, or the stripe's record exists and
+                    // Done with: queued (unless it was queued while placed
+                    // there already), or the stripe's record exists and
                     // places the shard elsewhere, or the evidence has no
                     // record and no upload in flight. A shard with neither
                     // yet (its upload's records still to be written) is
                     // looked at again.
                     let mut done = Vec::new();
-                    for k in fresh {
+                    for (k, was_placed) in listed {
                         if schema::shard_placed_on_tx(&tx, k, node).await? {
-                            schema::mark_degraded_tx(&tx, k.evidence, k.stripe);
-                            done.push((*k, true));
+                            if *was_placed != Some(true) {
+                                schema::mark_degraded_tx(&tx, k.evidence, k.stripe);
+                                done.push((*k, true));
+                            }
                         } else if schema::get_stripe_tx(&tx, k.evidence, k.stripe)
                             .await?
                             .is_some()
@@ -311,7 +314,7 @@ pub async fn collect_quarantined<S: Store>(
             match result {
                 Ok(done) => {
                     queued += done.iter().filter(|(_, q)| *q).count() as u64;
-                    reported.extend(done.into_iter().map(|(k, _)| (node, k)));
+                    reported.extend(done.into_iter().map(|(k, placed)| ((node, k), placed)));
                 }
                 Err(e) => {
                     tracing::warn!(%node, error = %e, "could not queue quarantined shards");
@@ -1205,10 +1208,21 @@ async fn repair_leased<S: Store>(
     // whole dataset, while a node of a k+m cluster stays gone) for nothing.
     // A loss only damage could reveal waits for a home too; one the
     // shards' homes already show (more than m gone) is recorded below.
-    if !homeless.is_empty() && homeless.len() <= m {
-        let holders = holders_except(&rec, &homeless);
-        let targets = choose_targets(gw, evidence, stripe, &holders, &rec, gone, homeless.len());
-        if targets.len() < homeless.len() {
+    // Shards on draining nodes need homes as much as lost ones (a drain
+    // with nowhere to go otherwise read and decoded every stripe of it,
+    // every pass, to fail at the end).
+    let on_draining: Vec<usize> = (0..total)
+        .filter(|i| rec.shards[*i].node.is_some_and(|n| draining.contains(&n)))
+        .collect();
+    let moving: Vec<usize> = homeless
+        .iter()
+        .chain(on_draining.iter().filter(|i| !homeless.contains(i)))
+        .copied()
+        .collect();
+    if !moving.is_empty() && homeless.len() <= m {
+        let holders = holders_except(&rec, &moving);
+        let targets = choose_targets(gw, evidence, stripe, &holders, &rec, gone, moving.len());
+        if targets.len() < moving.len() {
             return Ok(Outcome::NoHome);
         }
     }
@@ -1238,9 +1252,6 @@ async fn repair_leased<S: Store>(
     // shard moving instead of all k+m in and one out. The rest is checked
     // in place by its nodes either way. Anything else (damage found, an
     // older node, a source that cannot be read) is rebuilt here.
-    let on_draining: Vec<usize> = (0..total)
-        .filter(|i| rec.shards[*i].node.is_some_and(|n| draining.contains(&n)))
-        .collect();
     let remote = match (&homeless[..], on_draining.is_empty()) {
         ([lost], true) if order.len() >= k => {
             Some((vec![(*lost, order[..k].to_vec())], spare.clone()))
