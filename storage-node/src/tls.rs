@@ -39,7 +39,8 @@ pub const ALPN: &[u8] = b"custodia/1";
 /// How long the CA and leaf certificates are valid: evidence is kept for
 /// decades, and an expired cluster CA would stop every node at once.
 const CA_VALIDITY_DAYS: i64 = 20 * 365;
-/// Leaves expire a little before the CA, so no leaf outlives its issuer.
+/// Leaves expire a little before the CA (and never after it, however late
+/// they are issued), so no leaf outlives its issuer.
 const LEAF_VALIDITY_DAYS: i64 = CA_VALIDITY_DAYS - 30;
 
 /// Why a certificate could not be made or a TLS configuration built.
@@ -62,6 +63,9 @@ pub enum TlsError {
     /// A certificate file holds no certificate.
     #[error("{0} holds no certificate")]
     NoCertificate(PathBuf),
+    /// The cluster CA expires too soon to issue anything more.
+    #[error("the cluster CA expires {0}: it can issue no more certificates; replace it")]
+    CaExpiring(time::OffsetDateTime),
     /// Generating or signing a certificate failed, or a CA PEM was unusable.
     #[error("certificate generation: {0}")]
     Certificate(#[from] rcgen::Error),
@@ -82,6 +86,8 @@ pub struct ClusterCa {
     cert_pem: String,
     key_pem: String,
     issuer: Issuer<'static, KeyPair>,
+    /// When the CA certificate expires: no leaf it issues outlives it.
+    not_after: time::OffsetDateTime,
 }
 
 impl std::fmt::Debug for ClusterCa {
@@ -94,6 +100,11 @@ impl std::fmt::Debug for ClusterCa {
 impl ClusterCa {
     /// A new self-signed CA named `name`, valid for 20 years.
     pub fn generate(name: &str) -> Result<Self, TlsError> {
+        Self::generate_for(name, CA_VALIDITY_DAYS)
+    }
+
+    /// A new CA valid for `days`.
+    fn generate_for(name: &str, days: i64) -> Result<Self, TlsError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
@@ -104,13 +115,15 @@ impl ClusterCa {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        set_validity(&mut params, CA_VALIDITY_DAYS);
+        set_validity(&mut params, days);
         let cert = params.self_signed(&key)?;
         let key_pem = key.serialize_pem();
+        let not_after = params.not_after;
         Ok(ClusterCa {
             cert_pem: cert.pem(),
             key_pem,
             issuer: Issuer::new(params, key),
+            not_after,
         })
     }
 
@@ -128,11 +141,21 @@ impl ClusterCa {
     /// Loads a CA written by [`ClusterCa::to_pem`].
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
         let key = KeyPair::from_pem(key_pem)?;
+        let not_after = {
+            let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+                .map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
+            let cert = pem
+                .parse_x509()
+                .map_err(|_| rcgen::Error::CouldNotParseCertificate)?;
+            time::OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp())
+                .map_err(|_| rcgen::Error::CouldNotParseCertificate)?
+        };
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
         Ok(ClusterCa {
             cert_pem: cert_pem.to_string(),
             key_pem: key_pem.to_string(),
             issuer,
+            not_after,
         })
     }
 
@@ -188,6 +211,15 @@ impl ClusterCa {
         }
         params.use_authority_key_identifier_extension = true;
         set_validity(&mut params, LEAF_VALIDITY_DAYS);
+        // A leaf issued years after the CA (a node added late) still
+        // expires with it at the latest, a day before.
+        params.not_after = params
+            .not_after
+            .min(self.not_after - time::Duration::days(1));
+        // (Less than a day of use left is no certificate worth issuing.)
+        if params.not_after < time::OffsetDateTime::now_utc() + time::Duration::days(1) {
+            return Err(TlsError::CaExpiring(self.not_after));
+        }
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok((cert.pem(), key.serialize_pem()))
     }
@@ -448,6 +480,34 @@ mod tests {
 
     /// A restarted node (same key) accepts the IDs its previous process
     /// issued, and nothing else: not a tampered ID, not another key's.
+    /// No leaf outlives the CA that issued it, however late it is issued
+    /// (here by a CA, reloaded from its PEM, with ten days left); a CA
+    /// with a day or less left issues nothing.
+    #[test]
+    fn no_leaf_outlives_its_ca() {
+        let expiry = |pem: &str| {
+            let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+            pem.parse_x509().unwrap().validity().not_after.timestamp()
+        };
+        let ca = ClusterCa::generate_for("short-lived", 10).unwrap();
+        let (ca_pem, ca_key) = ca.to_pem();
+        let ca = ClusterCa::from_pem(&ca_pem, &ca_key).unwrap();
+        let (leaf, _) = ca
+            .issue("node", &[NODE_SERVER_NAME.to_string()], &[])
+            .unwrap();
+        let (ca_end, leaf_end) = (expiry(&ca_pem), expiry(&leaf));
+        assert!(
+            leaf_end <= ca_end - 86_400,
+            "leaf {leaf_end} vs CA {ca_end}"
+        );
+        assert!(leaf_end > ca_end - 2 * 86_400);
+        let dying = ClusterCa::generate_for("dying", 1).unwrap();
+        assert!(matches!(
+            dying.issue("node", &[NODE_SERVER_NAME.to_string()], &[]),
+            Err(TlsError::CaExpiring(_))
+        ));
+    }
+
     #[test]
     fn connection_ids_are_recognised_across_restarts_and_unforgeable() {
         use quinn_proto::ConnectionIdGenerator;
