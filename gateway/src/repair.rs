@@ -1145,12 +1145,14 @@ async fn repair_leased<S: Store>(
         let rec = schema::get_stripe_tx(&tx, evidence, stripe).await?;
         // Records without a manifest: an upload still in flight (its intent
         // live) or an S3 part awaiting completion (intent ended) will become
-        // visible; an aborted one is the collector's.
+        // visible; an aborted one is the collector's, and so is expunged
+        // evidence (its records stay until its shards are deleted).
         let pending = header.is_none()
             && rec.is_some()
             && !schema::get_intent_tx(&tx, evidence)
                 .await?
-                .is_some_and(|i| i.aborted);
+                .is_some_and(|i| i.aborted)
+            && schema::get_expunged_tx(&tx, evidence).await?.is_none();
         Ok::<_, schema::SchemaError>((header, rec, pending))
     })
     .await?;
