@@ -2095,6 +2095,53 @@ pub async fn statement_published<S: Store>(
     .await?)
 }
 
+/// Re-signs the index's newest checkpoint, signed for `old_vkey`, with
+/// `new_skey` under `new_origin`: the same tree at the same size, for a log
+/// key rotated with a new origin (`custodia ledger rotate-key`, the gateway
+/// stopped). Receipts are then served against checkpoints of the new
+/// origin and key, every later checkpoint is signed so, and the checkpoint
+/// file is published anew when the gateway starts; receipts issued before
+/// still verify with the old key. Returns the size re-signed (`None`: no
+/// checkpoint yet). Run again after a crash, it finds the checkpoint
+/// signed with the new key already and leaves it.
+pub async fn resign_newest_checkpoint<S: indexer::KvStore>(
+    store: &S,
+    old_vkey: &str,
+    new_skey: &str,
+    new_origin: &str,
+) -> Result<Option<u64>, LedgerError> {
+    let note = indexer::run(store, |tx| async move { lx::checkpoint_tx(&tx).await })
+        .await
+        .map_err(|e| LedgerError::Tree(format!("the index's checkpoint: {e}")))?;
+    let Some(note) = note else { return Ok(None) };
+    let note = String::from_utf8(note)
+        .map_err(|_| LedgerError::Tree("the index's checkpoint is not text".into()))?;
+    let new_vkey = verifier_key_of(new_skey)
+        .ok_or_else(|| LedgerError::Tree("not a log signing key".into()))?;
+    if let Ok(done) = pl::verify_checkpoint(&note, &new_vkey) {
+        return Ok(Some(done.size));
+    }
+    let cp = pl::verify_checkpoint(&note, old_vkey).map_err(|e| {
+        LedgerError::Tree(format!(
+            "the index's checkpoint does not verify with the current key: {e}"
+        ))
+    })?;
+    let resigned = pl::sign_checkpoint(new_skey, new_origin, cp.size, cp.root)?;
+    let size = cp.size;
+    let replaced = indexer::run(store, |tx| {
+        let resigned = resigned.as_bytes();
+        async move { lx::replace_checkpoint_tx(&tx, size, resigned).await }
+    })
+    .await
+    .map_err(|e| LedgerError::Tree(format!("storing the re-signed checkpoint: {e}")))?;
+    if !replaced {
+        return Err(LedgerError::Tree(
+            "the index's checkpoint changed meanwhile (is a gateway running?)".into(),
+        ));
+    }
+    Ok(Some(size))
+}
+
 /// The receipt of leaf `index` against the newest checkpoint; `None` while no
 /// checkpoint covers it.
 pub async fn leaf_receipt<S: Store>(

@@ -865,6 +865,22 @@ pub async fn put_checkpoint_tx<T: Transaction>(
     Ok(true)
 }
 
+/// Replaces the newest checkpoint's note by `note`, another signature of
+/// the same tree at the same `size` (a log key rotated: the tree re-signed
+/// under the new key and origin). Says whether it did: nothing is replaced
+/// unless the newest checkpoint is of `size`.
+pub async fn replace_checkpoint_tx<T: Transaction>(
+    tx: &T,
+    size: u64,
+    note: &[u8],
+) -> Result<bool, SchemaError> {
+    if checkpoint_size_tx(tx).await? != Some(size) {
+        return Ok(false);
+    }
+    tx.set(&ledger_key("checkpoint"), note);
+    Ok(true)
+}
+
 /// Records a hash-only notarization under `id` for `tenant`.
 pub fn put_notarization_tx<T: Transaction>(tx: &T, id: EvidenceId, tenant: &str) {
     tx.set(&evidence_key(NOTARIZED, &id), tenant.as_bytes());

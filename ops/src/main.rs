@@ -14,6 +14,7 @@ mod bench_repair;
 mod bench_s3;
 mod client;
 mod cluster;
+mod ledger_admin;
 mod node_admin;
 mod recover;
 mod sim;
@@ -163,6 +164,9 @@ enum Command {
     /// Manage tenants directly in the embedded index (the gateway must be stopped).
     #[command(subcommand)]
     Tenant(TenantCommand),
+    /// The transparency ledger's keys.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
     /// Run a local cluster (initialising DATA_DIR first if needed) until Ctrl-C.
     Up {
         #[arg(long, default_value = "custodia-data")]
@@ -436,6 +440,22 @@ enum KeyCommand {
 }
 
 #[derive(Subcommand)]
+enum LedgerCommand {
+    /// Replace the log's signing key, under a new origin (the gateway
+    /// stopped): the tree goes on, re-signed with the new key from its
+    /// newest checkpoint; receipts issued before still verify with the old
+    /// verifier key, kept beside the new one.
+    RotateKey {
+        /// The new origin (the log's name in checkpoints and its key's
+        /// name): another than the current one.
+        #[arg(long)]
+        origin: String,
+        #[arg(long, default_value = "custodia-data")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum TenantCommand {
     /// Register a tenant (`[a-z0-9_-]{1,64}`); through the running gateway
     /// if it holds the index.
@@ -702,6 +722,10 @@ async fn run(cli: Cli) -> Result<()> {
                 anyhow::bail!("no such credential: nothing was revoked");
             }
             Ok(())
+        }
+        Command::Ledger(LedgerCommand::RotateKey { origin, data_dir }) => {
+            init_tracing("warn");
+            ledger_admin::rotate_key(&data_dir, &origin).await
         }
         Command::Tenant(TenantCommand::Create {
             name,

@@ -1498,6 +1498,89 @@ fn unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The log's signing key is rotated under a new origin (the gateway
+/// stopped): the tree goes on, its newest checkpoint re-signed; receipts
+/// issued before still verify with the old verifier key, kept beside the
+/// new one; receipts served from then on, old filings' and new ones',
+/// verify with the new key only; the same origin again is refused.
+#[test]
+fn the_log_key_rotates_under_a_new_origin_and_old_receipts_still_verify() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    let old_key = log_key(&c)?;
+    let a = c.file(&bytes(5000, 81))?;
+    let a_id = a["id"].as_str().context("id")?.to_owned();
+    let before = receipt_of(&a)?;
+    before.verify(&old_key)?;
+
+    let rotate = |c: &TestCluster| {
+        Command::new(custodia_bin())
+            .args([
+                "ledger",
+                "rotate-key",
+                "--origin",
+                "courts.example/custodia/2027",
+            ])
+            .arg("--data-dir")
+            .arg(c.data_dir())
+            .output()
+    };
+    let busy = rotate(&c)?;
+    assert!(!busy.status.success(), "rotated under a running gateway");
+    c.stop_gateway();
+    let out = rotate(&c)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("re-signed"), "{said}");
+    c.start_gateway()?;
+    c.wait_healthy(c.shape.nodes as u64)?;
+
+    let new_key = log_key(&c)?;
+    assert!(
+        new_key.starts_with("courts.example/custodia/2027+"),
+        "{new_key}"
+    );
+    let kept = std::fs::read_to_string(c.data_dir().join(format!(
+        "ledger.vkey.{}",
+        old_key.split('+').next().unwrap_or_default().replace('/', "_")
+    )))?;
+    assert_eq!(kept.trim(), old_key, "the old verifier key is kept");
+    before.verify(kept.trim())?;
+    assert!(before.verify(&new_key).is_err());
+    // The filing's receipt now, and a new filing's: the new key's.
+    let now = c.get_with(&c.token, &format!("/v1/evidence/{a_id}/receipt"), &[])?;
+    assert_eq!(now.status, 200);
+    let now: Receipt = serde_json::from_slice(&now.body)?;
+    now.verify(&new_key)?;
+    assert!(now.verify(&old_key).is_err());
+    let b = c.file(&bytes(6000, 82))?;
+    let after = receipt_of(&b)?;
+    after.verify(&new_key)?;
+    assert!(after.leaf_index > before.leaf_index, "the tree went on");
+    let served = c.get_with("", "/v1/ledger/key", &[])?;
+    assert_eq!(String::from_utf8_lossy(&served.body).trim(), new_key);
+    // The published checkpoint is the new origin's, for monitors too.
+    let published = c.data_dir().join("ledger/tiles/checkpoint");
+    let renamed = custodia_tests::eventually(10, || {
+        std::fs::read_to_string(&published)
+            .is_ok_and(|n| n.starts_with("courts.example/custodia/2027\n"))
+    });
+    assert!(renamed, "{:?}", std::fs::read_to_string(&published));
+    // Once is enough: the same origin again is refused.
+    c.stop_gateway();
+    let again = rotate(&c)?;
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    Ok(())
+}
+
 /// An expunger credential, minted on the index host with the gateway
 /// stopped (as the CLI requires); the gateway is started again.
 fn expunger_token(c: &mut TestCluster) -> Result<String> {
