@@ -253,9 +253,13 @@ pub fn spawn_repair_loop<S: Store>(
 /// often the key was quarantined) is acted on once per placement: a shard
 /// repaired away and later placed on the same node again, and found
 /// corrupt there again, is queued again. Returns the stripes queued.
+///
+/// A quarantine entry already handled is looked at again only every
+/// [`QUARANTINE_RECHECK`]: entries stay on the nodes for good, and reading
+/// the index for each of them on every pass would grow without bound.
 pub async fn collect_quarantined<S: Store>(
     gw: &Gateway<S>,
-    reported: &mut HashMap<(NodeId, ShardKey), bool>,
+    reported: &mut HashMap<(NodeId, ShardKey), (bool, std::time::Instant)>,
 ) -> u64 {
     let mut queued = 0;
     for entry in &gw.config.nodes {
@@ -281,8 +285,14 @@ pub async fn collect_quarantined<S: Store>(
             after = Some(*last);
             let listed: Vec<(ShardKey, Option<bool>)> = keys
                 .into_iter()
-                .map(|k| (k, reported.get(&(node, k)).copied()))
+                .filter_map(|k| match reported.get(&(node, k)) {
+                    Some((_, at)) if at.elapsed() < QUARANTINE_RECHECK => None,
+                    seen => Some((k, seen.map(|(placed, _)| *placed))),
+                })
                 .collect();
+            if listed.is_empty() {
+                continue;
+            }
             let result = indexer::run(&gw.store, |tx| {
                 let listed = &listed;
                 async move {
@@ -292,19 +302,21 @@ pub async fn collect_quarantined<S: Store>(
                     // record and no upload in flight. A shard with neither
                     // yet (its upload's records still to be written) is
                     // looked at again.
+                    // (key, placed on the node, queued now)
                     let mut done = Vec::new();
                     for (k, was_placed) in listed {
                         if schema::shard_placed_on_tx(&tx, k, node).await? {
-                            if *was_placed != Some(true) {
+                            let again = *was_placed != Some(true);
+                            if again {
                                 schema::mark_degraded_tx(&tx, k.evidence, k.stripe);
-                                done.push((*k, true));
                             }
+                            done.push((*k, true, again));
                         } else if schema::get_stripe_tx(&tx, k.evidence, k.stripe)
                             .await?
                             .is_some()
                             || schema::get_intent_tx(&tx, k.evidence).await?.is_none()
                         {
-                            done.push((*k, false));
+                            done.push((*k, false, false));
                         }
                     }
                     Ok::<_, schema::SchemaError>(done)
@@ -313,8 +325,12 @@ pub async fn collect_quarantined<S: Store>(
             .await;
             match result {
                 Ok(done) => {
-                    queued += done.iter().filter(|(_, q)| *q).count() as u64;
-                    reported.extend(done.into_iter().map(|(k, placed)| ((node, k), placed)));
+                    queued += done.iter().filter(|(.., q)| *q).count() as u64;
+                    let now = std::time::Instant::now();
+                    reported.extend(
+                        done.into_iter()
+                            .map(|(k, placed, _)| ((node, k), (placed, now))),
+                    );
                 }
                 Err(e) => {
                     tracing::warn!(%node, error = %e, "could not queue quarantined shards");
@@ -325,6 +341,10 @@ pub async fn collect_quarantined<S: Store>(
     }
     queued
 }
+
+/// How often a quarantine entry already handled is looked at again (see
+/// [`collect_quarantined`]).
+const QUARANTINE_RECHECK: Duration = Duration::from_secs(600);
 
 /// Nodes down for longer than the configured grace, and removed nodes:
 /// their shards count as missing.
@@ -1277,8 +1297,18 @@ async fn repair_leased<S: Store>(
             .iter()
             .any(|(i, _)| rec.shards[*i].blake3 == protocol::ShardPlacement::UNKNOWN_HASH)
     };
+    // A build a node would refuse (its sources and result past the memory
+    // all its bodies share: a code of many large shards) is done here, not
+    // asked for and counted as a failure of node-side builds.
+    let shard_mib = (header.code.shard_size as usize).div_ceil(1 << 20).max(1);
+    let fits = |moves: &[(usize, Vec<usize>)]| {
+        moves
+            .iter()
+            .all(|(_, from)| (from.len() + 1) * shard_mib <= storage_node::server::BODY_MEMORY_MIB)
+    };
     if let Some((moves, in_place)) = remote
         .filter(|(moves, _)| !unknown(moves))
+        .filter(|(moves, _)| fits(moves))
         .filter(|_| gw.remote_builds.allowed())
     {
         if let Some(outcome) =

@@ -867,8 +867,12 @@ pub async fn put_checkpoint_tx<T: Transaction>(
 
 /// Replaces the newest checkpoint's note by `note`, another signature of
 /// the same tree at the same `size` (a log key rotated: the tree re-signed
-/// under the new key and origin). Says whether it did: nothing is replaced
-/// unless the newest checkpoint is of `size`.
+/// under the new key and origin). What was gathered over the old note at
+/// that size goes with it: its RFC 3161 token and its witnessed and
+/// time-stamped records (each over the old note's text, which names the old
+/// origin), for the background tasks to gather again over the new one.
+/// Says whether it did: nothing is replaced unless the newest checkpoint is
+/// of `size`.
 pub async fn replace_checkpoint_tx<T: Transaction>(
     tx: &T,
     size: u64,
@@ -878,6 +882,13 @@ pub async fn replace_checkpoint_tx<T: Transaction>(
         return Ok(false);
     }
     tx.set(&ledger_key("checkpoint"), note);
+    tx.clear(&tsa_key(size));
+    if witnessed_tx(tx).await?.is_some_and(|w| w.size == size) {
+        tx.clear(&ledger_key("witnessed"));
+    }
+    if stamped_tx(tx).await?.is_some_and(|s| s.size == size) {
+        tx.clear(&ledger_key("stamped"));
+    }
     Ok(true)
 }
 

@@ -39,7 +39,9 @@ pub async fn rotate_key(data_dir: &Path, origin: &str) -> Result<()> {
         .trim()
         .to_owned();
     let current = std::fs::read_to_string(&ledger.signer_key)
-        .with_context(|| format!("reading the log key {}", ledger.signer_key.display()))?;
+        .with_context(|| format!("reading the log key {}", ledger.signer_key.display()))?
+        .trim()
+        .to_owned();
     let ours = |skey: &str| skey.starts_with(&format!("PRIVATE+KEY+{origin}+"));
     // A rotation to this origin cut short after the new key took the old
     // one's place: finished from there.
@@ -47,8 +49,16 @@ pub async fn rotate_key(data_dir: &Path, origin: &str) -> Result<()> {
     let next_path = ledger.signer_key.with_extension("key.next");
     let next = match std::fs::read_to_string(&next_path) {
         _ if swapped => current.clone(),
-        Ok(key) if ours(&key) => key,
-        _ => {
+        Ok(key) if ours(key.trim()) => key.trim().to_owned(),
+        // The key of a rotation to another origin, cut short: the index's
+        // checkpoint may be signed with it already, and it must not be lost.
+        Ok(key) => bail!(
+            "{} holds the key of a rotation to {:?} that did not finish: run the command \
+             again with that origin (or, if it never got as far as the index, remove the file)",
+            next_path.display(),
+            key.split('+').nth(2).unwrap_or("another origin")
+        ),
+        Err(_) => {
             let (skey, _) = protocol::ledger::note_keys(origin, &rand::random());
             storage_node::tls::write_private(&next_path, skey.as_bytes())?;
             skey
@@ -82,7 +92,14 @@ pub async fn rotate_key(data_dir: &Path, origin: &str) -> Result<()> {
         )
     ));
     if let Some(old) = &old_vkey {
-        std::fs::write(&kept_vkey, format!("{old}\n"))?;
+        match std::fs::read_to_string(&kept_vkey) {
+            Ok(there) if there.trim() != old && !there.trim().is_empty() => bail!(
+                "{} holds another key already (an earlier rotation from an origin of the \
+                 same name): move it aside first",
+                kept_vkey.display()
+            ),
+            _ => write_public(&kept_vkey, old)?,
+        }
     }
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -95,15 +112,15 @@ pub async fn rotate_key(data_dir: &Path, origin: &str) -> Result<()> {
         storage_node::tls::write_private(&retired, current.as_bytes())?;
         std::fs::rename(&next_path, &ledger.signer_key)?;
     }
-    let vkey_tmp = data_dir.join(format!("{LEDGER_VKEY_FILE}.new"));
-    std::fs::write(&vkey_tmp, format!("{new_vkey}\n"))?;
-    std::fs::rename(&vkey_tmp, &vkey_path)?;
+    write_public(&vkey_path, &new_vkey)?;
     let ledger_dir = ledger.signer_key.parent().map(Path::to_path_buf);
     ledger.origin = origin.to_owned();
     cluster.gateway.validate()?;
-    let tmp = data_dir.join(format!("{CLUSTER_FILE}.new"));
-    std::fs::write(&tmp, toml::to_string_pretty(&cluster)?)?;
-    std::fs::rename(&tmp, data_dir.join(CLUSTER_FILE))?;
+    storage_node::store::write_durably(
+        data_dir,
+        CLUSTER_FILE,
+        &[toml::to_string_pretty(&cluster)?.as_bytes()],
+    )?;
     for dir in [Some(data_dir), ledger_dir.as_deref()]
         .into_iter()
         .flatten()
@@ -132,5 +149,17 @@ pub async fn rotate_key(data_dir: &Path, origin: &str) -> Result<()> {
         "give the new verifier key to every witness (custodia witness --log-key) and \
          verifier, then start the gateway"
     );
+    Ok(())
+}
+
+/// Writes a verifier key (public: readable by all) to `path` durably.
+fn write_public(path: &Path, key: &str) -> Result<()> {
+    let (dir, name) = (
+        path.parent().context("a key file without a directory")?,
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .context("a key file without a name")?,
+    );
+    storage_node::store::write_durably(dir, name, &[key.as_bytes(), b"\n"])?;
     Ok(())
 }

@@ -34,7 +34,7 @@ use tokio::task::{JoinHandle, JoinSet};
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// Put bodies held in memory at once, across all connections, in MiB: bounds a
 /// node's memory whatever many gateways send at once.
-const BODY_MEMORY_MIB: usize = 1024;
+pub const BODY_MEMORY_MIB: usize = 1024;
 /// Shard bodies being read and sent at once, across all connections, in
 /// KiB: a peer that asks for many shards and never takes them (flow control
 /// holds each body until it does) cannot make a node hold more.
@@ -708,10 +708,19 @@ async fn handle_get_shard(
     send: &mut quinn::SendStream,
 ) -> Result<&'static str, StreamError> {
     // Charged before the read, held until the body is sent (a shard not
-    // here costs nothing: it is answered at once).
-    let kib = state
-        .store
-        .stored_len(&key)
+    // here costs nothing: it is answered at once). A packed shard's length
+    // is in memory; a file's is a `stat`, made on the blocking pool like
+    // every other touch of a shard file.
+    let len = match state.store.packed_len(&key) {
+        Some(len) => Some(len),
+        None => {
+            let store = state.store.clone();
+            blocking(move || Ok(store.stored_len(&key)))
+                .await
+                .unwrap_or(None)
+        }
+    };
+    let kib = len
         .map_or(1, |len| {
             usize::try_from(len.div_ceil(1024)).unwrap_or(usize::MAX)
         })

@@ -621,14 +621,19 @@ impl ShardStore {
         Ok((header, bytes, body_at))
     }
 
+    /// How many bytes reading `key` takes if it is packed in a segment (its
+    /// record): known in memory, no disk touched.
+    pub fn packed_len(&self, key: &ShardKey) -> Option<u64> {
+        self.log.locate(key).map(|loc| u64::from(loc.len))
+    }
+
     /// About how many bytes reading `key` takes (its segment record or its
     /// file, header included): what a read is charged before it is made.
-    /// `None` if it is not here.
+    /// `None` if it is not here. A file's is a `stat`: call it where the
+    /// disk may be waited for.
     pub fn stored_len(&self, key: &ShardKey) -> Option<u64> {
-        match self.log.locate(key) {
-            Some(loc) => Some(u64::from(loc.len)),
-            None => file_len(&self.shard_path(key)).ok().flatten(),
-        }
+        self.packed_len(key)
+            .or_else(|| file_len(&self.shard_path(key)).ok().flatten())
     }
 
     /// The stored header of `key`, without reading (or verifying) the body. Only

@@ -478,8 +478,6 @@ fn transport() -> Arc<quinn::TransportConfig> {
 mod tests {
     use super::*;
 
-    /// A restarted node (same key) accepts the IDs its previous process
-    /// issued, and nothing else: not a tampered ID, not another key's.
     /// No leaf outlives the CA that issued it, however late it is issued
     /// (here by a CA, reloaded from its PEM, with ten days left); a CA
     /// with a day or less left issues nothing.
@@ -508,6 +506,8 @@ mod tests {
         ));
     }
 
+    /// A restarted node (same key) accepts the IDs its previous process
+    /// issued, and nothing else: not a tampered ID, not another key's.
     #[test]
     fn connection_ids_are_recognised_across_restarts_and_unforgeable() {
         use quinn_proto::ConnectionIdGenerator;

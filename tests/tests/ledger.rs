@@ -1556,6 +1556,22 @@ fn the_log_key_rotates_under_a_new_origin_and_old_receipts_still_verify() -> Res
     let now: Receipt = serde_json::from_slice(&now.body)?;
     now.verify(&new_key)?;
     assert!(now.verify(&old_key).is_err());
+    // Its time-stamp, once there, is over the re-signed checkpoint (the old
+    // one's token is not carried over to a note it does not cover).
+    let tsa = std::fs::read_to_string(c.data_dir().join("tsa.pem"))?;
+    let mut last = None;
+    let stamped = custodia_tests::eventually(20, || {
+        let r = c
+            .get_with(&c.token, &format!("/v1/evidence/{a_id}/receipt"), &[])
+            .ok()
+            .and_then(|a| serde_json::from_slice::<Receipt>(&a.body).ok());
+        let ok = r.as_ref().is_some_and(|r| {
+            r.timestamp.is_some() && r.verify(&new_key).is_ok() && r.check_timestamp(&tsa).is_ok()
+        });
+        last = r;
+        ok
+    });
+    assert!(stamped, "no receipt with a valid time-stamp: {last:?}");
     let b = c.file(&bytes(6000, 82))?;
     let after = receipt_of(&b)?;
     after.verify(&new_key)?;
