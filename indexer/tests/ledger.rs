@@ -675,3 +675,51 @@ async fn a_lease_left_unrenewed_is_taken_over_whatever_its_clock_said() {
     .unwrap();
     assert_eq!(back.map_err(|l| (l.owner, l.fence)), Err((b, 2)));
 }
+
+/// A checkpoint re-signed at its size (a log key rotated) takes the place
+/// of the old note, and what was gathered over the old note's text (its
+/// time-stamp token, the witnessed and time-stamped records at that size)
+/// goes with it; older records stay; a size that is not the newest is not
+/// replaced.
+#[tokio::test]
+async fn a_resigned_checkpoint_drops_what_was_gathered_over_the_old_note() {
+    let (_dir, store) = store();
+    run(&store, |tx| async move {
+        lx::put_checkpoint_tx(&tx, 5, b"old note 5").await?;
+        lx::put_timestamp_tx(&tx, 5, "old note 5", b"token over the old note").await?;
+        lx::add_cosignature_tx(&tx, 5, "old note 5", "").await?;
+        lx::put_checkpoint_tx(&tx, 7, b"old note 7").await?;
+        lx::put_timestamp_tx(&tx, 7, "old note 7", b"token 7").await?;
+        lx::add_cosignature_tx(&tx, 7, "old note 7", "").await?;
+        Ok::<_, indexer::schema::SchemaError>(())
+    })
+    .await
+    .unwrap();
+    let replaced = |size: u64| {
+        run(&store, move |tx| async move {
+            lx::replace_checkpoint_tx(&tx, size, b"new note").await
+        })
+    };
+    assert!(!replaced(5).await.unwrap(), "not the newest size");
+    assert!(replaced(7).await.unwrap());
+    let (note, t5, t7, witnessed, stamped) = run(&store, |tx| async move {
+        Ok::<_, indexer::schema::SchemaError>((
+            lx::checkpoint_tx(&tx).await?,
+            lx::timestamp_tx(&tx, 5).await?,
+            lx::timestamp_tx(&tx, 7).await?,
+            lx::witnessed_tx(&tx).await?,
+            lx::stamped_tx(&tx).await?,
+        ))
+    })
+    .await
+    .unwrap();
+    assert_eq!(note.as_deref(), Some(&b"new note"[..]));
+    assert_eq!(
+        t5.as_deref(),
+        Some(&b"token over the old note"[..]),
+        "older tokens stay"
+    );
+    assert_eq!(t7, None);
+    assert_eq!(witnessed, None);
+    assert_eq!(stamped, None);
+}
