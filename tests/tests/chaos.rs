@@ -70,6 +70,12 @@ fn filing_through_chaos_loses_nothing() -> Result<()> {
         ("node_down_after_ms", toml::Value::Integer(2_000)),
         ("repair_after_down_ms", toml::Value::Integer(2_000)),
         ("repair_interval_ms", toml::Value::Integer(500)),
+        // Uploads the gateway kills cut short are collected within seconds,
+        // not the default two minutes: a disk replaced meanwhile is
+        // reconciled only once every upload begun before it has ended, and
+        // the repair check below allows a minute without progress.
+        ("intent_lease_ms", toml::Value::Integer(15_000)),
+        ("gc_interval_ms", toml::Value::Integer(2_000)),
     ])?;
     let stop = Arc::new(AtomicBool::new(false));
     let filed = Arc::new(Mutex::new(Vec::new()));
