@@ -94,6 +94,18 @@ impl Cluster {
         Self::load_file(&data_dir.join(CLUSTER_FILE))
     }
 
+    /// Writes `DATA_DIR/cluster.toml` durably, replacing it whole: a crash
+    /// leaves the old file or the new one, never a torn one (without it the
+    /// cluster does not start).
+    pub fn save(&self, data_dir: &Path) -> Result<()> {
+        storage_node::store::write_durably(
+            data_dir,
+            CLUSTER_FILE,
+            &[toml::to_string_pretty(self)?.as_bytes()],
+        )
+        .with_context(|| format!("writing {}", data_dir.join(CLUSTER_FILE).display()))
+    }
+
     /// The cluster file at `path` (whatever its name).
     pub fn load_file(path: &Path) -> Result<Self> {
         let text =
@@ -432,10 +444,7 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         admin.aws_profile("default").as_bytes(),
     )?;
     // The cluster file goes last: its presence means "initialised".
-    fs::write(
-        data_dir.join(CLUSTER_FILE),
-        toml::to_string_pretty(&cluster)?,
-    )?;
+    cluster.save(&data_dir)?;
     Ok(cluster)
 }
 

@@ -17,7 +17,7 @@
 //! verifier key is kept; the new key replaces the old (one rename); then
 //! `ledger.vkey`, and last `cluster.toml`, name the new key and origin.
 
-use crate::cluster::{self, Cluster, CLUSTER_FILE, LEDGER_VKEY_FILE};
+use crate::cluster::{self, Cluster, LEDGER_VKEY_FILE};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
@@ -116,11 +116,7 @@ pub async fn rotate_key(data_dir: &Path, origin: &str) -> Result<()> {
     let ledger_dir = ledger.signer_key.parent().map(Path::to_path_buf);
     ledger.origin = origin.to_owned();
     cluster.gateway.validate()?;
-    storage_node::store::write_durably(
-        data_dir,
-        CLUSTER_FILE,
-        &[toml::to_string_pretty(&cluster)?.as_bytes()],
-    )?;
+    cluster.save(data_dir)?;
     for dir in [Some(data_dir), ledger_dir.as_deref()]
         .into_iter()
         .flatten()

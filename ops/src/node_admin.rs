@@ -5,7 +5,7 @@
 //! gateway, which records the decision in the index so every gateway and
 //! the repair worker follow it.
 
-use crate::cluster::{Cluster, NodeSpec, CLUSTER_FILE};
+use crate::cluster::{Cluster, NodeSpec};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -63,10 +63,7 @@ pub fn add(
         failure_domain,
     });
     cluster.gateway.validate()?;
-    let path = data_dir.join(CLUSTER_FILE);
-    let tmp = data_dir.join(format!("{CLUSTER_FILE}.new"));
-    std::fs::write(&tmp, toml::to_string_pretty(&cluster)?)?;
-    std::fs::rename(&tmp, &path)?;
+    cluster.save(&data_dir)?;
     Ok(id)
 }
 

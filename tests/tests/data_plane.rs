@@ -1746,6 +1746,24 @@ fn custodia_up_serves_stops_and_guards_its_directory() -> Result<()> {
     Ok(())
 }
 
+/// A raw GET of evidence `id` whose client reads the first few KiB of its
+/// answer and then nothing more, its connection left open.
+fn stalled_get(c: &TestCluster, id: &str) -> Result<std::net::TcpStream> {
+    let mut s = std::net::TcpStream::connect(c.api.trim_start_matches("http://"))?;
+    write!(
+        s,
+        "GET /v1/evidence/{id} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        c.token
+    )?;
+    let mut head = [0u8; 4096];
+    s.read_exact(&mut head)?;
+    anyhow::ensure!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "the read was not answered 200"
+    );
+    Ok(s)
+}
+
 /// A client that stops reading (its connection open) holds back no other
 /// read: the stripes its read fetched ahead give their turn at the nodes
 /// back as soon as they arrive, not when the client takes them.
@@ -1761,19 +1779,7 @@ fn a_client_that_stops_reading_holds_back_no_other_read() -> Result<()> {
     let big_id = c.file(&big)?["id"].as_str().context("id")?.to_owned();
     let small = bytes(300_000, 62);
     let small_id = c.file(&small)?["id"].as_str().context("id")?.to_owned();
-    let mut stalled = Vec::new();
-    for _ in 0..2 {
-        let mut s = std::net::TcpStream::connect(c.api.trim_start_matches("http://"))?;
-        write!(
-            s,
-            "GET /v1/evidence/{big_id} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
-            c.token
-        )?;
-        let mut head = [0u8; 4096];
-        s.read_exact(&mut head)?;
-        assert!(head.starts_with(b"HTTP/1.1 200"));
-        stalled.push(s); // and never read again
-    }
+    let stalled = [stalled_get(&c, &big_id)?, stalled_get(&c, &big_id)?];
     // Long enough for their buffers to fill and their reads to stall.
     std::thread::sleep(Duration::from_secs(3));
     let started = std::time::Instant::now();
@@ -1805,15 +1811,7 @@ fn reads_wait_for_memory_a_stalled_client_holds_and_get_it_back() -> Result<()> 
     let small_id = c.file_id(&small)?;
     let waits = |c: &TestCluster| c.metric(&c.metrics, "custodia_read_memory_waits_total");
     let before = waits(&c)?;
-    let mut stalled = std::net::TcpStream::connect(c.api.trim_start_matches("http://"))?;
-    write!(
-        stalled,
-        "GET /v1/evidence/{big_id} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
-        c.token
-    )?;
-    let mut head = [0u8; 4096];
-    stalled.read_exact(&mut head)?;
-    assert!(head.starts_with(b"HTTP/1.1 200"));
+    let stalled = stalled_get(&c, &big_id)?;
     // Long enough for its buffers to fill and its read-ahead to stall.
     std::thread::sleep(Duration::from_secs(3));
     let (tx, rx) = std::sync::mpsc::channel();
