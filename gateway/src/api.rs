@@ -337,13 +337,15 @@ impl<S: Store> Gateway<S> {
             n => n,
         });
         let read_gate = tokio::sync::Semaphore::new(config.read_stripes());
-        let ingest_memory_kib = usize::try_from(config.ingest_memory_bytes().div_ceil(1024))
-            .unwrap_or(usize::MAX)
-            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        // A memory budget as permits of a KiB each.
+        let kib = |bytes: u64| {
+            usize::try_from(bytes.div_ceil(1024))
+                .unwrap_or(usize::MAX)
+                .min(tokio::sync::Semaphore::MAX_PERMITS)
+        };
+        let ingest_memory_kib = kib(config.ingest_memory_bytes());
         let ingest_memory = Arc::new(tokio::sync::Semaphore::new(ingest_memory_kib));
-        let read_memory_kib = usize::try_from(config.read_memory_bytes().div_ceil(1024))
-            .unwrap_or(usize::MAX)
-            .min(tokio::sync::Semaphore::MAX_PERMITS);
+        let read_memory_kib = kib(config.read_memory_bytes());
         let read_memory = Arc::new(tokio::sync::Semaphore::new(read_memory_kib));
         Ok(Gateway {
             nodes: NodeSet::new(

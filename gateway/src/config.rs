@@ -315,25 +315,28 @@ impl GatewayConfig {
     /// [`ingest_memory_mib`](Self::ingest_memory_mib) in bytes, with its
     /// default and floor applied.
     pub fn ingest_memory_bytes(&self) -> u64 {
-        let asked = match self.ingest_memory_mib {
-            0 => 1024,
-            n => n,
-        };
-        let one_pipeline = self.pipeline_stripes as u64
-            * (2 * u64::from(self.k) + u64::from(self.m))
-            * u64::from(self.shard_size_bytes);
-        (asked << 20).max(one_pipeline)
+        // A stripe in flight holds its data twice and its parity.
+        self.memory_budget(
+            self.ingest_memory_mib,
+            2 * u64::from(self.k) + u64::from(self.m),
+        )
     }
 
     /// [`read_memory_mib`](Self::read_memory_mib) in bytes, with its
     /// default and floor applied.
     pub fn read_memory_bytes(&self) -> u64 {
-        let asked = match self.read_memory_mib {
+        // A stripe read ahead holds its data shards.
+        self.memory_budget(self.read_memory_mib, u64::from(self.k))
+    }
+
+    /// A memory budget of `mib` (0: the default, 1 GiB) in bytes, never
+    /// less than one pipeline of stripes that each hold `shards` shards.
+    fn memory_budget(&self, mib: u64, shards: u64) -> u64 {
+        let asked = match mib {
             0 => 1024,
             n => n,
         };
-        let one_pipeline =
-            self.pipeline_stripes as u64 * u64::from(self.k) * u64::from(self.shard_size_bytes);
+        let one_pipeline = self.pipeline_stripes as u64 * shards * u64::from(self.shard_size_bytes);
         (asked << 20).max(one_pipeline)
     }
 

@@ -1513,16 +1513,12 @@ fn the_log_key_rotates_under_a_new_origin_and_old_receipts_still_verify() -> Res
     before.verify(&old_key)?;
 
     let rotate = |c: &TestCluster| {
-        Command::new(custodia_bin())
-            .args([
-                "ledger",
-                "rotate-key",
-                "--origin",
-                "courts.example/custodia/2027",
-            ])
-            .arg("--data-dir")
-            .arg(c.data_dir())
-            .output()
+        c.custodia(&[
+            "ledger",
+            "rotate-key",
+            "--origin",
+            "courts.example/custodia/2027",
+        ])
     };
     let busy = rotate(&c)?;
     assert!(!busy.status.success(), "rotated under a running gateway");
