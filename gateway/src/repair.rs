@@ -3,8 +3,10 @@
 //! The queue is the index's degraded marks (`D` keys): set by reads that met
 //! a missing or corrupt shard, by degraded writes, and by the scanner here,
 //! which walks the stripe records and queues those with a shard on a node
-//! that has been down longer than the grace period. For each queued stripe
-//! the worker:
+//! that has been down longer than the grace period, draining or removed,
+//! and those with more shards in one failure domain than an even spread
+//! over the domains open to writes would put there (filed while a rack was
+//! down, say). For each queued stripe the worker:
 //!
 //! 1. reads every shard and checks it against the manifest's hash (or, when
 //!    shards sit on a gone node, reads k and has each other shard's node
@@ -24,9 +26,11 @@
 //!    others it reads from their nodes (`RebuildShard`), each checked
 //!    against the manifest's hash: k shards move instead of k in to this
 //!    gateway and one out, and the gateway is not the hub every rebuilt
-//!    byte passes through. Likewise a shard on a draining node is copied
-//!    by its new node straight from the old one (one shard moves, not k+m
-//!    in and one out), the stripe's other shards checked in place. If that
+//!    byte passes through. Likewise a shard on a draining node, or one
+//!    crowded into a failure domain (once nothing else ails the stripe, and
+//!    only while the move makes the spread more even), is copied by its
+//!    new node straight from the old one (one shard moves, not k+m in and
+//!    one out), the stripe's other shards checked in place. If that
 //!    fails (a source unreadable or damaged, an older node), the stripe is
 //!    rebuilt here as above;
 //! 4. commits the new placement with a compare-and-set on the stripe's
@@ -69,7 +73,7 @@ use protocol::wire::{RebuildShard, RebuildSource};
 use protocol::{
     Blake3Hash, ErrorCode, EvidenceId, ManifestHeader, NodeId, ShardHeader, ShardKey, StripeRecord,
 };
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storage_node::NodeError;
@@ -383,22 +387,23 @@ fn homeless_nodes<S: Store>(gw: &Gateway<S>) -> HashSet<NodeId> {
     homeless
 }
 
-/// Walks up to one batch of stripe records from `cursor` (wrapping around)
-/// and queues those with a shard on a node gone past its grace, draining or
-/// removed, or with no node at all. Skipped entirely while every node is
-/// active and within its grace.
+/// Walks up to 16 batches of stripe records from `cursor` (wrapping
+/// around) and queues those with a shard on a node gone past its grace,
+/// draining or removed, or with no node at all, and those with shards
+/// crowded into one failure domain while an emptier one could take them
+/// ([`Spread::crowded`]). Skipped entirely while every node is active and
+/// within its grace and no node has a domain label.
 pub async fn scan<S: Store>(
     gw: &Gateway<S>,
     cursor: &mut Option<(EvidenceId, u64)>,
 ) -> Result<u64, ApiError> {
-    let homeless = homeless_nodes(gw);
-    if homeless.is_empty() {
+    let Some(hit) = Scan::now(gw) else {
         return Ok(0);
-    }
+    };
     let mut queued = 0u64;
     // At most 16 batches per call; each transaction stays small.
     for _ in 0..16 {
-        let (n, more) = queue_stripes(gw, &|rec| needs_home(rec, &homeless), cursor).await?;
+        let (n, more) = queue_stripes(gw, &|rec| hit.needs_repair(rec), cursor).await?;
         queued += n;
         if !more {
             break;
@@ -407,23 +412,40 @@ pub async fn scan<S: Store>(
     Ok(queued)
 }
 
-/// One whole walk of the stripe records, queueing every stripe with a shard
-/// on a node gone past its grace, draining or removed (what
-/// `POST /v1/admin/repair` does before it reports the backlog, so the
+/// One whole walk of the stripe records, queueing what [`scan`] queues
+/// (what `POST /v1/admin/repair` does before it reports the backlog, so the
 /// backlog it reports is complete). Returns the stripes queued.
 pub async fn scan_all<S: Store>(gw: &Gateway<S>) -> Result<u64, ApiError> {
-    let homeless = homeless_nodes(gw);
-    if homeless.is_empty() {
+    let Some(hit) = Scan::now(gw) else {
         return Ok(0);
-    }
+    };
     let mut cursor = None;
     let mut queued = 0;
     loop {
-        let (n, more) = queue_stripes(gw, &|rec| needs_home(rec, &homeless), &mut cursor).await?;
+        let (n, more) = queue_stripes(gw, &|rec| hit.needs_repair(rec), &mut cursor).await?;
         queued += n;
         if !more {
             return Ok(queued);
         }
+    }
+}
+
+/// What the scanner looks for, as the nodes stand when it starts.
+struct Scan {
+    homeless: HashSet<NodeId>,
+    spread: Spread,
+}
+
+impl Scan {
+    /// `None` when there is nothing to look for.
+    fn now<S: Store>(gw: &Gateway<S>) -> Option<Self> {
+        let homeless = homeless_nodes(gw);
+        let spread = Spread::now(gw, &gone_nodes(gw));
+        (!homeless.is_empty() || spread.labelled).then_some(Scan { homeless, spread })
+    }
+
+    fn needs_repair(&self, rec: &StripeRecord) -> bool {
+        needs_home(rec, &self.homeless) || !self.spread.crowded(rec).is_empty()
     }
 }
 
@@ -688,6 +710,155 @@ impl Drop for Repairing<'_> {
     }
 }
 
+/// A failure domain as placement counts it: a labelled one, or an
+/// unlabelled node on its own.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Domain {
+    Label(String),
+    Node(NodeId),
+}
+
+impl Domain {
+    fn of(label: Option<String>, node: NodeId) -> Self {
+        label.map_or(Domain::Node(node), Domain::Label)
+    }
+}
+
+/// Where the cluster's nodes stand, for spreading a stripe's shards over
+/// failure domains: each node's domain, and which nodes could take a shard
+/// now (active, answering, with room, not gone).
+#[derive(Debug, Default)]
+pub struct Spread {
+    domains: HashMap<NodeId, Domain>,
+    open: HashSet<NodeId>,
+    /// How many open nodes each domain has.
+    open_in: BTreeMap<Domain, usize>,
+    /// Whether any node has a domain label. Without labels every node is
+    /// its own domain and placement never puts two shards on one node, so
+    /// there is nothing to look for.
+    labelled: bool,
+}
+
+impl Spread {
+    pub fn now<S: Store>(gw: &Gateway<S>, gone: &HashSet<NodeId>) -> Self {
+        let view = gw.nodes.view();
+        let labelled = view.iter().any(|n| n.domain.is_some());
+        let open: HashSet<NodeId> = view
+            .iter()
+            .filter(|n| n.lifecycle == Lifecycle::Active && !gone.contains(&n.id))
+            .filter(|n| gw.nodes.is_healthy(n.id) && !gw.nodes.is_full(n.id))
+            .map(|n| n.id)
+            .collect();
+        let domains: HashMap<NodeId, Domain> = view
+            .into_iter()
+            .map(|n| (n.id, Domain::of(n.domain, n.id)))
+            .collect();
+        let mut open_in = BTreeMap::new();
+        for n in &open {
+            if let Some(d) = domains.get(n) {
+                *open_in.entry(d.clone()).or_default() += 1;
+            }
+        }
+        Spread {
+            domains,
+            open,
+            open_in,
+            labelled,
+        }
+    }
+
+    /// `node`'s failure domain (a node added since this view was taken is
+    /// looked up afresh).
+    fn domain<S: Store>(&self, gw: &Gateway<S>, node: NodeId) -> Domain {
+        self.domains
+            .get(&node)
+            .cloned()
+            .unwrap_or_else(|| Domain::of(gw.nodes.domain(node), node))
+    }
+
+    /// The shards of `rec` to move so that its failure domains hold them as
+    /// evenly as the nodes that could take one allow (see [`crowded`]).
+    /// None while a shard has no node, or sits on a node not open to
+    /// writes (down, draining, full): the stripe has other needs first, and
+    /// every shard must be readable to move one.
+    pub fn crowded(&self, rec: &StripeRecord) -> Vec<usize> {
+        if !self.labelled {
+            return Vec::new();
+        }
+        let mut held = Vec::with_capacity(rec.shards.len());
+        for p in &rec.shards {
+            match p.node.and_then(|n| Some((n, self.domains.get(&n)?))) {
+                Some((n, d)) if self.open.contains(&n) => held.push(d.clone()),
+                _ => return Vec::new(),
+            }
+        }
+        // Open nodes not holding a shard of it: every holder is open, so
+        // each takes one from its domain's count (twice if it holds two).
+        let mut free = self.open_in.clone();
+        let mut holders: Vec<NodeId> = rec.shards.iter().filter_map(|p| p.node).collect();
+        holders.sort_unstable();
+        holders.dedup();
+        for n in holders {
+            if let Some(c) = self.domains.get(&n).and_then(|d| free.get_mut(d)) {
+                *c = c.saturating_sub(1);
+            }
+        }
+        crowded(&held, &free)
+    }
+}
+
+/// Which shards to move (indexes into `held`, the failure domain of each
+/// shard's node) so that no domain holds two more of them than another
+/// domain that could take one (`free`: domains with nodes open to a new
+/// shard, and how many). Each move takes a shard from a fullest domain to
+/// an emptiest open one, while that leaves both better off; every move
+/// lowers the sum of the squared counts, so the moves end, and a spread
+/// that cannot improve asks for none. With at least k+m open domains that
+/// is one shard per domain, as placement put it; with fewer, as even as
+/// they allow.
+pub fn crowded(held: &[Domain], free: &BTreeMap<Domain, usize>) -> Vec<usize> {
+    let mut members: BTreeMap<&Domain, Vec<usize>> = BTreeMap::new();
+    for (i, d) in held.iter().enumerate() {
+        members.entry(d).or_default().push(i);
+    }
+    let mut count: BTreeMap<&Domain, usize> = members.iter().map(|(d, m)| (*d, m.len())).collect();
+    let mut free: BTreeMap<&Domain, usize> = free.iter().map(|(d, n)| (d, *n)).collect();
+    let mut moves = Vec::new();
+    while let Some((&from, &most)) = count.iter().max_by_key(|(_, c)| **c) {
+        let Some((&to, least)) = free
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(d, _)| (d, count.get(d).copied().unwrap_or(0)))
+            .min_by_key(|(_, c)| *c)
+        else {
+            break;
+        };
+        if least + 2 > most {
+            break;
+        }
+        // The highest index of the fullest domain moves (any would do).
+        let Some(i) = members.get_mut(from).and_then(|m| m.pop()) else {
+            break;
+        };
+        moves.push(i);
+        *count.entry(from).or_default() -= 1;
+        *count.entry(to).or_default() += 1;
+        *free.entry(to).or_default() -= 1;
+    }
+    moves.sort_unstable();
+    moves
+}
+
+/// The sum of the squared number of shards per failure domain: lower is
+/// more even (what a move out of a crowded domain must lower).
+fn spread_cost(domains: impl Iterator<Item = Domain>) -> usize {
+    let mut count: HashMap<Domain, usize> = HashMap::new();
+    for d in domains {
+        *count.entry(d).or_default() += 1;
+    }
+    count.values().map(|c| c * c).sum()
+}
+
 /// The nodes a pass treats specially, as they were when it began.
 #[derive(Debug, Default)]
 pub struct PassNodes {
@@ -699,13 +870,17 @@ pub struct PassNodes {
     pub removed: HashSet<NodeId>,
     /// Draining or removed: their shards move.
     pub draining: HashSet<NodeId>,
+    /// Failure domains, and the nodes open to new shards.
+    pub spread: Spread,
 }
 
 impl PassNodes {
     /// The gateway's view now.
     pub fn now<S: Store>(gw: &Gateway<S>) -> Self {
+        let gone = gone_nodes(gw);
         PassNodes {
-            gone: gone_nodes(gw),
+            spread: Spread::now(gw, &gone),
+            gone,
             removed: gw
                 .nodes
                 .view()
@@ -1243,9 +1418,34 @@ async fn repair_leased<S: Store>(
         .collect();
     if !moving.is_empty() && homeless.len() <= m {
         let holders = holders_except(&rec, &moving);
-        let targets = choose_targets(gw, evidence, stripe, &holders, &rec, gone, moving.len());
+        let targets = choose_targets(gw, evidence, stripe, &holders, &rec, nodes, moving.len());
         if targets.len() < moving.len() {
             return Ok(Outcome::NoHome);
+        }
+    }
+    // Shards crowded into one failure domain (placed while another domain
+    // was down or full, or before one was added) move as a drain's do,
+    // each copied from its node to one in an emptier domain: only once
+    // nothing else ails the stripe, and only while the move makes its
+    // spread more even, so that no shard moves back and forth.
+    let mut relocating = on_draining;
+    if moving.is_empty() && order.len() == total {
+        let crowded = nodes.spread.crowded(&rec);
+        if !crowded.is_empty() {
+            let holders = holders_except(&rec, &crowded);
+            let targets =
+                choose_targets(gw, evidence, stripe, &holders, &rec, nodes, crowded.len());
+            let domain = |n: &NodeId| nodes.spread.domain(gw, *n);
+            let before = spread_cost(
+                rec.shards
+                    .iter()
+                    .filter_map(|p| p.node.as_ref())
+                    .map(domain),
+            );
+            let after = spread_cost(holders.iter().chain(&targets).map(domain));
+            if targets.len() == crowded.len() && after < before {
+                relocating = crowded;
+            }
         }
     }
     let want = if homeless.is_empty() { order.len() } else { k };
@@ -1269,21 +1469,22 @@ async fn repair_leased<S: Store>(
     // Two common cases need no shard to pass through this gateway. One
     // shard lost with its node, every other in place: the node that will
     // hold it rebuilds it from k others itself, so k shards move instead
-    // of k in and one back out. Shards on draining nodes, every shard
-    // reachable: each is copied by its new node from its old one, one
-    // shard moving instead of all k+m in and one out. The rest is checked
-    // in place by its nodes either way. Anything else (damage found, an
-    // older node, a source that cannot be read) is rebuilt here.
-    let remote = match (&homeless[..], on_draining.is_empty()) {
+    // of k in and one back out. Shards on draining nodes or crowded into
+    // one domain, every shard reachable: each is copied by its new node
+    // from its old one, one shard moving instead of all k+m in and one
+    // out. The rest is checked in place by its nodes either way. Anything
+    // else (damage found, an older node, a source that cannot be read) is
+    // rebuilt here.
+    let remote = match (&homeless[..], relocating.is_empty()) {
         ([lost], true) if order.len() >= k => {
             Some((vec![(*lost, order[..k].to_vec())], spare.clone()))
         }
         ([], false) if order.len() == total => Some((
-            on_draining.iter().map(|&i| (i, vec![i])).collect(),
+            relocating.iter().map(|&i| (i, vec![i])).collect(),
             order
                 .iter()
                 .copied()
-                .filter(|i| !on_draining.contains(i))
+                .filter(|i| !relocating.contains(i))
                 .collect(),
         )),
         _ => None,
@@ -1312,7 +1513,7 @@ async fn repair_leased<S: Store>(
         .filter(|_| gw.remote_builds.allowed())
     {
         if let Some(outcome) =
-            rebuild_on_targets(gw, lease, &header, &rec, &moves, &in_place, mark, gone).await?
+            rebuild_on_targets(gw, lease, &header, &rec, &moves, &in_place, mark, nodes).await?
         {
             return Ok(outcome);
         }
@@ -1370,9 +1571,10 @@ async fn repair_leased<S: Store>(
             Checked::Damaged | Checked::Unreachable => {}
         }
     }
-    // Shards on draining nodes move (their bodies were read or are rebuilt).
-    for i in 0..total {
-        if rec.shards[i].node.is_some_and(|n| draining.contains(&n)) && !rebuild.contains(&i) {
+    // Shards on draining nodes or crowded into one domain move (their
+    // bodies were read or are rebuilt).
+    for &i in &relocating {
+        if !rebuild.contains(&i) {
             rebuild.push(i);
         }
     }
@@ -1420,7 +1622,7 @@ async fn repair_leased<S: Store>(
     let rebuilt = started.elapsed();
     // 3. New homes, then write, then re-read.
     let holders = holders_except(&rec, &rebuild);
-    let targets = choose_targets(gw, evidence, stripe, &holders, &rec, gone, rebuild.len());
+    let targets = choose_targets(gw, evidence, stripe, &holders, &rec, nodes, rebuild.len());
     if targets.len() < rebuild.len() {
         recycle(gw, shards);
         return Err(ApiError::Unavailable(format!(
@@ -1504,12 +1706,13 @@ async fn rebuild_on_targets<S: Store>(
     moves: &[(usize, Vec<usize>)],
     in_place: &[usize],
     mark: &[u8],
-    gone: &HashSet<NodeId>,
+    nodes: &PassNodes,
 ) -> Result<Option<Outcome>, ApiError> {
     let (evidence, stripe) = (header.evidence, lease.stripe);
+    let gone = &nodes.gone;
     let moved: Vec<usize> = moves.iter().map(|(i, _)| *i).collect();
     let holders = holders_except(rec, &moved);
-    let targets = choose_targets(gw, evidence, stripe, &holders, rec, gone, moves.len());
+    let targets = choose_targets(gw, evidence, stripe, &holders, rec, nodes, moves.len());
     if targets.len() < moves.len() {
         return Ok(None);
     }
@@ -1749,41 +1952,46 @@ async fn commit_repair<S: Store>(
     Ok(Outcome::Repaired(written.len()))
 }
 
-/// Nodes to take `n` rebuilt shards: in the stripe's placement order,
-/// healthy, not already holding one of its shards, in a failure domain the
-/// stripe does not use yet where possible.
+/// Nodes to take `n` rebuilt shards: healthy, with room, not already
+/// holding one of the stripe's shards, each in the failure domain holding
+/// fewest of the stripe's shards so far (a domain it does not use yet
+/// first; an unlabelled node is a domain of its own), and in the stripe's
+/// placement order among those.
 fn choose_targets<S: Store>(
     gw: &Gateway<S>,
     evidence: EvidenceId,
     stripe: u64,
     holders: &[NodeId],
     rec: &StripeRecord,
-    gone: &HashSet<NodeId>,
+    nodes: &PassNodes,
     n: usize,
 ) -> Vec<NodeId> {
     let total = rec.shards.len();
     let ranked = placement::rank(&evidence, stripe, &gw.nodes.write_candidates(total));
-    let used: HashSet<Option<String>> = holders.iter().map(|h| gw.nodes.domain(*h)).collect();
-    let free: Vec<NodeId> = ranked
+    let mut free: Vec<(NodeId, Domain)> = ranked
         .into_iter()
-        .filter(|c| !holders.contains(c) && !gone.contains(c) && gw.nodes.is_healthy(*c))
+        .filter(|c| !holders.contains(c) && !nodes.gone.contains(c) && gw.nodes.is_healthy(*c))
         .filter(|c| !gw.nodes.is_full(*c))
         .filter(|c| !rec.shards.iter().any(|p| p.node == Some(*c)))
+        .map(|c| (c, nodes.spread.domain(gw, c)))
         .collect();
-    let mut out: Vec<NodeId> = Vec::with_capacity(n);
-    let mut domains = used;
-    // First pass: new domains only (an unlabelled node is its own domain).
-    for c in &free {
-        let d = gw.nodes.domain(*c);
-        if out.len() < n && (d.is_none() || !domains.contains(&d)) {
-            domains.insert(d);
-            out.push(*c);
-        }
+    let mut count: HashMap<Domain, usize> = HashMap::new();
+    for h in holders {
+        *count.entry(nodes.spread.domain(gw, *h)).or_default() += 1;
     }
-    for c in &free {
-        if out.len() < n && !out.contains(c) {
-            out.push(*c);
-        }
+    let mut out: Vec<NodeId> = Vec::with_capacity(n);
+    while out.len() < n {
+        // `min_by_key` keeps the first of equals: placement order.
+        let Some((best, _)) = free
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, (_, d))| count.get(d).copied().unwrap_or(0))
+        else {
+            break;
+        };
+        let (node, domain) = free.remove(best);
+        *count.entry(domain).or_default() += 1;
+        out.push(node);
     }
     out
 }
@@ -1992,6 +2200,137 @@ async fn record_lost<S: Store>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn domains(names: &str) -> Vec<Domain> {
+        names
+            .chars()
+            .map(|c| Domain::Label(c.to_string()))
+            .collect()
+    }
+
+    fn free(open: &[(char, usize)]) -> BTreeMap<Domain, usize> {
+        open.iter()
+            .map(|(c, n)| (Domain::Label(c.to_string()), *n))
+            .collect()
+    }
+
+    /// Where `held` ends once `moves` went, each to the emptiest open
+    /// domain, and the room left in each.
+    fn apply(
+        held: &[Domain],
+        moves: &[usize],
+        open: &BTreeMap<Domain, usize>,
+    ) -> (Vec<Domain>, BTreeMap<Domain, usize>) {
+        let mut out = held.to_vec();
+        let mut open = open.clone();
+        for &i in moves {
+            let count = |d: &Domain| {
+                out.iter()
+                    .enumerate()
+                    .filter(|(j, h)| *h == d && (!moves.contains(j) || *j < i))
+                    .count()
+            };
+            let to = open
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .min_by_key(|(d, _)| count(d))
+                .map(|(d, _)| d.clone())
+                .expect("an open domain for every move");
+            if let Some(n) = open.get_mut(&to) {
+                *n -= 1;
+            }
+            out[i] = to;
+        }
+        (out, open)
+    }
+
+    /// Shards per domain, largest first.
+    fn after(held: &[Domain], moves: &[usize], open: &BTreeMap<Domain, usize>) -> Vec<usize> {
+        let mut count: BTreeMap<Domain, usize> = BTreeMap::new();
+        for d in apply(held, moves, open).0 {
+            *count.entry(d).or_default() += 1;
+        }
+        let mut counts: Vec<usize> = count.into_values().collect();
+        counts.sort_unstable_by(|a, b| b.cmp(a));
+        counts
+    }
+
+    #[test]
+    fn crowded_shards_move_to_domains_the_stripe_does_not_use() {
+        // RS(4,2) placed over three racks while three others were down.
+        let held = domains("aabbcc");
+        let open = free(&[('d', 1), ('e', 2), ('f', 1)]);
+        let moves = crowded(&held, &open);
+        assert_eq!(moves.len(), 3, "{moves:?}");
+        assert_eq!(after(&held, &moves, &open), vec![1; 6]);
+    }
+
+    #[test]
+    fn with_fewer_domains_than_shards_the_spread_is_made_even_and_no_more() {
+        // Four shards in one of three racks: two move, leaving two each.
+        let held = domains("aaaabb");
+        let open = free(&[('c', 5)]);
+        let moves = crowded(&held, &open);
+        assert_eq!(moves, vec![2, 3]);
+        assert_eq!(after(&held, &moves, &open), vec![2, 2, 2]);
+        // Already even over the domains there are: nothing moves, whatever
+        // room they have.
+        let held = domains("aabbcc");
+        assert!(crowded(&held, &free(&[('a', 3), ('b', 3), ('c', 3)])).is_empty());
+        // One more than another is as even as six shards in four domains get.
+        assert!(crowded(&domains("aabbcd"), &free(&[('c', 2), ('d', 2)])).is_empty());
+    }
+
+    #[test]
+    fn moves_are_limited_by_the_open_nodes_and_need_one() {
+        let held = domains("aaa");
+        // One open node in another rack takes one shard.
+        assert_eq!(crowded(&held, &free(&[('b', 1)])), vec![2]);
+        // None open (down, full or already holding one): nothing moves.
+        assert!(crowded(&held, &free(&[('b', 0)])).is_empty());
+        assert!(crowded(&held, &BTreeMap::new()).is_empty());
+        // Two shards on one unlabelled node: one moves to any other node.
+        let held = vec![
+            Domain::Node(NodeId(1)),
+            Domain::Node(NodeId(1)),
+            Domain::Node(NodeId(2)),
+        ];
+        let open: BTreeMap<Domain, usize> = [(Domain::Node(NodeId(3)), 1)].into();
+        assert_eq!(crowded(&held, &open), vec![1]);
+    }
+
+    #[test]
+    fn every_move_lowers_the_spread_cost_and_none_is_left_to_make() {
+        // Every placement of six shards over four racks, with every room
+        // of up to two open nodes per rack: each plan makes the spread
+        // more even, and the placement it leaves asks for no more moves.
+        for code in 0..4u32.pow(6) {
+            let held: Vec<Domain> = (0..6)
+                .map(|i| Domain::Label(((code / 4u32.pow(i)) % 4).to_string()))
+                .collect();
+            for room in 0..3u32.pow(4) {
+                let open: BTreeMap<Domain, usize> = (0..4)
+                    .map(|d| {
+                        let n = (room / 3u32.pow(d)) % 3;
+                        (Domain::Label(d.to_string()), n as usize)
+                    })
+                    .collect();
+                let moves = crowded(&held, &open);
+                if moves.is_empty() {
+                    continue;
+                }
+                let (placed, left) = apply(&held, &moves, &open);
+                assert!(
+                    spread_cost(placed.iter().cloned()) < spread_cost(held.iter().cloned()),
+                    "{held:?} with {open:?}: {moves:?}"
+                );
+                assert!(
+                    crowded(&placed, &left).is_empty(),
+                    "{held:?} with {open:?}: {moves:?} leaves {placed:?} crowded"
+                );
+            }
+        }
+    }
 
     #[test]
     fn remote_builds_pause_after_failures_in_a_row_and_a_success_resets_the_count() {

@@ -671,3 +671,112 @@ fn gateway_restarts_do_not_postpone_a_dead_nodes_repair() -> Result<()> {
     );
     Ok(())
 }
+
+/// Shards filed while a failure domain was down land two to a rack; once
+/// the rack is back the scanner finds the crowded stripes and repair moves
+/// one shard of each into it, copied node to node. Proven the hard way:
+/// after the move, the whole rack that held two shards of every stripe is
+/// killed and everything still reads back. Then nothing moves any more.
+#[test]
+fn shards_crowded_into_one_failure_domain_move_once_another_is_back() -> Result<()> {
+    let mut c = TestCluster::start(Shape {
+        nodes: 4,
+        k: 2,
+        m: 1,
+        ..Shape::default()
+    })?;
+    let racks = ["rack-a", "rack-a", "rack-b", "rack-c"];
+    c.edit_gateway(|g| {
+        g.insert("node_probe_interval_ms".into(), toml::Value::Integer(300));
+        g.insert("node_down_after_ms".into(), toml::Value::Integer(1_000));
+        g.insert("repair_interval_ms".into(), toml::Value::Integer(300));
+        g.insert("repair_old_copy_grace_ms".into(), toml::Value::Integer(500));
+        for node in g
+            .get_mut("nodes")
+            .and_then(|n| n.as_array_mut())
+            .context("the gateway's nodes")?
+        {
+            let id = node.get("id").and_then(|v| v.as_integer()).context("id")?;
+            let table = node.as_table_mut().context("node table")?;
+            table.insert("failure_domain".into(), racks[id as usize].into());
+        }
+        Ok(())
+    })?;
+    // rack-c is down while these are filed: each stripe gets two shards in
+    // rack-a (nodes 0 and 1) and one in rack-b.
+    c.kill_node(3);
+    let seen_down = custodia_tests::eventually(10, || {
+        c.get_with(&c.token, "/healthz", &[])
+            .is_ok_and(|a| a.json()["nodes_healthy"].as_u64() == Some(3))
+    });
+    assert!(seen_down, "the gateway did not see node 3 go");
+    let mut filed = Vec::new();
+    let mut stripes = 0;
+    for i in 0..6u64 {
+        let data = bytes(20_000 + 3_000 * i as usize, 70 + i);
+        let r = c.file(&data)?;
+        stripes += r["stripes"].as_u64().context("stripes")? as usize;
+        filed.push((r["id"].as_str().context("id")?.to_owned(), data));
+    }
+    // A shard file is EVIDENCE-STRIPE-INDEX: its stripe is the name less
+    // the index.
+    let stripes_on = |c: &TestCluster, n: u32| -> std::collections::BTreeSet<String> {
+        c.shard_files(n)
+            .iter()
+            .filter_map(|p| Some(p.file_name()?.to_str()?.rsplit_once('-')?.0.to_owned()))
+            .collect()
+    };
+    let both = |c: &TestCluster| stripes_on(c, 0).intersection(&stripes_on(c, 1)).count();
+    assert_eq!(
+        both(&c),
+        stripes,
+        "every stripe filed with two shards in rack-a"
+    );
+    // While rack-c stays down there is nowhere better: nothing moves.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(both(&c), stripes, "shards moved with no better home up");
+
+    c.start_node_and_wait(3)?;
+    repair(&c)?;
+    let spread = custodia_tests::eventually(20, || {
+        both(&c) == 0 && stripes_on(&c, 3).len() == stripes && shard_count(&c, 0..4) == 3 * stripes
+    });
+    assert!(
+        spread,
+        "stripes still two to a rack: {} of {stripes}; node 3 holds {}\n{}",
+        both(&c),
+        stripes_on(&c, 3).len(),
+        status_table(&c)?
+    );
+    for n in [2, 3] {
+        assert_eq!(
+            c.shard_files(n).len(),
+            stripes,
+            "node {n}, alone in its rack, holds one shard of every stripe"
+        );
+    }
+    assert_eq!(
+        c.shard_files(0).len() + c.shard_files(1).len(),
+        stripes,
+        "rack-a holds one shard of each stripe, the old copies deleted"
+    );
+    // Settled: more passes move nothing.
+    let moved = c.metric(&c.metrics, "custodia_shards_repaired_total")?;
+    assert_eq!(moved as usize, stripes, "one shard moved per stripe");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(
+        c.metric(&c.metrics, "custodia_shards_repaired_total")?,
+        moved,
+        "shards moved again once spread"
+    );
+    // Proven: rack-a dies whole, and every filing still reads back.
+    c.kill_node(0);
+    c.kill_node(1);
+    for (id, data) in &filed {
+        assert!(
+            &c.read(id)? == data,
+            "{id} reads back byte-exact without rack-a"
+        );
+    }
+    Ok(())
+}
