@@ -17,6 +17,15 @@ pub struct NodeEntry {
     /// while there are enough domains.
     #[serde(default)]
     pub failure_domain: Option<String>,
+    /// The name the node's certificate carries for it alone
+    /// (`node-ID.custodia.internal`, see
+    /// `storage_node::tls::node_server_name`), which the gateway then
+    /// requires of it: a key stolen from another node cannot pass for this
+    /// one. Absent in clusters made before certificates carried one: the
+    /// node is then held only to the name every node's carries (`custodia
+    /// up` reissues such certificates and fills this in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
 }
 
 impl NodeEntry {
@@ -287,6 +296,8 @@ pub enum ConfigError {
     TooFewNodes { have: usize, need: usize },
     #[error("nodes: id {0} appears twice")]
     DuplicateNode(u32),
+    #[error("nodes: id {0}'s server_name {1:?} is not a DNS name")]
+    ServerName(u32, String),
     #[error("min_write_shards: {got} is outside k + 1 ..= k + m ({min}..={max})")]
     MinWrite { got: u8, min: u8, max: u8 },
     #[error("pipeline_stripes: must be 1..=64")]
@@ -369,6 +380,13 @@ impl GatewayConfig {
         if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
             return Err(ConfigError::DuplicateNode(w[0]));
         }
+        for n in &self.nodes {
+            if let Some(name) = &n.server_name {
+                if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                    return Err(ConfigError::ServerName(n.id, name.clone()));
+                }
+            }
+        }
         if let Some(got) = self.min_write_shards {
             let (min, max) = (self.k.saturating_add(1), self.k.saturating_add(self.m));
             if got < min || got > max {
@@ -417,6 +435,7 @@ failure_domain = "rack-a"
                 id,
                 addr: ([127, 0, 0, 1], 7100 + id as u16).into(),
                 failure_domain: None,
+                server_name: None,
             });
         }
         c

@@ -36,8 +36,11 @@ struct NodeState {
     lifecycle: Mutex<Lifecycle>,
     /// The node's clock minus ours at the last probe, in ms.
     clock_offset_ms: Mutex<Option<i64>>,
-    /// Its last probe failed (why is logged once, when this turns true).
-    probe_failing: AtomicBool,
+    /// Why its last probe failed, if it did: logged when it changes (a
+    /// node that was killed and came back with a certificate the gateway
+    /// refuses fails anew, for another reason worth saying), not at every
+    /// probe.
+    probe_failure: Mutex<Option<String>>,
 }
 
 /// Least time between two liveness checks of one node that reads asked for.
@@ -139,6 +142,11 @@ pub struct NodeSet {
 
 impl NodeSet {
     pub fn new(entries: &[NodeEntry], client: NodeClient, down_after: Duration) -> Self {
+        for e in entries {
+            if let Some(name) = &e.server_name {
+                client.expect_name(e.addr, name.clone());
+            }
+        }
         let nodes = entries
             .iter()
             .map(|e| NodeState {
@@ -151,7 +159,7 @@ impl NodeSet {
                 last_ok: Mutex::new(None),
                 lifecycle: Mutex::new(Lifecycle::Active),
                 clock_offset_ms: Mutex::new(None),
-                probe_failing: AtomicBool::new(false),
+                probe_failure: Mutex::new(None),
             })
             .collect::<Vec<_>>();
         NodeSet {
@@ -495,10 +503,10 @@ impl NodeSet {
             let info = match info {
                 Ok(Ok(info)) => info,
                 Ok(Err(e)) => {
-                    // Why the probes fail, once (a certificate the node
-                    // refuses, an old version, no route): the operator's
-                    // first question when a node is down.
-                    if !n.probe_failing.swap(true, Ordering::Relaxed) {
+                    // Why the probes fail, when that changes (a certificate
+                    // one side refuses, an old version, no route): the
+                    // operator's first question when a node is down.
+                    if n.probe_failed(e.to_string()) {
                         tracing::warn!(node = %id, addr = %n.entry.addr, error = %e, "node probe failed");
                     } else {
                         tracing::debug!(node = %id, error = %e, "node probe failed");
@@ -507,14 +515,14 @@ impl NodeSet {
                     continue;
                 }
                 Err(_) => {
-                    if !n.probe_failing.swap(true, Ordering::Relaxed) {
+                    if n.probe_failed("no answer within 3 s".into()) {
                         tracing::warn!(node = %id, addr = %n.entry.addr, "node probe got no answer within 3 s");
                     }
                     self.mark(id, false);
                     continue;
                 }
             };
-            n.probe_failing.store(false, Ordering::Relaxed);
+            *lock(&n.probe_failure) = None;
             if info.node != id {
                 tracing::error!(node = %id, reported = %info.node, "node at this address reports another id; not using it");
                 self.mark(id, false);
@@ -586,6 +594,15 @@ impl NodeSet {
 }
 
 impl NodeState {
+    /// Records why a probe failed; true if that is news (the first
+    /// failure, or another reason than the last).
+    fn probe_failed(&self, why: String) -> bool {
+        let mut last = lock(&self.probe_failure);
+        let news = last.as_deref() != Some(why.as_str());
+        *last = Some(why);
+        news
+    }
+
     fn mark(&self, healthy: bool) {
         if self.healthy.swap(healthy, Ordering::Relaxed) != healthy {
             tracing::info!(node = %self.entry.node_id(), healthy, "node health changed");
@@ -631,6 +648,7 @@ mod tests {
                 id,
                 addr: SocketAddr::from(([127, 0, 0, 1], 7100 + id as u16)),
                 failure_domain: None,
+                server_name: None,
             })
             .collect();
         NodeSet::new(

@@ -106,6 +106,58 @@ impl Cluster {
         .with_context(|| format!("writing {}", data_dir.join(CLUSTER_FILE).display()))
     }
 
+    /// Gives each node certificate made before they carried a name of their
+    /// own (`node-ID.custodia.internal`) one that does, and records it for
+    /// the gateway, which from then on requires it of that node: a key
+    /// stolen from one node no longer passes for another. The node's key is
+    /// kept, so only its certificate file changes, in one durable rename;
+    /// cut short, the node still has a certificate its key matches, and the
+    /// next run finishes. Run before the nodes start. Returns the nodes so
+    /// named; none without the CA key beside the CA certificate (a CA kept
+    /// elsewhere), or for nodes whose certificate is not kept here.
+    pub fn name_node_certs(&mut self, data_dir: &Path) -> Result<Vec<u32>> {
+        let unnamed: Vec<u32> = self
+            .gateway
+            .nodes
+            .iter()
+            .filter(|e| e.server_name.is_none())
+            .map(|e| e.id)
+            .collect();
+        if unnamed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Ok(ca_key) = fs::read_to_string(self.ca_cert().with_file_name("ca.key")) else {
+            return Ok(Vec::new());
+        };
+        let ca_cert = fs::read_to_string(self.ca_cert())
+            .with_context(|| format!("reading {}", self.ca_cert().display()))?;
+        let ca = ClusterCa::from_pem(&ca_cert, &ca_key)?;
+        let mut named = Vec::new();
+        for id in unnamed {
+            let Ok(spec) = self.node(id) else { continue };
+            let (Some(dir), Some(file)) = (
+                spec.cert.parent(),
+                spec.cert.file_name().and_then(|f| f.to_str()),
+            ) else {
+                continue;
+            };
+            let key = fs::read_to_string(&spec.key)
+                .with_context(|| format!("reading {}", spec.key.display()))?;
+            let names = storage_node::tls::node_names(id);
+            let cert = ca.reissue(&format!("custodia node {id}"), &names, &[], &key)?;
+            storage_node::store::write_durably(dir, file, &[cert.as_bytes()])
+                .with_context(|| format!("writing {}", spec.cert.display()))?;
+            if let Some(e) = self.gateway.nodes.iter_mut().find(|e| e.id == id) {
+                e.server_name = Some(storage_node::tls::node_server_name(id));
+            }
+            named.push(id);
+        }
+        if !named.is_empty() {
+            self.save(data_dir)?;
+        }
+        Ok(named)
+    }
+
     /// The cluster file at `path` (whatever its name).
     pub fn load_file(path: &Path) -> Result<Self> {
         let text =
@@ -256,11 +308,6 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
     let (ca_pem, ca_key) = ca.to_pem();
     fs::write(tls.join("ca.pem"), &ca_pem)?;
     storage_node::tls::write_private(&tls.join("ca.key"), ca_key.as_bytes())?;
-    // Only the name gateways and nodes dial each other by: no address or
-    // `localhost`, so a node's certificate can never pass for an HTTPS API
-    // under the same CA (the CLI trusts it for the evidence API), whoever
-    // holds a node's key.
-    let node_names = vec![storage_node::tls::NODE_SERVER_NAME.to_string()];
     let loopback = vec![std::net::IpAddr::from([127, 0, 0, 1])];
 
     let mut nodes = Vec::new();
@@ -281,7 +328,16 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
                 .checked_add(id as u16)
                 .context("node metrics ports run past 65535")?
         };
-        let (cert, key) = ca.issue(&format!("custodia node {id}"), &node_names, &[])?;
+        // Only the names gateways and nodes dial each other by: no address
+        // or `localhost`, so a node's certificate can never pass for an
+        // HTTPS API under the same CA (the CLI trusts it for the evidence
+        // API), whoever holds a node's key; and one of its own, so it
+        // cannot pass for another node either.
+        let (cert, key) = ca.issue(
+            &format!("custodia node {id}"),
+            &storage_node::tls::node_names(id),
+            &[],
+        )?;
         let cert_path = tls.join(format!("node-{id}.pem"));
         let key_path = tls.join(format!("node-{id}.key"));
         fs::write(&cert_path, cert)?;
@@ -306,6 +362,7 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
             id,
             addr: listen,
             failure_domain: None,
+            server_name: Some(storage_node::tls::node_server_name(id)),
         });
     }
     // The gateway's identity towards nodes: a name, no address (it serves

@@ -34,8 +34,8 @@ pub fn add(
         &std::fs::read_to_string(tls.join("ca.pem")).context("reading the cluster CA")?,
         &std::fs::read_to_string(tls.join("ca.key")).context("reading the cluster CA key")?,
     )?;
-    // Only the name nodes are dialled by (see `cluster::init`).
-    let names = vec![storage_node::tls::NODE_SERVER_NAME.to_string()];
+    // Only the names nodes are dialled by (see `cluster::init`).
+    let names = storage_node::tls::node_names(id);
     let (cert, key) = ca.issue(&format!("custodia node {id}"), &names, &[])?;
     let cert_path = tls.join(format!("node-{id}.pem"));
     let key_path = tls.join(format!("node-{id}.key"));
@@ -61,6 +61,7 @@ pub fn add(
         id,
         addr: listen,
         failure_domain,
+        server_name: Some(storage_node::tls::node_server_name(id)),
     });
     cluster.gateway.validate()?;
     cluster.save(&data_dir)?;

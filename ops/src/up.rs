@@ -221,7 +221,14 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
         println!("initialised a new cluster in {}", data_dir.display());
     }
     cluster::make_private(data_dir);
-    let cluster = Cluster::load(data_dir)?;
+    let mut cluster = Cluster::load(data_dir)?;
+    let named = cluster.name_node_certs(data_dir)?;
+    if !named.is_empty() {
+        println!(
+            "gave the certificates of nodes {named:?} a name of their own: the gateway now \
+             requires it of each, so no node's key passes for another's"
+        );
+    }
     if !fresh {
         // Said, not silently ignored: an operator working around a port in
         // use would otherwise try again with the same address.

@@ -180,6 +180,10 @@ struct Inner {
     /// IPv4 only.
     v6: Mutex<Option<quinn::Endpoint>>,
     connections: Mutex<HashMap<SocketAddr, Slot>>,
+    /// The name each node's certificate must carry, by address, where it
+    /// has one of its own ([`NodeClient::expect_name`]); any other node is
+    /// dialled by [`NODE_SERVER_NAME`], which every node's carries.
+    names: Mutex<HashMap<SocketAddr, String>>,
     timeouts: ClientTimeouts,
     /// Receive buffers for shard bodies; see [`NodeClient::recycle`].
     buffers: Arc<crate::buffers::BufferPool>,
@@ -211,10 +215,23 @@ impl NodeClient {
                 v4,
                 v6: Mutex::new(None),
                 connections: Mutex::new(HashMap::new()),
+                names: Mutex::new(HashMap::new()),
                 timeouts,
                 buffers: Arc::new(crate::buffers::BufferPool::new(CLIENT_IDLE_BUFFER_BYTES)),
             }),
         })
+    }
+
+    /// Has the node at `addr` prove it is that node: its certificate must
+    /// be issued for `name` (see [`tls::node_server_name`]), not merely for
+    /// the name every node shares, so a key stolen from one node cannot
+    /// pass for another. Takes effect at the next connection.
+    pub fn expect_name(&self, addr: SocketAddr, name: String) {
+        self.inner
+            .names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(addr, name);
     }
 
     /// Stores a shard on the node at `addr`; returns once the node has fsynced
@@ -606,8 +623,16 @@ impl NodeClient {
                 }
             }
             let endpoint = self.endpoint_for(addr)?;
+            let name = self
+                .inner
+                .names
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&addr)
+                .cloned();
+            let name = name.as_deref().unwrap_or(NODE_SERVER_NAME);
             let conn = endpoint
-                .connect_with(self.inner.config.clone(), addr, NODE_SERVER_NAME)?
+                .connect_with(self.inner.config.clone(), addr, name)?
                 .await?;
             tracing::debug!(%addr, "connected to node");
             *cached = Some(conn.clone());

@@ -25,10 +25,23 @@ use std::time::Duration;
 
 pub use crate::store::write_private;
 
-/// The DNS name every node certificate carries and every client connects to:
-/// nodes are addressed by IP, so their certificates are checked against one
-/// cluster-internal name (the CA, not the name, is what makes a node a node).
+/// The DNS name every node certificate carries: nodes are addressed by IP,
+/// so their certificates are checked against cluster-internal names. Nodes
+/// dial each other by this one (what they read from each other is checked
+/// against the manifest's hashes), and a peer carrying it is a node.
 pub const NODE_SERVER_NAME: &str = "node.custodia.internal";
+
+/// The name node `id`'s certificate carries for it alone, which gateways
+/// dial it by: one node's stolen key cannot pass for another node (take
+/// its shards, claim them durable, say it erased them).
+pub fn node_server_name(id: u32) -> String {
+    format!("node-{id}.custodia.internal")
+}
+
+/// Every name node `id`'s certificate is issued for.
+pub fn node_names(id: u32) -> Vec<String> {
+    vec![NODE_SERVER_NAME.to_string(), node_server_name(id)]
+}
 /// The DNS name in gateway certificates. Nodes accept any certificate the
 /// cluster CA issued, but only one carrying this name may write or delete
 /// shards (others only read: a node rebuilding from its peers).
@@ -183,6 +196,20 @@ impl ClusterCa {
         self.issue_for(common_name, dns_names, ips, false)
     }
 
+    /// As [`issue`](Self::issue), for the key already in `key_pem` (a
+    /// certificate reissued with other names: only the certificate file
+    /// changes, in one rename, never out of step with its key).
+    pub fn reissue(
+        &self,
+        common_name: &str,
+        dns_names: &[String],
+        ips: &[IpAddr],
+        key_pem: &str,
+    ) -> Result<String, TlsError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        self.sign(common_name, dns_names, ips, true, &key)
+    }
+
     fn issue_for(
         &self,
         common_name: &str,
@@ -191,6 +218,18 @@ impl ClusterCa {
         client: bool,
     ) -> Result<(String, String), TlsError> {
         let key = KeyPair::generate()?;
+        let cert = self.sign(common_name, dns_names, ips, client, &key)?;
+        Ok((cert, key.serialize_pem()))
+    }
+
+    fn sign(
+        &self,
+        common_name: &str,
+        dns_names: &[String],
+        ips: &[IpAddr],
+        client: bool,
+        key: &KeyPair,
+    ) -> Result<String, TlsError> {
         let mut params = CertificateParams::default();
         params.distinguished_name = rcgen::DistinguishedName::new();
         params
@@ -220,8 +259,8 @@ impl ClusterCa {
         if params.not_after < time::OffsetDateTime::now_utc() + time::Duration::days(1) {
             return Err(TlsError::CaExpiring(self.not_after));
         }
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok((cert.pem(), key.serialize_pem()))
+        let cert = params.signed_by(key, &self.issuer)?;
+        Ok(cert.pem())
     }
 }
 

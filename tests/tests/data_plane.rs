@@ -1726,9 +1726,65 @@ fn custodia_up_serves_stops_and_guards_its_directory() -> Result<()> {
         eventually(10, || again.nodes.iter().all(|p| !alive(*p))),
         "no node outlives a killed up"
     );
+    // A cluster made before node certificates carried names of their own:
+    // `up` reissues each (same key) and records the name, which the gateway
+    // then requires; the cluster serves as before.
+    let file = dir.join("cluster.toml");
+    let mut cluster: toml::Value = toml::from_str(&std::fs::read_to_string(&file)?)?;
+    let ca = storage_node::tls::ClusterCa::from_pem(
+        &std::fs::read_to_string(dir.join("tls/ca.pem"))?,
+        &std::fs::read_to_string(dir.join("tls/ca.key"))?,
+    )?;
+    for entry in cluster["gateway"]["nodes"]
+        .as_array_mut()
+        .context("nodes")?
+    {
+        entry.as_table_mut().context("node")?.remove("server_name");
+    }
+    let mut certs = Vec::new();
+    for node in cluster["nodes"].as_array().context("nodes")? {
+        let id = node["id"].as_integer().context("id")?;
+        let cert = std::path::PathBuf::from(node["cert"].as_str().context("cert")?);
+        let key = std::fs::read_to_string(node["key"].as_str().context("key")?)?;
+        let old = ca.reissue(
+            &format!("custodia node {id}"),
+            &[storage_node::tls::NODE_SERVER_NAME.to_string()],
+            &[],
+            &key,
+        )?;
+        std::fs::write(&cert, old)?;
+        certs.push((id, cert));
+    }
+    std::fs::write(&file, toml::to_string(&cluster)?)?;
+    let names_in = |cert: &std::path::Path| -> Result<Vec<u8>> {
+        use base64::Engine as _;
+        let pem = std::fs::read_to_string(cert)?;
+        let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        Ok(base64::engine::general_purpose::STANDARD.decode(b64)?)
+    };
+    let has = |der: &[u8], name: &str| der.windows(name.len()).any(|w| w == name.as_bytes());
+    for (id, cert) in &certs {
+        assert!(!has(
+            &names_in(cert)?,
+            &format!("node-{id}.custodia.internal")
+        ));
+    }
     let third = start_up(&dir, api)?;
     assert!(read(&agent)? == body);
     drop(third);
+    let cluster: toml::Value = toml::from_str(&std::fs::read_to_string(&file)?)?;
+    for (id, cert) in &certs {
+        let name = format!("node-{id}.custodia.internal");
+        assert!(
+            has(&names_in(cert)?, &name),
+            "node {id}'s certificate lacks {name}"
+        );
+        let entry = cluster["gateway"]["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|e| e["id"].as_integer() == Some(*id)))
+            .context("entry")?;
+        assert_eq!(entry["server_name"].as_str(), Some(name.as_str()));
+    }
 
     // Without its cluster file, the directory is not initialised anew
     // (which would replace the ledger's and the CA's keys).
@@ -1944,5 +2000,53 @@ fn cli_errors_name_the_problem_once_and_create_nothing() -> Result<()> {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert_eq!(err.matches("k must be at least 1").count(), 1, "{err}");
+    Ok(())
+}
+
+/// A node's certificate carries a name of its own, which the gateway
+/// requires: node 0 started with node 1's certificate and key (a key
+/// stolen from one node) is not taken for node 0, and gets no shards.
+#[test]
+fn one_nodes_key_does_not_pass_for_another_node() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    let file = c.data_dir().join("cluster.toml");
+    let cluster: toml::Value = toml::from_str(&std::fs::read_to_string(&file)?)?;
+    let tls_of = |i: usize, what: &str| -> Result<toml::Value> {
+        Ok(cluster["nodes"][i][what].as_str().context("path")?.into())
+    };
+    let (own_cert, own_key) = (tls_of(0, "cert")?, tls_of(0, "key")?);
+    c.set_node(
+        0,
+        &[("cert", tls_of(1, "cert")?), ("key", tls_of(1, "key")?)],
+    )?;
+    let healthy = |c: &TestCluster| -> Option<u64> {
+        c.get_with(&c.token, "/healthz", &[])
+            .ok()
+            .and_then(|a| a.json()["nodes_healthy"].as_u64())
+    };
+    // Serving, and refused: node 0 stays out however long it runs.
+    assert!(
+        eventually(10, || healthy(&c) == Some(7)),
+        "the gateway took node 1's certificate for node 0"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(healthy(&c), Some(7), "node 0 came in on node 1's key");
+    let data = bytes(100_000, 9);
+    let id = c.file_id(&data)?;
+    assert!(c.shard_files(0).is_empty(), "node 0 was given shards");
+    assert!(c.read(&id)? == data);
+    let log = std::fs::read_to_string(c.data_dir().join("gateway.log"))?;
+    assert!(
+        log.lines()
+            .any(|l| l.contains("node probe failed") && l.contains("not valid for name")),
+        "the gateway does not say why it refuses node 0: {}",
+        log.lines().rev().take(30).collect::<Vec<_>>().join("\n")
+    );
+    // Its own certificate back: in again.
+    c.set_node(0, &[("cert", own_cert), ("key", own_key)])?;
+    assert!(
+        eventually(15, || healthy(&c) == Some(8)),
+        "node 0 with its own certificate is not taken back"
+    );
     Ok(())
 }
