@@ -427,8 +427,30 @@ pub fn auth_refusal<B>(req: &http::Request<B>, now_secs: u64) -> Option<Refused>
 /// Taken silently, `aws s3 cp --sse-c` would store the object readable by
 /// anyone with a reader key, as if encrypted. (SSE-S3, `AES256`, which S3
 /// applies to everything by default, is taken as asked of any store.)
+///
+/// Nor browser-based uploads (a POST of an HTML form to a bucket): s3s
+/// reads such a form's file whole into memory, up to 5 GiB, before anyone
+/// checks who sent it, so one anonymous request could take the gateway's
+/// memory; evidence comes by PUT or multipart upload, streamed.
 pub fn unsupported_refusal<B>(req: &http::Request<B>) -> Option<Refused> {
     let h = req.headers();
+    let form = req.method() == http::Method::POST
+        && h.get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("multipart/form-data")
+            });
+    if form {
+        return Some(Refused {
+            code: "NotImplemented",
+            status: http::StatusCode::NOT_IMPLEMENTED,
+            message: "browser-based (HTML form) POST uploads are not supported here; upload with \
+                      PUT or a multipart upload"
+                .into(),
+        });
+    }
     let customer_key = [
         "x-amz-server-side-encryption-customer-algorithm",
         "x-amz-copy-source-server-side-encryption-customer-algorithm",
@@ -585,6 +607,20 @@ mod tests {
         );
         assert_eq!(code(&[("x-amz-server-side-encryption", "AES256")]), None);
         assert_eq!(code(&[]), None);
+    }
+
+    #[test]
+    fn html_form_uploads_are_refused_before_their_body_is_read() {
+        let code = |method: &str, content_type: &str| {
+            unsupported_refusal(&req(method, "/b", &[("content-type", content_type)]))
+                .map(|r| (r.code, r.status))
+        };
+        let refused = Some(("NotImplemented", http::StatusCode::NOT_IMPLEMENTED));
+        assert_eq!(code("POST", "multipart/form-data; boundary=x"), refused);
+        assert_eq!(code("POST", " Multipart/Form-Data;boundary=y"), refused);
+        // Other POSTs (DeleteObjects, multipart uploads) and PUTs pass.
+        assert_eq!(code("POST", "application/xml"), None);
+        assert_eq!(code("PUT", "multipart/form-data; boundary=x"), None);
     }
 
     #[test]
