@@ -26,7 +26,12 @@ const STRIPES_PER_READ: usize = 1024;
 
 /// Deletes the shards of one stripe; returns whether every shard is gone (a
 /// shard already absent counts). A shard on an unreachable node stays named
-/// by its record, so a later GC pass tries again.
+/// by its record, so a later GC pass tries again; so does one on a node
+/// known to be down, which is not asked at all (each request would wait
+/// out the connect timeout, stripe after stripe, holding up the failed
+/// upload's answer, the expunge and every other collection behind it), and
+/// one on a node this gateway does not know and the index does not call
+/// removed (added since this gateway started: its bytes may be there).
 pub async fn delete_stripe_shards<S: Store>(
     gw: &Gateway<S>,
     evidence: EvidenceId,
@@ -37,8 +42,14 @@ pub async fn delete_stripe_shards<S: Store>(
         let node = p.node?;
         let key = ShardKey { evidence, stripe, index: i as u8 };
         Some(async move {
-            // A node no longer in the cluster has nothing left to delete.
-            let Some(addr) = gw.nodes.addr(node) else { return true };
+            let Some(addr) = gw.nodes.addr(node) else {
+                // Removed from the cluster: nothing left to delete there.
+                return gw.nodes.removed_unlisted().contains(&node);
+            };
+            if !gw.nodes.is_healthy(node) {
+                // Removed and gone: its shards never come back either.
+                return gw.nodes.lifecycle(node) == schema::Lifecycle::Removed;
+            }
             match gw.nodes.client.rpc_delete_shard(addr, key).await {
                 Ok(_) => true,
                 Err(e) => {

@@ -2050,3 +2050,45 @@ fn one_nodes_key_does_not_pass_for_another_node() -> Result<()> {
     );
     Ok(())
 }
+
+/// An aborted upload's shards on a node known to be down are not asked for
+/// one stripe at a time (each ask waiting out the connect timeout): those
+/// on live nodes go at once, and the down node's once it is back.
+#[test]
+fn an_aborted_uploads_shards_go_at_once_while_a_node_is_down() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.set_gateway(&[
+        ("node_probe_interval_ms", toml::Value::Integer(300)),
+        ("node_down_after_ms", toml::Value::Integer(1_000)),
+        ("gc_interval_ms", toml::Value::Integer(500)),
+    ])?;
+    let data = bytes(80 * STRIPE, 12);
+    let s = c.half_upload(&data, 40.0 * 6.0 - 6.0)?;
+    assert!(
+        !c.shard_files(3).is_empty(),
+        "node 3 holds none of the upload"
+    );
+    c.kill_node(3);
+    let seen = eventually(10, || {
+        c.get_with(&c.token, "/healthz", &[])
+            .is_ok_and(|a| a.json()["nodes_healthy"].as_u64() == Some(7))
+    });
+    assert!(seen, "the gateway did not see node 3 go");
+    drop(s);
+    let live = |c: &TestCluster| {
+        (0..8)
+            .filter(|&i| i != 3)
+            .all(|i| c.shard_files(i).is_empty())
+    };
+    assert!(
+        eventually(5, || live(&c)),
+        "the live nodes' shards were not deleted at once: {:?}",
+        c.all_shard_files()
+    );
+    c.start_node_and_wait(3)?;
+    assert!(
+        eventually(20, || c.shard_files(3).is_empty()),
+        "node 3's shards of the aborted upload were not deleted once it was back"
+    );
+    Ok(())
+}
