@@ -290,7 +290,10 @@ async fn expire_incomplete_uploads<S: Store>(gw: &Gateway<S>) {
     if expiry == 0 {
         return;
     }
-    let before = gw.clock.now_ms().saturating_sub(expiry);
+    // By the compliance clock, which never jumps forward: a gateway whose
+    // wall clock ran days ahead would otherwise abort every upload in the
+    // cluster still under way, and delete its parts.
+    let before = gw.clock.compliance_ms().saturating_sub(expiry);
     loop {
         let stale = match indexer::run(&gw.store, |tx| async move {
             indexer::s3::stale_uploads_tx(&tx, before, 64).await
@@ -367,7 +370,11 @@ pub const COMPLETED_UPLOADS_KEPT_MS: u64 = 24 * 3600 * 1000;
 /// Forgets the answers of multipart uploads completed more than
 /// [`COMPLETED_UPLOADS_KEPT_MS`] ago, a page per transaction.
 async fn expire_completed_uploads<S: Store>(gw: &Gateway<S>) {
-    let before = gw.clock.now_ms().saturating_sub(COMPLETED_UPLOADS_KEPT_MS);
+    // (The compliance clock, as for incomplete uploads above.)
+    let before = gw
+        .clock
+        .compliance_ms()
+        .saturating_sub(COMPLETED_UPLOADS_KEPT_MS);
     loop {
         match indexer::run(&gw.store, |tx| async move {
             indexer::s3::expire_completed_tx(&tx, before, 256).await

@@ -2553,6 +2553,26 @@ fn incomplete_uploads_expire_and_their_parts_go() -> Result<()> {
     assert!(listed(&aws)?["Uploads"]
         .as_array()
         .is_some_and(|u| u.len() == 1));
+    // A gateway whose wall clock runs eight days ahead, past the default
+    // seven-day expiry, ends nothing: expiry goes by the compliance clock,
+    // which does not jump forward with it.
+    c.set_gateway(&[("gc_interval_ms", toml::Value::Integer(300))])?;
+    c.kill_gateway();
+    let ahead = custodia_tests::faketime("+8d")?;
+    c.start_gateway_under(&ahead.iter().map(String::as_str).collect::<Vec<_>>())?;
+    c.wait_healthy(8)?;
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    // (Asked with the clocks agreeing again: S3 signatures carry the time.)
+    c.kill_gateway();
+    c.start_gateway()?;
+    c.wait_healthy(8)?;
+    assert!(
+        listed(&aws)?["Uploads"]
+            .as_array()
+            .is_some_and(|u| u.len() == 1),
+        "a gateway eight days ahead ended the upload"
+    );
+    assert_eq!(c.all_shard_files().len(), stored, "its parts were deleted");
     // Only now an expiry short enough for a test (the gateway restarts):
     // set before, it could end the upload between the client's calls.
     c.set_gateway(&[
