@@ -384,6 +384,19 @@ struct Upload<S: Store> {
     /// When the intent's lease was last extended (monotonic: a wall clock
     /// set back must not stop the renewals GC watches for).
     renewed_at: std::time::Instant,
+    /// When to try again a renewal the index failed (it may be recovering):
+    /// the upload goes on while a third of its lease is left.
+    retry_renewal_at: Option<std::time::Instant>,
+}
+
+/// Whether an index error may pass (a conflict storm, a recovery, a
+/// throttle) rather than say the upload must stop: GC aborted its intent,
+/// or there is none.
+fn transient(e: &ApiError) -> bool {
+    !matches!(
+        e,
+        ApiError::Index(schema::SchemaError::IntentAborted(_) | schema::SchemaError::NoIntent(_))
+    ) && matches!(e, ApiError::Index(_))
 }
 
 impl<S: Store> Upload<S> {
@@ -396,6 +409,7 @@ impl<S: Store> Upload<S> {
             pairs: Vec::new(),
             degraded: 0,
             renewed_at: std::time::Instant::now(),
+            retry_renewal_at: None,
         }
     }
 
@@ -696,7 +710,7 @@ impl<S: Store> Upload<S> {
         // One wait, keeping its place in the queue while the lease is kept.
         let mut acquire = std::pin::pin!(gate.acquire_many_owned(kib));
         loop {
-            let renew_at = tokio::time::Instant::from_std(self.renewed_at) + self.lease_third();
+            let renew_at = tokio::time::Instant::from_std(self.renew_at());
             tokio::select! {
                 biased;
                 permit = &mut acquire => {
@@ -715,7 +729,7 @@ impl<S: Store> Upload<S> {
         // spares one after another, or the ingest gate while repair runs):
         // a live upload is never taken for abandoned.
         let joined = loop {
-            let renew_at = tokio::time::Instant::from_std(self.renewed_at) + self.lease_third();
+            let renew_at = tokio::time::Instant::from_std(self.renew_at());
             tokio::select! {
                 biased;
                 joined = &mut handle => break joined,
@@ -740,7 +754,17 @@ impl<S: Store> Upload<S> {
         }
         self.unflushed.push((stripe, record));
         if self.unflushed.len() >= STRIPES_PER_TXN || self.pairs.len() >= PAIRS_PER_TXN {
-            self.flush().await?;
+            // A batch the index failed to take is kept (at most four
+            // batches: a transaction stays far inside its limits) and
+            // written with the next.
+            if let Err(e) = self.flush().await {
+                let room = self.unflushed.len() < 4 * STRIPES_PER_TXN
+                    && self.pairs.len() < 4 * PAIRS_PER_TXN;
+                if !(room && self.may_wait_out(&e, "recording the upload's stripes")) {
+                    return Err(e);
+                }
+                return Ok(());
+            }
         }
         self.keep_lease().await
     }
@@ -759,7 +783,7 @@ impl<S: Store> Upload<S> {
         use tokio::time::{sleep_until, Instant};
         let give_up = idle.map(|d| Instant::now() + d);
         loop {
-            let renew_at = Instant::from_std(self.renewed_at) + self.lease_third();
+            let renew_at = Instant::from_std(self.renew_at());
             tokio::select! {
                 biased;
                 next = body.next() => return Ok(next),
@@ -778,20 +802,52 @@ impl<S: Store> Upload<S> {
         std::time::Duration::from_millis(self.gw.config.intent_lease_ms / 3)
     }
 
+    /// When the lease is next to be renewed.
+    fn renew_at(&self) -> std::time::Instant {
+        self.retry_renewal_at
+            .unwrap_or(self.renewed_at + self.lease_third())
+    }
+
+    /// Whether an index failure to renew or record may pass for now: it is
+    /// transient, and more than a third of the lease is left since the last
+    /// renewal (GC takes an intent for abandoned only once a whole lease
+    /// has passed unchanged).
+    fn may_wait_out(&mut self, e: &ApiError, what: &str) -> bool {
+        let lease = std::time::Duration::from_millis(self.gw.config.intent_lease_ms);
+        if !transient(e) || self.renewed_at.elapsed() + self.lease_third() >= lease {
+            return false;
+        }
+        tracing::warn!(evidence = %self.evidence, error = %e, "{what} failed; the upload goes on and tries again in a second");
+        self.retry_renewal_at = Some(std::time::Instant::now() + std::time::Duration::from_secs(1));
+        true
+    }
+
     /// Extends the intent's lease once a third of it has passed, so a slow but
-    /// live upload is never taken for abandoned by GC. Fails if GC aborted it.
+    /// live upload is never taken for abandoned by GC. Fails if GC aborted it,
+    /// or if the index stays unreachable until a third of the lease is left
+    /// (a renewal that fails before that is tried again a second later: an
+    /// index recovering for longer than its own retries must not end every
+    /// upload under way).
     async fn keep_lease(&mut self) -> Result<(), ApiError> {
-        if self.renewed_at.elapsed() < self.lease_third() {
+        if std::time::Instant::now() < self.renew_at() {
             return Ok(());
         }
         let now = gw_now(&self.gw);
         let (evidence, lease) = (self.evidence, now + self.gw.config.intent_lease_ms);
-        indexer::run(&self.gw.store, |tx| async move {
+        let renewed = indexer::run(&self.gw.store, |tx| async move {
             schema::renew_intent_tx(&tx, evidence, lease).await
         })
-        .await?;
-        self.renewed_at = std::time::Instant::now();
-        Ok(())
+        .await
+        .map_err(ApiError::from);
+        match renewed {
+            Ok(()) => {
+                self.renewed_at = std::time::Instant::now();
+                self.retry_renewal_at = None;
+                Ok(())
+            }
+            Err(e) if self.may_wait_out(&e, "renewing the upload's lease") => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     async fn flush(&mut self) -> Result<(), ApiError> {
@@ -816,6 +872,7 @@ impl<S: Store> Upload<S> {
         self.unflushed.clear();
         self.pairs.clear();
         self.renewed_at = std::time::Instant::now();
+        self.retry_renewal_at = None;
         Ok(())
     }
 }
@@ -1107,6 +1164,127 @@ fn pop(spares: &Mutex<VecDeque<protocol::NodeId>>) -> Option<protocol::NodeId> {
 mod tests {
     use super::*;
     use reed_solomon_erasure::galois_8::ReedSolomon;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    /// The embedded index, made unreachable at will: every transaction
+    /// fails to start while `down` is set, as a store that is recovering.
+    #[derive(Clone)]
+    struct Flaky {
+        inner: indexer::EmbeddedStore,
+        down: Arc<AtomicBool>,
+    }
+
+    impl indexer::KvStore for Flaky {
+        type Tx = <indexer::EmbeddedStore as indexer::KvStore>::Tx;
+        fn begin(&self) -> Result<Self::Tx, indexer::KvError> {
+            if self.down.load(Ordering::Relaxed) {
+                return Err(indexer::KvError::Storage("the index is recovering".into()));
+            }
+            self.inner.begin()
+        }
+    }
+
+    /// A gateway on `store` with three nodes it never reaches.
+    fn gateway(dir: &std::path::Path, store: Flaky) -> Arc<Gateway<Flaky>> {
+        let ca = storage_node::tls::ClusterCa::generate("test CA").unwrap();
+        let (cert, key) = ca
+            .issue("gateway", &["gateway.custodia.internal".into()], &[])
+            .unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
+        std::fs::write(dir.join("gw.pem"), cert).unwrap();
+        std::fs::write(dir.join("gw.key"), key).unwrap();
+        let config = format!(
+            r#"
+listen = "127.0.0.1:0"
+index_path = "{index}"
+k = 2
+m = 1
+intent_lease_ms = 30000
+
+[tls]
+ca_cert = "{dir}/ca.pem"
+cert = "{dir}/gw.pem"
+key = "{dir}/gw.key"
+
+[[nodes]]
+id = 0
+addr = "127.0.0.1:9"
+
+[[nodes]]
+id = 1
+addr = "127.0.0.1:10"
+
+[[nodes]]
+id = 2
+addr = "127.0.0.1:11"
+"#,
+            index = dir.join("index.redb").display(),
+            dir = dir.display(),
+        );
+        let config = toml::from_str(&config).unwrap();
+        Arc::new(Gateway::new(config, store, &prometheus::Registry::new()).unwrap())
+    }
+
+    /// An index unreachable for longer than its own retries does not end an
+    /// upload while more than a third of its lease is left: the renewal is
+    /// tried again a second later and succeeds once the index is back. With
+    /// only a third left, or with the intent aborted by GC, it fails.
+    #[tokio::test]
+    async fn an_index_outage_shorter_than_the_lease_does_not_end_an_upload() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Flaky {
+            inner: indexer::EmbeddedStore::open(&dir.path().join("index.redb")).unwrap(),
+            down: Arc::new(AtomicBool::new(false)),
+        };
+        let gw = gateway(dir.path(), store.clone());
+        let evidence = EvidenceId::new(gw.clock.now_ms(), [7; 10]);
+        let lease = gw.clock.now_ms() + 30_000;
+        indexer::run(&store, |tx| async move {
+            schema::begin_intent_tx(&tx, evidence, "t", None, lease).await
+        })
+        .await
+        .unwrap();
+        let ago = |d: Duration| std::time::Instant::now().checked_sub(d).unwrap();
+        let mut up = Upload::new(gw.clone(), evidence);
+        // A third of the lease has passed: due. The index is down.
+        up.renewed_at = ago(Duration::from_secs(11));
+        store.down.store(true, Ordering::Relaxed);
+        assert!(up.keep_lease().await.is_ok(), "an outage ended the upload");
+        let retry = up.retry_renewal_at.expect("a retry planned");
+        assert!(
+            retry > std::time::Instant::now(),
+            "the retry is not put off"
+        );
+        // Not tried again before then.
+        assert!(up.keep_lease().await.is_ok());
+        // Back: the retry renews.
+        store.down.store(false, Ordering::Relaxed);
+        up.retry_renewal_at = Some(std::time::Instant::now());
+        assert!(up.keep_lease().await.is_ok());
+        assert!(up.retry_renewal_at.is_none());
+        assert!(
+            up.renewed_at.elapsed() < Duration::from_secs(1),
+            "not renewed"
+        );
+        // Down again, with only a third of the lease left: it fails.
+        up.renewed_at = ago(Duration::from_secs(21));
+        store.down.store(true, Ordering::Relaxed);
+        assert!(up.keep_lease().await.is_err(), "went on past two thirds");
+        // Aborted by GC: it fails at once, however much lease is left.
+        store.down.store(false, Ordering::Relaxed);
+        indexer::run(&store, |tx| async move {
+            schema::abort_intent_tx(&tx, evidence).await
+        })
+        .await
+        .unwrap();
+        up.renewed_at = ago(Duration::from_secs(11));
+        up.retry_renewal_at = None;
+        assert!(matches!(
+            up.keep_lease().await,
+            Err(ApiError::Index(schema::SchemaError::IntentAborted(_)))
+        ));
+    }
 
     #[test]
     fn encoded_stripes_rebuild_from_any_k_shards() {
