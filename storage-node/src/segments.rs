@@ -606,12 +606,12 @@ impl SegmentLog {
     /// have dropped its dirty pages, and the next fsync would "succeed"),
     /// a sealed one directly (one gone since has nothing left to sync).
     fn sync_segment(&self, id: u64) -> io::Result<()> {
-        let active = {
-            let a = lock(&self.active);
-            (a.id == id).then_some(a.len)
-        };
-        if let Some(len) = active {
-            return self.wait_durable(id, len);
+        let active = lock(&self.active).id == id;
+        if active && self.sync_active_now(id)? {
+            return Ok(());
+        }
+        if lock(&self.sync).failed.contains(&id) {
+            return Err(io::Error::other("fsync of the segment failed earlier"));
         }
         let file = self.read_index().segments.get(&id).map(|s| s.file.clone());
         file.map_or(Ok(()), |f| f.sync_data())
@@ -913,35 +913,69 @@ impl SegmentLog {
                 sync = self.synced.wait(sync).unwrap_or_else(|p| p.into_inner());
                 continue;
             }
-            sync.leader = true;
-            drop(sync);
-            let (id, file, len) = {
-                let a = lock(&self.active);
-                (a.id, a.file.clone(), a.len)
-            };
-            // No active file: nothing was appended since the start.
-            let result = file.map_or(Ok(()), |f| f.sync_data());
-            sync = lock(&self.sync);
-            sync.leader = false;
-            match &result {
-                Ok(()) => {
-                    sync.durable = sync.durable.max((id, len));
-                    self.syncs.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    // After a failed fsync the kernel may have dropped the
-                    // dirty pages: nothing more of this segment is trusted.
-                    tracing::error!(segment = id, error = %e, "segment fsync failed");
-                    sync.failed.insert(id);
-                }
-            }
-            self.synced.notify_all();
+            let (id, result);
+            (sync, id, result) = self.lead_sync(sync);
             if let Err(e) = result {
                 if id == seg {
                     return Err(e);
                 }
             }
         }
+    }
+
+    /// Fsyncs the active segment `seg` in a round of its own, begun after
+    /// this call: for writes in place (an erasure), which the durable mark
+    /// cannot tell covered, since it counts appends. (A round already in
+    /// flight may have begun before the write.)
+    /// False if `seg` was sealed meanwhile (not synced here: the caller
+    /// syncs it as a sealed one).
+    fn sync_active_now(&self, seg: u64) -> io::Result<bool> {
+        let mut sync = lock(&self.sync);
+        while sync.leader {
+            sync = self.synced.wait(sync).unwrap_or_else(|p| p.into_inner());
+        }
+        if sync.failed.contains(&seg) {
+            return Err(io::Error::other("fsync of the segment failed earlier"));
+        }
+        let (_sync, id, result) = self.lead_sync(sync);
+        match result {
+            Err(e) if id == seg => Err(e),
+            _ => Ok(id == seg),
+        }
+    }
+
+    /// One fsync round of the active segment, led by the caller (who holds
+    /// `sync`, with no other leader): advances the durable mark, or marks
+    /// the segment failed. Returns the lock again, the segment synced and
+    /// the outcome.
+    fn lead_sync<'a>(
+        &'a self,
+        mut sync: MutexGuard<'a, SyncState>,
+    ) -> (MutexGuard<'a, SyncState>, u64, io::Result<()>) {
+        sync.leader = true;
+        drop(sync);
+        let (id, file, len) = {
+            let a = lock(&self.active);
+            (a.id, a.file.clone(), a.len)
+        };
+        // No active file: nothing was appended since the start.
+        let result = file.map_or(Ok(()), |f| f.sync_data());
+        let mut sync = lock(&self.sync);
+        sync.leader = false;
+        match &result {
+            Ok(()) => {
+                sync.durable = sync.durable.max((id, len));
+                self.syncs.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                // After a failed fsync the kernel may have dropped the
+                // dirty pages: nothing more of this segment is trusted.
+                tracing::error!(segment = id, error = %e, "segment fsync failed");
+                sync.failed.insert(id);
+            }
+        }
+        self.synced.notify_all();
+        (sync, id, result)
     }
 
     fn read_index(&self) -> std::sync::RwLockReadGuard<'_, Index> {
@@ -1529,9 +1563,16 @@ mod tests {
                 .unwrap();
             b
         };
+        let syncs = log.syncs.load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(log.delete(&hg.key, None).unwrap(), Some(dead));
         log.sync_erasures().unwrap();
         assert!(!holds(&path, &gone[..64]), "a deleted shard's bytes stayed");
+        // The tombstone's fsync came before the erasure was written: the
+        // erasure, in the active segment, has an fsync of its own.
+        assert!(
+            log.syncs.load(std::sync::atomic::Ordering::Relaxed) >= syncs + 2,
+            "the erasure was not made durable"
+        );
         let copies = fs::read(&path)
             .unwrap()
             .windows(64)
