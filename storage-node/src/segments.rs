@@ -290,8 +290,7 @@ impl SegmentLog {
             // out of service (and the disk's identity renewed): one that
             // passes must not cost every shard in it a rebuild.
             let path = dir.join(segment_name(id));
-            let media =
-                |e: &io::Error| e.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error());
+            let media = crate::store::is_media_error;
             let mut read = fs::read(&path);
             for _ in 0..2 {
                 match &read {
@@ -301,7 +300,8 @@ impl SegmentLog {
             }
             let bytes = match read {
                 Ok(bytes) => bytes,
-                Err(e) if media(&e) => {
+                // (Or not a file at all: a directory under its name.)
+                Err(e) if crate::store::is_broken_file(&e) => {
                     tracing::error!(
                         segment = id,
                         error = %e,

@@ -180,7 +180,7 @@ impl From<io::Error> for StoreError {
 /// and XFS's EFSCORRUPTED, which is EUCLEAN, and EBADMSG). The shard is then
 /// as good as corrupt: quarantined, so scrub and listings go on past it and
 /// repair rebuilds it, instead of every pass stopping there.
-fn is_media_error(e: &io::Error) -> bool {
+pub(crate) fn is_media_error(e: &io::Error) -> bool {
     use rustix::io::Errno;
     [Errno::IO, Errno::UCLEAN, Errno::BADMSG]
         .iter()
@@ -189,7 +189,7 @@ fn is_media_error(e: &io::Error) -> bool {
 
 /// An error that is this file's for good: the disk or file system cannot
 /// read it, or it is not a file (a link that loops, a directory).
-fn is_broken_file(e: &io::Error) -> bool {
+pub(crate) fn is_broken_file(e: &io::Error) -> bool {
     use rustix::io::Errno;
     is_media_error(e)
         || [Errno::LOOP, Errno::ISDIR, Errno::NOTDIR]
@@ -1659,15 +1659,23 @@ fn mint_disk_uuid(root: &Path) -> Result<[u8; 16], StoreError> {
     Ok(*id.as_bytes())
 }
 
+/// Removes what an earlier run left in `tmp/`; an entry that cannot be
+/// removed (a directory put there, an unreadable inode) is said and left:
+/// it holds no shard, and must not stop the node.
 fn remove_temporary_files(tmp: &Path) -> io::Result<()> {
     for entry in fs::read_dir(tmp)? {
         let entry = entry?;
         tracing::debug!(file = %entry.path().display(), "removing a leftover temporary file");
-        fs::remove_file(entry.path())?;
+        if let Err(e) = fs::remove_file(entry.path()) {
+            tracing::warn!(file = %entry.path().display(), error = %e, "could not remove a leftover temporary file; left as it is");
+        }
     }
     Ok(())
 }
 
+/// The shard files' usage. One whose inode cannot be read is said and not
+/// counted (reading it fails as damage, and repair rebuilds it): a bad
+/// sector under one file must not keep the node from serving the rest.
 fn count_shards(shards: &Path) -> io::Result<Usage> {
     let mut usage = Usage::default();
     for fanout in fs::read_dir(shards)? {
@@ -1677,9 +1685,13 @@ fn count_shards(shards: &Path) -> io::Result<Usage> {
         }
         for file in fs::read_dir(fanout.path())? {
             let file = file?;
-            let meta = file.metadata()?;
-            if meta.is_file() {
-                usage.add(meta.len());
+            match file.metadata() {
+                Ok(meta) if meta.is_file() => usage.add(meta.len()),
+                Ok(_) => {}
+                Err(e) if is_broken_file(&e) => {
+                    tracing::warn!(file = %file.path().display(), error = %e, "a shard file's inode cannot be read; not counted")
+                }
+                Err(e) => return Err(e),
             }
         }
     }
@@ -1793,6 +1805,30 @@ mod tests {
     /// on a failing disk, an inode the file system cannot read) is passed
     /// over: every listing (scrub, recovery, orphan collection) would
     /// otherwise stop at it for good.
+    /// What cannot be read or removed at start (a directory where a
+    /// segment or a temporary file should be) is said and passed over: the
+    /// node starts and serves the rest.
+    #[test]
+    fn entries_that_cannot_be_read_or_removed_at_start_do_not_stop_the_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let (small, large) = (body(1000), body(SHARD_SIZE as usize));
+        {
+            let store = ShardStore::open(dir.path()).unwrap();
+            store.put(&header(key(1), &small), &small).unwrap();
+            store.put(&header(key(2), &large), &large).unwrap();
+        }
+        fs::create_dir_all(dir.path().join(TMP_DIR).join("left/behind")).unwrap();
+        fs::create_dir(
+            dir.path()
+                .join(crate::segments::SEGMENTS_DIR)
+                .join(format!("seg-{:016x}", 999)),
+        )
+        .unwrap();
+        let store = ShardStore::open(dir.path()).unwrap();
+        assert_eq!(store.get(&key(1)).unwrap().1, small);
+        assert_eq!(store.get(&key(2)).unwrap().1, large);
+    }
+
     #[test]
     fn a_shard_file_that_cannot_be_opened_does_not_stop_listings() {
         let dir = tempfile::tempdir().unwrap();
