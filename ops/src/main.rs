@@ -583,6 +583,32 @@ otherwise: start it with  custodia node --cluster {} --id {id}
     }
 }
 
+/// Raises this process's soft limit on open files to its hard limit: a
+/// node keeps a descriptor open per segment (64 MiB of small shards each)
+/// besides its connections, and a gateway one per client and node
+/// connection, and the usual soft limit of 1024 is met at about 64 GB of
+/// packed shards (every node of a balanced cluster at once). Said, not
+/// fatal, where it cannot be raised.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // (No hard limit: left as it is; "unlimited" is refused for files.)
+    if matches!((limit.current, limit.maximum), (Some(soft), Some(hard)) if soft < hard) {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => {
+                tracing::info!(from = ?limit.current, to = ?limit.maximum, "raised the open-file limit")
+            }
+            Err(e) => {
+                tracing::warn!(limit = ?limit.current, error = %e, "could not raise the open-file limit")
+            }
+        }
+    }
+}
+
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init { data_dir, shape } => {
@@ -776,6 +802,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Up { data_dir, shape } => {
             init_tracing("info");
+            raise_open_file_limit();
             up::up(&data_dir, &shape.options()?).await
         }
         Command::Node {
@@ -793,6 +820,7 @@ async fn run(cli: Cli) -> Result<()> {
             key,
         } => {
             init_tracing("info");
+            raise_open_file_limit();
             let mut metrics = None;
             let config = match (cluster_file, data_dir) {
                 (Some(file), _) => {
@@ -831,6 +859,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Gateway { data_dir } => {
             init_tracing("info");
+            raise_open_file_limit();
             up::run_gateway(&data_dir).await
         }
         Command::Put {

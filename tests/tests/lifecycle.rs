@@ -408,3 +408,26 @@ fn a_drain_waits_for_uploads_under_way() -> Result<()> {
     );
     Ok(())
 }
+
+/// A node started under a low soft limit on open files (the usual 1024,
+/// met at about 64 GB of packed shards: a descriptor per segment) raises
+/// it to its hard limit, and says so.
+#[test]
+fn a_node_raises_its_open_file_limit() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.kill_node(0);
+    c.start_node_under(0, &["prlimit", "--nofile=256:4096"])?;
+    let log = c.data_dir().join("node-0.log");
+    let raised = custodia_tests::eventually(20, || {
+        std::fs::read_to_string(&log).is_ok_and(|l| {
+            l.lines().any(|l| {
+                l.contains("raised the open-file limit")
+                    && l.contains("from=Some(256)")
+                    && l.contains("to=Some(4096)")
+            })
+        })
+    });
+    assert!(raised, "node 0 kept a soft limit of 256 open files");
+    c.wait_healthy(8)?;
+    Ok(())
+}
