@@ -185,19 +185,18 @@ pub struct LeaseWatch {
 }
 
 impl LeaseWatch {
-    /// Takes in every live intent listed now (`(evidence, lease_until_ms)`)
-    /// and returns those whose lease has read the same for at least `lease`:
-    /// abort them with [`Abort::Stale`]. Intents no longer listed are
-    /// forgotten.
+    /// Takes in every live intent listed now (`(evidence, lease_until_ms,
+    /// lease period)`) and returns those whose lease has read the same for
+    /// at least their period: abort them with [`Abort::Stale`]. Intents no
+    /// longer listed are forgotten.
     pub fn observe(
         &mut self,
         now: std::time::Instant,
-        live: &[(EvidenceId, u64)],
-        lease: Duration,
+        live: &[(EvidenceId, u64, Duration)],
     ) -> Vec<(EvidenceId, u64)> {
         let mut next = std::collections::HashMap::with_capacity(live.len());
         let mut stale = Vec::new();
-        for &(evidence, until) in live {
+        for &(evidence, until, lease) in live {
             let since = match self.seen.get(&evidence) {
                 Some(&(seen, since)) if seen == until => since,
                 _ => now,
@@ -234,15 +233,17 @@ pub async fn collect_once<S: Store>(gw: &Gateway<S>, watch: &mut LeaseWatch) -> 
             if rec.aborted {
                 aborted.push(evidence);
             } else {
-                live.push((evidence, rec.lease_until_ms));
+                // The longer of this gateway's period and the one its
+                // uploader renews by (gateways may be configured apart).
+                let lease = gw.config.intent_lease_ms.max(rec.lease_ms);
+                live.push((evidence, rec.lease_until_ms, Duration::from_millis(lease)));
             }
         }
         if !full {
             break;
         }
     }
-    let lease = Duration::from_millis(gw.config.intent_lease_ms);
-    let stale = watch.observe(std::time::Instant::now(), &live, lease);
+    let stale = watch.observe(std::time::Instant::now(), &live);
     for evidence in &aborted {
         tracing::info!(%evidence, "collecting an aborted upload");
         abort_and_delete(gw, *evidence, Abort::Failed).await;
@@ -842,36 +843,64 @@ mod tests {
         assert!(w
             .observe(
                 at(0),
-                &[(renewing, 10), (dead, 20), (behind, u64::MAX - 1)],
-                lease
+                &[
+                    (renewing, 10, lease),
+                    (dead, 20, lease),
+                    (behind, u64::MAX - 1, lease)
+                ]
             )
             .is_empty());
         assert!(w
             .observe(
                 at(60),
-                &[(renewing, 11), (dead, 20), (behind, u64::MAX - 1)],
-                lease
+                &[
+                    (renewing, 11, lease),
+                    (dead, 20, lease),
+                    (behind, u64::MAX - 1, lease)
+                ]
             )
             .is_empty());
         // A period after first seen: the unchanged ones, not the renewed.
         assert_eq!(
             w.observe(
                 at(120),
-                &[(renewing, 12), (dead, 20), (behind, u64::MAX - 1)],
-                lease
+                &[
+                    (renewing, 12, lease),
+                    (dead, 20, lease),
+                    (behind, u64::MAX - 1, lease)
+                ]
             ),
             vec![(dead, 20), (behind, u64::MAX - 1)]
         );
         // The renewing upload's lease changed at 120 s, so a period of
         // silence counts from there.
-        assert!(w.observe(at(239), &[(renewing, 12)], lease).is_empty());
+        assert!(w.observe(at(239), &[(renewing, 12, lease)]).is_empty());
         assert_eq!(
-            w.observe(at(240), &[(renewing, 12)], lease),
+            w.observe(at(240), &[(renewing, 12, lease)]),
             vec![(renewing, 12)]
         );
         // Gone from the list (committed or collected): forgotten, and seen
         // afresh if it ever came back.
-        assert!(w.observe(at(241), &[], lease).is_empty());
-        assert!(w.observe(at(500), &[(dead, 20)], lease).is_empty());
+        assert!(w.observe(at(241), &[]).is_empty());
+        assert!(w.observe(at(500), &[(dead, 20, lease)]).is_empty());
+    }
+
+    /// Each intent is judged by its own period: one renewed by a gateway
+    /// with a longer lease (every third of ten minutes) is not taken for
+    /// abandoned after this gateway's two.
+    #[test]
+    fn an_intent_is_waited_for_as_long_as_its_uploader_renews_by() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let (long, short) = (EvidenceId::new(1, [1; 10]), EvidenceId::new(2, [2; 10]));
+        let live = [
+            (long, 5, Duration::from_secs(600)),
+            (short, 5, Duration::from_secs(120)),
+        ];
+        let mut w = LeaseWatch::default();
+        assert!(w.observe(at(0), &live).is_empty());
+        assert_eq!(w.observe(at(199), &live), vec![(short, 5)]);
+        assert!(w.observe(at(599), &live[..1]).is_empty());
+        assert_eq!(w.observe(at(600), &live[..1]), vec![(long, 5)]);
     }
 }

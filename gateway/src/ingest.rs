@@ -170,6 +170,7 @@ where
     let filed_at_ms = gw.clock.now_ms();
     let evidence = EvidenceId::new(filed_at_ms, rand::random());
     let lease = filed_at_ms + gw.config.intent_lease_ms;
+    let lease_ms = gw.config.intent_lease_ms;
     let start = indexer::run(&gw.store, |tx| {
         let meta = &meta;
         async move {
@@ -180,7 +181,7 @@ where
                     key,
                     request: request_digest(meta),
                 });
-            schema::begin_intent_tx(&tx, evidence, &meta.tenant, idem, lease).await
+            schema::begin_intent_tx(&tx, evidence, &meta.tenant, idem, lease, lease_ms).await
         }
     })
     .await;
@@ -1241,7 +1242,7 @@ addr = "127.0.0.1:11"
         let evidence = EvidenceId::new(gw.clock.now_ms(), [7; 10]);
         let lease = gw.clock.now_ms() + 30_000;
         indexer::run(&store, |tx| async move {
-            schema::begin_intent_tx(&tx, evidence, "t", None, lease).await
+            schema::begin_intent_tx(&tx, evidence, "t", None, lease, 30_000).await
         })
         .await
         .unwrap();

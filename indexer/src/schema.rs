@@ -433,6 +433,40 @@ pub struct IntentRecord {
     pub tenant: String,
     pub lease_until_ms: u64,
     pub aborted: bool,
+    /// The lease period its uploader renews by (a third of it at a time):
+    /// GC waits at least this long for a renewal, whatever its own
+    /// gateway's period, so gateways configured differently never take
+    /// each other's live uploads for abandoned. 0 in intents recorded
+    /// before it was kept.
+    pub lease_ms: u64,
+}
+
+/// [`IntentRecord`] as first stored (`RECORD_V1`), without `lease_ms`.
+#[derive(Deserialize)]
+struct IntentRecordV1 {
+    tenant: String,
+    lease_until_ms: u64,
+    aborted: bool,
+}
+
+/// Intents are stored as `INTENT_V2` since they carry `lease_ms`.
+const INTENT_V2: u8 = 2;
+
+fn encode_intent(rec: &IntentRecord) -> Vec<u8> {
+    encode_versioned(INTENT_V2, rec)
+}
+
+fn decode_intent(v: &[u8]) -> Result<IntentRecord, SchemaError> {
+    if v.first() == Some(&INTENT_V2) {
+        return Ok(decode_versioned(INTENT_V2, v)?);
+    }
+    let old: IntentRecordV1 = decode_versioned(RECORD_V1, v)?;
+    Ok(IntentRecord {
+        tenant: old.tenant,
+        lease_until_ms: old.lease_until_ms,
+        aborted: old.aborted,
+        lease_ms: 0,
+    })
 }
 
 /// What starting an upload found.
@@ -470,6 +504,7 @@ pub async fn begin_intent_tx<T: Transaction>(
     tenant: &str,
     idempotency: Option<Idempotency<'_>>,
     lease_until_ms: u64,
+    lease_ms: u64,
 ) -> Result<IntentStart, SchemaError> {
     if let Some(idem) = idempotency {
         let ik = idempotency_key(tenant, idem.key)?;
@@ -504,11 +539,9 @@ pub async fn begin_intent_tx<T: Transaction>(
         tenant: tenant.to_string(),
         lease_until_ms,
         aborted: false,
+        lease_ms,
     };
-    tx.set(
-        &evidence_key(INTENT, &evidence),
-        &encode_versioned(RECORD_V1, &rec),
-    );
+    tx.set(&evidence_key(INTENT, &evidence), &encode_intent(&rec));
     Ok(IntentStart::Started)
 }
 
@@ -517,7 +550,7 @@ pub async fn get_intent_tx<T: Transaction>(
     evidence: EvidenceId,
 ) -> Result<Option<IntentRecord>, SchemaError> {
     match tx.get(&evidence_key(INTENT, &evidence)).await? {
-        Some(v) => Ok(Some(decode_versioned(RECORD_V1, &v)?)),
+        Some(v) => Ok(Some(decode_intent(&v)?)),
         None => Ok(None),
     }
 }
@@ -535,10 +568,7 @@ pub async fn renew_intent_tx<T: Transaction>(
 ) -> Result<(), SchemaError> {
     let mut rec = live_intent_tx(tx, evidence).await?;
     rec.lease_until_ms = lease_until_ms.max(rec.lease_until_ms.saturating_add(1));
-    tx.set(
-        &evidence_key(INTENT, &evidence),
-        &encode_versioned(RECORD_V1, &rec),
-    );
+    tx.set(&evidence_key(INTENT, &evidence), &encode_intent(&rec));
     Ok(())
 }
 
@@ -600,10 +630,7 @@ pub async fn abort_intent_tx<T: Transaction>(
         return Ok(false);
     };
     rec.aborted = true;
-    tx.set(
-        &evidence_key(INTENT, &evidence),
-        &encode_versioned(RECORD_V1, &rec),
-    );
+    tx.set(&evidence_key(INTENT, &evidence), &encode_intent(&rec));
     Ok(true)
 }
 
@@ -660,7 +687,7 @@ pub async fn intents_tx<T: Transaction>(
     };
     let rows = tx.get_range(&from, &[INTENT + 1], limit, false).await?;
     rows.into_iter()
-        .map(|(k, v)| Ok((evidence_from(&k[1..])?, decode_versioned(RECORD_V1, &v)?)))
+        .map(|(k, v)| Ok((evidence_from(&k[1..])?, decode_intent(&v)?)))
         .collect()
 }
 
@@ -1388,6 +1415,48 @@ pub fn utc_ms(ms: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    /// Intents recorded before they kept their lease period still read (as
+    /// period 0: GC then waits its own), and new ones keep it.
+    #[test]
+    fn intents_stored_before_they_kept_a_lease_period_still_read() {
+        #[derive(serde::Serialize)]
+        struct V1<'a> {
+            tenant: &'a str,
+            lease_until_ms: u64,
+            aborted: bool,
+        }
+        let old = super::encode_versioned(
+            super::RECORD_V1,
+            &V1 {
+                tenant: "court",
+                lease_until_ms: 77,
+                aborted: true,
+            },
+        );
+        let rec = super::decode_intent(&old).unwrap();
+        assert_eq!(
+            rec,
+            super::IntentRecord {
+                tenant: "court".into(),
+                lease_until_ms: 77,
+                aborted: true,
+                lease_ms: 0,
+            }
+        );
+        let new = super::IntentRecord {
+            lease_ms: 600_000,
+            ..rec
+        };
+        assert_eq!(
+            super::decode_intent(&super::encode_intent(&new)).unwrap(),
+            new
+        );
+        assert!(
+            super::decode_intent(&[9, 1, 2]).is_err(),
+            "an unknown version"
+        );
+    }
 
     #[test]
     fn retention_dates_read_as_rfc3339() {

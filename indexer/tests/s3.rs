@@ -660,7 +660,7 @@ async fn commit_evidence_of(
     run(s, |tx| {
         let header = &header;
         async move {
-            schema::begin_intent_tx(&tx, evidence, "court", None, 10_000).await?;
+            schema::begin_intent_tx(&tx, evidence, "court", None, 10_000, 120_000).await?;
             schema::commit_manifest_tx(&tx, header).await
         }
     })
@@ -1166,7 +1166,7 @@ async fn put_part(
     run(s, |tx| {
         let part = &part;
         async move {
-            schema::begin_intent_tx(&tx, part_id, "court", None, 100_000).await?;
+            schema::begin_intent_tx(&tx, part_id, "court", None, 100_000, 120_000).await?;
             ix::put_part_tx(&tx, upload, number, part).await
         }
     })

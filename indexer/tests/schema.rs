@@ -59,7 +59,7 @@ async fn begin(
             key,
             request: [7; 32],
         });
-        schema::begin_intent_tx(&tx, id, tenant, idem, 1_000).await
+        schema::begin_intent_tx(&tx, id, tenant, idem, 1_000, 120_000).await
     })
     .await
 }

@@ -285,7 +285,7 @@ mod tests {
         );
         indexer::run(&gw.store, |tx| async move {
             for e in [live, part, aborted] {
-                schema::begin_intent_tx(&tx, e, "admin", None, u64::MAX).await?;
+                schema::begin_intent_tx(&tx, e, "admin", None, u64::MAX, 0).await?;
                 schema::put_stripe_tx(&tx, e, 0, &degraded_record());
             }
             Ok::<_, schema::SchemaError>(())
@@ -335,7 +335,7 @@ mod tests {
         let total = per_pass + 3;
         let evidence = EvidenceId::new(1_800_000_000_000, [4; 10]);
         indexer::run(&gw.store, |tx| async move {
-            schema::begin_intent_tx(&tx, evidence, "admin", None, u64::MAX).await?;
+            schema::begin_intent_tx(&tx, evidence, "admin", None, u64::MAX, 0).await?;
             Ok::<_, schema::SchemaError>(())
         })
         .await?;
@@ -374,7 +374,7 @@ mod tests {
         let evidence = EvidenceId::new(1_800_000_000_000, [5; 10]);
         let other = [7u8; 16];
         indexer::run(&gw.store, |tx| async move {
-            schema::begin_intent_tx(&tx, evidence, "admin", None, u64::MAX).await?;
+            schema::begin_intent_tx(&tx, evidence, "admin", None, u64::MAX, 0).await?;
             schema::put_stripe_tx(&tx, evidence, 0, &degraded_record());
             let held = schema::take_repair_lease_tx(&tx, evidence, 0, other, None).await?;
             assert_eq!(held, None, "taken");
