@@ -1537,7 +1537,17 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let who = self.caller(&req, Role::Clerk).await?;
         let seen = self.bucket(&who, &req.input.bucket).await?;
         let name = req.input.bucket.clone();
-        // Its multipart uploads in progress go with it (as in S3).
+        // Its multipart uploads in progress go with it (as in S3), one per
+        // transaction (each may have 10,000 parts).
+        while let Some(parts) = indexer::run(&self.gw.store, |tx| {
+            let (name, seen) = (&name, &seen);
+            async move { ix::end_an_upload_of_bucket_tx(&tx, name, seen).await }
+        })
+        .await
+        .map_err(|e| s3_err(e.into()))?
+        {
+            delete_parts_later(&self.gw, parts);
+        }
         let parts = indexer::run(&self.gw.store, |tx| {
             let (name, seen) = (&name, &seen);
             async move { ix::delete_bucket_tx(&tx, name, seen).await }

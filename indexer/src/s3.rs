@@ -844,13 +844,13 @@ pub async fn list_buckets_tx<T: Transaction>(
     Ok(out)
 }
 
-/// Deletes a bucket that holds no version at all (delete markers count, as
-/// in S3).
-pub async fn delete_bucket_tx<T: Transaction>(
+/// The bucket `name`, as the request saw it, if it holds no version at all
+/// (delete markers count, as in S3): one DeleteBucket may remove.
+async fn deletable_bucket<T: Transaction>(
     tx: &T,
     name: &str,
     seen: &BucketRecord,
-) -> Result<Vec<PartRecord>, ObjectError> {
+) -> Result<BucketRecord, ObjectError> {
     let b = bucket_as_seen(tx, name, seen).await?;
     let prefix = key_of(VERSION, &[name.as_bytes(), b""]);
     if !tx
@@ -860,6 +860,38 @@ pub async fn delete_bucket_tx<T: Transaction>(
     {
         return Err(ObjectError::BucketNotEmpty);
     }
+    Ok(b)
+}
+
+/// Ends one multipart upload in progress in bucket `name`, if the bucket
+/// may be deleted, returning its parts for the caller to delete; `None`
+/// once none is left. DeleteBucket runs it, a transaction each, until
+/// `None` before [`delete_bucket_tx`]: an upload of 10,000 parts is a
+/// transaction's worth of writes by itself, and a bucket may hold many
+/// (all in one transaction, they passed FoundationDB's limits and the
+/// bucket could never be deleted).
+pub async fn end_an_upload_of_bucket_tx<T: Transaction>(
+    tx: &T,
+    name: &str,
+    seen: &BucketRecord,
+) -> Result<Option<Vec<PartRecord>>, ObjectError> {
+    deletable_bucket(tx, name, seen).await?;
+    let first = list_multipart_tx(tx, name, None, "", None, 1).await?;
+    match first.into_iter().next() {
+        Some((upload, _)) => Ok(Some(end_multipart_tx(tx, upload).await?)),
+        None => Ok(None),
+    }
+}
+
+/// Deletes a bucket that holds no version at all (delete markers count, as
+/// in S3). Call [`end_an_upload_of_bucket_tx`] until it finds none first:
+/// the uploads begun since are few.
+pub async fn delete_bucket_tx<T: Transaction>(
+    tx: &T,
+    name: &str,
+    seen: &BucketRecord,
+) -> Result<Vec<PartRecord>, ObjectError> {
+    let b = deletable_bucket(tx, name, seen).await?;
     // Uploads in progress go with the bucket, as in S3: left behind, they
     // would show in (and complete into) a bucket of the same name created
     // later, perhaps by another tenant. Their parts are returned for the

@@ -1278,3 +1278,77 @@ async fn no_part_outlives_its_upload_and_stale_uploads_are_found() {
     .unwrap();
     assert_eq!(found, [fresh]);
 }
+
+/// A bucket with many uploads of many parts in progress is deleted one
+/// upload per transaction: all of them in the one transaction passed the
+/// 10 MB limit (every part queued for deletion), for good.
+#[tokio::test]
+async fn a_bucket_with_many_large_uploads_in_progress_can_be_deleted() {
+    let (_d, s) = store();
+    bucket(&s, "busy", Versioning::Enabled, false).await;
+    let (uploads, parts) = (20u64, 10_000u32);
+    for u in 0..uploads {
+        let upload = start_upload(&s, "busy", &format!("k{u}"), "court", 1_000 + u).await;
+        for first in (1..=parts).step_by(2_000) {
+            run(&s, |tx| async move {
+                for n in first..first + 2_000 {
+                    let part_id = EvidenceId::new(1_000_000 + u * 100_000 + u64::from(n), [7; 10]);
+                    schema::begin_intent_tx(&tx, part_id, "court", None, 100_000, 120_000).await?;
+                    let part = ix::PartRecord {
+                        part_id,
+                        size: 5 << 20,
+                        md5: String::new(),
+                        blake3: [1; 32],
+                        sha256: [1; 32],
+                        code: ErasureCode::new(4, 2, 4096).unwrap(),
+                        stripes: 1,
+                        uploaded_ms: 1_000,
+                    };
+                    ix::put_part_tx(&tx, upload, n, &part).await?;
+                }
+                Ok::<_, ObjectError>(())
+            })
+            .await
+            .unwrap();
+        }
+    }
+    // All at once: too large, whatever the retries.
+    let at_once = run(&s, |tx| async move {
+        ix::delete_bucket_tx(&tx, "busy", &seen()).await
+    })
+    .await;
+    assert!(
+        at_once.is_err(),
+        "{} uploads ended in one transaction",
+        uploads
+    );
+    // An upload a transaction, then the bucket.
+    let mut ended = 0;
+    while let Some(gone) = run(&s, |tx| async move {
+        ix::end_an_upload_of_bucket_tx(&tx, "busy", &seen()).await
+    })
+    .await
+    .unwrap()
+    {
+        assert_eq!(gone.len(), parts as usize, "an upload's parts are returned");
+        ended += 1;
+    }
+    assert_eq!(ended, uploads);
+    let left = run(&s, |tx| async move {
+        ix::delete_bucket_tx(&tx, "busy", &seen()).await
+    })
+    .await
+    .unwrap();
+    assert!(left.is_empty());
+    // A bucket with a version is not touched: its uploads stay.
+    bucket(&s, "full", Versioning::Enabled, false).await;
+    put(&s, "full", "obj", &version(5_000, false))
+        .await
+        .unwrap();
+    start_upload(&s, "full", "k", "court", 6_000).await;
+    let r = run(&s, |tx| async move {
+        ix::end_an_upload_of_bucket_tx(&tx, "full", &seen()).await
+    })
+    .await;
+    assert!(matches!(r, Err(ObjectError::BucketNotEmpty)), "{r:?}");
+}
