@@ -130,9 +130,14 @@ impl ApiError {
             ApiError::Index(SchemaError::NoEvidence(_)) => StatusCode::NOT_FOUND,
             ApiError::Index(SchemaError::BadTenant) => StatusCode::BAD_REQUEST,
             ApiError::Index(SchemaError::AdminOutsideOperators) => StatusCode::FORBIDDEN,
-            // Aborted, or aborted and already collected: the same to the filer.
+            // Aborted, or aborted and already collected: the same to the
+            // filer. Only GC aborts an upload under way, when its lease went
+            // unrenewed (this gateway stalled, or could not reach the
+            // index): the server's failure, not the request's, and a retry
+            // (with the same Idempotency-Key) files afresh. 409 would tell
+            // clients not to retry.
             ApiError::Index(SchemaError::IntentAborted(_) | SchemaError::NoIntent(_)) => {
-                StatusCode::CONFLICT
+                StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::Index(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Object(ObjectError::Schema(SchemaError::AdminOutsideOperators)) => {
@@ -224,5 +229,22 @@ impl IntoResponse for ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An upload GC aborted (its lease unrenewed) is the server's failure:
+    /// 503, which clients retry, not 409, which they take as final.
+    #[test]
+    fn an_aborted_upload_is_answered_as_the_servers_failure() {
+        let id = protocol::EvidenceId::new(1, [1; 10]);
+        for e in [SchemaError::IntentAborted(id), SchemaError::NoIntent(id)] {
+            let e = ApiError::Index(e);
+            assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(e.code(), "upload_aborted");
+        }
     }
 }
