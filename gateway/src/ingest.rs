@@ -257,8 +257,8 @@ fn request_digest(meta: &FilingMeta) -> [u8; 32] {
 /// Checks that a request whose Idempotency-Key names the filing `header`
 /// repeats it: the same metadata, no retention or hold beyond what the
 /// filing has, and the same content. The content is judged by a declared
-/// hash when the request has one; otherwise the body is read and hashed
-/// (a retry sends it anyway). A key reused for something else would
+/// hash when the client waits for 100 Continue before its body; otherwise
+/// the body is read and hashed (a retry sends it anyway). A key reused for something else would
 /// otherwise answer 201 for a filing that never happened.
 async fn check_replay<S, B, E>(
     gw: &Gateway<S>,
@@ -314,8 +314,13 @@ where
         drain_unless_waiting(body, idle, meta.expects_continue).await;
         return Err(differs(what));
     }
-    if meta.expect_blake3.is_some() || meta.expect_sha256.is_some() {
-        drain_unless_waiting(body, idle, meta.expects_continue).await;
+    // A client that declared the content's hash and waits for 100
+    // Continue has sent none of it: the declaration, matching the filing,
+    // is the request, and no byte need travel. One sending its body is
+    // read whole and checked, declared hash or not: a body other than the
+    // declaration (and the filing) is no replay, and an answer given while
+    // a large body is still coming would be lost with its unread bytes.
+    if (meta.expect_blake3.is_some() || meta.expect_sha256.is_some()) && meta.expects_continue {
         return Ok(());
     }
     let mut hasher = blake3::Hasher::new();

@@ -1261,6 +1261,16 @@ fn idempotency_and_declared_hashes() -> Result<()> {
     )?;
     assert_eq!(a.status, 201);
     assert_eq!(a.json()["id"], first.json()["id"]);
+    // The filing's own hash declared over other bytes: the bytes sent are
+    // checked too, and are no replay of it (filed fresh, they would be a
+    // hash mismatch).
+    let a = c.file_with(
+        &c.token,
+        &changed,
+        &[key[0], ("x-custodia-blake3", declared.as_str())],
+    )?;
+    assert_eq!(a.status, 422, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(a.json()["error"], "idempotency_key_reused");
     let a = c.file_with(&c.token, &data, &[("idempotency-key", "")])?;
     assert_eq!(a.status, 400, "an empty key is refused");
     assert!(a.json()["message"]
