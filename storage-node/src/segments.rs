@@ -1124,6 +1124,14 @@ fn scan_segment(id: u64, key: &SegKey, bytes: &[u8], index: &mut Index, dead: &m
                 let body = &bytes[off as usize + FRAME + head.len()..off as usize + len as usize];
                 if body.iter().all(|b| *b == 0) {
                     dead.zeroed.insert((id, off));
+                    // A body of zeros that is not the shard's: erased, so
+                    // dead, whatever became of what killed it (a tombstone
+                    // in a segment since damaged and set aside). Never
+                    // indexed: an expunged shard must not come back, even
+                    // as a corrupt one to repair.
+                    if !h.matches(body) {
+                        return;
+                    }
                 }
                 // Only a record that would replace an older one is hashed
                 // here (a copy or a re-put): a torn one keeps the older
@@ -1536,6 +1544,32 @@ mod tests {
     /// later copy, or deleted; and one a crash left behind (its tombstone
     /// durable, its erasure not) is erased at the next open. What stays
     /// current reads back whole throughout.
+    /// A deleted record's tombstone lost (cut off here; in life, in a
+    /// segment damaged and set aside): the record, erased, stays dead, not
+    /// a corrupt shard to serve or have repaired.
+    #[test]
+    fn an_erased_record_whose_tombstone_is_lost_stays_dead() {
+        let dir = tempfile::tempdir().unwrap();
+        let body: Vec<u8> = (0..3000u32).map(|i| (i * 13 % 251) as u8 + 1).collect();
+        let h = shard(3, &body);
+        let log = SegmentLog::open(dir.path()).unwrap();
+        let (loc, _) = log.put(&h, &body).unwrap();
+        let tombstone_at = lock(&log.active).len;
+        assert_eq!(log.delete(&h.key, None).unwrap(), Some(loc));
+        log.sync_erasures().unwrap();
+        let path = log.segment_path(loc.seg);
+        drop(log);
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(tombstone_at)
+            .unwrap();
+        let log = SegmentLog::open(dir.path()).unwrap();
+        assert_eq!(log.locate(&h.key), None, "an erased shard came back");
+        assert_eq!(log.usage().shards, 0);
+    }
+
     #[test]
     fn dead_records_are_erased_and_a_crash_does_not_keep_one() {
         let dir = tempfile::tempdir().unwrap();
