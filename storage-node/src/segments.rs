@@ -253,6 +253,13 @@ pub(crate) struct SegmentLog {
     /// Dead records whose erasure failed (a full copy-on-write file system,
     /// a disk error), tried again by [`SegmentLog::sync_erasures`].
     unerased: Mutex<Vec<Loc>>,
+    /// Records appended whose fsync failed: never indexed (the put failed),
+    /// yet on the disk, where the next open may find them. Their bodies are
+    /// erased at once (best effort: the segment's pages may not reach the
+    /// disk in order), and a delete of the key writes a tombstone for them
+    /// though nothing is indexed, so a shard deleted or expunged later does
+    /// not come back with a restart.
+    failed_puts: Mutex<Vec<(ShardKey, Loc)>>,
 }
 
 impl SegmentLog {
@@ -402,6 +409,7 @@ impl SegmentLog {
             damaged,
             unsynced_erasures: Mutex::default(),
             unerased: Mutex::default(),
+            failed_puts: Mutex::default(),
         })
     }
 
@@ -504,8 +512,21 @@ impl SegmentLog {
     /// the record this one replaced. The caller holds the key's lock.
     pub fn put(&self, header: &ShardHeader, body: &[u8]) -> io::Result<(Loc, Option<Loc>)> {
         let (seg, off, len, pending) = self.append(KIND_SHARD, &header.encode(), body)?;
-        self.wait_durable(seg, off + len as u64)?;
         let loc = Loc { seg, off, len };
+        if let Err(e) = self.wait_durable(seg, off + len as u64) {
+            lock(&self.failed_puts).push((header.key, loc));
+            // Not through `erase`: its fsync would fail again (and with it
+            // every later expunge's), and nothing can make it durable.
+            let seg_file = self
+                .read_index()
+                .segments
+                .get(&seg)
+                .map(|s| (s.file.clone(), s.key));
+            if let Some((file, key)) = seg_file {
+                let _ = erase_at(&file, &key, loc);
+            }
+            return Err(e);
+        }
         let mut index = self.write_index();
         let old = index.entries.insert(fanout_key(&header.key), loc);
         index.add_live(seg, loc.len as i64);
@@ -524,6 +545,9 @@ impl SegmentLog {
     /// `None`); returns the record deleted. The caller holds the key's lock.
     pub fn delete(&self, key: &ShardKey, expect: Option<Loc>) -> io::Result<Option<Loc>> {
         let Some(loc) = self.locate(key) else {
+            if expect.is_none() && lock(&self.failed_puts).iter().any(|(k, _)| k == key) {
+                self.bury(key)?;
+            }
             return Ok(None);
         };
         if expect.is_some_and(|e| e != loc) {
@@ -549,6 +573,33 @@ impl SegmentLog {
         drop(pending);
         self.erase(loc);
         Ok(Some(loc))
+    }
+
+    /// Durably appends a tombstone for `key`, which has nothing indexed but
+    /// records of failed puts on the disk, and forgets those.
+    fn bury(&self, key: &ShardKey) -> io::Result<()> {
+        let head = protocol::wire::encode_versioned(
+            TOMBSTONE_V1,
+            &Tombstone {
+                key: *key,
+                segment: lock(&self.active).id,
+            },
+        );
+        let (seg, off, len, pending) = self.append(KIND_DELETE, &head, &[])?;
+        self.wait_durable(seg, off + len as u64)?;
+        drop(pending);
+        lock(&self.failed_puts).retain(|(k, _)| k != key);
+        Ok(())
+    }
+
+    /// Keys of `evidence` with records of failed puts on the disk (see
+    /// `failed_puts`): an expunge deletes them too.
+    pub fn failed_puts_of(&self, evidence: protocol::EvidenceId) -> Vec<ShardKey> {
+        lock(&self.failed_puts)
+            .iter()
+            .filter(|(k, _)| k.evidence == evidence)
+            .map(|(k, _)| *k)
+            .collect()
     }
 
     /// Erases the dead shard record at `loc` (see [`erase_at`]), once what
@@ -960,6 +1011,13 @@ impl SegmentLog {
         };
         // No active file: nothing was appended since the start.
         let result = file.map_or(Ok(()), |f| f.sync_data());
+        #[cfg(test)]
+        let result = match tests::FSYNC_FAILS.with(std::cell::Cell::get) {
+            true => Err(io::Error::from_raw_os_error(
+                rustix::io::Errno::IO.raw_os_error(),
+            )),
+            false => result,
+        };
         let mut sync = lock(&self.sync);
         sync.leader = false;
         match &result {
@@ -1270,6 +1328,36 @@ mod tests {
     thread_local! {
         /// Makes [`create_segment`] fail as on a full disk (this thread only).
         pub(super) static DISK_FULL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// Makes segment fsyncs led on this thread fail, as on a disk error.
+        pub(super) static FSYNC_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// A put whose fsync failed is not indexed, but its record may be on
+    /// the disk: a later delete of the key (GC, an expunge) writes a
+    /// tombstone for it all the same, and an expunge finds it, so it cannot
+    /// come back with a restart.
+    #[test]
+    fn a_put_whose_fsync_failed_is_buried_when_its_key_is_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = b"never acknowledged".to_vec();
+        let h = shard(4, &body);
+        let log = SegmentLog::open(dir.path()).unwrap();
+        FSYNC_FAILS.with(|f| f.set(true));
+        let put = log.put(&h, &body);
+        FSYNC_FAILS.with(|f| f.set(false));
+        assert!(put.is_err(), "a failed fsync acknowledged");
+        assert_eq!(log.locate(&h.key), None);
+        assert_eq!(log.failed_puts_of(h.key.evidence), vec![h.key]);
+        let syncs = log.syncs.load(Ordering::Relaxed);
+        assert_eq!(log.delete(&h.key, None).unwrap(), None);
+        assert!(
+            log.syncs.load(Ordering::Relaxed) > syncs,
+            "no tombstone was made durable"
+        );
+        assert!(log.failed_puts_of(h.key.evidence).is_empty());
+        drop(log);
+        let log = SegmentLog::open(dir.path()).unwrap();
+        assert_eq!(log.locate(&h.key), None, "the failed put came back");
     }
 
     /// A node whose disk filled up under it starts again: it serves every

@@ -702,6 +702,8 @@ impl ShardStore {
             .into_iter()
             .filter(|k| k.evidence == evidence)
             .collect();
+        // And those whose puts failed but may be on the disk.
+        keys.extend(self.log.failed_puts_of(evidence));
         let dir = self.root.join(SHARDS_DIR).join(format!("{fanout:02x}"));
         keys.extend(
             names_starting(&dir, &prefix)?
