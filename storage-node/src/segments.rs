@@ -255,10 +255,10 @@ pub(crate) struct SegmentLog {
     unerased: Mutex<Vec<Loc>>,
     /// Records appended whose fsync failed: never indexed (the put failed),
     /// yet on the disk, where the next open may find them. Their bodies are
-    /// erased at once (best effort: the segment's pages may not reach the
-    /// disk in order), and a delete of the key writes a tombstone for them
-    /// though nothing is indexed, so a shard deleted or expunged later does
-    /// not come back with a restart.
+    /// erased at once, at best effort only (nothing can make a write to a
+    /// segment whose fsync failed durable), and a delete of the key writes
+    /// a durable tombstone for them though nothing is indexed, so a shard
+    /// deleted or expunged later is not served again after a restart.
     failed_puts: Mutex<Vec<(ShardKey, Loc)>>,
 }
 
@@ -527,6 +527,14 @@ impl SegmentLog {
             }
             return Err(e);
         }
+        // A later record of the key wins at every open: a failed put of it
+        // is dead now.
+        {
+            let mut failed = lock(&self.failed_puts);
+            if !failed.is_empty() {
+                failed.retain(|(k, _)| *k != header.key);
+            }
+        }
         let mut index = self.write_index();
         let old = index.entries.insert(fanout_key(&header.key), loc);
         index.add_live(seg, loc.len as i64);
@@ -564,6 +572,8 @@ impl SegmentLog {
         );
         let (seg, off, len, pending) = self.append(KIND_DELETE, &head, &[])?;
         self.wait_durable(seg, off + len as u64)?;
+        // The tombstone covers any failed put of the key too.
+        lock(&self.failed_puts).retain(|(k, _)| k != key);
         let mut index = self.write_index();
         if index.entries.get(&fanout_key(key)) == Some(&loc) {
             index.entries.remove(&fanout_key(key));
@@ -652,7 +662,8 @@ impl SegmentLog {
         }
     }
 
-    /// Fsyncs segment `id`: the active one as appends are (so a failure
+    /// Fsyncs segment `id` after a write in place (an erasure): the active
+    /// one in a round of appends' fsyncs begun after the write (so a failure
     /// there is never lost to them: after a failed fsync the kernel may
     /// have dropped its dirty pages, and the next fsync would "succeed"),
     /// a sealed one directly (one gone since has nothing left to sync).
@@ -661,9 +672,9 @@ impl SegmentLog {
         if active && self.sync_active_now(id)? {
             return Ok(());
         }
-        if lock(&self.sync).failed.contains(&id) {
-            return Err(io::Error::other("fsync of the segment failed earlier"));
-        }
+        // Sealed (or failed: its zeros are new dirty pages, which a
+        // successful fsync does make durable, and one failed fsync must not
+        // fail every expunge after it): synced directly.
         let file = self.read_index().segments.get(&id).map(|s| s.file.clone());
         file.map_or(Ok(()), |f| f.sync_data())
     }
@@ -978,15 +989,15 @@ impl SegmentLog {
     /// this call: for writes in place (an erasure), which the durable mark
     /// cannot tell covered, since it counts appends. (A round already in
     /// flight may have begun before the write.)
-    /// False if `seg` was sealed meanwhile (not synced here: the caller
-    /// syncs it as a sealed one).
+    /// False if `seg` was sealed meanwhile, or its appends' fsync failed
+    /// (not synced here: the caller syncs its file directly).
     fn sync_active_now(&self, seg: u64) -> io::Result<bool> {
         let mut sync = lock(&self.sync);
         while sync.leader {
             sync = self.synced.wait(sync).unwrap_or_else(|p| p.into_inner());
         }
         if sync.failed.contains(&seg) {
-            return Err(io::Error::other("fsync of the segment failed earlier"));
+            return Ok(false);
         }
         let (_sync, id, result) = self.lead_sync(sync);
         match result {
@@ -1182,14 +1193,6 @@ fn scan_segment(id: u64, key: &SegKey, bytes: &[u8], index: &mut Index, dead: &m
                 let body = &bytes[off as usize + FRAME + head.len()..off as usize + len as usize];
                 if body.iter().all(|b| *b == 0) {
                     dead.zeroed.insert((id, off));
-                    // A body of zeros that is not the shard's: erased, so
-                    // dead, whatever became of what killed it (a tombstone
-                    // in a segment since damaged and set aside). Never
-                    // indexed: an expunged shard must not come back, even
-                    // as a corrupt one to repair.
-                    if !h.matches(body) {
-                        return;
-                    }
                 }
                 // Only a record that would replace an older one is hashed
                 // here (a copy or a re-put): a torn one keeps the older
@@ -1632,32 +1635,6 @@ mod tests {
     /// later copy, or deleted; and one a crash left behind (its tombstone
     /// durable, its erasure not) is erased at the next open. What stays
     /// current reads back whole throughout.
-    /// A deleted record's tombstone lost (cut off here; in life, in a
-    /// segment damaged and set aside): the record, erased, stays dead, not
-    /// a corrupt shard to serve or have repaired.
-    #[test]
-    fn an_erased_record_whose_tombstone_is_lost_stays_dead() {
-        let dir = tempfile::tempdir().unwrap();
-        let body: Vec<u8> = (0..3000u32).map(|i| (i * 13 % 251) as u8 + 1).collect();
-        let h = shard(3, &body);
-        let log = SegmentLog::open(dir.path()).unwrap();
-        let (loc, _) = log.put(&h, &body).unwrap();
-        let tombstone_at = lock(&log.active).len;
-        assert_eq!(log.delete(&h.key, None).unwrap(), Some(loc));
-        log.sync_erasures().unwrap();
-        let path = log.segment_path(loc.seg);
-        drop(log);
-        OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(tombstone_at)
-            .unwrap();
-        let log = SegmentLog::open(dir.path()).unwrap();
-        assert_eq!(log.locate(&h.key), None, "an erased shard came back");
-        assert_eq!(log.usage().shards, 0);
-    }
-
     #[test]
     fn dead_records_are_erased_and_a_crash_does_not_keep_one() {
         let dir = tempfile::tempdir().unwrap();

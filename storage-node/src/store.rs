@@ -1803,10 +1803,6 @@ mod tests {
         assert_eq!(store.quarantined(None, 10).unwrap(), vec![key(1)]);
     }
 
-    /// A shard file that cannot be opened at all (here a link that loops;
-    /// on a failing disk, an inode the file system cannot read) is passed
-    /// over: every listing (scrub, recovery, orphan collection) would
-    /// otherwise stop at it for good.
     /// What cannot be read or removed at start (a directory where a
     /// segment or a temporary file should be) is said and passed over: the
     /// node starts and serves the rest.
@@ -1831,6 +1827,10 @@ mod tests {
         assert_eq!(store.get(&key(2)).unwrap().1, large);
     }
 
+    /// A shard file that cannot be opened at all (here a link that loops;
+    /// on a failing disk, an inode the file system cannot read) is passed
+    /// over: every listing (scrub, recovery, orphan collection) would
+    /// otherwise stop at it for good.
     #[test]
     fn a_shard_file_that_cannot_be_opened_does_not_stop_listings() {
         let dir = tempfile::tempdir().unwrap();
