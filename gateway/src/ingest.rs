@@ -396,13 +396,16 @@ struct Upload<S: Store> {
 }
 
 /// Whether an index error may pass (a conflict storm, a recovery, a
-/// throttle) rather than say the upload must stop: GC aborted its intent,
-/// or there is none.
+/// throttle, the store's disk failing a write) rather than say the upload
+/// must stop (GC aborted its intent, or there is none) or never succeed (a
+/// transaction too large, a record that does not decode).
 fn transient(e: &ApiError) -> bool {
-    !matches!(
-        e,
-        ApiError::Index(schema::SchemaError::IntentAborted(_) | schema::SchemaError::NoIntent(_))
-    ) && matches!(e, ApiError::Index(_))
+    use indexer::Retryable as _;
+    e.is_retryable()
+        || matches!(
+            e,
+            ApiError::Index(schema::SchemaError::Kv(indexer::KvError::Storage(_)))
+        )
 }
 
 impl<S: Store> Upload<S> {
