@@ -114,7 +114,8 @@ impl Cluster {
     /// cut short, the node still has a certificate its key matches, and the
     /// next run finishes. Run before the nodes start. Returns the nodes so
     /// named; none without the CA key beside the CA certificate (a CA kept
-    /// elsewhere), or for nodes whose certificate is not kept here.
+    /// elsewhere). Nodes this cluster file does not describe are left as
+    /// they are; one whose key cannot be read is an error.
     pub fn name_node_certs(&mut self, data_dir: &Path) -> Result<Vec<u32>> {
         let unnamed: Vec<u32> = self
             .gateway

@@ -148,6 +148,13 @@ async fn drain(mut gw: gateway::RunningGateway, stop: &mut StopSignals) {
 /// view of the cluster.
 async fn wait_for_nodes(cluster: &Cluster, children: &mut [Child]) -> Result<()> {
     let client = storage_node::client::NodeClient::new(&cluster.gateway.tls.files())?;
+    // By the names the gateway will hold them to: a node whose certificate
+    // the gateway would refuse fails here, said, not later as a node down.
+    for e in &cluster.gateway.nodes {
+        if let Some(name) = &e.server_name {
+            client.expect_name(e.addr, name.clone());
+        }
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     for (n, child) in cluster.nodes.iter().zip(children.iter_mut()) {
         loop {
@@ -222,13 +229,6 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
     }
     cluster::make_private(data_dir);
     let mut cluster = Cluster::load(data_dir)?;
-    let named = cluster.name_node_certs(data_dir)?;
-    if !named.is_empty() {
-        println!(
-            "gave the certificates of nodes {named:?} a name of their own: the gateway now \
-             requires it of each, so no node's key passes for another's"
-        );
-    }
     if !fresh {
         // Said, not silently ignored: an operator working around a port in
         // use would otherwise try again with the same address.
@@ -247,6 +247,15 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
     let cluster_file = data_dir.join(cluster::CLUSTER_FILE);
     for n in &cluster.nodes {
         check_node_free(n)?;
+    }
+    // Only with no node of this cluster running (checked just above): a
+    // running one would keep the certificate it loaded.
+    let named = cluster.name_node_certs(data_dir)?;
+    if !named.is_empty() {
+        println!(
+            "gave the certificates of nodes {named:?} a name of their own: the gateway now \
+             requires it of each, so no node's key passes for another's"
+        );
     }
     let mut children = Vec::new();
     for n in &cluster.nodes {
