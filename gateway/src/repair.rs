@@ -73,7 +73,7 @@ use protocol::wire::{RebuildShard, RebuildSource};
 use protocol::{
     Blake3Hash, ErrorCode, EvidenceId, ManifestHeader, NodeId, ShardHeader, ShardKey, StripeRecord,
 };
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storage_node::NodeError;
@@ -212,6 +212,7 @@ pub fn spawn_repair_loop<S: Store>(
         let mut cursor = None;
         let mut queue_cursor = None;
         let mut reported = HashMap::new();
+        let mut spread_walk = SpreadWalk::default();
         loop {
             tokio::select! {
                 _ = gw.repair_wake.notified() => {}
@@ -226,9 +227,13 @@ pub fn spawn_repair_loop<S: Store>(
                 }
                 _ => {}
             }
-            match scan(&gw, &mut cursor).await {
+            match scan(&gw, &mut cursor, &mut spread_walk).await {
                 Ok(n) if n > 0 => {
-                    tracing::info!(stripes = n, "queued stripes on down nodes for repair")
+                    tracing::info!(
+                        stripes = n,
+                        "queued stripes for repair: with shards on down, draining or removed \
+                         nodes, or crowded into one failure domain"
+                    )
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "repair scan failed"),
@@ -387,65 +392,91 @@ fn homeless_nodes<S: Store>(gw: &Gateway<S>) -> HashSet<NodeId> {
     homeless
 }
 
+/// The scanner's walks for stripes crowded into one failure domain. Only
+/// a failure domain opening to writes (a rack back, a node with room
+/// again, one added) can let a crowded stripe spread, so a whole walk is
+/// made once after the gateway starts and then again only when a domain
+/// opens that has not stayed open since the last whole walk began; never
+/// while shards wait for new homes (their rebuilds come first).
+#[derive(Debug, Default)]
+pub struct SpreadWalk {
+    /// The domains open when the last whole walk began.
+    done_for: Option<BTreeSet<Domain>>,
+    /// The domains open when the walk under way began.
+    walking: Option<BTreeSet<Domain>>,
+}
+
 /// Walks up to 16 batches of stripe records from `cursor` (wrapping
 /// around) and queues those with a shard on a node gone past its grace,
-/// draining or removed, or with no node at all, and those with shards
-/// crowded into one failure domain while an emptier one could take them
-/// ([`Spread::crowded`]). Skipped entirely while every node is active and
-/// within its grace and no node has a domain label.
+/// draining or removed, or with no node at all; and, in a walk `walk`
+/// decides on, those with shards crowded into one failure domain while an
+/// emptier one could take them ([`Spread::crowded`]). Skipped entirely
+/// while there is neither to look for.
 pub async fn scan<S: Store>(
     gw: &Gateway<S>,
     cursor: &mut Option<(EvidenceId, u64)>,
+    walk: &mut SpreadWalk,
 ) -> Result<u64, ApiError> {
-    let Some(hit) = Scan::now(gw) else {
+    let homeless = homeless_nodes(gw);
+    let spread = Spread::now(gw, &gone_nodes(gw));
+    let open = spread.open_domains();
+    // A domain closed since (its nodes down or full) opens anew later.
+    if let Some(done) = &mut walk.done_for {
+        done.retain(|d| open.contains(d));
+    }
+    if !homeless.is_empty() || !spread.may_crowd() {
+        // Abandoned: walked again once nothing waits for a home.
+        walk.walking = None;
+    } else if walk.walking.is_none()
+        && walk
+            .done_for
+            .as_ref()
+            .is_none_or(|done| !open.is_subset(done))
+    {
+        walk.walking = Some(open);
+        *cursor = None;
+    }
+    let crowding = walk.walking.is_some();
+    if homeless.is_empty() && !crowding {
         return Ok(0);
+    }
+    let hit = |rec: &StripeRecord| {
+        needs_home(rec, &homeless) || (crowding && !spread.crowded(rec).is_empty())
     };
     let mut queued = 0u64;
     // At most 16 batches per call; each transaction stays small.
     for _ in 0..16 {
-        let (n, more) = queue_stripes(gw, &|rec| hit.needs_repair(rec), cursor).await?;
+        let (n, more) = queue_stripes(gw, &hit, cursor).await?;
         queued += n;
         if !more {
+            if crowding {
+                walk.done_for = walk.walking.take();
+            }
             break;
         }
     }
     Ok(queued)
 }
 
-/// One whole walk of the stripe records, queueing what [`scan`] queues
-/// (what `POST /v1/admin/repair` does before it reports the backlog, so the
-/// backlog it reports is complete). Returns the stripes queued.
+/// One whole walk of the stripe records, queueing every stripe with a shard
+/// on a node gone past its grace, draining or removed (what
+/// `POST /v1/admin/repair` does before it reports the backlog, so the
+/// backlog it reports is complete). Returns the stripes queued. (Crowded
+/// stripes are left to the scanner: not lost redundancy, and a walk of the
+/// whole index each time would be dear.)
 pub async fn scan_all<S: Store>(gw: &Gateway<S>) -> Result<u64, ApiError> {
-    let Some(hit) = Scan::now(gw) else {
+    let homeless = homeless_nodes(gw);
+    if homeless.is_empty() {
         return Ok(0);
-    };
+    }
     let mut cursor = None;
     let mut queued = 0;
     loop {
-        let (n, more) = queue_stripes(gw, &|rec| hit.needs_repair(rec), &mut cursor).await?;
+        let (n, more) = queue_stripes(gw, &|rec| needs_home(rec, &homeless), &mut cursor).await?;
         queued += n;
         if !more {
             return Ok(queued);
         }
-    }
-}
-
-/// What the scanner looks for, as the nodes stand when it starts.
-struct Scan {
-    homeless: HashSet<NodeId>,
-    spread: Spread,
-}
-
-impl Scan {
-    /// `None` when there is nothing to look for.
-    fn now<S: Store>(gw: &Gateway<S>) -> Option<Self> {
-        let homeless = homeless_nodes(gw);
-        let spread = Spread::now(gw, &gone_nodes(gw));
-        (!homeless.is_empty() || spread.labelled).then_some(Scan { homeless, spread })
-    }
-
-    fn needs_repair(&self, rec: &StripeRecord) -> bool {
-        needs_home(rec, &self.homeless) || !self.spread.crowded(rec).is_empty()
     }
 }
 
@@ -767,8 +798,26 @@ impl Spread {
         }
     }
 
-    /// `node`'s failure domain (a node added since this view was taken is
-    /// looked up afresh).
+    /// The failure domains with a node open to new shards.
+    pub fn open_domains(&self) -> BTreeSet<Domain> {
+        self.open_in.keys().cloned().collect()
+    }
+
+    /// Whether a stripe could be crowded at all: some labelled domain has
+    /// two nodes or more (with one node per domain, placement never puts
+    /// two shards in one).
+    pub fn may_crowd(&self) -> bool {
+        let mut seen = HashSet::new();
+        self.labelled
+            && self
+                .domains
+                .values()
+                .filter(|d| matches!(d, Domain::Label(_)))
+                .any(|d| !seen.insert(d))
+    }
+
+    /// `node`'s failure domain (one the view does not list is a domain of
+    /// its own, as placement counts it).
     fn domain<S: Store>(&self, gw: &Gateway<S>, node: NodeId) -> Domain {
         self.domains
             .get(&node)
