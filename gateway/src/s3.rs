@@ -96,6 +96,16 @@ pub(crate) async fn serve<S: Store + 'static>(
     let keep_alive_ms = gw.config.s3_keep_alive_after_ms;
     let mut builder = s3s::service::S3ServiceBuilder::new(S3Front { gw: gw.clone() });
     builder.set_auth(Auth { gw });
+    // A form upload's file is read whole into memory: bounded (see
+    // `s3_digest::FORM_UPLOAD_MAX_BYTES`).
+    let mut config = s3s::config::S3Config::default();
+    config.post_object_max_file_size = crate::s3_digest::FORM_UPLOAD_MAX_BYTES;
+    builder.set_config(Arc::new(s3s::config::StaticConfigProvider::new(Arc::new(
+        config,
+    ))));
+    let forms = Arc::new(tokio::sync::Semaphore::new(
+        crate::s3_digest::FORM_UPLOADS_AT_ONCE,
+    ));
     if let Some(d) = domain {
         // Clients send the port in Host: `BUCKET.DOMAIN:PORT`; a Host of
         // `DOMAIN:PORT` alone is path-style.
@@ -113,7 +123,7 @@ pub(crate) async fn serve<S: Store + 'static>(
     let keep_alive_after = Duration::from_millis(keep_alive_ms);
     // Counted by method: the S3 operation is known only inside s3s.
     let counted = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let (service, metrics) = (service.clone(), metrics.clone());
+        let (service, metrics, forms) = (service.clone(), metrics.clone(), forms.clone());
         async move {
             let started = std::time::Instant::now();
             // From a fixed set: any token is a valid method, and
@@ -128,12 +138,25 @@ pub(crate) async fn serve<S: Store + 'static>(
             // CopyObject and UploadPartCopy.
             let copies = req.method() == http::Method::PUT
                 && req.headers().contains_key("x-amz-copy-source");
+            // A form upload is read whole into memory (bounded), a few at
+            // a time.
+            let form = match crate::s3_digest::is_form_upload(&req) {
+                true => Some(forms.try_acquire_owned()),
+                false => None,
+            };
             let call = async move {
                 if let Some(refused) =
                     crate::s3_digest::auth_refusal(&req, crate::ledger::unix_now())
                         .or_else(|| crate::s3_digest::unsupported_refusal(&req))
+                        .or_else(|| crate::s3_digest::form_too_large(&req))
                 {
                     Ok(refused_response(&refused))
+                } else if matches!(form, Some(Err(_))) {
+                    Ok(refused_response(&crate::s3_digest::Refused {
+                        code: "SlowDown",
+                        status: http::StatusCode::SERVICE_UNAVAILABLE,
+                        message: "too many form uploads at once; try again shortly".into(),
+                    }))
                 } else if crate::s3_digest::wants_check(&req) {
                     match crate::s3_digest::wrap(req) {
                         Ok((req, verdict)) => {

@@ -422,35 +422,58 @@ pub fn auth_refusal<B>(req: &http::Request<B>, now_secs: u64) -> Option<Refused>
     None
 }
 
-/// A refusal for what this gateway does not do and must not pretend to:
-/// server-side encryption with the client's key (SSE-C) or a KMS key.
-/// Taken silently, `aws s3 cp --sse-c` would store the object readable by
-/// anyone with a reader key, as if encrypted. (SSE-S3, `AES256`, which S3
-/// applies to everything by default, is taken as asked of any store.)
-///
-/// Nor browser-based uploads (a POST of an HTML form to a bucket): s3s
-/// reads such a form's file whole into memory, up to 5 GiB, before anyone
-/// checks who sent it, so one anonymous request could take the gateway's
-/// memory; evidence comes by PUT or multipart upload, streamed.
-pub fn unsupported_refusal<B>(req: &http::Request<B>) -> Option<Refused> {
-    let h = req.headers();
-    let form = req.method() == http::Method::POST
-        && h.get(http::header::CONTENT_TYPE)
+/// Largest file a browser-based upload (a POST of an HTML form to a
+/// bucket) may carry. s3s reads such a form's file whole into memory before
+/// anyone checks who sent it (the signature is a form field), so it is
+/// bounded, and so is the number read at once
+/// ([`FORM_UPLOADS_AT_ONCE`]): anything larger comes by PUT or multipart
+/// upload, streamed.
+pub const FORM_UPLOAD_MAX_BYTES: u64 = 64 << 20;
+/// What a form's other fields may add (s3s's own bound on them).
+pub const FORM_FIELDS_MAX_BYTES: u64 = 20 << 20;
+/// Form uploads read at once; more wait for none, answered 503 SlowDown.
+pub const FORM_UPLOADS_AT_ONCE: usize = 4;
+
+/// Whether `req` is a browser-based upload: a POST of an HTML form.
+pub fn is_form_upload<B>(req: &http::Request<B>) -> bool {
+    req.method() == http::Method::POST
+        && req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| {
                 v.trim_start()
                     .to_ascii_lowercase()
                     .starts_with("multipart/form-data")
-            });
-    if form {
-        return Some(Refused {
-            code: "NotImplemented",
-            status: http::StatusCode::NOT_IMPLEMENTED,
-            message: "browser-based (HTML form) POST uploads are not supported here; upload with \
-                      PUT or a multipart upload"
-                .into(),
-        });
-    }
+            })
+}
+
+/// A refusal, from its head, for a form upload whose declared length is
+/// past what one may carry.
+pub fn form_too_large<B>(req: &http::Request<B>) -> Option<Refused> {
+    let len = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())?;
+    (is_form_upload(req) && len > FORM_UPLOAD_MAX_BYTES + FORM_FIELDS_MAX_BYTES).then(|| Refused {
+        code: "EntityTooLarge",
+        status: http::StatusCode::BAD_REQUEST,
+        message: format!(
+            "a form upload here carries at most {} MiB; upload larger objects with PUT or a \
+             multipart upload",
+            FORM_UPLOAD_MAX_BYTES >> 20
+        ),
+    })
+}
+
+/// A refusal for what this gateway does not do and must not pretend to:
+/// server-side encryption with the client's key (SSE-C) or a KMS key.
+/// Taken silently, `aws s3 cp --sse-c` would store the object readable by
+/// anyone with a reader key, as if encrypted. (SSE-S3, `AES256`, which S3
+/// applies to everything by default, is taken as asked of any store.)
+pub fn unsupported_refusal<B>(req: &http::Request<B>) -> Option<Refused> {
+    let h = req.headers();
     let customer_key = [
         "x-amz-server-side-encryption-customer-algorithm",
         "x-amz-copy-source-server-side-encryption-customer-algorithm",
@@ -610,17 +633,37 @@ mod tests {
     }
 
     #[test]
-    fn html_form_uploads_are_refused_before_their_body_is_read() {
-        let code = |method: &str, content_type: &str| {
-            unsupported_refusal(&req(method, "/b", &[("content-type", content_type)]))
-                .map(|r| (r.code, r.status))
+    fn html_form_uploads_past_their_bound_are_refused_from_the_head() {
+        let form = |method: &str, content_type: &str, len: Option<u64>| {
+            let mut headers = vec![("content-type", content_type.to_owned())];
+            if let Some(len) = len {
+                headers.push(("content-length", len.to_string()));
+            }
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let r = req(method, "/b", &headers);
+            (is_form_upload(&r), form_too_large(&r).map(|r| r.code))
         };
-        let refused = Some(("NotImplemented", http::StatusCode::NOT_IMPLEMENTED));
-        assert_eq!(code("POST", "multipart/form-data; boundary=x"), refused);
-        assert_eq!(code("POST", " Multipart/Form-Data;boundary=y"), refused);
-        // Other POSTs (DeleteObjects, multipart uploads) and PUTs pass.
-        assert_eq!(code("POST", "application/xml"), None);
-        assert_eq!(code("PUT", "multipart/form-data; boundary=x"), None);
+        let ct = "multipart/form-data; boundary=x";
+        assert_eq!(form("POST", ct, Some(1000)), (true, None));
+        assert_eq!(
+            form("POST", " Multipart/Form-Data;boundary=y", None),
+            (true, None)
+        );
+        assert_eq!(
+            form(
+                "POST",
+                ct,
+                Some(FORM_UPLOAD_MAX_BYTES + FORM_FIELDS_MAX_BYTES + 1)
+            ),
+            (true, Some("EntityTooLarge"))
+        );
+        // Other POSTs (DeleteObjects, multipart uploads) and PUTs are none.
+        assert_eq!(
+            form("POST", "application/xml", Some(1 << 40)),
+            (false, None)
+        );
+        assert_eq!(form("PUT", ct, Some(1 << 40)), (false, None));
     }
 
     #[test]
