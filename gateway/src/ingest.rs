@@ -552,27 +552,16 @@ impl<S: Store> Upload<S> {
         };
         // Replacing a locked "null" version is judged by the compliance clock.
         let compliance_ms = self.gw.clock.compliance_ms();
-        indexer::run(&self.gw.store, |tx| {
+        let stored = indexer::run(&self.gw.store, |tx| {
             let (header, pending, s3) = (&header, &pending, &s3);
             async move {
                 let commit = schema::commit_manifest_tx(&tx, header).await?;
+                let mut stored = None;
                 if commit == schema::Commit::Now {
                     if let Some(p) = pending {
                         indexer::ledger::enqueue_tx(&tx, 0, p);
                     }
                     if let Some(put) = s3 {
-                        if let Some(upload) = put.completes {
-                            let done = indexer::s3::CompletedUpload {
-                                tenant: header.tenant.clone(),
-                                bucket: put.bucket.clone(),
-                                key: put.key.clone(),
-                                etag: put.version.etag.clone(),
-                                version_id: put.version.version_id,
-                                null_version: put.version.null_version,
-                                completed_ms: put.version.last_modified_ms,
-                            };
-                            indexer::s3::complete_multipart_tx(&tx, upload, &done).await?;
-                        }
                         if let Some(check) = &put.condition {
                             let current =
                                 match indexer::s3::get_version_tx(&tx, &put.bucket, &put.key, None)
@@ -584,7 +573,9 @@ impl<S: Store> Upload<S> {
                                 };
                             (check.0)(current.as_ref())?;
                         }
-                        indexer::s3::put_version_tx(
+                        // As stored: its id may have moved to sort after
+                        // a version committed since it was minted.
+                        let v = indexer::s3::put_version_tx(
                             &tx,
                             &put.bucket,
                             &put.key,
@@ -593,9 +584,29 @@ impl<S: Store> Upload<S> {
                             &put.seen,
                         )
                         .await?;
+                        if let Some(upload) = put.completes {
+                            let done = indexer::s3::CompletedUpload {
+                                tenant: header.tenant.clone(),
+                                bucket: put.bucket.clone(),
+                                key: put.key.clone(),
+                                etag: v.etag.clone(),
+                                version_id: v.version_id,
+                                null_version: v.null_version,
+                                completed_ms: v.last_modified_ms,
+                            };
+                            indexer::s3::complete_multipart_tx(&tx, upload, &done).await?;
+                        }
+                        stored = Some(v);
                     }
+                } else if let Some(put) = s3 {
+                    // Stored by the earlier attempt: the version as it
+                    // stored it (its id may have moved).
+                    stored = indexer::s3::versions_tx(&tx, &put.bucket, &put.key, 1_000)
+                        .await?
+                        .into_iter()
+                        .find(|v| v.evidence == Some(header.evidence));
                 }
-                Ok::<_, ApiError>(())
+                Ok::<_, ApiError>(stored)
             }
         })
         .await?;
@@ -611,7 +622,7 @@ impl<S: Store> Upload<S> {
         Ok(Filing::New {
             header,
             degraded_stripes: self.degraded,
-            version: s3.map(|put| Box::new(put.version)),
+            version: stored.or(s3.map(|put| put.version)).map(Box::new),
         })
     }
 

@@ -979,6 +979,9 @@ async fn remove_null_version<T: Transaction>(
 ///
 /// `seen` is the bucket as the caller checked it (owner, creation): a bucket
 /// deleted and created again since, by any tenant, is not this one.
+///
+/// Returns the version as stored: its id may have moved to sort after the
+/// newest version already there ([`add_version`]).
 pub async fn put_version_tx<T: Transaction>(
     tx: &T,
     bucket: &str,
@@ -986,7 +989,7 @@ pub async fn put_version_tx<T: Transaction>(
     version: &ObjectVersion,
     now_ms: u64,
     seen: &BucketRecord,
-) -> Result<(), ObjectError> {
+) -> Result<ObjectVersion, ObjectError> {
     check_names(bucket, Some(key))?;
     let b = bucket_as_seen(tx, bucket, seen).await?;
     if version.null_version != (b.versioning != Versioning::Enabled) {
@@ -997,7 +1000,7 @@ pub async fn put_version_tx<T: Transaction>(
     if version.null_version {
         remove_null_version(tx, bucket, key, now_ms, false).await?;
     }
-    write_version(tx, bucket, key, version).await
+    add_version(tx, bucket, key, version).await
 }
 
 /// The version `version_id` of `key`, or the newest; delete markers
@@ -1180,6 +1183,50 @@ pub async fn set_legal_hold_tx<T: Transaction>(
     Ok(v)
 }
 
+/// `id` if it sorts after `newest`; otherwise the same random part a
+/// millisecond past `newest` (see [`add_version`]).
+fn after_newest(id: EvidenceId, newest: EvidenceId) -> EvidenceId {
+    if id > newest {
+        return id;
+    }
+    let mut random = [0u8; 10];
+    random.copy_from_slice(&id.as_bytes()[6..]);
+    EvidenceId::new(newest.unix_millis().saturating_add(1), random)
+}
+
+/// Adds `v` as the newest version of `key`, and returns it as stored. The
+/// newest version is the one committed last, as in S3, whatever the clock
+/// that minted its id said: a gateway's clock stepped back, another
+/// gateway's clock behind, or a request begun before another that
+/// committed first (a long Complete or Copy, a DELETE racing a PUT). An id
+/// that would not sort after the newest version's is moved to a
+/// millisecond past it, so the version the client was told it created is
+/// the one it gets back.
+async fn add_version<T: Transaction>(
+    tx: &T,
+    bucket: &str,
+    key: &str,
+    v: &ObjectVersion,
+) -> Result<ObjectVersion, ObjectError> {
+    let mut v = v.clone();
+    if let Some(newest) = versions_tx(tx, bucket, key, 1).await?.first() {
+        v.version_id = after_newest(v.version_id, newest.version_id);
+    }
+    set_journaled(
+        tx,
+        &version_key(bucket, key, &v.version_id),
+        &encode_version(&v),
+    );
+    // The newest now: the current view is it (read no more than before).
+    match v.is_delete_marker() {
+        false => tx.set(&current_key(bucket, key), &encode_version(&v)),
+        true => tx.clear(&current_key(bucket, key)),
+    }
+    Ok(v)
+}
+
+/// Writes `v` under its own id (a new version, or an existing one's new
+/// settings) and re-derives the current version.
 async fn write_version<T: Transaction>(
     tx: &T,
     bucket: &str,
@@ -1345,7 +1392,7 @@ pub async fn delete_current_tx<T: Transaction>(
             if m.null_version {
                 remove_null_version(tx, bucket, key, now_ms, bypass_governance).await?;
             }
-            write_version(tx, bucket, key, &m).await?;
+            let m = add_version(tx, bucket, key, &m).await?;
             Ok(Deleted::Marker(Box::new(m)))
         }
         Versioning::Unversioned => {
@@ -2015,6 +2062,27 @@ mod tests {
             assert!(!valid_bucket(bad), "{bad}");
         }
         assert!(valid_key("a/b c.txt") && !valid_key("") && !valid_key("a\0b"));
+    }
+
+    #[test]
+    fn an_id_minted_before_the_newest_moves_just_past_it() {
+        let newest = EvidenceId::new(5_000, [3; 10]);
+        let later = EvidenceId::new(6_000, [1; 10]);
+        assert_eq!(after_newest(later, newest), later, "a later id stays");
+        for behind in [
+            EvidenceId::new(4_000, [7; 10]),
+            EvidenceId::new(5_000, [1; 10]),
+            newest,
+        ] {
+            let moved = after_newest(behind, newest);
+            assert!(moved > newest, "{behind:?} -> {moved:?}");
+            assert_eq!(moved.unix_millis(), 5_001);
+            assert_eq!(
+                moved.as_bytes()[6..],
+                behind.as_bytes()[6..],
+                "its random part kept"
+            );
+        }
     }
 
     #[test]

@@ -67,6 +67,7 @@ async fn put(s: &EmbeddedStore, b: &str, k: &str, v: &ObjectVersion) -> Result<(
         ix::put_version_tx(&tx, b, k, v, 10, &seen()).await
     })
     .await
+    .map(|_| ())
 }
 
 async fn listed(s: &EmbeddedStore, b: &str, prefix: &str, after: Option<&[u8]>) -> Vec<String> {
@@ -1351,4 +1352,55 @@ async fn a_bucket_with_many_large_uploads_in_progress_can_be_deleted() {
     })
     .await;
     assert!(matches!(r, Err(ObjectError::BucketNotEmpty)), "{r:?}");
+}
+
+/// The version committed last is the current one, whatever the clock that
+/// minted its id (a gateway's clock stepped back, another gateway's behind,
+/// a request begun before one that committed first): a PUT or DELETE that
+/// succeeds always changes what a GET returns, and the id it was given is
+/// the one stored.
+#[tokio::test]
+async fn the_version_committed_last_is_current_whatever_its_ids_clock() {
+    let (_d, s) = store();
+    bucket(&s, "late", Versioning::Enabled, false).await;
+    put(&s, "late", "k", &version(2_000, false)).await.unwrap();
+    // Minted a second earlier, committed later.
+    let behind = version(1_000, false);
+    let stored = run(&s, |tx| {
+        let behind = &behind;
+        async move { ix::put_version_tx(&tx, "late", "k", behind, 10, &seen()).await }
+    })
+    .await
+    .unwrap();
+    assert!(stored.version_id > EvidenceId::new(2_000, [208; 10]));
+    assert_eq!(stored.evidence, behind.evidence, "the evidence is the same");
+    let current = run(&s, |tx| async move {
+        ix::get_version_tx(&tx, "late", "k", None).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(current, stored, "the later commit is not current");
+    let by_id = run(&s, |tx| async move {
+        ix::get_version_tx(&tx, "late", "k", Some(stored.version_id)).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(by_id, stored, "not found by the id it was given");
+    // A delete marker minted earlier still hides the object.
+    let mut marker = version(500, false);
+    marker.evidence = None;
+    let deleted = run(&s, |tx| {
+        let marker = &marker;
+        async move { ix::delete_current_tx(&tx, "late", "k", marker, 10, false, &seen()).await }
+    })
+    .await
+    .unwrap();
+    let ix::Deleted::Marker(m) = deleted else {
+        panic!("no marker: {deleted:?}");
+    };
+    assert!(m.version_id > stored.version_id);
+    assert!(
+        listed(&s, "late", "", None).await.is_empty(),
+        "the marker hides nothing"
+    );
 }
