@@ -370,6 +370,7 @@ async fn restore_s3_records<S: Store>(
     indexer::run(&gw.store, |tx| async move {
         indexer::s3::set_journal_epoch_tx(&tx, epoch);
         indexer::s3::set_journal_seeded_tx(&tx);
+        indexer::s3::set_holds_carried_tx(&tx);
         Ok::<_, SchemaError>(())
     })
     .await?;

@@ -1530,6 +1530,16 @@ pub async fn get_multipart_tx<T: Transaction>(
     }
 }
 
+/// Says that every version's legal hold is on its evidence already, so
+/// [`carry_holds_to_evidence_tx`] has nothing to do: for an index rebuilt by
+/// `recover-index`, whose manifests carry the holds the ledger recorded,
+/// placed and lifted through either API. Carried again, a version's flag
+/// from before a hold was lifted through the evidence API would put the
+/// hold back, with no statement on the ledger.
+pub fn set_holds_carried_tx<T: Transaction>(tx: &T) {
+    tx.set(HOLDS_ON_EVIDENCE, b"");
+}
+
 /// Carries the legal holds of up to `limit` versions after the version
 /// key `after` (none: from the first) onto their evidence, and returns the
 /// last key looked at, or `None` once every version is done (and says so

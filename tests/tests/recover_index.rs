@@ -26,6 +26,7 @@ fn send(c: &TestCluster, method: &str, path: &str, body: Option<Value>) -> Resul
     let a = agent();
     let mut resp = match (method, body) {
         ("PUT", _) => a.put(&url).header("authorization", &auth).send_empty()?,
+        ("DELETE", _) => a.delete(&url).header("authorization", &auth).call()?,
         (_, Some(b)) => a.post(&url).header("authorization", &auth).send_json(b)?,
         (_, None) => a.get(&url).header("authorization", &auth).call()?,
     };
@@ -473,6 +474,40 @@ fn s3_buckets_versions_and_locks_survive_a_destroyed_index() -> Result<()> {
     )?;
     let v2 = put("case/exhibit.bin", &new, &["-H", "content-type: video/mp4"])?;
     put("case/withdrawn.bin", &bytes(100, 63), &[])?;
+    // Held through S3, the hold lifted through the evidence API (one hold
+    // per evidence, whichever API): lifted it stays, recovered.
+    put("case/released.bin", &bytes(300, 64), &[])?;
+    let hold = c.data_dir().join("hold.xml");
+    std::fs::write(
+        &hold,
+        r#"<LegalHold xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Status>ON</Status></LegalHold>"#,
+    )?;
+    let (h, body) = c.s3_curl(
+        "PUT",
+        &format!("{s3}/locked/case/released.bin?legal-hold="),
+        &["--data-binary", &format!("@{}", hold.display())],
+    )?;
+    assert_eq!(
+        status_of(&h),
+        "200",
+        "{h}{}",
+        String::from_utf8_lossy(&body)
+    );
+    let (h, _) = c.s3_curl("HEAD", &format!("{s3}/locked/case/released.bin"), &[])?;
+    let released = header(&h, "x-custodia-evidence-id")
+        .context("x-custodia-evidence-id")?
+        .to_owned();
+    let (status, body) = send(
+        &c,
+        "DELETE",
+        &format!("/v1/evidence/{released}/legal-hold"),
+        None,
+    )?;
+    assert_eq!(
+        (status, body["legal_hold"].as_bool()),
+        (200, Some(false)),
+        "{body}"
+    );
     let (h, _) = c.s3_curl("DELETE", &format!("{s3}/locked/case/withdrawn.bin"), &[])?;
     assert_eq!(status_of(&h), "204", "{h}");
     let (h, _) = c.s3_curl("DELETE", &format!("{s3}/scratch"), &[])?;
@@ -521,14 +556,22 @@ fn s3_buckets_versions_and_locks_survive_a_destroyed_index() -> Result<()> {
     assert!(out.status.success(), "recover-index failed");
     let report: Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(report["s3_buckets"], 1, "{report}");
-    // Two versions, the withdrawn one and its delete marker.
-    assert_eq!(report["s3_versions"], 4, "{report}");
+    // Two versions, the withdrawn one and its delete marker, the released one.
+    assert_eq!(report["s3_versions"], 5, "{report}");
     assert_eq!(report["s3_versions_dropped"], serde_json::json!([]));
     c.start_gateway()?;
     c.wait_healthy(8)?;
 
     // The same listing, byte for byte; every version reads back.
     assert_eq!(listing(&c)?, versions_before);
+    let (status, body) = send(
+        &c,
+        "GET",
+        &format!("/v1/evidence/{released}/manifest"),
+        None,
+    )?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["legal_hold"], false, "a lifted hold came back: {body}");
     let (h, body) = c.s3_curl("GET", &format!("{s3}/locked/case/exhibit.bin"), &[])?;
     assert_eq!(status_of(&h), "200", "{h}");
     assert_eq!(header(&h, "x-amz-version-id"), Some(v2.as_str()));
