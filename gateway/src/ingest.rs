@@ -880,10 +880,22 @@ impl<S: Store> Upload<S> {
         // Written from here and cleared only once committed: if the commit
         // fails, `abandon` still knows these stripes and deletes their shards.
         let (batch, pairs) = (&self.unflushed, &self.pairs);
+        // Stripes a write put two shards of in one failure domain (a node
+        // failed and the next one ranked was in a domain the stripe used):
+        // queued, so repair spreads them once another domain can take one.
+        let crowded: Vec<u64> = batch
+            .iter()
+            .filter(|(_, rec)| self.gw.nodes.crowds(rec))
+            .map(|(s, _)| *s)
+            .collect();
+        let crowded = &crowded;
         indexer::run(&self.gw.store, |tx| async move {
             schema::renew_intent_tx(&tx, evidence, lease).await?;
             for (stripe, rec) in batch {
                 schema::put_stripe_tx(&tx, evidence, *stripe, rec);
+            }
+            for &stripe in crowded {
+                schema::mark_degraded_tx(&tx, evidence, stripe);
             }
             schema::put_outboard_pairs_tx(&tx, evidence, pairs);
             Ok::<_, schema::SchemaError>(())

@@ -138,6 +138,8 @@ pub struct NodeSet {
     /// Nodes the index says were removed that this gateway's configuration
     /// no longer lists: their shards still need new homes.
     removed_unlisted: Mutex<std::collections::HashSet<NodeId>>,
+    /// Each labelled node's failure domain.
+    labels: std::collections::HashMap<NodeId, String>,
 }
 
 impl NodeSet {
@@ -162,7 +164,12 @@ impl NodeSet {
                 probe_failure: Mutex::new(None),
             })
             .collect::<Vec<_>>();
+        let labels = entries
+            .iter()
+            .filter_map(|e| Some((e.node_id(), e.failure_domain.clone()?)))
+            .collect();
         NodeSet {
+            labels,
             nodes: Arc::new(nodes),
             client,
             reconciling: Mutex::new(Default::default()),
@@ -175,6 +182,43 @@ impl NodeSet {
 
     fn get(&self, id: NodeId) -> Option<&NodeState> {
         self.nodes.iter().find(|n| n.entry.id == id.0)
+    }
+
+    /// Whether `rec` puts two shards on one node, or two more of its
+    /// shards in one labelled failure domain than in another open to
+    /// writes now (placement spreads them evenly: with fewer domains than
+    /// shards, two per domain is even): a write that fell back to a node in
+    /// a domain the stripe used already while another could have taken it.
+    /// (A stripe crowded because a domain is down is the scanner's, once
+    /// the domain is back.)
+    pub fn crowds(&self, rec: &protocol::StripeRecord) -> bool {
+        let mut seen_nodes = std::collections::HashSet::new();
+        let mut count: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for n in rec.shards.iter().filter_map(|p| p.node) {
+            if !seen_nodes.insert(n) {
+                return true;
+            }
+            if let Some(l) = self.labels.get(&n) {
+                *count.entry(l.as_str()).or_default() += 1;
+            }
+        }
+        let Some(most) = count.values().max().copied() else {
+            return false;
+        };
+        if most < 2 {
+            return false;
+        }
+        // An open domain with two fewer of its shards than the fullest.
+        self.nodes.iter().any(|n| {
+            let open = *lock(&n.lifecycle) == Lifecycle::Active
+                && n.healthy.load(Ordering::Relaxed)
+                && !n.full.load(Ordering::Relaxed);
+            open && n
+                .entry
+                .failure_domain
+                .as_deref()
+                .is_some_and(|l| count.get(l).copied().unwrap_or(0) + 2 <= most)
+        })
     }
 
     /// The node's failure domain (`None`: unlabelled, its own domain).
@@ -630,6 +674,11 @@ mod tests {
 
     /// Eight nodes, all up and active, and a client that never connects.
     fn set(dir: &std::path::Path) -> NodeSet {
+        set_in(dir, |_| None)
+    }
+
+    /// Eight nodes, node `i` in failure domain `domain(i)`.
+    fn set_in(dir: &std::path::Path, domain: impl Fn(u32) -> Option<String>) -> NodeSet {
         let ca = ClusterCa::generate("test CA").unwrap();
         let (ca_pem, _) = ca.to_pem();
         let (cert, key) = ca
@@ -647,7 +696,7 @@ mod tests {
             .map(|id| NodeEntry {
                 id,
                 addr: SocketAddr::from(([127, 0, 0, 1], 7100 + id as u16)),
-                failure_domain: None,
+                failure_domain: domain(id),
                 server_name: None,
             })
             .collect();
@@ -656,6 +705,49 @@ mod tests {
             NodeClient::new(&files).unwrap(),
             Duration::from_secs(10),
         )
+    }
+
+    /// A stripe is crowded when a write put two of its shards on one node,
+    /// or two more in one rack than in another; two per rack is even when
+    /// there are fewer racks than shards.
+    #[tokio::test]
+    async fn stripes_crowded_by_a_write_are_told_from_even_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = |nodes: &[u32]| protocol::StripeRecord {
+            version: 0,
+            shard_len: 1,
+            shards: nodes
+                .iter()
+                .map(|n| protocol::ShardPlacement {
+                    node: Some(NodeId(*n)),
+                    blake3: protocol::Blake3Hash([0; 32]),
+                })
+                .collect(),
+        };
+        // Three racks of nodes 0-2, 3-5, 6-7.
+        let racks = set_in(dir.path(), |i| Some(format!("rack-{}", i / 3)));
+        assert!(
+            !racks.crowds(&rec(&[0, 1, 3, 4, 6, 7])),
+            "two per rack is even"
+        );
+        assert!(
+            racks.crowds(&rec(&[0, 1, 2, 3, 4, 6])),
+            "three in one, one in another"
+        );
+        assert!(!racks.crowds(&rec(&[0, 3, 6])));
+        assert!(
+            racks.crowds(&rec(&[0, 1, 3])),
+            "two in one, none in another"
+        );
+        // The empty rack down (or full): crowded because it is, which the
+        // scanner sees to once it is back.
+        racks.mark(NodeId(6), false);
+        racks.mark_full(NodeId(7), true);
+        assert!(!racks.crowds(&rec(&[0, 1, 3])));
+        // Unlabelled: only two shards on one node.
+        let plain = set(dir.path());
+        assert!(!plain.crowds(&rec(&[0, 1, 2, 3, 4, 5])));
+        assert!(plain.crowds(&rec(&[0, 1, 1])));
     }
 
     fn ids(c: &[Candidate]) -> Vec<u32> {

@@ -393,25 +393,29 @@ fn homeless_nodes<S: Store>(gw: &Gateway<S>) -> HashSet<NodeId> {
 }
 
 /// The scanner's walks for stripes crowded into one failure domain. Only
-/// a failure domain opening to writes (a rack back, a node with room
+/// a node opening to writes (a rack back, a node with room again or up
 /// again, one added) can let a crowded stripe spread, so a whole walk is
-/// made once after the gateway starts and then again only when a domain
-/// opens that has not stayed open since the last whole walk began; never
-/// while shards wait for new homes (their rebuilds come first).
+/// made once after the gateway starts and then again only when a node
+/// opens that has not stayed open since the last whole walk began.
+/// (Stripes an upload crowds while every domain is open, its write having
+/// fallen back to a node in a domain the stripe used, are queued by the
+/// upload itself.)
 #[derive(Debug, Default)]
 pub struct SpreadWalk {
-    /// The domains open when the last whole walk began.
-    done_for: Option<BTreeSet<Domain>>,
-    /// The domains open when the walk under way began.
-    walking: Option<BTreeSet<Domain>>,
+    /// The nodes open when the last whole walk began, less those closed
+    /// since.
+    done_for: Option<BTreeSet<NodeId>>,
+    /// The nodes open when the walk under way began.
+    walking: Option<BTreeSet<NodeId>>,
 }
 
 /// Walks up to 16 batches of stripe records from `cursor` (wrapping
 /// around) and queues those with a shard on a node gone past its grace,
 /// draining or removed, or with no node at all; and, in a walk `walk`
 /// decides on, those with shards crowded into one failure domain while an
-/// emptier one could take them ([`Spread::crowded`]). Skipped entirely
-/// while there is neither to look for.
+/// emptier one could take them ([`Spread::crowded`], which passes over a
+/// stripe with a shard on a node not open: its other needs come first).
+/// Skipped entirely while there is neither to look for.
 pub async fn scan<S: Store>(
     gw: &Gateway<S>,
     cursor: &mut Option<(EvidenceId, u64)>,
@@ -419,13 +423,12 @@ pub async fn scan<S: Store>(
 ) -> Result<u64, ApiError> {
     let homeless = homeless_nodes(gw);
     let spread = Spread::now(gw, &gone_nodes(gw));
-    let open = spread.open_domains();
-    // A domain closed since (its nodes down or full) opens anew later.
+    let open: BTreeSet<NodeId> = spread.open.iter().copied().collect();
+    // A node closed since (down or full) opens anew later.
     if let Some(done) = &mut walk.done_for {
-        done.retain(|d| open.contains(d));
+        done.retain(|n| open.contains(n));
     }
-    if !homeless.is_empty() || !spread.may_crowd() {
-        // Abandoned: walked again once nothing waits for a home.
+    if !spread.may_crowd() {
         walk.walking = None;
     } else if walk.walking.is_none()
         && walk
@@ -796,11 +799,6 @@ impl Spread {
             open_in,
             labelled,
         }
-    }
-
-    /// The failure domains with a node open to new shards.
-    pub fn open_domains(&self) -> BTreeSet<Domain> {
-        self.open_in.keys().cloned().collect()
     }
 
     /// Whether a stripe could be crowded at all: some labelled domain has
