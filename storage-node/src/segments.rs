@@ -248,8 +248,10 @@ pub(crate) struct SegmentLog {
     carried: Mutex<std::collections::BTreeSet<u64>>,
     /// See [`SegmentLog::damaged_segments`].
     damaged: Vec<u64>,
-    /// Segments with records erased since their last fsync.
-    unsynced_erasures: Mutex<std::collections::BTreeSet<u64>>,
+    /// Segments with records erased since their last fsync, and those
+    /// records: if the fsync fails, the kernel may have dropped the zeros
+    /// (and the next fsync "succeed"), so they are written again.
+    unsynced_erasures: Mutex<BTreeMap<u64, Vec<Loc>>>,
     /// Dead records whose erasure failed (a full copy-on-write file system,
     /// a disk error), tried again by [`SegmentLog::sync_erasures`].
     unerased: Mutex<Vec<Loc>>,
@@ -627,7 +629,10 @@ impl SegmentLog {
         };
         match erase_at(&file, &key, loc) {
             Ok(()) => {
-                lock(&self.unsynced_erasures).insert(loc.seg);
+                lock(&self.unsynced_erasures)
+                    .entry(loc.seg)
+                    .or_default()
+                    .push(loc);
             }
             Err(e) => {
                 tracing::warn!(segment = loc.seg, offset = loc.off, error = %e, "could not erase a dead record; trying again later");
@@ -646,13 +651,18 @@ impl SegmentLog {
             self.erase(loc);
         }
         let left = lock(&self.unerased).len();
-        let ids = std::mem::take(&mut *lock(&self.unsynced_erasures));
-        let mut ids = ids.into_iter();
-        while let Some(id) = ids.next() {
+        let segments = std::mem::take(&mut *lock(&self.unsynced_erasures));
+        let mut failed = None;
+        for (id, locs) in segments {
             if let Err(e) = self.sync_segment(id) {
-                lock(&self.unsynced_erasures).extend(std::iter::once(id).chain(ids));
-                return Err(e);
+                // Written again at the next try: new dirty pages, which an
+                // fsync that succeeds does make durable.
+                lock(&self.unerased).extend(locs);
+                failed.get_or_insert(e);
             }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         match left {
             0 => Ok(()),
@@ -1333,6 +1343,31 @@ mod tests {
         pub(super) static DISK_FULL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
         /// Makes segment fsyncs led on this thread fail, as on a disk error.
         pub(super) static FSYNC_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// An erasure whose fsync fails is written again and synced at the next
+    /// try (the kernel may have dropped the zeros with the failed fsync),
+    /// and the failure does not stay: the next try succeeds.
+    #[test]
+    fn an_erasure_whose_fsync_failed_is_written_again_and_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = b"to be expunged".to_vec();
+        let h = shard(5, &body);
+        let log = SegmentLog::open(dir.path()).unwrap();
+        let (loc, _) = log.put(&h, &body).unwrap();
+        // The tombstone is durable; the erasure's fsync fails.
+        assert_eq!(log.delete(&h.key, None).unwrap(), Some(loc));
+        FSYNC_FAILS.with(|f| f.set(true));
+        assert!(log.sync_erasures().is_err(), "a failed fsync passed");
+        FSYNC_FAILS.with(|f| f.set(false));
+        assert_eq!(
+            lock(&log.unerased).len(),
+            1,
+            "the erasure is not kept to write again"
+        );
+        log.sync_erasures().unwrap();
+        assert!(lock(&log.unerased).is_empty());
+        assert!(lock(&log.unsynced_erasures).is_empty());
     }
 
     /// A put whose fsync failed is not indexed, but its record may be on
