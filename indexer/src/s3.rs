@@ -26,9 +26,11 @@
 //! ("3h")                                            = ""               every version's legal hold is its evidence's
 //! ```
 //!
-//! Version ids are time-ordered UUIDs (the evidence id for a PUT), stored
-//! bit-inverted so a key's versions read newest first. `3c` duplicates the
-//! newest non-marker version so listings are one range read.
+//! Version ids are time-ordered UUIDs (for a PUT, its evidence id, unless
+//! that would not sort after the newest version when it commits: then a
+//! millisecond past it, see `add_version`), stored bit-inverted so a key's
+//! versions read newest first. `3c` duplicates the newest non-marker
+//! version so listings are one range read.
 //!
 //! Every change to a tenant (`3t`), bucket (`3b`) or version (`3v`) record
 //! is also written to the journal (`3j`) in the same transaction, keyed by
