@@ -184,41 +184,42 @@ impl NodeSet {
         self.nodes.iter().find(|n| n.entry.id == id.0)
     }
 
-    /// Whether `rec` puts two shards on one node, or two more of its
-    /// shards in one labelled failure domain than in another open to
-    /// writes now (placement spreads them evenly: with fewer domains than
-    /// shards, two per domain is even): a write that fell back to a node in
-    /// a domain the stripe used already while another could have taken it.
-    /// (A stripe crowded because a domain is down is the scanner's, once
-    /// the domain is back.)
+    /// Whether a write left `rec` crowded: with shards repair would spread
+    /// over the failure domains open to writes now ([`crate::repair::crowded`],
+    /// the one rule), as when a write fell back to a node in a domain the
+    /// stripe used already. (A stripe crowded because a domain is down is
+    /// the scanner's, once the domain is back.)
     pub fn crowds(&self, rec: &protocol::StripeRecord) -> bool {
-        let mut seen_nodes = std::collections::HashSet::new();
-        let mut count: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-        for n in rec.shards.iter().filter_map(|p| p.node) {
-            if !seen_nodes.insert(n) {
-                return true;
-            }
-            if let Some(l) = self.labels.get(&n) {
-                *count.entry(l.as_str()).or_default() += 1;
-            }
-        }
-        let Some(most) = count.values().max().copied() else {
-            return false;
+        use crate::repair::{crowded, Domain};
+        let domain = |n: NodeId| {
+            self.labels
+                .get(&n)
+                .map_or(Domain::Node(n), |l| Domain::Label(l.clone()))
         };
-        if most < 2 {
+        let held: Vec<Domain> = rec
+            .shards
+            .iter()
+            .filter_map(|p| p.node)
+            .map(domain)
+            .collect();
+        // Most stripes hold one shard per domain: nothing to spread, and no
+        // need to look at every node.
+        let mut seen = std::collections::HashSet::new();
+        if held.iter().all(|d| seen.insert(d)) {
             return false;
         }
-        // An open domain with two fewer of its shards than the fullest.
-        self.nodes.iter().any(|n| {
+        let mut free: std::collections::BTreeMap<Domain, usize> = Default::default();
+        for n in self.nodes.iter() {
+            let id = n.entry.node_id();
             let open = *lock(&n.lifecycle) == Lifecycle::Active
                 && n.healthy.load(Ordering::Relaxed)
-                && !n.full.load(Ordering::Relaxed);
-            open && n
-                .entry
-                .failure_domain
-                .as_deref()
-                .is_some_and(|l| count.get(l).copied().unwrap_or(0) + 2 <= most)
-        })
+                && !n.full.load(Ordering::Relaxed)
+                && !rec.shards.iter().any(|p| p.node == Some(id));
+            if open {
+                *free.entry(domain(id)).or_default() += 1;
+            }
+        }
+        !crowded(&held, &free).is_empty()
     }
 
     /// The node's failure domain (`None`: unlabelled, its own domain).

@@ -647,6 +647,14 @@ impl TestCluster {
     }
 
     /// Waits until the gateway answers and sees at least `nodes` healthy nodes.
+    /// How many nodes the gateway counts healthy now (`None`: it did not
+    /// answer).
+    pub fn healthy_nodes(&self) -> Option<u64> {
+        self.get_with(&self.token, "/healthz", &[])
+            .ok()
+            .and_then(|a| a.json()["nodes_healthy"].as_u64())
+    }
+
     pub fn wait_healthy(&self, nodes: u64) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

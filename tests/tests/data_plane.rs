@@ -2029,18 +2029,13 @@ fn one_nodes_key_does_not_pass_for_another_node() -> Result<()> {
         0,
         &[("cert", tls_of(1, "cert")?), ("key", tls_of(1, "key")?)],
     )?;
-    let healthy = |c: &TestCluster| -> Option<u64> {
-        c.get_with(&c.token, "/healthz", &[])
-            .ok()
-            .and_then(|a| a.json()["nodes_healthy"].as_u64())
-    };
     // Serving, and refused: node 0 stays out however long it runs.
     assert!(
-        eventually(10, || healthy(&c) == Some(7)),
+        eventually(10, || c.healthy_nodes() == Some(7)),
         "the gateway took node 1's certificate for node 0"
     );
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(healthy(&c), Some(7), "node 0 came in on node 1's key");
+    assert_eq!(c.healthy_nodes(), Some(7), "node 0 came in on node 1's key");
     let data = bytes(100_000, 9);
     let id = c.file_id(&data)?;
     assert!(c.shard_files(0).is_empty(), "node 0 was given shards");
@@ -2055,7 +2050,7 @@ fn one_nodes_key_does_not_pass_for_another_node() -> Result<()> {
     // Its own certificate back: in again.
     c.set_node(0, &[("cert", own_cert), ("key", own_key)])?;
     assert!(
-        eventually(15, || healthy(&c) == Some(8)),
+        eventually(15, || c.healthy_nodes() == Some(8)),
         "node 0 with its own certificate is not taken back"
     );
     Ok(())
@@ -2079,10 +2074,7 @@ fn an_aborted_uploads_shards_go_at_once_while_a_node_is_down() -> Result<()> {
         "node 3 holds none of the upload"
     );
     c.kill_node(3);
-    let seen = eventually(10, || {
-        c.get_with(&c.token, "/healthz", &[])
-            .is_ok_and(|a| a.json()["nodes_healthy"].as_u64() == Some(7))
-    });
+    let seen = eventually(10, || c.healthy_nodes() == Some(7));
     assert!(seen, "the gateway did not see node 3 go");
     drop(s);
     let live = |c: &TestCluster| {

@@ -705,10 +705,7 @@ fn shards_crowded_into_one_failure_domain_move_once_another_is_back() -> Result<
     // rack-c is down while these are filed: each stripe gets two shards in
     // rack-a (nodes 0 and 1) and one in rack-b.
     c.kill_node(3);
-    let seen_down = custodia_tests::eventually(10, || {
-        c.get_with(&c.token, "/healthz", &[])
-            .is_ok_and(|a| a.json()["nodes_healthy"].as_u64() == Some(3))
-    });
+    let seen_down = custodia_tests::eventually(10, || c.healthy_nodes() == Some(3));
     assert!(seen_down, "the gateway did not see node 3 go");
     let mut filed = Vec::new();
     let mut stripes = 0;
