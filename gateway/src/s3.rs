@@ -144,7 +144,6 @@ pub(crate) async fn serve<S: Store + 'static>(
                 true => Some(forms.try_acquire_owned()),
                 false => None,
             };
-            let is_form = form.is_some();
             let call = async move {
                 if let Some(refused) =
                     crate::s3_digest::auth_refusal(&req, crate::ledger::unix_now())
@@ -175,24 +174,9 @@ pub(crate) async fn serve<S: Store + 'static>(
                     service.call(req.map(s3s::Body::from)).await
                 }
             };
-            let mut resp = match (copies, is_form) {
-                (true, _) => kept_alive(Box::pin(call), keep_alive_after).await,
-                // A form is read whole before anything is checked: one
-                // trickled or stalled must not hold its place (and memory)
-                // for ever.
-                (false, true) => tokio::time::timeout(crate::s3_digest::FORM_UPLOAD_DEADLINE, call)
-                    .await
-                    .unwrap_or_else(|_| {
-                        Ok(refused_response(&crate::s3_digest::Refused {
-                            code: "RequestTimeout",
-                            status: http::StatusCode::BAD_REQUEST,
-                            message: format!(
-                                "a form upload must arrive within {} s",
-                                crate::s3_digest::FORM_UPLOAD_DEADLINE.as_secs()
-                            ),
-                        }))
-                    }),
-                (false, false) => call.await,
+            let mut resp = match copies {
+                true => kept_alive(Box::pin(call), keep_alive_after).await,
+                false => call.await,
             };
             // s3s answers a HEAD 200 whatever its output says: a
             // ranged one (with its Content-Range) is a 206, as

@@ -433,10 +433,6 @@ pub const FORM_UPLOAD_MAX_BYTES: u64 = 64 << 20;
 pub const FORM_FIELDS_MAX_BYTES: u64 = 20 << 20;
 /// Form uploads read at once; more wait for none, answered 503 SlowDown.
 pub const FORM_UPLOADS_AT_ONCE: usize = 4;
-/// How long a form upload may take, from its head to its answer (64 MiB at
-/// about 220 KB/s): one trickled or stalled is cut off, 400 RequestTimeout,
-/// rather than hold one of the few places for ever.
-pub const FORM_UPLOAD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Whether `req` is a browser-based upload: a POST of an HTML form.
 pub fn is_form_upload<B>(req: &http::Request<B>) -> bool {
