@@ -252,6 +252,8 @@ pub(crate) struct SegmentLog {
     /// records: if the fsync fails, the kernel may have dropped the zeros
     /// (and the next fsync "succeed"), so they are written again.
     unsynced_erasures: Mutex<BTreeMap<u64, Vec<Loc>>>,
+    /// Held through [`SegmentLog::sync_erasures`].
+    erasure_sync: Mutex<()>,
     /// Dead records whose erasure failed (a full copy-on-write file system,
     /// a disk error), tried again by [`SegmentLog::sync_erasures`].
     unerased: Mutex<Vec<Loc>>,
@@ -410,6 +412,7 @@ impl SegmentLog {
             carried: Mutex::default(),
             damaged,
             unsynced_erasures: Mutex::default(),
+            erasure_sync: Mutex::default(),
             unerased: Mutex::default(),
             failed_puts: Mutex::default(),
         })
@@ -646,6 +649,10 @@ impl SegmentLog {
     /// fsync. An error while any dead record is left unerased, or not yet
     /// durably.
     pub fn sync_erasures(&self) -> io::Result<()> {
+        // One at a time: a second caller (another expunge, the periodic
+        // sync) must not find the work taken by the first and return
+        // before it is durable.
+        let _one = lock(&self.erasure_sync);
         let failed = std::mem::take(&mut *lock(&self.unerased));
         for loc in failed {
             self.erase(loc);

@@ -203,6 +203,12 @@ async fn compact_segments(store: Arc<ShardStore>, mut stop: watch::Receiver<bool
             _ = stop.changed() => return,
             _ = tokio::time::sleep(COMPACT_PERIOD) => {}
         }
+        // The erasures of records deleted or replaced since, made durable
+        // (and their bookkeeping let go) without waiting for an expunge.
+        let s = store.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.sync_erasures()).await {
+            tracing::warn!(error = %e, "dead records' erasures could not be made durable; will retry");
+        }
         loop {
             let s = store.clone();
             match tokio::task::spawn_blocking(move || s.compact()).await {

@@ -958,6 +958,12 @@ impl ShardStore {
     /// active segment, fsyncs, removes the old file. Says whether it did.
     /// Runs alongside puts and reads (a key's lock is held only while its
     /// record is copied).
+    /// Makes the erasures of dead records so far durable (see
+    /// `SegmentLog::sync_erasures`).
+    pub fn sync_erasures(&self) -> Result<(), StoreError> {
+        Ok(self.log.sync_erasures()?)
+    }
+
     pub fn compact(&self) -> Result<bool, StoreError> {
         let Some(id) = self.log.compaction_candidate() else {
             return Ok(false);
