@@ -424,9 +424,13 @@ pub async fn scan<S: Store>(
     let homeless = homeless_nodes(gw);
     let spread = Spread::now(gw, &gone_nodes(gw));
     let open: BTreeSet<NodeId> = spread.open.iter().copied().collect();
-    // A node closed since (down or full) opens anew later.
+    // A node closed since (down or full) opens anew later, and one closed
+    // during the walk under way was not open all through it.
     if let Some(done) = &mut walk.done_for {
         done.retain(|n| open.contains(n));
+    }
+    if let Some(walking) = &mut walk.walking {
+        walking.retain(|n| open.contains(n));
     }
     if !spread.may_crowd() {
         walk.walking = None;

@@ -646,7 +646,6 @@ impl TestCluster {
         }
     }
 
-    /// Waits until the gateway answers and sees at least `nodes` healthy nodes.
     /// How many nodes the gateway counts healthy now (`None`: it did not
     /// answer).
     pub fn healthy_nodes(&self) -> Option<u64> {
@@ -655,6 +654,7 @@ impl TestCluster {
             .and_then(|a| a.json()["nodes_healthy"].as_u64())
     }
 
+    /// Waits until the gateway answers and sees at least `nodes` healthy nodes.
     pub fn wait_healthy(&self, nodes: u64) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
