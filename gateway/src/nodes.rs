@@ -191,11 +191,7 @@ impl NodeSet {
     /// the scanner's, once the domain is back.)
     pub fn crowds(&self, rec: &protocol::StripeRecord) -> bool {
         use crate::repair::{crowded, Domain};
-        let domain = |n: NodeId| {
-            self.labels
-                .get(&n)
-                .map_or(Domain::Node(n), |l| Domain::Label(l.clone()))
-        };
+        let domain = |n: NodeId| Domain::of(self.domain(n), n);
         let held: Vec<Domain> = rec
             .shards
             .iter()
@@ -224,7 +220,7 @@ impl NodeSet {
 
     /// The node's failure domain (`None`: unlabelled, its own domain).
     pub fn domain(&self, id: NodeId) -> Option<String> {
-        self.get(id).and_then(|n| n.entry.failure_domain.clone())
+        self.labels.get(&id).cloned()
     }
 
     pub fn addr(&self, id: NodeId) -> Option<SocketAddr> {

@@ -757,7 +757,7 @@ pub enum Domain {
 }
 
 impl Domain {
-    fn of(label: Option<String>, node: NodeId) -> Self {
+    pub(crate) fn of(label: Option<String>, node: NodeId) -> Self {
         label.map_or(Domain::Node(node), Domain::Label)
     }
 }
