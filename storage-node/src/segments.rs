@@ -54,7 +54,7 @@
 //! The in-memory index costs about 100 bytes per small shard; a node with
 //! hundreds of millions of them would want it on disk (a later change).
 
-use protocol::{ShardHeader, ShardKey};
+use protocol::{EvidenceId, ShardHeader, ShardKey};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -251,12 +251,15 @@ pub(crate) struct SegmentLog {
     /// Segments with records erased since their last fsync, and those
     /// records: if the fsync fails, the kernel may have dropped the zeros
     /// (and the next fsync "succeed"), so they are written again.
-    unsynced_erasures: Mutex<BTreeMap<u64, Vec<Loc>>>,
+    /// Each with the evidence it held, so a failure fails only that
+    /// evidence's expunges.
+    unsynced_erasures: Mutex<BTreeMap<u64, Vec<(Loc, EvidenceId)>>>,
     /// Held through [`SegmentLog::sync_erasures`].
     erasure_sync: Mutex<()>,
     /// Dead records whose erasure failed (a full copy-on-write file system,
-    /// a disk error), tried again by [`SegmentLog::sync_erasures`].
-    unerased: Mutex<Vec<Loc>>,
+    /// a disk error), tried again by [`SegmentLog::sync_erasures`], with
+    /// the evidence each held.
+    unerased: Mutex<Vec<(Loc, EvidenceId)>>,
     /// Records appended whose fsync failed: never indexed (the put failed),
     /// yet on the disk, where the next open may find them. Their bodies are
     /// erased at once, at best effort only (nothing can make a write to a
@@ -549,7 +552,7 @@ impl SegmentLog {
         drop(index);
         drop(pending);
         if let Some(old) = old {
-            self.erase(old);
+            self.erase(old, header.key.evidence);
         }
         Ok((loc, old))
     }
@@ -586,7 +589,7 @@ impl SegmentLog {
         }
         drop(index);
         drop(pending);
-        self.erase(loc);
+        self.erase(loc, key.evidence);
         Ok(Some(loc))
     }
 
@@ -617,10 +620,11 @@ impl SegmentLog {
             .collect()
     }
 
-    /// Erases the dead shard record at `loc` (see [`erase_at`]), once what
-    /// made it dead is durable. One that fails is kept to be tried again by
-    /// [`Self::sync_erasures`] (and found again by the next open).
-    pub fn erase(&self, loc: Loc) {
+    /// Erases the dead shard record at `loc` (see [`erase_at`]), a shard of
+    /// `evidence`, once what made it dead is durable. One that fails is kept
+    /// to be tried again by [`Self::sync_erasures`] (and found again by the
+    /// next open).
+    pub fn erase(&self, loc: Loc, evidence: EvidenceId) {
         let Some((file, key)) = self
             .read_index()
             .segments
@@ -630,42 +634,61 @@ impl SegmentLog {
             // Compacted away: its file is gone.
             return;
         };
-        match erase_at(&file, &key, loc) {
+        #[cfg(test)]
+        let result = match tests::ERASE_FAILS.with(std::cell::Cell::get) == Some(evidence) {
+            true => Err(io::Error::from_raw_os_error(
+                rustix::io::Errno::IO.raw_os_error(),
+            )),
+            false => erase_at(&file, &key, loc),
+        };
+        #[cfg(not(test))]
+        let result = erase_at(&file, &key, loc);
+        match result {
             Ok(()) => {
                 lock(&self.unsynced_erasures)
                     .entry(loc.seg)
                     .or_default()
-                    .push(loc);
+                    .push((loc, evidence));
             }
             Err(e) => {
-                tracing::warn!(segment = loc.seg, offset = loc.off, error = %e, "could not erase a dead record; trying again later");
-                lock(&self.unerased).push(loc);
+                tracing::warn!(segment = loc.seg, offset = loc.off, %evidence, error = %e, "could not erase a dead record; trying again later");
+                lock(&self.unerased).push((loc, evidence));
             }
         }
     }
 
     /// Makes every erase so far durable: tries again those that failed,
     /// then fsyncs the segments records were erased in since their last
-    /// fsync. An error while any dead record is left unerased, or not yet
-    /// durably.
-    pub fn sync_erasures(&self) -> io::Result<()> {
+    /// fsync. An error while any dead record of `evidence` (of any
+    /// evidence when `None`) is left unerased, or not yet durably: one
+    /// record a damaged sector keeps fails the expunges of its own evidence,
+    /// not every later one on this disk.
+    pub fn sync_erasures(&self, evidence: Option<EvidenceId>) -> io::Result<()> {
+        let concerned = |of: &EvidenceId| evidence.is_none_or(|e| e == *of);
         // One at a time: a second caller (another expunge, the periodic
         // sync) must not find the work taken by the first and return
         // before it is durable.
         let _one = lock(&self.erasure_sync);
         let failed = std::mem::take(&mut *lock(&self.unerased));
-        for loc in failed {
-            self.erase(loc);
+        for (loc, of) in failed {
+            self.erase(loc, of);
         }
-        let left = lock(&self.unerased).len();
+        let left = lock(&self.unerased)
+            .iter()
+            .filter(|(_, of)| concerned(of))
+            .count();
         let segments = std::mem::take(&mut *lock(&self.unsynced_erasures));
         let mut failed = None;
         for (id, locs) in segments {
             if let Err(e) = self.sync_segment(id) {
+                if locs.iter().any(|(_, of)| concerned(of)) {
+                    failed.get_or_insert(e);
+                } else {
+                    tracing::warn!(segment = id, error = %e, "could not fsync the erasure of dead records; trying again later");
+                }
                 // Written again at the next try: new dirty pages, which an
                 // fsync that succeeds does make durable.
                 lock(&self.unerased).extend(locs);
-                failed.get_or_insert(e);
             }
         }
         if let Some(e) = failed {
@@ -1350,6 +1373,47 @@ mod tests {
         pub(super) static DISK_FULL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
         /// Makes segment fsyncs led on this thread fail, as on a disk error.
         pub(super) static FSYNC_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// Makes erasures of this evidence's records on this thread fail,
+        /// as on a damaged sector.
+        pub(super) static ERASE_FAILS: std::cell::Cell<Option<EvidenceId>> = const { std::cell::Cell::new(None) };
+    }
+
+    /// A dead record that cannot be erased fails the expunges of its own
+    /// evidence until it is, and no other evidence's.
+    #[test]
+    fn an_unerasable_record_fails_only_its_own_evidence_expunges() {
+        let dir = tempfile::tempdir().unwrap();
+        let (stuck_body, other_body) = (
+            b"held by a bad sector".to_vec(),
+            b"ordered destroyed".to_vec(),
+        );
+        let (stuck, other) = (shard(6, &stuck_body), shard(7, &other_body));
+        let log = SegmentLog::open(dir.path()).unwrap();
+        log.put(&stuck, &stuck_body).unwrap();
+        let (at, _) = log.put(&other, &other_body).unwrap();
+        let path = log.segment_path(at.seg);
+        ERASE_FAILS.with(|f| f.set(Some(stuck.key.evidence)));
+        log.delete(&stuck.key, None).unwrap();
+        log.delete(&other.key, None).unwrap();
+        log.sync_erasures(Some(other.key.evidence))
+            .expect("another evidence's unerasable record failed this expunge");
+        assert!(
+            !holds(&path, &other_body),
+            "the expunged shard's bytes stayed"
+        );
+        assert!(
+            log.sync_erasures(Some(stuck.key.evidence)).is_err(),
+            "an expunge passed with its bytes on the disk"
+        );
+        assert!(
+            log.sync_erasures(None).is_err(),
+            "the periodic sync hid the failure"
+        );
+        assert!(holds(&path, &stuck_body));
+        // The sector is mended (or remapped): the next try erases it.
+        ERASE_FAILS.with(|f| f.set(None));
+        log.sync_erasures(Some(stuck.key.evidence)).unwrap();
+        assert!(!holds(&path, &stuck_body));
     }
 
     /// An erasure whose fsync fails is written again and synced at the next
@@ -1365,14 +1429,14 @@ mod tests {
         // The tombstone is durable; the erasure's fsync fails.
         assert_eq!(log.delete(&h.key, None).unwrap(), Some(loc));
         FSYNC_FAILS.with(|f| f.set(true));
-        assert!(log.sync_erasures().is_err(), "a failed fsync passed");
+        assert!(log.sync_erasures(None).is_err(), "a failed fsync passed");
         FSYNC_FAILS.with(|f| f.set(false));
         assert_eq!(
             lock(&log.unerased).len(),
             1,
             "the erasure is not kept to write again"
         );
-        log.sync_erasures().unwrap();
+        log.sync_erasures(None).unwrap();
         assert!(lock(&log.unerased).is_empty());
         assert!(lock(&log.unsynced_erasures).is_empty());
     }
@@ -1706,7 +1770,7 @@ mod tests {
         };
         let syncs = log.syncs.load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(log.delete(&hg.key, None).unwrap(), Some(dead));
-        log.sync_erasures().unwrap();
+        log.sync_erasures(None).unwrap();
         assert!(!holds(&path, &gone[..64]), "a deleted shard's bytes stayed");
         // The tombstone's fsync came before the erasure was written: the
         // erasure, in the active segment, has an fsync of its own.

@@ -718,8 +718,10 @@ impl ShardStore {
             }
         }
         // Records of its shards deleted earlier (a repair moved them, GC
-        // collected a copy) were erased then, not yet durably.
-        self.log.sync_erasures()?;
+        // collected a copy) were erased then, not yet durably. (A record of
+        // other evidence that cannot be erased fails that one's expunges,
+        // not this one.)
+        self.log.sync_erasures(Some(evidence))?;
         let quarantine = self.root.join(QUARANTINE_DIR);
         let copies = names_starting(&quarantine, &prefix)?;
         for name in &copies {
@@ -961,7 +963,7 @@ impl ShardStore {
     /// Makes the erasures of dead records so far durable (see
     /// `SegmentLog::sync_erasures`).
     pub fn sync_erasures(&self) -> Result<(), StoreError> {
-        Ok(self.log.sync_erasures()?)
+        Ok(self.log.sync_erasures(None)?)
     }
 
     pub fn compact(&self) -> Result<bool, StoreError> {
@@ -981,8 +983,8 @@ impl ShardStore {
             // The segment stays (something in it could not be copied, or
             // the compaction failed part way): the records copied out of it
             // are dead, and go as any dead record.
-            for from in copied_from {
-                self.log.erase(from);
+            for (from, key) in copied_from {
+                self.log.erase(from, key.evidence);
             }
         }
         compacted
@@ -993,7 +995,7 @@ impl ShardStore {
     fn compact_segment_from(
         &self,
         id: u64,
-        copied_from: &mut Vec<Loc>,
+        copied_from: &mut Vec<(Loc, ShardKey)>,
     ) -> Result<bool, StoreError> {
         let (live, tombstones) = self.log.survivors(id)?;
         let (copied, kept) = (live.len(), tombstones.len());
@@ -1010,7 +1012,7 @@ impl ShardStore {
             for (key, from, to, pending) in moved {
                 self.log.moved(&key, from, to);
                 drop(pending);
-                copied_from.push(from);
+                copied_from.push((from, key));
             }
         }
         // Once per segment: copies made by an earlier try (which could not
@@ -1149,7 +1151,7 @@ impl ShardStore {
             // Its bytes go all the same (it is copied to quarantine, or
             // could not be read): found again at the next start, it reads
             // as damaged, as it is.
-            self.log.erase(loc);
+            self.log.erase(loc, key.evidence);
         }
         StoreError::Corrupt(*key)
     }
