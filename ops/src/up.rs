@@ -146,7 +146,11 @@ async fn drain(mut gw: gateway::RunningGateway, stop: &mut StopSignals) {
 
 /// Waits until every node answers over QUIC, so the gateway starts with a full
 /// view of the cluster.
-async fn wait_for_nodes(cluster: &Cluster, children: &mut [Child]) -> Result<()> {
+async fn wait_for_nodes(
+    cluster: &Cluster,
+    nodes: &[&cluster::NodeSpec],
+    children: &mut [Child],
+) -> Result<()> {
     let client = storage_node::client::NodeClient::new(&cluster.gateway.tls.files())?;
     // By the names the gateway will hold them to: a node whose certificate
     // the gateway would refuse fails here, said, not later as a node down.
@@ -156,7 +160,7 @@ async fn wait_for_nodes(cluster: &Cluster, children: &mut [Child]) -> Result<()>
         }
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    for (n, child) in cluster.nodes.iter().zip(children.iter_mut()) {
+    for (n, child) in nodes.iter().zip(children.iter_mut()) {
         loop {
             if let Some(status) = child.try_wait()? {
                 anyhow::bail!(
@@ -245,8 +249,20 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
     }
     let exe = std::env::current_exe().context("locating the custodia binary")?;
     let cluster_file = data_dir.join(cluster::CLUSTER_FILE);
+    // A node taken out (`custodia node remove`) stays out: started again, it
+    // would serve nothing the cluster counts and be reported down forever.
+    let removed = removed_nodes(&cluster).await?;
     for n in &cluster.nodes {
-        check_node_free(n)?;
+        if removed.contains(&n.id) {
+            println!(
+                "node {} was removed from the cluster: not started (its data dir {} is left as \
+                 it was)",
+                n.id,
+                n.data_dir.display()
+            );
+        } else {
+            check_node_free(n)?;
+        }
     }
     // Only with no node of this cluster running (checked just above): a
     // running one would keep the certificate it loaded.
@@ -257,8 +273,13 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
              requires it of each, so no node's key passes for another's"
         );
     }
+    let nodes: Vec<&cluster::NodeSpec> = cluster
+        .nodes
+        .iter()
+        .filter(|n| !removed.contains(&n.id))
+        .collect();
     let mut children = Vec::new();
-    for n in &cluster.nodes {
+    for n in &nodes {
         // A directory that is gone (a wiped disk) is made again: the node
         // starts empty, and the gateway finds its disk new and has what it
         // held rebuilt.
@@ -277,10 +298,7 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
             .arg(&cluster_file)
             .arg("--id")
             .arg(n.id.to_string())
-            .envs(
-                cluster::colocated_node_workers(cluster.nodes.len())
-                    .map(|w| ("TOKIO_WORKER_THREADS", w)),
-            )
+            .envs(cluster::colocated_node_workers(nodes.len()).map(|w| ("TOKIO_WORKER_THREADS", w)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -312,7 +330,7 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
         children.push(child);
     }
     let started = async {
-        wait_for_nodes(&cluster, &mut children).await?;
+        wait_for_nodes(&cluster, &nodes, &mut children).await?;
         start_gateway(&cluster).await
     };
     let started = tokio::select! {
@@ -334,7 +352,7 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
     };
     println!(
         "Custodia is up: {} storage nodes, RS({},{})",
-        cluster.nodes.len(),
+        nodes.len(),
         cluster.gateway.k,
         cluster.gateway.m
     );
@@ -381,7 +399,7 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
     if let Some(a) = gw.metrics_addr {
         println!("  metrics        http://{a}/metrics  (nodes: see each node below)");
     }
-    for (n, c) in cluster.nodes.iter().zip(&children) {
+    for (n, c) in nodes.iter().zip(&children) {
         println!(
             "  node {:<3}       quic://{}  pid {}  {}{}",
             n.id,
@@ -409,7 +427,7 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
             e = gw.stopped() => break (Some(anyhow::Error::from(e).context("the evidence API stopped")), true),
             (i, status) = exited => {
                 running[i] = false;
-                let id = cluster.nodes.get(i).map_or(i, |n| n.id as usize);
+                let id = nodes.get(i).map_or(i, |n| n.id as usize);
                 let left = running.iter().filter(|r| **r).count();
                 tracing::warn!(node = id, %status, "a node exited");
                 eprintln!(
@@ -432,6 +450,25 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// The nodes of `cluster` its index records as removed. Read with the
+/// gateway not yet started (the index is this process's alone), and closed
+/// again before it starts.
+async fn removed_nodes(cluster: &Cluster) -> Result<std::collections::BTreeSet<u32>> {
+    let path = &cluster.gateway.index_path;
+    let store = indexer::EmbeddedStore::open(path)
+        .with_context(|| format!("opening the index {}", path.display()))?;
+    let states = indexer::run(&store, |tx| async move {
+        indexer::schema::lifecycles_tx(&tx).await
+    })
+    .await
+    .with_context(|| format!("reading the node states in {}", path.display()))?;
+    Ok(states
+        .into_iter()
+        .filter(|(_, r)| r.state == indexer::schema::Lifecycle::Removed)
+        .map(|(id, _)| id.0)
+        .collect())
 }
 
 /// The first of the node processes still `running` to exit (its index),

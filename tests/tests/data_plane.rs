@@ -1584,8 +1584,14 @@ fn up_with_nodes(dir: &std::path::Path, api: u16, nodes: u32) -> std::process::C
 
 /// Starts `custodia up` and waits for it to say it is up.
 fn start_up(dir: &std::path::Path, api: u16) -> Result<Up> {
+    start_up_with(up_command(dir, api)).map(|(up, _)| up)
+}
+
+/// Starts `command` (a `custodia up`) and waits for it to say it is up;
+/// returns it with what it printed.
+fn start_up_with(mut command: std::process::Command) -> Result<(Up, Vec<String>)> {
     use std::io::BufRead;
-    let mut child = up_command(dir, api)
+    let mut child = command
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()?;
@@ -1603,6 +1609,7 @@ fn start_up(dir: &std::path::Path, api: u16) -> Result<Up> {
         child,
         nodes: Vec::new(),
     };
+    let mut said = Vec::new();
     loop {
         let line = rx
             .recv_timeout(Duration::from_secs(90))
@@ -1612,9 +1619,100 @@ fn start_up(dir: &std::path::Path, api: u16) -> Result<Up> {
             up.nodes.push(pid.parse()?);
         }
         if line.starts_with("Press Ctrl-C") {
-            return Ok(up);
+            return Ok((up, said));
         }
+        said.push(line);
     }
+}
+
+/// Stops a running `up` as Ctrl-C does, and waits for it and its nodes.
+fn stop_up(up: &mut Up) -> Result<()> {
+    std::process::Command::new("kill")
+        .args(["-TERM", &up.child.id().to_string()])
+        .status()?;
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = up.child.try_wait()? {
+            break s;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "up did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    anyhow::ensure!(status.success(), "up exited {status}");
+    anyhow::ensure!(
+        eventually(10, || up.nodes.iter().all(|p| !alive(*p))),
+        "a node outlived up"
+    );
+    Ok(())
+}
+
+/// A node taken out of the cluster (`custodia node remove`) stays out: the
+/// next `up` says so and does not start it, and the cluster files and
+/// serves on the others.
+#[test]
+fn custodia_up_does_not_start_a_removed_node() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("data");
+    let api = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let (mut first, _) = start_up_with(up_with_nodes(&dir, api, 4))?;
+    assert_eq!(first.nodes.len(), 4, "four node pids printed");
+    let removed = std::process::Command::new(custodia_tests::custodia_bin())
+        .args(["node", "remove", "3", "--force", "--api"])
+        .arg(format!("http://127.0.0.1:{api}"))
+        .arg("--token-file")
+        .arg(dir.join("admin.token"))
+        .output()?;
+    assert!(
+        removed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&removed.stderr)
+    );
+    stop_up(&mut first)?;
+
+    let (mut second, said) = start_up_with(up_with_nodes(&dir, api, 4))?;
+    assert_eq!(
+        second.nodes.len(),
+        3,
+        "the removed node was started: {said:?}"
+    );
+    assert!(
+        said.iter().any(|l| l.starts_with("node 3 was removed")),
+        "up did not say why node 3 is not started: {said:?}"
+    );
+    assert!(
+        said.iter().any(|l| l.contains("3 storage nodes")),
+        "{said:?}"
+    );
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    let token = std::fs::read_to_string(dir.join("admin.token"))?;
+    let body = bytes(100_000, 43);
+    let mut resp = agent
+        .post(format!("http://127.0.0.1:{api}/v1/evidence"))
+        .header("authorization", format!("Bearer {}", token.trim()))
+        .send(&body[..])?;
+    let text = resp.body_mut().read_to_string()?;
+    assert_eq!(resp.status(), 201, "{text}");
+    let id = serde_json::from_str::<serde_json::Value>(&text)?["id"]
+        .as_str()
+        .context("id")?
+        .to_owned();
+    let back = agent
+        .get(format!("http://127.0.0.1:{api}/v1/evidence/{id}"))
+        .header("authorization", format!("Bearer {}", token.trim()))
+        .call()?
+        .body_mut()
+        .read_to_vec()?;
+    assert!(back == body, "read back differs");
+    stop_up(&mut second)
 }
 
 fn alive(pid: i32) -> bool {
@@ -1697,25 +1795,7 @@ fn custodia_up_serves_stops_and_guards_its_directory() -> Result<()> {
     );
 
     // SIGTERM: everything stops, and `up` says it stopped cleanly.
-    std::process::Command::new("kill")
-        .args(["-TERM", &first.child.id().to_string()])
-        .status()?;
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(s) = first.child.try_wait()? {
-            break s;
-        }
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(30),
-            "up did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(status.success(), "{status}");
-    assert!(
-        eventually(10, || first.nodes.iter().all(|p| !alive(*p))),
-        "every node stopped with up"
-    );
+    stop_up(&mut first)?;
 
     // Again, with the killed node's directory gone (a wiped disk): the
     // evidence is back. Killed outright, `up` takes its nodes with it, and
