@@ -91,6 +91,11 @@ pub struct Gateway<S: Store> {
     pub ingest_memory: Arc<tokio::sync::Semaphore>,
     /// Its size, in KiB.
     pub ingest_memory_kib: usize,
+    /// KiB of stripes being received across all uploads
+    /// ([`GatewayConfig::receive_memory_bytes`]).
+    pub receive_memory: Arc<tokio::sync::Semaphore>,
+    /// Its size, in KiB.
+    pub receive_memory_kib: usize,
     /// KiB of stripes read ahead across all reads
     /// ([`GatewayConfig::read_memory_bytes`]).
     pub read_memory: Arc<tokio::sync::Semaphore>,
@@ -345,6 +350,8 @@ impl<S: Store> Gateway<S> {
         };
         let ingest_memory_kib = kib(config.ingest_memory_bytes());
         let ingest_memory = Arc::new(tokio::sync::Semaphore::new(ingest_memory_kib));
+        let receive_memory_kib = kib(config.receive_memory_bytes());
+        let receive_memory = Arc::new(tokio::sync::Semaphore::new(receive_memory_kib));
         let read_memory_kib = kib(config.read_memory_bytes());
         let read_memory = Arc::new(tokio::sync::Semaphore::new(read_memory_kib));
         Ok(Gateway {
@@ -368,6 +375,8 @@ impl<S: Store> Gateway<S> {
             read_memory,
             read_memory_kib,
             ingest_memory_kib,
+            receive_memory,
+            receive_memory_kib,
             read_gate,
             outboard_rebuilds: Default::default(),
             remote_builds: Default::default(),
@@ -1065,6 +1074,9 @@ async fn file_evidence_rest<S: Store>(
     meta: FilingMeta,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
+    // As its framing says (a Content-Length): the body cannot run past it.
+    let mut meta = meta;
+    meta.body_len_at_most = axum::body::HttpBody::size_hint(&body).upper();
     // Run the upload in its own task: if the client disconnects, the body
     // stream fails and the upload cleans up after itself instead of being
     // dropped half-way.

@@ -205,6 +205,17 @@ pub struct GatewayConfig {
     /// pipeline.
     #[serde(default)]
     pub ingest_memory_mib: u64,
+    /// Memory, in MiB, that the stripes uploads are receiving (filled from
+    /// their bodies, not yet coded) may hold across all uploads at once.
+    /// Each stripe is charged, when its first byte arrives, what it can
+    /// hold: a whole stripe's data, or only what is left of a body whose
+    /// length is declared (so thousands of small uploads fit where a few
+    /// hundred stripes would). An upload whose next stripe does not fit
+    /// waits before reading more of its body
+    /// (`custodia_ingest_memory_waits_total` counts these waits too). 0,
+    /// the default: 256. Never less than one stripe's data.
+    #[serde(default)]
+    pub receive_memory_mib: u64,
     /// Memory, in MiB, that stripes read ahead may hold across all reads at
     /// once, from their fetch until their bytes are handed to the client.
     /// A read whose next stripe would go over waits for one that a client
@@ -333,6 +344,16 @@ impl GatewayConfig {
         )
     }
 
+    /// [`receive_memory_mib`](Self::receive_memory_mib) in bytes, with its
+    /// default and floor applied.
+    pub fn receive_memory_bytes(&self) -> u64 {
+        let asked = match self.receive_memory_mib {
+            0 => 256,
+            n => n,
+        };
+        (asked << 20).max(self.code().stripe_size())
+    }
+
     /// [`read_memory_mib`](Self::read_memory_mib) in bytes, with its
     /// default and floor applied.
     pub fn read_memory_bytes(&self) -> u64 {
@@ -458,6 +479,17 @@ failure_domain = "rack-a"
         // 4 stripes of (2x4 + 2) MiB-shards: 40 MiB, whatever was asked.
         c.ingest_memory_mib = 1;
         assert_eq!(c.ingest_memory_bytes(), 40 << 20);
+    }
+
+    #[test]
+    fn receive_memory_defaults_to_256_mib_and_holds_one_stripe_at_least() {
+        let mut c = example();
+        assert_eq!(c.receive_memory_bytes(), 256 << 20);
+        c.receive_memory_mib = 64;
+        assert_eq!(c.receive_memory_bytes(), 64 << 20);
+        // One stripe of 4 data shards of 32 MiB, whatever was asked.
+        c.shard_size_bytes = 32 << 20;
+        assert_eq!(c.receive_memory_bytes(), 128 << 20);
     }
 
     #[test]

@@ -78,6 +78,11 @@ pub struct FilingMeta {
     /// source is still being read (a ranged copy of evidence without an
     /// outboard holds its last bytes until the whole source is checked).
     pub body_from_store: bool,
+    /// At most how long the body is (its Content-Length, or the size of
+    /// what a copy reads): each stripe being received is charged only what
+    /// is left of it against the gateway's receive memory. `None`: a whole
+    /// stripe. A body longer than this is refused.
+    pub body_len_at_most: Option<u64>,
     /// The client sent `Expect: 100-continue` and waits for a go-ahead
     /// before its body: a refusal answers at once, without reading it
     /// (reading is the go-ahead, and the client would then send all of a
@@ -442,7 +447,10 @@ impl<S: Store> Upload<S> {
             (meta.s3.is_some() || meta.part.is_some()).then(<md5::Md5 as md5::Digest>::new);
         let mut size: u64 = 0;
         let (k, shard_size) = (code.data_shards(), code.shard_size as usize);
-        let mut stripe = StripeFill::new(&self.gw.buffers, k, shard_size);
+        let mut stripe = StripeFill::new(k, shard_size, 0);
+        // The receive memory the stripe being filled holds, once its first
+        // byte is in.
+        let mut receiving: Option<tokio::sync::OwnedSemaphorePermit> = None;
         let mut next_stripe: u64 = 0;
 
         let idle = (!meta.body_from_store).then(|| {
@@ -467,17 +475,38 @@ impl<S: Store> Upload<S> {
             }
             size += chunk.len() as u64;
             while !chunk.is_empty() {
-                let taken = stripe.fill(&chunk);
+                if receiving.is_none() {
+                    // What this stripe can hold: a whole one, or what is
+                    // left of a body of declared length.
+                    let placed = size - chunk.len() as u64;
+                    let room = meta.body_len_at_most.map_or(stripe_size, |most| {
+                        usize::try_from(most.saturating_sub(placed))
+                            .unwrap_or(usize::MAX)
+                            .min(stripe_size)
+                    });
+                    if room == 0 {
+                        return Err(ApiError::BadRequest(
+                            "the body is longer than its declared length".into(),
+                        ));
+                    }
+                    receiving = Some(self.receive_memory(room).await?);
+                    stripe = StripeFill::new(k, shard_size, room);
+                }
+                let taken = stripe.fill(&self.gw.buffers, &chunk);
                 bytes::Buf::advance(&mut chunk, taken);
                 if stripe.len == stripe_size {
-                    let full = std::mem::replace(
-                        &mut stripe,
-                        StripeFill::new(&self.gw.buffers, k, shard_size),
-                    );
+                    let full = std::mem::replace(&mut stripe, StripeFill::new(k, shard_size, 0));
                     self.pairs.extend(bao.take_pairs());
                     self.dispatch(next_stripe, StripeData::Full(full.shards))
                         .await?;
+                    // Held by the stripe in flight, against the ingest
+                    // budget, from here.
+                    receiving = None;
                     next_stripe += 1;
+                } else if taken == 0 {
+                    return Err(ApiError::BadRequest(
+                        "the body is longer than its declared length".into(),
+                    ));
                 }
             }
         }
@@ -488,6 +517,7 @@ impl<S: Store> Upload<S> {
         } else {
             stripe.give_back(&self.gw.buffers);
         }
+        drop(receiving);
         while !self.in_flight.is_empty() {
             self.complete_oldest().await?;
         }
@@ -723,6 +753,33 @@ impl<S: Store> Upload<S> {
         let kib = ((2 * k + m) * shard_len).div_ceil(1024).clamp(1, total);
         let kib = u32::try_from(kib).unwrap_or(u32::MAX);
         let gate = self.gw.ingest_memory.clone();
+        self.wait_for_memory(gate, kib).await
+    }
+
+    /// The receive memory (see `receive_memory_mib`) for a stripe that can
+    /// hold `room` bytes of the body, waited for as [`Self::memory_for`]
+    /// waits. Nothing else is held while it waits: every holder can fill
+    /// its stripe and hand it on (to the ingest budget, a pool of its
+    /// own) without more, so waits always end.
+    async fn receive_memory(
+        &mut self,
+        room: usize,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        let kib = room
+            .div_ceil(1024)
+            .clamp(1, self.gw.receive_memory_kib.max(1));
+        let kib = u32::try_from(kib).unwrap_or(u32::MAX);
+        let gate = self.gw.receive_memory.clone();
+        self.wait_for_memory(gate, kib).await
+    }
+
+    /// `kib` permits of `gate`, waited for while other uploads hold them,
+    /// the lease kept meanwhile.
+    async fn wait_for_memory(
+        &mut self,
+        gate: Arc<tokio::sync::Semaphore>,
+        kib: u32,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
         if let Ok(permit) = gate.clone().try_acquire_many_owned(kib) {
             return Ok(permit);
         }
@@ -976,32 +1033,47 @@ fn check_declared(
 
 /// A stripe being filled from the body straight into its `k` data shards,
 /// cut where a full stripe's layout cuts it, so a full stripe is coded
-/// with no copy.
+/// with no copy. It takes at most `room` bytes, and holds buffers for no
+/// more: each shard's is taken when its first byte arrives.
 struct StripeFill {
     shards: Vec<Vec<u8>>,
     shard_size: usize,
+    room: usize,
     /// Bytes filled.
     len: usize,
 }
 
 impl StripeFill {
-    fn new(pool: &BufferPool, k: usize, shard_size: usize) -> Self {
+    fn new(k: usize, shard_size: usize, room: usize) -> Self {
         StripeFill {
-            shards: (0..k).map(|_| pool.take_empty(shard_size)).collect(),
+            shards: (0..k).map(|_| Vec::new()).collect(),
             shard_size,
+            room,
             len: 0,
         }
     }
 
-    /// Copies from the front of `chunk` up to the stripe's end; returns how
-    /// many bytes it took.
-    fn fill(&mut self, chunk: &[u8]) -> usize {
+    /// Copies from the front of `chunk` up to the stripe's end or its room;
+    /// returns how many bytes it took.
+    fn fill(&mut self, pool: &BufferPool, chunk: &[u8]) -> usize {
         let mut taken = 0;
-        while taken < chunk.len() {
-            let Some(shard) = self.shards.get_mut(self.len / self.shard_size) else {
+        while taken < chunk.len() && self.len < self.room {
+            let at = self.len / self.shard_size;
+            let Some(shard) = self.shards.get_mut(at) else {
                 break; // full
             };
-            let n = (self.shard_size - shard.len()).min(chunk.len() - taken);
+            if shard.capacity() == 0 {
+                let room = (self.room - at * self.shard_size).min(self.shard_size);
+                // A whole shard from the pool; a short one (a body's last)
+                // fresh, so it pins no pooled shard-sized buffer.
+                *shard = match room == self.shard_size {
+                    true => pool.take_empty(room),
+                    false => Vec::with_capacity(room),
+                };
+            }
+            let n = (self.shard_size - shard.len())
+                .min(chunk.len() - taken)
+                .min(self.room - self.len);
             shard.extend_from_slice(&chunk[taken..taken + n]);
             taken += n;
             self.len += n;
@@ -1012,17 +1084,21 @@ impl StripeFill {
     /// A short last stripe, as one buffer: its layout cuts it into `k`
     /// shorter shards (one copy of at most one stripe per filing).
     fn into_tail(self, pool: &BufferPool) -> Vec<u8> {
-        let mut tail = pool.take_empty(self.len);
+        let mut tail = Vec::with_capacity(self.len);
         for shard in self.shards {
             tail.extend_from_slice(&shard);
-            pool.give(shard);
+            if shard.capacity() == self.shard_size {
+                pool.give(shard);
+            }
         }
         tail
     }
 
     fn give_back(self, pool: &BufferPool) {
         for shard in self.shards {
-            pool.give(shard);
+            if shard.capacity() == self.shard_size {
+                pool.give(shard);
+            }
         }
     }
 }
@@ -1339,37 +1415,58 @@ addr = "127.0.0.1:11"
 
     /// Filled chunk by chunk, whatever the chunk boundaries, a full stripe's
     /// data shards are the stripe cut in k (what `encode_stripe` codes), and
-    /// a short one comes back whole.
+    /// a short one comes back whole. A stripe given the room a declared
+    /// length leaves takes no more, and its buffers hold no more.
     #[test]
     fn a_stripe_fills_its_shards_in_layout_order() {
         let pool = BufferPool::new(1 << 20);
         let (k, shard) = (4, 1000);
+        let stripe = k * shard;
         let data: Vec<u8> = (0..10_500u32).map(|i| (i * 31 % 251) as u8).collect();
-        for chunk in [1, 7, 999, 1000, 1001, 4000, 10_500] {
-            let mut fill = StripeFill::new(&pool, k, shard);
-            let mut full = Vec::new();
-            let mut rest: &[u8] = &data;
-            while !rest.is_empty() {
-                let piece = &rest[..chunk.min(rest.len())];
-                let mut at = 0;
-                while at < piece.len() {
-                    at += fill.fill(&piece[at..]);
-                    if fill.len == k * shard {
-                        let done = std::mem::replace(&mut fill, StripeFill::new(&pool, k, shard));
-                        full.push(done.shards);
+        for declared in [None, Some(data.len())] {
+            let room = |placed: usize| declared.map_or(stripe, |d| (d - placed).min(stripe));
+            for chunk in [1, 7, 999, 1000, 1001, 4000, 10_500] {
+                let mut fill = StripeFill::new(k, shard, room(0));
+                let mut full = Vec::new();
+                let mut rest: &[u8] = &data;
+                while !rest.is_empty() {
+                    let piece = &rest[..chunk.min(rest.len())];
+                    let mut at = 0;
+                    while at < piece.len() {
+                        at += fill.fill(&pool, &piece[at..]);
+                        if fill.len == stripe {
+                            let placed = (full.len() + 1) * stripe;
+                            let done = std::mem::replace(
+                                &mut fill,
+                                StripeFill::new(k, shard, room(placed)),
+                            );
+                            full.push(done.shards);
+                        }
+                    }
+                    rest = &rest[piece.len()..];
+                }
+                assert_eq!(full.len(), 2, "chunks of {chunk}");
+                for (n, shards) in full.iter().enumerate() {
+                    for (i, s) in shards.iter().enumerate() {
+                        let at = n * k * shard + i * shard;
+                        assert_eq!(&s[..], &data[at..at + shard], "chunks of {chunk}");
                     }
                 }
-                rest = &rest[piece.len()..];
-            }
-            assert_eq!(full.len(), 2, "chunks of {chunk}");
-            for (n, shards) in full.iter().enumerate() {
-                for (i, s) in shards.iter().enumerate() {
-                    let at = n * k * shard + i * shard;
-                    assert_eq!(&s[..], &data[at..at + shard], "chunks of {chunk}");
+                assert_eq!(fill.len, 2500);
+                if declared.is_some() {
+                    let held: usize = fill.shards.iter().map(Vec::capacity).sum();
+                    assert_eq!(
+                        held, 2500,
+                        "the last stripe holds more than the body's rest"
+                    );
+                    assert_eq!(
+                        fill.fill(&pool, b"x"),
+                        0,
+                        "a byte past the declared length was taken"
+                    );
                 }
+                assert_eq!(fill.into_tail(&pool), &data[8000..], "chunks of {chunk}");
             }
-            assert_eq!(fill.len, 2500);
-            assert_eq!(fill.into_tail(&pool), &data[8000..], "chunks of {chunk}");
         }
     }
 }

@@ -65,6 +65,13 @@ pub struct GatewayMetrics {
     /// while other reads' read-ahead held the gateway's read memory
     /// (`read_memory_mib`).
     pub read_memory_waits: IntCounter,
+    /// `custodia_gateway_memory_held_bytes{budget}` and
+    /// `custodia_gateway_memory_budget_bytes{budget}`: what each of the
+    /// gateway's memory budgets (`receive`: stripes uploads are filling;
+    /// `ingest`: stripes being coded and stored; `read`: stripes read
+    /// ahead) holds now, and its size.
+    pub memory_held: IntGaugeVec,
+    pub memory_budget: IntGaugeVec,
     /// `custodia_degraded_stripes_written_total`: stripes acknowledged with
     /// fewer than k+m shards (allowed by `min_write_shards`).
     pub degraded_written: IntCounter,
@@ -293,6 +300,26 @@ impl GatewayMetrics {
                     &["witness", "result"],
                 )?,
             )?,
+            memory_held: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "custodia_gateway_memory_held_bytes",
+                        "Memory a gateway budget holds now.",
+                    ),
+                    &["budget"],
+                )?,
+            )?,
+            memory_budget: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "custodia_gateway_memory_budget_bytes",
+                        "The size of a gateway memory budget.",
+                    ),
+                    &["budget"],
+                )?,
+            )?,
             node_up: reg(
                 r,
                 IntGaugeVec::new(
@@ -511,6 +538,17 @@ pub async fn refresh<S: Store>(gw: &Gateway<S>) {
     }
     m.quic_connections
         .set(gw.nodes.client.connection_rtts().len() as i64);
+    for (budget, gate, kib) in [
+        ("receive", &gw.receive_memory, gw.receive_memory_kib),
+        ("ingest", &gw.ingest_memory, gw.ingest_memory_kib),
+        ("read", &gw.read_memory, gw.read_memory_kib),
+    ] {
+        let bytes = |kib: usize| i64::try_from(kib).unwrap_or(i64::MAX / 1024) * 1024;
+        m.memory_budget.with_label_values(&[budget]).set(bytes(kib));
+        m.memory_held
+            .with_label_values(&[budget])
+            .set(bytes(kib.saturating_sub(gate.available_permits())));
+    }
     let degraded = indexer::run(&gw.store, |tx| async move {
         indexer::schema::degraded_stripes_tx(&tx, DEGRADED_SCAN_LIMIT).await
     })

@@ -1176,6 +1176,21 @@ fn evidence_worm(v: &ObjectVersion) -> (Option<u64>, bool) {
     (until, v.legal_hold)
 }
 
+/// At most how many bytes a request's body holds: its Content-Length,
+/// where that frames it (no Transfer-Encoding). An aws-chunked body decodes
+/// to fewer; a form's file is a part of it.
+fn body_len_at_most(headers: &http::HeaderMap) -> Option<u64> {
+    if headers.contains_key(http::header::TRANSFER_ENCODING) {
+        return None;
+    }
+    headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
 fn content_md5(header: Option<&str>) -> S3Result<Option<[u8; 16]>> {
     use base64::Engine as _;
     header
@@ -1642,6 +1657,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 seen: b.clone(),
                 completes: None,
             }),
+            body_len_at_most: body_len_at_most(&req.headers),
             ..Default::default()
         };
         // The upload runs in its own task, so a client that goes away leaves
@@ -1943,6 +1959,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 completes: None,
             }),
             body_from_store: true,
+            body_len_at_most: Some(size),
             ..Default::default()
         };
         let body = crate::read::stream_range(self.gw.clone(), header, 0..size, None);
@@ -2391,6 +2408,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             expect_sha256: sha256_header(input.checksum_sha256.as_deref())?,
             body_check,
             part: Some((upload, number)),
+            body_len_at_most: body_len_at_most(&req.headers),
             ..Default::default()
         };
         let record = self.file_part(meta, body).await?;
@@ -2428,6 +2446,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             tenant: who.tenant.clone(),
             part: Some((upload, number)),
             body_from_store: true,
+            body_len_at_most: Some(range.end - range.start),
             ..Default::default()
         };
         let body = crate::read::stream_range(self.gw.clone(), header, range, None);

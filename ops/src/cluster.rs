@@ -481,6 +481,7 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         repair_ingest_stripes: 3,
         read_stripes_in_flight: 0,
         ingest_memory_mib: 0,
+        receive_memory_mib: 0,
         read_memory_mib: 0,
         s3_journal_merge_files: 256,
         nodes: entries,

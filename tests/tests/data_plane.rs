@@ -506,6 +506,122 @@ fn uploads_beyond_the_memory_budget_wait_their_turn() -> Result<()> {
     Ok(())
 }
 
+/// The stripes uploads are still receiving share a budget too. A body of
+/// unknown length (chunked) holds a whole stripe's room from its first
+/// byte, so with room for one stripe, another filing waits (reading none
+/// of its body) until that one hands its stripe on. Bodies of declared
+/// length are charged only what they hold, so several stalled small ones
+/// leave room for others.
+#[test]
+fn uploads_being_received_share_a_memory_budget() -> Result<()> {
+    let mut c = TestCluster::start(Shape {
+        shard_size: 256 * 1024,
+        ..Shape::default()
+    })?;
+    // One stripe: 4 data shards of 256 KiB.
+    c.set_gateway(&[("receive_memory_mib", toml::Value::Integer(1))])?;
+    let held = || {
+        c.metric(
+            &c.metrics,
+            "custodia_gateway_memory_held_bytes{budget=\"receive\"}",
+        )
+        .unwrap_or(-1.0)
+    };
+    let addr = c.api.trim_start_matches("http://").to_owned();
+    let begin = |framing: &str| -> Result<std::net::TcpStream> {
+        let mut s = std::net::TcpStream::connect(&addr)?;
+        write!(
+            s,
+            "POST /v1/evidence HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n{framing}\r\nConnection: close\r\n\r\n",
+            c.token
+        )?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        Ok(s)
+    };
+    let answer = |mut s: std::net::TcpStream| -> Result<u16> {
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        Ok(resp
+            .split(' ')
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    };
+    let filed = || {
+        c.metric(&c.metrics, "custodia_filings_total")
+            .unwrap_or(-1.0)
+    };
+
+    // A chunked body's first bytes: it holds the whole budget.
+    let mut chunked = begin("Transfer-Encoding: chunked")?;
+    let first = bytes(100, 61);
+    write!(chunked, "{:x}\r\n", first.len())?;
+    chunked.write_all(&first)?;
+    chunked.write_all(b"\r\n")?;
+    chunked.flush()?;
+    assert!(
+        eventually(20, || held() >= f64::from(1u32 << 20)),
+        "a chunked body's stripe does not hold a stripe's room: {}",
+        held()
+    );
+    // A small filing of declared length waits its turn.
+    let before = filed();
+    let small = bytes(1000, 62);
+    let waiting = {
+        let (api, token, small) = (c.api.clone(), c.token.clone(), small.clone());
+        std::thread::spawn(move || -> Result<u16> {
+            let resp = ureq::post(format!("{api}/v1/evidence"))
+                .header("authorization", format!("Bearer {token}"))
+                .send(&small[..])?;
+            Ok(resp.status().as_u16())
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !waiting.is_finished(),
+        "a filing went past the receive budget"
+    );
+    assert_eq!(filed(), before);
+    // The chunked body ends: both are filed.
+    let rest = bytes(3000, 63);
+    write!(chunked, "{:x}\r\n", rest.len())?;
+    chunked.write_all(&rest)?;
+    chunked.write_all(b"\r\n0\r\n\r\n")?;
+    chunked.flush()?;
+    assert_eq!(answer(chunked)?, 201);
+    assert_eq!(waiting.join().expect("upload thread")?, 201);
+    assert!(
+        eventually(20, || held() == 0.0),
+        "receive memory is still held: {}",
+        held()
+    );
+
+    // Two stalled bodies of declared length hold 1 KiB each: a third
+    // filing (100 KiB) goes through beside them.
+    let stalled: Vec<_> = (0..2)
+        .map(|_| -> Result<std::net::TcpStream> {
+            let mut s = begin("Content-Length: 1000")?;
+            s.write_all(&small[..10])?;
+            s.flush()?;
+            Ok(s)
+        })
+        .collect::<Result<_>>()?;
+    assert!(
+        eventually(20, || held() == 2048.0),
+        "two small bodies' stripes hold other than 1 KiB each: {}",
+        held()
+    );
+    let beside = bytes(100 * 1024, 64);
+    let id = c.file_id(&beside)?;
+    assert!(c.read(&id)? == beside, "read back differs");
+    for mut s in stalled {
+        s.write_all(&small[10..])?;
+        s.flush()?;
+        assert_eq!(answer(s)?, 201);
+    }
+    Ok(())
+}
+
 /// A gateway killed mid-upload leaves an intent nobody renews. Restarted,
 /// the gateway's collector ends it once it has watched the lease stay
 /// unchanged for a whole period on its own clock: not before (whatever the
