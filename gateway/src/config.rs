@@ -159,6 +159,13 @@ pub struct GatewayConfig {
     /// any read that began on the old placement.
     #[serde(default = "default_old_copy_grace")]
     pub repair_old_copy_grace_ms: u64,
+    /// Least time from the end of one walk of the stripe records for
+    /// shards crowded into one failure domain to the start of the next.
+    /// A walk begins when a node comes (back) to take new shards; a node
+    /// that keeps going and coming back then costs one walk of the whole
+    /// index per this period at most, not one after another.
+    #[serde(default = "default_crowding_walk_gap")]
+    pub crowding_walk_gap_ms: u64,
     /// Where Prometheus scrapes the gateway's `/metrics` (plain HTTP);
     /// none: not exported.
     #[serde(default)]
@@ -261,6 +268,9 @@ fn default_probe_interval() -> u64 {
 }
 fn default_repair_interval() -> u64 {
     10_000
+}
+fn default_crowding_walk_gap() -> u64 {
+    600_000
 }
 fn default_repair_after_down() -> u64 {
     600_000

@@ -13,7 +13,7 @@ use indexer::schema::{self, Lifecycle, NodeRecord};
 use protocol::wire::SpaceInfo;
 use protocol::NodeId;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use storage_node::client::NodeClient;
@@ -140,6 +140,9 @@ pub struct NodeSet {
     removed_unlisted: Mutex<std::collections::HashSet<NodeId>>,
     /// Each labelled node's failure domain.
     labels: std::collections::HashMap<NodeId, String>,
+    /// How many times a node has come (back) to take new shards: back up,
+    /// room again, active again. See [`NodeSet::openings`].
+    openings: AtomicU64,
 }
 
 impl NodeSet {
@@ -177,7 +180,20 @@ impl NodeSet {
             started: std::time::Instant::now(),
             silent_before: Mutex::new(None),
             removed_unlisted: Mutex::new(Default::default()),
+            openings: AtomicU64::new(0),
         }
+    }
+
+    /// How many times so far a node has come (back) to take new shards:
+    /// marked up after down, given room after full, made active after a
+    /// drain. Counted as it happens, so a watcher that compares counts
+    /// sees a node that went down and came back between two looks.
+    pub fn openings(&self) -> u64 {
+        self.openings.load(Ordering::Relaxed)
+    }
+
+    fn opened(&self) {
+        self.openings.fetch_add(1, Ordering::Relaxed);
     }
 
     fn get(&self, id: NodeId) -> Option<&NodeState> {
@@ -229,7 +245,9 @@ impl NodeSet {
 
     pub fn mark(&self, id: NodeId, healthy: bool) {
         if let Some(n) = self.get(id) {
-            n.mark(healthy);
+            if n.mark(healthy) && healthy {
+                self.opened();
+            }
         }
     }
 
@@ -276,6 +294,7 @@ impl NodeSet {
                     tracing::warn!(node = %id, "node is full: no new shards go to it until it has room above its reserve");
                 } else {
                     tracing::info!(node = %id, "node has room again: it takes new shards");
+                    self.opened();
                 }
             }
         }
@@ -449,6 +468,9 @@ impl NodeSet {
             if *current != state {
                 tracing::info!(node = %id, state = state.as_str(), "node lifecycle changed");
                 *current = state;
+                if state == Lifecycle::Active {
+                    self.opened();
+                }
             }
         }
     }
@@ -644,10 +666,13 @@ impl NodeState {
         news
     }
 
-    fn mark(&self, healthy: bool) {
-        if self.healthy.swap(healthy, Ordering::Relaxed) != healthy {
+    /// Marks the node's health; says whether it changed.
+    fn mark(&self, healthy: bool) -> bool {
+        let changed = self.healthy.swap(healthy, Ordering::Relaxed) != healthy;
+        if changed {
             tracing::info!(node = %self.entry.node_id(), healthy, "node health changed");
         }
+        changed
     }
 }
 
@@ -777,5 +802,31 @@ mod tests {
         nodes.mark(NodeId(1), true);
         assert_eq!(ids(&nodes.write_candidates(6)).len(), 8);
         assert!(nodes.view().iter().all(|v| !v.full));
+    }
+
+    /// Every time a node comes (back) to take new shards is counted, and
+    /// nothing else is: a look before and after sees a node that went and
+    /// came back in between.
+    #[tokio::test]
+    async fn a_node_opening_to_new_shards_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = set(dir.path());
+        let seen = nodes.openings();
+        nodes.mark(NodeId(1), true);
+        nodes.mark_full(NodeId(2), false);
+        nodes.mark(NodeId(3), false);
+        nodes.mark_full(NodeId(4), true);
+        assert_eq!(nodes.openings(), seen, "nothing opened");
+        // Down and up, full and with room, draining and active.
+        nodes.mark(NodeId(3), true);
+        nodes.mark_full(NodeId(4), false);
+        let draining = schema::LifecycleRecord {
+            state: Lifecycle::Draining,
+            changed_ms: 1,
+        };
+        nodes.set_lifecycles(&[(NodeId(5), draining)]);
+        assert_eq!(nodes.openings(), seen + 2);
+        nodes.set_lifecycles(&[]);
+        assert_eq!(nodes.openings(), seen + 3);
     }
 }

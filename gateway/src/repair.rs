@@ -73,7 +73,7 @@ use protocol::wire::{RebuildShard, RebuildSource};
 use protocol::{
     Blake3Hash, ErrorCode, EvidenceId, ManifestHeader, NodeId, ShardHeader, ShardKey, StripeRecord,
 };
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use storage_node::NodeError;
@@ -402,11 +402,41 @@ fn homeless_nodes<S: Store>(gw: &Gateway<S>) -> HashSet<NodeId> {
 /// upload itself.)
 #[derive(Debug, Default)]
 pub struct SpreadWalk {
-    /// The nodes open when the last whole walk began, less those closed
-    /// since.
-    done_for: Option<BTreeSet<NodeId>>,
-    /// The nodes open when the walk under way began.
-    walking: Option<BTreeSet<NodeId>>,
+    /// [`NodeSet::openings`](crate::nodes::NodeSet::openings) when the last
+    /// whole walk began: a walk is due once it moves on.
+    done_at: Option<u64>,
+    /// Its count when the walk under way began.
+    walking: Option<u64>,
+    /// When the last whole walk ended.
+    ended: Option<std::time::Instant>,
+}
+
+impl SpreadWalk {
+    /// Whether a walk is under way, beginning one now if one is due: the
+    /// first, or one since a node came (back) to take new shards (`openings`
+    /// moved on since the last whole walk began), no sooner than `gap`
+    /// after the last ended. Never while nothing can be crowded.
+    fn walking(&mut self, openings: u64, may_crowd: bool, gap: Duration) -> bool {
+        if !may_crowd {
+            self.walking = None;
+            return false;
+        }
+        if self.walking.is_none()
+            && self.done_at != Some(openings)
+            && self.ended.is_none_or(|at| at.elapsed() >= gap)
+        {
+            self.walking = Some(openings);
+        }
+        self.walking.is_some()
+    }
+
+    /// The walk under way reached the end of the records.
+    fn finished(&mut self) {
+        if let Some(began) = self.walking.take() {
+            self.done_at = Some(began);
+            self.ended = Some(std::time::Instant::now());
+        }
+    }
 }
 
 /// Walks up to 16 batches of stripe records from `cursor` (wrapping
@@ -421,29 +451,17 @@ pub async fn scan<S: Store>(
     cursor: &mut Option<(EvidenceId, u64)>,
     walk: &mut SpreadWalk,
 ) -> Result<u64, ApiError> {
+    // Read before the nodes are: a node that opens in between is counted
+    // in the next look, not lost.
+    let openings = gw.nodes.openings();
     let homeless = homeless_nodes(gw);
     let spread = Spread::now(gw, &gone_nodes(gw));
-    let open: BTreeSet<NodeId> = spread.open.iter().copied().collect();
-    // A node closed since (down or full) opens anew later, and one closed
-    // during the walk under way was not open all through it.
-    if let Some(done) = &mut walk.done_for {
-        done.retain(|n| open.contains(n));
-    }
-    if let Some(walking) = &mut walk.walking {
-        walking.retain(|n| open.contains(n));
-    }
-    if !spread.may_crowd() {
-        walk.walking = None;
-    } else if walk.walking.is_none()
-        && walk
-            .done_for
-            .as_ref()
-            .is_none_or(|done| !open.is_subset(done))
-    {
-        walk.walking = Some(open);
+    let was_walking = walk.walking.is_some();
+    let gap = Duration::from_millis(gw.config.crowding_walk_gap_ms);
+    let crowding = walk.walking(openings, spread.may_crowd(), gap);
+    if crowding && !was_walking {
         *cursor = None;
     }
-    let crowding = walk.walking.is_some();
     if homeless.is_empty() && !crowding {
         return Ok(0);
     }
@@ -457,7 +475,7 @@ pub async fn scan<S: Store>(
         queued += n;
         if !more {
             if crowding {
-                walk.done_for = walk.walking.take();
+                walk.finished();
             }
             break;
         }
@@ -2251,6 +2269,31 @@ async fn record_lost<S: Store>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A crowding walk begins at start, again once a node opened since the
+    /// last began (however briefly it was closed), never twice for the same
+    /// openings, never while nothing can be crowded, and no sooner than the
+    /// gap after the last ended.
+    #[test]
+    fn crowding_walks_begin_when_a_node_opened_and_not_too_often() {
+        let mut walk = SpreadWalk::default();
+        let gap = Duration::from_millis(200);
+        assert!(!walk.walking(0, false, gap), "a walk with nothing to crowd");
+        assert!(walk.walking(0, true, gap), "no first walk");
+        assert!(walk.walking(3, true, gap), "a walk under way stopped");
+        walk.finished();
+        assert!(!walk.walking(0, true, gap), "walked again for nothing");
+        // Opened meanwhile: due, but not within the gap.
+        assert!(!walk.walking(1, true, gap), "walked again within the gap");
+        std::thread::sleep(gap);
+        assert!(walk.walking(1, true, Duration::ZERO));
+        walk.finished();
+        assert!(
+            !walk.walking(1, true, Duration::ZERO),
+            "walked twice for one opening"
+        );
+        assert!(walk.walking(2, true, Duration::ZERO));
+    }
 
     fn domains(names: &str) -> Vec<Domain> {
         names

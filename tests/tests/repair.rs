@@ -691,6 +691,7 @@ fn shards_crowded_into_one_failure_domain_move_once_another_is_back() -> Result<
         g.insert("node_down_after_ms".into(), toml::Value::Integer(1_000));
         g.insert("repair_interval_ms".into(), toml::Value::Integer(300));
         g.insert("repair_old_copy_grace_ms".into(), toml::Value::Integer(500));
+        g.insert("crowding_walk_gap_ms".into(), toml::Value::Integer(500));
         for node in g
             .get_mut("nodes")
             .and_then(|n| n.as_array_mut())
