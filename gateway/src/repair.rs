@@ -409,6 +409,10 @@ pub struct SpreadWalk {
     walking: Option<u64>,
     /// When the last whole walk ended.
     ended: Option<std::time::Instant>,
+    /// The walk under way passed stripes by unlooked at (the queue was
+    /// long while the search for homeless stripes went on): it is due
+    /// again once it ends.
+    skipped: bool,
 }
 
 impl SpreadWalk {
@@ -419,6 +423,7 @@ impl SpreadWalk {
     fn walking(&mut self, openings: u64, may_crowd: bool, gap: Duration) -> bool {
         if !may_crowd {
             self.walking = None;
+            self.skipped = false;
             return false;
         }
         if self.walking.is_none()
@@ -433,7 +438,9 @@ impl SpreadWalk {
     /// The walk under way reached the end of the records.
     fn finished(&mut self) {
         if let Some(began) = self.walking.take() {
-            self.done_at = Some(began);
+            if !std::mem::take(&mut self.skipped) {
+                self.done_at = Some(began);
+            }
             self.ended = Some(std::time::Instant::now());
         }
     }
@@ -465,12 +472,25 @@ pub async fn scan<S: Store>(
     if homeless.is_empty() && !crowding {
         return Ok(0);
     }
-    let hit = |rec: &StripeRecord| {
-        needs_home(rec, &homeless) || (crowding && !spread.crowded(rec).is_empty())
-    };
     let mut queued = 0u64;
     // At most 16 batches per call; each transaction stays small.
     for _ in 0..16 {
+        // Crowded stripes lack no redundancy: queued only while the queue
+        // is short, so a stripe that lost a shard never waits behind more
+        // than about one pass of them.
+        let crowd_now = crowding && !queue_is_long(gw).await?;
+        if crowding && !crowd_now {
+            if homeless.is_empty() {
+                // Paused where it is, until repair catches up.
+                break;
+            }
+            // The search for homeless stripes goes on past stripes the
+            // walk does not look at: it is walked again.
+            walk.skipped = true;
+        }
+        let hit = |rec: &StripeRecord| {
+            needs_home(rec, &homeless) || (crowd_now && !spread.crowded(rec).is_empty())
+        };
         let (n, more) = queue_stripes(gw, &hit, cursor).await?;
         queued += n;
         if !more {
@@ -481,6 +501,18 @@ pub async fn scan<S: Store>(
         }
     }
     Ok(queued)
+}
+
+/// Stripes queued for repair past which the crowding walk queues no more.
+const CROWDED_AHEAD: usize = PASS_STRIPES;
+
+/// Whether the repair queue holds [`CROWDED_AHEAD`] stripes or more.
+async fn queue_is_long<S: Store>(gw: &Gateway<S>) -> Result<bool, ApiError> {
+    let queued = indexer::run(&gw.store, |tx| async move {
+        schema::degraded_queue_tx(&tx, None, CROWDED_AHEAD).await
+    })
+    .await?;
+    Ok(queued.len() >= CROWDED_AHEAD)
 }
 
 /// One whole walk of the stripe records, queueing every stripe with a shard
