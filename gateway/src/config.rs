@@ -219,8 +219,13 @@ pub struct GatewayConfig {
     /// length is declared (so thousands of small uploads fit where a few
     /// hundred stripes would). An upload whose next stripe does not fit
     /// waits before reading more of its body
-    /// (`custodia_ingest_memory_waits_total` counts these waits too). 0,
-    /// the default: 256. Never less than one stripe's data.
+    /// (`custodia_ingest_memory_waits_total` counts these waits too): so a
+    /// few hundred clients trickling large bodies can hold it all (the
+    /// default fits 256 whole stripes of RS(4,2) with 1 MiB shards) and
+    /// make others wait, where they would otherwise run the gateway out of
+    /// memory. Bodies a copy or multipart completion reads back from the
+    /// store are bounded by `read_memory_mib` instead. 0, the default:
+    /// 1024. Never less than one stripe's data.
     #[serde(default)]
     pub receive_memory_mib: u64,
     /// Memory, in MiB, that stripes read ahead may hold across all reads at
@@ -358,7 +363,7 @@ impl GatewayConfig {
     /// default and floor applied.
     pub fn receive_memory_bytes(&self) -> u64 {
         let asked = match self.receive_memory_mib {
-            0 => 256,
+            0 => 1024,
             n => n,
         };
         (asked << 20).max(self.code().stripe_size())
@@ -492,9 +497,9 @@ failure_domain = "rack-a"
     }
 
     #[test]
-    fn receive_memory_defaults_to_256_mib_and_holds_one_stripe_at_least() {
+    fn receive_memory_defaults_to_a_gib_and_holds_one_stripe_at_least() {
         let mut c = example();
-        assert_eq!(c.receive_memory_bytes(), 256 << 20);
+        assert_eq!(c.receive_memory_bytes(), 1 << 30);
         c.receive_memory_mib = 64;
         assert_eq!(c.receive_memory_bytes(), 64 << 20);
         // One stripe of 4 data shards of 32 MiB, whatever was asked.

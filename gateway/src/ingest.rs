@@ -449,7 +449,7 @@ impl<S: Store> Upload<S> {
         let (k, shard_size) = (code.data_shards(), code.shard_size as usize);
         let mut stripe = StripeFill::new(k, shard_size, 0);
         // The receive memory the stripe being filled holds, once its first
-        // byte is in.
+        // byte is in (its room is 0 until then).
         let mut receiving: Option<tokio::sync::OwnedSemaphorePermit> = None;
         let mut next_stripe: u64 = 0;
 
@@ -475,7 +475,7 @@ impl<S: Store> Upload<S> {
             }
             size += chunk.len() as u64;
             while !chunk.is_empty() {
-                if receiving.is_none() {
+                if stripe.room == 0 {
                     // What this stripe can hold: a whole one, or what is
                     // left of a body of declared length.
                     let placed = size - chunk.len() as u64;
@@ -489,7 +489,13 @@ impl<S: Store> Upload<S> {
                             "the body is longer than its declared length".into(),
                         ));
                     }
-                    receiving = Some(self.receive_memory(room).await?);
+                    // Not for a body read back from the store: its
+                    // source holds read memory while it waits, and the two
+                    // budgets must never wait on each other (the read
+                    // budget bounds those).
+                    if !from_store {
+                        receiving = Some(self.receive_memory(room).await?);
+                    }
                     stripe = StripeFill::new(k, shard_size, room);
                 }
                 let taken = stripe.fill(&self.gw.buffers, &chunk);
@@ -760,7 +766,8 @@ impl<S: Store> Upload<S> {
     /// hold `room` bytes of the body, waited for as [`Self::memory_for`]
     /// waits. Nothing else is held while it waits: every holder can fill
     /// its stripe and hand it on (to the ingest budget, a pool of its
-    /// own) without more, so waits always end.
+    /// own) without more, so waits always end. (A body read back from the
+    /// store takes none: its source holds read memory meanwhile.)
     async fn receive_memory(
         &mut self,
         room: usize,
@@ -1087,7 +1094,8 @@ impl StripeFill {
         let mut tail = Vec::with_capacity(self.len);
         for shard in self.shards {
             tail.extend_from_slice(&shard);
-            if shard.capacity() == self.shard_size {
+            // Whole shards came from the pool (perhaps larger): back there.
+            if shard.capacity() >= self.shard_size {
                 pool.give(shard);
             }
         }
@@ -1096,7 +1104,7 @@ impl StripeFill {
 
     fn give_back(self, pool: &BufferPool) {
         for shard in self.shards {
-            if shard.capacity() == self.shard_size {
+            if shard.capacity() >= self.shard_size {
                 pool.give(shard);
             }
         }

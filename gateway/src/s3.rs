@@ -1177,18 +1177,23 @@ fn evidence_worm(v: &ObjectVersion) -> (Option<u64>, bool) {
 }
 
 /// At most how many bytes a request's body holds: its Content-Length,
-/// where that frames it (no Transfer-Encoding). An aws-chunked body decodes
-/// to fewer; a form's file is a part of it.
-fn body_len_at_most(headers: &http::HeaderMap) -> Option<u64> {
-    if headers.contains_key(http::header::TRANSFER_ENCODING) {
+/// where that frames it (no Transfer-Encoding), as s3s leaves it (the
+/// decoded length of an aws-chunked body). Not for a form upload, whose
+/// file s3s cuts out of the form and whose length it sets to 0; nor 0 at
+/// all, which bounds nothing worth knowing.
+fn body_len_at_most(method: &http::Method, headers: &http::HeaderMap) -> Option<u64> {
+    if crate::s3_digest::is_form(method, headers)
+        || headers.contains_key(http::header::TRANSFER_ENCODING)
+    {
         return None;
     }
-    headers
+    let len: u64 = headers
         .get(http::header::CONTENT_LENGTH)?
         .to_str()
         .ok()?
         .parse()
-        .ok()
+        .ok()?;
+    (len > 0).then_some(len)
 }
 
 fn content_md5(header: Option<&str>) -> S3Result<Option<[u8; 16]>> {
@@ -1657,7 +1662,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 seen: b.clone(),
                 completes: None,
             }),
-            body_len_at_most: body_len_at_most(&req.headers),
+            body_len_at_most: body_len_at_most(&req.method, &req.headers),
             ..Default::default()
         };
         // The upload runs in its own task, so a client that goes away leaves
@@ -2408,7 +2413,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             expect_sha256: sha256_header(input.checksum_sha256.as_deref())?,
             body_check,
             part: Some((upload, number)),
-            body_len_at_most: body_len_at_most(&req.headers),
+            body_len_at_most: body_len_at_most(&req.method, &req.headers),
             ..Default::default()
         };
         let record = self.file_part(meta, body).await?;

@@ -436,9 +436,13 @@ pub const FORM_UPLOADS_AT_ONCE: usize = 4;
 
 /// Whether `req` is a browser-based upload: a POST of an HTML form.
 pub fn is_form_upload<B>(req: &http::Request<B>) -> bool {
-    req.method() == http::Method::POST
-        && req
-            .headers()
+    is_form(req.method(), req.headers())
+}
+
+/// [`is_form_upload`], from a request's method and headers.
+pub fn is_form(method: &http::Method, headers: &http::HeaderMap) -> bool {
+    *method == http::Method::POST
+        && headers
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| {
