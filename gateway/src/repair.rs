@@ -473,15 +473,17 @@ pub async fn scan<S: Store>(
         return Ok(0);
     }
     let mut queued = 0u64;
+    let crowded = std::sync::atomic::AtomicUsize::new(0);
     // At most 16 batches per call; each transaction stays small.
     for _ in 0..16 {
-        // Crowded stripes lack no redundancy: queued only while the queue
-        // is short, so a stripe that lost a shard never waits behind more
-        // than about one pass of them.
-        let crowd_now = crowding && !queue_is_long(gw).await?;
+        // Crowded stripes lack no redundancy: at most a quarter of a pass
+        // of them is queued between two passes, so a stripe that lost a
+        // shard never waits long behind them however many there are.
+        let crowd_now =
+            crowding && crowded.load(std::sync::atomic::Ordering::Relaxed) < CROWDED_PER_PASS;
         if crowding && !crowd_now {
             if homeless.is_empty() {
-                // Paused where it is, until repair catches up.
+                // Paused where it is, until the next pass.
                 break;
             }
             // The search for homeless stripes goes on past stripes the
@@ -489,7 +491,14 @@ pub async fn scan<S: Store>(
             walk.skipped = true;
         }
         let hit = |rec: &StripeRecord| {
-            needs_home(rec, &homeless) || (crowd_now && !spread.crowded(rec).is_empty())
+            if needs_home(rec, &homeless) {
+                return true;
+            }
+            let hit = crowd_now && !spread.crowded(rec).is_empty();
+            if hit {
+                crowded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            hit
         };
         let (n, more) = queue_stripes(gw, &hit, cursor).await?;
         queued += n;
@@ -503,17 +512,9 @@ pub async fn scan<S: Store>(
     Ok(queued)
 }
 
-/// Stripes queued for repair past which the crowding walk queues no more.
-const CROWDED_AHEAD: usize = PASS_STRIPES;
-
-/// Whether the repair queue holds [`CROWDED_AHEAD`] stripes or more.
-async fn queue_is_long<S: Store>(gw: &Gateway<S>) -> Result<bool, ApiError> {
-    let queued = indexer::run(&gw.store, |tx| async move {
-        schema::degraded_queue_tx(&tx, None, CROWDED_AHEAD).await
-    })
-    .await?;
-    Ok(queued.len() >= CROWDED_AHEAD)
-}
+/// Crowded stripes the scanner queues per call (the repair loop runs a
+/// pass of up to [`PASS_STRIPES`] after each).
+const CROWDED_PER_PASS: usize = PASS_STRIPES / 4;
 
 /// One whole walk of the stripe records, queueing every stripe with a shard
 /// on a node gone past its grace, draining or removed (what
