@@ -370,7 +370,7 @@ impl SegmentLog {
             );
             scan_segment(id, &key, &bytes, &mut index, &mut dead);
         }
-        erase_found_dead(&index, &dead.erase);
+        let unerased = erase_found_dead(&index, &dead.erase);
         let next = match ids.last() {
             None => 1,
             Some(id) => id
@@ -416,7 +416,7 @@ impl SegmentLog {
             damaged,
             unsynced_erasures: Mutex::default(),
             erasure_sync: Mutex::default(),
-            unerased: Mutex::default(),
+            unerased: Mutex::new(unerased),
             failed_puts: Mutex::default(),
         })
     }
@@ -679,8 +679,13 @@ impl SegmentLog {
             .count();
         let segments = std::mem::take(&mut *lock(&self.unsynced_erasures));
         let mut failed = None;
-        for (id, locs) in segments {
+        for (id, mut locs) in segments {
             if let Err(e) = self.sync_segment(id) {
+                // Erased since this sync began: the failed fsync may have
+                // dropped those zeros too, and the next one "succeed".
+                if let Some(since) = lock(&self.unsynced_erasures).remove(&id) {
+                    locs.extend(since);
+                }
                 if locs.iter().any(|(_, of)| concerned(of)) {
                     failed.get_or_insert(e);
                 } else {
@@ -1249,13 +1254,13 @@ fn scan_segment(id: u64, key: &SegKey, bytes: &[u8], index: &mut Index, dead: &m
                             "a later copy of a shard fails its BLAKE3; the earlier record stays"
                         );
                     }
-                    dead.push(Loc { seg: id, off, len });
+                    dead.push(Loc { seg: id, off, len }, h.key.evidence);
                     return;
                 }
                 let loc = Loc { seg: id, off, len };
                 if let Some(old) = index.entries.insert(fanout_key(&h.key), loc) {
                     index.add_live(old.seg, -(old.len as i64));
-                    dead.push(old);
+                    dead.push(old, h.key.evidence);
                 }
                 index.add_live(id, len as i64);
             }
@@ -1269,7 +1274,7 @@ fn scan_segment(id: u64, key: &SegKey, bytes: &[u8], index: &mut Index, dead: &m
             Ok(t) => {
                 if let Some(old) = index.entries.remove(&fanout_key(&t.key)) {
                     index.add_live(old.seg, -(old.len as i64));
-                    dead.push(old);
+                    dead.push(old, t.key.evidence);
                 }
             }
             Err(_) => tracing::warn!(
@@ -1291,14 +1296,15 @@ fn scan_segment(id: u64, key: &SegKey, bytes: &[u8], index: &mut Index, dead: &m
 /// zeros (erased already, or nothing to erase).
 #[derive(Default)]
 struct Dead {
-    erase: Vec<Loc>,
+    /// With the evidence each held.
+    erase: Vec<(Loc, EvidenceId)>,
     zeroed: std::collections::HashSet<(u64, u64)>,
 }
 
 impl Dead {
-    fn push(&mut self, loc: Loc) {
+    fn push(&mut self, loc: Loc, evidence: EvidenceId) {
         if !self.zeroed.contains(&(loc.seg, loc.off)) {
-            self.erase.push(loc);
+            self.erase.push((loc, evidence));
         }
     }
 }
@@ -1324,43 +1330,50 @@ fn erase_at(file: &File, key: &SegKey, loc: Loc) -> io::Result<()> {
 /// Erases the records an open found dead (see [`scan_segment`]): first every
 /// segment is fsynced, so what made a record dead (a later copy, a
 /// tombstone) is durable before the record goes, then each is erased and
-/// the segments it was in fsynced. Failures are logged, not fatal: a record
-/// left unerased is found again at the next open.
-fn erase_found_dead(index: &Index, dead: &[Loc]) {
+/// the segments it was in fsynced. Failures are logged, not fatal. Returns
+/// the records whose erasure failed once what made them dead was durable:
+/// kept to be tried again (and to fail their evidence's expunges until
+/// then, see [`SegmentLog::sync_erasures`]). Those left while that was not
+/// durable are found again at the next open.
+fn erase_found_dead(index: &Index, dead: &[(Loc, EvidenceId)]) -> Vec<(Loc, EvidenceId)> {
     if dead.is_empty() {
-        return;
+        return Vec::new();
     }
     for (id, s) in &index.segments {
         if let Err(e) = s.file.sync_data() {
             tracing::warn!(segment = id, error = %e, "could not fsync a segment; its dead records are erased at the next open");
-            return;
+            return Vec::new();
         }
     }
-    let mut touched = std::collections::BTreeSet::new();
+    let mut touched: BTreeMap<u64, Vec<(Loc, EvidenceId)>> = BTreeMap::new();
+    let mut failed = Vec::new();
     let mut erased = 0u64;
-    for loc in dead {
+    for &(loc, evidence) in dead {
         let Some(s) = index.segments.get(&loc.seg) else {
             continue;
         };
-        match erase_at(&s.file, &s.key, *loc) {
+        match erase_at(&s.file, &s.key, loc) {
             Ok(()) => {
                 erased += 1;
-                touched.insert(loc.seg);
+                touched.entry(loc.seg).or_default().push((loc, evidence));
             }
             Err(e) => {
-                tracing::warn!(segment = loc.seg, offset = loc.off, error = %e, "could not erase a dead record")
+                tracing::warn!(segment = loc.seg, offset = loc.off, %evidence, error = %e, "could not erase a dead record; trying again later");
+                failed.push((loc, evidence));
             }
         }
     }
-    for id in touched {
+    for (id, locs) in touched {
         if let Some(Err(e)) = index.segments.get(&id).map(|s| s.file.sync_data()) {
-            tracing::warn!(segment = id, error = %e, "could not fsync erased records");
+            tracing::warn!(segment = id, error = %e, "could not fsync erased records; trying again later");
+            failed.extend(locs);
         }
     }
     tracing::info!(
         records = erased,
         "erased dead shard records an earlier run left in segments"
     );
+    failed
 }
 
 #[cfg(test)]
