@@ -1303,8 +1303,11 @@ pub(crate) enum ReadBody<St> {
 
 /// Records the access to `range` (durable before any byte is answered) and
 /// reads it, for every API. Evidence up to [`crate::read::SMALL_READ_BYTES`]
-/// is fetched and verified while the access is recorded, so a failed read
-/// is an error status; larger evidence streams once the access is recorded.
+/// is fetched and verified while the access is recorded; larger evidence
+/// streams once the access is recorded, its first piece (a checked 1 MiB
+/// group) awaited first. Either way a read that fails before it could send
+/// a byte is an error status (503 with too few nodes, 410 expunged), not a
+/// success cut short.
 pub(crate) async fn recorded_read<S: Store>(
     gw: &Arc<Gateway<S>>,
     header: ManifestHeader,
@@ -1322,13 +1325,29 @@ pub(crate) async fn recorded_read<S: Store>(
         return Ok(ReadBody::Verified(read?));
     }
     record_access(gw, &header, actor, &range, Duration::ZERO).await?;
-    Ok(ReadBody::Streamed(crate::read::stream_range(
+    let mut stream = Box::pin(crate::read::stream_range(
         gw.clone(),
         header,
         range,
         Some(Duration::from_millis(
             gw.config.client_idle_timeout_ms.max(1),
         )),
+    ));
+    let first = match futures::StreamExt::next(&mut stream).await {
+        Some(Err(e)) => {
+            return Err(match crate::read::ReadError::from_io(e) {
+                Ok(read) => read.into(),
+                Err(e) => {
+                    tracing::error!(error = %e, "read failed");
+                    ApiError::Internal
+                }
+            })
+        }
+        first => first,
+    };
+    Ok(ReadBody::Streamed(futures::StreamExt::chain(
+        futures::stream::iter(first),
+        stream,
     )))
 }
 
