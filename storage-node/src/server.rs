@@ -705,18 +705,14 @@ async fn handle_put_shard(
     respond(send, &response).await
 }
 
-/// Sends a shard's header and body, verified on the way out of the store as
-/// far as `check` says.
-async fn handle_get_shard(
+/// The node's read memory for reading `key` whole, waited for while other
+/// reads hold it (a shard not here costs nothing: it is answered at once).
+/// A packed shard's length is in memory; a file's is a `stat`, made on the
+/// blocking pool like every other touch of a shard file.
+async fn read_memory_for(
     state: &NodeState,
     key: ShardKey,
-    check: BodyCheck,
-    send: &mut quinn::SendStream,
-) -> Result<&'static str, StreamError> {
-    // Charged before the read, held until the body is sent (a shard not
-    // here costs nothing: it is answered at once). A packed shard's length
-    // is in memory; a file's is a `stat`, made on the blocking pool like
-    // every other touch of a shard file.
+) -> Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError> {
     let len = match state.store.packed_len(&key) {
         Some(len) => Some(len),
         None => {
@@ -731,14 +727,29 @@ async fn handle_get_shard(
             usize::try_from(len.div_ceil(1024)).unwrap_or(usize::MAX)
         })
         .clamp(1, READ_MEMORY_KIB);
-    let memory = match state.read_memory.try_acquire_many(kib as u32) {
+    match state.read_memory.clone().try_acquire_many_owned(kib as u32) {
         Ok(permit) => Ok(permit),
         Err(_) => {
             state.metrics.read_memory_waits.inc();
-            state.read_memory.acquire_many(kib as u32).await
+            state
+                .read_memory
+                .clone()
+                .acquire_many_owned(kib as u32)
+                .await
         }
-    };
-    let Ok(_memory) = memory else {
+    }
+}
+
+/// Sends a shard's header and body, verified on the way out of the store as
+/// far as `check` says.
+async fn handle_get_shard(
+    state: &NodeState,
+    key: ShardKey,
+    check: BodyCheck,
+    send: &mut quinn::SendStream,
+) -> Result<&'static str, StreamError> {
+    // Charged before the read, held until the body is sent.
+    let Ok(memory) = read_memory_for(state, key).await else {
         return respond(send, &Response::Error(ErrorCode::Io)).await;
     };
     let store = state.store.clone();
@@ -746,15 +757,26 @@ async fn handle_get_shard(
     // blocking pool costs two thread wake-ups, more than the read itself.
     // Anything slower (a file, a quarantine's fsyncs, a record compaction
     // moved) goes to the blocking pool, off the threads serving QUIC.
-    let got = match state.store.get_small_fast(&key) {
-        Some(got) => Ok(got),
-        None => {
-            blocking(move || match store.get_small_shared(&key) {
+    let (got, _memory) = match state.store.get_small_fast(&key) {
+        Some(got) => (Ok(got), Some(memory)),
+        // The buffer's memory stays counted while the read fills it, even
+        // if this request is dropped meanwhile (timed out, its connection
+        // gone): a blocking read cannot be cancelled.
+        None => match tokio::task::spawn_blocking(move || {
+            let got = match store.get_small_shared(&key) {
                 Some(got) => got,
                 None => store.get_shared_checked(&key, check),
-            })
-            .await
-        }
+            };
+            (got, memory)
+        })
+        .await
+        {
+            Ok((got, memory)) => (got, Some(memory)),
+            Err(e) => (
+                Err(StoreError::Io(std::io::Error::other(e.to_string()))),
+                None,
+            ),
+        },
     };
     match got {
         Ok((header, body)) => {
@@ -1078,8 +1100,18 @@ async fn handle_verify_shard(
     key: ShardKey,
     send: &mut quinn::SendStream,
 ) -> Result<&'static str, StreamError> {
+    // The whole shard is read to be hashed: charged as a read, and held by
+    // the read itself (see `handle_get_shard`).
+    let Ok(memory) = read_memory_for(state, key).await else {
+        return respond(send, &Response::Error(ErrorCode::Io)).await;
+    };
     let store = state.store.clone();
-    let response = match blocking(move || store.get(&key)).await {
+    let response = match blocking(move || {
+        let _memory = memory;
+        store.get(&key)
+    })
+    .await
+    {
         Ok((header, body)) => {
             state.metrics.shards_read.inc();
             state.metrics.bytes_read.inc_by(body.len() as u64);
