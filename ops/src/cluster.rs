@@ -535,13 +535,28 @@ pub fn open_index_offline(data_dir: &Path) -> Result<(indexer::EmbeddedStore, fs
     let lock =
         lock_cluster_dir(data_dir).context("opening the index offline (stop the gateway first)")?;
     let cluster = Cluster::load(data_dir)?;
-    let store = indexer::EmbeddedStore::open(&cluster.gateway.index_path).with_context(|| {
+    let store = open_index(&cluster.gateway.index_path).with_context(|| {
         format!(
             "opening the index {} (stop the gateway first)",
             cluster.gateway.index_path.display()
         )
     })?;
     Ok((store, lock))
+}
+
+/// Opens an initialised cluster's index, which must be there: opened where
+/// it is missing, it would be made anew, empty, and the cluster taken for
+/// one with no evidence (its shards for orphans to collect).
+pub fn open_index(path: &Path) -> Result<indexer::EmbeddedStore> {
+    if !path.exists() {
+        anyhow::bail!(
+            "the index {} is missing: if it was lost, rebuild it from the nodes and the ledger \
+             with `custodia recover-index`",
+            path.display()
+        );
+    }
+    indexer::EmbeddedStore::open(path)
+        .with_context(|| format!("opening the index {}", path.display()))
 }
 
 /// The evidence API of the gateway that holds DATA_DIR's index, and the

@@ -48,13 +48,32 @@ pub async fn run(data_dir: &Path, allow_down: bool, trust_archive: bool, json: b
     let restored = restore_credentials(&gw.store, data_dir).await?;
     drop(gw);
 
+    // The old index is kept under a second name first, then the new one
+    // takes its name in one rename: at no moment is there no index (a
+    // crash in between must not leave a cluster that the next start would
+    // take for a new, empty one).
     if index.exists() {
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let aside = with_suffix(&index, &format!("replaced-{stamp}"));
-        std::fs::rename(&index, &aside)?;
+        // (Never over an earlier one: two recoveries in one second.)
+        let mut n = 0;
+        let aside = loop {
+            let name = match n {
+                0 => format!("replaced-{stamp}"),
+                n => format!("replaced-{stamp}-{n}"),
+            };
+            let aside = with_suffix(&index, &name);
+            match std::fs::hard_link(&index, &aside) {
+                Ok(()) => break aside,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("keeping the old index as {}", aside.display()))
+                }
+            }
+        };
         eprintln!("the old index is kept as {}", aside.display());
     }
     std::fs::rename(&building, &index)?;

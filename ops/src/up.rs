@@ -86,8 +86,7 @@ pub async fn run_node(
 }
 
 async fn start_gateway(cluster: &Cluster) -> Result<gateway::RunningGateway> {
-    let store = indexer::EmbeddedStore::open(&cluster.gateway.index_path)
-        .with_context(|| format!("opening the index {}", cluster.gateway.index_path.display()))?;
+    let store = cluster::open_index(&cluster.gateway.index_path)?;
     gateway::serve(cluster.gateway.clone(), store, prometheus::Registry::new())
         .await
         .context("starting the gateway")
@@ -457,8 +456,7 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
 /// again before it starts.
 async fn removed_nodes(cluster: &Cluster) -> Result<std::collections::BTreeSet<u32>> {
     let path = &cluster.gateway.index_path;
-    let store = indexer::EmbeddedStore::open(path)
-        .with_context(|| format!("opening the index {}", path.display()))?;
+    let store = cluster::open_index(path)?;
     let states = indexer::run(&store, |tx| async move {
         indexer::schema::lifecycles_tx(&tx).await
     })

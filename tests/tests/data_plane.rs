@@ -1791,7 +1791,8 @@ fn stop_up(up: &mut Up) -> Result<()> {
 
 /// A node taken out of the cluster (`custodia node remove`) stays out: the
 /// next `up` says so and does not start it, and the cluster files and
-/// serves on the others.
+/// serves on the others. And a cluster whose index is gone does not start
+/// on an empty one.
 #[test]
 fn custodia_up_does_not_start_a_removed_node() -> Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -1852,7 +1853,17 @@ fn custodia_up_does_not_start_a_removed_node() -> Result<()> {
         .body_mut()
         .read_to_vec()?;
     assert!(back == body, "read back differs");
-    stop_up(&mut second)
+    stop_up(&mut second)?;
+
+    // An index gone missing is not made anew, empty (every shard would
+    // look like an orphan): `up` refuses and says how to rebuild it.
+    std::fs::rename(dir.join("index.redb"), dir.join("index.redb.moved"))?;
+    let refused = up_with_nodes(&dir, api, 4).output()?;
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "up started without its index");
+    assert!(err.contains("custodia recover-index"), "{err}");
+    assert!(!dir.join("index.redb").exists(), "an empty index was made");
+    Ok(())
 }
 
 fn alive(pid: i32) -> bool {
