@@ -672,12 +672,21 @@ async fn run(cli: Cli) -> Result<()> {
                     })?;
                     // An answer without them (a proxy's, another service's)
                     // must not become a profile of empty secrets.
+                    // Said without the answer itself: it may hold a live
+                    // secret (the other credential, issued already).
                     let field = |k: &str| {
                         answer[k]
                             .as_str()
                             .filter(|v| !v.is_empty())
                             .map(str::to_owned)
-                            .with_context(|| format!("the gateway's answer has no {k}: {answer}"))
+                            .with_context(|| {
+                                format!(
+                                    "the gateway's answer has no {k}; credentials may have been \
+                                     issued all the same (access key {}): revoke them with \
+                                     `custodia key revoke`",
+                                    answer["access_key"].as_str().unwrap_or("unknown")
+                                )
+                            })
                     };
                     gateway::credentials::Credentials {
                         tenant: tenant.clone(),
@@ -746,6 +755,14 @@ async fn run(cli: Cli) -> Result<()> {
             }
             if !revoked.token && !revoked.access_key {
                 anyhow::bail!("no such credential: nothing was revoked");
+            }
+            // One of two named not found (a mistyped key beside a leaked
+            // token): a script must not take that for done.
+            if (access_key.is_some() && !revoked.access_key) || (token.is_some() && !revoked.token)
+            {
+                anyhow::bail!(
+                    "not every credential named was found: only the one said revoked was"
+                );
             }
             Ok(())
         }

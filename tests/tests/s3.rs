@@ -1008,6 +1008,7 @@ fn tenants_and_keys_are_isolated_and_signatures_checked() -> Result<()> {
         "anonymous reads are refused with 403: {anonymous:?}"
     );
 
+    let (_, live) = new_key(&mut c, "court-b", "reader", &[])?;
     // Revoked credentials stop working at once: the access key, presigned
     // URLs it signed, and the bearer token.
     let presigned = reader.ok(&["s3", "presign", "s3://court-b/b.txt"])?;
@@ -1053,6 +1054,26 @@ fn tenants_and_keys_are_isolated_and_signatures_checked() -> Result<()> {
     let again = revoke(&["--access-key", &reader_key])?;
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("no such credential"));
+    // A live token beside a mistyped key: the token goes, and the command
+    // fails all the same, saying which was not found.
+    let live_file = c.data_dir().join("live.token");
+    std::fs::write(&live_file, &live)?;
+    let half = revoke(&[
+        "--access-key",
+        "AKIAMISTYPED",
+        "--token-file",
+        &live_file.to_string_lossy(),
+    ])?;
+    let said = String::from_utf8_lossy(&half.stdout);
+    assert!(
+        !half.status.success(),
+        "a half-done revoke exited 0: {said}"
+    );
+    assert!(
+        said.contains("token: revoked") && said.contains("AKIAMISTYPED: not found"),
+        "{said}"
+    );
+    assert_eq!(status_of(&live)?, 401, "the live token was not revoked");
     // Not the token the request is made with: the CLI would lock itself out.
     let admin_token = c.data_dir().join("admin.token");
     let own = revoke(&["--token-file", &admin_token.to_string_lossy()])?;
