@@ -1274,7 +1274,12 @@ async fn evidence_response<S: Store>(
         .header(header::ACCEPT_RANGES, "bytes")
         .header(
             header::CONTENT_TYPE,
-            media_type.as_deref().unwrap_or("application/octet-stream"),
+            // One no header can carry (filed before such were refused)
+            // must not make the evidence unreadable.
+            media_type
+                .as_deref()
+                .filter(|t| http::HeaderValue::from_str(t).is_ok())
+                .unwrap_or("application/octet-stream"),
         )
         .header("x-custodia-blake3", blake3.to_hex())
         .header("x-custodia-sha256", sha256.to_hex());

@@ -1060,6 +1060,29 @@ fn object_template(
             "user metadata is {meta_len} bytes; at most {MAX_USER_METADATA} are allowed"
         ));
     }
+    // Each is answered as a header on every read: one no header can carry
+    // (a browser form's field may hold any byte) would make the object
+    // unreadable.
+    for (what, value) in [
+        ("Content-Type", content_type.as_deref()),
+        ("Content-Encoding", content.encoding.as_deref()),
+        ("Content-Disposition", content.disposition.as_deref()),
+        ("Content-Language", content.language.as_deref()),
+        ("Cache-Control", content.cache_control.as_deref()),
+    ] {
+        if value.is_some_and(|v| !header_safe(v)) {
+            return Err(s3_error!(
+                InvalidArgument,
+                "{what} holds characters an HTTP header cannot carry"
+            ));
+        }
+    }
+    if let Some((k, _)) = user_metadata.iter().find(|(k, v)| !meta_header_safe(k, v)) {
+        return Err(s3_error!(
+            InvalidArgument,
+            "user metadata {k:?} holds characters an HTTP header cannot carry"
+        ));
+    }
     if content_type
         .as_ref()
         .is_some_and(|t| t.len() > MAX_USER_METADATA)
@@ -1110,33 +1133,60 @@ macro_rules! content_of {
     };
 }
 
+/// Whether `value` can be sent as an HTTP header's value.
+fn header_safe(value: &str) -> bool {
+    http::HeaderValue::from_str(value).is_ok()
+}
+
+/// Whether user metadata `key: value` can be sent as an `x-amz-meta-*`
+/// header.
+fn meta_header_safe(key: &str, value: &str) -> bool {
+    http::HeaderName::from_bytes(format!("x-amz-meta-{key}").as_bytes()).is_ok()
+        && header_safe(value)
+}
+
+/// The object's user metadata as a GET or HEAD answers it: pairs no header
+/// can carry (stored before such were refused) left out, not a failed read.
+fn answered_metadata(v: &ObjectVersion) -> Option<Metadata> {
+    let sendable: Metadata = v
+        .user_metadata
+        .iter()
+        .filter(|(k, v)| meta_header_safe(k, v))
+        .cloned()
+        .collect();
+    (!sendable.is_empty()).then_some(sendable)
+}
+
 /// The headers a GET or HEAD answers with: the object's, or those its
 /// `response-*` parameters name instead (a presigned download link's
-/// `response-content-disposition`, as S3 allows).
+/// `response-content-disposition`, as S3 allows; s3s refuses one no
+/// header can carry before we see it). A stored one no header can carry
+/// (kept before such were refused) is left out.
 macro_rules! answered_content {
     ($input:expr, $v:expr) => {{
         let c = &$v.content;
+        let stored = |v: &Option<String>| v.clone().filter(|v| header_safe(v));
         (
             $input
                 .response_content_type
                 .clone()
-                .or_else(|| $v.content_type.clone()),
+                .or_else(|| stored(&$v.content_type)),
             $input
                 .response_content_encoding
                 .clone()
-                .or_else(|| c.encoding.clone()),
+                .or_else(|| stored(&c.encoding)),
             $input
                 .response_content_disposition
                 .clone()
-                .or_else(|| c.disposition.clone()),
+                .or_else(|| stored(&c.disposition)),
             $input
                 .response_content_language
                 .clone()
-                .or_else(|| c.language.clone()),
+                .or_else(|| stored(&c.language)),
             $input
                 .response_cache_control
                 .clone()
-                .or_else(|| c.cache_control.clone()),
+                .or_else(|| stored(&c.cache_control)),
             $input
                 .response_expires
                 .clone()
@@ -1730,8 +1780,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             expires,
             e_tag: Some(ETag::Strong(v.etag.clone())),
             last_modified: Some(ms_to_ts(v.last_modified_ms)),
-            metadata: (!v.user_metadata.is_empty())
-                .then(|| v.user_metadata.iter().cloned().collect()),
+            metadata: answered_metadata(&v),
             version_id: show_version(&b, &v),
             object_lock_mode: v.retention.map(|r| lock_mode(r.mode)),
             object_lock_retain_until_date: v.retention.map(|r| ms_to_ts(r.until_ms)),
@@ -1782,8 +1831,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             expires,
             e_tag: Some(ETag::Strong(v.etag.clone())),
             last_modified: Some(ms_to_ts(v.last_modified_ms)),
-            metadata: (!v.user_metadata.is_empty())
-                .then(|| v.user_metadata.iter().cloned().collect()),
+            metadata: answered_metadata(&v),
             version_id: show_version(&b, &v),
             object_lock_mode: v.retention.map(|r| lock_mode(r.mode)),
             object_lock_retain_until_date: v.retention.map(|r| ms_to_ts(r.until_ms)),

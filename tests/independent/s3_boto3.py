@@ -151,6 +151,21 @@ check(s3.get_object(Bucket="boto", Key="form/good")["Body"].read() == form_body,
 status, err = form_post("form/bad", form_body, {"x-amz-checksum-crc32": "AAAAAA=="})
 check(status == 400 and b"BadDigest" in err, "a form upload with a wrong CRC32 is refused: %r %r" % (status, err))
 check(error_code(s3.head_object, Bucket="boto", Key="form/bad") == "404", "nothing stored from it")
+# A form field may hold bytes no header can carry: such a Content-Type is
+# refused (it would make the object unreadable), and so is a download
+# link asking for one (by s3s, before the read is recorded).
+status, err = form_post("form/ctl", form_body, {"Content-Type": "text/plain\x01"})
+check(status == 400 and b"InvalidArgument" in err, "a Content-Type no header can carry is refused: %r %r" % (status, err))
+check(error_code(s3.head_object, Bucket="boto", Key="form/ctl") == "404", "nothing stored from it")
+url = s3.generate_presigned_url(
+    "get_object", Params={"Bucket": "boto", "Key": "form/good", "ResponseContentType": "a\x01b"}, ExpiresIn=300
+)
+try:
+    urllib.request.urlopen(url, context=tls)
+    check(False, "a download link asking for a header no header can carry was served")
+except urllib.error.HTTPError as e:
+    refused = e.read()
+    check(e.code == 400 and b"InvalidRequest" in refused, "such a download link is refused: %r %r" % (e.code, refused))
 
 # Multi-object delete.
 res = s3.delete_objects(Bucket="boto", Delete={"Objects": [{"Key": "many/%02d" % i} for i in range(7)]})
