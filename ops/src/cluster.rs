@@ -625,6 +625,29 @@ pub fn colocated_node_workers(nodes: usize) -> Option<String> {
 
 /// [`lock_data_dir`] for a command that needs the cluster there: a
 /// mistyped DATA_DIR is said so, and no directory or lock file is made.
+/// Takes the lock on editing `DATA_DIR/cluster.toml` (a file beside it),
+/// waiting for another edit to finish, for as long as the returned file
+/// lives: each edit reads the file, changes it and writes it back whole
+/// under the lock, so two at once (`node add` twice, or beside `up`
+/// naming certificates, or a key rotation) never lose one another's
+/// change. Apart from the data directory's lock, which `up` holds for its
+/// whole run.
+pub fn lock_cluster_edits(data_dir: &Path) -> Result<fs::File> {
+    let path = data_dir.join(EDIT_LOCK_FILE);
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    file.lock()
+        .with_context(|| format!("locking {}", path.display()))?;
+    Ok(file)
+}
+
+/// See [`lock_cluster_edits`].
+pub const EDIT_LOCK_FILE: &str = "cluster.toml.lock";
+
 pub fn lock_cluster_dir(data_dir: &Path) -> Result<fs::File> {
     if !data_dir.join(CLUSTER_FILE).exists() {
         bail!(

@@ -18,6 +18,7 @@ pub fn add(
     listen: Option<SocketAddr>,
     metrics: Option<SocketAddr>,
 ) -> Result<u32> {
+    let _edit = crate::cluster::lock_cluster_edits(data_dir)?;
     let mut cluster = Cluster::load(data_dir)?;
     let data_dir = data_dir.canonicalize()?;
     let id = cluster.nodes.iter().map(|n| n.id + 1).max().unwrap_or(0);
@@ -30,16 +31,23 @@ pub fn add(
         None => ([127, 0, 0, 1], crate::cluster::free_tcp_port()?).into(),
     };
     let tls = data_dir.join("tls");
+    // The CA the cluster file names (it may be kept elsewhere), its key
+    // beside it, as `up` reads them.
+    let ca_cert = cluster.ca_cert().to_path_buf();
+    let ca_key = ca_cert.with_file_name("ca.key");
     let ca = storage_node::tls::ClusterCa::from_pem(
-        &std::fs::read_to_string(tls.join("ca.pem")).context("reading the cluster CA")?,
-        &std::fs::read_to_string(tls.join("ca.key")).context("reading the cluster CA key")?,
+        &std::fs::read_to_string(&ca_cert)
+            .with_context(|| format!("reading the cluster CA {}", ca_cert.display()))?,
+        &std::fs::read_to_string(&ca_key)
+            .with_context(|| format!("reading the cluster CA key {}", ca_key.display()))?,
     )?;
     // Only the names nodes are dialled by (see `cluster::init`).
     let names = storage_node::tls::node_names(id);
     let (cert, key) = ca.issue(&format!("custodia node {id}"), &names, &[])?;
     let cert_path = tls.join(format!("node-{id}.pem"));
     let key_path = tls.join(format!("node-{id}.key"));
-    std::fs::write(&cert_path, cert)?;
+    storage_node::store::write_durably(&tls, &format!("node-{id}.pem"), &[cert.as_bytes()])
+        .with_context(|| format!("writing {}", cert_path.display()))?;
     storage_node::tls::write_private(&key_path, key.as_bytes())?;
     let node_dir = data_dir.join("nodes").join(format!("n{id}"));
     crate::cluster::create_private_dir(&node_dir)?;

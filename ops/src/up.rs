@@ -264,8 +264,13 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
         }
     }
     // Only with no node of this cluster running (checked just above): a
-    // running one would keep the certificate it loaded.
-    let named = cluster.name_node_certs(data_dir)?;
+    // running one would keep the certificate it loaded. Read again under
+    // the edit lock, so a `node add` meanwhile is kept.
+    let named = {
+        let _edit = cluster::lock_cluster_edits(data_dir)?;
+        cluster = Cluster::load(data_dir)?;
+        cluster.name_node_certs(data_dir)?
+    };
     if !named.is_empty() {
         println!(
             "gave the certificates of nodes {named:?} a name of their own: the gateway now \

@@ -431,3 +431,70 @@ fn a_node_raises_its_open_file_limit() -> Result<()> {
     c.wait_healthy(8)?;
     Ok(())
 }
+
+/// Nodes added at once (a script's `&`) each get an id, a certificate and
+/// an entry of their own: every edit of cluster.toml is made under one
+/// lock, from the file as the last edit left it.
+#[test]
+fn nodes_added_at_once_are_all_kept() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("data");
+    let init = std::process::Command::new(custodia_tests::custodia_bin())
+        .args(["init", "--data-dir"])
+        .arg(&dir)
+        .args([
+            "--nodes",
+            "3",
+            "--k",
+            "2",
+            "--m",
+            "1",
+            "--api",
+            "127.0.0.1:0",
+        ])
+        .args(["--s3", "off", "--metrics", "off"])
+        .args(["--node-base-port", "0", "--node-metrics-base-port", "0"])
+        .output()?;
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let adds: Vec<_> = (0..4)
+        .map(|_| {
+            std::process::Command::new(custodia_tests::custodia_bin())
+                .args(["node", "add", "--data-dir"])
+                .arg(&dir)
+                .spawn()
+        })
+        .collect::<std::io::Result<_>>()?;
+    for mut add in adds {
+        assert!(add.wait()?.success(), "a node add failed");
+    }
+    let cluster: toml::Value = toml::from_str(&std::fs::read_to_string(dir.join("cluster.toml"))?)?;
+    let ids = |v: &toml::Value| -> Vec<i64> {
+        let mut ids: Vec<i64> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.get("id")?.as_integer())
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(ids(&cluster["nodes"]), [0, 1, 2, 3, 4, 5, 6], "{cluster}");
+    assert_eq!(
+        ids(&cluster["gateway"]["nodes"]),
+        [0, 1, 2, 3, 4, 5, 6],
+        "{cluster}"
+    );
+    for id in 3..7 {
+        let cert = std::fs::read_to_string(dir.join("tls").join(format!("node-{id}.pem")))?;
+        let key = std::fs::read_to_string(dir.join("tls").join(format!("node-{id}.key")))?;
+        assert!(
+            cert.contains("BEGIN CERTIFICATE") && key.contains("PRIVATE KEY"),
+            "node {id}"
+        );
+    }
+    Ok(())
+}
