@@ -409,9 +409,9 @@ pub struct SpreadWalk {
     walking: Option<u64>,
     /// When the last whole walk ended.
     ended: Option<std::time::Instant>,
-    /// The walk under way passed stripes by unlooked at (the queue was
-    /// long while the search for homeless stripes went on): it is due
-    /// again once it ends.
+    /// The walk under way passed stripes by unlooked at (it had queued its
+    /// share for the pass while the search for homeless stripes went on):
+    /// it is due again once it ends.
     skipped: bool,
 }
 
@@ -476,9 +476,10 @@ pub async fn scan<S: Store>(
     let crowded = std::sync::atomic::AtomicUsize::new(0);
     // At most 16 batches per call; each transaction stays small.
     for _ in 0..16 {
-        // Crowded stripes lack no redundancy: at most a quarter of a pass
-        // of them is queued between two passes, so a stripe that lost a
-        // shard never waits long behind them however many there are.
+        // Crowded stripes lack no redundancy: about a quarter of a pass of
+        // them is queued between two passes (counted between batches, so
+        // up to a batch more), so a stripe that lost a shard never waits
+        // long behind them however many there are.
         let crowd_now =
             crowding && crowded.load(std::sync::atomic::Ordering::Relaxed) < CROWDED_PER_PASS;
         if crowding && !crowd_now {

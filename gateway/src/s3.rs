@@ -1077,10 +1077,10 @@ fn object_template(
             ));
         }
     }
-    if let Some((k, _)) = user_metadata.iter().find(|(k, v)| !meta_header_safe(k, v)) {
+    if let Some((k, _)) = user_metadata.iter().find(|(k, _)| !meta_key_safe(k)) {
         return Err(s3_error!(
             InvalidArgument,
-            "user metadata {k:?} holds characters an HTTP header cannot carry"
+            "the user metadata key {k:?} holds characters an HTTP header name cannot carry"
         ));
     }
     if content_type
@@ -1138,23 +1138,41 @@ fn header_safe(value: &str) -> bool {
     http::HeaderValue::from_str(value).is_ok()
 }
 
-/// Whether user metadata `key: value` can be sent as an `x-amz-meta-*`
-/// header.
-fn meta_header_safe(key: &str, value: &str) -> bool {
+/// Whether user metadata under `key` can be sent as an `x-amz-meta-*`
+/// header. (Any value can: s3s sends one a header cannot carry
+/// RFC 2047-encoded, as S3 does.)
+fn meta_key_safe(key: &str) -> bool {
     http::HeaderName::from_bytes(format!("x-amz-meta-{key}").as_bytes()).is_ok()
-        && header_safe(value)
 }
 
-/// The object's user metadata as a GET or HEAD answers it: pairs no header
-/// can carry (stored before such were refused) left out, not a failed read.
+/// An object's stored content headers and user metadata, less those no
+/// header can carry (stored before such were refused): what a read
+/// answers, and what a copy takes, rather than a failure.
+fn sendable(v: &ObjectVersion) -> (Option<String>, ix::ContentHeaders, Vec<(String, String)>) {
+    let keep = |v: &Option<String>| v.clone().filter(|v| header_safe(v));
+    let c = &v.content;
+    (
+        keep(&v.content_type),
+        ix::ContentHeaders {
+            encoding: keep(&c.encoding),
+            disposition: keep(&c.disposition),
+            language: keep(&c.language),
+            cache_control: keep(&c.cache_control),
+            expires_ms: c.expires_ms,
+        },
+        v.user_metadata
+            .iter()
+            .filter(|(k, _)| meta_key_safe(k))
+            .cloned()
+            .collect(),
+    )
+}
+
+/// The object's user metadata as a GET or HEAD answers it (see
+/// [`sendable`]).
 fn answered_metadata(v: &ObjectVersion) -> Option<Metadata> {
-    let sendable: Metadata = v
-        .user_metadata
-        .iter()
-        .filter(|(k, v)| meta_header_safe(k, v))
-        .cloned()
-        .collect();
-    (!sendable.is_empty()).then_some(sendable)
+    let (_, _, metadata) = sendable(v);
+    (!metadata.is_empty()).then(|| metadata.into_iter().collect())
 }
 
 /// The headers a GET or HEAD answers with: the object's, or those its
@@ -1164,29 +1182,16 @@ fn answered_metadata(v: &ObjectVersion) -> Option<Metadata> {
 /// (kept before such were refused) is left out.
 macro_rules! answered_content {
     ($input:expr, $v:expr) => {{
-        let c = &$v.content;
-        let stored = |v: &Option<String>| v.clone().filter(|v| header_safe(v));
+        let (content_type, c, _) = sendable(&$v);
         (
-            $input
-                .response_content_type
-                .clone()
-                .or_else(|| stored(&$v.content_type)),
-            $input
-                .response_content_encoding
-                .clone()
-                .or_else(|| stored(&c.encoding)),
+            $input.response_content_type.clone().or(content_type),
+            $input.response_content_encoding.clone().or(c.encoding),
             $input
                 .response_content_disposition
                 .clone()
-                .or_else(|| stored(&c.disposition)),
-            $input
-                .response_content_language
-                .clone()
-                .or_else(|| stored(&c.language)),
-            $input
-                .response_cache_control
-                .clone()
-                .or_else(|| stored(&c.cache_control)),
+                .or(c.disposition),
+            $input.response_content_language.clone().or(c.language),
+            $input.response_cache_control.clone().or(c.cache_control),
             $input
                 .response_expires
                 .clone()
@@ -1973,9 +1978,10 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let (content, metadata) = if replace {
             (content_of!(input), input.metadata.take())
         } else {
+            let (content_type, content, metadata) = sendable(&src);
             (
-                (src.content_type.clone(), src.content.clone()),
-                Some(src.user_metadata.iter().cloned().collect()),
+                (content_type, content),
+                Some(metadata.into_iter().collect()),
             )
         };
         let template = object_template(

@@ -548,10 +548,14 @@ pub fn open_index_offline(data_dir: &Path) -> Result<(indexer::EmbeddedStore, fs
 /// it is missing, it would be made anew, empty, and the cluster taken for
 /// one with no evidence (its shards for orphans to collect).
 pub fn open_index(path: &Path) -> Result<indexer::EmbeddedStore> {
-    if !path.exists() {
+    if !path
+        .try_exists()
+        .with_context(|| format!("looking for the index {}", path.display()))?
+    {
         anyhow::bail!(
             "the index {} is missing: if it was lost, rebuild it from the nodes and the ledger \
-             with `custodia recover-index`",
+             with `custodia recover-index` (start the nodes first, each with `custodia node \
+             --cluster DATA_DIR/cluster.toml --id N`)",
             path.display()
         );
     }
@@ -623,8 +627,6 @@ pub fn colocated_node_workers(nodes: usize) -> Option<String> {
     Some((cores / nodes.max(1)).max(1).to_string())
 }
 
-/// [`lock_data_dir`] for a command that needs the cluster there: a
-/// mistyped DATA_DIR is said so, and no directory or lock file is made.
 /// Takes the lock on editing `DATA_DIR/cluster.toml` (a file beside it),
 /// waiting for another edit to finish, for as long as the returned file
 /// lives: each edit reads the file, changes it and writes it back whole
@@ -633,6 +635,13 @@ pub fn colocated_node_workers(nodes: usize) -> Option<String> {
 /// change. Apart from the data directory's lock, which `up` holds for its
 /// whole run.
 pub fn lock_cluster_edits(data_dir: &Path) -> Result<fs::File> {
+    if !data_dir.join(CLUSTER_FILE).exists() {
+        bail!(
+            "no cluster in {} (no {CLUSTER_FILE}; `custodia init` or `custodia up` makes one, \
+             --data-dir names another)",
+            data_dir.display()
+        );
+    }
     let path = data_dir.join(EDIT_LOCK_FILE);
     let file = fs::OpenOptions::new()
         .create(true)
@@ -648,6 +657,8 @@ pub fn lock_cluster_edits(data_dir: &Path) -> Result<fs::File> {
 /// See [`lock_cluster_edits`].
 pub const EDIT_LOCK_FILE: &str = "cluster.toml.lock";
 
+/// [`lock_data_dir`] for a command that needs the cluster there: a
+/// mistyped DATA_DIR is said so, and no directory or lock file is made.
 pub fn lock_cluster_dir(data_dir: &Path) -> Result<fs::File> {
     if !data_dir.join(CLUSTER_FILE).exists() {
         bail!(

@@ -248,6 +248,11 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
     }
     let exe = std::env::current_exe().context("locating the custodia binary")?;
     let cluster_file = data_dir.join(cluster::CLUSTER_FILE);
+    // The file as the last edit left it, and no edit until the nodes'
+    // certificates are named: a `node add` meanwhile is either read here
+    // (and checked like the others) or waits.
+    let edit = cluster::lock_cluster_edits(data_dir)?;
+    cluster = Cluster::load(data_dir)?;
     // A node taken out (`custodia node remove`) stays out: started again, it
     // would serve nothing the cluster counts and be reported down forever.
     let removed = removed_nodes(&cluster).await?;
@@ -264,13 +269,9 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
         }
     }
     // Only with no node of this cluster running (checked just above): a
-    // running one would keep the certificate it loaded. Read again under
-    // the edit lock, so a `node add` meanwhile is kept.
-    let named = {
-        let _edit = cluster::lock_cluster_edits(data_dir)?;
-        cluster = Cluster::load(data_dir)?;
-        cluster.name_node_certs(data_dir)?
-    };
+    // running one would keep the certificate it loaded.
+    let named = cluster.name_node_certs(data_dir)?;
+    drop(edit);
     if !named.is_empty() {
         println!(
             "gave the certificates of nodes {named:?} a name of their own: the gateway now \

@@ -260,6 +260,11 @@ pub(crate) struct SegmentLog {
     /// a disk error), tried again by [`SegmentLog::sync_erasures`], with
     /// the evidence each held.
     unerased: Mutex<Vec<(Loc, EvidenceId)>>,
+    /// Dead records an open found and left, because the fsync that makes
+    /// what killed them durable failed then: [`SegmentLog::sync_erasures`]
+    /// fsyncs every segment before it erases them (erased first, a crash
+    /// could lose both a shard and its only later copy).
+    dead_at_open: Mutex<Vec<(Loc, EvidenceId)>>,
     /// Records appended whose fsync failed: never indexed (the put failed),
     /// yet on the disk, where the next open may find them. Their bodies are
     /// erased at once, at best effort only (nothing can make a write to a
@@ -370,7 +375,7 @@ impl SegmentLog {
             );
             scan_segment(id, &key, &bytes, &mut index, &mut dead);
         }
-        let unerased = erase_found_dead(&index, &dead.erase);
+        let (unerased, dead_at_open) = erase_found_dead(&index, dead.erase);
         let next = match ids.last() {
             None => 1,
             Some(id) => id
@@ -417,6 +422,7 @@ impl SegmentLog {
             unsynced_erasures: Mutex::default(),
             erasure_sync: Mutex::default(),
             unerased: Mutex::new(unerased),
+            dead_at_open: Mutex::new(dead_at_open),
             failed_puts: Mutex::default(),
         })
     }
@@ -669,12 +675,23 @@ impl SegmentLog {
         // sync) must not find the work taken by the first and return
         // before it is durable.
         let _one = lock(&self.erasure_sync);
+        let at_open = std::mem::take(&mut *lock(&self.dead_at_open));
+        if !at_open.is_empty() {
+            match self.sync_all_segments() {
+                Ok(()) => lock(&self.unerased).extend(at_open),
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not fsync the segments; dead records found at the start stay unerased");
+                    lock(&self.dead_at_open).extend(at_open);
+                }
+            }
+        }
         let failed = std::mem::take(&mut *lock(&self.unerased));
         for (loc, of) in failed {
             self.erase(loc, of);
         }
         let left = lock(&self.unerased)
             .iter()
+            .chain(lock(&self.dead_at_open).iter())
             .filter(|(_, of)| concerned(of))
             .count();
         let segments = std::mem::take(&mut *lock(&self.unsynced_erasures));
@@ -705,6 +722,13 @@ impl SegmentLog {
                 "{n} dead records could not be erased"
             ))),
         }
+    }
+
+    /// Fsyncs every segment there is (the active one in a round of its
+    /// own, see [`Self::sync_segment`]).
+    fn sync_all_segments(&self) -> io::Result<()> {
+        let ids: Vec<u64> = self.read_index().segments.keys().copied().collect();
+        ids.into_iter().try_for_each(|id| self.sync_segment(id))
     }
 
     /// Fsyncs segment `id` after a write in place (an erasure): the active
@@ -1331,24 +1355,28 @@ fn erase_at(file: &File, key: &SegKey, loc: Loc) -> io::Result<()> {
 /// segment is fsynced, so what made a record dead (a later copy, a
 /// tombstone) is durable before the record goes, then each is erased and
 /// the segments it was in fsynced. Failures are logged, not fatal. Returns
-/// the records whose erasure failed once what made them dead was durable:
-/// kept to be tried again (and to fail their evidence's expunges until
-/// then, see [`SegmentLog::sync_erasures`]). Those left while that was not
-/// durable are found again at the next open.
-fn erase_found_dead(index: &Index, dead: &[(Loc, EvidenceId)]) -> Vec<(Loc, EvidenceId)> {
+/// the records whose erasure failed once what made them dead was durable,
+/// to be tried again, and those left because that fsync failed, to be
+/// erased once it succeeds (see [`SegmentLog::sync_erasures`]; either
+/// fails their evidence's expunges until then).
+#[allow(clippy::type_complexity)]
+fn erase_found_dead(
+    index: &Index,
+    dead: Vec<(Loc, EvidenceId)>,
+) -> (Vec<(Loc, EvidenceId)>, Vec<(Loc, EvidenceId)>) {
     if dead.is_empty() {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     }
     for (id, s) in &index.segments {
         if let Err(e) = s.file.sync_data() {
-            tracing::warn!(segment = id, error = %e, "could not fsync a segment; its dead records are erased at the next open");
-            return Vec::new();
+            tracing::warn!(segment = id, error = %e, "could not fsync a segment; its dead records are erased once one succeeds");
+            return (Vec::new(), dead);
         }
     }
     let mut touched: BTreeMap<u64, Vec<(Loc, EvidenceId)>> = BTreeMap::new();
     let mut failed = Vec::new();
     let mut erased = 0u64;
-    for &(loc, evidence) in dead {
+    for (loc, evidence) in dead {
         let Some(s) = index.segments.get(&loc.seg) else {
             continue;
         };
@@ -1373,7 +1401,7 @@ fn erase_found_dead(index: &Index, dead: &[(Loc, EvidenceId)]) -> Vec<(Loc, Evid
         records = erased,
         "erased dead shard records an earlier run left in segments"
     );
-    failed
+    (failed, Vec::new())
 }
 
 #[cfg(test)]
