@@ -635,13 +635,7 @@ pub fn colocated_node_workers(nodes: usize) -> Option<String> {
 /// change. Apart from the data directory's lock, which `up` holds for its
 /// whole run.
 pub fn lock_cluster_edits(data_dir: &Path) -> Result<fs::File> {
-    if !data_dir.join(CLUSTER_FILE).exists() {
-        bail!(
-            "no cluster in {} (no {CLUSTER_FILE}; `custodia init` or `custodia up` makes one, \
-             --data-dir names another)",
-            data_dir.display()
-        );
-    }
+    require_cluster(data_dir)?;
     let path = data_dir.join(EDIT_LOCK_FILE);
     let file = fs::OpenOptions::new()
         .create(true)
@@ -660,6 +654,12 @@ pub const EDIT_LOCK_FILE: &str = "cluster.toml.lock";
 /// [`lock_data_dir`] for a command that needs the cluster there: a
 /// mistyped DATA_DIR is said so, and no directory or lock file is made.
 pub fn lock_cluster_dir(data_dir: &Path) -> Result<fs::File> {
+    require_cluster(data_dir)?;
+    lock_data_dir(data_dir)
+}
+
+/// Refuses a DATA_DIR with no cluster in it (a mistyped one), saying so.
+fn require_cluster(data_dir: &Path) -> Result<()> {
     if !data_dir.join(CLUSTER_FILE).exists() {
         bail!(
             "no cluster in {} (no {CLUSTER_FILE}; `custodia init` or `custodia up` makes one, \
@@ -667,7 +667,7 @@ pub fn lock_cluster_dir(data_dir: &Path) -> Result<fs::File> {
             data_dir.display()
         );
     }
-    lock_data_dir(data_dir)
+    Ok(())
 }
 
 /// Takes DATA_DIR's lock ([`LOCK_FILE`]) for as long as the returned file
