@@ -260,10 +260,10 @@ pub(crate) struct SegmentLog {
     /// a disk error), tried again by [`SegmentLog::sync_erasures`], with
     /// the evidence each held.
     unerased: Mutex<Vec<(Loc, EvidenceId)>>,
-    /// Dead records an open found and left, because the fsync that makes
-    /// what killed them durable failed then: [`SegmentLog::sync_erasures`]
-    /// fsyncs every segment before it erases them (erased first, a crash
-    /// could lose both a shard and its only later copy).
+    /// Dead records an open found still holding a shard's bytes, not yet
+    /// erased: [`SegmentLog::sync_erasures`] fsyncs every segment before it
+    /// erases them (erased first, a crash could lose both a shard and its
+    /// only later copy).
     dead_at_open: Mutex<Vec<(Loc, EvidenceId)>>,
     /// Records appended whose fsync failed: never indexed (the put failed),
     /// yet on the disk, where the next open may find them. Their bodies are
@@ -375,7 +375,6 @@ impl SegmentLog {
             );
             scan_segment(id, &key, &bytes, &mut index, &mut dead);
         }
-        let (unerased, dead_at_open) = erase_found_dead(&index, dead.erase);
         let next = match ids.last() {
             None => 1,
             Some(id) => id
@@ -406,7 +405,7 @@ impl SegmentLog {
             }
             Err(e) => return Err(e),
         };
-        Ok(SegmentLog {
+        let log = SegmentLog {
             dir,
             active: Mutex::new(active),
             sync: Mutex::new(SyncState {
@@ -421,10 +420,27 @@ impl SegmentLog {
             damaged,
             unsynced_erasures: Mutex::default(),
             erasure_sync: Mutex::default(),
-            unerased: Mutex::new(unerased),
-            dead_at_open: Mutex::new(dead_at_open),
+            unerased: Mutex::default(),
+            dead_at_open: Mutex::new(dead.erase),
             failed_puts: Mutex::default(),
-        })
+        };
+        // Records found dead that still hold a shard's bytes (a crash came
+        // before they were erased) go now, as any erasure does: every
+        // segment fsynced first, so what made them dead is durable. One
+        // that cannot is kept, and fails its evidence's expunges until it
+        // is erased.
+        let found = lock(&log.dead_at_open).len();
+        match log.sync_erasures(None) {
+            Ok(()) if found > 0 => tracing::info!(
+                records = found,
+                "erased dead shard records an earlier run left in segments"
+            ),
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "dead shard records an earlier run left stay unerased for now")
+            }
+        }
+        Ok(log)
     }
 
     /// Segments found unreadable at open (a bad sector, a damaged header):
@@ -1349,59 +1365,6 @@ fn erase_at(file: &File, key: &SegKey, loc: Loc) -> io::Result<()> {
     };
     let zeros = vec![0u8; loc.len as usize - from];
     file.write_all_at(&zeros, loc.off + from as u64)
-}
-
-/// Erases the records an open found dead (see [`scan_segment`]): first every
-/// segment is fsynced, so what made a record dead (a later copy, a
-/// tombstone) is durable before the record goes, then each is erased and
-/// the segments it was in fsynced. Failures are logged, not fatal. Returns
-/// the records whose erasure failed once what made them dead was durable,
-/// to be tried again, and those left because that fsync failed, to be
-/// erased once it succeeds (see [`SegmentLog::sync_erasures`]; either
-/// fails their evidence's expunges until then).
-#[allow(clippy::type_complexity)]
-fn erase_found_dead(
-    index: &Index,
-    dead: Vec<(Loc, EvidenceId)>,
-) -> (Vec<(Loc, EvidenceId)>, Vec<(Loc, EvidenceId)>) {
-    if dead.is_empty() {
-        return (Vec::new(), Vec::new());
-    }
-    for (id, s) in &index.segments {
-        if let Err(e) = s.file.sync_data() {
-            tracing::warn!(segment = id, error = %e, "could not fsync a segment; its dead records are erased once one succeeds");
-            return (Vec::new(), dead);
-        }
-    }
-    let mut touched: BTreeMap<u64, Vec<(Loc, EvidenceId)>> = BTreeMap::new();
-    let mut failed = Vec::new();
-    let mut erased = 0u64;
-    for (loc, evidence) in dead {
-        let Some(s) = index.segments.get(&loc.seg) else {
-            continue;
-        };
-        match erase_at(&s.file, &s.key, loc) {
-            Ok(()) => {
-                erased += 1;
-                touched.entry(loc.seg).or_default().push((loc, evidence));
-            }
-            Err(e) => {
-                tracing::warn!(segment = loc.seg, offset = loc.off, %evidence, error = %e, "could not erase a dead record; trying again later");
-                failed.push((loc, evidence));
-            }
-        }
-    }
-    for (id, locs) in touched {
-        if let Some(Err(e)) = index.segments.get(&id).map(|s| s.file.sync_data()) {
-            tracing::warn!(segment = id, error = %e, "could not fsync erased records; trying again later");
-            failed.extend(locs);
-        }
-    }
-    tracing::info!(
-        records = erased,
-        "erased dead shard records an earlier run left in segments"
-    );
-    (failed, Vec::new())
 }
 
 #[cfg(test)]
