@@ -1340,7 +1340,7 @@ pub(crate) async fn recorded_read<S: Store>(
     ));
     let first = match futures::StreamExt::next(&mut stream).await {
         Some(Err(e)) => {
-            return Err(match crate::read::ReadError::from_io(e) {
+            return Err(match e.downcast::<crate::read::ReadError>() {
                 Ok(read) => read.into(),
                 Err(e) => {
                     tracing::error!(error = %e, "read failed");

@@ -81,20 +81,6 @@ pub enum ReadError {
     BadOutboard(EvidenceId),
 }
 
-impl ReadError {
-    /// The read error a stream from [`stream_range`] failed with, if that
-    /// is what `e` carries.
-    pub fn from_io(e: std::io::Error) -> Result<ReadError, std::io::Error> {
-        match e.get_ref().is_some_and(|inner| inner.is::<ReadError>()) {
-            true => match e.into_inner().map(|inner| inner.downcast::<ReadError>()) {
-                Some(Ok(read)) => Ok(*read),
-                _ => Err(std::io::Error::other("a read error vanished")),
-            },
-            false => Err(e),
-        }
-    }
-}
-
 impl From<ReadError> for crate::error::ApiError {
     fn from(e: ReadError) -> Self {
         use crate::error::ApiError;
@@ -205,7 +191,7 @@ fn stream<S: Store>(
         if let Err(e) = send_range(&gw, &header, range, &mut tx, idle, what).await {
             tracing::error!(evidence = %header.evidence, error = %e, "read failed");
             // The error itself, which a reader that has sent nothing yet
-            // turns into its status (`ReadError::from_io`).
+            // turns into its status (`io::Error::downcast`).
             let _ = tx.send(Err(std::io::Error::other(e))).await;
         }
     });
