@@ -1395,9 +1395,22 @@ async fn manifest<S: Store>(
     Ok(Json(evidence_json(&load_visible(&gw, &who, &id).await?)))
 }
 
+/// Filings per by-hash page, by default and at most: each is a manifest
+/// read in one transaction, which must stay short.
+const BY_HASH_PAGE: usize = 1000;
+
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ByHashQuery {
+    /// The filings after this evidence (the previous page's `next_after`).
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
 async fn by_hash<S: Store>(
     State(gw): State<Arc<Gateway<S>>>,
     Path(root): Path<String>,
+    Query(q): Query<ByHashQuery>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let who = authenticate(&gw, &headers).await?;
@@ -1405,15 +1418,33 @@ async fn by_hash<S: Store>(
     let root: Blake3Hash = root
         .parse()
         .map_err(|_| ApiError::BadRequest("content root must be 64 hex digits".into()))?;
+    let limit = q.limit.unwrap_or(BY_HASH_PAGE);
+    if !(1..=BY_HASH_PAGE).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be 1 to {BY_HASH_PAGE}"
+        )));
+    }
+    let after = q
+        .after
+        .map(|a| {
+            a.parse::<EvidenceId>().map_err(|_| {
+                ApiError::BadRequest("after must be an evidence id (a page's next_after)".into())
+            })
+        })
+        .transpose()?;
     let tenant = who.tenant.clone();
-    let found = indexer::run(&gw.store, |tx| {
+    let (found, next_after) = indexer::run(&gw.store, |tx| {
         let tenant = &tenant;
-        async move { schema::lookup_by_hash_tx(&tx, tenant, &root, 1000).await }
+        async move { schema::lookup_by_hash_page_tx(&tx, tenant, &root, after, limit).await }
     })
     .await?;
-    Ok(Json(
-        json!({ "blake3": root.to_hex(), "filings": found.iter().map(evidence_json).collect::<Vec<_>>() }),
-    ))
+    // Paged: one piece of content may be filed in many cases; a page that
+    // stops short must not read as "filed only these times".
+    Ok(Json(json!({
+        "blake3": root.to_hex(),
+        "filings": found.iter().map(evidence_json).collect::<Vec<_>>(),
+        "next_after": next_after.map(|e| e.to_string()),
+    })))
 }
 
 async fn repair_queue<S: Store>(

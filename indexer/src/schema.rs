@@ -1210,18 +1210,46 @@ pub async fn lookup_by_hash_tx<T: Transaction>(
     root: &Blake3Hash,
     limit: usize,
 ) -> Result<Vec<ManifestHeader>, SchemaError> {
+    Ok(lookup_by_hash_page_tx(tx, tenant, root, None, limit)
+        .await?
+        .0)
+}
+
+/// One page of [`lookup_by_hash_tx`]: the filings of `root` after
+/// evidence `after` (in filing order), looking at up to `limit` of them,
+/// and where the next page begins (`None` once there is no more). A page
+/// may hold fewer than `limit` while more follow.
+pub async fn lookup_by_hash_page_tx<T: Transaction>(
+    tx: &T,
+    tenant: &str,
+    root: &Blake3Hash,
+    after: Option<EvidenceId>,
+    limit: usize,
+) -> Result<(Vec<ManifestHeader>, Option<EvidenceId>), SchemaError> {
     let prefix = hash_prefix(tenant, root)?;
+    let from = match after {
+        Some(id) => {
+            let mut k = prefix.clone();
+            k.extend_from_slice(&id.0);
+            k.push(0);
+            k
+        }
+        None => prefix.clone(),
+    };
     let rows = tx
-        .get_range(&prefix, &prefix_end(&prefix), limit, false)
+        .get_range(&from, &prefix_end(&prefix), limit, false)
         .await?;
+    let full = rows.len() == limit;
     let mut out = Vec::with_capacity(rows.len());
+    let mut last = None;
     for (k, _) in rows {
         let id = evidence_from(&k[prefix.len()..])?;
+        last = Some(id);
         if let Some(h) = get_manifest_tx(tx, id).await? {
             out.push(h);
         }
     }
-    Ok(out)
+    Ok((out, last.filter(|_| full)))
 }
 
 /// Up to `limit` stripes waiting for repair after `after` (from the start

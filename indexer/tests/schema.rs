@@ -269,6 +269,31 @@ async fn content_lookup_stays_within_the_tenant() {
     .await
     .unwrap();
     assert!(none.is_empty());
+    // In pages: the next begins after the last looked at, and the last
+    // page says there is no more.
+    let (first, next) = run(&s, |tx| async move {
+        schema::lookup_by_hash_page_tx(&tx, "court", &root, None, 1).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(next, Some(first[0].evidence));
+    let (second, next) = run(&s, |tx| async move {
+        schema::lookup_by_hash_page_tx(&tx, "court", &root, next, 1).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(second.len(), 1);
+    assert!(
+        second[0].evidence > first[0].evidence,
+        "not in filing order"
+    );
+    let (last, end) = run(&s, |tx| async move {
+        schema::lookup_by_hash_page_tx(&tx, "court", &root, next, 1).await
+    })
+    .await
+    .unwrap();
+    assert!(last.is_empty() && end.is_none(), "a page past the end");
     assert!(matches!(
         begin(&s, EvidenceId::new(9, [9; 10]), "Bad Tenant", None).await,
         Err(SchemaError::BadTenant)

@@ -1335,6 +1335,47 @@ fn authentication_and_tenants() -> Result<()> {
         Some(0),
         "lookups stay within the tenant"
     );
+
+    // Content filed more often than a page holds is found in pages, oldest
+    // first, each saying where the next begins.
+    let copies = b"filed in three cases";
+    let mut filed = Vec::new();
+    for _ in 0..3 {
+        filed.push(c.file(copies)?["id"].as_str().context("id")?.to_owned());
+    }
+    let root = blake3_hex(copies);
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    for pages in 1.. {
+        assert!(pages <= 3, "paging does not end: {seen:?}");
+        let query = match &after {
+            Some(a) => format!("?limit=2&after={a}"),
+            None => "?limit=2".to_owned(),
+        };
+        let page = c
+            .get_with(
+                &c.token,
+                &format!("/v1/evidence/by-hash/{root}{query}"),
+                &[],
+            )?
+            .json();
+        let ids = page["filings"].as_array().context("filings")?;
+        assert!(ids.len() <= 2, "a page past its limit: {page}");
+        seen.extend(
+            ids.iter()
+                .filter_map(|f| f["id"].as_str().map(str::to_owned)),
+        );
+        match page["next_after"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, filed, "every filing once, in filing order");
+    for bad in ["?limit=0", "?limit=1001", "?after=nonsense", "?page=2"] {
+        let a = c.get_with(&c.token, &format!("/v1/evidence/by-hash/{root}{bad}"), &[])?;
+        assert_eq!(a.status, 400, "{bad}: {}", String::from_utf8_lossy(&a.body));
+        assert!(a.json()["error"].is_string(), "{bad}: no JSON error");
+    }
     Ok(())
 }
 
