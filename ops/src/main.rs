@@ -505,7 +505,11 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", describe(&e));
-            std::process::ExitCode::from(1)
+            if e.downcast_ref::<verify::NothingVerified>().is_some() {
+                std::process::ExitCode::from(verify::NOTHING_VERIFIED)
+            } else {
+                std::process::ExitCode::from(1)
+            }
         }
     }
 }
@@ -917,7 +921,12 @@ async fn run(cli: Cli) -> Result<()> {
                     tsa_cert: tsa_cert.as_deref(),
                     json,
                 })?,
-                _ => anyhow::bail!("give --receipt R, or --consistency OLD NEW --proof P"),
+                _ => {
+                    return Err(verify::NothingVerified(
+                        "give --receipt R, or --consistency OLD NEW --proof P".into(),
+                    )
+                    .into())
+                }
             };
             if ok {
                 Ok(())

@@ -7,14 +7,33 @@ use protocol::ledger::{self, Receipt, TreeHash};
 use serde_json::{json, Value};
 use std::path::Path;
 
+/// Exit status when nothing was verified: a mistake in the command (a path
+/// that cannot be read, a key that is not one, checkpoints given in the
+/// wrong order), never a verdict on the receipt. A receipt that does not
+/// verify exits 1; one that does, 0.
+pub const NOTHING_VERIFIED: u8 = 2;
+
+/// The command could not be carried out as given: exits
+/// [`NOTHING_VERIFIED`], so a script tells it from a receipt that fails.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}; nothing was verified")]
+pub struct NothingVerified(pub String);
+
+fn nothing_verified(what: String) -> anyhow::Error {
+    NothingVerified(what).into()
+}
+
+/// A file the command names, read whole.
+fn read_named(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| nothing_verified(format!("cannot read {}: {e}", path.display())))
+}
+
 /// A key given as a file holding it, or as the key itself.
 pub fn key_arg(arg: &str) -> Result<String> {
     let p = Path::new(arg);
     if p.is_file() {
-        Ok(std::fs::read_to_string(p)
-            .with_context(|| format!("reading {}", p.display()))?
-            .trim()
-            .to_owned())
+        Ok(read_named(p)?.trim().to_owned())
     } else {
         Ok(arg.trim().to_owned())
     }
@@ -44,10 +63,9 @@ fn checked_key_arg(
 ) -> Result<String> {
     let key = key_arg(arg)?;
     if !valid(&key) {
-        anyhow::bail!(
-            "{flag} {arg:?} is neither a readable key file nor {what}; nothing was verified \
-             (check the path)"
-        );
+        return Err(nothing_verified(format!(
+            "{flag} {arg:?} is neither a readable key file nor {what} (check the path)"
+        )));
     }
     Ok(key)
 }
@@ -55,14 +73,15 @@ fn checked_key_arg(
 /// Reads a receipt: a receipt JSON, or a saved filing response with a
 /// `receipt` field.
 fn read_receipt(path: &Path) -> Result<Receipt> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = read_named(path)?;
     let value: Value = serde_json::from_str(&text).context("the receipt is not JSON")?;
     let value = match value.get("receipt") {
         Some(r) if !r.is_null() => r.clone(),
-        Some(_) => anyhow::bail!(
-            "this filing response holds no receipt yet; fetch it from its receipt_url"
-        ),
+        Some(_) => {
+            return Err(nothing_verified(
+                "this filing response holds no receipt yet; fetch it from its receipt_url".into(),
+            ))
+        }
         None => value,
     };
     serde_json::from_value(value).context("the receipt is malformed")
@@ -123,8 +142,7 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
     match (args.tsa_cert, &receipt.timestamp) {
         _ if logged.is_err() => {}
         (Some(cert), Some(_)) => {
-            let pem = std::fs::read_to_string(cert)
-                .with_context(|| format!("reading {}", cert.display()))?;
+            let pem = read_named(cert)?;
             match receipt.check_timestamp(&pem) {
                 Ok(t) => stamped = json!({ "gen_time_unix": t, "verified": true }),
                 Err(e) => problems.push(format!("time-stamp: {e}")),
@@ -139,7 +157,8 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
     }
     let mut content = Value::Null;
     if let (Some(path), Ok(v)) = (args.file, &logged) {
-        let (b3, sha, size) = crate::client::hash_file(path)?;
+        let (b3, sha, size) = crate::client::hash_file(path)
+            .map_err(|e| nothing_verified(format!("cannot read {}: {e:#}", path.display())))?;
         // Each difference named: a hash-only notarization's size is what its
         // client declared, so the hashes can match while the size does not.
         let mut differs = Vec::new();
@@ -273,8 +292,7 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
 
 /// A checkpoint from a file holding either a note or a receipt.
 fn read_checkpoint(path: &Path, log_key: &str) -> Result<ledger::VerifiedCheckpoint> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = read_named(path)?;
     let note = if text.trim_start().starts_with('{') {
         read_receipt(path)?.checkpoint
     } else {
@@ -290,21 +308,20 @@ pub fn consistency(old: &Path, new: &Path, proof: &Path, log_key: &str) -> Resul
     let old = read_checkpoint(old, &log_key)?;
     let new = read_checkpoint(new, &log_key)?;
     if old.size > new.size {
-        anyhow::bail!(
+        return Err(nothing_verified(format!(
             "the first checkpoint ({} entries) is larger than the second ({}): give the older \
-             one first (--consistency OLD NEW); nothing was verified",
-            old.size,
-            new.size
-        );
+             one first (--consistency OLD NEW)",
+            old.size, new.size
+        )));
     }
     if old.size == 0 {
-        anyhow::bail!(
+        return Err(nothing_verified(
             "the first checkpoint is of an empty log, which every later one extends: \
-             there is nothing to verify"
-        );
+             there is nothing to check"
+                .into(),
+        ));
     }
-    let text =
-        std::fs::read_to_string(proof).with_context(|| format!("reading {}", proof.display()))?;
+    let text = read_named(proof)?;
     let v: Value = serde_json::from_str(&text).context("the proof is not JSON")?;
     let hashes = v["proof"]
         .as_array()

@@ -26,7 +26,13 @@ fn receipt_of(filed: &Value) -> Result<Receipt> {
     Ok(serde_json::from_value(r.clone())?)
 }
 
-fn custodia_verify(receipt: &Path, key: &Path, file: Option<&Path>) -> Result<(bool, String)> {
+/// `custodia verify`'s exit status (0 verifies, 1 does not, 2 nothing was
+/// verified: the command's mistake) and what it printed.
+fn custodia_verify(
+    receipt: &Path,
+    key: &Path,
+    file: Option<&Path>,
+) -> Result<(Option<i32>, String)> {
     let mut cmd = Command::new(custodia_bin());
     cmd.arg("verify")
         .arg("--receipt")
@@ -42,7 +48,7 @@ fn custodia_verify(receipt: &Path, key: &Path, file: Option<&Path>) -> Result<(b
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    Ok((out.status.success(), text))
+    Ok((out.status.code(), text))
 }
 
 /// Public, unauthenticated GET of the published log.
@@ -93,8 +99,8 @@ fn a_filing_gets_a_receipt_a_court_can_verify_offline() -> Result<()> {
     std::fs::write(&rpath, serde_json::to_vec(&filed)?)?;
     std::fs::write(&fpath, &data)?;
     let key = c.data_dir().join("ledger.vkey");
-    let (ok, out) = custodia_verify(&rpath, &key, Some(&fpath))?;
-    assert!(ok, "{out}");
+    let (code, out) = custodia_verify(&rpath, &key, Some(&fpath))?;
+    assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains("signature verified")
             && out.contains("matches the statement")
@@ -105,8 +111,8 @@ fn a_filing_gets_a_receipt_a_court_can_verify_offline() -> Result<()> {
     let mut altered = data.clone();
     altered[123] ^= 1;
     std::fs::write(&other, &altered)?;
-    let (ok, out) = custodia_verify(&rpath, &key, Some(&other))?;
-    assert!(!ok && out.contains("NOT the evidence"), "{out}");
+    let (code, out) = custodia_verify(&rpath, &key, Some(&other))?;
+    assert!(code == Some(1) && out.contains("NOT the evidence"), "{out}");
     assert!(
         out.contains("the receipt itself verifies, but the file given is not the evidence"),
         "{out}"
@@ -119,19 +125,36 @@ fn a_filing_gets_a_receipt_a_court_can_verify_offline() -> Result<()> {
         "{out}"
     );
     std::fs::write(&other, &data[..data.len() - 1])?;
-    let (ok, out) = custodia_verify(&rpath, &key, Some(&other))?;
-    assert!(!ok && out.contains("its size is"), "{out}");
+    let (code, out) = custodia_verify(&rpath, &key, Some(&other))?;
+    assert!(code == Some(1) && out.contains("its size is"), "{out}");
 
     let wrong_key = dir.path().join("wrong.pub");
     let (_, vkey) = ledger::note_keys("custodia.local/ledger", &[9; 32]);
     std::fs::write(&wrong_key, vkey)?;
-    let (ok, out) = custodia_verify(&rpath, &wrong_key, None)?;
-    assert!(!ok && out.contains("INVALID: not logged"), "{out}");
+    let (code, out) = custodia_verify(&rpath, &wrong_key, None)?;
+    assert!(
+        code == Some(1) && out.contains("INVALID: not logged"),
+        "{out}"
+    );
     // A mistyped key path is the command's mistake, not a verdict on the
     // receipt: no INVALID a court could read as a forgery.
-    let (ok, out) = custodia_verify(&rpath, &dir.path().join("no-such.vkey"), None)?;
-    assert!(!ok && out.contains("nothing was verified"), "{out}");
+    // It exits 2, so a script tells it from a receipt that fails (1).
+    let (code, out) = custodia_verify(&rpath, &dir.path().join("no-such.vkey"), None)?;
+    assert!(
+        code == Some(2) && out.contains("nothing was verified"),
+        "{out}"
+    );
     assert!(!out.contains("INVALID"), "{out}");
+    let (code, out) = custodia_verify(&rpath, &key, Some(&dir.path().join("no-such.bin")))?;
+    assert!(
+        code == Some(2) && out.contains("nothing was verified"),
+        "{out}"
+    );
+    let (code, out) = custodia_verify(&dir.path().join("no-such.json"), &key, None)?;
+    assert!(
+        code == Some(2) && out.contains("nothing was verified"),
+        "{out}"
+    );
 
     // One character of the proof, of the salt or of the signature.
     let original: Value = serde_json::from_slice(&std::fs::read(&rpath)?)?;
@@ -170,8 +193,11 @@ fn a_filing_gets_a_receipt_a_court_can_verify_offline() -> Result<()> {
     tampered.push(("signature", t));
     for (what, t) in tampered {
         std::fs::write(&rpath, serde_json::to_vec(&t)?)?;
-        let (ok, out) = custodia_verify(&rpath, &key, Some(&fpath))?;
-        assert!(!ok && out.contains("verdict: INVALID"), "{what}: {out}");
+        let (code, out) = custodia_verify(&rpath, &key, Some(&fpath))?;
+        assert!(
+            code == Some(1) && out.contains("verdict: INVALID"),
+            "{what}: {out}"
+        );
     }
     std::fs::write(&rpath, serde_json::to_vec(&original)?)?;
 
@@ -180,8 +206,8 @@ fn a_filing_gets_a_receipt_a_court_can_verify_offline() -> Result<()> {
     let stmt = String::from_utf8(stmt)?.replace("2026-CR-0042", "2026-CR-0043");
     forged["receipt"]["statement"] = Value::String(B64.encode(stmt));
     std::fs::write(&rpath, serde_json::to_vec(&forged)?)?;
-    let (ok, out) = custodia_verify(&rpath, &key, None)?;
-    assert!(!ok, "a forged statement must not verify: {out}");
+    let (code, out) = custodia_verify(&rpath, &key, None)?;
+    assert_eq!(code, Some(1), "a forged statement must not verify: {out}");
 
     // Receipts are per tenant like the evidence, and a stranger gets 401.
     let id = filed["id"].as_str().unwrap_or_default();
@@ -220,6 +246,7 @@ fn the_log_is_published_as_c2sp_tiles_and_stays_consistent_across_a_crash() -> R
     let note = String::from_utf8(published(&c, "checkpoint")?)?;
     let old = ledger::verify_checkpoint(&note, &key)?;
     assert_eq!(old.size, 5);
+    let note_at_5 = note.clone();
     // The level-0 tile holds the leaf hashes; the entry bundle the commitments.
     let tile = published(&c, "tile/0/000.p/5")?;
     let entries = published(&c, "tile/entries/000.p/5")?;
@@ -285,6 +312,56 @@ fn the_log_is_published_as_c2sp_tiles_and_stays_consistent_across_a_crash() -> R
         })
         .collect::<Result<_>>()?;
     ledger::check_consistency(&old, &new, &proof)?;
+    // `custodia verify --consistency` says so too (0); a proof that does not
+    // hold is a verdict (1); the checkpoints in the wrong order are the
+    // command's mistake (2).
+    let dir = tempfile::tempdir()?;
+    let (old_path, new_path, proof_path) = (
+        dir.path().join("old.note"),
+        dir.path().join("new.note"),
+        dir.path().join("proof.json"),
+    );
+    std::fs::write(&old_path, &note_at_5)?;
+    std::fs::write(&new_path, &note)?;
+    std::fs::write(&proof_path, &a.body)?;
+    let consistency = |old: &Path, new: &Path| -> Result<(Option<i32>, String)> {
+        let out = Command::new(custodia_bin())
+            .arg("verify")
+            .arg("--consistency")
+            .arg(old)
+            .arg(new)
+            .arg("--proof")
+            .arg(&proof_path)
+            .arg("--log-key")
+            .arg(c.data_dir().join("ledger.vkey"))
+            .output()?;
+        Ok((
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ))
+    };
+    let (code, out) = consistency(&old_path, &new_path)?;
+    assert!(
+        code == Some(0) && out.contains("verdict: CONSISTENT"),
+        "{out}"
+    );
+    let (code, out) = consistency(&new_path, &old_path)?;
+    assert!(
+        code == Some(2) && out.contains("nothing was verified"),
+        "{out}"
+    );
+    let mut wrong: Value = serde_json::from_slice(&a.body)?;
+    wrong["proof"][0] = Value::String(B64.encode([7u8; 32]));
+    std::fs::write(&proof_path, serde_json::to_vec(&wrong)?)?;
+    let (code, out) = consistency(&old_path, &new_path)?;
+    assert!(
+        code == Some(1) && out.contains("verdict: INCONSISTENT"),
+        "{out}"
+    );
     // The old receipts still verify, and a fresh one is against the newer tree.
     for r in &receipts {
         r.verify(&key)?;
