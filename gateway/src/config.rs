@@ -166,6 +166,13 @@ pub struct GatewayConfig {
     /// index per this period at most, not one after another.
     #[serde(default = "default_crowding_walk_gap")]
     pub crowding_walk_gap_ms: u64,
+    /// How long a node gone past its grace, draining or removed, once a
+    /// whole walk of the stripe records found no shard left on it, goes
+    /// unsearched for (while it stays so): a node removed for good then
+    /// costs one walk of the index per this period, not a walk after
+    /// another for ever.
+    #[serde(default = "default_repair_rewalk")]
+    pub repair_rewalk_ms: u64,
     /// Where Prometheus scrapes the gateway's `/metrics` (plain HTTP);
     /// none: not exported.
     #[serde(default)]
@@ -276,6 +283,9 @@ fn default_repair_interval() -> u64 {
 }
 fn default_crowding_walk_gap() -> u64 {
     600_000
+}
+fn default_repair_rewalk() -> u64 {
+    3_600_000
 }
 fn default_repair_after_down() -> u64 {
     600_000

@@ -80,6 +80,10 @@ pub struct GatewayMetrics {
     pub shards_repaired: IntCounter,
     /// `custodia_stripes_lost_total`: stripes found with fewer than k shards.
     pub stripes_lost: IntCounter,
+    /// `custodia_repair_scanned_stripes_total`: stripe records the repair
+    /// scanner (and `custodia repair`'s walks) read looking for stripes to
+    /// queue: the index load they make.
+    pub repair_scanned: IntCounter,
     /// `custodia_degraded_stripes`: stripes waiting for repair (the backlog),
     /// counted up to [`DEGRADED_SCAN_LIMIT`] (100,000): at that figure it
     /// means "at least", and an alert says so.
@@ -248,6 +252,10 @@ impl GatewayMetrics {
             stripes_lost: counter(
                 "custodia_stripes_lost_total",
                 "Stripes found with fewer than k good shards.",
+            )?,
+            repair_scanned: counter(
+                "custodia_repair_scanned_stripes_total",
+                "Stripe records read by the repair scanner looking for stripes to queue.",
             )?,
             degraded: gauge(
                 "custodia_degraded_stripes",

@@ -213,6 +213,7 @@ pub fn spawn_repair_loop<S: Store>(
         let mut queue_cursor = None;
         let mut reported = HashMap::new();
         let mut spread_walk = SpreadWalk::default();
+        let mut homes_walk = HomesWalk::default();
         loop {
             tokio::select! {
                 _ = gw.repair_wake.notified() => {}
@@ -227,7 +228,7 @@ pub fn spawn_repair_loop<S: Store>(
                 }
                 _ => {}
             }
-            match scan(&gw, &mut cursor, &mut spread_walk).await {
+            match scan(&gw, &mut cursor, &mut spread_walk, &mut homes_walk).await {
                 Ok(n) if n > 0 => {
                     tracing::info!(
                         stripes = n,
@@ -446,34 +447,119 @@ impl SpreadWalk {
     }
 }
 
+/// The scanner's walks for stripes with shards on homeless nodes (gone past
+/// their grace, draining, removed). Once a whole walk, begun after a node
+/// became homeless, finds no shard on it, nothing is searched for it again
+/// while it stays homeless, until `repair_rewalk_ms` has passed: a node
+/// removed for good costs one walk of the index per that period, not one
+/// walk after another for ever. (Uploads under way when that walk began
+/// may place shards on the node in records they write later: each is
+/// followed to its end and its stripes checked then, as for a replaced
+/// disk.)
+#[derive(Debug, Default)]
+pub struct HomesWalk {
+    /// Homeless nodes a whole walk found no shard on, and when it ended.
+    clean: HashMap<NodeId, Instant>,
+    /// The whole walk under way, begun at the start of the records.
+    under_way: Option<HomesSearch>,
+}
+
+#[derive(Debug)]
+struct HomesSearch {
+    /// The nodes it searches for, homeless since it began.
+    nodes: HashSet<NodeId>,
+    /// The uploads under way when it began.
+    uploads: Vec<EvidenceId>,
+    /// Those of `nodes` it found a shard on.
+    found: HashSet<NodeId>,
+}
+
+impl HomesWalk {
+    /// Of `homeless`, the nodes to search for now: all but those a walk
+    /// found clean less than `rewalk` ago that stayed homeless since. The
+    /// walk under way goes on only while it searches for every one of them
+    /// and they have stayed homeless since it began (a node back for a
+    /// while may have taken shards it already passed).
+    fn search_now(&mut self, homeless: &HashSet<NodeId>, rewalk: Duration) -> HashSet<NodeId> {
+        self.clean
+            .retain(|n, at| homeless.contains(n) && at.elapsed() < rewalk);
+        let search: HashSet<NodeId> = homeless
+            .iter()
+            .filter(|n| !self.clean.contains_key(n))
+            .copied()
+            .collect();
+        if let Some(w) = &mut self.under_way {
+            w.nodes.retain(|n| homeless.contains(n));
+            if !search.is_subset(&w.nodes) {
+                self.under_way = None;
+            }
+        }
+        search
+    }
+
+    /// A whole walk for `nodes` begins at the start of the records, with
+    /// `uploads` under way.
+    fn begin(&mut self, nodes: HashSet<NodeId>, uploads: Vec<EvidenceId>) {
+        self.under_way = Some(HomesSearch {
+            nodes,
+            uploads,
+            found: HashSet::new(),
+        });
+    }
+
+    /// The walk reached the end of the records: the nodes it found clean
+    /// (now counted so) and the uploads to follow for them, if it was
+    /// whole.
+    fn finished(&mut self) -> Option<(HashSet<NodeId>, Vec<EvidenceId>)> {
+        let w = self.under_way.take()?;
+        let clean: HashSet<NodeId> = w.nodes.difference(&w.found).copied().collect();
+        let now = Instant::now();
+        for n in &clean {
+            self.clean.insert(*n, now);
+        }
+        (!clean.is_empty()).then_some((clean, w.uploads))
+    }
+}
+
 /// Walks up to 16 batches of stripe records from `cursor` (wrapping
 /// around) and queues those with a shard on a node gone past its grace,
 /// draining or removed, or with no node at all; and, in a walk `walk`
 /// decides on, those with shards crowded into one failure domain while an
 /// emptier one could take them ([`Spread::crowded`], which passes over a
 /// stripe with a shard on a node not open: its other needs come first).
-/// Skipped entirely while there is neither to look for.
+/// Skipped entirely while there is neither to look for; homeless nodes
+/// already walked clean are not looked for ([`HomesWalk`]).
 pub async fn scan<S: Store>(
-    gw: &Gateway<S>,
+    gw: &Arc<Gateway<S>>,
     cursor: &mut Option<(EvidenceId, u64)>,
     walk: &mut SpreadWalk,
+    homes: &mut HomesWalk,
 ) -> Result<u64, ApiError> {
     // Read before the nodes are: a node that opens in between is counted
     // in the next look, not lost.
     let openings = gw.nodes.openings();
-    let homeless = homeless_nodes(gw);
+    let rewalk = Duration::from_millis(gw.config.repair_rewalk_ms);
+    let homeless = homes.search_now(&homeless_nodes(gw), rewalk);
     let spread = Spread::now(gw, &gone_nodes(gw));
     let was_walking = walk.walking.is_some();
     let gap = Duration::from_millis(gw.config.crowding_walk_gap_ms);
     let crowding = walk.walking(openings, spread.may_crowd(), gap);
     if crowding && !was_walking {
         *cursor = None;
+        // Back at the start: a homeless walk under way is not whole.
+        homes.under_way = None;
     }
     if homeless.is_empty() && !crowding {
         return Ok(0);
     }
+    if !homeless.is_empty() && homes.under_way.is_none() && cursor.is_none() {
+        // Listed before the walk reads a record: an upload that ends after
+        // this wrote its records after, and is followed instead.
+        homes.begin(homeless.clone(), live_intents(gw).await?);
+    }
     let mut queued = 0u64;
     let crowded = std::sync::atomic::AtomicUsize::new(0);
+    let found = std::sync::Mutex::new(HashSet::new());
     // At most 16 batches per call; each transaction stays small.
     for _ in 0..16 {
         // Crowded stripes lack no redundancy: about a quarter of a pass of
@@ -493,6 +579,13 @@ pub async fn scan<S: Store>(
         }
         let hit = |rec: &StripeRecord| {
             if needs_home(rec, &homeless) {
+                let on = rec
+                    .shards
+                    .iter()
+                    .filter_map(|p| p.node.filter(|n| homeless.contains(n)));
+                if let Ok(mut found) = found.lock() {
+                    found.extend(on);
+                }
                 return true;
             }
             let hit = crowd_now && !spread.crowded(rec).is_empty();
@@ -503,9 +596,23 @@ pub async fn scan<S: Store>(
         };
         let (n, more) = queue_stripes(gw, &hit, cursor).await?;
         queued += n;
+        if let (Some(w), Ok(mut found)) = (&mut homes.under_way, found.lock()) {
+            w.found.extend(found.drain());
+        }
         if !more {
             if crowding {
                 walk.finished();
+            }
+            if let Some((clean, uploads)) = homes.finished() {
+                tracing::info!(
+                    nodes = ?clean,
+                    "no stripe left with a shard on these homeless nodes; not searched \
+                     for again for repair_rewalk_ms"
+                );
+                let gw = gw.clone();
+                tokio::spawn(async move {
+                    queue_after_uploads(&gw, uploads, &clean, "their nodes lost their homes").await;
+                });
             }
             break;
         }
@@ -554,7 +661,7 @@ pub fn spawn_reconcile<S: Store>(gw: Arc<Gateway<S>>, nodes: Vec<(NodeId, [u8; 1
         // for and its stripes checked once it has ended.
         let in_flight = retry_index("listing uploads in flight", || live_intents(&gw)).await;
         queue_all(&gw, Some(&ids)).await;
-        queue_after_uploads(&gw, in_flight, &ids).await;
+        queue_after_uploads(&gw, in_flight, &ids, "the disk was replaced").await;
         // Only now does the index take the new disks (each on its own, so
         // one whose write keeps failing holds back no other).
         futures::future::join_all(
@@ -606,6 +713,7 @@ async fn queue_after_uploads<S: Store>(
     gw: &Gateway<S>,
     mut uploads: Vec<EvidenceId>,
     nodes: &HashSet<NodeId>,
+    since: &str,
 ) {
     let mut said = false;
     while !uploads.is_empty() {
@@ -636,7 +744,7 @@ async fn queue_after_uploads<S: Store>(
                 tracing::info!(
                     uploads = uploads.len(),
                     ?nodes,
-                    "waiting for uploads begun before the disk was replaced, to check their stripes"
+                    "waiting for uploads begun before {since}, to check their stripes"
                 );
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
@@ -740,6 +848,7 @@ async fn queue_stripes<S: Store>(
         schema::stripes_scan_tx(&tx, after, SCAN_BATCH).await
     })
     .await?;
+    gw.metrics.repair_scanned.inc_by(batch.len() as u64);
     let Some(&(e, s, _)) = batch.last() else {
         *cursor = None;
         return Ok((0, false));
@@ -2327,6 +2436,51 @@ mod tests {
             "walked twice for one opening"
         );
         assert!(walk.walking(2, true, Duration::ZERO));
+    }
+
+    /// A homeless node is searched for until a whole walk begun after it
+    /// became homeless finds none of its shards; then no more while it
+    /// stays homeless and the rewalk period lasts. A walk under way stops
+    /// counting once a node it does not search for needs searching, or one
+    /// it does left the homeless in between.
+    #[test]
+    fn homeless_nodes_walked_clean_are_not_searched_again() {
+        let hour = Duration::from_secs(3600);
+        let set = |ids: &[u32]| ids.iter().map(|i| NodeId(*i)).collect::<HashSet<_>>();
+        let mut w = HomesWalk::default();
+        assert_eq!(w.search_now(&set(&[1, 2]), hour), set(&[1, 2]));
+        w.begin(set(&[1, 2]), vec![EvidenceId::new(5, [5; 10])]);
+        w.under_way.as_mut().map(|u| u.found.insert(NodeId(2)));
+        let (clean, uploads) = w.finished().expect("node 1 walked clean");
+        assert_eq!(clean, set(&[1]));
+        assert_eq!(
+            uploads,
+            vec![EvidenceId::new(5, [5; 10])],
+            "uploads to follow"
+        );
+        assert_eq!(w.search_now(&set(&[1, 2]), hour), set(&[2]));
+        // Back (for a while: it may take shards), then homeless again.
+        assert_eq!(w.search_now(&set(&[2]), hour), set(&[2]));
+        assert_eq!(w.search_now(&set(&[1, 2]), hour), set(&[1, 2]));
+        // Past the rewalk period, searched again.
+        w.begin(set(&[1, 2]), Vec::new());
+        assert_eq!(w.finished().map(|(c, _)| c), Some(set(&[1, 2])));
+        assert!(w.search_now(&set(&[1, 2]), hour).is_empty());
+        assert_eq!(w.search_now(&set(&[1, 2]), Duration::ZERO), set(&[1, 2]));
+        // A walk under way: one more homeless node, and it is not whole.
+        let mut w = HomesWalk::default();
+        w.begin(set(&[1]), Vec::new());
+        w.search_now(&set(&[1, 3]), hour);
+        assert!(w.finished().is_none(), "a walk that missed node 3 counted");
+        // One of its nodes back then homeless again: not whole for it.
+        w.begin(set(&[1, 3]), Vec::new());
+        w.search_now(&set(&[1]), hour);
+        w.search_now(&set(&[1, 3]), hour);
+        assert!(w.finished().is_none(), "a walk that node 3 left counted");
+        // One of its nodes no longer homeless: whole for the others.
+        w.begin(set(&[1, 3]), Vec::new());
+        w.search_now(&set(&[1]), hour);
+        assert_eq!(w.finished().map(|(c, _)| c), Some(set(&[1])));
     }
 
     fn domains(names: &str) -> Vec<Domain> {

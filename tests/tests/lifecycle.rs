@@ -92,6 +92,19 @@ fn nodes_are_drained_removed_and_added_without_losing_redundancy() -> Result<()>
     let (ok, text) = node_cmd(&c, &["remove", "3"])?;
     assert!(ok, "remove after the drain failed: {text}");
     assert_eq!(status(&c)?["nodes"][3]["lifecycle"], "removed");
+    // Nothing is left on it, and once a whole walk has found so, the
+    // scanner (every 300 ms here) stops walking the index for it.
+    let scanned = || c.metric(&c.metrics, "custodia_repair_scanned_stripes_total");
+    let settled = custodia_tests::eventually(30, || {
+        let before = scanned().unwrap_or(-1.0);
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        before >= 0.0 && scanned().unwrap_or(-2.0) == before
+    });
+    assert!(
+        settled,
+        "the scanner keeps walking for a removed node with no shards: {} records read",
+        scanned()?
+    );
     let (ok, text) = node_cmd(&c, &["activate", "3"])?;
     assert!(!ok, "a removed node cannot come back: {text}");
     // Out of the cluster, it is no node that is down: its series go (an
