@@ -109,6 +109,7 @@ DASHBOARDS = {
             panel("Stripes lost (fewer than k good shards)", "sum(increase(custodia_stripes_lost_total[1h]))"),
             panel("Corrupt shards found by nodes", "sum by (node) (increase(custodia_node_corrupt_shards_total[1h]))", legend=["node {{node}}"]),
             panel("Damaged shards seen by reads", "sum(increase(custodia_shards_damaged_total[1h]))"),
+            panel("Repair scanner: stripe records read", "sum(rate(custodia_repair_scanned_stripes_total[5m]))", "ops", legend=["records/s (index load)"]),
             panel("Orphan shards (failed uploads, interrupted repairs)", ["max(custodia_orphan_shards_pending)", "sum(increase(custodia_orphan_shards_deleted_total[1h]))"], legend=["within grace", "deleted (1h)"]),
             panel("Scrub progress (current pass)", "custodia_node_scrub_progress_ratio", "percentunit", legend=["node {{node}}"]),
             panel("Scrub rate and corruption found", ["sum(rate(custodia_node_scrub_bytes_total[5m]))", "sum(increase(custodia_node_scrub_corrupt_shards_total[1h]))"], legend=["bytes/s checked", "corrupt found (1h)"]),
