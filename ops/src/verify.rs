@@ -111,6 +111,28 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
         }
     }
     let quorum = args.quorum.unwrap_or(witness_keys.len());
+    if quorum > witness_keys.len() {
+        return Err(nothing_verified(format!(
+            "--quorum {quorum} is more than the {} witness keys given: no receipt could meet it",
+            witness_keys.len()
+        )));
+    }
+    // The TSA certificate is the verifier's input, like the keys: one that
+    // is not a certificate says nothing about the receipt.
+    let tsa_pem = match args.tsa_cert {
+        Some(cert) => {
+            let pem = read_named(cert)?;
+            if let Err(e) = protocol::tsa::check_cert(&pem) {
+                return Err(nothing_verified(format!(
+                    "--tsa-cert {} is not a certificate to check time-stamps with ({})",
+                    cert.display(),
+                    e.0
+                )));
+            }
+            Some(pem)
+        }
+        None => None,
+    };
     let receipt = read_receipt(args.receipt)?;
     let mut problems: Vec<String> = Vec::new();
     let logged = receipt.verify(&log_key);
@@ -139,17 +161,21 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
     }
     // Independent time: the RFC 3161 token over the checkpoint.
     let mut stamped = Value::Null;
-    match (args.tsa_cert, &receipt.timestamp) {
+    let mut time_stamp_problem = false;
+    match (&tsa_pem, &receipt.timestamp) {
         _ if logged.is_err() => {}
-        (Some(cert), Some(_)) => {
-            let pem = read_named(cert)?;
-            match receipt.check_timestamp(&pem) {
-                Ok(t) => stamped = json!({ "gen_time_unix": t, "verified": true }),
-                Err(e) => problems.push(format!("time-stamp: {e}")),
+        (Some(pem), Some(_)) => match receipt.check_timestamp(pem) {
+            Ok(t) => stamped = json!({ "gen_time_unix": t, "verified": true }),
+            Err(e) => {
+                time_stamp_problem = true;
+                problems.push(format!("time-stamp: {e}"));
             }
+        },
+        (Some(_), None) => {
+            time_stamp_problem = true;
+            problems
+                .push("time-stamp: this receipt carries no token yet (fetch it again later)".into())
         }
-        (Some(_), None) => problems
-            .push("time-stamp: this receipt carries no token yet (fetch it again later)".into()),
         (None, Some(_)) => {
             stamped = json!({ "verified": false, "note": "not checked: no --tsa-cert" })
         }
@@ -277,12 +303,17 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
     // A genuine receipt checked against the wrong file is not a forgery:
     // said so, for whoever reads the verdict alone.
     let only_the_file = problems.len() == 1 && content["matches"] == false;
+    // Nor is one whose time-stamp alone cannot be confirmed (no token yet,
+    // or a certificate that is not the TSA's): the log still vouches for it.
+    let only_the_time_stamp = problems.len() == 1 && time_stamp_problem;
     println!(
         "verdict: {}",
         if valid {
             "VALID — this receipt proves the statement above was logged"
         } else if only_the_file {
             "INVALID for this file — the receipt itself verifies, but the file given is not the evidence it names"
+        } else if only_the_time_stamp {
+            "NOT CONFIRMED — the statement above was logged, but its time-stamp could not be confirmed with the certificate given"
         } else {
             "INVALID — do not rely on this receipt"
         }
@@ -315,11 +346,13 @@ pub fn consistency(old: &Path, new: &Path, proof: &Path, log_key: &str) -> Resul
         )));
     }
     if old.size == 0 {
-        return Err(nothing_verified(
-            "the first checkpoint is of an empty log, which every later one extends: \
-             there is nothing to check"
-                .into(),
-        ));
+        // Every tree extends the empty one: with NEW's signature verified,
+        // there is nothing more to check.
+        println!(
+            "verdict: CONSISTENT — the checkpoint of {} entries extends the empty log's (log {:?})",
+            new.size, new.origin
+        );
+        return Ok(true);
     }
     let text = read_named(proof)?;
     let v: Value = serde_json::from_str(&text).context("the proof is not JSON")?;

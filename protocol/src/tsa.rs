@@ -130,6 +130,12 @@ struct Cert {
     key: Vec<u8>, // subjectPublicKey BIT STRING contents
 }
 
+/// Whether `cert_pem` holds a certificate [`verify_response`] can check
+/// tokens with (its first, in PEM), before any token is looked at.
+pub fn check_cert(cert_pem: &str) -> Result<()> {
+    parse_cert(cert_pem).map(|_| ())
+}
+
 fn parse_cert(cert_pem: &str) -> Result<Cert> {
     let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
         .map_err(|e| Error(format!("certificate PEM: {e}")))?

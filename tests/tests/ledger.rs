@@ -51,6 +51,63 @@ fn custodia_verify(
     Ok((out.status.code(), text))
 }
 
+/// Every checkpoint extends the empty log's, which a monitor of a new log
+/// may hold first: `verify --consistency` says so once both verify, and
+/// refuses an empty checkpoint signed by another key.
+#[test]
+fn every_checkpoint_extends_the_empty_logs() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let origin = "courts.example/log";
+    let (skey, vkey) = ledger::note_keys(origin, &[5; 32]);
+    let (other_skey, _) = ledger::note_keys(origin, &[6; 32]);
+    let root =
+        |b: u8| TreeHash::parse_hash(&B64.encode([b; 32])).map_err(|e| anyhow::anyhow!("{e:?}"));
+    let write = |name: &str, text: String| -> Result<std::path::PathBuf> {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text)?;
+        Ok(path)
+    };
+    let empty = write(
+        "empty.note",
+        ledger::sign_checkpoint(&skey, origin, 0, root(0)?)?,
+    )?;
+    let forged = write(
+        "forged.note",
+        ledger::sign_checkpoint(&other_skey, origin, 0, root(0)?)?,
+    )?;
+    let later = write(
+        "later.note",
+        ledger::sign_checkpoint(&skey, origin, 3, root(1)?)?,
+    )?;
+    let key = write("log.vkey", vkey)?;
+    let proof = write("proof.json", r#"{"proof":[]}"#.to_owned())?;
+    let run = |old: &Path| -> Result<(Option<i32>, String)> {
+        let out = Command::new(custodia_bin())
+            .arg("verify")
+            .arg("--consistency")
+            .arg(old)
+            .arg(&later)
+            .arg("--proof")
+            .arg(&proof)
+            .arg("--log-key")
+            .arg(&key)
+            .output()?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        ))
+    };
+    let (code, out) = run(&empty)?;
+    assert!(
+        code == Some(0) && out.contains("verdict: CONSISTENT"),
+        "{out}"
+    );
+    let (code, out) = run(&forged)?;
+    assert!(code == Some(1) && out.contains("does not verify"), "{out}");
+    Ok(())
+}
+
 /// Public, unauthenticated GET of the published log.
 fn published(c: &TestCluster, path: &str) -> Result<Vec<u8>> {
     let a = c.get_with("", &format!("/ledger/{path}"), &[])?;
@@ -354,6 +411,7 @@ fn the_log_is_published_as_c2sp_tiles_and_stays_consistent_across_a_crash() -> R
         code == Some(2) && out.contains("nothing was verified"),
         "{out}"
     );
+
     let mut wrong: Value = serde_json::from_slice(&a.body)?;
     wrong["proof"][0] = Value::String(B64.encode([7u8; 32]));
     std::fs::write(&proof_path, serde_json::to_vec(&wrong)?)?;
@@ -805,8 +863,26 @@ fn witnesses_cosign_off_the_filing_path_and_never_cosign_a_fork() -> Result<()> 
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
-        !out.status.success() && text.contains("witnessed by 1 of 2 trusted witnesses, 2 required"),
+        out.status.code() == Some(1)
+            && text.contains("witnessed by 1 of 2 trusted witnesses, 2 required"),
         "{text}"
+    );
+    // A quorum more than the keys given is the command's mistake.
+    let out = Command::new(custodia_bin())
+        .arg("verify")
+        .arg("--receipt")
+        .arg(&rpath)
+        .arg("--log-key")
+        .arg(&log_pub)
+        .arg("--witness-key")
+        .arg(&wpath)
+        .args(["--quorum", "2"])
+        .output()?;
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 
     // The witness holds its view; lying to it fails whatever the lie.
@@ -1938,23 +2014,32 @@ fn receipts_carry_rfc3161_tokens_that_openssl_accepts() -> Result<()> {
     // custodia verify checks it too, and refuses a tampered token.
     let rpath = dir.path().join("r.json");
     std::fs::write(&rpath, serde_json::to_vec(&r)?)?;
-    let run = |receipt: &Path| -> Result<(bool, String)> {
+    let run_with = |receipt: &Path, cert: &Path| -> Result<(Option<i32>, String)> {
         let out = Command::new(custodia_bin())
             .args(["verify", "--receipt"])
             .arg(receipt)
             .arg("--log-key")
             .arg(c.data_dir().join("ledger.vkey"))
             .arg("--tsa-cert")
-            .arg(&tsa_pem)
+            .arg(cert)
             .output()?;
         Ok((
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
         ))
     };
-    let (ok, out) = run(&rpath)?;
+    let run = |receipt: &Path| run_with(receipt, &tsa_pem);
+    let (code, out) = run(&rpath)?;
     assert!(
-        ok && out.contains("time-stamped: the checkpoint existed by"),
+        code == Some(0) && out.contains("time-stamped: the checkpoint existed by"),
+        "{out}"
+    );
+    // A certificate that is none is the command's mistake (exit 2), never
+    // a verdict on the receipt.
+    let (code, out) = run_with(&rpath, &c.data_dir().join("ledger.vkey"))?;
+    assert!(
+        code == Some(2) && out.contains("nothing was verified") && !out.contains("INVALID"),
         "{out}"
     );
     let mut bad = r.clone();
@@ -1963,8 +2048,15 @@ fn receipts_carry_rfc3161_tokens_that_openssl_accepts() -> Result<()> {
     der[last] ^= 1;
     bad.timestamp = Some(B64.encode(der));
     std::fs::write(&rpath, serde_json::to_vec(&bad)?)?;
-    let (ok, out) = run(&rpath)?;
-    assert!(!ok && out.contains("INVALID: time-stamp"), "{out}");
+    // The log still vouches for the statement: the verdict says the time
+    // alone is not confirmed, and the exit is a failure.
+    let (code, out) = run(&rpath)?;
+    assert!(
+        code == Some(1)
+            && out.contains("INVALID: time-stamp")
+            && out.contains("verdict: NOT CONFIRMED"),
+        "{out}"
+    );
 
     // The same tokens through the RFC 3161 HTTP client, against the
     // development TSA that up runs at POST /tsa.
