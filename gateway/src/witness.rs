@@ -94,20 +94,36 @@ pub fn open(
     let signer_key = match std::fs::read_to_string(&key_path) {
         Ok(k) => k.trim().to_owned(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let (s, v) = pw::witness_keys(name, &rand::random());
+            let (s, _) = pw::witness_keys(name, &rand::random());
             storage_node::store::write_private(&key_path, s.as_bytes()).map_err(io(&key_path))?;
-            let pub_path = dir.join(WITNESS_PUB_FILE);
-            std::fs::write(&pub_path, format!("{v}\n")).map_err(io(&pub_path))?;
             s
         }
         Err(e) => return Err(io(&key_path)(e)),
     };
     // A key that cannot cosign is refused at the start, not at each request.
     Cosigner::new(&signer_key, 0)?;
-    let verifier_key = std::fs::read_to_string(dir.join(WITNESS_PUB_FILE))
-        .map_err(io(&dir.join(WITNESS_PUB_FILE)))?
-        .trim()
-        .to_owned();
+    // What it publishes is derived from the key it signs with, and the
+    // file rewritten (durably) when missing or not that: a crash between
+    // the two writes, or a key restored beside a newer witness.pub, must
+    // neither keep it from starting nor have it hand out a key its
+    // cosignatures do not verify with.
+    let verifier_key = pw::verifier_key_of(&signer_key)?;
+    let pub_path = dir.join(WITNESS_PUB_FILE);
+    let published = std::fs::read_to_string(&pub_path).unwrap_or_default();
+    if published.trim() != verifier_key {
+        if !published.trim().is_empty() {
+            tracing::warn!(
+                path = %pub_path.display(),
+                "the witness's public key file did not match its signing key; rewritten"
+            );
+        }
+        storage_node::store::write_durably(
+            dir,
+            WITNESS_PUB_FILE,
+            &[verifier_key.as_bytes(), b"\n"],
+        )
+        .map_err(io(&pub_path))?;
+    }
     let mut logs = BTreeMap::new();
     for k in log_keys {
         let origin = k.split('+').next().unwrap_or_default().to_owned();
@@ -288,4 +304,40 @@ async fn add_checkpoint(State(w): State<Arc<Witness>>, body: Bytes) -> Response 
     };
     tracing::info!(%origin, size = new.size, "cosigned");
     answer(StatusCode::OK, "text/plain; charset=utf-8", lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The published key is the signing key's, whatever became of the
+    /// file: lost in a crash after the key was written, left empty, or
+    /// another witness's.
+    #[test]
+    fn the_public_key_file_follows_the_signing_key() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pub_path = dir.path().join(WITNESS_PUB_FILE);
+        let (_, first) = open(dir.path(), "witness.example/a", &[]).expect("first start");
+        assert_eq!(
+            std::fs::read_to_string(&pub_path).expect("written").trim(),
+            first
+        );
+        let (_, other) = pw::witness_keys("witness.example/a", &[9; 32]);
+        for left in [None, Some(String::new()), Some(other)] {
+            match &left {
+                None => std::fs::remove_file(&pub_path).expect("removed"),
+                Some(text) => std::fs::write(&pub_path, text).expect("written"),
+            }
+            let (_, again) = open(dir.path(), "witness.example/a", &[])
+                .unwrap_or_else(|e| panic!("start with {left:?}: {e}"));
+            assert_eq!(again, first, "with {left:?}");
+            assert_eq!(
+                std::fs::read_to_string(&pub_path)
+                    .expect("rewritten")
+                    .trim(),
+                first,
+                "with {left:?}"
+            );
+        }
+    }
 }

@@ -55,6 +55,12 @@ pub fn witness_keys(name: &str, seed: &[u8; 32]) -> (String, String) {
     )
 }
 
+/// The verifier key of a signer key from [`witness_keys`].
+pub fn verifier_key_of(signer_key: &str) -> Result<String, WitnessError> {
+    let (name, seed) = parse_key(signer_key, true)?;
+    Ok(witness_keys(&name, &seed).1)
+}
+
 /// Splits `name+id+base64` (or `PRIVATE+KEY+name+id+base64`) and checks the
 /// type byte and id.
 fn parse_key(key: &str, private: bool) -> Result<(String, [u8; 32]), WitnessError> {
