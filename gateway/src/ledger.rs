@@ -2639,6 +2639,10 @@ pub fn spawn_witnessing<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::Jo
                     }
                     match witness_once(gw, agent, which, seen.unwrap_or(0), newest).await {
                         Ok(Cosigned::Yes) => Some(newest.1.size),
+                        Ok(Cosigned::Inconsistent) => {
+                            forked(gw, w, seen.unwrap_or(0), newest.1.size);
+                            None
+                        }
                         // It is at another size: retry at once from there.
                         Ok(Cosigned::Behind(size)) => {
                             match witness_once(gw, agent, which, size, newest).await {
@@ -2646,16 +2650,15 @@ pub fn spawn_witnessing<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::Jo
                                 // Sent from its own size and refused again at
                                 // ours: it holds another tree of our size.
                                 // (Beyond ours is another gateway of this log
-                                // ahead of this one.) Never marked seen: said
-                                // at every round.
+                                // ahead of this one.) Or it refused our proof
+                                // from its size: it holds another tree of its
+                                // size. Never marked seen: said at every round.
                                 Ok(Cosigned::Behind(s)) if s == newest.1.size => {
-                                    tracing::error!(
-                                        witness = %w.url,
-                                        witness_size = s,
-                                        our_size = newest.1.size,
-                                        "the witness holds a different tree of our size: \
-                                         this log may have forked (an index restored from an older backup?)"
-                                    );
+                                    forked(gw, w, s, newest.1.size);
+                                    None
+                                }
+                                Ok(Cosigned::Inconsistent) => {
+                                    forked(gw, w, size, newest.1.size);
                                     None
                                 }
                                 Ok(Cosigned::Behind(s)) => Some(s),
@@ -2681,6 +2684,25 @@ enum Cosigned {
     Yes,
     /// The witness is at another size (409).
     Behind(u64),
+    /// The witness refused our consistency proof from its size (422): the
+    /// tree it cosigned at that size is not ours.
+    Inconsistent,
+}
+
+/// Says, as loudly as it can, that witness `w` holds a tree of `its_size`
+/// entries that is not this log's (whose newest has `our_size`).
+fn forked<S: Store>(gw: &Gateway<S>, w: &WitnessEntry, its_size: u64, our_size: u64) {
+    gw.metrics
+        .witness_inconsistent
+        .with_label_values(&[w.url.as_str()])
+        .inc();
+    tracing::error!(
+        witness = %w.url,
+        witness_size = its_size,
+        our_size,
+        "the witness holds a different tree of its size than this log: \
+         this log may have forked (an index restored from an older backup?)"
+    );
 }
 
 async fn witness_once<S: Store>(
@@ -2740,6 +2762,7 @@ async fn witness_once<S: Store>(
     observe(match status {
         200 => "cosigned",
         409 => "conflict",
+        422 => "inconsistent",
         _ => "error",
     });
     match status {
@@ -2775,6 +2798,9 @@ async fn witness_once<S: Store>(
             .parse()
             .map(Cosigned::Behind)
             .map_err(|_| format!("409 with an unreadable size {text:?}")),
+        // Only when a proof was sent: without one (from size 0, or at its
+        // own size) there is nothing it could have found inconsistent.
+        422 if old != 0 && old != cp.size => Ok(Cosigned::Inconsistent),
         s => Err(format!("HTTP {s}: {}", text.trim())),
     }
 }

@@ -118,6 +118,11 @@ pub struct GatewayMetrics {
     pub witness_quorum: IntGauge,
     /// `custodia_witness_cosign_duration_seconds{witness, result}`.
     pub cosign_seconds: HistogramVec,
+    /// `custodia_witness_inconsistent_total{witness}`: answers by which a
+    /// witness showed it holds another tree than ours (it refused our
+    /// consistency proof from its size, or holds another tree of our
+    /// size): this log may have forked.
+    pub witness_inconsistent: IntCounterVec,
     /// `custodia_cluster_node_up{node, domain}` and the node's disk as the
     /// gateway last saw it: `custodia_cluster_node_{capacity,used,free}_bytes{node}`.
     pub node_up: IntGaugeVec,
@@ -306,6 +311,16 @@ impl GatewayMetrics {
                     )
                     .buckets(LATENCY_BUCKETS.to_vec()),
                     &["witness", "result"],
+                )?,
+            )?,
+            witness_inconsistent: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "custodia_witness_inconsistent_total",
+                        "Answers showing a witness holds another tree than this log's: it may have forked.",
+                    ),
+                    &["witness"],
                 )?,
             )?,
             memory_held: reg(

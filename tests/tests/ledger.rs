@@ -51,6 +51,53 @@ fn custodia_verify(
     Ok((out.status.code(), text))
 }
 
+/// A witness that cosigned another tree of this log (here: its view says
+/// so) refuses our consistency proof from its size: the gateway counts it
+/// in `custodia_witness_inconsistent_total`, for the alert that the log may
+/// have forked, rather than take it for a flaky witness.
+#[test]
+fn a_witness_holding_another_tree_is_reported_as_a_fork() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    for i in 0..4u64 {
+        assert_eq!(c.file_with(&c.token, &bytes(500, i), &[])?.status, 201);
+    }
+    let log_pub = c.data_dir().join("ledger.vkey");
+    let origin = std::fs::read_to_string(&log_pub)?
+        .split('+')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let wdir = tempfile::tempdir()?;
+    let other_root = B64.encode([7u8; 32]);
+    std::fs::write(
+        wdir.path().join("witness-state.json"),
+        serde_json::to_vec(&serde_json::json!({
+            "logs": { origin: { "size": 2, "root": other_root } },
+            "cosigned_at": 0,
+        }))?,
+    )?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let witness = start_witness(wdir.path(), port, &log_pub)?;
+    let wkey = std::fs::read_to_string(wdir.path().join("witness.pub"))?
+        .trim()
+        .to_string();
+    c.use_witnesses(&[(&witness.url, &wkey)], 200)?;
+    let series = format!(
+        "custodia_witness_inconsistent_total{{witness=\"{}\"}}",
+        witness.url
+    );
+    let said =
+        custodia_tests::eventually(15, || c.metric(&c.metrics, &series).is_ok_and(|n| n >= 1.0));
+    assert!(
+        said,
+        "no fork reported: {:?}",
+        c.metric(&c.metrics, &series)
+    );
+    Ok(())
+}
+
 /// Every checkpoint extends the empty log's, which a monitor of a new log
 /// may hold first: `verify --consistency` says so once both verify, and
 /// refuses an empty checkpoint signed by another key.
