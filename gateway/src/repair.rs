@@ -1663,6 +1663,8 @@ async fn repair_leased<S: Store>(
     let want = if homeless.is_empty() { order.len() } else { k };
     let mut shards: Vec<Option<Vec<u8>>> = vec![None; total];
     let mut rebuild: Vec<usize> = homeless.clone();
+    // Of `rebuild`, the shards their own (reachable) node reported damaged.
+    let mut damaged: Vec<usize> = Vec::new();
     // Shards that can never be read again: damaged, or on a removed node,
     // or with no node once an orphan sweep adopted every copy it found of
     // such shards. (Those on nodes merely down may come back, and so may a
@@ -1762,6 +1764,7 @@ async fn repair_leased<S: Store>(
                     ShardOutcome::Damaged => {
                         bad_for_good += 1;
                         rebuild.push(i);
+                        damaged.push(i);
                     }
                     // Rebuilt elsewhere, but no proof it is gone for good.
                     ShardOutcome::Unreadable => rebuild.push(i),
@@ -1779,6 +1782,7 @@ async fn repair_leased<S: Store>(
             Checked::Damaged if !rebuild.contains(&i) => {
                 bad_for_good += 1;
                 rebuild.push(i);
+                damaged.push(i);
             }
             Checked::Damaged | Checked::Unreachable => {}
         }
@@ -1835,14 +1839,13 @@ async fn repair_leased<S: Store>(
     // 3. New homes, then write, then re-read.
     let holders = holders_except(&rec, &rebuild);
     let targets = choose_targets(gw, evidence, stripe, &holders, &rec, nodes, rebuild.len());
-    if targets.len() < rebuild.len() {
+    let Some(homes) = homes_for(gw, &rec, &rebuild, &damaged, &relocating, nodes, targets) else {
         recycle(gw, shards);
         return Err(ApiError::Unavailable(format!(
-            "only {} nodes can take the {} rebuilt shards",
-            targets.len(),
+            "too few nodes can take the {} rebuilt shards",
             rebuild.len()
         )));
-    }
+    };
     let mut next = rec.clone();
     let mut written: Vec<(usize, NodeId)> = Vec::new();
     for &i in &rebuild {
@@ -1852,7 +1855,7 @@ async fn repair_leased<S: Store>(
             }
         }
     }
-    let writes = rebuild.iter().zip(&targets).map(|(&i, &node)| {
+    let writes = rebuild.iter().zip(&homes).map(|(&i, &node)| {
         // Back to the receive pool the next stripe's reads take from.
         let body = gw.nodes.client.share(shards[i].take().unwrap_or_default());
         let header = shard_header(&header, stripe, &next, i);
@@ -2162,6 +2165,59 @@ async fn commit_repair<S: Store>(
         });
     }
     Ok(Outcome::Repaired(written.len()))
+}
+
+/// A home for each shard of `rebuild`, in its order: `targets` (from
+/// [`choose_targets`]) while they last; with too few of them (a cluster of
+/// k+m nodes, every one holding a shard of the stripe), a shard its own node
+/// reported damaged goes back to that node, where the put replaces the bad
+/// copy, if the node is healthy, open to writes, with room, and holds no
+/// other shard of the stripe. `None` when some shard is left homeless.
+fn homes_for<S: Store>(
+    gw: &Gateway<S>,
+    rec: &StripeRecord,
+    rebuild: &[usize],
+    damaged: &[usize],
+    relocating: &[usize],
+    nodes: &PassNodes,
+    targets: Vec<NodeId>,
+) -> Option<Vec<NodeId>> {
+    if targets.len() >= rebuild.len() {
+        return Some(targets);
+    }
+    let evacuating = gw.nodes.evacuating();
+    let own = |i: usize| {
+        let n = rec.shards[i].node?;
+        let alone = rec.shards.iter().filter(|p| p.node == Some(n)).count() == 1;
+        (damaged.contains(&i)
+            && !relocating.contains(&i)
+            && alone
+            && gw.nodes.is_healthy(n)
+            && !gw.nodes.is_full(n)
+            && !nodes.gone.contains(&n)
+            && !evacuating.contains(&n))
+        .then_some(n)
+    };
+    // Shards that can go back home do, so the others get the targets.
+    let elsewhere = rebuild.iter().filter(|&&i| own(i).is_none()).count();
+    if targets.len() < elsewhere {
+        return None;
+    }
+    let mut targets = targets.into_iter();
+    let mut spare = targets.len() - elsewhere;
+    rebuild
+        .iter()
+        .map(|&i| match own(i) {
+            // A target left over is still preferred: a shard on a node
+            // whose copy went bad is better moved.
+            Some(n) if spare == 0 => Some(n),
+            Some(_) => {
+                spare -= 1;
+                targets.next()
+            }
+            None => targets.next(),
+        })
+        .collect()
 }
 
 /// Nodes to take `n` rebuilt shards: healthy, with room, not already

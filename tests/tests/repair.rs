@@ -247,6 +247,44 @@ fn scrub_finds_corruption_no_read_met_and_repair_rebuilds_it() -> Result<()> {
     Ok(())
 }
 
+/// On a cluster of exactly k+m nodes every node holds a shard of every
+/// stripe, so a damaged shard has no other node to go to: it is rebuilt
+/// onto its own node, whose put replaces the bad copy, and the stripe is
+/// whole again (rather than failing repair at every pass for ever).
+#[test]
+fn a_damaged_shard_with_no_other_home_is_rebuilt_in_place() -> Result<()> {
+    let mut c = TestCluster::start(Shape {
+        nodes: 6,
+        ..Shape::default()
+    })?;
+    let data = bytes(50_000, 77);
+    let id = c.file(&data)?["id"].as_str().context("id")?.to_owned();
+    let victim = c
+        .shard_files(2)
+        .into_iter()
+        .next()
+        .context("node 2 holds a shard")?;
+    let good = std::fs::read(&victim)?;
+    flip_last_byte(&victim)?;
+    let out = c.cli(&["repair", "--verify-all", "--patience-secs", "30"])?;
+    assert!(
+        out.status.success(),
+        "custodia repair failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(status(&c)?["degraded_stripes"], 0);
+    assert_eq!(
+        std::fs::read(&victim)?,
+        good,
+        "the shard was not rebuilt onto its node"
+    );
+    c.kill_node(0);
+    c.kill_node(1);
+    assert_eq!(c.read(&id)?, data, "with two other nodes dead");
+    Ok(())
+}
+
 #[test]
 fn orphan_shards_are_collected_after_their_grace_and_nothing_else_is() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
