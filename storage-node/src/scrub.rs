@@ -11,7 +11,7 @@
 //! [`ScrubConfig::bytes_per_sec`] so foreground traffic keeps the disk.
 
 use crate::metrics::{clamp, NodeMetrics};
-use crate::store::{ShardStore, StoreError};
+use crate::store::{ScrubPage, ShardStore, StoreError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -74,15 +74,32 @@ async fn pass(store: &Arc<ShardStore>, metrics: &NodeMetrics, bytes_per_sec: u64
     metrics.scrub_progress.set(0.0);
     loop {
         let s = store.clone();
-        let (page, listed) =
-            match run_blocking(move || s.list_finding_damage(after.as_ref(), PAGE)).await {
-                Ok(found) => found,
-                Err(e) => {
-                    tracing::warn!(error = %e, "scrub could not list shards; retrying in a minute");
-                    tokio::time::sleep(Duration::from_secs(60)).await;
-                    continue;
-                }
-            };
+        let ScrubPage {
+            shards: page,
+            damaged: listed,
+            unlistable,
+        } = match run_blocking(move || s.list_finding_damage(after.as_ref(), PAGE)).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e, "scrub could not list shards; retrying in a minute");
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                continue;
+            }
+        };
+        // A directory of shards that cannot be listed: none of its shards
+        // is checked, and none can be found by reads that do not name it.
+        // Counted as corrupt (one each), so the alert on corrupt shards
+        // fires; the pass goes on past it.
+        for dir in &unlistable {
+            corrupt += 1;
+            metrics.scrub_corrupt.inc();
+            metrics.corrupt_shards.inc();
+            tracing::error!(
+                dir = %dir.display(),
+                "scrub cannot list this shard directory: its shards go unchecked; check the \
+                 disk, and run `custodia repair --verify-all` to rebuild what it holds elsewhere"
+            );
+        }
         // Files the listing itself found torn or unreadable (quarantined
         // there) are this pass's findings too.
         if listed > 0 {

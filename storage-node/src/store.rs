@@ -79,6 +79,16 @@ pub struct Erased {
 }
 
 /// How a store lays out what it keeps.
+/// One page of the scrubber's listing ([`ShardStore::list_finding_damage`]).
+#[derive(Debug, Default)]
+pub struct ScrubPage {
+    pub shards: Vec<ShardHeader>,
+    /// Files the listing quarantined (torn, or naming another shard).
+    pub damaged: u64,
+    /// Fan-out directories it could not list, whose files it passed over.
+    pub unlistable: Vec<PathBuf>,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StoreConfig {
     /// Shards with bodies up to this size are packed into segments; 0 keeps
@@ -765,22 +775,33 @@ impl ShardStore {
         after: Option<&ShardKey>,
         limit: usize,
     ) -> Result<Vec<ShardHeader>, StoreError> {
-        let (out, damaged) = self.list_finding_damage(after, limit)?;
+        let mut damaged = 0;
+        let out = self.list_counting(after, limit, &mut damaged, None);
+        // What was quarantined (before any error) counts.
         self.listed_corrupt.fetch_add(damaged, Ordering::Relaxed);
-        Ok(out)
+        out
     }
 
-    /// [`list`](Self::list), returning how many files it quarantined
-    /// instead of counting them for [`take_listed_corrupt`](Self::take_listed_corrupt)
-    /// (the scrubber counts what its own listing finds).
+    /// The scrubber's [`list`](Self::list): returns how many files it
+    /// quarantined instead of counting them for
+    /// [`take_listed_corrupt`](Self::take_listed_corrupt) (the scrubber
+    /// counts what its own listing finds), and passes over the fan-out
+    /// directories it cannot list, naming them, rather than fail: one bad
+    /// directory must not stop every scrub pass there for good. (Recovery
+    /// and orphan collection must not take such a listing for whole.)
     pub fn list_finding_damage(
         &self,
         after: Option<&ShardKey>,
         limit: usize,
-    ) -> Result<(Vec<ShardHeader>, u64), StoreError> {
+    ) -> Result<ScrubPage, StoreError> {
         let mut damaged = 0;
-        match self.list_counting(after, limit, &mut damaged) {
-            Ok(out) => Ok((out, damaged)),
+        let mut unlistable = Vec::new();
+        match self.list_counting(after, limit, &mut damaged, Some(&mut unlistable)) {
+            Ok(shards) => Ok(ScrubPage {
+                shards,
+                damaged,
+                unlistable,
+            }),
             Err(e) => {
                 // What was quarantined before the error still counts.
                 self.listed_corrupt.fetch_add(damaged, Ordering::Relaxed);
@@ -794,6 +815,7 @@ impl ShardStore {
         after: Option<&ShardKey>,
         limit: usize,
         damaged: &mut u64,
+        mut unlistable: Option<&mut Vec<PathBuf>>,
     ) -> Result<Vec<ShardHeader>, StoreError> {
         let mut out = Vec::new();
         let first = after.map_or(0, |k| k.evidence.0[15] as usize);
@@ -802,12 +824,22 @@ impl ShardStore {
             let mut keys = self.log.keys_in(fanout as u8);
             keys.retain(|key| after.is_none_or(|a| fanout > first || key > a));
             let entries = match fs::read_dir(&dir) {
-                Ok(entries) => entries.collect(),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-                Err(e) => return Err(e.into()),
+                Ok(entries) => entries.collect::<io::Result<Vec<_>>>(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+                Err(e) => Err(e),
+            };
+            let entries = match (entries, unlistable.as_deref_mut()) {
+                (Ok(entries), _) => entries,
+                // Its files passed over; the shards in segments still listed.
+                (Err(e), Some(skipped)) => {
+                    tracing::error!(dir = %dir.display(), error = %e, "a shard directory cannot be listed; its files are passed over");
+                    skipped.push(dir.clone());
+                    Vec::new()
+                }
+                (Err(e), None) => return Err(e.into()),
             };
             for entry in entries {
-                let name = entry?.file_name();
+                let name = entry.file_name();
                 match name.to_str().and_then(parse_shard_file_name) {
                     Some(key) if after.is_none_or(|a| fanout > first || key > *a) => keys.push(key),
                     Some(_) => {}
@@ -1756,6 +1788,31 @@ mod tests {
             .collect();
         files.sort();
         files
+    }
+
+    /// A fan-out directory that cannot be listed fails the listing that
+    /// recovery and orphan collection take for whole; the scrubber's
+    /// passes over it, names it, and lists the rest.
+    #[test]
+    fn an_unlistable_directory_fails_listings_but_not_scrub_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = files_only(dir.path());
+        let (a, b) = (key(1), key(2));
+        for k in [a, b] {
+            store.put(&header(k, &body(100)), &body(100)).unwrap();
+        }
+        // Its inode gone bad: here, a file where the directory was.
+        let bad = store.shard_dir(&a);
+        fs::remove_dir_all(&bad).unwrap();
+        fs::write(&bad, b"not a directory").unwrap();
+        assert!(
+            store.list(None, 100).is_err(),
+            "a short listing taken for whole"
+        );
+        let page = store.list_finding_damage(None, 100).unwrap();
+        assert_eq!(page.unlistable, vec![bad]);
+        let listed: Vec<ShardKey> = page.shards.iter().map(|h| h.key).collect();
+        assert_eq!(listed, vec![b]);
     }
 
     #[test]
