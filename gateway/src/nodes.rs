@@ -614,6 +614,14 @@ impl NodeSet {
                 shards: info.shards,
                 reserve_bytes: space.reserve_bytes,
             });
+            // Nobody is recorded as seen now before the earlier sightings
+            // were read: a later read would take this probe's time for the
+            // cluster's last, and count a whole-cluster shutdown as the
+            // silence of every node not yet back (repairing them all at
+            // once). Recorded at the next probe, which reads them first.
+            if lock(&self.silent_before).is_none() {
+                continue;
+            }
             let entry = n.entry.clone();
             let result = indexer::run(store, |tx| {
                 let entry = entry.clone();
