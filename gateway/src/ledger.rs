@@ -1737,8 +1737,9 @@ async fn archive_run<S: Store>(
     }
     let mut read = Vec::new();
     if fresh.is_empty() {
-        // Only after a crash or a restore (at most a few batches): a tile
-        // per transaction keeps each read short whatever the statements' sizes.
+        // Only after a crash or a restore (a few batches; a whole log
+        // when its tiles were lost): a tile per transaction keeps each read
+        // short whatever the statements' sizes.
         let mut at = old;
         while at < size {
             let to = size.min(at + (1 << TILE_HEIGHT));
@@ -1771,27 +1772,30 @@ async fn archive_run<S: Store>(
             leaves.len()
         )));
     }
-    // Hash-only notarizations have no manifest to archive.
-    let manifests = if leaves.iter().all(|(_, k)| *k == Kind::Notarized) {
-        vec![None; leaves.len()]
-    } else {
-        indexer::run(&gw.store, |tx| {
-            let leaves = &leaves;
-            async move {
-                futures::future::try_join_all(leaves.iter().map(|(l, kind)| {
-                    let tx = &tx;
-                    async move {
-                        if *kind == Kind::Notarized {
-                            return Ok(None);
-                        }
-                        schema::get_any_manifest_tx(tx, l.evidence).await
+    // Hash-only notarizations have no manifest to archive. A tile's worth
+    // per transaction: a catch-up over a whole log (its tiles lost, then
+    // `recover-index --trust-archive`) must not outlive one transaction.
+    let mut manifests = Vec::with_capacity(leaves.len());
+    for chunk in leaves.chunks(1 << TILE_HEIGHT) {
+        if chunk.iter().all(|(_, k)| *k == Kind::Notarized) {
+            manifests.extend(std::iter::repeat_n(None, chunk.len()));
+            continue;
+        }
+        let got = indexer::run(&gw.store, |tx| async move {
+            futures::future::try_join_all(chunk.iter().map(|(l, kind)| {
+                let tx = &tx;
+                async move {
+                    if *kind == Kind::Notarized {
+                        return Ok(None);
                     }
-                }))
-                .await
-            }
+                    schema::get_any_manifest_tx(tx, l.evidence).await
+                }
+            }))
+            .await
         })
-        .await?
-    };
+        .await?;
+        manifests.extend(got);
+    }
     let leaves = leaves
         .iter()
         .zip(manifests)
