@@ -598,16 +598,26 @@ pub async fn sweep_orphans<S: Store>(
         std::collections::HashSet::new();
     for entry in &gw.config.nodes {
         let node = entry.node_id();
-        // A draining node still holds copies that may be adoptable: the
-        // sweep is complete only once it too was listed.
-        if gw.nodes.lifecycle(node) != schema::Lifecycle::Removed
-            && (gw.nodes.lifecycle(node) != schema::Lifecycle::Active || !gw.nodes.is_healthy(node))
-        {
+        let lifecycle = gw.nodes.lifecycle(node);
+        // A draining node still holds copies that may be adoptable (a
+        // flaky node, down while recover-index ran, is the one an operator
+        // drains): it is listed for those alone, and adopted copies leave
+        // it with the drain. Nothing on it is deleted as an orphan.
+        let adopt_only = lifecycle == schema::Lifecycle::Draining;
+        let listable = gw.nodes.is_healthy(node)
+            && matches!(
+                lifecycle,
+                schema::Lifecycle::Active | schema::Lifecycle::Draining
+            );
+        // The sweep is complete only once every node not removed was listed.
+        if lifecycle != schema::Lifecycle::Removed && !listable {
             sweep.complete = false;
         }
-        if !gw.nodes.is_healthy(node) || gw.nodes.lifecycle(node) != schema::Lifecycle::Active {
+        if !listable || adopt_only {
             // Its entries stay as they were until it can be listed again.
             still.extend(candidates.iter().filter(|((n, _), _)| *n == node));
+        }
+        if !listable {
             continue;
         }
         let mut after = None;
@@ -689,6 +699,9 @@ pub async fn sweep_orphans<S: Store>(
                     }
                 }
                 lease.release(gw).await;
+            }
+            if adopt_only {
+                continue;
             }
             let now = std::time::Instant::now();
             for (key, unknown) in unreferenced {

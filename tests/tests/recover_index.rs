@@ -348,6 +348,50 @@ fn copies_on_nodes_down_during_recovery_are_adopted_when_they_return() -> Result
     Ok(())
 }
 
+/// The same recovery, and one of the nodes that was down is drained as
+/// soon as it is back (the flaky one), before any orphan sweep ran: its
+/// copies are still adopted (a draining node is listed for them, never for
+/// orphans), everything reads again, and the drain then moves them off.
+#[test]
+fn copies_on_a_node_drained_after_recovery_are_adopted_then_moved() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.set_gateway(&[
+        ("repair_interval_ms", toml::Value::Integer(500)),
+        ("orphan_sweep_interval_ms", toml::Value::Integer(5000)),
+    ])?;
+    let (filed, _) = recovered_with_three_nodes_down(&mut c, 81)?;
+    for n in [1, 2, 3] {
+        c.start_node_and_wait(n)?;
+    }
+    c.start_gateway()?;
+    c.wait_healthy(8)?;
+    let drain = c.cli(&["node", "drain", "1"])?;
+    assert!(
+        drain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&drain.stderr)
+    );
+    let mut last = String::new();
+    let whole = custodia_tests::eventually(60, || {
+        filed.iter().all(|(id, data)| match c.read(id) {
+            Ok(back) => &back == data,
+            Err(e) => {
+                last = e.to_string();
+                false
+            }
+        })
+    });
+    assert!(whole, "evidence unreadable with node 1 draining: {last}");
+    let done = c.cli(&["node", "drain", "1", "--wait", "--patience-secs", "60"])?;
+    assert!(
+        done.status.success(),
+        "the drain did not finish: {}{}",
+        String::from_utf8_lossy(&done.stdout),
+        String::from_utf8_lossy(&done.stderr)
+    );
+    Ok(())
+}
+
 /// The same recovery, but two of the down nodes come back with empty
 /// disks: their slots have no copy anywhere and no hash the index knows.
 /// Nothing is declared lost while the third node's copies can still be
