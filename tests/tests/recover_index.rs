@@ -348,18 +348,26 @@ fn copies_on_nodes_down_during_recovery_are_adopted_when_they_return() -> Result
     Ok(())
 }
 
-/// The same recovery, and one of the nodes that was down is drained as
-/// soon as it is back (the flaky one), before any orphan sweep ran: its
-/// copies are still adopted (a draining node is listed for them, never for
-/// orphans), everything reads again, and the drain then moves them off.
+/// The same recovery; nodes 2 and 3 come back with empty disks, and node 1
+/// whole but is drained as soon as it is back (the flaky one), before any
+/// orphan sweep ran. Stripes that had shards on all three need node 1's
+/// copies to reach k: they are still adopted (a draining node is listed for
+/// them, never for orphans), everything reads again, and the drain then
+/// moves them off.
 #[test]
 fn copies_on_a_node_drained_after_recovery_are_adopted_then_moved() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
     c.set_gateway(&[
         ("repair_interval_ms", toml::Value::Integer(500)),
+        ("repair_after_down_ms", toml::Value::Integer(1000)),
         ("orphan_sweep_interval_ms", toml::Value::Integer(5000)),
     ])?;
     let (filed, _) = recovered_with_three_nodes_down(&mut c, 81)?;
+    for n in [2, 3] {
+        let dir = c.node_dir(n);
+        std::fs::remove_dir_all(&dir)?;
+        std::fs::create_dir_all(&dir)?;
+    }
     for n in [1, 2, 3] {
         c.start_node_and_wait(n)?;
     }
@@ -382,6 +390,16 @@ fn copies_on_a_node_drained_after_recovery_are_adopted_then_moved() -> Result<()
         })
     });
     assert!(whole, "evidence unreadable with node 1 draining: {last}");
+    // Every slot found a home: node 1's copies adopted (not left waiting
+    // for a sweep that a draining node kept from ever completing), then
+    // moved off it.
+    let repaired = c.cli(&["repair", "--patience-secs", "60"])?;
+    assert!(
+        repaired.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&repaired.stdout),
+        String::from_utf8_lossy(&repaired.stderr)
+    );
     let done = c.cli(&["node", "drain", "1", "--wait", "--patience-secs", "60"])?;
     assert!(
         done.status.success(),
