@@ -742,6 +742,34 @@ impl ShardStore {
         }
         erased.copies += copies.len() as u64;
         let aside = self.root.join(DAMAGED_SEGMENTS_DIR);
+        // A damaged segment the open could not move aside (no room then)
+        // is still among the live ones, unindexed: what it holds of this
+        // evidence is neither deleted above nor looked for below. Moved
+        // aside now, or the erasure fails (the expunge waits and is asked
+        // again) rather than say erased over bytes still on the disk.
+        let stuck: Vec<(u64, PathBuf)> = self
+            .log
+            .damaged_segments()
+            .iter()
+            .map(|&seg| (seg, self.log.segment_path(seg)))
+            .filter(|(_, path)| path.exists())
+            .collect();
+        if !stuck.is_empty() {
+            create_dir_durably(&aside)?;
+            for (seg, from) in &stuck {
+                let name = from
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let to = aside.join(format!("{name}.{}", uuid::Uuid::now_v7().simple()));
+                fs::rename(from, &to).map_err(|e| {
+                    tracing::error!(segment = seg, error = %e, "a damaged segment cannot be moved aside to be searched for expunged evidence");
+                    StoreError::Io(e)
+                })?;
+            }
+            sync_dir(&aside)?;
+            sync_dir(&self.root.join(crate::segments::SEGMENTS_DIR))?;
+        }
         let mut removed_aside = false;
         for name in names_starting(&aside, "")? {
             let path = aside.join(&name);
@@ -1663,6 +1691,14 @@ fn renew_identity(root: &Path, log: &SegmentLog) -> Result<[u8; 16], StoreError>
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let to = aside.join(format!("{name}.{}", uuid::Uuid::now_v7().simple()));
+        #[cfg(test)]
+        if tests::RENAME_ASIDE_FAILS.with(std::cell::Cell::get) {
+            tracing::warn!(
+                segment = seg,
+                "could not move a damaged segment aside (test)"
+            );
+            continue;
+        }
         if let Err(e) = fs::rename(&from, &to) {
             tracing::warn!(segment = seg, error = %e, "could not move a damaged segment aside");
         }
@@ -2558,6 +2594,38 @@ mod tests {
         let b = body(300);
         store.put(&header(key(9), &b), &b).unwrap();
         assert_eq!(store.get(&key(9)).unwrap().1, b);
+    }
+
+    thread_local! {
+        /// Moving a damaged segment aside at open fails (as with no room).
+        pub(super) static RENAME_ASIDE_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// A damaged segment the open could not move aside still holds shards
+    /// of evidence expunged later: the erasure moves it aside then and
+    /// removes it, so no byte of that evidence stays on the disk.
+    #[test]
+    fn a_damaged_segment_left_in_place_is_erased_with_its_evidence() {
+        let dir = tempfile::tempdir().unwrap();
+        let doomed = key(1).evidence;
+        let b = secret(41, 700);
+        {
+            let store = ShardStore::open(dir.path()).unwrap();
+            store.put(&header(key(1), &b), &b).unwrap();
+        }
+        let seg = segment_files(dir.path())[0].clone();
+        let mut bytes = fs::read(&seg).unwrap();
+        bytes[..8].fill(0xee);
+        fs::write(&seg, bytes).unwrap();
+        RENAME_ASIDE_FAILS.with(|f| f.set(true));
+        let store = ShardStore::open(dir.path());
+        RENAME_ASIDE_FAILS.with(|f| f.set(false));
+        let store = store.unwrap();
+        assert!(seg.exists(), "the segment stayed in place");
+        store.erase_evidence(doomed).unwrap();
+        let left = files_holding(dir.path(), &b[100..132]);
+        assert!(left.is_empty(), "expunged bytes left in {left:?}");
+        assert!(!seg.exists());
     }
 
     /// Bytes no one can guess: the same nowhere else on the disk.
