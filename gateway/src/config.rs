@@ -173,6 +173,12 @@ pub struct GatewayConfig {
     /// another for ever.
     #[serde(default = "default_repair_rewalk")]
     pub repair_rewalk_ms: u64,
+    /// How often a node's quarantine entry already acted on is looked at
+    /// again (is the shard placed there still missing, or rebuilt and lost
+    /// again?): entries stay on the nodes for good, so each look reads the
+    /// index for every one of them.
+    #[serde(default = "default_quarantine_recheck")]
+    pub quarantine_recheck_ms: u64,
     /// Where Prometheus scrapes the gateway's `/metrics` (plain HTTP);
     /// none: not exported.
     #[serde(default)]
@@ -286,6 +292,9 @@ fn default_crowding_walk_gap() -> u64 {
 }
 fn default_repair_rewalk() -> u64 {
     3_600_000
+}
+fn default_quarantine_recheck() -> u64 {
+    600_000
 }
 fn default_repair_after_down() -> u64 {
     600_000

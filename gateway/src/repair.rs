@@ -257,21 +257,24 @@ pub fn spawn_repair_loop<S: Store>(
 
 /// Asks every healthy node for the shards it quarantined (found corrupt by
 /// its scrubber or on a read) and queues each stripe whose record still
-/// places that shard on that node. `reported` remembers what was handled
-/// and whether the record placed the shard on that node then, so a
-/// quarantine entry (kept on the node for forensics, and named once however
-/// often the key was quarantined) is acted on once per placement: a shard
-/// repaired away and later placed on the same node again, and found
-/// corrupt there again, is queued again. Returns the stripes queued.
+/// places that shard on that node, which holds no good copy of it.
+/// `reported` remembers what was handled: the stripe record's version when
+/// the shard was found placed there and missing, and queued (`None`: nothing
+/// to act on), so a quarantine entry (kept on the node for forensics, and
+/// named once however often the key was quarantined) is acted on once per
+/// loss: a shard repaired away and later placed on the same node again, or
+/// rebuilt onto that very node, and found corrupt there again, is queued
+/// again. Returns the stripes queued.
 ///
 /// A quarantine entry already handled is looked at again only every
-/// [`QUARANTINE_RECHECK`]: entries stay on the nodes for good, and reading
+/// `quarantine_recheck_ms`: entries stay on the nodes for good, and reading
 /// the index for each of them on every pass would grow without bound.
 pub async fn collect_quarantined<S: Store>(
     gw: &Gateway<S>,
-    reported: &mut HashMap<(NodeId, ShardKey), (bool, std::time::Instant)>,
+    reported: &mut HashMap<(NodeId, ShardKey), (Option<u64>, std::time::Instant)>,
 ) -> u64 {
     let mut queued = 0;
+    let recheck = Duration::from_millis(gw.config.quarantine_recheck_ms);
     for entry in &gw.config.nodes {
         let node = entry.node_id();
         if !gw.nodes.is_healthy(node) {
@@ -293,11 +296,11 @@ pub async fn collect_quarantined<S: Store>(
             };
             let Some(last) = keys.last() else { break };
             after = Some(*last);
-            let listed: Vec<(ShardKey, Option<bool>)> = keys
+            let listed: Vec<(ShardKey, Option<u64>)> = keys
                 .into_iter()
                 .filter_map(|k| match reported.get(&(node, k)) {
-                    Some((_, at)) if at.elapsed() < QUARANTINE_RECHECK => None,
-                    seen => Some((k, seen.map(|(placed, _)| *placed))),
+                    Some((_, at)) if at.elapsed() < recheck => None,
+                    seen => Some((k, seen.and_then(|(queued, _)| *queued))),
                 })
                 .collect();
             if listed.is_empty() {
@@ -306,55 +309,85 @@ pub async fn collect_quarantined<S: Store>(
             let result = indexer::run(&gw.store, |tx| {
                 let listed = &listed;
                 async move {
-                    // Done with: queued (unless it was queued while placed
-                    // there already), or the stripe's record exists and
-                    // places the shard elsewhere, or the evidence has no
-                    // record and no upload in flight. A shard with neither
-                    // yet (its upload's records still to be written) is
-                    // looked at again.
-                    // (key, placed on the node, queued now)
-                    let mut done = Vec::new();
-                    for (k, was_placed) in listed {
-                        if schema::shard_placed_on_tx(&tx, k, node).await? {
-                            let again = *was_placed != Some(true);
-                            if again {
-                                schema::mark_degraded_tx(&tx, k.evidence, k.stripe);
+                    // Settled: placed on this node (looked at below), or
+                    // the stripe's record exists and places the shard
+                    // elsewhere, or the evidence has no record and no
+                    // upload in flight. A shard with neither yet (its
+                    // upload's records still to be written) is looked at
+                    // again. (key, the record's version if placed here)
+                    let mut settled = Vec::new();
+                    for (k, _) in listed {
+                        match schema::get_stripe_tx(&tx, k.evidence, k.stripe).await? {
+                            Some(rec) => {
+                                let here = rec.shards.get(k.index as usize).and_then(|p| p.node)
+                                    == Some(node);
+                                settled.push((*k, here.then_some(rec.version)));
                             }
-                            done.push((*k, true, again));
-                        } else if schema::get_stripe_tx(&tx, k.evidence, k.stripe)
-                            .await?
-                            .is_some()
-                            || schema::get_intent_tx(&tx, k.evidence).await?.is_none()
-                        {
-                            done.push((*k, false, false));
+                            None if schema::get_intent_tx(&tx, k.evidence).await?.is_none() => {
+                                settled.push((*k, None));
+                            }
+                            None => {}
                         }
                     }
-                    Ok::<_, schema::SchemaError>(done)
+                    Ok::<_, schema::SchemaError>(settled)
                 }
             })
             .await;
-            match result {
-                Ok(done) => {
-                    queued += done.iter().filter(|(.., q)| *q).count() as u64;
-                    let now = std::time::Instant::now();
-                    reported.extend(
-                        done.into_iter()
-                            .map(|(k, placed, _)| ((node, k), (placed, now))),
-                    );
-                }
+            let settled = match result {
+                Ok(settled) => settled,
                 Err(e) => {
                     tracing::warn!(%node, error = %e, "could not queue quarantined shards");
                     break;
                 }
+            };
+            // Placed here, the entry counts only while the node holds no
+            // good copy: one rebuilt onto this very node (a cluster of k+m
+            // nodes) supersedes it, and a copy found corrupt again later
+            // (the key still named once) is then queued again, as is one
+            // missing under a record changed since it was queued.
+            // (key, version if placed here and missing, queue now)
+            let mut done = Vec::new();
+            for (k, version) in settled {
+                let was = listed
+                    .iter()
+                    .find(|(l, _)| *l == k)
+                    .and_then(|(_, was)| *was);
+                let Some(version) = version else {
+                    done.push((k, None, false));
+                    continue;
+                };
+                match gw.nodes.client.rpc_stat_shard(entry.addr, k).await {
+                    Ok(_) => done.push((k, None, false)),
+                    Err(NodeError::Remote(
+                        protocol::wire::ErrorCode::NotFound | protocol::wire::ErrorCode::Corrupt,
+                    )) => done.push((k, Some(version), was != Some(version))),
+                    // Looked at again at the next pass.
+                    Err(e) => {
+                        tracing::debug!(%node, shard = %k, error = %e, "could not see whether a quarantined shard was rebuilt")
+                    }
+                }
             }
+            let again: Vec<(EvidenceId, u64)> = done
+                .iter()
+                .filter(|(.., q)| *q)
+                .map(|(k, ..)| (k.evidence, k.stripe))
+                .collect();
+            if !again.is_empty() {
+                if let Err(e) = mark_degraded(gw, &again).await {
+                    tracing::warn!(%node, error = %e, "could not queue quarantined shards");
+                    break;
+                }
+            }
+            queued += again.len() as u64;
+            let now = std::time::Instant::now();
+            reported.extend(
+                done.into_iter()
+                    .map(|(k, queued, _)| ((node, k), (queued, now))),
+            );
         }
     }
     queued
 }
-
-/// How often a quarantine entry already handled is looked at again (see
-/// [`collect_quarantined`]).
-const QUARANTINE_RECHECK: Duration = Duration::from_secs(600);
 
 /// Nodes down for longer than the configured grace, and removed nodes:
 /// their shards count as missing.

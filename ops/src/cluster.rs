@@ -471,6 +471,7 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         repair_old_copy_grace_ms: gateway::repair::OLD_COPY_GRACE.as_millis() as u64,
         crowding_walk_gap_ms: 600_000,
         repair_rewalk_ms: 3_600_000,
+        quarantine_recheck_ms: 600_000,
         ledger: Some(ledger),
         s3_listen: opts.s3,
         s3_domain: opts.s3.map(|_| "localhost".to_owned()),

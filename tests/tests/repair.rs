@@ -285,6 +285,46 @@ fn a_damaged_shard_with_no_other_home_is_rebuilt_in_place() -> Result<()> {
     Ok(())
 }
 
+/// The same on a cluster of k+m nodes, found by scrub twice: the shard
+/// rebuilt onto its node and found corrupt there again is rebuilt again
+/// (the node's quarantine names the key once, however often it rots).
+#[test]
+fn a_shard_rebuilt_onto_its_node_and_rotting_again_is_rebuilt_again() -> Result<()> {
+    let mut c = TestCluster::start(Shape {
+        nodes: 6,
+        ..Shape::default()
+    })?;
+    c.set_gateway(&[
+        ("repair_interval_ms", toml::Value::Integer(300)),
+        ("quarantine_recheck_ms", toml::Value::Integer(500)),
+    ])?;
+    let data = bytes(50_000, 78);
+    let id = c.file(&data)?["id"].as_str().context("id")?.to_owned();
+    c.set_nodes(&[
+        ("scrub_bytes_per_sec", toml::Value::Integer(64 << 20)),
+        ("scrub_pass_interval_secs", toml::Value::Integer(1)),
+    ])?;
+    let victim = c
+        .shard_files(2)
+        .into_iter()
+        .next()
+        .context("node 2 holds a shard")?;
+    let good = std::fs::read(&victim)?;
+    for round in 1..=2 {
+        flip_last_byte(&victim)?;
+        let healed =
+            custodia_tests::eventually(60, || std::fs::read(&victim).is_ok_and(|now| now == good));
+        assert!(
+            healed,
+            "round {round}: the shard was not rebuilt onto node 2"
+        );
+    }
+    c.kill_node(0);
+    c.kill_node(1);
+    assert_eq!(c.read(&id)?, data, "with two other nodes dead");
+    Ok(())
+}
+
 #[test]
 fn orphan_shards_are_collected_after_their_grace_and_nothing_else_is() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
