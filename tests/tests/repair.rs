@@ -318,6 +318,12 @@ fn a_shard_rebuilt_onto_its_node_and_rotting_again_is_rebuilt_again() -> Result<
             healed,
             "round {round}: the shard was not rebuilt onto node 2"
         );
+        // Out of the repair queue (so only the quarantine can bring it
+        // back), and its entry looked at again since.
+        let settled =
+            custodia_tests::eventually(30, || status(&c).is_ok_and(|s| s["degraded_stripes"] == 0));
+        assert!(settled, "round {round}: the stripe stayed queued");
+        std::thread::sleep(std::time::Duration::from_secs(2));
     }
     c.kill_node(0);
     c.kill_node(1);
