@@ -2657,9 +2657,23 @@ pub fn spawn_witnessing<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::Jo
                                 // ahead of this one.) Or it refused our proof
                                 // from its size: it holds another tree of its
                                 // size. Never marked seen: said at every round.
+                                // At our size: asked once more from there
+                                // (no proof), so a witness another gateway
+                                // of this log got there first with the same
+                                // tree cosigns; only another tree is refused.
                                 Ok(Cosigned::Behind(s)) if s == newest.1.size => {
-                                    forked(gw, w, s, newest.1.size);
-                                    None
+                                    match witness_once(gw, agent, which, s, newest).await {
+                                        Ok(Cosigned::Yes) => Some(s),
+                                        Ok(Cosigned::Behind(again)) if again == s => {
+                                            forked(gw, w, s, newest.1.size);
+                                            None
+                                        }
+                                        Ok(_) => None,
+                                        Err(e) => {
+                                            tracing::warn!(witness = %w.url, error = %e, "witness did not cosign");
+                                            None
+                                        }
+                                    }
                                 }
                                 Ok(Cosigned::Inconsistent) => {
                                     forked(gw, w, size, newest.1.size);

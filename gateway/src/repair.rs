@@ -495,6 +495,9 @@ pub struct HomesWalk {
     clean: HashMap<NodeId, Instant>,
     /// The whole walk under way, begun at the start of the records.
     under_way: Option<HomesSearch>,
+    /// [`NodeSet::openings`](crate::nodes::NodeSet::openings) when `clean`
+    /// and `under_way` were last found to hold.
+    openings: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -513,7 +516,20 @@ impl HomesWalk {
     /// walk under way goes on only while it searches for every one of them
     /// and they have stayed homeless since it began (a node back for a
     /// while may have taken shards it already passed).
-    fn search_now(&mut self, homeless: &HashSet<NodeId>, rewalk: Duration) -> HashSet<NodeId> {
+    ///
+    /// A node that came back to take shards and left again between two
+    /// looks is seen by `openings` having moved on (the count of nodes
+    /// opening to writes): nothing walked before then holds.
+    fn search_now(
+        &mut self,
+        homeless: &HashSet<NodeId>,
+        rewalk: Duration,
+        openings: u64,
+    ) -> HashSet<NodeId> {
+        if self.openings.replace(openings) != Some(openings) {
+            self.clean.clear();
+            self.under_way = None;
+        }
         self.clean
             .retain(|n, at| homeless.contains(n) && at.elapsed() < rewalk);
         let search: HashSet<NodeId> = homeless
@@ -572,7 +588,7 @@ pub async fn scan<S: Store>(
     // in the next look, not lost.
     let openings = gw.nodes.openings();
     let rewalk = Duration::from_millis(gw.config.repair_rewalk_ms);
-    let homeless = homes.search_now(&homeless_nodes(gw), rewalk);
+    let homeless = homes.search_now(&homeless_nodes(gw), rewalk, openings);
     let spread = Spread::now(gw, &gone_nodes(gw));
     let was_walking = walk.walking.is_some();
     let gap = Duration::from_millis(gw.config.crowding_walk_gap_ms);
@@ -2537,7 +2553,7 @@ mod tests {
         let hour = Duration::from_secs(3600);
         let set = |ids: &[u32]| ids.iter().map(|i| NodeId(*i)).collect::<HashSet<_>>();
         let mut w = HomesWalk::default();
-        assert_eq!(w.search_now(&set(&[1, 2]), hour), set(&[1, 2]));
+        assert_eq!(w.search_now(&set(&[1, 2]), hour, 0), set(&[1, 2]));
         w.begin(set(&[1, 2]), vec![EvidenceId::new(5, [5; 10])]);
         w.under_way.as_mut().map(|u| u.found.insert(NodeId(2)));
         let (clean, uploads) = w.finished().expect("node 1 walked clean");
@@ -2547,28 +2563,39 @@ mod tests {
             vec![EvidenceId::new(5, [5; 10])],
             "uploads to follow"
         );
-        assert_eq!(w.search_now(&set(&[1, 2]), hour), set(&[2]));
+        assert_eq!(w.search_now(&set(&[1, 2]), hour, 0), set(&[2]));
         // Back (for a while: it may take shards), then homeless again.
-        assert_eq!(w.search_now(&set(&[2]), hour), set(&[2]));
-        assert_eq!(w.search_now(&set(&[1, 2]), hour), set(&[1, 2]));
+        assert_eq!(w.search_now(&set(&[2]), hour, 0), set(&[2]));
+        assert_eq!(w.search_now(&set(&[1, 2]), hour, 0), set(&[1, 2]));
         // Past the rewalk period, searched again.
         w.begin(set(&[1, 2]), Vec::new());
         assert_eq!(w.finished().map(|(c, _)| c), Some(set(&[1, 2])));
-        assert!(w.search_now(&set(&[1, 2]), hour).is_empty());
-        assert_eq!(w.search_now(&set(&[1, 2]), Duration::ZERO), set(&[1, 2]));
+        assert!(w.search_now(&set(&[1, 2]), hour, 0).is_empty());
+        assert_eq!(w.search_now(&set(&[1, 2]), Duration::ZERO, 0), set(&[1, 2]));
+        // A node opened meanwhile (perhaps one back for a while, taking
+        // shards): nothing walked before holds.
+        let mut w = HomesWalk::default();
+        w.search_now(&set(&[1]), hour, 0);
+        w.begin(set(&[1]), Vec::new());
+        assert_eq!(w.finished().map(|(c, _)| c), Some(set(&[1])));
+        assert!(w.search_now(&set(&[1]), hour, 0).is_empty());
+        assert_eq!(w.search_now(&set(&[1]), hour, 1), set(&[1]));
+        w.begin(set(&[1]), Vec::new());
+        w.search_now(&set(&[1]), hour, 2);
+        assert!(w.finished().is_none(), "a walk across an opening counted");
         // A walk under way: one more homeless node, and it is not whole.
         let mut w = HomesWalk::default();
         w.begin(set(&[1]), Vec::new());
-        w.search_now(&set(&[1, 3]), hour);
+        w.search_now(&set(&[1, 3]), hour, 0);
         assert!(w.finished().is_none(), "a walk that missed node 3 counted");
         // One of its nodes back then homeless again: not whole for it.
         w.begin(set(&[1, 3]), Vec::new());
-        w.search_now(&set(&[1]), hour);
-        w.search_now(&set(&[1, 3]), hour);
+        w.search_now(&set(&[1]), hour, 0);
+        w.search_now(&set(&[1, 3]), hour, 0);
         assert!(w.finished().is_none(), "a walk that node 3 left counted");
         // One of its nodes no longer homeless: whole for the others.
         w.begin(set(&[1, 3]), Vec::new());
-        w.search_now(&set(&[1]), hour);
+        w.search_now(&set(&[1]), hour, 0);
         assert_eq!(w.finished().map(|(c, _)| c), Some(set(&[1])));
     }
 

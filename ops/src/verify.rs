@@ -74,7 +74,10 @@ fn checked_key_arg(
 /// `receipt` field.
 fn read_receipt(path: &Path) -> Result<Receipt> {
     let text = read_named(path)?;
-    let value: Value = serde_json::from_str(&text).context("the receipt is not JSON")?;
+    // A file that is no receipt at all (arguments swapped, the wrong file)
+    // is the command's mistake; one that is a receipt and fails, a verdict.
+    let value: Value = serde_json::from_str(&text)
+        .map_err(|_| nothing_verified(format!("{} is not a receipt (not JSON)", path.display())))?;
     let value = match value.get("receipt") {
         Some(r) if !r.is_null() => r.clone(),
         Some(_) => {
@@ -313,7 +316,7 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
         } else if only_the_file {
             "INVALID for this file — the receipt itself verifies, but the file given is not the evidence it names"
         } else if only_the_time_stamp {
-            "NOT CONFIRMED — the statement above was logged, but its time-stamp could not be confirmed with the certificate given"
+            "NOT CONFIRMED — the statement above was logged, but its time-stamp is missing or its token does not verify with the certificate given"
         } else {
             "INVALID — do not rely on this receipt"
         }
@@ -347,7 +350,14 @@ pub fn consistency(old: &Path, new: &Path, proof: &Path, log_key: &str) -> Resul
     }
     if old.size == 0 {
         // Every tree extends the empty one: with NEW's signature verified,
-        // there is nothing more to check.
+        // there is nothing more to check, once OLD is the empty tree (a
+        // signed size 0 with another root is itself a lie).
+        if old.root != ledger::empty_root() {
+            println!(
+                "verdict: INCONSISTENT — the first checkpoint is of size 0 but its root is not the empty tree's"
+            );
+            return Ok(false);
+        }
         println!(
             "verdict: CONSISTENT — the checkpoint of {} entries extends the empty log's (log {:?})",
             new.size, new.origin

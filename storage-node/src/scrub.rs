@@ -71,6 +71,9 @@ async fn pass(store: &Arc<ShardStore>, metrics: &NodeMetrics, bytes_per_sec: u64
     let mut pace = Pace::new(bytes_per_sec, started);
     let (mut done, mut corrupt, mut bytes) = (0u64, 0u64, 0u64);
     let mut after = None;
+    // Directories found unlistable this pass: a page may end within one
+    // (on its packed shards) and the next begin there again.
+    let mut unlisted = std::collections::HashSet::new();
     metrics.scrub_progress.set(0.0);
     loop {
         let s = store.clone();
@@ -90,7 +93,10 @@ async fn pass(store: &Arc<ShardStore>, metrics: &NodeMetrics, bytes_per_sec: u64
         // is checked, and none can be found by reads that do not name it.
         // Counted as corrupt (one each), so the alert on corrupt shards
         // fires; the pass goes on past it.
-        for dir in &unlistable {
+        for dir in unlistable {
+            if !unlisted.insert(dir.clone()) {
+                continue;
+            }
             corrupt += 1;
             metrics.scrub_corrupt.inc();
             metrics.corrupt_shards.inc();

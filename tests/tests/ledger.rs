@@ -100,7 +100,8 @@ fn a_witness_holding_another_tree_is_reported_as_a_fork() -> Result<()> {
 
 /// Every checkpoint extends the empty log's, which a monitor of a new log
 /// may hold first: `verify --consistency` says so once both verify, and
-/// refuses an empty checkpoint signed by another key.
+/// refuses an empty checkpoint signed by another key, or one of size 0
+/// whose root is not the empty tree's.
 #[test]
 fn every_checkpoint_extends_the_empty_logs() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -114,13 +115,18 @@ fn every_checkpoint_extends_the_empty_logs() -> Result<()> {
         std::fs::write(&path, text)?;
         Ok(path)
     };
+    let empty_root = ledger::empty_root();
     let empty = write(
         "empty.note",
-        ledger::sign_checkpoint(&skey, origin, 0, root(0)?)?,
+        ledger::sign_checkpoint(&skey, origin, 0, empty_root)?,
     )?;
     let forged = write(
         "forged.note",
-        ledger::sign_checkpoint(&other_skey, origin, 0, root(0)?)?,
+        ledger::sign_checkpoint(&other_skey, origin, 0, empty_root)?,
+    )?;
+    let not_empty = write(
+        "not-empty.note",
+        ledger::sign_checkpoint(&skey, origin, 0, root(0)?)?,
     )?;
     let later = write(
         "later.note",
@@ -152,6 +158,11 @@ fn every_checkpoint_extends_the_empty_logs() -> Result<()> {
     );
     let (code, out) = run(&forged)?;
     assert!(code == Some(1) && out.contains("does not verify"), "{out}");
+    let (code, out) = run(&not_empty)?;
+    assert!(
+        code == Some(1) && out.contains("verdict: INCONSISTENT"),
+        "{out}"
+    );
     Ok(())
 }
 
@@ -254,6 +265,9 @@ fn a_filing_gets_a_receipt_a_court_can_verify_offline() -> Result<()> {
         code == Some(2) && out.contains("nothing was verified"),
         "{out}"
     );
+    // Arguments swapped: the evidence given as the receipt.
+    let (code, out) = custodia_verify(&fpath, &key, Some(&rpath))?;
+    assert!(code == Some(2) && out.contains("not a receipt"), "{out}");
     let (code, out) = custodia_verify(&dir.path().join("no-such.json"), &key, None)?;
     assert!(
         code == Some(2) && out.contains("nothing was verified"),
