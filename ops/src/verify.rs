@@ -73,10 +73,11 @@ fn checked_key_arg(
 /// Reads a receipt: a receipt JSON, or a saved filing response with a
 /// `receipt` field.
 fn read_receipt(path: &Path) -> Result<Receipt> {
-    let text = read_named(path)?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| nothing_verified(format!("cannot read {}: {e}", path.display())))?;
     // A file that is no receipt at all (arguments swapped, the wrong file)
     // is the command's mistake; one that is a receipt and fails, a verdict.
-    let value: Value = serde_json::from_str(&text)
+    let value: Value = serde_json::from_slice(&bytes)
         .map_err(|_| nothing_verified(format!("{} is not a receipt (not JSON)", path.display())))?;
     let value = match value.get("receipt") {
         Some(r) if !r.is_null() => r.clone(),
