@@ -14,6 +14,39 @@ pub const CLUSTER_FILE: &str = "cluster.toml";
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 /// The admin tenant's S3 keys, in the AWS shared-credentials format.
 pub const S3_CREDENTIALS_FILE: &str = "s3.credentials";
+
+/// Moves DATA_DIR's credential file `name` aside (to `NAME.revoked`,
+/// durably) when `holds` says it holds a credential just revoked: no tool
+/// should use it, and `recover-index`, which registers what these files
+/// hold, must not bring it back. Returns whether it was moved.
+pub fn retire_credential_file(
+    data_dir: &Path,
+    name: &str,
+    holds: impl Fn(&str) -> bool,
+) -> Result<bool> {
+    let path = data_dir.join(name);
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    if !holds(&text) {
+        return Ok(false);
+    }
+    let aside = data_dir.join(format!("{name}.revoked"));
+    fs::rename(&path, &aside)
+        .and_then(|()| fs::File::open(data_dir)?.sync_all())
+        .with_context(|| format!("moving {} to {}", path.display(), aside.display()))?;
+    Ok(true)
+}
+
+/// Whether AWS shared-credentials `text` names `access_key`.
+pub fn names_access_key(text: &str, access_key: &str) -> bool {
+    text.lines().any(|l| {
+        l.split_once('=')
+            .is_some_and(|(k, v)| k.trim() == "aws_access_key_id" && v.trim() == access_key)
+    })
+}
 /// The ledger's signer key, under `DATA_DIR/ledger/`.
 pub const LOG_KEY_FILE: &str = "log.key";
 /// The ledger's public verifier key (C2SP signed-note form), `DATA_DIR/ledger.vkey`.

@@ -757,6 +757,32 @@ async fn run(cli: Cli) -> Result<()> {
                 };
                 println!("token: {said}");
             }
+            // DATA_DIR's own files must not keep a dead credential.
+            let mut retired = Vec::new();
+            if let (true, Some(t)) = (revoked.token, &token) {
+                if cluster::retire_credential_file(&data_dir, cluster::ADMIN_TOKEN_FILE, |text| {
+                    text.trim() == t
+                })? {
+                    retired.push(cluster::ADMIN_TOKEN_FILE);
+                }
+            }
+            if let (true, Some(k)) = (revoked.access_key, &access_key) {
+                if cluster::retire_credential_file(
+                    &data_dir,
+                    cluster::S3_CREDENTIALS_FILE,
+                    |text| cluster::names_access_key(text, k),
+                )? {
+                    retired.push(cluster::S3_CREDENTIALS_FILE);
+                }
+            }
+            for name in retired {
+                println!(
+                    "{} held it: moved to {name}.revoked, so no tool uses it and recover-index \
+                     does not bring it back (`custodia key create --tenant admin --role admin` \
+                     makes a new credential to put there)",
+                    data_dir.join(name).display()
+                );
+            }
             if !revoked.token && !revoked.access_key {
                 anyhow::bail!("no such credential: nothing was revoked");
             }

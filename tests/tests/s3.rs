@@ -1084,6 +1084,24 @@ fn tenants_and_keys_are_isolated_and_signatures_checked() -> Result<()> {
         String::from_utf8_lossy(&own.stderr)
     );
     assert_eq!(status_of(&c.token)?, 200, "the admin token still works");
+    // The key DATA_DIR/s3.credentials holds, revoked (leaked, say): the
+    // file goes aside with it, so no tool uses it and recover-index, which
+    // registers what that file holds, does not bring it back.
+    let creds = c.data_dir().join("s3.credentials");
+    let admin_key = std::fs::read_to_string(&creds)?
+        .lines()
+        .find_map(|l| {
+            l.split_once('=')
+                .filter(|(k, _)| k.trim() == "aws_access_key_id")
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .context("the admin's access key")?;
+    let out = revoke(&["--access-key", &admin_key])?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("s3.credentials.revoked"), "{said}");
+    assert!(!creds.exists(), "the revoked key's file is still in place");
+    assert!(c.data_dir().join("s3.credentials.revoked").exists());
     Ok(())
 }
 
