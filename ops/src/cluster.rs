@@ -15,6 +15,18 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 /// The admin tenant's S3 keys, in the AWS shared-credentials format.
 pub const S3_CREDENTIALS_FILE: &str = "s3.credentials";
 
+/// Writes a certificate or public key durably: `init` is done only once
+/// what it wrote survives a power cut.
+fn write_public(path: impl AsRef<Path>, bytes: impl AsRef<[u8]>) -> std::io::Result<()> {
+    let path = path.as_ref();
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"))?;
+    storage_node::store::write_durably(dir, name, &[bytes.as_ref()])
+}
+
 /// Moves DATA_DIR's credential file `name` aside (to `NAME.revoked`,
 /// durably) when `holds` says it holds a credential just revoked: no tool
 /// should use it, and `recover-index`, which registers what these files
@@ -340,7 +352,7 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
     make_private(&data_dir);
     let ca = ClusterCa::generate("Custodia cluster CA")?;
     let (ca_pem, ca_key) = ca.to_pem();
-    fs::write(tls.join("ca.pem"), &ca_pem)?;
+    write_public(tls.join("ca.pem"), &ca_pem)?;
     storage_node::tls::write_private(&tls.join("ca.key"), ca_key.as_bytes())?;
     let loopback = vec![std::net::IpAddr::from([127, 0, 0, 1])];
 
@@ -374,7 +386,7 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         )?;
         let cert_path = tls.join(format!("node-{id}.pem"));
         let key_path = tls.join(format!("node-{id}.key"));
-        fs::write(&cert_path, cert)?;
+        write_public(&cert_path, cert)?;
         storage_node::tls::write_private(&key_path, key.as_bytes())?;
         let node_dir = data_dir.join("nodes").join(format!("n{id}"));
         create_private_dir(&node_dir)?;
@@ -406,7 +418,7 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         &["gateway.custodia.internal".to_string()],
         &[],
     )?;
-    fs::write(tls.join("gateway.pem"), cert)?;
+    write_public(tls.join("gateway.pem"), cert)?;
     storage_node::tls::write_private(&tls.join("gateway.key"), key.as_bytes())?;
     let s3_tls = match opts.s3 {
         Some(addr) if opts.s3_tls => {
@@ -418,7 +430,7 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
             }
             let names = ["localhost".to_string(), "*.localhost".to_string()];
             let (cert, key) = ca.issue_server("custodia S3 API", &names, &ips)?;
-            fs::write(tls.join("s3.pem"), cert)?;
+            write_public(tls.join("s3.pem"), cert)?;
             storage_node::tls::write_private(&tls.join("s3.key"), key.as_bytes())?;
             Some(gateway::config::ServerTlsPaths {
                 cert: tls.join("s3.pem"),
@@ -434,7 +446,7 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         }
         let (cert, key) =
             ca.issue_server("custodia evidence API", &["localhost".to_string()], &ips)?;
-        fs::write(tls.join("api.pem"), cert)?;
+        write_public(tls.join("api.pem"), cert)?;
         storage_node::tls::write_private(&tls.join("api.key"), key.as_bytes())?;
         Some(gateway::config::ServerTlsPaths {
             cert: tls.join("api.pem"),
@@ -450,12 +462,12 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
     fs::create_dir_all(&ledger_dir)?;
     let (skey, vkey) = protocol::ledger::note_keys(&opts.log_origin, &rand::random());
     storage_node::tls::write_private(&ledger_dir.join(LOG_KEY_FILE), skey.as_bytes())?;
-    fs::write(data_dir.join(LEDGER_VKEY_FILE), format!("{vkey}\n"))?;
+    write_public(data_dir.join(LEDGER_VKEY_FILE), format!("{vkey}\n"))?;
     // A development TSA (RFC 3161): long-lived certificate for verifiers, key
     // for the gateway. Point `tsa.url` at a real TSA in production.
     let (tsa_cert, tsa_key) = protocol::tsa::make_tsa("Custodia development TSA")
         .map_err(|e| anyhow::anyhow!("making the development TSA: {e}"))?;
-    fs::write(data_dir.join(TSA_CERT_FILE), tsa_cert)?;
+    write_public(data_dir.join(TSA_CERT_FILE), tsa_cert)?;
     storage_node::tls::write_private(&ledger_dir.join("tsa.key"), tsa_key.as_bytes())?;
     let ledger = gateway::ledger::LedgerConfig {
         origin: opts.log_origin.clone(),
