@@ -65,7 +65,21 @@ pub async fn run(data_dir: &Path, allow_down: bool, trust_archive: bool, json: b
                 n => format!("replaced-{stamp}-{n}"),
             };
             let aside = with_suffix(&index, &name);
-            match std::fs::hard_link(&index, &aside) {
+            // A hard link costs nothing; a file system without them gets
+            // a copy (made durable: the rename below replaces the original).
+            let kept = std::fs::hard_link(&index, &aside).or_else(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    return Err(e);
+                }
+                let mut from = std::fs::File::open(&index)?;
+                let mut to = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&aside)?;
+                std::io::copy(&mut from, &mut to)?;
+                to.sync_all()
+            });
+            match kept {
                 Ok(()) => break aside,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
                 Err(e) => {
