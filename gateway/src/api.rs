@@ -859,10 +859,24 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty() && t.len() <= 512)
 }
 
+/// The caller of the evidence API: what its token stands for, and which
+/// token it is ([`crate::credentials::token_id`], never the token).
+pub struct Caller {
+    pub rec: TokenRecord,
+    pub credential: String,
+}
+
+impl std::ops::Deref for Caller {
+    type Target = TokenRecord;
+    fn deref(&self) -> &TokenRecord {
+        &self.rec
+    }
+}
+
 pub async fn authenticate<S: Store>(
     gw: &Gateway<S>,
     headers: &HeaderMap,
-) -> Result<TokenRecord, ApiError> {
+) -> Result<Caller, ApiError> {
     let token = bearer_token(headers)
         .ok_or(ApiError::Unauthorized)?
         .to_string();
@@ -873,7 +887,10 @@ pub async fn authenticate<S: Store>(
     .await?
     .ok_or(ApiError::Unauthorized)?;
     rec.role = schema::effective_role(&rec.tenant, rec.role);
-    Ok(rec)
+    Ok(Caller {
+        rec,
+        credential: crate::credentials::token_id(&token),
+    })
 }
 
 fn require(who: &TokenRecord, role: Role, action: &'static str) -> Result<(), ApiError> {
@@ -1028,7 +1045,7 @@ fn expects_continue(h: &HeaderMap) -> bool {
 /// A filing's metadata, from its request's headers.
 fn filing_meta<S: Store>(
     gw: &Gateway<S>,
-    who: &TokenRecord,
+    who: &Caller,
     h: &http::HeaderMap,
 ) -> Result<FilingMeta, ApiError> {
     Ok(FilingMeta {
@@ -1791,7 +1808,7 @@ async fn admin_request<S: Store, T: serde::de::DeserializeOwned>(
     body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
     action: &'static str,
     shape: &str,
-) -> Result<(TokenRecord, T), ApiError> {
+) -> Result<(Caller, T), ApiError> {
     let body = body?;
     let who = authenticate(gw, headers).await?;
     require(&who, Role::Admin, action)?;
@@ -2110,10 +2127,12 @@ mod tests {
     }
 }
 
-/// Who acted, as the ledger records it: the credential's tenant and role
-/// (never the token).
-fn actor(who: &TokenRecord) -> String {
-    format!("{}/{:?}", who.tenant, who.role).to_lowercase()
+/// Who acted, as the ledger records it: the credential's tenant and role,
+/// and which token it was (by its id, never the token): two clerks of one
+/// tenant are told apart in the custody record.
+pub(crate) fn actor(who: &Caller) -> String {
+    let role = format!("{:?}", who.role).to_lowercase();
+    format!("{}/{role}/{}", who.tenant, who.credential)
 }
 
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
@@ -2492,7 +2511,7 @@ async fn ledger_published<S: Store>(
 /// The statement recording a WORM change or an expunge of `h`.
 fn worm_statement<S: Store>(
     gw: &Gateway<S>,
-    who: &TokenRecord,
+    who: &Caller,
     h: &ManifestHeader,
     kind: Kind,
     detail: serde_json::Value,
@@ -2539,7 +2558,7 @@ pub(crate) struct Wormed {
 /// Runs `change` and queues `kind`'s statement in the same transaction.
 pub(crate) async fn worm<S, F, Fut, E>(
     gw: &Gateway<S>,
-    who: &TokenRecord,
+    who: &Caller,
     h: &ManifestHeader,
     kind: Kind,
     detail: serde_json::Value,

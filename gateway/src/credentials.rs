@@ -43,6 +43,15 @@ pub fn new_token() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }
 
+/// How custody records name a bearer token: `token:` and the first 8 bytes
+/// of its BLAKE3, hex. It tells the token apart from every other without
+/// telling anything of the token itself; `key create` prints it beside the
+/// token, for the operator to note who holds it.
+pub fn token_id(token: &str) -> String {
+    let hash = blake3::hash(token.as_bytes());
+    format!("token:{}", hex::encode(&hash.as_bytes()[..8]))
+}
+
 /// Stores new credentials for an existing tenant in one transaction;
 /// [`ObjectError::NoSuchTenant`] if there is none.
 pub async fn issue<S: indexer::KvStore>(

@@ -47,8 +47,9 @@ pub struct FilingMeta {
     /// Who the filer says submitted it (a person, a unit): metadata the
     /// receipt covers through `metadata_sha256`, not an identity checked.
     pub submitter: Option<String>,
-    /// Who filed it as this gateway authenticated them (`tenant/role`, or
-    /// `tenant/s3:ACCESS_KEY`): the `filed` statement's actor, as every
+    /// Who filed it as this gateway authenticated them
+    /// (`tenant/role/token:ID` or `tenant/role/s3:ACCESS_KEY`, see
+    /// `api::actor`): the `filed` statement's actor, as every
     /// other statement's actor is the authenticated caller.
     pub actor: Option<String>,
     /// Hashes the filer computed at acquisition; a mismatch rejects the filing.

@@ -40,12 +40,22 @@ struct Caller {
 }
 
 impl Caller {
-    /// The caller as the evidence API's ledger statements name actors.
-    fn token_record(&self) -> schema::TokenRecord {
-        schema::TokenRecord {
-            tenant: self.tenant.clone(),
-            role: self.role,
+    /// The caller as the evidence API names callers, its credential the
+    /// access key (`s3:ACCESS_KEY`).
+    fn api_caller(&self) -> crate::api::Caller {
+        crate::api::Caller {
+            rec: schema::TokenRecord {
+                tenant: self.tenant.clone(),
+                role: self.role,
+            },
+            credential: format!("s3:{}", self.access_key),
         }
+    }
+
+    /// Who acted, as ledger statements name actors (as the evidence API's,
+    /// `tenant/role/credential`).
+    fn actor(&self) -> String {
+        crate::api::actor(&self.api_caller())
     }
 }
 
@@ -1704,7 +1714,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             file_name: Some(input.key.clone()),
             media_type: input.content_type.clone(),
             submitter: Some(format!("{}/s3:{}", who.tenant, who.access_key)),
-            actor: Some(format!("{}/s3:{}", who.tenant, who.access_key)),
+            actor: Some(who.actor()),
             expect_sha256,
             expect_md5,
             body_check,
@@ -1755,7 +1765,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let size = header.size;
         let range = object_range(input.range.as_ref(), size)?;
         let read = range.clone().unwrap_or(0..size);
-        let actor = format!("{}/s3:{}", who.tenant, who.access_key);
+        let actor = who.actor();
         let evidence = header.evidence;
         let body = match crate::api::recorded_read(&self.gw, header, actor, read.clone())
             .await
@@ -1993,7 +2003,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             input.object_lock_retain_until_date.clone(),
             input.object_lock_legal_hold_status.as_ref(),
         )?;
-        let actor = format!("{}/s3:{}", who.tenant, who.access_key);
+        let actor = who.actor();
         let size = header.size;
         crate::api::record_access(&self.gw, &header, actor.clone(), &(0..size), Duration::ZERO)
             .await
@@ -2277,7 +2287,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         });
         crate::api::worm(
             &self.gw,
-            &who.token_record(),
+            &who.api_caller(),
             &header,
             protocol::ledger::Kind::Admin,
             detail,
@@ -2377,7 +2387,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let evidence = header.evidence;
         crate::api::worm(
             &self.gw,
-            &who.token_record(),
+            &who.api_caller(),
             &header,
             if on {
                 protocol::ledger::Kind::LegalHold
@@ -2497,7 +2507,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             None => 0..header.size,
             Some(r) => copy_range(r, header.size)?,
         };
-        let actor = format!("{}/s3:{}", who.tenant, who.access_key);
+        let actor = who.actor();
         crate::api::record_access(&self.gw, &header, actor, &range, Duration::ZERO)
             .await
             .map_err(s3_err)?;
@@ -2657,7 +2667,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 file_name: Some(input.key.clone()),
                 media_type: rec.version.content_type.clone(),
                 submitter: Some(format!("{}/s3:{}", who.tenant, who.access_key)),
-                actor: Some(format!("{}/s3:{}", who.tenant, who.access_key)),
+                actor: Some(who.actor()),
                 s3: Some(S3Put {
                     bucket: input.bucket.clone(),
                     key: input.key.clone(),

@@ -704,6 +704,12 @@ async fn run(cli: Cli) -> Result<()> {
             };
             print!("{}", c.aws_profile(&profile));
             println!("custodia_token = {}", c.token);
+            // How custody records name the token (they never hold it):
+            // note who holds it.
+            println!(
+                "custodia_token_id = {}",
+                gateway::credentials::token_id(&c.token)
+            );
             Ok(())
         }
         Command::Key(KeyCommand::Revoke {

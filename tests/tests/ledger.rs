@@ -640,7 +640,25 @@ fn every_read_is_a_custody_event_on_the_ledger_before_its_bytes() -> Result<()> 
         assert_eq!(Some(ok.statement.blake3.as_str()), filed["blake3"].as_str());
         actors.push(ok.statement.actor.unwrap_or_default());
     }
-    assert_eq!(actors, ["admin/clerk", "admin/admin", "admin/reader"]);
+    // Each the token that acted, by its id (never the token itself): two
+    // clerks of one tenant are told apart.
+    let id_of = |t: &str| {
+        format!(
+            "token:{}",
+            hex::encode(&blake3::hash(t.as_bytes()).as_bytes()[..8])
+        )
+    };
+    assert_eq!(
+        actors,
+        [
+            format!("admin/clerk/{}", id_of(&clerk)),
+            format!("admin/admin/{}", id_of(&c.token)),
+            format!("admin/reader/{}", id_of(&reader)),
+        ]
+    );
+    assert!(actors
+        .iter()
+        .all(|a| !a.contains(&c.token) && !a.contains(&clerk)));
     // Paged (every read adds an event): two, then the rest after the last.
     let page = c
         .get_with(&c.token, &format!("/v1/evidence/{id}/custody?limit=2"), &[])?
