@@ -20,6 +20,8 @@ use storage_node::client::NodeClient;
 
 struct NodeState {
     entry: NodeEntry,
+    /// This node's share of [`NodeSet::openings`].
+    openings: AtomicU64,
     healthy: AtomicBool,
     /// Takes no new shards: its free space is within its reserve, as its last
     /// probe said or a put it refused with `DiskFull` since.
@@ -156,6 +158,7 @@ impl NodeSet {
             .iter()
             .map(|e| NodeState {
                 entry: e.clone(),
+                openings: AtomicU64::new(0),
                 healthy: AtomicBool::new(true),
                 full: AtomicBool::new(false),
                 checking: AtomicBool::new(false),
@@ -192,7 +195,14 @@ impl NodeSet {
         self.openings.load(Ordering::Relaxed)
     }
 
-    fn opened(&self) {
+    /// [`NodeSet::openings`] of node `id` alone.
+    pub fn openings_of(&self, id: NodeId) -> u64 {
+        self.get(id)
+            .map_or(0, |n| n.openings.load(Ordering::Relaxed))
+    }
+
+    fn opened(&self, n: &NodeState) {
+        n.openings.fetch_add(1, Ordering::Relaxed);
         self.openings.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -246,7 +256,7 @@ impl NodeSet {
     pub fn mark(&self, id: NodeId, healthy: bool) {
         if let Some(n) = self.get(id) {
             if n.mark(healthy) && healthy {
-                self.opened();
+                self.opened(n);
             }
         }
     }
@@ -294,7 +304,7 @@ impl NodeSet {
                     tracing::warn!(node = %id, "node is full: no new shards go to it until it has room above its reserve");
                 } else {
                     tracing::info!(node = %id, "node has room again: it takes new shards");
-                    self.opened();
+                    self.opened(n);
                 }
             }
         }
@@ -469,7 +479,7 @@ impl NodeSet {
                 tracing::info!(node = %id, state = state.as_str(), "node lifecycle changed");
                 *current = state;
                 if state == Lifecycle::Active {
-                    self.opened();
+                    self.opened(n);
                 }
             }
         }
@@ -618,16 +628,21 @@ impl NodeSet {
             // were read: a later read would take this probe's time for the
             // cluster's last, and count a whole-cluster shutdown as the
             // silence of every node not yet back (repairing them all at
-            // once). Recorded at the next probe, which reads them first.
-            if lock(&self.silent_before).is_none() {
-                continue;
-            }
+            // once). Its disk is still checked; it is recorded as seen at
+            // the next probe, which reads the sightings first.
+            let sightings_read = lock(&self.silent_before).is_some();
             let entry = n.entry.clone();
             let result = indexer::run(store, |tx| {
                 let entry = entry.clone();
                 let info = info.clone();
                 async move {
                     let prev = schema::get_node_tx(&tx, id).await?;
+                    let last_seen_ms = match (&prev, sightings_read) {
+                        (_, true) => now_ms,
+                        (Some(p), false) => p.last_seen_ms,
+                        // Never recorded: nothing to compare, nothing to keep.
+                        (None, false) => return Ok(false),
+                    };
                     let old = prev.as_ref().and_then(|p| p.disk_uuid);
                     let changed = old.is_some_and(|old| old != info.disk_uuid);
                     schema::put_node_tx(
@@ -640,7 +655,7 @@ impl NodeSet {
                             capacity_bytes: info.capacity_bytes,
                             free_bytes: info.free_bytes,
                             used_bytes: info.used_bytes,
-                            last_seen_ms: now_ms,
+                            last_seen_ms,
                         },
                     );
                     Ok::<_, schema::SchemaError>(changed)

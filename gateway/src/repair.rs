@@ -358,12 +358,17 @@ pub async fn collect_quarantined<S: Store>(
                 };
                 match gw.nodes.client.rpc_stat_shard(entry.addr, k).await {
                     Ok(_) => done.push((k, None, false)),
+                    // Gone, damaged, or unreadable where it lies: missing.
                     Err(NodeError::Remote(
-                        protocol::wire::ErrorCode::NotFound | protocol::wire::ErrorCode::Corrupt,
+                        protocol::wire::ErrorCode::NotFound
+                        | protocol::wire::ErrorCode::Corrupt
+                        | protocol::wire::ErrorCode::Io,
                     )) => done.push((k, Some(version), was != Some(version))),
-                    // Looked at again at the next pass.
+                    // Unknown (the node did not answer): as it was, looked
+                    // at again at the recheck's pace.
                     Err(e) => {
-                        tracing::debug!(%node, shard = %k, error = %e, "could not see whether a quarantined shard was rebuilt")
+                        tracing::debug!(%node, shard = %k, error = %e, "could not see whether a quarantined shard was rebuilt");
+                        done.push((k, was, false));
                     }
                 }
             }
@@ -491,19 +496,19 @@ impl SpreadWalk {
 /// disk.)
 #[derive(Debug, Default)]
 pub struct HomesWalk {
-    /// Homeless nodes a whole walk found no shard on, and when it ended.
-    clean: HashMap<NodeId, Instant>,
+    /// Homeless nodes a whole walk found no shard on: when it ended, and
+    /// the node's [`openings`](crate::nodes::NodeSet::openings_of) when it
+    /// began.
+    clean: HashMap<NodeId, (Instant, u64)>,
     /// The whole walk under way, begun at the start of the records.
     under_way: Option<HomesSearch>,
-    /// [`NodeSet::openings`](crate::nodes::NodeSet::openings) when `clean`
-    /// and `under_way` were last found to hold.
-    openings: Option<u64>,
 }
 
 #[derive(Debug)]
 struct HomesSearch {
-    /// The nodes it searches for, homeless since it began.
-    nodes: HashSet<NodeId>,
+    /// The nodes it searches for, homeless since it began, with their
+    /// openings then.
+    nodes: HashMap<NodeId, u64>,
     /// The uploads under way when it began.
     uploads: Vec<EvidenceId>,
     /// Those of `nodes` it found a shard on.
@@ -515,31 +520,27 @@ impl HomesWalk {
     /// found clean less than `rewalk` ago that stayed homeless since. The
     /// walk under way goes on only while it searches for every one of them
     /// and they have stayed homeless since it began (a node back for a
-    /// while may have taken shards it already passed).
-    ///
-    /// A node that came back to take shards and left again between two
-    /// looks is seen by `openings` having moved on (the count of nodes
-    /// opening to writes): nothing walked before then holds.
+    /// while may have taken shards it already passed). A node that came
+    /// back to take shards and left again between two looks is seen by its
+    /// `openings` (how often it opened to writes) having moved on.
     fn search_now(
         &mut self,
         homeless: &HashSet<NodeId>,
         rewalk: Duration,
-        openings: u64,
+        openings: &dyn Fn(NodeId) -> u64,
     ) -> HashSet<NodeId> {
-        if self.openings.replace(openings) != Some(openings) {
-            self.clean.clear();
-            self.under_way = None;
-        }
-        self.clean
-            .retain(|n, at| homeless.contains(n) && at.elapsed() < rewalk);
+        self.clean.retain(|n, (at, seen)| {
+            homeless.contains(n) && at.elapsed() < rewalk && openings(*n) == *seen
+        });
         let search: HashSet<NodeId> = homeless
             .iter()
             .filter(|n| !self.clean.contains_key(n))
             .copied()
             .collect();
         if let Some(w) = &mut self.under_way {
-            w.nodes.retain(|n| homeless.contains(n));
-            if !search.is_subset(&w.nodes) {
+            w.nodes
+                .retain(|n, seen| homeless.contains(n) && openings(*n) == *seen);
+            if !search.iter().all(|n| w.nodes.contains_key(n)) {
                 self.under_way = None;
             }
         }
@@ -548,9 +549,14 @@ impl HomesWalk {
 
     /// A whole walk for `nodes` begins at the start of the records, with
     /// `uploads` under way.
-    fn begin(&mut self, nodes: HashSet<NodeId>, uploads: Vec<EvidenceId>) {
+    fn begin(
+        &mut self,
+        nodes: &HashSet<NodeId>,
+        uploads: Vec<EvidenceId>,
+        openings: &dyn Fn(NodeId) -> u64,
+    ) {
         self.under_way = Some(HomesSearch {
-            nodes,
+            nodes: nodes.iter().map(|n| (*n, openings(*n))).collect(),
             uploads,
             found: HashSet::new(),
         });
@@ -561,10 +567,13 @@ impl HomesWalk {
     /// whole.
     fn finished(&mut self) -> Option<(HashSet<NodeId>, Vec<EvidenceId>)> {
         let w = self.under_way.take()?;
-        let clean: HashSet<NodeId> = w.nodes.difference(&w.found).copied().collect();
         let now = Instant::now();
-        for n in &clean {
-            self.clean.insert(*n, now);
+        let mut clean = HashSet::new();
+        for (n, seen) in w.nodes {
+            if !w.found.contains(&n) {
+                self.clean.insert(n, (now, seen));
+                clean.insert(n);
+            }
         }
         (!clean.is_empty()).then_some((clean, w.uploads))
     }
@@ -588,7 +597,8 @@ pub async fn scan<S: Store>(
     // in the next look, not lost.
     let openings = gw.nodes.openings();
     let rewalk = Duration::from_millis(gw.config.repair_rewalk_ms);
-    let homeless = homes.search_now(&homeless_nodes(gw), rewalk, openings);
+    let openings_of = |n: NodeId| gw.nodes.openings_of(n);
+    let homeless = homes.search_now(&homeless_nodes(gw), rewalk, &openings_of);
     let spread = Spread::now(gw, &gone_nodes(gw));
     let was_walking = walk.walking.is_some();
     let gap = Duration::from_millis(gw.config.crowding_walk_gap_ms);
@@ -604,7 +614,7 @@ pub async fn scan<S: Store>(
     if !homeless.is_empty() && homes.under_way.is_none() && cursor.is_none() {
         // Listed before the walk reads a record: an upload that ends after
         // this wrote its records after, and is followed instead.
-        homes.begin(homeless.clone(), live_intents(gw).await?);
+        homes.begin(&homeless, live_intents(gw).await?, &openings_of);
     }
     let mut queued = 0u64;
     let crowded = std::sync::atomic::AtomicUsize::new(0);
@@ -2552,9 +2562,10 @@ mod tests {
     fn homeless_nodes_walked_clean_are_not_searched_again() {
         let hour = Duration::from_secs(3600);
         let set = |ids: &[u32]| ids.iter().map(|i| NodeId(*i)).collect::<HashSet<_>>();
+        let none = |_: NodeId| 0u64;
         let mut w = HomesWalk::default();
-        assert_eq!(w.search_now(&set(&[1, 2]), hour, 0), set(&[1, 2]));
-        w.begin(set(&[1, 2]), vec![EvidenceId::new(5, [5; 10])]);
+        assert_eq!(w.search_now(&set(&[1, 2]), hour, &none), set(&[1, 2]));
+        w.begin(&set(&[1, 2]), vec![EvidenceId::new(5, [5; 10])], &none);
         w.under_way.as_mut().map(|u| u.found.insert(NodeId(2)));
         let (clean, uploads) = w.finished().expect("node 1 walked clean");
         assert_eq!(clean, set(&[1]));
@@ -2563,39 +2574,44 @@ mod tests {
             vec![EvidenceId::new(5, [5; 10])],
             "uploads to follow"
         );
-        assert_eq!(w.search_now(&set(&[1, 2]), hour, 0), set(&[2]));
+        assert_eq!(w.search_now(&set(&[1, 2]), hour, &none), set(&[2]));
         // Back (for a while: it may take shards), then homeless again.
-        assert_eq!(w.search_now(&set(&[2]), hour, 0), set(&[2]));
-        assert_eq!(w.search_now(&set(&[1, 2]), hour, 0), set(&[1, 2]));
+        assert_eq!(w.search_now(&set(&[2]), hour, &none), set(&[2]));
+        assert_eq!(w.search_now(&set(&[1, 2]), hour, &none), set(&[1, 2]));
         // Past the rewalk period, searched again.
-        w.begin(set(&[1, 2]), Vec::new());
+        w.begin(&set(&[1, 2]), Vec::new(), &none);
         assert_eq!(w.finished().map(|(c, _)| c), Some(set(&[1, 2])));
-        assert!(w.search_now(&set(&[1, 2]), hour, 0).is_empty());
-        assert_eq!(w.search_now(&set(&[1, 2]), Duration::ZERO, 0), set(&[1, 2]));
-        // A node opened meanwhile (perhaps one back for a while, taking
-        // shards): nothing walked before holds.
+        assert!(w.search_now(&set(&[1, 2]), hour, &none).is_empty());
+        assert_eq!(
+            w.search_now(&set(&[1, 2]), Duration::ZERO, &none),
+            set(&[1, 2])
+        );
+        // Node 1 opened to writes meanwhile (back for a while between two
+        // looks, taking shards): nothing walked for it before holds. Node
+        // 2 opening says nothing about node 1.
         let mut w = HomesWalk::default();
-        w.search_now(&set(&[1]), hour, 0);
-        w.begin(set(&[1]), Vec::new());
+        w.begin(&set(&[1]), Vec::new(), &none);
         assert_eq!(w.finished().map(|(c, _)| c), Some(set(&[1])));
-        assert!(w.search_now(&set(&[1]), hour, 0).is_empty());
-        assert_eq!(w.search_now(&set(&[1]), hour, 1), set(&[1]));
-        w.begin(set(&[1]), Vec::new());
-        w.search_now(&set(&[1]), hour, 2);
+        let node_2_opened = |n: NodeId| u64::from(n == NodeId(2));
+        assert!(w.search_now(&set(&[1]), hour, &node_2_opened).is_empty());
+        let node_1_opened = |n: NodeId| u64::from(n == NodeId(1));
+        assert_eq!(w.search_now(&set(&[1]), hour, &node_1_opened), set(&[1]));
+        w.begin(&set(&[1]), Vec::new(), &node_1_opened);
+        w.search_now(&set(&[1]), hour, &|_| 2);
         assert!(w.finished().is_none(), "a walk across an opening counted");
         // A walk under way: one more homeless node, and it is not whole.
         let mut w = HomesWalk::default();
-        w.begin(set(&[1]), Vec::new());
-        w.search_now(&set(&[1, 3]), hour, 0);
+        w.begin(&set(&[1]), Vec::new(), &none);
+        w.search_now(&set(&[1, 3]), hour, &none);
         assert!(w.finished().is_none(), "a walk that missed node 3 counted");
         // One of its nodes back then homeless again: not whole for it.
-        w.begin(set(&[1, 3]), Vec::new());
-        w.search_now(&set(&[1]), hour, 0);
-        w.search_now(&set(&[1, 3]), hour, 0);
+        w.begin(&set(&[1, 3]), Vec::new(), &none);
+        w.search_now(&set(&[1]), hour, &none);
+        w.search_now(&set(&[1, 3]), hour, &none);
         assert!(w.finished().is_none(), "a walk that node 3 left counted");
         // One of its nodes no longer homeless: whole for the others.
-        w.begin(set(&[1, 3]), Vec::new());
-        w.search_now(&set(&[1]), hour, 0);
+        w.begin(&set(&[1, 3]), Vec::new(), &none);
+        w.search_now(&set(&[1]), hour, &none);
         assert_eq!(w.finished().map(|(c, _)| c), Some(set(&[1])));
     }
 

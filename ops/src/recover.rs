@@ -76,8 +76,16 @@ pub async fn run(data_dir: &Path, allow_down: bool, trust_archive: bool, json: b
                     .write(true)
                     .create_new(true)
                     .open(&aside)?;
-                std::io::copy(&mut from, &mut to)?;
-                to.sync_all()
+                let copied = std::io::copy(&mut from, &mut to).and_then(|_| to.sync_all());
+                if let Err(copy) = copied {
+                    // No half copy that looks like a kept index.
+                    let _ = std::fs::remove_file(&aside);
+                    return Err(std::io::Error::new(
+                        copy.kind(),
+                        format!("no hard link ({e}), and the copy failed: {copy}"),
+                    ));
+                }
+                Ok(())
             });
             match kept {
                 Ok(()) => break aside,
@@ -88,6 +96,10 @@ pub async fn run(data_dir: &Path, allow_down: bool, trust_archive: bool, json: b
                 }
             }
         };
+        // The kept one durable before the rename replaces the original.
+        if let Some(dir) = index.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
         eprintln!("the old index is kept as {}", aside.display());
     }
     std::fs::rename(&building, &index)?;

@@ -353,9 +353,9 @@ pub fn consistency(old: &Path, new: &Path, proof: &Path, log_key: &str) -> Resul
         // Every tree extends the empty one: with NEW's signature verified,
         // there is nothing more to check, once OLD is the empty tree (a
         // signed size 0 with another root is itself a lie).
-        if old.root != ledger::empty_root() {
+        if old.root != ledger::empty_root() || (new.size == 0 && new.root != old.root) {
             println!(
-                "verdict: INCONSISTENT — the first checkpoint is of size 0 but its root is not the empty tree's"
+                "verdict: INCONSISTENT — a checkpoint of size 0 whose root is not the empty tree's"
             );
             return Ok(false);
         }

@@ -283,6 +283,10 @@ pub struct ShardStore {
     /// callers see them only as absent): counted by the node's metrics
     /// ([`take_listed_corrupt`](Self::take_listed_corrupt)).
     listed_corrupt: AtomicU64,
+    /// Damaged segments were found at open and the disk's identity could
+    /// not be renewed (no room): the segments left in place are what makes
+    /// the next start renew it, so nothing moves them meanwhile.
+    identity_owed: bool,
 }
 
 /// Free space a put in flight holds; released when dropped.
@@ -353,15 +357,20 @@ impl ShardStore {
         }
         let usage = count_shards(&root.join(SHARDS_DIR))?;
         let log = SegmentLog::open(&root)?;
+        let mut identity_owed = false;
         if !log.damaged_segments().is_empty() {
             match renew_identity(&root, &log) {
                 Ok(renewed) => disk_uuid = renewed,
                 // No room even for the identity file: the node still starts
-                // and serves what it can; the next start tries again.
-                Err(StoreError::DiskFull) => tracing::error!(
-                    "no room to renew the disk's identity after unreadable segments; \
-                     run `custodia repair --verify-all` once there is room"
-                ),
+                // and serves what it can; the next start tries again (the
+                // damaged segments left in place say it must).
+                Err(StoreError::DiskFull) => {
+                    identity_owed = true;
+                    tracing::error!(
+                        "no room to renew the disk's identity after unreadable segments; \
+                         run `custodia repair --verify-all` once there is room"
+                    )
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -400,6 +409,7 @@ impl ShardStore {
             read_buffers: Arc::new(BufferPool::new(READ_BUFFER_IDLE_BYTES)),
             fanouts_durable: std::array::from_fn(|_| AtomicBool::new(false)),
             listed_corrupt: AtomicU64::new(0),
+            identity_owed,
         })
     }
 
@@ -754,6 +764,12 @@ impl ShardStore {
             .map(|&seg| (seg, self.log.segment_path(seg)))
             .filter(|(_, path)| path.exists())
             .collect();
+        if !stuck.is_empty() && self.identity_owed {
+            // Moved, the next start would not renew the identity, and the
+            // gateway would never re-check what the segments held: the
+            // erasure waits for a start with room.
+            return Err(StoreError::DiskFull);
+        }
         if !stuck.is_empty() {
             create_dir_durably(&aside)?;
             for (seg, from) in &stuck {
@@ -773,6 +789,15 @@ impl ShardStore {
         let mut removed_aside = false;
         for name in names_starting(&aside, "")? {
             let path = aside.join(&name);
+            // A directory where a segment was (its entry damaged): what it
+            // holds cannot be searched as one segment; it goes whole.
+            if fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+                tracing::warn!(%evidence, file = %path.display(), "removing a directory kept among damaged segments");
+                fs::remove_dir_all(&path)?;
+                removed_aside = true;
+                erased.copies += 1;
+                continue;
+            }
             let holds = match fs::read(&path) {
                 Ok(bytes) => bytes.windows(evidence.0.len()).any(|w| w == evidence.0),
                 Err(e) => {
@@ -1675,6 +1700,10 @@ fn dir_identity(dir: &Path) -> io::Result<u64> {
 /// durable before the segment moves: a crash between the two renews it
 /// again at the next start, which costs a second check, not a missed one.
 fn renew_identity(root: &Path, log: &SegmentLog) -> Result<[u8; 16], StoreError> {
+    #[cfg(test)]
+    if tests::RENEW_IDENTITY_FINDS_NO_ROOM.with(std::cell::Cell::get) {
+        return Err(StoreError::DiskFull);
+    }
     let id = uuid::Uuid::from_bytes(mint_disk_uuid(root)?);
     tracing::error!(
         segments = ?log.damaged_segments(),
@@ -2599,6 +2628,60 @@ mod tests {
     thread_local! {
         /// Moving a damaged segment aside at open fails (as with no room).
         pub(super) static RENAME_ASIDE_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// Renewing the disk's identity at open finds the disk full.
+        pub(super) static RENEW_IDENTITY_FINDS_NO_ROOM: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// A directory kept among damaged segments (a segment's entry damaged
+    /// into one) does not make every expunge on the node fail for good.
+    #[test]
+    fn a_directory_among_damaged_segments_does_not_block_expunges() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ShardStore::open(dir.path()).unwrap();
+        let odd = dir
+            .path()
+            .join(DAMAGED_SEGMENTS_DIR)
+            .join("seg-0000000000000009.x");
+        fs::create_dir_all(&odd).unwrap();
+        fs::write(odd.join("inside"), b"whatever it held").unwrap();
+        store.erase_evidence(key(1).evidence).unwrap();
+        assert!(!odd.exists());
+    }
+
+    /// With no room to renew the disk's identity at open, the damaged
+    /// segments stay where the next start finds them again: an expunge
+    /// meanwhile waits (it would otherwise move them, and the identity would
+    /// never be renewed); once a start had room, it goes through.
+    #[test]
+    fn an_expunge_waits_while_the_disk_identity_is_owed() {
+        let dir = tempfile::tempdir().unwrap();
+        let doomed = key(1).evidence;
+        let b = secret(42, 700);
+        let first = {
+            let store = ShardStore::open(dir.path()).unwrap();
+            store.put(&header(key(1), &b), &b).unwrap();
+            store.disk_uuid()
+        };
+        let seg = segment_files(dir.path())[0].clone();
+        let mut bytes = fs::read(&seg).unwrap();
+        bytes[..8].fill(0xee);
+        fs::write(&seg, bytes).unwrap();
+        RENEW_IDENTITY_FINDS_NO_ROOM.with(|f| f.set(true));
+        let store = ShardStore::open(dir.path());
+        RENEW_IDENTITY_FINDS_NO_ROOM.with(|f| f.set(false));
+        let store = store.unwrap();
+        assert_eq!(store.disk_uuid(), first);
+        assert!(matches!(
+            store.erase_evidence(doomed),
+            Err(StoreError::DiskFull)
+        ));
+        assert!(seg.exists(), "the segment the next start needs was moved");
+        drop(store);
+        let store = ShardStore::open(dir.path()).unwrap();
+        assert_ne!(store.disk_uuid(), first, "the identity was renewed");
+        store.erase_evidence(doomed).unwrap();
+        let left = files_holding(dir.path(), &b[100..132]);
+        assert!(left.is_empty(), "expunged bytes left in {left:?}");
     }
 
     /// A damaged segment the open could not move aside still holds shards

@@ -163,6 +163,13 @@ fn every_checkpoint_extends_the_empty_logs() -> Result<()> {
         code == Some(1) && out.contains("verdict: INCONSISTENT"),
         "{out}"
     );
+    // Nor is the second one if it is of size 0 with another root.
+    std::fs::copy(&not_empty, &later)?;
+    let (code, out) = run(&empty)?;
+    assert!(
+        code == Some(1) && out.contains("verdict: INCONSISTENT"),
+        "{out}"
+    );
     Ok(())
 }
 

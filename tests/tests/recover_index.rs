@@ -360,7 +360,8 @@ fn copies_on_a_node_drained_after_recovery_are_adopted_then_moved() -> Result<()
     c.set_gateway(&[
         ("repair_interval_ms", toml::Value::Integer(500)),
         ("repair_after_down_ms", toml::Value::Integer(1000)),
-        ("orphan_sweep_interval_ms", toml::Value::Integer(5000)),
+        // Well after the drain below, however slow the machine.
+        ("orphan_sweep_interval_ms", toml::Value::Integer(15_000)),
     ])?;
     let (filed, _) = recovered_with_three_nodes_down(&mut c, 81)?;
     for n in [2, 3] {
