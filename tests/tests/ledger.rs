@@ -26,29 +26,39 @@ fn receipt_of(filed: &Value) -> Result<Receipt> {
     Ok(serde_json::from_value(r.clone())?)
 }
 
-/// `custodia verify`'s exit status (0 verifies, 1 does not, 2 nothing was
-/// verified: the command's mistake) and what it printed.
+/// `custodia verify ARGS`'s exit status (0 verifies, 1 does not, 2 nothing
+/// was verified: the command's mistake) and what it printed.
+fn verify_with(args: &[&std::ffi::OsStr]) -> Result<(Option<i32>, String)> {
+    let out = Command::new(custodia_bin())
+        .arg("verify")
+        .args(args)
+        .output()?;
+    Ok((
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+/// [`verify_with`] a receipt, its log key and maybe the file.
 fn custodia_verify(
     receipt: &Path,
     key: &Path,
     file: Option<&Path>,
 ) -> Result<(Option<i32>, String)> {
-    let mut cmd = Command::new(custodia_bin());
-    cmd.arg("verify")
-        .arg("--receipt")
-        .arg(receipt)
-        .arg("--log-key")
-        .arg(key);
+    let mut args = vec![
+        "--receipt".as_ref(),
+        receipt.as_os_str(),
+        "--log-key".as_ref(),
+        key.as_os_str(),
+    ];
     if let Some(f) = file {
-        cmd.arg("--file").arg(f);
+        args.extend(["--file".as_ref(), f.as_os_str()]);
     }
-    let out = cmd.output()?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok((out.status.code(), text))
+    verify_with(&args)
 }
 
 /// A witness that cosigned another tree of this log (here: its view says
@@ -134,22 +144,16 @@ fn every_checkpoint_extends_the_empty_logs() -> Result<()> {
     )?;
     let key = write("log.vkey", vkey)?;
     let proof = write("proof.json", r#"{"proof":[]}"#.to_owned())?;
-    let run = |old: &Path| -> Result<(Option<i32>, String)> {
-        let out = Command::new(custodia_bin())
-            .arg("verify")
-            .arg("--consistency")
-            .arg(old)
-            .arg(&later)
-            .arg("--proof")
-            .arg(&proof)
-            .arg("--log-key")
-            .arg(&key)
-            .output()?;
-        Ok((
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).to_string()
-                + &String::from_utf8_lossy(&out.stderr),
-        ))
+    let run = |old: &Path| {
+        verify_with(&[
+            "--consistency".as_ref(),
+            old.as_os_str(),
+            later.as_os_str(),
+            "--proof".as_ref(),
+            proof.as_os_str(),
+            "--log-key".as_ref(),
+            key.as_os_str(),
+        ])
     };
     let (code, out) = run(&empty)?;
     assert!(
@@ -449,25 +453,17 @@ fn the_log_is_published_as_c2sp_tiles_and_stays_consistent_across_a_crash() -> R
     std::fs::write(&old_path, &note_at_5)?;
     std::fs::write(&new_path, &note)?;
     std::fs::write(&proof_path, &a.body)?;
-    let consistency = |old: &Path, new: &Path| -> Result<(Option<i32>, String)> {
-        let out = Command::new(custodia_bin())
-            .arg("verify")
-            .arg("--consistency")
-            .arg(old)
-            .arg(new)
-            .arg("--proof")
-            .arg(&proof_path)
-            .arg("--log-key")
-            .arg(c.data_dir().join("ledger.vkey"))
-            .output()?;
-        Ok((
-            out.status.code(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        ))
+    let vkey = c.data_dir().join("ledger.vkey");
+    let consistency = |old: &Path, new: &Path| {
+        verify_with(&[
+            "--consistency".as_ref(),
+            old.as_os_str(),
+            new.as_os_str(),
+            "--proof".as_ref(),
+            proof_path.as_os_str(),
+            "--log-key".as_ref(),
+            vkey.as_os_str(),
+        ])
     };
     let (code, out) = consistency(&old_path, &new_path)?;
     assert!(
@@ -954,22 +950,17 @@ fn witnesses_cosign_off_the_filing_path_and_never_cosign_a_fork() -> Result<()> 
         "{text}"
     );
     // A quorum more than the keys given is the command's mistake.
-    let out = Command::new(custodia_bin())
-        .arg("verify")
-        .arg("--receipt")
-        .arg(&rpath)
-        .arg("--log-key")
-        .arg(&log_pub)
-        .arg("--witness-key")
-        .arg(&wpath)
-        .args(["--quorum", "2"])
-        .output()?;
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, out) = verify_with(&[
+        "--receipt".as_ref(),
+        rpath.as_os_str(),
+        "--log-key".as_ref(),
+        log_pub.as_os_str(),
+        "--witness-key".as_ref(),
+        wpath.as_os_str(),
+        "--quorum".as_ref(),
+        "2".as_ref(),
+    ])?;
+    assert_eq!(code, Some(2), "{out}");
 
     // The witness holds its view; lying to it fails whatever the lie.
     let seen = ledger::verify_checkpoint(&upgraded.checkpoint, &key)?.size;
@@ -2100,20 +2091,16 @@ fn receipts_carry_rfc3161_tokens_that_openssl_accepts() -> Result<()> {
     // custodia verify checks it too, and refuses a tampered token.
     let rpath = dir.path().join("r.json");
     std::fs::write(&rpath, serde_json::to_vec(&r)?)?;
-    let run_with = |receipt: &Path, cert: &Path| -> Result<(Option<i32>, String)> {
-        let out = Command::new(custodia_bin())
-            .args(["verify", "--receipt"])
-            .arg(receipt)
-            .arg("--log-key")
-            .arg(c.data_dir().join("ledger.vkey"))
-            .arg("--tsa-cert")
-            .arg(cert)
-            .output()?;
-        Ok((
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).to_string()
-                + &String::from_utf8_lossy(&out.stderr),
-        ))
+    let vkey = c.data_dir().join("ledger.vkey");
+    let run_with = |receipt: &Path, cert: &Path| {
+        verify_with(&[
+            "--receipt".as_ref(),
+            receipt.as_os_str(),
+            "--log-key".as_ref(),
+            vkey.as_os_str(),
+            "--tsa-cert".as_ref(),
+            cert.as_os_str(),
+        ])
     };
     let run = |receipt: &Path| run_with(receipt, &tsa_pem);
     let (code, out) = run(&rpath)?;

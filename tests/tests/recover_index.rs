@@ -312,6 +312,46 @@ fn recovered_with_three_nodes_down(c: &mut TestCluster, seed: u64) -> Result<(Ve
     Ok((filed, err))
 }
 
+/// After [`recovered_with_three_nodes_down`]: node 1 returns whole, nodes 2
+/// and 3 with new, empty disks, and the gateway starts.
+fn back_with_two_disks_wiped(c: &mut TestCluster) -> Result<()> {
+    for n in [2, 3] {
+        let dir = c.node_dir(n);
+        std::fs::remove_dir_all(&dir)?;
+        std::fs::create_dir_all(&dir)?;
+    }
+    back_with_nodes_and_gateway(c)
+}
+
+/// Nodes 1 to 3 and the gateway started again, all healthy.
+fn back_with_nodes_and_gateway(c: &mut TestCluster) -> Result<()> {
+    for n in [1, 2, 3] {
+        c.start_node_and_wait(n)?;
+    }
+    c.start_gateway()?;
+    c.wait_healthy(8)
+}
+
+/// Whether every filing reads back byte-exact within `secs`; the last
+/// error otherwise.
+fn all_read_back(c: &TestCluster, filed: &[Filed], secs: u64) -> std::result::Result<(), String> {
+    let mut last = String::new();
+    let whole = custodia_tests::eventually(secs, || {
+        filed.iter().all(|(id, data)| match c.read(id) {
+            Ok(back) => &back == data,
+            Err(e) => {
+                last = e.to_string();
+                false
+            }
+        })
+    });
+    if whole {
+        Ok(())
+    } else {
+        Err(last)
+    }
+}
+
 /// Recovery with more than m nodes down (`--allow-down-nodes`) cannot read
 /// every piece of evidence back: stripes whose shards were on the down
 /// nodes are indexed with those shards unplaced. Once the nodes return,
@@ -326,25 +366,10 @@ fn copies_on_nodes_down_during_recovery_are_adopted_when_they_return() -> Result
     ])?;
     let (filed, err) = recovered_with_three_nodes_down(&mut c, 80)?;
     assert!(err.contains("old index is kept"), "{err}");
-    for n in [1, 2, 3] {
-        c.start_node_and_wait(n)?;
+    back_with_nodes_and_gateway(&mut c)?;
+    if let Err(last) = all_read_back(&c, &filed, 60) {
+        panic!("evidence unreadable after the nodes returned: {last}");
     }
-    c.start_gateway()?;
-    c.wait_healthy(8)?;
-    let mut last = String::new();
-    let whole = custodia_tests::eventually(60, || {
-        filed.iter().all(|(id, data)| match c.read(id) {
-            Ok(back) => &back == data,
-            Err(e) => {
-                last = e.to_string();
-                false
-            }
-        })
-    });
-    assert!(
-        whole,
-        "evidence unreadable after the nodes returned: {last}"
-    );
     Ok(())
 }
 
@@ -364,33 +389,16 @@ fn copies_on_a_node_drained_after_recovery_are_adopted_then_moved() -> Result<()
         ("orphan_sweep_interval_ms", toml::Value::Integer(15_000)),
     ])?;
     let (filed, _) = recovered_with_three_nodes_down(&mut c, 81)?;
-    for n in [2, 3] {
-        let dir = c.node_dir(n);
-        std::fs::remove_dir_all(&dir)?;
-        std::fs::create_dir_all(&dir)?;
-    }
-    for n in [1, 2, 3] {
-        c.start_node_and_wait(n)?;
-    }
-    c.start_gateway()?;
-    c.wait_healthy(8)?;
+    back_with_two_disks_wiped(&mut c)?;
     let drain = c.cli(&["node", "drain", "1"])?;
     assert!(
         drain.status.success(),
         "{}",
         String::from_utf8_lossy(&drain.stderr)
     );
-    let mut last = String::new();
-    let whole = custodia_tests::eventually(60, || {
-        filed.iter().all(|(id, data)| match c.read(id) {
-            Ok(back) => &back == data,
-            Err(e) => {
-                last = e.to_string();
-                false
-            }
-        })
-    });
-    assert!(whole, "evidence unreadable with node 1 draining: {last}");
+    if let Err(last) = all_read_back(&c, &filed, 60) {
+        panic!("evidence unreadable with node 1 draining: {last}");
+    }
     // Every slot found a home: node 1's copies adopted (not left waiting
     // for a sweep that a draining node kept from ever completing), then
     // moved off it.
@@ -425,17 +433,7 @@ fn shards_recovery_found_no_copy_of_are_rebuilt() -> Result<()> {
         ("orphan_sweep_interval_ms", toml::Value::Integer(1000)),
     ])?;
     let (filed, _) = recovered_with_three_nodes_down(&mut c, 90)?;
-    // Node 1 returns whole; nodes 2 and 3 with new, empty disks.
-    for n in [2, 3] {
-        let dir = c.node_dir(n);
-        std::fs::remove_dir_all(&dir)?;
-        std::fs::create_dir_all(&dir)?;
-    }
-    for n in [1, 2, 3] {
-        c.start_node_and_wait(n)?;
-    }
-    c.start_gateway()?;
-    c.wait_healthy(8)?;
+    back_with_two_disks_wiped(&mut c)?;
     let mut last = String::new();
     let healed = custodia_tests::eventually(90, || match c.cli(&["status", "--json"]) {
         Ok(out) => {

@@ -257,15 +257,8 @@ fn a_damaged_shard_with_no_other_home_is_rebuilt_in_place() -> Result<()> {
         nodes: 6,
         ..Shape::default()
     })?;
-    let data = bytes(50_000, 77);
-    let id = c.file(&data)?["id"].as_str().context("id")?.to_owned();
-    let victim = c
-        .shard_files(2)
-        .into_iter()
-        .next()
-        .context("node 2 holds a shard")?;
-    let good = std::fs::read(&victim)?;
-    flip_last_byte(&victim)?;
+    let filing = Filing::new(&c, 77)?;
+    flip_last_byte(&filing.victim)?;
     let out = c.cli(&["repair", "--verify-all", "--patience-secs", "30"])?;
     assert!(
         out.status.success(),
@@ -275,14 +268,47 @@ fn a_damaged_shard_with_no_other_home_is_rebuilt_in_place() -> Result<()> {
     );
     assert_eq!(status(&c)?["degraded_stripes"], 0);
     assert_eq!(
-        std::fs::read(&victim)?,
-        good,
+        std::fs::read(&filing.victim)?,
+        filing.good,
         "the shard was not rebuilt onto its node"
     );
-    c.kill_node(0);
-    c.kill_node(1);
-    assert_eq!(c.read(&id)?, data, "with two other nodes dead");
-    Ok(())
+    filing.reads_with_two_other_nodes_dead(&mut c)
+}
+
+/// One filing on a cluster of k+m nodes, and its shard on node 2.
+struct Filing {
+    id: String,
+    data: Vec<u8>,
+    /// Node 2's shard file, and its bytes as stored.
+    victim: std::path::PathBuf,
+    good: Vec<u8>,
+}
+
+impl Filing {
+    fn new(c: &TestCluster, seed: u64) -> Result<Self> {
+        let data = bytes(50_000, seed);
+        let id = c.file(&data)?["id"].as_str().context("id")?.to_owned();
+        let victim = c
+            .shard_files(2)
+            .into_iter()
+            .next()
+            .context("node 2 holds a shard")?;
+        let good = std::fs::read(&victim)?;
+        Ok(Filing {
+            id,
+            data,
+            victim,
+            good,
+        })
+    }
+
+    /// Whole again: it reads back with two nodes other than 2 dead.
+    fn reads_with_two_other_nodes_dead(&self, c: &mut TestCluster) -> Result<()> {
+        c.kill_node(0);
+        c.kill_node(1);
+        assert_eq!(c.read(&self.id)?, self.data, "with two other nodes dead");
+        Ok(())
+    }
 }
 
 /// The same on a cluster of k+m nodes, found by scrub twice: the shard
@@ -298,22 +324,16 @@ fn a_shard_rebuilt_onto_its_node_and_rotting_again_is_rebuilt_again() -> Result<
         ("repair_interval_ms", toml::Value::Integer(300)),
         ("quarantine_recheck_ms", toml::Value::Integer(500)),
     ])?;
-    let data = bytes(50_000, 78);
-    let id = c.file(&data)?["id"].as_str().context("id")?.to_owned();
+    let filing = Filing::new(&c, 78)?;
     c.set_nodes(&[
         ("scrub_bytes_per_sec", toml::Value::Integer(64 << 20)),
         ("scrub_pass_interval_secs", toml::Value::Integer(1)),
     ])?;
-    let victim = c
-        .shard_files(2)
-        .into_iter()
-        .next()
-        .context("node 2 holds a shard")?;
-    let good = std::fs::read(&victim)?;
     for round in 1..=2 {
-        flip_last_byte(&victim)?;
-        let healed =
-            custodia_tests::eventually(60, || std::fs::read(&victim).is_ok_and(|now| now == good));
+        flip_last_byte(&filing.victim)?;
+        let healed = custodia_tests::eventually(60, || {
+            std::fs::read(&filing.victim).is_ok_and(|now| now == filing.good)
+        });
         assert!(
             healed,
             "round {round}: the shard was not rebuilt onto node 2"
@@ -325,10 +345,7 @@ fn a_shard_rebuilt_onto_its_node_and_rotting_again_is_rebuilt_again() -> Result<
         assert!(settled, "round {round}: the stripe stayed queued");
         std::thread::sleep(std::time::Duration::from_secs(2));
     }
-    c.kill_node(0);
-    c.kill_node(1);
-    assert_eq!(c.read(&id)?, data, "with two other nodes dead");
-    Ok(())
+    filing.reads_with_two_other_nodes_dead(&mut c)
 }
 
 #[test]
