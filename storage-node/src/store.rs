@@ -2657,15 +2657,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let doomed = key(1).evidence;
         let b = secret(42, 700);
-        let first = {
-            let store = ShardStore::open(dir.path()).unwrap();
-            store.put(&header(key(1), &b), &b).unwrap();
-            store.disk_uuid()
-        };
-        let seg = segment_files(dir.path())[0].clone();
-        let mut bytes = fs::read(&seg).unwrap();
-        bytes[..8].fill(0xee);
-        fs::write(&seg, bytes).unwrap();
+        let (first, seg) = packed_in_a_damaged_segment(dir.path(), &b);
         RENEW_IDENTITY_FINDS_NO_ROOM.with(|f| f.set(true));
         let store = ShardStore::open(dir.path());
         RENEW_IDENTITY_FINDS_NO_ROOM.with(|f| f.set(false));
@@ -2692,14 +2684,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let doomed = key(1).evidence;
         let b = secret(41, 700);
-        {
-            let store = ShardStore::open(dir.path()).unwrap();
-            store.put(&header(key(1), &b), &b).unwrap();
-        }
-        let seg = segment_files(dir.path())[0].clone();
-        let mut bytes = fs::read(&seg).unwrap();
-        bytes[..8].fill(0xee);
-        fs::write(&seg, bytes).unwrap();
+        let (_, seg) = packed_in_a_damaged_segment(dir.path(), &b);
         RENAME_ASIDE_FAILS.with(|f| f.set(true));
         let store = ShardStore::open(dir.path());
         RENAME_ASIDE_FAILS.with(|f| f.set(false));
@@ -2709,6 +2694,22 @@ mod tests {
         let left = files_holding(dir.path(), &b[100..132]);
         assert!(left.is_empty(), "expunged bytes left in {left:?}");
         assert!(!seg.exists());
+    }
+
+    /// Stores `b` as shard `key(1)`, packed, in a store at `dir`, then
+    /// damages its segment's header so the next open cannot read it.
+    /// Returns the disk's identity before, and the segment's file.
+    fn packed_in_a_damaged_segment(dir: &Path, b: &[u8]) -> ([u8; 16], PathBuf) {
+        let first = {
+            let store = ShardStore::open(dir).unwrap();
+            store.put(&header(key(1), b), b).unwrap();
+            store.disk_uuid()
+        };
+        let seg = segment_files(dir)[0].clone();
+        let mut bytes = fs::read(&seg).unwrap();
+        bytes[..8].fill(0xee);
+        fs::write(&seg, bytes).unwrap();
+        (first, seg)
     }
 
     /// Bytes no one can guess: the same nowhere else on the disk.
