@@ -314,17 +314,18 @@ pub async fn collect_quarantined<S: Store>(
                     // elsewhere, or the evidence has no record and no
                     // upload in flight. A shard with neither yet (its
                     // upload's records still to be written) is looked at
-                    // again. (key, the record's version if placed here)
+                    // again. (key, as it was, the record's version if
+                    // placed here)
                     let mut settled = Vec::new();
-                    for (k, _) in listed {
+                    for (k, was) in listed {
                         match schema::get_stripe_tx(&tx, k.evidence, k.stripe).await? {
                             Some(rec) => {
                                 let here = rec.shards.get(k.index as usize).and_then(|p| p.node)
                                     == Some(node);
-                                settled.push((*k, here.then_some(rec.version)));
+                                settled.push((*k, *was, here.then_some(rec.version)));
                             }
                             None if schema::get_intent_tx(&tx, k.evidence).await?.is_none() => {
-                                settled.push((*k, None));
+                                settled.push((*k, *was, None));
                             }
                             None => {}
                         }
@@ -347,11 +348,7 @@ pub async fn collect_quarantined<S: Store>(
             // missing under a record changed since it was queued.
             // (key, version if placed here and missing, queue now)
             let mut done = Vec::new();
-            for (k, version) in settled {
-                let was = listed
-                    .iter()
-                    .find(|(l, _)| *l == k)
-                    .and_then(|(_, was)| *was);
+            for (k, was, version) in settled {
                 let Some(version) = version else {
                     done.push((k, None, false));
                     continue;
