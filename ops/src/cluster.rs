@@ -18,13 +18,7 @@ pub const S3_CREDENTIALS_FILE: &str = "s3.credentials";
 /// Writes a certificate or public key durably: `init` is done only once
 /// what it wrote survives a power cut.
 fn write_public(path: impl AsRef<Path>, bytes: impl AsRef<[u8]>) -> std::io::Result<()> {
-    let path = path.as_ref();
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"))?;
-    storage_node::store::write_durably(dir, name, &[bytes.as_ref()])
+    storage_node::store::write_public(path.as_ref(), bytes.as_ref())
 }
 
 /// Moves DATA_DIR's credential file `name` aside (to `NAME.revoked`,
@@ -52,12 +46,18 @@ pub fn retire_credential_file(
     Ok(true)
 }
 
+/// The value of `field` (`aws_access_key_id`, ...) in AWS shared-credentials
+/// `text`, as `s3.credentials` holds it.
+pub fn credentials_field(text: &str, field: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once('=')?;
+        (k.trim() == field).then(|| v.trim().to_owned())
+    })
+}
+
 /// Whether AWS shared-credentials `text` names `access_key`.
 pub fn names_access_key(text: &str, access_key: &str) -> bool {
-    text.lines().any(|l| {
-        l.split_once('=')
-            .is_some_and(|(k, v)| k.trim() == "aws_access_key_id" && v.trim() == access_key)
-    })
+    credentials_field(text, "aws_access_key_id").is_some_and(|k| k == access_key)
 }
 /// The ledger's signer key, under `DATA_DIR/ledger/`.
 pub const LOG_KEY_FILE: &str = "log.key";

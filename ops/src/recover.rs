@@ -204,12 +204,7 @@ async fn restore_credentials<S: indexer::KvStore>(
     let s3 = std::fs::read_to_string(data_dir.join(cluster::S3_CREDENTIALS_FILE))
         .ok()
         .and_then(|text| {
-            let field = |name: &str| {
-                text.lines().find_map(|l| {
-                    let (k, v) = l.split_once('=')?;
-                    (k.trim() == name).then(|| v.trim().to_owned())
-                })
-            };
+            let field = |name| cluster::credentials_field(&text, name);
             Some((field("aws_access_key_id")?, field("aws_secret_access_key")?))
         });
     let mut restored = Vec::new();

@@ -1642,6 +1642,12 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     durable_write(dir, dir, name, &[bytes], 0o600).map(|_| ())
 }
 
+/// Writes a file anyone may read (a certificate, a public key), durably.
+pub fn write_public(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let (dir, name) = split_path(path)?;
+    write_durably(dir, name, &[bytes])
+}
+
 fn split_path(path: &Path) -> io::Result<(&Path, &str)> {
     let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
         io::Error::new(io::ErrorKind::InvalidInput, "path has no UTF-8 file name")
