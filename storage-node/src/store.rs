@@ -771,20 +771,10 @@ impl ShardStore {
             return Err(StoreError::DiskFull);
         }
         if !stuck.is_empty() {
-            create_dir_durably(&aside)?;
-            for (seg, from) in &stuck {
-                let name = from
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let to = aside.join(format!("{name}.{}", uuid::Uuid::now_v7().simple()));
-                fs::rename(from, &to).map_err(|e| {
-                    tracing::error!(segment = seg, error = %e, "a damaged segment cannot be moved aside to be searched for expunged evidence");
-                    StoreError::Io(e)
-                })?;
+            if let Some((seg, e)) = move_segments_aside(&self.root, &stuck)?.into_iter().next() {
+                tracing::error!(segment = seg, error = %e, "a damaged segment cannot be moved aside to be searched for expunged evidence");
+                return Err(StoreError::Io(e));
             }
-            sync_dir(&aside)?;
-            sync_dir(&self.root.join(crate::segments::SEGMENTS_DIR))?;
         }
         let mut removed_aside = false;
         for name in names_starting(&aside, "")? {
@@ -1717,30 +1707,47 @@ fn renew_identity(root: &Path, log: &SegmentLog) -> Result<[u8; 16], StoreError>
         "segments of small shards could not be read: the disk takes a new identity, so the \
          gateway re-checks every shard it placed here; the segments are kept in {DAMAGED_SEGMENTS_DIR}/"
     );
+    let segments: Vec<(u64, PathBuf)> = log
+        .damaged_segments()
+        .iter()
+        .map(|&seg| (seg, log.segment_path(seg)))
+        .collect();
+    #[cfg(test)]
+    let segments = if tests::RENAME_ASIDE_FAILS.with(std::cell::Cell::get) {
+        tracing::warn!("could not move the damaged segments aside (test)");
+        Vec::new()
+    } else {
+        segments
+    };
+    for (seg, e) in move_segments_aside(root, &segments)? {
+        tracing::warn!(segment = seg, error = %e, "could not move a damaged segment aside");
+    }
+    Ok(*id.as_bytes())
+}
+
+/// Moves damaged segment files (id, path) into `damaged-segments/`, each
+/// under a name of its own, and makes the moves durable. Returns those that
+/// could not be moved, with why.
+fn move_segments_aside(
+    root: &Path,
+    segments: &[(u64, PathBuf)],
+) -> Result<Vec<(u64, io::Error)>, StoreError> {
     let aside = root.join(DAMAGED_SEGMENTS_DIR);
     create_dir_durably(&aside)?;
-    for &seg in log.damaged_segments() {
-        let from = log.segment_path(seg);
+    let mut failed = Vec::new();
+    for (seg, from) in segments {
         let name = from
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let to = aside.join(format!("{name}.{}", uuid::Uuid::now_v7().simple()));
-        #[cfg(test)]
-        if tests::RENAME_ASIDE_FAILS.with(std::cell::Cell::get) {
-            tracing::warn!(
-                segment = seg,
-                "could not move a damaged segment aside (test)"
-            );
-            continue;
-        }
-        if let Err(e) = fs::rename(&from, &to) {
-            tracing::warn!(segment = seg, error = %e, "could not move a damaged segment aside");
+        if let Err(e) = fs::rename(from, &to) {
+            failed.push((*seg, e));
         }
     }
     sync_dir(&aside)?;
     sync_dir(&root.join(crate::segments::SEGMENTS_DIR))?;
-    Ok(*id.as_bytes())
+    Ok(failed)
 }
 
 fn read_or_mint_disk_uuid(root: &Path) -> Result<[u8; 16], StoreError> {
