@@ -1532,22 +1532,40 @@ async fn repair_now<S: Store>(
     ))
 }
 
-/// Stripes whose record places a shard on `node` (a walk of every stripe
-/// record, in small transactions: what a drain waits for).
-async fn stripes_on_node<S: Store>(gw: &Gateway<S>, node: NodeId) -> Result<u64, ApiError> {
+/// What a walk of every stripe record (in small transactions) finds about
+/// one node: what a drain waits for.
+#[derive(Debug, Default, Clone, Copy)]
+struct NodeStripes {
+    /// Stripes whose record places a shard on the node.
+    placed: u64,
+    /// Stripes with a shard no node is recorded for (`recover-index` ran
+    /// while the node holding it was away) while this gateway's orphan
+    /// sweep has not yet listed every node to adopt such copies: the node
+    /// may hold them, and once removed it is never listed again.
+    awaiting_adoption: u64,
+}
+
+async fn stripes_on_node<S: Store>(gw: &Gateway<S>, node: NodeId) -> Result<NodeStripes, ApiError> {
     const BATCH: usize = 4096;
     let mut after = None;
-    let mut count = 0u64;
+    let mut count = NodeStripes::default();
     loop {
         let batch = indexer::run(&gw.store, |tx| async move {
             schema::stripes_scan_tx(&tx, after, BATCH).await
         })
         .await?;
-        count += batch
-            .iter()
-            .filter_map(|(_, _, rec)| rec.as_ref())
-            .filter(|rec| rec.shards.iter().any(|s| s.node == Some(node)))
-            .count() as u64;
+        // Read after the batch: a sweep that completes meanwhile has
+        // adopted what it found before the batch was read.
+        let swept = gw
+            .homeless_adopted
+            .load(std::sync::atomic::Ordering::Relaxed);
+        for rec in batch.iter().filter_map(|(_, _, rec)| rec.as_ref()) {
+            if rec.shards.iter().any(|s| s.node == Some(node)) {
+                count.placed += 1;
+            } else if !swept && rec.shards.iter().any(|s| s.node.is_none()) {
+                count.awaiting_adoption += 1;
+            }
+        }
         match batch.last() {
             Some((e, s, _)) if batch.len() == BATCH => after = Some((*e, *s)),
             _ => return Ok(count),
@@ -1611,8 +1629,9 @@ async fn node_detail<S: Store>(
     Ok(Json(json!({
         "id": node.0,
         "lifecycle": gw.nodes.lifecycle(node).as_str(),
-        "stripes": stripes,
+        "stripes": stripes.placed,
         "uploads_in_flight": uploads,
+        "stripes_awaiting_adoption": stripes.awaiting_adoption,
     })))
 }
 
@@ -1667,12 +1686,19 @@ async fn node_lifecycle<S: Store>(
             }
         }
         let left = stripes_on_node(&gw, node).await?;
-        if left > 0 {
+        if left.placed > 0 {
             return Err(ApiError::Conflict(format!(
-                "{left} stripes still place a shard on node {node}; drain it and let repair move them, or force the removal of a dead node"
+                "{} stripes still place a shard on node {node}; drain it and let repair move them, or force the removal of a dead node",
+                left.placed
             )));
         }
-        stripes = Some(left);
+        if left.awaiting_adoption > 0 {
+            return Err(ApiError::Conflict(format!(
+                "{} stripes have a shard no node is recorded for (recover-index ran while a node was away), and the orphan sweep has not yet listed every node to find those copies; node {node} may hold some: wait for the sweep, or force the removal of a dead node",
+                left.awaiting_adoption
+            )));
+        }
+        stripes = Some(left.placed);
     }
     if state != Lifecycle::Active {
         // Never below k+m active nodes: new stripes could not be placed.

@@ -88,13 +88,17 @@ pub fn act(api: &str, token: &str, id: u32, action: &str, force: bool) -> Result
 }
 
 /// How many stripes still place a shard on node `id`, with the uploads
-/// under way that may still hold shards on it unrecorded.
+/// under way that may still hold shards on it unrecorded and the stripes
+/// whose lost copies the orphan sweep has yet to look for.
 pub fn stripes_left(api: &str, token: &str, id: u32) -> Result<u64> {
     let v = crate::client::admin_call(api, token, "GET", &format!("/v1/admin/nodes/{id}"))?;
     let uploads = v["uploads_in_flight"].as_u64().unwrap_or(0);
+    // Copies the node may hold that the index lost track of: the removal
+    // waits for the orphan sweep to look for them.
+    let unadopted = v["stripes_awaiting_adoption"].as_u64().unwrap_or(0);
     v["stripes"]
         .as_u64()
-        .map(|s| s + uploads)
+        .map(|s| s + uploads + unadopted)
         .context("the gateway's answer has no stripe count")
 }
 

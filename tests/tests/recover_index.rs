@@ -378,7 +378,8 @@ fn copies_on_nodes_down_during_recovery_are_adopted_when_they_return() -> Result
 /// orphan sweep ran. Stripes that had shards on all three need node 1's
 /// copies to reach k: they are still adopted (a draining node is listed for
 /// them, never for orphans), everything reads again, and the drain then
-/// moves them off.
+/// moves them off. Node 1 cannot be removed before a sweep has looked for
+/// its copies; once drained, it can.
 #[test]
 fn copies_on_a_node_drained_after_recovery_are_adopted_then_moved() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
@@ -396,6 +397,12 @@ fn copies_on_a_node_drained_after_recovery_are_adopted_then_moved() -> Result<()
         "{}",
         String::from_utf8_lossy(&drain.stderr)
     );
+    // No record names node 1 yet (its copies await adoption), yet removing
+    // it now would leave them where no sweep ever looks: refused.
+    let early = c.cli(&["node", "remove", "1"])?;
+    let said = String::from_utf8_lossy(&early.stderr);
+    assert!(!early.status.success(), "node 1 removed before the sweep");
+    assert!(said.contains("orphan sweep"), "{said}");
     if let Err(last) = all_read_back(&c, &filed, 60) {
         panic!("evidence unreadable with node 1 draining: {last}");
     }
@@ -415,6 +422,12 @@ fn copies_on_a_node_drained_after_recovery_are_adopted_then_moved() -> Result<()
         "the drain did not finish: {}{}",
         String::from_utf8_lossy(&done.stdout),
         String::from_utf8_lossy(&done.stderr)
+    );
+    let removed = c.cli(&["node", "remove", "1"])?;
+    assert!(
+        removed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&removed.stderr)
     );
     Ok(())
 }
