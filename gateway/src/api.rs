@@ -543,6 +543,7 @@ pub async fn serve<S: Store>(
     let witnessing = crate::ledger::spawn_witnessing(gw.clone());
     let timestamping = crate::ledger::spawn_timestamping(gw.clone());
     let s3_journal = crate::s3_journal::spawn(gw.clone());
+    let lifecycles = crate::lifecycle_archive::spawn(gw.clone());
     let stop = Stopper::new();
     let grace = Duration::from_millis(gw.config.shutdown_grace_ms);
     let s3 = match gw.config.s3_listen {
@@ -602,6 +603,7 @@ pub async fn serve<S: Store>(
         .chain(witnessing)
         .chain(timestamping)
         .chain(s3_journal)
+        .chain(lifecycles)
         .chain(metrics.map(|(_, task)| task))
         .collect(),
     })
@@ -1727,6 +1729,13 @@ async fn node_lifecycle<S: Store>(
     .await?;
     gw.nodes.set_lifecycles(&current_decisions(&gw).await?);
     tracing::warn!(%node, state = state.as_str(), actor = %actor(&who), "node lifecycle changed by an operator");
+    // Into the archive at once, for `recover-index`; a failure is made up
+    // for by the archive's comparison loop within seconds.
+    if let Some(ledger) = &gw.ledger {
+        if let Err(e) = crate::lifecycle_archive::archive(ledger, node, &rec).await {
+            tracing::warn!(%node, error = %e, "node decision not archived yet; retried shortly");
+        }
+    }
     // A drain or removal queues the node's stripes at once.
     gw.repair_wake.notify_one();
     Ok(Json(json!({

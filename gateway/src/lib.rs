@@ -28,6 +28,7 @@ pub mod error;
 pub mod gc;
 pub mod ingest;
 pub mod ledger;
+pub mod lifecycle_archive;
 pub mod metrics;
 pub mod nodes;
 pub mod placement;

@@ -22,6 +22,10 @@
 //!   archived (within about a second). A version whose evidence was not
 //!   recovered is dropped and reported.
 //!
+//! - The **operators' decisions about nodes** (draining, removed), copied
+//!   into the same archive (`crate::lifecycle_archive`): restored first, and
+//!   a removed node is not listed.
+//!
 //! Not in the archive, so not recovered: credentials other than the ones the
 //! operator's files hold (`ops` restores `admin.token` and `s3.credentials`;
 //! other keys are issued anew), witness cosignatures and time-stamp tokens
@@ -69,6 +73,8 @@ pub enum RecoverError {
     Manifest(EvidenceId),
     #[error("S3 records: {0}")]
     S3(#[from] crate::s3_journal::JournalError),
+    #[error("node decisions: {0}")]
+    Lifecycle(#[from] crate::lifecycle_archive::LifecycleArchiveError),
     /// The nodes hold shards but the ledger gave no evidence to restore.
     #[error(
         "the nodes hold {shards} shards but the ledger restored no evidence: check the openings \
@@ -91,6 +97,10 @@ pub struct Report {
     pub nodes_listed: usize,
     /// Nodes that did not answer (their shards count as missing).
     pub nodes_down: Vec<u32>,
+    /// Nodes the archive shows draining, and removed (removed ones are not
+    /// listed: nothing on them counts).
+    pub nodes_draining: Vec<u32>,
+    pub nodes_removed: Vec<u32>,
     pub shards_listed: u64,
     pub stripes: u64,
     /// Stripes short of k+m verified shards, queued for repair.
@@ -150,6 +160,31 @@ pub async fn recover_index<S: Store>(
     report.ledger_leaves = restored.leaves;
     report.checkpoint_size = restored.checkpoint_size;
 
+    // The operators' decisions about nodes, before anything is placed.
+    let decisions = match &gw.ledger {
+        Some(ledger) => crate::lifecycle_archive::read_archived(ledger).await?,
+        None => HashMap::new(),
+    };
+    let mut removed = BTreeSet::new();
+    for (node, rec) in &decisions {
+        match rec.state {
+            schema::Lifecycle::Active => continue,
+            schema::Lifecycle::Draining => report.nodes_draining.push(node.0),
+            schema::Lifecycle::Removed => {
+                report.nodes_removed.push(node.0);
+                removed.insert(*node);
+            }
+        }
+        let (node, rec) = (*node, *rec);
+        indexer::run(&gw.store, |tx| async move {
+            schema::set_lifecycle_tx(&tx, node, &rec);
+            Ok::<_, SchemaError>(())
+        })
+        .await?;
+    }
+    report.nodes_draining.sort_unstable();
+    report.nodes_removed.sort_unstable();
+
     // The newest header of each piece of evidence, in leaf order.
     let mut manifests: BTreeMap<EvidenceId, (ManifestHeader, bool)> = BTreeMap::new();
     // Evidence whose expunge is on the ledger.
@@ -190,6 +225,12 @@ pub async fn recover_index<S: Store>(
     let mut orphans = BTreeSet::new();
     for entry in &gw.config.nodes {
         let node = entry.node_id();
+        if removed.contains(&node) {
+            progress(&format!(
+                "node {node}: removed from the cluster, not listed"
+            ));
+            continue;
+        }
         progress(&format!("node {node}: listing shards"));
         let mut after = None;
         loop {

@@ -136,6 +136,12 @@ pub async fn run(data_dir: &Path, allow_down: bool, trust_archive: bool, json: b
                 format!(", down: {:?}", report.nodes_down)
             }
         );
+        if !report.nodes_draining.is_empty() || !report.nodes_removed.is_empty() {
+            println!(
+                "  decisions    draining: {:?}, removed: {:?} (restored from the archive)",
+                report.nodes_draining, report.nodes_removed
+            );
+        }
         println!(
             "  orphans      {} shards of {} unnamed uploads (left for collection)",
             report.orphan_shards, report.orphan_evidence

@@ -432,6 +432,65 @@ fn copies_on_a_node_drained_after_recovery_are_adopted_then_moved() -> Result<()
     Ok(())
 }
 
+/// Operators' decisions about nodes outlive the index: a node drained and
+/// removed (then gone) and one still draining come back as they were, and
+/// recovery neither lists nor waits for the removed one (without the
+/// decisions it would stop at a node that does not answer).
+#[test]
+fn node_decisions_survive_a_destroyed_index() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.set_gateway(&[("repair_interval_ms", toml::Value::Integer(500))])?;
+    let key = std::fs::read_to_string(c.data_dir().join("ledger.vkey"))?
+        .trim()
+        .to_owned();
+    let mut filed = Vec::new();
+    for i in 0..3u64 {
+        let data = bytes(50_000 + i as usize * 9_000, 90 + i);
+        filed.push((c.file_id(&data)?, data));
+    }
+    for args in [
+        &["node", "drain", "7", "--wait", "--patience-secs", "60"][..],
+        &["node", "remove", "7"],
+        &["node", "drain", "6"],
+    ] {
+        let out = c.cli(args)?;
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    c.kill_node(7);
+    let published = custodia_tests::eventually(10, || {
+        checkpoint(&c, &key).is_ok_and(|cp| cp.size >= filed.len() as u64)
+    });
+    assert!(published, "the filings under a published checkpoint");
+    c.kill_gateway();
+    let index = c.data_dir().join("index.redb");
+    let len = std::fs::metadata(&index)?.len() as usize;
+    std::fs::write(&index, bytes(len, 99))?;
+
+    let out = recover(&c, &[])?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("draining: [6], removed: [7]"), "{said}");
+    c.start_gateway()?;
+    c.wait_healthy(7)?;
+    for (node, state) in [(7, "removed"), (6, "draining"), (5, "active")] {
+        let (status, body) = send(&c, "GET", &format!("/v1/admin/nodes/{node}"), None)?;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["lifecycle"], state, "node {node}: {body}");
+    }
+    for (id, data) in &filed {
+        assert_eq!(&c.read(id)?, data, "{id} after recovery");
+    }
+    Ok(())
+}
+
 /// The same recovery, but two of the down nodes come back with empty
 /// disks: their slots have no copy anywhere and no hash the index knows.
 /// Nothing is declared lost while the third node's copies can still be
