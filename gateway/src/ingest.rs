@@ -1304,6 +1304,11 @@ mod tests {
 
     /// A gateway on `store` with three nodes it never reaches.
     fn gateway(dir: &std::path::Path, store: Flaky) -> Arc<Gateway<Flaky>> {
+        gateway_with(dir, store, "")
+    }
+
+    /// [`gateway`], its configuration ending with `extra`.
+    fn gateway_with(dir: &std::path::Path, store: Flaky, extra: &str) -> Arc<Gateway<Flaky>> {
         let ca = storage_node::tls::ClusterCa::generate("test CA").unwrap();
         let (cert, key) = ca
             .issue("gateway", &["gateway.custodia.internal".into()], &[])
@@ -1335,6 +1340,7 @@ addr = "127.0.0.1:10"
 [[nodes]]
 id = 2
 addr = "127.0.0.1:11"
+{extra}
 "#,
             index = dir.join("index.redb").display(),
             dir = dir.display(),
@@ -1401,6 +1407,77 @@ addr = "127.0.0.1:11"
             up.keep_lease().await,
             Err(ApiError::Index(schema::SchemaError::IntentAborted(_)))
         ));
+    }
+
+    /// A read's `accessed` statement is queued only while its evidence is
+    /// visible, checked in the same transaction: once an expunge has
+    /// committed, the read is refused (410) and nothing is queued, so the
+    /// log never says evidence was accessed after it was expunged.
+    #[tokio::test]
+    async fn no_access_is_recorded_once_evidence_is_expunged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (skey, _) = protocol::ledger::note_keys("example.com/log", &[9u8; 32]);
+        let key = dir.path().join("ledger.key");
+        storage_node::tls::write_private(&key, skey.as_bytes()).unwrap();
+        let ledger = format!(
+            "[ledger]\norigin = \"example.com/log\"\nsigner_key = \"{}\"\ntiles_dir = \"{}\"\n",
+            key.display(),
+            dir.path().join("tiles").display()
+        );
+        let store = Flaky {
+            inner: indexer::EmbeddedStore::open(&dir.path().join("index.redb")).unwrap(),
+            down: Arc::new(AtomicBool::new(false)),
+        };
+        let gw = gateway_with(dir.path(), store.clone(), &ledger);
+        let header = ManifestHeader {
+            evidence: EvidenceId::new(gw.clock.now_ms(), [3; 10]),
+            tenant: "court".into(),
+            case: None,
+            blake3: protocol::Blake3Hash([1; 32]),
+            sha256: protocol::Sha256Hash([2; 32]),
+            size: 1,
+            media_type: None,
+            file_name: None,
+            submitter: None,
+            filed_at_ms: gw.clock.now_ms(),
+            code: gw.config.code(),
+            stripes: 1,
+            retain_until_ms: None,
+            legal_hold: false,
+        };
+        let queued = || async {
+            indexer::run(&store, |tx| async move {
+                indexer::ledger::pending_tx(&tx, 100, 1 << 20).await
+            })
+            .await
+            .unwrap()
+            .len()
+        };
+        let read = |h: ManifestHeader| {
+            let gw = gw.clone();
+            async move {
+                crate::api::record_access(&gw, &h, "court/clerk".into(), &(0..1), Duration::ZERO)
+                    .await
+            }
+        };
+        let h = header.clone();
+        indexer::run(&store, |tx| {
+            let h = &h;
+            async move { schema::restore_manifest_tx(&tx, h) }
+        })
+        .await
+        .unwrap();
+        read(header.clone()).await.unwrap();
+        assert_eq!(queued().await, 1, "a read of visible evidence is recorded");
+        let now = gw.clock.now_ms();
+        indexer::run(&store, |tx| async move {
+            schema::expunge_tx(&tx, header.evidence, now).await
+        })
+        .await
+        .unwrap();
+        let before = queued().await;
+        assert!(matches!(read(header).await, Err(ApiError::Gone)));
+        assert_eq!(queued().await, before, "nothing queued after the expunge");
     }
 
     #[test]

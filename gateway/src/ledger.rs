@@ -2423,7 +2423,8 @@ pub fn pending(
 
 /// Appends a statement and returns once it is durable in the index (the
 /// outbox), before the caller acts on it: e.g. before the first byte of a
-/// read is sent. `slack`: how long past its commit the caller can wait,
+/// read is sent. Refused with [`ApiError::Gone`] once the evidence is no
+/// longer visible (expunged). `slack`: how long past its commit the caller can wait,
 /// because it has other work in flight (a small read fetching its shards);
 /// the index may use it to share one fsync among many records.
 pub async fn record<S: Store>(
@@ -2436,15 +2437,28 @@ pub async fn record<S: Store>(
         return Ok(());
     };
     let p = pending(evidence, statement)?;
-    indexer::run(&gw.store, |tx| {
+    // Only while the evidence is visible, read in the same transaction: an
+    // expunge (which clears that key and queues its own statement) and
+    // this record then conflict, so the log never says the evidence was
+    // accessed after it was expunged.
+    let visible = indexer::run(&gw.store, |tx| {
         let p = &p;
         async move {
+            if indexer::schema::get_manifest_tx(&tx, evidence)
+                .await?
+                .is_none()
+            {
+                return Ok(false);
+            }
             indexer::kv::Transaction::set_commit_slack(&tx, slack);
             lx::enqueue_tx(&tx, 0, p);
-            Ok::<_, indexer::schema::SchemaError>(())
+            Ok::<_, indexer::schema::SchemaError>(true)
         }
     })
     .await?;
+    if !visible {
+        return Err(ApiError::Gone);
+    }
     ledger.queued();
     Ok(())
 }
