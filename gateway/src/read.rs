@@ -223,6 +223,36 @@ async fn send_range<S: Store>(
     idle: Option<std::time::Duration>,
     what: Visible,
 ) -> Result<(), ReadError> {
+    let sent = send_range_of(gw, header, range, tx, idle, what).await;
+    match sent {
+        Err(e) if what == Visible::Evidence && !matches!(e, ReadError::Expunged(_)) => {
+            // Evidence expunged while it was read loses its shards, stripe
+            // records and outboard under the read, which then fails in
+            // whatever way it met that first (shards missing, a record or
+            // outboard gone): it is the 410 it is, not damage.
+            let evidence = header.evidence;
+            let visible = indexer::run(&gw.store, |t| async move {
+                schema::get_manifest_tx(&t, evidence).await
+            })
+            .await;
+            if matches!(visible, Ok(None)) {
+                tracing::info!(%evidence, error = %e, "evidence expunged while it was read; the read stops");
+                return Err(ReadError::Expunged(evidence));
+            }
+            Err(e)
+        }
+        sent => sent,
+    }
+}
+
+async fn send_range_of<S: Store>(
+    gw: &Arc<Gateway<S>>,
+    header: &ManifestHeader,
+    range: Range<u64>,
+    tx: &mut mpsc::Sender<Result<Bytes, std::io::Error>>,
+    idle: Option<std::time::Duration>,
+    what: Visible,
+) -> Result<(), ReadError> {
     if header.size == 0 {
         // No group to check: the root must be that of no bytes.
         return if Blake3Hash::of(&[]) == header.blake3 {
@@ -1167,18 +1197,33 @@ pub(crate) async fn check_shard<S: Store>(
     }
 }
 
-/// Queues a stripe for repair, off the read's critical path.
+/// Queues a stripe for repair, off the read's critical path: only while
+/// its record is there (an expunge forgets it once its shards are deleted,
+/// which is then why they were missing).
 fn report_damage<S: Store>(gw: &Gateway<S>, evidence: EvidenceId, stripe: u64) {
     let store = gw.store.clone();
-    tracing::warn!(%evidence, stripe, "stripe has missing or corrupt shards; queued for repair");
     tokio::spawn(async move {
         let r = indexer::run(&store, |tx| async move {
+            if schema::get_stripe_tx(&tx, evidence, stripe)
+                .await?
+                .is_none()
+            {
+                return Ok(false);
+            }
             schema::mark_degraded_tx(&tx, evidence, stripe);
-            Ok::<_, schema::SchemaError>(())
+            Ok::<_, schema::SchemaError>(true)
         })
         .await;
-        if let Err(e) = r {
-            tracing::error!(%evidence, stripe, error = %e, "could not queue stripe for repair");
+        match r {
+            Ok(true) => {
+                tracing::warn!(%evidence, stripe, "stripe has missing or corrupt shards; queued for repair")
+            }
+            Ok(false) => {
+                tracing::info!(%evidence, stripe, "shards missing from a stripe since forgotten (expunged)")
+            }
+            Err(e) => {
+                tracing::error!(%evidence, stripe, error = %e, "could not queue stripe for repair")
+            }
         }
     });
 }
