@@ -48,6 +48,10 @@
 //! something: all records of its key are in segments up to the one holding the
 //! record it deleted (a record only ever moves forward while it is the newest),
 //! so it is kept while any such segment exists and its key has no newer record.
+//! A segment removed by compaction takes its records with it as a deleted
+//! shard file does (unlinked, the directory fsynced): an erasure still owed
+//! in it (one that failed, or whose zeros were not yet fsynced) is done then,
+//! since no file holds those bytes any more.
 //!
 //! Every put, delete and copy of one key runs under that key's lock in the
 //! store, so records of one key reach a segment in the order they happened.
@@ -1368,7 +1372,7 @@ fn erase_at(file: &File, key: &SegKey, loc: Loc) -> io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -1376,7 +1380,7 @@ mod tests {
         /// Makes [`create_segment`] fail as on a full disk (this thread only).
         pub(super) static DISK_FULL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
         /// Makes segment fsyncs led on this thread fail, as on a disk error.
-        pub(super) static FSYNC_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        pub(crate) static FSYNC_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
         /// Makes erasures of this evidence's records on this thread fail,
         /// as on a damaged sector.
         pub(super) static ERASE_FAILS: std::cell::Cell<Option<EvidenceId>> = const { std::cell::Cell::new(None) };

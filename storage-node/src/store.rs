@@ -1030,17 +1030,17 @@ impl ShardStore {
         Ok(vfs.f_bavail.saturating_mul(vfs.f_frsize))
     }
 
-    /// Reclaims the space of one sealed segment that is mostly replaced or
-    /// deleted shards, if there is one: copies what is still current to the
-    /// active segment, fsyncs, removes the old file. Says whether it did.
-    /// Runs alongside puts and reads (a key's lock is held only while its
-    /// record is copied).
     /// Makes the erasures of dead records so far durable (see
     /// `SegmentLog::sync_erasures`).
     pub fn sync_erasures(&self) -> Result<(), StoreError> {
         Ok(self.log.sync_erasures(None)?)
     }
 
+    /// Reclaims the space of one sealed segment that is mostly replaced or
+    /// deleted shards, if there is one: copies what is still current to the
+    /// active segment, fsyncs, removes the old file. Says whether it did.
+    /// Runs alongside puts and reads (a key's lock is held only while its
+    /// record is copied).
     pub fn compact(&self) -> Result<bool, StoreError> {
         let Some(id) = self.log.compaction_candidate() else {
             return Ok(false);
@@ -1077,13 +1077,28 @@ impl ShardStore {
         for batch in live.chunks(COMPACT_BATCH) {
             let _guards = self.lock_keys(batch.iter().map(|(k, _)| k));
             let mut moved = Vec::with_capacity(batch.len());
-            for &(key, from) in batch {
-                if let Some((to, pending)) = self.log.copy_forward(&key, from)? {
-                    moved.push((key, from, to, pending));
+            let copied = (|| {
+                for &(key, from) in batch {
+                    if let Some((to, pending)) = self.log.copy_forward(&key, from)? {
+                        moved.push((key, from, to, pending));
+                    }
                 }
+                self.log
+                    .wait_all_durable(moved.iter().map(|(_, _, to, _)| (to.seg, to.end())))
+            })();
+            if let Err(e) = copied {
+                // The copies made are never indexed (the originals stay
+                // current, and an open passes over a later copy whose body
+                // fails): dead, so erased as any dead record, which an
+                // expunge of their evidence then waits for. Left as they
+                // were, an expunge would erase only the original, and the
+                // copy keep the bytes until the next open or compaction.
+                for (key, _, to, pending) in moved {
+                    self.log.erase(to, key.evidence);
+                    drop(pending);
+                }
+                return Err(e.into());
             }
-            self.log
-                .wait_all_durable(moved.iter().map(|(_, _, to, _)| (to.seg, to.end())))?;
             for (key, from, to, pending) in moved {
                 self.log.moved(&key, from, to);
                 drop(pending);
@@ -2545,6 +2560,45 @@ mod tests {
         assert!(matches!(store.get(&key(101)), Err(StoreError::NotFound)));
         // The tombstone outlived its segment: segment 1's old copy stays hidden.
         assert!(matches!(store.get(&victim), Err(StoreError::NotFound)));
+    }
+
+    /// A compaction whose copies cannot be made durable (a failed fsync)
+    /// leaves no second copy of a live shard's bytes behind: the copies are
+    /// erased as dead records, the originals stay current and readable.
+    #[test]
+    fn a_failed_compaction_erases_the_copies_it_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = body(777);
+        {
+            let store = ShardStore::open(dir.path()).unwrap();
+            store.put(&header(key(1), &kept), &kept).unwrap();
+            let b = body(800);
+            for n in 100..140u8 {
+                store.put(&header(key(n), &b), &b).unwrap();
+                assert!(store.delete(&key(n)).unwrap());
+            }
+        }
+        let store = ShardStore::open(dir.path()).unwrap();
+        let copies = || {
+            segment_files(dir.path())
+                .iter()
+                .map(|f| {
+                    let bytes = fs::read(f).unwrap();
+                    bytes.windows(kept.len()).filter(|w| *w == kept).count()
+                })
+                .sum::<usize>()
+        };
+        assert_eq!(copies(), 1);
+        crate::segments::tests::FSYNC_FAILS.with(|f| f.set(true));
+        let compacted = store.compact();
+        crate::segments::tests::FSYNC_FAILS.with(|f| f.set(false));
+        assert!(compacted.is_err(), "{compacted:?}");
+        assert_eq!(copies(), 1, "the copy of a live shard is left whole");
+        assert_eq!(store.get(&key(1)).unwrap().1, kept);
+        store.sync_erasures().unwrap();
+        drop(store);
+        let store = ShardStore::open(dir.path()).unwrap();
+        assert_eq!(store.get(&key(1)).unwrap().1, kept);
     }
 
     /// A segment that compaction cannot drop (a record in it damaged since
