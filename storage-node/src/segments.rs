@@ -190,6 +190,14 @@ struct SegStat {
     len: u64,
     /// Bytes of records that are the current copy of their key.
     live: u64,
+    /// Bytes of tombstones, and the highest segment any of them may hide
+    /// a record in (its `segment` bound): while a segment that old or
+    /// older is left, they may still be needed, and count as live for
+    /// [`SegmentLog::compaction_candidate`]. (Compacting a segment of
+    /// needed tombstones only copies them to the next: a node that deletes
+    /// much while an old segment stays would rewrite them for ever.)
+    tombstones: u64,
+    tombstone_bound: u64,
     /// Records appended here whose writer has not yet indexed them (or
     /// given up): while any are, the segment must not be compacted away.
     /// Counted under the index's read lock (only the active segment gains
@@ -205,6 +213,8 @@ impl SegStat {
             file: file.clone(),
             len: HEADER_LEN as u64,
             live: 0,
+            tombstones: 0,
+            tombstone_bound: 0,
             pending: AtomicU64::new(0),
         }
     }
@@ -374,6 +384,8 @@ impl SegmentLog {
                     file,
                     len: bytes.len() as u64,
                     live: 0,
+                    tombstones: 0,
+                    tombstone_bound: 0,
                     pending: AtomicU64::new(0),
                 },
             );
@@ -597,14 +609,10 @@ impl SegmentLog {
         }
         // Every record of the key so far is in this segment or an older one.
         let bound = lock(&self.active).id;
-        let head = protocol::wire::encode_versioned(
-            TOMBSTONE_V1,
-            &Tombstone {
-                key: *key,
-                segment: bound,
-            },
-        );
-        let (seg, off, len, pending) = self.append(KIND_DELETE, &head, &[])?;
+        let (seg, off, len, pending) = self.append_tombstone(&Tombstone {
+            key: *key,
+            segment: bound,
+        })?;
         self.wait_durable(seg, off + len as u64)?;
         // The tombstone covers any failed put of the key too.
         lock(&self.failed_puts).retain(|(k, _)| k != key);
@@ -622,14 +630,11 @@ impl SegmentLog {
     /// Durably appends a tombstone for `key`, which has nothing indexed but
     /// records of failed puts on the disk, and forgets those.
     fn bury(&self, key: &ShardKey) -> io::Result<()> {
-        let head = protocol::wire::encode_versioned(
-            TOMBSTONE_V1,
-            &Tombstone {
-                key: *key,
-                segment: lock(&self.active).id,
-            },
-        );
-        let (seg, off, len, pending) = self.append(KIND_DELETE, &head, &[])?;
+        let bound = lock(&self.active).id;
+        let (seg, off, len, pending) = self.append_tombstone(&Tombstone {
+            key: *key,
+            segment: bound,
+        })?;
         self.wait_durable(seg, off + len as u64)?;
         drop(pending);
         lock(&self.failed_puts).retain(|(k, _)| k != key);
@@ -796,9 +801,17 @@ impl SegmentLog {
             .segments
             .range(..active)
             .find(|(id, s)| {
+                // Its tombstones, while a segment they may hide records in
+                // is left (a bound, not a check of each: that is for the
+                // compaction itself, in `survivors`).
+                let needed = index
+                    .segments
+                    .range(..=s.tombstone_bound)
+                    .any(|(other, _)| other != *id);
+                let kept = if needed { s.tombstones } else { 0 };
                 !skipped.contains(id)
                     && s.pending.load(Ordering::Acquire) == 0
-                    && s.live * 2 < s.len.max(1)
+                    && (s.live + kept) * 2 < s.len.max(1)
             })
             .map(|(&id, _)| id);
         // Once nothing else is left, those passed over are tried again (a
@@ -901,8 +914,7 @@ impl SegmentLog {
         if self.locate(&t.key).is_some() {
             return Ok(None);
         }
-        let head = protocol::wire::encode_versioned(TOMBSTONE_V1, t);
-        let (seg, off, len, pending) = self.append(KIND_DELETE, &head, &[])?;
+        let (seg, off, len, pending) = self.append_tombstone(t)?;
         Ok(Some((seg, off + len as u64, pending)))
     }
 
@@ -952,6 +964,17 @@ impl SegmentLog {
         let mut index = self.write_index();
         index.segments.remove(&id);
         Ok(true)
+    }
+
+    /// Appends tombstone `t` (see [`Self::append`]), counted as its
+    /// segment's.
+    fn append_tombstone(&self, t: &Tombstone) -> io::Result<(u64, u64, u32, Pending<'_>)> {
+        let head = protocol::wire::encode_versioned(TOMBSTONE_V1, t);
+        let appended = self.append(KIND_DELETE, &head, &[])?;
+        let (seg, _, len, _) = &appended;
+        self.write_index()
+            .add_tombstone(*seg, u64::from(*len), t.segment);
+        Ok(appended)
     }
 
     /// Appends `record` to the active segment (sealing it first if full);
@@ -1165,6 +1188,15 @@ impl Index {
             s.live = s.live.saturating_add_signed(delta);
         }
     }
+
+    /// Counts a tombstone of `len` bytes in `seg` hiding records in
+    /// segments up to `bound`.
+    fn add_tombstone(&mut self, seg: u64, len: u64, bound: u64) {
+        if let Some(s) = self.segments.get_mut(&seg) {
+            s.tombstones += len;
+            s.tombstone_bound = s.tombstone_bound.max(bound);
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1316,6 +1348,7 @@ fn scan_segment(id: u64, key: &SegKey, bytes: &[u8], index: &mut Index, dead: &m
         },
         KIND_DELETE => match protocol::wire::decode_versioned::<Tombstone>(TOMBSTONE_V1, head) {
             Ok(t) => {
+                index.add_tombstone(id, u64::from(len), t.segment);
                 if let Some(old) = index.entries.remove(&fanout_key(&t.key)) {
                     index.add_live(old.seg, -(old.len as i64));
                     dead.push(old, t.key.evidence);

@@ -194,6 +194,8 @@ struct NodeState {
 
 /// How often the node looks for a segment worth compacting.
 const COMPACT_PERIOD: Duration = Duration::from_secs(30);
+/// Most segments compacted per look (each rewrites at most 64 MiB).
+const COMPACTIONS_PER_ROUND: usize = 16;
 
 /// Reclaims the space of replaced and deleted small shards, one segment at a
 /// time, off the request path.
@@ -209,7 +211,9 @@ async fn compact_segments(store: Arc<ShardStore>, mut stop: watch::Receiver<bool
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.sync_erasures()).await {
             tracing::warn!(error = %e, "dead records' erasures could not be made durable; will retry");
         }
-        loop {
+        // A bounded number each time, so the erasures above are made
+        // durable between rounds whatever there is to compact.
+        for _ in 0..COMPACTIONS_PER_ROUND {
             let s = store.clone();
             match tokio::task::spawn_blocking(move || s.compact()).await {
                 Ok(Ok(true)) => {}

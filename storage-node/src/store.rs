@@ -2601,6 +2601,46 @@ mod tests {
         assert_eq!(store.get(&key(1)).unwrap().1, kept);
     }
 
+    /// Tombstones still needed (an old segment they may hide records in
+    /// stays) count as live: a segment of them that compaction carried
+    /// forward is not compacted again only to be copied once more, which
+    /// on a node that deletes much went on without end.
+    #[test]
+    fn carried_tombstones_are_not_compacted_again_while_needed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // Segment 1: live for good.
+            let store = ShardStore::open(dir.path()).unwrap();
+            for n in 0..50u8 {
+                let b = body(500);
+                store.put(&header(key(n), &b), &b).unwrap();
+            }
+        }
+        {
+            // Segment 2: shards put and deleted (their tombstones' bound is
+            // segment 2, and segment 1 is older).
+            let store = ShardStore::open(dir.path()).unwrap();
+            let b = body(800);
+            for n in 100..140u8 {
+                store.put(&header(key(n), &b), &b).unwrap();
+                assert!(store.delete(&key(n)).unwrap());
+            }
+        }
+        {
+            let store = ShardStore::open(dir.path()).unwrap();
+            assert!(store.compact().unwrap(), "segment 2 is mostly dead");
+        }
+        // Segment 3, holding the carried tombstones, is sealed now.
+        let store = ShardStore::open(dir.path()).unwrap();
+        let files = segment_files(dir.path()).len();
+        assert!(!store.compact().unwrap(), "tombstones compacted again");
+        assert_eq!(segment_files(dir.path()).len(), files);
+        drop(store);
+        let store = ShardStore::open(dir.path()).unwrap();
+        assert!(matches!(store.get(&key(100)), Err(StoreError::NotFound)));
+        assert_eq!(store.info().unwrap().shards, 50);
+    }
+
     /// A segment that compaction cannot drop (a record in it damaged since
     /// the node started, left for the scrubber) is tried again and again;
     /// its tombstones are copied forward once, not at every try (the disk
