@@ -614,18 +614,42 @@ pub async fn serve<S: Store>(
 /// metadata headers are 1 KiB each, tokens well under that.
 const MAX_REQUEST_HEAD: usize = 64 * 1024;
 
+/// HTTP/1.1 as both APIs serve it (see [`http1`]).
+#[derive(Clone)]
+pub(crate) struct Http {
+    builder: hyper::server::conn::http1::Builder,
+    /// How long a response may make no progress into the connection.
+    idle: Duration,
+}
+
 /// HTTP/1.1 as both APIs serve it. Request heads are bounded to
 /// [`MAX_REQUEST_HEAD`] (hyper's default lets a client hold about 400 KiB
-/// per connection in headers) and must arrive whole within `head_timeout`,
-/// which is also how long an idle keep-alive connection stays open: hyper
+/// per connection in headers) and must arrive whole within `idle`, which
+/// is also how long an idle keep-alive connection stays open: hyper
 /// applies its head timeout only with a timer, and none is set by default,
 /// so a client trickling a head byte by byte held its connection for ever.
-pub(crate) fn http1(head_timeout: Duration) -> hyper::server::conn::http1::Builder {
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.max_buf_size(MAX_REQUEST_HEAD)
+/// A response the client takes nothing of for `idle` (its socket's buffer
+/// full) ends the connection too: whatever the response (a small read's
+/// buffered body, a listing, the last slices of a streamed read), a client
+/// that stops reading must not hold its memory, task and connection for as
+/// long as it keeps the TCP connection open.
+pub(crate) fn http1(idle: Duration) -> Http {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .max_buf_size(MAX_REQUEST_HEAD)
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(head_timeout);
-    http
+        .header_read_timeout(idle);
+    Http { builder, idle }
+}
+
+/// `io` failing its writes once one has made no progress for `idle`.
+fn stalls_after<T>(io: T, idle: Duration) -> std::pin::Pin<Box<tokio_io_timeout::TimeoutStream<T>>>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
+    let mut io = tokio_io_timeout::TimeoutStream::new(io);
+    io.set_write_timeout(Some(idle));
+    Box::pin(io)
 }
 
 /// Serves the evidence API (see [`serve_connections`]).
@@ -633,7 +657,7 @@ async fn serve_api(
     listener: tokio::net::TcpListener,
     app: Router,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    http: hyper::server::conn::http1::Builder,
+    http: Http,
     drain: Drain,
 ) -> std::io::Result<()> {
     let service = hyper_util::service::TowerToHyperService::new(app);
@@ -648,7 +672,7 @@ async fn serve_api(
 pub(crate) async fn serve_connections<Svc, B>(
     listener: tokio::net::TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    http: hyper::server::conn::http1::Builder,
+    http: Http,
     mut drain: Drain,
     service: Svc,
 ) where
@@ -698,14 +722,17 @@ pub(crate) async fn serve_connections<Svc, B>(
         drain.spawn(|watcher| async move {
             let ended = match tls {
                 None => {
-                    let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                    watcher.watch(conn).await
+                    let io = hyper_util::rt::TokioIo::new(stalls_after(stream, http.idle));
+                    watcher
+                        .watch(http.builder.serve_connection(io, service))
+                        .await
                 }
                 Some(acceptor) => match tls_handshake(&acceptor, stream, peer, api).await {
                     Some(tls) => {
-                        let conn =
-                            http.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
-                        watcher.watch(conn).await
+                        let io = hyper_util::rt::TokioIo::new(stalls_after(tls, http.idle));
+                        watcher
+                            .watch(http.builder.serve_connection(io, service))
+                            .await
                     }
                     None => return,
                 },
@@ -2053,6 +2080,38 @@ async fn revoke_key<S: Store>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client that stops reading a response (far larger than the sockets'
+    /// buffers) is cut off once the response has made no progress for the
+    /// idle time; it gets what the buffers held, never the whole body.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_cut_off() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const BODY: usize = 64 << 20;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let service = hyper::service::service_fn(|_req| async {
+            let body = http_body_util::Full::new(bytes::Bytes::from(vec![7u8; BODY]));
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+        });
+        let stop = Stopper::new();
+        let drain = stop.drain("test", Duration::from_secs(1));
+        let http = http1(Duration::from_millis(300));
+        let server = tokio::spawn(serve_connections(listener, None, http, drain, service));
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut got = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(20), client.read_to_end(&mut got)).await;
+        assert!(read.is_ok(), "the connection stayed open");
+        assert!(got.len() < BODY, "{} bytes: the whole response", got.len());
+        stop.stop();
+        server.abort();
+    }
 
     #[test]
     fn tile_paths_are_told_from_anything_else() {
