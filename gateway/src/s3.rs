@@ -2144,7 +2144,15 @@ impl<S: Store + 'static> S3 for S3Front<S> {
     ) -> S3Result<S3Response<PutObjectLockConfigurationOutput>> {
         let who = self.caller(&req, Role::Clerk).await?;
         let seen = self.bucket(&who, &req.input.bucket).await?;
-        let config = req.input.object_lock_configuration;
+        // No configuration at all (an empty body) is malformed, as S3 has
+        // it, never a request to clear the default retention.
+        let Some(config) = req.input.object_lock_configuration else {
+            return Err(s3_error!(
+                MalformedXML,
+                "the request needs an ObjectLockConfiguration"
+            ));
+        };
+        let config = Some(config);
         let enable = config
             .as_ref()
             .and_then(|c| c.object_lock_enabled.as_ref())
@@ -2165,10 +2173,17 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                     // At most 100 years either way (S3's own bound).
                     (Some(n), None) if n > 0 && n <= 36_500 => ix::RetentionPeriod::Days(n as u32),
                     (None, Some(y)) if y > 0 && y <= 100 => ix::RetentionPeriod::Years(y as u32),
+                    // One period, out of range: S3's InvalidArgument.
+                    (Some(_), None) | (None, Some(_)) => {
+                        return Err(s3_error!(
+                            InvalidArgument,
+                            "the default retention period must be a positive number of Days (at most 36500) or Years (at most 100)"
+                        ))
+                    }
                     _ => {
                         return Err(s3_error!(
                             MalformedXML,
-                            "DefaultRetention needs Days (1 to 36500) or Years (1 to 100), not both"
+                            "DefaultRetention needs Days or Years, not both"
                         ))
                     }
                 };

@@ -1447,6 +1447,20 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
     // to the same date by the calendar, not to 365 days on.
     admin.ok(&["s3api", "put-object-lock-configuration", "--bucket", "locked", "--object-lock-configuration",
                r#"{"ObjectLockEnabled":"Enabled","Rule":{"DefaultRetention":{"Mode":"GOVERNANCE","Years":1}}}"#])?;
+    // A period out of range, and no configuration at all (an empty body,
+    // which must not clear the default retention), are refused.
+    admin.fails("InvalidArgument", &["s3api", "put-object-lock-configuration", "--bucket", "locked",
+        "--object-lock-configuration", r#"{"ObjectLockEnabled":"Enabled","Rule":{"DefaultRetention":{"Mode":"GOVERNANCE","Days":0}}}"#])?;
+    let (head, body) = curl(&c, "PUT", &format!("{}/locked?object-lock=", c.s3), &[])?;
+    assert!(
+        head.starts_with("http/1.1 400"),
+        "{head}{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert!(
+        String::from_utf8_lossy(&body).contains("MalformedXML"),
+        "{head}"
+    );
     let conf = admin.json(&[
         "s3api",
         "get-object-lock-configuration",
