@@ -419,31 +419,87 @@ async fn index_bucket_uploads<S: Store>(gw: &Gateway<S>) -> Result<(), indexer::
     }
 }
 
-/// Carries every S3 version's legal hold onto its evidence, once (see
-/// `indexer::s3::carry_holds_to_evidence_tx`).
-async fn carry_holds_to_evidence<S: Store>(
-    gw: &Gateway<S>,
-) -> Result<(), indexer::s3::ObjectError> {
+/// Binds every S3 version's Object Lock to its evidence, once (see
+/// `indexer::s3::locks_to_carry_tx`): each COMPLIANCE date extended and
+/// each hold placed with an `admin` statement on the ledger, in one
+/// transaction, as the APIs do, so the openings archive (and an index
+/// rebuilt from it) keeps them.
+pub(crate) async fn carry_locks_to_evidence<S: Store>(gw: &Gateway<S>) -> Result<(), ApiError> {
     let (mut after, mut total) = (None, 0);
     loop {
-        let (next, carried) = indexer::run(&gw.store, |tx| {
+        let (next, todo) = indexer::run(&gw.store, |tx| {
             let after = after.clone();
-            async move { indexer::s3::carry_holds_to_evidence_tx(&tx, after, 200).await }
+            async move { indexer::s3::locks_to_carry_tx(&tx, after, 200).await }
         })
         .await?;
-        total += carried;
+        for lock in todo {
+            if carry_lock(gw, lock).await? {
+                total += 1;
+            }
+        }
         match next {
             Some(k) => after = Some(k),
             None => break,
         }
     }
+    indexer::run(&gw.store, |tx| async move {
+        indexer::s3::set_locks_carried_tx(&tx);
+        Ok::<_, indexer::KvError>(())
+    })
+    .await?;
     if total > 0 {
         tracing::warn!(
             evidence = total,
-            "legal holds placed through S3 by an older version now bind their evidence"
+            "S3 Object Lock retention and legal holds set by an older version now bind their evidence, on the ledger"
         );
     }
     Ok(())
+}
+
+/// [`carry_locks_to_evidence`] for one version: whether it changed or
+/// stated anything.
+async fn carry_lock<S: Store>(
+    gw: &Gateway<S>,
+    lock: indexer::s3::LockToCarry,
+) -> Result<bool, ApiError> {
+    let evidence = lock.evidence;
+    let Some(h) = indexer::run(&gw.store, |tx| async move {
+        schema::get_manifest_tx(&tx, evidence).await
+    })
+    .await?
+    else {
+        return Ok(false);
+    };
+    let detail = json!({
+        "s3_object_lock": "carried to the evidence on upgrade",
+        "legal_hold": lock.hold || lock.restate_hold,
+        "retain_until_ms": lock.compliance_until_ms,
+    });
+    let statement = event_statement(gw, &h, Kind::Admin, "custodia/upgrade".into(), &detail)?;
+    Ok(indexer::run(&gw.store, |tx| {
+        let statement = &statement;
+        async move {
+            let Some(h) = schema::get_manifest_tx(&tx, evidence).await? else {
+                return Ok(false);
+            };
+            let mut changed = lock.restate_hold && h.legal_hold;
+            if let Some(until) = lock.compliance_until_ms {
+                if h.retain_until_ms.is_none_or(|u| u < until) {
+                    schema::extend_retention_tx(&tx, evidence, until).await?;
+                    changed = true;
+                }
+            }
+            if lock.hold && !h.legal_hold {
+                schema::set_legal_hold_tx(&tx, evidence, true).await?;
+                changed = true;
+            }
+            if let (true, Some(p)) = (changed, statement) {
+                indexer::ledger::enqueue_tx(&tx, 0, p);
+            }
+            Ok::<_, schema::SchemaError>(changed)
+        }
+    })
+    .await?)
 }
 
 /// Starts the evidence API, the node prober and garbage collection.
@@ -500,9 +556,12 @@ pub async fn serve<S: Store>(
     index_bucket_uploads(&gw)
         .await
         .map_err(|e| StartError::Uploads(e.to_string()))?;
-    carry_holds_to_evidence(&gw)
+    carry_locks_to_evidence(&gw)
         .await
-        .map_err(|e| StartError::Migrate(format!("legal holds: {e}")))?;
+        .map_err(|e| StartError::Migrate(format!("S3 Object Lock: {e}")))?;
+    if let Some(l) = &gw.ledger {
+        l.queued();
+    }
     let replaced = gw.nodes.probe_all(&gw.store, gw.clock.now_ms()).await;
     crate::repair::spawn_reconcile(gw.clone(), replaced);
     let tls = match &gw.config.api_tls {

@@ -1409,28 +1409,39 @@ addr = "127.0.0.1:11"
         ));
     }
 
-    /// A read's `accessed` statement is queued only while its evidence is
-    /// visible, checked in the same transaction: once an expunge has
-    /// committed, the read is refused (410) and nothing is queued, so the
-    /// log never says evidence was accessed after it was expunged.
-    #[tokio::test]
-    async fn no_access_is_recorded_once_evidence_is_expunged() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A gateway with a ledger (and three nodes it never reaches) on an
+    /// index of its own in `dir`.
+    fn with_ledger(dir: &std::path::Path) -> (Flaky, Arc<Gateway<Flaky>>) {
         let (skey, _) = protocol::ledger::note_keys("example.com/log", &[9u8; 32]);
-        let key = dir.path().join("ledger.key");
+        let key = dir.join("ledger.key");
         storage_node::tls::write_private(&key, skey.as_bytes()).unwrap();
         let ledger = format!(
             "[ledger]\norigin = \"example.com/log\"\nsigner_key = \"{}\"\ntiles_dir = \"{}\"\n",
             key.display(),
-            dir.path().join("tiles").display()
+            dir.join("tiles").display()
         );
         let store = Flaky {
-            inner: indexer::EmbeddedStore::open(&dir.path().join("index.redb")).unwrap(),
+            inner: indexer::EmbeddedStore::open(&dir.join("index.redb")).unwrap(),
             down: Arc::new(AtomicBool::new(false)),
         };
-        let gw = gateway_with(dir.path(), store.clone(), &ledger);
-        let header = ManifestHeader {
-            evidence: EvidenceId::new(gw.clock.now_ms(), [3; 10]),
+        let gw = gateway_with(dir, store.clone(), &ledger);
+        (store, gw)
+    }
+
+    /// Statements in the ledger's queue.
+    async fn queued(store: &Flaky) -> usize {
+        indexer::run(store, |tx| async move {
+            indexer::ledger::pending_tx(&tx, 100, 1 << 20).await
+        })
+        .await
+        .unwrap()
+        .len()
+    }
+
+    /// A manifest for evidence filed at `ms` by tenant "court".
+    fn manifest(gw: &Gateway<Flaky>, ms: u64) -> ManifestHeader {
+        ManifestHeader {
+            evidence: EvidenceId::new(ms, [3; 10]),
             tenant: "court".into(),
             case: None,
             blake3: protocol::Blake3Hash([1; 32]),
@@ -1439,20 +1450,84 @@ addr = "127.0.0.1:11"
             media_type: None,
             file_name: None,
             submitter: None,
-            filed_at_ms: gw.clock.now_ms(),
+            filed_at_ms: ms,
             code: gw.config.code(),
             stripes: 1,
             retain_until_ms: None,
             legal_hold: false,
+        }
+    }
+
+    /// An S3 version locked by an older gateway (a COMPLIANCE date and a
+    /// hold on the version record only) binds its evidence at the next
+    /// start, with a statement on the ledger in the same transaction (so
+    /// the openings archive keeps the lock); the start after does nothing.
+    #[tokio::test]
+    async fn old_s3_locks_bind_their_evidence_on_the_ledger() {
+        use indexer::s3 as ix;
+        let dir = tempfile::tempdir().unwrap();
+        let (store, gw) = with_ledger(dir.path());
+        let header = manifest(&gw, gw.clock.now_ms());
+        let evidence = header.evidence;
+        let until = gw.clock.now_ms() + 86_400_000;
+        let bucket = ix::BucketRecord {
+            tenant: "court".into(),
+            created_ms: 1,
+            versioning: ix::Versioning::Enabled,
+            object_lock: true,
+            default_retention: None,
         };
-        let queued = || async {
-            indexer::run(&store, |tx| async move {
-                indexer::ledger::pending_tx(&tx, 100, 1 << 20).await
-            })
-            .await
-            .unwrap()
-            .len()
+        let version = ix::ObjectVersion {
+            version_id: evidence,
+            null_version: false,
+            evidence: Some(evidence),
+            size: 1,
+            etag: "0".repeat(32),
+            last_modified_ms: 1,
+            content_type: None,
+            user_metadata: Vec::new(),
+            retention: Some(ix::Retention {
+                mode: ix::LockMode::Compliance,
+                until_ms: until,
+            }),
+            legal_hold: true,
+            content: Default::default(),
         };
+        indexer::run(&store, |tx| {
+            let (header, bucket, version) = (&header, &bucket, &version);
+            async move {
+                ix::create_tenant_tx(&tx, "court", 1).await?;
+                ix::create_bucket_tx(&tx, "old", bucket).await?;
+                ix::put_version_tx(&tx, "old", "k", version, 1, bucket).await?;
+                schema::restore_manifest_tx(&tx, header)?;
+                Ok::<_, ix::ObjectError>(())
+            }
+        })
+        .await
+        .unwrap();
+        crate::api::carry_locks_to_evidence(&gw).await.unwrap();
+        let h = indexer::run(&store, |tx| async move {
+            schema::get_manifest_tx(&tx, evidence).await
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!((h.retain_until_ms, h.legal_hold), (Some(until), true));
+        assert_eq!(queued(&store).await, 1, "one statement");
+        crate::api::carry_locks_to_evidence(&gw).await.unwrap();
+        assert_eq!(queued(&store).await, 1, "nothing more at the next start");
+    }
+
+    /// A read's `accessed` statement is queued only while its evidence is
+    /// visible, checked in the same transaction: once an expunge has
+    /// committed, the read is refused (410) and nothing is queued, so the
+    /// log never says evidence was accessed after it was expunged.
+    #[tokio::test]
+    async fn no_access_is_recorded_once_evidence_is_expunged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, gw) = with_ledger(dir.path());
+        let header = manifest(&gw, gw.clock.now_ms());
+        let queued = || queued(&store);
         let read = |h: ManifestHeader| {
             let gw = gw.clone();
             async move {

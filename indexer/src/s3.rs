@@ -24,6 +24,7 @@
 //! ("3J")                                            = u64              the journal's epoch
 //! ("3Js")                                           = ""               every record is journaled (or archived)
 //! ("3h")                                            = ""               every version's legal hold is its evidence's
+//! ("3l")                                            = ""               every version's lock is its evidence's, on the ledger
 //! ```
 //!
 //! Version ids are time-ordered UUIDs (for a PUT, its evidence id, unless
@@ -68,6 +69,7 @@ const PART_DELETION: &[u8] = b"3x";
 const BUCKET_UPLOAD: &[u8] = b"3U";
 const BUCKET_UPLOADS_INDEXED: &[u8] = b"3q";
 const HOLDS_ON_EVIDENCE: &[u8] = b"3h";
+const LOCKS_ON_EVIDENCE: &[u8] = b"3l";
 const COMPLETED: &[u8] = b"3d";
 const COMPLETED_BY_TIME: &[u8] = b"3D";
 const JOURNAL: &[u8] = b"3j";
@@ -1532,31 +1534,60 @@ pub async fn get_multipart_tx<T: Transaction>(
     }
 }
 
-/// Says that every version's legal hold is on its evidence already, so
-/// [`carry_holds_to_evidence_tx`] has nothing to do: for an index rebuilt by
-/// `recover-index`, whose manifests carry the holds the ledger recorded,
-/// placed and lifted through either API. Carried again, a version's flag
-/// from before a hold was lifted through the evidence API would put the
-/// hold back, with no statement on the ledger.
+/// Says that every version's legal hold is on its evidence already: for
+/// an index rebuilt by `recover-index`, whose manifests carry the holds
+/// the ledger recorded, placed and lifted through either API. Carried
+/// again (see [`locks_to_carry_tx`]), a version's flag from before a hold
+/// was lifted through the evidence API would put the hold back.
 pub fn set_holds_carried_tx<T: Transaction>(tx: &T) {
     tx.set(HOLDS_ON_EVIDENCE, b"");
 }
 
-/// Carries the legal holds of up to `limit` versions after the version
-/// key `after` (none: from the first) onto their evidence, and returns the
-/// last key looked at, or `None` once every version is done (and says so
-/// in the index). A hold is one per evidence, the manifest's
-/// ([`removal_refused`]); versions held through S3 before holds bound the
-/// evidence carry it only on the version record, and would otherwise stop
-/// being held.
-pub async fn carry_holds_to_evidence_tx<T: Transaction>(
+/// Says that every version's lock binds its evidence, each on the ledger
+/// (see [`locks_to_carry_tx`]).
+pub fn set_locks_carried_tx<T: Transaction>(tx: &T) {
+    tx.set(HOLDS_ON_EVIDENCE, b"");
+    tx.set(LOCKS_ON_EVIDENCE, b"");
+}
+
+/// What one version's Object Lock asks of its evidence (see
+/// [`locks_to_carry_tx`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockToCarry {
+    pub evidence: EvidenceId,
+    /// The version's COMPLIANCE date.
+    pub compliance_until_ms: Option<u64>,
+    /// The version's legal hold, to be placed on the evidence (never on an
+    /// index whose holds are its evidence's already, see
+    /// [`set_holds_carried_tx`]).
+    pub hold: bool,
+    /// A hold the evidence already has, placed by an earlier upgrade that
+    /// wrote no ledger statement: stated now, so the openings archive (and
+    /// an index rebuilt from it) keeps it.
+    pub restate_hold: bool,
+}
+
+/// Up to `limit` versions after the version key `after` (none: from the
+/// first) whose Object Lock their evidence does not carry, or not on the
+/// ledger, and the last key looked at; `None` once every version is done
+/// or none is left to do. COMPLIANCE retention and legal holds bind the
+/// evidence itself (an expunge checks the manifest, and `recover-index`
+/// restores manifests from the ledger's archive), but versions written by
+/// older gateways carried them only on the version record: their evidence
+/// could be expunged under a running COMPLIANCE lock. The caller extends
+/// the retention or places the hold (only ever stricter) with a ledger
+/// statement in the same transaction, then [`set_locks_carried_tx`].
+pub async fn locks_to_carry_tx<T: Transaction>(
     tx: &T,
     after: Option<Vec<u8>>,
     limit: usize,
-) -> Result<(Option<Vec<u8>>, usize), ObjectError> {
-    if tx.get(HOLDS_ON_EVIDENCE).await?.is_some() {
-        return Ok((None, 0));
+) -> Result<(Option<Vec<u8>>, Vec<LockToCarry>), ObjectError> {
+    if tx.get(LOCKS_ON_EVIDENCE).await?.is_some() {
+        return Ok((None, Vec::new()));
     }
+    // Holds carried by the upgrade before this one (no statement), or an
+    // index rebuilt from the ledger (whose holds are the ledger's).
+    let holds_carried = tx.get(HOLDS_ON_EVIDENCE).await?.is_some();
     let begin = match after {
         Some(k) => [&k[..], &[0]].concat(),
         None => VERSION.to_vec(),
@@ -1565,26 +1596,35 @@ pub async fn carry_holds_to_evidence_tx<T: Transaction>(
         .get_range(&begin, &prefix_end(VERSION), limit.max(1), false)
         .await?;
     let Some((last, _)) = rows.last() else {
-        tx.set(HOLDS_ON_EVIDENCE, b"");
-        return Ok((None, 0));
+        return Ok((None, Vec::new()));
     };
     let last = last.clone();
-    let mut carried = 0;
+    let mut todo = Vec::new();
     for (_, value) in &rows {
         let Ok(v) = decode_version(value) else {
             continue;
         };
-        let (true, Some(evidence)) = (v.legal_hold, v.evidence) else {
+        let Some(evidence) = v.evidence else { continue };
+        let Some(h) = crate::schema::get_manifest_tx(tx, evidence).await? else {
             continue;
         };
-        if let Some(h) = crate::schema::get_manifest_tx(tx, evidence).await? {
-            if !h.legal_hold {
-                crate::schema::set_legal_hold_tx(tx, evidence, true).await?;
-                carried += 1;
-            }
+        let compliance_until_ms = v
+            .retention
+            .filter(|r| r.mode == LockMode::Compliance)
+            .map(|r| r.until_ms)
+            .filter(|&until| h.retain_until_ms.is_none_or(|u| u < until));
+        let hold = v.legal_hold && !holds_carried && !h.legal_hold;
+        let restate_hold = v.legal_hold && holds_carried && h.legal_hold;
+        if compliance_until_ms.is_some() || hold || restate_hold {
+            todo.push(LockToCarry {
+                evidence,
+                compliance_until_ms,
+                hold,
+                restate_hold,
+            });
         }
     }
-    Ok((Some(last), carried))
+    Ok((Some(last), todo))
 }
 
 /// Where a listing of a bucket's uploads resumes: after this key's uploads

@@ -1094,55 +1094,108 @@ async fn multipart_records_from_before_default_retention_still_read() {
     );
 }
 
-/// A version held through S3 by an older version (the hold on the version
-/// record only) stays held: the hold is carried onto its evidence, once.
+/// Versions locked through S3 by an older gateway (a hold or a COMPLIANCE
+/// date on the version record only) are found, once, for their evidence
+/// to be bound (which the gateway does, with a ledger statement); an index
+/// whose holds were carried by the upgrade before (with no statement) has
+/// its held versions stated; once done, nothing is looked at again.
 #[tokio::test]
-async fn holds_on_versions_only_are_carried_onto_their_evidence() {
+async fn locks_on_versions_only_are_found_for_their_evidence() {
     let (_d, s) = store();
     bucket(&s, "old", Versioning::Enabled, true).await;
-    let v = ObjectVersion {
+    let compliance = |until_ms| {
+        Some(Retention {
+            mode: LockMode::Compliance,
+            until_ms,
+        })
+    };
+    let held = ObjectVersion {
         legal_hold: true,
         ..version(500, false)
     };
-    put(&s, "old", "k", &v).await.unwrap();
-    let evidence = v.evidence.unwrap();
-    commit_evidence_of(&s, &v, None, false).await;
-    let carry = || {
+    let dated = ObjectVersion {
+        retention: compliance(9_000_000),
+        ..version(600, false)
+    };
+    // Its evidence's own retention runs longer already: nothing to do.
+    let covered = ObjectVersion {
+        retention: compliance(700),
+        ..version(700, false)
+    };
+    for (k, v, retain) in [
+        ("h", &held, None),
+        ("d", &dated, None),
+        ("c", &covered, Some(800)),
+    ] {
+        put(&s, "old", k, v).await.unwrap();
+        commit_evidence_of(&s, v, retain, false).await;
+    }
+    let find = || {
         let s = &s;
         async move {
-            let (mut after, mut total, mut rounds) = (None, 0, 0);
+            let (mut after, mut found, mut rounds) = (None, Vec::new(), 0);
             loop {
-                let (next, n) = run(s, |tx| {
+                let (next, page) = run(s, |tx| {
                     let after = after.clone();
-                    async move { ix::carry_holds_to_evidence_tx(&tx, after, 1).await }
+                    async move { ix::locks_to_carry_tx(&tx, after, 1).await }
                 })
                 .await
                 .unwrap();
-                total += n;
+                found.extend(page);
                 rounds += 1;
                 match next {
                     Some(k) => after = Some(k),
-                    None => return (total, rounds),
+                    None => return (found, rounds),
                 }
             }
         }
     };
-    assert_eq!(carry().await.0, 1);
-    let held = run(&s, |tx| async move {
-        schema::get_manifest_tx(&tx, evidence).await
+    let (mut found, _) = find().await;
+    found.sort_by_key(|l| l.evidence);
+    let lock = |v: &ObjectVersion, until, hold, restate_hold| ix::LockToCarry {
+        evidence: v.evidence.unwrap(),
+        compliance_until_ms: until,
+        hold,
+        restate_hold,
+    };
+    assert_eq!(
+        found,
+        vec![
+            lock(&held, None, true, false),
+            lock(&dated, Some(9_000_000), false, false)
+        ]
+    );
+    // Bound as the gateway binds them: then the evidence refuses removal,
+    // and nothing is left to find.
+    let (h, d) = (held.evidence.unwrap(), dated.evidence.unwrap());
+    run(&s, |tx| async move {
+        schema::set_legal_hold_tx(&tx, h, true).await?;
+        schema::extend_retention_tx(&tx, d, 9_000_000).await
     })
     .await
-    .unwrap()
-    .unwrap()
-    .legal_hold;
-    assert!(held, "the evidence is held");
+    .unwrap();
     let delete = run(&s, |tx| async move {
-        ix::delete_version_tx(&tx, "old", "k", v.version_id, 50, true, &seen()).await
+        ix::delete_version_tx(&tx, "old", "h", held.version_id, 50, true, &seen()).await
     })
     .await;
     assert!(matches!(delete, Err(ObjectError::Locked(m)) if m.contains("legal hold")));
+    assert_eq!(find().await.0, vec![]);
+    // Holds carried by the earlier upgrade, which stated none: stated now.
+    run(&s, |tx| async move {
+        ix::set_holds_carried_tx(&tx);
+        Ok::<_, ObjectError>(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(find().await.0, vec![lock(&held, None, false, true)]);
     // Done once: the next start looks at nothing.
-    assert_eq!(carry().await, (0, 1));
+    run(&s, |tx| async move {
+        ix::set_locks_carried_tx(&tx);
+        Ok::<_, ObjectError>(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(find().await, (vec![], 1));
 }
 
 /// Files a part of `upload` under a new part id (its intent begun and
