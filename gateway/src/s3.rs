@@ -158,6 +158,7 @@ pub(crate) async fn serve<S: Store + 'static>(
                 if let Some(refused) =
                     crate::s3_digest::auth_refusal(&req, crate::ledger::unix_now())
                         .or_else(|| crate::s3_digest::unsupported_refusal(&req))
+                        .or_else(|| crate::s3_digest::digest_refusal(&req))
                         .or_else(|| crate::s3_digest::form_too_large(&req))
                 {
                     Ok(refused_response(&refused))

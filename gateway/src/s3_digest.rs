@@ -496,6 +496,50 @@ pub fn unsupported_refusal<B>(req: &http::Request<B>) -> Option<Refused> {
     })
 }
 
+/// The requests S3 takes only with a digest of their body: a lock's date,
+/// a hold or a bucket's default retention (and which versions a
+/// multi-object delete names) must not be taken from a document damaged
+/// on the way. Query keys by method.
+const DIGEST_REQUIRED: [(&http::Method, &str); 4] = [
+    (&http::Method::PUT, "retention"),
+    (&http::Method::PUT, "legal-hold"),
+    (&http::Method::PUT, "object-lock"),
+    (&http::Method::POST, "delete"),
+];
+
+/// A refusal for a request [`DIGEST_REQUIRED`] names that carries no
+/// digest of its body: no `Content-MD5`, no `x-amz-checksum-*`, and a
+/// payload neither signed by its SHA-256 nor sent aws-chunked (whose
+/// chunks are signed or whose trailer carries a checksum). S3 answers
+/// 400 InvalidRequest; the AWS SDKs and CLIs, rclone, s3cmd and
+/// object_store all send one.
+pub fn digest_refusal<B>(req: &http::Request<B>) -> Option<Refused> {
+    let method = req.method();
+    let needs = query_keys(req).any(|k| {
+        DIGEST_REQUIRED
+            .iter()
+            .any(|(m, key)| *m == method && *key == k)
+    });
+    if !needs {
+        return None;
+    }
+    let headers = req.headers();
+    let streaming = headers
+        .get("x-amz-content-sha256")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("STREAMING-"));
+    let digest = headers.contains_key(CONTENT_MD5)
+        || CHECKSUMS.iter().any(|h| headers.contains_key(*h))
+        || payload_sha256(headers).is_some()
+        || streaming;
+    (!digest).then(|| {
+        Refused::new(
+            "InvalidRequest",
+            "Missing required header for this request: Content-MD5 (or an x-amz-checksum- header)",
+        )
+    })
+}
+
 /// `x-amz-*` headers a client may add around a signed request: S3 takes
 /// them unsigned, and each is checked against the body, not trusted.
 const UNSIGNED_AMZ_ALLOWED: [&str; 4] = [
@@ -558,6 +602,52 @@ fn query_keys<B>(req: &http::Request<B>) -> impl Iterator<Item = &str> {
 mod tests {
     use super::*;
     use base64::Engine as _;
+
+    /// Lock, hold and default-retention documents and multi-object
+    /// deletes need a digest of their body, as S3 has it; other requests,
+    /// and those with any digest (or an aws-chunked body), pass.
+    #[test]
+    fn lock_documents_without_a_digest_are_refused() {
+        let code = |method: &str, uri: &str, headers: &[(&str, &str)]| {
+            digest_refusal(&req(method, uri, headers)).map(|r| r.code)
+        };
+        let unsigned = ("x-amz-content-sha256", "UNSIGNED-PAYLOAD");
+        for (method, uri) in [
+            ("PUT", "/b/k?retention"),
+            ("PUT", "/b/k?legal-hold=&versionId=v"),
+            ("PUT", "/b?object-lock"),
+            ("POST", "/b?delete"),
+        ] {
+            assert_eq!(
+                code(method, uri, &[unsigned]),
+                Some("InvalidRequest"),
+                "{method} {uri}"
+            );
+            for digest in [
+                ("content-md5", "1B2M2Y8AsgTpgAmY7PhCfg=="),
+                ("x-amz-checksum-crc32", "AAAAAA=="),
+                (
+                    "x-amz-content-sha256",
+                    "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+                ),
+                ("x-amz-content-sha256", "STREAMING-UNSIGNED-PAYLOAD-TRAILER"),
+            ] {
+                assert_eq!(
+                    code(method, uri, &[digest]),
+                    None,
+                    "{method} {uri} {digest:?}"
+                );
+            }
+        }
+        for (method, uri) in [
+            ("GET", "/b/k?retention"),
+            ("PUT", "/b/k"),
+            ("PUT", "/b?versioning"),
+            ("POST", "/b/k?uploads"),
+        ] {
+            assert_eq!(code(method, uri, &[unsigned]), None, "{method} {uri}");
+        }
+    }
 
     #[test]
     fn only_sigv4_within_a_week_gets_through() {
