@@ -611,14 +611,23 @@ fn s3_buckets_versions_and_locks_survive_a_destroyed_index() -> Result<()> {
     // per evidence, whichever API): lifted it stays, recovered.
     put("case/released.bin", &bytes(300, 64), &[])?;
     let hold = c.data_dir().join("hold.xml");
-    std::fs::write(
-        &hold,
-        r#"<LegalHold xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Status>ON</Status></LegalHold>"#,
-    )?;
+    let document = r#"<LegalHold xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Status>ON</Status></LegalHold>"#;
+    std::fs::write(&hold, document)?;
+    // (With its digest, as S3 requires of a hold.)
+    let md5 = {
+        use base64::Engine as _;
+        use md5::Digest as _;
+        base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(document))
+    };
     let (h, body) = c.s3_curl(
         "PUT",
         &format!("{s3}/locked/case/released.bin?legal-hold="),
-        &["--data-binary", &format!("@{}", hold.display())],
+        &[
+            "--data-binary",
+            &format!("@{}", hold.display()),
+            "-H",
+            &format!("content-md5: {md5}"),
+        ],
     )?;
     assert_eq!(
         status_of(&h),
