@@ -81,6 +81,10 @@ pub struct Gateway<S: Store> {
     pub metrics: crate::metrics::GatewayMetrics,
     /// Wakes the repair loop (`POST /v1/admin/repair`).
     pub repair_wake: tokio::sync::Notify,
+    /// Asks the orphan sweeper to sweep now.
+    pub sweep_wake: tokio::sync::Notify,
+    /// What the ledger's openings archive holds of the node decisions.
+    pub lifecycle_archive: crate::lifecycle_archive::Archived,
     /// Set while a repair pass has stripes to rebuild: ingest then stores
     /// at most `repair_ingest_stripes` stripes at once (across all uploads),
     /// so repair gets its share of the machine.
@@ -369,6 +373,8 @@ impl<S: Store> Gateway<S> {
             ledger,
             metrics,
             repair_wake: tokio::sync::Notify::new(),
+            sweep_wake: tokio::sync::Notify::new(),
+            lifecycle_archive: Default::default(),
             repairing: std::sync::atomic::AtomicBool::new(false),
             ingest_gate,
             ingest_memory,
@@ -1626,10 +1632,10 @@ async fn repair_now<S: Store>(
 struct NodeStripes {
     /// Stripes whose record places a shard on the node.
     placed: u64,
-    /// Stripes with a shard no node is recorded for (`recover-index` ran
-    /// while the node holding it was away) while this gateway's orphan
-    /// sweep has not yet listed every node to adopt such copies: the node
-    /// may hold them, and once removed it is never listed again.
+    /// Stripes with a shard no node is recorded for while copies
+    /// `recover-index` could not place (their nodes did not answer) await
+    /// an orphan sweep that lists every node to adopt them: the node may
+    /// hold some, and once removed it is never listed again.
     awaiting_adoption: u64,
 }
 
@@ -1638,19 +1644,17 @@ async fn stripes_on_node<S: Store>(gw: &Gateway<S>, node: NodeId) -> Result<Node
     let mut after = None;
     let mut count = NodeStripes::default();
     loop {
-        let batch = indexer::run(&gw.store, |tx| async move {
-            schema::stripes_scan_tx(&tx, after, BATCH).await
+        // In one transaction with the batch: a sweep that completed before
+        // it cleared the flag after committing its adoptions.
+        let (batch, pending) = indexer::run(&gw.store, |tx| async move {
+            let batch = schema::stripes_scan_tx(&tx, after, BATCH).await?;
+            Ok::<_, schema::SchemaError>((batch, schema::adoption_pending_tx(&tx).await?))
         })
         .await?;
-        // Read after the batch: a sweep that completes meanwhile has
-        // adopted what it found before the batch was read.
-        let swept = gw
-            .homeless_adopted
-            .load(std::sync::atomic::Ordering::Relaxed);
         for rec in batch.iter().filter_map(|(_, _, rec)| rec.as_ref()) {
             if rec.shards.iter().any(|s| s.node == Some(node)) {
                 count.placed += 1;
-            } else if !swept && rec.shards.iter().any(|s| s.node.is_none()) {
+            } else if pending && rec.shards.iter().any(|s| s.node.is_none()) {
                 count.awaiting_adoption += 1;
             }
         }
@@ -1714,6 +1718,10 @@ async fn node_detail<S: Store>(
         _ => uploads_before_lifecycle(&gw, node).await?,
     };
     let stripes = stripes_on_node(&gw, node).await?;
+    if stripes.awaiting_adoption > 0 {
+        // What a drain waits for: sooner than the sweep's own interval.
+        gw.sweep_wake.notify_one();
+    }
     Ok(Json(json!({
         "id": node.0,
         "lifecycle": gw.nodes.lifecycle(node).as_str(),
@@ -1781,8 +1789,9 @@ async fn node_lifecycle<S: Store>(
             )));
         }
         if left.awaiting_adoption > 0 {
+            gw.sweep_wake.notify_one();
             return Err(ApiError::Conflict(format!(
-                "{} stripes have a shard no node is recorded for (recover-index ran while a node was away), and the orphan sweep has not yet listed every node to find those copies; node {node} may hold some: wait for the sweep, or force the removal of a dead node",
+                "{} stripes have a shard no node is recorded for (recover-index ran while nodes were away), and no orphan sweep has yet listed every node to find those copies; node {node} may hold some. A sweep has been asked for: try again once it has run (every node must answer), or force the removal of a dead node",
                 left.awaiting_adoption
             )));
         }
@@ -1817,10 +1826,8 @@ async fn node_lifecycle<S: Store>(
     tracing::warn!(%node, state = state.as_str(), actor = %actor(&who), "node lifecycle changed by an operator");
     // Into the archive at once, for `recover-index`; a failure is made up
     // for by the archive's comparison loop within seconds.
-    if let Some(ledger) = &gw.ledger {
-        if let Err(e) = crate::lifecycle_archive::archive(ledger, node, &rec).await {
-            tracing::warn!(%node, error = %e, "node decision not archived yet; retried shortly");
-        }
+    if let Err(e) = crate::lifecycle_archive::sync(&gw).await {
+        tracing::warn!(%node, error = %e, "node decision not archived yet; retried shortly");
     }
     // A drain or removal queues the node's stripes at once.
     gw.repair_wake.notify_one();

@@ -803,7 +803,11 @@ pub fn spawn_orphan_sweeper<S: Store>(gw: Arc<Gateway<S>>) -> tokio::task::JoinH
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // not at start: let nodes be probed first
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                // Asked for now (a node's removal waits on it).
+                () = gw.sweep_wake.notified() => {}
+            }
             // Nothing is an orphan before the index is known to hold the
             // published log: an empty or rolled-back index has no record of
             // shards filed since, and would have them all deleted.
@@ -819,6 +823,18 @@ pub fn spawn_orphan_sweeper<S: Store>(gw: Arc<Gateway<S>>) -> tokio::task::JoinH
                     .homeless_adopted
                     .swap(true, std::sync::atomic::Ordering::Relaxed)
             {
+                // Every node looked on since recovery (if it left copies to
+                // adopt): nodes may be removed again.
+                let cleared = indexer::run(&gw.store, |tx| async move {
+                    schema::clear_adoption_pending_tx(&tx);
+                    Ok::<_, schema::SchemaError>(())
+                })
+                .await;
+                if let Err(e) = cleared {
+                    tracing::warn!(error = %e, "could not record the completed sweep; the next one does");
+                    gw.homeless_adopted
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                }
                 // Stripes that waited on copies no node turned up with.
                 gw.repair_wake.notify_one();
             }

@@ -4,15 +4,18 @@
 //! active one (taking new shards on hardware that was retired, and started
 //! again by `custodia up`), nor let a draining node take new shards.
 //!
-//! One small file per node, `nodes-lifecycle/NNNNNNNNNN` (the node id), holding
-//! its state and when it was decided. The gateway that takes a decision
-//! writes it as soon as the index has committed it; every gateway also
-//! compares the index with what it last archived every [`INTERVAL`] and
-//! writes what differs, so a crash between the two, a failed write or a
-//! decision another gateway took reach the archive all the same. Two
-//! gateways writing one node's file at once may leave the older state
-//! there for a moment: the one that wrote it sees the index differ from
-//! what it wrote at its next look, and writes it again.
+//! One small file per node, `nodes-lifecycle/NNNNNNNNNN` (the node id),
+//! holding its last decision and when it was taken. The gateway that takes
+//! a decision writes it once the index has committed it; every gateway also
+//! compares the index with the archive every [`INTERVAL`] and writes what
+//! is newer there, so a crash between the two, a failed write or a decision
+//! another gateway took reach the archive all the same.
+//!
+//! Only ever newer: a decision replaces an archived one only if it was taken
+//! later, and a removal is final. An index that lost its decisions (a new,
+//! empty one, or an older copy put back) has none newer to write, so it
+//! never overwrites the archive it will be recovered from; nor does a
+//! gateway write before its index is known to hold the published log.
 
 use crate::api::{Gateway, Store};
 use crate::ledger::{Ledger, LedgerError};
@@ -44,83 +47,74 @@ fn file_name(node: NodeId) -> String {
     format!("{DIR}/{:010}", node.0)
 }
 
-/// Writes `node`'s decision to the archive (durably, replacing the last).
-pub async fn archive(
-    ledger: &Ledger,
-    node: NodeId,
-    rec: &LifecycleRecord,
-) -> Result<(), LedgerError> {
-    ledger
-        .archive_file(&file_name(node), encode_versioned(FILE_V1, rec))
-        .await
-}
-
 /// Every decision in the archive, by node. A file that does not decode is
 /// an error: recovery must not take a node the operator removed for an
-/// active one because its record could not be read.
+/// active one because its record could not be read. Names that are not a
+/// node's (a temporary file a crash left) are passed over.
 pub async fn read_archived(
     ledger: &Ledger,
 ) -> Result<HashMap<NodeId, LifecycleRecord>, LifecycleArchiveError> {
     let mut out = HashMap::new();
     for (name, bytes) in ledger.archived_files(DIR).await? {
-        let bad = |reason: String| LifecycleArchiveError::File {
-            name: name.clone(),
-            reason,
-        };
-        let id = name
-            .rsplit('/')
-            .next()
+        let Some(id) = name
+            .strip_prefix(DIR)
+            .and_then(|n| n.strip_prefix('/'))
+            .filter(|n| n.len() == 10 && n.bytes().all(|b| b.is_ascii_digit()))
             .and_then(|n| n.parse::<u32>().ok())
-            .ok_or_else(|| bad("not a node id".into()))?;
+        else {
+            tracing::debug!(%name, "not a node decision in the archive; passed over");
+            continue;
+        };
         let rec: LifecycleRecord =
-            decode_versioned(FILE_V1, &bytes).map_err(|e| bad(e.to_string()))?;
+            decode_versioned(FILE_V1, &bytes).map_err(|e| LifecycleArchiveError::File {
+                name: name.clone(),
+                reason: e.to_string(),
+            })?;
         out.insert(NodeId(id), rec);
     }
     Ok(out)
 }
 
-/// Every configured node's decision as the index holds it now (no record:
-/// active).
-async fn current<S: Store>(
-    gw: &Gateway<S>,
-) -> Result<HashMap<NodeId, LifecycleRecord>, LifecycleArchiveError> {
-    let decided: HashMap<NodeId, LifecycleRecord> =
-        indexer::run(
-            &gw.store,
-            |tx| async move { schema::lifecycles_tx(&tx).await },
-        )
-        .await?
-        .into_iter()
-        .collect();
-    let mut all: HashMap<NodeId, LifecycleRecord> = gw
-        .config
-        .nodes
-        .iter()
-        .map(|n| {
-            let active = LifecycleRecord {
-                state: Lifecycle::Active,
-                changed_ms: 0,
-            };
-            (n.node_id(), active)
-        })
-        .collect();
-    all.extend(decided);
-    Ok(all)
+/// Whether `rec` (from the index) is to replace `archived`: taken later,
+/// and over no removal.
+fn newer(rec: &LifecycleRecord, archived: Option<&LifecycleRecord>) -> bool {
+    archived.is_none_or(|a| a.state != Lifecycle::Removed && rec.changed_ms > a.changed_ms)
 }
 
-/// Writes every decision whose state differs from what `archived` says
-/// the archive holds, and notes it there. Returns how many were written.
-pub async fn sync<S: Store>(
-    gw: &Gateway<S>,
-    ledger: &Ledger,
-    archived: &mut HashMap<NodeId, LifecycleRecord>,
-) -> Result<usize, LifecycleArchiveError> {
+/// What this gateway knows the archive holds (`None` until read), shared
+/// by the comparison loop and the gateway's own decisions, one writer at a
+/// time.
+#[derive(Default)]
+pub struct Archived(tokio::sync::Mutex<Option<HashMap<NodeId, LifecycleRecord>>>);
+
+/// Writes every decision in the index newer than the archive's (see
+/// [`newer`]); returns how many. Nothing before the index is known to
+/// hold the published log.
+pub async fn sync<S: Store>(gw: &Gateway<S>) -> Result<usize, LifecycleArchiveError> {
+    let Some(ledger) = gw.ledger.as_ref() else {
+        return Ok(0);
+    };
+    if !ledger.published_checked() {
+        return Ok(0);
+    }
+    let mut known = gw.lifecycle_archive.0.lock().await;
+    let archived = match known.as_mut() {
+        Some(a) => a,
+        None => known.insert(read_archived(ledger).await?),
+    };
+    let decided = indexer::run(
+        &gw.store,
+        |tx| async move { schema::lifecycles_tx(&tx).await },
+    )
+    .await?;
     let mut written = 0;
-    for (node, rec) in current(gw).await? {
-        if archived.get(&node).map(|r| r.state) == Some(rec.state) {
+    for (node, rec) in decided {
+        if !newer(&rec, archived.get(&node)) {
             continue;
         }
-        archive(ledger, node, &rec).await?;
+        ledger
+            .archive_file(&file_name(node), encode_versioned(FILE_V1, &rec))
+            .await?;
         archived.insert(node, rec);
         written += 1;
     }
@@ -129,20 +123,13 @@ pub async fn sync<S: Store>(
 
 /// Starts the comparison loop; none without a ledger (no archive).
 pub fn spawn<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::JoinHandle<()>> {
-    let ledger = gw.ledger.clone()?;
+    gw.ledger.as_ref()?;
     Some(tokio::spawn(async move {
-        // What the archive holds already, so a start rewrites nothing; if
-        // it cannot be read, every decision is written again (replacing a
-        // file that does not decode).
-        let mut archived = read_archived(&ledger).await.unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "node decisions in the archive unreadable; writing them all again");
-            HashMap::new()
-        });
         let mut tick = tokio::time::interval(INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            match sync(&gw, &ledger, &mut archived).await {
+            match sync(&gw).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(nodes = n, "node decisions archived"),
                 Err(e) => {
@@ -151,4 +138,21 @@ pub fn spawn<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::JoinHandle<()
             }
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_later_decision_replaces_an_archived_one_and_never_a_removal() {
+        let rec = |state, changed_ms| LifecycleRecord { state, changed_ms };
+        let draining = rec(Lifecycle::Draining, 10);
+        assert!(newer(&draining, None));
+        assert!(newer(&rec(Lifecycle::Active, 11), Some(&draining)));
+        assert!(!newer(&rec(Lifecycle::Active, 9), Some(&draining)), "older");
+        assert!(!newer(&draining, Some(&draining)), "the same");
+        let removed = rec(Lifecycle::Removed, 10);
+        assert!(!newer(&rec(Lifecycle::Active, 20), Some(&removed)), "final");
+    }
 }

@@ -167,8 +167,10 @@ pub async fn recover_index<S: Store>(
     };
     let mut removed = BTreeSet::new();
     for (node, rec) in &decisions {
+        // Activations too: with their time, so the archive's copy is
+        // never taken for a newer decision than the index's.
         match rec.state {
-            schema::Lifecycle::Active => continue,
+            schema::Lifecycle::Active => {}
             schema::Lifecycle::Draining => report.nodes_draining.push(node.0),
             schema::Lifecycle::Removed => {
                 report.nodes_removed.push(node.0);
@@ -309,6 +311,17 @@ pub async fn recover_index<S: Store>(
         }
     })
     .await?;
+
+    // Copies on nodes that did not answer are left for the orphan sweep to
+    // adopt; until a sweep has looked on every node, no node is removed
+    // (it might hold some).
+    if !report.nodes_down.is_empty() {
+        indexer::run(&gw.store, |tx| async move {
+            schema::set_adoption_pending_tx(&tx);
+            Ok::<_, SchemaError>(())
+        })
+        .await?;
+    }
 
     let count = manifests.len();
     for (n, (id, (header, expunged))) in manifests.into_iter().enumerate() {

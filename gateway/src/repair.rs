@@ -1473,9 +1473,16 @@ impl StripeLease {
         }
         let back = match gw.nodes.client.rpc_verify_shard(addr, key).await {
             Ok(back) => back,
-            Err(e) => {
-                tracing::debug!(%node, shard = %key, error = %e, "a copy to adopt did not verify");
+            // The node answered: the copy is gone or does not verify.
+            Err(storage_node::client::NodeError::Remote(code)) => {
+                tracing::debug!(%node, shard = %key, ?code, "a copy to adopt did not verify");
                 return Ok(false);
+            }
+            // Not looked at: the sweep that asked is not complete.
+            Err(e) => {
+                return Err(ApiError::Unavailable(format!(
+                    "node {node} did not verify a copy of {key} to adopt: {e}"
+                )))
             }
         };
         let adopted = indexer::run(&gw.store, |tx| {

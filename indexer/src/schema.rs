@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! ("N", node u32)                                 = NodeRecord
-//! ("n", node u32)                                 = LifecycleRecord    draining or removed (absent: active)
+//! ("n", node u32)                                 = LifecycleRecord    an operator's last decision (absent: none, active)
 //! ("I", evidence 16)                              = IntentRecord       upload in flight
 //! ("K", tenant, 0x00, blake3(idempotency key) 32) = evidence 16 [request 32]  retry finds the first filing
 //! ("E", evidence 16)                              = ManifestHeader     visible evidence
@@ -22,6 +22,7 @@
 //! ("Z", evidence 16, stripe u64)                  = ""                 lost: fewer than k shards left
 //! ("C")                                           = ClockRecord        the compliance clock
 //! ("R", evidence 16, stripe u64)                  = RepairLease        the task repairing it
+//! ("A")                                           = ""                 recovery left shards with no node: copies to adopt
 //! ```
 //!
 //! The ledger's keys ("Q", "L", "N", "T", "V", "O", "P", "M") are laid out in
@@ -56,6 +57,7 @@ const EXPUNGING: u8 = b'Y';
 const LOST: u8 = b'Z';
 const CLOCK: u8 = b'C';
 const REPAIR_LEASE: u8 = b'R';
+const ADOPTION_PENDING: u8 = b'A';
 
 const RECORD_V1: u8 = 1;
 
@@ -300,17 +302,33 @@ pub struct LifecycleRecord {
     pub changed_ms: u64,
 }
 
+/// Records an operator's decision about `node`, an activation too: with
+/// its time, so copies of the decisions elsewhere (the ledger's openings
+/// archive) can tell the newer one.
 pub fn set_lifecycle_tx<T: Transaction>(tx: &T, node: NodeId, rec: &LifecycleRecord) {
     let mut k = vec![LIFECYCLE];
     k.extend_from_slice(&node.0.to_be_bytes());
-    if rec.state == Lifecycle::Active {
-        tx.clear(&k);
-    } else {
-        tx.set(&k, &encode_versioned(RECORD_V1, rec));
-    }
+    tx.set(&k, &encode_versioned(RECORD_V1, rec));
 }
 
-/// Every node that is not active.
+/// Says that `recover-index` left shards with no node (their nodes did
+/// not answer), whose copies the orphan sweep adopts when it finds them.
+pub fn set_adoption_pending_tx<T: Transaction>(tx: &T) {
+    tx.set(&[ADOPTION_PENDING], b"");
+}
+
+/// Says that a complete orphan sweep has looked on every node since.
+pub fn clear_adoption_pending_tx<T: Transaction>(tx: &T) {
+    tx.clear(&[ADOPTION_PENDING]);
+}
+
+/// Whether copies left by `recover-index` may still await adoption (see
+/// [`set_adoption_pending_tx`]).
+pub async fn adoption_pending_tx<T: Transaction>(tx: &T) -> Result<bool, SchemaError> {
+    Ok(tx.get(&[ADOPTION_PENDING]).await?.is_some())
+}
+
+/// Every node an operator decided about (absent: active).
 pub async fn lifecycles_tx<T: Transaction>(
     tx: &T,
 ) -> Result<Vec<(NodeId, LifecycleRecord)>, SchemaError> {
