@@ -1412,6 +1412,14 @@ addr = "127.0.0.1:11"
     /// A gateway with a ledger (and three nodes it never reaches) on an
     /// index of its own in `dir`.
     fn with_ledger(dir: &std::path::Path) -> (Flaky, Arc<Gateway<Flaky>>) {
+        with_ledger_on(dir, &dir.join("index.redb"))
+    }
+
+    /// [`with_ledger`] on the index at `index`.
+    fn with_ledger_on(
+        dir: &std::path::Path,
+        index: &std::path::Path,
+    ) -> (Flaky, Arc<Gateway<Flaky>>) {
         let (skey, _) = protocol::ledger::note_keys("example.com/log", &[9u8; 32]);
         let key = dir.join("ledger.key");
         storage_node::tls::write_private(&key, skey.as_bytes()).unwrap();
@@ -1421,7 +1429,7 @@ addr = "127.0.0.1:11"
             dir.join("tiles").display()
         );
         let store = Flaky {
-            inner: indexer::EmbeddedStore::open(&dir.join("index.redb")).unwrap(),
+            inner: indexer::EmbeddedStore::open(index).unwrap(),
             down: Arc::new(AtomicBool::new(false)),
         };
         let gw = gateway_with(dir, store.clone(), &ledger);
@@ -1516,6 +1524,67 @@ addr = "127.0.0.1:11"
         assert_eq!(queued(&store).await, 1, "one statement");
         crate::api::carry_locks_to_evidence(&gw).await.unwrap();
         assert_eq!(queued(&store).await, 1, "nothing more at the next start");
+    }
+
+    /// Node decisions reach the openings archive only when newer than its
+    /// own, and a removal there is final: a gateway on a new, empty index
+    /// (the old one lost) or on an older one writes nothing over what
+    /// recovery will need.
+    #[tokio::test]
+    async fn only_newer_node_decisions_reach_the_archive() {
+        use schema::{Lifecycle, LifecycleRecord};
+        let dir = tempfile::tempdir().unwrap();
+        let decide = |store: Flaky, node: u32, state, changed_ms| async move {
+            indexer::run(&store, |tx| async move {
+                let rec = LifecycleRecord { state, changed_ms };
+                schema::set_lifecycle_tx(&tx, protocol::NodeId(node), &rec);
+                Ok::<_, schema::SchemaError>(())
+            })
+            .await
+            .unwrap()
+        };
+        let ready = |gw: Arc<Gateway<Flaky>>| async move {
+            let ledger = gw.ledger.as_ref().unwrap();
+            crate::ledger::check_published_tree(&gw, ledger)
+                .await
+                .unwrap();
+        };
+        let archived = |gw: Arc<Gateway<Flaky>>| async move {
+            let ledger = gw.ledger.as_ref().unwrap();
+            let mut a: Vec<_> = crate::lifecycle_archive::read_archived(ledger)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|(n, r)| (n.0, r.state, r.changed_ms))
+                .collect();
+            a.sort_unstable_by_key(|(n, _, _)| *n);
+            a
+        };
+        let (store, gw) = with_ledger(dir.path());
+        decide(store.clone(), 1, Lifecycle::Removed, 10).await;
+        decide(store.clone(), 2, Lifecycle::Draining, 20).await;
+        let sync = crate::lifecycle_archive::sync;
+        assert_eq!(sync(&gw).await.unwrap(), 0, "before the index is checked");
+        ready(gw.clone()).await;
+        assert_eq!(sync(&gw).await.unwrap(), 2);
+        let want = vec![(1, Lifecycle::Removed, 10), (2, Lifecycle::Draining, 20)];
+        assert_eq!(archived(gw.clone()).await, want);
+        // A new gateway on a new, empty index: nothing to write.
+        let (empty, fresh) = with_ledger_on(dir.path(), &dir.path().join("new.redb"));
+        ready(fresh.clone()).await;
+        assert_eq!(sync(&fresh).await.unwrap(), 0);
+        // An older decision, and one over a removal: nothing either.
+        decide(empty.clone(), 2, Lifecycle::Active, 15).await;
+        decide(empty.clone(), 1, Lifecycle::Active, 40).await;
+        assert_eq!(sync(&fresh).await.unwrap(), 0);
+        assert_eq!(archived(fresh.clone()).await, want);
+        // A later one is written.
+        decide(empty, 2, Lifecycle::Active, 30).await;
+        assert_eq!(sync(&fresh).await.unwrap(), 1);
+        assert_eq!(
+            archived(fresh).await,
+            vec![(1, Lifecycle::Removed, 10), (2, Lifecycle::Active, 30)]
+        );
     }
 
     /// A read's `accessed` statement is queued only while its evidence is
