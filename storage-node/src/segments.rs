@@ -315,6 +315,14 @@ impl SegmentLog {
         // Records found dead (replaced, deleted, torn copies) that still hold
         // a shard's bytes: a crash came before they were erased.
         let mut dead = Dead::default();
+        // The newest segment longer than a header.
+        let holding_records = ids
+            .iter()
+            .rev()
+            .find(|&&id| {
+                fs::metadata(dir.join(segment_name(id))).is_ok_and(|m| m.len() > HEADER_LEN as u64)
+            })
+            .copied();
         for &id in &ids {
             // A segment the disk cannot read (a bad sector anywhere in it)
             // is treated like one whose header is damaged: not served, left
@@ -345,10 +353,15 @@ impl SegmentLog {
                 }
                 Err(e) => return Err(e),
             };
-            if bytes.len() <= HEADER_LEN && segment_key(&bytes).is_none() {
+            let after_records = holding_records.is_none_or(|l| id > l);
+            if after_records && bytes.len() <= HEADER_LEN && segment_key(&bytes).is_none() {
                 // No whole header: a creation cut short (a crash before the
                 // header was durable, a full disk). Records follow only a
-                // header made durable, so it never held one.
+                // header made durable, so it never held one. Only segments
+                // after every one holding records can be one (segments are
+                // made in order); an earlier one so short was sealed and has
+                // lost what it held (truncated by a file system repair, say):
+                // it is taken for damaged below, never quietly removed.
                 tracing::warn!(
                     segment = id,
                     len = bytes.len(),

@@ -2732,6 +2732,33 @@ mod tests {
         assert_eq!(store.get(&key(9)).unwrap().1, b);
     }
 
+    /// A sealed segment cut to no more than a header (a file system repair
+    /// truncating it) lost acknowledged shards: it is taken for damaged, and
+    /// the disk for one that lost contents, never removed quietly as a
+    /// creation cut short (which only the last segment can be).
+    #[test]
+    fn a_sealed_segment_cut_to_nothing_renews_the_disk_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = {
+            let store = ShardStore::open(dir.path()).unwrap();
+            let b = body(300);
+            store.put(&header(key(1), &b), &b).unwrap();
+            store.disk_uuid()
+        };
+        // Segment 2 made by this open, and holding a shard.
+        {
+            let store = ShardStore::open(dir.path()).unwrap();
+            let b = body(400);
+            store.put(&header(key(2), &b), &b).unwrap();
+        }
+        let seg = segment_files(dir.path())[0].clone();
+        fs::write(&seg, b"").unwrap();
+        let store = ShardStore::open(dir.path()).unwrap();
+        assert_ne!(store.disk_uuid(), first, "the disk took a new identity");
+        assert!(matches!(store.get(&key(1)), Err(StoreError::NotFound)));
+        assert_eq!(store.get(&key(2)).unwrap().1, body(400));
+    }
+
     thread_local! {
         /// Moving a damaged segment aside at open fails (as with no room).
         pub(super) static RENAME_ASIDE_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
