@@ -574,16 +574,12 @@ impl SegmentLog {
         let loc = Loc { seg, off, len };
         if let Err(e) = self.wait_durable(seg, off + len as u64) {
             lock(&self.failed_puts).push((header.key, loc));
-            // Not through `erase`: its fsync would fail again (and with it
-            // every later expunge's), and nothing can make it durable.
-            let seg_file = self
-                .read_index()
-                .segments
-                .get(&seg)
-                .map(|s| (s.file.clone(), s.key));
-            if let Some((file, key)) = seg_file {
-                let _ = erase_at(&file, &key, loc);
-            }
+            // Erased as any dead record, so an expunge of its evidence waits
+            // until the zeros are durable (a failed segment is fsynced on
+            // its own then, and a failure there fails only that evidence's
+            // expunges).
+            self.erase(loc, header.key.evidence);
+            drop(pending);
             return Err(e);
         }
         // A later record of the key wins at every open: a failed put of it
@@ -1511,6 +1507,20 @@ pub(crate) mod tests {
         assert!(put.is_err(), "a failed fsync acknowledged");
         assert_eq!(log.locate(&h.key), None);
         assert_eq!(log.failed_puts_of(h.key.evidence), vec![h.key]);
+        // Its body erased as any dead record's, the zeros made durable by
+        // the next sync of erasures (which an expunge waits for).
+        let seg = log.segment_path(lock(&log.failed_puts)[0].1.seg);
+        assert!(!holds(&seg, &body), "the failed put's body is on the disk");
+        assert_eq!(
+            lock(&log.unsynced_erasures)
+                .values()
+                .flatten()
+                .filter(|(_, of)| *of == h.key.evidence)
+                .count(),
+            1,
+            "its erasure is not tracked"
+        );
+        log.sync_erasures(Some(h.key.evidence)).unwrap();
         let syncs = log.syncs.load(Ordering::Relaxed);
         assert_eq!(log.delete(&h.key, None).unwrap(), None);
         assert!(
