@@ -370,6 +370,22 @@ async fn send_range_of<S: Store>(
                         } else {
                             ShardCheck::Parity
                         };
+                        // Waited for memory and a permit past the records'
+                        // freshness (an overloaded gateway): read afresh,
+                        // or repair may have deleted the copies it names,
+                        // and their rebuild from parity would send a
+                        // healthy stripe back to repair as damaged.
+                        let mut rec = rec;
+                        if loaded.elapsed() > fresh_for {
+                            let evidence = header.evidence;
+                            let now = indexer::run(&gw.store, |t| async move {
+                                schema::get_stripe_tx(&t, evidence, stripe).await
+                            })
+                            .await;
+                            if let Ok(Some(now)) = now {
+                                rec = now;
+                            }
+                        }
                         let mut data = fetch_stripe(&gw, &header, stripe, &rec, shards).await;
                         if matches!(data, Err(ReadError::Unrecoverable { .. })) {
                             // Repair may have moved shards since this record was
