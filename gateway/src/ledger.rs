@@ -141,6 +141,9 @@ struct Tsa {
     url: Option<String>,
     cert_pem: String,
     dev_key_pem: Option<String>,
+    /// The certificate is a development TSA's (see
+    /// `protocol::tsa::is_development_cert`): its times confirm nothing.
+    development: bool,
     interval: Duration,
 }
 
@@ -376,9 +379,11 @@ impl Ledger {
                         "tsa: give an external url or a development dev_key".into(),
                     ));
                 }
+                let cert_pem = read(&t.cert)?;
                 Some(Tsa {
                     url: t.url.clone(),
-                    cert_pem: read(&t.cert)?,
+                    development: protocol::tsa::is_development_cert(&cert_pem),
+                    cert_pem,
                     dev_key_pem: t.dev_key.as_ref().map(read).transpose()?,
                     interval: Duration::from_millis(t.interval_ms.clamp(100, 3_600_000)),
                 })
@@ -2912,9 +2917,11 @@ async fn stamp<S: Store>(gw: &Gateway<S>, tsa: &Tsa, note: &str, size: u64) -> R
     gw.metrics
         .tsa_clock_offset
         .set(gen_time as f64 - gw.clock.now_ms() as f64 / 1000.0);
-    // An outside TSA's time lets the compliance clock catch up; the
-    // development TSA signs with this machine's clock, so it does not.
-    if tsa.url.is_some() {
+    // An outside TSA's time lets the compliance clock catch up; a
+    // development TSA signs with its machine's clock, so it does not, also
+    // when asked over HTTP (another gateway's `/tsa`, or this one's): its
+    // certificate says what it is.
+    if tsa.url.is_some() && !tsa.development {
         gw.clock
             .confirm(gen_time.saturating_mul(1000), crate::clock::Source::Tsa);
     }

@@ -465,7 +465,7 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
     write_public(data_dir.join(LEDGER_VKEY_FILE), format!("{vkey}\n"))?;
     // A development TSA (RFC 3161): long-lived certificate for verifiers, key
     // for the gateway. Point `tsa.url` at a real TSA in production.
-    let (tsa_cert, tsa_key) = protocol::tsa::make_tsa("Custodia development TSA")
+    let (tsa_cert, tsa_key) = protocol::tsa::make_tsa(protocol::tsa::DEVELOPMENT_TSA_NAME)
         .map_err(|e| anyhow::anyhow!("making the development TSA: {e}"))?;
     write_public(data_dir.join(TSA_CERT_FILE), tsa_cert)?;
     storage_node::tls::write_private(&ledger_dir.join("tsa.key"), tsa_key.as_bytes())?;

@@ -121,10 +121,27 @@ fn peek(r: &mut BERReaderSeq) -> ASN1Result<Option<Tag>> {
     r.read_optional(|r| r.lookahead_tag())
 }
 
+/// The subject (common name) of the development TSA's certificate that
+/// `custodia init` makes: a TSA signing with the operator's own clock,
+/// never an independent source of time.
+pub const DEVELOPMENT_TSA_NAME: &str = "Custodia development TSA";
+
+/// Whether `cert_pem` is a development TSA's certificate (its subject names
+/// [`DEVELOPMENT_TSA_NAME`]): its tokens say only what the clock of the
+/// machine that signed them said.
+pub fn is_development_cert(cert_pem: &str) -> bool {
+    parse_cert(cert_pem).is_ok_and(|c| {
+        c.subject
+            .windows(DEVELOPMENT_TSA_NAME.len())
+            .any(|w| w == DEVELOPMENT_TSA_NAME.as_bytes())
+    })
+}
+
 struct Cert {
     der: Vec<u8>,
-    issuer: Vec<u8>, // raw Name TLV
-    serial: Vec<u8>, // raw INTEGER TLV
+    subject: Vec<u8>, // raw Name TLV
+    issuer: Vec<u8>,  // raw Name TLV
+    serial: Vec<u8>,  // raw INTEGER TLV
     key_alg: ObjectIdentifier,
     curve: Option<ObjectIdentifier>,
     key: Vec<u8>, // subjectPublicKey BIT STRING contents
@@ -140,7 +157,7 @@ fn parse_cert(cert_pem: &str) -> Result<Cert> {
     let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
         .map_err(|e| Error(format!("certificate PEM: {e}")))?
         .to_vec();
-    let (serial, issuer, key_alg, curve, key) = yasna::parse_ber(&der, |r| {
+    let (serial, issuer, subject, key_alg, curve, key) = yasna::parse_ber(&der, |r| {
         r.read_sequence(|r| {
             let tbs = r.next().read_sequence(|r| {
                 r.read_optional(|r| r.read_tagged(Tag::context(0), |r| r.read_der()))?;
@@ -148,7 +165,7 @@ fn parse_cert(cert_pem: &str) -> Result<Cert> {
                 r.next().read_der()?; // signature
                 let issuer = r.next().read_der()?;
                 r.next().read_der()?; // validity
-                r.next().read_der()?; // subject
+                let subject = r.next().read_der()?;
                 let (alg, curve, key) = r.next().read_sequence(|r| {
                     let (alg, curve) = r.next().read_sequence(|r| {
                         let a = r.next().read_oid()?;
@@ -159,7 +176,7 @@ fn parse_cert(cert_pem: &str) -> Result<Cert> {
                     Ok((alg, curve, r.next().read_bitvec_bytes()?.0))
                 })?;
                 skip_rest(r)?;
-                Ok((serial, issuer, alg, curve, key))
+                Ok((serial, issuer, subject, alg, curve, key))
             })?;
             skip_rest(r)?;
             Ok(tbs)
@@ -167,6 +184,7 @@ fn parse_cert(cert_pem: &str) -> Result<Cert> {
     })?;
     Ok(Cert {
         der,
+        subject,
         issuer,
         serial,
         key_alg,

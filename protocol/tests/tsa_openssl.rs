@@ -221,3 +221,14 @@ fn our_client_accepts_openssl_tsa() {
         assert!(verify_response(&resp, &digest, Some(nonce + 1), &cert).is_err());
     }
 }
+
+/// A development TSA's certificate says what it is (its tokens carry only
+/// its machine's clock); any other TSA's does not pass for one.
+#[test]
+fn a_development_tsa_is_told_by_its_certificate() {
+    let (dev, _) = make_tsa(DEVELOPMENT_TSA_NAME).unwrap();
+    let (other, _) = make_tsa("tsaprobe TSA").unwrap();
+    assert!(is_development_cert(&dev));
+    assert!(!is_development_cert(&other));
+    assert!(!is_development_cert("not a certificate"));
+}
