@@ -2120,6 +2120,21 @@ async fn revoke_key<S: Store>(
                 .into(),
         ));
     }
+    // Into the ledger's openings archive first: `recover-index` restores
+    // the credentials DATA_DIR's files hold, and must not restore these.
+    if let Some(ledger) = &gw.ledger {
+        crate::credentials::archive_revocation(
+            ledger,
+            req.token.as_deref(),
+            req.access_key.as_deref(),
+        )
+        .await
+        .map_err(|e| {
+            ApiError::Unavailable(format!(
+                "the revocation could not be archived, so nothing was revoked: {e}"
+            ))
+        })?;
+    }
     let revoked =
         crate::credentials::revoke(&gw.store, req.token.as_deref(), req.access_key.as_deref())
             .await?;

@@ -38,6 +38,56 @@ impl Credentials {
     }
 }
 
+/// The ledger's openings archive's folder of credentials revoked through
+/// the admin API: `recover-index`, which restores the credentials
+/// DATA_DIR's files hold, must not bring back one revoked while a file
+/// still held it. One empty file each: `token-<BLAKE3 of the token, hex>`,
+/// `s3-<access key id, hex>`.
+pub const REVOKED_DIR: &str = "credentials-revoked";
+
+/// The archive's name for revoked `token`.
+pub fn revoked_token_name(token: &str) -> String {
+    format!(
+        "{REVOKED_DIR}/token-{}",
+        blake3::hash(token.as_bytes()).to_hex()
+    )
+}
+
+/// The archive's name for revoked `access_key`.
+pub fn revoked_access_key_name(access_key: &str) -> String {
+    format!("{REVOKED_DIR}/s3-{}", hex::encode(access_key))
+}
+
+/// Notes in the archive that `token` and `access_key` are revoked, before
+/// the index revokes them (a failure between the two leaves a credential
+/// that recovery will not restore, never one it would bring back).
+pub async fn archive_revocation(
+    ledger: &crate::ledger::Ledger,
+    token: Option<&str>,
+    access_key: Option<&str>,
+) -> Result<(), crate::ledger::LedgerError> {
+    let names = token
+        .map(revoked_token_name)
+        .into_iter()
+        .chain(access_key.map(revoked_access_key_name));
+    for name in names {
+        ledger.archive_file(&name, Vec::new()).await?;
+    }
+    Ok(())
+}
+
+/// The names of every revocation in the archive (see [`REVOKED_DIR`]).
+pub async fn archived_revocations(
+    ledger: &crate::ledger::Ledger,
+) -> Result<std::collections::HashSet<String>, crate::ledger::LedgerError> {
+    Ok(ledger
+        .archived_names(REVOKED_DIR)
+        .await?
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect())
+}
+
 /// A bearer token: 256 random bits, hex.
 pub fn new_token() -> String {
     hex::encode(rand::random::<[u8; 32]>())

@@ -45,7 +45,13 @@ pub async fn run(data_dir: &Path, allow_down: bool, trust_archive: bool, json: b
         gateway::recover::recover_index(&gw, allow_down, trust_archive, &|msg| eprintln!("{msg}"))
             .await
             .context("recovering the index")?;
-    let restored = restore_credentials(&gw.store, data_dir).await?;
+    let revoked = match &gw.ledger {
+        Some(ledger) => gateway::credentials::archived_revocations(ledger)
+            .await
+            .context("reading the revoked credentials in the openings archive")?,
+        None => Default::default(),
+    };
+    let restored = restore_credentials(&gw.store, data_dir, &revoked).await?;
     drop(gw);
 
     // The old index is kept under a second name first, then the new one
@@ -197,6 +203,7 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 async fn restore_credentials<S: indexer::KvStore>(
     store: &S,
     data_dir: &Path,
+    revoked: &std::collections::HashSet<String>,
 ) -> Result<Vec<String>> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -213,6 +220,29 @@ async fn restore_credentials<S: indexer::KvStore>(
             let field = |name| cluster::credentials_field(&text, name);
             Some((field("aws_access_key_id")?, field("aws_secret_access_key")?))
         });
+    // Revoked through the admin API while a file still held it: never
+    // brought back.
+    let token = token.filter(|t| {
+        let gone = revoked.contains(&gateway::credentials::revoked_token_name(t));
+        if gone {
+            eprintln!(
+                "{} holds a revoked token: not restored (`custodia key create --tenant admin \
+                 --role admin` makes a new credential to put there)",
+                data_dir.join(cluster::ADMIN_TOKEN_FILE).display()
+            );
+        }
+        !gone
+    });
+    let s3 = s3.filter(|(id, _)| {
+        let gone = revoked.contains(&gateway::credentials::revoked_access_key_name(id));
+        if gone {
+            eprintln!(
+                "{} holds a revoked access key ({id}): not restored",
+                data_dir.join(cluster::S3_CREDENTIALS_FILE).display()
+            );
+        }
+        !gone
+    });
     let mut restored = Vec::new();
     indexer::run(store, |tx| {
         let (token, s3) = (&token, &s3);

@@ -502,6 +502,47 @@ fn node_decisions_survive_a_destroyed_index() -> Result<()> {
     Ok(())
 }
 
+/// A credential DATA_DIR's files hold, revoked through the admin API (with
+/// another administrator's token, so no tool moved the files aside), is
+/// not brought back by `recover-index`: the revocation is in the ledger's
+/// openings archive, and recovery says what it left out.
+#[test]
+fn credentials_revoked_through_the_api_are_not_restored() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    let (status, second) = send(
+        &c,
+        "POST",
+        "/v1/admin/keys",
+        Some(serde_json::json!({ "tenant": "admin", "role": "admin" })),
+    )?;
+    assert_eq!(status, 201, "{second}");
+    let creds = std::fs::read_to_string(c.data_dir().join("s3.credentials"))?;
+    let access_key = custodia_tests::profile_field(&creds, "aws_access_key_id");
+    let revoke = agent()
+        .post(format!("{}/v1/admin/keys/revoke", c.api))
+        .header(
+            "authorization",
+            format!("Bearer {}", second["token"].as_str().context("token")?),
+        )
+        .send_json(serde_json::json!({ "token": c.token, "access_key": access_key }))?;
+    assert_eq!(revoke.status().as_u16(), 200);
+    c.kill_gateway();
+    std::fs::remove_file(c.data_dir().join("index.redb"))?;
+    let out = recover(&c, &[])?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("holds a revoked token: not restored"),
+        "{said}"
+    );
+    assert!(said.contains("holds a revoked access key"), "{said}");
+    c.start_gateway()?;
+    c.wait_healthy(8)?;
+    let (status, body) = send(&c, "GET", "/v1/admin/status", None)?;
+    assert_eq!(status, 401, "the revoked token works again: {body}");
+    Ok(())
+}
+
 /// The same recovery, but two of the down nodes come back with empty
 /// disks: their slots have no copy anywhere and no hash the index knows.
 /// Nothing is declared lost while the third node's copies can still be
