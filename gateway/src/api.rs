@@ -1136,12 +1136,54 @@ fn expects_continue(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
+/// The `X-Custodia-*` headers a filing reads.
+const FILING_HEADERS: [&str; 10] = [
+    "x-custodia-case",
+    "x-custodia-file-name",
+    "x-custodia-submitter",
+    "x-custodia-blake3",
+    "x-custodia-sha256",
+    "x-custodia-source-device",
+    "x-custodia-capture-time",
+    "x-custodia-capture-method",
+    "x-custodia-prior-custody",
+    "x-custodia-retain-until-ms",
+];
+
+/// Digests of the body in other conventions than this API's, which it
+/// does not check.
+const UNCHECKED_DIGESTS: [&str; 4] = ["content-md5", "digest", "content-digest", "repr-digest"];
+
+/// Refuses a filing that sends a header it would not read but its filer
+/// may count on: an `X-Custodia-*` header it does not know (a misspelt
+/// `X-Custodia-SHA-256` would leave the acquisition hash unchecked, and
+/// the filing answered 201 all the same), or a digest of the body in
+/// another convention.
+fn refuse_unread_headers(h: &http::HeaderMap) -> Result<(), ApiError> {
+    for name in h.keys().map(http::HeaderName::as_str) {
+        if name.starts_with("x-custodia-") && !FILING_HEADERS.contains(&name) {
+            return Err(ApiError::BadRequest(format!(
+                "{name} is not a filing header (they are {}); nothing was filed",
+                FILING_HEADERS.join(", ")
+            )));
+        }
+        if UNCHECKED_DIGESTS.contains(&name) || name.starts_with("x-amz-checksum-") {
+            return Err(ApiError::BadRequest(format!(
+                "{name} is not checked here: send the acquisition hashes as \
+                 X-Custodia-Sha256 and X-Custodia-Blake3 (hex); nothing was filed"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A filing's metadata, from its request's headers.
 fn filing_meta<S: Store>(
     gw: &Gateway<S>,
     who: &Caller,
     h: &http::HeaderMap,
 ) -> Result<FilingMeta, ApiError> {
+    refuse_unread_headers(h)?;
     Ok(FilingMeta {
         tenant: who.tenant.clone(),
         actor: Some(actor(who)),

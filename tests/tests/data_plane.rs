@@ -1478,6 +1478,23 @@ fn idempotency_and_declared_hashes() -> Result<()> {
 
     let a = c.file_with(&c.token, b"x", &[("x-custodia-sha256", "zz")])?;
     assert_eq!(a.status, 400);
+    // A hash under a name this API does not read (misspelt, or another
+    // convention's) is refused, never left unchecked behind a 201.
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&other))
+    };
+    for header in ["x-custodia-sha-256", "content-digest", "content-md5"] {
+        let a = c.file_with(&c.token, &other, &[(header, &sha)])?;
+        assert_eq!(a.status, 400, "{header}: {}", a.json());
+        assert!(
+            a.json()["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(header)),
+            "{}",
+            a.json()
+        );
+    }
 
     // Metadata headers are held to 1 KiB each: 400 with a JSON body, and
     // nothing filed.
