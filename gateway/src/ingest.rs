@@ -760,7 +760,7 @@ impl<S: Store> Upload<S> {
         let kib = ((2 * k + m) * shard_len).div_ceil(1024).clamp(1, total);
         let kib = u32::try_from(kib).unwrap_or(u32::MAX);
         let gate = self.gw.ingest_memory.clone();
-        self.wait_for_memory(gate, kib).await
+        self.wait_for_memory(gate, kib, None).await
     }
 
     /// The receive memory (see `receive_memory_mib`) for a stripe that can
@@ -778,20 +778,29 @@ impl<S: Store> Upload<S> {
             .clamp(1, self.gw.receive_memory_kib.max(1));
         let kib = u32::try_from(kib).unwrap_or(u32::MAX);
         let gate = self.gw.receive_memory.clone();
-        self.wait_for_memory(gate, kib).await
+        // Held by other clients' stripes while they fill, at the pace those
+        // clients send (slow ones, or many sending a byte now and then,
+        // can hold all of it): waited for no longer than a client may go
+        // silent, then 503, for the client to try again later, instead of
+        // an upload that hangs unanswered.
+        let patience =
+            std::time::Duration::from_millis(self.gw.config.client_idle_timeout_ms.max(1));
+        self.wait_for_memory(gate, kib, Some(patience)).await
     }
 
-    /// `kib` permits of `gate`, waited for while other uploads hold them,
-    /// the lease kept meanwhile.
+    /// `kib` permits of `gate`, waited for while other uploads hold them
+    /// (for at most `patience`), the lease kept meanwhile.
     async fn wait_for_memory(
         &mut self,
         gate: Arc<tokio::sync::Semaphore>,
         kib: u32,
+        patience: Option<std::time::Duration>,
     ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
         if let Ok(permit) = gate.clone().try_acquire_many_owned(kib) {
             return Ok(permit);
         }
         self.gw.metrics.ingest_memory_waits.inc();
+        let give_up = patience.map(|p| tokio::time::Instant::now() + p);
         // One wait, keeping its place in the queue while the lease is kept.
         let mut acquire = std::pin::pin!(gate.acquire_many_owned(kib));
         loop {
@@ -800,6 +809,13 @@ impl<S: Store> Upload<S> {
                 biased;
                 permit = &mut acquire => {
                     return permit.map_err(|_| ApiError::Unavailable("the gateway is stopping".into()));
+                }
+                () = sleep_until_some(give_up) => {
+                    return Err(ApiError::Unavailable(
+                        "the gateway's memory for receiving uploads is taken by other uploads; \
+                         try again shortly"
+                            .into(),
+                    ));
                 }
                 () = tokio::time::sleep_until(renew_at) => self.keep_lease().await?,
             }
@@ -1271,6 +1287,14 @@ async fn store_stripe<S: Store>(
         )));
     }
     Ok(record)
+}
+
+/// Sleeps until `at`; for ever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn pop(spares: &Mutex<VecDeque<protocol::NodeId>>) -> Option<protocol::NodeId> {

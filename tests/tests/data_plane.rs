@@ -530,6 +530,70 @@ fn uploads_beyond_the_memory_budget_wait_their_turn() -> Result<()> {
     Ok(())
 }
 
+/// The receive budget held by another upload whose client trickles its
+/// body (a byte now and then, never idle long enough to be cut off) makes
+/// a filing wait no longer than a client may go silent: then 503, to try
+/// again, instead of hanging unanswered for as long as the other lasts.
+#[test]
+fn a_filing_kept_waiting_for_receive_memory_is_told_to_retry() -> Result<()> {
+    let mut c = TestCluster::start(Shape {
+        shard_size: 256 * 1024,
+        ..Shape::default()
+    })?;
+    // One stripe's room; clients silent for 3 s are cut off.
+    c.set_gateway(&[
+        ("receive_memory_mib", toml::Value::Integer(1)),
+        ("client_idle_timeout_ms", toml::Value::Integer(3000)),
+    ])?;
+    let mut trickle = std::net::TcpStream::connect(c.api.trim_start_matches("http://"))?;
+    write!(
+        trickle,
+        "POST /v1/evidence HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        c.token
+    )?;
+    let held = || {
+        c.metric(
+            &c.metrics,
+            "custodia_gateway_memory_held_bytes{budget=\"receive\"}",
+        )
+        .unwrap_or(-1.0)
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (mut s, stop) = (trickle.try_clone()?, stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if s.write_all(b"1\r\nx\r\n").and_then(|()| s.flush()).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    assert!(
+        eventually(20, || held() >= f64::from(1u32 << 20)),
+        "the trickling body does not hold the budget: {}",
+        held()
+    );
+    let started = std::time::Instant::now();
+    let a = c.file_with(&c.token, &bytes(1000, 65), &[])?;
+    let waited = started.elapsed();
+    assert_eq!(a.status, 503, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!(a.json()["error"], "unavailable", "{}", a.json());
+    assert!(
+        waited >= Duration::from_secs(2),
+        "answered after {waited:?}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sender.join().expect("trickle thread");
+    trickle.write_all(b"0\r\n\r\n")?;
+    let mut answer = String::new();
+    trickle.set_read_timeout(Some(Duration::from_secs(60)))?;
+    trickle.read_to_string(&mut answer)?;
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    Ok(())
+}
+
 /// The stripes uploads are still receiving share a budget too. A body of
 /// unknown length (chunked) holds a whole stripe's room from its first
 /// byte, so with room for one stripe, another filing waits (reading none
