@@ -684,7 +684,7 @@ const MAX_REQUEST_HEAD: usize = 64 * 1024;
 pub(crate) struct Http {
     builder: hyper::server::conn::http1::Builder,
     /// How long a response may make no progress into the connection.
-    idle: Duration,
+    stall: Duration,
 }
 
 /// HTTP/1.1 as both APIs serve it. Request heads are bounded to
@@ -693,18 +693,22 @@ pub(crate) struct Http {
 /// is also how long an idle keep-alive connection stays open: hyper
 /// applies its head timeout only with a timer, and none is set by default,
 /// so a client trickling a head byte by byte held its connection for ever.
-/// A response the client takes nothing of for `idle` (its socket's buffer
-/// full) ends the connection too: whatever the response (a small read's
-/// buffered body, a listing, the last slices of a streamed read), a client
-/// that stops reading must not hold its memory, task and connection for as
-/// long as it keeps the TCP connection open.
+/// A response the client takes nothing of for twice `idle` (its socket's
+/// buffer full) ends the connection too: whatever the response (a small
+/// read's buffered body, a listing, the last slices of a streamed read), a
+/// client that stops reading must not hold its memory, task and connection
+/// for as long as it keeps the TCP connection open. (Twice: a streamed
+/// read gives up after `idle` itself, saying why, and this is the backstop.)
 pub(crate) fn http1(idle: Duration) -> Http {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .max_buf_size(MAX_REQUEST_HEAD)
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(idle);
-    Http { builder, idle }
+    Http {
+        builder,
+        stall: idle.saturating_mul(2),
+    }
 }
 
 /// `io` failing its writes once one has made no progress for `idle`.
@@ -787,14 +791,14 @@ pub(crate) async fn serve_connections<Svc, B>(
         drain.spawn(|watcher| async move {
             let ended = match tls {
                 None => {
-                    let io = hyper_util::rt::TokioIo::new(stalls_after(stream, http.idle));
+                    let io = hyper_util::rt::TokioIo::new(stalls_after(stream, http.stall));
                     watcher
                         .watch(http.builder.serve_connection(io, service))
                         .await
                 }
                 Some(acceptor) => match tls_handshake(&acceptor, stream, peer, api).await {
                     Some(tls) => {
-                        let io = hyper_util::rt::TokioIo::new(stalls_after(tls, http.idle));
+                        let io = hyper_util::rt::TokioIo::new(stalls_after(tls, http.stall));
                         watcher
                             .watch(http.builder.serve_connection(io, service))
                             .await
