@@ -65,14 +65,23 @@ pub fn wants_check<B>(req: &http::Request<B>) -> bool {
     // CompleteMultipartUpload (POST ?uploadId=) sends its part list as XML.
     let document = query_keys(req).any(|k| DOCUMENTS.contains(&k)) || completes_upload(req);
     let headers = req.headers();
-    let streaming = headers
+    document && !streaming(headers) && has_digest(headers)
+}
+
+/// Whether the body is sent aws-chunked (`STREAMING-*`).
+fn streaming(headers: &http::HeaderMap) -> bool {
+    headers
         .get("x-amz-content-sha256")
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("STREAMING-"));
-    let digest = headers.contains_key(CONTENT_MD5)
+        .is_some_and(|v| v.starts_with("STREAMING-"))
+}
+
+/// Whether the request carries a digest of its whole body: `Content-MD5`,
+/// an `x-amz-checksum-*` header, or a signed payload SHA-256.
+fn has_digest(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(CONTENT_MD5)
         || CHECKSUMS.iter().any(|h| headers.contains_key(*h))
-        || payload_sha256(headers).is_some();
-    document && !streaming && digest
+        || payload_sha256(headers).is_some()
 }
 
 /// Why a document was refused: S3's error code, its status and a message.
@@ -524,14 +533,7 @@ pub fn digest_refusal<B>(req: &http::Request<B>) -> Option<Refused> {
         return None;
     }
     let headers = req.headers();
-    let streaming = headers
-        .get("x-amz-content-sha256")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("STREAMING-"));
-    let digest = headers.contains_key(CONTENT_MD5)
-        || CHECKSUMS.iter().any(|h| headers.contains_key(*h))
-        || payload_sha256(headers).is_some()
-        || streaming;
+    let digest = has_digest(headers) || streaming(headers);
     (!digest).then(|| {
         Refused::new(
             "InvalidRequest",

@@ -48,13 +48,19 @@ fn recover(c: &TestCluster, extra: &[&str]) -> Result<std::process::Output> {
     c.custodia(&args)
 }
 
-#[test]
-fn a_destroyed_index_is_rebuilt_from_the_ledger_archive_and_the_nodes() -> Result<()> {
+/// A cluster repairing every half second, and its log's verifier key.
+fn repairing_cluster() -> Result<(TestCluster, String)> {
     let mut c = TestCluster::start(Shape::default())?;
     c.set_gateway(&[("repair_interval_ms", toml::Value::Integer(500))])?;
     let key = std::fs::read_to_string(c.data_dir().join("ledger.vkey"))?
         .trim()
         .to_owned();
+    Ok((c, key))
+}
+
+#[test]
+fn a_destroyed_index_is_rebuilt_from_the_ledger_archive_and_the_nodes() -> Result<()> {
+    let (mut c, key) = repairing_cluster()?;
 
     // Filings of many sizes (empty, one byte, many stripes), one under a
     // legal hold, and 300 hash-only notarizations (more than one tile).
@@ -449,11 +455,7 @@ fn copies_on_a_node_drained_after_recovery_are_adopted_then_moved() -> Result<()
 /// decisions it would stop at a node that does not answer).
 #[test]
 fn node_decisions_survive_a_destroyed_index() -> Result<()> {
-    let mut c = TestCluster::start(Shape::default())?;
-    c.set_gateway(&[("repair_interval_ms", toml::Value::Integer(500))])?;
-    let key = std::fs::read_to_string(c.data_dir().join("ledger.vkey"))?
-        .trim()
-        .to_owned();
+    let (mut c, key) = repairing_cluster()?;
     let mut filed = Vec::new();
     for i in 0..3u64 {
         let data = bytes(50_000 + i as usize * 9_000, 90 + i);
