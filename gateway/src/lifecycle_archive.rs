@@ -54,6 +54,15 @@ fn file_name(node: NodeId) -> String {
 pub async fn read_archived(
     ledger: &Ledger,
 ) -> Result<HashMap<NodeId, LifecycleRecord>, LifecycleArchiveError> {
+    read_decisions(ledger, true).await
+}
+
+/// [`read_archived`]; unless `strict`, a file that does not decode is
+/// passed over (said in the log), to be written anew from the index.
+async fn read_decisions(
+    ledger: &Ledger,
+    strict: bool,
+) -> Result<HashMap<NodeId, LifecycleRecord>, LifecycleArchiveError> {
     let mut out = HashMap::new();
     for (name, bytes) in ledger.archived_files(DIR).await? {
         let Some(id) = name
@@ -65,12 +74,20 @@ pub async fn read_archived(
             tracing::debug!(%name, "not a node decision in the archive; passed over");
             continue;
         };
-        let rec: LifecycleRecord =
-            decode_versioned(FILE_V1, &bytes).map_err(|e| LifecycleArchiveError::File {
-                name: name.clone(),
-                reason: e.to_string(),
-            })?;
-        out.insert(NodeId(id), rec);
+        match decode_versioned::<LifecycleRecord>(FILE_V1, &bytes) {
+            Ok(rec) => {
+                out.insert(NodeId(id), rec);
+            }
+            Err(e) if !strict => {
+                tracing::warn!(%name, error = %e, "a node decision in the archive is unreadable; written anew from the index");
+            }
+            Err(e) => {
+                return Err(LifecycleArchiveError::File {
+                    name,
+                    reason: e.to_string(),
+                })
+            }
+        }
     }
     Ok(out)
 }
@@ -100,7 +117,7 @@ pub async fn sync<S: Store>(gw: &Gateway<S>) -> Result<usize, LifecycleArchiveEr
     let mut known = gw.lifecycle_archive.0.lock().await;
     let archived = match known.as_mut() {
         Some(a) => a,
-        None => known.insert(read_archived(ledger).await?),
+        None => known.insert(read_decisions(ledger, false).await?),
     };
     let decided = indexer::run(
         &gw.store,
