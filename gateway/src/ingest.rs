@@ -315,6 +315,14 @@ where
             meta.expect_sha256
                 .is_some_and(|h| h != header.sha256)
                 .then_some("SHA-256")
+        })
+        // A body of another declared length is other content: said before
+        // any of it is read (read until it ran past the filing's size, a
+        // longer one was cut off mid-send, and the client saw a reset).
+        .or_else(|| {
+            meta.body_len_at_most
+                .is_some_and(|n| n != header.size)
+                .then_some("content")
         });
     if let Some(what) = refused {
         drain_unless_waiting(body, idle, meta.expects_continue).await;

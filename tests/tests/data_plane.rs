@@ -1516,6 +1516,18 @@ fn idempotency_and_declared_hashes() -> Result<()> {
     )?;
     assert_eq!(a.status, 422, "{}", String::from_utf8_lossy(&a.body));
     assert_eq!(a.json()["error"], "idempotency_key_reused");
+    // A body of another length under the key is refused before any of it
+    // is read: a client still sending a long one gets the answer, not a
+    // reset.
+    let a = c.file_with(&c.token, &bytes(3 << 20, 12), &key)?;
+    assert_eq!(a.status, 422, "{}", String::from_utf8_lossy(&a.body));
+    assert!(
+        a.json()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("content")),
+        "{}",
+        a.json()
+    );
     let a = c.file_with(&c.token, &data, &[("idempotency-key", "")])?;
     assert_eq!(a.status, 400, "an empty key is refused");
     assert!(a.json()["message"]
