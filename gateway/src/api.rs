@@ -98,6 +98,8 @@ pub struct Gateway<S: Store> {
     /// KiB of stripes being received across all uploads
     /// ([`GatewayConfig::receive_memory_bytes`]).
     pub receive_memory: Arc<tokio::sync::Semaphore>,
+    /// How many times an upload has let go of receive memory.
+    pub receive_released: Arc<std::sync::atomic::AtomicU64>,
     /// Its size, in KiB.
     pub receive_memory_kib: usize,
     /// KiB of stripes read ahead across all reads
@@ -383,6 +385,7 @@ impl<S: Store> Gateway<S> {
             ingest_memory_kib,
             receive_memory,
             receive_memory_kib,
+            receive_released: Default::default(),
             read_gate,
             outboard_rebuilds: Default::default(),
             remote_builds: Default::default(),

@@ -25,6 +25,7 @@ use protocol::{Blake3Hash, EvidenceId, ManifestHeader, Sha256Hash, ShardHeader, 
 use protocol::{ShardPlacement, StripeRecord};
 use sha2::Digest;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use storage_node::buffers::BufferPool;
 use tokio::task::JoinHandle;
@@ -459,7 +460,7 @@ impl<S: Store> Upload<S> {
         let mut stripe = StripeFill::new(k, shard_size, 0);
         // The receive memory the stripe being filled holds, once its first
         // byte is in (its room is 0 until then).
-        let mut receiving: Option<tokio::sync::OwnedSemaphorePermit> = None;
+        let mut receiving: Option<Receiving> = None;
         let mut next_stripe: u64 = 0;
 
         let idle = (!meta.body_from_store).then(|| {
@@ -777,10 +778,7 @@ impl<S: Store> Upload<S> {
     /// its stripe and hand it on (to the ingest budget, a pool of its
     /// own) without more, so waits always end. (A body read back from the
     /// store takes none: its source holds read memory meanwhile.)
-    async fn receive_memory(
-        &mut self,
-        room: usize,
-    ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+    async fn receive_memory(&mut self, room: usize) -> Result<Receiving, ApiError> {
         let kib = room
             .div_ceil(1024)
             .clamp(1, self.gw.receive_memory_kib.max(1));
@@ -788,27 +786,40 @@ impl<S: Store> Upload<S> {
         let gate = self.gw.receive_memory.clone();
         // Held by other clients' stripes while they fill, at the pace those
         // clients send (slow ones, or many sending a byte now and then,
-        // can hold all of it): waited for no longer than a client may go
-        // silent, then 503, for the client to try again later, instead of
-        // an upload that hangs unanswered.
+        // can hold all of it): waited for while it moves at all, but once
+        // no holder has let go for as long as a client may go silent, 503,
+        // for the client to try again later, instead of an upload that
+        // hangs unanswered. (A queue that moves, however slowly storage
+        // takes the stripes, is waited out.)
         let patience =
             std::time::Duration::from_millis(self.gw.config.client_idle_timeout_ms.max(1));
-        self.wait_for_memory(gate, kib, Some(patience)).await
+        let released = self.gw.receive_released.clone();
+        let permit = self
+            .wait_for_memory(gate, kib, Some((patience, released.clone())))
+            .await?;
+        Ok(Receiving {
+            _permit: permit,
+            released,
+        })
     }
 
-    /// `kib` permits of `gate`, waited for while other uploads hold them
-    /// (for at most `patience`), the lease kept meanwhile.
+    /// `kib` permits of `gate`, waited for while other uploads hold them,
+    /// the lease kept meanwhile; with `patience`, given up once the count
+    /// of releases it names has not moved for that long.
     async fn wait_for_memory(
         &mut self,
         gate: Arc<tokio::sync::Semaphore>,
         kib: u32,
-        patience: Option<std::time::Duration>,
+        patience: Option<(std::time::Duration, Arc<AtomicU64>)>,
     ) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
         if let Ok(permit) = gate.clone().try_acquire_many_owned(kib) {
             return Ok(permit);
         }
         self.gw.metrics.ingest_memory_waits.inc();
-        let give_up = patience.map(|p| tokio::time::Instant::now() + p);
+        let mut seen = patience.as_ref().map(|(_, r)| r.load(Ordering::Relaxed));
+        let mut give_up = patience
+            .as_ref()
+            .map(|(p, _)| tokio::time::Instant::now() + *p);
         // One wait, keeping its place in the queue while the lease is kept.
         let mut acquire = std::pin::pin!(gate.acquire_many_owned(kib));
         loop {
@@ -819,9 +830,18 @@ impl<S: Store> Upload<S> {
                     return permit.map_err(|_| ApiError::Unavailable("the gateway is stopping".into()));
                 }
                 () = sleep_until_some(give_up) => {
+                    if let (Some((p, released)), Some(before)) = (&patience, seen) {
+                        let now = released.load(Ordering::Relaxed);
+                        if now != before {
+                            // Others let go meanwhile: the queue moves.
+                            seen = Some(now);
+                            give_up = Some(tokio::time::Instant::now() + *p);
+                            continue;
+                        }
+                    }
                     return Err(ApiError::Unavailable(
-                        "the gateway's memory for receiving uploads is taken by other uploads; \
-                         try again shortly"
+                        "the gateway's memory for receiving uploads is held by uploads that have \
+                         not let go of it for a while; try again shortly"
                             .into(),
                     ));
                 }
@@ -1295,6 +1315,19 @@ async fn store_stripe<S: Store>(
         )));
     }
     Ok(record)
+}
+
+/// Receive memory an upload holds for the stripe it fills; its release is
+/// counted (see [`Upload::wait_for_memory`]'s patience).
+struct Receiving {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    released: Arc<AtomicU64>,
+}
+
+impl Drop for Receiving {
+    fn drop(&mut self) {
+        self.released.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Sleeps until `at`; for ever without one.
