@@ -436,11 +436,19 @@ async fn index_bucket_uploads<S: Store>(gw: &Gateway<S>) -> Result<(), indexer::
 pub(crate) async fn carry_locks_to_evidence<S: Store>(gw: &Gateway<S>) -> Result<(), ApiError> {
     let (mut after, mut total) = (None, 0);
     loop {
+        let now = gw.clock.compliance_ms();
         let (next, todo) = indexer::run(&gw.store, |tx| {
             let after = after.clone();
-            async move { indexer::s3::locks_to_carry_tx(&tx, after, 200).await }
+            async move { indexer::s3::locks_to_carry_tx(&tx, after, 200, now).await }
         })
         .await?;
+        if !todo.is_empty() {
+            tracing::info!(
+                versions = todo.len(),
+                so_far = total,
+                "binding S3 Object Lock set by an older version to its evidence"
+            );
+        }
         for lock in todo {
             if carry_lock(gw, lock).await? {
                 total += 1;

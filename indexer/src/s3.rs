@@ -25,6 +25,7 @@
 //! ("3Js")                                           = ""               every record is journaled (or archived)
 //! ("3h")                                            = ""               every version's legal hold is its evidence's
 //! ("3l")                                            = ""               every version's lock is its evidence's, on the ledger
+//! ("3r")                                            = ""               the evidence's holds are the ledger's (a recovered index)
 //! ```
 //!
 //! Version ids are time-ordered UUIDs (for a PUT, its evidence id, unless
@@ -70,6 +71,7 @@ const BUCKET_UPLOAD: &[u8] = b"3U";
 const BUCKET_UPLOADS_INDEXED: &[u8] = b"3q";
 const HOLDS_ON_EVIDENCE: &[u8] = b"3h";
 const LOCKS_ON_EVIDENCE: &[u8] = b"3l";
+const HOLDS_ON_LEDGER: &[u8] = b"3r";
 const COMPLETED: &[u8] = b"3d";
 const COMPLETED_BY_TIME: &[u8] = b"3D";
 const JOURNAL: &[u8] = b"3j";
@@ -1541,6 +1543,8 @@ pub async fn get_multipart_tx<T: Transaction>(
 /// was lifted through the evidence API would put the hold back.
 pub fn set_holds_carried_tx<T: Transaction>(tx: &T) {
     tx.set(HOLDS_ON_EVIDENCE, b"");
+    // Restored from the ledger's archive: stated there already.
+    tx.set(HOLDS_ON_LEDGER, b"");
 }
 
 /// Says that every version's lock binds its evidence, each on the ledger
@@ -1581,13 +1585,16 @@ pub async fn locks_to_carry_tx<T: Transaction>(
     tx: &T,
     after: Option<Vec<u8>>,
     limit: usize,
+    now_ms: u64,
 ) -> Result<(Option<Vec<u8>>, Vec<LockToCarry>), ObjectError> {
     if tx.get(LOCKS_ON_EVIDENCE).await?.is_some() {
         return Ok((None, Vec::new()));
     }
-    // Holds carried by the upgrade before this one (no statement), or an
-    // index rebuilt from the ledger (whose holds are the ledger's).
+    // Holds carried by the upgrade before this one (with no statement), or
+    // by an index rebuilt from the ledger (whose holds are the ledger's
+    // already: nothing to state).
     let holds_carried = tx.get(HOLDS_ON_EVIDENCE).await?.is_some();
+    let holds_stated = tx.get(HOLDS_ON_LEDGER).await?.is_some();
     let begin = match after {
         Some(k) => [&k[..], &[0]].concat(),
         None => VERSION.to_vec(),
@@ -1612,9 +1619,10 @@ pub async fn locks_to_carry_tx<T: Transaction>(
             .retention
             .filter(|r| r.mode == LockMode::Compliance)
             .map(|r| r.until_ms)
-            .filter(|&until| h.retain_until_ms.is_none_or(|u| u < until));
+            // (One already past binds nothing.)
+            .filter(|&until| until > now_ms && h.retain_until_ms.is_none_or(|u| u < until));
         let hold = v.legal_hold && !holds_carried && !h.legal_hold;
-        let restate_hold = v.legal_hold && holds_carried && h.legal_hold;
+        let restate_hold = v.legal_hold && holds_carried && !holds_stated && h.legal_hold;
         if compliance_until_ms.is_some() || hold || restate_hold {
             todo.push(LockToCarry {
                 evidence,
