@@ -81,8 +81,9 @@ pub struct Gateway<S: Store> {
     pub metrics: crate::metrics::GatewayMetrics,
     /// Wakes the repair loop (`POST /v1/admin/repair`).
     pub repair_wake: tokio::sync::Notify,
-    /// Asks the orphan sweeper to sweep now.
+    /// Asks the orphan sweeper to sweep now (see [`Gateway::ask_for_sweep`]).
     pub sweep_wake: tokio::sync::Notify,
+    sweep_asked: std::sync::Mutex<Option<std::time::Instant>>,
     /// What the ledger's openings archive holds of the node decisions.
     pub lifecycle_archive: crate::lifecycle_archive::Archived,
     /// Set while a repair pass has stripes to rebuild: ingest then stores
@@ -376,6 +377,7 @@ impl<S: Store> Gateway<S> {
             metrics,
             repair_wake: tokio::sync::Notify::new(),
             sweep_wake: tokio::sync::Notify::new(),
+            sweep_asked: std::sync::Mutex::new(None),
             lifecycle_archive: Default::default(),
             repairing: std::sync::atomic::AtomicBool::new(false),
             ingest_gate,
@@ -392,6 +394,18 @@ impl<S: Store> Gateway<S> {
             repair_leases: Default::default(),
             homeless_adopted: Default::default(),
         })
+    }
+
+    /// Asks the orphan sweeper for a sweep before its interval (copies
+    /// `recover-index` could not place await one before a node may be
+    /// removed): at most once a minute, since a sweep lists every shard on
+    /// every node, and a drain's wait asks every half second.
+    pub fn ask_for_sweep(&self) {
+        let mut asked = self.sweep_asked.lock().unwrap_or_else(|p| p.into_inner());
+        if asked.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(60)) {
+            *asked = Some(std::time::Instant::now());
+            self.sweep_wake.notify_one();
+        }
     }
 
     /// The Reed-Solomon codec for RS(k, m), built once and cached.
@@ -1777,7 +1791,7 @@ async fn node_detail<S: Store>(
     let stripes = stripes_on_node(&gw, node).await?;
     if stripes.awaiting_adoption > 0 {
         // What a drain waits for: sooner than the sweep's own interval.
-        gw.sweep_wake.notify_one();
+        gw.ask_for_sweep();
     }
     Ok(Json(json!({
         "id": node.0,
@@ -1846,7 +1860,7 @@ async fn node_lifecycle<S: Store>(
             )));
         }
         if left.awaiting_adoption > 0 {
-            gw.sweep_wake.notify_one();
+            gw.ask_for_sweep();
             return Err(ApiError::Conflict(format!(
                 "{} stripes have a shard no node is recorded for (recover-index ran while nodes were away), and no orphan sweep has yet listed every node to find those copies; node {node} may hold some. A sweep has been asked for: try again once it has run (every node must answer), or force the removal of a dead node",
                 left.awaiting_adoption
@@ -1881,10 +1895,15 @@ async fn node_lifecycle<S: Store>(
     .await?;
     gw.nodes.set_lifecycles(&current_decisions(&gw).await?);
     tracing::warn!(%node, state = state.as_str(), actor = %actor(&who), "node lifecycle changed by an operator");
-    // Into the archive at once, for `recover-index`; a failure is made up
-    // for by the archive's comparison loop within seconds.
-    if let Err(e) = crate::lifecycle_archive::sync(&gw).await {
-        tracing::warn!(%node, error = %e, "node decision not archived yet; retried shortly");
+    // Into the archive at once, for `recover-index`; a failure (or an
+    // archive too slow to wait for) is made up for by the archive's
+    // comparison loop within seconds.
+    match tokio::time::timeout(Duration::from_secs(5), crate::lifecycle_archive::sync(&gw)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(%node, error = %e, "node decision not archived yet; retried shortly")
+        }
+        Err(_) => tracing::warn!(%node, "node decision not archived within 5 s; retried shortly"),
     }
     // A drain or removal queues the node's stripes at once.
     gw.repair_wake.notify_one();

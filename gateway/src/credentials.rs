@@ -42,7 +42,7 @@ impl Credentials {
 /// the admin API: `recover-index`, which restores the credentials
 /// DATA_DIR's files hold, must not bring back one revoked while a file
 /// still held it. One empty file each: `token-<BLAKE3 of the token, hex>`,
-/// `s3-<access key id, hex>`.
+/// `s3-<BLAKE3 of the access key id, hex>` (a name of bounded length).
 pub const REVOKED_DIR: &str = "credentials-revoked";
 
 /// The archive's name for revoked `token`.
@@ -55,7 +55,10 @@ pub fn revoked_token_name(token: &str) -> String {
 
 /// The archive's name for revoked `access_key`.
 pub fn revoked_access_key_name(access_key: &str) -> String {
-    format!("{REVOKED_DIR}/s3-{}", hex::encode(access_key))
+    format!(
+        "{REVOKED_DIR}/s3-{}",
+        blake3::hash(access_key.as_bytes()).to_hex()
+    )
 }
 
 /// Notes in the archive that `token` and `access_key` are revoked, before

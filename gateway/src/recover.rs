@@ -312,17 +312,6 @@ pub async fn recover_index<S: Store>(
     })
     .await?;
 
-    // Copies on nodes that did not answer are left for the orphan sweep to
-    // adopt; until a sweep has looked on every node, no node is removed
-    // (it might hold some).
-    if !report.nodes_down.is_empty() {
-        indexer::run(&gw.store, |tx| async move {
-            schema::set_adoption_pending_tx(&tx);
-            Ok::<_, SchemaError>(())
-        })
-        .await?;
-    }
-
     let count = manifests.len();
     for (n, (id, (header, expunged))) in manifests.into_iter().enumerate() {
         if n % 100 == 0 {
@@ -638,6 +627,12 @@ async fn write_stripes<S: Store>(
         indexer::run(&gw.store, |tx| async move {
             for (s, rec) in chunk {
                 schema::put_stripe_tx(&tx, id, *s, rec);
+                // A shard with no node: its copies (on a node that did not
+                // answer, or several that disagree) are for the orphan
+                // sweep to adopt, and no node is removed before it has.
+                if rec.shards.iter().any(|p| p.node.is_none()) {
+                    schema::set_adoption_pending_tx(&tx);
+                }
             }
             Ok::<_, SchemaError>(())
         })

@@ -1474,7 +1474,9 @@ impl StripeLease {
         let back = match gw.nodes.client.rpc_verify_shard(addr, key).await {
             Ok(back) => back,
             // The node answered: the copy is gone or does not verify.
-            Err(storage_node::client::NodeError::Remote(code)) => {
+            Err(storage_node::client::NodeError::Remote(
+                code @ (ErrorCode::NotFound | ErrorCode::Corrupt | ErrorCode::HashMismatch),
+            )) => {
                 tracing::debug!(%node, shard = %key, ?code, "a copy to adopt did not verify");
                 return Ok(false);
             }
