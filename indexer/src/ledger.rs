@@ -653,7 +653,12 @@ pub async fn leaves_at_tx<T: Transaction>(
     let mut next = 0;
     while let Some(&n) = wanted.get(next) {
         let row = tx
-            .get_range(&[GROUP], &u64_key(GROUP, n.saturating_add(1)), 1, true)
+            .get_range(
+                &u64_key(GROUP, 0),
+                &u64_key(GROUP, n.saturating_add(1)),
+                1,
+                true,
+            )
             .await?;
         let Some((key, value)) = row.first() else {
             next += 1;

@@ -723,3 +723,37 @@ async fn a_resigned_checkpoint_drops_what_was_gathered_over_the_old_note() {
     assert_eq!(witnessed, None);
     assert_eq!(stamped, None);
 }
+
+/// The node registry shares the ledger's groups' tag (`N`, a 4-byte id
+/// there, an 8-byte leaf index here): node 0's record is never read as a
+/// group, so asking an empty ledger for a leaf finds none rather than
+/// failing on an unreadable record.
+#[tokio::test]
+async fn node_records_are_never_read_as_leaf_groups() {
+    let (_d, store) = store();
+    run(&store, |tx| async move {
+        indexer::schema::put_node_tx(
+            &tx,
+            &indexer::schema::NodeRecord {
+                node: protocol::NodeId(0),
+                addr: "127.0.0.1:1".into(),
+                failure_domain: None,
+                disk_uuid: None,
+                capacity_bytes: 0,
+                free_bytes: 0,
+                used_bytes: 0,
+                last_seen_ms: 0,
+            },
+        );
+        Ok::<_, indexer::schema::SchemaError>(())
+    })
+    .await
+    .unwrap();
+    let got = run(
+        &store,
+        |tx| async move { lx::leaves_at_tx(&tx, &[0, 3]).await },
+    )
+    .await
+    .unwrap();
+    assert!(got.is_empty(), "{got:?}");
+}
