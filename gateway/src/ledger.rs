@@ -365,6 +365,16 @@ impl Ledger {
                 config.origin
             )));
         }
+        // A witness counts once toward the quorum that confirms the
+        // compliance clock and the log's consistency: listed twice, one
+        // witness alone would pass for two.
+        let mut keys = std::collections::HashSet::new();
+        if let Some(twice) = config.witnesses.iter().find(|w| !keys.insert(w.key.trim())) {
+            return Err(LedgerError::Tree(format!(
+                "witnesses: the key {} is listed twice; each witness counts once",
+                twice.key.trim()
+            )));
+        }
         let tsa = match &config.tsa {
             None => None,
             Some(t) => {
@@ -3159,6 +3169,37 @@ mod tests {
         let unpaced = RoundPacer::new(Duration::ZERO);
         unpaced.found(t0, 5);
         assert_eq!(unpaced.next_start(t0 + ms(1)), t0 + ms(1));
+    }
+
+    /// A witness listed twice is refused: it would count twice toward a
+    /// quorum.
+    #[test]
+    fn a_witness_listed_twice_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (skey, _) = pl::note_keys("example.com/log", &[9u8; 32]);
+        let key = dir.path().join("log.key");
+        std::fs::write(&key, &skey).unwrap();
+        let (_, witness) = pl::note_keys("witness.example", &[7u8; 32]);
+        let (_, other) = pl::note_keys("other.example", &[8u8; 32]);
+        let config = |keys: &[&str]| -> LedgerConfig {
+            let witnesses: String = keys
+                .iter()
+                .map(|k| format!("[[witnesses]]\nurl = \"http://127.0.0.1:9\"\nkey = \"{k}\"\n"))
+                .collect();
+            toml::from_str(&format!(
+                "origin = \"example.com/log\"\nsigner_key = \"{}\"\ntiles_dir = \"{}\"\n{witnesses}",
+                key.display(),
+                dir.path().join("tiles").display()
+            ))
+            .unwrap()
+        };
+        assert!(Ledger::open(&config(&[&witness, &other]), "gw").is_ok());
+        let twice = Ledger::open(&config(&[&witness, &other, &witness]), "gw");
+        assert!(
+            matches!(&twice, Err(LedgerError::Tree(m)) if m.contains("listed twice")),
+            "{:?}",
+            twice.err()
+        );
     }
 
     /// A test log's verifier key, and its checkpoint of size `n` (any root).
