@@ -167,8 +167,6 @@ pub async fn recover_index<S: Store>(
     };
     let mut removed = BTreeSet::new();
     for (node, rec) in &decisions {
-        // Activations too: with their time, so the archive's copy is
-        // never taken for a newer decision than the index's.
         match rec.state {
             schema::Lifecycle::Active => {}
             schema::Lifecycle::Draining => report.nodes_draining.push(node.0),
@@ -177,13 +175,20 @@ pub async fn recover_index<S: Store>(
                 removed.insert(*node);
             }
         }
-        let (node, rec) = (*node, *rec);
-        indexer::run(&gw.store, |tx| async move {
-            schema::set_lifecycle_tx(&tx, node, &rec);
-            Ok::<_, SchemaError>(())
-        })
-        .await?;
     }
+    // Activations too, with their time, so the archive's copy is never
+    // taken for a newer decision than the index's: in one transaction (a
+    // small record a node).
+    indexer::run(&gw.store, |tx| {
+        let decisions = &decisions;
+        async move {
+            for (node, rec) in decisions {
+                schema::set_lifecycle_tx(&tx, *node, rec);
+            }
+            Ok::<_, SchemaError>(())
+        }
+    })
+    .await?;
     report.nodes_draining.sort_unstable();
     report.nodes_removed.sort_unstable();
 
