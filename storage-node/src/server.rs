@@ -545,24 +545,25 @@ async fn handle_request(
         }
         Err(RequestError::Stream(e)) => return Err(e),
     };
-    let writes = matches!(
-        request,
-        Request::PutShard(_)
-            | Request::DeleteShard(_)
-            | Request::RebuildShard(_)
-            | Request::EraseEvidence(_)
-    );
     let harmless = matches!(request, Request::NodeInfo | Request::Time);
+    // What a rebuild on another node reads from this one, and nothing
+    // more: a node's key taken from its host (or its disposed-of disk) must
+    // not list this node's inventory, nor stat, verify or change what it
+    // holds. It can still read a shard whose key it already knows.
+    let rebuild_reads = matches!(
+        request,
+        Request::GetShard(_) | Request::GetShardUnchecked(_)
+    );
     let allowed = match peer {
         Peer::Gateway => true,
-        Peer::Node => !writes,
+        Peer::Node => harmless || rebuild_reads,
         Peer::Other => harmless,
     };
     if !allowed {
         tracing::warn!(
             ?peer,
             "refusing a request this peer's certificate does not allow (only the gateway \
-             writes; only the gateway and nodes read shards)"
+             writes or lists; a node only reads shards it names, for a rebuild)"
         );
         let result = refuse(send, recv, ErrorCode::Forbidden).await?;
         state

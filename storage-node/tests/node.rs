@@ -841,8 +841,9 @@ async fn a_node_rebuilds_or_copies_a_shard_and_stores_nothing_from_bad_sources()
 }
 
 /// Any leaf the cluster CA issued passes the handshake, but only the
-/// gateway's writes or deletes shards: another node's key (taken from its
-/// host, say) reads, and is refused everything that changes the store.
+/// gateway's writes, deletes or lists shards: another node's key (taken
+/// from its host, say) reads a shard it names, as a rebuild does, and is
+/// refused everything else.
 #[tokio::test]
 async fn only_the_gateway_writes_or_deletes_shards() {
     let cluster = Cluster::new();
@@ -864,6 +865,27 @@ async fn only_the_gateway_writes_or_deletes_shards() {
         matches!(err, NodeError::Remote(ErrorCode::Forbidden)),
         "{err:?}"
     );
+    // Nor does it learn what the node holds: listing, stat and verify are
+    // the gateway's alone.
+    for err in [
+        peer.rpc_list_shards(addr, None)
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        peer.rpc_stat_shard(addr, header.key)
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        peer.rpc_verify_shard(addr, header.key)
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+    ] {
+        assert!(
+            matches!(err, NodeError::Remote(ErrorCode::Forbidden)),
+            "{err:?}"
+        );
+    }
     let (other, other_body) = shard(4, 3000);
     let err = peer
         .rpc_put_shard(addr, &other, Bytes::copy_from_slice(&other_body))
