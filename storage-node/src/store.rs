@@ -207,9 +207,17 @@ pub(crate) fn is_broken_file(e: &io::Error) -> bool {
             .any(|errno| e.raw_os_error() == Some(errno.raw_os_error()))
 }
 
+/// Out of space, or out of this user's quota on it (which `statvfs` does
+/// not show, so the reserve check cannot see it coming): either way the
+/// node is full, not failing.
 pub(crate) fn is_disk_full(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::StorageFull
-        || e.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error())
+    use rustix::io::Errno;
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    ) || [Errno::NOSPC, Errno::DQUOT]
+        .iter()
+        .any(|errno| e.raw_os_error() == Some(errno.raw_os_error()))
 }
 
 /// A snapshot of the store's identity and usage.
@@ -1856,6 +1864,22 @@ mod tests {
             len: body.len() as u32,
             blake3: Blake3Hash::of(body),
         }
+    }
+
+    /// A quota running out is a full disk too: the node says `DiskFull`
+    /// (and the gateway marks it full) rather than failing as if broken.
+    #[test]
+    fn out_of_quota_is_a_full_disk() {
+        use rustix::io::Errno;
+        for errno in [Errno::NOSPC, Errno::DQUOT] {
+            let e = io::Error::from_raw_os_error(errno.raw_os_error());
+            assert!(
+                matches!(StoreError::from(e), StoreError::DiskFull),
+                "{errno:?}"
+            );
+        }
+        let e = io::Error::from_raw_os_error(Errno::IO.raw_os_error());
+        assert!(matches!(StoreError::from(e), StoreError::Io(_)));
     }
 
     fn body(len: usize) -> Vec<u8> {
