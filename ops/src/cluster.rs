@@ -214,7 +214,52 @@ impl Cluster {
             .gateway
             .validate()
             .with_context(|| format!("in {}", path.display()))?;
+        cluster
+            .nodes_agree()
+            .with_context(|| format!("in {}", path.display()))?;
         Ok(cluster)
+    }
+
+    /// Each node is listed twice, where it listens (`[[nodes]]`) and where
+    /// the gateway dials it (`[[gateway.nodes]]`): the two lists must name
+    /// the same nodes at the same places, or `up` starts a node where the
+    /// gateway will never find it. (A node listening on every address,
+    /// `0.0.0.0`, is dialled at any address on its port.)
+    fn nodes_agree(&self) -> Result<()> {
+        let mut listens = std::collections::HashSet::new();
+        for n in &self.nodes {
+            if !listens.insert(n.listen) {
+                anyhow::bail!("two nodes listen on {}", n.listen);
+            }
+            let Some(e) = self.gateway.nodes.iter().find(|e| e.id == n.id) else {
+                anyhow::bail!("node {} has no [[gateway.nodes]] entry", n.id);
+            };
+            let same = e.addr == n.listen
+                || (n.listen.ip().is_unspecified() && e.addr.port() == n.listen.port());
+            if !same {
+                anyhow::bail!(
+                    "node {} listens on {} but the gateway dials it at {}",
+                    n.id,
+                    n.listen,
+                    e.addr
+                );
+            }
+        }
+        if let Some(e) = (!self.nodes.is_empty())
+            .then(|| {
+                self.gateway
+                    .nodes
+                    .iter()
+                    .find(|e| !self.nodes.iter().any(|n| n.id == e.id))
+            })
+            .flatten()
+        {
+            anyhow::bail!(
+                "the gateway dials node {}, which [[nodes]] does not list",
+                e.id
+            );
+        }
+        Ok(())
     }
 
     pub fn node(&self, id: u32) -> Result<&NodeSpec> {

@@ -3,7 +3,7 @@
 //! shards, and afterwards the cluster keeps full redundancy without it), a
 //! drain undone, and a node added that takes new shards.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use custodia_tests::{blake3_hex, bytes, Shape, TestCluster};
 use serde_json::Value;
 
@@ -509,5 +509,52 @@ fn nodes_added_at_once_are_all_kept() -> Result<()> {
             "node {id}"
         );
     }
+    Ok(())
+}
+
+/// Each node is in cluster.toml twice, where it listens and where the
+/// gateway dials it. An edit of one alone (to get around a port in use) is
+/// refused with both addresses, before anything starts: `up` said the
+/// cluster was up while the gateway dialled a port nobody listened on.
+#[test]
+fn a_node_listening_where_the_gateway_does_not_dial_is_refused() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("data");
+    let init = std::process::Command::new(custodia_tests::custodia_bin())
+        .args(["init", "--data-dir"])
+        .arg(&dir)
+        .args(["--nodes", "3", "--k", "2", "--m", "1"])
+        .args(["--api", "127.0.0.1:0", "--s3", "off", "--metrics", "off"])
+        .args(["--node-base-port", "0", "--node-metrics-base-port", "0"])
+        .output()?;
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let file = dir.join("cluster.toml");
+    let mut cluster: toml::Value = toml::from_str(&std::fs::read_to_string(&file)?)?;
+    let dialled = cluster["gateway"]["nodes"][0]["addr"]
+        .as_str()
+        .context("addr")?
+        .to_owned();
+    let port: u16 = dialled.rsplit(':').next().context("port")?.parse()?;
+    // Nothing binds it: the file is refused before any node starts.
+    let moved = format!("127.0.0.1:{}", port.wrapping_add(1000));
+    cluster["nodes"][0]["listen"] = toml::Value::String(moved.clone());
+    std::fs::write(&file, toml::to_string(&cluster)?)?;
+    let out = std::process::Command::new(custodia_tests::custodia_bin())
+        .args(["up", "--data-dir"])
+        .arg(&dir)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "node 0 listens on {moved} but the gateway dials it at {dialled}"
+        )),
+        "{err}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("Custodia is up"));
     Ok(())
 }
