@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+use storage_node::client::NodeError;
 use tokio::process::{Child, Command};
 
 /// Catches SIGINT and SIGTERM from now on; the future resolves when the
@@ -158,8 +159,22 @@ async fn wait_for_nodes(
             client.expect_name(e.addr, name.clone());
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Dialled where the gateway will dial it (`[[gateway.nodes]]`), and it
+    // must say it is that node: `up` does not call a cluster up that the
+    // gateway then finds down.
+    let addrs: std::collections::HashMap<u32, std::net::SocketAddr> = cluster
+        .gateway
+        .nodes
+        .iter()
+        .map(|e| (e.id, e.addr))
+        .collect();
+    // No deadline while a node runs: it reads its segment files before it
+    // listens, which on a large store and a cold page cache takes longer
+    // than any fixed limit would allow. It is said, and Ctrl-C stops it.
+    let started = Instant::now();
+    let mut said = Instant::now();
     for (n, child) in nodes.iter().zip(children.iter_mut()) {
+        let addr = addrs.get(&n.id).copied().unwrap_or(n.listen);
         loop {
             if let Some(status) = child.try_wait()? {
                 anyhow::bail!(
@@ -168,11 +183,41 @@ async fn wait_for_nodes(
                     n.data_dir.display()
                 );
             }
-            if client.rpc_node_info(n.listen).await.is_ok() {
+            let answer = client.rpc_node_info(addr).await;
+            // A handshake refused (a certificate that does not name this
+            // node) or a frame not understood will not mend by waiting.
+            if let Err(
+                e @ (NodeError::Connection(
+                    quinn::ConnectionError::TransportError(_)
+                    | quinn::ConnectionError::ConnectionClosed(_),
+                )
+                | NodeError::Protocol(_)
+                | NodeError::UnexpectedResponse
+                | NodeError::Remote(_)),
+            ) = &answer
+            {
+                anyhow::bail!("node {} on {addr} refused start-up: {e}", n.id);
+            }
+            if let Ok(info) = answer {
+                if info.node.0 != n.id {
+                    anyhow::bail!(
+                        "{addr}, where the gateway dials node {}, is answered by node {}: \
+                         check the addresses in cluster.toml",
+                        n.id,
+                        info.node
+                    );
+                }
                 break;
             }
-            if Instant::now() > deadline {
-                anyhow::bail!("node {} did not answer on {} within 30 s", n.id, n.listen);
+            if said.elapsed() >= Duration::from_secs(15) {
+                said = Instant::now();
+                println!(
+                    "still waiting for node {} on {addr} after {} s (a node reads its \
+                     segment files before it listens; its log is in {})",
+                    n.id,
+                    started.elapsed().as_secs(),
+                    n.data_dir.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
