@@ -8,6 +8,7 @@
 
 use crate::cluster::{self, Cluster};
 use anyhow::{bail, Context, Result};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 pub async fn run(data_dir: &Path, allow_down: bool, trust_archive: bool, json: bool) -> Result<()> {
@@ -78,9 +79,11 @@ pub async fn run(data_dir: &Path, allow_down: bool, trust_archive: bool, json: b
                     return Err(e);
                 }
                 let mut from = std::fs::File::open(&index)?;
+                // Owner only, as the index itself: it holds the S3 keys.
                 let mut to = std::fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
+                    .mode(0o600)
                     .open(&aside)?;
                 let copied = std::io::copy(&mut from, &mut to).and_then(|_| to.sync_all());
                 if let Err(copy) = copied {
