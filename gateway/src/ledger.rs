@@ -2171,16 +2171,28 @@ pub async fn leaf_receipt<S: Store>(
     let Some(ledger) = gw.ledger.as_ref() else {
         return Ok(None);
     };
-    // The newest witnessed checkpoint when it covers the leaf (the receipt is
-    // then upgraded with cosignatures), else the newest checkpoint.
-    let witnessed =
-        indexer::run(&gw.store, |tx| async move { lx::witnessed_tx(&tx).await }).await?;
-    let chosen = match witnessed {
-        Some(w) if w.size > index => pl::verify_checkpoint(&w.note, &ledger.verifier_key)
-            .ok()
-            .map(|cp| (w.note, cp)),
-        _ => None,
-    };
+    // Of the witnessed checkpoints that cover the leaf (the newest, and the
+    // best-cosigned earlier one kept aside), the one most witnesses signed,
+    // the newer of two as well signed: the receipt is then upgraded with
+    // cosignatures, and never loses any it had because a newer checkpoint
+    // has so far fewer. Else the newest checkpoint.
+    let witnessed = indexer::run(&gw.store, |tx| async move {
+        Ok::<_, indexer::schema::SchemaError>([
+            lx::witnessed_tx(&tx).await?,
+            lx::kept_witnessed_tx(&tx).await?,
+        ])
+    })
+    .await?;
+    let chosen = witnessed
+        .into_iter()
+        .flatten()
+        .filter(|w| w.size > index)
+        .filter_map(|w| {
+            let cp = pl::verify_checkpoint(&w.note, &ledger.verifier_key).ok()?;
+            Some((w.signatures(), w.note, cp))
+        })
+        .max_by_key(|(signatures, _, cp)| (*signatures, cp.size))
+        .map(|(_, note, cp)| (note, cp));
     let chosen = match chosen {
         Some(c) => Some(c),
         None => newest_checkpoint(gw, ledger).await?,

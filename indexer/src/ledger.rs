@@ -891,6 +891,9 @@ pub async fn replace_checkpoint_tx<T: Transaction>(
     if witnessed_tx(tx).await?.is_some_and(|w| w.size == size) {
         tx.clear(&ledger_key("witnessed"));
     }
+    if kept_witnessed_tx(tx).await?.is_some_and(|w| w.size == size) {
+        tx.clear(&ledger_key("witnessed-kept"));
+    }
     if stamped_tx(tx).await?.is_some_and(|s| s.size == size) {
         tx.clear(&ledger_key("stamped"));
     }
@@ -924,9 +927,26 @@ pub struct WitnessedRecord {
     pub note: String,
 }
 
+impl WitnessedRecord {
+    /// How many signature lines its note carries (the log's own and one
+    /// per witness that cosigned it).
+    pub fn signatures(&self) -> usize {
+        self.note
+            .lines()
+            .filter(|l| l.starts_with("\u{2014} "))
+            .count()
+    }
+}
+
 /// Merges a witness's cosignature lines for the checkpoint `note` of `size`:
 /// appended when that size is the one stored, replacing it when newer,
 /// ignored when older.
+///
+/// The record a newer size replaces is kept aside (`witnessed-kept`) when
+/// it has at least as many cosignatures as the one kept before: the first
+/// witness to cosign a newer checkpoint must not take from every earlier
+/// leaf the receipt its full quorum had signed, nor for as long as another
+/// witness stays down.
 pub async fn add_cosignature_tx<T: Transaction>(
     tx: &T,
     size: u64,
@@ -934,14 +954,21 @@ pub async fn add_cosignature_tx<T: Transaction>(
     lines: &str,
 ) -> Result<(), SchemaError> {
     let key = ledger_key("witnessed");
-    let current: Option<WitnessedRecord> = match tx.get(&key).await? {
-        Some(v) => Some(decode_versioned(RECORD_V1, &v)?),
-        None => None,
-    };
+    let current = witnessed_tx(tx).await?;
     let base = match current {
         Some(c) if c.size == size => c.note,
         Some(c) if c.size > size => return Ok(()),
-        _ => note.to_owned(),
+        Some(c) => {
+            let kept = kept_witnessed_tx(tx).await?;
+            if kept.is_none_or(|k| c.signatures() >= k.signatures()) {
+                tx.set(
+                    &ledger_key("witnessed-kept"),
+                    &encode_versioned(RECORD_V1, &c),
+                );
+            }
+            note.to_owned()
+        }
+        None => note.to_owned(),
     };
     let merged = protocol::witness::add_signature_lines(&base, lines);
     tx.set(
@@ -951,8 +978,20 @@ pub async fn add_cosignature_tx<T: Transaction>(
     Ok(())
 }
 
+/// The newest witnessed checkpoint, whose cosignatures are being gathered.
 pub async fn witnessed_tx<T: Transaction>(tx: &T) -> Result<Option<WitnessedRecord>, SchemaError> {
     match tx.get(&ledger_key("witnessed")).await? {
+        Some(v) => Ok(Some(decode_versioned(RECORD_V1, &v)?)),
+        None => Ok(None),
+    }
+}
+
+/// The best-cosigned earlier checkpoint a newer one replaced (see
+/// [`add_cosignature_tx`]).
+pub async fn kept_witnessed_tx<T: Transaction>(
+    tx: &T,
+) -> Result<Option<WitnessedRecord>, SchemaError> {
+    match tx.get(&ledger_key("witnessed-kept")).await? {
         Some(v) => Ok(Some(decode_versioned(RECORD_V1, &v)?)),
         None => Ok(None),
     }

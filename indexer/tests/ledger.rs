@@ -724,6 +724,58 @@ async fn a_resigned_checkpoint_drops_what_was_gathered_over_the_old_note() {
     assert_eq!(stamped, None);
 }
 
+/// A newer checkpoint's first cosignature does not take away an earlier
+/// one's full set: the record it replaces is kept aside while it is the
+/// best-cosigned, until a newer one is as well cosigned.
+#[tokio::test]
+async fn the_best_cosigned_earlier_checkpoint_is_kept() {
+    let (_dir, store) = store();
+    let note = |size: u64| format!("log\n{size}\nroot\n\n\u{2014} log sig{size}\n");
+    let line = |w: &str, size: u64| format!("\u{2014} {w} c{size}\n");
+    let cosign = |size: u64, w: &'static str| {
+        let (note, line) = (note(size), line(w, size));
+        let store = &store;
+        async move {
+            run(store, |tx| {
+                let (note, line) = (note.clone(), line.clone());
+                async move { lx::add_cosignature_tx(&tx, size, &note, &line).await }
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let records = || async {
+        run(&store, |tx| async move {
+            Ok::<_, indexer::schema::SchemaError>((
+                lx::witnessed_tx(&tx)
+                    .await?
+                    .map(|w| (w.size, w.signatures())),
+                lx::kept_witnessed_tx(&tx)
+                    .await?
+                    .map(|w| (w.size, w.signatures())),
+            ))
+        })
+        .await
+        .unwrap()
+    };
+    cosign(5, "w1").await;
+    cosign(5, "w2").await;
+    assert_eq!(records().await, (Some((5, 3)), None));
+    // Size 7 cosigned by w1 alone (w2 is down): 5's full set is kept.
+    cosign(7, "w1").await;
+    assert_eq!(records().await, (Some((7, 2)), Some((5, 3))));
+    // And stays kept past 7's lesser set.
+    cosign(9, "w1").await;
+    assert_eq!(records().await, (Some((9, 2)), Some((5, 3))));
+    // An older size's late cosignature changes nothing.
+    cosign(7, "w2").await;
+    assert_eq!(records().await, (Some((9, 2)), Some((5, 3))));
+    // w2 back: 9 as well cosigned as 5, so 9 is kept when 11 comes.
+    cosign(9, "w2").await;
+    cosign(11, "w1").await;
+    assert_eq!(records().await, (Some((11, 2)), Some((9, 3))));
+}
+
 /// The node registry shares the ledger's groups' tag (`N`, a 4-byte id
 /// there, an 8-byte leaf index here): node 0's record is never read as a
 /// group, so asking an empty ledger for a leaf finds none rather than

@@ -1066,6 +1066,30 @@ fn witnesses_cosign_off_the_filing_path_and_never_cosign_a_fork() -> Result<()> 
         degraded < healthy * 3,
         "filing slowed from {healthy:?} to {degraded:?} with a witness dead"
     );
+    // Newer checkpoints are cosigned by the live witness alone; the first
+    // filing's receipt keeps both cosignatures it had.
+    let later = c.file(&bytes(100, 250))?;
+    let later = later["id"].as_str().unwrap_or_default().to_string();
+    let receipt_of_id = |id: &str| -> Option<Receipt> {
+        c.get_with(&c.token, &format!("/v1/evidence/{id}/receipt"), &[])
+            .ok()
+            .and_then(|a| serde_json::from_slice::<Receipt>(&a.body).ok())
+    };
+    let moved_on = custodia_tests::eventually(15, || {
+        receipt_of_id(&later).is_some_and(|r| {
+            protocol::witness::cosigned_by(&r.checkpoint, &both).len() == 1
+                && protocol::witness::cosigned_by(&r.checkpoint, &both[1..]).len() == 1
+        })
+    });
+    assert!(moved_on, "no newer checkpoint cosigned by the live witness");
+    let again = receipt_of_id(&id).context("the first receipt")?;
+    again.verify(&key)?;
+    assert_eq!(
+        protocol::witness::cosigned_by(&again.checkpoint, &both).len(),
+        2,
+        "the first filing's receipt lost a cosignature: {}",
+        again.checkpoint
+    );
     // Killed and restarted, the witness remembers what it cosigned.
     let mut witness = start_witness(wdir.path(), port, &log_pub)?;
     let (status, body) = add_checkpoint(
