@@ -366,14 +366,21 @@ impl Ledger {
             )));
         }
         // A witness counts once toward the quorum that confirms the
-        // compliance clock and the log's consistency: listed twice, one
+        // compliance clock and the log's consistency: listed twice (under
+        // one name or two: its cosignature does not sign its name), one
         // witness alone would pass for two.
-        let mut keys = std::collections::HashSet::new();
-        if let Some(twice) = config.witnesses.iter().find(|w| !keys.insert(w.key.trim())) {
-            return Err(LedgerError::Tree(format!(
-                "witnesses: the key {} is listed twice; each witness counts once",
-                twice.key.trim()
-            )));
+        let mut keys = std::collections::HashMap::new();
+        for w in &config.witnesses {
+            let Some(pk) = protocol::witness::public_key(&w.key) else {
+                continue; // refused with its own reason where it is parsed
+            };
+            if let Some(first) = keys.insert(pk, w.key.trim()) {
+                return Err(LedgerError::Tree(format!(
+                    "witnesses: {} and {} hold the same public key; each witness counts once",
+                    first,
+                    w.key.trim()
+                )));
+            }
         }
         let tsa = match &config.tsa {
             None => None,
@@ -3183,16 +3190,18 @@ mod tests {
         assert_eq!(unpaced.next_start(t0 + ms(1)), t0 + ms(1));
     }
 
-    /// A witness listed twice is refused: it would count twice toward a
-    /// quorum.
+    /// A witness listed twice, under its name or another, is refused: it
+    /// would count twice toward a quorum.
     #[test]
     fn a_witness_listed_twice_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let (skey, _) = pl::note_keys("example.com/log", &[9u8; 32]);
         let key = dir.path().join("log.key");
         std::fs::write(&key, &skey).unwrap();
-        let (_, witness) = pl::note_keys("witness.example", &[7u8; 32]);
-        let (_, other) = pl::note_keys("other.example", &[8u8; 32]);
+        let (_, witness) = protocol::witness::witness_keys("witness.example", &[7u8; 32]);
+        let (_, other) = protocol::witness::witness_keys("other.example", &[8u8; 32]);
+        // The same key under another name (a witness renamed).
+        let (_, renamed) = protocol::witness::witness_keys("renamed.example", &[7u8; 32]);
         let config = |keys: &[&str]| -> LedgerConfig {
             let witnesses: String = keys
                 .iter()
@@ -3206,12 +3215,14 @@ mod tests {
             .unwrap()
         };
         assert!(Ledger::open(&config(&[&witness, &other]), "gw").is_ok());
-        let twice = Ledger::open(&config(&[&witness, &other, &witness]), "gw");
-        assert!(
-            matches!(&twice, Err(LedgerError::Tree(m)) if m.contains("listed twice")),
-            "{:?}",
-            twice.err()
-        );
+        for keys in [[&*witness, &other, &witness], [&*witness, &other, &renamed]] {
+            let twice = Ledger::open(&config(&keys), "gw");
+            assert!(
+                matches!(&twice, Err(LedgerError::Tree(m)) if m.contains("hold the same public key")),
+                "{:?}",
+                twice.err()
+            );
+        }
     }
 
     /// A test log's verifier key, and its checkpoint of size `n` (any root).

@@ -106,12 +106,26 @@ pub struct ReceiptArgs<'a> {
 /// everything holds.
 pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
     let log_key = log_key_arg(args.log_key)?;
-    let mut witness_keys = Vec::new();
+    let mut witness_keys: Vec<String> = Vec::new();
     for k in args.witness_keys {
         let k = witness_key_arg(k)?;
-        // The same witness given twice must not count twice toward a quorum.
-        if !witness_keys.contains(&k) {
-            witness_keys.push(k);
+        // The same witness given twice must not count twice toward a quorum;
+        // nor one key under two names (a cosignature does not sign the
+        // name, so whoever assembled the receipt could copy one witness's
+        // line under the other name).
+        let pk = protocol::witness::public_key(&k);
+        match witness_keys
+            .iter()
+            .find(|had| pk.is_some() && protocol::witness::public_key(had) == pk)
+        {
+            Some(had) if *had == k => {}
+            Some(had) => {
+                return Err(nothing_verified(format!(
+                    "the witness keys {had} and {k} hold the same public key: one witness \
+                     under two names counts once, so give it once"
+                )))
+            }
+            None => witness_keys.push(k),
         }
     }
     let quorum = args.quorum.unwrap_or(witness_keys.len());

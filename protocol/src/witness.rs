@@ -131,6 +131,13 @@ impl Signer for Cosigner {
     }
 }
 
+/// The Ed25519 public key a witness's verifier key carries. A
+/// `cosignature/v1` message does not sign the witness's name, so one key
+/// under two names is one witness: quorums count keys, not names.
+pub fn public_key(verifier_key: &str) -> Option<[u8; 32]> {
+    parse_key(verifier_key.trim(), false).ok().map(|(_, pk)| pk)
+}
+
 /// Verifies `cosignature/v1` signatures of one witness.
 pub struct CosignatureVerifier {
     name: String,

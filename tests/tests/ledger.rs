@@ -961,6 +961,24 @@ fn witnesses_cosign_off_the_filing_path_and_never_cosign_a_fork() -> Result<()> 
         "2".as_ref(),
     ])?;
     assert_eq!(code, Some(2), "{out}");
+    // One key under two names is one witness (its cosignature does not
+    // sign its name): given as two, it is the command's mistake too.
+    let (_, named) = protocol::witness::witness_keys("witness.example/a", &[5; 32]);
+    let (_, renamed) = protocol::witness::witness_keys("witness.example/b", &[5; 32]);
+    let (code, out) = verify_with(&[
+        "--receipt".as_ref(),
+        rpath.as_os_str(),
+        "--log-key".as_ref(),
+        log_pub.as_os_str(),
+        "--witness-key".as_ref(),
+        named.as_ref(),
+        "--witness-key".as_ref(),
+        renamed.as_ref(),
+    ])?;
+    assert!(
+        code == Some(2) && out.contains("hold the same public key"),
+        "{code:?} {out}"
+    );
 
     // The witness holds its view; lying to it fails whatever the lie.
     let seen = ledger::verify_checkpoint(&upgraded.checkpoint, &key)?.size;
