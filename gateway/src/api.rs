@@ -1833,7 +1833,12 @@ async fn node_lifecycle<S: Store>(
             )))
         }
     };
-    let current = gw.nodes.lifecycle(node);
+    // From the index, not this gateway's view (which another gateway's
+    // decision reaches only at its next probe); the transaction below
+    // reads them again, so a decision made meanwhile makes it fail rather
+    // than be overwritten.
+    let decided = current_decisions(&gw).await?;
+    let current = stored_lifecycle(&decided, node);
     if current == Lifecycle::Removed && state != Lifecycle::Removed {
         return Err(ApiError::Conflict(format!(
             "node {node} was removed; add it again as a new node"
@@ -1841,6 +1846,15 @@ async fn node_lifecycle<S: Store>(
     }
     let mut stripes = None;
     if state == Lifecycle::Removed && !q.force.unwrap_or(false) {
+        // An active node may be taking shards of uploads under way that
+        // no stripe record names yet: only a drain's start tells which
+        // uploads could still hold some there.
+        if current == Lifecycle::Active {
+            return Err(ApiError::Conflict(format!(
+                "node {node} is active and may be taking shards of uploads under way; drain it first (custodia node drain {} --wait), or force the removal of a dead node",
+                node.0
+            )));
+        }
         // Uploads before stripes: one that ends meanwhile has written its
         // records before the walk of stripes begins, so it is counted by one
         // of the two.
@@ -1868,31 +1882,49 @@ async fn node_lifecycle<S: Store>(
         }
         stripes = Some(left.placed);
     }
-    if state != Lifecycle::Active {
-        // Never below k+m active nodes: new stripes could not be placed.
-        let active = gw
-            .nodes
-            .view()
-            .iter()
-            .filter(|n| n.id != node && n.lifecycle == Lifecycle::Active)
-            .count();
-        let need = gw.config.k as usize + gw.config.m as usize;
-        if current == Lifecycle::Active && active < need {
-            return Err(ApiError::Conflict(format!(
-                "only {active} other active nodes would remain; RS({},{}) needs {need}",
-                gw.config.k, gw.config.m
-            )));
-        }
-    }
     let rec = LifecycleRecord {
         state,
         changed_ms: gw.clock.now_ms(),
     };
-    indexer::run(&gw.store, |tx| async move {
-        schema::set_lifecycle_tx(&tx, node, &rec);
-        Ok::<_, schema::SchemaError>(())
+    let others: Vec<NodeId> = gw
+        .nodes
+        .view()
+        .iter()
+        .map(|n| n.id)
+        .filter(|id| *id != node)
+        .collect();
+    let (k, m) = (gw.config.k, gw.config.m);
+    let need = k as usize + m as usize;
+    let refused = indexer::run(&gw.store, |tx| {
+        let others = &others;
+        async move {
+            // Read in the transaction: two drains of two nodes at once
+            // conflict, so they cannot both leave fewer than k+m active.
+            let now = schema::lifecycles_tx(&tx).await?;
+            if stored_lifecycle(&now, node) != current {
+                return Ok(Some(format!(
+                    "node {node}'s lifecycle changed meanwhile (to {}); look again",
+                    stored_lifecycle(&now, node).as_str()
+                )));
+            }
+            // Never below k+m active nodes: new stripes could not be placed.
+            let active = others
+                .iter()
+                .filter(|n| stored_lifecycle(&now, **n) == Lifecycle::Active)
+                .count();
+            if state != Lifecycle::Active && current == Lifecycle::Active && active < need {
+                return Ok(Some(format!(
+                    "only {active} other active nodes would remain; RS({k},{m}) needs {need}"
+                )));
+            }
+            schema::set_lifecycle_tx(&tx, node, &rec);
+            Ok::<_, schema::SchemaError>(None)
+        }
     })
     .await?;
+    if let Some(refused) = refused {
+        return Err(ApiError::Conflict(refused));
+    }
     gw.nodes.set_lifecycles(&current_decisions(&gw).await?);
     tracing::warn!(%node, state = state.as_str(), actor = %actor(&who), "node lifecycle changed by an operator");
     // Into the archive at once, for `recover-index`; a failure (or an
@@ -1912,6 +1944,17 @@ async fn node_lifecycle<S: Store>(
         "lifecycle": state.as_str(),
         "stripes": stripes,
     })))
+}
+
+/// A node's lifecycle as `decided` records it (active if never decided).
+fn stored_lifecycle(
+    decided: &[(NodeId, schema::LifecycleRecord)],
+    node: NodeId,
+) -> schema::Lifecycle {
+    decided
+        .iter()
+        .find(|(n, _)| *n == node)
+        .map_or(schema::Lifecycle::Active, |(_, r)| r.state)
 }
 
 async fn current_decisions<S: Store>(
