@@ -17,7 +17,10 @@
 //! callers match one set of variants on both backends; every other error stays
 //! an [`FdbError`] inside [`KvError::Fdb`], whose own `is_retryable` drives
 //! [`crate::run`]. Size limits are checked here before FoundationDB sees the
-//! write, so both backends report the same sizes.
+//! write, so both backends report the same sizes. Every transaction times
+//! out after [`TRANSACTION_TIMEOUT_MS`] (`transaction_timed_out`, 1031,
+//! becomes [`KvError::Storage`]), so an unreachable cluster is an error,
+//! not a wait without end.
 //!
 //! A commit whose outcome FoundationDB cannot tell (`commit_unknown_result`,
 //! 1021, and the other "maybe committed" errors) is resolved here, never
@@ -45,6 +48,15 @@ use crate::kv::{KeyValues, KvError, KvStore, Transaction, WriteBudget, VERSIONST
 const NOT_COMMITTED: i32 = 1020;
 const TRANSACTION_TOO_OLD: i32 = 1007;
 const TRANSACTION_TOO_LARGE: i32 = 2101;
+const TRANSACTION_TIMED_OUT: i32 = 1031;
+
+/// Longest any one transaction may take, reads and commit, before
+/// FoundationDB gives it up with `transaction_timed_out`: a little over its
+/// own 5 s limit on a transaction's age. Without it, a cluster that cannot
+/// be reached makes every read and commit wait forever (the client retries
+/// inside the call), and [`crate::run`]'s budget, checked only between
+/// attempts, never fires.
+const TRANSACTION_TIMEOUT_MS: i32 = 8_000;
 
 /// Where commit markers live: `MARKERS ++ read version (i64 BE) ++ 16 random
 /// bytes`. No schema tag starts with 0xfe.
@@ -117,6 +129,9 @@ impl FdbStore {
     pub fn open(cluster_file: Option<&str>) -> Result<Self, KvError> {
         ensure_network()?;
         let db = Database::new(cluster_file)?;
+        db.set_option(foundationdb::options::DatabaseOption::TransactionTimeout(
+            TRANSACTION_TIMEOUT_MS,
+        ))?;
         Ok(FdbStore { db: Arc::new(db) })
     }
 }
@@ -180,6 +195,10 @@ impl FdbTx {
             NOT_COMMITTED => KvError::Conflict,
             TRANSACTION_TOO_OLD => KvError::TooOld,
             TRANSACTION_TOO_LARGE => KvError::TransactionTooLarge(lock(&self.inner.budget).bytes()),
+            // The cluster did not answer in time: not retried at once (the
+            // time is spent), but passing, as the embedded store's failing
+            // disk is to the callers that wait such errors out.
+            TRANSACTION_TIMED_OUT => KvError::Storage(Box::new(e)),
             _ => KvError::Fdb(e),
         }
     }
@@ -323,7 +342,8 @@ impl Transaction for FdbTx {
             Ok(_) => Ok(()),
             Err(e) => {
                 let e = FdbError::from(e);
-                if e.is_maybe_committed() {
+                // A commit timed out may have landed as well.
+                if e.is_maybe_committed() || e.code() == TRANSACTION_TIMED_OUT {
                     resolve(&self.inner.db, &marker, e).await
                 } else {
                     Err(self.map_error(e))
