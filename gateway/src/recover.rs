@@ -309,7 +309,11 @@ pub async fn recover_index<S: Store>(
                 if schema::valid_tenant(t) {
                     indexer::s3::create_tenant_tx(&tx, t, now)
                         .await
-                        .map_err(|e| SchemaError::Locked(e.to_string()))?;
+                        .map_err(|e| match e {
+                            // A conflict stays one, for `run` to retry.
+                            indexer::s3::ObjectError::Schema(e) => e,
+                            e => SchemaError::Locked(e.to_string()),
+                        })?;
                 }
             }
             Ok::<_, SchemaError>(())
