@@ -2987,6 +2987,33 @@ pub fn dev_tsa_answer<S: Store>(
     Some(protocol::tsa::timestamp(request, &tsa.cert_pem, key, unix_now()).map_err(|e| e.0))
 }
 
+/// The RFC 6962 root of a tree of these leaf hashes, in order, kept in
+/// memory as one perfect subtree per level (the tiles' stored hashes would
+/// be two per leaf).
+fn merkle_root(leaves: impl Iterator<Item = TreeHash>) -> TreeHash {
+    // Perfect subtrees, largest (leftmost) first, each of a height below
+    // the one before it.
+    let mut stack: Vec<(u32, TreeHash)> = Vec::new();
+    for leaf in leaves {
+        let mut node = (0, leaf);
+        while let Some(&(height, left)) = stack.last() {
+            if height != node.0 {
+                break;
+            }
+            stack.pop();
+            node = (height + 1, tlog_tiles::node_hash(left, node.1));
+        }
+        stack.push(node);
+    }
+    // A tree of n leaves splits at the largest power of two below n: the
+    // subtrees fold from the right.
+    let mut subtrees = stack.into_iter().rev().map(|(_, h)| h);
+    match subtrees.next() {
+        None => tlog_tiles::EMPTY_HASH,
+        Some(last) => subtrees.fold(last, |right, left| tlog_tiles::node_hash(left, right)),
+    }
+}
+
 /// What [`restore`] rebuilt.
 #[derive(Debug, Default)]
 pub struct RestoredLedger {
@@ -3054,6 +3081,25 @@ pub async fn restore<S: Store>(
             archive.len(),
             covered
         )));
+    }
+
+    // The check against the signed root, before anything is written: a
+    // damaged archive leaves the index as empty as it was, so recovery can
+    // be run again once the archive is mended.
+    if let Some(cp) = &cp {
+        let root = merkle_root(
+            archive
+                .iter()
+                .take(covered as usize)
+                .map(|a| tlog_tiles::record_hash(&pl::commitment(&a.salt, &a.statement))),
+        );
+        if root.0 != cp.root.0 {
+            return Err(LedgerError::Tree(format!(
+                "the archived leaves do not reproduce the signed checkpoint's root at size {}; \
+                 nothing was restored",
+                cp.size
+            )));
+        }
     }
 
     let mut known = HashMap::new();
@@ -3188,6 +3234,35 @@ mod tests {
         let unpaced = RoundPacer::new(Duration::ZERO);
         unpaced.found(t0, 5);
         assert_eq!(unpaced.next_start(t0 + ms(1)), t0 + ms(1));
+    }
+
+    /// The root kept one subtree per level is the tiles' root, for every
+    /// size around the powers of two and a tile's width.
+    #[test]
+    fn the_restore_check_computes_the_trees_root() {
+        struct Stored(Vec<TreeHash>);
+        impl tlog_tiles::HashReader for Stored {
+            fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<TreeHash>, tlog_tiles::Error> {
+                indexes
+                    .iter()
+                    .map(|&i| {
+                        self.0
+                            .get(i as usize)
+                            .copied()
+                            .ok_or(tlog_tiles::Error::IndexesNotInTree)
+                    })
+                    .collect()
+            }
+        }
+        let mut stored = Stored(Vec::new());
+        let leaf = |i: u64| tlog_tiles::record_hash(&i.to_le_bytes());
+        assert_eq!(merkle_root(std::iter::empty()), tlog_tiles::EMPTY_HASH);
+        for n in 0..300u64 {
+            let hs = tlog_tiles::stored_hashes(n, &n.to_le_bytes(), &stored).unwrap();
+            stored.0.extend(hs);
+            let want = tlog_tiles::tree_hash(n + 1, &stored).unwrap();
+            assert_eq!(merkle_root((0..=n).map(leaf)), want, "size {}", n + 1);
+        }
     }
 
     /// A witness listed twice, under its name or another, is refused: it

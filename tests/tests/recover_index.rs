@@ -182,6 +182,28 @@ fn a_destroyed_index_is_rebuilt_from_the_ledger_archive_and_the_nodes() -> Resul
     assert!(err.contains("node n2"), "{err}");
     c.start_node_and_wait(2)?;
 
+    // A published checkpoint the archive does not reproduce (signed by the
+    // log's key over another root) is refused, and leaves the index as it
+    // was: recovery runs again once the checkpoint is put right.
+    let published = tiles.join("checkpoint");
+    let good = std::fs::read(&published)?;
+    let skey = std::fs::read_to_string(c.data_dir().join("ledger/log.key"))?;
+    let forged = ledger::sign_checkpoint(
+        skey.trim(),
+        "custodia.local/ledger",
+        before.size,
+        TreeHash([0xee; 32]),
+    )?;
+    std::fs::write(&published, forged)?;
+    let out = recover(&c, &[])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("do not reproduce the signed checkpoint's root"),
+        "{err}"
+    );
+    std::fs::write(&published, good)?;
+
     let out = recover(&c, &["--json"])?;
     let text = String::from_utf8_lossy(&out.stdout);
     println!(
