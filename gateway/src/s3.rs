@@ -2958,21 +2958,25 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         // max-keys=0 lists nothing (and is not truncated), as in S3.
         let max = input.max_keys.unwrap_or(1000).clamp(0, 1000) as usize;
         let marker_key = input.key_marker.clone().filter(|k| !k.is_empty());
+        // `Err(())`: the marker names a null version that is gone.
         let marker_version = match (input.version_id_marker.as_deref(), &marker_key) {
-            (None | Some(""), _) => None,
-            // The listing names the null version "null": it resumes after
-            // that key's null version, wherever it sorts.
-            // Gone since the last page (deleted or replaced): resume after
-            // the key, rather than fail a client's paging.
+            (None | Some(""), _) => Ok(None),
+            // A marker of "null" (this listing gives the null version's own
+            // id as its next marker, but a client may send "null") resumes
+            // after that key's null version, wherever it sorts. Gone since
+            // (deleted or replaced): from the key's first version again, so
+            // a client deleting page by page still sees the versions after
+            // it (a few may be listed twice; none is skipped).
             (Some("null"), Some(k)) => self
                 .version(&input.bucket, k, VersionRef::Null)
                 .await
-                .ok()
-                .map(|v| v.version_id),
-            (Some(v), _) => Some(
-                v.parse::<EvidenceId>()
-                    .map_err(|_| s3_error!(InvalidArgument, "bad version-id-marker"))?,
-            ),
+                .map(|v| Some(v.version_id))
+                .map_err(|_| ()),
+            (Some(v), _) => {
+                Ok(Some(v.parse::<EvidenceId>().map_err(|_| {
+                    s3_error!(InvalidArgument, "bad version-id-marker")
+                })?))
+            }
         };
         // The first key past `prefix` that holds the delimiter ends there.
         let common_prefix = |key: &str| common_prefix(&prefix, delimiter.as_deref(), key);
@@ -2980,15 +2984,18 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         // with) resumes after every key under it.
         let mut cursor = match (&marker_key, marker_version) {
             (None, _) => Cursor::Start,
-            (Some(k), None) if common_prefix(k).as_deref() == Some(k.as_str()) => {
+            (Some(k), Err(())) => Cursor::KeyStart(k.clone()),
+            (Some(k), Ok(None)) if common_prefix(k).as_deref() == Some(k.as_str()) => {
                 Cursor::Prefix(k.clone())
             }
-            (Some(k), v) => Cursor::Version(k.clone(), v),
+            (Some(k), Ok(v)) => Cursor::Version(k.clone(), v),
         };
         let mut versions = Vec::new();
         let mut markers = Vec::new();
         let mut prefixes = Vec::new();
-        let mut previous: Option<String> = marker_key.clone().filter(|_| marker_version.is_some());
+        let mut previous: Option<String> = marker_key
+            .clone()
+            .filter(|_| matches!(marker_version, Ok(Some(_))));
         let (mut listed, mut truncated) = (0usize, false);
         let mut next: Option<(String, Option<String>)> = None;
         'pages: loop {
@@ -3003,6 +3010,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                         Cursor::Start => ix::VersionsAfter::Start,
                         Cursor::Version(k, v) => ix::VersionsAfter::Version(k, *v),
                         Cursor::Prefix(k) => ix::VersionsAfter::Prefix(k),
+                        Cursor::KeyStart(k) => ix::VersionsAfter::KeyStart(k),
                     };
                     ix::list_versions_after_tx(&tx, bucket, p, after, LIST_BATCH).await
                 }
@@ -3055,7 +3063,10 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                         ..Default::default()
                     });
                 }
-                next = Some((key.clone(), Some(shown)));
+                // The next marker names the version by its own id, the
+                // null one too: "null" names whichever version is null when
+                // the next page is asked for, and that one may be gone.
+                next = Some((key.clone(), Some(v.version_id.to_string())));
                 cursor = Cursor::Version(key, Some(v.version_id));
             }
             if !cut && !full_batch {
@@ -3374,6 +3385,7 @@ enum Cursor {
     Start,
     Version(String, Option<EvidenceId>),
     Prefix(String),
+    KeyStart(String),
 }
 
 /// The common prefix `key` folds into: `prefix` and the rest of `key` up

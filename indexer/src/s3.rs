@@ -1311,6 +1311,10 @@ pub enum VersionsAfter<'a> {
     Version(&'a str, Option<EvidenceId>),
     /// After every key that starts with this (a common prefix already listed).
     Prefix(&'a str),
+    /// From the first (newest) version of this key: where a listing resumes
+    /// whose marker version is gone, listing some of the key's versions
+    /// again rather than skip the rest of them.
+    KeyStart(&'a str),
 }
 
 /// [`list_versions_tx`], resuming anywhere [`VersionsAfter`] says.
@@ -1341,6 +1345,7 @@ pub async fn list_versions_after_tx<T: Transaction>(
         )),
         // Keys are UTF-8, which never holds 0xff: past every key under it.
         VersionsAfter::Prefix(p) => Some((p, vec![0xff])),
+        VersionsAfter::KeyStart(key) => Some((key, vec![])),
     };
     if let Some((key, tail)) = resume.filter(|(k, _)| k.as_bytes() >= prefix.as_bytes()) {
         let mut k = base.clone();
