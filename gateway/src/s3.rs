@@ -1334,8 +1334,19 @@ fn checked_body(
         None => Box::pin(futures::stream::empty()),
         Some(b) => Box::pin(b.map(|r| r.map_err(|e| e.to_string()))),
     };
+    Ok(checking(body, wanted, trailers))
+}
+
+/// `body`, hashed as it passes for the `x-amz-checksum-*` checksums
+/// `wanted` (each with the value sent as a header, else one of
+/// `trailers`), and the check of them once it has all passed.
+fn checking(
+    body: Body,
+    wanted: Vec<(&'static str, Option<String>)>,
+    trailers: Option<s3s::TrailingHeaders>,
+) -> (Body, Option<ingest::BodyCheck>) {
     if wanted.is_empty() {
-        return Ok((body, None));
+        return (body, None);
     }
     let want = |n: &str| wanted.iter().any(|(w, _)| *w == n);
     let hasher = crate::s3_digest::checksum_hasher(want);
@@ -1377,7 +1388,91 @@ fn checked_body(
         }
         Ok(())
     };
-    Ok((body, Some(ingest::BodyCheck(Arc::new(check)))))
+    (body, Some(ingest::BodyCheck(Arc::new(check))))
+}
+
+/// What a CompleteMultipartUpload's `x-amz-checksum-*` headers ask of the
+/// object it assembles from `parts`: the full-object checksums to compute
+/// over the assembled bytes (CRC64NVME, which S3 keeps only whole, and any
+/// CRC sent with `x-amz-checksum-type: FULL_OBJECT`), and a whole-object
+/// SHA-256 (sent without a part count) for the ingest's own SHA-256 to
+/// match. A composite value (a checksum of the parts' checksums, `-N`
+/// after it) must name as many parts as are listed; a composite SHA-256 is
+/// checked against the parts' SHA-256s, which are kept. (A composite CRC or
+/// SHA-1 was checked part by part as each was uploaded; the parts' values
+/// are not kept, so only its count is checked here.)
+#[allow(clippy::type_complexity)]
+fn completion_checksums(
+    input: &CompleteMultipartUploadInput,
+    parts: &[ix::PartRecord],
+) -> S3Result<(
+    Vec<(&'static str, Option<String>)>,
+    Option<protocol::Sha256Hash>,
+)> {
+    use crate::s3_digest::CHECKSUMS as NAMES;
+    use base64::Engine as _;
+    let full_object = input
+        .checksum_type
+        .as_ref()
+        .is_some_and(|t| t.as_str() == ChecksumType::FULL_OBJECT);
+    let sent = [
+        input.checksum_crc32.as_deref(),
+        input.checksum_crc32c.as_deref(),
+        input.checksum_crc64nvme.as_deref(),
+        input.checksum_sha1.as_deref(),
+        input.checksum_sha256.as_deref(),
+    ];
+    let mut wanted = Vec::new();
+    let mut whole_sha256 = None;
+    for (name, value) in NAMES.into_iter().zip(sent) {
+        let Some(value) = value.map(str::trim) else {
+            continue;
+        };
+        let (sum, count) = match value.rsplit_once('-') {
+            Some((sum, n)) => {
+                let n: usize = n.parse().map_err(|_| {
+                    s3_error!(InvalidRequest, "{name}: {value:?} is not a checksum")
+                })?;
+                (sum, Some(n))
+            }
+            None => (value, None),
+        };
+        if count.is_some() && full_object {
+            return Err(s3_error!(
+                InvalidRequest,
+                "{name}: a FULL_OBJECT checksum has no part count"
+            ));
+        }
+        if let Some(n) = count.filter(|n| *n != parts.len()) {
+            return Err(s3_error!(
+                InvalidRequest,
+                "{name} is over {n} parts; {} are listed",
+                parts.len()
+            ));
+        }
+        let whole = count.is_none() && (full_object || name == "x-amz-checksum-crc64nvme");
+        match (whole, name) {
+            (true, "x-amz-checksum-sha256") => whole_sha256 = sha256_header(Some(sum))?,
+            (true, _) => wanted.push((name, Some(sum.to_owned()))),
+            (false, "x-amz-checksum-sha256") => {
+                let mut h = <sha2::Sha256 as sha2::Digest>::new();
+                for p in parts {
+                    sha2::Digest::update(&mut h, p.sha256);
+                }
+                let composite =
+                    base64::engine::general_purpose::STANDARD.encode(sha2::Digest::finalize(h));
+                if composite != sum {
+                    return Err(s3_error!(
+                        BadDigest,
+                        "{name} is {composite}-{} over the listed parts, the client sent {value}",
+                        parts.len()
+                    ));
+                }
+            }
+            (false, _) => {}
+        }
+    }
+    Ok((wanted, whole_sha256))
 }
 
 /// A read's `If-Match` / `If-None-Match` against the version's ETag.
@@ -2601,7 +2696,8 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             .map_err(|e| s3_err(e.into()))?;
             let listed = input
                 .multipart_upload
-                .and_then(|m| m.parts)
+                .as_ref()
+                .and_then(|m| m.parts.clone())
                 .unwrap_or_default();
             if listed.is_empty() {
                 return Err(s3_error!(MalformedXML, "no parts listed"));
@@ -2663,6 +2759,16 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                     "every part but the last must be at least 5 MiB"
                 ));
             }
+            let (checksums, expect_sha256) = completion_checksums(&input, &chosen)?;
+            let total: u64 = chosen.iter().map(|p| p.size).sum();
+            if let Some(declared) = input.mpu_object_size {
+                if u64::try_from(declared).ok() != Some(total) {
+                    return Err(s3_error!(
+                        InvalidRequest,
+                        "x-amz-mp-object-size is {declared}; the listed parts hold {total} bytes"
+                    ));
+                }
+            }
             let etag = multipart_etag(chosen.iter().map(|p| p.md5.as_str()));
             // The bucket's default retention as the object comes to be: counted
             // from now, and as the bucket has it now (set or changed during a
@@ -2676,10 +2782,11 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 });
             }
             let (retain_until_ms, legal_hold) = evidence_worm(&version);
-            let meta = FilingMeta {
+            let mut meta = FilingMeta {
                 tenant: who.tenant.clone(),
                 retain_until_ms,
                 legal_hold,
+                expect_sha256,
                 file_name: Some(input.key.clone()),
                 media_type: rec.version.content_type.clone(),
                 submitter: Some(format!("{}/s3:{}", who.tenant, who.access_key)),
@@ -2715,6 +2822,12 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                         crate::read::stream_part(gw.clone(), part_header(&tenant, &p), 0..p.size)
                     })
                     .flatten();
+                // The whole object's checksums the client sent, over the
+                // bytes as they are assembled: a mismatch files nothing, and
+                // the upload stays for a Complete that gets them right.
+                let body = body.map(|r| r.map_err(|e| e.to_string()));
+                let (body, check) = checking(Box::pin(body), checksums, None);
+                meta.body_check = check;
                 // The filing and the deletion of the parts run to their end in
                 // a task of their own: the upload ends in the filing's own
                 // transaction, after which nothing else refers to the parts, so

@@ -3279,3 +3279,81 @@ fn rust_object_store_client() -> Result<()> {
     assert_eq!(admin.read("held.out")?, locked_version);
     Ok(())
 }
+
+/// CompleteMultipartUpload checks what the client says of the whole
+/// object: a full-object CRC (computed over the assembled bytes), a
+/// composite SHA-256 (over the parts' SHA-256s) and the object's size. A
+/// mismatch files nothing, and the upload stays for a Complete that gets
+/// them right; boto3's own multipart upload (with whatever checksums it
+/// sends by default) completes and reads back.
+#[test]
+fn completing_an_upload_checks_the_whole_objects_checksums_and_size() -> Result<()> {
+    let c = TestCluster::start(Shape::default())?;
+    let (mut python, name) = python_with_boto3(&c)?;
+    let script = r#"
+import base64, boto3, botocore.config, botocore.exceptions, hashlib, io, os, zlib
+from boto3.s3.transfer import TransferConfig
+s3 = boto3.client('s3', endpoint_url=os.environ['S3_ENDPOINT'], region_name='us-east-1',
+    config=botocore.config.Config(retries={'max_attempts': 1}))
+s3.create_bucket(Bucket='whole')
+parts = [bytes((i * 7 + j) % 251 for i in range(5 * 1024 * 1024)) for j in range(1)] + [b'tail' * 300]
+data = b''.join(parts)
+b64 = lambda b: base64.b64encode(b).decode()
+crc32 = lambda b: b64(zlib.crc32(b).to_bytes(4, 'big'))
+def upload(algorithm, **create):
+    up = s3.create_multipart_upload(Bucket='whole', Key='o', ChecksumAlgorithm=algorithm, **create)['UploadId']
+    listed = []
+    for n, p in enumerate(parts, 1):
+        r = s3.upload_part(Bucket='whole', Key='o', UploadId=up, PartNumber=n, Body=p, ChecksumAlgorithm=algorithm)
+        entry = {'PartNumber': n, 'ETag': r['ETag']}
+        for k in ('ChecksumCRC32', 'ChecksumSHA256'):
+            if k in r:
+                entry[k] = r[k]
+        listed.append(entry)
+    return up, listed
+def complete(up, listed, **extra):
+    try:
+        s3.complete_multipart_upload(Bucket='whole', Key='o', UploadId=up,
+            MultipartUpload={'Parts': listed}, **extra)
+        return 'ok'
+    except botocore.exceptions.ClientError as e:
+        return e.response['Error']['Code']
+def read():
+    return s3.get_object(Bucket='whole', Key='o')['Body'].read() == data
+up, listed = upload('CRC32', ChecksumType='FULL_OBJECT')
+print('crc wrong', complete(up, listed, ChecksumCRC32=crc32(b'other'), ChecksumType='FULL_OBJECT'))
+print('size wrong', complete(up, listed, ChecksumCRC32=crc32(data), ChecksumType='FULL_OBJECT', MpuObjectSize=len(data) + 1))
+print('crc right', complete(up, listed, ChecksumCRC32=crc32(data), ChecksumType='FULL_OBJECT', MpuObjectSize=len(data)), read())
+up, listed = upload('SHA256')
+composite = b64(hashlib.sha256(b''.join(hashlib.sha256(p).digest() for p in parts)).digest())
+print('composite wrong', complete(up, listed, ChecksumSHA256=b64(hashlib.sha256(b'x').digest()) + '-2'))
+print('count wrong', complete(up, listed, ChecksumSHA256=composite + '-3'))
+print('composite right', complete(up, listed, ChecksumSHA256=composite + '-2'), read())
+s3.upload_fileobj(io.BytesIO(data), 'whole', 'o', Config=TransferConfig(multipart_threshold=5 * 1024 * 1024, multipart_chunksize=5 * 1024 * 1024))
+print('boto3 multipart', read())
+"#;
+    let out = python
+        .args(["-c", script])
+        .output()
+        .with_context(|| format!("running {name} (set CUSTODIA_PYTHON to one with boto3)"))?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        said.lines().collect::<Vec<_>>(),
+        [
+            "crc wrong BadDigest",
+            "size wrong InvalidRequest",
+            "crc right ok True",
+            "composite wrong BadDigest",
+            "count wrong InvalidRequest",
+            "composite right ok True",
+            "boto3 multipart True",
+        ],
+        "{said}"
+    );
+    Ok(())
+}
