@@ -1703,12 +1703,34 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             default_retention: None,
         };
         let name = req.input.bucket.clone();
-        indexer::run(&self.gw.store, |tx| {
+        let created = indexer::run(&self.gw.store, |tx| {
             let (name, rec) = (&name, &rec);
             async move { ix::create_bucket_tx(&tx, name, rec).await }
         })
-        .await
-        .map_err(|e| s3_err(e.into()))?;
+        .await;
+        match created {
+            Ok(()) => {}
+            // As S3 in us-east-1 (the region this API presents): creating
+            // a bucket you already own succeeds, so an idempotent set-up
+            // script runs again. Not when it asks for another Object Lock
+            // setting than the bucket has: a 200 would let the script
+            // believe a bucket without WORM has it.
+            Err(ObjectError::BucketExists { mine: true }) => {
+                let owned = indexer::run(&self.gw.store, |tx| {
+                    let name = &name;
+                    async move { ix::get_bucket_tx(&tx, name).await }
+                })
+                .await
+                .map_err(|e| s3_err(e.into()))?;
+                if owned.is_none_or(|b| b.object_lock != lock) {
+                    return Err(s3_error!(
+                        BucketAlreadyOwnedByYou,
+                        "you own this bucket already, with another Object Lock setting"
+                    ));
+                }
+            }
+            Err(e) => return Err(s3_err(e.into())),
+        }
         tracing::info!(bucket = %name, tenant = %rec.tenant, object_lock = lock, "bucket created");
         Ok(S3Response::new(CreateBucketOutput {
             location: Some(format!("/{name}")),
