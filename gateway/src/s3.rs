@@ -1659,13 +1659,46 @@ impl<S: Store + 'static> S3 for S3Front<S> {
     ) -> S3Result<S3Response<ListBucketsOutput>> {
         let who = self.caller(&req, Role::Reader).await?;
         let tenant = who.tenant.clone();
+        let input = req.input;
+        // 1 to 10,000 a page, as S3 (which lists every bucket without it).
+        let max = match input.max_buckets {
+            None => usize::MAX,
+            Some(n) if (1..=10_000).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(s3_error!(
+                    InvalidArgument,
+                    "max-buckets is {n}; it must be 1 to 10000"
+                ))
+            }
+        };
         let buckets = indexer::run(&self.gw.store, |tx| {
             let tenant = &tenant;
             async move { ix::list_buckets_tx(&tx, tenant).await }
         })
         .await
         .map_err(|e| s3_err(e.into()))?;
+        // A tenant's buckets are few (S3 allows 10,000): paged here, by
+        // name, the continuation token the last name of the page before.
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let mut buckets: Vec<_> = buckets
+            .into_iter()
+            .filter(|(name, _)| name.starts_with(&prefix))
+            .filter(|(name, _)| {
+                input
+                    .continuation_token
+                    .as_deref()
+                    .is_none_or(|after| name.as_str() > after)
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.cmp(&b.0));
+        let more = buckets.len() > max;
+        buckets.truncate(max);
+        let continuation_token = more
+            .then(|| buckets.last().map(|(n, _)| n.clone()))
+            .flatten();
         Ok(S3Response::new(ListBucketsOutput {
+            prefix: input.prefix,
+            continuation_token,
             buckets: Some(
                 buckets
                     .into_iter()
@@ -1680,7 +1713,6 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 display_name: Some(who.tenant.clone()),
                 id: Some(who.tenant),
             }),
-            ..Default::default()
         }))
     }
 

@@ -3370,3 +3370,47 @@ print('boto3 multipart', read())
     );
     Ok(())
 }
+
+/// ListBuckets takes a prefix and pages by max-buckets with a continuation
+/// token (boto3 sends them; the listing ignored them, all buckets each time).
+#[test]
+fn bucket_listings_filter_by_prefix_and_page() -> Result<()> {
+    let c = TestCluster::start(Shape::default())?;
+    let (mut python, name) = python_with_boto3(&c)?;
+    let script = r#"
+import boto3, botocore.exceptions, os
+s3 = boto3.client('s3', endpoint_url=os.environ['S3_ENDPOINT'], region_name='us-east-1')
+for b in ('court-3', 'court-1', 'other', 'court-2'):
+    s3.create_bucket(Bucket=b)
+page = s3.list_buckets(Prefix='court-', MaxBuckets=2)
+print([b['Name'] for b in page['Buckets']], 'ContinuationToken' in page)
+page = s3.list_buckets(Prefix='court-', MaxBuckets=2, ContinuationToken=page['ContinuationToken'])
+print([b['Name'] for b in page['Buckets']], 'ContinuationToken' in page)
+print([b['Name'] for b in s3.list_buckets()['Buckets']])
+try:
+    s3.list_buckets(MaxBuckets=10001)
+except botocore.exceptions.ClientError as e:
+    print(e.response['Error']['Code'])
+"#;
+    let out = python
+        .args(["-c", script])
+        .output()
+        .with_context(|| format!("running {name} (set CUSTODIA_PYTHON to one with boto3)"))?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        said.lines().collect::<Vec<_>>(),
+        [
+            "['court-1', 'court-2'] True",
+            "['court-3'] False",
+            "['court-1', 'court-2', 'court-3', 'other']",
+            "InvalidArgument",
+        ],
+        "{said}"
+    );
+    Ok(())
+}
