@@ -310,6 +310,12 @@ enum Command {
         /// The consistency proof, as `GET /v1/ledger/consistency` returns it.
         #[arg(long)]
         proof: Option<PathBuf>,
+        /// With --consistency: the verifier key OLD is signed with, when
+        /// the log's key was rotated since (`DATA_DIR/ledger.vkey.<old
+        /// origin>`); NEW is checked with --log-key. The tree goes on
+        /// across a rotation, so NEW must still extend OLD.
+        #[arg(long, requires = "consistency")]
+        old_log_key: Option<String>,
     },
     /// Run a C2SP tlog-witness for other courts' logs: it cosigns each log's
     /// checkpoints only when they extend what it cosigned before.
@@ -939,11 +945,16 @@ async fn run(cli: Cli) -> Result<()> {
             json,
             consistency,
             proof,
+            old_log_key,
         } => {
             let ok = match (consistency.as_deref(), proof.as_deref(), receipt.as_deref()) {
-                (Some([old, new]), Some(proof), _) => {
-                    verify::consistency(old, new, proof, &log_key)?
-                }
+                (Some([old, new]), Some(proof), _) => verify::consistency(
+                    old,
+                    new,
+                    proof,
+                    old_log_key.as_deref().unwrap_or(&log_key),
+                    &log_key,
+                )?,
                 (_, _, Some(receipt)) => verify::receipt(&verify::ReceiptArgs {
                     receipt,
                     file: file.as_deref(),

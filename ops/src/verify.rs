@@ -351,11 +351,19 @@ fn read_checkpoint(path: &Path, log_key: &str) -> Result<ledger::VerifiedCheckpo
         .with_context(|| format!("the checkpoint in {} does not verify", path.display()))
 }
 
-/// `custodia verify --consistency OLD NEW --proof P`: checks that NEW extends OLD.
-pub fn consistency(old: &Path, new: &Path, proof: &Path, log_key: &str) -> Result<bool> {
-    let log_key = log_key_arg(log_key)?;
-    let old = read_checkpoint(old, &log_key)?;
-    let new = read_checkpoint(new, &log_key)?;
+/// `custodia verify --consistency OLD NEW --proof P`: checks that NEW extends
+/// OLD, OLD signed with `old_key` (the log key before a rotation, or the
+/// same as `new_key`).
+pub fn consistency(
+    old: &Path,
+    new: &Path,
+    proof: &Path,
+    old_key: &str,
+    new_key: &str,
+) -> Result<bool> {
+    let (old_key, new_key) = (log_key_arg(old_key)?, log_key_arg(new_key)?);
+    let old = read_checkpoint(old, &old_key)?;
+    let new = read_checkpoint(new, &new_key)?;
     if old.size > new.size {
         return Err(nothing_verified(format!(
             "the first checkpoint ({} entries) is larger than the second ({}): give the older \
@@ -392,10 +400,18 @@ pub fn consistency(old: &Path, new: &Path, proof: &Path, log_key: &str) -> Resul
         .collect::<Result<Vec<_>>>()?;
     match ledger::check_consistency(&old, &new, &hashes) {
         Ok(()) => {
-            println!(
-                "verdict: CONSISTENT — the checkpoint of {} entries extends the one of {} (log {:?})",
-                new.size, old.size, new.origin
-            );
+            if old.origin == new.origin {
+                println!(
+                    "verdict: CONSISTENT — the checkpoint of {} entries extends the one of {} (log {:?})",
+                    new.size, old.size, new.origin
+                );
+            } else {
+                println!(
+                    "verdict: CONSISTENT — the checkpoint of {} entries (log {:?}) extends the one \
+                     of {} signed before the key's rotation (log {:?})",
+                    new.size, new.origin, old.size, old.origin
+                );
+            }
             Ok(true)
         }
         Err(e) => {

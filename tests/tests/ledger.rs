@@ -1844,6 +1844,57 @@ fn the_log_key_rotates_under_a_new_origin_and_old_receipts_still_verify() -> Res
     let after = receipt_of(&b)?;
     after.verify(&new_key)?;
     assert!(after.leaf_index > before.leaf_index, "the tree went on");
+    // And an auditor can show it: the new origin's checkpoint extends the
+    // old one's, each checked with its own key (one key alone cannot).
+    let (old_cp, new_cp) = (
+        ledger::verify_checkpoint(&before.checkpoint, &old_key)?,
+        ledger::verify_checkpoint(&after.checkpoint, &new_key)?,
+    );
+    let proof = c.get_with(
+        "",
+        &format!(
+            "/v1/ledger/consistency?old={}&new={}",
+            old_cp.size, new_cp.size
+        ),
+        &[],
+    )?;
+    assert_eq!(proof.status, 200);
+    let dir = tempfile::tempdir()?;
+    let (old_path, new_path, proof_path, old_vkey) = (
+        dir.path().join("before.json"),
+        dir.path().join("after.json"),
+        dir.path().join("proof.json"),
+        dir.path().join("old.vkey"),
+    );
+    std::fs::write(&old_path, serde_json::to_vec(&before)?)?;
+    std::fs::write(&new_path, serde_json::to_vec(&after)?)?;
+    std::fs::write(&proof_path, &proof.body)?;
+    std::fs::write(&old_vkey, &old_key)?;
+    let across = |old_key: Option<&Path>| {
+        let mut args = vec![
+            "--consistency".as_ref(),
+            old_path.as_os_str(),
+            new_path.as_os_str(),
+            "--proof".as_ref(),
+            proof_path.as_os_str(),
+            "--log-key".as_ref(),
+            new_key.as_ref(),
+        ];
+        if let Some(k) = old_key {
+            args.extend(["--old-log-key".as_ref(), k.as_os_str()]);
+        }
+        verify_with(&args)
+    };
+    let (code, out) = across(Some(&old_vkey))?;
+    assert!(
+        code == Some(0) && out.contains("signed before the key's rotation"),
+        "{code:?} {out}"
+    );
+    let (code, out) = across(None)?;
+    assert!(
+        code == Some(1) && out.contains("does not verify"),
+        "the old checkpoint under the new key: {code:?} {out}"
+    );
     let served = c.get_with("", "/v1/ledger/key", &[])?;
     assert_eq!(String::from_utf8_lossy(&served.body).trim(), new_key);
     // The published checkpoint is the new origin's, for monitors too.
