@@ -53,6 +53,29 @@ pub const MAX_HOLD_MS: u64 = 5_000;
 
 const NS_PER_MS: u64 = 1_000_000;
 
+/// How far ahead of the system clock a confirmed time is taken (witness
+/// times are whole seconds, and the clocks of two honest machines differ a
+/// little): a time further ahead is held to the system clock plus this when
+/// it is confirmed, so that it never lends weight to a system clock set
+/// forward later on.
+const CONFIRM_AHEAD_MS: u64 = 5_000;
+
+/// `ms` from an independent source, no further ahead of the system clock
+/// than [`CONFIRM_AHEAD_MS`]; said when it was (a TSA or witness whose
+/// clock is wrong, or a system clock far behind).
+fn held_to_system_clock(ms: u64, source: Source) -> u64 {
+    let most = wall_ms().saturating_add(CONFIRM_AHEAD_MS);
+    if ms > most {
+        tracing::warn!(
+            ?source,
+            ahead_s = (ms - most + CONFIRM_AHEAD_MS) / 1000,
+            "an independent time source is ahead of the system clock: its time is taken as the \
+             system clock's, so a clock set forward later gains nothing from it"
+        );
+    }
+    ms.min(most)
+}
+
 /// Where an independent confirmation of the time came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
@@ -186,6 +209,7 @@ impl Clock {
 
     /// An independent source vouches that it is at least `ms` now.
     pub fn confirm(&self, ms: u64, source: Source) {
+        let ms = held_to_system_clock(ms, source);
         let mut s = self.lock();
         confirm(&mut s, ms, source);
     }
@@ -193,6 +217,7 @@ impl Clock {
     /// Witness `index` of `count` cosigned at `ms`: once a majority has
     /// cosigned, the time all of that majority vouch for is confirmed.
     pub fn witnessed(&self, index: usize, count: usize, ms: u64) {
+        let ms = held_to_system_clock(ms, Source::Witnesses);
         let mut s = self.lock();
         if s.witnesses.len() != count {
             s.witnesses = vec![None; count];
@@ -411,6 +436,15 @@ mod tests {
         assert!(after <= wall_ms(), "compliance clock past the system clock");
         let r = c.reading();
         assert_eq!(r.confirmed.map(|(s, _)| s), Some(Source::Tsa));
+        // Nor does it lend weight to the system clock set forward later:
+        // the time confirmed was held to the system clock's when it came.
+        let mut s = c.lock();
+        let later = compliance(&mut s, (wall_ms() + DAY) * NS_PER_MS) / NS_PER_MS;
+        assert!(
+            later <= wall_ms() + CONFIRM_AHEAD_MS,
+            "a TSA's day ahead let a clock set forward move it {} s",
+            (later - wall_ms()) / 1000
+        );
     }
 
     #[test]
@@ -424,6 +458,12 @@ mod tests {
         c.witnessed(1, 3, now - 10_000);
         let lag = wall_ms() - c.compliance_ms();
         assert!((10_000..10_200).contains(&lag), "lag {lag} ms");
+        // Two of three a day ahead: held to the system clock as they come.
+        c.witnessed(1, 3, now + DAY);
+        c.witnessed(2, 3, now + DAY);
+        let mut s = c.lock();
+        let later = compliance(&mut s, (wall_ms() + DAY) * NS_PER_MS) / NS_PER_MS;
+        assert!(later <= wall_ms() + CONFIRM_AHEAD_MS, "{later}");
     }
 
     #[test]
