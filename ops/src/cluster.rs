@@ -221,43 +221,31 @@ impl Cluster {
     }
 
     /// Each node is listed twice, where it listens (`[[nodes]]`) and where
-    /// the gateway dials it (`[[gateway.nodes]]`): the two lists must name
-    /// the same nodes at the same places, or `up` starts a node where the
-    /// gateway will never find it. (A node listening on every address,
-    /// `0.0.0.0`, is dialled at any address on its port.)
+    /// the gateway dials it (`[[gateway.nodes]]`). Where that is checkable
+    /// the two must agree, or `up` starts a node where the gateway never
+    /// finds it: a node listening on a loopback address (as `up` makes
+    /// them) is dialled at that address. A node on another host, on every
+    /// address (`0.0.0.0`) or behind a port mapping is dialled wherever its
+    /// network says, and a file may list only the nodes of one host under
+    /// `[[nodes]]`. No two nodes are dialled at one address.
     fn nodes_agree(&self) -> Result<()> {
-        let mut listens = std::collections::HashSet::new();
-        for n in &self.nodes {
-            if !listens.insert(n.listen) {
-                anyhow::bail!("two nodes listen on {}", n.listen);
+        let mut dialled = std::collections::HashMap::new();
+        for e in &self.gateway.nodes {
+            if let Some(other) = dialled.insert(e.addr, e.id) {
+                anyhow::bail!("nodes {other} and {} are both dialled at {}", e.id, e.addr);
             }
-            let Some(e) = self.gateway.nodes.iter().find(|e| e.id == n.id) else {
-                anyhow::bail!("node {} has no [[gateway.nodes]] entry", n.id);
-            };
-            let same = e.addr == n.listen
-                || (n.listen.ip().is_unspecified() && e.addr.port() == n.listen.port());
-            if !same {
-                anyhow::bail!(
+        }
+        for n in self.nodes.iter().filter(|n| n.listen.ip().is_loopback()) {
+            match self.gateway.nodes.iter().find(|e| e.id == n.id) {
+                Some(e) if e.addr != n.listen => anyhow::bail!(
                     "node {} listens on {} but the gateway dials it at {}",
                     n.id,
                     n.listen,
                     e.addr
-                );
+                ),
+                Some(_) => {}
+                None => anyhow::bail!("node {} has no [[gateway.nodes]] entry", n.id),
             }
-        }
-        if let Some(e) = (!self.nodes.is_empty())
-            .then(|| {
-                self.gateway
-                    .nodes
-                    .iter()
-                    .find(|e| !self.nodes.iter().any(|n| n.id == e.id))
-            })
-            .flatten()
-        {
-            anyhow::bail!(
-                "the gateway dials node {}, which [[nodes]] does not list",
-                e.id
-            );
         }
         Ok(())
     }

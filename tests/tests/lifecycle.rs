@@ -519,7 +519,8 @@ fn nodes_added_at_once_are_all_kept() -> Result<()> {
 /// Each node is in cluster.toml twice, where it listens and where the
 /// gateway dials it. An edit of one alone (to get around a port in use) is
 /// refused with both addresses, before anything starts: `up` said the
-/// cluster was up while the gateway dialled a port nobody listened on.
+/// cluster was up while the gateway dialled a port nobody listened on. A
+/// node listening on every address may be dialled anywhere.
 #[test]
 fn a_node_listening_where_the_gateway_does_not_dial_is_refused() -> Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -560,6 +561,21 @@ fn a_node_listening_where_the_gateway_does_not_dial_is_refused() -> Result<()> {
         "{err}"
     );
     assert!(!String::from_utf8_lossy(&out.stdout).contains("Custodia is up"));
+    // A node on every address, dialled elsewhere (another host, a port
+    // mapping), is the network's business: the file is taken.
+    let mut cluster: toml::Value = toml::from_str(&std::fs::read_to_string(&file)?)?;
+    cluster["nodes"][0]["listen"] =
+        toml::Value::String(format!("0.0.0.0:{}", port.wrapping_add(1000)));
+    std::fs::write(&file, toml::to_string(&cluster)?)?;
+    let add = std::process::Command::new(custodia_tests::custodia_bin())
+        .args(["node", "add", "--data-dir"])
+        .arg(&dir)
+        .output()?;
+    assert!(
+        add.status.success(),
+        "{}",
+        String::from_utf8_lossy(&add.stderr)
+    );
     Ok(())
 }
 
