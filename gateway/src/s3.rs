@@ -1754,12 +1754,16 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 })
                 .await
                 .map_err(|e| s3_err(e.into()))?;
-                if owned.is_none_or(|b| b.object_lock != lock) {
+                if owned.is_none_or(|b| lock && !b.object_lock) {
                     return Err(s3_error!(
                         BucketAlreadyOwnedByYou,
-                        "you own this bucket already, with another Object Lock setting"
+                        "you own this bucket already, without Object Lock"
                     ));
                 }
+                tracing::info!(bucket = %name, tenant = %rec.tenant, "bucket created again by its owner: nothing changed");
+                return Ok(S3Response::new(CreateBucketOutput {
+                    location: Some(format!("/{name}")),
+                }));
             }
             Err(e) => return Err(s3_err(e.into())),
         }

@@ -997,6 +997,14 @@ fn tenants_and_keys_are_isolated_and_signatures_checked() -> Result<()> {
             "--object-lock-enabled-for-bucket",
         ],
     )?;
+    // A WORM bucket made again without asking for the lock is as it was.
+    let worm = |extra: &[&str]| {
+        let mut args = vec!["s3api", "create-bucket", "--bucket", "court-b-worm"];
+        args.extend_from_slice(extra);
+        b.ok(&args)
+    };
+    worm(&["--object-lock-enabled-for-bucket"])?;
+    worm(&[])?;
     b.ok(&["s3", "cp", &f, "s3://court-b/b.txt"])?;
     let names = |aws: &Aws| -> Result<Vec<String>> {
         Ok(aws.json(&["s3api", "list-buckets"])?["Buckets"]
@@ -1008,7 +1016,7 @@ fn tenants_and_keys_are_isolated_and_signatures_checked() -> Result<()> {
             })
             .unwrap_or_default())
     };
-    assert_eq!(names(&b)?, ["court-b"]);
+    assert_eq!(names(&b)?, ["court-b", "court-b-worm"]);
     assert_eq!(names(&admin)?, ["court-a"]);
 
     // A reader key reads but cannot write.
