@@ -1839,6 +1839,9 @@ async fn node_lifecycle<S: Store>(
     // than be overwritten.
     let decided = current_decisions(&gw).await?;
     let current = stored_lifecycle(&decided, node);
+    // The whole record, its time too: a drain undone and made again
+    // meanwhile changes which uploads may hold shards on the node.
+    let current_record = decided.iter().find(|(n, _)| *n == node).map(|(_, r)| *r);
     if current == Lifecycle::Removed && state != Lifecycle::Removed {
         return Err(ApiError::Conflict(format!(
             "node {node} was removed; add it again as a new node"
@@ -1901,7 +1904,8 @@ async fn node_lifecycle<S: Store>(
             // Read in the transaction: two drains of two nodes at once
             // conflict, so they cannot both leave fewer than k+m active.
             let now = schema::lifecycles_tx(&tx).await?;
-            if stored_lifecycle(&now, node) != current {
+            let record = now.iter().find(|(n, _)| *n == node).map(|(_, r)| r);
+            if record != current_record.as_ref() {
                 return Ok(Some(format!(
                     "node {node}'s lifecycle changed meanwhile (to {}); look again",
                     stored_lifecycle(&now, node).as_str()
