@@ -20,7 +20,8 @@
 //! write, so both backends report the same sizes. Every transaction times
 //! out after [`TRANSACTION_TIMEOUT_MS`] (`transaction_timed_out`, 1031,
 //! becomes [`KvError::Storage`]), so an unreachable cluster is an error,
-//! not a wait without end.
+//! not a wait without end; the check of a commit whose outcome is unknown
+//! has [`RESOLVE_TIMEOUT_MS`], after which it answers the unknown outcome.
 //!
 //! A commit whose outcome FoundationDB cannot tell (`commit_unknown_result`,
 //! 1021, and the other "maybe committed" errors) is resolved here, never
@@ -74,6 +75,8 @@ const SWEEP_EVERY: i64 = 60_000_000;
 static LAST_SWEEP: AtomicI64 = AtomicI64::new(0);
 /// Most checks of one marker before the outcome is given up as unknown.
 const RESOLVE_ATTEMPTS: u32 = 20;
+/// Longest the checks of one marker take, all attempts together.
+const RESOLVE_TIMEOUT_MS: i32 = 60_000;
 
 type Network = Result<Mutex<Option<NetworkAutoStop>>, FdbError>;
 
@@ -394,11 +397,20 @@ async fn resolve(db: &Database, marker: &[u8], unknown: FdbError) -> Result<(), 
         "commit outcome unknown; checking its marker"
     );
     let mut tx = db.create_trx()?;
+    // Longer than a transaction's own limit (a cluster recovering takes
+    // its time), and not reset by the retries below; spent, the outcome
+    // stays unknown, which is said as such, never as a passing error.
+    tx.set_option(foundationdb::options::TransactionOption::Timeout(
+        RESOLVE_TIMEOUT_MS,
+    ))?;
     for _ in 0..RESOLVE_ATTEMPTS {
         let found = match tx.get(marker, false).await {
             Ok(found) => found,
             Err(e) => {
-                tx = tx.on_error(e).await?;
+                tx = match tx.on_error(e).await {
+                    Ok(tx) => tx,
+                    Err(_) => return Err(KvError::Fdb(unknown)),
+                };
                 continue;
             }
         };
@@ -417,7 +429,12 @@ async fn resolve(db: &Database, marker: &[u8], unknown: FdbError) -> Result<(), 
                     Ok(_) => return Err(KvError::Conflict),
                     // Conflicted (the commit landed meanwhile) or unknown
                     // itself: read again.
-                    Err(e) => tx = e.on_error().await?,
+                    Err(e) => {
+                        tx = match e.on_error().await {
+                            Ok(tx) => tx,
+                            Err(_) => return Err(KvError::Fdb(unknown)),
+                        }
+                    }
                 }
             }
         }
