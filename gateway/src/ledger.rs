@@ -2168,6 +2168,24 @@ pub async fn resign_newest_checkpoint<S: indexer::KvStore>(
     Ok(Some(size))
 }
 
+impl Ledger {
+    /// How many of the witnesses configured now vouch for `note` (0 for a
+    /// note this log's key does not verify, one signed before a rotation):
+    /// what decides which witnessed checkpoint a receipt takes, and which
+    /// one is kept aside for earlier leaves.
+    pub fn witness_weight(&self, note: &str) -> usize {
+        if pl::verify_checkpoint(note, &self.verifier_key).is_err() {
+            return 0;
+        }
+        let keys: Vec<String> = self
+            .witnesses
+            .iter()
+            .map(|w| w.key.trim().to_owned())
+            .collect();
+        protocol::witness::cosigned_by(note, &keys).len()
+    }
+}
+
 /// The receipt of leaf `index` against the newest checkpoint; `None` while no
 /// checkpoint covers it.
 pub async fn leaf_receipt<S: Store>(
@@ -2196,9 +2214,9 @@ pub async fn leaf_receipt<S: Store>(
         .filter(|w| w.size > index)
         .filter_map(|w| {
             let cp = pl::verify_checkpoint(&w.note, &ledger.verifier_key).ok()?;
-            Some((w.signatures(), w.note, cp))
+            Some((ledger.witness_weight(&w.note), w.note, cp))
         })
-        .max_by_key(|(signatures, _, cp)| (*signatures, cp.size))
+        .max_by_key(|(weight, _, cp)| (*weight, cp.size))
         .map(|(_, note, cp)| (note, cp));
     let chosen = match chosen {
         Some(c) => Some(c),
@@ -2840,9 +2858,13 @@ async fn witness_once<S: Store>(
                 return Err("its cosignature does not verify with its configured key".into());
             }
             let size = cp.size;
+            let ledger = gw.ledger.as_ref().ok_or("no ledger is configured")?;
             indexer::run(&gw.store, |tx| {
                 let (note, text) = (note.as_str(), text.as_str());
-                async move { lx::add_cosignature_tx(&tx, size, note, text).await }
+                async move {
+                    lx::add_cosignature_tx(&tx, size, note, text, |n| ledger.witness_weight(n))
+                        .await
+                }
             })
             .await
             .map_err(|e| e.to_string())?;

@@ -927,31 +927,22 @@ pub struct WitnessedRecord {
     pub note: String,
 }
 
-impl WitnessedRecord {
-    /// How many signature lines its note carries (the log's own and one
-    /// per witness that cosigned it).
-    pub fn signatures(&self) -> usize {
-        self.note
-            .lines()
-            .filter(|l| l.starts_with("\u{2014} "))
-            .count()
-    }
-}
-
 /// Merges a witness's cosignature lines for the checkpoint `note` of `size`:
 /// appended when that size is the one stored, replacing it when newer,
 /// ignored when older.
 ///
 /// The record a newer size replaces is kept aside (`witnessed-kept`) when
-/// it has at least as many cosignatures as the one kept before: the first
-/// witness to cosign a newer checkpoint must not take from every earlier
-/// leaf the receipt its full quorum had signed, nor for as long as another
-/// witness stays down.
+/// it weighs at least as much as the one kept before (`weight`: how many
+/// of the witnesses configured now vouch for a note, nothing for one the
+/// log's key no longer verifies): the first witness to cosign a newer
+/// checkpoint must not take from every earlier leaf the receipt its full
+/// quorum had signed, nor for as long as another witness stays down.
 pub async fn add_cosignature_tx<T: Transaction>(
     tx: &T,
     size: u64,
     note: &str,
     lines: &str,
+    weight: impl Fn(&str) -> usize,
 ) -> Result<(), SchemaError> {
     let key = ledger_key("witnessed");
     let current = witnessed_tx(tx).await?;
@@ -960,7 +951,7 @@ pub async fn add_cosignature_tx<T: Transaction>(
         Some(c) if c.size > size => return Ok(()),
         Some(c) => {
             let kept = kept_witnessed_tx(tx).await?;
-            if kept.is_none_or(|k| c.signatures() >= k.signatures()) {
+            if kept.is_none_or(|k| weight(&c.note) >= weight(&k.note)) {
                 tx.set(
                     &ledger_key("witnessed-kept"),
                     &encode_versioned(RECORD_V1, &c),

@@ -687,10 +687,10 @@ async fn a_resigned_checkpoint_drops_what_was_gathered_over_the_old_note() {
     run(&store, |tx| async move {
         lx::put_checkpoint_tx(&tx, 5, b"old note 5").await?;
         lx::put_timestamp_tx(&tx, 5, "old note 5", b"token over the old note").await?;
-        lx::add_cosignature_tx(&tx, 5, "old note 5", "").await?;
+        lx::add_cosignature_tx(&tx, 5, "old note 5", "", |_| 0).await?;
         lx::put_checkpoint_tx(&tx, 7, b"old note 7").await?;
         lx::put_timestamp_tx(&tx, 7, "old note 7", b"token 7").await?;
-        lx::add_cosignature_tx(&tx, 7, "old note 7", "").await?;
+        lx::add_cosignature_tx(&tx, 7, "old note 7", "", |_| 0).await?;
         Ok::<_, indexer::schema::SchemaError>(())
     })
     .await
@@ -731,6 +731,11 @@ async fn a_resigned_checkpoint_drops_what_was_gathered_over_the_old_note() {
 async fn the_best_cosigned_earlier_checkpoint_is_kept() {
     let (_dir, store) = store();
     let note = |size: u64| format!("log\n{size}\nroot\n\n\u{2014} log sig{size}\n");
+    // As the gateway weighs a note: the witnesses configured now that
+    // cosigned it (here, by their lines; "gone" is no longer configured).
+    fn weight(note: &str) -> usize {
+        note.lines().filter(|l| l.starts_with("\u{2014} w")).count()
+    }
     let line = |w: &str, size: u64| format!("\u{2014} {w} c{size}\n");
     let cosign = |size: u64, w: &'static str| {
         let (note, line) = (note(size), line(w, size));
@@ -738,7 +743,7 @@ async fn the_best_cosigned_earlier_checkpoint_is_kept() {
         async move {
             run(store, |tx| {
                 let (note, line) = (note.clone(), line.clone());
-                async move { lx::add_cosignature_tx(&tx, size, &note, &line).await }
+                async move { lx::add_cosignature_tx(&tx, size, &note, &line, weight).await }
             })
             .await
             .unwrap()
@@ -749,10 +754,10 @@ async fn the_best_cosigned_earlier_checkpoint_is_kept() {
             Ok::<_, indexer::schema::SchemaError>((
                 lx::witnessed_tx(&tx)
                     .await?
-                    .map(|w| (w.size, w.signatures())),
+                    .map(|w| (w.size, weight(&w.note))),
                 lx::kept_witnessed_tx(&tx)
                     .await?
-                    .map(|w| (w.size, w.signatures())),
+                    .map(|w| (w.size, weight(&w.note))),
             ))
         })
         .await
@@ -760,20 +765,29 @@ async fn the_best_cosigned_earlier_checkpoint_is_kept() {
     };
     cosign(5, "w1").await;
     cosign(5, "w2").await;
-    assert_eq!(records().await, (Some((5, 3)), None));
+    assert_eq!(records().await, (Some((5, 2)), None));
     // Size 7 cosigned by w1 alone (w2 is down): 5's full set is kept.
     cosign(7, "w1").await;
-    assert_eq!(records().await, (Some((7, 2)), Some((5, 3))));
+    assert_eq!(records().await, (Some((7, 1)), Some((5, 2))));
     // And stays kept past 7's lesser set.
     cosign(9, "w1").await;
-    assert_eq!(records().await, (Some((9, 2)), Some((5, 3))));
+    assert_eq!(records().await, (Some((9, 1)), Some((5, 2))));
     // An older size's late cosignature changes nothing.
     cosign(7, "w2").await;
-    assert_eq!(records().await, (Some((9, 2)), Some((5, 3))));
+    assert_eq!(records().await, (Some((9, 1)), Some((5, 2))));
     // w2 back: 9 as well cosigned as 5, so 9 is kept when 11 comes.
     cosign(9, "w2").await;
     cosign(11, "w1").await;
-    assert_eq!(records().await, (Some((11, 2)), Some((9, 3))));
+    assert_eq!(records().await, (Some((11, 1)), Some((9, 2))));
+    // A record with lines of a witness no longer configured weighs only
+    // what the configured ones vouch for: it does not displace 9.
+    cosign(13, "gone").await;
+    cosign(13, "w1").await;
+    cosign(15, "w1").await;
+    assert_eq!(records().await, (Some((15, 1)), Some((9, 2))));
+    cosign(15, "w2").await;
+    cosign(17, "w1").await;
+    assert_eq!(records().await, (Some((17, 1)), Some((15, 2))));
 }
 
 /// The node registry shares the ledger's groups' tag (`N`, a 4-byte id
