@@ -371,8 +371,14 @@ impl Ledger {
         // witness alone would pass for two.
         let mut keys = std::collections::HashMap::new();
         for w in &config.witnesses {
+            // One that does not parse would fail every round and still
+            // count toward the majority the clock needs.
             let Some(pk) = protocol::witness::public_key(&w.key) else {
-                continue; // refused with its own reason where it is parsed
+                return Err(LedgerError::Tree(format!(
+                    "witnesses: {:?} (for {}) is not a witness verifier key (name+id+base64)",
+                    w.key.trim(),
+                    w.url
+                )));
             };
             if let Some(first) = keys.insert(pk, w.key.trim()) {
                 return Err(LedgerError::Tree(format!(
@@ -3312,6 +3318,12 @@ mod tests {
             .unwrap()
         };
         assert!(Ledger::open(&config(&[&witness, &other]), "gw").is_ok());
+        let unreadable = Ledger::open(&config(&[&witness, "witness.example+0badc0de+AAAA"]), "gw");
+        assert!(
+            matches!(&unreadable, Err(LedgerError::Tree(m)) if m.contains("not a witness verifier key")),
+            "{:?}",
+            unreadable.err()
+        );
         for keys in [[&*witness, &other, &witness], [&*witness, &other, &renamed]] {
             let twice = Ledger::open(&config(&keys), "gw");
             assert!(
