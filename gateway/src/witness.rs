@@ -28,6 +28,8 @@ pub const WITNESS_KEY_FILE: &str = "witness.key";
 /// Its public verifier key, for logs and verifiers to configure.
 pub const WITNESS_PUB_FILE: &str = "witness.pub";
 const STATE_FILE: &str = "witness-state.json";
+/// Held for the witness process's life.
+const LOCK_FILE: &str = "witness.lock";
 /// How far behind its newest cosignature's time the clock may be before a
 /// witness stops cosigning (see `add_checkpoint`).
 const MAX_CLOCK_BEHIND_SECS: u64 = 5;
@@ -46,6 +48,17 @@ pub enum WitnessStartError {
     LogKey(String),
     #[error("witness state {path} is unreadable: {reason}")]
     State { path: PathBuf, reason: String },
+    #[error(
+        "{0} is in use by another witness process: two would each cosign from their own \
+         view, and one could cosign a fork of what the other cosigned"
+    )]
+    InUse(PathBuf),
+    #[error(
+        "{0} is missing, though this witness's key exists: a witness that forgot what it \
+         cosigned would cosign any tree next, a fork included. Restore the file from a \
+         backup, or start with --reset-state if this witness never cosigned anything"
+    )]
+    StateMissing(PathBuf),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> WitnessStartError + '_ {
@@ -80,21 +93,53 @@ struct Witness {
     logs: BTreeMap<String, String>,
     dir: PathBuf,
     views: Mutex<Views>,
+    /// Locked: no other witness process on `dir` while this one serves.
+    _lock: std::fs::File,
 }
 
 /// Opens (creating on first start) a witness in `dir` named `name`, trusting
 /// the logs with these verifier keys. Returns the router and its public key.
+///
+/// One process at a time holds `dir` (a lock file, held while the router
+/// lives). A key without its state file is refused unless `reset_state`
+/// says this witness never cosigned anything.
 pub fn open(
     dir: &Path,
     name: &str,
     log_keys: &[String],
+    reset_state: bool,
 ) -> Result<(Router, String), WitnessStartError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let lock_path = dir.join(LOCK_FILE);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io(&lock_path))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Err(WitnessStartError::InUse(dir.into())),
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(&lock_path)(e)),
+    }
     let key_path = dir.join(WITNESS_KEY_FILE);
+    let state_path = dir.join(STATE_FILE);
     let signer_key = match std::fs::read_to_string(&key_path) {
-        Ok(k) => k.trim().to_owned(),
+        Ok(k) => {
+            if !reset_state && !state_path.exists() {
+                return Err(WitnessStartError::StateMissing(state_path));
+            }
+            k.trim().to_owned()
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let (s, _) = pw::witness_keys(name, &rand::random());
+            // The state first (an empty one unless one was put there): a
+            // key is never without one.
+            if !state_path.exists() {
+                let empty = serde_json::to_vec(&Views::default()).unwrap_or_default();
+                storage_node::store::write_durably(dir, STATE_FILE, &[&empty])
+                    .map_err(io(&state_path))?;
+            }
             storage_node::store::write_private(&key_path, s.as_bytes()).map_err(io(&key_path))?;
             s
         }
@@ -130,7 +175,6 @@ pub fn open(
         signed_note::StandardVerifier::new(k).map_err(|_| WitnessStartError::LogKey(k.clone()))?;
         logs.insert(origin, k.clone());
     }
-    let state_path = dir.join(STATE_FILE);
     let views = match std::fs::read(&state_path) {
         Ok(b) => serde_json::from_slice(&b).map_err(|e| WitnessStartError::State {
             path: state_path.clone(),
@@ -144,6 +188,7 @@ pub fn open(
         logs,
         dir: dir.to_path_buf(),
         views: Mutex::new(views),
+        _lock: lock,
     });
     let router = Router::new()
         .route("/add-checkpoint", post(add_checkpoint))
@@ -317,7 +362,7 @@ mod tests {
     fn the_public_key_file_follows_the_signing_key() {
         let dir = tempfile::tempdir().expect("temp dir");
         let pub_path = dir.path().join(WITNESS_PUB_FILE);
-        let (_, first) = open(dir.path(), "witness.example/a", &[]).expect("first start");
+        let (_, first) = open(dir.path(), "witness.example/a", &[], false).expect("first start");
         assert_eq!(
             std::fs::read_to_string(&pub_path).expect("written").trim(),
             first
@@ -328,7 +373,7 @@ mod tests {
                 None => std::fs::remove_file(&pub_path).expect("removed"),
                 Some(text) => std::fs::write(&pub_path, text).expect("written"),
             }
-            let (_, again) = open(dir.path(), "witness.example/a", &[])
+            let (_, again) = open(dir.path(), "witness.example/a", &[], false)
                 .unwrap_or_else(|e| panic!("start with {left:?}: {e}"));
             assert_eq!(again, first, "with {left:?}");
             assert_eq!(
@@ -339,5 +384,26 @@ mod tests {
                 "with {left:?}"
             );
         }
+    }
+
+    /// One witness process to a directory, and none that forgot what it
+    /// cosigned: a second start beside a running one is refused, and so is
+    /// a key whose state file is gone, unless told it never cosigned.
+    #[test]
+    fn a_witness_starts_alone_and_never_without_its_state() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let running = open(dir.path(), "witness.example/a", &[], false).expect("first start");
+        assert!(matches!(
+            open(dir.path(), "witness.example/a", &[], false),
+            Err(WitnessStartError::InUse(_))
+        ));
+        drop(running);
+        std::fs::remove_file(dir.path().join(STATE_FILE)).expect("state removed");
+        assert!(matches!(
+            open(dir.path(), "witness.example/a", &[], false),
+            Err(WitnessStartError::StateMissing(_))
+        ));
+        let _afresh =
+            open(dir.path(), "witness.example/a", &[], true).expect("told to start afresh");
     }
 }

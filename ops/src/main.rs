@@ -331,6 +331,11 @@ enum Command {
         /// A log's verifier key, or a file holding it (`DATA_DIR/ledger.vkey`); repeat per log.
         #[arg(long = "log-key", required = true)]
         log_keys: Vec<String>,
+        /// Start with no memory of what was cosigned, when the key exists
+        /// but its state file does not: only for a witness that never
+        /// cosigned anything (otherwise it could cosign a fork).
+        #[arg(long)]
+        reset_state: bool,
     },
     /// Measure raw kernels and end-to-end throughput on a fresh local cluster.
     Bench(bench::BenchArgs),
@@ -982,13 +987,14 @@ async fn run(cli: Cli) -> Result<()> {
             listen,
             name,
             log_keys,
+            reset_state,
         } => {
             init_tracing("info");
             let keys = log_keys
                 .iter()
                 .map(|k| verify::key_arg(k))
                 .collect::<Result<Vec<_>>>()?;
-            let (router, vkey) = gateway::witness::open(&data_dir, &name, &keys)?;
+            let (router, vkey) = gateway::witness::open(&data_dir, &name, &keys, reset_state)?;
             let (addr, server) = gateway::witness::serve(listen, router).await?;
             println!("witness listening on http://{addr}");
             println!("witness key: {vkey}");
