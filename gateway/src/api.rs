@@ -1060,7 +1060,7 @@ fn meta_header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiErr
 /// shows `invoice\u{202E}gpj.exe` as `invoiceexe.jpg`), line and paragraph
 /// separators, and zero-width spaces. The joiners and direction marks that
 /// Persian and Indic names need stay allowed.
-fn is_deceptive(c: char) -> bool {
+pub fn is_deceptive(c: char) -> bool {
     matches!(
         c,
         '\u{202A}'..='\u{202E}'
@@ -2601,6 +2601,25 @@ async fn notarize<S: Store>(
             m.parse::<Sha256Hash>()
                 .map_err(|_| bad("metadata_sha256"))?;
         }
+        // The same rules as a filing's headers: these go into the signed
+        // statement, which a court reads (and `custodia verify` prints).
+        let text = |field: &str, value: &Option<String>| -> Result<(), ApiError> {
+            match value {
+                Some(v) if v.len() > MAX_META_LEN => Err(ApiError::BadRequest(format!(
+                    "items[{i}].{field} is longer than {MAX_META_LEN} bytes"
+                ))),
+                Some(v) if v.chars().any(|c| c.is_control() || is_deceptive(c)) => Err(
+                    ApiError::BadRequest(format!("items[{i}].{field} holds control characters")),
+                ),
+                _ => Ok(()),
+            }
+        };
+        text("case", &item.case)?;
+        let p = &item.provenance;
+        text("provenance.source_device", &p.source_device)?;
+        text("provenance.capture_time", &p.capture_time)?;
+        text("provenance.capture_method", &p.capture_method)?;
+        text("provenance.prior_custody", &p.prior_custody)?;
         let id = EvidenceId::new(now, rand::random());
         let mut s = Statement::new(
             Kind::Notarized,

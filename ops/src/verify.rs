@@ -265,8 +265,8 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
         );
         println!(
             "statement: tenant {}, case {}, {} bytes, BLAKE3 {}, SHA-256 {}",
-            s.tenant,
-            s.case.as_deref().unwrap_or("-"),
+            shown(&s.tenant),
+            s.case.as_deref().map_or("-".into(), shown),
             s.size,
             s.blake3,
             s.sha256.as_deref().unwrap_or("-")
@@ -337,6 +337,19 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
         }
     );
     Ok(valid)
+}
+
+/// Text from a receipt as it may be shown on a terminal: control
+/// characters (escape sequences) and those that reorder or hide the text
+/// around them written as `\u{..}`, so a statement cannot pass off one case
+/// name as another to whoever reads the verdict.
+fn shown(text: &str) -> String {
+    text.chars()
+        .map(|c| match c.is_control() || gateway::api::is_deceptive(c) {
+            true => format!("\\u{{{:x}}}", c as u32),
+            false => c.to_string(),
+        })
+        .collect()
 }
 
 /// A checkpoint from a file holding either a note or a receipt.
@@ -445,6 +458,15 @@ fn rfc3339(t: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn receipt_text_is_shown_without_escapes_or_reordering() {
+        assert_eq!(super::shown("Case 7"), "Case 7");
+        assert_eq!(
+            super::shown("a\u{1b}[2Jb\u{202E}c"),
+            "a\\u{1b}[2Jb\\u{202e}c"
+        );
+    }
+
     #[test]
     fn rfc3339_dates() {
         assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");

@@ -797,6 +797,11 @@ fn hash_only_notarization_returns_one_receipt_per_item() -> Result<()> {
         serde_json::json!({ "items": [] }),
         serde_json::json!({ "items": [{ "blake3": "xyz", "size": 1 }] }),
         serde_json::json!({ "items": [{ "blake3": custodia_tests::blake3_hex(b"a"), "size": 1, "bogus": 1 }] }),
+        // Text that would reach a court's terminal as an escape sequence,
+        // or show one case name as another, as for a filing's headers.
+        serde_json::json!({ "items": [{ "blake3": custodia_tests::blake3_hex(b"a"), "size": 1, "case": "\u{1b}]0;x\u{7}" }] }),
+        serde_json::json!({ "items": [{ "blake3": custodia_tests::blake3_hex(b"a"), "size": 1, "provenance": { "source_device": "cam\u{202E}1" } }] }),
+        serde_json::json!({ "items": [{ "blake3": custodia_tests::blake3_hex(b"a"), "size": 1, "case": "x".repeat(1025) }] }),
     ] {
         let (status, body) = post_json(&c, &clerk, "/v1/notarize", &bad)?;
         assert_eq!(status, 400, "{bad}: {body}");
