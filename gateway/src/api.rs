@@ -2114,8 +2114,8 @@ async fn create_token<S: Store>(
 fn grantable_role(role: &str) -> Result<Role, ApiError> {
     match Role::parse(role) {
         Some(Role::Expunger) => Err(ApiError::Forbidden(
-            "expunger credentials are issued only on the index host with \
-             `custodia key create --role expunger` (gateway stopped)",
+            "grant the expunger role: expunger credentials are issued only on the index host \
+             with `custodia key create --role expunger` (gateway stopped)",
         )),
         Some(role) => Ok(role),
         None => Err(ApiError::BadRequest(format!(

@@ -2655,9 +2655,9 @@ pub async fn consistency_proof<S: Store>(
 
 async fn checked_size<S: Store>(gw: &Gateway<S>, size: u64) -> Result<u64, ApiError> {
     let ledger = gw.ledger.as_ref().ok_or(ApiError::NotFound)?;
-    let (_, cp) = newest_checkpoint(gw, ledger)
-        .await?
-        .ok_or(ApiError::NotFound)?;
+    let (_, cp) = newest_checkpoint(gw, ledger).await?.ok_or_else(|| {
+        ApiError::BadRequest("no checkpoint is signed yet: there is nothing to prove".into())
+    })?;
     if size > cp.size {
         return Err(ApiError::BadRequest(format!(
             "size {size} is beyond the newest checkpoint ({})",

@@ -183,7 +183,15 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
     match (&tsa_pem, &receipt.timestamp) {
         _ if logged.is_err() => {}
         (Some(pem), Some(_)) => match receipt.check_timestamp(pem) {
-            Ok(t) => stamped = json!({ "gen_time_unix": t, "verified": true }),
+            Ok(t) => {
+                stamped = json!({
+                    "gen_time_unix": t,
+                    "verified": true,
+                    // Custodia's own development TSA signs with the log
+                    // operator's clock: nothing independent.
+                    "development_tsa": protocol::tsa::is_development_cert(pem),
+                })
+            }
             Err(e) => {
                 time_stamp_problem = true;
                 problems.push(format!("time-stamp: {e}"));
@@ -293,6 +301,11 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
         );
     }
     match stamped.get("gen_time_unix").and_then(Value::as_u64) {
+        Some(t) if stamped["development_tsa"] == true => println!(
+            "time-stamped: {} by Custodia's development TSA, which signs with the log operator's \
+             own clock: the token verifies, but proves no time independently of the operator",
+            rfc3339(t)
+        ),
         Some(t) => println!(
             "time-stamped: the checkpoint existed by {} (RFC 3161 token, verified against the given TSA certificate)",
             rfc3339(t)

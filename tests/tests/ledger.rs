@@ -2319,6 +2319,18 @@ fn no_checkpoint_is_signed_while_its_tiles_cannot_be_stored() -> Result<()> {
         0,
         "no checkpoint signed: {status}"
     );
+    // And an auditor asking for a proof is told so, not "no such evidence".
+    let proof = c.get_with("", "/v1/ledger/inclusion?index=0&size=1", &[])?;
+    assert!(
+        proof.status == 400
+            && proof.json()["message"].as_str().is_some_and(|m| {
+                m.contains("no checkpoint is signed yet")
+                    || m.contains("beyond the newest checkpoint (0)")
+            }),
+        "{}: {}",
+        proof.status,
+        String::from_utf8_lossy(&proof.body)
+    );
     // Tiles stored again (the local directory): the receipt comes.
     c.kill_gateway();
     let mut cluster: toml::Value = toml::from_str(&std::fs::read_to_string(&file)?)?;
