@@ -279,6 +279,10 @@ pub struct ShardStore {
     reserve: u64,
     /// Free bytes claimed by puts in flight (see [`ShardStore::claim_space`]).
     claimed: AtomicU64,
+    /// When a write was last refused as full while the file system showed
+    /// room (a user or group quota, which `statvfs` does not see), as an
+    /// `Instant` since `opened`: see [`ShardStore::quota_full`].
+    quota_full_at: Mutex<Option<std::time::Instant>>,
     /// Buffers shard files are read into: a fresh one per read cost a zeroing
     /// and a page fault per page (see [`crate::buffers`]); a buffer sent to a
     /// reader ([`get_shared`](Self::get_shared)) comes back once sent.
@@ -296,6 +300,10 @@ pub struct ShardStore {
     /// the next start renew it, so nothing moves them meanwhile.
     identity_owed: bool,
 }
+
+/// How long a node refused a write by a quota says it is full (see
+/// [`ShardStore::quota_full`]) before it tries a write again.
+const QUOTA_FULL_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Free space a put in flight holds; released when dropped.
 struct SpaceClaim<'a> {
@@ -414,6 +422,7 @@ impl ShardStore {
             direct: std::sync::atomic::AtomicBool::new(config.direct_io),
             reserve: config.reserve_bytes,
             claimed: AtomicU64::new(0),
+            quota_full_at: Mutex::new(None),
             read_buffers: Arc::new(BufferPool::new(READ_BUFFER_IDLE_BYTES)),
             fanouts_durable: std::array::from_fn(|_| AtomicBool::new(false)),
             listed_corrupt: AtomicU64::new(0),
@@ -489,10 +498,49 @@ impl ShardStore {
         if !header.matches(body) {
             return Err(StoreError::HashMismatch);
         }
+        if self.quota_full() {
+            return Err(StoreError::DiskFull);
+        }
         // Checked before anything is written, so a full node refuses cleanly
         // and keeps its reserve for what frees space.
         // The body plus a block for its header and the file system's own.
         let _claim = self.claim_space(body.len() as u64 + 4096)?;
+        let put = self.write_shard(header, body);
+        match &put {
+            Ok(()) => *self.lock_quota() = None,
+            // Refused as full although the file system showed room: a
+            // quota. Said full from now (free 0) until a delete, a write
+            // that lands, or a while.
+            Err(StoreError::DiskFull) => *self.lock_quota() = Some(std::time::Instant::now()),
+            Err(_) => {}
+        }
+        put
+    }
+
+    /// Whether a quota refused a write lately: the node then reports no
+    /// free space, so the gateway counts it full instead of seeing room at
+    /// each probe and failing the next put (a node flapping between full
+    /// and not). Forgotten after [`QUOTA_FULL_FOR`], at a delete, or once a
+    /// write lands.
+    fn quota_full(&self) -> bool {
+        let mut at = self.lock_quota();
+        match *at {
+            Some(t) if t.elapsed() < QUOTA_FULL_FOR => true,
+            Some(_) => {
+                *at = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn lock_quota(&self) -> std::sync::MutexGuard<'_, Option<std::time::Instant>> {
+        self.quota_full_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// [`put`](Self::put)'s writes, once the body is checked and its
+    /// space claimed.
+    fn write_shard(&self, header: &ShardHeader, body: &[u8]) -> Result<(), StoreError> {
         let key = header.key;
         let dir = self.shard_dir(&key);
         let name = shard_file_name(&key);
@@ -695,6 +743,8 @@ impl ShardStore {
 
     /// Deletes the shard `key`; says whether it existed. Durable on return.
     pub fn delete(&self, key: &ShardKey) -> Result<bool, StoreError> {
+        // Room may have come back under a quota too.
+        *self.lock_quota() = None;
         let dir = self.shard_dir(key);
         let path = dir.join(shard_file_name(key));
         let _guard = self.lock_key(key);
@@ -1006,7 +1056,10 @@ impl ShardStore {
         Ok(StoreInfo {
             disk_uuid: self.disk_uuid,
             capacity_bytes: vfs.f_blocks.saturating_mul(vfs.f_frsize),
-            free_bytes: vfs.f_bavail.saturating_mul(vfs.f_frsize),
+            free_bytes: match self.quota_full() {
+                true => 0,
+                false => vfs.f_bavail.saturating_mul(vfs.f_frsize),
+            },
             used_bytes: usage.bytes + small.live_bytes,
             shards: usage.shards + small.shards,
             segment_bytes: small.file_bytes,
@@ -1884,6 +1937,32 @@ mod tests {
 
     fn body(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 13 % 251) as u8).collect()
+    }
+
+    /// A write a quota refused (room showing, as `statvfs` does not see
+    /// quotas) leaves the node saying it is full, refusing puts without
+    /// trying them, until a delete frees room (or a while passes): not
+    /// showing room at each probe and failing the next put.
+    #[test]
+    fn a_quota_refusal_is_reported_as_full_until_room_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ShardStore::open(dir.path()).unwrap();
+        let b = body(3000);
+        store.put(&header(key(1), &b), &b).unwrap();
+        assert!(store.info().unwrap().free_bytes > 0);
+        // As `put` records a write refused as full past its space check.
+        *store.lock_quota() = Some(std::time::Instant::now());
+        assert_eq!(store.info().unwrap().free_bytes, 0);
+        assert!(matches!(
+            store.put(&header(key(2), &b), &b),
+            Err(StoreError::DiskFull)
+        ));
+        assert!(store.delete(&key(1)).unwrap());
+        assert!(store.info().unwrap().free_bytes > 0);
+        store.put(&header(key(2), &b), &b).unwrap();
+        // And it is forgotten after a while, to try a write again.
+        *store.lock_quota() = Some(std::time::Instant::now() - QUOTA_FULL_FOR);
+        assert!(store.info().unwrap().free_bytes > 0);
     }
 
     /// A store that keeps every shard in its own file.
