@@ -687,6 +687,14 @@ fn every_read_is_a_custody_event_on_the_ledger_before_its_bytes() -> Result<()> 
     );
     let a = c.get_with(&c.token, &format!("/v1/evidence/{id}/custody?limit=0"), &[])?;
     assert_eq!(a.status, 400);
+    // A page larger than 1000 is cut to it (each event carries a receipt).
+    let a = c.get_with(
+        &c.token,
+        &format!("/v1/evidence/{id}/custody?limit=100000"),
+        &[],
+    )?;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.json()["events"].as_array().map(Vec::len), Some(3));
     // The receipt is still the filing's, whatever reads came after.
     let r: Receipt = serde_json::from_slice(
         &c.get_with(&c.token, &format!("/v1/evidence/{id}/receipt"), &[])?
