@@ -2572,15 +2572,17 @@ struct NotarizeItem {
 /// keeps. One transaction queues them all; they share a checkpoint.
 async fn notarize<S: Store>(
     State(gw): State<Arc<Gateway<S>>>,
-    headers: HeaderMap,
-    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    let body = body?;
-    let who = authenticate(&gw, &headers).await?;
+    // Who asks before the body is read: up to 4 MiB of it would otherwise
+    // be held for anyone, credentials or not.
+    let who = authenticate(&gw, request.headers()).await?;
     require(&who, Role::Clerk, "notarize")?;
     if gw.ledger.is_none() {
         return Err(no_ledger());
     }
+    let body =
+        <axum::body::Bytes as axum::extract::FromRequest<()>>::from_request(request, &()).await?;
     let req: NotarizeRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("notarize body: {e}")))?;
     if req.items.is_empty() || req.items.len() > MAX_NOTARIZE_ITEMS {

@@ -823,6 +823,20 @@ fn hash_only_notarization_returns_one_receipt_per_item() -> Result<()> {
         &serde_json::json!({ "items": items }),
     )?;
     assert_eq!(status, 403, "readers may not notarize");
+    // No credentials: refused before the body is read (a 4 MiB body each
+    // would otherwise be held for anyone who asks), so the answer comes
+    // though the body never does.
+    let addr = c.api.trim_start_matches("http://").to_owned();
+    let mut stream = std::net::TcpStream::connect(&addr)?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    std::io::Write::write_all(
+        &mut stream,
+        b"POST /v1/notarize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 4000000\r\n\r\n",
+    )?;
+    let mut answer = [0u8; 12];
+    std::io::Read::read_exact(&mut stream, &mut answer)
+        .context("no answer without the body: it waited for the body first")?;
+    assert_eq!(&answer, b"HTTP/1.1 401");
     Ok(())
 }
 
