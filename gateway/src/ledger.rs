@@ -380,13 +380,27 @@ impl Ledger {
                     w.url
                 )));
             };
-            if let Some(first) = keys.insert(pk, w.key.trim()) {
+            if let Some(first) = keys.get(&pk) {
                 return Err(LedgerError::Tree(format!(
                     "witnesses: {} and {} hold the same public key; each witness counts once",
                     first,
                     w.key.trim()
                 )));
             }
+            // Signature lines are told apart by name and a 4-byte key ID,
+            // which a key can be ground to match: a witness named as the
+            // log could have its line take the place of the log's own
+            // signature in a stored note, and every receipt would lose its
+            // cosignatures. (Witnesses sharing a name, two courts keeping
+            // the default, can at worst displace each other's line.)
+            let name = w.key.trim().split('+').next().unwrap_or_default();
+            if name == config.origin {
+                return Err(LedgerError::Tree(format!(
+                    "witnesses: {} is named as the log itself",
+                    w.key.trim()
+                )));
+            }
+            keys.insert(pk, w.key.trim());
         }
         let tsa = match &config.tsa {
             None => None,
@@ -3323,6 +3337,13 @@ mod tests {
             matches!(&unreadable, Err(LedgerError::Tree(m)) if m.contains("not a witness verifier key")),
             "{:?}",
             unreadable.err()
+        );
+        let (_, as_log) = protocol::witness::witness_keys("example.com/log", &[6u8; 32]);
+        let refused = Ledger::open(&config(&[&witness, &as_log]), "gw");
+        assert!(
+            matches!(&refused, Err(LedgerError::Tree(m)) if m.contains("named as the log itself")),
+            "{:?}",
+            refused.err()
         );
         for keys in [[&*witness, &other, &witness], [&*witness, &other, &renamed]] {
             let twice = Ledger::open(&config(&keys), "gw");
