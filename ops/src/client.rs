@@ -229,6 +229,11 @@ pub fn put(
         .post(format!("{}/v1/evidence", api.trim_end_matches('/')))
         .header("authorization", format!("Bearer {token}"))
         .header("content-type", "application/octet-stream")
+        // The gateway answers a refusal (a revoked credential, a reader's,
+        // a bad header) before any byte is sent, rather than after reading
+        // at most 4 MiB of it and closing: without it the answer was lost
+        // to a broken pipe on a large file.
+        .header("expect", "100-continue")
         .header("x-custodia-blake3", blake3.to_hex())
         .header("x-custodia-sha256", sha256.to_hex());
     match path.file_name().map(|n| n.to_str()) {

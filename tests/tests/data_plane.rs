@@ -1706,6 +1706,17 @@ fn the_evidence_api_serves_https_only_when_asked() -> Result<()> {
         "{}",
         String::from_utf8_lossy(&put.stderr)
     );
+    // Refused before a byte is sent (the CLI waits for 100 Continue): the
+    // gateway's reason reaches the operator, not a broken pipe after the
+    // first few MiB of a large file.
+    let big = dir.path().join("big.bin");
+    std::fs::write(&big, vec![7u8; 48 << 20])?;
+    let refused = c.cli(&["put", big.to_str().unwrap_or_default(), "--case", "a\u{7}b"])?;
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("control characters"),
+        "{said}"
+    );
     let put: serde_json::Value = serde_json::from_slice(&put.stdout)?;
     assert_eq!(put["file_name"], "Beweis_Müller 100%.mp4", "{put}");
     assert_eq!(put["case"], "Fall Ä-17/Ωμέγα", "{put}");
