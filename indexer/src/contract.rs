@@ -544,6 +544,15 @@ pub async fn size_limits<S: KvStore>(store: &S, prefix: &[u8]) {
         .expect("a key and value at the limits commit");
     let err = at_limits.commit().await.expect_err("committed once");
     assert!(matches!(err, KvError::Finished), "got {err:?}");
+    // A key at the limit, which could be set, can be cleared.
+    let clear = store.begin().expect("begin");
+    let mut at_limit = space.key(b"cleared");
+    at_limit.resize(MAX_KEY_BYTES, b'x');
+    clear.clear(&at_limit);
+    clear
+        .commit()
+        .await
+        .expect("a key at the limit is cleared as it was set");
 
     // A write within the limits, then one over: neither lands, however
     // often commit is called.

@@ -487,7 +487,7 @@ impl TxInner {
     fn clear(&self, key: &[u8]) {
         let mut state = self.lock();
         // FoundationDB records a clear as one of [key, key + 0x00).
-        if !state.budget.charge(&[key.len(), key.len() + 1], 0) {
+        if !state.budget.charge_clear(key.len()) {
             return;
         }
         state.overlay.insert(key.to_vec(), Pending::Cleared);
@@ -496,7 +496,9 @@ impl TxInner {
 
     fn clear_range(&self, begin: &[u8], end: &[u8]) {
         let mut state = self.lock();
-        if !state.budget.charge(&[begin.len(), end.len()], 0) || begin >= end {
+        // An inverted range clears nothing and costs nothing, as on
+        // FoundationDB's backend.
+        if begin >= end || !state.budget.charge(&[begin.len(), end.len()], 0) {
             return;
         }
         let mut from_begin = state.overlay.split_off(begin);

@@ -261,7 +261,12 @@ impl Transaction for FdbTx {
 
     fn clear(&self, key: &[u8]) {
         // FoundationDB records a clear as one of [key, key + 0x00).
-        self.write(&[key.len(), key.len() + 1], 0, |tx| tx.clear(key));
+        if !lock(&self.inner.budget).charge_clear(key.len()) {
+            return;
+        }
+        if self.with_tx(|tx| tx.clear(key)).is_err() {
+            tracing::warn!("write to a committed FoundationDB transaction ignored");
+        }
     }
 
     fn clear_range(&self, begin: &[u8], end: &[u8]) {

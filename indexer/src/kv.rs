@@ -258,6 +258,23 @@ impl WriteBudget {
         self.add(keys_len + value + conflict)
     }
 
+    /// Accounts for a clear of one key: the range `[key, key + 0x00)` it
+    /// is on FoundationDB, counted as written and as a conflict range; the
+    /// key limit is the key's own length (a key at the limit that could be
+    /// set can be cleared).
+    pub(crate) fn charge_clear(&mut self, key: usize) -> bool {
+        self.writes += 1;
+        if self.error.is_some() {
+            return false;
+        }
+        if key > MAX_KEY_BYTES {
+            self.error = Some(KvError::KeyTooLarge(key));
+            return false;
+        }
+        let range = 2 * key + 1;
+        self.add(range + range)
+    }
+
     /// Accounts for a read's conflict range: one key (`end` None) or a
     /// range's two ends. A read is refused by FoundationDB only at commit,
     /// so it is here too.
