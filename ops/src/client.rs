@@ -104,6 +104,12 @@ pub fn agent() -> Result<ureq::Agent> {
         .tls_config(tls.build())
         .timeout_connect(Some(std::time::Duration::from_secs(15)))
         .timeout_recv_response(Some(std::time::Duration::from_secs(600)))
+        // `custodia put` sends `Expect: 100-continue` and must not send its
+        // body before the gateway says to: an answer given without it (a
+        // refusal, or an idempotent retry's "already filed") is given on
+        // the understanding that no byte of it was sent. ureq's default,
+        // one second, then sends the body regardless.
+        .timeout_await_100(Some(std::time::Duration::from_secs(600)))
         .build()
         .into())
 }
