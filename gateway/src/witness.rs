@@ -126,8 +126,16 @@ pub fn open(
     let state_path = dir.join(STATE_FILE);
     let signer_key = match std::fs::read_to_string(&key_path) {
         Ok(k) => {
-            if !reset_state && !state_path.exists() {
-                return Err(WitnessStartError::StateMissing(state_path));
+            if !state_path.exists() {
+                if !reset_state {
+                    return Err(WitnessStartError::StateMissing(state_path));
+                }
+                // Written at once: the flag is needed once, not at every
+                // start before the first cosignature (where it would stay,
+                // and hide a state file lost later).
+                let empty = serde_json::to_vec(&Views::default()).unwrap_or_default();
+                storage_node::store::write_durably(dir, STATE_FILE, &[&empty])
+                    .map_err(io(&state_path))?;
             }
             k.trim().to_owned()
         }
@@ -403,7 +411,11 @@ mod tests {
             open(dir.path(), "witness.example/a", &[], false),
             Err(WitnessStartError::StateMissing(_))
         ));
-        let _afresh =
+        let afresh =
             open(dir.path(), "witness.example/a", &[], true).expect("told to start afresh");
+        drop(afresh);
+        // Once: the state it starts from is written, so the next start
+        // needs no flag.
+        let _again = open(dir.path(), "witness.example/a", &[], false).expect("started again");
     }
 }
