@@ -743,8 +743,6 @@ impl ShardStore {
 
     /// Deletes the shard `key`; says whether it existed. Durable on return.
     pub fn delete(&self, key: &ShardKey) -> Result<bool, StoreError> {
-        // Room may have come back under a quota too.
-        *self.lock_quota() = None;
         let dir = self.shard_dir(key);
         let path = dir.join(shard_file_name(key));
         let _guard = self.lock_key(key);
@@ -759,6 +757,9 @@ impl ShardStore {
         }
         self.lock_usage().remove(len);
         sync_dir(&dir)?;
+        // Room has come back under a quota too (a packed shard's bytes
+        // come back only when its segment is compacted).
+        *self.lock_quota() = None;
         Ok(true)
     }
 
@@ -1946,7 +1947,16 @@ mod tests {
     #[test]
     fn a_quota_refusal_is_reported_as_full_until_room_comes_back() {
         let dir = tempfile::tempdir().unwrap();
-        let store = ShardStore::open(dir.path()).unwrap();
+        // Shards in files of their own: deleting one frees its bytes at
+        // once (a packed one's come back only at compaction).
+        let store = ShardStore::open_with(
+            dir.path(),
+            StoreConfig {
+                small_shard_max: 0,
+                ..StoreConfig::default()
+            },
+        )
+        .unwrap();
         let b = body(3000);
         store.put(&header(key(1), &b), &b).unwrap();
         assert!(store.info().unwrap().free_bytes > 0);
@@ -1957,6 +1967,9 @@ mod tests {
             store.put(&header(key(2), &b), &b),
             Err(StoreError::DiskFull)
         ));
+        // A delete of nothing frees nothing.
+        assert!(!store.delete(&key(9)).unwrap());
+        assert_eq!(store.info().unwrap().free_bytes, 0);
         assert!(store.delete(&key(1)).unwrap());
         assert!(store.info().unwrap().free_bytes > 0);
         store.put(&header(key(2), &b), &b).unwrap();
