@@ -21,7 +21,15 @@ pub fn add(
     let _edit = crate::cluster::lock_cluster_edits(data_dir)?;
     let mut cluster = Cluster::load(data_dir)?;
     let data_dir = data_dir.canonicalize()?;
-    let id = cluster.nodes.iter().map(|n| n.id + 1).max().unwrap_or(0);
+    // Past every id either list holds: a file may list under [[nodes]]
+    // only this host's nodes, and the gateway's list all of them.
+    let id = cluster
+        .nodes
+        .iter()
+        .map(|n| n.id + 1)
+        .chain(cluster.gateway.nodes.iter().map(|e| e.id + 1))
+        .max()
+        .unwrap_or(0);
     let listen = match listen {
         Some(a) => a,
         None => ([127, 0, 0, 1], crate::cluster::free_udp_port()?).into(),

@@ -449,34 +449,30 @@ fn a_node_raises_its_open_file_limit() -> Result<()> {
     Ok(())
 }
 
+/// `custodia init` of a 3-node RS(2,1) cluster in `parent/data`, nothing
+/// started: for what the cluster file alone decides.
+fn init_three_nodes(parent: &std::path::Path) -> Result<std::path::PathBuf> {
+    let dir = parent.join("data");
+    let init = std::process::Command::new(custodia_tests::custodia_bin())
+        .args(["init", "--data-dir"])
+        .arg(&dir)
+        .args(["--nodes", "3", "--k", "2", "--m", "1"])
+        .args(["--api", "127.0.0.1:0", "--s3", "off", "--metrics", "off"])
+        .args(["--node-base-port", "0", "--node-metrics-base-port", "0"])
+        .output()?;
+    if !init.status.success() {
+        bail!("{}", String::from_utf8_lossy(&init.stderr));
+    }
+    Ok(dir)
+}
+
 /// Nodes added at once (a script's `&`) each get an id, a certificate and
 /// an entry of their own: every edit of cluster.toml is made under one
 /// lock, from the file as the last edit left it.
 #[test]
 fn nodes_added_at_once_are_all_kept() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let dir = tmp.path().join("data");
-    let init = std::process::Command::new(custodia_tests::custodia_bin())
-        .args(["init", "--data-dir"])
-        .arg(&dir)
-        .args([
-            "--nodes",
-            "3",
-            "--k",
-            "2",
-            "--m",
-            "1",
-            "--api",
-            "127.0.0.1:0",
-        ])
-        .args(["--s3", "off", "--metrics", "off"])
-        .args(["--node-base-port", "0", "--node-metrics-base-port", "0"])
-        .output()?;
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    let dir = init_three_nodes(tmp.path())?;
     let adds: Vec<_> = (0..4)
         .map(|_| {
             std::process::Command::new(custodia_tests::custodia_bin())
@@ -524,19 +520,7 @@ fn nodes_added_at_once_are_all_kept() -> Result<()> {
 #[test]
 fn a_node_listening_where_the_gateway_does_not_dial_is_refused() -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let dir = tmp.path().join("data");
-    let init = std::process::Command::new(custodia_tests::custodia_bin())
-        .args(["init", "--data-dir"])
-        .arg(&dir)
-        .args(["--nodes", "3", "--k", "2", "--m", "1"])
-        .args(["--api", "127.0.0.1:0", "--s3", "off", "--metrics", "off"])
-        .args(["--node-base-port", "0", "--node-metrics-base-port", "0"])
-        .output()?;
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    let dir = init_three_nodes(tmp.path())?;
     let file = dir.join("cluster.toml");
     let mut cluster: toml::Value = toml::from_str(&std::fs::read_to_string(&file)?)?;
     let dialled = cluster["gateway"]["nodes"][0]["addr"]
@@ -566,6 +550,11 @@ fn a_node_listening_where_the_gateway_does_not_dial_is_refused() -> Result<()> {
     let mut cluster: toml::Value = toml::from_str(&std::fs::read_to_string(&file)?)?;
     cluster["nodes"][0]["listen"] =
         toml::Value::String(format!("0.0.0.0:{}", port.wrapping_add(1000)));
+    // And one listing under [[nodes]] only this host's (nodes 0 and 1;
+    // node 2 runs elsewhere): a node added gets an id neither list holds.
+    if let Some(nodes) = cluster["nodes"].as_array_mut() {
+        nodes.truncate(2);
+    }
     std::fs::write(&file, toml::to_string(&cluster)?)?;
     let add = std::process::Command::new(custodia_tests::custodia_bin())
         .args(["node", "add", "--data-dir"])
@@ -576,6 +565,14 @@ fn a_node_listening_where_the_gateway_does_not_dial_is_refused() -> Result<()> {
         "{}",
         String::from_utf8_lossy(&add.stderr)
     );
+    let cluster: toml::Value = toml::from_str(&std::fs::read_to_string(&file)?)?;
+    let ids: Vec<i64> = cluster["gateway"]["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["id"].as_integer())
+        .collect();
+    assert_eq!(ids, [0, 1, 2, 3], "{cluster}");
     Ok(())
 }
 
