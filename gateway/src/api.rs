@@ -2612,9 +2612,16 @@ async fn notarize<S: Store>(
                 Some(v) if v.len() > MAX_META_LEN => Err(ApiError::BadRequest(format!(
                     "items[{i}].{field} is longer than {MAX_META_LEN} bytes"
                 ))),
-                Some(v) if v.chars().any(|c| c.is_control() || is_deceptive(c)) => Err(
-                    ApiError::BadRequest(format!("items[{i}].{field} holds control characters")),
-                ),
+                // Lines and tabs are text in a JSON document (a custody
+                // history over several lines), unlike in a header.
+                Some(v)
+                    if v.chars()
+                        .any(|c| (c.is_control() && c != '\n' && c != '\t') || is_deceptive(c)) =>
+                {
+                    Err(ApiError::BadRequest(format!(
+                        "items[{i}].{field} holds control characters"
+                    )))
+                }
                 _ => Ok(()),
             }
         };
