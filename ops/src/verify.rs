@@ -360,6 +360,8 @@ fn shown(text: &str) -> String {
     text.chars()
         .map(|c| match c.is_control() || gateway::api::is_deceptive(c) {
             true => format!("\\u{{{:x}}}", c as u32),
+            // So that the text `\u{202e}` never reads as the character.
+            false if c == '\\' => "\\\\".to_owned(),
             false => c.to_string(),
         })
         .collect()
@@ -387,7 +389,10 @@ pub fn consistency(
     old_key: &str,
     new_key: &str,
 ) -> Result<bool> {
-    let (old_key, new_key) = (log_key_arg(old_key)?, log_key_arg(new_key)?);
+    let old_key = checked_key_arg("--old-log-key", "a log key", old_key, |k| {
+        protocol::ledger::check_log_key(k).is_ok()
+    })?;
+    let new_key = log_key_arg(new_key)?;
     let old = read_checkpoint(old, &old_key)?;
     let new = read_checkpoint(new, &new_key)?;
     if old.size > new.size {
@@ -478,6 +483,8 @@ mod tests {
             super::shown("a\u{1b}[2Jb\u{202E}c"),
             "a\\u{1b}[2Jb\\u{202e}c"
         );
+        // Written out, the escape does not pass for the character.
+        assert_eq!(super::shown("b\\u{202e}c"), "b\\\\u{202e}c");
     }
 
     #[test]
