@@ -2787,6 +2787,21 @@ fn python_with_boto3(c: &TestCluster) -> Result<(Command, String)> {
     Ok((python, name))
 }
 
+/// Runs a boto3 `script` against the cluster's S3 API; the lines it
+/// printed, failing with its stderr.
+fn boto3_lines(c: &TestCluster, script: &str) -> Result<Vec<String>> {
+    let (mut python, name) = python_with_boto3(c)?;
+    let out = python
+        .args(["-c", script])
+        .output()
+        .with_context(|| format!("running {name} (set CUSTODIA_PYTHON to one with boto3)"))?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("{said}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(said.lines().map(str::to_owned).collect())
+}
+
 /// Runs a client command; returns stdout, failing with its stderr.
 fn client(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
@@ -3310,7 +3325,6 @@ fn rust_object_store_client() -> Result<()> {
 #[test]
 fn completing_an_upload_checks_the_whole_objects_checksums_and_size() -> Result<()> {
     let c = TestCluster::start(Shape::default())?;
-    let (mut python, name) = python_with_boto3(&c)?;
     let script = r#"
 import base64, boto3, botocore.config, botocore.exceptions, hashlib, io, os, zlib
 from boto3.s3.transfer import TransferConfig
@@ -3353,18 +3367,9 @@ print('composite right', complete(up, listed, ChecksumSHA256=composite + '-2'), 
 s3.upload_fileobj(io.BytesIO(data), 'whole', 'o', Config=TransferConfig(multipart_threshold=5 * 1024 * 1024, multipart_chunksize=5 * 1024 * 1024))
 print('boto3 multipart', read())
 "#;
-    let out = python
-        .args(["-c", script])
-        .output()
-        .with_context(|| format!("running {name} (set CUSTODIA_PYTHON to one with boto3)"))?;
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = boto3_lines(&c, script)?;
     assert_eq!(
-        said.lines().collect::<Vec<_>>(),
+        said,
         [
             "crc wrong BadDigest",
             "size wrong InvalidRequest",
@@ -3374,7 +3379,7 @@ print('boto3 multipart', read())
             "composite right ok True",
             "boto3 multipart True",
         ],
-        "{said}"
+        "{said:?}"
     );
     Ok(())
 }
@@ -3384,7 +3389,6 @@ print('boto3 multipart', read())
 #[test]
 fn bucket_listings_filter_by_prefix_and_page() -> Result<()> {
     let c = TestCluster::start(Shape::default())?;
-    let (mut python, name) = python_with_boto3(&c)?;
     let script = r#"
 import boto3, botocore.exceptions, os
 s3 = boto3.client('s3', endpoint_url=os.environ['S3_ENDPOINT'], region_name='us-east-1')
@@ -3400,25 +3404,16 @@ try:
 except botocore.exceptions.ClientError as e:
     print(e.response['Error']['Code'])
 "#;
-    let out = python
-        .args(["-c", script])
-        .output()
-        .with_context(|| format!("running {name} (set CUSTODIA_PYTHON to one with boto3)"))?;
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = boto3_lines(&c, script)?;
     assert_eq!(
-        said.lines().collect::<Vec<_>>(),
+        said,
         [
             "['court-1', 'court-2'] True",
             "['court-3'] False",
             "['court-1', 'court-2', 'court-3', 'other']",
             "InvalidArgument",
         ],
-        "{said}"
+        "{said:?}"
     );
     Ok(())
 }
