@@ -1743,17 +1743,14 @@ async fn stripes_on_node<S: Store>(gw: &Gateway<S>, node: NodeId) -> Result<Node
 /// after it (another gateway learns of it at its next probe), count.
 async fn uploads_before_lifecycle<S: Store>(
     gw: &Gateway<S>,
-    node: NodeId,
+    decided: Option<schema::LifecycleRecord>,
 ) -> Result<u64, ApiError> {
-    let decided = current_decisions(gw)
-        .await?
-        .into_iter()
-        .find(|(n, _)| *n == node)
-        .map(|(_, rec)| rec.changed_ms);
     let Some(decided) = decided else {
         return Ok(0);
     };
-    let cutoff = decided.saturating_add(gw.config.node_probe_interval_ms.saturating_mul(2));
+    let cutoff = decided
+        .changed_ms
+        .saturating_add(gw.config.node_probe_interval_ms.saturating_mul(2));
     Ok(crate::repair::live_intents(gw)
         .await?
         .iter()
@@ -1786,7 +1783,10 @@ async fn node_detail<S: Store>(
     // records before the walk of stripes begins.
     let uploads = match gw.nodes.lifecycle(node) {
         schema::Lifecycle::Active => 0,
-        _ => uploads_before_lifecycle(&gw, node).await?,
+        _ => {
+            uploads_before_lifecycle(&gw, decided_record(&current_decisions(&gw).await?, node))
+                .await?
+        }
     };
     let stripes = stripes_on_node(&gw, node).await?;
     if stripes.awaiting_adoption > 0 {
@@ -1837,11 +1837,10 @@ async fn node_lifecycle<S: Store>(
     // decision reaches only at its next probe); the transaction below
     // reads them again, so a decision made meanwhile makes it fail rather
     // than be overwritten.
-    let decided = current_decisions(&gw).await?;
-    let current = stored_lifecycle(&decided, node);
     // The whole record, its time too: a drain undone and made again
     // meanwhile changes which uploads may hold shards on the node.
-    let current_record = decided.iter().find(|(n, _)| *n == node).map(|(_, r)| *r);
+    let current_record = decided_record(&current_decisions(&gw).await?, node);
+    let current = current_record.map_or(Lifecycle::Active, |r| r.state);
     if current == Lifecycle::Removed && state != Lifecycle::Removed {
         return Err(ApiError::Conflict(format!(
             "node {node} was removed; add it again as a new node"
@@ -1862,7 +1861,7 @@ async fn node_lifecycle<S: Store>(
         // records before the walk of stripes begins, so it is counted by one
         // of the two.
         if current == Lifecycle::Draining {
-            let uploads = uploads_before_lifecycle(&gw, node).await?;
+            let uploads = uploads_before_lifecycle(&gw, current_record).await?;
             if uploads > 0 {
                 return Err(ApiError::Conflict(format!(
                     "{uploads} uploads begun before node {node}'s drain are still under way and may hold shards on it; wait for them"
@@ -1904,8 +1903,7 @@ async fn node_lifecycle<S: Store>(
             // Read in the transaction: two drains of two nodes at once
             // conflict, so they cannot both leave fewer than k+m active.
             let now = schema::lifecycles_tx(&tx).await?;
-            let record = now.iter().find(|(n, _)| *n == node).map(|(_, r)| r);
-            if record != current_record.as_ref() {
+            if decided_record(&now, node) != current_record {
                 return Ok(Some(format!(
                     "node {node}'s lifecycle changed meanwhile (to {}); look again",
                     stored_lifecycle(&now, node).as_str()
@@ -1950,15 +1948,20 @@ async fn node_lifecycle<S: Store>(
     })))
 }
 
+/// A node's decision as `decided` records it, if one was ever made.
+fn decided_record(
+    decided: &[(NodeId, schema::LifecycleRecord)],
+    node: NodeId,
+) -> Option<schema::LifecycleRecord> {
+    decided.iter().find(|(n, _)| *n == node).map(|(_, r)| *r)
+}
+
 /// A node's lifecycle as `decided` records it (active if never decided).
 fn stored_lifecycle(
     decided: &[(NodeId, schema::LifecycleRecord)],
     node: NodeId,
 ) -> schema::Lifecycle {
-    decided
-        .iter()
-        .find(|(n, _)| *n == node)
-        .map_or(schema::Lifecycle::Active, |(_, r)| r.state)
+    decided_record(decided, node).map_or(schema::Lifecycle::Active, |r| r.state)
 }
 
 async fn current_decisions<S: Store>(
@@ -2490,7 +2493,6 @@ async fn evidence_receipt<S: Store>(
 /// larger page asked for is cut to this, its `next_after` saying where the
 /// rest begins.
 const CUSTODY_PAGE: usize = 1000;
-const CUSTODY_PAGE_MAX: usize = 1000;
 
 #[derive(serde::Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -2521,7 +2523,7 @@ async fn custody<S: Store>(
     if limit == 0 {
         return Err(ApiError::BadRequest("limit must be at least 1".to_owned()));
     }
-    let limit = limit.min(CUSTODY_PAGE_MAX);
+    let limit = limit.min(CUSTODY_PAGE);
     let events = crate::ledger::custody(&gw, id, q.after, limit).await?;
     // A full page may have more after it.
     let next_after = (events.len() == limit)
