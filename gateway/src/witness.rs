@@ -124,6 +124,12 @@ pub fn open(
     }
     let key_path = dir.join(WITNESS_KEY_FILE);
     let state_path = dir.join(STATE_FILE);
+    // A witness that has cosigned nothing: the state every later start
+    // requires (see `StateMissing`).
+    let write_empty_state = || {
+        let empty = serde_json::to_vec(&Views::default()).unwrap_or_default();
+        storage_node::store::write_durably(dir, STATE_FILE, &[&empty]).map_err(io(&state_path))
+    };
     let signer_key = match std::fs::read_to_string(&key_path) {
         Ok(k) => {
             if !state_path.exists() {
@@ -133,9 +139,7 @@ pub fn open(
                 // Written at once: the flag is needed once, not at every
                 // start before the first cosignature (where it would stay,
                 // and hide a state file lost later).
-                let empty = serde_json::to_vec(&Views::default()).unwrap_or_default();
-                storage_node::store::write_durably(dir, STATE_FILE, &[&empty])
-                    .map_err(io(&state_path))?;
+                write_empty_state()?;
             }
             k.trim().to_owned()
         }
@@ -144,9 +148,7 @@ pub fn open(
             // The state first (an empty one unless one was put there): a
             // key is never without one.
             if !state_path.exists() {
-                let empty = serde_json::to_vec(&Views::default()).unwrap_or_default();
-                storage_node::store::write_durably(dir, STATE_FILE, &[&empty])
-                    .map_err(io(&state_path))?;
+                write_empty_state()?;
             }
             storage_node::store::write_private(&key_path, s.as_bytes()).map_err(io(&key_path))?;
             s
