@@ -124,6 +124,9 @@ pub struct Gateway<S: Store> {
     /// and adopted every copy of a shard its record had no node for: only
     /// then does a stripe short of such shards count as lost.
     pub homeless_adopted: std::sync::atomic::AtomicBool,
+    /// Stripes repair found with nowhere to move shards, and when each was
+    /// last checked in place.
+    pub no_home: crate::repair::NoHomeChecks,
 }
 
 /// Why the gateway could not start.
@@ -393,6 +396,7 @@ impl<S: Store> Gateway<S> {
             remote_builds: Default::default(),
             repair_leases: Default::default(),
             homeless_adopted: Default::default(),
+            no_home: Default::default(),
         })
     }
 

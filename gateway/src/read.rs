@@ -1217,6 +1217,7 @@ pub(crate) async fn check_shard<S: Store>(
 /// its record is there (an expunge forgets it once its shards are deleted,
 /// which is then why they were missing).
 fn report_damage<S: Store>(gw: &Gateway<S>, evidence: EvidenceId, stripe: u64) {
+    gw.no_home.damaged(evidence, stripe);
     let store = gw.store.clone();
     tokio::spawn(async move {
         let r = indexer::run(&store, |tx| async move {

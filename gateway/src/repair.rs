@@ -374,6 +374,9 @@ pub async fn collect_quarantined<S: Store>(
                 .filter(|(.., q)| *q)
                 .map(|(k, ..)| (k.evidence, k.stripe))
                 .collect();
+            for &(evidence, stripe) in &again {
+                gw.no_home.damaged(evidence, stripe);
+            }
             if !again.is_empty() {
                 if let Err(e) = mark_degraded(gw, &again).await {
                     tracing::warn!(%node, error = %e, "could not queue quarantined shards");
@@ -1243,6 +1246,85 @@ pub async fn repair_stripe<S: Store>(
     outcome
 }
 
+/// Stripes with shards to move and nowhere to put them, each with when its
+/// nodes last checked its shards in place (`None`: damage was reported
+/// since). A stripe is checked when first met so, when a read or a scrub
+/// here reports damage in it, and once per `repair_rewalk_ms` (damage
+/// another gateway heard of), so a pass while a node of a k+m cluster
+/// stays gone reads nothing. (Its queue mark is no such signal: each walk
+/// for shards on gone nodes marks the stripe again.)
+#[derive(Debug, Default)]
+pub struct NoHomeChecks {
+    checked: std::sync::Mutex<HashMap<(EvidenceId, u64), Option<Instant>>>,
+}
+
+/// Stripes remembered; past it, more such stripes wait for a home
+/// unchecked, as all did before (about 48 bytes each).
+const NO_HOME_KEPT: usize = 262_144;
+
+impl NoHomeChecks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(EvidenceId, u64), Option<Instant>>> {
+        self.checked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the stripe, with nowhere to move its shards, is to be
+    /// checked in place now; if so, notes it checked.
+    fn check_due(&self, evidence: EvidenceId, stripe: u64, every: Duration) -> bool {
+        use std::collections::hash_map::Entry;
+        let now = Instant::now();
+        let mut checked = self.lock();
+        let full = checked.len() >= NO_HOME_KEPT;
+        match checked.entry((evidence, stripe)) {
+            Entry::Occupied(mut last) => {
+                let recent = last
+                    .get()
+                    .is_some_and(|t| now.saturating_duration_since(t) < every);
+                if !recent {
+                    last.insert(Some(now));
+                }
+                !recent
+            }
+            Entry::Vacant(_) if full => false,
+            Entry::Vacant(slot) => {
+                slot.insert(Some(now));
+                true
+            }
+        }
+    }
+
+    /// A read or a scrub found a shard of the stripe damaged: if it has
+    /// nowhere to go, it is checked in place at its next repair.
+    pub(crate) fn damaged(&self, evidence: EvidenceId, stripe: u64) {
+        if let Some(last) = self.lock().get_mut(&(evidence, stripe)) {
+            *last = None;
+        }
+    }
+
+    /// The stripe's shards found homes (or it left the queue).
+    fn forget(&self, evidence: EvidenceId, stripe: u64) {
+        self.lock().remove(&(evidence, stripe));
+    }
+}
+
+/// Whether a node holding one of the stripe's shards (of `order`) finds it
+/// damaged in place.
+async fn damaged_in_place<S: Store>(
+    gw: &Gateway<S>,
+    evidence: EvidenceId,
+    stripe: u64,
+    rec: &StripeRecord,
+    order: &[usize],
+) -> bool {
+    let checks = order
+        .iter()
+        .map(|&i| check_shard(gw, evidence, stripe, i, rec));
+    futures::future::join_all(checks)
+        .await
+        .contains(&Checked::Damaged)
+}
+
 /// Repair leases this gateway found held by another task, and since when
 /// (by its monotonic clock) each has read the same: one unchanged for
 /// [`REPAIR_LEASE`] belongs to a task that died, and is taken over.
@@ -1693,12 +1775,26 @@ async fn repair_leased<S: Store>(
         .chain(on_draining.iter().filter(|i| !homeless.contains(i)))
         .copied()
         .collect();
+    // Some homes but too few: those there are are used, and the stripe
+    // stays queued for the rest. None at all: a shard rotting on its own
+    // node can still be rebuilt there (rather than leave the stripe short
+    // of two shards until a node is added), so the stripe's nodes check
+    // their shards in place (they hash them; nothing moves) when it is
+    // first met with nowhere to go and again whenever a read or a scrub
+    // marks it anew, and only damage found goes on to be rebuilt.
     if !moving.is_empty() && homeless.len() <= m {
+        let rewalk = Duration::from_millis(gw.config.repair_rewalk_ms);
         let holders = holders_except(&rec, &moving);
         let targets = choose_targets(gw, evidence, stripe, &holders, &rec, nodes, moving.len());
-        if targets.len() < moving.len() {
+        if targets.is_empty()
+            && (!gw.no_home.check_due(evidence, stripe, rewalk)
+                || !damaged_in_place(gw, evidence, stripe, &rec, &order).await)
+        {
             return Ok(Outcome::NoHome);
         }
+    }
+    if moving.is_empty() {
+        gw.no_home.forget(evidence, stripe);
     }
     // Shards crowded into one failure domain (placed while another domain
     // was down or full, or before one was added) move as a drain's do,
@@ -1901,16 +1997,25 @@ async fn repair_leased<S: Store>(
             .map_err(|e| ApiError::Unavailable(format!("reconstruction: {e:?}")))?;
 
     let rebuilt = started.elapsed();
+    let rebuilt_wanted = rebuild.len();
     // 3. New homes, then write, then re-read.
     let holders = holders_except(&rec, &rebuild);
     let targets = choose_targets(gw, evidence, stripe, &holders, &rec, nodes, rebuild.len());
-    let Some(homes) = homes_for(gw, &rec, &rebuild, &damaged, &relocating, nodes, targets) else {
+    let homes = homes_for(gw, &rec, &rebuild, &damaged, &relocating, nodes, targets);
+    if homes.iter().all(Option::is_none) {
         recycle(gw, shards);
         return Err(ApiError::Unavailable(format!(
             "too few nodes can take the {} rebuilt shards",
             rebuild.len()
         )));
-    };
+    }
+    // Shards left without a home keep the stripe queued.
+    let (rebuild, homes): (Vec<usize>, Vec<NodeId>) = rebuild
+        .iter()
+        .zip(homes)
+        .filter_map(|(&i, home)| Some((i, home?)))
+        .unzip();
+    let all_counted = all_counted && rebuild.len() == rebuilt_wanted;
     let mut next = rec.clone();
     let mut written: Vec<(usize, NodeId)> = Vec::new();
     for &i in &rebuild {
@@ -2237,7 +2342,8 @@ async fn commit_repair<S: Store>(
 /// k+m nodes, every one holding a shard of the stripe), a shard its own node
 /// reported damaged goes back to that node, where the put replaces the bad
 /// copy, if the node is healthy, open to writes, with room, and holds no
-/// other shard of the stripe. `None` when some shard is left homeless.
+/// other shard of the stripe. `None` for a shard left homeless: the stripe
+/// is repaired as far as it can be and stays queued.
 fn homes_for<S: Store>(
     gw: &Gateway<S>,
     rec: &StripeRecord,
@@ -2246,9 +2352,9 @@ fn homes_for<S: Store>(
     relocating: &[usize],
     nodes: &PassNodes,
     targets: Vec<NodeId>,
-) -> Option<Vec<NodeId>> {
+) -> Vec<Option<NodeId>> {
     if targets.len() >= rebuild.len() {
-        return Some(targets);
+        return targets.into_iter().map(Some).collect();
     }
     let evacuating = gw.nodes.evacuating();
     let own = |i: usize| {
@@ -2265,11 +2371,8 @@ fn homes_for<S: Store>(
     };
     // Shards that can go back home do, so the others get the targets.
     let elsewhere = rebuild.iter().filter(|&&i| own(i).is_none()).count();
-    if targets.len() < elsewhere {
-        return None;
-    }
     let mut targets = targets.into_iter();
-    let mut spare = targets.len() - elsewhere;
+    let mut spare = targets.len().saturating_sub(elsewhere);
     rebuild
         .iter()
         .map(|&i| match own(i) {

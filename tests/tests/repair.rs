@@ -635,6 +635,51 @@ fn with_nowhere_to_rebuild_a_pass_reads_nothing() -> Result<()> {
     Ok(())
 }
 
+/// The same cluster with one node gone for good, and then a shard on
+/// another node found rotten by scrub: the lost shard still has nowhere to
+/// go, but the rotten one is rebuilt onto its own node. Before, the stripe
+/// waited for a home for the lost one and carried two bad shards (all its
+/// parity) for as long as the node stayed away.
+#[test]
+fn with_a_node_gone_and_nowhere_to_go_a_rotten_shard_is_still_rebuilt() -> Result<()> {
+    let mut c = TestCluster::start(Shape {
+        nodes: 6,
+        ..Shape::default()
+    })?;
+    c.set_gateway(&[
+        ("node_down_after_ms", toml::Value::Integer(1_000)),
+        ("repair_after_down_ms", toml::Value::Integer(500)),
+        ("repair_interval_ms", toml::Value::Integer(300)),
+        ("quarantine_recheck_ms", toml::Value::Integer(500)),
+    ])?;
+    let filing = Filing::new(&c, 79)?;
+    c.set_nodes(&[
+        ("scrub_bytes_per_sec", toml::Value::Integer(64 << 20)),
+        ("scrub_pass_interval_secs", toml::Value::Integer(1)),
+    ])?;
+    c.kill_node(3);
+    let log = c.data_dir().join("gateway.log");
+    let said = custodia_tests::eventually(20, || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("too few nodes"))
+    });
+    assert!(said, "no pass said that the stripe has nowhere to go");
+    flip_last_byte(&filing.victim)?;
+    let healed = custodia_tests::eventually(60, || {
+        std::fs::read(&filing.victim).is_ok_and(|now| now == filing.good)
+    });
+    assert!(healed, "the rotten shard was not rebuilt onto node 2");
+    let s = status(&c)?;
+    assert!(
+        s["degraded_stripes"].as_u64().unwrap_or(0) > 0,
+        "the stripe left the queue with a shard still lost: {s}"
+    );
+    // Nodes 0 and 3 dead: the four shards left, node 2's among them, are
+    // all a read has.
+    c.kill_node(0);
+    assert_eq!(c.read(&filing.id)?, filing.data, "with nodes 0 and 3 dead");
+    Ok(())
+}
+
 /// A data directory wiped under a running node, which is not restarted:
 /// the node notices, stops with an error (for its supervisor to start it
 /// again), and started again on the empty directory it is another disk to
