@@ -593,7 +593,14 @@ pub async fn sweep_orphans<S: Store>(
     // Past their grace, deleted once every node was listed and their
     // number found plausible; and of those, the shards of evidence the
     // index has no stripe of at all.
-    let mut due: Vec<(NodeId, std::net::SocketAddr, ShardKey, std::time::Instant)> = Vec::new();
+    // (Each with whether the index knows its stripe.)
+    let mut due: Vec<(
+        NodeId,
+        std::net::SocketAddr,
+        ShardKey,
+        std::time::Instant,
+        bool,
+    )> = Vec::new();
     let mut unknown_evidence: std::collections::HashSet<EvidenceId> =
         std::collections::HashSet::new();
     for entry in &gw.config.nodes {
@@ -688,7 +695,7 @@ pub async fn sweep_orphans<S: Store>(
                     continue;
                 };
                 match lease
-                    .renewed(gw, lease.adopt(gw, entry.addr, node, key))
+                    .renewed(gw, lease.adopt(gw, entry.addr, node, key, None))
                     .await
                 {
                     Ok(true) => sweep.adopted += 1,
@@ -714,7 +721,7 @@ pub async fn sweep_orphans<S: Store>(
                 if unknown {
                     unknown_evidence.insert(key.evidence);
                 }
-                due.push((node, entry.addr, key, first));
+                due.push((node, entry.addr, key, first, !unknown));
             }
         }
     }
@@ -742,11 +749,11 @@ pub async fn sweep_orphans<S: Store>(
         );
         still.extend(
             due.iter()
-                .map(|(node, _, key, first)| ((*node, *key), *first)),
+                .map(|(node, _, key, first, _)| ((*node, *key), *first)),
         );
         due.clear();
     }
-    for (node, addr, key, first) in due {
+    for (node, addr, key, first, known) in due {
         // Under the stripe's repair lease, checked again: a repair
         // may be about to commit this very shard on this node.
         let lease = match StripeLease::take(gw, key.evidence, key.stripe).await {
@@ -765,6 +772,39 @@ pub async fn sweep_orphans<S: Store>(
             )
         })
         .await;
+        // A copy of a stripe the index places elsewhere goes only once the
+        // copy the record names is found good on its node: an index
+        // restored from an older backup names copies that repairs and
+        // drains have since moved and deleted, and this one may be the
+        // last good copy (it is adopted in their place).
+        let claimed = match claimed {
+            Ok(false) if known => match recorded_copy(gw, key).await {
+                Recorded::Good => Ok(false),
+                Recorded::Bad(bad) => {
+                    match lease
+                        .renewed(gw, lease.adopt(gw, addr, node, key, Some(bad)))
+                        .await
+                    {
+                        Ok(true) => sweep.adopted += 1,
+                        // Not its shard after all (or changed meanwhile):
+                        // looked at again next sweep.
+                        Ok(false) => {
+                            still.insert((node, key), first);
+                        }
+                        Err(e) => {
+                            tracing::debug!(%node, shard = %key, error = %e, "could not adopt a copy");
+                            still.insert((node, key), first);
+                        }
+                    }
+                    Ok(true)
+                }
+                Recorded::Unknown => {
+                    still.insert((node, key), first);
+                    Ok(true)
+                }
+            },
+            other => other,
+        };
         match claimed {
             Ok(false) => match lease.renewed(gw, lease.delete_shard(gw, addr, key)).await {
                 Some(Ok(_)) => {
@@ -791,6 +831,51 @@ pub async fn sweep_orphans<S: Store>(
     *candidates = still;
     gw.metrics.orphans_pending.set(sweep.pending as i64);
     sweep
+}
+
+/// What the node a stripe record names for a shard holds of it.
+enum Recorded {
+    /// The record's copy, checked whole by the node.
+    Good,
+    /// Nothing, or not the record's bytes, on this node (or no node named).
+    Bad(NodeId),
+    /// Not known now (the node did not answer, or the index could not be
+    /// read).
+    Unknown,
+}
+
+/// Asks the node the stripe record names for shard `key` to check its copy.
+async fn recorded_copy<S: Store>(gw: &Gateway<S>, key: ShardKey) -> Recorded {
+    let rec = indexer::run(&gw.store, |tx| async move {
+        schema::get_stripe_tx(&tx, key.evidence, key.stripe).await
+    })
+    .await;
+    let Ok(Some(rec)) = rec else {
+        return Recorded::Unknown;
+    };
+    let Some(slot) = rec.shards.get(key.index as usize) else {
+        return Recorded::Unknown;
+    };
+    let Some(node) = slot.node else {
+        // The homeless copies' adoption is the sweep's listing's to do.
+        return Recorded::Unknown;
+    };
+    let Some(addr) = gw.nodes.addr(node) else {
+        return Recorded::Unknown;
+    };
+    use protocol::wire::ErrorCode;
+    use storage_node::client::NodeError;
+    match gw.nodes.client.rpc_verify_shard(addr, key).await {
+        Ok(h) if h.blake3 == slot.blake3 && h.len == rec.shard_len => Recorded::Good,
+        Ok(_) => Recorded::Bad(node),
+        Err(NodeError::Remote(
+            ErrorCode::NotFound | ErrorCode::Corrupt | ErrorCode::HashMismatch,
+        )) => Recorded::Bad(node),
+        Err(e) => {
+            tracing::debug!(%node, shard = %key, error = %e, "could not check a recorded copy");
+            Recorded::Unknown
+        }
+    }
 }
 
 /// Runs [`sweep_orphans`] every `orphan_sweep_interval_ms`.

@@ -1543,12 +1543,17 @@ impl StripeLease {
     /// under the lease, with the stripe's compare-and-set, like a repair;
     /// the stripe stays queued for repair to re-count. Returns whether it
     /// was adopted.
+    /// Adopts the copy of shard `key` on `node` into its stripe's record,
+    /// in the slot of a copy the record has no node for (`replacing`
+    /// `None`) or of one on node `replacing` found missing or damaged
+    /// there, if the copy verifies and is the record's. Says whether it did.
     pub(crate) async fn adopt<S: Store>(
         &self,
         gw: &Gateway<S>,
         addr: std::net::SocketAddr,
         node: NodeId,
         key: ShardKey,
+        replacing: Option<NodeId>,
     ) -> Result<bool, ApiError> {
         if key.evidence != self.evidence || key.stripe != self.stripe {
             return Ok(false);
@@ -1580,9 +1585,10 @@ impl StripeLease {
                 // own check of the copy against its header is what there
                 // is, as in recovery; reads still check the content root.
                 let fits = seen.shards.get(key.index as usize).is_some_and(|slot| {
-                    slot.node.is_none()
+                    slot.node == replacing
                         && (slot.blake3 == back.blake3
-                            || slot.blake3 == protocol::ShardPlacement::UNKNOWN_HASH)
+                            || (replacing.is_none()
+                                && slot.blake3 == protocol::ShardPlacement::UNKNOWN_HASH))
                         && seen.shard_len == back.len
                 });
                 let Some(manifest) = schema::get_manifest_tx(&tx, key.evidence).await? else {
@@ -1608,8 +1614,14 @@ impl StripeLease {
             }
         })
         .await?;
-        if adopted {
-            tracing::info!(%node, shard = %key, "a copy the index had no node for was adopted");
+        match (adopted, replacing) {
+            (false, _) => {}
+            (true, None) => {
+                tracing::info!(%node, shard = %key, "a copy the index had no node for was adopted")
+            }
+            (true, Some(bad)) => {
+                tracing::warn!(%node, shard = %key, %bad, "a copy was adopted in place of the recorded one, missing or damaged on its node")
+            }
         }
         Ok(adopted)
     }

@@ -403,6 +403,57 @@ fn orphan_shards_are_collected_after_their_grace_and_nothing_else_is() -> Result
     Ok(())
 }
 
+/// A copy the index places on another node is an orphan only while that
+/// node's copy is good. Here the recorded copy is lost (as when an index
+/// restored from an older backup names copies that repairs have since
+/// moved): the other copy, once the only one, is adopted in its place, not
+/// deleted after its grace as an old copy was before.
+#[test]
+fn a_copy_whose_recorded_twin_is_lost_is_adopted_not_swept() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.set_gateway(&[
+        ("orphan_sweep_interval_ms", toml::Value::Integer(500)),
+        ("orphan_grace_ms", toml::Value::Integer(2_000)),
+    ])?;
+    let data = bytes(50_000, 93);
+    let id = c.file_id(&data)?;
+    let placed = placement_of(&c, &id, &[]);
+    let (x, recorded) = placed.get(&0).cloned().context("shard 0")?;
+    let y = (0..8u32)
+        .find(|n| placed.values().all(|(m, _)| m != n))
+        .context("a node without a shard of the stripe")?;
+    let fanout = recorded
+        .parent()
+        .and_then(|p| p.file_name())
+        .context("fan-out dir")?;
+    let dir = c.node_dir(y).join("shards").join(fanout);
+    std::fs::create_dir_all(&dir)?;
+    let copy = dir.join(recorded.file_name().context("name")?);
+    std::fs::copy(&recorded, &copy)?;
+    std::fs::remove_file(&recorded)?;
+
+    let log = c.data_dir().join("gateway.log");
+    let adopted = custodia_tests::eventually(30, || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("in place of the recorded one"))
+    });
+    assert!(adopted, "the copy was not adopted");
+    // Sweeps after the adoption leave it be.
+    std::thread::sleep(std::time::Duration::from_millis(3_000));
+    assert!(copy.exists(), "the only copy of shard 0 was swept");
+    // Two more nodes dead: the adopted copy is one of the four shards left.
+    let others: Vec<u32> = placed
+        .values()
+        .map(|(n, _)| *n)
+        .filter(|n| *n != x)
+        .take(2)
+        .collect();
+    for n in &others {
+        c.kill_node(*n);
+    }
+    assert_eq!(c.read(&id)?, data, "with nodes {others:?} dead");
+    Ok(())
+}
+
 /// Where the shards of a one-stripe filing lie, on nodes other than
 /// `skip`: index -> (node, file).
 fn placement_of(
