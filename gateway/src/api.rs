@@ -1888,9 +1888,16 @@ async fn node_lifecycle<S: Store>(
         }
         stripes = Some(left.placed);
     }
+    // Later than the decision it replaces (which the transaction checks is
+    // still the stored one), whatever this gateway's clock says: the
+    // archive keeps only the later of two decisions, so one stamped
+    // earlier by a gateway whose clock is behind would never reach it.
     let rec = LifecycleRecord {
         state,
-        changed_ms: gw.clock.now_ms(),
+        changed_ms: gw
+            .clock
+            .now_ms()
+            .max(current_record.map_or(0, |r| r.changed_ms.saturating_add(1))),
     };
     let others: Vec<NodeId> = gw
         .nodes

@@ -217,6 +217,44 @@ fn a_node_whose_clock_is_off_is_measured_and_shown() -> Result<()> {
     Ok(())
 }
 
+/// A decision taken by a gateway whose clock is behind the one that took
+/// the last (here: the same gateway, its clock two minutes fast, then
+/// right) still reaches the archive `recover-index` restores from: each
+/// decision is stamped later than the one it replaces. Before, the archive
+/// kept the fast clock's drain, and a recovered index brought it back.
+#[test]
+fn a_decision_stamped_by_a_slower_clock_still_reaches_the_archive() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    let archived = |c: &TestCluster| -> Result<Vec<u8>> {
+        let dir = c.data_dir().join("ledger").join("openings");
+        let dir = if dir.exists() {
+            dir
+        } else {
+            c.data_dir().join("openings")
+        };
+        Ok(std::fs::read(
+            dir.join("nodes-lifecycle").join("0000000007"),
+        )?)
+    };
+    let wrapper = custodia_tests::faketime("+120s")?;
+    c.stop_gateway();
+    c.start_gateway_under(&wrapper.iter().map(String::as_str).collect::<Vec<_>>())?;
+    c.wait_healthy(8)?;
+    let (ok, out) = node_cmd(&c, &["drain", "7"])?;
+    assert!(ok, "{out}");
+    let drained = archived(&c)?;
+    c.stop_gateway();
+    c.start_gateway()?;
+    c.wait_healthy(8)?;
+    let (ok, out) = node_cmd(&c, &["activate", "7"])?;
+    assert!(ok, "{out}");
+    // Written by the deciding gateway, or by its comparison loop within
+    // seconds.
+    let reached = custodia_tests::eventually(15, || archived(&c).is_ok_and(|a| a != drained));
+    assert!(reached, "the activation never replaced the archived drain");
+    Ok(())
+}
+
 /// A node down to its free-space reserve (here: a reserve larger than the
 /// disk) refuses new shards; the gateway sends new filings elsewhere at full
 /// redundancy without calling it down, it keeps serving the shards it holds,
