@@ -852,15 +852,17 @@ impl SegmentLog {
     /// The shard records still current in segment `id`, and the tombstones
     /// there that hide a record in a segment that still exists.
     pub fn survivors(&self, id: u64) -> io::Result<Survivors> {
-        let bytes = match fs::read(self.dir.join(segment_name(id))) {
-            Ok(b) => b,
-            // Removed by an earlier compaction whose directory fsync failed:
-            // nothing is left in it to keep.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Ok((Vec::new(), Vec::new()));
-            }
-            Err(e) => return Err(e),
+        // Read through the file this process holds open, not by its name:
+        // a segment whose name is gone (unlinked by an operator, or by an
+        // earlier compaction whose directory fsync failed, so that it may
+        // be back after a crash) still has its tombstones carried forward.
+        let Some(file) = self.read_index().segments.get(&id).map(|s| s.file.clone()) else {
+            return Ok((Vec::new(), Vec::new()));
         };
+        let len = usize::try_from(file.metadata()?.len())
+            .map_err(|_| io::Error::other("segment too large"))?;
+        let mut bytes = vec![0u8; len];
+        file.read_exact_at(&mut bytes, 0)?;
         let index = self.read_index();
         let Some(seg_key) = index.segments.get(&id).map(|s| s.key) else {
             return Ok((Vec::new(), Vec::new()));

@@ -2678,6 +2678,51 @@ mod tests {
         assert!(matches!(store.get(&victim), Err(StoreError::NotFound)));
     }
 
+    /// A segment whose file an operator unlinked while the node runs is
+    /// still compacted from the file the node holds open: its tombstones
+    /// are carried forward, so a deleted shard's old copy in an older
+    /// segment stays hidden after a restart. (Read by its name, the
+    /// segment looked empty, its tombstones were dropped with it, and the
+    /// deleted shard came back.)
+    #[test]
+    fn a_segment_unlinked_under_the_node_keeps_its_tombstones_through_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = key(200);
+        {
+            let store = ShardStore::open(dir.path()).unwrap();
+            for n in 0..50u8 {
+                let b = body(500);
+                store.put(&header(key(n), &b), &b).unwrap();
+            }
+            let b = body(10);
+            store.put(&header(victim, &b), &b).unwrap();
+        }
+        {
+            let store = ShardStore::open(dir.path()).unwrap();
+            assert!(store.delete(&victim).unwrap());
+            for n in 100..140u8 {
+                let b = body(800);
+                store.put(&header(key(n), &b), &b).unwrap();
+            }
+            for n in 101..140u8 {
+                assert!(store.delete(&key(n)).unwrap());
+            }
+        }
+        let store = ShardStore::open(dir.path()).unwrap();
+        let files = segment_files(dir.path());
+        assert_eq!(files.len(), 3);
+        fs::remove_file(&files[1]).unwrap();
+        assert!(store.compact().unwrap(), "segment 2 is mostly dead");
+        drop(store);
+        let store = ShardStore::open(dir.path()).unwrap();
+        assert_eq!(store.get(&key(100)).unwrap().1, body(800));
+        assert!(
+            matches!(store.get(&victim), Err(StoreError::NotFound)),
+            "the deleted shard came back"
+        );
+        assert_eq!(store.info().unwrap().shards, 51);
+    }
+
     /// A compaction whose copies cannot be made durable (a failed fsync)
     /// leaves no second copy of a live shard's bytes behind: the copies are
     /// erased as dead records, the originals stay current and readable.
