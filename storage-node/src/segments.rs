@@ -245,6 +245,11 @@ fn segment_name(id: u64) -> String {
     format!("seg-{id:016x}")
 }
 
+/// By segment: each record erased there since its last fsync, the
+/// evidence it held, and whether an fsync of the segment had failed
+/// before (see `SegmentLog::unsynced_erasures`).
+type UnsyncedErasures = BTreeMap<u64, Vec<(Loc, EvidenceId, bool)>>;
+
 /// The segments of one data directory.
 pub(crate) struct SegmentLog {
     dir: PathBuf,
@@ -266,10 +271,17 @@ pub(crate) struct SegmentLog {
     /// records: if the fsync fails, the kernel may have dropped the zeros
     /// (and the next fsync "succeed"), so they are written again.
     /// Each with the evidence it held, so a failure fails only that
-    /// evidence's expunges.
-    unsynced_erasures: Mutex<BTreeMap<u64, Vec<(Loc, EvidenceId)>>>,
+    /// evidence's expunges, and whether it was written after an fsync of
+    /// its segment had failed (one written before may have been dropped by
+    /// that failure, whoever's fsync met it: it is written again).
+    unsynced_erasures: Mutex<UnsyncedErasures>,
     /// Held through [`SegmentLog::sync_erasures`].
     erasure_sync: Mutex<()>,
+    /// Held through every fsync of a segment and the recording of its
+    /// outcome: Linux reports a writeback error to one fsync of a file
+    /// only, so of two at once the other could "succeed" and mark durable
+    /// appends whose pages were dropped.
+    fsync: Mutex<()>,
     /// Dead records whose erasure failed (a full copy-on-write file system,
     /// a disk error), tried again by [`SegmentLog::sync_erasures`], with
     /// the evidence each held.
@@ -449,6 +461,7 @@ impl SegmentLog {
             damaged,
             unsynced_erasures: Mutex::default(),
             erasure_sync: Mutex::default(),
+            fsync: Mutex::default(),
             unerased: Mutex::default(),
             dead_at_open: Mutex::new(dead.erase),
             failed_puts: Mutex::default(),
@@ -674,6 +687,7 @@ impl SegmentLog {
             // Compacted away: its file is gone.
             return;
         };
+        let after_failure = lock(&self.sync).failed.contains(&loc.seg);
         #[cfg(test)]
         let result = match tests::ERASE_FAILS.with(std::cell::Cell::get) == Some(evidence) {
             true => Err(io::Error::from_raw_os_error(
@@ -688,7 +702,7 @@ impl SegmentLog {
                 lock(&self.unsynced_erasures)
                     .entry(loc.seg)
                     .or_default()
-                    .push((loc, evidence));
+                    .push((loc, evidence, after_failure));
             }
             Err(e) => {
                 tracing::warn!(segment = loc.seg, offset = loc.off, %evidence, error = %e, "could not erase a dead record; trying again later");
@@ -723,30 +737,60 @@ impl SegmentLog {
         for (loc, of) in failed {
             self.erase(loc, of);
         }
+        let segments = std::mem::take(&mut *lock(&self.unsynced_erasures));
+        let mut failed = None;
+        for (id, mut locs) in segments {
+            // Twice at most: zeros written before an fsync of their segment
+            // failed are written again, after it, and synced once more.
+            for round in 0..2 {
+                if let Err(e) = self.sync_segment(id) {
+                    // Erased since this sync began: the failed fsync may
+                    // have dropped those zeros too, and the next one
+                    // "succeed".
+                    if let Some(since) = lock(&self.unsynced_erasures).remove(&id) {
+                        locs.extend(since);
+                    }
+                    if locs.iter().any(|(_, of, _)| concerned(of)) {
+                        failed.get_or_insert(e);
+                    } else {
+                        tracing::warn!(segment = id, error = %e, "could not fsync the erasure of dead records; trying again later");
+                    }
+                    // Written again at the next try: new dirty pages, which
+                    // an fsync that succeeds does make durable.
+                    lock(&self.unerased).extend(locs.iter().map(|(l, of, _)| (*l, *of)));
+                    break;
+                }
+                let seg_failed = lock(&self.sync).failed.contains(&id);
+                let stale: Vec<(Loc, EvidenceId)> = locs
+                    .iter()
+                    .filter(|(.., after)| seg_failed && !after)
+                    .map(|(l, of, _)| (*l, *of))
+                    .collect();
+                if stale.is_empty() {
+                    break;
+                }
+                if round == 1 {
+                    lock(&self.unerased).extend(stale);
+                    break;
+                }
+                tracing::warn!(
+                    segment = id,
+                    records = stale.len(),
+                    "erasures written before a failed fsync of their segment are written again"
+                );
+                for (loc, of) in stale {
+                    self.erase(loc, of);
+                }
+                locs = lock(&self.unsynced_erasures)
+                    .remove(&id)
+                    .unwrap_or_default();
+            }
+        }
         let left = lock(&self.unerased)
             .iter()
             .chain(lock(&self.dead_at_open).iter())
             .filter(|(_, of)| concerned(of))
             .count();
-        let segments = std::mem::take(&mut *lock(&self.unsynced_erasures));
-        let mut failed = None;
-        for (id, mut locs) in segments {
-            if let Err(e) = self.sync_segment(id) {
-                // Erased since this sync began: the failed fsync may have
-                // dropped those zeros too, and the next one "succeed".
-                if let Some(since) = lock(&self.unsynced_erasures).remove(&id) {
-                    locs.extend(since);
-                }
-                if locs.iter().any(|(_, of)| concerned(of)) {
-                    failed.get_or_insert(e);
-                } else {
-                    tracing::warn!(segment = id, error = %e, "could not fsync the erasure of dead records; trying again later");
-                }
-                // Written again at the next try: new dirty pages, which an
-                // fsync that succeeds does make durable.
-                lock(&self.unerased).extend(locs);
-            }
-        }
         if let Some(e) = failed {
             return Err(e);
         }
@@ -779,6 +823,7 @@ impl SegmentLog {
         // successful fsync does make durable, and one failed fsync must not
         // fail every expunge after it): synced directly.
         let file = self.read_index().segments.get(&id).map(|s| s.file.clone());
+        let _fsync = lock(&self.fsync);
         file.map_or(Ok(()), |f| f.sync_data())
     }
 
@@ -1033,6 +1078,7 @@ impl SegmentLog {
     /// and starts the next one.
     fn seal(&self, active: &mut Active, failed: bool) -> io::Result<()> {
         if let (false, Some(file)) = (failed, &active.file) {
+            let _fsync = lock(&self.fsync);
             if let Err(e) = file.sync_data() {
                 // As in `wait_durable`: a retried fsync may "succeed" over
                 // dropped pages, so nothing more of this segment counts.
@@ -1144,6 +1190,7 @@ impl SegmentLog {
             (a.id, a.file.clone(), a.len)
         };
         // No active file: nothing was appended since the start.
+        let fsync = lock(&self.fsync);
         let result = file.map_or(Ok(()), |f| f.sync_data());
         #[cfg(test)]
         let result = match tests::FSYNC_FAILS.with(std::cell::Cell::get) {
@@ -1166,6 +1213,7 @@ impl SegmentLog {
                 sync.failed.insert(id);
             }
         }
+        drop(fsync);
         self.synced.notify_all();
         (sync, id, result)
     }
@@ -1493,6 +1541,36 @@ pub(crate) mod tests {
         assert!(lock(&log.unsynced_erasures).is_empty());
     }
 
+    /// Zeros written in the active segment before an append's fsync of it
+    /// failed (another thread's, which met the error): that failure may
+    /// have dropped them too, so the next sync of erasures writes them
+    /// again rather than trust an fsync that now "succeeds". (Here the
+    /// rewrite is made to fail, which shows it is attempted: before, the
+    /// expunge was told its bytes were durably gone.)
+    #[test]
+    fn zeros_written_before_another_fsync_failed_are_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SegmentLog::open(dir.path()).unwrap();
+        let body = b"erased before the failure".to_vec();
+        let h = shard(5, &body);
+        log.put(&h, &body).unwrap();
+        assert!(log.delete(&h.key, None).unwrap().is_some());
+        let other = b"a put whose fsync fails".to_vec();
+        let h2 = shard(6, &other);
+        FSYNC_FAILS.with(|f| f.set(true));
+        assert!(log.put(&h2, &other).is_err());
+        FSYNC_FAILS.with(|f| f.set(false));
+        ERASE_FAILS.with(|f| f.set(Some(h.key.evidence)));
+        let synced = log.sync_erasures(Some(h.key.evidence));
+        ERASE_FAILS.with(|f| f.set(None));
+        assert!(
+            synced.is_err(),
+            "zeros the failure may have dropped were trusted"
+        );
+        log.sync_erasures(Some(h.key.evidence)).unwrap();
+        assert!(lock(&log.unerased).is_empty());
+    }
+
     /// A put whose fsync failed is not indexed, but its record may be on
     /// the disk: a later delete of the key (GC, an expunge) writes a
     /// tombstone for it all the same, and an expunge finds it, so it cannot
@@ -1517,7 +1595,7 @@ pub(crate) mod tests {
             lock(&log.unsynced_erasures)
                 .values()
                 .flatten()
-                .filter(|(_, of)| *of == h.key.evidence)
+                .filter(|(_, of, _)| *of == h.key.evidence)
                 .count(),
             1,
             "its erasure is not tracked"
