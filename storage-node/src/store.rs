@@ -299,6 +299,10 @@ pub struct ShardStore {
     /// not be renewed (no room): the segments left in place are what makes
     /// the next start renew it, so nothing moves them meanwhile.
     identity_owed: bool,
+    /// Records a compaction under way has copied forward and not yet
+    /// removed with their segment: an expunge erases those of its evidence
+    /// too, rather than say erased while the originals are still in a file.
+    compacting: Mutex<Vec<(Loc, ShardKey)>>,
 }
 
 /// How long a node refused a write by a quota says it is full (see
@@ -423,6 +427,7 @@ impl ShardStore {
             reserve: config.reserve_bytes,
             claimed: AtomicU64::new(0),
             quota_full_at: Mutex::new(None),
+            compacting: Mutex::default(),
             read_buffers: Arc::new(BufferPool::new(READ_BUFFER_IDLE_BYTES)),
             fanouts_durable: std::array::from_fn(|_| AtomicBool::new(false)),
             listed_corrupt: AtomicU64::new(0),
@@ -796,6 +801,19 @@ impl ShardStore {
                 erased.shards += 1;
             }
         }
+        // Originals of its records a compaction under way copied forward
+        // (the copies were deleted above), still in their segment.
+        let originals: Vec<Loc> = self
+            .compacting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, k)| k.evidence == evidence)
+            .map(|(from, _)| *from)
+            .collect();
+        for from in originals {
+            self.log.erase(from, evidence);
+        }
         // Records of its shards deleted earlier (a repair moved them, GC
         // collected a copy) were erased then, not yet durably. (A record of
         // other evidence that cannot be erased fails that one's expunges,
@@ -1124,6 +1142,10 @@ impl ShardStore {
                 self.log.erase(from, key.evidence);
             }
         }
+        self.compacting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(from, _)| from.seg != id);
         compacted
     }
 
@@ -1161,10 +1183,14 @@ impl ShardStore {
                 }
                 return Err(e.into());
             }
+            // Noted while the keys' locks are held: an expunge deleting
+            // one of them finds its original here.
+            let mut compacting = self.compacting.lock().unwrap_or_else(|e| e.into_inner());
             for (key, from, to, pending) in moved {
                 self.log.moved(&key, from, to);
                 drop(pending);
                 copied_from.push((from, key));
+                compacting.push((from, key));
             }
         }
         // Once per segment: copies made by an earlier try (which could not
@@ -2850,6 +2876,58 @@ mod tests {
         drop(store);
         let store = ShardStore::open(dir.path()).unwrap();
         assert!(matches!(store.get(&victim), Err(StoreError::NotFound)));
+    }
+
+    /// An expunge while a compaction has copied a record of its evidence
+    /// forward but not yet removed the segment (here one a damaged record
+    /// keeps) erases the original too: before, it erased only the copy and
+    /// said the evidence was gone while the original's bytes were in a
+    /// file.
+    #[test]
+    fn an_expunge_during_a_compaction_erases_the_original_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let expunged = key(150);
+        let secret: Vec<u8> = (0..600u32).map(|i| (i * 7 % 253) as u8 ^ 0x5a).collect();
+        {
+            let store = ShardStore::open(dir.path()).unwrap();
+            for n in 0..50u8 {
+                let b = body(500);
+                store.put(&header(key(n), &b), &b).unwrap();
+            }
+        }
+        {
+            let store = ShardStore::open(dir.path()).unwrap();
+            let b = body(800);
+            store.put(&header(key(100), &b), &b).unwrap();
+            store.put(&header(expunged, &secret), &secret).unwrap();
+            for n in 101..140u8 {
+                store.put(&header(key(n), &b), &b).unwrap();
+                assert!(store.delete(&key(n)).unwrap());
+            }
+        }
+        let store = ShardStore::open(dir.path()).unwrap();
+        let loc = store.log.locate(&key(100)).unwrap();
+        let seg = segment_files(dir.path())[1].clone();
+        let mut bytes = fs::read(&seg).unwrap();
+        bytes[loc.off as usize + 1] ^= 0x10;
+        fs::write(&seg, bytes).unwrap();
+        let holds = |path: &Path| {
+            fs::read(path)
+                .unwrap()
+                .windows(secret.len())
+                .any(|w| w == secret)
+        };
+        let id = store.log.locate(&expunged).unwrap().seg;
+        let mut copied = Vec::new();
+        assert!(!store.compact_segment_from(id, &mut copied).unwrap());
+        assert!(copied.iter().any(|(_, k)| *k == expunged));
+        assert!(holds(&seg), "the original is still in its segment");
+        store.erase_evidence(expunged.evidence).unwrap();
+        assert!(!holds(&seg), "the expunged original outlived its erasure");
+        assert!(
+            segment_files(dir.path()).iter().all(|f| !holds(f)),
+            "a copy outlived its erasure"
+        );
     }
 
     /// A segment found unreadable at open (here its header damaged) held
