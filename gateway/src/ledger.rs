@@ -450,6 +450,7 @@ impl Ledger {
                         .join("openings")
                 });
                 std::fs::create_dir_all(&dir)?;
+                keep_private(&dir)?;
                 (Arc::new(LocalFileSystem::new_with_prefix(&dir)?), Some(dir))
             }
             Some(url) => (bucket(url, &config.tiles_options)?, None),
@@ -565,7 +566,7 @@ impl Ledger {
             if let Some(up) = dir.parent() {
                 std::fs::File::open(up)?.sync_all()?;
             }
-            storage_node::store::write_durably(dir, &file.to_string_lossy(), &[&bytes])
+            storage_node::store::write_private(&dir.join(file), &bytes)
         })
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))??;
@@ -722,6 +723,20 @@ fn statement_kind(statement: &[u8]) -> Option<Kind> {
             .ok()
             .map(|k| k.kind)
     })
+}
+
+/// Makes the private openings archive's folder readable by its owner only
+/// (it holds every statement's salt, and with them the sealed case names,
+/// submitters and file names the published log hides): created so, and
+/// tightened at each start if an operator's folder let others in.
+fn keep_private(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))?;
+        tracing::warn!(dir = %dir.display(), was = format!("{:o}", mode & 0o777), "the private openings archive was readable by others: now its owner's only");
+    }
+    Ok(())
 }
 
 /// Writes files durably: object_store's local store writes each to a

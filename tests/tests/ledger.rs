@@ -108,6 +108,34 @@ fn a_witness_holding_another_tree_is_reported_as_a_fork() -> Result<()> {
     Ok(())
 }
 
+/// The private openings archive (every statement's salt, and so the
+/// sealed case names and submitters) is its owner's only: its folder is
+/// made so at each start even if an operator opened it up (what is in it
+/// is then out of others' reach, whatever its files' own modes).
+#[test]
+fn the_openings_archive_is_readable_by_its_owner_only() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut c = TestCluster::start(Shape::default())?;
+    c.file(&bytes(1_000, 3))?;
+    let openings = c.data_dir().join("ledger").join("openings");
+    let mode = |p: &Path| -> Result<u32> { Ok(std::fs::metadata(p)?.permissions().mode() & 0o777) };
+    ensure!(
+        mode(&openings)? == 0o700,
+        "openings folder {:o}",
+        mode(&openings)?
+    );
+    c.stop_gateway();
+    std::fs::set_permissions(&openings, std::fs::Permissions::from_mode(0o755))?;
+    c.start_gateway()?;
+    c.wait_healthy(8)?;
+    ensure!(
+        mode(&openings)? == 0o700,
+        "a folder opened up stayed so: {:o}",
+        mode(&openings)?
+    );
+    Ok(())
+}
+
 /// Every checkpoint extends the empty log's, which a monitor of a new log
 /// may hold first: `verify --consistency` says so once both verify, and
 /// refuses an empty checkpoint signed by another key, or one of size 0

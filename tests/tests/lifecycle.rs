@@ -227,11 +227,6 @@ fn a_decision_stamped_by_a_slower_clock_still_reaches_the_archive() -> Result<()
     let mut c = TestCluster::start(Shape::default())?;
     let archived = |c: &TestCluster| -> Result<Vec<u8>> {
         let dir = c.data_dir().join("ledger").join("openings");
-        let dir = if dir.exists() {
-            dir
-        } else {
-            c.data_dir().join("openings")
-        };
         Ok(std::fs::read(
             dir.join("nodes-lifecycle").join("0000000007"),
         )?)
