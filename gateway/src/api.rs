@@ -314,7 +314,11 @@ impl<S: Store> Gateway<S> {
         registry: &prometheus::Registry,
     ) -> Result<Self, StartError> {
         config.validate()?;
-        let metrics = crate::metrics::GatewayMetrics::new(registry, config.ledger.is_some())?;
+        let metrics = crate::metrics::GatewayMetrics::new(
+            registry,
+            config.ledger.is_some(),
+            config.ledger.as_ref().is_some_and(|l| l.tsa.is_some()),
+        )?;
         metrics.witness_quorum.set(
             config
                 .ledger
@@ -1513,7 +1517,10 @@ pub(crate) async fn recorded_read<S: Store>(
             crate::read::read_small(gw, &header, range.clone()),
         );
         recorded?;
-        return Ok(ReadBody::Verified(read?));
+        let read = read?;
+        // Counted once the access is on record and the bytes are in hand.
+        gw.metrics.read_bytes.inc_by(read.len() as u64);
+        return Ok(ReadBody::Verified(read));
     }
     record_access(gw, &header, actor, &range, Duration::ZERO).await?;
     let mut stream = Box::pin(crate::read::stream_range(

@@ -194,8 +194,9 @@ fn reg_if<T: prometheus::core::Collector + Clone + 'static>(
 
 impl GatewayMetrics {
     /// `ledger`: whether this gateway runs one (the ledger's gauges are
-    /// exported only then).
-    pub fn new(r: &Registry, ledger: bool) -> Result<Self, prometheus::Error> {
+    /// exported only then); `tsa`: whether that ledger has a time-stamping
+    /// authority (its clock offset is exported only then).
+    pub fn new(r: &Registry, ledger: bool, tsa: bool) -> Result<Self, prometheus::Error> {
         let counter = |name: &str, help: &str| reg(r, IntCounter::new(name, help)?);
         let gauge = |name: &str, help: &str| reg(r, IntGauge::new(name, help)?);
         let node_gauge =
@@ -397,7 +398,8 @@ impl GatewayMetrics {
                     &["node"],
                 )?,
             )?,
-            tsa_clock_offset: reg(
+            tsa_clock_offset: reg_if(
+                tsa,
                 r,
                 prometheus::Gauge::new(
                     "custodia_tsa_clock_offset_seconds",

@@ -135,7 +135,6 @@ pub async fn read_small<S: Store>(
     if content.len() as u64 != header.size || range.end > header.size || range.start > range.end {
         return Err(ReadError::Internal);
     }
-    gw.metrics.read_bytes.inc_by(range.end - range.start);
     Ok(content.slice(range.start as usize..range.end as usize))
 }
 
@@ -1058,13 +1057,14 @@ pub(crate) async fn fetch_stripe<S: Store>(
         }
         out
     } else {
-        gw.metrics.stripes_reconstructed.inc();
         let rs = gw
             .codec(k, header.code.parity_shards())
             .map_err(ReadError::Reconstruct)?;
+        let reconstructed = gw.metrics.stripes_reconstructed.clone();
         tokio::task::spawn_blocking(move || {
             rs.reconstruct_data(&mut shards)
                 .map_err(ReadError::Reconstruct)?;
+            reconstructed.inc();
             let mut out = Vec::with_capacity(k * rec_len(&shards));
             for s in shards.iter().take(k) {
                 // reconstruct_data fills every data shard or fails.

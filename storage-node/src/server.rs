@@ -609,7 +609,10 @@ async fn handle_request(
             ("time", respond(send, &Response::Time(now)).await)
         }
     };
-    let result = answered?;
+    // A stream that failed (reset by the client, timed out, cut by a
+    // write error) is counted and timed too, or node error rates and
+    // latencies would leave out the requests that went worst.
+    let result = *answered.as_ref().unwrap_or(&"stream_error");
     state
         .metrics
         .requests
@@ -620,7 +623,7 @@ async fn handle_request(
         .request_seconds
         .with_label_values(&[op])
         .observe(started.elapsed().as_secs_f64());
-    Ok(())
+    answered.map(|_| ())
 }
 
 /// A response's result label: `ok` or the error code's name.
