@@ -1152,7 +1152,8 @@ async fn file_evidence<S: Store>(
     // read); a known caller's refusal is answered after its body, if small.
     let who = authenticate(&gw, &parts.headers).await?;
     let meta = match require(&who, Role::Clerk, "file evidence")
-        .and_then(|()| filing_meta(&gw, &who, &parts.headers))
+        .and_then(|()| with_query_metadata(&parts.headers, parts.uri.query()))
+        .and_then(|headers| filing_meta(&gw, &who, &headers))
     {
         Ok(meta) => meta,
         Err(e) => {
@@ -1204,6 +1205,34 @@ fn refuse_unread_headers(h: &http::HeaderMap) -> Result<(), ApiError> {
                 FILING_HEADERS.join(", ")
             )));
         }
+        if name == "content-encoding"
+            && h.get_all(name)
+                .iter()
+                .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+        {
+            return Err(ApiError::UnsupportedMediaType(
+                "Content-Encoding: the body is filed byte for byte as it arrives, so a \
+                 compressed one would be the evidence, compressed; send the file itself; \
+                 nothing was filed"
+                    .into(),
+            ));
+        }
+        if name == "content-type"
+            && h.get_all(name).iter().any(|v| {
+                v.to_str().is_ok_and(|t| {
+                    t.trim_start()
+                        .to_ascii_lowercase()
+                        .starts_with("multipart/form-data")
+                })
+            })
+        {
+            return Err(ApiError::UnsupportedMediaType(
+                "a form upload (curl -F) would file the form's envelope around the file as \
+                 the evidence; send the file itself as the body (curl --data-binary @FILE \
+                 -H 'Content-Type: its media type'); nothing was filed"
+                    .into(),
+            ));
+        }
         if UNCHECKED_DIGESTS.contains(&name) || name.starts_with("x-amz-checksum-") {
             return Err(ApiError::BadRequest(format!(
                 "{name} is not checked here: send the acquisition hashes as \
@@ -1212,6 +1241,67 @@ fn refuse_unread_headers(h: &http::HeaderMap) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// The filing's headers with the metadata its query string carries added
+/// as the headers of the same names would be (`?case=C-17&sha256=...` for
+/// `X-Custodia-Case` and `X-Custodia-Sha256`), so both follow one set of
+/// rules. A name that is not filing metadata, or one given twice (twice in
+/// the query, or in the query and as a header), is refused: ignored, a
+/// misspelt `sha256` would leave the acquisition hash unchecked and the
+/// filing answered 201 all the same. Text that is not plain ASCII travels
+/// on as a header's `UTF-8''` percent-encoding does.
+fn with_query_metadata<'a>(
+    headers: &'a http::HeaderMap,
+    query: Option<&str>,
+) -> Result<std::borrow::Cow<'a, http::HeaderMap>, ApiError> {
+    let Some(query) = query.filter(|q| !q.is_empty()) else {
+        return Ok(std::borrow::Cow::Borrowed(headers));
+    };
+    let decode = |part: &str| {
+        percent_encoding::percent_decode_str(&part.replace('+', " "))
+            .decode_utf8()
+            .map(std::borrow::Cow::into_owned)
+            .map_err(|_| {
+                ApiError::BadRequest(format!(
+                    "query part {part:?} is not percent-encoded UTF-8; nothing was filed"
+                ))
+            })
+    };
+    let mut out = headers.clone();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let name = decode(name)?.to_ascii_lowercase();
+        let value = decode(value)?;
+        let header = format!("x-custodia-{name}");
+        let Some(&header) = FILING_HEADERS.iter().find(|h| **h == header) else {
+            return Err(ApiError::BadRequest(format!(
+                "query parameter {name:?} is not filing metadata (it is {}); nothing was filed",
+                FILING_HEADERS
+                    .iter()
+                    .map(|h| h.trim_start_matches("x-custodia-"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        };
+        if out.contains_key(header) {
+            return Err(ApiError::BadRequest(format!(
+                "{name} is given twice (in the query, or in the query and as {header}); nothing was filed"
+            )));
+        }
+        let plain = value.bytes().all(|b| (0x20..0x7f).contains(&b));
+        let value = match plain {
+            true => value,
+            false => format!(
+                "UTF-8''{}",
+                percent_encoding::utf8_percent_encode(&value, percent_encoding::NON_ALPHANUMERIC)
+            ),
+        };
+        let value = http::HeaderValue::from_str(&value)
+            .map_err(|_| ApiError::BadRequest(format!("query parameter {name}: bad value")))?;
+        out.insert(header, value);
+    }
+    Ok(std::borrow::Cow::Owned(out))
 }
 
 /// A filing's metadata, from its request's headers.

@@ -27,6 +27,10 @@ pub enum ApiError {
     /// A malformed header, id, query or range.
     #[error("{0}")]
     BadRequest(String),
+    /// A body this API would store as something other than what was meant
+    /// (compressed, or a form's envelope around a file): nothing was filed.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// The content does not match the hash the filer computed at acquisition.
     #[error("content {algorithm} is {actual}, the filer declared {declared}")]
     HashMismatch {
@@ -114,6 +118,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound | ApiError::NoSuchCredential => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::HashMismatch { .. } | ApiError::IdempotencyMismatch { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
@@ -172,6 +177,7 @@ impl ApiError {
             ApiError::NotFound => "not_found",
             ApiError::NoSuchCredential => "no_such_credential",
             ApiError::BadRequest(_) => "bad_request",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::HashMismatch { .. } => "hash_mismatch",
             ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             ApiError::UploadInProgress(_) => "upload_in_progress",

@@ -693,9 +693,24 @@ impl TestCluster {
 
     /// POST /v1/evidence with the admin token and extra headers.
     pub fn file_with(&self, token: &str, bytes: &[u8], headers: &[(&str, &str)]) -> Result<Answer> {
+        self.file_query(token, "", bytes, headers)
+    }
+
+    /// POST /v1/evidence?`query` (none when empty), as [`Self::file_with`].
+    pub fn file_query(
+        &self,
+        token: &str,
+        query: &str,
+        bytes: &[u8],
+        headers: &[(&str, &str)],
+    ) -> Result<Answer> {
+        let url = match query {
+            "" => format!("{}/v1/evidence", self.api),
+            q => format!("{}/v1/evidence?{q}", self.api),
+        };
         let mut req = self
             .agent
-            .post(format!("{}/v1/evidence", self.api))
+            .post(url)
             .header("authorization", format!("Bearer {token}"));
         for (k, v) in headers {
             req = req.header(*k, *v);

@@ -1572,6 +1572,67 @@ fn idempotency_and_declared_hashes() -> Result<()> {
         );
     }
 
+    // Metadata in the query string follows the headers' rules: its hash is
+    // checked (it was ignored, and the filing answered 201), its text
+    // percent-decoded, and a name it does not know, or one given twice,
+    // refused.
+    let queried = bytes(321, 11);
+    let qsha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&queried))
+    };
+    let a = c.file_query(&c.token, &format!("case=C-17&sha256={sha}"), &queried, &[])?;
+    assert_eq!(a.status, 422, "a wrong hash in the query: {}", a.json());
+    let a = c.file_query(
+        &c.token,
+        &format!("case=Smith+%C3%A9&sha256={qsha}&file-name=scene.mp4"),
+        &queried,
+        &[],
+    )?;
+    assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
+    let found = c.get_with(
+        &c.token,
+        &format!("/v1/evidence/by-hash/{}", blake3_hex(&queried)),
+        &[],
+    )?;
+    assert_eq!(found.json()["filings"][0]["case"], "Smith \u{e9}");
+    assert_eq!(found.json()["filings"][0]["file_name"], "scene.mp4");
+    for (query, headers) in [
+        ("sha-256=00", &[][..]),
+        ("case=a&case=b", &[][..]),
+        ("case=a", &[("x-custodia-case", "b")][..]),
+        ("case=%0Aa", &[][..]),
+    ] {
+        let a = c.file_query(&c.token, query, &queried, headers)?;
+        assert_eq!(
+            a.status,
+            400,
+            "{query}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+    }
+    // A body this API would file as something else than the file meant: a
+    // form's envelope, or compressed bytes.
+    for header in [
+        ("content-type", "multipart/form-data; boundary=x"),
+        ("content-encoding", "gzip"),
+    ] {
+        let a = c.file_with(&c.token, &queried, &[header])?;
+        assert_eq!(
+            a.status,
+            415,
+            "{header:?}: {}",
+            String::from_utf8_lossy(&a.body)
+        );
+        assert_eq!(a.json()["error"], "unsupported_media_type");
+    }
+    let found = c.get_with(
+        &c.token,
+        &format!("/v1/evidence/by-hash/{}", blake3_hex(&queried)),
+        &[],
+    )?;
+    assert_eq!(found.json()["filings"].as_array().map(Vec::len), Some(1));
+
     // Metadata headers are held to 1 KiB each: 400 with a JSON body, and
     // nothing filed.
     let named = bytes(700, 10);
