@@ -996,7 +996,14 @@ pub(crate) async fn fetch_stripe<S: Store>(
             continue;
         }
         if pending.is_empty() {
-            report_damage(gw, header.evidence, stripe);
+            // Only shards found damaged or gone say the stripe needs repair:
+            // nodes that did not answer (a network blip) say nothing of
+            // their shards, and one down for good has its stripes found by
+            // the repair scanner after its grace. Queued for every such
+            // read, a blip would flood the repair queue.
+            if damaged {
+                report_damage(gw, header.evidence, stripe);
+            }
             return Err(ReadError::Unrecoverable {
                 evidence: header.evidence,
                 stripe,
