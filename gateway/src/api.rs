@@ -1,26 +1,12 @@
 //! The evidence API (axum) and the gateway's shared state.
 //!
-//! Routes:
-//! - `POST /v1/evidence` — file evidence; the body is the content, metadata in
-//!   headers (`X-Custodia-Case`, `X-Custodia-File-Name`, `X-Custodia-Submitter`,
-//!   `Content-Type`, acquisition hashes `X-Custodia-Blake3` / `X-Custodia-Sha256`,
-//!   `Idempotency-Key`). 201 with the filing's JSON.
-//! - `GET /v1/evidence/{id}` — the content, verified; single `Range` supported.
-//! - `GET /v1/evidence/{id}/manifest` — the filing's metadata as JSON.
-//! - `GET /v1/evidence/by-hash/{blake3}` — filings of this content, caller's tenant only.
-//! - `GET /v1/repair/queue` — stripes queued for repair (admin).
-//! - `POST /v1/admin/tokens` — `{"tenant": "...", "role": "reader|clerk|admin"}`
-//!   creates a credential and returns its token once (admin).
-//! - `POST /v1/admin/tenants` — `{"name": "..."}` registers a tenant (admin).
-//! - `POST /v1/admin/keys` — `{"tenant", "role", "bypass_governance"?}`: a
-//!   token and an S3 access key, returned once (admin; never `expunger`).
-//! - `POST /v1/admin/keys/revoke` — `{"token"?, "access_key"?}`: revokes a
-//!   bearer token and/or an S3 access key at once (admin); 404 if neither
-//!   exists.
-//! - `GET /healthz` — liveness and node counts.
+//! Its routes, parameters, bodies and answers are described in
+//! `gateway/openapi.json` (OpenAPI 3.1), served at `GET /v1/openapi.json`;
+//! a test holds it to the routes [`router`] serves.
 //!
-//! `/healthz`, the published log (`/ledger/*`), its key (`/v1/ledger/key`),
-//! its proofs (`/v1/ledger/inclusion`, `/v1/ledger/consistency`) and the
+//! `/healthz`, this API's description (`/v1/openapi.json`), the published
+//! log (`/ledger/*`), its key (`/v1/ledger/key`), its proofs
+//! (`/v1/ledger/inclusion`, `/v1/ledger/consistency`) and the
 //! time-stamping service (`/tsa`) need no credentials: they reveal nothing
 //! of what was filed. Every other route needs
 //! `Authorization: Bearer <token>`; tokens map to a
@@ -877,6 +863,7 @@ pub(crate) async fn tls_handshake(
 pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {
     Router::new()
         .route("/healthz", get(healthz::<S>))
+        .route("/v1/openapi.json", get(openapi))
         .route("/v1/evidence", post(file_evidence::<S>))
         .route("/v1/evidence/by-hash/{blake3}", get(by_hash::<S>))
         .route(
@@ -1038,6 +1025,13 @@ async fn healthz<S: Store>(State(gw): State<Arc<Gateway<S>>>) -> Json<serde_json
         "nodes_total": gw.nodes.len(),
         "nodes_healthy": gw.nodes.healthy_count(),
     }))
+}
+
+/// This API's OpenAPI description.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 fn meta_header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
@@ -2395,6 +2389,63 @@ async fn revoke_key<S: Store>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `openapi.json` describes exactly the routes and methods [`router`]
+    /// serves (read from its source: axum's router does not list them),
+    /// and every operation answers errors with the one error schema.
+    #[test]
+    fn the_openapi_document_describes_every_route_and_no_other() {
+        use std::collections::BTreeSet;
+        const METHODS: [&str; 5] = ["get", "post", "put", "delete", "head"];
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+        let paths = doc["paths"].as_object().unwrap();
+        let documented: BTreeSet<(String, String)> = paths
+            .iter()
+            .flat_map(|(path, ops)| {
+                let ops = ops.as_object().unwrap();
+                ops.keys()
+                    .filter(|m| METHODS.contains(&m.as_str()))
+                    .map(move |m| (m.clone(), path.clone()))
+            })
+            .collect();
+        let source = include_str!("api.rs");
+        let start = source.find("pub fn router<").unwrap();
+        let end = start + source[start..].find(".with_state(gw)").unwrap();
+        let mut served = BTreeSet::new();
+        for chunk in source[start..end].split(".route(").skip(1) {
+            let path = chunk
+                .split('"')
+                .nth(1)
+                .unwrap()
+                .replace("{*path}", "{path}");
+            for m in METHODS {
+                let called = chunk.match_indices(&format!("{m}(")).any(|(at, _)| {
+                    chunk[..at]
+                        .chars()
+                        .next_back()
+                        .is_none_or(|c| !c.is_alphanumeric() && c != '_')
+                });
+                if called {
+                    served.insert((m.to_owned(), path.clone()));
+                }
+            }
+        }
+        assert!(
+            served.len() > 20,
+            "the router's source was not read: {served:?}"
+        );
+        assert_eq!(documented, served, "documented vs served");
+        for (method, path) in &documented {
+            let op = &paths[path][method];
+            assert!(
+                op["operationId"].is_string(),
+                "{method} {path}: no operationId"
+            );
+            assert!(op["responses"].is_object(), "{method} {path}: no responses");
+        }
+        assert!(doc["components"]["schemas"]["Error"].is_object());
+    }
 
     /// A client that stops reading a response (far larger than the sockets'
     /// buffers) is cut off once the response has made no progress for the
