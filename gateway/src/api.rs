@@ -1855,7 +1855,8 @@ async fn uploads_before_lifecycle<S: Store>(
 
 fn node_id_param<S: Store>(gw: &Gateway<S>, id: &str) -> Result<NodeId, ApiError> {
     let id = NodeId(
-        id.trim_start_matches('n')
+        id.strip_prefix('n')
+            .unwrap_or(id)
             .parse()
             .map_err(|_| ApiError::BadRequest(format!("{id:?} is not a node id")))?,
     );
