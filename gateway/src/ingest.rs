@@ -85,6 +85,11 @@ pub struct FilingMeta {
     /// is left of it against the gateway's receive memory. `None`: a whole
     /// stripe. A body longer than this is refused.
     pub body_len_at_most: Option<u64>,
+    /// `body_len_at_most` is what the body must hold, not only a bound (an
+    /// S3 PUT's Content-Length, or its aws-chunked decoded length, which
+    /// the chunk decoder does not hold the chunks to): a body that ends
+    /// short is refused as cut off, never stored as the whole object.
+    pub body_len_exact: bool,
     /// The client sent `Expect: 100-continue` and waits for a go-ahead
     /// before its body: a refusal answers at once, without reading it
     /// (reading is the go-ahead, and the client would then send all of a
@@ -561,6 +566,13 @@ impl<S: Store> Upload<S> {
         // from itself (an S3 copy, a multipart completion, whose parts were
         // counted as they came) do not.
         let from_client = !meta.body_from_store;
+        if let Some(declared) = meta.body_len_at_most.filter(|_| meta.body_len_exact) {
+            if size != declared {
+                return Err(ApiError::BodyIncomplete(format!(
+                    "{size} of the {declared} bytes declared arrived"
+                )));
+            }
+        }
         check_declared(&header, meta.expect_blake3, meta.expect_sha256)?;
         if let Some(check) = &meta.body_check {
             (check.0)()?;

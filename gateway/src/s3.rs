@@ -1882,6 +1882,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 completes: None,
             }),
             body_len_at_most: body_len_at_most(&req.method, &req.headers),
+            body_len_exact: true,
             ..Default::default()
         };
         // The upload runs in its own task, so a client that goes away leaves
@@ -2647,6 +2648,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             body_check,
             part: Some((upload, number)),
             body_len_at_most: body_len_at_most(&req.method, &req.headers),
+            body_len_exact: true,
             ..Default::default()
         };
         let record = self.file_part(meta, body).await?;

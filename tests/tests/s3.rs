@@ -221,6 +221,39 @@ fn aws_chunked_trailers_are_verified_after_the_last_byte() -> Result<()> {
             assert!(h.starts_with("http/1.1 404"), "nothing stored: {h}");
         }
     }
+    // Chunks that end short of the decoded length declared (their own
+    // trailer right for what came): refused as an incomplete body, as S3
+    // does, never stored as the whole object.
+    let short = &data[..90_000];
+    let mut framed = Vec::new();
+    framed.extend(format!("{:x}\r\n", short.len()).bytes());
+    framed.extend(short);
+    framed.extend(format!("\r\n0\r\nx-amz-checksum-sha256:{}\r\n\r\n", sha(short)).bytes());
+    let file = c.data_dir().join("short.chunked");
+    std::fs::write(&file, framed)?;
+    let url = format!("{}/trail/short", c.s3);
+    let (h, body) = curl(
+        &c,
+        "PUT",
+        &url,
+        &[
+            "-H",
+            "x-amz-content-sha256: STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+            "-H",
+            "content-encoding: aws-chunked",
+            "-H",
+            &format!("x-amz-decoded-content-length: {}", data.len()),
+            "-H",
+            "x-amz-trailer: x-amz-checksum-sha256",
+            "--data-binary",
+            &format!("@{}", file.display()),
+        ],
+    )?;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert!(h.starts_with("http/1.1 400"), "{h}{body}");
+    assert!(body.contains("IncompleteBody"), "{body}");
+    let (h, _) = curl(&c, "HEAD", &url, &[])?;
+    assert!(h.starts_with("http/1.1 404"), "nothing stored: {h}");
     Ok(())
 }
 
