@@ -1252,8 +1252,18 @@ fn with_query_metadata<'a>(
     let Some(query) = query.filter(|q| !q.is_empty()) else {
         return Ok(std::borrow::Cow::Borrowed(headers));
     };
+    // A `+` is a space in HTML forms and itself in URIs: which one a
+    // client meant cannot be told (a capture time's `+02:00`), so it is
+    // refused rather than guessed.
+    if query.contains('+') {
+        return Err(ApiError::BadRequest(
+            "a '+' in the query is ambiguous (a space in forms, a plus in URIs): write %20 \
+             for a space and %2B for a plus; nothing was filed"
+                .into(),
+        ));
+    }
     let decode = |part: &str| {
-        percent_encoding::percent_decode_str(&part.replace('+', " "))
+        percent_encoding::percent_decode_str(part)
             .decode_utf8()
             .map(std::borrow::Cow::into_owned)
             .map_err(|_| {
@@ -1284,11 +1294,15 @@ fn with_query_metadata<'a>(
             )));
         }
         let plain = value.bytes().all(|b| (0x20..0x7f).contains(&b));
+        // Only what a header could not carry is encoded (controls, which
+        // are then refused, non-ASCII, and `%` itself): the value stays as
+        // long as the header a client would send.
+        const ENCODED: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
         let value = match plain {
             true => value,
             false => format!(
                 "UTF-8''{}",
-                percent_encoding::utf8_percent_encode(&value, percent_encoding::NON_ALPHANUMERIC)
+                percent_encoding::utf8_percent_encode(&value, ENCODED)
             ),
         };
         let value = http::HeaderValue::from_str(&value)

@@ -786,10 +786,22 @@ pub async fn sweep_orphans<S: Store>(
                         .await
                     {
                         Ok(true) => sweep.adopted += 1,
-                        // Not its shard after all (or changed meanwhile):
-                        // looked at again next sweep.
+                        // Not adoptable (its node holds another shard of
+                        // the stripe, or it is not the record's copy after
+                        // all, or the record changed meanwhile): looked at
+                        // again next sweep, and the recorded copy, missing
+                        // or damaged, is repair's to rebuild (nothing else
+                        // would queue it: scrub cannot find a file that is
+                        // not there).
                         Ok(false) => {
                             still.insert((node, key), first);
+                            gw.no_home.damaged(key.evidence, key.stripe);
+                            if let Err(e) =
+                                crate::repair::mark_degraded(gw, &[(key.evidence, key.stripe)])
+                                    .await
+                            {
+                                tracing::warn!(shard = %key, error = %e, "could not queue a stripe whose recorded copy is missing");
+                            }
                         }
                         Err(e) => {
                             tracing::debug!(%node, shard = %key, error = %e, "could not adopt a copy");

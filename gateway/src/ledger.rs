@@ -450,7 +450,11 @@ impl Ledger {
                         .join("openings")
                 });
                 std::fs::create_dir_all(&dir)?;
-                keep_private(&dir)?;
+                // Not fatal (a folder another user owns, a file system
+                // without modes): said, loudly, and the archive still kept.
+                if let Err(e) = keep_private(&dir) {
+                    tracing::error!(dir = %dir.display(), error = %e, "could not make the private openings archive its owner's only: check who can read it");
+                }
                 (Arc::new(LocalFileSystem::new_with_prefix(&dir)?), Some(dir))
             }
             Some(url) => (bucket(url, &config.tiles_options)?, None),

@@ -935,7 +935,7 @@ async fn queue_stripes<S: Store>(
 }
 
 /// Queues `stripes` for repair, in one transaction.
-async fn mark_degraded<S: Store>(
+pub(crate) async fn mark_degraded<S: Store>(
     gw: &Gateway<S>,
     stripes: &[(EvidenceId, u64)],
 ) -> Result<(), ApiError> {
@@ -1246,63 +1246,45 @@ pub async fn repair_stripe<S: Store>(
     outcome
 }
 
-/// Stripes with shards to move and nowhere to put them, each with when its
-/// nodes last checked its shards in place (`None`: damage was reported
-/// since). A stripe is checked when first met so, when a read or a scrub
-/// here reports damage in it, and once per `repair_rewalk_ms` (damage
-/// another gateway heard of), so a pass while a node of a k+m cluster
-/// stays gone reads nothing. (Its queue mark is no such signal: each walk
-/// for shards on gone nodes marks the stripe again.)
+/// Stripes a read or a scrub here found damaged, for repair to check in
+/// place while their shards have nowhere to move: their nodes hash their
+/// shards (nothing moves), and only damage found goes on to be rebuilt.
+/// Nothing else is checked so, so a pass while a node of a k+m cluster
+/// stays gone reads nothing; latent damage is scrub's to find, and its
+/// quarantine reports it here. (The stripe's queue mark is no such signal:
+/// each walk for shards on gone nodes marks the stripe again.)
 #[derive(Debug, Default)]
 pub struct NoHomeChecks {
-    checked: std::sync::Mutex<HashMap<(EvidenceId, u64), Option<Instant>>>,
+    damaged: std::sync::Mutex<std::collections::HashSet<(EvidenceId, u64)>>,
 }
 
-/// Stripes remembered; past it, more such stripes wait for a home
-/// unchecked, as all did before (about 48 bytes each).
+/// Stripes remembered (about 40 bytes each); past it, damage reported in
+/// more waits for a home, as all did before.
 const NO_HOME_KEPT: usize = 262_144;
 
 impl NoHomeChecks {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(EvidenceId, u64), Option<Instant>>> {
-        self.checked
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<(EvidenceId, u64)>> {
+        self.damaged
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Whether the stripe, with nowhere to move its shards, is to be
-    /// checked in place now; if so, notes it checked.
-    fn check_due(&self, evidence: EvidenceId, stripe: u64, every: Duration) -> bool {
-        use std::collections::hash_map::Entry;
-        let now = Instant::now();
-        let mut checked = self.lock();
-        let full = checked.len() >= NO_HOME_KEPT;
-        match checked.entry((evidence, stripe)) {
-            Entry::Occupied(mut last) => {
-                let recent = last
-                    .get()
-                    .is_some_and(|t| now.saturating_duration_since(t) < every);
-                if !recent {
-                    last.insert(Some(now));
-                }
-                !recent
-            }
-            Entry::Vacant(_) if full => false,
-            Entry::Vacant(slot) => {
-                slot.insert(Some(now));
-                true
-            }
-        }
+    /// checked in place now (damage was reported in it); taken off the
+    /// list either way.
+    fn check_due(&self, evidence: EvidenceId, stripe: u64) -> bool {
+        self.lock().remove(&(evidence, stripe))
     }
 
-    /// A read or a scrub found a shard of the stripe damaged: if it has
-    /// nowhere to go, it is checked in place at its next repair.
+    /// A read or a scrub found a shard of the stripe damaged.
     pub(crate) fn damaged(&self, evidence: EvidenceId, stripe: u64) {
-        if let Some(last) = self.lock().get_mut(&(evidence, stripe)) {
-            *last = None;
+        let mut damaged = self.lock();
+        if damaged.len() < NO_HOME_KEPT {
+            damaged.insert((evidence, stripe));
         }
     }
 
-    /// The stripe's shards found homes (or it left the queue).
+    /// The stripe is being repaired in full (every shard read or checked).
     fn forget(&self, evidence: EvidenceId, stripe: u64) {
         self.lock().remove(&(evidence, stripe));
     }
@@ -1537,16 +1519,13 @@ impl StripeLease {
     }
 
     /// Adopts the copy of shard `key` on `node` into its stripe's record,
-    /// if the record has no node for it: a copy the index lost track of
-    /// (left on a node that was down while `recover-index` ran, say) and
-    /// that the node has just re-hashed to the record's BLAKE3. Committed
-    /// under the lease, with the stripe's compare-and-set, like a repair;
-    /// the stripe stays queued for repair to re-count. Returns whether it
-    /// was adopted.
-    /// Adopts the copy of shard `key` on `node` into its stripe's record,
-    /// in the slot of a copy the record has no node for (`replacing`
-    /// `None`) or of one on node `replacing` found missing or damaged
-    /// there, if the copy verifies and is the record's. Says whether it did.
+    /// once the node has just re-hashed it to the record's BLAKE3: in the
+    /// slot of a copy the record has no node for (`replacing` `None`: a
+    /// copy the index lost track of, left on a node that was down while
+    /// `recover-index` ran, say), or of the copy on node `replacing`, found
+    /// missing or damaged there. Committed under the lease, with the
+    /// stripe's compare-and-set, like a repair; the stripe stays queued for
+    /// repair to re-count. Returns whether it was adopted.
     pub(crate) async fn adopt<S: Store>(
         &self,
         gw: &Gateway<S>,
@@ -1790,24 +1769,20 @@ async fn repair_leased<S: Store>(
     // Some homes but too few: those there are are used, and the stripe
     // stays queued for the rest. None at all: a shard rotting on its own
     // node can still be rebuilt there (rather than leave the stripe short
-    // of two shards until a node is added), so the stripe's nodes check
-    // their shards in place (they hash them; nothing moves) when it is
-    // first met with nowhere to go and again whenever a read or a scrub
-    // marks it anew, and only damage found goes on to be rebuilt.
+    // of two shards until a node is added), so once a read or a scrub
+    // reports damage in the stripe its nodes check their shards in place
+    // (they hash them; nothing moves), and only damage found goes on.
     if !moving.is_empty() && homeless.len() <= m {
-        let rewalk = Duration::from_millis(gw.config.repair_rewalk_ms);
         let holders = holders_except(&rec, &moving);
         let targets = choose_targets(gw, evidence, stripe, &holders, &rec, nodes, moving.len());
         if targets.is_empty()
-            && (!gw.no_home.check_due(evidence, stripe, rewalk)
+            && (!gw.no_home.check_due(evidence, stripe)
                 || !damaged_in_place(gw, evidence, stripe, &rec, &order).await)
         {
             return Ok(Outcome::NoHome);
         }
     }
-    if moving.is_empty() {
-        gw.no_home.forget(evidence, stripe);
-    }
+    gw.no_home.forget(evidence, stripe);
     // Shards crowded into one failure domain (placed while another domain
     // was down or full, or before one was added) move as a drain's do,
     // each copied from its node to one in an emptier domain: only once
@@ -2381,13 +2356,17 @@ fn homes_for<S: Store>(
             && !evacuating.contains(&n))
         .then_some(n)
     };
-    // Shards that can go back home do, so the others get the targets.
+    // Shards that can go back home do, so the others get the targets;
+    // of those, lost and damaged shards before ones merely moving (off a
+    // draining node, out of a crowded domain), which are still there.
     let elsewhere = rebuild.iter().filter(|&&i| own(i).is_none()).count();
     let mut targets = targets.into_iter();
     let mut spare = targets.len().saturating_sub(elsewhere);
-    rebuild
-        .iter()
-        .map(|&i| match own(i) {
+    let mut order: Vec<usize> = (0..rebuild.len()).collect();
+    order.sort_by_key(|&at| relocating.contains(&rebuild[at]));
+    let mut homes = vec![None; rebuild.len()];
+    for at in order {
+        homes[at] = match own(rebuild[at]) {
             // A target left over is still preferred: a shard on a node
             // whose copy went bad is better moved.
             Some(n) if spare == 0 => Some(n),
@@ -2396,8 +2375,9 @@ fn homes_for<S: Store>(
                 targets.next()
             }
             None => targets.next(),
-        })
-        .collect()
+        };
+    }
+    homes
 }
 
 /// Nodes to take `n` rebuilt shards: healthy, with room, not already

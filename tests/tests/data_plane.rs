@@ -1585,7 +1585,7 @@ fn idempotency_and_declared_hashes() -> Result<()> {
     assert_eq!(a.status, 422, "a wrong hash in the query: {}", a.json());
     let a = c.file_query(
         &c.token,
-        &format!("case=Smith+%C3%A9&sha256={qsha}&file-name=scene.mp4"),
+        &format!("case=Smith%20%C3%A9&sha256={qsha}&file-name=scene.mp4"),
         &queried,
         &[],
     )?;
@@ -1602,6 +1602,8 @@ fn idempotency_and_declared_hashes() -> Result<()> {
         ("case=a&case=b", &[][..]),
         ("case=a", &[("x-custodia-case", "b")][..]),
         ("case=%0Aa", &[][..]),
+        // A space in forms, a plus in URIs: which one is not guessed.
+        ("capture-time=2024-05-01T10:00:00+02:00", &[][..]),
     ] {
         let a = c.file_query(&c.token, query, &queried, headers)?;
         assert_eq!(
