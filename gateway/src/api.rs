@@ -300,6 +300,9 @@ impl<S: Store> Gateway<S> {
         registry: &prometheus::Registry,
     ) -> Result<Self, StartError> {
         config.validate()?;
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
         let metrics = crate::metrics::GatewayMetrics::new(
             registry,
             config.ledger.is_some(),

@@ -459,6 +459,40 @@ impl GatewayConfig {
         }
         Ok(())
     }
+
+    /// Settings that work but that an operator should hear about, each as
+    /// a sentence for the log.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.orphan_grace_ms < self.repair_old_copy_grace_ms {
+            out.push(format!(
+                "orphan_grace_ms ({}) is shorter than repair_old_copy_grace_ms ({}): the orphan \
+                 sweep may delete a repaired shard's old copy while a read that began on the old \
+                 placement still needs it",
+                self.orphan_grace_ms, self.repair_old_copy_grace_ms
+            ));
+        }
+        let cleartext = |what: &str, addr: &SocketAddr, setting: &str| {
+            format!(
+                "the {what} listens on {addr}, beyond this host, without TLS ({setting}): what \
+                 it is sent and answers crosses the network in clear; set {setting}, or listen \
+                 on loopback behind a TLS proxy"
+            )
+        };
+        if self.api_tls.is_none() && !self.listen.ip().is_loopback() {
+            out.push(cleartext(
+                "evidence API (bearer tokens in every request)",
+                &self.listen,
+                "api_tls",
+            ));
+        }
+        if let Some(s3) = self.s3_listen.filter(|a| !a.ip().is_loopback()) {
+            if self.s3_tls.is_none() {
+                out.push(cleartext("S3 API", &s3, "s3_tls"));
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -565,6 +599,19 @@ failure_domain = "rack-a"
         assert!(c.read_stripes() >= 64, "one read's pipeline always fits");
         c.read_stripes_in_flight = 3;
         assert_eq!(c.read_stripes(), 3);
+    }
+
+    #[test]
+    fn cleartext_beyond_loopback_and_a_short_orphan_grace_are_warned_of() {
+        let c = example();
+        assert!(c.warnings().is_empty(), "{:?}", c.warnings());
+        let mut c = example();
+        c.listen = "0.0.0.0:8080".parse().unwrap();
+        c.orphan_grace_ms = 1_000;
+        let w = c.warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w.iter().any(|w| w.contains("without TLS")), "{w:?}");
+        assert!(w.iter().any(|w| w.contains("orphan_grace_ms")), "{w:?}");
     }
 
     #[test]
