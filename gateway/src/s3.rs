@@ -788,6 +788,7 @@ impl<S: Store> S3Front<S> {
                 legal_hold: false,
                 content: ix::ContentHeaders::default(),
             };
+            let gw = &self.gw;
             let done = indexer::run(&self.gw.store, |tx| {
                 let (bucket, key, marker) = (&bucket, &key, &marker);
                 async move {
@@ -795,26 +796,46 @@ impl<S: Store> S3Front<S> {
                         let current = match ix::get_version_tx(&tx, bucket, key, None).await {
                             Ok(v) if !v.is_delete_marker() => Some(v),
                             Ok(_) | Err(ObjectError::NoSuchKey) => None,
-                            Err(e) => return Err(e),
+                            Err(e) => return Err(e.into()),
                         };
                         // As for a PUT: nothing to match is 404, not 412.
                         if current.is_none() {
-                            return Err(ObjectError::NoSuchKey);
+                            return Err(ObjectError::NoSuchKey.into());
                         }
                         if unmatched(current.as_ref()) {
-                            return Err(refused());
+                            return Err(refused().into());
                         }
                     }
-                    ix::delete_current_tx(&tx, bucket, key, marker, compliance, bypass, b).await
+                    // Outside a bucket with versioning enabled, the null
+                    // version (if any) goes for good.
+                    let null = match b.versioning {
+                        Versioning::Enabled => None,
+                        _ => ix::null_version_tx(&tx, bucket, key).await?,
+                    };
+                    let done =
+                        ix::delete_current_tx(&tx, bucket, key, marker, compliance, bypass, b)
+                            .await?;
+                    let removed_null = match &done {
+                        Deleted::Removed => true,
+                        Deleted::Marker(m) => m.null_version,
+                    };
+                    if let Some(v) = null.filter(|_| removed_null) {
+                        unlinked_tx(gw, &tx, who, bucket, key, &v).await?;
+                    }
+                    Ok::<_, ApiError>(done)
                 }
             })
             .await
-            .map_err(|e| s3_err(e.into()))?;
+            .map_err(s3_err)?;
+            if let Some(l) = &self.gw.ledger {
+                l.queued();
+            }
             return Ok(match done {
                 Deleted::Marker(m) => (Some(true), show_version(b, &m)),
                 Deleted::Removed => (None, None),
             });
         }
+        let gw = &self.gw;
         let removed = indexer::run(&self.gw.store, |tx| {
             let (bucket, key) = (&bucket, &key);
             async move {
@@ -823,7 +844,7 @@ impl<S: Store> S3Front<S> {
                         match ix::get_version_tx(&tx, bucket, key, Some(id)).await {
                             Ok(v) => Some(v),
                             Err(ObjectError::NoSuchVersion) => None,
-                            Err(e) => return Err(e),
+                            Err(e) => return Err(e.into()),
                         }
                     }
                     _ => ix::null_version_tx(&tx, bucket, key).await?,
@@ -832,15 +853,20 @@ impl<S: Store> S3Front<S> {
                     return Ok(None);
                 };
                 if unmatched(Some(&v)) {
-                    return Err(refused());
+                    return Err(refused().into());
                 }
-                ix::delete_version_tx(&tx, bucket, key, v.version_id, compliance, bypass, b)
-                    .await
-                    .map(Some)
+                let v =
+                    ix::delete_version_tx(&tx, bucket, key, v.version_id, compliance, bypass, b)
+                        .await?;
+                unlinked_tx(gw, &tx, who, bucket, key, &v).await?;
+                Ok::<_, ApiError>(Some(v))
             }
         })
         .await
-        .map_err(|e| s3_err(e.into()))?;
+        .map_err(s3_err)?;
+        if let Some(l) = &self.gw.ledger {
+            l.queued();
+        }
         // S3 names the version asked for, whether or not there was one
         // (deleting what is not there succeeds, as S3's DELETE does).
         let named = version_id.map(str::to_owned);
@@ -1240,6 +1266,37 @@ fn evidence_worm(v: &ObjectVersion) -> (Option<u64>, bool) {
         .filter(|r| r.mode == LockMode::Compliance)
         .map(|r| r.until_ms);
     (until, v.legal_hold)
+}
+
+/// Puts on the ledger, in the transaction that removes it, that `who`
+/// removed version `v` of `bucket/key` from S3 for good (deleted by its
+/// id, or the null version a DELETE replaced): its evidence stays, and the
+/// evidence API still reads it, but no S3 name leads to it any more, and
+/// custody shows who did that. Nothing for a delete marker, or where no
+/// ledger runs.
+async fn unlinked_tx<S: Store>(
+    gw: &Gateway<S>,
+    tx: &<S as indexer::KvStore>::Tx,
+    who: &Caller,
+    bucket: &str,
+    key: &str,
+    v: &ObjectVersion,
+) -> Result<(), ApiError> {
+    let Some(evidence) = v.evidence else {
+        return Ok(());
+    };
+    let Some(h) = schema::get_manifest_tx(tx, evidence).await? else {
+        return Ok(());
+    };
+    let detail = serde_json::json!({
+        "s3_version_deleted": { "bucket": bucket, "key": key, "version": v.version_id.to_string() },
+    });
+    if let Some(p) =
+        crate::api::event_statement(gw, &h, protocol::ledger::Kind::Admin, who.actor(), &detail)?
+    {
+        indexer::ledger::enqueue_tx(tx, 0, &p);
+    }
+    Ok(())
 }
 
 /// At most how many bytes a request's body holds: its Content-Length,

@@ -830,6 +830,30 @@ fn aws_cli_files_lists_reads_and_deletes_objects_as_evidence() -> Result<()> {
     )?;
     let still = c.get_with(&c.token, &format!("/v1/evidence/{id}"), &[])?;
     assert_eq!((still.status, still.body.as_slice()), (200, &b"top\n"[..]));
+    // Who took its name away is on the ledger, in its custody (before, only
+    // in the gateway's log).
+    let unlinked = custodia_tests::eventually(15, || {
+        c.get_with(&c.token, &format!("/v1/evidence/{id}/custody"), &[])
+            .map(|a| {
+                a.json()["events"].as_array().is_some_and(|e| {
+                    e.iter().any(|e| {
+                        use base64::Engine as _;
+                        let statement = base64::engine::general_purpose::STANDARD
+                            .decode(e["receipt"]["statement"].as_str().unwrap_or_default())
+                            .unwrap_or_default();
+                        e["kind"] == "admin"
+                            && serde_json::from_slice::<Value>(&statement).is_ok_and(|s| {
+                                s["actor"].as_str().is_some_and(|a| a.contains("/s3:"))
+                            })
+                    })
+                })
+            })
+            .unwrap_or(false)
+    });
+    assert!(
+        unlinked,
+        "deleting the object through S3 is not a custody event"
+    );
     aws.fails(
         "BucketNotEmpty",
         &["s3api", "delete-bucket", "--bucket", "evidence"],
