@@ -245,15 +245,34 @@ where
 
 /// The digest kept with an Idempotency-Key of what the request said that
 /// the manifest does not keep, so that a replay can be checked against it:
-/// the declared provenance (notarized in the `filed` statement only).
+/// the declared provenance and who filed (both notarized in the `filed`
+/// statement only). A replay by another caller of the tenant would be told
+/// of a filing it never made, one whose statement names someone else.
 fn request_digest(meta: &FilingMeta) -> [u8; 32] {
-    let mut h = blake3::Hasher::new_derive_key("custodia 2026 idempotent request v1");
+    digest_of(
+        meta,
+        "custodia 2026 idempotent request v2",
+        Some(&meta.actor),
+    )
+}
+
+/// The digest keys stored before it named the caller: a replay of one of
+/// those is checked on its provenance alone.
+fn request_digest_v1(meta: &FilingMeta) -> [u8; 32] {
+    digest_of(meta, "custodia 2026 idempotent request v1", None)
+}
+
+fn digest_of(meta: &FilingMeta, context: &str, actor: Option<&Option<String>>) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key(context);
     for field in [
         &meta.provenance.source_device,
         &meta.provenance.capture_time,
         &meta.provenance.capture_method,
         &meta.provenance.prior_custody,
-    ] {
+    ]
+    .into_iter()
+    .chain(actor)
+    {
         // Length-prefixed, with absent distinct from empty.
         match field {
             None => h.update(&[0]),
@@ -309,8 +328,8 @@ where
         .or_else(|| (meta.legal_hold && !header.legal_hold).then_some("legal hold"))
         .or_else(|| {
             request
-                .is_some_and(|r| r != request_digest(meta))
-                .then_some("provenance")
+                .is_some_and(|r| r != request_digest(meta) && r != request_digest_v1(meta))
+                .then_some("provenance or filer (another caller of the tenant used this key)")
         })
         .or_else(|| {
             meta.expect_blake3

@@ -1458,6 +1458,21 @@ fn idempotency_and_declared_hashes() -> Result<()> {
     assert_eq!(again.status, 201);
     assert_eq!(first.json()["id"], again.json()["id"]);
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    // Another caller of the tenant reusing the key is not told of a filing
+    // it never made (whose statement names someone else).
+    let mut made = ureq::post(format!("{}/v1/admin/tokens", c.api))
+        .header("authorization", format!("Bearer {}", c.token))
+        .send_json(serde_json::json!({ "tenant": "admin", "role": "clerk" }))?;
+    let clerk: serde_json::Value = made.body_mut().read_json()?;
+    let clerk = clerk["token"].as_str().context("a clerk token")?;
+    let other = c.file_with(clerk, &data, &[("idempotency-key", "upload-42")])?;
+    assert_eq!(
+        other.status,
+        422,
+        "{}",
+        String::from_utf8_lossy(&other.body)
+    );
+    assert_eq!(other.json()["error"], "idempotency_key_reused");
 
     // The key names that filing only: a request that does not repeat it
     // (other bytes, another declared hash, other metadata) is refused with
