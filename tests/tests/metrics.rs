@@ -339,6 +339,28 @@ fn prometheus_scrapes_every_process_and_every_dashboard_query_has_data() -> Resu
     at_least("sum(custodia_node_corrupt_shards_total)", 1.0);
     at_least("sum(custodia_stripes_reconstructed_total)", 1.0);
     at_least("sum(custodia_filings_total)", 8.0);
+    // Counters a panel shows that this traffic must have moved (a panel
+    // over a counter registered at 0 has "data" whether or not anything
+    // counts into it).
+    at_least("sum(custodia_ingest_bytes_total)", 8.0 * 30_000.0);
+    at_least("sum(custodia_read_bytes_total)", 30_000.0);
+    at_least("sum(custodia_shards_written_total)", 8.0 * 6.0);
+    at_least("sum(custodia_shards_read_total)", 4.0);
+    at_least("sum(custodia_shards_damaged_total)", 1.0);
+    at_least(
+        r#"sum(custodia_node_requests_total{op="put",result="ok"})"#,
+        8.0 * 6.0,
+    );
+    at_least(
+        "sum(custodia_node_shard_bytes_written_total)",
+        8.0 * 30_000.0,
+    );
+    // The rules evaluate against the live series: the dead node's alert is
+    // pending (its `for:` is 2 minutes), and under its own label.
+    at_least(
+        r#"count(ALERTS{alertname="CustodiaNodeDown",node="7",alertstate=~"pending|firing"})"#,
+        1.0,
+    );
     at_least("max(custodia_ledger_entries)", 8.0);
     at_least(
         r#"sum(custodia_http_requests_total{api="s3",route="PUT",status="200"})"#,
