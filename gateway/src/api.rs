@@ -2137,8 +2137,16 @@ async fn status<S: Store>(
             })
         })
         .collect();
-    let integrated = gw.metrics.checkpoint_time.get();
-    let now_s = gw.clock.now_ms() as f64 / 1000.0;
+    // Known here only on the gateway integrating the ledger (another's
+    // figure would be stale and grow without end), and measured with the
+    // clock it was taken by (the system clock: the stamping clock may be
+    // held ahead of it after a step back).
+    let integrating = gw.ledger.as_ref().is_some_and(|l| l.integrating());
+    let integrated = match integrating {
+        true => gw.metrics.checkpoint_time.get(),
+        false => 0.0,
+    };
+    let now_s = crate::ledger::unix_now_secs_f64();
     let clock = gw.clock.reading();
     let mut stripes: Vec<_> = degraded.iter().map(|(e, _)| *e).collect();
     stripes.dedup();
@@ -2153,6 +2161,9 @@ async fn status<S: Store>(
             // Seconds since a signed checkpoint last covered every waiting
             // entry (the integrator checks each second): small when healthy.
             "checkpoint_age_s": (integrated > 0.0).then(|| (now_s - integrated).max(0.0)),
+            // Whether this gateway integrates the ledger (if not, the age
+            // is another gateway's to tell).
+            "integrating": integrating,
             "witnesses": gw.metrics.witness_quorum.get(),
             "cosigned_entries": gw.metrics.cosigned_entries.get(),
         },

@@ -1499,6 +1499,16 @@ impl Ledger {
         }
     }
 
+    /// Whether this gateway holds the integrator lease, as far as it knows
+    /// (taken or renewed within a term): only the integrator sees each
+    /// checkpoint as it is signed.
+    pub fn integrating(&self) -> bool {
+        self.lease
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|(_, at)| at.elapsed() < Duration::from_millis(LEASE_MS))
+    }
+
     /// The watched lease, if it has gone a whole term unchanged by this
     /// process's monotonic clock (its holder is gone, whatever its
     /// `until_ms` says).
@@ -3043,7 +3053,7 @@ async fn stamp<S: Store>(gw: &Gateway<S>, tsa: &Tsa, note: &str, size: u64) -> R
 }
 
 /// The system clock in Unix seconds, with their fraction (0 before 1970).
-fn unix_now_secs_f64() -> f64 {
+pub(crate) fn unix_now_secs_f64() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())

@@ -116,9 +116,11 @@ pub fn render(s: &Value) -> String {
         s["degraded_stripes"], s["degraded_evidence"]
     );
     let l = &s["ledger"];
-    let age = l["checkpoint_age_s"]
-        .as_f64()
-        .map_or("unknown".into(), |a| format!("{a:.1} s"));
+    let age = match (l["checkpoint_age_s"].as_f64(), l["integrating"].as_bool()) {
+        (Some(a), _) => format!("{a:.1} s"),
+        (None, Some(false)) => "unknown here (another gateway integrates the ledger)".into(),
+        (None, _) => "unknown".into(),
+    };
     let _ = writeln!(
         out,
         "ledger: {} entries, checkpoint age {age}, {} witnesses (newest cosigned size {})",

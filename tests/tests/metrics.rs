@@ -190,6 +190,14 @@ fn prometheus_scrapes_every_process_and_every_dashboard_query_has_data() -> Resu
     assert!(nodes[..7].iter().all(|n| n["state"] == "up"), "{s}");
     assert!(nodes[0]["shards"].as_u64().unwrap_or(0) > 0, "{s}");
     assert!(s["ledger"]["entries"].as_u64().unwrap_or(0) >= 5, "{s}");
+    // The one gateway integrates the ledger, and says how fresh it is.
+    assert_eq!(s["ledger"]["integrating"], true, "{s}");
+    assert!(
+        s["ledger"]["checkpoint_age_s"]
+            .as_f64()
+            .is_some_and(|a| (0.0..30.0).contains(&a)),
+        "{s}"
+    );
     let table = c.cli(&["status"])?;
     let table = String::from_utf8(table.stdout)?;
     println!("custodia status after killing node 7:\n{table}");
