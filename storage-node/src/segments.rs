@@ -406,7 +406,7 @@ impl SegmentLog {
                 id,
                 SegStat {
                     key,
-                    file,
+                    file: file.clone(),
                     len: bytes.len() as u64,
                     live: 0,
                     tombstones: 0,
@@ -414,7 +414,28 @@ impl SegmentLog {
                     pending: AtomicU64::new(0),
                 },
             );
-            scan_segment(id, &key, &bytes, &mut index, &mut dead);
+            // A torn record at the end (a crash mid-append, never
+            // acknowledged) is cut off: left, its part of a shard's body
+            // would outlive any expunge of that evidence, which erases
+            // only records it can find.
+            if let Some(torn) = scan_segment(id, &key, &bytes, &mut index, &mut dead) {
+                match file.set_len(torn).and_then(|()| file.sync_all()) {
+                    Ok(()) => {
+                        tracing::warn!(
+                            segment = id,
+                            offset = torn,
+                            cut = bytes.len() as u64 - torn,
+                            "cut off the torn record the segment ended in"
+                        );
+                        if let Some(s) = index.segments.get_mut(&id) {
+                            s.len = torn;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(segment = id, error = %e, "could not cut off a torn record; it stays on the disk");
+                    }
+                }
+            }
         }
         let next = match ids.last() {
             None => 1,
@@ -1307,8 +1328,13 @@ fn create_segment(dir: &Path, id: u64) -> io::Result<(Active, SegStat)> {
 }
 
 /// Calls `f(kind, head, offset, record length)` for every record of a
-/// segment that passes its frame check, skipping damage.
-fn for_each_record(key: &SegKey, bytes: &[u8], mut f: impl FnMut(u8, &[u8], u64, u32)) {
+/// segment that passes its frame check, skipping damage; returns the offset
+/// of a torn record the segment ends in, if it does.
+fn for_each_record(
+    key: &SegKey,
+    bytes: &[u8],
+    mut f: impl FnMut(u8, &[u8], u64, u32),
+) -> Option<u64> {
     let mut at = HEADER_LEN.min(bytes.len());
     while at < bytes.len() {
         match parse_frame(key, &bytes[at..]) {
@@ -1327,7 +1353,7 @@ fn for_each_record(key: &SegKey, bytes: &[u8], mut f: impl FnMut(u8, &[u8], u64,
                 // tail of a crash mid-append. Nothing after it was written;
                 // never look for records inside its (client-chosen) body.
                 tracing::warn!(offset = at, "segment ends in a torn record");
-                break;
+                return Some(at as u64);
             }
             None => {
                 // Damage: resume at the next record magic.
@@ -1345,6 +1371,7 @@ fn for_each_record(key: &SegKey, bytes: &[u8], mut f: impl FnMut(u8, &[u8], u64,
             }
         }
     }
+    None
 }
 
 /// The key in a segment's header, if the header is whole.
@@ -1366,7 +1393,14 @@ fn segment_key(bytes: &[u8]) -> Option<SegKey> {
 /// Shard records found dead on the way (replaced by a later one, deleted by a
 /// tombstone, or a torn copy passed over) whose bodies are not all zeros
 /// are added to `dead.erase`, to be erased.
-fn scan_segment(id: u64, key: &SegKey, bytes: &[u8], index: &mut Index, dead: &mut Dead) {
+/// Returns the offset of a torn record the segment ends in, if it does.
+fn scan_segment(
+    id: u64,
+    key: &SegKey,
+    bytes: &[u8],
+    index: &mut Index,
+    dead: &mut Dead,
+) -> Option<u64> {
     for_each_record(key, bytes, |kind, head, off, len| match kind {
         KIND_SHARD => match ShardHeader::decode(head) {
             Ok(h) if FRAME + head.len() + h.len as usize == len as usize => {
@@ -1425,7 +1459,7 @@ fn scan_segment(id: u64, key: &SegKey, bytes: &[u8], index: &mut Index, dead: &m
             kind = other,
             "unknown segment record kind"
         ),
-    });
+    })
 }
 
 /// The shard records an open found dead, and which records have bodies of
@@ -1757,6 +1791,44 @@ pub(crate) mod tests {
         assert_eq!(log.locate(&h.key), Some(first));
         assert!(matches!(
             log.read(&h.key, first, false).unwrap(),
+            ReadRecord::Shard(_, b) if b == body
+        ));
+    }
+
+    /// A record torn by a crash mid-append (never acknowledged) is cut off
+    /// at the next open: its part of a shard's body, which no expunge can
+    /// find (it is not a record), does not stay on the disk.
+    #[test]
+    fn a_torn_record_at_a_segments_end_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let body: Vec<u8> = (0..4000u32).map(|i| (i * 31 % 241) as u8 | 1).collect();
+        let h = shard(9, &body);
+        let loc = {
+            let log = SegmentLog::open(dir.path()).unwrap();
+            log.put(&h, &body).unwrap().0
+        };
+        let path = dir.path().join(SEGMENTS_DIR).join(segment_name(loc.seg));
+        let full = fs::read(&path).unwrap();
+        let end = (loc.off + loc.len as u64) as usize;
+        assert_eq!(full.len(), end);
+        // The crash: only the first half of the body reached the disk.
+        fs::write(&path, &full[..end - body.len() / 2]).unwrap();
+        let half = &body[..body.len() / 2];
+        let holds = |bytes: &[u8]| bytes.windows(half.len()).any(|w| w == half);
+        assert!(holds(&fs::read(&path).unwrap()));
+
+        let log = SegmentLog::open(dir.path()).unwrap();
+        assert_eq!(log.locate(&h.key), None, "a torn record was indexed");
+        let now = fs::read(&path).unwrap();
+        assert_eq!(now.len() as u64, loc.off, "the torn record was not cut off");
+        assert!(!holds(&now));
+        // The log goes on: a new put, read back after another open.
+        log.put(&h, &body).unwrap();
+        drop(log);
+        let log = SegmentLog::open(dir.path()).unwrap();
+        let at = log.locate(&h.key).unwrap();
+        assert!(matches!(
+            log.read(&h.key, at, false).unwrap(),
             ReadRecord::Shard(_, b) if b == body
         ));
     }
