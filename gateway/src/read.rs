@@ -1171,6 +1171,17 @@ pub(crate) async fn fetch_shard<S: Store>(
             tracing::warn!(shard = %key, "the node could not read the shard from its disk");
             ShardOutcome::Unreadable
         }
+        // The node answered, but not with the shard (a request it refused,
+        // a frame it garbled, a header for another shard): it is up, and
+        // this shard is to be read elsewhere and repaired. Marked down, a
+        // live node would be passed over by every read and repair until
+        // the next probe for one shard's sake.
+        Err(
+            e @ (NodeError::Remote(_) | NodeError::Protocol(_) | NodeError::UnexpectedResponse),
+        ) => {
+            tracing::warn!(shard = %key, error = %e, "the node answered without the shard");
+            ShardOutcome::Unreadable
+        }
         Err(e) => {
             tracing::debug!(shard = %key, error = %e, "shard read failed");
             ShardOutcome::Unreachable
