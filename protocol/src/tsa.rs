@@ -491,7 +491,9 @@ fn verification_alg(
 /// Checks: status granted(0)/grantedWithMods(1); ContentInfo signedData; eContentType TSTInfo;
 /// exactly one SignerInfo; signed attrs content-type + message-digest; ESSCertID(v2) hash == cert;
 /// signature over the signed attrs with the cert's key; TSTInfo v1, imprint, nonce.
-/// Not checked: cert validity period / chain / EKU (the given cert is the trust anchor), policy.
+/// The certificate is the trust anchor (no chain is built), but it must
+/// be one for time-stamping (RFC 3161 §2.3: a critical extendedKeyUsage
+/// naming id-kp-timeStamping) and valid at genTime. Not checked: policy.
 pub fn verify_response(
     resp_der: &[u8],
     sha256: &[u8; 32],
@@ -691,6 +693,36 @@ pub fn verify_response(
         (Some(nonce), Some((n, true))) if int_is(&n, nonce) => {}
         _ => return fail("nonce missing or different"),
     }
-    u64::try_from(gen_time.datetime().unix_timestamp())
-        .map_err(|_| Error("genTime before 1970".into()))
+    let gen_time = u64::try_from(gen_time.datetime().unix_timestamp())
+        .map_err(|_| Error("genTime before 1970".into()))?;
+    check_tsa_use(&cert.der, gen_time)?;
+    Ok(gen_time)
+}
+
+/// That the TSA certificate is one for time-stamping and was valid at
+/// `gen_time` (Unix seconds): a token signed by a key certified for
+/// something else, or before or after its certificate's life, says nothing.
+fn check_tsa_use(der: &[u8], gen_time: u64) -> Result<()> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| Error(format!("TSA certificate: {e}")))?;
+    let validity = cert.validity();
+    let t = i64::try_from(gen_time).unwrap_or(i64::MAX);
+    if t < validity.not_before.timestamp() || t > validity.not_after.timestamp() {
+        return fail(format!(
+            "the token's genTime ({gen_time}) is outside its TSA certificate's validity \
+             ({} to {})",
+            validity.not_before, validity.not_after
+        ));
+    }
+    match cert.extended_key_usage() {
+        Ok(Some(eku)) if !eku.value.time_stamping => {
+            fail("the TSA certificate is not for time-stamping (no id-kp-timeStamping)")
+        }
+        Ok(Some(eku)) if !eku.critical => {
+            fail("the TSA certificate's extendedKeyUsage is not critical (RFC 3161 §2.3)")
+        }
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => fail("the TSA certificate has no extendedKeyUsage id-kp-timeStamping"),
+        Err(e) => fail(format!("the TSA certificate's extendedKeyUsage: {e}")),
+    }
 }

@@ -232,3 +232,28 @@ fn a_development_tsa_is_told_by_its_certificate() {
     assert!(!is_development_cert(&other));
     assert!(!is_development_cert("not a certificate"));
 }
+
+/// A token is worth only what its TSA certificate vouches for: one signed
+/// outside the certificate's validity, or by a key certified for something
+/// other than time-stamping (RFC 3161 §2.3), is refused.
+#[test]
+fn tokens_outside_the_certificates_life_or_use_are_refused() {
+    let (cert, key) = make_tsa("tsaprobe TSA").unwrap();
+    let digest = sha256(b"when?");
+    let req = request(digest, 7);
+    let good = timestamp(&req, &cert, &key, now()).unwrap();
+    assert!(verify_response(&good, &digest, Some(7), &cert).is_ok());
+    // The certificate begins a day before now: a token "from 2001" is not
+    // one it vouches for.
+    let early = timestamp(&req, &cert, &key, 1_000_000_000).unwrap();
+    let e = verify_response(&early, &digest, Some(7), &cert).unwrap_err();
+    assert!(e.0.contains("validity"), "{e}");
+    // A key certified without id-kp-timeStamping.
+    let other = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(vec!["not-a-tsa.example".into()]).unwrap();
+    p.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    let plain = p.self_signed(&other).unwrap().pem();
+    let token = timestamp(&req, &plain, &other.serialize_pem(), now()).unwrap();
+    let e = verify_response(&token, &digest, Some(7), &plain).unwrap_err();
+    assert!(e.0.contains("timeStamping"), "{e}");
+}
