@@ -2704,6 +2704,41 @@ mod tests {
         assert!(matches!(store.get(&victim), Err(StoreError::NotFound)));
     }
 
+    /// Two sealed segments as compaction finds them: the first mostly
+    /// live (shards 0..50, and `victim`'s old copy), the second mostly dead
+    /// (`victim` deleted, shard 100 and `extra` live, 101..140 put and
+    /// deleted).
+    fn a_mostly_dead_second_segment(
+        dir: &Path,
+        victim: Option<ShardKey>,
+        extra: &[(ShardKey, &[u8])],
+    ) {
+        {
+            let store = ShardStore::open(dir).unwrap();
+            for n in 0..50u8 {
+                let b = body(500);
+                store.put(&header(key(n), &b), &b).unwrap();
+            }
+            if let Some(victim) = victim {
+                let b = body(10);
+                store.put(&header(victim, &b), &b).unwrap();
+            }
+        }
+        let store = ShardStore::open(dir).unwrap();
+        if let Some(victim) = victim {
+            assert!(store.delete(&victim).unwrap());
+        }
+        let b = body(800);
+        store.put(&header(key(100), &b), &b).unwrap();
+        for (k, b) in extra {
+            store.put(&header(*k, b), b).unwrap();
+        }
+        for n in 101..140u8 {
+            store.put(&header(key(n), &b), &b).unwrap();
+            assert!(store.delete(&key(n)).unwrap());
+        }
+    }
+
     /// A segment whose file an operator unlinked while the node runs is
     /// still compacted from the file the node holds open: its tombstones
     /// are carried forward, so a deleted shard's old copy in an older
@@ -2714,26 +2749,7 @@ mod tests {
     fn a_segment_unlinked_under_the_node_keeps_its_tombstones_through_compaction() {
         let dir = tempfile::tempdir().unwrap();
         let victim = key(200);
-        {
-            let store = ShardStore::open(dir.path()).unwrap();
-            for n in 0..50u8 {
-                let b = body(500);
-                store.put(&header(key(n), &b), &b).unwrap();
-            }
-            let b = body(10);
-            store.put(&header(victim, &b), &b).unwrap();
-        }
-        {
-            let store = ShardStore::open(dir.path()).unwrap();
-            assert!(store.delete(&victim).unwrap());
-            for n in 100..140u8 {
-                let b = body(800);
-                store.put(&header(key(n), &b), &b).unwrap();
-            }
-            for n in 101..140u8 {
-                assert!(store.delete(&key(n)).unwrap());
-            }
-        }
+        a_mostly_dead_second_segment(dir.path(), Some(victim), &[]);
         let store = ShardStore::open(dir.path()).unwrap();
         let files = segment_files(dir.path());
         assert_eq!(files.len(), 3);
@@ -2836,26 +2852,7 @@ mod tests {
     fn retrying_a_segment_held_by_a_damaged_record_copies_its_tombstones_once() {
         let dir = tempfile::tempdir().unwrap();
         let victim = key(200);
-        {
-            // Segment 1: mostly live (kept), with the victim's old copy.
-            let store = ShardStore::open(dir.path()).unwrap();
-            for n in 0..50u8 {
-                let b = body(500);
-                store.put(&header(key(n), &b), &b).unwrap();
-            }
-            let b = body(10);
-            store.put(&header(victim, &b), &b).unwrap();
-        }
-        {
-            let store = ShardStore::open(dir.path()).unwrap();
-            assert!(store.delete(&victim).unwrap());
-            let b = body(800);
-            store.put(&header(key(100), &b), &b).unwrap();
-            for n in 101..140u8 {
-                store.put(&header(key(n), &b), &b).unwrap();
-                assert!(store.delete(&key(n)).unwrap());
-            }
-        }
+        a_mostly_dead_second_segment(dir.path(), Some(victim), &[]);
         let store = ShardStore::open(dir.path()).unwrap();
         // Rot under the running node: key(100)'s frame in segment 2.
         let loc = store.log.locate(&key(100)).unwrap();
@@ -2888,23 +2885,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let expunged = key(150);
         let secret: Vec<u8> = (0..600u32).map(|i| (i * 7 % 253) as u8 ^ 0x5a).collect();
-        {
-            let store = ShardStore::open(dir.path()).unwrap();
-            for n in 0..50u8 {
-                let b = body(500);
-                store.put(&header(key(n), &b), &b).unwrap();
-            }
-        }
-        {
-            let store = ShardStore::open(dir.path()).unwrap();
-            let b = body(800);
-            store.put(&header(key(100), &b), &b).unwrap();
-            store.put(&header(expunged, &secret), &secret).unwrap();
-            for n in 101..140u8 {
-                store.put(&header(key(n), &b), &b).unwrap();
-                assert!(store.delete(&key(n)).unwrap());
-            }
-        }
+        a_mostly_dead_second_segment(dir.path(), None, &[(expunged, &secret)]);
         let store = ShardStore::open(dir.path()).unwrap();
         let loc = store.log.locate(&key(100)).unwrap();
         let seg = segment_files(dir.path())[1].clone();
