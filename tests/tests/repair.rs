@@ -19,6 +19,26 @@ fn status_table(c: &TestCluster) -> Result<String> {
     Ok(String::from_utf8(c.cli(&["status"])?.stdout)?)
 }
 
+/// Nodes down after 1 s of silence, rebuilt after 0.5 s more, passes
+/// every 0.3 s; and `more` settings.
+fn quick_to_repair(c: &mut TestCluster, more: &[(&str, toml::Value)]) -> Result<()> {
+    let mut settings = vec![
+        ("node_down_after_ms", toml::Value::Integer(1_000)),
+        ("repair_after_down_ms", toml::Value::Integer(500)),
+        ("repair_interval_ms", toml::Value::Integer(300)),
+    ];
+    settings.extend(more.iter().cloned());
+    c.set_gateway(&settings)
+}
+
+/// Whether a repair pass says, within 20 s, that shards have nowhere to go.
+fn says_nowhere_to_go(c: &TestCluster) -> bool {
+    let log = c.data_dir().join("gateway.log");
+    custodia_tests::eventually(20, || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("too few nodes"))
+    })
+}
+
 /// `custodia repair` until the backlog is empty; fails if it does not
 /// empty within its patience.
 fn repair(c: &TestCluster) -> Result<()> {
@@ -573,11 +593,7 @@ fn repairing_a_dead_node_re_counts_the_shards_it_did_not_read() -> Result<()> {
 #[test]
 fn nodes_down_past_their_grace_do_not_make_a_stripe_lost() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
-    c.set_gateway(&[
-        ("node_down_after_ms", toml::Value::Integer(1_000)),
-        ("repair_after_down_ms", toml::Value::Integer(500)),
-        ("repair_interval_ms", toml::Value::Integer(300)),
-    ])?;
+    quick_to_repair(&mut c, &[])?;
     let data = bytes(12_345, 77);
     let r = c.file(&data)?;
     let id = r["id"].as_str().context("id")?.to_owned();
@@ -633,19 +649,12 @@ fn with_nowhere_to_rebuild_a_pass_reads_nothing() -> Result<()> {
         nodes: 6,
         ..Shape::default()
     })?;
-    c.set_gateway(&[
-        ("node_down_after_ms", toml::Value::Integer(1_000)),
-        ("repair_after_down_ms", toml::Value::Integer(500)),
-        ("repair_interval_ms", toml::Value::Integer(300)),
-    ])?;
+    quick_to_repair(&mut c, &[])?;
     for i in 0..4u64 {
         c.file(&bytes(30_000, 40 + i))?;
     }
     c.kill_node(2);
-    let log = c.data_dir().join("gateway.log");
-    let said = custodia_tests::eventually(20, || {
-        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("too few nodes"))
-    });
+    let said = says_nowhere_to_go(&c);
     assert!(said, "no pass said that the stripes have nowhere to go");
     // Shard reads the live nodes served; a page that cannot be fetched
     // fails the test rather than count as none.
@@ -697,22 +706,17 @@ fn with_a_node_gone_and_nowhere_to_go_a_rotten_shard_is_still_rebuilt() -> Resul
         nodes: 6,
         ..Shape::default()
     })?;
-    c.set_gateway(&[
-        ("node_down_after_ms", toml::Value::Integer(1_000)),
-        ("repair_after_down_ms", toml::Value::Integer(500)),
-        ("repair_interval_ms", toml::Value::Integer(300)),
-        ("quarantine_recheck_ms", toml::Value::Integer(500)),
-    ])?;
+    quick_to_repair(
+        &mut c,
+        &[("quarantine_recheck_ms", toml::Value::Integer(500))],
+    )?;
     let filing = Filing::new(&c, 79)?;
     c.set_nodes(&[
         ("scrub_bytes_per_sec", toml::Value::Integer(64 << 20)),
         ("scrub_pass_interval_secs", toml::Value::Integer(1)),
     ])?;
     c.kill_node(3);
-    let log = c.data_dir().join("gateway.log");
-    let said = custodia_tests::eventually(20, || {
-        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("too few nodes"))
-    });
+    let said = says_nowhere_to_go(&c);
     assert!(said, "no pass said that the stripe has nowhere to go");
     flip_last_byte(&filing.victim)?;
     let healed = custodia_tests::eventually(60, || {
