@@ -849,7 +849,7 @@ pub async fn sweep_orphans<S: Store>(
 enum Recorded {
     /// The record's copy, checked whole by the node.
     Good,
-    /// Nothing, or not the record's bytes, on this node (or no node named).
+    /// Nothing, or not the record's bytes, on this node.
     Bad(NodeId),
     /// Not known now (the node did not answer, or the index could not be
     /// read).
@@ -872,21 +872,15 @@ async fn recorded_copy<S: Store>(gw: &Gateway<S>, key: ShardKey) -> Recorded {
         // The homeless copies' adoption is the sweep's listing's to do.
         return Recorded::Unknown;
     };
-    let Some(addr) = gw.nodes.addr(node) else {
+    if gw.nodes.addr(node).is_none() {
         return Recorded::Unknown;
-    };
-    use protocol::wire::ErrorCode;
-    use storage_node::client::NodeError;
-    match gw.nodes.client.rpc_verify_shard(addr, key).await {
-        Ok(h) if h.blake3 == slot.blake3 && h.len == rec.shard_len => Recorded::Good,
-        Ok(_) => Recorded::Bad(node),
-        Err(NodeError::Remote(
-            ErrorCode::NotFound | ErrorCode::Corrupt | ErrorCode::HashMismatch,
-        )) => Recorded::Bad(node),
-        Err(e) => {
-            tracing::debug!(%node, shard = %key, error = %e, "could not check a recorded copy");
-            Recorded::Unknown
-        }
+    }
+    // The node hashes its copy against its header, and the header is
+    // checked against the record, as repair re-counts a shard.
+    match crate::read::check_shard(gw, key.evidence, key.stripe, key.index as usize, &rec).await {
+        crate::read::Checked::Good => Recorded::Good,
+        crate::read::Checked::Damaged => Recorded::Bad(node),
+        crate::read::Checked::Unreachable => Recorded::Unknown,
     }
 }
 

@@ -1269,10 +1269,10 @@ impl NoHomeChecks {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Whether the stripe, with nowhere to move its shards, is to be
-    /// checked in place now (damage was reported in it); taken off the
-    /// list either way.
-    fn check_due(&self, evidence: EvidenceId, stripe: u64) -> bool {
+    /// Takes the stripe off the list: whether damage was reported in it
+    /// (with nowhere to move its shards, it is then checked in place; one
+    /// repaired in full reads or checks every shard anyway).
+    fn take(&self, evidence: EvidenceId, stripe: u64) -> bool {
         self.lock().remove(&(evidence, stripe))
     }
 
@@ -1282,11 +1282,6 @@ impl NoHomeChecks {
         if damaged.len() < NO_HOME_KEPT {
             damaged.insert((evidence, stripe));
         }
-    }
-
-    /// The stripe is being repaired in full (every shard read or checked).
-    fn forget(&self, evidence: EvidenceId, stripe: u64) {
-        self.lock().remove(&(evidence, stripe));
     }
 }
 
@@ -1776,13 +1771,13 @@ async fn repair_leased<S: Store>(
         let holders = holders_except(&rec, &moving);
         let targets = choose_targets(gw, evidence, stripe, &holders, &rec, nodes, moving.len());
         if targets.is_empty()
-            && (!gw.no_home.check_due(evidence, stripe)
+            && (!gw.no_home.take(evidence, stripe)
                 || !damaged_in_place(gw, evidence, stripe, &rec, &order).await)
         {
             return Ok(Outcome::NoHome);
         }
     }
-    gw.no_home.forget(evidence, stripe);
+    gw.no_home.take(evidence, stripe);
     // Shards crowded into one failure domain (placed while another domain
     // was down or full, or before one was added) move as a drain's do,
     // each copied from its node to one in an emptier domain: only once
