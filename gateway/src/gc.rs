@@ -500,23 +500,50 @@ pub async fn delete_expunged<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) ->
 /// [`protocol::wire::Request::EraseEvidence`]. Returns how many nodes could
 /// not (down, unreachable, or too old to know the request): the expunge is
 /// complete only once none is left.
+///
+/// "Every node" is every node the index knows, not only those this
+/// gateway's configuration lists: another gateway's may list one more (a
+/// node added while this gateway was not restarted), and what a repair
+/// moved there must go too. Such a node is asked at the address its record
+/// holds, and must prove it is that node.
 async fn erase_everywhere<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) -> u64 {
-    let targets: Vec<(NodeId, std::net::SocketAddr)> = gw
+    let mut targets: Vec<(NodeId, std::net::SocketAddr)> = gw
         .config
         .nodes
         .iter()
         .map(|entry| (entry.node_id(), entry.addr))
         .filter(|&(node, _)| gw.nodes.lifecycle(node) != schema::Lifecycle::Removed)
         .collect();
+    let mut left = 0u64;
+    match unlisted_nodes(gw).await {
+        Ok(unlisted) => {
+            for (node, addr) in unlisted {
+                match addr {
+                    Some(addr) => {
+                        gw.nodes
+                            .client
+                            .expect_name(addr, storage_node::tls::node_server_name(node.0));
+                        targets.push((node, addr));
+                    }
+                    None => left += 1,
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(%evidence, error = %e, "could not read which nodes the index knows; GC will retry the expunge");
+            left += 1;
+        }
+    }
     // One known to be down now is not waited for (a connect timeout per
-    // expunge per GC pass): it stays to do.
+    // expunge per GC pass): it stays to do. (Only a listed node's health is
+    // watched; one only the index knows is tried.)
     let (targets, down): (Vec<_>, Vec<_>) = targets
         .into_iter()
-        .partition(|&(node, _)| gw.nodes.is_healthy(node));
+        .partition(|&(node, _)| !gw.nodes.knows(node) || gw.nodes.is_healthy(node));
     for (node, _) in &down {
         tracing::debug!(%evidence, %node, "a node that is down erases expunged evidence once it is back");
     }
-    let mut left = down.len() as u64;
+    left += down.len() as u64;
     for group in targets.chunks(16) {
         let done = futures::future::join_all(
             group
@@ -527,6 +554,41 @@ async fn erase_everywhere<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) -> u6
         left += done.iter().filter(|ok| !**ok).count() as u64;
     }
     left
+}
+
+/// The nodes the index has a record of that this gateway's configuration
+/// does not list and that were not removed, each with the address its
+/// record holds (`None`: one that does not resolve, which is logged).
+async fn unlisted_nodes<S: Store>(
+    gw: &Gateway<S>,
+) -> Result<Vec<(NodeId, Option<std::net::SocketAddr>)>, schema::SchemaError> {
+    let (records, lifecycles) = indexer::run(&gw.store, |tx| async move {
+        Ok::<_, schema::SchemaError>((
+            schema::nodes_tx(&tx).await?,
+            schema::lifecycles_tx(&tx).await?,
+        ))
+    })
+    .await?;
+    let removed: std::collections::HashSet<NodeId> = lifecycles
+        .iter()
+        .filter(|(_, r)| r.state == schema::Lifecycle::Removed)
+        .map(|(id, _)| *id)
+        .collect();
+    let mut unlisted = Vec::new();
+    for rec in records {
+        if gw.nodes.knows(rec.node) || removed.contains(&rec.node) {
+            continue;
+        }
+        let addr = match tokio::net::lookup_host(rec.addr.as_str()).await {
+            Ok(mut addrs) => addrs.next(),
+            Err(_) => None,
+        };
+        if addr.is_none() {
+            tracing::warn!(node = %rec.node, addr = %rec.addr, "a node the index knows, which this gateway's configuration does not list, has an address that does not resolve");
+        }
+        unlisted.push((rec.node, addr));
+    }
+    Ok(unlisted)
 }
 
 /// Has node `node` at `addr` erase what it holds of `evidence`; says

@@ -29,7 +29,7 @@
 //! [`crate::ledger`]. Two of its tags are also used here, with keys of other
 //! lengths ("N": a node id u32 here, a leaf u64 there; "T": a 32-byte token
 //! hash here, a level and tile number there), so neither side may scan a
-//! whole tag: the node registry is read by id, never listed by range.
+//! whole tag: the node registry is read by id, or listed as [`nodes_tx`] does.
 //!
 //! A 1 TiB filing is ~260,000 small `S` keys and ~1,000,000 64-byte `B` keys
 //! (one per MiB: `protocol::bao`) written in batches as the upload proceeds, and made visible by the small `E` key in the last transaction,
@@ -213,6 +213,28 @@ pub fn put_node_tx<T: Transaction>(tx: &T, rec: &NodeRecord) {
     let mut k = vec![NODE];
     k.extend_from_slice(&rec.node.0.to_be_bytes());
     tx.set(&k, &encode_versioned(RECORD_V1, rec));
+}
+
+/// Every node the index has a record of (each gateway records the nodes
+/// its configuration lists), in id order.
+///
+/// The ledger's openings groups share the "N" tag with 8-byte keys (see the
+/// layout above). Every one whose first leaf is below 2^32 sorts between
+/// node 0's key, a prefix of them, and node 1's: node 0 is read by id and
+/// the rest from node 1 on, where only 5-byte keys are node records.
+pub async fn nodes_tx<T: Transaction>(tx: &T) -> Result<Vec<NodeRecord>, SchemaError> {
+    let mut nodes: Vec<NodeRecord> = get_node_tx(tx, NodeId(0)).await?.into_iter().collect();
+    let rows = tx
+        .get_range(&[NODE, 0, 0, 0, 1], &[NODE + 1], 0, false)
+        .await?;
+    for (k, v) in rows.iter().filter(|(k, _)| k.len() == 5) {
+        let rec: NodeRecord = decode_versioned(RECORD_V1, v)?;
+        if k[1..] != rec.node.0.to_be_bytes() {
+            return Err(DecodeError::Malformed.into());
+        }
+        nodes.push(rec);
+    }
+    Ok(nodes)
 }
 
 pub async fn get_node_tx<T: Transaction>(

@@ -992,3 +992,43 @@ async fn admin_is_the_operators_alone() {
     assert_eq!(effective_role("court-b", Role::Admin), Role::Clerk);
     assert_eq!(effective_role("court-b", Role::Reader), Role::Reader);
 }
+
+/// The node registry lists every node recorded, and nothing of the
+/// ledger's openings groups that share its tag.
+#[tokio::test]
+async fn the_node_registry_lists_nodes_among_the_ledgers_keys() {
+    use indexer::Transaction as _;
+    let (_d, s) = store();
+    run(&s, |tx| async move {
+        for id in [0u32, 1, 7, 300] {
+            schema::put_node_tx(
+                &tx,
+                &schema::NodeRecord {
+                    node: NodeId(id),
+                    addr: format!("127.0.0.1:{}", 7000 + id),
+                    failure_domain: None,
+                    disk_uuid: None,
+                    capacity_bytes: 1,
+                    free_bytes: 1,
+                    used_bytes: 0,
+                    last_seen_ms: 5,
+                },
+            );
+        }
+        // Openings groups: "N" and a first leaf u64 (leaves 0, 64 and 2^32).
+        for leaf in [0u64, 64, 1 << 32] {
+            let mut k = vec![b'N'];
+            k.extend_from_slice(&leaf.to_be_bytes());
+            tx.set(&k, b"not a node record");
+        }
+        Ok::<_, SchemaError>(())
+    })
+    .await
+    .unwrap();
+    let nodes = run(&s, |tx| async move { schema::nodes_tx(&tx).await })
+        .await
+        .unwrap();
+    let ids: Vec<u32> = nodes.iter().map(|n| n.node.0).collect();
+    assert_eq!(ids, [0, 1, 7, 300]);
+    assert_eq!(nodes[3].addr, "127.0.0.1:7300");
+}

@@ -1971,6 +1971,50 @@ fn the_log_key_rotates_under_a_new_origin_and_old_receipts_still_verify() -> Res
     Ok(())
 }
 
+/// An expunge erases on every node the index knows, not only those this
+/// gateway's configuration lists: another gateway's may list one more (a
+/// node added while this one ran on an older file), and a copy there (a
+/// shard a scrub quarantined, one a repair moved away) must go too.
+#[test]
+fn an_expunge_reaches_a_node_only_the_index_knows() -> Result<()> {
+    let mut c = TestCluster::start(Shape {
+        nodes: 4,
+        k: 2,
+        m: 1,
+        ..Shape::default()
+    })?;
+    // (Seeing every node up, the gateway recorded each in the index.)
+    let expunger = expunger_token(&mut c)?;
+    // The gateway restarts on a file without node 3, which keeps running.
+    c.kill_gateway();
+    let file = c.data_dir().join("cluster.toml");
+    let mut cluster: toml::Value = toml::from_str(&std::fs::read_to_string(&file)?)?;
+    cluster
+        .get_mut("nodes")
+        .and_then(|n| n.as_array_mut())
+        .context("nodes")?
+        .retain(|n| n.get("id").and_then(|i| i.as_integer()) != Some(3));
+    std::fs::write(&file, toml::to_string(&cluster)?)?;
+    c.start_gateway()?;
+    c.wait_healthy(3)?;
+    let data = bytes(30_000, 41);
+    let id = c.file(&data)?["id"].as_str().context("id")?.to_owned();
+    let quarantine = c.node_dir(3).join("quarantine");
+    std::fs::create_dir_all(&quarantine)?;
+    std::fs::write(
+        quarantine.join(format!("{}-0-0.0001", id.replace('-', ""))),
+        &data[..4000],
+    )?;
+    let piece = &data[100..132];
+    assert!(!c.node_files_holding(piece).is_empty());
+    let (status, body) = expunge(&c, &expunger, &id)?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["erased"].as_bool(), Some(true), "{body}");
+    let left = c.node_files_holding(piece);
+    assert!(left.is_empty(), "expunged bytes left in {left:?}");
+    Ok(())
+}
+
 /// An expunger credential, minted on the index host with the gateway
 /// stopped (as the CLI requires); the gateway is started again.
 fn expunger_token(c: &mut TestCluster) -> Result<String> {
