@@ -1989,11 +1989,19 @@ fn an_expunge_reaches_a_node_only_the_index_knows() -> Result<()> {
     c.kill_gateway();
     let file = c.data_dir().join("cluster.toml");
     let mut cluster: toml::Value = toml::from_str(&std::fs::read_to_string(&file)?)?;
-    cluster
+    let not_3 = |n: &toml::Value| n.get("id").and_then(|i| i.as_integer()) != Some(3);
+    let table = cluster.as_table_mut().context("cluster")?;
+    table
         .get_mut("nodes")
         .and_then(|n| n.as_array_mut())
         .context("nodes")?
-        .retain(|n| n.get("id").and_then(|i| i.as_integer()) != Some(3));
+        .retain(not_3);
+    table
+        .get_mut("gateway")
+        .and_then(|g| g.get_mut("nodes"))
+        .and_then(|n| n.as_array_mut())
+        .context("gateway.nodes")?
+        .retain(not_3);
     std::fs::write(&file, toml::to_string(&cluster)?)?;
     c.start_gateway()?;
     c.wait_healthy(3)?;
