@@ -508,7 +508,13 @@ impl NodeClient {
             })
             .await?;
         let rtt = started.elapsed().as_millis() as i64;
-        Ok((node as i64 - (sent + rtt / 2), rtt as u64))
+        // A node's answer is not trusted to fit: a time past i64's range
+        // is no time at all.
+        let offset = i64::try_from(node)
+            .ok()
+            .and_then(|node| node.checked_sub(sent.checked_add(rtt / 2)?))
+            .ok_or(NodeError::UnexpectedResponse)?;
+        Ok((offset, rtt as u64))
     }
 
     /// The node's free space and the reserve it keeps. A node older than

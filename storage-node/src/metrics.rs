@@ -40,9 +40,13 @@ pub struct NodeMetrics {
     pub bytes_written: IntCounter,
     /// `custodia_node_shard_bytes_read_total`.
     pub bytes_read: IntCounter,
-    /// `custodia_node_corrupt_shards_total`: shards whose bytes did not match
-    /// their hash, found on read (and quarantined) or refused on write.
+    /// `custodia_node_corrupt_shards_total`: stored shards whose bytes did
+    /// not match their hash, found on read (and quarantined).
     pub corrupt_shards: IntCounter,
+    /// `custodia_node_refused_puts_total`: shard puts refused because the
+    /// body did not match its hash (nothing stored: damaged in transit or
+    /// by the sender, not on this disk).
+    pub refused_puts: IntCounter,
     /// `custodia_node_read_memory_waits_total`: shard reads that waited for
     /// memory other reads' bodies held (peers slow to take them).
     pub read_memory_waits: IntCounter,
@@ -114,7 +118,11 @@ impl NodeMetrics {
             )?,
             corrupt_shards: IntCounter::new(
                 "custodia_node_corrupt_shards_total",
-                "Shards whose bytes did not match their hash (quarantined on read, refused on write).",
+                "Stored shards whose bytes did not match their hash, found on read (quarantined).",
+            )?,
+            refused_puts: IntCounter::new(
+                "custodia_node_refused_puts_total",
+                "Shard puts refused because the body did not match its hash (nothing stored).",
             )?,
             read_memory_waits: IntCounter::new(
                 "custodia_node_read_memory_waits_total",
@@ -173,6 +181,7 @@ impl NodeMetrics {
         registry.register(Box::new(m.bytes_written.clone()))?;
         registry.register(Box::new(m.bytes_read.clone()))?;
         registry.register(Box::new(m.corrupt_shards.clone()))?;
+        registry.register(Box::new(m.refused_puts.clone()))?;
         registry.register(Box::new(m.capacity.clone()))?;
         registry.register(Box::new(m.used.clone()))?;
         registry.register(Box::new(m.free.clone()))?;

@@ -700,7 +700,8 @@ async fn handle_put_shard(
         }
         Ok(Err(e)) => {
             if e.code() == ErrorCode::HashMismatch {
-                state.metrics.corrupt_shards.inc();
+                // Nothing on this disk is damaged: the body came so.
+                state.metrics.refused_puts.inc();
             }
             tracing::warn!(shard = %key, error = %e, "shard not stored");
             Response::Error(e.code())

@@ -551,7 +551,7 @@ impl ShardStore {
         let name = shard_file_name(&key);
         let _guard = self.lock_key(&key);
         let old_len = file_len(&dir.join(&name))?;
-        if body.len() <= self.small_max as usize {
+        if self.small_max > 0 && body.len() <= self.small_max as usize {
             self.log.put(header, body)?;
             if let Some(old) = old_len {
                 // Now served from the segment; the file is a stale copy.

@@ -502,6 +502,14 @@ async fn metrics_count_requests_shards_and_corruption() {
         .rpc_put_shard(addr, &bad, Bytes::copy_from_slice(&bad_body))
         .await
         .unwrap();
+    // A body damaged on its way is refused and stored nowhere: no shard
+    // on this disk is corrupt.
+    let (liar, mut liar_body) = shard(3, 3000);
+    liar_body[10] ^= 1;
+    assert!(client
+        .rpc_put_shard(addr, &liar, Bytes::from(liar_body))
+        .await
+        .is_err());
     client.rpc_get_shard(addr, good.key).await.unwrap();
     let path = node.store().shard_path(&bad.key);
     let mut bytes = std::fs::read(&path).unwrap();
@@ -556,6 +564,7 @@ async fn metrics_count_requests_shards_and_corruption() {
     assert_eq!(value("custodia_node_shards_read_total"), 1.0);
     assert_eq!(value("custodia_node_shard_bytes_read_total"), 5000.0);
     assert_eq!(value("custodia_node_corrupt_shards_total"), 1.0);
+    assert_eq!(value("custodia_node_refused_puts_total"), 1.0);
     assert_eq!(
         value(r#"custodia_node_requests_total{op="put",result="ok"}"#),
         2.0
@@ -570,7 +579,7 @@ async fn metrics_count_requests_shards_and_corruption() {
     );
     assert_eq!(
         value(r#"custodia_node_request_duration_seconds_count{op="put"}"#),
-        2.0
+        3.0
     );
     assert_eq!(value("custodia_node_quic_connections"), 1.0);
     // The disk gauges are set at start-up (the first tick is immediate).
