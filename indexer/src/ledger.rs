@@ -652,15 +652,19 @@ pub async fn leaves_at_tx<T: Transaction>(
     let mut out = Vec::with_capacity(wanted.len());
     let mut next = 0;
     while let Some(&n) = wanted.get(next) {
-        let row = tx
-            .get_range(
-                &u64_key(GROUP, 0),
-                &u64_key(GROUP, n.saturating_add(1)),
-                1,
-                true,
-            )
-            .await?;
-        let Some((key, value)) = row.first() else {
+        // The group holding leaf `n` is the last one starting at or before
+        // it. The node registry shares the tag with shorter keys (see
+        // `schema`'s layout): node `x`'s key sorts just before the groups
+        // from leaf x * 2^32 on, so one found in the way is stepped over.
+        let mut end = u64_key(GROUP, n.saturating_add(1));
+        let row = loop {
+            let row = tx.get_range(&u64_key(GROUP, 0), &end, 1, true).await?;
+            match row.into_iter().next() {
+                Some((key, _)) if key.len() != 9 => end = key,
+                row => break row,
+            }
+        };
+        let Some((key, value)) = row.as_ref() else {
             next += 1;
             continue;
         };

@@ -28,8 +28,10 @@
 //! The ledger's keys ("Q", "L", "N", "T", "V", "O", "P", "M") are laid out in
 //! [`crate::ledger`]. Two of its tags are also used here, with keys of other
 //! lengths ("N": a node id u32 here, a leaf u64 there; "T": a 32-byte token
-//! hash here, a level and tile number there), so neither side may scan a
-//! whole tag: the node registry is read by id, or listed as [`nodes_tx`] does.
+//! hash here, a level and tile number there), so a scan over either tag
+//! must step over the other side's keys: the node registry is read by id,
+//! or listed as [`nodes_tx`] does; the ledger's group lookup steps over node
+//! keys (`ledger::leaves_at_tx`).
 //!
 //! A 1 TiB filing is ~260,000 small `S` keys and ~1,000,000 64-byte `B` keys
 //! (one per MiB: `protocol::bao`) written in batches as the upload proceeds, and made visible by the small `E` key in the last transaction,

@@ -823,3 +823,60 @@ async fn node_records_are_never_read_as_leaf_groups() {
     .unwrap();
     assert!(got.is_empty(), "{got:?}");
 }
+
+/// The node registry's keys share the openings groups' tag and sort among
+/// them: node 1's key just before the group of leaf 2^32. Leaves on either
+/// side of it still read, one by one and by range.
+#[tokio::test]
+async fn openings_past_leaf_2_pow_32_read_beside_the_node_registry() {
+    let (_dir, store) = store();
+    run(&store, |tx| async move {
+        for id in [0u32, 1, 2] {
+            indexer::schema::put_node_tx(
+                &tx,
+                &indexer::schema::NodeRecord {
+                    node: protocol::NodeId(id),
+                    addr: "127.0.0.1:7000".into(),
+                    failure_domain: None,
+                    disk_uuid: None,
+                    capacity_bytes: 1,
+                    free_bytes: 1,
+                    used_bytes: 0,
+                    last_seen_ms: 5,
+                },
+            );
+        }
+        Ok::<_, indexer::schema::SchemaError>(())
+    })
+    .await
+    .unwrap();
+    let first = (1u64 << 32) - 2;
+    let leaves: Vec<(Vec<u8>, LeafRecord, Kind)> = (first..first + 4)
+        .map(|n| (vec![b'Q', 0], leaf(n), Kind::Notarized))
+        .collect();
+    integrate(&store, first, &leaves).await;
+    for n in first..first + 4 {
+        let got = run(&store, |tx| async move { lx::leaf_tx(&tx, n).await })
+            .await
+            .unwrap();
+        assert_eq!(
+            got.map(|l| l.statement),
+            Some(leaf(n).statement),
+            "leaf {n}"
+        );
+    }
+    let got = run(&store, |tx| async move {
+        lx::leaves_tx(&tx, first..first + 4).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(got.len(), 4);
+    // And the registry still lists its nodes among the groups.
+    let nodes = run(
+        &store,
+        |tx| async move { indexer::schema::nodes_tx(&tx).await },
+    )
+    .await
+    .unwrap();
+    assert_eq!(nodes.len(), 3);
+}
