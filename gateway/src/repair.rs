@@ -1945,12 +1945,14 @@ async fn repair_leased<S: Store>(
     let good = shards.iter().flatten().count();
     if rebuild.is_empty() && all_counted {
         recycle(gw, shards);
-        indexer::run(&gw.store, |tx| async move {
-            // Every shard counted good: whole, whatever was recorded lost.
-            schema::clear_lost_tx(&tx, evidence, stripe);
-            schema::clear_degraded_if_tx(&tx, evidence, stripe, mark).await
+        let was_lost = indexer::run(&gw.store, |tx| async move {
+            schema::clear_degraded_if_tx(&tx, evidence, stripe, mark).await?;
+            schema::is_lost_tx(&tx, evidence, stripe).await
         })
         .await?;
+        if was_lost {
+            found_whole(gw, &header, stripe).await?;
+        }
         return Ok(Outcome::Healthy);
     }
     if good < k {
@@ -2265,6 +2267,9 @@ async fn commit_repair<S: Store>(
             let verified = all_counted.then_some(mark);
             let c = schema::commit_repair_tx(&tx, evidence, stripe, rec, next, verified).await?;
             if c == RepairCommit::Done {
+                // Rebuilt from k good shards: whatever was recorded lost
+                // was not (its `repaired` statement says so).
+                schema::clear_lost_tx(&tx, evidence, stripe);
                 if let Some(p) = pending {
                     indexer::ledger::enqueue_tx(&tx, 0, p);
                 }
@@ -2613,6 +2618,46 @@ async fn record_lost<S: Store>(
     if first {
         gw.metrics.stripes_lost.inc();
         tracing::error!(%evidence, stripe, "stripe lost: fewer than k good shards remain");
+        if let Some(l) = &gw.ledger {
+            l.queued();
+        }
+    }
+    Ok(())
+}
+
+/// Every shard of a stripe recorded lost counted good (the nodes whose
+/// shards went missing came back with them: a disk mounted late, a
+/// directory restored): the ledger said `lost`, which cannot be taken back,
+/// so it says `repaired` now, found whole, with the mark cleared in the
+/// same transaction.
+async fn found_whole<S: Store>(
+    gw: &Gateway<S>,
+    header: &ManifestHeader,
+    stripe: u64,
+) -> Result<(), ApiError> {
+    let evidence = header.evidence;
+    let pending = statement(
+        gw,
+        header,
+        Kind::Repaired,
+        &serde_json::json!({ "stripe": stripe, "found_whole": true }),
+    )?;
+    let cleared = indexer::run(&gw.store, |tx| {
+        let pending = &pending;
+        async move {
+            if !schema::is_lost_tx(&tx, evidence, stripe).await? {
+                return Ok::<_, schema::SchemaError>(false);
+            }
+            schema::clear_lost_tx(&tx, evidence, stripe);
+            if let Some(p) = pending {
+                indexer::ledger::enqueue_tx(&tx, 0, p);
+            }
+            Ok(true)
+        }
+    })
+    .await?;
+    if cleared {
+        tracing::warn!(%evidence, stripe, "a stripe recorded lost was found whole: its shards are back");
         if let Some(l) = &gw.ledger {
             l.queued();
         }

@@ -1040,11 +1040,10 @@ pub async fn commit_repair_tx<T: Transaction>(
     } else if let Some(mark) = verified {
         clear_degraded_if_tx(tx, evidence, stripe, mark).await?;
     }
-    // Lost no more once k shards are placed again (an adoption may place
-    // one while the stripe is still short: still lost, not recorded twice).
-    if next.shards.len() - next.missing() >= usize::from(manifest.code.k) {
-        clear_lost_tx(tx, evidence, stripe);
-    }
+    // A lost mark stays: placed shards are not good ones (an adoption may
+    // place a copy while the stripe is still short). The caller that knows
+    // k good shards were read (a repair that rebuilt from them) clears it.
+    let _ = manifest;
     Ok(RepairCommit::Done)
 }
 

@@ -639,6 +639,70 @@ fn nodes_down_past_their_grace_do_not_make_a_stripe_lost() -> Result<()> {
     Ok(())
 }
 
+/// A stripe declared lost whose shards come back (a disk mounted late, a
+/// directory restored) gets a later statement on the ledger that it was
+/// found whole: `lost` cannot be taken back, and a court reading the
+/// custody would otherwise take intact evidence for lost.
+#[test]
+fn a_lost_stripe_found_whole_says_so_on_the_ledger() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    quick_to_repair(&mut c, &[])?;
+    let data = bytes(12_345, 78);
+    let id = c.file(&data)?["id"].as_str().context("id")?.to_owned();
+    let placed = placement_of(&c, &id, &[]);
+    // Three of its six shards gone from their nodes (k = 4): lost.
+    let aside = c.data_dir().join("aside");
+    std::fs::create_dir_all(&aside)?;
+    let moved: Vec<(std::path::PathBuf, std::path::PathBuf)> = placed
+        .values()
+        .take(3)
+        .enumerate()
+        .map(|(i, (_, p))| (p.clone(), aside.join(i.to_string())))
+        .collect();
+    for (from, to) in &moved {
+        std::fs::rename(from, to)?;
+    }
+    let kinds = |c: &TestCluster| -> Result<Vec<String>> {
+        let a = c.get_with(&c.token, &format!("/v1/evidence/{id}/custody"), &[])?;
+        Ok(a.json()["events"]
+            .as_array()
+            .context("events")?
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap_or("").to_owned())
+            .collect())
+    };
+    let out = c.cli(&["repair", "--verify-all", "--patience-secs", "3"])?;
+    assert!(
+        !out.status.success(),
+        "a stripe with 3 of 6 shards repaired"
+    );
+    let lost = custodia_tests::eventually(20, || {
+        kinds(&c).is_ok_and(|k| k.iter().any(|k| k == "lost"))
+    });
+    assert!(lost, "never declared lost: {:?}", kinds(&c)?);
+    // The shards come back; a pass finds every one good.
+    for (from, to) in &moved {
+        std::fs::rename(to, from)?;
+    }
+    let out = c.cli(&["repair", "--verify-all", "--patience-secs", "30"])?;
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let found = custodia_tests::eventually(20, || {
+        kinds(&c).is_ok_and(|k| {
+            k.iter()
+                .skip_while(|k| *k != "lost")
+                .any(|k| k == "repaired")
+        })
+    });
+    assert!(found, "no statement after `lost`: {:?}", kinds(&c)?);
+    assert_eq!(c.read(&id)?, data);
+    Ok(())
+}
+
 /// A cluster of exactly k+m nodes with one gone for good: its shards have
 /// nowhere to go. Passes say so, once each, and read nothing: before, each
 /// read and decoded every such stripe, every pass, for as long as the node
