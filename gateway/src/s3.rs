@@ -649,8 +649,12 @@ impl<S: Store> S3Front<S> {
 
     /// The readable version and its manifest: delete markers and expunged
     /// evidence are not found (a marker named by version id is 405, as S3).
+    /// The evidence must be `who`'s tenant's: the bucket's owner was checked
+    /// in an earlier transaction, and the name may since have passed to
+    /// another tenant (deleted, created again).
     async fn readable(
         &self,
+        who: &Caller,
         bucket: &str,
         key: &str,
         version_id: Option<&str>,
@@ -690,6 +694,9 @@ impl<S: Store> S3Front<S> {
                 "the evidence behind this object was expunged by court order"
             )
         })?;
+        if header.tenant != who.tenant {
+            return Err(s3_error!(AccessDenied, "Access Denied"));
+        }
         Ok((v, header))
     }
 
@@ -732,7 +739,7 @@ impl<S: Store> S3Front<S> {
             return Err(s3_error!(NotImplemented, "copy from an access point"));
         };
         let b = self.bucket(who, bucket).await?;
-        let (src, header) = self.readable(bucket, key, version_id.as_deref()).await?;
+        let (src, header) = self.readable(who, bucket, key, version_id.as_deref()).await?;
         // Any unmet copy-source condition is a 412.
         if unmet(&src, conditions).is_some() {
             return Err(s3_error!(PreconditionFailed));
@@ -1968,7 +1975,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let input = &req.input;
         let b = self.bucket(&who, &input.bucket).await?;
         let (v, header) = self
-            .readable(&input.bucket, &input.key, input.version_id.as_deref())
+            .readable(&who, &input.bucket, &input.key, input.version_id.as_deref())
             .await?;
         // The evidence's hold is the object's (see `removal_refused`).
         let held = header.legal_hold;
@@ -2028,7 +2035,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let input = &req.input;
         let b = self.bucket(&who, &input.bucket).await?;
         let (v, header) = self
-            .readable(&input.bucket, &input.key, input.version_id.as_deref())
+            .readable(&who, &input.bucket, &input.key, input.version_id.as_deref())
             .await?;
         // The evidence's hold is the object's (see `removal_refused`).
         let held = header.legal_hold;
@@ -2432,7 +2439,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let input = &req.input;
         let b = self.bucket(&who, &input.bucket).await?;
         let (v, _) = self
-            .readable(&input.bucket, &input.key, input.version_id.as_deref())
+            .readable(&who, &input.bucket, &input.key, input.version_id.as_deref())
             .await?;
         Ok(S3Response::new(GetObjectTaggingOutput {
             tag_set: Vec::new(),
@@ -2453,7 +2460,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             ));
         }
         let (v, _) = self
-            .readable(&input.bucket, &input.key, input.version_id.as_deref())
+            .readable(&who, &input.bucket, &input.key, input.version_id.as_deref())
             .await?;
         let r = v.retention.ok_or_else(|| {
             s3_error!(
@@ -2496,7 +2503,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             },
         };
         let (v, header) = self
-            .readable(&input.bucket, &input.key, input.version_id.as_deref())
+            .readable(&who, &input.bucket, &input.key, input.version_id.as_deref())
             .await?;
         let compliance = self.gw.clock.compliance_ms();
         let bypass = who.bypass_governance && input.bypass_governance_retention == Some(true);
@@ -2557,7 +2564,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             ));
         }
         let (_, header) = self
-            .readable(&input.bucket, &input.key, input.version_id.as_deref())
+            .readable(&who, &input.bucket, &input.key, input.version_id.as_deref())
             .await?;
         Ok(S3Response::new(GetObjectLegalHoldOutput {
             legal_hold: Some(ObjectLockLegalHold {
@@ -2606,7 +2613,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             ));
         }
         let (v, header) = self
-            .readable(&input.bucket, &input.key, input.version_id.as_deref())
+            .readable(&who, &input.bucket, &input.key, input.version_id.as_deref())
             .await?;
         let (bucket, key, vid) = (input.bucket.clone(), input.key.clone(), v.version_id);
         // The hold binds the evidence too, and is on the ledger like any
