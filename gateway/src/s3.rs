@@ -386,6 +386,24 @@ fn s3_err(e: ApiError) -> S3Error {
     if indexer::Retryable::is_retryable(&e) {
         return S3Error::with_message(C::SlowDown, e.to_string());
     }
+    // The index's refusals that mean the same through either wrapping.
+    let index = match &e {
+        ApiError::Index(s) | ApiError::Object(ObjectError::Schema(s)) => Some(s),
+        _ => None,
+    };
+    match index {
+        // An upload whose intent GC aborted (its lease went unrenewed): the
+        // server's failure, and a retry files afresh (503, as the evidence
+        // API answers).
+        Some(schema::SchemaError::IntentAborted(_) | schema::SchemaError::NoIntent(_)) => {
+            return S3Error::with_message(C::ServiceUnavailable, e.to_string());
+        }
+        // Expunged between the read of its version and the change.
+        Some(schema::SchemaError::NoEvidence(_)) => {
+            return S3Error::with_message(C::NoSuchKey, e.to_string());
+        }
+        _ => {}
+    }
     let (code, msg) = match &e {
         ApiError::Object(o) => match o {
             ObjectError::NoSuchBucket => (C::NoSuchBucket, o.to_string()),
@@ -739,7 +757,9 @@ impl<S: Store> S3Front<S> {
             return Err(s3_error!(NotImplemented, "copy from an access point"));
         };
         let b = self.bucket(who, bucket).await?;
-        let (src, header) = self.readable(who, bucket, key, version_id.as_deref()).await?;
+        let (src, header) = self
+            .readable(who, bucket, key, version_id.as_deref())
+            .await?;
         // Any unmet copy-source condition is a 412.
         if unmet(&src, conditions).is_some() {
             return Err(s3_error!(PreconditionFailed));
@@ -3714,6 +3734,49 @@ impl<S: Store> S3Front<S> {
 mod tests {
     use super::{copy_range, ms_to_ts, ts_to_ms, unmet, Conditions, Unmet, LATEST_TS_MS};
     use s3s::dto::{ETag, ETagCondition};
+
+    /// An upload GC aborted is the server's failure (503, retry), however
+    /// the index's refusal came wrapped; evidence expunged under a change
+    /// is not found. Neither is an internal error.
+    #[test]
+    fn the_index_refusals_map_to_s3_codes() {
+        use crate::error::ApiError;
+        use indexer::s3::ObjectError;
+        use indexer::schema::SchemaError;
+        use s3s::S3ErrorCode as C;
+        let id = protocol::EvidenceId([3; 16]);
+        let cases = [
+            (
+                ApiError::Index(SchemaError::IntentAborted(id)),
+                C::ServiceUnavailable,
+                503,
+            ),
+            (
+                ApiError::Index(SchemaError::NoIntent(id)),
+                C::ServiceUnavailable,
+                503,
+            ),
+            (
+                ApiError::Object(ObjectError::Schema(SchemaError::IntentAborted(id))),
+                C::ServiceUnavailable,
+                503,
+            ),
+            (
+                ApiError::Index(SchemaError::NoEvidence(id)),
+                C::NoSuchKey,
+                404,
+            ),
+        ];
+        for (e, code, status) in cases {
+            let what = e.to_string();
+            let err = super::s3_err(e);
+            assert_eq!(*err.code(), code, "{what}");
+            let got = err
+                .status_code()
+                .unwrap_or_else(|| code.status_code().unwrap());
+            assert_eq!(got.as_u16(), status, "{what}");
+        }
+    }
 
     /// GET's and a copy source's conditions in RFC 9110's order, dates to
     /// the second (as Last-Modified is sent).
