@@ -482,7 +482,17 @@ impl Ledger {
             },
             receipt_wait: Duration::from_millis(config.receipt_wait_ms),
             pacer: RoundPacer::new(Duration::from_millis(config.round_interval_ms.min(1_000))),
-            witnesses: config.witnesses.clone(),
+            // Each key as checked above, trimmed (a pasted key with a
+            // trailing space or newline passed the check, and then no
+            // cosignature verified with it).
+            witnesses: config
+                .witnesses
+                .iter()
+                .map(|w| WitnessEntry {
+                    url: w.url.clone(),
+                    key: w.key.trim().to_owned(),
+                })
+                .collect(),
             witness_interval: Duration::from_millis(config.witness_interval_ms.clamp(100, 60_000)),
             tsa,
             weighed: Default::default(),

@@ -241,7 +241,9 @@ fn signer_of(line: &str) -> Option<(&str, [u8; 4])> {
 /// Anything else the response carries (other names, other keys, bad
 /// signatures, text) is dropped, so a witness can vouch only for itself.
 pub fn own_cosignatures(note: &str, lines: &str, witness_key: &str) -> String {
-    let key = [witness_key.to_owned()];
+    // As `public_key` reads it: a key pasted with a space or newline is
+    // still that key.
+    let key = [witness_key.trim().to_owned()];
     let mut out = String::new();
     for line in lines.lines().filter(|l| l.starts_with("\u{2014} ")) {
         let one = add_signature_lines(note, line);
@@ -352,6 +354,11 @@ mod tests {
             format!("{line}\n")
         );
         assert_eq!(own_cosignatures(&note, w2_line, &w1v_again()), "");
+        // The key as pasted into a configuration, padded.
+        assert_eq!(
+            own_cosignatures(&note, line, &format!(" {}\n", w1v_again())),
+            format!("{line}\n")
+        );
         // The time a cosignature vouches for is read from its line.
         assert_eq!(cosignature_time(line), Some(1_679_315_147));
         assert_eq!(cosignature_time(&forged), None);
