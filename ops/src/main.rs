@@ -740,7 +740,23 @@ async fn run(cli: Cli) -> Result<()> {
             };
             let revoked = match cluster::open_index_offline(&data_dir) {
                 Ok((store, _lock)) => {
-                    gateway::credentials::revoke(&store, token.as_deref(), access_key.as_deref())
+                    // Into the ledger's openings archive first, as the API
+                    // does: `recover-index` restores the credentials
+                    // DATA_DIR's files (or a backup of them) hold, and must
+                    // not restore this one.
+                    let config = cluster::Cluster::load(&data_dir)?.gateway;
+                    let gw = gateway::Gateway::new(config, store, &prometheus::Registry::new())
+                        .context("opening the ledger's openings archive")?;
+                    if let Some(ledger) = &gw.ledger {
+                        gateway::credentials::archive_revocation(
+                            ledger,
+                            token.as_deref(),
+                            access_key.as_deref(),
+                        )
+                        .await
+                        .context("the revocation could not be archived, so nothing was revoked")?;
+                    }
+                    gateway::credentials::revoke(&gw.store, token.as_deref(), access_key.as_deref())
                         .await?
                 }
                 Err(offline) => {
