@@ -886,19 +886,181 @@ fn custodia_under(wrapper: &[&str]) -> Command {
 /// wrapper forks, and killing it would leave the process running after the
 /// test.
 pub fn faketime(offset: &str) -> Result<Vec<String>> {
-    let lib = fs::read_dir("/usr/lib")?
-        .flatten()
-        .map(|dir| dir.path().join("faketime").join("libfaketime.so.1"))
-        .find(|lib| lib.exists())
-        .context(
-            "libfaketime.so.1 not found under /usr/lib/*/faketime (apt-get install faketime)",
-        )?;
+    let lib = libfaketime().context(
+        "libfaketime.so.1 not found under /usr/lib/*/faketime (apt-get install faketime)",
+    )?;
     Ok(vec![
         "env".into(),
         format!("LD_PRELOAD={}", lib.display()),
         format!("FAKETIME={offset}"),
         "FAKETIME_DONT_FAKE_MONOTONIC=1".into(),
     ])
+}
+
+/// libfaketime's library, where Debian's `faketime` puts it.
+fn libfaketime() -> Option<PathBuf> {
+    fs::read_dir("/usr/lib")
+        .ok()?
+        .flatten()
+        .map(|dir| dir.path().join("faketime").join("libfaketime.so.1"))
+        .find(|lib| lib.exists())
+}
+
+/// The AWS CLI the tests run: `$CUSTODIA_AWS` (.ci/run points it at
+/// Debian's), else `aws` on PATH.
+pub fn aws_cli() -> String {
+    std::env::var("CUSTODIA_AWS").unwrap_or_else(|_| "aws".into())
+}
+
+/// The Python with boto3 the tests run: `$CUSTODIA_PYTHON` (.ci/run makes a
+/// venv with boto3 from PyPI), else `python3`.
+pub fn boto3_python() -> String {
+    std::env::var("CUSTODIA_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// A program a test shells out to that only `.ci/run` installs (a clean
+/// machine has none of them). A test names the ones it needs in [`require`].
+#[derive(Clone, Copy, Debug)]
+pub enum Tool {
+    /// The AWS CLI ([`aws_cli`]).
+    Aws,
+    /// A Python with boto3 ([`boto3_python`]).
+    Boto3,
+    /// curl, for SigV4-signed raw requests ([`TestCluster::s3_curl`]).
+    Curl,
+    /// libfaketime, for [`faketime`].
+    Faketime,
+    /// `openssl ts -verify`.
+    Openssl,
+    /// A Prometheus server.
+    Prometheus,
+    /// Prometheus's rule and config checker.
+    Promtool,
+    /// python3 with the `cryptography` package (Ed25519, for the ledger's
+    /// independent check).
+    PythonCryptography,
+    Rclone,
+    S3cmd,
+}
+
+impl Tool {
+    /// What the tool is, where it comes from, and whether it works (if not,
+    /// why not).
+    fn probe(self) -> (String, String, std::result::Result<(), String>) {
+        let debian = |package: &str| format!("Debian {package}; .ci/run installs it");
+        // A program that answers `args` with exit status 0.
+        let program = |program: String, args: &[&str], package: &str| {
+            let works = run_probe(&program, args);
+            (program, debian(package), works)
+        };
+        match self {
+            Tool::Aws => program(aws_cli(), &["--version"], "awscli"),
+            Tool::Boto3 => {
+                let python = boto3_python();
+                let works = run_probe(&python, &["-c", "import boto3"]);
+                (
+                    format!("{python} with boto3"),
+                    "CUSTODIA_PYTHON names a python with it; .ci/run makes a venv with boto3 \
+                     from PyPI"
+                        .into(),
+                    works,
+                )
+            }
+            Tool::Curl => program("curl".into(), &["--version"], "curl"),
+            Tool::Faketime => {
+                let works = libfaketime()
+                    .map(|_| ())
+                    .ok_or_else(|| "libfaketime.so.1 not found under /usr/lib/*/faketime".into());
+                ("libfaketime".into(), debian("faketime"), works)
+            }
+            Tool::Openssl => program("openssl".into(), &["version"], "openssl"),
+            Tool::Prometheus => program("prometheus".into(), &["--version"], "prometheus"),
+            Tool::Promtool => program("promtool".into(), &["--version"], "prometheus"),
+            Tool::PythonCryptography => {
+                let works = run_probe("python3", &["-c", "import cryptography"]);
+                (
+                    "python3 with cryptography".into(),
+                    debian("python3-cryptography"),
+                    works,
+                )
+            }
+            Tool::Rclone => program("rclone".into(), &["version"], "rclone"),
+            Tool::S3cmd => program("s3cmd".into(), &["--version"], "s3cmd"),
+        }
+    }
+}
+
+/// Runs `program args`: Ok when it exits 0, else what went wrong.
+fn run_probe(program: &str, args: &[&str]) -> std::result::Result<(), String> {
+    let quoted: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a.contains(' ') {
+                format!("'{a}'")
+            } else {
+                (*a).to_owned()
+            }
+        })
+        .collect();
+    let shown = format!("`{program} {}`", quoted.join(" "));
+    match Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+    {
+        Err(e) => Err(format!("running {shown}: {e}")),
+        Ok(out) if out.status.success() => Ok(()),
+        // The last line says what is wrong (a Python traceback's does).
+        Ok(out) => Err(format!(
+            "{shown} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .rfind(|l| !l.trim().is_empty())
+                .unwrap_or_default()
+        )),
+    }
+}
+
+/// Whether `test` can run: true when every tool in `tools` works. Call it
+/// first, before a cluster starts, and return `Ok(())` on false.
+///
+/// Without a tool, the test prints `SKIPPED: <test> needs <tool> (<where it
+/// comes from>)` and passes, as the FoundationDB tests do without a cluster;
+/// with `CUSTODIA_REQUIRE_TOOLS` set (non-empty; .ci/run sets it) the
+/// missing tool is an error instead, so CI cannot skip what it installs.
+pub fn require(test: &str, tools: &[Tool]) -> Result<bool> {
+    let missing: Vec<(String, String)> = tools
+        .iter()
+        .filter_map(|tool| {
+            let (what, source, probe) = tool.probe();
+            probe.err().map(|why| (format!("{what} ({source})"), why))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(true);
+    }
+    let needs = missing
+        .iter()
+        .map(|(needs, _)| needs.as_str())
+        .collect::<Vec<_>>()
+        .join(" and ");
+    if std::env::var_os("CUSTODIA_REQUIRE_TOOLS").is_some_and(|v| !v.is_empty()) {
+        let why: String = missing
+            .iter()
+            .map(|(_, why)| format!("\n  {why}"))
+            .collect();
+        bail!(
+            "{test} needs {needs}; CUSTODIA_REQUIRE_TOOLS is set (as .ci/run sets it), \
+             so this fails the test instead of skipping it:{why}"
+        );
+    }
+    let line = format!("SKIPPED: {test} needs {needs}");
+    println!("{line}");
+    // And on stderr, unbuffered: libtest captures println! unless --nocapture.
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
+    Ok(false)
 }
 
 /// Deterministic pseudo-random bytes (no two sizes share a prefix pattern).

@@ -2,7 +2,7 @@
 //! processes on loopback, killed and corrupted for real.
 
 use anyhow::{Context, Result};
-use custodia_tests::{blake3_hex, bytes, eventually, Shape, TestCluster};
+use custodia_tests::{blake3_hex, bytes, eventually, Shape, TestCluster, Tool};
 use std::io::{Read, Write};
 use std::time::Duration;
 
@@ -1447,6 +1447,9 @@ fn authentication_and_tenants() -> Result<()> {
 /// refused and leaves nothing visible.
 #[test]
 fn idempotency_and_declared_hashes() -> Result<()> {
+    if !custodia_tests::require("idempotency_and_declared_hashes", &[Tool::Curl])? {
+        return Ok(());
+    }
     let c = TestCluster::start(Shape {
         nodes: 6,
         ..Shape::default()

@@ -4,7 +4,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use base64::Engine as _;
-use custodia_tests::{bytes, custodia_bin, start_witness, Shape, TestCluster};
+use custodia_tests::{bytes, custodia_bin, start_witness, Shape, TestCluster, Tool};
 use protocol::ledger::{self, Receipt, TreeHash};
 use serde_json::Value;
 use std::path::Path;
@@ -1201,6 +1201,12 @@ fn witnesses_cosign_off_the_filing_path_and_never_cosign_a_fork() -> Result<()> 
 
 #[test]
 fn an_independent_implementation_agrees_with_our_tiles_proofs_and_signatures() -> Result<()> {
+    if !custodia_tests::require(
+        "an_independent_implementation_agrees_with_our_tiles_proofs_and_signatures",
+        &[Tool::PythonCryptography],
+    )? {
+        return Ok(());
+    }
     let c = TestCluster::start(Shape::default())?;
     let vkey = log_key(&c)?;
     let mut receipts = Vec::new();
@@ -2098,6 +2104,12 @@ fn compliance_offset_s(c: &TestCluster) -> Result<f64> {
 /// retention has really passed, its evidence can be expunged.
 #[test]
 fn retention_ends_by_the_compliance_clock_not_the_system_clock() -> Result<()> {
+    if !custodia_tests::require(
+        "retention_ends_by_the_compliance_clock_not_the_system_clock",
+        &[Tool::Faketime],
+    )? {
+        return Ok(());
+    }
     let mut c = TestCluster::start(Shape::default())?;
     let expunger = expunger_token(&mut c)?;
     let short_until = unix_ms() + 40_000;
@@ -2166,6 +2178,12 @@ fn retention_ends_by_the_compliance_clock_not_the_system_clock() -> Result<()> {
 /// ends by it.
 #[test]
 fn the_compliance_clock_survives_recovery_and_follows_the_witnesses() -> Result<()> {
+    if !custodia_tests::require(
+        "the_compliance_clock_survives_recovery_and_follows_the_witnesses",
+        &[Tool::Faketime],
+    )? {
+        return Ok(());
+    }
     let mut c = TestCluster::start(Shape::default())?;
     let (long, _) = file_retained(&c, 41, unix_ms() + 3_600_000)?;
     // Let the ledger publish the filing (recovery checks the archive
@@ -2236,6 +2254,12 @@ fn the_compliance_clock_survives_recovery_and_follows_the_witnesses() -> Result<
 
 #[test]
 fn receipts_carry_rfc3161_tokens_that_openssl_accepts() -> Result<()> {
+    if !custodia_tests::require(
+        "receipts_carry_rfc3161_tokens_that_openssl_accepts",
+        &[Tool::Openssl],
+    )? {
+        return Ok(());
+    }
     use sha2::Digest;
     let mut c = TestCluster::start(Shape::default())?;
     let key = log_key(&c)?;

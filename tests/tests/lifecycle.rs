@@ -4,7 +4,7 @@
 //! drain undone, and a node added that takes new shards.
 
 use anyhow::{bail, Context, Result};
-use custodia_tests::{blake3_hex, bytes, Shape, TestCluster};
+use custodia_tests::{blake3_hex, bytes, Shape, TestCluster, Tool};
 use serde_json::Value;
 
 fn status(c: &TestCluster) -> Result<Value> {
@@ -176,6 +176,12 @@ fn nodes_are_drained_removed_and_added_without_losing_redundancy() -> Result<()>
 
 #[test]
 fn a_node_whose_clock_is_off_is_measured_and_shown() -> Result<()> {
+    if !custodia_tests::require(
+        "a_node_whose_clock_is_off_is_measured_and_shown",
+        &[Tool::Faketime],
+    )? {
+        return Ok(());
+    }
     let mut c = TestCluster::start(Shape::default())?;
     // Node 5 restarts with its wall clock 30 s ahead (monotonic time, which
     // timeouts use, left alone).
@@ -224,6 +230,12 @@ fn a_node_whose_clock_is_off_is_measured_and_shown() -> Result<()> {
 /// kept the fast clock's drain, and a recovered index brought it back.
 #[test]
 fn a_decision_stamped_by_a_slower_clock_still_reaches_the_archive() -> Result<()> {
+    if !custodia_tests::require(
+        "a_decision_stamped_by_a_slower_clock_still_reaches_the_archive",
+        &[Tool::Faketime],
+    )? {
+        return Ok(());
+    }
     let mut c = TestCluster::start(Shape::default())?;
     let archived = |c: &TestCluster| -> Result<Vec<u8>> {
         let dir = c.data_dir().join("ledger").join("openings");

@@ -4,7 +4,9 @@
 //! ledger, and Object Lock holds against every key, admins included.
 
 use anyhow::{bail, Context, Result};
-use custodia_tests::{bytes, custodia_bin, header, profile_field, Shape, TestCluster};
+use custodia_tests::{
+    aws_cli, boto3_python, bytes, custodia_bin, header, profile_field, Shape, TestCluster, Tool,
+};
 use protocol::ledger::Receipt;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -44,7 +46,7 @@ impl Aws {
             ),
         )?;
         // CUSTODIA_AWS picks the CLI (.ci/run points it at Debian's).
-        Command::new(std::env::var("CUSTODIA_AWS").unwrap_or_else(|_| "aws".into()))
+        Command::new(aws_cli())
             .args(["--endpoint-url", &self.endpoint, "--output", "json"])
             .args(args)
             .current_dir(&self.work)
@@ -167,6 +169,12 @@ fn curl(c: &TestCluster, method: &str, url: &str, extra: &[&str]) -> Result<(Str
 /// the object and store nothing.
 #[test]
 fn aws_chunked_trailers_are_verified_after_the_last_byte() -> Result<()> {
+    if !custodia_tests::require(
+        "aws_chunked_trailers_are_verified_after_the_last_byte",
+        &[Tool::Curl],
+    )? {
+        return Ok(());
+    }
     use base64::Engine as _;
     use sha2::Digest as _;
     let c = TestCluster::start(Shape::default())?;
@@ -242,6 +250,12 @@ fn aws_chunked_trailers_are_verified_after_the_last_byte() -> Result<()> {
 /// gateway serves on afterwards.
 #[test]
 fn oversized_metadata_and_headers_are_refused_and_store_nothing() -> Result<()> {
+    if !custodia_tests::require(
+        "oversized_metadata_and_headers_are_refused_and_store_nothing",
+        &[Tool::Curl],
+    )? {
+        return Ok(());
+    }
     let c = TestCluster::start(Shape::default())?;
     let (h, _) = curl(&c, "PUT", &format!("{}/meta", c.s3), &[])?;
     assert!(h.starts_with("http/1.1 200"), "{h}");
@@ -316,6 +330,12 @@ fn oversized_metadata_and_headers_are_refused_and_store_nothing() -> Result<()> 
 /// a page that ends on a prefix resumes after everything under it.
 #[test]
 fn version_listings_fold_common_prefixes_and_page() -> Result<()> {
+    if !custodia_tests::require(
+        "version_listings_fold_common_prefixes_and_page",
+        &[Tool::Aws],
+    )? {
+        return Ok(());
+    }
     let c = TestCluster::start(Shape::default())?;
     let aws = Aws::admin(&c);
     aws.ok(&["s3api", "create-bucket", "--bucket", "vers"])?;
@@ -468,6 +488,12 @@ fn version_listings_fold_common_prefixes_and_page() -> Result<()> {
 
 #[test]
 fn aws_cli_files_lists_reads_and_deletes_objects_as_evidence() -> Result<()> {
+    if !custodia_tests::require(
+        "aws_cli_files_lists_reads_and_deletes_objects_as_evidence",
+        &[Tool::Aws, Tool::Curl],
+    )? {
+        return Ok(());
+    }
     let c = TestCluster::start(Shape::default())?;
     let aws = Aws::admin(&c);
     aws.ok(&["s3", "mb", "s3://evidence"])?;
@@ -879,6 +905,12 @@ fn aws_cli_files_lists_reads_and_deletes_objects_as_evidence() -> Result<()> {
 
 #[test]
 fn tenants_and_keys_are_isolated_and_signatures_checked() -> Result<()> {
+    if !custodia_tests::require(
+        "tenants_and_keys_are_isolated_and_signatures_checked",
+        &[Tool::Aws],
+    )? {
+        return Ok(());
+    }
     let mut c = TestCluster::start(Shape::default())?;
     let admin = Aws::admin(&c);
     admin.ok(&["s3", "mb", "s3://court-a"])?;
@@ -1208,6 +1240,12 @@ fn tenants_and_keys_are_isolated_and_signatures_checked() -> Result<()> {
 
 #[test]
 fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
+    if !custodia_tests::require(
+        "object_lock_holds_against_every_key_admins_included",
+        &[Tool::Aws, Tool::Curl],
+    )? {
+        return Ok(());
+    }
     let mut c = TestCluster::start(Shape::default())?;
     let admin = Aws::admin(&c);
     admin.ok(&[
@@ -1704,6 +1742,9 @@ fn check_on_disk(c: &TestCluster, data: &[u8]) -> Result<()> {
 
 #[test]
 fn multipart_uploads_complete_abort_and_list() -> Result<()> {
+    if !custodia_tests::require("multipart_uploads_complete_abort_and_list", &[Tool::Aws])? {
+        return Ok(());
+    }
     let c = TestCluster::start(Shape {
         shard_size: 256 * 1024,
         ..Shape::default()
@@ -2216,6 +2257,12 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
 /// declaration made botocore report a generic 500 instead).
 #[test]
 fn a_complete_that_fails_while_filing_answers_one_xml_document() -> Result<()> {
+    if !custodia_tests::require(
+        "a_complete_that_fails_while_filing_answers_one_xml_document",
+        &[Tool::Aws, Tool::Curl],
+    )? {
+        return Ok(());
+    }
     let mut c = TestCluster::start(Shape::default())?;
     let aws = Aws::admin(&c);
     aws.ok(&["s3", "mb", "s3://late"])?;
@@ -2295,6 +2342,12 @@ fn a_complete_that_fails_while_filing_answers_one_xml_document() -> Result<()> {
 /// override them with `response-*` parameters, as S3 allows.
 #[test]
 fn standard_headers_are_kept_and_a_download_may_override_them() -> Result<()> {
+    if !custodia_tests::require(
+        "standard_headers_are_kept_and_a_download_may_override_them",
+        &[Tool::Aws, Tool::Boto3, Tool::Curl],
+    )? {
+        return Ok(());
+    }
     let c = TestCluster::start(Shape::default())?;
     let aws = Aws::admin(&c);
     aws.ok(&["s3", "mb", "s3://headers"])?;
@@ -2517,6 +2570,12 @@ fn standard_headers_are_kept_and_a_download_may_override_them() -> Result<()> {
 /// its error inside the 200, which the AWS CLI reads as the failure it is.
 #[test]
 fn long_copies_are_kept_alive_and_fail_inside_the_200() -> Result<()> {
+    if !custodia_tests::require(
+        "long_copies_are_kept_alive_and_fail_inside_the_200",
+        &[Tool::Aws, Tool::Boto3, Tool::Curl],
+    )? {
+        return Ok(());
+    }
     let mut c = TestCluster::start(Shape::default())?;
     c.set_gateway(&[("s3_keep_alive_after_ms", toml::Value::Integer(0))])?;
     let aws = Aws::admin(&c);
@@ -2690,6 +2749,12 @@ fn long_copies_are_kept_alive_and_fail_inside_the_200() -> Result<()> {
 /// (S3's AbortIncompleteMultipartUpload), and its parts' shards with it.
 #[test]
 fn incomplete_uploads_expire_and_their_parts_go() -> Result<()> {
+    if !custodia_tests::require(
+        "incomplete_uploads_expire_and_their_parts_go",
+        &[Tool::Aws, Tool::Faketime],
+    )? {
+        return Ok(());
+    }
     let mut c = TestCluster::start(Shape::default())?;
     let aws = Aws::admin(&c);
     aws.ok(&["s3", "mb", "s3://left"])?;
@@ -2768,6 +2833,9 @@ fn incomplete_uploads_expire_and_their_parts_go() -> Result<()> {
 /// Over HTTP botocore sends the checksum as a header.
 #[test]
 fn boto3_with_its_default_checksums() -> Result<()> {
+    if !custodia_tests::require("boto3_with_its_default_checksums", &[Tool::Boto3])? {
+        return Ok(());
+    }
     boto3_checks(false)
 }
 
@@ -2776,6 +2844,12 @@ fn boto3_with_its_default_checksums() -> Result<()> {
 /// after the last byte.
 #[test]
 fn boto3_over_https_sends_aws_chunked_trailers() -> Result<()> {
+    if !custodia_tests::require(
+        "boto3_over_https_sends_aws_chunked_trailers",
+        &[Tool::Boto3],
+    )? {
+        return Ok(());
+    }
     boto3_checks(true)
 }
 
@@ -2810,7 +2884,7 @@ fn boto3_checks(tls: bool) -> Result<()> {
 fn python_with_boto3(c: &TestCluster) -> Result<(Command, String)> {
     let creds = std::fs::read_to_string(c.data_dir().join("s3.credentials"))?;
     let field = |name: &str| profile_field(&creds, name);
-    let name = std::env::var("CUSTODIA_PYTHON").unwrap_or_else(|_| "python3".into());
+    let name = boto3_python();
     let mut python = Command::new(&name);
     python
         .env("S3_ENDPOINT", &c.s3)
@@ -2854,6 +2928,12 @@ fn client(cmd: &mut Command) -> Result<String> {
 /// default COMPLIANCE retention binds what they write).
 #[test]
 fn rclone_and_s3cmd_put_get_list_and_delete() -> Result<()> {
+    if !custodia_tests::require(
+        "rclone_and_s3cmd_put_get_list_and_delete",
+        &[Tool::Aws, Tool::Rclone, Tool::S3cmd],
+    )? {
+        return Ok(());
+    }
     let c = TestCluster::start(Shape {
         shard_size: 256 * 1024,
         ..Shape::default()
@@ -3104,6 +3184,9 @@ fn rclone_and_s3cmd_put_get_list_and_delete() -> Result<()> {
 /// retention, its delete only hides the object: the locked version stays.
 #[test]
 fn rust_object_store_client() -> Result<()> {
+    if !custodia_tests::require("rust_object_store_client", &[Tool::Aws])? {
+        return Ok(());
+    }
     use futures::TryStreamExt as _;
     use object_store::aws::{AmazonS3Builder, Checksum};
     use object_store::path::Path as OsPath;
@@ -3361,6 +3444,12 @@ fn rust_object_store_client() -> Result<()> {
 /// sends by default) completes and reads back.
 #[test]
 fn completing_an_upload_checks_the_whole_objects_checksums_and_size() -> Result<()> {
+    if !custodia_tests::require(
+        "completing_an_upload_checks_the_whole_objects_checksums_and_size",
+        &[Tool::Boto3],
+    )? {
+        return Ok(());
+    }
     let c = TestCluster::start(Shape::default())?;
     let script = r#"
 import base64, boto3, botocore.config, botocore.exceptions, hashlib, io, os, zlib
@@ -3425,6 +3514,9 @@ print('boto3 multipart', read())
 /// token (boto3 sends them; the listing ignored them, all buckets each time).
 #[test]
 fn bucket_listings_filter_by_prefix_and_page() -> Result<()> {
+    if !custodia_tests::require("bucket_listings_filter_by_prefix_and_page", &[Tool::Boto3])? {
+        return Ok(());
+    }
     let c = TestCluster::start(Shape::default())?;
     let script = r#"
 import boto3, botocore.exceptions, os
