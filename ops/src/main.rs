@@ -480,6 +480,25 @@ enum TenantCommand {
     },
 }
 
+/// Standard error for the log, where a failed write is dropped rather than
+/// reported: a log nobody reads any more (`custodia up 2>&1 | tee up.log`
+/// with `tee` gone at Ctrl-C, a dead log shipper) must not stop the
+/// process (tracing reports a failed write with `eprintln!`, which panics
+/// on a closed pipe, midway through a clean stop or in a background task).
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 fn init_tracing(default: &str) {
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -494,7 +513,7 @@ fn init_tracing(default: &str) {
     }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr)
         // Colour codes only on a terminal, never in node.log or a CI log.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

@@ -1,6 +1,24 @@
 //! `custodia up`, `custodia node` and `custodia gateway`: running components
 //! until SIGINT/SIGTERM, and stopping them cleanly.
 
+/// `println!` that drops a failed write: a `custodia up` whose output
+/// nobody reads any more (piped to `tee`, gone at Ctrl-C) still stops its
+/// nodes cleanly instead of panicking midway.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` likewise.
+macro_rules! say_err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 use crate::cluster::{self, Cluster, InitOptions};
 use anyhow::{Context, Result};
 use std::path::Path;
@@ -116,12 +134,12 @@ pub async fn run_gateway(data_dir: &Path) -> Result<()> {
     // A signal during the start is kept for the wait below: the start (its
     // migrations included) is not cut short.
     let mut gw = start_gateway(&cluster).await?;
-    println!("evidence API: {}://{}", api_scheme(&cluster), gw.local_addr);
+    say!("evidence API: {}://{}", api_scheme(&cluster), gw.local_addr);
     if let Some(a) = gw.s3_addr {
-        println!("S3 API: {}://{a}", s3_scheme(&cluster));
+        say!("S3 API: {}://{a}", s3_scheme(&cluster));
     }
     if let Some(a) = gw.metrics_addr {
-        println!("metrics: http://{a}/metrics");
+        say!("metrics: http://{a}/metrics");
     }
     tokio::select! {
         e = gw.stopped() => {
@@ -211,7 +229,7 @@ async fn wait_for_nodes(
             }
             if said.elapsed() >= Duration::from_secs(15) {
                 said = Instant::now();
-                println!(
+                say!(
                     "still waiting for node {} on {addr} after {} s (a node reads its \
                      segment files before it listens; its log is in {})",
                     n.id,
@@ -228,7 +246,7 @@ async fn wait_for_nodes(
 /// Asks every node to stop, and kills those still running 10 s later (10 s
 /// in all, not 10 s more for each node in turn).
 async fn stop_children(children: &mut [Child]) {
-    println!("stopping {} nodes", children.len());
+    say!("stopping {} nodes", children.len());
     children.iter().for_each(stop_child);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     for c in children.iter_mut() {
@@ -273,14 +291,14 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
     let fresh = !data_dir.join(cluster::CLUSTER_FILE).exists();
     if fresh {
         cluster::init(data_dir, opts).await?;
-        println!("initialised a new cluster in {}", data_dir.display());
+        say!("initialised a new cluster in {}", data_dir.display());
     }
     cluster::make_private(data_dir);
     let mut cluster = Cluster::load(data_dir)?;
     if !fresh {
         // Said, not silently ignored: an operator working around a port in
         // use would otherwise try again with the same address.
-        println!(
+        say!(
             "starting the cluster already in {} ({} nodes, RS({},{}), evidence API on {}): its \
              cluster.toml decides these; the shape and address options apply only to a new \
              cluster",
@@ -303,7 +321,7 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
     let removed = removed_nodes(&cluster).await?;
     for n in &cluster.nodes {
         if removed.contains(&n.id) {
-            println!(
+            say!(
                 "node {} was removed from the cluster: not started (its data dir {} is left as \
                  it was)",
                 n.id,
@@ -318,7 +336,7 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
     let named = cluster.name_node_certs(data_dir)?;
     drop(edit);
     if !named.is_empty() {
-        println!(
+        say!(
             "gave the certificates of nodes {named:?} a name of their own: the gateway now \
              requires it of each, so no node's key passes for another's"
         );
@@ -396,61 +414,61 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
         // Asked to stop before it was up: a clean stop, as after (exit 0).
         None => {
             stop_children(&mut children).await;
-            println!("stopped before the cluster was up; everything filed before is kept");
+            say!("stopped before the cluster was up; everything filed before is kept");
             return Ok(());
         }
     };
-    println!(
+    say!(
         "Custodia is up: {} storage nodes, RS({},{})",
         nodes.len(),
         cluster.gateway.k,
         cluster.gateway.m
     );
-    println!(
+    say!(
         "  evidence API   {}://{}",
         api_scheme(&cluster),
         gw.local_addr
     );
     if cluster.gateway.api_tls.is_some() {
-        println!(
+        say!(
             "                 trust {} (curl --cacert ...; the CLI finds it)",
             cluster.gateway.tls.ca_cert.display()
         );
     }
-    println!(
+    say!(
         "  admin token    {}",
         data_dir.join(cluster::ADMIN_TOKEN_FILE).display()
     );
     if let Some(a) = gw.s3_addr {
-        println!(
+        say!(
             "  S3 API         {}://{a}  keys in {} (AWS_SHARED_CREDENTIALS_FILE=...)",
             s3_scheme(&cluster),
             data_dir.join(cluster::S3_CREDENTIALS_FILE).display()
         );
         if cluster.gateway.s3_tls.is_some() {
-            println!(
+            say!(
                 "                 trust {} (AWS_CA_BUNDLE=...)",
                 cluster.gateway.tls.ca_cert.display()
             );
         }
     }
     if let Some(l) = &cluster.gateway.ledger {
-        println!(
+        say!(
             "  ledger         {}://{}/ledger/checkpoint  origin {:?}",
             api_scheme(&cluster),
             gw.local_addr,
             l.origin
         );
-        println!(
+        say!(
             "  ledger key     {}  (verify receipts with it: custodia verify)",
             data_dir.join(cluster::LEDGER_VKEY_FILE).display()
         );
     }
     if let Some(a) = gw.metrics_addr {
-        println!("  metrics        http://{a}/metrics  (nodes: see each node below)");
+        say!("  metrics        http://{a}/metrics  (nodes: see each node below)");
     }
     for (n, c) in nodes.iter().zip(&children) {
-        println!(
+        say!(
             "  node {:<3}       quic://{}  pid {}  {}{}",
             n.id,
             n.listen,
@@ -461,7 +479,7 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
                 .unwrap_or_default()
         );
     }
-    println!("Press Ctrl-C to stop.");
+    say!("Press Ctrl-C to stop.");
     // A node that dies (killed to see the erasure coding at work, a disk
     // gone) is reported, and the cluster serves on without it, as a real
     // one does: reads rebuild what it held, filings go to the others while
@@ -480,7 +498,7 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
                 let id = nodes.get(i).map_or(i, |n| n.id as usize);
                 let left = running.iter().filter(|r| **r).count();
                 tracing::warn!(node = id, %status, "a node exited");
-                eprintln!(
+                say_err!(
                     "node {id} exited ({status}); see its node.log. The cluster serves on \
                      with {left} of {} nodes; the next `custodia up` starts it again.",
                     running.len()

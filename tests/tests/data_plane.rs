@@ -1991,6 +1991,53 @@ fn start_up_with(mut command: std::process::Command) -> Result<(Up, Vec<String>)
     }
 }
 
+/// `custodia up` whose output nobody reads any more (`custodia up 2>&1 |
+/// tee up.log`, with `tee` gone at Ctrl-C; a dead log shipper) runs and
+/// stops as cleanly as one on a terminal: a failed write of a log line or a
+/// message is dropped, not a panic that cuts off requests and kills the
+/// nodes.
+#[test]
+fn custodia_up_stops_cleanly_with_its_output_closed() -> Result<()> {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("data");
+    let api = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut child = up_command(&dir, api)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // Its log's reader is gone from the start.
+    drop(child.stderr.take());
+    let out = child.stdout.take().context("stdout")?;
+    let mut up = Up {
+        child,
+        nodes: Vec::new(),
+    };
+    let mut lines = std::io::BufReader::new(out).lines();
+    loop {
+        let line = lines
+            .next()
+            .context("custodia up did not say it was up")??;
+        if let Some(pid) = line.split("  pid ").nth(1) {
+            up.nodes
+                .push(pid.split_whitespace().next().unwrap_or_default().parse()?);
+        }
+        if line.starts_with("Press Ctrl-C") {
+            break;
+        }
+    }
+    // And now its output's.
+    drop(lines);
+    let token = std::fs::read_to_string(dir.join("admin.token"))?;
+    let filed = ureq::post(format!("http://127.0.0.1:{api}/v1/evidence"))
+        .header("authorization", format!("Bearer {}", token.trim()))
+        .send(&b"logged to nowhere"[..])?;
+    assert_eq!(filed.status().as_u16(), 201);
+    stop_up(&mut up)
+}
+
 /// Stops a running `up` as Ctrl-C does, and waits for it and its nodes.
 fn stop_up(up: &mut Up) -> Result<()> {
     std::process::Command::new("kill")
