@@ -713,7 +713,12 @@ pub async fn sweep_orphans<S: Store>(
                             // An upload in flight writes its stripe records
                             // in batches after the shards: its intent covers
                             // them.
-                            if schema::get_intent_tx(&tx, k.evidence).await?.is_none() {
+                            // Nor is evidence recovery found no record of
+                            // (perhaps a filing the archive had not caught
+                            // up with) swept before an operator says so.
+                            if schema::get_intent_tx(&tx, k.evidence).await?.is_none()
+                                && !schema::is_unclaimed_tx(&tx, k.evidence).await?
+                            {
                                 orphans.push((*k, true));
                             }
                             continue;

@@ -46,6 +46,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// Stripe records written per index transaction.
 const STRIPES_PER_TXN: usize = 256;
+/// How many held pieces of evidence the report names.
+pub const UNCLAIMED_LISTED: usize = 20;
 /// The shards of one stripe found on the nodes, by index: every copy found
 /// (a repair's old copy awaiting deletion beside its new one, say), in the
 /// order the nodes were listed.
@@ -106,10 +108,15 @@ pub struct Report {
     /// Stripes short of k+m verified shards, queued for repair.
     pub stripes_degraded: u64,
     pub bytes_verified: u64,
-    /// Evidence ids found on nodes that no filing names (failed uploads,
-    /// S3 multipart parts): left for orphan collection.
+    /// Evidence ids found on nodes that no filing in the archive names
+    /// (failed uploads, S3 multipart parts, or filings the archive had not
+    /// caught up with): held, not collected, until an operator releases
+    /// them (see [`schema::hold_unclaimed_tx`]).
     pub orphan_evidence: u64,
     pub orphan_shards: u64,
+    /// The first [`UNCLAIMED_LISTED`] of those pieces of evidence: held,
+    /// not collected, until `custodia release-unclaimed`.
+    pub unclaimed: Vec<String>,
     /// Evidence that could not be read back and verified, and why.
     pub unreadable: Vec<(String, String)>,
     /// S3 records replayed from the journal.
@@ -283,6 +290,24 @@ pub async fn recover_index<S: Store>(
         }
     }
     report.orphan_evidence = orphans.len() as u64;
+    // Their shards stay until an operator releases them: the archive may
+    // have been behind the index (a filing answered 201 whose statement was
+    // not archived yet), and shard headers do not say whose they are.
+    let held: Vec<EvidenceId> = orphans.iter().copied().collect();
+    for chunk in held.chunks(STRIPES_PER_TXN) {
+        indexer::run(&gw.store, |tx| async move {
+            for id in chunk {
+                schema::hold_unclaimed_tx(&tx, *id);
+            }
+            Ok::<_, SchemaError>(())
+        })
+        .await?;
+    }
+    report.unclaimed = held
+        .iter()
+        .take(UNCLAIMED_LISTED)
+        .map(ToString::to_string)
+        .collect();
     // Shards on the nodes and no evidence in the ledger: the ledger's
     // archive or tiles were not where the configuration says. An index
     // restored from nothing would let garbage collection delete them all.

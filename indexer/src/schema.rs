@@ -23,6 +23,7 @@
 //! ("C")                                           = ClockRecord        the compliance clock
 //! ("R", evidence 16, stripe u64)                  = RepairLease        the task repairing it
 //! ("A")                                           = ""                 recovery left shards with no node: copies to adopt
+//! ("W", evidence 16)                              = ""                 shards recovery found no record of: kept, not swept
 //! ```
 //!
 //! The ledger's keys ("Q", "L", "N", "T", "V", "O", "P", "M") are laid out in
@@ -60,6 +61,7 @@ const LOST: u8 = b'Z';
 const CLOCK: u8 = b'C';
 const REPAIR_LEASE: u8 = b'R';
 const ADOPTION_PENDING: u8 = b'A';
+const UNCLAIMED: u8 = b'W';
 
 const RECORD_V1: u8 = 1;
 
@@ -344,6 +346,41 @@ pub fn set_adoption_pending_tx<T: Transaction>(tx: &T) {
 /// Says that a complete orphan sweep has looked on every node since.
 pub fn clear_adoption_pending_tx<T: Transaction>(tx: &T) {
     tx.clear(&[ADOPTION_PENDING]);
+}
+
+/// Marks evidence whose shards `recover-index` found with no record of it
+/// in the ledger's archive: an upload that failed, or a filing answered
+/// 201 that the archive had not caught up with when the index was lost.
+/// The orphan sweep keeps their shards until an operator releases them
+/// ([`release_unclaimed_tx`]).
+pub fn hold_unclaimed_tx<T: Transaction>(tx: &T, evidence: EvidenceId) {
+    tx.set(&evidence_key(UNCLAIMED, &evidence), b"");
+}
+
+/// Whether [`hold_unclaimed_tx`] holds `evidence`'s shards.
+pub async fn is_unclaimed_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+) -> Result<bool, SchemaError> {
+    Ok(tx.get(&evidence_key(UNCLAIMED, &evidence)).await?.is_some())
+}
+
+/// Up to `limit` held evidence ids, in order (see [`hold_unclaimed_tx`]).
+pub async fn unclaimed_tx<T: Transaction>(
+    tx: &T,
+    limit: usize,
+) -> Result<Vec<EvidenceId>, SchemaError> {
+    tx.get_range(&[UNCLAIMED], &[UNCLAIMED + 1], limit, false)
+        .await?
+        .iter()
+        .map(|(k, _)| evidence_from(&k[1..]))
+        .collect()
+}
+
+/// Lets the orphan sweep collect the shards of held evidence (an
+/// operator's decision, after recovering what was worth recovering).
+pub fn release_unclaimed_tx<T: Transaction>(tx: &T, evidence: EvidenceId) {
+    tx.clear(&evidence_key(UNCLAIMED, &evidence));
 }
 
 /// Whether copies left by `recover-index` may still await adoption (see

@@ -260,6 +260,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Let garbage collection have the shards `recover-index` found of
+    /// evidence no filing in the ledger's archive names (held until now:
+    /// some may be filings the archive had not caught up with). Run with
+    /// the gateway stopped.
+    ReleaseUnclaimed {
+        #[arg(long, default_value = "custodia-data")]
+        data_dir: PathBuf,
+        /// Only list the held evidence ids; release nothing.
+        #[arg(long)]
+        list: bool,
+        /// Release only these evidence ids (all of them if none is given).
+        ids: Vec<String>,
+    },
     /// Simulations of the real code at scales no test machine has.
     #[command(subcommand)]
     Sim(SimCommand),
@@ -898,6 +911,14 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             init_tracing("warn");
             recover::run(&data_dir, allow_down_nodes, trust_archive, json).await
+        }
+        Command::ReleaseUnclaimed {
+            data_dir,
+            list,
+            ids,
+        } => {
+            init_tracing("warn");
+            recover::release_unclaimed(&data_dir, list, &ids).await
         }
         Command::Up { data_dir, shape } => {
             init_tracing("info");

@@ -152,9 +152,24 @@ pub async fn run(data_dir: &Path, allow_down: bool, trust_archive: bool, json: b
             );
         }
         println!(
-            "  orphans      {} shards of {} unnamed uploads (left for collection)",
+            "  unclaimed    {} shards of {} pieces of evidence the archive does not name",
             report.orphan_shards, report.orphan_evidence
         );
+        if report.orphan_evidence > 0 {
+            println!(
+                "               (uploads that failed, or filings the archive had not caught up \
+                 with: kept, not collected, until `custodia release-unclaimed`)"
+            );
+            for id in &report.unclaimed {
+                println!("               {id}");
+            }
+            if report.orphan_evidence > report.unclaimed.len() as u64 {
+                println!(
+                    "               ... and {} more (`custodia release-unclaimed --list`)",
+                    report.orphan_evidence - report.unclaimed.len() as u64
+                );
+            }
+        }
         println!(
             "  tenants      {}",
             report
@@ -284,4 +299,55 @@ async fn restore_credentials<S: indexer::KvStore>(
         restored.push(cluster::S3_CREDENTIALS_FILE.to_owned());
     }
     Ok(restored)
+}
+
+/// `custodia release-unclaimed`: lists the evidence `recover-index` held
+/// (shards no filing in the archive names), or lets GC collect it: all of
+/// it, or the ids given.
+pub async fn release_unclaimed(data_dir: &Path, list: bool, ids: &[String]) -> Result<()> {
+    let (store, _lock) = crate::cluster::open_index_offline(data_dir)?;
+    let chosen = ids
+        .iter()
+        .map(|s| {
+            s.parse::<protocol::EvidenceId>()
+                .map_err(|_| anyhow::anyhow!("{s:?} is not an evidence id"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let held = indexer::run(&store, |tx| async move {
+        indexer::schema::unclaimed_tx(&tx, 0).await
+    })
+    .await
+    .context("reading the held evidence")?;
+    if list {
+        for id in &held {
+            println!("{id}");
+        }
+        eprintln!("{} held", held.len());
+        return Ok(());
+    }
+    let release: Vec<protocol::EvidenceId> = if chosen.is_empty() {
+        held
+    } else {
+        for id in &chosen {
+            if !held.contains(id) {
+                bail!("{id} is not held (see `custodia release-unclaimed --list`)");
+            }
+        }
+        chosen
+    };
+    for chunk in release.chunks(512) {
+        indexer::run(&store, |tx| async move {
+            for id in chunk {
+                indexer::schema::release_unclaimed_tx(&tx, *id);
+            }
+            Ok::<_, indexer::schema::SchemaError>(())
+        })
+        .await
+        .context("releasing held evidence")?;
+    }
+    println!(
+        "released {}: the orphan sweep collects their shards after its grace",
+        release.len()
+    );
+    Ok(())
 }

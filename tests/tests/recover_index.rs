@@ -606,6 +606,67 @@ fn credentials_revoked_offline_are_not_restored() -> Result<()> {
     Ok(())
 }
 
+/// A filing answered 201 while the ledger's archive could not be written
+/// (its statement waits in the index) is not in the archive when the index
+/// is lost: recovery finds its shards and no record of it. They are kept,
+/// not collected as a failed upload's, until an operator releases them.
+#[test]
+fn shards_no_archived_filing_names_are_held_until_released() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.file(&bytes(5_000, 31))?;
+    // The archive's leaves cannot be written: a file where their folder
+    // should be.
+    c.stop_gateway();
+    let openings = c.data_dir().join("ledger").join("openings").join("0000000");
+    let aside = c.data_dir().join("ledger").join("openings.aside");
+    std::fs::rename(&openings, &aside)?;
+    std::fs::write(&openings, b"not a folder")?;
+    c.start_gateway()?;
+    c.wait_healthy(8)?;
+    let data = bytes(9_000, 32);
+    let a = c.file_with(&c.token, &data, &[])?;
+    assert_eq!(a.status, 201);
+    let id = a.json()["id"].as_str().context("id")?.to_owned();
+    let piece = &data[..32];
+    c.kill_gateway();
+    std::fs::remove_file(&openings)?;
+    std::fs::rename(&aside, &openings)?;
+    std::fs::remove_file(c.data_dir().join("index.redb"))?;
+    let out = recover(&c, &[])?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains(&id), "the held evidence is not named: {said}");
+    // The orphan sweep, with no grace, leaves them.
+    c.set_gateway(&[
+        ("orphan_sweep_interval_ms", toml::Value::Integer(300)),
+        ("orphan_grace_ms", toml::Value::Integer(0)),
+    ])?;
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(
+        !c.node_files_holding(piece).is_empty(),
+        "the shards of a filing the archive missed were collected"
+    );
+    // Released, they go.
+    c.stop_gateway();
+    let out = c.custodia(&["release-unclaimed", "--list"])?;
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&id));
+    let out = c.custodia(&["release-unclaimed", &id])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.start_gateway()?;
+    c.wait_healthy(8)?;
+    let gone = custodia_tests::eventually(20, || c.node_files_holding(piece).is_empty());
+    assert!(gone, "released shards were never collected");
+    Ok(())
+}
+
 /// The same recovery, but two of the down nodes come back with empty
 /// disks: their slots have no copy anywhere and no hash the index knows.
 /// Nothing is declared lost while the third node's copies can still be
