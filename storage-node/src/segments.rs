@@ -564,6 +564,24 @@ impl SegmentLog {
     /// Reads the record at `loc` and checks it is a whole shard named `key`
     /// (the body against its header's BLAKE3 too, unless `head_only`).
     pub fn read(&self, key: &ShardKey, loc: Loc, head_only: bool) -> io::Result<ReadRecord> {
+        self.read_record(key, loc, head_only, false)
+    }
+
+    /// [`read`](Self::read) of a whole record from the page cache alone:
+    /// `Err(WouldBlock)` rather than wait for the disk (a page evicted, a
+    /// failing sector retried for seconds), for a caller on an async
+    /// thread that must not stall every connection it serves.
+    pub fn read_cached(&self, key: &ShardKey, loc: Loc) -> io::Result<ReadRecord> {
+        self.read_record(key, loc, false, true)
+    }
+
+    fn read_record(
+        &self,
+        key: &ShardKey,
+        loc: Loc,
+        head_only: bool,
+        cached_only: bool,
+    ) -> io::Result<ReadRecord> {
         let (file, seg_key) = match self.read_index().segments.get(&loc.seg) {
             Some(s) => (s.file.clone(), s.key),
             None => return Err(io::ErrorKind::NotFound.into()),
@@ -574,7 +592,22 @@ impl SegmentLog {
             loc.len as usize
         };
         let mut bytes = vec![0u8; want];
-        file.read_exact_at(&mut bytes, loc.off)?;
+        if cached_only {
+            // RWF_NOWAIT: EAGAIN, or a short read, where a page is not in
+            // the cache (EOPNOTSUPP on kernels before 4.14).
+            let n = rustix::io::preadv2(
+                &*file,
+                &mut [io::IoSliceMut::new(&mut bytes)],
+                loc.off,
+                rustix::io::ReadWriteFlags::NOWAIT,
+            )
+            .map_err(io::Error::from)?;
+            if n != want {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+        } else {
+            file.read_exact_at(&mut bytes, loc.off)?;
+        }
         let Some((kind, head_len, body_len)) = parse_frame(&seg_key, &bytes) else {
             return Ok(ReadRecord::Damaged("record frame fails its check", bytes));
         };

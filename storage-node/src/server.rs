@@ -762,7 +762,8 @@ async fn handle_get_shard(
         return respond(send, &Response::Error(ErrorCode::Io)).await;
     };
     let store = state.store.clone();
-    // A small shard is read right here: handing a read of a few KiB to the
+    // A small shard in the page cache is read right here (never a wait for
+    // the disk: see `get_small_fast`): handing a read of a few KiB to the
     // blocking pool costs two thread wake-ups, more than the read itself.
     // Anything slower (a file, a quarantine's fsyncs, a record compaction
     // moved) goes to the blocking pool, off the threads serving QUIC.

@@ -628,13 +628,15 @@ impl ShardStore {
     }
 
     /// The fast path of [`Self::get_small_shared`], for an async thread: a
-    /// segment record that reads back whole (a few KiB from the page cache,
-    /// no key lock; the segment index's read lock only briefly). `None` when anything slower is needed (the shard is
-    /// not in a segment, its record is damaged and must be quarantined, or
-    /// compaction moved it), for the caller to do on the blocking pool.
+    /// segment record that reads back whole from the page cache (no key
+    /// lock; the segment index's read lock only briefly; never a wait for
+    /// the disk). `None` when anything slower is needed (the shard is not in
+    /// a segment, not all in the page cache, its record is damaged and must
+    /// be quarantined, or compaction moved it), for the caller to do on the
+    /// blocking pool.
     pub fn get_small_fast(&self, key: &ShardKey) -> Option<(ShardHeader, bytes::Bytes)> {
         let loc = self.log.locate(key)?;
-        match self.log.read(key, loc, false) {
+        match self.log.read_cached(key, loc) {
             Ok(ReadRecord::Shard(header, body)) => Some((header, bytes::Bytes::from(body))),
             _ => None,
         }
@@ -1964,6 +1966,41 @@ mod tests {
 
     fn body(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 13 % 251) as u8).collect()
+    }
+
+    /// A packed shard just written is served by the fast path (from the
+    /// page cache, no wait for the disk); one whose pages the kernel
+    /// dropped is left to the blocking path, which reads it the same.
+    #[test]
+    fn the_fast_path_reads_only_from_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ShardStore::open(dir.path()).unwrap();
+        let b = body(3000);
+        store.put(&header(key(1), &b), &b).unwrap();
+        let (h, got) = store
+            .get_small_fast(&key(1))
+            .expect("served from the cache");
+        assert_eq!((h.key, &got[..]), (key(1), &b[..]));
+        // Every file dropped from the cache (written back first, so the
+        // kernel can).
+        let mut dirs = vec![dir.path().to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for e in fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if let Ok(f) = fs::File::open(&p) {
+                    f.sync_all().unwrap();
+                    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+                }
+            }
+        }
+        if let Some((_, got)) = store.get_small_fast(&key(1)) {
+            // Some file systems keep their pages whatever is advised.
+            assert_eq!(&got[..], &b[..]);
+        }
+        let (_, got) = store.get_small_shared(&key(1)).unwrap().unwrap();
+        assert_eq!(&got[..], &b[..]);
     }
 
     /// A write a quota refused (room showing, as `statvfs` does not see
