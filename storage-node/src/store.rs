@@ -157,6 +157,10 @@ pub enum StoreError {
     /// Any other disk error.
     #[error("disk error: {0}")]
     Io(#[source] io::Error),
+    /// The shard's evidence was erased here lately (expunged); nothing was
+    /// stored.
+    #[error("the evidence of shard {0} was expunged: not stored")]
+    Expunged(ShardKey),
 }
 
 impl StoreError {
@@ -165,7 +169,7 @@ impl StoreError {
         match self {
             StoreError::NotFound => ErrorCode::NotFound,
             StoreError::HashMismatch => ErrorCode::HashMismatch,
-            StoreError::BadHeader(_) => ErrorCode::BadRequest,
+            StoreError::BadHeader(_) | StoreError::Expunged(_) => ErrorCode::BadRequest,
             StoreError::Corrupt(_) => ErrorCode::Corrupt,
             StoreError::DiskFull => ErrorCode::DiskFull,
             StoreError::BadDiskUuid(_) | StoreError::DiskChanged(_) | StoreError::Io(_) => {
@@ -303,7 +307,18 @@ pub struct ShardStore {
     /// removed with their segment: an expunge erases those of its evidence
     /// too, rather than say erased while the originals are still in a file.
     compacting: Mutex<Vec<(Loc, ShardKey)>>,
+    /// Evidence erased lately ([`ShardStore::erase_evidence`]), and when: a
+    /// put of it is refused. A put under way when the erase began (a
+    /// repair's rebuild the gateway gave up on, still writing) holds the
+    /// read side from its check until its shard is visible; an erase takes
+    /// the write side to add its evidence, so the put either landed first
+    /// (and the erase finds it) or is refused.
+    expunged: std::sync::RwLock<std::collections::HashMap<EvidenceId, std::time::Instant>>,
 }
+
+/// How long a node refuses puts of evidence it erased: longer than any put
+/// under way then can last.
+const EXPUNGED_REFUSED_FOR: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// How long a node refused a write by a quota says it is full (see
 /// [`ShardStore::quota_full`]) before it tries a write again.
@@ -428,6 +443,7 @@ impl ShardStore {
             claimed: AtomicU64::new(0),
             quota_full_at: Mutex::new(None),
             compacting: Mutex::default(),
+            expunged: Default::default(),
             read_buffers: Arc::new(BufferPool::new(READ_BUFFER_IDLE_BYTES)),
             fanouts_durable: std::array::from_fn(|_| AtomicBool::new(false)),
             listed_corrupt: AtomicU64::new(0),
@@ -550,6 +566,14 @@ impl ShardStore {
         let dir = self.shard_dir(&key);
         let name = shard_file_name(&key);
         let _guard = self.lock_key(&key);
+        // Held until the shard is visible (see `expunged`).
+        let expunged = self.expunged.read().unwrap_or_else(|e| e.into_inner());
+        if expunged
+            .get(&key.evidence)
+            .is_some_and(|at| at.elapsed() < EXPUNGED_REFUSED_FOR)
+        {
+            return Err(StoreError::Expunged(key));
+        }
         let old_len = file_len(&dir.join(&name))?;
         if self.small_max > 0 && body.len() <= self.small_max as usize {
             self.log.put(header, body)?;
@@ -780,6 +804,13 @@ impl ShardStore {
     /// held was rebuilt elsewhere). Durable on return; running it again
     /// finds nothing more.
     pub fn erase_evidence(&self, evidence: EvidenceId) -> Result<Erased, StoreError> {
+        // First: puts under way land before this (and are found below), and
+        // later ones are refused.
+        {
+            let mut expunged = self.expunged.write().unwrap_or_else(|e| e.into_inner());
+            expunged.retain(|_, at| at.elapsed() < EXPUNGED_REFUSED_FOR);
+            expunged.insert(evidence, std::time::Instant::now());
+        }
         let fanout = evidence.0[15];
         let prefix = format!("{}-", uuid::Uuid::from_bytes(evidence.0).simple());
         let mut keys: std::collections::BTreeSet<ShardKey> = self
@@ -1966,6 +1997,38 @@ mod tests {
 
     fn body(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 13 % 251) as u8).collect()
+    }
+
+    /// A shard of evidence erased here (expunged) is refused afterwards: a
+    /// put that was under way (a rebuild its gateway gave up on) cannot
+    /// land after the erase said nothing is left. Other evidence is stored.
+    #[test]
+    fn a_put_of_erased_evidence_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for small in [0, 64 * 1024] {
+            let store = ShardStore::open_with(
+                &dir.path().join(small.to_string()),
+                StoreConfig {
+                    small_shard_max: small,
+                    ..StoreConfig::default()
+                },
+            )
+            .unwrap();
+            let b = body(3000);
+            store.put(&header(key(1), &b), &b).unwrap();
+            let erased = store.erase_evidence(key(1).evidence).unwrap();
+            assert_eq!(erased.shards, 1);
+            let again = ShardKey {
+                stripe: 99,
+                ..key(1)
+            };
+            assert!(matches!(
+                store.put(&header(again, &b), &b),
+                Err(StoreError::Expunged(k)) if k == again
+            ));
+            assert!(matches!(store.get(&again), Err(StoreError::NotFound)));
+            store.put(&header(key(2), &b), &b).unwrap();
+        }
     }
 
     /// A packed shard just written is served by the fast path (from the
