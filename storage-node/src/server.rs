@@ -50,7 +50,7 @@ const DRAIN_GRACE: Duration = Duration::from_secs(1);
 const CODE_SHUTDOWN: u32 = 0;
 const CODE_REFUSED: u32 = 1;
 const CODE_TIMEOUT: u32 = 2;
-/// Longest a `RebuildShard` waits for its sources: well inside a client's
+/// Longest a `RebuildShard` waits for memory and its sources: well inside a client's
 /// request timeout (30 s by default), so a slow source fails the rebuild
 /// here, answered, rather than leave the caller guessing whether the shard
 /// was stored.
@@ -836,11 +836,16 @@ async fn rebuild_shard(state: &NodeState, rebuild: RebuildShard) -> Result<(), E
         tracing::info!(shard = %header.key, mib, "refusing a rebuild larger than the node's body memory");
         return Err(ErrorCode::BadRequest);
     }
-    let Ok(_memory) = state
-        .body_memory
-        .clone()
-        .acquire_many_owned(mib as u32)
-        .await
+    // The wait for memory counts towards the same deadline as the
+    // sources: a rebuild still waiting when its caller gives up would
+    // store a shard nobody expects (see REBUILD_FETCH_TIMEOUT).
+    let deadline = tokio::time::Instant::now() + REBUILD_FETCH_TIMEOUT;
+    let Ok(_memory) = tokio::time::timeout_at(
+        deadline,
+        state.body_memory.clone().acquire_many_owned(mib as u32),
+    )
+    .await
+    .map_err(|_| ErrorCode::SourceUnavailable)?
     else {
         return Err(ErrorCode::Io);
     };
@@ -880,7 +885,7 @@ async fn rebuild_shard(state: &NodeState, rebuild: RebuildShard) -> Result<(), E
             }
         }
     }));
-    let fetched = tokio::time::timeout(REBUILD_FETCH_TIMEOUT, fetch)
+    let fetched = tokio::time::timeout_at(deadline, fetch)
         .await
         .map_err(|_| ErrorCode::SourceUnavailable)?;
     let mut shards: Vec<Option<Vec<u8>>> = vec![None; k + m];
