@@ -992,6 +992,10 @@ pub async fn kept_witnessed_tx<T: Transaction>(
     }
 }
 
+/// How many of the newest RFC 3161 tokens stay (besides those over the
+/// witnessed checkpoints); older ones are cleared as new ones come.
+const TSA_TOKENS_KEPT: usize = 16;
+
 fn tsa_key(size: u64) -> Vec<u8> {
     let mut k = ledger_key("tsa");
     k.extend_from_slice(&size.to_be_bytes());
@@ -1010,6 +1014,33 @@ pub async fn put_timestamp_tx<T: Transaction>(
     tx.set(&tsa_key(size), response);
     if stamped_tx(tx).await?.is_some_and(|s| s.size > size) {
         return Ok(());
+    }
+    // One token a stamping interval, for ever, would grow the index without
+    // bound: only those a receipt can still be made with stay (over the
+    // checkpoints witnessed and kept aside, which receipts prefer, and the
+    // newest few, which a witness round under way may yet make witnessed).
+    let newest = tx
+        .get_range(&tsa_key(0), &tsa_key(size), TSA_TOKENS_KEPT, true)
+        .await?;
+    if newest.len() == TSA_TOKENS_KEPT {
+        let Some((oldest_kept, _)) = newest.last() else {
+            return Ok(());
+        };
+        let mut keep = Vec::new();
+        for w in [witnessed_tx(tx).await?, kept_witnessed_tx(tx).await?]
+            .into_iter()
+            .flatten()
+        {
+            if tsa_key(w.size) < *oldest_kept {
+                if let Some(token) = tx.get(&tsa_key(w.size)).await? {
+                    keep.push((w.size, token));
+                }
+            }
+        }
+        tx.clear_range(&tsa_key(0), oldest_kept);
+        for (s, token) in keep {
+            tx.set(&tsa_key(s), &token);
+        }
     }
     tx.set(
         &ledger_key("stamped"),

@@ -880,3 +880,40 @@ async fn openings_past_leaf_2_pow_32_read_beside_the_node_registry() {
     .unwrap();
     assert_eq!(nodes.len(), 3);
 }
+
+/// A token is stamped each interval; only those a receipt can still use
+/// stay: the newest few, and those over the witnessed checkpoints.
+#[tokio::test]
+async fn old_time_stamp_tokens_are_cleared_as_new_ones_come() {
+    let (_dir, store) = store();
+    run(&store, |tx| async move {
+        lx::add_cosignature_tx(&tx, 10, "note 10", "", |_| 0).await?;
+        for size in 1..=100u64 {
+            let token = format!("token {size}");
+            lx::put_timestamp_tx(&tx, size, &format!("note {size}"), token.as_bytes()).await?;
+        }
+        Ok::<_, indexer::schema::SchemaError>(())
+    })
+    .await
+    .unwrap();
+    let mut kept = Vec::new();
+    for size in 1..=100u64 {
+        let t = run(
+            &store,
+            |tx| async move { lx::timestamp_tx(&tx, size).await },
+        )
+        .await
+        .unwrap();
+        if let Some(t) = t {
+            assert_eq!(t, format!("token {size}").into_bytes());
+            kept.push(size);
+        }
+    }
+    let mut want = vec![10];
+    want.extend(84..=100);
+    assert_eq!(kept, want);
+    let stamped = run(&store, |tx| async move { lx::stamped_tx(&tx).await })
+        .await
+        .unwrap();
+    assert_eq!(stamped.map(|s| s.size), Some(100));
+}
