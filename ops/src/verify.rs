@@ -170,7 +170,8 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
     } else {
         Vec::new()
     };
-    if logged.is_ok() && witnessed.len() < quorum {
+    let quorum_problem = logged.is_ok() && witnessed.len() < quorum;
+    if quorum_problem {
         problems.push(format!(
             "witnessed by {} of {} trusted witnesses, {quorum} required",
             witnessed.len(),
@@ -337,6 +338,11 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
     // Nor is one whose time-stamp alone cannot be confirmed (no token yet,
     // or a certificate that is not the TSA's): the log still vouches for it.
     let only_the_time_stamp = problems.len() == 1 && time_stamp_problem;
+    // Nor one not yet cosigned by enough witnesses (receipts are issued
+    // before witnesses cosign, and gain cosignatures when fetched again).
+    let only_confirmations = !problems.is_empty()
+        && problems.len() == usize::from(quorum_problem) + usize::from(time_stamp_problem)
+        && quorum_problem;
     println!(
         "verdict: {}",
         if valid {
@@ -345,6 +351,8 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
             "INVALID for this file — the receipt itself verifies, but the file given is not the evidence it names"
         } else if only_the_time_stamp {
             "NOT CONFIRMED — the statement above was logged, but its time-stamp is missing or its token does not verify with the certificate given"
+        } else if only_confirmations {
+            "NOT CONFIRMED — the statement above was logged, but not yet cosigned by the witnesses required (see above); fetch the receipt again later, it gains cosignatures as witnesses sign"
         } else {
             "INVALID — do not rely on this receipt"
         }
@@ -418,15 +426,20 @@ pub fn consistency(
         );
         return Ok(true);
     }
+    // A file that is not a proof at all is the command's mistake (exit 2),
+    // not a verdict on the log.
     let text = read_named(proof)?;
-    let v: Value = serde_json::from_str(&text).context("the proof is not JSON")?;
+    let shown = proof.display();
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| nothing_verified(format!("{shown} is not JSON: {e}")))?;
     let hashes = v["proof"]
         .as_array()
-        .context("the proof has no `proof` array")?
+        .ok_or_else(|| nothing_verified(format!("{shown} has no `proof` array")))?
         .iter()
         .map(|h| {
-            TreeHash::parse_hash(h.as_str().unwrap_or_default())
-                .map_err(|_| anyhow::anyhow!("a proof hash is not base64 SHA-256"))
+            TreeHash::parse_hash(h.as_str().unwrap_or_default()).map_err(|_| {
+                nothing_verified(format!("{shown}: a proof hash is not base64 SHA-256"))
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     match ledger::check_consistency(&old, &new, &hashes) {

@@ -188,6 +188,19 @@ fn every_checkpoint_extends_the_empty_logs() -> Result<()> {
         code == Some(0) && out.contains("verdict: CONSISTENT"),
         "{out}"
     );
+    // A proof file that is no proof is the command's mistake (2), not a
+    // verdict on the log (1).
+    let junk = write("junk.json", "not a proof".to_owned())?;
+    let (code, out) = verify_with(&[
+        "--consistency".as_ref(),
+        later.as_os_str(),
+        later.as_os_str(),
+        "--proof".as_ref(),
+        junk.as_os_str(),
+        "--log-key".as_ref(),
+        key.as_os_str(),
+    ])?;
+    assert!(code == Some(2) && out.contains("is not JSON"), "{out}");
     let (code, out) = run(&forged)?;
     assert!(code == Some(1) && out.contains("does not verify"), "{out}");
     let (code, out) = run(&not_empty)?;
@@ -1002,6 +1015,11 @@ fn witnesses_cosign_off_the_filing_path_and_never_cosign_a_fork() -> Result<()> 
     assert!(
         out.status.code() == Some(1)
             && text.contains("witnessed by 1 of 2 trusted witnesses, 2 required"),
+        "{text}"
+    );
+    // A genuine receipt not yet cosigned enough is not called a forgery.
+    assert!(
+        text.contains("verdict: NOT CONFIRMED") && !text.contains("do not rely"),
         "{text}"
     );
     // A quorum more than the keys given is the command's mistake.
