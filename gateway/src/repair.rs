@@ -1945,14 +1945,7 @@ async fn repair_leased<S: Store>(
     let good = shards.iter().flatten().count();
     if rebuild.is_empty() && all_counted {
         recycle(gw, shards);
-        let was_lost = indexer::run(&gw.store, |tx| async move {
-            schema::clear_degraded_if_tx(&tx, evidence, stripe, mark).await?;
-            schema::is_lost_tx(&tx, evidence, stripe).await
-        })
-        .await?;
-        if was_lost {
-            found_whole(gw, &header, stripe).await?;
-        }
+        found_whole(gw, &header, stripe, mark).await?;
         return Ok(Outcome::Healthy);
     }
     if good < k {
@@ -2625,34 +2618,51 @@ async fn record_lost<S: Store>(
     Ok(())
 }
 
-/// Every shard of a stripe recorded lost counted good (the nodes whose
-/// shards went missing came back with them: a disk mounted late, a
-/// directory restored): the ledger said `lost`, which cannot be taken back,
-/// so it says `repaired` now, found whole, with the mark cleared in the
-/// same transaction.
+/// Every shard of a stripe counted good: it leaves the queue (if its mark
+/// is still `mark`). One recorded lost (the nodes whose shards went missing
+/// came back with them: a disk mounted late, a directory restored) gets a
+/// statement too: the ledger said `lost`, which cannot be taken back, so it
+/// says `repaired` now, found whole. The lost mark, the queue's and the
+/// statement change in one transaction: a stripe never leaves the queue
+/// still marked lost (a later real loss would then go unrecorded).
 async fn found_whole<S: Store>(
     gw: &Gateway<S>,
     header: &ManifestHeader,
     stripe: u64,
+    mark: &[u8],
 ) -> Result<(), ApiError> {
     let evidence = header.evidence;
-    let pending = statement(
-        gw,
-        header,
-        Kind::Repaired,
-        &serde_json::json!({ "stripe": stripe, "found_whole": true }),
-    )?;
+    let was_lost = indexer::run(&gw.store, |tx| async move {
+        schema::is_lost_tx(&tx, evidence, stripe).await
+    })
+    .await?;
+    let pending = if was_lost {
+        statement(
+            gw,
+            header,
+            Kind::Repaired,
+            &serde_json::json!({ "stripe": stripe, "found_whole": true }),
+        )?
+    } else {
+        None
+    };
     let cleared = indexer::run(&gw.store, |tx| {
         let pending = &pending;
         async move {
-            if !schema::is_lost_tx(&tx, evidence, stripe).await? {
+            let lost = schema::is_lost_tx(&tx, evidence, stripe).await?;
+            if lost && !was_lost {
+                // Recorded lost meanwhile (another gateway's pass): no
+                // statement ready; the next pass says it.
                 return Ok::<_, schema::SchemaError>(false);
             }
-            schema::clear_lost_tx(&tx, evidence, stripe);
-            if let Some(p) = pending {
-                indexer::ledger::enqueue_tx(&tx, 0, p);
+            if lost {
+                schema::clear_lost_tx(&tx, evidence, stripe);
+                if let Some(p) = pending {
+                    indexer::ledger::enqueue_tx(&tx, 0, p);
+                }
             }
-            Ok(true)
+            schema::clear_degraded_if_tx(&tx, evidence, stripe, mark).await?;
+            Ok(lost)
         }
     })
     .await?;

@@ -1009,9 +1009,10 @@ pub fn mark_lost_tx<T: Transaction>(tx: &T, evidence: EvidenceId, stripe: u64) {
     tx.set(&stripe_key(LOST, &evidence, stripe), b"");
 }
 
-/// Ends a [`mark_lost_tx`] record: every shard of the stripe was found
-/// again (a node back with its disk, copies adopted), so a later loss is a
-/// new one, recorded and counted as such.
+/// Ends a [`mark_lost_tx`] record: k good shards of the stripe were read
+/// again (a node back with its disk, a repair that rebuilt from them), so a
+/// later loss is a new one, recorded and counted as such. The caller puts
+/// the statement that says so on the ledger in the same transaction.
 pub fn clear_lost_tx<T: Transaction>(tx: &T, evidence: EvidenceId, stripe: u64) {
     tx.clear(&stripe_key(LOST, &evidence, stripe));
 }
@@ -1031,8 +1032,8 @@ pub async fn is_lost_tx<T: Transaction>(
 /// What [`commit_repair_tx`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RepairCommit {
-    /// The new placement is recorded (version + 1; lost mark cleared; the
-    /// queue mark cleared only as `verified` allows).
+    /// The new placement is recorded (version + 1; the queue mark cleared
+    /// only as `verified` allows; a lost mark left to the caller).
     Done,
     /// The evidence is no longer visible (expunged): nothing is written, so
     /// an expunged stripe is never resurrected.
