@@ -558,7 +558,11 @@ async fn erase_everywhere<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) -> u6
 
 /// The nodes the index has a record of that this gateway's configuration
 /// does not list and that were not removed, each with the address its
-/// record holds (`None`: one that does not resolve, which is logged).
+/// record holds. `None` for one not to be dialled now, counted as left:
+/// an address that does not resolve, or that a listed node has (records
+/// are each gateway's view; a name expected at an address is by address),
+/// and one its own gateway has not seen up for longer than a node is
+/// called down after (a connect timeout per expunge per pass otherwise).
 async fn unlisted_nodes<S: Store>(
     gw: &Gateway<S>,
 ) -> Result<Vec<(NodeId, Option<std::net::SocketAddr>)>, schema::SchemaError> {
@@ -574,6 +578,11 @@ async fn unlisted_nodes<S: Store>(
         .filter(|(_, r)| r.state == schema::Lifecycle::Removed)
         .map(|(id, _)| *id)
         .collect();
+    let listed: std::collections::HashSet<std::net::SocketAddr> =
+        gw.config.nodes.iter().map(|e| e.addr).collect();
+    let now_ms = gw.clock.now_ms();
+    let down_after = gw.config.node_down_after_ms;
+    let mut seen = std::collections::HashSet::new();
     let mut unlisted = Vec::new();
     for rec in records {
         if gw.nodes.knows(rec.node) || removed.contains(&rec.node) {
@@ -583,9 +592,21 @@ async fn unlisted_nodes<S: Store>(
             Ok(mut addrs) => addrs.next(),
             Err(_) => None,
         };
-        if addr.is_none() {
-            tracing::warn!(node = %rec.node, addr = %rec.addr, "a node the index knows, which this gateway's configuration does not list, has an address that does not resolve");
-        }
+        let addr = match addr {
+            None => {
+                tracing::warn!(node = %rec.node, addr = %rec.addr, "a node the index knows, which this gateway's configuration does not list, has an address that does not resolve");
+                None
+            }
+            Some(a) if listed.contains(&a) || !seen.insert(a) => {
+                tracing::warn!(node = %rec.node, addr = %a, "a node the index knows, which this gateway's configuration does not list, is recorded at another node's address: left to the gateway that lists it");
+                None
+            }
+            Some(_) if now_ms.saturating_sub(rec.last_seen_ms) > down_after => {
+                tracing::debug!(node = %rec.node, "a node only the index knows was not seen up lately: left for now");
+                None
+            }
+            a => a,
+        };
         unlisted.push((rec.node, addr));
     }
     Ok(unlisted)
