@@ -270,7 +270,10 @@ enum Command {
         /// Only list the held evidence ids; release nothing.
         #[arg(long)]
         list: bool,
-        /// Release only these evidence ids (all of them if none is given).
+        /// Release every held evidence id.
+        #[arg(long, conflicts_with_all = ["list", "ids"])]
+        all: bool,
+        /// The evidence ids to release.
         ids: Vec<String>,
     },
     /// Simulations of the real code at scales no test machine has.
@@ -777,18 +780,18 @@ async fn run(cli: Cli) -> Result<()> {
                     // DATA_DIR's files (or a backup of them) hold, and must
                     // not restore this one.
                     let config = cluster::Cluster::load(&data_dir)?.gateway;
-                    let gw = gateway::Gateway::new(config, store, &prometheus::Registry::new())
-                        .context("opening the ledger's openings archive")?;
-                    if let Some(ledger) = &gw.ledger {
+                    if let Some(ledger) = &config.ledger {
+                        let ledger = gateway::ledger::Ledger::open(ledger, "custodia key revoke")
+                            .context("opening the ledger's openings archive")?;
                         gateway::credentials::archive_revocation(
-                            ledger,
+                            &ledger,
                             token.as_deref(),
                             access_key.as_deref(),
                         )
                         .await
                         .context("the revocation could not be archived, so nothing was revoked")?;
                     }
-                    gateway::credentials::revoke(&gw.store, token.as_deref(), access_key.as_deref())
+                    gateway::credentials::revoke(&store, token.as_deref(), access_key.as_deref())
                         .await?
                 }
                 Err(offline) => {
@@ -915,9 +918,13 @@ async fn run(cli: Cli) -> Result<()> {
         Command::ReleaseUnclaimed {
             data_dir,
             list,
+            all,
             ids,
         } => {
             init_tracing("warn");
+            if !list && !all && ids.is_empty() {
+                anyhow::bail!("name the evidence ids to release, or --all (--list shows them)");
+            }
             recover::release_unclaimed(&data_dir, list, &ids).await
         }
         Command::Up { data_dir, shape } => {

@@ -157,8 +157,9 @@ pub async fn run(data_dir: &Path, allow_down: bool, trust_archive: bool, json: b
         );
         if report.orphan_evidence > 0 {
             println!(
-                "               (uploads that failed, or filings the archive had not caught up \
-                 with: kept, not collected, until `custodia release-unclaimed`)"
+                "               (uploads that failed, parts of S3 multipart uploads under way, \
+                 or filings the archive had not caught up with: kept, not collected, until \
+                 `custodia release-unclaimed`)"
             );
             for id in &report.unclaimed {
                 println!("               {id}");

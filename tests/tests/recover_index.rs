@@ -7,7 +7,7 @@
 //! a missing shard found on the way are repaired, and the admin's credentials
 //! still work.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use custodia_tests::{bytes, header, Shape, TestCluster, Tool};
 use protocol::ledger::{self, Receipt, TreeHash};
 use serde_json::Value;
@@ -628,6 +628,12 @@ fn shards_no_archived_filing_names_are_held_until_released() -> Result<()> {
     assert_eq!(a.status, 201);
     let id = a.json()["id"].as_str().context("id")?.to_owned();
     let piece = &data[..32];
+    // A second one, released first: the sweep's collecting it shows the
+    // sweep ran while the first was held.
+    let other = bytes(7_000, 33);
+    let b = c.file_with(&c.token, &other, &[])?;
+    assert_eq!(b.status, 201);
+    let other_id = b.json()["id"].as_str().context("id")?.to_owned();
     c.kill_gateway();
     std::fs::remove_file(&openings)?;
     std::fs::rename(&aside, &openings)?;
@@ -640,26 +646,41 @@ fn shards_no_archived_filing_names_are_held_until_released() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(said.contains(&id), "the held evidence is not named: {said}");
-    // The orphan sweep, with no grace, leaves them.
+    assert!(said.contains(&other_id), "{said}");
+    let out = c.custodia(&["release-unclaimed", "--list"])?;
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listed.contains(&id) && listed.contains(&other_id),
+        "{listed}"
+    );
+    // Nothing is released unless named (or --all).
+    let out = c.custodia(&["release-unclaimed"])?;
+    assert!(!out.status.success());
+    let release = |c: &TestCluster, id: &str| -> Result<()> {
+        let out = c.custodia(&["release-unclaimed", id])?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    release(&c, &other_id)?;
+    // The orphan sweep, with no grace, collects the one released and
+    // leaves the one held.
     c.set_gateway(&[
         ("orphan_sweep_interval_ms", toml::Value::Integer(300)),
         ("orphan_grace_ms", toml::Value::Integer(0)),
     ])?;
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    let swept = custodia_tests::eventually(30, || c.node_files_holding(&other[..32]).is_empty());
+    assert!(swept, "released shards were never collected");
     assert!(
         !c.node_files_holding(piece).is_empty(),
         "the shards of a filing the archive missed were collected"
     );
-    // Released, they go.
+    // Released, they go too.
     c.stop_gateway();
-    let out = c.custodia(&["release-unclaimed", "--list"])?;
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&id));
-    let out = c.custodia(&["release-unclaimed", &id])?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    release(&c, &id)?;
     c.start_gateway()?;
     c.wait_healthy(8)?;
     let gone = custodia_tests::eventually(20, || c.node_files_holding(piece).is_empty());
