@@ -11,6 +11,29 @@ use serde_json::Value;
 use std::net::SocketAddr;
 use std::path::Path;
 
+/// The ids of nodes given a certificate (`tls/node-ID.pem`) or a folder
+/// (`nodes/nID`) in DATA_DIR.
+fn ids_issued(data_dir: &Path) -> Vec<u32> {
+    let names = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let certs = names(&data_dir.join("tls")).into_iter().filter_map(|n| {
+        n.strip_prefix("node-")?
+            .strip_suffix(".pem")?
+            .parse::<u32>()
+            .ok()
+    });
+    let folders = names(&data_dir.join("nodes"))
+        .into_iter()
+        .filter_map(|n| n.strip_prefix('n')?.parse::<u32>().ok());
+    certs.chain(folders).collect()
+}
+
 /// Adds a node to DATA_DIR's cluster file; returns its id.
 pub fn add(
     data_dir: &Path,
@@ -21,13 +44,17 @@ pub fn add(
     let _edit = crate::cluster::lock_cluster_edits(data_dir)?;
     let mut cluster = Cluster::load(data_dir)?;
     let data_dir = data_dir.canonicalize()?;
-    // Past every id either list holds: a file may list under [[nodes]]
-    // only this host's nodes, and the gateway's list all of them.
+    // Past every id either list holds (a file may list under [[nodes]]
+    // only this host's nodes, and the gateway's list all of them), and
+    // every id a node was ever given here: a node removed and taken out of
+    // the file keeps its certificate and folder, and its id stays removed
+    // in the index, so a new node under it could never take shards.
     let id = cluster
         .nodes
         .iter()
         .map(|n| n.id + 1)
         .chain(cluster.gateway.nodes.iter().map(|e| e.id + 1))
+        .chain(ids_issued(&data_dir).into_iter().map(|id| id + 1))
         .max()
         .unwrap_or(0);
     let listen = match listen {
@@ -137,5 +164,31 @@ pub fn wait_drained(api: &str, token: &str, id: u32, patience: std::time::Durati
             );
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Ids once given here are found from what they left: a certificate, a
+    /// folder; nothing else counts.
+    #[test]
+    fn ids_once_issued_are_found_from_their_certificates_and_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("tls")).unwrap();
+        std::fs::create_dir_all(d.join("nodes").join("n3")).unwrap();
+        std::fs::create_dir_all(d.join("nodes").join("notes")).unwrap();
+        for f in [
+            "node-9.pem",
+            "node-9.key",
+            "ca.pem",
+            "gateway.pem",
+            "node-x.pem",
+        ] {
+            std::fs::write(d.join("tls").join(f), b"").unwrap();
+        }
+        let mut ids = super::ids_issued(d);
+        ids.sort_unstable();
+        assert_eq!(ids, [3, 9]);
     }
 }
