@@ -227,7 +227,8 @@ enum Command {
         json: bool,
     },
     /// Start a repair pass now and follow the backlog with a progress bar
-    /// until every stripe has k+m verified shards.
+    /// until every stripe queued for repair (every stripe, with
+    /// --verify-all) has k+m verified shards.
     Repair {
         #[command(flatten)]
         api: ApiArgs,

@@ -218,7 +218,17 @@ pub fn repair(
             bar.finish_and_clear();
             // Said on stdout whether or not a terminal shows the bar (cron,
             // CI): a repair that ends in silence reads as one that did not.
-            println!("repair done: every stripe has k+m verified shards");
+            // Only a pass over every stripe (--verify-all) read them all;
+            // otherwise what was queued (damage a read or scrub met, nodes
+            // lost or drained) was repaired.
+            if verify_all {
+                println!("repair done: every stripe has k+m verified shards");
+            } else {
+                println!(
+                    "repair done: every stripe queued for repair has k+m verified shards \
+                     (--verify-all reads every stripe)"
+                );
+            }
             return Ok(());
         }
         if left < best {
