@@ -240,6 +240,10 @@ pub fn put(
         // at most 4 MiB of it and closing: without it the answer was lost
         // to a broken pipe on a large file.
         .header("expect", "100-continue")
+        // Its length, known from the hash pass: a body of unknown length
+        // is charged a whole stripe of the gateway's receive memory, and
+        // an exact one is held to its length.
+        .header("content-length", len)
         .header("x-custodia-blake3", blake3.to_hex())
         .header("x-custodia-sha256", sha256.to_hex());
     match path.file_name().map(|n| n.to_str()) {
