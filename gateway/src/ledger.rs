@@ -449,10 +449,17 @@ impl Ledger {
                         .unwrap_or(std::path::Path::new("."))
                         .join("openings")
                 });
-                std::fs::create_dir_all(&dir)?;
+                // Made its owner's only from the start; one that was there
+                // already is tightened, and said so.
+                use std::os::unix::fs::DirBuilderExt as _;
+                let made = !dir.try_exists()?;
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&dir)?;
                 // Not fatal (a folder another user owns, a file system
                 // without modes): said, loudly, and the archive still kept.
-                if let Err(e) = keep_private(&dir) {
+                if let Err(e) = keep_private(&dir, !made) {
                     tracing::error!(dir = %dir.display(), error = %e, "could not make the private openings archive its owner's only: check who can read it");
                 }
                 (Arc::new(LocalFileSystem::new_with_prefix(&dir)?), Some(dir))
@@ -743,12 +750,14 @@ fn statement_kind(statement: &[u8]) -> Option<Kind> {
 /// (it holds every statement's salt, and with them the sealed case names,
 /// submitters and file names the published log hides): created so, and
 /// tightened at each start if an operator's folder let others in.
-fn keep_private(dir: &std::path::Path) -> std::io::Result<()> {
+fn keep_private(dir: &std::path::Path, say: bool) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let mode = std::fs::metadata(dir)?.permissions().mode();
     if mode & 0o077 != 0 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700))?;
-        tracing::warn!(dir = %dir.display(), was = format!("{:o}", mode & 0o777), "the private openings archive was readable by others: now its owner's only");
+        if say {
+            tracing::warn!(dir = %dir.display(), was = format!("{:o}", mode & 0o777), "the private openings archive was readable by others: now its owner's only");
+        }
     }
     Ok(())
 }

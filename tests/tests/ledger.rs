@@ -124,6 +124,12 @@ fn the_openings_archive_is_readable_by_its_owner_only() -> Result<()> {
         "openings folder {:o}",
         mode(&openings)?
     );
+    // Made so, not tightened after the fact: a fresh cluster's log has no
+    // warning about it.
+    let log_file = c.data_dir().join("gateway.log");
+    let log = || std::fs::read_to_string(&log_file);
+    let warning = "the private openings archive was readable by others";
+    ensure!(!log()?.contains(warning), "{}", log()?);
     c.stop_gateway();
     std::fs::set_permissions(&openings, std::fs::Permissions::from_mode(0o755))?;
     c.start_gateway()?;
@@ -132,6 +138,10 @@ fn the_openings_archive_is_readable_by_its_owner_only() -> Result<()> {
         mode(&openings)? == 0o700,
         "a folder opened up stayed so: {:o}",
         mode(&openings)?
+    );
+    ensure!(
+        log()?.contains(warning),
+        "an opened folder tightened silently"
     );
     Ok(())
 }
