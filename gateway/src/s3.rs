@@ -834,8 +834,12 @@ impl<S: Store> S3Front<S> {
                         }
                     }
                     // Outside a bucket with versioning enabled, the null
-                    // version (if any) goes for good.
-                    let null = match b.versioning {
+                    // version (if any) goes for good. (Versioning as this
+                    // transaction sees it, as the delete decides by it: a
+                    // suspension committed since the bucket was read must
+                    // not remove the null version without its statement.)
+                    let versioning = ix::bucket_as_seen(&tx, bucket, b).await?.versioning;
+                    let null = match versioning {
                         Versioning::Enabled => None,
                         _ => ix::null_version_tx(&tx, bucket, key).await?,
                     };
