@@ -721,6 +721,19 @@ fn check_tsa_use(der: &[u8], gen_time: u64) -> Result<()> {
         Ok(Some(eku)) if !eku.critical => {
             fail("the TSA certificate's extendedKeyUsage is not critical (RFC 3161 §2.3)")
         }
+        // id-kp-timeStamping alone (RFC 3161 §2.3, as OpenSSL checks it):
+        // a key certified for serving TLS as well is not a TSA's.
+        Ok(Some(eku))
+            if eku.value.any
+                || eku.value.server_auth
+                || eku.value.client_auth
+                || eku.value.code_signing
+                || eku.value.email_protection
+                || eku.value.ocsp_signing
+                || !eku.value.other.is_empty() =>
+        {
+            fail("the TSA certificate is for other uses than time-stamping too: it must be for id-kp-timeStamping only (RFC 3161 §2.3)")
+        }
         Ok(Some(_)) => Ok(()),
         Ok(None) => fail("the TSA certificate has no extendedKeyUsage id-kp-timeStamping"),
         Err(e) => fail(format!("the TSA certificate's extendedKeyUsage: {e}")),

@@ -281,4 +281,23 @@ fn tokens_outside_the_certificates_life_or_use_are_refused() {
     let token = timestamp(&req, &plain, &other.serialize_pem(), now()).unwrap();
     let e = verify_response(&token, &digest, Some(7), &plain).unwrap_err();
     assert!(e.0.contains("timeStamping"), "{e}");
+    // A key certified (critically) for time-stamping and for TLS servers
+    // too: RFC 3161 §2.3, and OpenSSL, want time-stamping alone.
+    let wide_key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(vec!["wide.example".into()]).unwrap();
+    p.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+    let oid = yasna::models::ObjectIdentifier::from_slice;
+    let eku = yasna::construct_der(|w| {
+        w.write_sequence(|w| {
+            w.next().write_oid(&oid(&[1, 3, 6, 1, 5, 5, 7, 3, 8]));
+            w.next().write_oid(&oid(&[1, 3, 6, 1, 5, 5, 7, 3, 1]));
+        })
+    });
+    let mut ext = rcgen::CustomExtension::from_oid_content(&[2, 5, 29, 37], eku);
+    ext.set_criticality(true);
+    p.custom_extensions.push(ext);
+    let wide = p.self_signed(&wide_key).unwrap().pem();
+    let token = timestamp(&req, &wide, &wide_key.serialize_pem(), now()).unwrap();
+    let e = verify_response(&token, &digest, Some(7), &wide).unwrap_err();
+    assert!(e.0.contains("id-kp-timeStamping only"), "{e}");
 }
