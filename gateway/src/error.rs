@@ -162,7 +162,9 @@ impl ApiError {
             }
             ApiError::Object(ObjectError::BucketExists { .. }) => StatusCode::CONFLICT,
             ApiError::Object(ObjectError::BucketNotEmpty) => StatusCode::CONFLICT,
-            ApiError::Object(ObjectError::BadName(_)) => StatusCode::BAD_REQUEST,
+            ApiError::Object(ObjectError::BadName(_) | ObjectError::TooManyBuckets) => {
+                StatusCode::BAD_REQUEST
+            }
             ApiError::Object(_) => StatusCode::NOT_FOUND,
             ApiError::BadDigest | ApiError::ChecksumMismatch(_) => StatusCode::BAD_REQUEST,
             ApiError::Index(_) | ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -207,6 +209,7 @@ impl ApiError {
             ApiError::Object(ObjectError::Conflict(_)) => "conflict",
             ApiError::Object(ObjectError::NoSuchTenant) => "no_such_tenant",
             ApiError::Object(ObjectError::BadName(_)) => "bad_name",
+            ApiError::Object(ObjectError::TooManyBuckets) => "too_many_buckets",
             ApiError::Object(ObjectError::Schema(_) | ObjectError::Journal(_)) => "index_error",
             ApiError::Object(_) => "not_found",
             ApiError::BadDigest | ApiError::ChecksumMismatch(_) => "bad_digest",

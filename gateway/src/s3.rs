@@ -419,6 +419,7 @@ fn s3_err(e: ApiError) -> S3Error {
             ObjectError::BadName("bucket") => (C::InvalidBucketName, o.to_string()),
             ObjectError::BadName(_) => (C::InvalidArgument, o.to_string()),
             ObjectError::NoSuchTenant => (C::AccessDenied, o.to_string()),
+            ObjectError::TooManyBuckets => (C::TooManyBuckets, o.to_string()),
             ObjectError::Schema(_) | ObjectError::Journal(_) => return internal(e),
         },
         ApiError::BadDigest | ApiError::ChecksumMismatch(_) => (C::BadDigest, e.to_string()),

@@ -96,6 +96,9 @@ pub enum ObjectError {
     BucketExists { mine: bool },
     #[error("the bucket is not empty")]
     BucketNotEmpty,
+    /// The tenant has [`MAX_BUCKETS_PER_TENANT`] buckets already.
+    #[error("a tenant has at most {MAX_BUCKETS_PER_TENANT} buckets")]
+    TooManyBuckets,
     #[error("no such key")]
     NoSuchKey,
     #[error("no such version")]
@@ -787,6 +790,14 @@ pub async fn create_bucket_tx<T: Transaction>(
     if !tenant_exists_tx(tx, &rec.tenant).await? {
         return Err(ObjectError::NoSuchTenant);
     }
+    // As S3's own limit: a listing holds them all (see `list_buckets_tx`).
+    let prefix = key_of(TENANT_BUCKET, &[rec.tenant.as_bytes(), b""]);
+    let have = tx
+        .get_range(&prefix, &prefix_end(&prefix), MAX_BUCKETS_PER_TENANT, false)
+        .await?;
+    if have.len() >= MAX_BUCKETS_PER_TENANT {
+        return Err(ObjectError::TooManyBuckets);
+    }
     set_journaled(
         tx,
         &key_of(BUCKET, &[name.as_bytes()]),
@@ -831,6 +842,10 @@ pub async fn put_bucket_tx<T: Transaction>(
     Ok(())
 }
 
+/// Most buckets one tenant may have (S3's own quota's most): all of them
+/// come in one listing.
+pub const MAX_BUCKETS_PER_TENANT: usize = 10_000;
+
 /// A tenant's buckets, by name.
 pub async fn list_buckets_tx<T: Transaction>(
     tx: &T,
@@ -838,7 +853,7 @@ pub async fn list_buckets_tx<T: Transaction>(
 ) -> Result<Vec<(String, BucketRecord)>, ObjectError> {
     let prefix = key_of(TENANT_BUCKET, &[tenant.as_bytes(), b""]);
     let rows = tx
-        .get_range(&prefix, &prefix_end(&prefix), 10_000, false)
+        .get_range(&prefix, &prefix_end(&prefix), MAX_BUCKETS_PER_TENANT, false)
         .await?;
     let mut out = Vec::with_capacity(rows.len());
     for (k, _) in rows {
@@ -1961,6 +1976,51 @@ pub async fn expire_completed_tx<T: Transaction>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tenant's buckets stop at S3's most, so one listing holds them all;
+    /// another tenant's count apart.
+    #[tokio::test]
+    async fn a_tenant_has_at_most_ten_thousand_buckets() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::EmbeddedStore::open(&dir.path().join("index.redb")).unwrap();
+        let rec = |tenant: &str| BucketRecord {
+            tenant: tenant.into(),
+            created_ms: 1,
+            versioning: Versioning::Unversioned,
+            object_lock: false,
+            default_retention: None,
+        };
+        crate::run(&store, |tx| async move {
+            create_tenant_tx(&tx, "court", 1).await?;
+            create_tenant_tx(&tx, "other", 1).await?;
+            create_bucket_tx(&tx, "first", &rec("court")).await
+        })
+        .await
+        .unwrap();
+        // The rest of the most, as their listing keys alone (what counts).
+        crate::run(&store, |tx| async move {
+            for i in 1..MAX_BUCKETS_PER_TENANT {
+                let name = format!("b{i:05}");
+                tx.set(&key_of(TENANT_BUCKET, &[b"court", name.as_bytes()]), b"");
+            }
+            Ok::<_, ObjectError>(())
+        })
+        .await
+        .unwrap();
+        let one_more = crate::run(&store, |tx| async move {
+            create_bucket_tx(&tx, "one-more", &rec("court")).await
+        })
+        .await;
+        assert!(
+            matches!(one_more, Err(ObjectError::TooManyBuckets)),
+            "{one_more:?}"
+        );
+        crate::run(&store, |tx| async move {
+            create_bucket_tx(&tx, "theirs", &rec("other")).await
+        })
+        .await
+        .unwrap();
+    }
 
     /// ms since the epoch of a UTC date at noon.
     fn noon(y: i32, m: u8, d: u8) -> u64 {
