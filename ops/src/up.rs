@@ -196,9 +196,9 @@ async fn wait_for_nodes(
         loop {
             if let Some(status) = child.try_wait()? {
                 anyhow::bail!(
-                    "node {} exited during start-up ({status}); see its log in {}",
+                    "node {} exited during start-up ({status}){}",
                     n.id,
-                    n.data_dir.display()
+                    last_words(n)
                 );
             }
             let answer = client.rpc_node_info(addr).await;
@@ -214,6 +214,18 @@ async fn wait_for_nodes(
                 | NodeError::Remote(_)),
             ) = &answer
             {
+                // Perhaps not this node at all: one that could not bind its
+                // port (another cluster's there) exits at once, and what
+                // answered is what holds the port. Its own words first.
+                let exited = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;
+                if let Ok(Ok(status)) = exited {
+                    anyhow::bail!(
+                        "node {} exited during start-up ({status}){}; what answers on {addr} \
+                         is not this cluster's node",
+                        n.id,
+                        last_words(n)
+                    );
+                }
                 anyhow::bail!("node {} on {addr} refused start-up: {e}", n.id);
             }
             if let Ok(info) = answer {
@@ -241,6 +253,17 @@ async fn wait_for_nodes(
         }
     }
     Ok(())
+}
+
+/// The last line node `n` logged (why it stopped, as a rule), for an
+/// error that says it stopped; where its log is otherwise.
+fn last_words(n: &cluster::NodeSpec) -> String {
+    let log = n.data_dir.join("node.log");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    match text.lines().rev().find(|l| !l.trim().is_empty()) {
+        Some(line) => format!(": {}\n(its log: {})", line.trim(), log.display()),
+        None => format!("; see its log {}", log.display()),
+    }
 }
 
 /// Asks every node to stop, and kills those still running 10 s later (10 s

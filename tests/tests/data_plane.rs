@@ -1922,6 +1922,16 @@ fn up_command(dir: &std::path::Path, api: u16) -> std::process::Command {
 }
 
 fn up_with_nodes(dir: &std::path::Path, api: u16, nodes: u32) -> std::process::Command {
+    up_on_ports(dir, api, nodes, 0)
+}
+
+/// `custodia up` with its nodes on ports from `node_base` (0: any free).
+fn up_on_ports(
+    dir: &std::path::Path,
+    api: u16,
+    nodes: u32,
+    node_base: u16,
+) -> std::process::Command {
     let mut cmd = std::process::Command::new(custodia_tests::custodia_bin());
     cmd.args(["up", "--data-dir"])
         .arg(dir)
@@ -1941,7 +1951,7 @@ fn up_with_nodes(dir: &std::path::Path, api: u16, nodes: u32) -> std::process::C
             "--metrics",
             "off",
             "--node-base-port",
-            "0",
+            &node_base.to_string(),
             "--node-metrics-base-port",
             "0",
         ]);
@@ -2036,6 +2046,38 @@ fn custodia_up_stops_cleanly_with_its_output_closed() -> Result<()> {
         .send(&b"logged to nowhere"[..])?;
     assert_eq!(filed.status().as_u16(), 201);
     stop_up(&mut up)
+}
+
+/// A second cluster started on node ports another one holds says why it
+/// stopped: its node could not take its port. (What answered there was
+/// the other cluster's node, whose certificate this cluster refuses: that
+/// alone would send an operator looking at certificates.)
+#[test]
+fn custodia_up_on_ports_another_cluster_holds_says_so() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let free = |udp: bool| -> Result<u16> {
+        Ok(if udp {
+            std::net::UdpSocket::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port()
+        } else {
+            std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port()
+        })
+    };
+    let base = free(true)?;
+    let (mut first, _) = start_up_with(up_on_ports(&tmp.path().join("a"), free(false)?, 3, base))?;
+    let second = up_on_ports(&tmp.path().join("b"), free(false)?, 3, base)
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{said}");
+    assert!(
+        said.contains("exited during start-up") && said.contains("in use"),
+        "{said}"
+    );
+    stop_up(&mut first)
 }
 
 /// Stops a running `up` as Ctrl-C does, and waits for it and its nodes.
