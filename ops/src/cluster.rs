@@ -68,6 +68,11 @@ pub const TSA_CERT_FILE: &str = "tsa.pem";
 /// Locked for its life by every process that owns DATA_DIR's index and
 /// nodes (`up`, `gateway`, `recover-index`).
 pub const LOCK_FILE: &str = "custodia.lock";
+/// Present while `init` writes a new cluster, until its cluster file is
+/// saved (the last step): what an init cut short (killed, power lost)
+/// left is then told from an earlier cluster, and taken away by the next
+/// init. It says whether `tls/` was there before (an operator's own).
+const INIT_MARKER_FILE: &str = ".init-in-progress";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -136,7 +141,16 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn load(data_dir: &Path) -> Result<Self> {
-        Self::load_file(&data_dir.join(CLUSTER_FILE))
+        let cluster = Self::load_file(&data_dir.join(CLUSTER_FILE))?;
+        // An init that saved its file and was stopped before it took its
+        // marker away: this cluster is whole, and may serve; the marker
+        // must not outlive that (a later init would take it for its own).
+        match fs::remove_file(data_dir.join(INIT_MARKER_FILE)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).context("removing an init's marker"),
+        }
+        Ok(cluster)
     }
 
     /// Writes `DATA_DIR/cluster.toml` durably, replacing it whole: a crash
@@ -344,7 +358,18 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
     .into_iter()
     .filter(|p| data_dir.join(p).exists())
     .collect();
-    if !earlier.is_empty() {
+    let marker = data_dir.join(INIT_MARKER_FILE);
+    if !earlier.is_empty() && marker.exists() {
+        // Not an earlier cluster: an init cut short before it saved its
+        // cluster file, which nothing has served from.
+        let tls_existed = fs::read_to_string(&marker).is_ok_and(|t| t.contains("tls-existed"));
+        eprintln!(
+            "note: an init of {} was cut short ({}); starting it again",
+            data_dir.display(),
+            earlier.join(", ")
+        );
+        remove_partial_init(data_dir, tls_existed);
+    } else if !earlier.is_empty() {
         bail!(
             "{} holds an earlier cluster ({}) but no {CLUSTER_FILE}; initialising would replace \
              its keys and leave its evidence and receipts unverifiable. Restore {CLUSTER_FILE} \
@@ -354,27 +379,49 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         );
     }
     let tls_existed = data_dir.join("tls").exists();
+    fs::create_dir_all(data_dir)?;
+    storage_node::store::write_durably(
+        data_dir,
+        INIT_MARKER_FILE,
+        &[if tls_existed {
+            &b"tls-existed\n"[..]
+        } else {
+            &b"\n"[..]
+        }],
+    )
+    .context("marking the init under way")?;
     let made = init_fresh(data_dir, opts).await;
-    if made.is_err() {
+    match &made {
+        // Saved: whole.
+        Ok(_) => {
+            let _ = fs::remove_file(&marker);
+        }
         // None of these existed (checked above): what a failed init wrote
         // goes, so it is not taken for an earlier cluster next time.
-        for dir in ["nodes", "ledger"] {
-            let _ = fs::remove_dir_all(data_dir.join(dir));
-        }
-        if !tls_existed {
-            let _ = fs::remove_dir_all(data_dir.join("tls"));
-        }
-        for file in [
-            "index.redb",
-            LEDGER_VKEY_FILE,
-            ADMIN_TOKEN_FILE,
-            S3_CREDENTIALS_FILE,
-            TSA_CERT_FILE,
-        ] {
-            let _ = fs::remove_file(data_dir.join(file));
-        }
+        Err(_) => remove_partial_init(data_dir, tls_existed),
     }
     made
+}
+
+/// Removes what an init that did not finish wrote (none of it existed
+/// before; `tls/` unless it did), its marker last.
+fn remove_partial_init(data_dir: &Path, tls_existed: bool) {
+    for dir in ["nodes", "ledger"] {
+        let _ = fs::remove_dir_all(data_dir.join(dir));
+    }
+    if !tls_existed {
+        let _ = fs::remove_dir_all(data_dir.join("tls"));
+    }
+    for file in [
+        "index.redb",
+        LEDGER_VKEY_FILE,
+        ADMIN_TOKEN_FILE,
+        S3_CREDENTIALS_FILE,
+        TSA_CERT_FILE,
+    ] {
+        let _ = fs::remove_file(data_dir.join(file));
+    }
+    let _ = fs::remove_file(data_dir.join(INIT_MARKER_FILE));
 }
 
 async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {

@@ -2559,6 +2559,43 @@ fn cli_errors_name_the_problem_once_and_create_nothing() -> Result<()> {
     Ok(())
 }
 
+/// An init cut short (killed before it saved its cluster file, the last
+/// thing it writes) is not taken for an earlier cluster: the next init
+/// starts it again. One that finished leaves no mark of being under way.
+#[test]
+fn an_init_cut_short_is_started_again() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("data");
+    let init = || {
+        std::process::Command::new(custodia_tests::custodia_bin())
+            .args(["init", "--data-dir"])
+            .arg(&dir)
+            .output()
+    };
+    let out = init()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let marker = dir.join(".init-in-progress");
+    assert!(!marker.exists(), "a finished init left its marker");
+    // As if killed just before saving its file.
+    let vkey = std::fs::read(dir.join("ledger.vkey"))?;
+    std::fs::remove_file(dir.join("cluster.toml"))?;
+    std::fs::write(&marker, b"\n")?;
+    let out = init()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("cut short"), "{err}");
+    assert!(dir.join("cluster.toml").exists() && !marker.exists());
+    assert_ne!(
+        std::fs::read(dir.join("ledger.vkey"))?,
+        vkey,
+        "a new cluster"
+    );
+    Ok(())
+}
+
 /// A node's certificate carries a name of its own, which the gateway
 /// requires: node 0 started with node 1's certificate and key (a key
 /// stolen from one node) is not taken for node 0, and gets no shards.
