@@ -2856,10 +2856,11 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             let mut chosen = Vec::with_capacity(listed.len());
             let mut last = 0u32;
             for p in &listed {
-                let n = p
-                    .part_number
-                    .and_then(|n| u32::try_from(n).ok())
-                    .unwrap_or(0);
+                let n = match p.part_number.map(u32::try_from) {
+                    Some(Ok(n)) => n,
+                    // No number, or a negative one: not a part list S3 reads.
+                    _ => return Err(s3_error!(MalformedXML, "a part without a PartNumber")),
+                };
                 if n <= last {
                     return Err(s3_error!(InvalidPartOrder));
                 }
@@ -3223,6 +3224,13 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         // `Err(())`: the marker names a null version that is gone.
         let marker_version = match (input.version_id_marker.as_deref(), &marker_key) {
             (None | Some(""), _) => Ok(None),
+            // As S3: a version marker means nothing without its key.
+            (Some(_), None) => {
+                return Err(s3_error!(
+                    InvalidArgument,
+                    "A version-id marker cannot be specified without a key marker."
+                ))
+            }
             // A marker of "null" (this listing gives the null version's own
             // id as its next marker, but a client may send "null") resumes
             // after that key's null version, wherever it sorts. Gone since

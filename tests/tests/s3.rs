@@ -399,6 +399,23 @@ fn version_listings_fold_common_prefixes_and_page() -> Result<()> {
     assert_eq!(prefixes(&second), ["b/"], "{second}");
     let third = list(&["--max-keys", "1", "--key-marker", "b/"])?;
     assert_eq!(third["Versions"][0]["Key"], "top.txt", "{third}");
+    // A version marker without its key means nothing: refused, as S3 does.
+    let vid = third["Versions"][0]["VersionId"]
+        .as_str()
+        .context("version id")?
+        .to_owned();
+    aws.fails(
+        "InvalidArgument",
+        &[
+            "s3api",
+            "list-object-versions",
+            "--bucket",
+            "vers",
+            "--no-paginate",
+            "--version-id-marker",
+            &vid,
+        ],
+    )?;
     // Under a prefix, the delimiter applies past it.
     let under = list(&["--prefix", "a/"])?;
     assert_eq!(
