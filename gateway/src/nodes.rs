@@ -530,10 +530,26 @@ impl NodeSet {
     /// so a gateway that dies half-way finds the new disk again on restart
     /// (a wiped disk must never go unnoticed).
     pub async fn probe_all<S: Store>(&self, store: &S, now_ms: u64) -> Vec<(NodeId, [u8; 16])> {
-        match indexer::run(store, |tx| async move { schema::lifecycles_tx(&tx).await }).await {
-            Ok(decided) => self.set_lifecycles(&decided),
-            Err(e) => tracing::warn!(error = %e, "could not read node lifecycles"),
-        }
+        // Every node removed, listed here or not: each node serves them
+        // nothing (see `Request::DenyNodes`).
+        let removed: Option<Vec<u32>> =
+            match indexer::run(store, |tx| async move { schema::lifecycles_tx(&tx).await }).await {
+                Ok(decided) => {
+                    self.set_lifecycles(&decided);
+                    Some(
+                        decided
+                            .iter()
+                            .filter(|(_, r)| r.state == Lifecycle::Removed)
+                            .map(|(id, _)| id.0)
+                            .collect(),
+                    )
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not read node lifecycles");
+                    None
+                }
+            };
+        let removed = &removed;
         // Before this probe records anyone as seen now.
         if lock(&self.silent_before).is_none() {
             self.read_silences(store).await;
@@ -568,6 +584,21 @@ impl NodeSet {
                     Ok(Ok((offset, _rtt))) => Some(offset),
                     _ => None,
                 };
+                // Each probe (the node keeps the set on its disk, and
+                // rewrites it only when it changes): a node back with a new
+                // disk, or one that missed a removal, is told again.
+                if let Some(ids) = removed.as_ref().filter(|ids| !ids.is_empty()) {
+                    let denied = tokio::time::timeout(
+                        Duration::from_secs(3),
+                        self.client.rpc_deny_nodes(n.entry.addr, ids.clone()),
+                    )
+                    .await;
+                    match denied {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::warn!(node = %n.entry.node_id(), error = %e, "could not tell a node which nodes were removed (they may still read its shards)"),
+                        Err(_) => tracing::warn!(node = %n.entry.node_id(), "a node did not say within 3 s that it serves removed nodes nothing"),
+                    }
+                }
             }
             (n, info, space)
         });

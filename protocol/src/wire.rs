@@ -134,7 +134,17 @@ pub enum Request {
     /// Answered `Erased` once all of it is durable. Idempotent. An older
     /// node answers `Error(BadRequest)`.
     EraseEvidence(EvidenceId),
+    /// The ids of every node removed from the cluster (at most
+    /// [`MAX_DENIED`]), replacing those the node had: it serves none of
+    /// them any more (a removed node's key, taken from its host or its
+    /// disposed-of disk, must not read the shards its stripes still have
+    /// elsewhere). Kept on the node's disk; answered `Denied`. Gateways
+    /// only. An older node answers `Error(BadRequest)`.
+    DenyNodes(Vec<u32>),
 }
+
+/// Most node ids one [`Request::DenyNodes`] carries.
+pub const MAX_DENIED: usize = 4096;
 
 /// What [`Request::RebuildShard`] asks for.
 #[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
@@ -257,6 +267,8 @@ pub enum Response {
         shards: u64,
         copies: u64,
     },
+    /// A `DenyNodes` is in force (and durable): how many nodes it names.
+    Denied(u32),
 }
 
 /// Numeric error codes on the wire. Unknown codes from newer peers decode as
@@ -476,6 +488,13 @@ mod tests {
             copies: 2,
         };
         assert_eq!(hex::encode(erased.encode()), "01040000000aac0202");
+        // DenyNodes: request variant 13 (appended), a length and varints;
+        // Denied: response variant 11, a varint.
+        assert_eq!(
+            hex::encode(Request::DenyNodes(vec![3, 300]).encode()),
+            "0105000000".to_owned() + "0d02" + "03" + "ac02"
+        );
+        assert_eq!(hex::encode(Response::Denied(2).encode()), "01020000000b02");
     }
 
     fn rebuild() -> RebuildShard {
@@ -673,6 +692,7 @@ mod tests {
             key.clone().prop_map(Request::StatShard),
             key.prop_map(Request::DeleteShard),
             any::<[u8; 16]>().prop_map(|e| Request::EraseEvidence(EvidenceId(e))),
+            proptest::collection::vec(any::<u32>(), 0..20).prop_map(Request::DenyNodes),
             Just(Request::NodeInfo),
             Just(Request::Space),
             Just(Request::ListShards {

@@ -460,6 +460,16 @@ impl NodeClient {
         .await
     }
 
+    /// Has the node serve none of the removed nodes `ids` (all of them: the
+    /// set replaces the node's), durably; see [`Request::DenyNodes`].
+    pub async fn rpc_deny_nodes(&self, addr: SocketAddr, ids: Vec<u32>) -> Result<u32, NodeError> {
+        self.ask(addr, Request::DenyNodes(ids), |r| match r {
+            Response::Denied(n) => Ok(n),
+            other => Err(other),
+        })
+        .await
+    }
+
     /// One page of the node's shard headers after `after` (an empty page:
     /// the listing ended).
     pub async fn rpc_list_shards(

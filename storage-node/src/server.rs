@@ -190,6 +190,31 @@ struct NodeState {
     tls: TlsFiles,
     /// The client for those reads, made on the first rebuild.
     peers: tokio::sync::OnceCell<NodeClient>,
+    /// Nodes removed from the cluster, whose certificates are served
+    /// nothing ([`Request::DenyNodes`]); kept in [`DENIED_FILE`].
+    denied: std::sync::RwLock<std::collections::HashSet<u32>>,
+    data_dir: PathBuf,
+}
+
+/// The ids of removed nodes this node serves nothing, one per line, in its
+/// data directory (as the last `DenyNodes` named them).
+const DENIED_FILE: &str = "denied-nodes";
+
+/// The removed nodes `data_dir` holds, as [`DENIED_FILE`] lists them.
+fn read_denied(data_dir: &std::path::Path) -> std::io::Result<std::collections::HashSet<u32>> {
+    match std::fs::read_to_string(data_dir.join(DENIED_FILE)) {
+        Ok(text) => text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                l.trim().parse().map_err(|_| {
+                    std::io::Error::other(format!("{DENIED_FILE}: {l:?} is not a node id"))
+                })
+            })
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Default::default()),
+        Err(e) => Err(e),
+    }
 }
 
 /// How often the node looks for a segment worth compacting.
@@ -249,6 +274,9 @@ pub async fn serve(
         .await
         .map_err(|_| NodeServerError::Panicked)??;
     let store = Arc::new(store);
+    // Unreadable, it is refused: a removed node's key must not be served
+    // again because a file was damaged.
+    let denied = read_denied(&config.data_dir).map_err(StoreError::Io)?;
     let server_config = tls::server_config(&config.tls)?;
     let bind = |source| NodeServerError::Bind {
         addr: config.listen,
@@ -268,6 +296,8 @@ pub async fn serve(
         metrics,
         tls: config.tls.clone(),
         peers: tokio::sync::OnceCell::new(),
+        denied: std::sync::RwLock::new(denied),
+        data_dir: config.data_dir.clone(),
     });
     let (stop, stopped) = watch::channel(false);
     let (fail, failed) = watch::channel(None);
@@ -432,7 +462,10 @@ enum Peer {
     /// A certificate for [`crate::tls::GATEWAY_NAME`].
     Gateway,
     /// A node's ([`crate::tls::NODE_SERVER_NAME`]): reads shards to rebuild.
-    Node,
+    /// With its id where its certificate names it alone
+    /// ([`crate::tls::node_server_name`]; not in certificates issued before
+    /// nodes had names of their own).
+    Node(Option<u32>),
     /// Any other the cluster CA issued (an HTTPS API's, whose key may sit
     /// on a TLS proxy): says who it is and reads the time, nothing more.
     Other,
@@ -460,10 +493,22 @@ fn peer_role(conn: &quinn::Connection) -> Peer {
     if named(crate::tls::GATEWAY_NAME) {
         Peer::Gateway
     } else if named(crate::tls::NODE_SERVER_NAME) {
-        Peer::Node
+        Peer::Node(node_id_of(&leaf))
     } else {
         Peer::Other
     }
+}
+
+/// The node id a node's certificate names it by, if one (and only one).
+fn node_id_of(leaf: &rustls::pki_types::CertificateDer<'_>) -> Option<u32> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let mut ids = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::DNSName(d) => crate::tls::node_id_of_name(d),
+        _ => None,
+    });
+    let id = ids.next()?;
+    ids.next().is_none().then_some(id)
 }
 
 async fn serve_stream(
@@ -554,9 +599,16 @@ async fn handle_request(
         request,
         Request::GetShard(_) | Request::GetShardUnchecked(_)
     );
+    // A node removed from the cluster is served nothing at all.
+    let removed = matches!(peer, Peer::Node(Some(id)) if state
+        .denied
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .contains(&id));
     let allowed = match peer {
+        _ if removed => false,
         Peer::Gateway => true,
-        Peer::Node => harmless || rebuild_reads,
+        Peer::Node(_) => harmless || rebuild_reads,
         Peer::Other => harmless,
     };
     if !allowed {
@@ -589,6 +641,7 @@ async fn handle_request(
             ("erase", handle_erase_evidence(state, evidence, send).await)
         }
         Request::NodeInfo => ("info", handle_node_info(state, send).await),
+        Request::DenyNodes(ids) => ("deny", handle_deny_nodes(state, ids, send).await),
         Request::Space => ("space", handle_space(state, send).await),
         Request::ListShards { after, limit } => {
             ("list", handle_list_shards(state, after, limit, send).await)
@@ -1073,6 +1126,37 @@ async fn handle_erase_evidence(
         }
     };
     respond(send, &response).await
+}
+
+/// Serves none of `ids` from now on, and keeps them so (durably, before
+/// the answer).
+async fn handle_deny_nodes(
+    state: &NodeState,
+    ids: Vec<u32>,
+    send: &mut quinn::SendStream,
+) -> Result<&'static str, StreamError> {
+    if ids.len() > protocol::wire::MAX_DENIED {
+        return respond(send, &Response::Error(ErrorCode::BadRequest)).await;
+    }
+    let ids: std::collections::BTreeSet<u32> = ids.into_iter().collect();
+    let unchanged =
+        *state.denied.read().unwrap_or_else(|e| e.into_inner()) == ids.iter().copied().collect();
+    if !unchanged {
+        let text: String = ids.iter().map(|id| format!("{id}\n")).collect();
+        let dir = state.data_dir.clone();
+        let written = blocking(move || {
+            crate::store::write_durably(&dir, DENIED_FILE, &[text.as_bytes()])
+                .map_err(StoreError::from)
+        })
+        .await;
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "could not keep the removed nodes' ids");
+            return respond(send, &Response::Error(e.code())).await;
+        }
+        tracing::info!(nodes = ?ids, "serving nothing to removed nodes");
+        *state.denied.write().unwrap_or_else(|e| e.into_inner()) = ids.iter().copied().collect();
+    }
+    respond(send, &Response::Denied(ids.len() as u32)).await
 }
 
 async fn handle_list_shards(

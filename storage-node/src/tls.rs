@@ -38,6 +38,18 @@ pub fn node_server_name(id: u32) -> String {
     format!("node-{id}.custodia.internal")
 }
 
+/// The node id a name [`node_server_name`] made names, if it is one.
+pub fn node_id_of_name(name: &str) -> Option<u32> {
+    let id = name
+        .strip_prefix("node-")?
+        .strip_suffix(".custodia.internal")?;
+    // As `node_server_name` writes it: no sign, no leading zero.
+    if id.starts_with(['+', '0']) && id != "0" {
+        return None;
+    }
+    id.parse().ok()
+}
+
 /// Every name node `id`'s certificate is issued for.
 pub fn node_names(id: u32) -> Vec<String> {
     vec![NODE_SERVER_NAME.to_string(), node_server_name(id)]

@@ -678,3 +678,67 @@ fn drains_at_once_never_leave_fewer_than_k_plus_m_active() -> Result<()> {
     assert_eq!(active, 6, "{s}");
     Ok(())
 }
+
+/// A removed node's key (taken from its host, or from a disposed-of disk)
+/// reads nothing more from the nodes that stay: the gateway tells every
+/// node which nodes were removed, and each keeps that on its disk. (Before
+/// the removal the key read shards by name, as a rebuild does: with the
+/// keys of the shards it held, the other shards of their stripes.)
+#[test]
+fn a_removed_nodes_key_reads_nothing_more() -> Result<()> {
+    use storage_node::client::{NodeClient, NodeError};
+    let mut c = TestCluster::start(Shape::default())?;
+    let data = bytes(30_000, 77);
+    let id = c.file(&data)?["id"].as_str().context("id")?.to_owned();
+    // A shard of it on a node other than 7.
+    let prefix = format!("{}-0-", id.replace('-', ""));
+    let (holder, index) = (0..7u32)
+        .find_map(|n| {
+            c.shard_files(n).iter().find_map(|p| {
+                let name = p.file_name()?.to_string_lossy().into_owned();
+                let index: u8 = name.strip_prefix(&prefix)?.parse().ok()?;
+                Some((n, index))
+            })
+        })
+        .context("no shard on nodes 0 to 6")?;
+    let cluster: toml::Value =
+        toml::from_str(&std::fs::read_to_string(c.data_dir().join("cluster.toml"))?)?;
+    let path =
+        |v: &toml::Value| -> Result<std::path::PathBuf> { Ok(v.as_str().context("path")?.into()) };
+    let tls = storage_node::tls::TlsFiles {
+        ca_cert: c.data_dir().join("tls").join("ca.pem"),
+        cert: path(&cluster["nodes"][7]["cert"])?,
+        key: path(&cluster["nodes"][7]["key"])?,
+    };
+    let addr: std::net::SocketAddr = cluster["gateway"]["nodes"][holder as usize]["addr"]
+        .as_str()
+        .context("addr")?
+        .parse()?;
+    let key = protocol::ShardKey {
+        evidence: id.parse().map_err(|_| anyhow::anyhow!("id {id}"))?,
+        stripe: 0,
+        index,
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    let read = || -> std::result::Result<(), NodeError> {
+        rt.block_on(async {
+            let client = NodeClient::new(&tls)?;
+            client.rpc_get_shard(addr, key).await.map(|_| ())
+        })
+    };
+    read().context("node 7's key reads a shard by name before its removal")?;
+    c.kill_node(7);
+    let (ok, text) = node_cmd(&c, &["remove", "7", "--force"])?;
+    assert!(ok, "{text}");
+    let refused = custodia_tests::eventually(20, || {
+        matches!(
+            read(),
+            Err(NodeError::Remote(protocol::wire::ErrorCode::Forbidden))
+        )
+    });
+    assert!(refused, "the removed node's key still reads: {:?}", read());
+    // Kept on the node's disk: so after it restarts too.
+    let kept = std::fs::read_to_string(c.node_dir(holder).join("denied-nodes"))?;
+    assert_eq!(kept.trim(), "7");
+    Ok(())
+}
