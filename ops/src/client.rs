@@ -286,8 +286,17 @@ pub fn put(
     Ok(())
 }
 
-/// Where [`get`] is writing before it renames, for a Ctrl-C to remove.
-pub type Partial = std::sync::Arc<std::sync::Mutex<Option<std::path::PathBuf>>>;
+/// How far [`get`] got, for a Ctrl-C to act on: the temporary file it is
+/// writing (to remove), or that the file it was asked for is written.
+pub type Partial = std::sync::Arc<std::sync::Mutex<Download>>;
+
+#[derive(Debug, Default)]
+pub struct Download {
+    /// Written to, not yet renamed to the file asked for.
+    pub temp: Option<std::path::PathBuf>,
+    /// Renamed: the file asked for is there, verified.
+    pub written: bool,
+}
 
 pub fn get(
     api: &str,
@@ -340,9 +349,7 @@ pub fn get(
         .prefix(".custodia-partial-")
         .tempfile_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    if let Ok(mut p) = partial.lock() {
-        *p = Some(tmp.path().to_path_buf());
-    }
+    partial.lock().unwrap_or_else(|e| e.into_inner()).temp = Some(tmp.path().to_path_buf());
     let pb = bar(len, "fetching");
     let mut hasher = blake3::Hasher::new();
     let mut reader = resp.body_mut().as_reader();
@@ -366,6 +373,10 @@ pub fn get(
         );
     }
     tmp.as_file().sync_all()?;
+    // The rename and what it changes for a Ctrl-C under one lock: one
+    // between them would remove nothing and say nothing was written while
+    // the file was.
+    let mut state = partial.lock().unwrap_or_else(|e| e.into_inner());
     if force {
         tmp.persist(output)
             .with_context(|| format!("writing {}", output.display()))?;
@@ -379,9 +390,9 @@ pub fn get(
     }
     // Only now: a Ctrl-C before the rename still removes the copy (after
     // it, the path it would remove is gone).
-    if let Ok(mut p) = partial.lock() {
-        *p = None;
-    }
+    state.temp = None;
+    state.written = true;
+    drop(state);
     println!(
         "wrote {} ({received} bytes, BLAKE3 {got})",
         output.display()

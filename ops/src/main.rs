@@ -1091,24 +1091,24 @@ async fn run(cli: Cli) -> Result<()> {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                     .context("catching SIGTERM")?;
+            // Stopped: what is left of the download goes, and what was
+            // written is said (the file asked for, if the rename came first).
+            let stop = |how: &str, code: i32| -> ! {
+                let mut state = partial.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(path) = state.temp.take() {
+                    let _ = std::fs::remove_file(path);
+                }
+                if state.written {
+                    eprintln!("{how} after the file was written");
+                } else {
+                    eprintln!("{how}; nothing written");
+                }
+                std::process::exit(code);
+            };
             tokio::select! {
                 done = work => done.context("the download task")?,
-                _ = term.recv() => {
-                    let left = partial.lock().ok().and_then(|mut p| p.take());
-                    if let Some(path) = left {
-                        let _ = std::fs::remove_file(path);
-                    }
-                    eprintln!("stopped; nothing written");
-                    std::process::exit(143);
-                }
-                _ = tokio::signal::ctrl_c() => {
-                    let left = partial.lock().ok().and_then(|mut p| p.take());
-                    if let Some(path) = left {
-                        let _ = std::fs::remove_file(path);
-                    }
-                    eprintln!("interrupted; nothing written");
-                    std::process::exit(130);
-                }
+                _ = term.recv() => stop("stopped", 143),
+                _ = tokio::signal::ctrl_c() => stop("interrupted", 130),
             }
         }
         Command::Status { api, json } => {
