@@ -602,6 +602,11 @@ pub fn verify_response(
     let Some(md_attr) = attr(AT_MESSAGE_DIGEST) else {
         return fail("no message-digest attribute");
     };
+    // SHA-1 binds nothing any more (chosen-prefix collisions): a TSA that
+    // signed one TSTInfo would have signed another with the same digest.
+    if is(&s.digest_alg, SHA1) {
+        return fail("the token's signature covers its TSTInfo by SHA-1, which binds nothing");
+    }
     let Some(dig) = hash_of(&s.digest_alg) else {
         return fail("unsupported digestAlgorithm");
     };
