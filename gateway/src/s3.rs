@@ -2629,6 +2629,14 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 ))
             }
         };
+        let (v, header) = self
+            .readable(&who, &input.bucket, &input.key, input.version_id.as_deref())
+            .await?;
+        // OFF where there is no hold changes nothing: 200, as S3 answers
+        // it, and nothing on the ledger (no hold was released).
+        if !on && !header.legal_hold && !v.legal_hold {
+            return Ok(S3Response::new(PutObjectLegalHoldOutput::default()));
+        }
         // As on the evidence API: placing a hold is a clerk's, lifting one
         // an administrator's.
         if !on && !who.role.may(Role::Admin) {
@@ -2637,9 +2645,6 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 "lifting a legal hold needs an admin key"
             ));
         }
-        let (v, header) = self
-            .readable(&who, &input.bucket, &input.key, input.version_id.as_deref())
-            .await?;
         let (bucket, key, vid) = (input.bucket.clone(), input.key.clone(), v.version_id);
         // The hold binds the evidence too, and is on the ledger like any
         // hold or release.

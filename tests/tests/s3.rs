@@ -1466,6 +1466,21 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
             "Status=OFF",
         ],
     )?;
+    // OFF where no hold is changes nothing, and is answered so (as S3),
+    // whoever asks.
+    let free = put(&admin, "free.bin", &[])?;
+    clerk.ok(&[
+        "s3api",
+        "put-object-legal-hold",
+        "--bucket",
+        "locked",
+        "--key",
+        "free.bin",
+        "--version-id",
+        &free,
+        "--legal-hold",
+        "Status=OFF",
+    ])?;
     // The hold binds the evidence and is on the ledger.
     let h = curl_headers(&c, "HEAD", &format!("/locked/h.bin?versionId={h1}"))?;
     let h1_evidence = header(&h, "x-custodia-evidence-id")
