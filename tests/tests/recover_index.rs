@@ -308,7 +308,7 @@ fn a_destroyed_index_is_rebuilt_from_the_ledger_archive_and_the_nodes() -> Resul
 /// A filing: its id and its bytes.
 type Filed = (String, Vec<u8>);
 
-/// Files three pieces of evidence (contents from `seed`), waits for a
+/// Files three pieces of evidence or more (contents from `seed`), waits for a
 /// published checkpoint over them, destroys the index, kills nodes 1-3
 /// (more than m) and runs `recover-index --allow-down-nodes`, which must
 /// say what it could not read back and fail. Returns the filings (id,
@@ -320,6 +320,34 @@ fn recovered_with_three_nodes_down(c: &mut TestCluster, seed: u64) -> Result<(Ve
     let mut filed = Vec::new();
     for i in 0..3u64 {
         let data = bytes(60_000 + i as usize * 7_000, seed + i);
+        let r = c.file(&data)?;
+        filed.push((r["id"].as_str().context("id")?.to_owned(), data));
+    }
+    // Some stripe must have shards on all three nodes about to die (more
+    // than m), or everything reads back and recovery rightly succeeds:
+    // placement is by hash, so about 1 run in 500 the three filings' 14
+    // stripes all miss one of them. One more filing each time until one
+    // does not.
+    let on_all_three = |c: &TestCluster, id: &str| {
+        let prefix = id.replace('-', "");
+        let stripes = |n: u32| -> std::collections::HashSet<String> {
+            c.shard_files(n)
+                .iter()
+                .filter_map(|p| {
+                    let name = p.file_name()?.to_string_lossy().into_owned();
+                    let rest = name.strip_prefix(&prefix)?.strip_prefix('-')?;
+                    Some(rest.split('-').next()?.to_owned())
+                })
+                .collect()
+        };
+        let (a, b, d) = (stripes(1), stripes(2), stripes(3));
+        a.iter().any(|s| b.contains(s) && d.contains(s))
+    };
+    for extra in 0..20u64 {
+        if filed.iter().any(|(id, _)| on_all_three(c, id)) {
+            break;
+        }
+        let data = bytes(60_000, seed + 100 + extra);
         let r = c.file(&data)?;
         filed.push((r["id"].as_str().context("id")?.to_owned(), data));
     }
