@@ -230,7 +230,15 @@ pub fn put(
         );
     }
     let pb = bar(len, "filing");
-    let mut reader = pb.wrap_read(file);
+    // Exactly `len` bytes, as the length sent says: a file that shrinks
+    // while it is sent fails the upload (a body that ends early would
+    // leave the client waiting for bytes that never come), and one that
+    // grows sends only what was hashed (and the gateway refuses the
+    // digest if those bytes changed).
+    let mut reader = pb.wrap_read(Exactly {
+        inner: std::io::Read::take(file, len),
+        left: len,
+    });
     let mut req = agent()?
         .post(format!("{}/v1/evidence", api.trim_end_matches('/')))
         .header("authorization", format!("Bearer {token}"))
@@ -284,6 +292,29 @@ pub fn put(
     }
     println!("{body}");
     Ok(())
+}
+
+/// A reader of exactly `left` more bytes: an end before then is an error.
+struct Exactly<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: std::io::Read> std::io::Read for Exactly<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && self.left > 0 && !buf.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the file ended {} bytes early: it changed while it was sent",
+                    self.left
+                ),
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
 }
 
 /// How far [`get`] got, for a Ctrl-C to act on: the temporary file it is
@@ -440,4 +471,29 @@ pub fn hash_file(path: &Path) -> Result<(protocol::Blake3Hash, protocol::Sha256H
         protocol::Sha256Hash(sha.finalize().into()),
         size,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read as _;
+
+    /// A body that ends before its length is an error, not an end.
+    #[test]
+    fn a_file_that_shrinks_while_sent_is_an_error() {
+        let mut r = super::Exactly {
+            inner: std::io::Read::take(&b"abc"[..], 5),
+            left: 5,
+        };
+        let mut out = Vec::new();
+        let e = r.read_to_end(&mut out).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+        assert_eq!(out, b"abc");
+        let mut whole = super::Exactly {
+            inner: std::io::Read::take(&b"abcdef"[..], 3),
+            left: 3,
+        };
+        let mut out = Vec::new();
+        whole.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"abc");
+    }
 }
