@@ -43,6 +43,9 @@ struct NodeState {
     /// refuses fails anew, for another reason worth saying), not at every
     /// probe.
     probe_failure: Mutex<Option<String>>,
+    /// Whether telling it which nodes were removed failed at its last
+    /// probe: said when that starts, not at every probe.
+    deny_failing: AtomicBool,
 }
 
 /// Least time between two liveness checks of one node that reads asked for.
@@ -168,6 +171,7 @@ impl NodeSet {
                 lifecycle: Mutex::new(Lifecycle::Active),
                 clock_offset_ms: Mutex::new(None),
                 probe_failure: Mutex::new(None),
+                deny_failing: AtomicBool::new(false),
             })
             .collect::<Vec<_>>();
         let labels = entries
@@ -593,10 +597,17 @@ impl NodeSet {
                         self.client.rpc_deny_nodes(n.entry.addr, ids.clone()),
                     )
                     .await;
-                    match denied {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => tracing::warn!(node = %n.entry.node_id(), error = %e, "could not tell a node which nodes were removed (they may still read its shards)"),
-                        Err(_) => tracing::warn!(node = %n.entry.node_id(), "a node did not say within 3 s that it serves removed nodes nothing"),
+                    let failed = match denied {
+                        Ok(Ok(_)) => None,
+                        Ok(Err(e)) => Some(e.to_string()),
+                        Err(_) => Some("no answer within 3 s".to_owned()),
+                    };
+                    let was = n.deny_failing.swap(failed.is_some(), Ordering::Relaxed);
+                    match failed {
+                        Some(e) if !was => tracing::warn!(node = %n.entry.node_id(), error = %e, "could not tell a node which nodes were removed (they may still read its shards; an older node does not know the request); tried at each probe"),
+                        Some(e) => tracing::debug!(node = %n.entry.node_id(), error = %e, "could not tell a node which nodes were removed"),
+                        None if was => tracing::info!(node = %n.entry.node_id(), "a node now serves removed nodes nothing"),
+                        None => {}
                     }
                 }
             }

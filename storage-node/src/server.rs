@@ -192,8 +192,33 @@ struct NodeState {
     peers: tokio::sync::OnceCell<NodeClient>,
     /// Nodes removed from the cluster, whose certificates are served
     /// nothing ([`Request::DenyNodes`]); kept in [`DENIED_FILE`].
-    denied: std::sync::RwLock<std::collections::HashSet<u32>>,
+    denied: std::sync::RwLock<Denied>,
+    /// One `DenyNodes` at a time: its file and the set above change
+    /// together.
+    denying: tokio::sync::Mutex<()>,
     data_dir: PathBuf,
+}
+
+/// Which nodes' certificates are served nothing.
+#[derive(Debug, Default)]
+struct Denied {
+    ids: std::collections::HashSet<u32>,
+    /// Every node's: the list on disk could not be read, so none is
+    /// served anything but who it is and the time until a gateway sends
+    /// the list again (failing closed: a removed node's key must not read
+    /// again because a file was damaged).
+    all: bool,
+}
+
+impl Denied {
+    /// Whether a node certificate naming `ids` is served nothing. One that
+    /// names no node of its own (issued before nodes had names) cannot be
+    /// told from a removed one once any node was removed.
+    fn refuses(&self, ids: &[u32]) -> bool {
+        self.all
+            || ids.iter().any(|id| self.ids.contains(id))
+            || (ids.is_empty() && !self.ids.is_empty())
+    }
 }
 
 /// The ids of removed nodes this node serves nothing, one per line, in its
@@ -274,9 +299,21 @@ pub async fn serve(
         .await
         .map_err(|_| NodeServerError::Panicked)??;
     let store = Arc::new(store);
-    // Unreadable, it is refused: a removed node's key must not be served
-    // again because a file was damaged.
-    let denied = read_denied(&config.data_dir).map_err(StoreError::Io)?;
+    let denied = match read_denied(&config.data_dir) {
+        Ok(ids) => Denied { ids, all: false },
+        Err(e) => {
+            tracing::error!(
+                file = %config.data_dir.join(DENIED_FILE).display(),
+                error = %e,
+                "the list of removed nodes is unreadable: no node is served shards until a \
+                 gateway sends it again (within a probe)"
+            );
+            Denied {
+                ids: Default::default(),
+                all: true,
+            }
+        }
+    };
     let server_config = tls::server_config(&config.tls)?;
     let bind = |source| NodeServerError::Bind {
         addr: config.listen,
@@ -297,6 +334,7 @@ pub async fn serve(
         tls: config.tls.clone(),
         peers: tokio::sync::OnceCell::new(),
         denied: std::sync::RwLock::new(denied),
+        denying: tokio::sync::Mutex::new(()),
         data_dir: config.data_dir.clone(),
     });
     let (stop, stopped) = watch::channel(false);
@@ -456,16 +494,20 @@ enum StreamError {
     Closed(#[from] quinn::ClosedStream),
 }
 
+/// The node ids a node's certificate names (one, as issued; a few at most
+/// are kept).
+type NodeIds = [Option<u32>; 4];
+
 /// Who is on the other end of a connection, by its certificate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Peer {
     /// A certificate for [`crate::tls::GATEWAY_NAME`].
     Gateway,
     /// A node's ([`crate::tls::NODE_SERVER_NAME`]): reads shards to rebuild.
-    /// With its id where its certificate names it alone
-    /// ([`crate::tls::node_server_name`]; not in certificates issued before
+    /// With the ids its certificate names it by
+    /// ([`crate::tls::node_server_name`]; none in certificates issued before
     /// nodes had names of their own).
-    Node(Option<u32>),
+    Node(NodeIds),
     /// Any other the cluster CA issued (an HTTPS API's, whose key may sit
     /// on a TLS proxy): says who it is and reads the time, nothing more.
     Other,
@@ -493,22 +535,37 @@ fn peer_role(conn: &quinn::Connection) -> Peer {
     if named(crate::tls::GATEWAY_NAME) {
         Peer::Gateway
     } else if named(crate::tls::NODE_SERVER_NAME) {
-        Peer::Node(node_id_of(&leaf))
+        match node_id_of(&leaf) {
+            Some(ids) => Peer::Node(ids),
+            // Names past counting: only what any certificate may ask.
+            None => Peer::Other,
+        }
     } else {
         Peer::Other
     }
 }
 
-/// The node id a node's certificate names it by, if one (and only one).
-fn node_id_of(leaf: &rustls::pki_types::CertificateDer<'_>) -> Option<u32> {
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    let mut ids = san.value.general_names.iter().filter_map(|n| match n {
-        x509_parser::extensions::GeneralName::DNSName(d) => crate::tls::node_id_of_name(d),
+/// The node ids a node's certificate names it by (names compared as TLS
+/// does, without regard to case); `None` for more than fit, which is then
+/// taken for no node's (the set a [`Denied`] check sees must be all).
+fn node_id_of(leaf: &rustls::pki_types::CertificateDer<'_>) -> Option<NodeIds> {
+    let mut out: NodeIds = [None; 4];
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf) else {
+        return Some(out);
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Some(out);
+    };
+    let ids = san.value.general_names.iter().filter_map(|n| match n {
+        x509_parser::extensions::GeneralName::DNSName(d) => {
+            crate::tls::node_id_of_name(&d.to_ascii_lowercase())
+        }
         _ => None,
     });
-    let id = ids.next()?;
-    ids.next().is_none().then_some(id)
+    for (i, id) in ids.enumerate() {
+        *out.get_mut(i)? = Some(id);
+    }
+    Some(out)
 }
 
 async fn serve_stream(
@@ -600,11 +657,17 @@ async fn handle_request(
         Request::GetShard(_) | Request::GetShardUnchecked(_)
     );
     // A node removed from the cluster is served nothing at all.
-    let removed = matches!(peer, Peer::Node(Some(id)) if state
-        .denied
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .contains(&id));
+    let removed = match peer {
+        Peer::Node(ids) => {
+            let ids: Vec<u32> = ids.iter().flatten().copied().collect();
+            state
+                .denied
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .refuses(&ids)
+        }
+        _ => false,
+    };
     let allowed = match peer {
         _ if removed => false,
         Peer::Gateway => true,
@@ -1139,8 +1202,11 @@ async fn handle_deny_nodes(
         return respond(send, &Response::Error(ErrorCode::BadRequest)).await;
     }
     let ids: std::collections::BTreeSet<u32> = ids.into_iter().collect();
-    let unchanged =
-        *state.denied.read().unwrap_or_else(|e| e.into_inner()) == ids.iter().copied().collect();
+    let _one_at_a_time = state.denying.lock().await;
+    let unchanged = {
+        let now = state.denied.read().unwrap_or_else(|e| e.into_inner());
+        !now.all && now.ids == ids.iter().copied().collect()
+    };
     if !unchanged {
         let text: String = ids.iter().map(|id| format!("{id}\n")).collect();
         let dir = state.data_dir.clone();
@@ -1154,7 +1220,10 @@ async fn handle_deny_nodes(
             return respond(send, &Response::Error(e.code())).await;
         }
         tracing::info!(nodes = ?ids, "serving nothing to removed nodes");
-        *state.denied.write().unwrap_or_else(|e| e.into_inner()) = ids.iter().copied().collect();
+        *state.denied.write().unwrap_or_else(|e| e.into_inner()) = Denied {
+            ids: ids.iter().copied().collect(),
+            all: false,
+        };
     }
     respond(send, &Response::Denied(ids.len() as u32)).await
 }
@@ -1332,6 +1401,41 @@ async fn refuse(
 
 #[cfg(test)]
 mod tests {
+    /// A removed node's certificate is refused, by any of the ids it
+    /// names; one naming none is refused once any node was removed; a list
+    /// that could not be read refuses every node.
+    #[test]
+    fn removed_nodes_are_refused_and_an_unreadable_list_refuses_all() {
+        let denied = super::Denied {
+            ids: [3, 9].into_iter().collect(),
+            all: false,
+        };
+        assert!(denied.refuses(&[3]));
+        assert!(denied.refuses(&[1, 9]));
+        assert!(!denied.refuses(&[1]));
+        assert!(denied.refuses(&[]), "a certificate naming no node");
+        let none = super::Denied::default();
+        assert!(!none.refuses(&[]) && !none.refuses(&[3]));
+        let all = super::Denied {
+            ids: Default::default(),
+            all: true,
+        };
+        assert!(all.refuses(&[1]) && all.refuses(&[]));
+        assert_eq!(
+            crate::tls::node_id_of_name("node-12.custodia.internal"),
+            Some(12)
+        );
+        assert_eq!(
+            crate::tls::node_id_of_name("node-012.custodia.internal"),
+            None
+        );
+        assert_eq!(crate::tls::node_id_of_name("node.custodia.internal"), None);
+        assert_eq!(
+            crate::tls::node_id_of_name("node-0.custodia.internal"),
+            Some(0)
+        );
+    }
+
     use super::decode_one;
     use reed_solomon_erasure::galois_8::ReedSolomon;
 
