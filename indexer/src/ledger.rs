@@ -1026,21 +1026,23 @@ pub async fn put_timestamp_tx<T: Transaction>(
         let Some((oldest_kept, _)) = newest.last() else {
             return Ok(());
         };
-        let mut keep = Vec::new();
-        for w in [witnessed_tx(tx).await?, kept_witnessed_tx(tx).await?]
+        // The gaps around those kept are cleared (not everything, then the
+        // kept ones written again: a rewrite at every stamp while a
+        // witness is away).
+        let mut keep: Vec<u64> = [witnessed_tx(tx).await?, kept_witnessed_tx(tx).await?]
             .into_iter()
             .flatten()
-        {
-            if tsa_key(w.size) < *oldest_kept {
-                if let Some(token) = tx.get(&tsa_key(w.size)).await? {
-                    keep.push((w.size, token));
-                }
-            }
+            .map(|w| w.size)
+            .filter(|&s| tsa_key(s) < *oldest_kept)
+            .collect();
+        keep.sort_unstable();
+        keep.dedup();
+        let mut from = tsa_key(0);
+        for s in keep {
+            tx.clear_range(&from, &tsa_key(s));
+            from = tsa_key(s.saturating_add(1));
         }
-        tx.clear_range(&tsa_key(0), oldest_kept);
-        for (s, token) in keep {
-            tx.set(&tsa_key(s), &token);
-        }
+        tx.clear_range(&from, oldest_kept);
     }
     tx.set(
         &ledger_key("stamped"),

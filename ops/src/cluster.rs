@@ -145,10 +145,11 @@ impl Cluster {
         // An init that saved its file and was stopped before it took its
         // marker away: this cluster is whole, and may serve; the marker
         // must not outlive that (a later init would take it for its own).
-        match fs::remove_file(data_dir.join(INIT_MARKER_FILE)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).context("removing an init's marker"),
+        // (Looked for first: removing what is not there fails with EROFS,
+        // not ENOENT, on a read-only mount, where `status` must still run.)
+        let marker = data_dir.join(INIT_MARKER_FILE);
+        if marker.try_exists().unwrap_or(false) {
+            fs::remove_file(&marker).context("removing an init's marker")?;
         }
         Ok(cluster)
     }

@@ -217,7 +217,9 @@ async fn wait_for_nodes(
                 // Perhaps not this node at all: one that could not bind its
                 // port (another cluster's there) exits at once, and what
                 // answered is what holds the port. Its own words first.
-                let exited = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;
+                // (Long enough for a loaded machine to start the process
+                // and open its store: this only costs time on a failure.)
+                let exited = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
                 if let Ok(Ok(status)) = exited {
                     anyhow::bail!(
                         "node {} exited during start-up ({status}){}; what answers on {addr} \
@@ -258,8 +260,16 @@ async fn wait_for_nodes(
 /// The last line node `n` logged (why it stopped, as a rule), for an
 /// error that says it stopped; where its log is otherwise.
 fn last_words(n: &cluster::NodeSpec) -> String {
+    use std::io::{Read as _, Seek as _};
     let log = n.data_dir.join("node.log");
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    // Its end alone: the log is kept across runs.
+    let mut tail = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(&log) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(std::io::SeekFrom::Start(len.saturating_sub(16 * 1024)));
+        let _ = f.take(16 * 1024).read_to_end(&mut tail);
+    }
+    let text = String::from_utf8_lossy(&tail);
     match text.lines().rev().find(|l| !l.trim().is_empty()) {
         Some(line) => format!(": {}\n(its log: {})", line.trim(), log.display()),
         None => format!("; see its log {}", log.display()),

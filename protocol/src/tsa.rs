@@ -726,8 +726,9 @@ fn check_tsa_use(der: &[u8], gen_time: u64) -> Result<()> {
         Ok(Some(eku)) if !eku.critical => {
             fail("the TSA certificate's extendedKeyUsage is not critical (RFC 3161 §2.3)")
         }
-        // id-kp-timeStamping alone (RFC 3161 §2.3, as OpenSSL checks it):
-        // a key certified for serving TLS as well is not a TSA's.
+        // id-kp-timeStamping alone (RFC 3161 §2.3; OpenSSL refuses the
+        // purposes it knows, this any other too): a key certified for
+        // serving TLS as well is not a TSA's.
         Ok(Some(eku))
             if eku.value.any
                 || eku.value.server_auth

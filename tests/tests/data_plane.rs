@@ -2066,7 +2066,16 @@ fn custodia_up_on_ports_another_cluster_holds_says_so() -> Result<()> {
                 .port()
         })
     };
-    let base = free(true)?;
+    // Three in a row, all free now.
+    let base = (0..50)
+        .map(|_| free(true))
+        .find(|p| {
+            p.as_ref().is_ok_and(|&p| {
+                p < u16::MAX - 3
+                    && (1..3).all(|i| std::net::UdpSocket::bind(("127.0.0.1", p + i)).is_ok())
+            })
+        })
+        .context("no three free UDP ports in a row")??;
     let (mut first, _) = start_up_with(up_on_ports(&tmp.path().join("a"), free(false)?, 3, base))?;
     let second = up_on_ports(&tmp.path().join("b"), free(false)?, 3, base)
         .stdin(std::process::Stdio::null())
