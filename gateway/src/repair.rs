@@ -2632,40 +2632,41 @@ async fn found_whole<S: Store>(
     mark: &[u8],
 ) -> Result<(), ApiError> {
     let evidence = header.evidence;
-    let was_lost = indexer::run(&gw.store, |tx| async move {
-        schema::is_lost_tx(&tx, evidence, stripe).await
-    })
-    .await?;
-    let pending = if was_lost {
-        statement(
-            gw,
-            header,
-            Kind::Repaired,
-            &serde_json::json!({ "stripe": stripe, "found_whole": true }),
-        )?
-    } else {
-        None
-    };
-    let cleared = indexer::run(&gw.store, |tx| {
-        let pending = &pending;
-        async move {
-            let lost = schema::is_lost_tx(&tx, evidence, stripe).await?;
-            if lost && !was_lost {
-                // Recorded lost meanwhile (another gateway's pass): no
-                // statement ready; the next pass says it.
-                return Ok::<_, schema::SchemaError>(false);
-            }
-            if lost {
-                schema::clear_lost_tx(&tx, evidence, stripe);
-                if let Some(p) = pending {
-                    indexer::ledger::enqueue_tx(&tx, 0, p);
+    // One transaction for a stripe not recorded lost (every stripe of a
+    // --verify-all pass); one more, first, to make the statement for one
+    // that was.
+    let mut statement_made: Option<Option<indexer::ledger::PendingRecord>> = None;
+    let cleared = loop {
+        let done = indexer::run(&gw.store, |tx| {
+            let made = &statement_made;
+            async move {
+                let lost = schema::is_lost_tx(&tx, evidence, stripe).await?;
+                if lost {
+                    let Some(pending) = made else {
+                        return Ok::<_, schema::SchemaError>(None);
+                    };
+                    schema::clear_lost_tx(&tx, evidence, stripe);
+                    if let Some(p) = pending {
+                        indexer::ledger::enqueue_tx(&tx, 0, p);
+                    }
                 }
+                schema::clear_degraded_if_tx(&tx, evidence, stripe, mark).await?;
+                Ok(Some(lost))
             }
-            schema::clear_degraded_if_tx(&tx, evidence, stripe, mark).await?;
-            Ok(lost)
+        })
+        .await?;
+        match done {
+            Some(lost) => break lost,
+            None => {
+                statement_made = Some(statement(
+                    gw,
+                    header,
+                    Kind::Repaired,
+                    &serde_json::json!({ "stripe": stripe, "found_whole": true }),
+                )?)
+            }
         }
-    })
-    .await?;
+    };
     if cleared {
         tracing::warn!(%evidence, stripe, "a stripe recorded lost was found whole: its shards are back");
         if let Some(l) = &gw.ledger {

@@ -1060,9 +1060,9 @@ pub async fn commit_repair_tx<T: Transaction>(
     new: &StripeRecord,
     verified: Option<&[u8]>,
 ) -> Result<RepairCommit, SchemaError> {
-    let Some(manifest) = get_manifest_tx(tx, evidence).await? else {
+    if get_manifest_tx(tx, evidence).await?.is_none() {
         return Ok(RepairCommit::Gone);
-    };
+    }
     let current = match tx.get(&stripe_key(STRIPE, &evidence, stripe)).await? {
         None => return Ok(RepairCommit::Gone),
         Some(v) => StripeRecord::decode(&v)?,
@@ -1081,7 +1081,6 @@ pub async fn commit_repair_tx<T: Transaction>(
     // A lost mark stays: placed shards are not good ones (an adoption may
     // place a copy while the stripe is still short). The caller that knows
     // k good shards were read (a repair that rebuilt from them) clears it.
-    let _ = manifest;
     Ok(RepairCommit::Done)
 }
 
