@@ -2323,6 +2323,26 @@ fn a_complete_that_fails_while_filing_answers_one_xml_document() -> Result<()> {
         &p,
     ])?;
     let etag = part["ETag"].as_str().context("etag")?.to_owned();
+    // A part without its number is not a part list S3 reads.
+    let numberless = format!(
+        "<CompleteMultipartUpload><Part><ETag>{etag}</ETag></Part></CompleteMultipartUpload>"
+    );
+    let (head, body) = curl(
+        &c,
+        "POST",
+        &format!("{}/late/gone.bin?uploadId={id}", c.s3),
+        &[
+            "--data-binary",
+            &numberless,
+            "-H",
+            "content-type: application/xml",
+        ],
+    )?;
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        head.starts_with("http/1.1 400") && body.contains("<Code>MalformedXML</Code>"),
+        "{head}{body}"
+    );
     // The part is all the cluster holds.
     let files = c.all_shard_files();
     assert!(!files.is_empty(), "the part is on the nodes");
