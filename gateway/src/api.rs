@@ -1815,6 +1815,10 @@ async fn repair_now<S: Store>(
 struct NodeStripes {
     /// Stripes whose record places a shard on the node.
     placed: u64,
+    /// Of those, stripes of evidence not visible (yet): parts of S3
+    /// multipart uploads not completed (or uploads under way), which
+    /// repair does not move until they become evidence, or go.
+    of_pending: u64,
     /// Stripes with a shard no node is recorded for while copies
     /// `recover-index` could not place (their nodes did not answer) await
     /// an orphan sweep that lists every node to adopt them: the node may
@@ -1829,14 +1833,34 @@ async fn stripes_on_node<S: Store>(gw: &Gateway<S>, node: NodeId) -> Result<Node
     loop {
         // In one transaction with the batch: a sweep that completed before
         // it cleared the flag after committing its adoptions.
-        let (batch, pending) = indexer::run(&gw.store, |tx| async move {
+        let (batch, pending, invisible) = indexer::run(&gw.store, |tx| async move {
             let batch = schema::stripes_scan_tx(&tx, after, BATCH).await?;
-            Ok::<_, schema::SchemaError>((batch, schema::adoption_pending_tx(&tx).await?))
+            // Which evidence placing a shard here has no manifest (once
+            // each: a batch is mostly a few pieces of evidence's stripes).
+            let mut invisible = std::collections::HashSet::new();
+            let mut seen = std::collections::HashSet::new();
+            for (e, _, rec) in &batch {
+                let here = rec
+                    .as_ref()
+                    .is_some_and(|r| r.shards.iter().any(|s| s.node == Some(node)));
+                if here && seen.insert(*e) && schema::get_manifest_tx(&tx, *e).await?.is_none() {
+                    invisible.insert(*e);
+                }
+            }
+            Ok::<_, schema::SchemaError>((
+                batch,
+                schema::adoption_pending_tx(&tx).await?,
+                invisible,
+            ))
         })
         .await?;
-        for rec in batch.iter().filter_map(|(_, _, rec)| rec.as_ref()) {
+        for (e, _, rec) in &batch {
+            let Some(rec) = rec.as_ref() else { continue };
             if rec.shards.iter().any(|s| s.node == Some(node)) {
                 count.placed += 1;
+                if invisible.contains(e) {
+                    count.of_pending += 1;
+                }
             } else if pending && rec.shards.iter().any(|s| s.node.is_none()) {
                 count.awaiting_adoption += 1;
             }
@@ -1910,6 +1934,7 @@ async fn node_detail<S: Store>(
         "id": node.0,
         "lifecycle": gw.nodes.lifecycle(node).as_str(),
         "stripes": stripes.placed,
+        "stripes_of_unfinished_uploads": stripes.of_pending,
         "uploads_in_flight": uploads,
         "stripes_awaiting_adoption": stripes.awaiting_adoption,
     })))
@@ -1983,8 +2008,16 @@ async fn node_lifecycle<S: Store>(
         }
         let left = stripes_on_node(&gw, node).await?;
         if left.placed > 0 {
+            let parts = if left.of_pending > 0 {
+                format!(
+                    " ({} of them of S3 multipart uploads not completed, which move once completed, or go once aborted or expired)",
+                    left.of_pending
+                )
+            } else {
+                String::new()
+            };
             return Err(ApiError::Conflict(format!(
-                "{} stripes still place a shard on node {node}; drain it and let repair move them, or force the removal of a dead node",
+                "{} stripes still place a shard on node {node}{parts}; drain it and let repair move them, or force the removal of a dead node",
                 left.placed
             )));
         }

@@ -159,8 +159,24 @@ pub fn wait_drained(api: &str, token: &str, id: u32, patience: std::time::Durati
             (best, since) = (left, std::time::Instant::now());
         } else if since.elapsed() >= patience {
             bar.abandon_with_message(format!("{left} stripes left"));
+            // Stripes repair does not move: parts of S3 multipart uploads
+            // nobody completed (they move once completed, go once aborted
+            // or expired).
+            let parts =
+                crate::client::admin_call(api, token, "GET", &format!("/v1/admin/nodes/{id}"))
+                    .ok()
+                    .and_then(|v| v["stripes_of_unfinished_uploads"].as_u64())
+                    .filter(|&n| n > 0)
+                    .map(|n| {
+                        format!(
+                        "; {n} of them belong to S3 multipart uploads not completed, which move \
+                         once completed and go once aborted or expired (`aws s3api \
+                         list-multipart-uploads`)"
+                    )
+                    })
+                    .unwrap_or_default();
             bail!(
-                "the drain of node {id} stopped with {left} stripes left (see the gateway's log)"
+                "the drain of node {id} stopped with {left} stripes left{parts} (see the gateway's log)"
             );
         }
         std::thread::sleep(std::time::Duration::from_millis(500));

@@ -742,3 +742,58 @@ fn a_removed_nodes_key_reads_nothing_more() -> Result<()> {
     assert_eq!(kept.trim(), "7");
     Ok(())
 }
+
+/// A drain waits for the parts of S3 multipart uploads nobody completed
+/// (repair moves evidence, and a part is not evidence until its upload
+/// completes), and says so rather than only that stripes are left.
+#[test]
+fn a_drain_held_by_an_unfinished_multipart_upload_says_so() -> Result<()> {
+    if !custodia_tests::require(
+        "a_drain_held_by_an_unfinished_multipart_upload_says_so",
+        &[Tool::Curl],
+    )? {
+        return Ok(());
+    }
+    let mut c = TestCluster::start(Shape::default())?;
+    c.set_gateway(&[("repair_interval_ms", toml::Value::Integer(300))])?;
+    let (h, _) = c.s3_curl("PUT", &format!("{}/parts", c.s3), &[])?;
+    assert!(h.starts_with("http/1.1 200"), "{h}");
+    let (h, body) = c.s3_curl(
+        "POST",
+        &format!("{}/parts/big.bin?uploads=", c.s3),
+        &["--data-binary", ""],
+    )?;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert!(h.starts_with("http/1.1 200"), "{h}");
+    let upload = body
+        .split("<UploadId>")
+        .nth(1)
+        .and_then(|r| r.split("</UploadId>").next())
+        .context("no upload id")?
+        .to_owned();
+    let part = c.data_dir().join("part.bin");
+    std::fs::write(&part, bytes(50_000, 5))?;
+    let (h, _) = c.s3_curl(
+        "PUT",
+        &format!("{}/parts/big.bin?partNumber=1&uploadId={upload}", c.s3),
+        &["--data-binary", &format!("@{}", part.display())],
+    )?;
+    assert!(h.starts_with("http/1.1 200"), "{h}");
+    // The part is all the cluster holds: a node with a shard holds one of it.
+    let holder = (0..8u32)
+        .find(|&n| !c.shard_files(n).is_empty())
+        .context("no node holds the part")?;
+    let (ok, text) = node_cmd(
+        &c,
+        &[
+            "drain",
+            &holder.to_string(),
+            "--wait",
+            "--patience-secs",
+            "3",
+        ],
+    )?;
+    assert!(!ok, "a drain held by a part finished: {text}");
+    assert!(text.contains("multipart uploads not completed"), "{text}");
+    Ok(())
+}
