@@ -1211,8 +1211,17 @@ async fn handle_deny_nodes(
         let text: String = ids.iter().map(|id| format!("{id}\n")).collect();
         let dir = state.data_dir.clone();
         let written = blocking(move || {
-            crate::store::write_durably(&dir, DENIED_FILE, &[text.as_bytes()])
-                .map_err(StoreError::from)
+            // Through the store's tmp/, which its open clears of what a
+            // crash left.
+            crate::store::durable_write(
+                &dir.join(crate::store::TMP_DIR),
+                &dir,
+                DENIED_FILE,
+                &[text.as_bytes()],
+                0o644,
+            )
+            .map(|_| ())
+            .map_err(StoreError::from)
         })
         .await;
         if let Err(e) = written {

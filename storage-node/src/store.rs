@@ -47,7 +47,7 @@ use std::sync::{Arc, Mutex};
 const DISK_UUID_FILE: &str = "disk.uuid";
 const DAMAGED_SEGMENTS_DIR: &str = "damaged-segments";
 const SHARDS_DIR: &str = "shards";
-const TMP_DIR: &str = "tmp";
+pub(crate) const TMP_DIR: &str = "tmp";
 const QUARANTINE_DIR: &str = "quarantine";
 /// Shards are counted and replaced under one of these locks (chosen by key), so
 /// usage accounting stays exact when the same shard is put twice at once, while
