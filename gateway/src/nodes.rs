@@ -716,8 +716,64 @@ impl NodeSet {
                     tracing::warn!(node = %id, error = %e, "could not record node in the index")
                 }
             }
+            // The same disk, without a shard it said it stored: its data
+            // directory was put back from an older copy (a snapshot or a
+            // backup restored), or it lost writes. Everything stored on it
+            // since is gone; its inventory is reconciled as a new disk's.
+            if !lock(&self.reconciling).contains(&id)
+                && self.lost_a_stored_shard(store, n.entry.addr, id).await
+                && lock(&self.reconciling).insert(id)
+            {
+                tracing::warn!(node = %id, "node no longer holds a shard it stored, which the index still places on it (its data directory restored from an older copy?); reconciling its shards");
+                replaced.push((id, info.disk_uuid));
+            }
         }
         replaced
+    }
+
+    /// Whether the node at `addr` has lost the last shard it said it stored
+    /// through this gateway while the index still places that shard on it
+    /// (one moved or deleted since, or of evidence not visible, is not
+    /// missed). Checked once a probe,
+    /// one header read; the shard is not checked again once found missing.
+    async fn lost_a_stored_shard<S: Store>(&self, store: &S, addr: SocketAddr, id: NodeId) -> bool {
+        let Some(key) = self.client.last_stored(addr) else {
+            return false;
+        };
+        let stat = tokio::time::timeout(
+            Duration::from_secs(3),
+            self.client.rpc_stat_shard(addr, key),
+        )
+        .await;
+        if !matches!(
+            stat,
+            Ok(Err(storage_node::client::NodeError::Remote(
+                protocol::wire::ErrorCode::NotFound
+            )))
+        ) {
+            return false;
+        }
+        // Of visible evidence only: an aborted upload's shards are deleted
+        // before its records are forgotten.
+        let placed = indexer::run(store, |tx| async move {
+            if schema::get_manifest_tx(&tx, key.evidence).await?.is_none() {
+                return Ok(None);
+            }
+            schema::get_stripe_tx(&tx, key.evidence, key.stripe).await
+        })
+        .await;
+        self.client.forget_stored(addr, key);
+        match placed {
+            Ok(Some(rec)) => rec
+                .shards
+                .get(usize::from(key.index))
+                .is_some_and(|p| p.node == Some(id)),
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(node = %id, error = %e, "could not read the record of a shard a node no longer holds");
+                false
+            }
+        }
     }
 }
 

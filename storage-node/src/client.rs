@@ -184,6 +184,9 @@ struct Inner {
     /// has one of its own ([`NodeClient::expect_name`]); any other node is
     /// dialled by [`NODE_SERVER_NAME`], which every node's carries.
     names: Mutex<HashMap<SocketAddr, String>>,
+    /// The last shard each node said it stored (see
+    /// [`NodeClient::last_stored`]).
+    stored: Mutex<HashMap<SocketAddr, ShardKey>>,
     timeouts: ClientTimeouts,
     /// Receive buffers for shard bodies; see [`NodeClient::recycle`].
     buffers: Arc<crate::buffers::BufferPool>,
@@ -216,6 +219,7 @@ impl NodeClient {
                 v6: Mutex::new(None),
                 connections: Mutex::new(HashMap::new()),
                 names: Mutex::new(HashMap::new()),
+                stored: Mutex::new(HashMap::new()),
                 timeouts,
                 buffers: Arc::new(crate::buffers::BufferPool::new(CLIENT_IDLE_BUFFER_BYTES)),
             }),
@@ -260,7 +264,35 @@ impl NodeClient {
                 other => Err(unexpected(other)),
             }
         })
-        .await
+        .await?;
+        self.inner
+            .stored
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(addr, header.key);
+        Ok(())
+    }
+
+    /// The last shard the node at `addr` said it stored (durably), through
+    /// this client: one it must still hold unless it was deleted since. A
+    /// node whose data directory was put back from an older copy (a
+    /// snapshot restored: the same disk identity, the shards since gone)
+    /// no longer does.
+    pub fn last_stored(&self, addr: SocketAddr) -> Option<ShardKey> {
+        self.inner
+            .stored
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&addr)
+            .copied()
+    }
+
+    /// Forgets [`last_stored`](Self::last_stored) for `addr` (checked).
+    pub fn forget_stored(&self, addr: SocketAddr, key: ShardKey) {
+        let mut stored = self.inner.stored.lock().unwrap_or_else(|p| p.into_inner());
+        if stored.get(&addr) == Some(&key) {
+            stored.remove(&addr);
+        }
     }
 
     /// Hands a shard body from [`rpc_get_shard`](Self::rpc_get_shard) back

@@ -703,6 +703,55 @@ fn a_lost_stripe_found_whole_says_so_on_the_ledger() -> Result<()> {
     Ok(())
 }
 
+/// A node whose data directory is put back from an older copy (a snapshot
+/// or backup restored: the same disk identity, the shards stored since
+/// gone) is caught: it no longer holds the last shard it stored, which the
+/// index places on it. Its inventory is reconciled and repair rebuilds
+/// what it lost; every shard is back.
+#[test]
+fn a_node_restored_from_an_older_copy_is_caught_and_repaired() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    quick_to_repair(&mut c, &[])?;
+    c.file(&bytes(20_000, 61))?;
+    // Node 2's directory, copied while it is stopped.
+    let snapshot = c.data_dir().join("n2-snapshot");
+    c.kill_node(2);
+    custodia_tests::copy_dir(&c.node_dir(2), &snapshot)?;
+    c.start_node_and_wait(2)?;
+    c.wait_healthy(8)?;
+    let before = c.shard_files(2).len();
+    let mut filed = Vec::new();
+    for i in 0..4u64 {
+        let data = bytes(30_000, 70 + i);
+        filed.push((
+            c.file(&data)?["id"].as_str().context("id")?.to_owned(),
+            data,
+        ));
+    }
+    assert!(
+        c.shard_files(2).len() > before,
+        "nothing filed since on node 2"
+    );
+    let whole = shard_count(&c, 0..8);
+    // Put back as it was.
+    c.kill_node(2);
+    std::fs::remove_dir_all(c.node_dir(2))?;
+    std::fs::rename(&snapshot, c.node_dir(2))?;
+    c.start_node_and_wait(2)?;
+    assert!(shard_count(&c, 0..8) < whole, "the restore lost nothing");
+    let log = c.data_dir().join("gateway.log");
+    let caught = custodia_tests::eventually(20, || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("no longer holds a shard it stored"))
+    });
+    assert!(caught, "a node restored from an older copy went unnoticed");
+    repair(&c)?;
+    assert_eq!(shard_count(&c, 0..8), whole, "every shard rebuilt");
+    for (id, data) in &filed {
+        assert_eq!(&c.read(id)?, data);
+    }
+    Ok(())
+}
+
 /// A cluster of exactly k+m nodes with one gone for good: its shards have
 /// nowhere to go. Passes say so, once each, and read nothing: before, each
 /// read and decoded every such stripe, every pass, for as long as the node
