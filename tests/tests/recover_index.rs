@@ -48,6 +48,18 @@ fn recover(c: &TestCluster, extra: &[&str]) -> Result<std::process::Output> {
     c.custodia(&args)
 }
 
+/// [`recover`], which must succeed; what it printed on stdout.
+fn recovered(c: &TestCluster, extra: &[&str]) -> Result<String> {
+    let out = recover(c, extra)?;
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(said)
+}
+
 /// A cluster repairing every half second, and its log's verifier key.
 fn repairing_cluster() -> Result<(TestCluster, String)> {
     let mut c = TestCluster::start(Shape::default())?;
@@ -157,13 +169,7 @@ fn a_destroyed_index_is_rebuilt_from_the_ledger_archive_and_the_nodes() -> Resul
     assert!(err.contains("no published checkpoint"), "{err}");
     // A log that never published a checkpoint (or lost its tiles) is
     // restored from its archive as it is when the operator says so.
-    let out = recover(&c, &["--trust-archive", "--json"])?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout)?;
+    let report: Value = serde_json::from_str(&recovered(&c, &["--trust-archive", "--json"])?)?;
     assert_eq!(report["evidence"], filed.len() as u64, "{report}");
     assert_eq!(report["checkpoint_size"], 0, "{report}");
     std::fs::rename(&openings, &openings_aside)?;
@@ -534,13 +540,7 @@ fn node_decisions_survive_a_destroyed_index() -> Result<()> {
     let len = std::fs::metadata(&index)?.len() as usize;
     std::fs::write(&index, bytes(len, 99))?;
 
-    let out = recover(&c, &[])?;
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = recovered(&c, &[])?;
     assert!(said.contains("draining: [6], removed: [7]"), "{said}");
     c.start_gateway()?;
     c.wait_healthy(7)?;
@@ -663,13 +663,7 @@ fn shards_no_archived_filing_names_are_held_until_released() -> Result<()> {
     std::fs::remove_file(&openings)?;
     std::fs::rename(&aside, &openings)?;
     std::fs::remove_file(c.data_dir().join("index.redb"))?;
-    let out = recover(&c, &[])?;
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{said}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let said = recovered(&c, &[])?;
     assert!(said.contains(&id), "the held evidence is not named: {said}");
     assert!(said.contains(&other_id), "{said}");
     let out = c.custodia(&["release-unclaimed", "--list"])?;
@@ -980,12 +974,7 @@ fn s3_buckets_versions_and_locks_survive_a_destroyed_index() -> Result<()> {
     assert!(synced_after(&c, unix_now()));
     c.kill_gateway();
     std::fs::remove_file(&index)?;
-    let out = recover(&c, &["--json"])?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    recovered(&c, &["--json"])?;
     c.start_gateway()?;
     c.wait_healthy(8)?;
     let (h, body) = c.s3_curl("GET", &format!("{s3}/locked/case/exhibit.bin"), &[])?;
