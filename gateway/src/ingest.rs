@@ -618,6 +618,7 @@ impl<S: Store> Upload<S> {
         };
         // The `filed` statement commits with the manifest (an outbox the
         // ledger drains): evidence is never visible without its statement.
+        let replacer = meta.actor.clone().unwrap_or_default();
         let pending = match &self.gw.ledger {
             Some(_) => Some(filed_statement(
                 &header,
@@ -630,7 +631,8 @@ impl<S: Store> Upload<S> {
         // Replacing a locked "null" version is judged by the compliance clock.
         let compliance_ms = self.gw.clock.compliance_ms();
         let stored = indexer::run(&self.gw.store, |tx| {
-            let (header, pending, s3) = (&header, &pending, &s3);
+            let (header, pending, s3, replacer) = (&header, &pending, &s3, &replacer);
+            let gw = &*self.gw;
             async move {
                 let commit = schema::commit_manifest_tx(&tx, header).await?;
                 let mut stored = None;
@@ -650,6 +652,15 @@ impl<S: Store> Upload<S> {
                                 };
                             (check.0)(current.as_ref())?;
                         }
+                        // The null version this one replaces, if any: its
+                        // evidence stays, but loses its S3 name, on the
+                        // ledger as a DELETE's would be.
+                        let replaced = match put.version.null_version {
+                            true => {
+                                indexer::s3::null_version_tx(&tx, &put.bucket, &put.key).await?
+                            }
+                            false => None,
+                        };
                         // As stored: its id may have moved to sort after
                         // a version committed since it was minted.
                         let v = indexer::s3::put_version_tx(
@@ -661,6 +672,18 @@ impl<S: Store> Upload<S> {
                             &put.seen,
                         )
                         .await?;
+                        if let Some(old) = replaced {
+                            crate::s3::unlinked_tx(
+                                gw,
+                                &tx,
+                                replacer.clone(),
+                                &put.bucket,
+                                &put.key,
+                                &old,
+                                Some(v.version_id),
+                            )
+                            .await?;
+                        }
                         if let Some(upload) = put.completes {
                             let done = indexer::s3::CompletedUpload {
                                 tenant: header.tenant.clone(),

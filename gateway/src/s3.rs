@@ -852,7 +852,7 @@ impl<S: Store> S3Front<S> {
                         Deleted::Marker(m) => m.null_version,
                     };
                     if let Some(v) = null.filter(|_| removed_null) {
-                        unlinked_tx(gw, &tx, who, bucket, key, &v).await?;
+                        unlinked_tx(gw, &tx, who.actor(), bucket, key, &v, None).await?;
                     }
                     Ok::<_, ApiError>(done)
                 }
@@ -890,7 +890,7 @@ impl<S: Store> S3Front<S> {
                 let v =
                     ix::delete_version_tx(&tx, bucket, key, v.version_id, compliance, bypass, b)
                         .await?;
-                unlinked_tx(gw, &tx, who, bucket, key, &v).await?;
+                unlinked_tx(gw, &tx, who.actor(), bucket, key, &v, None).await?;
                 Ok::<_, ApiError>(Some(v))
             }
         })
@@ -1300,19 +1300,21 @@ fn evidence_worm(v: &ObjectVersion) -> (Option<u64>, bool) {
     (until, v.legal_hold)
 }
 
-/// Puts on the ledger, in the transaction that removes it, that `who`
+/// Puts on the ledger, in the transaction that removes it, that `actor`
 /// removed version `v` of `bucket/key` from S3 for good (deleted by its
-/// id, or the null version a DELETE replaced): its evidence stays, and the
-/// evidence API still reads it, but no S3 name leads to it any more, and
-/// custody shows who did that. Nothing for a delete marker, or where no
-/// ledger runs.
-async fn unlinked_tx<S: Store>(
+/// id, the null version a DELETE replaced, or the null version a PUT, copy
+/// or multipart completion replaced: then `by` is the new version): its
+/// evidence stays, and the evidence API still reads it, but no S3 name
+/// leads to it any more, and custody shows who did that. Nothing for a
+/// delete marker, or where no ledger runs.
+pub(crate) async fn unlinked_tx<S: Store>(
     gw: &Gateway<S>,
     tx: &<S as indexer::KvStore>::Tx,
-    who: &Caller,
+    actor: String,
     bucket: &str,
     key: &str,
     v: &ObjectVersion,
+    by: Option<EvidenceId>,
 ) -> Result<(), ApiError> {
     let Some(evidence) = v.evidence else {
         return Ok(());
@@ -1320,11 +1322,19 @@ async fn unlinked_tx<S: Store>(
     let Some(h) = schema::get_manifest_tx(tx, evidence).await? else {
         return Ok(());
     };
-    let detail = serde_json::json!({
-        "s3_version_deleted": { "bucket": bucket, "key": key, "version": v.version_id.to_string() },
-    });
+    let version = v.version_id.to_string();
+    let detail = match by {
+        None => serde_json::json!({
+            "s3_version_deleted": { "bucket": bucket, "key": key, "version": version },
+        }),
+        Some(by) => serde_json::json!({
+            "s3_version_replaced": {
+                "bucket": bucket, "key": key, "version": version, "by": by.to_string(),
+            },
+        }),
+    };
     if let Some(p) =
-        crate::api::event_statement(gw, &h, protocol::ledger::Kind::Admin, who.actor(), &detail)?
+        crate::api::event_statement(gw, &h, protocol::ledger::Kind::Admin, actor, &detail)?
     {
         indexer::ledger::enqueue_tx(tx, 0, &p);
     }

@@ -503,6 +503,29 @@ fn version_listings_fold_common_prefixes_and_page() -> Result<()> {
     Ok(())
 }
 
+/// Whether evidence `id`'s custody comes to show (within 15 s) an
+/// administrative event by an S3 credential: its S3 name taken away.
+fn unlinked_through_s3(c: &TestCluster, id: &str) -> bool {
+    custodia_tests::eventually(15, || {
+        c.get_with(&c.token, &format!("/v1/evidence/{id}/custody"), &[])
+            .map(|a| {
+                a.json()["events"].as_array().is_some_and(|e| {
+                    e.iter().any(|e| {
+                        use base64::Engine as _;
+                        let statement = base64::engine::general_purpose::STANDARD
+                            .decode(e["receipt"]["statement"].as_str().unwrap_or_default())
+                            .unwrap_or_default();
+                        e["kind"] == "admin"
+                            && serde_json::from_slice::<Value>(&statement).is_ok_and(|s| {
+                                s["actor"].as_str().is_some_and(|a| a.contains("/s3:"))
+                            })
+                    })
+                })
+            })
+            .unwrap_or(false)
+    })
+}
+
 #[test]
 fn aws_cli_files_lists_reads_and_deletes_objects_as_evidence() -> Result<()> {
     if !custodia_tests::require(
@@ -855,27 +878,27 @@ fn aws_cli_files_lists_reads_and_deletes_objects_as_evidence() -> Result<()> {
     assert_eq!((still.status, still.body.as_slice()), (200, &b"top\n"[..]));
     // Who took its name away is on the ledger, in its custody (before, only
     // in the gateway's log).
-    let unlinked = custodia_tests::eventually(15, || {
-        c.get_with(&c.token, &format!("/v1/evidence/{id}/custody"), &[])
-            .map(|a| {
-                a.json()["events"].as_array().is_some_and(|e| {
-                    e.iter().any(|e| {
-                        use base64::Engine as _;
-                        let statement = base64::engine::general_purpose::STANDARD
-                            .decode(e["receipt"]["statement"].as_str().unwrap_or_default())
-                            .unwrap_or_default();
-                        e["kind"] == "admin"
-                            && serde_json::from_slice::<Value>(&statement).is_ok_and(|s| {
-                                s["actor"].as_str().is_some_and(|a| a.contains("/s3:"))
-                            })
-                    })
-                })
-            })
-            .unwrap_or(false)
-    });
     assert!(
-        unlinked,
+        unlinked_through_s3(&c, &id),
         "deleting the object through S3 is not a custody event"
+    );
+    // So is replacing it (the bucket is not versioned): the old evidence
+    // stays, its name now leads to the new one.
+    aws.file("over.txt", b"first\n")?;
+    aws.ok(&["s3", "cp", "over.txt", "s3://evidence/over.txt"])?;
+    let first = curl_headers(&c, "HEAD", "/evidence/over.txt")?;
+    let first = header(&first, "x-custodia-evidence-id")
+        .context("no x-custodia-evidence-id")?
+        .to_owned();
+    aws.file("over.txt", b"second\n")?;
+    aws.ok(&["s3", "cp", "over.txt", "s3://evidence/over.txt"])?;
+    aws.ok(&["s3", "cp", "s3://evidence/over.txt", "over-back"])?;
+    assert_eq!(aws.read("over-back")?, b"second\n");
+    let old = c.get_with(&c.token, &format!("/v1/evidence/{first}"), &[])?;
+    assert_eq!((old.status, old.body.as_slice()), (200, &b"first\n"[..]));
+    assert!(
+        unlinked_through_s3(&c, &first),
+        "replacing the object through S3 is not a custody event of the replaced evidence"
     );
     aws.fails(
         "BucketNotEmpty",
