@@ -2377,6 +2377,9 @@ async fn create_key<S: Store>(
 #[serde(deny_unknown_fields)]
 struct RevokeKey {
     token: Option<String>,
+    /// A token as custody records name it (`token:` and 16 hex digits),
+    /// for one the operator never held.
+    token_id: Option<String>,
     access_key: Option<String>,
 }
 
@@ -2392,18 +2395,41 @@ async fn revoke_key<S: Store>(
         &headers,
         body,
         "revoke credentials",
-        r#"{"token"?, "access_key"?}"#,
+        r#"{"token"? or "token_id"?, "access_key"?}"#,
     )
     .await?;
-    if req.token.is_none() && req.access_key.is_none() {
+    let token = match (req.token.as_deref(), req.token_id.as_deref()) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "name a \"token\" or a \"token_id\", not both".into(),
+            ))
+        }
+        (Some(t), None) => Some(indexer::schema::token_hash(t.trim())),
+        (None, Some(id)) => match crate::credentials::resolve_token_id(&gw.store, id).await {
+            Ok(hash) => Some(hash),
+            Err(crate::credentials::TokenIdError::Index(e)) => return Err(e.into()),
+            Err(e @ crate::credentials::TokenIdError::Malformed(_)) => {
+                return Err(ApiError::BadRequest(e.to_string()))
+            }
+            // Not stored (any more): as for a token, unless an access key
+            // named beside it is found and revoked.
+            Err(crate::credentials::TokenIdError::Unknown(_)) => None,
+            Err(e @ crate::credentials::TokenIdError::Ambiguous(_)) => {
+                return Err(ApiError::Conflict(e.to_string()))
+            }
+        },
+        (None, None) => None,
+    };
+    let token_named = req.token.is_some() || req.token_id.is_some();
+    if !token_named && req.access_key.is_none() {
         return Err(ApiError::BadRequest(
-            "name a \"token\", an \"access_key\" or both".into(),
+            "name a \"token\" (or \"token_id\"), an \"access_key\" or both".into(),
         ));
     }
     // Not the credential this request is made with: an administrator
     // revoking its own token (DATA_DIR/admin.token, say) would lock every
     // administrative command out. Another admin's token revokes it.
-    if req.token.is_some() && req.token.as_deref().map(str::trim) == bearer_token(&headers) {
+    if token.is_some() && token == bearer_token(&headers).map(indexer::schema::token_hash) {
         return Err(ApiError::Conflict(
             "this is the token the request is made with: revoke it with another \
              administrator's token"
@@ -2413,21 +2439,16 @@ async fn revoke_key<S: Store>(
     // Into the ledger's openings archive first: `recover-index` restores
     // the credentials DATA_DIR's files hold, and must not restore these.
     if let Some(ledger) = &gw.ledger {
-        crate::credentials::archive_revocation(
-            ledger,
-            req.token.as_deref(),
-            req.access_key.as_deref(),
-        )
-        .await
-        .map_err(|e| {
-            ApiError::Unavailable(format!(
-                "the revocation could not be archived, so nothing was revoked: {e}"
-            ))
-        })?;
+        crate::credentials::archive_revocation(ledger, token.as_ref(), req.access_key.as_deref())
+            .await
+            .map_err(|e| {
+                ApiError::Unavailable(format!(
+                    "the revocation could not be archived, so nothing was revoked: {e}"
+                ))
+            })?;
     }
     let revoked =
-        crate::credentials::revoke(&gw.store, req.token.as_deref(), req.access_key.as_deref())
-            .await?;
+        crate::credentials::revoke(&gw.store, token.as_ref(), req.access_key.as_deref()).await?;
     if !revoked.token && !revoked.access_key {
         return Err(ApiError::NoSuchCredential);
     }

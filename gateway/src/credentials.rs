@@ -47,10 +47,13 @@ pub const REVOKED_DIR: &str = "credentials-revoked";
 
 /// The archive's name for revoked `token`.
 pub fn revoked_token_name(token: &str) -> String {
-    format!(
-        "{REVOKED_DIR}/token-{}",
-        blake3::hash(token.as_bytes()).to_hex()
-    )
+    revoked_token_hash_name(&indexer::schema::token_hash(token))
+}
+
+/// The archive's name for the revoked token of hash `hash`
+/// ([`indexer::schema::token_hash`]).
+pub fn revoked_token_hash_name(hash: &[u8; 32]) -> String {
+    format!("{REVOKED_DIR}/token-{}", hex::encode(hash))
 }
 
 /// The archive's name for revoked `access_key`.
@@ -64,13 +67,15 @@ pub fn revoked_access_key_name(access_key: &str) -> String {
 /// Notes in the archive that `token` and `access_key` are revoked, before
 /// the index revokes them (a failure between the two leaves a credential
 /// that recovery will not restore, never one it would bring back).
+///
+/// The token is named by its hash ([`indexer::schema::token_hash`]).
 pub async fn archive_revocation(
     ledger: &crate::ledger::Ledger,
-    token: Option<&str>,
+    token: Option<&[u8; 32]>,
     access_key: Option<&str>,
 ) -> Result<(), crate::ledger::LedgerError> {
     let names = token
-        .map(revoked_token_name)
+        .map(revoked_token_hash_name)
         .into_iter()
         .chain(access_key.map(revoked_access_key_name));
     for name in names {
@@ -101,8 +106,51 @@ pub fn new_token() -> String {
 /// telling anything of the token itself; `key create` prints it beside the
 /// token, for the operator to note who holds it.
 pub fn token_id(token: &str) -> String {
-    let hash = blake3::hash(token.as_bytes());
-    format!("token:{}", hex::encode(&hash.as_bytes()[..8]))
+    let hash = indexer::schema::token_hash(token);
+    format!("{TOKEN_ID_PREFIX}{}", hex::encode(&hash[..TOKEN_ID_BYTES]))
+}
+
+const TOKEN_ID_PREFIX: &str = "token:";
+const TOKEN_ID_BYTES: usize = 8;
+
+/// Why a token id ([`token_id`]) names no one token to revoke.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenIdError {
+    #[error("\"{0}\" is not a token id: that is \"token:\" and 16 hex digits, as custody records and `custodia key create` print it")]
+    Malformed(String),
+    #[error("no stored token has the id {0}")]
+    Unknown(String),
+    #[error("more than one stored token has the id {0}: revoke it by the token itself")]
+    Ambiguous(String),
+    #[error(transparent)]
+    Index(#[from] ObjectError),
+}
+
+/// The hash of the one stored token whose id ([`token_id`]) is `id`: how
+/// an operator who sees a token misused in custody records, and never
+/// held it, revokes it.
+pub async fn resolve_token_id<S: indexer::KvStore>(
+    store: &S,
+    id: &str,
+) -> Result<[u8; 32], TokenIdError> {
+    let id = id.trim();
+    let prefix = id
+        .strip_prefix(TOKEN_ID_PREFIX)
+        .filter(|h| h.len() == 2 * TOKEN_ID_BYTES)
+        .and_then(|h| hex::decode(h).ok())
+        .ok_or_else(|| TokenIdError::Malformed(id.to_owned()))?;
+    let found = indexer::run(store, |tx| {
+        let prefix = &prefix;
+        async move {
+            Ok::<_, ObjectError>(indexer::schema::tokens_by_hash_prefix_tx(&tx, prefix, 2).await?)
+        }
+    })
+    .await?;
+    match found.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(TokenIdError::Unknown(id.to_owned())),
+        _ => Err(TokenIdError::Ambiguous(id.to_owned())),
+    }
 }
 
 /// Stores new credentials for an existing tenant in one transaction;
@@ -179,15 +227,17 @@ pub struct Revoked {
 /// Revokes a bearer token and/or an S3 access key in one transaction: each
 /// stops working when it commits (both APIs read credentials from the
 /// index at every request; nothing caches them).
+///
+/// The token is named by its hash ([`indexer::schema::token_hash`]).
 pub async fn revoke<S: indexer::KvStore>(
     store: &S,
-    token: Option<&str>,
+    token: Option<&[u8; 32]>,
     access_key: Option<&str>,
 ) -> Result<Revoked, ObjectError> {
     indexer::run(store, |tx| async move {
         let mut revoked = Revoked::default();
         if let Some(t) = token {
-            revoked.token = indexer::schema::revoke_token_tx(&tx, t).await?;
+            revoked.token = indexer::schema::revoke_token_hash_tx(&tx, t).await?;
         }
         if let Some(k) = access_key {
             revoked.access_key = indexer::s3::revoke_access_key_tx(&tx, k).await?;

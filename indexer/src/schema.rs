@@ -462,9 +462,18 @@ pub struct TokenRecord {
     pub role: Role,
 }
 
+/// The hash a bearer token is stored (and revoked) by: its BLAKE3.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    *blake3::hash(token.as_bytes()).as_bytes()
+}
+
 fn token_key(token: &str) -> Vec<u8> {
+    token_hash_key(&token_hash(token))
+}
+
+fn token_hash_key(hash: &[u8; 32]) -> Vec<u8> {
     let mut k = vec![TOKEN];
-    k.extend_from_slice(blake3::hash(token.as_bytes()).as_bytes());
+    k.extend_from_slice(hash);
     k
 }
 
@@ -487,10 +496,37 @@ pub fn put_token_tx<T: Transaction>(
 /// Revokes a credential: the token stops working with this transaction's
 /// commit. False if no such token was stored.
 pub async fn revoke_token_tx<T: Transaction>(tx: &T, token: &str) -> Result<bool, SchemaError> {
-    let key = token_key(token);
+    revoke_token_hash_tx(tx, &token_hash(token)).await
+}
+
+/// [`revoke_token_tx`] by the token's hash ([`token_hash`]), for an
+/// operator who knows a token only by how custody names it.
+pub async fn revoke_token_hash_tx<T: Transaction>(
+    tx: &T,
+    hash: &[u8; 32],
+) -> Result<bool, SchemaError> {
+    let key = token_hash_key(hash);
     let existed = tx.get(&key).await?.is_some();
     tx.clear(&key);
     Ok(existed)
+}
+
+/// The hashes of stored tokens whose hash begins with `prefix` (custody
+/// names a token by the first 8 bytes of its hash), at most `limit`.
+pub async fn tokens_by_hash_prefix_tx<T: Transaction>(
+    tx: &T,
+    prefix: &[u8],
+    limit: usize,
+) -> Result<Vec<[u8; 32]>, SchemaError> {
+    let mut begin = vec![TOKEN];
+    begin.extend_from_slice(prefix);
+    let end = prefix_end(&begin);
+    Ok(tx
+        .get_range(&begin, &end, limit, false)
+        .await?
+        .into_iter()
+        .filter_map(|(k, _)| k.get(1..).and_then(|h| <[u8; 32]>::try_from(h).ok()))
+        .collect())
 }
 
 pub async fn get_token_tx<T: Transaction>(

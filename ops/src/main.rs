@@ -450,7 +450,7 @@ enum KeyCommand {
     /// Revoke credentials at once: an S3 access key (and every presigned
     /// URL signed with it), a bearer token, or both. Through the running
     /// gateway if it holds the index.
-    #[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["access_key", "token_file"])))]
+    #[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["access_key", "token_file", "token_id"])))]
     Revoke {
         #[arg(long, default_value = "custodia-data")]
         data_dir: PathBuf,
@@ -459,8 +459,13 @@ enum KeyCommand {
         access_key: Option<String>,
         /// A file holding the bearer token (never on the command line,
         /// where other users' `ps` and the shell's history would see it).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "token_id")]
         token_file: Option<PathBuf>,
+        /// A bearer token by its id, as custody records and `key create`
+        /// name it (`token:` and 16 hex digits): for a token seen misused
+        /// that you never held.
+        #[arg(long)]
+        token_id: Option<String>,
         /// The running gateway's evidence API (see `key create --api`).
         #[arg(long)]
         api: Option<String>,
@@ -763,6 +768,7 @@ async fn run(cli: Cli) -> Result<()> {
             data_dir,
             access_key,
             token_file,
+            token_id,
             api,
         }) => {
             let token = match &token_file {
@@ -774,8 +780,19 @@ async fn run(cli: Cli) -> Result<()> {
                 ),
                 None => None,
             };
+            // The hash of the token revoked, once known: what DATA_DIR's
+            // token file is compared with.
+            let mut token_hash = token.as_deref().map(indexer::schema::token_hash);
             let revoked = match cluster::open_index_offline(&data_dir) {
                 Ok((store, _lock)) => {
+                    if let Some(id) = &token_id {
+                        token_hash = match gateway::credentials::resolve_token_id(&store, id).await
+                        {
+                            Ok(hash) => Some(hash),
+                            Err(gateway::credentials::TokenIdError::Unknown(_)) => None,
+                            Err(e) => return Err(e.into()),
+                        };
+                    }
                     // Into the ledger's openings archive first, as the API
                     // does: `recover-index` restores the credentials
                     // DATA_DIR's files (or a backup of them) hold, and must
@@ -786,13 +803,13 @@ async fn run(cli: Cli) -> Result<()> {
                             .context("opening the ledger's openings archive")?;
                         gateway::credentials::archive_revocation(
                             &ledger,
-                            token.as_deref(),
+                            token_hash.as_ref(),
                             access_key.as_deref(),
                         )
                         .await
                         .context("the revocation could not be archived, so nothing was revoked")?;
                     }
-                    gateway::credentials::revoke(&store, token.as_deref(), access_key.as_deref())
+                    gateway::credentials::revoke(&store, token_hash.as_ref(), access_key.as_deref())
                         .await?
                 }
                 Err(offline) => {
@@ -802,8 +819,21 @@ async fn run(cli: Cli) -> Result<()> {
                         &api,
                         &admin,
                         "/v1/admin/keys/revoke",
-                        &serde_json::json!({ "token": token, "access_key": access_key }),
+                        &serde_json::json!({
+                            "token": token,
+                            "token_id": token_id,
+                            "access_key": access_key,
+                        }),
                     )?;
+                    if let Some(id) = &token_id {
+                        // The revoked token's file, if DATA_DIR holds it:
+                        // by its id (this side never learns its hash).
+                        let held =
+                            std::fs::read_to_string(data_dir.join(cluster::ADMIN_TOKEN_FILE))
+                                .ok()
+                                .filter(|t| gateway::credentials::token_id(t.trim()) == id.trim());
+                        token_hash = held.map(|t| indexer::schema::token_hash(t.trim()));
+                    }
                     gateway::credentials::Revoked {
                         token: answer["token_revoked"].as_bool().unwrap_or(false),
                         access_key: answer["access_key_revoked"].as_bool().unwrap_or(false),
@@ -818,19 +848,23 @@ async fn run(cli: Cli) -> Result<()> {
                 };
                 println!("access key {k}: {said}");
             }
-            if token.is_some() {
+            let token_named = token.is_some() || token_id.is_some();
+            if token_named {
                 let said = if revoked.token {
                     "revoked"
                 } else {
                     "not found"
                 };
-                println!("token: {said}");
+                match &token_id {
+                    Some(id) => println!("token {}: {said}", id.trim()),
+                    None => println!("token: {said}"),
+                }
             }
             // DATA_DIR's own files must not keep a dead credential.
             let mut retired = Vec::new();
-            if let (true, Some(t)) = (revoked.token, &token) {
+            if let (true, Some(hash)) = (revoked.token, &token_hash) {
                 if cluster::retire_credential_file(&data_dir, cluster::ADMIN_TOKEN_FILE, |text| {
-                    text.trim() == t
+                    indexer::schema::token_hash(text.trim()) == *hash
                 })? {
                     retired.push(cluster::ADMIN_TOKEN_FILE);
                 }
@@ -857,8 +891,7 @@ async fn run(cli: Cli) -> Result<()> {
             }
             // One of two named not found (a mistyped key beside a leaked
             // token): a script must not take that for done.
-            if (access_key.is_some() && !revoked.access_key) || (token.is_some() && !revoked.token)
-            {
+            if (access_key.is_some() && !revoked.access_key) || (token_named && !revoked.token) {
                 anyhow::bail!(
                     "not every credential named was found: only the one said revoked was"
                 );

@@ -109,7 +109,7 @@ impl Aws {
 /// their own shared-credentials file.
 /// New credentials from `custodia key create` on the running cluster (the
 /// CLI goes through the gateway's admin API).
-fn new_key(c: &mut TestCluster, tenant: &str, role: &str, extra: &[&str]) -> Result<(Aws, String)> {
+fn new_key(c: &TestCluster, tenant: &str, role: &str, extra: &[&str]) -> Result<(Aws, String)> {
     let mut args = vec!["key", "create", "--tenant", tenant, "--role", role];
     args.extend_from_slice(extra);
     let out = c.custodia(&args)?;
@@ -966,7 +966,7 @@ fn tenants_and_keys_are_isolated_and_signatures_checked() -> Result<()> {
     assert!(made.status.success());
     c.start_gateway()?;
     c.wait_healthy(c.shape.nodes as u64)?;
-    let (b, b_token) = new_key(&mut c, "court-b", "clerk", &[])?;
+    let (b, b_token) = new_key(&c, "court-b", "clerk", &[])?;
     // Through the running gateway, never with the admin token in clear.
     let clear = c.custodia(&[
         "key",
@@ -1029,7 +1029,7 @@ fn tenants_and_keys_are_isolated_and_signatures_checked() -> Result<()> {
     let expunger = c.custodia(&["key", "create", "--tenant", "court-c", "--role", "expunger"])?;
     assert!(!expunger.status.success());
     assert!(String::from_utf8_lossy(&expunger.stderr).contains("gateway stopped"));
-    let (court_c, _) = new_key(&mut c, "court-c", "clerk", &[])?;
+    let (court_c, _) = new_key(&c, "court-c", "clerk", &[])?;
     court_c.ok(&["s3", "mb", "s3://court-c"])?;
     court_c.fails(
         "AccessDenied",
@@ -1129,7 +1129,7 @@ fn tenants_and_keys_are_isolated_and_signatures_checked() -> Result<()> {
     assert_eq!(names(&admin)?, ["court-a"]);
 
     // A reader key reads but cannot write.
-    let (reader, _) = new_key(&mut c, "court-b", "reader", &[])?;
+    let (reader, _) = new_key(&c, "court-b", "reader", &[])?;
     reader.ok(&["s3", "cp", "s3://court-b/b.txt", "got.txt"])?;
     assert_eq!(reader.read("got.txt")?, b"tenant b");
     reader.fails(
@@ -1181,7 +1181,7 @@ fn tenants_and_keys_are_isolated_and_signatures_checked() -> Result<()> {
         "anonymous reads are refused with 403: {anonymous:?}"
     );
 
-    let (_, live) = new_key(&mut c, "court-b", "reader", &[])?;
+    let (_, live) = new_key(&c, "court-b", "reader", &[])?;
     // Revoked credentials stop working at once: the access key, presigned
     // URLs it signed, and the bearer token.
     let presigned = reader.ok(&["s3", "presign", "s3://court-b/b.txt"])?;
@@ -1275,6 +1275,35 @@ fn tenants_and_keys_are_isolated_and_signatures_checked() -> Result<()> {
     assert!(said.contains("s3.credentials.revoked"), "{said}");
     assert!(!creds.exists(), "the revoked key's file is still in place");
     assert!(c.data_dir().join("s3.credentials.revoked").exists());
+    // A token seen misused in custody records, which the operator never
+    // held, is revoked by the id those records name it by.
+    let (held, seen) = new_key(&c, "court-b", "clerk", &[])?;
+    let seen_id = std::fs::read_to_string(&held.creds)?
+        .lines()
+        .find_map(|l| l.strip_prefix("custodia_token_id = ").map(str::to_owned))
+        .context("key create prints the token's id")?;
+    assert_eq!(status_of(&seen)?, 200);
+    let mut malformed = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent()
+        .post(&format!("{}/v1/admin/keys/revoke", c.api))
+        .header("Authorization", &format!("Bearer {}", c.token))
+        .send_json(serde_json::json!({ "token_id": "token:xyz" }))?;
+    let body = malformed.body_mut().read_to_string()?;
+    assert_eq!(malformed.status().as_u16(), 400, "a malformed id: {body}");
+    assert_eq!(status_of(&seen)?, 200, "a refused revoke revoked");
+    let out = revoke(&["--token-id", &seen_id])?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains(&format!("token {seen_id}: revoked")),
+        "{said}"
+    );
+    assert_eq!(status_of(&seen)?, 401, "revoked by its id, it still works");
+    let again = revoke(&["--token-id", &seen_id])?;
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no such credential"));
     Ok(())
 }
 
@@ -1286,7 +1315,7 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
     )? {
         return Ok(());
     }
-    let mut c = TestCluster::start(Shape::default())?;
+    let c = TestCluster::start(Shape::default())?;
     let admin = Aws::admin(&c);
     admin.ok(&[
         "s3api",
@@ -1471,7 +1500,7 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
     admin.ok(&strs(&del_version("c.bin", &c2)))?;
 
     // Legal hold: nobody deletes; a clerk may place but not lift it.
-    let (clerk, _) = new_key(&mut c, "admin", "clerk", &[])?;
+    let (clerk, _) = new_key(&c, "admin", "clerk", &[])?;
     let h1 = put(&admin, "h.bin", &["--object-lock-legal-hold-status", "ON"])?;
     admin.fails("AccessDenied", &strs(&del_version("h.bin", &h1)))?;
     clerk.fails(
@@ -1619,7 +1648,7 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
     let mut g_bypass = del_version("g.bin", &g1);
     g_bypass.push("--bypass-governance-retention".into());
     admin.fails("AccessDenied", &strs(&g_bypass))?;
-    let (officer, _) = new_key(&mut c, "admin", "clerk", &["--bypass-governance"])?;
+    let (officer, _) = new_key(&c, "admin", "clerk", &["--bypass-governance"])?;
     officer.fails("AccessDenied", &strs(&del_version("g.bin", &g1)))?;
     officer.ok(&strs(&g_bypass))?;
 
