@@ -1123,7 +1123,27 @@ impl SegmentLog {
             log: self,
             seg: active.id,
         };
-        file.write_all_at(&record, off)?;
+        #[cfg(test)]
+        let written = match tests::SHORT_WRITE.with(std::cell::Cell::get) {
+            true => file
+                .write_all_at(&record[..record.len() / 2], off)
+                .and(Err(io::ErrorKind::StorageFull.into())),
+            false => file.write_all_at(&record, off),
+        };
+        #[cfg(not(test))]
+        let written = file.write_all_at(&record, off);
+        if let Err(e) = written {
+            // Part of the record may be on disk (a full disk takes some of
+            // it): cut it off, or it would lie unindexed past the last
+            // record, out of reach of an expunge of its evidence. Where
+            // even that fails, the segment takes no more records.
+            if let Err(cut) = file.set_len(off) {
+                tracing::error!(segment = active.id, error = %cut, "cutting a failed append off failed");
+                lock(&self.sync).failed.insert(active.id);
+                self.synced.notify_all();
+            }
+            return Err(e);
+        }
         active.len += record.len() as u64;
         Ok((active.id, off, record.len() as u32, pending))
     }
@@ -1538,6 +1558,9 @@ pub(crate) mod tests {
     thread_local! {
         /// Makes [`create_segment`] fail as on a full disk (this thread only).
         pub(super) static DISK_FULL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// Makes appends on this thread write half their record and fail,
+        /// as on a disk that fills up under a write.
+        pub(super) static SHORT_WRITE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
         /// Makes segment fsyncs led on this thread fail, as on a disk error.
         pub(crate) static FSYNC_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
         /// Makes erasures of this evidence's records on this thread fail,
@@ -1732,6 +1755,49 @@ pub(crate) mod tests {
         assert!(!segments.join(segment_name(loc2.seg + 1)).exists());
         assert!(!segments.join(segment_name(loc2.seg + 2)).exists());
         assert!(!segments.join(segment_name(loc2.seg + 3)).exists());
+    }
+
+    /// A record the disk took only part of is cut off: nothing of it lies
+    /// past the last record (where no expunge of its evidence would find
+    /// it), and the segment goes on taking records.
+    #[test]
+    fn a_record_written_in_part_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SegmentLog::open(dir.path()).unwrap();
+        let (h1, b1) = {
+            let body = b"filed before".to_vec();
+            (shard(1, &body), body)
+        };
+        let loc1 = log.put(&h1, &b1).unwrap().0;
+        let path = dir.path().join(SEGMENTS_DIR).join(segment_name(loc1.seg));
+        let before = std::fs::metadata(&path).unwrap().len();
+        let secret = b"bytes of evidence the disk took only half of".repeat(8);
+        let h2 = shard(2, &secret);
+        SHORT_WRITE.with(|f| f.set(true));
+        let refused = log.put(&h2, &secret).unwrap_err();
+        SHORT_WRITE.with(|f| f.set(false));
+        assert!(crate::store::is_disk_full(&refused), "{refused}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), before);
+        let half = &secret[..16];
+        let held = std::fs::read(&path).unwrap();
+        assert!(
+            !held.windows(half.len()).any(|w| w == half),
+            "part of the record is left"
+        );
+        let (h3, b3) = {
+            let body = b"filed after".to_vec();
+            (shard(3, &body), body)
+        };
+        let loc3 = log.put(&h3, &b3).unwrap().0;
+        drop(log);
+        let log = SegmentLog::open(dir.path()).unwrap();
+        assert_eq!(log.locate(&h1.key), Some(loc1));
+        assert_eq!(log.locate(&h2.key), None);
+        assert_eq!(log.locate(&h3.key), Some(loc3));
+        assert!(matches!(
+            log.read(&h3.key, loc3, false).unwrap(),
+            ReadRecord::Shard(got, b) if got == h3 && b == b3
+        ));
     }
 
     #[test]
