@@ -726,12 +726,13 @@ pub fn clear_outboard_tx<T: Transaction>(tx: &T, evidence: EvidenceId) {
     tx.clear_range(&prefix, &prefix_end(&prefix));
 }
 
-/// Clears the records (and repair marks) of `stripes`.
+/// Clears the records (and repair and loss marks) of `stripes`.
 fn clear_stripes<T: Transaction>(tx: &T, evidence: EvidenceId, stripes: &[u64]) {
     for stripe in stripes {
         tx.clear(&stripe_key(STRIPE, &evidence, *stripe));
         tx.clear(&stripe_key(DEGRADED, &evidence, *stripe));
         tx.clear(&stripe_key(REPAIR_LEASE, &evidence, *stripe));
+        tx.clear(&stripe_key(LOST, &evidence, *stripe));
     }
 }
 
@@ -817,7 +818,7 @@ pub async fn forget_aborted_tx<T: Transaction>(
         .filter(|e| matches!(e, SchemaError::IntentAborted(_)))
         .ok_or(SchemaError::NoIntent(evidence))?;
     tx.clear(&evidence_key(INTENT, &evidence));
-    for tag in [STRIPE, OUTBOARD, DEGRADED, REPAIR_LEASE] {
+    for tag in [STRIPE, OUTBOARD, DEGRADED, REPAIR_LEASE, LOST] {
         let prefix = evidence_key(tag, &evidence);
         tx.clear_range(&prefix, &prefix_end(&prefix));
     }

@@ -675,11 +675,22 @@ async fn worm_is_enforced_in_the_transaction_that_removes_data() {
         )
     };
     assert!(matches!(done().await, Err(SchemaError::Locked(_))));
+    // A stripe repair had found lost: its mark goes with its record.
+    run(&s, |tx| async move {
+        schema::mark_lost_tx(&tx, id, 0);
+        Ok::<_, SchemaError>(())
+    })
+    .await
+    .unwrap();
     run(&s, |tx| async move {
         schema::forget_stripes_tx(&tx, id, &[0]).await
     })
     .await
     .unwrap();
+    let lost = run(&s, |tx| async move { schema::is_lost_tx(&tx, id, 0).await })
+        .await
+        .unwrap();
+    assert!(!lost, "the lost mark outlived its stripe's record");
     done().await.unwrap();
     assert!(pending().await.unwrap().is_empty());
     // Roles: the expunger stands apart from the ordered roles.
