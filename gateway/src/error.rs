@@ -41,9 +41,13 @@ pub enum ApiError {
     /// A Range outside the content.
     #[error("range not satisfiable for {size} bytes")]
     RangeNotSatisfiable { size: u64 },
-    /// The same Idempotency-Key names an upload still in flight.
-    #[error("an upload with this Idempotency-Key is still in progress ({0})")]
-    UploadInProgress(String),
+    /// The same Idempotency-Key names an upload still in flight (or one a
+    /// crash cut off, until GC aborts it): retry after `retry_after_s`.
+    #[error("an upload with this Idempotency-Key is still in progress ({evidence}); send the same request again after {retry_after_s} s: it answers with that filing once it is made, or files anew if it was cut off")]
+    UploadInProgress {
+        evidence: String,
+        retry_after_s: u64,
+    },
     /// The Idempotency-Key names an earlier filing that this request does
     /// not repeat (other content or metadata): nothing was filed.
     #[error("this Idempotency-Key was used for evidence {evidence}, filed with another {what}; use a new key to file this")]
@@ -123,7 +127,7 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
-            ApiError::UploadInProgress(_) | ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::UploadInProgress { .. } | ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::BodyIncomplete(_) => StatusCode::BAD_REQUEST,
             ApiError::BodyIdle(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Body(r) => r.status(),
@@ -182,7 +186,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::HashMismatch { .. } => "hash_mismatch",
             ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
-            ApiError::UploadInProgress(_) => "upload_in_progress",
+            ApiError::UploadInProgress { .. } => "upload_in_progress",
             ApiError::IdempotencyMismatch { .. } => "idempotency_key_reused",
             ApiError::Conflict(_) => "conflict",
             ApiError::BodyIncomplete(_) => "body_incomplete",
@@ -233,6 +237,10 @@ impl IntoResponse for ApiError {
                 resp.headers_mut().insert(header::CONTENT_RANGE, v);
             }
         }
+        if let ApiError::UploadInProgress { retry_after_s, .. } = self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -244,6 +252,24 @@ impl IntoResponse for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A retry of an upload still in flight (or cut off by a crash, until
+    /// GC aborts it) is told when to send it again.
+    #[test]
+    fn an_upload_in_progress_says_when_to_retry() {
+        let resp = ApiError::UploadInProgress {
+            evidence: "x".into(),
+            retry_after_s: 40,
+        }
+        .into_response();
+        assert_eq!(resp.status(), StatusCode::CONFLICT);
+        assert_eq!(
+            resp.headers()
+                .get(header::RETRY_AFTER)
+                .map(|v| v.as_bytes()),
+            Some(&b"40"[..])
+        );
+    }
 
     /// An upload GC aborted (its lease unrenewed) is the server's failure:
     /// 503, which clients retry, not 409, which they take as final.

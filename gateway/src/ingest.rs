@@ -224,7 +224,15 @@ where
             return Ok(Filing::Replayed(header));
         }
         Ok(IntentStart::InFlight(prev)) => {
-            return refuse(body, ApiError::UploadInProgress(prev.to_string())).await
+            // It ends, or (cut off by a crash) is aborted by GC, within
+            // about a lease and a collection; a third of the lease is when
+            // a live upload shows it is alive.
+            let retry_after_s = gw.config.intent_lease_ms.div_ceil(3_000).max(1);
+            let e = ApiError::UploadInProgress {
+                evidence: prev.to_string(),
+                retry_after_s,
+            };
+            return refuse(body, e).await;
         }
         Ok(IntentStart::Expunged(prev)) => {
             tracing::info!(evidence = %prev, "a retried filing names expunged evidence: refused");
