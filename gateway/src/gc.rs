@@ -128,6 +128,16 @@ pub enum Abort {
 /// deleted stay recorded, and the next GC pass retries them). Safe to run
 /// twice or concurrently with a dying upload.
 pub async fn abort_and_delete<S: Store>(gw: &Gateway<S>, evidence: EvidenceId, why: Abort) {
+    if abort(gw, evidence, why).await {
+        delete_aborted(gw, evidence).await;
+    }
+}
+
+/// Aborts `evidence`'s intent: its filing can never become visible. True
+/// if this call aborted it (its shards are then the caller's to delete,
+/// [`delete_aborted`]); false if it was not live (or, for a stale one,
+/// renewed since), or could not be aborted now (GC retries).
+pub async fn abort<S: Store>(gw: &Gateway<S>, evidence: EvidenceId, why: Abort) -> bool {
     let aborted = indexer::run(&gw.store, |tx| async move {
         match why {
             Abort::Failed => schema::abort_intent_tx(&tx, evidence).await,
@@ -138,13 +148,18 @@ pub async fn abort_and_delete<S: Store>(gw: &Gateway<S>, evidence: EvidenceId, w
     })
     .await;
     match aborted {
-        Ok(true) => {}
-        Ok(false) => return,
+        Ok(aborted) => aborted,
         Err(e) => {
             tracing::warn!(%evidence, error = %e, "could not abort intent; GC will retry");
-            return;
+            false
         }
     }
+}
+
+/// Deletes every shard the stripe records of aborted `evidence` name, and
+/// forgets it once all are deleted (stripes whose shards could not all be
+/// deleted stay recorded, and the next GC pass retries them).
+pub async fn delete_aborted<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) {
     let kept = match delete_recorded_stripes(gw, evidence, |tx, gone| async move {
         schema::forget_aborted_stripes_tx(&tx, evidence, &gone).await
     })

@@ -770,6 +770,12 @@ impl<S: Store> Upload<S> {
     /// Cleans up after a failed upload: aborts the intent first (so nothing can
     /// commit it any more), then deletes the shards of every stripe, whether its
     /// record reached the index or was still in flight or unflushed here.
+    ///
+    /// Returns once the intent is aborted (a retry under its
+    /// Idempotency-Key then files anew); the shards are deleted in the
+    /// background, so the refusal does not wait on deleting a long
+    /// upload's shards (a client's timeout would come first, and it would
+    /// not learn why). What that misses, GC deletes.
     async fn abandon(mut self) {
         let gw = self.gw.clone();
         let evidence = self.evidence;
@@ -784,10 +790,16 @@ impl<S: Store> Upload<S> {
         if let Err(e) = self.flush().await {
             tracing::debug!(%evidence, error = %e, "could not record the stripes of a failed upload");
         }
-        crate::gc::abort_and_delete(&gw, evidence, crate::gc::Abort::Failed).await;
-        for (stripe, record) in &self.unflushed {
-            crate::gc::delete_stripe_shards(&gw, evidence, *stripe, record).await;
-        }
+        let aborted = crate::gc::abort(&gw, evidence, crate::gc::Abort::Failed).await;
+        let unflushed = std::mem::take(&mut self.unflushed);
+        tokio::spawn(async move {
+            if aborted {
+                crate::gc::delete_aborted(&gw, evidence).await;
+            }
+            for (stripe, record) in &unflushed {
+                crate::gc::delete_stripe_shards(&gw, evidence, *stripe, record).await;
+            }
+        });
     }
 
     /// Starts coding and storing one stripe, first waiting for the oldest one if
