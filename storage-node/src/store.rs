@@ -702,8 +702,8 @@ impl ShardStore {
                 }
                 (bytes, 0, inode)
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotFound),
-            Err(e) => return Err(self.unreadable(key, None, e)),
+            Err((e, _)) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::NotFound),
+            Err((e, inode)) => return Err(self.unreadable(key, inode, e)),
         };
         let (header, body_at) = match ShardHeader::parse_file_prefix(&bytes[start..]) {
             Ok(parsed) => parsed,
@@ -1310,7 +1310,9 @@ impl ShardStore {
             return e.into();
         }
         tracing::error!(shard = %key, error = %e, "the disk could not read a shard");
-        let inode = inode.or_else(|| fs::metadata(self.shard_path(key)).ok().map(|m| m.ino()));
+        // Not looked up by its path now: a repair may have put a good copy
+        // there since. Unnamed (the file could not even be opened), it is
+        // reported as unreadable, and the gateway rebuilds it.
         match inode {
             Some(inode) => self.quarantine(key, inode, "the disk could not read it"),
             None => e.into(),
@@ -1682,7 +1684,14 @@ fn write_aligned(file: &File, buf: &[u8], at: u64) -> io::Result<()> {
 /// the buffer, where the file starts in it (aligned), and the file's inode.
 /// `None` when the file system does not take `O_DIRECT`.
 #[cfg(target_os = "linux")]
-fn read_direct(path: &Path, pool: &BufferPool) -> io::Result<Option<(Vec<u8>, usize, u64)>> {
+///
+/// An error comes with the inode of the file it met, once known: what
+/// failed is that version of the shard, not whatever the path names by
+/// the time the error is handled (a repair may have replaced it).
+fn read_direct(
+    path: &Path,
+    pool: &BufferPool,
+) -> Result<Option<DirectRead>, (io::Error, Option<u64>)> {
     use std::os::unix::fs::FileExt;
     let file = match OpenOptions::new()
         .read(true)
@@ -1691,15 +1700,16 @@ fn read_direct(path: &Path, pool: &BufferPool) -> io::Result<Option<(Vec<u8>, us
     {
         Ok(f) => f,
         Err(e) if direct_refused(&e) => return Ok(None),
-        Err(e) => return Err(e),
+        Err(e) => return Err((e, None)),
     };
-    let meta = file.metadata()?;
+    let meta = file.metadata().map_err(|e| (e, None))?;
+    let inode = Some(meta.ino());
     // Longer than any shard: read (its first bytes) the ordinary way, and
     // quarantined for its length.
     if meta.len() > MAX_SHARD_FILE {
         return Ok(None);
     }
-    let len = usize::try_from(meta.len()).map_err(io::Error::other)?;
+    let len = usize::try_from(meta.len()).map_err(|e| (io::Error::other(e), inode))?;
     let padded = len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
     // Stale bytes of an earlier read at most, overwritten up to `start + len`,
     // and nothing before `start` is ever looked at.
@@ -1718,7 +1728,7 @@ fn read_direct(path: &Path, pool: &BufferPool) -> io::Result<Option<(Vec<u8>, us
         let n = match file.read_at(&mut buf[start + read..start + padded], read as u64) {
             Ok(n) => n,
             Err(e) if direct_refused(&e) && read == 0 => return Ok(None),
-            Err(e) => return Err(e),
+            Err(e) => return Err((e, inode)),
         };
         read += n;
         if n == 0 || (read < len && read % DIRECT_ALIGN != 0) {
@@ -1732,8 +1742,12 @@ fn read_direct(path: &Path, pool: &BufferPool) -> io::Result<Option<(Vec<u8>, us
     Ok(Some((buf, start, meta.ino())))
 }
 
+/// What [`read_direct`] read: the buffer, where the file's bytes start in
+/// it, and the file's inode.
+type DirectRead = (Vec<u8>, usize, u64);
+
 #[cfg(not(target_os = "linux"))]
-fn read_direct(_: &Path, _: &BufferPool) -> io::Result<Option<(Vec<u8>, usize, u64)>> {
+fn read_direct(_: &Path, _: &BufferPool) -> Result<Option<DirectRead>, (io::Error, Option<u64>)> {
     Ok(None)
 }
 
@@ -1997,6 +2011,48 @@ mod tests {
 
     fn body(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 13 % 251) as u8).collect()
+    }
+
+    /// A read the disk failed quarantines the version of the shard it
+    /// read, never the copy a repair has put in its place since (nor,
+    /// when it cannot tell which version it read, whatever is there now).
+    #[test]
+    fn a_failed_read_never_quarantines_the_copy_put_since() {
+        let eio = || io::Error::from_raw_os_error(rustix::io::Errno::IO.raw_os_error());
+        let dir = tempfile::tempdir().unwrap();
+        let store = ShardStore::open_with(
+            dir.path(),
+            StoreConfig {
+                small_shard_max: 0,
+                ..StoreConfig::default()
+            },
+        )
+        .unwrap();
+        let k = key(1);
+        let b = body(1000);
+        store.put(&header(k, &b), &b).unwrap();
+        let failed = fs::metadata(store.shard_path(&k)).unwrap().ino();
+        // The repair's copy: the same bytes, another file (the old one
+        // held open elsewhere, as a reader holds it, so its inode number
+        // is not handed out again).
+        fs::hard_link(store.shard_path(&k), dir.path().join("held")).unwrap();
+        store.delete(&k).unwrap();
+        store.put(&header(k, &b), &b).unwrap();
+        assert_ne!(fs::metadata(store.shard_path(&k)).unwrap().ino(), failed);
+        for inode in [Some(failed), None] {
+            store.unreadable(&k, inode, eio());
+            assert!(
+                store.get(&k).unwrap().1 == b,
+                "{inode:?}: the good copy went"
+            );
+        }
+        // The version that failed is quarantined when it is still there.
+        let now = fs::metadata(store.shard_path(&k)).unwrap().ino();
+        assert!(matches!(
+            store.unreadable(&k, Some(now), eio()),
+            StoreError::Corrupt(_)
+        ));
+        assert!(matches!(store.get(&k), Err(StoreError::NotFound)));
     }
 
     /// A shard of evidence erased here (expunged) is refused afterwards: a
