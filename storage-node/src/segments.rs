@@ -76,6 +76,9 @@ const HEADER_MAGIC: &[u8; 8] = b"CSTDSGH1";
 const HEADER_LEN: usize = 8 + 32;
 const KIND_SHARD: u8 = 1;
 const KIND_DELETE: u8 = 2;
+/// Filler over a stretch an open found damaged in a sealed segment, once
+/// that was reported: no head, a body of zeros.
+const KIND_PAD: u8 = 3;
 /// Bytes before the head: magic, kind, two lengths, check.
 const FRAME: usize = 8 + 1 + 2 + 4 + 16;
 /// A segment is sealed once it reaches this size.
@@ -267,6 +270,8 @@ pub(crate) struct SegmentLog {
     carried: Mutex<std::collections::BTreeSet<u64>>,
     /// See [`SegmentLog::damaged_segments`].
     damaged: Vec<u64>,
+    /// See [`SegmentLog::damage_to_mend`].
+    to_mend: Mutex<Vec<(u64, Mend)>>,
     /// Segments with records erased since their last fsync, and those
     /// records: if the fsync fails, the kernel may have dropped the zeros
     /// (and the next fsync "succeed"), so they are written again.
@@ -327,6 +332,7 @@ impl SegmentLog {
         // Records found dead (replaced, deleted, torn copies) that still hold
         // a shard's bytes: a crash came before they were erased.
         let mut dead = Dead::default();
+        let mut to_mend = Vec::new();
         // The newest segment longer than a header.
         let holding_records = ids
             .iter()
@@ -414,11 +420,37 @@ impl SegmentLog {
                     pending: AtomicU64::new(0),
                 },
             );
-            // A torn record at the end (a crash mid-append, never
-            // acknowledged) is cut off: left, its part of a shard's body
-            // would outlive any expunge of that evidence, which erases
-            // only records it can find.
-            if let Some(torn) = scan_segment(id, &key, &bytes, &mut index, &mut dead) {
+            let mut skipped = Vec::new();
+            let torn = scan_segment(id, &key, &bytes, &mut index, &mut dead, &mut skipped);
+            // A sealed segment (one before the newest holding records) was
+            // fsynced whole when sealed: a stretch of it no longer read as
+            // records, or a record it ends in cut short, held acknowledged
+            // shards this open cannot name. Mended (cut off or padded with
+            // zeros) only once the store has reported it
+            // ([`SegmentLog::mend_damage`]), so a crash before that finds
+            // it again.
+            if holding_records.is_some_and(|newest| id < newest) {
+                let len = bytes.len() as u64;
+                let mends = skipped
+                    .into_iter()
+                    .map(
+                        |(start, end)| match (end < len, end - start >= FRAME as u64) {
+                            (false, _) => Mend::Cut(start),
+                            (true, true) => Mend::Pad(start, end),
+                            // Too short for a filler record (a record magic
+                            // within a damaged frame): reported at every open.
+                            (true, false) => Mend::Leave,
+                        },
+                    )
+                    .chain(torn.map(Mend::Cut));
+                to_mend.extend(mends.map(|m| (id, m)));
+                continue;
+            }
+            // A torn record at the end of the newest segment (a crash
+            // mid-append, never acknowledged) is cut off: left, its part of
+            // a shard's body would outlive any expunge of that evidence,
+            // which erases only records it can find.
+            if let Some(torn) = torn {
                 match file.set_len(torn).and_then(|()| file.sync_all()) {
                     Ok(()) => {
                         tracing::warn!(
@@ -480,6 +512,7 @@ impl SegmentLog {
             stuck: Mutex::default(),
             carried: Mutex::default(),
             damaged,
+            to_mend: Mutex::new(to_mend),
             unsynced_erasures: Mutex::default(),
             erasure_sync: Mutex::default(),
             fsync: Mutex::default(),
@@ -510,6 +543,62 @@ impl SegmentLog {
     /// nothing of them is served, and which shards they held is unknown.
     pub fn damaged_segments(&self) -> &[u64] {
         &self.damaged
+    }
+
+    /// How many stretches of sealed segments the open could not read as
+    /// records (damaged, or cut short at the end): each held acknowledged
+    /// shards no one can name, so the disk must take a new identity (the
+    /// gateway then re-checks every shard it placed here) before they are
+    /// mended ([`Self::mend_damage`]). Otherwise those shards would be
+    /// gone without a word: scrub walks only what is indexed.
+    pub fn damage_to_mend(&self) -> usize {
+        lock(&self.to_mend).len()
+    }
+
+    /// Mends the stretches [`Self::damage_to_mend`] counts, once reported:
+    /// one running to the end is cut off, any other is overwritten with a
+    /// filler record of zeros (whatever evidence bytes it held go with it,
+    /// out of reach of an expunge otherwise), so the next open finds
+    /// nothing to report again. Durable when it returns.
+    pub fn mend_damage(&self) -> io::Result<()> {
+        let mut to_mend = lock(&self.to_mend);
+        let mut segments = std::collections::BTreeSet::new();
+        for &(seg, mend) in to_mend.iter() {
+            let mut index = self.write_index();
+            let Some(stat) = index.segments.get_mut(&seg) else {
+                continue;
+            };
+            match mend {
+                Mend::Cut(at) => {
+                    stat.file.set_len(at)?;
+                    stat.len = stat.len.min(at);
+                }
+                Mend::Pad(start, end) => {
+                    let body = vec![0u8; (end - start) as usize - FRAME];
+                    stat.file
+                        .write_all_at(&encode_record(&stat.key, KIND_PAD, &[], &body), start)?;
+                }
+                Mend::Leave => {
+                    tracing::error!(
+                        segment = seg,
+                        "a damaged stretch too short to mend stays: it is reported at every start"
+                    );
+                    continue;
+                }
+            }
+            segments.insert(seg);
+        }
+        for seg in segments {
+            if let Some(stat) = self.read_index().segments.get(&seg) {
+                stat.file.sync_all()?;
+            }
+            tracing::warn!(
+                segment = seg,
+                "mended the damage found in this sealed segment"
+            );
+        }
+        to_mend.clear();
+        Ok(())
     }
 
     /// The file of segment `id`.
@@ -1383,10 +1472,17 @@ fn create_segment(dir: &Path, id: u64) -> io::Result<(Active, SegStat)> {
 /// Calls `f(kind, head, offset, record length)` for every record of a
 /// segment that passes its frame check, skipping damage; returns the offset
 /// of a torn record the segment ends in, if it does.
-fn for_each_record(
+fn for_each_record(key: &SegKey, bytes: &[u8], f: impl FnMut(u8, &[u8], u64, u32)) -> Option<u64> {
+    for_each_record_noting(key, bytes, f, &mut Vec::new())
+}
+
+/// [`for_each_record`], noting in `skipped` each stretch (start, end) it
+/// could not read as records.
+fn for_each_record_noting(
     key: &SegKey,
     bytes: &[u8],
     mut f: impl FnMut(u8, &[u8], u64, u32),
+    skipped: &mut Vec<(u64, u64)>,
 ) -> Option<u64> {
     let mut at = HEADER_LEN.min(bytes.len());
     while at < bytes.len() {
@@ -1417,6 +1513,7 @@ fn for_each_record(
                 if bytes.len() - at > 0 {
                     tracing::warn!(offset = at, "skipping an unreadable stretch of a segment");
                 }
+                skipped.push((at as u64, next.unwrap_or(bytes.len()) as u64));
                 match next {
                     Some(n) => at = n,
                     None => break,
@@ -1425,6 +1522,17 @@ fn for_each_record(
         }
     }
     None
+}
+
+/// How an open mends a stretch of a sealed segment it could not read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mend {
+    /// Cut the segment off at this offset (the stretch runs to its end).
+    Cut(u64),
+    /// Overwrite `start..end` with a filler record.
+    Pad(u64, u64),
+    /// Nothing this can do.
+    Leave,
 }
 
 /// The key in a segment's header, if the header is whole.
@@ -1453,8 +1561,9 @@ fn scan_segment(
     bytes: &[u8],
     index: &mut Index,
     dead: &mut Dead,
+    skipped: &mut Vec<(u64, u64)>,
 ) -> Option<u64> {
-    for_each_record(key, bytes, |kind, head, off, len| match kind {
+    let f = |kind, head: &[u8], off, len| match kind {
         KIND_SHARD => match ShardHeader::decode(head) {
             Ok(h) if FRAME + head.len() + h.len as usize == len as usize => {
                 let body = &bytes[off as usize + FRAME + head.len()..off as usize + len as usize];
@@ -1506,13 +1615,15 @@ fn scan_segment(
                 "segment record with a bad tombstone"
             ),
         },
+        KIND_PAD => {}
         other => tracing::warn!(
             segment = id,
             offset = off,
             kind = other,
             "unknown segment record kind"
         ),
-    })
+    };
+    for_each_record_noting(key, bytes, f, skipped)
 }
 
 /// The shard records an open found dead, and which records have bodies of

@@ -393,9 +393,17 @@ impl ShardStore {
         let usage = count_shards(&root.join(SHARDS_DIR))?;
         let log = SegmentLog::open(&root)?;
         let mut identity_owed = false;
-        if !log.damaged_segments().is_empty() {
+        if !log.damaged_segments().is_empty() || log.damage_to_mend() > 0 {
             match renew_identity(&root, &log) {
-                Ok(renewed) => disk_uuid = renewed,
+                Ok(renewed) => {
+                    disk_uuid = renewed;
+                    // Reported (the new identity is durable): mended, so
+                    // the next start does not report it again. Not mended
+                    // (a disk error), it is reported again then.
+                    if let Err(e) = log.mend_damage() {
+                        tracing::error!(error = %e, "could not mend the damage found in sealed segments");
+                    }
+                }
                 // No room even for the identity file: the node still starts
                 // and serves what it can; the next start tries again (the
                 // damaged segments left in place say it must).
@@ -1853,9 +1861,11 @@ fn renew_identity(root: &Path, log: &SegmentLog) -> Result<[u8; 16], StoreError>
     let id = uuid::Uuid::from_bytes(mint_disk_uuid(root)?);
     tracing::error!(
         segments = ?log.damaged_segments(),
+        damaged_stretches = log.damage_to_mend(),
         disk = %id,
-        "segments of small shards could not be read: the disk takes a new identity, so the \
-         gateway re-checks every shard it placed here; the segments are kept in {DAMAGED_SEGMENTS_DIR}/"
+        "segments of small shards could not be read (whole, kept in {DAMAGED_SEGMENTS_DIR}/, \
+         or stretches of them): the disk takes a new identity, so the gateway re-checks every \
+         shard it placed here"
     );
     let segments: Vec<(u64, PathBuf)> = log
         .damaged_segments()
@@ -2746,6 +2756,70 @@ mod tests {
         let store = ShardStore::open(dir.path()).unwrap();
         assert_eq!(store.get(&key(3)).unwrap().1, b);
         assert_eq!(store.info().unwrap().shards, 10);
+    }
+
+    /// Damage found in a sealed segment (fsynced whole when sealed, so
+    /// what it held was acknowledged) is never passed over in silence: the
+    /// disk takes a new identity, so the gateway re-checks what it placed
+    /// here, and the damage is mended so the next start does not report it
+    /// again. Every readable record is still served.
+    #[test]
+    fn damage_in_a_sealed_segment_renews_the_disk_identity_once() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = ShardStore::open(dir.path()).unwrap();
+            for n in 0..10u8 {
+                let b = body(100 + n as usize);
+                store.put(&header(key(n), &b), &b).unwrap();
+            }
+        }
+        let before = {
+            // A later segment holds records: the first one is sealed.
+            let store = ShardStore::open(dir.path()).unwrap();
+            let b = body(50);
+            store.put(&header(key(20), &b), &b).unwrap();
+            store.disk_uuid()
+        };
+        let seg = segment_files(dir.path())[0].clone();
+        let mut bytes = fs::read(&seg).unwrap();
+        let starts: Vec<usize> = bytes
+            .windows(8)
+            .enumerate()
+            .filter(|(_, w)| w == b"CSTDSEG1")
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(starts.len(), 10);
+        // The head of the fourth record damaged, the last record cut short
+        // (a file system repair truncated the file).
+        bytes[starts[3] + 40] ^= 0x01;
+        bytes.truncate(starts[9] + 30);
+        fs::write(&seg, &bytes).unwrap();
+
+        let store = ShardStore::open(dir.path()).unwrap();
+        let renewed = store.disk_uuid();
+        assert_ne!(renewed, before, "the damage was passed over in silence");
+        for n in [3u8, 9] {
+            assert!(matches!(store.get(&key(n)), Err(StoreError::NotFound)));
+        }
+        let served = |store: &ShardStore| {
+            for n in (0..10u8).filter(|n| ![3, 9].contains(n)) {
+                assert_eq!(store.get(&key(n)).unwrap().1, body(100 + n as usize));
+            }
+            assert_eq!(store.get(&key(20)).unwrap().1, body(50));
+        };
+        served(&store);
+        // Mended: the damaged record's bytes are gone, the cut record too.
+        let mended = fs::read(&seg).unwrap();
+        assert_eq!(mended.len(), starts[9]);
+        assert!(mended[starts[3] + 60..starts[4]].iter().all(|b| *b == 0));
+        drop(store);
+        let store = ShardStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.disk_uuid(),
+            renewed,
+            "renewed again for the same damage"
+        );
+        served(&store);
     }
 
     #[test]
