@@ -39,9 +39,14 @@
 //! zeros. The zeros are fsynced when an erase asks for it
 //! ([`SegmentLog::sync_erasures`]). At open the node reads every segment in
 //! order (segment id, then offset), so the last record for a key wins, and
-//! starts a fresh active segment; a torn record at the end of a segment (a
-//! crash mid-append, never acknowledged) is skipped, and so is a damaged one,
-//! the scan resuming at the next record magic. Space of replaced and deleted
+//! starts a fresh active segment; a torn record at the end of the newest
+//! segment (a crash mid-append, never acknowledged) is cut off, and a
+//! damaged one is skipped, the scan resuming at the next record magic. In
+//! a sealed segment (fsynced whole, so everything in it was acknowledged)
+//! such damage lost shards no one can name: the store renews the disk's
+//! identity (the gateway re-checks everything it placed there) and then
+//! mends it ([`SegmentLog::mend_damage`]: cut off at the end, otherwise
+//! overwritten with a filler record, `kind` 3, of zeros). Space of replaced and deleted
 //! shards is reclaimed by compaction (`ShardStore::compact`), which copies the
 //! live records of a mostly-dead sealed segment to the active segment, fsyncs,
 //! and only then removes it. A tombstone is copied too while it may still hide
