@@ -948,7 +948,10 @@ pub(crate) async fn fetch_stripe<S: Store>(
     };
     let mut shards: Vec<Option<Vec<u8>>> = vec![None; total];
     let mut good = 0usize;
-    let mut damaged = rec.missing() > 0;
+    // Shards the record lacks (a degraded write, a node gone), and shards
+    // found damaged or gone by this read.
+    let missing = rec.missing() > 0;
+    let mut damaged = false;
     // Data shards first (no decoding), then parity; shards on nodes believed
     // down go last, so a dead node costs nothing once it is known.
     let order: Vec<usize> = {
@@ -1001,8 +1004,8 @@ pub(crate) async fn fetch_stripe<S: Store>(
             // their shards, and one down for good has its stripes found by
             // the repair scanner after its grace. Queued for every such
             // read, a blip would flood the repair queue.
-            if damaged {
-                report_damage(gw, header.evidence, stripe);
+            if damaged || missing {
+                report_damage(gw, header.evidence, stripe, damaged);
             }
             return Err(ReadError::Unrecoverable {
                 evidence: header.evidence,
@@ -1046,8 +1049,8 @@ pub(crate) async fn fetch_stripe<S: Store>(
             }
         }
     }
-    if damaged {
-        report_damage(gw, header.evidence, stripe);
+    if damaged || missing {
+        report_damage(gw, header.evidence, stripe, damaged);
     }
     let pieces = if shards[..k].iter().all(Option::is_some) {
         // The data shards go to the client as they are, each back to the
@@ -1234,7 +1237,13 @@ pub(crate) async fn check_shard<S: Store>(
 /// Queues a stripe for repair, off the read's critical path: only while
 /// its record is there (an expunge forgets it once its shards are deleted,
 /// which is then why they were missing).
-fn report_damage<S: Store>(gw: &Gateway<S>, evidence: EvidenceId, stripe: u64) {
+///
+/// `found`: this read found a shard damaged or gone, which marks the stripe
+/// again even if it is queued (a repair that read it before must not take
+/// it off the queue). Otherwise its record only lacks shards, which is
+/// queued already unless the queue lost it: marked only then, not at every
+/// read of it.
+fn report_damage<S: Store>(gw: &Gateway<S>, evidence: EvidenceId, stripe: u64, found: bool) {
     gw.no_home.damaged(evidence, stripe);
     let store = gw.store.clone();
     tokio::spawn(async move {
@@ -1243,17 +1252,23 @@ fn report_damage<S: Store>(gw: &Gateway<S>, evidence: EvidenceId, stripe: u64) {
                 .await?
                 .is_none()
             {
-                return Ok(false);
+                return Ok(None);
+            }
+            if !found {
+                return Ok(Some(
+                    schema::mark_degraded_unless_queued_tx(&tx, evidence, stripe).await?,
+                ));
             }
             schema::mark_degraded_tx(&tx, evidence, stripe);
-            Ok::<_, schema::SchemaError>(true)
+            Ok::<_, schema::SchemaError>(Some(true))
         })
         .await;
         match r {
-            Ok(true) => {
+            Ok(Some(true)) => {
                 tracing::warn!(%evidence, stripe, "stripe has missing or corrupt shards; queued for repair")
             }
-            Ok(false) => {
+            Ok(Some(false)) => {}
+            Ok(None) => {
                 tracing::info!(%evidence, stripe, "shards missing from a stripe since forgotten (expunged)")
             }
             Err(e) => {

@@ -895,6 +895,25 @@ pub fn mark_degraded_tx<T: Transaction>(tx: &T, evidence: EvidenceId, stripe: u6
     tx.atomic_add(&stripe_key(DEGRADED, &evidence, stripe), mark_nonce());
 }
 
+/// [`mark_degraded_tx`] unless the stripe is already queued (a write, and
+/// its fsync, saved when reads keep meeting a stripe known to be short of
+/// shards). Says whether it marked.
+pub async fn mark_degraded_unless_queued_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    stripe: u64,
+) -> Result<bool, SchemaError> {
+    if tx
+        .get(&stripe_key(DEGRADED, &evidence, stripe))
+        .await?
+        .is_some()
+    {
+        return Ok(false);
+    }
+    mark_degraded_tx(tx, evidence, stripe);
+    Ok(true)
+}
+
 /// What one marking adds: random and odd, so a mark set again after a
 /// clear (or by another gateway sharing the index) is never the value an
 /// older repair read (adding 1 would make almost every mark 1).

@@ -816,10 +816,33 @@ async fn repair_commits_only_over_what_it_read_and_never_after_expunge() {
     .unwrap();
     let fresh = marks().await;
     assert!(fresh[0].2 != mark && fresh[0].2 != current, "{fresh:?}");
+    // A read meeting a stripe known to lack shards marks it only if it is
+    // not queued: the mark a repair holds stays as it was.
+    let marked = run(&s, |tx| async move {
+        schema::mark_degraded_unless_queued_tx(&tx, id, 0).await
+    })
+    .await
+    .unwrap();
+    assert!(!marked);
+    assert_eq!(marks().await, fresh);
     let current = fresh[0].2.clone();
     run(&s, |tx| {
         let current = &current;
         async move { schema::clear_degraded_if_tx(&tx, id, 0, current).await }
+    })
+    .await
+    .unwrap();
+    // Not queued (the queue lost it): marked.
+    let marked = run(&s, |tx| async move {
+        schema::mark_degraded_unless_queued_tx(&tx, id, 0).await
+    })
+    .await
+    .unwrap();
+    assert!(marked);
+    assert_eq!(marks().await.len(), 1);
+    run(&s, |tx| async move {
+        schema::clear_degraded_tx(&tx, id, 0);
+        Ok::<_, SchemaError>(())
     })
     .await
     .unwrap();
