@@ -93,11 +93,18 @@ where
         };
         let mut deleted = Vec::with_capacity(batch.len());
         for group in batch.chunks(8) {
-            let done = futures::future::join_all(
-                group
-                    .iter()
-                    .map(|(stripe, rec)| delete_stripe_shards(gw, evidence, *stripe, rec)),
-            )
+            let done = futures::future::join_all(group.iter().map(|(stripe, rec)| async move {
+                match rec {
+                    Some(rec) => delete_stripe_shards(gw, evidence, *stripe, rec).await,
+                    // Which shards it names is unknown here: kept (a newer
+                    // gateway reads it), the rest go on. The nodes' erase
+                    // of an expunged evidence reaches its shards anyway.
+                    None => {
+                        tracing::warn!(%evidence, stripe, "a stripe record this gateway cannot read: its shards are left to a gateway that can");
+                        false
+                    }
+                }
+            }))
             .await;
             deleted.extend(
                 group
@@ -478,19 +485,19 @@ pub async fn delete_expunged<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) ->
             return Erasure::WAITING;
         }
     };
-    if stripes_left > 0 {
-        tracing::warn!(%evidence, stripes = stripes_left, "some shards of expunged evidence could not be deleted yet; GC will retry");
-        return Erasure {
-            stripes_left: Some(stripes_left),
-            ..Erasure::WAITING
-        };
-    }
+    // Whatever stripes are left (a node holding some is down, say): the
+    // nodes that answer erase what they hold now, copies no record names
+    // included, not once the last node down comes back.
     let nodes_left = erase_everywhere(gw, evidence).await;
     let left = Erasure {
         stripes_left: Some(stripes_left),
         nodes_left: Some(nodes_left),
         done: false,
     };
+    if stripes_left > 0 {
+        tracing::warn!(%evidence, stripes = stripes_left, "some shards of expunged evidence could not be deleted yet; GC will retry");
+        return left;
+    }
     if nodes_left > 0 {
         tracing::warn!(%evidence, nodes = nodes_left, "some nodes could not erase what they hold of expunged evidence yet; GC will retry");
         return left;

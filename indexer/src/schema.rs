@@ -1223,13 +1223,16 @@ pub async fn get_stripe_tx<T: Transaction>(
 }
 
 /// Up to `limit` stripe records of `evidence` from stripe `from` on, with their
-/// numbers; unlike [`get_stripes_tx`] it tolerates gaps (aborted uploads).
+/// numbers; unlike [`get_stripes_tx`] it tolerates gaps (aborted uploads),
+/// and a record this build cannot decode (a newer version's, or damaged)
+/// comes as `None`, so one record does not stop the walk of the others
+/// (garbage collection deleting an expunged evidence's shards).
 pub async fn stripes_after_tx<T: Transaction>(
     tx: &T,
     evidence: EvidenceId,
     from: u64,
     limit: usize,
-) -> Result<Vec<(u64, StripeRecord)>, SchemaError> {
+) -> Result<Vec<(u64, Option<StripeRecord>)>, SchemaError> {
     let begin = stripe_key(STRIPE, &evidence, from);
     let end = prefix_end(&evidence_key(STRIPE, &evidence));
     let rows = tx.get_range(&begin, &end, limit, false).await?;
@@ -1239,7 +1242,7 @@ pub async fn stripes_after_tx<T: Transaction>(
                 .get(17..25)
                 .and_then(|s| s.try_into().ok())
                 .ok_or(DecodeError::Truncated)?;
-            Ok((u64::from_be_bytes(s), StripeRecord::decode(v)?))
+            Ok((u64::from_be_bytes(s), StripeRecord::decode(v).ok()))
         })
         .collect()
 }
@@ -1577,6 +1580,37 @@ pub fn utc_ms(ms: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    /// A stripe record this build cannot decode does not stop a walk of an
+    /// evidence's stripes: it comes as `None`, the others as they are.
+    #[tokio::test]
+    async fn a_stripe_walk_passes_over_a_record_it_cannot_decode() {
+        use crate::Transaction as _;
+        let dir = tempfile::tempdir().unwrap();
+        let s = crate::embedded::EmbeddedStore::open(&dir.path().join("index.redb")).unwrap();
+        let id = EvidenceId::new(1, [5; 10]);
+        let rec = StripeRecord {
+            version: 1,
+            shard_len: 0,
+            shards: vec![],
+        };
+        let listed = crate::run(&s, |tx| {
+            let rec = &rec;
+            async move {
+                super::put_stripe_tx(&tx, id, 0, rec);
+                tx.set(
+                    &super::stripe_key(super::STRIPE, &id, 1),
+                    b"\xffnot a record",
+                );
+                super::put_stripe_tx(&tx, id, 2, rec);
+                super::stripes_after_tx(&tx, id, 0, 10).await
+            }
+        })
+        .await
+        .unwrap();
+        let got: Vec<(u64, bool)> = listed.iter().map(|(n, r)| (*n, r.is_some())).collect();
+        assert_eq!(got, vec![(0, true), (1, false), (2, true)]);
+    }
 
     /// Intents recorded before they kept their lease period still read (as
     /// period 0: GC then waits its own), and new ones keep it.
