@@ -58,6 +58,11 @@ impl Cluster {
     }
 
     async fn start(&self, listen: SocketAddr) -> RunningNode {
+        self.start_in(listen, &prometheus::Registry::new()).await
+    }
+
+    /// [`Cluster::start`], the node's metrics in `registry`.
+    async fn start_in(&self, listen: SocketAddr, registry: &prometheus::Registry) -> RunningNode {
         serve(
             NodeConfig {
                 data_dir: self.data.clone(),
@@ -67,7 +72,7 @@ impl Cluster {
                 scrub: Default::default(),
                 store: Default::default(),
             },
-            &prometheus::Registry::new(),
+            registry,
         )
         .await
         .unwrap()
@@ -355,12 +360,40 @@ async fn shards_and_disk_identity_survive_a_restart_on_the_same_port() {
     node.shutdown().await;
 }
 
+/// The node's `custodia_node_quic_connections` gauge: connections open now.
+fn open_connections(registry: &prometheus::Registry) -> i64 {
+    registry
+        .gather()
+        .iter()
+        .find(|f| f.name() == "custodia_node_quic_connections")
+        .and_then(|f| f.get_metric().first())
+        .map(|m| m.get_gauge().get_value() as i64)
+        .expect("the node exports custodia_node_quic_connections")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_puts_share_one_connection() {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    use std::sync::Arc;
     let cluster = Cluster::new();
-    let node = cluster.start(loopback()).await;
+    let registry = prometheus::Registry::new();
+    let node = cluster.start_in(loopback(), &registry).await;
     let addr = node.local_addr;
     let client = cluster.client();
+    // The most connections the node has open at once, watched while the
+    // puts run: a client that dialled per request (or per clone) would
+    // have many open together.
+    let most = Arc::new(AtomicI64::new(0));
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = tokio::spawn({
+        let (registry, most, watching) = (registry.clone(), most.clone(), watching.clone());
+        async move {
+            while watching.load(Ordering::SeqCst) {
+                most.fetch_max(open_connections(&registry), Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        }
+    });
     let puts = (0..300u64).map(|n| {
         let client = client.clone();
         tokio::spawn(async move {
@@ -374,6 +407,13 @@ async fn many_concurrent_puts_share_one_connection() {
     for put in puts {
         put.await.unwrap().unwrap();
     }
+    watching.store(false, Ordering::SeqCst);
+    watcher.await.unwrap();
+    assert_eq!(
+        most.load(Ordering::SeqCst),
+        1,
+        "300 concurrent puts had that many connections open at once"
+    );
     assert_eq!(client.rpc_node_info(addr).await.unwrap().shards, 300);
     for n in [0u64, 150, 299] {
         assert_eq!(
@@ -381,6 +421,12 @@ async fn many_concurrent_puts_share_one_connection() {
             shard(n, 64 * 1024 + n as usize).1
         );
     }
+    // The one connection outlives its requests, for the next ones.
+    assert_eq!(
+        (open_connections(&registry), client.connection_rtts().len()),
+        (1, 1),
+        "connections open at the node, and cached by the client, after the requests"
+    );
     node.shutdown().await;
 }
 

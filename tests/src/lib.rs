@@ -1107,6 +1107,56 @@ pub fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
+/// Runs `command` to its end as [`Command::output`] does (stdin null,
+/// stdout and stderr captured), for a command expected to end by itself
+/// (one that refuses to start): if it still runs after `limit`, it is
+/// killed and this fails, saying what it printed, instead of waiting on
+/// it for ever. Its output goes to unnamed temporary files, so no pipe
+/// fills up while it runs.
+pub fn output_within(command: &mut Command, limit: Duration) -> Result<std::process::Output> {
+    use std::io::{Seek, SeekFrom};
+    let mut stdout = tempfile::tempfile()?;
+    let mut stderr = tempfile::tempfile()?;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(stdout.try_clone()?)
+        .stderr(stderr.try_clone()?)
+        .spawn()
+        .with_context(|| format!("starting {command:?}"))?;
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let read = |f: &mut fs::File| -> Result<Vec<u8>> {
+        f.seek(SeekFrom::Start(0))?;
+        let mut b = Vec::new();
+        f.read_to_end(&mut b)?;
+        Ok(b)
+    };
+    let stdout = read(&mut stdout)?;
+    let stderr = read(&mut stderr)?;
+    let Some(status) = status else {
+        bail!(
+            "{command:?} still ran after {limit:?}, and was killed; it said:\n{}{}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        );
+    };
+    Ok(std::process::Output {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
 /// Fails with context.
 pub fn ensure_eq<T: PartialEq + std::fmt::Debug>(a: T, b: T, what: &str) -> Result<()> {
     if a != b {

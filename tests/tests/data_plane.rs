@@ -2,7 +2,7 @@
 //! processes on loopback, killed and corrupted for real.
 
 use anyhow::{Context, Result};
-use custodia_tests::{blake3_hex, bytes, eventually, Shape, TestCluster, Tool};
+use custodia_tests::{blake3_hex, bytes, eventually, output_within, Shape, TestCluster, Tool};
 use std::io::{Read, Write};
 use std::time::Duration;
 
@@ -482,9 +482,9 @@ fn node_killed_during_upload() -> Result<()> {
         ..Shape::default()
     })?;
     let data = bytes(48 * 1024 * 1024, 11);
-    let upload = trickle_in_background(&c, &data);
-    std::thread::sleep(Duration::from_millis(300));
-    c.kill_node(3);
+    let written = c.metric(&c.metrics, "custodia_shards_written_total")?;
+    let (upload, sent) = trickle_in_background(&c, &data);
+    kill_node_mid_upload(&mut c, 3, written, &sent, data.len())?;
     let (status, json, _) = upload.join().expect("upload thread")?;
     if status == 201 {
         let id = json["id"].as_str().unwrap_or_default();
@@ -730,7 +730,7 @@ fn an_upload_cut_off_by_a_gateway_crash_is_collected_after_a_lease() -> Result<(
         ("orphan_grace_ms", toml::Value::Integer(1_000)),
     ])?;
     let data = bytes(48 * 1024 * 1024, 5);
-    let upload = trickle_in_background(&c, &data);
+    let (upload, _) = trickle_in_background(&c, &data);
     assert!(
         eventually(20, || c.all_shard_files().len() >= 60),
         "the upload stored no shards"
@@ -833,23 +833,63 @@ fn an_index_restored_from_a_backup_does_not_sweep_what_was_filed_since() -> Resu
     Ok(())
 }
 
+/// An upload's thread: its status, JSON body and how long it took.
+type Trickle = std::thread::JoinHandle<Result<(u16, serde_json::Value, Duration)>>;
+
 /// [`trickle_upload`] on a thread of its own, so that the test can kill
-/// something while the upload streams.
+/// something while the upload streams; with the count of body bytes it has
+/// begun to send (see [`kill_node_mid_upload`]).
 fn trickle_in_background(
     c: &TestCluster,
     data: &[u8],
-) -> std::thread::JoinHandle<Result<(u16, serde_json::Value, Duration)>> {
+) -> (Trickle, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let (api, token, data) = (c.api.clone(), c.token.clone(), data.to_vec());
-    std::thread::spawn(move || trickle_upload(&api, &token, &data))
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = sent.clone();
+    let thread = std::thread::spawn(move || trickle_upload(&api, &token, &data, &counted));
+    (thread, sent)
+}
+
+/// Kills node `i` once the upload that [`trickle_in_background`] streams is
+/// under way: once the gateway counts more shards written than `written`
+/// (its count before the upload began). Fails if that never comes, or if
+/// the upload had begun to send the last of its `len` body bytes by the
+/// kill: then the kill did not land mid-upload (the body was not all sent,
+/// so nothing can have been filed yet).
+fn kill_node_mid_upload(
+    c: &mut TestCluster,
+    i: u32,
+    written: f64,
+    sent: &std::sync::atomic::AtomicUsize,
+    len: usize,
+) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while c.metric(&c.metrics, "custodia_shards_written_total")? <= written {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the upload wrote no shard within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    c.kill_node(i);
+    let at_kill = sent.load(std::sync::atomic::Ordering::SeqCst);
+    anyhow::ensure!(
+        at_kill < len,
+        "the upload's body was all sent ({at_kill} of {len} bytes) before node {i} was \
+         killed: the kill did not land mid-upload"
+    );
+    Ok(())
 }
 
 /// Files `data` by trickling it (1 MiB every 20 ms, so that a kill lands
 /// mid-upload) over a raw HTTP/1.1 connection; returns the status, the JSON
-/// body and how long it took.
+/// body and how long it took. `sent` counts the body bytes it has begun to
+/// send (each chunk counted before it is written).
 fn trickle_upload(
     api: &str,
     token: &str,
     data: &[u8],
+    sent: &std::sync::atomic::AtomicUsize,
 ) -> Result<(u16, serde_json::Value, Duration)> {
     let started = std::time::Instant::now();
     let mut s = std::net::TcpStream::connect(api.trim_start_matches("http://"))?;
@@ -859,6 +899,7 @@ fn trickle_upload(
         data.len()
     )?;
     for chunk in data.chunks(1 << 20) {
+        sent.fetch_add(chunk.len(), std::sync::atomic::Ordering::SeqCst);
         s.write_all(chunk)?;
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -890,13 +931,15 @@ fn a_node_killed_mid_filing_costs_seconds_not_the_idle_timeout() -> Result<()> {
     })?;
     let data = bytes(32 * 1024 * 1024, 12);
     // The same filing on a healthy cluster, for the time it takes here.
-    let (status, json, healthy) = trickle_upload(&c.api, &c.token, &data)?;
+    let (status, json, healthy) = trickle_upload(&c.api, &c.token, &data, &Default::default())?;
     assert_eq!(status, 201, "{json}");
-    let upload = trickle_in_background(&c, &data);
-    std::thread::sleep(Duration::from_millis(300));
-    c.kill_node(3);
+    let written = c.metric(&c.metrics, "custodia_shards_written_total")?;
+    let begun = std::time::Instant::now();
+    let (upload, sent) = trickle_in_background(&c, &data);
+    kill_node_mid_upload(&mut c, 3, written, &sent, data.len())?;
+    let killed_at = begun.elapsed();
     let (status, json, took) = upload.join().expect("upload thread")?;
-    println!("32 MiB filing: {healthy:?} healthy, {took:?} with node 3 killed at 300 ms");
+    println!("32 MiB filing: {healthy:?} healthy, {took:?} with node 3 killed at {killed_at:?}");
     assert_eq!(status, 201, "{json}");
     assert_eq!(
         json["degraded_stripes"], 0,
@@ -1020,10 +1063,13 @@ fn disconnect_mid_upload_leaves_nothing() -> Result<()> {
     let c = TestCluster::start(Shape::default())?;
     let data = bytes(40 * STRIPE, 3);
     {
-        let mut s = raw_upload(&c, data.len(), false)?;
-        s.write_all(&data[..data.len() / 2])?;
-        s.flush()?;
-        std::thread::sleep(Duration::from_millis(500));
+        // Half the body sent, and a whole stripe's shards (k+m = 6) on the
+        // nodes: there is something to delete.
+        let _s = c.half_upload(&data, 6.0)?;
+        assert!(
+            !c.all_shard_files().is_empty(),
+            "the upload's shards are counted written but no node holds them"
+        );
     } // dropped: connection closed with half the body sent
     let root = blake3_hex(&data);
     let half = blake3_hex(&data[..data.len() / 2]);
@@ -1917,6 +1963,11 @@ impl Drop for Up {
     }
 }
 
+/// How long an `up` expected to refuse may take to exit: a regression that
+/// lets it start fails the test (killed, with what it said) instead of
+/// hanging it.
+const UP_REFUSES_WITHIN: Duration = Duration::from_secs(60);
+
 fn up_command(dir: &std::path::Path, api: u16) -> std::process::Command {
     up_with_nodes(dir, api, 3)
 }
@@ -2077,9 +2128,10 @@ fn custodia_up_on_ports_another_cluster_holds_says_so() -> Result<()> {
         })
         .context("no three free UDP ports in a row")??;
     let (mut first, _) = start_up_with(up_on_ports(&tmp.path().join("a"), free(false)?, 3, base))?;
-    let second = up_on_ports(&tmp.path().join("b"), free(false)?, 3, base)
-        .stdin(std::process::Stdio::null())
-        .output()?;
+    let second = output_within(
+        &mut up_on_ports(&tmp.path().join("b"), free(false)?, 3, base),
+        UP_REFUSES_WITHIN,
+    )?;
     let said = String::from_utf8_lossy(&second.stderr);
     assert!(!second.status.success(), "{said}");
     assert!(
@@ -2182,7 +2234,7 @@ fn custodia_up_does_not_start_a_removed_node() -> Result<()> {
     // An index gone missing is not made anew, empty (every shard would
     // look like an orphan): `up` refuses and says how to rebuild it.
     std::fs::rename(dir.join("index.redb"), dir.join("index.redb.moved"))?;
-    let refused = up_with_nodes(&dir, api, 4).output()?;
+    let refused = output_within(&mut up_with_nodes(&dir, api, 4), UP_REFUSES_WITHIN)?;
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success(), "up started without its index");
     assert!(err.contains("custodia recover-index"), "{err}");
@@ -2220,7 +2272,7 @@ fn custodia_up_serves_stops_and_guards_its_directory() -> Result<()> {
         .into();
     // A first `up` that fails (too few nodes for RS(2,1)) leaves nothing
     // that the next would take for an earlier cluster.
-    let failed = up_with_nodes(&dir, api, 2).output()?;
+    let failed = output_within(&mut up_with_nodes(&dir, api, 2), UP_REFUSES_WITHIN)?;
     let err = String::from_utf8_lossy(&failed.stderr);
     assert!(!failed.status.success() && err.contains("node"), "{err}");
     let first = start_up(&dir, api)?;
@@ -2236,7 +2288,7 @@ fn custodia_up_serves_stops_and_guards_its_directory() -> Result<()> {
     let id = filed["id"].as_str().context("id")?.to_owned();
 
     // A second `up` on the same directory is refused at once.
-    let second = up_command(&dir, api).output()?;
+    let second = output_within(&mut up_command(&dir, api), UP_REFUSES_WITHIN)?;
     assert!(!second.status.success());
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("in use"), "{err}");
@@ -2355,7 +2407,7 @@ fn custodia_up_serves_stops_and_guards_its_directory() -> Result<()> {
     // (which would replace the ledger's and the CA's keys).
     std::fs::rename(dir.join("cluster.toml"), tmp.path().join("cluster.toml"))?;
     let vkey = std::fs::read(dir.join("ledger.vkey"))?;
-    let refused = up_command(&dir, api).output()?;
+    let refused = output_within(&mut up_command(&dir, api), UP_REFUSES_WITHIN)?;
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("holds an earlier cluster"), "{err}");

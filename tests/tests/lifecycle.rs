@@ -113,16 +113,27 @@ fn nodes_are_drained_removed_and_added_without_losing_redundancy() -> Result<()>
     assert!(!ok, "a removed node cannot come back: {text}");
     // Out of the cluster, it is no node that is down: its series go (an
     // alert on node_up == 0 would otherwise page for it forever).
-    let up = |i: u32| {
-        c.metric(
-            &c.metrics,
-            &format!("custodia_cluster_node_up{{domain=\"\",node=\"{i}\"}}"),
-        )
+    // Whether a fetched page has a `custodia_cluster_node_up` series for
+    // node `i` (whatever its other labels).
+    let has_up = |page: &str, i: u32| {
+        let label = format!("node=\"{i}\"");
+        page.lines().filter(|l| !l.starts_with('#')).any(|l| {
+            l.strip_prefix("custodia_cluster_node_up{")
+                .and_then(|rest| rest.split_once('}'))
+                .is_some_and(|(labels, _)| labels.split(',').any(|kv| kv == label))
+        })
     };
-    assert!(up(2).is_ok());
+    let page = c.metrics_page(&c.metrics)?;
+    assert!(has_up(&page, 2), "node 2's series is there: {page}");
+    // A page that cannot be fetched does not count as one without it.
+    let gone = custodia_tests::eventually(15, || {
+        c.metrics_page(&c.metrics)
+            .is_ok_and(|page| has_up(&page, 2) && !has_up(&page, 3))
+    });
+    let page = c.metrics_page(&c.metrics)?;
     assert!(
-        custodia_tests::eventually(15, || up(3).is_err()),
-        "a removed node's series is gone"
+        gone && has_up(&page, 2) && !has_up(&page, 3),
+        "a removed node's series is gone, an active node's stays: {page}"
     );
 
     // Without node 3, and with m = 2 more nodes dead, everything reads back:
