@@ -1943,8 +1943,9 @@ async fn node_detail<S: Store>(
 #[derive(serde::Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct LifecycleQuery {
-    /// `remove` a node that still holds shards (a dead one): its shards
-    /// count as missing and repair rebuilds them elsewhere.
+    /// `remove` a node that still holds shards (a dead one: refused while
+    /// it answers, or has within two probe intervals): its shards count as
+    /// missing and repair rebuilds them elsewhere.
     force: Option<bool>,
 }
 
@@ -1985,7 +1986,27 @@ async fn node_lifecycle<S: Store>(
         )));
     }
     let mut stripes = None;
-    if state == Lifecycle::Removed && !q.force.unwrap_or(false) {
+    let forced = state == Lifecycle::Removed && q.force.unwrap_or(false);
+    if forced && current != Lifecycle::Removed {
+        // For a dead node only: its shards count as missing at once, and a
+        // live node forced out with others (each drain leaving enough
+        // active) could take stripes below k with it, evidence under
+        // retention or hold included. A node that answers is drained.
+        let quiet = Duration::from_millis(gw.config.node_probe_interval_ms.saturating_mul(2));
+        let seen = gw.nodes.view().into_iter().find(|n| n.id == node);
+        if let Some(n) = seen.filter(|n| n.healthy || n.silent_for < quiet) {
+            let how = match n.healthy {
+                true => "answers".to_owned(),
+                false => format!("was heard from {} s ago", n.silent_for.as_secs()),
+            };
+            return Err(ApiError::Conflict(format!(
+                "node {node} {how}: a forced removal is for a dead node (one silent for {} s); drain it (custodia node drain {} --wait) and remove it once drained, or stop it (or cut it off) first",
+                quiet.as_secs(),
+                node.0
+            )));
+        }
+    }
+    if state == Lifecycle::Removed && !forced {
         // An active node may be taking shards of uploads under way that
         // no stripe record names yet: only a drain's start tells which
         // uploads could still hold some there.

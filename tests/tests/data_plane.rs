@@ -2178,17 +2178,34 @@ fn custodia_up_does_not_start_a_removed_node() -> Result<()> {
         .port();
     let (mut first, _) = start_up_with(up_with_nodes(&dir, api, 4))?;
     assert_eq!(first.nodes.len(), 4, "four node pids printed");
-    let removed = std::process::Command::new(custodia_tests::custodia_bin())
-        .args(["node", "remove", "3", "--force", "--api"])
-        .arg(format!("http://127.0.0.1:{api}"))
-        .arg("--token-file")
-        .arg(dir.join("admin.token"))
-        .output()?;
+    let remove = || {
+        std::process::Command::new(custodia_tests::custodia_bin())
+            .args(["node", "remove", "3", "--force", "--api"])
+            .arg(format!("http://127.0.0.1:{api}"))
+            .arg("--token-file")
+            .arg(dir.join("admin.token"))
+            .output()
+    };
+    // Forced out only once dead: a node that answers is drained instead.
+    let alive = remove()?;
+    let said = String::from_utf8_lossy(&alive.stderr);
+    assert!(!alive.status.success(), "a live node was forced out");
     assert!(
-        removed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&removed.stderr)
+        said.contains("a forced removal is for a dead node"),
+        "{said}"
     );
+    std::process::Command::new("kill")
+        .args(["-KILL", &first.nodes[3].to_string()])
+        .status()?;
+    let mut said = String::new();
+    let removed = custodia_tests::eventually(40, || match remove() {
+        Ok(out) => {
+            said = String::from_utf8_lossy(&out.stderr).into_owned();
+            out.status.success()
+        }
+        Err(_) => false,
+    });
+    assert!(removed, "the dead node could not be removed: {said}");
     stop_up(&mut first)?;
 
     let (mut second, said) = start_up_with(up_with_nodes(&dir, api, 4))?;
