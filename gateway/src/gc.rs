@@ -515,7 +515,8 @@ pub async fn delete_expunged<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) ->
     }
 }
 
-/// Has every node not removed erase all it holds of expunged `evidence`:
+/// Has every node not removed erase all it holds of expunged `evidence`
+/// (and, at best effort, removed ones that still answer):
 /// besides the shards its stripe records name, copies no record names
 /// (moved away by repair or drain, quarantined by scrub, in a damaged
 /// segment, left by an upload cut short); see
@@ -574,6 +575,28 @@ async fn erase_everywhere<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) -> u6
         )
         .await;
         left += done.iter().filter(|ok| !**ok).count() as u64;
+    }
+    // Removed nodes this gateway lists that still answer (drained and left
+    // running, not yet wiped) may hold copies no record names (quarantined
+    // ones, old copies whose deletion failed): asked too, at best effort.
+    // One that does not answer is not waited for: a removed node's disk is
+    // its operator's to wipe.
+    let removed: Vec<(NodeId, std::net::SocketAddr)> = gw
+        .config
+        .nodes
+        .iter()
+        .map(|entry| (entry.node_id(), entry.addr))
+        .filter(|&(node, _)| {
+            gw.nodes.lifecycle(node) == schema::Lifecycle::Removed && gw.nodes.is_healthy(node)
+        })
+        .collect();
+    for group in removed.chunks(16) {
+        futures::future::join_all(
+            group
+                .iter()
+                .map(|&(node, addr)| erase_on(gw, node, addr, evidence)),
+        )
+        .await;
     }
     left
 }

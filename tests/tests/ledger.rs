@@ -2045,6 +2045,67 @@ fn an_expunge_reaches_a_node_only_the_index_knows() -> Result<()> {
     Ok(())
 }
 
+/// An expunge does not wait for the last node down before the nodes that
+/// answer erase what they hold (copies no stripe record names included),
+/// and reaches, at best effort, a removed node still running; once the
+/// node down is back, the expunge completes.
+#[test]
+fn an_expunge_erases_on_the_nodes_that_answer_and_on_removed_ones() -> Result<()> {
+    let mut c = TestCluster::start(Shape {
+        nodes: 5,
+        k: 2,
+        m: 1,
+        ..Shape::default()
+    })?;
+    let expunger = expunger_token(&mut c)?;
+    // Node 4 is drained and removed before anything is filed, and keeps
+    // running.
+    for action in ["drain", "remove"] {
+        let out = c.cli(&["node", action, "4"])?;
+        ensure!(
+            out.status.success(),
+            "node {action} 4: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let data = bytes(30_000, 43);
+    let id = c.file(&data)?["id"].as_str().context("id")?.to_owned();
+    let piece = &data[100..132];
+    let holder = c
+        .node_files_holding(piece)
+        .first()
+        .and_then(|f| (0..4).find(|&i| f.starts_with(c.node_dir(i))))
+        .context("no node holds the first shard")?;
+    let other = (0..4).find(|&i| i != holder).context("another node")?;
+    // Copies no stripe record names: on a node that answers, and on the
+    // removed one.
+    let planted = |node: u32| -> Result<std::path::PathBuf> {
+        let dir = c.node_dir(node).join("quarantine");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("{}-0-0.0001", id.replace('-', "")));
+        std::fs::write(&path, b"a forensic copy")?;
+        Ok(path)
+    };
+    let (on_other, on_removed) = (planted(other)?, planted(4)?);
+    c.kill_node(holder);
+    let (status, body) = expunge(&c, &expunger, &id)?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["erased"].as_bool(), Some(false), "{body}");
+    assert!(body["stripes_left_to_delete"].as_u64() > Some(0), "{body}");
+    assert!(
+        !on_other.exists(),
+        "a node that answers kept its copy while another node was down"
+    );
+    assert!(!on_removed.exists(), "the removed node kept its copy");
+    c.start_node_and_wait(holder)?;
+    assert!(
+        custodia_tests::eventually(60, || c.node_files_holding(piece).is_empty()),
+        "expunged bytes left in {:?}",
+        c.node_files_holding(piece)
+    );
+    Ok(())
+}
+
 /// An expunger credential, minted on the index host with the gateway
 /// stopped (as the CLI requires); the gateway is started again.
 fn expunger_token(c: &mut TestCluster) -> Result<String> {
