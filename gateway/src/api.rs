@@ -1601,9 +1601,9 @@ pub(crate) enum ReadBody<St> {
 /// reads it, for every API. Evidence up to [`crate::read::SMALL_READ_BYTES`]
 /// is fetched and verified while the access is recorded; larger evidence
 /// streams once the access is recorded, its first piece (a checked 1 MiB
-/// group) awaited first. Either way a read that fails before it could send
-/// a byte is an error status (503 with too few nodes, 410 expunged), not a
-/// success cut short.
+/// group) fetched first, and recorded only if that came. Either way a read
+/// that fails before it could send a byte is an error status (503 with too
+/// few nodes, 410 expunged), not a success cut short.
 pub(crate) async fn recorded_read<S: Store>(
     gw: &Arc<Gateway<S>>,
     header: ManifestHeader,
@@ -1623,16 +1623,22 @@ pub(crate) async fn recorded_read<S: Store>(
         gw.metrics.read_bytes.inc_by(read.len() as u64);
         return Ok(ReadBody::Verified(read));
     }
-    record_access(gw, &header, actor, &range, Duration::ZERO).await?;
+    // The first piece is fetched and checked before the access is
+    // recorded, and held until it is: a read that fails before it could
+    // send a byte (too few nodes) is no access on the record.
     let mut stream = Box::pin(crate::read::stream_range(
         gw.clone(),
-        header,
-        range,
+        header.clone(),
+        range.clone(),
         Some(Duration::from_millis(
             gw.config.client_idle_timeout_ms.max(1),
         )),
     ));
-    let first = match futures::StreamExt::next(&mut stream).await {
+    let first = futures::StreamExt::next(&mut stream).await;
+    if !matches!(first, Some(Err(_))) {
+        record_access(gw, &header, actor, &range, Duration::ZERO).await?;
+    }
+    let first = match first {
         Some(Err(e)) => {
             return Err(match e.downcast::<crate::read::ReadError>() {
                 Ok(read) => read.into(),
