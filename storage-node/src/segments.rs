@@ -39,14 +39,16 @@
 //! zeros. The zeros are fsynced when an erase asks for it
 //! ([`SegmentLog::sync_erasures`]). At open the node reads every segment in
 //! order (segment id, then offset), so the last record for a key wins, and
-//! starts a fresh active segment; a torn record at the end of the newest
-//! segment (a crash mid-append, never acknowledged) is cut off, and a
-//! damaged one is skipped, the scan resuming at the next record magic. In
-//! a sealed segment (fsynced whole, so everything in it was acknowledged)
-//! such damage lost shards no one can name: the store renews the disk's
-//! identity (the gateway re-checks everything it placed there) and then
-//! mends it ([`SegmentLog::mend_damage`]: cut off at the end, otherwise
-//! overwritten with a filler record, `kind` 3, of zeros). Space of replaced and deleted
+//! starts a fresh active segment. A damaged record is skipped, the scan
+//! resuming at the next record magic. In the last segment (the one an
+//! earlier run appended to, unsynced when it stopped) that and a torn
+//! record at its end are what a crash mid-append leaves, never
+//! acknowledged, and are mended at once: cut off at the end, otherwise
+//! overwritten with a filler record (`kind` 3) of zeros. In any earlier
+//! segment (made durable whole before a later one was made, so everything
+//! in it was acknowledged) such damage lost shards no one can name: the
+//! store renews the disk's identity (the gateway re-checks everything it
+//! placed there), and only then mends it ([`SegmentLog::mend_damage`]). Space of replaced and deleted
 //! shards is reclaimed by compaction (`ShardStore::compact`), which copies the
 //! live records of a mostly-dead sealed segment to the active segment, fsyncs,
 //! and only then removes it. A tombstone is copied too while it may still hide
@@ -427,50 +429,52 @@ impl SegmentLog {
             );
             let mut skipped = Vec::new();
             let torn = scan_segment(id, &key, &bytes, &mut index, &mut dead, &mut skipped);
-            // A sealed segment (one before the newest holding records) was
-            // fsynced whole when sealed: a stretch of it no longer read as
+            // A segment with a later one beside it was made durable whole
+            // before that one was made (by the seal that made it, or by the
+            // open that mended what a crash left in it, then made the next:
+            // either way, the last segment file is the only one an earlier
+            // run appended to unsynced). A stretch of it no longer read as
             // records, or a record it ends in cut short, held acknowledged
             // shards this open cannot name. Mended (cut off or padded with
             // zeros) only once the store has reported it
             // ([`SegmentLog::mend_damage`]), so a crash before that finds
             // it again.
-            if holding_records.is_some_and(|newest| id < newest) {
-                let len = bytes.len() as u64;
-                let mends = skipped
-                    .into_iter()
-                    .map(
-                        |(start, end)| match (end < len, end - start >= FRAME as u64) {
-                            (false, _) => Mend::Cut(start),
-                            (true, true) => Mend::Pad(start, end),
-                            // Too short for a filler record (a record magic
-                            // within a damaged frame): reported at every open.
-                            (true, false) => Mend::Leave,
-                        },
-                    )
-                    .chain(torn.map(Mend::Cut));
-                to_mend.extend(mends.map(|m| (id, m)));
+            let len = bytes.len() as u64;
+            let mends: Vec<Mend> = skipped
+                .into_iter()
+                .map(|(start, end)| Mend::of(start, end, len))
+                .chain(torn.map(Mend::Cut))
+                .collect();
+            if mends.is_empty() {
                 continue;
             }
-            // A torn record at the end of the newest segment (a crash
-            // mid-append, never acknowledged) is cut off: left, its part of
-            // a shard's body would outlive any expunge of that evidence,
-            // which erases only records it can find.
-            if let Some(torn) = torn {
-                match file.set_len(torn).and_then(|()| file.sync_all()) {
-                    Ok(()) => {
-                        tracing::warn!(
-                            segment = id,
-                            offset = torn,
-                            cut = bytes.len() as u64 - torn,
-                            "cut off the torn record the segment ended in"
-                        );
-                        if let Some(s) = index.segments.get_mut(&id) {
-                            s.len = torn;
-                        }
+            if ids.last().is_some_and(|&last| id < last) {
+                to_mend.extend(mends.into_iter().map(|m| (id, m)));
+                continue;
+            }
+            // The last segment's damage is what a crash mid-append leaves,
+            // never acknowledged: a torn record at its end, or stretches
+            // never written whose later pages were. Mended now, unreported
+            // (left, it would pass for a sealed segment's damage once the
+            // segment this open makes follows it). A torn record cut off
+            // goes with its part of a shard's body, which would otherwise
+            // outlive any expunge of that evidence (one erases only records
+            // it finds).
+            let mended = mends
+                .iter()
+                .try_for_each(|m| m.apply(&file, &key))
+                .and_then(|()| file.sync_all());
+            match mended {
+                Ok(()) => {
+                    tracing::warn!(segment = id, mends = ?mends, "mended what a crash left in the last segment");
+                    if let (Some(s), Some(cut)) =
+                        (index.segments.get_mut(&id), Mend::cut_at(&mends))
+                    {
+                        s.len = cut;
                     }
-                    Err(e) => {
-                        tracing::warn!(segment = id, error = %e, "could not cut off a torn record; it stays on the disk");
-                    }
+                }
+                Err(e) => {
+                    tracing::warn!(segment = id, error = %e, "could not mend what a crash left in the last segment; it stays on the disk");
                 }
             }
         }
@@ -573,23 +577,16 @@ impl SegmentLog {
             let Some(stat) = index.segments.get_mut(&seg) else {
                 continue;
             };
-            match mend {
-                Mend::Cut(at) => {
-                    stat.file.set_len(at)?;
-                    stat.len = stat.len.min(at);
-                }
-                Mend::Pad(start, end) => {
-                    let body = vec![0u8; (end - start) as usize - FRAME];
-                    stat.file
-                        .write_all_at(&encode_record(&stat.key, KIND_PAD, &[], &body), start)?;
-                }
-                Mend::Leave => {
-                    tracing::error!(
-                        segment = seg,
-                        "a damaged stretch too short to mend stays: it is reported at every start"
-                    );
-                    continue;
-                }
+            if mend == Mend::Leave {
+                tracing::error!(
+                    segment = seg,
+                    "a damaged stretch too short to mend stays: it is reported at every start"
+                );
+                continue;
+            }
+            mend.apply(&stat.file, &stat.key)?;
+            if let Some(cut) = Mend::cut_at(&[mend]) {
+                stat.len = stat.len.min(cut);
             }
             segments.insert(seg);
         }
@@ -1518,7 +1515,13 @@ fn for_each_record_noting(
                 if bytes.len() - at > 0 {
                     tracing::warn!(offset = at, "skipping an unreadable stretch of a segment");
                 }
-                skipped.push((at as u64, next.unwrap_or(bytes.len()) as u64));
+                // One stretch however many record magics in it fail (a
+                // body holding record magics, say).
+                let end = next.unwrap_or(bytes.len()) as u64;
+                match skipped.last_mut() {
+                    Some(last) if last.1 == at as u64 => last.1 = end,
+                    _ => skipped.push((at as u64, end)),
+                }
                 match next {
                     Some(n) => at = n,
                     None => break,
@@ -1538,6 +1541,43 @@ enum Mend {
     Pad(u64, u64),
     /// Nothing this can do.
     Leave,
+}
+
+impl Mend {
+    /// How to mend the stretch `start..end` a scan skipped in a segment
+    /// `len` bytes long.
+    fn of(start: u64, end: u64, len: u64) -> Mend {
+        match (end < len, end - start >= FRAME as u64) {
+            (false, _) => Mend::Cut(start),
+            (true, true) => Mend::Pad(start, end),
+            // Too short for a filler record (a record magic within a
+            // damaged frame).
+            (true, false) => Mend::Leave,
+        }
+    }
+
+    /// Where the segment ends once `mends` are applied, if one cuts it.
+    fn cut_at(mends: &[Mend]) -> Option<u64> {
+        mends
+            .iter()
+            .filter_map(|m| match m {
+                Mend::Cut(at) => Some(*at),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Applies this to `file`, the segment keyed `key` (not made durable).
+    fn apply(self, file: &File, key: &SegKey) -> io::Result<()> {
+        match self {
+            Mend::Cut(at) => file.set_len(at),
+            Mend::Pad(start, end) => {
+                let body = vec![0u8; (end - start) as usize - FRAME];
+                file.write_all_at(&encode_record(key, KIND_PAD, &[], &body), start)
+            }
+            Mend::Leave => Ok(()),
+        }
+    }
 }
 
 /// The key in a segment's header, if the header is whole.
