@@ -660,18 +660,12 @@ impl<S: Store> Upload<S> {
                                 };
                             (check.0)(current.as_ref())?;
                         }
-                        // The null version this one replaces, if any: its
-                        // evidence stays, but loses its S3 name, on the
-                        // ledger as a DELETE's would be.
-                        let replaced = match put.version.null_version {
-                            true => {
-                                indexer::s3::null_version_tx(&tx, &put.bucket, &put.key).await?
-                            }
-                            false => None,
-                        };
                         // As stored: its id may have moved to sort after
-                        // a version committed since it was minted.
-                        let v = indexer::s3::put_version_tx(
+                        // a version committed since it was minted. The
+                        // null version it replaced, if any, keeps its
+                        // evidence but loses its S3 name: on the ledger,
+                        // as a DELETE's removal would be.
+                        let (v, replaced) = indexer::s3::put_version_tx(
                             &tx,
                             &put.bucket,
                             &put.key,

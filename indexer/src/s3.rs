@@ -974,23 +974,25 @@ async fn refresh_current<T: Transaction>(
     Ok(())
 }
 
-/// Removes the "null" version of `key`, if any, unless locked.
+/// Removes the "null" version of `key`, if any, unless locked; returns it.
 async fn remove_null_version<T: Transaction>(
     tx: &T,
     bucket: &str,
     key: &str,
     now_ms: u64,
     bypass: bool,
-) -> Result<(), ObjectError> {
+) -> Result<Option<ObjectVersion>, ObjectError> {
+    let mut removed = None;
     for v in versions_tx(tx, bucket, key, 10_000).await? {
         if v.null_version {
             if let Some(why) = removal_refused(tx, &v, now_ms, bypass).await? {
                 return Err(ObjectError::Locked(why));
             }
             clear_journaled(tx, &version_key(bucket, key, &v.version_id));
+            removed = Some(v);
         }
     }
-    Ok(())
+    Ok(removed)
 }
 
 /// Adds a version (a PUT's evidence, or a delete marker) as the newest of
@@ -1001,8 +1003,9 @@ async fn remove_null_version<T: Transaction>(
 /// `seen` is the bucket as the caller checked it (owner, creation): a bucket
 /// deleted and created again since, by any tenant, is not this one.
 ///
-/// Returns the version as stored: its id may have moved to sort after the
-/// newest version already there ([`add_version`]).
+/// Returns the version as stored (its id may have moved to sort after the
+/// newest version already there, [`add_version`]), and the null version
+/// it replaced, if any (its evidence stays, without this S3 name).
 pub async fn put_version_tx<T: Transaction>(
     tx: &T,
     bucket: &str,
@@ -1010,7 +1013,7 @@ pub async fn put_version_tx<T: Transaction>(
     version: &ObjectVersion,
     now_ms: u64,
     seen: &BucketRecord,
-) -> Result<ObjectVersion, ObjectError> {
+) -> Result<(ObjectVersion, Option<ObjectVersion>), ObjectError> {
     check_names(bucket, Some(key))?;
     let b = bucket_as_seen(tx, bucket, seen).await?;
     if version.null_version != (b.versioning != Versioning::Enabled) {
@@ -1018,10 +1021,11 @@ pub async fn put_version_tx<T: Transaction>(
             "the bucket's versioning changed during the upload; send it again".into(),
         ));
     }
-    if version.null_version {
-        remove_null_version(tx, bucket, key, now_ms, false).await?;
-    }
-    add_version(tx, bucket, key, version).await
+    let replaced = match version.null_version {
+        true => remove_null_version(tx, bucket, key, now_ms, false).await?,
+        false => None,
+    };
+    Ok((add_version(tx, bucket, key, version).await?, replaced))
 }
 
 /// The version `version_id` of `key`, or the newest; delete markers

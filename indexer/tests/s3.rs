@@ -1439,7 +1439,8 @@ async fn the_version_committed_last_is_current_whatever_its_ids_clock() {
         async move { ix::put_version_tx(&tx, "late", "k", behind, 10, &seen()).await }
     })
     .await
-    .unwrap();
+    .unwrap()
+    .0;
     assert!(stored.version_id > EvidenceId::new(2_000, [208; 10]));
     assert_eq!(stored.evidence, behind.evidence, "the evidence is the same");
     let current = run(&s, |tx| async move {
