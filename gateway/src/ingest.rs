@@ -766,10 +766,11 @@ impl<S: Store> Upload<S> {
     /// record reached the index or was still in flight or unflushed here.
     ///
     /// Returns once the intent is aborted (a retry under its
-    /// Idempotency-Key then files anew); the shards are deleted in the
-    /// background, so the refusal does not wait on deleting a long
-    /// upload's shards (a client's timeout would come first, and it would
-    /// not learn why). What that misses, GC deletes.
+    /// Idempotency-Key then files anew) and the shards no stripe record
+    /// names are deleted; the recorded ones are deleted in the background,
+    /// so the refusal does not wait on deleting a long upload's shards (a
+    /// client's timeout would come first, and it would not learn why).
+    /// What that misses, GC deletes.
     async fn abandon(mut self) {
         let gw = self.gw.clone();
         let evidence = self.evidence;
@@ -785,15 +786,16 @@ impl<S: Store> Upload<S> {
             tracing::debug!(%evidence, error = %e, "could not record the stripes of a failed upload");
         }
         let aborted = crate::gc::abort(&gw, evidence, crate::gc::Abort::Failed).await;
-        let unflushed = std::mem::take(&mut self.unflushed);
-        tokio::spawn(async move {
-            if aborted {
-                crate::gc::delete_aborted(&gw, evidence).await;
-            }
-            for (stripe, record) in &unflushed {
-                crate::gc::delete_stripe_shards(&gw, evidence, *stripe, record).await;
-            }
-        });
+        // Stripes no record names (at most a pipeline's): deleted before
+        // the answer, since nothing but the orphan sweep, hours later,
+        // would find them if this gateway stopped now.
+        for (stripe, record) in &self.unflushed {
+            crate::gc::delete_stripe_shards(&gw, evidence, *stripe, record).await;
+        }
+        // Recorded ones, after it: GC knows them (the intent is aborted).
+        if aborted {
+            tokio::spawn(async move { crate::gc::delete_aborted(&gw, evidence).await });
+        }
     }
 
     /// Starts coding and storing one stripe, first waiting for the oldest one if
