@@ -1998,13 +1998,29 @@ async fn node_lifecycle<S: Store>(
         // live node forced out with others (each drain leaving enough
         // active) could take stripes below k with it, evidence under
         // retention or hold included. A node that answers is drained.
+        // Silent to every gateway, too: each records in the index when its
+        // probe last reached the node (one cut off from a node by a network
+        // split must not take it out from under the others).
         let quiet = Duration::from_millis(gw.config.node_probe_interval_ms.saturating_mul(2));
         let seen = gw.nodes.view().into_iter().find(|n| n.id == node);
-        if let Some(n) = seen.filter(|n| n.healthy || n.silent_for < quiet) {
-            let how = match n.healthy {
-                true => "answers".to_owned(),
-                false => format!("was heard from {} s ago", n.silent_for.as_secs()),
-            };
+        let record = indexer::run(&gw.store, |tx| async move {
+            schema::get_node_tx(&tx, node).await
+        })
+        .await?;
+        let recorded_silence =
+            record.map(|r| Duration::from_millis(gw.clock.now_ms().saturating_sub(r.last_seen_ms)));
+        let how = match (seen, recorded_silence) {
+            (Some(n), _) if n.healthy => Some("answers".to_owned()),
+            (Some(n), _) if n.silent_for < quiet => {
+                Some(format!("was heard from {} s ago", n.silent_for.as_secs()))
+            }
+            (_, Some(silence)) if silence < quiet => Some(format!(
+                "was heard from by a gateway {} s ago",
+                silence.as_secs()
+            )),
+            _ => None,
+        };
+        if let Some(how) = how {
             return Err(ApiError::Conflict(format!(
                 "node {node} {how}: a forced removal is for a dead node (one silent for {} s); drain it (custodia node drain {} --wait) and remove it once drained, or stop it (or cut it off) first",
                 quiet.as_secs(),
