@@ -68,12 +68,14 @@ pub async fn delete_stripe_shards<S: Store>(
 /// Deletes the shards of every stripe recorded for `evidence`, a batch at a
 /// time, and has `forget` drop the records of the stripes whose shards are
 /// all gone. Returns how many stripes keep their records (a shard on an
-/// unreachable node): running it again continues. Used for aborted uploads,
-/// expunged evidence and finished multipart parts.
+/// unreachable node, or a record this gateway cannot decode, whose stripe
+/// number goes to `unreadable`): running it again continues. Used for
+/// aborted uploads, expunged evidence and finished multipart parts.
 pub async fn delete_recorded_stripes<S, F, Fut>(
     gw: &Gateway<S>,
     evidence: EvidenceId,
     forget: F,
+    unreadable: &mut Vec<u64>,
 ) -> Result<u64, schema::SchemaError>
 where
     S: Store,
@@ -114,6 +116,7 @@ where
                     .map(|((s, _), _)| *s),
             );
         }
+        unreadable.extend(batch.iter().filter(|(_, r)| r.is_none()).map(|(s, _)| *s));
         kept += (batch.len() - deleted.len()) as u64;
         indexer::run(&gw.store, |tx| forget(tx, deleted.clone())).await?;
         next = last + 1;
@@ -167,9 +170,12 @@ pub async fn abort<S: Store>(gw: &Gateway<S>, evidence: EvidenceId, why: Abort) 
 /// forgets it once all are deleted (stripes whose shards could not all be
 /// deleted stay recorded, and the next GC pass retries them).
 pub async fn delete_aborted<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) {
-    let kept = match delete_recorded_stripes(gw, evidence, |tx, gone| async move {
-        schema::forget_aborted_stripes_tx(&tx, evidence, &gone).await
-    })
+    let kept = match delete_recorded_stripes(
+        gw,
+        evidence,
+        |tx, gone| async move { schema::forget_aborted_stripes_tx(&tx, evidence, &gone).await },
+        &mut Vec::new(),
+    )
     .await
     {
         Ok(kept) => kept,
@@ -474,9 +480,13 @@ pub async fn delete_expunged<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) ->
             return Erasure::WAITING;
         }
     }
-    let stripes_left = match delete_recorded_stripes(gw, evidence, |tx, gone| async move {
-        schema::forget_stripes_tx(&tx, evidence, &gone).await
-    })
+    let mut unreadable = Vec::new();
+    let stripes_left = match delete_recorded_stripes(
+        gw,
+        evidence,
+        |tx, gone| async move { schema::forget_stripes_tx(&tx, evidence, &gone).await },
+        &mut unreadable,
+    )
     .await
     {
         Ok(left) => left,
@@ -489,6 +499,27 @@ pub async fn delete_expunged<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) ->
     // nodes that answer erase what they hold now, copies no record names
     // included, not once the last node down comes back.
     let nodes_left = erase_everywhere(gw, evidence).await;
+    // Records this gateway cannot decode (damaged, or a newer version's):
+    // which shards they name is unknown, but every node has erased all it
+    // holds of the evidence, theirs included, so they are forgotten. (Kept,
+    // they would hold the expunge open for ever.)
+    let mut stripes_left = stripes_left;
+    if nodes_left == 0 && !unreadable.is_empty() {
+        let forgotten = indexer::run(&gw.store, |tx| {
+            let unreadable = &unreadable;
+            async move { schema::forget_stripes_tx(&tx, evidence, unreadable).await }
+        })
+        .await;
+        match forgotten {
+            Ok(()) => {
+                tracing::warn!(%evidence, stripes = unreadable.len(), "forgot stripe records of expunged evidence this gateway cannot read, once every node had erased it");
+                stripes_left = stripes_left.saturating_sub(unreadable.len() as u64);
+            }
+            Err(e) => {
+                tracing::warn!(%evidence, error = %e, "could not forget unreadable stripe records of expunged evidence; GC will retry")
+            }
+        }
+    }
     let left = Erasure {
         stripes_left: Some(stripes_left),
         nodes_left: Some(nodes_left),

@@ -3624,10 +3624,15 @@ fn content_range(range: Option<&std::ops::Range<u64>>, size: u64) -> Option<Stri
 /// entry. What is left (a node unreachable) the collector finishes; run
 /// twice, the second finds nothing to delete.
 pub(crate) async fn delete_part<S: Store>(gw: &Gateway<S>, part: EvidenceId) {
-    let done = crate::gc::delete_recorded_stripes(gw, part, |tx, gone| async move {
-        schema::forget_part_stripes_tx(&tx, part, &gone);
-        Ok(())
-    })
+    let done = crate::gc::delete_recorded_stripes(
+        gw,
+        part,
+        |tx, gone| async move {
+            schema::forget_part_stripes_tx(&tx, part, &gone);
+            Ok(())
+        },
+        &mut Vec::new(),
+    )
     .await;
     match done {
         Ok(0) => {
