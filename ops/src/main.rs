@@ -820,11 +820,18 @@ async fn run(cli: Cli) -> Result<()> {
                         &api,
                         &admin,
                         "/v1/admin/keys/revoke",
-                        &serde_json::json!({
-                            "token": token,
-                            "token_id": token_id,
-                            "access_key": access_key,
-                        }),
+                        // Only what is named: a gateway older than
+                        // `token_id` refuses fields it does not know.
+                        &serde_json::Value::Object(
+                            [
+                                ("token", &token),
+                                ("token_id", &token_id),
+                                ("access_key", &access_key),
+                            ]
+                            .into_iter()
+                            .filter_map(|(k, v)| Some((k.to_owned(), v.clone()?.into())))
+                            .collect(),
+                        ),
                     )?;
                     if let Some(id) = &token_id {
                         // The revoked token's file, if DATA_DIR holds it:
