@@ -2722,27 +2722,36 @@ mod tests {
         assert_eq!(small.info().unwrap().shards, 19);
     }
 
-    #[test]
-    fn a_torn_or_damaged_segment_loses_only_the_damaged_records() {
-        let dir = tempfile::tempdir().unwrap();
-        let identity = {
-            let store = ShardStore::open(dir.path()).unwrap();
-            for n in 0..10u8 {
-                let b = body(100 + n as usize);
-                store.put(&header(key(n), &b), &b).unwrap();
-            }
-            store.disk_uuid()
-        };
-        let seg = segment_files(dir.path())[0].clone();
-        let mut bytes = fs::read(&seg).unwrap();
-        // Damage the head of the fourth record, and tear a fifth copy of the
-        // first record off half way (a crash mid-append).
-        let starts: Vec<usize> = bytes
+    /// Stores ten small shards (keys 0 to 9, bodies of 100 to 109 bytes)
+    /// in a new store at `dir`; returns its disk identity.
+    fn ten_small_shards(dir: &Path) -> [u8; 16] {
+        let store = ShardStore::open(dir).unwrap();
+        for n in 0..10u8 {
+            let b = body(100 + n as usize);
+            store.put(&header(key(n), &b), &b).unwrap();
+        }
+        store.disk_uuid()
+    }
+
+    /// Where each record of a segment's bytes starts.
+    fn record_starts(bytes: &[u8]) -> Vec<usize> {
+        bytes
             .windows(8)
             .enumerate()
             .filter(|(_, w)| w == b"CSTDSEG1")
             .map(|(i, _)| i)
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn a_torn_or_damaged_segment_loses_only_the_damaged_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let identity = ten_small_shards(dir.path());
+        let seg = segment_files(dir.path())[0].clone();
+        let mut bytes = fs::read(&seg).unwrap();
+        // Damage the head of the fourth record, and tear a fifth copy of the
+        // first record off half way (a crash mid-append).
+        let starts = record_starts(&bytes);
         assert_eq!(starts.len(), 10);
         bytes[starts[3] + 40] ^= 0x01;
         let first = bytes[starts[0]..starts[1]].to_vec();
@@ -2785,24 +2794,13 @@ mod tests {
     #[test]
     fn damage_in_a_sealed_segment_renews_the_disk_identity_once() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let store = ShardStore::open(dir.path()).unwrap();
-            for n in 0..10u8 {
-                let b = body(100 + n as usize);
-                store.put(&header(key(n), &b), &b).unwrap();
-            }
-        }
+        ten_small_shards(dir.path());
         // Started again, nothing filed since: a later segment (holding
         // nothing) follows the first, which that start made durable whole.
         let before = ShardStore::open(dir.path()).unwrap().disk_uuid();
         let seg = segment_files(dir.path())[0].clone();
         let mut bytes = fs::read(&seg).unwrap();
-        let starts: Vec<usize> = bytes
-            .windows(8)
-            .enumerate()
-            .filter(|(_, w)| w == b"CSTDSEG1")
-            .map(|(i, _)| i)
-            .collect();
+        let starts = record_starts(&bytes);
         assert_eq!(starts.len(), 10);
         // The head of the fourth record damaged, the last record cut short
         // in its body (a file system repair truncated the file).
