@@ -2040,14 +2040,7 @@ mod tests {
     fn a_failed_read_never_quarantines_the_copy_put_since() {
         let eio = || io::Error::from_raw_os_error(rustix::io::Errno::IO.raw_os_error());
         let dir = tempfile::tempdir().unwrap();
-        let store = ShardStore::open_with(
-            dir.path(),
-            StoreConfig {
-                small_shard_max: 0,
-                ..StoreConfig::default()
-            },
-        )
-        .unwrap();
+        let store = open_unpacked(dir.path());
         let k = key(1);
         let b = body(1000);
         store.put(&header(k, &b), &b).unwrap();
@@ -2166,14 +2159,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Shards in files of their own: deleting one frees its bytes at
         // once (a packed one's come back only at compaction).
-        let store = ShardStore::open_with(
-            dir.path(),
-            StoreConfig {
-                small_shard_max: 0,
-                ..StoreConfig::default()
-            },
-        )
-        .unwrap();
+        let store = open_unpacked(dir.path());
         let b = body(3000);
         store.put(&header(key(1), &b), &b).unwrap();
         assert!(store.info().unwrap().free_bytes > 0);
@@ -2720,6 +2706,15 @@ mod tests {
         assert!(!small.shard_path(&key(1)).exists());
         assert_eq!(small.get(&key(1)).unwrap().1, b);
         assert_eq!(small.info().unwrap().shards, 19);
+    }
+
+    /// A store at `dir` keeping every shard in a file of its own.
+    fn open_unpacked(dir: &Path) -> ShardStore {
+        let config = StoreConfig {
+            small_shard_max: 0,
+            ..StoreConfig::default()
+        };
+        ShardStore::open_with(dir, config).unwrap()
     }
 
     /// Stores ten small shards (keys 0 to 9, bodies of 100 to 109 bytes)
