@@ -340,12 +340,17 @@ impl SegmentLog {
         // a shard's bytes: a crash came before they were erased.
         let mut dead = Dead::default();
         let mut to_mend = Vec::new();
-        // The newest segment longer than a header.
-        let holding_records = ids
+        // The last segment whose file begins with a whole header: only
+        // files after it can be creations cut short (segments are made in
+        // order, each after the one before was made durable).
+        let last_headed = ids
             .iter()
             .rev()
             .find(|&&id| {
-                fs::metadata(dir.join(segment_name(id))).is_ok_and(|m| m.len() > HEADER_LEN as u64)
+                let mut header = [0u8; HEADER_LEN];
+                File::open(dir.join(segment_name(id)))
+                    .and_then(|f| f.read_exact_at(&mut header, 0))
+                    .is_ok_and(|()| segment_key(&header).is_some())
             })
             .copied();
         for &id in &ids {
@@ -378,15 +383,15 @@ impl SegmentLog {
                 }
                 Err(e) => return Err(e),
             };
-            let after_records = holding_records.is_none_or(|l| id > l);
-            if after_records && bytes.len() <= HEADER_LEN && segment_key(&bytes).is_none() {
+            let after_headed = last_headed.is_none_or(|l| id > l);
+            if after_headed && bytes.len() <= HEADER_LEN && segment_key(&bytes).is_none() {
                 // No whole header: a creation cut short (a crash before the
                 // header was durable, a full disk). Records follow only a
                 // header made durable, so it never held one. Only segments
-                // after every one holding records can be one (segments are
-                // made in order); an earlier one so short was sealed and has
-                // lost what it held (truncated by a file system repair, say):
-                // it is taken for damaged below, never quietly removed.
+                // after every one with a whole header can be one (segments
+                // are made in order); an earlier one so short has lost what
+                // it held (truncated by a file system repair, say): it is
+                // taken for damaged below, never quietly removed.
                 tracing::warn!(
                     segment = id,
                     len = bytes.len(),
@@ -445,9 +450,6 @@ impl SegmentLog {
                 .map(|(start, end)| Mend::of(start, end, len))
                 .chain(torn.map(Mend::Cut))
                 .collect();
-            if mends.is_empty() {
-                continue;
-            }
             if ids.last().is_some_and(|&last| id < last) {
                 to_mend.extend(mends.into_iter().map(|m| (id, m)));
                 continue;
@@ -459,12 +461,15 @@ impl SegmentLog {
             // segment this open makes follows it). A torn record cut off
             // goes with its part of a shard's body, which would otherwise
             // outlive any expunge of that evidence (one erases only records
-            // it finds).
+            // it finds). Made durable whole now, mended or not, before the
+            // segment this open makes follows it (what a killed process
+            // wrote unsynced is in the page cache, not yet on the disk).
             let mended = mends
                 .iter()
                 .try_for_each(|m| m.apply(&file, &key))
                 .and_then(|()| file.sync_all());
             match mended {
+                Ok(()) if mends.is_empty() => {}
                 Ok(()) => {
                     tracing::warn!(segment = id, mends = ?mends, "mended what a crash left in the last segment");
                     if let (Some(s), Some(cut)) =

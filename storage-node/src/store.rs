@@ -872,13 +872,18 @@ impl ShardStore {
         let aside = self.root.join(DAMAGED_SEGMENTS_DIR);
         // Damaged stretches of sealed segments the open could not mend (no
         // room to report them first, or the mend failed) may hold some of
-        // this evidence, unindexed: mended now (they were reported), or
-        // the erasure fails rather than say erased over them.
+        // this evidence, unindexed: the erasure fails (the expunge waits and
+        // is asked again) rather than say erased over them, until a start
+        // mends them. (Mended here, beside the appends and erasures under
+        // way, its fsync could take another's writeback error.)
         if self.log.damage_to_mend() > 0 {
-            if self.identity_owed {
-                return Err(StoreError::DiskFull);
-            }
-            self.log.mend_damage()?;
+            tracing::error!(%evidence, "damaged stretches of segments are not mended yet: erasing waits for a start that mends them (restart the node once its disk has room and reads)");
+            return Err(match self.identity_owed {
+                true => StoreError::DiskFull,
+                false => StoreError::Io(io::Error::other(
+                    "damaged stretches of segments wait to be mended at the next start",
+                )),
+            });
         }
         // A damaged segment the open could not move aside (no room then)
         // is still among the live ones, unindexed: what it holds of this
@@ -2736,6 +2741,21 @@ mod tests {
             .filter(|(_, w)| w == b"CSTDSEG1")
             .map(|(i, _)| i)
             .collect()
+    }
+
+    /// A sealed segment a file system repair emptied is damage, not a
+    /// creation cut short: a segment with a whole header follows it.
+    #[test]
+    fn a_sealed_segment_emptied_is_reported_not_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        ten_small_shards(dir.path());
+        // Started again, nothing filed: a segment with only a header follows.
+        let before = ShardStore::open(dir.path()).unwrap().disk_uuid();
+        let seg = segment_files(dir.path())[0].clone();
+        fs::write(&seg, b"").unwrap();
+        let store = ShardStore::open(dir.path()).unwrap();
+        assert_ne!(store.disk_uuid(), before, "its shards went in silence");
+        assert!(matches!(store.get(&key(0)), Err(StoreError::NotFound)));
     }
 
     #[test]
