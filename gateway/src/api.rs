@@ -2007,8 +2007,15 @@ async fn node_lifecycle<S: Store>(
             schema::get_node_tx(&tx, node).await
         })
         .await?;
+        // By the wall clock, as the other gateways' stamps mostly are (this
+        // one's compliance clock may run ahead of it): clocks apart by more
+        // than the window defeat this check, and the clock-skew alerts say
+        // so.
+        let wall_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         let recorded_silence =
-            record.map(|r| Duration::from_millis(gw.clock.now_ms().saturating_sub(r.last_seen_ms)));
+            record.map(|r| Duration::from_millis(wall_ms.saturating_sub(r.last_seen_ms)));
         let how = match (seen, recorded_silence) {
             (Some(n), _) if n.healthy => Some("answers".to_owned()),
             (Some(n), _) if n.silent_for < quiet => {

@@ -505,20 +505,21 @@ pub async fn delete_expunged<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) ->
     // they would hold the expunge open for ever.)
     let mut stripes_left = stripes_left;
     if nodes_left == 0 && !unreadable.is_empty() {
-        let forgotten = indexer::run(&gw.store, |tx| {
-            let unreadable = &unreadable;
-            async move { schema::forget_stripes_tx(&tx, evidence, unreadable).await }
-        })
-        .await;
-        match forgotten {
-            Ok(()) => {
-                tracing::warn!(%evidence, stripes = unreadable.len(), "forgot stripe records of expunged evidence this gateway cannot read, once every node had erased it");
-                stripes_left = stripes_left.saturating_sub(unreadable.len() as u64);
-            }
-            Err(e) => {
-                tracing::warn!(%evidence, error = %e, "could not forget unreadable stripe records of expunged evidence; GC will retry")
+        // A batch per transaction, as the deletes forget theirs.
+        for batch in unreadable.chunks(STRIPES_PER_READ) {
+            let forgotten = indexer::run(&gw.store, |tx| async move {
+                schema::forget_stripes_tx(&tx, evidence, batch).await
+            })
+            .await;
+            match forgotten {
+                Ok(()) => stripes_left = stripes_left.saturating_sub(batch.len() as u64),
+                Err(e) => {
+                    tracing::warn!(%evidence, error = %e, "could not forget unreadable stripe records of expunged evidence; GC will retry");
+                    break;
+                }
             }
         }
+        tracing::warn!(%evidence, stripes = unreadable.len(), "forgot stripe records of expunged evidence this gateway cannot read, once every node had erased it");
     }
     let left = Erasure {
         stripes_left: Some(stripes_left),

@@ -786,11 +786,15 @@ impl<S: Store> Upload<S> {
             tracing::debug!(%evidence, error = %e, "could not record the stripes of a failed upload");
         }
         let aborted = crate::gc::abort(&gw, evidence, crate::gc::Abort::Failed).await;
-        // Stripes no record names (at most a pipeline's): deleted before
+        // Stripes no record names (a pipeline's, or a few batches the index
+        // did not take), eight at a time: deleted before
         // the answer, since nothing but the orphan sweep, hours later,
         // would find them if this gateway stopped now.
-        for (stripe, record) in &self.unflushed {
-            crate::gc::delete_stripe_shards(&gw, evidence, *stripe, record).await;
+        for group in self.unflushed.chunks(8) {
+            futures::future::join_all(group.iter().map(|(stripe, record)| {
+                crate::gc::delete_stripe_shards(&gw, evidence, *stripe, record)
+            }))
+            .await;
         }
         // Recorded ones, after it: GC knows them (the intent is aborted).
         if aborted {
