@@ -2011,9 +2011,7 @@ async fn node_lifecycle<S: Store>(
         // one's compliance clock may run ahead of it): clocks apart by more
         // than the window defeat this check, and the clock-skew alerts say
         // so.
-        let wall_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let wall_ms = crate::clock::wall_ms();
         let recorded_silence =
             record.map(|r| Duration::from_millis(wall_ms.saturating_sub(r.last_seen_ms)));
         let how = match (seen, recorded_silence) {

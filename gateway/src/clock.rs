@@ -151,7 +151,9 @@ fn wall_ns() -> u64 {
         .unwrap_or(0)
 }
 
-fn wall_ms() -> u64 {
+/// The system's wall clock, ms since the Unix epoch (not the compliance
+/// clock: what other machines' stamps are compared with).
+pub(crate) fn wall_ms() -> u64 {
     wall_ns() / NS_PER_MS
 }
 

@@ -93,34 +93,46 @@ where
         let Some(&(last, _)) = batch.last() else {
             return Ok(kept);
         };
-        let mut deleted = Vec::with_capacity(batch.len());
-        for group in batch.chunks(8) {
-            let done = futures::future::join_all(group.iter().map(|(stripe, rec)| async move {
+        let done = delete_each(gw, evidence, &batch).await;
+        let deleted: Vec<u64> = batch
+            .iter()
+            .zip(done)
+            .filter(|(_, ok)| *ok)
+            .map(|((s, _), _)| *s)
+            .collect();
+        unreadable.extend(batch.iter().filter(|(_, r)| r.is_none()).map(|(s, _)| *s));
+        kept += (batch.len() - deleted.len()) as u64;
+        indexer::run(&gw.store, |tx| forget(tx, deleted.clone())).await?;
+        next = last + 1;
+    }
+}
+
+/// Deletes the shards of each stripe (eight at a time); says of each
+/// whether all its shards are gone. A record this gateway could not decode
+/// (`None`) names shards unknown here: kept (a newer gateway reads it), the
+/// rest go on. The nodes' erase of an expunged evidence reaches its shards
+/// anyway.
+pub(crate) async fn delete_each<S: Store>(
+    gw: &Gateway<S>,
+    evidence: EvidenceId,
+    stripes: &[(u64, Option<StripeRecord>)],
+) -> Vec<bool> {
+    let mut done = Vec::with_capacity(stripes.len());
+    for group in stripes.chunks(8) {
+        done.extend(
+            futures::future::join_all(group.iter().map(|(stripe, rec)| async move {
                 match rec {
                     Some(rec) => delete_stripe_shards(gw, evidence, *stripe, rec).await,
-                    // Which shards it names is unknown here: kept (a newer
-                    // gateway reads it), the rest go on. The nodes' erase
-                    // of an expunged evidence reaches its shards anyway.
                     None => {
                         tracing::warn!(%evidence, stripe, "a stripe record this gateway cannot read: its shards are left to a gateway that can");
                         false
                     }
                 }
             }))
-            .await;
-            deleted.extend(
-                group
-                    .iter()
-                    .zip(done)
-                    .filter(|(_, ok)| *ok)
-                    .map(|((s, _), _)| *s),
-            );
-        }
-        unreadable.extend(batch.iter().filter(|(_, r)| r.is_none()).map(|(s, _)| *s));
-        kept += (batch.len() - deleted.len()) as u64;
-        indexer::run(&gw.store, |tx| forget(tx, deleted.clone())).await?;
-        next = last + 1;
+            .await,
+        );
     }
+    done
 }
 
 /// Why [`abort_and_delete`] is running.
@@ -599,15 +611,7 @@ async fn erase_everywhere<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) -> u6
         tracing::debug!(%evidence, %node, "a node that is down erases expunged evidence once it is back");
     }
     left += down.len() as u64;
-    for group in targets.chunks(16) {
-        let done = futures::future::join_all(
-            group
-                .iter()
-                .map(|&(node, addr)| erase_on(gw, node, addr, evidence)),
-        )
-        .await;
-        left += done.iter().filter(|ok| !**ok).count() as u64;
-    }
+    left += erase_on_each(gw, &targets, evidence).await;
     // Removed nodes this gateway lists that still answer (drained and left
     // running, not yet wiped) may hold copies no record names (quarantined
     // ones, old copies whose deletion failed): asked too, at best effort.
@@ -622,15 +626,28 @@ async fn erase_everywhere<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) -> u6
             gw.nodes.lifecycle(node) == schema::Lifecycle::Removed && gw.nodes.is_healthy(node)
         })
         .collect();
-    for group in removed.chunks(16) {
-        futures::future::join_all(
+    erase_on_each(gw, &removed, evidence).await;
+    left
+}
+
+/// [`erase_on`] each of `targets`, sixteen at a time; returns how many
+/// could not erase.
+async fn erase_on_each<S: Store>(
+    gw: &Gateway<S>,
+    targets: &[(NodeId, std::net::SocketAddr)],
+    evidence: EvidenceId,
+) -> u64 {
+    let mut failed = 0;
+    for group in targets.chunks(16) {
+        let done = futures::future::join_all(
             group
                 .iter()
                 .map(|&(node, addr)| erase_on(gw, node, addr, evidence)),
         )
         .await;
+        failed += done.iter().filter(|ok| !**ok).count() as u64;
     }
-    left
+    failed
 }
 
 /// The nodes the index has a record of that this gateway's configuration

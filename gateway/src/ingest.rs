@@ -790,12 +790,11 @@ impl<S: Store> Upload<S> {
         // did not take), eight at a time: deleted before
         // the answer, since nothing but the orphan sweep, hours later,
         // would find them if this gateway stopped now.
-        for group in self.unflushed.chunks(8) {
-            futures::future::join_all(group.iter().map(|(stripe, record)| {
-                crate::gc::delete_stripe_shards(&gw, evidence, *stripe, record)
-            }))
-            .await;
-        }
+        let unflushed: Vec<_> = std::mem::take(&mut self.unflushed)
+            .into_iter()
+            .map(|(stripe, record)| (stripe, Some(record)))
+            .collect();
+        crate::gc::delete_each(&gw, evidence, &unflushed).await;
         // Recorded ones, after it: GC knows them (the intent is aborted).
         if aborted {
             tokio::spawn(async move { crate::gc::delete_aborted(&gw, evidence).await });

@@ -2733,6 +2733,16 @@ mod tests {
         store.disk_uuid()
     }
 
+    /// [`ten_small_shards`] in a segment sealed by a start with nothing
+    /// filed since (a later segment, holding nothing, follows the first,
+    /// which that start made durable whole): the disk identity then, and
+    /// the sealed segment's file.
+    fn a_sealed_segment(dir: &Path) -> ([u8; 16], PathBuf) {
+        ten_small_shards(dir);
+        let identity = ShardStore::open(dir).unwrap().disk_uuid();
+        (identity, segment_files(dir)[0].clone())
+    }
+
     /// Where each record of a segment's bytes starts.
     fn record_starts(bytes: &[u8]) -> Vec<usize> {
         bytes
@@ -2748,10 +2758,7 @@ mod tests {
     #[test]
     fn a_sealed_segment_emptied_is_reported_not_removed() {
         let dir = tempfile::tempdir().unwrap();
-        ten_small_shards(dir.path());
-        // Started again, nothing filed: a segment with only a header follows.
-        let before = ShardStore::open(dir.path()).unwrap().disk_uuid();
-        let seg = segment_files(dir.path())[0].clone();
+        let (before, seg) = a_sealed_segment(dir.path());
         fs::write(&seg, b"").unwrap();
         let store = ShardStore::open(dir.path()).unwrap();
         assert_ne!(store.disk_uuid(), before, "its shards went in silence");
@@ -2809,11 +2816,7 @@ mod tests {
     #[test]
     fn damage_in_a_sealed_segment_renews_the_disk_identity_once() {
         let dir = tempfile::tempdir().unwrap();
-        ten_small_shards(dir.path());
-        // Started again, nothing filed since: a later segment (holding
-        // nothing) follows the first, which that start made durable whole.
-        let before = ShardStore::open(dir.path()).unwrap().disk_uuid();
-        let seg = segment_files(dir.path())[0].clone();
+        let (before, seg) = a_sealed_segment(dir.path());
         let mut bytes = fs::read(&seg).unwrap();
         let starts = record_starts(&bytes);
         assert_eq!(starts.len(), 10);
