@@ -36,6 +36,7 @@ pub mod read;
 pub mod recover;
 pub mod repair;
 pub mod s3;
+pub mod s3_chunks;
 pub mod s3_digest;
 pub mod s3_journal;
 pub mod witness;

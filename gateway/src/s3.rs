@@ -181,6 +181,14 @@ pub(crate) async fn serve<S: Store + 'static>(
                         }
                         Err(refused) => Ok(refused_response(&refused)),
                     }
+                } else if crate::s3_digest::streaming(req.headers()) {
+                    let (req, verdict) = crate::s3_chunks::wrap(req);
+                    let resp = service.call(req.map(s3s::Body::http_body_unsync)).await;
+                    let refused = verdict.lock().ok().and_then(|mut v| v.take());
+                    match refused {
+                        Some(refused) => Ok(refused_response(&refused)),
+                        None => resp,
+                    }
                 } else {
                     service.call(req.map(s3s::Body::from)).await
                 }

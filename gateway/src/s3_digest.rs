@@ -69,7 +69,7 @@ pub fn wants_check<B>(req: &http::Request<B>) -> bool {
 }
 
 /// Whether the body is sent aws-chunked (`STREAMING-*`).
-fn streaming(headers: &http::HeaderMap) -> bool {
+pub(crate) fn streaming(headers: &http::HeaderMap) -> bool {
     headers
         .get("x-amz-content-sha256")
         .and_then(|v| v.to_str().ok())

@@ -242,6 +242,41 @@ fn aws_chunked_trailers_are_verified_after_the_last_byte() -> Result<()> {
             }
         }
     }
+    // A chunk larger than the gateway holds (s3s buffers a chunk whole):
+    // refused from its header, 400 InvalidRequest, nothing stored.
+    let mut framed = format!("{:x}\r\n", 64 << 20).into_bytes();
+    framed.extend(&data);
+    let file = c.data_dir().join("huge.chunked");
+    std::fs::write(&file, framed)?;
+    let url = format!("{}/trail/huge", c.s3);
+    let (h, body) = curl(
+        &c,
+        "PUT",
+        &url,
+        &[
+            "-H",
+            "x-amz-content-sha256: STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+            "-H",
+            "content-encoding: aws-chunked",
+            "-H",
+            &format!("x-amz-decoded-content-length: {}", 64 << 20),
+            "-H",
+            "x-amz-trailer: x-amz-checksum-sha256",
+            "--data-binary",
+            &format!("@{}", file.display()),
+        ],
+    )?;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert!(h.starts_with("http/1.1 400"), "huge chunk: {h}{body}");
+    assert!(
+        body.contains("<Code>InvalidRequest</Code>") && body.contains("aws-chunked chunk"),
+        "huge chunk: {body}"
+    );
+    let (h, _) = curl(&c, "HEAD", &url, &[])?;
+    assert!(
+        h.starts_with("http/1.1 404"),
+        "huge chunk: nothing stored: {h}"
+    );
     Ok(())
 }
 
