@@ -23,6 +23,12 @@
 //!   the transaction's place in the batch (2 bytes, big-endian).
 //! - FoundationDB's limits (see `kv`): key, value and transaction sizes, and the
 //!   5 s transaction age.
+//! - A failed write (a full disk, an I/O error) fails its batch, and redb then
+//!   refuses every later operation on that handle (it latches the failure,
+//!   `PreviousIo`). The committer closes the handle and opens the file again,
+//!   so the store recovers once the disk does, without a restart; a batch
+//!   whose fate the failure left unknown is answered by what the reopened file
+//!   holds (see [`Committer::reopen`]).
 //!
 //! Key layout of the redb file:
 //!
@@ -35,7 +41,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -68,8 +74,16 @@ pub struct EmbeddedStore {
     shared: Arc<Shared>,
 }
 
+/// The open database, shared by readers and the committer; `None` while the
+/// committer opens it again after an I/O failure.
+type Slot = Arc<RwLock<Option<Arc<Database>>>>;
+
+/// Opens (or creates) the database file: once at [`EmbeddedStore::open`],
+/// again after an I/O failure.
+type Opener = Box<dyn Fn() -> Result<Database, redb::DatabaseError> + Send>;
+
 struct Shared {
-    db: Arc<Database>,
+    db: Slot,
     commits: Option<mpsc::Sender<CommitRequest>>,
     committer: Option<JoinHandle<()>>,
     disk_commits: Arc<AtomicU64>,
@@ -99,6 +113,12 @@ impl std::fmt::Debug for EmbeddedStore {
 impl EmbeddedStore {
     /// Opens the store at `path`, creating the file if it does not exist.
     pub fn open(path: &Path) -> Result<Self, KvError> {
+        let file = path.to_path_buf();
+        Self::open_with(path, Box::new(move || Database::create(&file)))
+    }
+
+    /// Opens the store at `path` with `opener` (a test's failing disk).
+    fn open_with(path: &Path, opener: Opener) -> Result<Self, KvError> {
         // It holds S3 secret keys (and every tenant's records): its owner's
         // alone from its first byte, whatever the umask (made private only
         // after redb created it, another user could open it in between and
@@ -121,12 +141,15 @@ impl EmbeddedStore {
                 tracing::warn!(path = %path.display(), error = %e, "could not make the index file private");
             }
         }
-        let db = Arc::new(Database::create(path).map_err(storage)?);
+        let db = Arc::new(opener().map_err(storage)?);
         let version = prepare_tables(&db).map_err(storage)?;
+        let db: Slot = Arc::new(RwLock::new(Some(db)));
         let disk_commits = Arc::new(AtomicU64::new(0));
         let (commits, requests) = mpsc::channel();
         let committer = Committer {
             db: db.clone(),
+            opener,
+            next_reopen: None,
             requests,
             version,
             recent: VecDeque::new(),
@@ -168,6 +191,18 @@ fn prepare_tables(db: &Database) -> Result<u64, redb::Error> {
     Ok(version)
 }
 
+/// The database is being opened again after an I/O failure.
+#[derive(Debug, thiserror::Error)]
+#[error("the index file is being reopened after an I/O failure (a full disk?)")]
+struct Unavailable;
+
+/// How long the callers of a batch whose write failed wait for the file to
+/// be opened again, which says whether their commit landed.
+const REOPEN_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Between attempts to open the file again.
+const REOPEN_EVERY: Duration = Duration::from_millis(250);
+
 fn storage<E: std::error::Error + Send + Sync + 'static>(e: E) -> KvError {
     KvError::Storage(Box::new(e))
 }
@@ -183,7 +218,14 @@ impl KvStore for EmbeddedStore {
         // Before the snapshot: the conflict window (`CONFLICT_WINDOW`) outlasts
         // the age limit only if the age is counted from no later than it.
         let started = Instant::now();
-        let read = self.shared.db.begin_read().map_err(redb_storage)?;
+        let db = self
+            .shared
+            .db
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| storage(Unavailable))?;
+        let read = db.begin_read().map_err(redb_storage)?;
         let snapshot = read.open_table(DATA).map_err(redb_storage)?;
         let meta = read.open_table(META).map_err(redb_storage)?;
         let read_version = meta
@@ -671,7 +713,11 @@ struct RecentCommit {
 /// The one thread that writes to redb. It owns the commit version and the
 /// recent write sets, so conflict checks need no locks.
 struct Committer {
-    db: Arc<Database>,
+    db: Slot,
+    opener: Opener,
+    /// While the file is closed after an I/O failure: when to try to open
+    /// it again.
+    next_reopen: Option<Instant>,
     requests: mpsc::Receiver<CommitRequest>,
     version: u64,
     recent: VecDeque<RecentCommit>,
@@ -788,7 +834,27 @@ impl Arrivals {
 
 impl Committer {
     fn run(mut self) {
-        while let Ok(first) = self.requests.recv() {
+        loop {
+            if let Some(at) = self.next_reopen {
+                // Closed after an I/O failure: every commit fails at once
+                // (as a read does) until the file opens again.
+                match self
+                    .requests
+                    .recv_timeout(at.saturating_duration_since(Instant::now()))
+                {
+                    Ok(request) => {
+                        let _ = request.reply.send(Err(storage(Unavailable)));
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.reopen(Instant::now());
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+                continue;
+            }
+            let Ok(first) = self.requests.recv() else {
+                return;
+            };
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
                 match self.requests.try_recv() {
@@ -875,10 +941,22 @@ impl Committer {
             return;
         }
         let started = Instant::now();
-        let written = self.write_batch(version, &accepted);
+        let mut written = self.write_batch(version, &accepted);
         // Before any reply: a caller that resubmits at once must not count
         // as another caller arriving during the write.
         self.arrivals.write = Some((started, Instant::now()));
+        if let Err(e) = &written {
+            tracing::error!(error = %e, "index batch commit failed");
+            if matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo) {
+                // The handle refuses everything from now on: open the file
+                // again, which also says whether the batch landed (a
+                // failed fsync may have come after it did).
+                if self.reopen(Instant::now() + REOPEN_PATIENCE) == Some(version) {
+                    tracing::warn!(version, "the failed index batch had landed after all");
+                    written = Ok(());
+                }
+            }
+        }
         match written {
             Ok(()) => {
                 self.version = version;
@@ -894,7 +972,6 @@ impl Committer {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "index batch commit failed");
                 let e = Arc::new(e);
                 for request in accepted {
                     let _ = request
@@ -933,8 +1010,47 @@ impl Committer {
         Ok(())
     }
 
+    /// Closes the database after an I/O failure and opens it again,
+    /// trying until `until` (once when that has passed); while it is closed,
+    /// reads and commits fail at once. Returns the version of the last batch
+    /// in the file when it opened: the version of a batch whose write failed
+    /// says that it landed. Left closed, it is tried again every
+    /// [`REOPEN_EVERY`] from [`Committer::run`].
+    fn reopen(&mut self, until: Instant) -> Option<u64> {
+        // Readers that began on the old handle fail when they next touch
+        // the file; the handle closes once the last clone (one a `begin`
+        // is using now) is dropped, and the file cannot open before.
+        let old = self.db.write().unwrap_or_else(|e| e.into_inner()).take();
+        drop(old);
+        loop {
+            let opened = (self.opener)()
+                .map_err(redb::Error::from)
+                .and_then(|db| Ok((prepare_tables(&db)?, db)));
+            match opened {
+                Ok((durable, db)) => {
+                    *self.db.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(db));
+                    self.next_reopen = None;
+                    tracing::warn!(durable, "index file reopened after an I/O failure");
+                    return Some(durable);
+                }
+                Err(e) if Instant::now() >= until => {
+                    tracing::error!(error = %e, "the index file cannot be opened again yet");
+                    self.next_reopen = Some(Instant::now() + REOPEN_EVERY);
+                    return None;
+                }
+                Err(_) => std::thread::sleep(REOPEN_EVERY / 5),
+            }
+        }
+    }
+
     fn write_batch(&self, version: u64, accepted: &[CommitRequest]) -> Result<(), redb::Error> {
-        let write = self.db.begin_write()?;
+        let db = self
+            .db
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| redb::Error::Io(std::io::Error::other(Unavailable)))?;
+        let write = db.begin_write()?;
         {
             let mut data = write.open_table(DATA)?;
             for (order, request) in accepted.iter().enumerate() {
@@ -1073,6 +1189,143 @@ mod tests {
         a.write = Some((now, now + Duration::from_secs(1)));
         a.after_write(&[]);
         assert_eq!(a.probe(now + 2 * PROBE_EVERY), Some(MAX_PROBE), "at most");
+    }
+
+    /// A file whose writes fail while `full` is set, as on a full disk.
+    #[derive(Debug)]
+    struct FillingDisk {
+        file: redb::backends::FileBackend,
+        full: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl FillingDisk {
+        fn refuse(&self) -> std::io::Result<()> {
+            match self.full.load(Ordering::SeqCst) {
+                true => Err(std::io::Error::from_raw_os_error(28)), // ENOSPC
+                false => Ok(()),
+            }
+        }
+    }
+
+    impl redb::StorageBackend for FillingDisk {
+        fn len(&self) -> std::io::Result<u64> {
+            self.file.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.file.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.refuse()?;
+            self.file.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.refuse()?;
+            self.file.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.refuse()?;
+            self.file.write(offset, data)
+        }
+        fn close(&self) -> std::io::Result<()> {
+            self.file.close()
+        }
+        fn try_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, redb::BackendError> {
+            self.file.try_lock_range(s, e)
+        }
+        fn try_lock_shared_range(
+            &self,
+            s: Bound<u64>,
+            e: Bound<u64>,
+        ) -> Result<bool, redb::BackendError> {
+            self.file.try_lock_shared_range(s, e)
+        }
+        fn lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), redb::BackendError> {
+            self.file.lock_range(s, e)
+        }
+        fn lock_shared_range(
+            &self,
+            s: Bound<u64>,
+            e: Bound<u64>,
+        ) -> Result<(), redb::BackendError> {
+            self.file.lock_shared_range(s, e)
+        }
+        fn unlock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), redb::BackendError> {
+            self.file.unlock_range(s, e)
+        }
+        fn query_lock_range(
+            &self,
+            s: Bound<u64>,
+            e: Bound<u64>,
+        ) -> Result<bool, redb::BackendError> {
+            self.file.query_lock_range(s, e)
+        }
+    }
+
+    async fn put(store: &EmbeddedStore, key: &[u8]) -> Result<(), KvError> {
+        let tx = store.begin()?;
+        tx.set(key, b"v");
+        tx.commit().await
+    }
+
+    async fn has(store: &EmbeddedStore, key: &[u8]) -> Result<bool, KvError> {
+        Ok(store.begin()?.get(key).await?.is_some())
+    }
+
+    /// A disk that fills fails the commits made meanwhile, with nothing of
+    /// them written; once it has room again the store commits and reads
+    /// without a restart (redb refuses everything on a handle after an I/O
+    /// failure, so the file must be opened again), and what was committed
+    /// before is all there.
+    #[tokio::test]
+    async fn the_store_recovers_when_a_full_disk_has_room_again() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("index.redb");
+        let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let opener = {
+            let (path, full) = (path.clone(), full.clone());
+            Box::new(move || {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)?;
+                let file = redb::backends::FileBackend::new(file)?;
+                let full = full.clone();
+                redb::Builder::new().create_with_backend(FillingDisk { file, full })
+            })
+        };
+        let store = EmbeddedStore::open_with(&path, opener).expect("the store opens");
+        put(&store, b"before")
+            .await
+            .expect("a commit on a disk with room");
+        full.store(true, Ordering::SeqCst);
+        let failed = put(&store, b"while-full").await;
+        assert!(matches!(failed, Err(KvError::Storage(_))), "{failed:?}");
+        // Still full: refused at once, reads included, not hung.
+        let started = Instant::now();
+        assert!(put(&store, b"still-full").await.is_err());
+        assert!(has(&store, b"before").await.is_err());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        full.store(false, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while put(&store, b"after").await.is_err() {
+            assert!(Instant::now() < deadline, "the store did not recover");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(has(&store, b"before").await.expect("a read after recovery"));
+        assert!(has(&store, b"after").await.expect("a read after recovery"));
+        assert!(!has(&store, b"while-full").await.unwrap_or(true));
+        assert!(!has(&store, b"still-full").await.unwrap_or(true));
+        // And the file opens as it was left.
+        drop(store);
+        let store = EmbeddedStore::open(&path).expect("the store opens again");
+        assert!(has(&store, b"before").await.expect("a read"));
+        assert!(has(&store, b"after").await.expect("a read"));
     }
 
     #[test]
