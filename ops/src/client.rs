@@ -7,9 +7,17 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
 
+/// The token file a client command uses without `--token-file`: the admin
+/// token `init` writes in the default data dir.
+const DEFAULT_TOKEN_FILE: &str = "custodia-data/admin.token";
+
+/// The evidence API a client command uses without `--api` or
+/// `CUSTODIA_API` when no cluster file says otherwise.
+pub const DEFAULT_API: &str = "http://127.0.0.1:8080";
+
 /// The bearer token from `--token-file`, else `./custodia-data/admin.token`.
 pub fn token(file: Option<&Path>) -> Result<String> {
-    let path = file.unwrap_or(Path::new("custodia-data/admin.token"));
+    let path = file.unwrap_or(Path::new(DEFAULT_TOKEN_FILE));
     let t = std::fs::read_to_string(path).with_context(|| {
         format!(
             "reading the token from {} (use --token-file)",
@@ -58,7 +66,7 @@ pub const PUBLIC_ROOTS: &str = "public";
 /// token file (`DATA_DIR/tls/ca.pem`, where `init` writes both), if there.
 pub fn trust(ca: Option<&Path>, token_file: Option<&Path>) {
     let beside_token = || {
-        let token = token_file.unwrap_or(Path::new("custodia-data/admin.token"));
+        let token = token_file.unwrap_or(Path::new(DEFAULT_TOKEN_FILE));
         let ca = token.parent()?.join("tls").join("ca.pem");
         ca.exists().then_some(ca)
     };
@@ -70,6 +78,33 @@ pub fn trust(ca: Option<&Path>, token_file: Option<&Path>) {
     if TRUST.set(chosen).is_err() {
         tracing::debug!("the CA to trust was settled already");
     }
+}
+
+/// The evidence API a client command reaches when neither `--api` nor
+/// `CUSTODIA_API` names one: the gateway of the cluster whose token it
+/// sends (`cluster.toml` beside the token file, where `init` writes both),
+/// at its listen address and with its scheme, so that a cluster started
+/// with `--api-tls` or another `--api` is found as `key create` finds it;
+/// [`DEFAULT_API`] where there is no such file. Also whether the address
+/// is this machine's own (see [`crate::cluster::Cluster::local_api`]). A
+/// cluster file that cannot be read is an error, not [`DEFAULT_API`]: the
+/// token would go to whatever else listens there.
+pub fn default_api(token_file: Option<&Path>) -> Result<(String, bool)> {
+    let token = token_file.unwrap_or(Path::new(DEFAULT_TOKEN_FILE));
+    let file = token
+        .parent()
+        .unwrap_or(Path::new(""))
+        .join(crate::cluster::CLUSTER_FILE);
+    if !file.try_exists().unwrap_or(false) {
+        return Ok((DEFAULT_API.to_owned(), false));
+    }
+    let cluster = crate::cluster::Cluster::load_file(&file).with_context(|| {
+        format!(
+            "finding the evidence API in {} (or give --api)",
+            file.display()
+        )
+    })?;
+    Ok(cluster.local_api())
 }
 
 /// An HTTP(S) client that returns error statuses as answers. Over HTTPS it
@@ -345,6 +380,20 @@ pub fn get(
             output.display()
         );
     }
+    // Write beside the target and rename at the end: a cut-off download never
+    // leaves a plausible-looking partial file under the requested name.
+    // Made before the request: the gateway records every read in the
+    // ledger for good, so a destination that cannot be written must fail
+    // before any read is recorded.
+    let dir = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".custodia-partial-")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    partial.lock().unwrap_or_else(|e| e.into_inner()).temp = Some(tmp.path().to_path_buf());
     let mut resp = agent()?
         .get(format!("{}/v1/evidence/{id}", api.trim_end_matches('/')))
         .header("authorization", format!("Bearer {token}"))
@@ -370,17 +419,6 @@ pub fn get(
              dropping headers?): what arrives could not be verified; nothing written"
         );
     };
-    // Write beside the target and rename at the end: a cut-off download never
-    // leaves a plausible-looking partial file under the requested name.
-    let dir = output
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".custodia-partial-")
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
-    partial.lock().unwrap_or_else(|e| e.into_inner()).temp = Some(tmp.path().to_path_buf());
     let pb = bar(len, "fetching");
     let mut hasher = blake3::Hasher::new();
     let mut reader = resp.body_mut().as_reader();
@@ -453,12 +491,19 @@ pub fn hash_file(path: &Path) -> Result<(protocol::Blake3Hash, protocol::Sha256H
     use sha2::Digest;
     use std::io::Read;
     let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // A directory opens, and fails only at its first read, with an error
+    // that names no path ("Is a directory").
+    if f.metadata().is_ok_and(|m| m.is_dir()) {
+        bail!("{} is a directory, not a file", path.display());
+    }
     let mut b3 = blake3::Hasher::new();
     let mut sha = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
-        let n = f.read(&mut buf)?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }

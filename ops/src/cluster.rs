@@ -275,6 +275,26 @@ impl Cluster {
     pub fn ca_cert(&self) -> &Path {
         &self.gateway.tls.ca_cert
     }
+
+    /// The evidence API as this machine reaches this cluster's gateway: the
+    /// scheme it serves (`https` under `api_tls`, which serves nothing in
+    /// clear) and its listen address, an unspecified one dialled on
+    /// loopback. Also whether that address is this machine's own (it binds
+    /// here): plain HTTP to it crosses no network, as on the gateway's host
+    /// with `listen` on a LAN address.
+    pub fn local_api(&self) -> (String, bool) {
+        let mut addr = self.gateway.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        let scheme = if self.gateway.api_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let here = UdpSocket::bind(SocketAddr::new(addr.ip(), 0)).is_ok();
+        (format!("{scheme}://{addr}"), here)
+    }
 }
 
 /// What `init` should create.
@@ -702,10 +722,6 @@ pub fn running_gateway(data_dir: &Path, api: Option<&str>) -> Result<(String, St
     let named = api
         .map(|url| url.trim().trim_end_matches('/').to_owned())
         .filter(|url| !url.is_empty());
-    let mut addr = cluster.gateway.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-    }
     let token = fs::read_to_string(data_dir.join(ADMIN_TOKEN_FILE))
         .with_context(|| format!("reading {}", data_dir.join(ADMIN_TOKEN_FILE).display()))?;
     // The cluster CA, unless CUSTODIA_CA_CERT names another (or `public`).
@@ -714,18 +730,12 @@ pub fn running_gateway(data_dir: &Path, api: Option<&str>) -> Result<(String, St
         Some(ca.as_deref().unwrap_or(&cluster.gateway.tls.ca_cert)),
         None,
     );
-    let scheme = if cluster.gateway.api_tls.is_some() {
-        "https"
-    } else {
-        "http"
-    };
     // The admin token goes out, and new secrets come back: never in clear
     // across a network. The gateway's own address from cluster.toml is
-    // fine when it is this machine's (it binds here), as on the gateway's
-    // host with `listen` on a LAN address.
-    let local = named.is_none()
-        && std::net::UdpSocket::bind(std::net::SocketAddr::new(addr.ip(), 0)).is_ok();
-    let api = named.unwrap_or_else(|| format!("{scheme}://{addr}"));
+    // fine when it is this machine's.
+    let (own, here) = cluster.local_api();
+    let local = named.is_none() && here;
+    let api = named.unwrap_or(own);
     if !local {
         crate::client::refuse_clear_text(&api)?;
     }

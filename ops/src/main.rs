@@ -123,9 +123,11 @@ impl ClusterShape {
 
 #[derive(clap::Args, Clone)]
 struct ApiArgs {
-    /// Evidence API base URL.
-    #[arg(long, env = "CUSTODIA_API", default_value = "http://127.0.0.1:8080")]
-    api: String,
+    /// Evidence API base URL (default: the gateway of the cluster beside
+    /// the token file, from its `cluster.toml`, over HTTPS if it serves
+    /// that; without one, http://127.0.0.1:8080).
+    #[arg(long, env = "CUSTODIA_API")]
+    api: Option<String>,
     /// File holding the bearer token (default: ./custodia-data/admin.token).
     #[arg(long, env = "CUSTODIA_TOKEN_FILE")]
     token_file: Option<PathBuf>,
@@ -137,13 +139,22 @@ struct ApiArgs {
 }
 
 impl ApiArgs {
-    /// The bearer token; also settles which CA the client trusts. Refused
-    /// for a plain `http://` API on another machine: the token (and the
-    /// evidence) would cross the network in clear.
-    fn token(&self) -> Result<String> {
-        client::refuse_clear_text(&self.api)?;
+    /// The API's URL ([`client::default_api`] unless `--api` or
+    /// `CUSTODIA_API` names one) and the bearer token; also settles which
+    /// CA the client trusts (the cluster CA beside the token file, as the
+    /// URL from its cluster file needs). Refused for a plain `http://` API
+    /// on another machine: the token (and the evidence) would cross the
+    /// network in clear.
+    fn connect(&self) -> Result<(String, String)> {
+        let (api, here) = match &self.api {
+            Some(api) => (api.clone(), false),
+            None => client::default_api(self.token_file.as_deref())?,
+        };
+        if !here {
+            client::refuse_clear_text(&api)?;
+        }
         client::trust(self.ca_cert.as_deref(), self.token_file.as_deref());
-        client::token(self.token_file.as_deref())
+        Ok((api, client::token(self.token_file.as_deref())?))
     }
 }
 
@@ -611,12 +622,12 @@ otherwise: start it with  custodia node --cluster {} --id {id}
             wait,
             patience_secs,
         } => {
-            let token = api.token()?;
-            node_admin::act(&api.api, &token, id, "drain", false)?;
+            let (api, token) = api.connect()?;
+            node_admin::act(&api, &token, id, "drain", false)?;
             println!("node {id} is draining: no new shards; repair moves its shards elsewhere");
             if wait {
                 node_admin::wait_drained(
-                    &api.api,
+                    &api,
                     &token,
                     id,
                     std::time::Duration::from_secs(patience_secs),
@@ -626,14 +637,14 @@ otherwise: start it with  custodia node --cluster {} --id {id}
             Ok(())
         }
         NodeAction::Activate { id, api } => {
-            let token = api.token()?;
-            node_admin::act(&api.api, &token, id, "activate", false)?;
+            let (api, token) = api.connect()?;
+            node_admin::act(&api, &token, id, "activate", false)?;
             println!("node {id} is active");
             Ok(())
         }
         NodeAction::Remove { id, api, force } => {
-            let token = api.token()?;
-            node_admin::act(&api.api, &token, id, "remove", force)?;
+            let (api, token) = api.connect()?;
+            node_admin::act(&api, &token, id, "remove", force)?;
             println!("node {id} is removed from the cluster");
             Ok(())
         }
@@ -1037,14 +1048,10 @@ async fn run(cli: Cli) -> Result<()> {
             case,
             submitter,
             idempotency_key,
-        } => client::put(
-            &api.api,
-            &api.token()?,
-            &file,
-            case,
-            submitter,
-            idempotency_key,
-        ),
+        } => {
+            let (api, token) = api.connect()?;
+            client::put(&api, &token, &file, case, submitter, idempotency_key)
+        }
         Command::Verify {
             receipt,
             file,
@@ -1121,39 +1128,46 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             // Interrupted, it leaves no partial download behind (the
             // process ends on Ctrl-C, past any destructor).
-            let token = api.token()?;
+            let (api, token) = api.connect()?;
             let partial = client::Partial::default();
             let work = {
                 let partial = partial.clone();
                 tokio::task::spawn_blocking(move || {
-                    client::get(&api.api, &token, &id, &output, force, &partial)
+                    client::get(&api, &token, &id, &output, force, &partial)
                 })
             };
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .context("catching SIGTERM")?;
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).context("catching SIGTERM")?;
+            // The terminal closed (an SSH session dropped): as SIGTERM,
+            // rather than ending by the default with the partial file left.
+            // Not where it was started ignoring hangups (`nohup`).
+            let mut hup = up::hangup().context("catching SIGHUP")?;
             // Stopped: what is left of the download goes, and what was
-            // written is said (the file asked for, if the rename came first).
+            // written is said (the file asked for, if the rename came first;
+            // to a terminal that may be gone, so a failed write is dropped).
             let stop = |how: &str, code: i32| -> ! {
+                use std::io::Write as _;
                 let mut state = partial.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(path) = state.temp.take() {
                     let _ = std::fs::remove_file(path);
                 }
-                if state.written {
-                    eprintln!("{how} after the file was written");
+                let _ = if state.written {
+                    writeln!(std::io::stderr(), "{how} after the file was written")
                 } else {
-                    eprintln!("{how}; nothing written");
-                }
+                    writeln!(std::io::stderr(), "{how}; nothing written")
+                };
                 std::process::exit(code);
             };
             tokio::select! {
                 done = work => done.context("the download task")?,
                 _ = term.recv() => stop("stopped", 143),
+                () = up::hung_up(&mut hup) => stop("hung up", 129),
                 _ = tokio::signal::ctrl_c() => stop("interrupted", 130),
             }
         }
         Command::Status { api, json } => {
-            let s = status::fetch(&api.api, &api.token()?)?;
+            let (api, token) = api.connect()?;
+            let s = status::fetch(&api, &token)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
@@ -1165,12 +1179,15 @@ async fn run(cli: Cli) -> Result<()> {
             api,
             patience_secs,
             verify_all,
-        } => status::repair(
-            &api.api,
-            &api.token()?,
-            verify_all,
-            std::time::Duration::from_secs(patience_secs),
-        ),
+        } => {
+            let (api, token) = api.connect()?;
+            status::repair(
+                &api,
+                &token,
+                verify_all,
+                std::time::Duration::from_secs(patience_secs),
+            )
+        }
         Command::Sim(SimCommand::Placement(args)) => sim::placement(&args),
         Command::Bench(args) => {
             init_tracing("warn");

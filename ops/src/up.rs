@@ -1,5 +1,5 @@
 //! `custodia up`, `custodia node` and `custodia gateway`: running components
-//! until SIGINT/SIGTERM, and stopping them cleanly.
+//! until SIGINT/SIGTERM/SIGHUP, and stopping them cleanly.
 
 /// `println!` that drops a failed write: a `custodia up` whose output
 /// nobody reads any more (piped to `tee`, gone at Ctrl-C) still stops its
@@ -27,10 +27,10 @@ use std::time::{Duration, Instant};
 use storage_node::client::NodeError;
 use tokio::process::{Child, Command};
 
-/// Catches SIGINT and SIGTERM from now on; the future resolves when the
-/// process is asked to stop. Made before a component starts, so that a
-/// signal during its start (`up` stopping while its nodes come up) stops it
-/// cleanly instead of ending the process by the signal's default.
+/// Catches SIGINT, SIGTERM and SIGHUP from now on; the future resolves
+/// when the process is asked to stop. Made before a component starts, so
+/// that a signal during its start (`up` stopping while its nodes come up)
+/// stops it cleanly instead of ending the process by the signal's default.
 pub fn stop_requested() -> impl std::future::Future<Output = ()> {
     let signals = StopSignals::new();
     async move {
@@ -43,12 +43,43 @@ pub fn stop_requested() -> impl std::future::Future<Output = ()> {
     }
 }
 
-/// SIGINT and SIGTERM, caught from creation on: a signal before the first
-/// wait is kept for it, not left to its default (which would end the
-/// process without stopping its children).
+/// SIGINT, SIGTERM and SIGHUP, caught from creation on: a signal before
+/// the first wait is kept for it, not left to its default (which would end
+/// the process without stopping its children). SIGHUP (the terminal
+/// closed, an SSH session dropped) stops as SIGTERM does, unless the
+/// process was started ignoring it (see [`hangup`]).
 struct StopSignals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+/// SIGHUP caught from now on, unless the process was started ignoring it
+/// (`nohup custodia up &`, a service manager): catching it would replace
+/// that choice, and a closing terminal would then stop what was meant to
+/// outlive it.
+pub fn hangup() -> std::io::Result<Option<tokio::signal::unix::Signal>> {
+    // SAFETY: with no new action, sigaction only reads SIGHUP's present
+    // disposition into `old`, a plain C struct that zeroes make valid.
+    let ignored = unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
+    };
+    match ignored {
+        true => Ok(None),
+        false => tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map(Some),
+    }
+}
+
+/// The next SIGHUP, or never where it is not caught.
+pub async fn hung_up(hup: &mut Option<tokio::signal::unix::Signal>) {
+    match hup {
+        Some(h) => {
+            h.recv().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 impl StopSignals {
@@ -57,10 +88,24 @@ impl StopSignals {
         Ok(StopSignals {
             int: signal(SignalKind::interrupt())?,
             term: signal(SignalKind::terminate())?,
+            hup: hangup()?,
         })
     }
 
+    /// The first request to stop, by any of the three.
     async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
+            () = hung_up(&mut self.hup) => {}
+        }
+    }
+
+    /// A request to stop at once, while stopping: SIGINT or SIGTERM only. A
+    /// hangup often comes twice (the kernel's to the terminal's foreground
+    /// group, and the shell's to its jobs), and the second must not cut the
+    /// drain short.
+    async fn recv_again(&mut self) {
         tokio::select! {
             _ = self.int.recv() => {}
             _ = self.term.recv() => {}
@@ -128,7 +173,7 @@ fn s3_scheme(cluster: &Cluster) -> &'static str {
 }
 
 pub async fn run_gateway(data_dir: &Path) -> Result<()> {
-    let mut stop = StopSignals::new().context("catching SIGINT and SIGTERM")?;
+    let mut stop = StopSignals::new().context("catching SIGINT, SIGTERM and SIGHUP")?;
     let _lock = cluster::lock_cluster_dir(data_dir)?;
     let cluster = Cluster::load(data_dir)?;
     // A signal during the start is kept for the wait below: the start (its
@@ -157,7 +202,7 @@ pub async fn run_gateway(data_dir: &Path) -> Result<()> {
 async fn drain(mut gw: gateway::RunningGateway, stop: &mut StopSignals) {
     tokio::select! {
         () = gw.shutdown() => tracing::info!("gateway stopped"),
-        () = stop.recv() => tracing::warn!("asked again: stopping without waiting for the requests under way"),
+        () = stop.recv_again() => tracing::warn!("asked again: stopping without waiting for the requests under way"),
     }
     gw.abort();
 }
@@ -319,7 +364,7 @@ fn check_node_free(n: &cluster::NodeSpec) -> Result<()> {
 }
 
 pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
-    let mut stop = StopSignals::new().context("catching SIGINT and SIGTERM")?;
+    let mut stop = StopSignals::new().context("catching SIGINT, SIGTERM and SIGHUP")?;
     let _lock = cluster::lock_data_dir(data_dir)?;
     let fresh = !data_dir.join(cluster::CLUSTER_FILE).exists();
     if fresh {

@@ -88,7 +88,24 @@ fn read_receipt(path: &Path) -> Result<Receipt> {
         }
         None => value,
     };
-    serde_json::from_value(value).context("the receipt is malformed")
+    // JSON but not in a receipt's shape (an API error saved in its place,
+    // such as `receipt_pending` in the moments before a checkpoint covers
+    // the filing): nothing to verify, so no verdict either.
+    <Receipt as serde::Deserialize>::deserialize(&value).map_err(|e| {
+        let file = path.display();
+        match value.get("error") {
+            Some(code) => nothing_verified(format!(
+                "{file} is not a receipt: the API answered an error ({}{}); fetch the \
+                 receipt again (GET /v1/evidence/ID/receipt)",
+                code.as_str().map_or_else(|| code.to_string(), shown),
+                value["message"]
+                    .as_str()
+                    .map(|m| format!(": {}", shown(m)))
+                    .unwrap_or_default()
+            )),
+            None => nothing_verified(format!("{file} is not a receipt ({e})")),
+        }
+    })
 }
 
 pub struct ReceiptArgs<'a> {
@@ -210,8 +227,9 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
     }
     let mut content = Value::Null;
     if let (Some(path), Ok(v)) = (args.file, &logged) {
+        // (Its errors name the path.)
         let (b3, sha, size) = crate::client::hash_file(path)
-            .map_err(|e| nothing_verified(format!("cannot read {}: {e:#}", path.display())))?;
+            .map_err(|e| nothing_verified(format!("cannot check the file: {e:#}")))?;
         // Each difference named: a hash-only notarization's size is what its
         // client declared, so the hashes can match while the size does not.
         let mut differs = Vec::new();
@@ -248,7 +266,9 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
                 differs.join("; ")
             ));
         }
-        content = json!({ "file": path.display().to_string(), "blake3": b3.to_hex(), "sha256": sha.to_hex(), "size": size, "matches": matches });
+        // `sha256_checked`: false where the statement names no SHA-256, so
+        // `matches` vouches for BLAKE3 and size alone.
+        content = json!({ "file": path.display().to_string(), "blake3": b3.to_hex(), "sha256": sha.to_hex(), "sha256_checked": v.statement.sha256.is_some(), "size": size, "matches": matches });
     }
     let valid = problems.is_empty();
     if args.json {
@@ -281,8 +301,10 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
             s.sha256.as_deref().unwrap_or("-")
         );
         println!(
-            "time: {} ms after the Unix epoch by the log operator's clock ({})",
-            s.time_ms, s.time_source
+            "time: {} ({} ms after the Unix epoch) by the log operator's clock ({})",
+            rfc3339_ms(s.time_ms),
+            s.time_ms,
+            s.time_source
         );
     }
     if logged.is_err() {
@@ -321,8 +343,14 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
     }
     if let Some(m) = content.get("matches").and_then(Value::as_bool) {
         if m {
+            // Only what was compared: a hash-only notarization's statement
+            // may name no SHA-256, and then none was checked.
+            let checked = match statement.as_ref().and_then(|s| s.sha256.as_ref()) {
+                Some(_) => "BLAKE3, SHA-256 and size",
+                None => "BLAKE3 and size; the statement names no SHA-256",
+            };
             println!(
-                "content: {} matches the statement (BLAKE3, SHA-256 and size)",
+                "content: {} matches the statement ({checked})",
                 args.file
                     .map(|p| p.display().to_string())
                     .unwrap_or_default()
@@ -465,6 +493,13 @@ pub fn consistency(
     }
 }
 
+/// Unix milliseconds as an RFC 3339 UTC time, to the millisecond (a
+/// statement's time, which orders filings made within one second).
+fn rfc3339_ms(ms: u64) -> String {
+    let secs = rfc3339(ms / 1000);
+    format!("{}.{:03}Z", secs.trim_end_matches('Z'), ms % 1000)
+}
+
 /// Unix seconds as an RFC 3339 UTC time.
 fn rfc3339(t: u64) -> String {
     let days = t / 86_400;
@@ -506,5 +541,43 @@ mod tests {
         assert_eq!(super::rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(super::rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
         assert_eq!(super::rfc3339(1_795_462_446), "2026-11-23T19:34:06Z");
+        assert_eq!(
+            super::rfc3339_ms(1_795_462_446_007),
+            "2026-11-23T19:34:06.007Z"
+        );
+    }
+
+    /// A file that is JSON but no receipt verifies nothing (exit 2), and an
+    /// API error saved in its place is said to be one.
+    #[test]
+    fn json_that_is_no_receipt_verifies_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let pending = dir.path().join("pending.json");
+        std::fs::write(
+            &pending,
+            r#"{"error":"receipt_pending","message":"no checkpoint covers it yet"}"#,
+        )
+        .unwrap();
+        let e = super::read_receipt(&pending).unwrap_err();
+        assert!(
+            e.downcast_ref::<super::NothingVerified>().is_some(),
+            "{e:#}"
+        );
+        let said = e.to_string();
+        assert!(
+            said.contains("not a receipt")
+                && said.contains("the API answered an error (receipt_pending: no checkpoint")
+                && said.contains("fetch the receipt again"),
+            "{said}"
+        );
+        let other = dir.path().join("other.json");
+        std::fs::write(&other, r#"{"id":"abc","size":3}"#).unwrap();
+        let e = super::read_receipt(&other).unwrap_err();
+        assert!(
+            e.downcast_ref::<super::NothingVerified>().is_some(),
+            "{e:#}"
+        );
+        assert!(e.to_string().contains("is not a receipt"), "{e}");
+        assert!(!e.to_string().contains("API answered"), "{e}");
     }
 }
