@@ -1022,12 +1022,28 @@ fn require(who: &TokenRecord, role: Role, action: &'static str) -> Result<(), Ap
     }
 }
 
-async fn healthz<S: Store>(State(gw): State<Arc<Gateway<S>>>) -> Json<serde_json::Value> {
-    Json(json!({
-        "status": "ok",
+/// Liveness: 200 `ok` while the index answers a read, else 503
+/// `index_unavailable` (a full or failing index disk: nothing can be filed
+/// or read), so a load balancer sends clients elsewhere.
+async fn healthz<S: Store>(State(gw): State<Arc<Gateway<S>>>) -> Response {
+    use indexer::Transaction as _;
+    let index = match gw.store.begin() {
+        Ok(tx) => tx.get(b"").await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    let (status, word) = match &index {
+        Ok(()) => (StatusCode::OK, "ok"),
+        Err(e) => {
+            tracing::warn!(error = %e, "health check: the index does not answer");
+            (StatusCode::SERVICE_UNAVAILABLE, "index_unavailable")
+        }
+    };
+    let body = json!({
+        "status": word,
         "nodes_total": gw.nodes.len(),
         "nodes_healthy": gw.nodes.healthy_count(),
-    }))
+    });
+    (status, Json(body)).into_response()
 }
 
 /// This API's OpenAPI description.
