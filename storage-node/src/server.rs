@@ -1208,6 +1208,16 @@ async fn handle_deny_nodes(
         !now.all && now.ids == ids.iter().copied().collect()
     };
     if !unchanged {
+        // Refused at once, before the list is kept: a disk too full to keep
+        // it must not leave the removed nodes served until it has room (an
+        // unreadable list already refuses everyone). Only added to here;
+        // the list as sent replaces it once it is kept.
+        state
+            .denied
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .ids
+            .extend(ids.iter().copied());
         let text: String = ids.iter().map(|id| format!("{id}\n")).collect();
         let dir = state.data_dir.clone();
         let written = blocking(move || {
