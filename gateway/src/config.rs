@@ -94,9 +94,11 @@ pub struct GatewayConfig {
     /// How often abandoned uploads and unfinished expunges are collected.
     #[serde(default = "default_gc_interval")]
     pub gc_interval_ms: u64,
-    /// An S3 multipart upload neither completed nor aborted this long after
-    /// it began is aborted and its parts deleted (7 days; 0: never), as
-    /// S3's AbortIncompleteMultipartUpload lifecycle rule does.
+    /// An S3 multipart upload neither completed nor aborted, idle this long
+    /// (no part stored, no Complete begun), is aborted and its parts
+    /// deleted (7 days; 0: never), as S3's AbortIncompleteMultipartUpload
+    /// lifecycle rule does (which counts from the start: a large upload
+    /// over a slow link is not cut off here while its parts keep coming).
     #[serde(default = "default_multipart_expiry")]
     pub multipart_expiry_ms: u64,
     /// An upload whose client sends no body bytes for this long fails

@@ -322,10 +322,11 @@ pub async fn collect_once<S: Store>(gw: &Gateway<S>, watch: &mut LeaseWatch) -> 
     aborted.len() + stale.len()
 }
 
-/// Aborts multipart uploads begun more than `multipart_expiry_ms` ago and
-/// never completed (a client that crashed, or gave up): their parts are not
-/// evidence, but stored they would be for good, and would keep every node
-/// holding them from draining. 0: never.
+/// Aborts multipart uploads idle for more than `multipart_expiry_ms` (no
+/// part stored, no Complete begun) and never completed (a client that
+/// crashed, or gave up): their parts are not evidence, but stored they
+/// would be for good, and would keep every node holding them from
+/// draining. 0: never.
 async fn expire_incomplete_uploads<S: Store>(gw: &Gateway<S>) {
     let expiry = gw.config.multipart_expiry_ms;
     if expiry == 0 {
@@ -335,13 +336,14 @@ async fn expire_incomplete_uploads<S: Store>(gw: &Gateway<S>) {
     // wall clock ran days ahead would otherwise abort every upload in the
     // cluster still under way, and delete its parts.
     let before = gw.clock.compliance_ms().saturating_sub(expiry);
+    let mut after = None;
     loop {
-        let stale = match indexer::run(&gw.store, |tx| async move {
-            indexer::s3::stale_uploads_tx(&tx, before, 64).await
+        let (stale, next) = match indexer::run(&gw.store, |tx| async move {
+            indexer::s3::stale_uploads_tx(&tx, after, before, 64).await
         })
         .await
         {
-            Ok(stale) => stale,
+            Ok(page) => page,
             Err(e) => {
                 tracing::warn!(error = %e, "GC could not list incomplete multipart uploads");
                 return;
@@ -369,8 +371,9 @@ async fn expire_incomplete_uploads<S: Store>(gw: &Gateway<S>) {
                 }
             }
         }
-        if stale.len() < 64 {
-            return;
+        match next {
+            Some(n) => after = Some(n),
+            None => return,
         }
     }
 }

@@ -2861,7 +2861,11 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             let condition = put_condition(input.if_match.clone(), input.if_none_match.clone());
             self.precheck(&input.bucket, &input.key, condition.as_ref())
                 .await?;
+            // A sign of life: the collector does not expire an upload
+            // whose Complete is filing its parts (many GiB take a while).
+            let now = self.gw.clock.now_ms();
             let stored = indexer::run(&self.gw.store, |tx| async move {
+                ix::touch_upload_tx(&tx, upload, now);
                 ix::parts_tx(&tx, upload).await
             })
             .await

@@ -17,6 +17,7 @@
 //! ("3U", bucket, 0x00, key, 0x00, upload id 16)     = ""               a bucket's uploads, as S3 lists them
 //! ("3q")                                            = ""               every upload is in "3U"
 //! ("3p", upload id 16, part number u32)             = PartRecord       its parts (stripes under the part's id)
+//! ("3w", upload id 16)                              = u64 BE ms        its last sign of life: a part stored, a Complete begun
 //! ("3x", part id 16)                                = ""               a part of an ended upload (or a replaced one): its shards to delete
 //! ("3d", upload id 16)                              = CompletedUpload  a completed upload, for a retried Complete
 //! ("3D", completed ms u64 BE, 0x00, upload id 16)   = ""               the same, oldest first, to expire them
@@ -44,7 +45,7 @@
 //! which each recovery sets past every epoch in the archive: replay orders
 //! by epoch, then versionstamp. The other records are
 //! derived (`3B`, `3c`, `3U`), secret (`3a`: access keys are issued anew) or
-//! transient (`3u`, `3p`, `3x`: an upload in progress is lost with the index;
+//! transient (`3u`, `3p`, `3w`, `3x`: an upload in progress is lost with the index;
 //! `3d`, `3D`: what a completed upload answers a retried Complete, kept a
 //! day).
 //!
@@ -66,6 +67,7 @@ const VERSION: &[u8] = b"3v";
 const CURRENT: &[u8] = b"3c";
 const MULTIPART: &[u8] = b"3u";
 const PART: &[u8] = b"3p";
+const UPLOAD_ACTIVE: &[u8] = b"3w";
 const PART_DELETION: &[u8] = b"3x";
 const BUCKET_UPLOAD: &[u8] = b"3U";
 const BUCKET_UPLOADS_INDEXED: &[u8] = b"3q";
@@ -1787,7 +1789,20 @@ pub async fn put_part_tx<T: Transaction>(
         queue_part_deletion_tx(tx, old.part_id);
     }
     tx.set(&key, &encode_versioned(RECORD_V1, part));
+    touch_upload_tx(tx, upload, part.uploaded_ms);
     Ok(old)
+}
+
+/// Notes a sign of life of an upload at `now_ms` (a part stored, a Complete
+/// begun): the collector expires uploads idle for `multipart_expiry_ms`,
+/// not those begun that long ago (a large upload over a slow link, or a
+/// Complete filing many GiB of parts, is not abandoned). A blind write, so
+/// parts stored at once do not conflict over it.
+pub fn touch_upload_tx<T: Transaction>(tx: &T, upload: EvidenceId, now_ms: u64) {
+    tx.set(
+        &key_of(UPLOAD_ACTIVE, &[upload.as_bytes()]),
+        &now_ms.to_be_bytes(),
+    );
 }
 
 /// The parts of an upload, by number.
@@ -1826,6 +1841,7 @@ pub async fn end_multipart_tx<T: Transaction>(
         tx.clear(&bucket_upload_key(&rec.bucket, &rec.key, &upload));
     }
     tx.clear(&key_of(MULTIPART, &[upload.as_bytes()]));
+    tx.clear(&key_of(UPLOAD_ACTIVE, &[upload.as_bytes()]));
     let prefix = key_of(PART, &[upload.as_bytes()]);
     tx.clear_range(&prefix, &prefix_end(&prefix));
     Ok(parts.into_iter().map(|(_, p)| p).collect())
@@ -1844,28 +1860,58 @@ pub async fn abort_multipart_tx<T: Transaction>(
     end_multipart_tx(tx, upload).await
 }
 
-/// Uploads begun before `before_ms` and never completed nor aborted, up to
-/// `limit`, oldest first (upload ids are time-ordered), for the collector
-/// to abort.
+/// A page of uploads for the collector to abort: those after `after` (from
+/// the first when `None`), among the next `limit`, that began before
+/// `before_ms` and show no sign of life since ([`touch_upload_tx`]), never
+/// completed nor aborted. Also where the next page starts: `None` when no
+/// upload after these began before `before_ms` (upload ids are
+/// time-ordered, so the walk stops at the first one begun since).
 pub async fn stale_uploads_tx<T: Transaction>(
     tx: &T,
+    after: Option<EvidenceId>,
     before_ms: u64,
     limit: usize,
-) -> Result<Vec<EvidenceId>, ObjectError> {
+) -> Result<(Vec<EvidenceId>, Option<EvidenceId>), ObjectError> {
+    let begin = match after {
+        Some(id) => {
+            let mut k = key_of(MULTIPART, &[id.as_bytes()]);
+            k.push(0);
+            k
+        }
+        None => MULTIPART.to_vec(),
+    };
+    let limit = limit.max(1);
     let rows = tx
-        .get_range(MULTIPART, &prefix_end(MULTIPART), limit.max(1), false)
+        .get_range(&begin, &prefix_end(MULTIPART), limit, false)
         .await?;
     let mut stale = Vec::new();
     for (k, v) in &rows {
         let id = k
             .get(MULTIPART.len()..)
             .and_then(|b| <[u8; 16]>::try_from(b).ok())
+            .map(EvidenceId)
             .ok_or(protocol::DecodeError::Malformed)?;
-        if decode_multipart(v)?.created_ms < before_ms {
-            stale.push(EvidenceId(id));
+        if decode_multipart(v)?.created_ms >= before_ms {
+            return Ok((stale, None));
+        }
+        let active = tx
+            .get(&key_of(UPLOAD_ACTIVE, &[id.as_bytes()]))
+            .await?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_be_bytes);
+        if active.is_none_or(|ms| ms < before_ms) {
+            stale.push(id);
         }
     }
-    Ok(stale)
+    let next = match rows.len() == limit {
+        true => rows.last().and_then(|(k, _)| {
+            <[u8; 16]>::try_from(k.get(MULTIPART.len()..)?)
+                .ok()
+                .map(EvidenceId)
+        }),
+        false => None,
+    };
+    Ok((stale, next))
 }
 
 fn queue_part_deletion_tx<T: Transaction>(tx: &T, part: EvidenceId) {

@@ -1221,6 +1221,17 @@ async fn put_part(
     number: u32,
     seed: u8,
 ) -> Result<(EvidenceId, Option<ix::PartRecord>), ObjectError> {
+    put_part_at(s, upload, number, seed, 50_000).await
+}
+
+/// [`put_part`], stored at `uploaded_ms`.
+async fn put_part_at(
+    s: &EmbeddedStore,
+    upload: EvidenceId,
+    number: u32,
+    seed: u8,
+    uploaded_ms: u64,
+) -> Result<(EvidenceId, Option<ix::PartRecord>), ObjectError> {
     let part_id = EvidenceId::new(50_000 + u64::from(seed), [seed; 10]);
     let part = ix::PartRecord {
         part_id,
@@ -1230,7 +1241,7 @@ async fn put_part(
         sha256: [seed; 32],
         code: ErasureCode::new(4, 2, 4096).unwrap(),
         stripes: 1,
-        uploaded_ms: 50_000,
+        uploaded_ms,
     };
     run(s, |tx| {
         let part = &part;
@@ -1318,14 +1329,40 @@ async fn no_part_outlives_its_upload_and_stale_uploads_are_found() {
     let mut both = [again, late];
     both.sort();
     assert_eq!((first_page, rest), (vec![both[0]], vec![both[1]]));
-    // Uploads begun before the cut are stale, the others not.
-    let (kept, _) = put_part(&s, stale, 1, 5).await.unwrap();
-    let found = run(&s, |tx| async move {
-        ix::stale_uploads_tx(&tx, 5_000, 100).await
+    // Uploads begun before the cut and idle since are stale, the others
+    // not: one begun as early whose part came after the cut, or whose
+    // Complete began after it, is alive.
+    let (kept, _) = put_part_at(&s, stale, 1, 5, 1_500).await.unwrap();
+    let busy = start_upload(&s, "mine", "d", "court", 2_500).await;
+    put_part_at(&s, busy, 1, 6, 6_000).await.unwrap();
+    let completing = start_upload(&s, "mine", "e", "court", 2_600).await;
+    run(&s, |tx| async move {
+        ix::touch_upload_tx(&tx, completing, 7_000);
+        Ok::<_, ObjectError>(())
     })
     .await
     .unwrap();
-    assert_eq!(found, [stale]);
+    let stale_at = |cut: u64, after: Option<EvidenceId>, limit: usize| {
+        let s = s.clone();
+        async move {
+            run(&s, |tx| async move {
+                ix::stale_uploads_tx(&tx, after, cut, limit).await
+            })
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(stale_at(5_000, None, 100).await, (vec![stale], None));
+    // Paged: the walk goes on past a page of live uploads, and stops at
+    // the first begun after the cut.
+    let (page, next) = stale_at(5_500, None, 1).await;
+    assert_eq!((page, next), (vec![stale], Some(stale)));
+    let (page, next) = stale_at(5_500, next, 1).await;
+    assert_eq!((page, next), (vec![], Some(busy)));
+    let (page, next) = stale_at(5_500, next, 1).await;
+    assert_eq!((page, next), (vec![], Some(completing)));
+    assert_eq!(stale_at(5_500, next, 1).await, (vec![], None));
+    assert_eq!(stale_at(5_500, None, 100).await, (vec![stale], None));
     let parts = run(
         &s,
         |tx| async move { ix::abort_multipart_tx(&tx, stale).await },
@@ -1334,18 +1371,11 @@ async fn no_part_outlives_its_upload_and_stale_uploads_are_found() {
     .unwrap();
     assert_eq!(parts.iter().map(|p| p.part_id).collect::<Vec<_>>(), [kept]);
     assert!(queued_for_deletion(&s).await.contains(&kept));
-    let found = run(&s, |tx| async move {
-        ix::stale_uploads_tx(&tx, 5_000, 100).await
-    })
-    .await
-    .unwrap();
-    assert!(found.is_empty(), "{found:?}");
-    let found = run(&s, |tx| async move {
-        ix::stale_uploads_tx(&tx, 10_000, 100).await
-    })
-    .await
-    .unwrap();
-    assert_eq!(found, [fresh]);
+    assert_eq!(stale_at(5_000, None, 100).await, (vec![], None));
+    assert_eq!(
+        stale_at(10_000, None, 100).await,
+        (vec![busy, completing, fresh], None)
+    );
 }
 
 /// A bucket with many uploads of many parts in progress is deleted one

@@ -2963,6 +2963,56 @@ fn incomplete_uploads_expire_and_their_parts_go() -> Result<()> {
             "s3api list-parts --bucket left --key half.bin --upload-id {id}"
         ))),
     )?;
+    // Expiry counts from an upload's last sign of life, not from its
+    // start: one whose parts keep coming (a large file over a slow link)
+    // outlives the expiry more than twice over, while one begun beside it
+    // and left idle goes; once its parts stop, it goes too.
+    c.set_gateway(&[
+        ("multipart_expiry_ms", toml::Value::Integer(6_000)),
+        ("gc_interval_ms", toml::Value::Integer(500)),
+    ])?;
+    let create = |key: &str| -> Result<String> {
+        let up = aws.json(&[
+            "s3api",
+            "create-multipart-upload",
+            "--bucket",
+            "left",
+            "--key",
+            key,
+        ])?;
+        Ok(up["UploadId"].as_str().unwrap_or_default().to_owned())
+    };
+    let busy = create("busy.bin")?;
+    let idle = create("idle.bin")?;
+    let keys = |aws: &Aws| -> Result<Vec<String>> {
+        Ok(listed(aws)?["Uploads"]
+            .as_array()
+            .map(|u| {
+                u.iter()
+                    .filter_map(|u| u["Key"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
+    };
+    let began = std::time::Instant::now();
+    let mut n = 0;
+    while began.elapsed() < std::time::Duration::from_secs(15) {
+        n += 1;
+        aws.ok(&strs(&argv(&format!(
+            "s3api upload-part --bucket left --key busy.bin --upload-id {busy} \
+             --part-number {n} --body {part}"
+        ))))?;
+    }
+    assert_eq!(
+        keys(&aws)?,
+        ["busy.bin"],
+        "after {:?} only the idle upload {idle} went",
+        began.elapsed()
+    );
+    assert!(
+        custodia_tests::eventually(60, || keys(&aws).is_ok_and(|k| k.is_empty())),
+        "the busy upload did not go once its parts stopped"
+    );
     Ok(())
 }
 
