@@ -80,6 +80,12 @@ pub struct FilingMeta {
     /// source is still being read (a ranged copy of evidence without an
     /// outboard holds its last bytes until the whole source is checked).
     pub body_from_store: bool,
+    /// The evidence whose bytes this filing copies (an S3 CopyObject or
+    /// UploadPartCopy): it commits only while that evidence is still filed,
+    /// in the transaction that commits it, so a copy read just before an
+    /// expunge committed cannot keep the expunged bytes alive under a new
+    /// id (410 `gone`, S3's NoSuchKey, instead).
+    pub copied_from: Option<EvidenceId>,
     /// At most how long the body is (its Content-Length, or the size of
     /// what a copy reads): each stripe being received is charged only what
     /// is left of it against the gateway's receive memory. `None`: a whole
@@ -95,6 +101,20 @@ pub struct FilingMeta {
     /// (reading is the go-ahead, and the client would then send all of a
     /// body nobody reads).
     pub expects_continue: bool,
+}
+
+/// Fails with 410 `gone` unless `source` (a copy's, see
+/// [`FilingMeta::copied_from`]) is still filed: read in the transaction that
+/// commits the copy, so an expunge that commits first, even while that
+/// transaction runs (a conflict, then a retry), makes the copy fail.
+async fn still_filed_tx<T: indexer::Transaction>(
+    tx: &T,
+    source: Option<EvidenceId>,
+) -> Result<(), ApiError> {
+    match source {
+        Some(id) if schema::get_manifest_tx(tx, id).await?.is_none() => Err(ApiError::Gone),
+        _ => Ok(()),
+    }
 }
 
 /// A check of the complete body (see [`FilingMeta::body_check`]).
@@ -610,7 +630,14 @@ impl<S: Store> Upload<S> {
         }
         if let Some((upload, number)) = meta.part {
             return self
-                .commit_part(header, upload, number, digest, from_client)
+                .commit_part(
+                    header,
+                    upload,
+                    number,
+                    digest,
+                    from_client,
+                    meta.copied_from,
+                )
                 .await;
         }
         let s3 = match (meta.s3, digest) {
@@ -627,6 +654,7 @@ impl<S: Store> Upload<S> {
         // The `filed` statement commits with the manifest (an outbox the
         // ledger drains): evidence is never visible without its statement.
         let replacer = meta.actor.clone().unwrap_or_default();
+        let copied_from = meta.copied_from;
         let pending = match &self.gw.ledger {
             Some(_) => Some(filed_statement(
                 &header,
@@ -645,6 +673,7 @@ impl<S: Store> Upload<S> {
                 let commit = schema::commit_manifest_tx(&tx, header).await?;
                 let mut stored = None;
                 if commit == schema::Commit::Now {
+                    still_filed_tx(&tx, copied_from).await?;
                     if let Some(p) = pending {
                         indexer::ledger::enqueue_tx(&tx, 0, p);
                     }
@@ -737,6 +766,7 @@ impl<S: Store> Upload<S> {
         number: u32,
         md5: Option<[u8; 16]>,
         from_client: bool,
+        copied_from: Option<EvidenceId>,
     ) -> Result<Filing, ApiError> {
         let record = indexer::s3::PartRecord {
             part_id: self.evidence,
@@ -750,7 +780,11 @@ impl<S: Store> Upload<S> {
         };
         let replaced = indexer::run(&self.gw.store, |tx| {
             let record = &record;
-            async move { indexer::s3::put_part_tx(&tx, upload, number, record).await }
+            async move {
+                let replaced = indexer::s3::put_part_tx(&tx, upload, number, record).await?;
+                still_filed_tx(&tx, copied_from).await?;
+                Ok::<_, ApiError>(replaced)
+            }
         })
         .await?;
         self.gw.metrics.degraded_written.inc_by(self.degraded);

@@ -2290,6 +2290,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 completes: None,
             }),
             body_from_store: true,
+            copied_from: Some(header.evidence),
             body_len_at_most: Some(size),
             ..Default::default()
         };
@@ -2798,6 +2799,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             tenant: who.tenant.clone(),
             part: Some((upload, number)),
             body_from_store: true,
+            copied_from: Some(header.evidence),
             body_len_at_most: Some(range.end - range.start),
             ..Default::default()
         };
