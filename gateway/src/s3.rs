@@ -110,6 +110,10 @@ pub(crate) async fn serve<S: Store + 'static>(
     // `s3_digest::FORM_UPLOAD_MAX_BYTES`).
     let mut config = s3s::config::S3Config::default();
     config.post_object_max_file_size = crate::s3_digest::FORM_UPLOAD_MAX_BYTES;
+    // An XML document (DeleteObjects, CompleteMultipartUpload, ...) is read
+    // whole and parsed before its limits are checked: 20 MB by default, over
+    // 100 MB of parsed entries.
+    config.xml_max_body_size = crate::s3_digest::XML_MAX_BODY_BYTES;
     builder.set_config(Arc::new(s3s::config::StaticConfigProvider::new(Arc::new(
         config,
     ))));
@@ -160,6 +164,7 @@ pub(crate) async fn serve<S: Store + 'static>(
                         .or_else(|| crate::s3_digest::unsupported_refusal(&req))
                         .or_else(|| crate::s3_digest::digest_refusal(&req))
                         .or_else(|| crate::s3_digest::form_too_large(&req))
+                        .or_else(|| crate::s3_digest::document_too_large(&req))
                 {
                     Ok(refused_response(&refused))
                 } else if matches!(form, Some(Err(_))) {

@@ -356,6 +356,35 @@ fn oversized_metadata_and_headers_are_refused_and_store_nothing() -> Result<()> 
     assert!(answer.contains("EntityTooLarge"), "{answer}");
     let (h, _) = curl(&c, "HEAD", &format!("{}/meta/form", c.s3), &[])?;
     assert_eq!(status(&h), "404", "{h}");
+    // An XML document past what clients send (a DeleteObjects of 6 MiB,
+    // signed, with its Content-MD5): refused from its size, not parsed
+    // whole, and nothing deleted.
+    use base64::Engine as _;
+    let mut doc = String::from("<Delete>");
+    while doc.len() < 6 << 20 {
+        doc.push_str("<Object><Key>fits</Key></Object>");
+    }
+    doc.push_str("</Delete>");
+    let file = c.data_dir().join("delete.xml");
+    std::fs::write(&file, &doc)?;
+    let md5 = {
+        use md5::Digest as _;
+        base64::engine::general_purpose::STANDARD.encode(md5::Md5::digest(doc.as_bytes()))
+    };
+    let (h, body) = curl(
+        &c,
+        "POST",
+        &format!("{}/meta?delete=", c.s3),
+        &[
+            "-H",
+            &format!("content-md5: {md5}"),
+            "--data-binary",
+            &format!("@{}", file.display()),
+        ],
+    )?;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert!(h.starts_with("http/1.1 400"), "{h}{body}");
+    assert!(body.contains("MaxMessageLengthExceeded"), "{body}");
     let (h, _) = curl(&c, "GET", &format!("{}/meta/fits", c.s3), &[])?;
     assert_eq!(status(&h), "200", "the gateway serves on: {h}");
     Ok(())
