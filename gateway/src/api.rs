@@ -882,24 +882,21 @@ pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {
         )
         .route(
             "/v1/evidence/{id}/retention",
-            axum::routing::put(retention::<S>).layer(DefaultBodyLimit::max(SMALL_BODY)),
+            small(&gw, axum::routing::put(retention::<S>), SMALL_BODY),
         )
         .route(
             "/v1/evidence/{id}/expunge",
-            post(expunge::<S>).layer(DefaultBodyLimit::max(SMALL_BODY)),
+            small(&gw, post(expunge::<S>), SMALL_BODY),
         )
         .route(
             "/v1/notarize",
-            post(notarize::<S>).layer(DefaultBodyLimit::max(MAX_NOTARIZE_BODY)),
+            small(&gw, post(notarize::<S>), MAX_NOTARIZE_BODY),
         )
         .route("/v1/ledger/inclusion", get(ledger_inclusion::<S>))
         .route("/v1/ledger/consistency", get(ledger_consistency::<S>))
         .route("/v1/ledger/key", get(ledger_key::<S>))
         .route("/ledger/{*path}", get(ledger_published::<S>))
-        .route(
-            "/tsa",
-            post(dev_tsa::<S>).layer(DefaultBodyLimit::max(SMALL_BODY)),
-        )
+        .route("/tsa", small(&gw, post(dev_tsa::<S>), SMALL_BODY))
         .route("/v1/repair/queue", get(repair_queue::<S>))
         .route("/v1/admin/status", get(status::<S>))
         .route("/v1/admin/repair", post(repair_now::<S>))
@@ -907,19 +904,19 @@ pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {
         .route("/v1/admin/nodes/{id}/{action}", post(node_lifecycle::<S>))
         .route(
             "/v1/admin/tokens",
-            post(create_token::<S>).layer(DefaultBodyLimit::max(SMALL_BODY)),
+            small(&gw, post(create_token::<S>), SMALL_BODY),
         )
         .route(
             "/v1/admin/tenants",
-            post(create_tenant::<S>).layer(DefaultBodyLimit::max(SMALL_BODY)),
+            small(&gw, post(create_tenant::<S>), SMALL_BODY),
         )
         .route(
             "/v1/admin/keys",
-            post(create_key::<S>).layer(DefaultBodyLimit::max(SMALL_BODY)),
+            small(&gw, post(create_key::<S>), SMALL_BODY),
         )
         .route(
             "/v1/admin/keys/revoke",
-            post(revoke_key::<S>).layer(DefaultBodyLimit::max(SMALL_BODY)),
+            small(&gw, post(revoke_key::<S>), SMALL_BODY),
         )
         // Uploads stream; their size is bounded by storage, not by memory.
         .layer(DefaultBodyLimit::disable())
@@ -929,6 +926,87 @@ pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {
             crate::metrics::track_http::<S>,
         ))
         .with_state(gw)
+}
+
+/// A route whose request body is small and read whole by its handler: at
+/// most `limit` bytes, and all of it within `client_idle_timeout_ms` (see
+/// [`body_deadline`]).
+fn small<S: Store>(
+    gw: &Arc<Gateway<S>>,
+    route: axum::routing::MethodRouter<Arc<Gateway<S>>>,
+    limit: usize,
+) -> axum::routing::MethodRouter<Arc<Gateway<S>>> {
+    route
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            gw.clone(),
+            body_deadline::<S>,
+        ))
+}
+
+/// Holds a small body to one deadline, `client_idle_timeout_ms`, for all of
+/// it: hyper times out only the request head, so a client that announced a
+/// body and sent none (or a byte a minute) would hold its connection and
+/// task for ever, anonymously on `/tsa`, whose body is read before anyone
+/// is authenticated. Past it the request fails with 408 `body_timeout`.
+async fn body_deadline<S: Store>(
+    State(gw): State<Arc<Gateway<S>>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let patience = Duration::from_millis(gw.config.client_idle_timeout_ms.max(1));
+    let expired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let req = req.map(|inner| {
+        Body::new(Deadline {
+            inner,
+            sleep: Box::pin(tokio::time::sleep(patience)),
+            expired: expired.clone(),
+        })
+    });
+    let resp = next.run(req).await;
+    match expired.load(std::sync::atomic::Ordering::Relaxed) {
+        true => ApiError::BodyIdle(patience).into_response(),
+        false => resp,
+    }
+}
+
+/// A body that fails once its deadline has passed (see [`body_deadline`]).
+struct Deadline {
+    inner: Body,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    expired: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl http_body::Body for Deadline {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        if self.sleep.as_mut().poll(cx).is_ready() {
+            self.expired
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            return Poll::Ready(Some(Err(axum::Error::new(
+                "the request body did not arrive in time",
+            ))));
+        }
+        Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Gives every error answer the API's JSON body, including those made

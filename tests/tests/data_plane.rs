@@ -1135,6 +1135,30 @@ fn a_stalled_upload_times_out_and_leaves_nothing() -> Result<()> {
         "an unfinished head held its connection {:?} ({closed:?})",
         opened.elapsed()
     );
+    // Nor a small body announced and never sent, on a route read before
+    // anyone is authenticated (the development TSA's): 408 in JSON.
+    let mut t = std::net::TcpStream::connect(c.api.trim_start_matches("http://"))?;
+    t.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let opened = std::time::Instant::now();
+    t.write_all(
+        b"POST /tsa HTTP/1.1\r\nHost: x\r\nContent-Type: application/timestamp-query\r\n\
+          Content-Length: 100\r\n\r\n",
+    )?;
+    let mut resp = Vec::new();
+    while !String::from_utf8_lossy(&resp).contains('}') {
+        match t.read(&mut buf)? {
+            0 => break,
+            n => resp.extend_from_slice(&buf[..n]),
+        }
+    }
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(resp.contains(r#""error":"body_timeout""#), "{resp}");
+    assert!(
+        opened.elapsed() < Duration::from_secs(20),
+        "a small body never sent held its request {:?}",
+        opened.elapsed()
+    );
     let half = blake3_hex(&data[..data.len() / 2]);
     let a = c.get_with(&c.token, &format!("/v1/evidence/by-hash/{half}"), &[])?;
     assert_eq!(a.json()["filings"].as_array().map(Vec::len), Some(0));
