@@ -39,12 +39,16 @@ ERRORS = (
     'sum by (api) (rate(custodia_http_requests_total{status=~"5.."}[1m]))'
     " or sum by (api) (rate(custodia_http_requests_total[1m])) * 0"
 )
-CHECKPOINT_AGE = "time() - max(custodia_ledger_integrated_timestamp_seconds)"
+# Timestamps are exported once known (`> 0`: an older gateway exported 0
+# until then, which would read as 55 years).
+CHECKPOINT_AGE = "time() - max(custodia_ledger_integrated_timestamp_seconds > 0)"
+S3_JOURNAL_AGE = "time() - max(custodia_s3_journal_synced_timestamp_seconds > 0)"
 # Every gateway exports the same cluster-wide view (nodes, degraded stripes,
 # orphans) from the index: take one (max), never the sum over gateways.
 NODES_UP = "count(max by (node) (custodia_cluster_node_up) == 1) or vector(0)"
 NODES_NOT_UP = "count(max by (node) (custodia_cluster_node_up) == 0) or vector(0)"
 DEGRADED = "max(custodia_degraded_stripes)"
+LOST = "max(custodia_lost_stripes)"
 
 DASHBOARDS = {
     "overview": (
@@ -57,7 +61,7 @@ DASHBOARDS = {
             panel("Filings per second", "sum(rate(custodia_filings_total[1m]))", "ops"),
             panel("Ingest and read throughput", ["sum(rate(custodia_ingest_bytes_total[1m]))", "sum(rate(custodia_read_bytes_total[1m]))"], "Bps", legend=["ingest", "read"]),
             panel("HTTP 5xx per second", ERRORS, "reqps", legend=["{{api}}"]),
-            panel("Disk used (fraction)", "1 - custodia_cluster_node_free_bytes / custodia_cluster_node_capacity_bytes", "percentunit", legend=["node {{node}}"]),
+            panel("Disk used (fraction)", "max by (node) (1 - custodia_cluster_node_free_bytes / custodia_cluster_node_capacity_bytes)", "percentunit", legend=["node {{node}}"]),
         ],
     ),
     "ingest-reads": (
@@ -79,7 +83,7 @@ DASHBOARDS = {
         [
             stat("Entries", "max(custodia_ledger_entries)"),
             stat("Checkpoint age", CHECKPOINT_AGE, "s"),
-            stat("S3 journal age", "time() - max(custodia_s3_journal_synced_timestamp_seconds)", "s", desc="Since the S3 records' journal last reached the openings archive whole (what recover-index replays)."),
+            stat("S3 journal age", S3_JOURNAL_AGE, "s", desc="Since the S3 records' journal last reached the openings archive whole (what recover-index replays)."),
             panel("Entries per second", "sum(rate(custodia_ledger_entries_integrated_total[1m]))", "ops"),
             panel("Witness cosignatures vs quorum", ["max(custodia_ledger_checkpoint_cosignatures)", "max(custodia_ledger_witness_quorum)"], legend=["cosignatures", "quorum"]),
             panel("Entries not yet cosigned", "max(custodia_ledger_entries) - max(custodia_ledger_cosigned_entries)"),
@@ -90,24 +94,26 @@ DASHBOARDS = {
     "nodes": (
         "Custodia / Nodes",
         [
-            panel("Node up (gateway's view)", "custodia_cluster_node_up", legend=["node {{node}}"]),
+            panel("Node up (gateway's view)", "max by (node) (custodia_cluster_node_up)", legend=["node {{node}}"]),
             panel("Capacity, used, free (gateway's view: a node down still counts)", ["sum(max by (node) (custodia_cluster_node_capacity_bytes))", "sum(max by (node) (custodia_cluster_node_used_bytes))", "sum(max by (node) (custodia_cluster_node_free_bytes))"], "bytes", legend=["capacity", "used by shards", "free"]),
-            panel("Free above reserve (full at 0: no new shards)", "clamp_min(custodia_cluster_node_free_bytes - custodia_cluster_node_reserve_bytes, 0)", "bytes", legend=["node {{node}}"]),
+            panel("Free above reserve (full at 0: no new shards)", "max by (node) (clamp_min(custodia_cluster_node_free_bytes - custodia_cluster_node_reserve_bytes, 0))", "bytes", legend=["node {{node}}"]),
             panel("Shards per node", "custodia_node_shards", legend=["node {{node}}"]),
             panel("Node requests per second", "sum by (op, result) (rate(custodia_node_requests_total[1m]))", "reqps", legend=["{{op}} {{result}}"]),
             panel("Node p99 latency by op", "histogram_quantile(0.99, sum by (op, le) (rate(custodia_node_request_duration_seconds_bucket[5m])))", "s", legend=["{{op}}"]),
             panel("Shard bytes written and read", ["sum(rate(custodia_node_shard_bytes_written_total[1m]))", "sum(rate(custodia_node_shard_bytes_read_total[1m]))"], "Bps", legend=["written", "read"]),
-            panel("QUIC connections and RTT", ["sum(custodia_node_quic_connections)", "max(custodia_quic_rtt_seconds) * 1000"], legend=["connections at nodes", "max RTT ms"]),
-            panel("Clock offsets from the gateway", ["custodia_node_clock_offset_seconds", "custodia_tsa_clock_offset_seconds", "custodia_compliance_clock_offset_seconds"], "s", legend=["node {{node}}", "time-stamping authority", "compliance clock (retention ends by it)"]),
+            panel("QUIC connections", ["sum(custodia_node_quic_connections)", "sum(custodia_quic_connections)"], legend=["at nodes", "from gateways"]),
+            panel("QUIC RTT to nodes (worst gateway)", "max by (node) (custodia_quic_rtt_seconds)", "s", legend=["node {{node}}"]),
+            panel("Clock offsets from the gateway", ["max by (node) (custodia_node_clock_offset_seconds)", "custodia_tsa_clock_offset_seconds", "custodia_compliance_clock_offset_seconds"], "s", legend=["node {{node}}", "time-stamping authority ({{instance}})", "compliance clock, retention ends by it ({{instance}})"], desc="Node offsets: the largest any gateway measured. The others are each gateway's own."),
         ],
     ),
     "repair": (
         "Custodia / Repair and integrity",
         [
             stat("Degraded stripes", DEGRADED),
+            stat("Lost stripes", LOST, desc="Stripes marked lost now (fewer than k good shards): their evidence cannot be read whole until nodes or disks come back."),
             panel("Repair backlog", DEGRADED, legend=["degraded stripes"]),
             panel("Shards rebuilt per second (is repair moving?)", "sum(rate(custodia_shards_repaired_total[5m]))", "ops", legend=["shards/s"]),
-            panel("Stripes lost (fewer than k good shards)", "sum(increase(custodia_stripes_lost_total[1h]))"),
+            panel("Stripes lost (fewer than k good shards)", [LOST, "sum(increase(custodia_stripes_lost_total[1h]))"], legend=["marked lost now", "newly found lost (1h)"]),
             panel("Corrupt shards found by nodes", "sum by (node) (increase(custodia_node_corrupt_shards_total[1h]))", legend=["node {{node}}"]),
             panel("Damaged shards seen by reads", "sum(increase(custodia_shards_damaged_total[1h]))"),
             panel("Repair scanner: stripe records read", "sum(rate(custodia_repair_scanned_stripes_total[5m]))", "ops", legend=["records/s (index load)"]),

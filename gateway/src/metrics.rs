@@ -18,6 +18,10 @@ use storage_node::metrics::{clamp, LATENCY_BUCKETS};
 /// Longest the degraded-stripe count walks the index; beyond it the gauge
 /// says "at least this many".
 const DEGRADED_SCAN_LIMIT: usize = 100_000;
+/// The same for the lost-stripe count, read [`LOST_SCAN_BATCH`] marks a
+/// transaction.
+const LOST_SCAN_LIMIT: usize = 100_000;
+const LOST_SCAN_BATCH: usize = 10_000;
 /// Request durations: a filing's response head comes after its whole body,
 /// so large uploads take minutes, up to an hour for a 10 GiB video on a
 /// slow link.
@@ -34,10 +38,12 @@ const REFRESH: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug)]
 pub struct GatewayMetrics {
     /// `custodia_http_requests_total{api, route, status}`: `api` is
-    /// `evidence` or `s3`; `route` the matched route (S3: the method).
+    /// `evidence` or `s3`; `route` the matched route (S3: the method);
+    /// `status` the response's, or `499` for a request whose client left
+    /// before the response head (see [`HttpRequest`]).
     pub http_requests: IntCounterVec,
     /// `custodia_http_request_duration_seconds{api, route}`, until the
-    /// response head (bodies stream after).
+    /// response head (bodies stream after), or until the client left.
     pub http_seconds: HistogramVec,
     /// `custodia_ingest_bytes_total`: evidence bytes clients sent and the
     /// cluster filed (S3 and its parts included; not what a copy or a
@@ -78,8 +84,13 @@ pub struct GatewayMetrics {
     /// `custodia_shards_repaired_total`: shards rebuilt, written, re-read and
     /// committed by repair.
     pub shards_repaired: IntCounter,
-    /// `custodia_stripes_lost_total`: stripes found with fewer than k shards.
+    /// `custodia_stripes_lost_total`: stripes found with fewer than k shards
+    /// (counted once, when first marked lost).
     pub stripes_lost: IntCounter,
+    /// `custodia_lost_stripes`: stripes marked lost in the index now (their
+    /// evidence cannot be read whole until k good shards are back), counted
+    /// up to [`LOST_SCAN_LIMIT`] (100,000).
+    pub lost: IntGauge,
     /// `custodia_repair_scanned_stripes_total`: stripe records the repair
     /// scanner (and `custodia repair`'s walks) read looking for stripes to
     /// queue: the index load they make.
@@ -100,13 +111,18 @@ pub struct GatewayMetrics {
     /// `time() - custodia_ledger_integrated_timestamp_seconds` is how far
     /// behind notarization is, and stays small on an idle ledger. Only the
     /// integrator sets it, and only gateways with a ledger export it, so
-    /// the cluster's is the `max` over gateways.
+    /// the cluster's is the `max` over gateways. Starts at the gateway's
+    /// start, not 0 (which would read as "55 years behind"): a checkpoint
+    /// that never comes after a restart still ages and pages.
     pub checkpoint_time: Gauge,
     /// `custodia_s3_journal_synced_timestamp_seconds`: when the last drain
     /// of the S3 records' journal that left nothing behind began
     /// (`crate::s3_journal`): every S3 record change committed before then
     /// is in the archive `recover-index` replays. Exported only by gateways
-    /// with a ledger (without one there is no archive).
+    /// with a ledger (without one there is no archive). Starts at the
+    /// gateway's start, as `checkpoint_time` does (the first drain waits
+    /// for the seed, which may take long on an index written before
+    /// records were journaled).
     pub s3_journal_synced: Gauge,
     /// Witnesses that cosigned the newest checkpoint any witness cosigned
     /// (`custodia_ledger_checkpoint_cosignatures`), that checkpoint's size
@@ -192,6 +208,15 @@ fn reg_if<T: prometheus::core::Collector + Clone + 'static>(
     }
 }
 
+/// A timestamp gauge set to now (the gateway's start) until its first
+/// real value: exported as 0 it would read as "55 years ago", and left out
+/// until set, a checkpoint or journal drain that never comes after a
+/// restart would never page.
+fn since_start(g: Gauge) -> Gauge {
+    g.set(crate::ledger::unix_now_secs_f64());
+    g
+}
+
 impl GatewayMetrics {
     /// `ledger`: whether this gateway runs one (the ledger's gauges are
     /// exported only then); `tsa`: whether that ledger has a time-stamping
@@ -259,6 +284,10 @@ impl GatewayMetrics {
                 "custodia_stripes_lost_total",
                 "Stripes found with fewer than k good shards.",
             )?,
+            lost: gauge(
+                "custodia_lost_stripes",
+                "Stripes marked lost now: fewer than k good shards (counted up to 100000).",
+            )?,
             repair_scanned: counter(
                 "custodia_repair_scanned_stripes_total",
                 "Stripe records read by the repair scanner looking for stripes to queue.",
@@ -278,18 +307,20 @@ impl GatewayMetrics {
             checkpoint_time: reg_if(
                 ledger,
                 r,
-                Gauge::new(
+                since_start(Gauge::new(
                     "custodia_ledger_integrated_timestamp_seconds",
-                    "When a signed checkpoint last covered every waiting entry (Unix seconds).",
-                )?,
+                    "When a signed checkpoint last covered every waiting entry (Unix seconds; \
+                     the gateway's start until then).",
+                )?),
             )?,
             s3_journal_synced: reg_if(
                 ledger,
                 r,
-                Gauge::new(
+                since_start(Gauge::new(
                     "custodia_s3_journal_synced_timestamp_seconds",
-                    "When the S3 records' journal was last archived whole (Unix seconds).",
-                )?,
+                    "When the S3 records' journal was last archived whole (Unix seconds; the \
+                     gateway's start until then).",
+                )?),
             )?,
             cosigned_entries: gauge(
                 "custodia_ledger_cosigned_entries",
@@ -455,15 +486,63 @@ impl GatewayMetrics {
         }
     }
 
-    /// Records one HTTP exchange.
-    pub fn http(&self, api: &str, route: &str, status: u16, started: Instant) {
+    /// Starts counting one HTTP request, from now: see [`HttpRequest`].
+    pub fn http_request(&self, api: &'static str, route: String) -> HttpRequest {
+        HttpRequest {
+            requests: self.http_requests.clone(),
+            seconds: self.http_seconds.clone(),
+            api,
+            route,
+            started: Instant::now(),
+            counted: false,
+        }
+    }
+}
+
+/// The status a request is counted under when its client left before the
+/// response head (nginx's "client closed request").
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// One HTTP request being answered. [`HttpRequest::answered`] counts it
+/// with its status; dropped before that it counts it as [`CLIENT_CLOSED`]
+/// (499): hyper drops the handler when the client closes its connection
+/// while the handler works without reading (a filing stored or waiting for
+/// its receipt, a read fetching its first stripe), or at shutdown. Either
+/// way once, with its duration. (A body cut off while the handler reads
+/// it is answered, 400 `BodyIncomplete`, and counted so.)
+#[derive(Debug)]
+pub struct HttpRequest {
+    requests: IntCounterVec,
+    seconds: HistogramVec,
+    api: &'static str,
+    route: String,
+    started: Instant,
+    counted: bool,
+}
+
+impl HttpRequest {
+    /// The response head is ready: counts the request with `status`.
+    pub fn answered(mut self, status: u16) {
+        self.count(status);
+    }
+
+    fn count(&mut self, status: u16) {
+        if std::mem::replace(&mut self.counted, true) {
+            return;
+        }
         let status = status.to_string();
-        self.http_requests
-            .with_label_values(&[api, route, status.as_str()])
+        self.requests
+            .with_label_values(&[self.api, self.route.as_str(), status.as_str()])
             .inc();
-        self.http_seconds
-            .with_label_values(&[api, route])
-            .observe(started.elapsed().as_secs_f64());
+        self.seconds
+            .with_label_values(&[self.api, self.route.as_str()])
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for HttpRequest {
+    fn drop(&mut self) {
+        self.count(CLIENT_CLOSED);
     }
 }
 
@@ -478,10 +557,10 @@ pub async fn track_http<S: Store>(
         .get::<axum::extract::MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
-    let started = Instant::now();
+    // Counted as 499 if this future is dropped first (the client left).
+    let request = gw.metrics.http_request("evidence", route);
     let resp = next.run(req).await;
-    gw.metrics
-        .http("evidence", &route, resp.status().as_u16(), started);
+    request.answered(resp.status().as_u16());
     resp
 }
 
@@ -581,5 +660,81 @@ pub async fn refresh<S: Store>(gw: &Gateway<S>) {
     match degraded {
         Ok(d) => m.degraded.set(d.len() as i64),
         Err(e) => tracing::warn!(error = %e, "could not count degraded stripes"),
+    }
+    match count_lost(&gw.store).await {
+        Ok(n) => m.lost.set(n as i64),
+        Err(e) => tracing::warn!(error = %e, "could not count lost stripes"),
+    }
+}
+
+/// Stripes marked lost in the index (`indexer::schema::mark_lost_tx`), up
+/// to [`LOST_SCAN_LIMIT`], read [`LOST_SCAN_BATCH`] marks a transaction.
+async fn count_lost<S: Store>(store: &S) -> Result<usize, indexer::schema::SchemaError> {
+    let mut after = None;
+    let mut count = 0;
+    while count < LOST_SCAN_LIMIT {
+        let batch = LOST_SCAN_BATCH.min(LOST_SCAN_LIMIT - count);
+        let from = after.clone();
+        let (n, next) = indexer::run(store, |tx| {
+            let from = from.clone();
+            async move { indexer::schema::count_lost_tx(&tx, from, batch).await }
+        })
+        .await?;
+        count += n;
+        match next {
+            Some(k) => after = Some(k),
+            None => break,
+        }
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counted(m: &GatewayMetrics, status: &str) -> (u64, u64) {
+        (
+            m.http_requests
+                .with_label_values(&["evidence", "/v1/evidence", status])
+                .get(),
+            m.http_seconds
+                .with_label_values(&["evidence", "/v1/evidence"])
+                .get_sample_count(),
+        )
+    }
+
+    #[test]
+    fn a_request_is_counted_once_answered_or_as_499_when_dropped() {
+        let r = Registry::new();
+        let m = GatewayMetrics::new(&r, false, false).unwrap();
+        m.http_request("evidence", "/v1/evidence".into())
+            .answered(201);
+        assert_eq!(counted(&m, "201"), (1, 1));
+        assert_eq!(counted(&m, "499"), (0, 1));
+        // The client left: the handler's future, and the guard, dropped.
+        drop(m.http_request("evidence", "/v1/evidence".into()));
+        assert_eq!(counted(&m, "201"), (1, 2));
+        assert_eq!(counted(&m, "499"), (1, 2));
+    }
+
+    #[test]
+    fn timestamps_start_at_the_gateways_start_not_zero() {
+        let r = Registry::new();
+        let before = crate::ledger::unix_now_secs_f64();
+        let m = GatewayMetrics::new(&r, true, false).unwrap();
+        for g in [&m.s3_journal_synced, &m.checkpoint_time] {
+            assert!(
+                g.get() >= before.floor() && g.get() <= before + 60.0,
+                "{}",
+                g.get()
+            );
+        }
+        m.ledger_integrated(3, Some(2.0e9));
+        assert_eq!(m.checkpoint_time.get(), 2.0e9);
+        assert!(r
+            .gather()
+            .iter()
+            .any(|f| f.name() == "custodia_lost_stripes"));
     }
 }

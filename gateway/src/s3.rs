@@ -139,10 +139,12 @@ pub(crate) async fn serve<S: Store + 'static>(
     let counted = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let (service, metrics, forms) = (service.clone(), metrics.clone(), forms.clone());
         async move {
-            let started = std::time::Instant::now();
             // From a fixed set: any token is a valid method, and
             // each new label would be a series kept for good.
             let method = crate::metrics::method_label(req.method());
+            // Counted as 499 if this future is dropped first (the client
+            // left before the response head).
+            let request = metrics.http_request("s3", method.to_owned());
             let head = req.method() == http::Method::HEAD;
             let completes = req.method() == http::Method::POST
                 && req
@@ -212,11 +214,14 @@ pub(crate) async fn serve<S: Store + 'static>(
                 {
                     *r.status_mut() = http::StatusCode::PARTIAL_CONTENT;
                 }
-                metrics.http("s3", method, r.status().as_u16(), started);
+                request.answered(r.status().as_u16());
                 if completes {
                     let body = std::mem::take(r.body_mut());
                     *r.body_mut() = one_xml_declaration(body);
                 }
+            } else {
+                // No response at all: hyper closes the connection.
+                request.answered(http::StatusCode::INTERNAL_SERVER_ERROR.as_u16());
             }
             resp
         }

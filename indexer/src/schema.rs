@@ -1073,6 +1073,31 @@ pub fn clear_lost_tx<T: Transaction>(tx: &T, evidence: EvidenceId, stripe: u64) 
     tx.clear(&stripe_key(LOST, &evidence, stripe));
 }
 
+/// How many stripes [`mark_lost_tx`] records as lost after `after` (the
+/// last key an earlier page returned; from the first when `None`), at most
+/// `limit`, and where the next page starts (`None`: no more). For a gauge
+/// of what is lost now.
+pub async fn count_lost_tx<T: Transaction>(
+    tx: &T,
+    after: Option<Vec<u8>>,
+    limit: usize,
+) -> Result<(usize, Option<Vec<u8>>), SchemaError> {
+    let begin = match after {
+        Some(mut k) => {
+            k.push(0);
+            k
+        }
+        None => vec![LOST],
+    };
+    let limit = limit.max(1);
+    let keys = tx.get_range(&begin, &[LOST + 1], limit, false).await?;
+    let next = match keys.len() == limit {
+        true => keys.last().map(|(k, _)| k.clone()),
+        false => None,
+    };
+    Ok((keys.len(), next))
+}
+
 /// Whether [`mark_lost_tx`] recorded this stripe as lost.
 pub async fn is_lost_tx<T: Transaction>(
     tx: &T,
