@@ -780,7 +780,16 @@ pub(crate) async fn serve_connections<Svc, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let api = drain.api;
+    // At most this many connections at once: past it, new ones wait in
+    // the kernel's backlog until one ends, instead of taking descriptors
+    // the gateway needs for its nodes, its index and its files.
+    let open = Arc::new(tokio::sync::Semaphore::new(connection_cap()));
     loop {
+        let permit = tokio::select! {
+            permit = open.clone().acquire_owned() => permit,
+            () = drain.stopped() => break,
+        };
+        let Ok(permit) = permit else { break };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = drain.stopped() => break,
@@ -811,6 +820,7 @@ pub(crate) async fn serve_connections<Svc, B>(
         }
         let (http, tls, service) = (http.clone(), tls.clone(), service.clone());
         drain.spawn(|watcher| async move {
+            let _open = permit;
             let ended = match tls {
                 None => {
                     let io = hyper_util::rt::TokioIo::new(stalls_after(stream, http.stall));
@@ -835,6 +845,18 @@ pub(crate) async fn serve_connections<Svc, B>(
     }
     drop(listener);
     drain.finish().await;
+}
+
+/// How many connections each API (evidence, S3) serves at once: a quarter
+/// of the descriptors this process may open (the two APIs, the rest for
+/// nodes, the index, ledger files and outgoing calls), from 64 to 8192.
+fn connection_cap() -> usize {
+    let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    usize::try_from(nofile / 4)
+        .unwrap_or(usize::MAX)
+        .clamp(64, 8192)
 }
 
 /// Longest a client may take over its TLS handshake.
