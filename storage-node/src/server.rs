@@ -417,6 +417,16 @@ async fn accept_loop(
             _ = stop.changed() => break,
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                // A client must first show it receives at its address (a
+                // QUIC Retry, one round trip on a connection that then
+                // lives long): a spoofed source cannot make the node run
+                // a TLS handshake, and sign, for each packet it sends.
+                if !incoming.remote_address_validated() {
+                    if let Err(e) = incoming.retry() {
+                        tracing::debug!(error = %e, "could not ask a client to retry");
+                    }
+                    continue;
+                }
                 connections.spawn(serve_connection(incoming, state.clone()));
             }
             Some(done) = connections.join_next(), if !connections.is_empty() => {
@@ -446,6 +456,17 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<NodeState>) {
     // leaf: a node's key taken from its host) only read.
     let peer = peer_role(&conn);
     tracing::debug!(%remote, ?peer, "connection established");
+    // Only a gateway needs many requests at once (its uploads, reads and
+    // repairs); a node reads a few shards to rebuild, another leaf asks
+    // the time. A stolen node key must not hold the read memory with
+    // hundreds of stalled reads per connection.
+    match peer {
+        Peer::Gateway => {}
+        Peer::Node(_) => {
+            conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(PEER_NODE_STREAMS))
+        }
+        Peer::Other => conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(4)),
+    }
     state.metrics.connections.inc();
     let _open = scopeguard(&state.metrics.connections);
     let mut streams = JoinSet::new();
@@ -468,6 +489,9 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<NodeState>) {
         }
     }
 }
+
+/// Requests at once on a connection from another node (rebuild reads).
+const PEER_NODE_STREAMS: u32 = 32;
 
 /// Decrements a gauge when dropped (the connection task ends however it ends).
 struct GaugeGuard(prometheus::IntGauge);
