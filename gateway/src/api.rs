@@ -156,7 +156,10 @@ pub struct RunningGateway {
     s3: Option<tokio::task::JoinHandle<()>>,
     /// Tells both APIs to stop accepting and drain ([`Self::shutdown`]).
     stop: Stopper,
-    background: Vec<tokio::task::JoinHandle<()>>,
+    /// The background work, by name: probing nodes, GC, the ledger's
+    /// integrator, repair, ... Each runs as long as the gateway; one that
+    /// panics ends the gateway ([`Self::stopped`]).
+    background: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
 }
 
 impl RunningGateway {
@@ -180,18 +183,51 @@ impl RunningGateway {
     }
 
     /// Waits until the evidence API stops (it does not, unless it fails or
-    /// is shut down), and says why; the gateway is still to be stopped
-    /// with [`Self::abort`].
+    /// is shut down) or a background task panics, and says why; the
+    /// gateway is still to be stopped with [`Self::abort`]. A gateway
+    /// whose integrator or prober died would otherwise serve on while
+    /// receipts stop coming or node states freeze, and a supervisor would
+    /// never know to restart it.
     pub async fn stopped(&mut self) -> std::io::Error {
         let Some(server) = self.server.as_mut() else {
             return std::io::Error::other("the server stopped");
         };
-        let ended = server.await;
-        self.server = None;
-        match ended {
-            Ok(Ok(())) => std::io::Error::other("the server stopped"),
-            Ok(Err(e)) => e,
-            Err(e) => std::io::Error::other(e),
+        let background = &mut self.background;
+        let died = std::future::poll_fn(|cx| {
+            use std::future::Future as _;
+            let mut i = 0;
+            while i < background.len() {
+                if let std::task::Poll::Ready(ended) =
+                    std::pin::Pin::new(&mut background[i].1).poll(cx)
+                {
+                    let (name, _) = background.swap_remove(i);
+                    match ended {
+                        // One that ends on its own (its work done) is no
+                        // failure; the others go on.
+                        Ok(()) => {
+                            tracing::debug!(task = name, "background task ended");
+                            continue;
+                        }
+                        Err(e) => return std::task::Poll::Ready((name, e)),
+                    }
+                }
+                i += 1;
+            }
+            std::task::Poll::Pending
+        });
+        tokio::select! {
+            ended = server => {
+                self.server = None;
+                match ended {
+                    Ok(Ok(())) => std::io::Error::other("the server stopped"),
+                    Ok(Err(e)) => e,
+                    Err(e) => std::io::Error::other(e),
+                }
+            }
+            (name, e) = died => {
+                tracing::error!(task = name, error = %e, "a background task of the gateway died");
+                std::io::Error::other(format!("its {name} task died: {e}"))
+            }
         }
     }
 
@@ -202,7 +238,11 @@ impl RunningGateway {
         if let Some(server) = self.server {
             server.abort();
         }
-        for b in self.s3.into_iter().chain(self.background) {
+        for b in self
+            .s3
+            .into_iter()
+            .chain(self.background.into_iter().map(|(_, b)| b))
+        {
             b.abort();
         }
     }
@@ -678,20 +718,20 @@ pub async fn serve<S: Store>(
         s3: s3.map(|(_, task)| task),
         stop,
         background: [
-            prober,
-            gc,
-            orphans,
-            integrator,
-            refresher,
-            repair,
-            clock_keeper,
+            ("node prober", prober),
+            ("GC", gc),
+            ("orphan sweeper", orphans),
+            ("ledger integrator", integrator),
+            ("metrics refresher", refresher),
+            ("repair", repair),
+            ("compliance clock keeper", clock_keeper),
         ]
         .into_iter()
-        .chain(witnessing)
-        .chain(timestamping)
-        .chain(s3_journal)
-        .chain(lifecycles)
-        .chain(metrics.map(|(_, task)| task))
+        .chain(witnessing.map(|t| ("witnessing", t)))
+        .chain(timestamping.map(|t| ("time-stamping", t)))
+        .chain(s3_journal.map(|t| ("S3 journal", t)))
+        .chain(lifecycles.map(|t| ("lifecycle archive", t)))
+        .chain(metrics.map(|(_, task)| ("metrics listener", task)))
         .collect(),
     })
 }
@@ -2636,6 +2676,38 @@ async fn revoke_key<S: Store>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A background task that panics stops the gateway, saying which; one
+    /// that ends on its own does not.
+    #[tokio::test]
+    async fn a_background_task_that_dies_stops_the_gateway() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mut gw = RunningGateway {
+            local_addr: addr,
+            s3_addr: None,
+            metrics_addr: None,
+            server: Some(tokio::spawn(std::future::pending())),
+            s3: None,
+            stop: Stopper::new(),
+            background: vec![
+                ("done early", tokio::spawn(async {})),
+                ("forever", tokio::spawn(std::future::pending())),
+                (
+                    "doomed",
+                    tokio::spawn(async {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        panic!("a bug");
+                    }),
+                ),
+            ],
+        };
+        let why = tokio::time::timeout(Duration::from_secs(10), gw.stopped())
+            .await
+            .expect("the gateway stops when a task dies");
+        assert!(why.to_string().contains("doomed"), "{why}");
+        assert_eq!(gw.background.len(), 1, "only the one still running is left");
+        gw.abort();
+    }
 
     /// `openapi.json` describes exactly the routes and methods [`router`]
     /// serves (read from its source: axum's router does not list them),

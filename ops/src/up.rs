@@ -189,7 +189,7 @@ pub async fn run_gateway(data_dir: &Path) -> Result<()> {
     tokio::select! {
         e = gw.stopped() => {
             gw.abort();
-            return Err(anyhow::Error::from(e).context("the evidence API stopped"));
+            return Err(anyhow::Error::from(e).context("the gateway stopped"));
         }
         () = stop.recv() => tracing::info!("stopping"),
     }
@@ -570,7 +570,7 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
             // Asked to stop: that, whatever else ends at the same moment.
             biased;
             _ = stop.recv() => break (None, false),
-            e = gw.stopped() => break (Some(anyhow::Error::from(e).context("the evidence API stopped")), true),
+            e = gw.stopped() => break (Some(anyhow::Error::from(e).context("the gateway stopped")), true),
             (i, status) = exited => {
                 running[i] = false;
                 let id = nodes.get(i).map_or(i, |n| n.id as usize);
