@@ -2380,7 +2380,7 @@ async fn status<S: Store>(
     // held ahead of it after a step back).
     let integrating = gw.ledger.as_ref().is_some_and(|l| l.integrating());
     let integrated = match integrating {
-        true => gw.metrics.checkpoint_time.get(),
+        true => gw.metrics.checkpoint_time.known().unwrap_or(0.0),
         false => 0.0,
     };
     let now_s = crate::ledger::unix_now_secs_f64();

@@ -1660,6 +1660,9 @@ async fn current_lease<S: Store>(
                 );
             }
             ledger.remember_lease(fence);
+            // From now on this gateway's checkpoint time is the cluster's:
+            // exported, and aging from now until its first checkpoint.
+            gw.metrics.checkpoint_time.start_at(unix_now_secs_f64());
             Ok(Some(fence))
         }
         Err(theirs) => {

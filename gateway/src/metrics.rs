@@ -111,10 +111,13 @@ pub struct GatewayMetrics {
     /// `time() - custodia_ledger_integrated_timestamp_seconds` is how far
     /// behind notarization is, and stays small on an idle ledger. Only the
     /// integrator sets it, and only gateways with a ledger export it, so
-    /// the cluster's is the `max` over gateways. Starts at the gateway's
-    /// start, not 0 (which would read as "55 years behind"): a checkpoint
-    /// that never comes after a restart still ages and pages.
-    pub checkpoint_time: Gauge,
+    /// the cluster's is the `max` over gateways. Exported from when this
+    /// gateway first holds the integrator's lease ([`LateGauge`]), set to
+    /// that moment until its first checkpoint: never 0 (which would read
+    /// as "55 years behind"), never a time from a gateway that does not
+    /// integrate, and a first checkpoint that never comes still ages and
+    /// pages.
+    pub checkpoint_time: LateGauge,
     /// `custodia_s3_journal_synced_timestamp_seconds`: when the last drain
     /// of the S3 records' journal that left nothing behind began
     /// (`crate::s3_journal`): every S3 record change committed before then
@@ -205,6 +208,63 @@ fn reg_if<T: prometheus::core::Collector + Clone + 'static>(
         reg(registry, metric)
     } else {
         Ok(metric)
+    }
+}
+
+/// A timestamp gauge exported only from its first value on (see
+/// [`GatewayMetrics::checkpoint_time`]); a placeholder value
+/// ([`LateGauge::start_at`]) is told apart from a real one
+/// ([`LateGauge::known`]).
+#[derive(Clone, Debug)]
+pub struct LateGauge {
+    gauge: Gauge,
+    /// Where it goes at its first value; `None`: never exported.
+    registry: Option<Registry>,
+    registered: Arc<std::sync::OnceLock<()>>,
+    known: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LateGauge {
+    /// `gauge`, to be registered on `registry` at its first value if `on`.
+    fn new(on: bool, registry: &Registry, gauge: Gauge) -> Self {
+        LateGauge {
+            gauge,
+            registry: on.then(|| registry.clone()),
+            registered: Arc::default(),
+            known: Arc::default(),
+        }
+    }
+
+    fn export(&self) {
+        if let Some(r) = &self.registry {
+            self.registered.get_or_init(|| {
+                if let Err(e) = r.register(Box::new(self.gauge.clone())) {
+                    tracing::warn!(error = %e, "could not export a gauge");
+                }
+            });
+        }
+    }
+
+    /// A real value.
+    pub fn set(&self, v: f64) {
+        self.gauge.set(v);
+        self.known.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.export();
+    }
+
+    /// Exported as `v` until a real value comes, if none has yet.
+    pub fn start_at(&self, v: f64) {
+        if !self.known.load(std::sync::atomic::Ordering::Relaxed) && self.gauge.get() == 0.0 {
+            self.gauge.set(v);
+            self.export();
+        }
+    }
+
+    /// The real value, once there is one.
+    pub fn known(&self) -> Option<f64> {
+        self.known
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .then(|| self.gauge.get())
     }
 }
 
@@ -304,15 +364,15 @@ impl GatewayMetrics {
                 "custodia_ledger_entries_integrated_total",
                 "Ledger entries this gateway integrated into the tree.",
             )?,
-            checkpoint_time: reg_if(
+            checkpoint_time: LateGauge::new(
                 ledger,
                 r,
-                since_start(Gauge::new(
+                Gauge::new(
                     "custodia_ledger_integrated_timestamp_seconds",
                     "When a signed checkpoint last covered every waiting entry (Unix seconds; \
-                     the gateway's start until then).",
-                )?),
-            )?,
+                     from when this gateway took the integrator's lease until then).",
+                )?,
+            ),
             s3_journal_synced: reg_if(
                 ledger,
                 r,
@@ -723,15 +783,22 @@ mod tests {
         let r = Registry::new();
         let before = crate::ledger::unix_now_secs_f64();
         let m = GatewayMetrics::new(&r, true, false).unwrap();
-        for g in [&m.s3_journal_synced, &m.checkpoint_time] {
-            assert!(
-                g.get() >= before.floor() && g.get() <= before + 60.0,
-                "{}",
-                g.get()
-            );
-        }
+        let g = m.s3_journal_synced.get();
+        assert!(g >= before.floor() && g <= before + 60.0, "{g}");
+        // The checkpoint's only where this gateway integrates: from when it
+        // took the lease, a placeholder until its first checkpoint.
+        let exported = |name: &str| r.gather().iter().any(|f| f.name() == name);
+        let name = "custodia_ledger_integrated_timestamp_seconds";
+        assert!(!exported(name));
+        m.ledger_integrated(3, None);
+        assert!(!exported(name));
+        m.checkpoint_time.start_at(1.5e9);
+        assert!(exported(name));
+        assert_eq!(m.checkpoint_time.known(), None);
         m.ledger_integrated(3, Some(2.0e9));
-        assert_eq!(m.checkpoint_time.get(), 2.0e9);
+        assert_eq!(m.checkpoint_time.known(), Some(2.0e9));
+        m.checkpoint_time.start_at(1.0e9);
+        assert_eq!(m.checkpoint_time.known(), Some(2.0e9), "a real value stays");
         assert!(r
             .gather()
             .iter()
