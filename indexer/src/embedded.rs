@@ -26,9 +26,13 @@
 //! - A failed write (a full disk, an I/O error) fails its batch, and redb then
 //!   refuses every later operation on that handle (it latches the failure,
 //!   `PreviousIo`). The committer closes the handle and opens the file again,
-//!   so the store recovers once the disk does, without a restart; a batch
-//!   whose fate the failure left unknown is answered by what the reopened file
-//!   holds (see [`Committer::reopen`]).
+//!   so the store recovers once the disk does, without a restart. The failed
+//!   batch is reported failed even if the reopened file holds it (a failed
+//!   fsync may come after the write it was to make durable): its callers
+//!   must treat the outcome as unknown, as FoundationDB's
+//!   `commit_unknown_result`; its version is never used again, and
+//!   transactions that read before the reopen fail with a conflict and
+//!   start over (see [`Committer::reopen`]).
 //!
 //! Key layout of the redb file:
 //!
@@ -150,6 +154,7 @@ impl EmbeddedStore {
             db: db.clone(),
             opener,
             next_reopen: None,
+            read_floor: 0,
             requests,
             version,
             recent: VecDeque::new(),
@@ -718,6 +723,10 @@ struct Committer {
     /// While the file is closed after an I/O failure: when to try to open
     /// it again.
     next_reopen: Option<Instant>,
+    /// Transactions that read before this version fail with a conflict:
+    /// the version the file had when it was last opened again (see
+    /// [`Committer::reopen`]).
+    read_floor: u64,
     requests: mpsc::Receiver<CommitRequest>,
     version: u64,
     recent: VecDeque<RecentCommit>,
@@ -941,20 +950,24 @@ impl Committer {
             return;
         }
         let started = Instant::now();
-        let mut written = self.write_batch(version, &accepted);
+        let written = self.write_batch(version, &accepted);
         // Before any reply: a caller that resubmits at once must not count
         // as another caller arriving during the write.
         self.arrivals.write = Some((started, Instant::now()));
         if let Err(e) = &written {
-            tracing::error!(error = %e, "index batch commit failed");
-            if matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo) {
-                // The handle refuses everything from now on: open the file
-                // again, which also says whether the batch landed (a
-                // failed fsync may have come after it did).
-                if self.reopen(Instant::now() + REOPEN_PATIENCE) == Some(version) {
-                    tracing::warn!(version, "the failed index batch had landed after all");
-                    written = Ok(());
-                }
+            tracing::error!(error = %e, version, "index batch commit failed");
+            // redb refuses every write on a handle after a failed commit
+            // (`PreviousIo` after I/O, a discarded allocator state after
+            // others): open the file again.
+            if self.reopen(Instant::now() + REOPEN_PATIENCE) >= Some(version) {
+                // In the file as read back, but its write failed: it may
+                // not be on the disk. Reported failed all the same (never
+                // acknowledged as durable), its outcome unknown.
+                tracing::error!(
+                    version,
+                    "the failed index batch is in the reopened file; its callers were told it \
+                     failed (its outcome is unknown)"
+                );
             }
         }
         match written {
@@ -998,6 +1011,9 @@ impl Committer {
         if body.started.elapsed() > MAX_TRANSACTION_AGE {
             return Err(KvError::TooOld);
         }
+        if body.read_version < self.read_floor {
+            return Err(KvError::Conflict);
+        }
         let committed_since = self
             .recent
             .iter()
@@ -1016,6 +1032,13 @@ impl Committer {
     /// in the file when it opened: the version of a batch whose write failed
     /// says that it landed. Left closed, it is tried again every
     /// [`REOPEN_EVERY`] from [`Committer::run`].
+    ///
+    /// Keeps the commit versions sound whatever the file holds: the next
+    /// batch takes a version past the file's (a failed batch found in it
+    /// keeps its own, and its versionstamps are never reused), and since
+    /// such a batch's writes are in no conflict set, every transaction
+    /// that read before the reopen fails with [`KvError::Conflict`] and
+    /// starts over.
     fn reopen(&mut self, until: Instant) -> Option<u64> {
         // Readers that began on the old handle fail when they next touch
         // the file; the handle closes once the last clone (one a `begin`
@@ -1028,6 +1051,8 @@ impl Committer {
                 .and_then(|db| Ok((prepare_tables(&db)?, db)));
             match opened {
                 Ok((durable, db)) => {
+                    self.version = self.version.max(durable);
+                    self.read_floor = durable;
                     *self.db.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(db));
                     self.next_reopen = None;
                     tracing::warn!(durable, "index file reopened after an I/O failure");
@@ -1191,11 +1216,14 @@ mod tests {
         assert_eq!(a.probe(now + 2 * PROBE_EVERY), Some(MAX_PROBE), "at most");
     }
 
-    /// A file whose writes fail while `full` is set, as on a full disk.
+    /// A file whose writes fail while `full` is set, as on a full disk,
+    /// and whose fsyncs fail while `unsynced` is (delayed allocation
+    /// finding no room at writeback, or a failing disk).
     #[derive(Debug)]
     struct FillingDisk {
         file: redb::backends::FileBackend,
         full: Arc<std::sync::atomic::AtomicBool>,
+        unsynced: Arc<std::sync::atomic::AtomicBool>,
     }
 
     impl FillingDisk {
@@ -1220,6 +1248,9 @@ mod tests {
         }
         fn sync_data(&self) -> std::io::Result<()> {
             self.refuse()?;
+            if self.unsynced.load(Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(5)); // EIO
+            }
             self.file.sync_data()
         }
         fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
@@ -1276,13 +1307,13 @@ mod tests {
     /// without a restart (redb refuses everything on a handle after an I/O
     /// failure, so the file must be opened again), and what was committed
     /// before is all there.
-    #[tokio::test]
-    async fn the_store_recovers_when_a_full_disk_has_room_again() {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let path = dir.path().join("index.redb");
-        let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    type Flag = Arc<std::sync::atomic::AtomicBool>;
+
+    /// A store on a [`FillingDisk`] at `path`, and its two switches.
+    fn store_on_filling_disk(path: &Path) -> (EmbeddedStore, Flag, Flag) {
+        let (full, unsynced) = (Flag::default(), Flag::default());
         let opener = {
-            let (path, full) = (path.clone(), full.clone());
+            let (path, full, unsynced) = (path.to_path_buf(), full.clone(), unsynced.clone());
             Box::new(move || {
                 let file = std::fs::OpenOptions::new()
                     .read(true)
@@ -1291,11 +1322,69 @@ mod tests {
                     .truncate(false)
                     .open(&path)?;
                 let file = redb::backends::FileBackend::new(file)?;
-                let full = full.clone();
-                redb::Builder::new().create_with_backend(FillingDisk { file, full })
+                let (full, unsynced) = (full.clone(), unsynced.clone());
+                redb::Builder::new().create_with_backend(FillingDisk {
+                    file,
+                    full,
+                    unsynced,
+                })
             })
         };
-        let store = EmbeddedStore::open_with(&path, opener).expect("the store opens");
+        let store = EmbeddedStore::open_with(path, opener).expect("the store opens");
+        (store, full, unsynced)
+    }
+
+    /// A batch whose fsync failed is reported failed, whatever the
+    /// reopened file shows of it; its version is never used again (the
+    /// next batch's versionstamps sort after it), and a transaction that
+    /// read before the reopen fails with a conflict instead of committing
+    /// over writes no conflict set holds.
+    #[tokio::test]
+    async fn a_batch_whose_fsync_failed_is_never_acknowledged_nor_its_version_reused() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (store, _full, unsynced) = store_on_filling_disk(&dir.path().join("index.redb"));
+        let stamped = |suffix: &'static [u8]| {
+            let store = store.clone();
+            async move {
+                let tx = store.begin()?;
+                tx.set_versionstamped_key(b"vs", suffix, suffix);
+                tx.commit().await
+            }
+        };
+        stamped(b"1").await.expect("a commit");
+        let old = store.begin().expect("a transaction");
+        old.get(b"vs").await.expect("a read before the failure");
+        unsynced.store(true, Ordering::SeqCst);
+        let failed = stamped(b"2").await;
+        assert!(matches!(failed, Err(KvError::Storage(_))), "{failed:?}");
+        unsynced.store(false, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stamped(b"3").await.is_err() {
+            assert!(Instant::now() < deadline, "the store did not recover");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let rows = store
+            .begin()
+            .expect("a transaction")
+            .get_range(b"vs", b"vt", 0, false)
+            .await
+            .expect("a read");
+        let stamps: Vec<&[u8]> = rows.iter().map(|(k, _)| &k[2..12]).collect();
+        let values: Vec<&[u8]> = rows.iter().map(|(_, v)| v.as_slice()).collect();
+        // "2" may be in the file or not; either way no stamp is reused.
+        assert!(stamps.windows(2).all(|w| w[0] < w[1]), "{rows:?}");
+        assert_eq!(values.first(), Some(&&b"1"[..]));
+        assert_eq!(values.last(), Some(&&b"3"[..]));
+        old.set(b"late", b"v");
+        let late = old.commit().await;
+        assert!(matches!(late, Err(KvError::Conflict)), "{late:?}");
+    }
+
+    #[tokio::test]
+    async fn the_store_recovers_when_a_full_disk_has_room_again() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("index.redb");
+        let (store, full, _) = store_on_filling_disk(&path);
         put(&store, b"before")
             .await
             .expect("a commit on a disk with room");
