@@ -100,6 +100,10 @@ pub(crate) async fn serve<S: Store + 'static>(
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let metrics = gw.metrics.clone();
+    let budget = crate::s3_chunks::Budget {
+        memory: gw.receive_memory.clone(),
+        kib: gw.receive_memory_kib,
+    };
     let http = crate::api::http1(Duration::from_millis(
         gw.config.client_idle_timeout_ms.max(1),
     ));
@@ -138,6 +142,7 @@ pub(crate) async fn serve<S: Store + 'static>(
     // Counted by method: the S3 operation is known only inside s3s.
     let counted = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let (service, metrics, forms) = (service.clone(), metrics.clone(), forms.clone());
+        let budget = budget.clone();
         async move {
             // From a fixed set: any token is a valid method, and
             // each new label would be a series kept for good.
@@ -189,7 +194,7 @@ pub(crate) async fn serve<S: Store + 'static>(
                         Err(refused) => Ok(refused_response(&refused)),
                     }
                 } else if crate::s3_digest::streaming(req.headers()) {
-                    let (req, verdict) = crate::s3_chunks::wrap(req);
+                    let (req, verdict) = crate::s3_chunks::wrap(req, budget);
                     let resp = service.call(req.map(s3s::Body::http_body_unsync)).await;
                     let refused = verdict.lock().ok().and_then(|mut v| v.take());
                     match refused {

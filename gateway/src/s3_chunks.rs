@@ -1,23 +1,38 @@
-//! A bound on the chunks of an aws-chunked upload (`STREAMING-*`).
+//! The memory the chunks of an aws-chunked upload (`STREAMING-*`) take.
 //!
 //! `s3s` decodes an aws-chunked body chunk by chunk, and holds each chunk
-//! whole until its last byte has come (it must check the chunk's signature
-//! before handing anything on). The size of a chunk is the client's to say,
-//! up to 4 GiB in its 8 hex digits: one signed-in client could make the
-//! gateway hold gigabytes per connection, outside the receive budget that
-//! bounds what uploads hold (`receive_memory_mib`), which counts only what
-//! `s3s` hands on. The clients send small chunks (botocore and aws-cli
-//! 1 MiB, the Go and Java SDKs 64 and 128 KiB), so the framing is read as
-//! the bytes pass towards `s3s`, and a chunk larger than [`MAX_CHUNK`] ends
-//! the request with S3's 400 `InvalidRequest` before its data is buffered.
+//! whole until its last byte has come (it must check a signed chunk's
+//! signature before handing anything on, and does the same for unsigned
+//! ones). The size of a chunk is the client's to say, up to 4 GiB in its 8
+//! hex digits, outside the receive budget that bounds what uploads hold
+//! (`receive_memory_mib`), which counts only what `s3s` hands on. Most
+//! clients send small chunks (botocore and aws-cli 1 MiB, the Go and Java
+//! SDKs 64 and 128 KiB when signing them), but some send a whole part or
+//! object as one (the Go SDK's unsigned chunks, the CRT's 8 MiB parts). So
+//! the framing is read as the bytes pass towards `s3s`, and a chunk over
+//! [`FREE_CHUNK`] is charged to the receive budget from its header until
+//! its last byte has passed: one the budget cannot hold now is refused with
+//! S3's 503 `SlowDown` (clients retry it), one larger than the whole budget
+//! with 400 `EntityTooLarge` (send it in parts), before its data is
+//! buffered.
 use bytes::Bytes;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::s3_digest::{Refused, Verdict};
 
-/// The largest chunk accepted: four times the largest any client sends.
-pub const MAX_CHUNK: u64 = 4 << 20;
+/// Chunks up to this size (what botocore sends) are not charged: a few per
+/// connection, and connections are capped.
+pub const FREE_CHUNK: u64 = 1 << 20;
+
+/// The receive budget: its semaphore (a permit per KiB) and its size in KiB.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    pub memory: Arc<Semaphore>,
+    pub kib: usize,
+}
 
 /// The longest chunk header line (`SIZE;chunk-signature=<64 hex>\r\n` is
 /// under 100 bytes).
@@ -44,12 +59,9 @@ enum State {
 #[derive(Debug)]
 pub struct Framing {
     state: State,
-}
-
-impl Default for Framing {
-    fn default() -> Self {
-        Framing { state: line() }
-    }
+    budget: Budget,
+    /// What the chunk being passed holds of the budget.
+    held: Option<OwnedSemaphorePermit>,
 }
 
 fn line() -> State {
@@ -62,9 +74,50 @@ fn line() -> State {
 }
 
 impl Framing {
+    pub fn new(budget: Budget) -> Self {
+        Framing {
+            state: line(),
+            budget,
+            held: None,
+        }
+    }
+
+    /// Charges a chunk of `size` bytes, from its header.
+    fn charge(&mut self, size: u64) -> Result<(), Refused> {
+        if size <= FREE_CHUNK {
+            return Ok(());
+        }
+        let kib = size.div_ceil(1024);
+        let too_large = || Refused {
+            code: "EntityTooLarge",
+            status: http::StatusCode::BAD_REQUEST,
+            message: format!(
+                "an aws-chunked chunk of {size} bytes is more than this gateway holds for \
+                 uploads ({} MiB); send the object in parts, or in smaller chunks",
+                self.budget.kib >> 10
+            ),
+        };
+        if kib > self.budget.kib as u64 {
+            return Err(too_large());
+        }
+        let kib = u32::try_from(kib).map_err(|_| too_large())?;
+        match self.budget.memory.clone().try_acquire_many_owned(kib) {
+            Ok(permit) => {
+                self.held = Some(permit);
+                Ok(())
+            }
+            Err(_) => Err(Refused {
+                code: "SlowDown",
+                status: http::StatusCode::SERVICE_UNAVAILABLE,
+                message: "the gateway's memory for receiving uploads is in use; retry shortly"
+                    .into(),
+            }),
+        }
+    }
+
     /// Reads `buf`; an error says why the body is refused. Malformed framing
     /// other than a size too large is left to `s3s`, which refuses it.
-    pub fn feed(&mut self, mut buf: &[u8]) -> Result<(), String> {
+    pub fn feed(&mut self, mut buf: &[u8]) -> Result<(), Refused> {
         while !buf.is_empty() {
             match &mut self.state {
                 State::Done => return Ok(()),
@@ -74,6 +127,7 @@ impl Framing {
                     *left -= n as u64;
                     if *left == 0 {
                         self.state = line();
+                        self.held = None;
                     }
                 }
                 State::Line {
@@ -86,28 +140,34 @@ impl Framing {
                     buf = &buf[1..];
                     *len += 1;
                     if *len > MAX_LINE {
-                        return Err(format!(
-                            "an aws-chunked chunk header longer than {MAX_LINE} bytes"
-                        ));
+                        return Err(Refused {
+                            code: "InvalidRequest",
+                            status: http::StatusCode::BAD_REQUEST,
+                            message: format!(
+                                "an aws-chunked chunk header longer than {MAX_LINE} bytes"
+                            ),
+                        });
                     }
                     if b == b'\n' {
-                        self.state = match *size {
+                        let size = *size;
+                        self.state = match size {
                             0 => State::Done,
                             // The data, then its CRLF.
-                            n => State::Data { left: n + 2 },
+                            n => State::Data {
+                                left: n.saturating_add(2),
+                            },
                         };
+                        self.charge(size)?;
                         continue;
                     }
                     match (*ended, (b as char).to_digit(16)) {
                         (false, Some(v)) => {
                             *digits += 1;
+                            // Past 16 digits (leading zeros) it is no size
+                            // s3s reads either.
                             *size = size.saturating_mul(16).saturating_add(u64::from(v));
-                            if *size > MAX_CHUNK || *digits > 16 {
-                                return Err(format!(
-                                    "an aws-chunked chunk larger than the {} MiB this \
-                                     server accepts (clients send 1 MiB or less)",
-                                    MAX_CHUNK >> 20
-                                ));
+                            if *digits > 16 {
+                                *size = u64::MAX;
                             }
                         }
                         _ => *ended = true,
@@ -131,12 +191,13 @@ pub struct ChunkLimit<B> {
 #[error("{0}")]
 struct ChunkRefused(String);
 
-/// Wraps `req`'s body; the verdict to look at after the call.
-pub fn wrap<B>(req: http::Request<B>) -> (http::Request<ChunkLimit<B>>, Verdict) {
+/// Wraps `req`'s body, its chunks charged to `budget`; the verdict to look
+/// at after the call.
+pub fn wrap<B>(req: http::Request<B>, budget: Budget) -> (http::Request<ChunkLimit<B>>, Verdict) {
     let verdict = Verdict::default();
     let req = req.map(|inner| ChunkLimit {
         inner,
-        framing: Framing::default(),
+        framing: Framing::new(budget),
         verdict: verdict.clone(),
     });
     (req, verdict)
@@ -158,15 +219,12 @@ where
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    if let Err(why) = this.framing.feed(data) {
+                    if let Err(refused) = this.framing.feed(data) {
+                        let why = ChunkRefused(refused.message.clone());
                         if let Ok(mut v) = this.verdict.lock() {
-                            *v = Some(Refused {
-                                code: "InvalidRequest",
-                                status: http::StatusCode::BAD_REQUEST,
-                                message: why.clone(),
-                            });
+                            *v = Some(refused);
                         }
-                        return Poll::Ready(Some(Err(Box::new(ChunkRefused(why)))));
+                        return Poll::Ready(Some(Err(Box::new(why))));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -204,42 +262,85 @@ mod tests {
         out
     }
 
-    fn feed_in(bytes: &[u8], piece: usize) -> Result<(), String> {
-        let mut f = Framing::default();
+    const BUDGET_KIB: usize = 8 << 10;
+
+    fn budget() -> Budget {
+        Budget {
+            memory: Arc::new(Semaphore::new(BUDGET_KIB)),
+            kib: BUDGET_KIB,
+        }
+    }
+
+    fn feed_in(b: &Budget, bytes: &[u8], piece: usize) -> Result<(), &'static str> {
+        let mut f = Framing::new(b.clone());
         for p in bytes.chunks(piece.max(1)) {
-            f.feed(p)?;
+            f.feed(p).map_err(|r| r.code)?;
         }
         Ok(())
     }
 
-    /// Chunks up to the limit pass however the bytes are split; the first
-    /// chunk over it is refused from its header, whatever came before.
+    /// Chunks pass however the bytes are split, those over the free size
+    /// charged to the budget only while they pass; one the budget cannot
+    /// hold now is SlowDown, one larger than all of it EntityTooLarge, from
+    /// its header, before its data.
     #[test]
-    fn chunks_over_the_limit_are_refused_from_their_header() {
-        let max = MAX_CHUNK as usize;
+    fn large_chunks_are_charged_to_the_receive_budget() {
+        let mib = 1 << 20;
         for piece in [1, 7, 4096, usize::MAX] {
-            assert_eq!(feed_in(&body(&[1 << 20, 8192, 5]), piece), Ok(()));
-            assert_eq!(feed_in(&body(&[max, max]), piece), Ok(()));
-            // Only the header of the large chunk: refused before its data.
+            let b = budget();
+            assert_eq!(feed_in(&b, &body(&[mib, 8192, 5]), piece), Ok(()));
+            // A whole 5 MiB part in one chunk, twice: each charged while it
+            // passes, all given back at the end.
+            assert_eq!(feed_in(&b, &body(&[5 * mib, 5 * mib]), piece), Ok(()));
+            assert_eq!(b.memory.available_permits(), BUDGET_KIB);
+            // Only the header of a chunk larger than the whole budget.
             let mut big = b"10000\r\n".to_vec();
             big.extend(std::iter::repeat_n(b'a', 65536));
             big.extend_from_slice(b"\r\n");
-            big.extend_from_slice(format!("{:x}\r\n", max + 1).as_bytes());
-            assert!(feed_in(&big, piece).is_err(), "piece {piece}");
+            big.extend_from_slice(format!("{:x}\r\n", (BUDGET_KIB << 10) + 1).as_bytes());
+            assert_eq!(
+                feed_in(&b, &big, piece),
+                Err("EntityTooLarge"),
+                "piece {piece}"
+            );
             // Leading zeros do not hide a size, nor do many digits.
-            assert!(feed_in(b"0000000000000000000000001\r\n", piece).is_err());
-            assert!(feed_in(b"ffffffff;chunk-signature=00\r\n", piece).is_err());
+            assert_eq!(
+                feed_in(&b, b"0000000000000000000000001\r\n", piece),
+                Err("EntityTooLarge")
+            );
+            assert_eq!(
+                feed_in(&b, b"ffffffff;chunk-signature=00\r\n", piece),
+                Err("EntityTooLarge")
+            );
+            // Held by others: refused for now.
+            let others = b.memory.clone().try_acquire_many_owned(6 << 10).unwrap();
+            assert_eq!(
+                feed_in(&b, format!("{:x}\r\n", 4 * mib).as_bytes(), piece),
+                Err("SlowDown")
+            );
+            drop(others);
+            assert_eq!(b.memory.available_permits(), BUDGET_KIB);
         }
+        // A chunk cut off still gives back what it held, with its framing.
+        let b = budget();
+        let mut f = Framing::new(b.clone());
+        f.feed(format!("{:x}\r\n", 4 * mib).as_bytes()).unwrap();
+        assert_eq!(b.memory.available_permits(), BUDGET_KIB - (4 << 10));
+        drop(f);
+        assert_eq!(b.memory.available_permits(), BUDGET_KIB);
         // Digits in the signature are not the size.
-        assert_eq!(feed_in(b"10;chunk-signature=ffffffffff\r\n", 3), Ok(()));
+        assert_eq!(feed_in(&b, b"10;chunk-signature=ffffffffff\r\n", 3), Ok(()));
         // A header line without end is refused, not buffered.
-        assert!(feed_in(&[b';'; MAX_LINE + 1], 64).is_err());
+        assert_eq!(
+            feed_in(&b, &[b';'; MAX_LINE + 1], 64),
+            Err("InvalidRequest")
+        );
     }
 
     /// After the last chunk, whatever follows (the trailers) passes.
     #[test]
     fn trailers_pass() {
-        let mut f = Framing::default();
+        let mut f = Framing::new(budget());
         f.feed(b"0\r\n").unwrap();
         f.feed(&[b'z'; 10 * MAX_LINE]).unwrap();
     }
