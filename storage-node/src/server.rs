@@ -208,6 +208,9 @@ struct Denied {
     /// the list again (failing closed: a removed node's key must not read
     /// again because a file was damaged).
     all: bool,
+    /// `ids` holds ids the list on disk does not (its write failed): the
+    /// next `DenyNodes` writes it again even if it names the same ids.
+    unkept: bool,
 }
 
 impl Denied {
@@ -300,7 +303,10 @@ pub async fn serve(
         .map_err(|_| NodeServerError::Panicked)??;
     let store = Arc::new(store);
     let denied = match read_denied(&config.data_dir) {
-        Ok(ids) => Denied { ids, all: false },
+        Ok(ids) => Denied {
+            ids,
+            ..Denied::default()
+        },
         Err(e) => {
             tracing::error!(
                 file = %config.data_dir.join(DENIED_FILE).display(),
@@ -309,8 +315,8 @@ pub async fn serve(
                  gateway sends it again (within a probe)"
             );
             Denied {
-                ids: Default::default(),
                 all: true,
+                ..Denied::default()
             }
         }
     };
@@ -1229,19 +1235,18 @@ async fn handle_deny_nodes(
     let _one_at_a_time = state.denying.lock().await;
     let unchanged = {
         let now = state.denied.read().unwrap_or_else(|e| e.into_inner());
-        !now.all && now.ids == ids.iter().copied().collect()
+        !now.all && !now.unkept && now.ids == ids.iter().copied().collect()
     };
     if !unchanged {
         // Refused at once, before the list is kept: a disk too full to keep
         // it must not leave the removed nodes served until it has room (an
         // unreadable list already refuses everyone). Only added to here;
         // the list as sent replaces it once it is kept.
-        state
-            .denied
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .ids
-            .extend(ids.iter().copied());
+        {
+            let mut now = state.denied.write().unwrap_or_else(|e| e.into_inner());
+            now.ids.extend(ids.iter().copied());
+            now.unkept = true;
+        }
         let text: String = ids.iter().map(|id| format!("{id}\n")).collect();
         let dir = state.data_dir.clone();
         let written = blocking(move || {
@@ -1265,7 +1270,7 @@ async fn handle_deny_nodes(
         tracing::info!(nodes = ?ids, "serving nothing to removed nodes");
         *state.denied.write().unwrap_or_else(|e| e.into_inner()) = Denied {
             ids: ids.iter().copied().collect(),
-            all: false,
+            ..Denied::default()
         };
     }
     respond(send, &Response::Denied(ids.len() as u32)).await
@@ -1451,7 +1456,7 @@ mod tests {
     fn removed_nodes_are_refused_and_an_unreadable_list_refuses_all() {
         let denied = super::Denied {
             ids: [3, 9].into_iter().collect(),
-            all: false,
+            ..super::Denied::default()
         };
         assert!(denied.refuses(&[3]));
         assert!(denied.refuses(&[1, 9]));
@@ -1460,8 +1465,8 @@ mod tests {
         let none = super::Denied::default();
         assert!(!none.refuses(&[]) && !none.refuses(&[3]));
         let all = super::Denied {
-            ids: Default::default(),
             all: true,
+            ..super::Denied::default()
         };
         assert!(all.refuses(&[1]) && all.refuses(&[]));
         assert_eq!(
