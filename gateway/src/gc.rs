@@ -352,12 +352,15 @@ async fn expire_incomplete_uploads<S: Store>(gw: &Gateway<S>) {
         // One transaction each: an upload of 10,000 parts queues 10,000
         // deletions.
         for &upload in &stale {
+            // Its sign of life read again in the transaction that ends it.
             let ended = indexer::run(&gw.store, |tx| async move {
-                indexer::s3::abort_multipart_tx(&tx, upload).await
+                indexer::s3::expire_upload_tx(&tx, upload, before).await
             })
             .await;
             match ended {
-                Ok(parts) => tracing::info!(
+                // Alive again since it was listed.
+                Ok(None) => {}
+                Ok(Some(parts)) => tracing::info!(
                     %upload,
                     parts = parts.len(),
                     expiry_ms = expiry,

@@ -2882,7 +2882,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             // whose Complete is filing its parts (many GiB take a while).
             let now = self.gw.clock.now_ms();
             let stored = indexer::run(&self.gw.store, |tx| async move {
-                ix::touch_upload_tx(&tx, upload, now);
+                ix::touch_open_upload_tx(&tx, upload, now).await?;
                 ix::parts_tx(&tx, upload).await
             })
             .await

@@ -1847,6 +1847,52 @@ pub async fn end_multipart_tx<T: Transaction>(
     Ok(parts.into_iter().map(|(_, p)| p).collect())
 }
 
+/// The upload's last sign of life ([`touch_upload_tx`]), if any.
+async fn upload_active_tx<T: Transaction>(
+    tx: &T,
+    upload: EvidenceId,
+) -> Result<Option<u64>, ObjectError> {
+    Ok(tx
+        .get(&key_of(UPLOAD_ACTIVE, &[upload.as_bytes()]))
+        .await?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+        .map(u64::from_be_bytes))
+}
+
+/// [`touch_upload_tx`] for an upload still open (a Complete beginning):
+/// `NoSuchUpload` when it ended, so no sign of life outlives its upload;
+/// and read, so a collector expiring it at the same moment conflicts.
+pub async fn touch_open_upload_tx<T: Transaction>(
+    tx: &T,
+    upload: EvidenceId,
+    now_ms: u64,
+) -> Result<(), ObjectError> {
+    if get_multipart_tx(tx, upload).await?.is_none() {
+        return Err(ObjectError::NoSuchUpload);
+    }
+    touch_upload_tx(tx, upload, now_ms);
+    Ok(())
+}
+
+/// Expires an upload [`stale_uploads_tx`] found, unless it showed a sign
+/// of life since (read again here, so a part or a Complete that touches it
+/// meanwhile conflicts with this instead of losing its parts): `Ok(None)`
+/// then; `NoSuchUpload` when it ended.
+pub async fn expire_upload_tx<T: Transaction>(
+    tx: &T,
+    upload: EvidenceId,
+    before_ms: u64,
+) -> Result<Option<Vec<PartRecord>>, ObjectError> {
+    let Some(rec) = get_multipart_tx(tx, upload).await? else {
+        return Err(ObjectError::NoSuchUpload);
+    };
+    let active = upload_active_tx(tx, upload).await?;
+    if rec.created_ms >= before_ms || active.is_some_and(|ms| ms >= before_ms) {
+        return Ok(None);
+    }
+    end_multipart_tx(tx, upload).await.map(Some)
+}
+
 /// Aborts a multipart upload: [`end_multipart_tx`], or `NoSuchUpload` when
 /// it already ended (an Abort racing a Complete that committed first must
 /// not answer that it aborted).
@@ -1894,11 +1940,7 @@ pub async fn stale_uploads_tx<T: Transaction>(
         if decode_multipart(v)?.created_ms >= before_ms {
             return Ok((stale, None));
         }
-        let active = tx
-            .get(&key_of(UPLOAD_ACTIVE, &[id.as_bytes()]))
-            .await?
-            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-            .map(u64::from_be_bytes);
+        let active = upload_active_tx(tx, id).await?;
         if active.is_none_or(|ms| ms < before_ms) {
             stale.push(id);
         }

@@ -1376,6 +1376,41 @@ async fn no_part_outlives_its_upload_and_stale_uploads_are_found() {
         stale_at(10_000, None, 100).await,
         (vec![busy, completing, fresh], None)
     );
+    // A sign of life after the listing: the expiry, which reads it again,
+    // lets the upload be; the others go, once; a Complete's touch finds a
+    // gone upload gone, and leaves no sign of life behind it.
+    run(&s, |tx| async move {
+        ix::touch_open_upload_tx(&tx, busy, 10_500).await
+    })
+    .await
+    .unwrap();
+    let expire = |upload: EvidenceId| {
+        let s = s.clone();
+        async move {
+            run(&s, |tx| async move {
+                ix::expire_upload_tx(&tx, upload, 10_000).await
+            })
+            .await
+        }
+    };
+    assert!(matches!(expire(busy).await, Ok(None)));
+    assert!(matches!(expire(fresh).await, Ok(Some(_))));
+    assert!(matches!(
+        expire(fresh).await,
+        Err(ObjectError::NoSuchUpload)
+    ));
+    let touched = run(&s, |tx| async move {
+        ix::touch_open_upload_tx(&tx, fresh, 11_000).await
+    })
+    .await;
+    assert!(
+        matches!(touched, Err(ObjectError::NoSuchUpload)),
+        "{touched:?}"
+    );
+    assert_eq!(
+        stale_at(20_000, None, 100).await,
+        (vec![busy, completing], None)
+    );
 }
 
 /// A bucket with many uploads of many parts in progress is deleted one
