@@ -991,7 +991,7 @@ pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {
 }
 
 /// A route whose request body is small and read whole by its handler: at
-/// most `limit` bytes, and all of it within `client_idle_timeout_ms` (see
+/// most `limit` bytes, with no pause of `client_idle_timeout_ms` (see
 /// [`body_deadline`]).
 fn small<S: Store>(
     gw: &Arc<Gateway<S>>,
@@ -1006,11 +1006,12 @@ fn small<S: Store>(
         ))
 }
 
-/// Holds a small body to one deadline, `client_idle_timeout_ms`, for all of
-/// it: hyper times out only the request head, so a client that announced a
+/// Holds a small body to `client_idle_timeout_ms` between its bytes, as an
+/// upload is, and to [`SMALL_BODY_PATIENCE`] times that for all of it:
+/// hyper times out only the request head, so a client that announced a
 /// body and sent none (or a byte a minute) would hold its connection and
 /// task for ever, anonymously on `/tsa`, whose body is read before anyone
-/// is authenticated. Past it the request fails with 408 `body_timeout`.
+/// is authenticated. Past either the request fails with 408 `body_timeout`.
 async fn body_deadline<S: Store>(
     State(gw): State<Arc<Gateway<S>>>,
     req: Request,
@@ -1021,7 +1022,9 @@ async fn body_deadline<S: Store>(
     let req = req.map(|inner| {
         Body::new(Deadline {
             inner,
+            idle: patience,
             sleep: Box::pin(tokio::time::sleep(patience)),
+            all: Box::pin(tokio::time::sleep(patience * SMALL_BODY_PATIENCE)),
             expired: expired.clone(),
         })
     });
@@ -1032,10 +1035,17 @@ async fn body_deadline<S: Store>(
     }
 }
 
-/// A body that fails once its deadline has passed (see [`body_deadline`]).
+/// How many idle timeouts a small body may take in all (see
+/// [`body_deadline`]): 4 MiB of notarization in 10 minutes is 7 KB/s.
+const SMALL_BODY_PATIENCE: u32 = 10;
+
+/// A body that fails after a pause of `idle`, or once `all` has passed
+/// (see [`body_deadline`]).
 struct Deadline {
     inner: Body,
+    idle: Duration,
     sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    all: std::pin::Pin<Box<tokio::time::Sleep>>,
     expired: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -1050,9 +1060,11 @@ impl http_body::Body for Deadline {
         use std::future::Future as _;
         use std::task::Poll;
         if let Poll::Ready(frame) = std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            let next = tokio::time::Instant::now() + self.idle;
+            self.sleep.as_mut().reset(next);
             return Poll::Ready(frame);
         }
-        if self.sleep.as_mut().poll(cx).is_ready() {
+        if self.sleep.as_mut().poll(cx).is_ready() || self.all.as_mut().poll(cx).is_ready() {
             self.expired
                 .store(true, std::sync::atomic::Ordering::Relaxed);
             return Poll::Ready(Some(Err(axum::Error::new(
