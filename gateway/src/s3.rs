@@ -783,7 +783,18 @@ impl<S: Store> S3Front<S> {
         let b = self.bucket(who, bucket).await?;
         let (src, header) = self
             .readable(who, bucket, key, version_id.as_deref())
-            .await?;
+            .await
+            .map_err(|e| match e.code() {
+                // A delete marker named by its version: S3's 400, without
+                // the marker headers (on a copy, `x-amz-version-id` names
+                // the copy's version, not the source's).
+                S3ErrorCode::MethodNotAllowed => s3_error!(
+                    InvalidRequest,
+                    "The source of a copy request may not specifically refer to a delete \
+                     marker by version id."
+                ),
+                _ => e,
+            })?;
         // Any unmet copy-source condition is a 412.
         if unmet(&src, conditions).is_some() {
             return Err(s3_error!(PreconditionFailed));
@@ -3616,11 +3627,17 @@ fn copy_range(spec: &str, size: u64) -> S3Result<std::ops::Range<u64>> {
         .strip_prefix("bytes=")
         .and_then(|r| r.split_once('-'))
         .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?)));
+    // S3's codes and words: InvalidArgument (400) for both, not GET's 416.
     match parsed {
         Some((first, last)) if first <= last && last < size => Ok(first..last + 1),
-        _ => Err(s3_error!(
-            InvalidRange,
-            "x-amz-copy-source-range must be bytes=FIRST-LAST inside the source object"
+        Some(_) => Err(s3_error!(
+            InvalidArgument,
+            "Range specified is not valid for source object of size: {size}"
+        )),
+        None => Err(s3_error!(
+            InvalidArgument,
+            "The x-amz-copy-source-range value must be of the form bytes=first-last where \
+             first and last are the zero-based offsets of the first and last bytes to copy"
         )),
     }
 }

@@ -2402,7 +2402,10 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
     };
     let (from, to) = (3u64 << 20, (9u64 << 20) - 1);
     let past_end = format!("bytes={}-{}", 100u64 << 20, (101u64 << 20) - 1);
-    aws.fails("InvalidRange", &strs(&copy_args(past_end)))?;
+    // As S3 answers: InvalidArgument, for a range past the end as for one
+    // malformed.
+    aws.fails("InvalidArgument", &strs(&copy_args(past_end)))?;
+    aws.fails("InvalidArgument", &strs(&copy_args("bytes=5-".into())))?;
     let copied = aws.json(&strs(&copy_args(format!("bytes={from}-{to}"))))?;
     let expected = &data[from as usize..=to as usize];
     assert_eq!(
@@ -3299,6 +3302,20 @@ fn rclone_and_s3cmd_put_get_list_and_delete() -> Result<()> {
         !rclone(&["ls", "cu:held"])?.contains("exhibit"),
         "hidden by a delete marker"
     );
+    // A copy naming the marker by its version: S3's 400 InvalidRequest.
+    let listed = admin.json(&["s3api", "list-object-versions", "--bucket", "held"])?;
+    let marker = listed["DeleteMarkers"][0]["VersionId"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(!marker.is_empty(), "{listed}");
+    admin.fails(
+        "InvalidRequest",
+        &strs(&argv(&format!(
+            "s3api copy-object --bucket held --key copied.txt \
+             --copy-source held/exhibit.txt?versionId={marker}"
+        ))),
+    )?;
     // `--s3-versions` lists versions with a delimiter, as S3 allows.
     let listed = rclone(&["ls", "--s3-versions", "cu:held"])?;
     let old: Vec<String> = listed
