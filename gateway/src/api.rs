@@ -106,6 +106,8 @@ pub struct Gateway<S: Store> {
     pub remote_builds: crate::repair::RemoteBuilds,
     /// Repair leases found held by other tasks, watched for staleness.
     pub repair_leases: crate::repair::LeaseSightings,
+    /// Old shard copies repair moved away, to delete after their grace.
+    pub old_copies: crate::repair::OldCopies,
     /// An orphan sweep since this gateway started listed every active node
     /// and adopted every copy of a shard its record had no node for: only
     /// then does a stripe short of such shards count as lost.
@@ -428,6 +430,7 @@ impl<S: Store> Gateway<S> {
             outboard_rebuilds: Default::default(),
             remote_builds: Default::default(),
             repair_leases: Default::default(),
+            old_copies: Default::default(),
             homeless_adopted: Default::default(),
             no_home: Default::default(),
         })
@@ -702,6 +705,7 @@ pub async fn serve<S: Store>(
         gw.clone(),
         Duration::from_millis(gw.config.repair_interval_ms),
     );
+    let old_copies = crate::repair::spawn_old_copy_deleter(gw.clone());
     let http = http1(Duration::from_millis(
         gw.config.client_idle_timeout_ms.max(1),
     ));
@@ -724,6 +728,7 @@ pub async fn serve<S: Store>(
             ("ledger integrator", integrator),
             ("metrics refresher", refresher),
             ("repair", repair),
+            ("old copy deleter", old_copies),
             ("compliance clock keeper", clock_keeper),
         ]
         .into_iter()

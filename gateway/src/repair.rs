@@ -2308,13 +2308,84 @@ async fn commit_repair<S: Store>(
         .filter(|(_, n)| !gone.contains(n))
         .collect();
     if !old.is_empty() {
-        let gw = gw.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(gw.config.repair_old_copy_grace_ms)).await;
-            delete_old_copies(&gw, evidence, stripe, &old).await;
-        });
+        let due =
+            tokio::time::Instant::now() + Duration::from_millis(gw.config.repair_old_copy_grace_ms);
+        gw.old_copies.queue(
+            gw,
+            OldCopy {
+                due,
+                evidence,
+                stripe,
+                old,
+            },
+        );
     }
     Ok(Outcome::Repaired(written.len()))
+}
+
+/// A repaired stripe's old shard copies, to delete once `due`.
+#[derive(Debug)]
+pub struct OldCopy {
+    due: tokio::time::Instant,
+    evidence: EvidenceId,
+    stripe: u64,
+    old: Vec<(usize, NodeId)>,
+}
+
+/// The queue of [`OldCopy`]s, in the order they are due (one grace for
+/// all), drained by one task ([`spawn_old_copy_deleter`]) a few at a time:
+/// a task sleeping out the grace per repaired stripe held memory that grew
+/// with repair's pace (a drain repairs hundreds of stripes a second, and
+/// the grace is minutes).
+#[derive(Debug, Default)]
+pub struct OldCopies {
+    queue: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<OldCopy>>,
+}
+
+/// Old copies deleted at once, at most.
+const OLD_COPY_DELETES_AT_ONCE: usize = 16;
+
+impl OldCopies {
+    /// Queues `copy`; without a deleter (a gateway not started whole), a
+    /// task of its own waits out the grace.
+    fn queue<S: Store>(&self, gw: &Arc<Gateway<S>>, copy: OldCopy) {
+        let copy = match self.queue.get() {
+            Some(q) => match q.send(copy) {
+                Ok(()) => return,
+                Err(e) => e.0,
+            },
+            None => copy,
+        };
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(copy.due).await;
+            delete_old_copies(&gw, copy.evidence, copy.stripe, &copy.old).await;
+        });
+    }
+}
+
+/// Starts the task that deletes repaired stripes' old copies as they come
+/// due ([`OldCopies`]).
+pub fn spawn_old_copy_deleter<S: Store>(gw: Arc<Gateway<S>>) -> tokio::task::JoinHandle<()> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<OldCopy>();
+    if gw.old_copies.queue.set(tx).is_err() {
+        tracing::warn!("a second old-copy deleter was started; the first keeps the queue");
+    }
+    tokio::spawn(async move {
+        let mut deleting = tokio::task::JoinSet::new();
+        while let Some(copy) = rx.recv().await {
+            tokio::time::sleep_until(copy.due).await;
+            while deleting.len() >= OLD_COPY_DELETES_AT_ONCE {
+                deleting.join_next().await;
+            }
+            let gw = gw.clone();
+            deleting.spawn(async move {
+                delete_old_copies(&gw, copy.evidence, copy.stripe, &copy.old).await;
+            });
+            // Finished ones, so the set does not keep their results.
+            while deleting.try_join_next().is_some() {}
+        }
+    })
 }
 
 /// A home for each shard of `rebuild`, in its order: `targets` (from
