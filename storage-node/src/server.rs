@@ -466,13 +466,12 @@ async fn serve_connection(incoming: quinn::Incoming, state: Arc<NodeState>) {
     // repairs); a node reads a few shards to rebuild, another leaf asks
     // the time. A stolen node key must not hold the read memory with
     // hundreds of stalled reads per connection.
-    match peer {
-        Peer::Gateway => {}
-        Peer::Node(_) => {
-            conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(PEER_NODE_STREAMS))
-        }
-        Peer::Other => conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(4)),
-    }
+    let at_once = match peer {
+        Peer::Gateway => crate::tls::GATEWAY_STREAMS,
+        Peer::Node(_) => PEER_NODE_STREAMS,
+        Peer::Other => crate::tls::INITIAL_STREAMS,
+    };
+    conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(at_once));
     state.metrics.connections.inc();
     let _open = scopeguard(&state.metrics.connections);
     let mut streams = JoinSet::new();

@@ -520,10 +520,21 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.stream_receive_window(quinn::VarInt::from_u32(8 << 20));
     t.receive_window(quinn::VarInt::from_u32(64 << 20));
     t.send_window(64 << 20);
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(256));
+    // What a peer may open before the node knows who it is: the node
+    // raises it for a gateway (`GATEWAY_STREAMS`) and a node once their
+    // certificates say so (QUIC credit can be raised, never taken back).
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(INITIAL_STREAMS));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     Arc::new(t)
 }
+
+/// Requests at once a peer may make before its role is known (another
+/// leaf's stays at this).
+pub const INITIAL_STREAMS: u32 = 4;
+
+/// Requests at once on a gateway's connection (its uploads, reads and
+/// repairs).
+pub const GATEWAY_STREAMS: u32 = 256;
 
 #[cfg(test)]
 mod tests {
