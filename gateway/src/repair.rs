@@ -2343,7 +2343,7 @@ pub struct OldCopies {
 }
 
 /// Old copies deleted at once, at most.
-const OLD_COPY_DELETES_AT_ONCE: usize = 16;
+const OLD_COPY_DELETES_AT_ONCE: usize = 64;
 
 impl OldCopies {
     /// Queues `copy`; without a deleter (a gateway not started whole), a
