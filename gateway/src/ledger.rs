@@ -1661,8 +1661,17 @@ async fn current_lease<S: Store>(
             }
             ledger.remember_lease(fence);
             // From now on this gateway's checkpoint time is the cluster's:
-            // exported, and aging from now until its first checkpoint.
-            gw.metrics.checkpoint_time.start_at(unix_now_secs_f64());
+            // exported, and until its first checkpoint, aging from when
+            // the oldest entry still waiting was made (from now when none
+            // waits), so an integrator restarting over a stuck queue does
+            // not start the age again.
+            if gw.metrics.checkpoint_time.known().is_none() {
+                gw.metrics.checkpoint_time.start_at(
+                    oldest_waiting_secs(gw)
+                        .await
+                        .unwrap_or_else(unix_now_secs_f64),
+                );
+            }
             Ok(Some(fence))
         }
         Err(theirs) => {
@@ -1671,6 +1680,19 @@ async fn current_lease<S: Store>(
             Ok(None)
         }
     }
+}
+
+/// When the oldest statement still waiting for the ledger was made (Unix
+/// seconds, by its own stamp), if any waits and it can be read.
+async fn oldest_waiting_secs<S: Store>(gw: &Gateway<S>) -> Option<f64> {
+    let oldest = indexer::run(&gw.store, |tx| async move {
+        lx::pending_tx(&tx, 1, 1 << 20).await
+    })
+    .await
+    .ok()?;
+    let (_, record) = oldest.into_iter().next()?;
+    let statement = pl::Statement::decode(&record.statement).ok()?;
+    Some((statement.time_ms as f64 / 1e3).min(unix_now_secs_f64()))
 }
 
 /// Integrates a prepared batch in one transaction: checks the fence and that
