@@ -100,8 +100,9 @@ pub(crate) async fn serve<S: Store + 'static>(
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let metrics = gw.metrics.clone();
+    // Its own, as large as the receive budget (see `s3_chunks`).
     let budget = crate::s3_chunks::Budget {
-        memory: gw.receive_memory.clone(),
+        memory: Arc::new(tokio::sync::Semaphore::new(gw.receive_memory_kib)),
         kib: gw.receive_memory_kib,
     };
     let http = crate::api::http1(Duration::from_millis(

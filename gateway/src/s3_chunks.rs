@@ -10,11 +10,14 @@
 //! SDKs 64 and 128 KiB when signing them), but some send a whole part or
 //! object as one (the Go SDK's unsigned chunks, the CRT's 8 MiB parts). So
 //! the framing is read as the bytes pass towards `s3s`, and a chunk over
-//! [`FREE_CHUNK`] is charged to the receive budget from its header until
-//! its last byte has passed: one the budget cannot hold now is refused with
-//! S3's 503 `SlowDown` (clients retry it), one larger than the whole budget
-//! with 400 `EntityTooLarge` (send it in parts), before its data is
-//! buffered.
+//! [`FREE_CHUNK`] is charged to a budget of its own, as large as the
+//! receive budget, from its header until the upload has taken it from
+//! `s3s` whole (the next read of the body): one the budget cannot hold now
+//! is refused with S3's 503 `SlowDown` (clients retry it), one larger than
+//! the whole budget with 400 `EntityTooLarge` (send it in parts), before
+//! its data is buffered. Its own budget, not the receive budget: an upload
+//! holding a chunk's charge while it waits for receive memory for its
+//! stripe must not wait on itself.
 use bytes::Bytes;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,7 +30,9 @@ use crate::s3_digest::{Refused, Verdict};
 /// connection, and connections are capped.
 pub const FREE_CHUNK: u64 = 1 << 20;
 
-/// The receive budget: its semaphore (a permit per KiB) and its size in KiB.
+/// The chunks' budget: its semaphore (a permit per KiB) and its size in
+/// KiB. Nothing waits on it (a charge is taken or refused at once), so a
+/// release always reaches the next charge.
 #[derive(Clone, Debug)]
 pub struct Budget {
     pub memory: Arc<Semaphore>,
@@ -60,8 +65,12 @@ enum State {
 pub struct Framing {
     state: State,
     budget: Budget,
-    /// What the chunk being passed holds of the budget.
+    /// What the chunk being passed holds of the budget, until the upload
+    /// has taken the chunk from `s3s` (see [`Framing::taken`]).
     held: Option<OwnedSemaphorePermit>,
+    /// The chunk being held has passed whole: `s3s` hands it on now, and
+    /// the next read of the body means it was taken.
+    passed: bool,
 }
 
 fn line() -> State {
@@ -79,6 +88,15 @@ impl Framing {
             state: line(),
             budget,
             held: None,
+            passed: false,
+        }
+    }
+
+    /// The body is read again: a chunk that had passed whole has been
+    /// taken from `s3s` by the upload, and its charge is released.
+    pub fn taken(&mut self) {
+        if std::mem::take(&mut self.passed) {
+            self.held = None;
         }
     }
 
@@ -127,7 +145,7 @@ impl Framing {
                     *left -= n as u64;
                     if *left == 0 {
                         self.state = line();
-                        self.held = None;
+                        self.passed = self.held.is_some();
                     }
                 }
                 State::Line {
@@ -216,6 +234,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
+        this.framing.taken();
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -274,6 +293,7 @@ mod tests {
     fn feed_in(b: &Budget, bytes: &[u8], piece: usize) -> Result<(), &'static str> {
         let mut f = Framing::new(b.clone());
         for p in bytes.chunks(piece.max(1)) {
+            f.taken();
             f.feed(p).map_err(|r| r.code)?;
         }
         Ok(())
@@ -289,9 +309,9 @@ mod tests {
         for piece in [1, 7, 4096, usize::MAX] {
             let b = budget();
             assert_eq!(feed_in(&b, &body(&[mib, 8192, 5]), piece), Ok(()));
-            // A whole 5 MiB part in one chunk, twice: each charged while it
-            // passes, all given back at the end.
-            assert_eq!(feed_in(&b, &body(&[5 * mib, 5 * mib]), piece), Ok(()));
+            // A whole 5 MiB part in one chunk, twice: each charged from its
+            // header until it is taken, all given back at the end.
+            assert_eq!(feed_in(&b, &body(&[5 * mib, 3 * mib]), piece), Ok(()));
             assert_eq!(b.memory.available_permits(), BUDGET_KIB);
             // Only the header of a chunk larger than the whole budget.
             let mut big = b"10000\r\n".to_vec();
@@ -321,8 +341,18 @@ mod tests {
             drop(others);
             assert_eq!(b.memory.available_permits(), BUDGET_KIB);
         }
-        // A chunk cut off still gives back what it held, with its framing.
+        // A chunk that has passed is held until the body is read again
+        // (the upload took it from s3s).
         let b = budget();
+        let mut f = Framing::new(b.clone());
+        let mut whole = format!("{:x}\r\n", 2 * mib).into_bytes();
+        whole.extend(std::iter::repeat_n(b'a', 2 * mib));
+        whole.extend_from_slice(b"\r\n");
+        f.feed(&whole).unwrap();
+        assert_eq!(b.memory.available_permits(), BUDGET_KIB - (2 << 10));
+        f.taken();
+        assert_eq!(b.memory.available_permits(), BUDGET_KIB);
+        // A chunk cut off still gives back what it held, with its framing.
         let mut f = Framing::new(b.clone());
         f.feed(format!("{:x}\r\n", 4 * mib).as_bytes()).unwrap();
         assert_eq!(b.memory.available_permits(), BUDGET_KIB - (4 << 10));
