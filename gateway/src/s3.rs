@@ -785,16 +785,20 @@ impl<S: Store> S3Front<S> {
         let (src, header) = self
             .readable(who, bucket, key, version_id.as_deref())
             .await
-            .map_err(|e| match e.code() {
-                // A delete marker named by its version: S3's 400, without
-                // the marker headers (on a copy, `x-amz-version-id` names
-                // the copy's version, not the source's).
+            .map_err(|mut e| match e.code() {
+                // A delete marker named by its version: S3's 400. Without
+                // the marker headers, here and for a source whose current
+                // version is a marker: on a copy, `x-amz-version-id` names
+                // the copy's version, not the source's.
                 S3ErrorCode::MethodNotAllowed => s3_error!(
                     InvalidRequest,
                     "The source of a copy request may not specifically refer to a delete \
                      marker by version id."
                 ),
-                _ => e,
+                _ => {
+                    e.set_headers(http::HeaderMap::new());
+                    e
+                }
             })?;
         // Any unmet copy-source condition is a 412.
         if unmet(&src, conditions).is_some() {
