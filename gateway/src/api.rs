@@ -195,8 +195,21 @@ impl RunningGateway {
             return std::io::Error::other("the server stopped");
         };
         let background = &mut self.background;
+        let s3 = &mut self.s3;
         let died = std::future::poll_fn(|cx| {
             use std::future::Future as _;
+            // The S3 API's accept loop ends only when told to, as the
+            // evidence API's.
+            if let Some(api) = s3.as_mut() {
+                if let std::task::Poll::Ready(ended) = std::pin::Pin::new(api).poll(cx) {
+                    *s3 = None;
+                    let why = match ended {
+                        Ok(()) => "it ended".to_owned(),
+                        Err(e) => e.to_string(),
+                    };
+                    return std::task::Poll::Ready(("S3 API", why));
+                }
+            }
             let mut i = 0;
             while i < background.len() {
                 if let std::task::Poll::Ready(ended) =
@@ -210,7 +223,7 @@ impl RunningGateway {
                             tracing::debug!(task = name, "background task ended");
                             continue;
                         }
-                        Err(e) => return std::task::Poll::Ready((name, e)),
+                        Err(e) => return std::task::Poll::Ready((name, e.to_string())),
                     }
                 }
                 i += 1;

@@ -188,7 +188,9 @@ pub async fn run_gateway(data_dir: &Path) -> Result<()> {
     }
     tokio::select! {
         e = gw.stopped() => {
-            gw.abort();
+            // What still serves (the other API, when a background task
+            // died) lets the requests under way finish.
+            drain(gw, &mut stop).await;
             return Err(anyhow::Error::from(e).context("the gateway stopped"));
         }
         () = stop.recv() => tracing::info!("stopping"),
@@ -564,13 +566,13 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
     // enough are left, and the repair worker restores redundancy once it
     // is declared down. The next `up` starts it again.
     let mut running = vec![true; children.len()];
-    let (failed, gateway_failed) = loop {
+    let failed = loop {
         let exited = first_exit(&mut children, &running);
         tokio::select! {
             // Asked to stop: that, whatever else ends at the same moment.
             biased;
-            _ = stop.recv() => break (None, false),
-            e = gw.stopped() => break (Some(anyhow::Error::from(e).context("the gateway stopped")), true),
+            _ = stop.recv() => break None,
+            e = gw.stopped() => break Some(anyhow::Error::from(e).context("the gateway stopped")),
             (i, status) = exited => {
                 running[i] = false;
                 let id = nodes.get(i).map_or(i, |n| n.id as usize);
@@ -585,12 +587,10 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
         }
     };
     // The gateway first, so nothing is filed to nodes that are stopping;
-    // the requests under way finish while the nodes still run.
-    if gateway_failed {
-        gw.abort();
-    } else {
-        drain(gw, &mut stop).await;
-    }
+    // the requests under way finish while the nodes still run (also when
+    // the gateway failed: what still serves, the other API when a
+    // background task died, finishes its requests).
+    drain(gw, &mut stop).await;
     stop_children(&mut children).await;
     match failed {
         Some(e) => Err(e),
