@@ -976,7 +976,7 @@ pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {
         .route("/v1/ledger/consistency", get(ledger_consistency::<S>))
         .route("/v1/ledger/key", get(ledger_key::<S>))
         .route("/ledger/{*path}", get(ledger_published::<S>))
-        .route("/tsa", small(&gw, post(dev_tsa::<S>), SMALL_BODY))
+        .route("/tsa", small_anonymous(&gw, post(dev_tsa::<S>), SMALL_BODY))
         .route("/v1/repair/queue", get(repair_queue::<S>))
         .route("/v1/admin/status", get(status::<S>))
         .route("/v1/admin/repair", post(repair_now::<S>))
@@ -1009,8 +1009,8 @@ pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {
 }
 
 /// A route whose request body is small and read whole by its handler: at
-/// most `limit` bytes, with no pause of `client_idle_timeout_ms` (see
-/// [`body_deadline`]).
+/// most `limit` bytes, with no pause of `client_idle_timeout_ms`, and only
+/// once the caller's credentials are good (see [`body_deadline`]).
 fn small<S: Store>(
     gw: &Arc<Gateway<S>>,
     route: axum::routing::MethodRouter<Arc<Gateway<S>>>,
@@ -1019,30 +1019,58 @@ fn small<S: Store>(
     route
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(
-            gw.clone(),
+            (gw.clone(), false),
+            body_deadline::<S>,
+        ))
+}
+
+/// [`small`] for a route anyone may call (the development TSA's): its body
+/// is read without credentials, so all of it within one
+/// `client_idle_timeout_ms`.
+fn small_anonymous<S: Store>(
+    gw: &Arc<Gateway<S>>,
+    route: axum::routing::MethodRouter<Arc<Gateway<S>>>,
+    limit: usize,
+) -> axum::routing::MethodRouter<Arc<Gateway<S>>> {
+    route
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            (gw.clone(), true),
             body_deadline::<S>,
         ))
 }
 
 /// Holds a small body to `client_idle_timeout_ms` between its bytes, as an
-/// upload is, and to [`SMALL_BODY_PATIENCE`] times that for all of it:
-/// hyper times out only the request head, so a client that announced a
-/// body and sent none (or a byte a minute) would hold its connection and
-/// task for ever, anonymously on `/tsa`, whose body is read before anyone
-/// is authenticated. Past either the request fails with 408 `body_timeout`.
+/// upload is, and to [`SMALL_BODY_PATIENCE`] times that for all of it (one
+/// time on a route anyone may call): hyper times out only the request head,
+/// so a client that announced a body and sent none (or a byte a minute)
+/// would hold its connection and task for ever. Past either the request
+/// fails with 408 `body_timeout`. On a route that takes credentials they
+/// are checked first (401/403 without reading the body), so a client
+/// without any holds a connection no longer than its request head allows:
+/// connections are capped, and anonymous trickles must not fill the cap.
 async fn body_deadline<S: Store>(
-    State(gw): State<Arc<Gateway<S>>>,
+    State((gw, anonymous)): State<(Arc<Gateway<S>>, bool)>,
     req: Request,
     next: axum::middleware::Next,
 ) -> Response {
+    if !anonymous {
+        if let Err(e) = authenticate(&gw, req.headers()).await {
+            return e.into_response();
+        }
+    }
     let patience = Duration::from_millis(gw.config.client_idle_timeout_ms.max(1));
+    let all = match anonymous {
+        true => patience,
+        false => patience * SMALL_BODY_PATIENCE,
+    };
     let expired = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let req = req.map(|inner| {
         Body::new(Deadline {
             inner,
             idle: patience,
             sleep: Box::pin(tokio::time::sleep(patience)),
-            all: Box::pin(tokio::time::sleep(patience * SMALL_BODY_PATIENCE)),
+            all: Box::pin(tokio::time::sleep(all)),
             expired: expired.clone(),
         })
     });

@@ -1553,13 +1553,26 @@ fn holds_retention_and_expunge_are_enforced_and_on_the_ledger() -> Result<()> {
     c.start_gateway()?;
     c.wait_healthy(c.shape.nodes as u64)?;
     let clerk = make_token(&c, "admin", "clerk")?;
-    // Small JSON routes read bounded bodies, even before authentication.
+    // Small JSON routes read no body before the caller's credentials are
+    // good, and then only a bounded one.
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
         .into();
+    let mut anonymous = agent
+        .put(format!("{}/v1/evidence/x/retention", c.api))
+        .send(&vec![b' '; 100_000][..])?;
+    let anonymous_body: Value = anonymous.body_mut().read_json().unwrap_or(Value::Null);
+    assert_eq!(
+        (
+            anonymous.status().as_u16(),
+            anonymous_body["error"].as_str()
+        ),
+        (401, Some("unauthorized"))
+    );
     let mut big = agent
         .put(format!("{}/v1/evidence/x/retention", c.api))
+        .header("authorization", format!("Bearer {clerk}"))
         .send(&vec![b' '; 100_000][..])?;
     let big_body: Value = big.body_mut().read_json().unwrap_or(Value::Null);
     assert_eq!(
