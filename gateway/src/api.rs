@@ -1016,12 +1016,7 @@ fn small<S: Store>(
     route: axum::routing::MethodRouter<Arc<Gateway<S>>>,
     limit: usize,
 ) -> axum::routing::MethodRouter<Arc<Gateway<S>>> {
-    route
-        .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::from_fn_with_state(
-            (gw.clone(), false),
-            body_deadline::<S>,
-        ))
+    small_body(gw, route, limit, false)
 }
 
 /// [`small`] for a route anyone may call (the development TSA's): its body
@@ -1032,10 +1027,19 @@ fn small_anonymous<S: Store>(
     route: axum::routing::MethodRouter<Arc<Gateway<S>>>,
     limit: usize,
 ) -> axum::routing::MethodRouter<Arc<Gateway<S>>> {
+    small_body(gw, route, limit, true)
+}
+
+fn small_body<S: Store>(
+    gw: &Arc<Gateway<S>>,
+    route: axum::routing::MethodRouter<Arc<Gateway<S>>>,
+    limit: usize,
+    anonymous: bool,
+) -> axum::routing::MethodRouter<Arc<Gateway<S>>> {
     route
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(
-            (gw.clone(), true),
+            (gw.clone(), anonymous),
             body_deadline::<S>,
         ))
 }

@@ -163,6 +163,36 @@ fn curl(c: &TestCluster, method: &str, url: &str, extra: &[&str]) -> Result<(Str
     c.s3_curl(method, url, extra)
 }
 
+/// PUTs `framed` (an aws-chunked body, unsigned with a SHA-256 trailer)
+/// to `url` as `name`, declaring `decoded` bytes: (headers, body).
+fn put_chunked(
+    c: &TestCluster,
+    url: &str,
+    name: &str,
+    framed: &[u8],
+    decoded: u64,
+) -> Result<(String, Vec<u8>)> {
+    let file = c.data_dir().join(format!("{name}.chunked"));
+    std::fs::write(&file, framed)?;
+    curl(
+        c,
+        "PUT",
+        url,
+        &[
+            "-H",
+            "x-amz-content-sha256: STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+            "-H",
+            "content-encoding: aws-chunked",
+            "-H",
+            &format!("x-amz-decoded-content-length: {decoded}"),
+            "-H",
+            "x-amz-trailer: x-amz-checksum-sha256",
+            "--data-binary",
+            &format!("@{}", file.display()),
+        ],
+    )
+}
+
 /// aws-chunked with the checksum in a trailer, framed by hand the way
 /// botocore sends it over HTTPS (`STREAMING-UNSIGNED-PAYLOAD-TRAILER`): the
 /// checksum arrives after the last byte, and a wrong one must still refuse
@@ -200,26 +230,8 @@ fn aws_chunked_trailers_are_verified_after_the_last_byte() -> Result<()> {
             framed.extend(b"\r\n");
         }
         framed.extend(format!("0\r\nx-amz-checksum-sha256:{trailer}\r\n\r\n").bytes());
-        let file = c.data_dir().join(format!("{name}.chunked"));
-        std::fs::write(&file, framed)?;
         let url = format!("{}/trail/{name}", c.s3);
-        let (h, body) = curl(
-            &c,
-            "PUT",
-            &url,
-            &[
-                "-H",
-                "x-amz-content-sha256: STREAMING-UNSIGNED-PAYLOAD-TRAILER",
-                "-H",
-                "content-encoding: aws-chunked",
-                "-H",
-                &format!("x-amz-decoded-content-length: {}", data.len()),
-                "-H",
-                "x-amz-trailer: x-amz-checksum-sha256",
-                "--data-binary",
-                &format!("@{}", file.display()),
-            ],
-        )?;
+        let (h, body) = put_chunked(&c, &url, name, &framed, data.len() as u64)?;
         let body = String::from_utf8_lossy(&body).into_owned();
         match answer {
             None => {
@@ -248,26 +260,8 @@ fn aws_chunked_trailers_are_verified_after_the_last_byte() -> Result<()> {
     let mut framed = format!("{:x}\r\n", whole.len()).into_bytes();
     framed.extend(&whole);
     framed.extend(format!("\r\n0\r\nx-amz-checksum-sha256:{}\r\n\r\n", sha(&whole)).bytes());
-    let file = c.data_dir().join("one.chunked");
-    std::fs::write(&file, framed)?;
     let url = format!("{}/trail/one", c.s3);
-    let (h, body) = curl(
-        &c,
-        "PUT",
-        &url,
-        &[
-            "-H",
-            "x-amz-content-sha256: STREAMING-UNSIGNED-PAYLOAD-TRAILER",
-            "-H",
-            "content-encoding: aws-chunked",
-            "-H",
-            &format!("x-amz-decoded-content-length: {}", whole.len()),
-            "-H",
-            "x-amz-trailer: x-amz-checksum-sha256",
-            "--data-binary",
-            &format!("@{}", file.display()),
-        ],
-    )?;
+    let (h, body) = put_chunked(&c, &url, "one", &framed, whole.len() as u64)?;
     assert!(
         h.lines().any(|l| l.starts_with("http/1.1 200")),
         "one chunk: {h}{}",
@@ -279,26 +273,8 @@ fn aws_chunked_trailers_are_verified_after_the_last_byte() -> Result<()> {
     // refused from its header, 400 EntityTooLarge, nothing stored.
     let mut framed = format!("{:x}\r\n", 2u64 << 30).into_bytes();
     framed.extend(&data);
-    let file = c.data_dir().join("huge.chunked");
-    std::fs::write(&file, framed)?;
     let url = format!("{}/trail/huge", c.s3);
-    let (h, body) = curl(
-        &c,
-        "PUT",
-        &url,
-        &[
-            "-H",
-            "x-amz-content-sha256: STREAMING-UNSIGNED-PAYLOAD-TRAILER",
-            "-H",
-            "content-encoding: aws-chunked",
-            "-H",
-            &format!("x-amz-decoded-content-length: {}", 2u64 << 30),
-            "-H",
-            "x-amz-trailer: x-amz-checksum-sha256",
-            "--data-binary",
-            &format!("@{}", file.display()),
-        ],
-    )?;
+    let (h, body) = put_chunked(&c, &url, "huge", &framed, 2u64 << 30)?;
     let body = String::from_utf8_lossy(&body).into_owned();
     assert!(h.starts_with("http/1.1 400"), "huge chunk: {h}{body}");
     assert!(
