@@ -962,21 +962,34 @@ pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {
         )
         .route(
             "/v1/evidence/{id}/retention",
-            small(&gw, axum::routing::put(retention::<S>), SMALL_BODY),
+            small(
+                &gw,
+                axum::routing::put(retention::<S>),
+                SMALL_BODY,
+                Callers::Credentialed,
+            ),
         )
         .route(
             "/v1/evidence/{id}/expunge",
-            small(&gw, post(expunge::<S>), SMALL_BODY),
+            small(&gw, post(expunge::<S>), SMALL_BODY, Callers::Credentialed),
         )
         .route(
             "/v1/notarize",
-            small(&gw, post(notarize::<S>), MAX_NOTARIZE_BODY),
+            small(
+                &gw,
+                post(notarize::<S>),
+                MAX_NOTARIZE_BODY,
+                Callers::Credentialed,
+            ),
         )
         .route("/v1/ledger/inclusion", get(ledger_inclusion::<S>))
         .route("/v1/ledger/consistency", get(ledger_consistency::<S>))
         .route("/v1/ledger/key", get(ledger_key::<S>))
         .route("/ledger/{*path}", get(ledger_published::<S>))
-        .route("/tsa", small_anonymous(&gw, post(dev_tsa::<S>), SMALL_BODY))
+        .route(
+            "/tsa",
+            small(&gw, post(dev_tsa::<S>), SMALL_BODY, Callers::Anyone),
+        )
         .route("/v1/repair/queue", get(repair_queue::<S>))
         .route("/v1/admin/status", get(status::<S>))
         .route("/v1/admin/repair", post(repair_now::<S>))
@@ -984,19 +997,39 @@ pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {
         .route("/v1/admin/nodes/{id}/{action}", post(node_lifecycle::<S>))
         .route(
             "/v1/admin/tokens",
-            small(&gw, post(create_token::<S>), SMALL_BODY),
+            small(
+                &gw,
+                post(create_token::<S>),
+                SMALL_BODY,
+                Callers::Credentialed,
+            ),
         )
         .route(
             "/v1/admin/tenants",
-            small(&gw, post(create_tenant::<S>), SMALL_BODY),
+            small(
+                &gw,
+                post(create_tenant::<S>),
+                SMALL_BODY,
+                Callers::Credentialed,
+            ),
         )
         .route(
             "/v1/admin/keys",
-            small(&gw, post(create_key::<S>), SMALL_BODY),
+            small(
+                &gw,
+                post(create_key::<S>),
+                SMALL_BODY,
+                Callers::Credentialed,
+            ),
         )
         .route(
             "/v1/admin/keys/revoke",
-            small(&gw, post(revoke_key::<S>), SMALL_BODY),
+            small(
+                &gw,
+                post(revoke_key::<S>),
+                SMALL_BODY,
+                Callers::Credentialed,
+            ),
         )
         // Uploads stream; their size is bounded by storage, not by memory.
         .layer(DefaultBodyLimit::disable())
@@ -1009,39 +1042,31 @@ pub fn router<S: Store>(gw: Arc<Gateway<S>>) -> Router {
 }
 
 /// A route whose request body is small and read whole by its handler: at
-/// most `limit` bytes, with no pause of `client_idle_timeout_ms`, and only
-/// once the caller's credentials are good (see [`body_deadline`]).
+/// most `limit` bytes, with no pause of `client_idle_timeout_ms`, and, on
+/// a route that takes credentials, only once they are good (see
+/// [`body_deadline`]).
 fn small<S: Store>(
     gw: &Arc<Gateway<S>>,
     route: axum::routing::MethodRouter<Arc<Gateway<S>>>,
     limit: usize,
-) -> axum::routing::MethodRouter<Arc<Gateway<S>>> {
-    small_body(gw, route, limit, false)
-}
-
-/// [`small`] for a route anyone may call (the development TSA's): its body
-/// is read without credentials, so all of it within one
-/// `client_idle_timeout_ms`.
-fn small_anonymous<S: Store>(
-    gw: &Arc<Gateway<S>>,
-    route: axum::routing::MethodRouter<Arc<Gateway<S>>>,
-    limit: usize,
-) -> axum::routing::MethodRouter<Arc<Gateway<S>>> {
-    small_body(gw, route, limit, true)
-}
-
-fn small_body<S: Store>(
-    gw: &Arc<Gateway<S>>,
-    route: axum::routing::MethodRouter<Arc<Gateway<S>>>,
-    limit: usize,
-    anonymous: bool,
+    callers: Callers,
 ) -> axum::routing::MethodRouter<Arc<Gateway<S>>> {
     route
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(
-            (gw.clone(), anonymous),
+            (gw.clone(), callers),
             body_deadline::<S>,
         ))
+}
+
+/// Who may call a route with a small body ([`small`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Callers {
+    /// Holders of credentials, checked before the body is read.
+    Credentialed,
+    /// Anyone (the development TSA): the body is read without
+    /// credentials, so all of it within one `client_idle_timeout_ms`.
+    Anyone,
 }
 
 /// Holds a small body to `client_idle_timeout_ms` between its bytes, as an
@@ -1054,10 +1079,11 @@ fn small_body<S: Store>(
 /// without any holds a connection no longer than its request head allows:
 /// connections are capped, and anonymous trickles must not fill the cap.
 async fn body_deadline<S: Store>(
-    State((gw, anonymous)): State<(Arc<Gateway<S>>, bool)>,
+    State((gw, callers)): State<(Arc<Gateway<S>>, Callers)>,
     req: Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let anonymous = callers == Callers::Anyone;
     if !anonymous {
         if let Err(e) = authenticate(&gw, req.headers()).await {
             return e.into_response();

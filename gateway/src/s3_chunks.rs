@@ -205,10 +205,6 @@ pub struct ChunkLimit<B> {
     verdict: Verdict,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct ChunkRefused(String);
-
 /// Wraps `req`'s body, its chunks charged to `budget`; the verdict to look
 /// at after the call.
 pub fn wrap<B>(req: http::Request<B>, budget: Budget) -> (http::Request<ChunkLimit<B>>, Verdict) {
@@ -239,11 +235,10 @@ where
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     if let Err(refused) = this.framing.feed(data) {
-                        let why = ChunkRefused(refused.message.clone());
-                        if let Ok(mut v) = this.verdict.lock() {
-                            *v = Some(refused);
-                        }
-                        return Poll::Ready(Some(Err(Box::new(why))));
+                        return Poll::Ready(Some(Err(crate::s3_digest::refuse(
+                            &this.verdict,
+                            refused,
+                        ))));
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))

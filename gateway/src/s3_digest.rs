@@ -281,7 +281,21 @@ pub struct DigestBody<B> {
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}: {1}")]
-struct DigestFailed(&'static str, String);
+struct BodyRefused(&'static str, String);
+
+/// Fails a checked body: leaves `refused` in `verdict`, for the answer, and
+/// returns the body error that stops `s3s` reading (see [`DigestBody`],
+/// `s3_chunks::ChunkLimit`).
+pub(crate) fn refuse(
+    verdict: &Verdict,
+    refused: Refused,
+) -> Box<dyn std::error::Error + Send + Sync> {
+    let failed = BodyRefused(refused.code, refused.message.clone());
+    if let Ok(mut v) = verdict.lock() {
+        *v = Some(refused);
+    }
+    Box::new(failed)
+}
 
 /// Wraps `req`'s body to be checked; the verdict to look at after the call.
 pub fn wrap<B>(req: http::Request<B>) -> Result<(http::Request<DigestBody<B>>, Verdict), Refused> {
@@ -348,13 +362,7 @@ impl<B> DigestBody<B> {
     /// Checks the digests once; a failure is left in the verdict.
     fn finish(&mut self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         match self.digests.take().map(Digests::finish) {
-            Some(Err(refused)) => {
-                let failed = DigestFailed(refused.code, refused.message.clone());
-                if let Ok(mut v) = self.verdict.lock() {
-                    *v = Some(refused);
-                }
-                Err(Box::new(failed))
-            }
+            Some(Err(refused)) => Err(refuse(&self.verdict, refused)),
             _ => Ok(()),
         }
     }
