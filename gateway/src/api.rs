@@ -1086,6 +1086,11 @@ async fn body_deadline<S: Store>(
     let anonymous = callers == Callers::Anyone;
     if !anonymous {
         if let Err(e) = authenticate(&gw, req.headers()).await {
+            // Refused unread, but what the client already sent is taken
+            // (a little, briefly): closing on unread bytes resets the
+            // connection, and the client may lose the 401 with it.
+            let drain = axum::body::to_bytes(req.into_body(), REFUSED_BODY_DRAIN);
+            let _ = tokio::time::timeout(REFUSED_BODY_PATIENCE, drain).await;
             return e.into_response();
         }
     }
@@ -1110,6 +1115,11 @@ async fn body_deadline<S: Store>(
         false => resp,
     }
 }
+
+/// What of a body refused for its credentials is read and dropped, at most
+/// (so the refusal reaches the client), and for how long.
+const REFUSED_BODY_DRAIN: usize = 1 << 20;
+const REFUSED_BODY_PATIENCE: Duration = Duration::from_secs(2);
 
 /// How many idle timeouts a small body may take in all (see
 /// [`body_deadline`]): 4 MiB of notarization in 10 minutes is 7 KB/s.
