@@ -3205,40 +3205,81 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let b = self.bucket(&who, &input.bucket).await?;
         let max = input.max_uploads.unwrap_or(1000).clamp(1, 1000) as usize;
         let prefix = input.prefix.clone().unwrap_or_default();
-        let after = match input.key_marker.as_deref().filter(|k| !k.is_empty()) {
+        let delimiter = input.delimiter.clone().filter(|d| !d.is_empty());
+        // The first key past `prefix` that holds the delimiter ends there.
+        let common_prefix = |key: &str| common_prefix(&prefix, delimiter.as_deref(), key);
+        let mut after = match input.key_marker.as_deref().filter(|k| !k.is_empty()) {
             None => None,
-            Some(key) => Some(ix::UploadMarker {
-                key: key.to_string(),
+            Some(key) => {
                 // An id marker counts only with a key marker, as in S3.
-                upload: match input.upload_id_marker.as_deref().filter(|k| !k.is_empty()) {
+                let upload = match input.upload_id_marker.as_deref().filter(|k| !k.is_empty()) {
                     None => None,
                     Some(id) => Some(
                         id.parse::<EvidenceId>()
                             .map_err(|_| s3_error!(InvalidArgument, "bad upload-id-marker"))?,
                     ),
-                },
-            }),
-        };
-        let mut page = indexer::run(&self.gw.store, |tx| {
-            let (bucket, tenant, prefix, after) = (&input.bucket, &b.tenant, &prefix, &after);
-            async move {
-                ix::list_multipart_tx(&tx, bucket, Some(tenant), prefix, after.as_ref(), max + 1)
-                    .await
+                };
+                Some(ix::UploadMarker {
+                    key: key.to_string(),
+                    // A key marker that is a common prefix (what a
+                    // truncated page ends with) resumes after every key
+                    // under it.
+                    past_prefix: upload.is_none() && common_prefix(key).as_deref() == Some(key),
+                    upload,
+                })
             }
-        })
-        .await
-        .map_err(|e| s3_err(e.into()))?;
-        let truncated = page.len() > max;
-        page.truncate(max);
-        let page: Vec<(String, String, u64)> = page
-            .into_iter()
-            .map(|(id, r)| (r.key, id.to_string(), r.created_ms))
-            .collect();
-        let (next_key, next_id) = match (truncated, page.last()) {
-            (true, Some((key, id, _))) => (Some(key.clone()), Some(id.clone())),
-            _ => (None, None),
         };
-        // encoding-type=url: keys, the prefix and the markers go out
+        let mut uploads: Vec<(String, String, u64)> = Vec::new();
+        let mut prefixes = Vec::new();
+        let (mut listed, mut truncated) = (0usize, false);
+        let mut next: Option<(String, Option<String>)> = None;
+        'pages: loop {
+            // One row past what is left says whether the listing goes on.
+            let limit = max - listed + 1;
+            let rows = indexer::run(&self.gw.store, |tx| {
+                let (bucket, tenant, prefix, after) = (&input.bucket, &b.tenant, &prefix, &after);
+                async move {
+                    ix::list_multipart_tx(&tx, bucket, Some(tenant), prefix, after.as_ref(), limit)
+                        .await
+                }
+            })
+            .await
+            .map_err(|e| s3_err(e.into()))?;
+            let whole = rows.len() == limit;
+            let mut cut = false;
+            for (id, r) in rows {
+                if listed == max {
+                    truncated = true;
+                    break 'pages;
+                }
+                // A common prefix counts as one entry, as in S3.
+                listed += 1;
+                if let Some(common) = common_prefix(&r.key) {
+                    prefixes.push(common.clone());
+                    next = Some((common.clone(), None));
+                    // The rest of these rows may be under it: read again.
+                    after = Some(ix::UploadMarker {
+                        key: common,
+                        upload: None,
+                        past_prefix: true,
+                    });
+                    cut = true;
+                    break;
+                }
+                next = Some((r.key.clone(), Some(id.to_string())));
+                after = Some(ix::UploadMarker {
+                    key: r.key.clone(),
+                    upload: Some(id),
+                    past_prefix: false,
+                });
+                uploads.push((r.key, id.to_string(), r.created_ms));
+            }
+            if !cut && !whole {
+                break;
+            }
+        }
+        let (next_key, next_id) = next.filter(|_| truncated).unzip();
+        // encoding-type=url: keys, prefixes and markers go out
         // percent-encoded, as from S3.
         let encode = url_encoded(input.encoding_type.as_ref());
         let shown = |v: Option<String>| match encode {
@@ -3248,15 +3289,25 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         Ok(S3Response::new(ListMultipartUploadsOutput {
             bucket: Some(input.bucket),
             prefix: shown(input.prefix),
+            delimiter: shown(input.delimiter),
             key_marker: shown(input.key_marker),
             upload_id_marker: input.upload_id_marker,
             max_uploads: Some(max as i32),
             is_truncated: Some(truncated),
             next_key_marker: shown(next_key),
-            next_upload_id_marker: next_id,
+            next_upload_id_marker: next_id.flatten(),
             encoding_type: input.encoding_type,
+            common_prefixes: Some(
+                prefixes
+                    .into_iter()
+                    .map(|p| CommonPrefix {
+                        prefix: shown(Some(p)),
+                    })
+                    .collect(),
+            ),
             uploads: Some(
-                page.into_iter()
+                uploads
+                    .into_iter()
                     .map(|(key, id, created_ms)| MultipartUpload {
                         key: shown(Some(key)),
                         upload_id: Some(id),

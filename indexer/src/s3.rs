@@ -1667,6 +1667,9 @@ pub async fn locks_to_carry_tx<T: Transaction>(
 pub struct UploadMarker {
     pub key: String,
     pub upload: Option<EvidenceId>,
+    /// `key` is a common prefix (a delimited listing's page ended on it):
+    /// past every upload whose key begins with it; `upload` is unused.
+    pub past_prefix: bool,
 }
 
 /// Up to `limit` multipart uploads in `bucket` under `prefix`, past
@@ -1692,14 +1695,18 @@ pub async fn list_multipart_tx<T: Transaction>(
     if let Some(m) = after {
         let mut from = base.clone();
         from.extend_from_slice(m.key.as_bytes());
-        from.push(0);
-        match m.upload {
-            Some(id) => {
-                from.extend_from_slice(id.as_bytes());
-                from.push(0);
+        if m.past_prefix {
+            from = prefix_end(&from);
+        } else {
+            from.push(0);
+            match m.upload {
+                Some(id) => {
+                    from.extend_from_slice(id.as_bytes());
+                    from.push(0);
+                }
+                // Past every upload of the key: ids are 16 bytes, all below this.
+                None => from.extend_from_slice(&[0xff; 17]),
             }
-            // Past every upload of the key: ids are 16 bytes, all below this.
-            None => from.extend_from_slice(&[0xff; 17]),
         }
         begin = begin.max(from);
     }

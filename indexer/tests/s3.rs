@@ -890,6 +890,7 @@ async fn uploads_in_progress_are_listed_by_bucket() {
         Some(ix::UploadMarker {
             key: key.into(),
             upload,
+            past_prefix: false,
         })
     };
     // A key marker alone passes every upload of that key; with an upload
@@ -913,6 +914,26 @@ async fn uploads_in_progress_are_listed_by_bucket() {
     assert!(uploads(&s, "mine", None, "a", marker("b", None), 100)
         .await
         .is_empty());
+    // A common prefix as the marker passes every key under it.
+    let past = |key: &str| {
+        Some(ix::UploadMarker {
+            key: key.into(),
+            upload: None,
+            past_prefix: true,
+        })
+    };
+    assert_eq!(
+        uploads(&s, "mine", None, "", past("a/"), 100).await,
+        all[2..]
+    );
+    assert_eq!(
+        uploads(&s, "mine", None, "", past("a"), 100).await,
+        all[2..]
+    );
+    assert_eq!(
+        uploads(&s, "mine", None, "", past("b"), 100).await,
+        all[4..]
+    );
     assert_eq!(
         uploads(&s, "mine2", None, "", None, 100).await,
         named(&[("a", elsewhere)])

@@ -2193,6 +2193,79 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
         first["NextUploadIdMarker"].as_str().unwrap_or_default(),
     ])?;
     assert_eq!(keys(&next), ["m.bin"]);
+    // With a delimiter, keys under a common prefix are rolled up into it,
+    // which counts as one entry and can end a page.
+    for key in ["d/1.bin", "d/2.bin"] {
+        let up = aws.json(&[
+            "s3api",
+            "create-multipart-upload",
+            "--bucket",
+            "big",
+            "--key",
+            key,
+        ])?;
+        others.push((key, up["UploadId"].as_str().unwrap_or_default().to_owned()));
+    }
+    let prefixes = |v: &serde_json::Value| -> Vec<String> {
+        v["CommonPrefixes"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p["Prefix"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let rolled = aws.json(&[
+        "s3api",
+        "list-multipart-uploads",
+        "--bucket",
+        "big",
+        "--delimiter",
+        "/",
+    ])?;
+    assert_eq!(keys(&rolled), ["a.bin", "m.bin", "z.bin"], "{rolled}");
+    assert_eq!(prefixes(&rolled), ["d/"], "{rolled}");
+    let page = aws.json(&[
+        "s3api",
+        "list-multipart-uploads",
+        "--bucket",
+        "big",
+        "--delimiter",
+        "/",
+        "--max-uploads",
+        "2",
+        "--no-paginate",
+    ])?;
+    assert_eq!(
+        (keys(&page), prefixes(&page)),
+        (vec!["a.bin".to_string()], vec!["d/".to_string()]),
+        "{page}"
+    );
+    assert_eq!(page["NextKeyMarker"], "d/", "{page}");
+    let rest = aws.json(&[
+        "s3api",
+        "list-multipart-uploads",
+        "--bucket",
+        "big",
+        "--delimiter",
+        "/",
+        "--key-marker",
+        "d/",
+    ])?;
+    assert_eq!(keys(&rest), ["m.bin", "z.bin"], "{rest}");
+    assert!(prefixes(&rest).is_empty(), "{rest}");
+    let under = aws.json(&[
+        "s3api",
+        "list-multipart-uploads",
+        "--bucket",
+        "big",
+        "--delimiter",
+        "/",
+        "--prefix",
+        "d/",
+    ])?;
+    assert_eq!(keys(&under), ["d/1.bin", "d/2.bin"], "{under}");
     // A bucket with nothing but an upload in progress can be deleted (as
     // in S3); the upload goes with it.
     aws.ok(&["s3", "mb", "s3://scratch"])?;
