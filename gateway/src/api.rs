@@ -1853,11 +1853,12 @@ pub(crate) enum ReadBody<St> {
 
 /// Records the access to `range` (durable before any byte is answered) and
 /// reads it, for every API. Evidence up to [`crate::read::SMALL_READ_BYTES`]
-/// is fetched and verified while the access is recorded; larger evidence
+/// is fetched and verified whole, then the access recorded; larger evidence
 /// streams once the access is recorded, its first piece (a checked 1 MiB
 /// group) fetched first, and recorded only if that came. Either way a read
 /// that fails before it could send a byte is an error status (503 with too
-/// few nodes, 410 expunged), not a success cut short.
+/// few nodes, 410 expunged), not a success cut short, and no access on the
+/// record: the custody log names only reads that were answered.
 pub(crate) async fn recorded_read<S: Store>(
     gw: &Arc<Gateway<S>>,
     header: ManifestHeader,
@@ -1865,14 +1866,12 @@ pub(crate) async fn recorded_read<S: Store>(
     range: Range<u64>,
 ) -> Result<ReadBody<impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>>>, ApiError> {
     if header.size <= crate::read::SMALL_READ_BYTES {
-        // The record's commit runs beside the shard fetches, so it may wait
-        // a little for other records to share its fsync.
-        let (recorded, read) = tokio::join!(
-            record_access(gw, &header, actor, &range, SMALL_READ_RECORD_SLACK),
-            crate::read::read_small(gw, &header, range.clone()),
-        );
-        recorded?;
-        let read = read?;
+        // The bytes first: a read that fails (too few nodes, content that
+        // does not match its root) leaves no record of an access nobody
+        // got. The record may then wait a little for other records to share
+        // its fsync.
+        let read = crate::read::read_small(gw, &header, range.clone()).await?;
+        record_access(gw, &header, actor, &range, SMALL_READ_RECORD_SLACK).await?;
         // Counted once the access is on record and the bytes are in hand.
         gw.metrics.read_bytes.inc_by(read.len() as u64);
         return Ok(ReadBody::Verified(read));

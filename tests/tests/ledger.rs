@@ -2058,9 +2058,9 @@ fn an_expunge_reaches_a_node_only_the_index_knows() -> Result<()> {
     Ok(())
 }
 
-/// A streamed read that fails before it could send a byte (too few nodes)
-/// is no access on the record: custody shows only the reads that were
-/// answered.
+/// A read that fails before it could send a byte (too few nodes) is no
+/// access on the record, whether the evidence is small (read whole) or
+/// streams: custody shows only the reads that were answered.
 #[test]
 fn a_read_that_fails_before_its_first_byte_is_not_an_access() -> Result<()> {
     let mut c = TestCluster::start(Shape {
@@ -2069,32 +2069,40 @@ fn a_read_that_fails_before_its_first_byte_is_not_an_access() -> Result<()> {
         m: 1,
         ..Shape::default()
     })?;
-    // Larger than what is read whole: it streams.
-    let data = bytes(3 << 20, 44);
-    let id = c.file(&data)?["id"].as_str().context("id")?.to_owned();
+    // Small enough to be read whole, and larger than that: it streams.
+    let small = bytes(9000, 43);
+    let large = bytes(3 << 20, 44);
+    let mut ids = Vec::new();
+    for data in [&small, &large] {
+        ids.push(c.file(data)?["id"].as_str().context("id")?.to_owned());
+    }
     c.kill_node(1);
     c.kill_node(2);
-    let failed = c.get_with(&c.token, &format!("/v1/evidence/{id}"), &[])?;
-    assert_eq!(failed.status, 503, "{}", failed.json());
+    for id in &ids {
+        let failed = c.get_with(&c.token, &format!("/v1/evidence/{id}"), &[])?;
+        assert_eq!(failed.status, 503, "{}", failed.json());
+    }
     c.start_node_and_wait(1)?;
     c.start_node_and_wait(2)?;
-    assert_eq!(c.read(&id)?, data);
-    // The answered read's statement comes after the failed one's would
-    // have: once it shows, so would the other.
-    let mut kinds = Vec::new();
-    let shown = custodia_tests::eventually(15, || {
-        let a = c.get_with(&c.token, &format!("/v1/evidence/{id}/custody"), &[]);
-        kinds = a
-            .ok()
-            .and_then(|a| a.json()["events"].as_array().cloned())
-            .unwrap_or_default()
-            .iter()
-            .map(|e| e["kind"].as_str().unwrap_or("").to_owned())
-            .collect();
-        kinds.iter().any(|k| k == "accessed")
-    });
-    assert!(shown, "the answered read is not on the record: {kinds:?}");
-    assert_eq!(kinds, ["filed", "accessed"]);
+    for (id, data) in ids.iter().zip([&small, &large]) {
+        assert_eq!(&c.read(id)?, data);
+        // The answered read's statement comes after the failed one's
+        // would have: once it shows, so would the other.
+        let mut kinds = Vec::new();
+        let shown = custodia_tests::eventually(15, || {
+            let a = c.get_with(&c.token, &format!("/v1/evidence/{id}/custody"), &[]);
+            kinds = a
+                .ok()
+                .and_then(|a| a.json()["events"].as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .map(|e| e["kind"].as_str().unwrap_or("").to_owned())
+                .collect();
+            kinds.iter().any(|k| k == "accessed")
+        });
+        assert!(shown, "the answered read is not on the record: {kinds:?}");
+        assert_eq!(kinds, ["filed", "accessed"], "{} bytes", data.len());
+    }
     Ok(())
 }
 
