@@ -1149,7 +1149,18 @@ fn object_template(
             ))
         }
     };
-    let legal_hold = legal_hold.is_some_and(|s| s.as_str() == ObjectLockLegalHoldStatus::ON);
+    // Anything but ON or OFF is refused, as S3 does: a hold asked for as
+    // "on" or "true" must not be stored as no hold at all.
+    let legal_hold = match legal_hold.map(|s| s.as_str()) {
+        None | Some(ObjectLockLegalHoldStatus::OFF) => false,
+        Some(ObjectLockLegalHoldStatus::ON) => true,
+        Some(other) => {
+            return Err(s3_error!(
+                InvalidArgument,
+                "Legal Hold must be either of 'ON' or 'OFF', not {other:?}"
+            ))
+        }
+    };
     if (retention.is_some() || legal_hold) && !b.object_lock {
         return Err(s3_error!(
             InvalidRequest,

@@ -1575,6 +1575,23 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
     // Legal hold: nobody deletes; a clerk may place but not lift it.
     let (clerk, _) = new_key(&c, "admin", "clerk", &[])?;
     let h1 = put(&admin, "h.bin", &["--object-lock-legal-hold-status", "ON"])?;
+    // A hold asked for in any other spelling is refused, not stored as no
+    // hold.
+    admin.fails(
+        "InvalidArgument",
+        &[
+            "s3api",
+            "put-object",
+            "--bucket",
+            "locked",
+            "--key",
+            "h.bin",
+            "--body",
+            &f,
+            "--object-lock-legal-hold-status",
+            "on",
+        ],
+    )?;
     admin.fails("AccessDenied", &strs(&del_version("h.bin", &h1)))?;
     clerk.fails(
         "AccessDenied",
