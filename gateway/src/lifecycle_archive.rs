@@ -16,10 +16,17 @@
 //! empty one, or an older copy put back) has none newer to write, so it
 //! never overwrites the archive it will be recovered from; nor does a
 //! gateway write before its index is known to hold the published log.
+//!
+//! The **compliance clock** (`crate::clock`) is copied here too, as
+//! [`CLOCK_FILE`], whenever the index's has run [`CLOCK_EVERY_MS`] past the
+//! archived copy. Without it a recovered index would start the clock at its
+//! newest filing's time, which a system clock set forward stamped: a year
+//! ahead, COMPLIANCE retention would end a year early. The copy lags the
+//! index's by up to a minute, which only delays deletions.
 
 use crate::api::{Gateway, Store};
 use crate::ledger::{Ledger, LedgerError};
-use indexer::schema::{self, Lifecycle, LifecycleRecord};
+use indexer::schema::{self, ClockRecord, Lifecycle, LifecycleRecord};
 use protocol::wire::{decode_versioned, encode_versioned};
 use protocol::NodeId;
 use std::collections::HashMap;
@@ -28,6 +35,11 @@ use std::time::Duration;
 
 /// The archive's folder for the decisions.
 pub const DIR: &str = "nodes-lifecycle";
+/// The archive's copy of the compliance clock.
+pub const CLOCK_FILE: &str = "compliance-clock";
+/// How far the index's compliance clock runs past the archived copy before
+/// the copy is written again.
+pub const CLOCK_EVERY_MS: u64 = 60_000;
 /// How often each gateway compares the index with the archive.
 pub const INTERVAL: Duration = Duration::from_secs(10);
 const FILE_V1: u8 = 1;
@@ -102,7 +114,71 @@ fn newer(rec: &LifecycleRecord, archived: Option<&LifecycleRecord>) -> bool {
 /// by the comparison loop and the gateway's own decisions, one writer at a
 /// time.
 #[derive(Default)]
-pub struct Archived(tokio::sync::Mutex<Option<HashMap<NodeId, LifecycleRecord>>>);
+pub struct Archived {
+    decisions: tokio::sync::Mutex<Option<HashMap<NodeId, LifecycleRecord>>>,
+    /// The archived compliance clock (ms), if any.
+    clock: tokio::sync::Mutex<Option<Option<u64>>>,
+}
+
+/// The compliance clock in the archive, if one was ever copied there. A
+/// file that does not decode is an error if `strict` (recovery must not
+/// start the clock from a filing time instead, unsaid), else passed over
+/// (said in the log), to be written anew from the index.
+pub async fn archived_clock(
+    ledger: &Ledger,
+    strict: bool,
+) -> Result<Option<ClockRecord>, LifecycleArchiveError> {
+    let Some(bytes) = ledger.archived_file(CLOCK_FILE).await? else {
+        return Ok(None);
+    };
+    match decode_versioned::<ClockRecord>(FILE_V1, &bytes) {
+        Ok(rec) => Ok(Some(rec)),
+        Err(e) if !strict => {
+            tracing::warn!(error = %e, "the compliance clock in the archive is unreadable; written anew from the index");
+            Ok(None)
+        }
+        Err(e) => Err(LifecycleArchiveError::File {
+            name: CLOCK_FILE.to_owned(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Copies the index's compliance clock into the archive if it has run
+/// [`CLOCK_EVERY_MS`] past the copy there (never moving the copy back);
+/// returns whether it did. Nothing before the index is known to hold the
+/// published log: a new, empty index starts its clock from the system
+/// clock, which must not replace the one recovery would restore.
+pub async fn sync_clock<S: Store>(gw: &Gateway<S>) -> Result<bool, LifecycleArchiveError> {
+    let Some(ledger) = gw.ledger.as_ref() else {
+        return Ok(false);
+    };
+    if !ledger.published_checked() {
+        return Ok(false);
+    }
+    let mut known = gw.lifecycle_archive.clock.lock().await;
+    let archived = match *known {
+        Some(a) => a,
+        None => *known.insert(
+            archived_clock(ledger, false)
+                .await?
+                .map(|r| r.compliance_ms),
+        ),
+    };
+    let Some(stored) =
+        indexer::run(&gw.store, |tx| async move { schema::clock_tx(&tx).await }).await?
+    else {
+        return Ok(false);
+    };
+    if archived.is_some_and(|a| stored.compliance_ms < a.saturating_add(CLOCK_EVERY_MS)) {
+        return Ok(false);
+    }
+    ledger
+        .archive_file(CLOCK_FILE, encode_versioned(FILE_V1, &stored))
+        .await?;
+    *known = Some(Some(stored.compliance_ms));
+    Ok(true)
+}
 
 /// Writes every decision in the index newer than the archive's (see
 /// [`newer`]); returns how many. Nothing before the index is known to
@@ -114,7 +190,7 @@ pub async fn sync<S: Store>(gw: &Gateway<S>) -> Result<usize, LifecycleArchiveEr
     if !ledger.published_checked() {
         return Ok(0);
     }
-    let mut known = gw.lifecycle_archive.0.lock().await;
+    let mut known = gw.lifecycle_archive.decisions.lock().await;
     let archived = match known.as_mut() {
         Some(a) => a,
         None => known.insert(read_decisions(ledger, false).await?),
@@ -152,6 +228,9 @@ pub fn spawn<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::JoinHandle<()
                 Err(e) => {
                     tracing::warn!(error = %e, "node decisions not archived; retrying")
                 }
+            }
+            if let Err(e) = sync_clock(&gw).await {
+                tracing::warn!(error = %e, "the compliance clock not archived; retrying");
             }
         }
     }))

@@ -25,12 +25,20 @@
 //! - The **operators' decisions about nodes** (draining, removed), copied
 //!   into the same archive (`crate::lifecycle_archive`): restored first, and
 //!   a removed node is not listed.
+//! - The **compliance clock**, copied there too (within a minute of the
+//!   index's): restored as it was, so retention keeps ending by it. An
+//!   archive from before the copy existed has none; the clock then starts
+//!   at the newest filing's time when the gateway starts, as for an
+//!   upgrade, and the report says so.
 //!
-//! Not in the archive, so not recovered: credentials other than the ones the
-//! operator's files hold (`ops` restores `admin.token` and `s3.credentials`;
-//! other keys are issued anew), witness cosignatures and time-stamp tokens
-//! over old checkpoints (new ones are gathered), and in-flight uploads and
-//! S3 multipart uploads (their shards are orphans, reported here).
+//! Not in the archive, so not recovered (the report lists them): credentials
+//! other than the ones the operator's files hold (`ops` restores
+//! `admin.token` and `s3.credentials`; other keys are issued anew), witness
+//! cosignatures and time-stamp tokens over old checkpoints (new ones are
+//! gathered), `Idempotency-Key` records (a retry of a filing made before the
+//! loss files again), statements queued but not yet on the ledger, and
+//! in-flight uploads and S3 multipart uploads (their shards are orphans,
+//! reported here).
 
 use crate::api::{Gateway, Store};
 use crate::ledger::LedgerError;
@@ -131,7 +139,22 @@ pub struct Report {
     /// as it was, its shards still on the nodes; the order must be given
     /// again.
     pub expunge_not_logged: Vec<String>,
+    /// The compliance clock restored from the archive (ms since the Unix
+    /// epoch); `None`: the archive holds none, and the gateway starts it at
+    /// the newest filing's time.
+    pub compliance_clock_ms: Option<u64>,
+    /// What no archive holds, so recovery could not restore.
+    pub not_recovered: Vec<&'static str>,
 }
+
+/// What recovery never restores (see the module's documentation).
+const NOT_RECOVERED: [&str; 5] = [
+    "S3 multipart uploads in progress",
+    "Idempotency-Key records (a client retrying a filing made before the loss files it again)",
+    "statements queued but not yet on the ledger",
+    "old witness cosignatures and time-stamp tokens (new ones are gathered)",
+    "credentials other than the operator's files hold",
+];
 
 /// Rebuilds the index behind `gw` (which must be empty) from the openings
 /// archive, the published checkpoint and the nodes. With `allow_down`, nodes
@@ -148,7 +171,10 @@ pub async fn recover_index<S: Store>(
     trust_archive: bool,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<Report, RecoverError> {
-    let mut report = Report::default();
+    let mut report = Report {
+        not_recovered: NOT_RECOVERED.to_vec(),
+        ..Report::default()
+    };
     let empty = indexer::run(&gw.store, |tx| async move {
         let state = indexer::ledger::tree_state_tx(&tx).await?;
         Ok::<_, SchemaError>(!schema::any_evidence_tx(&tx).await? && state.size == 0)
@@ -198,6 +224,18 @@ pub async fn recover_index<S: Store>(
     .await?;
     report.nodes_draining.sort_unstable();
     report.nodes_removed.sort_unstable();
+
+    // The compliance clock, before the gateway first starts on this index
+    // (which would otherwise start it at the newest filing's time).
+    if let Some(ledger) = &gw.ledger {
+        if let Some(rec) = crate::lifecycle_archive::archived_clock(ledger, true).await? {
+            let rec = indexer::run(&gw.store, |tx| async move {
+                schema::advance_clock_tx(&tx, rec).await
+            })
+            .await?;
+            report.compliance_clock_ms = Some(rec.compliance_ms);
+        }
+    }
 
     // The newest header of each piece of evidence, in leaf order.
     let mut manifests: BTreeMap<EvidenceId, (ManifestHeader, bool)> = BTreeMap::new();

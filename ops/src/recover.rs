@@ -151,6 +151,15 @@ pub async fn run(data_dir: &Path, allow_down: bool, trust_archive: bool, json: b
                 report.nodes_draining, report.nodes_removed
             );
         }
+        match report.compliance_clock_ms {
+            Some(ms) => println!(
+                "  clock        compliance clock restored from the archive: {}",
+                crate::verify::rfc3339_ms(ms)
+            ),
+            None => println!(
+                "  clock        no compliance clock in the archive (written since this release):                  it starts at the newest filing's time"
+            ),
+        }
         println!(
             "  unclaimed    {} shards of {} pieces of evidence the archive does not name",
             report.orphan_shards, report.orphan_evidence
@@ -199,7 +208,11 @@ pub async fn run(data_dir: &Path, allow_down: bool, trust_archive: bool, json: b
                  restored as it was: give the order again"
             );
         }
-        println!("not recovered: other tenants' keys (issue new ones with `custodia key create`), S3 multipart uploads in progress, old witness cosignatures and time-stamp tokens");
+        println!("not recovered (no archive holds them):");
+        for what in &report.not_recovered {
+            println!("  - {what}");
+        }
+        println!("  (issue other tenants' keys anew with `custodia key create`)");
     }
     if !report.unreadable.is_empty() {
         bail!(

@@ -495,7 +495,7 @@ pub fn consistency(
 
 /// Unix milliseconds as an RFC 3339 UTC time, to the millisecond (a
 /// statement's time, which orders filings made within one second).
-fn rfc3339_ms(ms: u64) -> String {
+pub(crate) fn rfc3339_ms(ms: u64) -> String {
     let secs = rfc3339(ms / 1000);
     format!("{}.{:03}Z", secs.trim_end_matches('Z'), ms % 1000)
 }

@@ -2192,6 +2192,18 @@ fn mint_expunger(c: &TestCluster) -> Result<String> {
 }
 
 /// Restarts the gateway, with its wall clock moved by `offset` (faketime).
+/// Whether a file named `name` is anywhere under `dir`.
+fn found_under(dir: &std::path::Path, name: &str) -> bool {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            let path = e.path();
+            e.file_name() == name || (path.is_dir() && found_under(&path, name))
+        })
+}
+
 fn restart_under(c: &mut TestCluster, offset: Option<&str>) -> Result<()> {
     c.stop_gateway();
     match offset {
@@ -2310,10 +2322,10 @@ fn retention_ends_by_the_compliance_clock_not_the_system_clock() -> Result<()> {
 }
 
 /// Where the compliance clock starts and what moves it on: an index rebuilt
-/// by `recover-index` (which has no clock) starts it at its newest filing,
-/// not at a system clock set forward for the occasion; a majority of
-/// witnesses vouching for a later time moves it there, and retention then
-/// ends by it.
+/// by `recover-index` gets it back from the archive, not from its newest
+/// filing (stamped by a system clock set forward) nor from a system clock
+/// set forward for the occasion; a majority of witnesses vouching for a
+/// later time moves it there, and retention then ends by it.
 #[test]
 fn the_compliance_clock_survives_recovery_and_follows_the_witnesses() -> Result<()> {
     if !custodia_tests::require(
@@ -2331,6 +2343,18 @@ fn the_compliance_clock_survives_recovery_and_follows_the_witnesses() -> Result<
             .is_ok_and(|a| a.status == 200)
     });
     assert!(published, "no receipt for {long}");
+    // A filing while the system clock is a day ahead: stamped a day ahead
+    // (stamps follow a clock that runs ahead), the newest in the index,
+    // while the compliance clock lags, and its copy in the archive with it.
+    restart_under(&mut c, Some("+1d"))?;
+    let later = c.file_id(&bytes(1500, 43))?;
+    let published = custodia_tests::eventually(15, || {
+        c.get_with(&c.token, &format!("/v1/evidence/{later}/receipt"), &[])
+            .is_ok_and(|a| a.status == 200)
+    });
+    assert!(published, "no receipt for {later}");
+    let archived = custodia_tests::eventually(30, || found_under(c.data_dir(), "compliance-clock"));
+    assert!(archived, "the compliance clock was never archived");
 
     // 1. Rebuild the index, then start with the system clock a day ahead.
     c.stop_gateway();
@@ -2339,6 +2363,11 @@ fn the_compliance_clock_survives_recovery_and_follows_the_witnesses() -> Result<
         out.status.success(),
         "recover-index: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("compliance clock restored from the archive"),
+        "{said}"
     );
     // (Credentials other than the admin's are not recovered: mint one.)
     let expunger = mint_expunger(&c)?;
