@@ -1223,6 +1223,9 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 pub struct Caller {
     pub rec: TokenRecord,
     pub credential: String,
+    /// The credential as the index keys it: checked again where a long
+    /// operation commits (see [`FilingMeta::credential`]).
+    pub live: schema::CredentialRef,
 }
 
 impl std::ops::Deref for Caller {
@@ -1249,6 +1252,7 @@ pub async fn authenticate<S: Store>(
     Ok(Caller {
         rec,
         credential: crate::credentials::token_id(&token),
+        live: schema::CredentialRef::token(&token),
     })
 }
 
@@ -1579,6 +1583,7 @@ fn filing_meta<S: Store>(
     Ok(FilingMeta {
         tenant: who.tenant.clone(),
         actor: Some(actor(who)),
+        credential: Some(who.live.clone()),
         expects_continue: expects_continue(h),
         case: meta_text(h, "x-custodia-case")?,
         file_name: meta_text(h, "x-custodia-file-name")?,

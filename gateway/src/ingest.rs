@@ -53,6 +53,12 @@ pub struct FilingMeta {
     /// `api::actor`): the `filed` statement's actor, as every
     /// other statement's actor is the authenticated caller.
     pub actor: Option<String>,
+    /// The credential the filing was authenticated with: checked again in
+    /// the transaction that commits it, so a token or access key revoked
+    /// while a long body streams in (or a copy or Complete runs) files
+    /// nothing: 401 (S3's AccessDenied), the shards collected as a failed
+    /// upload's. `None`: nobody's (a test's).
+    pub credential: Option<schema::CredentialRef>,
     /// Hashes the filer computed at acquisition; a mismatch rejects the filing.
     pub expect_blake3: Option<Blake3Hash>,
     pub expect_sha256: Option<Sha256Hash>,
@@ -107,6 +113,18 @@ pub struct FilingMeta {
 /// [`FilingMeta::copied_from`]) is still filed: read in the transaction that
 /// commits the copy, so an expunge that commits first, even while that
 /// transaction runs (a conflict, then a retry), makes the copy fail.
+/// Fails with 401 if `credential` (see [`FilingMeta::credential`]) was
+/// revoked.
+async fn still_authorized_tx<T: indexer::Transaction>(
+    tx: &T,
+    credential: Option<&schema::CredentialRef>,
+) -> Result<(), ApiError> {
+    match credential {
+        Some(c) if !schema::credential_live_tx(tx, c).await? => Err(ApiError::Unauthorized),
+        _ => Ok(()),
+    }
+}
+
 async fn still_filed_tx<T: indexer::Transaction>(
     tx: &T,
     source: Option<EvidenceId>,
@@ -636,7 +654,7 @@ impl<S: Store> Upload<S> {
                     number,
                     digest,
                     from_client,
-                    meta.copied_from,
+                    (meta.copied_from, meta.credential),
                 )
                 .await;
         }
@@ -654,7 +672,7 @@ impl<S: Store> Upload<S> {
         // The `filed` statement commits with the manifest (an outbox the
         // ledger drains): evidence is never visible without its statement.
         let replacer = meta.actor.clone().unwrap_or_default();
-        let copied_from = meta.copied_from;
+        let (copied_from, credential) = (meta.copied_from, meta.credential.clone());
         let pending = match &self.gw.ledger {
             Some(_) => Some(filed_statement(
                 &header,
@@ -668,11 +686,12 @@ impl<S: Store> Upload<S> {
         let compliance_ms = self.gw.clock.compliance_ms();
         let stored = indexer::run(&self.gw.store, |tx| {
             let (header, pending, s3, replacer) = (&header, &pending, &s3, &replacer);
-            let gw = &*self.gw;
+            let (gw, credential) = (&*self.gw, &credential);
             async move {
                 let commit = schema::commit_manifest_tx(&tx, header).await?;
                 let mut stored = None;
                 if commit == schema::Commit::Now {
+                    still_authorized_tx(&tx, credential.as_ref()).await?;
                     still_filed_tx(&tx, copied_from).await?;
                     if let Some(p) = pending {
                         indexer::ledger::enqueue_tx(&tx, 0, p);
@@ -766,7 +785,9 @@ impl<S: Store> Upload<S> {
         number: u32,
         md5: Option<[u8; 16]>,
         from_client: bool,
-        copied_from: Option<EvidenceId>,
+        // Checked where the part commits: its copy's source still filed,
+        // its credential not revoked (see [`FilingMeta`]).
+        (copied_from, credential): (Option<EvidenceId>, Option<schema::CredentialRef>),
     ) -> Result<Filing, ApiError> {
         let record = indexer::s3::PartRecord {
             part_id: self.evidence,
@@ -779,9 +800,10 @@ impl<S: Store> Upload<S> {
             uploaded_ms: header.filed_at_ms,
         };
         let replaced = indexer::run(&self.gw.store, |tx| {
-            let record = &record;
+            let (record, credential) = (&record, &credential);
             async move {
                 let replaced = indexer::s3::put_part_tx(&tx, upload, number, record).await?;
+                still_authorized_tx(&tx, credential.as_ref()).await?;
                 still_filed_tx(&tx, copied_from).await?;
                 Ok::<_, ApiError>(replaced)
             }

@@ -49,6 +49,7 @@ impl Caller {
                 role: self.role,
             },
             credential: format!("s3:{}", self.access_key),
+            live: ix::access_key_ref(&self.access_key),
         }
     }
 
@@ -2011,6 +2012,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let (retain_until_ms, legal_hold) = evidence_worm(&template);
         let meta = FilingMeta {
             tenant: who.tenant.clone(),
+            credential: Some(ix::access_key_ref(&who.access_key)),
             case: None,
             retain_until_ms,
             legal_hold,
@@ -2315,6 +2317,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let (retain_until_ms, legal_hold) = evidence_worm(&template);
         let meta = FilingMeta {
             tenant: who.tenant.clone(),
+            credential: Some(ix::access_key_ref(&who.access_key)),
             retain_until_ms,
             legal_hold,
             file_name: Some(input.key.clone()),
@@ -2798,6 +2801,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let number = part_number(input.part_number)?;
         let meta = FilingMeta {
             tenant: who.tenant.clone(),
+            credential: Some(ix::access_key_ref(&who.access_key)),
             expect_md5: content_md5(input.content_md5.as_deref())?,
             expect_sha256: sha256_header(input.checksum_sha256.as_deref())?,
             body_check,
@@ -2839,6 +2843,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             .map_err(s3_err)?;
         let meta = FilingMeta {
             tenant: who.tenant.clone(),
+            credential: Some(ix::access_key_ref(&who.access_key)),
             part: Some((upload, number)),
             body_from_store: true,
             copied_from: Some(header.evidence),
@@ -3005,6 +3010,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             let (retain_until_ms, legal_hold) = evidence_worm(&version);
             let mut meta = FilingMeta {
                 tenant: who.tenant.clone(),
+                credential: Some(ix::access_key_ref(&who.access_key)),
                 retain_until_ms,
                 legal_hold,
                 expect_sha256,

@@ -766,6 +766,11 @@ pub async fn revoke_access_key_tx<T: Transaction>(
     Ok(existed)
 }
 
+/// An access key as [`crate::schema::credential_live_tx`] checks it.
+pub fn access_key_ref(key_id: &str) -> crate::schema::CredentialRef {
+    crate::schema::CredentialRef(key_of(ACCESS_KEY, &[key_id.as_bytes()]))
+}
+
 pub async fn get_access_key_tx<T: Transaction>(
     tx: &T,
     key_id: &str,

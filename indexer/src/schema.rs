@@ -467,6 +467,29 @@ pub fn token_hash(token: &str) -> [u8; 32] {
     *blake3::hash(token.as_bytes()).as_bytes()
 }
 
+/// A credential as the index keeps it (a bearer token by its hash, an S3
+/// access key by its id): what a long operation checks again in the
+/// transaction that commits it, without holding the secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CredentialRef(pub(crate) Vec<u8>);
+
+impl CredentialRef {
+    /// A bearer token's.
+    pub fn token(token: &str) -> Self {
+        CredentialRef(token_key(token))
+    }
+}
+
+/// Whether the credential still exists (not revoked). Read in a
+/// transaction, a revocation committing meanwhile is a conflict, and the
+/// retry sees it.
+pub async fn credential_live_tx<T: Transaction>(
+    tx: &T,
+    credential: &CredentialRef,
+) -> Result<bool, SchemaError> {
+    Ok(tx.get(&credential.0).await?.is_some())
+}
+
 fn token_key(token: &str) -> Vec<u8> {
     token_hash_key(&token_hash(token))
 }

@@ -750,6 +750,15 @@ impl TestCluster {
         Self::answer(req.call())
     }
 
+    /// POST `body` as JSON to `path` with `token`; any status.
+    pub fn post_json(&self, token: &str, path: &str, body: &Value) -> Result<Answer> {
+        let req = self
+            .agent
+            .post(format!("{}{path}", self.api))
+            .header("authorization", format!("Bearer {token}"));
+        Self::answer(req.send_json(body))
+    }
+
     /// GET with `authorization` exactly as given.
     pub fn get_with_auth(&self, authorization: &str, path: &str) -> Result<Answer> {
         let req = self

@@ -1090,6 +1090,50 @@ fn disconnect_mid_upload_leaves_nothing() -> Result<()> {
     Ok(())
 }
 
+/// A credential revoked while its upload streams in files nothing: the
+/// filing is checked against it again where it commits, and answered 401;
+/// nothing is visible and the shards are collected.
+#[test]
+fn a_credential_revoked_mid_upload_files_nothing() -> Result<()> {
+    let c = TestCluster::start(Shape::default())?;
+    // Another administrator's token, to revoke the harness's with.
+    let other = c.post_json(
+        &c.token,
+        "/v1/admin/keys",
+        &serde_json::json!({ "tenant": "admin", "role": "admin" }),
+    )?;
+    assert_eq!(other.status, 201, "{}", other.json());
+    let other = other.json()["token"].as_str().context("token")?.to_owned();
+    let data = bytes(40 * STRIPE, 5);
+    let mut s = c.half_upload(&data, 6.0)?;
+    let revoked = c.post_json(
+        &other,
+        "/v1/admin/keys/revoke",
+        &serde_json::json!({ "token": c.token }),
+    )?;
+    assert_eq!(revoked.status, 200, "{}", revoked.json());
+    s.write_all(&data[data.len() / 2..])?;
+    s.flush()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
+    let h = blake3_hex(&data);
+    let a = c.get_with(&other, &format!("/v1/evidence/by-hash/{h}"), &[])?;
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        a.json()["filings"].as_array().map(Vec::len),
+        Some(0),
+        "{}",
+        a.json()
+    );
+    assert!(
+        eventually(15, || c.all_shard_files().is_empty()),
+        "shards of the refused upload must be deleted, found {:?}",
+        c.all_shard_files()
+    );
+    Ok(())
+}
+
 /// A client that stops sending mid-body but keeps its connection open (a
 /// stalled or hostile client) does not hold its upload's buffers and intent
 /// for as long as it likes: after `client_idle_timeout_ms` it gets 408 with a
