@@ -265,6 +265,16 @@ async fn add_checkpoint(State(w): State<Arc<Witness>>, body: Bytes) -> Response 
             format!("{}\n", latest.size),
         );
     }
+    // An empty tree has one root: a checkpoint of size 0 naming another is
+    // a lie a verifier would call inconsistent, so it is never cosigned
+    // (nor stored as this witness's view).
+    if new.size == 0 && new.root != pl::empty_root() {
+        tracing::warn!(%origin, "refusing an empty checkpoint whose root is not the empty tree's");
+        return text(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "a checkpoint of size 0 must have the empty tree's root",
+        );
+    }
     let Ok(latest_root) = TreeHash::parse_hash(&latest.root) else {
         return text(StatusCode::INTERNAL_SERVER_ERROR, "stored view is corrupt");
     };

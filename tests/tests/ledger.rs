@@ -888,6 +888,31 @@ fn add_checkpoint(url: &str, body: &str) -> Result<(u16, String)> {
     Ok((resp.status().as_u16(), resp.body_mut().read_to_string()?))
 }
 
+/// A witness that has seen nothing cosigns an empty tree only with the
+/// empty tree's root: a checkpoint of size 0 with any other root is a lie,
+/// refused (422) however well the log signed it.
+#[test]
+fn a_witness_refuses_an_empty_checkpoint_with_another_root() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (skey, vkey) = ledger::note_keys("custodia.local/ledger", &[3; 32]);
+    let log_pub = dir.path().join("ledger.vkey");
+    std::fs::write(&log_pub, &vkey)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let witness = start_witness(dir.path(), port, &log_pub)?;
+    let empty = TreeHash(<sha2::Sha256 as sha2::Digest>::digest(b"").into());
+    for (root, want) in [(TreeHash([1; 32]), 422), (empty, 200)] {
+        let cp = ledger::sign_checkpoint(&skey, "custodia.local/ledger", 0, root)?;
+        let (status, body) = add_checkpoint(
+            &witness.url,
+            &protocol::witness::add_checkpoint_body(0, &[], &cp),
+        )?;
+        assert_eq!(status, want, "{body}");
+    }
+    Ok(())
+}
+
 #[test]
 fn witnesses_cosign_off_the_filing_path_and_never_cosign_a_fork() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
