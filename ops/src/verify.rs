@@ -237,13 +237,14 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
             differs.push(format!(
                 "its BLAKE3 is {}, the statement says {}",
                 b3.to_hex(),
-                v.statement.blake3
+                shown(&v.statement.blake3)
             ));
         }
         if let Some(said) = v.statement.sha256.as_deref().filter(|s| *s != sha.to_hex()) {
             differs.push(format!(
-                "its SHA-256 is {}, the statement says {said}",
-                sha.to_hex()
+                "its SHA-256 is {}, the statement says {}",
+                sha.to_hex(),
+                shown(said)
             ));
         }
         if size != v.statement.size {
@@ -290,21 +291,21 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
     if let (Some(s), Some(cp)) = (&statement, &checkpoint) {
         println!(
             "logged: yes — the {:?} statement for evidence {} is entry {} of log {:?} (checkpoint of {} entries, signature verified)",
-            s.kind, s.evidence, receipt.leaf_index, cp.origin, cp.size
+            s.kind, shown(&s.evidence), receipt.leaf_index, cp.origin, cp.size
         );
         println!(
             "statement: tenant {}, case {}, {} bytes, BLAKE3 {}, SHA-256 {}",
             shown(&s.tenant),
             s.case.as_deref().map_or("-".into(), shown),
             s.size,
-            s.blake3,
-            s.sha256.as_deref().unwrap_or("-")
+            shown(&s.blake3),
+            s.sha256.as_deref().map_or("-".into(), shown)
         );
         println!(
             "time: {} ({} ms after the Unix epoch) by the log operator's clock ({})",
             rfc3339_ms(s.time_ms),
             s.time_ms,
-            s.time_source
+            shown(&s.time_source)
         );
     }
     if logged.is_err() {
@@ -391,7 +392,9 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
 /// Text from a receipt as it may be shown on a terminal: control
 /// characters (escape sequences) and those that reorder or hide the text
 /// around them written as `\u{..}`, so a statement cannot pass off one case
-/// name as another to whoever reads the verdict.
+/// name as another to whoever reads the verdict. Every field of the
+/// statement goes through it (the log's operator wrote them all), so none
+/// can paint a verdict of its own or hide the real one.
 fn shown(text: &str) -> String {
     text.chars()
         .map(|c| match c.is_control() || gateway::api::is_deceptive(c) {
