@@ -839,7 +839,7 @@ impl<S: Store> S3Front<S> {
         let bypass = who.bypass_governance && bypass_requested;
         let (bucket, key) = (bucket.to_owned(), key.to_owned());
         let unmatched = |v: Option<&ObjectVersion>| {
-            if_match.is_some_and(|c| !v.is_some_and(|v| etag_matches(c, &v.etag)))
+            if_match.is_some_and(|c| !v.is_some_and(|v| etag_matches(c, &v.etag, true)))
         };
         let refused = || ObjectError::PreconditionFailed("If-Match does not match".into());
         if which == VersionRef::Newest {
@@ -1673,12 +1673,12 @@ fn unmet(v: &ObjectVersion, c: Conditions<'_>) -> Option<Unmet> {
     let modified = v.last_modified_ms / 1000;
     let secs = |t: &Timestamp| ts_to_ms(t.clone()) / 1000;
     match (c.if_match, c.if_unmodified_since) {
-        (Some(m), _) if !etag_matches(m, &v.etag) => return Some(Unmet::Precondition),
+        (Some(m), _) if !etag_matches(m, &v.etag, true) => return Some(Unmet::Precondition),
         (None, Some(t)) if modified > secs(t) => return Some(Unmet::Precondition),
         _ => {}
     }
     match (c.if_none_match, c.if_modified_since) {
-        (Some(n), _) if etag_matches(n, &v.etag) => Some(Unmet::NotModified),
+        (Some(n), _) if etag_matches(n, &v.etag, false) => Some(Unmet::NotModified),
         (None, Some(t)) if modified <= secs(t) => Some(Unmet::NotModified),
         _ => None,
     }
@@ -1771,7 +1771,7 @@ fn put_condition(
     Some(ingest::PutCondition(Arc::new(
         move |current: Option<&ix::ObjectVersion>| {
             if let (Some(c), Some(v)) = (&if_none_match, current) {
-                if etag_matches(c, &v.etag) {
+                if etag_matches(c, &v.etag, false) {
                     return Err(ObjectError::PreconditionFailed(
                         "the object exists (If-None-Match)".into(),
                     ));
@@ -1783,7 +1783,7 @@ fn put_condition(
                 let Some(v) = current else {
                     return Err(ObjectError::NoSuchKey);
                 };
-                if !etag_matches(c, &v.etag) {
+                if !etag_matches(c, &v.etag, true) {
                     return Err(ObjectError::PreconditionFailed(
                         "If-Match does not match the current object".into(),
                     ));
@@ -1794,11 +1794,29 @@ fn put_condition(
     )))
 }
 
-fn etag_matches(cond: &ETagCondition, etag: &str) -> bool {
-    match cond {
-        ETagCondition::Any => true,
-        ETagCondition::ETag(e) => e.value() == etag,
-    }
+/// Whether `cond` (an `If-Match` or `If-None-Match`) names `etag`. s3s
+/// reads the header as one entity-tag, so a list (`"a", W/"b"`, as a cache
+/// revalidating several copies sends) arrives as one odd value: it is
+/// split again and each member compared, a weak one never under `strong`
+/// comparison (If-Match's; If-None-Match's is weak), as RFC 9110 §13.1.1-2
+/// have it.
+fn etag_matches(cond: &ETagCondition, etag: &str, strong: bool) -> bool {
+    let raw = match cond {
+        ETagCondition::Any => return true,
+        ETagCondition::ETag(ETag::Strong(v)) => format!("\"{v}\""),
+        ETagCondition::ETag(ETag::Weak(v)) => format!("W/\"{v}\""),
+    };
+    raw.split(',').map(str::trim).any(|item| {
+        let (weak, tag) = match item.strip_prefix("W/") {
+            Some(tag) => (true, tag),
+            None => (false, item),
+        };
+        let tag = tag
+            .strip_prefix('"')
+            .and_then(|t| t.strip_suffix('"'))
+            .unwrap_or(tag);
+        item == "*" || (tag == etag && !(weak && strong))
+    })
 }
 
 #[async_trait::async_trait]
@@ -3985,6 +4003,32 @@ mod tests {
             unmet(&v, c(None, Some(&right), None, None)),
             Some(Unmet::NotModified)
         );
+        // Lists, as s3s hands them over (one odd entity-tag), and weak
+        // tags: If-Match compares strongly, If-None-Match weakly.
+        let parsed = |h: &str| ETagCondition::parse_http_header(h.as_bytes()).expect(h);
+        let (list, none_of, weak) = (
+            parsed(r#""xyz", "abc""#),
+            parsed(r#""xyz", W/"def""#),
+            parsed(r#"W/"abc""#),
+        );
+        assert_eq!(unmet(&v, c(Some(&list), None, None, None)), None);
+        assert_eq!(
+            unmet(&v, c(Some(&none_of), None, None, None)),
+            Some(Unmet::Precondition)
+        );
+        assert_eq!(
+            unmet(&v, c(Some(&weak), None, None, None)),
+            Some(Unmet::Precondition)
+        );
+        assert_eq!(
+            unmet(&v, c(None, Some(&list), None, None)),
+            Some(Unmet::NotModified)
+        );
+        assert_eq!(
+            unmet(&v, c(None, Some(&weak), None, None)),
+            Some(Unmet::NotModified)
+        );
+        assert_eq!(unmet(&v, c(None, Some(&none_of), None, None)), None);
     }
 
     /// A retain-until date past year 9999 (a default retention of many

@@ -280,6 +280,20 @@ except ClientError as e:
     headers = e.response["ResponseMetadata"]["HTTPHeaders"]
     check(e.response["ResponseMetadata"]["HTTPStatusCode"] == 304, "304: %r" % e.response)
     check(headers.get("etag") == etag and headers.get("last-modified"), "304 validators: %r" % headers)
+# The conditions take lists (RFC 9110), as a cache revalidating several
+# copies sends them; If-Match compares strongly (a weak tag never matches),
+# If-None-Match weakly.
+def status_of(fn, **kwargs):
+    try:
+        return fn(**kwargs)["ResponseMetadata"]["HTTPStatusCode"]
+    except ClientError as e:
+        return e.response["ResponseMetadata"]["HTTPStatusCode"]
+typeless = dict(Bucket="boto-nulls", Key="typeless")
+check(status_of(s3.get_object, IfNoneMatch='"0000", ' + etag, **typeless) == 304, "If-None-Match list")
+check(status_of(s3.get_object, IfNoneMatch="W/" + etag, **typeless) == 304, "If-None-Match weak")
+check(status_of(s3.get_object, IfNoneMatch='"0000", "1111"', **typeless) == 200, "If-None-Match list, no member")
+check(status_of(s3.head_object, IfMatch='"0000", ' + etag, **typeless) == 200, "If-Match list")
+check(status_of(s3.head_object, IfMatch="W/" + etag, **typeless) == 412, "If-Match weak")
 # Tags: every object's set is empty (aws s3 cp asks before each multipart
 # copy), and a write asking for tags is refused, not filed without them.
 tags = s3.get_object_tagging(Bucket="boto-nulls", Key="typeless")
