@@ -44,11 +44,14 @@
 //! earlier run appended to, unsynced when it stopped) that and a torn
 //! record at its end are what a crash mid-append leaves, never
 //! acknowledged, and are mended at once: cut off at the end, otherwise
-//! overwritten with a filler record (`kind` 3) of zeros. In any earlier
-//! segment (made durable whole before a later one was made, so everything
-//! in it was acknowledged) such damage lost shards no one can name: the
-//! store renews the disk's identity (the gateway re-checks everything it
-//! placed there), and only then mends it ([`SegmentLog::mend_damage`]). Space of replaced and deleted
+//! overwritten with a filler record (`kind` 3) of zeros; unless it lies
+//! before the segment's durable mark (`kind` 4 records: each fsync round
+//! appends the offset the round before made durable), where the records
+//! were acknowledged. That damage, and any in an earlier segment (made
+//! durable whole before a later one was made, so everything in it was
+//! acknowledged), lost shards no one can name: the store renews the disk's
+//! identity (the gateway re-checks everything it placed there), and only
+//! then mends it ([`SegmentLog::mend_damage`]). Space of replaced and deleted
 //! shards is reclaimed by compaction (`ShardStore::compact`), which copies the
 //! live records of a mostly-dead sealed segment to the active segment, fsyncs,
 //! and only then removes it. A tombstone is copied too while it may still hide
@@ -86,6 +89,13 @@ const KIND_DELETE: u8 = 2;
 /// Filler over a stretch an open found damaged in a sealed segment, once
 /// that was reported: no head, a body of zeros.
 const KIND_PAD: u8 = 3;
+/// A durable mark: the head is the offset (u64 LE) up to which the segment
+/// was durable (an fsync had returned) when the record was written. Each
+/// fsync round of the active segment appends one, naming the last round's
+/// mark, just before it syncs: whoever finds the record knows everything
+/// before that offset was acknowledged, even if the record itself never
+/// became durable.
+const KIND_DURABLE: u8 = 4;
 /// Bytes before the head: magic, kind, two lengths, check.
 const FRAME: usize = 8 + 1 + 2 + 4 + 16;
 /// A segment is sealed once it reaches this size.
@@ -433,7 +443,15 @@ impl SegmentLog {
                 },
             );
             let mut skipped = Vec::new();
-            let torn = scan_segment(id, &key, &bytes, &mut index, &mut dead, &mut skipped);
+            let mut durable = HEADER_LEN as u64;
+            let torn = scan_segment(
+                id,
+                &key,
+                &bytes,
+                (&mut index, &mut dead),
+                &mut skipped,
+                &mut durable,
+            );
             // A segment with a later one beside it was made durable whole
             // before that one was made (by the seal that made it, or by the
             // open that mended what a crash left in it, then made the next:
@@ -445,12 +463,23 @@ impl SegmentLog {
             // ([`SegmentLog::mend_damage`]), so a crash before that finds
             // it again.
             let len = bytes.len() as u64;
-            let mends: Vec<Mend> = skipped
+            let last = ids.last().is_none_or(|&last| id == last);
+            // In the last segment, only what lies past its durable mark is a
+            // crash's leftovers; before it, the records were acknowledged.
+            let (leftovers, acknowledged): (Vec<_>, Vec<_>) = skipped
+                .into_iter()
+                .partition(|&(start, _)| last && start >= durable);
+            to_mend.extend(
+                acknowledged
+                    .into_iter()
+                    .map(|(start, end)| (id, Mend::of(start, end, len))),
+            );
+            let mends: Vec<Mend> = leftovers
                 .into_iter()
                 .map(|(start, end)| Mend::of(start, end, len))
                 .chain(torn.map(Mend::Cut))
                 .collect();
-            if ids.last().is_some_and(|&last| id < last) {
+            if !last {
                 to_mend.extend(mends.into_iter().map(|m| (id, m)));
                 continue;
             }
@@ -1244,6 +1273,29 @@ impl SegmentLog {
         Ok((active.id, off, record.len() as u32, pending))
     }
 
+    /// Appends a durable mark ([`KIND_DURABLE`]) saying the active segment
+    /// was durable up to `mark`. Best effort: one that cannot be written
+    /// (a full disk) is cut off again, and an open then takes less of the
+    /// segment for acknowledged, as before marks existed.
+    fn note_durable(&self, active: &mut Active, mark: u64) {
+        let Some(file) = &active.file else {
+            return;
+        };
+        let record = encode_record(&active.key, KIND_DURABLE, &mark.to_le_bytes(), &[]);
+        let off = active.len;
+        match file.write_all_at(&record, off) {
+            Ok(()) => active.len += record.len() as u64,
+            Err(e) => {
+                tracing::warn!(segment = active.id, error = %e, "could not write a durable mark");
+                if let Err(cut) = file.set_len(off) {
+                    tracing::error!(segment = active.id, error = %cut, "cutting a failed durable mark off failed");
+                    lock(&self.sync).failed.insert(active.id);
+                    self.synced.notify_all();
+                }
+            }
+        }
+    }
+
     /// Seals the active segment (fsynced, unless its fsync already failed)
     /// and starts the next one.
     fn seal(&self, active: &mut Active, failed: bool) -> io::Result<()> {
@@ -1354,9 +1406,13 @@ impl SegmentLog {
         mut sync: MutexGuard<'a, SyncState>,
     ) -> (MutexGuard<'a, SyncState>, u64, io::Result<()>) {
         sync.leader = true;
+        let mark = sync.durable;
         drop(sync);
         let (id, file, len) = {
-            let a = lock(&self.active);
+            let mut a = lock(&self.active);
+            if mark.0 == a.id && mark.1 > HEADER_LEN as u64 {
+                self.note_durable(&mut a, mark.1);
+            }
             (a.id, a.file.clone(), a.len)
         };
         // No active file: nothing was appended since the start.
@@ -1401,6 +1457,29 @@ impl SegmentLog {
 pub(crate) struct Pending<'a> {
     log: &'a SegmentLog,
     seg: u64,
+}
+
+impl Drop for SegmentLog {
+    /// A clean close writes the durable mark as it stands and makes it
+    /// durable: damage found later in the newest segment's last records
+    /// (which no fsync round after them named) is then known for an
+    /// acknowledged shard's loss, not a crash's leftovers.
+    fn drop(&mut self) {
+        let (mark, failed) = {
+            let sync = lock(&self.sync);
+            (sync.durable, sync.failed.clone())
+        };
+        let mut active = lock(&self.active);
+        if mark.0 != active.id || mark.1 <= HEADER_LEN as u64 || failed.contains(&active.id) {
+            return;
+        }
+        self.note_durable(&mut active, mark.1);
+        if let Some(file) = &active.file {
+            if let Err(e) = file.sync_data() {
+                tracing::warn!(segment = active.id, error = %e, "the closing durable mark may not be durable");
+            }
+        }
+    }
 }
 
 impl Drop for Pending<'_> {
@@ -1605,13 +1684,15 @@ fn segment_key(bytes: &[u8]) -> Option<SegKey> {
 /// tombstone, or a torn copy passed over) whose bodies are not all zeros
 /// are added to `dead.erase`, to be erased.
 /// Returns the offset of a torn record the segment ends in, if it does.
+/// `durable` is raised to the segment's durable mark (see
+/// [`KIND_DURABLE`]), if it records one higher.
 fn scan_segment(
     id: u64,
     key: &SegKey,
     bytes: &[u8],
-    index: &mut Index,
-    dead: &mut Dead,
+    (index, dead): (&mut Index, &mut Dead),
     skipped: &mut Vec<(u64, u64)>,
+    durable: &mut u64,
 ) -> Option<u64> {
     let f = |kind, head: &[u8], off, len| match kind {
         KIND_SHARD => match ShardHeader::decode(head) {
@@ -1666,6 +1747,11 @@ fn scan_segment(
             ),
         },
         KIND_PAD => {}
+        KIND_DURABLE => match <[u8; 8]>::try_from(head) {
+            // (Never past the record itself: it was written after.)
+            Ok(mark) => *durable = (*durable).max(u64::from_le_bytes(mark).min(off)),
+            Err(_) => tracing::warn!(segment = id, offset = off, "bad durable mark"),
+        },
         other => tracing::warn!(
             segment = id,
             offset = off,
@@ -2065,7 +2151,10 @@ pub(crate) mod tests {
         let h = shard(9, &body);
         let loc = {
             let log = SegmentLog::open(dir.path()).unwrap();
-            log.put(&h, &body).unwrap().0
+            let loc = log.put(&h, &body).unwrap().0;
+            // A crash: no clean close (which would write a durable mark).
+            std::mem::forget(log);
+            loc
         };
         let path = dir.path().join(SEGMENTS_DIR).join(segment_name(loc.seg));
         let full = fs::read(&path).unwrap();

@@ -2743,14 +2743,24 @@ mod tests {
         (identity, segment_files(dir)[0].clone())
     }
 
-    /// Where each record of a segment's bytes starts.
+    /// Where each shard or delete record of a segment's bytes begins
+    /// (durable marks, kind 4, passed over).
     fn record_starts(bytes: &[u8]) -> Vec<usize> {
         bytes
             .windows(8)
             .enumerate()
-            .filter(|(_, w)| w == b"CSTDSEG1")
+            .filter(|(i, w)| w == b"CSTDSEG1" && bytes.get(i + 8) != Some(&4))
             .map(|(i, _)| i)
             .collect()
+    }
+
+    /// Where the record beginning at `start` ends: at the next record of any
+    /// kind, or the end of the bytes.
+    fn record_end(bytes: &[u8], start: usize) -> usize {
+        bytes[start + 1..]
+            .windows(8)
+            .position(|w| w == b"CSTDSEG1")
+            .map_or(bytes.len(), |p| start + 1 + p)
     }
 
     /// A sealed segment a file system repair emptied is damage, not a
@@ -2765,46 +2775,96 @@ mod tests {
         assert!(matches!(store.get(&key(0)), Err(StoreError::NotFound)));
     }
 
+    /// What a crash mid-append leaves past the newest segment's durable
+    /// mark (a record damaged, one torn off at the end) was never
+    /// acknowledged: mended at the open that finds it, the disk keeping its
+    /// identity, and not taken for a sealed segment's damage once a newer
+    /// segment holds records.
     #[test]
-    fn a_torn_or_damaged_segment_loses_only_the_damaged_records() {
+    fn a_crashs_leftovers_past_the_durable_mark_are_mended_quietly() {
         let dir = tempfile::tempdir().unwrap();
         let identity = ten_small_shards(dir.path());
         let seg = segment_files(dir.path())[0].clone();
         let mut bytes = fs::read(&seg).unwrap();
-        // Damage the head of the fourth record, and tear a fifth copy of the
-        // first record off half way (a crash mid-append).
         let starts = record_starts(&bytes);
         assert_eq!(starts.len(), 10);
-        bytes[starts[3] + 40] ^= 0x01;
-        let first = bytes[starts[0]..starts[1]].to_vec();
+        // A copy of the first record with its head damaged, then another
+        // torn off half way.
+        let first = bytes[starts[0]..record_end(&bytes, starts[0])].to_vec();
+        let mut damaged = first.clone();
+        damaged[40] ^= 0x01;
+        bytes.extend_from_slice(&damaged);
         bytes.extend_from_slice(&first[..first.len() / 2]);
         fs::write(&seg, bytes).unwrap();
 
         let store = ShardStore::open(dir.path()).unwrap();
-        assert_eq!(store.info().unwrap().shards, 9);
-        assert!(matches!(store.get(&key(3)), Err(StoreError::NotFound)));
-        for n in (0..10u8).filter(|&n| n != 3) {
+        assert_eq!(
+            store.disk_uuid(),
+            identity,
+            "a crash's leftovers renewed the identity"
+        );
+        assert_eq!(store.info().unwrap().shards, 10);
+        for n in 0..10u8 {
             assert_eq!(
                 store.get(&key(n)).unwrap().1,
                 body(100 + n as usize),
                 "shard {n}"
             );
         }
-        // New puts go to a new segment after the torn one.
+        // New puts go to a new segment after the mended one.
         let b = body(33);
         store.put(&header(key(3), &b), &b).unwrap();
         assert_eq!(segment_files(dir.path()).len(), 2);
         drop(store);
-        // What a crash left in the newest segment was never acknowledged:
-        // mended at the open that found it, and not taken for a sealed
-        // segment's damage once a newer one holds records.
         let store = ShardStore::open(dir.path()).unwrap();
         assert_eq!(store.get(&key(3)).unwrap().1, b);
         assert_eq!(store.info().unwrap().shards, 10);
         assert_eq!(
             store.disk_uuid(),
             identity,
-            "a crash's leftovers renewed the identity"
+            "mended leftovers reported later"
+        );
+    }
+
+    /// Damage in the newest segment before its durable mark (a media error
+    /// in a record an fsync had made durable, found after a clean stop or a
+    /// crash long after) lost an acknowledged shard: reported as a sealed
+    /// segment's damage is (the disk takes a new identity, so the gateway
+    /// re-checks what it placed here), never mended in silence as a crash's
+    /// leftovers; every other record is still served.
+    #[test]
+    fn damage_before_the_newest_segments_durable_mark_renews_the_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let identity = ten_small_shards(dir.path());
+        let seg = segment_files(dir.path())[0].clone();
+        let mut bytes = fs::read(&seg).unwrap();
+        let starts = record_starts(&bytes);
+        // The fourth record (an fsync round after it named it durable),
+        // and the last (which only the clean close's mark names).
+        bytes[starts[3] + 40] ^= 0x01;
+        bytes[starts[9] + 40] ^= 0x01;
+        fs::write(&seg, bytes).unwrap();
+
+        let store = ShardStore::open(dir.path()).unwrap();
+        let renewed = store.disk_uuid();
+        assert_ne!(renewed, identity, "an acknowledged shard went in silence");
+        assert_eq!(store.info().unwrap().shards, 8);
+        for n in [3u8, 9] {
+            assert!(matches!(store.get(&key(n)), Err(StoreError::NotFound)));
+        }
+        for n in (0..9u8).filter(|&n| n != 3) {
+            assert_eq!(
+                store.get(&key(n)).unwrap().1,
+                body(100 + n as usize),
+                "shard {n}"
+            );
+        }
+        drop(store);
+        let store = ShardStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.disk_uuid(),
+            renewed,
+            "renewed again for the same damage"
         );
     }
 
@@ -2823,7 +2883,7 @@ mod tests {
         // The head of the fourth record damaged, the last record cut short
         // in its body (a file system repair truncated the file).
         bytes[starts[3] + 40] ^= 0x01;
-        bytes.truncate(bytes.len() - 50);
+        bytes.truncate(record_end(&bytes, starts[9]) - 50);
         fs::write(&seg, &bytes).unwrap();
 
         let store = ShardStore::open(dir.path()).unwrap();
@@ -2841,7 +2901,8 @@ mod tests {
         // Mended: the damaged record's bytes are gone, the cut record too.
         let mended = fs::read(&seg).unwrap();
         assert_eq!(mended.len(), starts[9]);
-        assert!(mended[starts[3] + 60..starts[4]].iter().all(|b| *b == 0));
+        let end = record_end(&bytes, starts[3]);
+        assert!(mended[starts[3] + 60..end].iter().all(|b| *b == 0));
         drop(store);
         let store = ShardStore::open(dir.path()).unwrap();
         assert_eq!(
@@ -2862,8 +2923,9 @@ mod tests {
         }
         let seg = segment_files(dir.path())[0].clone();
         let mut bytes = fs::read(&seg).unwrap();
-        // The last byte is the third shard's body.
-        let last = bytes.len() - 1;
+        // The last byte of the third shard's body.
+        let starts = record_starts(&bytes);
+        let last = record_end(&bytes, starts[2]) - 1;
         bytes[last] ^= 0x40;
         fs::write(&seg, bytes).unwrap();
         assert!(store.stat(&key(2)).is_ok(), "a stat reads only the header");
@@ -2930,7 +2992,8 @@ mod tests {
         let seg = segment_files(dir.path())[0].clone();
         let mut bytes = fs::read(&seg).unwrap();
         // Just before the third shard's body: its header.
-        let at = bytes.len() - 4000 - 5;
+        let starts = record_starts(&bytes);
+        let at = record_end(&bytes, starts[2]) - 4000 - 5;
         bytes[at] ^= 0x40;
         fs::write(&seg, bytes).unwrap();
         assert!(matches!(store.stat(&key(2)), Err(StoreError::Corrupt(_))));
