@@ -1087,16 +1087,17 @@ impl SegmentLog {
             .map_err(|_| io::Error::other("segment too large"))?;
         let mut bytes = vec![0u8; len];
         file.read_exact_at(&mut bytes, 0)?;
-        let index = self.read_index();
-        let Some(seg_key) = index.segments.get(&id).map(|s| s.key) else {
+        let Some(seg_key) = self.read_index().segments.get(&id).map(|s| s.key) else {
             return Ok((Vec::new(), Vec::new()));
         };
-        let live = index
-            .entries
-            .iter()
-            .filter(|(_, loc)| loc.seg == id)
-            .map(|((_, k), loc)| (*k, *loc))
-            .collect();
+        let mut live = Vec::new();
+        self.scan_entries(|key, loc| {
+            if loc.seg == id {
+                live.push((*key, *loc));
+            }
+            true
+        });
+        let index = self.read_index();
         let mut tombstones = Vec::new();
         for_each_record(&seg_key, &bytes, |kind, head, off, _| {
             if kind != KIND_DELETE {
@@ -1117,6 +1118,39 @@ impl SegmentLog {
             }
         });
         Ok((live, tombstones))
+    }
+
+    /// Calls `f` on every index entry in order until it returns false, a
+    /// chunk at a time under the index's read lock, released between
+    /// chunks: a scan of a large node's whole index (hundreds of millions
+    /// of entries) must not hold up puts and small reads for seconds (a
+    /// waiting writer also blocks new readers). Entries may change between
+    /// chunks, so this answers only questions about a *sealed* segment,
+    /// which entries can leave but never enter: one that still points into
+    /// it at the end was seen.
+    fn scan_entries(&self, mut f: impl FnMut(&ShardKey, &Loc) -> bool) {
+        const CHUNK: usize = 16_384;
+        let mut after: Option<(u8, ShardKey)> = None;
+        loop {
+            let index = self.read_index();
+            let rest = match after {
+                None => index.entries.range(..),
+                Some(k) => index
+                    .entries
+                    .range((std::ops::Bound::Excluded(k), std::ops::Bound::Unbounded)),
+            };
+            let mut seen = 0;
+            for (k, loc) in rest.take(CHUNK) {
+                seen += 1;
+                after = Some(*k);
+                if !f(&k.1, loc) {
+                    return;
+                }
+            }
+            if seen < CHUNK {
+                return;
+            }
+        }
     }
 
     /// Copies the record at `loc` (still `key`'s current one: the caller holds
@@ -1181,9 +1215,17 @@ impl SegmentLog {
                 .segments
                 .get(&id)
                 .is_some_and(|s| s.pending.load(Ordering::Acquire) > 0);
-            if busy || index.entries.values().any(|l| l.seg == id) {
+            if busy {
                 return Ok(false);
             }
+        }
+        let mut current = false;
+        self.scan_entries(|_, loc| {
+            current = loc.seg == id;
+            !current
+        });
+        if current {
+            return Ok(false);
         }
         // Nothing can enter the segment now: it is sealed (only the active
         // one gains records or pending appends), and nothing current is in
@@ -2260,6 +2302,46 @@ pub(crate) mod tests {
             len: body.len() as u32,
             blake3: protocol::Blake3Hash::of(body),
         }
+    }
+
+    /// A scan of the whole index a chunk at a time sees every entry once,
+    /// across chunk boundaries, and stops when told.
+    #[test]
+    fn the_index_is_scanned_whole_a_chunk_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SegmentLog::open(dir.path()).unwrap();
+        let n = 40_000u64;
+        {
+            let mut index = log.write_index();
+            for i in 0..n {
+                let key = ShardKey {
+                    evidence: protocol::EvidenceId([(i % 251) as u8; 16]),
+                    stripe: i,
+                    index: 0,
+                };
+                let loc = Loc {
+                    seg: 1 + i % 3,
+                    off: i,
+                    len: 1,
+                };
+                index.entries.insert(fanout_key(&key), loc);
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut in_seg_2 = 0;
+        log.scan_entries(|k, loc| {
+            assert!(seen.insert(*k), "{k} twice");
+            in_seg_2 += usize::from(loc.seg == 2);
+            true
+        });
+        assert_eq!(seen.len() as u64, n);
+        assert_eq!(in_seg_2 as u64, n / 3);
+        let mut calls = 0;
+        log.scan_entries(|_, _| {
+            calls += 1;
+            calls < 20_000
+        });
+        assert_eq!(calls, 20_000);
     }
 
     /// A client controls shard bodies. A record it forges inside one (it
