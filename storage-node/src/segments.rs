@@ -1824,16 +1824,31 @@ impl Dead {
 /// Overwrites the body of the dead shard record at `loc` in `file` (a
 /// segment whose records are checked with `key`) with zeros; its frame and
 /// head stay. A record whose frame no longer passes its check (damaged
-/// since it was indexed) has its head zeroed too. Not durable until the
-/// file is fsynced.
+/// since it was indexed) has its head zeroed too. One whose frame cannot
+/// even be read (a bad sector) is zeroed whole, unread: its bytes must go
+/// whatever the frame says (an expunge waits for them), and a blind write
+/// is what gets a failing sector remapped; the next open reads the zeros
+/// as damage, reported once. Not durable until the file is fsynced.
 fn erase_at(file: &File, key: &SegKey, loc: Loc) -> io::Result<()> {
     let mut frame = vec![0u8; (FRAME + protocol::shard::MAX_HEADER_LEN).min(loc.len as usize)];
-    file.read_exact_at(&mut frame, loc.off)?;
-    let from = match parse_frame(key, &frame) {
-        Some((_, head_len, body_len)) if FRAME + head_len + body_len == loc.len as usize => {
+    #[cfg(test)]
+    let read = match tests::ERASE_READ_FAILS.with(std::cell::Cell::get) {
+        true => Err(io::Error::from_raw_os_error(
+            rustix::io::Errno::IO.raw_os_error(),
+        )),
+        false => file.read_exact_at(&mut frame, loc.off),
+    };
+    #[cfg(not(test))]
+    let read = file.read_exact_at(&mut frame, loc.off);
+    let from = match read.map(|()| parse_frame(key, &frame)) {
+        Ok(Some((_, head_len, body_len))) if FRAME + head_len + body_len == loc.len as usize => {
             FRAME + head_len
         }
-        _ => FRAME.min(loc.len as usize),
+        Ok(_) => FRAME.min(loc.len as usize),
+        Err(e) => {
+            tracing::warn!(offset = loc.off, error = %e, "a dead record's frame is unreadable: zeroing it whole");
+            0
+        }
     };
     let zeros = vec![0u8; loc.len as usize - from];
     file.write_all_at(&zeros, loc.off + from as u64)
@@ -1855,6 +1870,32 @@ pub(crate) mod tests {
         /// Makes erasures of this evidence's records on this thread fail,
         /// as on a damaged sector.
         pub(super) static ERASE_FAILS: std::cell::Cell<Option<EvidenceId>> = const { std::cell::Cell::new(None) };
+        /// Makes erasures on this thread fail to read the record's frame
+        /// (their writes still work), as on a sector that fails reads.
+        pub(super) static ERASE_READ_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// A dead record whose frame cannot be read is erased whole, unread:
+    /// an expunge of its evidence does not fail for ever on a sector that
+    /// fails reads.
+    #[test]
+    fn a_dead_record_with_an_unreadable_frame_is_erased_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = b"ordered destroyed, on a failing sector".to_vec();
+        let h = shard(8, &body);
+        let log = SegmentLog::open(dir.path()).unwrap();
+        let (at, _) = log.put(&h, &body).unwrap();
+        let path = log.segment_path(at.seg);
+        ERASE_READ_FAILS.with(|f| f.set(true));
+        log.delete(&h.key, None).unwrap();
+        ERASE_READ_FAILS.with(|f| f.set(false));
+        log.sync_erasures(Some(h.key.evidence))
+            .expect("the expunge failed on an unreadable frame");
+        assert!(!holds(&path, &body), "the expunged shard's bytes stayed");
+        let bytes = fs::read(&path).unwrap();
+        assert!(bytes[at.off as usize..at.end() as usize]
+            .iter()
+            .all(|b| *b == 0));
     }
 
     /// A dead record that cannot be erased fails the expunges of its own
