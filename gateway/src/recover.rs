@@ -139,6 +139,13 @@ pub struct Report {
     /// as it was, its shards still on the nodes; the order must be given
     /// again.
     pub expunge_not_logged: Vec<String>,
+    /// Evidence whose archived header named another tenant, case or
+    /// content than its `filed` statement: restored as notarized.
+    pub header_not_as_filed: Vec<String>,
+    /// Evidence held by its last hold statement on the ledger whose
+    /// archived header showed no hold (a release never notarized):
+    /// restored held; the release must be given again.
+    pub release_not_logged: Vec<String>,
     /// The compliance clock restored from the archive (ms since the Unix
     /// epoch); `None`: the archive holds none, and the gateway starts it at
     /// the newest filing's time.
@@ -155,6 +162,41 @@ const NOT_RECOVERED: [&str; 5] = [
     "old witness cosignatures and time-stamp tokens (new ones are gathered)",
     "credentials other than the operator's files hold",
 ];
+
+/// Sets what `h` says of its evidence's owner, case and content to what its
+/// `filed` statement `st` notarized; whether anything differed.
+fn notarized_into(h: &mut ManifestHeader, st: &Statement) -> bool {
+    let mut differs = false;
+    if h.tenant != st.tenant {
+        h.tenant = st.tenant.clone();
+        differs = true;
+    }
+    if h.case != st.case {
+        h.case = st.case.clone();
+        differs = true;
+    }
+    if h.size != st.size {
+        h.size = st.size;
+        differs = true;
+    }
+    if let Ok(b3) = st.blake3.parse::<protocol::Blake3Hash>() {
+        if h.blake3 != b3 {
+            h.blake3 = b3;
+            differs = true;
+        }
+    }
+    if let Some(sha) = st
+        .sha256
+        .as_deref()
+        .and_then(|s| s.parse::<protocol::Sha256Hash>().ok())
+    {
+        if h.sha256 != sha {
+            h.sha256 = sha;
+            differs = true;
+        }
+    }
+    differs
+}
 
 /// Rebuilds the index behind `gw` (which must be empty) from the openings
 /// archive, the published checkpoint and the nodes. With `allow_down`, nodes
@@ -241,6 +283,9 @@ pub async fn recover_index<S: Store>(
     let mut manifests: BTreeMap<EvidenceId, (ManifestHeader, bool)> = BTreeMap::new();
     // Evidence whose expunge is on the ledger.
     let mut expunge_logged = BTreeSet::new();
+    // Each filing's statement, and the ledger's last word on each hold.
+    let mut filed: HashMap<EvidenceId, Statement> = HashMap::new();
+    let mut held: HashMap<EvidenceId, bool> = HashMap::new();
     for leaf in &restored.archive {
         if let Ok(s) = Statement::decode(&leaf.statement) {
             report.tenants.insert(s.tenant.clone());
@@ -248,6 +293,15 @@ pub async fn recover_index<S: Store>(
                 protocol::ledger::Kind::Notarized => report.notarized += 1,
                 protocol::ledger::Kind::Expunged => {
                     expunge_logged.insert(leaf.evidence);
+                }
+                protocol::ledger::Kind::LegalHold => {
+                    held.insert(leaf.evidence, true);
+                }
+                protocol::ledger::Kind::Released => {
+                    held.insert(leaf.evidence, false);
+                }
+                protocol::ledger::Kind::Filed => {
+                    filed.insert(leaf.evidence, s);
                 }
                 _ => {}
             }
@@ -264,13 +318,31 @@ pub async fn recover_index<S: Store>(
     // statement was notarized. Without that statement GC never deletes the
     // shards (it waits for it) and the order is nowhere on the ledger: the
     // evidence comes back as it was, and is reported.
-    for (id, (_, expunged)) in manifests.iter_mut() {
+    for (id, (h, expunged)) in manifests.iter_mut() {
         if *expunged && !expunge_logged.contains(id) {
             tracing::warn!(evidence = %id, "its expunge is not on the ledger: restored as it was; give the order again");
             report.expunge_not_logged.push(id.to_string());
             *expunged = false;
         }
+        // The archived header is the operator's copy; the ledger's
+        // statements are what was notarized. Where they differ, the
+        // statement wins: whose evidence it is, its case and its content
+        // (which the read-back below then checks against what was filed).
+        if let Some(st) = filed.get(id) {
+            if notarized_into(h, st) {
+                tracing::warn!(evidence = %id, "its archived header differs from its filed statement: restored as notarized");
+                report.header_not_as_filed.push(id.to_string());
+            }
+        }
+        // A hold whose release is not on the ledger stays (the archive's
+        // header can show a release whose statement was never notarized).
+        if held.get(id) == Some(&true) && !h.legal_hold {
+            tracing::warn!(evidence = %id, "its hold's release is not on the ledger: restored held; give the order again");
+            report.release_not_logged.push(id.to_string());
+            h.legal_hold = true;
+        }
     }
+    drop(filed);
 
     // Inventories: (evidence, stripe) -> the shards found, by index.
     let mut found: HashMap<(EvidenceId, u64), Slots> = HashMap::new();
@@ -720,4 +792,55 @@ async fn write_stripes<S: Store>(
         .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An archived header that moved evidence to another tenant or case,
+    /// or names other content, is restored as its `filed` statement
+    /// notarized it; one that agrees is left as it is.
+    #[test]
+    fn headers_are_restored_as_notarized() {
+        let b3 = protocol::Blake3Hash([7; 32]);
+        let sha = protocol::Sha256Hash([8; 32]);
+        let header = ManifestHeader {
+            evidence: EvidenceId([1; 16]),
+            tenant: "court-a".into(),
+            case: Some("2026-17".into()),
+            blake3: b3,
+            sha256: sha,
+            size: 100,
+            media_type: None,
+            file_name: None,
+            submitter: None,
+            filed_at_ms: 5,
+            code: protocol::ErasureCode::new(4, 2, 4096).expect("code"),
+            stripes: 1,
+            retain_until_ms: None,
+            legal_hold: false,
+        };
+        let st = Statement::new(
+            protocol::ledger::Kind::Filed,
+            header.evidence,
+            &b3,
+            Some(&sha),
+            100,
+            "court-a",
+            Some("2026-17".into()),
+            None,
+            5,
+        );
+        let mut same = header.clone();
+        assert!(!notarized_into(&mut same, &st));
+        assert_eq!(same, header);
+        let mut moved = header.clone();
+        moved.tenant = "court-b".into();
+        moved.case = None;
+        moved.blake3 = protocol::Blake3Hash([9; 32]);
+        moved.size = 99;
+        assert!(notarized_into(&mut moved, &st));
+        assert_eq!(moved, header);
+    }
 }

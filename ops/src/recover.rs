@@ -202,6 +202,18 @@ pub async fn run(data_dir: &Path, allow_down: bool, trust_archive: bool, json: b
                 "  S3 DROPPED   s3://{bucket}/{key} version {id}: its evidence was not recovered"
             );
         }
+        for id in &report.header_not_as_filed {
+            println!(
+                "  NOT AS FILED {id}: its archived header named another tenant, case or content \
+                 than its filed statement; restored as notarized"
+            );
+        }
+        for id in &report.release_not_logged {
+            println!(
+                "  STILL HELD   {id}: the ledger's last word on it is a legal hold (its release \
+                 was never notarized); restored held: give the release again"
+            );
+        }
         for id in &report.expunge_not_logged {
             println!(
                 "  NOT EXPUNGED {id}: its expunge was never notarized before the index was lost; \
