@@ -1684,6 +1684,24 @@ fn unmet(v: &ObjectVersion, c: Conditions<'_>) -> Option<Unmet> {
     }
 }
 
+/// The retention a version is shown with: its own, or its evidence's
+/// COMPLIANCE retention where that ends later (set through the evidence
+/// API, or extended there). A deletion is refused by either, so what S3
+/// clients read is what holds, as in S3, where there is only one.
+fn shown_retention(v: &ObjectVersion, h: &protocol::ManifestHeader) -> Option<Retention> {
+    match (v.retention, h.retain_until_ms) {
+        (Some(r), Some(until)) if until > r.until_ms => Some(Retention {
+            mode: LockMode::Compliance,
+            until_ms: until,
+        }),
+        (None, Some(until)) => Some(Retention {
+            mode: LockMode::Compliance,
+            until_ms: until,
+        }),
+        (r, _) => r,
+    }
+}
+
 /// A GET or HEAD by `partNumber`. A multipart object is filed anew, whole,
 /// and its parts are not kept apart, so every object reads as one part:
 /// part 1 is the object (answered without `x-amz-mp-parts-count`, which
@@ -2084,6 +2102,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             .await?;
         // The evidence's hold is the object's (see `removal_refused`).
         let held = header.legal_hold;
+        let retention = shown_retention(&v, &header);
         preconditions(&v, conditions!(input))?;
         whole_part(input.part_number, input.range.is_some())?;
         let size = header.size;
@@ -2121,8 +2140,8 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             last_modified: Some(ms_to_ts(v.last_modified_ms)),
             metadata: answered_metadata(&v),
             version_id: show_version(&b, &v),
-            object_lock_mode: v.retention.map(|r| lock_mode(r.mode)),
-            object_lock_retain_until_date: v.retention.map(|r| ms_to_ts(r.until_ms)),
+            object_lock_mode: retention.map(|r| lock_mode(r.mode)),
+            object_lock_retain_until_date: retention.map(|r| ms_to_ts(r.until_ms)),
             object_lock_legal_hold_status: legal_hold_status(&b, held),
             ..Default::default()
         });
@@ -2144,6 +2163,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             .await?;
         // The evidence's hold is the object's (see `removal_refused`).
         let held = header.legal_hold;
+        let retention = shown_retention(&v, &header);
         preconditions(&v, conditions!(input))?;
         whole_part(input.part_number, input.range.is_some())?;
         // A ranged HEAD answers as the GET would: 206 with the range's
@@ -2172,8 +2192,8 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             last_modified: Some(ms_to_ts(v.last_modified_ms)),
             metadata: answered_metadata(&v),
             version_id: show_version(&b, &v),
-            object_lock_mode: v.retention.map(|r| lock_mode(r.mode)),
-            object_lock_retain_until_date: v.retention.map(|r| ms_to_ts(r.until_ms)),
+            object_lock_mode: retention.map(|r| lock_mode(r.mode)),
+            object_lock_retain_until_date: retention.map(|r| ms_to_ts(r.until_ms)),
             object_lock_legal_hold_status: legal_hold_status(&b, held),
             ..Default::default()
         });
@@ -2566,10 +2586,10 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 "Bucket is missing Object Lock Configuration"
             ));
         }
-        let (v, _) = self
+        let (v, header) = self
             .readable(&who, &input.bucket, &input.key, input.version_id.as_deref())
             .await?;
-        let r = v.retention.ok_or_else(|| {
+        let r = shown_retention(&v, &header).ok_or_else(|| {
             s3_error!(
                 NoSuchObjectLockConfiguration,
                 "this version has no retention"

@@ -1724,6 +1724,45 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
     assert_eq!(s3_hold(&h2)?, "ON");
     admin.fails("AccessDenied", &strs(&del_version("h2.bin", &h2)))?;
 
+    // Retention set on the evidence through the evidence API is the
+    // version's as S3 clients read it, as it holds against their deletes.
+    let e1 = put(&admin, "e.bin", &[])?;
+    let h = curl_headers(&c, "HEAD", &format!("/locked/e.bin?versionId={e1}"))?;
+    assert!(header(&h, "x-amz-object-lock-mode").is_none(), "{h}");
+    let e1_evidence = header(&h, "x-custodia-evidence-id")
+        .context("no evidence id")?
+        .to_owned();
+    let until_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64
+        + 2 * 86_400_000;
+    let set = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .new_agent()
+        .put(format!("{}/v1/evidence/{e1_evidence}/retention", c.api))
+        .header("authorization", format!("Bearer {}", c.token))
+        .send_json(serde_json::json!({ "retain_until_ms": until_ms }))?;
+    assert_eq!(set.status().as_u16(), 200);
+    let r = admin.json(&[
+        "s3api",
+        "get-object-retention",
+        "--bucket",
+        "locked",
+        "--key",
+        "e.bin",
+        "--version-id",
+        &e1,
+    ])?;
+    assert_eq!(r["Retention"]["Mode"], "COMPLIANCE", "{r}");
+    let h = curl_headers(&c, "HEAD", &format!("/locked/e.bin?versionId={e1}"))?;
+    assert_eq!(
+        header(&h, "x-amz-object-lock-mode"),
+        Some("compliance"),
+        "{h}"
+    );
+    admin.fails("AccessDenied", &strs(&del_version("e.bin", &e1)))?;
+
     // GOVERNANCE: bypassed only by a key with the permission, asking for it.
     let g1 = put(
         &admin,
