@@ -1006,7 +1006,10 @@ pub async fn sweep_orphans<S: Store>(
             other => other,
         };
         match claimed {
-            Ok(false) => match lease.renewed(gw, lease.delete_shard(gw, addr, key)).await {
+            Ok(false) => match lease
+                .renewed(gw, lease.delete_shard(gw, (node, addr), key))
+                .await
+            {
                 Some(Ok(_)) => {
                     sweep.deleted += 1;
                     gw.metrics.orphans_deleted.inc();

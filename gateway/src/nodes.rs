@@ -253,6 +253,11 @@ impl NodeSet {
         self.labels.get(&id).cloned()
     }
 
+    /// The node's wall clock minus this gateway's, as last measured (ms).
+    pub fn clock_offset_ms(&self, id: NodeId) -> Option<i64> {
+        self.get(id).and_then(|n| *lock(&n.clock_offset_ms))
+    }
+
     pub fn addr(&self, id: NodeId) -> Option<SocketAddr> {
         self.get(id).map(|n| n.entry.addr)
     }

@@ -101,6 +101,10 @@ pub const LEASE_RENEW: Duration = Duration::from_secs(5);
 /// Lease a task must have left, by its own count, to commit or to delete a
 /// copy.
 pub const LEASE_MARGIN: Duration = Duration::from_secs(10);
+/// How much sooner than the lease's end a fenced delete's time runs out on
+/// the node: room for the error in the measured clock offset (up to half a
+/// round trip) and clocks drifting since it was measured.
+pub const DELETE_FENCE_MARGIN: Duration = Duration::from_secs(2);
 
 /// Remote builds that fail in a row, none succeeding, before repair stops
 /// asking nodes for them for [`REMOTE_PAUSE`].
@@ -1603,14 +1607,16 @@ impl StripeLease {
     /// Deletes one copy of a shard of its stripe: only while the index still
     /// names this task and its own count leaves [`LEASE_MARGIN`]. The
     /// gateway waits for the answer only as long as the lease has left (no
-    /// other task can take it over before then); a request already sent is
-    /// not recalled, so a node that holds it longer could still carry it
-    /// out late (closing that needs a delete the node fences itself).
-    /// `None`: not attempted.
+    /// other task can take it over before then), and the node carries the
+    /// delete out only until then by its own clock (corrected by the offset
+    /// last measured, less [`DELETE_FENCE_MARGIN`]): a request the network,
+    /// a pause of this process or the node's busy disk holds past the lease
+    /// is refused there, never landing on a copy another gateway has placed
+    /// there again since. `None`: not attempted.
     pub(crate) async fn delete_shard<S: Store>(
         &self,
         gw: &Gateway<S>,
-        addr: std::net::SocketAddr,
+        (node, addr): (NodeId, std::net::SocketAddr),
         key: ShardKey,
     ) -> Option<Result<bool, String>> {
         if key.evidence != self.evidence || key.stripe != self.stripe || !self.held(gw).await {
@@ -1619,28 +1625,35 @@ impl StripeLease {
         let left = REPAIR_LEASE
             .saturating_sub(self.counted())
             .saturating_sub(LEASE_MARGIN / 4);
-        Some(
-            match tokio::time::timeout(left, gw.nodes.client.rpc_delete_shard(addr, key)).await {
-                Ok(Ok(existed)) => Ok(existed),
-                Ok(Err(e)) => {
-                    // Answered with an error, or never sent: nothing left to
-                    // land later. Anything else may have reached the node.
-                    use storage_node::client::NodeError as E;
-                    let settled =
-                        matches!(e, E::Remote(_) | E::Tls(_) | E::Endpoint(_) | E::Connect(_));
-                    if !settled {
-                        self.unanswered
-                            .store(true, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    Err(e.to_string())
-                }
-                Err(_) => {
+        let fence = left.checked_sub(DELETE_FENCE_MARGIN)?;
+        let not_after_ms = (crate::clock::wall_ms() as i64)
+            .saturating_add(fence.as_millis() as i64)
+            .saturating_add(gw.nodes.clock_offset_ms(node).unwrap_or(0))
+            .max(0) as u64;
+        let delete = gw
+            .nodes
+            .client
+            .rpc_delete_shard_before(addr, key, not_after_ms);
+        Some(match tokio::time::timeout(left, delete).await {
+            Ok(Ok(existed)) => Ok(existed),
+            Ok(Err(e)) => {
+                // Answered with an error, or never sent: nothing left to
+                // land later. Anything else may have reached the node.
+                use storage_node::client::NodeError as E;
+                let settled =
+                    matches!(e, E::Remote(_) | E::Tls(_) | E::Endpoint(_) | E::Connect(_));
+                if !settled {
                     self.unanswered
                         .store(true, std::sync::atomic::Ordering::Relaxed);
-                    Err("no answer within the lease".to_owned())
                 }
-            },
-        )
+                Err(e.to_string())
+            }
+            Err(_) => {
+                self.unanswered
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                Err("no answer within the lease".to_owned())
+            }
+        })
     }
 
     /// Deletes `copies` of shards of its stripe, each as [`delete_shard`]
@@ -1656,7 +1669,7 @@ impl StripeLease {
                 stripe: self.stripe,
                 index: i as u8,
             };
-            match self.delete_shard(gw, addr, key).await {
+            match self.delete_shard(gw, (node, addr), key).await {
                 None => {
                     tracing::warn!(evidence = %self.evidence, stripe = self.stripe, left = copies.len() - n, "repair lease no longer held: copies left for the orphan sweep");
                     return;

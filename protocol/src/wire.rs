@@ -141,6 +141,16 @@ pub enum Request {
     /// elsewhere). Kept on the node's disk; answered `Denied`. Gateways
     /// only. An older node answers `Error(BadRequest)`.
     DenyNodes(Vec<u32>),
+    /// [`DeleteShard`](Self::DeleteShard), fenced: carried out only while
+    /// the node's wall clock has not passed `not_after_ms` (ms since the
+    /// Unix epoch), checked again under the shard's lock right before it
+    /// goes (after any wait for a busy disk); else answered `Error(Late)`
+    /// with nothing deleted. How repair and the orphan sweep delete under a
+    /// stripe lease: a request that reaches the node, or its disk, after
+    /// the lease could have passed to another gateway (which may have
+    /// placed the shard here again, committed, and named it in the stripe's
+    /// record) must not land. An older node answers `Error(BadRequest)`.
+    DeleteShardBefore { key: ShardKey, not_after_ms: u64 },
 }
 
 /// Most node ids one [`Request::DenyNodes`] carries.
@@ -297,6 +307,9 @@ pub enum ErrorCode {
     /// The peer's certificate may not make this request (only the gateway
     /// writes or deletes shards; other nodes only read them).
     Forbidden,
+    /// A [`Request::DeleteShardBefore`] that came (or reached the disk)
+    /// after its time: nothing was deleted.
+    Late,
     /// A code this build does not know.
     Other(u16),
 }
@@ -313,6 +326,7 @@ impl From<u16> for ErrorCode {
             7 => ErrorCode::UnsupportedVersion,
             8 => ErrorCode::SourceUnavailable,
             9 => ErrorCode::Forbidden,
+            10 => ErrorCode::Late,
             other => ErrorCode::Other(other),
         }
     }
@@ -330,6 +344,7 @@ impl From<ErrorCode> for u16 {
             ErrorCode::UnsupportedVersion => 7,
             ErrorCode::SourceUnavailable => 8,
             ErrorCode::Forbidden => 9,
+            ErrorCode::Late => 10,
             ErrorCode::Other(v) => v,
         }
     }
@@ -347,6 +362,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::UnsupportedVersion => "unsupported frame version",
             ErrorCode::SourceUnavailable => "a shard to rebuild from is unavailable",
             ErrorCode::Forbidden => "this peer may not make that request",
+            ErrorCode::Late => "the request came after its time; nothing was done",
             ErrorCode::Other(v) => return write!(f, "error code {v}"),
         };
         f.write_str(name)
@@ -449,6 +465,18 @@ mod tests {
         assert_eq!(
             hex::encode(Request::GetShardUnchecked(key()).encode()),
             "01130000000a333333333333333333333333333333330102"
+        );
+        // DeleteShardBefore is appended (variant 14): the key, then the
+        // time as a varint (1000 = e8 07).
+        assert_eq!(
+            hex::encode(
+                Request::DeleteShardBefore {
+                    key: key(),
+                    not_after_ms: 1000
+                }
+                .encode()
+            ),
+            "01150000000e333333333333333333333333333333330102e807"
         );
         // Error(HashMismatch): variant 5, code 3.
         assert_eq!(
@@ -690,7 +718,9 @@ mod tests {
                     })
                 }),
             key.clone().prop_map(Request::StatShard),
-            key.prop_map(Request::DeleteShard),
+            key.clone().prop_map(Request::DeleteShard),
+            (key, any::<u64>())
+                .prop_map(|(key, not_after_ms)| Request::DeleteShardBefore { key, not_after_ms }),
             any::<[u8; 16]>().prop_map(|e| Request::EraseEvidence(EvidenceId(e))),
             proptest::collection::vec(any::<u32>(), 0..20).prop_map(Request::DenyNodes),
             Just(Request::NodeInfo),

@@ -477,6 +477,27 @@ impl NodeClient {
         .await
     }
 
+    /// Deletes a shard only while the node's wall clock has not passed
+    /// `not_after_ms` (see [`Request::DeleteShardBefore`]); says whether
+    /// the node had it. Late: `NodeError::Remote(ErrorCode::Late)`, nothing
+    /// deleted. A retry after a broken connection is fenced the same way.
+    pub async fn rpc_delete_shard_before(
+        &self,
+        addr: SocketAddr,
+        key: ShardKey,
+        not_after_ms: u64,
+    ) -> Result<bool, NodeError> {
+        self.ask(
+            addr,
+            Request::DeleteShardBefore { key, not_after_ms },
+            |r| match r {
+                Response::Deleted { existed } => Ok(existed),
+                other => Err(other),
+            },
+        )
+        .await
+    }
+
     /// Has the node erase every trace of `evidence`'s shards (an expunge:
     /// see [`Request::EraseEvidence`]); returns how many shards and forensic
     /// copies it removed. Idempotent.

@@ -728,7 +728,11 @@ async fn handle_request(
             handle_get_shard(state, key, BodyCheck::Length, send).await,
         ),
         Request::StatShard(key) => ("stat", handle_stat_shard(state, key, send).await),
-        Request::DeleteShard(key) => ("delete", handle_delete_shard(state, key, send).await),
+        Request::DeleteShard(key) => ("delete", handle_delete_shard(state, key, None, send).await),
+        Request::DeleteShardBefore { key, not_after_ms } => (
+            "delete",
+            handle_delete_shard(state, key, Some(not_after_ms), send).await,
+        ),
         Request::EraseEvidence(evidence) => {
             ("erase", handle_erase_evidence(state, evidence, send).await)
         }
@@ -784,6 +788,7 @@ fn result_label(response: &Response) -> &'static str {
             ErrorCode::UnsupportedVersion => "unsupported_version",
             ErrorCode::SourceUnavailable => "source_unavailable",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Late => "late",
             ErrorCode::Other(_) => "other",
         },
         _ => "ok",
@@ -1174,13 +1179,23 @@ async fn handle_stat_shard(
     respond(send, &response).await
 }
 
+/// Deletes a shard; with `not_after_ms`, only while this node's wall clock
+/// has not passed it, checked under the shard's lock right before it goes.
 async fn handle_delete_shard(
     state: &NodeState,
     key: ShardKey,
+    not_after_ms: Option<u64>,
     send: &mut quinn::SendStream,
 ) -> Result<&'static str, StreamError> {
     let store = state.store.clone();
-    let response = match blocking(move || store.delete(&key)).await {
+    let in_time = move || {
+        not_after_ms.is_none_or(|t| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .is_ok_and(|d| d.as_millis() as u64 <= t)
+        })
+    };
+    let response = match blocking(move || store.delete_while(&key, in_time)).await {
         Ok(existed) => {
             tracing::debug!(shard = %key, existed, "shard deleted");
             Response::Deleted { existed }

@@ -157,6 +157,10 @@ pub enum StoreError {
     /// Any other disk error.
     #[error("disk error: {0}")]
     Io(#[source] io::Error),
+    /// A fenced delete came, or reached the disk, after its time: nothing
+    /// was deleted.
+    #[error("the delete came after its time: nothing was deleted")]
+    Late,
     /// The shard's evidence was erased here lately (expunged); nothing was
     /// stored.
     #[error("the evidence of shard {0} was expunged: not stored")]
@@ -168,6 +172,7 @@ impl StoreError {
     pub fn code(&self) -> ErrorCode {
         match self {
             StoreError::NotFound => ErrorCode::NotFound,
+            StoreError::Late => ErrorCode::Late,
             StoreError::HashMismatch => ErrorCode::HashMismatch,
             StoreError::BadHeader(_) | StoreError::Expunged(_) => ErrorCode::BadRequest,
             StoreError::Corrupt(_) => ErrorCode::Corrupt,
@@ -782,9 +787,23 @@ impl ShardStore {
 
     /// Deletes the shard `key`; says whether it existed. Durable on return.
     pub fn delete(&self, key: &ShardKey) -> Result<bool, StoreError> {
+        self.delete_while(key, || true)
+    }
+
+    /// [`Self::delete`] if `in_time` still holds once the shard's lock is
+    /// taken (a fenced delete: see `protocol::Request::DeleteShardBefore`),
+    /// else [`StoreError::Late`] with nothing deleted.
+    pub fn delete_while(
+        &self,
+        key: &ShardKey,
+        in_time: impl Fn() -> bool,
+    ) -> Result<bool, StoreError> {
         let dir = self.shard_dir(key);
         let path = dir.join(shard_file_name(key));
         let _guard = self.lock_key(key);
+        if !in_time() {
+            return Err(StoreError::Late);
+        }
         let small = self.log.delete(key, None)?.is_some();
         let Some(len) = file_len(&path)? else {
             return Ok(small);

@@ -168,6 +168,30 @@ async fn put_get_stat_delete_and_info_round_trip() {
         Err(NodeError::Remote(ErrorCode::NotFound))
     ));
     assert_eq!(client.rpc_node_info(addr).await.unwrap().shards, 4);
+    // A fenced delete lands only before its time (by the node's clock).
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(matches!(
+        client
+            .rpc_delete_shard_before(addr, key(2), now_ms - 1000)
+            .await,
+        Err(NodeError::Remote(ErrorCode::Late))
+    ));
+    assert!(
+        client.rpc_stat_shard(addr, key(2)).await.is_ok(),
+        "a late delete landed"
+    );
+    assert!(client
+        .rpc_delete_shard_before(addr, key(2), now_ms + 60_000)
+        .await
+        .unwrap());
+    assert!(matches!(
+        client.rpc_stat_shard(addr, key(2)).await,
+        Err(NodeError::Remote(ErrorCode::NotFound))
+    ));
+    assert_eq!(client.rpc_node_info(addr).await.unwrap().shards, 3);
     node.shutdown().await;
 }
 
