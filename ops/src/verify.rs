@@ -19,8 +19,10 @@ pub const NOTHING_VERIFIED: u8 = 2;
 #[error("{0}; nothing was verified")]
 pub struct NothingVerified(pub String);
 
+/// Its text may quote the receipt (a parse error names the field's
+/// value), so it is escaped as [`shown`] escapes statement fields.
 fn nothing_verified(what: String) -> anyhow::Error {
-    NothingVerified(what).into()
+    NothingVerified(shown(&what)).into()
 }
 
 /// A file the command names, read whole.
@@ -359,7 +361,9 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
         }
     }
     for p in &problems {
-        println!("INVALID: {p}");
+        // (A problem may quote the receipt: a decoding error names the
+        // value it could not read.)
+        println!("INVALID: {}", shown(p));
     }
     // A genuine receipt checked against the wrong file is not a forgery:
     // said so, for whoever reads the verdict alone.
