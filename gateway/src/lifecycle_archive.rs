@@ -173,6 +173,15 @@ pub async fn sync_clock<S: Store>(gw: &Gateway<S>) -> Result<bool, LifecycleArch
     if archived.is_some_and(|a| stored.compliance_ms < a.saturating_add(CLOCK_EVERY_MS)) {
         return Ok(false);
     }
+    // Another gateway may have written a later copy since this one read
+    // it: read again, so the copy is never moved back.
+    let now = archived_clock(ledger, false)
+        .await?
+        .map(|r| r.compliance_ms);
+    if now.is_some_and(|a| a >= stored.compliance_ms) {
+        *known = Some(now);
+        return Ok(false);
+    }
     ledger
         .archive_file(CLOCK_FILE, encode_versioned(FILE_V1, &stored))
         .await?;
