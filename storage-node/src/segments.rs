@@ -1097,13 +1097,24 @@ impl SegmentLog {
             }
             true
         });
-        let index = self.read_index();
-        let mut tombstones = Vec::new();
+        // The segment's tombstones are found without the index's lock (a
+        // walk of up to 64 MiB of records), then judged against the index
+        // a chunk at a time under it.
+        let mut found = Vec::new();
         for_each_record(&seg_key, &bytes, |kind, head, off, _| {
             if kind != KIND_DELETE {
                 return;
             }
             if let Ok(t) = protocol::wire::decode_versioned::<Tombstone>(TOMBSTONE_V1, head) {
+                found.push((t, off));
+            }
+        });
+        drop(bytes);
+        let mut tombstones = Vec::new();
+        let mut found = found.into_iter().peekable();
+        while found.peek().is_some() {
+            let index = self.read_index();
+            for (t, off) in found.by_ref().take(4096) {
                 let hides = index.segments.range(..=t.segment).any(|(&s, _)| s != id);
                 // A record of the key written after this tombstone makes it
                 // moot; one written before it (never the case once its delete
@@ -1116,7 +1127,7 @@ impl SegmentLog {
                     tombstones.push(t);
                 }
             }
-        });
+        }
         Ok((live, tombstones))
     }
 
