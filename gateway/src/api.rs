@@ -1843,9 +1843,10 @@ async fn evidence_response<S: Store>(
 }
 
 /// How long past its commit a small read's access record may wait for other
-/// records to share its fsync; the record runs beside the read's shard
-/// fetches (four node round trips), so the reader rarely notices. With 16
-/// concurrent 4 KiB S3 GETs it halved the index fsyncs per GET (BENCHMARKS.md).
+/// records to share its fsync. With 16 concurrent 4 KiB S3 GETs it halved
+/// the index fsyncs per GET (BENCHMARKS.md). The record now follows the
+/// read (a read that fails leaves none), so each small read waits this
+/// much longer; concurrent readers share the wait.
 const SMALL_READ_RECORD_SLACK: Duration = Duration::from_millis(2);
 
 /// The body of a read, its access already recorded.

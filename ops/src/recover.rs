@@ -157,7 +157,8 @@ pub async fn run(data_dir: &Path, allow_down: bool, trust_archive: bool, json: b
                 crate::verify::rfc3339_ms(ms)
             ),
             None => println!(
-                "  clock        no compliance clock in the archive (written since this release):                  it starts at the newest filing's time"
+                "  clock        no compliance clock in the archive (an archive from before it was \
+                 kept there): it starts at the newest filing's time"
             ),
         }
         println!(

@@ -2216,7 +2216,6 @@ fn mint_expunger(c: &TestCluster) -> Result<String> {
     Ok(token)
 }
 
-/// Restarts the gateway, with its wall clock moved by `offset` (faketime).
 /// Whether a file named `name` is anywhere under `dir`.
 fn found_under(dir: &std::path::Path, name: &str) -> bool {
     std::fs::read_dir(dir)
@@ -2229,6 +2228,7 @@ fn found_under(dir: &std::path::Path, name: &str) -> bool {
         })
 }
 
+/// Restarts the gateway, with its wall clock moved by `offset` (faketime).
 fn restart_under(c: &mut TestCluster, offset: Option<&str>) -> Result<()> {
     c.stop_gateway();
     match offset {
