@@ -3233,9 +3233,14 @@ async fn notarize<S: Store>(
     }
     let tenant = who.tenant.clone();
     let placed = indexer::run(&gw.store, |tx| {
-        let (pending, tenant) = (&pending, &tenant);
+        let (pending, tenant, live) = (&pending, &tenant, &who.live);
         async move {
-            Ok::<_, schema::SchemaError>(indexer::ledger::enqueue_notarizations_tx(
+            // The body may have taken minutes: a token revoked meanwhile
+            // notarizes nothing (as for a filing).
+            if !schema::credential_live_tx(&tx, live).await? {
+                return Err(ApiError::Unauthorized);
+            }
+            Ok::<_, ApiError>(indexer::ledger::enqueue_notarizations_tx(
                 &tx, pending, tenant,
             ))
         }

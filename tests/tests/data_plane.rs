@@ -1131,6 +1131,36 @@ fn a_credential_revoked_mid_upload_files_nothing() -> Result<()> {
         "shards of the refused upload must be deleted, found {:?}",
         c.all_shard_files()
     );
+    // The same for a hash-only notarization whose body is still coming.
+    let third = c.post_json(
+        &other,
+        "/v1/admin/keys",
+        &serde_json::json!({ "tenant": "admin", "role": "admin" }),
+    )?;
+    let third = third.json()["token"].as_str().context("token")?.to_owned();
+    let body = serde_json::json!({ "items": [{ "blake3": blake3_hex(b"minutes"), "size": 7 }] })
+        .to_string();
+    let mut s = std::net::TcpStream::connect(c.api.trim_start_matches("http://"))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(
+        s,
+        "POST /v1/notarize HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {third}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        body.len(),
+        &body[..10]
+    )?;
+    s.flush()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let revoked = c.post_json(
+        &other,
+        "/v1/admin/keys/revoke",
+        &serde_json::json!({ "token": third }),
+    )?;
+    assert_eq!(revoked.status, 200, "{}", revoked.json());
+    s.write_all(&body.as_bytes()[10..])?;
+    s.flush()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
     Ok(())
 }
 
