@@ -1066,6 +1066,13 @@ async fn recorded_copy<S: Store>(gw: &Gateway<S>, key: ShardKey) -> Recorded {
     if gw.nodes.addr(node).is_none() {
         return Recorded::Unknown;
     }
+    // A removed node's copy counts for nothing (repair rebuilds it
+    // elsewhere, and its disk is its operator's to wipe), however well it
+    // still answers: the copy found here is adopted in its place, not
+    // deleted as a spare.
+    if gw.nodes.lifecycle(node) == schema::Lifecycle::Removed {
+        return Recorded::Bad(node);
+    }
     // The node hashes its copy against its header, and the header is
     // checked against the record, as repair re-counts a shard.
     match crate::read::check_shard(gw, key.evidence, key.stripe, key.index as usize, &rec).await {
