@@ -2200,8 +2200,7 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
     let uploads = aws.json(&["s3api", "list-multipart-uploads", "--bucket", "big"])?;
     assert_eq!(uploads["Uploads"][0]["UploadId"], id.as_str());
     // Listed in key order and paged by the markers, as S3 does.
-    let mut others = Vec::new();
-    for key in ["z.bin", "a.bin"] {
+    let begin = |key: &'static str| -> Result<(&str, String)> {
         let up = aws.json(&[
             "s3api",
             "create-multipart-upload",
@@ -2210,36 +2209,33 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
             "--key",
             key,
         ])?;
-        others.push((key, up["UploadId"].as_str().unwrap_or_default().to_owned()));
-    }
-    let keys = |v: &serde_json::Value| -> Vec<String> {
-        v["Uploads"]
+        Ok((key, up["UploadId"].as_str().unwrap_or_default().to_owned()))
+    };
+    let listed = |extra: &[&str]| {
+        let mut args = vec!["s3api", "list-multipart-uploads", "--bucket", "big"];
+        args.extend_from_slice(extra);
+        aws.json(&args)
+    };
+    // The `field` of each entry of `list` in a listing.
+    let each = |v: &serde_json::Value, list: &str, field: &str| -> Vec<String> {
+        v[list]
             .as_array()
             .map(|a| {
                 a.iter()
-                    .filter_map(|u| u["Key"].as_str().map(String::from))
+                    .filter_map(|u| u[field].as_str().map(String::from))
                     .collect()
             })
             .unwrap_or_default()
     };
-    let all = aws.json(&["s3api", "list-multipart-uploads", "--bucket", "big"])?;
+    let keys = |v: &serde_json::Value| each(v, "Uploads", "Key");
+    let prefixes = |v: &serde_json::Value| each(v, "CommonPrefixes", "Prefix");
+    let mut others = vec![begin("z.bin")?, begin("a.bin")?];
+    let all = listed(&[])?;
     assert_eq!(keys(&all), ["a.bin", "m.bin", "z.bin"]);
-    let first = aws.json(&[
-        "s3api",
-        "list-multipart-uploads",
-        "--bucket",
-        "big",
-        "--max-uploads",
-        "1",
-        "--no-paginate",
-    ])?;
+    let first = listed(&["--max-uploads", "1", "--no-paginate"])?;
     assert_eq!(keys(&first), ["a.bin"]);
     assert_eq!(first["IsTruncated"], true, "{first}");
-    let next = aws.json(&[
-        "s3api",
-        "list-multipart-uploads",
-        "--bucket",
-        "big",
+    let next = listed(&[
         "--max-uploads",
         "1",
         "--no-paginate",
@@ -2251,76 +2247,21 @@ fn multipart_uploads_complete_abort_and_list() -> Result<()> {
     assert_eq!(keys(&next), ["m.bin"]);
     // With a delimiter, keys under a common prefix are rolled up into it,
     // which counts as one entry and can end a page.
-    for key in ["d/1.bin", "d/2.bin"] {
-        let up = aws.json(&[
-            "s3api",
-            "create-multipart-upload",
-            "--bucket",
-            "big",
-            "--key",
-            key,
-        ])?;
-        others.push((key, up["UploadId"].as_str().unwrap_or_default().to_owned()));
-    }
-    let prefixes = |v: &serde_json::Value| -> Vec<String> {
-        v["CommonPrefixes"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|p| p["Prefix"].as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let rolled = aws.json(&[
-        "s3api",
-        "list-multipart-uploads",
-        "--bucket",
-        "big",
-        "--delimiter",
-        "/",
-    ])?;
+    others.extend([begin("d/1.bin")?, begin("d/2.bin")?]);
+    let rolled = listed(&["--delimiter", "/"])?;
     assert_eq!(keys(&rolled), ["a.bin", "m.bin", "z.bin"], "{rolled}");
     assert_eq!(prefixes(&rolled), ["d/"], "{rolled}");
-    let page = aws.json(&[
-        "s3api",
-        "list-multipart-uploads",
-        "--bucket",
-        "big",
-        "--delimiter",
-        "/",
-        "--max-uploads",
-        "2",
-        "--no-paginate",
-    ])?;
+    let page = listed(&["--delimiter", "/", "--max-uploads", "2", "--no-paginate"])?;
     assert_eq!(
         (keys(&page), prefixes(&page)),
         (vec!["a.bin".to_string()], vec!["d/".to_string()]),
         "{page}"
     );
     assert_eq!(page["NextKeyMarker"], "d/", "{page}");
-    let rest = aws.json(&[
-        "s3api",
-        "list-multipart-uploads",
-        "--bucket",
-        "big",
-        "--delimiter",
-        "/",
-        "--key-marker",
-        "d/",
-    ])?;
+    let rest = listed(&["--delimiter", "/", "--key-marker", "d/"])?;
     assert_eq!(keys(&rest), ["m.bin", "z.bin"], "{rest}");
     assert!(prefixes(&rest).is_empty(), "{rest}");
-    let under = aws.json(&[
-        "s3api",
-        "list-multipart-uploads",
-        "--bucket",
-        "big",
-        "--delimiter",
-        "/",
-        "--prefix",
-        "d/",
-    ])?;
+    let under = listed(&["--delimiter", "/", "--prefix", "d/"])?;
     assert_eq!(keys(&under), ["d/1.bin", "d/2.bin"], "{under}");
     // A bucket with nothing but an upload in progress can be deleted (as
     // in S3); the upload goes with it.
