@@ -1579,18 +1579,9 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
     // hold.
     admin.fails(
         "InvalidArgument",
-        &[
-            "s3api",
-            "put-object",
-            "--bucket",
-            "locked",
-            "--key",
-            "h.bin",
-            "--body",
-            &f,
-            "--object-lock-legal-hold-status",
-            "on",
-        ],
+        &strs(&argv(&format!(
+            "s3api put-object --bucket locked --key h.bin --body {f} --object-lock-legal-hold-status on"
+        ))),
     )?;
     admin.fails("AccessDenied", &strs(&del_version("h.bin", &h1)))?;
     clerk.fails(
