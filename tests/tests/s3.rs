@@ -1735,16 +1735,9 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
         .header("authorization", format!("Bearer {}", c.token))
         .send_json(serde_json::json!({ "retain_until_ms": until_ms }))?;
     assert_eq!(set.status().as_u16(), 200);
-    let r = admin.json(&[
-        "s3api",
-        "get-object-retention",
-        "--bucket",
-        "locked",
-        "--key",
-        "e.bin",
-        "--version-id",
-        &e1,
-    ])?;
+    let r = admin.json(&strs(&argv(&format!(
+        "s3api get-object-retention --bucket locked --key e.bin --version-id {e1}"
+    ))))?;
     assert_eq!(r["Retention"]["Mode"], "COMPLIANCE", "{r}");
     let h = curl_headers(&c, "HEAD", &format!("/locked/e.bin?versionId={e1}"))?;
     assert_eq!(
