@@ -101,6 +101,18 @@ pub const LEASE_RENEW: Duration = Duration::from_secs(5);
 /// Lease a task must have left, by its own count, to commit or to delete a
 /// copy.
 pub const LEASE_MARGIN: Duration = Duration::from_secs(10);
+/// When a delete sent now (`now_ms`, this gateway's wall clock) with `left`
+/// of its lease must have landed by the node's clock, which reads
+/// `offset_ms` ahead of this one: the lease's end less
+/// [`DELETE_FENCE_MARGIN`]. `None` when the lease has less left than that.
+fn delete_fence(now_ms: u64, left: Duration, offset_ms: i64) -> Option<u64> {
+    let fence = left.checked_sub(DELETE_FENCE_MARGIN)?;
+    let at = (now_ms as i64)
+        .saturating_add(fence.as_millis() as i64)
+        .saturating_add(offset_ms);
+    u64::try_from(at).ok()
+}
+
 /// How much sooner than the lease's end a fenced delete's time runs out on
 /// the node: room for the error in the measured clock offset (up to half a
 /// round trip) and clocks drifting since it was measured.
@@ -1625,11 +1637,13 @@ impl StripeLease {
         let left = REPAIR_LEASE
             .saturating_sub(self.counted())
             .saturating_sub(LEASE_MARGIN / 4);
-        let fence = left.checked_sub(DELETE_FENCE_MARGIN)?;
-        let not_after_ms = (crate::clock::wall_ms() as i64)
-            .saturating_add(fence.as_millis() as i64)
-            .saturating_add(gw.nodes.clock_offset_ms(node).unwrap_or(0))
-            .max(0) as u64;
+        // No offset measured (the node's last probe did not answer the
+        // time): not attempted, the copy left for the orphan sweep.
+        let not_after_ms = delete_fence(
+            crate::clock::wall_ms(),
+            left,
+            gw.nodes.clock_offset_ms(node)?,
+        )?;
         let delete = gw
             .nodes
             .client
@@ -1671,7 +1685,7 @@ impl StripeLease {
             };
             match self.delete_shard(gw, (node, addr), key).await {
                 None => {
-                    tracing::warn!(evidence = %self.evidence, stripe = self.stripe, left = copies.len() - n, "repair lease no longer held: copies left for the orphan sweep");
+                    tracing::warn!(evidence = %self.evidence, stripe = self.stripe, left = copies.len() - n, "repair lease no longer held (or the node's clock not yet measured): copies left for the orphan sweep");
                     return;
                 }
                 Some(Ok(_)) => {}
@@ -2763,6 +2777,20 @@ async fn found_whole<S: Store>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fenced delete's time is the lease's end less the margin, by the
+    /// node's clock: later for a node whose clock runs ahead, earlier for
+    /// one behind; none when the lease has less left than the margin.
+    #[test]
+    fn a_deletes_fence_is_the_leases_end_by_the_nodes_clock() {
+        let left = Duration::from_secs(20);
+        let fence = (left - DELETE_FENCE_MARGIN).as_millis() as u64;
+        assert_eq!(delete_fence(1_000_000, left, 0), Some(1_000_000 + fence));
+        assert_eq!(delete_fence(1_000_000, left, 700), Some(1_000_700 + fence));
+        assert_eq!(delete_fence(1_000_000, left, -700), Some(999_300 + fence));
+        assert_eq!(delete_fence(1_000_000, DELETE_FENCE_MARGIN / 2, 0), None);
+        assert_eq!(delete_fence(10, left, -1_000_000), None);
+    }
 
     /// A crowding walk begins at start, again once a node opened since the
     /// last began (however briefly it was closed), never twice for the same
