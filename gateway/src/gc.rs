@@ -1063,15 +1063,17 @@ async fn recorded_copy<S: Store>(gw: &Gateway<S>, key: ShardKey) -> Recorded {
         // The homeless copies' adoption is the sweep's listing's to do.
         return Recorded::Unknown;
     };
-    if gw.nodes.addr(node).is_none() {
-        return Recorded::Unknown;
-    }
     // A removed node's copy counts for nothing (repair rebuilds it
     // elsewhere, and its disk is its operator's to wipe), however well it
-    // still answers: the copy found here is adopted in its place, not
-    // deleted as a spare.
-    if gw.nodes.lifecycle(node) == schema::Lifecycle::Removed {
+    // still answers, and whether or not it is still listed: the copy found
+    // here is adopted in its place, not deleted as a spare.
+    if gw.nodes.lifecycle(node) == schema::Lifecycle::Removed
+        || gw.nodes.removed_unlisted().contains(&node)
+    {
         return Recorded::Bad(node);
+    }
+    if gw.nodes.addr(node).is_none() {
+        return Recorded::Unknown;
     }
     // The node hashes its copy against its header, and the header is
     // checked against the record, as repair re-counts a shard.
