@@ -1685,15 +1685,25 @@ fn unmet(v: &ObjectVersion, c: Conditions<'_>) -> Option<Unmet> {
 }
 
 /// The retention a version is shown with: its own, or its evidence's
-/// COMPLIANCE retention where that ends later (set through the evidence
-/// API, or extended there). A deletion is refused by either, so what S3
-/// clients read is what holds, as in S3, where there is only one.
-fn shown_retention(v: &ObjectVersion, h: &protocol::ManifestHeader) -> Option<Retention> {
+/// COMPLIANCE retention (set through the evidence API, or extended there)
+/// where that ends later, or binds harder while it lasts (over GOVERNANCE,
+/// which a bypass would otherwise seem to pass) by the compliance clock
+/// `now_ms`. A deletion is refused by either, so what S3 clients read is
+/// what holds, as in S3, where there is only one.
+fn shown_retention(
+    v: &ObjectVersion,
+    h: &protocol::ManifestHeader,
+    now_ms: u64,
+) -> Option<Retention> {
     match (v.retention, h.retain_until_ms) {
-        (Some(r), Some(until)) if until > r.until_ms => Some(Retention {
-            mode: LockMode::Compliance,
-            until_ms: until,
-        }),
+        (Some(r), Some(until))
+            if until > r.until_ms || (r.mode == LockMode::Governance && until > now_ms) =>
+        {
+            Some(Retention {
+                mode: LockMode::Compliance,
+                until_ms: until,
+            })
+        }
         (None, Some(until)) => Some(Retention {
             mode: LockMode::Compliance,
             until_ms: until,
@@ -2102,7 +2112,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             .await?;
         // The evidence's hold is the object's (see `removal_refused`).
         let held = header.legal_hold;
-        let retention = shown_retention(&v, &header);
+        let retention = shown_retention(&v, &header, self.gw.clock.compliance_ms());
         preconditions(&v, conditions!(input))?;
         whole_part(input.part_number, input.range.is_some())?;
         let size = header.size;
@@ -2163,7 +2173,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             .await?;
         // The evidence's hold is the object's (see `removal_refused`).
         let held = header.legal_hold;
-        let retention = shown_retention(&v, &header);
+        let retention = shown_retention(&v, &header, self.gw.clock.compliance_ms());
         preconditions(&v, conditions!(input))?;
         whole_part(input.part_number, input.range.is_some())?;
         // A ranged HEAD answers as the GET would: 206 with the range's
@@ -2589,7 +2599,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let (v, header) = self
             .readable(&who, &input.bucket, &input.key, input.version_id.as_deref())
             .await?;
-        let r = shown_retention(&v, &header).ok_or_else(|| {
+        let r = shown_retention(&v, &header, self.gw.clock.compliance_ms()).ok_or_else(|| {
             s3_error!(
                 NoSuchObjectLockConfiguration,
                 "this version has no retention"
@@ -3922,7 +3932,10 @@ impl<S: Store> S3Front<S> {
 
 #[cfg(test)]
 mod tests {
-    use super::{copy_range, ms_to_ts, ts_to_ms, unmet, Conditions, Unmet, LATEST_TS_MS};
+    use super::{
+        copy_range, ms_to_ts, shown_retention, ts_to_ms, unmet, Conditions, LockMode, Retention,
+        Unmet, LATEST_TS_MS,
+    };
     use s3s::dto::{ETag, ETagCondition};
 
     /// An upload GC aborted is the server's failure (503, retry), however
@@ -4049,6 +4062,54 @@ mod tests {
             Some(Unmet::NotModified)
         );
         assert_eq!(unmet(&v, c(None, Some(&none_of), None, None)), None);
+    }
+
+    /// A version shows its evidence's COMPLIANCE retention where that ends
+    /// later, or over GOVERNANCE while it lasts; otherwise its own.
+    #[test]
+    fn a_version_shows_the_retention_that_binds_it() {
+        let mut v = indexer::s3::ObjectVersion {
+            version_id: protocol::EvidenceId([1; 16]),
+            null_version: false,
+            evidence: None,
+            size: 1,
+            etag: "abc".into(),
+            last_modified_ms: 0,
+            content_type: None,
+            user_metadata: Vec::new(),
+            retention: None,
+            legal_hold: false,
+            content: Default::default(),
+        };
+        let mut h = protocol::ManifestHeader {
+            evidence: protocol::EvidenceId([1; 16]),
+            tenant: "t".into(),
+            case: None,
+            blake3: protocol::Blake3Hash([0; 32]),
+            sha256: protocol::Sha256Hash([0; 32]),
+            size: 1,
+            media_type: None,
+            file_name: None,
+            submitter: None,
+            filed_at_ms: 0,
+            code: protocol::ErasureCode::new(4, 2, 4096).expect("code"),
+            stripes: 1,
+            retain_until_ms: None,
+            legal_hold: false,
+        };
+        let r = |mode, until_ms| Some(Retention { mode, until_ms });
+        let now = 1_000;
+        assert_eq!(shown_retention(&v, &h, now), None);
+        h.retain_until_ms = Some(5_000);
+        assert_eq!(shown_retention(&v, &h, now), r(LockMode::Compliance, 5_000));
+        v.retention = r(LockMode::Compliance, 9_000);
+        assert_eq!(shown_retention(&v, &h, now), r(LockMode::Compliance, 9_000));
+        v.retention = r(LockMode::Governance, 9_000);
+        assert_eq!(shown_retention(&v, &h, now), r(LockMode::Compliance, 5_000));
+        assert_eq!(
+            shown_retention(&v, &h, 6_000),
+            r(LockMode::Governance, 9_000)
+        );
     }
 
     /// A retain-until date past year 9999 (a default retention of many
