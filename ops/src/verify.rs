@@ -99,10 +99,11 @@ fn read_receipt(path: &Path) -> Result<Receipt> {
             Some(code) => nothing_verified(format!(
                 "{file} is not a receipt: the API answered an error ({}{}); fetch the \
                  receipt again (GET /v1/evidence/ID/receipt)",
-                code.as_str().map_or_else(|| code.to_string(), shown),
+                code.as_str()
+                    .map_or_else(|| code.to_string(), str::to_owned),
                 value["message"]
                     .as_str()
-                    .map(|m| format!(": {}", shown(m)))
+                    .map(|m| format!(": {m}"))
                     .unwrap_or_default()
             )),
             None => nothing_verified(format!("{file} is not a receipt ({e})")),
@@ -239,14 +240,13 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
             differs.push(format!(
                 "its BLAKE3 is {}, the statement says {}",
                 b3.to_hex(),
-                shown(&v.statement.blake3)
+                v.statement.blake3
             ));
         }
         if let Some(said) = v.statement.sha256.as_deref().filter(|s| *s != sha.to_hex()) {
             differs.push(format!(
-                "its SHA-256 is {}, the statement says {}",
+                "its SHA-256 is {}, the statement says {said}",
                 sha.to_hex(),
-                shown(said)
             ));
         }
         if size != v.statement.size {
