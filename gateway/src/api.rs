@@ -3237,9 +3237,7 @@ async fn notarize<S: Store>(
         async move {
             // The body may have taken minutes: a token revoked meanwhile
             // notarizes nothing (as for a filing).
-            if !schema::credential_live_tx(&tx, live).await? {
-                return Err(ApiError::Unauthorized);
-            }
+            crate::ingest::still_authorized_tx(&tx, Some(live)).await?;
             Ok::<_, ApiError>(indexer::ledger::enqueue_notarizations_tx(
                 &tx, pending, tenant,
             ))

@@ -115,7 +115,7 @@ pub struct FilingMeta {
 /// transaction runs (a conflict, then a retry), makes the copy fail.
 /// Fails with 401 if `credential` (see [`FilingMeta::credential`]) was
 /// revoked.
-async fn still_authorized_tx<T: indexer::Transaction>(
+pub(crate) async fn still_authorized_tx<T: indexer::Transaction>(
     tx: &T,
     credential: Option<&schema::CredentialRef>,
 ) -> Result<(), ApiError> {
