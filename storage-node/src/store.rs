@@ -2794,6 +2794,16 @@ mod tests {
         assert!(matches!(store.get(&key(0)), Err(StoreError::NotFound)));
     }
 
+    /// [`ten_small_shards`], left in the newest segment: the disk identity,
+    /// the segment's file, its bytes and where its records begin.
+    fn ten_in_the_newest_segment(dir: &Path) -> ([u8; 16], PathBuf, Vec<u8>, Vec<usize>) {
+        let identity = ten_small_shards(dir);
+        let seg = segment_files(dir)[0].clone();
+        let bytes = fs::read(&seg).unwrap();
+        let starts = record_starts(&bytes);
+        (identity, seg, bytes, starts)
+    }
+
     /// What a crash mid-append leaves past the newest segment's durable
     /// mark (a record damaged, one torn off at the end) was never
     /// acknowledged: mended at the open that finds it, the disk keeping its
@@ -2802,10 +2812,7 @@ mod tests {
     #[test]
     fn a_crashs_leftovers_past_the_durable_mark_are_mended_quietly() {
         let dir = tempfile::tempdir().unwrap();
-        let identity = ten_small_shards(dir.path());
-        let seg = segment_files(dir.path())[0].clone();
-        let mut bytes = fs::read(&seg).unwrap();
-        let starts = record_starts(&bytes);
+        let (identity, seg, mut bytes, starts) = ten_in_the_newest_segment(dir.path());
         assert_eq!(starts.len(), 10);
         // A copy of the first record with its head damaged, then another
         // torn off half way.
@@ -2854,10 +2861,7 @@ mod tests {
     #[test]
     fn damage_before_the_newest_segments_durable_mark_renews_the_identity() {
         let dir = tempfile::tempdir().unwrap();
-        let identity = ten_small_shards(dir.path());
-        let seg = segment_files(dir.path())[0].clone();
-        let mut bytes = fs::read(&seg).unwrap();
-        let starts = record_starts(&bytes);
+        let (identity, seg, mut bytes, starts) = ten_in_the_newest_segment(dir.path());
         // The fourth record (an fsync round after it named it durable),
         // and the last (which only the clean close's mark names).
         bytes[starts[3] + 40] ^= 0x01;
