@@ -2080,9 +2080,12 @@ async fn repair_now<S: Store>(
 struct NodeStripes {
     /// Stripes whose record places a shard on the node.
     placed: u64,
-    /// Of those, stripes of evidence not visible (yet): parts of S3
-    /// multipart uploads not completed (or uploads under way), which
-    /// repair does not move until they become evidence, or go.
+    /// Of those, stripes that are neither visible evidence's nor a part's
+    /// of an S3 multipart upload in progress, which repair does not move:
+    /// uploads under way (they become one or the other), parts of ended
+    /// uploads awaiting deletion, and parts stored by a build before
+    /// parts could be found by id (they move once their upload completes,
+    /// and go once it is aborted or expires).
     of_pending: u64,
     /// Stripes with a shard no node is recorded for while copies
     /// `recover-index` could not place (their nodes did not answer) await
@@ -2100,15 +2103,16 @@ async fn stripes_on_node<S: Store>(gw: &Gateway<S>, node: NodeId) -> Result<Node
         // it cleared the flag after committing its adoptions.
         let (batch, pending, invisible) = indexer::run(&gw.store, |tx| async move {
             let batch = schema::stripes_scan_tx(&tx, after, BATCH).await?;
-            // Which evidence placing a shard here has no manifest (once
-            // each: a batch is mostly a few pieces of evidence's stripes).
+            // Which stripes placing a shard here are of no evidence or live
+            // part (checked once per id: a batch is mostly a few pieces of
+            // evidence's stripes).
             let mut invisible = std::collections::HashSet::new();
             let mut seen = std::collections::HashSet::new();
             for (e, _, rec) in &batch {
                 let here = rec
                     .as_ref()
                     .is_some_and(|r| r.shards.iter().any(|s| s.node == Some(node)));
-                if here && seen.insert(*e) && schema::get_manifest_tx(&tx, *e).await?.is_none() {
+                if here && seen.insert(*e) && schema::stripes_of_tx(&tx, *e).await?.is_none() {
                     invisible.insert(*e);
                 }
             }
@@ -2317,7 +2321,7 @@ async fn node_lifecycle<S: Store>(
         if left.placed > 0 {
             let parts = if left.of_pending > 0 {
                 format!(
-                    " ({} of them of S3 multipart uploads not completed, which move once completed, or go once aborted or expired)",
+                    " ({} of them of uploads that repair does not move: S3 multipart parts stored before this version, which move once their upload completes, or go once it is aborted or expires, and parts of ended uploads awaiting deletion)",
                     left.of_pending
                 )
             } else {

@@ -758,10 +758,11 @@ impl NodeSet {
         ) {
             return false;
         }
-        // Of visible evidence only: an aborted upload's shards are deleted
-        // before its records are forgotten.
+        // Of visible evidence (or a multipart upload's part in progress)
+        // only: an aborted upload's shards are deleted before its records
+        // are forgotten, and so are an ended upload's parts'.
         let placed = indexer::run(store, |tx| async move {
-            if schema::get_manifest_tx(&tx, key.evidence).await?.is_none() {
+            if schema::stripes_of_tx(&tx, key.evidence).await?.is_none() {
                 return Ok(None);
             }
             schema::get_stripe_tx(&tx, key.evidence, key.stripe).await

@@ -827,20 +827,21 @@ async fn queue_after_uploads<S: Store>(
     }
 }
 
-/// Queues the stripes of evidence `e` (if it is evidence) with a shard on
-/// one of `nodes`.
+/// Queues the stripes of evidence `e` (if it is evidence, or a multipart
+/// part in progress) with a shard on one of `nodes`.
 async fn queue_stripes_of<S: Store>(
     gw: &Gateway<S>,
     e: EvidenceId,
     nodes: &HashSet<NodeId>,
 ) -> Result<(), ApiError> {
-    let Some(header) = indexer::run(&gw.store, |tx| async move {
-        schema::get_manifest_tx(&tx, e).await
+    let Some(owner) = indexer::run(&gw.store, |tx| async move {
+        schema::stripes_of_tx(&tx, e).await
     })
     .await?
     else {
         return Ok(());
     };
+    let header = owner.header();
     let mut from = 0;
     while from < header.stripes {
         let to = header.stripes.min(from + SCAN_BATCH as u64);
@@ -1581,10 +1582,10 @@ impl StripeLease {
                                 && slot.blake3 == protocol::ShardPlacement::UNKNOWN_HASH))
                         && seen.shard_len == back.len
                 });
-                let Some(manifest) = schema::get_manifest_tx(&tx, key.evidence).await? else {
+                let Some(owner) = schema::stripes_of_tx(&tx, key.evidence).await? else {
                     return Ok(false);
                 };
-                let fits = fits && back.code == manifest.code;
+                let fits = fits && back.code == owner.header().code;
                 if !fits
                     || seen.shards.iter().any(|s| s.node == Some(node))
                     || !self.held_tx(&tx).await?
@@ -1707,26 +1708,31 @@ async fn repair_leased<S: Store>(
     let (evidence, stripe) = (lease.evidence, lease.stripe);
     let (gone, draining) = (&nodes.gone, &nodes.draining);
     let started = std::time::Instant::now();
-    let (header, rec, pending) = indexer::run(&gw.store, |tx| async move {
-        let header = schema::get_manifest_tx(&tx, evidence).await?;
+    let (owner, rec, pending) = indexer::run(&gw.store, |tx| async move {
+        // Visible evidence's stripes, or a stored part's of a multipart
+        // upload in progress (repaired alike, so a drain or a lost node
+        // does not wait on uploads left open for days).
+        let owner = schema::stripes_of_tx(&tx, evidence).await?;
         let rec = schema::get_stripe_tx(&tx, evidence, stripe).await?;
-        // Records without a manifest: an upload still in flight (its intent
-        // live) or an S3 part awaiting completion (intent ended) will become
-        // visible; an aborted one is the collector's, and so is expunged
-        // evidence (its records stay until its shards are deleted).
-        let pending = header.is_none()
+        // Records of neither: an upload still in flight (its intent live)
+        // will become visible (or a part); an aborted one is the
+        // collector's, and so are expunged evidence and the parts of an
+        // ended upload (their records stay until their shards are
+        // deleted). A part stored by a build before parts could be found
+        // by id waits for its upload to end.
+        let pending = owner.is_none()
             && rec.is_some()
             && !schema::get_intent_tx(&tx, evidence)
                 .await?
                 .is_some_and(|i| i.aborted)
             && schema::get_expunged_tx(&tx, evidence).await?.is_none();
-        Ok::<_, schema::SchemaError>((header, rec, pending))
+        Ok::<_, schema::SchemaError>((owner, rec, pending))
     })
     .await?;
     if pending {
         return Ok(Outcome::Waiting);
     }
-    let (Some(header), Some(rec)) = (header, rec) else {
+    let (Some(owner), Some(rec)) = (owner, rec) else {
         // Expunged, or an upload that never became visible: not ours.
         indexer::run(&gw.store, |tx| async move {
             schema::clear_degraded_tx(&tx, evidence, stripe);
@@ -1735,6 +1741,7 @@ async fn repair_leased<S: Store>(
         .await?;
         return Ok(Outcome::Gone);
     };
+    let header = owner.header();
     let (k, m) = (header.code.data_shards(), header.code.parity_shards());
     let total = k + m;
     if rec.shards.len() != total {
@@ -1897,7 +1904,7 @@ async fn repair_leased<S: Store>(
         .filter(|_| gw.remote_builds.allowed())
     {
         if let Some(outcome) =
-            rebuild_on_targets(gw, lease, &header, &rec, &moves, &in_place, mark, nodes).await?
+            rebuild_on_targets(gw, lease, &owner, &rec, &moves, &in_place, mark, nodes).await?
         {
             return Ok(outcome);
         }
@@ -1972,13 +1979,13 @@ async fn repair_leased<S: Store>(
     let good = shards.iter().flatten().count();
     if rebuild.is_empty() && all_counted {
         recycle(gw, shards);
-        found_whole(gw, &header, stripe, mark).await?;
+        found_whole(gw, &owner, stripe, mark).await?;
         return Ok(Outcome::Healthy);
     }
     if good < k {
         recycle(gw, shards);
         if bad_for_good > m {
-            record_lost(gw, &header, stripe).await?;
+            record_lost(gw, &owner, stripe).await?;
             return Ok(Outcome::Lost);
         }
         return Ok(Outcome::Waiting);
@@ -2032,7 +2039,7 @@ async fn repair_leased<S: Store>(
     let writes = rebuild.iter().zip(&homes).map(|(&i, &node)| {
         // Back to the receive pool the next stripe's reads take from.
         let body = gw.nodes.client.share(shards[i].take().unwrap_or_default());
-        let header = shard_header(&header, stripe, &next, i);
+        let header = shard_header(header, stripe, &next, i);
         async move { (i, node, put_and_verify(gw, node, &header, body).await) }
     });
     let results = futures::future::join_all(writes).await;
@@ -2058,7 +2065,7 @@ async fn repair_leased<S: Store>(
     let outcome = commit_repair(
         gw,
         lease,
-        &header,
+        &owner,
         &rec,
         &next,
         &written,
@@ -2090,13 +2097,14 @@ async fn repair_leased<S: Store>(
 async fn rebuild_on_targets<S: Store>(
     gw: &Arc<Gateway<S>>,
     lease: &StripeLease,
-    header: &ManifestHeader,
+    owner: &schema::StripesOf,
     rec: &StripeRecord,
     moves: &[(usize, Vec<usize>)],
     in_place: &[usize],
     mark: &[u8],
     nodes: &PassNodes,
 ) -> Result<Option<Outcome>, ApiError> {
+    let header = owner.header();
     let (evidence, stripe) = (header.evidence, lease.stripe);
     let gone = &nodes.gone;
     let moved: Vec<usize> = moves.iter().map(|(i, _)| *i).collect();
@@ -2196,7 +2204,7 @@ async fn rebuild_on_targets<S: Store>(
     let outcome = commit_repair(
         gw,
         lease,
-        header,
+        owner,
         rec,
         &next,
         &written,
@@ -2249,7 +2257,7 @@ fn shard_header(
 async fn commit_repair<S: Store>(
     gw: &Arc<Gateway<S>>,
     lease: &StripeLease,
-    header: &ManifestHeader,
+    owner: &schema::StripesOf,
     rec: &StripeRecord,
     next: &StripeRecord,
     written: &[(usize, NodeId)],
@@ -2258,12 +2266,12 @@ async fn commit_repair<S: Store>(
     mark: &[u8],
     gone: &HashSet<NodeId>,
 ) -> Result<Outcome, ApiError> {
-    let (evidence, stripe) = (header.evidence, lease.stripe);
+    let (evidence, stripe) = (owner.header().evidence, lease.stripe);
     let detail = serde_json::json!({
         "stripe": stripe,
         "shards": written.iter().map(|(i, n)| serde_json::json!({"index": i, "node": n.0})).collect::<Vec<_>>(),
     });
-    let pending = statement(gw, header, Kind::Repaired, &detail)?;
+    let pending = statement(gw, owner, Kind::Repaired, &detail)?;
     let commit = indexer::run(&gw.store, |tx| {
         let pending = &pending;
         async move {
@@ -2271,11 +2279,11 @@ async fn commit_repair<S: Store>(
                 // An earlier attempt of this transaction may have committed
                 // (giving the lease up) with its result unknown.
                 let now = schema::get_stripe_tx(&tx, evidence, stripe).await?;
-                // Or the evidence was expunged meanwhile, its stripes (and
-                // their leases) forgotten: the copies just written are of
-                // nothing, and go now rather than at the orphan sweep,
-                // hours later.
-                if now.is_none() && schema::get_manifest_tx(&tx, evidence).await?.is_none() {
+                // Or the evidence was expunged (the part's upload ended)
+                // meanwhile, its stripes (and their leases) forgotten: the
+                // copies just written are of nothing, and go now rather
+                // than at the orphan sweep, hours later.
+                if now.is_none() && schema::stripes_of_tx(&tx, evidence).await?.is_none() {
                     return Ok(Some(RepairCommit::Gone));
                 }
                 let done = StripeRecord {
@@ -2659,36 +2667,47 @@ fn recycle<S: Store>(gw: &Gateway<S>, shards: Vec<Option<Vec<u8>>>) {
     }
 }
 
-/// A repair statement about `header`'s evidence, by the system.
+/// A repair statement about `owner`'s evidence, by the system; none for a
+/// multipart part, which is not evidence (yet): the ledger speaks of what
+/// was filed.
 fn statement<S: Store>(
     gw: &Gateway<S>,
-    header: &ManifestHeader,
+    owner: &schema::StripesOf,
     kind: Kind,
     detail: &serde_json::Value,
 ) -> Result<Option<indexer::ledger::PendingRecord>, ApiError> {
-    crate::api::event_statement(gw, header, kind, "custodia/repair".to_owned(), detail)
+    match owner {
+        schema::StripesOf::Evidence(header) => {
+            crate::api::event_statement(gw, header, kind, "custodia/repair".to_owned(), detail)
+        }
+        schema::StripesOf::Part(_) => Ok(None),
+    }
 }
 
 /// Records a stripe as lost, once: the `lost` statement and the mark commit
 /// together.
 async fn record_lost<S: Store>(
     gw: &Gateway<S>,
-    header: &ManifestHeader,
+    owner: &schema::StripesOf,
     stripe: u64,
 ) -> Result<(), ApiError> {
-    let evidence = header.evidence;
+    let evidence = owner.header().evidence;
+    // A multipart part's loss is marked and counted alike, with no
+    // statement (it is not evidence): its Complete fails until the client
+    // uploads the part again, which replaces it.
     let pending = statement(
         gw,
-        header,
+        owner,
         Kind::Lost,
         &serde_json::json!({ "stripe": stripe }),
     )?;
     let first = indexer::run(&gw.store, |tx| {
         let pending = &pending;
         async move {
-            // Expunged meanwhile (its shards deleted, which is what this
-            // pass may have met): nothing was lost.
-            if schema::get_manifest_tx(&tx, evidence).await?.is_none()
+            // Expunged (the part's upload ended) meanwhile, its shards
+            // deleted, which is what this pass may have met: nothing was
+            // lost.
+            if schema::stripes_of_tx(&tx, evidence).await?.is_none()
                 || schema::get_stripe_tx(&tx, evidence, stripe)
                     .await?
                     .is_none()
@@ -2708,7 +2727,14 @@ async fn record_lost<S: Store>(
     .await?;
     if first {
         gw.metrics.stripes_lost.inc();
-        tracing::error!(%evidence, stripe, "stripe lost: fewer than k good shards remain");
+        match owner {
+            schema::StripesOf::Evidence(_) => {
+                tracing::error!(%evidence, stripe, "stripe lost: fewer than k good shards remain")
+            }
+            schema::StripesOf::Part(p) => {
+                tracing::error!(part = %evidence, upload = %p.upload, number = p.number, stripe, "stripe of a multipart part lost: fewer than k good shards remain; the upload must send the part again")
+            }
+        }
         if let Some(l) = &gw.ledger {
             l.queued();
         }
@@ -2725,11 +2751,11 @@ async fn record_lost<S: Store>(
 /// still marked lost (a later real loss would then go unrecorded).
 async fn found_whole<S: Store>(
     gw: &Gateway<S>,
-    header: &ManifestHeader,
+    owner: &schema::StripesOf,
     stripe: u64,
     mark: &[u8],
 ) -> Result<(), ApiError> {
-    let evidence = header.evidence;
+    let evidence = owner.header().evidence;
     // One transaction for a stripe not recorded lost (every stripe of a
     // --verify-all pass); one more, first, to make the statement for one
     // that was.
@@ -2758,7 +2784,7 @@ async fn found_whole<S: Store>(
             None => {
                 statement_made = Some(statement(
                     gw,
-                    header,
+                    owner,
                     Kind::Repaired,
                     &serde_json::json!({ "stripe": stripe, "found_whole": true }),
                 )?)

@@ -3094,7 +3094,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 let tenant = meta.tenant.clone();
                 let body = futures::stream::iter(chosen.clone())
                     .map(move |p| {
-                        crate::read::stream_part(gw.clone(), part_header(&tenant, &p), 0..p.size)
+                        crate::read::stream_part(gw.clone(), p.read_header(&tenant), 0..p.size)
                     })
                     .flatten();
                 // The whole object's checksums the client sent, over the
@@ -3710,27 +3710,6 @@ fn encode_page(
         p.prefix = p.prefix.as_deref().map(url_encode);
     }
     prefix.as_deref().map(url_encode)
-}
-
-/// What a verified read of a stored part needs (parts are never visible as
-/// evidence: this header exists only in memory).
-fn part_header(tenant: &str, p: &ix::PartRecord) -> protocol::ManifestHeader {
-    protocol::ManifestHeader {
-        evidence: p.part_id,
-        tenant: tenant.to_owned(),
-        case: None,
-        blake3: protocol::Blake3Hash(p.blake3),
-        sha256: protocol::Sha256Hash(p.sha256),
-        size: p.size,
-        media_type: None,
-        file_name: None,
-        submitter: None,
-        filed_at_ms: p.uploaded_ms,
-        code: p.code,
-        stripes: p.stripes,
-        retain_until_ms: None,
-        legal_hold: false,
-    }
 }
 
 /// A part number as S3 allows it: 1 to 10000.

@@ -17,6 +17,7 @@
 //! ("3U", bucket, 0x00, key, 0x00, upload id 16)     = ""               a bucket's uploads, as S3 lists them
 //! ("3q")                                            = ""               every upload is in "3U"
 //! ("3p", upload id 16, part number u32)             = PartRecord       its parts (stripes under the part's id)
+//! ("3o", part id 16)                                = upload id 16 ++ part number u32 BE: where a stored part is recorded, for repair
 //! ("3w", upload id 16)                              = u64 BE ms        its last sign of life: a part stored, a Complete begun
 //! ("3x", part id 16)                                = ""               a part of an ended upload (or a replaced one): its shards to delete
 //! ("3d", upload id 16)                              = CompletedUpload  a completed upload, for a retried Complete
@@ -45,7 +46,7 @@
 //! which each recovery sets past every epoch in the archive: replay orders
 //! by epoch, then versionstamp. The other records are
 //! derived (`3B`, `3c`, `3U`), secret (`3a`: access keys are issued anew) or
-//! transient (`3u`, `3p`, `3w`, `3x`: an upload in progress is lost with the index;
+//! transient (`3u`, `3p`, `3o`, `3w`, `3x`: an upload in progress is lost with the index;
 //! `3d`, `3D`: what a completed upload answers a retried Complete, kept a
 //! day).
 //!
@@ -67,6 +68,7 @@ const VERSION: &[u8] = b"3v";
 const CURRENT: &[u8] = b"3c";
 const MULTIPART: &[u8] = b"3u";
 const PART: &[u8] = b"3p";
+const PART_PLACE: &[u8] = b"3o";
 const UPLOAD_ACTIVE: &[u8] = b"3w";
 const PART_DELETION: &[u8] = b"3x";
 const BUCKET_UPLOAD: &[u8] = b"3U";
@@ -1526,6 +1528,83 @@ pub struct PartRecord {
     pub uploaded_ms: u64,
 }
 
+impl PartRecord {
+    /// What a verified read (or a repair) of the part's stripes needs; the
+    /// tenant is its upload's. Parts are never visible as evidence: this
+    /// header exists only in memory.
+    pub fn read_header(&self, tenant: &str) -> protocol::ManifestHeader {
+        protocol::ManifestHeader {
+            evidence: self.part_id,
+            tenant: tenant.to_owned(),
+            case: None,
+            blake3: protocol::Blake3Hash(self.blake3),
+            sha256: protocol::Sha256Hash(self.sha256),
+            size: self.size,
+            media_type: None,
+            file_name: None,
+            submitter: None,
+            filed_at_ms: self.uploaded_ms,
+            code: self.code,
+            stripes: self.stripes,
+            retain_until_ms: None,
+            legal_hold: false,
+        }
+    }
+}
+
+/// A part of an upload in progress, found by its id: what repair needs to
+/// rebuild its stripes, which have no manifest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LivePart {
+    pub upload: EvidenceId,
+    pub number: u32,
+    /// The header its stripes are read and rebuilt by.
+    pub header: protocol::ManifestHeader,
+}
+
+fn part_place_key(part: &EvidenceId) -> Vec<u8> {
+    key_of(PART_PLACE, &[part.as_bytes()])
+}
+
+/// The stored part `part` of an upload in progress, if it is one: its
+/// upload is open and still records this part under its number (not one
+/// replaced by another upload of that number, nor of an ended upload,
+/// whose stripes are the collector's). Parts stored before this record
+/// existed are not found (their upload expires or completes).
+pub async fn live_part_tx<T: Transaction>(
+    tx: &T,
+    part: EvidenceId,
+) -> Result<Option<LivePart>, SchemaError> {
+    let Some(place) = tx.get(&part_place_key(&part)).await? else {
+        return Ok(None);
+    };
+    let (Some(upload), Some(number)) = (
+        place
+            .get(..16)
+            .and_then(|b| <[u8; 16]>::try_from(b).ok())
+            .map(EvidenceId),
+        place
+            .get(16..)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_be_bytes),
+    ) else {
+        return Err(protocol::DecodeError::Malformed.into());
+    };
+    let Some(rec) = tx.get(&key_of(MULTIPART, &[upload.as_bytes()])).await? else {
+        return Ok(None);
+    };
+    let rec = decode_multipart(&rec)?;
+    let Some(p) = tx.get(&part_key(&upload, number)).await? else {
+        return Ok(None);
+    };
+    let p: PartRecord = decode_versioned(RECORD_V1, &p)?;
+    Ok((p.part_id == part).then(|| LivePart {
+        upload,
+        number,
+        header: p.read_header(&rec.tenant),
+    }))
+}
+
 fn part_key(upload: &EvidenceId, part: u32) -> Vec<u8> {
     let mut k = key_of(PART, &[upload.as_bytes()]);
     k.extend_from_slice(&part.to_be_bytes());
@@ -1801,6 +1880,9 @@ pub async fn put_part_tx<T: Transaction>(
         queue_part_deletion_tx(tx, old.part_id);
     }
     tx.set(&key, &encode_versioned(RECORD_V1, part));
+    let mut place = upload.as_bytes().to_vec();
+    place.extend_from_slice(&number.to_be_bytes());
+    tx.set(&part_place_key(&part.part_id), &place);
     touch_upload_tx(tx, upload, part.uploaded_ms);
     Ok(old)
 }
@@ -1969,6 +2051,7 @@ pub async fn stale_uploads_tx<T: Transaction>(
 }
 
 fn queue_part_deletion_tx<T: Transaction>(tx: &T, part: EvidenceId) {
+    tx.clear(&part_place_key(&part));
     tx.set(&key_of(PART_DELETION, &[part.as_bytes()]), b"");
 }
 

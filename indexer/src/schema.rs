@@ -1139,8 +1139,9 @@ pub enum RepairCommit {
     /// The new placement is recorded (version + 1; the queue mark cleared
     /// only as `verified` allows; a lost mark left to the caller).
     Done,
-    /// The evidence is no longer visible (expunged): nothing is written, so
-    /// an expunged stripe is never resurrected.
+    /// The evidence is no longer visible (expunged), or the part no longer
+    /// its upload's ([`stripes_of_tx`]): nothing is written, so an expunged
+    /// stripe is never resurrected.
     Gone,
     /// The record changed since the repair read it (another repair, a drain,
     /// a GC): nothing is written.
@@ -1148,8 +1149,8 @@ pub enum RepairCommit {
 }
 
 /// Commits a repaired stripe with a compare-and-set on its record: `new`
-/// replaces `seen` only if the evidence is still visible and the record is
-/// still exactly `seen`.
+/// replaces `seen` only if the evidence is still visible (or the multipart
+/// part still its upload's) and the record is still exactly `seen`.
 ///
 /// `verified` is the queue mark the repair was given, when it verified every
 /// shard of the stripe (read and checked, checked on its node, or rebuilt
@@ -1164,7 +1165,7 @@ pub async fn commit_repair_tx<T: Transaction>(
     new: &StripeRecord,
     verified: Option<&[u8]>,
 ) -> Result<RepairCommit, SchemaError> {
-    if get_manifest_tx(tx, evidence).await?.is_none() {
+    if stripes_of_tx(tx, evidence).await?.is_none() {
         return Ok(RepairCommit::Gone);
     }
     let current = match tx.get(&stripe_key(STRIPE, &evidence, stripe)).await? {
@@ -1326,6 +1327,40 @@ pub async fn commit_manifest_tx<T: Transaction>(
     hk.extend_from_slice(header.evidence.as_bytes());
     tx.set(&hk, b"");
     Ok(Commit::Now)
+}
+
+/// Whose stripes a stripe record's are: visible evidence's, or a stored
+/// part's of a multipart upload in progress (no manifest; filed anew as
+/// evidence at its Complete).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StripesOf {
+    Evidence(ManifestHeader),
+    Part(crate::s3::LivePart),
+}
+
+impl StripesOf {
+    /// The header the stripes are read, checked and rebuilt by.
+    pub fn header(&self) -> &ManifestHeader {
+        match self {
+            StripesOf::Evidence(h) => h,
+            StripesOf::Part(p) => &p.header,
+        }
+    }
+}
+
+/// Whose the stripes stored under `evidence` are, if anyone's that repair
+/// keeps: none for an upload still in flight, an aborted one, expunged
+/// evidence or a part of an ended upload.
+pub async fn stripes_of_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+) -> Result<Option<StripesOf>, SchemaError> {
+    if let Some(h) = get_manifest_tx(tx, evidence).await? {
+        return Ok(Some(StripesOf::Evidence(h)));
+    }
+    Ok(crate::s3::live_part_tx(tx, evidence)
+        .await?
+        .map(StripesOf::Part))
 }
 
 pub async fn get_manifest_tx<T: Transaction>(

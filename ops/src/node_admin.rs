@@ -160,8 +160,8 @@ pub fn wait_drained(api: &str, token: &str, id: u32, patience: std::time::Durati
         } else if since.elapsed() >= patience {
             bar.abandon_with_message(format!("{left} stripes left"));
             // Stripes repair does not move: parts of S3 multipart uploads
-            // nobody completed (they move once completed, go once aborted
-            // or expired).
+            // stored before parts could be found by id (they move once
+            // completed, go once aborted or expired).
             let parts =
                 crate::client::admin_call(api, token, "GET", &format!("/v1/admin/nodes/{id}"))
                     .ok()
@@ -169,9 +169,10 @@ pub fn wait_drained(api: &str, token: &str, id: u32, patience: std::time::Durati
                     .filter(|&n| n > 0)
                     .map(|n| {
                         format!(
-                        "; {n} of them belong to S3 multipart uploads not completed, which move \
-                         once completed and go once aborted or expired (`aws s3api \
-                         list-multipart-uploads`)"
+                        "; {n} of them belong to S3 multipart uploads that repair does not move \
+                         (parts stored by an older version, or of ended uploads awaiting \
+                         deletion), which move once completed and go once aborted or expired \
+                         (`aws s3api list-multipart-uploads`)"
                     )
                     })
                     .unwrap_or_default();

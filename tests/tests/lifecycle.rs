@@ -759,19 +759,24 @@ fn a_removed_nodes_key_reads_nothing_more() -> Result<()> {
     Ok(())
 }
 
-/// A drain waits for the parts of S3 multipart uploads nobody completed
-/// (repair moves evidence, and a part is not evidence until its upload
-/// completes), and says so rather than only that stripes are left.
+/// The parts of an S3 multipart upload nobody has completed yet are moved
+/// like evidence: a node holding some drains, and is removed, while the
+/// upload stays open (a client may take days), with every part stripe at
+/// k+m shards on the other nodes; the upload then completes and reads back
+/// byte-exact without the node.
 #[test]
-fn a_drain_held_by_an_unfinished_multipart_upload_says_so() -> Result<()> {
+fn a_drain_moves_the_parts_of_an_unfinished_multipart_upload() -> Result<()> {
     if !custodia_tests::require(
-        "a_drain_held_by_an_unfinished_multipart_upload_says_so",
+        "a_drain_moves_the_parts_of_an_unfinished_multipart_upload",
         &[Tool::Curl],
     )? {
         return Ok(());
     }
     let mut c = TestCluster::start(Shape::default())?;
-    c.set_gateway(&[("repair_interval_ms", toml::Value::Integer(300))])?;
+    c.set_gateway(&[
+        ("repair_interval_ms", toml::Value::Integer(300)),
+        ("repair_old_copy_grace_ms", toml::Value::Integer(1_000)),
+    ])?;
     let (h, _) = c.s3_curl("PUT", &format!("{}/parts", c.s3), &[])?;
     assert!(h.starts_with("http/1.1 200"), "{h}");
     let (h, body) = c.s3_curl(
@@ -787,15 +792,20 @@ fn a_drain_held_by_an_unfinished_multipart_upload_says_so() -> Result<()> {
         .and_then(|r| r.split("</UploadId>").next())
         .context("no upload id")?
         .to_owned();
+    let data = bytes(50_000, 5);
     let part = c.data_dir().join("part.bin");
-    std::fs::write(&part, bytes(50_000, 5))?;
+    std::fs::write(&part, &data)?;
     let (h, _) = c.s3_curl(
         "PUT",
         &format!("{}/parts/big.bin?partNumber=1&uploadId={upload}", c.s3),
         &["--data-binary", &format!("@{}", part.display())],
     )?;
     assert!(h.starts_with("http/1.1 200"), "{h}");
+    let etag = custodia_tests::header(&h, "etag")
+        .context("no part etag")?
+        .to_owned();
     // The part is all the cluster holds: a node with a shard holds one of it.
+    let shards = (0..8u32).map(|n| c.shard_files(n).len()).sum::<usize>();
     let holder = (0..8u32)
         .find(|&n| !c.shard_files(n).is_empty())
         .context("no node holds the part")?;
@@ -806,10 +816,50 @@ fn a_drain_held_by_an_unfinished_multipart_upload_says_so() -> Result<()> {
             &holder.to_string(),
             "--wait",
             "--patience-secs",
-            "3",
+            "20",
         ],
     )?;
-    assert!(!ok, "a drain held by a part finished: {text}");
-    assert!(text.contains("multipart uploads not completed"), "{text}");
+    assert!(
+        ok,
+        "the drain of a node holding a part did not finish: {text}"
+    );
+    let others = || (0..8u32).filter(|&n| n != holder);
+    let moved = custodia_tests::eventually(20, || {
+        c.shard_files(holder).is_empty()
+            && others().map(|n| c.shard_files(n).len()).sum::<usize>() == shards
+    });
+    assert!(
+        moved,
+        "every part shard on the other nodes, none left on node {holder}: {} there, {} elsewhere of {shards}",
+        c.shard_files(holder).len(),
+        others().map(|n| c.shard_files(n).len()).sum::<usize>()
+    );
+    let (ok, text) = node_cmd(&c, &["remove", &holder.to_string()])?;
+    assert!(ok, "a drained node was not removed: {text}");
+    c.kill_node(holder);
+    let done = format!(
+        "<CompleteMultipartUpload><Part><PartNumber>1</PartNumber><ETag>{etag}</ETag></Part></CompleteMultipartUpload>"
+    );
+    let (h, body) = c.s3_curl(
+        "POST",
+        &format!("{}/parts/big.bin?uploadId={upload}", c.s3),
+        &[
+            "--data-binary",
+            &done,
+            "-H",
+            "content-type: application/xml",
+        ],
+    )?;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert!(
+        h.starts_with("http/1.1 200") && body.contains("<CompleteMultipartUploadResult"),
+        "{h}{body}"
+    );
+    let (h, got) = c.s3_curl("GET", &format!("{}/parts/big.bin", c.s3), &[])?;
+    assert!(h.starts_with("http/1.1 200"), "{h}");
+    assert!(
+        got == data,
+        "the completed object did not read back byte-exact"
+    );
     Ok(())
 }
