@@ -87,11 +87,11 @@ pub struct FilingMeta {
     /// outboard holds its last bytes until the whole source is checked).
     pub body_from_store: bool,
     /// The evidence whose bytes this filing copies (an S3 CopyObject or
-    /// UploadPartCopy): it commits only while that evidence is still filed,
-    /// in the transaction that commits it, so a copy read just before an
-    /// expunge committed cannot keep the expunged bytes alive under a new
-    /// id (410 `gone`, S3's NoSuchKey, instead).
-    pub copied_from: Option<EvidenceId>,
+    /// UploadPartCopy, or a Complete of parts so copied): it commits only
+    /// while each is still filed, in the transaction that commits it, so a
+    /// copy read just before an expunge committed cannot keep the expunged
+    /// bytes alive under a new id (410 `gone`, S3's NoSuchKey, instead).
+    pub copied_from: Vec<EvidenceId>,
     /// At most how long the body is (its Content-Length, or the size of
     /// what a copy reads): each stripe being received is charged only what
     /// is left of it against the gateway's receive memory. `None`: a whole
@@ -127,12 +127,14 @@ pub(crate) async fn still_authorized_tx<T: indexer::Transaction>(
 
 async fn still_filed_tx<T: indexer::Transaction>(
     tx: &T,
-    source: Option<EvidenceId>,
+    sources: &[EvidenceId],
 ) -> Result<(), ApiError> {
-    match source {
-        Some(id) if schema::get_manifest_tx(tx, id).await?.is_none() => Err(ApiError::Gone),
-        _ => Ok(()),
+    for id in sources {
+        if schema::get_manifest_tx(tx, *id).await?.is_none() {
+            return Err(ApiError::Gone);
+        }
     }
+    Ok(())
 }
 
 /// A check of the complete body (see [`FilingMeta::body_check`]).
@@ -686,6 +688,7 @@ impl<S: Store> Upload<S> {
         let compliance_ms = self.gw.clock.compliance_ms();
         let stored = indexer::run(&self.gw.store, |tx| {
             let (header, pending, s3, replacer) = (&header, &pending, &s3, &replacer);
+            let copied_from = &copied_from;
             let (gw, credential) = (&*self.gw, &credential);
             async move {
                 let commit = schema::commit_manifest_tx(&tx, header).await?;
@@ -787,7 +790,7 @@ impl<S: Store> Upload<S> {
         from_client: bool,
         // Checked where the part commits: its copy's source still filed,
         // its credential not revoked (see [`FilingMeta`]).
-        (copied_from, credential): (Option<EvidenceId>, Option<schema::CredentialRef>),
+        (copied_from, credential): (Vec<EvidenceId>, Option<schema::CredentialRef>),
     ) -> Result<Filing, ApiError> {
         let record = indexer::s3::PartRecord {
             part_id: self.evidence,
@@ -798,9 +801,10 @@ impl<S: Store> Upload<S> {
             code: header.code,
             stripes: header.stripes,
             uploaded_ms: header.filed_at_ms,
+            copied_from: copied_from.first().copied(),
         };
         let replaced = indexer::run(&self.gw.store, |tx| {
-            let (record, credential) = (&record, &credential);
+            let (record, credential, copied_from) = (&record, &credential, &copied_from);
             async move {
                 let replaced = indexer::s3::put_part_tx(&tx, upload, number, record).await?;
                 still_authorized_tx(&tx, credential.as_ref()).await?;

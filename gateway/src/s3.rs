@@ -2383,7 +2383,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 completes: None,
             }),
             body_from_store: true,
-            copied_from: Some(header.evidence),
+            copied_from: vec![header.evidence],
             body_len_at_most: Some(size),
             ..Default::default()
         };
@@ -2894,7 +2894,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             credential: Some(ix::access_key_ref(&who.access_key)),
             part: Some((upload, number)),
             body_from_store: true,
-            copied_from: Some(header.evidence),
+            copied_from: vec![header.evidence],
             body_len_at_most: Some(range.end - range.start),
             ..Default::default()
         };
@@ -3056,7 +3056,15 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 });
             }
             let (retain_until_ms, legal_hold) = evidence_worm(&version);
+            // Parts copied from evidence (UploadPartCopy) file the object only
+            // while that evidence is still filed: an expunge since the copy
+            // must not come back as this object.
+            let mut copied_from: Vec<EvidenceId> =
+                chosen.iter().filter_map(|p| p.copied_from).collect();
+            copied_from.sort_unstable();
+            copied_from.dedup();
             let mut meta = FilingMeta {
+                copied_from,
                 tenant: who.tenant.clone(),
                 credential: Some(ix::access_key_ref(&who.access_key)),
                 retain_until_ms,

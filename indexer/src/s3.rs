@@ -18,6 +18,7 @@
 //! ("3q")                                            = ""               every upload is in "3U"
 //! ("3p", upload id 16, part number u32)             = PartRecord       its parts (stripes under the part's id)
 //! ("3o", part id 16)                                = upload id 16 ++ part number u32 BE: where a stored part is recorded, for repair
+//! ("3k", source evidence id 16, part id 16)         = ""               a stored part copied from evidence (UploadPartCopy), dropped if it is expunged
 //! ("3w", upload id 16)                              = u64 BE ms        its last sign of life: a part stored, a Complete begun
 //! ("3x", part id 16)                                = ""               a part of an ended upload (or a replaced one): its shards to delete
 //! ("3d", upload id 16)                              = CompletedUpload  a completed upload, for a retried Complete
@@ -46,7 +47,7 @@
 //! which each recovery sets past every epoch in the archive: replay orders
 //! by epoch, then versionstamp. The other records are
 //! derived (`3B`, `3c`, `3U`), secret (`3a`: access keys are issued anew) or
-//! transient (`3u`, `3p`, `3o`, `3w`, `3x`: an upload in progress is lost with the index;
+//! transient (`3u`, `3p`, `3o`, `3k`, `3w`, `3x`: an upload in progress is lost with the index;
 //! `3d`, `3D`: what a completed upload answers a retried Complete, kept a
 //! day).
 //!
@@ -69,6 +70,7 @@ const CURRENT: &[u8] = b"3c";
 const MULTIPART: &[u8] = b"3u";
 const PART: &[u8] = b"3p";
 const PART_PLACE: &[u8] = b"3o";
+const COPIED_PART: &[u8] = b"3k";
 const UPLOAD_ACTIVE: &[u8] = b"3w";
 const PART_DELETION: &[u8] = b"3x";
 const BUCKET_UPLOAD: &[u8] = b"3U";
@@ -1526,6 +1528,55 @@ pub struct PartRecord {
     pub code: protocol::ErasureCode,
     pub stripes: u64,
     pub uploaded_ms: u64,
+    /// The evidence an UploadPartCopy copied the part's bytes from: its
+    /// expunge drops the part, and the upload's Complete files only while
+    /// it is still filed, so expunged bytes never live on as a new filing.
+    pub copied_from: Option<EvidenceId>,
+}
+
+/// Part records before [`PartRecord::copied_from`].
+#[derive(Deserialize)]
+struct PartRecordV1 {
+    part_id: EvidenceId,
+    size: u64,
+    md5: String,
+    blake3: [u8; 32],
+    sha256: [u8; 32],
+    code: protocol::ErasureCode,
+    stripes: u64,
+    uploaded_ms: u64,
+}
+
+const PART_V2: u8 = 2;
+
+fn decode_part(v: &[u8]) -> Result<PartRecord, protocol::DecodeError> {
+    match v.first() {
+        Some(&RECORD_V1) => {
+            let old: PartRecordV1 = decode_versioned(RECORD_V1, v)?;
+            Ok(PartRecord {
+                part_id: old.part_id,
+                size: old.size,
+                md5: old.md5,
+                blake3: old.blake3,
+                sha256: old.sha256,
+                code: old.code,
+                stripes: old.stripes,
+                uploaded_ms: old.uploaded_ms,
+                copied_from: None,
+            })
+        }
+        _ => decode_versioned(PART_V2, v),
+    }
+}
+
+async fn get_part_tx<T: Transaction>(
+    tx: &T,
+    key: &[u8],
+) -> Result<Option<PartRecord>, SchemaError> {
+    match tx.get(key).await? {
+        Some(v) => Ok(Some(decode_part(&v)?)),
+        None => Ok(None),
+    }
 }
 
 impl PartRecord {
@@ -1597,7 +1648,7 @@ pub async fn live_part_tx<T: Transaction>(
     let Some(p) = tx.get(&part_key(&upload, number)).await? else {
         return Ok(None);
     };
-    let p: PartRecord = decode_versioned(RECORD_V1, &p)?;
+    let p = decode_part(&p)?;
     Ok((p.part_id == part).then(|| LivePart {
         upload,
         number,
@@ -1875,11 +1926,17 @@ pub async fn put_part_tx<T: Transaction>(
     }
     crate::schema::end_intent_as_part_tx(tx, part.part_id).await?;
     let key = part_key(&upload, number);
-    let old: Option<PartRecord> = get_record(tx, &key).await?;
+    let old = match tx.get(&key).await? {
+        Some(v) => Some(decode_part(&v)?),
+        None => None,
+    };
     if let Some(old) = &old {
-        queue_part_deletion_tx(tx, old.part_id);
+        queue_part_deletion_tx(tx, old);
     }
-    tx.set(&key, &encode_versioned(RECORD_V1, part));
+    tx.set(&key, &encode_versioned(PART_V2, part));
+    if let Some(source) = part.copied_from {
+        tx.set(&copied_part_key(&source, &part.part_id), b"");
+    }
     let mut place = upload.as_bytes().to_vec();
     place.extend_from_slice(&number.to_be_bytes());
     tx.set(&part_place_key(&part.part_id), &place);
@@ -1912,7 +1969,7 @@ pub async fn parts_tx<T: Transaction>(
             let n: [u8; 4] = k[prefix.len()..]
                 .try_into()
                 .map_err(|_| protocol::DecodeError::Malformed)?;
-            Ok((u32::from_be_bytes(n), decode_versioned(RECORD_V1, v)?))
+            Ok((u32::from_be_bytes(n), decode_part(v)?))
         })
         .collect()
 }
@@ -1929,7 +1986,7 @@ pub async fn end_multipart_tx<T: Transaction>(
 ) -> Result<Vec<PartRecord>, ObjectError> {
     let parts = parts_tx(tx, upload).await?;
     for (_, p) in &parts {
-        queue_part_deletion_tx(tx, p.part_id);
+        queue_part_deletion_tx(tx, p);
     }
     if let Some(rec) = get_multipart_tx(tx, upload).await? {
         tx.clear(&bucket_upload_key(&rec.bucket, &rec.key, &upload));
@@ -2050,9 +2107,54 @@ pub async fn stale_uploads_tx<T: Transaction>(
     Ok((stale, next))
 }
 
-fn queue_part_deletion_tx<T: Transaction>(tx: &T, part: EvidenceId) {
-    tx.clear(&part_place_key(&part));
-    tx.set(&key_of(PART_DELETION, &[part.as_bytes()]), b"");
+fn queue_part_deletion_tx<T: Transaction>(tx: &T, part: &PartRecord) {
+    tx.clear(&part_place_key(&part.part_id));
+    if let Some(source) = part.copied_from {
+        tx.clear(&copied_part_key(&source, &part.part_id));
+    }
+    tx.set(&key_of(PART_DELETION, &[part.part_id.as_bytes()]), b"");
+}
+
+fn copied_part_key(source: &EvidenceId, part: &EvidenceId) -> Vec<u8> {
+    let mut k = key_of(COPIED_PART, &[source.as_bytes()]);
+    k.extend_from_slice(part.as_bytes());
+    k
+}
+
+/// Drops every stored part copied from `source` (being expunged) out of
+/// its upload, in the expunge's transaction: a Complete naming one is
+/// refused (InvalidPart), and its shards are queued for deletion, so the
+/// expunged bytes do not stay on the nodes in an upload nobody completes.
+/// Returns how many were dropped.
+pub async fn drop_parts_copied_from_tx<T: Transaction>(
+    tx: &T,
+    source: EvidenceId,
+) -> Result<usize, SchemaError> {
+    let prefix = key_of(COPIED_PART, &[source.as_bytes()]);
+    let copies = tx
+        .get_range(&prefix, &prefix_end(&prefix), 0, false)
+        .await?;
+    let mut dropped = 0;
+    for (k, _) in &copies {
+        let Some(part) = k
+            .get(prefix.len()..)
+            .and_then(|b| <[u8; 16]>::try_from(b).ok())
+            .map(EvidenceId)
+        else {
+            return Err(protocol::DecodeError::Malformed.into());
+        };
+        tx.clear(k);
+        let Some(live) = live_part_tx(tx, part).await? else {
+            continue;
+        };
+        let key = part_key(&live.upload, live.number);
+        if let Some(rec) = get_part_tx(tx, &key).await? {
+            tx.clear(&key);
+            queue_part_deletion_tx(tx, &rec);
+            dropped += 1;
+        }
+    }
+    Ok(dropped)
 }
 
 /// Up to `limit` parts queued for deletion after `after` (from the first

@@ -1587,6 +1587,8 @@ pub async fn expunge_tx<T: Transaction>(
     tx.clear(&hk);
     tx.set(&evidence_key(EXPUNGED, &evidence), &h.encode());
     tx.set(&evidence_key(EXPUNGING, &evidence), b"");
+    // Its bytes copied into an S3 multipart upload in progress go too.
+    crate::s3::drop_parts_copied_from_tx(tx, evidence).await?;
     Ok(h)
 }
 

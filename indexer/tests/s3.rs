@@ -1263,6 +1263,7 @@ async fn put_part_at(
         code: ErasureCode::new(4, 2, 4096).unwrap(),
         stripes: 1,
         uploaded_ms,
+        copied_from: None,
     };
     run(s, |tx| {
         let part = &part;
@@ -1458,6 +1459,7 @@ async fn a_bucket_with_many_large_uploads_in_progress_can_be_deleted() {
                         code: ErasureCode::new(4, 2, 4096).unwrap(),
                         stripes: 1,
                         uploaded_ms: 1_000,
+                        copied_from: None,
                     };
                     ix::put_part_tx(&tx, upload, n, &part).await?;
                 }
@@ -1558,4 +1560,109 @@ async fn the_version_committed_last_is_current_whatever_its_ids_clock() {
         listed(&s, "late", "", None).await.is_empty(),
         "the marker hides nothing"
     );
+}
+
+/// A stored part is found by its id (what repair needs to rebuild it, with
+/// no manifest) while its upload records it, and not once it is replaced
+/// or its upload ends. A part copied from evidence (UploadPartCopy) is
+/// dropped by that evidence's expunge, in the expunge's transaction: out
+/// of its upload, and queued for deletion.
+#[tokio::test]
+async fn parts_are_found_by_id_and_an_expunge_drops_those_copied_from_it() {
+    let (_d, s) = store();
+    bucket(&s, "mine", Versioning::Enabled, false).await;
+    let upload = start_upload(&s, "mine", "a", "court", 1_000).await;
+    let (first, _) = put_part(&s, upload, 1, 1).await.unwrap();
+    let live = |id| {
+        let s = &s;
+        async move {
+            run(s, |tx| async move { ix::live_part_tx(&tx, id).await })
+                .await
+                .unwrap()
+        }
+    };
+    let found = live(first).await.expect("the part is found by its id");
+    assert_eq!((found.upload, found.number), (upload, 1));
+    assert_eq!(found.header.evidence, first);
+    assert_eq!(found.header.tenant, "court");
+    // Replaced by another upload of its number: no longer the upload's.
+    let (second, _) = put_part(&s, upload, 1, 2).await.unwrap();
+    assert_eq!(live(first).await, None);
+    assert!(live(second).await.is_some());
+
+    // Evidence, and a part copied from it.
+    let source = EvidenceId::new(77, [7; 10]);
+    let header = protocol::ManifestHeader {
+        evidence: source,
+        tenant: "court".into(),
+        case: None,
+        blake3: protocol::Blake3Hash([7; 32]),
+        sha256: protocol::Sha256Hash([7; 32]),
+        size: 5,
+        media_type: None,
+        file_name: None,
+        submitter: None,
+        filed_at_ms: 77,
+        code: ErasureCode::new(4, 2, 4096).unwrap(),
+        stripes: 1,
+        retain_until_ms: None,
+        legal_hold: false,
+    };
+    run(&s, |tx| {
+        let header = &header;
+        async move {
+            schema::begin_intent_tx(&tx, source, "court", None, 100_000, 120_000).await?;
+            schema::commit_manifest_tx(&tx, header).await
+        }
+    })
+    .await
+    .unwrap();
+    let copy = EvidenceId::new(60_000, [9; 10]);
+    let part = ix::PartRecord {
+        part_id: copy,
+        size: 5,
+        md5: String::new(),
+        blake3: [7; 32],
+        sha256: [7; 32],
+        code: ErasureCode::new(4, 2, 4096).unwrap(),
+        stripes: 1,
+        uploaded_ms: 60_000,
+        copied_from: Some(source),
+    };
+    run(&s, |tx| {
+        let part = &part;
+        async move {
+            schema::begin_intent_tx(&tx, copy, "court", None, 100_000, 120_000).await?;
+            ix::put_part_tx(&tx, upload, 2, part).await
+        }
+    })
+    .await
+    .unwrap();
+    assert!(live(copy).await.is_some());
+    run(&s, |tx| async move {
+        schema::expunge_tx(&tx, source, 100_000).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(live(copy).await, None, "the copy left its upload");
+    let parts = run(&s, |tx| async move { ix::parts_tx(&tx, upload).await })
+        .await
+        .unwrap();
+    assert_eq!(
+        parts
+            .iter()
+            .map(|(n, p)| (*n, p.part_id))
+            .collect::<Vec<_>>(),
+        [(1, second)],
+        "the upload lists only the part not copied from expunged evidence"
+    );
+    assert!(queued_for_deletion(&s).await.contains(&copy));
+    // The upload ends: its part is no longer found.
+    run(
+        &s,
+        |tx| async move { ix::abort_multipart_tx(&tx, upload).await },
+    )
+    .await
+    .unwrap();
+    assert_eq!(live(second).await, None);
 }

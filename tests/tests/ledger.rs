@@ -2706,3 +2706,113 @@ fn a_gateway_without_a_ledger_says_so() -> Result<()> {
     }
     Ok(())
 }
+
+/// An expunge order reaches the bytes an S3 UploadPartCopy copied into a
+/// multipart upload still open: the part leaves the upload (its Complete is
+/// refused, InvalidPart) and its shards are deleted, so the expunged bytes
+/// neither stay on the nodes nor come back as a new object.
+#[test]
+fn an_expunge_drops_the_parts_copied_from_the_evidence() -> Result<()> {
+    if !custodia_tests::require(
+        "an_expunge_drops_the_parts_copied_from_the_evidence",
+        &[Tool::Curl],
+    )? {
+        return Ok(());
+    }
+    let mut c = TestCluster::start(Shape::default())?;
+    c.set_gateway(&[("gc_interval_ms", toml::Value::Integer(300))])?;
+    c.stop_gateway();
+    let out = Command::new(custodia_bin())
+        .args(["key", "create", "--tenant", "admin", "--role", "expunger"])
+        .arg("--data-dir")
+        .arg(c.data_dir())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expunger = String::from_utf8(out.stdout)?
+        .lines()
+        .find_map(|l| l.strip_prefix("custodia_token = "))
+        .unwrap_or_default()
+        .to_string();
+    c.start_gateway()?;
+    c.wait_healthy(c.shape.nodes as u64)?;
+
+    let (h, _) = c.s3_curl("PUT", &format!("{}/copies", c.s3), &[])?;
+    ensure!(h.starts_with("http/1.1 200"), "{h}");
+    let src = c.data_dir().join("src.bin");
+    let data = bytes(30_000, 71);
+    std::fs::write(&src, &data)?;
+    let (h, _) = c.s3_curl(
+        "PUT",
+        &format!("{}/copies/src.bin", c.s3),
+        &["--data-binary", &format!("@{}", src.display())],
+    )?;
+    ensure!(h.starts_with("http/1.1 200"), "{h}");
+    let source = custodia_tests::header(&h, "x-custodia-evidence-id")
+        .context("no evidence id")?
+        .to_owned();
+    let (h, body) = c.s3_curl(
+        "POST",
+        &format!("{}/copies/parts.bin?uploads=", c.s3),
+        &["--data-binary", ""],
+    )?;
+    ensure!(h.starts_with("http/1.1 200"), "{h}");
+    let body = String::from_utf8_lossy(&body).into_owned();
+    let upload = body
+        .split("<UploadId>")
+        .nth(1)
+        .and_then(|r| r.split("</UploadId>").next())
+        .context("no upload id")?
+        .to_owned();
+    let (h, body) = c.s3_curl(
+        "PUT",
+        &format!("{}/copies/parts.bin?partNumber=1&uploadId={upload}", c.s3),
+        &["-H", "x-amz-copy-source: copies/src.bin"],
+    )?;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    ensure!(h.starts_with("http/1.1 200"), "{h}{body}");
+    let etag = body
+        .split("<ETag>")
+        .nth(1)
+        .and_then(|r| r.split("</ETag>").next())
+        .context("no part etag")?
+        .replace("&quot;", "\"");
+    ensure!(
+        !c.all_shard_files().is_empty(),
+        "the object and its copied part are on the nodes"
+    );
+
+    let (status, body) = expunge(&c, &expunger, &source)?;
+    ensure!(status == 200, "expunge: {status} {body}");
+    let done = format!(
+        "<CompleteMultipartUpload><Part><PartNumber>1</PartNumber><ETag>{etag}</ETag></Part></CompleteMultipartUpload>"
+    );
+    let (h, body) = c.s3_curl(
+        "POST",
+        &format!("{}/copies/parts.bin?uploadId={upload}", c.s3),
+        &[
+            "--data-binary",
+            &done,
+            "-H",
+            "content-type: application/xml",
+        ],
+    )?;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    ensure!(
+        h.starts_with("http/1.1 400") && body.contains("<Code>InvalidPart</Code>"),
+        "a Complete of a part copied from expunged evidence: {h}{body}"
+    );
+    let (h, _) = c.s3_curl("HEAD", &format!("{}/copies/parts.bin", c.s3), &[])?;
+    ensure!(h.starts_with("http/1.1 404"), "{h}");
+    // The part's shards go with the source's.
+    let gone = custodia_tests::eventually(20, || c.all_shard_files().is_empty());
+    ensure!(
+        gone,
+        "shards left after the expunge: {:?}",
+        c.all_shard_files()
+    );
+    Ok(())
+}
