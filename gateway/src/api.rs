@@ -2163,17 +2163,38 @@ async fn uploads_before_lifecycle<S: Store>(
         .count() as u64)
 }
 
-fn node_id_param<S: Store>(gw: &Gateway<S>, id: &str) -> Result<NodeId, ApiError> {
+/// A node in this gateway's configuration, or (with `unlisted`) one only
+/// the index knows: a dead node taken out of cluster.toml before it was
+/// removed, which still places shards that repair waits for until it is
+/// removed (forced).
+async fn node_id_param<S: Store>(
+    gw: &Gateway<S>,
+    id: &str,
+    unlisted: bool,
+) -> Result<NodeId, ApiError> {
     let id = NodeId(
         id.strip_prefix('n')
             .unwrap_or(id)
             .parse()
             .map_err(|_| ApiError::BadRequest(format!("{id:?} is not a node id")))?,
     );
-    if gw.nodes.addr(id).is_none() {
-        return Err(ApiError::NotFound);
+    if gw.nodes.addr(id).is_some() {
+        return Ok(id);
     }
-    Ok(id)
+    let known = indexer::run(
+        &gw.store,
+        |tx| async move { schema::get_node_tx(&tx, id).await },
+    )
+    .await?
+    .is_some();
+    match (known, unlisted) {
+        (true, true) => Ok(id),
+        (true, false) => Err(ApiError::Conflict(format!(
+            "node {id} is not in this gateway's configuration (cluster.toml), though the index knows it: a dead node taken out of the configuration is removed with `custodia node remove {} --force`; a live one is listed again to be drained",
+            id.0
+        ))),
+        (false, _) => Err(ApiError::NoSuchNode(id)),
+    }
 }
 
 /// One node's lifecycle and how many stripes still place a shard on it.
@@ -2184,7 +2205,7 @@ async fn node_detail<S: Store>(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let who = authenticate(&gw, &headers).await?;
     require(&who, Role::Admin, "see a node")?;
-    let node = node_id_param(&gw, &id)?;
+    let node = node_id_param(&gw, &id, true).await?;
     // Uploads before stripes: one that ends meanwhile has written its
     // records before the walk of stripes begins.
     let uploads = match gw.nodes.lifecycle(node) {
@@ -2230,7 +2251,6 @@ async fn node_lifecycle<S: Store>(
     use schema::{Lifecycle, LifecycleRecord};
     let who = authenticate(&gw, &headers).await?;
     require(&who, Role::Admin, "change a node's lifecycle")?;
-    let node = node_id_param(&gw, &id)?;
     let state = match action.as_str() {
         "drain" => Lifecycle::Draining,
         "activate" => Lifecycle::Active,
@@ -2241,6 +2261,10 @@ async fn node_lifecycle<S: Store>(
             )))
         }
     };
+    // A node only the index knows can only be forced out: nothing here can
+    // reach it to drain it, or to check it holds nothing.
+    let forcing = state == Lifecycle::Removed && q.force.unwrap_or(false);
+    let node = node_id_param(&gw, &id, forcing).await?;
     // From the index, not this gateway's view (which another gateway's
     // decision reaches only at its next probe); the transaction below
     // reads them again, so a decision made meanwhile makes it fail rather
@@ -2263,8 +2287,17 @@ async fn node_lifecycle<S: Store>(
         // retention or hold included. A node that answers is drained.
         // Silent to every gateway, too: each records in the index when its
         // probe last reached the node (one cut off from a node by a network
-        // split must not take it out from under the others).
-        let quiet = Duration::from_millis(gw.config.node_probe_interval_ms.saturating_mul(2));
+        // split must not take it out from under the others). As long as a
+        // node takes to be called down: one silent for less, which status
+        // shows as suspect, may be restarting (a reboot), and forced out
+        // beside others still being rebuilt it would take stripes below k,
+        // their loss on the ledger for good, although it comes back whole.
+        let quiet = Duration::from_millis(
+            gw.config
+                .node_probe_interval_ms
+                .saturating_mul(2)
+                .max(gw.config.node_down_after_ms),
+        );
         let seen = gw.nodes.view().into_iter().find(|n| n.id == node);
         let record = indexer::run(&gw.store, |tx| async move {
             schema::get_node_tx(&tx, node).await

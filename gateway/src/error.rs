@@ -24,6 +24,9 @@ pub enum ApiError {
     /// A credential to revoke that does not exist.
     #[error("no such credential")]
     NoSuchCredential,
+    /// A node id neither this gateway's configuration nor the index knows.
+    #[error("node {0} is neither in this gateway's configuration (cluster.toml) nor in the index")]
+    NoSuchNode(protocol::NodeId),
     /// A malformed header, id, query or range.
     #[error("{0}")]
     BadRequest(String),
@@ -120,7 +123,9 @@ impl ApiError {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::NotFound | ApiError::NoSuchCredential => StatusCode::NOT_FOUND,
+            ApiError::NotFound | ApiError::NoSuchCredential | ApiError::NoSuchNode(_) => {
+                StatusCode::NOT_FOUND
+            }
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::HashMismatch { .. } | ApiError::IdempotencyMismatch { .. } => {
@@ -182,6 +187,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "forbidden",
             ApiError::NotFound => "not_found",
             ApiError::NoSuchCredential => "no_such_credential",
+            ApiError::NoSuchNode(_) => "no_such_node",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::HashMismatch { .. } => "hash_mismatch",

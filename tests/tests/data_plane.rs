@@ -2296,7 +2296,8 @@ fn custodia_up_does_not_start_a_removed_node() -> Result<()> {
         .args(["-KILL", &first.nodes[3].to_string()])
         .status()?;
     let mut said = String::new();
-    let removed = custodia_tests::eventually(40, || match remove() {
+    // Silent for as long as a node takes to be called down (30 s).
+    let removed = custodia_tests::eventually(60, || match remove() {
         Ok(out) => {
             said = String::from_utf8_lossy(&out.stderr).into_owned();
             out.status.success()

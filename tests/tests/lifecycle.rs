@@ -740,7 +740,8 @@ fn a_removed_nodes_key_reads_nothing_more() -> Result<()> {
     read().context("node 7's key reads a shard by name before its removal")?;
     c.kill_node(7);
     let mut text = String::new();
-    let removed = custodia_tests::eventually(40, || {
+    // Silent for as long as a node takes to be called down (30 s).
+    let removed = custodia_tests::eventually(60, || {
         let (ok, said) = node_cmd(&c, &["remove", "7", "--force"]).unwrap_or_default();
         text = said;
         ok
@@ -861,5 +862,84 @@ fn a_drain_moves_the_parts_of_an_unfinished_multipart_upload() -> Result<()> {
         got == data,
         "the completed object did not read back byte-exact"
     );
+    Ok(())
+}
+
+/// A dead node taken out of cluster.toml before it was removed is not
+/// stranded: `custodia node remove N --force` still takes it out (it was
+/// refused as "no such evidence" while repair waited on its shards for
+/// good), and its stripes are then rebuilt on the others. Other actions on
+/// it, and an id nobody knows, are refused with a message that says so.
+#[test]
+fn a_dead_node_taken_out_of_the_configuration_can_still_be_removed() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.set_gateway(&[
+        ("node_down_after_ms", toml::Value::Integer(1_000)),
+        ("repair_after_down_ms", toml::Value::Integer(500)),
+        ("repair_interval_ms", toml::Value::Integer(300)),
+    ])?;
+    let mut filed = Vec::new();
+    let mut stripes = 0u64;
+    for i in 0..6u64 {
+        let data = bytes(20_000 + 7_000 * i as usize, 40 + i);
+        let r = c.file(&data)?;
+        stripes += r["stripes"].as_u64().context("stripes")?;
+        filed.push((r["id"].as_str().unwrap_or_default().to_owned(), data));
+    }
+    c.kill_node(7);
+    c.kill_gateway();
+    let file = c.data_dir().join("cluster.toml");
+    let mut cluster: toml::Value = toml::from_str(&std::fs::read_to_string(&file)?)?;
+    let listed = cluster
+        .get_mut("gateway")
+        .and_then(|g| g.get_mut("nodes"))
+        .and_then(|n| n.as_array_mut())
+        .context("[[gateway.nodes]]")?;
+    let not_7 = |n: &toml::Value| n.get("id").and_then(toml::Value::as_integer) != Some(7);
+    listed.retain(not_7);
+    assert_eq!(listed.len(), 7);
+    let processes = cluster
+        .get_mut("nodes")
+        .and_then(|n| n.as_array_mut())
+        .context("[[nodes]]")?;
+    processes.retain(not_7);
+    std::fs::write(&file, toml::to_string(&cluster)?)?;
+    c.start_gateway()?;
+    c.wait_healthy(7)?;
+
+    let (ok, text) = node_cmd(&c, &["drain", "7"])?;
+    assert!(!ok && text.contains("node remove 7 --force"), "{text}");
+    let (ok, text) = node_cmd(&c, &["drain", "42"])?;
+    assert!(
+        !ok && text.contains("node n42 is neither in this gateway's configuration"),
+        "{text}"
+    );
+    let mut text = String::new();
+    let removed = custodia_tests::eventually(30, || {
+        let (ok, said) = node_cmd(&c, &["remove", "7", "--force"]).unwrap_or_default();
+        text = said;
+        ok
+    });
+    assert!(removed, "the unlisted dead node was not removed: {text}");
+    let out = c.cli(&["repair", "--patience-secs", "30"])?;
+    assert!(
+        out.status.success(),
+        "custodia repair failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let on_live = (0..7u32)
+        .flat_map(|i| c.shard_files(i))
+        .filter_map(|p| p.file_name().map(|n| n.to_owned()))
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    assert_eq!(
+        on_live,
+        6 * stripes as usize,
+        "every stripe has k+m shards on the listed nodes"
+    );
+    for (id, data) in &filed {
+        assert!(c.read(id)? == *data, "{id} did not read back byte-exact");
+    }
     Ok(())
 }
