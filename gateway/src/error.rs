@@ -153,14 +153,16 @@ impl ApiError {
             ApiError::Index(SchemaError::IntentAborted(_) | SchemaError::NoIntent(_)) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ApiError::Index(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Index(e) if e.is_retryable() || unavailable(e) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Object(ObjectError::Schema(SchemaError::AdminOutsideOperators)) => {
                 StatusCode::FORBIDDEN
             }
             ApiError::Object(ObjectError::Schema(SchemaError::BadTenant)) => {
                 StatusCode::BAD_REQUEST
             }
-            ApiError::Object(ObjectError::Schema(e)) if e.is_retryable() => {
+            ApiError::Object(ObjectError::Schema(e)) if e.is_retryable() || unavailable(e) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::Object(ObjectError::Locked(_) | ObjectError::Conflict(_)) => {
@@ -210,6 +212,7 @@ impl ApiError {
             ApiError::Index(SchemaError::IntentAborted(_) | SchemaError::NoIntent(_)) => {
                 "upload_aborted"
             }
+            ApiError::Index(e) if unavailable(e) => "index_unavailable",
             ApiError::Index(_) => "index_error",
             ApiError::Object(ObjectError::Locked(_)) => "locked",
             ApiError::Object(ObjectError::Schema(SchemaError::AdminOutsideOperators)) => {
@@ -220,12 +223,21 @@ impl ApiError {
             ApiError::Object(ObjectError::NoSuchTenant) => "no_such_tenant",
             ApiError::Object(ObjectError::BadName(_)) => "bad_name",
             ApiError::Object(ObjectError::TooManyBuckets) => "too_many_buckets",
+            ApiError::Object(ObjectError::Schema(e)) if unavailable(e) => "index_unavailable",
             ApiError::Object(ObjectError::Schema(_) | ObjectError::Journal(_)) => "index_error",
             ApiError::Object(_) => "not_found",
             ApiError::BadDigest | ApiError::ChecksumMismatch(_) => "bad_digest",
             ApiError::Internal => "internal",
         }
     }
+}
+
+/// The index's storage failed (a disk full or failing, the store closing):
+/// the service is unavailable, as `/healthz` says, not broken by the
+/// request; a retry (with the same Idempotency-Key, for a filing whose
+/// commit may or may not have landed) is what the client should do.
+fn unavailable(e: &SchemaError) -> bool {
+    matches!(e, SchemaError::Kv(KvError::Storage(_) | KvError::Closed))
 }
 
 impl IntoResponse for ApiError {
@@ -246,6 +258,9 @@ impl IntoResponse for ApiError {
         if let ApiError::UploadInProgress { retry_after_s, .. } = self {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+        } else if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(1u64));
         }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
@@ -275,6 +290,26 @@ mod tests {
                 .map(|v| v.as_bytes()),
             Some(&b"40"[..])
         );
+    }
+
+    /// The index's storage failing (a full or failing disk, the store
+    /// closing) makes the service unavailable, as /healthz says: 503 with
+    /// Retry-After, which clients retry, not a 500 that reads as a bug.
+    #[test]
+    fn an_index_storage_failure_is_unavailable_not_a_bug() {
+        let failed = || SchemaError::Kv(KvError::Storage("disk full".into()));
+        for e in [
+            ApiError::Index(failed()),
+            ApiError::Index(SchemaError::Kv(KvError::Closed)),
+            ApiError::Object(ObjectError::Schema(failed())),
+        ] {
+            assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE, "{e}");
+            assert_eq!(e.code(), "index_unavailable");
+            let resp = e.into_response();
+            assert!(resp.headers().contains_key(header::RETRY_AFTER));
+        }
+        let broken = ApiError::Index(SchemaError::Decode(protocol::DecodeError::Malformed));
+        assert_eq!(broken.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 
     /// An upload GC aborted (its lease unrenewed) is the server's failure:

@@ -423,6 +423,11 @@ fn s3_err(e: ApiError) -> S3Error {
         Some(schema::SchemaError::IntentAborted(_) | schema::SchemaError::NoIntent(_)) => {
             return S3Error::with_message(C::ServiceUnavailable, e.to_string());
         }
+        // The index's storage failed (a disk full or failing): the
+        // service's state, not the request's; SDKs retry a 503.
+        Some(_) if e.status() == http::StatusCode::SERVICE_UNAVAILABLE => {
+            return S3Error::with_message(C::ServiceUnavailable, e.to_string());
+        }
         // Expunged between the read of its version and the change.
         Some(schema::SchemaError::NoEvidence(_)) => {
             return S3Error::with_message(C::NoSuchKey, e.to_string());
