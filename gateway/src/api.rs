@@ -115,6 +115,12 @@ pub struct Gateway<S: Store> {
     /// Stripes repair found with nowhere to move shards, and when each was
     /// last checked in place.
     pub no_home: crate::repair::NoHomeChecks,
+    /// Set once the evidence API's connections still open are cut off (the
+    /// shutdown grace ran out, or the gateway was aborted). A body whose
+    /// connection is aborted ends as if complete (hyper closes it
+    /// normally), so an upload of unknown length (chunked) that sees its
+    /// body end after this must not take it for the whole file.
+    pub connections_cut_off: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Why the gateway could not start.
@@ -249,6 +255,7 @@ impl RunningGateway {
     /// Ends everything at once: both APIs (their connections included) and
     /// the background work.
     pub fn abort(self) {
+        self.stop.cut_off();
         self.stop.stop();
         if let Some(server) = self.server {
             server.abort();
@@ -264,25 +271,49 @@ impl RunningGateway {
 }
 
 /// Tells the APIs' accept loops to stop (see [`RunningGateway::shutdown`]).
-pub(crate) struct Stopper(tokio::sync::watch::Sender<bool>);
+pub(crate) struct Stopper {
+    stop: tokio::sync::watch::Sender<bool>,
+    /// [`Gateway::connections_cut_off`].
+    cut_off: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl Stopper {
-    fn new() -> Self {
-        Stopper(tokio::sync::watch::Sender::new(false))
+    fn new(cut_off: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        Stopper {
+            stop: tokio::sync::watch::Sender::new(false),
+            cut_off,
+        }
     }
 
     fn stop(&self) {
-        self.0.send_replace(true);
+        self.stop.send_replace(true);
+    }
+
+    /// Says the evidence API's connections are being cut off; before they
+    /// are, so an upload whose body ends for it sees it.
+    fn cut_off(&self) {
+        self.cut_off
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The accept loops' side: [`Drain::stopped`].
     pub(crate) fn drain(&self, api: &'static str, grace: Duration) -> Drain {
         Drain {
-            stop: self.0.subscribe(),
+            stop: self.stop.subscribe(),
             graceful: hyper_util::server::graceful::GracefulShutdown::new(),
             connections: tokio::task::JoinSet::new(),
             api,
             grace,
+            cut_off: None,
+        }
+    }
+
+    /// [`Self::drain`], setting [`Gateway::connections_cut_off`] before it
+    /// cuts connections off.
+    fn drain_telling_cut_off(&self, api: &'static str, grace: Duration) -> Drain {
+        Drain {
+            cut_off: Some(self.cut_off.clone()),
+            ..self.drain(api, grace)
         }
     }
 }
@@ -297,6 +328,9 @@ pub(crate) struct Drain {
     connections: tokio::task::JoinSet<()>,
     api: &'static str,
     grace: Duration,
+    /// Set before connections still open at the end of the grace are
+    /// aborted (see [`Gateway::connections_cut_off`]).
+    cut_off: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Drain {
@@ -342,6 +376,9 @@ impl Drain {
                 connections = self.connections.len(),
                 "requests still running at the end of shutdown_grace_ms are cut off"
             );
+            if let Some(flag) = &self.cut_off {
+                flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
         }
         self.connections.shutdown().await;
     }
@@ -446,6 +483,7 @@ impl<S: Store> Gateway<S> {
             old_copies: Default::default(),
             homeless_adopted: Default::default(),
             no_home: Default::default(),
+            connections_cut_off: Default::default(),
         })
     }
 
@@ -687,7 +725,7 @@ pub async fn serve<S: Store>(
     let timestamping = crate::ledger::spawn_timestamping(gw.clone());
     let s3_journal = crate::s3_journal::spawn(gw.clone());
     let lifecycles = crate::lifecycle_archive::spawn(gw.clone());
-    let stop = Stopper::new();
+    let stop = Stopper::new(gw.connections_cut_off.clone());
     let grace = Duration::from_millis(gw.config.shutdown_grace_ms);
     let s3 = match gw.config.s3_listen {
         None => None,
@@ -724,7 +762,7 @@ pub async fn serve<S: Store>(
     ));
     let app = router(gw);
     let https = tls.is_some();
-    let drain = stop.drain("evidence API", grace);
+    let drain = stop.drain_telling_cut_off("evidence API", grace);
     let server = tokio::spawn(serve_api(listener, app, tls, http, drain));
     tracing::info!(%local_addr, https, "evidence API listening");
     Ok(RunningGateway {
@@ -1318,22 +1356,34 @@ fn meta_header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiErr
     Ok(Some(s.to_string()))
 }
 
-/// Characters that change how the text around them shows without showing
-/// themselves: bidirectional embeddings, overrides and isolates (U+202E
-/// shows `invoice\u{202E}gpj.exe` as `invoiceexe.jpg`), line and paragraph
-/// separators, and zero-width spaces. The joiners and direction marks that
-/// Persian and Indic names need stay allowed.
+/// Characters that change how the text around them shows, or hide in it,
+/// without showing themselves: every invisible format character (Unicode's
+/// General_Category Cf: bidirectional embeddings, overrides and isolates,
+/// so U+202E shows `invoice\u{202E}gpj.exe` as `invoiceexe.jpg`; zero-width
+/// spaces; tag characters, which make `C-17` and `C-17` plus a tag two
+/// cases that print alike), line and paragraph separators, and the Hangul
+/// fillers, which show as blanks. The joiners and direction marks that
+/// Persian, Arabic and Indic names need stay allowed, and so do the
+/// Arabic and Syriac signs that show as marks.
 pub fn is_deceptive(c: char) -> bool {
-    matches!(
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory as _};
+    let shown_or_needed = matches!(
         c,
-        '\u{202A}'..='\u{202E}'
-            | '\u{2066}'..='\u{2069}'
-            | '\u{2028}'
-            | '\u{2029}'
-            | '\u{200B}'
-            | '\u{2060}'
-            | '\u{FEFF}'
-    )
+        '\u{200C}'..='\u{200F}'
+            | '\u{061C}'
+            | '\u{0600}'..='\u{0605}'
+            | '\u{06DD}'
+            | '\u{070F}'
+            | '\u{0890}'..='\u{0891}'
+            | '\u{08E2}'
+            | '\u{110BD}'
+            | '\u{110CD}'
+    );
+    (c.general_category() == GeneralCategory::Format && !shown_or_needed)
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' | '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}'
+        )
 }
 
 /// A text field of a filing: visible ASCII as sent, or UTF-8 in RFC 8187's
@@ -1445,7 +1495,13 @@ const FILING_HEADERS: [&str; 10] = [
 
 /// Digests of the body in other conventions than this API's, which it
 /// does not check.
-const UNCHECKED_DIGESTS: [&str; 4] = ["content-md5", "digest", "content-digest", "repr-digest"];
+const UNCHECKED_DIGESTS: [&str; 5] = [
+    "content-md5",
+    "digest",
+    "content-digest",
+    "repr-digest",
+    "x-amz-content-sha256",
+];
 
 /// Refuses a filing that sends a header it would not read but its filer
 /// may count on: an `X-Custodia-*` header it does not know (a misspelt
@@ -1469,6 +1525,22 @@ fn refuse_unread_headers(h: &http::HeaderMap) -> Result<(), ApiError> {
                 "Content-Encoding: the body is filed byte for byte as it arrives, so a \
                  compressed one would be the evidence, compressed; send the file itself; \
                  nothing was filed"
+                    .into(),
+            ));
+        }
+        // HTTP/1.1 servers decode only `chunked` and pass any other coding
+        // (`gzip, chunked`) through as the body's bytes.
+        if name == "transfer-encoding"
+            && h.get_all(name).iter().any(|v| {
+                v.to_str().map_or(true, |v| {
+                    v.split(',')
+                        .any(|coding| !coding.trim().eq_ignore_ascii_case("chunked"))
+                })
+            })
+        {
+            return Err(ApiError::UnsupportedMediaType(
+                "Transfer-Encoding: only chunked is decoded, so a body in another transfer \
+                 coding would be the evidence, coded; send the file itself; nothing was filed"
                     .into(),
             ));
         }
@@ -1624,9 +1696,13 @@ async fn file_evidence_rest<S: Store>(
     meta: FilingMeta,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    // As its framing says (a Content-Length): the body cannot run past it.
+    // As its framing says (a Content-Length): the body cannot run past it,
+    // nor end short of it (a connection aborted at shutdown ends its body
+    // as if complete).
     let mut meta = meta;
-    meta.body_len_at_most = axum::body::HttpBody::size_hint(&body).upper();
+    let framing = axum::body::HttpBody::size_hint(&body);
+    meta.body_len_at_most = framing.upper();
+    meta.body_len_exact = framing.exact().is_some();
     // Run the upload in its own task: if the client disconnects, the body
     // stream fails and the upload cleans up after itself instead of being
     // dropped half-way.
@@ -2828,7 +2904,7 @@ mod tests {
             metrics_addr: None,
             server: Some(tokio::spawn(std::future::pending())),
             s3: None,
-            stop: Stopper::new(),
+            stop: Stopper::new(Default::default()),
             background: vec![
                 ("done early", tokio::spawn(async {})),
                 ("forever", tokio::spawn(std::future::pending())),
@@ -2847,6 +2923,38 @@ mod tests {
         assert!(why.to_string().contains("doomed"), "{why}");
         assert_eq!(gw.background.len(), 1, "only the one still running is left");
         gw.abort();
+    }
+
+    /// Invisible format characters are refused wherever they would hide in
+    /// printed metadata (tag characters, soft hyphens, invisible operators,
+    /// bidirectional overrides), while the marks real names need are not.
+    #[test]
+    fn invisible_format_characters_are_deceptive_and_needed_marks_are_not() {
+        for c in [
+            '\u{202E}',
+            '\u{2066}',
+            '\u{200B}',
+            '\u{2060}',
+            '\u{FEFF}',
+            '\u{E0001}',
+            '\u{E0041}',
+            '\u{00AD}',
+            '\u{180E}',
+            '\u{2062}',
+            '\u{206A}',
+            '\u{FFF9}',
+            '\u{2028}',
+            '\u{3164}',
+            '\u{115F}',
+        ] {
+            assert!(is_deceptive(c), "U+{:04X} passes", c as u32);
+        }
+        for c in [
+            'a', 'ü', 'ی', '\u{200C}', '\u{200D}', '\u{200E}', '\u{200F}', '\u{061C}', '\u{0600}',
+            ' ', '-',
+        ] {
+            assert!(!is_deceptive(c), "U+{:04X} is refused", c as u32);
+        }
     }
 
     /// `openapi.json` describes exactly the routes and methods [`router`]
@@ -2919,7 +3027,7 @@ mod tests {
             let body = http_body_util::Full::new(bytes::Bytes::from(vec![7u8; BODY]));
             Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
         });
-        let stop = Stopper::new();
+        let stop = Stopper::new(Default::default());
         let drain = stop.drain("test", Duration::from_secs(1));
         let http = http1(Duration::from_millis(300));
         let server = tokio::spawn(serve_connections(listener, None, http, drain, service));

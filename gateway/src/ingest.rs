@@ -543,6 +543,20 @@ impl<S: Store> Upload<S> {
         let from_store = meta.body_from_store;
         loop {
             let Some(chunk) = self.next_chunk(&mut body, idle).await? else {
+                // Ended because its connection was cut off (see
+                // `Gateway::connections_cut_off`): not the whole file. A
+                // body of declared length is checked against it below.
+                if !from_store
+                    && !meta.body_len_exact
+                    && self
+                        .gw
+                        .connections_cut_off
+                        .load(std::sync::atomic::Ordering::SeqCst)
+                {
+                    return Err(ApiError::BodyIncomplete(
+                        "the gateway stopped while the body was arriving".into(),
+                    ));
+                }
                 break;
             };
             let mut chunk = chunk.map_err(|e| match from_store {
@@ -1605,6 +1619,40 @@ addr = "127.0.0.1:11"
             up.keep_lease().await,
             Err(ApiError::Index(schema::SchemaError::IntentAborted(_)))
         ));
+    }
+
+    /// A body of unknown length (chunked) that ends once the gateway has
+    /// cut its connections off (hyper ends an aborted connection's body as
+    /// if complete) is not filed as the whole file: refused as cut off, its
+    /// intent aborted, nothing visible.
+    #[tokio::test]
+    async fn a_body_ended_by_its_connection_being_cut_off_is_not_filed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Flaky {
+            inner: indexer::EmbeddedStore::open(&dir.path().join("index.redb")).unwrap(),
+            down: Arc::new(AtomicBool::new(false)),
+        };
+        let gw = gateway(dir.path(), store.clone());
+        gw.connections_cut_off.store(true, Ordering::SeqCst);
+        let half = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(
+            b"the first half of a file",
+        ))]);
+        let meta = FilingMeta {
+            tenant: "t".into(),
+            ..Default::default()
+        };
+        let filed = file_evidence(gw.clone(), meta, half).await;
+        assert!(
+            matches!(filed, Err(ApiError::BodyIncomplete(_))),
+            "{filed:?}"
+        );
+        let hash = Blake3Hash::of(b"the first half of a file");
+        let found = indexer::run(&store, |tx| async move {
+            schema::lookup_by_hash_tx(&tx, "t", &hash, 10).await
+        })
+        .await
+        .unwrap();
+        assert!(found.is_empty(), "{found:?}");
     }
 
     /// A gateway with a ledger (and three nodes it never reaches) on an

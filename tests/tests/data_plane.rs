@@ -1790,12 +1790,34 @@ fn idempotency_and_declared_hashes() -> Result<()> {
         );
         assert_eq!(a.json()["error"], "unsupported_media_type");
     }
-    let found = c.get_with(
-        &c.token,
-        &format!("/v1/evidence/by-hash/{}", blake3_hex(&queried)),
-        &[],
+    // A transfer coding other than chunked (HTTP servers pass gzip's bytes
+    // through undecoded): the stored bytes would be the compressed stream.
+    let coded = b"the coded body, as it arrives";
+    let mut s = std::net::TcpStream::connect(c.api.trim_start_matches("http://"))?;
+    write!(
+        s,
+        "POST /v1/evidence HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Transfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n{:x}\r\n",
+        c.token,
+        coded.len()
     )?;
-    assert_eq!(found.json()["filings"].as_array().map(Vec::len), Some(1));
+    s.write_all(coded)?;
+    s.write_all(b"\r\n0\r\n\r\n")?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer)?;
+    assert!(answer.starts_with("HTTP/1.1 415"), "{answer}");
+    assert!(answer.contains("unsupported_media_type"), "{answer}");
+    for filed in [&queried[..], &coded[..]] {
+        let found = c.get_with(
+            &c.token,
+            &format!("/v1/evidence/by-hash/{}", blake3_hex(filed)),
+            &[],
+        )?;
+        assert_eq!(
+            found.json()["filings"].as_array().map(Vec::len),
+            Some(usize::from(filed == &queried[..]))
+        );
+    }
 
     // Metadata headers are held to 1 KiB each: 400 with a JSON body, and
     // nothing filed.
