@@ -99,6 +99,11 @@ pub struct GatewayMetrics {
     /// counted up to [`DEGRADED_SCAN_LIMIT`] (100,000): at that figure it
     /// means "at least", and an alert says so.
     pub degraded: IntGauge,
+    /// `custodia_stripe_counts_timestamp_seconds`: when `degraded` and
+    /// `lost` were last both read from the index (the gateway's start until
+    /// then). While the index cannot be read they keep their last values,
+    /// often 0, and the alerts on them cannot fire: this ages instead.
+    pub stripes_counted: Gauge,
     /// `custodia_ledger_entries`: size of the newest signed checkpoint.
     pub ledger_entries: IntGauge,
     /// `custodia_ledger_entries_integrated_total`: entries this gateway's
@@ -355,6 +360,14 @@ impl GatewayMetrics {
             degraded: gauge(
                 "custodia_degraded_stripes",
                 "Stripes waiting for repair (counted up to 100000: at least that many then).",
+            )?,
+            stripes_counted: reg(
+                r,
+                since_start(Gauge::new(
+                    "custodia_stripe_counts_timestamp_seconds",
+                    "When the degraded and lost stripe counts were last read from the index \
+                     (Unix seconds; the gateway's start until then).",
+                )?),
             )?,
             ledger_entries: gauge(
                 "custodia_ledger_entries",
@@ -717,13 +730,28 @@ pub async fn refresh<S: Store>(gw: &Gateway<S>) {
         indexer::schema::degraded_stripes_tx(&tx, DEGRADED_SCAN_LIMIT).await
     })
     .await;
-    match degraded {
-        Ok(d) => m.degraded.set(d.len() as i64),
-        Err(e) => tracing::warn!(error = %e, "could not count degraded stripes"),
-    }
-    match count_lost(&gw.store).await {
-        Ok(n) => m.lost.set(n as i64),
-        Err(e) => tracing::warn!(error = %e, "could not count lost stripes"),
+    let degraded_read = match degraded {
+        Ok(d) => {
+            m.degraded.set(d.len() as i64);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not count degraded stripes");
+            false
+        }
+    };
+    let lost_read = match count_lost(&gw.store).await {
+        Ok(n) => {
+            m.lost.set(n as i64);
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not count lost stripes");
+            false
+        }
+    };
+    if degraded_read && lost_read {
+        m.stripes_counted.set(crate::ledger::unix_now_secs_f64());
     }
 }
 
