@@ -796,7 +796,15 @@ async fn exchange(
     frame: &[u8],
     body: bytes::Bytes,
 ) -> Result<(Response, quinn::RecvStream), NodeError> {
-    let (mut send, mut recv) = conn.open_bi().await?;
+    exchange_on(conn.open_bi().await?, frame, body).await
+}
+
+/// [`exchange`] on a stream already opened.
+async fn exchange_on(
+    (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
+    frame: &[u8],
+    body: bytes::Bytes,
+) -> Result<(Response, quinn::RecvStream), NodeError> {
     let sent = async {
         send.write_all(frame).await?;
         if !body.is_empty() {
@@ -821,13 +829,36 @@ async fn exchange(
 /// error code from a node too old to know the request included), or the
 /// connection receives anything meanwhile (a node busy enough that our
 /// request waits for a stream still acknowledges and answers the others).
+///
+/// When every stream the node allows the connection already holds a
+/// request of ours (a busy node, a disk pausing while hundreds of puts
+/// wait for their fsync), no request can be sent: nothing of ours awaits
+/// an acknowledgement, and the connection hears only the answers to its
+/// keep-alives, one each [`crate::tls::KEEP_ALIVE`]. It waits that long
+/// more for one then, rather than calling a node gone that is only busy
+/// (and failing all its requests with it).
 async fn answers(conn: &quinn::Connection, within: Duration) -> bool {
     let received = conn.stats().udp_rx.datagrams;
+    let heard = || conn.stats().udp_rx.datagrams > received;
     let frame = Request::Time.encode();
-    let ask = exchange(conn, &frame, bytes::Bytes::new());
+    let stream = match futures::FutureExt::now_or_never(conn.open_bi()) {
+        Some(Ok(stream)) => stream,
+        Some(Err(_)) => return false,
+        None => {
+            let deadline = tokio::time::Instant::now() + crate::tls::KEEP_ALIVE + within;
+            while tokio::time::Instant::now() < deadline {
+                if heard() {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            return heard();
+        }
+    };
+    let ask = exchange_on(stream, &frame, bytes::Bytes::new());
     match tokio::time::timeout(within, ask).await {
         Ok(Ok(_) | Err(NodeError::Remote(_))) => true,
-        _ => conn.stats().udp_rx.datagrams > received,
+        _ => heard(),
     }
 }
 

@@ -499,8 +499,17 @@ pub fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig, TlsError> 
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport());
+    config.transport_config(client_transport());
     Ok(config)
+}
+
+/// [`transport`] for the side that only asks: it never accepts a stream,
+/// so the peer may open none (each could park 8 MiB in its buffers, and
+/// take a share of the connection's window, for the connection's life).
+fn client_transport() -> Arc<quinn::TransportConfig> {
+    let mut t = transport_settings();
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(0));
+    Arc::new(t)
 }
 
 /// Transport settings for node traffic: 1 MiB shard bodies on many parallel
@@ -508,11 +517,15 @@ pub fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig, TlsError> 
 /// control at loopback or LAN speeds; keep-alives keep idle gateway connections
 /// open, and the idle timeout finds dead peers.
 fn transport() -> Arc<quinn::TransportConfig> {
+    Arc::new(transport_settings())
+}
+
+fn transport_settings() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     // A node killed without closing its connections is found dead after the
     // idle timeout (one restarted on its port resets them at once: see
     // `endpoint_config`); keep-alives keep live idle connections open.
-    t.keep_alive_interval(Some(Duration::from_secs(2)));
+    t.keep_alive_interval(Some(KEEP_ALIVE));
     // 10 s always fits a QUIC idle timeout (a VarInt of milliseconds).
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(10)) {
         t.max_idle_timeout(Some(idle));
@@ -525,8 +538,12 @@ fn transport() -> Arc<quinn::TransportConfig> {
     // certificates say so (QUIC credit can be raised, never taken back).
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(INITIAL_STREAMS));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-    Arc::new(t)
+    t
 }
+
+/// How often an idle connection pings its peer (whose acknowledgement is
+/// all a connection with nothing else to send hears of it).
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 
 /// Requests at once a peer may make before its role is known (another
 /// leaf's stays at this).

@@ -691,6 +691,74 @@ async fn relay(
     addr
 }
 
+/// A node holding every stream its connection allows (a disk pausing while
+/// hundreds of puts wait for their fsync) is busy, not gone: the liveness
+/// check, which cannot open a stream of its own then, waits for the node
+/// to acknowledge a keep-alive rather than closing the connection and
+/// failing every request on it as unresponsive. Requests end at their own
+/// limit.
+#[tokio::test]
+async fn a_node_holding_every_stream_is_busy_not_gone() {
+    let cluster = Cluster::new();
+    // A node that takes requests and never answers them, with the streams
+    // a connection gets before its peer's role is known (4).
+    let server = tls::server_config(&cluster.node_tls).unwrap();
+    let endpoint =
+        storage_node::udp::endpoint(loopback(), Some((quinn::EndpointConfig::default(), server)))
+            .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let (opened_tx, opened) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let opened_tx = opened_tx.clone();
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                // And it tries to open a stream of its own to the gateway,
+                // which never accepts one: it gets no credit to.
+                let toward = conn.clone();
+                tokio::spawn(async move {
+                    let open =
+                        tokio::time::timeout(std::time::Duration::from_secs(1), toward.open_bi());
+                    let _ = opened_tx.send(open.await.is_ok());
+                });
+                let mut held = Vec::new();
+                while let Ok(stream) = conn.accept_bi().await {
+                    held.push(stream);
+                }
+            });
+        }
+    });
+    let stall = std::time::Duration::from_millis(200);
+    let limit = std::time::Duration::from_secs(5);
+    let client = NodeClient::with_timeouts(
+        &cluster.gateway_tls,
+        storage_node::client::ClientTimeouts {
+            connect: std::time::Duration::from_secs(2),
+            request: limit,
+            stall,
+        },
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move { client.rpc_node_info(addr).await })
+        })
+        .collect();
+    for call in calls {
+        let err = call.await.unwrap().unwrap_err();
+        assert!(matches!(err, NodeError::Timeout), "{err:?}");
+    }
+    assert!(started.elapsed() >= limit, "{:?}", started.elapsed());
+    let mut opened = opened;
+    assert_eq!(
+        opened.recv().await,
+        Some(false),
+        "a node opened a stream toward the gateway"
+    );
+}
+
 #[tokio::test]
 async fn a_request_to_a_node_gone_silent_fails_after_a_liveness_check_not_the_idle_timeout() {
     let cluster = Cluster::new();
