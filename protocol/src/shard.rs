@@ -31,6 +31,18 @@ pub struct ShardHeader {
 }
 
 impl ShardHeader {
+    /// Whether the header could describe a shard of its code: a valid code,
+    /// an index within it, a body within the shard size, and a stripe whose
+    /// content fits the k data shards of that length. A node refuses a put
+    /// of any other (a gateway's bug stored quietly would mislead
+    /// `recover-index`, which reads these headers back).
+    pub fn is_well_formed(&self) -> bool {
+        self.code.validate().is_ok()
+            && usize::from(self.key.index) < self.code.total()
+            && self.len <= self.code.shard_size
+            && self.stripe_len <= u64::from(self.len) * self.code.data_shards() as u64
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         crate::wire::encode_versioned(SHARD_HEADER_V1, self)
     }
@@ -145,6 +157,34 @@ mod tests {
             ShardHeader::parse_file_prefix(&bad),
             Err(DecodeError::BadMagic)
         );
+    }
+
+    /// A header no shard of its code could have is not well formed: an
+    /// index past k+m, a body past the shard size, a stripe longer than
+    /// its k data shards hold, an invalid code.
+    #[test]
+    fn impossible_headers_are_not_well_formed() {
+        assert!(header().is_well_formed());
+        let empty = ShardHeader {
+            stripe_len: 0,
+            len: 0,
+            ..header()
+        };
+        assert!(empty.is_well_formed());
+        let mut h = header();
+        h.key.index = 6;
+        assert!(!h.is_well_formed(), "index past k+m");
+        let mut h = header();
+        h.len = 4097;
+        assert!(!h.is_well_formed(), "longer than a shard");
+        let mut h = header();
+        h.stripe_len = 13;
+        assert!(!h.is_well_formed(), "a stripe past its data shards");
+        h.stripe_len = 12;
+        assert!(h.is_well_formed());
+        let mut h = header();
+        h.code.k = 0;
+        assert!(!h.is_well_formed(), "an invalid code");
     }
 
     proptest! {

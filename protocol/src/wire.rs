@@ -196,7 +196,7 @@ impl RebuildShard {
         );
         let index = usize::from(self.header.key.index);
         let mut seen = vec![false; total.max(index + 1)];
-        let valid = code.validate().is_ok() && self.header.len <= code.shard_size && index < total;
+        let valid = self.header.is_well_formed();
         if self.is_copy() {
             return valid;
         }

@@ -803,7 +803,7 @@ async fn handle_put_shard(
     recv: &mut quinn::RecvStream,
 ) -> Result<&'static str, StreamError> {
     // Checked before allocating: `len` comes from the peer.
-    if header.code.validate().is_err() || header.len > header.code.shard_size {
+    if !header.is_well_formed() {
         tracing::info!(shard = %header.key, len = header.len, "refusing a put with an impossible header");
         return refuse(send, recv, ErrorCode::BadRequest).await;
     }

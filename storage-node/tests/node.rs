@@ -235,6 +235,21 @@ async fn bodies_that_do_not_match_their_header_are_refused() {
         matches!(err, NodeError::Remote(ErrorCode::BadRequest)),
         "{err:?}"
     );
+    // A shard no stripe of its code has: an index past k+m.
+    let (mut outside, body) = shard(2, 10);
+    outside.key.index = 200;
+    let err = client
+        .rpc_put_shard(addr, &outside, Bytes::copy_from_slice(&body))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, NodeError::Remote(ErrorCode::BadRequest)),
+        "{err:?}"
+    );
+    assert!(matches!(
+        client.rpc_stat_shard(addr, outside.key).await,
+        Err(NodeError::Remote(ErrorCode::NotFound))
+    ));
 
     // A body of the wrong length never leaves the client.
     let (header, body) = shard(3, 10);
