@@ -3121,13 +3121,14 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 // transaction, after which nothing else refers to the parts, so
                 // a client gone meanwhile (dropping this future) must not leave
                 // them stored for good.
+                // The answer does not wait for the deletion (of up to 10,000
+                // parts): the upload's end queued every part for it in the
+                // filing's transaction, so a crash meanwhile is covered.
                 let (gw, parts) = (front.gw.clone(), stored.clone());
                 let filing = tokio::spawn(async move {
                     let filing = ingest::file_evidence(gw.clone(), meta, Box::pin(body)).await;
                     if filing.is_ok() {
-                        for (_, p) in &parts {
-                            delete_part(&gw, p.part_id).await;
-                        }
+                        delete_parts_later(&gw, parts.into_iter().map(|(_, p)| p).collect());
                     }
                     filing
                 })
