@@ -480,6 +480,11 @@ struct Upload<S: Store> {
     /// When to try again a renewal the index failed (it may be recovering):
     /// the upload goes on while a third of its lease is left.
     retry_renewal_at: Option<std::time::Instant>,
+    /// The S3 multipart upload this filing is a part of, or completes: each
+    /// renewal is a sign of its life too, so the collector does not expire
+    /// an upload whose part (or Complete) streams for longer than
+    /// `multipart_expiry_ms` over a slow link.
+    keeps_alive: Option<EvidenceId>,
 }
 
 /// Whether an index error may pass (a conflict storm, a recovery, a
@@ -506,6 +511,7 @@ impl<S: Store> Upload<S> {
             degraded: 0,
             renewed_at: std::time::Instant::now(),
             retry_renewal_at: None,
+            keeps_alive: None,
         }
     }
 
@@ -521,6 +527,10 @@ impl<S: Store> Upload<S> {
     {
         let code = self.gw.config.code();
         let stripe_size = code.stripe_size() as usize;
+        self.keeps_alive = meta
+            .part
+            .map(|(upload, _)| upload)
+            .or(meta.s3.as_ref().and_then(|put| put.completes));
         // BLAKE3 root and Bao outboard in one pass; SHA-256 beside it.
         let mut bao = protocol::bao::OutboardBuilder::new();
         let mut sha = sha2::Sha256::new();
@@ -817,10 +827,13 @@ impl<S: Store> Upload<S> {
             uploaded_ms: header.filed_at_ms,
             copied_from: copied_from.first().copied(),
         };
+        let now = gw_now(&self.gw);
         let replaced = indexer::run(&self.gw.store, |tx| {
             let (record, credential, copied_from) = (&record, &credential, &copied_from);
             async move {
                 let replaced = indexer::s3::put_part_tx(&tx, upload, number, record).await?;
+                // Its sign of life is when it commits, not when it began.
+                indexer::s3::touch_upload_tx(&tx, upload, now);
                 still_authorized_tx(&tx, credential.as_ref()).await?;
                 still_filed_tx(&tx, copied_from).await?;
                 Ok::<_, ApiError>(replaced)
@@ -1110,11 +1123,17 @@ impl<S: Store> Upload<S> {
         }
         let now = gw_now(&self.gw);
         let (evidence, lease) = (self.evidence, now + self.gw.config.intent_lease_ms);
+        let upload = self.keeps_alive;
         let renewed = indexer::run(&self.gw.store, |tx| async move {
-            schema::renew_intent_tx(&tx, evidence, lease).await
+            schema::renew_intent_tx(&tx, evidence, lease).await?;
+            // Ended meanwhile (aborted, expired, completed by another
+            // request): this part or Complete cannot commit, so it stops.
+            if let Some(upload) = upload {
+                indexer::s3::touch_open_upload_tx(&tx, upload, now).await?;
+            }
+            Ok::<_, ApiError>(())
         })
-        .await
-        .map_err(ApiError::from);
+        .await;
         match renewed {
             Ok(()) => {
                 self.renewed_at = std::time::Instant::now();

@@ -3847,3 +3847,90 @@ except botocore.exceptions.ClientError as e:
     );
     Ok(())
 }
+
+/// A part that streams in for longer than `multipart_expiry_ms` (a slow
+/// field link) keeps its upload alive while it comes: each renewal of its
+/// lease is a sign of the upload's life, so the collector does not expire
+/// the upload under it (and delete its other parts).
+#[test]
+fn a_part_streaming_past_the_expiry_keeps_its_upload_alive() -> Result<()> {
+    if !custodia_tests::require(
+        "a_part_streaming_past_the_expiry_keeps_its_upload_alive",
+        &[Tool::Curl],
+    )? {
+        return Ok(());
+    }
+    let mut c = TestCluster::start(Shape::default())?;
+    c.set_gateway(&[
+        ("multipart_expiry_ms", toml::Value::Integer(2_000)),
+        ("gc_interval_ms", toml::Value::Integer(300)),
+        ("intent_lease_ms", toml::Value::Integer(1_500)),
+    ])?;
+    let (h, _) = curl(&c, "PUT", &format!("{}/slow", c.s3), &[])?;
+    assert!(h.starts_with("http/1.1 200"), "{h}");
+    let (h, body) = curl(
+        &c,
+        "POST",
+        &format!("{}/slow/field.bin?uploads=", c.s3),
+        &["--data-binary", ""],
+    )?;
+    assert!(h.starts_with("http/1.1 200"), "{h}");
+    let body = String::from_utf8_lossy(&body).into_owned();
+    let upload = body
+        .split("<UploadId>")
+        .nth(1)
+        .and_then(|r| r.split("</UploadId>").next())
+        .context("no upload id")?
+        .to_owned();
+    let data = bytes(300_000, 91);
+    let part = c.data_dir().join("slow-part.bin");
+    std::fs::write(&part, &data)?;
+    // About 6 s at 50 KB/s: three times the expiry.
+    let started = std::time::Instant::now();
+    let (h, body) = curl(
+        &c,
+        "PUT",
+        &format!("{}/slow/field.bin?partNumber=1&uploadId={upload}", c.s3),
+        &[
+            "--limit-rate",
+            "50k",
+            "--data-binary",
+            &format!("@{}", part.display()),
+        ],
+    )?;
+    assert!(
+        started.elapsed() > std::time::Duration::from_secs(4),
+        "the part came too fast to test anything: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        h.starts_with("http/1.1 200"),
+        "{h}{}",
+        String::from_utf8_lossy(&body)
+    );
+    let etag = custodia_tests::header(&h, "etag")
+        .context("no part etag")?
+        .to_owned();
+    let done = format!(
+        "<CompleteMultipartUpload><Part><PartNumber>1</PartNumber><ETag>{etag}</ETag></Part></CompleteMultipartUpload>"
+    );
+    let (h, body) = curl(
+        &c,
+        "POST",
+        &format!("{}/slow/field.bin?uploadId={upload}", c.s3),
+        &[
+            "--data-binary",
+            &done,
+            "-H",
+            "content-type: application/xml",
+        ],
+    )?;
+    assert!(
+        h.starts_with("http/1.1 200"),
+        "{h}{}",
+        String::from_utf8_lossy(&body)
+    );
+    let (_, got) = curl(&c, "GET", &format!("{}/slow/field.bin", c.s3), &[])?;
+    assert!(got == data, "the object did not read back byte-exact");
+    Ok(())
+}
