@@ -75,7 +75,8 @@ pub struct NodeMetrics {
     pub scrub_progress: Gauge,
     /// `custodia_node_scrub_passes_total` and
     /// `custodia_node_scrub_last_pass_timestamp_seconds` (when the last pass
-    /// ended; alert on `time() - ...`).
+    /// ended, kept across restarts in the data directory; 0 until a node's
+    /// first pass ends; alert on `time() - ...`).
     pub scrub_passes: IntCounter,
     pub scrub_last_pass: Gauge,
     /// `custodia_node_scrub_rate_bytes_per_second`: the configured scrub

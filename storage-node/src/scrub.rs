@@ -9,15 +9,101 @@
 //! walks the inventory in listing order; passes start at most every
 //! [`ScrubConfig::pass_interval`], and the read rate never exceeds
 //! [`ScrubConfig::bytes_per_sec`] so foreground traffic keeps the disk.
+//!
+//! Where a pass is, and when the last one began and ended, are kept in the
+//! data directory (`scrub.state`, saved every [`SAVE_EVERY`]): a node
+//! restarted more often than a pass takes (a 10 TB disk takes days) goes on
+//! where it stopped, instead of checking the start of its listing again
+//! and again and the rest never, and its last-pass time does not start
+//! again at nothing.
 
 use crate::metrics::{clamp, NodeMetrics};
 use crate::store::{ScrubPage, ShardStore, StoreError};
+use protocol::ShardKey;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// Shards listed per step of a pass.
 const PAGE: usize = 64;
+
+/// The file, in the data directory, scrubbing keeps its place in.
+pub const STATE_FILE: &str = "scrub.state";
+const STATE_V1: u8 = 1;
+
+/// How often a pass under way saves its place (at most this much of a
+/// pass is done again after a restart).
+const SAVE_EVERY: Duration = Duration::from_secs(30);
+
+/// Where scrubbing is, kept across restarts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubState {
+    /// The pass under way, if one is.
+    pub pass: Option<PassState>,
+    /// When the last whole pass began and ended (ms since the epoch).
+    pub last_pass: Option<(u64, u64)>,
+}
+
+/// A pass under way.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassState {
+    /// When it began (ms since the epoch).
+    pub started_ms: u64,
+    /// The last shard it checked: it goes on after it.
+    pub after: Option<ShardKey>,
+    /// Shards checked, found corrupt, and bytes read so far.
+    pub done: u64,
+    pub corrupt: u64,
+    pub bytes: u64,
+}
+
+impl ScrubState {
+    /// The state saved in `dir`; none (a first pass from the start) if
+    /// there is none or it cannot be read, which is said.
+    pub fn load(dir: &Path) -> ScrubState {
+        let path = dir.join(STATE_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => protocol::wire::decode_versioned(STATE_V1, &bytes).unwrap_or_else(|e| {
+                tracing::warn!(path = %path.display(), error = %e, "scrub's saved place is unreadable; starting a pass from the beginning");
+                ScrubState::default()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ScrubState::default(),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "could not read scrub's saved place; starting a pass from the beginning");
+                ScrubState::default()
+            }
+        }
+    }
+
+    /// Saves the state in `dir`, replacing the old one whole (a crash
+    /// leaves one or the other).
+    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+        std::fs::write(&tmp, protocol::wire::encode_versioned(STATE_V1, self))?;
+        std::fs::rename(&tmp, dir.join(STATE_FILE))
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Saves `state` in `dir` off the runtime's threads; a failure is said, and
+/// scrubbing goes on (it costs only a place to resume from).
+async fn save(state: &ScrubState, dir: &Path) {
+    let (state, dir) = (state.clone(), dir.to_path_buf());
+    let saved = tokio::task::spawn_blocking(move || state.save(&dir)).await;
+    match saved {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not save scrub's place"),
+        Err(e) => tracing::warn!(error = %e, "could not save scrub's place"),
+    }
+}
 
 /// How hard a node scrubs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,31 +132,65 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     metrics.scrub_rate.set(clamp(config.bytes_per_sec));
+    let dir: PathBuf = store.root().to_path_buf();
+    let mut state = ScrubState::load(&dir);
+    if let Some((_, ended_ms)) = state.last_pass {
+        metrics.scrub_last_pass.set(ended_ms as f64 / 1000.0);
+    }
     if config.bytes_per_sec == 0 {
         tracing::info!("scrubbing is off");
         return;
     }
     loop {
-        let started = Instant::now();
-        tokio::select! {
-            _ = stop.changed() => return,
-            () = pass(&store, &metrics, config.bytes_per_sec) => {}
+        if state.pass.is_none() {
+            // The next pass begins `pass_interval` after the last began, by
+            // the wall clock (which, unlike a monotonic one, outlives a
+            // restart); never later than that from now, whatever a clock
+            // set back says.
+            if let Some((began_ms, _)) = state.last_pass {
+                let due = began_ms.saturating_add(config.pass_interval.as_millis() as u64);
+                let wait =
+                    Duration::from_millis(due.saturating_sub(now_ms())).min(config.pass_interval);
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            state.pass = Some(PassState {
+                started_ms: now_ms(),
+                ..Default::default()
+            });
+            save(&state, &dir).await;
+        } else {
+            tracing::info!("scrub goes on with the pass a restart interrupted");
         }
-        let next = started + config.pass_interval;
         tokio::select! {
-            _ = stop.changed() => return,
-            _ = tokio::time::sleep_until(next.into()) => {}
+            _ = stop.changed() => {
+                // Where it got to, for the next start.
+                save(&state, &dir).await;
+                return;
+            }
+            () = pass(&store, &metrics, config.bytes_per_sec, &mut state, &dir) => {}
         }
     }
 }
 
-/// One pass over every shard.
-async fn pass(store: &Arc<ShardStore>, metrics: &NodeMetrics, bytes_per_sec: u64) {
+/// One pass over every shard, or the rest of the one `state` holds; it
+/// saves its place every [`SAVE_EVERY`] and, at its end, when it ended.
+async fn pass(
+    store: &Arc<ShardStore>,
+    metrics: &NodeMetrics,
+    bytes_per_sec: u64,
+    state: &mut ScrubState,
+    dir: &Path,
+) {
     let total = store.info().map(|i| i.shards).unwrap_or(0).max(1);
     let started = Instant::now();
     let mut pace = Pace::new(bytes_per_sec, started);
-    let (mut done, mut corrupt, mut bytes) = (0u64, 0u64, 0u64);
-    let mut after = None;
+    let mut saved_at = started;
+    let place = state.pass.clone().unwrap_or_default();
+    let (mut done, mut corrupt, mut bytes) = (place.done, place.corrupt, place.bytes);
+    let mut after = place.after;
     // Directories found unlistable this pass: a page may end within one
     // (on its packed shards) and the next begin there again.
     let mut unlisted = std::collections::HashSet::new();
@@ -118,7 +238,7 @@ async fn pass(store: &Arc<ShardStore>, metrics: &NodeMetrics, bytes_per_sec: u64
             );
         }
         let Some(last) = page.last() else { break };
-        after = Some(last.key);
+        let page_end = last.key;
         for header in page {
             let s = store.clone();
             let key = header.key;
@@ -147,21 +267,32 @@ async fn pass(store: &Arc<ShardStore>, metrics: &NodeMetrics, bytes_per_sec: u64
             metrics
                 .scrub_progress
                 .set((done as f64 / total as f64).min(0.999));
+            // Its place: the shard just checked (a stop while it sleeps
+            // below saves it).
+            after = Some(key);
+            if let Some(p) = state.pass.as_mut() {
+                (p.after, p.done, p.corrupt, p.bytes) = (after, done, corrupt, bytes);
+            }
+            if saved_at.elapsed() >= SAVE_EVERY {
+                save(state, dir).await;
+                saved_at = Instant::now();
+            }
             // Never ahead of the rate: sleep off whatever was read too fast.
             let wait = pace.after(cost, Instant::now());
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
         }
+        after = Some(page_end);
     }
+    let ended_ms = now_ms();
+    let began_ms = state.pass.as_ref().map_or(ended_ms, |p| p.started_ms);
+    state.pass = None;
+    state.last_pass = Some((began_ms, ended_ms));
+    save(state, dir).await;
     metrics.scrub_progress.set(1.0);
     metrics.scrub_passes.inc();
-    metrics.scrub_last_pass.set(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0),
-    );
+    metrics.scrub_last_pass.set(ended_ms as f64 / 1000.0);
     tracing::info!(
         shards = done,
         corrupt,
@@ -220,6 +351,98 @@ async fn run_blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use protocol::{Blake3Hash, ErasureCode, EvidenceId, ShardHeader};
+
+    /// A store in `dir` holding `n` shards.
+    fn store_with(dir: &Path, n: u64) -> Arc<ShardStore> {
+        let store = ShardStore::open(dir).unwrap();
+        for i in 0..n {
+            let body = vec![i as u8; 100];
+            let header = ShardHeader {
+                key: ShardKey {
+                    evidence: EvidenceId::new(1_000 + i, [i as u8; 10]),
+                    stripe: 0,
+                    index: 0,
+                },
+                code: ErasureCode::new(4, 2, 4096).unwrap(),
+                stripe_len: 400,
+                len: 100,
+                blake3: Blake3Hash::of(&body),
+            };
+            store.put(&header, &body).unwrap();
+        }
+        Arc::new(store)
+    }
+
+    /// A pass interrupted by a restart goes on after the last shard it
+    /// checked, not from the start; at its end it saves when it began and
+    /// ended, which the next start reads back (the last-pass gauge with it).
+    #[tokio::test]
+    async fn a_pass_resumes_where_a_restart_left_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(dir.path(), 10);
+        let listed = store.list(None, 100).unwrap();
+        assert_eq!(listed.len(), 10);
+        let state = ScrubState {
+            pass: Some(PassState {
+                started_ms: 5_000,
+                after: Some(listed[5].key),
+                done: 6,
+                ..Default::default()
+            }),
+            last_pass: Some((1_000, 2_000)),
+        };
+        state.save(dir.path()).unwrap();
+        assert_eq!(ScrubState::load(dir.path()), state);
+        let metrics = NodeMetrics::new(&prometheus::Registry::new()).unwrap();
+        let mut state = ScrubState::load(dir.path());
+        pass(&store, &metrics, 1 << 30, &mut state, dir.path()).await;
+        assert_eq!(
+            metrics.scrub_shards.get(),
+            4,
+            "only the shards after its place"
+        );
+        let saved = ScrubState::load(dir.path());
+        assert_eq!(saved, state);
+        assert_eq!(saved.pass, None);
+        let (began, ended) = saved.last_pass.unwrap();
+        assert_eq!(began, 5_000, "the pass began before the restart");
+        assert!(ended >= began);
+        assert_eq!(metrics.scrub_last_pass.get(), ended as f64 / 1000.0);
+
+        // The next start, within an hour of the last pass's beginning: it
+        // knows when that pass ended, and waits for the next.
+        let recent = ScrubState {
+            pass: None,
+            last_pass: Some((now_ms() - 1_000, now_ms())),
+        };
+        recent.save(dir.path()).unwrap();
+        let (_, ended) = recent.last_pass.unwrap();
+        let (stop_tx, stop) = watch::channel(false);
+        let restarted = NodeMetrics::new(&prometheus::Registry::new()).unwrap();
+        let config = ScrubConfig {
+            bytes_per_sec: 1 << 30,
+            pass_interval: Duration::from_secs(3600),
+        };
+        let run = tokio::spawn(run(store.clone(), restarted.clone(), config, stop));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(restarted.scrub_last_pass.get(), ended as f64 / 1000.0);
+        assert_eq!(restarted.scrub_shards.get(), 0, "no pass before it is due");
+        stop_tx.send(true).unwrap();
+        run.await.unwrap();
+    }
+
+    /// A saved place that cannot be read starts a pass from the beginning.
+    #[test]
+    fn an_unreadable_place_starts_from_the_beginning() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(STATE_FILE), b"\x09garbage").unwrap();
+        assert_eq!(ScrubState::load(dir.path()), ScrubState::default());
+        assert_eq!(
+            ScrubState::load(&dir.path().join("none")),
+            ScrubState::default()
+        );
+    }
 
     /// The rate holds on average, and an hour spent slowed earns no burst:
     /// once the stall ends, reads wait as if the pass had just begun.
