@@ -3034,8 +3034,12 @@ pub fn spawn_timestamping<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::
                     Ok(None) => {}
                     _ => continue, // stamped already, or the index is busy
                 }
-                if let Err(e) = stamp(&gw, tsa, &note, size).await {
-                    tracing::warn!(size, error = %e, "could not time-stamp the checkpoint");
+                match stamp(&gw, tsa, &note, size).await {
+                    Ok(()) => gw.metrics.tsa_stamps.with_label_values(&["ok"]).inc(),
+                    Err(e) => {
+                        gw.metrics.tsa_stamps.with_label_values(&["failed"]).inc();
+                        tracing::warn!(size, error = %e, "could not time-stamp the checkpoint");
+                    }
                 }
             }
         }

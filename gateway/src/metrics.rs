@@ -165,6 +165,11 @@ pub struct GatewayMetrics {
     /// `custodia_tsa_clock_offset_seconds`: the RFC 3161 TSA's genTime minus
     /// the gateway's clock at the newest token (whole seconds).
     pub tsa_clock_offset: prometheus::Gauge,
+    /// `custodia_tsa_stamps_total{result="ok"|"failed"}`: time-stamp tokens
+    /// obtained (and verified, and stored) for checkpoints, and attempts that
+    /// failed (the TSA unreachable, its certificate expired, its answer not
+    /// verifying). Receipts carry no token while it fails.
+    pub tsa_stamps: IntCounterVec,
     /// `custodia_compliance_clock_offset_seconds`: the compliance clock
     /// (which retention is judged by) minus the system clock. Negative: it
     /// lags (time no gateway ran, not yet confirmed); positive: the system
@@ -510,6 +515,19 @@ impl GatewayMetrics {
                     "The time-stamping authority's genTime minus the gateway's clock at the newest token.",
                 )?,
             )?,
+            tsa_stamps: reg_if(tsa, r, {
+                let stamps = IntCounterVec::new(
+                    Opts::new(
+                        "custodia_tsa_stamps_total",
+                        "Time-stamp tokens obtained for checkpoints (result=ok) and attempts that failed.",
+                    ),
+                    &["result"],
+                )?;
+                // Both series from the start: an alert compares them.
+                stamps.with_label_values(&["ok"]);
+                stamps.with_label_values(&["failed"]);
+                stamps
+            })?,
             compliance_clock_offset: reg(
                 r,
                 prometheus::Gauge::new(
