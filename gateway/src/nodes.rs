@@ -11,7 +11,7 @@ use crate::config::NodeEntry;
 use crate::placement::Candidate;
 use indexer::schema::{self, Lifecycle, NodeRecord};
 use protocol::wire::SpaceInfo;
-use protocol::NodeId;
+use protocol::{EvidenceId, NodeId, ShardKey};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -758,6 +758,21 @@ impl NodeSet {
         ) {
             return false;
         }
+        // Not lost but quarantined: a scrub or a read found it corrupt and
+        // moved it aside (repair collects it from there). One bad shard is
+        // not a disk put back from an older copy, whose reconciliation
+        // re-reads every stripe the node holds.
+        let quarantined = tokio::time::timeout(
+            Duration::from_secs(3),
+            self.client.rpc_list_quarantined(addr, just_before(key)),
+        )
+        .await;
+        if let Ok(Ok(keys)) = quarantined {
+            if keys.first() == Some(&key) {
+                self.client.forget_stored(addr, key);
+                return false;
+            }
+        }
         // Of visible evidence (or a multipart upload's part in progress)
         // only: an aborted upload's shards are deleted before its records
         // are forgotten, and so are an ended upload's parts'.
@@ -781,6 +796,30 @@ impl NodeSet {
             }
         }
     }
+}
+
+/// The shard key just before `key` in key order (none before the first),
+/// so a listing "after" it begins at `key`.
+fn just_before(key: ShardKey) -> Option<ShardKey> {
+    if key.index > 0 {
+        return Some(ShardKey {
+            index: key.index - 1,
+            ..key
+        });
+    }
+    if key.stripe > 0 {
+        return Some(ShardKey {
+            stripe: key.stripe - 1,
+            index: u8::MAX,
+            ..key
+        });
+    }
+    let id = u128::from_be_bytes(key.evidence.0).checked_sub(1)?;
+    Some(ShardKey {
+        evidence: EvidenceId(id.to_be_bytes()),
+        stripe: u64::MAX,
+        index: u8::MAX,
+    })
 }
 
 impl NodeState {
@@ -820,6 +859,30 @@ fn candidate(e: &NodeEntry) -> Candidate {
 mod tests {
     use super::*;
     use storage_node::tls::{ClusterCa, TlsFiles};
+
+    /// A listing "after" the key just before a key begins at that key,
+    /// whichever of its parts has to borrow.
+    #[test]
+    fn just_before_a_key_is_the_greatest_key_under_it() {
+        let e = EvidenceId([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        let key = |evidence, stripe, index| ShardKey {
+            evidence,
+            stripe,
+            index,
+        };
+        for k in [key(e, 7, 3), key(e, 7, 0), key(e, 0, 0)] {
+            let before = just_before(k).unwrap();
+            assert!(before < k, "{before:?} {k:?}");
+        }
+        assert_eq!(just_before(key(e, 7, 3)), Some(key(e, 7, 2)));
+        assert_eq!(just_before(key(e, 7, 0)), Some(key(e, 6, u8::MAX)));
+        let below = EvidenceId([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 255]);
+        assert_eq!(
+            just_before(key(e, 0, 0)),
+            Some(key(below, u64::MAX, u8::MAX))
+        );
+        assert_eq!(just_before(key(EvidenceId([0; 16]), 0, 0)), None);
+    }
 
     /// Eight nodes, all up and active, and a client that never connects.
     fn set(dir: &std::path::Path) -> NodeSet {
