@@ -243,7 +243,7 @@ impl Cluster {
     /// address (`0.0.0.0`) or behind a port mapping is dialled wherever its
     /// network says, and a file may list only the nodes of one host under
     /// `[[nodes]]`. No two nodes are dialled at one address.
-    fn nodes_agree(&self) -> Result<()> {
+    pub(crate) fn nodes_agree(&self) -> Result<()> {
         let mut dialled = std::collections::HashMap::new();
         for e in &self.gateway.nodes {
             if let Some(other) = dialled.insert(e.addr, e.id) {

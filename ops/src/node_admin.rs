@@ -57,14 +57,55 @@ pub fn add(
         .chain(ids_issued(&data_dir).into_iter().map(|id| id + 1))
         .max()
         .unwrap_or(0);
-    let listen = match listen {
-        Some(a) => a,
-        None => ([127, 0, 0, 1], crate::cluster::free_udp_port()?).into(),
+    // An address another node of the file has (a stopped node's port is
+    // free to bind just now, but not to take): refused before anything is
+    // written, since the file would then not load.
+    let listened = |a: &SocketAddr| {
+        cluster
+            .gateway
+            .nodes
+            .iter()
+            .find(|e| e.addr == *a)
+            .map(|e| e.id)
+            .or_else(|| cluster.nodes.iter().find(|n| n.listen == *a).map(|n| n.id))
     };
-    let metrics = match metrics {
-        Some(a) => a,
-        None => ([127, 0, 0, 1], crate::cluster::free_tcp_port()?).into(),
+    let scraped = |a: &SocketAddr| {
+        cluster
+            .nodes
+            .iter()
+            .find(|n| n.metrics_listen == Some(*a))
+            .map(|n| n.id)
     };
+    let pick = |given: Option<SocketAddr>,
+                taken: &dyn Fn(&SocketAddr) -> Option<u32>,
+                free: fn() -> Result<u16>,
+                what: &str|
+     -> Result<SocketAddr> {
+        match given {
+            Some(a) => match taken(&a) {
+                Some(other) => {
+                    anyhow::bail!("{a} is already node {other}'s {what}; choose another")
+                }
+                None => Ok(a),
+            },
+            None => {
+                for _ in 0..100 {
+                    let a: SocketAddr = ([127, 0, 0, 1], free()?).into();
+                    if taken(&a).is_none() {
+                        return Ok(a);
+                    }
+                }
+                anyhow::bail!("found no free port for the node's {what}; give one")
+            }
+        }
+    };
+    let listen = pick(listen, &listened, crate::cluster::free_udp_port, "address")?;
+    let metrics = pick(
+        metrics,
+        &scraped,
+        crate::cluster::free_tcp_port,
+        "metrics address",
+    )?;
     let tls = data_dir.join("tls");
     // The CA the cluster file names (it may be kept elsewhere), its key
     // beside it, as `up` reads them.
@@ -107,6 +148,7 @@ pub fn add(
         server_name: Some(storage_node::tls::node_server_name(id)),
     });
     cluster.gateway.validate()?;
+    cluster.nodes_agree()?;
     cluster.save(&data_dir)?;
     Ok(id)
 }

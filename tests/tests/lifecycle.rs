@@ -522,6 +522,43 @@ fn init_three_nodes(parent: &std::path::Path) -> Result<std::path::PathBuf> {
     Ok(dir)
 }
 
+/// A node added at an address another node of the file has is refused
+/// before anything is written (the file would no longer load, stopping
+/// `custodia up`, the gateway and every later edit), with a message naming
+/// that node; the exit status says it failed.
+#[test]
+fn a_node_added_at_another_nodes_address_is_refused() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = init_three_nodes(tmp.path())?;
+    let file = dir.join("cluster.toml");
+    let before = std::fs::read_to_string(&file)?;
+    let cluster: toml::Value = toml::from_str(&before)?;
+    let taken = cluster["gateway"]["nodes"][1]["addr"]
+        .as_str()
+        .context("node 1's address")?
+        .to_owned();
+    let out = std::process::Command::new(custodia_tests::custodia_bin())
+        .args(["node", "add", "--listen", &taken, "--data-dir"])
+        .arg(&dir)
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("already node 1's address"), "{said}");
+    assert_eq!(std::fs::read_to_string(&file)?, before, "the file changed");
+    assert!(!dir.join("tls").join("node-3.pem").exists());
+    // Without an address given, the node gets one of its own.
+    let out = std::process::Command::new(custodia_tests::custodia_bin())
+        .args(["node", "add", "--data-dir"])
+        .arg(&dir)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 /// Nodes added at once (a script's `&`) each get an id, a certificate and
 /// an entry of their own: every edit of cluster.toml is made under one
 /// lock, from the file as the last edit left it.
