@@ -2584,7 +2584,9 @@ async fn status<S: Store>(
                 "full": n.full,
                 "shards": n.disk.map(|d| d.shards),
                 "rtt_ms": n.rtt.map(|d| d.as_secs_f64() * 1000.0),
-                "clock_offset_ms": n.clock_offset_ms,
+                // Measured at each answered probe: a node not answering
+                // has no current skew (its last one would read as now's).
+                "clock_offset_ms": n.clock_offset_ms.filter(|_| n.healthy),
                 "reconciling": n.reconciling,
                 "awaiting_grace": crate::repair::awaiting_grace(&gw, &n),
             })

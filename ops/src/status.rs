@@ -235,23 +235,54 @@ pub fn repair(
             best = left;
             since = std::time::Instant::now();
         } else if since.elapsed() >= patience {
-            if left == 0 && !unverified.is_empty() {
-                bar.abandon_with_message("the backlog is empty, but not every node is up");
-                anyhow::bail!(
-                    "the shards on {} are not verified: the node is not up, and its stripes \
-                     are queued only once it is back or past its grace period (custodia status)",
-                    unverified.join(", ")
-                );
-            }
-            bar.abandon_with_message(format!("{left} stripes still queued"));
-            anyhow::bail!(
-                "{left} stripes could not be repaired yet (nodes within their grace \
-                 period, too few nodes, or lost stripes: see the gateway's log and \
-                 custodia status)"
-            );
+            let (short, why) = why_not_done(&s, left);
+            bar.abandon_with_message(short);
+            anyhow::bail!(why);
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
+}
+
+/// Why a repair that stopped making progress with `left` stripes queued
+/// is not done, as the status `s` says: (the progress bar's last word, the
+/// error).
+fn why_not_done(s: &serde_json::Value, left: u64) -> (String, String) {
+    let unverified = not_up(s);
+    let reconciling: Vec<String> = s["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["reconciling"] == true)
+        .map(|n| format!("node {}", n["id"]))
+        .collect();
+    if left == 0 && !unverified.is_empty() {
+        return (
+            "the backlog is empty, but not every node is up".into(),
+            format!(
+                "the shards on {} are not verified: the node is not up, and its stripes \
+                 are queued only once it is back or past its grace period (custodia status)",
+                unverified.join(", ")
+            ),
+        );
+    }
+    if left == 0 && !reconciling.is_empty() {
+        return (
+            "the backlog is empty, but a new disk is being checked".into(),
+            format!(
+                "{} came back with another disk, and its stripes are still being queued for \
+                 repair: run custodia repair again shortly (custodia status shows it)",
+                reconciling.join(", ")
+            ),
+        );
+    }
+    (
+        format!("{left} stripes still queued"),
+        format!(
+            "{left} stripes could not be repaired yet (nodes within their grace \
+             period, too few nodes, or lost stripes: see the gateway's log and \
+             custodia status)"
+        ),
+    )
 }
 
 /// The repair backlog an answer reports. An answer without it is not one
@@ -299,6 +330,26 @@ mod tests {
         ]});
         assert_eq!(not_up(&status), ["node 2 (down)", "node 3 (suspect)"]);
         assert!(not_up(&serde_json::json!({})).is_empty());
+    }
+
+    /// A repair that stops with nothing queued says why it is not done:
+    /// a node not up, or one whose new disk is still being queued, not
+    /// "0 stripes could not be repaired".
+    #[test]
+    fn a_stopped_repair_says_why() {
+        let reconciling = serde_json::json!({ "nodes": [
+            { "id": 1, "state": "up", "awaiting_grace": false },
+            { "id": 5, "state": "up", "awaiting_grace": false, "reconciling": true },
+        ]});
+        let (_, why) = why_not_done(&reconciling, 0);
+        assert!(why.contains("node 5 came back with another disk"), "{why}");
+        let (_, why) = why_not_done(&reconciling, 3);
+        assert!(why.starts_with("3 stripes could not be repaired"), "{why}");
+        let down = serde_json::json!({ "nodes": [
+            { "id": 2, "state": "down", "awaiting_grace": true },
+        ]});
+        let (_, why) = why_not_done(&down, 0);
+        assert!(why.contains("node 2 (down) are not verified"), "{why}");
     }
 
     #[test]
