@@ -563,62 +563,71 @@ impl NodeSet {
         if lock(&self.silent_before).is_none() {
             self.read_silences(store).await;
         }
-        let mut replaced = Vec::new();
         let probes = self.nodes.iter().map(|n| async move {
             let info = tokio::time::timeout(
                 Duration::from_secs(3),
                 self.client.rpc_node_info(n.entry.addr),
             )
             .await;
-            let mut space = None;
-            if matches!(info, Ok(Ok(_))) {
-                // A node too old to know the request keeps no reserve: it is
-                // full only when a put finds its disk full.
-                space = match tokio::time::timeout(
-                    Duration::from_secs(3),
-                    self.client.rpc_space(n.entry.addr),
-                )
-                .await
+            if !matches!(info, Ok(Ok(_))) {
+                return (n, info, None);
+            }
+            // The rest at once (each may take its 3 s): a round as long as
+            // their sum would outlast the probe interval.
+            let addr = n.entry.addr;
+            // A node too old to know the request keeps no reserve: it is
+            // full only when a put finds its disk full.
+            let space = async {
+                match tokio::time::timeout(Duration::from_secs(3), self.client.rpc_space(addr)).await
                 {
                     Ok(Ok(space)) => Some(space),
                     _ => None,
-                };
-                let clock = tokio::time::timeout(
-                    Duration::from_secs(3),
-                    self.client.rpc_clock_offset(n.entry.addr),
-                )
-                .await;
+                }
+            };
+            let clock = async {
+                let clock =
+                    tokio::time::timeout(Duration::from_secs(3), self.client.rpc_clock_offset(addr))
+                        .await;
                 // A node too old to answer keeps no figure rather than a stale one.
                 *lock(&n.clock_offset_ms) = match clock {
                     Ok(Ok((offset, _rtt))) => Some(offset),
                     _ => None,
                 };
-                // Each probe (the node keeps the set on its disk, and
-                // rewrites it only when it changes): a node back with a new
-                // disk, or one that missed a removal, is told again.
-                if let Some(ids) = removed.as_ref().filter(|ids| !ids.is_empty()) {
-                    let denied = tokio::time::timeout(
-                        Duration::from_secs(3),
-                        self.client.rpc_deny_nodes(n.entry.addr, ids.clone()),
-                    )
-                    .await;
-                    let failed = match denied {
-                        Ok(Ok(_)) => None,
-                        Ok(Err(e)) => Some(e.to_string()),
-                        Err(_) => Some("no answer within 3 s".to_owned()),
-                    };
-                    let was = n.deny_failing.swap(failed.is_some(), Ordering::Relaxed);
-                    match failed {
-                        Some(e) if !was => tracing::warn!(node = %n.entry.node_id(), error = %e, "could not tell a node which nodes were removed (they may still read its shards; an older node does not know the request); tried at each probe"),
-                        Some(e) => tracing::debug!(node = %n.entry.node_id(), error = %e, "could not tell a node which nodes were removed"),
-                        None if was => tracing::info!(node = %n.entry.node_id(), "a node now serves removed nodes nothing"),
-                        None => {}
-                    }
+            };
+            // Each probe (the node keeps the set on its disk, and rewrites
+            // it only when it changes): a node back with a new disk, or one
+            // that missed a removal, is told again.
+            let deny = async {
+                let Some(ids) = removed.as_ref().filter(|ids| !ids.is_empty()) else {
+                    return;
+                };
+                let denied = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    self.client.rpc_deny_nodes(addr, ids.clone()),
+                )
+                .await;
+                let failed = match denied {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some("no answer within 3 s".to_owned()),
+                };
+                let was = n.deny_failing.swap(failed.is_some(), Ordering::Relaxed);
+                match failed {
+                    Some(e) if !was => tracing::warn!(node = %n.entry.node_id(), error = %e, "could not tell a node which nodes were removed (they may still read its shards; an older node does not know the request); tried at each probe"),
+                    Some(e) => tracing::debug!(node = %n.entry.node_id(), error = %e, "could not tell a node which nodes were removed"),
+                    None if was => tracing::info!(node = %n.entry.node_id(), "a node now serves removed nodes nothing"),
+                    None => {}
                 }
-            }
+            };
+            let (space, (), ()) = tokio::join!(space, clock, deny);
             (n, info, space)
         });
-        for (n, info, space) in futures::future::join_all(probes).await {
+        // Each node's answer is taken in at once (its index record, the
+        // check of the last shard stored there, each up to seconds): one
+        // after another, a round would outlast the probe interval that
+        // drains and forced removals count on.
+        let answers = futures::future::join_all(probes).await;
+        let taken = answers.into_iter().map(|(n, info, space)| async move {
             let id = n.entry.node_id();
             let info = match info {
                 Ok(Ok(info)) => info,
@@ -632,21 +641,21 @@ impl NodeSet {
                         tracing::debug!(node = %id, error = %e, "node probe failed");
                     }
                     self.mark(id, false);
-                    continue;
+                    return None;
                 }
                 Err(_) => {
                     if n.probe_failed("no answer within 3 s".into()) {
                         tracing::warn!(node = %id, addr = %n.entry.addr, "node probe got no answer within 3 s");
                     }
                     self.mark(id, false);
-                    continue;
+                    return None;
                 }
             };
             *lock(&n.probe_failure) = None;
             if info.node != id {
                 tracing::error!(node = %id, reported = %info.node, "node at this address reports another id; not using it");
                 self.mark(id, false);
-                continue;
+                return None;
             }
             self.mark(id, true);
             // Full at the reserve; room again only well above it, so a node
@@ -713,7 +722,7 @@ impl NodeSet {
                 Ok(true) => {
                     if lock(&self.reconciling).insert(id) {
                         tracing::warn!(node = %id, "node came back with a different disk (wiped or replaced); reconciling its shards");
-                        replaced.push((id, info.disk_uuid));
+                        return Some((id, info.disk_uuid));
                     }
                 }
                 Ok(false) => {}
@@ -730,10 +739,15 @@ impl NodeSet {
                 && lock(&self.reconciling).insert(id)
             {
                 tracing::warn!(node = %id, "node no longer holds a shard it stored, which the index still places on it (its data directory restored from an older copy?); reconciling its shards");
-                replaced.push((id, info.disk_uuid));
+                return Some((id, info.disk_uuid));
             }
-        }
-        replaced
+            None
+        });
+        futures::future::join_all(taken)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// Whether the node at `addr` has lost the last shard it said it stored
