@@ -2375,7 +2375,9 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             legal_hold,
             file_name: Some(input.key.clone()),
             media_type: template.content_type.clone(),
-            submitter: Some(actor.clone()),
+            // As a PUT and a completed upload name their submitter (the
+            // `filed` statement's actor names the role too).
+            submitter: Some(format!("{}/s3:{}", who.tenant, who.access_key)),
             actor: Some(actor),
             expect_blake3: Some(header.blake3),
             s3: Some(S3Put {

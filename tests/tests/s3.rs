@@ -836,6 +836,23 @@ fn aws_cli_files_lists_reads_and_deletes_objects_as_evidence() -> Result<()> {
         copied["ETag"],
         format!("\"{}\"", md5_hex(&bytes(300_000, 4)))
     );
+    // The copy names its submitter as the PUT did.
+    let root = blake3::hash(&bytes(300_000, 4)).to_hex().to_string();
+    let found = c.get_with(&c.token, &format!("/v1/evidence/by-hash/{root}"), &[])?;
+    let submitters: Vec<Value> = found.json()["filings"]
+        .as_array()
+        .context("filings")?
+        .iter()
+        .map(|f| f["submitter"].clone())
+        .collect();
+    assert_eq!(submitters.len(), 2, "{submitters:?}");
+    assert!(
+        submitters[0] == submitters[1]
+            && submitters[0]
+                .as_str()
+                .is_some_and(|s| s.starts_with("admin/s3:")),
+        "{submitters:?}"
+    );
     // Virtual-host-style (BUCKET.localhost:PORT) and path-style through the
     // name `localhost:PORT` both address the bucket.
     let port = c.s3.rsplit(':').next().unwrap_or_default();
