@@ -247,7 +247,9 @@ pub(crate) async fn serve<S: Store + 'static>(
 /// s3cmd read a CopyObject's or UploadPartCopy's body for an `<Error>`).
 /// A copy of many GiB would otherwise send nothing until it is done, and
 /// the client's read timeout would cut it off and retry it from the start.
-/// The copy runs inside the body: a client that leaves cancels it.
+/// The copy runs inside the body: a client that leaves cancels it (its
+/// source is read through [`cancellable`], so the filing fails and cleans
+/// up after itself).
 async fn kept_alive<F, E>(
     mut call: std::pin::Pin<Box<F>>,
     after: Duration,
@@ -2395,6 +2397,9 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             ..Default::default()
         };
         let body = crate::read::stream_range(self.gw.clone(), header, 0..size, None);
+        let client_here = tokio_util::sync::CancellationToken::new();
+        let _left = client_here.clone().drop_guard();
+        let body = cancellable(Box::pin(body), client_here);
         let filing = tokio::spawn(ingest::file_evidence(self.gw.clone(), meta, Box::pin(body)))
             .await
             .map_err(|_| internal(ApiError::Internal))?
@@ -2906,6 +2911,9 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             ..Default::default()
         };
         let body = crate::read::stream_range(self.gw.clone(), header, range, None);
+        let client_here = tokio_util::sync::CancellationToken::new();
+        let _left = client_here.clone().drop_guard();
+        let body = cancellable(Box::pin(body), client_here);
         let record = self.file_part(meta, Box::pin(body)).await?;
         Ok(S3Response::new(UploadPartCopyOutput {
             copy_part_result: Some(CopyPartResult {
@@ -3728,6 +3736,34 @@ fn encode_page(
     prefix.as_deref().map(url_encode)
 }
 
+/// `body`, failing once `client_here` is cancelled (the request's future
+/// dropped: its client left). A copy's filing runs in a task of its own so
+/// that it cleans up after itself; without this it would also run on to
+/// file a copy nobody is waiting for (which a client's retry files again).
+fn cancellable<B, E>(
+    body: B,
+    client_here: tokio_util::sync::CancellationToken,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, String>> + Send + 'static
+where
+    B: futures::Stream<Item = Result<bytes::Bytes, E>> + Send + Unpin + 'static,
+    E: std::fmt::Display,
+{
+    futures::stream::unfold(Some((body, client_here)), |state| async move {
+        let (mut body, client_here) = state?;
+        tokio::select! {
+            biased;
+            () = client_here.cancelled() => Some((
+                Err("the client left: the copy is cancelled".to_owned()),
+                None,
+            )),
+            item = body.next() => {
+                let item = item?.map_err(|e| e.to_string());
+                Some((item, Some((body, client_here))))
+            }
+        }
+    })
+}
+
 /// A part number as S3 allows it: 1 to 10000.
 fn part_number(n: i32) -> S3Result<u32> {
     u32::try_from(n)
@@ -3932,6 +3968,27 @@ mod tests {
         Unmet, LATEST_TS_MS,
     };
     use s3s::dto::{ETag, ETagCondition};
+
+    /// A copy's source read through `cancellable` passes on as it is, and
+    /// fails (not ends, which would file a short copy) once its client
+    /// leaves.
+    #[tokio::test]
+    async fn a_copy_whose_client_left_fails() {
+        use futures::StreamExt as _;
+        let chunks = futures::stream::iter([Ok::<_, String>(bytes::Bytes::from_static(b"ab"))]);
+        let whole: Vec<_> = super::cancellable(chunks, Default::default())
+            .collect()
+            .await;
+        assert_eq!(whole, [Ok(bytes::Bytes::from_static(b"ab"))]);
+        // A source still being read when the client leaves.
+        let client_here = tokio_util::sync::CancellationToken::new();
+        let guard = client_here.clone().drop_guard();
+        let slow = futures::stream::pending::<Result<bytes::Bytes, String>>();
+        let mut body = Box::pin(super::cancellable(slow, client_here));
+        drop(guard);
+        assert!(matches!(body.next().await, Some(Err(_))));
+        assert!(body.next().await.is_none());
+    }
 
     /// An upload GC aborted is the server's failure (503, retry), however
     /// the index's refusal came wrapped; evidence expunged under a change
