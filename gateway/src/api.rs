@@ -2168,6 +2168,9 @@ struct NodeStripes {
     /// an orphan sweep that lists every node to adopt them: the node may
     /// hold some, and once removed it is never listed again.
     awaiting_adoption: u64,
+    /// Stripe records that do not decode: whether they place a shard on
+    /// the node is unknown.
+    unreadable: u64,
 }
 
 async fn stripes_on_node<S: Store>(gw: &Gateway<S>, node: NodeId) -> Result<NodeStripes, ApiError> {
@@ -2200,7 +2203,13 @@ async fn stripes_on_node<S: Store>(gw: &Gateway<S>, node: NodeId) -> Result<Node
         })
         .await?;
         for (e, _, rec) in &batch {
-            let Some(rec) = rec.as_ref() else { continue };
+            // A record that does not decode (damage, or one a newer build
+            // wrote) may place a shard here: the node is not known to hold
+            // nothing until it is read.
+            let Some(rec) = rec.as_ref() else {
+                count.unreadable += 1;
+                continue;
+            };
             if rec.shards.iter().any(|s| s.node == Some(node)) {
                 count.placed += 1;
                 if invisible.contains(e) {
@@ -2303,6 +2312,7 @@ async fn node_detail<S: Store>(
         "stripes_of_unfinished_uploads": stripes.of_pending,
         "uploads_in_flight": uploads,
         "stripes_awaiting_adoption": stripes.awaiting_adoption,
+        "stripe_records_unreadable": stripes.unreadable,
     })))
 }
 
@@ -2439,6 +2449,12 @@ async fn node_lifecycle<S: Store>(
             return Err(ApiError::Conflict(format!(
                 "{} stripes still place a shard on node {node}{parts}; drain it and let repair move them, or force the removal of a dead node",
                 left.placed
+            )));
+        }
+        if left.unreadable > 0 {
+            return Err(ApiError::Conflict(format!(
+                "{} stripe records do not decode (damaged, or written by a newer version), so whether they place a shard on node {node} is unknown; see the gateway's log, or force the removal of a dead node",
+                left.unreadable
             )));
         }
         if left.awaiting_adoption > 0 {
