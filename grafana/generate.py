@@ -70,7 +70,7 @@ DASHBOARDS = {
             panel("Requests per second by route", "sum by (api, route, status) (rate(custodia_http_requests_total[1m]))", "reqps", legend=["{{api}} {{route}} {{status}}"]),
             panel("p99 latency by route", "histogram_quantile(0.99, sum by (api, route, le) (rate(custodia_http_request_duration_seconds_bucket[5m])))", "s", legend=["{{api}} {{route}}"]),
             panel("S3 requests per second", 'sum by (route, status) (rate(custodia_http_requests_total{api="s3"}[1m]))', "reqps", legend=["{{route}} {{status}}"]),
-            panel("Evidence bytes in and out", ["sum(rate(custodia_ingest_bytes_total[1m]))", "sum(rate(custodia_read_bytes_total[1m]))"], "Bps", legend=["ingest", "read"]),
+            panel("Evidence bytes in and out", ["sum(rate(custodia_received_bytes_total[1m]))", "sum(rate(custodia_ingest_bytes_total[1m]))", "sum(rate(custodia_read_bytes_total[1m]))"], "Bps", legend=["received (as it arrives)", "filed (at commit)", "read"]),
             panel("Shards written and read per second", ["sum(rate(custodia_shards_written_total[1m]))", "sum(rate(custodia_shards_read_total[1m]))"], "ops", legend=["written", "read"]),
             panel("Reads around damage", ["sum(increase(custodia_shards_damaged_total[5m]))", "sum(increase(custodia_stripes_reconstructed_total[5m]))"], legend=["damaged shards", "reconstructed stripes"]),
             panel("Stripes written degraded", "sum(increase(custodia_degraded_stripes_written_total[5m]))"),

@@ -574,6 +574,9 @@ impl<S: Store> Upload<S> {
                 false => ApiError::BodyIncomplete(e.to_string()),
             })?;
             self.keep_lease().await?;
+            if !from_store {
+                self.gw.metrics.received_bytes.inc_by(chunk.len() as u64);
+            }
             bao.update(&chunk);
             sha.update(&chunk);
             if let Some(m) = &mut md5 {

@@ -49,6 +49,11 @@ pub struct GatewayMetrics {
     /// cluster filed (S3 and its parts included; not what a copy or a
     /// multipart completion files again from stored bytes).
     pub ingest_bytes: IntCounter,
+    /// `custodia_received_bytes_total`: body bytes of filings (S3 parts
+    /// included) as they arrive, whether or not their filing commits: what
+    /// an upload of hours shows as it comes, where `ingest_bytes` counts it
+    /// all at its commit (and never, if it fails).
+    pub received_bytes: IntCounter,
     /// `custodia_filings_total`: filings committed (S3 parts excluded).
     pub filings: IntCounter,
     /// `custodia_read_bytes_total`: evidence bytes served to clients, each once its
@@ -316,6 +321,10 @@ impl GatewayMetrics {
                 )?,
             )?,
             ingest_bytes: counter("custodia_ingest_bytes_total", "Evidence bytes filed.")?,
+            received_bytes: counter(
+                "custodia_received_bytes_total",
+                "Filings' body bytes as they arrive from clients, committed or not.",
+            )?,
             filings: counter("custodia_filings_total", "Filings committed.")?,
             read_bytes: counter("custodia_read_bytes_total", "Evidence bytes served.")?,
             shards_written: counter(

@@ -1283,6 +1283,10 @@ fn a_stopping_gateway_finishes_the_upload_under_way() -> Result<()> {
         Ok(s)
     };
     let mut s = half_upload(&c)?;
+    // What has arrived shows as it arrives; nothing is filed yet.
+    let received = c.metric(&c.metrics, "custodia_received_bytes_total")?;
+    assert!(received >= STRIPE as f64, "{received} bytes received");
+    assert_eq!(c.metric(&c.metrics, "custodia_ingest_bytes_total")?, 0.0);
     c.signal_gateway("TERM")?;
     let api = c.api.trim_start_matches("http://").to_owned();
     assert!(
