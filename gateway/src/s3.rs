@@ -207,9 +207,9 @@ pub(crate) async fn serve<S: Store + 'static>(
                     service.call(req.map(s3s::Body::from)).await
                 }
             };
-            let mut resp = match copies {
-                true => kept_alive(Box::pin(call), keep_alive_after).await,
-                false => call.await,
+            let (mut resp, request) = match copies {
+                true => kept_alive(Box::pin(call), keep_alive_after, request).await,
+                false => (call.await, Some(request)),
             };
             // s3s answers a HEAD 200 whatever its output says: a
             // ranged one (with its Content-Range) is a 206, as
@@ -221,14 +221,18 @@ pub(crate) async fn serve<S: Store + 'static>(
                 {
                     *r.status_mut() = http::StatusCode::PARTIAL_CONTENT;
                 }
-                request.answered(r.status().as_u16());
+                if let Some(request) = request {
+                    request.answered(r.status().as_u16());
+                }
                 if completes {
                     let body = std::mem::take(r.body_mut());
                     *r.body_mut() = one_xml_declaration(body);
                 }
             } else {
                 // No response at all: hyper closes the connection.
-                request.answered(http::StatusCode::INTERNAL_SERVER_ERROR.as_u16());
+                if let Some(request) = request {
+                    request.answered(http::StatusCode::INTERNAL_SERVER_ERROR.as_u16());
+                }
             }
             resp
         }
@@ -253,15 +257,23 @@ pub(crate) async fn serve<S: Store + 'static>(
 async fn kept_alive<F, E>(
     mut call: std::pin::Pin<Box<F>>,
     after: Duration,
-) -> Result<hyper::Response<s3s::Body>, E>
+    request: crate::metrics::HttpRequest,
+) -> (
+    Result<hyper::Response<s3s::Body>, E>,
+    Option<crate::metrics::HttpRequest>,
+)
 where
     F: std::future::Future<Output = Result<hyper::Response<s3s::Body>, E>> + Send + 'static,
     E: std::fmt::Debug + 'static,
 {
     use std::task::Poll;
     if let Ok(resp) = tokio::time::timeout(after, call.as_mut()).await {
-        return resp;
+        return (resp, Some(request));
     }
+    // Counted when the copy's own answer is known (its status, and how
+    // long it took), not as the 200 that keeps it alive: a copy failing
+    // inside that 200 is a failure. A client gone first counts as one.
+    let mut request = Some(request);
     const DECLARATION: &[u8] = br#"<?xml version="1.0" encoding="UTF-8"?>"#;
     let mut tick = tokio::time::interval_at(
         tokio::time::Instant::now() + Duration::from_secs(1),
@@ -305,10 +317,16 @@ where
                 match running.as_mut().poll(cx) {
                     Poll::Ready(Ok(resp)) => {
                         call = None;
+                        if let Some(r) = request.take() {
+                            r.answered(resp.status().as_u16());
+                        }
                         outcome = Some(resp.into_body());
                     }
                     Poll::Ready(Err(e)) => {
                         call = None;
+                        if let Some(r) = request.take() {
+                            r.answered(http::StatusCode::INTERNAL_SERVER_ERROR.as_u16());
+                        }
                         tracing::error!(error = ?e, "S3 copy failed after its answer began");
                         let mut err = S3Error::new(S3ErrorCode::InternalError);
                         err.set_message("internal error; details are in the gateway's log");
@@ -339,7 +357,7 @@ where
         after_ms = after.as_millis() as u64,
         "S3 copy still running: answered 200, kept alive"
     );
-    Ok(resp)
+    (Ok(resp), None)
 }
 
 /// An S3 error document without its XML declaration.

@@ -2996,6 +2996,12 @@ fn long_copies_are_kept_alive_and_fail_inside_the_200() -> Result<()> {
         listed["Contents"].as_array().is_none_or(Vec::is_empty),
         "nothing filed under the failed copy's key: {listed}"
     );
+    // Counted as what they were, not as the 200 that kept them alive.
+    let failed = c.metric(
+        &c.metrics,
+        r#"custodia_http_requests_total{api="s3",route="PUT",status="503"}"#,
+    )?;
+    assert!(failed >= 1.0, "{failed} failed copies counted");
     Ok(())
 }
 
