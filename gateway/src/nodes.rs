@@ -739,6 +739,21 @@ impl NodeSet {
                 && lock(&self.reconciling).insert(id)
             {
                 tracing::warn!(node = %id, "node no longer holds a shard it stored, which the index still places on it (its data directory restored from an older copy?); reconciling its shards");
+                // Kept in the index until the reconciliation is done (as a
+                // new disk's old UUID is): a gateway that dies half-way, or
+                // restarts, finds the node's disk unreconciled again, where
+                // the shard that told it so is not checked any more.
+                let marked = indexer::run(store, |tx| async move {
+                    if let Some(mut rec) = schema::get_node_tx(&tx, id).await? {
+                        rec.disk_uuid = Some(UNRECONCILED_DISK);
+                        schema::put_node_tx(&tx, &rec);
+                    }
+                    Ok::<_, schema::SchemaError>(())
+                })
+                .await;
+                if let Err(e) = marked {
+                    tracing::warn!(node = %id, error = %e, "could not record that the node's disk is being reconciled; a restart before it is done would not resume it");
+                }
                 return Some((id, info.disk_uuid));
             }
             None
@@ -811,6 +826,12 @@ impl NodeSet {
         }
     }
 }
+
+/// The disk UUID the index records for a node whose disk is being
+/// reconciled though it kept its UUID (its data directory put back from an
+/// older copy): no disk has it, so until [`NodeSet::reconciled`] records
+/// the real one, every probe, after a restart too, sees another disk.
+const UNRECONCILED_DISK: [u8; 16] = [0; 16];
 
 /// The shard key just before `key` in key order (none before the first),
 /// so a listing "after" it begins at `key`.
