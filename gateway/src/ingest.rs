@@ -1199,12 +1199,6 @@ fn filed_statement(
     now_ms: u64,
 ) -> Result<indexer::ledger::PendingRecord, ApiError> {
     use protocol::ledger::{Kind, Statement};
-    let metadata = serde_json::json!({
-        "file_name": h.file_name,
-        "media_type": h.media_type,
-        "submitter": h.submitter,
-        "case": h.case,
-    });
     let mut s = Statement::new(
         Kind::Filed,
         h.evidence,
@@ -1216,9 +1210,12 @@ fn filed_statement(
         actor,
         now_ms,
     );
-    s.metadata_sha256 = Some(hex::encode(sha2::Sha256::digest(
-        metadata.to_string().as_bytes(),
-    )));
+    s.metadata_sha256 = Some(protocol::ledger::filing_metadata_sha256(
+        h.case.as_deref(),
+        h.file_name.as_deref(),
+        h.media_type.as_deref(),
+        h.submitter.as_deref(),
+    ));
     s.provenance = provenance;
     let statement = s
         .encode()

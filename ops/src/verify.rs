@@ -73,27 +73,28 @@ fn checked_key_arg(
 }
 
 /// Reads a receipt: a receipt JSON, or a saved filing response with a
-/// `receipt` field.
-fn read_receipt(path: &Path) -> Result<Receipt> {
+/// `receipt` field (returned too: its metadata is checked against the
+/// statement's).
+fn read_receipt(path: &Path) -> Result<(Receipt, Option<Value>)> {
     let bytes = std::fs::read(path)
         .map_err(|e| nothing_verified(format!("cannot read {}: {e}", path.display())))?;
     // A file that is no receipt at all (arguments swapped, the wrong file)
     // is the command's mistake; one that is a receipt and fails, a verdict.
     let value: Value = serde_json::from_slice(&bytes)
         .map_err(|_| nothing_verified(format!("{} is not a receipt (not JSON)", path.display())))?;
-    let value = match value.get("receipt") {
-        Some(r) if !r.is_null() => r.clone(),
+    let (value, filing) = match value.get("receipt") {
+        Some(r) if !r.is_null() => (r.clone(), Some(value.clone())),
         Some(_) => {
             return Err(nothing_verified(
                 "this filing response holds no receipt yet; fetch it from its receipt_url".into(),
             ))
         }
-        None => value,
+        None => (value, None),
     };
     // JSON but not in a receipt's shape (an API error saved in its place,
     // such as `receipt_pending` in the moments before a checkpoint covers
     // the filing): nothing to verify, so no verdict either.
-    <Receipt as serde::Deserialize>::deserialize(&value).map_err(|e| {
+    let receipt = <Receipt as serde::Deserialize>::deserialize(&value).map_err(|e| {
         let file = path.display();
         match value.get("error") {
             Some(code) => nothing_verified(format!(
@@ -108,7 +109,31 @@ fn read_receipt(path: &Path) -> Result<Receipt> {
             )),
             None => nothing_verified(format!("{file} is not a receipt ({e})")),
         }
-    })
+    })?;
+    Ok((receipt, filing))
+}
+
+/// Whether the metadata a saved filing response shows (its case, file
+/// name, media type and submitter) is what its `filed` statement
+/// notarized: `None` when there is nothing to compare (not a filing
+/// response, or a statement of another kind or without the hash).
+fn metadata_as_filed(filing: &Value, statement: &ledger::Statement) -> Option<bool> {
+    if statement.kind != ledger::Kind::Filed {
+        return None;
+    }
+    let notarized = statement.metadata_sha256.as_deref()?;
+    let text = |k: &str| match filing.get(k) {
+        Some(Value::String(s)) => Some(Some(s.as_str())),
+        Some(Value::Null) => Some(None),
+        _ => None,
+    };
+    let shown = ledger::filing_metadata_sha256(
+        text("case")?,
+        text("file_name")?,
+        text("media_type")?,
+        text("submitter")?,
+    );
+    Some(shown == notarized)
 }
 
 pub struct ReceiptArgs<'a> {
@@ -171,7 +196,7 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
         }
         None => None,
     };
-    let receipt = read_receipt(args.receipt)?;
+    let (receipt, filing) = read_receipt(args.receipt)?;
     let mut problems: Vec<String> = Vec::new();
     let logged = receipt.verify(&log_key);
     let (statement, checkpoint) = match &logged {
@@ -273,6 +298,19 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
         // `matches` vouches for BLAKE3 and size alone.
         content = json!({ "file": path.display().to_string(), "blake3": b3.to_hex(), "sha256": sha.to_hex(), "sha256_checked": v.statement.sha256.is_some(), "size": size, "matches": matches });
     }
+    // A saved filing response shows the filing's metadata beside its
+    // receipt: it must be what the statement notarized.
+    let metadata = match (&filing, &statement) {
+        (Some(f), Some(s)) => metadata_as_filed(f, s),
+        _ => None,
+    };
+    if metadata == Some(false) {
+        problems.push(
+            "the case, file name, media type or submitter beside the receipt are NOT the ones \
+             the filing notarized"
+                .into(),
+        );
+    }
     let valid = problems.is_empty();
     if args.json {
         let report = json!({
@@ -282,6 +320,7 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
             "checkpoint": checkpoint.as_ref().map(|c| json!({ "origin": c.origin, "size": c.size, "root": c.root.to_string() })),
             "witnessed": { "by": witnessed, "of": witness_keys.len(), "quorum": quorum },
             "content": content,
+            "metadata_as_filed": metadata,
             "time_stamp": stamped,
             "statement": statement,
             "time_note": "the statement's time is the log operator's clock",
@@ -343,6 +382,12 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
     }
     if args.file.is_none() {
         println!("content: not checked (give --file with the evidence)");
+    }
+    if metadata == Some(true) {
+        println!(
+            "metadata: the case, file name, media type and submitter beside the receipt are the \
+             ones the filing notarized"
+        );
     }
     if let Some(m) = content.get("matches").and_then(Value::as_bool) {
         if m {
@@ -414,7 +459,7 @@ fn shown(text: &str) -> String {
 fn read_checkpoint(path: &Path, log_key: &str) -> Result<ledger::VerifiedCheckpoint> {
     let text = read_named(path)?;
     let note = if text.trim_start().starts_with('{') {
-        read_receipt(path)?.checkpoint
+        read_receipt(path)?.0.checkpoint
     } else {
         text
     };

@@ -137,6 +137,45 @@ pub enum LedgerError {
 
 /// SHA-256 of a checkpoint note's text (what a time-stamp token covers: the
 /// checkpoint itself, not the signature lines that accumulate under it).
+/// The bytes a `filed` statement's `metadata_sha256` is the SHA-256 of:
+/// the filing's case, file name, media type and submitter as compact JSON,
+/// in that (alphabetical) order, each a JSON string (escaped as
+/// `serde_json` writes strings) or `null`:
+/// `{"case":"C-17","file_name":"scene.mp4","media_type":null,"submitter":"J. Doe"}`.
+/// So anyone holding the filing's metadata can check it is what was
+/// notarized.
+pub fn filing_metadata(
+    case: Option<&str>,
+    file_name: Option<&str>,
+    media_type: Option<&str>,
+    submitter: Option<&str>,
+) -> String {
+    let field = |v: Option<&str>| match v {
+        // Serialising a string cannot fail.
+        Some(s) => serde_json::to_string(s).unwrap_or_else(|_| "null".into()),
+        None => "null".into(),
+    };
+    format!(
+        "{{\"case\":{},\"file_name\":{},\"media_type\":{},\"submitter\":{}}}",
+        field(case),
+        field(file_name),
+        field(media_type),
+        field(submitter)
+    )
+}
+
+/// The SHA-256 (hex) of [`filing_metadata`].
+pub fn filing_metadata_sha256(
+    case: Option<&str>,
+    file_name: Option<&str>,
+    media_type: Option<&str>,
+    submitter: Option<&str>,
+) -> String {
+    hex::encode(Sha256::digest(
+        filing_metadata(case, file_name, media_type, submitter).as_bytes(),
+    ))
+}
+
 pub fn checkpoint_text_sha256(note: &str) -> [u8; 32] {
     let text = match note.find("\n\n") {
         Some(i) => &note[..=i],
@@ -512,6 +551,40 @@ mod tests {
     use super::*;
     use std::cell::RefCell;
     use tlog_tiles::{prove_record, prove_tree, stored_hash_index, stored_hashes, tree_hash};
+
+    /// The metadata a filing notarizes is the compact JSON, keys sorted,
+    /// that filings have always hashed (`serde_json::json!` of the four
+    /// fields): golden bytes, and the same as that for odd text.
+    #[test]
+    fn filing_metadata_is_the_json_filings_have_always_hashed() {
+        assert_eq!(
+            filing_metadata(Some("C-17"), Some("scene.mp4"), None, Some("J. \"Doe\"")),
+            r#"{"case":"C-17","file_name":"scene.mp4","media_type":null,"submitter":"J. \"Doe\""}"#
+        );
+        for (case, name, media, who) in [
+            (None, None, None, None),
+            (
+                Some("Müller ü/\\"),
+                Some("a\tb"),
+                Some("video/mp4"),
+                Some("clerk"),
+            ),
+        ] {
+            let old = serde_json::json!({
+                "file_name": name,
+                "media_type": media,
+                "submitter": who,
+                "case": case,
+            });
+            assert_eq!(filing_metadata(case, name, media, who), old.to_string());
+        }
+        assert_eq!(
+            filing_metadata_sha256(None, None, None, None),
+            hex::encode(Sha256::digest(
+                br#"{"case":null,"file_name":null,"media_type":null,"submitter":null}"#
+            ))
+        );
+    }
 
     #[derive(Default)]
     struct Mem(RefCell<Vec<Hash>>);

@@ -284,6 +284,21 @@ fn a_filing_gets_a_receipt_a_court_can_verify_offline() -> Result<()> {
             && out.contains("verdict: VALID"),
         "{out}"
     );
+    // The filing response's metadata beside the receipt is what was
+    // notarized; shown otherwise (a file name put in afterwards), it fails.
+    assert!(
+        out.contains("metadata: the case, file name, media type and submitter beside the receipt are the ones the filing notarized"),
+        "{out}"
+    );
+    let mut renamed = filed.clone();
+    renamed["file_name"] = "forged-name.mp4".into();
+    let renamed_path = dir.path().join("renamed.json");
+    std::fs::write(&renamed_path, serde_json::to_vec(&renamed)?)?;
+    let (code, out) = custodia_verify(&renamed_path, &key, None)?;
+    assert!(
+        code == Some(1) && out.contains("are NOT the ones the filing notarized"),
+        "{out}"
+    );
 
     let mut altered = data.clone();
     altered[123] ^= 1;
