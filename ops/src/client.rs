@@ -6,6 +6,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::Path;
+use std::time::Duration;
 
 /// The token file a client command uses without `--token-file`: the admin
 /// token `init` writes in the default data dir.
@@ -256,63 +257,64 @@ pub fn put(
     // (and keeps nothing of) a body that is not these bytes, say a file
     // still being written while it is sent.
     let (blake3, sha256, hashed) = hash_file(path)?;
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let len = file.metadata()?.len();
-    if len != hashed {
-        bail!(
-            "{} changed while it was hashed ({hashed} bytes, now {len}); file it once it is complete",
-            path.display()
+    // One key for every attempt: a retry after an answer lost on the way
+    // (the connection dropped as the gateway committed) gets that filing
+    // back instead of filing the evidence twice. Said, so a put that gave
+    // up can be run again under it.
+    let key = idempotency_key.unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()));
+    let mut attempt = 1;
+    let resp = loop {
+        let sent = put_once(
+            api,
+            token,
+            path,
+            (&case, &submitter, &key),
+            (&blake3, &sha256, hashed),
         );
-    }
-    let pb = bar(len, "filing");
-    // Exactly `len` bytes, as the length sent says: a file that shrinks
-    // while it is sent fails the upload (a body that ends early would
-    // leave the client waiting for bytes that never come), and one that
-    // grows sends only what was hashed (and the gateway refuses the
-    // digest if those bytes changed).
-    let mut reader = pb.wrap_read(Exactly {
-        inner: std::io::Read::take(file, len),
-        left: len,
-    });
-    let mut req = agent()?
-        .post(format!("{}/v1/evidence", api.trim_end_matches('/')))
-        .header("authorization", format!("Bearer {token}"))
-        .header("content-type", "application/octet-stream")
-        // The gateway answers a refusal (a revoked credential, a reader's,
-        // a bad header) before any byte is sent, rather than after reading
-        // at most 4 MiB of it and closing: without it the answer was lost
-        // to a broken pipe on a large file.
-        .header("expect", "100-continue")
-        // Its length, known from the hash pass: a body of unknown length
-        // is charged a whole stripe of the gateway's receive memory, and
-        // an exact one is held to its length.
-        .header("content-length", len)
-        .header("x-custodia-blake3", blake3.to_hex())
-        .header("x-custodia-sha256", sha256.to_hex());
-    match path.file_name().map(|n| n.to_str()) {
-        Some(Some(name)) => req = req.header("x-custodia-file-name", header_text(name)),
-        Some(None) => eprintln!(
-            "note: the file name of {} is not UTF-8; filed without it",
-            path.display()
-        ),
-        None => {}
-    }
-    if let Some(c) = case {
-        req = req.header("x-custodia-case", header_text(&c));
-    }
-    if let Some(s) = submitter {
-        req = req.header("x-custodia-submitter", header_text(&s));
-    }
-    if let Some(k) = idempotency_key {
-        req = req.header("idempotency-key", k);
-    }
-    let mut resp = req
-        .send(ureq::SendBody::from_reader(&mut reader))
-        .context("sending the evidence")?;
-    pb.finish_and_clear();
+        let wait = match &sent {
+            // Nothing was answered: the connection failed (it may have
+            // filed; the key tells).
+            Err(Attempt::Unanswered(_)) => Some(Duration::from_secs(attempt)),
+            // The gateway's failure (503: nodes or the index unavailable, an
+            // upload GC aborted) or the first attempt still in flight (409
+            // upload_in_progress): worth the same request again.
+            Ok(resp) if resp.status() == 503 || resp.status() == 409 => Some(
+                retry_after(resp)
+                    .unwrap_or(Duration::from_secs(attempt))
+                    .min(Duration::from_secs(60)),
+            ),
+            _ => None,
+        };
+        match (wait, attempt < PUT_ATTEMPTS) {
+            (Some(wait), true) => {
+                let why = match &sent {
+                    Err(Attempt::Unanswered(e)) => format!("{e:#}"),
+                    Ok(resp) => format!("the gateway answered {}", resp.status()),
+                    Err(Attempt::Failed(e)) => format!("{e:#}"),
+                };
+                eprintln!(
+                    "filing attempt {attempt} of {PUT_ATTEMPTS} did not complete ({why}); trying again in {} s under Idempotency-Key {key}",
+                    wait.as_secs()
+                );
+                std::thread::sleep(wait);
+                attempt += 1;
+            }
+            _ => match sent {
+                Ok(resp) => break resp,
+                Err(Attempt::Unanswered(e) | Attempt::Failed(e)) => {
+                    return Err(e.context(format!(
+                        "filing {} (to try again without filing twice: --idempotency-key {key})",
+                        path.display()
+                    )))
+                }
+            },
+        }
+    };
+    let mut resp = resp;
     if !resp.status().is_success() {
         return Err(refuse(resp));
     }
+    let len = hashed;
     let body = resp.body_mut().read_to_string()?;
     let filed: serde_json::Value =
         serde_json::from_str(&body).context("reading the gateway's answer")?;
@@ -329,16 +331,122 @@ pub fn put(
     Ok(())
 }
 
-/// A reader of exactly `left` more bytes: an end before then is an error.
+/// How many times `custodia put` sends a filing before giving up.
+const PUT_ATTEMPTS: u64 = 3;
+
+/// Why one attempt of [`put`] did not get an answer.
+enum Attempt {
+    /// Sent (perhaps whole) but never answered: a retry under the same
+    /// key is safe and may find it filed.
+    Unanswered(anyhow::Error),
+    /// Not sendable at all (the file changed, or cannot be read).
+    Failed(anyhow::Error),
+}
+
+/// A `Retry-After` in seconds, if the answer has one.
+fn retry_after(resp: &ureq::http::Response<ureq::Body>) -> Option<Duration> {
+    resp.headers()
+        .get("retry-after")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+/// One attempt of [`put`]: the file, as hashed, under `key`.
+fn put_once(
+    api: &str,
+    token: &str,
+    path: &Path,
+    (case, submitter, key): (&Option<String>, &Option<String>, &str),
+    (blake3, sha256, hashed): (&protocol::Blake3Hash, &protocol::Sha256Hash, u64),
+) -> Result<ureq::http::Response<ureq::Body>, Attempt> {
+    let file = File::open(path)
+        .with_context(|| format!("opening {}", path.display()))
+        .map_err(Attempt::Failed)?;
+    let len = file
+        .metadata()
+        .context("reading the file's length")
+        .map_err(Attempt::Failed)?
+        .len();
+    if len != hashed {
+        return Err(Attempt::Failed(anyhow::anyhow!(
+            "{} changed while it was hashed ({hashed} bytes, now {len}); file it once it is complete",
+            path.display()
+        )));
+    }
+    let pb = bar(len, "filing");
+    // Exactly `len` bytes, as the length sent says: a file that shrinks
+    // while it is sent fails the upload (a body that ends early would
+    // leave the client waiting for bytes that never come), and one that
+    // grows sends only what was hashed (and the gateway refuses the
+    // digest if those bytes changed).
+    let changed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut reader = pb.wrap_read(Exactly {
+        inner: std::io::Read::take(file, len),
+        left: len,
+        changed: changed.clone(),
+    });
+    let mut req = agent()
+        .map_err(Attempt::Failed)?
+        .post(format!("{}/v1/evidence", api.trim_end_matches('/')))
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/octet-stream")
+        // The gateway answers a refusal (a revoked credential, a reader's,
+        // a bad header) before any byte is sent, rather than after reading
+        // at most 4 MiB of it and closing: without it the answer was lost
+        // to a broken pipe on a large file.
+        .header("expect", "100-continue")
+        // Its length, known from the hash pass: a body of unknown length
+        // is charged a whole stripe of the gateway's receive memory, and
+        // an exact one is held to its length.
+        .header("content-length", len)
+        .header("x-custodia-blake3", blake3.to_hex())
+        .header("x-custodia-sha256", sha256.to_hex())
+        .header("idempotency-key", key);
+    match path.file_name().map(|n| n.to_str()) {
+        Some(Some(name)) => req = req.header("x-custodia-file-name", header_text(name)),
+        Some(None) => eprintln!(
+            "note: the file name of {} is not UTF-8; filed without it",
+            path.display()
+        ),
+        None => {}
+    }
+    if let Some(c) = case {
+        req = req.header("x-custodia-case", header_text(c));
+    }
+    if let Some(s) = submitter {
+        req = req.header("x-custodia-submitter", header_text(s));
+    }
+    let sent = req.send(ureq::SendBody::from_reader(&mut reader));
+    pb.finish_and_clear();
+    // The file changing while it is sent is no reason to send it again.
+    if changed.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(Attempt::Failed(anyhow::anyhow!(
+            "{} changed while it was sent; file it once it is complete",
+            path.display()
+        )));
+    }
+    sent.context("sending the evidence")
+        .map_err(Attempt::Unanswered)
+}
+
+/// A reader of exactly `left` more bytes: an end before then is an error
+/// (and `changed` says so).
 struct Exactly<R> {
     inner: R,
     left: u64,
+    changed: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl<R: std::io::Read> std::io::Read for Exactly<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
         if n == 0 && self.left > 0 && !buf.is_empty() {
+            self.changed
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 format!(
@@ -525,20 +633,26 @@ mod tests {
     /// A body that ends before its length is an error, not an end.
     #[test]
     fn a_file_that_shrinks_while_sent_is_an_error() {
+        let changed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut r = super::Exactly {
             inner: std::io::Read::take(&b"abc"[..], 5),
             left: 5,
+            changed: changed.clone(),
         };
         let mut out = Vec::new();
         let e = r.read_to_end(&mut out).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
         assert_eq!(out, b"abc");
+        assert!(changed.load(std::sync::atomic::Ordering::Relaxed));
+        let unchanged = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut whole = super::Exactly {
             inner: std::io::Read::take(&b"abcdef"[..], 3),
             left: 3,
+            changed: unchanged.clone(),
         };
         let mut out = Vec::new();
         whole.read_to_end(&mut out).unwrap();
         assert_eq!(out, b"abc");
+        assert!(!unchanged.load(std::sync::atomic::Ordering::Relaxed));
     }
 }

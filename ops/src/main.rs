@@ -224,7 +224,8 @@ enum Command {
         case: Option<String>,
         #[arg(long)]
         submitter: Option<String>,
-        /// Retry-safe filing key (default: derived from nothing; each put files anew).
+        /// Retry-safe filing key (default: a random one for this put, sent with
+        /// each of its attempts and printed if it gives up, to run it again under).
         #[arg(long)]
         idempotency_key: Option<String>,
     },

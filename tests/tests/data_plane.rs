@@ -2882,3 +2882,99 @@ fn an_aborted_uploads_shards_go_at_once_while_a_node_is_down() -> Result<()> {
     );
     Ok(())
 }
+
+/// The head of an HTTP request read off `s` (up to its blank line), and
+/// the value of its `name` header.
+fn request_head(s: &mut std::net::TcpStream, name: &str) -> Result<(Vec<u8>, Option<String>)> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        anyhow::ensure!(s.read(&mut byte)? == 1, "the request ended in its head");
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let value = text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+    });
+    Ok((head, value))
+}
+
+/// `custodia put` sends the evidence again when the answer is lost on the
+/// way (the connection dropped, as at a gateway restart), under one
+/// Idempotency-Key (a random one when none is given): the evidence is
+/// filed once, and the put succeeds.
+#[test]
+fn custodia_put_retries_a_lost_answer_without_filing_twice() -> Result<()> {
+    let c = TestCluster::start(Shape::default())?;
+    let data = bytes(40_000, 88);
+    let file = c.data_dir().join("retried.bin");
+    std::fs::write(&file, &data)?;
+    let front = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let front_api = format!("http://{}", front.local_addr()?);
+    let gateway = c.api.trim_start_matches("http://").to_owned();
+    let relay = std::thread::spawn(move || -> Result<Vec<Option<String>>> {
+        let mut keys = Vec::new();
+        // The first attempt: read whole, and never answered.
+        let (mut s, _) = front.accept()?;
+        let (head, key) = request_head(&mut s, "idempotency-key")?;
+        keys.push(key);
+        let len: usize = String::from_utf8_lossy(&head)
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().to_owned())
+            })
+            .context("no content-length")?
+            .parse()?;
+        s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body)?;
+        drop(s);
+        // The second: passed on to the gateway.
+        let (mut s, _) = front.accept()?;
+        let (head, key) = request_head(&mut s, "idempotency-key")?;
+        keys.push(key);
+        let mut g = std::net::TcpStream::connect(&gateway)?;
+        g.write_all(&head)?;
+        let (mut from_client, mut to_gateway) = (s.try_clone()?, g.try_clone()?);
+        let up = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from_client, &mut to_gateway);
+            let _ = to_gateway.shutdown(std::net::Shutdown::Write);
+        });
+        let _ = std::io::copy(&mut g, &mut s);
+        let _ = s.shutdown(std::net::Shutdown::Both);
+        let _ = up.join();
+        Ok(keys)
+    });
+    let out = output_within(
+        std::process::Command::new(custodia_tests::custodia_bin())
+            .arg("put")
+            .arg(&file)
+            .args(["--api", &front_api, "--token-file"])
+            .arg(c.data_dir().join("admin.token")),
+        Duration::from_secs(60),
+    )?;
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("trying again"), "{said}");
+    let filed: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let keys = relay
+        .join()
+        .map_err(|_| anyhow::anyhow!("the relay panicked"))??;
+    assert_eq!(keys.len(), 2);
+    assert!(keys[0].is_some() && keys[0] == keys[1], "{keys:?}");
+    let found = c.get_with(
+        &c.token,
+        &format!("/v1/evidence/by-hash/{}", blake3_hex(&data)),
+        &[],
+    )?;
+    let filings = found.json()["filings"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(filings.len(), 1, "{filings:?}");
+    assert_eq!(filings[0]["id"], filed["id"]);
+    Ok(())
+}
