@@ -83,6 +83,10 @@ pub struct NodeMetrics {
     /// rate, 0 when scrubbing is off (a stalled-scrub alert must not fire
     /// on a node that was told not to scrub).
     pub scrub_rate: IntGauge,
+    /// `custodia_node_scrub_pass_interval_seconds`: the configured least
+    /// time between the starts of two passes (what an overdue pass is
+    /// judged against).
+    pub scrub_interval: IntGauge,
 }
 
 impl NodeMetrics {
@@ -169,6 +173,10 @@ impl NodeMetrics {
                 "custodia_node_scrub_rate_bytes_per_second",
                 "The configured scrub rate; 0 when scrubbing is off.",
             )?,
+            scrub_interval: IntGauge::new(
+                "custodia_node_scrub_pass_interval_seconds",
+                "The configured least time between the starts of two scrub passes.",
+            )?,
             scrub_last_pass: Gauge::new(
                 "custodia_node_scrub_last_pass_timestamp_seconds",
                 "When the last scrub pass ended (Unix seconds; 0 before the first).",
@@ -197,6 +205,7 @@ impl NodeMetrics {
         registry.register(Box::new(m.scrub_passes.clone()))?;
         registry.register(Box::new(m.scrub_last_pass.clone()))?;
         registry.register(Box::new(m.scrub_rate.clone()))?;
+        registry.register(Box::new(m.scrub_interval.clone()))?;
         Ok(m)
     }
 

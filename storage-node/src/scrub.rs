@@ -78,11 +78,14 @@ impl ScrubState {
     }
 
     /// Saves the state in `dir`, replacing the old one whole (a crash
-    /// leaves one or the other).
+    /// leaves one or the other; each save writes a temporary file of its
+    /// own, so two at once cannot mix).
     pub fn save(&self, dir: &Path) -> std::io::Result<()> {
-        let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-        std::fs::write(&tmp, protocol::wire::encode_versioned(STATE_V1, self))?;
-        std::fs::rename(&tmp, dir.join(STATE_FILE))
+        crate::store::write_durably(
+            dir,
+            STATE_FILE,
+            &[&protocol::wire::encode_versioned(STATE_V1, self)],
+        )
     }
 }
 
@@ -132,10 +135,26 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     metrics.scrub_rate.set(clamp(config.bytes_per_sec));
+    metrics
+        .scrub_interval
+        .set(clamp(config.pass_interval.as_secs()));
     let dir: PathBuf = store.root().to_path_buf();
     let mut state = ScrubState::load(&dir);
     if let Some((_, ended_ms)) = state.last_pass {
         metrics.scrub_last_pass.set(ended_ms as f64 / 1000.0);
+    }
+    // Where the pass stands, from the start: between passes, the last one
+    // is done (a progress of 0 while the next waits its turn would read as
+    // a stalled pass); one under way is as far as it got.
+    match &state.pass {
+        None if state.last_pass.is_some() => metrics.scrub_progress.set(1.0),
+        Some(p) => {
+            let total = store.info().map(|i| i.shards).unwrap_or(0).max(1);
+            metrics
+                .scrub_progress
+                .set((p.done as f64 / total as f64).min(0.999));
+        }
+        None => {}
     }
     if config.bytes_per_sec == 0 {
         tracing::info!("scrubbing is off");
@@ -194,7 +213,9 @@ async fn pass(
     // Directories found unlistable this pass: a page may end within one
     // (on its packed shards) and the next begin there again.
     let mut unlisted = std::collections::HashSet::new();
-    metrics.scrub_progress.set(0.0);
+    metrics
+        .scrub_progress
+        .set((done as f64 / total as f64).min(0.999));
     loop {
         let s = store.clone();
         let ScrubPage {
@@ -428,6 +449,8 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(restarted.scrub_last_pass.get(), ended as f64 / 1000.0);
         assert_eq!(restarted.scrub_shards.get(), 0, "no pass before it is due");
+        // Between passes, the last one is done (not a pass stalled at 0).
+        assert_eq!(restarted.scrub_progress.get(), 1.0);
         stop_tx.send(true).unwrap();
         run.await.unwrap();
     }
