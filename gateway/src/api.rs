@@ -115,8 +115,8 @@ pub struct Gateway<S: Store> {
     /// Stripes repair found with nowhere to move shards, and when each was
     /// last checked in place.
     pub no_home: crate::repair::NoHomeChecks,
-    /// Set once the evidence API's connections still open are cut off (the
-    /// shutdown grace ran out, or the gateway was aborted). A body whose
+    /// Set once the APIs' connections still open are cut off (the shutdown
+    /// grace ran out, or the gateway was aborted). A body whose
     /// connection is aborted ends as if complete (hyper closes it
     /// normally), so an upload of unknown length (chunked) that sees its
     /// body end after this must not take it for the whole file.
@@ -289,7 +289,7 @@ impl Stopper {
         self.stop.send_replace(true);
     }
 
-    /// Says the evidence API's connections are being cut off; before they
+    /// Says the APIs' connections are being cut off; before they
     /// are, so an upload whose body ends for it sees it.
     fn cut_off(&self) {
         self.cut_off
@@ -735,7 +735,7 @@ pub async fn serve<S: Store>(
                 addr,
                 gw.config.s3_domain.as_deref(),
                 gw.config.s3_tls.as_ref(),
-                stop.drain("S3", grace),
+                stop.drain_telling_cut_off("S3", grace),
             )
             .await
             .map_err(|source| StartError::Listen { addr, source })?,

@@ -556,8 +556,8 @@ impl<S: Store> Upload<S> {
                 // Ended because its connection was cut off (see
                 // `Gateway::connections_cut_off`): not the whole file. A
                 // body of declared length is checked against it below.
-                if !from_store
-                    && !meta.body_len_exact
+                let held_to_length = meta.body_len_exact && meta.body_len_at_most.is_some();
+                if !(from_store || held_to_length)
                     && self
                         .gw
                         .connections_cut_off
@@ -1658,6 +1658,22 @@ addr = "127.0.0.1:11"
         ))]);
         let meta = FilingMeta {
             tenant: "t".into(),
+            ..Default::default()
+        };
+        let filed = file_evidence(gw.clone(), meta, half).await;
+        assert!(
+            matches!(filed, Err(ApiError::BodyIncomplete(_))),
+            "{filed:?}"
+        );
+        // An S3 body held to its length, but of no length known (chunked,
+        // unsigned): the same.
+        let half = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(
+            b"the first half of a file",
+        ))]);
+        let meta = FilingMeta {
+            tenant: "t".into(),
+            body_len_exact: true,
+            body_len_at_most: None,
             ..Default::default()
         };
         let filed = file_evidence(gw.clone(), meta, half).await;

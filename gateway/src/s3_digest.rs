@@ -534,6 +534,24 @@ pub fn unsupported_refusal<B>(req: &http::Request<B>) -> Option<Refused> {
     let kms = h
         .get("x-amz-server-side-encryption")
         .is_some_and(|v| v.as_bytes().starts_with(b"aws:kms"));
+    // HTTP/1.1 servers decode only `chunked` and pass any other coding
+    // (`gzip, chunked`) through as the body's bytes, which would be stored
+    // as the object.
+    let coded = h.get_all(http::header::TRANSFER_ENCODING).iter().any(|v| {
+        v.to_str().map_or(true, |v| {
+            v.split(',')
+                .any(|coding| !coding.trim().eq_ignore_ascii_case("chunked"))
+        })
+    });
+    if coded {
+        return Some(Refused {
+            code: "NotImplemented",
+            status: http::StatusCode::NOT_IMPLEMENTED,
+            message: "Transfer-Encoding: only chunked is decoded here; a body in another \
+                      transfer coding would be stored coded; the object was not stored"
+                .into(),
+        });
+    }
     (customer_key || kms).then(|| Refused {
         code: "NotImplemented",
         status: http::StatusCode::NOT_IMPLEMENTED,
@@ -764,6 +782,13 @@ mod tests {
         );
         assert_eq!(code(&[("x-amz-server-side-encryption", "AES256")]), None);
         assert_eq!(code(&[]), None);
+        // A transfer coding other than chunked would be stored coded.
+        assert_eq!(
+            code(&[("transfer-encoding", "gzip, chunked")]),
+            Some("NotImplemented")
+        );
+        assert_eq!(code(&[("transfer-encoding", "chunked")]), None);
+        assert_eq!(code(&[("transfer-encoding", "Chunked")]), None);
     }
 
     #[test]
