@@ -1363,13 +1363,14 @@ fn meta_header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiErr
 /// spaces; tag characters, which make `C-17` and `C-17` plus a tag two
 /// cases that print alike), line and paragraph separators, and the Hangul
 /// fillers, which show as blanks. The joiners and direction marks that
-/// Persian, Arabic and Indic names need stay allowed, and so do the
-/// Arabic and Syriac signs that show as marks.
+/// Persian, Arabic, Indic and Mongolian names need stay allowed, and so do
+/// the Arabic and Syriac signs that show as marks.
 pub fn is_deceptive(c: char) -> bool {
     use unicode_properties::{GeneralCategory, UnicodeGeneralCategory as _};
     let shown_or_needed = matches!(
         c,
         '\u{200C}'..='\u{200F}'
+            | '\u{180E}'
             | '\u{061C}'
             | '\u{0600}'..='\u{0605}'
             | '\u{06DD}'
@@ -1410,7 +1411,7 @@ fn meta_text(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError
         })?;
     if text.chars().any(|c| c.is_control() || is_deceptive(c)) {
         return Err(ApiError::BadRequest(format!(
-            "header {name} holds control characters"
+            "header {name} holds control or invisible formatting characters (text that would not print as it is)"
         )));
     }
     Ok(Some(text.into_owned()))
@@ -2957,7 +2958,6 @@ mod tests {
             '\u{E0001}',
             '\u{E0041}',
             '\u{00AD}',
-            '\u{180E}',
             '\u{2062}',
             '\u{206A}',
             '\u{FFF9}',
@@ -2969,7 +2969,7 @@ mod tests {
         }
         for c in [
             'a', 'ü', 'ی', '\u{200C}', '\u{200D}', '\u{200E}', '\u{200F}', '\u{061C}', '\u{0600}',
-            ' ', '-',
+            '\u{180E}', ' ', '-',
         ] {
             assert!(!is_deceptive(c), "U+{:04X} is refused", c as u32);
         }
@@ -3365,7 +3365,7 @@ async fn notarize<S: Store>(
                         .any(|c| (c.is_control() && c != '\n' && c != '\t') || is_deceptive(c)) =>
                 {
                     Err(ApiError::BadRequest(format!(
-                        "items[{i}].{field} holds control characters"
+                        "items[{i}].{field} holds control or invisible formatting characters"
                     )))
                 }
                 _ => Ok(()),

@@ -243,6 +243,16 @@ fn unavailable(e: &SchemaError) -> bool {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        // The index's storage failing, or an upload it aborted: a retry in
+        // a moment is what fixes it (not a gateway kept without a ledger,
+        // nor stripes too few nodes hold, which are 503 for as long).
+        let retry_soon = match &self {
+            ApiError::Index(e) | ApiError::Object(ObjectError::Schema(e)) => {
+                unavailable(e)
+                    || matches!(e, SchemaError::IntentAborted(_) | SchemaError::NoIntent(_))
+            }
+            _ => false,
+        };
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         } else {
@@ -258,7 +268,7 @@ impl IntoResponse for ApiError {
         if let ApiError::UploadInProgress { retry_after_s, .. } = self {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
-        } else if status == StatusCode::SERVICE_UNAVAILABLE {
+        } else if retry_soon {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(1u64));
         }
@@ -310,6 +320,10 @@ mod tests {
         }
         let broken = ApiError::Index(SchemaError::Decode(protocol::DecodeError::Malformed));
         assert_eq!(broken.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        // A 503 that lasts (no ledger kept) says no time to retry at.
+        let lasting = ApiError::Unavailable("this gateway keeps no ledger".into()).into_response();
+        assert_eq!(lasting.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(!lasting.headers().contains_key(header::RETRY_AFTER));
     }
 
     /// An upload GC aborted (its lease unrenewed) is the server's failure:
