@@ -1965,7 +1965,7 @@ fn the_evidence_api_serves_https_only_when_asked() -> Result<()> {
     let refused = c.cli(&["put", big.to_str().unwrap_or_default(), "--case", "a\u{7}b"])?;
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(
-        !refused.status.success() && said.contains("control characters"),
+        !refused.status.success() && said.contains("control or invisible formatting characters"),
         "{said}"
     );
     let put: serde_json::Value = serde_json::from_slice(&put.stdout)?;
