@@ -2292,14 +2292,15 @@ async fn node_detail<S: Store>(
     let who = authenticate(&gw, &headers).await?;
     require(&who, Role::Admin, "see a node")?;
     let node = node_id_param(&gw, &id, true).await?;
+    // As the index has it (this gateway's view lists configured nodes only:
+    // one taken out of cluster.toml would read as removed).
+    let decided = decided_record(&current_decisions(&gw).await?, node);
+    let lifecycle = decided.map_or(schema::Lifecycle::Active, |r| r.state);
     // Uploads before stripes: one that ends meanwhile has written its
     // records before the walk of stripes begins.
-    let uploads = match gw.nodes.lifecycle(node) {
+    let uploads = match lifecycle {
         schema::Lifecycle::Active => 0,
-        _ => {
-            uploads_before_lifecycle(&gw, decided_record(&current_decisions(&gw).await?, node))
-                .await?
-        }
+        _ => uploads_before_lifecycle(&gw, decided).await?,
     };
     let stripes = stripes_on_node(&gw, node).await?;
     if stripes.awaiting_adoption > 0 {
@@ -2308,7 +2309,7 @@ async fn node_detail<S: Store>(
     }
     Ok(Json(json!({
         "id": node.0,
-        "lifecycle": gw.nodes.lifecycle(node).as_str(),
+        "lifecycle": lifecycle.as_str(),
         "stripes": stripes.placed,
         "stripes_of_unfinished_uploads": stripes.of_pending,
         "uploads_in_flight": uploads,
@@ -2321,7 +2322,7 @@ async fn node_detail<S: Store>(
 #[serde(deny_unknown_fields)]
 struct LifecycleQuery {
     /// `remove` a node that still holds shards (a dead one: refused while
-    /// it answers, or has within two probe intervals): its shards count as
+    /// it answers, or has within `node_down_after_ms`): its shards count as
     /// missing and repair rebuilds them elsewhere.
     force: Option<bool>,
 }

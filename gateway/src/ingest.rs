@@ -1167,8 +1167,13 @@ impl<S: Store> Upload<S> {
             .map(|(s, _)| *s)
             .collect();
         let crowded = &crowded;
+        let upload = self.keeps_alive;
         indexer::run(&self.gw.store, |tx| async move {
             schema::renew_intent_tx(&tx, evidence, lease).await?;
+            // A renewal (see `keep_lease`): a sign of the upload's life.
+            if let Some(upload) = upload {
+                indexer::s3::touch_open_upload_tx(&tx, upload, now).await?;
+            }
             for (stripe, rec) in batch {
                 schema::put_stripe_tx(&tx, evidence, *stripe, rec);
             }
@@ -1176,7 +1181,7 @@ impl<S: Store> Upload<S> {
                 schema::mark_degraded_tx(&tx, evidence, stripe);
             }
             schema::put_outboard_pairs_tx(&tx, evidence, pairs);
-            Ok::<_, schema::SchemaError>(())
+            Ok::<_, ApiError>(())
         })
         .await?;
         self.unflushed.clear();

@@ -2144,8 +2144,19 @@ pub async fn drop_parts_copied_from_tx<T: Transaction>(
             return Err(protocol::DecodeError::Malformed.into());
         };
         tx.clear(k);
-        let Some(live) = live_part_tx(tx, part).await? else {
-            continue;
+        let live = match live_part_tx(tx, part).await {
+            Ok(Some(live)) => live,
+            Ok(None) => continue,
+            // Its upload's records do not decode: the part's bytes go all
+            // the same (an expunge must not fail on a damaged record of
+            // another object, nor leave the bytes it orders erased).
+            Err(SchemaError::Decode(_)) => {
+                tx.clear(&part_place_key(&part));
+                tx.set(&key_of(PART_DELETION, &[part.as_bytes()]), b"");
+                dropped += 1;
+                continue;
+            }
+            Err(e) => return Err(e),
         };
         let key = part_key(&live.upload, live.number);
         if let Some(rec) = get_part_tx(tx, &key).await? {

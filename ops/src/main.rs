@@ -419,7 +419,7 @@ enum NodeAction {
     /// Take node ID out of the cluster. Refused while any stripe still places
     /// a shard on it (drain it first), unless --force: for a dead node, whose
     /// shards then count as missing and are rebuilt elsewhere by repair
-    /// (refused while the node answers, or has within two probe intervals).
+    /// (refused while the node answers, or has within node_down_after_ms).
     Remove {
         id: u32,
         #[command(flatten)]

@@ -944,6 +944,15 @@ fn a_dead_node_taken_out_of_the_configuration_can_still_be_removed() -> Result<(
     c.start_gateway()?;
     c.wait_healthy(7)?;
 
+    // Still active as the index has it, not "removed" for being unlisted.
+    let detail = c.get_with(&c.token, "/v1/admin/nodes/7", &[])?;
+    assert_eq!(
+        detail.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&detail.body)
+    );
+    assert_eq!(detail.json()["lifecycle"], "active", "{}", detail.json());
     let (ok, text) = node_cmd(&c, &["drain", "7"])?;
     assert!(!ok && text.contains("node remove 7 --force"), "{text}");
     let (ok, text) = node_cmd(&c, &["drain", "42"])?;
