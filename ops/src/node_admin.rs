@@ -60,20 +60,31 @@ pub fn add(
     // An address another node of the file has (a stopped node's port is
     // free to bind just now, but not to take): refused before anything is
     // written, since the file would then not load.
+    // One address bound on all interfaces (0.0.0.0:P) takes P on every
+    // one of them.
+    let clash = |a: &SocketAddr, b: &SocketAddr| {
+        a == b || (a.port() == b.port() && (a.ip().is_unspecified() || b.ip().is_unspecified()))
+    };
     let listened = |a: &SocketAddr| {
         cluster
             .gateway
             .nodes
             .iter()
-            .find(|e| e.addr == *a)
+            .find(|e| clash(&e.addr, a))
             .map(|e| e.id)
-            .or_else(|| cluster.nodes.iter().find(|n| n.listen == *a).map(|n| n.id))
+            .or_else(|| {
+                cluster
+                    .nodes
+                    .iter()
+                    .find(|n| clash(&n.listen, a))
+                    .map(|n| n.id)
+            })
     };
     let scraped = |a: &SocketAddr| {
         cluster
             .nodes
             .iter()
-            .find(|n| n.metrics_listen == Some(*a))
+            .find(|n| n.metrics_listen.is_some_and(|m| clash(&m, a)))
             .map(|n| n.id)
     };
     let pick = |given: Option<SocketAddr>,

@@ -644,15 +644,20 @@ impl NodeClient {
                     if now >= deadline {
                         break Err(NodeError::Timeout);
                     }
-                    // The request is still polled while its node is asked.
-                    let check = answers(conn, stall);
+                    // The request is still polled while its node is asked,
+                    // and no longer than the request's own limit.
+                    let check = tokio::time::timeout_at(deadline, answers(conn, stall));
                     tokio::pin!(check);
                     tokio::select! {
                         biased;
                         result = &mut request => break result,
-                        alive = &mut check => if !alive {
-                            give_up(addr, conn);
-                            break Err(NodeError::Unresponsive);
+                        alive = &mut check => match alive {
+                            Err(_) => break Err(NodeError::Timeout),
+                            Ok(false) => {
+                                give_up(addr, conn);
+                                break Err(NodeError::Unresponsive);
+                            }
+                            Ok(true) => {}
                         }
                     }
                     // Checked again at the next stall: a node may die while
