@@ -483,6 +483,50 @@ impl TestCluster {
         Ok((String::from_utf8_lossy(&out.stdout).to_lowercase(), got))
     }
 
+    /// Begins an S3 multipart upload of `bucket/key` ([`Self::s3_curl`]):
+    /// its upload id.
+    pub fn s3_create_upload(&self, bucket: &str, key: &str) -> Result<String> {
+        let (h, body) = self.s3_curl(
+            "POST",
+            &format!("{}/{bucket}/{key}?uploads=", self.s3),
+            &["--data-binary", ""],
+        )?;
+        let body = String::from_utf8_lossy(&body);
+        if !h.starts_with("http/1.1 200") {
+            bail!("CreateMultipartUpload: {h}{body}");
+        }
+        Ok(body
+            .split("<UploadId>")
+            .nth(1)
+            .and_then(|r| r.split("</UploadId>").next())
+            .context("no upload id")?
+            .to_owned())
+    }
+
+    /// Completes `upload` of `bucket/key` with `parts` (number, ETag as S3
+    /// gave it): the lower-cased head and the body, whatever the status.
+    pub fn s3_complete(
+        &self,
+        bucket: &str,
+        key: &str,
+        upload: &str,
+        parts: &[(u32, &str)],
+    ) -> Result<(String, String)> {
+        let listed: String = parts
+            .iter()
+            .map(|(n, etag)| {
+                format!("<Part><PartNumber>{n}</PartNumber><ETag>{etag}</ETag></Part>")
+            })
+            .collect();
+        let xml = format!("<CompleteMultipartUpload>{listed}</CompleteMultipartUpload>");
+        let (h, body) = self.s3_curl(
+            "POST",
+            &format!("{}/{bucket}/{key}?uploadId={upload}", self.s3),
+            &["--data-binary", &xml, "-H", "content-type: application/xml"],
+        )?;
+        Ok((h, String::from_utf8_lossy(&body).into_owned()))
+    }
+
     /// Runs `custodia ARGS` as a client of this cluster's evidence API, with
     /// the admin token (`status`, `repair`, ...).
     pub fn cli(&self, args: &[&str]) -> Result<std::process::Output> {

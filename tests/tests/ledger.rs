@@ -1578,20 +1578,7 @@ fn holds_retention_and_expunge_are_enforced_and_on_the_ledger() -> Result<()> {
         "{}",
         String::from_utf8_lossy(&busy.stderr)
     );
-    c.stop_gateway();
-    let out = key_create(&c)?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let expunger = String::from_utf8(out.stdout)?
-        .lines()
-        .find_map(|l| l.strip_prefix("custodia_token = "))
-        .unwrap_or_default()
-        .to_string();
-    c.start_gateway()?;
-    c.wait_healthy(c.shape.nodes as u64)?;
+    let expunger = expunger_token(&mut c)?;
     let clerk = make_token(&c, "admin", "clerk")?;
     // Small JSON routes read no body before the caller's credentials are
     // good, and then only a bounded one.
@@ -2736,24 +2723,7 @@ fn an_expunge_drops_the_parts_copied_from_the_evidence() -> Result<()> {
     }
     let mut c = TestCluster::start(Shape::default())?;
     c.set_gateway(&[("gc_interval_ms", toml::Value::Integer(300))])?;
-    c.stop_gateway();
-    let out = Command::new(custodia_bin())
-        .args(["key", "create", "--tenant", "admin", "--role", "expunger"])
-        .arg("--data-dir")
-        .arg(c.data_dir())
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let expunger = String::from_utf8(out.stdout)?
-        .lines()
-        .find_map(|l| l.strip_prefix("custodia_token = "))
-        .unwrap_or_default()
-        .to_string();
-    c.start_gateway()?;
-    c.wait_healthy(c.shape.nodes as u64)?;
+    let expunger = expunger_token(&mut c)?;
 
     let (h, _) = c.s3_curl("PUT", &format!("{}/copies", c.s3), &[])?;
     ensure!(h.starts_with("http/1.1 200"), "{h}");
@@ -2769,19 +2739,7 @@ fn an_expunge_drops_the_parts_copied_from_the_evidence() -> Result<()> {
     let source = custodia_tests::header(&h, "x-custodia-evidence-id")
         .context("no evidence id")?
         .to_owned();
-    let (h, body) = c.s3_curl(
-        "POST",
-        &format!("{}/copies/parts.bin?uploads=", c.s3),
-        &["--data-binary", ""],
-    )?;
-    ensure!(h.starts_with("http/1.1 200"), "{h}");
-    let body = String::from_utf8_lossy(&body).into_owned();
-    let upload = body
-        .split("<UploadId>")
-        .nth(1)
-        .and_then(|r| r.split("</UploadId>").next())
-        .context("no upload id")?
-        .to_owned();
+    let upload = c.s3_create_upload("copies", "parts.bin")?;
     let (h, body) = c.s3_curl(
         "PUT",
         &format!("{}/copies/parts.bin?partNumber=1&uploadId={upload}", c.s3),
@@ -2802,20 +2760,7 @@ fn an_expunge_drops_the_parts_copied_from_the_evidence() -> Result<()> {
 
     let (status, body) = expunge(&c, &expunger, &source)?;
     ensure!(status == 200, "expunge: {status} {body}");
-    let done = format!(
-        "<CompleteMultipartUpload><Part><PartNumber>1</PartNumber><ETag>{etag}</ETag></Part></CompleteMultipartUpload>"
-    );
-    let (h, body) = c.s3_curl(
-        "POST",
-        &format!("{}/copies/parts.bin?uploadId={upload}", c.s3),
-        &[
-            "--data-binary",
-            &done,
-            "-H",
-            "content-type: application/xml",
-        ],
-    )?;
-    let body = String::from_utf8_lossy(&body).into_owned();
+    let (h, body) = c.s3_complete("copies", "parts.bin", &upload, &[(1, &etag)])?;
     ensure!(
         h.starts_with("http/1.1 400") && body.contains("<Code>InvalidPart</Code>"),
         "a Complete of a part copied from expunged evidence: {h}{body}"

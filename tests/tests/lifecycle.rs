@@ -817,19 +817,7 @@ fn a_drain_moves_the_parts_of_an_unfinished_multipart_upload() -> Result<()> {
     ])?;
     let (h, _) = c.s3_curl("PUT", &format!("{}/parts", c.s3), &[])?;
     assert!(h.starts_with("http/1.1 200"), "{h}");
-    let (h, body) = c.s3_curl(
-        "POST",
-        &format!("{}/parts/big.bin?uploads=", c.s3),
-        &["--data-binary", ""],
-    )?;
-    let body = String::from_utf8_lossy(&body).into_owned();
-    assert!(h.starts_with("http/1.1 200"), "{h}");
-    let upload = body
-        .split("<UploadId>")
-        .nth(1)
-        .and_then(|r| r.split("</UploadId>").next())
-        .context("no upload id")?
-        .to_owned();
+    let upload = c.s3_create_upload("parts", "big.bin")?;
     let data = bytes(50_000, 5);
     let part = c.data_dir().join("part.bin");
     std::fs::write(&part, &data)?;
@@ -875,20 +863,7 @@ fn a_drain_moves_the_parts_of_an_unfinished_multipart_upload() -> Result<()> {
     let (ok, text) = node_cmd(&c, &["remove", &holder.to_string()])?;
     assert!(ok, "a drained node was not removed: {text}");
     c.kill_node(holder);
-    let done = format!(
-        "<CompleteMultipartUpload><Part><PartNumber>1</PartNumber><ETag>{etag}</ETag></Part></CompleteMultipartUpload>"
-    );
-    let (h, body) = c.s3_curl(
-        "POST",
-        &format!("{}/parts/big.bin?uploadId={upload}", c.s3),
-        &[
-            "--data-binary",
-            &done,
-            "-H",
-            "content-type: application/xml",
-        ],
-    )?;
-    let body = String::from_utf8_lossy(&body).into_owned();
+    let (h, body) = c.s3_complete("parts", "big.bin", &upload, &[(1, &etag)])?;
     assert!(
         h.starts_with("http/1.1 200") && body.contains("<CompleteMultipartUploadResult"),
         "{h}{body}"

@@ -3891,20 +3891,7 @@ fn a_part_streaming_past_the_expiry_keeps_its_upload_alive() -> Result<()> {
     ])?;
     let (h, _) = curl(&c, "PUT", &format!("{}/slow", c.s3), &[])?;
     assert!(h.starts_with("http/1.1 200"), "{h}");
-    let (h, body) = curl(
-        &c,
-        "POST",
-        &format!("{}/slow/field.bin?uploads=", c.s3),
-        &["--data-binary", ""],
-    )?;
-    assert!(h.starts_with("http/1.1 200"), "{h}");
-    let body = String::from_utf8_lossy(&body).into_owned();
-    let upload = body
-        .split("<UploadId>")
-        .nth(1)
-        .and_then(|r| r.split("</UploadId>").next())
-        .context("no upload id")?
-        .to_owned();
+    let upload = c.s3_create_upload("slow", "field.bin")?;
     let data = bytes(300_000, 91);
     let part = c.data_dir().join("slow-part.bin");
     std::fs::write(&part, &data)?;
@@ -3934,25 +3921,8 @@ fn a_part_streaming_past_the_expiry_keeps_its_upload_alive() -> Result<()> {
     let etag = custodia_tests::header(&h, "etag")
         .context("no part etag")?
         .to_owned();
-    let done = format!(
-        "<CompleteMultipartUpload><Part><PartNumber>1</PartNumber><ETag>{etag}</ETag></Part></CompleteMultipartUpload>"
-    );
-    let (h, body) = curl(
-        &c,
-        "POST",
-        &format!("{}/slow/field.bin?uploadId={upload}", c.s3),
-        &[
-            "--data-binary",
-            &done,
-            "-H",
-            "content-type: application/xml",
-        ],
-    )?;
-    assert!(
-        h.starts_with("http/1.1 200"),
-        "{h}{}",
-        String::from_utf8_lossy(&body)
-    );
+    let (h, body) = c.s3_complete("slow", "field.bin", &upload, &[(1, &etag)])?;
+    assert!(h.starts_with("http/1.1 200"), "{h}{body}");
     let (_, got) = curl(&c, "GET", &format!("{}/slow/field.bin", c.s3), &[])?;
     assert!(got == data, "the object did not read back byte-exact");
     Ok(())
