@@ -2415,9 +2415,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             ..Default::default()
         };
         let body = crate::read::stream_range(self.gw.clone(), header, 0..size, None);
-        let client_here = tokio_util::sync::CancellationToken::new();
-        let _left = client_here.clone().drop_guard();
-        let body = cancellable(Box::pin(body), client_here);
+        let (body, _left) = while_client_here(Box::pin(body));
         let filing = tokio::spawn(ingest::file_evidence(self.gw.clone(), meta, Box::pin(body)))
             .await
             .map_err(|_| internal(ApiError::Internal))?
@@ -2929,9 +2927,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             ..Default::default()
         };
         let body = crate::read::stream_range(self.gw.clone(), header, range, None);
-        let client_here = tokio_util::sync::CancellationToken::new();
-        let _left = client_here.clone().drop_guard();
-        let body = cancellable(Box::pin(body), client_here);
+        let (body, _left) = while_client_here(Box::pin(body));
         let record = self.file_part(meta, Box::pin(body)).await?;
         Ok(S3Response::new(UploadPartCopyOutput {
             copy_part_result: Some(CopyPartResult {
@@ -3752,6 +3748,23 @@ fn encode_page(
         p.prefix = p.prefix.as_deref().map(url_encode);
     }
     prefix.as_deref().map(url_encode)
+}
+
+/// A copy's source, read [`cancellable`] until the guard returned with it
+/// is dropped (with the request's future: its client left).
+fn while_client_here<B, E>(
+    body: B,
+) -> (
+    impl futures::Stream<Item = Result<bytes::Bytes, String>> + Send + 'static,
+    tokio_util::sync::DropGuard,
+)
+where
+    B: futures::Stream<Item = Result<bytes::Bytes, E>> + Send + Unpin + 'static,
+    E: std::fmt::Display,
+{
+    let client_here = tokio_util::sync::CancellationToken::new();
+    let guard = client_here.clone().drop_guard();
+    (cancellable(body, client_here), guard)
 }
 
 /// `body`, failing once `client_here` is cancelled (the request's future

@@ -1569,16 +1569,6 @@ fn decode_part(v: &[u8]) -> Result<PartRecord, protocol::DecodeError> {
     }
 }
 
-async fn get_part_tx<T: Transaction>(
-    tx: &T,
-    key: &[u8],
-) -> Result<Option<PartRecord>, SchemaError> {
-    match tx.get(key).await? {
-        Some(v) => Ok(Some(decode_part(&v)?)),
-        None => Ok(None),
-    }
-}
-
 impl PartRecord {
     /// What a verified read (or a repair) of the part's stripes needs; the
     /// tenant is its upload's. Parts are never visible as evidence: this
@@ -1611,6 +1601,8 @@ pub struct LivePart {
     pub number: u32,
     /// The header its stripes are read and rebuilt by.
     pub header: protocol::ManifestHeader,
+    /// Its record, as its upload holds it.
+    pub record: PartRecord,
 }
 
 fn part_place_key(part: &EvidenceId) -> Vec<u8> {
@@ -1653,6 +1645,7 @@ pub async fn live_part_tx<T: Transaction>(
         upload,
         number,
         header: p.read_header(&rec.tenant),
+        record: p,
     }))
 }
 
@@ -2158,12 +2151,10 @@ pub async fn drop_parts_copied_from_tx<T: Transaction>(
             }
             Err(e) => return Err(e),
         };
-        let key = part_key(&live.upload, live.number);
-        if let Some(rec) = get_part_tx(tx, &key).await? {
-            tx.clear(&key);
-            queue_part_deletion_tx(tx, &rec);
-            dropped += 1;
-        }
+        // Read with it: the record `live_part_tx` found under its number.
+        tx.clear(&part_key(&live.upload, live.number));
+        queue_part_deletion_tx(tx, &live.record);
+        dropped += 1;
     }
     Ok(dropped)
 }
