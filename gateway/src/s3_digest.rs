@@ -63,7 +63,8 @@ pub fn wants_check<B>(req: &http::Request<B>) -> bool {
         return false;
     }
     // CompleteMultipartUpload (POST ?uploadId=) sends its part list as XML.
-    let document = query_keys(req).any(|k| DOCUMENTS.contains(&k)) || completes_upload(req);
+    let document =
+        query_keys(req).any(|k| DOCUMENTS.contains(&k.as_str())) || completes_upload(req);
     let headers = req.headers();
     document && !streaming(headers) && has_digest(headers)
 }
@@ -373,6 +374,48 @@ fn completes_upload<B>(req: &http::Request<B>) -> bool {
     req.method() == http::Method::POST && query_keys(req).any(|k| k == "uploadId")
 }
 
+/// The query keys Signature Version 2 signs (s3s 0.14's list, as AWS's).
+const V2_SIGNED_QUERY: [&str; 35] = [
+    "accelerate",
+    "acl",
+    "analytics",
+    "cors",
+    "defaultObjectAcl",
+    "delete",
+    "inventory",
+    "lifecycle",
+    "location",
+    "logging",
+    "metrics",
+    "notification",
+    "object-lock",
+    "partNumber",
+    "policy",
+    "replication",
+    "requestPayment",
+    "response-cache-control",
+    "response-content-disposition",
+    "response-content-encoding",
+    "response-content-language",
+    "response-content-type",
+    "response-expires",
+    "restore",
+    "select",
+    "select-type",
+    "storageClass",
+    "tagging",
+    "torrent",
+    "uploadId",
+    "uploads",
+    "versionId",
+    "versioning",
+    "versions",
+    "website",
+];
+/// A SigV2 presigned URL's own parameters, and `x-id`, which SDKs add to
+/// name the operation and which routes no write.
+const V2_AUTH_QUERY: [&str; 4] = ["AWSAccessKeyId", "Expires", "Signature", "x-id"];
+
 /// The longest a presigned URL may be valid, as in S3: a week.
 pub const MAX_PRESIGNED_SECS: u64 = 7 * 24 * 3600;
 
@@ -407,8 +450,19 @@ pub fn auth_refusal<B>(req: &http::Request<B>, now_secs: u64) -> Option<Refused>
     };
     let query = req.uri().query().unwrap_or("");
     let mut v2_presigned = false;
+    let mut v4_presigned = false;
     let mut v2_expires = None;
+    let mut unsigned_by_v2 = Vec::new();
     for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        if matches!(
+            &*k,
+            "X-Amz-Signature" | "X-Amz-Algorithm" | "X-Amz-Credential"
+        ) {
+            v4_presigned = true;
+        }
+        if !V2_SIGNED_QUERY.contains(&&*k) && !V2_AUTH_QUERY.contains(&&*k) {
+            unsigned_by_v2.push(k.clone().into_owned());
+        }
         match &*k {
             "Signature" | "AWSAccessKeyId" => v2_presigned = true,
             "Expires" => v2_expires = Some(v.parse::<u64>().ok()),
@@ -418,11 +472,36 @@ pub fn auth_refusal<B>(req: &http::Request<B>, now_secs: u64) -> Option<Refused>
             _ => {}
         }
     }
+    // As S3: a request authenticates one way. s3s would check the query's
+    // signature and act on what a header claims, or the other way round.
+    let header_auth = req.headers().contains_key(http::header::AUTHORIZATION);
+    if (v2_presigned || v4_presigned) && header_auth || v2_presigned && v4_presigned {
+        return Some(Refused::new(
+            "InvalidArgument",
+            "Only one auth mechanism allowed; only the X-Amz-Algorithm query parameter, \
+             Signature query string parameter or the Authorization header should be specified",
+        ));
+    }
     if v2_presigned {
         match v2_expires {
             Some(Some(at)) if at <= now_secs.saturating_add(MAX_PRESIGNED_SECS) => {}
             Some(Some(_)) => return Some(too_long("Expires, from now,")),
             _ => return Some(v2()),
+        }
+        // SigV2 signs only the subresources s3s lists: any other query key
+        // on a presigned write (`?retention` or `?legal-hold` added to a
+        // PUT's URL) would act unsigned. Reads may carry listing
+        // parameters, which change nothing.
+        let reads = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
+        if !reads && !unsigned_by_v2.is_empty() {
+            return Some(Refused {
+                code: "AccessDenied",
+                status: http::StatusCode::FORBIDDEN,
+                message: format!(
+                    "There were query parameters present in the request which were not signed: {}",
+                    unsigned_by_v2.join(", ")
+                ),
+            });
         }
     }
     let unsigned = unsigned_amz_headers(req);
@@ -488,7 +567,8 @@ pub fn document_too_large<B>(req: &http::Request<B>) -> Option<Refused> {
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())?;
-    let document = query_keys(req).any(|k| DOCUMENTS.contains(&k)) || completes_upload(req);
+    let document =
+        query_keys(req).any(|k| DOCUMENTS.contains(&k.as_str())) || completes_upload(req);
     (document && len > XML_MAX_BODY_BYTES as u64).then(|| Refused {
         code: "MaxMessageLengthExceeded",
         status: http::StatusCode::BAD_REQUEST,
@@ -583,7 +663,7 @@ pub fn digest_refusal<B>(req: &http::Request<B>) -> Option<Refused> {
     let needs = query_keys(req).any(|k| {
         DIGEST_REQUIRED
             .iter()
-            .any(|(m, key)| *m == method && *key == k)
+            .any(|(m, key)| *m == method && *key == k.as_str())
     });
     if !needs {
         return None;
@@ -615,21 +695,28 @@ const UNSIGNED_AMZ_ALLOWED: [&str; 4] = [
 /// or a bypass the signer never asked for. S3 refuses such a request, and
 /// so does this gateway. (SigV2 signs every `x-amz-*` header by itself.)
 fn unsigned_amz_headers<B>(req: &http::Request<B>) -> Vec<String> {
-    let from_header = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("AWS4-HMAC-SHA256"))
-        .and_then(|v| {
-            v.split(',')
-                .find_map(|part| part.trim().strip_prefix("SignedHeaders="))
-                .map(str::to_owned)
-        });
-    let signed = from_header.or_else(|| {
-        url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
-            .find(|(k, _)| k == "X-Amz-SignedHeaders")
-            .map(|(_, v)| v.into_owned())
-    });
+    // s3s checks a presigned URL's signature (the query's) whenever the
+    // query carries one, whatever an Authorization header says: the signed
+    // headers are then the query's, never a header's own claim.
+    let query = url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes());
+    let signed = match query.clone().any(|(k, _)| k == "X-Amz-Signature") {
+        true => Some(
+            query
+                .into_iter()
+                .find(|(k, _)| k == "X-Amz-SignedHeaders")
+                .map_or_else(String::new, |(_, v)| v.into_owned()),
+        ),
+        false => req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("AWS4-HMAC-SHA256"))
+            .and_then(|v| {
+                v.split(',')
+                    .find_map(|part| part.trim().strip_prefix("SignedHeaders="))
+                    .map(str::to_owned)
+            }),
+    };
     // Not SigV4: s3s refuses it or (SigV2) signs the headers itself.
     let Some(signed) = signed else {
         return Vec::new();
@@ -648,12 +735,12 @@ fn unsigned_amz_headers<B>(req: &http::Request<B>) -> Vec<String> {
         .collect()
 }
 
-fn query_keys<B>(req: &http::Request<B>) -> impl Iterator<Item = &str> {
-    req.uri()
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .map(|pair| pair.split('=').next().unwrap_or(""))
+/// The request's query keys, percent-decoded as s3s decodes them before
+/// it routes: `?%72etention` is routed as `?retention`, so it must be seen
+/// as one here too.
+fn query_keys<B>(req: &http::Request<B>) -> impl Iterator<Item = String> + '_ {
+    url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .map(|(k, _)| k.into_owned())
 }
 
 #[cfg(test)]
@@ -895,6 +982,80 @@ mod tests {
         assert_eq!(refused("/b/k", &headers), None);
         // Unsigned requests are s3s's to refuse (no anonymous access).
         assert_eq!(refused("/b/k", &copy), None);
+        // A presigned URL's signed headers are its query's: an
+        // Authorization header added to claim more is not believed (s3s
+        // checks the query's signature), and two ways at once are refused.
+        let claims = auth("host;x-amz-object-lock-mode;x-amz-object-lock-retain-until-date");
+        let mut forged = lock.to_vec();
+        forged.push(("authorization", claims.as_str()));
+        let (code, _) = refused(&presigned("host"), &forged).expect("refused");
+        assert_eq!(code, "InvalidArgument");
+        assert_eq!(
+            unsigned_amz_headers(&req("PUT", &presigned("host"), &forged)),
+            [
+                "x-amz-object-lock-mode",
+                "x-amz-object-lock-retain-until-date"
+            ]
+        );
+        let both = format!(
+            "{}&AWSAccessKeyId=AK&Expires=1796000300&Signature=x",
+            presigned("host")
+        );
+        assert_eq!(refused(&both, &[]).map(|r| r.0), Some("InvalidArgument"));
+        let v2_and_header = "/b/k?AWSAccessKeyId=AK&Expires=1796000300&Signature=x";
+        assert_eq!(
+            refused(v2_and_header, &[("authorization", claims.as_str())]).map(|r| r.0),
+            Some("InvalidArgument")
+        );
+    }
+
+    /// SigV2 signs a fixed list of subresources: a presigned write's URL
+    /// with another key added (spelled plainly or percent-encoded, as s3s
+    /// decodes it before routing) is refused; reads may list freely.
+    #[test]
+    fn a_sigv2_presigned_write_carries_only_signed_query_keys() {
+        let now = 1_796_000_000;
+        let url = |extra: &str| {
+            format!(
+                "/b/k?AWSAccessKeyId=AK&Expires={}&Signature=x{extra}",
+                now + 300
+            )
+        };
+        let refused = |method: &str, extra: &str| {
+            auth_refusal(&req(method, &url(extra), &[]), now).map(|r| (r.code, r.message))
+        };
+        assert_eq!(refused("PUT", ""), None);
+        assert_eq!(refused("PUT", "&partNumber=2&uploadId=u"), None);
+        assert_eq!(refused("PUT", "&x-id=PutObject"), None);
+        for extra in [
+            "&retention",
+            "&%72etention",
+            "&legal-hold=",
+            "&le%67al-hold",
+        ] {
+            let (code, message) = refused("PUT", extra).expect(extra);
+            assert_eq!(code, "AccessDenied", "{extra}");
+            assert!(message.contains("not signed"), "{message}");
+        }
+        assert!(refused("POST", "&restore&x=1").is_some());
+        assert_eq!(refused("GET", "&prefix=a&max-keys=5"), None);
+        assert_eq!(refused("HEAD", "&retention"), None);
+    }
+
+    /// The keys that decide a request's route are seen decoded, as s3s
+    /// sees them: `%72etention` needs its digest as `retention` does.
+    #[test]
+    fn percent_encoded_query_keys_are_seen_as_routed() {
+        let unsigned = ("x-amz-content-sha256", "UNSIGNED-PAYLOAD");
+        for uri in ["/b/k?%72etention", "/b/k?legal%2Dhold="] {
+            assert_eq!(
+                digest_refusal(&req("PUT", uri, &[unsigned])).map(|r| r.code),
+                Some("InvalidRequest"),
+                "{uri}"
+            );
+        }
+        let md5 = [("content-md5", "AAAAAAAAAAAAAAAAAAAAAA==")];
+        assert!(wants_check(&req("PUT", "/b/k?%72etention", &md5)));
     }
 
     fn req(method: &str, uri: &str, headers: &[(&str, &str)]) -> http::Request<()> {

@@ -908,6 +908,23 @@ fn aws_cli_files_lists_reads_and_deletes_objects_as_evidence() -> Result<()> {
     assert_eq!(resp.status().as_u16(), 403, "{body}");
     assert!(body.contains("<Code>AccessDenied</Code>"), "{body}");
     assert!(body.contains("not signed: x-amz-copy-source"), "{body}");
+    // Nor does an Authorization header that claims the URL signed it: a
+    // request authenticates one way.
+    let mut resp = ureq::get(url.trim())
+        .header("x-amz-copy-source", "/evidence/dir/f2.bin")
+        .header(
+            "authorization",
+            "AWS4-HMAC-SHA256 Credential=AK/20261205/us-east-1/s3/aws4_request, \
+             SignedHeaders=host;x-amz-copy-source, Signature=00",
+        )
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .call()?;
+    let body = resp.body_mut().read_to_string()?;
+    assert_eq!(resp.status().as_u16(), 400, "{body}");
+    assert!(body.contains("<Code>InvalidArgument</Code>"), "{body}");
+    assert!(body.contains("Only one auth mechanism"), "{body}");
     let long = url
         .trim()
         .replace("X-Amz-Expires=300", "X-Amz-Expires=604801");
