@@ -113,27 +113,104 @@ fn read_receipt(path: &Path) -> Result<(Receipt, Option<Value>)> {
     Ok((receipt, filing))
 }
 
-/// Whether the metadata a saved filing response shows (its case, file
-/// name, media type and submitter) is what its `filed` statement
-/// notarized: `None` when there is nothing to compare (not a filing
-/// response, or a statement of another kind or without the hash).
-fn metadata_as_filed(filing: &Value, statement: &ledger::Statement) -> Option<bool> {
-    if statement.kind != ledger::Kind::Filed {
-        return None;
+/// What a saved answer shows beside its receipt, checked against the
+/// statement the receipt proves.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Beside {
+    /// Whether the case, file name, media type and submitter it shows are
+    /// what a `filed` statement notarized; `None`: not compared (another
+    /// kind of statement, or one that notarized no metadata).
+    metadata: Option<bool>,
+    /// Why not compared, for a `filed` statement.
+    unchecked: Option<&'static str>,
+    /// Each way the answer contradicts the statement.
+    problems: Vec<String>,
+}
+
+/// Checks a saved answer (a filing response, or any answer with a
+/// `receipt` field) against the statement its receipt proves. It fails
+/// closed: a field the answer shows must be the statement's, and a filing
+/// response missing one of the fields its notarized metadata covers (or
+/// showing one as something other than text) cannot be vouched for, so it
+/// is a problem, not a silence.
+fn answer_beside(answer: &Value, statement: &ledger::Statement) -> Beside {
+    let mut beside = Beside::default();
+    let mut differs = |field: &str, shown: &Value, logged: String| {
+        beside.problems.push(format!(
+            "the answer beside the receipt shows {field} {shown}; the statement says {logged}"
+        ))
+    };
+    let text_is = |shown: &Value, logged: &str| shown.as_str() == Some(logged);
+    if let Some(v) = answer.get("id").filter(|v| !v.is_null()) {
+        if !text_is(v, &statement.evidence) {
+            differs("id", v, statement.evidence.clone());
+        }
     }
-    let notarized = statement.metadata_sha256.as_deref()?;
-    let text = |k: &str| match filing.get(k) {
-        Some(Value::String(s)) => Some(Some(s.as_str())),
-        Some(Value::Null) => Some(None),
-        _ => None,
+    if let Some(v) = answer.get("tenant").filter(|v| !v.is_null()) {
+        if !text_is(v, &statement.tenant) {
+            differs("tenant", v, statement.tenant.clone());
+        }
+    }
+    if let Some(v) = answer.get("blake3").filter(|v| !v.is_null()) {
+        if !v
+            .as_str()
+            .is_some_and(|h| h.eq_ignore_ascii_case(&statement.blake3))
+        {
+            differs("BLAKE3", v, statement.blake3.clone());
+        }
+    }
+    if let Some(v) = answer.get("sha256").filter(|v| !v.is_null()) {
+        match &statement.sha256 {
+            Some(logged) if v.as_str().is_some_and(|h| h.eq_ignore_ascii_case(logged)) => {}
+            Some(logged) => differs("SHA-256", v, logged.clone()),
+            None => differs("SHA-256", v, "none".into()),
+        }
+    }
+    if let Some(v) = answer.get("size").filter(|v| !v.is_null()) {
+        if v.as_u64() != Some(statement.size) {
+            differs("size", v, statement.size.to_string());
+        }
+    }
+    if statement.kind != ledger::Kind::Filed {
+        return beside;
+    }
+    let Some(notarized) = statement.metadata_sha256.as_deref() else {
+        beside.unchecked = Some("the statement notarized no metadata");
+        return beside;
+    };
+    let mut missing = Vec::new();
+    let mut text = |k: &'static str| match answer.get(k) {
+        Some(Value::String(s)) => Some(s.as_str()),
+        Some(Value::Null) => None,
+        _ => {
+            missing.push(k);
+            None
+        }
     };
     let shown = ledger::filing_metadata_sha256(
-        text("case")?,
-        text("file_name")?,
-        text("media_type")?,
-        text("submitter")?,
+        text("case"),
+        text("file_name"),
+        text("media_type"),
+        text("submitter"),
     );
-    Some(shown == notarized)
+    if !missing.is_empty() {
+        beside.metadata = Some(false);
+        beside.problems.push(format!(
+            "the answer beside the receipt lacks {} (or shows it as other than text or null), \
+             so its metadata cannot be checked against what the filing notarized",
+            missing.join(", ")
+        ));
+        return beside;
+    }
+    beside.metadata = Some(shown == notarized);
+    if shown != notarized {
+        beside.problems.push(
+            "the case, file name, media type or submitter beside the receipt are NOT the ones \
+             the filing notarized"
+                .into(),
+        );
+    }
+    beside
 }
 
 pub struct ReceiptArgs<'a> {
@@ -300,17 +377,12 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
     }
     // A saved filing response shows the filing's metadata beside its
     // receipt: it must be what the statement notarized.
-    let metadata = match (&filing, &statement) {
-        (Some(f), Some(s)) => metadata_as_filed(f, s),
-        _ => None,
+    let beside = match (&filing, &statement) {
+        (Some(f), Some(s)) => answer_beside(f, s),
+        _ => Beside::default(),
     };
-    if metadata == Some(false) {
-        problems.push(
-            "the case, file name, media type or submitter beside the receipt are NOT the ones \
-             the filing notarized"
-                .into(),
-        );
-    }
+    let metadata = beside.metadata;
+    problems.extend(beside.problems.iter().cloned());
     let valid = problems.is_empty();
     if args.json {
         let report = json!({
@@ -321,6 +393,7 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
             "witnessed": { "by": witnessed, "of": witness_keys.len(), "quorum": quorum },
             "content": content,
             "metadata_as_filed": metadata,
+            "metadata_not_checked": beside.unchecked,
             "time_stamp": stamped,
             "statement": statement,
             "time_note": "the statement's time is the log operator's clock",
@@ -388,6 +461,9 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
             "metadata: the case, file name, media type and submitter beside the receipt are the \
              ones the filing notarized"
         );
+    }
+    if let Some(why) = beside.unchecked {
+        println!("metadata: NOT checked ({why})");
     }
     if let Some(m) = content.get("matches").and_then(Value::as_bool) {
         if m {
@@ -576,6 +652,80 @@ fn rfc3339(t: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
+    /// A saved filing answer is vouched for field by field: one that shows
+    /// another id, size, BLAKE3 or tenant than its statement, or that lacks
+    /// a field the notarized metadata covers, is refused, never passed
+    /// over in silence.
+    #[test]
+    fn an_answer_beside_its_receipt_is_checked_and_fails_closed() {
+        use protocol::ledger::{filing_metadata_sha256, Kind, Statement};
+        let id = protocol::EvidenceId([7; 16]);
+        let b3 = protocol::Blake3Hash([1; 32]);
+        let sha = protocol::Sha256Hash([2; 32]);
+        let mut s = Statement::new(
+            Kind::Filed,
+            id,
+            &b3,
+            Some(&sha),
+            42,
+            "court",
+            Some("Case 7".into()),
+            None,
+            1,
+        );
+        s.metadata_sha256 = Some(filing_metadata_sha256(
+            Some("Case 7"),
+            Some("cam.mp4"),
+            None,
+            Some("clerk"),
+        ));
+        let answer = json!({
+            "id": id.to_string(), "tenant": "court", "blake3": b3.to_hex(),
+            "sha256": sha.to_hex(), "size": 42, "case": "Case 7",
+            "file_name": "cam.mp4", "media_type": null, "submitter": "clerk",
+        });
+        let ok = super::answer_beside(&answer, &s);
+        assert_eq!((ok.metadata, ok.problems.len()), (Some(true), 0), "{ok:?}");
+        let with = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut a = answer.clone();
+            edit(&mut a);
+            super::answer_beside(&a, &s)
+        };
+        // The case changed and the media type removed: refused, by name.
+        let b = with(&|a| {
+            a["case"] = json!("Case 8");
+            a.as_object_mut().unwrap().remove("media_type");
+        });
+        assert_eq!(b.metadata, Some(false));
+        assert!(b.problems[0].contains("lacks media_type"), "{b:?}");
+        let b = with(&|a| a["submitter"] = json!(0));
+        assert!(b.problems[0].contains("lacks submitter"), "{b:?}");
+        let b = with(&|a| a["file_name"] = json!("other.mp4"));
+        assert_eq!(b.metadata, Some(false));
+        for (field, value) in [
+            ("id", json!(protocol::EvidenceId([8; 16]).to_string())),
+            ("size", json!(43)),
+            ("size", json!("42")),
+            ("blake3", json!(protocol::Blake3Hash([3; 32]).to_hex())),
+            ("sha256", json!("00")),
+            ("tenant", json!("other")),
+        ] {
+            let b = with(&|a| a[field] = value.clone());
+            assert_eq!(b.problems.len(), 1, "{field}: {b:?}");
+            assert_eq!(b.metadata, Some(true), "{field}");
+        }
+        // A statement that notarized no metadata: said to be unchecked.
+        s.metadata_sha256 = None;
+        let b = super::answer_beside(&answer, &s);
+        assert_eq!((b.metadata, b.unchecked.is_some()), (None, true));
+        // Another kind of statement: only the fields it has are compared.
+        s.kind = Kind::LegalHold;
+        let b = super::answer_beside(&json!({"id": id.to_string(), "legal_hold": true}), &s);
+        assert_eq!(b, super::Beside::default());
+    }
+
     #[test]
     fn receipt_text_is_shown_without_escapes_or_reordering() {
         assert_eq!(super::shown("Case 7"), "Case 7");

@@ -299,6 +299,21 @@ fn a_filing_gets_a_receipt_a_court_can_verify_offline() -> Result<()> {
         code == Some(1) && out.contains("are NOT the ones the filing notarized"),
         "{out}"
     );
+    // Nor does taking a field away pass the change by, or another size.
+    let mut stripped = renamed.clone();
+    stripped
+        .as_object_mut()
+        .context("an object")?
+        .remove("media_type");
+    stripped["size"] = (data.len() + 1).into();
+    std::fs::write(&renamed_path, serde_json::to_vec(&stripped)?)?;
+    let (code, out) = custodia_verify(&renamed_path, &key, None)?;
+    assert!(
+        code == Some(1)
+            && out.contains("lacks media_type")
+            && out.contains(&format!("shows size {}", data.len() + 1)),
+        "{out}"
+    );
 
     let mut altered = data.clone();
     altered[123] ^= 1;
