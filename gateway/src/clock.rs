@@ -18,7 +18,11 @@
 //! - without one, while it is behind, at most 1/64 faster than real time
 //!   (about 5.7 days a year), never past the system clock. The allowance
 //!   is not saved up: a gateway that ran a year with its clocks agreeing has
-//!   none to spend when the system clock jumps.
+//!   none to spend when the system clock jumps. Once a source has confirmed
+//!   the time, it is not spent past that time either (as it has run on
+//!   since, plus [`CONFIRM_AHEAD_MS`]): a system clock set forward, and
+//!   left there, would otherwise draw the clock 1/64 ahead of the real time
+//!   the source vouches for, ending a 7-year retention some 40 days early.
 //!
 //! Lagging only delays deletions, never advances them: a retention runs
 //! until the compliance clock passes its date. An index with evidence but
@@ -349,16 +353,26 @@ fn confirm(s: &mut State, ms: u64, source: Source) {
 }
 
 /// Reads the compliance clock (ns) at system time `wall` (ns): the last
-/// reading plus the monotonic time since; while behind the system clock,
-/// plus 1/64 of that time, up to it; up to the confirmed time, if later,
-/// but never past the system clock.
+/// reading plus the monotonic time since; while behind the system clock
+/// (and the confirmed time, once there is one), plus 1/64 of that time, up
+/// to it; up to the confirmed time, if later, but never past the system
+/// clock.
 fn compliance(s: &mut State, wall: u64) -> u64 {
     let now = Instant::now();
     let dt = u64::try_from(now.saturating_duration_since(s.read_at).as_nanos()).unwrap_or(u64::MAX);
     s.read_at = now;
     let steady = s.compliance_ns.saturating_add(dt);
-    let mut c = if wall > steady {
-        wall.min(steady.saturating_add(dt / UNCONFIRMED_CATCH_UP))
+    let catch_up_to = match &s.confirmed {
+        Some(confirmed) => wall.min(
+            confirmed
+                .now_ms()
+                .saturating_add(CONFIRM_AHEAD_MS)
+                .saturating_mul(NS_PER_MS),
+        ),
+        None => wall,
+    };
+    let mut c = if catch_up_to > steady {
+        catch_up_to.min(steady.saturating_add(dt / UNCONFIRMED_CATCH_UP))
     } else {
         steady
     };
@@ -447,6 +461,46 @@ mod tests {
             "a TSA's day ahead let a clock set forward move it {} s",
             (later - wall_ms()) / 1000
         );
+    }
+
+    /// A system clock set forward and left there draws the clock at most
+    /// 1/64 faster than real time; once a source has confirmed the real
+    /// time, not past it.
+    #[test]
+    fn a_confirmed_time_bounds_the_catch_up_to_a_clock_set_forward() {
+        let year = 365 * DAY;
+        let real = wall_ms();
+        let mut s = State {
+            compliance_ns: real * NS_PER_MS,
+            read_at: Instant::now() - Duration::from_secs(640),
+            stamp_ms: 0,
+            confirmed: None,
+            witnesses: Vec::new(),
+        };
+        let forward = (real + year) * NS_PER_MS;
+        let unconfirmed = compliance(&mut s, forward) / NS_PER_MS;
+        // 640 s on, 10 s ahead of the real time (a year on, 5.7 days): the
+        // documented allowance where nothing vouches for the time.
+        let ahead = unconfirmed - (real + 640_000);
+        assert!((9_900..=10_100).contains(&ahead), "{ahead} ms ahead");
+        // The same with a TSA that confirmed the real time 640 s ago.
+        s.compliance_ns = real * NS_PER_MS;
+        s.read_at = Instant::now() - Duration::from_secs(640);
+        s.confirmed = Some(Confirmed {
+            ms: real,
+            at: Instant::now() - Duration::from_secs(640),
+            source: Source::Tsa,
+        });
+        let bounded = compliance(&mut s, forward) / NS_PER_MS;
+        let ahead = bounded.saturating_sub(real + 640_000);
+        assert!(
+            ahead <= CONFIRM_AHEAD_MS + 50,
+            "{ahead} ms ahead of the confirmed time"
+        );
+        // Behind the confirmed time, it is taken up to it at once, as ever.
+        s.compliance_ns = (real - DAY) * NS_PER_MS;
+        let caught = compliance(&mut s, forward) / NS_PER_MS;
+        assert!(caught + 100 >= real + 640_000, "{caught}");
     }
 
     #[test]
