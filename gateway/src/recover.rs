@@ -81,6 +81,17 @@ pub enum RecoverError {
     Node { node: NodeId, error: String },
     #[error("the archived manifest of {0} is unreadable")]
     Manifest(EvidenceId),
+    /// A statement this version cannot read (a newer one's, or damaged):
+    /// passing over it could pass over an expunge or a hold.
+    #[error(
+        "ledger leaf {leaf} (evidence {evidence}) holds a statement this version cannot read \
+         ({error}): recover with the version that wrote it, or a newer one"
+    )]
+    Statement {
+        leaf: u64,
+        evidence: EvidenceId,
+        error: String,
+    },
     #[error("S3 records: {0}")]
     S3(#[from] crate::s3_journal::JournalError),
     #[error("node decisions: {0}")]
@@ -146,6 +157,10 @@ pub struct Report {
     /// archived header showed no hold (a release never notarized):
     /// restored held; the release must be given again.
     pub release_not_logged: Vec<String>,
+    /// Evidence whose S3 version is held while neither its archived header
+    /// nor the ledger shows the hold (placed just before the loss, its
+    /// statement not yet notarized): restored held.
+    pub hold_not_logged: Vec<String>,
     /// The compliance clock restored from the archive (ms since the Unix
     /// epoch); `None`: the archive holds none, and the gateway starts it at
     /// the newest filing's time.
@@ -285,26 +300,29 @@ pub async fn recover_index<S: Store>(
     let mut expunge_logged = BTreeSet::new();
     // Each filing's statement, and the ledger's last word on each hold.
     let mut filed: HashMap<EvidenceId, Statement> = HashMap::new();
-    let mut held: HashMap<EvidenceId, bool> = HashMap::new();
-    for leaf in &restored.archive {
-        if let Ok(s) = Statement::decode(&leaf.statement) {
-            report.tenants.insert(s.tenant.clone());
-            match s.kind {
-                protocol::ledger::Kind::Notarized => report.notarized += 1,
-                protocol::ledger::Kind::Expunged => {
-                    expunge_logged.insert(leaf.evidence);
-                }
-                protocol::ledger::Kind::LegalHold => {
-                    held.insert(leaf.evidence, true);
-                }
-                protocol::ledger::Kind::Released => {
-                    held.insert(leaf.evidence, false);
-                }
-                protocol::ledger::Kind::Filed => {
-                    filed.insert(leaf.evidence, s);
-                }
-                _ => {}
+    let mut hold_said: HashMap<EvidenceId, bool> = HashMap::new();
+    for (index, leaf) in restored.archive.iter().enumerate() {
+        let s = Statement::decode(&leaf.statement).map_err(|e| RecoverError::Statement {
+            leaf: index as u64,
+            evidence: leaf.evidence,
+            error: e.to_string(),
+        })?;
+        report.tenants.insert(s.tenant.clone());
+        match s.kind {
+            protocol::ledger::Kind::Notarized => report.notarized += 1,
+            protocol::ledger::Kind::Expunged => {
+                expunge_logged.insert(leaf.evidence);
             }
+            protocol::ledger::Kind::LegalHold => {
+                hold_said.insert(leaf.evidence, true);
+            }
+            protocol::ledger::Kind::Released => {
+                hold_said.insert(leaf.evidence, false);
+            }
+            protocol::ledger::Kind::Filed => {
+                filed.insert(leaf.evidence, s);
+            }
+            _ => {}
         }
         if let Some(bytes) = &leaf.manifest {
             let h =
@@ -336,7 +354,7 @@ pub async fn recover_index<S: Store>(
         }
         // A hold whose release is not on the ledger stays (the archive's
         // header can show a release whose statement was never notarized).
-        if held.get(id) == Some(&true) && !h.legal_hold {
+        if hold_said.get(id) == Some(&true) && !h.legal_hold {
             tracing::warn!(evidence = %id, "its hold's release is not on the ledger: restored held; give the order again");
             report.release_not_logged.push(id.to_string());
             h.legal_hold = true;
@@ -432,7 +450,24 @@ pub async fn recover_index<S: Store>(
     // time). A version may name any evidence recovered, expunged included
     // (as before the loss, it then reads as gone).
     let indexed: BTreeSet<EvidenceId> = manifests.keys().copied().collect();
-    restore_s3_records(gw, &indexed, &mut report, progress).await?;
+    let s3_held = restore_s3_records(gw, &indexed, &mut report, progress).await?;
+    // A hold placed through S3 is on its version record, which the journal
+    // archives within a second, and on the evidence, whose archived header
+    // shows it only once a leaf about it is published: a hold whose
+    // statement the ledger had not taken yet would be lost. The version's
+    // hold stands unless the ledger's last word on the evidence is a
+    // release (an evidence-API release leaves the version's flag as it was).
+    for id in s3_held {
+        let Some((h, expunged)) = manifests.get_mut(&id) else {
+            continue;
+        };
+        if !h.legal_hold && !*expunged && hold_said.get(&id) != Some(&false) {
+            tracing::warn!(evidence = %id, "its S3 version is held and its hold is not on the ledger: restored held");
+            report.hold_not_logged.push(id.to_string());
+            h.legal_hold = true;
+        }
+    }
+    drop(hold_said);
 
     // Tenants: every recovered record names one.
     let tenants: Vec<String> = report.tenants.iter().cloned().collect();
@@ -532,14 +567,15 @@ const S3_RECORDS_PER_TXN: usize = 512;
 
 /// Replays the S3 records' journal from the archive into the index; a
 /// version naming evidence not in `indexed` is dropped and reported.
+/// Returns the evidence of the versions under a legal hold.
 async fn restore_s3_records<S: Store>(
     gw: &Gateway<S>,
     indexed: &BTreeSet<EvidenceId>,
     report: &mut Report,
     progress: &(dyn Fn(&str) + Sync),
-) -> Result<(), RecoverError> {
+) -> Result<Vec<EvidenceId>, RecoverError> {
     let Some(ledger) = &gw.ledger else {
-        return Ok(());
+        return Ok(Vec::new());
     };
     progress("s3: replaying the records' journal");
     let (entries, epoch) = crate::s3_journal::read_archived(ledger).await?;
@@ -572,7 +608,7 @@ async fn restore_s3_records<S: Store>(
         .into_iter()
         .map(|(b, k, id)| (b, k, id.to_string()))
         .collect();
-    Ok(())
+    Ok(replayed.held)
 }
 
 /// A stripe record from the shards found: their nodes and header hashes;

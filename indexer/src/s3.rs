@@ -605,6 +605,8 @@ pub struct Replayed {
     pub versions: usize,
     /// Versions dropped because their evidence is not in the recovered index.
     pub dropped: Vec<(String, String, EvidenceId)>,
+    /// The evidence of the versions kept that are under a legal hold.
+    pub held: Vec<EvidenceId>,
 }
 
 /// Each record's newest entry among `entries` (by epoch, then versionstamp),
@@ -689,6 +691,9 @@ pub fn replay(
                         id,
                     ));
                     continue;
+                }
+                if let Some(id) = v.evidence.filter(|_| v.legal_hold) {
+                    out.held.push(id);
                 }
                 if newest_of.as_deref() != Some(object) {
                     newest_of = Some(object.to_vec());

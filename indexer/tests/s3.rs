@@ -488,6 +488,8 @@ async fn the_journal_replays_into_the_same_records() {
     // a, b, c, the marker over c and the null version 600.
     assert_eq!(replayed.versions, 5);
     assert!(replayed.dropped.is_empty());
+    // The held version's evidence is named, for recovery to keep it held.
+    assert_eq!(replayed.held, [b.evidence.expect("evidence")]);
 
     // Merged as a gateway compacts its journal files (part of them, the
     // rest left as they are), the journal replays into the same records:
@@ -517,6 +519,7 @@ async fn the_journal_replays_into_the_same_records() {
         replayed.dropped,
         [("kept".to_owned(), "case/1".to_owned(), b.version_id)]
     );
+    assert!(replayed.held.is_empty(), "a dropped version holds nothing");
     let current = run(&r, |tx| async move {
         ix::list_current_tx(&tx, "kept", "", None, 10).await
     })

@@ -215,6 +215,12 @@ pub async fn run(data_dir: &Path, allow_down: bool, trust_archive: bool, json: b
                  was never notarized); restored held: give the release again"
             );
         }
+        for id in &report.hold_not_logged {
+            println!(
+                "  HELD         {id}: its S3 version is under a legal hold the ledger had not \
+                 taken yet; restored held"
+            );
+        }
         for id in &report.expunge_not_logged {
             println!(
                 "  NOT EXPUNGED {id}: its expunge was never notarized before the index was lost; \
