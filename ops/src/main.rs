@@ -556,6 +556,9 @@ fn init_tracing(default: &str) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if !cli.command.serves() {
+        end_quietly_on_a_closed_pipe();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -576,6 +579,36 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::from(1)
             }
         }
+    }
+}
+
+impl Command {
+    /// Whether it runs until stopped (a cluster, a node, a gateway, a
+    /// witness, or a benchmark's cluster), rather than answer and exit.
+    fn serves(&self) -> bool {
+        matches!(
+            self,
+            Command::Up { .. }
+                | Command::Node { .. }
+                | Command::Gateway { .. }
+                | Command::Witness { .. }
+                | Command::Bench(_)
+                | Command::BenchLedger(_)
+                | Command::BenchRepair(_)
+        )
+    }
+}
+
+/// A command that answers and exits, its output piped into a reader that
+/// stopped reading (`| head`), ends as Unix tools do, by SIGPIPE, silently,
+/// rather than panic in `println!` with exit code 101 (Rust ignores
+/// SIGPIPE). Commands that serve keep ignoring it: a closed stdout must not
+/// stop a cluster, and their children inherit the disposition.
+fn end_quietly_on_a_closed_pipe() {
+    // SAFETY: called first thing in `main`, before any other thread exists;
+    // `signal` with SIG_DFL installs no handler.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

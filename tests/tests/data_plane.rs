@@ -2978,3 +2978,24 @@ fn custodia_put_retries_a_lost_answer_without_filing_twice() -> Result<()> {
     assert_eq!(filings[0]["id"], filed["id"]);
     Ok(())
 }
+
+/// A command's output piped into a reader that stopped reading (`| head`)
+/// ends it as a Unix tool ends, by SIGPIPE, with no panic or backtrace on
+/// stderr (Rust ignores SIGPIPE, so `println!` panicked with exit code 101).
+#[test]
+fn output_into_a_closed_pipe_ends_the_command_quietly() -> Result<()> {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    let out = std::process::Command::new(custodia_tests::custodia_bin())
+        .args(["sim", "placement", "--nodes", "100", "--domains", "10"])
+        .args(["--stripes", "1000", "--dead-node-stripes", "100"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // 13: SIGPIPE, on Linux.
+    assert_eq!(out.status.signal(), Some(13), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    Ok(())
+}
