@@ -165,6 +165,12 @@ fn bar(len: u64, what: &str) -> ProgressBar {
 pub fn refuse(mut resp: ureq::http::Response<ureq::Body>) -> anyhow::Error {
     let status = resp.status();
     let body = resp.body_mut().read_to_string().unwrap_or_default();
+    refusal(status, &body)
+}
+
+/// [`refuse`], for an answer whose body was read.
+fn refusal(status: ureq::http::StatusCode, body: &str) -> anyhow::Error {
+    let body = body.to_owned();
     let msg = serde_json::from_str::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| v["message"].as_str().map(str::to_string))
@@ -263,33 +269,51 @@ pub fn put(
     // up can be run again under it.
     let key = idempotency_key.unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()));
     let mut attempt = 1;
-    let resp = loop {
+    let again = || format!("to try again without filing twice: --idempotency-key {key}");
+    let (status, body) = loop {
+        // The answer read whole (a filing's JSON, or an error's): which
+        // 409 it is decides whether to try again.
         let sent = put_once(
             api,
             token,
             path,
             (&case, &submitter, &key),
             (&blake3, &sha256, hashed),
-        );
+        )
+        .and_then(|mut resp| {
+            let body = resp
+                .body_mut()
+                .read_to_string()
+                .context("reading the gateway's answer")
+                .map_err(Attempt::Unanswered)?;
+            Ok((resp.status(), retry_after(&resp), body))
+        });
         let wait = match &sent {
             // Nothing was answered: the connection failed (it may have
             // filed; the key tells).
             Err(Attempt::Unanswered(_)) => Some(Duration::from_secs(attempt)),
             // The gateway's failure (503: nodes or the index unavailable, an
             // upload GC aborted) or the first attempt still in flight (409
-            // upload_in_progress): worth the same request again.
-            Ok(resp) if resp.status() == 503 || resp.status() == 409 => Some(
-                retry_after(resp)
-                    .unwrap_or(Duration::from_secs(attempt))
-                    .min(Duration::from_secs(60)),
-            ),
+            // upload_in_progress): worth the same request again. Any other
+            // 409 (the key used for another filing) is not.
+            Ok((status, retry, body))
+                if *status == 503
+                    || *status == 409
+                        && error_code(body).as_deref() == Some("upload_in_progress") =>
+            {
+                Some(
+                    retry
+                        .unwrap_or(Duration::from_secs(attempt))
+                        .min(Duration::from_secs(60)),
+                )
+            }
             _ => None,
         };
         match (wait, attempt < PUT_ATTEMPTS) {
             (Some(wait), true) => {
                 let why = match &sent {
                     Err(Attempt::Unanswered(e)) => format!("{e:#}"),
-                    Ok(resp) => format!("the gateway answered {}", resp.status()),
+                    Ok((status, _, _)) => format!("the gateway answered {status}"),
                     Err(Attempt::Failed(e)) => format!("{e:#}"),
                 };
                 eprintln!(
@@ -299,23 +323,27 @@ pub fn put(
                 std::thread::sleep(wait);
                 attempt += 1;
             }
-            _ => match sent {
-                Ok(resp) => break resp,
+            // Given up on a failure worth trying again: said with the key
+            // to try again under, as a lost answer is.
+            (Some(_), false) => {
+                let e = match sent {
+                    Ok((status, _, body)) => refusal(status, &body),
+                    Err(Attempt::Unanswered(e) | Attempt::Failed(e)) => e,
+                };
+                return Err(e.context(format!("filing {} ({})", path.display(), again())));
+            }
+            (None, _) => match sent {
+                Ok((status, _, body)) => break (status, body),
                 Err(Attempt::Unanswered(e) | Attempt::Failed(e)) => {
-                    return Err(e.context(format!(
-                        "filing {} (to try again without filing twice: --idempotency-key {key})",
-                        path.display()
-                    )))
+                    return Err(e.context(format!("filing {} ({})", path.display(), again())))
                 }
             },
         }
     };
-    let mut resp = resp;
-    if !resp.status().is_success() {
-        return Err(refuse(resp));
+    if !status.is_success() {
+        return Err(refusal(status, &body));
     }
     let len = hashed;
-    let body = resp.body_mut().read_to_string()?;
     let filed: serde_json::Value =
         serde_json::from_str(&body).context("reading the gateway's answer")?;
     if filed["blake3"].as_str() != Some(blake3.to_hex().as_str()) || filed["size"] != len {
@@ -344,6 +372,12 @@ enum Attempt {
 }
 
 /// A `Retry-After` in seconds, if the answer has one.
+/// The `error` code of a JSON error answer.
+fn error_code(body: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    v.get("error")?.as_str().map(str::to_owned)
+}
+
 fn retry_after(resp: &ureq::http::Response<ureq::Body>) -> Option<Duration> {
     resp.headers()
         .get("retry-after")?

@@ -2999,3 +2999,96 @@ fn output_into_a_closed_pipe_ends_the_command_quietly() -> Result<()> {
     assert!(!stderr.contains("panicked"), "{stderr}");
     Ok(())
 }
+
+/// The Idempotency-Keys a stand-in gateway got, once it has answered.
+type KeysSeen = std::thread::JoinHandle<Result<Vec<Option<String>>>>;
+
+/// A stand-in gateway that answers each filing, read whole, with the next
+/// of `answers` (status, JSON body); returns its URL and the Idempotency-Key
+/// of each request it got.
+fn answering_gateway(answers: Vec<(u16, &'static str)>) -> Result<(String, KeysSeen)> {
+    let front = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let url = format!("http://{}", front.local_addr()?);
+    let served = std::thread::spawn(move || -> Result<Vec<Option<String>>> {
+        let mut keys = Vec::new();
+        for (status, body) in answers {
+            let (mut s, _) = front.accept()?;
+            let (head, key) = request_head(&mut s, "idempotency-key")?;
+            keys.push(key);
+            let len: usize = String::from_utf8_lossy(&head)
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_owned())
+                })
+                .context("no content-length")?
+                .parse()?;
+            s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+            let mut got = vec![0u8; len];
+            s.read_exact(&mut got)?;
+            write!(
+                s,
+                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\nretry-after: 0\r\n\
+                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            )?;
+        }
+        Ok(keys)
+    });
+    Ok((url, served))
+}
+
+/// `custodia put` that gives up on a gateway failing each time says the
+/// key to try again under; a 409 other than `upload_in_progress` (the key
+/// used for another filing) is not tried again.
+#[test]
+fn custodia_put_gives_up_with_its_key_and_retries_only_what_may_pass() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("e.bin");
+    std::fs::write(&file, bytes(1_000, 3))?;
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t")?;
+    let put = |url: &str| {
+        output_within(
+            std::process::Command::new(custodia_tests::custodia_bin())
+                .arg("put")
+                .arg(&file)
+                .args(["--api", url, "--token-file"])
+                .arg(&token),
+            Duration::from_secs(60),
+        )
+    };
+    let busy = r#"{"error":"index_unavailable","message":"the index is unavailable"}"#;
+    let (url, served) = answering_gateway(vec![(503, busy); 3])?;
+    let out = put(&url)?;
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    let keys = served.join().map_err(|_| anyhow::anyhow!("panicked"))??;
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    let key = keys[0].clone().context("a key")?;
+    assert!(
+        keys.iter().all(|k| k.as_deref() == Some(key.as_str())),
+        "{keys:?}"
+    );
+    let last = said.lines().last().unwrap_or_default();
+    assert!(
+        last.contains(&format!("--idempotency-key {key}")) && last.contains("503"),
+        "{said}"
+    );
+    let reused =
+        r#"{"error":"conflict","message":"the Idempotency-Key was used for another filing"}"#;
+    let (url, served) = answering_gateway(vec![(409, reused)])?;
+    let out = put(&url)?;
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(!said.contains("trying again"), "{said}");
+    assert!(said.contains("used for another filing"), "{said}");
+    assert_eq!(
+        served
+            .join()
+            .map_err(|_| anyhow::anyhow!("panicked"))??
+            .len(),
+        1
+    );
+    Ok(())
+}
