@@ -632,6 +632,13 @@ pub async fn serve<S: Store>(
 ) -> Result<RunningGateway, StartError> {
     let listen = config.listen;
     let gw = Arc::new(Gateway::new(config, store, &registry)?);
+    if gw.ledger.is_none() {
+        tracing::warn!(
+            "no ledger ([gateway.ledger] in cluster.toml): filings get no receipts, reads are \
+             recorded on no custody ledger, expunges and hold releases are refused, and nothing \
+             tells an index restored from an older backup from the current one"
+        );
+    }
     if gw.ledger.is_some() {
         let current = indexer::run(&gw.store, |tx| async move {
             indexer::ledger::layout_current_tx(&tx).await
@@ -3608,6 +3615,18 @@ pub(crate) fn event_statement<S: Store>(
     detail: &serde_json::Value,
 ) -> Result<Option<indexer::ledger::PendingRecord>, ApiError> {
     if gw.ledger.is_none() {
+        // Only the ledger makes an expunge or a release answerable for:
+        // without one it would leave no trace anywhere but a log line.
+        if matches!(kind, Kind::Expunged | Kind::Released) {
+            return Err(ApiError::Unavailable(format!(
+                "this gateway keeps no ledger ([gateway.ledger] in cluster.toml), and an {} \
+                 is done only on the ledger: refused",
+                match kind {
+                    Kind::Expunged => "expunge",
+                    _ => "legal hold's release",
+                }
+            )));
+        }
         return Ok(None);
     }
     let mut s = Statement::new(

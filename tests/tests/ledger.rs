@@ -2695,10 +2695,13 @@ fn no_checkpoint_is_signed_while_its_tiles_cannot_be_stored() -> Result<()> {
 
 /// A gateway configured without a ledger says so (503 `unavailable`)
 /// wherever a receipt, a proof or the log's key would come from, instead of
-/// "pending" for ever or "no such evidence".
+/// "pending" for ever or "no such evidence"; and it refuses what is done
+/// only on the ledger (an expunge, a hold's release), which would
+/// otherwise leave no trace.
 #[test]
 fn a_gateway_without_a_ledger_says_so() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
+    let expunger = expunger_token(&mut c)?;
     c.edit_gateway(|g| {
         g.remove("ledger");
         Ok(())
@@ -2721,6 +2724,33 @@ fn a_gateway_without_a_ledger_says_so() -> Result<()> {
             String::from_utf8_lossy(&a.body)
         );
     }
+    let hold = format!("/v1/evidence/{id}/legal-hold");
+    let (status, _) = send(&c, "PUT", &c.token, &hold, None)?;
+    assert_eq!(status, 200);
+    let (status, body) = send(&c, "DELETE", &c.token, &hold, None)?;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("release")),
+        "{body}"
+    );
+    let order = serde_json::json!({ "order": "Order 1" });
+    let expunge = format!("/v1/evidence/{id}/expunge");
+    let (status, body) = send(&c, "POST", &expunger, &expunge, Some(order))?;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("expunge")),
+        "{body}"
+    );
+    // Still held, still there.
+    let a = c.get_with(&c.token, &format!("/v1/evidence/{id}/manifest"), &[])?;
+    assert_eq!(
+        (a.status, a.json()["legal_hold"].as_bool()),
+        (200, Some(true))
+    );
     Ok(())
 }
 
