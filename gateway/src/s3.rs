@@ -587,11 +587,12 @@ fn parse_version(v: Option<&str>) -> S3Result<VersionRef> {
 }
 
 /// `x-amz-object-lock-legal-hold` of GET and HEAD: on a bucket with
-/// Object Lock, ON or OFF.
+/// Object Lock, ON or OFF; on another, ON where a hold applies.
 /// `held`: the version's own hold, or one placed on its evidence through
-/// the evidence API (which binds the S3 view as well).
+/// the evidence API (which binds the S3 view as well: a delete it refuses
+/// must be explained by what the object shows, as its retention is).
 fn legal_hold_status(b: &BucketRecord, held: bool) -> Option<ObjectLockLegalHoldStatus> {
-    b.object_lock.then(|| {
+    (b.object_lock || held).then(|| {
         ObjectLockLegalHoldStatus::from_static(if held {
             ObjectLockLegalHoldStatus::ON
         } else {
@@ -1806,6 +1807,30 @@ fn with_headers(e: &mut S3Error, headers: &[(&'static str, String)]) {
     e.set_headers(map);
 }
 
+/// Whether a Range applies under the request's `If-Range` (RFC 9110
+/// 13.1.5): with none, yes; with an entity-tag, only if it is the object's
+/// strong ETag; with a date, only if it is the object's Last-Modified, to
+/// the second. Otherwise the whole current object is sent (200): a client
+/// resuming a download of an object since overwritten must not get the
+/// rest of the new one spliced onto the start of the old.
+fn if_range_holds(headers: &http::HeaderMap, v: &ObjectVersion) -> bool {
+    let Some(value) = headers.get(http::header::IF_RANGE) else {
+        return true;
+    };
+    let Ok(value) = value.to_str() else {
+        return false;
+    };
+    let value = value.trim();
+    if value.starts_with('"') || value.starts_with("W/") {
+        // A weak tag never matches (strong comparison).
+        return value.strip_prefix('"').and_then(|t| t.strip_suffix('"')) == Some(&v.etag);
+    }
+    httpdate::parse_http_date(value).is_ok_and(|at| {
+        at.duration_since(std::time::UNIX_EPOCH)
+            .is_ok_and(|d| d.as_secs() == v.last_modified_ms / 1000)
+    })
+}
+
 /// An HTTP date (IMF-fixdate) of ms since the epoch.
 fn http_date(ms: u64) -> String {
     httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_millis(ms))
@@ -2141,7 +2166,11 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         preconditions(&v, conditions!(input))?;
         whole_part(input.part_number, input.range.is_some())?;
         let size = header.size;
-        let range = object_range(input.range.as_ref(), size)?;
+        let asked = input
+            .range
+            .as_ref()
+            .filter(|_| if_range_holds(&req.headers, &v));
+        let range = object_range(asked, size)?;
         let read = range.clone().unwrap_or(0..size);
         let actor = who.actor();
         let evidence = header.evidence;
@@ -2204,7 +2233,11 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         // A ranged HEAD answers as the GET would: 206 with the range's
         // length and Content-Range, or 416 (as S3 does).
         let size = header.size;
-        let range = object_range(input.range.as_ref(), size)?;
+        let asked = input
+            .range
+            .as_ref()
+            .filter(|_| if_range_holds(&req.headers, &v));
+        let range = object_range(asked, size)?;
         let (
             content_type,
             content_encoding,
@@ -2722,15 +2755,19 @@ impl<S: Store + 'static> S3 for S3Front<S> {
     ) -> S3Result<S3Response<GetObjectLegalHoldOutput>> {
         let who = self.caller(&req, Role::Reader).await?;
         let input = &req.input;
-        if !self.bucket(&who, &input.bucket).await?.object_lock {
+        let locking = self.bucket(&who, &input.bucket).await?.object_lock;
+        let (_, header) = self
+            .readable(&who, &input.bucket, &input.key, input.version_id.as_deref())
+            .await?;
+        // A bucket without Object Lock has no holds of its own, but its
+        // objects' evidence may be held through the evidence API: that
+        // hold, which refuses their deletion, is shown.
+        if !locking && !header.legal_hold {
             return Err(s3_error!(
                 InvalidRequest,
                 "Bucket is missing Object Lock Configuration"
             ));
         }
-        let (_, header) = self
-            .readable(&who, &input.bucket, &input.key, input.version_id.as_deref())
-            .await?;
         Ok(S3Response::new(GetObjectLegalHoldOutput {
             legal_hold: Some(ObjectLockLegalHold {
                 status: Some(ObjectLockLegalHoldStatus::from_static(
@@ -3995,8 +4032,8 @@ impl<S: Store> S3Front<S> {
 #[cfg(test)]
 mod tests {
     use super::{
-        copy_range, ms_to_ts, shown_retention, ts_to_ms, unmet, Conditions, LockMode, Retention,
-        Unmet, LATEST_TS_MS,
+        copy_range, http_date, if_range_holds, ms_to_ts, shown_retention, ts_to_ms, unmet,
+        Conditions, LockMode, Retention, Unmet, LATEST_TS_MS,
     };
     use s3s::dto::{ETag, ETagCondition};
 
@@ -4062,6 +4099,39 @@ mod tests {
                 .unwrap_or_else(|| code.status_code().unwrap());
             assert_eq!(got.as_u16(), status, "{what}");
         }
+    }
+
+    /// A Range applies under If-Range only if it names the object as it
+    /// is: its strong ETag, or its Last-Modified to the second.
+    #[test]
+    fn if_range_names_the_object_as_it_is() {
+        let v = indexer::s3::ObjectVersion {
+            version_id: protocol::EvidenceId([1; 16]),
+            null_version: false,
+            evidence: None,
+            size: 1,
+            etag: "abc".into(),
+            last_modified_ms: 1_796_000_000_500,
+            content_type: None,
+            user_metadata: Vec::new(),
+            retention: None,
+            legal_hold: false,
+            content: Default::default(),
+        };
+        let holds = |value: Option<&str>| {
+            let mut h = http::HeaderMap::new();
+            if let Some(value) = value {
+                h.insert(http::header::IF_RANGE, value.parse().unwrap());
+            }
+            if_range_holds(&h, &v)
+        };
+        assert!(holds(None));
+        assert!(holds(Some("\"abc\"")));
+        assert!(!holds(Some("\"xyz\"")));
+        assert!(!holds(Some("W/\"abc\"")), "weak tags never match");
+        assert!(holds(Some(&http_date(1_796_000_000_000))));
+        assert!(!holds(Some(&http_date(1_795_999_999_000))));
+        assert!(!holds(Some("yesterday")));
     }
 
     /// GET's and a copy source's conditions in RFC 9110's order, dates to

@@ -661,6 +661,36 @@ fn aws_cli_files_lists_reads_and_deletes_objects_as_evidence() -> Result<()> {
         aws.read("part")?,
         bytes(300_000, 4)[70_000..=170_000].to_vec()
     );
+    // Under If-Range, only while it names the object as it is: a download
+    // resumed after the object changed gets the whole object, not the rest
+    // of another spliced on (RFC 9110 13.1.5).
+    let url = format!("{}/evidence/dir/f4.bin", c.s3);
+    let etag = format!("\"{}\"", md5_hex(&bytes(300_000, 4)));
+    for (if_range, status, body) in [
+        (etag.as_str(), "206", bytes(300_000, 4)[70_000..].to_vec()),
+        (
+            "\"0123456789abcdef0123456789abcdef\"",
+            "200",
+            bytes(300_000, 4),
+        ),
+    ] {
+        let (h, got) = curl(
+            &c,
+            "GET",
+            &url,
+            &[
+                "-H",
+                "range: bytes=70000-",
+                "-H",
+                &format!("if-range: {if_range}"),
+            ],
+        )?;
+        assert!(
+            h.starts_with(&format!("http/1.1 {status}")),
+            "{if_range}: {h}"
+        );
+        assert!(got == body, "{if_range}: {} bytes", got.len());
+    }
 
     // Listings: V2 with a delimiter and pages, V1 too.
     let v2 = aws.json(&[
@@ -1950,6 +1980,41 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
             &["s3api", call, "--bucket", "plain", "--key", "x"],
         )?;
     }
+    // Unless its evidence is held through the evidence API: the hold that
+    // refuses the version's deletion is shown, as its retention would be.
+    let h = curl_headers(&c, "HEAD", "/plain/x")?;
+    assert!(header(&h, "x-amz-object-lock-legal-hold").is_none(), "{h}");
+    let x_evidence = header(&h, "x-custodia-evidence-id")
+        .context("no evidence id")?
+        .to_owned();
+    assert_eq!(hold_call("PUT", &x_evidence)?, 200);
+    let h = curl_headers(&c, "HEAD", "/plain/x")?;
+    assert_eq!(
+        header(&h, "x-amz-object-lock-legal-hold"),
+        Some("on"), // (headers lower-cased, values too)
+        "{h}"
+    );
+    let got = admin.json(&[
+        "s3api",
+        "get-object-legal-hold",
+        "--bucket",
+        "plain",
+        "--key",
+        "x",
+    ])?;
+    assert_eq!(got["LegalHold"]["Status"], "ON", "{got}");
+    assert_eq!(hold_call("DELETE", &x_evidence)?, 200);
+    admin.fails(
+        "InvalidRequest",
+        &[
+            "s3api",
+            "get-object-legal-hold",
+            "--bucket",
+            "plain",
+            "--key",
+            "x",
+        ],
+    )?;
     check_on_disk(&c, &data)
 }
 
