@@ -73,6 +73,7 @@ DASHBOARDS = {
             panel("Evidence bytes in and out", ["sum(rate(custodia_received_bytes_total[1m]))", "sum(rate(custodia_ingest_bytes_total[1m]))", "sum(rate(custodia_read_bytes_total[1m]))"], "Bps", legend=["received (as it arrives)", "filed (at commit)", "read"]),
             panel("Shards written and read per second", ["sum(rate(custodia_shards_written_total[1m]))", "sum(rate(custodia_shards_read_total[1m]))"], "ops", legend=["written", "read"]),
             panel("Reads around damage", ["sum(increase(custodia_shards_damaged_total[5m]))", "sum(increase(custodia_stripes_reconstructed_total[5m]))"], legend=["damaged shards", "reconstructed stripes"]),
+            panel("Reads that failed, by reason", "sum by (reason) (increase(custodia_reads_failed_total[5m]))", legend=["{{reason}}"], desc="However far they got: one failing after its head is a 200 above and a cut-off body to its client. root_mismatch: content not matching its root even from checked shards."),
             panel("Stripes written degraded", "sum(increase(custodia_degraded_stripes_written_total[5m]))"),
             panel("Gateway memory budgets in use", "custodia_gateway_memory_held_bytes / custodia_gateway_memory_budget_bytes", "percentunit", legend=["{{instance}} {{budget}}"]),
             panel("Waits for memory", ["sum(increase(custodia_ingest_memory_waits_total[5m]))", "sum(increase(custodia_read_memory_waits_total[5m]))"], legend=["uploads (receive and ingest)", "reads"]),

@@ -61,6 +61,14 @@ pub struct GatewayMetrics {
     /// outboard is being rebuilt, once its shards matched the manifest; the
     /// root is checked as the read streams).
     pub read_bytes: IntCounter,
+    /// `custodia_reads_failed_total{reason}`: reads of evidence (clients'
+    /// and the cluster's own: copies, multipart completions) that failed,
+    /// however far they got: `unrecoverable` (a stripe short of good
+    /// shards), `root_mismatch` (content not matching its root even from
+    /// checked shards: the index and the shards disagree), `bad_outboard`,
+    /// `index`, `expunged` (during the read), `internal`. A failure after
+    /// the answer's head is a 200 in `http_requests`, and a cut-off body.
+    pub reads_failed: IntCounterVec,
     /// `custodia_shards_written_total`: shards fsynced on a node.
     pub shards_written: IntCounter,
     /// `custodia_shards_read_total`: shards fetched and verified for reads.
@@ -301,7 +309,7 @@ impl GatewayMetrics {
         let gauge = |name: &str, help: &str| reg(r, IntGauge::new(name, help)?);
         let node_gauge =
             |name: &str, help: &str| reg(r, IntGaugeVec::new(Opts::new(name, help), &["node"])?);
-        Ok(GatewayMetrics {
+        let m = GatewayMetrics {
             http_requests: reg(
                 r,
                 IntCounterVec::new(
@@ -327,6 +335,16 @@ impl GatewayMetrics {
             )?,
             filings: counter("custodia_filings_total", "Filings committed.")?,
             read_bytes: counter("custodia_read_bytes_total", "Evidence bytes served.")?,
+            reads_failed: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "custodia_reads_failed_total",
+                        "Reads of evidence that failed, however far they got, by reason.",
+                    ),
+                    &["reason"],
+                )?,
+            )?,
             shards_written: counter(
                 "custodia_shards_written_total",
                 "Shards written and fsynced on nodes.",
@@ -559,7 +577,20 @@ impl GatewayMetrics {
                 "custodia_orphan_shards_pending",
                 "Unreferenced shards found by the last sweep, still within their grace.",
             )?,
-        })
+        };
+        // Each reason exported from the start, so the first failure is an
+        // increase an alert sees.
+        for reason in [
+            "unrecoverable",
+            "root_mismatch",
+            "bad_outboard",
+            "index",
+            "expunged",
+            "internal",
+        ] {
+            m.reads_failed.with_label_values(&[reason]);
+        }
+        Ok(m)
     }
 
     /// A checkpoint of `size` was published; `covers_queue_at`: it covers

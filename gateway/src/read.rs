@@ -81,6 +81,20 @@ pub enum ReadError {
     BadOutboard(EvidenceId),
 }
 
+impl ReadError {
+    /// `custodia_reads_failed_total`'s `reason` label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ReadError::Unrecoverable { .. } => "unrecoverable",
+            ReadError::Index(_) => "index",
+            ReadError::RootMismatch(_) => "root_mismatch",
+            ReadError::Reconstruct(_) | ReadError::Internal => "internal",
+            ReadError::Expunged(_) => "expunged",
+            ReadError::BadOutboard(_) => "bad_outboard",
+        }
+    }
+}
+
 impl From<ReadError> for crate::error::ApiError {
     fn from(e: ReadError) -> Self {
         use crate::error::ApiError;
@@ -223,7 +237,7 @@ async fn send_range<S: Store>(
     what: Visible,
 ) -> Result<(), ReadError> {
     let sent = send_range_of(gw, header, range, tx, idle, what).await;
-    match sent {
+    let sent = match sent {
         Err(e) if what == Visible::Evidence && !matches!(e, ReadError::Expunged(_)) => {
             // Evidence expunged while it was read loses its shards, stripe
             // records and outboard under the read, which then fails in
@@ -241,7 +255,17 @@ async fn send_range<S: Store>(
             Err(e)
         }
         sent => sent,
+    };
+    // Counted however far the read got: one that fails after its answer's
+    // head (a stripe lost mid-stream, content not matching its root) is a
+    // 200 in the request counts, and a cut-off body to its client.
+    if let Err(e) = &sent {
+        gw.metrics
+            .reads_failed
+            .with_label_values(&[e.reason()])
+            .inc();
     }
+    sent
 }
 
 async fn send_range_of<S: Store>(

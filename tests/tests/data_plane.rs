@@ -3092,3 +3092,35 @@ fn custodia_put_gives_up_with_its_key_and_retries_only_what_may_pass() -> Result
     );
     Ok(())
 }
+
+/// A read that fails after its answer's head (a stripe past the first
+/// group short of good shards) ends its body short, and is counted in
+/// `custodia_reads_failed_total`, where the request counts see a 200.
+#[test]
+fn a_read_failing_mid_stream_is_cut_off_and_counted() -> Result<()> {
+    let c = TestCluster::start(Shape::default())?;
+    let data = bytes(3 << 20, 41);
+    let id = c.file_id(&data)?;
+    let series = "custodia_reads_failed_total{reason=\"unrecoverable\"}";
+    assert_eq!(c.metric(&c.metrics, series)?, 0.0);
+    // Three of stripe 70's six shards (k = 4) damaged: in group 1, after
+    // the first 1 MiB went out.
+    for index in 0..3 {
+        rewrite_shard(&c, 70, index, &[100])?;
+    }
+    let got = c.get_with(&c.token, &format!("/v1/evidence/{id}"), &[]);
+    // An error reading it (the body cut off), or a short body.
+    if let Ok(a) = &got {
+        assert!(
+            a.status != 200 || a.body.len() < data.len(),
+            "{} with {} bytes",
+            a.status,
+            a.body.len()
+        );
+    }
+    assert!(
+        eventually(10, || c.metric(&c.metrics, series).unwrap_or(0.0) >= 1.0),
+        "counted"
+    );
+    Ok(())
+}
