@@ -1807,6 +1807,26 @@ fn with_headers(e: &mut S3Error, headers: &[(&'static str, String)]) {
     e.set_headers(map);
 }
 
+/// `x-amz-checksum-sha256` of a GET or HEAD that asks for checksums
+/// (`x-amz-checksum-mode: ENABLED`, which the AWS SDKs send to validate
+/// what they read): the whole object's SHA-256, known for all evidence
+/// however it was uploaded, so a FULL_OBJECT checksum; none for a range,
+/// as S3 sends none.
+fn whole_object_checksum(
+    mode: Option<&ChecksumMode>,
+    range: &Option<std::ops::Range<u64>>,
+    header: &protocol::ManifestHeader,
+) -> Option<String> {
+    use base64::Engine as _;
+    let asked = mode.is_some_and(|m| m.as_str() == ChecksumMode::ENABLED);
+    (asked && range.is_none())
+        .then(|| base64::engine::general_purpose::STANDARD.encode(header.sha256.0))
+}
+
+fn full_object() -> ChecksumType {
+    ChecksumType::from_static(ChecksumType::FULL_OBJECT)
+}
+
 /// Whether a Range applies under the request's `If-Range` (RFC 9110
 /// 13.1.5): with none, yes; with an entity-tag, only if it is the object's
 /// strong ETag; with a date, only if it is the object's Last-Modified, to
@@ -2174,6 +2194,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let read = range.clone().unwrap_or(0..size);
         let actor = who.actor();
         let evidence = header.evidence;
+        let checksum = whole_object_checksum(input.checksum_mode.as_ref(), &range, &header);
         let body = match crate::api::recorded_read(&self.gw, header, actor, read.clone())
             .await
             .map_err(s3_err)?
@@ -2207,6 +2228,8 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             object_lock_mode: retention.map(|r| lock_mode(r.mode)),
             object_lock_retain_until_date: retention.map(|r| ms_to_ts(r.until_ms)),
             object_lock_legal_hold_status: legal_hold_status(&b, held),
+            checksum_type: checksum.as_ref().map(|_| full_object()),
+            checksum_sha256: checksum,
             ..Default::default()
         });
         // s3s answers 206 for a Content-Range (the status set here it does
@@ -2238,6 +2261,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             .as_ref()
             .filter(|_| if_range_holds(&req.headers, &v));
         let range = object_range(asked, size)?;
+        let checksum = whole_object_checksum(input.checksum_mode.as_ref(), &range, &header);
         let (
             content_type,
             content_encoding,
@@ -2263,6 +2287,8 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             object_lock_mode: retention.map(|r| lock_mode(r.mode)),
             object_lock_retain_until_date: retention.map(|r| ms_to_ts(r.until_ms)),
             object_lock_legal_hold_status: legal_hold_status(&b, held),
+            checksum_type: checksum.as_ref().map(|_| full_object()),
+            checksum_sha256: checksum,
             ..Default::default()
         });
         // Its 206 is set around s3s, which answers every HEAD 200.

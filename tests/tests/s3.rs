@@ -2898,6 +2898,30 @@ fn standard_headers_are_kept_and_a_download_may_override_them() -> Result<()> {
         "a.bin",
     ])?;
     expect(&head, disposition, "after the download");
+    // Asked for checksums (as the AWS SDKs ask, to validate what they
+    // read), a whole object's GET and HEAD carry its SHA-256, multipart or
+    // not, which boto3 checks the body against; a range carries none.
+    let lines = boto3_lines(
+        &c,
+        "import boto3, os, base64, hashlib\n\
+         s3 = boto3.client('s3', endpoint_url=os.environ['S3_ENDPOINT'], region_name='us-east-1')\n\
+         for key in ['a.bin', 'm.bin']:\n\
+         \x20   r = s3.get_object(Bucket='headers', Key=key, ChecksumMode='ENABLED')\n\
+         \x20   body = r['Body'].read()\n\
+         \x20   want = base64.b64encode(hashlib.sha256(body).digest()).decode()\n\
+         \x20   h = s3.head_object(Bucket='headers', Key=key, ChecksumMode='ENABLED')\n\
+         \x20   print(key, r.get('ChecksumSHA256') == want, r.get('ChecksumType'), h.get('ChecksumSHA256') == want)\n\
+         r = s3.get_object(Bucket='headers', Key='a.bin', Range='bytes=0-9', ChecksumMode='ENABLED')\n\
+         print('range', r.get('ChecksumSHA256'))\n",
+    )?;
+    assert_eq!(
+        lines,
+        [
+            "a.bin True FULL_OBJECT True",
+            "m.bin True FULL_OBJECT True",
+            "range None"
+        ],
+    );
     Ok(())
 }
 
