@@ -1861,6 +1861,98 @@ pub fn parse_range(value: Option<&HeaderValue>, size: u64) -> Result<Option<Rang
     Ok(Some(range))
 }
 
+/// Evidence's entity tag (RFC 9110 8.8.3): its content never changes under
+/// its id, so its BLAKE3 content root is a strong validator.
+fn etag_of(h: &ManifestHeader) -> String {
+    format!("\"{}\"", h.blake3.to_hex())
+}
+
+/// An HTTP date (IMF-fixdate) of ms since the epoch.
+fn http_date(ms: u64) -> String {
+    httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+}
+
+/// Seconds since the epoch of a header's HTTP date; `None` where it is
+/// absent or not a date (which RFC 9110 13.1.3 says to ignore).
+fn header_date(headers: &HeaderMap, name: header::HeaderName) -> Option<u64> {
+    let v = headers.get(name)?.to_str().ok()?;
+    let at = httpdate::parse_http_date(v.trim()).ok()?;
+    Some(at.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs())
+}
+
+/// What a request's conditions make of a read.
+#[derive(Debug, PartialEq, Eq)]
+enum Precondition {
+    Proceed,
+    /// 304: the client's copy is current.
+    NotModified,
+    /// 412.
+    Failed,
+}
+
+/// The conditions of a GET or HEAD in RFC 9110 13.2.2's order: If-Match
+/// (strong comparison) or else If-Unmodified-Since, then If-None-Match
+/// (weak comparison) or else If-Modified-Since. Evidence is last modified
+/// when filed; dates compare to the second.
+fn precondition(headers: &HeaderMap, h: &ManifestHeader) -> Precondition {
+    let etag = h.blake3.to_hex();
+    let filed_s = h.filed_at_ms / 1000;
+    let tags = |name: header::HeaderName| -> Vec<String> {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    let names = |t: &str, weak_allowed: bool| {
+        if t == "*" {
+            return true;
+        }
+        let (weak, tag) = match t.strip_prefix("W/") {
+            Some(tag) => (true, tag),
+            None => (false, t),
+        };
+        (weak_allowed || !weak)
+            && tag.strip_prefix('"').and_then(|t| t.strip_suffix('"')) == Some(etag.as_str())
+    };
+    let if_match = tags(header::IF_MATCH);
+    if !if_match.is_empty() {
+        if !if_match.iter().any(|t| names(t, false)) {
+            return Precondition::Failed;
+        }
+    } else if header_date(headers, header::IF_UNMODIFIED_SINCE).is_some_and(|at| filed_s > at) {
+        return Precondition::Failed;
+    }
+    let if_none_match = tags(header::IF_NONE_MATCH);
+    if !if_none_match.is_empty() {
+        if if_none_match.iter().any(|t| names(t, true)) {
+            return Precondition::NotModified;
+        }
+    } else if header_date(headers, header::IF_MODIFIED_SINCE).is_some_and(|at| filed_s <= at) {
+        return Precondition::NotModified;
+    }
+    Precondition::Proceed
+}
+
+/// Whether a Range applies under `If-Range` (RFC 9110 13.1.5): with none,
+/// yes; otherwise only if it names the evidence (its strong ETag, or its
+/// filing time to the second). Evidence never changes under its id, so this
+/// only matters to a client that asks it of the wrong id.
+fn if_range_holds(headers: &HeaderMap, h: &ManifestHeader) -> bool {
+    let Some(value) = headers.get(header::IF_RANGE) else {
+        return true;
+    };
+    match value.to_str().map(str::trim) {
+        Ok(v) if v.starts_with('"') || v.starts_with("W/") => v == etag_of(h),
+        Ok(_) => header_date(headers, header::IF_RANGE) == Some(h.filed_at_ms / 1000),
+        Err(_) => false,
+    }
+}
+
 async fn read_evidence<S: Store>(
     State(gw): State<Arc<Gateway<S>>>,
     Path(id): Path<String>,
@@ -1889,8 +1981,26 @@ async fn evidence_response<S: Store>(
     let who = authenticate(&gw, &headers).await?;
     require(&who, Role::Reader, "read evidence")?;
     let header = load_visible(&gw, &who, &id).await?;
+    // Evaluated before anything is read: a 304 or 412 reads nothing, so
+    // no access is recorded.
+    let (etag, last_modified) = (etag_of(&header), http_date(header.filed_at_ms));
+    match precondition(&headers, &header) {
+        Precondition::Proceed => {}
+        Precondition::Failed => return Err(ApiError::PreconditionFailed),
+        Precondition::NotModified => {
+            return Response::builder()
+                .status(StatusCode::NOT_MODIFIED)
+                .header(header::ETAG, &etag)
+                .header(header::LAST_MODIFIED, &last_modified)
+                .body(Body::empty())
+                .map_err(|_| ApiError::Internal)
+        }
+    }
     let size = header.size;
-    let partial = parse_range(headers.get(header::RANGE), size)?;
+    let partial = match if_range_holds(&headers, &header) {
+        true => parse_range(headers.get(header::RANGE), size)?,
+        false => None,
+    };
     let range = partial.clone().unwrap_or(0..size);
     let media_type = header.media_type.clone();
     let (blake3, sha256) = (header.blake3, header.sha256);
@@ -1916,7 +2026,9 @@ async fn evidence_response<S: Store>(
                 .unwrap_or("application/octet-stream"),
         )
         .header("x-custodia-blake3", blake3.to_hex())
-        .header("x-custodia-sha256", sha256.to_hex());
+        .header("x-custodia-sha256", sha256.to_hex())
+        .header(header::ETAG, etag)
+        .header(header::LAST_MODIFIED, last_modified);
     if let Some(r) = &partial {
         resp = resp.status(StatusCode::PARTIAL_CONTENT).header(
             header::CONTENT_RANGE,
@@ -2919,6 +3031,78 @@ async fn revoke_key<S: Store>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// GET and HEAD conditions in RFC 9110 13.2.2's order, against the
+    /// evidence's BLAKE3 entity tag and its filing time (to the second).
+    #[test]
+    fn evidence_reads_meet_conditions_in_the_rfc_order() {
+        let h = ManifestHeader {
+            evidence: protocol::EvidenceId([1; 16]),
+            tenant: "t".into(),
+            case: None,
+            blake3: protocol::Blake3Hash([0xab; 32]),
+            sha256: protocol::Sha256Hash([0; 32]),
+            size: 10,
+            media_type: None,
+            file_name: None,
+            submitter: None,
+            filed_at_ms: 1_796_000_000_700,
+            code: protocol::ErasureCode::new(4, 2, 4096).expect("code"),
+            stripes: 1,
+            retain_until_ms: None,
+            legal_hold: false,
+        };
+        let tag = etag_of(&h);
+        let (before, same, after) = (
+            http_date(1_795_999_999_000),
+            http_date(1_796_000_000_000),
+            http_date(1_796_000_001_000),
+        );
+        let with = |pairs: &[(&'static str, &str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.append(*k, v.parse().unwrap());
+            }
+            m
+        };
+        let p = |pairs: &[(&'static str, &str)]| precondition(&with(pairs), &h);
+        use Precondition::*;
+        assert_eq!(p(&[]), Proceed);
+        assert_eq!(p(&[("if-match", &tag)]), Proceed);
+        assert_eq!(p(&[("if-match", "\"x\", *")]), Proceed);
+        assert_eq!(p(&[("if-match", "\"x\"")]), Failed);
+        assert_eq!(p(&[("if-match", &format!("W/{tag}"))]), Failed, "strong");
+        assert_eq!(p(&[("if-unmodified-since", &before)]), Failed);
+        assert_eq!(p(&[("if-unmodified-since", &same)]), Proceed);
+        assert_eq!(p(&[("if-unmodified-since", "not a date")]), Proceed);
+        // If-Match decides over If-Unmodified-Since.
+        assert_eq!(
+            p(&[("if-match", &tag), ("if-unmodified-since", &before)]),
+            Proceed
+        );
+        assert_eq!(p(&[("if-none-match", "*")]), NotModified);
+        assert_eq!(
+            p(&[("if-none-match", &format!("W/{tag}"))]),
+            NotModified,
+            "weak"
+        );
+        assert_eq!(p(&[("if-none-match", "\"x\"")]), Proceed);
+        assert_eq!(p(&[("if-modified-since", &same)]), NotModified);
+        assert_eq!(p(&[("if-modified-since", &after)]), NotModified);
+        assert_eq!(p(&[("if-modified-since", &before)]), Proceed);
+        // If-None-Match decides over If-Modified-Since.
+        assert_eq!(
+            p(&[("if-none-match", "\"x\""), ("if-modified-since", &after)]),
+            Proceed
+        );
+        // A failed If-Match comes before a matching If-None-Match.
+        assert_eq!(p(&[("if-match", "\"x\""), ("if-none-match", "*")]), Failed);
+        // If-Range: the tag or the filing time, or the Range is ignored.
+        let r = |v: &str| if_range_holds(&with(&[("if-range", v)]), &h);
+        assert!(if_range_holds(&HeaderMap::new(), &h));
+        assert!(r(&tag) && r(&same));
+        assert!(!r("\"x\"") && !r(&format!("W/{tag}")) && !r(&after) && !r("soon"));
+    }
 
     /// A background task that panics stops the gateway, saying which; one
     /// that ends on its own does not.

@@ -44,6 +44,9 @@ pub enum ApiError {
     /// A Range outside the content.
     #[error("range not satisfiable for {size} bytes")]
     RangeNotSatisfiable { size: u64 },
+    /// An If-Match or If-Unmodified-Since the evidence does not meet.
+    #[error("the evidence does not meet the request's If-Match or If-Unmodified-Since")]
+    PreconditionFailed,
     /// The same Idempotency-Key names an upload still in flight (or one a
     /// crash cut off, until GC aborts it): retry after `retry_after_s`.
     #[error("an upload with this Idempotency-Key is still in progress ({evidence}); send the same request again after {retry_after_s} s: it answers with that filing once it is made, or files anew if it was cut off")]
@@ -132,6 +135,7 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             ApiError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            ApiError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             ApiError::UploadInProgress { .. } | ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::BodyIncomplete(_) => StatusCode::BAD_REQUEST,
             ApiError::BodyIdle(_) => StatusCode::REQUEST_TIMEOUT,
@@ -194,6 +198,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::HashMismatch { .. } => "hash_mismatch",
             ApiError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
+            ApiError::PreconditionFailed => "precondition_failed",
             ApiError::UploadInProgress { .. } => "upload_in_progress",
             ApiError::IdempotencyMismatch { .. } => "idempotency_key_reused",
             ApiError::Conflict(_) => "conflict",
