@@ -399,6 +399,7 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
             earlier.join(", ")
         );
     }
+    refuse_foreign_entries(data_dir)?;
     let tls_existed = data_dir.join("tls").exists();
     fs::create_dir_all(data_dir)?;
     storage_node::store::write_durably(
@@ -422,6 +423,43 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         Err(_) => remove_partial_init(data_dir, tls_existed),
     }
     made
+}
+
+/// What a directory may hold before a cluster is made in it: its locks,
+/// an init's marker, and `tls/` (certificates an operator put there for
+/// the cluster to use).
+const BEFORE_INIT: [&str; 4] = [LOCK_FILE, EDIT_LOCK_FILE, INIT_MARKER_FILE, "tls"];
+
+/// Refuses to make a cluster in a directory that holds anything else: a
+/// slip such as `--data-dir ~` or `--data-dir /srv` would otherwise put a
+/// cluster among other files and make the whole directory its operator's
+/// alone (0700), locking other users and services out of it.
+fn refuse_foreign_entries(data_dir: &Path) -> Result<()> {
+    let Ok(entries) = fs::read_dir(data_dir) else {
+        return Ok(()); // made by the init itself
+    };
+    let mut foreign: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| !BEFORE_INIT.contains(&name.as_str()))
+        .collect();
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    foreign.sort();
+    let shown = foreign
+        .iter()
+        .take(5)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    bail!(
+        "{} is not empty ({shown}{}): a cluster is made only in a new or empty directory \
+         (which it makes its operator's alone, 0700), so give one, for example {}",
+        data_dir.display(),
+        if foreign.len() > 5 { ", ..." } else { "" },
+        data_dir.join("custodia-data").display()
+    )
 }
 
 /// Removes what an init that did not finish wrote (none of it existed

@@ -3175,3 +3175,42 @@ fn evidence_reads_carry_validators_and_meet_conditions() -> Result<()> {
     assert!(a.body == data);
     Ok(())
 }
+
+/// `init` (and so `up`) makes a cluster only in a new or empty directory
+/// (one holding only `tls/` may be used): a slip such as `--data-dir ~`
+/// neither puts a cluster among other files nor makes their directory
+/// private to its operator.
+#[test]
+fn a_cluster_is_made_only_in_an_empty_directory() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir()?;
+    let home = tmp.path().join("home");
+    std::fs::create_dir(&home)?;
+    std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::write(home.join("notes.txt"), b"someone else's")?;
+    let init = |dir: &std::path::Path| {
+        std::process::Command::new(custodia_tests::custodia_bin())
+            .args(["init", "--data-dir"])
+            .arg(dir)
+            .output()
+    };
+    let out = init(&home)?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1) && err.contains("is not empty (notes.txt)"),
+        "{err}"
+    );
+    let mode = std::fs::metadata(&home)?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o755, "left as it was");
+    assert!(!home.join("cluster.toml").exists() && !home.join("nodes").exists());
+    // Certificates put in tls/ beforehand are the cluster's to use.
+    let with_tls = tmp.path().join("with-tls");
+    std::fs::create_dir_all(with_tls.join("tls"))?;
+    let out = init(&with_tls)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
