@@ -365,11 +365,161 @@ fn check_node_free(n: &cluster::NodeSpec) -> Result<()> {
     }
 }
 
+/// An address `up` is to listen on, what for, and how to change it.
+struct Port {
+    addr: std::net::SocketAddr,
+    udp: bool,
+    what: String,
+    /// The option of a new cluster's `up`.
+    flag: &'static str,
+    /// The cluster.toml setting of an existing one.
+    setting: String,
+    node: Option<u32>,
+}
+
+/// The addresses a new cluster would take (those chosen free, port 0 or
+/// none given, are not checked: they are picked as it is made).
+fn planned_ports(opts: &InitOptions) -> Result<Vec<Port>> {
+    let mut ports = vec![Port {
+        addr: opts.api,
+        udp: false,
+        what: "the evidence API".into(),
+        flag: "--api",
+        setting: "listen".into(),
+        node: None,
+    }];
+    for (addr, what, flag, setting) in [
+        (opts.s3, "the S3 API", "--s3", "s3_listen"),
+        (
+            opts.metrics,
+            "the gateway's metrics",
+            "--metrics",
+            "metrics_listen",
+        ),
+    ] {
+        if let Some(addr) = addr {
+            ports.push(Port {
+                addr,
+                udp: false,
+                what: what.into(),
+                flag,
+                setting: setting.into(),
+                node: None,
+            });
+        }
+    }
+    for id in 0..opts.nodes {
+        for (base, udp, what, flag) in [
+            (opts.node_base_port, true, "QUIC", "--node-base-port"),
+            (
+                opts.node_metrics_base_port,
+                false,
+                "metrics",
+                "--node-metrics-base-port",
+            ),
+        ] {
+            if base == 0 {
+                continue;
+            }
+            let port = u16::try_from(u32::from(base) + id).context("node ports run past 65535")?;
+            ports.push(Port {
+                addr: ([127, 0, 0, 1], port).into(),
+                udp,
+                what: format!("node {id}'s {what}"),
+                flag,
+                setting: String::new(),
+                node: Some(id),
+            });
+        }
+    }
+    Ok(ports)
+}
+
+/// The addresses an existing cluster listens on, by its cluster.toml.
+fn configured_ports(c: &Cluster) -> Vec<Port> {
+    let g = &c.gateway;
+    let mut ports = Vec::new();
+    for (addr, what, setting) in [
+        (Some(g.listen), "the evidence API", "[gateway] listen"),
+        (g.s3_listen, "the S3 API", "[gateway] s3_listen"),
+        (
+            g.metrics_listen,
+            "the gateway's metrics",
+            "[gateway] metrics_listen",
+        ),
+    ] {
+        if let Some(addr) = addr {
+            ports.push(Port {
+                addr,
+                udp: false,
+                what: what.into(),
+                flag: "",
+                setting: setting.into(),
+                node: None,
+            });
+        }
+    }
+    for n in &c.nodes {
+        let id = n.id;
+        ports.push(Port {
+            addr: n.listen,
+            udp: true,
+            what: format!("node {id}'s QUIC"),
+            flag: "",
+            setting: format!("listen of the [[nodes]] entry with id = {id}"),
+            node: Some(id),
+        });
+        if let Some(addr) = n.metrics_listen {
+            ports.push(Port {
+                addr,
+                udp: false,
+                what: format!("node {id}'s metrics"),
+                flag: "",
+                setting: format!("metrics_listen of the [[nodes]] entry with id = {id}"),
+                node: Some(id),
+            });
+        }
+    }
+    ports
+}
+
+/// Refuses, naming what to change, when another program holds one of
+/// `ports` (bound for a moment and let go: one taken in between is still
+/// said by the component that cannot bind it).
+fn ports_free(ports: &[Port], fresh: bool) -> Result<()> {
+    for p in ports.iter().filter(|p| p.addr.port() != 0) {
+        let taken = match p.udp {
+            true => std::net::UdpSocket::bind(p.addr).err(),
+            false => std::net::TcpListener::bind(p.addr).err(),
+        };
+        let Some(e) = taken else { continue };
+        match fresh {
+            true => anyhow::bail!(
+                "{} ({}) cannot be listened on: {e}. Give another with {} (nothing was created)",
+                p.addr,
+                p.what,
+                p.flag
+            ),
+            false => anyhow::bail!(
+                "{} ({}) cannot be listened on: {e}. Stop what holds it, or change {} in \
+                 cluster.toml (nothing was started)",
+                p.addr,
+                p.what,
+                p.setting
+            ),
+        }
+    }
+    Ok(())
+}
+
 pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
     let mut stop = StopSignals::new().context("catching SIGINT, SIGTERM and SIGHUP")?;
     let _lock = cluster::lock_data_dir(data_dir)?;
     let fresh = !data_dir.join(cluster::CLUSTER_FILE).exists();
     if fresh {
+        // Before anything is made: a cluster made on a port in use would
+        // keep that port (its cluster.toml decides, not the options).
+        ports_free(&planned_ports(opts)?, true)?;
         cluster::init(data_dir, opts).await?;
         say!("initialised a new cluster in {}", data_dir.display());
     }
@@ -411,6 +561,13 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
             check_node_free(n)?;
         }
     }
+    // Before any node starts: one started and a gateway that then cannot
+    // listen leaves nothing to show but an error.
+    let in_use: Vec<Port> = configured_ports(&cluster)
+        .into_iter()
+        .filter(|p| p.node.is_none_or(|id| !removed.contains(&id)))
+        .collect();
+    ports_free(&in_use, false)?;
     // Only with no node of this cluster running (checked just above): a
     // running one would keep the certificate it loaded.
     let named = cluster.name_node_certs(data_dir)?;

@@ -2224,9 +2224,10 @@ fn custodia_up_stops_cleanly_with_its_output_closed() -> Result<()> {
 }
 
 /// A second cluster started on node ports another one holds says why it
-/// stopped: its node could not take its port. (What answered there was
-/// the other cluster's node, whose certificate this cluster refuses: that
-/// alone would send an operator looking at certificates.)
+/// stopped, before it makes anything: the port is in use, and which option
+/// to change. (What answered there was the other cluster's node, whose
+/// certificate this cluster refuses: that alone would send an operator
+/// looking at certificates; and a cluster made on a port in use keeps it.)
 #[test]
 fn custodia_up_on_ports_another_cluster_holds_says_so() -> Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -2259,9 +2260,25 @@ fn custodia_up_on_ports_another_cluster_holds_says_so() -> Result<()> {
     let said = String::from_utf8_lossy(&second.stderr);
     assert!(!second.status.success(), "{said}");
     assert!(
-        said.contains("exited during start-up") && said.contains("in use"),
+        said.contains("node 0's QUIC")
+            && said.contains("in use")
+            && said.contains("--node-base-port"),
         "{said}"
     );
+    assert!(!tmp.path().join("b").join("cluster.toml").exists());
+    // The evidence API's port in use, the same.
+    let held = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let api = held.local_addr()?.port();
+    let third = output_within(
+        &mut up_on_ports(&tmp.path().join("c"), api, 3, 0),
+        UP_REFUSES_WITHIN,
+    )?;
+    let said = String::from_utf8_lossy(&third.stderr);
+    assert!(
+        !third.status.success() && said.contains("the evidence API") && said.contains("--api"),
+        "{said}"
+    );
+    assert!(!tmp.path().join("c").join("cluster.toml").exists());
     stop_up(&mut first)
 }
 
