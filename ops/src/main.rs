@@ -556,6 +556,9 @@ fn init_tracing(default: &str) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // Exit code 2 ("nothing was verified") is verify's contract; another
+    // command's mistaken argument is an ordinary failure.
+    let verifying = matches!(cli.command, Command::Verify { .. });
     if !cli.command.serves() {
         end_quietly_on_a_closed_pipe();
     }
@@ -573,7 +576,7 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", describe(&e));
-            if e.downcast_ref::<verify::NothingVerified>().is_some() {
+            if verifying && e.downcast_ref::<verify::NothingVerified>().is_some() {
                 std::process::ExitCode::from(verify::NOTHING_VERIFIED)
             } else {
                 std::process::ExitCode::from(1)
@@ -1114,6 +1117,16 @@ async fn run(cli: Cli) -> Result<()> {
                     quorum,
                     tsa_cert: tsa_cert.as_deref(),
                     json,
+                })
+                .inspect_err(|e| {
+                    // A script reading --json gets JSON on every exit:
+                    // here, that nothing was verified, and why.
+                    if json && e.downcast_ref::<verify::NothingVerified>().is_some() {
+                        println!(
+                            "{}",
+                            serde_json::json!({ "valid": false, "verified": false, "error": describe(e) })
+                        );
+                    }
                 })?,
                 _ => {
                     return Err(verify::NothingVerified(

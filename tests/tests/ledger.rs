@@ -365,6 +365,26 @@ fn a_filing_gets_a_receipt_a_court_can_verify_offline() -> Result<()> {
         code == Some(2) && out.contains("nothing was verified"),
         "{out}"
     );
+    // With --json, JSON on stdout whatever the exit: here that nothing was
+    // verified, and why.
+    let out = Command::new(custodia_bin())
+        .args(["verify", "--json", "--receipt"])
+        .arg(&rpath)
+        .arg("--log-key")
+        .arg(dir.path().join("no-such.vkey"))
+        .output()?;
+    assert_eq!(out.status.code(), Some(2));
+    let said: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(
+        (&said["valid"], &said["verified"]),
+        (&Value::Bool(false), &Value::Bool(false))
+    );
+    assert!(
+        said["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no-such.vkey")),
+        "{said}"
+    );
 
     // One character of the proof, of the salt or of the signature.
     let original: Value = serde_json::from_slice(&std::fs::read(&rpath)?)?;
