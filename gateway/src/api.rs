@@ -147,6 +147,15 @@ pub enum StartError {
     Uploads(String),
     #[error("bringing older S3 records up to date: {0}")]
     Migrate(String),
+    #[error(
+        "the index was written by a newer version of Custodia (index format {found}; this \
+         version reads up to {}): run that version or a newer one. Served by this one, records \
+         it cannot know of would be ignored (shards kept from the orphan sweep, say)",
+        indexer::schema::INDEX_FORMAT
+    )]
+    NewerIndex { found: u32 },
+    #[error("reading the index's format: {0}")]
+    Index(String),
 }
 
 /// A running gateway. Dropped, it stops accepting connections (as at
@@ -632,6 +641,17 @@ pub async fn serve<S: Store>(
 ) -> Result<RunningGateway, StartError> {
     let listen = config.listen;
     let gw = Arc::new(Gateway::new(config, store, &registry)?);
+    // First: nothing of a newer version's index is read or changed by this
+    // one.
+    let format = indexer::run(
+        &gw.store,
+        |tx| async move { schema::claim_format_tx(&tx).await },
+    )
+    .await
+    .map_err(|e| StartError::Index(e.to_string()))?;
+    if let Err(found) = format {
+        return Err(StartError::NewerIndex { found });
+    }
     if gw.ledger.is_none() {
         tracing::warn!(
             "no ledger ([gateway.ledger] in cluster.toml): filings get no receipts, reads are \

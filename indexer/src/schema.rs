@@ -24,6 +24,7 @@
 //! ("R", evidence 16, stripe u64)                  = RepairLease        the task repairing it
 //! ("A")                                           = ""                 recovery left shards with no node: copies to adopt
 //! ("W", evidence 16)                              = ""                 shards recovery found no record of: kept, not swept
+//! ("F")                                           = u32                the index format (see [`INDEX_FORMAT`])
 //! ```
 //!
 //! The ledger's keys ("Q", "L", "N", "T", "V", "O", "P", "M") are laid out in
@@ -62,8 +63,38 @@ const CLOCK: u8 = b'C';
 const REPAIR_LEASE: u8 = b'R';
 const ADOPTION_PENDING: u8 = b'A';
 const UNCLAIMED: u8 = b'W';
+const FORMAT: u8 = b'F';
+
+/// The index format this version writes, and the newest it reads. Raised
+/// when a version writes records whose meaning an older version would
+/// miss to harm (a mark that keeps shards from the orphan sweep, say):
+/// an index a newer version wrote is then refused by this one, rather than
+/// served by code that ignores what it cannot know. (Indexes of versions
+/// before the marker have none: format 0.)
+pub const INDEX_FORMAT: u32 = 1;
 
 const RECORD_V1: u8 = 1;
+
+/// Checks that this version may serve the index, and marks it with this
+/// version's format: `Err(found)` when a newer version wrote it (nothing
+/// is written then).
+pub async fn claim_format_tx<T: Transaction>(tx: &T) -> Result<Result<(), u32>, SchemaError> {
+    let stored = match tx.get(&[FORMAT]).await? {
+        None => 0,
+        Some(v) => u32::from_be_bytes(
+            v.as_slice()
+                .try_into()
+                .map_err(|_| DecodeError::Malformed)?,
+        ),
+    };
+    if stored > INDEX_FORMAT {
+        return Ok(Err(stored));
+    }
+    if stored < INDEX_FORMAT {
+        tx.set(&[FORMAT], &INDEX_FORMAT.to_be_bytes());
+    }
+    Ok(Ok(()))
+}
 
 /// Errors of schema operations. Only `Kv` errors may be retried.
 #[derive(Debug, thiserror::Error)]

@@ -1068,3 +1068,34 @@ async fn the_node_registry_lists_nodes_among_the_ledgers_keys() {
     assert_eq!(ids, [0, 1, 7, 300]);
     assert_eq!(nodes[3].addr, "127.0.0.1:7300");
 }
+
+/// An index is marked with the format of the version that serves it; one
+/// a newer version marked is refused, and left as it was.
+#[tokio::test]
+async fn an_index_of_a_newer_format_is_refused() {
+    use indexer::kv::Transaction;
+    let (_d, s) = store();
+    let claim = || run(&s, |tx| async move { schema::claim_format_tx(&tx).await });
+    assert_eq!(
+        claim().await.unwrap(),
+        Ok(()),
+        "unmarked: an older version's"
+    );
+    let marked = run(&s, |tx| async move { tx.get(b"F").await })
+        .await
+        .unwrap();
+    assert_eq!(marked, Some(schema::INDEX_FORMAT.to_be_bytes().to_vec()));
+    assert_eq!(claim().await.unwrap(), Ok(()));
+    let newer = schema::INDEX_FORMAT + 1;
+    run(&s, |tx| async move {
+        tx.set(b"F", &newer.to_be_bytes());
+        Ok::<_, SchemaError>(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(claim().await.unwrap(), Err(newer));
+    let kept = run(&s, |tx| async move { tx.get(b"F").await })
+        .await
+        .unwrap();
+    assert_eq!(kept, Some(newer.to_be_bytes().to_vec()));
+}
