@@ -85,6 +85,7 @@ DASHBOARDS = {
             stat("Entries", "max(custodia_ledger_entries)"),
             stat("Checkpoint age", CHECKPOINT_AGE, "s"),
             stat("S3 journal age", S3_JOURNAL_AGE, "s", desc="Since the S3 records' journal last reached the openings archive whole (what recover-index replays)."),
+            stat("Openings archive gap", "max(custodia_ledger_archive_gap_leaves)", desc="Leaves up to the newest signed checkpoint the openings archive lacks, as last checked: recover-index rebuilds an index only as far as the archive runs without a gap. 0 is whole."),
             panel("Entries per second", "sum(rate(custodia_ledger_entries_integrated_total[1m]))", "ops"),
             panel("Witness cosignatures vs quorum", ["max(custodia_ledger_checkpoint_cosignatures)", "max(custodia_ledger_witness_quorum)"], legend=["cosignatures", "quorum"]),
             panel("Entries not yet cosigned", "max(custodia_ledger_entries) - max(custodia_ledger_cosigned_entries)"),

@@ -749,6 +749,7 @@ pub async fn serve<S: Store>(
     let orphans = crate::gc::spawn_orphan_sweeper(gw.clone());
     let integrator = crate::ledger::spawn_integrator(gw.clone());
     let witnessing = crate::ledger::spawn_witnessing(gw.clone());
+    let archive_check = crate::ledger::spawn_archive_check(gw.clone());
     let timestamping = crate::ledger::spawn_timestamping(gw.clone());
     let s3_journal = crate::s3_journal::spawn(gw.clone());
     let lifecycles = crate::lifecycle_archive::spawn(gw.clone());
@@ -811,6 +812,7 @@ pub async fn serve<S: Store>(
         ]
         .into_iter()
         .chain(witnessing.map(|t| ("witnessing", t)))
+        .chain(archive_check.map(|t| ("openings archive check", t)))
         .chain(timestamping.map(|t| ("time-stamping", t)))
         .chain(s3_journal.map(|t| ("S3 journal", t)))
         .chain(lifecycles.map(|t| ("lifecycle archive", t)))

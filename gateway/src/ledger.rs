@@ -107,6 +107,12 @@ pub struct LedgerConfig {
     /// How often the newest checkpoint goes to the witnesses.
     #[serde(default = "default_witness_interval")]
     pub witness_interval_ms: u64,
+    /// How often the openings archive is checked to cover every leaf from
+    /// the first to the newest signed checkpoint without a gap (by its
+    /// files' names: nothing is read): `recover-index` can rebuild an index
+    /// only as far as it does. Default 6 hours.
+    #[serde(default = "default_archive_check_interval")]
+    pub archive_check_interval_ms: u64,
     /// Independent time: RFC 3161 tokens over checkpoints.
     #[serde(default)]
     pub tsa: Option<TsaConfig>,
@@ -158,6 +164,10 @@ pub struct WitnessEntry {
 
 fn default_witness_interval() -> u64 {
     2_000
+}
+
+fn default_archive_check_interval() -> u64 {
+    6 * 3_600_000
 }
 
 fn default_receipt_wait() -> u64 {
@@ -325,6 +335,7 @@ pub struct Ledger {
     pacer: RoundPacer,
     witnesses: Vec<WitnessEntry>,
     witness_interval: Duration,
+    archive_check_interval: Duration,
     tsa: Option<Tsa>,
     /// The last few notes [`Ledger::witness_weight`] weighed (by their
     /// BLAKE3), and their weights: a page of receipts weighs the same two
@@ -501,6 +512,7 @@ impl Ledger {
                 })
                 .collect(),
             witness_interval: Duration::from_millis(config.witness_interval_ms.clamp(100, 60_000)),
+            archive_check_interval: Duration::from_millis(config.archive_check_interval_ms),
             tsa,
             weighed: Default::default(),
         })
@@ -637,6 +649,23 @@ impl Ledger {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// How many leaves from leaf 0 the openings archive covers without a
+    /// gap, by its files' names (see [`lx::archive_chain`]).
+    pub async fn archive_coverage(&self) -> Result<u64, LedgerError> {
+        use futures::TryStreamExt;
+        let ranges: Vec<std::ops::Range<u64>> = self
+            .openings
+            .list(None)
+            .try_filter_map(|meta| {
+                futures::future::ready(Ok(lx::parse_archive_name(meta.location.as_ref())))
+            })
+            .try_collect()
+            .await?;
+        Ok(lx::archive_chain(&ranges)
+            .last()
+            .map_or(0, |&(i, _)| ranges[i].end))
     }
 
     /// Every archived leaf from leaf 0 up to the first gap, in order (see
@@ -2791,6 +2820,48 @@ fn outside_agent(timeout: Duration, status_as_error: bool) -> ureq::Agent {
 /// with a consistency proof from the size each last saw, and stores the
 /// cosignatures. Runs beside filing, never in its way: a dead witness only
 /// costs a log line.
+/// Checks every `archive_check_interval_ms` (the first a minute after
+/// start) that the openings archive covers the ledger from leaf 0 to the
+/// newest signed checkpoint: a gap (a file deleted by a bucket's lifecycle
+/// rule, one never written) is otherwise found only when `recover-index`
+/// needs it. `custodia_ledger_archive_gap_leaves` says how many leaves the
+/// archive lacks, for an alert.
+pub fn spawn_archive_check<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::JoinHandle<()>> {
+    let ledger = gw.ledger.clone()?;
+    let every = Duration::from_millis(ledger.archive_check_interval.as_millis().max(1_000) as u64);
+    Some(tokio::spawn(async move {
+        tokio::time::sleep(every.min(Duration::from_secs(60))).await;
+        loop {
+            let signed = newest_checkpoint(&gw, &ledger).await;
+            let covered = ledger.archive_coverage().await;
+            match (signed, covered) {
+                (Ok(signed), Ok(covered)) => {
+                    let signed = signed.map_or(0, |(_, c)| c.size);
+                    let gap = signed.saturating_sub(covered);
+                    gw.metrics
+                        .archive_gap
+                        .set(i64::try_from(gap).unwrap_or(i64::MAX));
+                    gw.metrics.archive_checked.set(unix_now() as i64);
+                    if gap > 0 {
+                        tracing::error!(
+                            covered,
+                            signed,
+                            "the openings archive covers the ledger only to leaf {covered} of the {signed} signed: an index lost now could be rebuilt only that far; restore the missing files from a backup"
+                        );
+                    }
+                }
+                (Err(e), _) => {
+                    tracing::warn!(error = %e, "could not read the newest checkpoint to check the openings archive")
+                }
+                (_, Err(e)) => {
+                    tracing::warn!(error = %e, "could not list the openings archive to check it")
+                }
+            }
+            tokio::time::sleep(every).await;
+        }
+    }))
+}
+
 pub fn spawn_witnessing<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::JoinHandle<()>> {
     let ledger = gw.ledger.clone()?;
     if ledger.witnesses.is_empty() {

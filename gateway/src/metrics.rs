@@ -61,6 +61,11 @@ pub struct GatewayMetrics {
     /// outboard is being rebuilt, once its shards matched the manifest; the
     /// root is checked as the read streams).
     pub read_bytes: IntCounter,
+    /// `custodia_ledger_archive_gap_leaves`: leaves up to the newest signed
+    /// checkpoint that the openings archive lacks (0: complete), as last
+    /// checked; `custodia_ledger_archive_checked_timestamp_seconds`: when.
+    pub archive_gap: IntGauge,
+    pub archive_checked: IntGauge,
     /// `custodia_reads_failed_total{reason}`: reads of evidence (clients'
     /// and the cluster's own: copies, multipart completions) that failed,
     /// however far they got: `unrecoverable` (a stripe short of good
@@ -335,6 +340,14 @@ impl GatewayMetrics {
             )?,
             filings: counter("custodia_filings_total", "Filings committed.")?,
             read_bytes: counter("custodia_read_bytes_total", "Evidence bytes served.")?,
+            archive_gap: gauge(
+                "custodia_ledger_archive_gap_leaves",
+                "Leaves up to the newest signed checkpoint the openings archive lacks (0: complete), as last checked.",
+            )?,
+            archive_checked: gauge(
+                "custodia_ledger_archive_checked_timestamp_seconds",
+                "When the openings archive was last checked (Unix seconds; 0: not yet).",
+            )?,
             reads_failed: reg(
                 r,
                 IntCounterVec::new(

@@ -620,6 +620,7 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         round_interval_ms: 25,
         witnesses: Vec::new(),
         witness_interval_ms: 2_000,
+        archive_check_interval_ms: 6 * 3_600_000,
         tsa: Some(gateway::ledger::TsaConfig {
             url: None,
             cert: data_dir.join(TSA_CERT_FILE),

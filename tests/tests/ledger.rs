@@ -2841,3 +2841,56 @@ fn an_expunge_drops_the_parts_copied_from_the_evidence() -> Result<()> {
     );
     Ok(())
 }
+
+/// The gateway checks that the openings archive covers the ledger from its
+/// first leaf to the newest signed checkpoint, and says how many leaves it
+/// lacks: a file gone (a bucket's lifecycle rule, an operator's slip) is
+/// found then, not when `recover-index` needs it.
+#[test]
+fn a_gap_in_the_openings_archive_is_found() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    c.edit_gateway(|g| {
+        let ledger = g
+            .get_mut("ledger")
+            .and_then(|l| l.as_table_mut())
+            .context("gateway.ledger")?;
+        ledger.insert(
+            "archive_check_interval_ms".into(),
+            toml::Value::Integer(1_000),
+        );
+        Ok(())
+    })?;
+    for i in 0..3u8 {
+        c.file(&[i; 100])?;
+    }
+    let gap = "custodia_ledger_archive_gap_leaves";
+    let checked = |c: &TestCluster| {
+        c.metric(
+            &c.metrics,
+            "custodia_ledger_archive_checked_timestamp_seconds",
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(
+        custodia_tests::eventually(20, || checked(&c) > 0.0),
+        "checked"
+    );
+    assert_eq!(c.metric(&c.metrics, gap)?, 0.0);
+    // The archive's first file goes.
+    let folder = c.data_dir().join("ledger/openings/0000000");
+    let first = std::fs::read_dir(&folder)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("00000000000000000000-"))
+        })
+        .context("no archive file from leaf 0")?;
+    std::fs::remove_file(&first)?;
+    assert!(
+        custodia_tests::eventually(20, || c.metric(&c.metrics, gap).unwrap_or(0.0) >= 1.0),
+        "the gap is said"
+    );
+    Ok(())
+}
