@@ -2143,6 +2143,36 @@ pub(crate) async fn record_access<S: Store>(
     range: &Range<u64>,
     slack: Duration,
 ) -> Result<(), ApiError> {
+    crate::ledger::record(
+        gw,
+        header.evidence,
+        &accessed(gw, header, actor, range),
+        slack,
+    )
+    .await
+}
+
+/// The `accessed` statement of a read of `range` of the evidence by
+/// `actor`, ready to be queued in another transaction (a copy's, which
+/// commits it with the copy); `None` where no ledger is kept.
+pub(crate) fn access_statement<S: Store>(
+    gw: &Gateway<S>,
+    header: &ManifestHeader,
+    actor: String,
+    range: &Range<u64>,
+) -> Result<Option<indexer::ledger::PendingRecord>, ApiError> {
+    if gw.ledger.is_none() {
+        return Ok(None);
+    }
+    crate::ledger::pending(header.evidence, &accessed(gw, header, actor, range)).map(Some)
+}
+
+fn accessed<S: Store>(
+    gw: &Gateway<S>,
+    header: &ManifestHeader,
+    actor: String,
+    range: &Range<u64>,
+) -> Statement {
     let mut accessed = Statement::new(
         Kind::Accessed,
         header.evidence,
@@ -2159,7 +2189,7 @@ pub(crate) async fn record_access<S: Store>(
             .to_string()
             .as_bytes(),
     ));
-    crate::ledger::record(gw, header.evidence, &accessed, slack).await
+    accessed
 }
 
 async fn manifest<S: Store>(

@@ -92,6 +92,12 @@ pub struct FilingMeta {
     /// copy read just before an expunge committed cannot keep the expunged
     /// bytes alive under a new id (410 `gone`, S3's NoSuchKey, instead).
     pub copied_from: Vec<EvidenceId>,
+    /// The copy source's `accessed` statement (see
+    /// [`crate::api::access_statement`]), queued in the transaction that
+    /// commits the copy: a copy that fails (too few nodes, its client gone,
+    /// the source expunged meanwhile) leaves no record of a read nobody
+    /// made use of, and one that commits always has its record.
+    pub source_read: Option<indexer::ledger::PendingRecord>,
     /// At most how long the body is (its Content-Length, or the size of
     /// what a copy reads): each stripe being received is charged only what
     /// is left of it against the gateway's receive memory. `None`: a whole
@@ -683,7 +689,7 @@ impl<S: Store> Upload<S> {
                     number,
                     digest,
                     from_client,
-                    (meta.copied_from, meta.credential),
+                    (meta.copied_from, meta.credential, meta.source_read),
                 )
                 .await;
         }
@@ -702,6 +708,7 @@ impl<S: Store> Upload<S> {
         // ledger drains): evidence is never visible without its statement.
         let replacer = meta.actor.clone().unwrap_or_default();
         let (copied_from, credential) = (meta.copied_from, meta.credential.clone());
+        let source_read = meta.source_read;
         let pending = match &self.gw.ledger {
             Some(_) => Some(filed_statement(
                 &header,
@@ -715,7 +722,7 @@ impl<S: Store> Upload<S> {
         let compliance_ms = self.gw.clock.compliance_ms();
         let stored = indexer::run(&self.gw.store, |tx| {
             let (header, pending, s3, replacer) = (&header, &pending, &s3, &replacer);
-            let copied_from = &copied_from;
+            let (copied_from, source_read) = (&copied_from, &source_read);
             let (gw, credential) = (&*self.gw, &credential);
             async move {
                 let commit = schema::commit_manifest_tx(&tx, header).await?;
@@ -724,6 +731,9 @@ impl<S: Store> Upload<S> {
                     still_authorized_tx(&tx, credential.as_ref()).await?;
                     still_filed_tx(&tx, copied_from).await?;
                     if let Some(p) = pending {
+                        indexer::ledger::enqueue_tx(&tx, 0, p);
+                    }
+                    if let Some(p) = source_read {
                         indexer::ledger::enqueue_tx(&tx, 0, p);
                     }
                     if let Some(put) = s3 {
@@ -816,8 +826,13 @@ impl<S: Store> Upload<S> {
         md5: Option<[u8; 16]>,
         from_client: bool,
         // Checked where the part commits: its copy's source still filed,
-        // its credential not revoked (see [`FilingMeta`]).
-        (copied_from, credential): (Vec<EvidenceId>, Option<schema::CredentialRef>),
+        // its credential not revoked; and the source's read recorded (see
+        // [`FilingMeta`]).
+        (copied_from, credential, source_read): (
+            Vec<EvidenceId>,
+            Option<schema::CredentialRef>,
+            Option<indexer::ledger::PendingRecord>,
+        ),
     ) -> Result<Filing, ApiError> {
         let record = indexer::s3::PartRecord {
             part_id: self.evidence,
@@ -833,16 +848,23 @@ impl<S: Store> Upload<S> {
         let now = gw_now(&self.gw);
         let replaced = indexer::run(&self.gw.store, |tx| {
             let (record, credential, copied_from) = (&record, &credential, &copied_from);
+            let source_read = &source_read;
             async move {
                 let replaced = indexer::s3::put_part_tx(&tx, upload, number, record).await?;
                 // Its sign of life is when it commits, not when it began.
                 indexer::s3::touch_upload_tx(&tx, upload, now);
                 still_authorized_tx(&tx, credential.as_ref()).await?;
                 still_filed_tx(&tx, copied_from).await?;
+                if let Some(p) = source_read {
+                    indexer::ledger::enqueue_tx(&tx, 0, p);
+                }
                 Ok::<_, ApiError>(replaced)
             }
         })
         .await?;
+        if let (Some(_), Some(l)) = (&source_read, &self.gw.ledger) {
+            l.queued();
+        }
         self.gw.metrics.degraded_written.inc_by(self.degraded);
         if from_client {
             self.gw.metrics.ingest_bytes.inc_by(header.size);

@@ -2443,9 +2443,10 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         )?;
         let actor = who.actor();
         let size = header.size;
-        crate::api::record_access(&self.gw, &header, actor.clone(), &(0..size), Duration::ZERO)
-            .await
-            .map_err(s3_err)?;
+        // The read of the source is recorded with the copy, in its commit.
+        let source_read =
+            crate::api::access_statement(&self.gw, &header, actor.clone(), &(0..size))
+                .map_err(s3_err)?;
         let (retain_until_ms, legal_hold) = evidence_worm(&template);
         let meta = FilingMeta {
             tenant: who.tenant.clone(),
@@ -2470,6 +2471,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             }),
             body_from_store: true,
             copied_from: vec![header.evidence],
+            source_read,
             body_len_at_most: Some(size),
             ..Default::default()
         };
@@ -2977,15 +2979,16 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             Some(r) => copy_range(r, header.size)?,
         };
         let actor = who.actor();
-        crate::api::record_access(&self.gw, &header, actor, &range, Duration::ZERO)
-            .await
-            .map_err(s3_err)?;
+        // Recorded with the part, in its commit.
+        let source_read =
+            crate::api::access_statement(&self.gw, &header, actor, &range).map_err(s3_err)?;
         let meta = FilingMeta {
             tenant: who.tenant.clone(),
             credential: Some(ix::access_key_ref(&who.access_key)),
             part: Some((upload, number)),
             body_from_store: true,
             copied_from: vec![header.evidence],
+            source_read,
             body_len_at_most: Some(range.end - range.start),
             ..Default::default()
         };
@@ -3070,6 +3073,8 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             // The listed parts, in ascending order, each stored with that ETag;
             // all but the last at least 5 MiB, as in S3.
             let mut chosen = Vec::with_capacity(listed.len());
+            // Their numbers, to say which one a failed read-back was.
+            let mut numbers = Vec::with_capacity(listed.len());
             let mut last = 0u32;
             for p in &listed {
                 let n = match p.part_number.map(u32::try_from) {
@@ -3115,6 +3120,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                     }
                 }
                 chosen.push(part);
+                numbers.push(n);
             }
             if chosen[..chosen.len() - 1]
                 .iter()
@@ -3192,9 +3198,15 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             let future = async move {
                 let gw = front.gw.clone();
                 let tenant = meta.tenant.clone();
-                let body = futures::stream::iter(chosen.clone())
-                    .map(move |p| {
+                let body = futures::stream::iter(chosen.clone().into_iter().zip(numbers))
+                    .map(move |(p, n)| {
+                        // A part that cannot be read back (its stripes
+                        // short of shards) is named: the client can upload
+                        // that one again.
                         crate::read::stream_part(gw.clone(), p.read_header(&tenant), 0..p.size)
+                            .map(move |r| {
+                                r.map_err(|e| std::io::Error::other(format!("part {n}: {e}")))
+                            })
                     })
                     .flatten();
                 // The whole object's checksums the client sent, over the

@@ -3032,6 +3032,25 @@ fn long_copies_are_kept_alive_and_fail_inside_the_200() -> Result<()> {
     ])?;
     aws.ok(&["s3", "cp", "s3://copies/parts.bin", "parts.out"])?;
     assert!(aws.read("parts.out")? == data, "the part copy reads back");
+    // Each copy read the source once, on its custody record: three.
+    let h = curl_headers(&c, "HEAD", "/copies/src.bin")?;
+    let src_id = header(&h, "x-custodia-evidence-id")
+        .context("no evidence id")?
+        .to_owned();
+    let reads_of_src = || -> usize {
+        c.get_with(&c.token, &format!("/v1/evidence/{src_id}/custody"), &[])
+            .map(|a| {
+                a.json()["events"]
+                    .as_array()
+                    .map_or(0, |e| e.iter().filter(|e| e["kind"] == "accessed").count())
+            })
+            .unwrap_or(0)
+    };
+    assert!(
+        custodia_tests::eventually(15, || reads_of_src() == 3),
+        "{} reads of the source on record",
+        reads_of_src()
+    );
 
     // A copy whose source cannot be read fails after its 200 began: the
     // error is the body, and the CLI reports it and exits non-zero.
@@ -3102,6 +3121,11 @@ fn long_copies_are_kept_alive_and_fail_inside_the_200() -> Result<()> {
         listed["Contents"].as_array().is_none_or(Vec::is_empty),
         "nothing filed under the failed copy's key: {listed}"
     );
+    // And no read of the source on record for copies that failed: the
+    // record commits with the copy. (A record queued would be on the
+    // ledger within a round: given a few.)
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(reads_of_src(), 3, "failed copies left no custody record");
     // Counted as what they were, not as the 200 that kept them alive.
     let failed = c.metric(
         &c.metrics,
