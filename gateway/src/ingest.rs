@@ -730,11 +730,14 @@ impl<S: Store> Upload<S> {
                 if commit == schema::Commit::Now {
                     still_authorized_tx(&tx, credential.as_ref()).await?;
                     still_filed_tx(&tx, copied_from).await?;
+                    // Each statement this transaction queues at a number of
+                    // its own (one number is one key): the filing 0, the
+                    // copy source's read 1, a replaced version's unlinking 2.
                     if let Some(p) = pending {
                         indexer::ledger::enqueue_tx(&tx, 0, p);
                     }
                     if let Some(p) = source_read {
-                        indexer::ledger::enqueue_tx(&tx, 0, p);
+                        indexer::ledger::enqueue_tx(&tx, 1, p);
                     }
                     if let Some(put) = s3 {
                         if let Some(check) = &put.condition {
@@ -766,6 +769,7 @@ impl<S: Store> Upload<S> {
                             crate::s3::unlinked_tx(
                                 gw,
                                 &tx,
+                                2,
                                 replacer.clone(),
                                 &put.bucket,
                                 &put.key,

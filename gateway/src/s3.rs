@@ -492,7 +492,7 @@ fn s3_err(e: ApiError) -> S3Error {
         }
         ApiError::Forbidden(_) | ApiError::Unauthorized => (C::AccessDenied, e.to_string()),
         ApiError::NotFound | ApiError::Gone => (C::NoSuchKey, e.to_string()),
-        ApiError::BadRequest(_) => (C::InvalidRequest, e.to_string()),
+        ApiError::BadRequest(_) | ApiError::Conflict(_) => (C::InvalidRequest, e.to_string()),
         ApiError::Index(schema::SchemaError::Locked(m)) => (C::AccessDenied, m.clone()),
         _ => return internal(e),
     };
@@ -918,7 +918,7 @@ impl<S: Store> S3Front<S> {
                         Deleted::Marker(m) => m.null_version,
                     };
                     if let Some(v) = null.filter(|_| removed_null) {
-                        unlinked_tx(gw, &tx, who.actor(), bucket, key, &v, None).await?;
+                        unlinked_tx(gw, &tx, 0, who.actor(), bucket, key, &v, None).await?;
                     }
                     Ok::<_, ApiError>(done)
                 }
@@ -956,7 +956,7 @@ impl<S: Store> S3Front<S> {
                 let v =
                     ix::delete_version_tx(&tx, bucket, key, v.version_id, compliance, bypass, b)
                         .await?;
-                unlinked_tx(gw, &tx, who.actor(), bucket, key, &v, None).await?;
+                unlinked_tx(gw, &tx, 0, who.actor(), bucket, key, &v, None).await?;
                 Ok::<_, ApiError>(Some(v))
             }
         })
@@ -1383,10 +1383,14 @@ fn evidence_worm(v: &ObjectVersion) -> (Option<u64>, bool) {
 /// or multipart completion replaced: then `by` is the new version): its
 /// evidence stays, and the evidence API still reads it, but no S3 name
 /// leads to it any more, and custody shows who did that. Nothing for a
-/// delete marker, or where no ledger runs.
+/// delete marker, or where no ledger runs. `seq`: its number among the
+/// statements the transaction queues (see `indexer::ledger::enqueue_tx`:
+/// two at one number are one, the later).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn unlinked_tx<S: Store>(
     gw: &Gateway<S>,
     tx: &<S as indexer::KvStore>::Tx,
+    seq: u16,
     actor: String,
     bucket: &str,
     key: &str,
@@ -1413,7 +1417,7 @@ pub(crate) async fn unlinked_tx<S: Store>(
     if let Some(p) =
         crate::api::event_statement(gw, &h, protocol::ledger::Kind::Admin, actor, &detail)?
     {
-        indexer::ledger::enqueue_tx(tx, 0, &p);
+        indexer::ledger::enqueue_tx(tx, seq, &p);
     }
     Ok(())
 }
@@ -1811,16 +1815,19 @@ fn with_headers(e: &mut S3Error, headers: &[(&'static str, String)]) {
 /// (`x-amz-checksum-mode: ENABLED`, which the AWS SDKs send to validate
 /// what they read): the whole object's SHA-256, known for all evidence
 /// however it was uploaded, so a FULL_OBJECT checksum; none for a range,
-/// as S3 sends none.
+/// as S3 sends none, nor under a Content-Encoding (a browser's fetch
+/// decodes the body before an SDK could check it).
 fn whole_object_checksum(
     mode: Option<&ChecksumMode>,
     range: &Option<std::ops::Range<u64>>,
-    header: &protocol::ManifestHeader,
+    encoding: Option<&str>,
+    sha256: &protocol::Sha256Hash,
 ) -> Option<String> {
     use base64::Engine as _;
     let asked = mode.is_some_and(|m| m.as_str() == ChecksumMode::ENABLED);
-    (asked && range.is_none())
-        .then(|| base64::engine::general_purpose::STANDARD.encode(header.sha256.0))
+    let coded = encoding.is_some_and(|e| !e.trim().eq_ignore_ascii_case("identity"));
+    (asked && range.is_none() && !coded)
+        .then(|| base64::engine::general_purpose::STANDARD.encode(sha256.0))
 }
 
 fn full_object() -> ChecksumType {
@@ -1841,14 +1848,10 @@ fn if_range_holds(headers: &http::HeaderMap, v: &ObjectVersion) -> bool {
         return false;
     };
     let value = value.trim();
-    if value.starts_with('"') || value.starts_with("W/") {
-        // A weak tag never matches (strong comparison).
-        return value.strip_prefix('"').and_then(|t| t.strip_suffix('"')) == Some(&v.etag);
-    }
-    httpdate::parse_http_date(value).is_ok_and(|at| {
-        at.duration_since(std::time::UNIX_EPOCH)
-            .is_ok_and(|d| d.as_secs() == v.last_modified_ms / 1000)
-    })
+    // A weak tag never matches (strong comparison); nor does a date: a key
+    // written twice within one second has one Last-Modified for both
+    // (RFC 9110 8.8.2.2), and sending the whole object is always right.
+    value.strip_prefix('"').and_then(|t| t.strip_suffix('"')) == Some(&v.etag)
 }
 
 /// An HTTP date (IMF-fixdate) of ms since the epoch.
@@ -2194,7 +2197,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         let read = range.clone().unwrap_or(0..size);
         let actor = who.actor();
         let evidence = header.evidence;
-        let checksum = whole_object_checksum(input.checksum_mode.as_ref(), &range, &header);
+        let sha256 = header.sha256;
         let body = match crate::api::recorded_read(&self.gw, header, actor, read.clone())
             .await
             .map_err(s3_err)?
@@ -2210,6 +2213,12 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             cache_control,
             expires,
         ) = answered_content!(input, v);
+        let checksum = whole_object_checksum(
+            input.checksum_mode.as_ref(),
+            &range,
+            content_encoding.as_deref(),
+            &sha256,
+        );
         let mut resp = S3Response::new(GetObjectOutput {
             body: Some(body),
             content_length: Some((read.end - read.start) as i64),
@@ -2261,7 +2270,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             .as_ref()
             .filter(|_| if_range_holds(&req.headers, &v));
         let range = object_range(asked, size)?;
-        let checksum = whole_object_checksum(input.checksum_mode.as_ref(), &range, &header);
+        let sha256 = header.sha256;
         let (
             content_type,
             content_encoding,
@@ -2270,6 +2279,12 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             cache_control,
             expires,
         ) = answered_content!(input, v);
+        let checksum = whole_object_checksum(
+            input.checksum_mode.as_ref(),
+            &range,
+            content_encoding.as_deref(),
+            &sha256,
+        );
         let mut resp = S3Response::new(HeadObjectOutput {
             content_length: Some(range.as_ref().map_or(size, |r| r.end - r.start) as i64),
             content_range: content_range(range.as_ref(), size),
@@ -4140,7 +4155,8 @@ mod tests {
     }
 
     /// A Range applies under If-Range only if it names the object as it
-    /// is: its strong ETag, or its Last-Modified to the second.
+    /// is: its strong ETag (a date is too weak a validator for a key that
+    /// may be written twice within a second).
     #[test]
     fn if_range_names_the_object_as_it_is() {
         let v = indexer::s3::ObjectVersion {
@@ -4167,7 +4183,8 @@ mod tests {
         assert!(holds(Some("\"abc\"")));
         assert!(!holds(Some("\"xyz\"")));
         assert!(!holds(Some("W/\"abc\"")), "weak tags never match");
-        assert!(holds(Some(&http_date(1_796_000_000_000))));
+        // A date never: two writes within its second share it.
+        assert!(!holds(Some(&http_date(1_796_000_000_000))));
         assert!(!holds(Some(&http_date(1_795_999_999_000))));
         assert!(!holds(Some("yesterday")));
     }

@@ -412,6 +412,15 @@ const V2_SIGNED_QUERY: [&str; 35] = [
     "versions",
     "website",
 ];
+/// Headers botocore copies into a SigV2 presigned URL's query (a presigned
+/// PUT with a ContentType, Metadata, an ACL): s3s never reads them there
+/// (the uploader sends them as headers, which the signature covers), so
+/// they act on nothing.
+fn v2_header_copy(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    key == "content-type" || key == "content-md5" || key.starts_with("x-amz-")
+}
+
 /// A SigV2 presigned URL's own parameters, and `x-id`, which SDKs add to
 /// name the operation and which routes no write.
 const V2_AUTH_QUERY: [&str; 4] = ["AWSAccessKeyId", "Expires", "Signature", "x-id"];
@@ -453,6 +462,7 @@ pub fn auth_refusal<B>(req: &http::Request<B>, now_secs: u64) -> Option<Refused>
     let mut v4_presigned = false;
     let mut v2_expires = None;
     let mut unsigned_by_v2 = Vec::new();
+    let mut signed_seen: Vec<String> = Vec::new();
     for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
         if matches!(
             &*k,
@@ -460,7 +470,14 @@ pub fn auth_refusal<B>(req: &http::Request<B>, now_secs: u64) -> Option<Refused>
         ) {
             v4_presigned = true;
         }
-        if !V2_SIGNED_QUERY.contains(&&*k) && !V2_AUTH_QUERY.contains(&&*k) {
+        if V2_SIGNED_QUERY.contains(&&*k) {
+            // s3s signs a subresource given once only (a repeated one drops
+            // out of the string to sign, and still routes).
+            if signed_seen.iter().any(|s| *s == *k) {
+                unsigned_by_v2.push(k.clone().into_owned());
+            }
+            signed_seen.push(k.clone().into_owned());
+        } else if !V2_AUTH_QUERY.contains(&&*k) && !v2_header_copy(&k) {
             unsigned_by_v2.push(k.clone().into_owned());
         }
         match &*k {
@@ -1027,6 +1044,16 @@ mod tests {
         assert_eq!(refused("PUT", ""), None);
         assert_eq!(refused("PUT", "&partNumber=2&uploadId=u"), None);
         assert_eq!(refused("PUT", "&x-id=PutObject"), None);
+        // What botocore copies from the headers into the query.
+        assert_eq!(
+            refused(
+                "PUT",
+                "&Content-Type=application%2Fpdf&x-amz-meta-case=7&x-amz-acl=private"
+            ),
+            None
+        );
+        // A signed subresource given twice drops out of the signature.
+        assert!(refused("PUT", "&versioning&versioning").is_some());
         for extra in [
             "&retention",
             "&%72etention",

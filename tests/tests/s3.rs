@@ -883,6 +883,44 @@ fn aws_cli_files_lists_reads_and_deletes_objects_as_evidence() -> Result<()> {
                 .is_some_and(|s| s.starts_with("admin/s3:")),
         "{submitters:?}"
     );
+    // Each is on the ledger with its own `filed` statement: the copy's
+    // (queued beside its source's read), and that of a PUT replacing an
+    // object (queued beside the replaced version's unlinking).
+    aws.file("top2.txt", b"top, again\n")?;
+    aws.ok(&["s3", "cp", "top2.txt", "s3://evidence/top.txt"])?;
+    let replacing = header(
+        &curl_headers(&c, "HEAD", "/evidence/top.txt")?,
+        "x-custodia-evidence-id",
+    )
+    .context("no evidence id")?
+    .to_owned();
+    let mut filed_ids: Vec<String> = found.json()["filings"]
+        .as_array()
+        .context("filings")?
+        .iter()
+        .filter_map(|f| f["id"].as_str().map(str::to_owned))
+        .collect();
+    filed_ids.push(replacing);
+    let vkey = std::fs::read_to_string(c.data_dir().join("ledger.vkey"))?;
+    for id in &filed_ids {
+        let mut got = None;
+        custodia_tests::eventually(15, || {
+            got = c
+                .get_with(&c.token, &format!("/v1/evidence/{id}/receipt"), &[])
+                .ok()
+                .filter(|a| a.status == 200)
+                .and_then(|a| serde_json::from_slice::<Receipt>(&a.body).ok());
+            got.is_some()
+        });
+        let receipt = got.with_context(|| format!("no receipt for {id}"))?;
+        let verified = receipt.verify(vkey.trim())?;
+        assert_eq!(
+            verified.statement.kind,
+            protocol::ledger::Kind::Filed,
+            "{id}"
+        );
+        assert_eq!(&verified.statement.evidence, id);
+    }
     // Virtual-host-style (BUCKET.localhost:PORT) and path-style through the
     // name `localhost:PORT` both address the bucket.
     let port = c.s3.rsplit(':').next().unwrap_or_default();
