@@ -426,9 +426,23 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
 }
 
 /// What a directory may hold before a cluster is made in it: its locks,
-/// an init's marker, and `tls/` (certificates an operator put there for
-/// the cluster to use).
-const BEFORE_INIT: [&str; 4] = [LOCK_FILE, EDIT_LOCK_FILE, INIT_MARKER_FILE, "tls"];
+/// an init's marker, `tls/` (certificates an operator put there for the
+/// cluster to use), and a file system's `lost+found` (a volume given whole
+/// to the cluster). Also the `.NAME.ID.tmp` files of a durable write an
+/// init cut short left (see [`remove_partial_init`]).
+const BEFORE_INIT: [&str; 5] = [
+    LOCK_FILE,
+    EDIT_LOCK_FILE,
+    INIT_MARKER_FILE,
+    "tls",
+    "lost+found",
+];
+
+/// A durable write's temporary file (`.NAME.ID.tmp`), left by a process
+/// killed while it wrote.
+fn durable_leftover(name: &str) -> bool {
+    name.starts_with('.') && name.ends_with(".tmp")
+}
 
 /// Refuses to make a cluster in a directory that holds anything else: a
 /// slip such as `--data-dir ~` or `--data-dir /srv` would otherwise put a
@@ -441,7 +455,7 @@ fn refuse_foreign_entries(data_dir: &Path) -> Result<()> {
     let mut foreign: Vec<String> = entries
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| !BEFORE_INIT.contains(&name.as_str()))
+        .filter(|name| !BEFORE_INIT.contains(&name.as_str()) && !durable_leftover(name))
         .collect();
     if foreign.is_empty() {
         return Ok(());
@@ -479,6 +493,14 @@ fn remove_partial_init(data_dir: &Path, tls_existed: bool) {
         TSA_CERT_FILE,
     ] {
         let _ = fs::remove_file(data_dir.join(file));
+    }
+    // A write the kill cut short left its temporary file.
+    if let Ok(entries) = fs::read_dir(data_dir) {
+        for e in entries.filter_map(|e| e.ok()) {
+            if durable_leftover(&e.file_name().to_string_lossy()) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
     }
     let _ = fs::remove_file(data_dir.join(INIT_MARKER_FILE));
 }
@@ -620,7 +642,7 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         round_interval_ms: 25,
         witnesses: Vec::new(),
         witness_interval_ms: 2_000,
-        archive_check_interval_ms: 6 * 3_600_000,
+        archive_check_interval_ms: 24 * 3_600_000,
         tsa: Some(gateway::ledger::TsaConfig {
             url: None,
             cert: data_dir.join(TSA_CERT_FILE),

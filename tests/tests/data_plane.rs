@@ -2800,14 +2800,17 @@ fn an_init_cut_short_is_started_again() -> Result<()> {
     );
     let marker = dir.join(".init-in-progress");
     assert!(!marker.exists(), "a finished init left its marker");
-    // As if killed just before saving its file.
+    // As if killed while saving its file (its durable write's temporary
+    // file left behind).
     let vkey = std::fs::read(dir.join("ledger.vkey"))?;
     std::fs::remove_file(dir.join("cluster.toml"))?;
     std::fs::write(&marker, b"\n")?;
+    let leftover = dir.join(".cluster.toml.0190aa.tmp");
+    std::fs::write(&leftover, b"[gateway")?;
     let out = init()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.contains("cut short"), "{err}");
-    assert!(dir.join("cluster.toml").exists() && !marker.exists());
+    assert!(dir.join("cluster.toml").exists() && !marker.exists() && !leftover.exists());
     assert_ne!(
         std::fs::read(dir.join("ledger.vkey"))?,
         vkey,
