@@ -171,7 +171,35 @@ fn answer_beside(answer: &Value, statement: &ledger::Statement) -> Beside {
             differs("size", v, statement.size.to_string());
         }
     }
+    // A custody page's event names its statement's kind.
+    if let Some(v) = answer.get("kind").filter(|v| !v.is_null()) {
+        let logged = serde_json::to_value(statement.kind).unwrap_or(Value::Null);
+        if *v != logged {
+            differs("kind", v, logged.to_string());
+        }
+    }
+    // A filing answer shows the filing's metadata (or at least its shape:
+    // `stripes`); a custody event or a notarization's item shows none.
+    const METADATA: [&str; 4] = ["case", "file_name", "media_type", "submitter"];
+    let shows_metadata = METADATA.iter().any(|k| answer.get(k).is_some());
+    let filing_answer = shows_metadata || answer.get("stripes").is_some();
     if statement.kind != ledger::Kind::Filed {
+        // Metadata beside a receipt of another kind (an access, a hash-only
+        // notarization of the same bytes) is vouched for by nothing.
+        if METADATA
+            .iter()
+            .any(|k| answer.get(k).is_some_and(|v| !v.is_null()))
+        {
+            beside.problems.push(format!(
+                "the answer beside the receipt shows a filing's case, file name, media type or \
+                 submitter, but its receipt is of a {} statement, which notarized none of them",
+                serde_json::to_value(statement.kind).unwrap_or(Value::Null)
+            ));
+        }
+        return beside;
+    }
+    if !filing_answer {
+        beside.unchecked = Some("the answer beside the receipt shows no filing metadata");
         return beside;
     }
     let Some(notarized) = statement.metadata_sha256.as_deref() else {
@@ -720,10 +748,28 @@ mod tests {
         s.metadata_sha256 = None;
         let b = super::answer_beside(&answer, &s);
         assert_eq!((b.metadata, b.unchecked.is_some()), (None, true));
+        // A custody page's event (a receipt and its kind, no metadata):
+        // genuine, its metadata unchecked; another kind than its receipt's
+        // is refused.
+        s.metadata_sha256 = Some("00".repeat(32));
+        let event = json!({"leaf_index": 0, "kind": "filed", "receipt": {}});
+        let b = super::answer_beside(&event, &s);
+        assert_eq!(
+            (b.problems.len(), b.unchecked.is_some()),
+            (0, true),
+            "{b:?}"
+        );
+        let b = super::answer_beside(&json!({"kind": "accessed"}), &s);
+        assert_eq!(b.problems.len(), 1, "{b:?}");
         // Another kind of statement: only the fields it has are compared.
         s.kind = Kind::LegalHold;
         let b = super::answer_beside(&json!({"id": id.to_string(), "legal_hold": true}), &s);
         assert_eq!(b, super::Beside::default());
+        // A filing's metadata beside a receipt of another kind (a forger's
+        // swap for an access's or a notarization's receipt) is refused.
+        s.kind = Kind::Accessed;
+        let b = super::answer_beside(&answer, &s);
+        assert!(b.problems.iter().any(|p| p.contains("accessed")), "{b:?}");
     }
 
     #[test]
