@@ -293,11 +293,13 @@ pub fn put(
             // filed; the key tells).
             Err(Attempt::Unanswered(_)) => Some(Duration::from_secs(attempt)),
             // The gateway's failure (503: nodes or the index unavailable, an
-            // upload GC aborted) or the first attempt still in flight (409
-            // upload_in_progress): worth the same request again. Any other
-            // 409 (the key used for another filing) is not.
+            // upload GC aborted), a proxy's that gave up waiting on it (502,
+            // 504: the gateway may have filed it meanwhile; the key tells),
+            // or the first attempt still in flight (409 upload_in_progress):
+            // worth the same request again. Any other 409 (the key used for
+            // another filing) is not.
             Ok((status, retry, body))
-                if *status == 503
+                if matches!(status.as_u16(), 502..=504)
                     || *status == 409
                         && error_code(body).as_deref() == Some("upload_in_progress") =>
             {
@@ -341,7 +343,13 @@ pub fn put(
         }
     };
     if !status.is_success() {
-        return Err(refusal(status, &body));
+        // A 5xx may have followed a commit (an answer lost inside the
+        // gateway): the key is said with it too.
+        let e = refusal(status, &body);
+        return Err(match status.is_server_error() {
+            true => e.context(format!("filing {} ({})", path.display(), again())),
+            false => e,
+        });
     }
     let len = hashed;
     let filed: serde_json::Value =

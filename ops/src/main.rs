@@ -596,6 +596,7 @@ impl Command {
                 | Command::Gateway { .. }
                 | Command::Witness { .. }
                 | Command::Bench(_)
+                | Command::BenchS3(_)
                 | Command::BenchLedger(_)
                 | Command::BenchRepair(_)
         )
@@ -605,8 +606,10 @@ impl Command {
 /// A command that answers and exits, its output piped into a reader that
 /// stopped reading (`| head`), ends as Unix tools do, by SIGPIPE, silently,
 /// rather than panic in `println!` with exit code 101 (Rust ignores
-/// SIGPIPE). Commands that serve keep ignoring it: a closed stdout must not
-/// stop a cluster, and their children inherit the disposition.
+/// SIGPIPE). Commands that serve, or run clusters of child processes (the
+/// benchmarks), keep ignoring it: a closed stdout must not stop a cluster,
+/// nor end a parent without its clean-up (children it kills on drop would
+/// be left running).
 fn end_quietly_on_a_closed_pipe() {
     // SAFETY: called first thing in `main`, before any other thread exists;
     // `signal` with SIG_DFL installs no handler.

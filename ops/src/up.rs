@@ -466,7 +466,10 @@ fn configured_ports(c: &Cluster) -> Vec<Port> {
             udp: true,
             what: format!("node {id}'s QUIC"),
             flag: "",
-            setting: format!("listen of the [[nodes]] entry with id = {id}"),
+            setting: format!(
+                "listen of the [[nodes]] entry with id = {id} and addr of the [[gateway.nodes]] \
+                 entry with id = {id} (the two must agree)"
+            ),
             node: Some(id),
         });
         if let Some(addr) = n.metrics_listen {
