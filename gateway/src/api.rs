@@ -643,13 +643,13 @@ pub async fn serve<S: Store>(
     let gw = Arc::new(Gateway::new(config, store, &registry)?);
     // First: nothing of a newer version's index is read or changed by this
     // one.
-    let format = indexer::run(
+    let found = indexer::run(
         &gw.store,
-        |tx| async move { schema::claim_format_tx(&tx).await },
+        |tx| async move { schema::index_format_tx(&tx).await },
     )
     .await
     .map_err(|e| StartError::Index(e.to_string()))?;
-    if let Err(found) = format {
+    if found > schema::INDEX_FORMAT {
         return Err(StartError::NewerIndex { found });
     }
     if gw.ledger.is_none() {
@@ -788,6 +788,14 @@ pub async fn serve<S: Store>(
     let http = http1(Duration::from_millis(
         gw.config.client_idle_timeout_ms.max(1),
     ));
+    // Serving now: the index is this version's to mark (see
+    // `schema::mark_format_tx`).
+    indexer::run(
+        &gw.store,
+        |tx| async move { schema::mark_format_tx(&tx).await },
+    )
+    .await
+    .map_err(|e| StartError::Index(e.to_string()))?;
     let app = router(gw);
     let https = tls.is_some();
     let drain = stop.drain_telling_cut_off("evidence API", grace);
@@ -3854,7 +3862,9 @@ pub(crate) fn event_statement<S: Store>(
         // Only the ledger makes an expunge or a release answerable for:
         // without one it would leave no trace anywhere but a log line.
         if matches!(kind, Kind::Expunged | Kind::Released) {
-            return Err(ApiError::Unavailable(format!(
+            // Final, not retryable (409; S3's InvalidRequest): only a
+            // configuration with a ledger changes it.
+            return Err(ApiError::Conflict(format!(
                 "this gateway keeps no ledger ([gateway.ledger] in cluster.toml), and an {} \
                  is done only on the ledger: refused",
                 match kind {

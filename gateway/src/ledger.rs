@@ -109,8 +109,9 @@ pub struct LedgerConfig {
     pub witness_interval_ms: u64,
     /// How often the openings archive is checked to cover every leaf from
     /// the first to the newest signed checkpoint without a gap (by its
-    /// files' names: nothing is read): `recover-index` can rebuild an index
-    /// only as far as it does. Default 6 hours.
+    /// files' names: nothing is read, but every name is listed, so not
+    /// often): `recover-index` can rebuild an index only as far as it does.
+    /// Default a day; 0 never checks.
     #[serde(default = "default_archive_check_interval")]
     pub archive_check_interval_ms: u64,
     /// Independent time: RFC 3161 tokens over checkpoints.
@@ -167,7 +168,7 @@ fn default_witness_interval() -> u64 {
 }
 
 fn default_archive_check_interval() -> u64 {
-    6 * 3_600_000
+    24 * 3_600_000
 }
 
 fn default_receipt_wait() -> u64 {
@@ -2821,14 +2822,17 @@ fn outside_agent(timeout: Duration, status_as_error: bool) -> ureq::Agent {
 /// cosignatures. Runs beside filing, never in its way: a dead witness only
 /// costs a log line.
 /// Checks every `archive_check_interval_ms` (the first a minute after
-/// start) that the openings archive covers the ledger from leaf 0 to the
+/// start, or sooner where the interval is shorter) that the openings archive covers the ledger from leaf 0 to the
 /// newest signed checkpoint: a gap (a file deleted by a bucket's lifecycle
 /// rule, one never written) is otherwise found only when `recover-index`
 /// needs it. `custodia_ledger_archive_gap_leaves` says how many leaves the
 /// archive lacks, for an alert.
 pub fn spawn_archive_check<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::JoinHandle<()>> {
     let ledger = gw.ledger.clone()?;
-    let every = Duration::from_millis(ledger.archive_check_interval.as_millis().max(1_000) as u64);
+    if ledger.archive_check_interval.is_zero() {
+        return None;
+    }
+    let every = ledger.archive_check_interval.max(Duration::from_secs(1));
     Some(tokio::spawn(async move {
         tokio::time::sleep(every.min(Duration::from_secs(60))).await;
         loop {

@@ -75,25 +75,28 @@ pub const INDEX_FORMAT: u32 = 1;
 
 const RECORD_V1: u8 = 1;
 
-/// Checks that this version may serve the index, and marks it with this
-/// version's format: `Err(found)` when a newer version wrote it (nothing
-/// is written then).
-pub async fn claim_format_tx<T: Transaction>(tx: &T) -> Result<Result<(), u32>, SchemaError> {
-    let stored = match tx.get(&[FORMAT]).await? {
+/// The format of the newest version that served the index (0: none that
+/// marked it): this version may serve it if that is at most
+/// [`INDEX_FORMAT`].
+pub async fn index_format_tx<T: Transaction>(tx: &T) -> Result<u32, SchemaError> {
+    Ok(match tx.get(&[FORMAT]).await? {
         None => 0,
         Some(v) => u32::from_be_bytes(
             v.as_slice()
                 .try_into()
                 .map_err(|_| DecodeError::Malformed)?,
         ),
-    };
-    if stored > INDEX_FORMAT {
-        return Ok(Err(stored));
-    }
-    if stored < INDEX_FORMAT {
+    })
+}
+
+/// Marks the index with this version's format, once this version serves
+/// it (not before: a version that failed to start has served nothing, and
+/// must not keep an older one from serving it); never lowers it.
+pub async fn mark_format_tx<T: Transaction>(tx: &T) -> Result<(), SchemaError> {
+    if index_format_tx(tx).await? < INDEX_FORMAT {
         tx.set(&[FORMAT], &INDEX_FORMAT.to_be_bytes());
     }
-    Ok(Ok(()))
+    Ok(())
 }
 
 /// Errors of schema operations. Only `Kv` errors may be retried.

@@ -2748,7 +2748,7 @@ fn a_gateway_without_a_ledger_says_so() -> Result<()> {
     let (status, _) = send(&c, "PUT", &c.token, &hold, None)?;
     assert_eq!(status, 200);
     let (status, body) = send(&c, "DELETE", &c.token, &hold, None)?;
-    assert_eq!(status, 503, "{body}");
+    assert_eq!(status, 409, "{body}");
     assert!(
         body["message"]
             .as_str()
@@ -2758,7 +2758,7 @@ fn a_gateway_without_a_ledger_says_so() -> Result<()> {
     let order = serde_json::json!({ "order": "Order 1" });
     let expunge = format!("/v1/evidence/{id}/expunge");
     let (status, body) = send(&c, "POST", &expunger, &expunge, Some(order))?;
-    assert_eq!(status, 503, "{body}");
+    assert_eq!(status, 409, "{body}");
     assert!(
         body["message"]
             .as_str()
