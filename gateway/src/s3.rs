@@ -4154,24 +4154,29 @@ mod tests {
         }
     }
 
-    /// A Range applies under If-Range only if it names the object as it
-    /// is: its strong ETag (a date is too weak a validator for a key that
-    /// may be written twice within a second).
-    #[test]
-    fn if_range_names_the_object_as_it_is() {
-        let v = indexer::s3::ObjectVersion {
+    /// A one-byte version with this ETag, last modified then.
+    fn version_tagged(etag: &str, last_modified_ms: u64) -> indexer::s3::ObjectVersion {
+        indexer::s3::ObjectVersion {
             version_id: protocol::EvidenceId([1; 16]),
             null_version: false,
             evidence: None,
             size: 1,
-            etag: "abc".into(),
-            last_modified_ms: 1_796_000_000_500,
+            etag: etag.into(),
+            last_modified_ms,
             content_type: None,
             user_metadata: Vec::new(),
             retention: None,
             legal_hold: false,
             content: Default::default(),
-        };
+        }
+    }
+
+    /// A Range applies under If-Range only if it names the object as it
+    /// is: its strong ETag (a date is too weak a validator for a key that
+    /// may be written twice within a second).
+    #[test]
+    fn if_range_names_the_object_as_it_is() {
+        let v = version_tagged("abc", 1_796_000_000_500);
         let holds = |value: Option<&str>| {
             let mut h = http::HeaderMap::new();
             if let Some(value) = value {
@@ -4193,19 +4198,7 @@ mod tests {
     /// the second (as Last-Modified is sent).
     #[test]
     fn conditional_reads_follow_the_rfc_order() {
-        let v = indexer::s3::ObjectVersion {
-            version_id: protocol::EvidenceId([1; 16]),
-            null_version: false,
-            evidence: None,
-            size: 1,
-            etag: "abc".into(),
-            last_modified_ms: 10_500,
-            content_type: None,
-            user_metadata: Vec::new(),
-            retention: None,
-            legal_hold: false,
-            content: Default::default(),
-        };
+        let v = version_tagged("abc", 10_500);
         let (right, wrong) = (
             ETagCondition::ETag(ETag::Strong("abc".into())),
             ETagCondition::ETag(ETag::Strong("xyz".into())),

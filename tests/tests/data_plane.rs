@@ -2920,6 +2920,26 @@ fn request_head(s: &mut std::net::TcpStream, name: &str) -> Result<(Vec<u8>, Opt
     Ok((head, value))
 }
 
+/// Reads a filing request whole, as a gateway would before answering:
+/// its head (answering `100 Continue`) and its Content-Length of body.
+/// Returns its Idempotency-Key.
+fn read_filing(s: &mut std::net::TcpStream) -> Result<Option<String>> {
+    let (head, key) = request_head(s, "idempotency-key")?;
+    let len: usize = String::from_utf8_lossy(&head)
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().to_owned())
+        })
+        .context("no content-length")?
+        .parse()?;
+    s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body)?;
+    Ok(key)
+}
+
 /// `custodia put` sends the evidence again when the answer is lost on the
 /// way (the connection dropped, as at a gateway restart), under one
 /// Idempotency-Key (a random one when none is given): the evidence is
@@ -2937,20 +2957,7 @@ fn custodia_put_retries_a_lost_answer_without_filing_twice() -> Result<()> {
         let mut keys = Vec::new();
         // The first attempt: read whole, and never answered.
         let (mut s, _) = front.accept()?;
-        let (head, key) = request_head(&mut s, "idempotency-key")?;
-        keys.push(key);
-        let len: usize = String::from_utf8_lossy(&head)
-            .lines()
-            .find_map(|l| {
-                l.to_ascii_lowercase()
-                    .strip_prefix("content-length:")
-                    .map(|v| v.trim().to_owned())
-            })
-            .context("no content-length")?
-            .parse()?;
-        s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
-        let mut body = vec![0u8; len];
-        s.read_exact(&mut body)?;
+        keys.push(read_filing(&mut s)?);
         drop(s);
         // The second: passed on to the gateway.
         let (mut s, _) = front.accept()?;
@@ -3033,20 +3040,7 @@ fn answering_gateway(answers: Vec<(u16, &'static str)>) -> Result<(String, KeysS
         let mut keys = Vec::new();
         for (status, body) in answers {
             let (mut s, _) = front.accept()?;
-            let (head, key) = request_head(&mut s, "idempotency-key")?;
-            keys.push(key);
-            let len: usize = String::from_utf8_lossy(&head)
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().to_owned())
-                })
-                .context("no content-length")?
-                .parse()?;
-            s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
-            let mut got = vec![0u8; len];
-            s.read_exact(&mut got)?;
+            keys.push(read_filing(&mut s)?);
             write!(
                 s,
                 "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\nretry-after: 0\r\n\
