@@ -167,7 +167,7 @@ fn default_witness_interval() -> u64 {
     2_000
 }
 
-fn default_archive_check_interval() -> u64 {
+pub fn default_archive_check_interval() -> u64 {
     24 * 3_600_000
 }
 
@@ -652,18 +652,30 @@ impl Ledger {
         }
     }
 
-    /// How many leaves from leaf 0 the openings archive covers without a
-    /// gap, by its files' names (see [`lx::archive_chain`]).
-    pub async fn archive_coverage(&self) -> Result<u64, LedgerError> {
+    /// The openings archive's files and the leaves each holds, by their
+    /// names (nothing is read), in no particular order.
+    async fn archive_runs(&self) -> Result<Vec<(StorePath, std::ops::Range<u64>)>, LedgerError> {
         use futures::TryStreamExt;
-        let ranges: Vec<std::ops::Range<u64>> = self
+        Ok(self
             .openings
             .list(None)
             .try_filter_map(|meta| {
-                futures::future::ready(Ok(lx::parse_archive_name(meta.location.as_ref())))
+                let run = lx::parse_archive_name(meta.location.as_ref());
+                futures::future::ready(Ok(run.map(|r| (meta.location, r))))
             })
             .try_collect()
-            .await?;
+            .await?)
+    }
+
+    /// How many leaves from leaf 0 the openings archive covers without a
+    /// gap, by its files' names (see [`lx::archive_chain`]).
+    pub async fn archive_coverage(&self) -> Result<u64, LedgerError> {
+        let ranges: Vec<std::ops::Range<u64>> = self
+            .archive_runs()
+            .await?
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect();
         Ok(lx::archive_chain(&ranges)
             .last()
             .map_or(0, |&(i, _)| ranges[i].end))
@@ -672,17 +684,7 @@ impl Ledger {
     /// Every archived leaf from leaf 0 up to the first gap, in order (see
     /// [`lx::archive_chain`]).
     pub async fn read_archive(&self) -> Result<Vec<lx::ArchivedLeaf>, LedgerError> {
-        use futures::TryStreamExt;
-        let names: Vec<StorePath> = self
-            .openings
-            .list(None)
-            .map_ok(|meta| meta.location)
-            .try_collect()
-            .await?;
-        let runs: Vec<(StorePath, std::ops::Range<u64>)> = names
-            .into_iter()
-            .filter_map(|n| lx::parse_archive_name(n.as_ref()).map(|r| (n, r)))
-            .collect();
+        let runs = self.archive_runs().await?;
         let ranges: Vec<std::ops::Range<u64>> = runs.iter().map(|(_, r)| r.clone()).collect();
         let mut archive = Vec::new();
         for (i, from) in lx::archive_chain(&ranges) {
@@ -2817,13 +2819,9 @@ fn outside_agent(timeout: Duration, status_as_error: bool) -> ureq::Agent {
         .into()
 }
 
-/// Sends the newest checkpoint to every configured witness every interval,
-/// with a consistency proof from the size each last saw, and stores the
-/// cosignatures. Runs beside filing, never in its way: a dead witness only
-/// costs a log line.
 /// Checks every `archive_check_interval_ms` (the first a minute after
-/// start, or sooner where the interval is shorter) that the openings archive covers the ledger from leaf 0 to the
-/// newest signed checkpoint: a gap (a file deleted by a bucket's lifecycle
+/// start, or sooner where the interval is shorter) that the openings
+/// archive covers the ledger from leaf 0 to the newest signed checkpoint: a gap (a file deleted by a bucket's lifecycle
 /// rule, one never written) is otherwise found only when `recover-index`
 /// needs it. `custodia_ledger_archive_gap_leaves` says how many leaves the
 /// archive lacks, for an alert.
@@ -2866,6 +2864,10 @@ pub fn spawn_archive_check<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task:
     }))
 }
 
+/// Sends the newest checkpoint to every configured witness every interval,
+/// with a consistency proof from the size each last saw, and stores the
+/// cosignatures. Runs beside filing, never in its way: a dead witness only
+/// costs a log line.
 pub fn spawn_witnessing<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::JoinHandle<()>> {
     let ledger = gw.ledger.clone()?;
     if ledger.witnesses.is_empty() {

@@ -135,8 +135,6 @@ pub enum LedgerError {
     Timestamp(String),
 }
 
-/// SHA-256 of a checkpoint note's text (what a time-stamp token covers: the
-/// checkpoint itself, not the signature lines that accumulate under it).
 /// The bytes a `filed` statement's `metadata_sha256` is the SHA-256 of:
 /// the filing's case, file name, media type and submitter as compact JSON,
 /// in that (alphabetical) order, each a JSON string (escaped as
@@ -176,6 +174,8 @@ pub fn filing_metadata_sha256(
     ))
 }
 
+/// SHA-256 of a checkpoint note's text (what a time-stamp token covers: the
+/// checkpoint itself, not the signature lines that accumulate under it).
 pub fn checkpoint_text_sha256(note: &str) -> [u8; 32] {
     let text = match note.find("\n\n") {
         Some(i) => &note[..=i],
