@@ -1897,10 +1897,7 @@ fn etag_of(h: &ManifestHeader) -> String {
     format!("\"{}\"", h.blake3.to_hex())
 }
 
-/// An HTTP date (IMF-fixdate) of ms since the epoch.
-fn http_date(ms: u64) -> String {
-    httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_millis(ms))
-}
+use crate::s3::http_date;
 
 /// Seconds since the epoch of a header's HTTP date; `None` where it is
 /// absent or not a date (which RFC 9110 13.1.3 says to ignore).
@@ -1924,8 +1921,8 @@ enum Precondition {
 /// (strong comparison) or else If-Unmodified-Since, then If-None-Match
 /// (weak comparison) or else If-Modified-Since. Evidence is last modified
 /// when filed; dates compare to the second.
-fn precondition(headers: &HeaderMap, h: &ManifestHeader) -> Precondition {
-    let etag = h.blake3.to_hex();
+fn precondition(headers: &HeaderMap, h: &ManifestHeader, etag: &str) -> Precondition {
+    let etag = etag.trim_matches('"');
     let filed_s = h.filed_at_ms / 1000;
     let tags = |name: header::HeaderName| -> Vec<String> {
         headers
@@ -1947,7 +1944,7 @@ fn precondition(headers: &HeaderMap, h: &ManifestHeader) -> Precondition {
             None => (false, t),
         };
         (weak_allowed || !weak)
-            && tag.strip_prefix('"').and_then(|t| t.strip_suffix('"')) == Some(etag.as_str())
+            && tag.strip_prefix('"').and_then(|t| t.strip_suffix('"')) == Some(etag)
     };
     let if_match = tags(header::IF_MATCH);
     if !if_match.is_empty() {
@@ -1972,12 +1969,12 @@ fn precondition(headers: &HeaderMap, h: &ManifestHeader) -> Precondition {
 /// yes; otherwise only if it names the evidence (its strong ETag, or its
 /// filing time to the second). Evidence never changes under its id, so this
 /// only matters to a client that asks it of the wrong id.
-fn if_range_holds(headers: &HeaderMap, h: &ManifestHeader) -> bool {
+fn if_range_holds(headers: &HeaderMap, h: &ManifestHeader, etag: &str) -> bool {
     let Some(value) = headers.get(header::IF_RANGE) else {
         return true;
     };
     match value.to_str().map(str::trim) {
-        Ok(v) if v.starts_with('"') || v.starts_with("W/") => v == etag_of(h),
+        Ok(v) if v.starts_with('"') || v.starts_with("W/") => v == etag,
         Ok(_) => header_date(headers, header::IF_RANGE) == Some(h.filed_at_ms / 1000),
         Err(_) => false,
     }
@@ -2014,7 +2011,7 @@ async fn evidence_response<S: Store>(
     // Evaluated before anything is read: a 304 or 412 reads nothing, so
     // no access is recorded.
     let (etag, last_modified) = (etag_of(&header), http_date(header.filed_at_ms));
-    match precondition(&headers, &header) {
+    match precondition(&headers, &header, &etag) {
         Precondition::Proceed => {}
         Precondition::Failed => return Err(ApiError::PreconditionFailed),
         Precondition::NotModified => {
@@ -2027,7 +2024,7 @@ async fn evidence_response<S: Store>(
         }
     }
     let size = header.size;
-    let partial = match if_range_holds(&headers, &header) {
+    let partial = match if_range_holds(&headers, &header, &etag) {
         true => parse_range(headers.get(header::RANGE), size)?,
         false => None,
     };
@@ -2151,13 +2148,8 @@ pub(crate) async fn record_access<S: Store>(
     range: &Range<u64>,
     slack: Duration,
 ) -> Result<(), ApiError> {
-    crate::ledger::record(
-        gw,
-        header.evidence,
-        &accessed(gw, header, actor, range),
-        slack,
-    )
-    .await
+    let accessed = statement_about(gw, header, Kind::Accessed, actor, &read_detail(range));
+    crate::ledger::record(gw, header.evidence, &accessed, slack).await
 }
 
 /// The `accessed` statement of a read of `range` of the evidence by
@@ -2169,35 +2161,12 @@ pub(crate) fn access_statement<S: Store>(
     actor: String,
     range: &Range<u64>,
 ) -> Result<Option<indexer::ledger::PendingRecord>, ApiError> {
-    if gw.ledger.is_none() {
-        return Ok(None);
-    }
-    crate::ledger::pending(header.evidence, &accessed(gw, header, actor, range)).map(Some)
+    event_statement(gw, header, Kind::Accessed, actor, &read_detail(range))
 }
 
-fn accessed<S: Store>(
-    gw: &Gateway<S>,
-    header: &ManifestHeader,
-    actor: String,
-    range: &Range<u64>,
-) -> Statement {
-    let mut accessed = Statement::new(
-        Kind::Accessed,
-        header.evidence,
-        &header.blake3,
-        Some(&header.sha256),
-        header.size,
-        &header.tenant,
-        header.case.clone(),
-        Some(actor),
-        gw.clock.now_ms(),
-    );
-    accessed.metadata_sha256 = Some(sha256_hex(
-        json!({ "range": [range.start, range.end] })
-            .to_string()
-            .as_bytes(),
-    ));
-    accessed
+/// What an `accessed` statement's `metadata_sha256` is the hash of.
+fn read_detail(range: &Range<u64>) -> serde_json::Value {
+    json!({ "range": [range.start, range.end] })
 }
 
 async fn manifest<S: Store>(
@@ -3125,7 +3094,7 @@ mod tests {
             }
             m
         };
-        let p = |pairs: &[(&'static str, &str)]| precondition(&with(pairs), &h);
+        let p = |pairs: &[(&'static str, &str)]| precondition(&with(pairs), &h, &tag);
         use Precondition::*;
         assert_eq!(p(&[]), Proceed);
         assert_eq!(p(&[("if-match", &tag)]), Proceed);
@@ -3158,8 +3127,8 @@ mod tests {
         // A failed If-Match comes before a matching If-None-Match.
         assert_eq!(p(&[("if-match", "\"x\""), ("if-none-match", "*")]), Failed);
         // If-Range: the tag or the filing time, or the Range is ignored.
-        let r = |v: &str| if_range_holds(&with(&[("if-range", v)]), &h);
-        assert!(if_range_holds(&HeaderMap::new(), &h));
+        let r = |v: &str| if_range_holds(&with(&[("if-range", v)]), &h, &tag);
+        assert!(if_range_holds(&HeaderMap::new(), &h, &tag));
         assert!(r(&tag) && r(&same));
         assert!(!r("\"x\"") && !r(&format!("W/{tag}")) && !r(&after) && !r("soon"));
     }
@@ -3875,6 +3844,18 @@ pub(crate) fn event_statement<S: Store>(
         }
         return Ok(None);
     }
+    crate::ledger::pending(h.evidence, &statement_about(gw, h, kind, actor, detail)).map(Some)
+}
+
+/// A statement of `kind` about `h`'s evidence by `actor`, now, with the
+/// hash of `detail`.
+fn statement_about<S: Store>(
+    gw: &Gateway<S>,
+    h: &ManifestHeader,
+    kind: Kind,
+    actor: String,
+    detail: &serde_json::Value,
+) -> Statement {
     let mut s = Statement::new(
         kind,
         h.evidence,
@@ -3887,7 +3868,7 @@ pub(crate) fn event_statement<S: Store>(
         gw.clock.now_ms(),
     );
     s.metadata_sha256 = Some(sha256_hex(detail.to_string().as_bytes()));
-    crate::ledger::pending(h.evidence, &s).map(Some)
+    s
 }
 
 /// What [`worm`] committed: the evidence as it now stands, and (with a

@@ -766,17 +766,18 @@ impl<S: Store> Upload<S> {
                         )
                         .await?;
                         if let Some(old) = replaced {
-                            crate::s3::unlinked_tx(
+                            let unlinked = crate::s3::unlinked_tx(
                                 gw,
                                 &tx,
-                                2,
                                 replacer.clone(),
-                                &put.bucket,
-                                &put.key,
+                                (&put.bucket, &put.key),
                                 &old,
                                 Some(v.version_id),
                             )
                             .await?;
+                            if let Some(p) = unlinked {
+                                indexer::ledger::enqueue_tx(&tx, 2, &p);
+                            }
                         }
                         if let Some(upload) = put.completes {
                             let done = indexer::s3::CompletedUpload {

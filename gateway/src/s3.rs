@@ -918,7 +918,11 @@ impl<S: Store> S3Front<S> {
                         Deleted::Marker(m) => m.null_version,
                     };
                     if let Some(v) = null.filter(|_| removed_null) {
-                        unlinked_tx(gw, &tx, 0, who.actor(), bucket, key, &v, None).await?;
+                        let unlinked =
+                            unlinked_tx(gw, &tx, who.actor(), (bucket, key), &v, None).await?;
+                        if let Some(p) = unlinked {
+                            indexer::ledger::enqueue_tx(&tx, 0, &p);
+                        }
                     }
                     Ok::<_, ApiError>(done)
                 }
@@ -956,7 +960,10 @@ impl<S: Store> S3Front<S> {
                 let v =
                     ix::delete_version_tx(&tx, bucket, key, v.version_id, compliance, bypass, b)
                         .await?;
-                unlinked_tx(gw, &tx, 0, who.actor(), bucket, key, &v, None).await?;
+                let unlinked = unlinked_tx(gw, &tx, who.actor(), (bucket, key), &v, None).await?;
+                if let Some(p) = unlinked {
+                    indexer::ledger::enqueue_tx(&tx, 0, &p);
+                }
                 Ok::<_, ApiError>(Some(v))
             }
         })
@@ -1377,31 +1384,28 @@ fn evidence_worm(v: &ObjectVersion) -> (Option<u64>, bool) {
     (until, v.legal_hold)
 }
 
-/// Puts on the ledger, in the transaction that removes it, that `actor`
-/// removed version `v` of `bucket/key` from S3 for good (deleted by its
-/// id, the null version a DELETE replaced, or the null version a PUT, copy
-/// or multipart completion replaced: then `by` is the new version): its
-/// evidence stays, and the evidence API still reads it, but no S3 name
-/// leads to it any more, and custody shows who did that. Nothing for a
-/// delete marker, or where no ledger runs. `seq`: its number among the
-/// statements the transaction queues (see `indexer::ledger::enqueue_tx`:
-/// two at one number are one, the later).
-#[allow(clippy::too_many_arguments)]
+/// The statement, for the ledger in the transaction that removes it, that
+/// `actor` removed version `v` of `bucket/key` from S3 for good (deleted
+/// by its id, the null version a DELETE replaced, or the null version a
+/// PUT, copy or multipart completion replaced: then `by` is the new
+/// version): its evidence stays, and the evidence API still reads it, but
+/// no S3 name leads to it any more, and custody shows who did that. None
+/// for a delete marker, or where no ledger runs. The caller queues it, at
+/// a number of its own among the transaction's statements (see
+/// `indexer::ledger::enqueue_tx`).
 pub(crate) async fn unlinked_tx<S: Store>(
     gw: &Gateway<S>,
     tx: &<S as indexer::KvStore>::Tx,
-    seq: u16,
     actor: String,
-    bucket: &str,
-    key: &str,
+    (bucket, key): (&str, &str),
     v: &ObjectVersion,
     by: Option<EvidenceId>,
-) -> Result<(), ApiError> {
+) -> Result<Option<indexer::ledger::PendingRecord>, ApiError> {
     let Some(evidence) = v.evidence else {
-        return Ok(());
+        return Ok(None);
     };
     let Some(h) = schema::get_manifest_tx(tx, evidence).await? else {
-        return Ok(());
+        return Ok(None);
     };
     let version = v.version_id.to_string();
     let detail = match by {
@@ -1414,12 +1418,7 @@ pub(crate) async fn unlinked_tx<S: Store>(
             },
         }),
     };
-    if let Some(p) =
-        crate::api::event_statement(gw, &h, protocol::ledger::Kind::Admin, actor, &detail)?
-    {
-        indexer::ledger::enqueue_tx(tx, seq, &p);
-    }
-    Ok(())
+    crate::api::event_statement(gw, &h, protocol::ledger::Kind::Admin, actor, &detail)
 }
 
 /// At most how many bytes a request's body holds: its Content-Length,
@@ -1855,7 +1854,7 @@ fn if_range_holds(headers: &http::HeaderMap, v: &ObjectVersion) -> bool {
 }
 
 /// An HTTP date (IMF-fixdate) of ms since the epoch.
-fn http_date(ms: u64) -> String {
+pub(crate) fn http_date(ms: u64) -> String {
     httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_millis(ms))
 }
 
