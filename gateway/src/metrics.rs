@@ -593,14 +593,7 @@ impl GatewayMetrics {
         };
         // Each reason exported from the start, so the first failure is an
         // increase an alert sees.
-        for reason in [
-            "unrecoverable",
-            "root_mismatch",
-            "bad_outboard",
-            "index",
-            "expunged",
-            "internal",
-        ] {
+        for reason in crate::read::READ_FAILURE_REASONS {
             m.reads_failed.with_label_values(&[reason]);
         }
         Ok(m)

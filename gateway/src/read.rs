@@ -81,8 +81,20 @@ pub enum ReadError {
     BadOutboard(EvidenceId),
 }
 
+/// Every `reason` label of `custodia_reads_failed_total` (each exported
+/// from the start, see `metrics`).
+pub const READ_FAILURE_REASONS: [&str; 6] = [
+    "unrecoverable",
+    "index",
+    "root_mismatch",
+    "internal",
+    "expunged",
+    "bad_outboard",
+];
+
 impl ReadError {
-    /// `custodia_reads_failed_total`'s `reason` label.
+    /// `custodia_reads_failed_total`'s `reason` label (one of
+    /// [`READ_FAILURE_REASONS`]).
     pub fn reason(&self) -> &'static str {
         match self {
             ReadError::Unrecoverable { .. } => "unrecoverable",
@@ -1300,4 +1312,32 @@ fn report_damage<S: Store>(gw: &Gateway<S>, evidence: EvidenceId, stripe: u64, f
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every failure's label is one exported from the start (an alert's
+    /// `increase` misses a series' first sample).
+    #[test]
+    fn every_read_failure_reason_is_exported_from_the_start() {
+        let id = EvidenceId([1; 16]);
+        for e in [
+            ReadError::Unrecoverable {
+                evidence: id,
+                stripe: 0,
+                good: 0,
+                k: 1,
+            },
+            ReadError::Index(schema::SchemaError::NoEvidence(id)),
+            ReadError::RootMismatch(id),
+            ReadError::Reconstruct(reed_solomon_erasure::Error::TooFewShards),
+            ReadError::Internal,
+            ReadError::Expunged(id),
+            ReadError::BadOutboard(id),
+        ] {
+            assert!(READ_FAILURE_REASONS.contains(&e.reason()), "{e}");
+        }
+    }
 }
