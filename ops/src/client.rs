@@ -314,9 +314,8 @@ pub fn put(
         match (wait, attempt < PUT_ATTEMPTS) {
             (Some(wait), true) => {
                 let why = match &sent {
-                    Err(Attempt::Unanswered(e)) => format!("{e:#}"),
                     Ok((status, _, _)) => format!("the gateway answered {status}"),
-                    Err(Attempt::Failed(e)) => format!("{e:#}"),
+                    Err(Attempt::Unanswered(e) | Attempt::Failed(e)) => format!("{e:#}"),
                 };
                 eprintln!(
                     "filing attempt {attempt} of {PUT_ATTEMPTS} did not complete ({why}); trying again in {} s under Idempotency-Key {key}",
@@ -379,13 +378,13 @@ enum Attempt {
     Failed(anyhow::Error),
 }
 
-/// A `Retry-After` in seconds, if the answer has one.
 /// The `error` code of a JSON error answer.
 fn error_code(body: &str) -> Option<String> {
     let v: serde_json::Value = serde_json::from_str(body).ok()?;
     v.get("error")?.as_str().map(str::to_owned)
 }
 
+/// A `Retry-After` in seconds, if the answer has one.
 fn retry_after(resp: &ureq::http::Response<ureq::Body>) -> Option<Duration> {
     resp.headers()
         .get("retry-after")?

@@ -642,7 +642,7 @@ async fn init_fresh(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         round_interval_ms: 25,
         witnesses: Vec::new(),
         witness_interval_ms: 2_000,
-        archive_check_interval_ms: 24 * 3_600_000,
+        archive_check_interval_ms: gateway::ledger::default_archive_check_interval(),
         tsa: Some(gateway::ledger::TsaConfig {
             url: None,
             cert: data_dir.join(TSA_CERT_FILE),
