@@ -396,14 +396,25 @@ impl TestCluster {
             .sum()
     }
 
-    /// Restarts the gateway with these witnesses (url, verifier key) in its
-    /// ledger configuration, asked every `interval_ms`.
-    pub fn use_witnesses(&mut self, witnesses: &[(&str, &str)], interval_ms: i64) -> Result<()> {
+    /// Restarts the gateway with its `[gateway.ledger]` table changed.
+    pub fn edit_ledger(
+        &mut self,
+        edit: impl FnOnce(&mut toml::map::Map<String, toml::Value>),
+    ) -> Result<()> {
         self.edit_gateway(|g| {
             let ledger = g
                 .get_mut("ledger")
                 .and_then(|l| l.as_table_mut())
                 .context("gateway.ledger")?;
+            edit(ledger);
+            Ok(())
+        })
+    }
+
+    /// Restarts the gateway with these witnesses (url, verifier key) in its
+    /// ledger configuration, asked every `interval_ms`.
+    pub fn use_witnesses(&mut self, witnesses: &[(&str, &str)], interval_ms: i64) -> Result<()> {
+        self.edit_ledger(|ledger| {
             ledger.insert(
                 "witness_interval_ms".into(),
                 toml::Value::Integer(interval_ms),
@@ -418,7 +429,6 @@ impl TestCluster {
                 })
                 .collect();
             ledger.insert("witnesses".into(), toml::Value::Array(entries));
-            Ok(())
         })
     }
 

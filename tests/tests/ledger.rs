@@ -2849,16 +2849,11 @@ fn an_expunge_drops_the_parts_copied_from_the_evidence() -> Result<()> {
 #[test]
 fn a_gap_in_the_openings_archive_is_found() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
-    c.edit_gateway(|g| {
-        let ledger = g
-            .get_mut("ledger")
-            .and_then(|l| l.as_table_mut())
-            .context("gateway.ledger")?;
+    c.edit_ledger(|ledger| {
         ledger.insert(
             "archive_check_interval_ms".into(),
             toml::Value::Integer(1_000),
         );
-        Ok(())
     })?;
     for i in 0..3u8 {
         c.file(&[i; 100])?;

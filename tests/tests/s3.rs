@@ -956,60 +956,52 @@ fn aws_cli_files_lists_reads_and_deletes_objects_as_evidence() -> Result<()> {
     );
     // Refused whatever their signature: a URL valid for more than a week,
     // and a Signature Version 2 header (no expiry s3s enforces).
-    let refused = |url: &str, auth: Option<&str>| -> Result<(u16, String)> {
+    let refused = |url: &str, headers: &[(&str, &str)]| -> Result<(u16, String)> {
         let mut req = ureq::get(url).config().http_status_as_error(false).build();
-        if let Some(a) = auth {
-            req = req.header("authorization", a);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
         }
         let mut resp = req.call()?;
         Ok((resp.status().as_u16(), resp.body_mut().read_to_string()?))
     };
     // An x-amz- header the URL's signature does not cover (here one that
     // would turn a presigned PUT into a copy of other evidence), as in S3.
-    let mut resp = ureq::get(url.trim())
-        .header("x-amz-copy-source", "/evidence/dir/f2.bin")
-        .config()
-        .http_status_as_error(false)
-        .build()
-        .call()?;
-    let body = resp.body_mut().read_to_string()?;
-    assert_eq!(resp.status().as_u16(), 403, "{body}");
+    let copy = ("x-amz-copy-source", "/evidence/dir/f2.bin");
+    let (status, body) = refused(url.trim(), &[copy])?;
+    assert_eq!(status, 403, "{body}");
     assert!(body.contains("<Code>AccessDenied</Code>"), "{body}");
     assert!(body.contains("not signed: x-amz-copy-source"), "{body}");
     // Nor does an Authorization header that claims the URL signed it: a
     // request authenticates one way.
-    let mut resp = ureq::get(url.trim())
-        .header("x-amz-copy-source", "/evidence/dir/f2.bin")
-        .header(
-            "authorization",
-            "AWS4-HMAC-SHA256 Credential=AK/20261205/us-east-1/s3/aws4_request, \
-             SignedHeaders=host;x-amz-copy-source, Signature=00",
-        )
-        .config()
-        .http_status_as_error(false)
-        .build()
-        .call()?;
-    let body = resp.body_mut().read_to_string()?;
-    assert_eq!(resp.status().as_u16(), 400, "{body}");
+    let claim = (
+        "authorization",
+        "AWS4-HMAC-SHA256 Credential=AK/20261205/us-east-1/s3/aws4_request, \
+         SignedHeaders=host;x-amz-copy-source, Signature=00",
+    );
+    let (status, body) = refused(url.trim(), &[copy, claim])?;
+    assert_eq!(status, 400, "{body}");
     assert!(body.contains("<Code>InvalidArgument</Code>"), "{body}");
     assert!(body.contains("Only one auth mechanism"), "{body}");
     let long = url
         .trim()
         .replace("X-Amz-Expires=300", "X-Amz-Expires=604801");
     assert_ne!(long, url.trim());
-    let (status, body) = refused(&long, None)?;
+    let (status, body) = refused(&long, &[])?;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("AuthorizationQueryParametersError"), "{body}");
     let object = format!("{}/evidence/dir/f1.bin", c.s3);
     let (status, body) = refused(
         &object,
-        Some("AWS AKIDEXAMPLE:frJIUN8DYpKDtOLCwo//yllqDzg="),
+        &[(
+            "authorization",
+            "AWS AKIDEXAMPLE:frJIUN8DYpKDtOLCwo//yllqDzg=",
+        )],
     )?;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("AWS4-HMAC-SHA256"), "{body}");
     let (status, body) = refused(
         &format!("{object}?AWSAccessKeyId=AKIDEXAMPLE&Expires=4102444800&Signature=x"),
-        None,
+        &[],
     )?;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("AuthorizationQueryParametersError"), "{body}");
