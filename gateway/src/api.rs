@@ -633,6 +633,23 @@ async fn carry_lock<S: Store>(
     .await?)
 }
 
+/// Refuses an index a newer version of Custodia wrote: records this
+/// version cannot know of would be ignored (or overwritten) by it. Every
+/// opener of an index calls this first, the gateway and the offline CLI
+/// alike.
+pub async fn check_index_format<S: Store>(store: &S) -> Result<(), StartError> {
+    let found = indexer::run(
+        store,
+        |tx| async move { schema::index_format_tx(&tx).await },
+    )
+    .await
+    .map_err(|e| StartError::Index(e.to_string()))?;
+    if found > schema::INDEX_FORMAT {
+        return Err(StartError::NewerIndex { found });
+    }
+    Ok(())
+}
+
 /// Starts the evidence API, the node prober and garbage collection.
 pub async fn serve<S: Store>(
     config: GatewayConfig,
@@ -643,15 +660,7 @@ pub async fn serve<S: Store>(
     let gw = Arc::new(Gateway::new(config, store, &registry)?);
     // First: nothing of a newer version's index is read or changed by this
     // one.
-    let found = indexer::run(
-        &gw.store,
-        |tx| async move { schema::index_format_tx(&tx).await },
-    )
-    .await
-    .map_err(|e| StartError::Index(e.to_string()))?;
-    if found > schema::INDEX_FORMAT {
-        return Err(StartError::NewerIndex { found });
-    }
+    check_index_format(&gw.store).await?;
     if gw.ledger.is_none() {
         tracing::warn!(
             "no ledger ([gateway.ledger] in cluster.toml): filings get no receipts, reads are \

@@ -736,13 +736,39 @@ pub async fn issue_credentials<S: indexer::KvStore>(
 }
 
 /// Opens DATA_DIR's embedded index directly, which the gateway must not
-/// hold open.
-pub fn open_index_offline(data_dir: &Path) -> Result<(indexer::EmbeddedStore, fs::File)> {
+/// hold open. An index a newer version of Custodia wrote is refused, as the
+/// gateway refuses it.
+pub async fn open_index_offline(data_dir: &Path) -> Result<(indexer::EmbeddedStore, fs::File)> {
+    match open_index_unless_in_use(data_dir).await? {
+        Offline::Opened(store, lock) => Ok((store, lock)),
+        Offline::InUse(why) => Err(why),
+    }
+}
+
+/// DATA_DIR's index, opened offline, or why another process has it.
+pub enum Offline {
+    Opened(indexer::EmbeddedStore, fs::File),
+    /// Another custodia process (a gateway, most likely) holds DATA_DIR:
+    /// the commands that can, ask the running gateway instead.
+    InUse(anyhow::Error),
+}
+
+/// As [`open_index_offline`], telling a DATA_DIR another process holds
+/// (ask its gateway) from every other failure (no cluster, a missing
+/// index or one of a newer version), which no gateway would answer better.
+pub async fn open_index_unless_in_use(data_dir: &Path) -> Result<Offline> {
     // DATA_DIR's lock first: `up` holds it from before its gateway opens the
     // index, and an index opened here in between would keep that gateway
     // from starting (the whole cluster would stop).
-    let lock =
-        lock_cluster_dir(data_dir).context("opening the index offline (stop the gateway first)")?;
+    require_cluster(data_dir)?;
+    let lock = match try_lock_data_dir(data_dir)? {
+        Ok(lock) => lock,
+        Err(in_use) => {
+            return Ok(Offline::InUse(
+                in_use.context("opening the index offline (stop the gateway first)"),
+            ))
+        }
+    };
     let cluster = Cluster::load(data_dir)?;
     let store = open_index(&cluster.gateway.index_path).with_context(|| {
         format!(
@@ -750,7 +776,8 @@ pub fn open_index_offline(data_dir: &Path) -> Result<(indexer::EmbeddedStore, fs
             cluster.gateway.index_path.display()
         )
     })?;
-    Ok((store, lock))
+    gateway::api::check_index_format(&store).await?;
+    Ok(Offline::Opened(store, lock))
 }
 
 /// Opens an initialised cluster's index, which must be there: opened where
@@ -873,13 +900,18 @@ fn require_cluster(data_dir: &Path) -> Result<()> {
 /// lives: one process at a time owns a data directory's index, nodes and
 /// logs. Refuses when another holds it.
 pub fn lock_data_dir(data_dir: &Path) -> Result<fs::File> {
+    try_lock_data_dir(data_dir)?
+}
+
+/// DATA_DIR's lock, or (the inner error) that another process holds it.
+fn try_lock_data_dir(data_dir: &Path) -> Result<Result<fs::File>> {
     let path = data_dir.join(LOCK_FILE);
     match storage_node::store::lock_file(&path) {
-        Ok(Some(file)) => Ok(file),
-        Ok(None) => bail!(
+        Ok(Some(file)) => Ok(Ok(file)),
+        Ok(None) => Ok(Err(anyhow::anyhow!(
             "{} is in use by another custodia process (up, gateway or recover-index); stop it first",
             data_dir.display()
-        ),
+        ))),
         Err(e) => Err(e).with_context(|| format!("locking {}", path.display())),
     }
 }

@@ -747,17 +747,17 @@ async fn run(cli: Cli) -> Result<()> {
                 format!("unknown role {role:?}: reader, clerk, admin or expunger")
             })?;
             let profile = format!("{tenant}-{role}");
-            let c = match cluster::open_index_offline(&data_dir) {
-                Ok((store, _lock)) => {
+            let c = match cluster::open_index_unless_in_use(&data_dir).await? {
+                cluster::Offline::Opened(store, _lock) => {
                     cluster::issue_credentials(&store, &tenant, parsed, bypass_governance).await?
                 }
                 // Separation of duties: the admin API never grants expunger.
-                Err(e) if matches!(parsed, indexer::schema::Role::Expunger) => {
+                cluster::Offline::InUse(e) if matches!(parsed, indexer::schema::Role::Expunger) => {
                     return Err(e.context(
                         "expunger credentials are issued only on the index host with the gateway stopped",
                     ))
                 }
-                Err(offline) => {
+                cluster::Offline::InUse(offline) => {
                     // The gateway holds the index: ask it, as the admin.
                     let (api, token) = cluster::running_gateway(&data_dir, api.as_deref())
                         .map_err(|e| offline.context(e))?;
@@ -835,8 +835,8 @@ async fn run(cli: Cli) -> Result<()> {
             // The hash of the token revoked, once known: what DATA_DIR's
             // token file is compared with.
             let mut token_hash = token.as_deref().map(indexer::schema::token_hash);
-            let revoked = match cluster::open_index_offline(&data_dir) {
-                Ok((store, _lock)) => {
+            let revoked = match cluster::open_index_unless_in_use(&data_dir).await? {
+                cluster::Offline::Opened(store, _lock) => {
                     if let Some(id) = &token_id {
                         token_hash = match gateway::credentials::resolve_token_id(&store, id).await
                         {
@@ -864,7 +864,7 @@ async fn run(cli: Cli) -> Result<()> {
                     gateway::credentials::revoke(&store, token_hash.as_ref(), access_key.as_deref())
                         .await?
                 }
-                Err(offline) => {
+                cluster::Offline::InUse(offline) => {
                     let (api, admin) = cluster::running_gateway(&data_dir, api.as_deref())
                         .map_err(|e| offline.context(e))?;
                     let answer = client::admin_post_json(
@@ -966,9 +966,9 @@ async fn run(cli: Cli) -> Result<()> {
             data_dir,
             api,
         }) => {
-            let (store, _lock) = match cluster::open_index_offline(&data_dir) {
-                Ok(opened) => opened,
-                Err(offline) => {
+            let (store, _lock) = match cluster::open_index_unless_in_use(&data_dir).await? {
+                cluster::Offline::Opened(store, lock) => (store, lock),
+                cluster::Offline::InUse(offline) => {
                     // The gateway holds the index: ask it, as the admin.
                     let (api, token) = cluster::running_gateway(&data_dir, api.as_deref())
                         .map_err(|e| offline.context(e))?;

@@ -2819,6 +2819,59 @@ fn an_init_cut_short_is_started_again() -> Result<()> {
     Ok(())
 }
 
+/// An index a newer version of Custodia marked is refused by this one,
+/// by the gateway and by every CLI command that opens it offline, with a
+/// message that says to run the newer version; nothing in it changes.
+#[test]
+fn an_index_of_a_newer_version_is_refused_everywhere() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("data");
+    let custodia = || std::process::Command::new(custodia_tests::custodia_bin());
+    let out = custodia().args(["init", "--data-dir"]).arg(&dir).output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let index = dir.join("index.redb");
+    let newer = indexer::schema::INDEX_FORMAT + 1;
+    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    {
+        let store = indexer::EmbeddedStore::open(&index)?;
+        rt.block_on(indexer::run(&store, |tx| async move {
+            use indexer::kv::Transaction;
+            tx.set(b"F", &newer.to_be_bytes());
+            Ok::<_, indexer::KvError>(())
+        }))?;
+    }
+    let refused = |args: &[&str]| -> Result<()> {
+        // One that took the index would go on serving: it is stopped.
+        let out = output_within(
+            custodia().args(args).arg("--data-dir").arg(&dir),
+            Duration::from_secs(60),
+        )?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(&format!("index format {newer}")),
+            "{args:?} took a newer index: {err}"
+        );
+        Ok(())
+    };
+    refused(&["tenant", "create", "newcomer"])?;
+    refused(&["key", "create", "--tenant", "admin", "--role", "reader"])?;
+    refused(&["release-unclaimed", "--list"])?;
+    refused(&["gateway"])?;
+    let store = indexer::EmbeddedStore::open(&index)?;
+    let (format, tenant) = rt.block_on(indexer::run(&store, |tx| async move {
+        let format = indexer::schema::index_format_tx(&tx).await?;
+        let tenant = indexer::s3::tenant_exists_tx(&tx, "newcomer").await?;
+        Ok::<_, indexer::s3::ObjectError>((format, tenant))
+    }))?;
+    assert_eq!(format, newer, "the newer version's mark stays");
+    assert!(!tenant, "a tenant was created in a newer index");
+    Ok(())
+}
+
 /// A node's certificate carries a name of its own, which the gateway
 /// requires: node 0 started with node 1's certificate and key (a key
 /// stolen from one node) is not taken for node 0, and gets no shards.
