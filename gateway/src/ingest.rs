@@ -426,6 +426,9 @@ where
         };
         size += chunk.len() as u64;
         if size > header.size {
+            // Read on (a little) as every refusal here is, so that the
+            // answer is not lost with the rest of a body still coming.
+            drain_small(body, idle).await;
             return Err(differs("content"));
         }
         hasher.update(&chunk);

@@ -269,6 +269,12 @@ pub fn put(
     // up can be run again under it.
     let key = idempotency_key.unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()));
     let mut attempt = 1;
+    // How long answers "an earlier attempt is still in progress" have been
+    // waited on: those are not attempts of this put's (after a gateway
+    // restart the gateway says so until it has given the attempt it lost
+    // up, a lease and a collection round later, minutes), so they count
+    // against this patience instead of the attempts.
+    let mut in_progress_waited = Duration::ZERO;
     let again = || format!("to try again without filing twice: --idempotency-key {key}");
     let (status, body) = loop {
         // The answer read whole (a filing's JSON, or an error's): which
@@ -311,6 +317,19 @@ pub fn put(
             }
             _ => None,
         };
+        let in_progress = matches!(&sent, Ok((status, _, body))
+            if *status == 409 && error_code(body).as_deref() == Some("upload_in_progress"));
+        if let (Some(wait), true) = (wait, in_progress) {
+            if in_progress_waited + wait <= IN_PROGRESS_PATIENCE {
+                eprintln!(
+                    "an earlier attempt under Idempotency-Key {key} is still in progress at the gateway; asking again in {} s",
+                    wait.as_secs()
+                );
+                std::thread::sleep(wait);
+                in_progress_waited += wait;
+                continue;
+            }
+        }
         match (wait, attempt < PUT_ATTEMPTS) {
             (Some(wait), true) => {
                 let why = match &sent {
@@ -368,6 +387,12 @@ pub fn put(
 
 /// How many times `custodia put` sends a filing before giving up.
 const PUT_ATTEMPTS: u64 = 3;
+
+/// How long `custodia put` waits, at most, on answers that an earlier
+/// attempt under its key is still in progress: longer than a gateway
+/// takes to give up an attempt it lost in a restart (its lease, two
+/// minutes by default, and a collection round).
+const IN_PROGRESS_PATIENCE: Duration = Duration::from_secs(300);
 
 /// Why one attempt of [`put`] did not get an answer.
 enum Attempt {

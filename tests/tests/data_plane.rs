@@ -3142,6 +3142,19 @@ fn custodia_put_gives_up_with_its_key_and_retries_only_what_may_pass() -> Result
         last.contains(&format!("--idempotency-key {key}")) && last.contains("503"),
         "{said}"
     );
+    // An earlier attempt still in progress (after a gateway restart, for
+    // minutes) is waited on, not counted among the attempts.
+    let in_progress =
+        r#"{"error":"upload_in_progress","message":"an upload under this key is in progress"}"#;
+    let mut answers = vec![(409, in_progress); 4];
+    answers.extend([(503, busy); 3]);
+    let (url, served) = answering_gateway(answers)?;
+    let out = put(&url)?;
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    let keys = served.join().map_err(|_| anyhow::anyhow!("panicked"))??;
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert_eq!(keys.len(), 7, "{said}");
+    assert_eq!(said.matches("still in progress").count(), 4, "{said}");
     let reused =
         r#"{"error":"conflict","message":"the Idempotency-Key was used for another filing"}"#;
     let (url, served) = answering_gateway(vec![(409, reused)])?;
