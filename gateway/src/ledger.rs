@@ -1191,6 +1191,16 @@ pub(crate) async fn check_published_tree<S: Store>(
         ledger.published_checked.store(true, Ordering::Release);
         return Ok(());
     };
+    // Another gateway may have signed (in the index, then in the file)
+    // since the index's size was read above: read again, the file being
+    // written only after the index, before taking a larger file for a fork.
+    let index_size = match cp.size > index_size {
+        true => newest_checkpoint(gw, ledger)
+            .await
+            .map_err(|e| LedgerError::Tree(format!("the index's checkpoint: {e}")))?
+            .map_or(0, |(_, c)| c.size),
+        false => index_size,
+    };
     let fork = if cp.size > index_size {
         Some(format!(
             "published size {} is beyond the index's {index_size}",
@@ -2875,8 +2885,11 @@ pub fn spawn_witnessing<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::Jo
     }
     Some(tokio::spawn(async move {
         let agent = outside_agent(Duration::from_secs(5), false);
-        // What each witness has cosigned, as far as we know (it tells us on 409).
-        let mut seen: Vec<Option<u64>> = vec![None; ledger.witnesses.len()];
+        // The size each witness is at, as far as we know (it tells us on
+        // 409), and whether it cosigned that size for us: one merely at
+        // our size (it said so, another gateway of this log got there
+        // first) is still asked for its cosignature.
+        let mut seen: Vec<(Option<u64>, bool)> = vec![(None, false); ledger.witnesses.len()];
         let mut tick = tokio::time::interval(ledger.witness_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -2888,22 +2901,22 @@ pub fn spawn_witnessing<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::Jo
             let count = ledger.witnesses.len();
             let rounds = ledger.witnesses.iter().zip(seen.iter()).enumerate().map(|(i, (w, seen))| {
                 let (gw, agent, newest) = (&gw, &agent, &newest);
-                let seen = *seen;
+                let (seen, cosigned) = *seen;
                 let which = (i, count, w);
                 async move {
-                    if seen == Some(newest.1.size) {
-                        return seen;
+                    if cosigned && seen == Some(newest.1.size) {
+                        return (seen, true);
                     }
                     match witness_once(gw, agent, which, seen.unwrap_or(0), newest).await {
-                        Ok(Cosigned::Yes) => Some(newest.1.size),
+                        Ok(Cosigned::Yes) => (Some(newest.1.size), true),
                         Ok(Cosigned::Inconsistent) => {
                             forked(gw, w, seen.unwrap_or(0), newest.1.size);
-                            None
+                            (None, false)
                         }
                         // It is at another size: retry at once from there.
                         Ok(Cosigned::Behind(size)) => {
                             match witness_once(gw, agent, which, size, newest).await {
-                                Ok(Cosigned::Yes) => Some(newest.1.size),
+                                Ok(Cosigned::Yes) => (Some(newest.1.size), true),
                                 // Sent from its own size and refused again at
                                 // ours: it holds another tree of our size.
                                 // (Beyond ours is another gateway of this log
@@ -2916,32 +2929,32 @@ pub fn spawn_witnessing<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::Jo
                                 // tree cosigns; only another tree is refused.
                                 Ok(Cosigned::Behind(s)) if s == newest.1.size => {
                                     match witness_once(gw, agent, which, s, newest).await {
-                                        Ok(Cosigned::Yes) => Some(s),
+                                        Ok(Cosigned::Yes) => (Some(s), true),
                                         Ok(Cosigned::Behind(again)) if again == s => {
                                             forked(gw, w, s, newest.1.size);
-                                            None
+                                            (None, false)
                                         }
-                                        Ok(_) => None,
+                                        Ok(_) => (None, false),
                                         Err(e) => {
                                             tracing::warn!(witness = %w.url, error = %e, "witness did not cosign");
-                                            None
+                                            (None, false)
                                         }
                                     }
                                 }
                                 Ok(Cosigned::Inconsistent) => {
                                     forked(gw, w, size, newest.1.size);
-                                    None
+                                    (None, false)
                                 }
-                                Ok(Cosigned::Behind(s)) => Some(s),
+                                Ok(Cosigned::Behind(s)) => (Some(s), false),
                                 Err(e) => {
                                     tracing::warn!(witness = %w.url, error = %e, "witness did not cosign");
-                                    Some(size)
+                                    (Some(size), false)
                                 }
                             }
                         }
                         Err(e) => {
                             tracing::warn!(witness = %w.url, error = %e, "witness did not cosign");
-                            seen
+                            (seen, false)
                         }
                     }
                 }

@@ -89,8 +89,10 @@ struct View {
 
 struct Witness {
     signer_key: String,
-    /// Log origin -> verifier key.
-    logs: BTreeMap<String, String>,
+    /// Log origin -> the verifier keys trusted for it (a log may sign with
+    /// more than one, say while it rotates: C2SP tlog-witness checks "the
+    /// public key(s) it trusts for the checkpoint origin").
+    logs: BTreeMap<String, Vec<String>>,
     dir: PathBuf,
     views: Mutex<Views>,
     /// Locked: no other witness process on `dir` while this one serves.
@@ -183,7 +185,7 @@ pub fn open(
     for k in log_keys {
         let origin = k.split('+').next().unwrap_or_default().to_owned();
         signed_note::StandardVerifier::new(k).map_err(|_| WitnessStartError::LogKey(k.clone()))?;
-        logs.insert(origin, k.clone());
+        logs.entry(origin).or_insert_with(Vec::new).push(k.clone());
     }
     let views = match std::fs::read(&state_path) {
         Ok(b) => serde_json::from_slice(&b).map_err(|e| WitnessStartError::State {
@@ -239,12 +241,14 @@ async fn add_checkpoint(State(w): State<Arc<Witness>>, body: Bytes) -> Response 
         Err(e) => return text(StatusCode::BAD_REQUEST, &e.to_string()),
     };
     let origin = note.lines().next().unwrap_or_default().to_owned();
-    let Some(log_key) = w.logs.get(&origin) else {
+    let Some(log_keys) = w.logs.get(&origin) else {
         return text(StatusCode::NOT_FOUND, "unknown log");
     };
-    let new = match pl::verify_checkpoint(&note, log_key) {
-        Ok(cp) => cp,
-        Err(_) => return text(StatusCode::FORBIDDEN, "the log's signature does not verify"),
+    let Some(new) = log_keys
+        .iter()
+        .find_map(|key| pl::verify_checkpoint(&note, key).ok())
+    else {
+        return text(StatusCode::FORBIDDEN, "the log's signature does not verify");
     };
     // One checkpoint at a time: the check, the persist and the cosignature
     // form one step per witness.
@@ -403,6 +407,42 @@ mod tests {
                 first,
                 "with {left:?}"
             );
+        }
+    }
+
+    /// A log trusted under two keys (one origin, as while it rotates) has
+    /// checkpoints signed with either cosigned; one signed with neither is
+    /// refused (403).
+    #[tokio::test]
+    async fn a_log_may_be_trusted_under_more_than_one_key() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let origin = "custodia.example/ledger";
+        let (first, first_pub) = pl::note_keys(origin, &[1; 32]);
+        let (second, second_pub) = pl::note_keys(origin, &[2; 32]);
+        let (stranger, _) = pl::note_keys(origin, &[3; 32]);
+        let (router, _) = open(
+            dir.path(),
+            "witness.example/a",
+            &[first_pub, second_pub],
+            false,
+        )
+        .expect("started");
+        let (addr, _serving) = serve("127.0.0.1:0".parse().expect("address"), router)
+            .await
+            .expect("serving");
+        let empty = pl::empty_root();
+        for (key, want) in [(&first, 200), (&second, 200), (&stranger, 403)] {
+            let cp = pl::sign_checkpoint(key, origin, 0, empty).expect("signed");
+            let body = pw::add_checkpoint_body(0, &[], &cp);
+            let url = format!("http://{addr}/add-checkpoint");
+            let status = tokio::task::spawn_blocking(move || match ureq::post(url).send(body) {
+                Ok(r) => r.status().as_u16(),
+                Err(ureq::Error::StatusCode(code)) => code,
+                Err(e) => panic!("{e}"),
+            })
+            .await
+            .expect("sent");
+            assert_eq!(status, want);
         }
     }
 
