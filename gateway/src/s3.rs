@@ -3782,19 +3782,25 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             let last_prefix = page.prefixes.last().and_then(|p| p.prefix.clone());
             last_key.max(last_prefix)
         });
-        let next_marker = match url_encoded(input.encoding_type.as_ref()) {
-            true => next_marker.as_deref().map(url_encode),
-            false => next_marker,
+        // Encoded as V2 encodes: the marker and the delimiter too (botocore
+        // decodes every one of them when it asked for the encoding).
+        let encode = url_encoded(input.encoding_type.as_ref());
+        let shown = |v: Option<String>| match encode {
+            true => v.as_deref().map(url_encode),
+            false => v,
         };
+        let next_marker = shown(next_marker);
+        let has_delimiter = input.delimiter.is_some();
+        let (delimiter, marker) = (shown(input.delimiter), shown(input.marker));
         let shown_prefix = encode_page(&mut page, input.encoding_type.as_ref(), input.prefix);
         Ok(S3Response::new(ListObjectsOutput {
             name: Some(input.bucket),
             prefix: shown_prefix,
-            marker: input.marker,
-            delimiter: input.delimiter.clone(),
+            marker,
+            delimiter,
             max_keys: Some(max as i32),
             is_truncated: Some(page.next.is_some()),
-            next_marker: input.delimiter.and(next_marker),
+            next_marker: next_marker.filter(|_| has_delimiter),
             encoding_type: input.encoding_type,
             contents: Some(page.objects),
             common_prefixes: Some(page.prefixes),

@@ -65,12 +65,14 @@ enum State {
 pub struct Framing {
     state: State,
     budget: Budget,
-    /// What the chunk being passed holds of the budget, until the upload
-    /// has taken the chunk from `s3s` (see [`Framing::taken`]).
+    /// What the chunk being passed holds of the budget.
     held: Option<OwnedSemaphorePermit>,
-    /// The chunk being held has passed whole: `s3s` hands it on now, and
-    /// the next read of the body means it was taken.
-    passed: bool,
+    /// What the chunks that have passed whole hold, until the upload has
+    /// taken them from `s3s`: it hands them on now, and the next read of
+    /// the body means they were taken (see [`Framing::taken`]). Apart from
+    /// `held`: the next chunk's header, in the same read as the end of
+    /// this one's data, must not release this one's charge.
+    passed: Vec<OwnedSemaphorePermit>,
 }
 
 fn line() -> State {
@@ -88,16 +90,14 @@ impl Framing {
             state: line(),
             budget,
             held: None,
-            passed: false,
+            passed: Vec::new(),
         }
     }
 
     /// The body is read again: a chunk that had passed whole has been
     /// taken from `s3s` by the upload, and its charge is released.
     pub fn taken(&mut self) {
-        if std::mem::take(&mut self.passed) {
-            self.held = None;
-        }
+        self.passed.clear();
     }
 
     /// Charges a chunk of `size` bytes, from its header.
@@ -145,7 +145,7 @@ impl Framing {
                     *left -= n as u64;
                     if *left == 0 {
                         self.state = line();
-                        self.passed = self.held.is_some();
+                        self.passed.extend(self.held.take());
                     }
                 }
                 State::Line {
@@ -345,6 +345,19 @@ mod tests {
         whole.extend_from_slice(b"\r\n");
         f.feed(&whole).unwrap();
         assert_eq!(b.memory.available_permits(), BUDGET_KIB - (2 << 10));
+        f.taken();
+        assert_eq!(b.memory.available_permits(), BUDGET_KIB);
+        // The next chunk's header in the same read as the end of one's data:
+        // both are held until the body is read again, then only the next.
+        let mut two = whole.clone();
+        two.extend(format!("{:x}\r\n", 3 * mib).into_bytes());
+        f.feed(&two).unwrap();
+        assert_eq!(b.memory.available_permits(), BUDGET_KIB - (5 << 10));
+        f.taken();
+        assert_eq!(b.memory.available_permits(), BUDGET_KIB - (3 << 10));
+        f.feed(&vec![b'a'; 3 * mib]).unwrap();
+        f.feed(b"\r\n").unwrap();
+        assert_eq!(b.memory.available_permits(), BUDGET_KIB - (3 << 10));
         f.taken();
         assert_eq!(b.memory.available_permits(), BUDGET_KIB);
         // A chunk cut off still gives back what it held, with its framing.
