@@ -108,9 +108,13 @@ pub struct Gateway<S: Store> {
     pub repair_leases: crate::repair::LeaseSightings,
     /// Old shard copies repair moved away, to delete after their grace.
     pub old_copies: crate::repair::OldCopies,
-    /// An orphan sweep since this gateway started listed every active node
-    /// and adopted every copy of a shard its record had no node for: only
-    /// then does a stripe short of such shards count as lost.
+    /// No copy of a shard its record has no node for can still turn up:
+    /// none awaits adoption (the index says so at start), or an orphan
+    /// sweep since this gateway started listed every active node and
+    /// adopted every copy. Only then does a stripe short of such shards
+    /// count as lost. (Shards never written, of stripes filed with fewer
+    /// than k+m, have no copy anywhere: without a recovery, there is
+    /// nothing to wait for.)
     pub homeless_adopted: std::sync::atomic::AtomicBool,
     /// Stripes repair found with nowhere to move shards, and when each was
     /// last checked in place.
@@ -154,7 +158,7 @@ pub enum StartError {
         indexer::schema::INDEX_FORMAT
     )]
     NewerIndex { found: u32 },
-    #[error("reading the index's format: {0}")]
+    #[error("the index: {0}")]
     Index(String),
 }
 
@@ -643,7 +647,7 @@ pub async fn check_index_format<S: Store>(store: &S) -> Result<(), StartError> {
         |tx| async move { schema::index_format_tx(&tx).await },
     )
     .await
-    .map_err(|e| StartError::Index(e.to_string()))?;
+    .map_err(|e| StartError::Index(format!("reading its format: {e}")))?;
     if found > schema::INDEX_FORMAT {
         return Err(StartError::NewerIndex { found });
     }
@@ -661,6 +665,13 @@ pub async fn serve<S: Store>(
     // First: nothing of a newer version's index is read or changed by this
     // one.
     check_index_format(&gw.store).await?;
+    let adoption_pending = indexer::run(&gw.store, |tx| async move {
+        schema::adoption_pending_tx(&tx).await
+    })
+    .await
+    .map_err(|e| StartError::Index(format!("reading whether copies await adoption: {e}")))?;
+    gw.homeless_adopted
+        .store(!adoption_pending, std::sync::atomic::Ordering::Relaxed);
     if gw.ledger.is_none() {
         tracing::warn!(
             "no ledger ([gateway.ledger] in cluster.toml): filings get no receipts, reads are \
@@ -804,7 +815,7 @@ pub async fn serve<S: Store>(
         |tx| async move { schema::mark_format_tx(&tx).await },
     )
     .await
-    .map_err(|e| StartError::Index(e.to_string()))?;
+    .map_err(|e| StartError::Index(format!("marking its format: {e}")))?;
     let app = router(gw);
     let https = tls.is_some();
     let drain = stop.drain_telling_cut_off("evidence API", grace);
@@ -2360,12 +2371,13 @@ async fn stripes_on_node<S: Store>(gw: &Gateway<S>, node: NodeId) -> Result<Node
             ))
         })
         .await?;
-        for (e, _, rec) in &batch {
+        for (e, stripe, rec) in &batch {
             // A record that does not decode (damage, or one a newer build
             // wrote) may place a shard here: the node is not known to hold
             // nothing until it is read.
             let Some(rec) = rec.as_ref() else {
                 count.unreadable += 1;
+                tracing::warn!(evidence = %e, stripe, %node, "a stripe record does not decode: whether it places a shard on this node is unknown");
                 continue;
             };
             if rec.shards.iter().any(|s| s.node == Some(node)) {

@@ -1066,10 +1066,17 @@ async fn recorded_copy<S: Store>(gw: &Gateway<S>, key: ShardKey) -> Recorded {
     // A removed node's copy counts for nothing (repair rebuilds it
     // elsewhere, and its disk is its operator's to wipe), however well it
     // still answers, and whether or not it is still listed: the copy found
-    // here is adopted in its place, not deleted as a spare.
-    if gw.nodes.lifecycle(node) == schema::Lifecycle::Removed
-        || gw.nodes.removed_unlisted().contains(&node)
-    {
+    // here is adopted in its place, not deleted as a spare. A node this
+    // gateway does not list and the index does not say removed is one
+    // another gateway added (this one not yet restarted): its copy is
+    // not known to be bad, so nothing is adopted over it.
+    if gw.nodes.removed_unlisted().contains(&node) {
+        return Recorded::Bad(node);
+    }
+    if !gw.nodes.knows(node) {
+        return Recorded::Unknown;
+    }
+    if gw.nodes.lifecycle(node) == schema::Lifecycle::Removed {
         return Recorded::Bad(node);
     }
     if gw.nodes.addr(node).is_none() {

@@ -184,9 +184,12 @@ pub fn stripes_left(api: &str, token: &str, id: u32) -> Result<u64> {
     // Copies the node may hold that the index lost track of: the removal
     // waits for the orphan sweep to look for them.
     let unadopted = v["stripes_awaiting_adoption"].as_u64().unwrap_or(0);
+    // Records the gateway could not read may place shards on it: a removal
+    // refuses them, so the drain is not done while there are any.
+    let unreadable = v["stripe_records_unreadable"].as_u64().unwrap_or(0);
     v["stripes"]
         .as_u64()
-        .map(|s| s + uploads + unadopted)
+        .map(|s| s + uploads + unadopted + unreadable)
         .context("the gateway's answer has no stripe count")
 }
 
@@ -215,20 +218,30 @@ pub fn wait_drained(api: &str, token: &str, id: u32, patience: std::time::Durati
             // Stripes repair does not move: parts of S3 multipart uploads
             // stored before parts could be found by id (they move once
             // completed, go once aborted or expired).
-            let parts =
-                crate::client::admin_call(api, token, "GET", &format!("/v1/admin/nodes/{id}"))
-                    .ok()
-                    .and_then(|v| v["stripes_of_unfinished_uploads"].as_u64())
+            let detail =
+                crate::client::admin_call(api, token, "GET", &format!("/v1/admin/nodes/{id}")).ok();
+            let count = |field: &str| {
+                detail
+                    .as_ref()
+                    .and_then(|v| v[field].as_u64())
                     .filter(|&n| n > 0)
-                    .map(|n| {
-                        format!(
+            };
+            let mut parts = count("stripes_of_unfinished_uploads")
+                .map(|n| {
+                    format!(
                         "; {n} of them belong to S3 multipart uploads that repair does not move \
                          (parts stored by an older version, or of ended uploads awaiting \
                          deletion), which move once completed and go once aborted or expired \
                          (`aws s3api list-multipart-uploads`)"
                     )
-                    })
-                    .unwrap_or_default();
+                })
+                .unwrap_or_default();
+            if let Some(n) = count("stripe_records_unreadable") {
+                parts.push_str(&format!(
+                    "; {n} stripe records could not be read, and may place shards on it: \
+                     the gateway's log names them"
+                ));
+            }
             bail!(
                 "the drain of node {id} stopped with {left} stripes left{parts} (see the gateway's log)"
             );

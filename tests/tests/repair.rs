@@ -703,6 +703,50 @@ fn a_lost_stripe_found_whole_says_so_on_the_ledger() -> Result<()> {
     Ok(())
 }
 
+/// A stripe filed short of k+m shards (`min_write_shards`, with nodes
+/// down) has slots no copy of will ever turn up for: left with fewer than
+/// k good shards, it is declared lost at once, without waiting for an
+/// orphan sweep to have listed every node (an hour after start, and never
+/// while a node is down), which matters only after `recover-index`.
+#[test]
+fn a_stripe_filed_short_is_declared_lost_without_waiting_for_a_sweep() -> Result<()> {
+    let mut c = TestCluster::start(Shape {
+        min_write_shards: Some(5),
+        ..Shape::default()
+    })?;
+    quick_to_repair(&mut c, &[])?;
+    for n in [5, 6, 7] {
+        c.kill_node(n);
+    }
+    let data = bytes(12_345, 79);
+    let filed = c.file(&data)?;
+    assert_eq!(filed["degraded_stripes"], 1, "{filed}");
+    let id = filed["id"].as_str().context("id")?.to_owned();
+    let placed = placement_of(&c, &id, &[5, 6, 7]);
+    assert_eq!(placed.len(), 5, "{placed:?}");
+    // Two of its five shards gone (k = 4): three good ones left.
+    let aside = c.data_dir().join("aside");
+    std::fs::create_dir_all(&aside)?;
+    for (i, (_, path)) in placed.values().take(2).enumerate() {
+        std::fs::rename(path, aside.join(i.to_string()))?;
+    }
+    for n in [5, 6, 7] {
+        c.start_node_and_wait(n)?;
+    }
+    let out = c.cli(&["repair", "--verify-all", "--patience-secs", "3"])?;
+    assert!(!out.status.success(), "a stripe of 3 good shards repaired");
+    let lost = custodia_tests::eventually(20, || {
+        c.get_with(&c.token, &format!("/v1/evidence/{id}/custody"), &[])
+            .is_ok_and(|a| {
+                a.json()["events"]
+                    .as_array()
+                    .is_some_and(|e| e.iter().any(|e| e["kind"] == "lost"))
+            })
+    });
+    assert!(lost, "never declared lost");
+    Ok(())
+}
+
 /// A node whose data directory is put back from an older copy (a snapshot
 /// or backup restored: the same disk identity, the shards stored since
 /// gone) is caught: it no longer holds the last shard it stored, which the
