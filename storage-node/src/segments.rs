@@ -1028,7 +1028,12 @@ impl SegmentLog {
     /// passed over, so one of them cannot hold up all the others.
     pub fn compaction_candidate(&self) -> Option<u64> {
         let active = lock(&self.active).id;
-        let skipped = lock(&self.stuck).clone();
+        let mut skipped = lock(&self.stuck).clone();
+        // Nor those with damage found at open and not yet mended: the
+        // damage is the record of shards lost there, until the disk's
+        // identity is renewed and the gateway checks them all again; a
+        // compaction would drop it with the file.
+        skipped.extend(self.segments_to_mend());
         let index = self.read_index();
         let found = index
             .segments
@@ -1049,10 +1054,16 @@ impl SegmentLog {
             .map(|(&id, _)| id);
         // Once nothing else is left, those passed over are tried again (a
         // failure may have been passing: a full disk, a failed fsync).
-        if found.is_none() && !skipped.is_empty() {
+        if found.is_none() {
             lock(&self.stuck).clear();
         }
         found
+    }
+
+    /// The segments holding damage still to mend (see
+    /// [`Self::damage_to_mend`]).
+    fn segments_to_mend(&self) -> std::collections::BTreeSet<u64> {
+        lock(&self.to_mend).iter().map(|(seg, _)| *seg).collect()
     }
 
     /// Passes over segment `id` in later [`Self::compaction_candidate`]s
@@ -1216,6 +1227,10 @@ impl SegmentLog {
     /// segments older than the active one are removed (ids only grow, so
     /// one older now stays older).
     pub fn drop_segment(&self, id: u64) -> io::Result<bool> {
+        // Nor one with damage to mend (see `compaction_candidate`).
+        if self.segments_to_mend().contains(&id) {
+            return Ok(false);
+        }
         // Lock order: the active segment before the index (as `seal`).
         if id >= lock(&self.active).id {
             return Ok(false);
@@ -2162,6 +2177,39 @@ pub(crate) mod tests {
             .join(SEGMENTS_DIR)
             .join(segment_name(seg))
             .exists());
+    }
+
+    /// A sealed segment whose open found damage (acknowledged shards it can
+    /// no longer name) is neither compacted nor dropped until the damage is
+    /// mended, after the store reported it: the damage is the only record
+    /// of those shards, and a compaction would take it away with the file.
+    #[test]
+    fn a_segment_with_damage_to_mend_is_never_compacted_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let (big, small) = (vec![0x44; 4000], b"s".to_vec());
+        let loc = {
+            let log = SegmentLog::open(dir.path()).unwrap();
+            let (loc, _) = log.put(&shard(8, &big), &big).unwrap();
+            log.put(&shard(9, &small), &small).unwrap();
+            let mut active = lock(&log.active);
+            log.seal(&mut active, false).unwrap();
+            loc
+        };
+        // The big record's frame damaged at its start: a stretch the next
+        // open no longer reads as a record.
+        let path = dir.path().join(SEGMENTS_DIR).join(segment_name(loc.seg));
+        let mut bytes = fs::read(&path).unwrap();
+        for b in &mut bytes[loc.off as usize..loc.off as usize + 8] {
+            *b ^= 0xff;
+        }
+        fs::write(&path, bytes).unwrap();
+        let log = SegmentLog::open(dir.path()).unwrap();
+        assert!(log.damage_to_mend() > 0);
+        assert_ne!(log.compaction_candidate(), Some(loc.seg));
+        assert!(!log.drop_segment(loc.seg).unwrap());
+        assert!(path.exists());
+        log.mend_damage().unwrap();
+        assert_eq!(log.compaction_candidate(), Some(loc.seg));
     }
 
     /// A segment sealed while compaction chose its candidate is the new

@@ -1026,7 +1026,28 @@ async fn rebuild_shard(state: &NodeState, rebuild: RebuildShard) -> Result<(), E
                 Ok((_, body)) => {
                     tracing::warn!(shard = %key, addr = %source.addr, "a rebuild source is not the manifest's shard");
                     peers.recycle(body);
-                    Err(())
+                    // Read again checked, as the protocol asks of a caller
+                    // whose own check failed: its node hashes it, and
+                    // quarantines and reports a copy that is damaged.
+                    match peers
+                        .rpc_read_shard(source.addr, key, true, header.len)
+                        .await
+                    {
+                        Ok((_, body))
+                            if body.len() == header.len as usize
+                                && Blake3Hash::of(&body) == source.blake3 =>
+                        {
+                            Ok((source.index, body))
+                        }
+                        Ok((_, body)) => {
+                            peers.recycle(body);
+                            Err(())
+                        }
+                        Err(e) => {
+                            tracing::info!(shard = %key, addr = %source.addr, error = %e, "a rebuild source failed its node's check");
+                            Err(())
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::info!(shard = %key, addr = %source.addr, error = %e, "a rebuild source could not be read");

@@ -361,7 +361,10 @@ impl ShardStore {
     /// [`ShardStore::open`] with a layout other than the default. Shards already
     /// stored stay where they are whatever `config` says.
     pub fn open_with(data_dir: &Path, config: StoreConfig) -> Result<Self, StoreError> {
-        fs::create_dir_all(data_dir)?;
+        // Durably, each directory made in its parent: shards acknowledged in
+        // a data directory whose own entry a power cut then lost would be a
+        // node come back empty.
+        create_dir_all_durably(data_dir)?;
         // Shards are evidence: the node's data directory is its own (a
         // directory it may not restrict, a mount point owned by another
         // user, is only warned about).
@@ -385,6 +388,7 @@ impl ShardStore {
         }
         let root = data_dir.to_path_buf();
         remove_temporary_files(&root.join(TMP_DIR))?;
+        remove_temporary_files_beside(&root)?;
         let mut disk_uuid = read_or_mint_disk_uuid(&root)?;
         if had_identity && !lost.is_empty() {
             disk_uuid = mint_disk_uuid(&root)?;
@@ -604,14 +608,28 @@ impl ShardStore {
             self.fanout_dir_durably(&key)?;
         }
         let prefix = header.file_prefix();
-        let (written, refused) = durable_write_with(
+        let (written, refused) = match durable_write_with(
             &self.root.join(TMP_DIR),
             &dir,
             &name,
             &[&prefix, body],
             0o644,
             self.direct_io(),
-        )?;
+        ) {
+            Ok(done) => done,
+            Err(e) => {
+                // The rename may have been done (the directory's fsync
+                // failed after it): the file there now is what is counted.
+                let mut usage = self.lock_usage();
+                if let Some(old) = old_len {
+                    usage.remove(old);
+                }
+                if let Ok(Some(now)) = file_len(&dir.join(&name)) {
+                    usage.add(now);
+                }
+                return Err(e.into());
+            }
+        };
         if refused {
             self.direct_refused();
         }
@@ -1060,8 +1078,13 @@ impl ShardStore {
                     // read of it fails, so the gateway rebuilds it. Errors
                     // that pass (too many open files) still fail the
                     // listing: recovery must not take a short one as whole.
+                    // It is damage all the same: named in quarantine, so the
+                    // gateway hears of it and rebuilds it elsewhere without
+                    // waiting for a read, and counted.
                     Err(StoreError::Io(e)) if is_broken_file(&e) => {
                         tracing::error!(shard = %key, error = %e, "a shard file could not be read; passed over");
+                        self.name_unreadable(&key);
+                        *damaged += 1;
                     }
                     Err(e) => return Err(e),
                 }
@@ -1354,10 +1377,37 @@ impl ShardStore {
         tracing::error!(shard = %key, error = %e, "the disk could not read a shard");
         // Not looked up by its path now: a repair may have put a good copy
         // there since. Unnamed (the file could not even be opened), it is
-        // reported as unreadable, and the gateway rebuilds it.
+        // reported as unreadable, and the gateway rebuilds it; named in
+        // quarantine too, for the gateway's listing.
         match inode {
             Some(inode) => self.quarantine(key, inode, "the disk could not read it"),
-            None => e.into(),
+            None => {
+                self.name_unreadable(key);
+                e.into()
+            }
+        }
+    }
+
+    /// Names a shard whose file cannot even be opened in `quarantine/`
+    /// (an empty `<shard file>.unreadable`, once), where the gateway's
+    /// listing of quarantined shards finds it: the file itself cannot be
+    /// moved there, and left unnamed its loss would wait for a read.
+    fn name_unreadable(&self, key: &ShardKey) {
+        let name = format!("{}.unreadable", shard_file_name(key));
+        let quarantine = self.root.join(QUARANTINE_DIR);
+        if quarantine.join(&name).exists() {
+            return;
+        }
+        let named = durable_write_with(
+            &self.root.join(TMP_DIR),
+            &quarantine,
+            &name,
+            &[],
+            0o644,
+            false,
+        );
+        if let Err(e) = named {
+            tracing::warn!(shard = %key, error = %e, "could not name an unreadable shard in quarantine");
         }
     }
 
@@ -1849,6 +1899,19 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 /// parent is fsynced even when `dir` already exists: another thread's
 /// `mkdir` may still be waiting on that fsync, or an earlier process may
 /// have crashed before it (the directory visible, its entry not on disk).
+/// [`create_dir_durably`] for `dir` and each of its missing ancestors,
+/// outermost first.
+fn create_dir_all_durably(dir: &Path) -> io::Result<()> {
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .collect();
+    for d in missing.into_iter().rev() {
+        create_dir_durably(d)?;
+    }
+    Ok(())
+}
+
 pub(crate) fn create_dir_durably(dir: &Path) -> io::Result<()> {
     match fs::create_dir(dir) {
         Ok(()) => {}
@@ -1982,6 +2045,24 @@ fn remove_temporary_files(tmp: &Path) -> io::Result<()> {
         tracing::debug!(file = %entry.path().display(), "removing a leftover temporary file");
         if let Err(e) = fs::remove_file(entry.path()) {
             tracing::warn!(file = %entry.path().display(), error = %e, "could not remove a leftover temporary file; left as it is");
+        }
+    }
+    Ok(())
+}
+
+/// Removes what files written durably in `dir` itself (the disk's
+/// identity, the scrubber's place) left behind in a crash: their
+/// temporary files, `.NAME.UUID.tmp`.
+fn remove_temporary_files_beside(dir: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') && name.ends_with(".tmp") && entry.file_type()?.is_file() {
+            tracing::debug!(file = %entry.path().display(), "removing a leftover temporary file");
+            if let Err(e) = fs::remove_file(entry.path()) {
+                tracing::warn!(file = %entry.path().display(), error = %e, "could not remove a leftover temporary file; left as it is");
+            }
         }
     }
     Ok(())
@@ -2331,7 +2412,7 @@ mod tests {
     /// A shard file that cannot be opened at all (here a link that loops;
     /// on a failing disk, an inode the file system cannot read) is passed
     /// over: every listing (scrub, recovery, orphan collection) would
-    /// otherwise stop at it for good.
+    /// otherwise stop at it for good. It is named in quarantine.
     #[test]
     fn a_shard_file_that_cannot_be_opened_does_not_stop_listings() {
         let dir = tempfile::tempdir().unwrap();
@@ -2359,6 +2440,13 @@ mod tests {
             .collect();
         assert_eq!(listed, vec![key(2)]);
         assert!(store.get(&key(1)).is_err(), "its read fails");
+        // Named in quarantine (once, however often listed), for the
+        // gateway to rebuild it without waiting for a read.
+        assert_eq!(store.quarantined(None, 10).unwrap(), vec![key(1)]);
+        let named = fs::read_dir(dir.path().join(QUARANTINE_DIR))
+            .unwrap()
+            .count();
+        assert_eq!(named, 1);
     }
 
     /// A shard file whose size is damaged (here grown sparse to 8 GiB) is
