@@ -116,6 +116,10 @@ pub struct Gateway<S: Store> {
     /// than k+m, have no copy anywhere: without a recovery, there is
     /// nothing to wait for.)
     pub homeless_adopted: std::sync::atomic::AtomicBool,
+    /// Stripes repair took out of its queue since this gateway started
+    /// (found healthy, repaired, or gone): what `custodia repair` follows
+    /// while the backlog is larger than the status counts.
+    pub repair_settled: std::sync::atomic::AtomicU64,
     /// Stripes repair found with nowhere to move shards, and when each was
     /// last checked in place.
     pub no_home: crate::repair::NoHomeChecks,
@@ -495,6 +499,7 @@ impl<S: Store> Gateway<S> {
             repair_leases: Default::default(),
             old_copies: Default::default(),
             homeless_adopted: Default::default(),
+            repair_settled: Default::default(),
             no_home: Default::default(),
             connections_cut_off: Default::default(),
         })
@@ -1774,7 +1779,17 @@ async fn file_evidence_rest<S: Store>(
             degraded_stripes,
             ..
         } => (header, false, degraded_stripes),
-        Filing::Replayed(header) => (header, true, 0),
+        // A replay's: those still waiting for repair now (the first
+        // attempt's answer, lost, may have said more; repair may have
+        // mended some since), not a claim of full durability.
+        Filing::Replayed(header) => {
+            let evidence = header.evidence;
+            let degraded = indexer::run(&gw.store, |tx| async move {
+                schema::degraded_stripes_of_tx(&tx, evidence, STATUS_DEGRADED_LIMIT).await
+            })
+            .await?;
+            (header, true, degraded as u64)
+        }
         Filing::Part { .. } => return Err(ApiError::Internal),
     };
     let mut body = evidence_json(&header);
@@ -2314,9 +2329,12 @@ async fn repair_now<S: Store>(
         schema::degraded_stripes_tx(&tx, STATUS_DEGRADED_LIMIT).await
     })
     .await?;
-    Ok(Json(
-        json!({ "started": true, "degraded_stripes": queued.len() }),
-    ))
+    Ok(Json(json!({
+        "started": true,
+        "degraded_stripes": queued.len(),
+        "degraded_count_capped": queued.len() >= STATUS_DEGRADED_LIMIT,
+        "repair_settled_stripes": gw.repair_settled.load(std::sync::atomic::Ordering::Relaxed),
+    })))
 }
 
 /// What a walk of every stripe record (in small transactions) finds about
@@ -2798,6 +2816,8 @@ async fn status<S: Store>(
         "degraded_stripes": degraded.len(),
         "degraded_evidence": stripes.len(),
         "degraded_count_capped": degraded.len() >= STATUS_DEGRADED_LIMIT,
+        // Since this gateway started: how a backlog past the cap shrinks.
+        "repair_settled_stripes": gw.repair_settled.load(std::sync::atomic::Ordering::Relaxed),
         "ledger": {
             "entries": ledger_size,
             // Seconds since a signed checkpoint last covered every waiting

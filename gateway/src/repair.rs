@@ -1220,6 +1220,13 @@ pub async fn pass<S: Store>(
         .buffer_unordered(CONCURRENT_STRIPES);
     while let Some((evidence, stripe, outcome)) = outcomes.next().await {
         report.examined += 1;
+        if matches!(
+            outcome,
+            Ok(Outcome::Healthy | Outcome::Repaired(_) | Outcome::Gone)
+        ) {
+            gw.repair_settled
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         match outcome {
             Ok(Outcome::Healthy) => report.healthy += 1,
             Ok(Outcome::Repaired(n)) => {

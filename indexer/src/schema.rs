@@ -1542,6 +1542,19 @@ fn degraded_key(k: &[u8]) -> Result<(EvidenceId, u64), SchemaError> {
     Ok((id, u64::from_be_bytes(s)))
 }
 
+/// How many of `evidence`'s stripes wait for repair now, counting at most
+/// `limit`.
+pub async fn degraded_stripes_of_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+    limit: usize,
+) -> Result<usize, SchemaError> {
+    let from = evidence_key(DEGRADED, &evidence);
+    let mut to = from.clone();
+    to.extend_from_slice(&[0xff; 9]);
+    Ok(tx.get_range(&from, &to, limit, false).await?.len())
+}
+
 /// Stripes waiting for repair, as (evidence, stripe).
 pub async fn degraded_stripes_tx<T: Transaction>(
     tx: &T,

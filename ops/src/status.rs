@@ -190,6 +190,12 @@ pub fn repair(
     };
     let started = crate::client::admin_call(api, token, "POST", path)?;
     let first = backlog(&started)?;
+    // Stripes repair took out of its queue: how progress is measured while
+    // the backlog is larger than the gateway counts (its count then stays
+    // at the cap for a long while).
+    let settled = |s: &serde_json::Value| s["repair_settled_stripes"].as_u64().unwrap_or(0);
+    let settled_at_start = settled(&started);
+    let mut best_settled = settled_at_start;
     let bar = indicatif::ProgressBar::new(first.max(1));
     if let Ok(style) = indicatif::ProgressStyle::with_template(
         "repair [{bar:40}] {pos}/{len} stripes {per_sec} eta {eta} {msg}",
@@ -201,10 +207,18 @@ pub fn repair(
     loop {
         let s = fetch(api, token)?;
         let left = backlog(&s)?;
-        if left > bar.length().unwrap_or(0) {
-            bar.set_length(left);
+        let capped = s["degraded_count_capped"] == true;
+        let done = settled(&s).saturating_sub(settled_at_start);
+        if capped {
+            // At least `left` to go: the bar's end moves with it.
+            bar.set_length(done + left);
+            bar.set_position(done);
+        } else {
+            if left > bar.length().unwrap_or(0) {
+                bar.set_length(left);
+            }
+            bar.set_position(bar.length().unwrap_or(0).saturating_sub(left));
         }
-        bar.set_position(bar.length().unwrap_or(0).saturating_sub(left));
         // A node back with another disk: until its stripes are all queued
         // an empty backlog says nothing.
         let reconciling = s["nodes"]
@@ -231,8 +245,9 @@ pub fn repair(
             }
             return Ok(());
         }
-        if left < best {
-            best = left;
+        if left < best || settled(&s) > best_settled {
+            best = best.min(left);
+            best_settled = best_settled.max(settled(&s));
             since = std::time::Instant::now();
         } else if since.elapsed() >= patience {
             let (short, why) = why_not_done(&s, left);
