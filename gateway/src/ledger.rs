@@ -668,17 +668,9 @@ impl Ledger {
     }
 
     /// How many leaves from leaf 0 the openings archive covers without a
-    /// gap, by its files' names (see [`lx::archive_chain`]).
+    /// gap (see [`archive_coverage`]).
     pub async fn archive_coverage(&self) -> Result<u64, LedgerError> {
-        let ranges: Vec<std::ops::Range<u64>> = self
-            .archive_runs()
-            .await?
-            .into_iter()
-            .map(|(_, r)| r)
-            .collect();
-        Ok(lx::archive_chain(&ranges)
-            .last()
-            .map_or(0, |&(i, _)| ranges[i].end))
+        archive_coverage(&*self.openings).await
     }
 
     /// Every archived leaf from leaf 0 up to the first gap, in order (see
@@ -1250,6 +1242,32 @@ async fn archived_end(openings: &dyn ObjectStore, signed: u64) -> Result<Option<
         furthest = furthest.max(Some(end));
         folder = (folder + 1).max(end >> 16);
     }
+}
+
+/// How many leaves from leaf 0 the openings archive `openings` covers
+/// without a gap, by its files' names (as [`lx::archive_chain`] would chain
+/// them). Listed folder by folder, with one folder's names in memory at a
+/// time: an archive of years holds hundreds of millions of files. Folder
+/// `f` files the runs that start in leaves `f << 16..(f + 1) << 16`, so a
+/// folder that starts past the coverage so far can add nothing to it, and
+/// the walk stops there.
+async fn archive_coverage(openings: &dyn ObjectStore) -> Result<u64, LedgerError> {
+    let (mut covered, mut folder) = (0u64, 0u64);
+    while folder << 16 <= covered {
+        let mut ranges: Vec<std::ops::Range<u64>> = names_in(openings, &format!("{folder:07}"))
+            .await?
+            .iter()
+            .filter_map(|(name, _)| lx::parse_archive_name(name))
+            .collect();
+        ranges.sort_by_key(|r| r.start);
+        for r in ranges {
+            if r.start <= covered {
+                covered = covered.max(r.end);
+            }
+        }
+        folder += 1;
+    }
+    Ok(covered)
 }
 
 /// The names and sizes of the files of `store` under `folder`, in name
@@ -3730,6 +3748,48 @@ mod tests {
             to: &StorePath,
         ) -> object_store::Result<()> {
             self.inner.copy_if_not_exists(from, to).await
+        }
+    }
+
+    /// The archive's coverage, walked folder by folder, is what chaining
+    /// every run at once finds: runs spanning folders, overlapping ones,
+    /// and a gap, after which nothing counts.
+    #[tokio::test]
+    async fn the_archive_coverage_walks_folders_as_the_chain_does() {
+        let cases: [&[(u64, u64)]; 5] = [
+            &[],
+            &[(0, 10), (10, 70_000), (70_000, 70_001), (65_000, 200_000)],
+            &[
+                (0, 65_536),
+                (65_536, 65_600),
+                (65_600, 300_000),
+                (131_072, 140_000),
+            ],
+            &[(0, 5), (6, 70_000)],
+            &[
+                (0, 100),
+                (50, 66_000),
+                (66_000, 131_072),
+                (131_072, 131_073),
+                (200_000, 300_000),
+            ],
+        ];
+        for runs in cases {
+            let store = object_store::memory::InMemory::new();
+            for &(first, end) in runs {
+                store
+                    .put(
+                        &StorePath::from(lx::archive_name(first, end)),
+                        PutPayload::from_static(b"run"),
+                    )
+                    .await
+                    .unwrap();
+            }
+            let ranges: Vec<std::ops::Range<u64>> = runs.iter().map(|&(a, b)| a..b).collect();
+            let chained = lx::archive_chain(&ranges)
+                .last()
+                .map_or(0, |&(i, _)| ranges[i].end);
+            assert_eq!(archive_coverage(&store).await.unwrap(), chained, "{runs:?}");
         }
     }
 
