@@ -999,16 +999,51 @@ async fn remove_null_version<T: Transaction>(
     bypass: bool,
 ) -> Result<Option<ObjectVersion>, ObjectError> {
     let mut removed = None;
-    for v in versions_tx(tx, bucket, key, 10_000).await? {
-        if v.null_version {
-            if let Some(why) = removal_refused(tx, &v, now_ms, bypass).await? {
-                return Err(ObjectError::Locked(why));
-            }
-            clear_journaled(tx, &version_key(bucket, key, &v.version_id));
-            removed = Some(v);
+    for v in null_versions(tx, bucket, key).await? {
+        if let Some(why) = removal_refused(tx, &v, now_ms, bypass).await? {
+            return Err(ObjectError::Locked(why));
         }
+        clear_journaled(tx, &version_key(bucket, key, &v.version_id));
+        removed = Some(v);
     }
     Ok(removed)
+}
+
+/// Versions read per page when looking for a key's "null" version.
+const NULL_SCAN_PAGE: usize = 10_000;
+
+/// The "null" versions of `key` (one, at most, as S3 has it), newest
+/// first: however many versions it has, a page at a time. A key written
+/// before versioning was enabled keeps its null version under every
+/// version since; looked for among the newest 10,000 only, it was lost to
+/// `?versionId=null` and to the next write while versioning is suspended
+/// (which then left two).
+async fn null_versions<T: Transaction>(
+    tx: &T,
+    bucket: &str,
+    key: &str,
+) -> Result<Vec<ObjectVersion>, ObjectError> {
+    check_names(bucket, Some(key))?;
+    let prefix = versions_prefix(bucket, key);
+    let end = prefix_end(&prefix);
+    let mut from = prefix;
+    let mut found = Vec::new();
+    loop {
+        let page = tx.get_range(&from, &end, NULL_SCAN_PAGE, false).await?;
+        for (_, v) in &page {
+            let v = decode_version(v)?;
+            if v.null_version {
+                found.push(v);
+            }
+        }
+        match page.last() {
+            Some((last, _)) if page.len() == NULL_SCAN_PAGE => {
+                from = last.clone();
+                from.push(0);
+            }
+            _ => return Ok(found),
+        }
+    }
 }
 
 /// Adds a version (a PUT's evidence, or a delete marker) as the newest of
@@ -1073,10 +1108,7 @@ pub async fn null_version_tx<T: Transaction>(
     bucket: &str,
     key: &str,
 ) -> Result<Option<ObjectVersion>, ObjectError> {
-    Ok(versions_tx(tx, bucket, key, 10_000)
-        .await?
-        .into_iter()
-        .find(|v| v.null_version))
+    Ok(null_versions(tx, bucket, key).await?.into_iter().next())
 }
 
 /// Permanently removes one version, enforcing Object Lock in this

@@ -1669,3 +1669,59 @@ async fn parts_are_found_by_id_and_an_expunge_drops_those_copied_from_it() {
     .unwrap();
     assert_eq!(live(second).await, None);
 }
+
+/// A key's "null" version is found under any number of versions written
+/// since versioning was enabled (S3 keeps exactly one): read by
+/// `?versionId=null`, and replaced, not doubled, by a write once
+/// versioning is suspended.
+#[tokio::test]
+async fn the_null_version_is_found_under_any_number_of_versions() {
+    let (_d, s) = store();
+    bucket(&s, "deep", Versioning::Unversioned, false).await;
+    let set = |versioning: Versioning| {
+        let s = &s;
+        async move {
+            run(s, |tx| async move {
+                let mut b = ix::get_bucket_tx(&tx, "deep").await?.expect("bucket");
+                b.versioning = versioning;
+                ix::put_bucket_tx(&tx, "deep", &b).await
+            })
+            .await
+            .unwrap()
+        }
+    };
+    put(&s, "deep", "k", &version(1, true)).await.unwrap();
+    set(Versioning::Enabled).await;
+    let newer = 10_050u64;
+    for chunk in (2..2 + newer).collect::<Vec<_>>().chunks(1_000) {
+        run(&s, |tx| async move {
+            for &ms in chunk {
+                ix::put_version_tx(&tx, "deep", "k", &version(ms, false), 10, &seen()).await?;
+            }
+            Ok::<_, ObjectError>(())
+        })
+        .await
+        .unwrap();
+    }
+    let null = run(&s, |tx| async move {
+        ix::null_version_tx(&tx, "deep", "k").await
+    })
+    .await
+    .unwrap();
+    assert_eq!(null.map(|v| v.size), Some(1), "the null version is found");
+    set(Versioning::Suspended).await;
+    run(&s, |tx| async move {
+        let mut seen = seen();
+        seen.versioning = Versioning::Suspended;
+        ix::put_version_tx(&tx, "deep", "k", &version(20_000, true), 10, &seen).await
+    })
+    .await
+    .unwrap();
+    let nulls = run(&s, |tx| async move {
+        let all = ix::versions_tx(&tx, "deep", "k", 20_000).await?;
+        Ok::<_, ObjectError>(all.into_iter().filter(|v| v.null_version).count())
+    })
+    .await
+    .unwrap();
+    assert_eq!(nulls, 1, "the old null version was replaced");
+}
