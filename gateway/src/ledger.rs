@@ -1815,10 +1815,70 @@ async fn publish_state<S: Store>(
     fresh: &[(Vec<u8>, LeafRecord, Kind)],
 ) -> Result<(), LedgerError> {
     let started = std::time::Instant::now();
-    let tiles = match tiles {
-        Some(t) => t,
-        None => stored_tiles(gw, old, state.size).await?,
-    };
+    match tiles {
+        Some(tiles) => write_published(gw, ledger, old, state.size, tiles, fresh).await?,
+        // A catch-up from the index (after a crash: a few batches; after a
+        // restore whose tiles were lost: the whole log) is written a
+        // bounded piece at a time, so that no piece holds more than a few
+        // thousand leaves in memory nor makes one archive file of them
+        // all. Each piece's tiles are the tree's at its end (partial tiles
+        // have paths of their own, by width); only the last is signed.
+        None => {
+            let mut at = old;
+            while at < state.size {
+                let to = state.size.min((at / CATCH_UP_LEAVES + 1) * CATCH_UP_LEAVES);
+                let tiles = stored_tiles(gw, at, to).await?;
+                write_published(gw, ledger, at, to, tiles, &[]).await?;
+                at = to;
+            }
+        }
+    }
+    let written = started.elapsed();
+    let note = pl::sign_checkpoint(
+        &ledger.signer_key,
+        &ledger.origin,
+        state.size,
+        TreeHash(state.root),
+    )?;
+    let size = state.size;
+    indexer::run(&gw.store, |tx| {
+        let note = note.as_bytes();
+        async move { lx::put_checkpoint_tx(&tx, size, note).await }
+    })
+    .await?;
+    publish_checkpoint(gw, ledger).await?;
+    ledger.published.send_if_modified(|s| {
+        let grew = *s < size;
+        *s = (*s).max(size);
+        grew
+    });
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    tracing::debug!(
+        size,
+        write_ms = ms(written),
+        sign_ms = ms(started.elapsed() - written),
+        "ledger published"
+    );
+    Ok(())
+}
+
+/// Leaves a catch-up publishes per piece (see [`publish_state`]): a whole
+/// number of tiles.
+const CATCH_UP_LEAVES: u64 = 16 << TILE_HEIGHT;
+
+/// Writes what a checkpoint of size `size` needs beyond one of size `old`,
+/// durably: the openings archive's run for leaves `old..size`, then the
+/// hash `tiles` and the entry bundles (`fresh`: the leaves' openings when
+/// just integrated; otherwise read from the index).
+async fn write_published<S: Store>(
+    gw: &Gateway<S>,
+    ledger: &Ledger,
+    old: u64,
+    size: u64,
+    tiles: Vec<(Tile, Vec<u8>)>,
+    fresh: &[(Vec<u8>, LeafRecord, Kind)],
+) -> Result<(), LedgerError> {
+    let started = std::time::Instant::now();
     let mut files = Vec::new();
     for (tile, data) in tiles {
         files.push((pl::tile_path(&tile), data));
@@ -1860,8 +1920,8 @@ async fn publish_state<S: Store>(
         data_tile.set_is_data();
         files.push((pl::tile_path(&data_tile), pl::entry_bundle(commitments)));
     }
-    let openings = match archive_run(gw, old, state.size, fresh).await? {
-        Some(run) => vec![(lx::archive_name(old, state.size), lx::encode_archive(&run))],
+    let openings = match archive_run(gw, old, size, fresh).await? {
+        Some(run) => vec![(lx::archive_name(old, size), lx::encode_archive(&run))],
         None => Vec::new(),
     };
     let prepared = started.elapsed();
@@ -1873,32 +1933,13 @@ async fn publish_state<S: Store>(
     // tiles never change.
     put_durably(&ledger.openings, ledger.openings_dir.clone(), openings).await?;
     ledger.publish_all(files).await?;
-    let written = started.elapsed();
-    let note = pl::sign_checkpoint(
-        &ledger.signer_key,
-        &ledger.origin,
-        state.size,
-        TreeHash(state.root),
-    )?;
-    let size = state.size;
-    indexer::run(&gw.store, |tx| {
-        let note = note.as_bytes();
-        async move { lx::put_checkpoint_tx(&tx, size, note).await }
-    })
-    .await?;
-    publish_checkpoint(gw, ledger).await?;
-    ledger.published.send_if_modified(|s| {
-        let grew = *s < size;
-        *s = (*s).max(size);
-        grew
-    });
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     tracing::debug!(
+        old,
         size,
         prepare_ms = ms(prepared),
-        write_ms = ms(written - prepared),
-        sign_ms = ms(started.elapsed() - written),
-        "ledger published"
+        write_ms = ms(started.elapsed() - prepared),
+        "ledger tiles and openings written"
     );
     Ok(())
 }

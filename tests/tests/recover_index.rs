@@ -983,3 +983,73 @@ fn s3_buckets_versions_and_locks_survive_a_destroyed_index() -> Result<()> {
     assert!(body == old, "the removed version stays removed");
     Ok(())
 }
+
+/// A log whose tiles are lost is published again from its openings archive
+/// alone (`recover-index --trust-archive`), a piece of a few thousand
+/// leaves at a time rather than all at once: its tiles come back, its
+/// checkpoint is signed again at its whole size, and receipts from
+/// either end of the log verify against it.
+#[test]
+fn a_log_restored_from_its_archive_alone_is_published_again_in_pieces() -> Result<()> {
+    let (mut c, key) = repairing_cluster()?;
+    let data = bytes(5_000, 91);
+    let first = c.file(&data)?["id"].as_str().context("id")?.to_owned();
+    // Past one piece (16 tiles, 4,096 leaves).
+    for round in 0..5u32 {
+        let items: Vec<Value> = (0..1_000u32)
+            .map(|i| {
+                let n = (round * 1_000 + i).to_be_bytes();
+                serde_json::json!({ "blake3": custodia_tests::blake3_hex(&n), "size": 4 })
+            })
+            .collect();
+        let (status, body) = send(
+            &c,
+            "POST",
+            "/v1/notarize",
+            Some(serde_json::json!({ "items": items })),
+        )?;
+        assert_eq!(status, 201, "{body}");
+    }
+    let data = bytes(6_000, 92);
+    let last = c.file(&data)?["id"].as_str().context("id")?.to_owned();
+    let whole = 5_002;
+    let settled =
+        custodia_tests::eventually(30, || checkpoint(&c, &key).is_ok_and(|cp| cp.size >= whole));
+    assert!(settled, "never published {whole} leaves");
+    let before = checkpoint(&c, &key)?;
+    c.kill_gateway();
+    let tiles = c.data_dir().join("ledger/tiles");
+    std::fs::remove_dir_all(&tiles)?;
+    recovered(&c, &["--trust-archive"])?;
+    c.start_gateway()?;
+    c.wait_healthy(8)?;
+    let published = tiles.join("checkpoint");
+    let republished = custodia_tests::eventually(60, || {
+        std::fs::read_to_string(&published)
+            .ok()
+            .and_then(|note| ledger::verify_checkpoint(&note, &key).ok())
+            .is_some_and(|cp| cp.size >= before.size)
+    });
+    assert!(republished, "the checkpoint was not published again");
+    let cp = ledger::verify_checkpoint(&std::fs::read_to_string(&published)?, &key)?;
+    if cp.size == before.size {
+        assert_eq!(cp.root, before.root, "the same tree");
+    }
+    // Tiles of both pieces, and the first piece's own run in the openings
+    // archive (written, as every publication's, before its tiles).
+    for tile in ["tile/0/000", "tile/0/016", "tile/entries/016"] {
+        assert!(tiles.join(tile).exists(), "{tile} not published");
+    }
+    let piece = c
+        .data_dir()
+        .join("ledger/openings")
+        .join(indexer::ledger::archive_name(0, 4_096));
+    assert!(piece.exists(), "no run for the first piece");
+    for id in [&first, &last] {
+        let a = c.get_with(&c.token, &format!("/v1/evidence/{id}/receipt"), &[])?;
+        assert_eq!(a.status, 200, "receipt of {id}");
+        let r: Receipt = serde_json::from_slice(&a.body)?;
+        assert_eq!(r.verify(&key)?.statement.evidence.to_string(), *id);
+    }
+    Ok(())
+}
