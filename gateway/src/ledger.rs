@@ -3792,6 +3792,21 @@ mod tests {
         }
     }
 
+    /// An openings archive of files named for these runs (first, end).
+    async fn archive_of(runs: &[(u64, u64)]) -> object_store::memory::InMemory {
+        let store = object_store::memory::InMemory::new();
+        for &(first, end) in runs {
+            store
+                .put(
+                    &StorePath::from(lx::archive_name(first, end)),
+                    PutPayload::from_static(b"run"),
+                )
+                .await
+                .unwrap();
+        }
+        store
+    }
+
     /// The archive's coverage, walked folder by folder, is what chaining
     /// every run at once finds: runs spanning folders, overlapping ones,
     /// and a gap, after which nothing counts.
@@ -3816,16 +3831,7 @@ mod tests {
             ],
         ];
         for runs in cases {
-            let store = object_store::memory::InMemory::new();
-            for &(first, end) in runs {
-                store
-                    .put(
-                        &StorePath::from(lx::archive_name(first, end)),
-                        PutPayload::from_static(b"run"),
-                    )
-                    .await
-                    .unwrap();
-            }
+            let store = archive_of(runs).await;
             let ranges: Vec<std::ops::Range<u64>> = runs.iter().map(|&(a, b)| a..b).collect();
             let chained = lx::archive_chain(&ranges)
                 .last()
@@ -3841,17 +3847,7 @@ mod tests {
     /// sign of anything.
     #[tokio::test]
     async fn archived_runs_past_the_index_tree_are_found() {
-        let store = object_store::memory::InMemory::new();
-        let runs = [(0u64, 70_000u64), (70_000, 200_000), (200_000, 200_010)];
-        for (first, end) in runs {
-            store
-                .put(
-                    &StorePath::from(lx::archive_name(first, end)),
-                    PutPayload::from_static(b"run"),
-                )
-                .await
-                .unwrap();
-        }
+        let store = archive_of(&[(0, 70_000), (70_000, 200_000), (200_000, 200_010)]).await;
         let store = &store;
         let found = |signed, tree| async move {
             archived_end(store, signed)

@@ -1013,47 +1013,32 @@ async fn rebuild_shard(state: &NodeState, rebuild: RebuildShard) -> Result<(), E
             ..header.key
         };
         async move {
-            match peers
-                .rpc_read_shard(source.addr, key, false, header.len)
-                .await
-            {
-                Ok((_, body))
-                    if body.len() == header.len as usize
-                        && Blake3Hash::of(&body) == source.blake3 =>
+            // Unchecked first (the hash is checked here, against the
+            // manifest's); a copy that fails it is read again checked, as
+            // the protocol asks of a caller whose own check failed: its
+            // node hashes it, and quarantines and reports a damaged copy.
+            for checked in [false, true] {
+                match peers
+                    .rpc_read_shard(source.addr, key, checked, header.len)
+                    .await
                 {
-                    Ok((source.index, body))
-                }
-                Ok((_, body)) => {
-                    tracing::warn!(shard = %key, addr = %source.addr, "a rebuild source is not the manifest's shard");
-                    peers.recycle(body);
-                    // Read again checked, as the protocol asks of a caller
-                    // whose own check failed: its node hashes it, and
-                    // quarantines and reports a copy that is damaged.
-                    match peers
-                        .rpc_read_shard(source.addr, key, true, header.len)
-                        .await
+                    Ok((_, body))
+                        if body.len() == header.len as usize
+                            && Blake3Hash::of(&body) == source.blake3 =>
                     {
-                        Ok((_, body))
-                            if body.len() == header.len as usize
-                                && Blake3Hash::of(&body) == source.blake3 =>
-                        {
-                            Ok((source.index, body))
-                        }
-                        Ok((_, body)) => {
-                            peers.recycle(body);
-                            Err(())
-                        }
-                        Err(e) => {
-                            tracing::info!(shard = %key, addr = %source.addr, error = %e, "a rebuild source failed its node's check");
-                            Err(())
-                        }
+                        return Ok((source.index, body));
+                    }
+                    Ok((_, body)) => {
+                        tracing::warn!(shard = %key, addr = %source.addr, checked, "a rebuild source is not the manifest's shard");
+                        peers.recycle(body);
+                    }
+                    Err(e) => {
+                        tracing::info!(shard = %key, addr = %source.addr, checked, error = %e, "a rebuild source could not be read");
+                        return Err(());
                     }
                 }
-                Err(e) => {
-                    tracing::info!(shard = %key, addr = %source.addr, error = %e, "a rebuild source could not be read");
-                    Err(())
-                }
             }
+            Err(())
         }
     }));
     let fetched = tokio::time::timeout_at(deadline, fetch)

@@ -34,6 +34,22 @@ fn send(c: &TestCluster, method: &str, path: &str, body: Option<Value>) -> Resul
     Ok((status, resp.body_mut().read_json().unwrap_or(Value::Null)))
 }
 
+/// Notarizes (hash only) the 4-byte big-endian encodings of `numbers`, in
+/// one request (at most 1,000).
+fn notarize(c: &TestCluster, numbers: std::ops::Range<u32>) -> Result<()> {
+    let items: Vec<Value> = numbers
+        .map(|i| serde_json::json!({ "blake3": custodia_tests::blake3_hex(&i.to_be_bytes()), "size": 4 }))
+        .collect();
+    let (status, body) = send(
+        c,
+        "POST",
+        "/v1/notarize",
+        Some(serde_json::json!({ "items": items })),
+    )?;
+    ensure!(status == 201, "notarizing: {status} {body}");
+    Ok(())
+}
+
 fn checkpoint(c: &TestCluster, key: &str) -> Result<ledger::VerifiedCheckpoint> {
     let a = c.get_with("", "/ledger/checkpoint", &[])?;
     if a.status != 200 {
@@ -89,16 +105,7 @@ fn a_destroyed_index_is_rebuilt_from_the_ledger_archive_and_the_nodes() -> Resul
     let held = filed[5].0.clone();
     let (status, body) = send(&c, "PUT", &format!("/v1/evidence/{held}/legal-hold"), None)?;
     assert_eq!((status, body["legal_hold"].as_bool()), (200, Some(true)));
-    let items: Vec<Value> = (0..300u32)
-        .map(|i| serde_json::json!({ "blake3": custodia_tests::blake3_hex(&i.to_be_bytes()), "size": 4 }))
-        .collect();
-    let (status, body) = send(
-        &c,
-        "POST",
-        "/v1/notarize",
-        Some(serde_json::json!({ "items": items })),
-    )?;
-    assert_eq!(status, 201, "{body}");
+    notarize(&c, 0..300)?;
     // Every statement so far under a published checkpoint.
     let before = {
         let mut cp = checkpoint(&c, &key)?;
@@ -996,19 +1003,7 @@ fn a_log_restored_from_its_archive_alone_is_published_again_in_pieces() -> Resul
     let first = c.file(&data)?["id"].as_str().context("id")?.to_owned();
     // Past one piece (16 tiles, 4,096 leaves).
     for round in 0..5u32 {
-        let items: Vec<Value> = (0..1_000u32)
-            .map(|i| {
-                let n = (round * 1_000 + i).to_be_bytes();
-                serde_json::json!({ "blake3": custodia_tests::blake3_hex(&n), "size": 4 })
-            })
-            .collect();
-        let (status, body) = send(
-            &c,
-            "POST",
-            "/v1/notarize",
-            Some(serde_json::json!({ "items": items })),
-        )?;
-        assert_eq!(status, 201, "{body}");
+        notarize(&c, round * 1_000..(round + 1) * 1_000)?;
     }
     let data = bytes(6_000, 92);
     let last = c.file(&data)?["id"].as_str().context("id")?.to_owned();
