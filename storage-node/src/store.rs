@@ -597,8 +597,8 @@ impl ShardStore {
             if let Some(old) = old_len {
                 // Now served from the segment; the file is a stale copy.
                 fs::remove_file(dir.join(&name))?;
-                sync_dir(&dir)?;
                 self.lock_usage().remove(old);
+                sync_dir(&dir)?;
             }
             return Ok(());
         }
@@ -620,12 +620,14 @@ impl ShardStore {
             Err(e) => {
                 // The rename may have been done (the directory's fsync
                 // failed after it): the file there now is what is counted.
-                let mut usage = self.lock_usage();
-                if let Some(old) = old_len {
-                    usage.remove(old);
-                }
-                if let Ok(Some(now)) = file_len(&dir.join(&name)) {
-                    usage.add(now);
+                if let Ok(now) = file_len(&dir.join(&name)) {
+                    let mut usage = self.lock_usage();
+                    if let Some(old) = old_len {
+                        usage.remove(old);
+                    }
+                    if let Some(now) = now {
+                        usage.add(now);
+                    }
                 }
                 return Err(e.into());
             }
@@ -1852,8 +1854,11 @@ fn write_direct(_: &Path, _: &[&[u8]], _: usize, _: u32) -> io::Result<u64> {
 /// directory created if missing), held for as long as the file is: one
 /// process per data directory. `None`: another process holds it.
 pub fn lock_file(path: &Path) -> io::Result<Option<File>> {
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir)?;
+    // Durably: this is how a node's (or a cluster's) data directory is
+    // first made, and shards acknowledged in a directory whose own entry a
+    // power cut then lost would be a node come back empty.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        create_dir_all_durably(dir)?;
     }
     let file = fs::OpenOptions::new()
         .create(true)
@@ -1895,33 +1900,47 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Creates `dir` if needed and makes its entry in its parent durable. The
-/// parent is fsynced even when `dir` already exists: another thread's
-/// `mkdir` may still be waiting on that fsync, or an earlier process may
-/// have crashed before it (the directory visible, its entry not on disk).
-/// [`create_dir_durably`] for `dir` and each of its missing ancestors,
-/// outermost first.
-fn create_dir_all_durably(dir: &Path) -> io::Result<()> {
+/// [`create_dir_durably`] for each missing ancestor of `dir`, outermost
+/// first, and for `dir` itself (whose entry is made durable even when it
+/// exists: an earlier process may have made it and crashed before its
+/// parent's fsync).
+pub(crate) fn create_dir_all_durably(dir: &Path) -> io::Result<()> {
     let missing: Vec<&Path> = dir
         .ancestors()
+        .skip(1)
         .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
         .collect();
     for d in missing.into_iter().rev() {
         create_dir_durably(d)?;
     }
-    Ok(())
+    create_dir_durably(dir)
 }
 
+/// Creates `dir` if needed and makes its entry in its parent durable. The
+/// parent is fsynced even when `dir` already exists: another thread's
+/// `mkdir` may still be waiting on that fsync, or an earlier process may
+/// have crashed before it (the directory visible, its entry not on disk).
 pub(crate) fn create_dir_durably(dir: &Path) -> io::Result<()> {
     match fs::create_dir(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e),
     }
-    if let Some(parent) = dir.parent() {
-        sync_dir(parent)?;
+    // A relative path's parent may be "": the current directory.
+    let parent = match dir.parent() {
+        Some(parent) if parent.as_os_str().is_empty() => Path::new("."),
+        Some(parent) => parent,
+        None => return Ok(()),
+    };
+    match sync_dir(parent) {
+        // A parent this user may not read (a mount point's, mode 711) cannot
+        // be fsynced by it: said, and the directory used as it is.
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            tracing::warn!(dir = %parent.display(), error = %e, "could not make a directory's entry durable (no read access to its parent)");
+            Ok(())
+        }
+        done => done,
     }
-    Ok(())
 }
 
 fn file_len(path: &Path) -> io::Result<Option<u64>> {
