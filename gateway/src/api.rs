@@ -108,13 +108,15 @@ pub struct Gateway<S: Store> {
     pub repair_leases: crate::repair::LeaseSightings,
     /// Old shard copies repair moved away, to delete after their grace.
     pub old_copies: crate::repair::OldCopies,
-    /// No copy of a shard its record has no node for can still turn up:
-    /// none awaits adoption (the index says so at start), or an orphan
-    /// sweep since this gateway started listed every active node and
-    /// adopted every copy. Only then does a stripe short of such shards
-    /// count as lost. (Shards never written, of stripes filed with fewer
-    /// than k+m, have no copy anywhere: without a recovery, there is
-    /// nothing to wait for.)
+    /// No copy left by `recover-index` of a shard its record has no node
+    /// for can still turn up: none awaits adoption (the index says so at
+    /// start), or an orphan sweep since this gateway started listed every
+    /// active node and adopted every copy. Only then does a stripe short of
+    /// such shards count as lost. (Slots a filing left empty, its stripe
+    /// written with fewer than k+m shards, rarely have a copy anywhere: one
+    /// whose node stored it but failed to answer may, and the sweep adopts
+    /// it if it finds it, after which a `repaired` statement follows any
+    /// `lost` one, as for every filing since the first sweep.)
     pub homeless_adopted: std::sync::atomic::AtomicBool,
     /// Stripes repair took out of its queue since this gateway started
     /// (found healthy, repaired, or gone): what `custodia repair` follows
@@ -1779,13 +1781,13 @@ async fn file_evidence_rest<S: Store>(
             degraded_stripes,
             ..
         } => (header, false, degraded_stripes),
-        // A replay's: those still waiting for repair now (the first
+        // A replay's: those still short of shards now (the first
         // attempt's answer, lost, may have said more; repair may have
         // mended some since), not a claim of full durability.
         Filing::Replayed(header) => {
             let evidence = header.evidence;
             let degraded = indexer::run(&gw.store, |tx| async move {
-                schema::degraded_stripes_of_tx(&tx, evidence, STATUS_DEGRADED_LIMIT).await
+                schema::short_stripes_of_tx(&tx, evidence, STATUS_DEGRADED_LIMIT).await
             })
             .await?;
             (header, true, degraded as u64)
@@ -2392,10 +2394,13 @@ async fn stripes_on_node<S: Store>(gw: &Gateway<S>, node: NodeId) -> Result<Node
         for (e, stripe, rec) in &batch {
             // A record that does not decode (damage, or one a newer build
             // wrote) may place a shard here: the node is not known to hold
-            // nothing until it is read.
+            // nothing until it is read. The first of a walk is named (a
+            // drain asks for this walk every half second).
             let Some(rec) = rec.as_ref() else {
+                if count.unreadable == 0 {
+                    tracing::warn!(evidence = %e, stripe, %node, "a stripe record does not decode: whether it places a shard on this node is unknown (the first such of this walk)");
+                }
                 count.unreadable += 1;
-                tracing::warn!(evidence = %e, stripe, %node, "a stripe record does not decode: whether it places a shard on this node is unknown");
                 continue;
             };
             if rec.shards.iter().any(|s| s.node == Some(node)) {

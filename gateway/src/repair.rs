@@ -1850,9 +1850,10 @@ async fn repair_leased<S: Store>(
     // Of `rebuild`, the shards their own (reachable) node reported damaged.
     let mut damaged: Vec<usize> = Vec::new();
     // Shards that can never be read again: damaged, or on a removed node,
-    // or with no node once an orphan sweep adopted every copy it found of
-    // such shards. (Those on nodes merely down may come back, and so may a
-    // copy recovery could not place, on a node down while it ran.)
+    // or with no node once no copy left by a recovery awaits adoption (see
+    // `Gateway::homeless_adopted`). (Those on nodes merely down may come
+    // back, and so may a copy recovery could not place, on a node down
+    // while it ran.)
     let swept = gw
         .homeless_adopted
         .load(std::sync::atomic::Ordering::Relaxed);

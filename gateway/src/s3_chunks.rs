@@ -119,7 +119,16 @@ impl Framing {
             return Err(too_large());
         }
         let kib = u32::try_from(kib).map_err(|_| too_large())?;
-        match self.budget.memory.clone().try_acquire_many_owned(kib) {
+        let mut acquired = self.budget.memory.clone().try_acquire_many_owned(kib);
+        if acquired.is_err() && !self.passed.is_empty() {
+            // The chunk before, whole, is what holds the budget (this
+            // header came in the same read as its end): given back now
+            // rather than refuse a chunk the budget holds alone. Between
+            // here and the next read its bytes go uncharged, briefly.
+            self.passed.clear();
+            acquired = self.budget.memory.clone().try_acquire_many_owned(kib);
+        }
+        match acquired {
             Ok(permit) => {
                 self.held = Some(permit);
                 Ok(())
@@ -359,6 +368,16 @@ mod tests {
         f.feed(b"\r\n").unwrap();
         assert_eq!(b.memory.available_permits(), BUDGET_KIB - (3 << 10));
         f.taken();
+        assert_eq!(b.memory.available_permits(), BUDGET_KIB);
+        // Two chunks the budget holds one at a time, the second's header in
+        // the same read as the first's end: the first is given back rather
+        // than the second refused.
+        let mut big = format!("{:x}\r\n", 5 * mib).into_bytes();
+        big.extend(std::iter::repeat_n(b'a', 5 * mib));
+        big.extend(format!("\r\n{:x}\r\n", 5 * mib).into_bytes());
+        assert_eq!(f.feed(&big).map_err(|r| r.code), Ok(()));
+        assert_eq!(b.memory.available_permits(), BUDGET_KIB - (5 << 10));
+        drop(f);
         assert_eq!(b.memory.available_permits(), BUDGET_KIB);
         // A chunk cut off still gives back what it held, with its framing.
         let mut f = Framing::new(b.clone());

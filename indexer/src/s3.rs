@@ -998,42 +998,47 @@ async fn remove_null_version<T: Transaction>(
     now_ms: u64,
     bypass: bool,
 ) -> Result<Option<ObjectVersion>, ObjectError> {
-    let mut removed = None;
-    for v in null_versions(tx, bucket, key).await? {
-        if let Some(why) = removal_refused(tx, &v, now_ms, bypass).await? {
-            return Err(ObjectError::Locked(why));
-        }
-        clear_journaled(tx, &version_key(bucket, key, &v.version_id));
-        removed = Some(v);
+    let Some(v) = null_version(tx, bucket, key).await? else {
+        return Ok(None);
+    };
+    if let Some(why) = removal_refused(tx, &v, now_ms, bypass).await? {
+        return Err(ObjectError::Locked(why));
     }
-    Ok(removed)
+    clear_journaled(tx, &version_key(bucket, key, &v.version_id));
+    Ok(Some(v))
 }
 
 /// Versions read per page when looking for a key's "null" version.
 const NULL_SCAN_PAGE: usize = 10_000;
+/// Versions looked through at most for a key's "null" version: a key's
+/// whole history read in one transaction would outlive it (5 s) past a
+/// few hundred thousand versions, and refuse every write to the key.
+const NULL_SCAN_MAX: usize = 100_000;
 
-/// The "null" versions of `key` (one, at most, as S3 has it), newest
-/// first: however many versions it has, a page at a time. A key written
-/// before versioning was enabled keeps its null version under every
-/// version since; looked for among the newest 10,000 only, it was lost to
-/// `?versionId=null` and to the next write while versioning is suspended
-/// (which then left two).
-async fn null_versions<T: Transaction>(
+/// The "null" version of `key` (one at most, as S3 has it), looked for
+/// newest first, a page at a time, among its newest [`NULL_SCAN_MAX`]
+/// versions. A key written before versioning was enabled keeps its null
+/// version under every version since; looked for among the newest 10,000
+/// only, it was lost to `?versionId=null`, and to the next write while
+/// versioning is suspended (which then left two). One further back still
+/// is not found (said in the log): a pointer to it is not kept.
+async fn null_version<T: Transaction>(
     tx: &T,
     bucket: &str,
     key: &str,
-) -> Result<Vec<ObjectVersion>, ObjectError> {
+) -> Result<Option<ObjectVersion>, ObjectError> {
     check_names(bucket, Some(key))?;
     let prefix = versions_prefix(bucket, key);
     let end = prefix_end(&prefix);
     let mut from = prefix;
-    let mut found = Vec::new();
-    loop {
+    let mut read = 0;
+    while read < NULL_SCAN_MAX {
         let page = tx.get_range(&from, &end, NULL_SCAN_PAGE, false).await?;
+        read += page.len();
         for (_, v) in &page {
             let v = decode_version(v)?;
             if v.null_version {
-                found.push(v);
+                return Ok(Some(v));
             }
         }
         match page.last() {
@@ -1041,9 +1046,16 @@ async fn null_versions<T: Transaction>(
                 from = last.clone();
                 from.push(0);
             }
-            _ => return Ok(found),
+            _ => return Ok(None),
         }
     }
+    tracing::warn!(
+        bucket,
+        key,
+        versions = read,
+        "a null version is looked for among a key's newest versions only"
+    );
+    Ok(None)
 }
 
 /// Adds a version (a PUT's evidence, or a delete marker) as the newest of
@@ -1108,7 +1120,7 @@ pub async fn null_version_tx<T: Transaction>(
     bucket: &str,
     key: &str,
 ) -> Result<Option<ObjectVersion>, ObjectError> {
-    Ok(null_versions(tx, bucket, key).await?.into_iter().next())
+    null_version(tx, bucket, key).await
 }
 
 /// Permanently removes one version, enforcing Object Lock in this

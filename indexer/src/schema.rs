@@ -1542,9 +1542,11 @@ fn degraded_key(k: &[u8]) -> Result<(EvidenceId, u64), SchemaError> {
     Ok((id, u64::from_be_bytes(s)))
 }
 
-/// How many of `evidence`'s stripes wait for repair now, counting at most
-/// `limit`.
-pub async fn degraded_stripes_of_tx<T: Transaction>(
+/// How many of `evidence`'s stripes are short of shards (a slot with no
+/// node) and wait for repair now, looking at most `limit` queued stripes;
+/// stripes queued only to move (off a draining node, out of a crowded
+/// domain) are whole, and not counted.
+pub async fn short_stripes_of_tx<T: Transaction>(
     tx: &T,
     evidence: EvidenceId,
     limit: usize,
@@ -1552,7 +1554,17 @@ pub async fn degraded_stripes_of_tx<T: Transaction>(
     let from = evidence_key(DEGRADED, &evidence);
     let mut to = from.clone();
     to.extend_from_slice(&[0xff; 9]);
-    Ok(tx.get_range(&from, &to, limit, false).await?.len())
+    let mut short = 0;
+    for (k, _) in tx.get_range(&from, &to, limit, false).await? {
+        let (_, stripe) = degraded_key(&k)?;
+        if get_stripe_tx(tx, evidence, stripe)
+            .await?
+            .is_some_and(|r| r.missing() > 0)
+        {
+            short += 1;
+        }
+    }
+    Ok(short)
 }
 
 /// Stripes waiting for repair, as (evidence, stripe).

@@ -320,6 +320,9 @@ pub fn put(
         let in_progress = matches!(&sent, Ok((status, _, body))
             if *status == 409 && error_code(body).as_deref() == Some("upload_in_progress"));
         if let (Some(wait), true) = (wait, in_progress) {
+            // At least a second apart, whatever Retry-After says (a proxy
+            // may say 0): the patience is counted in time waited.
+            let wait = wait.max(Duration::from_secs(1));
             if in_progress_waited + wait <= IN_PROGRESS_PATIENCE {
                 eprintln!(
                     "an earlier attempt under Idempotency-Key {key} is still in progress at the gateway; asking again in {} s",

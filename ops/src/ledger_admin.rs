@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 use std::path::Path;
 
 pub async fn rotate_key(data_dir: &Path, origin: &str) -> Result<()> {
-    let (store, _lock) = cluster::open_index_offline(data_dir).await?;
+    let (_lock, store) = cluster::open_index_offline(data_dir).await?;
     let _edit = cluster::lock_cluster_edits(data_dir)?;
     let mut cluster = Cluster::load(data_dir)?;
     let Some(ledger) = cluster.gateway.ledger.as_mut() else {

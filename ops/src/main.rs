@@ -748,7 +748,7 @@ async fn run(cli: Cli) -> Result<()> {
             })?;
             let profile = format!("{tenant}-{role}");
             let c = match cluster::open_index_unless_in_use(&data_dir).await? {
-                cluster::Offline::Opened(store, _lock) => {
+                cluster::Offline::Opened(_lock, store) => {
                     cluster::issue_credentials(&store, &tenant, parsed, bypass_governance).await?
                 }
                 // Separation of duties: the admin API never grants expunger.
@@ -836,7 +836,7 @@ async fn run(cli: Cli) -> Result<()> {
             // token file is compared with.
             let mut token_hash = token.as_deref().map(indexer::schema::token_hash);
             let revoked = match cluster::open_index_unless_in_use(&data_dir).await? {
-                cluster::Offline::Opened(store, _lock) => {
+                cluster::Offline::Opened(_lock, store) => {
                     if let Some(id) = &token_id {
                         token_hash = match gateway::credentials::resolve_token_id(&store, id).await
                         {
@@ -966,8 +966,8 @@ async fn run(cli: Cli) -> Result<()> {
             data_dir,
             api,
         }) => {
-            let (store, _lock) = match cluster::open_index_unless_in_use(&data_dir).await? {
-                cluster::Offline::Opened(store, lock) => (store, lock),
+            let (_lock, store) = match cluster::open_index_unless_in_use(&data_dir).await? {
+                cluster::Offline::Opened(lock, store) => (lock, store),
                 cluster::Offline::InUse(offline) => {
                     // The gateway holds the index: ask it, as the admin.
                     let (api, token) = cluster::running_gateway(&data_dir, api.as_deref())

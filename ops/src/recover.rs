@@ -338,7 +338,7 @@ async fn restore_credentials<S: indexer::KvStore>(
 /// (shards no filing in the archive names), or lets GC collect it: all of
 /// it, or the ids given.
 pub async fn release_unclaimed(data_dir: &Path, list: bool, ids: &[String]) -> Result<()> {
-    let (store, _lock) = crate::cluster::open_index_offline(data_dir).await?;
+    let (_lock, store) = crate::cluster::open_index_offline(data_dir).await?;
     let chosen = ids
         .iter()
         .map(|s| {

@@ -245,7 +245,10 @@ pub fn repair(
             }
             return Ok(());
         }
-        if left < best || settled(&s) > best_settled {
+        // While the count is capped it stays put: then what repair took out
+        // of its queue is the progress (otherwise it could be another
+        // node's, and the backlog asked about be stuck).
+        if left < best || capped && settled(&s) > best_settled {
             best = best.min(left);
             best_settled = best_settled.max(settled(&s));
             since = std::time::Instant::now();

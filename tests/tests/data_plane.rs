@@ -3089,10 +3089,26 @@ type KeysSeen = std::thread::JoinHandle<Result<Vec<Option<String>>>>;
 fn answering_gateway(answers: Vec<(u16, &'static str)>) -> Result<(String, KeysSeen)> {
     let front = std::net::TcpListener::bind("127.0.0.1:0")?;
     let url = format!("http://{}", front.local_addr()?);
+    // A put that stops early (a regression) must fail the test, not leave
+    // this waiting for a request that never comes.
+    front.set_nonblocking(true)?;
     let served = std::thread::spawn(move || -> Result<Vec<Option<String>>> {
         let mut keys = Vec::new();
         for (status, body) in answers {
-            let (mut s, _) = front.accept()?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let mut s = loop {
+                match front.accept() {
+                    Ok((s, _)) => break s,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if std::time::Instant::now() > deadline {
+                            anyhow::bail!("only {} requests came", keys.len());
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            s.set_nonblocking(false)?;
             keys.push(read_filing(&mut s)?);
             write!(
                 s,
