@@ -110,8 +110,9 @@ pub struct LedgerConfig {
     /// How often the openings archive is checked to cover every leaf from
     /// the first to the newest signed checkpoint without a gap (by its
     /// files' names: nothing is read, but every name is listed, so not
-    /// often): `recover-index` can rebuild an index only as far as it does.
-    /// Default a day; 0 never checks.
+    /// often), by the gateway integrating the ledger: `recover-index` can
+    /// rebuild an index only as far as it does. Default a day; 0 never
+    /// checks.
     #[serde(default = "default_archive_check_interval")]
     pub archive_check_interval_ms: u64,
     /// Independent time: RFC 3161 tokens over checkpoints.
@@ -2900,9 +2901,17 @@ pub fn spawn_archive_check<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task:
         return None;
     }
     let every = ledger.archive_check_interval.max(Duration::from_secs(1));
+    // Only the gateway integrating the ledger lists the archive (the same
+    // for all, and long to list): the others look each minute whether
+    // they have become it.
+    let look = every.min(Duration::from_secs(60));
     Some(tokio::spawn(async move {
-        tokio::time::sleep(every.min(Duration::from_secs(60))).await;
+        tokio::time::sleep(look).await;
         loop {
+            if !ledger.integrating() {
+                tokio::time::sleep(look).await;
+                continue;
+            }
             let signed = newest_checkpoint(&gw, &ledger).await;
             let covered = ledger.archive_coverage().await;
             match (signed, covered) {
