@@ -2302,6 +2302,9 @@ async fn repair_now<S: Store>(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let who = authenticate(&gw, &headers).await?;
     require(&who, Role::Admin, "start a repair pass")?;
+    // Records the walk of every stripe could not read: what a pass that
+    // verifies every stripe cannot vouch for.
+    let mut unreadable = None;
     match q.verify.as_deref() {
         // Stripes on gone, draining and removed nodes, found now rather
         // than at the worker's next scan.
@@ -2318,7 +2321,7 @@ async fn repair_now<S: Store>(
         // Walks every stripe record before answering, so the backlog this
         // answers with includes them all.
         Some("all") => {
-            crate::repair::queue_all(&gw, None).await;
+            unreadable = Some(crate::repair::queue_all(&gw, None).await.unreadable);
         }
         Some(other) => {
             return Err(ApiError::BadRequest(format!(
@@ -2336,6 +2339,7 @@ async fn repair_now<S: Store>(
         "degraded_stripes": queued.len(),
         "degraded_count_capped": queued.len() >= STATUS_DEGRADED_LIMIT,
         "repair_settled_stripes": gw.repair_settled.load(std::sync::atomic::Ordering::Relaxed),
+        "stripe_records_unreadable": unreadable,
     })))
 }
 

@@ -670,7 +670,7 @@ pub async fn scan<S: Store>(
             hit
         };
         let (n, more) = queue_stripes(gw, &hit, cursor).await?;
-        queued += n;
+        queued += n.queued;
         if let (Some(w), Ok(mut found)) = (&mut homes.under_way, found.lock()) {
             w.found.extend(found.drain());
         }
@@ -714,7 +714,7 @@ pub async fn scan_all<S: Store>(gw: &Gateway<S>) -> Result<u64, ApiError> {
     let mut queued = 0;
     loop {
         let (n, more) = queue_stripes(gw, &|rec| needs_home(rec, &homeless), &mut cursor).await?;
-        queued += n;
+        queued += n.queued;
         if !more {
             return Ok(queued);
         }
@@ -875,14 +875,15 @@ pub fn spawn_queue_all<S: Store>(gw: Arc<Gateway<S>>, nodes: Option<HashSet<Node
 }
 
 /// [`spawn_queue_all`]'s walk, awaited; returns how many stripes it queued.
-pub async fn queue_all<S: Store>(gw: &Gateway<S>, nodes: Option<&HashSet<NodeId>>) -> u64 {
+pub async fn queue_all<S: Store>(gw: &Gateway<S>, nodes: Option<&HashSet<NodeId>>) -> Walked {
     let mut cursor = None;
-    let mut queued = 0u64;
+    let mut walked = Walked::default();
     let hit = |rec: &StripeRecord| nodes.is_none_or(|nodes| needs_home(rec, nodes));
     loop {
         match queue_stripes(gw, &hit, &mut cursor).await {
             Ok((n, more)) => {
-                queued += n;
+                walked.queued += n.queued;
+                walked.unreadable += n.unreadable;
                 if !more {
                     break;
                 }
@@ -896,13 +897,27 @@ pub async fn queue_all<S: Store>(gw: &Gateway<S>, nodes: Option<&HashSet<NodeId>
     match nodes {
         Some(nodes) => tracing::warn!(
             ?nodes,
-            stripes = queued,
+            stripes = walked.queued,
             "stripes on a replaced disk queued for repair"
         ),
-        None => tracing::info!(stripes = queued, "every stripe queued for verification"),
+        None => tracing::info!(
+            stripes = walked.queued,
+            unreadable = walked.unreadable,
+            "every stripe queued for verification"
+        ),
     }
     gw.repair_wake.notify_one();
-    queued
+    walked
+}
+
+/// What a walk of every stripe record ([`queue_all`]) did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Walked {
+    /// Stripes queued.
+    pub queued: u64,
+    /// Records that do not decode (damage, or a newer version's): passed
+    /// over, so nothing is known of their shards.
+    pub unreadable: u64,
 }
 
 /// Whether a stripe has a shard with no node, or on one of `nodes`.
@@ -913,12 +928,12 @@ fn needs_home(rec: &StripeRecord, nodes: &HashSet<NodeId>) -> bool {
 }
 
 /// One batch of the walk over stripe records from `cursor`: queues those
-/// `hit` picks. Returns (queued, more to walk).
+/// `hit` picks. Returns (what it did, more to walk).
 async fn queue_stripes<S: Store>(
     gw: &Gateway<S>,
     hit: &(dyn Fn(&StripeRecord) -> bool + Sync),
     cursor: &mut Option<(EvidenceId, u64)>,
-) -> Result<(u64, bool), ApiError> {
+) -> Result<(Walked, bool), ApiError> {
     let after = *cursor;
     let batch = indexer::run(&gw.store, |tx| async move {
         schema::stripes_scan_tx(&tx, after, SCAN_BATCH).await
@@ -927,8 +942,9 @@ async fn queue_stripes<S: Store>(
     gw.metrics.repair_scanned.inc_by(batch.len() as u64);
     let Some(&(e, s, _)) = batch.last() else {
         *cursor = None;
-        return Ok((0, false));
+        return Ok((Walked::default(), false));
     };
+    let unreadable = batch.iter().filter(|(_, _, rec)| rec.is_none()).count() as u64;
     let last = (e, s);
     let hit: Vec<(EvidenceId, u64)> = batch
         .iter()
@@ -948,7 +964,11 @@ async fn queue_stripes<S: Store>(
     // again on the retry, not passed over (a replaced disk's stripes would
     // otherwise stay a shard short, unqueued, once the new disk is recorded).
     *cursor = Some(last);
-    Ok((hit.len() as u64, true))
+    let walked = Walked {
+        queued: hit.len() as u64,
+        unreadable,
+    };
+    Ok((walked, true))
 }
 
 /// Queues `stripes` for repair, in one transaction.

@@ -235,6 +235,14 @@ pub fn repair(
             // Only a pass over every stripe (--verify-all) read them all;
             // otherwise what was queued (damage a read or scrub met, nodes
             // lost or drained) was repaired.
+            let unreadable = started["stripe_records_unreadable"].as_u64().unwrap_or(0);
+            if verify_all && unreadable > 0 {
+                anyhow::bail!(
+                    "repair done, except {unreadable} stripe records that do not decode \
+                     (damaged, or written by a newer version): nothing is known of their \
+                     shards; the gateway's log names them"
+                );
+            }
             if verify_all {
                 println!("repair done: every stripe has k+m verified shards");
             } else {

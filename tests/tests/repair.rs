@@ -753,6 +753,43 @@ fn a_stripe_filed_short_is_declared_lost_without_waiting_for_a_sweep() -> Result
     Ok(())
 }
 
+/// A pass that verifies every stripe does not say so when a stripe record
+/// does not decode (damage, or a newer version's): it fails, saying how
+/// many it could not read and where they are named.
+#[test]
+fn verify_all_says_what_it_could_not_read() -> Result<()> {
+    let mut c = TestCluster::start(Shape::default())?;
+    quick_to_repair(&mut c, &[])?;
+    let id: protocol::EvidenceId = c.file(&bytes(9_000, 80))?["id"]
+        .as_str()
+        .context("id")?
+        .parse()?;
+    c.kill_gateway();
+    {
+        let store = indexer::EmbeddedStore::open(&c.data_dir().join("index.redb"))?;
+        let rt = tokio::runtime::Builder::new_current_thread().build()?;
+        rt.block_on(indexer::run(&store, |tx| async move {
+            use indexer::kv::Transaction;
+            // Stripe 0's record ("S", evidence, stripe), garbled.
+            let mut key = vec![b'S'];
+            key.extend_from_slice(id.as_bytes());
+            key.extend_from_slice(&0u64.to_be_bytes());
+            tx.set(&key, b"\xffnot a stripe record");
+            Ok::<_, indexer::KvError>(())
+        }))?;
+    }
+    c.start_gateway()?;
+    c.wait_healthy(8)?;
+    let out = c.cli(&["repair", "--verify-all", "--patience-secs", "10"])?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("1 stripe records that do not decode"),
+        "{said}"
+    );
+    Ok(())
+}
+
 /// A node whose data directory is put back from an older copy (a snapshot
 /// or backup restored: the same disk identity, the shards stored since
 /// gone) is caught: it no longer holds the last shard it stored, which the
