@@ -387,8 +387,7 @@ impl ShardStore {
             create_dir_durably(&data_dir.join(dir))?;
         }
         let root = data_dir.to_path_buf();
-        remove_temporary_files(&root.join(TMP_DIR))?;
-        remove_temporary_files_beside(&root)?;
+        remove_temporary_files(&root)?;
         let mut disk_uuid = read_or_mint_disk_uuid(&root)?;
         if had_identity && !lost.is_empty() {
             disk_uuid = mint_disk_uuid(&root)?;
@@ -2055,29 +2054,25 @@ fn mint_disk_uuid(root: &Path) -> Result<[u8; 16], StoreError> {
     Ok(*id.as_bytes())
 }
 
-/// Removes what an earlier run left in `tmp/`; an entry that cannot be
-/// removed (a directory put there, an unreadable inode) is said and left:
-/// it holds no shard, and must not stop the node.
-fn remove_temporary_files(tmp: &Path) -> io::Result<()> {
-    for entry in fs::read_dir(tmp)? {
-        let entry = entry?;
-        tracing::debug!(file = %entry.path().display(), "removing a leftover temporary file");
-        if let Err(e) = fs::remove_file(entry.path()) {
-            tracing::warn!(file = %entry.path().display(), error = %e, "could not remove a leftover temporary file; left as it is");
-        }
-    }
-    Ok(())
-}
-
-/// Removes what files written durably in `dir` itself (the disk's
-/// identity, the scrubber's place) left behind in a crash: their
-/// temporary files, `.NAME.UUID.tmp`.
-fn remove_temporary_files_beside(dir: &Path) -> io::Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
+/// Removes what an earlier run left in `tmp/` (every entry), and the
+/// temporary files (`.NAME.UUID.tmp`) that files written durably in the
+/// data directory's root itself (the scrubber's place) left there in a
+/// crash. An entry that cannot be removed (a directory put in `tmp/`, an
+/// unreadable inode) is said and left: it holds no shard, and must not
+/// stop the node.
+fn remove_temporary_files(root: &Path) -> io::Result<()> {
+    let leftover_in_root = |entry: &fs::DirEntry| -> io::Result<bool> {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with('.') && name.ends_with(".tmp") && entry.file_type()?.is_file() {
+        Ok(name.starts_with('.') && name.ends_with(".tmp") && entry.file_type()?.is_file())
+    };
+    let tmp = root.join(TMP_DIR);
+    for (dir, everything) in [(tmp.as_path(), true), (root, false)] {
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            if !everything && !leftover_in_root(&entry)? {
+                continue;
+            }
             tracing::debug!(file = %entry.path().display(), "removing a leftover temporary file");
             if let Err(e) = fs::remove_file(entry.path()) {
                 tracing::warn!(file = %entry.path().display(), error = %e, "could not remove a leftover temporary file; left as it is");
@@ -2426,6 +2421,24 @@ mod tests {
         let store = ShardStore::open(dir.path()).unwrap();
         assert_eq!(store.get(&key(1)).unwrap().1, small);
         assert_eq!(store.get(&key(2)).unwrap().1, large);
+    }
+
+    /// A crash's temporary files in the data directory's root (a durable
+    /// write of the scrubber's place cut short) are removed at start, and
+    /// nothing else there is.
+    #[test]
+    fn temporary_files_left_in_the_root_are_removed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(ShardStore::open(dir.path()).unwrap());
+        let root = dir.path();
+        fs::write(root.join(".scrub.state.0190aa.tmp"), b"cut short").unwrap();
+        fs::write(root.join(".kept"), b"not a temporary file").unwrap();
+        fs::write(root.join("kept.tmp"), b"not one of ours").unwrap();
+        let uuid = fs::read(root.join(DISK_UUID_FILE)).unwrap();
+        drop(ShardStore::open(root).unwrap());
+        assert!(!root.join(".scrub.state.0190aa.tmp").exists());
+        assert!(root.join(".kept").exists() && root.join("kept.tmp").exists());
+        assert_eq!(fs::read(root.join(DISK_UUID_FILE)).unwrap(), uuid);
     }
 
     /// A shard file that cannot be opened at all (here a link that loops;
