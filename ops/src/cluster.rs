@@ -766,13 +766,10 @@ pub async fn open_index_unless_in_use(data_dir: &Path) -> Result<Offline> {
     // index, and an index opened here in between would keep that gateway
     // from starting (the whole cluster would stop).
     require_cluster(data_dir)?;
-    let lock = match try_lock_data_dir(data_dir)? {
-        Ok(lock) => lock,
-        Err(in_use) => {
-            return Ok(Offline::InUse(
-                in_use.context("opening the index offline (stop the gateway first)"),
-            ))
-        }
+    let Some(lock) = try_lock_data_dir(data_dir)? else {
+        return Ok(Offline::InUse(
+            in_use(data_dir).context("opening the index offline (stop the gateway first)"),
+        ));
     };
     let cluster = Cluster::load(data_dir)?;
     let store = open_index(&cluster.gateway.index_path).with_context(|| {
@@ -905,20 +902,21 @@ fn require_cluster(data_dir: &Path) -> Result<()> {
 /// lives: one process at a time owns a data directory's index, nodes and
 /// logs. Refuses when another holds it.
 pub fn lock_data_dir(data_dir: &Path) -> Result<fs::File> {
-    try_lock_data_dir(data_dir)?
+    try_lock_data_dir(data_dir)?.ok_or_else(|| in_use(data_dir))
 }
 
-/// DATA_DIR's lock, or (the inner error) that another process holds it.
-fn try_lock_data_dir(data_dir: &Path) -> Result<Result<fs::File>> {
+/// DATA_DIR's lock, or `None` while another process holds it.
+fn try_lock_data_dir(data_dir: &Path) -> Result<Option<fs::File>> {
     let path = data_dir.join(LOCK_FILE);
-    match storage_node::store::lock_file(&path) {
-        Ok(Some(file)) => Ok(Ok(file)),
-        Ok(None) => Ok(Err(anyhow::anyhow!(
-            "{} is in use by another custodia process (up, gateway or recover-index); stop it first",
-            data_dir.display()
-        ))),
-        Err(e) => Err(e).with_context(|| format!("locking {}", path.display())),
-    }
+    storage_node::store::lock_file(&path).with_context(|| format!("locking {}", path.display()))
+}
+
+/// That another process holds DATA_DIR's lock.
+fn in_use(data_dir: &Path) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{} is in use by another custodia process (up, gateway or recover-index); stop it first",
+        data_dir.display()
+    )
 }
 
 /// Creates `dir` (and its parents) with the node's own 0700 from the
