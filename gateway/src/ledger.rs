@@ -1153,10 +1153,15 @@ pub(crate) async fn check_published_tree<S: Store>(
     // In this order: the signed size, the archive, then the tree. Another
     // gateway integrating meanwhile writes a run only after committing its
     // leaves, so a run listed here is in the tree read after it.
-    let index_size = newest_checkpoint(gw, ledger)
-        .await
-        .map_err(|e| LedgerError::Tree(format!("the index's checkpoint: {e}")))?
-        .map_or(0, |(_, c)| c.size);
+    let signed_size = || async {
+        Ok::<_, LedgerError>(
+            newest_checkpoint(gw, ledger)
+                .await
+                .map_err(|e| LedgerError::Tree(format!("the index's checkpoint: {e}")))?
+                .map_or(0, |(_, c)| c.size),
+        )
+    };
+    let index_size = signed_size().await?;
     let archived = archived_end(&*ledger.openings, index_size).await?;
     let tree = indexer::run(&gw.store, |tx| async move { lx::tree_state_tx(&tx).await })
         .await
@@ -1188,10 +1193,7 @@ pub(crate) async fn check_published_tree<S: Store>(
     // since the index's size was read above: read again, the file being
     // written only after the index, before taking a larger file for a fork.
     let index_size = match cp.size > index_size {
-        true => newest_checkpoint(gw, ledger)
-            .await
-            .map_err(|e| LedgerError::Tree(format!("the index's checkpoint: {e}")))?
-            .map_or(0, |(_, c)| c.size),
+        true => signed_size().await?,
         false => index_size,
     };
     let fork = if cp.size > index_size {
