@@ -1790,7 +1790,7 @@ async fn file_evidence_rest<S: Store>(
                 schema::short_stripes_of_tx(&tx, evidence, STATUS_DEGRADED_LIMIT).await
             })
             .await?;
-            (header, true, degraded as u64)
+            (header, true, degraded)
         }
         Filing::Part { .. } => return Err(ApiError::Internal),
     };

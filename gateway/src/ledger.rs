@@ -668,12 +668,6 @@ impl Ledger {
             .await?)
     }
 
-    /// How many leaves from leaf 0 the openings archive covers without a
-    /// gap (see [`archive_coverage`]).
-    pub async fn archive_coverage(&self) -> Result<u64, LedgerError> {
-        archive_coverage(&*self.openings).await
-    }
-
     /// Every archived leaf from leaf 0 up to the first gap, in order (see
     /// [`lx::archive_chain`]).
     pub async fn read_archive(&self) -> Result<Vec<lx::ArchivedLeaf>, LedgerError> {
@@ -1233,10 +1227,9 @@ async fn archived_end(openings: &dyn ObjectStore, signed: u64) -> Result<Option<
     let mut furthest: Option<u64> = None;
     let mut folder = signed >> 16;
     loop {
-        let names = names_in(openings, &format!("{folder:07}")).await?;
-        let ends = names
-            .iter()
-            .filter_map(|(name, _)| lx::parse_archive_name(name))
+        let ends = folder_runs(openings, folder)
+            .await?
+            .into_iter()
             .map(|run| run.end)
             .max();
         let Some(end) = ends else {
@@ -1257,11 +1250,7 @@ async fn archived_end(openings: &dyn ObjectStore, signed: u64) -> Result<Option<
 async fn archive_coverage(openings: &dyn ObjectStore) -> Result<u64, LedgerError> {
     let (mut covered, mut folder) = (0u64, 0u64);
     while folder << 16 <= covered {
-        let mut ranges: Vec<std::ops::Range<u64>> = names_in(openings, &format!("{folder:07}"))
-            .await?
-            .iter()
-            .filter_map(|(name, _)| lx::parse_archive_name(name))
-            .collect();
+        let mut ranges = folder_runs(openings, folder).await?;
         ranges.sort_by_key(|r| r.start);
         for r in ranges {
             if r.start <= covered {
@@ -1271,6 +1260,19 @@ async fn archive_coverage(openings: &dyn ObjectStore) -> Result<u64, LedgerError
         folder += 1;
     }
     Ok(covered)
+}
+
+/// The leaf ranges of the runs the openings archive files in `folder`
+/// (those whose first leaf is in `folder << 16..(folder + 1) << 16`).
+async fn folder_runs(
+    openings: &dyn ObjectStore,
+    folder: u64,
+) -> Result<Vec<std::ops::Range<u64>>, LedgerError> {
+    Ok(names_in(openings, &format!("{folder:07}"))
+        .await?
+        .iter()
+        .filter_map(|(name, _)| lx::parse_archive_name(name))
+        .collect())
 }
 
 /// The names and sizes of the files of `store` under `folder`, in name
@@ -2915,7 +2917,7 @@ pub fn spawn_archive_check<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task:
                 continue;
             }
             let signed = newest_checkpoint(&gw, &ledger).await;
-            let covered = ledger.archive_coverage().await;
+            let covered = archive_coverage(&*ledger.openings).await;
             match (signed, covered) {
                 (Ok(signed), Ok(covered)) => {
                     let signed = signed.map_or(0, |(_, c)| c.size);

@@ -3474,10 +3474,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         // encoding-type=url: keys, prefixes and markers go out
         // percent-encoded, as from S3.
         let encode = url_encoded(input.encoding_type.as_ref());
-        let shown = |v: Option<String>| match encode {
-            true => v.as_deref().map(url_encode),
-            false => v,
-        };
+        let shown = |v| url_encoded_if(encode, v);
         Ok(S3Response::new(ListMultipartUploadsOutput {
             bucket: Some(input.bucket),
             prefix: shown(input.prefix),
@@ -3651,10 +3648,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         // percent-encoded, as from S3 (rclone decodes them whatever it is
         // told; a raw "a+b" would come back to it as "a b").
         let encode = url_encoded(input.encoding_type.as_ref());
-        let shown = |v: Option<String>| match encode {
-            true => v.as_deref().map(url_encode),
-            false => v,
-        };
+        let shown = |v| url_encoded_if(encode, v);
         if encode {
             for v in &mut versions {
                 v.key = v.key.as_deref().map(url_encode);
@@ -3715,10 +3709,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         // start-after go out percent-encoded: a key "a+b c" sent raw would
         // be read back as "a b c".
         let encode = url_encoded(input.encoding_type.as_ref());
-        let shown = |v: Option<String>| match encode {
-            true => v.as_deref().map(url_encode),
-            false => v,
-        };
+        let shown = |v| url_encoded_if(encode, v);
         let (delimiter, start_after) = (shown(input.delimiter), shown(input.start_after));
         let shown_prefix = encode_page(&mut page, input.encoding_type.as_ref(), input.prefix);
         Ok(S3Response::new(ListObjectsV2Output {
@@ -3785,10 +3776,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         // Encoded as V2 encodes: the marker and the delimiter too (botocore
         // decodes every one of them when it asked for the encoding).
         let encode = url_encoded(input.encoding_type.as_ref());
-        let shown = |v: Option<String>| match encode {
-            true => v.as_deref().map(url_encode),
-            false => v,
-        };
+        let shown = |v| url_encoded_if(encode, v);
         let next_marker = shown(next_marker);
         let has_delimiter = input.delimiter.is_some();
         let (delimiter, marker) = (shown(input.delimiter), shown(input.marker));
@@ -3806,6 +3794,15 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             common_prefixes: Some(page.prefixes),
             ..Default::default()
         }))
+    }
+}
+
+/// `v` as a listing shows it: percent-encoded when `encode` (the request's
+/// `encoding-type=url`), else as it is.
+fn url_encoded_if(encode: bool, v: Option<String>) -> Option<String> {
+    match encode {
+        true => v.as_deref().map(url_encode),
+        false => v,
     }
 }
 

@@ -998,7 +998,7 @@ async fn remove_null_version<T: Transaction>(
     now_ms: u64,
     bypass: bool,
 ) -> Result<Option<ObjectVersion>, ObjectError> {
-    let Some(v) = null_version(tx, bucket, key).await? else {
+    let Some(v) = null_version_tx(tx, bucket, key).await? else {
         return Ok(None);
     };
     if let Some(why) = removal_refused(tx, &v, now_ms, bypass).await? {
@@ -1015,14 +1015,15 @@ const NULL_SCAN_PAGE: usize = 10_000;
 /// few hundred thousand versions, and refuse every write to the key.
 const NULL_SCAN_MAX: usize = 100_000;
 
-/// The "null" version of `key` (one at most, as S3 has it), looked for
-/// newest first, a page at a time, among its newest [`NULL_SCAN_MAX`]
+/// The "null" version of `key` (written while versioning was not enabled;
+/// one at most, as S3 has it), delete marker or not, if there is one:
+/// looked for newest first, a page at a time, among its newest [`NULL_SCAN_MAX`]
 /// versions. A key written before versioning was enabled keeps its null
 /// version under every version since; looked for among the newest 10,000
 /// only, it was lost to `?versionId=null`, and to the next write while
 /// versioning is suspended (which then left two). One further back still
 /// is not found (said in the log): a pointer to it is not kept.
-async fn null_version<T: Transaction>(
+pub async fn null_version_tx<T: Transaction>(
     tx: &T,
     bucket: &str,
     key: &str,
@@ -1111,16 +1112,6 @@ pub async fn get_version_tx<T: Transaction>(
             .next()
             .ok_or(ObjectError::NoSuchKey),
     }
-}
-
-/// The "null" version of `key` (written while versioning was not enabled),
-/// delete marker or not, if there is one.
-pub async fn null_version_tx<T: Transaction>(
-    tx: &T,
-    bucket: &str,
-    key: &str,
-) -> Result<Option<ObjectVersion>, ObjectError> {
-    null_version(tx, bucket, key).await
 }
 
 /// Permanently removes one version, enforcing Object Lock in this

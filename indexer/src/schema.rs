@@ -1550,12 +1550,13 @@ pub async fn short_stripes_of_tx<T: Transaction>(
     tx: &T,
     evidence: EvidenceId,
     limit: usize,
-) -> Result<usize, SchemaError> {
+) -> Result<u64, SchemaError> {
     let from = evidence_key(DEGRADED, &evidence);
-    let mut to = from.clone();
-    to.extend_from_slice(&[0xff; 9]);
     let mut short = 0;
-    for (k, _) in tx.get_range(&from, &to, limit, false).await? {
+    for (k, _) in tx
+        .get_range(&from, &prefix_end(&from), limit, false)
+        .await?
+    {
         let (_, stripe) = degraded_key(&k)?;
         if get_stripe_tx(tx, evidence, stripe)
             .await?

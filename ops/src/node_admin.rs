@@ -179,7 +179,17 @@ pub fn act(api: &str, token: &str, id: u32, action: &str, force: bool) -> Result
 /// under way that may still hold shards on it unrecorded and the stripes
 /// whose lost copies the orphan sweep has yet to look for.
 pub fn stripes_left(api: &str, token: &str, id: u32) -> Result<u64> {
-    let v = crate::client::admin_call(api, token, "GET", &format!("/v1/admin/nodes/{id}"))?;
+    left_of(&node_detail(api, token, id)?)
+}
+
+/// The gateway's account of node `id` (`GET /v1/admin/nodes/{id}`: a walk
+/// of every stripe record).
+fn node_detail(api: &str, token: &str, id: u32) -> Result<Value> {
+    crate::client::admin_call(api, token, "GET", &format!("/v1/admin/nodes/{id}"))
+}
+
+/// [`stripes_left`], from the node's account `v`.
+fn left_of(v: &Value) -> Result<u64> {
     let uploads = v["uploads_in_flight"].as_u64().unwrap_or(0);
     // Copies the node may hold that the index lost track of: the removal
     // waits for the orphan sweep to look for them.
@@ -205,7 +215,8 @@ pub fn wait_drained(api: &str, token: &str, id: u32, patience: std::time::Durati
     }
     let (mut best, mut since) = (first, std::time::Instant::now());
     loop {
-        let left = stripes_left(api, token, id)?;
+        let detail = node_detail(api, token, id)?;
+        let left = left_of(&detail)?;
         bar.set_position(first.saturating_sub(left));
         if left == 0 {
             bar.finish_with_message(format!("node {id} holds no shard any stripe needs"));
@@ -218,14 +229,7 @@ pub fn wait_drained(api: &str, token: &str, id: u32, patience: std::time::Durati
             // Stripes repair does not move: parts of S3 multipart uploads
             // stored before parts could be found by id (they move once
             // completed, go once aborted or expired).
-            let detail =
-                crate::client::admin_call(api, token, "GET", &format!("/v1/admin/nodes/{id}")).ok();
-            let count = |field: &str| {
-                detail
-                    .as_ref()
-                    .and_then(|v| v[field].as_u64())
-                    .filter(|&n| n > 0)
-            };
+            let count = |field: &str| detail[field].as_u64().filter(|&n| n > 0);
             let mut parts = count("stripes_of_unfinished_uploads")
                 .map(|n| {
                     format!(

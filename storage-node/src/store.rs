@@ -267,6 +267,17 @@ impl Usage {
         self.bytes = self.bytes.saturating_sub(bytes);
         self.shards = self.shards.saturating_sub(1);
     }
+
+    /// A shard file of `old` bytes (if any) replaced by one of `new` (if
+    /// any).
+    fn replace(&mut self, old: Option<u64>, new: Option<u64>) {
+        if let Some(old) = old {
+            self.remove(old);
+        }
+        if let Some(new) = new {
+            self.add(new);
+        }
+    }
 }
 
 /// Shards on one local data directory. Cheap to share behind an `Arc`; all
@@ -620,13 +631,7 @@ impl ShardStore {
                 // The rename may have been done (the directory's fsync
                 // failed after it): the file there now is what is counted.
                 if let Ok(now) = file_len(&dir.join(&name)) {
-                    let mut usage = self.lock_usage();
-                    if let Some(old) = old_len {
-                        usage.remove(old);
-                    }
-                    if let Some(now) = now {
-                        usage.add(now);
-                    }
+                    self.lock_usage().replace(old_len, now);
                 }
                 return Err(e.into());
             }
@@ -634,13 +639,7 @@ impl ShardStore {
         if refused {
             self.direct_refused();
         }
-        {
-            let mut usage = self.lock_usage();
-            if let Some(old) = old_len {
-                usage.remove(old);
-            }
-            usage.add(written);
-        }
+        self.lock_usage().replace(old_len, Some(written));
         // A small copy stored earlier would shadow the new file.
         self.log.delete(&key, None)?;
         Ok(())
@@ -1399,14 +1398,7 @@ impl ShardStore {
         if quarantine.join(&name).exists() {
             return;
         }
-        let named = durable_write_with(
-            &self.root.join(TMP_DIR),
-            &quarantine,
-            &name,
-            &[],
-            0o644,
-            false,
-        );
+        let named = durable_write(&self.root.join(TMP_DIR), &quarantine, &name, &[], 0o644);
         if let Err(e) = named {
             tracing::warn!(shard = %key, error = %e, "could not name an unreadable shard in quarantine");
         }
