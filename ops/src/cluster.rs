@@ -738,21 +738,26 @@ pub async fn issue_credentials<S: indexer::KvStore>(
 /// Opens DATA_DIR's embedded index directly, which the gateway must not
 /// hold open. An index a newer version of Custodia wrote is refused, as the
 /// gateway refuses it.
-///
-/// The lock comes first, to be bound first (`let (_lock, store) = ...`):
-/// bindings are dropped in reverse, so the index closes before the lock is
-/// released, and a gateway taking the lock at once can open it.
-pub async fn open_index_offline(data_dir: &Path) -> Result<(fs::File, indexer::EmbeddedStore)> {
+pub async fn open_index_offline(data_dir: &Path) -> Result<OfflineIndex> {
     match open_index_unless_in_use(data_dir).await? {
-        Offline::Opened(lock, store) => Ok((lock, store)),
+        Offline::Opened(index) => Ok(index),
         Offline::InUse(why) => Err(why),
     }
 }
 
-/// DATA_DIR's index, opened offline (after its lock: see
-/// [`open_index_offline`]), or why another process has it.
+/// DATA_DIR's index opened offline, with DATA_DIR's lock held as long as
+/// it lives.
+pub struct OfflineIndex {
+    /// Declared before the lock: fields drop in order, so the index closes
+    /// before the lock is released, and a gateway taking the lock at once
+    /// can open it.
+    pub store: indexer::EmbeddedStore,
+    _lock: fs::File,
+}
+
+/// DATA_DIR's index, opened offline, or why another process has it.
 pub enum Offline {
-    Opened(fs::File, indexer::EmbeddedStore),
+    Opened(OfflineIndex),
     /// Another custodia process (a gateway, most likely) holds DATA_DIR:
     /// the commands that can, ask the running gateway instead.
     InUse(anyhow::Error),
@@ -779,7 +784,7 @@ pub async fn open_index_unless_in_use(data_dir: &Path) -> Result<Offline> {
         )
     })?;
     gateway::api::check_index_format(&store).await?;
-    Ok(Offline::Opened(lock, store))
+    Ok(Offline::Opened(OfflineIndex { store, _lock: lock }))
 }
 
 /// Opens an initialised cluster's index, which must be there: opened where

@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 use std::path::Path;
 
 pub async fn rotate_key(data_dir: &Path, origin: &str) -> Result<()> {
-    let (_lock, store) = cluster::open_index_offline(data_dir).await?;
+    let index = cluster::open_index_offline(data_dir).await?;
     let _edit = cluster::lock_cluster_edits(data_dir)?;
     let mut cluster = Cluster::load(data_dir)?;
     let Some(ledger) = cluster.gateway.ledger.as_mut() else {
@@ -80,10 +80,12 @@ pub async fn rotate_key(data_dir: &Path, origin: &str) -> Result<()> {
         Some(published)
     };
     let resigned = match &old_vkey {
-        Some(old) => gateway::ledger::resign_newest_checkpoint(&store, old, &next, origin).await?,
+        Some(old) => {
+            gateway::ledger::resign_newest_checkpoint(&index.store, old, &next, origin).await?
+        }
         None => None,
     };
-    drop(store);
+    drop(index.store);
 
     let kept_vkey = data_dir.join(format!(
         "{LEDGER_VKEY_FILE}.{}",

@@ -748,8 +748,8 @@ async fn run(cli: Cli) -> Result<()> {
             })?;
             let profile = format!("{tenant}-{role}");
             let c = match cluster::open_index_unless_in_use(&data_dir).await? {
-                cluster::Offline::Opened(_lock, store) => {
-                    cluster::issue_credentials(&store, &tenant, parsed, bypass_governance).await?
+                cluster::Offline::Opened(index) => {
+                    cluster::issue_credentials(&index.store, &tenant, parsed, bypass_governance).await?
                 }
                 // Separation of duties: the admin API never grants expunger.
                 cluster::Offline::InUse(e) if matches!(parsed, indexer::schema::Role::Expunger) => {
@@ -836,14 +836,14 @@ async fn run(cli: Cli) -> Result<()> {
             // token file is compared with.
             let mut token_hash = token.as_deref().map(indexer::schema::token_hash);
             let revoked = match cluster::open_index_unless_in_use(&data_dir).await? {
-                cluster::Offline::Opened(_lock, store) => {
+                cluster::Offline::Opened(index) => {
                     if let Some(id) = &token_id {
-                        token_hash = match gateway::credentials::resolve_token_id(&store, id).await
-                        {
-                            Ok(hash) => Some(hash),
-                            Err(gateway::credentials::TokenIdError::Unknown(_)) => None,
-                            Err(e) => return Err(e.into()),
-                        };
+                        token_hash =
+                            match gateway::credentials::resolve_token_id(&index.store, id).await {
+                                Ok(hash) => Some(hash),
+                                Err(gateway::credentials::TokenIdError::Unknown(_)) => None,
+                                Err(e) => return Err(e.into()),
+                            };
                     }
                     // Into the ledger's openings archive first, as the API
                     // does: `recover-index` restores the credentials
@@ -861,8 +861,12 @@ async fn run(cli: Cli) -> Result<()> {
                         .await
                         .context("the revocation could not be archived, so nothing was revoked")?;
                     }
-                    gateway::credentials::revoke(&store, token_hash.as_ref(), access_key.as_deref())
-                        .await?
+                    gateway::credentials::revoke(
+                        &index.store,
+                        token_hash.as_ref(),
+                        access_key.as_deref(),
+                    )
+                    .await?
                 }
                 cluster::Offline::InUse(offline) => {
                     let (api, admin) = cluster::running_gateway(&data_dir, api.as_deref())
@@ -966,8 +970,8 @@ async fn run(cli: Cli) -> Result<()> {
             data_dir,
             api,
         }) => {
-            let (_lock, store) = match cluster::open_index_unless_in_use(&data_dir).await? {
-                cluster::Offline::Opened(lock, store) => (lock, store),
+            let index = match cluster::open_index_unless_in_use(&data_dir).await? {
+                cluster::Offline::Opened(index) => index,
                 cluster::Offline::InUse(offline) => {
                     // The gateway holds the index: ask it, as the admin.
                     let (api, token) = cluster::running_gateway(&data_dir, api.as_deref())
@@ -992,7 +996,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0);
-            if cluster::create_tenant(&store, &name, now).await? {
+            if cluster::create_tenant(&index.store, &name, now).await? {
                 println!("tenant {name} created");
             } else {
                 println!("tenant {name} already exists");

@@ -338,7 +338,7 @@ async fn restore_credentials<S: indexer::KvStore>(
 /// (shards no filing in the archive names), or lets GC collect it: all of
 /// it, or the ids given.
 pub async fn release_unclaimed(data_dir: &Path, list: bool, ids: &[String]) -> Result<()> {
-    let (_lock, store) = crate::cluster::open_index_offline(data_dir).await?;
+    let index = crate::cluster::open_index_offline(data_dir).await?;
     let chosen = ids
         .iter()
         .map(|s| {
@@ -346,7 +346,7 @@ pub async fn release_unclaimed(data_dir: &Path, list: bool, ids: &[String]) -> R
                 .map_err(|_| anyhow::anyhow!("{s:?} is not an evidence id"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let held = indexer::run(&store, |tx| async move {
+    let held = indexer::run(&index.store, |tx| async move {
         indexer::schema::unclaimed_tx(&tx, 0).await
     })
     .await
@@ -369,7 +369,7 @@ pub async fn release_unclaimed(data_dir: &Path, list: bool, ids: &[String]) -> R
         chosen
     };
     for chunk in release.chunks(512) {
-        indexer::run(&store, |tx| async move {
+        indexer::run(&index.store, |tx| async move {
             for id in chunk {
                 indexer::schema::release_unclaimed_tx(&tx, *id);
             }
