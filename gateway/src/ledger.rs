@@ -2957,11 +2957,8 @@ pub fn spawn_witnessing<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::Jo
     }
     Some(tokio::spawn(async move {
         let agent = outside_agent(Duration::from_secs(5), false);
-        // The size each witness is at, as far as we know (it tells us on
-        // 409), and whether it cosigned that size for us: one merely at
-        // our size (it said so, another gateway of this log got there
-        // first) is still asked for its cosignature.
-        let mut seen: Vec<(Option<u64>, bool)> = vec![(None, false); ledger.witnesses.len()];
+        // Where each witness is, as far as we know (it tells us on 409).
+        let mut seen = vec![WitnessAt::Unknown; ledger.witnesses.len()];
         let mut tick = tokio::time::interval(ledger.witness_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -2973,22 +2970,22 @@ pub fn spawn_witnessing<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::Jo
             let count = ledger.witnesses.len();
             let rounds = ledger.witnesses.iter().zip(seen.iter()).enumerate().map(|(i, (w, seen))| {
                 let (gw, agent, newest) = (&gw, &agent, &newest);
-                let (seen, cosigned) = *seen;
+                let seen = *seen;
                 let which = (i, count, w);
                 async move {
-                    if cosigned && seen == Some(newest.1.size) {
-                        return (seen, true);
+                    if seen == WitnessAt::Cosigned(newest.1.size) {
+                        return seen;
                     }
-                    match witness_once(gw, agent, which, seen.unwrap_or(0), newest).await {
-                        Ok(Cosigned::Yes) => (Some(newest.1.size), true),
+                    match witness_once(gw, agent, which, seen.size(), newest).await {
+                        Ok(Cosigned::Yes) => WitnessAt::Cosigned(newest.1.size),
                         Ok(Cosigned::Inconsistent) => {
-                            forked(gw, w, seen.unwrap_or(0), newest.1.size);
-                            (None, false)
+                            forked(gw, w, seen.size(), newest.1.size);
+                            WitnessAt::Unknown
                         }
                         // It is at another size: retry at once from there.
                         Ok(Cosigned::Behind(size)) => {
                             match witness_once(gw, agent, which, size, newest).await {
-                                Ok(Cosigned::Yes) => (Some(newest.1.size), true),
+                                Ok(Cosigned::Yes) => WitnessAt::Cosigned(newest.1.size),
                                 // Sent from its own size and refused again at
                                 // ours: it holds another tree of our size.
                                 // (Beyond ours is another gateway of this log
@@ -3001,32 +2998,32 @@ pub fn spawn_witnessing<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::Jo
                                 // tree cosigns; only another tree is refused.
                                 Ok(Cosigned::Behind(s)) if s == newest.1.size => {
                                     match witness_once(gw, agent, which, s, newest).await {
-                                        Ok(Cosigned::Yes) => (Some(s), true),
+                                        Ok(Cosigned::Yes) => WitnessAt::Cosigned(s),
                                         Ok(Cosigned::Behind(again)) if again == s => {
                                             forked(gw, w, s, newest.1.size);
-                                            (None, false)
+                                            WitnessAt::Unknown
                                         }
-                                        Ok(_) => (None, false),
+                                        Ok(_) => WitnessAt::Unknown,
                                         Err(e) => {
                                             tracing::warn!(witness = %w.url, error = %e, "witness did not cosign");
-                                            (None, false)
+                                            WitnessAt::Unknown
                                         }
                                     }
                                 }
                                 Ok(Cosigned::Inconsistent) => {
                                     forked(gw, w, size, newest.1.size);
-                                    (None, false)
+                                    WitnessAt::Unknown
                                 }
-                                Ok(Cosigned::Behind(s)) => (Some(s), false),
+                                Ok(Cosigned::Behind(s)) => WitnessAt::At(s),
                                 Err(e) => {
                                     tracing::warn!(witness = %w.url, error = %e, "witness did not cosign");
-                                    (Some(size), false)
+                                    WitnessAt::At(size)
                                 }
                             }
                         }
                         Err(e) => {
                             tracing::warn!(witness = %w.url, error = %e, "witness did not cosign");
-                            (seen, false)
+                            seen.uncosigned()
                         }
                     }
                 }
@@ -3034,6 +3031,34 @@ pub fn spawn_witnessing<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::Jo
             seen = futures::future::join_all(rounds).await;
         }
     }))
+}
+
+/// Where a witness is, as far as this gateway knows: a size it said it
+/// is at (another gateway of this log got it there), or one it cosigned
+/// for this gateway. Only a size cosigned is not sent again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WitnessAt {
+    Unknown,
+    At(u64),
+    Cosigned(u64),
+}
+
+impl WitnessAt {
+    /// The size a checkpoint is sent from (its consistency proof's old size).
+    fn size(self) -> u64 {
+        match self {
+            WitnessAt::Unknown => 0,
+            WitnessAt::At(s) | WitnessAt::Cosigned(s) => s,
+        }
+    }
+
+    /// The same size, not (or no longer) known cosigned.
+    fn uncosigned(self) -> Self {
+        match self {
+            WitnessAt::Cosigned(s) => WitnessAt::At(s),
+            other => other,
+        }
+    }
 }
 
 enum Cosigned {
