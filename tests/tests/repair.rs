@@ -1197,17 +1197,21 @@ fn a_quarantined_shard_is_not_taken_for_a_restored_disk() -> Result<()> {
         ("scrub_bytes_per_sec", toml::Value::Integer(64 << 20)),
         ("scrub_pass_interval_secs", toml::Value::Integer(1)),
     ])?;
-    let files = c.shard_files(4);
-    let [victim] = files.as_slice() else {
-        bail!("node 4 holds {} shards, not the one filed", files.len());
-    };
-    flip_last_byte(victim)?;
-    let quarantine = c.node_dir(4).join("quarantine");
+    // A node placement gave one of the filing's shards (its one stripe
+    // goes to six of the eight nodes, chosen by its id).
+    let (node, victim) = (0..8u32)
+        .find_map(|n| match c.shard_files(n).as_slice() {
+            [one] => Some((n, one.clone())),
+            _ => None,
+        })
+        .context("no node holds exactly one shard of the filing")?;
+    flip_last_byte(&victim)?;
+    let quarantine = c.node_dir(node).join("quarantine");
     let quarantined = custodia_tests::eventually(30, || {
         std::fs::read_dir(&quarantine).is_ok_and(|d| d.count() > 0)
     });
     assert!(quarantined, "the scrubber never quarantined the shard");
-    // Ten probes of node 4.
+    // Ten probes of the node.
     std::thread::sleep(std::time::Duration::from_secs(3));
     let log = std::fs::read_to_string(c.data_dir().join("gateway.log"))?;
     assert!(
