@@ -445,8 +445,12 @@ pub fn auth_refusal<B>(req: &http::Request<B>, now_secs: u64) -> Option<Refused>
                   Please use AWS4-HMAC-SHA256."
             .into(),
     };
+    // s3s takes any first word of a header for SigV4's (its string to sign
+    // always names AWS4-HMAC-SHA256), while the check of the signed
+    // `x-amz-*` headers below reads only a header that names it: any other
+    // word would pass unsigned headers through.
     if let Some(auth) = req.headers().get(http::header::AUTHORIZATION) {
-        if auth.as_bytes().starts_with(b"AWS ") {
+        if !auth.as_bytes().starts_with(b"AWS4-HMAC-SHA256 ") {
             return Some(v2());
         }
     }
@@ -727,14 +731,16 @@ fn unsigned_amz_headers<B>(req: &http::Request<B>) -> Vec<String> {
             .headers()
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("AWS4-HMAC-SHA256"))
-            .and_then(|v| {
+            .and_then(|v| v.strip_prefix("AWS4-HMAC-SHA256 "))
+            .map(|v| {
+                // None named: none signed.
                 v.split(',')
                     .find_map(|part| part.trim().strip_prefix("SignedHeaders="))
-                    .map(str::to_owned)
+                    .map_or_else(String::new, str::to_owned)
             }),
     };
-    // Not SigV4: s3s refuses it or (SigV2) signs the headers itself.
+    // Not signed by a header or a query: anonymous, which is refused (any
+    // other Authorization header is refused by `auth_refusal`).
     let Some(signed) = signed else {
         return Vec::new();
     };
@@ -985,6 +991,27 @@ mod tests {
             ("x-amz-bypass-governance-retention", "true"),
         ];
         assert_eq!(refused("/b/k", &headers), None);
+        // s3s checks a SigV4 signature whatever the header's first word:
+        // only AWS4-HMAC-SHA256 is taken, so no other word can carry an
+        // unsigned header past this check.
+        for word in ["aws4-hmac-sha256", "X", "AWS4-HMAC-SHA256X"] {
+            let renamed = bypass.replacen("AWS4-HMAC-SHA256", word, 1);
+            let headers = [
+                ("authorization", renamed.as_str()),
+                ("x-amz-date", "20261205T000000Z"),
+                ("x-amz-bypass-governance-retention", "true"),
+            ];
+            let (code, _) = refused("/b/k", &headers).expect("refused");
+            assert_eq!(code, "InvalidRequest", "{word}");
+        }
+        // A header naming no signed headers signs none.
+        let unnamed =
+            "AWS4-HMAC-SHA256 Credential=AK/20261205/us-east-1/s3/aws4_request, Signature=00";
+        let headers = [
+            ("authorization", unnamed),
+            ("x-amz-bypass-governance-retention", "true"),
+        ];
+        assert_eq!(refused("/b/k", &headers).map(|r| r.0), Some("AccessDenied"));
         // What clients add around a signed request, and what is not x-amz-.
         let around = auth("host;x-amz-date");
         let headers = [
