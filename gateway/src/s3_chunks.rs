@@ -253,6 +253,21 @@ where
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            // s3s takes a body that ends between chunks for a whole one.
+            // With a Content-Length the upload's length check catches it;
+            // sent chunked (`Transfer-Encoding`), only the missing final
+            // chunk tells that the body was cut short, and the signed
+            // chunks before it would be filed as the whole object.
+            Poll::Ready(None) if !matches!(this.framing.state, State::Done) => {
+                Poll::Ready(Some(Err(crate::s3_digest::refuse(
+                    &this.verdict,
+                    Refused {
+                        code: "IncompleteBody",
+                        status: http::StatusCode::BAD_REQUEST,
+                        message: "the aws-chunked body ended before its final (empty) chunk".into(),
+                    },
+                ))))
+            }
             other => other.map(|f| f.map(|r| r.map_err(Into::into))),
         }
     }
@@ -392,6 +407,35 @@ mod tests {
             feed_in(&b, &[b';'; MAX_LINE + 1], 64),
             Err("InvalidRequest")
         );
+    }
+
+    /// A body that ends before its final empty chunk fails, saying so;
+    /// one that has it ends.
+    #[test]
+    fn a_body_cut_short_between_chunks_fails() {
+        use http_body_util::BodyExt;
+        let collect = |bytes: Vec<u8>| {
+            let (req, verdict) = wrap(
+                http::Request::new(http_body_util::Full::new(Bytes::from(bytes))),
+                budget(),
+            );
+            let got = futures::executor::block_on(req.into_body().collect());
+            let code = verdict.lock().unwrap().take().map(|r| r.code);
+            (
+                got.map(|c| c.to_bytes().len()).map_err(|e| e.to_string()),
+                code,
+            )
+        };
+        let whole = body(&[10, 20]);
+        assert_eq!(collect(whole.clone()), (Ok(whole.len()), None));
+        // Cut after the second chunk's data: every byte so far framed well.
+        let tail = format!("0;chunk-signature={}\r\n", "0".repeat(64)).len()
+            + b"x-amz-checksum-crc32:AAAAAA==\r\n\r\n".len();
+        let cut = whole.len() - tail;
+        assert!(whole[..cut].ends_with(b"a\r\n"));
+        let (got, code) = collect(whole[..cut].to_vec());
+        assert!(got.is_err());
+        assert_eq!(code, Some("IncompleteBody"));
     }
 
     /// After the last chunk, whatever follows (the trailers) passes.

@@ -254,6 +254,42 @@ fn aws_chunked_trailers_are_verified_after_the_last_byte() -> Result<()> {
             }
         }
     }
+    // Sent chunked (no Content-Length, so no length to fall short of) and
+    // cut off after whole chunks, before the final empty one: refused as
+    // incomplete, not filed as if those chunks were all.
+    let mut framed = Vec::new();
+    for chunk in data[..65_536].chunks(16_384) {
+        framed.extend(format!("{:x}\r\n", chunk.len()).bytes());
+        framed.extend(chunk);
+        framed.extend(b"\r\n");
+    }
+    let file = c.data_dir().join("cut.chunked");
+    std::fs::write(&file, &framed)?;
+    let url = format!("{}/trail/cut", c.s3);
+    let (h, body) = curl(
+        &c,
+        "PUT",
+        &url,
+        &[
+            "-H",
+            "x-amz-content-sha256: STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+            "-H",
+            "content-encoding: aws-chunked",
+            "-H",
+            &format!("x-amz-decoded-content-length: {}", data.len()),
+            "-H",
+            "x-amz-trailer: x-amz-checksum-sha256",
+            "-H",
+            "transfer-encoding: chunked",
+            "--data-binary",
+            &format!("@{}", file.display()),
+        ],
+    )?;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert!(h.starts_with("http/1.1 400"), "cut: {h}{body}");
+    assert!(body.contains("<Code>IncompleteBody</Code>"), "cut: {body}");
+    let (h, _) = curl(&c, "HEAD", &url, &[])?;
+    assert!(h.starts_with("http/1.1 404"), "cut: nothing stored: {h}");
     // A whole object in one chunk, as the Go SDK sends it unsigned (s3s
     // holds a chunk whole, charged to the receive budget): stored.
     let whole = bytes(3 << 20, 10);
