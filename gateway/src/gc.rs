@@ -255,6 +255,7 @@ impl LeaseWatch {
 /// collected; returns how many.
 pub async fn collect_once<S: Store>(gw: &Gateway<S>, watch: &mut LeaseWatch) -> usize {
     let (mut aborted, mut live, mut after) = (Vec::new(), Vec::new(), None);
+    let mut listed = true;
     loop {
         let page = indexer::run(&gw.store, |tx| async move {
             schema::intents_tx(&tx, after, INTENTS_PER_READ).await
@@ -263,13 +264,21 @@ pub async fn collect_once<S: Store>(gw: &Gateway<S>, watch: &mut LeaseWatch) -> 
         let page = match page {
             Ok(page) => page,
             Err(e) => {
+                // The rest of the pass (expunges, multipart expiry) does
+                // not depend on the intents: it runs all the same.
                 tracing::warn!(error = %e, "GC could not list upload intents");
-                return 0;
+                listed = false;
+                break;
             }
         };
         let full = page.len() == INTENTS_PER_READ;
         after = page.last().map(|(id, _)| *id);
         for (evidence, rec) in page {
+            let Some(rec) = rec else {
+                // Damaged, or a newer gateway's: that gateway collects it.
+                tracing::warn!(%evidence, "an upload intent this gateway cannot decode; left to a gateway that can");
+                continue;
+            };
             if rec.aborted {
                 aborted.push(evidence);
             } else {
@@ -283,7 +292,11 @@ pub async fn collect_once<S: Store>(gw: &Gateway<S>, watch: &mut LeaseWatch) -> 
             break;
         }
     }
-    let stale = watch.observe(std::time::Instant::now(), &live);
+    // A partial list would restart the watch of the intents it missed.
+    let stale = match listed {
+        true => watch.observe(std::time::Instant::now(), &live),
+        false => Vec::new(),
+    };
     for evidence in &aborted {
         tracing::info!(%evidence, "collecting an aborted upload");
         abort_and_delete(gw, *evidence, Abort::Failed).await;

@@ -505,8 +505,12 @@ pub async fn recover_index<S: Store>(
             })
             .collect();
         if expunged {
-            // Only the tombstone, and the shards still on nodes for garbage
-            // collection to delete.
+            // Only the tombstone, the shards still on nodes for garbage
+            // collection to delete, and the erasure to finish: whether
+            // it was finished is not known (a node down now, or one that
+            // could not erase its quarantined copies, may hold bytes the
+            // listing did not show). GC asks every node again; a node that
+            // erased it answers at once.
             let left: Vec<(u64, StripeRecord)> = stripes
                 .into_iter()
                 .filter(|(_, slots)| slots.iter().any(|copies| !copies.is_empty()))
@@ -514,9 +518,9 @@ pub async fn recover_index<S: Store>(
                 .collect();
             write_stripes(gw, id, &left, &[]).await?;
             indexer::run(&gw.store, |tx| {
-                let (header, left) = (&header, &left);
+                let header = &header;
                 async move {
-                    schema::restore_expunged_tx(&tx, header, !left.is_empty());
+                    schema::restore_expunged_tx(&tx, header);
                     Ok::<_, SchemaError>(())
                 }
             })

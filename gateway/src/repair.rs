@@ -777,7 +777,16 @@ pub(crate) async fn live_intents<S: Store>(gw: &Gateway<S>) -> Result<Vec<Eviden
         let Some(&(last, _)) = batch.last() else {
             return Ok(live);
         };
-        live.extend(batch.iter().filter(|(_, r)| !r.aborted).map(|(e, _)| *e));
+        for (evidence, rec) in &batch {
+            match rec {
+                Some(r) if r.aborted => {}
+                Some(_) => live.push(*evidence),
+                // Its upload cannot be followed here (see `collect_once`).
+                None => {
+                    tracing::warn!(%evidence, "an upload intent this gateway cannot decode; not waited on")
+                }
+            }
+        }
         after = Some(last);
     }
 }

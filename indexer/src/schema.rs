@@ -844,12 +844,13 @@ pub async fn forget_aborted_stripes_tx<T: Transaction>(
 
 /// Up to `limit` upload intents after `after` (from the first when `None`),
 /// in evidence order: live ones GC watches for renewals, aborted ones it
-/// collects.
+/// collects. A record this version cannot decode (damaged, or a newer
+/// version's) is `None`: one such must not stop the walk past it.
 pub async fn intents_tx<T: Transaction>(
     tx: &T,
     after: Option<EvidenceId>,
     limit: usize,
-) -> Result<Vec<(EvidenceId, IntentRecord)>, SchemaError> {
+) -> Result<Vec<(EvidenceId, Option<IntentRecord>)>, SchemaError> {
     let from = match after {
         Some(id) => {
             let mut k = evidence_key(INTENT, &id);
@@ -860,7 +861,7 @@ pub async fn intents_tx<T: Transaction>(
     };
     let rows = tx.get_range(&from, &[INTENT + 1], limit, false).await?;
     rows.into_iter()
-        .map(|(k, v)| Ok((evidence_from(&k[1..])?, decode_intent(&v)?)))
+        .map(|(k, v)| Ok((evidence_from(&k[1..])?, decode_intent(&v).ok())))
         .collect()
 }
 
@@ -1420,14 +1421,13 @@ pub fn restore_manifest_tx<T: Transaction>(
     Ok(())
 }
 
-/// Writes the tombstone of evidence that `recover-index` found expunged;
-/// with `shards_left`, garbage collection deletes the shards still on nodes
-/// (their stripe records written alongside), as after [`expunge_tx`].
-pub fn restore_expunged_tx<T: Transaction>(tx: &T, header: &ManifestHeader, shards_left: bool) {
+/// Writes the tombstone of evidence that `recover-index` found expunged,
+/// its erasure unfinished: garbage collection deletes the shards still on
+/// nodes (their stripe records written alongside) and has every node erase
+/// what else it holds, as after [`expunge_tx`].
+pub fn restore_expunged_tx<T: Transaction>(tx: &T, header: &ManifestHeader) {
     tx.set(&evidence_key(EXPUNGED, &header.evidence), &header.encode());
-    if shards_left {
-        tx.set(&evidence_key(EXPUNGING, &header.evidence), b"");
-    }
+    tx.set(&evidence_key(EXPUNGING, &header.evidence), b"");
 }
 
 /// The header of evidence whether visible or expunged (the ledger's

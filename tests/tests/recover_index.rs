@@ -1048,3 +1048,71 @@ fn a_log_restored_from_its_archive_alone_is_published_again_in_pieces() -> Resul
     }
     Ok(())
 }
+
+/// An expunge still waiting on a node that was down when the index was
+/// lost is finished after `recover-index`: the listing that rebuilt the
+/// index could not see that node's copies, yet once it is back it erases
+/// them (the erasure is taken up again for every expunge recovered).
+#[test]
+fn an_expunge_unfinished_when_the_index_was_lost_is_finished_after_recovery() -> Result<()> {
+    let mut c = TestCluster::start(Shape {
+        nodes: 5,
+        k: 2,
+        m: 1,
+        ..Shape::default()
+    })?;
+    c.set_gateway(&[("gc_interval_ms", toml::Value::Integer(500))])?;
+    let key = std::fs::read_to_string(c.data_dir().join("ledger.vkey"))?
+        .trim()
+        .to_owned();
+    c.stop_gateway();
+    let out = c.custodia(&["key", "create", "--tenant", "admin", "--role", "expunger"])?;
+    let expunger = String::from_utf8(out.stdout)?
+        .lines()
+        .find_map(|l| l.strip_prefix("custodia_token = "))
+        .context("no expunger token")?
+        .to_owned();
+    c.start_gateway()?;
+    c.wait_healthy(5)?;
+    let data = bytes(30_000, 71);
+    let id = c.file_id(&data)?;
+    let piece = &data[100..132];
+    let holder = c
+        .node_files_holding(piece)
+        .first()
+        .and_then(|f| (0..5).find(|&i| f.starts_with(c.node_dir(i))))
+        .context("no node holds the first shard")?;
+    c.kill_node(holder);
+    let order = serde_json::json!({ "order": "Order 2026-92 of the District Court" });
+    let a = agent()
+        .post(format!("{}/v1/evidence/{id}/expunge", c.api))
+        .header("authorization", &format!("Bearer {expunger}"))
+        .send_json(order)?;
+    ensure!(a.status() == 200, "expunge: {}", a.status());
+    let published =
+        custodia_tests::eventually(10, || checkpoint(&c, &key).is_ok_and(|cp| cp.size >= 2));
+    assert!(published, "the filing and its expunge under a checkpoint");
+    assert_eq!(
+        c.node_files_holding(piece).len(),
+        1,
+        "only the node down holds it"
+    );
+
+    c.kill_gateway();
+    let index = c.data_dir().join("index.redb");
+    let len = std::fs::metadata(&index)?.len() as usize;
+    std::fs::write(&index, bytes(len, 72))?;
+    let said = recovered(&c, &["--allow-down-nodes"])?;
+    assert!(said.contains("1 expunged"), "{said}");
+    c.start_gateway()?;
+    c.wait_healthy(4)?;
+    c.start_node_and_wait(holder)?;
+    assert!(
+        custodia_tests::eventually(60, || c.node_files_holding(piece).is_empty()),
+        "expunged bytes left after recovery in {:?}",
+        c.node_files_holding(piece)
+    );
+    let a = c.get_with(&c.token, &format!("/v1/evidence/{id}"), &[])?;
+    assert_eq!(a.status, 410, "still expunged after recovery");
+    Ok(())
+}
