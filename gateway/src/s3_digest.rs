@@ -13,9 +13,11 @@
 //! 400 with S3's XML error body, and nothing is changed. Malformed digest
 //! headers are refused up front (`InvalidDigest`, `InvalidRequest`).
 //!
-//! Not covered: a document sent aws-chunked (`STREAMING-*`), which `s3s`
-//! decodes and whose chunk signatures it checks; clients send documents
-//! whole.
+//! A document sent aws-chunked is taken only with signed chunks
+//! (`STREAMING-AWS4-HMAC-SHA256-PAYLOAD*`), whose signatures `s3s` checks;
+//! unsigned chunks (`STREAMING-UNSIGNED-PAYLOAD-TRAILER`) carry their
+//! checksum in a trailer nothing here reads, so they are refused (400
+//! InvalidRequest). Clients send documents whole.
 use bytes::Bytes;
 use s3s::crypto::Checksum as _;
 use std::pin::Pin;
@@ -75,6 +77,14 @@ pub(crate) fn streaming(headers: &http::HeaderMap) -> bool {
         .get("x-amz-content-sha256")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("STREAMING-"))
+}
+
+/// Whether the body is sent aws-chunked with each chunk signed.
+fn streaming_signed(headers: &http::HeaderMap) -> bool {
+    headers
+        .get("x-amz-content-sha256")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("STREAMING-AWS4-HMAC-SHA256-PAYLOAD"))
 }
 
 /// Whether the request carries a digest of its whole body: `Content-MD5`,
@@ -681,6 +691,16 @@ const DIGEST_REQUIRED: [(&http::Method, &str); 4] = [
 /// object_store all send one.
 pub fn digest_refusal<B>(req: &http::Request<B>) -> Option<Refused> {
     let method = req.method();
+    let document = (method == http::Method::PUT || method == http::Method::POST)
+        && (query_keys(req).any(|k| DOCUMENTS.contains(&k.as_str())) || completes_upload(req));
+    if document && streaming(req.headers()) && !streaming_signed(req.headers()) {
+        return Some(Refused::new(
+            "InvalidRequest",
+            "an XML document sent aws-chunked must have signed chunks \
+             (STREAMING-AWS4-HMAC-SHA256-PAYLOAD); send it whole, with Content-MD5 or an \
+             x-amz-checksum- header",
+        ));
+    }
     let needs = query_keys(req).any(|k| {
         DIGEST_REQUIRED
             .iter()
@@ -690,7 +710,7 @@ pub fn digest_refusal<B>(req: &http::Request<B>) -> Option<Refused> {
         return None;
     }
     let headers = req.headers();
-    let digest = has_digest(headers) || streaming(headers);
+    let digest = has_digest(headers) || streaming_signed(headers);
     (!digest).then(|| {
         Refused::new(
             "InvalidRequest",
@@ -798,7 +818,7 @@ mod tests {
                     "x-amz-content-sha256",
                     "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
                 ),
-                ("x-amz-content-sha256", "STREAMING-UNSIGNED-PAYLOAD-TRAILER"),
+                ("x-amz-content-sha256", "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"),
             ] {
                 assert_eq!(
                     code(method, uri, &[digest]),
@@ -806,7 +826,29 @@ mod tests {
                     "{method} {uri} {digest:?}"
                 );
             }
+            // Unsigned chunks: their trailer's checksum is read by nobody
+            // here, so not even a Content-MD5 beside them is a digest.
+            let chunked = ("x-amz-content-sha256", "STREAMING-UNSIGNED-PAYLOAD-TRAILER");
+            let md5 = ("content-md5", "1B2M2Y8AsgTpgAmY7PhCfg==");
+            for headers in [&[chunked][..], &[chunked, md5]] {
+                assert_eq!(
+                    code(method, uri, headers),
+                    Some("InvalidRequest"),
+                    "{method} {uri} {headers:?}"
+                );
+            }
         }
+        // Nor any other document (a versioning configuration, a part list).
+        let chunked = ("x-amz-content-sha256", "STREAMING-UNSIGNED-PAYLOAD-TRAILER");
+        for (method, uri) in [("PUT", "/b?versioning"), ("POST", "/b/k?uploadId=u")] {
+            assert_eq!(code(method, uri, &[chunked]), Some("InvalidRequest"));
+        }
+        // Object data sent so is checked as it streams.
+        assert_eq!(code("PUT", "/b/k", &[chunked]), None);
+        assert_eq!(
+            code("PUT", "/b/k?partNumber=1&uploadId=u", &[chunked]),
+            None
+        );
         for (method, uri) in [
             ("GET", "/b/k?retention"),
             ("PUT", "/b/k"),
