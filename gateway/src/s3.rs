@@ -2611,14 +2611,27 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 "the request needs an ObjectLockConfiguration"
             ));
         };
-        let config = Some(config);
-        let enable = config
+        // Nor is one that does not say `Enabled` (an empty
+        // `<ObjectLockConfiguration/>`, as `--object-lock-configuration '{}'`
+        // sends), or a `Rule` without its `DefaultRetention`: only
+        // `Enabled` and no `Rule` at all clears the default, as in S3.
+        if config
+            .object_lock_enabled
             .as_ref()
-            .and_then(|c| c.object_lock_enabled.as_ref())
-            .is_some_and(|e| e.as_str() == ObjectLockEnabled::ENABLED);
-        let rule = config
-            .and_then(|c| c.rule)
-            .and_then(|r| r.default_retention);
+            .is_none_or(|e| e.as_str() != ObjectLockEnabled::ENABLED)
+        {
+            return Err(s3_error!(
+                MalformedXML,
+                "an ObjectLockConfiguration needs ObjectLockEnabled=Enabled"
+            ));
+        }
+        let rule = match config.rule {
+            None => None,
+            Some(r) => Some(
+                r.default_retention
+                    .ok_or_else(|| s3_error!(MalformedXML, "a Rule needs a DefaultRetention"))?,
+            ),
+        };
         let default = match rule {
             None => None,
             Some(d) => {
@@ -2652,7 +2665,7 @@ impl<S: Store + 'static> S3 for S3Front<S> {
         self.update_bucket(&req.input.bucket, &seen, |b| {
             // As S3 now allows: an existing bucket takes Object Lock once its
             // versioning is enabled (and keeps both for good).
-            if !b.object_lock && enable && b.versioning == Versioning::Enabled {
+            if !b.object_lock && b.versioning == Versioning::Enabled {
                 b.object_lock = true;
             }
             if !b.object_lock {

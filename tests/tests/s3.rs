@@ -1936,6 +1936,25 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
     // which must not clear the default retention), are refused.
     admin.fails("InvalidArgument", &["s3api", "put-object-lock-configuration", "--bucket", "locked",
         "--object-lock-configuration", r#"{"ObjectLockEnabled":"Enabled","Rule":{"DefaultRetention":{"Mode":"GOVERNANCE","Days":0}}}"#])?;
+    // An empty configuration, one not saying Enabled, and a Rule without
+    // its DefaultRetention: malformed, the default kept (checked below).
+    for conf in [
+        r#"{}"#,
+        r#"{"Rule":{"DefaultRetention":{"Mode":"GOVERNANCE","Days":3}}}"#,
+        r#"{"ObjectLockEnabled":"Enabled","Rule":{}}"#,
+    ] {
+        admin.fails(
+            "MalformedXML",
+            &[
+                "s3api",
+                "put-object-lock-configuration",
+                "--bucket",
+                "locked",
+                "--object-lock-configuration",
+                conf,
+            ],
+        )?;
+    }
     // (Only with a digest of the body, as S3 has it.)
     let url = format!("{}/locked?object-lock=", c.s3);
     let (head, body) = curl(&c, "PUT", &url, &[])?;
