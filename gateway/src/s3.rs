@@ -2706,15 +2706,19 @@ impl<S: Store + 'static> S3 for S3Front<S> {
     ) -> S3Result<S3Response<GetObjectRetentionOutput>> {
         let who = self.caller(&req, Role::Reader).await?;
         let input = &req.input;
-        if !self.bucket(&who, &input.bucket).await?.object_lock {
+        let locking = self.bucket(&who, &input.bucket).await?.object_lock;
+        let (v, header) = self
+            .readable(&who, &input.bucket, &input.key, input.version_id.as_deref())
+            .await?;
+        // As for legal holds: a bucket without Object Lock has no
+        // retention of its own, but its objects' evidence may be retained
+        // through the evidence API, which refuses their deletion: shown.
+        if !locking && header.retain_until_ms.is_none() {
             return Err(s3_error!(
                 InvalidRequest,
                 "Bucket is missing Object Lock Configuration"
             ));
         }
-        let (v, header) = self
-            .readable(&who, &input.bucket, &input.key, input.version_id.as_deref())
-            .await?;
         let r = shown_retention(&v, &header, self.gw.clock.compliance_ms()).ok_or_else(|| {
             s3_error!(
                 NoSuchObjectLockConfiguration,

@@ -2119,6 +2119,29 @@ fn object_lock_holds_against_every_key_admins_included() -> Result<()> {
             "x",
         ],
     )?;
+    // And so is a retention set through the evidence API.
+    let until = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis()
+        + 3_600_000) as u64;
+    let resp = ureq::Agent::from(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build(),
+    )
+    .put(format!("{}/v1/evidence/{x_evidence}/retention", c.api))
+    .header("authorization", &format!("Bearer {}", c.token))
+    .send_json(serde_json::json!({ "retain_until_ms": until }))?;
+    assert_eq!(resp.status().as_u16(), 200);
+    let got = admin.json(&[
+        "s3api",
+        "get-object-retention",
+        "--bucket",
+        "plain",
+        "--key",
+        "x",
+    ])?;
+    assert_eq!(got["Retention"]["Mode"], "COMPLIANCE", "{got}");
     check_on_disk(&c, &data)
 }
 
