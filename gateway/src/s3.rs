@@ -2869,8 +2869,29 @@ impl<S: Store + 'static> S3 for S3Front<S> {
             .readable(&who, &input.bucket, &input.key, input.version_id.as_deref())
             .await?;
         // OFF where there is no hold changes nothing: 200, as S3 answers
-        // it, and nothing on the ledger (no hold was released).
-        if !on && !header.legal_hold && !v.legal_hold {
+        // it, and nothing on the ledger (no hold was released). The
+        // evidence's hold is the one that decides (see
+        // `removal_refused`): one an administrator lifted through the
+        // evidence API leaves the version's mirror of it set, which is
+        // cleared here, lifting nothing. (Kept, it made every OFF after
+        // such a release an admin's, whom a court's tenant never has.)
+        if !on && !header.legal_hold {
+            if v.legal_hold {
+                let (bucket, key, vid) = (&input.bucket, &input.key, v.version_id);
+                let evidence = header.evidence;
+                indexer::run(&self.gw.store, |tx| async move {
+                    // Unless a hold was placed since it was read.
+                    let held = schema::get_any_manifest_tx(&tx, evidence)
+                        .await?
+                        .is_some_and(|(h, _)| h.legal_hold);
+                    if !held {
+                        ix::set_legal_hold_tx(&tx, bucket, key, vid, false).await?;
+                    }
+                    Ok::<_, ObjectError>(())
+                })
+                .await
+                .map_err(|e| s3_err(e.into()))?;
+            }
             return Ok(S3Response::new(PutObjectLegalHoldOutput::default()));
         }
         // As on the evidence API: placing a hold is a clerk's, lifting one
