@@ -1085,6 +1085,15 @@ pub async fn put_version_tx<T: Transaction>(
             "the bucket's versioning changed during the upload; send it again".into(),
         ));
     }
+    // The version's retention was decided by the bucket as it was seen: a
+    // default retention set (or Object Lock enabled) since would not bind
+    // it, and any key could delete what the bucket now says is retained.
+    if (b.object_lock, b.default_retention) != (seen.object_lock, seen.default_retention) {
+        return Err(ObjectError::Conflict(
+            "the bucket's Object Lock configuration changed during the upload; send it again"
+                .into(),
+        ));
+    }
     let replaced = match version.null_version {
         true => remove_null_version(tx, bucket, key, now_ms, false).await?,
         false => None,

@@ -64,7 +64,11 @@ async fn bucket(s: &EmbeddedStore, name: &str, versioning: Versioning, lock: boo
 
 async fn put(s: &EmbeddedStore, b: &str, k: &str, v: &ObjectVersion) -> Result<(), ObjectError> {
     run(s, |tx| async move {
-        ix::put_version_tx(&tx, b, k, v, 10, &seen()).await
+        // The bucket as the upload began: as it is now.
+        let seen = ix::get_bucket_tx(&tx, b)
+            .await?
+            .ok_or(ObjectError::NoSuchBucket)?;
+        ix::put_version_tx(&tx, b, k, v, 10, &seen).await
     })
     .await
     .map(|_| ())
@@ -779,10 +783,12 @@ async fn a_bucket_made_again_is_not_the_one_a_request_checked() {
     .await
     .unwrap();
     let v = version(80, false);
-    assert!(matches!(
-        put(&s, "reused", "case/9", &v).await,
-        Err(ObjectError::NoSuchBucket)
-    ));
+    let r = run(&s, |tx| {
+        let v = &v;
+        async move { ix::put_version_tx(&tx, "reused", "case/9", v, 10, &seen()).await }
+    })
+    .await;
+    assert!(matches!(r, Err(ObjectError::NoSuchBucket)));
     let marker = version(90, false);
     let r =
         run(&s, |tx| {
@@ -1724,4 +1730,38 @@ async fn the_null_version_is_found_under_any_number_of_versions() {
     .await
     .unwrap();
     assert_eq!(nulls, 1, "the old null version was replaced");
+}
+
+/// A version decided by the bucket as the upload began (no retention, no
+/// default then) is not stored under a bucket whose Object Lock changed
+/// meanwhile: the default set since would not bind it.
+#[tokio::test]
+async fn a_version_is_not_stored_under_a_lock_configuration_it_did_not_see() {
+    let (_d, s) = store();
+    bucket(&s, "late", Versioning::Enabled, false).await;
+    let before = run(&s, |tx| async move { ix::get_bucket_tx(&tx, "late").await })
+        .await
+        .unwrap()
+        .unwrap();
+    let mut now = before.clone();
+    now.object_lock = true;
+    now.default_retention = Some(ix::DefaultRetention {
+        mode: LockMode::Compliance,
+        period: ix::RetentionPeriod::Days(1),
+    });
+    run(&s, |tx| {
+        let now = &now;
+        async move { ix::put_bucket_tx(&tx, "late", now).await }
+    })
+    .await
+    .unwrap();
+    let v = version(100, false);
+    let stale = run(&s, |tx| {
+        let (v, before) = (&v, &before);
+        async move { ix::put_version_tx(&tx, "late", "k", v, 10, before).await }
+    })
+    .await;
+    assert!(matches!(stale, Err(ObjectError::Conflict(_))), "{stale:?}");
+    // Sent again, it sees the bucket as it is.
+    put(&s, "late", "k", &v).await.unwrap();
 }
