@@ -244,7 +244,9 @@ pub struct GatewayConfig {
     #[serde(default)]
     pub receive_memory_mib: u64,
     /// Memory, in MiB, that stripes read ahead may hold across all reads at
-    /// once, from their fetch until their bytes are handed to the client.
+    /// once, from their fetch until the client has taken their bytes (or
+    /// its connection is gone): what waits in a response being written is
+    /// still counted.
     /// A read whose next stripe would go over waits for one that a client
     /// took, instead of many slow readers (each holding its read-ahead)
     /// running the gateway out of memory

@@ -448,8 +448,11 @@ async fn send_range_of<S: Store>(
         // this batch is stale (see below); else where this one ends.
         let mut next_first = last;
         while let Some(next) = fetched.next().await {
-            // The stripe's memory goes back once its bytes are handed over.
-            let (stripe, pieces, _memory) = next?;
+            // The stripe's memory goes back once the bytes handed over
+            // while it is delivered are gone: sent to the client, or
+            // dropped with its connection (see `Charged`).
+            let (stripe, pieces, memory) = next?;
+            let memory = Arc::new(memory);
             // The stripe's data, piece by piece (a data shard each).
             let mut at = layout.stripe_range(stripe).start;
             for piece in pieces {
@@ -475,7 +478,7 @@ async fn send_range_of<S: Store>(
                         }
                         if check.rebuilding() && reaches_end && check.at < header.size {
                             last_piece = Some(want);
-                        } else if !deliver(evidence, tx, want, idle).await {
+                        } else if !deliver(evidence, tx, want, idle, &memory).await {
                             if !check.rebuilding() {
                                 return Ok(());
                             }
@@ -514,7 +517,8 @@ async fn send_range_of<S: Store>(
         return Err(ReadError::Internal);
     }
     if let Some(piece) = last_piece.filter(|_| !gone) {
-        deliver(evidence, tx, piece, idle).await;
+        // Its stripes' memory went back as the whole pass went on.
+        deliver(evidence, tx, piece, idle, &Arc::new(None)).await;
     }
     Ok(())
 }
@@ -567,19 +571,35 @@ const DELIVER_SLICE: usize = 256 * 1024;
 /// a client that stops reading with its connection open does not hold the
 /// read's stripes, nor an outboard rebuild that other readers of the
 /// evidence wait for.
+///
+/// What is handed to a client holds `memory` (its stripe's read memory)
+/// until the HTTP layer has sent or dropped it: what a slow client has not
+/// taken yet (in this read's channel, in the response being written) is
+/// still charged to the read budget, or thousands of stalled connections
+/// would each hold stripes outside it. The cluster's own reads (a copy's
+/// source) are not: their reader files what it takes, under the receive
+/// budget, and a filing holding one budget while it waits for the other
+/// could wait on a copy doing the opposite.
 async fn deliver(
     evidence: EvidenceId,
     tx: &mut mpsc::Sender<Result<Bytes, std::io::Error>>,
     piece: Bytes,
     idle: Option<std::time::Duration>,
+    memory: &Arc<Option<tokio::sync::OwnedSemaphorePermit>>,
 ) -> bool {
+    let charged = |bytes: Bytes| {
+        Bytes::from_owner(Charged {
+            bytes,
+            _memory: memory.clone(),
+        })
+    };
     let Some(idle) = idle else {
         return tx.send(Ok(piece)).await.is_ok();
     };
     let mut at = 0;
     while at < piece.len() {
         let end = (at + DELIVER_SLICE).min(piece.len());
-        match tokio::time::timeout(idle, tx.send(Ok(piece.slice(at..end)))).await {
+        match tokio::time::timeout(idle, tx.send(Ok(charged(piece.slice(at..end))))).await {
             Ok(Ok(())) => at = end,
             Ok(Err(_)) => return false,
             Err(_) => {
@@ -589,6 +609,19 @@ async fn deliver(
         }
     }
     true
+}
+
+/// Bytes handed to a reader, with the read memory that covers them: given
+/// back when the last of them is dropped.
+struct Charged {
+    bytes: Bytes,
+    _memory: Arc<Option<tokio::sync::OwnedSemaphorePermit>>,
+}
+
+impl AsRef<[u8]> for Charged {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
 }
 
 /// The lock a read holds while it rebuilds `evidence`'s outboard.
@@ -1317,6 +1350,39 @@ fn report_damage<S: Store>(gw: &Gateway<S>, evidence: EvidenceId, stripe: u64, f
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client's bytes hold their stripe's read memory until the last of
+    /// them is dropped (sent, or gone with the connection), not only until
+    /// they are in the channel; the cluster's own reads' do not.
+    #[tokio::test]
+    async fn bytes_handed_to_a_client_hold_their_read_memory_until_dropped() {
+        let budget = Arc::new(tokio::sync::Semaphore::new(4));
+        let evidence = EvidenceId::new(1, [1; 10]);
+        let piece = Bytes::from(vec![7u8; 2 * DELIVER_SLICE]);
+        let idle = Some(Duration::from_secs(5));
+        let (mut tx, mut rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(2);
+        let memory = Arc::new(budget.clone().try_acquire_many_owned(4).ok());
+        assert!(deliver(evidence, &mut tx, piece.clone(), idle, &memory).await);
+        // The stripe is done with (its loop iteration ended).
+        drop(memory);
+        assert_eq!(budget.available_permits(), 0, "held while in the channel");
+        let mut taken = Vec::new();
+        for _ in 0..2 {
+            taken.push(rx.next().await.unwrap().unwrap());
+        }
+        assert_eq!(taken.concat(), piece.to_vec());
+        assert_eq!(budget.available_permits(), 0, "held while being sent");
+        taken.pop();
+        assert_eq!(budget.available_permits(), 0, "held by the last slice");
+        taken.clear();
+        assert_eq!(budget.available_permits(), 4, "back once all are gone");
+        // A copy's source read: its memory goes with the stripe.
+        let memory = Arc::new(budget.clone().try_acquire_many_owned(4).ok());
+        assert!(deliver(evidence, &mut tx, piece.clone(), None, &memory).await);
+        drop(memory);
+        assert_eq!(budget.available_permits(), 4);
+        assert_eq!(rx.next().await.unwrap().unwrap(), piece);
+    }
 
     /// Every failure's label is one exported from the start (an alert's
     /// `increase` misses a series' first sample).
