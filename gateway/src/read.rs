@@ -161,7 +161,14 @@ pub async fn read_small<S: Store>(
     if content.len() as u64 != header.size || range.end > header.size || range.start > range.end {
         return Err(ReadError::Internal);
     }
-    Ok(content.slice(range.start as usize..range.end as usize))
+    // Held until the client has it (its stripes' memory went back as they
+    // were read), charged as a stream's bytes are (see `deliver`): taken
+    // while holding nothing else, so the wait cannot be on itself.
+    let memory = read_memory_of(gw, content.len()).await;
+    Ok(Bytes::from_owner(Charged {
+        bytes: content.slice(range.start as usize..range.end as usize),
+        _memory: Arc::new(memory),
+    }))
 }
 
 /// Streams bytes `range` of `header`'s content, verified. `idle`: for a
@@ -531,7 +538,14 @@ async fn read_memory<S: Store>(
     header: &ManifestHeader,
 ) -> Option<tokio::sync::OwnedSemaphorePermit> {
     let code = header.code;
-    let bytes = code.data_shards() * code.shard_size as usize;
+    read_memory_of(gw, code.data_shards() * code.shard_size as usize).await
+}
+
+/// The gateway's read memory for `bytes`, waited for as [`read_memory`]'s.
+async fn read_memory_of<S: Store>(
+    gw: &Gateway<S>,
+    bytes: usize,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
     // Never more than the whole budget (a code with larger stripes than
     // the gateway's own, filed before its settings changed).
     let kib = bytes.div_ceil(1024).clamp(1, gw.read_memory_kib);
