@@ -3760,7 +3760,12 @@ async fn ledger_consistency<S: Store>(
         return Err(no_ledger());
     }
     let proof = crate::ledger::consistency_proof(&gw, q.old, q.new).await?;
-    Ok(Json(proof_json(&proof)))
+    // With the sizes it is for: an auditor pairing it with a checkpoint of
+    // another size is told so, rather than that the log forked.
+    let mut answer = proof_json(&proof);
+    answer["old"] = q.old.into();
+    answer["new"] = q.new.into();
+    Ok(Json(answer))
 }
 
 /// The log's public verifier key (C2SP signed-note format). Public, like the

@@ -626,6 +626,31 @@ pub fn consistency(
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    // A proof for other sizes (the log grew between fetching the proof and
+    // the checkpoint, a proof saved from another run) fails like a fork
+    // would: it is the command's mistake, said so, not a verdict.
+    for (name, said, size) in [("old", &v["old"], old.size), ("new", &v["new"], new.size)] {
+        if let Some(said) = said.as_u64().filter(|&s| s != size) {
+            return Err(nothing_verified(format!(
+                "{shown} is a proof for {name}={said}, but that checkpoint has {size} entries: \
+                 fetch /v1/ledger/consistency?old={}&new={}",
+                old.size, new.size
+            )));
+        }
+    }
+    let expected = ledger::consistency_proof_len(old.size, new.size);
+    if expected.is_some_and(|n| n != hashes.len()) {
+        return Err(nothing_verified(format!(
+            "{shown} holds {} hashes, but a proof from {} to {} entries holds {}: it is for \
+             other sizes; fetch /v1/ledger/consistency?old={}&new={}",
+            hashes.len(),
+            old.size,
+            new.size,
+            expected.unwrap_or_default(),
+            old.size,
+            new.size
+        )));
+    }
     match ledger::check_consistency(&old, &new, &hashes) {
         Ok(()) => {
             if old.origin == new.origin {

@@ -546,6 +546,21 @@ pub fn check_consistency(
         .map_err(|_| LedgerError::Inconsistent)
 }
 
+/// How many hashes the RFC 9162 consistency proof from a tree of `old`
+/// leaves to one of `new` holds (`None` unless `0 < old <= new`): a proof
+/// of another length was made for other sizes, which says nothing about
+/// whether the log forked.
+pub fn consistency_proof_len(old: u64, new: u64) -> Option<usize> {
+    // The proof's shape depends on the sizes only: made over any hashes.
+    struct Any;
+    impl tlog_tiles::HashReader for Any {
+        fn read_hashes(&self, indexes: &[u64]) -> Result<Vec<Hash>, tlog_tiles::Error> {
+            Ok(vec![Hash::default(); indexes.len()])
+        }
+    }
+    tlog_tiles::prove_tree(new, old, &Any).ok().map(|p| p.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -677,6 +692,7 @@ mod tests {
         assert_eq!(p, vec![b64("+sVCA+fMaWzw38tCySodnbr3CtnmIfS9jZhmLwDjwSU=")]);
         // testdata/consistency/4/happy-path.json: 6 -> 7
         let c = prove_tree(7, 6, &m).unwrap();
+        assert_eq!(consistency_proof_len(6, 7), Some(c.len()));
         let want = [
             "DrxdNDf74tsVi58Sah0RjjCBgQMdCpSfje3t68VY72o=",
             "sIaT7C5yFZcTBkHoIR5+7cy0wmQTlj7ubB4u0W/7Gl8=",
@@ -815,6 +831,10 @@ mod tests {
         let old = r_old.verify(&vkey).unwrap().checkpoint;
         let new = r_new.verify(&vkey).unwrap().checkpoint;
         let proof = prove_tree(300, 5, &m).unwrap();
+        assert_eq!(consistency_proof_len(5, 300), Some(proof.len()));
+        assert_eq!(consistency_proof_len(300, 300), Some(0));
+        assert_eq!(consistency_proof_len(0, 300), None);
+        assert_eq!(consistency_proof_len(301, 300), None);
         check_consistency(&old, &new, &proof).unwrap();
         let forked = VerifiedCheckpoint {
             root: Hash([1; 32]),

@@ -585,6 +585,32 @@ fn the_log_is_published_as_c2sp_tiles_and_stays_consistent_across_a_crash() -> R
         code == Some(1) && out.contains("verdict: INCONSISTENT"),
         "{out}"
     );
+    // A proof for other sizes (the log grew between the two fetches) is
+    // the command's mistake, never a fork: named by the sizes it says it
+    // is for, or, saved without them, by its length.
+    assert_eq!(a.json()["new"], new.size);
+    let other = c.get_with(
+        "",
+        &format!("/v1/ledger/consistency?old={}&new=6", old.size),
+        &[],
+    )?;
+    assert_eq!(other.status, 200);
+    std::fs::write(&proof_path, &other.body)?;
+    let (code, out) = consistency(&old_path, &new_path)?;
+    assert!(
+        code == Some(2) && out.contains("a proof for new=6") && !out.contains("INCONSISTENT"),
+        "{out}"
+    );
+    let mut bare: Value = serde_json::from_slice(&other.body)?;
+    bare.as_object_mut()
+        .context("object")?
+        .retain(|k, _| k == "proof");
+    std::fs::write(&proof_path, serde_json::to_vec(&bare)?)?;
+    let (code, out) = consistency(&old_path, &new_path)?;
+    assert!(
+        code == Some(2) && out.contains("it is for other sizes") && !out.contains("INCONSISTENT"),
+        "{out}"
+    );
     // The old receipts still verify, and a fresh one is against the newer tree.
     for r in &receipts {
         r.verify(&key)?;
