@@ -25,10 +25,39 @@ fn nothing_verified(what: String) -> anyhow::Error {
     NothingVerified(shown(&what)).into()
 }
 
-/// A file the command names, read whole.
+/// The most a receipt, a key, a checkpoint or a proof file holds (a
+/// statement is at most 64 KiB, a note 1 MB, a proof 128 hashes): a larger
+/// file is none of them, and is not read.
+const NAMED_FILE_MAX: u64 = 16 << 20;
+
+/// A file the command names (not the evidence), read whole: at most
+/// [`NAMED_FILE_MAX`] bytes, or the evidence itself, named in the wrong
+/// place, would be read into memory.
+fn read_named_bytes(path: &Path) -> Result<Vec<u8>> {
+    let cannot =
+        |e: std::io::Error| nothing_verified(format!("cannot read {}: {e}", path.display()));
+    let mut file = std::fs::File::open(path).map_err(cannot)?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(
+        &mut std::io::Read::take(&mut file, NAMED_FILE_MAX + 1),
+        &mut bytes,
+    )
+    .map_err(cannot)?;
+    if bytes.len() as u64 > NAMED_FILE_MAX {
+        return Err(nothing_verified(format!(
+            "{} is larger than any receipt, key, checkpoint or proof ({} MiB at most); \
+             is it the evidence? (that goes to --file)",
+            path.display(),
+            NAMED_FILE_MAX >> 20
+        )));
+    }
+    Ok(bytes)
+}
+
+/// [`read_named_bytes`], as text.
 fn read_named(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path)
-        .map_err(|e| nothing_verified(format!("cannot read {}: {e}", path.display())))
+    String::from_utf8(read_named_bytes(path)?)
+        .map_err(|_| nothing_verified(format!("{} is not text", path.display())))
 }
 
 /// A key given as a file holding it, or as the key itself.
@@ -76,8 +105,7 @@ fn checked_key_arg(
 /// `receipt` field (returned too: its metadata is checked against the
 /// statement's).
 fn read_receipt(path: &Path) -> Result<(Receipt, Option<Value>)> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| nothing_verified(format!("cannot read {}: {e}", path.display())))?;
+    let bytes = read_named_bytes(path)?;
     // A file that is no receipt at all (arguments swapped, the wrong file)
     // is the command's mistake; one that is a receipt and fails, a verdict.
     let value: Value = serde_json::from_slice(&bytes)
@@ -852,5 +880,29 @@ mod tests {
         );
         assert!(e.to_string().contains("is not a receipt"), "{e}");
         assert!(!e.to_string().contains("API answered"), "{e}");
+    }
+
+    /// The evidence named as a receipt (or a key, a checkpoint, a proof)
+    /// is refused by its size, not read into memory.
+    #[test]
+    fn a_file_too_large_to_be_a_receipt_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let video = dir.path().join("video.mp4");
+        let f = std::fs::File::create(&video).unwrap();
+        f.set_len(super::NAMED_FILE_MAX + 1).unwrap();
+        for e in [
+            super::read_receipt(&video).map(|_| ()).unwrap_err(),
+            super::read_named(&video).map(|_| ()).unwrap_err(),
+        ] {
+            assert!(
+                e.downcast_ref::<super::NothingVerified>().is_some(),
+                "{e:#}"
+            );
+            assert!(e.to_string().contains("that goes to --file"), "{e}");
+        }
+        // At the limit, it is read (and is no receipt).
+        f.set_len(super::NAMED_FILE_MAX).unwrap();
+        let e = super::read_receipt(&video).map(|_| ()).unwrap_err();
+        assert!(e.to_string().contains("is not a receipt"), "{e}");
     }
 }
