@@ -203,8 +203,17 @@ pub fn admin_call(api: &str, token: &str, method: &str, path: &str) -> Result<se
     let auth = format!("Bearer {token}");
     // An action (a repair pass, `--verify-all`, a removal) may walk every
     // stripe record before it answers: a long limit on its answer, an hour.
-    // A status answer is small: ten minutes for the whole call.
+    // So may a node's account (its stripes counted). A status answer is
+    // small: ten minutes for the whole call.
+    let walks = path.starts_with("/v1/admin/nodes/");
     let sent = match method {
+        "GET" if walks => agent()?
+            .get(&url)
+            .config()
+            .timeout_recv_response(Some(std::time::Duration::from_secs(3600)))
+            .build()
+            .header("Authorization", &auth)
+            .call(),
         "POST" => agent()?
             .post(&url)
             .config()

@@ -215,7 +215,16 @@ pub fn wait_drained(api: &str, token: &str, id: u32, patience: std::time::Durati
     }
     let (mut best, mut since) = (first, std::time::Instant::now());
     loop {
+        let asked = std::time::Instant::now();
         let detail = node_detail(api, token, id)?;
+        // Each answer is a walk of every stripe record: asked again after
+        // four times as long as it took (half a second at least, a minute
+        // at most), so following a drain of a large index does not keep
+        // the gateway walking it back to back.
+        let pause = (asked.elapsed() * 4).clamp(
+            std::time::Duration::from_millis(500),
+            std::time::Duration::from_secs(60),
+        );
         let left = left_of(&detail)?;
         bar.set_position(first.saturating_sub(left));
         if left == 0 {
@@ -250,7 +259,7 @@ pub fn wait_drained(api: &str, token: &str, id: u32, patience: std::time::Durati
                 "the drain of node {id} stopped with {left} stripes left{parts} (see the gateway's log)"
             );
         }
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        std::thread::sleep(pause);
     }
 }
 
