@@ -455,14 +455,23 @@ async fn send_range_of<S: Store>(
         // this batch is stale (see below); else where this one ends.
         let mut next_first = last;
         while let Some(next) = fetched.next().await {
-            // The stripe's memory goes back once the bytes handed over
-            // while it is delivered are gone: sent to the client, or
-            // dropped with its connection (see `Charged`).
-            let (stripe, pieces, memory) = next?;
-            let memory = Arc::new(memory);
+            // The stripe's memory goes back, a piece's share at a time,
+            // once the bytes handed over with that piece are gone: sent to
+            // the client, or dropped with its connection (see `Charged`).
+            let (stripe, pieces, mut memory) = next?;
+            let count = pieces.len();
             // The stripe's data, piece by piece (a data shard each).
             let mut at = layout.stripe_range(stripe).start;
-            for piece in pieces {
+            for (n, piece) in pieces.into_iter().enumerate() {
+                // This piece's share (the last takes what is left): a
+                // slice a slow client holds keeps its piece's buffer, not
+                // the whole stripe's.
+                let share = match memory.as_mut() {
+                    Some(_) if n + 1 == count => memory.take(),
+                    Some(m) => m.split(piece.len().div_ceil(1024).min(m.num_permits())),
+                    None => None,
+                };
+                let share = Arc::new(share);
                 let end = at + piece.len() as u64;
                 let from = read.start.clamp(at, end) - at;
                 let to = read.end.clamp(at, end) - at;
@@ -485,7 +494,7 @@ async fn send_range_of<S: Store>(
                         }
                         if check.rebuilding() && reaches_end && check.at < header.size {
                             last_piece = Some(want);
-                        } else if !deliver(evidence, tx, want, idle, &memory).await {
+                        } else if !deliver(evidence, tx, want, idle, &share).await {
                             if !check.rebuilding() {
                                 return Ok(());
                             }

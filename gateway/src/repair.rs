@@ -781,9 +781,12 @@ pub(crate) async fn live_intents<S: Store>(gw: &Gateway<S>) -> Result<Vec<Eviden
             match rec {
                 Some(r) if r.aborted => {}
                 Some(_) => live.push(*evidence),
-                // Its upload cannot be followed here (see `collect_once`).
+                // A newer gateway's (or damaged): taken as an upload under
+                // way, whose shards may be on any node, until its record
+                // is gone.
                 None => {
-                    tracing::warn!(%evidence, "an upload intent this gateway cannot decode; not waited on")
+                    tracing::warn!(%evidence, "an upload intent this gateway cannot decode; taken as under way");
+                    live.push(*evidence);
                 }
             }
         }
@@ -803,17 +806,25 @@ async fn queue_after_uploads<S: Store>(
     while !uploads.is_empty() {
         let mut still = Vec::new();
         for e in uploads {
+            // Under way (true), aborted (false), or ended (None).
             let intent = retry_index("reading an upload's intent", || async move {
-                Ok(indexer::run(&gw.store, |tx| async move {
+                match indexer::run(&gw.store, |tx| async move {
                     schema::get_intent_tx(&tx, e).await
                 })
-                .await?)
+                .await
+                {
+                    Ok(i) => Ok(i.map(|i| !i.aborted)),
+                    // One this gateway cannot decode: under way until its
+                    // record is gone (see `live_intents`).
+                    Err(schema::SchemaError::Decode(_)) => Ok(Some(true)),
+                    Err(e) => Err(e.into()),
+                }
             })
             .await;
             match intent {
-                Some(i) if !i.aborted => still.push(e),
+                Some(true) => still.push(e),
                 // Aborted: never evidence; its shards go with it.
-                Some(_) => {}
+                Some(false) => {}
                 None => {
                     retry_index("queueing an ended upload's stripes", || {
                         queue_stripes_of(gw, e, nodes)

@@ -146,6 +146,8 @@ pub(crate) async fn serve<S: Store + 'static>(
         let (service, metrics, forms) = (service.clone(), metrics.clone(), forms.clone());
         let budget = budget.clone();
         async move {
+            let mut req = req;
+            crate::s3_digest::normalize_range(&mut req);
             // From a fixed set: any token is a valid method, and
             // each new label would be a series kept for good.
             let method = crate::metrics::method_label(req.method());
@@ -2880,13 +2882,18 @@ impl<S: Store + 'static> S3 for S3Front<S> {
                 let (bucket, key, vid) = (&input.bucket, &input.key, v.version_id);
                 let evidence = header.evidence;
                 indexer::run(&self.gw.store, |tx| async move {
-                    // Unless a hold was placed since it was read.
+                    // Unless a hold was placed since it was read (or the
+                    // evidence's record is gone, and the version's flag
+                    // is the hold): that is an admin's to lift.
                     let held = schema::get_any_manifest_tx(&tx, evidence)
                         .await?
-                        .is_some_and(|(h, _)| h.legal_hold);
-                    if !held {
-                        ix::set_legal_hold_tx(&tx, bucket, key, vid, false).await?;
+                        .is_none_or(|(h, _)| h.legal_hold);
+                    if held {
+                        return Err(ObjectError::Locked(
+                            "lifting a legal hold needs an admin key".into(),
+                        ));
                     }
+                    ix::set_legal_hold_tx(&tx, bucket, key, vid, false).await?;
                     Ok::<_, ObjectError>(())
                 })
                 .await

@@ -736,6 +736,24 @@ const UNSIGNED_AMZ_ALLOWED: [&str; 4] = [
 /// or a bypass the signer never asked for. S3 refuses such a request, and
 /// so does this gateway. (SigV2 signs every `x-amz-*` header by itself.)
 fn unsigned_amz_headers<B>(req: &http::Request<B>) -> Vec<String> {
+    // Not signed by a header or a query: anonymous, which is refused (any
+    // other Authorization header is refused by `auth_refusal`).
+    let Some(signed) = signed_headers(req) else {
+        return Vec::new();
+    };
+    req.headers()
+        .keys()
+        .map(|name| name.as_str())
+        .filter(|name| name.starts_with("x-amz-"))
+        .filter(|name| !UNSIGNED_AMZ_ALLOWED.contains(name))
+        .filter(|name| !signed.iter().any(|s| s == name))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The names (lower case) of the headers a SigV4 request's signature
+/// covers; `None` when it is not signed so.
+fn signed_headers<B>(req: &http::Request<B>) -> Option<Vec<String>> {
     // s3s checks a presigned URL's signature (the query's) whenever the
     // query carries one, whatever an Authorization header says: the signed
     // headers are then the query's, never a header's own claim.
@@ -759,23 +777,67 @@ fn unsigned_amz_headers<B>(req: &http::Request<B>) -> Vec<String> {
                     .map_or_else(String::new, str::to_owned)
             }),
     };
-    // Not signed by a header or a query: anonymous, which is refused (any
-    // other Authorization header is refused by `auth_refusal`).
-    let Some(signed) = signed else {
-        return Vec::new();
+    Some(
+        signed?
+            .split(';')
+            .map(|h| h.trim().to_ascii_lowercase())
+            .collect(),
+    )
+}
+
+/// A GET's or HEAD's `Range` made one s3s takes. s3s refuses (400
+/// InvalidArgument) any `Range` but exactly one `bytes=FIRST-LAST`,
+/// `bytes=FIRST-` or `bytes=-SUFFIX` with numbers up to 2^63-1, where RFC
+/// 9110 and S3 ignore a Range they do not take (another unit, several
+/// ranges, a last byte before the first: the whole object, 200). So such a
+/// header is dropped, a unit in capitals written in lower case, and a
+/// number past 2^63-1 (no object is that large) made 2^63-1, so a first
+/// byte that far is 416 as any first byte past the end is. Not when the
+/// signature covers the header: changed, it would no longer match (s3s
+/// then refuses it as it would have).
+pub fn normalize_range<B>(req: &mut http::Request<B>) {
+    if req.method() != http::Method::GET && req.method() != http::Method::HEAD {
+        return;
+    }
+    let Some(value) = req.headers().get(http::header::RANGE) else {
+        return;
     };
-    let signed: Vec<String> = signed
-        .split(';')
-        .map(|h| h.trim().to_ascii_lowercase())
-        .collect();
-    req.headers()
-        .keys()
-        .map(|name| name.as_str())
-        .filter(|name| name.starts_with("x-amz-"))
-        .filter(|name| !UNSIGNED_AMZ_ALLOWED.contains(name))
-        .filter(|name| !signed.iter().any(|s| s == name))
-        .map(str::to_owned)
-        .collect()
+    let canonical = value.to_str().ok().and_then(canonical_range);
+    if canonical.as_deref() == value.to_str().ok() {
+        return;
+    }
+    if signed_headers(req).is_some_and(|s| s.iter().any(|h| h == "range")) {
+        return;
+    }
+    match canonical.and_then(|c| http::HeaderValue::from_str(&c).ok()) {
+        Some(c) => {
+            req.headers_mut().insert(http::header::RANGE, c);
+        }
+        None => {
+            req.headers_mut().remove(http::header::RANGE);
+        }
+    }
+}
+
+/// `value` as the one byte range s3s reads, if it is one (see
+/// [`normalize_range`]).
+fn canonical_range(value: &str) -> Option<String> {
+    let (unit, set) = value.trim().split_once('=')?;
+    if !unit.trim().eq_ignore_ascii_case("bytes") || set.contains(',') {
+        return None;
+    }
+    let (first, last) = set.trim().split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let number = |s: &str| s.parse::<u64>().unwrap_or(u64::MAX).min(i64::MAX as u64);
+    match (first, last) {
+        ("", suffix) if digits(suffix) => Some(format!("bytes=-{}", number(suffix))),
+        (first, "") if digits(first) => Some(format!("bytes={}-", number(first))),
+        (first, last) if digits(first) && digits(last) => {
+            let (first, last) = (number(first), number(last));
+            (first <= last).then(|| format!("bytes={first}-{last}"))
+        }
+        _ => None,
+    }
 }
 
 /// The request's query keys, percent-decoded as s3s decodes them before
@@ -1136,6 +1198,57 @@ mod tests {
         assert!(refused("POST", "&restore&x=1").is_some());
         assert_eq!(refused("GET", "&prefix=a&max-keys=5"), None);
         assert_eq!(refused("HEAD", "&retention"), None);
+    }
+
+    /// Ranges s3s would refuse are made ones it takes, or dropped (the
+    /// whole object), as RFC 9110 and S3 read them; a signed one is left.
+    #[test]
+    fn ranges_s3s_would_refuse_are_read_as_s3_reads_them() {
+        let big = i64::MAX;
+        for (sent, taken) in [
+            ("bytes=0-99", Some("bytes=0-99".to_owned())),
+            ("bytes=5-", Some("bytes=5-".to_owned())),
+            ("bytes=-20", Some("bytes=-20".to_owned())),
+            ("Bytes=0-5", Some("bytes=0-5".to_owned())),
+            ("bytes=0-99,200-299", None),
+            ("items=0-5", None),
+            ("bytes=5-2", None),
+            ("bytes=a-b", None),
+            ("bytes=", None),
+            ("bytes=-", None),
+            ("bytes=99999999999999999999-", Some(format!("bytes={big}-"))),
+            (
+                "bytes=9223372036854775808-9223372036854775809",
+                Some(format!("bytes={big}-{big}")),
+            ),
+            ("bytes=-99999999999999999999", Some(format!("bytes=-{big}"))),
+        ] {
+            let mut r = req("GET", "/b/k", &[("range", sent)]);
+            normalize_range(&mut r);
+            let got = r
+                .headers()
+                .get("range")
+                .map(|v| v.to_str().unwrap().to_owned());
+            assert_eq!(got, taken, "{sent}");
+            // Each one taken is one s3s parses.
+            if let Some(t) = &taken {
+                assert!(s3s::dto::Range::parse(t).is_ok(), "{t}");
+            }
+        }
+        // Covered by the signature: left as it is.
+        let auth = "AWS4-HMAC-SHA256 Credential=AK/20261205/us-east-1/s3/aws4_request, \
+                    SignedHeaders=host;range;x-amz-date, Signature=00";
+        let mut r = req(
+            "GET",
+            "/b/k",
+            &[("range", "bytes=0-1,5-6"), ("authorization", auth)],
+        );
+        normalize_range(&mut r);
+        assert_eq!(r.headers()["range"], "bytes=0-1,5-6");
+        // Only reads.
+        let mut r = req("PUT", "/b/k", &[("range", "items=0-5")]);
+        normalize_range(&mut r);
+        assert_eq!(r.headers()["range"], "items=0-5");
     }
 
     /// The keys that decide a request's route are seen decoded, as s3s

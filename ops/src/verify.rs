@@ -638,6 +638,23 @@ pub fn consistency(
         );
         return Ok(true);
     }
+    // Two checkpoints of one size need no proof: the same root, or a fork
+    // (whatever the proof file holds).
+    if old.size == new.size {
+        if old.root == new.root {
+            println!(
+                "verdict: CONSISTENT — both checkpoints are of the same {} entries (log {:?})",
+                new.size, new.origin
+            );
+            return Ok(true);
+        }
+        println!(
+            "verdict: INCONSISTENT — two checkpoints of {} entries with different roots: the \
+             log forked",
+            new.size
+        );
+        return Ok(false);
+    }
     // A file that is not a proof at all is the command's mistake (exit 2),
     // not a verdict on the log.
     let text = read_named(proof)?;
