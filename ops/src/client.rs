@@ -210,7 +210,7 @@ pub fn admin_call(api: &str, token: &str, method: &str, path: &str) -> Result<se
         "GET" if walks => agent()?
             .get(&url)
             .config()
-            .timeout_recv_response(Some(std::time::Duration::from_secs(3600)))
+            .timeout_global(Some(std::time::Duration::from_secs(3660)))
             .build()
             .header("Authorization", &auth)
             .call(),

@@ -206,7 +206,10 @@ fn left_of(v: &Value) -> Result<u64> {
 /// Follows a drain with a progress bar until no stripe places a shard on
 /// node `id`, or until the count stops shrinking for `patience`.
 pub fn wait_drained(api: &str, token: &str, id: u32, patience: std::time::Duration) -> Result<()> {
-    let first = stripes_left(api, token, id)?;
+    let asked = std::time::Instant::now();
+    let mut detail = node_detail(api, token, id)?;
+    let mut took = asked.elapsed();
+    let first = left_of(&detail)?;
     let bar = indicatif::ProgressBar::new(first.max(1));
     if let Ok(style) = indicatif::ProgressStyle::with_template(
         "drain [{bar:40}] {pos}/{len} stripes moved {per_sec} eta {eta} {msg}",
@@ -215,13 +218,11 @@ pub fn wait_drained(api: &str, token: &str, id: u32, patience: std::time::Durati
     }
     let (mut best, mut since) = (first, std::time::Instant::now());
     loop {
-        let asked = std::time::Instant::now();
-        let detail = node_detail(api, token, id)?;
         // Each answer is a walk of every stripe record: asked again after
-        // four times as long as it took (half a second at least, a minute
-        // at most), so following a drain of a large index does not keep
-        // the gateway walking it back to back.
-        let pause = (asked.elapsed() * 4).clamp(
+        // four times as long as the last took (half a second at least, a
+        // minute at most), so following a drain of a large index does not
+        // keep the gateway walking it back to back.
+        let pause = (took * 4).clamp(
             std::time::Duration::from_millis(500),
             std::time::Duration::from_secs(60),
         );
@@ -260,6 +261,9 @@ pub fn wait_drained(api: &str, token: &str, id: u32, patience: std::time::Durati
             );
         }
         std::thread::sleep(pause);
+        let asked = std::time::Instant::now();
+        detail = node_detail(api, token, id)?;
+        took = asked.elapsed();
     }
 }
 
