@@ -251,9 +251,76 @@ impl LeaseWatch {
     }
 }
 
+/// When GC asks again about an expunge it could not finish (a node that
+/// holds some of it down, or one that cannot erase yet): at once when the
+/// nodes that answer are not those of its last try (one came back, or was
+/// added), otherwise after a wait that doubles from one pass up to an
+/// hour. Each try deletes every recorded shard left and has every node
+/// walk what it holds: every pass, for every unfinished expunge (all those
+/// `recover-index` restored, say), that was a load for nothing while the
+/// node holding them stayed down.
+#[derive(Debug, Default)]
+pub struct ExpungeRetries {
+    /// Per expunge: when it is due again, the wait that led there, and the
+    /// nodes answering when it was last tried.
+    next: std::collections::HashMap<EvidenceId, (std::time::Instant, Duration, u64)>,
+}
+
+/// The longest an unfinished expunge waits between tries while the nodes
+/// answering stay the same.
+const EXPUNGE_RETRY_MAX: Duration = Duration::from_secs(3600);
+
+impl ExpungeRetries {
+    /// Whether `evidence`'s expunge is to be tried now, `nodes` answering.
+    fn due(&self, evidence: EvidenceId, now: std::time::Instant, nodes: u64) -> bool {
+        self.next
+            .get(&evidence)
+            .is_none_or(|&(at, _, seen)| seen != nodes || now >= at)
+    }
+
+    /// Notes a try of `evidence`'s expunge, at `now` with `nodes`
+    /// answering: forgotten once done, else due again after twice the last
+    /// wait (`first` the first time).
+    fn tried(
+        &mut self,
+        evidence: EvidenceId,
+        now: std::time::Instant,
+        nodes: u64,
+        done: bool,
+        first: Duration,
+    ) {
+        if done {
+            self.next.remove(&evidence);
+            return;
+        }
+        let wait = self
+            .next
+            .get(&evidence)
+            .map_or(first, |&(_, w, _)| (w * 2).min(EXPUNGE_RETRY_MAX));
+        self.next.insert(evidence, (now + wait, wait, nodes));
+    }
+}
+
+/// Which of this gateway's nodes answer now, as one number (to tell that
+/// it changed).
+fn answering<S: Store>(gw: &Gateway<S>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for entry in &gw.config.nodes {
+        let node = entry.node_id();
+        (node.0, gw.nodes.is_healthy(node)).hash(&mut h);
+    }
+    h.finish()
+}
+
 /// One GC pass: aborted intents and those `watch` found abandoned are
-/// collected; returns how many.
-pub async fn collect_once<S: Store>(gw: &Gateway<S>, watch: &mut LeaseWatch) -> usize {
+/// collected, and expunges left unfinished tried again when `retries`
+/// says they are due; returns how many intents were collected.
+pub async fn collect_once<S: Store>(
+    gw: &Gateway<S>,
+    watch: &mut LeaseWatch,
+    retries: &mut ExpungeRetries,
+) -> usize {
     let (mut aborted, mut live, mut after) = (Vec::new(), Vec::new(), None);
     let mut listed = true;
     loop {
@@ -309,6 +376,9 @@ pub async fn collect_once<S: Store>(gw: &Gateway<S>, watch: &mut LeaseWatch) -> 
     // at a time (the first page alone could be held by a node down for
     // good, and starve the rest).
     let mut after = None;
+    let nodes = answering(gw);
+    let mut listed = std::collections::HashSet::new();
+    let mut whole = true;
     loop {
         let page = match indexer::run(&gw.store, |tx| async move {
             schema::expunging_tx(&tx, after, 64).await
@@ -318,16 +388,37 @@ pub async fn collect_once<S: Store>(gw: &Gateway<S>, watch: &mut LeaseWatch) -> 
             Ok(page) => page,
             Err(e) => {
                 tracing::warn!(error = %e, "GC could not list unfinished expunges");
+                whole = false;
                 break;
             }
         };
         for &evidence in &page {
-            delete_expunged(gw, evidence).await;
+            listed.insert(evidence);
+            if !retries.due(evidence, std::time::Instant::now(), nodes) {
+                continue;
+            }
+            let erasure = delete_expunged(gw, evidence).await;
+            // Not begun (its entry not notarized yet, the index not read):
+            // asked again next pass, as cheap as that is.
+            if erasure.stripes_left.is_some() || erasure.done {
+                let first = Duration::from_millis(gw.config.gc_interval_ms.max(1));
+                retries.tried(
+                    evidence,
+                    std::time::Instant::now(),
+                    nodes,
+                    erasure.done,
+                    first,
+                );
+            }
         }
         match page.last() {
             Some(&last) if page.len() == 64 => after = Some(last),
             _ => break,
         }
+    }
+    // Finished (by any gateway) or gone: forgotten.
+    if whole {
+        retries.next.retain(|e, _| listed.contains(e));
     }
     expire_completed_uploads(gw).await;
     expire_incomplete_uploads(gw).await;
@@ -459,10 +550,10 @@ pub fn spawn_gc_loop<S: Store>(
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut watch = LeaseWatch::default();
+        let (mut watch, mut retries) = (LeaseWatch::default(), ExpungeRetries::default());
         loop {
             tick.tick().await;
-            collect_once(&gw, &mut watch).await;
+            collect_once(&gw, &mut watch, &mut retries).await;
         }
     })
 }
@@ -1166,6 +1257,33 @@ pub fn spawn_orphan_sweeper<S: Store>(gw: Arc<Gateway<S>>) -> tokio::task::JoinH
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    /// An unfinished expunge is tried again after a wait doubling up to an
+    /// hour, at once when the nodes answering change, and not once done.
+    #[test]
+    fn unfinished_expunges_back_off_until_the_nodes_change() {
+        let mut r = ExpungeRetries::default();
+        let e = EvidenceId::new(1, [1; 10]);
+        let t0 = Instant::now();
+        let pass = Duration::from_secs(30);
+        assert!(r.due(e, t0, 7), "never tried: due");
+        r.tried(e, t0, 7, false, pass);
+        assert!(!r.due(e, t0 + Duration::from_secs(29), 7));
+        assert!(r.due(e, t0 + pass, 7));
+        r.tried(e, t0 + pass, 7, false, pass);
+        assert!(!r.due(e, t0 + pass + Duration::from_secs(59), 7));
+        assert!(r.due(e, t0 + pass * 3, 7), "then a minute");
+        // Another node answers (one came back): at once.
+        assert!(r.due(e, t0 + pass + Duration::from_secs(1), 8));
+        let mut at = t0;
+        for _ in 0..20 {
+            r.tried(e, at, 7, false, pass);
+            at += EXPUNGE_RETRY_MAX;
+        }
+        assert_eq!(r.next[&e].1, EXPUNGE_RETRY_MAX, "an hour at most");
+        r.tried(e, at, 7, true, pass);
+        assert!(r.next.is_empty(), "done: forgotten");
+    }
 
     #[test]
     fn a_lease_is_stale_after_a_period_unchanged_whatever_its_stamp_says() {
