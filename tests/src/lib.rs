@@ -558,6 +558,17 @@ impl TestCluster {
             .output()?)
     }
 
+    /// A new expunger credential, issued on the index host (the gateway
+    /// must be stopped, as the CLI requires).
+    pub fn mint_expunger(&self) -> Result<String> {
+        let out = self.custodia(&["key", "create", "--tenant", "admin", "--role", "expunger"])?;
+        String::from_utf8(out.stdout)?
+            .lines()
+            .find_map(|l| l.strip_prefix("custodia_token = "))
+            .map(str::to_owned)
+            .context("no expunger token")
+    }
+
     /// The cluster CA certificate (what an HTTPS S3 client trusts).
     pub fn ca_cert(&self) -> PathBuf {
         self.data_dir().join("tls").join("ca.pem")

@@ -2265,23 +2265,8 @@ fn an_expunge_erases_on_the_nodes_that_answer_and_on_removed_ones() -> Result<()
 /// stopped (as the CLI requires); the gateway is started again.
 fn expunger_token(c: &mut TestCluster) -> Result<String> {
     c.stop_gateway();
-    let token = mint_expunger(c)?;
+    let token = c.mint_expunger()?;
     restart_under(c, None)?;
-    Ok(token)
-}
-
-/// An expunger credential; the gateway must be stopped.
-fn mint_expunger(c: &TestCluster) -> Result<String> {
-    let out = Command::new(custodia_bin())
-        .args(["key", "create", "--tenant", "admin", "--role", "expunger"])
-        .arg("--data-dir")
-        .arg(c.data_dir())
-        .output()?;
-    let token = String::from_utf8(out.stdout)?
-        .lines()
-        .find_map(|l| l.strip_prefix("custodia_token = "))
-        .context("no expunger token")?
-        .to_string();
     Ok(token)
 }
 
@@ -2464,7 +2449,7 @@ fn the_compliance_clock_survives_recovery_and_follows_the_witnesses() -> Result<
         "{said}"
     );
     // (Credentials other than the admin's are not recovered: mint one.)
-    let expunger = mint_expunger(&c)?;
+    let expunger = c.mint_expunger()?;
     restart_under(&mut c, Some("+1d"))?;
     let offset = compliance_offset_s(&c)?;
     assert!(

@@ -1066,12 +1066,7 @@ fn an_expunge_unfinished_when_the_index_was_lost_is_finished_after_recovery() ->
         .trim()
         .to_owned();
     c.stop_gateway();
-    let out = c.custodia(&["key", "create", "--tenant", "admin", "--role", "expunger"])?;
-    let expunger = String::from_utf8(out.stdout)?
-        .lines()
-        .find_map(|l| l.strip_prefix("custodia_token = "))
-        .context("no expunger token")?
-        .to_owned();
+    let expunger = c.mint_expunger()?;
     c.start_gateway()?;
     c.wait_healthy(5)?;
     let data = bytes(30_000, 71);
