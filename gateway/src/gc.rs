@@ -322,7 +322,7 @@ pub async fn collect_once<S: Store>(
     retries: &mut ExpungeRetries,
 ) -> usize {
     let (mut aborted, mut live, mut after) = (Vec::new(), Vec::new(), None);
-    let mut listed = true;
+    let mut intents_listed = true;
     loop {
         let page = indexer::run(&gw.store, |tx| async move {
             schema::intents_tx(&tx, after, INTENTS_PER_READ).await
@@ -334,7 +334,7 @@ pub async fn collect_once<S: Store>(
                 // The rest of the pass (expunges, multipart expiry) does
                 // not depend on the intents: it runs all the same.
                 tracing::warn!(error = %e, "GC could not list upload intents");
-                listed = false;
+                intents_listed = false;
                 break;
             }
         };
@@ -360,7 +360,7 @@ pub async fn collect_once<S: Store>(
         }
     }
     // A partial list would restart the watch of the intents it missed.
-    let stale = match listed {
+    let stale = match intents_listed {
         true => watch.observe(std::time::Instant::now(), &live),
         false => Vec::new(),
     };

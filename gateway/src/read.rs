@@ -164,7 +164,7 @@ pub async fn read_small<S: Store>(
     // Held until the client has it (its stripes' memory went back as they
     // were read), charged as a stream's bytes are (see `deliver`): taken
     // while holding nothing else, so the wait cannot be on itself.
-    let memory = read_memory_of(gw, content.len()).await;
+    let memory = read_memory(gw, content.len()).await;
     Ok(Bytes::from_owner(Charged {
         bytes: content.slice(range.start as usize..range.end as usize),
         _memory: Arc::new(memory),
@@ -394,7 +394,11 @@ async fn send_range_of<S: Store>(
                 // waits, which could leave every read waiting on another's.
                 .then(|(rec, stripe)| {
                     let (gw, header) = (gw.clone(), shared.clone());
-                    async move { (rec, stripe, read_memory(&gw, &header).await) }
+                    async move {
+                        let code = header.code;
+                        let stripe_data = code.data_shards() * code.shard_size as usize;
+                        (rec, stripe, read_memory(&gw, stripe_data).await)
+                    }
                 })
                 .map(|(rec, stripe, memory)| {
                     let (gw, strict, header) = (gw.clone(), strict.clone(), shared.clone());
@@ -539,19 +543,10 @@ async fn send_range_of<S: Store>(
     Ok(())
 }
 
-/// The gateway's read memory for one stripe of `header`'s evidence (its k
-/// data shards), waited for while other reads' read-ahead holds it all
-/// (`None` only once the gateway is stopping).
+/// The gateway's read memory for `bytes` (a stripe's k data shards, or a
+/// small read's content), waited for while other reads hold it all (`None`
+/// only once the gateway is stopping).
 async fn read_memory<S: Store>(
-    gw: &Gateway<S>,
-    header: &ManifestHeader,
-) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    let code = header.code;
-    read_memory_of(gw, code.data_shards() * code.shard_size as usize).await
-}
-
-/// The gateway's read memory for `bytes`, waited for as [`read_memory`]'s.
-async fn read_memory_of<S: Store>(
     gw: &Gateway<S>,
     bytes: usize,
 ) -> Option<tokio::sync::OwnedSemaphorePermit> {

@@ -202,29 +202,27 @@ pub fn admin_call(api: &str, token: &str, method: &str, path: &str) -> Result<se
     let url = format!("{}{path}", api.trim_end_matches('/'));
     let auth = format!("Bearer {token}");
     // An action (a repair pass, `--verify-all`, a removal) may walk every
-    // stripe record before it answers: a long limit on its answer, an hour.
-    // So may a node's account (its stripes counted). A status answer is
-    // small: ten minutes for the whole call.
-    let walks = path.starts_with("/v1/admin/nodes/");
+    // stripe record before it answers, and so may a node's account (its
+    // stripes counted): an hour (and a minute). A status answer is small:
+    // ten minutes.
+    let walks = method == "POST" || path.starts_with("/v1/admin/nodes/");
+    let limit = Some(std::time::Duration::from_secs(if walks {
+        3660
+    } else {
+        600
+    }));
     let sent = match method {
-        "GET" if walks => agent()?
-            .get(&url)
-            .config()
-            .timeout_global(Some(std::time::Duration::from_secs(3660)))
-            .build()
-            .header("Authorization", &auth)
-            .call(),
         "POST" => agent()?
             .post(&url)
             .config()
-            .timeout_recv_response(Some(std::time::Duration::from_secs(3600)))
+            .timeout_global(limit)
             .build()
             .header("Authorization", &auth)
             .send_empty(),
         _ => agent()?
             .get(&url)
             .config()
-            .timeout_global(Some(std::time::Duration::from_secs(600)))
+            .timeout_global(limit)
             .build()
             .header("Authorization", &auth)
             .call(),

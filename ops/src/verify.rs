@@ -36,13 +36,13 @@ const NAMED_FILE_MAX: u64 = 16 << 20;
 fn read_named_bytes(path: &Path) -> Result<Vec<u8>> {
     let cannot =
         |e: std::io::Error| nothing_verified(format!("cannot read {}: {e}", path.display()));
-    let mut file = std::fs::File::open(path).map_err(cannot)?;
+    use std::io::Read as _;
     let mut bytes = Vec::new();
-    std::io::Read::read_to_end(
-        &mut std::io::Read::take(&mut file, NAMED_FILE_MAX + 1),
-        &mut bytes,
-    )
-    .map_err(cannot)?;
+    std::fs::File::open(path)
+        .map_err(cannot)?
+        .take(NAMED_FILE_MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
     if bytes.len() as u64 > NAMED_FILE_MAX {
         return Err(nothing_verified(format!(
             "{} is larger than any receipt, key, checkpoint or proof ({} MiB at most); \
