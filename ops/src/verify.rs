@@ -638,23 +638,6 @@ pub fn consistency(
         );
         return Ok(true);
     }
-    // Two checkpoints of one size need no proof: the same root, or a fork
-    // (whatever the proof file holds).
-    if old.size == new.size {
-        if old.root == new.root {
-            println!(
-                "verdict: CONSISTENT — both checkpoints are of the same {} entries (log {:?})",
-                new.size, new.origin
-            );
-            return Ok(true);
-        }
-        println!(
-            "verdict: INCONSISTENT — two checkpoints of {} entries with different roots: the \
-             log forked",
-            new.size
-        );
-        return Ok(false);
-    }
     // A file that is not a proof at all is the command's mistake (exit 2),
     // not a verdict on the log.
     let text = read_named(proof)?;
@@ -671,6 +654,23 @@ pub fn consistency(
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    // Two checkpoints of one size need no proof: the same root, or a fork
+    // (whatever proof the file holds, once it is one).
+    if old.size == new.size {
+        if old.root == new.root {
+            println!(
+                "verdict: CONSISTENT — both checkpoints are of the same {} entries (log {:?})",
+                new.size, new.origin
+            );
+            return Ok(true);
+        }
+        println!(
+            "verdict: INCONSISTENT — two checkpoints of {} entries with different roots: the \
+             log forked",
+            new.size
+        );
+        return Ok(false);
+    }
     // A proof for other sizes (the log grew between fetching the proof and
     // the checkpoint, a proof saved from another run) fails like a fork
     // would: it is the command's mistake, said so, not a verdict.
