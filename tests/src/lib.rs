@@ -918,6 +918,20 @@ impl TestCluster {
         found
     }
 
+    /// The node holding `needle` in one of its files (the first found).
+    pub fn node_holding(&self, needle: &[u8]) -> Option<u32> {
+        let file = self.node_files_holding(needle).into_iter().next()?;
+        (0..self.shape.nodes).find(|&i| file.starts_with(self.node_dir(i)))
+    }
+
+    /// The log's verifier key (`DATA_DIR/ledger.vkey`), as receipts are
+    /// verified against.
+    pub fn log_key(&self) -> Result<String> {
+        Ok(fs::read_to_string(self.dir.path().join("ledger.vkey"))?
+            .trim()
+            .to_owned())
+    }
+
     pub fn all_shard_files(&self) -> Vec<PathBuf> {
         (0..self.shape.nodes)
             .flat_map(|i| self.shard_files(i))

@@ -218,9 +218,7 @@ fn filing_through_chaos_loses_nothing() -> Result<()> {
     }
 
     // Everything reads back, and every receipt verifies.
-    let key = std::fs::read_to_string(c.data_dir().join("ledger.vkey"))?
-        .trim()
-        .to_owned();
+    let key = c.log_key()?;
     let check = |c: &TestCluster, why: &str| -> Result<()> {
         for (id, len, seed) in &filed {
             let got = c.read(id).with_context(|| {

@@ -12,12 +12,6 @@ use std::process::Command;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
-fn log_key(c: &TestCluster) -> Result<String> {
-    Ok(std::fs::read_to_string(c.data_dir().join("ledger.vkey"))?
-        .trim()
-        .to_string())
-}
-
 fn receipt_of(filed: &Value) -> Result<Receipt> {
     let r = filed
         .get("receipt")
@@ -254,7 +248,7 @@ fn a_filing_gets_a_receipt_a_court_can_verify_offline() -> Result<()> {
     assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
     let filed = a.json();
     let receipt = receipt_of(&filed)?;
-    let ok = receipt.verify(&log_key(&c)?)?;
+    let ok = receipt.verify(&c.log_key()?)?;
     assert_eq!(ok.statement.kind, ledger::Kind::Filed);
     assert_eq!(Some(ok.statement.evidence.as_str()), filed["id"].as_str());
     assert_eq!(Some(ok.statement.blake3.as_str()), filed["blake3"].as_str());
@@ -445,7 +439,7 @@ fn a_filing_gets_a_receipt_a_court_can_verify_offline() -> Result<()> {
     assert_eq!(again.status, 200);
     let again: Receipt = serde_json::from_slice(&again.body)?;
     assert_eq!(again.leaf_index, receipt.leaf_index);
-    again.verify(&log_key(&c)?)?;
+    again.verify(&c.log_key()?)?;
     let stranger = c.get_with("nope", &format!("/v1/evidence/{id}/receipt"), &[])?;
     assert_eq!(stranger.status, 401);
     Ok(())
@@ -454,7 +448,7 @@ fn a_filing_gets_a_receipt_a_court_can_verify_offline() -> Result<()> {
 #[test]
 fn the_log_is_published_as_c2sp_tiles_and_stays_consistent_across_a_crash() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
-    let key = log_key(&c)?;
+    let key = c.log_key()?;
     let mut receipts = Vec::new();
     for i in 0..5u64 {
         let filed = c.file_with(
@@ -716,7 +710,7 @@ fn post_json(c: &TestCluster, token: &str, path: &str, body: &Value) -> Result<(
 #[test]
 fn every_read_is_a_custody_event_on_the_ledger_before_its_bytes() -> Result<()> {
     let c = TestCluster::start(Shape::default())?;
-    let key = log_key(&c)?;
+    let key = c.log_key()?;
     let reader = make_token(&c, "admin", "reader")?;
     let data = bytes(9000, 3);
     // The submitter is what the filer says; the actor is who it was.
@@ -835,7 +829,7 @@ fn every_read_is_a_custody_event_on_the_ledger_before_its_bytes() -> Result<()> 
 #[test]
 fn hash_only_notarization_returns_one_receipt_per_item() -> Result<()> {
     let c = TestCluster::start(Shape::default())?;
-    let key = log_key(&c)?;
+    let key = c.log_key()?;
     let clerk = make_token(&c, "agency-x", "clerk")?;
     let contents: Vec<Vec<u8>> = (0..3).map(|i| bytes(100 + i, i as u64)).collect();
     let items: Vec<Value> = contents
@@ -998,7 +992,7 @@ fn a_witness_refuses_an_empty_checkpoint_with_another_root() -> Result<()> {
 #[test]
 fn witnesses_cosign_off_the_filing_path_and_never_cosign_a_fork() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
-    let key = log_key(&c)?;
+    let key = c.log_key()?;
     let log_pub = c.data_dir().join("ledger.vkey");
     let wdir = tempfile::tempdir()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -1331,7 +1325,7 @@ fn an_independent_implementation_agrees_with_our_tiles_proofs_and_signatures() -
         return Ok(());
     }
     let c = TestCluster::start(Shape::default())?;
-    let vkey = log_key(&c)?;
+    let vkey = c.log_key()?;
     let mut receipts = Vec::new();
     for i in 0..2 {
         receipts.push(receipt_of(&c.file(&bytes(500 + i, i as u64))?)?);
@@ -1423,7 +1417,7 @@ fn twenty_gateway_restarts_during_filing_keep_every_receipt_and_one_consistent_l
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
     let mut c = TestCluster::start(Shape::default())?;
-    let key = log_key(&c)?;
+    let key = c.log_key()?;
     // Every 201's id, and its receipt when the answer carried one.
     type Acknowledged = Vec<(String, Option<Receipt>)>;
     let acknowledged: Arc<Mutex<Acknowledged>> = Arc::default();
@@ -1616,7 +1610,7 @@ fn send(
 #[test]
 fn holds_retention_and_expunge_are_enforced_and_on_the_ledger() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
-    let key = log_key(&c)?;
+    let key = c.log_key()?;
     // Separation of duties: no API caller, admins included, can mint an
     // expunger credential; it is issued on the index host with the gateway
     // stopped (and the CLI says so while it runs).
@@ -1962,7 +1956,7 @@ fn unix_ms() -> u64 {
 #[test]
 fn the_log_key_rotates_under_a_new_origin_and_old_receipts_still_verify() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
-    let old_key = log_key(&c)?;
+    let old_key = c.log_key()?;
     let a = c.file(&bytes(5000, 81))?;
     let a_id = a["id"].as_str().context("id")?.to_owned();
     let before = receipt_of(&a)?;
@@ -1990,7 +1984,7 @@ fn the_log_key_rotates_under_a_new_origin_and_old_receipts_still_verify() -> Res
     c.start_gateway()?;
     c.wait_healthy(c.shape.nodes as u64)?;
 
-    let new_key = log_key(&c)?;
+    let new_key = c.log_key()?;
     assert!(
         new_key.starts_with("courts.example/custodia/2027+"),
         "{new_key}"
@@ -2227,9 +2221,7 @@ fn an_expunge_erases_on_the_nodes_that_answer_and_on_removed_ones() -> Result<()
     let id = c.file(&data)?["id"].as_str().context("id")?.to_owned();
     let piece = &data[100..132];
     let holder = c
-        .node_files_holding(piece)
-        .first()
-        .and_then(|f| (0..4).find(|&i| f.starts_with(c.node_dir(i))))
+        .node_holding(piece)
         .context("no node holds the first shard")?;
     let other = (0..4).find(|&i| i != holder).context("another node")?;
     // Copies no stripe record names: on a node that answers, and on the
@@ -2508,7 +2500,7 @@ fn receipts_carry_rfc3161_tokens_that_openssl_accepts() -> Result<()> {
     }
     use sha2::Digest;
     let mut c = TestCluster::start(Shape::default())?;
-    let key = log_key(&c)?;
+    let key = c.log_key()?;
     let tsa_pem = c.data_dir().join("tsa.pem");
     let data = bytes(2000, 21);
     let filed = c.file(&data)?;

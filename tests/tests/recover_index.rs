@@ -80,9 +80,7 @@ fn recovered(c: &TestCluster, extra: &[&str]) -> Result<String> {
 fn repairing_cluster() -> Result<(TestCluster, String)> {
     let mut c = TestCluster::start(Shape::default())?;
     c.set_gateway(&[("repair_interval_ms", toml::Value::Integer(500))])?;
-    let key = std::fs::read_to_string(c.data_dir().join("ledger.vkey"))?
-        .trim()
-        .to_owned();
+    let key = c.log_key()?;
     Ok((c, key))
 }
 
@@ -327,9 +325,7 @@ type Filed = (String, Vec<u8>);
 /// say what it could not read back and fail. Returns the filings (id,
 /// bytes) and what the command said.
 fn recovered_with_three_nodes_down(c: &mut TestCluster, seed: u64) -> Result<(Vec<Filed>, String)> {
-    let key = std::fs::read_to_string(c.data_dir().join("ledger.vkey"))?
-        .trim()
-        .to_owned();
+    let key = c.log_key()?;
     let mut filed = Vec::new();
     for i in 0..3u64 {
         let data = bytes(60_000 + i as usize * 7_000, seed + i);
@@ -1062,9 +1058,7 @@ fn an_expunge_unfinished_when_the_index_was_lost_is_finished_after_recovery() ->
         ..Shape::default()
     })?;
     c.set_gateway(&[("gc_interval_ms", toml::Value::Integer(500))])?;
-    let key = std::fs::read_to_string(c.data_dir().join("ledger.vkey"))?
-        .trim()
-        .to_owned();
+    let key = c.log_key()?;
     c.stop_gateway();
     let expunger = c.mint_expunger()?;
     c.start_gateway()?;
@@ -1073,9 +1067,7 @@ fn an_expunge_unfinished_when_the_index_was_lost_is_finished_after_recovery() ->
     let id = c.file_id(&data)?;
     let piece = &data[100..132];
     let holder = c
-        .node_files_holding(piece)
-        .first()
-        .and_then(|f| (0..5).find(|&i| f.starts_with(c.node_dir(i))))
+        .node_holding(piece)
         .context("no node holds the first shard")?;
     c.kill_node(holder);
     let order = serde_json::json!({ "order": "Order 2026-92 of the District Court" });
