@@ -2969,18 +2969,24 @@ pub fn spawn_witnessing<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::Jo
             // All witnesses at once: a slow one delays no other.
             let count = ledger.witnesses.len();
             let rounds = ledger.witnesses.iter().zip(seen.iter()).enumerate().map(|(i, (w, seen))| {
-                let (gw, agent, newest) = (&gw, &agent, &newest);
+                let (gw, agent, newest, ledger) = (&gw, &agent, &newest, &ledger);
                 let seen = *seen;
                 let which = (i, count, w);
                 async move {
                     if seen == WitnessAt::Cosigned(newest.1.size) {
                         return seen;
                     }
+                    if seen.size() > newest.1.size {
+                        return beyond(gw, ledger, w, seen.size()).await;
+                    }
                     match witness_once(gw, agent, which, seen.size(), newest).await {
                         Ok(Cosigned::Yes) => WitnessAt::Cosigned(newest.1.size),
                         Ok(Cosigned::Inconsistent) => {
                             forked(gw, w, seen.size(), newest.1.size);
                             WitnessAt::Unknown
+                        }
+                        Ok(Cosigned::Behind(size)) if size > newest.1.size => {
+                            beyond(gw, ledger, w, size).await
                         }
                         // It is at another size: retry at once from there.
                         Ok(Cosigned::Behind(size)) => {
@@ -3068,6 +3074,46 @@ enum Cosigned {
     /// The witness refused our consistency proof from its size (422): the
     /// tree it cosigned at that size is not ours.
     Inconsistent,
+}
+
+/// Where witness `w` is when it says it is at `size`, beyond the newest
+/// checkpoint this gateway read. Every checkpoint a gateway of this log
+/// sends is read from the index first, so another gateway may just have
+/// signed a newer one: the index is read again. Still beyond it, the
+/// witness cosigned a checkpoint this log no longer has: its index was
+/// restored from an older backup or otherwise rolled back, and every
+/// receipt it signs from here on is on a fork. Said at each round, as
+/// [`forked`] says it (the witness is asked afresh each time). Left
+/// unsaid, it would be found only once the log grew past the witness's
+/// size again, which may be weeks of receipts later.
+async fn beyond<S: Store>(
+    gw: &Gateway<S>,
+    ledger: &Ledger,
+    w: &WitnessEntry,
+    size: u64,
+) -> WitnessAt {
+    match newest_checkpoint(gw, ledger).await {
+        Ok(Some((_, cp))) if cp.size >= size => WitnessAt::At(size),
+        Ok(newest) => {
+            let ours = newest.map_or(0, |(_, cp)| cp.size);
+            gw.metrics
+                .witness_inconsistent
+                .with_label_values(&[w.url.as_str()])
+                .inc();
+            tracing::error!(
+                witness = %w.url,
+                witness_size = size,
+                our_size = ours,
+                "the witness cosigned a checkpoint of this log larger than its newest: \
+                 this log may have forked (an index restored from an older backup?)"
+            );
+            WitnessAt::Unknown
+        }
+        Err(e) => {
+            tracing::warn!(witness = %w.url, error = %e, "could not read the newest checkpoint again");
+            WitnessAt::At(size)
+        }
+    }
 }
 
 /// Says, as loudly as it can, that witness `w` holds a tree of `its_size`

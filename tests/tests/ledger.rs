@@ -61,6 +61,21 @@ fn custodia_verify(
 /// have forked, rather than take it for a flaky witness.
 #[test]
 fn a_witness_holding_another_tree_is_reported_as_a_fork() -> Result<()> {
+    fork_reported_by_a_witness_at(2)
+}
+
+/// A witness that cosigned a checkpoint larger than this log's newest (the
+/// index was restored from an older backup, with its tiles and archive, so
+/// that nothing else in the cluster disagrees): as much a fork, said at
+/// once rather than when the log has grown past the witness again.
+#[test]
+fn a_witness_ahead_of_the_log_is_reported_as_a_fork() -> Result<()> {
+    fork_reported_by_a_witness_at(1_000)
+}
+
+/// A cluster with a few filings and a witness whose view says it cosigned
+/// a tree of `size` of this log, not the cluster's, reports a fork.
+fn fork_reported_by_a_witness_at(size: u64) -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
     for i in 0..4u64 {
         assert_eq!(c.file_with(&c.token, &bytes(500, i), &[])?.status, 201);
@@ -76,7 +91,7 @@ fn a_witness_holding_another_tree_is_reported_as_a_fork() -> Result<()> {
     std::fs::write(
         wdir.path().join("witness-state.json"),
         serde_json::to_vec(&serde_json::json!({
-            "logs": { origin: { "size": 2, "root": other_root } },
+            "logs": { origin: { "size": size, "root": other_root } },
             "cosigned_at": 0,
         }))?,
     )?;
