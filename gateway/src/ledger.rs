@@ -3035,6 +3035,15 @@ pub fn spawn_witnessing<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::Jo
                 }
             });
             seen = futures::future::join_all(rounds).await;
+            // Counted once every witness has had its say on this
+            // checkpoint: counted as each answered, a quick witness's
+            // cosignature on the next checkpoint would hide a slow one's
+            // on this, and the count would read short whenever the log grows.
+            let cosigned = seen
+                .iter()
+                .filter(|s| **s == WitnessAt::Cosigned(newest.1.size))
+                .count();
+            gw.metrics.cosigned(newest.1.size, cosigned);
         }
     }))
 }
@@ -3211,7 +3220,6 @@ async fn witness_once<S: Store>(
             })
             .await
             .map_err(|e| e.to_string())?;
-            gw.metrics.cosigned(size, text.lines().count());
             // The time it cosigned at: a majority of witnesses vouching for
             // a time lets the compliance clock catch up to it.
             if let Some(t) = text

@@ -610,17 +610,17 @@ impl GatewayMetrics {
         }
     }
 
-    /// A witness cosigned the checkpoint of `size`; `lines` cosignature
-    /// lines from it.
-    pub fn cosigned(&self, size: u64, lines: usize) {
+    /// `witnesses` of those configured have cosigned the checkpoint of
+    /// `size`, counted once a round has asked them all. None says nothing:
+    /// the newest cosigned checkpoint is then still an older one.
+    pub fn cosigned(&self, size: u64, witnesses: usize) {
         let size = clamp(size);
-        if size > self.cosigned_entries.get() {
-            self.cosigned_entries.set(size);
-            self.cosignatures.set(0);
+        if witnesses == 0 || size < self.cosigned_entries.get() {
+            return;
         }
-        if size == self.cosigned_entries.get() {
-            self.cosignatures.add(lines.min(1) as i64);
-        }
+        self.cosigned_entries.set(size);
+        self.cosignatures
+            .set(i64::try_from(witnesses).unwrap_or(i64::MAX));
     }
 
     /// Starts counting one HTTP request, from now: see [`HttpRequest`].
