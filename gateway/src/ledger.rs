@@ -276,6 +276,11 @@ impl RoundPacer {
 pub enum LedgerError {
     #[error("ledger signer key {path}: {reason}")]
     Key { path: PathBuf, reason: String },
+    #[error(
+        "ledger origin {0:?}: an origin is one word without '+' (a name like \
+         example.org/custodia), the first line of every checkpoint and its key's name"
+    )]
+    Origin(String),
     #[error("ledger tiles store: {0}")]
     Store(#[from] object_store::Error),
     #[error("ledger I/O: {0}")]
@@ -370,6 +375,12 @@ impl Ledger {
             path: config.signer_key.clone(),
             reason,
         };
+        // Checked here, not at the first checkpoint: signing under such a
+        // name fails at every round, and every filing would wait out its
+        // receipt and get none.
+        if !pl::origin_is_valid(&config.origin) {
+            return Err(LedgerError::Origin(config.origin.clone()));
+        }
         let signer_key = std::fs::read_to_string(&config.signer_key)
             .map_err(|e| key_err(e.to_string()))?
             .trim()

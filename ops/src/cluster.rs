@@ -400,6 +400,10 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         );
     }
     refuse_foreign_entries(data_dir)?;
+    // Before anything is written: a shape refused after the keys were
+    // made would leave them in a `tls/` the operator provided, and every
+    // later init would take them for an earlier cluster's.
+    check_options(opts)?;
     let tls_existed = data_dir.join("tls").exists();
     fs::create_dir_all(data_dir)?;
     storage_node::store::write_durably(
@@ -423,6 +427,44 @@ pub async fn init(data_dir: &Path, opts: &InitOptions) -> Result<Cluster> {
         Err(_) => remove_partial_init(data_dir, tls_existed),
     }
     made
+}
+
+/// Why `origin` cannot name a log, for a message.
+pub fn origin_problem(origin: &str) -> String {
+    format!(
+        "the log origin {origin:?} is not one word without '+' (give a name like \
+         example.org/custodia/2027): it is the first line of every checkpoint and the name of \
+         the log's key"
+    )
+}
+
+/// The options' shape, refused as the cluster file would be: the code,
+/// enough nodes for it, the write quorum, and the log's origin.
+fn check_options(opts: &InitOptions) -> Result<()> {
+    let code = protocol::ErasureCode {
+        k: opts.k,
+        m: opts.m,
+        shard_size: opts.shard_size,
+    };
+    code.validate()
+        .map_err(gateway::config::ConfigError::from)?;
+    if (opts.nodes as usize) < code.total() {
+        return Err(gateway::config::ConfigError::TooFewNodes {
+            have: opts.nodes as usize,
+            need: code.total(),
+        }
+        .into());
+    }
+    if let Some(got) = opts.min_write_shards {
+        let (min, max) = (opts.k.saturating_add(1), opts.k.saturating_add(opts.m));
+        if got < min || got > max {
+            return Err(gateway::config::ConfigError::MinWrite { got, min, max }.into());
+        }
+    }
+    if !protocol::ledger::origin_is_valid(&opts.log_origin) {
+        bail!("{}", origin_problem(&opts.log_origin));
+    }
+    Ok(())
 }
 
 /// What a directory may hold before a cluster is made in it: its locks,

@@ -28,8 +28,8 @@ pub async fn rotate_key(data_dir: &Path, origin: &str) -> Result<()> {
     let Some(ledger) = cluster.gateway.ledger.as_mut() else {
         bail!("this cluster has no ledger");
     };
-    if origin.is_empty() || origin.contains(char::is_whitespace) || origin.contains('+') {
-        bail!("an origin is one word without '+' (a name like example.org/custodia/2027)");
+    if !protocol::ledger::origin_is_valid(origin) {
+        bail!("{}", cluster::origin_problem(origin));
     }
     if origin == ledger.origin {
         bail!("the log's origin is {origin:?} already: give the new one");
