@@ -349,6 +349,8 @@ pub enum ConfigError {
     ServerName(u32, String),
     #[error("min_write_shards: {got} is outside k + 1 ..= k + m ({min}..={max})")]
     MinWrite { got: u8, min: u8, max: u8 },
+    #[error("{0} and {1} both listen on {2}")]
+    SameAddress(&'static str, &'static str, SocketAddr),
     #[error("pipeline_stripes: must be 1..=64")]
     Pipeline,
     #[error("client_idle_timeout_ms: must be positive")]
@@ -357,6 +359,15 @@ pub enum ConfigError {
         "intent_lease_ms: {0} is under the 1000 ms minimum (uploads renew a third of it at a time)"
     )]
     Lease(u64),
+}
+
+/// Whether two listeners (of one protocol) would want the same port: one
+/// port, and one address or either on all addresses. Port 0 is any free
+/// one, so never the same.
+pub fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 impl GatewayConfig {
@@ -450,6 +461,23 @@ impl GatewayConfig {
             let (min, max) = (self.k.saturating_add(1), self.k.saturating_add(self.m));
             if got < min || got > max {
                 return Err(ConfigError::MinWrite { got, min, max });
+            }
+        }
+        let listening = [
+            ("listen", Some(self.listen)),
+            ("s3_listen", self.s3_listen),
+            ("metrics_listen", self.metrics_listen),
+        ];
+        let listening: Vec<_> = listening
+            .iter()
+            .filter_map(|(name, addr)| addr.map(|a| (*name, a)))
+            .collect();
+        for (i, (a, addr)) in listening.iter().enumerate() {
+            if let Some((b, _)) = listening[i + 1..]
+                .iter()
+                .find(|(_, other)| same_port(*addr, *other))
+            {
+                return Err(ConfigError::SameAddress(a, b, *addr));
             }
         }
         if !(1..=64).contains(&self.pipeline_stripes) {
@@ -639,5 +667,29 @@ failure_domain = "rack-a"
         let mut c = example();
         c.nodes[1].id = 0;
         assert_eq!(c.validate(), Err(ConfigError::DuplicateNode(0)));
+        // Two listeners on one port: the same address, or one on all.
+        let mut c = example();
+        c.s3_listen = Some(c.listen);
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::SameAddress("listen", "s3_listen", c.listen))
+        );
+        let mut c = example();
+        let all: SocketAddr = ([0, 0, 0, 0], c.listen.port()).into();
+        c.metrics_listen = Some(all);
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::SameAddress(
+                "listen",
+                "metrics_listen",
+                c.listen
+            ))
+        );
+        // Another port, or port 0 (any free one) twice, is not the same.
+        let mut c = example();
+        c.s3_listen = Some(([0, 0, 0, 0], c.listen.port() + 1).into());
+        c.metrics_listen = Some(([127, 0, 0, 1], 0).into());
+        c.listen = ([127, 0, 0, 1], 0).into();
+        assert_eq!(c.validate(), Ok(()));
     }
 }

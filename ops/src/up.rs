@@ -490,6 +490,35 @@ fn configured_ports(c: &Cluster) -> Vec<Port> {
 /// `ports` (bound for a moment and let go: one taken in between is still
 /// said by the component that cannot bind it).
 fn ports_free(ports: &[Port], fresh: bool) -> Result<()> {
+    // Each is free alone, so two of them on one port are seen only here:
+    // the second to start would find the first on it.
+    for (i, a) in ports.iter().enumerate() {
+        if let Some(b) = ports[i + 1..]
+            .iter()
+            .find(|b| a.udp == b.udp && gateway::config::same_port(a.addr, b.addr))
+        {
+            match fresh {
+                true => anyhow::bail!(
+                    "{} and {} would both listen on {}: give one another address with {} or {} \
+                     (nothing was created)",
+                    a.what,
+                    b.what,
+                    b.addr,
+                    a.flag,
+                    b.flag
+                ),
+                false => anyhow::bail!(
+                    "{} and {} both listen on {}: change {} or {} in cluster.toml (nothing was \
+                     started)",
+                    a.what,
+                    b.what,
+                    b.addr,
+                    a.setting,
+                    b.setting
+                ),
+            }
+        }
+    }
     for p in ports.iter().filter(|p| p.addr.port() != 0) {
         let taken = match p.udp {
             true => std::net::UdpSocket::bind(p.addr).err(),

@@ -2779,6 +2779,82 @@ fn cli_errors_name_the_problem_once_and_create_nothing() -> Result<()> {
     Ok(())
 }
 
+/// Options no cluster could run with are refused before anything is
+/// written: into a `tls/` the operator provided, a refused init leaves no
+/// key that a later init would take for an earlier cluster's. A log origin
+/// no checkpoint could be signed under, and two listeners on one port,
+/// are among them.
+#[test]
+fn an_init_refused_for_its_options_writes_nothing() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("data");
+    std::fs::create_dir_all(dir.join("tls"))?;
+    std::fs::write(dir.join("tls").join("operator-note.txt"), b"kept\n")?;
+    let custodia = |args: &[&str]| {
+        std::process::Command::new(custodia_tests::custodia_bin())
+            .args(args)
+            .arg("--data-dir")
+            .arg(&dir)
+            .output()
+    };
+    // Its locks aside, which any command on a data dir takes.
+    let listed = || -> Result<Vec<String>> {
+        let mut names: Vec<String> = walkdir(&dir)?;
+        names.retain(|n| !n.ends_with(".lock"));
+        names.sort();
+        Ok(names)
+    };
+    let before = listed()?;
+    for (args, said) in [
+        (&["init", "--nodes", "2"][..], "at least k + m"),
+        (
+            &["init", "--log-origin", "Springfield County Court"][..],
+            "not one word",
+        ),
+        (&["init", "--log-origin", "a+b"][..], "not one word"),
+        (&["init", "--min-write-shards", "4"][..], "min_write_shards"),
+        (
+            &["up", "--api", "127.0.0.1:47311", "--s3", "127.0.0.1:47311"][..],
+            "would both listen on 127.0.0.1:47311",
+        ),
+    ] {
+        let out = custodia(args)?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(said),
+            "{args:?}: {err}"
+        );
+        assert_eq!(listed()?, before, "{args:?} wrote into the data dir");
+    }
+    let out = custodia(&["init"])?;
+    assert!(
+        out.status.success(),
+        "a valid init after refused ones: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(dir.join("tls").join("operator-note.txt"))?,
+        b"kept\n"
+    );
+    Ok(())
+}
+
+/// Every path under `dir`, relative to it.
+fn walkdir(dir: &std::path::Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let path = e?.path();
+            out.push(path.strip_prefix(dir)?.display().to_string());
+            if path.is_dir() {
+                todo.push(path);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// An init cut short (killed before it saved its cluster file, the last
 /// thing it writes) is not taken for an earlier cluster: the next init
 /// starts it again. One that finished leaves no mark of being under way.
