@@ -242,12 +242,33 @@ impl Cluster {
     /// them) is dialled at that address. A node on another host, on every
     /// address (`0.0.0.0`) or behind a port mapping is dialled wherever its
     /// network says, and a file may list only the nodes of one host under
-    /// `[[nodes]]`. No two nodes are dialled at one address.
+    /// `[[nodes]]`. No two nodes are dialled at one address. A failure
+    /// domain is placement's, which reads the `[[gateway.nodes]]` entry's:
+    /// one set under `[[nodes]]` alone (beside the node's other settings)
+    /// would be silently unused, and stripes would crowd into one rack.
     pub(crate) fn nodes_agree(&self) -> Result<()> {
         let mut dialled = std::collections::HashMap::new();
         for e in &self.gateway.nodes {
             if let Some(other) = dialled.insert(e.addr, e.id) {
                 anyhow::bail!("nodes {other} and {} are both dialled at {}", e.id, e.addr);
+            }
+        }
+        for n in &self.nodes {
+            let Some(domain) = &n.failure_domain else {
+                continue;
+            };
+            let dialled = self.gateway.nodes.iter().find(|e| e.id == n.id);
+            if dialled.is_some_and(|e| e.failure_domain.as_ref() != Some(domain)) {
+                anyhow::bail!(
+                    "node {}'s [[nodes]] entry has failure_domain = {domain:?} but its \
+                     [[gateway.nodes]] entry {}: placement reads the [[gateway.nodes]] one, so \
+                     set it there (the two must agree)",
+                    n.id,
+                    match dialled.and_then(|e| e.failure_domain.as_deref()) {
+                        Some(other) => format!("has {other:?}"),
+                        None => "has none".to_owned(),
+                    }
+                );
             }
         }
         for n in self.nodes.iter().filter(|n| n.listen.ip().is_loopback()) {

@@ -2839,6 +2839,53 @@ fn an_init_refused_for_its_options_writes_nothing() -> Result<()> {
     Ok(())
 }
 
+/// A failure domain set on a node's own `[[nodes]]` entry (beside its
+/// other settings) but not on the `[[gateway.nodes]]` entry placement
+/// reads is refused, naming where to set it: unused, it would have let
+/// stripes crowd into one rack with no word said.
+#[test]
+fn a_failure_domain_placement_would_not_read_is_refused() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("data");
+    let custodia = |args: &[&str]| {
+        std::process::Command::new(custodia_tests::custodia_bin())
+            .args(args)
+            .arg("--data-dir")
+            .arg(&dir)
+            .output()
+    };
+    assert!(custodia(&["init"])?.status.success());
+    let file = dir.join("cluster.toml");
+    let text = std::fs::read_to_string(&file)?;
+    let own = "[[nodes]]\nid = 0\n";
+    assert_eq!(text.matches(own).count(), 1, "{text}");
+    std::fs::write(
+        &file,
+        text.replace(own, &format!("{own}failure_domain = \"rack-a\"\n")),
+    )?;
+    let out = custodia(&["node", "add"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("set it there") && err.contains("rack-a"),
+        "{err}"
+    );
+    // Set on both, it is the node's domain.
+    let text = std::fs::read_to_string(&file)?;
+    let dialled = "[[gateway.nodes]]\nid = 0\n";
+    assert_eq!(text.matches(dialled).count(), 1, "{text}");
+    std::fs::write(
+        &file,
+        text.replace(dialled, &format!("{dialled}failure_domain = \"rack-a\"\n")),
+    )?;
+    let out = custodia(&["node", "add"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 /// Every path under `dir`, relative to it.
 fn walkdir(dir: &std::path::Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
