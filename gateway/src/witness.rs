@@ -44,6 +44,11 @@ pub enum WitnessStartError {
     },
     #[error("witness key: {0}")]
     Key(#[from] pw::WitnessError),
+    #[error(
+        "witness name {0:?}: a name is one word without '+' (a name like \
+         witness.example.org), the name its cosignatures are made under"
+    )]
+    Name(String),
     #[error("log key {0:?} is not a C2SP Ed25519 verifier key")]
     LogKey(String),
     #[error("witness state {path} is unreadable: {reason}")]
@@ -146,6 +151,12 @@ pub fn open(
             k.trim().to_owned()
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Before anything is written: a key made under a name that
+            // cannot sign would be refused at every later start, whatever
+            // name was given then (a key's name is read from its file).
+            if !signed_note::is_key_name_valid(name) {
+                return Err(WitnessStartError::Name(name.to_owned()));
+            }
             let (s, _) = pw::witness_keys(name, &rand::random());
             // The state first (an empty one unless one was put there): a
             // key is never without one.
@@ -408,6 +419,22 @@ mod tests {
                 "with {left:?}"
             );
         }
+    }
+
+    /// A name no key can sign under is refused before anything is written,
+    /// so the same directory starts under a good name next.
+    #[test]
+    fn a_witness_name_that_cannot_sign_writes_nothing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for bad in ["Court A", "a+b", ""] {
+            match open(dir.path(), bad, &[], false) {
+                Err(WitnessStartError::Name(n)) => assert_eq!(n, bad),
+                other => panic!("{bad:?}: {:?}", other.map(|(_, k)| k)),
+            }
+            assert!(!dir.path().join(WITNESS_KEY_FILE).exists(), "{bad:?}");
+        }
+        let (_, key) = open(dir.path(), "court-a.example", &[], false).expect("a good name");
+        assert!(key.starts_with("court-a.example+"), "{key}");
     }
 
     /// A log trusted under two keys (one origin, as while it rotates) has
