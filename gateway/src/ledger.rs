@@ -2924,11 +2924,17 @@ pub fn spawn_archive_check<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task:
         tokio::time::sleep(look).await;
         loop {
             if !ledger.integrating() {
+                // A gap found while integrating is the integrator's to say
+                // now: kept here, an alert on the largest gap any gateway
+                // says would stay up after the files were restored.
+                gw.metrics.archive_gap.set(0);
                 tokio::time::sleep(look).await;
                 continue;
             }
             let signed = newest_checkpoint(&gw, &ledger).await;
             let covered = archive_coverage(&*ledger.openings).await;
+            // A check that failed is tried again in a minute, not a day.
+            let mut next = every;
             match (signed, covered) {
                 (Ok(signed), Ok(covered)) => {
                     let signed = signed.map_or(0, |(_, c)| c.size);
@@ -2946,13 +2952,15 @@ pub fn spawn_archive_check<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task:
                     }
                 }
                 (Err(e), _) => {
+                    next = look;
                     tracing::warn!(error = %e, "could not read the newest checkpoint to check the openings archive")
                 }
                 (_, Err(e)) => {
+                    next = look;
                     tracing::warn!(error = %e, "could not list the openings archive to check it")
                 }
             }
-            tokio::time::sleep(every).await;
+            tokio::time::sleep(next).await;
         }
     }))
 }
