@@ -809,7 +809,8 @@ pub async fn serve<S: Store>(
     let refresher = crate::metrics::spawn_refresher(gw.clone());
     let repair = crate::repair::spawn_repair_loop(
         gw.clone(),
-        Duration::from_millis(gw.config.repair_interval_ms),
+        // Floored as the other loops are: 0 would scan back to back.
+        Duration::from_millis(gw.config.repair_interval_ms.max(100)),
     );
     let old_copies = crate::repair::spawn_old_copy_deleter(gw.clone());
     let http = http1(Duration::from_millis(
