@@ -135,7 +135,8 @@ pub enum Request {
     /// node answers `Error(BadRequest)`.
     EraseEvidence(EvidenceId),
     /// The ids of every node removed from the cluster (at most
-    /// [`MAX_DENIED`]), replacing those the node had: it serves none of
+    /// [`MAX_DENIED`]), added to those the node had (a removal is for
+    /// good, and a list read before one may arrive after it): it serves none of
     /// them any more (a removed node's key, taken from its host or its
     /// disposed-of disk, must not read the shards its stripes still have
     /// elsewhere). Kept on the node's disk; answered `Denied`. Gateways

@@ -1242,7 +1242,11 @@ async fn handle_erase_evidence(
 }
 
 /// Serves none of `ids` from now on, and keeps them so (durably, before
-/// the answer).
+/// the answer), beside those it had: a node is removed for good (added
+/// again only under a new id), and gateways each send the list their probe
+/// read, so one read before a removal may arrive after a newer one; taken
+/// as the whole list, it would serve the node just removed again until the
+/// next probe.
 async fn handle_deny_nodes(
     state: &NodeState,
     ids: Vec<u32>,
@@ -1251,11 +1255,14 @@ async fn handle_deny_nodes(
     if ids.len() > protocol::wire::MAX_DENIED {
         return respond(send, &Response::Error(ErrorCode::BadRequest)).await;
     }
-    let ids: std::collections::BTreeSet<u32> = ids.into_iter().collect();
+    let mut ids: std::collections::BTreeSet<u32> = ids.into_iter().collect();
     let _one_at_a_time = state.denying.lock().await;
     let unchanged = {
         let now = state.denied.read().unwrap_or_else(|e| e.into_inner());
-        !now.all && !now.unkept && now.ids == ids.iter().copied().collect()
+        if !now.all {
+            ids.extend(now.ids.iter().copied());
+        }
+        !now.all && !now.unkept && now.ids.len() == ids.len()
     };
     if !unchanged {
         // Refused at once, before the list is kept: a disk too full to keep

@@ -1115,3 +1115,58 @@ async fn only_the_gateway_writes_or_deletes_shards() {
         .unwrap());
     node.shutdown().await;
 }
+
+/// Removed nodes stay refused whatever order gateways' lists arrive in:
+/// a list read before a removal, arriving after the one that names it,
+/// does not have the node just removed served again. Kept across a
+/// restart.
+#[tokio::test]
+async fn a_stale_list_of_removed_nodes_unremoves_none() {
+    let cluster = Cluster::new();
+    let node = cluster.start(loopback()).await;
+    let addr = node.local_addr;
+    let (header, body) = shard(5, 3000);
+    let gateway = cluster.client();
+    gateway
+        .rpc_put_shard(addr, &header, Bytes::copy_from_slice(&body))
+        .await
+        .unwrap();
+    // A node's certificate, with the names `init` gives it.
+    let peer = |id: u32| {
+        let (cert, key) = cluster
+            .ca
+            .issue(&format!("custodia node {id}"), &tls::node_names(id), &[])
+            .unwrap();
+        let dir = &cluster.tls_dir;
+        std::fs::write(dir.join(format!("node-{id}.pem")), cert).unwrap();
+        tls::write_private(&dir.join(format!("node-{id}.key")), key.as_bytes()).unwrap();
+        NodeClient::new(&TlsFiles {
+            ca_cert: dir.join("ca.pem"),
+            cert: dir.join(format!("node-{id}.pem")),
+            key: dir.join(format!("node-{id}.key")),
+        })
+        .unwrap()
+    };
+    let (three, five) = (peer(3), peer(5));
+    assert!(five.rpc_get_shard(addr, header.key).await.is_ok());
+    // Node 5 removed after node 3: the newer list, then an older one.
+    assert_eq!(gateway.rpc_deny_nodes(addr, vec![3, 5]).await.unwrap(), 2);
+    assert_eq!(gateway.rpc_deny_nodes(addr, vec![3]).await.unwrap(), 2);
+    let refused = |err: NodeError| matches!(err, NodeError::Remote(ErrorCode::Forbidden));
+    for client in [&three, &five] {
+        let err = client.rpc_get_shard(addr, header.key).await.unwrap_err();
+        assert!(refused(err));
+    }
+    node.shutdown().await;
+    let node = cluster.start(loopback()).await;
+    let err = five
+        .rpc_get_shard(node.local_addr, header.key)
+        .await
+        .unwrap_err();
+    assert!(refused(err), "after a restart");
+    // A node never removed still reads.
+    assert!(peer(4)
+        .rpc_get_shard(node.local_addr, header.key)
+        .await
+        .is_ok());
+}
