@@ -100,6 +100,11 @@ const KIND_DURABLE: u8 = 4;
 const FRAME: usize = 8 + 1 + 2 + 4 + 16;
 /// A segment is sealed once it reaches this size.
 const SEGMENT_TARGET: u64 = 64 << 20;
+/// The longest a segment can be: sealed past its target by one record at
+/// most, itself no longer than a shard file. A segment file longer than
+/// this (its size damaged, or not a segment) is never read whole: its
+/// length would be an allocation of any size.
+pub(crate) const MAX_SEGMENT_FILE: u64 = SEGMENT_TARGET + 2 * crate::store::MAX_SHARD_FILE;
 /// Version byte of the tombstone encoding.
 const TOMBSTONE_V1: u8 = 1;
 
@@ -371,6 +376,16 @@ impl SegmentLog {
             // out of service (and the disk's identity renewed): one that
             // passes must not cost every shard in it a rebuild.
             let path = dir.join(segment_name(id));
+            if fs::metadata(&path).is_ok_and(|m| m.len() > MAX_SEGMENT_FILE) {
+                tracing::error!(
+                    segment = id,
+                    max = MAX_SEGMENT_FILE,
+                    "this segment is longer than any segment can be (its size damaged?); its \
+                     shards are not served"
+                );
+                damaged.push(id);
+                continue;
+            }
             let media = crate::store::is_media_error;
             let mut read = fs::read(&path);
             for _ in 0..2 {
@@ -1094,8 +1109,13 @@ impl SegmentLog {
         let Some(file) = self.read_index().segments.get(&id).map(|s| s.file.clone()) else {
             return Ok((Vec::new(), Vec::new()));
         };
-        let len = usize::try_from(file.metadata()?.len())
-            .map_err(|_| io::Error::other("segment too large"))?;
+        let len = file.metadata()?.len();
+        if len > MAX_SEGMENT_FILE {
+            return Err(io::Error::other(format!(
+                "segment {id} is {len} bytes, longer than any segment can be"
+            )));
+        }
+        let len = usize::try_from(len).map_err(|_| io::Error::other("segment too large"))?;
         let mut bytes = vec![0u8; len];
         file.read_exact_at(&mut bytes, 0)?;
         let Some(seg_key) = self.read_index().segments.get(&id).map(|s| s.key) else {
@@ -2573,6 +2593,32 @@ pub(crate) mod tests {
         assert!(
             matches!(log.read(&hk.key, now, false).unwrap(), ReadRecord::Shard(_, b) if b == kept)
         );
+    }
+
+    /// A segment file longer than any segment can be (its size damaged) is
+    /// never read whole: taken for damaged, its shards unserved, and the
+    /// log opens and serves on. Compaction refuses it too.
+    #[test]
+    fn a_segment_longer_than_any_is_damaged_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SegmentLog::open(dir.path()).unwrap();
+        let body = b"in the grown segment".to_vec();
+        let (loc, _) = log.put(&shard(5, &body), &body).unwrap();
+        assert!(log.survivors(loc.seg).is_ok());
+        let path = log.segment_path(loc.seg);
+        // Sparse: no disk space, and no read of it.
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(MAX_SEGMENT_FILE + 1).unwrap();
+        let err = log.survivors(loc.seg).unwrap_err();
+        assert!(err.to_string().contains("longer than any segment"), "{err}");
+        drop(log);
+        let log = SegmentLog::open(dir.path()).unwrap();
+        assert_eq!(log.damaged_segments(), &[loc.seg]);
+        assert_eq!(log.locate(&shard(5, &body).key), None);
+        let other = b"after".to_vec();
+        let (after, _) = log.put(&shard(6, &other), &other).unwrap();
+        assert_ne!(after.seg, loc.seg);
+        assert_eq!(log.locate(&shard(6, &other).key), Some(after));
     }
 
     #[test]

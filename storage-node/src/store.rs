@@ -59,7 +59,7 @@ const MAX_PREFIX: usize = protocol::shard::MAGIC.len() + 2 + protocol::shard::MA
 /// The longest a shard file can be: a read never takes more than one byte
 /// past it (a longer file fails its length check and is quarantined), so a
 /// file whose size is damaged cannot make a read allocate all of memory.
-const MAX_SHARD_FILE: u64 = MAX_PREFIX as u64 + protocol::code::MAX_SHARD_SIZE as u64;
+pub(crate) const MAX_SHARD_FILE: u64 = MAX_PREFIX as u64 + protocol::code::MAX_SHARD_SIZE as u64;
 
 /// Shard bodies up to this many bytes go to segments by default: a 4 KiB
 /// object's shards, and the last stripe of most small files.
@@ -958,10 +958,10 @@ impl ShardStore {
                 erased.copies += 1;
                 continue;
             }
-            let holds = match fs::read(&path) {
-                Ok(bytes) => bytes.windows(evidence.0.len()).any(|w| w == evidence.0),
+            let holds = match file_holds(&path, &evidence.0) {
+                Ok(holds) => holds,
                 Err(e) => {
-                    tracing::warn!(file = %path.display(), error = %e, "a damaged segment cannot be read whole to show it holds nothing of expunged evidence: removing it");
+                    tracing::warn!(file = %path.display(), error = %e, "a damaged segment cannot be read to show it holds nothing of expunged evidence: removing it");
                     true
                 }
             };
@@ -1568,6 +1568,33 @@ fn names_starting(dir: &Path, prefix: &str) -> io::Result<Vec<String>> {
 }
 
 /// Removes the file at `path` if it is there.
+/// Whether the file at `path` holds `needle` anywhere, read a window at a
+/// time: a damaged segment kept aside may be of any size.
+fn file_holds(path: &Path, needle: &[u8]) -> io::Result<bool> {
+    const WINDOW: usize = 1 << 20;
+    if needle.is_empty() {
+        return Ok(true);
+    }
+    let mut file = File::open(path)?;
+    // The tail of the window before, so a needle across two windows is found.
+    let keep = needle.len() - 1;
+    let mut buf = vec![0u8; keep + WINDOW];
+    let mut have = 0;
+    loop {
+        let n = file.read(&mut buf[have..])?;
+        if n == 0 {
+            return Ok(false);
+        }
+        have += n;
+        if buf[..have].windows(needle.len()).any(|w| w == needle) {
+            return Ok(true);
+        }
+        let tail = have.saturating_sub(keep);
+        buf.copy_within(tail..have, 0);
+        have -= tail;
+    }
+}
+
 fn remove_if_there(path: &Path) -> io::Result<()> {
     match fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
@@ -2102,6 +2129,25 @@ fn count_shards(shards: &Path) -> io::Result<Usage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A needle is found wherever it lies, across two windows too, and not
+    /// found where it does not.
+    #[test]
+    fn a_file_is_searched_a_window_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("aside");
+        let needle = [0xabu8; 16];
+        let window = 1usize << 20;
+        for at in [0, window - 8, window - 1, window, 3 * window + 5] {
+            let mut bytes = vec![0u8; 3 * window + 64];
+            bytes[at..at + needle.len()].copy_from_slice(&needle);
+            fs::write(&path, &bytes).unwrap();
+            assert!(file_holds(&path, &needle).unwrap(), "at {at}");
+            bytes[at + 15] = 0;
+            fs::write(&path, &bytes).unwrap();
+            assert!(!file_holds(&path, &needle).unwrap(), "cut at {at}");
+        }
+    }
     use protocol::{Blake3Hash, ErasureCode, EvidenceId};
 
     const SHARD_SIZE: u32 = 4096;
