@@ -13,6 +13,7 @@ use prometheus::{
     Encoder as _, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
 };
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::task::JoinHandle;
@@ -248,20 +249,30 @@ pub async fn serve_http(
     // Prometheus elsewhere): a bounded number of connections, each with a
     // deadline for its request head and a lifetime, so clients that connect
     // and say nothing cannot take the process's file descriptors, which
-    // shard puts need.
+    // shard puts need. Bounded per peer address too, and one over either
+    // bound is closed at once rather than left unaccepted: otherwise a
+    // few well-behaved keep-alive clients on one host could hold every
+    // connection, and Prometheus's scrape would wait in the backlog until
+    // it timed out (the process "down", and no other alert able to fire).
     let open = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
+    let peers: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
     let task = tokio::spawn(async move {
         loop {
-            let Ok(permit) = open.clone().acquire_owned().await else {
-                return;
-            };
-            let (stream, _) = match listener.accept().await {
+            let (stream, peer) = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "metrics listener accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 }
+            };
+            let Some(held) = PeerConnection::take(&peers, peer.ip()) else {
+                tracing::debug!(%peer, "metrics connection refused: too many from its address");
+                continue;
+            };
+            let Ok(permit) = open.clone().try_acquire_owned() else {
+                tracing::debug!(%peer, "metrics connection refused: too many open");
+                continue;
             };
             let registry = registry.clone();
             tokio::spawn(async move {
@@ -280,7 +291,7 @@ pub async fn serve_http(
                     Err(_) => tracing::debug!("metrics connection closed after its lifetime"),
                     Ok(Ok(())) => {}
                 }
-                drop(permit);
+                drop((permit, held));
             });
         }
     });
@@ -288,8 +299,47 @@ pub async fn serve_http(
     Ok((local, task))
 }
 
-/// Metrics connections open at once; more wait to be accepted.
+/// Metrics connections open at once; more are closed at once.
 const METRICS_CONNECTIONS: usize = 64;
+/// Metrics connections open at once from one address.
+const METRICS_CONNECTIONS_PER_PEER: usize = 8;
+
+/// One of a peer address's open metrics connections, counted while held.
+struct PeerConnection {
+    peers: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl PeerConnection {
+    /// One more for `ip`, unless it has its share open already.
+    fn take(
+        peers: &Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<Self> {
+        let mut open = peers.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(ip).or_default();
+        if *n >= METRICS_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerConnection {
+            peers: peers.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerConnection {
+    fn drop(&mut self) {
+        let mut open = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
 /// How long a metrics client has to send its request head.
 const METRICS_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long a metrics connection (kept alive between scrapes) lasts.

@@ -620,6 +620,47 @@ async fn metrics_count_requests_shards_and_corruption() {
     .await
     .unwrap();
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    // One address holds a few connections at most: the next from it is
+    // closed at once, and a scrape from another address is still served.
+    let from = |ip: [u8; 4]| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind((ip, 0).into()).unwrap();
+        socket.connect(metrics_addr).await.unwrap()
+    };
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(from([127, 0, 0, 1]).await);
+    }
+    let started = std::time::Instant::now();
+    let mut ninth = from([127, 0, 0, 1]).await;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut ninth, &mut buf),
+    )
+    .await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a ninth connection from one address was kept: {read:?} after {:?}",
+        started.elapsed()
+    );
+    let mut other = from([127, 0, 0, 2]).await;
+    tokio::io::AsyncWriteExt::write_all(
+        &mut other,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut other, &mut answer)
+        .await
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        &answer[..answer.len().min(64)]
+    );
+    drop(held);
     // A client that connects and says nothing is not kept: its connection
     // is closed once the head's deadline (10 s) passes.
     let closed = tokio::task::spawn_blocking(move || {
