@@ -25,8 +25,10 @@
 //!   5 s transaction age.
 //! - A failed write (a full disk, an I/O error) fails its batch, and redb then
 //!   refuses every later operation on that handle (it latches the failure,
-//!   `PreviousIo`). The committer closes the handle and opens the file again,
-//!   so the store recovers once the disk does, without a restart. The failed
+//!   `PreviousIo`). The committer closes the handle, drops the file's pages
+//!   from the page cache (pages whose write-back failed stay there, marked
+//!   clean) and opens the file again, so the store recovers once the disk
+//!   does, without a restart, from what the disk holds. The failed
 //!   batch is reported failed even if the reopened file holds it (a failed
 //!   fsync may come after the write it was to make durable): its callers
 //!   must treat the outcome as unknown, as FoundationDB's
@@ -114,11 +116,33 @@ impl std::fmt::Debug for EmbeddedStore {
     }
 }
 
+/// Drops what the page cache holds of the file at `path`, so that what is
+/// opened next is read from the disk. Opened again after a failed commit,
+/// the file would otherwise be read through pages whose write-back failed:
+/// Linux marks them clean and keeps them, and reports the failure once, so
+/// the reopened file would show the failed batch as written, later batches
+/// would be built on pages that never reached the disk, and each later
+/// fsync would succeed. Best effort (a page being written stays).
+fn drop_cached_pages(path: &Path) {
+    let Ok(file) = std::fs::File::open(path) else {
+        return; // created by the open
+    };
+    if let Err(e) = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed) {
+        tracing::debug!(path = %path.display(), error = %e, "could not drop the index file's cached pages");
+    }
+}
+
 impl EmbeddedStore {
     /// Opens the store at `path`, creating the file if it does not exist.
     pub fn open(path: &Path) -> Result<Self, KvError> {
         let file = path.to_path_buf();
-        Self::open_with(path, Box::new(move || Database::create(&file)))
+        Self::open_with(
+            path,
+            Box::new(move || {
+                drop_cached_pages(&file);
+                Database::create(&file)
+            }),
+        )
     }
 
     /// Opens the store at `path` with `opener` (a test's failing disk).
