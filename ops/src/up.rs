@@ -210,12 +210,17 @@ async fn drain(mut gw: gateway::RunningGateway, stop: &mut StopSignals) {
 }
 
 /// Waits until every node answers over QUIC, so the gateway starts with a full
-/// view of the cluster.
+/// view of the cluster. A node that exits on its own during start-up (its
+/// disk failing, say) is left out, as one that dies later is: returned, by
+/// its place in `nodes`, with why. One that answers as another node, or
+/// refuses the gateway's certificate, is a mistake in the cluster's files:
+/// an error.
 async fn wait_for_nodes(
     cluster: &Cluster,
     nodes: &[&cluster::NodeSpec],
     children: &mut [Child],
-) -> Result<()> {
+) -> Result<Vec<(usize, String)>> {
+    let mut exited = Vec::new();
     let client = storage_node::client::NodeClient::new(&cluster.gateway.tls.files())?;
     // By the names the gateway will hold them to: a node whose certificate
     // the gateway would refuse fails here, said, not later as a node down.
@@ -238,15 +243,19 @@ async fn wait_for_nodes(
     // than any fixed limit would allow. It is said, and Ctrl-C stops it.
     let started = Instant::now();
     let mut said = Instant::now();
-    for (n, child) in nodes.iter().zip(children.iter_mut()) {
+    for (i, (n, child)) in nodes.iter().zip(children.iter_mut()).enumerate() {
         let addr = addrs.get(&n.id).copied().unwrap_or(n.listen);
         loop {
             if let Some(status) = child.try_wait()? {
-                anyhow::bail!(
-                    "node {} exited during start-up ({status}){}",
-                    n.id,
-                    last_words(n)
-                );
+                exited.push((
+                    i,
+                    format!(
+                        "node {} exited during start-up ({status}){}",
+                        n.id,
+                        last_words(n)
+                    ),
+                ));
+                break;
             }
             let answer = client.rpc_node_info(addr).await;
             // A handshake refused (a certificate that does not name this
@@ -301,7 +310,7 @@ async fn wait_for_nodes(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    Ok(())
+    Ok(exited)
 }
 
 /// The last line node `n` logged (why it stopped, as a rule), for an
@@ -666,8 +675,32 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
             .with_context(|| format!("starting node {}", n.id))?;
         children.push(child);
     }
+    // Nodes that exited during start-up: the cluster serves without them
+    // while enough are left to file to (the README's promise for a node
+    // that dies later, kept for one that fails at once, the usual way a
+    // disk goes); the next `up` starts them again.
+    let mut running = vec![true; children.len()];
     let started = async {
-        wait_for_nodes(&cluster, &nodes, &mut children).await?;
+        let exited = wait_for_nodes(&cluster, &nodes, &mut children).await?;
+        let left = nodes.len() - exited.len();
+        let need = cluster.gateway.write_quorum();
+        if left < need {
+            let why: Vec<&str> = exited.iter().map(|(_, why)| why.as_str()).collect();
+            anyhow::bail!(
+                "{}\n{left} of {} nodes started: filing needs {need}",
+                why.join("\n"),
+                nodes.len()
+            );
+        }
+        for (i, why) in &exited {
+            running[*i] = false;
+            say!("{why}");
+            say!(
+                "the cluster serves on without node {}; fix what stopped it (its node.log \
+                 says), then the next `custodia up` starts it again",
+                nodes[*i].id
+            );
+        }
         start_gateway(&cluster).await
     };
     let started = tokio::select! {
@@ -689,7 +722,7 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
     };
     say!(
         "Custodia is up: {} storage nodes, RS({},{})",
-        nodes.len(),
+        running.iter().filter(|r| **r).count(),
         cluster.gateway.k,
         cluster.gateway.m
     );
@@ -736,7 +769,12 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
     if let Some(a) = gw.metrics_addr {
         say!("  metrics        http://{a}/metrics  (nodes: see each node below)");
     }
-    for (n, c) in nodes.iter().zip(&children) {
+    for ((n, c), _) in nodes
+        .iter()
+        .zip(&children)
+        .zip(&running)
+        .filter(|(_, r)| **r)
+    {
         say!(
             "  node {:<3}       quic://{}  pid {}  {}{}",
             n.id,
@@ -754,7 +792,6 @@ pub async fn up(data_dir: &Path, opts: &InitOptions) -> Result<()> {
     // one does: reads rebuild what it held, filings go to the others while
     // enough are left, and the repair worker restores redundancy once it
     // is declared down. The next `up` starts it again.
-    let mut running = vec![true; children.len()];
     let failed = loop {
         let exited = first_exit(&mut children, &running);
         tokio::select! {

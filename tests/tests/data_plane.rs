@@ -2306,6 +2306,60 @@ fn stop_up(up: &mut Up) -> Result<()> {
     Ok(())
 }
 
+/// A node that fails as it starts (its key unreadable here; a failing
+/// disk as a rule) is said, and the cluster serves on the others, as it
+/// does for a node that dies later; with too few left to file to, `up`
+/// refuses, saying why each failed.
+#[test]
+fn custodia_up_serves_on_without_a_node_that_fails_to_start() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("data");
+    let api = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let (mut first, _) = start_up_with(up_with_nodes(&dir, api, 4))?;
+    stop_up(&mut first)?;
+    let key = dir.join("tls").join("node-3.key");
+    let kept = std::fs::read(&key)?;
+    std::fs::write(&key, b"not a key")?;
+    let (mut second, said) = start_up_with(up_with_nodes(&dir, api, 4))?;
+    assert_eq!(second.nodes.len(), 3, "{said:?}");
+    assert!(
+        said.iter()
+            .any(|l| l.starts_with("node 3 exited during start-up")),
+        "{said:?}"
+    );
+    assert!(
+        said.iter().any(|l| l.contains("3 storage nodes")),
+        "{said:?}"
+    );
+    let token = std::fs::read_to_string(dir.join("admin.token"))?;
+    let body = bytes(50_000, 44);
+    let mut resp = ureq::post(format!("http://127.0.0.1:{api}/v1/evidence"))
+        .header("authorization", format!("Bearer {}", token.trim()))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send(&body[..])?;
+    let text = resp.body_mut().read_to_string()?;
+    assert_eq!(resp.status(), 201, "{text}");
+    stop_up(&mut second)?;
+    // Two of four failing leave too few for RS(2,1): refused, each said.
+    let key2 = dir.join("tls").join("node-2.key");
+    std::fs::write(&key2, b"not a key")?;
+    let refused = output_within(&mut up_with_nodes(&dir, api, 4), UP_REFUSES_WITHIN)?;
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(
+        err.contains("node 2 exited during start-up")
+            && err.contains("node 3 exited during start-up")
+            && err.contains("2 of 4 nodes started: filing needs 3"),
+        "{err}"
+    );
+    std::fs::write(&key, kept)?;
+    Ok(())
+}
+
 /// A node taken out of the cluster (`custodia node remove`) stays out: the
 /// next `up` says so and does not start it, and the cluster files and
 /// serves on the others. And a cluster whose index is gone does not start
