@@ -813,6 +813,17 @@ impl SegmentLog {
 
     /// Durably deletes `key` if its record is still `expect` (any record when
     /// `None`); returns the record deleted. The caller holds the key's lock.
+    ///
+    /// The record leaves the index as its tombstone is appended, before
+    /// the tombstone is durable: a read, stat or verify meanwhile finds
+    /// nothing, as after the delete. A fenced delete (see
+    /// `protocol::Request::DeleteShardBefore`) is so seen within its fence,
+    /// however long the fsync takes (a busy disk's group commit), not once
+    /// another gateway may have counted the shard. A tombstone that cannot
+    /// be made durable fails the delete with the record still out of the
+    /// index: it may be on the disk, and a restart would honour it, so the
+    /// shard is served no more either way (what asked for the delete
+    /// wanted it gone, and is told to ask again).
     pub fn delete(&self, key: &ShardKey, expect: Option<Loc>) -> io::Result<Option<Loc>> {
         let Some(loc) = self.locate(key) else {
             if expect.is_none() && lock(&self.failed_puts).iter().any(|(k, _)| k == key) {
@@ -829,15 +840,16 @@ impl SegmentLog {
             key: *key,
             segment: bound,
         })?;
+        {
+            let mut index = self.write_index();
+            if index.entries.get(&fanout_key(key)) == Some(&loc) {
+                index.entries.remove(&fanout_key(key));
+                index.add_live(loc.seg, -(loc.len as i64));
+            }
+        }
         self.wait_durable(seg, off + len as u64)?;
         // The tombstone covers any failed put of the key too.
         lock(&self.failed_puts).retain(|(k, _)| k != key);
-        let mut index = self.write_index();
-        if index.entries.get(&fanout_key(key)) == Some(&loc) {
-            index.entries.remove(&fanout_key(key));
-            index.add_live(loc.seg, -(loc.len as i64));
-        }
-        drop(index);
         drop(pending);
         self.erase(loc, key.evidence);
         Ok(Some(loc))
@@ -1980,6 +1992,28 @@ pub(crate) mod tests {
         ERASE_FAILS.with(|f| f.set(None));
         log.sync_erasures(Some(stuck.key.evidence)).unwrap();
         assert!(!holds(&path, &stuck_body));
+    }
+
+    /// A delete's record leaves the index before its tombstone is durable:
+    /// one whose tombstone's fsync fails serves the shard no more (a
+    /// restart may honour the tombstone), and is not erased until a
+    /// delete does so durably.
+    #[test]
+    fn a_delete_is_seen_before_its_tombstone_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = b"to be deleted".to_vec();
+        let h = shard(5, &body);
+        let log = SegmentLog::open(dir.path()).unwrap();
+        let (loc, _) = log.put(&h, &body).unwrap();
+        FSYNC_FAILS.with(|f| f.set(true));
+        let failed = log.delete(&h.key, None);
+        FSYNC_FAILS.with(|f| f.set(false));
+        assert!(failed.is_err(), "a delete whose tombstone failed passed");
+        assert_eq!(log.locate(&h.key), None, "the shard is still served");
+        assert!(
+            log.read(&h.key, loc, false).is_ok(),
+            "its bytes were erased before a durable tombstone"
+        );
     }
 
     /// An erasure whose fsync fails is written again and synced at the next
