@@ -414,7 +414,7 @@ async fn resolve(db: &Database, marker: &[u8], unknown: FdbError) -> Result<(), 
             Err(e) => {
                 tx = match tx.on_error(e).await {
                     Ok(tx) => tx,
-                    Err(_) => return Err(KvError::Fdb(unknown)),
+                    Err(_) => return Err(unresolved(unknown)),
                 };
                 continue;
             }
@@ -437,12 +437,19 @@ async fn resolve(db: &Database, marker: &[u8], unknown: FdbError) -> Result<(), 
                     Err(e) => {
                         tx = match e.on_error().await {
                             Ok(tx) => tx,
-                            Err(_) => return Err(KvError::Fdb(unknown)),
+                            Err(_) => return Err(unresolved(unknown)),
                         }
                     }
                 }
             }
         }
     }
-    Err(KvError::Fdb(unknown))
+    Err(unresolved(unknown))
+}
+
+/// A commit whose outcome stays unknown: said as the embedded store says
+/// its own (a storage failure: the service unavailable, 503 with a retry
+/// under the same Idempotency-Key), not as an error of the request.
+fn unresolved(unknown: FdbError) -> KvError {
+    KvError::Storage(Box::new(unknown))
 }
