@@ -1545,18 +1545,20 @@ fn degraded_key(k: &[u8]) -> Result<(EvidenceId, u64), SchemaError> {
 /// How many of `evidence`'s stripes are short of shards (a slot with no
 /// node) and wait for repair now, looking at most `limit` queued stripes;
 /// stripes queued only to move (off a draining node, out of a crowded
-/// domain) are whole, and not counted.
+/// domain) are whole, and not counted. Also whether `limit` cut the look
+/// short (there may be more).
 pub async fn short_stripes_of_tx<T: Transaction>(
     tx: &T,
     evidence: EvidenceId,
     limit: usize,
-) -> Result<u64, SchemaError> {
+) -> Result<(u64, bool), SchemaError> {
     let from = evidence_key(DEGRADED, &evidence);
     let mut short = 0;
-    for (k, _) in tx
+    let queued = tx
         .get_range(&from, &prefix_end(&from), limit, false)
-        .await?
-    {
+        .await?;
+    let capped = queued.len() >= limit;
+    for (k, _) in queued {
         let (_, stripe) = degraded_key(&k)?;
         if get_stripe_tx(tx, evidence, stripe)
             .await?
@@ -1565,7 +1567,7 @@ pub async fn short_stripes_of_tx<T: Transaction>(
             short += 1;
         }
     }
-    Ok(short)
+    Ok((short, capped))
 }
 
 /// Stripes waiting for repair, as (evidence, stripe).

@@ -1609,6 +1609,8 @@ fn idempotency_and_declared_hashes() -> Result<()> {
     assert_eq!(again.status, 201);
     assert_eq!(first.json()["id"], again.json()["id"]);
     assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    assert_eq!(again.json()["degraded_stripes"], 0);
+    assert_eq!(again.json()["degraded_count_capped"], false);
     // Another caller of the tenant reusing the key is not told of a filing
     // it never made (whose statement names someone else).
     let mut made = ureq::post(format!("{}/v1/admin/tokens", c.api))
