@@ -397,6 +397,12 @@ pub async fn collect_once<S: Store>(
             if !retries.due(evidence, std::time::Instant::now(), nodes) {
                 continue;
             }
+            // Parts copied from it that its own transaction left (more
+            // than it could take): dropped before it can be finished, after
+            // which it is listed no more.
+            if !drop_copies(gw, evidence).await {
+                continue;
+            }
             let erasure = delete_expunged(gw, evidence).await;
             // Not begun (its entry not notarized yet, the index not read):
             // asked again next pass, as cheap as that is.
@@ -424,6 +430,36 @@ pub async fn collect_once<S: Store>(
     expire_incomplete_uploads(gw).await;
     delete_queued_parts(gw).await;
     aborted.len() + stale.len()
+}
+
+/// Drops every part still copied from expunged `evidence`, a transaction
+/// at a time; says whether none is left.
+async fn drop_copies<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) -> bool {
+    loop {
+        let dropped = indexer::run(&gw.store, |tx| async move {
+            indexer::s3::drop_parts_copied_from_tx(
+                &tx,
+                evidence,
+                indexer::s3::COPIES_DROPPED_AT_ONCE,
+            )
+            .await
+        })
+        .await;
+        match dropped {
+            Ok((n, more)) => {
+                if n > 0 {
+                    tracing::info!(%evidence, parts = n, "dropped parts copied from expunged evidence");
+                }
+                if !more {
+                    return true;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%evidence, error = %e, "GC could not drop the parts copied from expunged evidence");
+                return false;
+            }
+        }
+    }
 }
 
 /// Aborts multipart uploads idle for more than `multipart_expiry_ms` (no

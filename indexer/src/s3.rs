@@ -2163,19 +2163,30 @@ fn copied_part_key(source: &EvidenceId, part: &EvidenceId) -> Vec<u8> {
     k
 }
 
-/// Drops every stored part copied from `source` (being expunged) out of
-/// its upload, in the expunge's transaction: a Complete naming one is
-/// refused (InvalidPart), and its shards are queued for deletion, so the
-/// expunged bytes do not stay on the nodes in an upload nobody completes.
-/// Returns how many were dropped.
+/// Copied parts one transaction drops at most ([`drop_parts_copied_from_tx`]):
+/// each costs a few reads and writes, and a transaction is held to 10 MB
+/// and 5 s.
+pub const COPIES_DROPPED_AT_ONCE: usize = 1_000;
+
+/// Drops up to `limit` stored parts copied from `source` (being expunged)
+/// out of their uploads: a Complete naming one is refused (InvalidPart;
+/// it is refused all the same while not dropped yet, its source gone),
+/// and its shards are queued for deletion, so the expunged bytes do not
+/// stay on the nodes in an upload nobody completes. The expunge's
+/// transaction drops the first [`COPIES_DROPPED_AT_ONCE`]; GC the rest, a
+/// transaction at a time, before the expunge is finished (any number of
+/// uploads may copy one object). Returns how many were dropped, and
+/// whether there may be more.
 pub async fn drop_parts_copied_from_tx<T: Transaction>(
     tx: &T,
     source: EvidenceId,
-) -> Result<usize, SchemaError> {
+    limit: usize,
+) -> Result<(usize, bool), SchemaError> {
     let prefix = key_of(COPIED_PART, &[source.as_bytes()]);
     let copies = tx
-        .get_range(&prefix, &prefix_end(&prefix), 0, false)
+        .get_range(&prefix, &prefix_end(&prefix), limit, false)
         .await?;
+    let more = limit > 0 && copies.len() >= limit;
     let mut dropped = 0;
     for (k, _) in &copies {
         let Some(part) = k
@@ -2205,7 +2216,7 @@ pub async fn drop_parts_copied_from_tx<T: Transaction>(
         queue_part_deletion_tx(tx, &live.record);
         dropped += 1;
     }
-    Ok(dropped)
+    Ok((dropped, more))
 }
 
 /// Up to `limit` parts queued for deletion after `after` (from the first

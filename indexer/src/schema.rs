@@ -1649,8 +1649,9 @@ pub async fn expunge_tx<T: Transaction>(
     tx.clear(&hk);
     tx.set(&evidence_key(EXPUNGED, &evidence), &h.encode());
     tx.set(&evidence_key(EXPUNGING, &evidence), b"");
-    // Its bytes copied into an S3 multipart upload in progress go too.
-    crate::s3::drop_parts_copied_from_tx(tx, evidence).await?;
+    // Its bytes copied into an S3 multipart upload in progress go too (the
+    // first of them here, the rest by GC: see the function).
+    crate::s3::drop_parts_copied_from_tx(tx, evidence, crate::s3::COPIES_DROPPED_AT_ONCE).await?;
     Ok(h)
 }
 

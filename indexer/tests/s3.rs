@@ -1676,6 +1676,57 @@ async fn parts_are_found_by_id_and_an_expunge_drops_those_copied_from_it() {
     assert_eq!(live(second).await, None);
 }
 
+/// Parts copied from one object are dropped a page at a time: any number
+/// of uploads may copy it, more than one transaction could drop.
+#[tokio::test]
+async fn parts_copied_from_an_object_are_dropped_a_page_at_a_time() {
+    let (_d, s) = store();
+    bucket(&s, "mine", Versioning::Enabled, false).await;
+    let upload = start_upload(&s, "mine", "a", "court", 1_000).await;
+    let source = EvidenceId::new(77, [7; 10]);
+    for n in 0..3u64 {
+        let copy = EvidenceId::new(60_000 + n, [9; 10]);
+        let part = ix::PartRecord {
+            part_id: copy,
+            size: 5,
+            md5: String::new(),
+            blake3: [7; 32],
+            sha256: [7; 32],
+            code: ErasureCode::new(4, 2, 4096).unwrap(),
+            stripes: 1,
+            uploaded_ms: 60_000,
+            copied_from: Some(source),
+        };
+        run(&s, |tx| {
+            let part = &part;
+            async move {
+                schema::begin_intent_tx(&tx, copy, "court", None, 100_000, 120_000).await?;
+                ix::put_part_tx(&tx, upload, 2 + n as u32, part).await
+            }
+        })
+        .await
+        .unwrap();
+    }
+    let drop_two = || {
+        let s = &s;
+        async move {
+            run(s, |tx| async move {
+                ix::drop_parts_copied_from_tx(&tx, source, 2).await
+            })
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(drop_two().await, (2, true));
+    assert_eq!(drop_two().await, (1, false));
+    assert_eq!(drop_two().await, (0, false));
+    let parts = run(&s, |tx| async move { ix::parts_tx(&tx, upload).await })
+        .await
+        .unwrap();
+    assert!(parts.is_empty(), "{parts:?}");
+    assert_eq!(queued_for_deletion(&s).await.len(), 3);
+}
+
 /// A key's "null" version is found under any number of versions written
 /// since versioning was enabled (S3 keeps exactly one): read by
 /// `?versionId=null`, and replaced, not doubled, by a write once
