@@ -12,6 +12,37 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 /// The ids of nodes given a certificate (`tls/node-ID.pem`) or a folder
+/// (`nodes/nID`) in DATA_DIR, and those decided about (drained, removed)
+/// as far as this host can read offline: the openings archive's copies of
+/// the decisions (a local `openings_dir`), and the removed nodes each node
+/// of this host keeps refusing. An operator who deleted a removed node's
+/// certificate and folder (to destroy its key) and its cluster.toml
+/// entries leaves its id in these.
+fn ids_used(data_dir: &Path, cluster: &Cluster) -> Vec<u32> {
+    let mut ids = ids_issued(data_dir);
+    if let Some(dir) = cluster
+        .gateway
+        .ledger
+        .as_ref()
+        .and_then(|l| l.openings_dir.as_ref())
+    {
+        let decided = dir.join(gateway::lifecycle_archive::DIR);
+        for e in std::fs::read_dir(decided).into_iter().flatten().flatten() {
+            if let Ok(id) = e.file_name().to_string_lossy().parse::<u32>() {
+                ids.push(id);
+            }
+        }
+    }
+    for n in &cluster.nodes {
+        let denied = n.data_dir.join(storage_node::server::DENIED_FILE);
+        if let Ok(text) = std::fs::read_to_string(denied) {
+            ids.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        }
+    }
+    ids
+}
+
+/// The ids of nodes given a certificate (`tls/node-ID.pem`) or a folder
 /// (`nodes/nID`) in DATA_DIR.
 fn ids_issued(data_dir: &Path) -> Vec<u32> {
     let names = |dir: &Path| -> Vec<String> {
@@ -54,7 +85,7 @@ pub fn add(
         .iter()
         .map(|n| n.id + 1)
         .chain(cluster.gateway.nodes.iter().map(|e| e.id + 1))
-        .chain(ids_issued(&data_dir).into_iter().map(|id| id + 1))
+        .chain(ids_used(&data_dir, &cluster).into_iter().map(|id| id + 1))
         .max()
         .unwrap_or(0);
     // An address another node of the file has (a stopped node's port is

@@ -226,7 +226,7 @@ impl Denied {
 
 /// The ids of removed nodes this node serves nothing, one per line, in its
 /// data directory (as the last `DenyNodes` named them).
-const DENIED_FILE: &str = "denied-nodes";
+pub const DENIED_FILE: &str = "denied-nodes";
 
 /// The removed nodes `data_dir` holds, as [`DENIED_FILE`] lists them.
 fn read_denied(data_dir: &std::path::Path) -> std::io::Result<std::collections::HashSet<u32>> {

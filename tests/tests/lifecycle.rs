@@ -965,5 +965,19 @@ fn a_dead_node_taken_out_of_the_configuration_can_still_be_removed() -> Result<(
     for (id, data) in &filed {
         assert!(c.read(id)? == *data, "{id} did not read back byte-exact");
     }
+    // Its key and folder destroyed too, its id is still not given again:
+    // the archived decisions and the other nodes' refusals keep it.
+    let dir = c.data_dir().to_path_buf();
+    for f in ["node-7.pem", "node-7.key"] {
+        std::fs::remove_file(dir.join("tls").join(f))?;
+    }
+    let _ = std::fs::remove_dir_all(dir.join("nodes").join("n7"));
+    let out = c.custodia(&["node", "add"])?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("node 8 added"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
