@@ -386,6 +386,30 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
         }
         (None, None) => {}
     }
+    // The statement's time (the operator's clock) against the independent
+    // one: a statement is in its checkpoint before the checkpoint is
+    // time-stamped, so a statement time well after the token's says the
+    // operator's clock ran ahead, and the time the receipt claims is not
+    // the filing's. (Custodia's development TSA signs with the operator's
+    // own clock: no independent time to hold it to.)
+    if let (Some(s), Some(t)) = (
+        &statement,
+        stamped.get("gen_time_unix").and_then(Value::as_u64),
+    ) {
+        let independent_ms = t.saturating_add(1).saturating_mul(1000);
+        if stamped["development_tsa"] != true
+            && s.time_ms > independent_ms.saturating_add(STATEMENT_AHEAD_ALLOWED_MS)
+        {
+            problems.push(format!(
+                "time: the statement says {}, but the checkpoint holding it was time-stamped at \
+                 {}: the log operator's clock ran {} s ahead, and the statement's time is not \
+                 when it was logged",
+                rfc3339_ms(s.time_ms),
+                rfc3339(t),
+                (s.time_ms - independent_ms) / 1000
+            ));
+        }
+    }
     let mut content = Value::Null;
     if let (Some(path), Ok(v)) = (args.file, &logged) {
         // (Its errors name the path.)
@@ -569,6 +593,10 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
     );
     Ok(valid)
 }
+
+/// How far a statement's time may run past its checkpoint's time-stamp
+/// before it is called wrong: two clocks, each kept by NTP, differ by less.
+const STATEMENT_AHEAD_ALLOWED_MS: u64 = 60_000;
 
 /// Text from a receipt as it may be shown on a terminal: control
 /// characters (escape sequences) and those that reorder or hide the text

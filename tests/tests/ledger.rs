@@ -2505,6 +2505,57 @@ fn the_compliance_clock_survives_recovery_and_follows_the_witnesses() -> Result<
     Ok(())
 }
 
+/// A statement whose time runs well past its checkpoint's time-stamp (an
+/// independent TSA's) is called wrong by `custodia verify`: the operator's
+/// clock ran ahead, and the receipt's time is not the filing's. One
+/// stamped after it verifies.
+#[test]
+fn a_statement_time_past_its_time_stamp_is_called_wrong() -> Result<()> {
+    let c = TestCluster::start(Shape::default())?;
+    let key = c.log_key()?;
+    let filed = c.file(&bytes(1500, 23))?;
+    let receipt = receipt_of(&filed)?;
+    let statement_ms = receipt.verify(&key)?.statement.time_ms;
+    let dir = tempfile::tempdir()?;
+    let (cert, tsa_key) = protocol::tsa::make_tsa("Springfield Time-Stamping Authority")
+        .map_err(|e| anyhow::anyhow!("{}", e.0))?;
+    let cert_path = dir.path().join("tsa.pem");
+    std::fs::write(&cert_path, &cert)?;
+    let key_path = dir.path().join("ledger.vkey");
+    std::fs::write(&key_path, &key)?;
+    let stamped_at = |gen_time: u64| -> Result<std::path::PathBuf> {
+        let request = protocol::tsa::request(
+            ledger::checkpoint_text_sha256(&receipt.checkpoint),
+            protocol::tsa::random_nonce(),
+        );
+        let reply = protocol::tsa::timestamp(&request, &cert, &tsa_key, gen_time)
+            .map_err(|e| anyhow::anyhow!("{}", e.0))?;
+        let mut stamped = receipt.clone();
+        stamped.timestamp = Some(B64.encode(reply));
+        let path = dir.path().join(format!("receipt-{gen_time}.json"));
+        std::fs::write(&path, serde_json::to_vec(&stamped)?)?;
+        Ok(path)
+    };
+    let verify_stamped = |path: &Path| {
+        verify_with(&[
+            "--receipt".as_ref(),
+            path.as_os_str(),
+            "--log-key".as_ref(),
+            key_path.as_os_str(),
+            "--tsa-cert".as_ref(),
+            cert_path.as_os_str(),
+        ])
+    };
+    let later = stamped_at(statement_ms / 1000 + 5)?;
+    let (code, out) = verify_stamped(&later)?;
+    assert_eq!(code, Some(0), "{out}");
+    let earlier = stamped_at(statement_ms / 1000 - 3600)?;
+    let (code, out) = verify_stamped(&earlier)?;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("clock ran 3599 s ahead"), "{out}");
+    Ok(())
+}
+
 #[test]
 fn receipts_carry_rfc3161_tokens_that_openssl_accepts() -> Result<()> {
     if !custodia_tests::require(
