@@ -109,12 +109,16 @@ struct Witness {
 ///
 /// One process at a time holds `dir` (a lock file, held while the router
 /// lives). A key without its state file is refused unless `reset_state`
-/// says this witness never cosigned anything.
+/// says this witness never cosigned anything. `accept_clock`: the clock is
+/// right now, so a last cosignature dated after it was dated by a clock
+/// gone wrong (see [`add_checkpoint`]'s refusal), and the next is dated by
+/// this one.
 pub fn open(
     dir: &Path,
     name: &str,
     log_keys: &[String],
     reset_state: bool,
+    accept_clock: bool,
 ) -> Result<(Router, String), WitnessStartError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let lock_path = dir.join(LOCK_FILE);
@@ -198,7 +202,7 @@ pub fn open(
         signed_note::StandardVerifier::new(k).map_err(|_| WitnessStartError::LogKey(k.clone()))?;
         logs.entry(origin).or_insert_with(Vec::new).push(k.clone());
     }
-    let views = match std::fs::read(&state_path) {
+    let mut views: Views = match std::fs::read(&state_path) {
         Ok(b) => serde_json::from_slice(&b).map_err(|e| WitnessStartError::State {
             path: state_path.clone(),
             reason: e.to_string(),
@@ -206,6 +210,21 @@ pub fn open(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Views::default(),
         Err(e) => return Err(io(&state_path)(e)),
     };
+    let clock = unix_secs();
+    if accept_clock && views.cosigned_at > clock {
+        tracing::warn!(
+            last = views.cosigned_at,
+            clock,
+            "the last cosignature was dated after this clock, by a clock gone wrong (told so \
+             with --accept-clock): the next is dated by this clock"
+        );
+        views.cosigned_at = clock;
+        let text = serde_json::to_vec(&views).map_err(|e| WitnessStartError::State {
+            path: state_path.clone(),
+            reason: e.to_string(),
+        })?;
+        storage_node::store::write_durably(dir, STATE_FILE, &[&text]).map_err(io(&state_path))?;
+    }
     let w = Arc::new(Witness {
         signer_key,
         logs,
@@ -217,6 +236,14 @@ pub fn open(
         .route("/add-checkpoint", post(add_checkpoint))
         .with_state(w);
     Ok((router, verifier_key))
+}
+
+/// Seconds since the Unix epoch by the system clock.
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Serves a witness until the listener fails.
@@ -320,25 +347,25 @@ async fn add_checkpoint(State(w): State<Arc<Witness>>, body: Bytes) -> Response 
             "consistency proof does not verify",
         );
     }
-    let clock = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let clock = unix_secs();
     // A clock a little behind the last cosignature (an NTP step) dates this
     // one at that time. One far behind means the last was dated by a clock
     // gone wrong; dating this one then too would put a time on it that is
     // not this witness's, and logs take witness times as confirmation of
     // the time. Refused until the clock passes it again or an operator
-    // who knows the last date was wrong resets `cosigned_at` in the state.
+    // who knows the last date was wrong starts it with `--accept-clock`.
     if views.cosigned_at > clock.saturating_add(MAX_CLOCK_BEHIND_SECS) {
         tracing::error!(
             last = views.cosigned_at,
             clock,
-            "this witness's clock is behind its last cosignature; not cosigning"
+            "this witness's clock is behind its last cosignature; not cosigning. If the clock \
+             is right, the last cosignature was dated by a clock gone wrong: restart the \
+             witness with --accept-clock"
         );
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
-            "this witness's clock is behind its last cosignature; fix its clock",
+            "this witness's clock is behind its last cosignature: fix its clock, or (if the \
+             clock is right) restart it with --accept-clock",
         );
     }
     let now = clock.max(views.cosigned_at);
@@ -397,7 +424,8 @@ mod tests {
     fn the_public_key_file_follows_the_signing_key() {
         let dir = tempfile::tempdir().expect("temp dir");
         let pub_path = dir.path().join(WITNESS_PUB_FILE);
-        let (_, first) = open(dir.path(), "witness.example/a", &[], false).expect("first start");
+        let (_, first) =
+            open(dir.path(), "witness.example/a", &[], false, false).expect("first start");
         assert_eq!(
             std::fs::read_to_string(&pub_path).expect("written").trim(),
             first
@@ -408,7 +436,7 @@ mod tests {
                 None => std::fs::remove_file(&pub_path).expect("removed"),
                 Some(text) => std::fs::write(&pub_path, text).expect("written"),
             }
-            let (_, again) = open(dir.path(), "witness.example/a", &[], false)
+            let (_, again) = open(dir.path(), "witness.example/a", &[], false, false)
                 .unwrap_or_else(|e| panic!("start with {left:?}: {e}"));
             assert_eq!(again, first, "with {left:?}");
             assert_eq!(
@@ -421,19 +449,43 @@ mod tests {
         }
     }
 
+    /// A last cosignature dated after the clock (by a clock gone wrong) is
+    /// kept as it is, and refuses cosigning, until the witness is told the
+    /// clock is right now: then the date is the clock's.
+    #[test]
+    fn a_wrong_last_date_is_dropped_only_when_told_the_clock_is_right() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        drop(open(dir.path(), "witness.example/a", &[], false, false).expect("first start"));
+        let state = dir.path().join(STATE_FILE);
+        let ahead = unix_secs() + 30 * 86_400;
+        let views = Views {
+            cosigned_at: ahead,
+            ..Views::default()
+        };
+        std::fs::write(&state, serde_json::to_vec(&views).expect("json")).expect("written");
+        let read = || -> Views {
+            serde_json::from_slice(&std::fs::read(&state).expect("state")).expect("json")
+        };
+        drop(open(dir.path(), "witness.example/a", &[], false, false).expect("start"));
+        assert_eq!(read().cosigned_at, ahead, "dropped without being told");
+        drop(open(dir.path(), "witness.example/a", &[], false, true).expect("start"));
+        let now = read().cosigned_at;
+        assert!(now <= unix_secs() && now + 60 > unix_secs(), "{now}");
+    }
+
     /// A name no key can sign under is refused before anything is written,
     /// so the same directory starts under a good name next.
     #[test]
     fn a_witness_name_that_cannot_sign_writes_nothing() {
         let dir = tempfile::tempdir().expect("temp dir");
         for bad in ["Court A", "a+b", ""] {
-            match open(dir.path(), bad, &[], false) {
+            match open(dir.path(), bad, &[], false, false) {
                 Err(WitnessStartError::Name(n)) => assert_eq!(n, bad),
                 other => panic!("{bad:?}: {:?}", other.map(|(_, k)| k)),
             }
             assert!(!dir.path().join(WITNESS_KEY_FILE).exists(), "{bad:?}");
         }
-        let (_, key) = open(dir.path(), "court-a.example", &[], false).expect("a good name");
+        let (_, key) = open(dir.path(), "court-a.example", &[], false, false).expect("a good name");
         assert!(key.starts_with("court-a.example+"), "{key}");
     }
 
@@ -451,6 +503,7 @@ mod tests {
             dir.path(),
             "witness.example/a",
             &[first_pub, second_pub],
+            false,
             false,
         )
         .expect("started");
@@ -479,22 +532,24 @@ mod tests {
     #[test]
     fn a_witness_starts_alone_and_never_without_its_state() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let running = open(dir.path(), "witness.example/a", &[], false).expect("first start");
+        let running =
+            open(dir.path(), "witness.example/a", &[], false, false).expect("first start");
         assert!(matches!(
-            open(dir.path(), "witness.example/a", &[], false),
+            open(dir.path(), "witness.example/a", &[], false, false),
             Err(WitnessStartError::InUse(_))
         ));
         drop(running);
         std::fs::remove_file(dir.path().join(STATE_FILE)).expect("state removed");
         assert!(matches!(
-            open(dir.path(), "witness.example/a", &[], false),
+            open(dir.path(), "witness.example/a", &[], false, false),
             Err(WitnessStartError::StateMissing(_))
         ));
         let afresh =
-            open(dir.path(), "witness.example/a", &[], true).expect("told to start afresh");
+            open(dir.path(), "witness.example/a", &[], true, false).expect("told to start afresh");
         drop(afresh);
         // Once: the state it starts from is written, so the next start
         // needs no flag.
-        let _again = open(dir.path(), "witness.example/a", &[], false).expect("started again");
+        let _again =
+            open(dir.path(), "witness.example/a", &[], false, false).expect("started again");
     }
 }

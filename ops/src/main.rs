@@ -365,6 +365,11 @@ enum Command {
         /// cosigned anything (otherwise it could cosign a fork).
         #[arg(long)]
         reset_state: bool,
+        /// The clock is right now: a last cosignature dated after it was
+        /// dated by a clock gone wrong (the witness refuses to cosign until
+        /// its clock passes that date), and the next is dated by this one.
+        #[arg(long)]
+        accept_clock: bool,
     },
     /// Measure raw kernels and end-to-end throughput on a fresh local cluster.
     Bench(bench::BenchArgs),
@@ -1154,13 +1159,15 @@ async fn run(cli: Cli) -> Result<()> {
             name,
             log_keys,
             reset_state,
+            accept_clock,
         } => {
             init_tracing("info");
             let keys = log_keys
                 .iter()
                 .map(|k| verify::key_arg(k))
                 .collect::<Result<Vec<_>>>()?;
-            let (router, vkey) = gateway::witness::open(&data_dir, &name, &keys, reset_state)?;
+            let (router, vkey) =
+                gateway::witness::open(&data_dir, &name, &keys, reset_state, accept_clock)?;
             let (addr, server) = gateway::witness::serve(listen, router).await?;
             println!("witness listening on http://{addr}");
             println!("witness key: {vkey}");
