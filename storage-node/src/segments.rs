@@ -823,7 +823,8 @@ impl SegmentLog {
     /// be made durable fails the delete with the record still out of the
     /// index: it may be on the disk, and a restart would honour it, so the
     /// shard is served no more either way (what asked for the delete
-    /// wanted it gone, and is told to ask again).
+    /// wanted it gone, and is told to ask again: the record is kept with
+    /// the failed puts', for the next delete of its key to bury).
     pub fn delete(&self, key: &ShardKey, expect: Option<Loc>) -> io::Result<Option<Loc>> {
         let Some(loc) = self.locate(key) else {
             if expect.is_none() && lock(&self.failed_puts).iter().any(|(k, _)| k == key) {
@@ -847,7 +848,14 @@ impl SegmentLog {
                 index.add_live(loc.seg, -(loc.len as i64));
             }
         }
-        self.wait_durable(seg, off + len as u64)?;
+        if let Err(e) = self.wait_durable(seg, off + len as u64) {
+            // Kept as a failed put's record is: a delete asked again (an
+            // expunge's too) finds it there and buries it durably, where it
+            // would otherwise find nothing and say done, and a restart
+            // that lost the tombstone would serve the shard again.
+            lock(&self.failed_puts).push((*key, loc));
+            return Err(e);
+        }
         // The tombstone covers any failed put of the key too.
         lock(&self.failed_puts).retain(|(k, _)| k != key);
         drop(pending);
@@ -2014,6 +2022,14 @@ pub(crate) mod tests {
             log.read(&h.key, loc, false).is_ok(),
             "its bytes were erased before a durable tombstone"
         );
+        // Asked again, the delete buries it durably (and an expunge of its
+        // evidence finds it): not "nothing there".
+        assert_eq!(log.failed_puts_of(h.key.evidence), vec![h.key]);
+        assert_eq!(log.delete(&h.key, None).unwrap(), None);
+        assert!(log.failed_puts_of(h.key.evidence).is_empty());
+        drop(log);
+        let log = SegmentLog::open(dir.path()).unwrap();
+        assert_eq!(log.locate(&h.key), None, "the shard came back");
     }
 
     /// An erasure whose fsync fails is written again and synced at the next
