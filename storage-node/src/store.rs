@@ -1567,10 +1567,14 @@ fn names_starting(dir: &Path, prefix: &str) -> io::Result<Vec<String>> {
     Ok(names)
 }
 
-/// Removes the file at `path` if it is there.
 /// Whether the file at `path` holds `needle` anywhere, read a window at a
-/// time: a damaged segment kept aside may be of any size.
+/// time. A damaged segment kept aside may say it is of any size: one
+/// longer than any segment can be is taken to hold it (searching it could
+/// take hours, at every expunge).
 fn file_holds(path: &Path, needle: &[u8]) -> io::Result<bool> {
+    if fs::metadata(path)?.len() > crate::segments::MAX_SEGMENT_FILE {
+        return Ok(true);
+    }
     const WINDOW: usize = 1 << 20;
     if needle.is_empty() {
         return Ok(true);
@@ -1595,6 +1599,7 @@ fn file_holds(path: &Path, needle: &[u8]) -> io::Result<bool> {
     }
 }
 
+/// Removes the file at `path` if it is there.
 fn remove_if_there(path: &Path) -> io::Result<()> {
     match fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
