@@ -397,12 +397,6 @@ pub async fn collect_once<S: Store>(
             if !retries.due(evidence, std::time::Instant::now(), nodes) {
                 continue;
             }
-            // Parts copied from it that its own transaction left (more
-            // than it could take): dropped before it can be finished, after
-            // which it is listed no more.
-            if !drop_copies(gw, evidence).await {
-                continue;
-            }
             let erasure = delete_expunged(gw, evidence).await;
             // Not begun (its entry not notarized yet, the index not read):
             // asked again next pass, as cheap as that is.
@@ -637,6 +631,12 @@ pub async fn delete_expunged<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) ->
             tracing::warn!(%evidence, error = %e, "could not read the ledger; GC will retry the expunge");
             return Erasure::WAITING;
         }
+    }
+    // Parts copied from it that its own transaction left (more than it
+    // could take): dropped before it can be finished, after which it is
+    // listed no more (by GC, and by the expunge's request alike).
+    if !drop_copies(gw, evidence).await {
+        return Erasure::WAITING;
     }
     let mut unreadable = Vec::new();
     let stripes_left = match delete_recorded_stripes(

@@ -2167,15 +2167,19 @@ fn copied_part_key(source: &EvidenceId, part: &EvidenceId) -> Vec<u8> {
 /// each costs a few reads and writes, and a transaction is held to 10 MB
 /// and 5 s.
 pub const COPIES_DROPPED_AT_ONCE: usize = 1_000;
+/// Copied parts the expunge's own transaction drops (it does its own work
+/// too; each copy is a few reads in turn).
+pub const COPIES_DROPPED_WITH_EXPUNGE: usize = 100;
 
 /// Drops up to `limit` stored parts copied from `source` (being expunged)
 /// out of their uploads: a Complete naming one is refused (InvalidPart;
 /// it is refused all the same while not dropped yet, its source gone),
 /// and its shards are queued for deletion, so the expunged bytes do not
 /// stay on the nodes in an upload nobody completes. The expunge's
-/// transaction drops the first [`COPIES_DROPPED_AT_ONCE`]; GC the rest, a
-/// transaction at a time, before the expunge is finished (any number of
-/// uploads may copy one object). Returns how many were dropped, and
+/// transaction drops the first [`COPIES_DROPPED_WITH_EXPUNGE`]; the
+/// erasure that follows (the request's, or GC's) the rest, a transaction
+/// of [`COPIES_DROPPED_AT_ONCE`] at a time, before the expunge can be
+/// finished (any number of uploads may copy one object). Returns how many were dropped, and
 /// whether there may be more.
 pub async fn drop_parts_copied_from_tx<T: Transaction>(
     tx: &T,

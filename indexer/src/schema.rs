@@ -1651,7 +1651,8 @@ pub async fn expunge_tx<T: Transaction>(
     tx.set(&evidence_key(EXPUNGING, &evidence), b"");
     // Its bytes copied into an S3 multipart upload in progress go too (the
     // first of them here, the rest by GC: see the function).
-    crate::s3::drop_parts_copied_from_tx(tx, evidence, crate::s3::COPIES_DROPPED_AT_ONCE).await?;
+    crate::s3::drop_parts_copied_from_tx(tx, evidence, crate::s3::COPIES_DROPPED_WITH_EXPUNGE)
+        .await?;
     Ok(h)
 }
 
