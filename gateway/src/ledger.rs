@@ -2960,7 +2960,12 @@ pub fn spawn_archive_check<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task:
                     tracing::warn!(error = %e, "could not list the openings archive to check it")
                 }
             }
-            tokio::time::sleep(next).await;
+            // A minute at a time: a lease lost meanwhile (the gap no longer
+            // this gateway's to say) is seen within one, not a day.
+            let until = tokio::time::Instant::now() + next;
+            while ledger.integrating() && tokio::time::Instant::now() < until {
+                tokio::time::sleep_until(until.min(tokio::time::Instant::now() + look)).await;
+            }
         }
     }))
 }
