@@ -362,12 +362,14 @@ pub enum ConfigError {
 }
 
 /// Whether two listeners (of one protocol) would want the same port: one
-/// port, and one address or either on all addresses. Port 0 is any free
-/// one, so never the same.
+/// port, and one address, or either on all addresses of the other's family
+/// (`[::]` takes IPv4's too, as Linux binds it by default; `0.0.0.0` takes
+/// no IPv6 address). Port 0 is any free one, so never the same.
 pub fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() != 0
-        && a.port() == b.port()
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    let covers = |all: SocketAddr, other: SocketAddr| {
+        all.ip().is_unspecified() && (all.is_ipv6() || other.is_ipv4())
+    };
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
 impl GatewayConfig {
@@ -685,6 +687,13 @@ failure_domain = "rack-a"
                 c.listen
             ))
         );
+        // IPv4's every address takes no IPv6 one; IPv6's takes both.
+        let v6_loopback: SocketAddr = "[::1]:9000".parse().expect("addr");
+        let v6_all: SocketAddr = "[::]:9000".parse().expect("addr");
+        let v4_all: SocketAddr = ([0, 0, 0, 0], 9000).into();
+        assert!(!same_port(v4_all, v6_loopback) && !same_port(v6_loopback, v4_all));
+        assert!(same_port(v6_all, ([127, 0, 0, 1], 9000).into()));
+        assert!(same_port(v4_all, v4_all) && same_port(v6_loopback, v6_all));
         // Another port, or port 0 (any free one) twice, is not the same.
         let mut c = example();
         c.s3_listen = Some(([0, 0, 0, 0], c.listen.port() + 1).into());

@@ -141,7 +141,14 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn load(data_dir: &Path) -> Result<Self> {
-        let cluster = Self::load_file(&data_dir.join(CLUSTER_FILE))?;
+        let path = data_dir.join(CLUSTER_FILE);
+        let cluster = Self::load_file(&path)?;
+        // Here, where the gateway, `up` and `node add` read the file; not in
+        // a node process, which has no use for a domain and must not stop
+        // serving over one.
+        cluster
+            .domains_agree()
+            .with_context(|| format!("in {}", path.display()))?;
         // An init that saved its file and was stopped before it took its
         // marker away: this cluster is whole, and may serve; the marker
         // must not outlive that (a later init would take it for its own).
@@ -235,24 +242,11 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Each node is listed twice, where it listens (`[[nodes]]`) and where
-    /// the gateway dials it (`[[gateway.nodes]]`). Where that is checkable
-    /// the two must agree, or `up` starts a node where the gateway never
-    /// finds it: a node listening on a loopback address (as `up` makes
-    /// them) is dialled at that address. A node on another host, on every
-    /// address (`0.0.0.0`) or behind a port mapping is dialled wherever its
-    /// network says, and a file may list only the nodes of one host under
-    /// `[[nodes]]`. No two nodes are dialled at one address. A failure
-    /// domain is placement's, which reads the `[[gateway.nodes]]` entry's:
-    /// one set under `[[nodes]]` alone (beside the node's other settings)
-    /// would be silently unused, and stripes would crowd into one rack.
-    pub(crate) fn nodes_agree(&self) -> Result<()> {
-        let mut dialled = std::collections::HashMap::new();
-        for e in &self.gateway.nodes {
-            if let Some(other) = dialled.insert(e.addr, e.id) {
-                anyhow::bail!("nodes {other} and {} are both dialled at {}", e.id, e.addr);
-            }
-        }
+    /// A failure domain is placement's, which reads the `[[gateway.nodes]]`
+    /// entry's: one set under `[[nodes]]` alone (beside the node's other
+    /// settings) would be silently unused, and stripes would crowd into
+    /// one rack. Refused, naming where to set it.
+    pub(crate) fn domains_agree(&self) -> Result<()> {
         for n in &self.nodes {
             let Some(domain) = &n.failure_domain else {
                 continue;
@@ -269,6 +263,24 @@ impl Cluster {
                         None => "has none".to_owned(),
                     }
                 );
+            }
+        }
+        Ok(())
+    }
+
+    /// Each node is listed twice, where it listens (`[[nodes]]`) and where
+    /// the gateway dials it (`[[gateway.nodes]]`). Where that is checkable
+    /// the two must agree, or `up` starts a node where the gateway never
+    /// finds it: a node listening on a loopback address (as `up` makes
+    /// them) is dialled at that address. A node on another host, on every
+    /// address (`0.0.0.0`) or behind a port mapping is dialled wherever its
+    /// network says, and a file may list only the nodes of one host under
+    /// `[[nodes]]`. No two nodes are dialled at one address.
+    pub(crate) fn nodes_agree(&self) -> Result<()> {
+        let mut dialled = std::collections::HashMap::new();
+        for e in &self.gateway.nodes {
+            if let Some(other) = dialled.insert(e.addr, e.id) {
+                anyhow::bail!("nodes {other} and {} are both dialled at {}", e.id, e.addr);
             }
         }
         for n in self.nodes.iter().filter(|n| n.listen.ip().is_loopback()) {
@@ -484,6 +496,34 @@ fn check_options(opts: &InitOptions) -> Result<()> {
     }
     if !protocol::ledger::origin_is_valid(&opts.log_origin) {
         bail!("{}", origin_problem(&opts.log_origin));
+    }
+    let listening = [
+        ("--api", Some(opts.api)),
+        ("--s3", opts.s3),
+        ("--metrics", opts.metrics),
+    ];
+    let listening: Vec<_> = listening
+        .iter()
+        .filter_map(|(flag, addr)| addr.map(|a| (*flag, a)))
+        .collect();
+    for (i, (a, addr)) in listening.iter().enumerate() {
+        if let Some((b, _)) = listening[i + 1..]
+            .iter()
+            .find(|(_, other)| gateway::config::same_port(*addr, *other))
+        {
+            bail!("{a} and {b} would both listen on {addr}: give one of them another address");
+        }
+    }
+    for (base, flag) in [
+        (opts.node_base_port, "--node-base-port"),
+        (opts.node_metrics_base_port, "--node-metrics-base-port"),
+    ] {
+        if base != 0 && u32::from(base) + opts.nodes > 65_536 {
+            bail!(
+                "{flag} {base}: the ports of {} nodes run past 65535",
+                opts.nodes
+            );
+        }
     }
     Ok(())
 }

@@ -2870,6 +2870,10 @@ fn an_init_refused_for_its_options_writes_nothing() -> Result<()> {
         (&["init", "--log-origin", "a+b"][..], "not one word"),
         (&["init", "--min-write-shards", "4"][..], "min_write_shards"),
         (
+            &["init", "--api", "127.0.0.1:47312", "--metrics", "0.0.0.0:47312"][..],
+            "--api and --metrics would both listen",
+        ),
+        (
             &["up", "--api", "127.0.0.1:47311", "--s3", "127.0.0.1:47311"][..],
             "would both listen on 127.0.0.1:47311",
         ),
