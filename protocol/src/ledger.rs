@@ -311,8 +311,6 @@ pub fn tlog_proof_text(index: u64, proof: &[Hash], checkpoint_note: &str) -> Str
     out
 }
 
-/// An Ed25519 log key in the C2SP signed-note formats, from a 32-byte seed:
-/// `(signer key "PRIVATE+KEY+<name>+<id>+<b64>", verifier key "<name>+<id>+<b64>")`.
 /// Whether `origin` can name a log: it is the checkpoint's first line
 /// (C2SP tlog-checkpoint) and the signed-note key's name, so one word
 /// without `+`. A log under another origin could never sign a checkpoint.
@@ -320,6 +318,8 @@ pub fn origin_is_valid(origin: &str) -> bool {
     signed_note::is_key_name_valid(origin)
 }
 
+/// An Ed25519 log key in the C2SP signed-note formats, from a 32-byte seed:
+/// `(signer key "PRIVATE+KEY+<name>+<id>+<b64>", verifier key "<name>+<id>+<b64>")`.
 pub fn note_keys(name: &str, seed: &[u8; 32]) -> (String, String) {
     let sk = ed25519_dalek::SigningKey::from_bytes(seed);
     let vkey = signed_note::new_ed25519_verifier_key(name, &sk.verifying_key());

@@ -513,8 +513,9 @@ impl NodeClient {
         .await
     }
 
-    /// Has the node serve none of the removed nodes `ids` (all of them: the
-    /// set replaces the node's), durably; see [`Request::DenyNodes`].
+    /// Has the node serve none of the removed nodes `ids` (added to those it
+    /// refuses already), durably; see [`Request::DenyNodes`]. Returns how
+    /// many it refuses now.
     pub async fn rpc_deny_nodes(&self, addr: SocketAddr, ids: Vec<u32>) -> Result<u32, NodeError> {
         self.ask(addr, Request::DenyNodes(ids), |r| match r {
             Response::Denied(n) => Ok(n),

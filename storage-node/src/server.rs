@@ -1268,7 +1268,8 @@ async fn handle_deny_nodes(
         // Refused at once, before the list is kept: a disk too full to keep
         // it must not leave the removed nodes served until it has room (an
         // unreadable list already refuses everyone). Only added to here;
-        // the list as sent replaces it once it is kept.
+        // the whole set (those it had and those sent) replaces it once it
+        // is kept.
         {
             let mut now = state.denied.write().unwrap_or_else(|e| e.into_inner());
             now.ids.extend(ids.iter().copied());

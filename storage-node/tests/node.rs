@@ -661,6 +661,9 @@ async fn metrics_count_requests_shards_and_corruption() {
         &answer[..answer.len().min(64)]
     );
     drop(held);
+    // Seen closed by the node before the next client (which must meet the
+    // head deadline, not the per-address bound).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     // A client that connects and says nothing is not kept: its connection
     // is closed once the head's deadline (10 s) passes.
     let closed = tokio::task::spawn_blocking(move || {
@@ -679,6 +682,10 @@ async fn metrics_count_requests_shards_and_corruption() {
     assert!(
         closed < std::time::Duration::from_secs(20),
         "a silent metrics client was kept {closed:?}"
+    );
+    assert!(
+        closed > std::time::Duration::from_secs(5),
+        "a silent metrics client was refused, not timed out: {closed:?}"
     );
     let value = |series: &str| -> f64 {
         text.lines()
