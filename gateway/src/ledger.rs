@@ -278,7 +278,9 @@ pub enum LedgerError {
     Key { path: PathBuf, reason: String },
     #[error(
         "ledger origin {0:?}: an origin is one word without '+' (a name like \
-         example.org/custodia), the first line of every checkpoint and its key's name"
+         example.org/custodia), the first line of every checkpoint and its key's name; no \
+         checkpoint can be signed under this one: give the log a new origin with `custodia \
+         ledger rotate-key --origin NAME`"
     )]
     Origin(String),
     #[error("ledger tiles store: {0}")]
