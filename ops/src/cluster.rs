@@ -149,6 +149,7 @@ impl Cluster {
         cluster
             .domains_agree()
             .with_context(|| format!("in {}", path.display()))?;
+        cluster.own_paths(data_dir)?;
         // An init that saved its file and was stopped before it took its
         // marker away: this cluster is whole, and may serve; the marker
         // must not outlive that (a later init would take it for its own).
@@ -159,6 +160,47 @@ impl Cluster {
             fs::remove_file(&marker).context("removing an init's marker")?;
         }
         Ok(cluster)
+    }
+
+    /// Refuses a cluster file that names another cluster's files: `init`
+    /// writes absolute paths, so a data dir copied or restored elsewhere
+    /// (to move it to a new disk, or to look into a backup) would serve the
+    /// original's index, nodes and keys, and whatever was done to the copy
+    /// would be done to the original. Paths outside DATA_DIR are fine (a
+    /// node on a disk of its own, the index on an SSD); paths inside a
+    /// directory holding another cluster file are not.
+    fn own_paths(&self, data_dir: &Path) -> Result<()> {
+        let home = data_dir
+            .canonicalize()
+            .unwrap_or_else(|_| data_dir.to_path_buf());
+        let g = &self.gateway;
+        let mut paths: Vec<&Path> = vec![&g.index_path, &g.tls.ca_cert, &g.tls.cert, &g.tls.key];
+        if let Some(l) = &g.ledger {
+            paths.extend([l.signer_key.as_path(), l.tiles_dir.as_path()]);
+            paths.extend(l.openings_dir.as_deref());
+        }
+        for n in &self.nodes {
+            paths.extend([n.data_dir.as_path(), n.cert.as_path(), n.key.as_path()]);
+        }
+        for p in paths {
+            let other = p
+                .ancestors()
+                .skip(1)
+                .find(|a| a.join(CLUSTER_FILE).is_file())
+                .filter(|a| a.canonicalize().map_or(true, |a| a != home));
+            if let Some(other) = other {
+                bail!(
+                    "{} names {}, in the cluster at {}: this data dir was copied or moved from \
+                     there (cluster.toml holds absolute paths), and would serve and change that \
+                     cluster's files. Point the paths in {} at this directory's own files first",
+                    data_dir.join(CLUSTER_FILE).display(),
+                    p.display(),
+                    other.display(),
+                    data_dir.join(CLUSTER_FILE).display()
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Writes `DATA_DIR/cluster.toml` durably, replacing it whole: a crash

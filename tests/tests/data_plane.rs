@@ -2870,7 +2870,13 @@ fn an_init_refused_for_its_options_writes_nothing() -> Result<()> {
         (&["init", "--log-origin", "a+b"][..], "not one word"),
         (&["init", "--min-write-shards", "4"][..], "min_write_shards"),
         (
-            &["init", "--api", "127.0.0.1:47312", "--metrics", "0.0.0.0:47312"][..],
+            &[
+                "init",
+                "--api",
+                "127.0.0.1:47312",
+                "--metrics",
+                "0.0.0.0:47312",
+            ][..],
             "--api and --metrics would both listen",
         ),
         (
@@ -2943,6 +2949,46 @@ fn a_failure_domain_placement_would_not_read_is_refused() -> Result<()> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    Ok(())
+}
+
+/// A data dir copied elsewhere (to a new disk, or a backup restored to look
+/// into it) does not serve the original's files, which its cluster file
+/// names by absolute paths: refused, naming the cluster they belong to.
+#[test]
+fn a_copied_data_dir_does_not_serve_the_originals_files() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("data");
+    let copy = tmp.path().join("copy");
+    let custodia = |dir: &std::path::Path, args: &[&str]| {
+        std::process::Command::new(custodia_tests::custodia_bin())
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir)
+            .output()
+    };
+    assert!(custodia(&dir, &["init"])?.status.success());
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&dir)
+        .arg(&copy)
+        .status()?;
+    assert!(copied.success());
+    let out = custodia(&copy, &["node", "add"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("copied or moved") && err.contains("data"),
+        "{err}"
+    );
+    // Nothing was added to either.
+    let nodes = |d: &std::path::Path| -> Result<usize> {
+        Ok(std::fs::read_to_string(d.join("cluster.toml"))?
+            .matches("[[nodes]]")
+            .count())
+    };
+    assert_eq!((nodes(&dir)?, nodes(&copy)?), (8, 8));
+    // The original is its own.
+    assert!(custodia(&dir, &["node", "add"])?.status.success());
     Ok(())
 }
 
