@@ -399,14 +399,7 @@ async fn add_checkpoint(State(w): State<Arc<Witness>>, body: Bytes) -> Response 
     // not the lines a requester put in the note under this witness's name
     // with other key IDs (a log appending the answer as it is would store
     // them as this witness's).
-    let cosigned = Cosigner::new(&w.signer_key, now).ok().and_then(|c| {
-        use signed_note::Signer as _;
-        let n = signed_note::Note::from_bytes(note.as_bytes()).ok()?;
-        let sig = c.sign(n.text()).ok()?;
-        let line = signed_note::Signature::new(c.name().to_owned(), c.key_id(), sig).ok()?;
-        String::from_utf8(line.to_bytes()).ok()
-    });
-    let Some(lines) = cosigned else {
+    let Ok(lines) = pw::cosignature_line(&w.signer_key, &note, now) else {
         return text(StatusCode::INTERNAL_SERVER_ERROR, "cannot cosign");
     };
     tracing::info!(%origin, size = new.size, "cosigned");

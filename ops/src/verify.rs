@@ -348,6 +348,12 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
     } else {
         Vec::new()
     };
+    // When each says it cosigned: the checkpoint existed by then.
+    let witness_times = if logged.is_ok() {
+        protocol::witness::cosigned_times(&receipt.checkpoint, &witness_keys)
+    } else {
+        Vec::new()
+    };
     let quorum_problem = logged.is_ok() && witnessed.len() < quorum;
     if quorum_problem {
         problems.push(format!(
@@ -385,6 +391,20 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
             stamped = json!({ "verified": false, "note": "not checked: no --tsa-cert" })
         }
         (None, None) => {}
+    }
+    // The same of the witnesses' times: even the latest of them.
+    if let (Some(s), Some(t)) = (&statement, witness_times.iter().map(|(_, t)| *t).max()) {
+        let independent_ms = t.saturating_add(1).saturating_mul(1000);
+        if s.time_ms > independent_ms.saturating_add(STATEMENT_AHEAD_ALLOWED_MS) {
+            problems.push(format!(
+                "time: the statement says {}, but the witnesses cosigned the checkpoint holding \
+                 it by {}: the log operator's clock ran {} s ahead, and the statement's time is \
+                 not when it was logged",
+                rfc3339_ms(s.time_ms),
+                rfc3339(t),
+                (s.time_ms - independent_ms) / 1000
+            ));
+        }
     }
     // The statement's time (the operator's clock) against the independent
     // one: a statement is in its checkpoint before the checkpoint is
@@ -470,7 +490,12 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
             "logged": logged.is_ok(),
             "leaf_index": receipt.leaf_index,
             "checkpoint": checkpoint.as_ref().map(|c| json!({ "origin": c.origin, "size": c.size, "root": c.root.to_string() })),
-            "witnessed": { "by": witnessed, "of": witness_keys.len(), "quorum": quorum },
+            "witnessed": {
+                "by": witnessed,
+                "of": witness_keys.len(),
+                "quorum": quorum,
+                "times_unix": witness_times.iter().map(|(name, t)| json!({ "witness": name, "cosigned_unix": t })).collect::<Vec<_>>(),
+            },
             "content": content,
             "metadata_as_filed": metadata,
             "metadata_not_checked": beside.unchecked,
@@ -517,6 +542,13 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
             if witnessed.is_empty() { "" } else { ": " },
             witnessed.join(", ")
         );
+        for (name, t) in &witness_times {
+            println!(
+                "  {} cosigned at {} by its clock: the checkpoint existed by then",
+                shown(name),
+                rfc3339(*t)
+            );
+        }
     }
     match stamped.get("gen_time_unix").and_then(Value::as_u64) {
         Some(t) if stamped["development_tsa"] == true => println!(

@@ -23,6 +23,8 @@ pub enum WitnessError {
     BadKey,
     #[error("malformed add-checkpoint request: {0}")]
     Malformed(&'static str),
+    #[error("cannot cosign: {0}")]
+    Cosign(&'static str),
 }
 
 /// The message a `cosignature/v1` signs: a header with the time, then the
@@ -253,6 +255,45 @@ pub fn own_cosignatures(note: &str, lines: &str, witness_key: &str) -> String {
         }
     }
     out
+}
+
+/// When each of `witness_keys` that cosigned `note` says it did: its newest
+/// verified line's time, with its name. A witness's cosignature shows the
+/// checkpoint existed by then (by the witness's clock).
+pub fn cosigned_times(note: &str, witness_keys: &[String]) -> Vec<(String, u64)> {
+    let Some((text, signatures)) = note.split_once("\n\n") else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, u64)> = Vec::new();
+    for key in witness_keys {
+        let key = [key.clone()];
+        let newest = signatures
+            .lines()
+            .filter(|l| l.starts_with("\u{2014} "))
+            .filter(|l| !cosigned_by(&format!("{text}\n\n{l}\n"), &key).is_empty())
+            .filter_map(cosignature_time)
+            .max();
+        if let (Some(t), Some(name)) = (newest, key[0].split('+').next()) {
+            out.push((name.to_owned(), t));
+        }
+    }
+    out
+}
+
+/// A `cosignature/v1` signature line (`— name base64\n`) over `note`'s
+/// text by the witness whose signer key is `signer_key`, dated `time`
+/// (seconds since the Unix epoch).
+pub fn cosignature_line(signer_key: &str, note: &str, time: u64) -> Result<String, WitnessError> {
+    use signed_note::Signer as _;
+    let c = Cosigner::new(signer_key, time)?;
+    let n =
+        Note::from_bytes(note.as_bytes()).map_err(|_| WitnessError::Cosign("not a signed note"))?;
+    let sig = c
+        .sign(n.text())
+        .map_err(|_| WitnessError::Cosign("no signature"))?;
+    let line = signed_note::Signature::new(c.name().to_owned(), c.key_id(), sig)
+        .map_err(|_| WitnessError::Cosign("no signature"))?;
+    String::from_utf8(line.to_bytes()).map_err(|_| WitnessError::Cosign("no signature"))
 }
 
 /// The time (seconds since the Unix epoch) a `cosignature/v1` signature

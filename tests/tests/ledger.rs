@@ -2506,9 +2506,9 @@ fn the_compliance_clock_survives_recovery_and_follows_the_witnesses() -> Result<
 }
 
 /// A statement whose time runs well past its checkpoint's time-stamp (an
-/// independent TSA's) is called wrong by `custodia verify`: the operator's
-/// clock ran ahead, and the receipt's time is not the filing's. One
-/// stamped after it verifies.
+/// independent TSA's), or past the witnesses' cosignatures, is called wrong
+/// by `custodia verify`: the operator's clock ran ahead, and the receipt's
+/// time is not the filing's. One stamped or cosigned after it verifies.
 #[test]
 fn a_statement_time_past_its_time_stamp_is_called_wrong() -> Result<()> {
     let c = TestCluster::start(Shape::default())?;
@@ -2553,6 +2553,46 @@ fn a_statement_time_past_its_time_stamp_is_called_wrong() -> Result<()> {
     let (code, out) = verify_stamped(&earlier)?;
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("clock ran 3599 s ahead"), "{out}");
+
+    // The same of a witness's cosignature: it shows the checkpoint existed
+    // by its time.
+    let (wkey, wpub) = protocol::witness::witness_keys("witness.example/court-c", &[5; 32]);
+    let wpub_path = dir.path().join("witness.pub");
+    std::fs::write(&wpub_path, &wpub)?;
+    let cosigned_at = |time: u64| -> Result<std::path::PathBuf> {
+        let line = protocol::witness::cosignature_line(&wkey, &receipt.checkpoint, time)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut cosigned = receipt.clone();
+        cosigned.checkpoint = protocol::witness::add_signature_lines(&receipt.checkpoint, &line);
+        // (The tlog-proof form carries the checkpoint too.)
+        assert!(receipt.tlog_proof.contains(&receipt.checkpoint));
+        cosigned.tlog_proof = receipt
+            .tlog_proof
+            .replace(&receipt.checkpoint, &cosigned.checkpoint);
+        let path = dir.path().join(format!("cosigned-{time}.json"));
+        std::fs::write(&path, serde_json::to_vec(&cosigned)?)?;
+        Ok(path)
+    };
+    let verify_cosigned = |path: &Path| {
+        verify_with(&[
+            "--receipt".as_ref(),
+            path.as_os_str(),
+            "--log-key".as_ref(),
+            key_path.as_os_str(),
+            "--witness-key".as_ref(),
+            wpub_path.as_os_str(),
+        ])
+    };
+    let (code, out) = verify_cosigned(&cosigned_at(statement_ms / 1000 + 3)?)?;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("witness.example/court-c cosigned at"), "{out}");
+    let (code, out) = verify_cosigned(&cosigned_at(statement_ms / 1000 - 7200)?)?;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("the witnesses cosigned the checkpoint holding it by")
+            && out.contains("clock ran 7199 s ahead"),
+        "{out}"
+    );
     Ok(())
 }
 
