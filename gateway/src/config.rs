@@ -372,6 +372,23 @@ pub fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
+/// The first two of `listeners` (each named, and perhaps off) that would
+/// want the same port ([`same_port`]), with the address.
+pub fn first_clash(
+    listeners: &[(&'static str, Option<SocketAddr>)],
+) -> Option<(&'static str, &'static str, SocketAddr)> {
+    let on: Vec<_> = listeners
+        .iter()
+        .filter_map(|(name, addr)| addr.map(|a| (*name, a)))
+        .collect();
+    on.iter().enumerate().find_map(|(i, (a, addr))| {
+        on[i + 1..]
+            .iter()
+            .find(|(_, other)| same_port(*addr, *other))
+            .map(|(b, _)| (*a, *b, *addr))
+    })
+}
+
 impl GatewayConfig {
     /// [`read_stripes_in_flight`](Self::read_stripes_in_flight) with its
     /// default filled in.
@@ -465,22 +482,12 @@ impl GatewayConfig {
                 return Err(ConfigError::MinWrite { got, min, max });
             }
         }
-        let listening = [
+        if let Some((a, b, addr)) = first_clash(&[
             ("listen", Some(self.listen)),
             ("s3_listen", self.s3_listen),
             ("metrics_listen", self.metrics_listen),
-        ];
-        let listening: Vec<_> = listening
-            .iter()
-            .filter_map(|(name, addr)| addr.map(|a| (*name, a)))
-            .collect();
-        for (i, (a, addr)) in listening.iter().enumerate() {
-            if let Some((b, _)) = listening[i + 1..]
-                .iter()
-                .find(|(_, other)| same_port(*addr, *other))
-            {
-                return Err(ConfigError::SameAddress(a, b, *addr));
-            }
+        ]) {
+            return Err(ConfigError::SameAddress(a, b, addr));
         }
         if !(1..=64).contains(&self.pipeline_stripes) {
             return Err(ConfigError::Pipeline);

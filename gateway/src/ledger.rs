@@ -3131,17 +3131,7 @@ async fn beyond<S: Store>(
         Ok(Some((_, cp))) if cp.size >= size => WitnessAt::At(size),
         Ok(newest) => {
             let ours = newest.map_or(0, |(_, cp)| cp.size);
-            gw.metrics
-                .witness_inconsistent
-                .with_label_values(&[w.url.as_str()])
-                .inc();
-            tracing::error!(
-                witness = %w.url,
-                witness_size = size,
-                our_size = ours,
-                "the witness cosigned a checkpoint of this log larger than its newest: \
-                 this log may have forked (an index restored from an older backup?)"
-            );
+            forked(gw, w, size, ours);
             WitnessAt::Unknown
         }
         Err(e) => {
@@ -3152,18 +3142,22 @@ async fn beyond<S: Store>(
 }
 
 /// Says, as loudly as it can, that witness `w` holds a tree of `its_size`
-/// entries that is not this log's (whose newest has `our_size`).
+/// entries that is not this log's (whose newest has `our_size`): another
+/// tree of that size, or one larger than this log's newest.
 fn forked<S: Store>(gw: &Gateway<S>, w: &WitnessEntry, its_size: u64, our_size: u64) {
     gw.metrics
         .witness_inconsistent
         .with_label_values(&[w.url.as_str()])
         .inc();
+    let how = match its_size > our_size {
+        true => "the witness cosigned a checkpoint of this log larger than its newest",
+        false => "the witness holds a different tree of its size than this log",
+    };
     tracing::error!(
         witness = %w.url,
         witness_size = its_size,
         our_size,
-        "the witness holds a different tree of its size than this log: \
-         this log may have forked (an index restored from an older backup?)"
+        "{how}: this log may have forked (an index restored from an older backup?)"
     );
 }
 

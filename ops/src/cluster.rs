@@ -539,22 +539,12 @@ fn check_options(opts: &InitOptions) -> Result<()> {
     if !protocol::ledger::origin_is_valid(&opts.log_origin) {
         bail!("{}", origin_problem(&opts.log_origin));
     }
-    let listening = [
+    if let Some((a, b, addr)) = gateway::config::first_clash(&[
         ("--api", Some(opts.api)),
         ("--s3", opts.s3),
         ("--metrics", opts.metrics),
-    ];
-    let listening: Vec<_> = listening
-        .iter()
-        .filter_map(|(flag, addr)| addr.map(|a| (*flag, a)))
-        .collect();
-    for (i, (a, addr)) in listening.iter().enumerate() {
-        if let Some((b, _)) = listening[i + 1..]
-            .iter()
-            .find(|(_, other)| gateway::config::same_port(*addr, *other))
-        {
-            bail!("{a} and {b} would both listen on {addr}: give one of them another address");
-        }
+    ]) {
+        bail!("{a} and {b} would both listen on {addr}: give one of them another address");
     }
     for (base, flag) in [
         (opts.node_base_port, "--node-base-port"),
