@@ -873,7 +873,22 @@ impl SegmentLog {
         })?;
         self.wait_durable(seg, off + len as u64)?;
         drop(pending);
-        lock(&self.failed_puts).retain(|(k, _)| k != key);
+        let dead: Vec<Loc> = {
+            let mut failed = lock(&self.failed_puts);
+            let dead = failed
+                .iter()
+                .filter(|(k, _)| k == key)
+                .map(|(_, loc)| *loc)
+                .collect();
+            failed.retain(|(k, _)| k != key);
+            dead
+        };
+        // Now dead for good: a delete whose tombstone failed left its
+        // record's bytes (a failed put's were erased as it failed, and are
+        // zeroed again, harmlessly); an expunge syncs the erasure.
+        for loc in dead {
+            self.erase(loc, key.evidence);
+        }
         Ok(())
     }
 
@@ -2027,6 +2042,11 @@ pub(crate) mod tests {
         assert_eq!(log.failed_puts_of(h.key.evidence), vec![h.key]);
         assert_eq!(log.delete(&h.key, None).unwrap(), None);
         assert!(log.failed_puts_of(h.key.evidence).is_empty());
+        assert!(
+            !holds(&log.segment_path(loc.seg), &body),
+            "the buried record's bytes were left"
+        );
+        log.sync_erasures(Some(h.key.evidence)).unwrap();
         drop(log);
         let log = SegmentLog::open(dir.path()).unwrap();
         assert_eq!(log.locate(&h.key), None, "the shard came back");
