@@ -168,11 +168,14 @@ impl Cluster {
     /// original's index, nodes and keys, and whatever was done to the copy
     /// would be done to the original. Paths outside DATA_DIR are fine (a
     /// node on a disk of its own, the index on an SSD); paths inside a
-    /// directory holding another cluster file are not.
+    /// directory holding another cluster file that names them too are not.
+    /// Where it cannot tell (a relative path, a file it cannot read), it
+    /// lets the path be.
     fn own_paths(&self, data_dir: &Path) -> Result<()> {
-        let home = data_dir
-            .canonicalize()
-            .unwrap_or_else(|_| data_dir.to_path_buf());
+        use std::os::unix::fs::MetadataExt as _;
+        // The same directory by any name (a bind mount, a symlink).
+        let identity = |dir: &Path| fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()));
+        let home = identity(data_dir);
         let g = &self.gateway;
         let mut paths: Vec<&Path> = vec![&g.index_path, &g.tls.ca_cert, &g.tls.cert, &g.tls.key];
         if let Some(l) = &g.ledger {
@@ -182,13 +185,19 @@ impl Cluster {
         for n in &self.nodes {
             paths.extend([n.data_dir.as_path(), n.cert.as_path(), n.key.as_path()]);
         }
-        for p in paths {
-            let other = p
+        for p in paths.into_iter().filter(|p| p.is_absolute()) {
+            let Some(nearest) = p
                 .ancestors()
                 .skip(1)
                 .find(|a| a.join(CLUSTER_FILE).is_file())
-                .filter(|a| a.canonicalize().map_or(true, |a| a != home));
-            if let Some(other) = other {
+            else {
+                continue;
+            };
+            let theirs = identity(nearest).is_some_and(|id| Some(id) != home)
+                && fs::read_to_string(nearest.join(CLUSTER_FILE))
+                    .is_ok_and(|text| text.contains(&*p.to_string_lossy()));
+            if theirs {
+                let other = nearest;
                 bail!(
                     "{} names {}, in the cluster at {}: this data dir was copied or moved from \
                      there (cluster.toml holds absolute paths), and would serve and change that \
@@ -550,7 +559,7 @@ fn check_options(opts: &InitOptions) -> Result<()> {
         (opts.node_base_port, "--node-base-port"),
         (opts.node_metrics_base_port, "--node-metrics-base-port"),
     ] {
-        if base != 0 && u32::from(base) + opts.nodes > 65_536 {
+        if base != 0 && u64::from(base) + u64::from(opts.nodes) > 65_536 {
             bail!(
                 "{flag} {base}: the ports of {} nodes run past 65535",
                 opts.nodes

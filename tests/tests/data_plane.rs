@@ -2976,8 +2976,11 @@ fn a_copied_data_dir_does_not_serve_the_originals_files() -> Result<()> {
     assert!(copied.success());
     let out = custodia(&copy, &["node", "add"])?;
     let err = String::from_utf8_lossy(&out.stderr);
+    let original = dir.canonicalize()?.display().to_string();
     assert!(
-        !out.status.success() && err.contains("copied or moved") && err.contains("data"),
+        !out.status.success()
+            && err.contains("copied or moved")
+            && err.contains(&format!("in the cluster at {original}")),
         "{err}"
     );
     // Nothing was added to either.
