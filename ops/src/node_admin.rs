@@ -20,12 +20,22 @@ use std::path::Path;
 /// entries leaves its id in these.
 fn ids_used(data_dir: &Path, cluster: &Cluster) -> Vec<u32> {
     let mut ids = ids_issued(data_dir);
-    if let Some(dir) = cluster
+    // Where the gateway keeps a local archive: `openings_dir`, or beside
+    // the tiles when neither it nor `openings_url` is set.
+    let local_archive = cluster
         .gateway
         .ledger
         .as_ref()
-        .and_then(|l| l.openings_dir.as_ref())
-    {
+        .and_then(|l| match &l.openings_url {
+            Some(_) => None,
+            None => Some(l.openings_dir.clone().unwrap_or_else(|| {
+                l.tiles_dir
+                    .parent()
+                    .unwrap_or(Path::new("."))
+                    .join("openings")
+            })),
+        });
+    if let Some(dir) = local_archive {
         let decided = dir.join(gateway::lifecycle_archive::DIR);
         for e in std::fs::read_dir(decided).into_iter().flatten().flatten() {
             if let Ok(id) = e.file_name().to_string_lossy().parse::<u32>() {
