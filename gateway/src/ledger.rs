@@ -2924,6 +2924,9 @@ pub fn spawn_archive_check<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task:
     let look = every.min(Duration::from_secs(60));
     Some(tokio::spawn(async move {
         tokio::time::sleep(look).await;
+        // When the next check is due: kept across a lease lost and taken
+        // back, so a lease that flaps does not list the archive each time.
+        let mut due = tokio::time::Instant::now();
         loop {
             if !ledger.integrating() {
                 // A gap found while integrating is the integrator's to say
@@ -2931,6 +2934,13 @@ pub fn spawn_archive_check<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task:
                 // says would stay up after the files were restored.
                 gw.metrics.archive_gap.set(0);
                 tokio::time::sleep(look).await;
+                continue;
+            }
+            // A minute at a time: a lease lost meanwhile (the gap no longer
+            // this gateway's to say) is seen within one, not a day.
+            let now = tokio::time::Instant::now();
+            if now < due {
+                tokio::time::sleep_until(due.min(now + look)).await;
                 continue;
             }
             let signed = newest_checkpoint(&gw, &ledger).await;
@@ -2962,12 +2972,7 @@ pub fn spawn_archive_check<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task:
                     tracing::warn!(error = %e, "could not list the openings archive to check it")
                 }
             }
-            // A minute at a time: a lease lost meanwhile (the gap no longer
-            // this gateway's to say) is seen within one, not a day.
-            let until = tokio::time::Instant::now() + next;
-            while ledger.integrating() && tokio::time::Instant::now() < until {
-                tokio::time::sleep_until(until.min(tokio::time::Instant::now() + look)).await;
-            }
+            due = tokio::time::Instant::now() + next;
         }
     }))
 }
