@@ -109,16 +109,18 @@ struct Witness {
 ///
 /// One process at a time holds `dir` (a lock file, held while the router
 /// lives). A key without its state file is refused unless `reset_state`
-/// says this witness never cosigned anything. `accept_clock`: the clock is
-/// right now, so a last cosignature dated after it was dated by a clock
-/// gone wrong (see [`add_checkpoint`]'s refusal), and the next is dated by
-/// this one.
+/// says this witness never cosigned anything. `accept_clock`: the date of
+/// the last cosignature (Unix seconds, as the refusal says it), which was
+/// dated by a clock gone wrong: the clock is right now, and the next is
+/// dated by it (see [`add_checkpoint`]'s refusal). Only that date is
+/// dropped, so the flag left on does nothing at later starts (a clock
+/// wrong again is refused again).
 pub fn open(
     dir: &Path,
     name: &str,
     log_keys: &[String],
     reset_state: bool,
-    accept_clock: bool,
+    accept_clock: Option<u64>,
 ) -> Result<(Router, String), WitnessStartError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let lock_path = dir.join(LOCK_FILE);
@@ -211,7 +213,17 @@ pub fn open(
         Err(e) => return Err(io(&state_path)(e)),
     };
     let clock = unix_secs();
-    if accept_clock && views.cosigned_at > clock {
+    let drop_date = accept_clock.filter(|d| *d == views.cosigned_at && *d > clock);
+    if let Some(given) = accept_clock.filter(|_| drop_date.is_none()) {
+        tracing::info!(
+            given,
+            last = views.cosigned_at,
+            clock,
+            "--accept-clock names no date to drop (the last cosignature's is another, or not \
+             after this clock): nothing changed"
+        );
+    }
+    if drop_date.is_some() {
         tracing::warn!(
             last = views.cosigned_at,
             clock,
@@ -360,12 +372,16 @@ async fn add_checkpoint(State(w): State<Arc<Witness>>, body: Bytes) -> Response 
             clock,
             "this witness's clock is behind its last cosignature; not cosigning. If the clock \
              is right, the last cosignature was dated by a clock gone wrong: restart the \
-             witness with --accept-clock"
+             witness once with --accept-clock {}",
+            views.cosigned_at
         );
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
-            "this witness's clock is behind its last cosignature: fix its clock, or (if the \
-             clock is right) restart it with --accept-clock",
+            &format!(
+                "this witness's clock is behind its last cosignature: fix its clock, or (if the \
+                 clock is right) restart it once with --accept-clock {}",
+                views.cosigned_at
+            ),
         );
     }
     let now = clock.max(views.cosigned_at);
@@ -418,7 +434,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let pub_path = dir.path().join(WITNESS_PUB_FILE);
         let (_, first) =
-            open(dir.path(), "witness.example/a", &[], false, false).expect("first start");
+            open(dir.path(), "witness.example/a", &[], false, None).expect("first start");
         assert_eq!(
             std::fs::read_to_string(&pub_path).expect("written").trim(),
             first
@@ -429,7 +445,7 @@ mod tests {
                 None => std::fs::remove_file(&pub_path).expect("removed"),
                 Some(text) => std::fs::write(&pub_path, text).expect("written"),
             }
-            let (_, again) = open(dir.path(), "witness.example/a", &[], false, false)
+            let (_, again) = open(dir.path(), "witness.example/a", &[], false, None)
                 .unwrap_or_else(|e| panic!("start with {left:?}: {e}"));
             assert_eq!(again, first, "with {left:?}");
             assert_eq!(
@@ -448,7 +464,7 @@ mod tests {
     #[test]
     fn a_wrong_last_date_is_dropped_only_when_told_the_clock_is_right() {
         let dir = tempfile::tempdir().expect("temp dir");
-        drop(open(dir.path(), "witness.example/a", &[], false, false).expect("first start"));
+        drop(open(dir.path(), "witness.example/a", &[], false, None).expect("first start"));
         let state = dir.path().join(STATE_FILE);
         let ahead = unix_secs() + 30 * 86_400;
         let views = Views {
@@ -459,9 +475,12 @@ mod tests {
         let read = || -> Views {
             serde_json::from_slice(&std::fs::read(&state).expect("state")).expect("json")
         };
-        drop(open(dir.path(), "witness.example/a", &[], false, false).expect("start"));
+        drop(open(dir.path(), "witness.example/a", &[], false, None).expect("start"));
         assert_eq!(read().cosigned_at, ahead, "dropped without being told");
-        drop(open(dir.path(), "witness.example/a", &[], false, true).expect("start"));
+        // Another date than the last's: nothing changes (a flag left on).
+        drop(open(dir.path(), "witness.example/a", &[], false, Some(ahead - 1)).expect("start"));
+        assert_eq!(read().cosigned_at, ahead);
+        drop(open(dir.path(), "witness.example/a", &[], false, Some(ahead)).expect("start"));
         let now = read().cosigned_at;
         assert!(now <= unix_secs() && now + 60 > unix_secs(), "{now}");
     }
@@ -472,13 +491,13 @@ mod tests {
     fn a_witness_name_that_cannot_sign_writes_nothing() {
         let dir = tempfile::tempdir().expect("temp dir");
         for bad in ["Court A", "a+b", ""] {
-            match open(dir.path(), bad, &[], false, false) {
+            match open(dir.path(), bad, &[], false, None) {
                 Err(WitnessStartError::Name(n)) => assert_eq!(n, bad),
                 other => panic!("{bad:?}: {:?}", other.map(|(_, k)| k)),
             }
             assert!(!dir.path().join(WITNESS_KEY_FILE).exists(), "{bad:?}");
         }
-        let (_, key) = open(dir.path(), "court-a.example", &[], false, false).expect("a good name");
+        let (_, key) = open(dir.path(), "court-a.example", &[], false, None).expect("a good name");
         assert!(key.starts_with("court-a.example+"), "{key}");
     }
 
@@ -497,7 +516,7 @@ mod tests {
             "witness.example/a",
             &[first_pub, second_pub],
             false,
-            false,
+            None,
         )
         .expect("started");
         let (addr, _serving) = serve("127.0.0.1:0".parse().expect("address"), router)
@@ -525,24 +544,23 @@ mod tests {
     #[test]
     fn a_witness_starts_alone_and_never_without_its_state() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let running =
-            open(dir.path(), "witness.example/a", &[], false, false).expect("first start");
+        let running = open(dir.path(), "witness.example/a", &[], false, None).expect("first start");
         assert!(matches!(
-            open(dir.path(), "witness.example/a", &[], false, false),
+            open(dir.path(), "witness.example/a", &[], false, None),
             Err(WitnessStartError::InUse(_))
         ));
         drop(running);
         std::fs::remove_file(dir.path().join(STATE_FILE)).expect("state removed");
         assert!(matches!(
-            open(dir.path(), "witness.example/a", &[], false, false),
+            open(dir.path(), "witness.example/a", &[], false, None),
             Err(WitnessStartError::StateMissing(_))
         ));
         let afresh =
-            open(dir.path(), "witness.example/a", &[], true, false).expect("told to start afresh");
+            open(dir.path(), "witness.example/a", &[], true, None).expect("told to start afresh");
         drop(afresh);
         // Once: the state it starts from is written, so the next start
         // needs no flag.
         let _again =
-            open(dir.path(), "witness.example/a", &[], false, false).expect("started again");
+            open(dir.path(), "witness.example/a", &[], false, None).expect("started again");
     }
 }

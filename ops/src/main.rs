@@ -365,11 +365,13 @@ enum Command {
         /// cosigned anything (otherwise it could cosign a fork).
         #[arg(long)]
         reset_state: bool,
-        /// The clock is right now: a last cosignature dated after it was
-        /// dated by a clock gone wrong (the witness refuses to cosign until
-        /// its clock passes that date), and the next is dated by this one.
-        #[arg(long)]
-        accept_clock: bool,
+        /// The date (Unix seconds, as its refusal says it) of the last
+        /// cosignature, dated by a clock gone wrong: the clock is right
+        /// now, and the next is dated by it (the witness refuses to cosign
+        /// until its clock passes that date). Only that date is dropped:
+        /// left on, the flag does nothing at later starts.
+        #[arg(long, value_name = "LAST_DATE")]
+        accept_clock: Option<u64>,
     },
     /// Measure raw kernels and end-to-end throughput on a fresh local cluster.
     Bench(bench::BenchArgs),

@@ -392,14 +392,17 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
         }
         (None, None) => {}
     }
-    // The same of the witnesses' times: even the latest of them.
+    // The same of the witnesses' times, even the latest of them: a
+    // warning, not a verdict (a witness's clock is not audited as a TSA's
+    // is, and one slow witness must not fail every receipt).
+    let mut warnings: Vec<String> = Vec::new();
     if let (Some(s), Some(t)) = (&statement, witness_times.iter().map(|(_, t)| *t).max()) {
         let independent_ms = t.saturating_add(1).saturating_mul(1000);
         if s.time_ms > independent_ms.saturating_add(STATEMENT_AHEAD_ALLOWED_MS) {
-            problems.push(format!(
+            warnings.push(format!(
                 "time: the statement says {}, but the witnesses cosigned the checkpoint holding \
-                 it by {}: the log operator's clock ran {} s ahead, and the statement's time is \
-                 not when it was logged",
+                 it by {}: the log operator's clock ran {} s ahead (the statement's time is not \
+                 when it was logged), or every witness's clock is behind",
                 rfc3339_ms(s.time_ms),
                 rfc3339(t),
                 (s.time_ms - independent_ms) / 1000
@@ -502,6 +505,7 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
             "time_stamp": stamped,
             "statement": statement,
             "time_note": "the statement's time is the log operator's clock",
+            "time_warnings": warnings,
             "problems": problems,
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -592,6 +596,9 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
                     .unwrap_or_default()
             );
         }
+    }
+    for w in &warnings {
+        println!("WARNING: {}", shown(w));
     }
     for p in &problems {
         // (A problem may quote the receipt: a decoding error names the
