@@ -3253,6 +3253,13 @@ async fn witness_once<S: Store>(
                 .max()
             {
                 gw.clock.witnessed(index, count, t.saturating_mul(1000));
+                // Against the clock that stamps statements: a receipt is
+                // dated after its checkpoint's cosignature when either
+                // runs wrong, and `custodia verify` warns of it.
+                gw.metrics
+                    .witness_clock_offset
+                    .with_label_values(&[w.url.as_str()])
+                    .set(t as f64 - gw.clock.now_ms() as f64 / 1000.0);
             }
             tracing::debug!(witness = %w.url, size, ms = started.elapsed().as_millis() as u64, "cosigned");
             Ok(Cosigned::Yes)

@@ -183,6 +183,12 @@ pub struct GatewayMetrics {
     /// `custodia_tsa_clock_offset_seconds`: the RFC 3161 TSA's genTime minus
     /// the gateway's clock at the newest token (whole seconds).
     pub tsa_clock_offset: prometheus::Gauge,
+    /// `custodia_witness_clock_offset_seconds{witness}`: the time a witness
+    /// dated its newest cosignature minus the gateway's stamping clock as
+    /// it arrived (whole seconds; a little below 0 when both are right).
+    /// Well below 0, statements are stamped after the witness cosigned
+    /// their checkpoints, which `custodia verify` warns of.
+    pub witness_clock_offset: prometheus::GaugeVec,
     /// `custodia_tsa_stamps_total{result="ok"|"failed"}`: time-stamp tokens
     /// obtained (and verified, and stored) for checkpoints, and attempts that
     /// failed (the TSA unreachable, its certificate expired, its answer not
@@ -545,6 +551,16 @@ impl GatewayMetrics {
                         "A node's clock minus the gateway's, measured at each probe.",
                     ),
                     &["node"],
+                )?,
+            )?,
+            witness_clock_offset: reg(
+                r,
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        "custodia_witness_clock_offset_seconds",
+                        "A witness's newest cosignature time minus the gateway's stamping clock as it arrived.",
+                    ),
+                    &["witness"],
                 )?,
             )?,
             tsa_clock_offset: reg_if(

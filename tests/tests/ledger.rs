@@ -1058,6 +1058,14 @@ fn witnesses_cosign_off_the_filing_path_and_never_cosign_a_fork() -> Result<()> 
         status_json(&c).is_ok_and(|s| s["clock"]["confirmed_by"] == "witnesses")
     });
     assert!(confirmed, "{}", status_json(&c)?["clock"]);
+    // Each witness's time against the clock that stamps statements: the
+    // same clock here, so a second or two below 0 (whole seconds, and the
+    // round trip), far from the alert's 30.
+    for w in [&witness.url, &witness2.url] {
+        let series = format!("custodia_witness_clock_offset_seconds{{witness=\"{w}\"}}");
+        let offset = c.metric(&c.metrics, &series)?;
+        assert!((-5.0..=1.0).contains(&offset), "{series} = {offset}");
+    }
     let dir = tempfile::tempdir()?;
     let (rpath, fpath, wpath) = (
         dir.path().join("r.json"),
