@@ -372,6 +372,30 @@ pub fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
+/// A cluster's shape as a configuration must have it: a valid code, at
+/// least k + m nodes, and a write quorum (if set) within k + 1 ..= k + m.
+/// Also what `init` checks before it writes anything.
+pub fn check_shape(
+    code: &ErasureCode,
+    nodes: usize,
+    min_write_shards: Option<u8>,
+) -> Result<(), ConfigError> {
+    code.validate()?;
+    if nodes < code.total() {
+        return Err(ConfigError::TooFewNodes {
+            have: nodes,
+            need: code.total(),
+        });
+    }
+    if let Some(got) = min_write_shards {
+        let (min, max) = (code.k.saturating_add(1), code.k.saturating_add(code.m));
+        if got < min || got > max {
+            return Err(ConfigError::MinWrite { got, min, max });
+        }
+    }
+    Ok(())
+}
+
 /// The first two of `listeners` (each named, and perhaps off) that would
 /// want the same port ([`same_port`]), with the address.
 pub fn first_clash(
@@ -456,14 +480,7 @@ impl GatewayConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let code = self.code();
-        code.validate()?;
-        if self.nodes.len() < code.total() {
-            return Err(ConfigError::TooFewNodes {
-                have: self.nodes.len(),
-                need: code.total(),
-            });
-        }
+        check_shape(&self.code(), self.nodes.len(), self.min_write_shards)?;
         let mut ids: Vec<u32> = self.nodes.iter().map(|n| n.id).collect();
         ids.sort_unstable();
         if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
@@ -474,12 +491,6 @@ impl GatewayConfig {
                 if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
                     return Err(ConfigError::ServerName(n.id, name.clone()));
                 }
-            }
-        }
-        if let Some(got) = self.min_write_shards {
-            let (min, max) = (self.k.saturating_add(1), self.k.saturating_add(self.m));
-            if got < min || got > max {
-                return Err(ConfigError::MinWrite { got, min, max });
             }
         }
         if let Some((a, b, addr)) = first_clash(&[

@@ -530,21 +530,7 @@ fn check_options(opts: &InitOptions) -> Result<()> {
         m: opts.m,
         shard_size: opts.shard_size,
     };
-    code.validate()
-        .map_err(gateway::config::ConfigError::from)?;
-    if (opts.nodes as usize) < code.total() {
-        return Err(gateway::config::ConfigError::TooFewNodes {
-            have: opts.nodes as usize,
-            need: code.total(),
-        }
-        .into());
-    }
-    if let Some(got) = opts.min_write_shards {
-        let (min, max) = (opts.k.saturating_add(1), opts.k.saturating_add(opts.m));
-        if got < min || got > max {
-            return Err(gateway::config::ConfigError::MinWrite { got, min, max }.into());
-        }
-    }
+    gateway::config::check_shape(&code, opts.nodes as usize, opts.min_write_shards)?;
     if !protocol::ledger::origin_is_valid(&opts.log_origin) {
         bail!("{}", origin_problem(&opts.log_origin));
     }
