@@ -120,6 +120,19 @@ pub struct LedgerConfig {
     pub tsa: Option<TsaConfig>,
 }
 
+impl LedgerConfig {
+    /// The openings archive's folder when it is kept on this machine (no
+    /// `openings_url`): `openings_dir`, or `openings` beside the tiles.
+    pub fn local_openings_dir(&self) -> PathBuf {
+        self.openings_dir.clone().unwrap_or_else(|| {
+            self.tiles_dir
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("openings")
+        })
+    }
+}
+
 /// Where RFC 3161 tokens come from.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -468,13 +481,7 @@ impl Ledger {
         };
         let (openings, openings_dir): (Arc<dyn ObjectStore>, _) = match &config.openings_url {
             None => {
-                let dir = config.openings_dir.clone().unwrap_or_else(|| {
-                    config
-                        .tiles_dir
-                        .parent()
-                        .unwrap_or(std::path::Path::new("."))
-                        .join("openings")
-                });
+                let dir = config.local_openings_dir();
                 // Made its owner's only from the start; one that was there
                 // already is tightened, and said so.
                 use std::os::unix::fs::DirBuilderExt as _;

@@ -14,27 +14,18 @@ use std::path::Path;
 /// The ids of nodes given a certificate (`tls/node-ID.pem`) or a folder
 /// (`nodes/nID`) in DATA_DIR, and those decided about (drained, removed)
 /// as far as this host can read offline: the openings archive's copies of
-/// the decisions (a local `openings_dir`), and the removed nodes each node
+/// the decisions (a local archive, where the gateway keeps it), and the removed nodes each node
 /// of this host keeps refusing. An operator who deleted a removed node's
 /// certificate and folder (to destroy its key) and its cluster.toml
 /// entries leaves its id in these.
 fn ids_used(data_dir: &Path, cluster: &Cluster) -> Vec<u32> {
     let mut ids = ids_issued(data_dir);
-    // Where the gateway keeps a local archive: `openings_dir`, or beside
-    // the tiles when neither it nor `openings_url` is set.
     let local_archive = cluster
         .gateway
         .ledger
         .as_ref()
-        .and_then(|l| match &l.openings_url {
-            Some(_) => None,
-            None => Some(l.openings_dir.clone().unwrap_or_else(|| {
-                l.tiles_dir
-                    .parent()
-                    .unwrap_or(Path::new("."))
-                    .join("openings")
-            })),
-        });
+        .filter(|l| l.openings_url.is_none())
+        .map(|l| l.local_openings_dir());
     if let Some(dir) = local_archive {
         let decided = dir.join(gateway::lifecycle_archive::DIR);
         for e in std::fs::read_dir(decided).into_iter().flatten().flatten() {
