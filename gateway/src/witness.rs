@@ -212,7 +212,7 @@ pub fn open(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Views::default(),
         Err(e) => return Err(io(&state_path)(e)),
     };
-    let clock = unix_secs();
+    let clock = crate::ledger::unix_now();
     let drop_date = accept_clock.filter(|d| *d == views.cosigned_at && *d > clock);
     if let Some(given) = accept_clock.filter(|_| drop_date.is_none()) {
         tracing::info!(
@@ -248,14 +248,6 @@ pub fn open(
         .route("/add-checkpoint", post(add_checkpoint))
         .with_state(w);
     Ok((router, verifier_key))
-}
-
-/// Seconds since the Unix epoch by the system clock.
-fn unix_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Serves a witness until the listener fails.
@@ -359,7 +351,7 @@ async fn add_checkpoint(State(w): State<Arc<Witness>>, body: Bytes) -> Response 
             "consistency proof does not verify",
         );
     }
-    let clock = unix_secs();
+    let clock = crate::ledger::unix_now();
     // A clock a little behind the last cosignature (an NTP step) dates this
     // one at that time. One far behind means the last was dated by a clock
     // gone wrong; dating this one then too would put a time on it that is
@@ -466,7 +458,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         drop(open(dir.path(), "witness.example/a", &[], false, None).expect("first start"));
         let state = dir.path().join(STATE_FILE);
-        let ahead = unix_secs() + 30 * 86_400;
+        let ahead = crate::ledger::unix_now() + 30 * 86_400;
         let views = Views {
             cosigned_at: ahead,
             ..Views::default()
@@ -482,7 +474,10 @@ mod tests {
         assert_eq!(read().cosigned_at, ahead);
         drop(open(dir.path(), "witness.example/a", &[], false, Some(ahead)).expect("start"));
         let now = read().cosigned_at;
-        assert!(now <= unix_secs() && now + 60 > unix_secs(), "{now}");
+        assert!(
+            now <= crate::ledger::unix_now() && now + 60 > crate::ledger::unix_now(),
+            "{now}"
+        );
     }
 
     /// A name no key can sign under is refused before anything is written,
