@@ -397,15 +397,14 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
     // is, and one slow witness must not fail every receipt).
     let mut warnings: Vec<String> = Vec::new();
     if let (Some(s), Some(t)) = (&statement, witness_times.iter().map(|(_, t)| *t).max()) {
-        let independent_ms = t.saturating_add(1).saturating_mul(1000);
-        if s.time_ms > independent_ms.saturating_add(STATEMENT_AHEAD_ALLOWED_MS) {
+        if let Some(ahead) = seconds_ahead(s.time_ms, t) {
             warnings.push(format!(
                 "time: the statement says {}, but the witnesses cosigned the checkpoint holding \
                  it by {}: the log operator's clock ran {} s ahead (the statement's time is not \
                  when it was logged), or every witness's clock is behind",
                 rfc3339_ms(s.time_ms),
                 rfc3339(t),
-                (s.time_ms - independent_ms) / 1000
+                ahead
             ));
         }
     }
@@ -419,17 +418,15 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
         &statement,
         stamped.get("gen_time_unix").and_then(Value::as_u64),
     ) {
-        let independent_ms = t.saturating_add(1).saturating_mul(1000);
-        if stamped["development_tsa"] != true
-            && s.time_ms > independent_ms.saturating_add(STATEMENT_AHEAD_ALLOWED_MS)
-        {
+        let ahead = seconds_ahead(s.time_ms, t).filter(|_| stamped["development_tsa"] != true);
+        if let Some(ahead) = ahead {
             problems.push(format!(
                 "time: the statement says {}, but the checkpoint holding it was time-stamped at \
                  {}: the log operator's clock ran {} s ahead, and the statement's time is not \
                  when it was logged",
                 rfc3339_ms(s.time_ms),
                 rfc3339(t),
-                (s.time_ms - independent_ms) / 1000
+                ahead
             ));
         }
     }
@@ -636,6 +633,15 @@ pub fn receipt(args: &ReceiptArgs<'_>) -> Result<bool> {
 /// How far a statement's time may run past its checkpoint's time-stamp
 /// before it is called wrong: two clocks, each kept by NTP, differ by less.
 const STATEMENT_AHEAD_ALLOWED_MS: u64 = 60_000;
+
+/// How many whole seconds a statement stamped at `statement_ms` runs past
+/// an independent time `at` (whole Unix seconds, truncated: so the second
+/// after it), if by more than [`STATEMENT_AHEAD_ALLOWED_MS`].
+fn seconds_ahead(statement_ms: u64, at: u64) -> Option<u64> {
+    let independent_ms = at.saturating_add(1).saturating_mul(1000);
+    (statement_ms > independent_ms.saturating_add(STATEMENT_AHEAD_ALLOWED_MS))
+        .then(|| (statement_ms - independent_ms) / 1000)
+}
 
 /// Text from a receipt as it may be shown on a terminal: control
 /// characters (escape sequences) and those that reorder or hide the text
