@@ -14,6 +14,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Runs `custodia ARGS --data-dir DIR` (no cluster of this crate's around
+/// it: `init`, `node add` on a data dir of a test's own).
+pub fn custodia_at(dir: &Path, args: &[&str]) -> Result<std::process::Output> {
+    Ok(Command::new(custodia_bin())
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .env_remove("CUSTODIA_API")
+        .output()?)
+}
+
 /// The `custodia` binary under test.
 ///
 /// Unless `$CUSTODIA_BIN` names one, this builds it once per test process with
@@ -550,12 +561,7 @@ impl TestCluster {
     /// Runs `custodia ARGS` against this cluster's data dir (for commands
     /// that open the index, stop the gateway first).
     pub fn custodia(&self, args: &[&str]) -> Result<std::process::Output> {
-        Ok(Command::new(custodia_bin())
-            .args(args)
-            .arg("--data-dir")
-            .arg(self.dir.path())
-            .env_remove("CUSTODIA_API")
-            .output()?)
+        custodia_at(self.dir.path(), args)
     }
 
     /// A new expunger credential, issued on the index host (the gateway

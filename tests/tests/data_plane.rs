@@ -2846,13 +2846,7 @@ fn an_init_refused_for_its_options_writes_nothing() -> Result<()> {
     let dir = tmp.path().join("data");
     std::fs::create_dir_all(dir.join("tls"))?;
     std::fs::write(dir.join("tls").join("operator-note.txt"), b"kept\n")?;
-    let custodia = |args: &[&str]| {
-        std::process::Command::new(custodia_tests::custodia_bin())
-            .args(args)
-            .arg("--data-dir")
-            .arg(&dir)
-            .output()
-    };
+    let custodia = |args: &[&str]| custodia_tests::custodia_at(&dir, args);
     // Its locks aside, which any command on a data dir takes.
     let listed = || -> Result<Vec<String>> {
         let mut names: Vec<String> = walkdir(&dir)?;
@@ -2913,13 +2907,7 @@ fn an_init_refused_for_its_options_writes_nothing() -> Result<()> {
 fn a_failure_domain_placement_would_not_read_is_refused() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("data");
-    let custodia = |args: &[&str]| {
-        std::process::Command::new(custodia_tests::custodia_bin())
-            .args(args)
-            .arg("--data-dir")
-            .arg(&dir)
-            .output()
-    };
+    let custodia = |args: &[&str]| custodia_tests::custodia_at(&dir, args);
     assert!(custodia(&["init"])?.status.success());
     let file = dir.join("cluster.toml");
     let text = std::fs::read_to_string(&file)?;
@@ -2960,13 +2948,7 @@ fn a_copied_data_dir_does_not_serve_the_originals_files() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("data");
     let copy = tmp.path().join("copy");
-    let custodia = |dir: &std::path::Path, args: &[&str]| {
-        std::process::Command::new(custodia_tests::custodia_bin())
-            .args(args)
-            .arg("--data-dir")
-            .arg(dir)
-            .output()
-    };
+    let custodia = custodia_tests::custodia_at;
     assert!(custodia(&dir, &["init"])?.status.success());
     let copied = std::process::Command::new("cp")
         .arg("-a")
