@@ -274,7 +274,7 @@ async fn pass(
             // bytes, and never less than a seek's worth, so that small
             // shards are not read at thousands of random reads a second.
             let cost = u64::from(header.len).max(SHARD_MIN_COST);
-            match run_blocking(move || s.get(&key)).await {
+            match run_blocking(move || s.get_from_disk(&key)).await {
                 Ok((_, body)) => {
                     bytes += body.len() as u64;
                     metrics.scrub_bytes.inc_by(body.len() as u64);

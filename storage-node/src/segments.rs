@@ -746,6 +746,12 @@ impl SegmentLog {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
         } else {
+            #[cfg(test)]
+            if tests::READS_FAIL.with(|f| f.replace(f.get().saturating_sub(1))) > 0 {
+                return Err(io::Error::from_raw_os_error(
+                    rustix::io::Errno::IO.raw_os_error(),
+                ));
+            }
             file.read_exact_at(&mut bytes, loc.off)?;
         }
         let Some((kind, head_len, body_len)) = parse_frame(&seg_key, &bytes) else {
@@ -774,6 +780,24 @@ impl SegmentLog {
         Ok(ReadRecord::Shard(header, body))
     }
 
+    /// Drops the page cache's copy of the record at `loc` (its clean pages,
+    /// and so its neighbours' on the same pages), so that the next read of
+    /// it comes from the disk: what scrub checks is the copy that lasts.
+    pub fn drop_cached(&self, loc: Loc) {
+        let Some(file) = self
+            .read_index()
+            .segments
+            .get(&loc.seg)
+            .map(|s| s.file.clone())
+        else {
+            return;
+        };
+        let len = std::num::NonZeroU64::new(u64::from(loc.len));
+        if let Err(e) = rustix::fs::fadvise(&*file, loc.off, len, rustix::fs::Advice::DontNeed) {
+            tracing::debug!(error = %e, "could not drop a record's cached pages");
+        }
+    }
+
     /// Appends `header` and `body` and waits until they are durable; returns
     /// the record this one replaced. The caller holds the key's lock.
     pub fn put(&self, header: &ShardHeader, body: &[u8]) -> io::Result<(Loc, Option<Loc>)> {
@@ -790,13 +814,19 @@ impl SegmentLog {
             return Err(e);
         }
         // A later record of the key wins at every open: a failed put of it
-        // is dead now.
-        {
+        // (or a record set aside) is dead now.
+        let superseded: Vec<Loc> = {
             let mut failed = lock(&self.failed_puts);
+            let dead = failed
+                .iter()
+                .filter(|(k, _)| *k == header.key)
+                .map(|(_, loc)| *loc)
+                .collect();
             if !failed.is_empty() {
                 failed.retain(|(k, _)| *k != header.key);
             }
-        }
+            dead
+        };
         let mut index = self.write_index();
         let old = index.entries.insert(fanout_key(&header.key), loc);
         index.add_live(seg, loc.len as i64);
@@ -805,8 +835,10 @@ impl SegmentLog {
         }
         drop(index);
         drop(pending);
-        if let Some(old) = old {
-            self.erase(old, header.key.evidence);
+        // A failed put's record was erased as it failed (zeroed again,
+        // harmlessly); one set aside unread is erased now.
+        for dead in old.into_iter().chain(superseded) {
+            self.erase(dead, header.key.evidence);
         }
         Ok((loc, old))
     }
@@ -1060,6 +1092,27 @@ impl SegmentLog {
     /// when its tombstone cannot be written (a full disk): reads and
     /// listings no longer find it, and compaction does not carry it over.
     /// Until then a restart finds it again (and its check fails again).
+    /// Takes the record of `key` at `loc` out of service without a
+    /// tombstone or an erasure (one the disk could not read, where the
+    /// error may pass): kept as a failed put's record is, so a delete of
+    /// the key (the gateway's, once the shard is rebuilt elsewhere) or an
+    /// expunge of its evidence buries and erases it, and a later put of the
+    /// key supersedes it. The next open serves it again if nothing did.
+    pub fn set_aside(&self, key: &ShardKey, loc: Loc) {
+        let removed = {
+            let mut index = self.write_index();
+            let here = index.entries.get(&fanout_key(key)) == Some(&loc);
+            if here {
+                index.entries.remove(&fanout_key(key));
+                index.add_live(loc.seg, -(loc.len as i64));
+            }
+            here
+        };
+        if removed {
+            lock(&self.failed_puts).push((*key, loc));
+        }
+    }
+
     pub fn forget(&self, key: &ShardKey, loc: Loc) {
         let mut index = self.write_index();
         if index.entries.get(&fanout_key(key)) == Some(&loc) {
@@ -1954,6 +2007,9 @@ pub(crate) mod tests {
         /// Makes erasures on this thread fail to read the record's frame
         /// (their writes still work), as on a sector that fails reads.
         pub(super) static ERASE_READ_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        /// Makes this many record reads on this thread fail with EIO, as a
+        /// failing sector or a controller reset does.
+        pub(crate) static READS_FAIL: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
     }
 
     /// A dead record whose frame cannot be read is erased whole, unread:

@@ -1352,7 +1352,8 @@ async fn handle_verify_shard(
     let store = state.store.clone();
     let response = match blocking(move || {
         let _memory = memory;
-        store.get(&key)
+        // The copy on the disk: what a verify pass asks about.
+        store.get_from_disk(&key)
     })
     .await
     {

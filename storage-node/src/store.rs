@@ -332,6 +332,12 @@ pub struct ShardStore {
     expunged: std::sync::RwLock<std::collections::HashMap<EvidenceId, std::time::Instant>>,
 }
 
+/// Reads of a segment record the disk failed, tried again before it is
+/// called unreadable (see [`ShardStore::unreadable_small`]), this long
+/// apart.
+const MEDIA_RETRIES: usize = 2;
+const MEDIA_RETRY_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// How long a node refuses puts of evidence it erased: longer than any put
 /// under way then can last.
 const EXPUNGED_REFUSED_FOR: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -656,6 +662,28 @@ impl ShardStore {
         // Shift the body down in place: no second buffer to allocate.
         bytes.drain(..body_at);
         Ok((header, bytes))
+    }
+
+    /// [`get`](Self::get) of the copy on the disk rather than one the page
+    /// cache holds: what scrub and a repair's verify read. A node with
+    /// memory to spare keeps its small shards' segments cached, and each
+    /// scrub pass reading them again keeps them there: a pass checking
+    /// the cache would find no rot under them until a restart, perhaps on
+    /// several nodes at once. (A file read with direct I/O is read from
+    /// the disk already.)
+    pub fn get_from_disk(&self, key: &ShardKey) -> Result<(ShardHeader, Vec<u8>), StoreError> {
+        if let Some(loc) = self.log.locate(key) {
+            self.log.drop_cached(loc);
+            return self.read_small(key, loc, false);
+        }
+        if !self.direct_io() {
+            if let Ok(file) = File::open(self.shard_path(key)) {
+                if let Err(e) = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed) {
+                    tracing::debug!(shard = %key, error = %e, "could not drop a shard file's cached pages");
+                }
+            }
+        }
+        self.get(key)
     }
 
     /// As [`get`](Self::get), the body as `Bytes` sharing the buffer the file
@@ -1328,7 +1356,18 @@ impl ShardStore {
         loc: Loc,
         head_only: bool,
     ) -> Result<(ShardHeader, Vec<u8>), StoreError> {
-        let read = self.log.read(key, loc, head_only);
+        let mut read = self.log.read(key, loc, head_only);
+        // A media error may pass (a controller reset, a path failing
+        // over): read again before calling the record lost.
+        for _ in 0..MEDIA_RETRIES {
+            match &read {
+                Err(e) if is_media_error(e) => {
+                    std::thread::sleep(MEDIA_RETRY_WAIT);
+                    read = self.log.read(key, loc, head_only);
+                }
+                _ => break,
+            }
+        }
         let moved = match &read {
             Ok(ReadRecord::Shard(..)) => false,
             Ok(ReadRecord::Damaged(..)) => true,
@@ -1359,12 +1398,33 @@ impl ShardStore {
                 };
                 Err(self.quarantine_small(key, loc, &bytes, why))
             }
-            // Nothing of it could be read to keep: an empty copy says so.
-            Err(e) if is_media_error(&e) => {
-                Err(self.quarantine_small(key, loc, &[], "the disk could not read it"))
-            }
+            Err(e) if is_media_error(&e) => Err(self.unreadable_small(key, loc, &e)),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// A segment record the disk could not read, again and again: named in
+    /// `quarantine/` (an empty copy: nothing of it could be read to keep),
+    /// where the gateway's listing finds it and rebuilds the shard, and
+    /// taken out of service until the node restarts. Not tombstoned or
+    /// erased, as a record found damaged is: the error may yet pass, and
+    /// until the rebuild is done its bytes may be the last copy of that
+    /// shard the stripe has. The gateway's delete of this copy once the
+    /// rebuild is done erases it (an expunge of its evidence too); found
+    /// again at a start before then, it is read again.
+    fn unreadable_small(&self, key: &ShardKey, loc: Loc, e: &io::Error) -> StoreError {
+        tracing::error!(shard = %key, error = %e, "the disk could not read a packed shard; named in quarantine for repair, its record kept");
+        let _guard = self.lock_key(key);
+        if self.log.locate(key) != Some(loc) {
+            return StoreError::Corrupt(*key);
+        }
+        let name = format!("{}.{}", shard_file_name(key), uuid::Uuid::now_v7().simple());
+        let quarantine = self.root.join(QUARANTINE_DIR);
+        if let Err(e) = durable_write(&self.root.join(TMP_DIR), &quarantine, &name, &[], 0o644) {
+            tracing::warn!(shard = %key, error = %e, "could not name an unreadable shard in quarantine");
+        }
+        self.log.set_aside(key, loc);
+        StoreError::Corrupt(*key)
     }
 
     /// The error for a shard file that could not be read: a media error
@@ -2893,6 +2953,94 @@ mod tests {
         assert!(!small.shard_path(&key(1)).exists());
         assert_eq!(small.get(&key(1)).unwrap().1, b);
         assert_eq!(small.info().unwrap().shards, 19);
+    }
+
+    /// A packed shard the disk fails to read once is read again, and
+    /// served; one it keeps failing is named in quarantine (so the gateway
+    /// rebuilds it) and taken out of service, but its bytes stay: the
+    /// error may pass, and they may be the stripe's last copy of that
+    /// shard until the rebuild. The gateway's delete of the old copy, once
+    /// rebuilt, erases them.
+    #[test]
+    fn a_packed_shard_the_disk_cannot_read_is_set_aside_not_erased() {
+        use crate::segments::tests::READS_FAIL;
+        let dir = tempfile::tempdir().unwrap();
+        let store = ShardStore::open(dir.path()).unwrap();
+        let k = key(3);
+        let b = body(4000);
+        store.put(&header(k, &b), &b).unwrap();
+        let loc = store.log.locate(&k).expect("packed");
+        READS_FAIL.with(|f| f.set(1));
+        assert_eq!(store.get(&k).unwrap().1, b, "one failed read is read again");
+        READS_FAIL.with(|f| f.set(100));
+        assert!(matches!(store.get(&k), Err(StoreError::Corrupt(_))));
+        READS_FAIL.with(|f| f.set(0));
+        assert_eq!(
+            store.quarantined(None, 10).unwrap(),
+            vec![k],
+            "named for repair"
+        );
+        assert!(
+            matches!(store.get(&k), Err(StoreError::NotFound)),
+            "out of service"
+        );
+        let segment = store.log.segment_path(loc.seg);
+        assert!(file_holds(&segment, &b).unwrap(), "its bytes were erased");
+        // A restart serves it again (the error passed).
+        drop(store);
+        let store = ShardStore::open(dir.path()).unwrap();
+        assert_eq!(store.get(&k).unwrap().1, b);
+        READS_FAIL.with(|f| f.set(100));
+        assert!(matches!(store.get(&k), Err(StoreError::Corrupt(_))));
+        READS_FAIL.with(|f| f.set(0));
+        // Rebuilt elsewhere, the old copy is deleted: its bytes go.
+        store.delete(&k).unwrap();
+        store.log.sync_erasures(Some(k.evidence)).unwrap();
+        assert!(
+            !file_holds(&segment, &b).unwrap(),
+            "deleted, its bytes stayed"
+        );
+        drop(store);
+        let store = ShardStore::open(dir.path()).unwrap();
+        assert!(
+            matches!(store.get(&k), Err(StoreError::NotFound)),
+            "a deleted shard came back"
+        );
+    }
+
+    /// What scrub reads is the copy on the disk, not one the page cache
+    /// holds (which each pass would keep there).
+    #[test]
+    fn scrub_reads_a_packed_shard_from_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs_type = rustix::fs::statfs(dir.path()).unwrap().f_type;
+        // tmpfs (0x01021994) keeps files in the page cache alone.
+        if fs_type as i64 == 0x0102_1994 {
+            eprintln!("skipped: the temporary directory is on tmpfs, which has no disk to read");
+            return;
+        }
+        let store = ShardStore::open(dir.path()).unwrap();
+        let k = key(4);
+        let b = body(4096);
+        store.put(&header(k, &b), &b).unwrap();
+        let loc = store.log.locate(&k).expect("packed");
+        assert!(
+            matches!(store.log.read_cached(&k, loc), Ok(ReadRecord::Shard(..))),
+            "a shard just written is in the page cache"
+        );
+        let read_bytes = || -> u64 {
+            let io = fs::read_to_string("/proc/self/io").unwrap();
+            io.lines()
+                .find_map(|l| l.strip_prefix("read_bytes: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap()
+        };
+        let before = read_bytes();
+        assert_eq!(store.get_from_disk(&k).unwrap().1, b);
+        assert!(
+            read_bytes() - before >= b.len() as u64,
+            "scrub read the page cache's copy"
+        );
     }
 
     /// A store at `dir` keeping every shard in a file of its own.
