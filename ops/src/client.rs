@@ -262,19 +262,76 @@ pub fn put(
     api: &str,
     token: &str,
     path: &Path,
-    case: Option<String>,
-    submitter: Option<String>,
+    meta: &Filing,
     idempotency_key: Option<String>,
+    acquired: &Acquired,
 ) -> Result<()> {
     // Hashed first and sent as the acquisition hashes: the gateway refuses
     // (and keeps nothing of) a body that is not these bytes, say a file
-    // still being written while it is sent.
+    // modified while it is sent. A file that only grows meanwhile (a
+    // recording still being written) sends the bytes hashed and is filed
+    // cut short: its length and modification time, taken before the hash
+    // pass, are compared after it and again once the filing is answered.
+    for (flag, given) in [
+        ("--blake3", &acquired.blake3),
+        ("--sha256", &acquired.sha256),
+    ] {
+        if given
+            .as_ref()
+            .is_some_and(|h| h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            bail!("{flag} takes 64 hexadecimal digits");
+        }
+    }
+    // Looked at before it is opened (a pipe's open waits for a writer): a
+    // device, a pipe or a socket has no length to send and check (a block
+    // device reports 0, a pipe is used up by the hash pass); an image of
+    // it is what is filed.
+    let kind = std::fs::metadata(path).with_context(|| format!("opening {}", path.display()))?;
+    if !kind.is_file() && !kind.is_dir() {
+        bail!(
+            "{} is not a regular file (a device, a pipe or a socket): image it to a file first and file that",
+            path.display()
+        );
+    }
+    let stamp = FileStamp::of(path)?;
     let (blake3, sha256, hashed) = hash_file(path)?;
+    if FileStamp::of(path)? != stamp || stamp.len != hashed {
+        bail!(
+            "{} changed while it was hashed; file it once it is complete",
+            path.display()
+        );
+    }
+    if let Some(given) = &acquired.blake3 {
+        if !given.eq_ignore_ascii_case(&blake3.to_hex()) {
+            bail!(
+                "{} is not the file acquired: its BLAKE3 is {}, the acquisition's {given}; nothing filed",
+                path.display(),
+                blake3.to_hex()
+            );
+        }
+    }
+    if let Some(given) = &acquired.sha256 {
+        if !given.eq_ignore_ascii_case(&sha256.to_hex()) {
+            bail!(
+                "{} is not the file acquired: its SHA-256 is {}, the acquisition's {given}; nothing filed",
+                path.display(),
+                sha256.to_hex()
+            );
+        }
+    }
     // One key for every attempt: a retry after an answer lost on the way
     // (the connection dropped as the gateway committed) gets that filing
     // back instead of filing the evidence twice. Said, so a put that gave
     // up can be run again under it.
     let key = idempotency_key.unwrap_or_else(|| hex::encode(rand::random::<[u8; 16]>()));
+    // Said before the first byte is sent: a put interrupted (Ctrl-C, a
+    // dropped session) after the gateway filed it but before its answer
+    // came can be run again under it without filing twice.
+    eprintln!(
+        "filing {} under Idempotency-Key {key} (if this put is interrupted, run it again with --idempotency-key {key})",
+        path.display()
+    );
     let mut attempt = 1;
     // How long answers "an earlier attempt is still in progress" have been
     // waited on: those are not attempts of this put's (after a gateway
@@ -286,21 +343,16 @@ pub fn put(
     let (status, body) = loop {
         // The answer read whole (a filing's JSON, or an error's): which
         // 409 it is decides whether to try again.
-        let sent = put_once(
-            api,
-            token,
-            path,
-            (&case, &submitter, &key),
-            (&blake3, &sha256, hashed),
-        )
-        .and_then(|mut resp| {
-            let body = resp
-                .body_mut()
-                .read_to_string()
-                .context("reading the gateway's answer")
-                .map_err(Attempt::Unanswered)?;
-            Ok((resp.status(), retry_after(&resp), body))
-        });
+        let sent = put_once(api, token, path, (meta, &key), (&blake3, &sha256, hashed)).and_then(
+            |mut resp| {
+                let body = resp
+                    .body_mut()
+                    .read_to_string()
+                    .context("reading the gateway's answer")
+                    .map_err(Attempt::Unanswered)?;
+                Ok((resp.status(), retry_after(&resp), body))
+            },
+        );
         let wait = match &sent {
             // Nothing was answered: the connection failed (it may have
             // filed; the key tells).
@@ -392,7 +444,81 @@ pub fn put(
         );
     }
     println!("{body}");
+    if filed["receipt"].is_null() {
+        eprintln!(
+            "note: the receipt was not ready when the filing was answered; fetch it later from {}{}",
+            api.trim_end_matches('/'),
+            filed["receipt_url"].as_str().unwrap_or("/v1/evidence/ID/receipt")
+        );
+    }
+    // Filed as it was hashed; a file changed since (a recording appended
+    // to while it was sent) is not what was filed.
+    if FileStamp::of(path).ok() != Some(stamp) {
+        bail!(
+            "{} changed while it was filed: filing {} holds it as it was hashed ({len} bytes, BLAKE3 {}), not as it is now; file it again once it is complete",
+            path.display(),
+            filed["id"].as_str().unwrap_or("(no id)"),
+            blake3.to_hex()
+        );
+    }
     Ok(())
+}
+
+/// A file's length and modification time: whether it changed between two
+/// looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Result<FileStamp> {
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(FileStamp {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
+    }
+}
+
+/// What a filing says of its evidence besides its bytes: sent as the
+/// evidence API's headers, the provenance notarized in its statement.
+#[derive(Debug, Default, Clone)]
+pub struct Filing {
+    pub case: Option<String>,
+    pub submitter: Option<String>,
+    /// Its media type (`video/mp4`); `application/octet-stream` if not said.
+    pub media_type: Option<String>,
+    pub source_device: Option<String>,
+    pub capture_time: Option<String>,
+    pub capture_method: Option<String>,
+    pub prior_custody: Option<String>,
+}
+
+impl Filing {
+    /// The `X-Custodia-*` headers it is sent as (text, before encoding).
+    fn headers(&self) -> impl Iterator<Item = (&'static str, &String)> {
+        [
+            ("x-custodia-case", &self.case),
+            ("x-custodia-submitter", &self.submitter),
+            ("x-custodia-source-device", &self.source_device),
+            ("x-custodia-capture-time", &self.capture_time),
+            ("x-custodia-capture-method", &self.capture_method),
+            ("x-custodia-prior-custody", &self.prior_custody),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.as_ref().map(|v| (name, v)))
+    }
+}
+
+/// Hashes an acquisition recorded (an imaging tool's report): `put`
+/// refuses a file that is not those bytes before sending any.
+#[derive(Debug, Default, Clone)]
+pub struct Acquired {
+    pub blake3: Option<String>,
+    pub sha256: Option<String>,
 }
 
 /// How many times `custodia put` sends a filing before giving up.
@@ -436,7 +562,7 @@ fn put_once(
     api: &str,
     token: &str,
     path: &Path,
-    (case, submitter, key): (&Option<String>, &Option<String>, &str),
+    (meta, key): (&Filing, &str),
     (blake3, sha256, hashed): (&protocol::Blake3Hash, &protocol::Sha256Hash, u64),
 ) -> Result<ureq::http::Response<ureq::Body>, Attempt> {
     let file = File::open(path)
@@ -469,7 +595,12 @@ fn put_once(
         .map_err(Attempt::Failed)?
         .post(format!("{}/v1/evidence", api.trim_end_matches('/')))
         .header("authorization", format!("Bearer {token}"))
-        .header("content-type", "application/octet-stream")
+        .header(
+            "content-type",
+            meta.media_type
+                .as_deref()
+                .unwrap_or("application/octet-stream"),
+        )
         // The gateway answers a refusal (a revoked credential, a reader's,
         // a bad header) before any byte is sent, rather than after reading
         // at most 4 MiB of it and closing: without it the answer was lost
@@ -490,11 +621,8 @@ fn put_once(
         ),
         None => {}
     }
-    if let Some(c) = case {
-        req = req.header("x-custodia-case", header_text(c));
-    }
-    if let Some(s) = submitter {
-        req = req.header("x-custodia-submitter", header_text(s));
+    for (name, value) in meta.headers() {
+        req = req.header(name, header_text(value));
     }
     let sent = req.send(ureq::SendBody::from_reader(&mut reader));
     pb.finish_and_clear();
@@ -558,6 +686,14 @@ pub fn get(
 ) -> Result<()> {
     // Checked first, so nothing is fetched for nothing; the final rename
     // checks again (another writer may come meanwhile).
+    // Not even with --force: the rename at the end could not replace it,
+    // and a read is recorded for good before that.
+    if output.is_dir() || output.as_os_str().as_encoded_bytes().ends_with(b"/") {
+        bail!(
+            "{} is a directory; name the file to write (-o DIR/NAME)",
+            output.display()
+        );
+    }
     if !force && output.symlink_metadata().is_ok() {
         bail!(
             "{} exists; not replacing it (pass --force to)",
@@ -573,8 +709,12 @@ pub fn get(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    // Readable as the umask says, as any file the user writes (a
+    // temporary file's own 0600 would keep a copy in a shared folder from
+    // the colleagues it was fetched for).
     let mut tmp = tempfile::Builder::new()
         .prefix(".custodia-partial-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .tempfile_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     partial.lock().unwrap_or_else(|e| e.into_inner()).temp = Some(tmp.path().to_path_buf());
@@ -633,19 +773,27 @@ pub fn get(
     if force {
         tmp.persist(output)
             .with_context(|| format!("writing {}", output.display()))?;
-    } else {
-        tmp.persist_noclobber(output).with_context(|| {
-            format!(
+    } else if let Err(e) = tmp.persist_noclobber(output) {
+        let exists = e.error.kind() == std::io::ErrorKind::AlreadyExists;
+        return Err(anyhow::Error::new(e.error).context(match exists {
+            true => format!(
                 "writing {} (it exists now; pass --force to replace it)",
                 output.display()
-            )
-        })?;
+            ),
+            false => format!("writing {}", output.display()),
+        }));
     }
+
     // Only now: a Ctrl-C before the rename still removes the copy (after
     // it, the path it would remove is gone).
     state.temp = None;
     state.written = true;
     drop(state);
+    // The rename made durable before "wrote" is said: a power cut must not
+    // take back a copy the user was told is there.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("making {} durable in {}", output.display(), dir.display()))?;
     println!(
         "wrote {} ({received} bytes, BLAKE3 {got})",
         output.display()
@@ -674,12 +822,12 @@ fn header_text(text: &str) -> String {
 pub fn hash_file(path: &Path) -> Result<(protocol::Blake3Hash, protocol::Sha256Hash, u64)> {
     use sha2::Digest;
     use std::io::Read;
-    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     // A directory opens, and fails only at its first read, with an error
     // that names no path ("Is a directory").
-    if f.metadata().is_ok_and(|m| m.is_dir()) {
+    if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
         bail!("{} is a directory, not a file", path.display());
     }
+    let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut b3 = blake3::Hasher::new();
     let mut sha = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

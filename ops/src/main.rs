@@ -220,14 +220,41 @@ enum Command {
         file: PathBuf,
         #[command(flatten)]
         api: ApiArgs,
+        /// The case it is filed under.
         #[arg(long)]
         case: Option<String>,
+        /// Who submitted it (kept with its metadata; the statement's actor is
+        /// the credential's).
         #[arg(long)]
         submitter: Option<String>,
+        /// Its media type, as `video/mp4` (default application/octet-stream).
+        #[arg(long)]
+        media_type: Option<String>,
+        /// Provenance, notarized in the filing's statement: the device it
+        /// came from.
+        #[arg(long)]
+        source_device: Option<String>,
+        /// Provenance: when it was captured (as the acquisition records it).
+        #[arg(long)]
+        capture_time: Option<String>,
+        /// Provenance: how it was captured or imaged.
+        #[arg(long)]
+        capture_method: Option<String>,
+        /// Provenance: whose custody it was in before this filing.
+        #[arg(long)]
+        prior_custody: Option<String>,
         /// Retry-safe filing key (default: a random one for this put, sent with
-        /// each of its attempts and printed if it gives up, to run it again under).
+        /// each of its attempts and printed before the first, to run it again under).
         #[arg(long)]
         idempotency_key: Option<String>,
+        /// The BLAKE3 recorded at acquisition (hex): a file that is not those
+        /// bytes is refused before any is sent.
+        #[arg(long, value_name = "HEX")]
+        blake3: Option<String>,
+        /// The SHA-256 recorded at acquisition (hex, as imaging tools report
+        /// it): a file that is not those bytes is refused before any is sent.
+        #[arg(long, value_name = "HEX")]
+        sha256: Option<String>,
     },
     /// The cluster at a glance: nodes (state, capacity, used, shards), the
     /// repair backlog, the ledger's size and checkpoint age.
@@ -1098,10 +1125,27 @@ async fn run(cli: Cli) -> Result<()> {
             api,
             case,
             submitter,
+            media_type,
+            source_device,
+            capture_time,
+            capture_method,
+            prior_custody,
             idempotency_key,
+            blake3,
+            sha256,
         } => {
             let (api, token) = api.connect()?;
-            client::put(&api, &token, &file, case, submitter, idempotency_key)
+            let acquired = client::Acquired { blake3, sha256 };
+            let filing = client::Filing {
+                case,
+                submitter,
+                media_type,
+                source_device,
+                capture_time,
+                capture_method,
+                prior_custody,
+            };
+            client::put(&api, &token, &file, &filing, idempotency_key, &acquired)
         }
         Command::Verify {
             receipt,

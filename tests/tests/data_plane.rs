@@ -1953,6 +1953,10 @@ fn the_evidence_api_serves_https_only_when_asked() -> Result<()> {
         file.to_str().unwrap_or_default(),
         "--case",
         "Fall Ä-17/Ωμέγα",
+        "--media-type",
+        "video/mp4",
+        "--sha256",
+        &hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data)),
     ])?;
     assert!(
         put.status.success(),
@@ -1973,6 +1977,7 @@ fn the_evidence_api_serves_https_only_when_asked() -> Result<()> {
     let put: serde_json::Value = serde_json::from_slice(&put.stdout)?;
     assert_eq!(put["file_name"], "Beweis_Müller 100%.mp4", "{put}");
     assert_eq!(put["case"], "Fall Ä-17/Ωμέγα", "{put}");
+    assert_eq!(put["media_type"], "video/mp4", "{put}");
     // Not UTF-8, a control character (encoded or raw), a right-to-left
     // override that shows `invoice\u{202E}gpj.exe` as `invoiceexe.jpg`.
     for bad in [
@@ -2010,6 +2015,16 @@ fn the_evidence_api_serves_https_only_when_asked() -> Result<()> {
         String::from_utf8_lossy(&get.stderr)
     );
     assert_eq!(std::fs::read(&back)?, data);
+    {
+        // Readable as the umask says, as any file the user writes.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| -> Result<u32> {
+            Ok(std::fs::metadata(p)?.permissions().mode() & 0o777)
+        };
+        let plain = dir.path().join("written-plainly");
+        std::fs::write(&plain, b"x")?;
+        assert_eq!(mode(&back)?, mode(&plain)?, "the copy's mode");
+    }
     // An existing file is not replaced without --force.
     std::fs::write(&back, b"an earlier copy")?;
     let again = c.cli(&["get", id2, "-o", back.to_str().unwrap_or_default()])?;
@@ -3205,6 +3220,192 @@ fn read_filing(s: &mut std::net::TcpStream) -> Result<Option<String>> {
     let mut body = vec![0u8; len];
     s.read_exact(&mut body)?;
     Ok(key)
+}
+
+/// What `custodia put` and `get` cannot vouch for is refused, against a
+/// stand-in gateway: a file that grew while it was filed (a recording
+/// still being written: the filing holds it cut short), a file that is
+/// not the acquisition's (`--sha256`), a pipe, a download whose bytes are
+/// not the BLAKE3 the answer names, and an output path that is a
+/// directory (refused before any read is asked for, and so recorded).
+/// The key a put files under is said before it sends.
+#[test]
+fn the_client_refuses_what_it_cannot_vouch_for() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let token = dir.path().join("token");
+    std::fs::write(&token, "not-a-real-token\n")?;
+    let custodia = |args: &[&str], api: &str| {
+        output_within(
+            std::process::Command::new(custodia_tests::custodia_bin())
+                .args(args)
+                .args(["--api", api, "--token-file"])
+                .arg(&token),
+            Duration::from_secs(60),
+        )
+    };
+    let partials = |d: &std::path::Path| -> Result<Vec<String>> {
+        Ok(std::fs::read_dir(d)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".custodia-partial-"))
+            .collect())
+    };
+
+    // A file appended to while it is sent.
+    let growing = dir.path().join("recording.mp4");
+    let first = bytes(300_000, 5);
+    std::fs::write(&growing, &first)?;
+    let front = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let api = format!("http://{}", front.local_addr()?);
+    let (heard, head_read) = std::sync::mpsc::channel();
+    let (go_on, appended) = std::sync::mpsc::channel::<()>();
+    let answer = serde_json::json!({
+        "id": "0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b",
+        "blake3": blake3_hex(&first),
+        "size": first.len(),
+        "receipt": null,
+        "receipt_url": "/v1/evidence/0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b/receipt",
+    })
+    .to_string();
+    let server = std::thread::spawn(move || -> Result<Option<String>> {
+        let (mut s, _) = front.accept()?;
+        let (_, key) = request_head(&mut s, "idempotency-key")?;
+        let _ = heard.send(());
+        let _ = appended.recv_timeout(Duration::from_secs(30));
+        s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        let mut body = vec![0u8; 300_000];
+        s.read_exact(&mut body)?;
+        s.write_all(
+            format!(
+                "HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                answer.len()
+            )
+            .as_bytes(),
+        )?;
+        Ok(key)
+    });
+    let appender = {
+        let growing = growing.clone();
+        std::thread::spawn(move || -> Result<()> {
+            head_read.recv_timeout(Duration::from_secs(30))?;
+            // A later modification time than the first write's, on any
+            // file system's clock granularity.
+            std::thread::sleep(Duration::from_millis(20));
+            let mut f = std::fs::OpenOptions::new().append(true).open(&growing)?;
+            f.write_all(&bytes(50_000, 6))?;
+            let _ = go_on.send(());
+            Ok(())
+        })
+    };
+    let put = custodia(&["put", growing.to_str().unwrap_or_default()], &api)?;
+    appender
+        .join()
+        .map_err(|_| anyhow::anyhow!("the appender panicked"))??;
+    let key = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("the stand-in panicked"))??
+        .context("no idempotency key")?;
+    let said = String::from_utf8_lossy(&put.stderr);
+    assert!(
+        !put.status.success() && said.contains("changed while it was filed"),
+        "{said}"
+    );
+    assert!(
+        said.contains(&format!("Idempotency-Key {key}")),
+        "the key is said: {said}"
+    );
+
+    // Not the acquisition's bytes, and not a regular file: refused before
+    // anything is sent (no stand-in listens: a request would fail
+    // otherwise).
+    let nobody = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        format!("http://{}", l.local_addr()?)
+    };
+    let wrong = "ab".repeat(32);
+    let out = custodia(
+        &[
+            "put",
+            growing.to_str().unwrap_or_default(),
+            "--sha256",
+            &wrong,
+        ],
+        &nobody,
+    )?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("is not the file acquired"),
+        "{said}"
+    );
+    let fifo = dir.path().join("pipe");
+    anyhow::ensure!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()?
+            .success(),
+        "mkfifo"
+    );
+    let out = custodia(&["put", fifo.to_str().unwrap_or_default()], &nobody)?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("not a regular file"),
+        "{said}"
+    );
+
+    // A download whose bytes are not the BLAKE3 its answer names.
+    let front = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let api = format!("http://{}", front.local_addr()?);
+    let claimed = blake3_hex(b"other bytes");
+    let server = std::thread::spawn(move || -> Result<()> {
+        let (mut s, _) = front.accept()?;
+        request_head(&mut s, "authorization")?;
+        s.write_all(
+            format!("HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-custodia-blake3: {claimed}\r\nconnection: close\r\n\r\nhello")
+                .as_bytes(),
+        )?;
+        Ok(())
+    });
+    let out_dir = dir.path().join("exhibits");
+    std::fs::create_dir(&out_dir)?;
+    let target = out_dir.join("exhibit.bin");
+    let id = "0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b";
+    let out = custodia(
+        &["get", id, "-o", target.to_str().unwrap_or_default()],
+        &api,
+    )?;
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("the stand-in panicked"))??;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("nothing written"),
+        "{said}"
+    );
+    assert!(!target.exists(), "unverified bytes written");
+    assert!(partials(&out_dir)?.is_empty(), "a partial copy stayed");
+
+    // A directory as the output, --force or not: refused before a request.
+    let front = std::net::TcpListener::bind("127.0.0.1:0")?;
+    front.set_nonblocking(true)?;
+    let api = format!("http://{}", front.local_addr()?);
+    for force in [false, true] {
+        let mut args = vec!["get", id, "-o", out_dir.to_str().unwrap_or_default()];
+        if force {
+            args.push("--force");
+        }
+        let out = custodia(&args, &api)?;
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && said.contains("is a directory"),
+            "--force {force}: {said}"
+        );
+    }
+    assert!(
+        matches!(front.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a read was asked for"
+    );
+    assert!(partials(&out_dir)?.is_empty(), "a partial copy stayed");
+    Ok(())
 }
 
 /// `custodia put` sends the evidence again when the answer is lost on the
