@@ -91,6 +91,7 @@ DASHBOARDS = {
             panel("Entries not yet cosigned", "max(custodia_ledger_entries) - max(custodia_ledger_cosigned_entries)"),
             panel("Witness cosign latency p90", "histogram_quantile(0.9, sum by (witness, le) (rate(custodia_witness_cosign_duration_seconds_bucket[5m])))", "s", legend=["{{witness}}"]),
             panel("Witness answers", "sum by (witness, result) (increase(custodia_witness_cosign_duration_seconds_count[5m]))", legend=["{{witness}} {{result}}"]),
+            panel("Witness clock offset", "max by (witness) (custodia_witness_clock_offset_seconds)", "s", legend=["{{witness}}"], desc="A witness's cosignature time minus the gateway's stamping clock as the cosignature arrived. Near 0 is right; below -30 s for every witness means statements are stamped after the witnesses cosigned them: the operator's clock runs ahead (alert CustodiaStampedAfterWitnesses), and receipts' times are false."),
         ],
     ),
     "nodes": (
