@@ -9,6 +9,7 @@
 use anyhow::{bail, Context, Result};
 use custodia_tests::{bytes, Shape, TestCluster};
 use protocol::ledger::Receipt;
+use protocol::shard::ShardHeader;
 use rand::{RngExt as _, SeedableRng as _};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -76,6 +77,13 @@ fn filing_through_chaos_loses_nothing() -> Result<()> {
         // the repair check below allows a minute without progress.
         ("intent_lease_ms", toml::Value::Integer(15_000)),
         ("gc_interval_ms", toml::Value::Integer(2_000)),
+        // Old copies a repair replaced, and those on a node that was down
+        // as it did, go within seconds: the check below counts the copies
+        // the nodes hold once only the placed ones are left (one
+        // lingering would count for a shard the index may not place).
+        ("repair_old_copy_grace_ms", toml::Value::Integer(2_000)),
+        ("orphan_sweep_interval_ms", toml::Value::Integer(2_000)),
+        ("orphan_grace_ms", toml::Value::Integer(3_000)),
     ])?;
     let stop = Arc::new(AtomicBool::new(false));
     let filed = Arc::new(Mutex::new(Vec::new()));
@@ -125,9 +133,14 @@ fn filing_through_chaos_loses_nothing() -> Result<()> {
                 files.retain(|f| !flipped.contains_key(f));
                 if !files.is_empty() {
                     let f = &files[rng.random_range(0..files.len())];
-                    if let Ok(mut raw) = std::fs::read(f) {
-                        // Past the header: a body byte.
-                        let at = raw.len() - 1 - rng.random_range(0..raw.len().min(1024));
+                    let read = std::fs::read(f).ok().and_then(|raw| {
+                        let (_, body_at) = ShardHeader::parse_file_prefix(&raw).ok()?;
+                        (raw.len() > body_at).then_some((raw, body_at))
+                    });
+                    if let Some((mut raw, body_at)) = read {
+                        // A body byte, past the header (a flip in a field no
+                        // read checks would never be found).
+                        let at = rng.random_range(body_at..raw.len());
                         raw[at] ^= 1 << rng.random_range(0..8);
                         std::fs::write(f, &raw)?;
                         flipped.insert(f.clone(), raw);
@@ -251,28 +264,59 @@ fn filing_through_chaos_loses_nothing() -> Result<()> {
     };
     check(&c, "after repair")?;
 
-    // No stripe short of k+m shards: each of every filing's stripes has all
-    // six shards, on six nodes, in the nodes' shard files (old copies a
-    // repair moved may linger beside new ones until their deletion).
-    let mut held: std::collections::HashMap<(String, u64), Vec<(u32, u8)>> =
-        std::collections::HashMap::new();
-    for n in 0..8u32 {
-        for f in c.shard_files(n) {
-            let name = f.file_name().and_then(|s| s.to_str()).unwrap_or_default();
-            let mut parts = name.split('-');
-            if let (Some(id), Some(Ok(stripe)), Some(Ok(index)), None) = (
-                parts.next(),
-                parts.next().map(str::parse::<u64>),
-                parts.next().map(str::parse::<u8>),
-                parts.next(),
-            ) {
-                held.entry((id.to_owned(), stripe))
-                    .or_default()
-                    .push((n, index));
+    // No stripe short of k+m shards: once the old copies repairs left are
+    // gone, each of every filing's stripes has all six shards, one copy
+    // each, on six nodes, each whole (its body hashes to its header's
+    // BLAKE3), counted from the nodes' shard files.
+    let filed_ids: std::collections::HashSet<String> =
+        filed.iter().map(|(id, ..)| id.replace('-', "")).collect();
+    let shard_bytes = 16 * 1024;
+    let held = |c: &TestCluster| {
+        let mut held: std::collections::HashMap<(String, u64), Vec<(u32, u8, std::path::PathBuf)>> =
+            std::collections::HashMap::new();
+        for n in 0..8u32 {
+            for f in c.shard_files(n) {
+                let name = f.file_name().and_then(|s| s.to_str()).unwrap_or_default();
+                let mut parts = name.split('-');
+                if let (Some(id), Some(Ok(stripe)), Some(Ok(index)), None) = (
+                    parts.next(),
+                    parts.next().map(str::parse::<u64>),
+                    parts.next().map(str::parse::<u8>),
+                    parts.next(),
+                ) {
+                    if filed_ids.contains(id) {
+                        held.entry((id.to_owned(), stripe)).or_default().push((
+                            n,
+                            index,
+                            f.clone(),
+                        ));
+                    }
+                }
             }
         }
-    }
-    let shard_bytes = 16 * 1024;
+        held
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let held = loop {
+        let now = held(&c);
+        let doubled = now
+            .values()
+            .filter(|shards| {
+                let indices: std::collections::BTreeSet<u8> =
+                    shards.iter().map(|(_, i, _)| *i).collect();
+                indices.len() < shards.len()
+            })
+            .count();
+        if doubled == 0 {
+            break now;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{doubled} stripes still hold two copies of a shard 90 s after repair"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let mut shards_checked = 0;
     for (id, len, _) in &filed {
         let simple = id.replace('-', "");
         let stripes = len.div_ceil(4 * shard_bytes).max(1) as u64;
@@ -281,55 +325,90 @@ fn filing_through_chaos_loses_nothing() -> Result<()> {
                 .get(&(simple.clone(), stripe))
                 .cloned()
                 .unwrap_or_default();
-            let indices: std::collections::BTreeSet<u8> = shards.iter().map(|(_, i)| *i).collect();
-            let nodes: std::collections::BTreeSet<u32> = shards.iter().map(|(n, _)| *n).collect();
+            let indices: std::collections::BTreeSet<u8> =
+                shards.iter().map(|(_, i, _)| *i).collect();
+            let nodes: std::collections::BTreeSet<u32> = shards.iter().map(|(n, ..)| *n).collect();
+            let placed: Vec<(u32, u8)> = shards.iter().map(|(n, i, _)| (*n, *i)).collect();
             anyhow::ensure!(
-                indices.len() == 6 && nodes.len() >= 6,
-                "stripe {stripe} of {id} after repair: shards {shards:?}"
+                shards.len() == 6 && indices.len() == 6 && nodes.len() == 6,
+                "stripe {stripe} of {id} after repair: shards {placed:?}"
             );
+            for (n, _, f) in &shards {
+                let raw = std::fs::read(f)?;
+                let whole = ShardHeader::parse_file_prefix(&raw)
+                    .is_ok_and(|(h, body_at)| h.matches(&raw[body_at..]));
+                anyhow::ensure!(
+                    whole,
+                    "{} on node {n} is not whole after repair",
+                    f.display()
+                );
+                shards_checked += 1;
+            }
         }
     }
-    // Every flipped shard that is the only copy of its shard, of a filing
-    // that got its 201, was found: moved to quarantine when a read met it,
-    // and rebuilt. (A flip may land on an old copy a repair replaced,
-    // which waits out its grace unread, or on an orphan for the sweep.)
-    let unnoticed: Vec<&std::path::PathBuf> = flipped
-        .iter()
-        .filter(|(f, raw)| {
-            let name = f.file_name().and_then(|s| s.to_str()).unwrap_or_default();
-            let mut parts = name.split('-');
-            let (Some(id), Some(Ok(stripe)), Some(Ok(index))) = (
-                parts.next(),
-                parts.next().map(str::parse::<u64>),
-                parts.next().map(str::parse::<u8>),
-            ) else {
-                return false;
-            };
-            let copies = held
-                .get(&(id.to_owned(), stripe))
-                .map_or(0, |s| s.iter().filter(|(_, i)| *i == index).count());
-            copies == 1
-                && filed.iter().any(|(f, ..)| f.replace('-', "") == id)
-                && std::fs::read(f).is_ok_and(|now| now == **raw)
-        })
-        .map(|(f, _)| f)
-        .collect();
+    // Every flipped shard of a filing was found or is gone: none is left
+    // in place as flipped, and flips were caught, moved whole into their
+    // node's quarantine (a flip may also land on a copy a repair replaced
+    // and go with it, or on a node wiped since).
+    let quarantined = |n: u32, name: &str, raw: &[u8]| -> bool {
+        std::fs::read_dir(c.node_dir(n).join("quarantine"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|q| q.strip_prefix(name).is_some_and(|r| r.starts_with('.')))
+            })
+            .any(|e| std::fs::read(e.path()).is_ok_and(|q| q == raw))
+    };
+    let mut caught = 0;
+    for (f, raw) in &flipped {
+        let name = f.file_name().and_then(|s| s.to_str()).unwrap_or_default();
+        // (An orphan of an upload that got no 201 is no evidence; it goes
+        // when the sweep gets to it.)
+        if !name
+            .split('-')
+            .next()
+            .is_some_and(|id| filed_ids.contains(id))
+        {
+            continue;
+        }
+        anyhow::ensure!(
+            std::fs::read(f).map_or(true, |now| now != *raw),
+            "corruption never found: {}",
+            f.display()
+        );
+        if (0..8u32).any(|n| quarantined(n, name, raw)) {
+            caught += 1;
+        }
+    }
     anyhow::ensure!(
-        unnoticed.is_empty(),
-        "corruption never found: {unnoticed:?}"
+        caught > 0,
+        "no flip of a filing's shard was caught ({} flips)",
+        flipped.len()
     );
-    for (id, _, _) in &filed {
+    for (id, len, seed) in &filed {
         let a = c.get_with(&c.token, &format!("/v1/evidence/{id}/receipt"), &[])?;
         let r: Receipt = serde_json::from_slice(&a.body)
             .with_context(|| format!("receipt of {id}: {}", String::from_utf8_lossy(&a.body)))?;
         let ok = r
             .verify(&key)
             .map_err(|e| anyhow::anyhow!("receipt of {id} does not verify: {e}"))?;
-        // And it is this filing's receipt, not some other leaf's.
+        // And it is this filing's receipt, not some other leaf's, and it
+        // vouches for the bytes filed.
         anyhow::ensure!(
             ok.statement.evidence == *id,
             "receipt of {id} names {}",
             ok.statement.evidence
+        );
+        let data = bytes(*len, *seed);
+        anyhow::ensure!(
+            ok.statement.blake3 == blake3::hash(&data).to_hex().as_str()
+                && ok.statement.size == data.len() as u64,
+            "receipt of {id} vouches for other bytes: {} ({} bytes)",
+            ok.statement.blake3,
+            ok.statement.size
         );
     }
     // Full redundancy: two more nodes die and nothing is lost.
@@ -339,9 +418,11 @@ fn filing_through_chaos_loses_nothing() -> Result<()> {
     c.kill_node(b);
     check(&c, &format!("with nodes {a} and {b} dead after repair"))?;
     println!(
-        "found: all {} filings byte-exact with receipts verified, every stripe with k+m shards \
-         on k+m nodes, every flipped shard of theirs caught; also with nodes {a} and {b} dead",
-        filed.len()
+        "found: all {} filings byte-exact with receipts verified for their bytes, every stripe \
+         with k+m whole shards on k+m nodes ({shards_checked} shards hashed), {caught} of {} \
+         flips caught in quarantine and none left in place; also with nodes {a} and {b} dead",
+        filed.len(),
+        flipped.len()
     );
     Ok(())
 }
