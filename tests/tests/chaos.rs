@@ -21,6 +21,9 @@ const CHAOS: Duration = Duration::from_secs(75);
 /// A filing that got its 201: (id, length, seed of its bytes).
 type Filed = (String, usize, u64);
 
+/// A shard file a node holds: (node, shard index, path).
+type Held = (u32, u8, std::path::PathBuf);
+
 /// Files random-sized evidence until `stop`; records each 201.
 fn filer(api: String, token: String, stop: Arc<AtomicBool>, filed: Arc<Mutex<Vec<Filed>>>) -> u64 {
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -272,7 +275,7 @@ fn filing_through_chaos_loses_nothing() -> Result<()> {
         filed.iter().map(|(id, ..)| id.replace('-', "")).collect();
     let shard_bytes = 16 * 1024;
     let held = |c: &TestCluster| {
-        let mut held: std::collections::HashMap<(String, u64), Vec<(u32, u8, std::path::PathBuf)>> =
+        let mut held: std::collections::HashMap<(String, u64), Vec<Held>> =
             std::collections::HashMap::new();
         for n in 0..8u32 {
             for f in c.shard_files(n) {
