@@ -2726,9 +2726,19 @@ async fn node_lifecycle<S: Store>(
     tracing::warn!(%node, state = state.as_str(), actor = %actor(&who), "node lifecycle changed by an operator");
     // Into the archive at once, for `recover-index`; a failure (or an
     // archive too slow to wait for) is made up for by the archive's
-    // comparison loop within seconds.
-    match tokio::time::timeout(Duration::from_secs(5), crate::lifecycle_archive::sync(&gw)).await {
-        Ok(Ok(_)) => {}
+    // comparison loop within seconds. Run as a task of its own, which only
+    // the waiting gives up on: dropped at the timeout, its write could land
+    // after a later, newer one while what it knew of the archive said the
+    // newer one was there.
+    let archiving = tokio::spawn({
+        let gw = gw.clone();
+        async move { crate::lifecycle_archive::sync(&gw).await }
+    });
+    match tokio::time::timeout(Duration::from_secs(5), archiving).await {
+        Ok(Ok(Ok(_))) => {}
+        Ok(Ok(Err(e))) => {
+            tracing::warn!(%node, error = %e, "node decision not archived yet; retried shortly")
+        }
         Ok(Err(e)) => {
             tracing::warn!(%node, error = %e, "node decision not archived yet; retried shortly")
         }

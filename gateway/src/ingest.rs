@@ -1895,12 +1895,119 @@ addr = "127.0.0.1:11"
         assert_eq!(sync(&fresh).await.unwrap(), 0);
         assert_eq!(archived(fresh.clone()).await, want);
         // A later one is written.
-        decide(empty, 2, Lifecycle::Active, 30).await;
+        decide(empty.clone(), 2, Lifecycle::Active, 30).await;
         assert_eq!(sync(&fresh).await.unwrap(), 1);
         assert_eq!(
-            archived(fresh).await,
+            archived(fresh.clone()).await,
             vec![(1, Lifecycle::Removed, 10), (2, Lifecycle::Active, 30)]
         );
+        // Two gateways on one archive: one removes node 3, and the other,
+        // whose index still holds the drain before it, does not write the
+        // drain over the removal it never read.
+        decide(empty, 3, Lifecycle::Removed, 60).await;
+        assert_eq!(sync(&fresh).await.unwrap(), 1);
+        decide(store, 3, Lifecycle::Draining, 50).await;
+        assert_eq!(
+            sync(&gw).await.unwrap(),
+            0,
+            "an older decision went over a newer one"
+        );
+        assert_eq!(
+            archived(fresh).await,
+            vec![
+                (1, Lifecycle::Removed, 10),
+                (2, Lifecycle::Active, 30),
+                (3, Lifecycle::Removed, 60)
+            ]
+        );
+    }
+
+    /// The S3 journal reaches its archive whatever else runs on the index:
+    /// a gateway without a ledger does not clear a journal kept for an
+    /// archive (a tenant created meanwhile would be lost to recovery), and
+    /// a journal file in the archive that does not decode stops no merge:
+    /// the rest are merged, it is left for recovery to name.
+    #[tokio::test]
+    async fn the_s3_journal_is_kept_for_its_archive_and_merged_past_damage() {
+        use crate::s3_journal;
+        use indexer::s3;
+        let dir = tempfile::tempdir().unwrap();
+        let (store, gw) = with_ledger(dir.path());
+        let ledger = gw.ledger.as_ref().unwrap();
+        let tenant = |name: &'static str| {
+            let store = store.clone();
+            async move {
+                indexer::run(&store, |tx| async move {
+                    s3::create_tenant_tx(&tx, name, 1).await
+                })
+                .await
+                .unwrap()
+            }
+        };
+        let journaled = || {
+            let store = store.clone();
+            async move {
+                indexer::run(&store, |tx| async move { s3::journal_tx(&tx, 100).await })
+                    .await
+                    .unwrap()
+                    .len()
+            }
+        };
+        // Never journaled for an archive: a ledger-less gateway clears it.
+        tenant("first").await;
+        assert_eq!(journaled().await, 1);
+        let cleared = s3_journal::clear_without_ledger(&gw).await.unwrap();
+        assert_eq!(cleared.map(|d| d.entries), Some(1));
+        assert_eq!(journaled().await, 0);
+        // Journaled for one: it is kept, and archived by a drain with the ledger.
+        s3_journal::seed(&gw, ledger).await.unwrap();
+        tenant("second").await;
+        assert!(s3_journal::clear_without_ledger(&gw)
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(journaled().await, 1, "cleared without reaching the archive");
+        for name in ["third", "fourth"] {
+            s3_journal::drain(&gw, Some(ledger)).await.unwrap();
+            tenant(name).await;
+        }
+        s3_journal::drain(&gw, Some(ledger)).await.unwrap();
+        let damaged = format!(
+            "{}/{:020}-{}-{}-{}",
+            s3_journal::DIR,
+            0,
+            "00".repeat(10),
+            "00".repeat(10),
+            "00".repeat(8)
+        );
+        ledger
+            .archive_file(&damaged, b"\x01not a journal".to_vec())
+            .await
+            .unwrap();
+        let merged = s3_journal::merge(ledger, 2).await.unwrap().expect("merged");
+        // The seed's file, and one for each tenant since.
+        assert_eq!(merged.files, 4, "{merged:?}");
+        let names: Vec<String> = ledger
+            .archived_names(s3_journal::DIR)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names.contains(&damaged), "{names:?}");
+        match s3_journal::read_archived(ledger).await {
+            Err(s3_journal::JournalError::File { name, .. }) => assert_eq!(name, damaged),
+            other => panic!("recovery read past a damaged journal file: {other:?}"),
+        }
+        ledger.delete_archived(&damaged).await.unwrap();
+        let (entries, _) = s3_journal::read_archived(ledger).await.unwrap();
+        for name in ["first", "second", "third", "fourth"] {
+            assert!(
+                entries.iter().any(|e| e.key.ends_with(name.as_bytes())),
+                "tenant {name} is not in the archive"
+            );
+        }
     }
 
     /// A read's `accessed` statement is queued only while its evidence is

@@ -42,6 +42,12 @@ pub const CLOCK_FILE: &str = "compliance-clock";
 pub const CLOCK_EVERY_MS: u64 = 60_000;
 /// How often each gateway compares the index with the archive.
 pub const INTERVAL: Duration = Duration::from_secs(10);
+/// How often the comparison reads the whole archive again rather than
+/// trust what this gateway last read or wrote there: a file another
+/// gateway (or a write this one stopped waiting for) overwrote with an
+/// older decision, or one lost or rolled back outside the gateways, is
+/// written anew within this.
+pub const REREAD_EVERY: Duration = Duration::from_secs(600);
 const FILE_V1: u8 = 1;
 
 /// Why the decisions could not be archived or read back.
@@ -115,7 +121,8 @@ fn newer(rec: &LifecycleRecord, archived: Option<&LifecycleRecord>) -> bool {
 /// time.
 #[derive(Default)]
 pub struct Archived {
-    decisions: tokio::sync::Mutex<Option<HashMap<NodeId, LifecycleRecord>>>,
+    /// With when they were read whole.
+    decisions: tokio::sync::Mutex<Option<(HashMap<NodeId, LifecycleRecord>, std::time::Instant)>>,
     /// The archived compliance clock (ms), if any.
     clock: tokio::sync::Mutex<Option<Option<u64>>>,
 }
@@ -200,9 +207,18 @@ pub async fn sync<S: Store>(gw: &Gateway<S>) -> Result<usize, LifecycleArchiveEr
         return Ok(0);
     }
     let mut known = gw.lifecycle_archive.decisions.lock().await;
-    let archived = match known.as_mut() {
+    if known
+        .as_ref()
+        .is_some_and(|(_, read)| read.elapsed() >= REREAD_EVERY)
+    {
+        *known = None;
+    }
+    let (archived, _) = match known.as_mut() {
         Some(a) => a,
-        None => known.insert(read_decisions(ledger, false).await?),
+        None => known.insert((
+            read_decisions(ledger, false).await?,
+            std::time::Instant::now(),
+        )),
     };
     let decided = indexer::run(
         &gw.store,
@@ -214,8 +230,21 @@ pub async fn sync<S: Store>(gw: &Gateway<S>) -> Result<usize, LifecycleArchiveEr
         if !newer(&rec, archived.get(&node)) {
             continue;
         }
+        // Another gateway may have written a later decision since this
+        // one read the file: read it again, so it is never moved back.
+        let name = file_name(node);
+        let now = match ledger.archived_file(&name).await? {
+            Some(bytes) => decode_versioned::<LifecycleRecord>(FILE_V1, &bytes).ok(),
+            None => None,
+        };
+        if !newer(&rec, now.as_ref()) {
+            if let Some(now) = now {
+                archived.insert(node, now);
+            }
+            continue;
+        }
         ledger
-            .archive_file(&file_name(node), encode_versioned(FILE_V1, &rec))
+            .archive_file(&name, encode_versioned(FILE_V1, &rec))
             .await?;
         archived.insert(node, rec);
         written += 1;

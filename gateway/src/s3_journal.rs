@@ -97,27 +97,47 @@ pub fn decode_file(bytes: &[u8]) -> Result<Vec<JournalEntry>, protocol::DecodeEr
 
 /// Starts the drain. Without a ledger there is no archive (and nothing for
 /// `recover-index` to start from): the journal is then only cleared, so it
-/// does not grow in the index.
+/// does not grow in the index; but not on an index that a gateway with a
+/// ledger has journaled (seeded) for the archive: cleared there, the
+/// changes would never reach the archive that `recover-index` replays (a
+/// deleted version would come back), so they are left for a gateway with
+/// a ledger to archive. With a ledger, nothing is archived before the
+/// index is known to hold the published log (an older copy put back would
+/// archive changes its lost history had made since).
 pub fn spawn<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::JoinHandle<()>> {
     let Some(ledger) = gw.ledger.clone() else {
         return Some(tokio::spawn(async move {
             let mut tick = tokio::time::interval(INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut said = false;
             loop {
                 tick.tick().await;
-                if let Err(e) = drain(&gw, None).await {
-                    tracing::warn!(error = %e, "S3 journal not cleared; retrying");
+                match clear_without_ledger(&gw).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) if !said => {
+                        said = true;
+                        tracing::warn!(
+                            "this gateway has no ledger, but its index's S3 journal is kept for a \
+                             ledger's openings archive: it is left for a gateway with the ledger \
+                             to archive (configure [gateway.ledger] here too)"
+                        );
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "S3 journal not cleared; retrying"),
                 }
             }
         }));
     };
     Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !ledger.published_checked() {
+            tick.tick().await;
+        }
         while let Err(e) = seed(&gw, &ledger).await {
             tracing::warn!(error = %e, "S3 journal not seeded; retrying");
             tokio::time::sleep(INTERVAL).await;
         }
-        let mut tick = tokio::time::interval(INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Files written since the last merge; at start, enough for one.
         let every = gw.config.s3_journal_merge_files.max(2);
         let mut written = every;
@@ -198,6 +218,22 @@ pub async fn seed<S: Store>(gw: &Gateway<S>, ledger: &Ledger) -> Result<(), Jour
     }
     tracing::info!(batches, "S3 records journaled for the archive");
     Ok(())
+}
+
+/// A gateway without a ledger's drain: clears the journal, unless the
+/// index was journaled for an archive (see [`spawn`]); `None` then.
+pub async fn clear_without_ledger<S: Store>(
+    gw: &Gateway<S>,
+) -> Result<Option<Drained>, JournalError> {
+    let seeded = indexer::run(
+        &gw.store,
+        |tx| async move { s3::journal_seeded_tx(&tx).await },
+    )
+    .await?;
+    match seeded {
+        true => Ok(None),
+        false => drain(gw, None).await.map(Some),
+    }
 }
 
 /// What a drain moved.
@@ -284,15 +320,30 @@ pub async fn merge(ledger: &Ledger, min_files: usize) -> Result<Option<Merged>, 
         return Ok(None);
     }
     let mut entries = Vec::new();
+    let mut merged_names = Vec::with_capacity(small.len());
     for name in &small {
         let Some(bytes) = ledger.archived_file(name).await? else {
             tracing::debug!(%name, "a journal file went while merging (another gateway merged it)");
             return Ok(None);
         };
-        entries.extend(decode_file(&bytes).map_err(|e| JournalError::File {
-            name: name.clone(),
-            reason: e.to_string(),
-        })?);
+        match decode_file(&bytes) {
+            Ok(got) => {
+                entries.extend(got);
+                merged_names.push(name.clone());
+            }
+            // Left where it is, for an operator (recovery names it): one
+            // damaged file must not stop every merge for good while small
+            // files pile up.
+            Err(e) => tracing::error!(
+                %name,
+                error = %e,
+                "an S3 journal file in the openings archive does not decode; left out of the merge"
+            ),
+        }
+    }
+    let small = merged_names;
+    if small.len() < min_files.max(2) {
+        return Ok(None);
     }
     let read = entries.len();
     let kept = s3::compact(entries);
