@@ -80,6 +80,10 @@ pub struct NodeMetrics {
     /// first pass ends; alert on `time() - ...`).
     pub scrub_passes: IntCounter,
     pub scrub_last_pass: Gauge,
+    /// `custodia_node_scrub_pass_started_timestamp_seconds`: when the pass
+    /// under way began (kept across restarts; 0 between passes): a pass
+    /// that never ends, a node's first one too, is seen by its age.
+    pub scrub_pass_started: Gauge,
     /// `custodia_node_scrub_rate_bytes_per_second`: the configured scrub
     /// rate, 0 when scrubbing is off (a stalled-scrub alert must not fire
     /// on a node that was told not to scrub).
@@ -182,6 +186,10 @@ impl NodeMetrics {
                 "custodia_node_scrub_last_pass_timestamp_seconds",
                 "When the last scrub pass ended (Unix seconds; 0 before the first).",
             )?,
+            scrub_pass_started: Gauge::new(
+                "custodia_node_scrub_pass_started_timestamp_seconds",
+                "When the scrub pass under way began (Unix seconds; 0 between passes).",
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.request_seconds.clone()))?;
@@ -205,6 +213,7 @@ impl NodeMetrics {
         registry.register(Box::new(m.scrub_progress.clone()))?;
         registry.register(Box::new(m.scrub_passes.clone()))?;
         registry.register(Box::new(m.scrub_last_pass.clone()))?;
+        registry.register(Box::new(m.scrub_pass_started.clone()))?;
         registry.register(Box::new(m.scrub_rate.clone()))?;
         registry.register(Box::new(m.scrub_interval.clone()))?;
         Ok(m)

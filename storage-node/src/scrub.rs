@@ -160,6 +160,11 @@ pub async fn run(
         tracing::info!("scrubbing is off");
         return;
     }
+    // Shard directories found unlistable, said and counted once while
+    // this process runs (not again at every pass: damage counted anew
+    // each day would keep the corrupt-shard alert up for good over one
+    // old fault, and hide a new one).
+    let mut unlisted = std::collections::HashSet::new();
     loop {
         if state.pass.is_none() {
             // The next pass begins `pass_interval` after the last began, by
@@ -189,7 +194,7 @@ pub async fn run(
                 save(&state, &dir).await;
                 return;
             }
-            () = pass(&store, &metrics, config.bytes_per_sec, &mut state, &dir) => {}
+            () = pass(&store, &metrics, config.bytes_per_sec, &mut state, &dir, &mut unlisted) => {}
         }
     }
 }
@@ -209,6 +214,7 @@ async fn pass(
     bytes_per_sec: u64,
     state: &mut ScrubState,
     dir: &Path,
+    unlisted: &mut std::collections::HashSet<PathBuf>,
 ) {
     let total = store.info().map(|i| i.shards).unwrap_or(0).max(1);
     let started = Instant::now();
@@ -217,9 +223,9 @@ async fn pass(
     let place = state.pass.clone().unwrap_or_default();
     let (mut done, mut corrupt, mut bytes) = (place.done, place.corrupt, place.bytes);
     let mut after = place.after;
-    // Directories found unlistable this pass: a page may end within one
-    // (on its packed shards) and the next begin there again.
-    let mut unlisted = std::collections::HashSet::new();
+    metrics
+        .scrub_pass_started
+        .set(place.started_ms as f64 / 1000.0);
     metrics
         .scrub_progress
         .set((done as f64 / total as f64).min(0.999));
@@ -321,6 +327,7 @@ async fn pass(
     state.last_pass = Some((began_ms, ended_ms));
     save(state, dir).await;
     metrics.scrub_progress.set(1.0);
+    metrics.scrub_pass_started.set(0.0);
     metrics.scrub_passes.inc();
     metrics.scrub_last_pass.set(ended_ms as f64 / 1000.0);
     tracing::info!(
@@ -426,7 +433,15 @@ mod tests {
         assert_eq!(ScrubState::load(dir.path()), state);
         let metrics = NodeMetrics::new(&prometheus::Registry::new()).unwrap();
         let mut state = ScrubState::load(dir.path());
-        pass(&store, &metrics, 1 << 30, &mut state, dir.path()).await;
+        pass(
+            &store,
+            &metrics,
+            1 << 30,
+            &mut state,
+            dir.path(),
+            &mut Default::default(),
+        )
+        .await;
         assert_eq!(
             metrics.scrub_shards.get(),
             4,
@@ -439,6 +454,7 @@ mod tests {
         assert_eq!(began, 5_000, "the pass began before the restart");
         assert!(ended >= began);
         assert_eq!(metrics.scrub_last_pass.get(), ended as f64 / 1000.0);
+        assert_eq!(metrics.scrub_pass_started.get(), 0.0, "no pass under way");
 
         // The next start, within an hour of the last pass's beginning: it
         // knows when that pass ended, and waits for the next.

@@ -1109,10 +1109,14 @@ impl ShardStore {
                     // It is damage all the same: named in quarantine, so the
                     // gateway hears of it and rebuilds it elsewhere without
                     // waiting for a read, and counted.
+                    // Counted when first named: a file that stays unreadable
+                    // is found at every listing, and counted each time it
+                    // would keep the corrupt-shard alert up for good.
                     Err(StoreError::Io(e)) if is_broken_file(&e) => {
                         tracing::error!(shard = %key, error = %e, "a shard file could not be read; passed over");
-                        self.name_unreadable(&key);
-                        *damaged += 1;
+                        if self.name_unreadable(&key) {
+                            *damaged += 1;
+                        }
                     }
                     Err(e) => return Err(e),
                 }
@@ -1452,16 +1456,18 @@ impl ShardStore {
     /// (an empty `<shard file>.unreadable`, once), where the gateway's
     /// listing of quarantined shards finds it: the file itself cannot be
     /// moved there, and left unnamed its loss would wait for a read.
-    fn name_unreadable(&self, key: &ShardKey) {
+    /// Returns whether it was not named already.
+    fn name_unreadable(&self, key: &ShardKey) -> bool {
         let name = format!("{}.unreadable", shard_file_name(key));
         let quarantine = self.root.join(QUARANTINE_DIR);
         if quarantine.join(&name).exists() {
-            return;
+            return false;
         }
         let named = durable_write(&self.root.join(TMP_DIR), &quarantine, &name, &[], 0o644);
         if let Err(e) = named {
             tracing::warn!(shard = %key, error = %e, "could not name an unreadable shard in quarantine");
         }
+        true
     }
 
     /// Copies a failed segment record to `quarantine/` (kept for forensics)
@@ -2566,6 +2572,7 @@ mod tests {
             .map(|h| h.key)
             .collect();
         assert_eq!(listed, vec![key(0), key(2)]);
+        assert_eq!(store.take_listed_corrupt(), 1);
         // Paged from just before it, too.
         let listed: Vec<ShardKey> = store
             .list(Some(&key(0)), 100)
@@ -2574,6 +2581,11 @@ mod tests {
             .map(|h| h.key)
             .collect();
         assert_eq!(listed, vec![key(2)]);
+        // Counted as damage once, not at every listing (each scrub pass
+        // counting it again kept the corrupt-shard alert up for good).
+        assert_eq!(store.take_listed_corrupt(), 0);
+        let page = store.list_finding_damage(None, 100).unwrap();
+        assert_eq!(page.damaged, 0);
         assert!(store.get(&key(1)).is_err(), "its read fails");
         // Named in quarantine (once, however often listed), for the
         // gateway to rebuild it without waiting for a read.
