@@ -113,7 +113,7 @@ const TOMBSTONE_V1: u8 = 1;
 pub(crate) type Survivors = (Vec<(ShardKey, Loc)>, Vec<Tombstone>);
 
 /// Where a shard record lives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Loc {
     pub seg: u64,
     pub off: u64,
@@ -792,8 +792,13 @@ impl SegmentLog {
         else {
             return;
         };
-        let len = std::num::NonZeroU64::new(u64::from(loc.len));
-        if let Err(e) = rustix::fs::fadvise(&*file, loc.off, len, rustix::fs::Advice::DontNeed) {
+        // Whole pages: the kernel keeps a page the range only partly
+        // covers, and a record of a few KiB lies mostly on such pages.
+        let page = rustix::param::page_size() as u64;
+        let start = loc.off / page * page;
+        let end = (loc.off + u64::from(loc.len)).div_ceil(page) * page;
+        let len = std::num::NonZeroU64::new(end - start);
+        if let Err(e) = rustix::fs::fadvise(&*file, start, len, rustix::fs::Advice::DontNeed) {
             tracing::debug!(error = %e, "could not drop a record's cached pages");
         }
     }
@@ -814,19 +819,13 @@ impl SegmentLog {
             return Err(e);
         }
         // A later record of the key wins at every open: a failed put of it
-        // (or a record set aside) is dead now.
-        let superseded: Vec<Loc> = {
+        // is dead now.
+        {
             let mut failed = lock(&self.failed_puts);
-            let dead = failed
-                .iter()
-                .filter(|(k, _)| *k == header.key)
-                .map(|(_, loc)| *loc)
-                .collect();
             if !failed.is_empty() {
                 failed.retain(|(k, _)| *k != header.key);
             }
-            dead
-        };
+        }
         let mut index = self.write_index();
         let old = index.entries.insert(fanout_key(&header.key), loc);
         index.add_live(seg, loc.len as i64);
@@ -835,10 +834,8 @@ impl SegmentLog {
         }
         drop(index);
         drop(pending);
-        // A failed put's record was erased as it failed (zeroed again,
-        // harmlessly); one set aside unread is erased now.
-        for dead in old.into_iter().chain(superseded) {
-            self.erase(dead, header.key.evidence);
+        if let Some(old) = old {
+            self.erase(old, header.key.evidence);
         }
         Ok((loc, old))
     }
@@ -1092,27 +1089,6 @@ impl SegmentLog {
     /// when its tombstone cannot be written (a full disk): reads and
     /// listings no longer find it, and compaction does not carry it over.
     /// Until then a restart finds it again (and its check fails again).
-    /// Takes the record of `key` at `loc` out of service without a
-    /// tombstone or an erasure (one the disk could not read, where the
-    /// error may pass): kept as a failed put's record is, so a delete of
-    /// the key (the gateway's, once the shard is rebuilt elsewhere) or an
-    /// expunge of its evidence buries and erases it, and a later put of the
-    /// key supersedes it. The next open serves it again if nothing did.
-    pub fn set_aside(&self, key: &ShardKey, loc: Loc) {
-        let removed = {
-            let mut index = self.write_index();
-            let here = index.entries.get(&fanout_key(key)) == Some(&loc);
-            if here {
-                index.entries.remove(&fanout_key(key));
-                index.add_live(loc.seg, -(loc.len as i64));
-            }
-            here
-        };
-        if removed {
-            lock(&self.failed_puts).push((*key, loc));
-        }
-    }
-
     pub fn forget(&self, key: &ShardKey, loc: Loc) {
         let mut index = self.write_index();
         if index.entries.get(&fanout_key(key)) == Some(&loc) {

@@ -323,6 +323,14 @@ pub struct ShardStore {
     /// removed with their segment: an expunge erases those of its evidence
     /// too, rather than say erased while the originals are still in a file.
     compacting: Mutex<Vec<(Loc, ShardKey)>>,
+    /// Segment records the disk failed to read, again and again (see
+    /// [`ShardStore::unreadable_small`]): answered as corrupt without
+    /// another read, and left out of listings, until the node restarts or
+    /// the key's record moves (a put, compaction). Their index entries stay.
+    unreadable_packed: Mutex<std::collections::HashSet<(ShardKey, Loc)>>,
+    /// Shard files found unopenable and already counted as damage (see
+    /// [`ShardStore::name_unreadable`]), should naming them fail.
+    unreadable_counted: Mutex<std::collections::HashSet<ShardKey>>,
     /// Evidence erased lately ([`ShardStore::erase_evidence`]), and when: a
     /// put of it is refused. A put under way when the erase began (a
     /// repair's rebuild the gateway gave up on, still writing) holds the
@@ -476,6 +484,8 @@ impl ShardStore {
             claimed: AtomicU64::new(0),
             quota_full_at: Mutex::new(None),
             compacting: Mutex::default(),
+            unreadable_packed: Mutex::default(),
+            unreadable_counted: Mutex::default(),
             expunged: Default::default(),
             read_buffers: Arc::new(BufferPool::new(READ_BUFFER_IDLE_BYTES)),
             fanouts_durable: std::array::from_fn(|_| AtomicBool::new(false)),
@@ -1092,6 +1102,15 @@ impl ShardStore {
             keys.sort_unstable();
             keys.dedup();
             for key in keys {
+                // A packed record the disk could not read is named in
+                // quarantine already, and counted then.
+                if self
+                    .log
+                    .locate(&key)
+                    .is_some_and(|loc| self.marked_unreadable(&key, loc))
+                {
+                    continue;
+                }
                 match self.stat(&key) {
                     Ok(header) => out.push(header),
                     // Deleted since the directory was read.
@@ -1360,6 +1379,11 @@ impl ShardStore {
         loc: Loc,
         head_only: bool,
     ) -> Result<(ShardHeader, Vec<u8>), StoreError> {
+        // Read again and again already: not a fourth time at each read
+        // (each a wait on a failing disk), nor named in quarantine anew.
+        if self.marked_unreadable(key, loc) {
+            return Err(StoreError::Corrupt(*key));
+        }
         let mut read = self.log.read(key, loc, head_only);
         // A media error may pass (a controller reset, a path failing
         // over): read again before calling the record lost.
@@ -1410,25 +1434,42 @@ impl ShardStore {
     /// A segment record the disk could not read, again and again: named in
     /// `quarantine/` (an empty copy: nothing of it could be read to keep),
     /// where the gateway's listing finds it and rebuilds the shard, and
-    /// taken out of service until the node restarts. Not tombstoned or
-    /// erased, as a record found damaged is: the error may yet pass, and
-    /// until the rebuild is done its bytes may be the last copy of that
-    /// shard the stripe has. The gateway's delete of this copy once the
-    /// rebuild is done erases it (an expunge of its evidence too); found
-    /// again at a start before then, it is read again.
+    /// marked so that reads answer it corrupt and listings leave it out
+    /// until the node restarts. Neither tombstoned nor erased, as a record
+    /// found damaged is, nor dropped from the index: the error may yet
+    /// pass, and until the rebuild is done its bytes may be the last copy
+    /// of that shard the stripe has. Compaction carries it over if it then
+    /// reads (and leaves its segment if not); the gateway's delete of this
+    /// copy once the rebuild is done erases it, and so does an expunge.
     fn unreadable_small(&self, key: &ShardKey, loc: Loc, e: &io::Error) -> StoreError {
-        tracing::error!(shard = %key, error = %e, "the disk could not read a packed shard; named in quarantine for repair, its record kept");
         let _guard = self.lock_key(key);
         if self.log.locate(key) != Some(loc) {
             return StoreError::Corrupt(*key);
         }
-        let name = format!("{}.{}", shard_file_name(key), uuid::Uuid::now_v7().simple());
-        let quarantine = self.root.join(QUARANTINE_DIR);
-        if let Err(e) = durable_write(&self.root.join(TMP_DIR), &quarantine, &name, &[], 0o644) {
-            tracing::warn!(shard = %key, error = %e, "could not name an unreadable shard in quarantine");
+        let first = self
+            .unreadable_packed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((*key, loc));
+        if first {
+            tracing::error!(shard = %key, error = %e, "the disk could not read a packed shard; named in quarantine for repair, its record kept");
+            let name = format!("{}.{}", shard_file_name(key), uuid::Uuid::now_v7().simple());
+            let quarantine = self.root.join(QUARANTINE_DIR);
+            if let Err(e) = durable_write(&self.root.join(TMP_DIR), &quarantine, &name, &[], 0o644)
+            {
+                tracing::warn!(shard = %key, error = %e, "could not name an unreadable shard in quarantine");
+            }
         }
-        self.log.set_aside(key, loc);
         StoreError::Corrupt(*key)
+    }
+
+    /// Whether the record of `key` at `loc` is one the disk could not read
+    /// (see [`Self::unreadable_small`]).
+    fn marked_unreadable(&self, key: &ShardKey, loc: Loc) -> bool {
+        self.unreadable_packed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&(*key, loc))
     }
 
     /// The error for a shard file that could not be read: a media error
@@ -1456,10 +1497,16 @@ impl ShardStore {
     /// (an empty `<shard file>.unreadable`, once), where the gateway's
     /// listing of quarantined shards finds it: the file itself cannot be
     /// moved there, and left unnamed its loss would wait for a read.
-    /// Returns whether it was not named already.
+    /// Returns whether it is news: not named already, nor (naming failing,
+    /// on a full or read-only disk) seen since this process started.
     fn name_unreadable(&self, key: &ShardKey) -> bool {
         let name = format!("{}.unreadable", shard_file_name(key));
         let quarantine = self.root.join(QUARANTINE_DIR);
+        let seen = !self
+            .unreadable_counted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(*key);
         if quarantine.join(&name).exists() {
             return false;
         }
@@ -1467,7 +1514,7 @@ impl ShardStore {
         if let Err(e) = named {
             tracing::warn!(shard = %key, error = %e, "could not name an unreadable shard in quarantine");
         }
-        true
+        !seen
     }
 
     /// Copies a failed segment record to `quarantine/` (kept for forensics)
@@ -2969,12 +3016,12 @@ mod tests {
 
     /// A packed shard the disk fails to read once is read again, and
     /// served; one it keeps failing is named in quarantine (so the gateway
-    /// rebuilds it) and taken out of service, but its bytes stay: the
-    /// error may pass, and they may be the stripe's last copy of that
-    /// shard until the rebuild. The gateway's delete of the old copy, once
-    /// rebuilt, erases them.
+    /// rebuilds it) and answered corrupt, but its bytes stay, in the index
+    /// and on the disk: the error may pass, and they may be the stripe's
+    /// last copy of that shard until the rebuild. An expunge, or the
+    /// gateway's delete of the old copy once rebuilt, erases them.
     #[test]
-    fn a_packed_shard_the_disk_cannot_read_is_set_aside_not_erased() {
+    fn a_packed_shard_the_disk_cannot_read_is_kept_not_erased() {
         use crate::segments::tests::READS_FAIL;
         let dir = tempfile::tempdir().unwrap();
         let store = ShardStore::open(dir.path()).unwrap();
@@ -2992,12 +3039,20 @@ mod tests {
             vec![k],
             "named for repair"
         );
-        assert!(
-            matches!(store.get(&k), Err(StoreError::NotFound)),
-            "out of service"
-        );
+        // Answered corrupt, without reading the disk again, and named once.
+        READS_FAIL.with(|f| f.set(1));
+        assert!(matches!(store.get(&k), Err(StoreError::Corrupt(_))));
+        assert_eq!(READS_FAIL.with(|f| f.get()), 1, "read again");
+        READS_FAIL.with(|f| f.set(0));
+        assert!(store.list(None, 10).unwrap().is_empty(), "listed");
+        assert_eq!(store.take_listed_corrupt(), 0);
+        let named = fs::read_dir(dir.path().join(QUARANTINE_DIR))
+            .unwrap()
+            .count();
+        assert_eq!(named, 1);
         let segment = store.log.segment_path(loc.seg);
         assert!(file_holds(&segment, &b).unwrap(), "its bytes were erased");
+        assert_eq!(store.log.locate(&k), Some(loc), "dropped from the index");
         // A restart serves it again (the error passed).
         drop(store);
         let store = ShardStore::open(dir.path()).unwrap();
@@ -3005,12 +3060,12 @@ mod tests {
         READS_FAIL.with(|f| f.set(100));
         assert!(matches!(store.get(&k), Err(StoreError::Corrupt(_))));
         READS_FAIL.with(|f| f.set(0));
-        // Rebuilt elsewhere, the old copy is deleted: its bytes go.
-        store.delete(&k).unwrap();
-        store.log.sync_erasures(Some(k.evidence)).unwrap();
+        // Expunged while it does not read: its bytes go.
+        let erased = store.erase_evidence(k.evidence).unwrap();
+        assert_eq!(erased.shards, 1);
         assert!(
             !file_holds(&segment, &b).unwrap(),
-            "deleted, its bytes stayed"
+            "expunged, its bytes stayed"
         );
         drop(store);
         let store = ShardStore::open(dir.path()).unwrap();
@@ -3035,6 +3090,10 @@ mod tests {
         let k = key(4);
         let b = body(4096);
         store.put(&header(k, &b), &b).unwrap();
+        // Another after it: the record's last page is shared, not the
+        // file's end (the kernel keeps a page a range only partly covers).
+        let after = body(3000);
+        store.put(&header(key(5), &after), &after).unwrap();
         let loc = store.log.locate(&k).expect("packed");
         assert!(
             matches!(store.log.read_cached(&k, loc), Ok(ReadRecord::Shard(..))),
