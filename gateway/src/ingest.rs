@@ -1959,7 +1959,20 @@ addr = "127.0.0.1:11"
         let cleared = s3_journal::clear_without_ledger(&gw).await.unwrap();
         assert_eq!(cleared.map(|d| d.entries), Some(1));
         assert_eq!(journaled().await, 0);
-        // Journaled for one: it is kept, and archived by a drain with the ledger.
+        // From the seed's first batch on (here one of two records), it is
+        // kept, and archived by a drain with the ledger.
+        tenant("first-b").await;
+        let first_batch = indexer::run(&store, |tx| async move {
+            s3::seed_journal_tx(&tx, None, 1).await
+        })
+        .await
+        .unwrap();
+        assert!(first_batch.is_some(), "the seed is done in one batch");
+        assert!(s3_journal::clear_without_ledger(&gw)
+            .await
+            .unwrap()
+            .is_none());
+        assert!(journaled().await >= 2, "cleared during the seed");
         s3_journal::seed(&gw, ledger).await.unwrap();
         tenant("second").await;
         assert!(s3_journal::clear_without_ledger(&gw)
@@ -1980,10 +1993,12 @@ addr = "127.0.0.1:11"
             "00".repeat(10),
             "00".repeat(8)
         );
-        ledger
-            .archive_file(&damaged, b"\x01not a journal".to_vec())
-            .await
-            .unwrap();
+        // Just under the size a merge takes at once, and first by name:
+        // counted against that size, it left room for one other file, and
+        // no merge ever had two.
+        let mut garbage = vec![0xff; s3_journal::MERGE_SMALL_BYTES as usize - 1];
+        garbage[0] = 1;
+        ledger.archive_file(&damaged, garbage).await.unwrap();
         let merged = s3_journal::merge(ledger, 2).await.unwrap().expect("merged");
         // The seed's file, and one for each tenant since.
         assert_eq!(merged.files, 4, "{merged:?}");
@@ -2002,7 +2017,7 @@ addr = "127.0.0.1:11"
         }
         ledger.delete_archived(&damaged).await.unwrap();
         let (entries, _) = s3_journal::read_archived(ledger).await.unwrap();
-        for name in ["first", "second", "third", "fourth"] {
+        for name in ["first", "first-b", "second", "third", "fourth"] {
             assert!(
                 entries.iter().any(|e| e.key.ends_with(name.as_bytes())),
                 "tenant {name} is not in the archive"

@@ -231,7 +231,11 @@ pub async fn sync<S: Store>(gw: &Gateway<S>) -> Result<usize, LifecycleArchiveEr
             continue;
         }
         // Another gateway may have written a later decision since this
-        // one read the file: read it again, so it is never moved back.
+        // one read the file: read it again, so it is not moved back. (Two
+        // gateways writing the one file at once can still cross: the
+        // archive has no compare-and-set for a local folder. The loser's
+        // newer decision is written again at its next whole re-read, within
+        // REREAD_EVERY.)
         let name = file_name(node);
         let now = match ledger.archived_file(&name).await? {
             Some(bytes) => decode_versioned::<LifecycleRecord>(FILE_V1, &bytes).ok(),

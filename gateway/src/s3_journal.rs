@@ -109,13 +109,14 @@ pub fn spawn<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::JoinHandle<()
         return Some(tokio::spawn(async move {
             let mut tick = tokio::time::interval(INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut said = false;
+            // Said hourly: the journal grows in the index meanwhile.
+            let mut said: Option<tokio::time::Instant> = None;
             loop {
                 tick.tick().await;
                 match clear_without_ledger(&gw).await {
                     Ok(Some(_)) => {}
-                    Ok(None) if !said => {
-                        said = true;
+                    Ok(None) if said.is_none_or(|at| at.elapsed() >= Duration::from_secs(3600)) => {
+                        said = Some(tokio::time::Instant::now());
                         tracing::warn!(
                             "this gateway has no ledger, but its index's S3 journal is kept for a \
                              ledger's openings archive: it is left for a gateway with the ledger \
@@ -221,18 +222,34 @@ pub async fn seed<S: Store>(gw: &Gateway<S>, ledger: &Ledger) -> Result<(), Jour
 }
 
 /// A gateway without a ledger's drain: clears the journal, unless the
-/// index was journaled for an archive (see [`spawn`]); `None` then.
+/// index is journaled for an archive (see [`spawn`]; from the first seed
+/// transaction on); `None` then. Each batch is looked at and cleared in
+/// one transaction: a seed beginning meanwhile is not raced.
 pub async fn clear_without_ledger<S: Store>(
     gw: &Gateway<S>,
 ) -> Result<Option<Drained>, JournalError> {
-    let seeded = indexer::run(
-        &gw.store,
-        |tx| async move { s3::journal_seeded_tx(&tx).await },
-    )
-    .await?;
-    match seeded {
-        true => Ok(None),
-        false => drain(gw, None).await.map(Some),
+    let mut cleared = Drained::default();
+    loop {
+        let batch = indexer::run(&gw.store, |tx| async move {
+            if s3::journal_kept_tx(&tx).await? {
+                return Ok::<_, ObjectError>(None);
+            }
+            let batch = s3::journal_tx(&tx, BATCH).await?;
+            if let Some(last) = batch.last() {
+                s3::clear_journal_tx(&tx, last);
+            }
+            Ok(Some(batch.len()))
+        })
+        .await?;
+        match batch {
+            None => return Ok(None),
+            Some(n) => {
+                cleared.entries += n;
+                if n < BATCH {
+                    return Ok(Some(cleared));
+                }
+            }
+        }
     }
 }
 
@@ -297,43 +314,39 @@ pub struct Merged {
 /// them; `None` when there were fewer, or another gateway changed the files
 /// meanwhile.
 pub async fn merge(ledger: &Ledger, min_files: usize) -> Result<Option<Merged>, JournalError> {
-    // Small files in name order, up to about MERGE_SMALL_BYTES in all, so
-    // one merge holds a bounded amount in memory however many there are.
-    let mut total = 0;
+    // Small files in name order, up to about MERGE_SMALL_BYTES of them in
+    // all, so one merge holds a bounded amount in memory however many
+    // there are.
     let candidates: Vec<(String, u64)> = ledger
         .archived_names(DIR)
         .await?
         .into_iter()
         .filter(|(name, size)| is_file_name(name) && *size < MERGE_SMALL_BYTES)
         .collect();
-    let all = candidates.len();
-    let small: Vec<String> = candidates
-        .into_iter()
-        .take_while(|(_, size)| {
-            let fits = total < MERGE_SMALL_BYTES;
-            total += size;
-            fits
-        })
-        .map(|(name, _)| name)
-        .collect();
-    if small.len() < min_files.max(2) {
+    if candidates.len() < min_files.max(2) {
         return Ok(None);
     }
+    let (mut total, mut full) = (0, false);
     let mut entries = Vec::new();
-    let mut merged_names = Vec::with_capacity(small.len());
-    for name in &small {
-        let Some(bytes) = ledger.archived_file(name).await? else {
+    let mut small = Vec::new();
+    for (name, size) in candidates {
+        if total >= MERGE_SMALL_BYTES {
+            full = true;
+            break;
+        }
+        let Some(bytes) = ledger.archived_file(&name).await? else {
             tracing::debug!(%name, "a journal file went while merging (another gateway merged it)");
             return Ok(None);
         };
         match decode_file(&bytes) {
             Ok(got) => {
                 entries.extend(got);
-                merged_names.push(name.clone());
+                small.push(name);
+                total += size;
             }
-            // Left where it is, for an operator (recovery names it): one
-            // damaged file must not stop every merge for good while small
-            // files pile up.
+            // Left where it is, for an operator (recovery names it), and
+            // not counted against the merge's size: one damaged file must
+            // not stop every merge for good while small files pile up.
             Err(e) => tracing::error!(
                 %name,
                 error = %e,
@@ -341,7 +354,6 @@ pub async fn merge(ledger: &Ledger, min_files: usize) -> Result<Option<Merged>, 
             ),
         }
     }
-    let small = merged_names;
     if small.len() < min_files.max(2) {
         return Ok(None);
     }
@@ -360,7 +372,7 @@ pub async fn merge(ledger: &Ledger, min_files: usize) -> Result<Option<Merged>, 
         files: small.len(),
         entries: read,
         kept: kept.len(),
-        full: small.len() < all,
+        full,
     }))
 }
 

@@ -26,6 +26,7 @@
 //! ("3j", versionstamp 10, record key)               = 1 ++ value | 0   journal of 3t/3b/3v changes, for recovery
 //! ("3J")                                            = u64              the journal's epoch
 //! ("3Js")                                           = ""               every record is journaled (or archived)
+//! ("3Jk")                                           = ""               a seed began: the journal is kept for an archive
 //! ("3h")                                            = ""               every version's legal hold is its evidence's
 //! ("3l")                                            = ""               every version's lock is its evidence's, on the ledger
 //! ("3r")                                            = ""               the evidence's holds are the ledger's (a recovered index)
@@ -83,6 +84,7 @@ const COMPLETED_BY_TIME: &[u8] = b"3D";
 const JOURNAL: &[u8] = b"3j";
 const JOURNAL_EPOCH: &[u8] = b"3J";
 const JOURNAL_SEEDED: &[u8] = b"3Js";
+const JOURNAL_KEPT: &[u8] = b"3Jk";
 
 const RECORD_V1: u8 = 1;
 /// Bucket records since default retention kept Years apart from Days.
@@ -480,6 +482,13 @@ pub async fn journal_seeded_tx<T: Transaction>(tx: &T) -> Result<bool, ObjectErr
     Ok(tx.get(JOURNAL_SEEDED).await?.is_some())
 }
 
+/// Whether the journal is kept for an archive: seeded, or a seed has
+/// begun ([`seed_journal_tx`]). A gateway without a ledger clears the
+/// journal only where it is not.
+pub async fn journal_kept_tx<T: Transaction>(tx: &T) -> Result<bool, ObjectError> {
+    Ok(tx.get(JOURNAL_KEPT).await?.is_some() || journal_seeded_tx(tx).await?)
+}
+
 /// Says every record is journaled (recovery, which restores them from the
 /// archived journal).
 pub fn set_journal_seeded_tx<T: Transaction>(tx: &T) {
@@ -497,6 +506,11 @@ pub async fn seed_journal_tx<T: Transaction>(
     after: Option<&[u8]>,
     limit: usize,
 ) -> Result<Option<Vec<u8>>, ObjectError> {
+    // From the first batch on, the journal is the archive's: a gateway
+    // without a ledger must not clear what the seed journals.
+    if after.is_none() {
+        tx.set(JOURNAL_KEPT, b"");
+    }
     // In key order: "3b" < "3t" < "3v".
     for p in [BUCKET, TENANT, VERSION] {
         let end = prefix_end(p);
