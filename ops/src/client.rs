@@ -272,6 +272,14 @@ pub fn put(
     // recording still being written) sends the bytes hashed and is filed
     // cut short: its length and modification time, taken before the hash
     // pass, are compared after it and again once the filing is answered.
+    // Sent as it is (a media type is no text to encode): a control
+    // character (a CRLF script's \r) would fail only as the request is
+    // built, read as a send that may have filed.
+    if let Some(t) = &meta.media_type {
+        if t.is_empty() || !t.bytes().all(|b| (0x21..0x7f).contains(&b)) {
+            bail!("--media-type takes a media type such as video/mp4 (visible ASCII, no spaces)");
+        }
+    }
     for (flag, given) in [
         ("--blake3", &acquired.blake3),
         ("--sha256", &acquired.sha256),
@@ -454,15 +462,25 @@ pub fn put(
     // Filed as it was hashed; a file changed since (a recording appended
     // to while it was sent) is not what was filed.
     if FileStamp::of(path).ok() != Some(stamp) {
-        bail!(
+        return Err(FiledButChanged(format!(
             "{} changed while it was filed: filing {} holds it as it was hashed ({len} bytes, BLAKE3 {}), not as it is now; file it again once it is complete",
             path.display(),
             filed["id"].as_str().unwrap_or("(no id)"),
             blake3.to_hex()
-        );
+        ))
+        .into());
     }
     Ok(())
 }
+
+/// `custodia put`'s exit code when the evidence was filed but the file
+/// changed meanwhile: a script tells it from a put that filed nothing (1).
+pub const FILED_BUT_CHANGED: u8 = 3;
+
+/// A filing made of a file that changed meanwhile (see [`FILED_BUT_CHANGED`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FiledButChanged(String);
 
 /// A file's length and modification time: whether it changed between two
 /// looks.
@@ -790,10 +808,16 @@ pub fn get(
     state.written = true;
     drop(state);
     // The rename made durable before "wrote" is said: a power cut must not
-    // take back a copy the user was told is there.
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("making {} durable in {}", output.display(), dir.display()))?;
+    // take back a copy the user was told is there. The copy is in place
+    // and verified whatever this says: a folder that cannot be opened to
+    // sync (a write-only drop folder) or synced (some shared folders) is
+    // said, not a failure.
+    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+        eprintln!(
+            "note: could not sync {} after the rename ({e}); the copy is in place, but a power cut now could undo it",
+            dir.display()
+        );
+    }
     println!(
         "wrote {} ({received} bytes, BLAKE3 {got})",
         output.display()

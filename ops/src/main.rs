@@ -612,6 +612,8 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {}", describe(&e));
             if verifying && e.downcast_ref::<verify::NothingVerified>().is_some() {
                 std::process::ExitCode::from(verify::NOTHING_VERIFIED)
+            } else if e.downcast_ref::<client::FiledButChanged>().is_some() {
+                std::process::ExitCode::from(client::FILED_BUT_CHANGED)
             } else {
                 std::process::ExitCode::from(1)
             }

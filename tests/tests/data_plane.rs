@@ -3307,8 +3307,13 @@ fn the_client_refuses_what_it_cannot_vouch_for() -> Result<()> {
         .context("no idempotency key")?;
     let said = String::from_utf8_lossy(&put.stderr);
     assert!(
-        !put.status.success() && said.contains("changed while it was filed"),
-        "{said}"
+        put.status.code() == Some(3) && said.contains("changed while it was filed"),
+        "filed, but not the file as it is: exit 3 ({:?}): {said}",
+        put.status.code()
+    );
+    assert!(
+        String::from_utf8_lossy(&put.stdout).contains(&blake3_hex(&first)),
+        "the filing is printed"
     );
     assert!(
         said.contains(&format!("Idempotency-Key {key}")),
@@ -3335,6 +3340,20 @@ fn the_client_refuses_what_it_cannot_vouch_for() -> Result<()> {
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && said.contains("is not the file acquired"),
+        "{said}"
+    );
+    let out = custodia(
+        &[
+            "put",
+            growing.to_str().unwrap_or_default(),
+            "--media-type",
+            "video/mp4\r",
+        ],
+        &nobody,
+    )?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1) && said.contains("--media-type takes"),
         "{said}"
     );
     let fifo = dir.path().join("pipe");
