@@ -2925,6 +2925,9 @@ pub fn spawn_archive_check<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task:
         return None;
     }
     let every = ledger.archive_check_interval.max(Duration::from_secs(1));
+    gw.metrics
+        .archive_check_interval
+        .set(i64::try_from(every.as_secs()).unwrap_or(i64::MAX));
     // Only the gateway integrating the ledger lists the archive (the same
     // for all, and long to list): the others look each minute whether
     // they have become it.

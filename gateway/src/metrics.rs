@@ -63,9 +63,13 @@ pub struct GatewayMetrics {
     pub read_bytes: IntCounter,
     /// `custodia_ledger_archive_gap_leaves`: leaves up to the newest signed
     /// checkpoint that the openings archive lacks (0: complete), as last
-    /// checked; `custodia_ledger_archive_checked_timestamp_seconds`: when.
+    /// checked; `custodia_ledger_archive_checked_timestamp_seconds`: when;
+    /// `custodia_ledger_archive_check_interval_seconds`: how often it is
+    /// to be (a check that stops, say on a credential that may write but
+    /// not list, leaves the gap at its last figure, 0 if none).
     pub archive_gap: IntGauge,
     pub archive_checked: IntGauge,
+    pub archive_check_interval: IntGauge,
     /// `custodia_reads_failed_total{reason}`: reads of evidence (clients'
     /// and the cluster's own: copies, multipart completions) that failed,
     /// however far they got: `unrecoverable` (a stripe short of good
@@ -353,6 +357,10 @@ impl GatewayMetrics {
             archive_checked: gauge(
                 "custodia_ledger_archive_checked_timestamp_seconds",
                 "When the openings archive was last checked (Unix seconds; 0: not yet).",
+            )?,
+            archive_check_interval: gauge(
+                "custodia_ledger_archive_check_interval_seconds",
+                "How often the gateway integrating the ledger checks the openings archive (0: no ledger).",
             )?,
             reads_failed: reg(
                 r,
