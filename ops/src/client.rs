@@ -265,6 +265,7 @@ pub fn put(
     meta: &Filing,
     idempotency_key: Option<String>,
     acquired: &Acquired,
+    idle: Duration,
 ) -> Result<()> {
     // Hashed first and sent as the acquisition hashes: the gateway refuses
     // (and keeps nothing of) a body that is not these bytes, say a file
@@ -351,16 +352,21 @@ pub fn put(
     let (status, body) = loop {
         // The answer read whole (a filing's JSON, or an error's): which
         // 409 it is decides whether to try again.
-        let sent = put_once(api, token, path, (meta, &key), (&blake3, &sha256, hashed)).and_then(
-            |mut resp| {
-                let body = resp
-                    .body_mut()
-                    .read_to_string()
-                    .context("reading the gateway's answer")
-                    .map_err(Attempt::Unanswered)?;
-                Ok((resp.status(), retry_after(&resp), body))
-            },
-        );
+        let sent = put_once(
+            api,
+            token,
+            path,
+            (meta, &key, idle),
+            (&blake3, &sha256, hashed),
+        )
+        .and_then(|mut resp| {
+            let body = resp
+                .body_mut()
+                .read_to_string()
+                .context("reading the gateway's answer")
+                .map_err(Attempt::Unanswered)?;
+            Ok((resp.status(), retry_after(&resp), body))
+        });
         let wait = match &sent {
             // Nothing was answered: the connection failed (it may have
             // filed; the key tells).
@@ -580,7 +586,7 @@ fn put_once(
     api: &str,
     token: &str,
     path: &Path,
-    (meta, key): (&Filing, &str),
+    (meta, key, idle): (&Filing, &str, Duration),
     (blake3, sha256, hashed): (&protocol::Blake3Hash, &protocol::Sha256Hash, u64),
 ) -> Result<ureq::http::Response<ureq::Body>, Attempt> {
     let file = File::open(path)
@@ -609,9 +615,17 @@ fn put_once(
         left: len,
         changed: changed.clone(),
     });
+    // A connection that goes silent (no byte taken or answered for `idle`)
+    // fails the attempt rather than hang it for good; the answer's head
+    // still has its own ten minutes (it comes after the last stripes are
+    // stored).
     let mut req = agent()
         .map_err(Attempt::Failed)?
         .post(format!("{}/v1/evidence", api.trim_end_matches('/')))
+        .config()
+        .timeout_per_write(Some(idle))
+        .timeout_per_read(Some(idle.max(Duration::from_secs(600))))
+        .build()
         .header("authorization", format!("Bearer {token}"))
         .header(
             "content-type",
@@ -700,6 +714,7 @@ pub fn get(
     id: &str,
     output: &Path,
     force: bool,
+    idle: Duration,
     partial: &Partial,
 ) -> Result<()> {
     // Checked first, so nothing is fetched for nothing; the final rename
@@ -736,8 +751,15 @@ pub fn get(
         .tempfile_in(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     partial.lock().unwrap_or_else(|e| e.into_inner()).temp = Some(tmp.path().to_path_buf());
+    // A body has no time limit (evidence may be many GiB), but a
+    // connection that goes silent (a VPN dropped, a laptop asleep) fails
+    // the command after `idle` rather than hang it, and a script with it,
+    // for good.
     let mut resp = agent()?
         .get(format!("{}/v1/evidence/{id}", api.trim_end_matches('/')))
+        .config()
+        .timeout_per_read(Some(idle))
+        .build()
         .header("authorization", format!("Bearer {token}"))
         .call()
         .context("requesting the evidence")?;
@@ -767,7 +789,12 @@ pub fn get(
     let mut buf = vec![0u8; 1 << 20];
     let mut received = 0u64;
     loop {
-        let n = reader.read(&mut buf).context("reading the evidence")?;
+        let n = reader.read(&mut buf).with_context(|| {
+            format!(
+                "reading the evidence ({received} bytes received; nothing for {} s is given up on)",
+                idle.as_secs()
+            )
+        })?;
         if n == 0 {
             break;
         }

@@ -255,6 +255,10 @@ enum Command {
         /// it): a file that is not those bytes is refused before any is sent.
         #[arg(long, value_name = "HEX")]
         sha256: Option<String>,
+        /// Give an attempt up when the gateway takes no byte for this long
+        /// (a dead connection; attempts go on under the same key).
+        #[arg(long, default_value_t = 300, value_name = "SECS")]
+        idle_timeout_secs: u64,
     },
     /// The cluster at a glance: nodes (state, capacity, used, shards), the
     /// repair backlog, the ledger's size and checkpoint age.
@@ -328,6 +332,10 @@ enum Command {
         /// an earlier verified copy, is never overwritten).
         #[arg(long)]
         force: bool,
+        /// Give up when no byte arrives for this long (a dead connection),
+        /// leaving nothing behind.
+        #[arg(long, default_value_t = 300, value_name = "SECS")]
+        idle_timeout_secs: u64,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -1135,6 +1143,7 @@ async fn run(cli: Cli) -> Result<()> {
             idempotency_key,
             blake3,
             sha256,
+            idle_timeout_secs,
         } => {
             let (api, token) = api.connect()?;
             let acquired = client::Acquired { blake3, sha256 };
@@ -1147,7 +1156,16 @@ async fn run(cli: Cli) -> Result<()> {
                 capture_method,
                 prior_custody,
             };
-            client::put(&api, &token, &file, &filing, idempotency_key, &acquired)
+            let idle = std::time::Duration::from_secs(idle_timeout_secs.max(1));
+            client::put(
+                &api,
+                &token,
+                &file,
+                &filing,
+                idempotency_key,
+                &acquired,
+                idle,
+            )
         }
         Command::Verify {
             receipt,
@@ -1233,6 +1251,7 @@ async fn run(cli: Cli) -> Result<()> {
             id,
             output,
             force,
+            idle_timeout_secs,
             api,
         } => {
             // Interrupted, it leaves no partial download behind (the
@@ -1242,7 +1261,8 @@ async fn run(cli: Cli) -> Result<()> {
             let work = {
                 let partial = partial.clone();
                 tokio::task::spawn_blocking(move || {
-                    client::get(&api, &token, &id, &output, force, &partial)
+                    let idle = std::time::Duration::from_secs(idle_timeout_secs.max(1));
+                    client::get(&api, &token, &id, &output, force, idle, &partial)
                 })
             };
             use tokio::signal::unix::{signal, SignalKind};

@@ -3403,6 +3403,51 @@ fn the_client_refuses_what_it_cannot_vouch_for() -> Result<()> {
     assert!(!target.exists(), "unverified bytes written");
     assert!(partials(&out_dir)?.is_empty(), "a partial copy stayed");
 
+    // A download that goes silent halfway (the connection dead, never
+    // closed) is given up after --idle-timeout-secs, leaving nothing.
+    let front = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let api = format!("http://{}", front.local_addr()?);
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || -> Result<()> {
+        let (mut s, _) = front.accept()?;
+        request_head(&mut s, "authorization")?;
+        let claimed = blake3_hex(&[7u8; 1000]);
+        s.write_all(
+            format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: 1000\r\nx-custodia-blake3: {claimed}\r\n\r\n"
+            )
+            .as_bytes(),
+        )?;
+        s.write_all(&[7u8; 500])?;
+        // Silent, the connection open, until the client is done.
+        let _ = finished.recv_timeout(Duration::from_secs(60));
+        Ok(())
+    });
+    let started = std::time::Instant::now();
+    let out = custodia(
+        &[
+            "get",
+            id,
+            "-o",
+            target.to_str().unwrap_or_default(),
+            "--idle-timeout-secs",
+            "2",
+        ],
+        &api,
+    )?;
+    let _ = done.send(());
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("the stand-in panicked"))??;
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1) && said.contains("500 bytes received"),
+        "{said}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30), "it hung");
+    assert!(!target.exists(), "a partial download was written");
+    assert!(partials(&out_dir)?.is_empty(), "a partial copy stayed");
+
     // A directory as the output, --force or not: refused before a request.
     let front = std::net::TcpListener::bind("127.0.0.1:0")?;
     front.set_nonblocking(true)?;
