@@ -102,6 +102,52 @@ fn metric_names<'a>(exprs: impl IntoIterator<Item = &'a str>) -> BTreeSet<String
     names
 }
 
+/// Every selector in `exprs` that names a `custodia_*` metric with label
+/// values it must equal (`name{a="x",b=~"y"}` gives `name{a="x"}`; one
+/// with none is left out): what a rule or a panel reads only if the code
+/// exports those labels with those values.
+fn equality_selectors<'a>(exprs: impl IntoIterator<Item = &'a str>) -> BTreeSet<String> {
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut out = BTreeSet::new();
+    for e in exprs {
+        let mut at = 0;
+        while let Some(i) = e[at..].find("custodia_").map(|i| at + i) {
+            let len = e[i..].find(|c| !word(c)).unwrap_or(e.len() - i);
+            let name = &e[i..i + len];
+            at = i + len;
+            if e[..i].ends_with(word) || !e[at..].starts_with('{') {
+                continue;
+            }
+            let Some(end) = e[at..].find('}').map(|j| at + j) else {
+                continue;
+            };
+            let equal: Vec<String> = e[at + 1..end]
+                .split(',')
+                .filter_map(|m| {
+                    let (label, value) = m.split_once('=')?;
+                    let (label, value) = (label.trim(), value.trim());
+                    let plain = !label.ends_with('!')
+                        && !value.starts_with('~')
+                        && label.chars().all(word)
+                        && value.len() >= 2
+                        && value.starts_with('"')
+                        && value.ends_with('"');
+                    plain.then(|| format!("{label}={value}"))
+                })
+                .collect();
+            if !equal.is_empty() {
+                out.insert(format!("{name}{{{}}}", equal.join(",")));
+            }
+            at = end;
+        }
+    }
+    out
+}
+
+/// Selectors the dashboards or the alert rules name that this test's
+/// traffic need not give a series, and why.
+const CONDITIONAL_SELECTORS: &[(&str, &str)] = &[];
+
 /// The query of every rule Prometheus loaded.
 fn rule_queries(agent: &ureq::Agent, prom: &str) -> Result<Vec<String>> {
     let mut resp = agent.get(format!("{prom}/api/v1/rules")).call()?;
@@ -522,6 +568,25 @@ fn prometheus_scrapes_every_process_and_every_dashboard_query_has_data() -> Resu
     assert!(
         absent.is_empty(),
         "metrics named in grafana/ that no process exports: {absent:?}"
+    );
+    // And every label value they select on exists: a reason or a result
+    // renamed in the code would leave a rule silent for good, its metric
+    // still there.
+    let selectors = equality_selectors(
+        queries
+            .iter()
+            .map(|(_, _, e)| e.as_str())
+            .chain(rules.iter().map(String::as_str)),
+    );
+    assert!(selectors.len() >= 5, "{selectors:?}");
+    let unmatched: Vec<&String> = selectors
+        .iter()
+        .filter(|sel| !CONDITIONAL_SELECTORS.iter().any(|(c, _)| c == sel))
+        .filter(|sel| query(&agent, &prom, &format!("count({sel})")).map_or(true, |r| r.is_empty()))
+        .collect();
+    assert!(
+        unmatched.is_empty(),
+        "label values grafana/ selects on that no series has: {unmatched:?}"
     );
     drop(witness);
     Ok(())
