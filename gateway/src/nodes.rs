@@ -576,11 +576,15 @@ impl NodeSet {
             // their sum would outlast the probe interval.
             let addr = n.entry.addr;
             // A node too old to know the request keeps no reserve: it is
-            // full only when a put finds its disk full.
+            // full only when a put finds its disk full (`Some(None)`). One
+            // that did not answer it (`None`) is not judged on it.
             let space = async {
                 match tokio::time::timeout(Duration::from_secs(3), self.client.rpc_space(addr)).await
                 {
-                    Ok(Ok(space)) => Some(space),
+                    Ok(Ok(space)) => Some(Some(space)),
+                    Ok(Err(storage_node::client::NodeError::Remote(
+                        protocol::wire::ErrorCode::BadRequest,
+                    ))) => Some(None),
                     _ => None,
                 }
             };
@@ -658,19 +662,10 @@ impl NodeSet {
                 return None;
             }
             self.mark(id, true);
-            // Full at the reserve; room again only well above it, so a node
-            // at the edge does not flip with every probe (and every put it
-            // refuses).
-            let space = space.unwrap_or(SpaceInfo {
-                free_bytes: info.free_bytes,
-                reserve_bytes: 0,
-            });
-            let headroom =
-                FULL_HEADROOM.min(info.capacity_bytes.saturating_sub(space.reserve_bytes) / 2);
-            if space.is_full() {
-                self.mark_full(id, true);
-            } else if space.free_bytes > space.reserve_bytes.saturating_add(headroom) {
-                self.mark_full(id, false);
+            let last_reserve = lock(&n.disk).as_ref().map_or(0, |d| d.reserve_bytes);
+            let (space, full) = fullness(space, &info, last_reserve);
+            if let Some(full) = full {
+                self.mark_full(id, full);
             }
             *lock(&n.last_ok) = Some(Instant::now());
             *lock(&n.disk) = Some(DiskView {
@@ -720,6 +715,11 @@ impl NodeSet {
             .await;
             match result {
                 Ok(true) => {
+                    // What the old disk stored is not this one's to hold: a
+                    // probe must not take its absence for a restored copy.
+                    if let Some(key) = self.client.last_stored(n.entry.addr) {
+                        self.client.forget_stored(n.entry.addr, key);
+                    }
                     if lock(&self.reconciling).insert(id) {
                         tracing::warn!(node = %id, "node came back with a different disk (wiped or replaced); reconciling its shards");
                         return Some((id, info.disk_uuid));
@@ -827,6 +827,46 @@ impl NodeSet {
     }
 }
 
+/// A probe's view of a node's room: its space (a Space answer, `Some(None)`
+/// from a node too old to know the request, `None` when it failed or timed
+/// out) and whether to mark it full (`Some(true)`), with room
+/// (`Some(false)`) or leave it as it is. Full at the reserve; room again
+/// only well above it, so a node at the edge does not flip with every probe
+/// (and every put it refuses). A Space request that failed says nothing:
+/// taken for a reserve of 0, it put a full node back into service (each put
+/// then refused) and zeroed its figure; the last reserve known is kept.
+fn fullness(
+    space: Option<Option<SpaceInfo>>,
+    info: &protocol::wire::NodeInfo,
+    last_reserve: u64,
+) -> (SpaceInfo, Option<bool>) {
+    let (space, judged) = match space {
+        Some(Some(space)) => (space, true),
+        Some(None) => (
+            SpaceInfo {
+                free_bytes: info.free_bytes,
+                reserve_bytes: 0,
+            },
+            true,
+        ),
+        None => (
+            SpaceInfo {
+                free_bytes: info.free_bytes,
+                reserve_bytes: last_reserve,
+            },
+            false,
+        ),
+    };
+    let headroom = FULL_HEADROOM.min(info.capacity_bytes.saturating_sub(space.reserve_bytes) / 2);
+    let full = match judged {
+        false => None,
+        true if space.is_full() => Some(true),
+        true if space.free_bytes > space.reserve_bytes.saturating_add(headroom) => Some(false),
+        true => None,
+    };
+    (space, full)
+}
+
 /// The disk UUID the index records for a node whose disk is being
 /// reconciled though it kept its UUID (its data directory put back from an
 /// older copy): no disk has it, so until [`NodeSet::reconciled`] records
@@ -894,6 +934,38 @@ fn candidate(e: &NodeEntry) -> Candidate {
 mod tests {
     use super::*;
     use storage_node::tls::{ClusterCa, TlsFiles};
+
+    /// A Space probe that failed leaves a full node full, its reserve as
+    /// last known; a node too old to answer it keeps no reserve; an answer
+    /// decides, with headroom before room again.
+    #[test]
+    fn a_failed_space_probe_puts_no_full_node_back() {
+        let gib = 1u64 << 30;
+        let info = protocol::wire::NodeInfo {
+            node: NodeId(1),
+            disk_uuid: [0; 16],
+            capacity_bytes: 100 * gib,
+            free_bytes: 5 * gib,
+            used_bytes: 95 * gib,
+            shards: 1,
+        };
+        let (space, full) = fullness(None, &info, 10 * gib);
+        assert_eq!(full, None, "judged on no answer");
+        assert_eq!(space.reserve_bytes, 10 * gib, "its reserve forgotten");
+        let answer = |free, reserve| {
+            Some(Some(SpaceInfo {
+                free_bytes: free,
+                reserve_bytes: reserve,
+            }))
+        };
+        assert_eq!(fullness(answer(5 * gib, 10 * gib), &info, 0).1, Some(true));
+        assert_eq!(fullness(answer(10 * gib + 1, 10 * gib), &info, 0).1, None);
+        assert_eq!(
+            fullness(answer(20 * gib, 10 * gib), &info, 0).1,
+            Some(false)
+        );
+        assert_eq!(fullness(Some(None), &info, 10 * gib).1, Some(false));
+    }
 
     /// A listing "after" the key just before a key begins at that key,
     /// whichever of its parts has to borrow.
