@@ -635,6 +635,90 @@ mod tests {
             assert_eq!(u16::from(ErrorCode::from(code)), code);
         }
         assert_eq!(ErrorCode::from(900), ErrorCode::Other(900));
+        // Each code's number, written out: a swap of two in both
+        // directions, or one added to one direction only (decoded as
+        // Other, and so taken for a passing failure), passes the loop.
+        let table = [
+            (ErrorCode::BadRequest, 1),
+            (ErrorCode::NotFound, 2),
+            (ErrorCode::HashMismatch, 3),
+            (ErrorCode::Corrupt, 4),
+            (ErrorCode::DiskFull, 5),
+            (ErrorCode::Io, 6),
+            (ErrorCode::UnsupportedVersion, 7),
+            (ErrorCode::SourceUnavailable, 8),
+            (ErrorCode::Forbidden, 9),
+            (ErrorCode::Late, 10),
+        ];
+        for (code, n) in table {
+            assert_eq!(u16::from(code), n, "{code:?}");
+            assert_eq!(ErrorCode::from(n), code, "{n}");
+        }
+    }
+
+    /// Every request and answer keeps its variant number on the wire (the
+    /// byte after the frame prefix): a reordered enum would have an old
+    /// gateway's StatShard reach a new node as DeleteShard.
+    #[test]
+    fn every_variant_keeps_its_number() {
+        let header = rebuild().header;
+        let tag = |frame: Vec<u8>| frame[FRAME_PREFIX];
+        let requests = [
+            Request::PutShard(header.clone()),
+            Request::GetShard(key()),
+            Request::StatShard(key()),
+            Request::DeleteShard(key()),
+            Request::NodeInfo,
+            Request::ListShards {
+                after: None,
+                limit: 1,
+            },
+            Request::ListQuarantined { after: None },
+            Request::Time,
+            Request::VerifyShard(key()),
+            Request::Space,
+            Request::GetShardUnchecked(key()),
+            Request::RebuildShard(rebuild()),
+            Request::EraseEvidence(key().evidence),
+            Request::DenyNodes(vec![1]),
+            Request::DeleteShardBefore {
+                key: key(),
+                not_after_ms: 1,
+            },
+        ];
+        for (n, r) in requests.into_iter().enumerate() {
+            assert_eq!(usize::from(tag(r.encode())), n, "{r:?}");
+        }
+        let responses = [
+            Response::Stored,
+            Response::Shard(header.clone()),
+            Response::Stat(header),
+            Response::Deleted { existed: true },
+            Response::Info(NodeInfo {
+                node: crate::NodeId(1),
+                disk_uuid: [0; 16],
+                capacity_bytes: 1,
+                free_bytes: 1,
+                used_bytes: 0,
+                shards: 0,
+            }),
+            Response::Error(ErrorCode::Io),
+            Response::Shards(Vec::new()),
+            Response::Keys(Vec::new()),
+            Response::Time(1),
+            Response::Space(SpaceInfo {
+                free_bytes: 1,
+                reserve_bytes: 0,
+            }),
+            Response::Erased {
+                shards: 0,
+                copies: 0,
+            },
+            Response::Denied(0),
+        ];
+        for (n, r) in responses.into_iter().enumerate() {
+            assert_eq!(usize::from(tag(r.encode())), n, "{r:?}");
+        }
     }
 
     #[test]
