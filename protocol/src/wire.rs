@@ -664,7 +664,7 @@ mod tests {
         let header = rebuild().header;
         let tag = |frame: Vec<u8>| frame[FRAME_PREFIX];
         let requests = [
-            Request::PutShard(header.clone()),
+            Request::PutShard(header),
             Request::GetShard(key()),
             Request::StatShard(key()),
             Request::DeleteShard(key()),
@@ -691,7 +691,7 @@ mod tests {
         }
         let responses = [
             Response::Stored,
-            Response::Shard(header.clone()),
+            Response::Shard(header),
             Response::Stat(header),
             Response::Deleted { existed: true },
             Response::Info(NodeInfo {
