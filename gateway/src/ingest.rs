@@ -1461,7 +1461,10 @@ async fn store_stripe<S: Store>(
             while let Some(node) = target {
                 let Some(addr) = gw.nodes.addr(node) else { break };
                 match gw.nodes.client.rpc_put_shard(addr, &header, body.clone()).await {
-                    Ok(()) => return (Some(node), full),
+                    Ok(()) => {
+                        gw.nodes.write_succeeded(node);
+                        return (Some(node), full);
+                    }
                     Err(e) => {
                         tracing::warn!(%node, shard = %header.key, error = %e, "shard put failed; trying the next ranked node");
                         if e.is_disk_full() {
@@ -1469,7 +1472,10 @@ async fn store_stripe<S: Store>(
                             gw.nodes.mark_full(node, true);
                             full = true;
                         } else {
+                            // Down until its next probe, and passed over
+                            // for a while should it answer probes still.
                             gw.nodes.mark(node, false);
+                            gw.nodes.write_failed(node, &e);
                         }
                         target = pop(spares);
                     }

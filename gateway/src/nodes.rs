@@ -46,7 +46,18 @@ struct NodeState {
     /// Whether telling it which nodes were removed failed at its last
     /// probe: said when that starts, not at every probe.
     deny_failing: AtomicBool,
+    /// When a write to it last failed other than for room (see
+    /// [`NodeSet::write_failed`]), if none has succeeded since.
+    write_failed: Mutex<Option<Instant>>,
 }
+
+/// How long a node whose writes fail is passed over for new shards and
+/// rebuilds, unless one succeeds meanwhile. Its probes (a `statvfs`)
+/// answer all the while: a disk remounted read-only after an error still
+/// reports its space, and every repair pass picked it again as the first
+/// target of the same stripes, which stayed degraded for as long as it
+/// lasted.
+const WRITE_FAILURE_HOLD: Duration = Duration::from_secs(120);
 
 /// Least time between two liveness checks of one node that reads asked for.
 const SUSPECT_EVERY: Duration = Duration::from_secs(1);
@@ -172,6 +183,7 @@ impl NodeSet {
                 clock_offset_ms: Mutex::new(None),
                 probe_failure: Mutex::new(None),
                 deny_failing: AtomicBool::new(false),
+                write_failed: Mutex::new(None),
             })
             .collect::<Vec<_>>();
         let labels = entries
@@ -322,6 +334,38 @@ impl NodeSet {
     /// Whether `id` is full for new shards, as last seen.
     pub fn is_full(&self, id: NodeId) -> bool {
         self.get(id).is_some_and(|n| n.full.load(Ordering::Relaxed))
+    }
+
+    /// A write to `id` (a shard put, a rebuild) failed with `e`: if the
+    /// node answered that its disk failed (not for room, not a connection
+    /// lost, which its next probe settles), it takes no new shards for
+    /// [`WRITE_FAILURE_HOLD`] unless one succeeds (said once when it starts).
+    pub fn write_failed(&self, id: NodeId, e: &storage_node::client::NodeError) {
+        if !matches!(
+            e,
+            storage_node::client::NodeError::Remote(protocol::wire::ErrorCode::Io)
+        ) {
+            return;
+        }
+        if let Some(n) = self.get(id) {
+            if lock(&n.write_failed).replace(Instant::now()).is_none() {
+                tracing::warn!(node = %id, "writes to this node fail: new shards and rebuilds pass it over for a while");
+            }
+        }
+    }
+
+    /// A write to `id` succeeded: its writes are not failing.
+    pub fn write_succeeded(&self, id: NodeId) {
+        if let Some(n) = self.get(id) {
+            if lock(&n.write_failed).take().is_some() {
+                tracing::info!(node = %id, "writes to this node succeed again");
+            }
+        }
+    }
+
+    /// Whether writes to `id` failed within [`WRITE_FAILURE_HOLD`].
+    pub fn writes_failing(&self, id: NodeId) -> bool {
+        self.get(id).is_some_and(writes_failing)
     }
 
     /// Whether `id` answered its last probe or request.
@@ -517,7 +561,7 @@ impl NodeSet {
         };
         let with_room = || active().filter(|n| !n.full.load(Ordering::Relaxed));
         let healthy: Vec<Candidate> = with_room()
-            .filter(|n| n.healthy.load(Ordering::Relaxed))
+            .filter(|n| n.healthy.load(Ordering::Relaxed) && !writes_failing(n))
             .map(|n| candidate(&n.entry))
             .collect();
         if healthy.len() >= need {
@@ -827,6 +871,10 @@ impl NodeSet {
     }
 }
 
+fn writes_failing(n: &NodeState) -> bool {
+    lock(&n.write_failed).is_some_and(|at| at.elapsed() < WRITE_FAILURE_HOLD)
+}
+
 /// A probe's view of a node's room: its space (a Space answer, `Some(None)`
 /// from a node too old to know the request, `None` when it failed or timed
 /// out) and whether to mark it full (`Some(true)`), with room
@@ -1099,6 +1147,27 @@ mod tests {
         nodes.mark(NodeId(1), true);
         assert_eq!(ids(&nodes.write_candidates(6)).len(), 8);
         assert!(nodes.view().iter().all(|v| !v.full));
+    }
+
+    /// A node whose disk refuses writes (it answers probes all the while:
+    /// a file system remounted read-only) is passed over for new shards
+    /// until a write succeeds; a lost connection or a full disk is not
+    /// such a failure.
+    #[tokio::test]
+    async fn a_node_whose_writes_fail_takes_no_new_shards() {
+        use protocol::wire::ErrorCode;
+        use storage_node::client::NodeError;
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = set(dir.path());
+        nodes.write_failed(NodeId(2), &NodeError::Timeout);
+        nodes.write_failed(NodeId(2), &NodeError::Remote(ErrorCode::DiskFull));
+        assert!(!nodes.writes_failing(NodeId(2)));
+        nodes.write_failed(NodeId(2), &NodeError::Remote(ErrorCode::Io));
+        assert!(nodes.writes_failing(NodeId(2)) && nodes.is_healthy(NodeId(2)));
+        assert_eq!(ids(&nodes.write_candidates(6)), [0, 1, 3, 4, 5, 6, 7]);
+        nodes.write_succeeded(NodeId(2));
+        assert!(!nodes.writes_failing(NodeId(2)));
+        assert_eq!(ids(&nodes.write_candidates(6)).len(), 8);
     }
 
     /// Every time a node comes (back) to take new shards is counted, and

@@ -2197,8 +2197,14 @@ async fn rebuild_on_targets<S: Store>(
                 .inspect_err(|e| {
                     if e.is_disk_full() {
                         gw.nodes.mark_full(*target, true);
+                    } else {
+                        // The target's own disk failing (not a source's,
+                        // which is SourceUnavailable): the next pass
+                        // chooses another target.
+                        gw.nodes.write_failed(*target, e);
                     }
                 })?;
+            gw.nodes.write_succeeded(*target);
             // Re-counted from the disk, as a shard written from here is.
             let key = request.header.key;
             let back = client.rpc_verify_shard(*addr, key).await?;
@@ -2546,7 +2552,7 @@ fn choose_targets<S: Store>(
     let mut free: Vec<(NodeId, Domain)> = ranked
         .into_iter()
         .filter(|c| !holders.contains(c) && !nodes.gone.contains(c) && gw.nodes.is_healthy(*c))
-        .filter(|c| !gw.nodes.is_full(*c))
+        .filter(|c| !gw.nodes.is_full(*c) && !gw.nodes.writes_failing(*c))
         .filter(|c| !rec.shards.iter().any(|p| p.node == Some(*c)))
         .map(|c| (c, nodes.spread.domain(gw, c)))
         .collect();
@@ -2596,9 +2602,13 @@ async fn put_and_verify<S: Store>(
         .map_err(|e| {
             if e.is_disk_full() {
                 gw.nodes.mark_full(node, true);
+            } else {
+                // The next pass chooses another target for it.
+                gw.nodes.write_failed(node, &e);
             }
             ApiError::Unavailable(format!("writing {} to node {node}: {e}", header.key))
         })?;
+    gw.nodes.write_succeeded(node);
     // Re-counted from the disk: the node reads the shard back and hashes it
     // against its header, which must be the manifest's hash.
     let back = gw
