@@ -1436,7 +1436,11 @@ async fn store_stripe<S: Store>(
         ApiError::Internal
     })?;
 
-    let ranked = placement::rank(&evidence, stripe, &gw.nodes.write_candidates(total));
+    let ranked = gw.nodes.in_write_order(placement::rank(
+        &evidence,
+        stripe,
+        &gw.nodes.write_candidates(total),
+    ));
     let home = &ranked[..total.min(ranked.len())];
     let spares = Mutex::new(
         ranked[home.len()..]

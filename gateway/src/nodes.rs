@@ -368,6 +368,22 @@ impl NodeSet {
         self.get(id).is_some_and(writes_failing)
     }
 
+    /// `ranked` (placement order) with the nodes likeliest to take a shard
+    /// first: healthy with room, then with room, then the rest, each in
+    /// placement order. The same order when all are healthy with room;
+    /// with too few of those (the candidates then include nodes down),
+    /// a down node no longer takes a home slot, and its connect timeout,
+    /// ahead of a healthy spare.
+    pub fn in_write_order(&self, mut ranked: Vec<NodeId>) -> Vec<NodeId> {
+        ranked.sort_by_key(|id| match self.get(*id) {
+            Some(n) if n.full.load(Ordering::Relaxed) => 2,
+            Some(n) if n.healthy.load(Ordering::Relaxed) && !writes_failing(n) => 0,
+            Some(_) => 1,
+            None => 2,
+        });
+        ranked
+    }
+
     /// Whether `id` answered its last probe or request.
     pub fn is_healthy(&self, id: NodeId) -> bool {
         self.get(id)
@@ -1168,6 +1184,33 @@ mod tests {
         nodes.write_succeeded(NodeId(2));
         assert!(!nodes.writes_failing(NodeId(2)));
         assert_eq!(ids(&nodes.write_candidates(6)).len(), 8);
+    }
+
+    /// With too few healthy nodes, the candidates include nodes down; the
+    /// healthy ones still take the first places, in placement order.
+    #[tokio::test]
+    async fn nodes_down_come_after_healthy_ones_in_write_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes = set(dir.path());
+        for id in [1, 4, 6] {
+            nodes.mark(NodeId(id), false);
+        }
+        for stripe in 0..200u64 {
+            let ranked =
+                crate::placement::rank(&EvidenceId([9; 16]), stripe, &nodes.write_candidates(6));
+            assert_eq!(ranked.len(), 8, "down nodes are candidates");
+            let ordered = nodes.in_write_order(ranked.clone());
+            assert!(
+                ordered[..5].iter().all(|n| nodes.is_healthy(*n)),
+                "{ordered:?}"
+            );
+            let healthy: Vec<NodeId> = ranked
+                .iter()
+                .copied()
+                .filter(|n| nodes.is_healthy(*n))
+                .collect();
+            assert_eq!(ordered[..5], healthy[..], "placement order kept");
+        }
     }
 
     /// Every time a node comes (back) to take new shards is counted, and
