@@ -324,10 +324,14 @@ pub struct ShardStore {
     /// too, rather than say erased while the originals are still in a file.
     compacting: Mutex<Vec<(Loc, ShardKey)>>,
     /// Segment records the disk failed to read, again and again (see
-    /// [`ShardStore::unreadable_small`]): answered as corrupt without
-    /// another read, and left out of listings, until the node restarts or
-    /// the key's record moves (a put, compaction). Their index entries stay.
-    unreadable_packed: Mutex<std::collections::HashSet<(ShardKey, Loc)>>,
+    /// [`ShardStore::unreadable_small`]), and when: answered as corrupt
+    /// without another read, and left out of listings, for
+    /// [`UNREADABLE_RETRY`], then read again (and unmarked if they read).
+    /// Their index entries stay.
+    unreadable_packed: Mutex<std::collections::HashMap<(ShardKey, Loc), std::time::Instant>>,
+    /// Whether `unreadable_packed` holds any: a read of a packed shard
+    /// (thousands a second) takes no lock when none does.
+    any_unreadable: std::sync::atomic::AtomicBool,
     /// Shard files found unopenable and already counted as damage (see
     /// [`ShardStore::name_unreadable`]), should naming them fail.
     unreadable_counted: Mutex<std::collections::HashSet<ShardKey>>,
@@ -344,6 +348,13 @@ pub struct ShardStore {
     /// (and the erase finds it) or is refused.
     expunged: std::sync::RwLock<std::collections::HashMap<EvidenceId, std::time::Instant>>,
 }
+
+/// How long a packed shard the disk could not read is answered corrupt
+/// without reading it again: a controller reset or a path failing over
+/// can last seconds, and a record that then reads again (perhaps the
+/// stripe's last copy of that shard) is served again, not only after a
+/// restart.
+const UNREADABLE_RETRY: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// How long a fan-out directory's listing is kept for the next page of a
 /// listing that stopped within it. Read again for every page, a directory
@@ -512,6 +523,7 @@ impl ShardStore {
             quota_full_at: Mutex::new(None),
             compacting: Mutex::default(),
             unreadable_packed: Mutex::default(),
+            any_unreadable: std::sync::atomic::AtomicBool::new(false),
             unreadable_counted: Mutex::default(),
             listings: Mutex::default(),
             fanout_reads: AtomicU64::new(0),
@@ -1500,7 +1512,10 @@ impl ShardStore {
             }
         }
         match read {
-            Ok(ReadRecord::Shard(header, body)) => Ok((header, body)),
+            Ok(ReadRecord::Shard(header, body)) => {
+                self.readable_again(key, loc);
+                Ok((header, body))
+            }
             Ok(ReadRecord::Damaged(why, bytes)) => {
                 // A head-only read holds the record's first bytes only: the
                 // copy kept for forensics is the whole record.
@@ -1537,7 +1552,9 @@ impl ShardStore {
             .unreadable_packed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert((*key, loc));
+            .insert((*key, loc), std::time::Instant::now())
+            .is_none();
+        self.any_unreadable.store(true, Ordering::Relaxed);
         if first {
             tracing::error!(shard = %key, error = %e, "the disk could not read a packed shard; named in quarantine for repair, its record kept");
             let name = format!("{}.{}", shard_file_name(key), uuid::Uuid::now_v7().simple());
@@ -1551,12 +1568,34 @@ impl ShardStore {
     }
 
     /// Whether the record of `key` at `loc` is one the disk could not read
-    /// (see [`Self::unreadable_small`]).
+    /// (see [`Self::unreadable_small`]) less than [`UNREADABLE_RETRY`] ago.
     fn marked_unreadable(&self, key: &ShardKey, loc: Loc) -> bool {
+        if !self.any_unreadable.load(Ordering::Relaxed) {
+            return false;
+        }
         self.unreadable_packed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(&(*key, loc))
+            .get(&(*key, loc))
+            .is_some_and(|at| at.elapsed() < UNREADABLE_RETRY)
+    }
+
+    /// The record of `key` at `loc` read whole: no longer unreadable (the
+    /// error passed), if it was marked so.
+    fn readable_again(&self, key: &ShardKey, loc: Loc) {
+        if !self.any_unreadable.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut marked = self
+            .unreadable_packed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if marked.remove(&(*key, loc)).is_some() {
+            tracing::info!(shard = %key, "a packed shard the disk could not read reads again");
+        }
+        if marked.is_empty() {
+            self.any_unreadable.store(false, Ordering::Relaxed);
+        }
     }
 
     /// The error for a shard file that could not be read: a media error
@@ -3140,6 +3179,21 @@ mod tests {
         let segment = store.log.segment_path(loc.seg);
         assert!(file_holds(&segment, &b).unwrap(), "its bytes were erased");
         assert_eq!(store.log.locate(&k), Some(loc), "dropped from the index");
+        // Ten minutes on, it is read again, and served: the error passed.
+        for at in store.unreadable_packed.lock().unwrap().values_mut() {
+            *at -= UNREADABLE_RETRY;
+        }
+        assert_eq!(
+            store.get(&k).unwrap().1,
+            b,
+            "still unreadable when it reads"
+        );
+        assert!(store.unreadable_packed.lock().unwrap().is_empty());
+        assert_eq!(store.list(None, 10).unwrap().len(), 1);
+        // Unreadable again, for the rest of the test.
+        READS_FAIL.with(|f| f.set(100));
+        assert!(matches!(store.get(&k), Err(StoreError::Corrupt(_))));
+        READS_FAIL.with(|f| f.set(0));
         // A restart serves it again (the error passed).
         drop(store);
         let store = ShardStore::open(dir.path()).unwrap();
