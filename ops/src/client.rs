@@ -277,8 +277,8 @@ pub fn put(
     // character (a CRLF script's \r) would fail only as the request is
     // built, read as a send that may have filed.
     if let Some(t) = &meta.media_type {
-        if t.is_empty() || !t.bytes().all(|b| (0x21..0x7f).contains(&b)) {
-            bail!("--media-type takes a media type such as video/mp4 (visible ASCII, no spaces)");
+        if t.trim().is_empty() || !t.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            bail!("--media-type takes a media type such as video/mp4 or \"text/plain; charset=utf-8\" (printable ASCII)");
         }
     }
     for (flag, given) in [
@@ -480,7 +480,8 @@ pub fn put(
 }
 
 /// `custodia put`'s exit code when the evidence was filed but the file
-/// changed meanwhile: a script tells it from a put that filed nothing (1).
+/// changed meanwhile: a script tells it from an error (1, whose message
+/// says whether to try again under the key).
 pub const FILED_BUT_CHANGED: u8 = 3;
 
 /// A filing made of a file that changed meanwhile (see [`FILED_BUT_CHANGED`]).

@@ -257,7 +257,7 @@ enum Command {
         sha256: Option<String>,
         /// Give an attempt up when the gateway takes no byte for this long
         /// (a dead connection; attempts go on under the same key).
-        #[arg(long, default_value_t = 300, value_name = "SECS")]
+        #[arg(long, default_value_t = 600, value_name = "SECS")]
         idle_timeout_secs: u64,
     },
     /// The cluster at a glance: nodes (state, capacity, used, shards), the
@@ -334,7 +334,7 @@ enum Command {
         force: bool,
         /// Give up when no byte arrives for this long (a dead connection),
         /// leaving nothing behind.
-        #[arg(long, default_value_t = 300, value_name = "SECS")]
+        #[arg(long, default_value_t = 600, value_name = "SECS")]
         idle_timeout_secs: u64,
         #[command(flatten)]
         api: ApiArgs,
