@@ -1991,10 +1991,10 @@ addr = "127.0.0.1:11"
             .is_none());
         assert_eq!(journaled().await, 1, "cleared without reaching the archive");
         for name in ["third", "fourth"] {
-            s3_journal::drain(&gw, Some(ledger)).await.unwrap();
+            s3_journal::drain(&gw, ledger).await.unwrap();
             tenant(name).await;
         }
-        s3_journal::drain(&gw, Some(ledger)).await.unwrap();
+        s3_journal::drain(&gw, ledger).await.unwrap();
         let damaged = format!(
             "{}/{:020}-{}-{}-{}",
             s3_journal::DIR,

@@ -348,9 +348,20 @@ impl NodeSet {
             return;
         }
         if let Some(n) = self.get(id) {
-            if lock(&n.write_failed).replace(Instant::now()).is_none() {
+            let was = lock(&n.write_failed).replace(Instant::now());
+            if was.is_none_or(|at| at.elapsed() >= WRITE_FAILURE_HOLD) {
                 tracing::warn!(node = %id, "writes to this node fail: new shards and rebuilds pass it over for a while");
             }
+        }
+    }
+
+    /// A write to `id` was refused with `e`: full (it takes no new shards
+    /// until it has room), or its disk failing (see [`Self::write_failed`]).
+    pub fn write_refused(&self, id: NodeId, e: &storage_node::client::NodeError) {
+        if e.is_disk_full() {
+            self.mark_full(id, true);
+        } else {
+            self.write_failed(id, e);
         }
     }
 
@@ -567,8 +578,9 @@ impl NodeSet {
     /// too few of those can hold a stripe, the active ones with room
     /// whatever their health, then every active one (a stale health or full
     /// flag must not refuse writes: a node that is really full or down
-    /// refuses the shard and the next ranked node takes it). Draining and
-    /// removed nodes never take new shards.
+    /// refuses the shard and the next ranked node takes it). A node whose
+    /// writes failed lately (see [`Self::write_failed`]) counts as not
+    /// healthy here. Draining and removed nodes never take new shards.
     pub fn write_candidates(&self, need: usize) -> Vec<Candidate> {
         let active = || {
             self.nodes

@@ -2194,16 +2194,9 @@ async fn rebuild_on_targets<S: Store>(
             client
                 .rpc_rebuild_shard(*addr, request)
                 .await
-                .inspect_err(|e| {
-                    if e.is_disk_full() {
-                        gw.nodes.mark_full(*target, true);
-                    } else {
-                        // The target's own disk failing (not a source's,
-                        // which is SourceUnavailable): the next pass
-                        // chooses another target.
-                        gw.nodes.write_failed(*target, e);
-                    }
-                })?;
+                // Full, or its own disk failing (a source's is
+                // SourceUnavailable): the next pass chooses another.
+                .inspect_err(|e| gw.nodes.write_refused(*target, e))?;
             gw.nodes.write_succeeded(*target);
             // Re-counted from the disk, as a shard written from here is.
             let key = request.header.key;
@@ -2600,12 +2593,8 @@ async fn put_and_verify<S: Store>(
         .rpc_put_shard(addr, header, body)
         .await
         .map_err(|e| {
-            if e.is_disk_full() {
-                gw.nodes.mark_full(node, true);
-            } else {
-                // The next pass chooses another target for it.
-                gw.nodes.write_failed(node, &e);
-            }
+            // Full, or its disk failing: the next pass chooses another.
+            gw.nodes.write_refused(node, &e);
             ApiError::Unavailable(format!("writing {} to node {node}: {e}", header.key))
         })?;
     gw.nodes.write_succeeded(node);

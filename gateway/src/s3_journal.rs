@@ -145,7 +145,7 @@ pub fn spawn<S: Store>(gw: Arc<Gateway<S>>) -> Option<tokio::task::JoinHandle<()
         loop {
             tick.tick().await;
             let began = unix_seconds();
-            match drain(&gw, Some(&ledger)).await {
+            match drain(&gw, &ledger).await {
                 Ok(moved) => {
                     gw.metrics.s3_journal_synced.set(began);
                     written += moved.files;
@@ -212,7 +212,7 @@ pub async fn seed<S: Store>(gw: &Gateway<S>, ledger: &Ledger) -> Result<(), Jour
             Some(last) => {
                 after = Some(last);
                 batches += 1;
-                drain(gw, Some(ledger)).await?;
+                drain(gw, ledger).await?;
             }
             None => break,
         }
@@ -261,12 +261,9 @@ pub struct Drained {
     pub files: usize,
 }
 
-/// Moves the whole journal into the archive. Without a ledger (no
-/// archive) the entries are only cleared.
-pub async fn drain<S: Store>(
-    gw: &Gateway<S>,
-    ledger: Option<&Ledger>,
-) -> Result<Drained, JournalError> {
+/// Moves the whole journal into the archive (without one, see
+/// [`clear_without_ledger`]).
+pub async fn drain<S: Store>(gw: &Gateway<S>, ledger: &Ledger) -> Result<Drained, JournalError> {
     let mut moved = Drained::default();
     loop {
         let batch = indexer::run(
@@ -277,12 +274,10 @@ pub async fn drain<S: Store>(
         let Some(last) = batch.last() else {
             return Ok(moved);
         };
-        if let Some(ledger) = ledger {
-            let bytes = encode_file(&batch);
-            if let Some(name) = file_name(&batch, &bytes) {
-                ledger.archive_file(&name, bytes).await?;
-                moved.files += 1;
-            }
+        let bytes = encode_file(&batch);
+        if let Some(name) = file_name(&batch, &bytes) {
+            ledger.archive_file(&name, bytes).await?;
+            moved.files += 1;
         }
         indexer::run(&gw.store, |tx| async move {
             s3::clear_journal_tx(&tx, last);
