@@ -311,21 +311,18 @@ pub fn put(
             path.display()
         );
     }
-    if let Some(given) = &acquired.blake3 {
-        if !given.eq_ignore_ascii_case(&blake3.to_hex()) {
+    for (what, given, found) in [
+        ("BLAKE3", &acquired.blake3, blake3.to_hex().to_string()),
+        ("SHA-256", &acquired.sha256, sha256.to_hex()),
+    ] {
+        if given
+            .as_ref()
+            .is_some_and(|g| !g.eq_ignore_ascii_case(&found))
+        {
             bail!(
-                "{} is not the file acquired: its BLAKE3 is {}, the acquisition's {given}; nothing filed",
+                "{} is not the file acquired: its {what} is {found}, the acquisition's {}; nothing filed",
                 path.display(),
-                blake3.to_hex()
-            );
-        }
-    }
-    if let Some(given) = &acquired.sha256 {
-        if !given.eq_ignore_ascii_case(&sha256.to_hex()) {
-            bail!(
-                "{} is not the file acquired: its SHA-256 is {}, the acquisition's {given}; nothing filed",
-                path.display(),
-                sha256.to_hex()
+                given.as_deref().unwrap_or_default()
             );
         }
     }
@@ -510,15 +507,30 @@ impl FileStamp {
 
 /// What a filing says of its evidence besides its bytes: sent as the
 /// evidence API's headers, the provenance notarized in its statement.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct Filing {
+    /// The case it is filed under.
+    #[arg(long)]
     pub case: Option<String>,
+    /// Who submitted it (kept with its metadata; the statement's actor is
+    /// the credential's).
+    #[arg(long)]
     pub submitter: Option<String>,
-    /// Its media type (`video/mp4`); `application/octet-stream` if not said.
+    /// Its media type, as `video/mp4` (default application/octet-stream).
+    #[arg(long)]
     pub media_type: Option<String>,
+    /// Provenance, notarized in the filing's statement: the device it
+    /// came from.
+    #[arg(long)]
     pub source_device: Option<String>,
+    /// Provenance: when it was captured (as the acquisition records it).
+    #[arg(long)]
     pub capture_time: Option<String>,
+    /// Provenance: how it was captured or imaged.
+    #[arg(long)]
     pub capture_method: Option<String>,
+    /// Provenance: whose custody it was in before this filing.
+    #[arg(long)]
     pub prior_custody: Option<String>,
 }
 
@@ -540,9 +552,15 @@ impl Filing {
 
 /// Hashes an acquisition recorded (an imaging tool's report): `put`
 /// refuses a file that is not those bytes before sending any.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct Acquired {
+    /// The BLAKE3 recorded at acquisition (hex): a file that is not those
+    /// bytes is refused before any is sent.
+    #[arg(long, value_name = "HEX")]
     pub blake3: Option<String>,
+    /// The SHA-256 recorded at acquisition (hex, as imaging tools report
+    /// it): a file that is not those bytes is refused before any is sent.
+    #[arg(long, value_name = "HEX")]
     pub sha256: Option<String>,
 }
 

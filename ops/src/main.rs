@@ -220,41 +220,14 @@ enum Command {
         file: PathBuf,
         #[command(flatten)]
         api: ApiArgs,
-        /// The case it is filed under.
-        #[arg(long)]
-        case: Option<String>,
-        /// Who submitted it (kept with its metadata; the statement's actor is
-        /// the credential's).
-        #[arg(long)]
-        submitter: Option<String>,
-        /// Its media type, as `video/mp4` (default application/octet-stream).
-        #[arg(long)]
-        media_type: Option<String>,
-        /// Provenance, notarized in the filing's statement: the device it
-        /// came from.
-        #[arg(long)]
-        source_device: Option<String>,
-        /// Provenance: when it was captured (as the acquisition records it).
-        #[arg(long)]
-        capture_time: Option<String>,
-        /// Provenance: how it was captured or imaged.
-        #[arg(long)]
-        capture_method: Option<String>,
-        /// Provenance: whose custody it was in before this filing.
-        #[arg(long)]
-        prior_custody: Option<String>,
+        #[command(flatten)]
+        filing: client::Filing,
         /// Retry-safe filing key (default: a random one for this put, sent with
         /// each of its attempts and printed before the first, to run it again under).
         #[arg(long)]
         idempotency_key: Option<String>,
-        /// The BLAKE3 recorded at acquisition (hex): a file that is not those
-        /// bytes is refused before any is sent.
-        #[arg(long, value_name = "HEX")]
-        blake3: Option<String>,
-        /// The SHA-256 recorded at acquisition (hex, as imaging tools report
-        /// it): a file that is not those bytes is refused before any is sent.
-        #[arg(long, value_name = "HEX")]
-        sha256: Option<String>,
+        #[command(flatten)]
+        acquired: client::Acquired,
         /// Give an attempt up when the gateway takes no byte for this long
         /// (a dead connection; attempts go on under the same key).
         #[arg(long, default_value_t = 600, value_name = "SECS")]
@@ -1133,29 +1106,12 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Put {
             file,
             api,
-            case,
-            submitter,
-            media_type,
-            source_device,
-            capture_time,
-            capture_method,
-            prior_custody,
+            filing,
             idempotency_key,
-            blake3,
-            sha256,
+            acquired,
             idle_timeout_secs,
         } => {
             let (api, token) = api.connect()?;
-            let acquired = client::Acquired { blake3, sha256 };
-            let filing = client::Filing {
-                case,
-                submitter,
-                media_type,
-                source_device,
-                capture_time,
-                capture_method,
-                prior_custody,
-            };
             let idle = std::time::Duration::from_secs(idle_timeout_secs.max(1));
             client::put(
                 &api,
