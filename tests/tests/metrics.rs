@@ -85,21 +85,35 @@ const CONDITIONAL_METRICS: &[(&str, &str)] = &[(
     "labelled by witness: a series only once a witness holds another tree",
 )];
 
+fn word(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_'
+}
+
+/// Where each `custodia_*` name in `e` begins and ends (a name within a
+/// longer word is none).
+fn custodia_names(e: &str) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while let Some(i) = e[at..].find("custodia_").map(|i| at + i) {
+        let end = i + e[i..].find(|c| !word(c)).unwrap_or(e.len() - i);
+        if !e[..i].ends_with(word) {
+            out.push((i, end));
+        }
+        at = end;
+    }
+    out
+}
+
 /// Every `custodia_*` name in `exprs`.
 fn metric_names<'a>(exprs: impl IntoIterator<Item = &'a str>) -> BTreeSet<String> {
-    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
-    let mut names = BTreeSet::new();
-    for e in exprs {
-        let mut at = 0;
-        while let Some(i) = e[at..].find("custodia_").map(|i| at + i) {
-            let len = e[i..].find(|c| !word(c)).unwrap_or(e.len() - i);
-            if !e[..i].ends_with(word) {
-                names.insert(e[i..i + len].to_owned());
-            }
-            at = i + len;
-        }
-    }
-    names
+    exprs
+        .into_iter()
+        .flat_map(|e| {
+            custodia_names(e)
+                .into_iter()
+                .map(|(i, end)| e[i..end].to_owned())
+        })
+        .collect()
 }
 
 /// Every selector in `exprs` that names a `custodia_*` metric with label
@@ -107,21 +121,17 @@ fn metric_names<'a>(exprs: impl IntoIterator<Item = &'a str>) -> BTreeSet<String
 /// with none is left out): what a rule or a panel reads only if the code
 /// exports those labels with those values.
 fn equality_selectors<'a>(exprs: impl IntoIterator<Item = &'a str>) -> BTreeSet<String> {
-    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
     let mut out = BTreeSet::new();
     for e in exprs {
-        let mut at = 0;
-        while let Some(i) = e[at..].find("custodia_").map(|i| at + i) {
-            let len = e[i..].find(|c| !word(c)).unwrap_or(e.len() - i);
-            let name = &e[i..i + len];
-            at = i + len;
-            if e[..i].ends_with(word) || !e[at..].starts_with('{') {
-                continue;
-            }
-            let Some(end) = e[at..].find('}').map(|j| at + j) else {
+        for (i, at) in custodia_names(e) {
+            let Some(inside) = e[at..]
+                .strip_prefix('{')
+                .and_then(|rest| rest.split_once('}'))
+                .map(|(inside, _)| inside)
+            else {
                 continue;
             };
-            let equal: Vec<String> = e[at + 1..end]
+            let equal: Vec<String> = inside
                 .split(',')
                 .filter_map(|m| {
                     let (label, value) = m.split_once('=')?;
@@ -136,9 +146,8 @@ fn equality_selectors<'a>(exprs: impl IntoIterator<Item = &'a str>) -> BTreeSet<
                 })
                 .collect();
             if !equal.is_empty() {
-                out.insert(format!("{name}{{{}}}", equal.join(",")));
+                out.insert(format!("{}{{{}}}", &e[i..at], equal.join(",")));
             }
-            at = end;
         }
     }
     out
