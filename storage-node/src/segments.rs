@@ -792,15 +792,7 @@ impl SegmentLog {
         else {
             return;
         };
-        // Whole pages: the kernel keeps a page the range only partly
-        // covers, and a record of a few KiB lies mostly on such pages.
-        let page = rustix::param::page_size() as u64;
-        let start = loc.off / page * page;
-        let end = (loc.off + u64::from(loc.len)).div_ceil(page) * page;
-        let len = std::num::NonZeroU64::new(end - start);
-        if let Err(e) = rustix::fs::fadvise(&*file, start, len, rustix::fs::Advice::DontNeed) {
-            tracing::debug!(error = %e, "could not drop a record's cached pages");
-        }
+        drop_cached_pages(&file, loc.off, Some(u64::from(loc.len)));
     }
 
     /// Appends `header` and `body` and waits until they are durable; returns
@@ -1928,6 +1920,20 @@ impl Dead {
         if !self.zeroed.contains(&(loc.seg, loc.off)) {
             self.erase.push((loc, evidence));
         }
+    }
+}
+
+/// Drops the page cache's clean pages of `file` from `off` for `len`
+/// bytes (to its end: `None`), so that the next read of them comes from the
+/// disk. Whole pages: the kernel keeps a page the range only partly covers,
+/// and a record of a few KiB lies mostly on such pages.
+pub(crate) fn drop_cached_pages(file: &File, off: u64, len: Option<u64>) {
+    let page = rustix::param::page_size() as u64;
+    let start = off / page * page;
+    let len =
+        len.and_then(|len| std::num::NonZeroU64::new((off + len).div_ceil(page) * page - start));
+    if let Err(e) = rustix::fs::fadvise(file, start, len, rustix::fs::Advice::DontNeed) {
+        tracing::debug!(error = %e, "could not drop cached pages");
     }
 }
 

@@ -339,6 +339,7 @@ pub struct ShardStore {
     /// them (see [`LISTING_KEPT`]).
     listings: Mutex<Vec<KeptListing>>,
     /// Fan-out directories read for listings (what keeping them saves).
+    #[cfg(test)]
     fanout_reads: AtomicU64,
     /// Evidence erased lately ([`ShardStore::erase_evidence`]), and when: a
     /// put of it is refused. A put under way when the erase began (a
@@ -526,6 +527,7 @@ impl ShardStore {
             any_unreadable: std::sync::atomic::AtomicBool::new(false),
             unreadable_counted: Mutex::default(),
             listings: Mutex::default(),
+            #[cfg(test)]
             fanout_reads: AtomicU64::new(0),
             expunged: Default::default(),
             read_buffers: Arc::new(BufferPool::new(READ_BUFFER_IDLE_BYTES)),
@@ -729,9 +731,7 @@ impl ShardStore {
         }
         if !self.direct_io() {
             if let Ok(file) = File::open(self.shard_path(key)) {
-                if let Err(e) = rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::DontNeed) {
-                    tracing::debug!(shard = %key, error = %e, "could not drop a shard file's cached pages");
-                }
+                crate::segments::drop_cached_pages(&file, 0, None);
             }
         }
         self.get(key)
@@ -1126,20 +1126,21 @@ impl ShardStore {
             let start = within.map_or(0, |a| keys.partition_point(|k| k <= a));
             for (at, &key) in keys.iter().enumerate().skip(start) {
                 // A packed record the disk could not read is named in
-                // quarantine already, and counted then.
-                if self
-                    .log
-                    .locate(&key)
-                    .is_some_and(|loc| self.marked_unreadable(&key, loc))
-                {
+                // quarantine already, and counted then: passed over while
+                // marked, and not counted again when, the mark lapsed, it
+                // still does not read.
+                let loc = self.log.locate(&key);
+                if loc.is_some_and(|loc| self.marked_unreadable(&key, loc)) {
                     continue;
                 }
+                let known = loc.is_some_and(|loc| self.known_unreadable(&key, loc));
                 match self.stat(&key) {
                     Ok(header) => out.push(header),
                     // Deleted since the directory was read.
                     Err(StoreError::NotFound) => {}
                     // Quarantined by `stat` (a torn or truncated file, a
                     // header naming another shard): counted, then absent.
+                    Err(StoreError::Corrupt(_)) if known => {}
                     Err(StoreError::Corrupt(_)) => *damaged += 1,
                     // One file that cannot even be opened or quarantined
                     // (its inode unreadable, a link where a file should be)
@@ -1188,6 +1189,7 @@ impl ShardStore {
         fanout: usize,
         unlistable: Option<&mut Vec<PathBuf>>,
     ) -> Result<(Arc<[ShardKey]>, bool), StoreError> {
+        #[cfg(test)]
         self.fanout_reads.fetch_add(1, Ordering::Relaxed);
         let dir = self.root.join(SHARDS_DIR).join(format!("{fanout:02x}"));
         let mut keys = self.log.keys_in(fanout as u8);
@@ -1536,8 +1538,9 @@ impl ShardStore {
     /// A segment record the disk could not read, again and again: named in
     /// `quarantine/` (an empty copy: nothing of it could be read to keep),
     /// where the gateway's listing finds it and rebuilds the shard, and
-    /// marked so that reads answer it corrupt and listings leave it out
-    /// until the node restarts. Neither tombstoned nor erased, as a record
+    /// marked so that reads answer it corrupt and listings leave it out for
+    /// [`UNREADABLE_RETRY`]; then it is read again, and unmarked if it
+    /// reads (a restart forgets the mark too). Neither tombstoned nor erased, as a record
     /// found damaged is, nor dropped from the index: the error may yet
     /// pass, and until the rebuild is done its bytes may be the last copy
     /// of that shard the stripe has. Compaction carries it over if it then
@@ -1557,14 +1560,33 @@ impl ShardStore {
         self.any_unreadable.store(true, Ordering::Relaxed);
         if first {
             tracing::error!(shard = %key, error = %e, "the disk could not read a packed shard; named in quarantine for repair, its record kept");
-            let name = format!("{}.{}", shard_file_name(key), uuid::Uuid::now_v7().simple());
-            let quarantine = self.root.join(QUARANTINE_DIR);
-            if let Err(e) = durable_write(&self.root.join(TMP_DIR), &quarantine, &name, &[], 0o644)
-            {
-                tracing::warn!(shard = %key, error = %e, "could not name an unreadable shard in quarantine");
-            }
+            self.name_in_quarantine(key, &uuid::Uuid::now_v7().simple().to_string());
         }
         StoreError::Corrupt(*key)
+    }
+
+    /// Names `key` in `quarantine/` with an empty `<shard file>.<suffix>`,
+    /// where the gateway's listing of quarantined shards finds it (for a
+    /// shard nothing of which could be read to keep); whether it did.
+    fn name_in_quarantine(&self, key: &ShardKey, suffix: &str) -> bool {
+        let name = format!("{}.{suffix}", shard_file_name(key));
+        let quarantine = self.root.join(QUARANTINE_DIR);
+        let named = durable_write(&self.root.join(TMP_DIR), &quarantine, &name, &[], 0o644);
+        if let Err(e) = &named {
+            tracing::warn!(shard = %key, error = %e, "could not name an unreadable shard in quarantine");
+        }
+        named.is_ok()
+    }
+
+    /// Whether the record of `key` at `loc` was marked unreadable, however
+    /// long ago (see [`Self::unreadable_small`]): its damage is counted.
+    fn known_unreadable(&self, key: &ShardKey, loc: Loc) -> bool {
+        self.any_unreadable.load(Ordering::Relaxed)
+            && self
+                .unreadable_packed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&(*key, loc))
     }
 
     /// Whether the record of `key` at `loc` is one the disk could not read
@@ -1626,20 +1648,16 @@ impl ShardStore {
     /// Returns whether it is news: not named already, nor (naming failing,
     /// on a full or read-only disk) seen since this process started.
     fn name_unreadable(&self, key: &ShardKey) -> bool {
-        let name = format!("{}.unreadable", shard_file_name(key));
-        let quarantine = self.root.join(QUARANTINE_DIR);
         let seen = !self
             .unreadable_counted
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(*key);
-        if quarantine.join(&name).exists() {
+        let name = format!("{}.unreadable", shard_file_name(key));
+        if self.root.join(QUARANTINE_DIR).join(name).exists() {
             return false;
         }
-        let named = durable_write(&self.root.join(TMP_DIR), &quarantine, &name, &[], 0o644);
-        if let Err(e) = named {
-            tracing::warn!(shard = %key, error = %e, "could not name an unreadable shard in quarantine");
-        }
+        self.name_in_quarantine(key, "unreadable");
         !seen
     }
 
@@ -3190,9 +3208,15 @@ mod tests {
         );
         assert!(store.unreadable_packed.lock().unwrap().is_empty());
         assert_eq!(store.list(None, 10).unwrap().len(), 1);
-        // Unreadable again, for the rest of the test.
+        // Unreadable again, for the rest of the test: named and counted
+        // once, not again when its mark lapses and it still fails.
         READS_FAIL.with(|f| f.set(100));
         assert!(matches!(store.get(&k), Err(StoreError::Corrupt(_))));
+        for at in store.unreadable_packed.lock().unwrap().values_mut() {
+            *at -= UNREADABLE_RETRY;
+        }
+        assert!(store.list(None, 10).unwrap().is_empty());
+        assert_eq!(store.take_listed_corrupt(), 0, "counted again");
         READS_FAIL.with(|f| f.set(0));
         // A restart serves it again (the error passed).
         drop(store);
@@ -3221,10 +3245,27 @@ mod tests {
     #[test]
     fn scrub_reads_a_packed_shard_from_the_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let fs_type = rustix::fs::statfs(dir.path()).unwrap().f_type;
-        // tmpfs (0x01021994) keeps files in the page cache alone.
-        if fs_type as i64 == 0x0102_1994 {
-            eprintln!("skipped: the temporary directory is on tmpfs, which has no disk to read");
+        let read_bytes = || -> Option<u64> {
+            let io = fs::read_to_string("/proc/self/io").ok()?;
+            io.lines()
+                .find_map(|l| l.strip_prefix("read_bytes: "))
+                .and_then(|v| v.trim().parse().ok())
+        };
+        // Where this can be seen at all: a file whose cached pages are
+        // dropped is read from a disk (not on tmpfs, which keeps files in
+        // the page cache alone, nor where the kernel keeps no I/O counts
+        // or the file system ignores the advice).
+        let control = dir.path().join("control");
+        fs::write(&control, vec![1u8; 1 << 16]).unwrap();
+        let file = File::open(&control).unwrap();
+        file.sync_all().unwrap();
+        crate::segments::drop_cached_pages(&file, 0, None);
+        let seen = read_bytes().and_then(|before| {
+            fs::read(&control).unwrap();
+            Some(read_bytes()? - before)
+        });
+        if seen.is_none_or(|n| n < 1 << 16) {
+            eprintln!("skipped: reads from the disk cannot be told from the page cache's here");
             return;
         }
         let store = ShardStore::open(dir.path()).unwrap();
@@ -3240,17 +3281,10 @@ mod tests {
             matches!(store.log.read_cached(&k, loc), Ok(ReadRecord::Shard(..))),
             "a shard just written is in the page cache"
         );
-        let read_bytes = || -> u64 {
-            let io = fs::read_to_string("/proc/self/io").unwrap();
-            io.lines()
-                .find_map(|l| l.strip_prefix("read_bytes: "))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap()
-        };
-        let before = read_bytes();
+        let before = read_bytes().unwrap_or(0);
         assert_eq!(store.get_from_disk(&k).unwrap().1, b);
         assert!(
-            read_bytes() - before >= b.len() as u64,
+            read_bytes().unwrap_or(0) - before >= b.len() as u64,
             "scrub read the page cache's copy"
         );
     }
