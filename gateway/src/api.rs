@@ -2735,12 +2735,15 @@ async fn node_lifecycle<S: Store>(
         async move { crate::lifecycle_archive::sync(&gw).await }
     });
     match tokio::time::timeout(Duration::from_secs(5), archiving).await {
-        Ok(Ok(Ok(_))) => {}
-        Ok(Ok(Err(e))) => {
-            tracing::warn!(%node, error = %e, "node decision not archived yet; retried shortly")
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(%node, error = %e, "node decision not archived yet; retried shortly")
+        Ok(archived) => {
+            let failed = match archived {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(e) = failed {
+                tracing::warn!(%node, error = %e, "node decision not archived yet; retried shortly")
+            }
         }
         Err(_) => tracing::warn!(%node, "node decision not archived within 5 s; retried shortly"),
     }

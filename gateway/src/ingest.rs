@@ -1471,15 +1471,15 @@ async fn store_stripe<S: Store>(
                     }
                     Err(e) => {
                         tracing::warn!(%node, shard = %header.key, error = %e, "shard put failed; trying the next ranked node");
+                        // Full (up and serving reads, only out of room),
+                        // or its disk failing (passed over for a while
+                        // should it answer probes still).
+                        gw.nodes.write_refused(node, &e);
                         if e.is_disk_full() {
-                            // Up and serving reads, only out of room.
-                            gw.nodes.mark_full(node, true);
                             full = true;
                         } else {
-                            // Down until its next probe, and passed over
-                            // for a while should it answer probes still.
+                            // Down until its next probe.
                             gw.nodes.mark(node, false);
-                            gw.nodes.write_failed(node, &e);
                         }
                         target = pop(spares);
                     }

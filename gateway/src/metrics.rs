@@ -65,8 +65,9 @@ pub struct GatewayMetrics {
     /// checkpoint that the openings archive lacks (0: complete), as last
     /// checked; `custodia_ledger_archive_checked_timestamp_seconds`: when;
     /// `custodia_ledger_archive_check_interval_seconds`: how often it is
-    /// to be (a check that stops, say on a credential that may write but
-    /// not list, leaves the gap at its last figure, 0 if none).
+    /// to be, 0 with no ledger or checks turned off (a check that stops,
+    /// say on a credential that may write but not list, leaves the gap at
+    /// its last figure, 0 if none).
     pub archive_gap: IntGauge,
     pub archive_checked: IntGauge,
     pub archive_check_interval: IntGauge,
@@ -360,7 +361,7 @@ impl GatewayMetrics {
             )?,
             archive_check_interval: gauge(
                 "custodia_ledger_archive_check_interval_seconds",
-                "How often the gateway integrating the ledger checks the openings archive (0: no ledger).",
+                "How often the gateway integrating the ledger checks the openings archive (0: no ledger, or checks turned off).",
             )?,
             reads_failed: reg(
                 r,
