@@ -47,7 +47,8 @@ fn status(api: &str, token: &str) -> Result<serde_json::Value> {
     crate::status::fetch(api, token)
 }
 
-/// Files `data` over and over from two threads until `stop`; counts bytes.
+/// Files `data` over and over from two threads until `stop` (or `limit`
+/// bytes are filed); returns when each filing completed.
 fn ingest_until(
     api: &str,
     token: &str,
@@ -263,6 +264,8 @@ pub async fn run(args: BenchRepairArgs) -> Result<()> {
 mod tests {
     use super::*;
     use crate::bench_ledger::{in_process, init};
+    use indexer::schema;
+    use protocol::{Blake3Hash, EvidenceId, NodeId, ShardPlacement, StripeRecord};
 
     /// Ingest during repair counts only filings done by the repair's end:
     /// one finishing two seconds after it adds nothing.
@@ -278,8 +281,6 @@ mod tests {
         assert_eq!(rate_within(&late, 10_000_000, start, end), rate);
         assert_eq!(rate_within(&late, 10_000_000, end, end), 0.0);
     }
-    use indexer::schema;
-    use protocol::{Blake3Hash, EvidenceId, NodeId, ShardPlacement, StripeRecord};
 
     type Gw = gateway::Gateway<indexer::EmbeddedStore>;
 

@@ -354,7 +354,7 @@ pub fn put(
             token,
             path,
             (meta, &key, idle),
-            (&blake3, &sha256, hashed),
+            (&blake3, &sha256, stamp),
         )
         .and_then(|mut resp| {
             let body = resp
@@ -550,6 +550,23 @@ impl Filing {
     }
 }
 
+/// How long `put` and `get` wait on a connection gone silent.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct Idle {
+    /// Give up when the connection takes or brings no byte for this long
+    /// (a dead connection): a get leaves nothing behind, a put's attempt
+    /// is tried again under its key. It bounds a get's wait for its
+    /// answer too.
+    #[arg(long = "idle-timeout-secs", default_value_t = 600, value_name = "SECS")]
+    pub secs: u64,
+}
+
+impl Idle {
+    pub fn duration(self) -> Duration {
+        Duration::from_secs(self.secs.max(1))
+    }
+}
+
 /// Hashes an acquisition recorded (an imaging tool's report): `put`
 /// refuses a file that is not those bytes before sending any.
 #[derive(Debug, Default, Clone, clap::Args)]
@@ -606,22 +623,22 @@ fn put_once(
     token: &str,
     path: &Path,
     (meta, key, idle): (&Filing, &str, Duration),
-    (blake3, sha256, hashed): (&protocol::Blake3Hash, &protocol::Sha256Hash, u64),
+    (blake3, sha256, stamp): (&protocol::Blake3Hash, &protocol::Sha256Hash, FileStamp),
 ) -> Result<ureq::http::Response<ureq::Body>, Attempt> {
     let file = File::open(path)
         .with_context(|| format!("opening {}", path.display()))
         .map_err(Attempt::Failed)?;
-    let len = file
-        .metadata()
-        .context("reading the file's length")
-        .map_err(Attempt::Failed)?
-        .len();
-    if len != hashed {
+    // As it was hashed, at each attempt (a retry comes seconds later).
+    let now = FileStamp::of(path).map_err(Attempt::Failed)?;
+    if now != stamp {
         return Err(Attempt::Failed(anyhow::anyhow!(
-            "{} changed while it was hashed ({hashed} bytes, now {len}); file it once it is complete",
-            path.display()
+            "{} changed since it was hashed ({} bytes, now {}); file it once it is complete",
+            path.display(),
+            stamp.len,
+            now.len
         )));
     }
+    let len = stamp.len;
     let pb = bar(len, "filing");
     // Exactly `len` bytes, as the length sent says: a file that shrinks
     // while it is sent fails the upload (a body that ends early would

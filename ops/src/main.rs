@@ -228,10 +228,8 @@ enum Command {
         idempotency_key: Option<String>,
         #[command(flatten)]
         acquired: client::Acquired,
-        /// Give an attempt up when the gateway takes no byte for this long
-        /// (a dead connection; attempts go on under the same key).
-        #[arg(long, default_value_t = 600, value_name = "SECS")]
-        idle_timeout_secs: u64,
+        #[command(flatten)]
+        idle: client::Idle,
     },
     /// The cluster at a glance: nodes (state, capacity, used, shards), the
     /// repair backlog, the ledger's size and checkpoint age.
@@ -305,10 +303,8 @@ enum Command {
         /// an earlier verified copy, is never overwritten).
         #[arg(long)]
         force: bool,
-        /// Give up when no byte arrives for this long (a dead connection),
-        /// leaving nothing behind.
-        #[arg(long, default_value_t = 600, value_name = "SECS")]
-        idle_timeout_secs: u64,
+        #[command(flatten)]
+        idle: client::Idle,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -1109,10 +1105,9 @@ async fn run(cli: Cli) -> Result<()> {
             filing,
             idempotency_key,
             acquired,
-            idle_timeout_secs,
+            idle,
         } => {
             let (api, token) = api.connect()?;
-            let idle = std::time::Duration::from_secs(idle_timeout_secs.max(1));
             client::put(
                 &api,
                 &token,
@@ -1120,7 +1115,7 @@ async fn run(cli: Cli) -> Result<()> {
                 &filing,
                 idempotency_key,
                 &acquired,
-                idle,
+                idle.duration(),
             )
         }
         Command::Verify {
@@ -1207,7 +1202,7 @@ async fn run(cli: Cli) -> Result<()> {
             id,
             output,
             force,
-            idle_timeout_secs,
+            idle,
             api,
         } => {
             // Interrupted, it leaves no partial download behind (the
@@ -1217,8 +1212,7 @@ async fn run(cli: Cli) -> Result<()> {
             let work = {
                 let partial = partial.clone();
                 tokio::task::spawn_blocking(move || {
-                    let idle = std::time::Duration::from_secs(idle_timeout_secs.max(1));
-                    client::get(&api, &token, &id, &output, force, idle, &partial)
+                    client::get(&api, &token, &id, &output, force, idle.duration(), &partial)
                 })
             };
             use tokio::signal::unix::{signal, SignalKind};

@@ -3224,11 +3224,13 @@ fn read_filing(s: &mut std::net::TcpStream) -> Result<Option<String>> {
 
 /// What `custodia put` and `get` cannot vouch for is refused, against a
 /// stand-in gateway: a file that grew while it was filed (a recording
-/// still being written: the filing holds it cut short), a file that is
-/// not the acquisition's (`--sha256`), a pipe, a download whose bytes are
-/// not the BLAKE3 the answer names, and an output path that is a
-/// directory (refused before any read is asked for, and so recorded).
-/// The key a put files under is said before it sends.
+/// still being written: the filing holds it cut short; exit 3), a file
+/// that is not the acquisition's (`--sha256`), a media type with a control
+/// character, a pipe, a download whose bytes are not the BLAKE3 the answer
+/// names, one that goes silent halfway (given up after
+/// `--idle-timeout-secs`, nothing left), and an output path that is a
+/// directory (refused before any read is asked for, and so recorded). The
+/// key a put files under is said before it sends.
 #[test]
 fn the_client_refuses_what_it_cannot_vouch_for() -> Result<()> {
     let dir = tempfile::tempdir()?;
