@@ -47,8 +47,10 @@ struct NodeState {
     /// probe: said when that starts, not at every probe.
     deny_failing: AtomicBool,
     /// When a write to it last failed other than for room (see
-    /// [`NodeSet::write_failed`]), if none has succeeded since.
-    write_failed: Mutex<Option<Instant>>,
+    /// [`NodeSet::write_failed`]), if none has succeeded since: ms since
+    /// [`CLOCK_BASE`] plus one, 0 for none. An atomic, not a lock: it is
+    /// read for every node at every stripe filed, and cleared at every put.
+    write_failed: AtomicU64,
 }
 
 /// How long a node whose writes fail is passed over for new shards and
@@ -183,7 +185,7 @@ impl NodeSet {
                 clock_offset_ms: Mutex::new(None),
                 probe_failure: Mutex::new(None),
                 deny_failing: AtomicBool::new(false),
-                write_failed: Mutex::new(None),
+                write_failed: AtomicU64::new(0),
             })
             .collect::<Vec<_>>();
         let labels = entries
@@ -348,8 +350,9 @@ impl NodeSet {
             return;
         }
         if let Some(n) = self.get(id) {
-            let was = lock(&n.write_failed).replace(Instant::now());
-            if was.is_none_or(|at| at.elapsed() >= WRITE_FAILURE_HOLD) {
+            let now = CLOCK_BASE.elapsed().as_millis() as u64 + 1;
+            let was = n.write_failed.swap(now, Ordering::Relaxed);
+            if was == 0 || now - was >= WRITE_FAILURE_HOLD.as_millis() as u64 {
                 tracing::warn!(node = %id, "writes to this node fail: new shards and rebuilds pass it over for a while");
             }
         }
@@ -368,7 +371,9 @@ impl NodeSet {
     /// A write to `id` succeeded: its writes are not failing.
     pub fn write_succeeded(&self, id: NodeId) {
         if let Some(n) = self.get(id) {
-            if lock(&n.write_failed).take().is_some() {
+            if n.write_failed.load(Ordering::Relaxed) != 0
+                && n.write_failed.swap(0, Ordering::Relaxed) != 0
+            {
                 tracing::info!(node = %id, "writes to this node succeed again");
             }
         }
@@ -385,13 +390,26 @@ impl NodeSet {
     /// with too few of those (the candidates then include nodes down),
     /// a down node no longer takes a home slot, and its connect timeout,
     /// ahead of a healthy spare.
+    ///
+    /// On every stripe filed: one pass over the nodes (`get` is a search,
+    /// once per ranked node it was quadratic in the cluster's size), and
+    /// nothing sorted when every node is ready.
     pub fn in_write_order(&self, mut ranked: Vec<NodeId>) -> Vec<NodeId> {
-        ranked.sort_by_key(|id| match self.get(*id) {
-            Some(n) if n.full.load(Ordering::Relaxed) => 2,
-            Some(n) if n.healthy.load(Ordering::Relaxed) && !writes_failing(n) => 0,
-            Some(_) => 1,
-            None => 2,
-        });
+        let later: std::collections::HashMap<NodeId, u8> = self
+            .nodes
+            .iter()
+            .filter_map(|n| {
+                let tier = match () {
+                    _ if n.full.load(Ordering::Relaxed) => 2,
+                    _ if n.healthy.load(Ordering::Relaxed) && !writes_failing(n) => return None,
+                    _ => 1,
+                };
+                Some((n.entry.node_id(), tier))
+            })
+            .collect();
+        if !later.is_empty() {
+            ranked.sort_by_key(|id| later.get(id).copied().unwrap_or(0));
+        }
         ranked
     }
 
@@ -900,8 +918,16 @@ impl NodeSet {
 }
 
 fn writes_failing(n: &NodeState) -> bool {
-    lock(&n.write_failed).is_some_and(|at| at.elapsed() < WRITE_FAILURE_HOLD)
+    match n.write_failed.load(Ordering::Relaxed) {
+        0 => false,
+        at => {
+            CLOCK_BASE.elapsed().as_millis() as u64 + 1 - at < WRITE_FAILURE_HOLD.as_millis() as u64
+        }
+    }
 }
+
+/// What [`NodeState::write_failed`] counts from.
+static CLOCK_BASE: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
 
 /// A probe's view of a node's room: its space (a Space answer, `Some(None)`
 /// from a node too old to know the request, `None` when it failed or timed
