@@ -100,6 +100,7 @@ DASHBOARDS = {
             panel("Node up (gateway's view)", "max by (node) (custodia_cluster_node_up)", legend=["node {{node}}"]),
             panel("Capacity, used, free (gateway's view: a node down still counts)", ["sum(max by (node) (custodia_cluster_node_capacity_bytes))", "sum(max by (node) (custodia_cluster_node_used_bytes))", "sum(max by (node) (custodia_cluster_node_free_bytes))"], "bytes", legend=["capacity", "used by shards", "free"]),
             panel("Free above reserve (full at 0: no new shards)", "max by (node) (clamp_min(custodia_cluster_node_free_bytes - custodia_cluster_node_reserve_bytes, 0))", "bytes", legend=["node {{node}}"]),
+            panel("Passed over for new shards (1: full, or disk failing writes)", ["max by (node) (custodia_cluster_node_full)", "max by (node) (custodia_cluster_node_writes_failing)"], legend=["full: node {{node}}", "writes failing: node {{node}}"], desc="A full node is down to its free-space reserve; a node whose disk failed a write is passed over for two minutes after each failure. Both still serve reads."),
             panel("Shards per node", "custodia_node_shards", legend=["node {{node}}"]),
             panel("Node requests per second", "sum by (op, result) (rate(custodia_node_requests_total[1m]))", "reqps", legend=["{{op}} {{result}}"]),
             panel("Node p99 latency by op", "histogram_quantile(0.99, sum by (op, le) (rate(custodia_node_request_duration_seconds_bucket[5m])))", "s", legend=["{{op}}"]),

@@ -2819,6 +2819,7 @@ async fn status<S: Store>(
                 "free_bytes": n.disk.map(|d| d.free_bytes),
                 "reserve_bytes": n.disk.map(|d| d.reserve_bytes),
                 "full": n.full,
+                "writes_failing": n.writes_failing,
                 "shards": n.disk.map(|d| d.shards),
                 "rtt_ms": n.rtt.map(|d| d.as_secs_f64() * 1000.0),
                 // Measured at each answered probe: a node not answering

@@ -178,6 +178,7 @@ pub struct GatewayMetrics {
     pub node_free: IntGaugeVec,
     pub node_reserve: IntGaugeVec,
     pub node_full: IntGaugeVec,
+    pub node_writes_failing: IntGaugeVec,
     /// `custodia_quic_connections`: open connections to nodes;
     /// `custodia_quic_rtt_seconds{node}`: each one's smoothed RTT.
     pub quic_connections: IntGauge,
@@ -538,6 +539,10 @@ impl GatewayMetrics {
                 "custodia_cluster_node_full",
                 "1 while a node takes no new shards because its free space is within its reserve.",
             )?,
+            node_writes_failing: node_gauge(
+                "custodia_cluster_node_writes_failing",
+                "1 while a node passes over new shards and rebuilds because its disk failed a write in the last two minutes.",
+            )?,
             quic_connections: gauge(
                 "custodia_quic_connections",
                 "Open QUIC connections from the gateway to nodes.",
@@ -754,6 +759,7 @@ pub async fn refresh<S: Store>(gw: &Gateway<S>) {
                 &m.node_free,
                 &m.node_reserve,
                 &m.node_full,
+                &m.node_writes_failing,
             ] {
                 let _ = g.remove_label_values(&[id.as_str()]);
             }
@@ -781,6 +787,9 @@ pub async fn refresh<S: Store>(gw: &Gateway<S>) {
         m.node_full
             .with_label_values(&[id.as_str()])
             .set(i64::from(n.full));
+        m.node_writes_failing
+            .with_label_values(&[id.as_str()])
+            .set(i64::from(n.writes_failing));
         // A node that is not answering has no current offset: its last
         // one would keep a skew alert firing for a node that is down.
         match n.clock_offset_ms.filter(|_| n.healthy) {

@@ -123,6 +123,9 @@ pub struct NodeView {
     pub disk: Option<DiskView>,
     /// Takes no new shards (its disk is down to its reserve).
     pub full: bool,
+    /// Its disk failed a write lately: new shards and rebuilds pass it
+    /// over for a while (see [`NodeSet::write_failed`]).
+    pub writes_failing: bool,
     /// Smoothed RTT of the open connection, if one is open.
     pub rtt: Option<Duration>,
     pub lifecycle: Lifecycle,
@@ -452,6 +455,7 @@ impl NodeSet {
                 }),
                 disk: *lock(&n.disk),
                 full: n.full.load(Ordering::Relaxed),
+                writes_failing: writes_failing(n),
                 rtt: rtts
                     .iter()
                     .find(|(a, _)| *a == n.entry.addr)
@@ -1219,8 +1223,18 @@ mod tests {
         nodes.write_failed(NodeId(2), &NodeError::Remote(ErrorCode::Io));
         assert!(nodes.writes_failing(NodeId(2)) && nodes.is_healthy(NodeId(2)));
         assert_eq!(ids(&nodes.write_candidates(6)), [0, 1, 3, 4, 5, 6, 7]);
+        // What status and the metrics show.
+        let failing = |nodes: &NodeSet| -> Vec<u32> {
+            let v = nodes.view();
+            v.iter()
+                .filter(|v| v.writes_failing)
+                .map(|v| v.id.0)
+                .collect()
+        };
+        assert_eq!(failing(&nodes), [2]);
         nodes.write_succeeded(NodeId(2));
         assert!(!nodes.writes_failing(NodeId(2)));
+        assert!(failing(&nodes).is_empty());
         assert_eq!(ids(&nodes.write_candidates(6)).len(), 8);
     }
 

@@ -38,9 +38,10 @@ pub fn bytes(v: Option<u64>) -> String {
 }
 
 /// A node's state column: health, then the lifecycle when not active and
-/// "full" when it takes no new shards, "new-disk" while the stripes of a
-/// node back with another disk are being queued (e.g. `up draining`,
-/// `up full`, `up new-disk`).
+/// "full" when it takes no new shards, "writes-failing" while its disk
+/// fails writes (passed over for new shards), "new-disk" while the stripes
+/// of a node back with another disk are being queued (e.g. `up draining`,
+/// `up full`, `up writes-failing`, `up new-disk`).
 fn state(n: &Value) -> String {
     let mut state = n["state"].as_str().unwrap_or("?").to_owned();
     if let Some(l) = n["lifecycle"].as_str().filter(|l| *l != "active") {
@@ -48,6 +49,9 @@ fn state(n: &Value) -> String {
     }
     if n["full"] == true {
         state.push_str(" full");
+    }
+    if n["writes_failing"] == true {
+        state.push_str(" writes-failing");
     }
     if n["reconciling"] == true {
         state.push_str(" new-disk");
@@ -392,7 +396,8 @@ mod tests {
             "code": {"k": 4, "m": 2},
             "nodes": [
                 {"id": 0, "state": "up", "addr": "127.0.0.1:7100", "capacity_bytes": 1u64 << 40,
-                 "used_bytes": 1u64 << 30, "free_bytes": 1u64 << 39, "shards": 12, "last_seen_s": 1.2},
+                 "used_bytes": 1u64 << 30, "free_bytes": 1u64 << 39, "shards": 12, "last_seen_s": 1.2,
+                 "writes_failing": true},
                 {"id": 1, "state": "down", "addr": "127.0.0.1:7101", "last_seen_s": null},
                 {"id": 2, "state": "up", "lifecycle": "draining", "full": true,
                  "addr": "127.0.0.1:7102", "last_seen_s": 0.4},
@@ -416,6 +421,8 @@ mod tests {
         assert!(row("2 ").contains("up draining full"), "{t}");
         assert!(row("3 ").contains("up full "), "{t}");
         assert!(!row("0 ").contains("full"), "{t}");
+        assert!(row("0 ").contains("up writes-failing"), "{t}");
+        assert!(!row("3 ").contains("writes-failing"), "{t}");
         assert!(t.contains("1.0 TiB") && t.contains("never"), "{t}");
         assert!(t.contains("down"), "{t}");
         assert!(t.contains("7 degraded stripes in 2 pieces"), "{t}");
