@@ -47,7 +47,8 @@ const MAX_LINE: usize = 1024;
 #[derive(Debug)]
 enum State {
     /// Reading a chunk's header line: its size so far, how many hex digits
-    /// gave it, whether the digits have ended, and the line's length.
+    /// gave it, whether the size has ended (at `;` or CR), and the line's
+    /// length.
     Line {
         size: u64,
         digits: u32,
@@ -142,8 +143,14 @@ impl Framing {
         }
     }
 
-    /// Reads `buf`; an error says why the body is refused. Malformed framing
-    /// other than a size too large is left to `s3s`, which refuses it.
+    /// Reads `buf`; an error says why the body is refused: a size too
+    /// large, or one `s3s` would read otherwise than here. It reads at most
+    /// the first 8 hex digits of the size (ignoring any after them, and
+    /// anything not hex up to `;` or CR): `000000010` would be 1 byte to
+    /// it and 16 here, and the framing read here would then drift from the
+    /// one it buffers, letting a 4 GiB chunk pass uncharged. So a size is
+    /// 1 to 8 hex digits, ended by `;` or CR, or the body is refused.
+    /// Other malformed framing is left to `s3s`, which refuses it.
     pub fn feed(&mut self, mut buf: &[u8]) -> Result<(), Refused> {
         while !buf.is_empty() {
             match &mut self.state {
@@ -175,6 +182,28 @@ impl Framing {
                             ),
                         });
                     }
+                    let malformed = |why: &str| Refused {
+                        code: "InvalidRequest",
+                        status: http::StatusCode::BAD_REQUEST,
+                        message: format!("an aws-chunked chunk size {why}"),
+                    };
+                    if !*ended {
+                        match (b as char).to_digit(16) {
+                            Some(_) if *digits == 8 => {
+                                return Err(malformed("of more than 8 hex digits"))
+                            }
+                            Some(v) => {
+                                *digits += 1;
+                                *size = *size * 16 + u64::from(v);
+                            }
+                            None if (b == b';' || b == b'\r') && *digits > 0 => *ended = true,
+                            None if *digits == 0 => return Err(malformed("is missing")),
+                            None => {
+                                return Err(malformed("must be hex digits ended by `;` or CRLF"))
+                            }
+                        }
+                        continue;
+                    }
                     if b == b'\n' {
                         let size = *size;
                         self.state = match size {
@@ -185,19 +214,6 @@ impl Framing {
                             },
                         };
                         self.charge(size)?;
-                        continue;
-                    }
-                    match (*ended, (b as char).to_digit(16)) {
-                        (false, Some(v)) => {
-                            *digits += 1;
-                            // Past 16 digits (leading zeros) it is no size
-                            // s3s reads either.
-                            *size = size.saturating_mul(16).saturating_add(u64::from(v));
-                            if *digits > 16 {
-                                *size = u64::MAX;
-                            }
-                        }
-                        _ => *ended = true,
                     }
                 }
             }
@@ -342,15 +358,35 @@ mod tests {
                 Err("EntityTooLarge"),
                 "piece {piece}"
             );
-            // Leading zeros do not hide a size, nor do many digits.
-            assert_eq!(
-                feed_in(&b, b"0000000000000000000000001\r\n", piece),
-                Err("EntityTooLarge")
-            );
             assert_eq!(
                 feed_in(&b, b"ffffffff;chunk-signature=00\r\n", piece),
                 Err("EntityTooLarge")
             );
+            // A size s3s would read otherwise: past 8 digits it reads only
+            // the first 8 (`000000010` is 1 byte to it), and it ignores
+            // what is not hex before `;` or CR. Were 16 bytes read here,
+            // its 4 GiB chunk after would pass uncharged as data.
+            let mut drift = b"000000010\r\nA\r\nffffffff\r\n".to_vec();
+            // (Read here as 16 bytes, the 8 of data end on the last
+            // chunk's header, after which all passes.)
+            drift.extend_from_slice(b"xxxxx0\r\n");
+            drift.extend(std::iter::repeat_n(b'a', 4096));
+            for bad in [
+                &drift[..],
+                b"0000000000000000000000001\r\n",
+                b"10zz;chunk-signature=00\r\n",
+                b"10 \r\n",
+                b"10\n",
+                b";chunk-signature=00\r\n",
+                b"\r\n",
+            ] {
+                assert_eq!(feed_in(&b, bad, piece), Err("InvalidRequest"), "{bad:?}");
+            }
+            // Eight digits, leading zeros or not, are the size.
+            let mut eight = b"00000010\r\n".to_vec();
+            eight.extend(std::iter::repeat_n(b'a', 16));
+            eight.extend_from_slice(b"\r\n0\r\n");
+            assert_eq!(feed_in(&b, &eight, piece), Ok(()));
             // Held by others: refused for now.
             let others = b.memory.clone().try_acquire_many_owned(6 << 10).unwrap();
             assert_eq!(
