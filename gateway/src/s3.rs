@@ -1278,7 +1278,7 @@ macro_rules! content_of {
         (
             $input.content_type.clone(),
             ix::ContentHeaders {
-                encoding: $input.content_encoding.clone(),
+                encoding: object_encoding($input.content_encoding.as_deref()),
                 disposition: $input.content_disposition.clone(),
                 language: $input.content_language.clone(),
                 cache_control: $input.cache_control.clone(),
@@ -1286,6 +1286,25 @@ macro_rules! content_of {
             },
         )
     };
+}
+
+/// The object's Content-Encoding, from a request's: less `aws-chunked`,
+/// which says how the request's body was framed (the AWS SDKs send it
+/// with every checksum trailer, `gzip,aws-chunked` when the object is
+/// gzipped), not how the object is: S3 drops it too. Kept, a GET would
+/// say the object is framed so, and, being coded, lose its checksum.
+fn object_encoding(encoding: Option<&str>) -> Option<String> {
+    let encoding = encoding?;
+    let chunked = |e: &str| e.trim().eq_ignore_ascii_case("aws-chunked");
+    if !encoding.split(',').any(chunked) {
+        return Some(encoding.to_owned());
+    }
+    let kept: Vec<&str> = encoding
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("aws-chunked"))
+        .collect();
+    (!kept.is_empty()).then(|| kept.join(","))
 }
 
 /// Whether `value` can be sent as an HTTP header's value.
@@ -1309,7 +1328,8 @@ fn sendable(v: &ObjectVersion) -> (Option<String>, ix::ContentHeaders, Vec<(Stri
     (
         keep(&v.content_type),
         ix::ContentHeaders {
-            encoding: keep(&c.encoding),
+            // Stored before `aws-chunked` was dropped on the way in.
+            encoding: keep(&c.encoding).and_then(|e| object_encoding(Some(&e))),
             disposition: keep(&c.disposition),
             language: keep(&c.language),
             cache_control: keep(&c.cache_control),
@@ -4131,6 +4151,23 @@ impl<S: Store> S3Front<S> {
 
 #[cfg(test)]
 mod tests {
+    /// `aws-chunked` is how a request was framed, never the object's
+    /// encoding; what else it names is kept.
+    #[test]
+    fn aws_chunked_is_not_the_objects_encoding() {
+        for (sent, kept) in [
+            (None, None),
+            (Some("aws-chunked"), None),
+            (Some("AWS-Chunked"), None),
+            (Some("gzip,aws-chunked"), Some("gzip")),
+            (Some("aws-chunked, gzip"), Some("gzip")),
+            (Some("gzip, br"), Some("gzip, br")),
+            (Some("identity"), Some("identity")),
+        ] {
+            assert_eq!(super::object_encoding(sent).as_deref(), kept, "{sent:?}");
+        }
+    }
+
     use super::{
         copy_range, http_date, if_range_holds, ms_to_ts, shown_retention, ts_to_ms, unmet,
         Conditions, LockMode, Retention, Unmet, LATEST_TS_MS,
