@@ -1644,6 +1644,12 @@ fn completion_checksums(
                 "{name}: a FULL_OBJECT checksum has no part count"
             ));
         }
+        if count.is_some() && name == "x-amz-checksum-crc64nvme" {
+            return Err(s3_error!(
+                InvalidRequest,
+                "{name} is always a FULL_OBJECT checksum: it has no part count"
+            ));
+        }
         if let Some(n) = count.filter(|n| *n != parts.len()) {
             return Err(s3_error!(
                 InvalidRequest,
@@ -1651,7 +1657,14 @@ fn completion_checksums(
                 parts.len()
             ));
         }
-        let whole = count.is_none() && (full_object || name == "x-amz-checksum-crc64nvme");
+        // A value without a part count is the whole object's, whatever
+        // type the request names or leaves out (the upload's type was
+        // given at its creation, which the complete need not repeat):
+        // checked over the assembled bytes, never taken unchecked. (A
+        // composite CRC or SHA-1 value `X-N` is checked for its part
+        // count only: the parts' own checksums of those kinds are not
+        // kept.)
+        let whole = count.is_none();
         match (whole, name) {
             (true, "x-amz-checksum-sha256") => whole_sha256 = sha256_header(Some(sum))?,
             (true, _) => wanted.push((name, Some(sum.to_owned()))),
