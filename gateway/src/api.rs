@@ -1626,6 +1626,26 @@ fn refuse_unread_headers(h: &http::HeaderMap) -> Result<(), ApiError> {
                     .into(),
             ));
         }
+        // What curl --data-binary sends unless told otherwise: notarized
+        // as the evidence's media type, and served with every read, it
+        // would call a video a web form for good.
+        if name == "content-type"
+            && h.get_all(name).iter().any(|v| {
+                v.to_str().is_ok_and(|t| {
+                    t.trim_start()
+                        .to_ascii_lowercase()
+                        .starts_with("application/x-www-form-urlencoded")
+                })
+            })
+        {
+            return Err(ApiError::UnsupportedMediaType(
+                "Content-Type application/x-www-form-urlencoded is what curl --data-binary \
+                 sends unless told the file's type, and would be notarized as this \
+                 evidence's media type; say it (-H 'Content-Type: video/mp4', or \
+                 application/octet-stream when unknown); nothing was filed"
+                    .into(),
+            ));
+        }
         if UNCHECKED_DIGESTS.contains(&name) || name.starts_with("x-amz-checksum-") {
             return Err(ApiError::BadRequest(format!(
                 "{name} is not checked here: send the acquisition hashes as \

@@ -171,7 +171,7 @@ impl Cluster {
     /// directory holding another cluster file that names them too are not.
     /// Where it cannot tell (a relative path, a file it cannot read), it
     /// lets the path be.
-    fn own_paths(&self, data_dir: &Path) -> Result<()> {
+    pub fn own_paths(&self, data_dir: &Path) -> Result<()> {
         use std::os::unix::fs::MetadataExt as _;
         // The same directory by any name (a bind mount, a symlink).
         let identity = |dir: &Path| fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()));

@@ -167,12 +167,14 @@ enum Command {
         #[command(flatten)]
         shape: ClusterShape,
     },
-    /// Manage credentials directly in the embedded index (the gateway must be
-    /// stopped). The only way to issue `expunger` credentials: no API caller,
+    /// Manage credentials: through the running gateway, or directly in the
+    /// embedded index with it stopped. The only way to issue `expunger`
+    /// credentials (on the index host, gateway stopped): no API caller,
     /// admins included, can mint one.
     #[command(subcommand)]
     Key(KeyCommand),
-    /// Manage tenants directly in the embedded index (the gateway must be stopped).
+    /// Manage tenants: through the running gateway if it holds the index,
+    /// else directly in the embedded index.
     #[command(subcommand)]
     Tenant(TenantCommand),
     /// The transparency ledger's keys.
@@ -345,7 +347,8 @@ enum Command {
         proof: Option<PathBuf>,
         /// With --consistency: the verifier key OLD is signed with, when
         /// the log's key was rotated since (`DATA_DIR/ledger.vkey.<old
-        /// origin>`); NEW is checked with --log-key. The tree goes on
+        /// origin>`, `/` and the like written `_`, as `ledger rotate-key`
+        /// prints it); NEW is checked with --log-key. The tree goes on
         /// across a rotation, so NEW must still extend OLD.
         #[arg(long, requires = "consistency")]
         old_log_key: Option<String>,
@@ -1062,6 +1065,9 @@ async fn run(cli: Cli) -> Result<()> {
             let config = match (cluster_file, data_dir) {
                 (Some(file), _) => {
                     let c = cluster::Cluster::load_file(&file)?;
+                    // A copy's cluster file naming the original's folders
+                    // would have this node serve, scrub and change those.
+                    c.own_paths(file.parent().unwrap_or(std::path::Path::new(".")))?;
                     let id = id.context("--id is required")?;
                     let n = c.node(id)?;
                     metrics = n.metrics_listen;

@@ -1782,9 +1782,11 @@ fn idempotency_and_declared_hashes() -> Result<()> {
         );
     }
     // A body this API would file as something else than the file meant: a
-    // form's envelope, or compressed bytes.
+    // form's envelope, or compressed bytes; or with a media type curl
+    // sends for any file unless told (notarized, it would stay wrong).
     for header in [
         ("content-type", "multipart/form-data; boundary=x"),
+        ("content-type", "application/x-www-form-urlencoded"),
         ("content-encoding", "gzip"),
     ] {
         let a = c.file_with(&c.token, &queried, &[header])?;
@@ -2987,6 +2989,32 @@ fn a_copied_data_dir_does_not_serve_the_originals_files() -> Result<()> {
             .count())
     };
     assert_eq!((nodes(&dir)?, nodes(&copy)?), (8, 8));
+    // Nor does a node started from the copy's cluster file serve (and
+    // scrub, and change) the original's folder: it exits at once.
+    let mut node = std::process::Command::new(custodia_tests::custodia_bin())
+        .args(["node", "--id", "0", "--cluster"])
+        .arg(copy.join("cluster.toml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = node.try_wait()? {
+            break Some(s);
+        }
+        if std::time::Instant::now() > deadline {
+            node.kill()?;
+            node.wait()?;
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut node.stderr.take().context("stderr")?, &mut err)?;
+    assert!(
+        status.is_some_and(|s| !s.success()) && err.contains("copied or moved"),
+        "{status:?} {err}"
+    );
     // The original is its own.
     assert!(custodia(&dir, &["node", "add"])?.status.success());
     Ok(())
