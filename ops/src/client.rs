@@ -556,7 +556,8 @@ pub struct Idle {
     /// Give up when the connection takes or brings no byte for this long
     /// (a dead connection): a get leaves nothing behind, a put's attempt
     /// is tried again under its key. It bounds a get's wait for its
-    /// answer too.
+    /// answer too; a put waits at least ten minutes for its answer, which
+    /// comes once the last stripes are stored.
     #[arg(long = "idle-timeout-secs", default_value_t = 600, value_name = "SECS")]
     pub secs: u64,
 }
