@@ -966,18 +966,43 @@ pub async fn sweep_orphans<S: Store>(
             let unreferenced = indexer::run(&gw.store, |tx| {
                 let page = &page;
                 async move {
-                    let (mut orphans, mut homeless) = (Vec::new(), Vec::new());
+                    let (mut orphans, mut homeless, mut unreadable) =
+                        (Vec::new(), Vec::new(), 0u64);
+                    // A record that does not decode (damage, or a newer
+                    // version's) says nothing of its shards: they are
+                    // kept, and the sweep goes on past them. (Failing the
+                    // page would fail every sweep from then on, at the
+                    // same shard: no orphan deleted, no copy adopted, on
+                    // any node, for good.) An intent that does not decode
+                    // is an intent: its shards are claimed.
+                    let has_intent = |e| {
+                        let tx = &tx;
+                        async move {
+                            match schema::get_intent_tx(tx, e).await {
+                                Ok(found) => Ok(found.is_some()),
+                                Err(schema::SchemaError::Decode(_)) => Ok(true),
+                                Err(e) => Err(e),
+                            }
+                        }
+                    };
                     for h in page {
                         let k = &h.key;
-                        let Some(rec) = schema::get_stripe_tx(&tx, k.evidence, k.stripe).await?
-                        else {
+                        let rec = match schema::get_stripe_tx(&tx, k.evidence, k.stripe).await {
+                            Ok(rec) => rec,
+                            Err(schema::SchemaError::Decode(_)) => {
+                                unreadable += 1;
+                                continue;
+                            }
+                            Err(e) => return Err(e),
+                        };
+                        let Some(rec) = rec else {
                             // An upload in flight writes its stripe records
                             // in batches after the shards: its intent covers
                             // them.
                             // Nor is evidence recovery found no record of
                             // (perhaps a filing the archive had not caught
                             // up with) swept before an operator says so.
-                            if schema::get_intent_tx(&tx, k.evidence).await?.is_none()
+                            if !has_intent(k.evidence).await?
                                 && !schema::is_unclaimed_tx(&tx, k.evidence).await?
                             {
                                 orphans.push((*k, true));
@@ -998,19 +1023,29 @@ pub async fn sweep_orphans<S: Store>(
                             s.node.is_none() && (s.blake3 == h.blake3 || s.blake3 == unknown)
                         }) {
                             homeless.push(*k);
-                        } else if schema::get_intent_tx(&tx, k.evidence).await?.is_none() {
+                        } else if !has_intent(k.evidence).await? {
                             // A copy of a stripe the index knows, placed
                             // elsewhere now (a repair's old copy on a node
                             // that was away).
                             orphans.push((*k, false));
                         }
                     }
-                    Ok::<_, schema::SchemaError>((orphans, homeless))
+                    Ok::<_, schema::SchemaError>((orphans, homeless, unreadable))
                 }
             })
             .await;
             let (unreferenced, homeless) = match unreferenced {
-                Ok(u) => u,
+                Ok((u, h, 0)) => (u, h),
+                Ok((u, h, unreadable)) => {
+                    tracing::warn!(
+                        %node,
+                        shards = unreadable,
+                        "orphan sweep kept shards whose stripe records do not decode (damaged, \
+                         or a newer version's): `custodia repair --verify-all` names them"
+                    );
+                    sweep.complete = false;
+                    (u, h)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "orphan sweep could not read the index");
                     sweep.complete = false;

@@ -381,6 +381,17 @@ fn orphan_shards_are_collected_after_their_grace_and_nothing_else_is() -> Result
         let r = c.file(&data)?;
         filed.push((r["id"].as_str().unwrap_or_default().to_owned(), data));
     }
+    // One more, whose stripe record is damaged (or a newer version's): its
+    // shards, on six of the eight nodes, say nothing the sweep can read,
+    // and it goes on past them. (It failed every sweep at the first.)
+    let damaged: protocol::EvidenceId = c.file(&bytes(20_000, 89))?["id"]
+        .as_str()
+        .context("id")?
+        .parse()?;
+    c.kill_gateway();
+    garble_stripe_record(&c, damaged)?;
+    c.start_gateway()?;
+    c.wait_healthy(8)?;
     // A copy of a shard of node 1 lands on node 2, which holds no shard of
     // that name: what an interrupted repair or upload leaves behind.
     let on_2: std::collections::HashSet<_> = c
@@ -420,6 +431,27 @@ fn orphan_shards_are_collected_after_their_grace_and_nothing_else_is() -> Result
     for (id, data) in &filed {
         assert_eq!(&c.read(id)?, data, "{id}");
     }
+    let log = std::fs::read_to_string(c.data_dir().join("gateway.log"))?;
+    assert!(
+        log.contains("orphan sweep kept shards whose stripe records do not decode"),
+        "not said"
+    );
+    Ok(())
+}
+
+/// Stripe 0's record of `id` ("S", evidence, stripe) in the stopped
+/// gateway's index, garbled.
+fn garble_stripe_record(c: &TestCluster, id: protocol::EvidenceId) -> Result<()> {
+    let store = indexer::EmbeddedStore::open(&c.data_dir().join("index.redb"))?;
+    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+    rt.block_on(indexer::run(&store, |tx| async move {
+        use indexer::kv::Transaction;
+        let mut key = vec![b'S'];
+        key.extend_from_slice(id.as_bytes());
+        key.extend_from_slice(&0u64.to_be_bytes());
+        tx.set(&key, b"\xffnot a stripe record");
+        Ok::<_, indexer::KvError>(())
+    }))?;
     Ok(())
 }
 
@@ -765,19 +797,7 @@ fn verify_all_says_what_it_could_not_read() -> Result<()> {
         .context("id")?
         .parse()?;
     c.kill_gateway();
-    {
-        let store = indexer::EmbeddedStore::open(&c.data_dir().join("index.redb"))?;
-        let rt = tokio::runtime::Builder::new_current_thread().build()?;
-        rt.block_on(indexer::run(&store, |tx| async move {
-            use indexer::kv::Transaction;
-            // Stripe 0's record ("S", evidence, stripe), garbled.
-            let mut key = vec![b'S'];
-            key.extend_from_slice(id.as_bytes());
-            key.extend_from_slice(&0u64.to_be_bytes());
-            tx.set(&key, b"\xffnot a stripe record");
-            Ok::<_, indexer::KvError>(())
-        }))?;
-    }
+    garble_stripe_record(&c, id)?;
     c.start_gateway()?;
     c.wait_healthy(8)?;
     let out = c.cli(&["repair", "--verify-all", "--patience-secs", "10"])?;
