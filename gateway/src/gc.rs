@@ -1185,7 +1185,10 @@ pub async fn sweep_orphans<S: Store>(
                 .renewed(gw, lease.delete_shard(gw, (node, addr), key))
                 .await
             {
-                Some(Ok(_)) => {
+                // Gone already (another gateway's sweep, on the same
+                // hourly phase, took it): not counted twice.
+                Some(Ok(false)) => {}
+                Some(Ok(true)) => {
                     sweep.deleted += 1;
                     gw.metrics.orphans_deleted.inc();
                     tracing::info!(%node, shard = %key, "orphan shard deleted");

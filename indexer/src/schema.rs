@@ -826,6 +826,20 @@ pub async fn abort_if_stale_tx<T: Transaction>(
     }
 }
 
+/// Checks `evidence`'s intent is an aborted one; the store's errors (a
+/// transaction to retry) are passed on as they are, not taken for a
+/// missing intent.
+async fn aborted_intent_tx<T: Transaction>(
+    tx: &T,
+    evidence: EvidenceId,
+) -> Result<(), SchemaError> {
+    match live_intent_tx(tx, evidence).await {
+        Err(SchemaError::IntentAborted(_)) => Ok(()),
+        Err(e @ SchemaError::Kv(_)) => Err(e),
+        _ => Err(SchemaError::NoIntent(evidence)),
+    }
+}
+
 /// Forgets the records of some stripes of an aborted upload whose shards are
 /// deleted, so later GC passes retry only the rest.
 pub async fn forget_aborted_stripes_tx<T: Transaction>(
@@ -833,11 +847,7 @@ pub async fn forget_aborted_stripes_tx<T: Transaction>(
     evidence: EvidenceId,
     stripes: &[u64],
 ) -> Result<(), SchemaError> {
-    live_intent_tx(tx, evidence)
-        .await
-        .err()
-        .filter(|e| matches!(e, SchemaError::IntentAborted(_)))
-        .ok_or(SchemaError::NoIntent(evidence))?;
+    aborted_intent_tx(tx, evidence).await?;
     clear_stripes(tx, evidence, stripes);
     Ok(())
 }
@@ -870,11 +880,7 @@ pub async fn forget_aborted_tx<T: Transaction>(
     tx: &T,
     evidence: EvidenceId,
 ) -> Result<(), SchemaError> {
-    live_intent_tx(tx, evidence)
-        .await
-        .err()
-        .filter(|e| matches!(e, SchemaError::IntentAborted(_)))
-        .ok_or(SchemaError::NoIntent(evidence))?;
+    aborted_intent_tx(tx, evidence).await?;
     tx.clear(&evidence_key(INTENT, &evidence));
     for tag in [STRIPE, OUTBOARD, DEGRADED, REPAIR_LEASE, LOST] {
         let prefix = evidence_key(tag, &evidence);
@@ -1729,6 +1735,32 @@ pub fn utc_ms(ms: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    /// A store's error while forgetting an aborted upload (here a
+    /// transaction too old, which a fresh one cures) is passed on for the
+    /// retry loop, not taken for an intent that is not there.
+    #[tokio::test]
+    async fn a_store_error_is_not_taken_for_a_missing_intent() {
+        use crate::KvStore as _;
+        let dir = tempfile::tempdir().unwrap();
+        let s = crate::embedded::EmbeddedStore::open(&dir.path().join("index.redb")).unwrap();
+        let id = EvidenceId::new(1, [6; 10]);
+        let tx = s.begin().unwrap();
+        assert!(matches!(
+            super::forget_aborted_tx(&tx, id).await,
+            Err(SchemaError::NoIntent(_))
+        ));
+        tokio::time::sleep(crate::kv::MAX_TRANSACTION_AGE + std::time::Duration::from_millis(50))
+            .await;
+        assert!(matches!(
+            super::forget_aborted_tx(&tx, id).await,
+            Err(SchemaError::Kv(crate::KvError::TooOld))
+        ));
+        assert!(matches!(
+            super::forget_aborted_stripes_tx(&tx, id, &[0]).await,
+            Err(SchemaError::Kv(crate::KvError::TooOld))
+        ));
+    }
 
     /// A stripe record this build cannot decode does not stop a walk of an
     /// evidence's stripes: it comes as `None`, the others as they are.
