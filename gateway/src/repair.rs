@@ -1179,6 +1179,24 @@ pub fn crowded(held: &[Domain], free: &BTreeMap<Domain, usize>) -> Vec<usize> {
 
 /// The sum of the squared number of shards per failure domain: lower is
 /// more even (what a move out of a crowded domain must lower).
+/// Whether placing `rebuild`'s shards on `homes` (in order) spreads the
+/// stripe `rec` over failure domains more evenly than it is now.
+fn evens_spread(
+    rec: &StripeRecord,
+    rebuild: &[usize],
+    homes: &[NodeId],
+    domain: impl Fn(NodeId) -> Domain,
+) -> bool {
+    let now = rec.shards.iter().filter_map(|p| p.node);
+    let then = rec.shards.iter().enumerate().filter_map(|(i, p)| {
+        match rebuild.iter().position(|&r| r == i) {
+            Some(at) => homes.get(at).copied(),
+            None => p.node,
+        }
+    });
+    spread_cost(then.map(&domain)) < spread_cost(now.map(&domain))
+}
+
 fn spread_cost(domains: impl Iterator<Item = Domain>) -> usize {
     let mut count: HashMap<Domain, usize> = HashMap::new();
     for d in domains {
@@ -1865,6 +1883,9 @@ async fn repair_leased<S: Store>(
     // nothing else ails the stripe, and only while the move makes its
     // spread more even, so that no shard moves back and forth.
     let mut relocating = on_draining;
+    // Whether `relocating` are crowded shards (moved only to even the
+    // spread, which their final homes must then still do).
+    let mut crowding = false;
     if moving.is_empty() && order.len() == total {
         let crowded = nodes.spread.crowded(&rec);
         if !crowded.is_empty() {
@@ -1881,6 +1902,7 @@ async fn repair_leased<S: Store>(
             let after = spread_cost(holders.iter().chain(&targets).map(domain));
             if targets.len() == crowded.len() && after < before {
                 relocating = crowded;
+                crowding = true;
             }
         }
     }
@@ -2074,6 +2096,26 @@ async fn repair_leased<S: Store>(
         .zip(homes)
         .filter_map(|(&i, home)| Some((i, home?)))
         .unzip();
+    // Crowded shards move only to a more even spread. The homes chosen
+    // here may not be those the move was judged by (its node-to-node copy
+    // failed: the target full, or its disk failing, and passed over now):
+    // moved to the next node free, three shards could share one domain
+    // where two did. Such shards stay; damage found meanwhile is still
+    // rebuilt.
+    let (rebuild, homes) =
+        if crowding && !evens_spread(&rec, &rebuild, &homes, |n| nodes.spread.domain(gw, n)) {
+            rebuild
+                .into_iter()
+                .zip(homes)
+                .filter(|(i, _)| !relocating.contains(i) || damaged.contains(i))
+                .unzip()
+        } else {
+            (rebuild, homes)
+        };
+    if rebuild.is_empty() {
+        recycle(gw, shards);
+        return Ok(Outcome::Waiting);
+    }
     let all_counted = all_counted && rebuild.len() == rebuilt_wanted;
     let mut next = rec.clone();
     let mut written: Vec<(usize, NodeId)> = Vec::new();
@@ -2850,6 +2892,41 @@ async fn found_whole<S: Store>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A crowded shard's move is judged again by the home it finally gets:
+    /// racks A (nodes 1-3), B (4, 5), C (6), D (7), E (8), RS(4,2) on
+    /// 1, 2, 4, 5, 6, 7. B's shard to E evens the spread; to A's free
+    /// node (E refused the copy) it would crowd A with three.
+    #[test]
+    fn a_crowded_shard_moves_only_to_an_emptier_domain() {
+        let rack = |n: NodeId| {
+            Domain::Label(
+                match n.0 {
+                    1..=3 => "a",
+                    4 | 5 => "b",
+                    6 => "c",
+                    7 => "d",
+                    _ => "e",
+                }
+                .into(),
+            )
+        };
+        let rec = protocol::StripeRecord {
+            version: 1,
+            shard_len: 1,
+            shards: [1, 2, 4, 5, 6, 7]
+                .map(|n| protocol::ShardPlacement {
+                    node: Some(NodeId(n)),
+                    blake3: Blake3Hash([n as u8; 32]),
+                })
+                .to_vec(),
+        };
+        assert!(evens_spread(&rec, &[2], &[NodeId(8)], rack));
+        assert!(!evens_spread(&rec, &[2], &[NodeId(3)], rack));
+        // Within B, or to a node of a domain as full: no better.
+        assert!(!evens_spread(&rec, &[2], &[NodeId(5)], rack));
+        assert!(!evens_spread(&rec, &[4], &[NodeId(7)], rack));
+    }
 
     /// A fenced delete's time is the lease's end less the margin, by the
     /// node's clock: later for a node whose clock runs ahead, earlier for
