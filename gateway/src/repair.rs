@@ -1749,9 +1749,16 @@ impl StripeLease {
                 stripe: self.stripe,
                 index: i as u8,
             };
+            // A node whose clock is not measured yet gets no fenced
+            // delete: its copy is left for the orphan sweep, and the
+            // others still go.
+            if gw.nodes.clock_offset_ms(node).is_none() {
+                tracing::debug!(shard = %key, %node, "node's clock not measured yet: its copy is left for the orphan sweep");
+                continue;
+            }
             match self.delete_shard(gw, (node, addr), key).await {
                 None => {
-                    tracing::warn!(evidence = %self.evidence, stripe = self.stripe, left = copies.len() - n, "repair lease no longer held (or the node's clock not yet measured): copies left for the orphan sweep");
+                    tracing::warn!(evidence = %self.evidence, stripe = self.stripe, left = copies.len() - n, "repair lease no longer held: copies left for the orphan sweep");
                     return;
                 }
                 Some(Ok(_)) => {}
