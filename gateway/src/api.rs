@@ -72,10 +72,12 @@ pub struct Gateway<S: Store> {
     sweep_asked: std::sync::Mutex<Option<std::time::Instant>>,
     /// What the ledger's openings archive holds of the node decisions.
     pub lifecycle_archive: crate::lifecycle_archive::Archived,
-    /// Set while a repair pass has stripes to rebuild: ingest then stores
-    /// at most `repair_ingest_stripes` stripes at once (across all uploads),
-    /// so repair gets its share of the machine.
-    pub repairing: std::sync::atomic::AtomicBool,
+    /// How many stripes repair is reading and rebuilding here now: while
+    /// any, ingest stores at most `repair_ingest_stripes` stripes at once
+    /// (across all uploads), so repair gets its share of the machine. (A
+    /// backlog that cannot move, with nowhere to put its shards or nodes
+    /// within their grace, holds nothing back.)
+    pub repairing: std::sync::atomic::AtomicUsize,
     pub ingest_gate: tokio::sync::Semaphore,
     /// KiB of stripes being coded and stored across all uploads
     /// ([`GatewayConfig::ingest_memory_bytes`]).
@@ -486,7 +488,7 @@ impl<S: Store> Gateway<S> {
             sweep_wake: tokio::sync::Notify::new(),
             sweep_asked: std::sync::Mutex::new(None),
             lifecycle_archive: Default::default(),
-            repairing: std::sync::atomic::AtomicBool::new(false),
+            repairing: std::sync::atomic::AtomicUsize::new(0),
             ingest_gate,
             ingest_memory,
             read_memory,

@@ -203,7 +203,9 @@ pub struct GatewayConfig {
     /// (`custodia recover-index` rebuilds an index from the nodes) raises it.
     #[serde(default = "default_orphan_sweep_max_evidence")]
     pub orphan_sweep_max_evidence: u64,
-    /// While repair has stripes to rebuild, ingest stores at most this many
+    /// While repair reads and rebuilds stripes here (not while its backlog
+    /// waits: nowhere to put shards, nodes within their grace), ingest
+    /// stores at most this many
     /// stripes at once across all uploads (0: no limit), leaving repair its
     /// share of CPU and network. Lower favours healing, higher favours filing.
     #[serde(default = "default_repair_ingest_stripes")]

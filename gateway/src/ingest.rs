@@ -1398,7 +1398,7 @@ async fn store_stripe<S: Store>(
 ) -> Result<StripeRecord, ApiError> {
     // While repair works, filings share the machine with it (see
     // `repair_ingest_stripes`): held until this stripe is stored.
-    let _turn = if gw.repairing.load(std::sync::atomic::Ordering::Relaxed) {
+    let _turn = if gw.repairing.load(std::sync::atomic::Ordering::Relaxed) > 0 {
         gw.ingest_gate.acquire().await.ok()
     } else {
         None

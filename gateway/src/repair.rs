@@ -1006,22 +1006,20 @@ pub(crate) async fn mark_degraded<S: Store>(
     Ok(())
 }
 
-/// Sets [`Gateway::repairing`] for as long as it lives.
-struct Repairing<'a>(&'a std::sync::atomic::AtomicBool);
+/// Counts a stripe in [`Gateway::repairing`] for as long as it lives.
+struct Repairing<'a>(&'a std::sync::atomic::AtomicUsize);
 
 impl<'a> Repairing<'a> {
-    fn start<S: Store>(gw: &'a Gateway<S>, on: bool) -> Option<Self> {
-        on.then(|| {
-            gw.repairing
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            Repairing(&gw.repairing)
-        })
+    fn start<S: Store>(gw: &'a Gateway<S>) -> Self {
+        gw.repairing
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Repairing(&gw.repairing)
     }
 }
 
 impl Drop for Repairing<'_> {
     fn drop(&mut self) {
-        self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -1260,8 +1258,6 @@ pub async fn pass<S: Store>(
         Some((e, s, _)) if queued.len() == PASS_STRIPES => Some((*e, *s)),
         _ => None,
     };
-    // Filings yield part of the machine while there is work here.
-    let _yield = Repairing::start(gw, !queued.is_empty());
     let nodes = Arc::new(PassNodes::now(gw));
     let mut report = PassReport::default();
     let mut outcomes = futures::stream::iter(queued)
@@ -1993,6 +1989,8 @@ async fn repair_leased<S: Store>(
             return Ok(Outcome::Waiting);
         }
     }
+    // Filings yield part of the machine while shards pass through here.
+    let _yield = Repairing::start(gw);
     let checks = futures::future::join_all(spare.iter().map(|&i| {
         let rec = &rec;
         async move { (i, check_shard(gw, evidence, stripe, i, rec).await) }
