@@ -486,6 +486,29 @@ fn s3_err(e: ApiError) -> S3Error {
             err.set_status_code(http::StatusCode::BAD_REQUEST);
             return err;
         }
+        // A signed chunk whose signature does not match is a forged or
+        // tampered request, not a body cut short; framing s3s cannot parse
+        // is a malformed one. (By name, as above: s3s's
+        // `AwsChunkedStreamError` reaches here as text.)
+        ApiError::BodyIncomplete(m) if m.contains("AwsChunkedStreamError: SignatureMismatch") => (
+            C::SignatureDoesNotMatch,
+            "an aws-chunked chunk's signature does not match its data; nothing was stored".into(),
+        ),
+        ApiError::BodyIncomplete(m)
+            if [
+                "AwsChunkedStreamError: FormatError",
+                "AwsChunkedStreamError: ChunkMetaTooLarge",
+                "AwsChunkedStreamError: TrailersTooLarge",
+                "AwsChunkedStreamError: TooManyTrailerHeaders",
+            ]
+            .iter()
+            .any(|why| m.contains(why)) =>
+        {
+            (
+                C::InvalidRequest,
+                format!("malformed aws-chunked body ({m}); nothing was stored"),
+            )
+        }
         ApiError::BodyIncomplete(_) => (C::IncompleteBody, e.to_string()),
         ApiError::BodyIdle(_) => (C::RequestTimeout, e.to_string()),
         // S3 has no code for a full cluster; 503 with the reason.
@@ -4164,6 +4187,26 @@ impl<S: Store> S3Front<S> {
 
 #[cfg(test)]
 mod tests {
+    /// A tampered signed chunk is answered as such (403), malformed framing
+    /// as a malformed request, a body cut short as incomplete.
+    #[test]
+    fn aws_chunked_failures_are_named_for_what_they_are() {
+        use crate::error::ApiError;
+        for (said, code, status) in [
+            (
+                "AwsChunkedStreamError: SignatureMismatch",
+                "SignatureDoesNotMatch",
+                403,
+            ),
+            ("AwsChunkedStreamError: FormatError", "InvalidRequest", 400),
+            ("AwsChunkedStreamError: Incomplete", "IncompleteBody", 400),
+        ] {
+            let e = super::s3_err(ApiError::BodyIncomplete(said.into()));
+            assert_eq!(e.code().as_str(), code, "{said}");
+            assert_eq!(e.status_code().map(|s| s.as_u16()), Some(status), "{said}");
+        }
+    }
+
     /// `aws-chunked` is how a request was framed, never the object's
     /// encoding; what else it names is kept.
     #[test]

@@ -266,6 +266,26 @@ fn aws_chunked_trailers_are_verified_after_the_last_byte() -> Result<()> {
             }
         }
     }
+    // A chunk header s3s cannot parse (an extension that is no chunk
+    // signature): a malformed request, not a body cut short.
+    let mut framed = b"10;bogus\r\n".to_vec();
+    framed.extend(&data[..16]);
+    framed.extend(
+        format!(
+            "\r\n0\r\nx-amz-checksum-sha256:{}\r\n\r\n",
+            sha(&data[..16])
+        )
+        .bytes(),
+    );
+    let url = format!("{}/trail/garbled", c.s3);
+    let (h, body) = put_chunked(&c, &url, "garbled", &framed, 16)?;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert!(
+        h.starts_with("http/1.1 400") && body.contains("InvalidRequest"),
+        "{h}{body}"
+    );
+    let (h, _) = curl(&c, "HEAD", &url, &[])?;
+    assert!(h.starts_with("http/1.1 404"), "nothing stored: {h}");
     // Sent chunked (no Content-Length, so no length to fall short of) and
     // cut off after whole chunks, before the final empty one: refused as
     // incomplete. (s3s takes unsigned chunks only with a trailer, whose
