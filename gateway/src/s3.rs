@@ -1554,6 +1554,43 @@ fn checked_body(
     if let Some(other) = announced.iter().find(|a| !NAMES.contains(&a.as_str())) {
         return Err(s3_error!(InvalidArgument, "unsupported trailer {other:?}"));
     }
+    // Refused before the body is read, as S3 does, rather than found
+    // unequal after all of it: a value that is no checksum of its kind,
+    // or more than one checksum.
+    for name in NAMES {
+        let Some(value) = headers.get(name) else {
+            continue;
+        };
+        use base64::Engine as _;
+        let len = match name {
+            "x-amz-checksum-crc32" | "x-amz-checksum-crc32c" => 4,
+            "x-amz-checksum-crc64nvme" => 8,
+            "x-amz-checksum-sha1" => 20,
+            _ => 32,
+        };
+        let decoded = value.to_str().ok().and_then(|v| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v.trim())
+                .ok()
+        });
+        if decoded.is_none_or(|d| d.len() != len) {
+            return Err(s3_error!(
+                InvalidRequest,
+                "{name} must be the base64 of a {}-bit checksum",
+                len * 8
+            ));
+        }
+    }
+    let sent = NAMES
+        .iter()
+        .filter(|n| headers.contains_key(**n) || announced.iter().any(|a| a == *n))
+        .count();
+    if sent > 1 {
+        return Err(s3_error!(
+            InvalidRequest,
+            "expecting a single x-amz-checksum- header or trailer; several checksum types are not allowed"
+        ));
+    }
     let body: Body = match body {
         None => Box::pin(futures::stream::empty()),
         Some(b) => Box::pin(b.map(|r| r.map_err(|e| e.to_string()))),

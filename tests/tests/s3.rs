@@ -286,6 +286,30 @@ fn aws_chunked_trailers_are_verified_after_the_last_byte() -> Result<()> {
     );
     let (h, _) = curl(&c, "HEAD", &url, &[])?;
     assert!(h.starts_with("http/1.1 404"), "nothing stored: {h}");
+    // A checksum header that is none (not base64, or of another length),
+    // or two kinds at once: refused before the body, as S3 does.
+    for headers in [
+        &["x-amz-checksum-crc32: zz"][..],
+        &["x-amz-checksum-crc32: AAAAAAAA"][..],
+        &[
+            "x-amz-checksum-crc32: AAAAAA==",
+            "x-amz-checksum-sha1: AAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        ][..],
+    ] {
+        let url = format!("{}/trail/checksums", c.s3);
+        let mut args = vec!["--data-binary", "sixteen bytes!!!"];
+        for h in headers {
+            args.extend(["-H", *h]);
+        }
+        let (h, body) = curl(&c, "PUT", &url, &args)?;
+        let body = String::from_utf8_lossy(&body).into_owned();
+        assert!(
+            h.starts_with("http/1.1 400") && body.contains("InvalidRequest"),
+            "{headers:?}: {h}{body}"
+        );
+        let (h, _) = curl(&c, "HEAD", &url, &[])?;
+        assert!(h.starts_with("http/1.1 404"), "nothing stored: {h}");
+    }
     // Sent chunked (no Content-Length, so no length to fall short of) and
     // cut off after whole chunks, before the final empty one: refused as
     // incomplete. (s3s takes unsigned chunks only with a trailer, whose
