@@ -825,6 +825,49 @@ fn rfc3339(t: u64) -> String {
 mod tests {
     use serde_json::json;
 
+    /// `custodia verify` passes every known-answer receipt of the protocol
+    /// crate (each statement kind; log key, witness cosignature, TSA
+    /// token), and fails one whose checkpoint was altered.
+    #[test]
+    fn the_protocol_vectors_verify() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../protocol/tests/vectors");
+        let key = |name: &str| dir.join(name).display().to_string();
+        let tsa = dir.join("tsa.pem");
+        let witnesses = [key("witness.vkey")];
+        let log_key = key("log.vkey");
+        let check = |receipt: &std::path::Path| {
+            super::receipt(&super::ReceiptArgs {
+                receipt,
+                file: None,
+                log_key: &log_key,
+                witness_keys: &witnesses,
+                quorum: None,
+                tsa_cert: Some(&tsa),
+                json: true,
+            })
+        };
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if !path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("receipt-"))
+            {
+                continue;
+            }
+            assert!(check(&path).unwrap(), "{}", path.display());
+            seen += 1;
+        }
+        assert_eq!(seen, 9, "a receipt of each statement kind");
+        let scratch = tempfile::tempdir().unwrap();
+        let altered = scratch.path().join("altered.json");
+        let text = std::fs::read_to_string(dir.join("receipt-filed.json")).unwrap();
+        std::fs::write(&altered, text.replacen("\\n9\\n", "\\n10\\n", 1)).unwrap();
+        assert_ne!(std::fs::read_to_string(&altered).unwrap(), text);
+        assert!(!check(&altered).unwrap_or(false));
+    }
+
     /// A saved filing answer is vouched for field by field: one that shows
     /// another id, size, BLAKE3 or tenant than its statement, or that lacks
     /// a field the notarized metadata covers, is refused, never passed
