@@ -148,11 +148,10 @@ pub enum Abort {
 /// Aborts `evidence`'s intent, deletes every shard its stripe records name, and
 /// forgets it once all are deleted (stripes whose shards could not all be
 /// deleted stay recorded, and the next GC pass retries them). Safe to run
-/// twice or concurrently with a dying upload.
-pub async fn abort_and_delete<S: Store>(gw: &Gateway<S>, evidence: EvidenceId, why: Abort) {
-    if abort(gw, evidence, why).await {
-        delete_aborted(gw, evidence).await;
-    }
+/// twice or concurrently with a dying upload. Says whether it is all gone
+/// (false also when it could not be aborted now).
+pub async fn abort_and_delete<S: Store>(gw: &Gateway<S>, evidence: EvidenceId, why: Abort) -> bool {
+    abort(gw, evidence, why).await && delete_aborted(gw, evidence).await
 }
 
 /// Aborts `evidence`'s intent: its filing can never become visible. True
@@ -180,8 +179,9 @@ pub async fn abort<S: Store>(gw: &Gateway<S>, evidence: EvidenceId, why: Abort) 
 
 /// Deletes every shard the stripe records of aborted `evidence` name, and
 /// forgets it once all are deleted (stripes whose shards could not all be
-/// deleted stay recorded, and the next GC pass retries them).
-pub async fn delete_aborted<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) {
+/// deleted stay recorded, and the next GC pass retries them). Says whether
+/// it is forgotten.
+pub async fn delete_aborted<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) -> bool {
     let kept = match delete_recorded_stripes(
         gw,
         evidence,
@@ -193,19 +193,23 @@ pub async fn delete_aborted<S: Store>(gw: &Gateway<S>, evidence: EvidenceId) {
         Ok(kept) => kept,
         Err(e) => {
             tracing::warn!(%evidence, error = %e, "could not delete the stripes of an aborted upload; GC will retry");
-            return;
+            return false;
         }
     };
     if kept > 0 {
         tracing::warn!(%evidence, stripes = kept, "some shards of an aborted upload could not be deleted; GC will retry");
-        return;
+        return false;
     }
-    if let Err(e) = indexer::run(&gw.store, |tx| async move {
+    match indexer::run(&gw.store, |tx| async move {
         schema::forget_aborted_tx(&tx, evidence).await
     })
     .await
     {
-        tracing::warn!(%evidence, error = %e, "could not forget aborted upload");
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(%evidence, error = %e, "could not forget aborted upload");
+            false
+        }
     }
 }
 
@@ -251,8 +255,9 @@ impl LeaseWatch {
     }
 }
 
-/// When GC asks again about an expunge it could not finish (a node that
-/// holds some of it down, or one that cannot erase yet): at once when the
+/// When GC asks again about an expunge or an aborted upload it could not
+/// finish (a node that holds some of it down, or one that cannot erase
+/// yet): at once when the
 /// nodes that answer are not those of its last try (one came back, or was
 /// added), otherwise after a wait that doubles from one pass up to an
 /// hour. Each try deletes every recorded shard left and has every node
@@ -364,9 +369,21 @@ pub async fn collect_once<S: Store>(
         true => watch.observe(std::time::Instant::now(), &live),
         false => Vec::new(),
     };
-    for evidence in &aborted {
+    // An aborted upload some of whose shards sat on a node down: each try
+    // sends a delete for every shard still recorded (a large upload's
+    // hundreds of thousands, the deleted ones again), so it is tried again
+    // as an unfinished expunge is (see `ExpungeRetries`), not every pass.
+    let nodes = answering(gw);
+    let mut listed = std::collections::HashSet::new();
+    for &evidence in &aborted {
+        listed.insert(evidence);
+        if !retries.due(evidence, std::time::Instant::now(), nodes) {
+            continue;
+        }
         tracing::info!(%evidence, "collecting an aborted upload");
-        abort_and_delete(gw, *evidence, Abort::Failed).await;
+        let done = abort_and_delete(gw, evidence, Abort::Failed).await;
+        let first = Duration::from_millis(gw.config.gc_interval_ms.max(1));
+        retries.tried(evidence, std::time::Instant::now(), nodes, done, first);
     }
     for &(evidence, lease_until_ms) in &stale {
         tracing::info!(%evidence, "collecting an abandoned upload (its lease stopped being renewed)");
@@ -376,8 +393,6 @@ pub async fn collect_once<S: Store>(
     // at a time (the first page alone could be held by a node down for
     // good, and starve the rest).
     let mut after = None;
-    let nodes = answering(gw);
-    let mut listed = std::collections::HashSet::new();
     let mut whole = true;
     loop {
         let page = match indexer::run(&gw.store, |tx| async move {
@@ -416,8 +431,9 @@ pub async fn collect_once<S: Store>(
             _ => break,
         }
     }
-    // Finished (by any gateway) or gone: forgotten.
-    if whole {
+    // Finished (by any gateway) or gone: forgotten. (A partial list of
+    // intents or expunges would forget the waits of those it missed.)
+    if whole && intents_listed {
         retries.next.retain(|e, _| listed.contains(e));
     }
     expire_completed_uploads(gw).await;

@@ -3174,7 +3174,9 @@ fn one_nodes_key_does_not_pass_for_another_node() -> Result<()> {
 
 /// An aborted upload's shards on a node known to be down are not asked for
 /// one stripe at a time (each ask waiting out the connect timeout): those
-/// on live nodes go at once, and the down node's once it is back.
+/// on live nodes go at once, and the down node's once it is back. While it
+/// stays down, GC asks again after a doubling wait, not every pass (each
+/// try sends a delete for every shard still recorded).
 #[test]
 fn an_aborted_uploads_shards_go_at_once_while_a_node_is_down() -> Result<()> {
     let mut c = TestCluster::start(Shape::default())?;
@@ -3204,6 +3206,19 @@ fn an_aborted_uploads_shards_go_at_once_while_a_node_is_down() -> Result<()> {
         eventually(5, || live(&c)),
         "the live nodes' shards were not deleted at once: {:?}",
         c.all_shard_files()
+    );
+    let tries = || -> Result<usize> {
+        Ok(std::fs::read_to_string(c.data_dir().join("gateway.log"))?
+            .matches("collecting an aborted upload")
+            .count())
+    };
+    let before = tries()?;
+    std::thread::sleep(Duration::from_secs(4));
+    let during = tries()? - before;
+    // Passes every 500 ms: 8 in 4 s; tries after 0.5, 1, 2 s waits: 4.
+    assert!(
+        during <= 5,
+        "{during} tries in 4 s with the node still down"
     );
     c.start_node_and_wait(3)?;
     assert!(
