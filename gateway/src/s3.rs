@@ -1717,14 +1717,17 @@ fn completion_checksums(
                 parts.len()
             ));
         }
-        // A value without a part count is the whole object's, whatever
-        // type the request names or leaves out (the upload's type was
-        // given at its creation, which the complete need not repeat):
-        // checked over the assembled bytes, never taken unchecked. (A
-        // composite CRC or SHA-1 value `X-N` is checked for its part
-        // count only: the parts' own checksums of those kinds are not
-        // kept.)
-        let whole = count.is_none();
+        // A value without a part count is the whole object's when the
+        // request says FULL_OBJECT (or it is a CRC64NVME, never composite):
+        // checked over the assembled bytes. Otherwise it may be a
+        // composite one sent without its count, as minio-go sends every
+        // multipart upload's CRC32C: a SHA-256 is checked as the composite
+        // of the parts' SHA-256s; a composite CRC or SHA-1 (with or
+        // without `-N`) is checked for its part count only, the parts' own
+        // checksums of those kinds not being kept. (Nor is the type the
+        // upload named at its creation: a Complete that leaves out
+        // FULL_OBJECT has its CRC taken unchecked.)
+        let whole = count.is_none() && (full_object || name == "x-amz-checksum-crc64nvme");
         match (whole, name) {
             (true, "x-amz-checksum-sha256") => whole_sha256 = sha256_header(Some(sum))?,
             (true, _) => wanted.push((name, Some(sum.to_owned()))),
