@@ -101,21 +101,31 @@ impl Framing {
         self.passed.clear();
     }
 
+    /// A chunk of `size` bytes (`u64::MAX`: past 4 GiB) is more than the
+    /// budget holds.
+    fn too_large(&self, size: u64) -> Refused {
+        let size = match size {
+            u64::MAX => "more than 4 GiB".to_owned(),
+            n => format!("{n} bytes"),
+        };
+        Refused {
+            code: "EntityTooLarge",
+            status: http::StatusCode::BAD_REQUEST,
+            message: format!(
+                "an aws-chunked chunk of {size} is more than this gateway holds for \
+                 uploads ({} MiB); send the object in parts, or in smaller chunks",
+                self.budget.kib >> 10
+            ),
+        }
+    }
+
     /// Charges a chunk of `size` bytes, from its header.
     fn charge(&mut self, size: u64) -> Result<(), Refused> {
         if size <= FREE_CHUNK {
             return Ok(());
         }
         let kib = size.div_ceil(1024);
-        let too_large = || Refused {
-            code: "EntityTooLarge",
-            status: http::StatusCode::BAD_REQUEST,
-            message: format!(
-                "an aws-chunked chunk of {size} bytes is more than this gateway holds for \
-                 uploads ({} MiB); send the object in parts, or in smaller chunks",
-                self.budget.kib >> 10
-            ),
-        };
+        let too_large = || self.too_large(size);
         if kib > self.budget.kib as u64 {
             return Err(too_large());
         }
@@ -189,6 +199,13 @@ impl Framing {
                     };
                     if !*ended {
                         match (b as char).to_digit(16) {
+                            // Nine significant digits: past 4 GiB, too
+                            // large rather than malformed (a client sending
+                            // a huge part as one chunk). With leading zeros
+                            // it is a size s3s would misread.
+                            Some(_) if *digits == 8 && *size >= 1 << 28 => {
+                                return Err(self.too_large(u64::MAX))
+                            }
                             Some(_) if *digits == 8 => {
                                 return Err(malformed("of more than 8 hex digits"))
                             }
@@ -371,6 +388,8 @@ mod tests {
             // chunk's header, after which all passes.)
             drift.extend_from_slice(b"xxxxx0\r\n");
             drift.extend(std::iter::repeat_n(b'a', 4096));
+            // Nine digits naming more than 4 GiB: too large (send parts).
+            assert_eq!(feed_in(&b, b"100000000\r\n", piece), Err("EntityTooLarge"));
             for bad in [
                 &drift[..],
                 b"0000000000000000000000001\r\n",
