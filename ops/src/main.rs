@@ -1067,7 +1067,11 @@ async fn run(cli: Cli) -> Result<()> {
                     let c = cluster::Cluster::load_file(&file)?;
                     // A copy's cluster file naming the original's folders
                     // would have this node serve, scrub and change those.
-                    c.own_paths(file.parent().unwrap_or(std::path::Path::new(".")))?;
+                    // (Its real folder: `--cluster cluster.toml` has an
+                    // empty parent, a symlinked file another.)
+                    let real = std::fs::canonicalize(&file)
+                        .with_context(|| format!("reading {}", file.display()))?;
+                    c.own_paths(real.parent().unwrap_or(std::path::Path::new("/")))?;
                     let id = id.context("--id is required")?;
                     let n = c.node(id)?;
                     metrics = n.metrics_listen;

@@ -2991,30 +2991,51 @@ fn a_copied_data_dir_does_not_serve_the_originals_files() -> Result<()> {
     assert_eq!((nodes(&dir)?, nodes(&copy)?), (8, 8));
     // Nor does a node started from the copy's cluster file serve (and
     // scrub, and change) the original's folder: it exits at once.
-    let mut node = std::process::Command::new(custodia_tests::custodia_bin())
-        .args(["node", "--id", "0", "--cluster"])
-        .arg(copy.join("cluster.toml"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = node.try_wait()? {
-            break Some(s);
-        }
-        if std::time::Instant::now() > deadline {
-            node.kill()?;
-            node.wait()?;
-            break None;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+    // (How it exits within `secs`, if it does, and what it said.)
+    let node = |dir: &std::path::Path, file: &std::path::Path, secs: u64| -> Result<_> {
+        let mut node = std::process::Command::new(custodia_tests::custodia_bin())
+            .args(["node", "--id", "0", "--cluster"])
+            .arg(file)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        let status = loop {
+            if let Some(s) = node.try_wait()? {
+                break Some(s);
+            }
+            if std::time::Instant::now() > deadline {
+                node.kill()?;
+                node.wait()?;
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut node.stderr.take().context("stderr")?, &mut err)?;
+        Ok((status, err))
     };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut node.stderr.take().context("stderr")?, &mut err)?;
+    let (status, err) = node(&copy, &copy.join("cluster.toml"), 20)?;
     assert!(
         status.is_some_and(|s| !s.success()) && err.contains("copied or moved"),
         "{status:?} {err}"
     );
+    // The original's own file, named as an operator may (bare, from its
+    // folder; or through a link elsewhere), is not taken for a copy.
+    let link = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(&link)?;
+    std::os::unix::fs::symlink(dir.join("cluster.toml"), link.join("cluster.toml"))?;
+    for (at, file) in [
+        (&dir, std::path::PathBuf::from("cluster.toml")),
+        (&link, link.join("cluster.toml")),
+    ] {
+        let (status, err) = node(at, &file, 3)?;
+        assert!(
+            !err.contains("copied or moved"),
+            "{file:?}: {status:?} {err}"
+        );
+    }
     // The original is its own.
     assert!(custodia(&dir, &["node", "add"])?.status.success());
     Ok(())
