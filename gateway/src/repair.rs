@@ -1175,8 +1175,6 @@ pub fn crowded(held: &[Domain], free: &BTreeMap<Domain, usize>) -> Vec<usize> {
     moves
 }
 
-/// The sum of the squared number of shards per failure domain: lower is
-/// more even (what a move out of a crowded domain must lower).
 /// Whether placing `rebuild`'s shards on `homes` (in order) spreads the
 /// stripe `rec` over failure domains more evenly than it is now.
 fn evens_spread(
@@ -1195,6 +1193,8 @@ fn evens_spread(
     spread_cost(then.map(&domain)) < spread_cost(now.map(&domain))
 }
 
+/// The sum of the squared number of shards per failure domain: lower is
+/// more even (what a move out of a crowded domain must lower).
 fn spread_cost(domains: impl Iterator<Item = Domain>) -> usize {
     let mut count: HashMap<Domain, usize> = HashMap::new();
     for d in domains {
@@ -1745,14 +1745,14 @@ impl StripeLease {
                 stripe: self.stripe,
                 index: i as u8,
             };
-            // A node whose clock is not measured yet gets no fenced
-            // delete: its copy is left for the orphan sweep, and the
-            // others still go.
-            if gw.nodes.clock_offset_ms(node).is_none() {
-                tracing::debug!(shard = %key, %node, "node's clock not measured yet: its copy is left for the orphan sweep");
-                continue;
-            }
             match self.delete_shard(gw, (node, addr), key).await {
+                // Not sent, the lease still held: the node's clock offset
+                // is not known now (its last probe did not answer the
+                // time), so no fenced delete. Its copy is left for the
+                // orphan sweep; the others still go.
+                None if self.held(gw).await => {
+                    tracing::debug!(shard = %key, %node, "node's clock offset not known now: its copy is left for the orphan sweep");
+                }
                 None => {
                     tracing::warn!(evidence = %self.evidence, stripe = self.stripe, left = copies.len() - n, "repair lease no longer held: copies left for the orphan sweep");
                     return;
@@ -2106,13 +2106,21 @@ async fn repair_leased<S: Store>(
     // failed: the target full, or its disk failing, and passed over now):
     // moved to the next node free, three shards could share one domain
     // where two did. Such shards stay; damage found meanwhile is still
-    // rebuilt.
+    // rebuilt, its homes chosen again with those shards staying (they
+    // were chosen as if the crowded shards left their domain).
     let (rebuild, homes) =
         if crowding && !evens_spread(&rec, &rebuild, &homes, |n| nodes.spread.domain(gw, n)) {
-            rebuild
-                .into_iter()
+            let keep: Vec<usize> = rebuild
+                .iter()
+                .copied()
+                .filter(|i| !relocating.contains(i) || damaged.contains(i))
+                .collect();
+            let holders = holders_except(&rec, &keep);
+            let targets = choose_targets(gw, evidence, stripe, &holders, &rec, nodes, keep.len());
+            let homes = homes_for(gw, &rec, &keep, &damaged, &[], nodes, targets);
+            keep.iter()
                 .zip(homes)
-                .filter(|(i, _)| !relocating.contains(i) || damaged.contains(i))
+                .filter_map(|(&i, home)| Some((i, home?)))
                 .unzip()
         } else {
             (rebuild, homes)
