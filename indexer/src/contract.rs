@@ -34,6 +34,7 @@ pub async fn run_all<S: KvStore>(store: &S, prefix: &[u8]) {
     blind_writes_do_not_conflict(store, prefix).await;
     atomic_add_sums_exactly(store, prefix).await;
     versionstamps_are_unique_and_increase(store, prefix).await;
+    versionstamps_within_one_transaction(store, prefix).await;
     size_limits(store, prefix).await;
     too_old(store, prefix).await;
 }
@@ -522,6 +523,44 @@ pub async fn versionstamps_are_unique_and_increase<S: KvStore>(store: &S, prefix
         sequential,
         vec![0, 1, 2, 3, 4],
         "stamps follow commit order"
+    );
+    space.clean(store).await;
+}
+
+/// Within one transaction every versionstamped key gets the same stamp
+/// (so keys that must differ differ in their suffix: the ledger's queue
+/// numbers them), ordered by suffix; the same key stamped twice keeps the
+/// last value (the S3 journal writes a record's final state so).
+pub async fn versionstamps_within_one_transaction<S: KvStore>(store: &S, prefix: &[u8]) {
+    let space = Space::new(prefix, "versionstamps_in_one");
+    let log = space.key(b"log/");
+    let log = &log;
+    run(store, move |tx| async move {
+        tx.set_versionstamped_key(log, b"b", b"first b");
+        tx.set_versionstamped_key(log, b"a", b"a");
+        tx.set_versionstamped_key(log, b"b", b"last b");
+        Ok::<_, KvError>(())
+    })
+    .await
+    .expect("versionstamped commit");
+    let entries = space.committed(store).await;
+    let found: Vec<(&[u8], &[u8], &[u8])> = entries
+        .iter()
+        .map(|(k, v)| {
+            let k = &k[b"log/".len()..];
+            (
+                &k[..VERSIONSTAMP_BYTES],
+                &k[VERSIONSTAMP_BYTES..],
+                v.as_slice(),
+            )
+        })
+        .collect();
+    assert_eq!(found.len(), 2, "one key per suffix: {found:?}");
+    assert_eq!(found[0].0, found[1].0, "one stamp per transaction");
+    assert_eq!(
+        (found[0].1, found[0].2, found[1].1, found[1].2),
+        (&b"a"[..], &b"a"[..], &b"b"[..], &b"last b"[..]),
+        "ordered by suffix, the last write kept"
     );
     space.clean(store).await;
 }

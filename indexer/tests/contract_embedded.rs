@@ -35,6 +35,7 @@ contract_tests!(
     blind_writes_do_not_conflict,
     atomic_add_sums_exactly,
     versionstamps_are_unique_and_increase,
+    versionstamps_within_one_transaction,
     size_limits,
     too_old,
 );
