@@ -179,6 +179,7 @@ pub struct GatewayMetrics {
     pub node_reserve: IntGaugeVec,
     pub node_full: IntGaugeVec,
     pub node_writes_failing: IntGaugeVec,
+    pub node_write_failures: IntCounterVec,
     /// `custodia_quic_connections`: open connections to nodes;
     /// `custodia_quic_rtt_seconds{node}`: each one's smoothed RTT.
     pub quic_connections: IntGauge,
@@ -479,6 +480,16 @@ impl GatewayMetrics {
                     &["witness", "result"],
                 )?,
             )?,
+            node_write_failures: reg(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "custodia_cluster_node_write_failures_total",
+                        "Shard writes to a node that failed for its disk (an I/O error, not a full disk or a lost connection).",
+                    ),
+                    &["node"],
+                )?,
+            )?,
             witness_inconsistent: reg(
                 r,
                 IntCounterVec::new(
@@ -765,6 +776,7 @@ pub async fn refresh<S: Store>(gw: &Gateway<S>) {
             }
             let _ = m.node_clock_offset.remove_label_values(&[id.as_str()]);
             let _ = m.quic_rtt.remove_label_values(&[id.as_str()]);
+            let _ = m.node_write_failures.remove_label_values(&[id.as_str()]);
             continue;
         }
         m.node_up
@@ -790,6 +802,8 @@ pub async fn refresh<S: Store>(gw: &Gateway<S>) {
         m.node_writes_failing
             .with_label_values(&[id.as_str()])
             .set(i64::from(n.writes_failing));
+        let failures = m.node_write_failures.with_label_values(&[id.as_str()]);
+        failures.inc_by(n.write_failures.saturating_sub(failures.get()));
         // A node that is not answering has no current offset: its last
         // one would keep a skew alert firing for a node that is down.
         match n.clock_offset_ms.filter(|_| n.healthy) {

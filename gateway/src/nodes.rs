@@ -51,6 +51,9 @@ struct NodeState {
     /// [`CLOCK_BASE`] plus one, 0 for none. An atomic, not a lock: it is
     /// read for every node at every stripe filed, and cleared at every put.
     write_failed: AtomicU64,
+    /// Writes to it that failed so (see [`NodeSet::write_failed`]) since
+    /// this gateway started.
+    write_failures: AtomicU64,
 }
 
 /// How long a node whose writes fail is passed over for new shards and
@@ -126,6 +129,8 @@ pub struct NodeView {
     /// Its disk failed a write lately: new shards and rebuilds pass it
     /// over for a while (see [`NodeSet::write_failed`]).
     pub writes_failing: bool,
+    /// How many writes to it failed so since this gateway started.
+    pub write_failures: u64,
     /// Smoothed RTT of the open connection, if one is open.
     pub rtt: Option<Duration>,
     pub lifecycle: Lifecycle,
@@ -189,6 +194,7 @@ impl NodeSet {
                 probe_failure: Mutex::new(None),
                 deny_failing: AtomicBool::new(false),
                 write_failed: AtomicU64::new(0),
+                write_failures: AtomicU64::new(0),
             })
             .collect::<Vec<_>>();
         let labels = entries
@@ -353,6 +359,7 @@ impl NodeSet {
             return;
         }
         if let Some(n) = self.get(id) {
+            n.write_failures.fetch_add(1, Ordering::Relaxed);
             let now = CLOCK_BASE.elapsed().as_millis() as u64 + 1;
             let was = n.write_failed.swap(now, Ordering::Relaxed);
             if was == 0 || now - was >= WRITE_FAILURE_HOLD.as_millis() as u64 {
@@ -456,6 +463,7 @@ impl NodeSet {
                 disk: *lock(&n.disk),
                 full: n.full.load(Ordering::Relaxed),
                 writes_failing: writes_failing(n),
+                write_failures: n.write_failures.load(Ordering::Relaxed),
                 rtt: rtts
                     .iter()
                     .find(|(a, _)| *a == n.entry.addr)
@@ -1232,6 +1240,11 @@ mod tests {
                 .collect()
         };
         assert_eq!(failing(&nodes), [2]);
+        let failures = nodes.view().iter().map(|v| v.write_failures).sum::<u64>();
+        assert_eq!(
+            failures, 1,
+            "a lost connection or a full disk is no write failure"
+        );
         nodes.write_succeeded(NodeId(2));
         assert!(!nodes.writes_failing(NodeId(2)));
         assert!(failing(&nodes).is_empty());
