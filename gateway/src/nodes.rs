@@ -56,6 +56,19 @@ struct NodeState {
     write_failures: AtomicU64,
 }
 
+/// The longest round trip a clock sample may take to be used: its offset
+/// is off by up to half of it, and repair's fenced deletes allow for 2 s
+/// of error and drift in all (`repair::DELETE_FENCE_MARGIN`).
+const MAX_CLOCK_SAMPLE_RTT_MS: u64 = 1_000;
+
+/// A clock sample's offset (ms), if its round trip (ms) was short enough to
+/// bound its error; none otherwise (an overloaded node, a congested link):
+/// no figure, so no fenced delete, rather than one whose error could let a
+/// delete land after its lease.
+fn usable_offset((offset, rtt): (i64, u64)) -> Option<i64> {
+    (rtt <= MAX_CLOCK_SAMPLE_RTT_MS).then_some(offset)
+}
+
 /// How long a node whose writes fail is passed over for new shards and
 /// rebuilds, unless one succeeds meanwhile. Its probes (a `statvfs`)
 /// answer all the while: a disk remounted read-only after an error still
@@ -696,7 +709,7 @@ impl NodeSet {
                         .await;
                 // A node too old to answer keeps no figure rather than a stale one.
                 *lock(&n.clock_offset_ms) = match clock {
-                    Ok(Ok((offset, _rtt))) => Some(offset),
+                    Ok(Ok(sample)) => usable_offset(sample),
                     _ => None,
                 };
             };
@@ -1249,6 +1262,20 @@ mod tests {
         assert!(!nodes.writes_failing(NodeId(2)));
         assert!(failing(&nodes).is_empty());
         assert_eq!(ids(&nodes.write_candidates(6)).len(), 8);
+    }
+
+    /// A clock sample whose round trip took too long to bound its error is
+    /// not used.
+    #[test]
+    fn a_slow_clock_sample_is_not_used() {
+        assert_eq!(usable_offset((-250, 4)), Some(-250));
+        assert_eq!(usable_offset((40, MAX_CLOCK_SAMPLE_RTT_MS)), Some(40));
+        assert_eq!(usable_offset((40, MAX_CLOCK_SAMPLE_RTT_MS + 1)), None);
+        // Within the fenced deletes' margin, drift aside.
+        assert!(
+            Duration::from_millis(MAX_CLOCK_SAMPLE_RTT_MS / 2) * 2
+                <= crate::repair::DELETE_FENCE_MARGIN
+        );
     }
 
     /// With too few healthy nodes, the candidates include nodes down; the
