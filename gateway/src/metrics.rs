@@ -485,7 +485,7 @@ impl GatewayMetrics {
                 IntCounterVec::new(
                     Opts::new(
                         "custodia_cluster_node_write_failures_total",
-                        "Shard writes to a node that failed for its disk (an I/O error, not a full disk or a lost connection).",
+                        "Spells of shard writes to a node failing for its disk (an I/O error, not a full disk or a lost connection): failures less than two minutes after the last are one spell.",
                     ),
                     &["node"],
                 )?,

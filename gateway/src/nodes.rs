@@ -36,8 +36,10 @@ struct NodeState {
     last_ok: Mutex<Option<Instant>>,
     /// The operator's decision, as the index last said.
     lifecycle: Mutex<Lifecycle>,
-    /// The node's clock minus ours at the last probe, in ms.
+    /// The node's clock minus ours, in ms, from its last usable sample,
+    /// and when that was taken.
     clock_offset_ms: Mutex<Option<i64>>,
+    clock_sampled: Mutex<Option<Instant>>,
     /// Why its last probe failed, if it did: logged when it changes (a
     /// node that was killed and came back with a certificate the gateway
     /// refuses fails anew, for another reason worth saying), not at every
@@ -51,8 +53,8 @@ struct NodeState {
     /// [`CLOCK_BASE`] plus one, 0 for none. An atomic, not a lock: it is
     /// read for every node at every stripe filed, and cleared at every put.
     write_failed: AtomicU64,
-    /// Writes to it that failed so (see [`NodeSet::write_failed`]) since
-    /// this gateway started.
+    /// Spells of failing writes (see [`NodeSet::write_failed`]) since this
+    /// gateway started: a failure while one holds is the same spell.
     write_failures: AtomicU64,
 }
 
@@ -61,10 +63,14 @@ struct NodeState {
 /// of error and drift in all (`repair::DELETE_FENCE_MARGIN`).
 const MAX_CLOCK_SAMPLE_RTT_MS: u64 = 1_000;
 
+/// How long a node's last usable clock sample stands in for samples too
+/// slow to use (drift over it is far within the fenced deletes' margin).
+const CLOCK_SAMPLE_KEPT: Duration = Duration::from_secs(30);
+
 /// A clock sample's offset (ms), if its round trip (ms) was short enough to
 /// bound its error; none otherwise (an overloaded node, a congested link):
-/// no figure, so no fenced delete, rather than one whose error could let a
-/// delete land after its lease.
+/// the last usable one while recent, then no figure, so no fenced delete,
+/// rather than one whose error could let a delete land after its lease.
 fn usable_offset((offset, rtt): (i64, u64)) -> Option<i64> {
     (rtt <= MAX_CLOCK_SAMPLE_RTT_MS).then_some(offset)
 }
@@ -142,7 +148,7 @@ pub struct NodeView {
     /// Its disk failed a write lately: new shards and rebuilds pass it
     /// over for a while (see [`NodeSet::write_failed`]).
     pub writes_failing: bool,
-    /// How many writes to it failed so since this gateway started.
+    /// How many spells of failing writes it had since this gateway started.
     pub write_failures: u64,
     /// Smoothed RTT of the open connection, if one is open.
     pub rtt: Option<Duration>,
@@ -204,6 +210,7 @@ impl NodeSet {
                 last_ok: Mutex::new(None),
                 lifecycle: Mutex::new(Lifecycle::Active),
                 clock_offset_ms: Mutex::new(None),
+                clock_sampled: Mutex::new(None),
                 probe_failure: Mutex::new(None),
                 deny_failing: AtomicBool::new(false),
                 write_failed: AtomicU64::new(0),
@@ -372,10 +379,13 @@ impl NodeSet {
             return;
         }
         if let Some(n) = self.get(id) {
-            n.write_failures.fetch_add(1, Ordering::Relaxed);
             let now = CLOCK_BASE.elapsed().as_millis() as u64 + 1;
             let was = n.write_failed.swap(now, Ordering::Relaxed);
             if was == 0 || now - was >= WRITE_FAILURE_HOLD.as_millis() as u64 {
+                // Counted once per spell: one failed fsync fails every
+                // put it would have acknowledged (a batch, several stripes
+                // of one filing), which is one failure, not several.
+                n.write_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(node = %id, "writes to this node fail: new shards and rebuilds pass it over for a while");
             }
         }
@@ -708,10 +718,22 @@ impl NodeSet {
                     tokio::time::timeout(Duration::from_secs(3), self.client.rpc_clock_offset(addr))
                         .await;
                 // A node too old to answer keeps no figure rather than a stale one.
-                *lock(&n.clock_offset_ms) = match clock {
-                    Ok(Ok(sample)) => usable_offset(sample),
-                    _ => None,
-                };
+                // A sample too slow to use leaves the last usable one while
+                // it is recent (one slow probe of a loaded node must not
+                // stop fenced deletes or reset a skew alert), none after.
+                let mut sampled = lock(&n.clock_sampled);
+                let mut offset = lock(&n.clock_offset_ms);
+                match clock {
+                    Ok(Ok(sample)) => match usable_offset(sample) {
+                        Some(ms) => {
+                            *offset = Some(ms);
+                            *sampled = Some(Instant::now());
+                        }
+                        None if sampled.is_some_and(|at| at.elapsed() <= CLOCK_SAMPLE_KEPT) => {}
+                        None => *offset = None,
+                    },
+                    _ => *offset = None,
+                }
             };
             // Each probe (the node keeps the set on its disk, and rewrites
             // it only when it changes): a node back with a new disk, or one
@@ -1241,7 +1263,10 @@ mod tests {
         nodes.write_failed(NodeId(2), &NodeError::Timeout);
         nodes.write_failed(NodeId(2), &NodeError::Remote(ErrorCode::DiskFull));
         assert!(!nodes.writes_failing(NodeId(2)));
-        nodes.write_failed(NodeId(2), &NodeError::Remote(ErrorCode::Io));
+        // One failed fsync fails every put it batched: one spell.
+        for _ in 0..3 {
+            nodes.write_failed(NodeId(2), &NodeError::Remote(ErrorCode::Io));
+        }
         assert!(nodes.writes_failing(NodeId(2)) && nodes.is_healthy(NodeId(2)));
         assert_eq!(ids(&nodes.write_candidates(6)), [0, 1, 3, 4, 5, 6, 7]);
         // What status and the metrics show.
@@ -1256,7 +1281,7 @@ mod tests {
         let failures = nodes.view().iter().map(|v| v.write_failures).sum::<u64>();
         assert_eq!(
             failures, 1,
-            "a lost connection or a full disk is no write failure"
+            "one spell, and a lost connection or a full disk is none"
         );
         nodes.write_succeeded(NodeId(2));
         assert!(!nodes.writes_failing(NodeId(2)));
