@@ -1612,15 +1612,15 @@ fn refuse_unread_headers(h: &http::HeaderMap) -> Result<(), ApiError> {
                     .into(),
             ));
         }
-        if name == "content-type"
-            && h.get_all(name).iter().any(|v| {
-                v.to_str().is_ok_and(|t| {
-                    t.trim_start()
-                        .to_ascii_lowercase()
-                        .starts_with("multipart/form-data")
+        // Whether a Content-Type names a media type beginning so.
+        let typed = |prefix: &str| {
+            name == "content-type"
+                && h.get_all(name).iter().any(|v| {
+                    v.to_str()
+                        .is_ok_and(|t| t.trim_start().to_ascii_lowercase().starts_with(prefix))
                 })
-            })
-        {
+        };
+        if typed("multipart/form-data") {
             return Err(ApiError::UnsupportedMediaType(
                 "a form upload (curl -F) would file the form's envelope around the file as \
                  the evidence; send the file itself as the body (curl --data-binary @FILE \
@@ -1631,15 +1631,7 @@ fn refuse_unread_headers(h: &http::HeaderMap) -> Result<(), ApiError> {
         // What curl --data-binary sends unless told otherwise: notarized
         // as the evidence's media type, and served with every read, it
         // would call a video a web form for good.
-        if name == "content-type"
-            && h.get_all(name).iter().any(|v| {
-                v.to_str().is_ok_and(|t| {
-                    t.trim_start()
-                        .to_ascii_lowercase()
-                        .starts_with("application/x-www-form-urlencoded")
-                })
-            })
-        {
+        if typed("application/x-www-form-urlencoded") {
             return Err(ApiError::UnsupportedMediaType(
                 "Content-Type application/x-www-form-urlencoded is what curl --data-binary \
                  sends unless told the file's type, and would be notarized as this \

@@ -1558,27 +1558,9 @@ fn checked_body(
     // unequal after all of it: a value that is no checksum of its kind,
     // or more than one checksum.
     for name in NAMES {
-        let Some(value) = headers.get(name) else {
-            continue;
-        };
-        use base64::Engine as _;
-        let len = match name {
-            "x-amz-checksum-crc32" | "x-amz-checksum-crc32c" => 4,
-            "x-amz-checksum-crc64nvme" => 8,
-            "x-amz-checksum-sha1" => 20,
-            _ => 32,
-        };
-        let decoded = value.to_str().ok().and_then(|v| {
-            base64::engine::general_purpose::STANDARD
-                .decode(v.trim())
-                .ok()
-        });
-        if decoded.is_none_or(|d| d.len() != len) {
-            return Err(s3_error!(
-                InvalidRequest,
-                "{name} must be the base64 of a {}-bit checksum",
-                len * 8
-            ));
+        if let Some(value) = headers.get(name) {
+            crate::s3_digest::checked_checksum_header(name, value)
+                .map_err(|r| s3_error!(InvalidRequest, "{}", r.message))?;
         }
     }
     let sent = NAMES
@@ -1656,9 +1638,10 @@ fn checking(
 /// object it assembles from `parts`: the full-object checksums to compute
 /// over the assembled bytes (CRC64NVME, which S3 keeps only whole, and any
 /// CRC sent with `x-amz-checksum-type: FULL_OBJECT`), and a whole-object
-/// SHA-256 (sent without a part count) for the ingest's own SHA-256 to
-/// match. A composite value (a checksum of the parts' checksums, `-N`
-/// after it) must name as many parts as are listed; a composite SHA-256 is
+/// SHA-256 (sent with FULL_OBJECT) for the ingest's own SHA-256 to match.
+/// Any other value is composite (a checksum of the parts' checksums, `-N`
+/// after it, or without it as minio-go sends one); with a count it must
+/// name as many parts as are listed; a composite SHA-256 is
 /// checked against the parts' SHA-256s, which are kept. (A composite CRC or
 /// SHA-1 was checked part by part as each was uploaded; the parts' values
 /// are not kept, so only its count is checked here.)

@@ -95,6 +95,35 @@ fn has_digest(headers: &http::HeaderMap) -> bool {
         || payload_sha256(headers).is_some()
 }
 
+/// An `x-amz-checksum-*` header's value, trimmed, once it is the base64
+/// of a checksum of its kind (4 bytes for the CRC32s, 8 for CRC64NVME, 20
+/// for SHA-1, 32 for SHA-256): anything else is refused before the body is
+/// read, rather than found unequal after all of it.
+pub fn checked_checksum_header(name: &str, value: &http::HeaderValue) -> Result<String, Refused> {
+    use base64::Engine as _;
+    let len = match name {
+        "x-amz-checksum-crc32" | "x-amz-checksum-crc32c" => 4,
+        "x-amz-checksum-crc64nvme" => 8,
+        "x-amz-checksum-sha1" => 20,
+        _ => 32,
+    };
+    value
+        .to_str()
+        .ok()
+        .map(|v| v.trim().to_owned())
+        .filter(|v| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v)
+                .is_ok_and(|d| d.len() == len)
+        })
+        .ok_or_else(|| {
+            Refused::new(
+                "InvalidRequest",
+                format!("{name} must be the base64 of a {}-bit checksum", len * 8),
+            )
+        })
+}
+
 /// Why a document was refused: S3's error code, its status and a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
@@ -172,14 +201,7 @@ impl Digests {
             _ if !checksums => None,
             [] => None,
             [(name, value)] => {
-                let value = value
-                    .to_str()
-                    .ok()
-                    .map(|v| v.trim().to_owned())
-                    .filter(|v| b64.decode(v).is_ok())
-                    .ok_or_else(|| {
-                        Refused::new("InvalidRequest", format!("{name} is not a base64 value"))
-                    })?;
+                let value = checked_checksum_header(name, value)?;
                 Some((*name, checksum_hasher(|n| n == *name), value))
             }
             _ => {
