@@ -266,8 +266,9 @@ impl LeaseWatch {
 /// node holding them stayed down.
 #[derive(Debug, Default)]
 pub struct ExpungeRetries {
-    /// Per expunge: when it is due again, the wait that led there, and the
-    /// nodes answering when it was last tried.
+    /// Per expunge or aborted upload (both keyed by their evidence): when
+    /// it is due again, the wait that led there, and the nodes answering
+    /// when it was last tried.
     next: std::collections::HashMap<EvidenceId, (std::time::Instant, Duration, u64)>,
 }
 
@@ -318,9 +319,10 @@ fn answering<S: Store>(gw: &Gateway<S>) -> u64 {
     h.finish()
 }
 
-/// One GC pass: aborted intents and those `watch` found abandoned are
-/// collected, and expunges left unfinished tried again when `retries`
-/// says they are due; returns how many intents were collected.
+/// One GC pass: intents `watch` found abandoned are aborted and collected,
+/// and aborted uploads and expunges left unfinished are tried again when
+/// `retries` says they are due; returns how many aborted or abandoned
+/// intents it found (due or not).
 pub async fn collect_once<S: Store>(
     gw: &Gateway<S>,
     watch: &mut LeaseWatch,
@@ -1214,7 +1216,7 @@ pub async fn sweep_orphans<S: Store>(
                     still.insert((node, key), first);
                 }
                 None => {
-                    tracing::debug!(%node, shard = %key, "its stripe's lease is no longer held");
+                    tracing::debug!(%node, shard = %key, "not deleted now (the stripe's lease lost, or the node's clock offset not known): left for the next sweep");
                     still.insert((node, key), first);
                 }
             },

@@ -1699,8 +1699,9 @@ impl StripeLease {
         let left = REPAIR_LEASE
             .saturating_sub(self.counted())
             .saturating_sub(LEASE_MARGIN / 4);
-        // No offset measured (the node's last probe did not answer the
-        // time): not attempted, the copy left for the orphan sweep.
+        // No usable offset now (its probe did not answer the time, or too
+        // slowly to bound the error, for a while), or too little of the
+        // lease left: not attempted, the copy left for the orphan sweep.
         let not_after_ms = delete_fence(
             crate::clock::wall_ms(),
             left,
@@ -1746,10 +1747,10 @@ impl StripeLease {
                 index: i as u8,
             };
             match self.delete_shard(gw, (node, addr), key).await {
-                // Not sent, the lease still held: the node's clock offset
-                // is not known now (its last probe did not answer the
-                // time), so no fenced delete. Its copy is left for the
-                // orphan sweep; the others still go.
+                // Not sent, the lease still held: no usable clock offset
+                // for the node now (see `delete_shard`), so no fenced
+                // delete. Its copy is left for the orphan sweep; the
+                // others still go.
                 None if self.held(gw).await => {
                     tracing::debug!(shard = %key, %node, "node's clock offset not known now: its copy is left for the orphan sweep");
                 }
