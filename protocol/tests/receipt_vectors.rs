@@ -213,7 +213,8 @@ fn stored_receipts_are_rebuilt_byte_for_byte_and_verify() {
             Ok(stamped_at),
             "{kind:?}"
         );
-        // And one changed byte of the statement no longer verifies.
+        // And a change to any part no longer verifies: the statement, the
+        // salt, a proof hash, the checkpoint, the time-stamp token.
         let mut forged = stored.clone();
         let mut s = v.statement.clone();
         s.size += 1;
@@ -222,7 +223,42 @@ fn stored_receipts_are_rebuilt_byte_for_byte_and_verify() {
             forged.verify(&log_vkey).is_err(),
             "{kind:?}: a forged statement verified"
         );
+        let mut forged = stored.clone();
+        forged.salt = forged.salt.replacen('1', "2", 1);
+        assert!(
+            forged.verify(&log_vkey).is_err(),
+            "{kind:?}: another salt verified"
+        );
+        let mut forged = stored.clone();
+        forged.inclusion_proof[0] = base64_of(&[7; 32]);
+        assert!(
+            forged.verify(&log_vkey).is_err(),
+            "{kind:?}: another proof verified"
+        );
+        let mut forged = stored.clone();
+        forged.checkpoint = forged.checkpoint.replacen("\n9\n", "\n10\n", 1);
+        assert!(
+            forged.verify(&log_vkey).is_err(),
+            "{kind:?}: another checkpoint verified"
+        );
+        let mut forged = stored.clone();
+        let token = forged.timestamp.as_deref().expect("a token");
+        let mut der = base64_decode(token);
+        let last = der.len() - 1;
+        der[last] ^= 1;
+        forged.timestamp = Some(base64_of(&der));
+        assert!(
+            forged.check_timestamp(&tsa_cert).is_err(),
+            "{kind:?}: an altered token verified"
+        );
     }
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .expect("base64")
 }
 
 fn base64_of(bytes: &[u8]) -> String {
