@@ -149,7 +149,7 @@ impl Cluster {
         cluster
             .domains_agree()
             .with_context(|| format!("in {}", path.display()))?;
-        cluster.own_paths(data_dir)?;
+        cluster.own_paths(&path)?;
         // An init that saved its file and was stopped before it took its
         // marker away: this cluster is whole, and may serve; the marker
         // must not outlive that (a later init would take it for its own).
@@ -170,8 +170,10 @@ impl Cluster {
     /// node on a disk of its own, the index on an SSD); paths inside a
     /// directory holding another cluster file that names them too are not.
     /// Where it cannot tell (a relative path, a file it cannot read), it
-    /// lets the path be.
-    pub fn own_paths(&self, data_dir: &Path) -> Result<()> {
+    /// lets the path be. `file` is this cluster file, in its real folder
+    /// (DATA_DIR), as the refusal names it.
+    pub fn own_paths(&self, file: &Path) -> Result<()> {
+        let data_dir = file.parent().unwrap_or(Path::new("/"));
         use std::os::unix::fs::MetadataExt as _;
         // The same directory by any name (a bind mount, a symlink).
         let identity = |dir: &Path| fs::metadata(dir).ok().map(|m| (m.dev(), m.ino()));
@@ -202,10 +204,10 @@ impl Cluster {
                     "{} names {}, in the cluster at {}: this data dir was copied or moved from \
                      there (cluster.toml holds absolute paths), and would serve and change that \
                      cluster's files. Point the paths in {} at this directory's own files first",
-                    data_dir.join(CLUSTER_FILE).display(),
+                    file.display(),
                     p.display(),
                     other.display(),
-                    data_dir.join(CLUSTER_FILE).display()
+                    file.display()
                 );
             }
         }

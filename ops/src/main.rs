@@ -1071,7 +1071,7 @@ async fn run(cli: Cli) -> Result<()> {
                     // empty parent, a symlinked file another.)
                     let real = std::fs::canonicalize(&file)
                         .with_context(|| format!("reading {}", file.display()))?;
-                    c.own_paths(real.parent().unwrap_or(std::path::Path::new("/")))?;
+                    c.own_paths(&real)?;
                     let id = id.context("--id is required")?;
                     let n = c.node(id)?;
                     metrics = n.metrics_listen;
