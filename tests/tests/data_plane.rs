@@ -3236,9 +3236,11 @@ fn an_aborted_uploads_shards_go_at_once_while_a_node_is_down() -> Result<()> {
     let before = tries()?;
     std::thread::sleep(Duration::from_secs(4));
     let during = tries()? - before;
-    // Passes every 500 ms: 8 in 4 s; tries after 0.5, 1, 2 s waits: 4.
+    // Passes every 500 ms: 8 in 4 s; tries after 0.5, 1, 2 s waits: 4
+    // (and one more each time the nodes answering change: a live node
+    // slow to a probe on a loaded machine, counted once).
     assert!(
-        during <= 5,
+        during <= 6,
         "{during} tries in 4 s with the node still down"
     );
     c.start_node_and_wait(3)?;
