@@ -4108,18 +4108,7 @@ mod tests {
 
     #[test]
     fn statement_kind_reads_what_a_full_decode_reads() {
-        let all = [
-            Kind::Filed,
-            Kind::Notarized,
-            Kind::Accessed,
-            Kind::LegalHold,
-            Kind::Released,
-            Kind::Expunged,
-            Kind::Repaired,
-            Kind::Lost,
-            Kind::Admin,
-        ];
-        for kind in all {
+        for kind in Kind::ALL {
             let s = pl::Statement::new(
                 kind,
                 EvidenceId::new(7, [3; 10]),

@@ -55,6 +55,21 @@ pub enum Kind {
     Admin,
 }
 
+impl Kind {
+    /// Every kind, in the order they are declared.
+    pub const ALL: [Kind; 9] = [
+        Kind::Filed,
+        Kind::Notarized,
+        Kind::Accessed,
+        Kind::LegalHold,
+        Kind::Released,
+        Kind::Expunged,
+        Kind::Repaired,
+        Kind::Lost,
+        Kind::Admin,
+    ];
+}
+
 /// Where the evidence came from, as the filer declares it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -26,17 +26,7 @@ const ORIGIN: &str = "custodia.example/vectors";
 const WITNESS: &str = "witness.example/w1";
 /// When the witness says it cosigned (seconds since the epoch).
 const COSIGNED_AT: u64 = 1_796_000_100;
-const KINDS: [Kind; 9] = [
-    Kind::Filed,
-    Kind::Notarized,
-    Kind::Accessed,
-    Kind::LegalHold,
-    Kind::Released,
-    Kind::Expunged,
-    Kind::Repaired,
-    Kind::Lost,
-    Kind::Admin,
-];
+const KINDS: [Kind; 9] = Kind::ALL;
 
 fn dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors")
