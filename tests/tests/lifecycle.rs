@@ -794,9 +794,14 @@ fn a_removed_nodes_key_reads_nothing_more() -> Result<()> {
         )
     });
     assert!(refused, "the removed node's key still reads: {:?}", read());
-    // Kept on the node's disk: so after it restarts too.
-    let kept = std::fs::read_to_string(c.node_dir(holder).join("denied-nodes"))?;
-    assert_eq!(kept.trim(), "7");
+    // Kept on the node's disk: so after it restarts too. (The node refuses
+    // at once, before its durable write of the list ends: the file may
+    // come a moment after the first refusal.)
+    let file = c.node_dir(holder).join("denied-nodes");
+    let kept = custodia_tests::eventually(10, || {
+        std::fs::read_to_string(&file).is_ok_and(|t| t.trim() == "7")
+    });
+    assert!(kept, "{:?}", std::fs::read_to_string(&file));
     Ok(())
 }
 
