@@ -265,18 +265,18 @@ impl LeaseWatch {
 /// `recover-index` restored, say), that was a load for nothing while the
 /// node holding them stayed down.
 #[derive(Debug, Default)]
-pub struct ExpungeRetries {
+pub struct UnfinishedRetries {
     /// Per expunge or aborted upload (both keyed by their evidence): when
     /// it is due again, the wait that led there, and the nodes answering
     /// when it was last tried.
     next: std::collections::HashMap<EvidenceId, (std::time::Instant, Duration, u64)>,
 }
 
-/// The longest an unfinished expunge waits between tries while the nodes
+/// The longest an unfinished expunge or aborted upload waits between tries while the nodes
 /// answering stay the same.
-const EXPUNGE_RETRY_MAX: Duration = Duration::from_secs(3600);
+const UNFINISHED_RETRY_MAX: Duration = Duration::from_secs(3600);
 
-impl ExpungeRetries {
+impl UnfinishedRetries {
     /// Whether `evidence`'s expunge is to be tried now, `nodes` answering.
     fn due(&self, evidence: EvidenceId, now: std::time::Instant, nodes: u64) -> bool {
         self.next
@@ -302,7 +302,7 @@ impl ExpungeRetries {
         let wait = self
             .next
             .get(&evidence)
-            .map_or(first, |&(_, w, _)| (w * 2).min(EXPUNGE_RETRY_MAX));
+            .map_or(first, |&(_, w, _)| (w * 2).min(UNFINISHED_RETRY_MAX));
         self.next.insert(evidence, (now + wait, wait, nodes));
     }
 }
@@ -326,7 +326,7 @@ fn answering<S: Store>(gw: &Gateway<S>) -> u64 {
 pub async fn collect_once<S: Store>(
     gw: &Gateway<S>,
     watch: &mut LeaseWatch,
-    retries: &mut ExpungeRetries,
+    retries: &mut UnfinishedRetries,
 ) -> usize {
     let (mut aborted, mut live, mut after) = (Vec::new(), Vec::new(), None);
     let mut intents_listed = true;
@@ -374,7 +374,7 @@ pub async fn collect_once<S: Store>(
     // An aborted upload some of whose shards sat on a node down: each try
     // sends a delete for every shard still recorded (a large upload's
     // hundreds of thousands, the deleted ones again), so it is tried again
-    // as an unfinished expunge is (see `ExpungeRetries`), not every pass.
+    // as an unfinished expunge is (see `UnfinishedRetries`), not every pass.
     let nodes = answering(gw);
     let mut listed = std::collections::HashSet::new();
     for &evidence in &aborted {
@@ -598,7 +598,7 @@ pub fn spawn_gc_loop<S: Store>(
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let (mut watch, mut retries) = (LeaseWatch::default(), ExpungeRetries::default());
+        let (mut watch, mut retries) = (LeaseWatch::default(), UnfinishedRetries::default());
         loop {
             tick.tick().await;
             collect_once(&gw, &mut watch, &mut retries).await;
@@ -1354,7 +1354,7 @@ mod tests {
     /// hour, at once when the nodes answering change, and not once done.
     #[test]
     fn unfinished_expunges_back_off_until_the_nodes_change() {
-        let mut r = ExpungeRetries::default();
+        let mut r = UnfinishedRetries::default();
         let e = EvidenceId::new(1, [1; 10]);
         let t0 = Instant::now();
         let pass = Duration::from_secs(30);
@@ -1370,9 +1370,9 @@ mod tests {
         let mut at = t0;
         for _ in 0..20 {
             r.tried(e, at, 7, false, pass);
-            at += EXPUNGE_RETRY_MAX;
+            at += UNFINISHED_RETRY_MAX;
         }
-        assert_eq!(r.next[&e].1, EXPUNGE_RETRY_MAX, "an hour at most");
+        assert_eq!(r.next[&e].1, UNFINISHED_RETRY_MAX, "an hour at most");
         r.tried(e, at, 7, true, pass);
         assert!(r.next.is_empty(), "done: forgotten");
     }

@@ -38,8 +38,7 @@ struct NodeState {
     lifecycle: Mutex<Lifecycle>,
     /// The node's clock minus ours, in ms, from its last usable sample,
     /// and when that was taken.
-    clock_offset_ms: Mutex<Option<i64>>,
-    clock_sampled: Mutex<Option<Instant>>,
+    clock: Mutex<Option<(i64, Instant)>>,
     /// Why its last probe failed, if it did: logged when it changes (a
     /// node that was killed and came back with a certificate the gateway
     /// refuses fails anew, for another reason worth saying), not at every
@@ -209,8 +208,7 @@ impl NodeSet {
                 disk: Mutex::new(None),
                 last_ok: Mutex::new(None),
                 lifecycle: Mutex::new(Lifecycle::Active),
-                clock_offset_ms: Mutex::new(None),
-                clock_sampled: Mutex::new(None),
+                clock: Mutex::new(None),
                 probe_failure: Mutex::new(None),
                 deny_failing: AtomicBool::new(false),
                 write_failed: AtomicU64::new(0),
@@ -298,7 +296,7 @@ impl NodeSet {
 
     /// The node's wall clock minus this gateway's, as last measured (ms).
     pub fn clock_offset_ms(&self, id: NodeId) -> Option<i64> {
-        self.get(id).and_then(|n| *lock(&n.clock_offset_ms))
+        self.get(id).and_then(|n| lock(&n.clock).map(|(ms, _)| ms))
     }
 
     pub fn addr(&self, id: NodeId) -> Option<SocketAddr> {
@@ -492,7 +490,7 @@ impl NodeSet {
                     .find(|(a, _)| *a == n.entry.addr)
                     .map(|(_, rtt)| *rtt),
                 lifecycle: *lock(&n.lifecycle),
-                clock_offset_ms: *lock(&n.clock_offset_ms),
+                clock_offset_ms: lock(&n.clock).map(|(ms, _)| ms),
                 reconciling: reconciling.contains(&n.entry.node_id()),
             })
             .collect()
@@ -721,19 +719,14 @@ impl NodeSet {
                 // A sample too slow to use leaves the last usable one while
                 // it is recent (one slow probe of a loaded node must not
                 // stop fenced deletes or reset a skew alert), none after.
-                let mut sampled = lock(&n.clock_sampled);
-                let mut offset = lock(&n.clock_offset_ms);
-                match clock {
-                    Ok(Ok(sample)) => match usable_offset(sample) {
-                        Some(ms) => {
-                            *offset = Some(ms);
-                            *sampled = Some(Instant::now());
-                        }
-                        None if sampled.is_some_and(|at| at.elapsed() <= CLOCK_SAMPLE_KEPT) => {}
-                        None => *offset = None,
+                let mut kept = lock(&n.clock);
+                *kept = match clock.ok().and_then(Result::ok) {
+                    Some(sample) => match usable_offset(sample) {
+                        Some(ms) => Some((ms, Instant::now())),
+                        None => kept.filter(|(_, at)| at.elapsed() <= CLOCK_SAMPLE_KEPT),
                     },
-                    _ => *offset = None,
-                }
+                    None => None,
+                };
             };
             // Each probe (the node keeps the set on its disk, and rewrites
             // it only when it changes): a node back with a new disk, or one
